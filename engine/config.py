@@ -1,0 +1,30 @@
+"""Engine settings (everything that is not the model's own config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """How the engine lays out its KV cache and batches work.
+
+    The KV pool holds ``num_blocks`` blocks when set, otherwise as many as fit in
+    ``kv_cache_memory_bytes``.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    max_num_batched_tokens: int = 2048     # token budget of one step (chunked prefill)
+    max_num_seqs: int = 128                # running sequences
+    max_model_len: int | None = None       # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    device: str = "cpu"
+    dtype: str | None = None               # default: the checkpoint's dtype ("float32", "bfloat16", "float16")
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")

@@ -1,0 +1,96 @@
+"""A request as the engine sees it, and the per-step batch the scheduler hands
+to the model runner. Pure Python: no torch."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from baton.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"      # queued; no blocks (or preempted: blocks given back)
+    RUNNING = "running"      # holds blocks; prefilling (chunk by chunk) or decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one token and, when asked for, its top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence: its tokens, its place in the paged KV cache, and its progress.
+
+    ``num_computed_tokens`` counts the tokens whose KV is in the cache (a cached
+    prefix counts); the next forward pass computes ``token_ids[num_computed_tokens:]``
+    (or a chunk of it).
+    """
+
+    seq_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int = 0                         # the sampling seed actually used (params.seed or drawn)
+    arrival_time: float = 0.0
+    output_token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0            # prompt tokens served from the prefix cache
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None      # "stop" | "length" | "abort"
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass
+class ScheduledChunk:
+    """Compute ``seq.token_ids[start : start + num_new_tokens]`` this step, where
+    ``start == seq.num_computed_tokens`` when the step was scheduled. The chunk
+    samples a token when it reaches the end of the sequence."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks

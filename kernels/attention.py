@@ -1,0 +1,78 @@
+"""Attention over the paged KV cache.
+
+``paged_attention`` serves any batch: each sequence has ``q_len`` new query
+tokens that are the last ``q_len`` positions of its ``seq_len``-token context
+(a cached prefix, earlier chunks, then the new tokens), attended causally.
+``paged_decode_attention`` is the ``q_len == 1`` special case.
+
+Shapes: ``q`` ``[num_tokens, num_heads, head_dim]``; ``kv_cache``
+``[num_blocks, 2, block_size, num_kv_heads, head_dim]``; ``cu_query_lens``
+``[batch + 1]`` int32 prefix sums of ``q_len``; ``seq_lens`` ``[batch]`` int32;
+``block_tables`` ``[batch, max_blocks]`` int32 (entries past a sequence's
+blocks are ignored). Query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one sequence as ``[seq_len, num_kv_heads, head_dim]`` each."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = kv_cache.index_select(0, block_table[:num_blocks].long())
+    k = blocks[:, 0].flatten(0, 1)[:seq_len]
+    v = blocks[:, 1].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def ref_paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole paged context."""
+    out = torch.empty_like(q)
+    starts, lens = cu_query_lens.tolist(), seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        q_start, q_end = starts[i], starts[i + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        k, v = _gather_context(kv_cache, block_tables[i], seq_len)
+        # Query j sits at absolute position seq_len - q_len + j and sees keys 0..that position.
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        qi = q[q_start:q_end].transpose(0, 1).float()
+        ki, vi = k.transpose(0, 1).float(), v.transpose(0, 1).float()
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def ref_paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
+    batch, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    max_len = int(seq_lens.max()) if batch else 0
+    max_blocks = (max_len + block_size - 1) // block_size
+    tables = block_tables[:, :max_blocks].long()
+    # [batch, max_blocks, 2, block_size, kv_heads, dim] -> K, V as [batch, kv_heads, ctx, dim]
+    ctx = kv_cache[tables].float()
+    k = ctx[:, :, 0].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    v = ctx[:, :, 1].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
+    qf = q.float().unsqueeze(2)  # [batch, heads, 1, dim]
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    return o.squeeze(2).to(q.dtype)
