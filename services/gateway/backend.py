@@ -1,0 +1,59 @@
+"""The gateway's view of the serving plane: one abstract ``Backend`` that runs a
+single-sequence generation and yields chunks. ``serving.py`` depends only on
+this; ``backend_grpc.py`` implements it over the prefill/decode workers, and the
+tests use fakes."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import TokenLogprob
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams          # params.n == 1: the gateway fans out n > 1 itself
+
+
+@dataclass
+class GenerationChunk:
+    """New output tokens. The first chunk carries the prompt facts; the last has
+    ``finish_reason`` set ("stop" or "length")."""
+
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+class BackendError(Exception):
+    """A failure the client should see as HTTP ``status`` with ``message``."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class Backend(abc.ABC):
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Run one sequence. Closing the iterator early (client gone, stop string
+        hit) aborts the request on every worker and frees its blocks. Raises
+        ``BackendError`` when no worker can serve it."""
+
+    @abc.abstractmethod
+    async def ready(self) -> bool:
+        """At least one prefill and one decode worker are reachable."""
+
+    async def start(self) -> None:
+        """Begin background work (discovery, load polling)."""
+
+    async def close(self) -> None:
+        """Stop background work and close connections."""

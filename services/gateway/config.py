@@ -1,0 +1,26 @@
+"""Gateway configuration (from the launcher's flags or the environment)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class GatewayConfig(BaseModel):
+    model_dir: str                                   # local HF directory (tokenizer, config.json)
+    served_model_name: str                           # the id /v1/models reports and requests must name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = Field(default_factory=list)  # empty: no authentication
+    redis_url: str | None = None                     # None: static addresses only
+    prefill_addrs: list[str] = Field(default_factory=list)  # static gRPC host:port, besides the registry
+    decode_addrs: list[str] = Field(default_factory=list)
+    block_size: int = 16                             # must match the workers' (checked against the registry)
+    max_model_len: int | None = None                 # default: config.json's max_position_embeddings
+    max_n: int = 8
+    max_queue: int = 256                             # admitted requests (running + waiting) before 429
+    max_body_bytes: int = 1 << 20
+    request_timeout_s: float = 600.0                 # whole request, end to end
+    prefill_timeout_s: float = 120.0                 # deadline of one Prefill RPC
+    control_timeout_s: float = 5.0                   # deadline of Reserve / Abort / GetLoad
+    shutdown_timeout_s: float = 30.0                 # in-flight requests may finish within this after SIGTERM
+    load_poll_interval_s: float = 0.5
