@@ -10,12 +10,20 @@ Shapes: ``q`` ``[num_tokens, num_heads, head_dim]``; ``kv_cache``
 ``[batch + 1]`` int32 prefix sums of ``q_len``; ``seq_lens`` ``[batch]`` int32;
 ``block_tables`` ``[batch, max_blocks]`` int32 (entries past a sequence's
 blocks are ignored). Query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``.
+
+The Triton kernels live in ``attention_prefill`` and ``attention_decode`` and are
+re-exported here beside their references.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from baton.kernels.attention_decode import paged_decode_attention
+from baton.kernels.attention_prefill import paged_attention
+
+__all__ = ["paged_attention", "paged_decode_attention", "ref_paged_attention", "ref_paged_decode_attention"]
 
 
 def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,11 +3,122 @@ blocks into one contiguous buffer (and back) for transfers.
 
 KV cache layout, one tensor per layer: ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``.
 A slot is ``block_id * block_size + offset``; a negative slot is padding and is skipped.
+Block offsets are computed in int64, so pools of more than 2**31 elements work.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from baton.kernels.checks import check_device, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
+
+_COPY_BLOCK = 4096
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr,
+    value_ptr,
+    cache_ptr,
+    slot_ptr,
+    stride_k_tok,
+    stride_k_head,
+    stride_v_tok,
+    stride_v_head,
+    stride_c_block,
+    stride_c_kv,
+    stride_c_tok,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROW_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:
+        idx = tl.arange(0, ROW_PAD)
+        mask = idx < NUM_HEADS * HEAD_DIM
+        head, dim = idx // HEAD_DIM, idx % HEAD_DIM
+        k = tl.load(key_ptr + token * stride_k_tok + head * stride_k_head + dim, mask=mask)
+        v = tl.load(value_ptr + token * stride_v_tok + head * stride_v_head + dim, mask=mask)
+        dst = cache_ptr + (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_tok + idx
+        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` at ``slot_mapping`` ``[num_tokens]``."""
+    check_kv_cache(kv_cache)
+    _, _, block_size, num_heads, head_dim = kv_cache.shape
+    num_tokens = key.shape[0] if key.dim() == 3 else -1
+    for name, t in (("key", key), ("value", value)):
+        check_shape(name, t, (num_tokens, num_heads, head_dim))
+        check_device(name, t, kv_cache)
+        check_last_dim_contiguous(name, t)
+    check_int_index("slot_mapping", slot_mapping, (num_tokens,), kv_cache)
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        key, value, kv_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        BLOCK_SIZE=block_size, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+        ROW_PAD=triton.next_power_of_2(num_heads * head_dim),
+    )
+
+
+@triton.jit
+def _copy_blocks_kernel(
+    src_ptr,
+    dst_ptr,
+    ids_ptr,
+    block_elems,
+    GATHER: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Copy one chunk of one block; ``GATHER`` reads pool block ``ids[i]`` into
+    packed slot ``i``, otherwise packed slot ``i`` goes to pool block ``ids[i]``."""
+    i = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < block_elems
+    pool_block = tl.load(ids_ptr + i).to(tl.int64)
+    if GATHER:
+        src, dst = src_ptr + pool_block * block_elems, dst_ptr + i * block_elems
+    else:
+        src, dst = src_ptr + i * block_elems, dst_ptr + pool_block * block_elems
+    x = tl.load(src + offs, mask=mask)
+    tl.store(dst + offs, x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_copy(src: torch.Tensor, dst: torch.Tensor, block_ids: torch.Tensor, gather: bool) -> None:
+    n = block_ids.shape[0]
+    if n == 0:
+        return
+    block_elems = src[0].numel()
+    grid = (n, triton.cdiv(block_elems, _COPY_BLOCK))
+    _copy_blocks_kernel[grid](src, dst, block_ids, block_elems, GATHER=gather, CHUNK=_COPY_BLOCK)
+
+
+def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Pack blocks ``block_ids`` ``[n]`` into a new contiguous ``[n, 2, block_size, heads, head_dim]`` tensor."""
+    check_kv_cache(kv_cache)
+    check_int_index("block_ids", block_ids, (-1,), kv_cache)
+    packed = torch.empty((block_ids.shape[0], *kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device)
+    _launch_copy(kv_cache, packed, block_ids, gather=True)
+    return packed
+
+
+def scatter_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, packed: torch.Tensor) -> None:
+    """Unpack ``packed`` ``[n, 2, block_size, heads, head_dim]`` into blocks ``block_ids`` ``[n]``."""
+    check_kv_cache(kv_cache)
+    check_int_index("block_ids", block_ids, (-1,), kv_cache)
+    check_shape("packed", packed, (block_ids.shape[0], *kv_cache.shape[1:]))
+    check_device("packed", packed, kv_cache)
+    if not packed.is_contiguous():
+        raise ValueError("packed must be contiguous")
+    _launch_copy(packed, kv_cache, block_ids, gather=False)
 
 
 def ref_store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -3,6 +3,73 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from baton.kernels.checks import check_device, check_dtype, check_last_dim_contiguous, check_shape
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+    stride_x, stride_r, stride_o, stride_nr,
+    hidden, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(new_residual_ptr + row * stride_nr + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / hidden + eps)
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_rows(name: str, t: torch.Tensor, hidden: int, like: torch.Tensor) -> None:
+    check_shape(name, t, (*like.shape[:-1], hidden))
+    check_dtype(name, t)
+    check_device(name, t, like)
+    check_last_dim_contiguous(name, t)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Normalize over the last dim. With ``residual``: ``x = x + residual`` first,
+    and return ``(normed, x)`` so the sum becomes the next residual."""
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim")
+    hidden = x.shape[-1]
+    check_shape("weight", weight, (hidden,))
+    check_device("weight", weight, x)
+    _check_rows("x", x, hidden, x)
+    if residual is not None:
+        _check_rows("residual", residual, hidden, x)
+        if residual.dtype != x.dtype:
+            raise ValueError(f"residual dtype {residual.dtype} must match x dtype {x.dtype}")
+    x2 = x.reshape(-1, hidden)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    new_residual = torch.empty_like(x2) if residual is not None else out
+    res2 = residual.reshape(-1, hidden) if residual is not None else x2
+    if x2.shape[0]:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, res2, weight.contiguous(), out, new_residual,
+            x2.stride(0), res2.stride(0), out.stride(0), new_residual.stride(0),
+            hidden, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        )
+    out = out.view(x.shape)
+    return out if residual is None else (out, new_residual.view(x.shape))
 
 
 def ref_rms_norm(

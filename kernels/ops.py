@@ -3,17 +3,31 @@ and the plain-torch reference otherwise, so the CPU path is the reference path."
 
 from __future__ import annotations
 
-from baton.kernels.activation import ref_silu_and_mul
-from baton.kernels.attention import ref_paged_attention, ref_paged_decode_attention
-from baton.kernels.kv_cache import ref_gather_blocks, ref_scatter_blocks, ref_store_kv
-from baton.kernels.norm import ref_rms_norm
-from baton.kernels.rotary import ref_rotary_embedding
+from collections.abc import Callable
+from typing import TypeVar
 
-store_kv = ref_store_kv
-gather_blocks = ref_gather_blocks
-scatter_blocks = ref_scatter_blocks
-paged_attention = ref_paged_attention
-paged_decode_attention = ref_paged_decode_attention
-rms_norm = ref_rms_norm
-rotary_embedding = ref_rotary_embedding
-silu_and_mul = ref_silu_and_mul
+import torch
+
+from baton.kernels import activation, attention, kv_cache, norm, rotary
+
+F = TypeVar("F", bound=Callable)
+
+
+def _dispatch(kernel: F, ref: F) -> F:
+    """``kernel`` when the first tensor argument is on a CUDA device, else ``ref``."""
+
+    def call(first: torch.Tensor, *args, **kwargs):
+        return (kernel if first.is_cuda else ref)(first, *args, **kwargs)
+
+    call.__name__, call.__doc__ = kernel.__name__, kernel.__doc__
+    return call  # type: ignore[return-value]
+
+
+store_kv = _dispatch(kv_cache.store_kv, kv_cache.ref_store_kv)
+gather_blocks = _dispatch(kv_cache.gather_blocks, kv_cache.ref_gather_blocks)
+scatter_blocks = _dispatch(kv_cache.scatter_blocks, kv_cache.ref_scatter_blocks)
+paged_attention = _dispatch(attention.paged_attention, attention.ref_paged_attention)
+paged_decode_attention = _dispatch(attention.paged_decode_attention, attention.ref_paged_decode_attention)
+rms_norm = _dispatch(norm.rms_norm, norm.ref_rms_norm)
+rotary_embedding = _dispatch(rotary.rotary_embedding, rotary.ref_rotary_embedding)
+silu_and_mul = _dispatch(activation.silu_and_mul, activation.ref_silu_and_mul)

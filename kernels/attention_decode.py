@@ -1,0 +1,166 @@
+"""Paged decode attention (one query token per sequence), flash-decoding style.
+
+One program handles every query head of one KV head group for one slice of a
+sequence's context, so each KV tile is loaded once for the whole group. Long
+contexts with few sequences are split over several programs (split-K); a second
+kernel merges the partial results by their log-sum-exp. The split count depends
+only on tensor shapes, never on tensor values, so the launch needs no host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from baton.kernels.checks import check_device, check_int_index, check_kv_cache, check_last_dim_contiguous, check_power_of_two, check_shape
+
+_TILE_N = 64
+_MIN_SPLIT_TOKENS = 256
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _paged_decode_attention_kernel(
+    q_ptr, kv_ptr, out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, tables_ptr,
+    scale_log2, split_len,
+    stride_q_seq, stride_q_head,
+    stride_c_block, stride_c_kv, stride_c_tok, stride_c_head,
+    stride_o_seq, stride_o_head,
+    stride_t_seq,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * split_len
+    end = tl.minimum(seq_len, start + split_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    table = tables_ptr + seq * stride_t_seq
+    head_off = kv_head.to(tl.int64) * stride_c_head
+    for tile_start in range(start, end, TILE_N):
+        pos = tile_start + tl.arange(0, TILE_N)
+        valid = pos < end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        row = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + head_off
+        k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / l[:, None]
+        o_ptrs = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+    else:
+        safe_l = tl.where(l > 0, l, 1.0)
+        lse = tl.where(l > 0, m + tl.math.log2(safe_l), float("-inf"))
+        row_idx = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + row_idx[:, None] * HEAD_DIM + d[None, :], acc / safe_l[:, None], mask=(g < GROUP)[:, None])
+        tl.store(part_lse_ptr + row_idx, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    stride_o_seq, stride_o_head,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    row = (seq * NUM_HEADS + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    weight = tl.math.exp2(lse - tl.max(lse, 0))
+    parts = tl.load(part_out_ptr + (row + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def num_splits(device: torch.device, batch: int, num_kv_heads: int, max_context: int) -> int:
+    """Split the context until about four programs per SM are busy, keeping each
+    split at least ``_MIN_SPLIT_TOKENS`` long."""
+    wanted = math.ceil(4 * _num_sms(device) / max(1, batch * num_kv_heads))
+    return max(1, min(wanted, _MAX_SPLITS, math.ceil(max_context / _MIN_SPLIT_TOKENS)))
+
+
+def _check_decode_args(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
+    check_kv_cache(kv_cache)
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    check_shape("q", q, (-1, -1, head_dim))
+    check_device("q", q, kv_cache)
+    check_last_dim_contiguous("q", q)
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} must match kv_cache dtype {kv_cache.dtype}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
+    check_power_of_two("head_dim", head_dim, 16)
+    check_power_of_two("block_size", block_size)
+    check_int_index("seq_lens", seq_lens, (q.shape[0],), kv_cache)
+    check_int_index("block_tables", block_tables, (q.shape[0], -1), kv_cache)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
+    _check_decode_args(q, kv_cache, seq_lens, block_tables)
+    batch, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    group = num_heads // num_kv_heads
+    max_context = block_tables.shape[1] * block_size
+    splits = num_splits(q.device, batch, num_kv_heads, max_context)
+    split_len = triton.cdiv(triton.cdiv(max_context, splits), _TILE_N) * _TILE_N
+    part_out = torch.empty((batch, num_heads, splits, head_dim) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch, num_heads, splits) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
+    _paged_decode_attention_kernel[(batch, num_kv_heads, splits)](
+        q, kv_cache, out, part_out, part_lse, seq_lens, block_tables,
+        scale * math.log2(math.e), split_len,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, TILE_N=_TILE_N, NUM_SPLITS=splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=3,
+    )
+    if splits > 1:
+        _paged_decode_reduce_kernel[(batch, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+        )
+    return out

@@ -1,0 +1,187 @@
+"""Paged prefill attention: each sequence's new query tokens (the last ``q_len``
+positions of its ``seq_len``-token context) attend causally over the whole paged
+context, cached prefix included.
+
+Programs are (query tile, query head). Sequence ``i`` owns the tile ids from
+``cu_query_lens[i] // BLOCK_M + i``, so the grid ``num_tokens // BLOCK_M + batch``
+covers every tile without reading lengths on the host; each program finds its
+sequence by binary search. Keys before a tile's first query position need no
+causal mask, so the loop is split into an unmasked and a masked part.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from baton.kernels.checks import check_device, check_int_index, check_kv_cache, check_last_dim_contiguous, check_power_of_two, check_shape
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m, l, kv_ptr, table, head_off, q_pos, tile_start, seq_len,
+    stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step of a query tile over ``BLOCK_N`` keys from ``tile_start``."""
+    d = tl.arange(0, HEAD_DIM)
+    pos = tile_start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        in_range = pos < seq_len
+        block = tl.load(table + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    else:
+        block = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
+    row = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + head_off
+    k = tl.load(kv_ptr + row[None, :] + d[:, None])
+    v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :])
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & in_range[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m - m_new)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l
+
+
+@triton.jit
+def _find_sequence(cu_query_lens_ptr, num_seqs, tile_id, BLOCK_M: tl.constexpr):
+    """Sequence ``i`` owns tiles from ``cu_query_lens[i] // BLOCK_M + i``: binary search for ``tile_id``."""
+    lo = tile_id * 0
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(cu_query_lens_ptr + mid) // BLOCK_M + mid
+        if first_tile <= tile_id:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, kv_ptr, out_ptr, cu_query_lens_ptr, seq_lens_ptr, tables_ptr,
+    num_seqs, scale_log2,
+    stride_q_tok, stride_q_head,
+    stride_c_block, stride_c_kv, stride_c_tok, stride_c_head,
+    stride_o_tok, stride_o_head,
+    stride_t_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile_id = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = _find_sequence(cu_query_lens_ptr, num_seqs, tile_id, BLOCK_M)
+    q_start = tl.load(cu_query_lens_ptr + seq)
+    q_len = tl.load(cu_query_lens_ptr + seq + 1) - q_start
+    tile = tile_id - (q_start // BLOCK_M + seq)
+    if tile * BLOCK_M < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context_len = seq_len - q_len
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        d = tl.arange(0, HEAD_DIM)
+        tokens = (q_start + rows).to(tl.int64)
+        q = tl.load(q_ptr + tokens[:, None] * stride_q_tok + head * stride_q_head + d[None, :], mask=row_ok[:, None], other=0.0)
+        q_pos = context_len + rows
+
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        table = tables_ptr + seq.to(tl.int64) * stride_t_seq
+        head_off = (head // GROUP).to(tl.int64) * stride_c_head
+        # Keys before the tile's first query position are visible to every row of the tile.
+        unmasked_end = (context_len + tile * BLOCK_M) // BLOCK_N * BLOCK_N
+        end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_M)
+        for tile_start in range(0, unmasked_end, BLOCK_N):
+            acc, m, l = _attend_tile(
+                q, acc, m, l, kv_ptr, table, head_off, q_pos, tile_start, seq_len,
+                stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, DOT_PRECISION,
+            )
+        for tile_start in range(unmasked_end, end, BLOCK_N):
+            acc, m, l = _attend_tile(
+                q, acc, m, l, kv_ptr, table, head_off, q_pos, tile_start, seq_len,
+                stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, DOT_PRECISION,
+            )
+        out = acc / l[:, None]
+        o_ptrs = out_ptr + tokens[:, None] * stride_o_tok + head * stride_o_head + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+
+@dataclass(frozen=True)
+class _TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _tile_config(q: torch.Tensor) -> _TileConfig:
+    if q.device.type != "cuda":
+        return _TileConfig(32, 32, 4, 1)
+    if q.dtype == torch.float32:
+        return _TileConfig(64, 32, 4, 2)
+    if q.shape[-1] > 128:
+        return _TileConfig(64, 32, 4, 2)
+    return _TileConfig(128, 64, 8, 3)
+
+
+def _check_prefill_args(q: torch.Tensor, kv_cache: torch.Tensor, cu_query_lens: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
+    check_kv_cache(kv_cache)
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    check_shape("q", q, (-1, -1, head_dim))
+    check_device("q", q, kv_cache)
+    check_last_dim_contiguous("q", q)
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} must match kv_cache dtype {kv_cache.dtype}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
+    check_power_of_two("head_dim", head_dim, 16)
+    check_power_of_two("block_size", block_size)
+    batch = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
+    check_int_index("seq_lens", seq_lens, (batch,), kv_cache)
+    check_int_index("cu_query_lens", cu_query_lens, (batch + 1,), kv_cache)
+    check_int_index("block_tables", block_tables, (batch, -1), kv_cache)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole paged context."""
+    _check_prefill_args(q, kv_cache, cu_query_lens, seq_lens, block_tables)
+    num_tokens, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    out = torch.empty_like(q)
+    batch = seq_lens.shape[0]
+    if num_tokens == 0 or batch == 0:
+        return out
+    cfg = _tile_config(q)
+    grid = (num_tokens // cfg.block_m + batch, num_heads)
+    _paged_attention_kernel[grid](
+        q, kv_cache, out, cu_query_lens, seq_lens, block_tables,
+        batch, scale * math.log2(math.e),
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,55 @@
+"""Argument checks shared by the Triton host wrappers: each raises ValueError
+with a message naming the argument, so bad input never reaches a kernel."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
+    """``t`` has ``len(shape)`` dims and matches ``shape`` where an entry is not -1."""
+    if t.dim() != len(shape) or any(want not in (-1, got) for want, got in zip(shape, t.shape)):
+        wanted = "[" + ", ".join("*" if s == -1 else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {wanted}, got {list(t.shape)}")
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+    if t.dtype not in allowed:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def check_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but must be on {like.device}")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+
+
+def check_int_index(name: str, t: torch.Tensor, shape: Sequence[int], like: torch.Tensor) -> None:
+    """An int32/int64 index tensor of ``shape`` on ``like``'s device, contiguous."""
+    check_shape(name, t, shape)
+    check_dtype(name, t, (torch.int32, torch.int64))
+    check_device(name, t, like)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def check_kv_cache(kv_cache: torch.Tensor) -> None:
+    """``[num_blocks, 2, block_size, num_kv_heads, head_dim]``, contiguous, floating point."""
+    if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
+        raise ValueError(f"kv_cache must have shape [num_blocks, 2, block_size, num_kv_heads, head_dim], got {list(kv_cache.shape)}")
+    check_dtype("kv_cache", kv_cache)
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+
+
+def check_power_of_two(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value}")
