@@ -1,0 +1,95 @@
+"""Attention over the paged KV cache: the per-step metadata every layer shares,
+and the layer's forward (store the new K/V, then attend).
+
+Tokens of all scheduled chunks are packed into one flat batch ``[T]``; chunk ``i``
+owns rows ``cu_query_lens[i]:cu_query_lens[i + 1]``, which sit at the last
+``q_len`` positions of its ``seq_lens[i]``-token context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from baton.engine.sequence import ScheduledChunk
+from baton.kernels import ops
+
+
+@dataclass
+class AttentionMetadata:
+    """Index tensors for one forward pass, built once per step and passed to every layer."""
+
+    positions: torch.Tensor       # [T] int64, absolute position of each new token
+    slot_mapping: torch.Tensor    # [T] int64, block_id * block_size + offset where its K/V goes
+    cu_query_lens: torch.Tensor   # [B + 1] int32, prefix sums of new tokens per chunk
+    seq_lens: torch.Tensor        # [B] int32, context length (cached + new) per chunk
+    block_tables: torch.Tensor    # [B, max_blocks] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    is_decode_only: bool          # every chunk has exactly one new token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+
+def build_attention_metadata(
+    chunks: list[ScheduledChunk], block_size: int, device: torch.device | str = "cpu"
+) -> AttentionMetadata:
+    """Metadata for ``chunks`` (each computing ``seq.token_ids[start:start + num_new_tokens]``).
+    Block tables are ``chunk.seq.block_table``; each must cover its chunk's last token."""
+    if not chunks:
+        raise ValueError("cannot build attention metadata for an empty batch")
+    starts, q_lens, tables = [], [], []
+    for chunk in chunks:
+        start, n = chunk.start, chunk.num_new_tokens
+        table = chunk.seq.block_table
+        if n < 1:
+            raise ValueError(f"sequence {chunk.seq.seq_id}: a chunk needs at least one new token, got {n}")
+        if len(table) * block_size < start + n:
+            raise ValueError(
+                f"sequence {chunk.seq.seq_id}: {len(table)} blocks cannot hold {start + n} tokens "
+                f"(block_size {block_size})"
+            )
+        starts.append(start)
+        q_lens.append(n)
+        tables.append(table)
+    seq_lens_list = [s + n for s, n in zip(starts, q_lens)]
+    max_blocks = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+    q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
+    cu_query_lens = torch.zeros(len(chunks) + 1, dtype=torch.int64)
+    torch.cumsum(q_lens_t, 0, out=cu_query_lens[1:])
+    num_tokens = int(cu_query_lens[-1])
+    chunk_of_token = torch.repeat_interleave(torch.arange(len(chunks)), q_lens_t, output_size=num_tokens)
+    offsets = torch.arange(num_tokens) - cu_query_lens[:-1][chunk_of_token]
+    positions = torch.tensor(starts, dtype=torch.int64)[chunk_of_token] + offsets
+    block_ids = block_tables[chunk_of_token, positions // block_size].long()
+    slot_mapping = block_ids * block_size + positions % block_size
+    return AttentionMetadata(
+        positions=positions.to(device),
+        slot_mapping=slot_mapping.to(device),
+        cu_query_lens=cu_query_lens.to(torch.int32).to(device),
+        seq_lens=torch.tensor(seq_lens_list, dtype=torch.int32, device=device),
+        block_tables=block_tables.to(device),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens_list),
+        is_decode_only=max(q_lens) == 1,
+    )
+
+
+def paged_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write ``k``/``v`` ``[T, kv_heads, head_dim]`` into ``kv_cache`` at ``meta.slot_mapping``,
+    then attend ``q`` ``[T, heads, head_dim]`` over each chunk's paged context."""
+    ops.store_kv(k, v, kv_cache, meta.slot_mapping)
+    if meta.is_decode_only:
+        return ops.paged_decode_attention(q, kv_cache, meta.seq_lens, meta.block_tables, scale)
+    return ops.paged_attention(q, kv_cache, meta.cu_query_lens, meta.seq_lens, meta.block_tables, scale)

@@ -1,0 +1,154 @@
+"""Finding a checkpoint and loading its safetensors weights into an engine model.
+
+Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``)
+checkpoints load the same way. Hugging Face tensor names map onto the engine's
+modules one to one, except q/k/v and gate/up, which are copied into slices of the
+fused ``qkv_proj`` / ``gate_up_proj`` weights. Every tensor must be used and every
+parameter filled; otherwise the error names the offending tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from baton.engine.model_config import ModelConfig
+from baton.engine.models import get_model_class
+from baton.engine.models.llama import STACKED_PARAMS
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
+_MAX_NAMES_IN_ERROR = 10
+_FUSED_NAMES = frozenset(fused for fused, _ in STACKED_PARAMS.values())
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local checkpoint directory as is, otherwise a Hugging Face hub id downloaded
+    (or found in the local hub cache) with ``huggingface_hub.snapshot_download``."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise FileNotFoundError(f"model {model!r} is not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as exc:  # the hub client raises many types (offline, 404, auth, network)
+        raise OSError(
+            f"could not get model {model!r}: not a local directory, and downloading it from the "
+            f"Hugging Face hub failed ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, each checked to exist."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} has no weight_map")
+        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+    elif (model_dir / SINGLE_FILE).is_file():
+        files = [model_dir / SINGLE_FILE]
+    else:
+        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing weight file(s) in {model_dir}: {', '.join(missing)}")
+    return files
+
+
+def build_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Instantiate ``config.architecture`` without random init and load its weights."""
+    model_class = get_model_class(config.architecture)
+    with torch.device("meta"):
+        model = model_class(config).to(dtype)
+    model = model.to_empty(device=device)
+    load_weights(model_dir, model, dtype)
+    return model.eval()
+
+
+def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
+    """Copy every checkpoint tensor (cast to ``dtype``) into ``model``'s parameters."""
+    params = dict(model.named_parameters())
+    needed = {name: _shard_keys(model, name) for name in params}
+    filled: dict[str, set[str]] = {name: set() for name in params}
+    unexpected: list[str] = []
+    tied = bool(getattr(model, "config", None) and model.config.tie_word_embeddings)
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
+                    continue
+                target, shard = _engine_name(key)
+                if target not in params:
+                    unexpected.append(key)
+                    continue
+                _copy_into(model, params[target], target, shard, f.get_tensor(key).to(dtype), key)
+                filled[target].add(shard)
+    if unexpected:
+        raise ValueError(f"unexpected tensors in checkpoint {model_dir}: {_names(unexpected)}")
+    missing = [_hf_name(name, shard) for name, keys in needed.items() for shard in sorted(keys - filled[name])]
+    if missing:
+        raise ValueError(f"tensors missing from checkpoint {model_dir}: {_names(missing)}")
+
+
+def _engine_name(key: str) -> tuple[str, str]:
+    """HF tensor name -> (engine parameter name, shard key; "" when not fused)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in STACKED_PARAMS:
+            fused, shard = STACKED_PARAMS[part]
+            return ".".join(parts[:i] + [fused] + parts[i + 1 :]), shard
+    return key, ""
+
+
+def _hf_name(name: str, shard: str) -> str:
+    if not shard:
+        return name
+    for proj, (fused, key) in STACKED_PARAMS.items():
+        if key == shard and f".{fused}." in name:
+            return name.replace(f".{fused}.", f".{proj}.")
+    return f"{name}[{shard}]"
+
+
+def _shard_layout(model: nn.Module, name: str) -> dict[str, int] | None:
+    """Row sizes of the slices of a fused parameter (in order), or None when not fused."""
+    parts = name.rsplit(".", 2)
+    if len(parts) < 3 or parts[1] not in _FUSED_NAMES:
+        return None
+    return model.get_submodule(parts[0]).shard_sizes()
+
+
+def _shard_keys(model: nn.Module, name: str) -> set[str]:
+    layout = _shard_layout(model, name)
+    return {""} if layout is None else set(layout)
+
+
+def _copy_into(
+    model: nn.Module, param: nn.Parameter, name: str, shard: str, tensor: torch.Tensor, key: str
+) -> None:
+    target = param.data
+    if shard:
+        layout = _shard_layout(model, name)
+        if layout is None or shard not in layout:
+            raise ValueError(f"checkpoint tensor {key} does not fit parameter {name}")
+        order = list(layout)
+        offset = sum(layout[k] for k in order[: order.index(shard)])
+        target = target.narrow(0, offset, layout[shard])
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+    target.copy_(tensor)
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES_IN_ERROR])
+    more = len(names) - _MAX_NAMES_IN_ERROR
+    return shown + (f" (and {more} more)" if more > 0 else "")

@@ -1,0 +1,198 @@
+"""The model's own shape and numerics, parsed from a Hugging Face ``config.json``
+(and ``generation_config.json``). Pure Python: no torch.
+
+Both layouts of RoPE settings are understood: ``rope_parameters`` (transformers 5)
+and ``rope_theta`` + ``rope_scaling`` (older checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from baton.engine.models import SUPPORTED_ARCHITECTURES
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+_DEFAULT_ROPE_THETA = 10000.0
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """RoPE base and scaling. ``factor`` is used by "linear" and "llama3"; the rest by "llama3"."""
+
+    theta: float = _DEFAULT_ROPE_THETA
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the engine needs to know about a decoder-only Llama-family model."""
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool                 # bias on the q/k/v projections (Qwen2; Llama ``attention_bias``)
+    o_bias: bool                   # bias on the output projection (Llama/Qwen3 ``attention_bias``)
+    mlp_bias: bool
+    qk_norm: bool                  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    dtype: str                     # the checkpoint's dtype: one of SUPPORTED_DTYPES
+
+    @classmethod
+    def from_dict(
+        cls,
+        cfg: dict[str, Any],
+        generation_config: dict[str, Any] | None = None,
+        max_model_len: int | None = None,
+    ) -> ModelConfig:
+        """Parse a ``config.json`` dict. ``max_model_len`` (default: ``max_position_embeddings``)
+        is the longest sequence the engine will serve; a sliding window shorter than that
+        is refused because this engine attends over the full context."""
+        architecture = _architecture(cfg)
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        max_pos = int(cfg.get("max_position_embeddings", 2048))
+        _check_sliding_window(cfg, max_model_len or max_pos)
+        qkv_bias, o_bias, mlp_bias = _biases(architecture, cfg)
+        return cls(
+            architecture=architecture,
+            hidden_size=hidden,
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            intermediate_size=int(cfg["intermediate_size"]),
+            vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope=_rope_config(cfg, max_pos),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            qk_norm=architecture == "Qwen3ForCausalLM",
+            eos_token_ids=_eos_token_ids(cfg, generation_config or {}),
+            bos_token_id=cfg.get("bos_token_id"),
+            dtype=_dtype(cfg),
+        )
+
+
+def load_model_config(model_dir: Path, max_model_len: int | None = None) -> ModelConfig:
+    """Read ``config.json`` (required) and ``generation_config.json`` (optional) from ``model_dir``."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}")
+    cfg = json.loads(config_path.read_text())
+    gen_path = Path(model_dir) / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    return ModelConfig.from_dict(cfg, gen, max_model_len)
+
+
+def _architecture(cfg: dict[str, Any]) -> str:
+    architectures = cfg.get("architectures") or []
+    if len(architectures) != 1:
+        raise ValueError(f"config.json must name exactly one architecture, got {architectures!r}")
+    architecture = architectures[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return architecture
+
+
+def _biases(architecture: str, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(q/k/v bias, output-projection bias, MLP bias) as each architecture defines them."""
+    attention_bias = bool(cfg.get("attention_bias") or False)
+    if architecture == "LlamaForCausalLM":
+        return attention_bias, attention_bias, bool(cfg.get("mlp_bias") or False)
+    if architecture == "Qwen2ForCausalLM":
+        return True, False, False
+    if architecture == "Qwen3ForCausalLM":
+        return attention_bias, attention_bias, False
+    return False, False, False
+
+
+def _check_sliding_window(cfg: dict[str, Any], max_len: int) -> None:
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False:
+        window = None
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    if window is not None and int(window) < max_len:
+        raise ValueError(
+            f"sliding_window={window} is shorter than the max model length {max_len}: sliding-window "
+            f"attention is not supported; serve with max_model_len <= {window}"
+        )
+
+
+def _rope_config(cfg: dict[str, Any], max_pos: int) -> RopeConfig:
+    params = dict(cfg.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported")
+    legacy = dict(cfg.get("rope_scaling") or {})
+    merged = {**legacy, **params}
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    partial = merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise ValueError(f"partial_rotary_factor={partial} is not supported")
+    theta = merged.get("rope_theta", cfg.get("rope_theta")) or _DEFAULT_ROPE_THETA
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    if "factor" not in merged:
+        raise ValueError(f"rope type {rope_type!r} needs a 'factor'")
+    if rope_type == "linear":
+        return RopeConfig(theta=float(theta), rope_type="linear", factor=float(merged["factor"]))
+    missing = [k for k in ("low_freq_factor", "high_freq_factor") if k not in merged]
+    if missing:
+        raise ValueError(f"rope type 'llama3' needs {', '.join(missing)}")
+    return RopeConfig(
+        theta=float(theta),
+        rope_type="llama3",
+        factor=float(merged["factor"]),
+        low_freq_factor=float(merged["low_freq_factor"]),
+        high_freq_factor=float(merged["high_freq_factor"]),
+        original_max_position_embeddings=int(merged.get("original_max_position_embeddings") or max_pos),
+    )
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _eos_token_ids(cfg: dict[str, Any], generation_config: dict[str, Any]) -> tuple[int, ...]:
+    ids = _as_ids(generation_config.get("eos_token_id")) + _as_ids(cfg.get("eos_token_id"))
+    return tuple(dict.fromkeys(ids))
+
+
+def _dtype(cfg: dict[str, Any]) -> str:
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"checkpoint dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
+    return dtype

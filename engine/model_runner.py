@@ -1,0 +1,132 @@
+"""Runs the model for one scheduled step: packs the chunks' tokens into one flat
+batch, builds the attention metadata once, runs the forward over the paged KV
+cache, and returns float32 logits for the rows that need them.
+
+The runner owns the weights and the KV cache tensors (one per layer,
+``[num_blocks, 2, block_size, num_kv_heads, head_dim]``). It never mutates the
+``Sequence`` objects: the engine core advances them after sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from baton.engine.attention import build_attention_metadata
+from baton.engine.config import EngineConfig
+from baton.engine.loader import build_model, resolve_model_dir
+from baton.engine.model_config import ModelConfig, load_model_config
+from baton.engine.rope import build_cos_sin_cache
+from baton.engine.sequence import ScheduledChunk, Sequence
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class ModelOutput:
+    """``logits``: ``[num_sampling_chunks, vocab]`` float32, one row per chunk with
+    ``chunk.samples``, in chunk order. ``prompt_logits``: seq_id -> ``[num_new_tokens, vocab]``
+    for prompt chunks of sequences that asked for prompt logprobs; row ``j`` predicts the
+    token at position ``chunk.start + j + 1``."""
+
+    logits: torch.Tensor
+    prompt_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """Loads ``model`` (a directory or hub id) per ``config`` and executes scheduled steps."""
+
+    def __init__(self, model: str, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir: Path = resolve_model_dir(model)
+        self.model_config: ModelConfig = load_model_config(self.model_dir, config.max_model_len)
+        mc = self.model_config
+        self.max_model_len: int = config.max_model_len or mc.max_position_embeddings
+        if not 0 < self.max_model_len <= mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} must be in [1, max_position_embeddings={mc.max_position_embeddings}]"
+            )
+        dtype_name = config.dtype or mc.dtype
+        if dtype_name not in TORCH_DTYPES:
+            raise ValueError(f"dtype {dtype_name!r} is not supported; supported: {', '.join(TORCH_DTYPES)}")
+        self.dtype: torch.dtype = TORCH_DTYPES[dtype_name]
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        self.model = build_model(self.model_dir, mc, self.dtype, self.device)
+        self.model.set_cos_sin_cache(build_cos_sin_cache(mc.rope, mc.head_dim, self.max_model_len, self.device))
+        self.num_blocks: int = config.num_blocks or self._blocks_that_fit()
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        shape = (self.num_blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_caches: list[torch.Tensor] = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
+        ]
+
+    def block_bytes(self) -> int:
+        """Bytes one block takes across all layers (K and V)."""
+        mc = self.model_config
+        per_layer = 2 * self.block_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+        return per_layer * mc.num_layers
+
+    def _blocks_that_fit(self) -> int:
+        num_blocks = self.config.kv_cache_memory_bytes // self.block_bytes()
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes={self.config.kv_cache_memory_bytes} cannot hold one block "
+                f"({self.block_bytes()} bytes)"
+            )
+        return num_blocks
+
+    @torch.inference_mode()
+    def execute(
+        self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None
+    ) -> ModelOutput:
+        """Compute ``chunks`` (writing their KV into the cache) and return the logits they need.
+        ``on_layer_done(i)`` is called once layer ``i`` has written this step's KV."""
+        meta = build_attention_metadata(chunks, self.block_size, self.device)
+        if meta.max_seq_len > self.max_model_len:
+            raise ValueError(f"a sequence reaches {meta.max_seq_len} tokens, over max_model_len={self.max_model_len}")
+        input_ids = self._input_ids(chunks)
+        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, on_layer_done)
+        ends, end = [], 0
+        for chunk in chunks:
+            end += chunk.num_new_tokens
+            ends.append(end)
+        sample_rows = [ends[i] - 1 for i, chunk in enumerate(chunks) if chunk.samples]
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        output = ModelOutput(logits=self.model.compute_logits(hidden.index_select(0, rows)))
+        for i, chunk in enumerate(chunks):
+            seq = chunk.seq
+            if seq.params.prompt_logprobs is not None and chunk.start < seq.num_prompt_tokens:
+                chunk_hidden = hidden[ends[i] - chunk.num_new_tokens : ends[i]]
+                output.prompt_logits[seq.seq_id] = self.model.compute_logits(chunk_hidden)
+        return output
+
+    def _input_ids(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        ids: list[int] = []
+        for chunk in chunks:
+            ids.extend(_chunk_token_ids(chunk.seq, chunk.start, chunk.num_new_tokens))
+        input_ids = torch.tensor(ids, dtype=torch.int64)
+        vocab = self.model_config.vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}), got one outside")
+        return input_ids.to(self.device)
+
+
+def _chunk_token_ids(seq: Sequence, start: int, n: int) -> list[int]:
+    """``seq.token_ids[start:start + n]`` without concatenating the whole sequence."""
+    num_prompt = len(seq.prompt_token_ids)
+    if start + n > num_prompt + len(seq.output_token_ids):
+        raise ValueError(f"sequence {seq.seq_id}: chunk [{start}, {start + n}) runs past its {seq.num_tokens} tokens")
+    if start >= num_prompt:
+        return seq.output_token_ids[start - num_prompt : start - num_prompt + n]
+    if start + n <= num_prompt:
+        return seq.prompt_token_ids[start : start + n]
+    return seq.prompt_token_ids[start:] + seq.output_token_ids[: start + n - num_prompt]
