@@ -1,0 +1,81 @@
+"""Conversions between the engine's dataclasses and their protobuf messages.
+
+Shared by the gateway (which builds requests) and the workers (which read them),
+so both ends agree field by field. No torch, no grpc: only ``baton.protos``
+messages and the engine's plain dataclasses.
+
+``SamplingParams``: every field is written explicitly; the proto's ``optional``
+fields (``seed``, ``logprobs``, ``prompt_logprobs``) only when set, so ``None``
+survives the round trip. ``n`` is not on the wire: the gateway fans out ``n > 1``
+itself and each wire request is one sequence. Reading, the proto's documented
+zero defaults map to "off" (``top_p`` 0 -> 1.0, ``repetition_penalty`` 0 -> 1.0);
+anything else invalid raises ``ValueError`` from ``SamplingParams`` with a
+message naming the field, which a worker should answer with INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import TokenLogprob
+from baton.protos import common_pb2
+
+
+def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    """The wire form of ``params`` (``params.n`` is not sent)."""
+    msg = common_pb2.SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos,
+        max_tokens=params.max_tokens,
+        min_tokens=params.min_tokens,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
+    return msg
+
+
+def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Validated ``SamplingParams`` (n = 1) from the wire; ``ValueError`` if invalid."""
+    return SamplingParams(
+        n=1,
+        max_tokens=msg.max_tokens,
+        min_tokens=msg.min_tokens,
+        temperature=msg.temperature,
+        top_p=msg.top_p if msg.top_p != 0 else 1.0,
+        top_k=msg.top_k,
+        min_p=msg.min_p,
+        repetition_penalty=msg.repetition_penalty if msg.repetition_penalty != 0 else 1.0,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=list(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+    )
+
+
+def logprob_to_proto(logprob: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=logprob.token_id,
+        logprob=logprob.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in logprob.top],
+    )
+
+
+def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(
+        token_id=msg.token_id,
+        logprob=msg.logprob,
+        top=[(t.token_id, t.logprob) for t in msg.top],
+    )

@@ -1,0 +1,235 @@
+"""The Redis prefix index end to end: a worker's IndexPublisher writes, the
+gateway's PrefixIndex reads, against a real redis-server on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio as aioredis
+
+from baton.engine.block_manager import BlockRemoved, BlockStored
+from baton.services.gateway.metrics import REDIS_ERRORS
+from baton.services.gateway.prefix_index import PrefixIndex
+from baton.services.index_publisher import IndexPublisher
+from baton.services.redis_keys import WorkerRecord, block_key, worker_key
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+]
+
+FP = "0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    port = free_port()
+    proc = start_redis(port)
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_redis(proc)
+
+
+def record(worker_id: str, role: str = "prefill", fingerprint: str = FP, block_size: int = 16) -> WorkerRecord:
+    return WorkerRecord(worker_id, role, f"10.0.0.{len(worker_id)}:5005{len(worker_id)}", fingerprint, block_size)
+
+
+def random_hashes(n: int) -> list[int]:
+    return [random.getrandbits(64) for _ in range(n)]
+
+
+class CountingConnection(aioredis.Connection):
+    """Counts writes to the socket: one per round trip once connected."""
+
+    writes = 0
+
+    async def _send_packed_command(self, command) -> None:
+        type(self).writes += 1
+        await super()._send_packed_command(command)
+
+
+async def test_publish_then_longest_prefixes_in_one_round_trip(redis_url: str) -> None:
+    hashes = random_hashes(12)
+    pub_a = IndexPublisher(redis_url, record("a"))
+    pub_b = IndexPublisher(redis_url, record("bb"))
+    await pub_a.start()
+    await pub_b.start()
+    pub_a.publish([BlockStored(hashes[:8])])
+    pub_b.publish([BlockStored(hashes[:3]), BlockStored(hashes[4:10])])   # a gap at block 3
+    pub_a.publish([BlockRemoved([hashes[6]])])                            # a holds 0..5, 7
+    assert await pub_a.flush() and await pub_b.flush()
+
+    pool = aioredis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    client = aioredis.Redis(connection_pool=pool)
+    await client.ping()                                   # connect outside the count
+    index = PrefixIndex(client, FP, block_size=16)
+    before = CountingConnection.writes
+    runs = await index.longest_prefixes(hashes, ["a", "bb", "ccc"])
+    assert CountingConnection.writes - before == 1
+    assert runs == {"a": 6, "bb": 3, "ccc": 0}
+
+    capped = PrefixIndex(client, FP, max_blocks=2)
+    assert await capped.longest_prefixes(hashes, ["a", "bb"]) == {"a": 2, "bb": 2}
+    other_model = PrefixIndex(client, "f" * 16)
+    assert await other_model.longest_prefixes(hashes, ["a"]) == {"a": 0}
+
+    await pub_a.stop()
+    assert await index.longest_prefixes(hashes, ["a", "bb"]) == {"a": 0, "bb": 3}
+    assert await client.exists(worker_key("a")) == 0
+    assert await client.smembers(block_key(FP, hashes[0])) == {b"bb"}
+    await pub_b.stop()
+    await index.close()
+
+
+async def test_registry_lists_matching_workers_only(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    good = [record("p1"), record("d1", role="decode")]
+    bad = [record("x1", fingerprint="f" * 16), record("x2", block_size=32)]
+    publishers = [IndexPublisher(redis_url, r) for r in good + bad]
+    for pub in publishers:
+        await pub.start()
+    raw = aioredis.Redis.from_url(redis_url)
+    await raw.set(worker_key("junk"), b"{not json")
+    index = PrefixIndex(redis_url, FP, block_size=16)
+    with caplog.at_level(logging.WARNING):
+        first = await index.live_workers()
+        second = await index.live_workers()
+    by_id = lambda r: r.worker_id  # noqa: E731
+    assert sorted(first, key=by_id) == sorted(good, key=by_id)
+    assert sorted(second, key=by_id) == sorted(good, key=by_id)
+    skipped = [rec.getMessage() for rec in caplog.records if "skipping registered worker" in rec.getMessage()]
+    assert len(skipped) == 3                                  # once each, not once per refresh
+    assert any("block size 32" in m for m in skipped) and any("fingerprint" in m for m in skipped)
+    for pub in publishers:
+        await pub.stop()
+    assert await index.live_workers() == []
+    await raw.aclose()
+    await index.close()
+
+
+_WORKER_SCRIPT = """
+import asyncio, sys
+from baton.services.index_publisher import IndexPublisher
+from baton.services.redis_keys import WorkerRecord
+
+async def main():
+    pub = IndexPublisher(sys.argv[1], WorkerRecord("doomed", "prefill", "127.0.0.1:1", sys.argv[2], 16), 0.6)
+    await pub.start()
+    print("up", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_heartbeat_keeps_a_worker_alive_and_expiry_removes_it(redis_url: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, redis_url, FP], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        index = PrefixIndex(redis_url, FP, block_size=16)
+        await asyncio.sleep(1.5)                                 # > 2 TTLs: only heartbeats keep it
+        assert [r.worker_id for r in await index.live_workers()] == ["doomed"]
+        proc.kill()                                              # no deregistration
+        proc.wait()
+        await asyncio.sleep(1.0)
+        assert await index.live_workers() == []
+        await index.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Flagged:
+    block_hashes: list[int]
+    is_stored: bool
+
+
+async def test_redis_down_gives_load_only_answers_and_counts_errors(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    index = PrefixIndex(url, FP, retry_after_s=0.0)
+    errors_before = REDIS_ERRORS._value.get()
+    with caplog.at_level(logging.WARNING):
+        started = time.monotonic()
+        assert await index.longest_prefixes([1, 2, 3], ["a", "b"]) == {"a": 0, "b": 0}
+        assert await index.longest_prefixes([1, 2, 3], ["a"]) == {"a": 0}
+        assert await index.live_workers() == []
+        assert time.monotonic() - started < 2.0
+    assert REDIS_ERRORS._value.get() - errors_before == 3
+    assert not index.available
+    outage_lines = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+    assert len(outage_lines) == 1
+
+    backoff = PrefixIndex(url, FP, retry_after_s=30.0)
+    errors_before = REDIS_ERRORS._value.get()
+    for _ in range(5):
+        assert await backoff.longest_prefixes([1], ["a"]) == {"a": 0}
+    assert REDIS_ERRORS._value.get() - errors_before == 1       # later calls skip Redis
+
+    # The worker side keeps going, then catches up once Redis is there.
+    hashes = random_hashes(4)
+    pub = IndexPublisher(url, record("w"), 5.0, timeout_s=0.2)
+    await pub.start()                                            # does not raise
+    pub.publish([Flagged(hashes, True), Flagged(hashes[3:], False)])
+    assert await pub.flush() is False
+    proc = start_redis(port)
+    try:
+        assert await pub.flush() is True
+        reader = PrefixIndex(url, FP)
+        assert await reader.longest_prefixes(hashes, ["w"]) == {"w": 3}
+        assert await reader.live_workers() == [record("w")]     # the heartbeat re-registered
+        await pub.stop()
+        await reader.close()
+    finally:
+        stop_redis(proc)
+    await index.close()
+    await backoff.close()
+
+
+def test_unknown_event_kind_is_refused() -> None:
+    pub = IndexPublisher("redis://127.0.0.1:1/0", record("w"))
+    with pytest.raises(ValueError, match="stored or removed"):
+        pub.publish([object()])
