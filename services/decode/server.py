@@ -1,0 +1,148 @@
+"""Decode worker: reserves KV blocks, receives a prompt's KV from a prefill
+worker, and generates the rest of the tokens with continuous batching.
+
+Queues: ``_reservations`` (request id -> reservation awaiting its KV and its
+first token) and ``_streams`` (request id -> queue of engine updates for the
+open Generate stream). The running batch is the engine scheduler's.
+
+A request passes through:
+  RESERVED   Reserve: blocks for the prompt allocated, the KV receiver told to
+             expect them, a ticket returned; expires after ``reservation_ttl``
+  RECEIVING  prefill pushes layers into the reserved blocks (KVTransfer.Push)
+  RUNNING    Generate: once every layer has landed, the request joins the batch
+             with the first token prefill sampled; tokens stream back each step
+  FINISHED   stop token, EOS or max_tokens: the last chunk carries the reason
+An Abort, a cancelled stream, an expired reservation or a failed transfer frees
+every block the request holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+
+import grpc
+
+from baton.kvtransfer.base import KVReceiver, TransferError
+from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2
+from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto
+from baton.services.engine_loop import EngineLoop, SeqUpdate
+from baton.services.worker import WorkerContext, load_message, time_remaining
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reservation:
+    request_id: str
+    num_prompt_tokens: int
+    expiry: asyncio.TimerHandle | None = None
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, ctx: WorkerContext, receiver: KVReceiver, reservation_ttl_s: float = 180.0) -> None:
+        self._ctx = ctx
+        self._receiver = receiver
+        self._ttl = reservation_ttl_s
+        self._reservations: dict[str, Reservation] = {}
+        self._streams: dict[str, asyncio.Queue[SeqUpdate]] = {}
+        self.engine = EngineLoop(ctx.core, self._on_outputs)
+
+    def _on_outputs(self, updates: list[SeqUpdate]) -> None:
+        for update in updates:
+            queue = self._streams.get(update.seq_id)
+            if queue is not None:
+                queue.put_nowait(update)
+
+    async def Reserve(self, request: decode_pb2.ReserveRequest, context) -> kvtransfer_pb2.TransferTicket:
+        rid = request.request_id
+        if not rid or rid in self._reservations or rid in self._streams:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
+        try:
+            params = params_from_proto(request.params)
+            prompt = list(request.prompt_token_ids)
+            seq = await self.engine.call(lambda: self._ctx.core.reserve(rid, prompt, params))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if seq is None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks for this prompt; try another decode worker")
+        num_blocks = math.ceil(len(prompt) / self._ctx.layout.block_size)
+        block_ids = list(seq.block_table[:num_blocks])
+        self._receiver.expect(rid, block_ids, self._ctx.layout)
+        reservation = Reservation(rid, len(prompt))
+        reservation.expiry = asyncio.get_running_loop().call_later(self._ttl, self._expire, rid)
+        self._reservations[rid] = reservation
+        return kvtransfer_pb2.TransferTicket(
+            request_id=rid,
+            transport="grpc",
+            address=self._ctx.address,
+            block_ids=block_ids,
+            layout=self._ctx.layout.to_proto(),
+            num_tokens=len(prompt),
+        )
+
+    def _expire(self, rid: str) -> None:
+        if self._reservations.pop(rid, None) is not None:
+            log.warning("reservation %s expired without a Generate call; freeing its blocks", rid)
+            asyncio.ensure_future(self._free(rid))
+
+    async def _free(self, rid: str) -> None:
+        self._receiver.cancel(rid)
+        await self.engine.call(lambda: self._ctx.core.abort(rid))
+
+    async def Generate(self, request: decode_pb2.GenerateRequest, context):
+        rid = request.request_id
+        reservation = self._reservations.pop(rid, None)
+        if reservation is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for request {rid!r} (expired or aborted?)")
+        reservation.expiry.cancel()
+        queue: asyncio.Queue[SeqUpdate] = asyncio.Queue()
+        self._streams[rid] = queue
+        finished = False
+        try:
+            try:
+                await self._receiver.wait_complete(rid, time_remaining(context))
+            except TransferError as exc:
+                await context.abort(grpc.StatusCode.ABORTED, f"the prompt's KV did not arrive: {exc}")
+            first = logprob_from_proto(request.first_token)
+            finish = await self.engine.call(lambda: self._activate(rid, first))
+            if finish is not None:
+                finished = True
+                yield decode_pb2.GenerateChunk(finish_reason=finish)
+                return
+            while not finished:
+                update = await queue.get()
+                finished = update.finish_reason is not None
+                yield decode_pb2.GenerateChunk(
+                    tokens=[logprob_to_proto(t) for t in update.new_tokens],
+                    finish_reason=update.finish_reason or "",
+                )
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                await self._free(rid)
+
+    def _activate(self, rid: str, first) -> str | None:
+        """Engine thread: join the batch; the reason if the first token already ends it."""
+        seq = self._ctx.core.activate(rid, first)
+        self.engine.mark_sent(rid, 1)
+        return seq.finish_reason if seq.is_finished else None
+
+    async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortReply:
+        rid = request.request_id
+        reservation = self._reservations.pop(rid, None)
+        if reservation is not None:
+            reservation.expiry.cancel()
+        stream = self._streams.get(rid)
+        if stream is not None:
+            stream.put_nowait(SeqUpdate(rid, [], "abort", 0, []))
+        found = reservation is not None or stream is not None
+        if found:
+            await self._free(rid)
+        return common_pb2.AbortReply(found=found)
+
+    async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
+        return load_message(self._ctx.worker_id, "decode", self.engine)
+

@@ -1,0 +1,133 @@
+"""Runs an ``EngineCore`` on its own thread and lets asyncio code talk to it.
+
+The core is not thread-safe, so every mutation (add, abort, reserve, activate,
+release) is queued as a command and executed on the engine thread between
+steps. After each step the thread hands the sequences that changed to the
+event loop, where ``on_outputs`` fans them out to the waiting RPCs.
+
+    commands ──> [engine thread: run commands → step() → publish] ──> on_outputs (event loop)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from baton.engine.engine_core import EngineCore, EngineStats
+from baton.engine.sequence import Sequence, TokenLogprob
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+StepHook = Callable[[int, list], None]
+
+
+@dataclass
+class SeqUpdate:
+    """What a step did to one sequence, copied on the engine thread."""
+
+    seq_id: str
+    new_tokens: list[TokenLogprob]
+    finish_reason: str | None
+    num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprob]
+
+
+def _tokens_since(seq: Sequence, start: int) -> list[TokenLogprob]:
+    return [
+        seq.output_logprobs[i] if i < len(seq.output_logprobs) else TokenLogprob(seq.output_token_ids[i], 0.0)
+        for i in range(start, len(seq.output_token_ids))
+    ]
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        core: EngineCore,
+        on_outputs: Callable[[list[SeqUpdate]], None],
+        on_layer_done: StepHook | None = None,
+        on_block_events: Callable[[list], None] | None = None,
+    ) -> None:
+        self.core = core
+        self._on_outputs = on_outputs
+        self._on_layer_done = on_layer_done
+        self._on_block_events = on_block_events
+        self._commands: list[tuple[Callable[[], Any], Future]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.stats: EngineStats = core.stats()
+        self._sent: dict[str, int] = {}  # seq_id -> output tokens already handed out
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread before the next step; return its result."""
+        future: Future = Future()
+        with self._lock:
+            self._commands.append((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    def _run_commands(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for fn, future in commands:
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # handed to the caller, which turns it into an RPC status
+                future.set_exception(exc)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            self._run_commands()
+            if not self.core.has_unfinished():
+                self.stats = self.core.stats()
+                self._wake.wait(timeout=0.5)
+                continue
+            try:
+                changed = self.core.step(on_layer_done=self._on_layer_done)
+            except Exception:
+                log.exception("engine step failed; aborting the running requests")
+                changed = self.core.abort_all()
+            self.stats = self.core.stats()
+            updates = [self._update(seq) for seq in changed]
+            events = self.core.drain_block_events()
+            if self._loop is None:
+                continue
+            if updates:
+                self._loop.call_soon_threadsafe(self._on_outputs, updates)
+            if events and self._on_block_events is not None:
+                self._loop.call_soon_threadsafe(self._on_block_events, events)
+
+    def mark_sent(self, seq_id: str, num_tokens: int) -> None:
+        """Engine thread only: ``num_tokens`` outputs of ``seq_id`` were delivered elsewhere."""
+        self._sent[seq_id] = num_tokens
+
+    def _update(self, seq: Sequence) -> SeqUpdate:
+        start = self._sent.get(seq.seq_id, 0)
+        if seq.is_finished:
+            self._sent.pop(seq.seq_id, None)
+        else:
+            self._sent[seq.seq_id] = len(seq.output_token_ids)
+        return SeqUpdate(
+            seq_id=seq.seq_id,
+            new_tokens=_tokens_since(seq, start),
+            finish_reason=seq.finish_reason if seq.is_finished else None,
+            num_cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=list(seq.prompt_logprobs) if start == 0 else [],
+        )

@@ -1,0 +1,172 @@
+"""``baton up``: the whole system as local processes.
+
+Starts Redis (a private redis-server on a free port unless ``REDIS_URL`` /
+``--redis-url`` names one), N prefill and M decode workers, and the gateway;
+waits until the gateway's ``/ready`` answers 200; prints the URL; on Ctrl-C or
+SIGTERM stops everything, gateway first, each with a grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEMO_MODEL = "shakespeare-llama-5m"
+READY_TIMEOUT_S = 300.0
+
+
+def default_model() -> str | None:
+    """The demo checkpoint in ``../shared/models`` beside the checkout (or the cwd)."""
+    roots = [Path(__file__).resolve().parents[1], Path.cwd()]
+    for root in roots:
+        candidate = root.parent / "shared" / "models" / DEMO_MODEL
+        if (candidate / "config.json").exists():
+            return str(candidate)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Plan:
+    """Every process ``baton up`` starts, as argument lists (tests read this too)."""
+
+    redis: list[str] | None
+    redis_url: str
+    prefill: list[list[str]] = field(default_factory=list)
+    decode: list[list[str]] = field(default_factory=list)
+    gateway: list[str] = field(default_factory=list)
+    url: str = ""
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    py = sys.executable
+    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    redis_cmd = None
+    if not redis_url:
+        port = free_port()
+        redis_cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        redis_url = f"redis://127.0.0.1:{port}/0"
+    common = ["--model", args.model, "--redis-url", redis_url, "--device", args.device, "--block-size", str(args.block_size)]
+    if args.dtype:
+        common += ["--dtype", args.dtype]
+    plan = Plan(redis=redis_cmd, redis_url=redis_url)
+    prefill_addrs, decode_addrs = [], []
+    for role, count, addrs, cmds in (("prefill", args.prefill, prefill_addrs, plan.prefill), ("decode", args.decode, decode_addrs, plan.decode)):
+        for _ in range(count):
+            port = free_port()
+            addrs.append(f"127.0.0.1:{port}")
+            cmds.append([py, "-m", f"baton.services.{role}", "--port", str(port), *common])
+    plan.gateway = [
+        py, "-m", "baton.services.gateway",
+        "--model-dir", args.model,
+        "--served-model-name", args.served_model_name or Path(args.model).name,
+        "--host", args.host, "--port", str(args.port),
+        "--redis-url", redis_url,
+        "--block-size", str(args.block_size),
+        *[a for addr in prefill_addrs for a in ("--prefill-addr", addr)],
+        *[a for addr in decode_addrs for a in ("--decode-addr", addr)],
+        *[a for key in args.api_key for a in ("--api-key", key)],
+    ]
+    plan.url = f"http://{args.host}:{args.port}"
+    return plan
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{' '.join(dead[0].args[:4])} exited with code {dead[0].returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the gateway at {url} was not ready within {timeout:.0f}s")
+
+
+def stop_all(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
+    """SIGTERM in reverse start order (gateway first), then SIGKILL stragglers."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def up(args: argparse.Namespace) -> int:
+    if args.model is None:
+        print("baton up: no --model given and the demo checkpoint was not found", file=sys.stderr)
+        return 2
+    if args.redis_url is None and not os.environ.get("REDIS_URL") and shutil.which("redis-server") is None:
+        print("baton up: redis-server is not installed; install it or pass --redis-url", file=sys.stderr)
+        return 2
+    plan = make_plan(args)
+    procs: list[subprocess.Popen] = []
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for cmd in ([plan.redis] if plan.redis else []) + plan.prefill + plan.decode + [plan.gateway]:
+            procs.append(subprocess.Popen(cmd))
+        wait_ready(plan.url, procs, READY_TIMEOUT_S)
+        print(f"Baton is ready: {plan.url}/v1 (model {Path(args.model).name}; Ctrl-C stops)", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        print("baton up: a process exited; stopping the rest", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:
+        print(f"baton up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all(procs)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="start Redis, the workers and the gateway as local processes")
+    p.add_argument("--model", default=default_model(), help="HF model directory or hub id (default: the demo checkpoint)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--prefill", type=int, default=1, help="number of prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="number of decode workers")
+    p.add_argument("--redis-url", default=None, help="use this Redis (default: $REDIS_URL, else a private redis-server)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return up(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Prefill worker: runs prompts and hands their KV to a decode worker.
+
+Queues: ``_pending`` (request id -> future of its first token) and ``_sessions``
+(request id -> open KV transfer). The engine's own waiting/running queues live
+in its scheduler.
+
+A request passes through:
+  RECEIVED  validated; a KV transfer to the ticket's decode worker is opened
+  QUEUED    added to the engine (max_tokens=1) — waits for the token budget
+  RUNNING   prefilled chunk by chunk over the local prefix cache; in the step of
+            the final chunk, each layer's blocks are pushed as soon as that
+            layer is computed (``_on_layer_done``), overlapping later layers
+  SAMPLED   the first token is sampled; the blocks stay held
+  SENT      the decode worker acknowledged every layer
+  RELEASED  blocks released to the prefix cache; the reply goes out
+An abort, a deadline or a transfer failure at any point aborts the transfer and
+releases the blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+
+import grpc
+
+from baton.engine.sequence import ScheduledChunk
+from baton.kvtransfer.base import TransferError, TransferSession, create_sender
+from baton.kvtransfer.layout import LayoutMismatch
+from baton.protos import common_pb2, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc
+from baton.services.convert import logprob_to_proto, params_from_proto
+from baton.services.engine_loop import EngineLoop, SeqUpdate
+from baton.services.worker import WorkerContext, load_message, time_remaining
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, ctx: WorkerContext) -> None:
+        self._ctx = ctx
+        self._block_size = ctx.layout.block_size
+        self._pending: dict[str, asyncio.Future[SeqUpdate]] = {}
+        self._sessions: dict[str, TransferSession] = {}
+        self._senders = {}
+        on_events = ctx.publisher.publish if ctx.publisher is not None else None
+        self.engine = EngineLoop(ctx.core, self._on_outputs, self._on_layer_done, on_events)
+
+    # engine thread ---------------------------------------------------------
+    def _on_layer_done(self, layer: int, chunks: list[ScheduledChunk]) -> None:
+        for chunk in chunks:
+            session = self._sessions.get(chunk.seq.seq_id)
+            if session is None or not chunk.samples:
+                continue
+            num_blocks = math.ceil(chunk.seq.num_prompt_tokens / self._block_size)
+            session.submit_layer(layer, self._ctx.runner.kv_caches[layer], chunk.seq.block_table[:num_blocks])
+
+    # event loop ------------------------------------------------------------
+    def _on_outputs(self, updates: list[SeqUpdate]) -> None:
+        for update in updates:
+            future = self._pending.get(update.seq_id)
+            if future is not None and not future.done() and update.new_tokens:
+                future.set_result(update)
+
+    def _sender(self, transport: str):
+        if transport not in self._senders:
+            self._senders[transport] = create_sender(transport)
+        return self._senders[transport]
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id
+        if not rid or rid in self._pending:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
+        try:
+            params = params_from_proto(request.params)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        prompt = list(request.prompt_token_ids)
+        first_only = dataclasses.replace(params, max_tokens=1, min_tokens=0, n=1)
+        session = await self._open_transfer(request, context) if request.HasField("ticket") else None
+        future: asyncio.Future[SeqUpdate] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            try:
+                await self.engine.call(lambda: self._ctx.core.add_request(rid, prompt, first_only))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            update = await future
+            kv_bytes, kv_seconds = 0, 0.0
+            if session is not None:
+                stats = await session.finish(time_remaining(context))
+                kv_bytes, kv_seconds = stats.bytes, stats.seconds
+            return prefill_pb2.PrefillReply(
+                request_id=rid,
+                first_token=logprob_to_proto(update.new_tokens[0]),
+                prompt_logprobs=[logprob_to_proto(lp) for lp in update.prompt_logprobs],
+                prompt_tokens=len(prompt),
+                cached_tokens=update.num_cached_tokens,
+                kv_bytes_sent=kv_bytes,
+                kv_seconds=kv_seconds,
+            )
+        except TransferError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode worker failed: {exc}")
+        finally:
+            self._pending.pop(rid, None)
+            self._sessions.pop(rid, None)
+            if session is not None and not session.done:
+                await session.abort()
+            await self.engine.call(lambda: self._ctx.core.release(rid))
+
+    async def _open_transfer(self, request: prefill_pb2.PrefillRequest, context) -> TransferSession:
+        ticket: kvtransfer_pb2.TransferTicket = request.ticket
+        try:
+            session = await self._sender(ticket.transport).open(ticket, self._ctx.layout)
+        except LayoutMismatch as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except (TransferError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach the decode worker: {exc}")
+        self._sessions[request.request_id] = session
+        return session
+
+    async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortReply:
+        future = self._pending.get(request.request_id)
+        if future is None:
+            return common_pb2.AbortReply(found=False)
+        future.cancel()
+        return common_pb2.AbortReply(found=True)
+
+    async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
+        return load_message(self._ctx.worker_id, "prefill", self.engine)
+

@@ -1,0 +1,172 @@
+"""What the prefill and decode workers share: command-line flags, building the
+engine, the grpc.aio server with health and reflection, and running it until
+SIGTERM/SIGINT (health turns NOT_SERVING at once, in-flight RPCs get a grace
+period, then the process exits)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from baton.engine.config import EngineConfig
+from baton.engine.engine_core import EngineCore
+from baton.engine.hashing import model_fingerprint
+from baton.engine.model_runner import ModelRunner
+from baton.kvtransfer.layout import KVLayout
+from baton.protos import common_pb2
+from baton.services.engine_loop import EngineLoop
+from baton.services.index_publisher import IndexPublisher
+from baton.services.redis_keys import WorkerRecord
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m baton.services.{role}", description=f"Baton {role} worker")
+    p.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=default_port)
+    p.add_argument("--advertise-host", default=None, help="host others use to reach this worker (default: --host)")
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--redis-url", default=None, help="register and publish the prefix index here")
+    p.add_argument("--heartbeat-ttl", type=float, default=10.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-mb", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight RPCs get after SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+@dataclass
+class WorkerContext:
+    worker_id: str
+    address: str
+    runner: ModelRunner
+    core: EngineCore
+    layout: KVLayout
+    fingerprint: str
+    publisher: IndexPublisher | None     # registry heartbeat + prefix-index events (with --redis-url)
+
+
+def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool) -> WorkerContext:
+    config = EngineConfig(
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_mb * 1024 * 1024,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    runner = ModelRunner(args.model, config)
+    fingerprint = model_fingerprint(runner.model_dir)
+    core = EngineCore(
+        runner,
+        config,
+        eos_token_ids=runner.model_config.eos_token_ids,
+        hash_extra=fingerprint,
+        keep_finished_blocks=keep_finished_blocks,
+    )
+    mc = runner.model_config
+    layout = KVLayout(
+        model_fingerprint=fingerprint,
+        dtype=str(runner.dtype).removeprefix("torch."),
+        block_size=config.block_size,
+        layout="NB2SHD",
+        num_layers=mc.num_layers,
+        num_kv_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim,
+    )
+    worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    address = f"{args.advertise_host or args.host}:{args.port}"
+    publisher = None
+    if args.redis_url:
+        record = WorkerRecord(worker_id, role, address, fingerprint, config.block_size)
+        publisher = IndexPublisher(args.redis_url, record, args.heartbeat_ttl)
+    return WorkerContext(worker_id, address, runner, core, layout, fingerprint, publisher)
+
+
+async def serve(
+    args: argparse.Namespace,
+    ctx: WorkerContext,
+    role: str,
+    register: Callable[[grpc.aio.Server], list[str]],
+    on_start: Callable[[], None],
+    on_stop: Callable[[], None],
+) -> None:
+    """Run a worker's gRPC server until SIGTERM/SIGINT. ``register`` adds the
+    role's servicers and returns their full service names."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    names = register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    on_start()
+    if ctx.publisher is not None:
+        await ctx.publisher.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s worker %s serving on %s", role, ctx.worker_id, ctx.address)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s worker %s draining (grace %.0fs)", role, ctx.worker_id, args.shutdown_grace)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(args.shutdown_grace)
+    on_stop()
+    if ctx.publisher is not None:
+        await ctx.publisher.stop()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def load_message(worker_id: str, role: str, engine: EngineLoop) -> common_pb2.WorkerLoad:
+    s = engine.stats
+    return common_pb2.WorkerLoad(
+        worker_id=worker_id,
+        role=role,
+        running=s.running,
+        waiting=s.waiting,
+        total_blocks=s.total_blocks,
+        free_blocks=s.free_blocks,
+        used_blocks=s.used_blocks,
+        cached_blocks=s.cached_blocks,
+    )
+
+
+def time_remaining(context: grpc.aio.ServicerContext, default: float = 60.0) -> float:
+    """Seconds left before the RPC's deadline (``default`` when it has none)."""
+    remaining = context.time_remaining()
+    return default if remaining is None else max(remaining, 0.0)
