@@ -1,0 +1,106 @@
+"""Serving benchmark: concurrent streaming completions against a running gateway.
+
+    .venv/bin/baton up &                                   # or any Baton / OpenAI-compatible URL
+    python bench/bench_serving.py --url http://127.0.0.1:8000 --requests 64 --concurrency 16
+
+Prints requests/s, output tokens/s, and TTFT / ITL / end-to-end percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class Result:
+    ttft: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    e2e: float = 0.0
+    tokens: int = 0
+    error: str | None = None
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> Result:
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    }
+    result = Result()
+    start = last = time.perf_counter()
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+            return result
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                result.tokens = chunk["usage"]["completion_tokens"]
+            if not chunk["choices"] or not chunk["choices"][0]["text"]:
+                continue
+            now = time.perf_counter()
+            if result.ttft == 0.0:
+                result.ttft = now - start
+            else:
+                result.itls.append(now - last)
+            last = now
+    result.e2e = time.perf_counter() - start
+    return result
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "-"
+    qs = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
+    return f"p50 {qs[49] * 1e3:8.1f} ms  p90 {qs[89] * 1e3:8.1f} ms  p99 {qs[98] * 1e3:8.1f} ms"
+
+
+async def run(args: argparse.Namespace) -> None:
+    async with httpx.AsyncClient(timeout=args.timeout) as client:
+        model = (await client.get(f"{args.url}/v1/models")).json()["data"][0]["id"]
+        rng = random.Random(0)
+        words = ["thou", "art", "the", "king", "my", "lord", "love", "night", "sweet", "death", "fair", "heaven"]
+        prompts = [" ".join(rng.choice(words) for _ in range(args.prompt_words)) for _ in range(args.requests)]
+        gate = asyncio.Semaphore(args.concurrency)
+
+        async def bounded(prompt: str) -> Result:
+            async with gate:
+                return await one_request(client, args.url, model, prompt, args.max_tokens)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(bounded(p) for p in prompts))
+        elapsed = time.perf_counter() - start
+    ok = [r for r in results if r.error is None]
+    for r in results:
+        if r.error:
+            print("error:", r.error)
+    tokens = sum(r.tokens for r in ok)
+    print(f"requests {len(ok)}/{len(results)} ok, concurrency {args.concurrency}, max_tokens {args.max_tokens}")
+    print(f"throughput  {len(ok) / elapsed:8.2f} req/s  {tokens / elapsed:10.1f} output tok/s  ({elapsed:.1f} s)")
+    print(f"TTFT  {percentiles([r.ttft for r in ok])}")
+    print(f"ITL   {percentiles([i for r in ok for i in r.itls])}")
+    print(f"E2E   {percentiles([r.e2e for r in ok])}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--prompt-words", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=600.0)
+    asyncio.run(run(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

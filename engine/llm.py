@@ -1,0 +1,88 @@
+"""Offline entry point: prefill and decode in one process (aggregated).
+
+    llm = LLM("../shared/models/shakespeare-llama-5m")
+    out = llm.generate(["JULIET:\\nO Romeo"], SamplingParams(temperature=0, max_tokens=16))
+    print(out[0].outputs[0].text)
+
+The disaggregated services and the tests use it as their reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer
+
+from baton.engine.config import EngineConfig
+from baton.engine.engine_core import EngineCore
+from baton.engine.hashing import model_fingerprint
+from baton.engine.model_runner import ModelRunner
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import Sequence, TokenLogprob
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LLM:
+    def __init__(self, model: str, **engine_config) -> None:
+        self.config = EngineConfig(**engine_config)
+        self.runner = ModelRunner(model, self.config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.runner.model_dir)
+        self.core = EngineCore(
+            self.runner,
+            self.config,
+            eos_token_ids=self.runner.model_config.eos_token_ids,
+            hash_extra=model_fingerprint(self.runner.model_dir),
+        )
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids) and return the outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        requests: list[tuple[str, list[Sequence]]] = []
+        for prompt, p in zip(prompts, params_list):
+            token_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+            request_id = str(next(self._ids))
+            requests.append((request_id, self.core.add_request(request_id, token_ids, p)))
+        while self.core.has_unfinished():
+            self.core.step()
+        return [self._output(request_id, seqs) for request_id, seqs in requests]
+
+    def _output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=i,
+                text=self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True),
+                token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason,
+                logprobs=list(seq.output_logprobs),
+            )
+            for i, seq in enumerate(seqs)
+        ]
+        first = seqs[0]
+        return RequestOutput(request_id, list(first.prompt_token_ids), outputs, first.num_cached_tokens, list(first.prompt_logprobs))
