@@ -1,0 +1,83 @@
+"""compose.yaml parses and agrees with the launcher: the same services, the
+same modules, flags each service's own parser accepts, and the default ports."""
+
+import argparse
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from baton.services import launcher
+from baton.services.worker import worker_arg_parser
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def _argv(service: dict) -> list[str]:
+    """The service's command as argv, with $$VAR placeholders standing in for values."""
+    command = service["command"]
+    assert command.startswith("sh -c '"), command
+    inner = command.removeprefix("sh -c '").removesuffix("'")
+    return shlex.split(inner.replace("$$", "$"))[1:]  # drop "exec"
+
+
+def _plan() -> launcher.Plan:
+    args = launcher.build_parser().parse_args(["up", "--model", "/models/m", "--redis-url", "redis://r:6379/0"])
+    return launcher.make_plan(args)
+
+
+def test_services_match_launcher(compose):
+    assert set(compose["services"]) == {"redis", "gateway", "prefill", "decode"}
+    plan = _plan()
+    modules = {"prefill": plan.prefill[0][2], "decode": plan.decode[0][2], "gateway": plan.gateway[2]}
+    for name, module in modules.items():
+        argv = _argv(compose["services"][name])
+        assert argv[:3] == ["python", "-m", module]
+
+
+@pytest.mark.parametrize("role,port", [("prefill", 50051), ("decode", 50061)])
+def test_worker_commands_parse_with_default_ports(compose, role, port):
+    service = compose["services"][role]
+    args = worker_arg_parser(role, default_port=port).parse_args(_argv(service)[3:])
+    assert args.port == port and args.model == "$MODEL" and args.redis_url == "$REDIS_URL"
+    assert service["ports"] == [f"{port}:{port}"]
+    assert worker_arg_parser(role, default_port=port).parse_args(["--model", "m"]).port == port
+    assert service["environment"]["MODEL"].startswith("${MODEL:-")
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert "healthcheck" in service
+
+
+def test_gateway_command_parses_and_names_workers(compose):
+    from baton.services.gateway.__main__ import build_parser
+
+    service = compose["services"]["gateway"]
+    args = build_parser().parse_args(_argv(service)[3:])
+    assert args.port == 8000 and service["ports"] == ["8000:8000"]
+    assert args.prefill_addr == ["prefill:50051"] and args.decode_addr == ["decode:50061"]
+    assert set(service["depends_on"]) == {"prefill", "decode"}
+    launcher_flags = {a for a in _plan().gateway if a.startswith("--")}
+    assert launcher_flags <= {a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+
+
+def test_redis_service(compose):
+    redis = compose["services"]["redis"]
+    assert redis["ports"] == ["6379:6379"] and "healthcheck" in redis
+    for role in ("prefill", "decode", "gateway"):
+        assert compose["services"][role]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_launcher_plan_spawns_redis_only_without_url(monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    args = launcher.build_parser().parse_args(["up", "--model", "/m", "--prefill", "2", "--decode", "3"])
+    plan = launcher.make_plan(argparse.Namespace(**{**vars(args), "redis_url": None}))
+    assert plan.redis is not None and plan.redis[0] == "redis-server"
+    assert len(plan.prefill) == 2 and len(plan.decode) == 3
+    assert plan.gateway.count("--prefill-addr") == 2 and plan.gateway.count("--decode-addr") == 3

@@ -1,0 +1,189 @@
+"""The whole system on loopback: real Redis, real gRPC workers in their own
+processes, the real gateway, driven through the official ``openai`` client.
+
+Two prefill workers and one decode worker, started exactly as ``baton up`` starts them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import grpc
+import pytest
+import redis
+
+from baton.engine.llm import LLM
+from baton.engine.sampling_params import SamplingParams
+from baton.protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from baton.services import launcher
+from baton.services.redis_keys import BLOCKS_PREFIX
+
+openai = pytest.importorskip("openai")
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+PROMPTS = ["JULIET:\nO Romeo", "ROMEO:\nBut, soft! what light", "HAMLET:\nTo be, or not to be", "KING RICHARD III:\nNow is the winter"]
+MODEL_NAME = "shakespeare-llama-5m"
+
+
+class System:
+    def __init__(self, model: str) -> None:
+        args = launcher.build_parser().parse_args(
+            ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", "2", "--decode", "1"]
+        )
+        os.environ.pop("REDIS_URL", None)
+        self.plan = launcher.make_plan(args)
+        self.procs: list[subprocess.Popen] = []
+        for cmd in [self.plan.redis] + self.plan.prefill + self.plan.decode:
+            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        self.gateway = subprocess.Popen(self.plan.gateway)
+        self.procs.append(self.gateway)
+        launcher.wait_ready(self.plan.url, self.procs, timeout=180)
+        self.client = openai.OpenAI(base_url=f"{self.plan.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.aclient = openai.AsyncOpenAI(base_url=f"{self.plan.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def worker_addrs(self, role: str) -> list[str]:
+        flag = f"--{role}-addr"
+        return [self.plan.gateway[i + 1] for i, a in enumerate(self.plan.gateway) if a == flag]
+
+    def loads(self) -> list[common_pb2.WorkerLoad]:
+        out = []
+        for role, stub_cls in (("prefill", prefill_pb2_grpc.PrefillStub), ("decode", decode_pb2_grpc.DecodeStub)):
+            for addr in self.worker_addrs(role):
+                with grpc.insecure_channel(addr) as channel:
+                    out.append(stub_cls(channel).GetLoad(common_pb2.LoadRequest(), timeout=5))
+        return out
+
+    def wait_no_blocks_in_use(self, timeout: float = 20.0) -> list[common_pb2.WorkerLoad]:
+        deadline = time.monotonic() + timeout
+        while True:
+            loads = self.loads()
+            if all(l.used_blocks == 0 and l.running == 0 for l in loads) or time.monotonic() > deadline:
+                return loads
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        launcher.stop_all(self.procs, grace=20)
+
+
+@pytest.fixture(scope="module")
+def system(demo_model):
+    s = System(demo_model)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model) -> dict[str, list[int]]:
+    llm = LLM(demo_model)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24))
+    return {p: o.outputs[0].token_ids for p, o in zip(PROMPTS, outs)}
+
+
+def test_greedy_matches_aggregated_engine_and_transformers(system, reference, demo_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    hf = AutoModelForCausalLM.from_pretrained(demo_model).eval()
+    for prompt in PROMPTS:
+        out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0, logprobs=0)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        hf_ids = hf.generate(ids, do_sample=False, max_new_tokens=24)[0, ids.shape[1]:].tolist()
+        expected = reference[prompt]
+        assert expected == hf_ids[: len(expected)]
+        assert out.choices[0].text == tok.decode(expected, skip_special_tokens=True)
+    juliet = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert juliet.choices[0].text.startswith(", Romeo! wherefore art thou Romeo?")
+
+
+def test_streaming_equals_non_streaming(system):
+    for prompt in PROMPTS[:2]:
+        full = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=20, temperature=0)
+        chunks = list(system.client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True}
+        ))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [full.choices[0].finish_reason]
+        assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_chat_completion(system):
+    out = system.client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Speak, Romeo."}], max_tokens=16, temperature=0
+    )
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content
+    assert out.usage.completion_tokens > 0
+
+
+def test_repeated_prompt_hits_the_worker_that_cached_it(system):
+    prompt = "FIRST CITIZEN:\nBefore we proceed any further, hear me speak. " * 3
+    first = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens >= 64
+    holders = None
+    for _ in range(3):
+        time.sleep(0.5)  # the worker publishes its stored blocks in batches
+        again = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0)
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        # Only the worker that ran the prompt can serve it from its cache: the other one is cold.
+        assert cached >= 48, cached
+        assert again.choices[0].text == first.choices[0].text
+    r = redis.Redis.from_url(system.plan.redis_url)
+    holders = {frozenset(r.smembers(k)) for k in r.scan_iter(f"{BLOCKS_PREFIX}*")}
+    assert holders and all(len(h) >= 1 for h in holders)
+
+
+def test_32_concurrent_streams_complete_without_leaks(system):
+    async def one(i: int) -> str:
+        stream = await system.aclient.completions.create(
+            model=MODEL_NAME, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=16, temperature=0.8, seed=i, stream=True
+        )
+        text, finish = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        return finish
+
+    async def run_all():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    finishes = asyncio.run(run_all())
+    assert all(f in ("stop", "length") for f in finishes), finishes
+    loads = system.wait_no_blocks_in_use()
+    assert all(l.used_blocks == 0 and l.running == 0 for l in loads), loads
+
+
+def test_client_disconnect_aborts_on_both_workers(system):
+    stream = system.client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=1500, temperature=0.9, stream=True, extra_body={"ignore_eos": True},
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    loads = system.wait_no_blocks_in_use()
+    assert all(l.used_blocks == 0 and l.running == 0 for l in loads), loads
+
+
+def test_sigterm_drains_then_exits(system):
+    stream = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=64, temperature=0, stream=True)
+    first = next(iter(stream))
+    system.gateway.send_signal(signal.SIGTERM)
+    import httpx
+
+    deadline = time.monotonic() + 5
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = httpx.get(f"{system.plan.url}/ready", timeout=2).status_code
+        except httpx.HTTPError:
+            status = None
+        if status == 503:
+            break
+        time.sleep(0.05)
+    assert status == 503
+    rest = list(stream)
+    assert rest and rest[-1].choices[0].finish_reason in ("stop", "length")
+    assert first.choices[0].text is not None
+    assert system.gateway.wait(timeout=30) == 0
