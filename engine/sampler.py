@@ -1,0 +1,145 @@
+"""Turn logits into tokens.
+
+Per sequence, in this order (OpenAI / Hugging Face semantics):
+
+1. stop tokens (EOS unless ``ignore_eos``, and ``stop_token_ids``) are masked
+   while fewer than ``min_tokens`` tokens have been generated;
+2. repetition penalty (HF): over prompt + output tokens, a positive logit is
+   divided by the penalty and a negative one multiplied;
+3. presence / frequency penalties (OpenAI): ``logit -= presence * (count > 0)
+   + frequency * count`` over output tokens;
+4. greedy (``temperature == 0``): argmax. Otherwise divide by the temperature
+   (at least ``MIN_TEMPERATURE``),
+   keep ``top_k``, then the ``top_p`` nucleus, then tokens with
+   ``prob >= min_p * max prob``, and draw by exponential race: argmax of
+   ``probs / E`` with ``E ~ Exp(1)`` i.i.d. per vocab entry.
+
+Seeding: the noise for output index ``t`` of a sequence comes from a
+``torch.Generator`` on the logits' device seeded with ``sample_seed(seq.seed, t)``
+= xxh3-64 of ``(seed mod 2**64, t)`` packed as two unsigned 64-bit little-endian
+ints, masked to 63 bits. A token depends only on (logits, params, seed, t): not
+on the batch around it nor on which process samples it (for one device type).
+
+Reported log-probabilities are those of the model's raw distribution
+(``log_softmax`` of the unprocessed logits), with the top-``k`` alternatives when
+``params.logprobs`` is ``k``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence as Seq
+
+import torch
+import xxhash
+
+from baton.engine.sequence import Sequence, TokenLogprob
+
+_SEED_PAIR = struct.Struct("<QQ")
+MIN_TEMPERATURE = 1e-5   # smaller positive temperatures are clamped to this (avoids inf / inf)
+
+
+def sample_seed(seed: int, t: int) -> int:
+    """The generator seed for output index ``t`` of a sequence seeded ``seed``."""
+    return xxhash.xxh3_64_intdigest(_SEED_PAIR.pack(seed % 2**64, t)) & (2**63 - 1)
+
+
+def _to_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int]) -> list[TokenLogprob]:
+    """Pack chosen-token log-probs and each row's top-``ks[i]`` alternatives."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    ids = token_ids.tolist()
+    max_k = min(max(ks, default=0), logprobs.shape[1])
+    top_vals: list[list[float]] = []
+    top_ids: list[list[int]] = []
+    if max_k > 0:
+        values, indices = logprobs.topk(max_k, dim=1)
+        top_vals, top_ids = values.tolist(), indices.tolist()
+    result = []
+    for i, (token, lp) in enumerate(zip(ids, chosen)):
+        k = min(ks[i], max_k)
+        top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k else []
+        result.append(TokenLogprob(token_id=token, logprob=lp, top=top))
+    return result
+
+
+def prompt_logprobs(prompt_logits: torch.Tensor, next_token_ids: Seq[int], k: int) -> list[TokenLogprob]:
+    """Log-probs of the actual next tokens under ``prompt_logits`` (row ``j``
+    predicts ``next_token_ids[j]``), with the top-``k`` alternatives."""
+    if prompt_logits.dim() != 2 or prompt_logits.shape[0] != len(next_token_ids):
+        raise ValueError(f"prompt_logits {tuple(prompt_logits.shape)} do not match {len(next_token_ids)} next tokens")
+    logprobs = torch.log_softmax(prompt_logits.float(), dim=-1)
+    targets = torch.tensor(list(next_token_ids), dtype=torch.long, device=prompt_logits.device)
+    return _to_logprobs(logprobs, targets, [k] * len(next_token_ids))
+
+
+class Sampler:
+    """Samples one token per row of logits for the matching sequences."""
+
+    def __init__(self, eos_token_ids: Seq[int] = ()):
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[TokenLogprob]:
+        if logits.dim() != 2 or logits.shape[0] != len(seqs):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(seqs)} sequences")
+        if not seqs:
+            return []
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if all(self._is_plain_greedy(s) for s in seqs):
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = torch.stack([self._sample_row(row, seq) for row, seq in zip(logits, seqs)])
+        return _to_logprobs(raw_logprobs, token_ids, [s.params.logprobs or 0 for s in seqs])
+
+    def _is_plain_greedy(self, seq: Sequence) -> bool:
+        p = seq.params
+        return (
+            p.greedy
+            and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0
+            and len(seq.output_token_ids) >= p.min_tokens
+        )
+
+    def _sample_row(self, row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        row = self._apply_penalties(row.clone(), seq)
+        if seq.params.greedy:
+            return row.argmax()
+        probs = self._filtered_probs(row, seq)
+        generator = torch.Generator(device=row.device)
+        generator.manual_seed(sample_seed(seq.seed, len(seq.output_token_ids)))
+        noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+        return (probs / noise).argmax()
+
+    def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        p, device = seq.params, row.device
+        if len(seq.output_token_ids) < p.min_tokens:
+            stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+            stops = [t for t in stops if 0 <= t < row.shape[0]]
+            row[torch.tensor(stops, dtype=torch.long, device=device)] = float("-inf")
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.token_ids, dtype=torch.long, device=device).unique()
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+            outputs = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
+            counts = torch.bincount(outputs, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
+            row -= p.presence_penalty * (counts > 0).to(row.dtype) + p.frequency_penalty * counts
+        return row
+
+    @staticmethod
+    def _filtered_probs(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        p = seq.params
+        row = row / max(p.temperature, MIN_TEMPERATURE)
+        if 0 < p.top_k < row.shape[0]:
+            kth = row.topk(p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = (sorted_probs.cumsum(0) - sorted_probs) >= p.top_p
+            outside[0] = False
+            probs = probs.scatter(0, order[outside], 0.0)
+        if p.min_p > 0.0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return probs
