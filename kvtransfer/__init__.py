@@ -1,0 +1,15 @@
+"""Moving KV blocks between workers: one interface (``base``), the layout
+handshake (``layout``), and backends registered by name (``grpc`` built in)."""
+
+from baton.kvtransfer.base import (
+    KVReceiver, KVSender, TransferSession, TransferStats, TransferTicket,
+    create_receiver, create_sender, known_transports, register_transport,
+)
+from baton.kvtransfer.errors import LayoutMismatch, TransferError
+from baton.kvtransfer.layout import KVLayout, check_layout
+
+__all__ = [
+    "KVLayout", "KVReceiver", "KVSender", "LayoutMismatch", "TransferError", "TransferSession",
+    "TransferStats", "TransferTicket", "check_layout", "create_receiver", "create_sender",
+    "known_transports", "register_transport",
+]
