@@ -1,0 +1,238 @@
+"""The engine loop shared by both worker roles: schedule, run the model, sample,
+append, stop, cache, free.
+
+A request enters with ``add_request`` (``n`` sequences ``{request_id}-{i}`` when
+``n > 1``, else one sequence named ``request_id``). Children ``1..n-1`` wait in
+``pending`` until child 0's prompt is computed, so they reuse its full prompt
+blocks through the prefix cache. Each ``step()`` runs one forward pass over the
+scheduler's chunks and returns the sequences that gained a token or finished.
+
+Roles: a decode worker ``reserve``s blocks for a prompt whose KV comes from a
+prefill worker and ``activate``s it with the first token once the KV has landed;
+a prefill worker builds the core with ``keep_finished_blocks=True`` and
+``release``s a finished sequence's blocks once its KV has been sent.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from baton.engine.block_manager import BlockEvent, BlockManager
+from baton.engine.config import EngineConfig
+from baton.engine.sampler import Sampler, prompt_logprobs
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.scheduler import Scheduler
+from baton.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, TokenLogprob
+
+
+class ModelOutputLike(Protocol):
+    logits: torch.Tensor                     # [num sampling chunks, vocab]
+    prompt_logits: dict[str, torch.Tensor]   # seq_id -> [num_new_tokens, vocab]
+
+
+class ModelRunnerLike(Protocol):
+    num_blocks: int
+    max_model_len: int
+
+    def execute(
+        self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None
+    ) -> ModelOutputLike: ...
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    total_blocks: int
+    free_blocks: int
+    used_blocks: int
+    cached_blocks: int
+
+
+class EngineCore:
+    def __init__(
+        self,
+        runner: ModelRunnerLike,
+        config: EngineConfig,
+        eos_token_ids: list[int],
+        hash_extra: str,
+        keep_finished_blocks: bool = False,
+    ):
+        self.runner = runner
+        self.config = config
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_model_len = runner.max_model_len
+        self.block_manager = BlockManager(runner.num_blocks, config.block_size, hash_extra, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager, keep_finished_blocks)
+        self.sampler = Sampler(eos_token_ids)
+        self.pending: dict[str, list[Sequence]] = {}      # request_id -> children 1..n-1 not yet added
+        self.requests: dict[str, list[Sequence]] = {}     # request_id -> its sequences
+        self._request_of: dict[str, str] = {}              # seq_id -> request_id
+
+    # -- requests ---------------------------------------------------------------
+    def _new_sequences(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id} already exists")
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id} has an empty prompt")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"request {request_id}: prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"= {total} exceeds max_model_len {self.max_model_len}"
+            )
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        now = time.monotonic()
+        if params.n == 1:
+            return [Sequence(request_id, list(prompt_token_ids), params, seed=seed, arrival_time=now)]
+        return [
+            Sequence(f"{request_id}-{i}", list(prompt_token_ids), params, seed=seed + i, arrival_time=now)
+            for i in range(params.n)
+        ]
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        """Queue a request; raises ValueError for one that can never be served."""
+        seqs = self._new_sequences(request_id, prompt_token_ids, params)
+        self.scheduler.add(seqs[0])
+        if len(seqs) > 1:
+            self.pending[request_id] = seqs[1:]
+        self._track(request_id, seqs)
+        return seqs
+
+    def _track(self, request_id: str, seqs: list[Sequence]) -> None:
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self._request_of[seq.seq_id] = request_id
+
+    def _forget(self, request_id: str) -> list[Sequence]:
+        self.pending.pop(request_id, None)
+        seqs = self.requests.pop(request_id, [])
+        for seq in seqs:
+            self._request_of.pop(seq.seq_id, None)
+        return seqs
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Stop every sequence of a request and free its blocks; returns them."""
+        seqs = self._forget(request_id)
+        for seq in seqs:
+            self.scheduler.abort(seq.seq_id)
+            if not seq.is_finished:                   # a child never handed to the scheduler
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        return seqs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.pending)
+
+    # -- roles --------------------------------------------------------------------
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence | None:
+        """Decode role: hold blocks for a prompt computed elsewhere. None when the
+        pool is short now; ValueError when the request can never be served."""
+        if params.n != 1:
+            raise ValueError(f"request {request_id}: reserve takes one sequence (n=1), got n={params.n}")
+        seq = self._new_sequences(request_id, prompt_token_ids, params)[0]
+        if not self.scheduler.reserve(seq):
+            return None
+        self._track(request_id, [seq])
+        return seq
+
+    def activate(self, request_id: str, first_token: TokenLogprob) -> Sequence:
+        """Decode role: the prompt's KV has landed; start decoding after ``first_token``."""
+        seq = self.scheduler.activate(request_id, first_token)
+        self._check_stop(seq)
+        return seq
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: free the blocks a finished request kept for its KV transfer."""
+        if request_id not in self.requests:
+            raise KeyError(f"no request {request_id}")
+        for seq in self._forget(request_id):
+            self.scheduler.release(seq.seq_id)
+
+    # -- the step -----------------------------------------------------------------
+    def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[Sequence]:
+        """One forward pass. Returns the sequences that gained a token or finished."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.runner.execute(out.chunks, on_layer_done)
+        sampling = [c for c in out.chunks if c.samples]
+        tokens = self.sampler(result.logits, [c.seq for c in sampling])
+        for chunk in out.chunks:
+            self._record_prompt_logprobs(chunk, result.prompt_logits.get(chunk.seq.seq_id))
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        for chunk, token in zip(sampling, tokens):
+            chunk.seq.output_token_ids.append(token.token_id)
+            chunk.seq.output_logprobs.append(token)
+        for chunk in out.chunks:
+            self.block_manager.cache_full_blocks(chunk.seq, chunk.seq.num_computed_tokens)
+        changed = [c.seq for c in sampling]
+        for seq in changed:
+            self._check_stop(seq)
+        self._release_children()
+        return changed
+
+    def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor | None) -> None:
+        """Append prompt log-probs for rows that predict prompt tokens not yet
+        recorded (``seq.prompt_logprobs[i]`` is for prompt token ``i + 1``)."""
+        seq, k = chunk.seq, chunk.seq.params.prompt_logprobs
+        if logits is None or k is None:
+            return
+        first = len(seq.prompt_logprobs) - chunk.start      # rows before this were recorded earlier
+        stop = min(chunk.num_new_tokens, seq.num_prompt_tokens - 1 - chunk.start)
+        if first < 0 or stop <= first:
+            return
+        targets = seq.prompt_token_ids[chunk.start + first + 1 : chunk.start + stop + 1]
+        seq.prompt_logprobs.extend(prompt_logprobs(logits[first:stop], targets, k))
+
+    def _check_stop(self, seq: Sequence) -> None:
+        params, outputs = seq.params, seq.output_token_ids
+        last, count = outputs[-1], len(outputs)
+        reason = None
+        if count > params.min_tokens and (
+            (last in self.eos_token_ids and not params.ignore_eos) or last in params.stop_token_ids
+        ):
+            reason = "stop"
+        elif count >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._forget_if_done(seq)
+
+    def _release_children(self) -> None:
+        for request_id, children in list(self.pending.items()):
+            first = self.requests[request_id][0]
+            if first.is_finished or first.num_computed_tokens >= first.num_prompt_tokens:
+                del self.pending[request_id]
+                for child in children:
+                    self.scheduler.add(child)
+
+    def _forget_if_done(self, seq: Sequence) -> None:
+        """Drop the request's bookkeeping once all its sequences are finished
+        (a prefill-role core keeps it until ``release``)."""
+        request_id = self._request_of[seq.seq_id]
+        if request_id in self.pending or self.scheduler.keep_finished_blocks:
+            return
+        if all(s.is_finished for s in self.requests[request_id]):
+            self._forget(request_id)
+
+    # -- observability --------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting) + sum(len(c) for c in self.pending.values()),
+            total_blocks=bm.num_total_blocks,
+            free_blocks=bm.num_free_blocks,
+            used_blocks=bm.num_used_blocks,
+            cached_blocks=bm.num_cached_blocks,
+        )
+
+    def drain_block_events(self) -> list[BlockEvent]:
+        return self.block_manager.drain_events()

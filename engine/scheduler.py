@@ -1,0 +1,198 @@
+"""The scheduler: which tokens of which sequences the next forward pass computes.
+
+One scheduler serves both worker roles with a unified token budget (vLLM v1
+style): a step is a list of chunks, each ``seq.token_ids[num_computed:
+num_computed + n]``, and prefill, chunked prefill and decode are the same thing
+at different ``n``.
+
+Queues and states:
+
+- ``waiting`` (FCFS deque, ``WAITING``): new requests, and preempted ones at the
+  front (their blocks were given back; they recompute prompt + outputs so far).
+- ``running`` (``RUNNING``, in arrival order): hold blocks; prefilling or decoding.
+- ``reserved`` (decode role, ``WAITING``): hold blocks for a prompt whose KV
+  arrives from a prefill worker; never scheduled until ``activate``.
+- ``kept`` (prefill role, ``FINISHED``): finished but keep their blocks while the
+  KV is still being sent, until ``release``.
+
+Each ``schedule()``: running decodes first (one token each), then continuing
+prefills, then — when nothing was preempted — waiting requests FCFS, within
+``max_num_batched_tokens`` and ``max_num_seqs``. A waiting request is admitted
+only when the pool has blocks for its chunk. A running sequence that cannot get a
+block preempts the most recently arrived running sequence (possibly itself).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+from baton.engine.block_manager import BlockManager
+from baton.engine.config import EngineConfig
+from baton.engine.sequence import ScheduledChunk, SchedulerOutput, Sequence, SequenceStatus, TokenLogprob
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, keep_finished_blocks: bool = False):
+        self.config = config
+        self.block_manager = block_manager
+        self.keep_finished_blocks = keep_finished_blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.reserved: dict[str, Sequence] = {}
+        self.kept: dict[str, Sequence] = {}
+        self._order: dict[str, int] = {}          # seq_id -> arrival rank
+        self._counter = itertools.count()
+
+    # -- admission ------------------------------------------------------------
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise ValueError when ``seq`` could never get its blocks, even alone."""
+        max_tokens = seq.num_prompt_tokens + seq.params.max_tokens
+        needed = self.block_manager.blocks_needed(max_tokens)
+        total = self.block_manager.num_total_blocks
+        if needed > total:
+            raise ValueError(
+                f"request {seq.seq_id} needs up to {needed} KV blocks ({seq.num_prompt_tokens} prompt + "
+                f"{seq.params.max_tokens} max_tokens at {self.block_manager.block_size} tokens per block) "
+                f"but the pool has only {total}"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        if seq.seq_id in self._order:
+            raise ValueError(f"sequence {seq.seq_id} is already scheduled")
+        self.check_fits(seq)
+        self._order[seq.seq_id] = next(self._counter)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        """Work for ``schedule()``: waiting or running sequences (not reserved ones)."""
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = [self.config.max_num_batched_tokens]
+        self._schedule_running(out, budget)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: list[int]) -> None:
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget[0] == 0:
+                return
+            if seq.status is not SequenceStatus.RUNNING:
+                continue                              # preempted earlier in this step
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget[0])
+            if self._make_room(seq, num_new, out, budget):
+                out.chunks.append(ScheduledChunk(seq, num_new))
+                budget[0] -= num_new
+
+    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput, budget: list[int]) -> bool:
+        """Get blocks for ``num_new`` more tokens of ``seq``, preempting the most
+        recently arrived running sequences as needed. False if ``seq`` itself went."""
+        while not self.block_manager.append_slots(seq, num_new):
+            victim = self.running[-1]
+            self._preempt(victim, out, budget)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput, budget: list[int]) -> None:
+        for chunk in out.chunks:
+            if chunk.seq is seq:
+                out.chunks.remove(chunk)
+                budget[0] += chunk.num_new_tokens
+                break
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: list[int]) -> None:
+        admitted = False
+        while self.waiting and budget[0] > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.block_manager.cached_prefix_tokens(seq)
+            num_new = min(seq.num_tokens - cached, budget[0])
+            if not self.block_manager.allocate(seq, num_new):
+                break                                 # FCFS: nothing jumps the head
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, num_new))
+            budget[0] -= num_new
+            admitted = True
+        if admitted:
+            self.running.sort(key=lambda s: self._order[s.seq_id])
+
+    # -- leaving --------------------------------------------------------------
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark a running sequence finished; free its blocks unless they are kept
+        for a transfer (prefill role)."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self._order.pop(seq.seq_id, None)
+        if self.keep_finished_blocks:
+            self.kept[seq.seq_id] = seq
+        else:
+            self.block_manager.free(seq)
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        """Drop a sequence wherever it is and free its blocks. None if unknown."""
+        seq = self.reserved.pop(seq_id, None) or self.kept.pop(seq_id, None)
+        if seq is None:
+            seq = next((s for s in [*self.running, *self.waiting] if s.seq_id == seq_id), None)
+            if seq is None:
+                return None
+            if seq in self.running:
+                self.running.remove(seq)
+            else:
+                self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        self._order.pop(seq.seq_id, None)
+        if not seq.is_finished:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "abort"
+        return seq
+
+    def release(self, seq_id: str) -> None:
+        """Free the blocks a finished sequence kept for its KV transfer."""
+        seq = self.kept.pop(seq_id, None)
+        if seq is None:
+            raise KeyError(f"no finished sequence {seq_id} holds blocks")
+        self.block_manager.free(seq)
+
+    # -- decode role ------------------------------------------------------------
+    def reserve(self, seq: Sequence) -> bool:
+        """Allocate blocks for the prompt of ``seq``, whose KV will arrive from
+        elsewhere; park it. False (nothing held) when the pool is short now."""
+        if seq.seq_id in self._order or seq.seq_id in self.reserved:
+            raise ValueError(f"sequence {seq.seq_id} is already scheduled")
+        self.check_fits(seq)
+        if not self.block_manager.allocate(seq, seq.num_prompt_tokens, reuse_prefix=False):
+            return False
+        seq.status = SequenceStatus.WAITING
+        self.reserved[seq.seq_id] = seq
+        return True
+
+    def activate(self, seq_id: str, first_token: TokenLogprob) -> Sequence:
+        """The prompt's KV has landed: mark it computed, append the first token
+        and start decoding. The caller applies stop checks to that token."""
+        seq = self.reserved.pop(seq_id, None)
+        if seq is None:
+            raise KeyError(f"no reserved sequence {seq_id}")
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.output_token_ids.append(first_token.token_id)
+        seq.output_logprobs.append(first_token)
+        seq.status = SequenceStatus.RUNNING
+        self._order[seq.seq_id] = next(self._counter)
+        self.running.append(seq)
+        self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
+        return seq

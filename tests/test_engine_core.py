@@ -1,0 +1,262 @@
+"""EngineCore with a deterministic fake runner that also models the KV cache:
+it checks that every token a chunk attends to is really in the sequence's blocks
+(so prefix reuse, chunking and preemption can never read wrong KV)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from baton.engine.block_manager import BlockStored
+from baton.engine.config import EngineConfig
+from baton.engine.engine_core import EngineCore
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import ScheduledChunk, TokenLogprob
+
+pytestmark = pytest.mark.unit
+
+VOCAB = 32
+EOS = 0
+
+
+def next_token(token: int) -> int:
+    """The fake model's greedy continuation: never EOS unless the last token is 31."""
+    return 0 if token == VOCAB - 1 else (token * 5 + 3) % (VOCAB - 1) + 1
+
+
+def logits_after(token: int) -> torch.Tensor:
+    row = torch.linspace(0.0, 1.0, VOCAB)
+    row[next_token(token)] = 10.0
+    return row
+
+
+@dataclass
+class FakeOutput:
+    logits: torch.Tensor
+    prompt_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class FakeRunner:
+    num_blocks: int
+    block_size: int
+    max_model_len: int = 512
+    slots: dict[tuple[int, int], int] = field(default_factory=dict)   # (block, offset) -> token id
+    steps: list[list[tuple[str, int, int]]] = field(default_factory=list)
+
+    def _slot(self, table: list[int], position: int) -> tuple[int, int]:
+        return table[position // self.block_size], position % self.block_size
+
+    def execute(self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None) -> FakeOutput:
+        written: set[tuple[int, int]] = set()
+        rows, prompt_logits = [], {}
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_new_tokens
+            assert len(seq.block_table) * self.block_size >= end, "chunk has no room in its blocks"
+            for p in range(start):
+                assert self.slots.get(self._slot(seq.block_table, p)) == seq.token_ids[p], f"stale KV at {p}"
+            for p in range(start, end):
+                slot = self._slot(seq.block_table, p)
+                assert slot not in written, "two chunks wrote one slot"
+                written.add(slot)
+                self.slots[slot] = seq.token_ids[p]
+            if chunk.samples:
+                rows.append(logits_after(seq.token_ids[end - 1]))
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                prompt_logits[seq.seq_id] = torch.stack([logits_after(t) for t in seq.token_ids[start:end]])
+        if on_layer_done is not None:
+            for layer in range(2):
+                on_layer_done(layer)
+        self.steps.append([(c.seq.seq_id, c.start, c.num_new_tokens) for c in chunks])
+        empty = torch.empty(0, VOCAB)
+        return FakeOutput(torch.stack(rows) if rows else empty, prompt_logits)
+
+
+def make_engine(num_blocks: int = 64, block_size: int = 4, keep: bool = False, **config) -> EngineCore:
+    runner = FakeRunner(num_blocks=num_blocks, block_size=block_size)
+    cfg = EngineConfig(block_size=block_size, **config)
+    return EngineCore(runner, cfg, eos_token_ids=[EOS], hash_extra="fake", keep_finished_blocks=keep)
+
+
+def expected_output(prompt: list[int], max_tokens: int) -> tuple[list[int], str]:
+    out, last = [], prompt[-1]
+    while len(out) < max_tokens:
+        last = next_token(last)
+        out.append(last)
+        if last == EOS:
+            return out, "stop"
+    return out, "length"
+
+
+def run_to_end(engine: EngineCore, limit: int = 2000) -> None:
+    for _ in range(limit):
+        if not engine.has_unfinished():
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
+
+
+def test_single_request_matches_the_fake_model() -> None:
+    engine = make_engine()
+    (seq,) = engine.add_request("r", [3, 1, 4, 1, 5, 9], GREEDY)
+    assert seq.seq_id == "r"
+    run_to_end(engine)
+    assert (seq.output_token_ids, seq.finish_reason) == expected_output([3, 1, 4, 1, 5, 9], 6)
+    assert engine.stats().used_blocks == 0 and engine.requests == {}
+
+
+def test_requests_join_and_leave_every_step() -> None:
+    rng = random.Random(0)
+    engine = make_engine(num_blocks=40, max_num_batched_tokens=24, max_num_seqs=5)
+    seqs, finished = [], set()
+    for step in range(400):
+        if step < 60:
+            prompt = [rng.randrange(1, VOCAB - 1) for _ in range(rng.randrange(1, 20))]
+            params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 12))
+            seqs += engine.add_request(f"r{step}", prompt, params)
+        for s in engine.step():
+            if s.is_finished:
+                finished.add(s.seq_id)
+        if not engine.has_unfinished():
+            break
+    assert len(finished) == len(seqs) == 60
+    for s in seqs:
+        assert (s.output_token_ids, s.finish_reason) == expected_output(s.prompt_token_ids, s.params.max_tokens)
+    assert max(sum(n for _, _, n in step) for step in engine.runner.steps) <= 24
+    assert max(len(step) for step in engine.runner.steps) <= 5
+    stats = engine.stats()
+    assert (stats.used_blocks, stats.running, stats.waiting) == (0, 0, 0)
+
+
+def test_preemption_under_block_pressure_completes_everything() -> None:
+    engine = make_engine(num_blocks=12, block_size=4, max_num_batched_tokens=64)
+    prompts = [[(i * 7 + j) % 29 + 1 for j in range(10)] for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    seqs = [engine.add_request(f"r{i}", p, params)[0] for i, p in enumerate(prompts)]
+    run_to_end(engine)
+    restarts = [(sid, start) for step in engine.runner.steps for sid, start, _ in step if start == 0]
+    assert len(restarts) > len(seqs), "the pool should have forced preemption and recomputation"
+    for s in seqs:
+        assert len(s.output_token_ids) == 14 and s.finish_reason == "length"
+        out, last = [], s.prompt_token_ids[-1]
+        for _ in range(14):
+            last = next_token(last)
+            out.append(last)
+        assert s.output_token_ids == out
+    assert engine.stats().used_blocks == 0
+
+
+def test_n_children_share_prompt_blocks() -> None:
+    engine = make_engine(num_blocks=64, block_size=4)
+    prompt = list(range(1, 15))                     # 3 full blocks + 2 tokens
+    params = SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=4, ignore_eos=True)
+    seqs = engine.add_request("r", prompt, params)
+    assert [s.seq_id for s in seqs] == ["r-0", "r-1", "r-2"]
+    assert [s.seed for s in seqs] == [7, 8, 9]
+    engine.step()                                   # child 0's prompt; children added after
+    assert engine.scheduler.running == [seqs[0]]
+    engine.step()
+    assert seqs[1].num_cached_tokens == seqs[2].num_cached_tokens == 12
+    assert seqs[1].block_table[:3] == seqs[0].block_table[:3] == seqs[2].block_table[:3]
+    assert [engine.block_manager.blocks[b].ref_count for b in seqs[0].block_table[:3]] == [3, 3, 3]
+    run_to_end(engine)
+    assert all(len(s.output_token_ids) == 4 for s in seqs)
+    assert engine.stats().used_blocks == 0 and engine.requests == {}
+
+
+def test_abort_frees_blocks_everywhere() -> None:
+    engine = make_engine()
+    engine.add_request("a", list(range(1, 30)), SamplingParams(max_tokens=20, ignore_eos=True))
+    kids = engine.add_request("b", list(range(1, 9)), SamplingParams(n=2, max_tokens=20))
+    engine.step()
+    assert engine.stats().used_blocks > 0
+    assert [s.finish_reason for s in engine.abort("b")] == ["abort", "abort"]
+    assert all(s.is_finished for s in kids)
+    engine.abort("a")
+    assert engine.stats().used_blocks == 0 and not engine.has_unfinished()
+    assert engine.abort("unknown") == []
+
+
+def test_validation_errors() -> None:
+    engine = make_engine(num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request("e", [], GREEDY)
+    with pytest.raises(ValueError, match="exceeds max_model_len 512"):
+        engine.add_request("l", [1] * 500, SamplingParams(max_tokens=13))
+    with pytest.raises(ValueError, match="needs up to 5 KV blocks .* only 4"):
+        engine.add_request("big", [1] * 10, SamplingParams(max_tokens=10))
+    engine.add_request("ok", [1, 2], GREEDY)
+    with pytest.raises(ValueError, match="already exists"):
+        engine.add_request("ok", [1, 2], GREEDY)
+
+
+def test_stop_conditions() -> None:
+    engine = make_engine()
+    (eos,) = engine.add_request("eos", [VOCAB - 1], SamplingParams(temperature=0.0, max_tokens=5))
+    (ign,) = engine.add_request("ign", [VOCAB - 1], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    (mn,) = engine.add_request("min", [VOCAB - 1], SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2))
+    stop_at = next_token(next_token(5))
+    (st,) = engine.add_request("st", [5], SamplingParams(temperature=0.0, max_tokens=9, stop_token_ids=[stop_at]))
+    run_to_end(engine)
+    assert (eos.output_token_ids, eos.finish_reason) == ([EOS], "stop")
+    assert ign.output_token_ids[0] == EOS and (len(ign.output_token_ids), ign.finish_reason) == (3, "length")
+    assert EOS not in mn.output_token_ids[:2] and len(mn.output_token_ids) >= 2
+    assert st.output_token_ids == [next_token(5), stop_at] and st.finish_reason == "stop"
+
+
+def test_prompt_logprobs_across_chunks() -> None:
+    engine = make_engine(max_num_batched_tokens=4)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    (seq,) = engine.add_request("p", prompt, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1, logprobs=1))
+    run_to_end(engine)
+    assert [t.token_id for t in seq.prompt_logprobs] == prompt[1:]
+    for prev, t in zip(prompt, seq.prompt_logprobs):
+        expected = torch.log_softmax(logits_after(prev), -1)
+        assert t.logprob == pytest.approx(expected[t.token_id].item(), abs=1e-5)
+        assert t.top[0][0] == next_token(prev)
+    assert len(seq.output_logprobs) == 2 and seq.output_logprobs[0].top[0][0] == seq.output_token_ids[0]
+
+
+def test_reserve_activate_decode_role() -> None:
+    engine = make_engine(num_blocks=8, block_size=4)
+    prompt = [7] * 9
+    seq = engine.reserve("d", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert seq is not None and len(seq.block_table) == 3
+    assert not engine.has_unfinished() and engine.step() == []
+    for p, token in enumerate(prompt):                # the KV "arrives"
+        engine.runner.slots[engine.runner._slot(seq.block_table, p)] = token
+    engine.activate("d", TokenLogprob(token_id=11, logprob=-0.5))
+    assert seq.output_token_ids == [11] and seq.num_computed_tokens == 9
+    run_to_end(engine)
+    assert seq.output_token_ids == [11, next_token(11), next_token(next_token(11)), next_token(next_token(next_token(11)))]
+    assert engine.stats().used_blocks == 0
+    # First token may already stop the request.
+    done = engine.reserve("d2", [1, 2], SamplingParams(max_tokens=1))
+    assert engine.activate("d2", TokenLogprob(token_id=5, logprob=0.0)).finish_reason == "length"
+    assert done.is_finished and engine.stats().used_blocks == 0
+    assert engine.reserve("big", [1] * 28, SamplingParams(max_tokens=4)) is not None
+    assert engine.reserve("none", [1] * 8, SamplingParams(max_tokens=1)) is None
+    with pytest.raises(KeyError):
+        engine.activate("none", TokenLogprob(token_id=1, logprob=0.0))
+
+
+def test_prefill_role_keeps_blocks_until_release() -> None:
+    engine = make_engine(keep=True)
+    (seq,) = engine.add_request("p", list(range(1, 11)), SamplingParams(temperature=0.0, max_tokens=1))
+    layers: list[int] = []
+    changed = engine.step(on_layer_done=layers.append)
+    assert changed == [seq] and seq.finish_reason == "length" and layers == [0, 1]
+    assert engine.stats().used_blocks == 3
+    stored = [h for e in engine.drain_block_events() if isinstance(e, BlockStored) for h in e.block_hashes]
+    assert len(stored) == 2
+    engine.release("p")
+    assert engine.stats().used_blocks == 0 and engine.stats().cached_blocks == 2
+    with pytest.raises(KeyError):
+        engine.release("p")
