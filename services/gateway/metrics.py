@@ -1,0 +1,64 @@
+"""The gateway's Prometheus metrics, in a registry of their own (served at /metrics).
+
+Other gateway modules import these names and update them; ``render()`` gives the
+text exposition format.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+_TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+TTFT = Histogram(
+    "baton_time_to_first_token_seconds", "Time from request arrival to its first token.",
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+ITL = Histogram(
+    "baton_inter_token_latency_seconds", "Time between consecutive output tokens.",
+    buckets=_ITL_BUCKETS, registry=REGISTRY,
+)
+E2E = Histogram(
+    "baton_e2e_request_latency_seconds", "Time from request arrival to its last token.",
+    buckets=_E2E_BUCKETS, registry=REGISTRY,
+)
+REQUESTS_RUNNING = Gauge("baton_requests_running", "Requests producing tokens.", registry=REGISTRY)
+REQUESTS_WAITING = Gauge("baton_requests_waiting", "Admitted requests still waiting for their first token.", registry=REGISTRY)
+REQUESTS_TOTAL = Counter("baton_requests_total", "Finished requests by outcome.", labelnames=["status"], registry=REGISTRY)
+PROMPT_TOKENS = Counter("baton_prompt_tokens_total", "Prompt tokens sent to prefill.", registry=REGISTRY)
+CACHED_PROMPT_TOKENS = Counter(
+    "baton_cached_prompt_tokens_total", "Prompt tokens served from a prefix cache.", registry=REGISTRY
+)
+PREFIX_CACHE_HIT_RATIO = Gauge(
+    "baton_prefix_cache_hit_ratio", "Cumulative cached prompt tokens / prompt tokens.", registry=REGISTRY
+)
+GENERATION_TOKENS = Counter("baton_generation_tokens_total", "Output tokens generated.", registry=REGISTRY)
+KV_TRANSFER_BYTES = Counter("baton_kv_transfer_bytes_total", "KV cache bytes moved prefill -> decode.", registry=REGISTRY)
+KV_TRANSFER_SECONDS = Histogram(
+    "baton_kv_transfer_seconds", "Duration of one request's KV transfer.",
+    buckets=_TRANSFER_BUCKETS, registry=REGISTRY,
+)
+REDIS_ERRORS = Counter("baton_redis_errors_total", "Failed Redis prefix-index operations.", registry=REGISTRY)
+WORKER_ERRORS = Counter("baton_worker_errors_total", "Failed worker RPCs by role.", labelnames=["role"], registry=REGISTRY)
+
+_prompt_totals = [0, 0]  # prompt tokens, cached tokens since start (for the hit ratio)
+
+
+def record_prompt(prompt_tokens: int, cached_tokens: int) -> None:
+    """Count one prefill's prompt and cached tokens and update the cumulative hit ratio."""
+    PROMPT_TOKENS.inc(prompt_tokens)
+    CACHED_PROMPT_TOKENS.inc(cached_tokens)
+    _prompt_totals[0] += prompt_tokens
+    _prompt_totals[1] += cached_tokens
+    if _prompt_totals[0]:
+        PREFIX_CACHE_HIT_RATIO.set(_prompt_totals[1] / _prompt_totals[0])
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,207 @@
+"""Tokenization for the gateway, without torch or transformers.
+
+``GatewayTokenizer`` loads a Hugging Face model directory's ``tokenizer.json``
+(with the ``tokenizers`` library) and ``tokenizer_config.json`` (special tokens,
+chat template). Plain prompts are encoded with the tokenizer's own special tokens
+(its post-processor adds the BOS); chat messages are rendered with the Jinja chat
+template in a sandbox and encoded *without* special tokens, since templates emit
+their own BOS.
+
+Per sequence, ``IncrementalDetokenizer`` turns token ids into text as they
+arrive, holding back an incomplete UTF-8 sequence, and ``StopStringMatcher``
+holds back text that could still become a stop string so that a stop string is
+never sent to the client.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+_CONTEXT_TOKENS = 5  # prompt tokens decoded before the output so leading spaces survive
+
+
+class ChatTemplateError(ValueError):
+    """The chat template rejected the messages or could not be rendered."""
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of the byte-level BPE alphabet (GPT-2's printable stand-ins for bytes)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class GatewayTokenizer:
+    """The served model's tokenizer and chat template."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        tokenizer_file = model_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
+        self._tok = Tokenizer.from_file(str(tokenizer_file))
+        config_file = model_dir / "tokenizer_config.json"
+        config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self.bos_token: str | None = _token_content(config.get("bos_token"))
+        self.eos_token: str | None = _token_content(config.get("eos_token"))
+        self.eos_token_id: int | None = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.chat_template: str | None = self._load_template(model_dir, config.get("chat_template"))
+        self._byte_level = "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise_exception
+        try:
+            self._template = env.from_string(self.chat_template) if self.chat_template else None
+        except jinja2.TemplateSyntaxError as exc:
+            raise ChatTemplateError(f"the chat template of {model_dir} does not parse: {exc}") from exc
+
+    @staticmethod
+    def _load_template(model_dir: Path, value: Any) -> str | None:
+        if isinstance(value, list):  # named templates: [{"name": ..., "template": ...}]
+            named = {t["name"]: t["template"] for t in value}
+            return named.get("default")
+        if value:
+            return str(value)
+        jinja_file = model_dir / "chat_template.jinja"
+        return jinja_file.read_text() if jinja_file.is_file() else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """A plain prompt, with the tokenizer's own special tokens (the BOS)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise ChatTemplateError("the model has no chat template; use /v1/completions")
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Chat messages through the template, then tokens without adding special tokens again."""
+        return self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (for logprobs)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The raw bytes of one token (exact even for a token that splits a UTF-8 character)."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return []
+        table = _byte_level_decoder()
+        if self._byte_level and all(ch in table for ch in piece):
+            return [table[ch] for ch in piece]
+        return list(self.token_text(token_id).encode("utf-8"))
+
+
+class IncrementalDetokenizer:
+    """Token ids in, newly completed text out; one per generated sequence.
+
+    Decodes a short window (the previous few tokens as context) rather than the
+    whole output, and holds text back while it ends in an incomplete UTF-8
+    sequence (decoded as U+FFFD).
+    """
+
+    def __init__(self, tokenizer: GatewayTokenizer, prompt_token_ids: list[int]) -> None:
+        self._tok = tokenizer
+        self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (the sequence has finished)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        prefix_text = self._tok.decode(self._ids[self._prefix_offset : self._read_offset])
+        text = self._tok.decode(self._ids[self._prefix_offset :])
+        if len(text) > len(prefix_text) and (final or not text.endswith(REPLACEMENT_CHAR)):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return text[len(prefix_text) :]
+        return ""
+
+
+@dataclass
+class StopResult:
+    text: str        # safe to send now
+    stopped: bool    # a stop string matched: ``text`` ends right before it
+
+
+class StopStringMatcher:
+    """Holds back the longest tail that could still grow into a stop string."""
+
+    def __init__(self, stop: list[str]) -> None:
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+
+    def feed(self, text: str) -> StopResult:
+        if not self._stop:
+            return StopResult(text, False)
+        buf = self._pending + text
+        hits = [i for i in (buf.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self._pending = ""
+            return StopResult(buf[: min(hits)], True)
+        keep = self._partial_suffix(buf)
+        self._pending = buf[len(buf) - keep :] if keep else ""
+        return StopResult(buf[: len(buf) - keep], False)
+
+    def flush(self) -> str:
+        """The held-back tail, released when the sequence ends without a match."""
+        out, self._pending = self._pending, ""
+        return out
+
+    def _partial_suffix(self, buf: str) -> int:
+        longest = 0
+        for stop in self._stop:
+            for k in range(min(len(stop) - 1, len(buf)), longest, -1):
+                if buf.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
