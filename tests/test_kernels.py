@@ -1,0 +1,222 @@
+"""Triton kernels against their plain-torch references on fresh random inputs.
+
+Every check draws new random data, over GQA ratios (1, 2, 4, 8 and MQA), block
+sizes, ragged lengths (1, not a multiple of the block size, cached prefix + new
+tokens) and shuffled block tables. On CPU the kernels run under the Triton
+interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set before triton is
+imported): ``python tests/test_kernels.py`` runs the small cases that way. On a
+CUDA GPU every kernel runs natively in fp16/bf16/fp32, and a pool of more than
+2**31 elements checks the 64-bit block offsets.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from baton.kernels import activation, attention, kv_cache, norm, rotary
+
+GQA = [(2, 2), (4, 2), (8, 2), (16, 2), (4, 1)]  # ratios 1, 2, 4, 8 and MQA
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _poison_allocator(device: str, nbytes: int) -> None:
+    """Leave NaN-filled memory in the CUDA caching allocator, so outputs that the
+    wrappers allocate with ``torch.empty`` start as NaN and unwritten elements fail."""
+    if device == "cuda":
+        junk = torch.full((nbytes // 4 + 1,), float("nan"), device=device)
+        del junk
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    assert torch.isfinite(got).all(), "output holds NaN/inf (unwritten or overflowing elements)"
+    err = (got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-12)
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e} >= {TOLERANCE[dtype]:.0e}"
+
+
+def paged_case(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype, device: str, extra_blocks: int = 3):
+    """Random pool, shuffled block tables with random padding entries, random queries."""
+    blocks_per_seq = [math.ceil(s / block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + extra_blocks
+    perm = torch.randperm(num_blocks)
+    tables = torch.randint(0, num_blocks, (len(seq_lens), max(blocks_per_seq) + 2), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = perm[used : used + n]
+        used += n
+    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    q = torch.randn(sum(q_lens), heads, head_dim, dtype=dtype, device=device)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, cache, cu, torch.tensor(seq_lens, dtype=torch.int32, device=device), tables.to(device)
+
+
+def check_paged_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, pairs: list[tuple[int, int]]) -> None:
+    """``pairs`` are (q_len, seq_len): q_len < seq_len means a cached prefix."""
+    q, cache, cu, seq_lens, tables = paged_case([a for a, _ in pairs], [b for _, b in pairs], heads, kv_heads, block_size, head_dim, dtype, device)
+    scale = head_dim**-0.5
+    _poison_allocator(device, q.numel() * q.element_size())
+    got = attention.paged_attention(q, cache, cu, seq_lens, tables, scale)
+    _assert_close(got, attention.ref_paged_attention(q, cache, cu, seq_lens, tables, scale), dtype)
+
+
+def check_paged_decode_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, lens: list[int]) -> None:
+    q, cache, _, seq_lens, tables = paged_case([1] * len(lens), lens, heads, kv_heads, block_size, head_dim, dtype, device)
+    scale = head_dim**-0.5
+    _poison_allocator(device, q.numel() * q.element_size())
+    got = attention.paged_decode_attention(q, cache, seq_lens, tables, scale)
+    _assert_close(got, attention.ref_paged_decode_attention(q, cache, seq_lens, tables, scale), dtype)
+
+
+def check_store_kv(device: str, dtype: torch.dtype, block_size: int, kv_heads: int, head_dim: int) -> None:
+    cache = torch.randn(9, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    slots = torch.randperm(9 * block_size)[:13].to(torch.int32)
+    slots[::4] = -1
+    key = torch.randn(13, kv_heads, head_dim, dtype=torch.float32, device=device)
+    value = torch.randn(13, kv_heads, 2 * head_dim, dtype=torch.float32, device=device)[..., ::2].contiguous()
+    want = cache.clone()
+    kv_cache.ref_store_kv(key, value, want, slots.to(device))
+    kv_cache.store_kv(key, value, cache, slots.to(device))
+    assert torch.equal(cache, want)
+
+
+def check_gather_scatter(device: str, dtype: torch.dtype, block_size: int, kv_heads: int, head_dim: int) -> None:
+    cache = torch.randn(12, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    ids = torch.randperm(12)[:5].to(torch.int32).to(device)
+    _poison_allocator(device, 5 * cache[0].numel() * cache.element_size())
+    packed = kv_cache.gather_blocks(cache, ids)
+    assert torch.equal(packed, kv_cache.ref_gather_blocks(cache, ids))
+    incoming = torch.randn_like(packed)
+    want = cache.clone()
+    kv_cache.ref_scatter_blocks(want, ids, incoming)
+    kv_cache.scatter_blocks(cache, ids, incoming)
+    assert torch.equal(cache, want)
+
+
+def check_rms_norm(device: str, dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
+    x = torch.randn(7, hidden, dtype=dtype, device=device)
+    w = torch.randn(hidden, dtype=dtype, device=device)
+    r = torch.randn(7, hidden, dtype=dtype, device=device) if with_residual else None
+    _poison_allocator(device, 2 * x.numel() * x.element_size())
+    got, want = norm.rms_norm(x, w, 1e-6, r), norm.ref_rms_norm(x, w, 1e-6, r)
+    for g, e in zip(got, want) if with_residual else ((got, want),):
+        _assert_close(g, e, dtype)
+
+
+def check_rotary(device: str, dtype: torch.dtype, head_dim: int, rotary_dim: int) -> None:
+    cos_sin = torch.randn(64, rotary_dim, device=device)
+    pos = torch.randint(0, 64, (11,), device=device)
+    q, k = torch.randn(11, 6, head_dim, dtype=dtype, device=device), torch.randn(11, 2, head_dim, dtype=dtype, device=device)
+    _poison_allocator(device, 2 * q.numel() * q.element_size())
+    for g, e in zip(rotary.rotary_embedding(pos, q, k, cos_sin), rotary.ref_rotary_embedding(pos, q, k, cos_sin)):
+        _assert_close(g, e, dtype)
+
+
+def check_silu_and_mul(device: str, dtype: torch.dtype, inter: int) -> None:
+    x = torch.randn(2, 3, 2 * inter, dtype=dtype, device=device)
+    _poison_allocator(device, x.numel() * x.element_size())
+    _assert_close(activation.silu_and_mul(x), activation.ref_silu_and_mul(x), dtype)
+
+
+def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    """The cases the interpreter can afford; also the first pass on GPU."""
+    grid = [(h, k, 16) for h, k in GQA] + [(4, 2, 8), (4, 2, 32), (8, 1, 8)]
+    for heads, kv_heads, bs in grid:
+        pairs = [(1, 1), (9, 9), (5, 40), (1, 3 * bs + 1), (0, 6), (20, 20 + bs)]
+        yield f"prefill h{heads}/{kv_heads} bs{bs}", lambda h=heads, k=kv_heads, b=bs, p=pairs: check_paged_attention(device, dtype, h, k, b, 16, p)
+        lens = [1, bs, bs + 3, 300]  # 300: long enough to split the context
+        yield f"decode h{heads}/{kv_heads} bs{bs}", lambda h=heads, k=kv_heads, b=bs, l=lens: check_paged_decode_attention(device, dtype, h, k, b, 16, l)
+    yield "decode unsplit", lambda: check_paged_decode_attention(device, dtype, 8, 4, 16, 16, [1, 17, 33, 5, 2])
+    yield "prefill dim 64", lambda: check_paged_attention(device, dtype, 4, 2, 16, 64, [(40, 70), (33, 33)])
+    for bs in (8, 16):
+        yield f"store_kv bs{bs}", lambda b=bs: check_store_kv(device, dtype, b, 2, 16)
+        yield f"gather/scatter bs{bs}", lambda b=bs: check_gather_scatter(device, dtype, b, 2, 16)
+    for hidden, res in ((64, False), (100, True)):
+        yield f"rms_norm {hidden} residual={res}", lambda h=hidden, r=res: check_rms_norm(device, dtype, h, r)
+    for head_dim, rot in ((32, 32), (64, 48)):
+        yield f"rotary {head_dim}/{rot}", lambda h=head_dim, r=rot: check_rotary(device, dtype, h, r)
+    yield "silu_and_mul", lambda: check_silu_and_mul(device, dtype, 1500)
+
+
+def run_cases(cases: Iterator[tuple[str, Callable[[], None]]]) -> int:
+    count = 0
+    for name, case in cases:
+        try:
+            case()
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+        count += 1
+    return count
+
+
+@pytest.mark.unit
+def test_kernels_under_triton_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = sum(1 for _ in small_cases("cpu", torch.float32)) + 2
+    assert f"{expected} interpreted checks passed" in proc.stdout, proc.stdout
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_kernels_on_gpu_small_cases(dtype: torch.dtype) -> None:
+    assert run_cases(small_cases("cuda", dtype)) > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (32, 32), (32, 4), (8, 1)])
+def test_attention_on_gpu_llama_shapes(dtype: torch.dtype, heads: int, kv_heads: int) -> None:
+    pairs = [(1, 1), (300, 300), (77, 1500), (1, 2049), (500, 517)]
+    check_paged_attention("cuda", dtype, heads, kv_heads, 16, 128, pairs)
+    check_paged_decode_attention("cuda", dtype, heads, kv_heads, 16, 128, [1, 4000, 17, 250])
+    lens = torch.randint(1, 600, (96,)).tolist()  # batch large enough to run unsplit
+    check_paged_decode_attention("cuda", dtype, heads, kv_heads, 16, 128, lens)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_kernels_on_gpu_pool_beyond_int32_offsets() -> None:
+    block_size, kv_heads, head_dim = 16, 8, 128
+    num_blocks = 2**31 // (2 * block_size * kv_heads * head_dim) + 64  # > 2**31 elements, ~4.3 GB bf16
+    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    assert cache.numel() > 2**31
+    high = torch.randperm(64)[:40].to(torch.int32) + (num_blocks - 64)
+    slots = (high[:8].long() * block_size + torch.randint(0, block_size, (8,))).to(torch.int32).cuda()
+    key = torch.randn(8, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    value = torch.randn_like(key)
+    kv_cache.store_kv(key, value, cache, slots)
+    blocks, offsets = slots.long() // block_size, slots.long() % block_size
+    assert torch.equal(cache[blocks, 0, offsets], key) and torch.equal(cache[blocks, 1, offsets], value)
+    ids = high[8:24].cuda()
+    assert torch.equal(kv_cache.gather_blocks(cache, ids), kv_cache.ref_gather_blocks(cache, ids))
+    packed = torch.randn(16, 2, block_size, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    kv_cache.scatter_blocks(cache, ids, packed)
+    assert torch.equal(cache[ids.long()], packed)
+    tables = torch.stack([high[:20], high[20:40]]).cuda()
+    seq_lens = torch.tensor([320, 250], dtype=torch.int32, device="cuda")
+    q = torch.randn(2, 32, head_dim, dtype=torch.bfloat16, device="cuda")
+    got = attention.paged_decode_attention(q, cache, seq_lens, tables, 0.088)
+    _assert_close(got, attention.ref_paged_decode_attention(q, cache, seq_lens, tables, 0.088), torch.bfloat16)
+    qp = torch.randn(70, 32, head_dim, dtype=torch.bfloat16, device="cuda")
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32, device="cuda")
+    got = attention.paged_attention(qp, cache, cu, seq_lens, tables, 0.088)
+    _assert_close(got, attention.ref_paged_attention(qp, cache, cu, seq_lens, tables, 0.088), torch.bfloat16)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    passed = run_cases(small_cases("cpu", torch.float32))
+    passed += run_cases(iter([("store_kv fp16", lambda: check_store_kv("cpu", torch.float16, 16, 2, 16)),
+                              ("rms_norm bf16", lambda: check_rms_norm("cpu", torch.bfloat16, 96, True))]))
+    print(f"{passed} interpreted checks passed")
