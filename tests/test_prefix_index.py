@@ -19,10 +19,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from baton.engine.block_manager import BlockRemoved, BlockStored
+from baton.engine.hashing import block_hashes
+from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.metrics import REDIS_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.index_publisher import IndexPublisher
 from baton.services.redis_keys import WorkerRecord, block_key, worker_key
+from test_backend_grpc import FakeDecode, FakePrefill, collect, config, request, serve
 
 pytestmark = [
     pytest.mark.integration,
@@ -233,3 +236,38 @@ def test_unknown_event_kind_is_refused() -> None:
     pub = IndexPublisher("redis://127.0.0.1:1/0", record("w"))
     with pytest.raises(ValueError, match="stored or removed"):
         pub.publish([object()])
+
+
+async def test_gateway_discovers_registered_workers_and_routes_by_cached_prefix(redis_url: str) -> None:
+    prefills, decode = [FakePrefill("p0"), FakePrefill("p1")], FakeDecode("d0")
+    started = [await serve(p) for p in prefills] + [await serve(decode)]
+    roles = ["prefill", "prefill", "decode"]
+    records = [WorkerRecord(name, role, addr, FP, 16) for (_, addr), role, name in zip(started, roles, ["p0", "p1", "d0"])]
+    publishers = [IndexPublisher(redis_url, r) for r in records]
+    for pub in publishers:
+        await pub.start()
+    backend = GrpcBackend(config([], [], redis_url=redis_url), fingerprint=FP)
+    await backend.start()
+    try:
+        assert await backend.ready()
+        prompt = [random.randrange(1000) for _ in range(70)]
+        hashes = block_hashes(prompt, 16, FP)
+        for warm, cold in ((0, 1), (1, 0)):          # the whole prompt cached on one, then the other
+            publishers[warm].publish([BlockStored(hashes)])
+            publishers[cold].publish([BlockRemoved(hashes)])
+            assert await publishers[warm].flush() and await publishers[cold].flush()
+            for _ in range(3):
+                await collect(backend.generate(request(prompt, max_tokens=1)))
+            assert len(prefills[warm].requests) == 3 and prefills[cold].requests == []
+            prefills[warm].requests.clear()
+        await publishers[2].stop()                    # the decode worker leaves the registry
+        deadline = time.monotonic() + 5
+        while await backend.ready() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not await backend.ready()
+    finally:
+        await backend.close()
+        for pub in publishers[:2]:
+            await pub.stop()
+        for server, _ in started:
+            await server.stop(None)

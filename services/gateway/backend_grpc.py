@@ -1,0 +1,380 @@
+"""``GrpcBackend``: the gateway's serving plane over the prefill and decode workers.
+
+One request (one sequence) passes through these states::
+
+    route decode -> RESERVED (Decode.Reserve: blocks + transfer ticket)
+      -> route prefill (Redis prefix index + load) -> PREFILLING (Prefill.Prefill:
+         the worker pushes KV to the ticket and returns the first token)
+      -> first chunk yielded at once (time to first token does not wait for decode)
+      -> GENERATING (Decode.Generate stream) -> FINISHED (a chunk with finish_reason)
+
+Leaving by any other path (the consumer closes the iterator, a cancellation,
+a failed step) cancels the in-flight RPC and sends ``Abort`` to both workers,
+best effort, with a short deadline. UNAVAILABLE / DEADLINE_EXCEEDED from a
+worker penalizes it for a few seconds (routing skips it) and, when nothing has
+been yielded yet, the request is retried once elsewhere (fresh Reserve);
+INVALID_ARGUMENT becomes HTTP 400, anything else 503 naming the worker, and
+the end-to-end deadline (``request_timeout_s``) 504.
+
+Background task (``start()``): every ``load_poll_interval_s`` poll ``GetLoad``
+on every known worker (a worker is *down* until it answers), and about once a
+second refresh the Redis registry (``baton:worker:*``) on top of the static
+addresses. Routing logic lives in ``router``; the Redis reads in ``prefix_index``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+
+import grpc
+
+from baton.engine.hashing import block_hashes, model_fingerprint
+from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc
+from baton.services.convert import logprob_from_proto, params_to_proto
+from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
+from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, WORKER_ERRORS
+from baton.services.gateway.prefix_index import PrefixIndex
+from baton.services.gateway.router import Health, Load, choose_decode, choose_prefill
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
+DISCOVERY_INTERVAL_S = 1.0
+ABORT_TIMEOUT_S = 2.0
+INT32_MAX = 2**31 - 1
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+Stub = prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub
+
+
+@dataclass
+class _Worker:
+    address: str
+    role: str                 # "prefill" | "decode"
+    stub: Stub
+    static: bool              # from the config (never dropped) or the registry
+    worker_id: str = ""       # the registry's id, else learned from GetLoad
+    answering: bool | None = None   # its last GetLoad answered (None: not polled yet)
+
+
+class _WorkerFailure(Exception):
+    """A worker failed in a way another worker may not: retry elsewhere."""
+
+    def __init__(self, message: str, worker: _Worker) -> None:
+        super().__init__(message)
+        self.message = message
+        self.worker = worker
+
+
+class GrpcBackend(Backend):
+    def __init__(self, config: GatewayConfig, *, fingerprint: str | None = None) -> None:
+        """``fingerprint``: the model's (default: computed from ``config.model_dir``)."""
+        self.config = config
+        self.fingerprint = fingerprint or model_fingerprint(config.model_dir)
+        self._index = (
+            PrefixIndex(config.redis_url, self.fingerprint, block_size=config.block_size)
+            if config.redis_url
+            else None
+        )
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._workers: dict[str, _Worker] = {}
+        self._loads: dict[str, Load] = {}
+        self._in_flight: Counter[str] = Counter()
+        self._health = Health()
+        self._task: asyncio.Task[None] | None = None
+        self._aborts: set[asyncio.Task[None]] = set()
+        for role, addrs in (("prefill", config.prefill_addrs), ("decode", config.decode_addrs)):
+            for address in addrs:
+                self._add_worker(address, role, static=True)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._refresh(discover=True)
+        self._task = asyncio.create_task(self._background(), name="grpc-backend-poll")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await asyncio.gather(*self._aborts, return_exceptions=True)
+        await asyncio.gather(*(channel.close() for channel in self._channels.values()))
+        self._channels.clear()
+        if self._index is not None:
+            await self._index.close()
+
+    async def ready(self) -> bool:
+        return bool(self._healthy("prefill", set()) and self._healthy("decode", set()))
+
+    # -- one request -------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        _validate(request)
+        deadline = time.monotonic() + self.config.request_timeout_s
+        avoid: set[str] = set()
+        for attempt in (1, 2):
+            yielded = False
+            try:
+                async with aclosing(self._attempt(request, deadline, avoid)) as chunks:
+                    async for chunk in chunks:
+                        yielded = True
+                        yield chunk
+                return
+            except _WorkerFailure as failure:
+                avoid.add(failure.worker.address)
+                if yielded or attempt == 2 or not self._healthy(failure.worker.role, avoid):
+                    raise BackendError(failure.message, 503) from failure
+                logger.warning("request %s: %s; retrying on another worker", request.request_id, failure.message)
+
+    async def _attempt(
+        self, request: GenerationRequest, deadline: float, avoid: set[str]
+    ) -> AsyncIterator[GenerationChunk]:
+        decode, ticket = await self._reserve(request, deadline, avoid)
+        prefill: _Worker | None = None
+        finished = False
+        self._in_flight[decode.address] += 1
+        try:
+            prefill = await self._choose_prefill(request, avoid)
+            reply = await self._prefill(prefill, request, ticket, deadline)
+            yield self._first_chunk(request, reply)
+            call = decode.stub.Generate(
+                decode_pb2.GenerateRequest(request_id=request.request_id, first_token=reply.first_token),
+                timeout=self._timeout(deadline, math.inf),
+            )
+            try:
+                async for msg in call:
+                    chunk = GenerationChunk(
+                        tokens=[logprob_from_proto(t) for t in msg.tokens], finish_reason=msg.finish_reason or None
+                    )
+                    finished = chunk.finish_reason is not None
+                    yield chunk
+                    if finished:
+                        return
+            except grpc.aio.AioRpcError as err:
+                raise self._failure(decode, err, deadline) from err
+            finally:
+                call.cancel()
+            raise BackendError(f"decode worker {decode.address} ended the stream without a finish reason", 503)
+        finally:
+            self._in_flight[decode.address] -= 1
+            if not finished:
+                await self._abort(request.request_id, [decode, prefill])
+
+    async def _reserve(
+        self, request: GenerationRequest, deadline: float, avoid: set[str]
+    ) -> tuple[_Worker, kvtransfer_pb2.TransferTicket]:
+        """Reserve on the best decode worker with room (RESOURCE_EXHAUSTED: next one)."""
+        msg = decode_pb2.ReserveRequest(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            params=params_to_proto(request.params),
+        )
+        full: set[str] = set()
+        while True:
+            address = choose_decode(self._healthy("decode", avoid | full), self._routing_loads())
+            if address is None:
+                raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
+            worker = self._workers[address]
+            try:
+                ticket = await worker.stub.Reserve(msg, timeout=self._timeout(deadline, self.config.control_timeout_s))
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    full.add(address)
+                    continue
+                self._abort_later(request.request_id, [worker])     # it may have reserved anyway
+                raise self._failure(worker, err, deadline) from err
+            except asyncio.CancelledError:
+                self._abort_later(request.request_id, [worker])
+                raise
+            load = self._loads.get(address, Load())
+            self._loads[address] = replace(load, free_blocks=max(load.free_blocks - len(ticket.block_ids), 0))
+            return worker, ticket
+
+    async def _choose_prefill(self, request: GenerationRequest, avoid: set[str]) -> _Worker:
+        """Route by cached prefix (one Redis round trip) against load; see ``router``."""
+        candidates = self._healthy("prefill", avoid)
+        if not candidates:
+            raise BackendError("no healthy prefill worker", 503)
+        block_size = self.config.block_size
+        num_blocks = len(request.prompt_token_ids) // block_size
+        cached: dict[str, int] = {}
+        if self._index is not None and len(candidates) > 1 and num_blocks > 0:
+            by_id = {self._workers[a].worker_id: a for a in candidates if self._workers[a].worker_id}
+            head = request.prompt_token_ids[: self._index.max_blocks * block_size]
+            runs = await self._index.longest_prefixes(block_hashes(head, block_size, self.fingerprint), list(by_id))
+            cached = {by_id[worker_id]: n for worker_id, n in runs.items()}
+        address = choose_prefill(self._healthy("prefill", avoid), cached, self._routing_loads(), num_blocks)
+        if address is None:
+            raise BackendError("no healthy prefill worker", 503)
+        return self._workers[address]
+
+    async def _prefill(
+        self, worker: _Worker, request: GenerationRequest, ticket: kvtransfer_pb2.TransferTicket, deadline: float
+    ) -> prefill_pb2.PrefillReply:
+        msg = prefill_pb2.PrefillRequest(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            params=params_to_proto(request.params),
+            ticket=ticket,
+        )
+        self._in_flight[worker.address] += 1
+        try:
+            reply = await worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(worker, err, deadline) from err
+        finally:
+            self._in_flight[worker.address] -= 1
+        if reply.kv_bytes_sent > 0:
+            KV_TRANSFER_BYTES.inc(reply.kv_bytes_sent)
+            KV_TRANSFER_SECONDS.observe(reply.kv_seconds)
+        return reply
+
+    @staticmethod
+    def _first_chunk(request: GenerationRequest, reply: prefill_pb2.PrefillReply) -> GenerationChunk:
+        wants_prompt_logprobs = request.params.prompt_logprobs is not None
+        return GenerationChunk(
+            tokens=[logprob_from_proto(reply.first_token)],
+            prompt_tokens=reply.prompt_tokens,
+            cached_tokens=reply.cached_tokens,
+            prompt_logprobs=[logprob_from_proto(p) for p in reply.prompt_logprobs] if wants_prompt_logprobs else None,
+        )
+
+    # -- failures and aborts -----------------------------------------------
+
+    def _timeout(self, deadline: float, cap: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BackendError(f"request timed out after {self.config.request_timeout_s:g} s", 504)
+        return min(cap, remaining)
+
+    def _failure(self, worker: _Worker, err: grpc.aio.AioRpcError, deadline: float) -> Exception:
+        """The exception a failed RPC to ``worker`` becomes (see module docs)."""
+        code = err.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return BackendError(err.details() or "invalid request", 400)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() >= deadline:
+            return BackendError(f"request timed out after {self.config.request_timeout_s:g} s", 504)
+        WORKER_ERRORS.labels(role=worker.role).inc()
+        message = f"{worker.role} worker {worker.address} failed: {code.name}: {err.details()}"
+        if code in RETRYABLE:
+            self._health.penalize(worker.address, time.monotonic())
+            return _WorkerFailure(message, worker)
+        return BackendError(message, 503)
+
+    async def _abort(self, request_id: str, workers: list[_Worker | None]) -> None:
+        """Abort on every worker; survives a second cancellation of the caller."""
+        await asyncio.shield(self._abort_later(request_id, workers))
+
+    def _abort_later(self, request_id: str, workers: list[_Worker | None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._send_aborts(request_id, [w for w in workers if w is not None]))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+        return task
+
+    async def _send_aborts(self, request_id: str, workers: list[_Worker]) -> None:
+        timeout = min(self.config.control_timeout_s, ABORT_TIMEOUT_S)
+        msg = common_pb2.AbortRequest(request_id=request_id)
+        results = await asyncio.gather(
+            *(w.stub.Abort(msg, timeout=timeout) for w in workers), return_exceptions=True
+        )
+        for worker, result in zip(workers, results):
+            if isinstance(result, BaseException):
+                logger.info("abort of %s on %s %s failed: %s", request_id, worker.role, worker.address, result)
+
+    # -- worker pool: discovery, load polling, health ----------------------
+
+    def _add_worker(self, address: str, role: str, *, static: bool, worker_id: str = "") -> None:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = self._channels[address]
+        stub: Stub = prefill_pb2_grpc.PrefillStub(channel) if role == "prefill" else decode_pb2_grpc.DecodeStub(channel)
+        self._workers[address] = _Worker(address, role, stub, static, worker_id)
+        self._health.mark_down(address)                   # until its first GetLoad answer
+
+    def _healthy(self, role: str, avoid: set[str]) -> list[str]:
+        now = time.monotonic()
+        return [
+            a for a, w in self._workers.items()
+            if w.role == role and a not in avoid and self._health.is_healthy(a, now)
+        ]
+
+    def _routing_loads(self) -> dict[str, Load]:
+        return {a: replace(self._loads.get(a, Load()), in_flight=self._in_flight[a]) for a in self._workers}
+
+    async def _background(self) -> None:
+        next_discovery = time.monotonic() + DISCOVERY_INTERVAL_S
+        while True:
+            await asyncio.sleep(self.config.load_poll_interval_s)
+            discover = time.monotonic() >= next_discovery
+            if discover:
+                next_discovery = time.monotonic() + DISCOVERY_INTERVAL_S
+            try:
+                await self._refresh(discover)
+            except Exception:       # the loop must outlive any one bad round
+                logger.exception("worker discovery / load polling round failed")
+
+    async def _refresh(self, discover: bool) -> None:
+        if discover and self._index is not None:
+            await self._discover(self._index)
+        await asyncio.gather(*(self._poll(w) for w in list(self._workers.values())))
+
+    async def _discover(self, index: PrefixIndex) -> None:
+        records = await index.live_workers()
+        for record in records:
+            known = self._workers.get(record.address)
+            if known is None:
+                logger.info("discovered %s worker %s at %s", record.role, record.worker_id, record.address)
+                self._add_worker(record.address, record.role, static=False, worker_id=record.worker_id)
+            elif known.role == record.role:
+                known.worker_id = record.worker_id
+        live = {record.address for record in records}
+        for address, worker in list(self._workers.items()):
+            if not worker.static and address not in live:
+                logger.info("%s worker %s at %s left the registry", worker.role, worker.worker_id, address)
+                del self._workers[address]
+                self._loads.pop(address, None)
+                self._health.forget(address)
+
+    async def _poll(self, worker: _Worker) -> None:
+        address = worker.address
+        try:
+            load = await worker.stub.GetLoad(common_pb2.LoadRequest(), timeout=self.config.control_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            if worker.answering is not False:
+                logger.warning("%s worker %s is not answering: %s", worker.role, address, err.code().name)
+            worker.answering = False
+            self._health.mark_down(address)
+            return
+        if worker.answering is False:
+            logger.info("%s worker %s answers again", worker.role, address)
+        worker.answering = True
+        self._health.mark_up(address)
+        self._loads[address] = Load(load.running, load.waiting, load.free_blocks, load.total_blocks)
+        if not worker.worker_id:
+            worker.worker_id = load.worker_id
+
+
+def _validate(request: GenerationRequest) -> None:
+    ids = request.prompt_token_ids
+    if request.params.n != 1:
+        raise BackendError(f"the gRPC backend runs one sequence per request (n=1), got n={request.params.n}", 400)
+    if not ids:
+        raise BackendError("the prompt must contain at least one token", 400)
+    if min(ids) < 0 or max(ids) > INT32_MAX:
+        raise BackendError("prompt token ids must be in [0, 2**31)", 400)

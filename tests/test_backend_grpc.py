@@ -1,0 +1,333 @@
+"""GrpcBackend against fake Prefill / Decode servicers on loopback ports, and
+the proto conversions it relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import TokenLogprob
+from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc
+from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto, params_to_proto
+from baton.services.gateway.backend import BackendError, GenerationChunk, GenerationRequest
+from baton.services.gateway.backend_grpc import GrpcBackend
+from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.metrics import KV_TRANSFER_BYTES, WORKER_ERRORS
+
+pytestmark = pytest.mark.unit
+
+FP = "00112233aabbccdd"
+VOCAB = 1000
+
+
+def first_token_of(prompt: list[int]) -> int:
+    return (sum(prompt) * 31 + len(prompt)) % VOCAB
+
+
+class FakeDecode(decode_pb2_grpc.DecodeServicer):
+    """Reserves, then generates ``first + 1, first + 2, ...`` until max_tokens."""
+
+    def __init__(self, name: str, free_blocks: int = 100, room: bool = True, delay_s: float = 0.0) -> None:
+        self.name, self.free_blocks, self.room, self.delay_s = name, free_blocks, room, delay_s
+        self.reserved: dict[str, tuple[decode_pb2.ReserveRequest, kvtransfer_pb2.TransferTicket]] = {}
+        self.aborted: list[str] = []
+        self.first_tokens: list[int] = []
+        self.stream_cancelled = asyncio.Event()
+        self.fail_after: int | None = None       # abort the stream UNAVAILABLE after this many chunks
+
+    async def Reserve(self, request, context):
+        if not self.room:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free blocks")
+        blocks = -(-len(request.prompt_token_ids) // 16)
+        ticket = kvtransfer_pb2.TransferTicket(
+            request_id=request.request_id, transport="grpc", address=f"{self.name}:kv",
+            block_ids=random.sample(range(self.free_blocks), blocks), num_tokens=len(request.prompt_token_ids),
+        )
+        self.reserved[request.request_id] = (request, ticket)
+        return ticket
+
+    async def Generate(self, request, context):
+        reserve, _ = self.reserved[request.request_id]
+        params = params_from_proto(reserve.params)
+        self.first_tokens.append(request.first_token.token_id)
+        if request.first_token.token_id != first_token_of(list(reserve.prompt_token_ids)):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "wrong first token")
+        try:
+            for i in range(1, params.max_tokens):
+                if self.fail_after is not None and i > self.fail_after:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker shutting down")
+                await asyncio.sleep(self.delay_s)
+                token = common_pb2.TokenLogprob(token_id=(request.first_token.token_id + i) % VOCAB, logprob=-0.5)
+                last = i == params.max_tokens - 1
+                yield decode_pb2.GenerateChunk(tokens=[token], finish_reason="length" if last else "")
+            if params.max_tokens == 1:
+                yield decode_pb2.GenerateChunk(finish_reason="length")
+        except asyncio.CancelledError:
+            self.stream_cancelled.set()
+            raise
+
+    async def Abort(self, request, context):
+        self.aborted.append(request.request_id)
+        return common_pb2.AbortReply(found=request.request_id in self.reserved)
+
+    async def GetLoad(self, request, context):
+        return common_pb2.WorkerLoad(worker_id=self.name, role="decode", free_blocks=self.free_blocks, total_blocks=200)
+
+
+class FakePrefill(prefill_pb2_grpc.PrefillServicer):
+    """Answers the first token of the prompt; INVALID_ARGUMENT past ``max_len``."""
+
+    def __init__(self, name: str, max_len: int = 10_000, delay_s: float = 0.0, running: int = 0) -> None:
+        self.name, self.max_len, self.delay_s, self.running = name, max_len, delay_s, running
+        self.requests: list[prefill_pb2.PrefillRequest] = []
+        self.aborted: list[str] = []
+
+    async def Prefill(self, request, context):
+        self.requests.append(request)
+        n = len(request.prompt_token_ids)
+        if n > self.max_len:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt has {n} tokens, more than {self.max_len}")
+        await asyncio.sleep(self.delay_s)
+        prompt_logprobs = [common_pb2.TokenLogprob(token_id=t, logprob=-1.0) for t in request.prompt_token_ids[1:]]
+        return prefill_pb2.PrefillReply(
+            request_id=request.request_id,
+            first_token=common_pb2.TokenLogprob(token_id=first_token_of(list(request.prompt_token_ids)), logprob=-0.1),
+            prompt_logprobs=prompt_logprobs if request.params.HasField("prompt_logprobs") else [],
+            prompt_tokens=n, cached_tokens=16 * (n // 32), kv_bytes_sent=4096 * n, kv_seconds=0.002,
+        )
+
+    async def Abort(self, request, context):
+        self.aborted.append(request.request_id)
+        return common_pb2.AbortReply(found=False)
+
+    async def GetLoad(self, request, context):
+        return common_pb2.WorkerLoad(
+            worker_id=self.name, role="prefill", running=self.running, free_blocks=50, total_blocks=50
+        )
+
+
+async def serve(servicer) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    if isinstance(servicer, FakeDecode):
+        decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
+    else:
+        prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def dead_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def config(prefill: list[str], decode: list[str], **kw) -> GatewayConfig:
+    kw.setdefault("control_timeout_s", 1.0)
+    kw.setdefault("load_poll_interval_s", 0.05)
+    return GatewayConfig(
+        model_dir="unused", served_model_name="m", prefill_addrs=prefill, decode_addrs=decode, **kw
+    )
+
+
+def request(prompt: list[int] | None = None, **params) -> GenerationRequest:
+    prompt = prompt if prompt is not None else [random.randrange(VOCAB) for _ in range(random.randint(20, 70))]
+    params.setdefault("temperature", 0.0)
+    return GenerationRequest(f"req-{random.getrandbits(32):08x}", prompt, SamplingParams(**params))
+
+
+async def collect(it: AsyncIterator[GenerationChunk]) -> list[GenerationChunk]:
+    return [chunk async for chunk in it]
+
+
+@pytest.fixture
+async def cluster():
+    """Start fakes, yield a helper that builds started backends; stop everything."""
+    servers: list[grpc.aio.Server] = []
+    backends: list[GrpcBackend] = []
+
+    async def add(servicer) -> str:
+        server, address = await serve(servicer)
+        servers.append(server)
+        return address
+
+    async def backend(cfg: GatewayConfig) -> GrpcBackend:
+        b = GrpcBackend(cfg, fingerprint=FP)
+        await b.start()
+        backends.append(b)
+        return b
+
+    yield add, backend, servers
+    for b in backends:
+        await b.close()
+    for server in servers:
+        await server.stop(None)
+
+
+async def test_full_flow(cluster) -> None:
+    add, make, _ = cluster
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0")
+    backend = await make(config([await add(prefill)], [await add(decode)]))
+    assert await backend.ready()
+    req = request(max_tokens=5, prompt_logprobs=2, logprobs=1, seed=7, top_k=40, stop_token_ids=[3])
+    kv_before = KV_TRANSFER_BYTES._value.get()
+    chunks = await collect(backend.generate(req))
+
+    first = first_token_of(req.prompt_token_ids)
+    assert chunks[0].tokens == [TokenLogprob(first, pytest.approx(-0.1))]
+    assert chunks[0].prompt_tokens == len(req.prompt_token_ids)
+    assert chunks[0].cached_tokens == 16 * (len(req.prompt_token_ids) // 32)
+    assert [p.token_id for p in chunks[0].prompt_logprobs] == req.prompt_token_ids[1:]
+    assert [t.token_id for c in chunks for t in c.tokens] == [(first + i) % VOCAB for i in range(5)]
+    assert [c.finish_reason for c in chunks] == [None] * 4 + ["length"]
+    # The prefill worker got the decode worker's ticket and the same params.
+    reserve, ticket = decode.reserved[req.request_id]
+    assert prefill.requests[0].ticket == ticket
+    assert params_from_proto(reserve.params) == req.params == params_from_proto(prefill.requests[0].params)
+    assert decode.first_tokens == [first]
+    assert decode.aborted == [] and prefill.aborted == []
+    assert KV_TRANSFER_BYTES._value.get() - kv_before == 4096 * len(req.prompt_token_ids)
+
+    no_logprobs = await collect(backend.generate(request(max_tokens=1)))
+    assert no_logprobs[0].prompt_logprobs is None
+    assert [c.finish_reason for c in no_logprobs] == [None, "length"] and no_logprobs[1].tokens == []
+
+
+async def test_closing_early_aborts_on_both_workers(cluster) -> None:
+    add, make, _ = cluster
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0", delay_s=0.05)
+    backend = await make(config([await add(prefill)], [await add(decode)]))
+    req = request(max_tokens=100)
+    stream = backend.generate(req)
+    assert len((await anext(stream)).tokens) == 1
+    await anext(stream)
+    await stream.aclose()
+    assert decode.aborted == [req.request_id] and prefill.aborted == [req.request_id]
+    await asyncio.wait_for(decode.stream_cancelled.wait(), 2.0)
+
+    # A consumer task cancelled while the prefill runs aborts too.
+    slow = FakePrefill("p1", delay_s=5.0)
+    backend2 = await make(config([await add(slow)], [await add(decode)]))
+    req2 = request()
+    task = asyncio.create_task(collect(backend2.generate(req2)))
+    while not slow.requests:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert req2.request_id in decode.aborted and slow.aborted == [req2.request_id]
+
+
+async def test_dead_decode_worker_fails_over_or_gives_503(cluster) -> None:
+    add, make, servers = cluster
+    prefill, doomed, healthy = FakePrefill("p0"), FakeDecode("d0", free_blocks=150), FakeDecode("d1", free_blocks=100)
+    p_addr, doomed_addr, healthy_addr = await add(prefill), await add(doomed), await add(healthy)
+    backend = await make(config([p_addr], [doomed_addr, healthy_addr], load_poll_interval_s=30.0))
+    await servers[1].stop(None)                   # dies after its load report: routing still prefers it
+    errors_before = WORKER_ERRORS.labels(role="decode")._value.get()
+    chunks = await collect(backend.generate(request(max_tokens=3)))
+    assert chunks[-1].finish_reason == "length" and len(healthy.reserved) == 1
+    assert WORKER_ERRORS.labels(role="decode")._value.get() - errors_before == 1
+    assert await backend.ready()
+    assert (await collect(backend.generate(request(max_tokens=1))))[-1].finish_reason == "length"
+    assert len(healthy.reserved) == 2             # the dead one is skipped while penalized
+
+    lonely_addr = await add(FakeDecode("d2"))
+    backend2 = await make(config([p_addr], [lonely_addr], load_poll_interval_s=30.0, request_timeout_s=10.0))
+    await servers[-1].stop(None)
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        await collect(backend2.generate(request()))
+    assert err.value.status == 503 and f"decode worker {lonely_addr}" in err.value.message
+    assert time.monotonic() - started < 3.0
+
+
+async def test_dead_prefill_worker_fails_over_with_a_fresh_reservation(cluster) -> None:
+    add, make, servers = cluster
+    doomed, healthy, decode = FakePrefill("p0"), FakePrefill("p1", running=2), FakeDecode("d0")
+    prefill_addrs = [await add(doomed), await add(healthy)]
+    backend = await make(config(prefill_addrs, [await add(decode)], load_poll_interval_s=30.0))
+    await servers[0].stop(None)                   # the idle one dies: routing still prefers it
+    req = request(max_tokens=2)
+    chunks = await collect(backend.generate(req))
+    assert [c.finish_reason for c in chunks] == [None, "length"]
+    assert len(healthy.requests) == 1 and len(decode.reserved) == 1
+    assert decode.aborted == [req.request_id]     # the first reservation was given back, then a fresh one
+
+
+async def test_static_dead_address_is_not_ready_and_fails_fast(cluster) -> None:
+    add, make, _ = cluster
+    prefill_addr = await add(FakePrefill("p0"))
+    backend = await make(config([prefill_addr], [dead_address()]))
+    assert not await backend.ready()
+    with pytest.raises(BackendError, match="no healthy decode worker") as err:
+        await collect(backend.generate(request()))
+    assert err.value.status == 503
+    assert not await (await make(config([prefill_addr], []))).ready()
+
+
+async def test_invalid_argument_becomes_400_and_frees_the_reservation(cluster) -> None:
+    add, make, _ = cluster
+    decode = FakeDecode("d0")
+    backend = await make(config([await add(FakePrefill("p0", max_len=8))], [await add(decode)]))
+    req = request(list(range(9)))
+    with pytest.raises(BackendError, match="prompt has 9 tokens") as err:
+        await collect(backend.generate(req))
+    assert err.value.status == 400 and decode.aborted == [req.request_id]
+    with pytest.raises(BackendError) as bad:
+        await collect(backend.generate(request([1, -2, 3])))
+    assert bad.value.status == 400
+
+
+async def test_full_decode_workers_are_skipped_then_503(cluster) -> None:
+    add, make, _ = cluster
+    full, roomy = FakeDecode("d0", free_blocks=180, room=False), FakeDecode("d1", free_blocks=20)
+    p_addr = await add(FakePrefill("p0"))
+    backend = await make(config([p_addr], [await add(full), await add(roomy)]))
+    assert (await collect(backend.generate(request(max_tokens=2))))[-1].finish_reason == "length"
+    assert len(roomy.reserved) == 1
+    roomy.room = False
+    with pytest.raises(BackendError, match="no decode worker has room") as err:
+        await collect(backend.generate(request()))
+    assert err.value.status == 503
+
+
+async def test_stream_failure_after_first_token_is_503_without_retry(cluster) -> None:
+    add, make, _ = cluster
+    decode, other = FakeDecode("d0", free_blocks=150), FakeDecode("d1", free_blocks=10)
+    decode.fail_after = 2
+    backend = await make(config([await add(FakePrefill("p0"))], [await add(decode), await add(other)]))
+    seen: list[GenerationChunk] = []
+    with pytest.raises(BackendError, match="decode worker .* UNAVAILABLE") as err:
+        async for chunk in backend.generate(request(max_tokens=10)):
+            seen.append(chunk)
+    assert err.value.status == 503 and len(seen) == 3 and other.reserved == {}
+
+
+def test_params_and_logprobs_round_trip() -> None:
+    for _ in range(50):                     # values exact in float32, so the round trip is exact
+        params = SamplingParams(
+            max_tokens=random.randint(1, 500), temperature=random.choice([0.0, 0.75, 1.25]),
+            top_p=random.choice([1.0, 0.875]), top_k=random.choice([-1, 0, 50]), min_p=random.choice([0.0, 0.0625]),
+            repetition_penalty=random.choice([1.0, 1.125]), presence_penalty=random.choice([-2.0, 0.0, 0.5]),
+            frequency_penalty=random.choice([-0.25, 0.0, 1.5]), seed=random.choice([None, 0, 2**63]),
+            stop_token_ids=random.sample(range(VOCAB), random.randint(0, 3)), ignore_eos=random.random() < 0.5,
+            logprobs=random.choice([None, 0, 5]), prompt_logprobs=random.choice([None, 0, 20]),
+        )
+        params.min_tokens = random.randint(0, params.max_tokens)
+        wire = params_to_proto(params).SerializeToString()
+        assert params_from_proto(common_pb2.SamplingParams.FromString(wire)) == params
+    zero = params_from_proto(common_pb2.SamplingParams(max_tokens=4))
+    assert (zero.top_p, zero.repetition_penalty, zero.seed, zero.logprobs) == (1.0, 1.0, None, None)
+    with pytest.raises(ValueError, match="max_tokens"):
+        params_from_proto(common_pb2.SamplingParams())
+    lp = TokenLogprob(random.randrange(VOCAB), -1.5, [(random.randrange(VOCAB), -0.25), (7, -3.0)])
+    assert logprob_from_proto(logprob_to_proto(lp)) == lp
