@@ -110,6 +110,7 @@ class IndexPublisher:
         self._resync = False
         self._outage = OutageLog(logger, f"index publisher {record.worker_id}")
         self._tasks: list[asyncio.Task[None]] = []
+        self._flushing = asyncio.Lock()
 
     async def start(self) -> None:
         """Register now (best effort) and start the heartbeat and flusher tasks."""
@@ -124,7 +125,10 @@ class IndexPublisher:
         for event in events:
             stored = is_stored(event)
             for block_hash in event.block_hashes:
-                (self._held.add if stored else self._held.discard)(block_hash)
+                if stored:
+                    self._held.add(block_hash)
+                else:
+                    self._held.discard(block_hash)
                 self._pending.append((stored, block_hash))
         if len(self._pending) > self._max_pending:
             logger.warning("index publisher: %d queued operations dropped; will resync", len(self._pending))
@@ -133,21 +137,25 @@ class IndexPublisher:
 
     async def flush(self) -> bool:
         """Write every queued operation now; False if Redis did not answer."""
-        try:
-            if self._resync:
-                await self._redis.set(worker_key(self.record.worker_id), self.record.to_json(), px=self._ttl_ms)
-                held = [(True, h) for h in self._held]
-                for start in range(0, len(held), self._batch_size):
-                    await self._write(held[start : start + self._batch_size])
-                self._resync = False
-            while self._pending:
-                batch = self._pending[: self._batch_size]
-                await self._write(batch)
-                del self._pending[: len(batch)]
-        except REDIS_ERRORS_CAUGHT as err:
-            self._resync = True
-            self._outage.failed(err)
-            return False
+        async with self._flushing:
+            try:
+                if self._resync:
+                    await self._redis.set(worker_key(self.record.worker_id), self.record.to_json(), px=self._ttl_ms)
+                    held = [(True, h) for h in self._held]
+                    for start in range(0, len(held), self._batch_size):
+                        await self._write(held[start : start + self._batch_size])
+                    self._resync = False
+                while self._pending:
+                    batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
+                    try:
+                        await self._write(batch)
+                    except BaseException:
+                        self._pending[:0] = batch        # publish() may have appended meanwhile
+                        raise
+            except REDIS_ERRORS_CAUGHT as err:
+                self._resync = True
+                self._outage.failed(err)
+                return False
         self._outage.ok()
         return True
 
@@ -157,7 +165,7 @@ class IndexPublisher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        self._pending = [(False, h) for h in self._held]
+        self._pending.extend((False, h) for h in self._held)
         self._held.clear()
         self._resync = False
         try:

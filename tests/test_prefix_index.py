@@ -271,3 +271,22 @@ async def test_gateway_discovers_registered_workers_and_routes_by_cached_prefix(
             await pub.stop()
         for server, _ in started:
             await server.stop(None)
+
+
+async def test_gateway_serves_with_redis_down() -> None:
+    prefills, decode = [FakePrefill("p0"), FakePrefill("p1")], FakeDecode("d0")
+    started = [await serve(p) for p in prefills] + [await serve(decode)]
+    addrs = [addr for _, addr in started]
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    backend = GrpcBackend(config(addrs[:2], addrs[2:], redis_url=dead_redis), fingerprint=FP)
+    errors_before = REDIS_ERRORS._value.get()
+    try:
+        await backend.start()                          # the registry read fails: static workers only
+        assert await backend.ready()
+        chunks = await collect(backend.generate(request([random.randrange(1000) for _ in range(40)], max_tokens=2)))
+        assert [c.finish_reason for c in chunks] == [None, "length"]
+        assert REDIS_ERRORS._value.get() - errors_before >= 1
+    finally:
+        await backend.close()
+        for server, _ in started:
+            await server.stop(None)
