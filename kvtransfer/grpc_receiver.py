@@ -3,7 +3,8 @@
 
 Per request: ``expect`` registers the destination (state *expected*); the first
 chunk of a ``Push`` stream (the sender's handshake: layout, no blocks) binds the
-stream after checking the request id and the layout (*streaming*); each chunk is validated and scattered into the
+stream after checking the request id and the layout, and accepts it with initial
+metadata (*streaming*); each chunk is validated and scattered into the
 request's blocks; the final chunk completes the request when every layer of
 every block has landed (*complete*). A refusal, the sender going away, a
 receiver ``cancel`` or a ``wait_complete`` timeout fails it (*failed*); after
@@ -26,6 +27,10 @@ from baton.kvtransfer.base import KVReceiver, TransferStats
 from baton.kvtransfer.errors import LayoutMismatch, TransferError
 from baton.kvtransfer.layout import KVLayout, check_layout
 from baton.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
+
+# Initial metadata by which the receiver accepts a stream's handshake; the sender
+# sends data only after it.
+ACCEPTED_KEY, ACCEPTED_VALUE = "baton-kv-handshake", "accepted"
 
 
 @dataclass(eq=False)
@@ -196,6 +201,7 @@ class KVTransferServicer(kvtransfer_pb2_grpc.KVTransferServicer):
                 if entry is None:
                     entry = self._receiver._bind(chunk)
                     self._receiver._handshake(entry, chunk)
+                    await context.send_initial_metadata(((ACCEPTED_KEY, ACCEPTED_VALUE),))
                 self._receiver._land(entry, chunk)
                 if chunk.last:
                     return kvtransfer_pb2.PushReply(bytes_received=entry.bytes)

@@ -6,7 +6,7 @@ the first layers). ``submit_layer`` runs on the engine's compute thread: it
 gathers the request's blocks of that layer into one packed buffer right away and
 hands it to the event loop with ``loop.call_soon_threadsafe`` into the session's
 ``asyncio.Queue``. The stream task first sends a handshake chunk (the layout, no
-data), then drains the queue, one ``KVChunk`` per (layer, run of at most
+data) and waits for the receiver to accept it, then drains the queue, one ``KVChunk`` per (layer, run of at most
 ``chunk_bytes`` of whole blocks); ``finish`` sends the final chunk (no data,
 ``last``) and waits for the ``PushReply``. Receiver: see ``grpc_receiver``.
 """
@@ -24,7 +24,9 @@ import torch
 from baton.kernels import ops
 from baton.kvtransfer.base import KVSender, TransferSession, TransferStats, TransferTicket, register_transport
 from baton.kvtransfer.errors import TransferError
-from baton.kvtransfer.grpc_receiver import GrpcKVReceiver, KVTransferServicer, add_to_server
+from baton.kvtransfer.grpc_receiver import (
+    ACCEPTED_KEY, ACCEPTED_VALUE, GrpcKVReceiver, KVTransferServicer, add_to_server,
+)
 from baton.kvtransfer.layout import KVLayout, check_layout
 from baton.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
@@ -167,6 +169,13 @@ class GrpcTransferSession(TransferSession):
             # request now, so a refusal or an abort is seen by either end at once.
             await call.write(kvtransfer_pb2.KVChunk(request_id=self._ticket.request_id,
                                                     layout=self._layout.to_proto()))
+            # Data waits for the receiver's acceptance (its initial metadata): a refused
+            # handshake then ends the call before any write can race with it, which would
+            # replace the receiver's status with INTERNAL (grpc/grpc#36066).
+            if (ACCEPTED_KEY, ACCEPTED_VALUE) not in tuple(await call.initial_metadata()):
+                await call  # refused: raises the receiver's status
+                raise TransferError(f"KV transfer of request {self._ticket.request_id!r}: "
+                                    "the receiver ended the stream without accepting it")
             while (item := await self._queue.get()) is not _END:
                 if item is _CALL_ENDED:
                     await call  # raises the status that ended it
@@ -190,6 +199,8 @@ class GrpcTransferSession(TransferSession):
             code, details = error.code(), error.details()
         else:  # a write after the call ended: the call's own status says why
             code, details = await call.code(), await call.details()
+        if code == grpc.StatusCode.INTERNAL and details == "Internal error from Core":
+            details = "the receiver ended the stream while data was in flight (grpc/grpc#36066 hides its status)"
         return TransferError(f"KV transfer of request {self._ticket.request_id!r} to {self._ticket.address} "
                              f"failed: {code.name}: {details}")
 

@@ -25,9 +25,10 @@ pytestmark = pytest.mark.unit
 NUM_LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 16, 2, 64
 
 
-def make_caches(num_blocks: int, dtype: torch.dtype, seed: int, layers: int = NUM_LAYERS) -> list[torch.Tensor]:
+def make_caches(num_blocks: int, dtype: torch.dtype, seed: int, layers: int = NUM_LAYERS,
+                block_size: int = BLOCK_SIZE, heads: int = HEADS) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(num_blocks, 2, BLOCK_SIZE, HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(layers)]
+    return [torch.randn(num_blocks, 2, block_size, heads, HEAD_DIM, generator=g).to(dtype) for _ in range(layers)]
 
 
 def layout_of(caches: list[torch.Tensor]) -> KVLayout:
@@ -185,3 +186,182 @@ async def test_finish_refuses_missing_layers(make_receiver, sender):
     with pytest.raises(TransferError, match="sender of request 'partial' ended the stream"):
         await recv.receiver.wait_complete("partial", timeout_s=5)
     assert time.monotonic() - started < 2
+
+
+async def test_chunk_over_the_receivers_message_limit_fails_clearly(make_receiver):
+    src, dst = make_caches(8, torch.float32, 11), make_caches(8, torch.float32, 12)
+    layout = layout_of(src)
+    recv = await make_receiver(dst, max_message_bytes=2 * layout.block_bytes)
+    sender = GrpcKVSender(chunk_bytes=4 * layout.block_bytes)
+    session = sender.open(recv.ticket("huge", [0, 1, 2, 3]), layout, [4, 5, 6, 7])
+    await asyncio.to_thread(submit_all, session, src)
+    with pytest.raises(TransferError, match="RESOURCE_EXHAUSTED"):
+        await session.finish(timeout_s=10)
+    await sender.close()
+
+
+# ---------------------------------------------------------------- refusals and failures
+
+
+@pytest.mark.parametrize("field", ["block_size", "dtype", "num_kv_heads"])
+async def test_sender_refuses_mismatched_ticket_before_sending(field, make_receiver, sender):
+    dst = make_caches(4, torch.float32, 13)
+    before = [c.clone() for c in dst]
+    recv = await make_receiver(dst)
+    ticket = recv.ticket("mismatch", [1, 2])
+    changed = {"block_size": 32, "dtype": "bfloat16", "num_kv_heads": 4}[field]
+    local = dataclasses.replace(ticket.layout, **{field: changed})
+    with pytest.raises(LayoutMismatch, match=f"KV layout mismatch: {field} is {changed!r}|{changed} here") as e:
+        sender.open(ticket, local, [0, 3])
+    assert e.value.field == field
+    with pytest.raises(TransferError, match="did not arrive"):  # nothing was sent
+        await recv.receiver.wait_complete("mismatch", timeout_s=0.2)
+    assert all(torch.equal(a, b) for a, b in zip(dst, before))
+
+
+@pytest.mark.parametrize("field", ["block_size", "dtype", "num_kv_heads"])
+async def test_receiver_refuses_mismatched_layout_naming_field(field, make_receiver, sender):
+    """A ticket that does not describe the receiver (stale or forged) is refused at the handshake."""
+    kwargs = {"block_size": {"block_size": 32}, "dtype": {"dtype": torch.bfloat16},
+              "num_kv_heads": {"heads": 4}}[field]
+    src = make_caches(4, kwargs.pop("dtype", torch.float32), 14, **kwargs)
+    dst = make_caches(4, torch.float32, 15)
+    before = [c.clone() for c in dst]
+    recv = await make_receiver(dst)
+    recv.receiver.expect("stale", [1, 2], layout_of(dst))
+    ticket = TransferTicket("stale", "grpc", recv.receiver.address, (1, 2), layout_of(src), 20)
+    session = sender.open(ticket, layout_of(src), [0, 3])
+    await asyncio.to_thread(submit_all, session, src)
+    with pytest.raises(TransferError, match=f"FAILED_PRECONDITION: KV layout mismatch: {field} is"):
+        await session.finish(timeout_s=10)
+    with pytest.raises(TransferError, match=f"mismatch: {field}"):
+        await recv.receiver.wait_complete("stale", timeout_s=5)
+    assert all(torch.equal(a, b) for a, b in zip(dst, before))
+
+
+async def test_unknown_request_is_refused(make_receiver, sender):
+    src, dst = make_caches(4, torch.float32, 16), make_caches(4, torch.float32, 17)
+    recv = await make_receiver(dst)
+    ticket = TransferTicket("nobody", "grpc", recv.receiver.address, (0, 1), layout_of(dst), 20)
+    session = sender.open(ticket, layout_of(src), [2, 3])
+    await asyncio.to_thread(submit_all, session, src)
+    with pytest.raises(TransferError, match="NOT_FOUND: no KV transfer is expected for request 'nobody'"):
+        await session.finish(timeout_s=10)
+
+
+async def test_receiver_cancel_fails_sender_promptly(make_receiver, sender):
+    src, dst = make_caches(6, torch.float32, 18), make_caches(6, torch.float32, 19)
+    before = [c.clone() for c in dst]
+    recv = await make_receiver(dst)
+    session = sender.open(recv.ticket("cancel-me", [4, 5]), layout_of(src), [0, 1])
+    session.submit_layer(0, src[0])
+    await until(lambda: torch.equal(dst[0][[4, 5]], src[0][[0, 1]]))
+    assert recv.receiver.cancel("cancel-me") and not recv.receiver.cancel("cancel-me")
+    await asyncio.sleep(0.05)
+    for layer in range(1, NUM_LAYERS):
+        session.submit_layer(layer, src[layer])  # the engine carries on; nothing may land any more
+    started = time.monotonic()
+    with pytest.raises(TransferError, match="cancelled by the receiver"):
+        await session.finish(timeout_s=30)
+    assert time.monotonic() - started < 5
+    assert all(torch.equal(dst[layer], before[layer]) for layer in range(1, NUM_LAYERS))
+
+
+async def test_dead_receiver_fails_within_deadline(sender):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = make_caches(2, torch.float32, 20)
+    ticket = TransferTicket("dead", "grpc", f"127.0.0.1:{port}", (0, 1), layout_of(src), 20)
+    session = sender.open(ticket, layout_of(src), [0, 1])
+    submit_all(session, src)
+    started = time.monotonic()
+    with pytest.raises(TransferError, match="UNAVAILABLE"):
+        await session.finish(timeout_s=10)
+    assert time.monotonic() - started < 10
+
+
+async def test_wait_complete_timeout_cancels_and_forgets(make_receiver, sender):
+    src, dst = make_caches(4, torch.float32, 21), make_caches(4, torch.float32, 22)
+    before = [c.clone() for c in dst]
+    recv = await make_receiver(dst)
+    ticket = recv.ticket("slow", [0, 3])
+    started = time.monotonic()
+    with pytest.raises(TransferError, match=r"'slow' did not arrive within 0.2 s \(0 of 6 layer-blocks landed\)"):
+        await recv.receiver.wait_complete("slow", timeout_s=0.2)
+    assert time.monotonic() - started < 2
+    with pytest.raises(TransferError, match="no KV transfer is expected"):
+        await recv.receiver.wait_complete("slow", timeout_s=0.2)
+    session = sender.open(ticket, layout_of(src), [1, 2])  # a late sender finds nothing to fill
+    await asyncio.to_thread(submit_all, session, src)
+    with pytest.raises(TransferError, match="NOT_FOUND"):
+        await session.finish(timeout_s=10)
+    assert all(torch.equal(a, b) for a, b in zip(dst, before))
+
+
+def chunk(request_id: str, layout: KVLayout | None = None, **fields) -> kvtransfer_pb2.KVChunk:
+    msg = kvtransfer_pb2.KVChunk(request_id=request_id, **fields)
+    if layout is not None:
+        msg.layout.CopyFrom(layout.to_proto())
+    return msg
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"layer": 0, "first_block": 1, "num_blocks": 2}, r"blocks \[1, 3\) outside the ticket's 2 blocks"),
+    ({"layer": 0, "first_block": -1, "num_blocks": 1}, "outside the ticket"),
+    ({"layer": NUM_LAYERS, "first_block": 0, "num_blocks": 1}, "layer 3 outside"),
+    ({"layer": 0, "first_block": 0, "num_blocks": 1, "extra": 4}, "expected 16384 for 1 blocks"),
+    ({"layer": 0, "first_block": 0, "num_blocks": 0, "extra": 0, "last": True}, "6 layer-blocks missing"),
+])
+async def test_receiver_rejects_bad_chunks(bad, message, make_receiver):
+    dst = make_caches(4, torch.float32, 23)
+    before = [c.clone() for c in dst]
+    recv = await make_receiver(dst)
+    layout = layout_of(dst)
+    recv.receiver.expect("bad", [2, 0], layout)
+    bad = dict(bad)
+    size = bad.pop("extra", None)
+    size = bad["num_blocks"] * layout.block_bytes + (size or 0) if size is not None or bad["num_blocks"] else 0
+    async with grpc.aio.insecure_channel(recv.receiver.address) as channel:
+        stub = kvtransfer_pb2_grpc.KVTransferStub(channel)
+        chunks = [chunk("bad", layout), chunk("bad", data=bytes(size), **bad)]
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Push(iter(chunks), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details()
+    assert __import__("re").search(message, e.value.details())
+    with pytest.raises(TransferError, match=message):
+        await recv.receiver.wait_complete("bad", timeout_s=5)
+    assert all(torch.equal(a, b) for a, b in zip(dst, before))
+
+
+async def test_first_chunk_without_layout_is_refused(make_receiver):
+    recv = await make_receiver(make_caches(4, torch.float32, 24))
+    recv.receiver.expect("nolayout", [1], layout_of(recv.caches))
+    async with grpc.aio.insecure_channel(recv.receiver.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await kvtransfer_pb2_grpc.KVTransferStub(channel).Push(iter([chunk("nolayout", last=True)]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must carry the KV layout" in e.value.details()
+
+
+def test_expect_and_open_validate_arguments():
+    caches = make_caches(4, torch.float32, 25)
+    layout = layout_of(caches)
+    receiver = GrpcKVReceiver(caches, address="127.0.0.1:1")
+    receiver.expect("a", [0, 1], layout)
+    with pytest.raises(ValueError, match="already expected"):
+        receiver.expect("a", [2], layout)
+    with pytest.raises(ValueError, match="distinct and within"):
+        receiver.expect("b", [3, 4], layout)
+    with pytest.raises(ValueError, match="distinct"):
+        receiver.expect("b", [1, 1], layout)
+    with pytest.raises(ValueError, match="does not match the layout"):
+        receiver.expect("b", [2], dataclasses.replace(layout, head_dim=128))
+    with pytest.raises(ValueError, match="layers"):
+        receiver.expect("b", [2], dataclasses.replace(layout, num_layers=NUM_LAYERS + 1))
+    ticket = TransferTicket("a", "grpc", "127.0.0.1:1", (0, 1), layout, 20)
+    with pytest.raises(TransferError, match="2 destination blocks for 3 source blocks"):
+        GrpcKVSender().open(ticket, layout, [0, 1, 2])
+    with pytest.raises(TransferError, match="transport 'ucx'"):
+        GrpcKVSender().open(dataclasses.replace(ticket, transport="ucx"), layout, [0, 1])
+    with pytest.raises(TransferError, match="over the 1000-byte chunk limit"):
+        GrpcKVSender(chunk_bytes=1000).open(ticket, layout, [0, 1])
