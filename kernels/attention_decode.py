@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -18,9 +19,21 @@ import triton.language as tl
 
 from baton.kernels.checks import check_device, check_int_index, check_kv_cache, check_last_dim_contiguous, check_power_of_two, check_shape
 
-_TILE_N = 64
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters: keys per loop step, warps, pipeline depth, programs per SM to aim for."""
+
+    tile_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4
+
+
+DEFAULT_CONFIG = DecodeConfig()
 
 
 @triton.jit
@@ -103,10 +116,10 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def num_splits(device: torch.device, batch: int, num_kv_heads: int, max_context: int) -> int:
-    """Split the context until about four programs per SM are busy, keeping each
-    split at least ``_MIN_SPLIT_TOKENS`` long."""
-    wanted = math.ceil(4 * _num_sms(device) / max(1, batch * num_kv_heads))
+def num_splits(device: torch.device, batch: int, num_kv_heads: int, max_context: int, programs_per_sm: int) -> int:
+    """Split the context until about ``programs_per_sm`` programs per SM are busy,
+    keeping each split at least ``_MIN_SPLIT_TOKENS`` long."""
+    wanted = math.ceil(programs_per_sm * _num_sms(device) / max(1, batch * num_kv_heads))
     return max(1, min(wanted, _MAX_SPLITS, math.ceil(max_context / _MIN_SPLIT_TOKENS)))
 
 
@@ -134,6 +147,18 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
+    return launch_paged_decode_attention(q, kv_cache, seq_lens, block_tables, scale, DEFAULT_CONFIG)
+
+
+def launch_paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    config: DecodeConfig,
+) -> torch.Tensor:
+    """``paged_decode_attention`` with explicit launch parameters (benchmarks sweep them)."""
     _check_decode_args(q, kv_cache, seq_lens, block_tables)
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -142,8 +167,8 @@ def paged_decode_attention(
         return out
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * block_size
-    splits = num_splits(q.device, batch, num_kv_heads, max_context)
-    split_len = triton.cdiv(triton.cdiv(max_context, splits), _TILE_N) * _TILE_N
+    splits = num_splits(q.device, batch, num_kv_heads, max_context, config.programs_per_sm)
+    split_len = triton.cdiv(triton.cdiv(max_context, splits), config.tile_n) * config.tile_n
     part_out = torch.empty((batch, num_heads, splits, head_dim) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((batch, num_heads, splits) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
     _paged_decode_attention_kernel[(batch, num_kv_heads, splits)](
@@ -154,9 +179,9 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE_N=_TILE_N, NUM_SPLITS=splits,
+        BLOCK_SIZE=block_size, TILE_N=config.tile_n, NUM_SPLITS=splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=3,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
         _paged_decode_reduce_kernel[(batch, num_heads)](

@@ -119,21 +119,21 @@ def _paged_attention_kernel(
 
 
 @dataclass(frozen=True)
-class _TileConfig:
+class PrefillConfig:
+    """Launch parameters: query rows and keys per tile, warps, pipeline depth."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
 
 
-def _tile_config(q: torch.Tensor) -> _TileConfig:
+def default_config(q: torch.Tensor) -> PrefillConfig:
     if q.device.type != "cuda":
-        return _TileConfig(32, 32, 4, 1)
-    if q.dtype == torch.float32:
-        return _TileConfig(64, 32, 4, 2)
-    if q.shape[-1] > 128:
-        return _TileConfig(64, 32, 4, 2)
-    return _TileConfig(128, 64, 8, 3)
+        return PrefillConfig(32, 32, 4, 1)
+    if q.dtype == torch.float32 or q.shape[-1] > 128:
+        return PrefillConfig(64, 32, 4, 2)
+    return PrefillConfig(128, 64, 8, 3)
 
 
 def _check_prefill_args(q: torch.Tensor, kv_cache: torch.Tensor, cu_query_lens: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
@@ -163,6 +163,19 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole paged context."""
+    return launch_paged_attention(q, kv_cache, cu_query_lens, seq_lens, block_tables, scale, default_config(q))
+
+
+def launch_paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    config: PrefillConfig,
+) -> torch.Tensor:
+    """``paged_attention`` with explicit launch parameters (benchmarks sweep them)."""
     _check_prefill_args(q, kv_cache, cu_query_lens, seq_lens, block_tables)
     num_tokens, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -170,8 +183,7 @@ def paged_attention(
     batch = seq_lens.shape[0]
     if num_tokens == 0 or batch == 0:
         return out
-    cfg = _tile_config(q)
-    grid = (num_tokens // cfg.block_m + batch, num_heads)
+    grid = (num_tokens // config.block_m + batch, num_heads)
     _paged_attention_kernel[grid](
         q, kv_cache, out, cu_query_lens, seq_lens, block_tables,
         batch, scale * math.log2(math.e),
@@ -180,8 +192,8 @@ def paged_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -1,0 +1,192 @@
+"""Kernel benchmarks on a CUDA GPU: prints a markdown table (and writes it to
+``$OUT/kernels_bench.md`` when ``OUT`` is set). No assertions: figures only.
+
+Measured in one run: device copy bandwidth (bytes read + written), paged decode
+attention GB/s over a batch x context grid as a fraction of that bandwidth,
+prefill attention TFLOP/s (causal FLOPs = 4 * seq^2 / 2 * heads * dim), block
+gather/scatter for one layer of a 2,048-token prompt, and the element-wise
+kernels. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128,
+bf16, block 16). Times are ``triton.testing.do_bench`` medians; inputs rotate
+over several sets so that the L2 cache does not flatter small cases.
+
+    python3 bench/bench_kernels.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import math
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from baton.kernels import activation, kv_cache, norm, rotary
+from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
+from baton.kernels.attention_prefill import PrefillConfig, launch_paged_attention
+
+HEADS, KV_HEADS, DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
+KV_TOKEN_BYTES = 2 * KV_HEADS * DIM * 2  # K and V of one token, bf16
+ROTATE_BYTES = 512 * 2**20  # keep at least this much distinct input in rotation
+
+
+def median_ms(fns: list[Callable[[], object]]) -> float:
+    cycle = itertools.cycle(fns)
+    return do_bench(lambda: next(cycle)(), warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(2**30 // 2, dtype=DTYPE, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms([lambda: dst.copy_(src)])
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+class Pool:
+    """One large random KV pool; disjoint random block sets for rotation."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.cache = torch.randn(num_blocks, 2, BLOCK, KV_HEADS, DIM, dtype=DTYPE, device="cuda")
+        self.perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+
+    def block_sets(self, blocks_per_set: int, bytes_per_set: int) -> list[torch.Tensor]:
+        sets = max(1, min(8, self.perm.numel() // blocks_per_set, math.ceil(ROTATE_BYTES / bytes_per_set)))
+        return [self.perm[i * blocks_per_set : (i + 1) * blocks_per_set] for i in range(sets)]
+
+
+def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: DecodeConfig) -> str:
+    per_seq = ctx // BLOCK
+    nbytes = batch * ctx * KV_TOKEN_BYTES
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    fns = []
+    for ids in pool.block_sets(batch * per_seq, nbytes):
+        q = torch.randn(batch, HEADS, DIM, dtype=DTYPE, device="cuda")
+        tables = ids.view(batch, per_seq)
+        fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, DIM**-0.5, config))
+    ms = median_ms(fns)
+    gbs = (nbytes + 2 * q.numel() * 2) / ms / 1e6
+    return f"| decode | batch {batch}, ctx {ctx} | {ms * 1e3:.1f} us | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
+
+
+def prefill_row(pool: Pool, seq: int, config: PrefillConfig, label: str) -> str:
+    cu = torch.tensor([0, seq], dtype=torch.int32, device="cuda")
+    seq_lens = torch.tensor([seq], dtype=torch.int32, device="cuda")
+    fns = []
+    for ids in pool.block_sets(seq // BLOCK, seq * KV_TOKEN_BYTES)[:2]:
+        q = torch.randn(seq, HEADS, DIM, dtype=DTYPE, device="cuda")
+        fns.append(lambda q=q, t=ids.view(1, -1): launch_paged_attention(q, pool.cache, cu, seq_lens, t, DIM**-0.5, config))
+    ms = median_ms(fns)
+    tflops = 4 * seq * seq / 2 * HEADS * DIM / ms / 1e9
+    return f"| prefill {label} | 1 x {seq} tokens | {ms * 1e3:.1f} us | {tflops:.0f} TFLOP/s | |"
+
+
+def sdpa_row(seq: int) -> str:
+    """torch's own flash attention on contiguous tensors, for scale (not paged)."""
+    q = torch.randn(1, HEADS, seq, DIM, dtype=DTYPE, device="cuda")
+    k = torch.randn(1, HEADS, seq, DIM, dtype=DTYPE, device="cuda")
+    v = torch.randn_like(k)
+    ms = median_ms([lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)])
+    tflops = 4 * seq * seq / 2 * HEADS * DIM / ms / 1e9
+    return f"| torch sdpa (contiguous, MHA) | 1 x {seq} tokens | {ms * 1e3:.1f} us | {tflops:.0f} TFLOP/s | |"
+
+
+def transfer_rows(pool: Pool, copy_gbs: float) -> list[str]:
+    n = 2048 // BLOCK
+    block_bytes = pool.cache[0].numel() * 2
+    sets = pool.block_sets(n, n * block_bytes)
+    packed = [kv_cache.gather_blocks(pool.cache, ids) for ids in sets]
+    rows = []
+    for name, fns in (
+        ("gather_blocks", [lambda i=ids: kv_cache.gather_blocks(pool.cache, i) for ids in sets]),
+        ("scatter_blocks", [lambda i=ids, p=p: kv_cache.scatter_blocks(pool.cache, i, p) for ids, p in zip(sets, packed)]),
+        ("torch index_select (ref)", [lambda i=ids: kv_cache.ref_gather_blocks(pool.cache, i) for ids in sets]),
+    ):
+        ms = median_ms(fns)
+        gbs = 2 * n * block_bytes / ms / 1e6
+        rows.append(f"| {name} | 128 blocks x 64 KiB (8B layer, 2k prompt) | {ms * 1e3:.1f} us | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+    return rows
+
+
+def elementwise_rows(copy_gbs: float) -> list[str]:
+    tokens, hidden, inter = 4096, 4096, 14336
+    x = [torch.randn(tokens, hidden, dtype=DTYPE, device="cuda") for _ in range(4)]
+    r = [torch.randn(tokens, hidden, dtype=DTYPE, device="cuda") for _ in range(4)]
+    w = torch.randn(hidden, dtype=DTYPE, device="cuda")
+    qs = [torch.randn(tokens, HEADS, DIM, dtype=DTYPE, device="cuda") for _ in range(4)]
+    ks = [torch.randn(tokens, KV_HEADS, DIM, dtype=DTYPE, device="cuda") for _ in range(4)]
+    pos = torch.randint(0, 8192, (tokens,), device="cuda")
+    cos_sin = torch.randn(8192, DIM, device="cuda")
+    gu = [torch.randn(tokens, 2 * inter, dtype=DTYPE, device="cuda") for _ in range(3)]
+    act = tokens * hidden * 2
+    qk = (qs[0].numel() + ks[0].numel()) * 2
+    cases = [
+        ("rms_norm + residual", 5 * act, [lambda a=a, b=b: norm.rms_norm(a, w, 1e-6, b) for a, b in zip(x, r)],
+         [lambda a=a, b=b: norm.ref_rms_norm(a, w, 1e-6, b) for a, b in zip(x, r)]),
+        ("rotary (q and k)", 2 * qk, [lambda q=q, k=k: rotary.rotary_embedding(pos, q, k, cos_sin) for q, k in zip(qs, ks)],
+         [lambda q=q, k=k: rotary.ref_rotary_embedding(pos, q, k, cos_sin) for q, k in zip(qs, ks)]),
+        ("silu_and_mul", 3 * tokens * inter * 2, [lambda g=g: activation.silu_and_mul(g) for g in gu],
+         [lambda g=g: activation.ref_silu_and_mul(g) for g in gu]),
+    ]
+    rows = []
+    for name, nbytes, fns, refs in cases:
+        ms, ref_ms = median_ms(fns), median_ms(refs)
+        gbs = nbytes / ms / 1e6
+        rows.append(f"| {name} | 4096 tokens | {ms * 1e3:.1f} us (torch ref {ref_ms * 1e3:.1f} us) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few cases only")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    lines = [f"# Kernel benchmarks: {props.name}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"torch {torch.__version__}, triton {triton.__version__}, {props.multi_processor_count} SMs; "
+             f"Llama-3-8B shapes ({HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}, bf16, block {BLOCK}); do_bench medians",
+             "", "| kernel | case | time | rate | vs copy |", "| --- | --- | --- | --- | --- |"]
+
+    def emit(row: str) -> None:
+        lines.append(row)
+        print(row, flush=True)
+
+    print("\n".join(lines), flush=True)
+    copy_gbs = copy_bandwidth()
+    emit(f"| device copy | 1 GiB D2D, read + write | | {copy_gbs:.0f} GB/s | 100% |")
+    pool = Pool(2 * 128 * 16384 // BLOCK // (4 if args.quick else 1) + 4096)
+    batches, ctxs = ([1, 64], [2048, 16384]) if args.quick else ([1, 16, 64, 128], [512, 2048, 4096, 16384])
+    for batch, ctx in itertools.product(batches, ctxs):
+        emit(decode_row(pool, batch, ctx, copy_gbs, DecodeConfig()))
+    emit(decode_row(pool, 1, 32768, copy_gbs, DecodeConfig()))
+    for seq in (1024, 4096, 8192):
+        emit(prefill_row(pool, seq, PrefillConfig(128, 64, 8, 3), "paged (default tiles)"))
+        emit(sdpa_row(seq))
+    for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
+        emit(row)
+    if args.sweep:
+        sweep(pool, copy_gbs, emit)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "kernels_bench.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def sweep(pool: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
+    """Launch-parameter candidates, to choose the defaults."""
+    for cfg in (DecodeConfig(64, 4, 2), DecodeConfig(128, 4, 3), DecodeConfig(128, 8, 3), DecodeConfig(64, 4, 3, 8), DecodeConfig(32, 4, 4), DecodeConfig(64, 2, 3)):
+        for batch, ctx in ((1, 16384), (16, 2048), (64, 4096), (128, 512)):
+            emit(decode_row(pool, batch, ctx, copy_gbs, cfg).replace("| decode |", f"| decode {cfg} |"))
+    for cfg in (PrefillConfig(128, 64, 4, 3), PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 32, 4, 4), PrefillConfig(128, 64, 8, 2)):
+        emit(prefill_row(pool, 4096, cfg, str(cfg)))
+
+
+if __name__ == "__main__":
+    main()
