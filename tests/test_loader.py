@@ -1,0 +1,167 @@
+"""Checkpoint discovery, config parsing, RoPE tables and safetensors loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from baton.engine.config import EngineConfig
+from baton.engine.loader import build_model, resolve_model_dir, weight_files
+from baton.engine.model_config import ModelConfig, RopeConfig, load_model_config
+from baton.engine.model_runner import ModelRunner
+from baton.engine.rope import build_cos_sin_cache, inverse_frequencies
+
+DEMO = Path("/work/shared/models/shakespeare-llama-5m")
+BASE = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+    "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 128, "max_position_embeddings": 512,
+}
+
+
+def demo_tensors() -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in weight_files(DEMO):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def single_file_copy(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    shutil.copy(DEMO / "config.json", tmp_path / "config.json")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+@pytest.mark.unit
+def test_unsupported_architecture_is_named(tmp_path: Path):
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        ModelConfig.from_dict({**BASE, "architectures": ["GPT2LMHeadModel"]})
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(ValueError, match="FalconForCausalLM"):
+        load_model_config(tmp_path)
+
+
+@pytest.mark.unit
+def test_legacy_and_new_rope_layouts_agree():
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+    legacy = ModelConfig.from_dict({**BASE, "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **scaling}})
+    new = ModelConfig.from_dict({**BASE, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **scaling}})
+    assert legacy.rope == new.rope == RopeConfig(500000.0, "llama3", 8.0, 1.0, 4.0, 128)
+    plain = ModelConfig.from_dict(BASE)
+    assert plain.rope == RopeConfig() and plain.head_dim == 16 and plain.num_kv_heads == 4
+    with pytest.raises(ValueError, match="yarn"):
+        ModelConfig.from_dict({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+@pytest.mark.unit
+def test_config_fields_per_architecture():
+    gen = {"eos_token_id": [7, 2]}
+    llama = ModelConfig.from_dict({**BASE, "eos_token_id": 2, "torch_dtype": "bfloat16", "attention_bias": True}, gen)
+    assert llama.eos_token_ids == (7, 2) and llama.dtype == "bfloat16"
+    assert (llama.qkv_bias, llama.o_bias, llama.qk_norm) == (True, True, False)
+    qwen2 = ModelConfig.from_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 1,
+                                   "sliding_window": 64, "use_sliding_window": False, "dtype": "float16"})
+    assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.num_kv_heads, qwen2.dtype) == (True, False, 1, "float16")
+    qwen3 = ModelConfig.from_dict({**BASE, "architectures": ["Qwen3ForCausalLM"], "head_dim": 32})
+    assert qwen3.qk_norm and qwen3.head_dim == 32 and not qwen3.qkv_bias
+
+
+@pytest.mark.unit
+def test_sliding_window_shorter_than_max_len_is_refused():
+    mistral = {**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 256}
+    with pytest.raises(ValueError, match="sliding_window=256"):
+        ModelConfig.from_dict(mistral)
+    assert ModelConfig.from_dict(mistral, max_model_len=256).architecture == "MistralForCausalLM"
+    assert ModelConfig.from_dict({**mistral, "sliding_window": 4096}).max_position_embeddings == 512
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("rope_parameters", [
+    {"rope_type": "default", "rope_theta": 10000.0},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+])
+def test_rope_cache_matches_transformers(rope_parameters):
+    hf_config = LlamaConfig(**{k: v for k, v in BASE.items() if k != "architectures"}, head_dim=32,
+                            rope_parameters=dict(rope_parameters))
+    ours = ModelConfig.from_dict({**BASE, "head_dim": 32, "rope_parameters": dict(rope_parameters)})
+    kind = rope_parameters["rope_type"]
+    init = LlamaRotaryEmbedding.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
+    assert torch.equal(inverse_frequencies(ours.rope, 32), init(hf_config)[0])
+    cache = build_cos_sin_cache(ours.rope, 32, 300)
+    positions = torch.randint(0, 300, (1, 40))
+    cos, sin = LlamaRotaryEmbedding(hf_config)(torch.zeros(1, dtype=torch.float32), positions)
+    assert torch.equal(cache[positions[0], :16], cos[0, :, :16])
+    assert torch.equal(cache[positions[0], 16:], sin[0, :, :16])
+
+
+@pytest.mark.model
+def test_missing_shard_is_named(tmp_path: Path):
+    for path in DEMO.iterdir():
+        if path.name != "model-00002-of-00003.safetensors":
+            (tmp_path / path.name).symlink_to(path)
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00003.safetensors"):
+        ModelRunner(str(tmp_path), EngineConfig(num_blocks=4))
+
+
+@pytest.mark.model
+def test_sharded_and_single_file_load_identically(tmp_path: Path):
+    config = load_model_config(DEMO)
+    sharded = build_model(DEMO, config, torch.float32, torch.device("cpu"))
+    single = build_model(single_file_copy(tmp_path, demo_tensors()), config, torch.float32, torch.device("cpu"))
+    a, b = sharded.state_dict(), single.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The fused projections hold the checkpoint's slices in q, k, v / gate, up order.
+    tensors = demo_tensors()
+    qkv = a["model.layers.3.self_attn.qkv_proj.weight"]
+    expected = torch.cat([tensors[f"model.layers.3.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(qkv, expected)
+    gate_up = a["model.layers.5.mlp.gate_up_proj.weight"]
+    assert torch.equal(gate_up, torch.cat([tensors["model.layers.5.mlp.gate_proj.weight"],
+                                           tensors["model.layers.5.mlp.up_proj.weight"]]))
+
+
+@pytest.mark.model
+def test_missing_and_unexpected_tensors_are_named(tmp_path: Path):
+    config = load_model_config(DEMO)
+    tensors = demo_tensors()
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    (tmp_path / "missing").mkdir()
+    with pytest.raises(ValueError, match=r"missing.*model\.layers\.2\.mlp\.up_proj\.weight"):
+        build_model(single_file_copy(tmp_path / "missing", tensors), config, torch.float32, torch.device("cpu"))
+    tensors = demo_tensors()
+    tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)
+    (tmp_path / "extra").mkdir()
+    with pytest.raises(ValueError, match=r"unexpected.*model\.layers\.0\.self_attn\.extra\.weight"):
+        build_model(single_file_copy(tmp_path / "extra", tensors), config, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.model
+def test_dtype_override_and_cache_sizing():
+    runner = ModelRunner(str(DEMO), EngineConfig(block_size=16, dtype="float16", kv_cache_memory_bytes=1 << 20))
+    assert runner.dtype == torch.float16
+    assert all(p.dtype == torch.float16 for p in runner.model.parameters())
+    # 6 layers * K,V * 16 slots * 2 heads * 64 dims * 2 bytes = 49,152 bytes per block
+    assert runner.block_bytes() == 49152 and runner.num_blocks == (1 << 20) // 49152
+    assert runner.kv_caches[0].shape == (runner.num_blocks, 2, 16, 2, 64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        ModelRunner(str(DEMO), EngineConfig(num_blocks=4, max_model_len=4096))
+
+
+@pytest.mark.unit
+def test_hub_id_without_network_gives_clear_error():
+    with pytest.raises(OSError, match="baton-test-org/no-such-model"):
+        resolve_model_dir("baton-test-org/no-such-model")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        resolve_model_dir("/nonexistent/checkpoint/dir")

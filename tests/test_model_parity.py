@@ -1,0 +1,202 @@
+"""The engine's model on the paged KV cache against Hugging Face transformers:
+greedy decoding token for token on the demo checkpoint (batched, prefix-cached,
+chunked, shuffled block tables) and full logits on small random Llama, Mistral,
+Qwen2 and Qwen3 checkpoints."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from baton.engine.config import EngineConfig
+from baton.engine.model_runner import ModelRunner
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import ScheduledChunk, Sequence
+
+pytestmark = pytest.mark.model
+
+DEMO = "/work/shared/models/shakespeare-llama-5m"
+PROMPTS = ["JULIET:\nO Romeo", "ROMEO:\nBut, soft! what light", "First Citizen:\nBefore we proceed any further", "KING"]
+NEW_TOKENS = 12
+
+
+class BlockPool:
+    """Hands out block ids in a shuffled order, so block tables are not contiguous."""
+
+    def __init__(self, num_blocks: int, seed: int) -> None:
+        self.free = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free)
+
+    def take(self, n: int) -> list[int]:
+        taken, self.free = self.free[:n], self.free[n:]
+        assert len(taken) == n, "test pool exhausted"
+        return taken
+
+
+def make_seq(seq_id: str, prompt: list[int], runner: ModelRunner, pool: BlockPool, max_new: int) -> Sequence:
+    seq = Sequence(seq_id, list(prompt), SamplingParams(temperature=0, max_tokens=max_new))
+    seq.block_table = pool.take(-(-(len(prompt) + max_new) // runner.block_size))
+    return seq
+
+
+def greedy(runner: ModelRunner, seqs: list[Sequence], max_new: int, chunk_size: int | None = None) -> None:
+    """A tiny engine loop: prefill (in chunks of ``chunk_size``), then decode, all in shared steps."""
+    while any(len(s.output_token_ids) < max_new for s in seqs):
+        chunks = []
+        for s in seqs:
+            if len(s.output_token_ids) < max_new:
+                remaining = s.num_tokens - s.num_computed_tokens
+                chunks.append(ScheduledChunk(s, min(remaining, chunk_size or remaining)))
+        samples = [c.samples for c in chunks]
+        out = runner.execute(chunks)
+        assert out.logits.shape == (sum(samples), runner.model_config.vocab_size)
+        assert out.logits.dtype == torch.float32
+        rows = iter(out.logits.argmax(-1).tolist())
+        for chunk, samples_now in zip(chunks, samples):
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+            if samples_now:
+                chunk.seq.output_token_ids.append(next(rows))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(DEMO)
+
+
+@pytest.fixture(scope="module")
+def hf_demo():
+    return AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
+
+
+def assert_matches_hf(hf, prompt: list[int], ours: list[int]) -> None:
+    """``ours`` equals transformers' greedy output (which stops after an EOS; ours runs on)."""
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=len(ours), do_sample=False)
+    ref = out[0, len(prompt) :].tolist()
+    assert ours[: len(ref)] == ref
+    assert len(ref) == len(ours) or ref[-1] == hf.generation_config.eos_token_id
+
+
+@pytest.mark.parametrize("block_size,chunk_size", [(16, None), (4, 5), (8, 3)])
+def test_demo_batch_greedy_matches_transformers(tokenizer, hf_demo, block_size, chunk_size):
+    runner = ModelRunner(DEMO, EngineConfig(block_size=block_size, num_blocks=256))
+    pool = BlockPool(runner.num_blocks, seed=block_size)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    seqs = [make_seq(f"s{i}", p, runner, pool, NEW_TOKENS) for i, p in enumerate(prompts)]
+    greedy(runner, seqs, NEW_TOKENS, chunk_size)
+    for seq, prompt in zip(seqs, prompts):
+        assert_matches_hf(hf_demo, prompt, seq.output_token_ids)
+    assert tokenizer.decode(seqs[0].output_token_ids).startswith(", Romeo! wherefore art thou Romeo?")
+
+
+def test_demo_shared_prefix_blocks(tokenizer, hf_demo):
+    runner = ModelRunner(DEMO, EngineConfig(block_size=4, num_blocks=128))
+    pool = BlockPool(runner.num_blocks, seed=7)
+    first = tokenizer("ROMEO:\nBut, soft! what light through yonder window breaks?")["input_ids"]
+    cached = (len(first) // runner.block_size) * runner.block_size
+    second = first[:cached] + tokenizer("JULIET:\nO Romeo")["input_ids"][1:]
+    a = make_seq("a", first, runner, pool, NEW_TOKENS)
+    greedy(runner, [a], NEW_TOKENS)
+    b = Sequence("b", second, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
+    own = pool.take(-(-(len(second) + NEW_TOKENS - cached) // runner.block_size))
+    b.block_table = a.block_table[: cached // runner.block_size] + own
+    b.num_computed_tokens = b.num_cached_tokens = cached
+    greedy(runner, [b], NEW_TOKENS)
+    assert_matches_hf(hf_demo, first, a.output_token_ids)
+    assert_matches_hf(hf_demo, second, b.output_token_ids)
+
+
+def test_execute_leaves_sequences_alone_and_reports_layers_in_order(tokenizer):
+    runner = ModelRunner(DEMO, EngineConfig(block_size=8, num_blocks=32))
+    seq = make_seq("s", tokenizer("JULIET:\nO Romeo")["input_ids"], runner, BlockPool(32, seed=1), 4)
+    first_slot = seq.block_table[0]
+    seen: list[int] = []
+
+    def on_layer_done(layer: int) -> None:
+        seen.append(layer)
+        # This layer's KV is already in the cache; the next layer's is not yet.
+        assert runner.kv_caches[layer][first_slot].abs().sum() > 0
+        if layer + 1 < len(runner.kv_caches):
+            assert runner.kv_caches[layer + 1][first_slot].abs().sum() == 0
+
+    before = (seq.num_computed_tokens, list(seq.output_token_ids), list(seq.block_table))
+    runner.execute([ScheduledChunk(seq, seq.num_tokens)], on_layer_done)
+    assert seen == list(range(runner.model_config.num_layers))
+    assert (seq.num_computed_tokens, seq.output_token_ids, seq.block_table) == before
+
+
+def test_demo_bfloat16_logits_close(tokenizer):
+    prompt = tokenizer("JULIET:\nO Romeo, Romeo! wherefore art thou")["input_ids"]
+    runner = ModelRunner(DEMO, EngineConfig(block_size=16, num_blocks=16, dtype="bfloat16"))
+    assert runner.dtype == torch.bfloat16 and runner.kv_caches[0].dtype == torch.bfloat16
+    ours = all_logits(runner, prompt, [])
+    hf = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        ref = hf(torch.tensor([prompt])).logits[0].float()
+    scale = ref.abs().max()
+    assert (ours - ref).abs().max() < 0.05 * scale
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def all_logits(runner: ModelRunner, prompt: list[int], decode_tokens: list[int]) -> torch.Tensor:
+    """Prefill ``prompt`` (asking for prompt logits), then feed ``decode_tokens`` one by one.
+    Returns the logits at every position: ``[len(prompt) + len(decode_tokens), vocab]``."""
+    seq = Sequence("p", list(prompt), SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0))
+    seq.block_table = BlockPool(runner.num_blocks, seed=3).take(-(-(len(prompt) + len(decode_tokens)) // runner.block_size))
+    out = runner.execute([ScheduledChunk(seq, len(prompt))])
+    rows = [out.prompt_logits["p"]]
+    torch.testing.assert_close(out.prompt_logits["p"][-1], out.logits[0], rtol=1e-5, atol=1e-5)
+    seq.num_computed_tokens = len(prompt)
+    for token in decode_tokens:
+        seq.output_token_ids.append(token)
+        out = runner.execute([ScheduledChunk(seq, 1)])
+        assert out.prompt_logits == {}
+        rows.append(out.logits)
+        seq.num_computed_tokens += 1
+    return torch.cat(rows)
+
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+RANDOM_CONFIGS = {
+    "mistral": lambda: MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**SMALL, num_key_value_heads=2, use_sliding_window=False),
+    "qwen3": lambda: Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32),
+    "llama3-rope": lambda: LlamaConfig(
+        **SMALL,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        },
+    ),
+    "llama-linear-rope-bias": lambda: LlamaConfig(
+        **SMALL, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    ),
+    "llama-mqa-tied": lambda: LlamaConfig(**SMALL, num_key_value_heads=1, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", list(RANDOM_CONFIGS))
+def test_random_checkpoint_logits_match_transformers(name: str, tmp_path: Path):
+    torch.manual_seed(0)
+    config = RANDOM_CONFIGS[name]()
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in hf.parameters():   # off the init values: norms, biases and q/k norms all matter
+            param.add_(torch.randn_like(param) * 0.2)
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() or (tmp_path / "model.safetensors.index.json").is_file()
+    tokens = torch.randint(0, config.vocab_size, (23,)).tolist()
+    prompt, decode = tokens[:19], tokens[19:]
+    runner = ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32))
+    assert runner.model_config.tie_word_embeddings == bool(config.tie_word_embeddings)
+    ours = all_logits(runner, prompt, decode)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([tokens])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
