@@ -1,0 +1,115 @@
+"""Run the gateway: ``python -m baton.services.gateway --model-dir DIR --served-model-name NAME ...``.
+
+Shutdown on SIGTERM (or Ctrl-C) drains: ``/ready`` answers 503 at once and new
+generation requests get 503, while the listener stays open so in-flight
+requests can finish; once none is left (at least ``DRAIN_MIN_S`` after the
+signal, so load balancers see the 503) or ``shutdown_timeout_s`` has passed,
+uvicorn shuts down and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from types import FrameType
+
+import uvicorn
+
+from baton.services.gateway.app import GatewayState, create_app
+from baton.services.gateway.backend_grpc import GrpcBackend
+from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.tokenizer import GatewayTokenizer
+
+DRAIN_MIN_S = 1.0
+FINAL_SHUTDOWN_S = 5.0  # after draining: what uvicorn waits for connections before cancelling them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m baton.services.gateway", description="Baton's OpenAI-compatible gateway")
+    p.add_argument("--model-dir", required=True, help="local Hugging Face model directory (tokenizer, config.json)")
+    p.add_argument("--served-model-name", help="model id clients name (default: the directory's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--redis-url", default=os.environ.get("BATON_REDIS_URL"), help="prefix index and worker registry")
+    p.add_argument("--prefill-addr", action="append", default=[], help="static prefill worker host:port (repeatable)")
+    p.add_argument("--decode-addr", action="append", default=[], help="static decode worker host:port (repeatable)")
+    p.add_argument(
+        "--api-key", action="append", default=[],
+        help="accepted Bearer key (repeatable; also BATON_API_KEYS, comma-separated); none: no authentication",
+    )
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-n", type=int, default=8)
+    p.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds, whole request")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    env_keys = [k.strip() for k in os.environ.get("BATON_API_KEYS", "").split(",") if k.strip()]
+    return GatewayConfig(
+        model_dir=args.model_dir,
+        served_model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model_dir)),
+        host=args.host,
+        port=args.port,
+        api_keys=args.api_key + env_keys,
+        redis_url=args.redis_url,
+        prefill_addrs=args.prefill_addr,
+        decode_addrs=args.decode_addr,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_n=args.max_n,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain phase between the signal and the listener closing."""
+
+    def __init__(self, config: uvicorn.Config, state: GatewayState, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.state.draining:
+            super().handle_exit(sig, frame)  # second signal: stop now
+            return
+        logging.getLogger(__name__).info("signal %s: draining %d request(s)", sig, self.state.in_flight)
+        self.state.draining = True
+        self.drain_started = time.monotonic()
+
+    def drained(self) -> bool:
+        if self.drain_started is None:
+            return False
+        waited = time.monotonic() - self.drain_started
+        return waited >= self.drain_timeout_s or (self.state.in_flight == 0 and waited >= min(DRAIN_MIN_S, self.drain_timeout_s))
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drained():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config, GrpcBackend(config), GatewayTokenizer(config.model_dir))
+    server_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=FINAL_SHUTDOWN_S
+    )
+    DrainingServer(server_config, app.state.gateway, config.shutdown_timeout_s).run()
+
+
+if __name__ == "__main__":
+    main()

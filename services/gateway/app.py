@@ -1,0 +1,227 @@
+"""The gateway's HTTP surface: a thin FastAPI router over ``OpenAIServing``.
+
+A generation request passes: API key (401) -> not draining (503) -> admission,
+at most ``max_queue`` in flight (429) -> body size (413) -> JSON (400) ->
+validation (400) -> serving (404 unknown model, 400 too long, 503 no worker)
+-> a JSON response or an SSE stream. It stays admitted until its response
+(streamed or not) has been sent or the client has gone.
+
+``/health`` (liveness), ``/ready`` (backend reachable and not draining) and
+``/metrics`` need no API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from baton.services.gateway import metrics
+from baton.services.gateway.backend import Backend
+from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from baton.services.gateway.serving import OpenAIServing, PrimedStream, as_api_error
+from baton.services.gateway.tokenizer import GatewayTokenizer
+
+logger = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+T = TypeVar("T")
+
+
+@dataclass
+class GatewayState:
+    """Mutable serving state: ``draining`` flips on SIGTERM (see ``__main__``)."""
+
+    draining: bool = False
+    in_flight: int = 0
+
+
+class _StreamResponse(EventSourceResponse):
+    """SSE that always ends its generation and releases its admission slot,
+    however the response ends (finished, client gone, server shutting down)."""
+
+    def __init__(self, stream: PrimedStream, on_close: Callable[[], None], grace_s: float) -> None:
+        super().__init__(stream, sep="\n", shutdown_grace_period=grace_s)
+        self._stream = stream
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self._stream.aclose()
+            finally:
+                self._on_close()
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body().model_dump(), status_code=error.status)
+
+
+def _validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = loc[0] if loc else None
+    message = first.get("msg", "invalid request")
+    return APIError(f"{param}: {message}" if param else message, param=param)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise APIError(f"request body is larger than {limit} bytes", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(f"request body is larger than {limit} bytes", status=413)
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise APIError(f"request body is not valid JSON: {exc}") from exc
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run ``work``; cancel it (aborting its generation) and return None if the
+    client goes away first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            return None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def _check_api_key(request: Request, keys: list[str]) -> None:
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        raise APIError("Invalid or missing API key.", status=401, code="invalid_api_key")
+
+
+def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokenizer) -> FastAPI:
+    serving = OpenAIServing(config, backend, tokenizer)
+    state = GatewayState()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(title="Baton gateway", lifespan=lifespan)
+    app.state.gateway = state
+
+    def release() -> None:
+        state.in_flight -= 1
+
+    async def generate(
+        request: Request, model: type[RequestT], handler: Callable[[RequestT], Awaitable[BaseModel | PrimedStream]]
+    ) -> Response:
+        admitted = release_now = False
+        try:
+            _check_api_key(request, config.api_keys)
+            if state.draining:
+                raise APIError("The server is shutting down.", status=503, type="service_unavailable_error")
+            if state.in_flight >= config.max_queue:
+                raise APIError(
+                    "Too many requests in flight; retry later.", status=429, type="rate_limit_error",
+                    code="rate_limit_exceeded",
+                )
+            state.in_flight += 1
+            admitted = release_now = True
+            try:
+                body = model.model_validate(await _read_json(request, config.max_body_bytes))
+            except ValidationError as exc:
+                raise _validation_error(exc) from exc
+            result = await _unless_disconnected(request, handler(body))
+            if result is None:
+                return Response(status_code=499)  # nobody is listening any more
+            if isinstance(result, PrimedStream):
+                release_now = False
+                return _StreamResponse(result, release, config.shutdown_timeout_s)
+            return JSONResponse(result.model_dump(mode="json"))
+        except Exception as exc:
+            error = as_api_error(exc)
+            if error.status >= 500 and not isinstance(exc, APIError):
+                logger.error("request failed: %s", exc, exc_info=error.status == 500)
+            if error.status < 500:
+                metrics.REQUESTS_TOTAL.labels(status="rejected").inc()
+            return error_response(error)
+        finally:
+            if admitted and release_now:
+                release()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, CompletionRequest, serving.create_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, ChatCompletionRequest, serving.create_chat_completion)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            _check_api_key(request, config.api_keys)
+        except APIError as exc:
+            return error_response(exc)
+        return JSONResponse(serving.models().model_dump(mode="json"))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        ok = False
+        if not state.draining:
+            try:
+                ok = await backend.ready()
+            except Exception:
+                logger.exception("backend readiness check failed")
+        return JSONResponse({"ready": ok, "draining": state.draining}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(str(exc.detail), status=exc.status_code, type=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(_validation_error(exc))
+
+    return app

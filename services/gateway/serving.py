@@ -1,0 +1,493 @@
+"""OpenAI completions and chat completions over an abstract ``Backend``.
+
+A request passes through: validated (protocol.py) -> tokenized (chat template for
+chat) -> checked against the context length -> fanned out into one backend
+sequence per choice (``n`` per prompt; ids ``f"{id}-{i}"``, seeds ``seed + i``)
+-> each choice's chunks are detokenized and stop-string matched (``_Choice``)
+-> merged into one response, or into SSE chunks when streaming.
+
+Every backend iterator is closed when its choice ends early (stop string, client
+gone, error): closing it aborts the sequence on the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import TokenLogprob
+from baton.services.gateway import metrics
+from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
+from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.protocol import (
+    APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+    ChatLogprobToken, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList, PromptTokensDetails,
+    TopLogprob, UsageInfo, BaseGenerationRequest,
+)
+from baton.services.gateway.tokenizer import (
+    ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
+)
+
+DONE = "[DONE]"
+
+ChunkFormatter = Callable[[BaseGenerationRequest, str, "_Choice", "_Delta"], list[str]]
+
+
+def resolve_max_model_len(config: GatewayConfig) -> int:
+    """``config.max_model_len``, else the model's ``max_position_embeddings``."""
+    if config.max_model_len is not None:
+        return config.max_model_len
+    model_config = json.loads((Path(config.model_dir) / "config.json").read_text())
+    return int(model_config["max_position_embeddings"])
+
+
+@dataclass
+class _Prompt:
+    token_ids: list[int]
+    text: str                    # the prompt decoded (echo)
+    offsets: list[int]           # each prompt token's start within ``text``
+
+
+@dataclass
+class _Delta:
+    """What one choice produced since its previous delta."""
+
+    index: int
+    text: str
+    tokens: list[TokenLogprob]
+    offsets: list[int]           # each token's start within the choice's output text
+    finish_reason: str | None
+    first: bool
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+class _RequestMetrics:
+    """Latency and outcome metrics of one HTTP request (all its choices)."""
+
+    def __init__(self) -> None:
+        self.arrival = time.perf_counter()
+        self.first_token: float | None = None
+        self.last: dict[int, float] = {}
+        metrics.REQUESTS_WAITING.inc()
+
+    def on_tokens(self, index: int, count: int) -> None:
+        if count == 0:
+            return
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+            metrics.TTFT.observe(now - self.arrival)
+            metrics.REQUESTS_WAITING.dec()
+            metrics.REQUESTS_RUNNING.inc()
+        gaps = count if index in self.last else count - 1
+        for _ in range(gaps):
+            metrics.ITL.observe((now - self.last.get(index, now)) / count)
+        self.last[index] = now
+        metrics.GENERATION_TOKENS.inc(count)
+
+    def finish(self, status: str) -> None:
+        (metrics.REQUESTS_WAITING if self.first_token is None else metrics.REQUESTS_RUNNING).dec()
+        if status == "success":
+            metrics.E2E.observe(time.perf_counter() - self.arrival)
+        metrics.REQUESTS_TOTAL.labels(status=status).inc()
+
+
+@dataclass
+class _Choice:
+    """One backend sequence: its request and its text so far."""
+
+    index: int
+    sample: int                  # which of the prompt's n samples
+    prompt: _Prompt
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    stop: StopStringMatcher
+    started: bool = False
+    cached_tokens: int = 0
+    num_tokens: int = 0
+    text_len: int = 0
+    finish_reason: str | None = None
+    text: list[str] = field(default_factory=list)
+
+    def consume(self, chunk: GenerationChunk) -> _Delta:
+        first, self.started = not self.started, True
+        if first:
+            self.cached_tokens = chunk.cached_tokens
+            metrics.record_prompt(len(self.prompt.token_ids), chunk.cached_tokens)
+        pieces: list[str] = []
+        tokens: list[TokenLogprob] = []
+        offsets: list[int] = []
+        finish = None
+        for token in chunk.tokens:
+            tokens.append(token)
+            offsets.append(self.text_len + sum(map(len, pieces)))
+            result = self.stop.feed(self.detok.add(token.token_id))
+            pieces.append(result.text)
+            if result.stopped:
+                finish = "stop"
+                break
+        if finish is None and chunk.finish_reason is not None:
+            tail = self.stop.feed(self.detok.flush())
+            pieces.append(tail.text if tail.stopped else tail.text + self.stop.flush())
+            finish = "stop" if tail.stopped else chunk.finish_reason
+        text = "".join(pieces)
+        self.num_tokens += len(tokens)
+        self.text_len += len(text)
+        self.text.append(text)
+        self.finish_reason = finish
+        return _Delta(self.index, text, tokens, offsets, finish, first, chunk.prompt_logprobs if first else None)
+
+
+async def _close(iterator: AsyncIterator[GenerationChunk]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class OpenAIServing:
+    """The completion and chat handlers; depends only on the abstract ``Backend``."""
+
+    def __init__(self, config: GatewayConfig, backend: Backend, tokenizer: GatewayTokenizer) -> None:
+        self.config = config
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.max_model_len = resolve_max_model_len(config)
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.config.served_model_name, max_model_len=self.max_model_len)])
+
+    # ---- entry points -------------------------------------------------------
+
+    async def create_completion(self, req: CompletionRequest) -> CompletionResponse | PrimedStream:
+        self._check_common(req)
+        prompts = [self._prompt(ids) for ids in self._completion_token_ids(req)]
+        params = self._params(req, prompts, req.max_tokens, "max_tokens", "prompt")
+        params = replace(params, logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        choices = self._choices(request_id, prompts, params, req)
+        if req.stream:
+            return await PrimedStream.start(self._stream(req, request_id, choices, self._completion_chunks))
+        deltas = await self._collect(choices)
+        return CompletionResponse(
+            id=request_id,
+            model=req.model,
+            choices=[self._completion_choice(req, c, deltas[c.index]) for c in choices],
+            usage=self._usage(choices),
+        )
+
+    async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | PrimedStream:
+        self._check_common(req)
+        try:
+            ids = self.tokenizer.encode_chat([m.template_dict() for m in req.messages])
+        except ChatTemplateError as exc:
+            raise APIError(str(exc), param="messages") from exc
+        limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        prompts = [self._prompt(ids)]
+        params = self._params(req, prompts, req.output_limit, limit_param, "messages")
+        params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = self._choices(request_id, prompts, params, req)
+        if req.stream:
+            return await PrimedStream.start(self._stream(req, request_id, choices, self._chat_chunks))
+        deltas = await self._collect(choices)
+        return ChatCompletionResponse(
+            id=request_id,
+            model=req.model,
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(content="".join(c.text)),
+                    logprobs=self._chat_logprobs([t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ],
+            usage=self._usage(choices),
+        )
+
+    # ---- request preparation ------------------------------------------------
+
+    def _check_common(self, req: BaseGenerationRequest) -> None:
+        if req.model != self.config.served_model_name:
+            raise APIError(
+                f"The model `{req.model}` does not exist.", status=404, param="model", code="model_not_found"
+            )
+        if req.n > self.config.max_n:
+            raise APIError(f"n must be at most {self.config.max_n}, got {req.n}", param="n")
+
+    def _completion_token_ids(self, req: CompletionRequest) -> list[list[int]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            return [self.tokenizer.encode(prompt)]
+        if all(isinstance(p, int) for p in prompt):
+            batch = [list(prompt)]
+        else:
+            batch = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for ids in batch for t in ids):
+            raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return batch
+
+    def _prompt(self, token_ids: list[int]) -> _Prompt:
+        detok = IncrementalDetokenizer(self.tokenizer, [])
+        pieces: list[str] = []
+        offsets: list[int] = []
+        for t in token_ids:
+            offsets.append(sum(map(len, pieces)))
+            pieces.append(detok.add(t))
+        pieces.append(detok.flush())
+        return _Prompt(token_ids, "".join(pieces), offsets)
+
+    def _params(
+        self, req: BaseGenerationRequest, prompts: list[_Prompt], limit: int | None, limit_param: str, prompt_param: str
+    ) -> SamplingParams:
+        longest = max(len(p.token_ids) for p in prompts)
+        if longest >= self.max_model_len:
+            raise APIError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {longest}.",
+                param=prompt_param,
+            )
+        if limit is not None and longest + limit > self.max_model_len:
+            raise APIError(
+                f"This model's maximum context length is {self.max_model_len} tokens; you requested "
+                f"{longest + limit} ({longest} in the prompt, {limit} for the completion).",
+                param=limit_param,
+            )
+        try:
+            return SamplingParams(
+                max_tokens=limit if limit is not None else self.max_model_len - longest,
+                min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, seed=req.seed, stop_token_ids=list(req.stop_token_ids),
+                ignore_eos=req.ignore_eos,
+            )
+        except ValueError as exc:
+            raise APIError(str(exc)) from exc
+
+    def _choices(
+        self, request_id: str, prompts: list[_Prompt], params: SamplingParams, req: BaseGenerationRequest
+    ) -> list[_Choice]:
+        choices = []
+        for p, prompt in enumerate(prompts):
+            for i in range(req.n):
+                index = p * req.n + i
+                seed = None if params.seed is None else params.seed + i
+                gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids, replace(params, seed=seed))
+                detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
+                choices.append(_Choice(index, i, prompt, gen, detok, StopStringMatcher(req.stop_strings)))
+        return choices
+
+    # ---- running choices ----------------------------------------------------
+
+    async def _run(self, choice: _Choice, tracker: _RequestMetrics) -> AsyncIterator[_Delta]:
+        stream = self.backend.generate(choice.request)
+        try:
+            async for chunk in stream:
+                if choice.finish_reason is not None:
+                    break  # nothing may follow the finishing chunk
+                delta = choice.consume(chunk)
+                tracker.on_tokens(choice.index, len(delta.tokens))
+                yield delta
+                if delta.finish_reason is not None and chunk.finish_reason is None:
+                    return  # a stop string: closing the stream aborts the sequence
+            if choice.finish_reason is None:
+                raise BackendError("a worker ended the sequence without finishing it", 502)
+        finally:
+            await _close(stream)
+
+    async def _merge(self, choices: list[_Choice], tracker: _RequestMetrics) -> AsyncIterator[_Delta]:
+        """Every choice's deltas as they come; an error in one ends them all."""
+        queue: asyncio.Queue[_Delta | BaseException | None] = asyncio.Queue()
+
+        async def pump(choice: _Choice) -> None:
+            try:
+                async with aclosing(self._run(choice, tracker)) as deltas:
+                    async for delta in deltas:
+                        queue.put_nowait(delta)
+                queue.put_nowait(None)
+            except Exception as exc:  # handed to the consumer, which decides
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        try:
+            for _ in choices:
+                while (item := await queue.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect(self, choices: list[_Choice]) -> dict[int, list[_Delta]]:
+        tracker = _RequestMetrics()
+        deltas: dict[int, list[_Delta]] = {c.index: [] for c in choices}
+        status = "error"
+        try:
+            async with aclosing(self._merge(choices, tracker)) as merged:
+                async for delta in merged:
+                    deltas[delta.index].append(delta)
+            status = "success"
+        except asyncio.CancelledError:
+            status = "aborted"
+            raise
+        finally:
+            tracker.finish(status)
+        return deltas
+
+    async def _stream(
+        self, req: BaseGenerationRequest, request_id: str, choices: list[_Choice], format_delta: ChunkFormatter
+    ) -> AsyncIterator[str]:
+        tracker = _RequestMetrics()
+        status, sent = "aborted", False
+        try:
+            try:
+                async with aclosing(self._merge(choices, tracker)) as merged:
+                    async for delta in merged:
+                        for chunk in format_delta(req, request_id, choices[delta.index], delta):
+                            sent = True
+                            yield chunk
+            except Exception as exc:
+                status = "error"
+                if not sent:
+                    raise
+                yield _error_event(exc)
+                yield DONE
+                return
+            status = "success"
+            if req.include_usage:
+                usage_chunk = CompletionResponse if isinstance(req, CompletionRequest) else ChatCompletionChunk
+                yield usage_chunk(id=request_id, model=req.model, choices=[], usage=self._usage(choices)).model_dump_json()
+            yield DONE
+        finally:
+            tracker.finish(status)
+
+    # ---- formatting ---------------------------------------------------------
+
+    def _completion_chunks(self, req: CompletionRequest, request_id: str, choice: _Choice, delta: _Delta) -> list[str]:
+        text, logprobs = self._completion_text(req, choice.prompt, [delta])
+        if not (text or delta.finish_reason or (logprobs and logprobs.tokens)):
+            return []
+        out = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+        return [CompletionResponse(id=request_id, model=req.model, choices=[out]).model_dump_json()]
+
+    def _chat_chunks(self, req: ChatCompletionRequest, request_id: str, choice: _Choice, delta: _Delta) -> list[str]:
+        out = []
+        if delta.first:
+            role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role="assistant", content=""))
+            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[role]).model_dump_json())
+        if delta.text or delta.finish_reason or (req.logprobs and delta.tokens):
+            content = ChatStreamChoice(
+                index=delta.index,
+                delta=DeltaMessage(content=delta.text or None),
+                logprobs=self._chat_logprobs(delta.tokens) if req.logprobs else None,
+                finish_reason=delta.finish_reason,
+            )
+            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[content]).model_dump_json())
+        return out
+
+    def _completion_choice(self, req: CompletionRequest, choice: _Choice, deltas: list[_Delta]) -> CompletionChoice:
+        text, logprobs = self._completion_text(req, choice.prompt, deltas)
+        return CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason)
+
+    def _completion_text(
+        self, req: CompletionRequest, prompt: _Prompt, deltas: list[_Delta]
+    ) -> tuple[str, CompletionLogprobs | None]:
+        echo = req.echo and bool(deltas) and deltas[0].first
+        base = len(prompt.text) if req.echo else 0
+        text = (prompt.text if echo else "") + "".join(d.text for d in deltas)
+        if req.logprobs is None:
+            return text, None
+        out = CompletionLogprobs()
+        if echo:
+            scored = [None] + list(deltas[0].prompt_logprobs or [None] * (len(prompt.token_ids) - 1))
+            for token_id, offset, lp in zip(prompt.token_ids, prompt.offsets, scored):
+                self._append_completion_logprob(out, token_id, offset, lp)
+        for d in deltas:
+            for token, offset in zip(d.tokens, d.offsets):
+                self._append_completion_logprob(out, token.token_id, base + offset, token)
+        return text, out
+
+    def _append_completion_logprob(
+        self, out: CompletionLogprobs, token_id: int, offset: int, lp: TokenLogprob | None
+    ) -> None:
+        out.tokens.append(self.tokenizer.token_text(token_id))
+        out.text_offset.append(offset)
+        out.token_logprobs.append(lp.logprob if lp is not None else None)
+        out.top_logprobs.append({self.tokenizer.token_text(t): v for t, v in lp.top} if lp is not None else None)
+
+    def _chat_logprobs(self, tokens: list[TokenLogprob]) -> ChatLogprobs:
+        tok = self.tokenizer
+        return ChatLogprobs(
+            content=[
+                ChatLogprobToken(
+                    token=tok.token_text(t.token_id), logprob=t.logprob, bytes=tok.token_bytes(t.token_id),
+                    top_logprobs=[TopLogprob(token=tok.token_text(i), logprob=v, bytes=tok.token_bytes(i)) for i, v in t.top],
+                )
+                for t in tokens
+            ]
+        )
+
+    @staticmethod
+    def _usage(choices: list[_Choice]) -> UsageInfo:
+        firsts = [c for c in choices if c.sample == 0]
+        prompt_tokens = sum(len(c.prompt.token_ids) for c in firsts)
+        completion_tokens = sum(c.num_tokens for c in choices)
+        return UsageInfo(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c.cached_tokens for c in firsts)),
+        )
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """How a failure during generation reaches the client."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackendError):
+        return APIError(exc.message, status=exc.status, type="service_unavailable_error")
+    return APIError("internal error while generating", status=500, type="internal_server_error")
+
+
+def _error_event(exc: Exception) -> str:
+    return as_api_error(exc).body().model_dump_json()
+
+
+class PrimedStream:
+    """An SSE event stream already run up to its first event, so that an error
+    before anything was sent still becomes a proper HTTP error. ``aclose()``
+    ends the generation (aborting it on the workers if it is still running)."""
+
+    def __init__(self, stream: AsyncIterator[str], first: str | None) -> None:
+        self._stream = stream
+        self._first = first
+
+    @classmethod
+    async def start(cls, stream: AsyncIterator[str]) -> PrimedStream:
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+        return cls(stream, first)
+
+    def __aiter__(self) -> PrimedStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._first is not None:
+            item, self._first = self._first, None
+            return item
+        return await anext(self._stream)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

@@ -1,0 +1,607 @@
+"""The OpenAI gateway over a fake backend: request validation and errors, streaming
+vs non-streaming, stop strings, n > 1, logprobs, echo, chat templates, aborts,
+admission, auth, draining, metrics, and the official ``openai`` client against a
+real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import uvicorn
+
+from baton.engine.sequence import TokenLogprob
+from baton.services.gateway.app import create_app
+from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
+from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from baton.services.gateway.serving import OpenAIServing
+from baton.services.gateway.tokenizer import GatewayTokenizer
+
+from conftest import DEMO_MODEL
+
+pytestmark = pytest.mark.unit
+
+MODEL = "shakespeare"
+SCRIPTS = [
+    "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father 日本 and refuse thy name;",
+    "But, soft! what light through yonder window breaks? It is the east.",
+]
+
+
+class FakeBackend(Backend):
+    """Deterministic output from the demo tokenizer's vocabulary; records every
+    request and every sequence closed before it finished (an abort)."""
+
+    def __init__(
+        self, tok: GatewayTokenizer, per_chunk: int = 3, delay: float = 0.0, cached_tokens: int = 5,
+        error: BackendError | None = None, fail_after: int | None = None,
+    ) -> None:
+        self.tok = tok
+        self.per_chunk = per_chunk
+        self.delay = delay
+        self.cached_tokens = cached_tokens
+        self.error = error
+        self.fail_after = fail_after
+        self.requests: list[GenerationRequest] = []
+        self.aborted: list[str] = []
+        self.finished: list[str] = []
+        self.is_ready = True
+        self.first_chunk_sent = asyncio.Event()
+
+    def output_ids(self, request: GenerationRequest) -> list[int]:
+        choice = int(request.request_id.rsplit("-", 1)[1])
+        return self.tok.encode(SCRIPTS[choice % len(SCRIPTS)])[1:]
+
+    def logprob(self, request: GenerationRequest, position: int, token_id: int) -> TokenLogprob:
+        k = request.params.logprobs or 0
+        lp = -0.25 * (position % 7) - 0.01
+        top = [((token_id + j) % self.tok.vocab_size, lp - j) for j in range(k)]
+        return TokenLogprob(token_id, lp, top)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        out = self.output_ids(request)[: request.params.max_tokens]
+        finish = "length" if len(out) == request.params.max_tokens else "stop"
+        try:
+            for start in range(0, len(out), self.per_chunk):
+                if self.fail_after is not None and start >= self.fail_after:
+                    raise BackendError("decode worker 127.0.0.1:1 went away", 503)
+                await asyncio.sleep(self.delay)
+                ids = out[start : start + self.per_chunk]
+                chunk = GenerationChunk(tokens=[self.logprob(request, start + i, t) for i, t in enumerate(ids)])
+                if start == 0:
+                    chunk.prompt_tokens = len(request.prompt_token_ids)
+                    chunk.cached_tokens = self.cached_tokens
+                    if request.params.prompt_logprobs is not None:
+                        chunk.prompt_logprobs = [
+                            self.logprob(request, i, t) for i, t in enumerate(request.prompt_token_ids[1:])
+                        ]
+                if start + self.per_chunk >= len(out):
+                    chunk.finish_reason = finish
+                yield chunk
+                self.first_chunk_sent.set()
+            self.finished.append(request.request_id)
+        finally:
+            if request.request_id not in self.finished:
+                self.aborted.append(request.request_id)
+
+    async def ready(self) -> bool:
+        return self.is_ready
+
+
+@pytest.fixture(scope="module")
+def tok() -> GatewayTokenizer:
+    return GatewayTokenizer(DEMO_MODEL)
+
+
+def make_config(**overrides: object) -> GatewayConfig:
+    return GatewayConfig(model_dir=str(DEMO_MODEL), served_model_name=MODEL, **overrides)
+
+
+@contextmanager
+def nothing() -> Iterator[None]:
+    yield
+
+
+def client_for(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
+
+
+async def post(backend: Backend, tok: GatewayTokenizer, path: str, body: object, config: GatewayConfig | None = None,
+               **kwargs) -> httpx.Response:
+    app = create_app(config or make_config(), backend, tok)
+    async with client_for(app) as client:
+        if isinstance(body, (bytes, str)) or hasattr(body, "__aiter__"):
+            return await client.post(path, content=body, **kwargs)
+        return await client.post(path, json=body, **kwargs)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    return body["error"]
+
+
+# ---- errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x"}, "model"),
+        ({"model": MODEL}, "prompt"),
+        ({"model": MODEL, "prompt": "x", "temperature": -0.1}, "temperature"),
+        ({"model": MODEL, "prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": MODEL, "prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "n": 9}, "n"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": MODEL, "prompt": []}, "prompt"),
+        ({"model": MODEL, "prompt": [5, 99999]}, "prompt"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 2048}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x " * 2100}, "prompt"),
+    ],
+)
+async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
+    backend = FakeBackend(tok)
+    assert_error(await post(backend, tok, "/v1/completions", body), 400, param)
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 4000},
+         "max_completion_tokens"),
+    ],
+)
+async def test_invalid_chat_requests_get_400(tok, body, param) -> None:
+    assert_error(await post(FakeBackend(tok), tok, "/v1/chat/completions", body), 400, param)
+
+
+async def test_malformed_json_unknown_model_and_oversized_body(tok) -> None:
+    backend = FakeBackend(tok)
+    assert "JSON" in assert_error(await post(backend, tok, "/v1/completions", b"{not json"), 400)["message"]
+    error = assert_error(await post(backend, tok, "/v1/completions", {"model": "gpt-9", "prompt": "x"}), 404, "model")
+    assert error["code"] == "model_not_found"
+    small = make_config(max_body_bytes=100)
+    assert_error(await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": "x" * 200}, small), 413)
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds while reading
+        for _ in range(10):
+            yield b" " * 30
+
+    assert_error(await post(backend, tok, "/v1/completions", chunked(), small), 413)
+    assert backend.requests == []
+
+
+async def test_unknown_fields_are_ignored_and_null_means_default(tok) -> None:
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "temperature": None, "logit_bias": {"5": 1}, "suffix": None}
+    response = await post(backend, tok, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    assert backend.requests[0].params.temperature == 1.0
+
+
+async def test_backend_error_and_unexpected_error(tok) -> None:
+    backend = FakeBackend(tok, error=BackendError("no decode worker is reachable", 503))
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 4}
+    assert "no decode worker" in assert_error(await post(backend, tok, "/v1/completions", body), 503)["message"]
+    assert "no decode worker" in assert_error(
+        await post(backend, tok, "/v1/completions", {**body, "stream": True}), 503
+    )["message"]
+
+    class Broken(FakeBackend):
+        async def generate(self, request):  # type: ignore[override]
+            raise KeyError("bug")
+            yield  # pragma: no cover
+
+    error = assert_error(await post(Broken(tok), tok, "/v1/completions", body), 500)
+    assert "bug" not in error["message"]
+
+
+async def test_backend_failure_mid_stream_sends_error_event(tok) -> None:
+    backend = FakeBackend(tok, per_chunk=2, fail_after=4)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 20, "stream": True}
+    events = sse_events(await post(backend, tok, "/v1/completions", body))
+    assert events[-1] == "[DONE]"
+    assert "went away" in json.loads(events[-2])["error"]["message"]
+
+
+# ---- completions --------------------------------------------------------------
+
+
+async def test_completion_streaming_matches_non_streaming(tok) -> None:
+    body = {"model": MODEL, "prompt": "JULIET:\nO Romeo", "max_tokens": 64, "seed": 3}
+    full = (await post(FakeBackend(tok), tok, "/v1/completions", body)).json()
+    assert full["object"] == "text_completion" and full["model"] == MODEL and full["id"].startswith("cmpl-")
+    [choice] = full["choices"]
+    assert choice["text"] == tok.decode(tok.encode(SCRIPTS[0])[1:])
+    assert choice["finish_reason"] == "stop" and choice["logprobs"] is None
+
+    events = sse_events(await post(FakeBackend(tok), tok, "/v1/completions", {**body, "stream": True}))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert all(set(c["choices"][0]) == {"index", "text", "logprobs", "finish_reason"} for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "stop"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert all("\ufffd" not in c["choices"][0]["text"] for c in chunks)
+
+
+async def test_usage_cached_tokens_and_include_usage(tok) -> None:
+    prompt = "JULIET:\nO Romeo"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 7}
+    full = (await post(FakeBackend(tok, cached_tokens=4), tok, "/v1/completions", body)).json()
+    n_prompt = len(tok.encode(prompt))
+    assert full["usage"] == {
+        "prompt_tokens": n_prompt, "completion_tokens": 7, "total_tokens": n_prompt + 7,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
+    assert full["choices"][0]["finish_reason"] == "length"
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    events = sse_events(await post(FakeBackend(tok, cached_tokens=4), tok, "/v1/completions", body))
+    usage_chunk = json.loads(events[-2])
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    assert all(json.loads(e)["usage"] is None for e in events[:-2])
+
+
+async def test_stop_string_truncates_without_leaking_and_aborts(tok) -> None:
+    # "wherefore" is split over several tokens and chunks of one token each.
+    for per_chunk in (1, 2, 5):
+        for stream in (False, True):
+            backend = FakeBackend(tok, per_chunk=per_chunk)
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 40, "stop": ["zzz", "wherefore"], "stream": stream}
+            response = await post(backend, tok, "/v1/completions", body)
+            if stream:
+                chunks = [json.loads(e) for e in sse_events(response)[:-1]]
+                text = "".join(c["choices"][0]["text"] for c in chunks)
+                finish = chunks[-1]["choices"][0]["finish_reason"]
+            else:
+                text, finish = response.json()["choices"][0]["text"], response.json()["choices"][0]["finish_reason"]
+            assert text == "O Romeo, Romeo! "
+            assert finish == "stop"
+            assert backend.aborted == [backend.requests[0].request_id]  # the backend iterator was closed early
+
+
+async def test_n_fans_out_with_seeds_and_distinct_indexes(tok) -> None:
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 6, "n": 2, "seed": 10}
+    full = (await post(backend, tok, "/v1/completions", body)).json()
+    assert sorted(c["index"] for c in full["choices"]) == [0, 1]
+    assert full["choices"][0]["text"] != full["choices"][1]["text"]
+    ids = [r.request_id for r in backend.requests]
+    assert {i.rsplit("-", 1)[0] for i in ids} == {full["id"]}
+    assert sorted(i.rsplit("-", 1)[1] for i in ids) == ["0", "1"]
+    assert sorted(r.params.seed for r in backend.requests) == [10, 11]
+    assert all(r.params.n == 1 for r in backend.requests)
+    assert full["usage"]["completion_tokens"] == 12
+    assert full["usage"]["prompt_tokens"] == len(tok.encode("x"))
+
+    events = sse_events(await post(FakeBackend(tok), tok, "/v1/completions", {**body, "stream": True}))
+    by_index: dict[int, str] = {0: "", 1: ""}
+    for e in events[:-1]:
+        for c in json.loads(e)["choices"]:
+            by_index[c["index"]] += c["text"]
+    assert by_index == {c["index"]: c["text"] for c in full["choices"]}
+
+
+async def test_batched_prompts_and_token_prompts(tok) -> None:
+    backend = FakeBackend(tok)
+    ids = tok.encode("ROMEO:")
+    body = {"model": MODEL, "prompt": [ids, ids[:2]], "max_tokens": 3}
+    full = (await post(backend, tok, "/v1/completions", body)).json()
+    assert [c["index"] for c in full["choices"]] == [0, 1]
+    assert [r.prompt_token_ids for r in backend.requests] == [ids, ids[:2]]
+    assert full["usage"]["prompt_tokens"] == len(ids) + 2
+
+
+async def test_default_max_tokens_is_the_remaining_context(tok) -> None:
+    backend = FakeBackend(tok)
+    await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": "x"}, make_config(max_model_len=50))
+    assert backend.requests[0].params.max_tokens == 50 - len(tok.encode("x"))
+
+
+async def test_completion_logprobs_and_echo(tok) -> None:
+    prompt = "JULIET:\nO"
+    prompt_ids = tok.encode(prompt)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 5, "logprobs": 2}
+    choice = (await post(FakeBackend(tok), tok, "/v1/completions", body)).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    out_ids = tok.encode(SCRIPTS[0])[1:6]
+    assert lp["tokens"] == [tok.token_text(t) for t in out_ids]
+    assert lp["token_logprobs"] == pytest.approx([-0.25 * i - 0.01 for i in range(5)])
+    assert all(len(top) == 2 and top[tok.token_text(t)] == l for top, t, l in zip(lp["top_logprobs"], out_ids, lp["token_logprobs"]))
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert all(choice["text"][o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"]))
+
+    echoed = (await post(FakeBackend(tok), tok, "/v1/completions", {**body, "echo": True})).json()["choices"][0]
+    assert echoed["text"] == prompt + choice["text"]
+    elp = echoed["logprobs"]
+    assert elp["tokens"][: len(prompt_ids)] == [tok.token_text(t) for t in prompt_ids]
+    assert elp["token_logprobs"][0] is None and elp["top_logprobs"][0] is None
+    assert all(v is not None for v in elp["token_logprobs"][1:])
+    assert elp["text_offset"][len(prompt_ids):] == [len(prompt) + o for o in lp["text_offset"]]
+
+    plain_echo = (await post(FakeBackend(tok), tok, "/v1/completions", {**body, "echo": True, "logprobs": None})).json()
+    assert plain_echo["choices"][0]["text"] == echoed["text"]
+
+
+# ---- chat ---------------------------------------------------------------------
+
+
+async def test_chat_applies_template_and_streams_in_openai_format(tok) -> None:
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "Be Juliet."}, {"role": "user", "content": [{"type": "text", "text": "Speak!"}]}]
+    plain = [{"role": "system", "content": "Be Juliet."}, {"role": "user", "content": "Speak!"}]
+    expected = AutoTokenizer.from_pretrained(str(DEMO_MODEL)).apply_chat_template(plain, tokenize=True, add_generation_prompt=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "messages": messages, "max_completion_tokens": 12}
+    full = (await post(backend, tok, "/v1/chat/completions", body)).json()
+    assert backend.requests[0].prompt_token_ids == expected
+    assert full["object"] == "chat.completion" and full["id"].startswith("chatcmpl-")
+    [choice] = full["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert full["usage"]["prompt_tokens"] == len(expected) and full["usage"]["completion_tokens"] == 12
+
+    events = sse_events(await post(FakeBackend(tok), tok, "/v1/chat/completions", {**body, "stream": True}))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == choice["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_chat_logprobs_format(tok) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": True, "top_logprobs": 3}
+    content = (await post(FakeBackend(tok), tok, "/v1/chat/completions", body)).json()["choices"][0]["logprobs"]["content"]
+    out_ids = tok.encode(SCRIPTS[0])[1:5]
+    assert [c["token"] for c in content] == [tok.token_text(t) for t in out_ids]
+    for entry, t in zip(content, out_ids):
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert entry["bytes"] == tok.token_bytes(t)
+        assert len(entry["top_logprobs"]) == 3 and entry["top_logprobs"][0]["logprob"] == entry["logprob"]
+        assert set(entry["top_logprobs"][0]) == {"token", "logprob", "bytes"}
+    no_lp = (await post(FakeBackend(tok), tok, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": None})).json()
+    assert no_lp["choices"][0]["logprobs"] is None
+
+
+# ---- cancellation, admission, auth, readiness, metrics ------------------------------
+
+
+async def test_client_disconnect_mid_stream_aborts(tok) -> None:
+    backend = FakeBackend(tok, per_chunk=1, delay=0.01)
+    serving = OpenAIServing(make_config(), backend, tok)
+    stream = await serving.create_completion(CompletionRequest(model=MODEL, prompt="x", max_tokens=30, n=2, stream=True))
+    received = [await anext(stream) for _ in range(3)]
+    assert all(json.loads(r)["choices"] for r in received)
+    await stream.aclose()  # what the response does when the client goes away
+    assert sorted(backend.aborted) == sorted(r.request_id for r in backend.requests) and len(backend.aborted) == 2
+
+    backend = FakeBackend(tok, per_chunk=1, delay=0.01)
+    serving = OpenAIServing(make_config(), backend, tok)
+
+    async def consume() -> None:
+        stream = await serving.create_chat_completion(
+            ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=30, stream=True)
+        )
+        async for _ in stream:
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(backend.first_chunk_sent.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert backend.aborted == [backend.requests[0].request_id]
+
+
+async def test_non_streaming_client_disconnect_aborts(tok) -> None:
+    backend = FakeBackend(tok, per_chunk=1, delay=0.02)
+    app = create_app(make_config(), backend, tok)
+    messages = [{"type": "http.request", "body": json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 30}).encode()}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await backend.first_chunk_sent.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("t", 1), "server": ("s", 80)}
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    assert backend.aborted == [backend.requests[0].request_id]
+    assert app.state.gateway.in_flight == 0
+
+
+async def test_admission_limit_gives_429(tok) -> None:
+    backend = FakeBackend(tok, per_chunk=1, delay=0.05)
+    app = create_app(make_config(max_queue=2), backend, tok)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 5}
+    async with client_for(app) as client:
+        slow = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(2)]
+        while app.state.gateway.in_flight < 2:
+            await asyncio.sleep(0.005)
+        error = assert_error(await client.post("/v1/completions", json=body), 429)
+        assert error["code"] == "rate_limit_exceeded"
+        assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200]
+        assert app.state.gateway.in_flight == 0
+        assert (await client.post("/v1/completions", json={**body, "stream": True})).status_code == 200
+        assert app.state.gateway.in_flight == 0
+
+
+async def test_api_keys(tok) -> None:
+    app = create_app(make_config(api_keys=["sk-one", "sk-two"]), FakeBackend(tok), tok)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    async with client_for(app) as client:
+        assert_error(await client.post("/v1/completions", json=body), 401)
+        error = assert_error(await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer sk-nope"}), 401)
+        assert error["code"] == "invalid_api_key"
+        assert_error(await client.get("/v1/models"), 401)
+        ok = await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer sk-two"})
+        assert ok.status_code == 200
+        models = await client.get("/v1/models", headers={"Authorization": "Bearer sk-one"})
+        assert models.json()["data"][0]["id"] == MODEL and models.json()["object"] == "list"
+        for open_path in ("/health", "/ready", "/metrics"):
+            assert (await client.get(open_path)).status_code == 200
+
+
+async def test_ready_health_and_draining(tok) -> None:
+    backend = FakeBackend(tok)
+    app = create_app(make_config(), backend, tok)
+    async with client_for(app) as client:
+        assert (await client.get("/ready")).status_code == 200
+        backend.is_ready = False
+        assert (await client.get("/ready")).status_code == 503
+        assert (await client.get("/health")).status_code == 200
+        backend.is_ready = True
+        app.state.gateway.draining = True
+        assert (await client.get("/ready")).status_code == 503
+        assert_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}), 503)
+        assert_error(await client.get("/v1/nope"), 404)
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_metrics_exposed_and_updated(tok) -> None:
+    app = create_app(make_config(), FakeBackend(tok, cached_tokens=3), tok)
+    async with client_for(app) as client:
+        before = (await client.get("/metrics")).text
+        await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+        await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": -1})
+        after = await client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    for name in ("baton_time_to_first_token_seconds", "baton_inter_token_latency_seconds", "baton_e2e_request_latency_seconds",
+                 "baton_requests_running", "baton_requests_waiting", "baton_requests_total", "baton_prompt_tokens_total",
+                 "baton_cached_prompt_tokens_total", "baton_prefix_cache_hit_ratio", "baton_generation_tokens_total",
+                 "baton_kv_transfer_bytes_total", "baton_kv_transfer_seconds", "baton_redis_errors_total",
+                 "baton_worker_errors_total"):
+        assert f"# TYPE {name}" in after.text
+    text = after.text
+    delta = lambda name, labels="": _sample(text, name, labels) - _sample(before, name, labels)  # noqa: E731
+    assert delta("baton_generation_tokens_total") == 4
+    assert delta("baton_prompt_tokens_total") == len(tok.encode("x"))
+    assert delta("baton_cached_prompt_tokens_total") == 3
+    assert delta("baton_requests_total", '{status="success"}') == 1
+    assert delta("baton_requests_total", '{status="rejected"}') == 1
+    assert delta("baton_time_to_first_token_seconds_count") == 1
+    assert delta("baton_inter_token_latency_seconds_count") == 3
+    assert _sample(text, "baton_requests_running") == 0 and _sample(text, "baton_requests_waiting") == 0
+
+
+def test_gateway_app_does_not_import_torch() -> None:
+    code = "import sys, baton.services.gateway.app, baton.services.gateway.__main__; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---- real uvicorn: the official client, and draining ----------------------------------
+
+
+@contextmanager
+def serve(app, server_cls=uvicorn.Server, **kwargs) -> Iterator[tuple[str, uvicorn.Server, threading.Thread]]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = server_cls(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5), **kwargs)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_official_openai_client(tok) -> None:
+    openai = pytest.importorskip("openai")
+    app = create_app(make_config(api_keys=["sk-test"]), FakeBackend(tok), tok)
+    with serve(app) as (url, _, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, timeout=30)
+        [model] = client.models.list().data
+        assert model.id == MODEL
+        completion = client.completions.create(model=MODEL, prompt="JULIET:\nO Romeo", max_tokens=8, stop=["!"])
+        assert completion.choices[0].text == "O Romeo, Romeo" and completion.choices[0].finish_reason == "stop"
+        assert completion.usage.prompt_tokens_details.cached_tokens == 5
+        chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Speak"}], max_tokens=6)
+        assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason == "length"
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Speak"}], max_tokens=6, stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == 6
+        streamed = list(client.completions.create(model=MODEL, prompt="x", max_tokens=8, stream=True, stop=["!"]))
+        assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt="x")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_sigterm_drains_then_exits(tok) -> None:
+    from baton.services.gateway.__main__ import DrainingServer
+
+    backend = FakeBackend(tok, per_chunk=1, delay=0.03)
+    app = create_app(make_config(), backend, tok)
+    with serve(app, DrainingServer, state=app.state.gateway, drain_timeout_s=10) as (url, server, thread):
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 40, "stream": True}
+        with httpx.Client(base_url=url, timeout=10) as client, client.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            server.handle_exit(15, None)
+            assert httpx.get(f"{url}/ready", timeout=5).status_code == 503
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["choices"][0]["finish_reason"] == "stop"
+        thread.join(10)
+        assert not thread.is_alive()
+    assert backend.aborted == []
