@@ -81,6 +81,8 @@ class EngineCore:
             raise ValueError(f"request {request_id} already exists")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id} has an empty prompt")
+        if any(not isinstance(t, int) or t < 0 for t in prompt_token_ids):
+            raise ValueError(f"request {request_id}: prompt token ids must be non-negative ints")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -89,11 +91,13 @@ class EngineCore:
             )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         now = time.monotonic()
-        if params.n == 1:
-            return [Sequence(request_id, list(prompt_token_ids), params, seed=seed, arrival_time=now)]
+        ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
+        taken = [seq_id for seq_id in ids if seq_id in self._request_of]
+        if taken:
+            raise ValueError(f"request {request_id}: sequence ids {taken} are already in use")
         return [
-            Sequence(f"{request_id}-{i}", list(prompt_token_ids), params, seed=seed + i, arrival_time=now)
-            for i in range(params.n)
+            Sequence(seq_id, list(prompt_token_ids), params, seed=seed + i, arrival_time=now)
+            for i, seq_id in enumerate(ids)
         ]
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:

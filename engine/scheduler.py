@@ -26,10 +26,16 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from dataclasses import dataclass
 
 from baton.engine.block_manager import BlockManager
 from baton.engine.config import EngineConfig
 from baton.engine.sequence import ScheduledChunk, SchedulerOutput, Sequence, SequenceStatus, TokenLogprob
+
+
+@dataclass
+class _Budget:
+    tokens: int   # tokens still schedulable this step
 
 
 class Scheduler:
@@ -72,26 +78,26 @@ class Scheduler:
     # -- one step ---------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = [self.config.max_num_batched_tokens]
+        budget = _Budget(self.config.max_num_batched_tokens)
         self._schedule_running(out, budget)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: list[int]) -> None:
+    def _schedule_running(self, out: SchedulerOutput, budget: _Budget) -> None:
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + prefills:
-            if budget[0] == 0:
+            if budget.tokens == 0:
                 return
             if seq.status is not SequenceStatus.RUNNING:
                 continue                              # preempted earlier in this step
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget[0])
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget.tokens)
             if self._make_room(seq, num_new, out, budget):
                 out.chunks.append(ScheduledChunk(seq, num_new))
-                budget[0] -= num_new
+                budget.tokens -= num_new
 
-    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput, budget: list[int]) -> bool:
+    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput, budget: _Budget) -> bool:
         """Get blocks for ``num_new`` more tokens of ``seq``, preempting the most
         recently arrived running sequences as needed. False if ``seq`` itself went."""
         while not self.block_manager.append_slots(seq, num_new):
@@ -101,11 +107,11 @@ class Scheduler:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput, budget: list[int]) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput, budget: _Budget) -> None:
         for chunk in out.chunks:
             if chunk.seq is seq:
                 out.chunks.remove(chunk)
-                budget[0] += chunk.num_new_tokens
+                budget.tokens += chunk.num_new_tokens
                 break
         self.running.remove(seq)
         self.block_manager.free(seq)
@@ -114,19 +120,19 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: list[int]) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: _Budget) -> None:
         admitted = False
-        while self.waiting and budget[0] > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached = self.block_manager.cached_prefix_tokens(seq)
-            num_new = min(seq.num_tokens - cached, budget[0])
+            num_new = min(seq.num_tokens - cached, budget.tokens)
             if not self.block_manager.allocate(seq, num_new):
                 break                                 # FCFS: nothing jumps the head
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, num_new))
-            budget[0] -= num_new
+            budget.tokens -= num_new
             admitted = True
         if admitted:
             self.running.sort(key=lambda s: self._order[s.seq_id])

@@ -5,6 +5,7 @@ it checks that every token a chunk attends to is really in the sequence's blocks
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -260,3 +261,45 @@ def test_prefill_role_keeps_blocks_until_release() -> None:
     assert engine.stats().used_blocks == 0 and engine.stats().cached_blocks == 2
     with pytest.raises(KeyError):
         engine.release("p")
+
+
+MODEL_DIR = Path("/work/shared/models/shakespeare-llama-5m")
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not MODEL_DIR.exists(), reason="needs the demo checkpoint")
+def test_real_model_greedy_parity_with_prefix_cache_chunking_and_preemption() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from baton.engine.hashing import model_fingerprint
+    from baton.engine.model_runner import ModelRunner
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    hf = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    texts = ["JULIET:\nO Romeo, Romeo", "JULIET:\nO Romeo, Romeo! wherefore", "ROMEO:\nBut soft"]
+    prompts = [tokenizer(t).input_ids for t in texts]
+    config = EngineConfig(block_size=4, num_blocks=14, max_num_batched_tokens=8, max_num_seqs=4)
+    runner = ModelRunner(str(MODEL_DIR), config)
+    engine = EngineCore(runner, config, eos_token_ids=[], hash_extra=model_fingerprint(MODEL_DIR))
+    recomputed: list[str] = []
+    execute = runner.execute
+
+    def recording_execute(chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None):
+        recomputed.extend(c.seq.seq_id for c in chunks if c.seq.output_token_ids and c.start < c.seq.num_tokens - 1)
+        return execute(chunks, on_layer_done)
+
+    runner.execute = recording_execute
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    first = engine.add_request("warm", prompts[0], params)[0]
+    run_to_end(engine)
+    seqs = [first] + [engine.add_request(f"r{i}", p, params)[0] for i, p in enumerate(prompts)]
+    run_to_end(engine)
+    assert seqs[1].num_cached_tokens > 0 and seqs[2].num_cached_tokens > 0
+    assert recomputed, "the small pool should have forced a preemption"
+    for seq, prompt in zip(seqs, [prompts[0], *prompts]):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            for _ in range(12):
+                ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert seq.output_token_ids == ids[0, len(prompt) :].tolist()
+    assert engine.stats().used_blocks == 0
