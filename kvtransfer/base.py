@@ -116,7 +116,8 @@ class KVSender(abc.ABC):
 
 class KVReceiver(abc.ABC):
     """Lands incoming KV into the ``kv_caches`` given at construction.
-    All methods run on the event loop thread."""
+    All methods run on the event loop thread. Every expected request ends in
+    ``wait_complete`` or ``cancel``; only then may its blocks be freed."""
 
     transport: ClassVar[str]
     address: str  # the endpoint to put in tickets

@@ -47,8 +47,8 @@ class _Incoming:
     complete: bool = False
     cancelled: bool = False
     bytes: int = 0
-    started: float = 0.0
-    finished: float = 0.0
+    started: float = 0.0               # first data chunk
+    finished: float = 0.0              # final chunk
 
 
 class _Refused(Exception):
@@ -139,7 +139,6 @@ class GrpcKVReceiver(KVReceiver):
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                            f"request {chunk.request_id!r} already has a transfer stream")
         entry.stream = asyncio.current_task()
-        entry.started = time.perf_counter()
         return entry
 
     def _handshake(self, entry: _Incoming, chunk: kvtransfer_pb2.KVChunk) -> None:
@@ -181,6 +180,7 @@ class GrpcKVReceiver(KVReceiver):
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                            f"chunk carries {len(chunk.data)} bytes, expected {count * layout.block_bytes} "
                            f"for {count} blocks")
+        entry.started = entry.started or time.perf_counter()
         cache = self._caches[chunk.layer]
         packed = torch.frombuffer(chunk.data, dtype=torch.uint8).view(cache.dtype).view(count, *layout.block_shape)
         ops.scatter_blocks(cache, entry.block_ids[first:first + count], packed.to(cache.device))

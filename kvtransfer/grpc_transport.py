@@ -6,9 +6,10 @@ the first layers). ``submit_layer`` runs on the engine's compute thread: it
 gathers the request's blocks of that layer into one packed buffer right away and
 hands it to the event loop with ``loop.call_soon_threadsafe`` into the session's
 ``asyncio.Queue``. The stream task first sends a handshake chunk (the layout, no
-data) and waits for the receiver to accept it, then drains the queue, one ``KVChunk`` per (layer, run of at most
-``chunk_bytes`` of whole blocks); ``finish`` sends the final chunk (no data,
-``last``) and waits for the ``PushReply``. Receiver: see ``grpc_receiver``.
+data) and waits for the receiver to accept it, then drains the queue: one
+``KVChunk`` per (layer, run of at most ``chunk_bytes`` of whole blocks).
+``finish`` sends the final chunk (no data, ``last``) and waits for the
+``PushReply``. Receiver: see ``grpc_receiver``.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class GrpcTransferSession(TransferSession):
             await self.abort()
             raise TransferError(f"KV transfer of request {self._ticket.request_id!r}: "
                                 f"{missing} layer-blocks were never submitted")
+        self._stopped = True
         # call_soon keeps _END behind every chunk already handed over by submit_layer.
         self._loop.call_soon(self._queue.put_nowait, _END)
         try:

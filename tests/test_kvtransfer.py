@@ -141,6 +141,25 @@ async def test_round_trip_bit_exact(dtype, make_receiver, sender):
         assert torch.equal(dst[layer][others], untouched[layer][others])
 
 
+async def test_concurrent_requests_share_one_channel(make_receiver, sender):
+    src, dst = make_caches(16, torch.bfloat16, 26), make_caches(16, torch.bfloat16, 27)
+    recv = await make_receiver(dst)
+    plans = {"a": ([0, 5, 9], [15, 3, 7]), "b": ([2, 14], [0, 11]), "c": ([6, 1, 12, 4], [9, 2, 13, 5])}
+    sessions = {rid: sender.open(recv.ticket(rid, d), layout_of(src), s) for rid, (s, d) in plans.items()}
+
+    def engine() -> None:  # one compute thread steps all requests layer by layer
+        for layer in range(NUM_LAYERS):
+            for session in sessions.values():
+                session.submit_layer(layer, src[layer])
+
+    await asyncio.to_thread(engine)
+    await asyncio.gather(*(s.finish(timeout_s=10) for s in sessions.values()))
+    await asyncio.gather(*(recv.receiver.wait_complete(rid, timeout_s=10) for rid in plans))
+    for s_ids, d_ids in plans.values():
+        for layer in range(NUM_LAYERS):
+            assert torch.equal(dst[layer][d_ids].view(torch.int16), src[layer][s_ids].view(torch.int16))
+
+
 async def test_layer_larger_than_chunk_limit_is_split(make_receiver):
     src, dst = make_caches(30, torch.float32, 4), make_caches(30, torch.float32, 5)
     layout = layout_of(src)
