@@ -20,8 +20,6 @@ from baton.kvtransfer import (
 from baton.kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender, grpc_options
 from baton.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
-pytestmark = pytest.mark.unit
-
 NUM_LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 16, 2, 64
 
 
@@ -90,6 +88,7 @@ async def until(condition, timeout_s: float = 5.0) -> None:
 # ---------------------------------------------------------------- layout
 
 
+@pytest.mark.unit
 def test_layout_proto_round_trip_and_mismatch_names_field():
     layout = layout_of(make_caches(4, torch.bfloat16, 0))
     assert KVLayout.from_proto(layout.to_proto()) == layout
@@ -104,6 +103,7 @@ def test_layout_proto_round_trip_and_mismatch_names_field():
             check_layout(layout, dataclasses.replace(layout, **{field: value}))
 
 
+@pytest.mark.unit
 def test_ticket_proto_round_trip_and_registry():
     layout = layout_of(make_caches(2, torch.float32, 0))
     ticket = TransferTicket("r1", "grpc", "127.0.0.1:1", (5, 2, 9), layout, 40)
@@ -120,6 +120,7 @@ def test_ticket_proto_round_trip_and_registry():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.unit
 async def test_round_trip_bit_exact(dtype, make_receiver, sender):
     src = make_caches(40, dtype, seed=1)
     dst = make_caches(48, dtype, seed=2)
@@ -141,6 +142,7 @@ async def test_round_trip_bit_exact(dtype, make_receiver, sender):
         assert torch.equal(dst[layer][others], untouched[layer][others])
 
 
+@pytest.mark.unit
 async def test_concurrent_requests_share_one_channel(make_receiver, sender):
     src, dst = make_caches(16, torch.bfloat16, 26), make_caches(16, torch.bfloat16, 27)
     recv = await make_receiver(dst)
@@ -160,6 +162,7 @@ async def test_concurrent_requests_share_one_channel(make_receiver, sender):
             assert torch.equal(dst[layer][d_ids].view(torch.int16), src[layer][s_ids].view(torch.int16))
 
 
+@pytest.mark.unit
 async def test_layer_larger_than_chunk_limit_is_split(make_receiver):
     src, dst = make_caches(30, torch.float32, 4), make_caches(30, torch.float32, 5)
     layout = layout_of(src)
@@ -176,6 +179,7 @@ async def test_layer_larger_than_chunk_limit_is_split(make_receiver):
     await sender.close()
 
 
+@pytest.mark.unit
 async def test_chunked_submission_by_block_ranges(make_receiver, sender):
     """Chunked prefill: each step submits the blocks it wrote; a rewritten block is resent."""
     src, dst = make_caches(12, torch.float32, 7), make_caches(12, torch.float32, 8)
@@ -193,6 +197,7 @@ async def test_chunked_submission_by_block_ranges(make_receiver, sender):
         assert torch.equal(dst[layer][dst_ids], src[layer][src_ids])
 
 
+@pytest.mark.unit
 async def test_finish_refuses_missing_layers(make_receiver, sender):
     src, dst = make_caches(4, torch.float32, 9), make_caches(4, torch.float32, 10)
     recv = await make_receiver(dst)
@@ -207,6 +212,7 @@ async def test_finish_refuses_missing_layers(make_receiver, sender):
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.unit
 async def test_chunk_over_the_receivers_message_limit_fails_clearly(make_receiver):
     src, dst = make_caches(8, torch.float32, 11), make_caches(8, torch.float32, 12)
     layout = layout_of(src)
@@ -223,6 +229,7 @@ async def test_chunk_over_the_receivers_message_limit_fails_clearly(make_receive
 
 
 @pytest.mark.parametrize("field", ["block_size", "dtype", "num_kv_heads"])
+@pytest.mark.unit
 async def test_sender_refuses_mismatched_ticket_before_sending(field, make_receiver, sender):
     dst = make_caches(4, torch.float32, 13)
     before = [c.clone() for c in dst]
@@ -239,6 +246,7 @@ async def test_sender_refuses_mismatched_ticket_before_sending(field, make_recei
 
 
 @pytest.mark.parametrize("field", ["block_size", "dtype", "num_kv_heads"])
+@pytest.mark.unit
 async def test_receiver_refuses_mismatched_layout_naming_field(field, make_receiver, sender):
     """A ticket that does not describe the receiver (stale or forged) is refused at the handshake."""
     kwargs = {"block_size": {"block_size": 32}, "dtype": {"dtype": torch.bfloat16},
@@ -258,6 +266,7 @@ async def test_receiver_refuses_mismatched_layout_naming_field(field, make_recei
     assert all(torch.equal(a, b) for a, b in zip(dst, before))
 
 
+@pytest.mark.unit
 async def test_unknown_request_is_refused(make_receiver, sender):
     src, dst = make_caches(4, torch.float32, 16), make_caches(4, torch.float32, 17)
     recv = await make_receiver(dst)
@@ -268,6 +277,7 @@ async def test_unknown_request_is_refused(make_receiver, sender):
         await session.finish(timeout_s=10)
 
 
+@pytest.mark.unit
 async def test_receiver_cancel_fails_sender_promptly(make_receiver, sender):
     src, dst = make_caches(6, torch.float32, 18), make_caches(6, torch.float32, 19)
     before = [c.clone() for c in dst]
@@ -286,6 +296,7 @@ async def test_receiver_cancel_fails_sender_promptly(make_receiver, sender):
     assert all(torch.equal(dst[layer], before[layer]) for layer in range(1, NUM_LAYERS))
 
 
+@pytest.mark.unit
 async def test_dead_receiver_fails_within_deadline(sender):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -300,6 +311,7 @@ async def test_dead_receiver_fails_within_deadline(sender):
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.unit
 async def test_wait_complete_timeout_cancels_and_forgets(make_receiver, sender):
     src, dst = make_caches(4, torch.float32, 21), make_caches(4, torch.float32, 22)
     before = [c.clone() for c in dst]
@@ -332,6 +344,7 @@ def chunk(request_id: str, layout: KVLayout | None = None, **fields) -> kvtransf
     ({"layer": 0, "first_block": 0, "num_blocks": 1, "extra": 4}, "expected 16384 for 1 blocks"),
     ({"layer": 0, "first_block": 0, "num_blocks": 0, "extra": 0, "last": True}, "6 layer-blocks missing"),
 ])
+@pytest.mark.unit
 async def test_receiver_rejects_bad_chunks(bad, message, make_receiver):
     dst = make_caches(4, torch.float32, 23)
     before = [c.clone() for c in dst]
@@ -353,6 +366,7 @@ async def test_receiver_rejects_bad_chunks(bad, message, make_receiver):
     assert all(torch.equal(a, b) for a, b in zip(dst, before))
 
 
+@pytest.mark.unit
 async def test_first_chunk_without_layout_is_refused(make_receiver):
     recv = await make_receiver(make_caches(4, torch.float32, 24))
     recv.receiver.expect("nolayout", [1], layout_of(recv.caches))
@@ -362,6 +376,7 @@ async def test_first_chunk_without_layout_is_refused(make_receiver):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must carry the KV layout" in e.value.details()
 
 
+@pytest.mark.unit
 def test_expect_and_open_validate_arguments():
     caches = make_caches(4, torch.float32, 25)
     layout = layout_of(caches)
@@ -384,3 +399,33 @@ def test_expect_and_open_validate_arguments():
         GrpcKVSender().open(dataclasses.replace(ticket, transport="ucx"), layout, [0, 1])
     with pytest.raises(TransferError, match="over the 1000-byte chunk limit"):
         GrpcKVSender(chunk_bytes=1000).open(ticket, layout, [0, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_round_trip_bit_exact():
+    """CUDA caches on both ends: gather on the GPU, pinned async copy out, scatter back in."""
+    src = [c.cuda() for c in make_caches(40, torch.bfloat16, 30)]
+    dst = [c.cuda() for c in make_caches(48, torch.bfloat16, 31)]
+    untouched = [c.clone() for c in dst]
+    rng = random.Random(32)
+    src_ids, dst_ids = rng.sample(range(40), 13), rng.sample(range(48), 13)
+
+    async def transfer() -> None:
+        recv = Receiver(dst)
+        await recv.server.start()
+        sender = GrpcKVSender(chunk_bytes=5 * layout_of(src).block_bytes)  # split into runs too
+        try:
+            session = sender.open(recv.ticket("gpu", dst_ids), layout_of(src), src_ids)
+            await asyncio.to_thread(submit_all, session, src)
+            await session.finish(timeout_s=30)
+            await recv.receiver.wait_complete("gpu", timeout_s=30)
+        finally:
+            await sender.close()
+            await recv.server.stop(grace=None)
+
+    asyncio.run(transfer())
+    others = sorted(set(range(48)) - set(dst_ids))
+    for layer in range(NUM_LAYERS):
+        assert torch.equal(dst[layer][dst_ids].view(torch.int16), src[layer][src_ids].view(torch.int16))
+        assert torch.equal(dst[layer][others], untouched[layer][others])
