@@ -85,33 +85,28 @@ class Sampler:
             return []
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if all(self._is_plain_greedy(s) for s in seqs):
+        if all(s.params.greedy and not self._needs_penalties(s) for s in seqs):
             token_ids = logits.argmax(dim=-1)
         else:
-            token_ids = torch.stack([self._sample_row(row, seq) for row, seq in zip(logits, seqs)])
+            processed = logits.clone()
+            for i, seq in enumerate(seqs):
+                if self._needs_penalties(seq):
+                    self._apply_penalties(processed[i], seq)
+            token_ids = self._sample(processed, seqs)
         return _to_logprobs(raw_logprobs, token_ids, [s.params.logprobs or 0 for s in seqs])
 
-    def _is_plain_greedy(self, seq: Sequence) -> bool:
+    @staticmethod
+    def _needs_penalties(seq: Sequence) -> bool:
         p = seq.params
         return (
-            p.greedy
-            and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0
-            and len(seq.output_token_ids) >= p.min_tokens
+            p.repetition_penalty != 1.0
+            or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0
+            or len(seq.output_token_ids) < p.min_tokens
         )
 
-    def _sample_row(self, row: torch.Tensor, seq: Sequence) -> torch.Tensor:
-        row = self._apply_penalties(row.clone(), seq)
-        if seq.params.greedy:
-            return row.argmax()
-        probs = self._filtered_probs(row, seq)
-        generator = torch.Generator(device=row.device)
-        generator.manual_seed(sample_seed(seq.seed, len(seq.output_token_ids)))
-        noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-        return (probs / noise).argmax()
-
-    def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> None:
+        """Stop-token masking and penalties, in place on one row of logits."""
         p, device = seq.params, row.device
         if len(seq.output_token_ids) < p.min_tokens:
             stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
@@ -125,21 +120,44 @@ class Sampler:
             outputs = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
             counts = torch.bincount(outputs, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
             row -= p.presence_penalty * (counts > 0).to(row.dtype) + p.frequency_penalty * counts
-        return row
 
     @staticmethod
-    def _filtered_probs(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
-        p = seq.params
-        row = row / max(p.temperature, MIN_TEMPERATURE)
-        if 0 < p.top_k < row.shape[0]:
-            kth = row.topk(p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = (sorted_probs.cumsum(0) - sorted_probs) >= p.top_p
-            outside[0] = False
-            probs = probs.scatter(0, order[outside], 0.0)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return probs
+    def _sample(processed: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+        """Greedy rows take the argmax; the others race seeded exponential noise
+        against their filtered probabilities."""
+        device = processed.device
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
+        temps = torch.tensor([max(s.params.temperature, MIN_TEMPERATURE) for s in seqs], device=device)
+        probs = _filtered_probs(processed / temps.unsqueeze(1), seqs)
+        noise = torch.ones_like(probs)
+        for i, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(sample_seed(seq.seed, len(seq.output_token_ids)))
+                noise[i].exponential_(generator=generator)
+        sampled = (probs / noise.clamp_(min=torch.finfo(probs.dtype).tiny)).argmax(dim=-1)
+        return torch.where(greedy, processed.argmax(dim=-1), sampled)
+
+
+def _filtered_probs(scaled: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+    """Softmax after top-k, then the top-p nucleus and min-p, row by row settings."""
+    device, vocab = scaled.device, scaled.shape[1]
+    top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
+    use_top_k, use_top_p = min(top_k) < vocab, bool((top_p < 1.0).any())
+    if use_top_k or use_top_p:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    if use_top_k:
+        kth = sorted_logits.gather(1, torch.tensor(top_k, device=device).unsqueeze(1) - 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if use_top_p:
+        sorted_probs = probs.gather(1, order)
+        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p.unsqueeze(1)
+        outside &= (top_p < 1.0).unsqueeze(1)
+        outside[:, 0] = False
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
+    return probs

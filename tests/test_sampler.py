@@ -79,7 +79,8 @@ def test_top_p_and_min_p_exclude_tokens() -> None:
 def test_repetition_penalty_hf_semantics() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     s = seq(prompt=[0], outputs=[1], temperature=0.0, repetition_penalty=2.0)
-    row = Sampler()._apply_penalties(logits[0].clone(), s)
+    row = logits[0].clone()
+    Sampler()._apply_penalties(row, s)
     assert row.tolist() == [1.0, -4.0, 1.0, 0.5]
     assert Sampler()(logits, [s])[0].token_id in (0, 2)       # tie at 1.0: argmax picks the first
     s2 = seq(prompt=[0], temperature=0.0, repetition_penalty=3.0)
@@ -89,7 +90,8 @@ def test_repetition_penalty_hf_semantics() -> None:
 def test_presence_and_frequency_penalties_openai_semantics() -> None:
     logits = torch.zeros(1, 5)
     s = seq(prompt=[4, 4, 4], outputs=[1, 1, 2], temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
-    row = Sampler()._apply_penalties(logits[0].clone(), s)
+    row = logits[0].clone()
+    Sampler()._apply_penalties(row, s)
     assert row.tolist() == pytest.approx([0.0, -1.0, -0.75, 0.0, 0.0])   # prompt tokens not penalized
     assert Sampler()(torch.tensor([[1.0, 1.2, 0.0, 0.0, 0.0]]), [s])[0].token_id == 0
 
@@ -132,3 +134,15 @@ def test_prompt_logprobs() -> None:
 def test_shape_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="do not match"):
         Sampler()(torch.randn(2, V), [seq()])
+
+
+def test_mixed_settings_in_one_batch_filter_per_row() -> None:
+    base = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    logits = base.repeat(4, 1)
+    settings = [{"top_k": 2}, {"top_p": 0.4}, {"min_p": 0.25}, {"temperature": 0.0}]
+    seen: list[set[int]] = [set() for _ in settings]
+    for s in range(100):
+        out = Sampler()(logits, [seq(s * 4 + i, **kw) for i, kw in enumerate(settings)])
+        for i, t in enumerate(out):
+            seen[i].add(t.token_id)
+    assert seen == [{0, 1}, {0}, {0, 1, 2}, {0}]
