@@ -3,6 +3,9 @@ LRU eviction, events, and the pool invariant under random operations."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -211,3 +214,8 @@ def test_random_operations_keep_invariants(ops: list[tuple[str, int, int]]) -> N
         tables = [s.block_table for s in seqs if s.block_table]
         for table in tables:
             assert len(set(table)) == len(table)
+
+
+def test_pool_and_scheduler_import_no_torch() -> None:
+    code = "import sys, baton.engine.block_manager, baton.engine.scheduler; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 import xxhash
@@ -97,3 +99,8 @@ def test_model_fingerprint(tmp_path) -> None:
     assert model_fingerprint(tmp_path) != expected
     with pytest.raises(ValueError, match="config.json"):
         model_fingerprint(tmp_path / "missing")
+
+
+def test_hashing_imports_no_torch() -> None:
+    code = "import sys, baton.engine.hashing; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
