@@ -58,25 +58,39 @@ def build_attention_metadata(
     seq_lens_list = [s + n for s, n in zip(starts, q_lens)]
     max_blocks = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
-    q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
-    cu_query_lens = torch.zeros(len(chunks) + 1, dtype=torch.int64)
-    torch.cumsum(q_lens_t, 0, out=cu_query_lens[1:])
-    num_tokens = int(cu_query_lens[-1])
-    chunk_of_token = torch.repeat_interleave(torch.arange(len(chunks)), q_lens_t, output_size=num_tokens)
-    offsets = torch.arange(num_tokens) - cu_query_lens[:-1][chunk_of_token]
-    positions = torch.tensor(starts, dtype=torch.int64)[chunk_of_token] + offsets
-    block_ids = block_tables[chunk_of_token, positions // block_size].long()
-    slot_mapping = block_ids * block_size + positions % block_size
+    if max(q_lens) == 1:
+        # Decode: one token per chunk at position ``start``; plain Python beats tensor ops here.
+        cu_query_lens = torch.arange(len(chunks) + 1, dtype=torch.int32)
+        positions = torch.tensor(starts, dtype=torch.int64)
+        slots = [t[s // block_size] * block_size + s % block_size for s, t in zip(starts, tables)]
+        slot_mapping = torch.tensor(slots, dtype=torch.int64)
+    else:
+        cu_query_lens, positions, slot_mapping = _packed_positions_and_slots(starts, q_lens, block_tables, block_size)
     return AttentionMetadata(
         positions=positions.to(device),
         slot_mapping=slot_mapping.to(device),
-        cu_query_lens=cu_query_lens.to(torch.int32).to(device),
+        cu_query_lens=cu_query_lens.to(device),
         seq_lens=torch.tensor(seq_lens_list, dtype=torch.int32, device=device),
         block_tables=block_tables.to(device),
         max_query_len=max(q_lens),
         max_seq_len=max(seq_lens_list),
         is_decode_only=max(q_lens) == 1,
     )
+
+
+def _packed_positions_and_slots(
+    starts: list[int], q_lens: list[int], block_tables: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cu_query_lens`` (int32), and per-token positions and cache slots (int64) of a packed batch."""
+    q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
+    cu_query_lens = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
+    torch.cumsum(q_lens_t, 0, out=cu_query_lens[1:])
+    num_tokens = int(cu_query_lens[-1])
+    chunk_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens_t, output_size=num_tokens)
+    offsets = torch.arange(num_tokens) - cu_query_lens[:-1][chunk_of_token]
+    positions = torch.tensor(starts, dtype=torch.int64)[chunk_of_token] + offsets
+    block_ids = block_tables[chunk_of_token, positions // block_size].long()
+    return cu_query_lens.to(torch.int32), positions, block_ids * block_size + positions % block_size
 
 
 def paged_attention_forward(

@@ -5,6 +5,7 @@ Qwen2 and Qwen3 checkpoints."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from baton.engine.attention import build_attention_metadata
 from baton.engine.config import EngineConfig
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
@@ -60,6 +62,35 @@ def greedy(runner: ModelRunner, seqs: list[Sequence], max_new: int, chunk_size: 
             chunk.seq.num_computed_tokens += chunk.num_new_tokens
             if samples_now:
                 chunk.seq.output_token_ids.append(next(rows))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_attention_metadata_matches_per_token_walk(decode_only: bool):
+    rng = random.Random(int(decode_only))
+    block_size, pool = 4, BlockPool(200, seed=5)
+    chunks = []
+    for i in range(6):
+        computed, new = rng.randrange(0, 30), 1 if decode_only else rng.randrange(1, 12)
+        seq = Sequence(f"m{i}", [1] * (computed + new), SamplingParams())
+        seq.num_computed_tokens = computed
+        seq.block_table = pool.take(-(-(computed + new) // block_size) + rng.randrange(0, 2))
+        chunks.append(ScheduledChunk(seq, new))
+    meta = build_attention_metadata(chunks, block_size)
+    positions = [p for c in chunks for p in range(c.start, c.start + c.num_new_tokens)]
+    tables = [c.seq.block_table for c in chunks for _ in range(c.num_new_tokens)]
+    assert meta.positions.tolist() == positions
+    assert meta.slot_mapping.tolist() == [t[p // block_size] * block_size + p % block_size for p, t in zip(positions, tables)]
+    assert meta.seq_lens.tolist() == [c.start + c.num_new_tokens for c in chunks]
+    assert meta.cu_query_lens.tolist() == [0] + list(itertools.accumulate(c.num_new_tokens for c in chunks))
+    assert meta.cu_query_lens.dtype == meta.seq_lens.dtype == meta.block_tables.dtype == torch.int32
+    for row, chunk in zip(meta.block_tables.tolist(), chunks):
+        assert row[: len(chunk.seq.block_table)] == chunk.seq.block_table
+    assert meta.is_decode_only == decode_only and meta.max_seq_len == max(meta.seq_lens.tolist())
+    short = Sequence("short", [1] * 9, SamplingParams())
+    short.block_table = [0, 1]
+    with pytest.raises(ValueError, match="short: 2 blocks cannot hold 9 tokens"):
+        build_attention_metadata([ScheduledChunk(short, 9)], block_size)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +158,20 @@ def test_execute_leaves_sequences_alone_and_reports_layers_in_order(tokenizer):
     runner.execute([ScheduledChunk(seq, seq.num_tokens)], on_layer_done)
     assert seen == list(range(runner.model_config.num_layers))
     assert (seq.num_computed_tokens, seq.output_token_ids, seq.block_table) == before
+
+
+def test_bad_batches_are_refused():
+    runner = ModelRunner(DEMO, EngineConfig(block_size=8, num_blocks=8, max_model_len=20))
+    pool = BlockPool(8, seed=2)
+    bad_token = make_seq("v", [1, 5, 4096], runner, pool, 1)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        runner.execute([ScheduledChunk(bad_token, 3)])
+    too_long = make_seq("l", [1] * 21, runner, pool, 1)
+    with pytest.raises(ValueError, match="max_model_len=20"):
+        runner.execute([ScheduledChunk(too_long, 21)])
+    past_end = make_seq("e", [1, 2, 3], runner, pool, 1)
+    with pytest.raises(ValueError, match="runs past its 3 tokens"):
+        runner.execute([ScheduledChunk(past_end, 4)])
 
 
 def test_demo_bfloat16_logits_close(tokenizer):
