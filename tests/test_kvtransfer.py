@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import re
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ from baton.kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender, grpc_o
 from baton.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 NUM_LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 16, 2, 64
+BLOCK_BYTES_F32 = 2 * BLOCK_SIZE * HEADS * HEAD_DIM * 4
 
 
 def make_caches(num_blocks: int, dtype: torch.dtype, seed: int, layers: int = NUM_LAYERS,
@@ -337,30 +339,28 @@ def chunk(request_id: str, layout: KVLayout | None = None, **fields) -> kvtransf
     return msg
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"layer": 0, "first_block": 1, "num_blocks": 2}, r"blocks \[1, 3\) outside the ticket's 2 blocks"),
-    ({"layer": 0, "first_block": -1, "num_blocks": 1}, "outside the ticket"),
-    ({"layer": NUM_LAYERS, "first_block": 0, "num_blocks": 1}, "layer 3 outside"),
-    ({"layer": 0, "first_block": 0, "num_blocks": 1, "extra": 4}, "expected 16384 for 1 blocks"),
-    ({"layer": 0, "first_block": 0, "num_blocks": 0, "extra": 0, "last": True}, "6 layer-blocks missing"),
+@pytest.mark.parametrize("fields, size, message", [
+    ({"layer": 0, "first_block": 1, "num_blocks": 2}, 2 * BLOCK_BYTES_F32, r"blocks \[1, 3\) outside the ticket's 2"),
+    ({"layer": 0, "first_block": -1, "num_blocks": 1}, BLOCK_BYTES_F32, r"blocks \[-1, 0\) outside the ticket"),
+    ({"layer": NUM_LAYERS, "first_block": 0, "num_blocks": 1}, BLOCK_BYTES_F32, r"layer 3 outside \[0, 3\)"),
+    ({"layer": 0, "first_block": 0, "num_blocks": 1}, BLOCK_BYTES_F32 + 4,
+     f"carries {BLOCK_BYTES_F32 + 4} bytes, expected {BLOCK_BYTES_F32} for 1 blocks"),
+    ({"last": True}, 0, "arrived with 6 of 6 layer-blocks missing"),
 ])
 @pytest.mark.unit
-async def test_receiver_rejects_bad_chunks(bad, message, make_receiver):
+async def test_receiver_rejects_bad_chunks(fields, size, message, make_receiver):
     dst = make_caches(4, torch.float32, 23)
     before = [c.clone() for c in dst]
     recv = await make_receiver(dst)
     layout = layout_of(dst)
     recv.receiver.expect("bad", [2, 0], layout)
-    bad = dict(bad)
-    size = bad.pop("extra", None)
-    size = bad["num_blocks"] * layout.block_bytes + (size or 0) if size is not None or bad["num_blocks"] else 0
     async with grpc.aio.insecure_channel(recv.receiver.address) as channel:
         stub = kvtransfer_pb2_grpc.KVTransferStub(channel)
-        chunks = [chunk("bad", layout), chunk("bad", data=bytes(size), **bad)]
+        chunks = [chunk("bad", layout), chunk("bad", data=bytes(size), **fields)]
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.Push(iter(chunks), timeout=10)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details()
-    assert __import__("re").search(message, e.value.details())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(message, e.value.details())
     with pytest.raises(TransferError, match=message):
         await recv.receiver.wait_complete("bad", timeout_s=5)
     assert all(torch.equal(a, b) for a, b in zip(dst, before))
