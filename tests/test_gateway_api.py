@@ -110,11 +110,6 @@ def make_config(**overrides: object) -> GatewayConfig:
     return GatewayConfig(model_dir=str(DEMO_MODEL), served_model_name=MODEL, **overrides)
 
 
-@contextmanager
-def nothing() -> Iterator[None]:
-    yield
-
-
 def client_for(app) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
 
@@ -605,3 +600,34 @@ def test_sigterm_drains_then_exits(tok) -> None:
         thread.join(10)
         assert not thread.is_alive()
     assert backend.aborted == []
+
+
+def test_http_client_disconnect_mid_stream_aborts(tok) -> None:
+    backend = FakeBackend(tok, per_chunk=1, delay=0.05)
+    app = create_app(make_config(), backend, tok)
+    with serve(app) as (url, _, _):
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 40, "stream": True}
+        with httpx.Client(base_url=url, timeout=10) as client, client.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+        deadline = time.monotonic() + 5
+        while (not backend.aborted or app.state.gateway.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.aborted == [backend.requests[0].request_id]
+        assert backend.finished == []
+        assert app.state.gateway.in_flight == 0
+
+
+def test_launcher_flags_build_the_config(monkeypatch) -> None:
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    monkeypatch.setenv("BATON_API_KEYS", "sk-env1, sk-env2")
+    args = build_parser().parse_args([
+        "--model-dir", str(DEMO_MODEL), "--port", "9123", "--prefill-addr", "h:1", "--prefill-addr", "h:2",
+        "--decode-addr", "h:3", "--api-key", "sk-flag", "--max-queue", "7", "--block-size", "32",
+    ])
+    config = config_from_args(args)
+    assert config.served_model_name == DEMO_MODEL.name
+    assert (config.port, config.max_queue, config.block_size) == (9123, 7, 32)
+    assert config.prefill_addrs == ["h:1", "h:2"] and config.decode_addrs == ["h:3"]
+    assert config.api_keys == ["sk-flag", "sk-env1", "sk-env2"]

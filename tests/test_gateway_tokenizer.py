@@ -80,12 +80,16 @@ def test_incremental_detokenizer_emits_exact_text(tok: GatewayTokenizer, prompt:
 
 
 def _reference_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [text.find(s) for s in stops if s and text.find(s) >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    """Character by character: stop at the first stop string to complete."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if text[:end].endswith(s)]
+        if done:
+            return text[: end - max(map(len, done))], True
+    return text, False
 
 
 @pytest.mark.unit
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     text=st.text(alphabet="abc\n", max_size=40),
     stops=st.lists(st.text(alphabet="abc\n", min_size=1, max_size=4), min_size=1, max_size=4),

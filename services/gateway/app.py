@@ -44,18 +44,32 @@ T = TypeVar("T")
 
 @dataclass
 class GatewayState:
-    """Mutable serving state: ``draining`` flips on SIGTERM (see ``__main__``)."""
+    """Admission and shutdown state: ``draining`` flips on SIGTERM (see ``__main__``)."""
 
+    max_queue: int
     draining: bool = False
     in_flight: int = 0
+
+    def admit(self) -> None:
+        if self.draining:
+            raise APIError("The server is shutting down.", status=503, type="service_unavailable_error")
+        if self.in_flight >= self.max_queue:
+            raise APIError(
+                "Too many requests in flight; retry later.", status=429, type="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
 
 
 class _StreamResponse(EventSourceResponse):
     """SSE that always ends its generation and releases its admission slot,
     however the response ends (finished, client gone, server shutting down)."""
 
-    def __init__(self, stream: PrimedStream, on_close: Callable[[], None], grace_s: float) -> None:
-        super().__init__(stream, sep="\n", shutdown_grace_period=grace_s)
+    def __init__(self, stream: PrimedStream, on_close: Callable[[], None]) -> None:
+        super().__init__(stream, sep="\n")
         self._stream = stream
         self._on_close = on_close
 
@@ -125,77 +139,43 @@ def _check_api_key(request: Request, keys: list[str]) -> None:
         raise APIError("Invalid or missing API key.", status=401, code="invalid_api_key")
 
 
-def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokenizer) -> FastAPI:
-    serving = OpenAIServing(config, backend, tokenizer)
-    state = GatewayState()
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await backend.start()
+async def _generate(
+    request: Request,
+    config: GatewayConfig,
+    state: GatewayState,
+    model: type[RequestT],
+    handler: Callable[[RequestT], Awaitable[BaseModel | PrimedStream]],
+) -> Response:
+    """One generation request, from its API key to its response; never raises."""
+    admitted = release_now = False
+    try:
+        _check_api_key(request, config.api_keys)
+        state.admit()
+        admitted = release_now = True
         try:
-            yield
-        finally:
-            await backend.close()
+            body = model.model_validate(await _read_json(request, config.max_body_bytes))
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        result = await _unless_disconnected(request, handler(body))
+        if result is None:
+            return Response(status_code=499)  # nobody is listening any more
+        if isinstance(result, PrimedStream):
+            release_now = False
+            return _StreamResponse(result, state.release)
+        return JSONResponse(result.model_dump(mode="json"))
+    except Exception as exc:
+        error = as_api_error(exc)
+        if error.status >= 500 and not isinstance(exc, APIError):
+            logger.error("request failed: %s", exc, exc_info=error.status == 500)
+        if error.status < 500:
+            metrics.REQUESTS_TOTAL.labels(status="rejected").inc()
+        return error_response(error)
+    finally:
+        if admitted and release_now:
+            state.release()
 
-    app = FastAPI(title="Baton gateway", lifespan=lifespan)
-    app.state.gateway = state
 
-    def release() -> None:
-        state.in_flight -= 1
-
-    async def generate(
-        request: Request, model: type[RequestT], handler: Callable[[RequestT], Awaitable[BaseModel | PrimedStream]]
-    ) -> Response:
-        admitted = release_now = False
-        try:
-            _check_api_key(request, config.api_keys)
-            if state.draining:
-                raise APIError("The server is shutting down.", status=503, type="service_unavailable_error")
-            if state.in_flight >= config.max_queue:
-                raise APIError(
-                    "Too many requests in flight; retry later.", status=429, type="rate_limit_error",
-                    code="rate_limit_exceeded",
-                )
-            state.in_flight += 1
-            admitted = release_now = True
-            try:
-                body = model.model_validate(await _read_json(request, config.max_body_bytes))
-            except ValidationError as exc:
-                raise _validation_error(exc) from exc
-            result = await _unless_disconnected(request, handler(body))
-            if result is None:
-                return Response(status_code=499)  # nobody is listening any more
-            if isinstance(result, PrimedStream):
-                release_now = False
-                return _StreamResponse(result, release, config.shutdown_timeout_s)
-            return JSONResponse(result.model_dump(mode="json"))
-        except Exception as exc:
-            error = as_api_error(exc)
-            if error.status >= 500 and not isinstance(exc, APIError):
-                logger.error("request failed: %s", exc, exc_info=error.status == 500)
-            if error.status < 500:
-                metrics.REQUESTS_TOTAL.labels(status="rejected").inc()
-            return error_response(error)
-        finally:
-            if admitted and release_now:
-                release()
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await generate(request, CompletionRequest, serving.create_completion)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await generate(request, ChatCompletionRequest, serving.create_chat_completion)
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        try:
-            _check_api_key(request, config.api_keys)
-        except APIError as exc:
-            return error_response(exc)
-        return JSONResponse(serving.models().model_dump(mode="json"))
-
+def _add_probes(app: FastAPI, backend: Backend, state: GatewayState) -> None:
     @app.get("/health")
     async def health() -> Response:
         return JSONResponse({"status": "ok"})
@@ -215,6 +195,8 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -224,4 +206,38 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
         return error_response(_validation_error(exc))
 
+
+def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokenizer) -> FastAPI:
+    serving = OpenAIServing(config, backend, tokenizer)
+    state = GatewayState(max_queue=config.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(title="Baton gateway", lifespan=lifespan)
+    app.state.gateway = state
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(request, config, state, CompletionRequest, serving.create_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(request, config, state, ChatCompletionRequest, serving.create_chat_completion)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            _check_api_key(request, config.api_keys)
+        except APIError as exc:
+            return error_response(exc)
+        return JSONResponse(serving.models().model_dump(mode="json"))
+
+    _add_probes(app, backend, state)
+    _add_error_handlers(app)
     return app

@@ -1,10 +1,13 @@
 """The gateway's Prometheus metrics, in a registry of their own (served at /metrics).
 
-Other gateway modules import these names and update them; ``render()`` gives the
-text exposition format.
+Other gateway modules import these names and update them; ``record_prompt`` keeps
+the cumulative prefix-cache hit ratio, ``RequestMetrics`` follows one request
+(waiting -> running -> finished) and ``render()`` gives the text exposition format.
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -57,6 +60,39 @@ def record_prompt(prompt_tokens: int, cached_tokens: int) -> None:
     _prompt_totals[1] += cached_tokens
     if _prompt_totals[0]:
         PREFIX_CACHE_HIT_RATIO.set(_prompt_totals[1] / _prompt_totals[0])
+
+
+class RequestMetrics:
+    """Latency and outcome metrics of one HTTP request (all its choices), from
+    ``arrival`` (a ``time.perf_counter()`` reading) to ``finish(status)``."""
+
+    def __init__(self, arrival: float) -> None:
+        self.arrival = arrival
+        self.first_token: float | None = None
+        self.last: dict[int, float] = {}
+        REQUESTS_WAITING.inc()
+
+    def on_tokens(self, index: int, count: int) -> None:
+        if count == 0:
+            return
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+            TTFT.observe(now - self.arrival)
+            REQUESTS_WAITING.dec()
+            REQUESTS_RUNNING.inc()
+        # The tokens of one chunk share the gap since the choice's previous chunk.
+        gaps = count if index in self.last else count - 1
+        for _ in range(gaps):
+            ITL.observe((now - self.last.get(index, now)) / count)
+        self.last[index] = now
+        GENERATION_TOKENS.inc(count)
+
+    def finish(self, status: str) -> None:
+        (REQUESTS_WAITING if self.first_token is None else REQUESTS_RUNNING).dec()
+        if status == "success":
+            E2E.observe(time.perf_counter() - self.arrival)
+        REQUESTS_TOTAL.labels(status=status).inc()
 
 
 def render() -> tuple[bytes, str]:

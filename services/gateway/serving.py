@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,8 +52,8 @@ def resolve_max_model_len(config: GatewayConfig) -> int:
 @dataclass
 class _Prompt:
     token_ids: list[int]
-    text: str                    # the prompt decoded (echo)
-    offsets: list[int]           # each prompt token's start within ``text``
+    text: str = ""                                        # decoded, only for echo
+    offsets: list[int] = field(default_factory=list)      # each token's start within ``text``
 
 
 @dataclass
@@ -67,37 +67,6 @@ class _Delta:
     finish_reason: str | None
     first: bool
     prompt_logprobs: list[TokenLogprob] | None = None
-
-
-class _RequestMetrics:
-    """Latency and outcome metrics of one HTTP request (all its choices)."""
-
-    def __init__(self) -> None:
-        self.arrival = time.perf_counter()
-        self.first_token: float | None = None
-        self.last: dict[int, float] = {}
-        metrics.REQUESTS_WAITING.inc()
-
-    def on_tokens(self, index: int, count: int) -> None:
-        if count == 0:
-            return
-        now = time.perf_counter()
-        if self.first_token is None:
-            self.first_token = now
-            metrics.TTFT.observe(now - self.arrival)
-            metrics.REQUESTS_WAITING.dec()
-            metrics.REQUESTS_RUNNING.inc()
-        gaps = count if index in self.last else count - 1
-        for _ in range(gaps):
-            metrics.ITL.observe((now - self.last.get(index, now)) / count)
-        self.last[index] = now
-        metrics.GENERATION_TOKENS.inc(count)
-
-    def finish(self, status: str) -> None:
-        (metrics.REQUESTS_WAITING if self.first_token is None else metrics.REQUESTS_RUNNING).dec()
-        if status == "success":
-            metrics.E2E.observe(time.perf_counter() - self.arrival)
-        metrics.REQUESTS_TOTAL.labels(status=status).inc()
 
 
 @dataclass
@@ -167,15 +136,16 @@ class OpenAIServing:
     # ---- entry points -------------------------------------------------------
 
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | PrimedStream:
+        arrival = time.perf_counter()
         self._check_common(req)
-        prompts = [self._prompt(ids) for ids in self._completion_token_ids(req)]
+        prompts = [self._prompt(ids, with_text=req.echo) for ids in self._completion_token_ids(req)]
         params = self._params(req, prompts, req.max_tokens, "max_tokens", "prompt")
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         choices = self._choices(request_id, prompts, params, req)
         if req.stream:
-            return await PrimedStream.start(self._stream(req, request_id, choices, self._completion_chunks))
-        deltas = await self._collect(choices)
+            return await PrimedStream.start(self._stream(req, request_id, choices, self._completion_chunks, arrival))
+        deltas = await self._collect(choices, arrival)
         return CompletionResponse(
             id=request_id,
             model=req.model,
@@ -184,20 +154,21 @@ class OpenAIServing:
         )
 
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | PrimedStream:
+        arrival = time.perf_counter()
         self._check_common(req)
         try:
             ids = self.tokenizer.encode_chat([m.template_dict() for m in req.messages])
         except ChatTemplateError as exc:
             raise APIError(str(exc), param="messages") from exc
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        prompts = [self._prompt(ids)]
+        prompts = [self._prompt(ids, with_text=False)]
         params = self._params(req, prompts, req.output_limit, limit_param, "messages")
         params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = self._choices(request_id, prompts, params, req)
         if req.stream:
-            return await PrimedStream.start(self._stream(req, request_id, choices, self._chat_chunks))
-        deltas = await self._collect(choices)
+            return await PrimedStream.start(self._stream(req, request_id, choices, self._chat_chunks, arrival))
+        deltas = await self._collect(choices, arrival)
         return ChatCompletionResponse(
             id=request_id,
             model=req.model,
@@ -236,15 +207,15 @@ class OpenAIServing:
             raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         return batch
 
-    def _prompt(self, token_ids: list[int]) -> _Prompt:
-        detok = IncrementalDetokenizer(self.tokenizer, [])
-        pieces: list[str] = []
-        offsets: list[int] = []
-        for t in token_ids:
-            offsets.append(sum(map(len, pieces)))
-            pieces.append(detok.add(t))
-        pieces.append(detok.flush())
-        return _Prompt(token_ids, "".join(pieces), offsets)
+    def _prompt(self, token_ids: list[int], with_text: bool) -> _Prompt:
+        prompt = _Prompt(token_ids)
+        if with_text:  # echo: the prompt's text and each token's offset in it
+            detok = IncrementalDetokenizer(self.tokenizer, [])
+            for t in token_ids:
+                prompt.offsets.append(len(prompt.text))
+                prompt.text += detok.add(t)
+            prompt.text += detok.flush()
+        return prompt
 
     def _params(
         self, req: BaseGenerationRequest, prompts: list[_Prompt], limit: int | None, limit_param: str, prompt_param: str
@@ -287,7 +258,7 @@ class OpenAIServing:
 
     # ---- running choices ----------------------------------------------------
 
-    async def _run(self, choice: _Choice, tracker: _RequestMetrics) -> AsyncIterator[_Delta]:
+    async def _run(self, choice: _Choice, tracker: metrics.RequestMetrics) -> AsyncGenerator[_Delta, None]:
         stream = self.backend.generate(choice.request)
         try:
             async for chunk in stream:
@@ -303,7 +274,7 @@ class OpenAIServing:
         finally:
             await _close(stream)
 
-    async def _merge(self, choices: list[_Choice], tracker: _RequestMetrics) -> AsyncIterator[_Delta]:
+    async def _merge(self, choices: list[_Choice], tracker: metrics.RequestMetrics) -> AsyncGenerator[_Delta, None]:
         """Every choice's deltas as they come; an error in one ends them all."""
         queue: asyncio.Queue[_Delta | BaseException | None] = asyncio.Queue()
 
@@ -328,8 +299,8 @@ class OpenAIServing:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _collect(self, choices: list[_Choice]) -> dict[int, list[_Delta]]:
-        tracker = _RequestMetrics()
+    async def _collect(self, choices: list[_Choice], arrival: float) -> dict[int, list[_Delta]]:
+        tracker = metrics.RequestMetrics(arrival)
         deltas: dict[int, list[_Delta]] = {c.index: [] for c in choices}
         status = "error"
         try:
@@ -345,9 +316,10 @@ class OpenAIServing:
         return deltas
 
     async def _stream(
-        self, req: BaseGenerationRequest, request_id: str, choices: list[_Choice], format_delta: ChunkFormatter
-    ) -> AsyncIterator[str]:
-        tracker = _RequestMetrics()
+        self, req: BaseGenerationRequest, request_id: str, choices: list[_Choice], format_delta: ChunkFormatter,
+        arrival: float,
+    ) -> AsyncGenerator[str, None]:
+        tracker = metrics.RequestMetrics(arrival)
         status, sent = "aborted", False
         try:
             try:
@@ -468,12 +440,12 @@ class PrimedStream:
     before anything was sent still becomes a proper HTTP error. ``aclose()``
     ends the generation (aborting it on the workers if it is still running)."""
 
-    def __init__(self, stream: AsyncIterator[str], first: str | None) -> None:
+    def __init__(self, stream: AsyncGenerator[str, None], first: str | None) -> None:
         self._stream = stream
         self._first = first
 
     @classmethod
-    async def start(cls, stream: AsyncIterator[str]) -> PrimedStream:
+    async def start(cls, stream: AsyncGenerator[str, None]) -> PrimedStream:
         try:
             first = await anext(stream)
         except StopAsyncIteration:

@@ -184,10 +184,12 @@ class StopStringMatcher:
         if not self._stop:
             return StopResult(text, False)
         buf = self._pending + text
-        hits = [i for i in (buf.find(s) for s in self._stop) if i >= 0]
+        # The stop string that completes first as characters arrive (the longest
+        # of those completing together), whatever the chunking.
+        hits = [(i + len(s), i) for s, i in ((s, buf.find(s)) for s in self._stop) if i >= 0]
         if hits:
             self._pending = ""
-            return StopResult(buf[: min(hits)], True)
+            return StopResult(buf[: min(hits)[1]], True)
         keep = self._partial_suffix(buf)
         self._pending = buf[len(buf) - keep :] if keep else ""
         return StopResult(buf[: len(buf) - keep], False)
