@@ -36,9 +36,13 @@ class ModelOutputLike(Protocol):
     prompt_logits: dict[str, torch.Tensor]   # seq_id -> [num_new_tokens, vocab]
 
 
+LayerHook = Callable[[int, list[ScheduledChunk]], None]
+
+
 class ModelRunnerLike(Protocol):
     num_blocks: int
     max_model_len: int
+    vocab_size: int
 
     def execute(
         self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None
@@ -68,6 +72,7 @@ class EngineCore:
         self.config = config
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = runner.max_model_len
+        self.vocab_size = runner.vocab_size
         self.block_manager = BlockManager(runner.num_blocks, config.block_size, hash_extra, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, keep_finished_blocks)
         self.sampler = Sampler(eos_token_ids)
@@ -81,8 +86,8 @@ class EngineCore:
             raise ValueError(f"request {request_id} already exists")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id} has an empty prompt")
-        if any(not isinstance(t, int) or t < 0 for t in prompt_token_ids):
-            raise ValueError(f"request {request_id}: prompt token ids must be non-negative ints")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            raise ValueError(f"request {request_id}: prompt token ids must be ints in [0, {self.vocab_size})")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -159,12 +164,15 @@ class EngineCore:
             self.scheduler.release(seq.seq_id)
 
     # -- the step -----------------------------------------------------------------
-    def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[Sequence]:
-        """One forward pass. Returns the sequences that gained a token or finished."""
+    def step(self, on_layer_done: LayerHook | None = None) -> list[Sequence]:
+        """One forward pass. Returns the sequences that gained a token or finished.
+        ``on_layer_done(layer, chunks)`` runs as soon as each layer's KV for the
+        step's ``chunks`` is in the cache (the prefill worker pushes it from there)."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        result = self.runner.execute(out.chunks, on_layer_done)
+        hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, out.chunks))
+        result = self.runner.execute(out.chunks, hook)
         sampling = [c for c in out.chunks if c.samples]
         tokens = self.sampler(result.logits, [c.seq for c in sampling])
         for chunk in out.chunks:

@@ -49,6 +49,7 @@ class ModelRunner:
         self.model_config: ModelConfig = load_model_config(self.model_dir, config.max_model_len)
         mc = self.model_config
         self.max_model_len: int = config.max_model_len or mc.max_position_embeddings
+        self.vocab_size: int = mc.vocab_size
         if not 0 < self.max_model_len <= mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len={self.max_model_len} must be in [1, max_position_embeddings={mc.max_position_embeddings}]"

@@ -102,8 +102,11 @@ class EngineLoop:
             try:
                 changed = self.core.step(on_layer_done=self._on_layer_done)
             except Exception:
-                log.exception("engine step failed; aborting the running requests")
-                changed = self.core.abort_all()
+                log.exception("engine step failed; aborting every request")
+                changed = [seq for request_id in list(self.core.requests) for seq in self.core.abort(request_id)]
+            if not changed:
+                # Work is parked (blocks held for transfers): wait for a command rather than spin.
+                self._wake.wait(timeout=0.005)
             self.stats = self.core.stats()
             updates = [self._update(seq) for seq in changed]
             events = self.core.drain_block_events()

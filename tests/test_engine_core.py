@@ -46,6 +46,7 @@ class FakeRunner:
     num_blocks: int
     block_size: int
     max_model_len: int = 512
+    vocab_size: int = VOCAB
     slots: dict[tuple[int, int], int] = field(default_factory=dict)   # (block, offset) -> token id
     steps: list[list[tuple[str, int, int]]] = field(default_factory=list)
 
@@ -252,7 +253,7 @@ def test_prefill_role_keeps_blocks_until_release() -> None:
     engine = make_engine(keep=True)
     (seq,) = engine.add_request("p", list(range(1, 11)), SamplingParams(temperature=0.0, max_tokens=1))
     layers: list[int] = []
-    changed = engine.step(on_layer_done=layers.append)
+    changed = engine.step(on_layer_done=lambda layer, chunks: layers.append(layer))
     assert changed == [seq] and seq.finish_reason == "length" and layers == [0, 1]
     assert engine.stats().used_blocks == 3
     stored = [h for e in engine.drain_block_events() if isinstance(e, BlockStored) for h in e.block_hashes]

@@ -113,7 +113,10 @@ def test_logprobs_use_raw_distribution_when_sampling() -> None:
     out = Sampler()(logits, seqs)
     raw = torch.log_softmax(logits, -1)
     for i, t in enumerate(out):
-        assert t.token_id in logits[i].topk(5).indices.tolist() or t.token_id in seqs[i].token_ids
+        penalized = logits[i].clone()
+        seen = torch.tensor(sorted(set(seqs[i].token_ids)))
+        penalized[seen] = torch.where(penalized[seen] > 0, penalized[seen] / 1.3, penalized[seen] * 1.3)
+        assert t.token_id in penalized.topk(5).indices.tolist()
         assert t.logprob == pytest.approx(raw[i, t.token_id].item(), abs=1e-6)
         assert [tid for tid, _ in t.top] == raw[i].topk(2).indices.tolist()
 

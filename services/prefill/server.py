@@ -81,6 +81,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         session = await self._open_transfer(request, context) if request.HasField("ticket") else None
         future: asyncio.Future[SeqUpdate] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
+        released = False
         try:
             try:
                 await self.engine.call(lambda: self._ctx.core.add_request(rid, prompt, first_only))
@@ -91,6 +92,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if session is not None:
                 stats = await session.finish(time_remaining(context))
                 kv_bytes, kv_seconds = stats.bytes, stats.seconds
+            await self.engine.call(lambda: self._ctx.core.release(rid))
+            released = True
             return prefill_pb2.PrefillReply(
                 request_id=rid,
                 first_token=logprob_to_proto(update.new_tokens[0]),
@@ -105,9 +108,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         finally:
             self._pending.pop(rid, None)
             self._sessions.pop(rid, None)
-            if session is not None and not session.done:
-                await session.abort()
-            await self.engine.call(lambda: self._ctx.core.release(rid))
+            if not released:
+                if session is not None:
+                    await session.abort()
+                await self.engine.call(lambda: self._ctx.core.abort(rid))
 
     async def _open_transfer(self, request: prefill_pb2.PrefillRequest, context) -> TransferSession:
         ticket: kvtransfer_pb2.TransferTicket = request.ticket
