@@ -631,3 +631,34 @@ def test_launcher_flags_build_the_config(monkeypatch) -> None:
     assert (config.port, config.max_queue, config.block_size) == (9123, 7, 32)
     assert config.prefill_addrs == ["h:1", "h:2"] and config.decode_addrs == ["h:3"]
     assert config.api_keys == ["sk-flag", "sk-env1", "sk-env2"]
+
+
+@pytest.mark.integration
+def test_gateway_process_drains_on_sigterm_and_exits_zero() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [sys.executable, "-m", "baton.services.gateway", "--model-dir", str(DEMO_MODEL), "--port", str(port),
+           "--prefill-addr", "127.0.0.1:9", "--decode-addr", "127.0.0.1:9", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert httpx.get(f"{url}/ready", timeout=5).status_code == 503  # no worker answers
+        assert httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"] == DEMO_MODEL.name
+        proc.send_signal(15)
+        time.sleep(0.2)
+        ready = httpx.get(f"{url}/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["draining"] is True
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

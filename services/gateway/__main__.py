@@ -10,6 +10,7 @@ uvicorn shuts down and the process exits 0. A second signal exits at once.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import time
@@ -100,15 +101,20 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+async def serve(config: GatewayConfig, log_level: str) -> None:
+    """Build the app inside the running loop (the backend's gRPC channels bind to it) and serve."""
+    app = create_app(config, GrpcBackend(config), GatewayTokenizer(config.model_dir))
+    server_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=FINAL_SHUTDOWN_S
+    )
+    await DrainingServer(server_config, app.state.gateway, config.shutdown_timeout_s).serve()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config, GrpcBackend(config), GatewayTokenizer(config.model_dir))
-    server_config = uvicorn.Config(
-        app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=FINAL_SHUTDOWN_S
-    )
-    DrainingServer(server_config, app.state.gateway, config.shutdown_timeout_s).run()
+    asyncio.run(serve(config, args.log_level))
 
 
 if __name__ == "__main__":
