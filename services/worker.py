@@ -49,7 +49,7 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, help="register and publish the prefix index here")
     p.add_argument("--heartbeat-ttl", type=float, default=10.0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-mb", type=int, default=256)

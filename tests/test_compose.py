@@ -2,6 +2,7 @@
 same modules, flags each service's own parser accepts, and the default ports."""
 
 import argparse
+import re
 import shlex
 from pathlib import Path
 
@@ -20,12 +21,20 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "compose.yaml").read_text())
 
 
+def _resolve(value: str) -> str:
+    """Compose's ``${VAR:-default}`` as the default it falls back to."""
+    match = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return match.group(1) if match else value
+
+
 def _argv(service: dict) -> list[str]:
-    """The service's command as argv, with $$VAR placeholders standing in for values."""
+    """The service's command as argv, its ``$$VAR`` references filled from its environment."""
     command = service["command"]
     assert command.startswith("sh -c '"), command
     inner = command.removeprefix("sh -c '").removesuffix("'")
-    return shlex.split(inner.replace("$$", "$"))[1:]  # drop "exec"
+    env = {k: _resolve(v) for k, v in service["environment"].items()}
+    argv = shlex.split(inner.replace("$$", "$"))[1:]  # drop "exec"
+    return [env[a[1:]] if a.startswith("$") else a for a in argv]
 
 
 def _plan() -> launcher.Plan:
@@ -46,7 +55,8 @@ def test_services_match_launcher(compose):
 def test_worker_commands_parse_with_default_ports(compose, role, port):
     service = compose["services"][role]
     args = worker_arg_parser(role, default_port=port).parse_args(_argv(service)[3:])
-    assert args.port == port and args.model == "$MODEL" and args.redis_url == "$REDIS_URL"
+    assert args.port == port and args.model == "/models/shakespeare-llama-5m" and args.redis_url == "redis://redis:6379/0"
+    assert args.dtype == "bfloat16" and args.device == "cuda"
     assert service["ports"] == [f"{port}:{port}"]
     assert worker_arg_parser(role, default_port=port).parse_args(["--model", "m"]).port == port
     assert service["environment"]["MODEL"].startswith("${MODEL:-")
