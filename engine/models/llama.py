@@ -150,7 +150,9 @@ class LlamaForCausalLM(nn.Module):
         on_layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """``input_ids``/``positions`` ``[T]`` -> final hidden states ``[T, hidden]``.
-        ``on_layer_done(i)`` is called once layer ``i`` has written its KV into ``kv_caches[i]``."""
+        ``on_layer_done(i)`` is called once layer ``i`` has written its KV into ``kv_caches[i]``
+        (on CUDA: once that write is enqueued on the current stream; record an event there
+        before reading the cache from another stream)."""
         hidden = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
