@@ -57,6 +57,7 @@ class ModelRunner:
         dtype_name = config.dtype or mc.dtype
         if dtype_name not in TORCH_DTYPES:
             raise ValueError(f"dtype {dtype_name!r} is not supported; supported: {', '.join(TORCH_DTYPES)}")
+        self.vocab_size: int = mc.vocab_size
         self.dtype: torch.dtype = TORCH_DTYPES[dtype_name]
         self.device = torch.device(config.device)
         self.block_size = config.block_size
@@ -115,7 +116,7 @@ class ModelRunner:
         for chunk in chunks:
             ids.extend(_chunk_token_ids(chunk.seq, chunk.start, chunk.num_new_tokens))
         input_ids = torch.tensor(ids, dtype=torch.int64)
-        vocab = self.model_config.vocab_size
+        vocab = self.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got one outside")
         return input_ids.to(self.device)

@@ -150,7 +150,7 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path: Path):
 @pytest.mark.model
 def test_dtype_override_and_cache_sizing():
     runner = ModelRunner(str(DEMO), EngineConfig(block_size=16, dtype="float16", kv_cache_memory_bytes=1 << 20))
-    assert runner.dtype == torch.float16
+    assert runner.dtype == torch.float16 and runner.vocab_size == 1024 and runner.max_model_len == 2048
     assert all(p.dtype == torch.float16 for p in runner.model.parameters())
     # 6 layers * K,V * 16 slots * 2 heads * 64 dims * 2 bytes = 49,152 bytes per block
     assert runner.block_bytes() == 49152 and runner.num_blocks == (1 << 20) // 49152
