@@ -20,7 +20,7 @@ from baton.engine.model_config import ModelConfig, RopeConfig, load_model_config
 from baton.engine.model_runner import ModelRunner
 from baton.engine.rope import build_cos_sin_cache, inverse_frequencies
 
-DEMO = Path("/work/shared/models/shakespeare-llama-5m")
+DEMO = Path(__file__).resolve().parents[2] / "shared" / "models" / "shakespeare-llama-5m"
 BASE = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
     "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 128, "max_position_embeddings": 512,

@@ -21,7 +21,7 @@ from baton.engine.sequence import ScheduledChunk, Sequence
 
 pytestmark = pytest.mark.model
 
-DEMO = "/work/shared/models/shakespeare-llama-5m"
+DEMO = str(Path(__file__).resolve().parents[2] / "shared" / "models" / "shakespeare-llama-5m")
 PROMPTS = ["JULIET:\nO Romeo", "ROMEO:\nBut, soft! what light", "First Citizen:\nBefore we proceed any further", "KING"]
 NEW_TOKENS = 12
 
