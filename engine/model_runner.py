@@ -9,6 +9,7 @@ The runner owns the weights and the KV cache tensors (one per layer,
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,10 +98,7 @@ class ModelRunner:
             raise ValueError(f"a sequence reaches {meta.max_seq_len} tokens, over max_model_len={self.max_model_len}")
         input_ids = self._input_ids(chunks)
         hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, on_layer_done)
-        ends, end = [], 0
-        for chunk in chunks:
-            end += chunk.num_new_tokens
-            ends.append(end)
+        ends = list(itertools.accumulate(chunk.num_new_tokens for chunk in chunks))
         sample_rows = [ends[i] - 1 for i, chunk in enumerate(chunks) if chunk.samples]
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         output = ModelOutput(logits=self.model.compute_logits(hidden.index_select(0, rows)))
