@@ -6,8 +6,10 @@ attention GB/s over a batch x context grid as a fraction of that bandwidth,
 prefill attention TFLOP/s (causal FLOPs = 4 * seq^2 / 2 * heads * dim), block
 gather/scatter for one layer of a 2,048-token prompt, and the element-wise
 kernels. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128,
-bf16, block 16). Times are ``triton.testing.do_bench`` medians; inputs rotate
-over several sets so that the L2 cache does not flatter small cases.
+bf16, block 16). Times are medians of ``triton.testing.do_bench`` (prefill, eager
+decode) or ``do_bench_cudagraph`` (the short kernels, replayed from a CUDA graph as
+the decode runner does); inputs rotate over several sets so that the L2 cache
+does not flatter small cases.
 
     python3 bench/bench_kernels.py [--quick]
 """
@@ -24,19 +26,23 @@ from collections.abc import Callable
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from baton.kernels import activation, kv_cache, norm, rotary
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
-from baton.kernels.attention_prefill import PrefillConfig, launch_paged_attention
+from baton.kernels.attention_prefill import PrefillConfig, default_config, launch_paged_attention
 
 HEADS, KV_HEADS, DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
 KV_TOKEN_BYTES = 2 * KV_HEADS * DIM * 2  # K and V of one token, bf16
 ROTATE_BYTES = 512 * 2**20  # keep at least this much distinct input in rotation
 
 
-def median_ms(fns: list[Callable[[], object]]) -> float:
+def median_ms(fns: list[Callable[[], object]], graph: bool = False) -> float:
+    """Median time of one call; ``graph`` replays the calls from a CUDA graph (as the
+    decode runner does), which removes the host's launch cost from the figure."""
     cycle = itertools.cycle(fns)
+    if graph:
+        return do_bench_cudagraph(lambda: next(cycle)(), rep=100, return_mode="median")
     return do_bench(lambda: next(cycle)(), warmup=25, rep=100, return_mode="median")
 
 
@@ -68,18 +74,18 @@ def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: Decode
         q = torch.randn(batch, HEADS, DIM, dtype=DTYPE, device="cuda")
         tables = ids.view(batch, per_seq)
         fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, DIM**-0.5, config))
-    ms = median_ms(fns)
+    ms, eager_ms = median_ms(fns, graph=True), median_ms(fns)
     gbs = (nbytes + 2 * q.numel() * 2) / ms / 1e6
-    return f"| decode | batch {batch}, ctx {ctx} | {ms * 1e3:.1f} us | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
+    return f"| decode | batch {batch}, ctx {ctx} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
 
 
-def prefill_row(pool: Pool, seq: int, config: PrefillConfig, label: str) -> str:
+def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str) -> str:
     cu = torch.tensor([0, seq], dtype=torch.int32, device="cuda")
     seq_lens = torch.tensor([seq], dtype=torch.int32, device="cuda")
     fns = []
     for ids in pool.block_sets(seq // BLOCK, seq * KV_TOKEN_BYTES)[:2]:
         q = torch.randn(seq, HEADS, DIM, dtype=DTYPE, device="cuda")
-        fns.append(lambda q=q, t=ids.view(1, -1): launch_paged_attention(q, pool.cache, cu, seq_lens, t, DIM**-0.5, config))
+        fns.append(lambda q=q, t=ids.view(1, -1): launch_paged_attention(q, pool.cache, cu, seq_lens, t, DIM**-0.5, config or default_config(q)))
     ms = median_ms(fns)
     tflops = 4 * seq * seq / 2 * HEADS * DIM / ms / 1e9
     return f"| prefill {label} | 1 x {seq} tokens | {ms * 1e3:.1f} us | {tflops:.0f} TFLOP/s | |"
@@ -106,7 +112,7 @@ def transfer_rows(pool: Pool, copy_gbs: float) -> list[str]:
         ("scatter_blocks", [lambda i=ids, p=p: kv_cache.scatter_blocks(pool.cache, i, p) for ids, p in zip(sets, packed)]),
         ("torch index_select (ref)", [lambda i=ids: kv_cache.ref_gather_blocks(pool.cache, i) for ids in sets]),
     ):
-        ms = median_ms(fns)
+        ms = median_ms(fns, graph=True)
         gbs = 2 * n * block_bytes / ms / 1e6
         rows.append(f"| {name} | 128 blocks x 64 KiB (8B layer, 2k prompt) | {ms * 1e3:.1f} us | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
     return rows
@@ -134,7 +140,7 @@ def elementwise_rows(copy_gbs: float) -> list[str]:
     ]
     rows = []
     for name, nbytes, fns, refs in cases:
-        ms, ref_ms = median_ms(fns), median_ms(refs)
+        ms, ref_ms = median_ms(fns, graph=True), median_ms(refs, graph=True)
         gbs = nbytes / ms / 1e6
         rows.append(f"| {name} | 4096 tokens | {ms * 1e3:.1f} us (torch ref {ref_ms * 1e3:.1f} us) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
     return rows
@@ -151,7 +157,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     lines = [f"# Kernel benchmarks: {props.name}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"torch {torch.__version__}, triton {triton.__version__}, {props.multi_processor_count} SMs; "
-             f"Llama-3-8B shapes ({HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}, bf16, block {BLOCK}); do_bench medians",
+             f"Llama-3-8B shapes ({HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}, bf16, block {BLOCK}); medians, "
+             "CUDA-graph replay for decode, transfers and element-wise kernels (eager times beside decode)",
              "", "| kernel | case | time | rate | vs copy |", "| --- | --- | --- | --- | --- |"]
 
     def emit(row: str) -> None:
@@ -167,7 +174,7 @@ def main() -> None:
         emit(decode_row(pool, batch, ctx, copy_gbs, DecodeConfig()))
     emit(decode_row(pool, 1, 32768, copy_gbs, DecodeConfig()))
     for seq in (1024, 4096, 8192):
-        emit(prefill_row(pool, seq, PrefillConfig(128, 64, 8, 3), "paged (default tiles)"))
+        emit(prefill_row(pool, seq, None, "paged (default tiles)"))
         emit(sdpa_row(seq))
     for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
         emit(row)
@@ -181,10 +188,16 @@ def main() -> None:
 
 def sweep(pool: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
     """Launch-parameter candidates, to choose the defaults."""
-    for cfg in (DecodeConfig(64, 4, 2), DecodeConfig(128, 4, 3), DecodeConfig(128, 8, 3), DecodeConfig(64, 4, 3, 8), DecodeConfig(32, 4, 4), DecodeConfig(64, 2, 3)):
-        for batch, ctx in ((1, 16384), (16, 2048), (64, 4096), (128, 512)):
+    decode_candidates = (
+        DecodeConfig(64, 4, 2, 8, 128, 128), DecodeConfig(64, 4, 3, 8, 128, 128), DecodeConfig(32, 4, 2, 8, 128, 128),
+        DecodeConfig(64, 4, 2, 3, 128, 128), DecodeConfig(128, 4, 3, 4, 256, 64), DecodeConfig(64, 8, 2, 4, 256, 64),
+    )
+    for cfg in decode_candidates:
+        for batch, ctx in ((1, 16384), (1, 4096), (16, 2048), (128, 512)):
             emit(decode_row(pool, batch, ctx, copy_gbs, cfg).replace("| decode |", f"| decode {cfg} |"))
-    for cfg in (PrefillConfig(128, 64, 4, 3), PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 32, 4, 4), PrefillConfig(128, 64, 8, 2)):
+    prefill_candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 64, 8, 2),
+                          PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 128, 8, 2), PrefillConfig(64, 64, 4, 4))
+    for cfg in prefill_candidates:
         emit(prefill_row(pool, 4096, cfg, str(cfg)))
 
 

@@ -4,7 +4,9 @@ One program handles every query head of one KV head group for one slice of a
 sequence's context, so each KV tile is loaded once for the whole group. Long
 contexts with few sequences are split over several programs (split-K); a second
 kernel merges the partial results by their log-sum-exp. The split count depends
-only on tensor shapes, never on tensor values, so the launch needs no host sync.
+only on tensor shapes, never on tensor values, so the launch needs no host sync
+and can be captured in a CUDA graph. A sequence of length 0 (batch padding) gets
+zeros.
 """
 
 from __future__ import annotations
@@ -19,18 +21,18 @@ import triton.language as tl
 
 from baton.kernels.checks import check_device, check_int_index, check_kv_cache, check_last_dim_contiguous, check_power_of_two, check_shape
 
-_MIN_SPLIT_TOKENS = 256
-_MAX_SPLITS = 64
-
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters: keys per loop step, warps, pipeline depth, programs per SM to aim for."""
+    """Launch parameters: keys per loop step, warps, pipeline depth, and how far to
+    split the context (programs per SM to aim for, shortest split, most splits)."""
 
     tile_n: int = 64
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
     programs_per_sm: int = 4
+    min_split_tokens: int = 256
+    max_splits: int = 64
 
 
 DEFAULT_CONFIG = DecodeConfig()
@@ -82,7 +84,7 @@ def _paged_decode_attention_kernel(
         m = m_new
 
     if NUM_SPLITS == 1:
-        out = acc / l[:, None]
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
         o_ptrs = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
     else:
@@ -98,16 +100,25 @@ def _paged_decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr,
     stride_o_seq, stride_o_head,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
+    """Merge one head's split results, weighting each by its share of the softmax mass."""
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
     row = (seq * NUM_HEADS + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + row + s, mask=s < NUM_SPLITS, other=float("-inf"))
-    weight = tl.math.exp2(lse - tl.max(lse, 0))
-    parts = tl.load(part_out_ptr + (row + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0)
-    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    all_splits = tl.arange(0, SPLITS_PAD)
+    lse_max = tl.max(tl.load(part_lse_ptr + row + all_splits, mask=all_splits < NUM_SPLITS, other=float("-inf")), 0)
+    lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)  # an empty sequence: every weight is 0
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    total = 0.0
+    for first in tl.static_range(0, NUM_SPLITS, CHUNK):
+        s = first + tl.arange(0, CHUNK)
+        weight = tl.math.exp2(tl.load(part_lse_ptr + row + s, mask=s < NUM_SPLITS, other=float("-inf")) - lse_max)
+        parts = tl.load(part_out_ptr + (row + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0)
+        acc += tl.sum(parts * weight[:, None], 0)
+        total += tl.sum(weight, 0)
+    out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -116,11 +127,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def num_splits(device: torch.device, batch: int, num_kv_heads: int, max_context: int, programs_per_sm: int) -> int:
+def num_splits(device: torch.device, batch: int, num_kv_heads: int, max_context: int, config: DecodeConfig) -> int:
     """Split the context until about ``programs_per_sm`` programs per SM are busy,
-    keeping each split at least ``_MIN_SPLIT_TOKENS`` long."""
-    wanted = math.ceil(programs_per_sm * _num_sms(device) / max(1, batch * num_kv_heads))
-    return max(1, min(wanted, _MAX_SPLITS, math.ceil(max_context / _MIN_SPLIT_TOKENS)))
+    keeping each split at least ``min_split_tokens`` long."""
+    wanted = math.ceil(config.programs_per_sm * _num_sms(device) / max(1, batch * num_kv_heads))
+    return max(1, min(wanted, config.max_splits, math.ceil(max_context / config.min_split_tokens)))
 
 
 def _check_decode_args(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
@@ -167,7 +178,7 @@ def launch_paged_decode_attention(
         return out
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * block_size
-    splits = num_splits(q.device, batch, num_kv_heads, max_context, config.programs_per_sm)
+    splits = num_splits(q.device, batch, num_kv_heads, max_context, config)
     split_len = triton.cdiv(triton.cdiv(max_context, splits), config.tile_n) * config.tile_n
     part_out = torch.empty((batch, num_heads, splits, head_dim) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((batch, num_heads, splits) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
@@ -186,6 +197,6 @@ def launch_paged_decode_attention(
     if splits > 1:
         _paged_decode_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), CHUNK=16,
         )
     return out

@@ -2,7 +2,7 @@
 positions of its ``seq_len``-token context) attend causally over the whole paged
 context, cached prefix included.
 
-Programs are (query tile, query head). Sequence ``i`` owns the tile ids from
+Programs are (query head, query tile). Sequence ``i`` owns the tile ids from
 ``cu_query_lens[i] // BLOCK_M + i``, so the grid ``num_tokens // BLOCK_M + batch``
 covers every tile without reading lengths on the host; each program finds its
 sequence by binary search. Keys before a tile's first query position need no
@@ -37,13 +37,14 @@ def _attend_tile(
     else:
         block = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
     row = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + head_off
-    k = tl.load(kv_ptr + row[None, :] + d[:, None])
+    k = tl.load(kv_ptr + row[:, None] + d[None, :])
     v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :])
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         s = tl.where((pos[None, :] <= q_pos[:, None]) & in_range[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+    # Scale inside the exponent: one fused multiply-add per score.
+    m_new = tl.maximum(m, tl.max(s, 1) * scale_log2)
+    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
     alpha = tl.math.exp2(m - m_new)
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -76,8 +77,9 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile_id = tl.program_id(0)
-    head = tl.program_id(1)
+    # Heads vary fastest and the last tiles (the longest causal rows) start first.
+    head = tl.program_id(0)
+    tile_id = tl.num_programs(1) - 1 - tl.program_id(1)
     seq = _find_sequence(cu_query_lens_ptr, num_seqs, tile_id, BLOCK_M)
     q_start = tl.load(cu_query_lens_ptr + seq)
     q_len = tl.load(cu_query_lens_ptr + seq + 1) - q_start
@@ -133,7 +135,7 @@ def default_config(q: torch.Tensor) -> PrefillConfig:
         return PrefillConfig(32, 32, 4, 1)
     if q.dtype == torch.float32 or q.shape[-1] > 128:
         return PrefillConfig(64, 32, 4, 2)
-    return PrefillConfig(128, 64, 8, 3)
+    return PrefillConfig(128, 128, 8, 3)
 
 
 def _check_prefill_args(q: torch.Tensor, kv_cache: torch.Tensor, cu_query_lens: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
@@ -183,7 +185,7 @@ def launch_paged_attention(
     batch = seq_lens.shape[0]
     if num_tokens == 0 or batch == 0:
         return out
-    grid = (num_tokens // config.block_m + batch, num_heads)
+    grid = (num_heads, num_tokens // config.block_m + batch)
     _paged_attention_kernel[grid](
         q, kv_cache, out, cu_query_lens, seq_lens, block_tables,
         batch, scale * math.log2(math.e),

@@ -16,8 +16,9 @@ F = TypeVar("F", bound=Callable)
 def _dispatch(kernel: F, ref: F) -> F:
     """``kernel`` when the first tensor argument is on a CUDA device, else ``ref``."""
 
-    def call(first: torch.Tensor, *args, **kwargs):
-        return (kernel if first.is_cuda else ref)(first, *args, **kwargs)
+    def call(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        return (kernel if first.is_cuda else ref)(*args, **kwargs)
 
     call.__name__, call.__doc__ = kernel.__name__, kernel.__doc__
     return call  # type: ignore[return-value]

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from baton.kernels import activation, attention, kv_cache, norm, rotary
+from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
 
 GQA = [(2, 2), (4, 2), (8, 2), (16, 2), (4, 1)]  # ratios 1, 2, 4, 8 and MQA
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
@@ -73,6 +74,17 @@ def check_paged_decode_attention(device: str, dtype: torch.dtype, heads: int, kv
     _poison_allocator(device, q.numel() * q.element_size())
     got = attention.paged_decode_attention(q, cache, seq_lens, tables, scale)
     _assert_close(got, attention.ref_paged_decode_attention(q, cache, seq_lens, tables, scale), dtype)
+
+
+def check_decode_many_splits_and_padding(device: str, dtype: torch.dtype) -> None:
+    """Forty splits (merged in chunks) and a length-0 padding sequence, which gets zeros."""
+    q, cache, _, seq_lens, tables = paged_case([1] * 3, [700, 1, 9], 4, 2, 16, 16, dtype, device)
+    seq_lens[2] = 0
+    config = DecodeConfig(tile_n=16, programs_per_sm=40, min_split_tokens=16, max_splits=40)
+    _poison_allocator(device, q.numel() * q.element_size())
+    got = launch_paged_decode_attention(q, cache, seq_lens, tables, 0.25, config)
+    _assert_close(got[:2], attention.ref_paged_decode_attention(q[:2], cache, seq_lens[:2], tables[:2], 0.25), dtype)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
 def check_store_kv(device: str, dtype: torch.dtype, block_size: int, kv_heads: int, head_dim: int) -> None:
@@ -133,6 +145,7 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
         yield f"prefill h{heads}/{kv_heads} bs{bs}", lambda h=heads, k=kv_heads, b=bs, p=pairs: check_paged_attention(device, dtype, h, k, b, 16, p)
         lens = [1, bs, bs + 3, 300]  # 300: long enough to split the context
         yield f"decode h{heads}/{kv_heads} bs{bs}", lambda h=heads, k=kv_heads, b=bs, l=lens: check_paged_decode_attention(device, dtype, h, k, b, 16, l)
+    yield "decode many splits + padding", lambda: check_decode_many_splits_and_padding(device, dtype)
     yield "decode unsplit", lambda: check_paged_decode_attention(device, dtype, 8, 4, 16, 16, [1, 17, 33, 5, 2])
     yield "prefill dim 64", lambda: check_paged_attention(device, dtype, 4, 2, 16, 64, [(40, 70), (33, 33)])
     for bs in (8, 16):

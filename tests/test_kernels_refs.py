@@ -144,6 +144,7 @@ def test_ops_use_the_references_for_cpu_tensors() -> None:
     assert torch.equal(ops.paged_attention(q, cache, cu, seq_lens, tables, 0.5), attention.ref_paged_attention(q, cache, cu, seq_lens, tables, 0.5))
     x, w = torch.randn(3, 32), torch.randn(32)
     assert torch.equal(ops.rms_norm(x, w, 1e-6), norm.ref_rms_norm(x, w, 1e-6))
+    assert torch.equal(ops.silu_and_mul(x=x), activation.ref_silu_and_mul(x))
     names = ["store_kv", "gather_blocks", "scatter_blocks", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_embedding", "silu_and_mul"]
     assert all(callable(getattr(ops, n)) for n in names)
 
