@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_device, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
+from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 
 _COPY_BLOCK = 4096
 
@@ -55,6 +55,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     num_tokens = key.shape[0] if key.dim() == 3 else -1
     for name, t in (("key", key), ("value", value)):
         check_shape(name, t, (num_tokens, num_heads, head_dim))
+        check_dtype(name, t)
         check_device(name, t, kv_cache)
         check_last_dim_contiguous(name, t)
     check_int_index("slot_mapping", slot_mapping, (num_tokens,), kv_cache)
