@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -80,13 +80,13 @@ class TransferSession(abc.ABC):
     """The sending half of one request's transfer."""
 
     @abc.abstractmethod
-    def submit_layer(self, layer: int, kv_cache: torch.Tensor, blocks: range | None = None) -> None:
-        """Pack blocks ``blocks`` (indices into the request's block list; default all)
-        of ``layer`` from ``kv_cache`` now and queue them for sending. Thread-safe and
-        non-blocking: call it from the compute thread right after the layer is written;
-        the cache may be overwritten as soon as it returns. With chunked prefill, call it
-        once per step for the blocks that step wrote. After a failure or abort it does
-        nothing; the failure is raised by ``finish``."""
+    def submit_layer(self, layer: int, kv_cache: torch.Tensor, src_block_ids: Sequence[int], first: int = 0) -> None:
+        """Pack source blocks ``src_block_ids`` of ``layer`` from ``kv_cache`` now and
+        queue them for the ticket's destination blocks ``first .. first + len - 1``.
+        Thread-safe and non-blocking: call it from the compute thread right after the
+        layer is written; the cache may be overwritten as soon as it returns. With
+        chunked prefill, call it once per step for the blocks that step wrote. After a
+        failure or abort it does nothing; the failure is raised by ``finish``."""
 
     @abc.abstractmethod
     async def finish(self, timeout_s: float) -> TransferStats:
@@ -105,7 +105,7 @@ class KVSender(abc.ABC):
     transport: ClassVar[str]
 
     @abc.abstractmethod
-    def open(self, ticket: TransferTicket, local_layout: KVLayout, src_block_ids: list[int]) -> TransferSession:
+    def open(self, ticket: TransferTicket, local_layout: KVLayout) -> TransferSession:
         """Start a transfer for ``ticket``. Call on the event loop thread. Raises
         ``LayoutMismatch`` before anything is sent if ``ticket.layout`` differs from
         ``local_layout``, and ``TransferError`` for an unusable ticket."""

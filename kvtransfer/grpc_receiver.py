@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import grpc
@@ -182,7 +183,10 @@ class GrpcKVReceiver(KVReceiver):
                            f"for {count} blocks")
         entry.started = entry.started or time.perf_counter()
         cache = self._caches[chunk.layer]
-        packed = torch.frombuffer(chunk.data, dtype=torch.uint8).view(cache.dtype).view(count, *layout.block_shape)
+        with warnings.catch_warnings():  # protobuf bytes are read-only; the view is only read from
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(chunk.data, dtype=torch.uint8)
+        packed = raw.view(cache.dtype).view(count, *layout.block_shape)
         ops.scatter_blocks(cache, entry.block_ids[first:first + count], packed.to(cache.device))
         entry.landed[chunk.layer, first:first + count] = True
         entry.bytes += len(chunk.data)

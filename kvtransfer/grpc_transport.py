@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -77,14 +78,12 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 class GrpcTransferSession(TransferSession):
     """The sending half of one request's transfer over one ``Push`` stream."""
 
-    def __init__(self, *, ticket: TransferTicket, src_block_ids: list[int], channel: grpc.aio.Channel,
+    def __init__(self, *, ticket: TransferTicket, channel: grpc.aio.Channel,
                  blocks_per_message: int, stream_timeout_s: float) -> None:
         self._ticket = ticket
         self._layout = ticket.layout
-        self._src = torch.tensor(src_block_ids, dtype=torch.int64)
-        self._src_on: dict[torch.device, torch.Tensor] = {self._src.device: self._src}
         self._blocks_per_message = blocks_per_message
-        self._submitted = torch.zeros(ticket.layout.num_layers, len(src_block_ids), dtype=torch.bool)
+        self._submitted = torch.zeros(ticket.layout.num_layers, len(ticket.block_ids), dtype=torch.bool)
         self._lock = threading.Lock()
         self._stopped = False
         self._call: grpc.aio.StreamUnaryCall | None = None
@@ -94,31 +93,26 @@ class GrpcTransferSession(TransferSession):
         self._task = self._loop.create_task(self._run(stream_timeout_s))
         self._task.add_done_callback(self._on_done)
 
-    def submit_layer(self, layer: int, kv_cache: torch.Tensor, blocks: range | None = None) -> None:
+    def submit_layer(self, layer: int, kv_cache: torch.Tensor, src_block_ids: Sequence[int], first: int = 0) -> None:
         if self._stopped:
             return
-        num_blocks = len(self._src)
-        blocks = range(num_blocks) if blocks is None else blocks
+        num_blocks, count = len(self._ticket.block_ids), len(src_block_ids)
         if not 0 <= layer < self._layout.num_layers:
             raise ValueError(f"layer {layer} outside [0, {self._layout.num_layers})")
-        if blocks.step != 1 or not 0 <= blocks.start < blocks.stop <= num_blocks:
-            raise ValueError(f"blocks {blocks} must be a non-empty contiguous range within [0, {num_blocks})")
+        if count == 0 or not 0 <= first <= first + count <= num_blocks:
+            raise ValueError(f"{count} blocks at {first} must be a non-empty run within the ticket's {num_blocks}")
         self._layout.check_cache(kv_cache)
-        packed = ops.gather_blocks(kv_cache, self._src_ids(kv_cache.device)[blocks.start:blocks.stop])
-        items = [self._pack(layer, blocks.start + i, packed[i:i + self._blocks_per_message])
-                 for i in range(0, len(blocks), self._blocks_per_message)]
+        src = torch.tensor(src_block_ids, dtype=torch.int64).to(kv_cache.device, non_blocking=True)
+        packed = ops.gather_blocks(kv_cache, src)
+        items = [self._pack(layer, first + i, packed[i:i + self._blocks_per_message])
+                 for i in range(0, count, self._blocks_per_message)]
         with self._lock:
-            self._submitted[layer, blocks.start:blocks.stop] = True
+            self._submitted[layer, first:first + count] = True
         try:
             for item in items:
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nothing can be sent any more
             self._stopped = True
-
-    def _src_ids(self, device: torch.device) -> torch.Tensor:
-        if device not in self._src_on:
-            self._src_on[device] = self._src.to(device)
-        return self._src_on[device]
 
     def _pack(self, layer: int, first_block: int, packed: torch.Tensor) -> _Packed:
         item = _Packed(layer=layer, first_block=first_block, num_blocks=packed.shape[0])
@@ -222,18 +216,17 @@ class GrpcKVSender(KVSender):
         self._stream_timeout_s = stream_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def open(self, ticket: TransferTicket, local_layout: KVLayout, src_block_ids: list[int]) -> GrpcTransferSession:
+    def open(self, ticket: TransferTicket, local_layout: KVLayout) -> GrpcTransferSession:
         if ticket.transport != self.transport:
             raise TransferError(f"ticket asks for transport {ticket.transport!r}, this sender is {self.transport!r}")
         check_layout(local_layout, ticket.layout)
-        if not ticket.block_ids or len(src_block_ids) != len(ticket.block_ids):
-            raise TransferError(f"ticket has {len(ticket.block_ids)} destination blocks for "
-                                f"{len(src_block_ids)} source blocks")
+        if not ticket.block_ids:
+            raise TransferError("ticket has no destination blocks")
         blocks_per_message = self._chunk_bytes // local_layout.block_bytes
         if blocks_per_message < 1:
             raise TransferError(f"one KV block is {local_layout.block_bytes} bytes, over the "
                                 f"{self._chunk_bytes}-byte chunk limit")
-        return GrpcTransferSession(ticket=ticket, src_block_ids=src_block_ids, channel=self._channel(ticket.address),
+        return GrpcTransferSession(ticket=ticket, channel=self._channel(ticket.address),
                                    blocks_per_message=blocks_per_message, stream_timeout_s=self._stream_timeout_s)
 
     def _channel(self, address: str) -> grpc.aio.Channel:

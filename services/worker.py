@@ -95,16 +95,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         hash_extra=fingerprint,
         keep_finished_blocks=keep_finished_blocks,
     )
-    mc = runner.model_config
-    layout = KVLayout(
-        model_fingerprint=fingerprint,
-        dtype=str(runner.dtype).removeprefix("torch."),
-        block_size=config.block_size,
-        layout="NB2SHD",
-        num_layers=mc.num_layers,
-        num_kv_heads=mc.num_kv_heads,
-        head_dim=mc.head_dim,
-    )
+    layout = KVLayout.from_caches(runner.kv_caches, fingerprint)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     address = f"{args.advertise_host or args.host}:{args.port}"
     publisher = None
@@ -118,20 +109,18 @@ async def serve(
     args: argparse.Namespace,
     ctx: WorkerContext,
     role: str,
-    register: Callable[[grpc.aio.Server], list[str]],
-    on_start: Callable[[], None],
-    on_stop: Callable[[], None],
+    register: Callable[[grpc.aio.Server], tuple[list[str], EngineLoop]],
 ) -> None:
     """Run a worker's gRPC server until SIGTERM/SIGINT. ``register`` adds the
-    role's servicers and returns their full service names."""
+    role's servicers and returns their full service names and the engine loop."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    names = register(server)
+    names, engine = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
-    on_start()
+    engine.start()
     if ctx.publisher is not None:
         await ctx.publisher.start()
     for name in ["", *names]:
@@ -146,7 +135,7 @@ async def serve(
     log.info("%s worker %s draining (grace %.0fs)", role, ctx.worker_id, args.shutdown_grace)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(args.shutdown_grace)
-    on_stop()
+    engine.stop()
     if ctx.publisher is not None:
         await ctx.publisher.stop()
 

@@ -14,18 +14,18 @@ async def main() -> None:
     args = worker_arg_parser("decode", default_port=50061).parse_args()
     setup_logging(args.log_level)
     ctx = build_worker(args, "decode", keep_finished_blocks=False)
-    receiver = create_receiver("grpc", ctx.runner.kv_caches, ctx.layout)
-    servicer = DecodeServicer(ctx, receiver)
 
-    def register(server) -> list[str]:
+    def register(server):
+        receiver = create_receiver("grpc", ctx.runner.kv_caches, address=ctx.address, server=server)
+        servicer = DecodeServicer(ctx, receiver)
         decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
-        receiver.add_to_server(server)
-        return [
+        names = [
             decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
             kvtransfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name,
         ]
+        return names, servicer.engine
 
-    await serve(args, ctx, "decode", register, servicer.engine.start, servicer.engine.stop)
+    await serve(args, ctx, "decode", register)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ async def main() -> None:
     ctx = build_worker(args, "prefill", keep_finished_blocks=True)
     servicer = PrefillServicer(ctx)
 
-    def register(server) -> list[str]:
+    def register(server):
         prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
-        return [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
+        return [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name], servicer.engine
 
-    await serve(args, ctx, "prefill", register, servicer.engine.start, servicer.engine.stop)
+    await serve(args, ctx, "prefill", register)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import math
 import grpc
 
 from baton.engine.sequence import ScheduledChunk
-from baton.kvtransfer.base import TransferError, TransferSession, create_sender
-from baton.kvtransfer.layout import LayoutMismatch
-from baton.protos import common_pb2, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc
+from baton.kvtransfer.base import KVSender, TransferError, TransferSession, TransferTicket, create_sender
+from baton.kvtransfer.errors import LayoutMismatch
+from baton.protos import common_pb2, prefill_pb2, prefill_pb2_grpc
 from baton.services.convert import logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
 from baton.services.worker import WorkerContext, load_message, time_remaining
@@ -43,7 +43,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._block_size = ctx.layout.block_size
         self._pending: dict[str, asyncio.Future[SeqUpdate]] = {}
         self._sessions: dict[str, TransferSession] = {}
-        self._senders = {}
+        self._senders: dict[str, KVSender] = {}
         on_events = ctx.publisher.publish if ctx.publisher is not None else None
         self.engine = EngineLoop(ctx.core, self._on_outputs, self._on_layer_done, on_events)
 
@@ -63,7 +63,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if future is not None and not future.done() and update.new_tokens:
                 future.set_result(update)
 
-    def _sender(self, transport: str):
+    def _sender(self, transport: str) -> KVSender:
         if transport not in self._senders:
             self._senders[transport] = create_sender(transport)
         return self._senders[transport]
@@ -114,9 +114,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 await self.engine.call(lambda: self._ctx.core.abort(rid))
 
     async def _open_transfer(self, request: prefill_pb2.PrefillRequest, context) -> TransferSession:
-        ticket: kvtransfer_pb2.TransferTicket = request.ticket
         try:
-            session = await self._sender(ticket.transport).open(ticket, self._ctx.layout)
+            ticket = TransferTicket.from_proto(request.ticket)
+            session = self._sender(ticket.transport).open(ticket, self._ctx.layout)
         except LayoutMismatch as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (TransferError, ValueError) as exc:
