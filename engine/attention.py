@@ -34,6 +34,15 @@ class AttentionMetadata:
         return int(self.positions.shape[0])
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` (on the host) on ``device``; to a GPU through pinned memory without
+    blocking the host (the caching host allocator keeps the buffer until the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def build_attention_metadata(
     chunks: list[ScheduledChunk], block_size: int, device: torch.device | str = "cpu"
 ) -> AttentionMetadata:
@@ -67,11 +76,11 @@ def build_attention_metadata(
     else:
         cu_query_lens, positions, slot_mapping = _packed_positions_and_slots(starts, q_lens, block_tables, block_size)
     return AttentionMetadata(
-        positions=positions.to(device),
-        slot_mapping=slot_mapping.to(device),
-        cu_query_lens=cu_query_lens.to(device),
-        seq_lens=torch.tensor(seq_lens_list, dtype=torch.int32, device=device),
-        block_tables=block_tables.to(device),
+        positions=to_device(positions, device),
+        slot_mapping=to_device(slot_mapping, device),
+        cu_query_lens=to_device(cu_query_lens, device),
+        seq_lens=to_device(torch.tensor(seq_lens_list, dtype=torch.int32), device),
+        block_tables=to_device(block_tables, device),
         max_query_len=max(q_lens),
         max_seq_len=max(seq_lens_list),
         is_decode_only=max(q_lens) == 1,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+DEFAULT_CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 @dataclass
@@ -10,7 +12,9 @@ class EngineConfig:
     """How the engine lays out its KV cache and batches work.
 
     The KV pool holds ``num_blocks`` blocks when set, otherwise as many as fit in
-    ``kv_cache_memory_bytes``.
+    ``kv_cache_memory_bytes``. On CUDA, decode steps replay CUDA graphs captured
+    for ``cuda_graph_batch_sizes`` (up to the first size that holds ``max_num_seqs``)
+    unless ``enforce_eager``.
     """
 
     block_size: int = 16
@@ -22,9 +26,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     dtype: str | None = None               # default: the checkpoint's dtype ("float32", "bfloat16", "float16")
+    cuda_graph_batch_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CUDA_GRAPH_BATCH_SIZES))
+    enforce_eager: bool = False            # never capture CUDA graphs
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if not self.cuda_graph_batch_sizes or any(
+            not isinstance(b, int) or b < 1 for b in self.cuda_graph_batch_sizes
+        ):
+            raise ValueError(f"cuda_graph_batch_sizes must be positive ints, got {self.cuda_graph_batch_sizes}")

@@ -1,6 +1,7 @@
 """Runs the model for one scheduled step: packs the chunks' tokens into one flat
 batch, builds the attention metadata once, runs the forward over the paged KV
-cache, and returns float32 logits for the rows that need them.
+cache, and returns float32 logits for the rows that need them. On CUDA, decode
+steps replay captured graphs (``engine/cuda_graph.py``); everything else runs eagerly.
 
 The runner owns the weights and the KV cache tensors (one per layer,
 ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``). It never mutates the
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from baton.engine.attention import build_attention_metadata
+from baton.engine.attention import build_attention_metadata, to_device
 from baton.engine.config import EngineConfig
+from baton.engine.cuda_graph import DecodeGraphs, capture_sizes
 from baton.engine.loader import build_model, resolve_model_dir
 from baton.engine.model_config import ModelConfig, load_model_config
 from baton.engine.rope import build_cos_sin_cache
@@ -71,6 +73,11 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
         ]
+        self.cuda_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            sizes = capture_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
+            self.cuda_graphs = DecodeGraphs(self.model, self.kv_caches, sizes, self.max_model_len, self.block_size, self.vocab_size)
+            self.cuda_graphs.capture()
 
     def block_bytes(self) -> int:
         """Bytes one block takes across all layers (K and V)."""
@@ -92,7 +99,11 @@ class ModelRunner:
         self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None
     ) -> ModelOutput:
         """Compute ``chunks`` (writing their KV into the cache) and return the logits they need.
-        ``on_layer_done(i)`` is called once layer ``i`` has written this step's KV."""
+        ``on_layer_done(i)`` is called once layer ``i`` has written this step's KV.
+        A decode step without a hook replays a CUDA graph when one holds it; its logits
+        are then a view into the graph's output, valid until the next step."""
+        if on_layer_done is None and self.cuda_graphs is not None and self.cuda_graphs.can_run(chunks):
+            return ModelOutput(logits=self.cuda_graphs.run(chunks))
         meta = build_attention_metadata(chunks, self.block_size, self.device)
         if meta.max_seq_len > self.max_model_len:
             raise ValueError(f"a sequence reaches {meta.max_seq_len} tokens, over max_model_len={self.max_model_len}")
@@ -100,7 +111,7 @@ class ModelRunner:
         hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, on_layer_done)
         ends = list(itertools.accumulate(chunk.num_new_tokens for chunk in chunks))
         sample_rows = [ends[i] - 1 for i, chunk in enumerate(chunks) if chunk.samples]
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        rows = to_device(torch.tensor(sample_rows, dtype=torch.int64), self.device)
         output = ModelOutput(logits=self.model.compute_logits(hidden.index_select(0, rows)))
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
@@ -117,7 +128,7 @@ class ModelRunner:
         vocab = self.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got one outside")
-        return input_ids.to(self.device)
+        return to_device(input_ids, self.device)
 
 
 def _chunk_token_ids(seq: Sequence, start: int, n: int) -> list[int]:

@@ -1,0 +1,240 @@
+"""Model-level GPU benchmarks on Llama-3.2-1B- and Llama-3-8B-shaped models with
+random bf16 weights (written as a safetensors checkpoint, no hub), in one run:
+
+(a) decode step latency at several batch sizes, next to the floor
+    ``(weight bytes + KV bytes read) / copy bandwidth``, where the bandwidth is a
+    large device-to-device copy measured in the same run (bytes read + written);
+(b) offline generation throughput (output tokens/s) of Baton's ``LLM`` against
+    transformers' ``generate`` on the same model, prompts and lengths (greedy, EOS ignored).
+
+    python bench/bench_model.py                                  # both shapes
+    python bench/bench_model.py --shapes llama-3.2-1b --skip-hf
+
+Decode latency is given three ways: the graph replay alone (device time), one
+``ModelRunner.execute`` with metadata upload and a sync (CUDA graphs, and eager),
+and one engine step (scheduler, runner, sampler) from ``LLM.generate``. The table
+is printed and, when ``OUT`` is set, written to ``$OUT/model_bench.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from baton.engine.llm import LLM
+from baton.engine.model_runner import ModelRunner
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import ScheduledChunk, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_offline import bench_baton, bench_hf, make_prompts  # noqa: E402
+
+SHAPES: dict[str, dict[str, object]] = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+VOCAB = 128256
+MAX_MODEL_LEN = 1024
+COPY_BYTES = 2 << 30
+
+
+@dataclass
+class Row:
+    model: str
+    case: str
+    value: str
+    floor: str = ""
+    ratio: str = ""
+
+
+def write_checkpoint(shape: str, directory: Path) -> LlamaForCausalLM:
+    """A random-weight bf16 Llama of ``shape`` saved to ``directory`` (safetensors, with a
+    word-level tokenizer over the vocab); returns the model, on the GPU."""
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=MAX_MODEL_LEN, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    model.save_pretrained(directory)
+    vocab = {f"<{i}>": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<0>", bos_token="<1>", eos_token="<2>").save_pretrained(directory)
+    return model
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    del src, dst
+    return 2 * COPY_BYTES / (ms * 1e-3)
+
+
+def weight_bytes(runner: ModelRunner) -> int:
+    """Bytes a decode step reads from the weights: all of them but the embedding
+    table, unless the table is also the output projection."""
+    tied = runner.model.lm_head is None
+    return sum(
+        p.numel() * p.element_size()
+        for name, p in runner.model.named_parameters()
+        if tied or not name.endswith("embed_tokens.weight")
+    )
+
+
+def decoding_batch(runner: ModelRunner, batch: int, context: int) -> list[ScheduledChunk]:
+    """``batch`` sequences with ``context - 1`` prompt tokens prefilled and one output
+    token, as the decode chunks of the next step."""
+    per_seq = -(-MAX_MODEL_LEN // runner.block_size)
+    seqs = []
+    for i, prompt in enumerate(make_prompts(batch, context - 1, VOCAB, seed=batch)):
+        seq = Sequence(f"lat{i}", prompt, SamplingParams(temperature=0, max_tokens=8))
+        seq.block_table = list(range(i * per_seq, (i + 1) * per_seq))
+        seqs.append(seq)
+    group = max(1, 4096 // context)
+    for first in range(0, batch, group):
+        part = seqs[first : first + group]
+        logits = runner.execute([ScheduledChunk(s, s.num_prompt_tokens) for s in part]).logits
+        for seq, token in zip(part, logits.argmax(-1).tolist()):
+            seq.num_computed_tokens = seq.num_tokens
+            seq.output_token_ids.append(token)
+    return [ScheduledChunk(s, 1) for s in seqs]
+
+
+def step_ms(fn, iters: int = 50) -> float:
+    """Median wall time of ``fn()`` followed by a device sync, in ms."""
+    times = []
+    for i in range(iters + 5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def engine_step_ms(llm: LLM, batch: int, context: int) -> float:
+    """Per-token time of ``LLM.generate`` decode: (129 tokens - 1 token) / 128."""
+    prompts = make_prompts(batch, context - 1, VOCAB, seed=7 + batch)
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    run(2)
+    return (run(129) - run(1)) / 128 * 1e3
+
+
+def latency_rows(name: str, llm: LLM, batches: list[int], context: int, bandwidth: float) -> list[Row]:
+    runner = llm.runner
+    mc = runner.model_config
+    rows = []
+    for batch in batches:
+        chunks = decoding_batch(runner, batch, context)
+        kv = batch * context * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * runner.dtype.itemsize
+        floor = (weight_bytes(runner) + kv) / bandwidth * 1e3
+        graphs = runner.cuda_graphs
+        assert graphs is not None and graphs.can_run(chunks)
+        runner.execute(chunks)
+        graph = graphs.graphs[graphs.graph_size(batch)]
+        cases = [
+            ("graph replay", triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")),
+            ("runner.execute (graphs)", step_ms(lambda: runner.execute(chunks))),
+            ("runner.execute (eager)", step_ms(lambda: runner.execute(chunks, on_layer_done=lambda layer: None))),
+            ("engine step (LLM.generate)", engine_step_ms(llm, batch, context)),
+        ]
+        for case, ms in cases:
+            rows.append(Row(name, f"decode b={batch} ctx={context}: {case}", f"{ms:.3f} ms", f"{floor:.3f} ms", f"{ms / floor:.2f}x"))
+    return rows
+
+
+def throughput_rows(name: str, llm: LLM, hf: LlamaForCausalLM | None, batches: list[int], input_len: int, output_len: int) -> list[Row]:
+    rows = []
+    for batch in batches:
+        prompts = make_prompts(batch, input_len, VOCAB, seed=batch)
+        tokens = batch * output_len
+        baton = tokens / bench_baton(llm, prompts, output_len, "cuda")
+        case = f"offline b={batch} in={input_len} out={output_len}"
+        if hf is None:
+            rows.append(Row(name, f"{case}: baton", f"{baton:.0f} tok/s"))
+            continue
+        with torch.inference_mode():
+            ref = tokens / bench_hf(hf, prompts, output_len, "cuda")
+        rows.append(Row(name, f"{case}: baton / transformers", f"{baton:.0f} / {ref:.0f} tok/s", "", f"{baton / ref:.1f}x"))
+    return rows
+
+
+def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: Path) -> list[Row]:
+    directory = workdir / name
+    model = write_checkpoint(name, directory)
+    hf = None if args.skip_hf else model
+    del model
+    torch.cuda.empty_cache()
+    max_batch = max(max(args.latency_batches), max(args.batches))
+    llm = LLM(str(directory), device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=max_batch,
+              max_num_batched_tokens=4096, num_blocks=max_batch * (MAX_MODEL_LEN // 16) + 16, enable_prefix_caching=False)
+    rows = latency_rows(name, llm, args.latency_batches, args.context, bandwidth)
+    rows += throughput_rows(name, llm, hf, args.batches, args.input_len, args.output_len)
+    del llm, hf
+    torch.cuda.empty_cache()
+    shutil.rmtree(directory)
+    return rows
+
+
+def table(rows: list[Row], header: str) -> str:
+    lines = [header, "", "| model | case | measured | floor | ratio |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r.model} | {r.case} | {r.value} | {r.floor} | {r.ratio} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--context", type=int, default=512, help="context length of the decode latency cases")
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 64], help="offline throughput batch sizes")
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--workdir", default=None, help="where the checkpoints go (default: /dev/shm if it has room)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_model.py needs a CUDA GPU")
+    shm = Path("/dev/shm")
+    default = shm if shm.is_dir() and shutil.disk_usage(shm).free > 20 << 30 else Path(tempfile.gettempdir())
+    workdir = Path(tempfile.mkdtemp(dir=args.workdir or default))
+    bandwidth = copy_bandwidth()
+    props = torch.cuda.get_device_properties(0)
+    header = (f"# Model benchmarks: {props.name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+              f"torch {torch.__version__}, triton {triton.__version__}; bf16 random weights; "
+              f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (2 GiB D2D, read + write); floor = (weights + KV read) / copy bandwidth")
+    rows: list[Row] = []
+    try:
+        for name in args.shapes:
+            rows += bench_shape(name, args, bandwidth, workdir)
+            print(table(rows, header), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "model_bench.md").write_text(table(rows, header) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The engine on a CUDA GPU: greedy output of ``LLM`` (CUDA graphs on) against the
+CPU engine (fp32) and transformers (bf16), and CUDA-graph decode against eager
+decode on ragged batches that need padding. The batch-size and step-kind rules of
+the graph runner are checked on the CPU.
+
+bf16 note: the engine's Triton kernels and transformers' bf16 kernels round
+differently, so a greedy tie-break may flip where transformers' top-two logits are
+within bf16 rounding of each other; the bf16 test compares tokens up to the first
+divergence and requires that any divergence sits on such a narrow margin.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from baton.engine.config import EngineConfig
+from baton.engine.cuda_graph import capture_sizes, is_graph_step
+from baton.engine.llm import LLM
+from baton.engine.model_runner import ModelRunner
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import ScheduledChunk, Sequence
+
+DEMO = os.environ.get(
+    "BATON_DEMO_MODEL", str(Path(__file__).resolve().parents[2] / "shared" / "models" / "shakespeare-llama-5m")
+)
+PROMPTS = [
+    "JULIET:\nO Romeo",
+    "ROMEO:\nBut, soft! what light",
+    "First Citizen:\nBefore we proceed any further",
+    "KING",
+    "HAMLET:\nTo be, or not",
+]
+NEW_TOKENS = 24
+BF16_MARGIN = 0.02   # relative to the top logit: a greedy pick this close to transformers' runner-up may flip
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.mark.unit
+def test_capture_sizes_cover_max_num_seqs():
+    assert capture_sizes([1, 2, 4, 8, 16, 32], 5) == [1, 2, 4, 8]
+    assert capture_sizes([8, 1, 4, 4], 4) == [1, 4]
+    assert capture_sizes([1, 2], 64) == [1, 2]
+    with pytest.raises(ValueError, match="cuda_graph_batch_sizes"):
+        EngineConfig(cuda_graph_batch_sizes=[0, 4])
+
+
+@pytest.mark.unit
+def test_graph_steps_are_sampled_single_tokens():
+    seq = Sequence("a", [5, 6, 7], SamplingParams())
+    seq.num_computed_tokens = 2
+    assert is_graph_step([ScheduledChunk(seq, 1)])             # the last prompt token
+    mid = Sequence("b", [5, 6, 7], SamplingParams())
+    mid.num_computed_tokens = 1
+    assert not is_graph_step([ScheduledChunk(seq, 1), ScheduledChunk(mid, 1)])  # does not sample
+    assert not is_graph_step([ScheduledChunk(mid, 2)])
+    wants = Sequence("c", [5, 6, 7], SamplingParams(prompt_logprobs=1))
+    wants.num_computed_tokens = 2
+    assert not is_graph_step([ScheduledChunk(wants, 1)])
+    wants.output_token_ids.append(9)
+    wants.num_computed_tokens = 3
+    assert is_graph_step([ScheduledChunk(wants, 1)])            # decoding: prompt logits long done
+
+
+def _token_ids(llm: LLM) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def cpu_tokens() -> list[list[int]]:
+    return _token_ids(LLM(DEMO, num_blocks=256))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_fp32_greedy_matches_cpu_engine(cpu_tokens, enforce_eager):
+    llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8, enforce_eager=enforce_eager)
+    assert (llm.runner.cuda_graphs is None) == enforce_eager
+    ours = _token_ids(llm)
+    assert ours == cpu_tokens
+    assert llm.tokenizer.decode(ours[0]).startswith(", Romeo! wherefore art thou Romeo?")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_bf16_greedy_matches_transformers():
+    llm = LLM(DEMO, device="cuda", dtype="bfloat16", num_blocks=256, max_num_seqs=8)
+    assert llm.runner.cuda_graphs is not None
+    hf = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.bfloat16).to("cuda").eval()
+    matched = 0
+    for prompt, ours in zip(PROMPTS, _token_ids(llm)):
+        ids = llm.tokenizer(prompt, return_tensors="pt").input_ids.to("cuda")
+        with torch.inference_mode():
+            out = hf.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                              output_logits=True, return_dict_in_generate=True)
+        ref = out.sequences[0, ids.shape[1]:].tolist()
+        same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+        matched += same
+        if same < len(ref):
+            top2 = out.logits[same][0].float().topk(2).values
+            margin = float(top2[0] - top2[1])
+            assert margin <= BF16_MARGIN * max(1.0, abs(float(top2[0]))), (
+                f"{prompt!r}: token {same} differs where transformers' top-2 margin is {margin:.3f} (top {float(top2[0]):.2f})"
+            )
+    assert matched >= len(PROMPTS) * NEW_TOKENS // 2, f"only {matched} tokens agree"
+
+
+def _ragged_batch(runner: ModelRunner, rng: random.Random, batch: int, tag: str) -> list[Sequence]:
+    """``batch`` sequences of random prompts (1..60 tokens) on shuffled blocks, prefilled eagerly."""
+    blocks = list(range(runner.num_blocks))
+    rng.shuffle(blocks)
+    seqs = []
+    for i in range(batch):
+        prompt = [rng.randrange(runner.vocab_size) for _ in range(rng.randrange(1, 61))]
+        seq = Sequence(f"{tag}{i}", prompt, SamplingParams(temperature=0, max_tokens=8))
+        need = -(-(len(prompt) + 8) // runner.block_size)
+        seq.block_table, blocks = blocks[:need], blocks[need:]
+        seqs.append(seq)
+    _advance(runner.execute([ScheduledChunk(s, s.num_prompt_tokens) for s in seqs]).logits, seqs)
+    return seqs
+
+
+def _advance(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    for seq, token in zip(seqs, logits.argmax(-1).tolist()):
+        seq.num_computed_tokens = seq.num_tokens
+        seq.output_token_ids.append(token)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_graph_decode_logits_match_eager():
+    seed = random.randrange(2**32)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8,
+                                            max_num_seqs=8, cuda_graph_batch_sizes=[1, 2, 4, 8]))
+    graphs = runner.cuda_graphs
+    assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8]
+    for batch in (1, 3, 5, 7):
+        seqs = _ragged_batch(runner, rng, batch, f"b{batch}-")
+        for _ in range(3):
+            chunks = [ScheduledChunk(s, 1) for s in seqs]
+            assert graphs.can_run(chunks)
+            before = [c.clone() for c in runner.kv_caches]
+            graph_logits = runner.execute(chunks).logits.clone()
+            after_graph = [c.clone() for c in runner.kv_caches]
+            bs = runner.block_size
+            assert _written_slots(before, after_graph) == {c.seq.block_table[c.start // bs] * bs + c.start % bs for c in chunks}
+            eager_logits = runner.execute(chunks, on_layer_done=lambda layer: None).logits
+            assert graph_logits.shape == (batch, runner.vocab_size)
+            torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)
+            for graph_cache, eager_cache in zip(after_graph, runner.kv_caches):
+                torch.testing.assert_close(graph_cache, eager_cache, rtol=1e-5, atol=1e-5)
+            _advance(graph_logits, seqs)
+
+
+def _written_slots(before: list[torch.Tensor], after: list[torch.Tensor]) -> set[int]:
+    """Cache slots (``block * block_size + offset``) whose K or V differ in any layer."""
+    slots: set[int] = set()
+    for old, new in zip(before, after):
+        changed = (old != new).any(dim=4).any(dim=3).any(dim=1)   # [num_blocks, block_size]
+        block_size = changed.shape[1]
+        slots.update(int(b) * block_size + int(o) for b, o in changed.nonzero().tolist())
+    return slots
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_batches_past_the_largest_graph_run_eagerly():
+    runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8,
+                                            max_num_seqs=2, cuda_graph_batch_sizes=[1, 2, 4]))
+    assert runner.cuda_graphs is not None and sorted(runner.cuda_graphs.graphs) == [1, 2]
+    seqs = _ragged_batch(runner, random.Random(3), 3, "x")
+    chunks = [ScheduledChunk(s, 1) for s in seqs]
+    assert not runner.cuda_graphs.can_run(chunks)
+    cpu = ModelRunner(DEMO, EngineConfig(num_blocks=96, block_size=8))
+    for gpu_cache, cpu_cache in zip(runner.kv_caches, cpu.kv_caches):
+        cpu_cache.copy_(gpu_cache.cpu())
+    torch.testing.assert_close(runner.execute(chunks).logits.cpu(), cpu.execute(chunks).logits, rtol=1e-4, atol=1e-4)
