@@ -115,6 +115,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             while not finished:
                 update = await queue.get()
                 finished = update.finish_reason is not None
+                if update.finish_reason == "abort":
+                    await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was aborted on the decode worker")
                 yield decode_pb2.GenerateChunk(
                     tokens=[logprob_to_proto(t) for t in update.new_tokens],
                     finish_reason=update.finish_reason or "",

@@ -37,6 +37,10 @@ from baton.services.worker import WorkerContext, load_message, time_remaining
 log = logging.getLogger(__name__)
 
 
+class EngineAborted(Exception):
+    """The engine dropped the request (a failed step aborts everything running)."""
+
+
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, ctx: WorkerContext) -> None:
         self._ctx = ctx
@@ -60,7 +64,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def _on_outputs(self, updates: list[SeqUpdate]) -> None:
         for update in updates:
             future = self._pending.get(update.seq_id)
-            if future is not None and not future.done() and update.new_tokens:
+            if future is None or future.done():
+                continue
+            if update.finish_reason == "abort":
+                future.set_exception(EngineAborted(f"the prefill engine aborted request {update.seq_id!r}"))
+            elif update.new_tokens:
                 future.set_result(update)
 
     def _sender(self, transport: str) -> KVSender:
@@ -105,6 +113,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             )
         except TransferError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode worker failed: {exc}")
+        except EngineAborted as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         finally:
             self._pending.pop(rid, None)
             self._sessions.pop(rid, None)

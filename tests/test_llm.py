@@ -1,0 +1,109 @@
+"""The offline ``LLM`` entry point on the demo checkpoint: greedy parity with
+transformers through the whole engine (scheduler, block manager, prefix cache,
+chunked prefill), seeded sampling, n > 1 and prompt logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from baton.engine.llm import LLM
+from baton.engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ["JULIET:\nO Romeo", "ROMEO:\nBut, soft! what light through yonder", "First Citizen:\nBefore we proceed", "HAMLET:\n"]
+GREEDY = SamplingParams(temperature=0, max_tokens=20)
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(demo_model) -> dict[str, list[int]]:
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model).eval()
+    out = {}
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20)
+        out[prompt] = gen[0, ids.shape[1]:].tolist()
+    return out
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def _hf_prefix_equal(ours: list[int], theirs: list[int]) -> bool:
+    """transformers stops at EOS; Baton also stops there (EOS included)."""
+    return ours == theirs[: len(ours)] and (len(ours) == len(theirs) or ours[-1] == 2)
+
+
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [
+        {},
+        {"max_num_batched_tokens": 7, "block_size": 4},          # chunked prefill across several steps
+        {"num_blocks": 24, "block_size": 4, "max_num_seqs": 2},  # tight pool: admission control and preemption
+    ],
+    ids=["default", "chunked", "tight-pool"],
+)
+def test_greedy_batch_matches_transformers(demo_model, hf_greedy, engine_kwargs):
+    llm = LLM(demo_model, **engine_kwargs)
+    for prompt, ours in zip(PROMPTS, _tokens(llm.generate(PROMPTS, GREEDY))):
+        assert _hf_prefix_equal(ours, hf_greedy[prompt]), (prompt, ours, hf_greedy[prompt])
+    assert llm.core.stats().used_blocks == 0
+
+
+def test_shared_prefix_is_served_from_the_cache(demo_model, hf_greedy):
+    llm = LLM(demo_model, block_size=4)
+    first = llm.generate(PROMPTS[1], GREEDY)[0]
+    again = llm.generate(PROMPTS[1], GREEDY)[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens >= 4
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert _hf_prefix_equal(again.outputs[0].token_ids, hf_greedy[PROMPTS[1]])
+
+
+def test_seeded_sampling_is_reproducible_across_batches(demo_model):
+    llm = LLM(demo_model)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234)
+    alone = llm.generate(PROMPTS[0], params)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=16, seed=s) for s in range(5)]
+    batch = llm.generate([PROMPTS[2]] * 5 + [PROMPTS[0]], others + [params])
+    assert batch[-1].outputs[0].token_ids == alone
+    unseeded = {tuple(o.outputs[0].token_ids) for o in llm.generate([PROMPTS[3]] * 6, SamplingParams(temperature=1.5, max_tokens=16))}
+    assert len(unseeded) > 1  # without a seed, samples differ
+
+
+def test_n_samples_share_the_prompt_blocks(demo_model):
+    llm = LLM(demo_model, block_size=4)
+    prompt = PROMPTS[1]
+    out = llm.generate(prompt, SamplingParams(temperature=3.0, max_tokens=8, n=4, seed=7))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    texts = {tuple(c.token_ids) for c in out.outputs}
+    assert len(texts) > 1
+    # Child i is sampled with seed + i: the same as a lone request with that seed.
+    lone = llm.generate(prompt, SamplingParams(temperature=3.0, max_tokens=8, seed=9))[0]
+    assert lone.outputs[0].token_ids == out.outputs[2].token_ids
+    assert lone.num_cached_tokens > 0
+    assert llm.core.stats().used_blocks == 0
+
+
+def test_prompt_and_output_logprobs_match_transformers(demo_model):
+    llm = LLM(demo_model)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2))[0]
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model).eval()
+    ids = torch.tensor([out.prompt_token_ids + out.outputs[0].token_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    n_prompt = len(out.prompt_token_ids)
+    assert len(out.prompt_logprobs) == n_prompt - 1
+    for i, lp in enumerate(out.prompt_logprobs):
+        assert lp.token_id == out.prompt_token_ids[i + 1]
+        assert lp.logprob == pytest.approx(logprobs[i, lp.token_id].item(), abs=1e-4)
+        assert [t for t, _ in lp.top] == logprobs[i].topk(2).indices.tolist()
+    for j, lp in enumerate(out.outputs[0].logprobs):
+        row = logprobs[n_prompt - 1 + j]
+        assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
+        assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
+    assert tok.decode(out.outputs[0].token_ids)
