@@ -75,12 +75,13 @@ def ref_paged_decode_attention(
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     max_len = int(seq_lens.max()) if batch else 0
     max_blocks = (max_len + block_size - 1) // block_size
-    tables = block_tables[:, :max_blocks].long()
-    # [batch, max_blocks, 2, block_size, kv_heads, dim] -> K, V as [batch, kv_heads, ctx, dim]
-    ctx = kv_cache[tables].float()
-    k = ctx[:, :, 0].flatten(1, 2)[:, :max_len].transpose(1, 2)
-    v = ctx[:, :, 1].flatten(1, 2)[:, :max_len].transpose(1, 2)
-    mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
-    qf = q.float().unsqueeze(2)  # [batch, heads, 1, dim]
-    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
-    return o.squeeze(2).to(q.dtype)
+    ctx_len = max_blocks * block_size
+    ids = block_tables[:, :max_blocks].reshape(-1).long()
+    # Gather K and V separately (each block's K is contiguous) as [batch, kv_heads, ctx, dim].
+    k = kv_cache[:, 0].index_select(0, ids).view(batch, ctx_len, num_kv_heads, head_dim).transpose(1, 2)
+    v = kv_cache[:, 1].index_select(0, ids).view(batch, ctx_len, num_kv_heads, head_dim).transpose(1, 2)
+    # Each KV head serves a group of query heads: [batch, kv_heads, group, dim].
+    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    mask = torch.arange(ctx_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
+    o = F.scaled_dot_product_attention(qg.float(), k.float(), v.float(), attn_mask=mask[:, None, None, :], scale=scale)
+    return o.reshape(batch, num_heads, head_dim).to(q.dtype)

@@ -124,12 +124,14 @@ def scatter_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, packed: torc
 
 def ref_store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` at ``slot_mapping`` ``[num_tokens]``."""
-    block_size = kv_cache.shape[2]
+    num_blocks, _, block_size, heads, head_dim = kv_cache.shape
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    blocks, offsets = slots // block_size, slots % block_size
-    kv_cache[blocks, 0, offsets] = key[valid].to(kv_cache.dtype)
-    kv_cache[blocks, 1, offsets] = value[valid].to(kv_cache.dtype)
+    # Rows of the cache seen as [num_blocks * 2 * block_size, heads, head_dim]: K then V per block.
+    rows = slots // block_size * (2 * block_size) + slots % block_size
+    flat = kv_cache.view(num_blocks * 2 * block_size, heads, head_dim)
+    flat.index_copy_(0, rows, key[valid].to(kv_cache.dtype))
+    flat.index_copy_(0, rows + block_size, value[valid].to(kv_cache.dtype))
 
 
 def ref_gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
