@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_device, check_int_index, check_kv_cache, check_last_dim_contiguous, check_power_of_two, check_shape
+from baton.kernels.checks import check_attention_args, check_int_index
 
 
 @dataclass(frozen=True)
@@ -135,17 +135,7 @@ def num_splits(device: torch.device, batch: int, num_kv_heads: int, max_context:
 
 
 def _check_decode_args(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
-    check_kv_cache(kv_cache)
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    check_shape("q", q, (-1, -1, head_dim))
-    check_device("q", q, kv_cache)
-    check_last_dim_contiguous("q", q)
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} must match kv_cache dtype {kv_cache.dtype}")
-    if q.shape[1] % num_kv_heads:
-        raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
-    check_power_of_two("head_dim", head_dim, 16)
-    check_power_of_two("block_size", block_size)
+    check_attention_args(q, kv_cache)
     check_int_index("seq_lens", seq_lens, (q.shape[0],), kv_cache)
     check_int_index("block_tables", block_tables, (q.shape[0], -1), kv_cache)
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_device, check_int_index, check_kv_cache, check_last_dim_contiguous, check_power_of_two, check_shape
+from baton.kernels.checks import check_attention_args, check_int_index
 
 
 @triton.jit
@@ -139,17 +139,7 @@ def default_config(q: torch.Tensor) -> PrefillConfig:
 
 
 def _check_prefill_args(q: torch.Tensor, kv_cache: torch.Tensor, cu_query_lens: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
-    check_kv_cache(kv_cache)
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    check_shape("q", q, (-1, -1, head_dim))
-    check_device("q", q, kv_cache)
-    check_last_dim_contiguous("q", q)
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} must match kv_cache dtype {kv_cache.dtype}")
-    if q.shape[1] % num_kv_heads:
-        raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
-    check_power_of_two("head_dim", head_dim, 16)
-    check_power_of_two("block_size", block_size)
+    check_attention_args(q, kv_cache)
     batch = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     check_int_index("seq_lens", seq_lens, (batch,), kv_cache)
     check_int_index("cu_query_lens", cu_query_lens, (batch + 1,), kv_cache)

@@ -53,3 +53,18 @@ def check_kv_cache(kv_cache: torch.Tensor) -> None:
 def check_power_of_two(name: str, value: int, minimum: int = 1) -> None:
     if value < minimum or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= {minimum}, got {value}")
+
+
+def check_attention_args(q: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """What both paged-attention kernels need of ``q`` ``[tokens, heads, head_dim]`` and the cache."""
+    check_kv_cache(kv_cache)
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    check_shape("q", q, (-1, -1, head_dim))
+    check_device("q", q, kv_cache)
+    check_last_dim_contiguous("q", q)
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} must match kv_cache dtype {kv_cache.dtype}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
+    check_power_of_two("head_dim", head_dim, 16)
+    check_power_of_two("block_size", block_size)

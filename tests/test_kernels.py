@@ -20,18 +20,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
+from kernel_cases import GQA, fresh_seed  # noqa: F401 (fresh_seed is an autouse fixture)
+
 from baton.kernels import activation, attention, kv_cache, norm, rotary
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
 
-GQA = [(2, 2), (4, 2), (8, 2), (16, 2), (4, 1)]  # ratios 1, 2, 4, 8 and MQA
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed() -> None:
-    """New random inputs on every run; the seed is printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"torch seed {seed}")
-    torch.manual_seed(seed)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

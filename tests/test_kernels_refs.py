@@ -5,24 +5,16 @@ the CPU dispatch of ``baton.kernels.ops``, and the wrappers' argument checks."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+
+from kernel_cases import GQA, fresh_seed  # noqa: F401 (fresh_seed is an autouse fixture)
 
 from baton.kernels import activation, attention, kv_cache, norm, ops, rotary
 
 pytestmark = pytest.mark.unit
 
-GQA = [(2, 2), (4, 2), (8, 2), (16, 2), (4, 1)]  # ratios 1, 2, 4, 8 and MQA
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed() -> None:
-    """New random inputs on every run; the seed is printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"torch seed {seed}")
-    torch.manual_seed(seed)
 
 
 def _paged_case(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, block_size: int, head_dim: int = 16):
