@@ -17,8 +17,6 @@ again the worker re-registers at once and re-adds every block it holds, then
 applies the queue (entries removed while the queue was dropped may stay stale:
 the index is advisory). ``stop()`` deletes the registry
 key and removes this worker from every block it still holds.
-
-``connect`` and ``OutageLog`` are shared with the gateway's ``PrefixIndex``.
 """
 
 from __future__ import annotations
@@ -29,44 +27,11 @@ from collections.abc import Iterable
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
+from baton.services.redis_client import REDIS_ERRORS_CAUGHT, OutageLog, connect
 from baton.services.redis_keys import DEFAULT_HEARTBEAT_TTL_S, WorkerRecord, block_key, worker_key
 
 logger = logging.getLogger(__name__)
-
-REDIS_ERRORS_CAUGHT = (aioredis.RedisError, OSError)
-
-
-def connect(url: str, timeout_s: float) -> aioredis.Redis:
-    """A client with short socket timeouts and no retries: callers own the policy."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
-class OutageLog:
-    """One warning when Redis stops answering, one info line when it is back."""
-
-    def __init__(self, log: logging.Logger, what: str) -> None:
-        self._log = log
-        self._what = what
-        self.down = False
-
-    def failed(self, err: BaseException) -> None:
-        if not self.down:
-            self._log.warning("Redis unavailable (%s): %s: %s", self._what, type(err).__name__, err)
-        self.down = True
-
-    def ok(self) -> None:
-        if self.down:
-            self._log.info("Redis is back (%s)", self._what)
-        self.down = False
-
 
 class BlockEvent(Protocol):
     block_hashes: list[int]

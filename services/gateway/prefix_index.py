@@ -23,7 +23,7 @@ from collections.abc import Collection, Sequence
 import redis.asyncio as aioredis
 
 from baton.services.gateway.metrics import REDIS_ERRORS
-from baton.services.index_publisher import REDIS_ERRORS_CAUGHT, OutageLog, connect
+from baton.services.redis_client import REDIS_ERRORS_CAUGHT, OutageLog, connect
 from baton.services.redis_keys import WORKER_PREFIX, WorkerRecord, block_key
 
 logger = logging.getLogger(__name__)
