@@ -26,8 +26,6 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
-import redis.asyncio as aioredis
-
 from baton.services.redis_client import REDIS_ERRORS_CAUGHT, OutageLog, connect
 from baton.services.redis_keys import DEFAULT_HEARTBEAT_TTL_S, WorkerRecord, block_key, worker_key
 
