@@ -20,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from baton.engine.loader import resolve_model_dir
+
 DEMO_MODEL = "shakespeare-llama-5m"
 READY_TIMEOUT_S = 300.0
 
@@ -120,6 +122,13 @@ def up(args: argparse.Namespace) -> int:
     if args.redis_url is None and not os.environ.get("REDIS_URL") and shutil.which("redis-server") is None:
         print("baton up: redis-server is not installed; install it or pass --redis-url", file=sys.stderr)
         return 2
+    if args.served_model_name is None:
+        args.served_model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
+    try:
+        args.model = str(resolve_model_dir(args.model))  # a hub id is downloaded once, here
+    except OSError as exc:
+        print(f"baton up: {exc}", file=sys.stderr)
+        return 2
     plan = make_plan(args)
     procs: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, _interrupt)
@@ -127,7 +136,7 @@ def up(args: argparse.Namespace) -> int:
         for cmd in ([plan.redis] if plan.redis else []) + plan.prefill + plan.decode + [plan.gateway]:
             procs.append(subprocess.Popen(cmd))
         wait_ready(plan.url, procs, READY_TIMEOUT_S)
-        print(f"Baton is ready: {plan.url}/v1 (model {Path(args.model).name}; Ctrl-C stops)", flush=True)
+        print(f"Baton is ready: {plan.url}/v1 (model {args.served_model_name}; Ctrl-C stops)", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         print("baton up: a process exited; stopping the rest", file=sys.stderr)

@@ -55,3 +55,10 @@ def test_baton_up_serves_and_stops_cleanly():
     assert code == 0
     for child in children:
         assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+def test_baton_up_refuses_a_missing_model(capsys):
+    from baton.services.launcher import main
+
+    assert main(["up", "--model", "/nonexistent/checkpoint"]) == 2
+    assert "'/nonexistent/checkpoint' is not a checkpoint directory" in capsys.readouterr().err
