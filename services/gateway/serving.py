@@ -3,7 +3,7 @@
 A request passes through: validated (protocol.py) -> tokenized (chat template for
 chat) -> checked against the context length -> fanned out into one backend
 sequence per choice (``n`` per prompt; ids ``f"{id}-{i}"``, seeds ``seed + i``)
--> each choice's chunks are detokenized and stop-string matched (``_Choice``)
+-> each choice's chunks are detokenized and stop-string matched (``Choice``)
 -> merged into one response, or into SSE chunks when streaming.
 
 Every backend iterator is closed when its choice ends early (stop string, client
@@ -16,15 +16,16 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import metrics
-from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
+from baton.services.gateway.backend import Backend, BackendError, GenerationRequest
+from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.protocol import (
     APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
@@ -38,7 +39,7 @@ from baton.services.gateway.tokenizer import (
 
 DONE = "[DONE]"
 
-ChunkFormatter = Callable[[BaseGenerationRequest, str, "_Choice", "_Delta"], list[str]]
+ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[str]]
 
 
 def resolve_max_model_len(config: GatewayConfig) -> int:
@@ -47,78 +48,6 @@ def resolve_max_model_len(config: GatewayConfig) -> int:
         return config.max_model_len
     model_config = json.loads((Path(config.model_dir) / "config.json").read_text())
     return int(model_config["max_position_embeddings"])
-
-
-@dataclass
-class _Prompt:
-    token_ids: list[int]
-    text: str = ""                                        # decoded, only for echo
-    offsets: list[int] = field(default_factory=list)      # each token's start within ``text``
-
-
-@dataclass
-class _Delta:
-    """What one choice produced since its previous delta."""
-
-    index: int
-    text: str
-    tokens: list[TokenLogprob]
-    offsets: list[int]           # each token's start within the choice's output text
-    finish_reason: str | None
-    first: bool
-    prompt_logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class _Choice:
-    """One backend sequence: its request and its text so far."""
-
-    index: int
-    sample: int                  # which of the prompt's n samples
-    prompt: _Prompt
-    request: GenerationRequest
-    detok: IncrementalDetokenizer
-    stop: StopStringMatcher
-    started: bool = False
-    cached_tokens: int = 0
-    num_tokens: int = 0
-    text_len: int = 0
-    finish_reason: str | None = None
-    text: list[str] = field(default_factory=list)
-
-    def consume(self, chunk: GenerationChunk) -> _Delta:
-        first, self.started = not self.started, True
-        if first:
-            self.cached_tokens = chunk.cached_tokens
-            metrics.record_prompt(len(self.prompt.token_ids), chunk.cached_tokens)
-        pieces: list[str] = []
-        tokens: list[TokenLogprob] = []
-        offsets: list[int] = []
-        finish = None
-        for token in chunk.tokens:
-            tokens.append(token)
-            offsets.append(self.text_len + sum(map(len, pieces)))
-            result = self.stop.feed(self.detok.add(token.token_id))
-            pieces.append(result.text)
-            if result.stopped:
-                finish = "stop"
-                break
-        if finish is None and chunk.finish_reason is not None:
-            tail = self.stop.feed(self.detok.flush())
-            pieces.append(tail.text if tail.stopped else tail.text + self.stop.flush())
-            finish = "stop" if tail.stopped else chunk.finish_reason
-        text = "".join(pieces)
-        self.num_tokens += len(tokens)
-        self.text_len += len(text)
-        self.text.append(text)
-        self.finish_reason = finish
-        return _Delta(self.index, text, tokens, offsets, finish, first, chunk.prompt_logprobs if first else None)
-
-
-async def _close(iterator: AsyncIterator[GenerationChunk]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 class OpenAIServing:
@@ -207,8 +136,8 @@ class OpenAIServing:
             raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         return batch
 
-    def _prompt(self, token_ids: list[int], with_text: bool) -> _Prompt:
-        prompt = _Prompt(token_ids)
+    def _prompt(self, token_ids: list[int], with_text: bool) -> Prompt:
+        prompt = Prompt(token_ids)
         if with_text:  # echo: the prompt's text and each token's offset in it
             detok = IncrementalDetokenizer(self.tokenizer, [])
             for t in token_ids:
@@ -218,7 +147,7 @@ class OpenAIServing:
         return prompt
 
     def _params(
-        self, req: BaseGenerationRequest, prompts: list[_Prompt], limit: int | None, limit_param: str, prompt_param: str
+        self, req: BaseGenerationRequest, prompts: list[Prompt], limit: int | None, limit_param: str, prompt_param: str
     ) -> SamplingParams:
         longest = max(len(p.token_ids) for p in prompts)
         if longest >= self.max_model_len:
@@ -244,8 +173,8 @@ class OpenAIServing:
             raise APIError(str(exc)) from exc
 
     def _choices(
-        self, request_id: str, prompts: list[_Prompt], params: SamplingParams, req: BaseGenerationRequest
-    ) -> list[_Choice]:
+        self, request_id: str, prompts: list[Prompt], params: SamplingParams, req: BaseGenerationRequest
+    ) -> list[Choice]:
         choices = []
         for p, prompt in enumerate(prompts):
             for i in range(req.n):
@@ -253,12 +182,12 @@ class OpenAIServing:
                 seed = None if params.seed is None else params.seed + i
                 gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids, replace(params, seed=seed))
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
-                choices.append(_Choice(index, i, prompt, gen, detok, StopStringMatcher(req.stop_strings)))
+                choices.append(Choice(index, i, prompt, gen, detok, StopStringMatcher(req.stop_strings)))
         return choices
 
     # ---- running choices ----------------------------------------------------
 
-    async def _run(self, choice: _Choice, tracker: metrics.RequestMetrics) -> AsyncGenerator[_Delta, None]:
+    async def _run(self, choice: Choice, tracker: metrics.RequestMetrics) -> AsyncGenerator[Delta, None]:
         stream = self.backend.generate(choice.request)
         try:
             async for chunk in stream:
@@ -272,13 +201,13 @@ class OpenAIServing:
             if choice.finish_reason is None:
                 raise BackendError("a worker ended the sequence without finishing it", 502)
         finally:
-            await _close(stream)
+            await close_stream(stream)
 
-    async def _merge(self, choices: list[_Choice], tracker: metrics.RequestMetrics) -> AsyncGenerator[_Delta, None]:
+    async def _merge(self, choices: list[Choice], tracker: metrics.RequestMetrics) -> AsyncGenerator[Delta, None]:
         """Every choice's deltas as they come; an error in one ends them all."""
-        queue: asyncio.Queue[_Delta | BaseException | None] = asyncio.Queue()
+        queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
 
-        async def pump(choice: _Choice) -> None:
+        async def pump(choice: Choice) -> None:
             try:
                 async with aclosing(self._run(choice, tracker)) as deltas:
                     async for delta in deltas:
@@ -299,9 +228,9 @@ class OpenAIServing:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _collect(self, choices: list[_Choice], arrival: float) -> dict[int, list[_Delta]]:
+    async def _collect(self, choices: list[Choice], arrival: float) -> dict[int, list[Delta]]:
         tracker = metrics.RequestMetrics(arrival)
-        deltas: dict[int, list[_Delta]] = {c.index: [] for c in choices}
+        deltas: dict[int, list[Delta]] = {c.index: [] for c in choices}
         status = "error"
         try:
             async with aclosing(self._merge(choices, tracker)) as merged:
@@ -316,7 +245,7 @@ class OpenAIServing:
         return deltas
 
     async def _stream(
-        self, req: BaseGenerationRequest, request_id: str, choices: list[_Choice], format_delta: ChunkFormatter,
+        self, req: BaseGenerationRequest, request_id: str, choices: list[Choice], format_delta: ChunkFormatter,
         arrival: float,
     ) -> AsyncGenerator[str, None]:
         tracker = metrics.RequestMetrics(arrival)
@@ -345,14 +274,14 @@ class OpenAIServing:
 
     # ---- formatting ---------------------------------------------------------
 
-    def _completion_chunks(self, req: CompletionRequest, request_id: str, choice: _Choice, delta: _Delta) -> list[str]:
+    def _completion_chunks(self, req: CompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[str]:
         text, logprobs = self._completion_text(req, choice.prompt, [delta])
         if not (text or delta.finish_reason or (logprobs and logprobs.tokens)):
             return []
         out = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
         return [CompletionResponse(id=request_id, model=req.model, choices=[out]).model_dump_json()]
 
-    def _chat_chunks(self, req: ChatCompletionRequest, request_id: str, choice: _Choice, delta: _Delta) -> list[str]:
+    def _chat_chunks(self, req: ChatCompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[str]:
         out = []
         if delta.first:
             role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role="assistant", content=""))
@@ -367,12 +296,12 @@ class OpenAIServing:
             out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[content]).model_dump_json())
         return out
 
-    def _completion_choice(self, req: CompletionRequest, choice: _Choice, deltas: list[_Delta]) -> CompletionChoice:
+    def _completion_choice(self, req: CompletionRequest, choice: Choice, deltas: list[Delta]) -> CompletionChoice:
         text, logprobs = self._completion_text(req, choice.prompt, deltas)
         return CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason)
 
     def _completion_text(
-        self, req: CompletionRequest, prompt: _Prompt, deltas: list[_Delta]
+        self, req: CompletionRequest, prompt: Prompt, deltas: list[Delta]
     ) -> tuple[str, CompletionLogprobs | None]:
         echo = req.echo and bool(deltas) and deltas[0].first
         base = len(prompt.text) if req.echo else 0
@@ -410,7 +339,7 @@ class OpenAIServing:
         )
 
     @staticmethod
-    def _usage(choices: list[_Choice]) -> UsageInfo:
+    def _usage(choices: list[Choice]) -> UsageInfo:
         firsts = [c for c in choices if c.sample == 0]
         prompt_tokens = sum(len(c.prompt.token_ids) for c in firsts)
         completion_tokens = sum(c.num_tokens for c in choices)

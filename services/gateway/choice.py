@@ -1,0 +1,84 @@
+"""One choice of a response: a backend sequence with its incremental
+detokenizer and stop-string matcher, turning backend chunks into deltas."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from baton.engine.sequence import TokenLogprob
+from baton.services.gateway import metrics
+from baton.services.gateway.backend import GenerationChunk, GenerationRequest
+from baton.services.gateway.tokenizer import IncrementalDetokenizer, StopStringMatcher
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str = ""                                        # decoded, only for echo
+    offsets: list[int] = field(default_factory=list)      # each token's start within ``text``
+
+
+@dataclass
+class Delta:
+    """What one choice produced since its previous delta."""
+
+    index: int
+    text: str
+    tokens: list[TokenLogprob]
+    offsets: list[int]           # each token's start within the choice's output text
+    finish_reason: str | None
+    first: bool
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Choice:
+    """One backend sequence: its request and its text so far."""
+
+    index: int
+    sample: int                  # which of the prompt's n samples
+    prompt: Prompt
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    stop: StopStringMatcher
+    started: bool = False
+    cached_tokens: int = 0
+    num_tokens: int = 0
+    text_len: int = 0
+    finish_reason: str | None = None
+    text: list[str] = field(default_factory=list)
+
+    def consume(self, chunk: GenerationChunk) -> Delta:
+        first, self.started = not self.started, True
+        if first:
+            self.cached_tokens = chunk.cached_tokens
+            metrics.record_prompt(len(self.prompt.token_ids), chunk.cached_tokens)
+        pieces: list[str] = []
+        tokens: list[TokenLogprob] = []
+        offsets: list[int] = []
+        finish = None
+        for token in chunk.tokens:
+            tokens.append(token)
+            offsets.append(self.text_len + sum(map(len, pieces)))
+            result = self.stop.feed(self.detok.add(token.token_id))
+            pieces.append(result.text)
+            if result.stopped:
+                finish = "stop"
+                break
+        if finish is None and chunk.finish_reason is not None:
+            tail = self.stop.feed(self.detok.flush())
+            pieces.append(tail.text if tail.stopped else tail.text + self.stop.flush())
+            finish = "stop" if tail.stopped else chunk.finish_reason
+        text = "".join(pieces)
+        self.num_tokens += len(tokens)
+        self.text_len += len(text)
+        self.text.append(text)
+        self.finish_reason = finish
+        return Delta(self.index, text, tokens, offsets, finish, first, chunk.prompt_logprobs if first else None)
+
+
+async def close_stream(iterator: AsyncIterator[GenerationChunk]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
