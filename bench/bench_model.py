@@ -39,13 +39,13 @@ from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_offline import bench_baton, bench_hf, make_prompts  # noqa: E402
+from bench_offline import bench_baton, bench_hf, make_prompts
 
 SHAPES: dict[str, dict[str, object]] = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True},
+    "llama-3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False},
 }
 VOCAB = 128256
 MAX_MODEL_LEN = 1024
@@ -82,7 +82,6 @@ def copy_bandwidth() -> float:
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    del src, dst
     return 2 * COPY_BYTES / (ms * 1e-3)
 
 
@@ -156,8 +155,8 @@ def latency_rows(name: str, llm: LLM, batches: list[int], context: int, bandwidt
         graph = graphs.graphs[graphs.graph_size(batch)]
         cases = [
             ("graph replay", triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")),
-            ("runner.execute (graphs)", step_ms(lambda: runner.execute(chunks))),
-            ("runner.execute (eager)", step_ms(lambda: runner.execute(chunks, on_layer_done=lambda layer: None))),
+            ("runner.execute (graphs)", step_ms(lambda c=chunks: runner.execute(c))),
+            ("runner.execute (eager)", step_ms(lambda c=chunks: runner.execute(c, on_layer_done=lambda layer: None))),
             ("engine step (LLM.generate)", engine_step_ms(llm, batch, context)),
         ]
         for case, ms in cases:

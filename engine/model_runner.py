@@ -60,7 +60,6 @@ class ModelRunner:
         dtype_name = config.dtype or mc.dtype
         if dtype_name not in TORCH_DTYPES:
             raise ValueError(f"dtype {dtype_name!r} is not supported; supported: {', '.join(TORCH_DTYPES)}")
-        self.vocab_size: int = mc.vocab_size
         self.dtype: torch.dtype = TORCH_DTYPES[dtype_name]
         self.device = torch.device(config.device)
         self.block_size = config.block_size
