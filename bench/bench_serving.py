@@ -71,6 +71,8 @@ async def run(args: argparse.Namespace) -> None:
         words = ["thou", "art", "the", "king", "my", "lord", "love", "night", "sweet", "death", "fair", "heaven"]
         prompts = [" ".join(rng.choice(words) for _ in range(args.prompt_words)) for _ in range(args.requests)]
         gate = asyncio.Semaphore(args.concurrency)
+        # Untimed warm-up: the first requests of a GPU worker compile its kernels.
+        await asyncio.gather(*(one_request(client, args.url, model, p, args.max_tokens) for p in prompts[: args.warmup]))
 
         async def bounded(prompt: str) -> Result:
             async with gate:
@@ -99,6 +101,7 @@ def main() -> None:
     p.add_argument("--prompt-words", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--warmup", type=int, default=4, help="untimed requests sent first")
     asyncio.run(run(p.parse_args()))
 
 

@@ -177,7 +177,9 @@ class GrpcTransferSession(TransferSession):
                     await call  # raises the status that ended it
                     raise TransferError(f"KV transfer of request {self._ticket.request_id!r}: "
                                         "the receiver closed the stream early")
-                data = item.payload() if item.data is not None else await asyncio.to_thread(item.payload)
+                # A CUDA copy is usually done by now: wait in a thread only when it is not.
+                ready = item.data is not None or item.ready.query()
+                data = item.payload() if ready else await asyncio.to_thread(item.payload)
                 chunk = kvtransfer_pb2.KVChunk(request_id=self._ticket.request_id, layer=item.layer,
                                                first_block=item.first_block, num_blocks=item.num_blocks, data=data)
                 started = started or time.perf_counter()

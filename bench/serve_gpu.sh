@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The disaggregated path on one GPU: a prefill and a decode worker (separate
+# processes, KV handed over gRPC) and the gateway with static addresses (no
+# Redis: load-only routing), then a greedy check and the serving benchmark.
+#   bench/serve_gpu.sh MODEL_DIR DTYPE [bench_serving.py flags...]   (DEVICE=cpu to try it without a GPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=$1 dtype=$2; shift 2
+py=${PYTHON:-python3}
+common=(--model "$model" --device "${DEVICE:-cuda}" --dtype "$dtype" --kv-cache-memory-mb 4096 --max-num-seqs 128)
+$py -m baton.services.prefill --port 50051 "${common[@]}" & pids=($!)
+$py -m baton.services.decode --port 50061 "${common[@]}" & pids+=($!)
+$py -m baton.services.gateway --model-dir "$model" --served-model-name m --port 8000 \
+    --prefill-addr 127.0.0.1:50051 --decode-addr 127.0.0.1:50061 --log-level warning & pids+=($!)
+trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait' EXIT
+for _ in $(seq 1 300); do
+    curl -sf http://127.0.0.1:8000/ready >/dev/null && break
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || { echo "a process exited before ready" >&2; exit 1; }; done
+    sleep 1
+done
+curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+    -d '{"model": "m", "prompt": "JULIET:\nO Romeo", "max_tokens": 12, "temperature": 0}'
+echo
+$py bench/bench_serving.py --url http://127.0.0.1:8000 "$@"
+curl -s http://127.0.0.1:8000/metrics | grep -E '^baton_(kv_transfer_bytes_total|kv_transfer_seconds_(sum|count)|prefix_cache_hit_ratio|requests_total)'
