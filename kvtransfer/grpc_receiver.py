@@ -16,6 +16,7 @@ cancellation can never interleave with a scatter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ class GrpcKVReceiver(KVReceiver):
             raise ValueError("kv_caches is empty")
         self._caches = kv_caches
         self.address = address
+        # Land CUDA chunks on a side stream: on the compute stream each copy would wait
+        # behind the decode steps already queued there.
+        self._copy_stream = torch.cuda.Stream(kv_caches[0].device) if kv_caches[0].is_cuda else None
         self._incoming: dict[str, _Incoming] = {}
         if server is not None:
             add_to_server(server, self)
@@ -90,9 +94,11 @@ class GrpcKVReceiver(KVReceiver):
             raise ValueError("block_ids is empty")
         if len(set(block_ids)) != len(block_ids) or min(block_ids) < 0 or max(block_ids) >= num_blocks:
             raise ValueError(f"block_ids must be distinct and within [0, {num_blocks})")
+        with self._on_copy_stream():
+            ids = torch.tensor(block_ids, dtype=torch.int64, device=self._caches[0].device)
         self._incoming[request_id] = _Incoming(
             request_id=request_id,
-            block_ids=torch.tensor(block_ids, dtype=torch.int64, device=self._caches[0].device),
+            block_ids=ids,
             layout=layout,
             landed=torch.zeros(layout.num_layers, len(block_ids), dtype=torch.bool),
         )
@@ -166,8 +172,13 @@ class GrpcKVReceiver(KVReceiver):
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"final chunk of request {entry.request_id!r} arrived with {missing} "
                                f"of {entry.landed.numel()} layer-blocks missing")
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()  # the blocks are complete before decode reads them
             entry.complete, entry.finished = True, time.perf_counter()
             entry.done.set()
+
+    def _on_copy_stream(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext()
 
     def _scatter(self, entry: _Incoming, chunk: kvtransfer_pb2.KVChunk) -> None:
         layout, n = entry.layout, len(entry.block_ids)
@@ -187,7 +198,8 @@ class GrpcKVReceiver(KVReceiver):
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(chunk.data, dtype=torch.uint8)
         packed = raw.view(cache.dtype).view(count, *layout.block_shape)
-        ops.scatter_blocks(cache, entry.block_ids[first:first + count], packed.to(cache.device))
+        with self._on_copy_stream():
+            ops.scatter_blocks(cache, entry.block_ids[first:first + count], packed.to(cache.device))
         entry.landed[chunk.layer, first:first + count] = True
         entry.bytes += len(chunk.data)
 
