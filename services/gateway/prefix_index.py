@@ -62,11 +62,6 @@ class PrefixIndex:
         self._workers: list[WorkerRecord] = []
         self._rejected: set[str] = set()
 
-    @property
-    def available(self) -> bool:
-        """False while in an outage (the last call failed)."""
-        return not self._outage.down
-
     async def longest_prefixes(self, block_hashes: Sequence[int], worker_ids: Collection[str]) -> dict[str, int]:
         """Per worker id, how many of the leading ``block_hashes`` (up to
         ``max_blocks``) it holds, counting from the first; all 0 without Redis."""
