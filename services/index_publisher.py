@@ -7,9 +7,9 @@ pipelined batches of at most ``batch_size`` commands. A heartbeat task writes th
 worker's ``WorkerRecord`` under ``baton:worker:{id}`` with a TTL, refreshed every
 TTL / 3; an expired key tells the gateway the worker is gone.
 
-Block events: any object with ``block_hashes: list[int]``. Its kind comes from an
-``is_stored: bool`` attribute when it has one, else from its class name
-(``BlockStored`` / ``BlockRemoved``, as ``baton.engine.block_manager`` emits).
+Block events: the ``BlockStored`` / ``BlockRemoved`` dataclasses that
+``baton.engine.block_manager`` emits (pure Python, no torch); anything else is
+refused with ``TypeError``.
 
 Redis down: one warning per outage, the worker keeps serving; operations queue
 up to ``max_pending`` (past that the queue is dropped). Once Redis answers
@@ -24,26 +24,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Protocol
 
+from baton.engine.block_manager import BlockEvent, BlockRemoved, BlockStored
 from baton.services.redis_client import REDIS_ERRORS_CAUGHT, OutageLog, connect
 from baton.services.redis_keys import DEFAULT_HEARTBEAT_TTL_S, WorkerRecord, block_key, worker_key
 
 logger = logging.getLogger(__name__)
 
-class BlockEvent(Protocol):
-    block_hashes: list[int]
-
 
 def is_stored(event: BlockEvent) -> bool:
-    """True for a stored event, False for a removed one (see module docs)."""
-    flag = getattr(event, "is_stored", None)
-    if isinstance(flag, bool):
-        return flag
-    name = type(event).__name__
-    if name in ("BlockStored", "BlockRemoved"):
-        return name == "BlockStored"
-    raise ValueError(f"cannot tell whether {name} is a stored or removed block event")
+    """True for ``BlockStored``, False for ``BlockRemoved``; TypeError otherwise."""
+    if isinstance(event, BlockStored):
+        return True
+    if isinstance(event, BlockRemoved):
+        return False
+    raise TypeError(f"expected BlockStored or BlockRemoved, got {type(event).__name__}")
 
 
 class IndexPublisher:

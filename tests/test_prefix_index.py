@@ -184,12 +184,6 @@ async def test_heartbeat_keeps_a_worker_alive_and_expiry_removes_it(redis_url: s
             proc.wait()
 
 
-@dataclass
-class Flagged:
-    block_hashes: list[int]
-    is_stored: bool
-
-
 async def test_redis_down_gives_load_only_answers_and_counts_errors(caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
@@ -215,7 +209,7 @@ async def test_redis_down_gives_load_only_answers_and_counts_errors(caplog: pyte
     hashes = random_hashes(4)
     pub = IndexPublisher(url, record("w"), 5.0, timeout_s=0.2)
     await pub.start()                                            # does not raise
-    pub.publish([Flagged(hashes, True), Flagged(hashes[3:], False)])
+    pub.publish([BlockStored(hashes), BlockRemoved(hashes[3:])])
     assert await pub.flush() is False
     proc = start_redis(port)
     try:
@@ -235,10 +229,15 @@ async def test_redis_down_gives_load_only_answers_and_counts_errors(caplog: pyte
     await backoff.close()
 
 
+@dataclass
+class Lookalike:
+    block_hashes: list[int]
+
+
 def test_unknown_event_kind_is_refused() -> None:
     pub = IndexPublisher("redis://127.0.0.1:1/0", record("w"))
-    with pytest.raises(ValueError, match="stored or removed"):
-        pub.publish([object()])
+    with pytest.raises(TypeError, match="BlockStored or BlockRemoved, got Lookalike"):
+        pub.publish([Lookalike([1, 2])])            # the right shape is not enough
 
 
 async def test_gateway_discovers_registered_workers_and_routes_by_cached_prefix(redis_url: str) -> None:
