@@ -151,13 +151,15 @@ async def test_registry_lists_matching_workers_only(redis_url: str, caplog: pyte
     await index.close()
 
 
-_WORKER_SCRIPT = """
+HEARTBEAT_TTL_S = 1.0
+
+_WORKER_SCRIPT = f"""
 import asyncio, sys
 from baton.services.index_publisher import IndexPublisher
 from baton.services.redis_keys import WorkerRecord
 
 async def main():
-    pub = IndexPublisher(sys.argv[1], WorkerRecord("doomed", "prefill", "127.0.0.1:1", sys.argv[2], 16), 0.6)
+    pub = IndexPublisher(sys.argv[1], WorkerRecord("doomed", "prefill", "127.0.0.1:1", sys.argv[2], 16), {HEARTBEAT_TTL_S})
     await pub.start()
     print("up", flush=True)
     await asyncio.sleep(60)
@@ -166,19 +168,27 @@ asyncio.run(main())
 """
 
 
+async def live_ids(index: PrefixIndex) -> list[str]:
+    return [r.worker_id for r in await index.live_workers()]
+
+
 async def test_heartbeat_keeps_a_worker_alive_and_expiry_removes_it(redis_url: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, redis_url, FP], stdout=subprocess.PIPE, text=True)
+    index = PrefixIndex(redis_url, FP, block_size=16)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
-        index = PrefixIndex(redis_url, FP, block_size=16)
-        await asyncio.sleep(1.5)                                 # > 2 TTLs: only heartbeats keep it
-        assert [r.worker_id for r in await index.live_workers()] == ["doomed"]
-        proc.kill()                                              # no deregistration
+        watch_until = time.monotonic() + 2.5 * HEARTBEAT_TTL_S        # only heartbeats keep it that long
+        while time.monotonic() < watch_until:
+            assert await live_ids(index) == ["doomed"]
+            await asyncio.sleep(0.1)
+        proc.kill()                                                   # no deregistration
         proc.wait()
-        await asyncio.sleep(1.0)
-        assert await index.live_workers() == []
-        await index.close()
+        killed = time.monotonic()
+        while await live_ids(index) and time.monotonic() < killed + HEARTBEAT_TTL_S + 5.0:
+            await asyncio.sleep(0.05)
+        assert await live_ids(index) == []
     finally:
+        await index.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
