@@ -79,6 +79,7 @@ class EngineCore:
         self.pending: dict[str, list[Sequence]] = {}      # request_id -> children 1..n-1 not yet added
         self.requests: dict[str, list[Sequence]] = {}     # request_id -> its sequences
         self._request_of: dict[str, str] = {}              # seq_id -> request_id
+        self.last_step_tokens = 0                          # tokens the last step computed (0: nothing to run)
 
     # -- requests ---------------------------------------------------------------
     def _new_sequences(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
@@ -135,6 +136,13 @@ class EngineCore:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
         return seqs
 
+    def abort_active(self) -> list[Sequence]:
+        """Abort every request with a waiting or running sequence (after a failed
+        step); reserved and kept requests, whose KV is in transit, stay."""
+        seqs = [*self.scheduler.running, *self.scheduler.waiting]
+        active = {self._request_of[s.seq_id] for s in seqs if s.seq_id in self._request_of}
+        return [seq for request_id in active for seq in self.abort(request_id)]
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.pending)
 
@@ -169,6 +177,7 @@ class EngineCore:
         ``on_layer_done(layer, chunks)`` runs as soon as each layer's KV for the
         step's ``chunks`` is in the cache (the prefill worker pushes it from there)."""
         out = self.scheduler.schedule()
+        self.last_step_tokens = out.num_tokens
         if out.is_empty:
             return []
         hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, out.chunks))

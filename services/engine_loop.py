@@ -18,12 +18,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from baton.engine.engine_core import EngineCore, EngineStats
+from baton.engine.block_manager import BlockEvent
+from baton.engine.engine_core import EngineCore, EngineStats, LayerHook
 from baton.engine.sequence import Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-StepHook = Callable[[int, list], None]
 
 
 @dataclass
@@ -49,14 +49,14 @@ class EngineLoop:
         self,
         core: EngineCore,
         on_outputs: Callable[[list[SeqUpdate]], None],
-        on_layer_done: StepHook | None = None,
-        on_block_events: Callable[[list], None] | None = None,
+        on_layer_done: LayerHook | None = None,
+        on_block_events: Callable[[list[BlockEvent]], None] | None = None,
     ) -> None:
         self.core = core
         self._on_outputs = on_outputs
         self._on_layer_done = on_layer_done
         self._on_block_events = on_block_events
-        self._commands: list[tuple[Callable[[], Any], Future]] = []
+        self._commands: list[tuple[Callable[[], Any], Future | None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -75,47 +75,75 @@ class EngineLoop:
         self._thread.join(timeout=10)
 
     async def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the engine thread before the next step; return its result."""
+        """Run ``fn`` on the engine thread before the next step; return its result.
+        If the caller is cancelled before ``fn`` runs, it never runs; if after, its
+        result is dropped, so a command that takes resources needs undoing (``abort``)."""
         future: Future = Future()
+        self._enqueue(fn, future)
+        return await asyncio.wrap_future(future)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request and free its blocks before the next step. Not awaited, so
+        it runs even when its caller is being cancelled (cleanup paths use it)."""
+        self._enqueue(lambda: self._abort(request_id), None)
+
+    def _abort(self, request_id: str) -> None:
+        for seq in self.core.abort(request_id):
+            self._sent.pop(seq.seq_id, None)
+
+    def _enqueue(self, fn: Callable[[], object], future: Future | None) -> None:
         with self._lock:
             self._commands.append((fn, future))
         self._wake.set()
-        return await asyncio.wrap_future(future)
 
     def _run_commands(self) -> None:
         with self._lock:
             commands, self._commands = self._commands, []
         for fn, future in commands:
+            if future is not None and not future.set_running_or_notify_cancel():
+                continue  # the caller gave up before it ran
             try:
-                future.set_result(fn())
+                result = fn()
             except Exception as exc:  # handed to the caller, which turns it into an RPC status
-                future.set_exception(exc)
+                if future is None:
+                    log.exception("engine command failed")
+                else:
+                    future.set_exception(exc)
+                continue
+            if future is not None:
+                future.set_result(result)
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.clear()
-            self._run_commands()
-            if not self.core.has_unfinished():
-                self.stats = self.core.stats()
-                self._wake.wait(timeout=0.5)
-                continue
             try:
-                changed = self.core.step(on_layer_done=self._on_layer_done)
-            except Exception:
-                log.exception("engine step failed; aborting every request")
-                changed = [seq for request_id in list(self.core.requests) for seq in self.core.abort(request_id)]
-            if not changed:
-                # Work is parked (blocks held for transfers): wait for a command rather than spin.
-                self._wake.wait(timeout=0.005)
+                self._iterate()
+            except Exception:  # the thread must outlive any one bad iteration
+                log.exception("engine loop iteration failed")
+
+    def _iterate(self) -> None:
+        self._wake.clear()
+        self._run_commands()
+        if not self.core.has_unfinished():
             self.stats = self.core.stats()
-            updates = [self._update(seq) for seq in changed]
-            events = self.core.drain_block_events()
-            if self._loop is None:
-                continue
-            if updates:
-                self._loop.call_soon_threadsafe(self._on_outputs, updates)
-            if events and self._on_block_events is not None:
-                self._loop.call_soon_threadsafe(self._on_block_events, events)
+            self._wake.wait(timeout=0.5)
+            return
+        try:
+            changed = self.core.step(on_layer_done=self._on_layer_done)
+        except Exception:
+            log.exception("engine step failed; aborting the requests it ran")
+            changed = self.core.abort_active()
+        if not self.core.last_step_tokens:
+            # Only parked work (blocks held for transfers): wait for a command rather than spin.
+            self._wake.wait(timeout=0.005)
+        self.stats = self.core.stats()
+        updates = [self._update(seq) for seq in changed]
+        events = self.core.drain_block_events()
+        if self._loop is None:
+            return
+        if updates:
+            self._loop.call_soon_threadsafe(self._on_outputs, updates)
+        if events and self._on_block_events is not None:
+            self._loop.call_soon_threadsafe(self._on_block_events, events)
 
     def mark_sent(self, seq_id: str, num_tokens: int) -> None:
         """Engine thread only: ``num_tokens`` outputs of ``seq_id`` were delivered elsewhere."""

@@ -66,14 +66,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             seq = await self.engine.call(lambda: self._ctx.core.reserve(rid, prompt, params))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except asyncio.CancelledError:
+            self.engine.abort(rid)  # the reservation may have been made after all
+            raise
         if seq is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks for this prompt; try another decode worker")
         num_blocks = math.ceil(len(prompt) / self._ctx.layout.block_size)
         block_ids = list(seq.block_table[:num_blocks])
-        self._receiver.expect(rid, block_ids, self._ctx.layout)
         reservation = Reservation(rid, len(prompt))
         reservation.expiry = asyncio.get_running_loop().call_later(self._ttl, self._expire, rid)
         self._reservations[rid] = reservation
+        self._receiver.expect(rid, block_ids, self._ctx.layout)
         return kvtransfer_pb2.TransferTicket(
             request_id=rid,
             transport="grpc",
@@ -86,11 +89,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def _expire(self, rid: str) -> None:
         if self._reservations.pop(rid, None) is not None:
             log.warning("reservation %s expired without a Generate call; freeing its blocks", rid)
-            asyncio.ensure_future(self._free(rid))
+            self._free(rid)
 
-    async def _free(self, rid: str) -> None:
+    def _free(self, rid: str) -> None:
         self._receiver.cancel(rid)
-        await self.engine.call(lambda: self._ctx.core.abort(rid))
+        self.engine.abort(rid)
 
     async def Generate(self, request: decode_pb2.GenerateRequest, context):
         rid = request.request_id
@@ -107,7 +110,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             except TransferError as exc:
                 await context.abort(grpc.StatusCode.ABORTED, f"the prompt's KV did not arrive: {exc}")
             first = logprob_from_proto(request.first_token)
-            finish = await self.engine.call(lambda: self._activate(rid, first))
+            try:
+                finish = await self.engine.call(lambda: self._activate(rid, first))
+            except KeyError:
+                await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was aborted before its KV arrived")
             if finish is not None:
                 finished = True
                 yield decode_pb2.GenerateChunk(finish_reason=finish)
@@ -124,7 +130,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         finally:
             self._streams.pop(rid, None)
             if not finished:
-                await self._free(rid)
+                self._free(rid)
 
     def _activate(self, rid: str, first) -> str | None:
         """Engine thread: join the batch; the reason if the first token already ends it."""
@@ -140,10 +146,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         stream = self._streams.get(rid)
         if stream is not None:
             stream.put_nowait(SeqUpdate(rid, [], "abort", 0, []))
-        found = reservation is not None or stream is not None
-        if found:
-            await self._free(rid)
-        return common_pb2.AbortReply(found=found)
+        self._free(rid)  # also when this worker never recorded it: a cancelled Reserve may have reserved
+        return common_pb2.AbortReply(found=reservation is not None or stream is not None)
 
     async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
         return load_message(self._ctx.worker_id, "decode", self.engine)

@@ -26,6 +26,7 @@ import math
 
 import grpc
 
+from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk
 from baton.kvtransfer.base import KVSender, TransferError, TransferSession, TransferTicket, create_sender
 from baton.kvtransfer.errors import LayoutMismatch
@@ -41,10 +42,18 @@ class EngineAborted(Exception):
     """The engine dropped the request (a failed step aborts everything running)."""
 
 
+def prefill_params(params: SamplingParams) -> SamplingParams:
+    """What the prefill engine samples with: the first token only. ``min_tokens``
+    stays (capped at 1) so a stop token is masked for the first token exactly as
+    when one process generates everything."""
+    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), n=1)
+
+
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, ctx: WorkerContext) -> None:
         self._ctx = ctx
         self._block_size = ctx.layout.block_size
+        self._tasks: dict[str, asyncio.Task] = {}
         self._pending: dict[str, asyncio.Future[SeqUpdate]] = {}
         self._sessions: dict[str, TransferSession] = {}
         self._senders: dict[str, KVSender] = {}
@@ -54,11 +63,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     # engine thread ---------------------------------------------------------
     def _on_layer_done(self, layer: int, chunks: list[ScheduledChunk]) -> None:
         for chunk in chunks:
-            session = self._sessions.get(chunk.seq.seq_id)
+            seq = chunk.seq
+            session = self._sessions.get(seq.seq_id)
             if session is None or not chunk.samples:
                 continue
-            num_blocks = math.ceil(chunk.seq.num_prompt_tokens / self._block_size)
-            session.submit_layer(layer, self._ctx.runner.kv_caches[layer], chunk.seq.block_table[:num_blocks])
+            num_blocks = math.ceil(seq.num_prompt_tokens / self._block_size)
+            try:
+                session.submit_layer(layer, self._ctx.runner.kv_caches[layer], seq.block_table[:num_blocks])
+            except Exception:  # this transfer fails at finish(); the others go on
+                log.exception("KV push of request %s failed; dropping its transfer", seq.seq_id)
+                self._sessions.pop(seq.seq_id, None)
 
     # event loop ------------------------------------------------------------
     def _on_outputs(self, updates: list[SeqUpdate]) -> None:
@@ -78,21 +92,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         rid = request.request_id
-        if not rid or rid in self._pending:
+        if not rid or rid in self._tasks:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
         try:
-            params = params_from_proto(request.params)
+            params = prefill_params(params_from_proto(request.params))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         prompt = list(request.prompt_token_ids)
-        first_only = dataclasses.replace(params, max_tokens=1, min_tokens=0, n=1)
         session = await self._open_transfer(request, context) if request.HasField("ticket") else None
+        self._tasks[rid] = asyncio.current_task()
         future: asyncio.Future[SeqUpdate] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         released = False
         try:
             try:
-                await self.engine.call(lambda: self._ctx.core.add_request(rid, prompt, first_only))
+                await self.engine.call(lambda: self._ctx.core.add_request(rid, prompt, params))
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             update = await future
@@ -116,17 +130,26 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except EngineAborted as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         finally:
+            self._tasks.pop(rid, None)
             self._pending.pop(rid, None)
             self._sessions.pop(rid, None)
             if not released:
+                self.engine.abort(rid)
                 if session is not None:
                     await session.abort()
-                await self.engine.call(lambda: self._ctx.core.abort(rid))
 
     async def _open_transfer(self, request: prefill_pb2.PrefillRequest, context) -> TransferSession:
+        ticket = request.ticket
+        num_tokens = len(request.prompt_token_ids)
+        num_blocks = math.ceil(num_tokens / self._block_size)
+        if ticket.request_id != request.request_id or ticket.num_tokens != num_tokens or len(ticket.block_ids) != num_blocks:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the ticket (request {ticket.request_id!r}, {ticket.num_tokens} tokens, {len(ticket.block_ids)} blocks) "
+                f"does not fit request {request.request_id!r} ({num_tokens} tokens, {num_blocks} blocks)",
+            )
         try:
-            ticket = TransferTicket.from_proto(request.ticket)
-            session = self._sender(ticket.transport).open(ticket, self._ctx.layout)
+            session = self._sender(ticket.transport).open(TransferTicket.from_proto(ticket), self._ctx.layout)
         except LayoutMismatch as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (TransferError, ValueError) as exc:
@@ -135,11 +158,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return session
 
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortReply:
-        future = self._pending.get(request.request_id)
-        if future is None:
-            return common_pb2.AbortReply(found=False)
-        future.cancel()
-        return common_pb2.AbortReply(found=True)
+        task = self._tasks.get(request.request_id)
+        if task is not None:
+            task.cancel()  # its cleanup aborts the transfer and frees the blocks
+        return common_pb2.AbortReply(found=task is not None)
 
     async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
         return load_message(self._ctx.worker_id, "prefill", self.engine)

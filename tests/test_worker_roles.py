@@ -1,0 +1,122 @@
+"""The worker-side glue around the engine, without gRPC: the prefill/decode role
+split gives what one process gives, and the engine thread survives callers that
+give up (cancelled RPCs) and steps that fail."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from baton.engine.config import EngineConfig
+from baton.engine.engine_core import EngineCore
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import ScheduledChunk
+from baton.services.engine_loop import EngineLoop, SeqUpdate
+from baton.services.prefill.server import prefill_params
+
+pytestmark = pytest.mark.unit
+VOCAB, EOS = 8, 2
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    prompt_logits: dict = field(default_factory=dict)
+
+
+@dataclass
+class EosLovingRunner:
+    """Logits that always prefer EOS, then token 5; optionally slow or failing."""
+
+    num_blocks: int = 64
+    max_model_len: int = 256
+    vocab_size: int = VOCAB
+    delay_s: float = 0.0
+    fail: bool = False
+
+    def execute(self, chunks: list[ScheduledChunk], on_layer_done=None) -> Output:
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("injected step failure")
+        rows = sum(c.samples for c in chunks)
+        logits = torch.zeros(rows, VOCAB)
+        logits[:, EOS], logits[:, 5] = 9.0, 5.0
+        return Output(logits)
+
+
+def make_core(runner: EosLovingRunner, keep: bool = False) -> EngineCore:
+    return EngineCore(runner, EngineConfig(block_size=4, num_blocks=runner.num_blocks), [EOS], "fp", keep_finished_blocks=keep)
+
+
+def run_to_end(core: EngineCore) -> None:
+    while core.has_unfinished():
+        core.step()
+
+
+@pytest.mark.parametrize("min_tokens", [0, 1, 3])
+def test_prefill_then_decode_equals_one_process(min_tokens):
+    params = SamplingParams(temperature=0, max_tokens=6, min_tokens=min_tokens)
+    prompt = [1, 3, 4, 5, 6, 7]
+    one = make_core(EosLovingRunner())
+    (whole,) = one.add_request("r", prompt, params)
+    run_to_end(one)
+
+    prefill = make_core(EosLovingRunner(), keep=True)
+    (first,) = prefill.add_request("r", prompt, prefill_params(params))
+    prefill.step()
+    prefill.release("r")
+    decode = make_core(EosLovingRunner())
+    decode.reserve("r", prompt, params)
+    seq = decode.activate("r", first.output_logprobs[0])
+    run_to_end(decode)
+    assert seq.output_token_ids == whole.output_token_ids
+    assert seq.finish_reason == whole.finish_reason
+    assert len(whole.output_token_ids) == min_tokens + 1  # EOS as soon as min_tokens allows
+    assert prefill.stats().used_blocks == decode.stats().used_blocks == 0
+
+
+async def test_cancelled_caller_does_not_kill_the_engine_thread():
+    core = make_core(EosLovingRunner(delay_s=0.3))
+    updates: list[SeqUpdate] = []
+    loop = EngineLoop(core, updates.extend)
+    loop.start()
+    try:
+        core_params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        await loop.call(lambda: core.add_request("busy", [1, 3, 4], core_params))
+        await asyncio.sleep(0.05)  # a slow step is running now
+        reserve = asyncio.create_task(loop.call(lambda: core.reserve("gone", [1, 3, 4, 5], core_params)))
+        await asyncio.sleep(0.05)
+        reserve.cancel()  # the RPC went away while the command was queued
+        with pytest.raises(asyncio.CancelledError):
+            await reserve
+        assert await asyncio.wait_for(loop.call(lambda: "alive"), timeout=5) == "alive"
+        assert "gone" not in core.requests  # it never ran
+    finally:
+        loop.stop()
+
+
+async def test_failed_step_aborts_running_requests_but_not_reserved_ones():
+    runner = EosLovingRunner()
+    core = make_core(runner)
+    updates: list[SeqUpdate] = []
+    loop = EngineLoop(core, updates.extend)
+    loop.start()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=3)
+        assert await loop.call(lambda: core.reserve("parked", [1, 3, 4, 5], params)) is not None
+        runner.fail = True
+        await loop.call(lambda: core.add_request("doomed", [1, 3, 4], params))
+        for _ in range(100):
+            if any(u.seq_id == "doomed" for u in updates):
+                break
+            await asyncio.sleep(0.02)
+        assert [(u.seq_id, u.finish_reason) for u in updates] == [("doomed", "abort")]
+        assert "parked" in core.requests and core.stats().used_blocks == 1  # KV may still be arriving there
+        loop.abort("parked")
+        assert await loop.call(lambda: core.stats().used_blocks) == 0
+    finally:
+        loop.stop()
