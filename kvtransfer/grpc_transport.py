@@ -30,21 +30,20 @@ from baton.kvtransfer.grpc_receiver import (
     ACCEPTED_KEY, ACCEPTED_VALUE, GrpcKVReceiver, KVTransferServicer, add_to_server,
 )
 from baton.kvtransfer.layout import KVLayout, check_layout
-from baton.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
+from baton.protos import MAX_MESSAGE_BYTES, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_MESSAGE_BYTES", "GrpcKVReceiver", "GrpcKVSender",
+    "DEFAULT_CHUNK_BYTES", "GrpcKVReceiver", "GrpcKVSender",
     "GrpcTransferSession", "KVTransferServicer", "add_to_server", "grpc_options",
 ]
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 DEFAULT_STREAM_TIMEOUT_S = 120.0
 _END = object()          # queued by finish(): send the final chunk
 _CALL_ENDED = object()   # queued when the call terminates: a failure surfaces at once
 
 
-def grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """Channel / server options for KV traffic: message size limits both ways."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -208,7 +207,7 @@ class GrpcKVSender(KVSender):
 
     transport = "grpc"
 
-    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    def __init__(self, *, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S) -> None:
         if not 0 < chunk_bytes < max_message_bytes:

@@ -36,7 +36,9 @@ from dataclasses import dataclass, replace
 import grpc
 
 from baton.engine.hashing import block_hashes, model_fingerprint
-from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc
+from baton.protos import (
+    MAX_MESSAGE_BYTES, common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc,
+)
 from baton.services.convert import logprob_from_proto, params_to_proto
 from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
 from baton.services.gateway.config import GatewayConfig
@@ -46,7 +48,6 @@ from baton.services.gateway.router import Health, Load, choose_decode, choose_pr
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
