@@ -13,7 +13,6 @@ gone, error): closing it aborts the sequence on the workers.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -21,6 +20,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 
+from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import metrics
@@ -43,11 +43,11 @@ ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[str]
 
 
 def resolve_max_model_len(config: GatewayConfig) -> int:
-    """``config.max_model_len``, else the model's ``max_position_embeddings``."""
+    """``config.max_model_len``, else the engine's default for the model (its
+    ``max_position_embeddings``, with the engine's fallback when the config lacks it)."""
     if config.max_model_len is not None:
         return config.max_model_len
-    model_config = json.loads((Path(config.model_dir) / "config.json").read_text())
-    return int(model_config["max_position_embeddings"])
+    return load_model_config(Path(config.model_dir)).max_position_embeddings
 
 
 class OpenAIServing:
