@@ -3,8 +3,8 @@ stream, later UCX and NCCL) implement it and register under a name.
 
 Sender side (prefill worker), per request::
 
-    session = sender.open(ticket, local_layout, src_block_ids)   # on the event loop
-    session.submit_layer(layer, kv_cache)    # engine thread, right after each layer
+    session = sender.open(ticket, local_layout)                  # on the event loop
+    session.submit_layer(layer, kv_cache, src_block_ids, first)  # engine thread, after each layer
     stats = await session.finish(timeout_s)  # after the last layer; waits for the ack
     await session.abort()                    # on failure or cancellation
 
@@ -14,9 +14,10 @@ Receiver side (decode worker), per request::
     stats = await receiver.wait_complete(request_id, timeout_s)
     receiver.cancel(request_id)                      # abort; stops writes into the blocks
 
-Block ``i`` of the request is ``src_block_ids[i]`` on the sender and
-``ticket.block_ids[i]`` on the receiver; both lists hold exactly the blocks of
-the prompt's KV, in sequence order. A transfer completes when every layer of
+``submit_layer`` sends source blocks ``src_block_ids[j]`` (of the sender's
+cache) into ``ticket.block_ids[first + j]`` on the receiver (``first`` defaults
+to 0; a chunked prefill submits each chunk's blocks with its offset);
+``ticket.block_ids`` holds exactly the blocks of the prompt's KV, in sequence order. A transfer completes when every layer of
 every block has landed and the sender's final message has arrived.
 """
 
