@@ -1,7 +1,7 @@
 """Decode worker: reserves KV blocks, receives a prompt's KV from a prefill
 worker, and generates the rest of the tokens with continuous batching.
 
-Queues: ``_reservations`` (request id -> reservation awaiting its KV and its
+Queues: ``_reservations`` (request id -> the expiry of a reservation awaiting its KV and its
 first token) and ``_streams`` (request id -> queue of engine updates for the
 open Generate stream). The running batch is the engine scheduler's.
 
@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass
 
 import grpc
 
+from baton.engine.sequence import TokenLogprob
 from baton.kvtransfer.base import KVReceiver, TransferError
 from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2
 from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto
@@ -34,19 +34,12 @@ from baton.services.worker import WorkerContext, load_message, time_remaining
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Reservation:
-    request_id: str
-    num_prompt_tokens: int
-    expiry: asyncio.TimerHandle | None = None
-
-
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, ctx: WorkerContext, receiver: KVReceiver, reservation_ttl_s: float = 180.0) -> None:
         self._ctx = ctx
         self._receiver = receiver
         self._ttl = reservation_ttl_s
-        self._reservations: dict[str, Reservation] = {}
+        self._reservations: dict[str, asyncio.TimerHandle] = {}  # request id -> its expiry
         self._streams: dict[str, asyncio.Queue[SeqUpdate]] = {}
         self.engine = EngineLoop(ctx.core, self._on_outputs)
 
@@ -73,9 +66,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks for this prompt; try another decode worker")
         num_blocks = math.ceil(len(prompt) / self._ctx.layout.block_size)
         block_ids = list(seq.block_table[:num_blocks])
-        reservation = Reservation(rid, len(prompt))
-        reservation.expiry = asyncio.get_running_loop().call_later(self._ttl, self._expire, rid)
-        self._reservations[rid] = reservation
+        self._reservations[rid] = asyncio.get_running_loop().call_later(self._ttl, self._expire, rid)
         self._receiver.expect(rid, block_ids, self._ctx.layout)
         return kvtransfer_pb2.TransferTicket(
             request_id=rid,
@@ -97,10 +88,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Generate(self, request: decode_pb2.GenerateRequest, context):
         rid = request.request_id
-        reservation = self._reservations.pop(rid, None)
-        if reservation is None:
+        expiry = self._reservations.pop(rid, None)
+        if expiry is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for request {rid!r} (expired or aborted?)")
-        reservation.expiry.cancel()
+        expiry.cancel()
         queue: asyncio.Queue[SeqUpdate] = asyncio.Queue()
         self._streams[rid] = queue
         finished = False
@@ -132,22 +123,24 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             if not finished:
                 self._free(rid)
 
-    def _activate(self, rid: str, first) -> str | None:
+    def _activate(self, rid: str, first: TokenLogprob) -> str | None:
         """Engine thread: join the batch; the reason if the first token already ends it."""
         seq = self._ctx.core.activate(rid, first)
+        if seq.is_finished:
+            return seq.finish_reason
         self.engine.mark_sent(rid, 1)
-        return seq.finish_reason if seq.is_finished else None
+        return None
 
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortReply:
         rid = request.request_id
-        reservation = self._reservations.pop(rid, None)
-        if reservation is not None:
-            reservation.expiry.cancel()
+        expiry = self._reservations.pop(rid, None)
+        if expiry is not None:
+            expiry.cancel()
         stream = self._streams.get(rid)
         if stream is not None:
             stream.put_nowait(SeqUpdate(rid, [], "abort", 0, []))
         self._free(rid)  # also when this worker never recorded it: a cancelled Reserve may have reserved
-        return common_pb2.AbortReply(found=reservation is not None or stream is not None)
+        return common_pb2.AbortReply(found=expiry is not None or stream is not None)
 
     async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
         return load_message(self._ctx.worker_id, "decode", self.engine)
