@@ -15,11 +15,12 @@ import grpc
 import pytest
 import redis
 
+from baton.engine.hashing import block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.sampling_params import SamplingParams
 from baton.protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from baton.services import launcher
-from baton.services.redis_keys import BLOCKS_PREFIX
+from baton.services.redis_keys import WORKER_PREFIX, WorkerRecord, block_key
 
 openai = pytest.importorskip("openai")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -117,21 +118,41 @@ def test_chat_completion(system):
     assert out.usage.completion_tokens > 0
 
 
-def test_repeated_prompt_hits_the_worker_that_cached_it(system):
+def prefill_worker_ids(r: redis.Redis) -> set[str]:
+    records = [WorkerRecord.from_json(raw) for raw in r.mget(list(r.scan_iter(f"{WORKER_PREFIX}*"))) if raw is not None]
+    return {rec.worker_id for rec in records if rec.role == "prefill"}
+
+
+def wait_for_keys(r: redis.Redis, keys: list[str], timeout: float = 10.0) -> None:
+    """The worker publishes its stored blocks in batches: poll until all are there."""
+    deadline = time.monotonic() + timeout
+    while r.exists(*keys) < len(keys) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_repeated_prompt_hits_the_worker_that_cached_it(system, demo_model):
+    from transformers import AutoTokenizer
+
     prompt = "FIRST CITIZEN:\nBefore we proceed any further, hear me speak. " * 3
     first = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0)
     assert first.usage.prompt_tokens >= 64
-    holders = None
+    token_ids = AutoTokenizer.from_pretrained(demo_model)(prompt).input_ids
+    assert len(token_ids) == first.usage.prompt_tokens
+    fingerprint = model_fingerprint(demo_model)
+    keys = [block_key(fingerprint, h) for h in block_hashes(token_ids, 16, fingerprint)]
+    r = redis.Redis.from_url(system.plan.redis_url)
+    wait_for_keys(r, keys)
+    holders = [r.smembers(k) for k in keys]
+    assert len(holders[0]) == 1 and all(h == holders[0] for h in holders), holders
+    prefill_ids = prefill_worker_ids(r)
+    assert len(prefill_ids) == 2 and next(iter(holders[0])).decode() in prefill_ids
     for _ in range(3):
-        time.sleep(0.5)  # the worker publishes its stored blocks in batches
         again = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0)
         cached = again.usage.prompt_tokens_details.cached_tokens
         # Only the worker that ran the prompt can serve it from its cache: the other one is cold.
         assert cached >= 48, cached
         assert again.choices[0].text == first.choices[0].text
-    r = redis.Redis.from_url(system.plan.redis_url)
-    holders = {frozenset(r.smembers(k)) for k in r.scan_iter(f"{BLOCKS_PREFIX}*")}
-    assert holders and all(len(h) >= 1 for h in holders)
+    r.close()
 
 
 def test_32_concurrent_streams_complete_without_leaks(system):
