@@ -37,6 +37,7 @@ def test_baton_up_serves_and_stops_cleanly():
         [sys.executable, "-m", "baton.services.launcher", "up", "--port", str(port)],
         stdout=subprocess.PIPE, text=True, env=env,
     )
+    children: list[int] = []
     try:
         ready = ""
         deadline = time.monotonic() + 240
