@@ -21,16 +21,16 @@ from grpc_reflection.v1alpha import reflection
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
+from baton.engine.sampling_params import SamplingParams
 from baton.engine.model_runner import ModelRunner
 from baton.kvtransfer.layout import KVLayout
-from baton.protos import common_pb2
+from baton.protos import MAX_MESSAGE_BYTES, common_pb2
 from baton.services.engine_loop import EngineLoop
 from baton.services.index_publisher import IndexPublisher
 from baton.services.redis_keys import WorkerRecord
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -95,6 +95,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         hash_extra=fingerprint,
         keep_finished_blocks=keep_finished_blocks,
     )
+    warm_up(core, config.block_size)
     layout = KVLayout.from_caches(runner.kv_caches, fingerprint)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     address = f"{args.advertise_host or args.host}:{args.port}"
@@ -103,6 +104,19 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         record = WorkerRecord(worker_id, role, address, fingerprint, config.block_size)
         publisher = IndexPublisher(args.redis_url, record, args.heartbeat_ttl)
     return WorkerContext(worker_id, address, runner, core, layout, fingerprint, publisher)
+
+
+def warm_up(core: EngineCore, block_size: int) -> None:
+    """Run two short requests through the engine before serving, so that a GPU
+    worker's kernels are compiled before the first real request needs them."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for i, length in enumerate((block_size + 1, 2 * block_size)):
+        request_id = f"warm-up-{i}"
+        core.add_request(request_id, [1 + t % (core.vocab_size - 1) for t in range(length)], params)
+        while core.has_unfinished():
+            core.step()
+        core.abort(request_id)  # the prefill role keeps finished blocks until released
+    core.drain_block_events()  # nothing of the warm-up belongs in the global index
 
 
 async def serve(

@@ -309,11 +309,8 @@ class GrpcBackend(Backend):
         self._health.mark_down(address)                   # until its first GetLoad answer
 
     def _healthy(self, role: str, avoid: set[str]) -> list[str]:
-        now = time.monotonic()
-        return [
-            a for a, w in self._workers.items()
-            if w.role == role and a not in avoid and self._health.is_healthy(a, now)
-        ]
+        candidates = (a for a, w in self._workers.items() if w.role == role and a not in avoid)
+        return self._health.healthy(candidates, time.monotonic())
 
     def _routing_loads(self) -> dict[str, Load]:
         return {a: replace(self._loads.get(a, Load()), in_flight=self._in_flight[a]) for a in self._workers}
