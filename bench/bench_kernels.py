@@ -6,12 +6,14 @@ attention GB/s over a batch x context grid as a fraction of that bandwidth,
 prefill attention TFLOP/s (causal FLOPs = 4 * seq^2 / 2 * heads * dim), block
 gather/scatter for one layer of a 2,048-token prompt, and the element-wise
 kernels. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128,
-bf16, block 16). Times are medians of ``triton.testing.do_bench`` (prefill, eager
-decode) or ``do_bench_cudagraph`` (the short kernels, replayed from a CUDA graph as
-the decode runner does); inputs rotate over several sets so that the L2 cache
-does not flatter small cases.
+bf16, block 16), plus batch-1 decode in Llama-3.2-1B's shape (head dim 64) with
+block tables padded to 1,024 tokens as the decode runner pads them. Times are
+medians of ``triton.testing.do_bench`` (prefill, eager decode) or
+``do_bench_cudagraph`` (the short kernels, replayed from a CUDA graph as the
+decode runner does); inputs rotate over several sets so that the L2 cache does
+not flatter small cases.
 
-    python3 bench/bench_kernels.py [--quick]
+    python3 bench/bench_kernels.py [--quick] [--sweep]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -53,30 +56,56 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
+@dataclass(frozen=True)
+class Shape:
+    """Attention heads of one model: query heads, KV heads, head dim."""
+
+    name: str
+    heads: int
+    kv_heads: int
+    dim: int
+
+    @property
+    def kv_token_bytes(self) -> int:
+        return 2 * self.kv_heads * self.dim * 2  # K and V of one token, bf16
+
+
+LLAMA_8B = Shape("8B", HEADS, KV_HEADS, DIM)
+LLAMA_1B = Shape("1B", 32, 8, 64)
+RUNNER_CONTEXT = 1024  # the model benchmark's max_model_len: its decode tables span this many tokens
+
+
 class Pool:
     """One large random KV pool; disjoint random block sets for rotation."""
 
-    def __init__(self, num_blocks: int) -> None:
-        self.cache = torch.randn(num_blocks, 2, BLOCK, KV_HEADS, DIM, dtype=DTYPE, device="cuda")
+    def __init__(self, num_blocks: int, shape: Shape = LLAMA_8B) -> None:
+        self.shape = shape
+        self.cache = torch.randn(num_blocks, 2, BLOCK, shape.kv_heads, shape.dim, dtype=DTYPE, device="cuda")
         self.perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
 
-    def block_sets(self, blocks_per_set: int, bytes_per_set: int) -> list[torch.Tensor]:
-        sets = max(1, min(8, self.perm.numel() // blocks_per_set, math.ceil(ROTATE_BYTES / bytes_per_set)))
+    def block_sets(self, blocks_per_set: int, bytes_per_set: int, max_sets: int = 8) -> list[torch.Tensor]:
+        sets = max(1, min(max_sets, self.perm.numel() // blocks_per_set, math.ceil(ROTATE_BYTES / bytes_per_set)))
         return [self.perm[i * blocks_per_set : (i + 1) * blocks_per_set] for i in range(sets)]
 
 
-def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: DecodeConfig) -> str:
-    per_seq = ctx // BLOCK
-    nbytes = batch * ctx * KV_TOKEN_BYTES
+def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: DecodeConfig, table_ctx: int = 0) -> str:
+    """``table_ctx`` > ``ctx`` pads each block table to that many tokens (the split
+    count follows the table width, as in the decode runner's graphs)."""
+    shape, per_seq = pool.shape, ctx // BLOCK
+    width = max(table_ctx, ctx) // BLOCK
+    nbytes = batch * ctx * shape.kv_token_bytes
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     fns = []
-    for ids in pool.block_sets(batch * per_seq, nbytes):
-        q = torch.randn(batch, HEADS, DIM, dtype=DTYPE, device="cuda")
-        tables = ids.view(batch, per_seq)
-        fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, DIM**-0.5, config))
+    # Small cases rotate over more sets than fit in L2: in a model, each layer's KV arrives cold.
+    for ids in pool.block_sets(batch * per_seq, nbytes, 8 if shape == LLAMA_8B else 64):
+        q = torch.randn(batch, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
+        tables = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
+        tables[:, :per_seq] = ids.view(batch, per_seq)
+        fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, shape.dim**-0.5, config))
     ms, eager_ms = median_ms(fns, graph=True), median_ms(fns)
     gbs = (nbytes + 2 * q.numel() * 2) / ms / 1e6
-    return f"| decode | batch {batch}, ctx {ctx} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
+    case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > per_seq else "")
+    return f"| decode | {case} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
 
 
 def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str) -> str:
@@ -173,32 +202,39 @@ def main() -> None:
     for batch, ctx in itertools.product(batches, ctxs):
         emit(decode_row(pool, batch, ctx, copy_gbs, DecodeConfig()))
     emit(decode_row(pool, 1, 32768, copy_gbs, DecodeConfig()))
+    pool_1b = Pool(8192, LLAMA_1B)
+    for ctx in (512, 1024):
+        emit(decode_row(pool_1b, 1, ctx, copy_gbs, DecodeConfig(), RUNNER_CONTEXT))
     for seq in (1024, 4096, 8192):
         emit(prefill_row(pool, seq, None, "paged (default tiles)"))
         emit(sdpa_row(seq))
     for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
         emit(row)
     if args.sweep:
-        sweep(pool, copy_gbs, emit)
+        sweep(pool, pool_1b, copy_gbs, emit)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "kernels_bench.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
 
 
-def sweep(pool: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
+def sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
     """Launch-parameter candidates, to choose the defaults."""
     decode_candidates = (
-        DecodeConfig(64, 4, 2, 8, 128, 128), DecodeConfig(64, 4, 3, 8, 128, 128), DecodeConfig(32, 4, 2, 8, 128, 128),
-        DecodeConfig(64, 4, 2, 3, 128, 128), DecodeConfig(128, 4, 3, 4, 256, 64), DecodeConfig(64, 8, 2, 4, 256, 64),
+        DecodeConfig(64, 4, 2, 4, 64, 64), DecodeConfig(64, 4, 2, 4, 128, 64), DecodeConfig(128, 4, 2, 4, 128, 64),
+        DecodeConfig(64, 4, 2, 4, 256, 64), DecodeConfig(64, 4, 3, 4, 256, 64), DecodeConfig(64, 4, 2, 2, 256, 64), DecodeConfig(64, 4, 2, 8, 128, 128),
+        DecodeConfig(128, 8, 3, 4, 256, 64), DecodeConfig(32, 4, 2, 4, 64, 64),
     )
     for cfg in decode_candidates:
-        for batch, ctx in ((1, 16384), (1, 4096), (16, 2048), (128, 512)):
-            emit(decode_row(pool, batch, ctx, copy_gbs, cfg).replace("| decode |", f"| decode {cfg} |"))
-    prefill_candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 64, 8, 2),
-                          PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 128, 8, 2), PrefillConfig(64, 64, 4, 4))
+        label = f"| decode {cfg} |"
+        emit(decode_row(pool_1b, 1, 512, copy_gbs, cfg, RUNNER_CONTEXT).replace("| decode |", label))
+        for batch, ctx in ((1, 16384), (1, 4096), (16, 2048)):
+            emit(decode_row(pool, batch, ctx, copy_gbs, cfg).replace("| decode |", label))
+    prefill_candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 2),
+                          PrefillConfig(64, 64, 4, 3))
     for cfg in prefill_candidates:
-        emit(prefill_row(pool, 4096, cfg, str(cfg)))
+        for seq in (4096, 8192):
+            emit(prefill_row(pool, seq, cfg, str(cfg)))
 
 
 if __name__ == "__main__":

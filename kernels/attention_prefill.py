@@ -47,7 +47,7 @@ def _attend_tile(
     p = tl.math.exp2(s * scale_log2 - m_new[:, None])
     alpha = tl.math.exp2(m - m_new)
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l
 
 
