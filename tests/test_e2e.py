@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import grpc
+import httpx
 import pytest
 import redis
 
@@ -191,8 +192,6 @@ def test_sigterm_drains_then_exits(system):
     stream = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=64, temperature=0, stream=True)
     first = next(iter(stream))
     system.gateway.send_signal(signal.SIGTERM)
-    import httpx
-
     deadline = time.monotonic() + 5
     status = None
     while time.monotonic() < deadline:
