@@ -179,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few cases only")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
+    parser.add_argument("--sweep-only", action="store_true", help="only sweep launch parameters")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -198,19 +199,10 @@ def main() -> None:
     copy_gbs = copy_bandwidth()
     emit(f"| device copy | 1 GiB D2D, read + write | | {copy_gbs:.0f} GB/s | 100% |")
     pool = Pool(2 * 128 * 16384 // BLOCK // (4 if args.quick else 1) + 4096)
-    batches, ctxs = ([1, 64], [2048, 16384]) if args.quick else ([1, 16, 64, 128], [512, 2048, 4096, 16384])
-    for batch, ctx in itertools.product(batches, ctxs):
-        emit(decode_row(pool, batch, ctx, copy_gbs, DecodeConfig()))
-    emit(decode_row(pool, 1, 32768, copy_gbs, DecodeConfig()))
     pool_1b = Pool(8192, LLAMA_1B)
-    for ctx in (512, 1024):
-        emit(decode_row(pool_1b, 1, ctx, copy_gbs, DecodeConfig(), RUNNER_CONTEXT))
-    for seq in (1024, 4096, 8192):
-        emit(prefill_row(pool, seq, None, "paged (default tiles)"))
-        emit(sdpa_row(seq))
-    for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
-        emit(row)
-    if args.sweep:
+    if not args.sweep_only:
+        default_rows(pool, pool_1b, copy_gbs, emit, args.quick)
+    if args.sweep or args.sweep_only:
         sweep(pool, pool_1b, copy_gbs, emit)
     out = os.environ.get("OUT")
     if out:
@@ -218,20 +210,30 @@ def main() -> None:
             f.write("\n".join(lines) + "\n")
 
 
+def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None], quick: bool) -> None:
+    """Every kernel with its default launch parameters."""
+    batches, ctxs = ([1, 64], [2048, 16384]) if quick else ([1, 16, 64, 128], [512, 2048, 4096, 16384])
+    for batch, ctx in itertools.product(batches, ctxs):
+        emit(decode_row(pool, batch, ctx, copy_gbs, DecodeConfig()))
+    emit(decode_row(pool, 1, 32768, copy_gbs, DecodeConfig()))
+    for ctx in (512, 1024):
+        emit(decode_row(pool_1b, 1, ctx, copy_gbs, DecodeConfig(), RUNNER_CONTEXT))
+    for seq in (1024, 4096, 8192):
+        emit(prefill_row(pool, seq, None, "paged (default tiles)"))
+        emit(sdpa_row(seq))
+    for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
+        emit(row)
+
+
 def sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
     """Launch-parameter candidates, to choose the defaults."""
-    decode_candidates = (
-        DecodeConfig(64, 4, 2, 4, 64, 64), DecodeConfig(64, 4, 2, 4, 128, 64), DecodeConfig(128, 4, 2, 4, 128, 64),
-        DecodeConfig(64, 4, 2, 4, 256, 64), DecodeConfig(64, 4, 3, 4, 256, 64), DecodeConfig(64, 4, 2, 2, 256, 64), DecodeConfig(64, 4, 2, 8, 128, 128),
-        DecodeConfig(128, 8, 3, 4, 256, 64), DecodeConfig(32, 4, 2, 4, 64, 64),
-    )
+    decode_candidates = (DecodeConfig(64, None, 3, 4, 64, 32), DecodeConfig(64, None, 3, 2, 64, 64), DecodeConfig(64, None, 2, 2, 64, 64))
     for cfg in decode_candidates:
         label = f"| decode {cfg} |"
         emit(decode_row(pool_1b, 1, 512, copy_gbs, cfg, RUNNER_CONTEXT).replace("| decode |", label))
-        for batch, ctx in ((1, 16384), (1, 4096), (16, 2048)):
+        for batch, ctx in ((1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 2048), (64, 2048)):
             emit(decode_row(pool, batch, ctx, copy_gbs, cfg).replace("| decode |", label))
-    prefill_candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 2),
-                          PrefillConfig(64, 64, 4, 3))
+    prefill_candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 64, 4, 3))
     for cfg in prefill_candidates:
         for seq in (4096, 8192):
             emit(prefill_row(pool, seq, cfg, str(cfg)))

@@ -30,15 +30,16 @@ from baton.kernels.checks import check_attention_args, check_int_index
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters: keys per loop step, warps, pipeline depth, and how far to
-    split the context (programs per SM to aim for, shortest split, most splits)."""
+    """Launch parameters: keys per loop step, warps (None: 2 for head dims up to 64,
+    else 4), pipeline depth (3 keeps two KV tiles in flight), and how far to split
+    the context (programs per SM to aim for, shortest split, most splits)."""
 
     tile_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int | None = None
+    num_stages: int = 3
     programs_per_sm: int = 4
     min_split_tokens: int = 64
-    max_splits: int = 64
+    max_splits: int = 32
 
 
 DEFAULT_CONFIG = DecodeConfig()
@@ -104,11 +105,14 @@ def _paged_decode_attention_kernel(
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         table = tables_ptr + seq * stride_t_seq
         head_off = kv_head.to(tl.int64) * stride_c_head
+        # Block ids run one tile ahead, so the KV loads depend on no load of their own iteration.
+        pos = start + tl.arange(0, TILE_N)
+        block = tl.load(table + pos // BLOCK_SIZE, mask=pos < end, other=0)
         for tile_start in range(start, end, TILE_N):
             pos = tile_start + tl.arange(0, TILE_N)
             valid = pos < end
-            block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            row = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + head_off
+            row = block.to(tl.int64) * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + head_off
+            block = tl.load(table + (pos + TILE_N) // BLOCK_SIZE, mask=pos + TILE_N < end, other=0)
             k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -154,19 +158,19 @@ def num_splits(device: torch.device, batch: int, num_kv_heads: int, max_context:
     return max(1, min(wanted, config.max_splits, math.ceil(max_context / config.min_split_tokens)))
 
 
-_SEMAPHORES: dict[torch.device, torch.Tensor] = {}
+_SEMAPHORES: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     """At least ``count`` zeroed int32 split counters on ``device``, shared by its launches
-    (every launch leaves them at zero). Grows only outside CUDA-graph capture."""
-    sems = _SEMAPHORES.get(device)
-    if sems is None or sems.numel() < count:
+    (every launch leaves them at zero). Grows only outside CUDA-graph capture, and
+    keeps the smaller buffers alive: graphs captured earlier still use them."""
+    buffers = _SEMAPHORES.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < count:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("paged_decode_attention: run a split launch of this size once before CUDA-graph capture")
-        sems = torch.zeros(max(1024, triton.next_power_of_2(count)), dtype=torch.int32, device=device)
-        _SEMAPHORES[device] = sems
-    return sems
+        buffers.append(torch.zeros(max(1024, triton.next_power_of_2(count)), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _check_decode_args(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
@@ -223,6 +227,6 @@ def launch_paged_decode_attention(
         BLOCK_SIZE=block_size, TILE_N=config.tile_n, NUM_SPLITS=splits, SPLITS_PAD=splits_pad,
         CHUNK=min(splits_pad, max(1, 1024 // (merge_pad * head_dim))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps or (2 if head_dim <= 64 else 4), num_stages=config.num_stages,
     )
     return out
