@@ -24,13 +24,7 @@ from baton.engine.loader import build_model, resolve_model_dir
 from baton.engine.model_config import ModelConfig, load_model_config
 from baton.engine.rope import build_cos_sin_cache
 from baton.engine.sequence import ScheduledChunk, Sequence
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
+from baton.kernels.checks import DTYPES
 
 @dataclass
 class ModelOutput:
@@ -58,9 +52,9 @@ class ModelRunner:
                 f"max_model_len={self.max_model_len} must be in [1, max_position_embeddings={mc.max_position_embeddings}]"
             )
         dtype_name = config.dtype or mc.dtype
-        if dtype_name not in TORCH_DTYPES:
-            raise ValueError(f"dtype {dtype_name!r} is not supported; supported: {', '.join(TORCH_DTYPES)}")
-        self.dtype: torch.dtype = TORCH_DTYPES[dtype_name]
+        if dtype_name not in DTYPES:
+            raise ValueError(f"dtype {dtype_name!r} is not supported; supported: {', '.join(DTYPES)}")
+        self.dtype: torch.dtype = DTYPES[dtype_name]
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.model = build_model(self.model_dir, mc, self.dtype, self.device)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+# The float dtypes the kernels (and so the model weights and the KV cache) take, by name.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -8,17 +8,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from baton.kernels.checks import DTYPES
 from baton.kvtransfer.errors import LayoutMismatch
 from baton.protos import common_pb2
 
 NB2SHD = "NB2SHD"  # [num_blocks, 2 (K, V), block_size, num_kv_heads, head_dim]
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
 
 @dataclass(frozen=True, kw_only=True)
 class KVLayout:
@@ -40,7 +34,7 @@ class KVLayout:
         shape = kv_caches[0].shape
         if len(shape) != 5 or shape[1] != 2:
             raise ValueError(f"a KV cache must be [num_blocks, 2, block_size, heads, head_dim], got {tuple(shape)}")
-        names = {dtype: name for name, dtype in _DTYPES.items()}
+        names = {dtype: name for name, dtype in DTYPES.items()}
         if kv_caches[0].dtype not in names:
             raise ValueError(f"unsupported KV cache dtype {kv_caches[0].dtype}")
         return cls(
@@ -61,9 +55,9 @@ class KVLayout:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"unsupported KV dtype {self.dtype!r}; known: {sorted(_DTYPES)}")
-        return _DTYPES[self.dtype]
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unsupported KV dtype {self.dtype!r}; known: {sorted(DTYPES)}")
+        return DTYPES[self.dtype]
 
     @property
     def block_shape(self) -> tuple[int, int, int, int]:
