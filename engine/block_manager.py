@@ -104,11 +104,10 @@ class BlockManager:
     # -- prefix lookup ----------------------------------------------------
     def _state(self, seq: Sequence) -> _SeqState:
         state = self._seqs.setdefault(seq.seq_id, _SeqState())
-        tokens, bs = seq.token_ids, self.block_size
-        done = len(state.hashes)
-        if (done + 1) * bs <= len(tokens):
+        bs, done = self.block_size, len(state.hashes)
+        if (done + 1) * bs <= seq.num_tokens:
             parent = state.hashes[-1] if state.hashes else None
-            state.hashes += hashing.block_hashes(tokens[done * bs :], bs, self.hash_extra, parent)
+            state.hashes += hashing.block_hashes(seq.token_ids[done * bs :], bs, self.hash_extra, parent)
         return state
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
@@ -167,9 +166,11 @@ class BlockManager:
     def cache_full_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
         """Register the newly computed full blocks of ``seq`` in the prefix cache.
         A block whose hash another block already holds stays unregistered."""
-        if not self.enable_prefix_caching:
-            return
-        state, bs = self._state(seq), self.block_size
+        bs = self.block_size
+        known = self._seqs.get(seq.seq_id)
+        if not self.enable_prefix_caching or (known is not None and num_computed_tokens // bs <= known.num_registered):
+            return                                    # no new full block (most decode steps)
+        state = self._state(seq)
         num_full = min(num_computed_tokens // bs, len(seq.block_table), len(state.hashes))
         stored: list[int] = []
         tokens = seq.token_ids

@@ -182,18 +182,19 @@ class EngineCore:
             return []
         hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, out.chunks))
         result = self.runner.execute(out.chunks, hook)
-        sampling = [c for c in out.chunks if c.samples]
-        tokens = self.sampler(result.logits, [c.seq for c in sampling])
+        changed = [c.seq for c in out.chunks if c.samples]
+        tokens = iter(self.sampler(result.logits, changed))
         for chunk in out.chunks:
-            self._record_prompt_logprobs(chunk, result.prompt_logits.get(chunk.seq.seq_id))
-        for chunk in out.chunks:
-            chunk.seq.num_computed_tokens += chunk.num_new_tokens
-        for chunk, token in zip(sampling, tokens):
-            chunk.seq.output_token_ids.append(token.token_id)
-            chunk.seq.output_logprobs.append(token)
-        for chunk in out.chunks:
-            self.block_manager.cache_full_blocks(chunk.seq, chunk.seq.num_computed_tokens)
-        changed = [c.seq for c in sampling]
+            seq = chunk.seq
+            if result.prompt_logits:
+                self._record_prompt_logprobs(chunk, result.prompt_logits.get(seq.seq_id))
+            samples = chunk.samples                   # read before num_computed_tokens moves
+            seq.num_computed_tokens += chunk.num_new_tokens
+            if samples:
+                token = next(tokens)
+                seq.output_token_ids.append(token.token_id)
+                seq.output_logprobs.append(token)
+            self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
         for seq in changed:
             self._check_stop(seq)
         self._release_children()

@@ -85,14 +85,15 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: _Budget) -> None:
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        for seq in decodes + prefills:
+        remaining = [(seq, seq.num_tokens - seq.num_computed_tokens) for seq in self.running]
+        decodes = [item for item in remaining if item[1] == 1]
+        prefills = [item for item in remaining if item[1] > 1]
+        for seq, todo in decodes + prefills:
             if budget.tokens == 0:
                 return
             if seq.status is not SequenceStatus.RUNNING:
                 continue                              # preempted earlier in this step
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget.tokens)
+            num_new = min(todo, budget.tokens)
             if self._make_room(seq, num_new, out, budget):
                 out.chunks.append(ScheduledChunk(seq, num_new))
                 budget.tokens -= num_new
