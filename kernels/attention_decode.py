@@ -75,7 +75,7 @@ def _merge_splits(
 @triton.jit
 def _paged_decode_attention_kernel(
     q_ptr, kv_ptr, out_ptr, part_out_ptr, part_lse_ptr, sem_ptr, seq_lens_ptr, tables_ptr,
-    scale_log2, split_len,
+    scale_log2, split_len, table_tokens,
     stride_q_seq, stride_q_head,
     stride_c_block, stride_c_kv, stride_c_tok, stride_c_head,
     stride_o_seq, stride_o_head,
@@ -87,27 +87,28 @@ def _paged_decode_attention_kernel(
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    start = split * split_len
+    # The first block ids and the queries do not depend on the length: their loads
+    # go out together with the length's, not after it.
+    table = tables_ptr + seq * stride_t_seq
+    pos = start + tl.arange(0, TILE_N)
+    block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
     seq_len = tl.load(seq_lens_ptr + seq)
     if NUM_SPLITS == 1:
         used = 1
     else:
         used = tl.minimum(tl.maximum(tl.cdiv(seq_len, split_len), 1), NUM_SPLITS)
     if split < used:
-        start = split * split_len
         end = tl.minimum(seq_len, start + split_len)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        heads = kv_head * GROUP + g
-        q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
-
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        table = tables_ptr + seq * stride_t_seq
         head_off = kv_head.to(tl.int64) * stride_c_head
         # Block ids run one tile ahead, so the KV loads depend on no load of their own iteration.
-        pos = start + tl.arange(0, TILE_N)
-        block = tl.load(table + pos // BLOCK_SIZE, mask=pos < end, other=0)
         for tile_start in range(start, end, TILE_N):
             pos = tile_start + tl.arange(0, TILE_N)
             valid = pos < end
@@ -218,7 +219,7 @@ def launch_paged_decode_attention(
     splits_pad = triton.next_power_of_2(splits)
     _paged_decode_attention_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache, out, part_out, part_lse, sems, seq_lens, block_tables,
-        scale * math.log2(math.e), split_len,
+        scale * math.log2(math.e), split_len, max_context,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         out.stride(0), out.stride(1),
