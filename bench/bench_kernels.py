@@ -7,7 +7,8 @@ prefill attention TFLOP/s (causal FLOPs = 4 * seq^2 / 2 * heads * dim), block
 gather/scatter for one layer of a 2,048-token prompt, and the element-wise
 kernels. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128,
 bf16, block 16), plus batch-1 decode in Llama-3.2-1B's shape (head dim 64) with
-block tables padded to 1,024 tokens as the decode runner pads them. Times are
+block tables padded to 1,024 tokens as the decode runner pads them, and fused
+rotary + KV write against the two separate launches at 1B decode shapes. Times are
 medians of ``triton.testing.do_bench`` (prefill, eager decode) or
 ``do_bench_cudagraph`` (the short kernels, replayed from a CUDA graph as the
 decode runner does); inputs rotate over several sets so that the L2 cache does
@@ -175,6 +176,29 @@ def elementwise_rows(copy_gbs: float) -> list[str]:
     return rows
 
 
+def rotary_store_kv_rows(pool: Pool, copy_gbs: float) -> list[str]:
+    """Rotary + KV-cache write of one layer at decode batch sizes in ``pool``'s shape: the fused
+    ``rotary_store_kv`` launch against ``rotary_embedding`` then ``store_kv``. Bytes: q, k and v
+    read, q and the cache rows written."""
+    shape, rows = pool.shape, []
+    cos_sin = torch.randn(8192, shape.dim, device="cuda")
+    slots = pool.perm.long() * BLOCK  # one token per block, shuffled: each write lands cold
+    widths = [shape.heads * shape.dim, shape.kv_heads * shape.dim, shape.kv_heads * shape.dim]
+    for tokens in (1, 64):
+        fused, separate = [], []
+        for i in range(64):
+            qkv = torch.randn(tokens, sum(widths), dtype=DTYPE, device="cuda")
+            q, k, v = (t.view(tokens, -1, shape.dim) for t in qkv.split(widths, dim=-1))
+            pos, s = torch.randint(0, 8192, (tokens,), device="cuda"), slots[i * tokens : (i + 1) * tokens]
+            fused.append(lambda p=pos, q=q, k=k, v=v, s=s: rotary.rotary_store_kv(p, q, k, v, cos_sin, pool.cache, s))
+            separate.append(lambda p=pos, q=q, k=k, v=v, s=s: kv_cache.store_kv(rotary.rotary_embedding(p, q, k, cos_sin)[1], v, pool.cache, s))
+        ms, separate_ms = median_ms(fused, graph=True), median_ms(separate, graph=True)
+        gbs = 2 * qkv.numel() * qkv.element_size() / ms / 1e6
+        rows.append(f"| rotary_store_kv | {shape.name} decode, {tokens} tokens | {ms * 1e3:.1f} us (rotary + store_kv "
+                    f"{separate_ms * 1e3:.1f} us, saves {(separate_ms - ms) * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few cases only")
@@ -222,6 +246,8 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
         emit(prefill_row(pool, seq, None, "paged (default tiles)"))
         emit(sdpa_row(seq))
     for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
+        emit(row)
+    for row in rotary_store_kv_rows(pool_1b, copy_gbs):
         emit(row)
 
 

@@ -1,5 +1,6 @@
 """Attention over the paged KV cache: the per-step metadata every layer shares,
-and the layer's forward (store the new K/V, then attend).
+and the layer's attention over a cache that already holds the step's new K/V
+(each layer writes them first, fused with rotary: ``ops.rotary_store_kv``).
 
 Tokens of all scheduled chunks are packed into one flat batch ``[T]``; chunk ``i``
 owns rows ``cu_query_lens[i]:cu_query_lens[i + 1]``, which sit at the last
@@ -104,15 +105,12 @@ def _packed_positions_and_slots(
 
 def paged_attention_forward(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Write ``k``/``v`` ``[T, kv_heads, head_dim]`` into ``kv_cache`` at ``meta.slot_mapping``,
-    then attend ``q`` ``[T, heads, head_dim]`` over each chunk's paged context."""
-    ops.store_kv(k, v, kv_cache, meta.slot_mapping)
+    """Attend ``q`` ``[T, heads, head_dim]`` over each chunk's paged context in ``kv_cache``,
+    which must already hold the chunk's new keys/values at ``meta.slot_mapping``."""
     if meta.is_decode_only:
         return ops.paged_decode_attention(q, kv_cache, meta.seq_lens, meta.block_tables, scale)
     return ops.paged_attention(q, kv_cache, meta.cu_query_lens, meta.seq_lens, meta.block_tables, scale)

@@ -6,10 +6,10 @@ that holds it; prefill, mixed batches and steps with a layer hook run eagerly.
 
 Each graph reads static device buffers: token ids, positions, slots, context
 lengths, and block tables of a fixed width ``ceil(max_model_len / block_size)``.
-Rows past the real batch are padding: slot -1 (``store_kv`` skips it), context
-length 0 (attention writes zeros) and a block-table row of zeros. The graph runs
-the whole forward and the logits of every row; ``run`` returns a view of the real
-rows, valid until the next replay.
+Rows past the real batch are padding: slot -1 (``rotary_store_kv`` writes no K/V
+for it), context length 0 (attention writes zeros) and a block-table row of zeros.
+The graph runs the whole forward and the logits of every row; ``run`` returns a
+view of the real rows, valid until the next replay.
 
 The host never waits on the GPU here: metadata is written into pinned staging
 buffers and copied with ``non_blocking`` copies. Before overwriting the staging

@@ -18,6 +18,24 @@ _COPY_BLOCK = 4096
 
 
 @triton.jit
+def _cache_row(cache_ptr, slot, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr):
+    """Pointer to the K row of ``slot`` (int64, >= 0): ``[num_kv_heads, head_dim]``, contiguous;
+    its V row starts ``stride_c_kv`` elements further on."""
+    return cache_ptr + (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_tok
+
+
+@triton.jit
+def _copy_heads(src_ptr, dst_ptr, stride_src_head,
+                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROW_PAD: tl.constexpr):
+    """Copy one token's heads (each head's row contiguous, ``stride_src_head`` apart) to the
+    contiguous row at ``dst_ptr``, converted to its dtype."""
+    idx = tl.arange(0, ROW_PAD)
+    mask = idx < NUM_HEADS * HEAD_DIM
+    x = tl.load(src_ptr + (idx // HEAD_DIM) * stride_src_head + idx % HEAD_DIM, mask=mask)
+    tl.store(dst_ptr + idx, x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_kv_kernel(
     key_ptr,
     value_ptr,
@@ -38,14 +56,9 @@ def _store_kv_kernel(
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:
-        idx = tl.arange(0, ROW_PAD)
-        mask = idx < NUM_HEADS * HEAD_DIM
-        head, dim = idx // HEAD_DIM, idx % HEAD_DIM
-        k = tl.load(key_ptr + token * stride_k_tok + head * stride_k_head + dim, mask=mask)
-        v = tl.load(value_ptr + token * stride_v_tok + head * stride_v_head + dim, mask=mask)
-        dst = cache_ptr + (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_tok + idx
-        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+        row = _cache_row(cache_ptr, slot, stride_c_block, stride_c_tok, BLOCK_SIZE)
+        _copy_heads(key_ptr + token * stride_k_tok, row, stride_k_head, NUM_HEADS, HEAD_DIM, ROW_PAD)
+        _copy_heads(value_ptr + token * stride_v_tok, row + stride_c_kv, stride_v_head, NUM_HEADS, HEAD_DIM, ROW_PAD)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -24,11 +24,10 @@ def _dispatch(kernel: F, ref: F) -> F:
     return call  # type: ignore[return-value]
 
 
-store_kv = _dispatch(kv_cache.store_kv, kv_cache.ref_store_kv)
 gather_blocks = _dispatch(kv_cache.gather_blocks, kv_cache.ref_gather_blocks)
 scatter_blocks = _dispatch(kv_cache.scatter_blocks, kv_cache.ref_scatter_blocks)
 paged_attention = _dispatch(attention.paged_attention, attention.ref_paged_attention)
 paged_decode_attention = _dispatch(attention.paged_decode_attention, attention.ref_paged_decode_attention)
 rms_norm = _dispatch(norm.rms_norm, norm.ref_rms_norm)
-rotary_embedding = _dispatch(rotary.rotary_embedding, rotary.ref_rotary_embedding)
+rotary_store_kv = _dispatch(rotary.rotary_store_kv, rotary.ref_rotary_store_kv)
 silu_and_mul = _dispatch(activation.silu_and_mul, activation.ref_silu_and_mul)

@@ -1,7 +1,8 @@
 """Rotary position embedding (the "rotate half" / NeoX form used by Llama,
 Mistral and Qwen). ``cos_sin_cache`` is ``[max_positions, rotary_dim]``: the
 cosines in the first half of the last dim, the sines in the second. Dims past
-``rotary_dim`` pass through unchanged."""
+``rotary_dim`` pass through unchanged. ``rotary_store_kv`` also writes the rotated
+keys and the values into the paged KV cache (``kv_cache.store_kv``) in the same launch."""
 
 from __future__ import annotations
 
@@ -9,56 +10,84 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_device, check_dtype, check_int_index, check_last_dim_contiguous, check_shape
+from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
+from baton.kernels.kv_cache import _cache_row, _copy_heads, ref_store_kv
 
 
 @triton.jit
-def _rotate_heads(src_ptr, dst_ptr, src_tok, src_head, dst_tok, dst_head, token, cos, sin,
+def _load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """float32 cosines and sines ``[1, HALF_PAD]`` of ``token``'s position (zeros past ``HALF``)."""
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    j = tl.arange(0, HALF_PAD)[None, :]
+    row = cos_sin_ptr + pos * stride_cos_sin
+    cos = tl.load(row + j, mask=j < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(row + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rotate_heads(src_ptr, dst_ptr, stride_src_head, stride_dst_head, cos, sin,
                   NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr):
-    """Rotate every head of one token (each head's row is contiguous)."""
+    """Rotate one token's heads from ``src_ptr`` to ``dst_ptr`` (each head's row contiguous).
+    Results are rounded to the source dtype, then converted to the destination's, as
+    rotating a tensor and then copying it would."""
     h = tl.arange(0, HEADS_PAD)[:, None]
     j = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < NUM_HEADS) & (j < HALF)
-    src = src_ptr + token * src_tok + h * src_head
-    dst = dst_ptr + token * dst_tok + h * dst_head
+    src = src_ptr + h * stride_src_head
+    dst = dst_ptr + h * stride_dst_head
     x1 = tl.load(src + j, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF + j, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst + j, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF + j, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+    out1 = (x1 * cos - x2 * sin).to(src_ptr.dtype.element_ty)
+    out2 = (x2 * cos + x1 * sin).to(src_ptr.dtype.element_ty)
+    tl.store(dst + j, out1.to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF + j, out2.to(dst_ptr.dtype.element_ty), mask=mask)
     if TAIL_PAD > 0:
         t = 2 * HALF + tl.arange(0, TAIL_PAD)[None, :]
         tail_mask = (h < NUM_HEADS) & (t < HEAD_DIM)
-        tl.store(dst + t, tl.load(src + t, mask=tail_mask), mask=tail_mask)
+        tl.store(dst + t, tl.load(src + t, mask=tail_mask).to(dst_ptr.dtype.element_ty), mask=tail_mask)
 
 
 @triton.jit
 def _rotary_embedding_kernel(
-    pos_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr,
+    pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head,
-    stride_qo_tok, stride_qo_head, stride_ko_tok, stride_ko_head, stride_cache,
+    stride_qo_tok, stride_qo_head, stride_ko_tok, stride_ko_head, stride_cos_sin,
     NUM_Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr, NUM_K_HEADS: tl.constexpr, K_HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    j = tl.arange(0, HALF_PAD)[None, :]
-    cos = tl.load(cache_ptr + pos * stride_cache + j, mask=j < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, q_out_ptr, stride_q_tok, stride_q_head, stride_qo_tok, stride_qo_head, token, cos, sin,
-                  NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
-    _rotate_heads(k_ptr, k_out_ptr, stride_k_tok, stride_k_head, stride_ko_tok, stride_ko_head, token, cos, sin,
-                  NUM_K_HEADS, K_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+    cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, HALF_PAD)
+    _rotate_heads(q_ptr + token * stride_q_tok, q_out_ptr + token * stride_qo_tok, stride_q_head, stride_qo_head,
+                  cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+    _rotate_heads(k_ptr + token * stride_k_tok, k_out_ptr + token * stride_ko_tok, stride_k_head, stride_ko_head,
+                  cos, sin, NUM_K_HEADS, K_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
 
 
-def rotary_embedding(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``query`` ``[tokens, heads, head_dim]`` and ``key`` ``[tokens, kv_heads, head_dim]``
-    by ``positions`` ``[tokens]``; returns the rotated pair."""
+@triton.jit
+def _rotary_store_kv_kernel(
+    pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, q_out_ptr, cache_ptr, slot_ptr,
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_qo_tok, stride_qo_head, stride_cos_sin, stride_c_block, stride_c_kv, stride_c_tok,
+    BLOCK_SIZE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr, KV_ROW_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, HALF_PAD)
+    _rotate_heads(q_ptr + token * stride_q_tok, q_out_ptr + token * stride_qo_tok, stride_q_head, stride_qo_head,
+                  cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:
+        row = _cache_row(cache_ptr, slot, stride_c_block, stride_c_tok, BLOCK_SIZE)
+        _rotate_heads(k_ptr + token * stride_k_tok, row, stride_k_head, HEAD_DIM,
+                      cos, sin, NUM_KV_HEADS, KV_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+        _copy_heads(v_ptr + token * stride_v_tok, row + stride_c_kv, stride_v_head, NUM_KV_HEADS, HEAD_DIM, KV_ROW_PAD)
+
+
+def _check_rotary_args(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor) -> dict[str, int]:
+    """Check what both wrappers take; returns the rotation's launch constants."""
     num_tokens = query.shape[0] if query.dim() == 3 else -1
     head_dim = query.shape[-1]
     for name, t in (("query", query), ("key", key)):
@@ -74,20 +103,70 @@ def rotary_embedding(
     rotary_dim = cos_sin_cache.shape[1]
     if rotary_dim % 2 or rotary_dim > head_dim:
         raise ValueError(f"cos_sin_cache width {rotary_dim} must be even and <= head_dim {head_dim}")
-    q_out, k_out = torch.empty_like(query), torch.empty_like(key)
-    if num_tokens == 0:
-        return q_out, k_out
     half, tail = rotary_dim // 2, head_dim - rotary_dim
-    _rotary_embedding_kernel[(num_tokens,)](
+    return {"HEAD_DIM": head_dim, "HALF": half, "HALF_PAD": triton.next_power_of_2(half),
+            "TAIL_PAD": triton.next_power_of_2(tail) if tail else 0}
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``query`` ``[tokens, heads, head_dim]`` and ``key`` ``[tokens, kv_heads, head_dim]``
+    by ``positions`` ``[tokens]``; returns the rotated pair."""
+    consts = _check_rotary_args(positions, query, key, cos_sin_cache)
+    q_out, k_out = torch.empty_like(query), torch.empty_like(key)
+    if query.shape[0] == 0:
+        return q_out, k_out
+    _rotary_embedding_kernel[(query.shape[0],)](
         positions, query, key, cos_sin_cache, q_out, k_out,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin_cache.stride(0),
         NUM_Q_HEADS=query.shape[1], Q_HEADS_PAD=triton.next_power_of_2(query.shape[1]),
-        NUM_K_HEADS=key.shape[1], K_HEADS_PAD=triton.next_power_of_2(key.shape[1]),
-        HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
-        TAIL_PAD=triton.next_power_of_2(tail) if tail else 0,
+        NUM_K_HEADS=key.shape[1], K_HEADS_PAD=triton.next_power_of_2(key.shape[1]), **consts,
     )
     return q_out, k_out
+
+
+def rotary_store_kv(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """``rotary_embedding`` then ``store_kv`` in one launch: rotate ``query`` ``[tokens, heads, head_dim]``
+    and ``key`` ``[tokens, kv_heads, head_dim]`` by ``positions`` ``[tokens]``, write the rotated key and
+    ``value`` ``[tokens, kv_heads, head_dim]`` into ``kv_cache`` at ``slot_mapping`` ``[tokens]`` (a
+    negative slot is skipped), and return the rotated query."""
+    consts = _check_rotary_args(positions, query, key, cos_sin_cache)
+    check_kv_cache(kv_cache)
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    num_tokens = query.shape[0]
+    check_device("kv_cache", kv_cache, query)
+    check_shape("key", key, (num_tokens, kv_heads, head_dim))
+    check_shape("value", value, (num_tokens, kv_heads, head_dim))
+    check_dtype("value", value)
+    check_device("value", value, query)
+    check_last_dim_contiguous("value", value)
+    check_int_index("slot_mapping", slot_mapping, (num_tokens,), query)
+    q_out = torch.empty_like(query)
+    if num_tokens == 0:
+        return q_out
+    _rotary_store_kv_kernel[(num_tokens,)](
+        positions, query, key, value, cos_sin_cache, q_out, kv_cache, slot_mapping,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        q_out.stride(0), q_out.stride(1), cos_sin_cache.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        BLOCK_SIZE=block_size, NUM_Q_HEADS=query.shape[1], Q_HEADS_PAD=triton.next_power_of_2(query.shape[1]),
+        NUM_KV_HEADS=kv_heads, KV_HEADS_PAD=triton.next_power_of_2(kv_heads),
+        KV_ROW_PAD=triton.next_power_of_2(kv_heads * head_dim), **consts,
+    )
+    return q_out
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -110,3 +189,21 @@ def ref_rotary_embedding(
     cos, sin = cos_sin.chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+def ref_rotary_store_kv(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """``ref_rotary_embedding`` then ``ref_store_kv``: rotate ``query`` ``[tokens, heads, head_dim]`` and
+    ``key`` ``[tokens, kv_heads, head_dim]`` by ``positions`` ``[tokens]``, write the rotated key and
+    ``value`` ``[tokens, kv_heads, head_dim]`` into ``kv_cache`` at ``slot_mapping`` ``[tokens]`` (a
+    negative slot is skipped), and return the rotated query."""
+    query, key = ref_rotary_embedding(positions, query, key, cos_sin_cache)
+    ref_store_kv(key, value, kv_cache, slot_mapping)
+    return query

@@ -132,6 +132,38 @@ def check_rotary(device: str, dtype: torch.dtype, head_dim: int, rotary_dim: int
         _assert_close(g, e, dtype)
 
 
+def fused_qkv(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+    """q ``[T, heads, d]``, k and v ``[T, kv_heads, d]``: views into one random ``[T, (heads + 2 * kv_heads) * d]``
+    tensor, as the fused qkv projection leaves them."""
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
+    parts = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return tuple(p.view(tokens, -1, head_dim) for p in parts)
+
+
+def check_rotary_store_kv(device: str, dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, rotary_dim: int, slot_dtype: torch.dtype) -> None:
+    """The rotated query, and the cache after the write: the new K rows within tolerance of the
+    reference (the kernel may fuse multiply-adds), every other element exactly as the reference left it."""
+    tokens, heads, kv_heads, block_size, num_blocks = 13, 6, 2, 8, 5
+    q, k, v = fused_qkv(tokens, heads, kv_heads, head_dim, dtype, device)
+    pos = torch.randint(0, 64, (tokens,), device=device)
+    cos_sin = torch.randn(64, rotary_dim, device=device)
+    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, dtype=cache_dtype, device=device)
+    slots = torch.randperm(num_blocks * block_size)[:tokens].to(slot_dtype)
+    slots[::4] = -1
+    slots = slots.to(device)
+    want = cache.clone()
+    want_q = rotary.ref_rotary_store_kv(pos, q, k, v, cos_sin, want, slots)
+    _poison_allocator(device, q.numel() * q.element_size())
+    got_q = rotary.rotary_store_kv(pos, q, k, v, cos_sin, cache, slots)
+    _assert_close(got_q, want_q, dtype)
+    written = slots[slots >= 0].long()
+    blocks, offsets = written // block_size, written % block_size
+    coarser = max(dtype, cache_dtype, key=TOLERANCE.__getitem__)  # new keys are rounded to both dtypes
+    _assert_close(cache[blocks, 0, offsets], want[blocks, 0, offsets], coarser)
+    cache[blocks, 0, offsets] = want[blocks, 0, offsets]
+    assert torch.equal(cache, want)
+
+
 def check_silu_and_mul(device: str, dtype: torch.dtype, inter: int) -> None:
     x = torch.randn(2, 3, 2 * inter, dtype=dtype, device=device)
     _poison_allocator(device, x.numel() * x.element_size())
@@ -156,6 +188,9 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
         yield f"rms_norm {hidden} residual={res}", lambda h=hidden, r=res: check_rms_norm(device, dtype, h, r)
     for head_dim, rot in ((32, 32), (64, 48)):
         yield f"rotary {head_dim}/{rot}", lambda h=head_dim, r=rot: check_rotary(device, dtype, h, r)
+    other = torch.float16 if dtype == torch.float32 else torch.float32
+    yield "rotary_store_kv 64/64", lambda: check_rotary_store_kv(device, dtype, dtype, 64, 64, torch.int64)
+    yield "rotary_store_kv 32/16 other cache dtype", lambda: check_rotary_store_kv(device, dtype, other, 32, 16, torch.int32)
     yield "silu_and_mul", lambda: check_silu_and_mul(device, dtype, 1500)
 
 
@@ -212,6 +247,13 @@ def test_kernels_on_gpu_pool_beyond_int32_offsets() -> None:
     kv_cache.store_kv(key, value, cache, slots)
     blocks, offsets = slots.long() // block_size, slots.long() % block_size
     assert torch.equal(cache[blocks, 0, offsets], key) and torch.equal(cache[blocks, 1, offsets], value)
+    q, k, v = fused_qkv(8, 32, kv_heads, head_dim, torch.bfloat16, "cuda")
+    pos, cos_sin = torch.randint(0, 64, (8,), device="cuda"), torch.randn(64, head_dim, device="cuda")
+    got_q = rotary.rotary_store_kv(pos, q, k, v, cos_sin, cache, slots)
+    want_q, want_k = rotary.ref_rotary_embedding(pos, q, k, cos_sin)
+    _assert_close(got_q, want_q, torch.bfloat16)
+    _assert_close(cache[blocks, 0, offsets], want_k, torch.bfloat16)
+    assert torch.equal(cache[blocks, 1, offsets], v)
     ids = high[8:24].cuda()
     assert torch.equal(kv_cache.gather_blocks(cache, ids), kv_cache.ref_gather_blocks(cache, ids))
     packed = torch.randn(16, 2, block_size, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")

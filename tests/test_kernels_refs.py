@@ -134,6 +134,23 @@ def test_ref_rotary_matches_complex_rotation(rotary_dim: int) -> None:
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_ref_rotary_store_kv_is_rotate_then_store_and_skips_padding() -> None:
+    qkv = torch.randn(6, (4 + 2 * 2) * 16)
+    q, k, v = (t.view(6, -1, 16) for t in qkv.split([4 * 16, 2 * 16, 2 * 16], dim=-1))
+    pos, cos_sin = torch.randint(0, 32, (6,)), torch.randn(32, 12)
+    cache = torch.randn(6, 2, 8, 2, 16, dtype=torch.float16)
+    expected = cache.clone()
+    slots = torch.tensor([5, -1, 47, 8, -3, 20])
+    got_q = rotary.ref_rotary_store_kv(pos, q, k, v, cos_sin, cache, slots)
+    want_q, want_k = rotary.ref_rotary_embedding(pos, q, k, cos_sin)
+    assert torch.equal(got_q, want_q)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expected[slot // 8, 0, slot % 8] = want_k[t]
+            expected[slot // 8, 1, slot % 8] = v[t]
+    assert torch.equal(cache, expected)
+
+
 def test_ref_silu_and_mul_matches_float64() -> None:
     x = torch.randn(6, 2 * 40)
     g, u = x[:, :40].double(), x[:, 40:].double()
@@ -146,7 +163,7 @@ def test_ops_use_the_references_for_cpu_tensors() -> None:
     x, w = torch.randn(3, 32), torch.randn(32)
     assert torch.equal(ops.rms_norm(x, w, 1e-6), norm.ref_rms_norm(x, w, 1e-6))
     assert torch.equal(ops.silu_and_mul(x=x), activation.ref_silu_and_mul(x))
-    names = ["store_kv", "gather_blocks", "scatter_blocks", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_embedding", "silu_and_mul"]
+    names = ["gather_blocks", "scatter_blocks", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_store_kv", "silu_and_mul"]
     assert all(callable(getattr(ops, n)) for n in names)
 
 
@@ -165,6 +182,8 @@ def _bad_decode_calls():
     yield "weight must have shape", lambda: norm.rms_norm(q, torch.ones(3), 1e-6)
     yield "even last dim", lambda: activation.silu_and_mul(torch.randn(2, 5))
     yield "must be even and <= head_dim", lambda: rotary.rotary_embedding(seq_lens, q, q, torch.randn(10, 20))
+    yield "value must have shape", lambda: rotary.rotary_store_kv(seq_lens, q, q[:, :2], q[:, :1], torch.randn(10, 16), cache, seq_lens)
+    yield "kv_cache must have shape", lambda: rotary.rotary_store_kv(seq_lens, q, q[:, :2], q[:, :2], torch.randn(10, 16), cache[:, 0], seq_lens)
 
 
 @pytest.mark.parametrize("message,call", list(_bad_decode_calls()), ids=lambda v: v if isinstance(v, str) else "")
