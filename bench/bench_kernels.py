@@ -32,7 +32,10 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from baton.kernels import activation, kv_cache, norm, rotary
+from baton.engine.sampler import Sampler
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import Sequence
+from baton.kernels import activation, kv_cache, norm, rotary, sampling
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
 from baton.kernels.attention_prefill import PrefillConfig, default_config, launch_paged_attention
 
@@ -148,6 +151,35 @@ def transfer_rows(pool: Pool, copy_gbs: float) -> list[str]:
     return rows
 
 
+def sampling_rows(copy_gbs: float) -> list[str]:
+    """The exponential-race sampling kernel against its torch reference over Llama-3's
+    vocab, on dense rows and on rows cut to their top 50 (tiles of zeros skip the
+    noise), then the whole ``Sampler.__call__`` for 64 sequences (temperature 0.8,
+    top-p 0.9, top-k 50). The kernel replays from a CUDA graph, with its eager time
+    beside; the reference (it syncs) and the sampler run eagerly, as in the engine."""
+    vocab, rows = 128256, []
+    for batch, top in itertools.product((1, 64), (None, 50)):
+        cases = []
+        for _ in range(max(2, min(64, ROTATE_BYTES // (batch * vocab * 4)))):
+            probs = torch.softmax(3 * torch.randn(batch, vocab, device="cuda"), dim=-1)
+            if top:
+                values, ids = probs.topk(top, dim=-1)
+                probs = torch.zeros_like(probs).scatter_(1, ids, values)
+            cases.append((probs, torch.randint(0, 2**63 - 1, (batch,), device="cuda")))
+        fns = [lambda c=c: sampling.exponential_race(*c) for c in cases]
+        ms, eager_ms = median_ms(fns, graph=True), median_ms(fns)
+        ref_ms = median_ms([lambda c=c: sampling.ref_exponential_race(*c) for c in cases])
+        gbs = batch * vocab * 4 / ms / 1e6
+        rows.append(f"| exponential_race | batch {batch}, vocab {vocab}, {'top-50' if top else 'dense'} rows | {ms * 1e3:.1f} us "
+                    f"(eager {eager_ms * 1e3:.1f}, torch ref {ref_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
+    seqs = [Sequence(seq_id=f"s{i}", prompt_token_ids=[1, 2, 3], params=params, seed=i) for i in range(64)]
+    sampler = Sampler()
+    ms = median_ms([lambda x=x: sampler(x, seqs) for x in (3 * torch.randn(64, vocab, device="cuda") for _ in range(8))])
+    rows.append(f"| Sampler.__call__ | 64 seqs, vocab {vocab}, temperature 0.8, top-p 0.9, top-k 50 | {ms * 1e3:.1f} us | | |")
+    return rows
+
+
 def elementwise_rows(copy_gbs: float) -> list[str]:
     tokens, hidden, inter = 4096, 4096, 14336
     x = [torch.randn(tokens, hidden, dtype=DTYPE, device="cuda") for _ in range(4)]
@@ -245,6 +277,8 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
     for seq in (1024, 4096, 8192):
         emit(prefill_row(pool, seq, None, "paged (default tiles)"))
         emit(sdpa_row(seq))
+    for row in sampling_rows(copy_gbs):
+        emit(row)
     for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
         emit(row)
     for row in rotary_store_kv_rows(pool_1b, copy_gbs):

@@ -14,11 +14,12 @@ Per sequence, in this order (OpenAI / Hugging Face semantics):
    ``prob >= min_p * max prob``, and draw by exponential race: argmax of
    ``probs / E`` with ``E ~ Exp(1)`` i.i.d. per vocab entry.
 
-Seeding: the noise for output index ``t`` of a sequence comes from a
-``torch.Generator`` on the logits' device seeded with ``sample_seed(seq.seed, t)``
-= xxh3-64 of ``(seed mod 2**64, t)`` packed as two unsigned 64-bit little-endian
-ints, masked to 63 bits. A token depends only on (logits, params, seed, t): not
-on the batch around it nor on which process samples it (for one device type).
+Seeding: the noise for output index ``t`` of a sequence is the counter-based
+hash of ``kernels.sampling`` keyed by ``sample_seed(seq.seed, t)`` = xxh3-64 of
+``(seed mod 2**64, t)`` packed as two unsigned 64-bit little-endian ints, masked
+to 63 bits. The noise is the same on CPU and GPU, so a token depends only on
+(logits, params, seed, t): not on the batch around it, the process or the device
+that samples it (up to float rounding of the logits themselves).
 
 Reported log-probabilities are those of the model's raw distribution
 (``log_softmax`` of the unprocessed logits), with the top-``k`` alternatives when
@@ -34,13 +35,14 @@ import torch
 import xxhash
 
 from baton.engine.sequence import Sequence, TokenLogprob
+from baton.kernels import ops
 
 _SEED_PAIR = struct.Struct("<QQ")
 MIN_TEMPERATURE = 1e-5   # smaller positive temperatures are clamped to this (avoids inf / inf)
 
 
 def sample_seed(seed: int, t: int) -> int:
-    """The generator seed for output index ``t`` of a sequence seeded ``seed``."""
+    """The noise seed for output index ``t`` of a sequence seeded ``seed``."""
     return xxhash.xxh3_64_intdigest(_SEED_PAIR.pack(seed % 2**64, t)) & (2**63 - 1)
 
 
@@ -129,14 +131,8 @@ class Sampler:
         greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
         temps = torch.tensor([max(s.params.temperature, MIN_TEMPERATURE) for s in seqs], device=device)
         probs = _filtered_probs(processed / temps.unsqueeze(1), seqs)
-        noise = torch.ones_like(probs)
-        for i, seq in enumerate(seqs):
-            if not seq.params.greedy:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(sample_seed(seq.seed, len(seq.output_token_ids)))
-                noise[i].exponential_(generator=generator)
-        sampled = (probs / noise.clamp_(min=torch.finfo(probs.dtype).tiny)).argmax(dim=-1)
-        return torch.where(greedy, processed.argmax(dim=-1), sampled)
+        seeds = torch.tensor([sample_seed(s.seed, len(s.output_token_ids)) for s in seqs], dtype=torch.int64, device=device)
+        return torch.where(greedy, processed.argmax(dim=-1), ops.exponential_race(probs, seeds))
 
 
 def _filtered_probs(scaled: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
@@ -145,14 +141,12 @@ def _filtered_probs(scaled: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
     top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
     min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-    use_top_k, use_top_p = min(top_k) < vocab, bool((top_p < 1.0).any())
-    if use_top_k or use_top_p:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    if use_top_k:
-        kth = sorted_logits.gather(1, torch.tensor(top_k, device=device).unsqueeze(1) - 1)
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    wants_top_p = [s.params.top_p < 1.0 for s in seqs]
+    order = None
+    if min(top_k) < vocab or any(wants_top_p):
+        scaled, order = _top_k(scaled, top_k, wants_top_p)
     probs = torch.softmax(scaled, dim=-1)
-    if use_top_p:
+    if any(wants_top_p):
         sorted_probs = probs.gather(1, order)
         outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p.unsqueeze(1)
         outside &= (top_p < 1.0).unsqueeze(1)
@@ -161,3 +155,30 @@ def _filtered_probs(scaled: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
     return probs
+
+
+def _top_k(scaled: torch.Tensor, top_k: list[int], wants_top_p: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask logits below each row's ``top_k``-th largest (``vocab``: no limit; ties
+    with the k-th stay). Also returns token ids in descending logit order as far as
+    the top-p rows need them, i.e. covering every token they keep: a full sort only
+    when some top-p row has no top-k, else ``topk`` over the largest k, widened when
+    ties with a row's k-th logit keep more tokens than that."""
+    device, vocab = scaled.device, scaled.shape[1]
+    if any(p and k == vocab for k, p in zip(top_k, wants_top_p)):
+        values, order = scaled.sort(dim=-1, descending=True)
+    else:
+        values, order = scaled.topk(max(k for k in top_k if k < vocab), dim=-1)
+    if min(top_k) == vocab:
+        return scaled, order
+    limited = torch.tensor([k < vocab for k in top_k], device=device).unsqueeze(1)
+    index = torch.tensor(top_k, device=device).clamp(max=values.shape[1]).unsqueeze(1) - 1
+    kth = values.gather(1, index).masked_fill(~limited, float("-inf"))
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if order.shape[1] < vocab and any(wants_top_p):
+        nucleus = torch.tensor(wants_top_p, device=device)
+        # Kept tokens reach past the candidates only where the last candidate ties with the k-th.
+        if bool((nucleus & (values[:, -1] == kth[:, 0])).any()):
+            widest = int((scaled > float("-inf")).sum(dim=-1).masked_fill(~nucleus, 0).max())
+            if widest > order.shape[1]:
+                order = scaled.topk(widest, dim=-1).indices
+    return scaled, order

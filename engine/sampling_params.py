@@ -12,7 +12,7 @@ class SamplingParams:
     """What to generate and how. ``temperature == 0`` is greedy.
 
     ``seed`` makes sampling reproducible whatever the batch: the token at output
-    index ``t`` is drawn with a generator seeded from ``(seed, t)`` (see ``sampler``).
+    index ``t`` is drawn with noise keyed by ``(seed, t)`` (see ``sampler``).
     ``logprobs`` / ``prompt_logprobs``: ``None`` = off, ``k`` = the chosen token
     plus its top-``k`` alternatives.
     """

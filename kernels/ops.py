@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from baton.kernels import activation, attention, kv_cache, norm, rotary
+from baton.kernels import activation, attention, kv_cache, norm, rotary, sampling
 
 F = TypeVar("F", bound=Callable)
 
@@ -31,3 +31,4 @@ paged_decode_attention = _dispatch(attention.paged_decode_attention, attention.r
 rms_norm = _dispatch(norm.rms_norm, norm.ref_rms_norm)
 rotary_store_kv = _dispatch(rotary.rotary_store_kv, rotary.ref_rotary_store_kv)
 silu_and_mul = _dispatch(activation.silu_and_mul, activation.ref_silu_and_mul)
+exponential_race = _dispatch(sampling.exponential_race, sampling.ref_exponential_race)

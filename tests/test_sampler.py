@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baton.engine.sampler import Sampler, prompt_logprobs, sample_seed
+from baton.engine.sampler import MIN_TEMPERATURE, Sampler, prompt_logprobs, sample_seed
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
+from baton.kernels.sampling import ref_exponential_race
 
 pytestmark = pytest.mark.unit
 
@@ -149,3 +150,74 @@ def test_mixed_settings_in_one_batch_filter_per_row() -> None:
         for i, t in enumerate(out):
             seen[i].add(t.token_id)
     assert seen == [{0, 1}, {0}, {0, 1, 2}, {0}]
+
+
+def full_sort_probs(scaled: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """One row's filtered probabilities the straightforward way: a full sort."""
+    sorted_logits, order = scaled.sort(descending=True)
+    if 0 < top_k < scaled.numel():
+        scaled = scaled.masked_fill(scaled < sorted_logits[top_k - 1], float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        sorted_probs = probs[order]
+        outside = (sorted_probs.cumsum(0) - sorted_probs) >= top_p
+        outside[0] = False
+        probs[order[outside]] = 0.0
+    if min_p > 0:
+        probs[probs < min_p * probs.max()] = 0.0
+    return probs
+
+
+def full_sort_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    temps = torch.tensor([max(s.params.temperature, MIN_TEMPERATURE) for s in seqs])
+    scaled = logits / temps.unsqueeze(1)
+    probs = torch.stack([full_sort_probs(scaled[i], s.params.top_k, s.params.top_p, s.params.min_p) for i, s in enumerate(seqs)])
+    seeds = torch.tensor([sample_seed(s.seed, len(s.output_token_ids)) for s in seqs])
+    return ref_exponential_race(probs, seeds).tolist()
+
+
+def test_top_k_paths_match_a_full_sort() -> None:
+    """Batches where every row has a top-k (``topk``, no full sort), with and without
+    top-p, plus unfiltered rows, draw what a full-sort filter draws."""
+    settings = [
+        {"top_k": 5}, {"top_k": 40, "temperature": 0.7}, {"top_k": 1}, {"top_k": 300},
+        {"top_k": 12, "top_p": 0.8}, {"top_k": 60, "top_p": 0.5, "temperature": 1.3}, {"top_k": 3, "top_p": 0.3},
+        {"top_k": 25, "top_p": 0.9, "min_p": 0.05}, {"temperature": 0.9}, {"min_p": 0.1},
+    ]
+    for round_ in range(20):
+        logits = 3 * torch.randn(len(settings), 300)
+        seqs = [seq(round_ * 100 + i, **kw) for i, kw in enumerate(settings)]
+        assert [t.token_id for t in Sampler()(logits, seqs)] == full_sort_tokens(logits, seqs)
+
+
+def test_top_k_keeps_ties_and_top_p_covers_them() -> None:
+    """Ties with the k-th logit stay (as with a full sort); when top-p also applies,
+    the tied tokens beyond the ``topk`` candidates still go through the nucleus."""
+    base = torch.full((V,), -5.0)
+    base[torch.tensor([7, 30, 2, 50, 41, 9])] = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 3.0])
+    # Nucleus: p(7) + p(30) = 0.717 >= 0.7, so the tied 3.0s fall outside. The largest
+    # k is 4, so both top-p rows keep tied tokens beyond the 4 candidates.
+    settings = [{"top_k": 3}, {"top_k": 3, "top_p": 0.7}, {"top_k": 4, "top_p": 0.7}]
+    logits = base.repeat(len(settings), 1)
+    seen: list[set[int]] = [set() for _ in settings]
+    for s in range(300):
+        seqs = [seq(s * 3 + i, **kw) for i, kw in enumerate(settings)]
+        out = [t.token_id for t in Sampler()(logits, seqs)]
+        assert out == full_sort_tokens(logits, seqs)
+        for i, token in enumerate(out):
+            seen[i].add(token)
+    assert seen == [{7, 30, 2, 50, 41, 9}, {7, 30}, {7, 30}]
+
+
+def test_token_does_not_depend_on_the_filter_path_of_the_batch() -> None:
+    """A row draws the same token whether its batch takes ``topk`` (whatever its
+    largest k) or the full sort (a top-p row without top-k)."""
+    logits = 3 * torch.randn(4, V)
+    target = seq(77, top_k=8, top_p=0.9, temperature=0.8, outputs=[3])
+    alone = Sampler()(logits[:1], [target])[0].token_id
+    batches = [
+        [seq(1, top_k=50), seq(2, temperature=0.0), seq(3, top_k=2, top_p=0.5)],
+        [seq(4, top_p=0.6), seq(5), seq(6, top_k=3)],
+    ]
+    for others in batches:
+        assert Sampler()(logits, [target, *others])[0].token_id == alone
