@@ -25,14 +25,17 @@ def _cache_row(cache_ptr, slot, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.con
 
 
 @triton.jit
-def _copy_heads(src_ptr, dst_ptr, stride_src_head,
-                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROW_PAD: tl.constexpr):
-    """Copy one token's heads (each head's row contiguous, ``stride_src_head`` apart) to the
-    contiguous row at ``dst_ptr``, converted to its dtype."""
+def _load_heads(src_ptr, stride_src_head, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROW_PAD: tl.constexpr):
+    """One token's heads (each head's row contiguous, ``stride_src_head`` apart) as one flat row ``[ROW_PAD]``."""
     idx = tl.arange(0, ROW_PAD)
-    mask = idx < NUM_HEADS * HEAD_DIM
-    x = tl.load(src_ptr + (idx // HEAD_DIM) * stride_src_head + idx % HEAD_DIM, mask=mask)
-    tl.store(dst_ptr + idx, x.to(dst_ptr.dtype.element_ty), mask=mask)
+    return tl.load(src_ptr + (idx // HEAD_DIM) * stride_src_head + idx % HEAD_DIM, mask=idx < NUM_HEADS * HEAD_DIM)
+
+
+@triton.jit
+def _store_row(dst_ptr, x, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROW_PAD: tl.constexpr):
+    """Store a flat row from ``_load_heads`` at the contiguous ``dst_ptr``, converted to its dtype."""
+    idx = tl.arange(0, ROW_PAD)
+    tl.store(dst_ptr + idx, x.to(dst_ptr.dtype.element_ty), mask=idx < NUM_HEADS * HEAD_DIM)
 
 
 @triton.jit
@@ -56,9 +59,11 @@ def _store_kv_kernel(
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:
+        k = _load_heads(key_ptr + token * stride_k_tok, stride_k_head, NUM_HEADS, HEAD_DIM, ROW_PAD)
+        v = _load_heads(value_ptr + token * stride_v_tok, stride_v_head, NUM_HEADS, HEAD_DIM, ROW_PAD)
         row = _cache_row(cache_ptr, slot, stride_c_block, stride_c_tok, BLOCK_SIZE)
-        _copy_heads(key_ptr + token * stride_k_tok, row, stride_k_head, NUM_HEADS, HEAD_DIM, ROW_PAD)
-        _copy_heads(value_ptr + token * stride_v_tok, row + stride_c_kv, stride_v_head, NUM_HEADS, HEAD_DIM, ROW_PAD)
+        _store_row(row, k, NUM_HEADS, HEAD_DIM, ROW_PAD)
+        _store_row(row + stride_c_kv, v, NUM_HEADS, HEAD_DIM, ROW_PAD)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

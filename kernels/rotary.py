@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
-from baton.kernels.kv_cache import _cache_row, _copy_heads, ref_store_kv
+from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, ref_store_kv
 
 
 @triton.jit
@@ -26,27 +26,42 @@ def _load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF: tl.constexp
 
 
 @triton.jit
-def _rotate_heads(src_ptr, dst_ptr, stride_src_head, stride_dst_head, cos, sin,
+def _rotate_heads(src_ptr, stride_src_head, cos, sin,
                   NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr):
-    """Rotate one token's heads from ``src_ptr`` to ``dst_ptr`` (each head's row contiguous).
-    Results are rounded to the source dtype, then converted to the destination's, as
-    rotating a tensor and then copying it would."""
+    """Load and rotate one token's heads (each head's row contiguous): the two rotated halves
+    ``[HEADS_PAD, HALF_PAD]``, rounded to the source dtype as a rotated tensor would be, and
+    the pass-through tail ``[HEADS_PAD, TAIL_PAD]`` (a placeholder when there is none)."""
     h = tl.arange(0, HEADS_PAD)[:, None]
     j = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < NUM_HEADS) & (j < HALF)
     src = src_ptr + h * stride_src_head
-    dst = dst_ptr + h * stride_dst_head
     x1 = tl.load(src + j, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF + j, mask=mask, other=0.0).to(tl.float32)
     out1 = (x1 * cos - x2 * sin).to(src_ptr.dtype.element_ty)
     out2 = (x2 * cos + x1 * sin).to(src_ptr.dtype.element_ty)
+    if TAIL_PAD > 0:
+        t = 2 * HALF + tl.arange(0, TAIL_PAD)[None, :]
+        tail = tl.load(src + t, mask=(h < NUM_HEADS) & (t < HEAD_DIM))
+    else:
+        tail = out1
+    return out1, out2, tail
+
+
+@triton.jit
+def _store_heads(dst_ptr, stride_dst_head, out1, out2, tail,
+                 NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr):
+    """Store what ``_rotate_heads`` returned, converted to the destination dtype."""
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    j = tl.arange(0, HALF_PAD)[None, :]
+    mask = (h < NUM_HEADS) & (j < HALF)
+    dst = dst_ptr + h * stride_dst_head
     tl.store(dst + j, out1.to(dst_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HALF + j, out2.to(dst_ptr.dtype.element_ty), mask=mask)
     if TAIL_PAD > 0:
         t = 2 * HALF + tl.arange(0, TAIL_PAD)[None, :]
-        tail_mask = (h < NUM_HEADS) & (t < HEAD_DIM)
-        tl.store(dst + t, tl.load(src + t, mask=tail_mask).to(dst_ptr.dtype.element_ty), mask=tail_mask)
+        tl.store(dst + t, tail.to(dst_ptr.dtype.element_ty), mask=(h < NUM_HEADS) & (t < HEAD_DIM))
 
 
 @triton.jit
@@ -59,10 +74,14 @@ def _rotary_embedding_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, HALF_PAD)
-    _rotate_heads(q_ptr + token * stride_q_tok, q_out_ptr + token * stride_qo_tok, stride_q_head, stride_qo_head,
-                  cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
-    _rotate_heads(k_ptr + token * stride_k_tok, k_out_ptr + token * stride_ko_tok, stride_k_head, stride_ko_head,
-                  cos, sin, NUM_K_HEADS, K_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+    q1, q2, q_tail = _rotate_heads(q_ptr + token * stride_q_tok, stride_q_head, cos, sin,
+                                   NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+    k1, k2, k_tail = _rotate_heads(k_ptr + token * stride_k_tok, stride_k_head, cos, sin,
+                                   NUM_K_HEADS, K_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+    _store_heads(q_out_ptr + token * stride_qo_tok, stride_qo_head, q1, q2, q_tail,
+                 NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+    _store_heads(k_out_ptr + token * stride_ko_tok, stride_ko_head, k1, k2, k_tail,
+                 NUM_K_HEADS, K_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
 
 
 @triton.jit
@@ -74,16 +93,22 @@ def _rotary_store_kv_kernel(
     NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr, KV_ROW_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
 ):
+    # Every load goes out before the first store: a load after a store could alias it
+    # and would wait for it.
     token = tl.program_id(0).to(tl.int64)
-    cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, HALF_PAD)
-    _rotate_heads(q_ptr + token * stride_q_tok, q_out_ptr + token * stride_qo_tok, stride_q_head, stride_qo_head,
-                  cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
     slot = tl.load(slot_ptr + token).to(tl.int64)
+    cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, HALF_PAD)
+    q1, q2, q_tail = _rotate_heads(q_ptr + token * stride_q_tok, stride_q_head, cos, sin,
+                                   NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+    k1, k2, k_tail = _rotate_heads(k_ptr + token * stride_k_tok, stride_k_head, cos, sin,
+                                   NUM_KV_HEADS, KV_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+    v = _load_heads(v_ptr + token * stride_v_tok, stride_v_head, NUM_KV_HEADS, HEAD_DIM, KV_ROW_PAD)
+    _store_heads(q_out_ptr + token * stride_qo_tok, stride_qo_head, q1, q2, q_tail,
+                 NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
     if slot >= 0:
         row = _cache_row(cache_ptr, slot, stride_c_block, stride_c_tok, BLOCK_SIZE)
-        _rotate_heads(k_ptr + token * stride_k_tok, row, stride_k_head, HEAD_DIM,
-                      cos, sin, NUM_KV_HEADS, KV_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
-        _copy_heads(v_ptr + token * stride_v_tok, row + stride_c_kv, stride_v_head, NUM_KV_HEADS, HEAD_DIM, KV_ROW_PAD)
+        _store_heads(row, HEAD_DIM, k1, k2, k_tail, NUM_KV_HEADS, KV_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
+        _store_row(row + stride_c_kv, v, NUM_KV_HEADS, HEAD_DIM, KV_ROW_PAD)
 
 
 def _check_rotary_args(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor) -> dict[str, int]:
