@@ -46,16 +46,20 @@ def sample_seed(seed: int, t: int) -> int:
     return xxhash.xxh3_64_intdigest(_SEED_PAIR.pack(seed % 2**64, t)) & (2**63 - 1)
 
 
-def _to_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int]) -> list[TokenLogprob]:
-    """Pack chosen-token log-probs and each row's top-``ks[i]`` alternatives."""
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+def _to_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int], chosen_logits: torch.Tensor | None = None) -> list[TokenLogprob]:
+    """Log-probs (``logit - logsumexp``, no ``[N, vocab]`` log-softmax written) of the chosen
+    tokens, whose logits the caller may pass, and each row's top-``ks[i]`` alternatives."""
+    lse = torch.logsumexp(logits, dim=-1)
+    if chosen_logits is None:
+        chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    chosen = (chosen_logits - lse).tolist()
     ids = token_ids.tolist()
-    max_k = min(max(ks, default=0), logprobs.shape[1])
+    max_k = min(max(ks, default=0), logits.shape[1])
     top_vals: list[list[float]] = []
     top_ids: list[list[int]] = []
     if max_k > 0:
-        values, indices = logprobs.topk(max_k, dim=1)
-        top_vals, top_ids = values.tolist(), indices.tolist()
+        values, indices = logits.topk(max_k, dim=1)
+        top_vals, top_ids = (values - lse.unsqueeze(1)).tolist(), indices.tolist()
     result = []
     for i, (token, lp) in enumerate(zip(ids, chosen)):
         k = min(ks[i], max_k)
@@ -69,9 +73,8 @@ def prompt_logprobs(prompt_logits: torch.Tensor, next_token_ids: Seq[int], k: in
     predicts ``next_token_ids[j]``), with the top-``k`` alternatives."""
     if prompt_logits.dim() != 2 or prompt_logits.shape[0] != len(next_token_ids):
         raise ValueError(f"prompt_logits {tuple(prompt_logits.shape)} do not match {len(next_token_ids)} next tokens")
-    logprobs = torch.log_softmax(prompt_logits.float(), dim=-1)
     targets = torch.tensor(list(next_token_ids), dtype=torch.long, device=prompt_logits.device)
-    return _to_logprobs(logprobs, targets, [k] * len(next_token_ids))
+    return _to_logprobs(prompt_logits.float(), targets, [k] * len(next_token_ids))
 
 
 class Sampler:
@@ -86,16 +89,15 @@ class Sampler:
         if not seqs:
             return []
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        ks = [s.params.logprobs or 0 for s in seqs]
         if all(s.params.greedy and not self._needs_penalties(s) for s in seqs):
-            token_ids = logits.argmax(dim=-1)
-        else:
-            processed = logits.clone()
-            for i, seq in enumerate(seqs):
-                if self._needs_penalties(seq):
-                    self._apply_penalties(processed[i], seq)
-            token_ids = self._sample(processed, seqs)
-        return _to_logprobs(raw_logprobs, token_ids, [s.params.logprobs or 0 for s in seqs])
+            best, token_ids = logits.max(dim=-1)
+            return _to_logprobs(logits, token_ids, ks, chosen_logits=best)
+        processed = logits.clone()
+        for i, seq in enumerate(seqs):
+            if self._needs_penalties(seq):
+                self._apply_penalties(processed[i], seq)
+        return _to_logprobs(logits, self._sample(processed, seqs), ks)
 
     @staticmethod
     def _needs_penalties(seq: Sequence) -> bool:
