@@ -7,9 +7,9 @@ that holds it; prefill, mixed batches and steps with a layer hook run eagerly.
 Each graph reads static device buffers: token ids, positions, slots, context
 lengths, and block tables of a fixed width ``ceil(max_model_len / block_size)``.
 Rows past the real batch are padding: slot -1 (``rotary_store_kv`` writes no K/V
-for it), context length 0 (attention writes zeros) and a block-table row of zeros.
-The graph runs the whole forward and the logits of every row; ``run`` returns a
-view of the real rows, valid until the next replay.
+for it) and context length 0 (attention writes zeros, whatever block ids the row
+still holds). The graph runs the whole forward and the logits of every row;
+``run`` returns a view of the real rows, valid until the next replay.
 
 The host never waits on the GPU here: metadata is written into pinned staging
 buffers and copied with ``non_blocking`` copies. Before overwriting the staging
@@ -70,6 +70,7 @@ class _StaticInputs:
         self.host_longs[2] = -1
         self._longs_np, self._ints_np = self.host_longs.numpy(), self.host_ints.numpy()
         self._tables_np = self._ints_np[max_batch:].reshape(max_batch, self.max_blocks)
+        self._written: list[tuple[list[int] | None, int]] = [(None, 0)] * max_batch   # per row: table list, entries copied
         self.longs = self.host_longs.to(device)
         self.ints = self.host_ints.to(device)
         self.cu_query_lens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
@@ -91,28 +92,41 @@ class _StaticInputs:
 
     def load(self, chunks: Seq[ScheduledChunk], batch: int) -> None:
         """Stage ``chunks`` padded to ``batch`` rows and start the copies to the device.
-        Raises ValueError (before any copy) for a chunk the cache or vocab cannot take."""
+        Raises ValueError (before any copy) for a chunk the cache or vocab cannot take.
+
+        Block-table rows are written incrementally: a row that held the same block-table
+        list last step (block tables only grow in place, and are replaced by a new list
+        when a sequence is preempted) gets only its new entries. Entries past a row's
+        length keep stale block ids, which are valid ids that attention masks out."""
         self.copied.synchronize()
-        ids, positions, slots = self._longs_np
-        seq_lens, tables, bs = self._ints_np, self._tables_np, self.block_size
-        tables[:batch] = 0
+        ids, positions, slots = [], [], []
+        tables, bs, written = self._tables_np, self.block_size, self._written
         for i, chunk in enumerate(chunks):
             seq, start = chunk.seq, chunk.start
+            table = seq.block_table
             num_blocks = start // bs + 1
             if start >= self.max_model_len:
                 raise ValueError(f"a sequence reaches {start + 1} tokens, over max_model_len={self.max_model_len}")
-            if len(seq.block_table) < num_blocks:
+            if len(table) < num_blocks:
                 raise ValueError(
-                    f"sequence {seq.seq_id}: {len(seq.block_table)} blocks cannot hold {start + 1} tokens (block_size {bs})"
+                    f"sequence {seq.seq_id}: {len(table)} blocks cannot hold {start + 1} tokens (block_size {bs})"
                 )
             token = _token_at(chunk)
             if not 0 <= token < self.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got one outside")
-            ids[i], positions[i], seq_lens[i] = token, start, start + 1
-            slots[i] = seq.block_table[num_blocks - 1] * bs + start % bs
-            tables[i, :num_blocks] = seq.block_table[:num_blocks]
+            ids.append(token)
+            positions.append(start)
+            slots.append(table[num_blocks - 1] * bs + start % bs)
+            held, count = written[i]
+            first = count if held is table else 0
+            if first < num_blocks:
+                tables[i, first:num_blocks] = table[first:num_blocks]
+                written[i] = (table, num_blocks)
         n = len(chunks)
-        ids[n:batch], positions[n:batch], slots[n:batch], seq_lens[n:batch] = 0, 0, -1, 0
+        longs, seq_lens = self._longs_np, self._ints_np
+        longs[0, :n], longs[1, :n], longs[2, :n] = ids, positions, slots
+        seq_lens[:n] = longs[1, :n] + 1
+        longs[:2, n:batch], longs[2, n:batch], seq_lens[n:batch] = 0, -1, 0
         self.longs.copy_(self.host_longs, non_blocking=True)
         used = self.max_batch + batch * self.max_blocks
         self.ints[:used].copy_(self.host_ints[:used], non_blocking=True)
