@@ -182,15 +182,15 @@ class EngineCore:
             return []
         hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, out.chunks))
         result = self.runner.execute(out.chunks, hook)
-        changed = [c.seq for c in out.chunks if c.samples]
+        samples = [c.samples for c in out.chunks]     # read before num_computed_tokens moves
+        changed = [c.seq for c, s in zip(out.chunks, samples) if s]
         tokens = iter(self.sampler(result.logits, changed))
-        for chunk in out.chunks:
+        for chunk, sampled in zip(out.chunks, samples):
             seq = chunk.seq
             if result.prompt_logits:
                 self._record_prompt_logprobs(chunk, result.prompt_logits.get(seq.seq_id))
-            samples = chunk.samples                   # read before num_computed_tokens moves
             seq.num_computed_tokens += chunk.num_new_tokens
-            if samples:
+            if sampled:
                 token = next(tokens)
                 seq.output_token_ids.append(token.token_id)
                 seq.output_logprobs.append(token)

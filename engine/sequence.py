@@ -15,7 +15,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprob:
     """Log-probability of one token and, when asked for, its top alternatives."""
 
@@ -64,7 +64,7 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     """Compute ``seq.token_ids[start : start + num_new_tokens]`` this step, where
     ``start == seq.num_computed_tokens`` when the step was scheduled. The chunk

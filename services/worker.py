@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -96,6 +97,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         keep_finished_blocks=keep_finished_blocks,
     )
     warm_up(core, config.block_size)
+    gc.freeze()   # the model and library objects leave the collector's full scans (see engine/llm.py)
     layout = KVLayout.from_caches(runner.kv_caches, fingerprint)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     address = f"{args.advertise_host or args.host}:{args.port}"
