@@ -8,13 +8,15 @@ gather/scatter for one layer of a 2,048-token prompt, and the element-wise
 kernels. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128,
 bf16, block 16), plus batch-1 decode in Llama-3.2-1B's shape (head dim 64) with
 block tables padded to 1,024 tokens as the decode runner pads them, and fused
-rotary + KV write against the two separate launches at 1B decode shapes. Times are
+rotary + KV write against the two separate launches at 1B decode shapes, and the
+small-batch linear (GEMV) kernel against ``F.linear`` on the 1B and 8B projections
+(``--linear-only`` runs just that block). Times are
 medians of ``triton.testing.do_bench`` (prefill, eager decode) or
 ``do_bench_cudagraph`` (the short kernels, replayed from a CUDA graph as the
 decode runner does); inputs rotate over several sets so that the L2 cache does
 not flatter small cases.
 
-    python3 bench/bench_kernels.py [--quick] [--sweep]
+    python3 bench/bench_kernels.py [--quick] [--sweep | --sweep-only | --linear-only]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
-from baton.kernels import activation, kv_cache, norm, rotary, sampling
+from baton.kernels import activation, kv_cache, linear, norm, rotary, sampling
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
 from baton.kernels.attention_prefill import PrefillConfig, default_config, launch_paged_attention
 
@@ -231,11 +233,37 @@ def rotary_store_kv_rows(pool: Pool, copy_gbs: float) -> list[str]:
     return rows
 
 
+LINEAR_SHAPES = (  # (model, projection, N, K): the decode projections of Llama-3.2-1B and Llama-3-8B
+    ("1B", "qkv_proj", 3072, 2048), ("1B", "o_proj", 2048, 2048), ("1B", "gate_up_proj", 16384, 2048), ("1B", "down_proj", 2048, 8192),
+    ("8B", "qkv_proj", 6144, 4096), ("8B", "o_proj", 4096, 4096), ("8B", "gate_up_proj", 28672, 4096), ("8B", "down_proj", 4096, 14336),
+)
+LINEAR_ROTATE_BYTES = 128 * 2**20  # more weight bytes than the L2 holds: every launch reads its weights from memory
+
+
+def linear_rows(copy_gbs: float) -> list[str]:
+    """``linear.linear`` (the Triton GEMV) against ``F.linear`` (cuBLAS) at decode row counts,
+    bf16, no bias, both replayed from a CUDA graph. Bytes: the weight, x and the output."""
+    rows = []
+    for model, proj, n, k in LINEAR_SHAPES:
+        weights = [torch.randn(n, k, dtype=DTYPE, device="cuda") for _ in range(max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * k * 2))))]
+        for m in (1, 2, 4):
+            xs = [torch.randn(m, k, dtype=DTYPE, device="cuda") for _ in weights]
+            ms = median_ms([lambda x=x, w=w: linear.linear(x, w) for x, w in zip(xs, weights)], graph=True)
+            ref_ms = median_ms([lambda x=x, w=w: linear.ref_linear(x, w) for x, w in zip(xs, weights)], graph=True)
+            nbytes = (n * k + m * k + m * n) * 2
+            gbs, ref_gbs = nbytes / ms / 1e6, nbytes / ref_ms / 1e6
+            rows.append(f"| linear | {model} {proj} N={n} K={k}, M={m} | {ms * 1e3:.1f} us (F.linear {ref_ms * 1e3:.1f} us, "
+                        f"{ref_gbs / copy_gbs:.0%} of copy) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+        del weights
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few cases only")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
     parser.add_argument("--sweep-only", action="store_true", help="only sweep launch parameters")
+    parser.add_argument("--linear-only", action="store_true", help="only the linear (GEMV) rows")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -254,12 +282,16 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     copy_gbs = copy_bandwidth()
     emit(f"| device copy | 1 GiB D2D, read + write | | {copy_gbs:.0f} GB/s | 100% |")
-    pool = Pool(2 * 128 * 16384 // BLOCK // (4 if args.quick else 1) + 4096)
-    pool_1b = Pool(8192, LLAMA_1B)
-    if not args.sweep_only:
-        default_rows(pool, pool_1b, copy_gbs, emit, args.quick)
-    if args.sweep or args.sweep_only:
-        sweep(pool, pool_1b, copy_gbs, emit)
+    if args.linear_only:
+        for row in linear_rows(copy_gbs):
+            emit(row)
+    else:
+        pool = Pool(2 * 128 * 16384 // BLOCK // (4 if args.quick else 1) + 4096)
+        pool_1b = Pool(8192, LLAMA_1B)
+        if not args.sweep_only:
+            default_rows(pool, pool_1b, copy_gbs, emit, args.quick)
+        if args.sweep or args.sweep_only:
+            sweep(pool, pool_1b, copy_gbs, emit)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "kernels_bench.md"), "w") as f:
@@ -283,17 +315,19 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
         emit(row)
     for row in rotary_store_kv_rows(pool_1b, copy_gbs):
         emit(row)
+    for row in linear_rows(copy_gbs):
+        emit(row)
 
 
 def sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
     """Launch-parameter candidates, to choose the defaults."""
-    decode_candidates = (DecodeConfig(64, None, 3, 4, 64, 32), DecodeConfig(64, None, 3, 2, 64, 64), DecodeConfig(64, None, 2, 2, 64, 64))
+    decode_candidates = (DecodeConfig(), DecodeConfig(64, None, 4, 4, 64, 32), DecodeConfig(32, None, 4, 4, 32, 64), DecodeConfig(64, None, 3, 6, 64, 48))
     for cfg in decode_candidates:
         label = f"| decode {cfg} |"
         emit(decode_row(pool_1b, 1, 512, copy_gbs, cfg, RUNNER_CONTEXT).replace("| decode |", label))
         for batch, ctx in ((1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 2048), (64, 2048)):
             emit(decode_row(pool, batch, ctx, copy_gbs, cfg).replace("| decode |", label))
-    prefill_candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 64, 4, 3))
+    prefill_candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 128, 4, 3))
     for cfg in prefill_candidates:
         for seq in (4096, 8192):
             emit(prefill_row(pool, seq, cfg, str(cfg)))

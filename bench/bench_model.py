@@ -189,7 +189,7 @@ def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: 
     torch.cuda.empty_cache()
     max_batch = max(max(args.latency_batches), max(args.batches))
     llm = LLM(str(directory), device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=max_batch,
-              max_num_batched_tokens=4096, num_blocks=max_batch * (MAX_MODEL_LEN // 16) + 16, enable_prefix_caching=False)
+              max_num_batched_tokens=args.max_num_batched_tokens, num_blocks=max_batch * (MAX_MODEL_LEN // 16) + 16, enable_prefix_caching=False)
     rows = latency_rows(name, llm, args.latency_batches, args.context, bandwidth)
     rows += throughput_rows(name, llm, hf, args.batches, args.input_len, args.output_len)
     del llm, hf
@@ -212,6 +212,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[32, 64], help="offline throughput batch sizes")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="Baton's token budget per step")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: /dev/shm if it has room)")
     args = p.parse_args()

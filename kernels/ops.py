@@ -9,6 +9,7 @@ from typing import TypeVar
 import torch
 
 from baton.kernels import activation, attention, kv_cache, norm, rotary, sampling
+from baton.kernels import linear as gemv
 
 F = TypeVar("F", bound=Callable)
 
@@ -32,3 +33,11 @@ rms_norm = _dispatch(norm.rms_norm, norm.ref_rms_norm)
 rotary_store_kv = _dispatch(rotary.rotary_store_kv, rotary.ref_rotary_store_kv)
 silu_and_mul = _dispatch(activation.silu_and_mul, activation.ref_silu_and_mul)
 exponential_race = _dispatch(sampling.exponential_race, sampling.ref_exponential_race)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[M, K]`` @ ``weight`` ``[N, K]``.T + ``bias``: the Triton GEMV for CUDA inputs of at
+    most ``MAX_DISPATCH_ROWS`` rows (decode steps), ``F.linear`` (cuBLAS on GPU) for anything else."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] <= gemv.MAX_DISPATCH_ROWS:
+        return gemv.linear(x, weight, bias)
+    return gemv.ref_linear(x, weight, bias)

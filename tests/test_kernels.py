@@ -22,8 +22,9 @@ import torch
 
 from kernel_cases import GQA, fresh_seed  # noqa: F401 (fresh_seed is an autouse fixture)
 
-from baton.kernels import activation, attention, kv_cache, norm, rotary
+from baton.kernels import activation, attention, kv_cache, linear, norm, ops, rotary
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
+from baton.kernels.linear import MAX_DISPATCH_ROWS, MAX_GEMV_ROWS, LinearConfig, launch_linear
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -170,6 +171,16 @@ def check_silu_and_mul(device: str, dtype: torch.dtype, inter: int) -> None:
     _assert_close(activation.silu_and_mul(x), activation.ref_silu_and_mul(x), dtype)
 
 
+def check_linear(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool, config: LinearConfig | None = None) -> None:
+    """``x`` is a view with a row stride past K, as a slice of a wider activation would be."""
+    x = torch.randn(m, k + 3, dtype=dtype, device=device)[:, :k]
+    w = torch.randn(n, k, dtype=dtype, device=device)
+    b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
+    _poison_allocator(device, m * n * x.element_size())
+    got = linear.linear(x, w, b) if config is None else launch_linear(x, w, b, config)
+    _assert_close(got, linear.ref_linear(x, w, b), dtype)
+
+
 def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     """The cases the interpreter can afford; also the first pass on GPU."""
     grid = [(h, k, 16) for h, k in GQA] + [(4, 2, 8), (4, 2, 32), (8, 1, 8)]
@@ -192,6 +203,11 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "rotary_store_kv 64/64", lambda: check_rotary_store_kv(device, dtype, dtype, 64, 64, torch.int64)
     yield "rotary_store_kv 32/16 other cache dtype", lambda: check_rotary_store_kv(device, dtype, other, 32, 16, torch.int32)
     yield "silu_and_mul", lambda: check_silu_and_mul(device, dtype, 1500)
+    for m, n, k, bias in ((1, 37, 100, True), (2, 24, 1024, False), (3, 64, 1030, True), (4, 19, 512, False)):
+        yield f"linear {m}x{k} -> {n} bias={bias}", lambda m=m, n=n, k=k, b=bias: check_linear(device, dtype, m, n, k, b)
+    ragged = LinearConfig(block_n=16, block_k=128)  # N and K not multiples of the tile, then K a multiple
+    yield "linear ragged tiles", lambda: check_linear(device, dtype, MAX_GEMV_ROWS, 45, 300, True, ragged)
+    yield "linear even K", lambda: check_linear(device, dtype, 3, 45, 256, False, ragged)
 
 
 def run_cases(cases: Iterator[tuple[str, Callable[[], None]]]) -> int:
@@ -210,7 +226,7 @@ def test_kernels_under_triton_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    expected = sum(1 for _ in small_cases("cpu", torch.float32)) + 2
+    expected = sum(1 for _ in small_cases("cpu", torch.float32)) + 3
     assert f"{expected} interpreted checks passed" in proc.stdout, proc.stdout
 
 
@@ -231,6 +247,55 @@ def test_attention_on_gpu_llama_shapes(dtype: torch.dtype, heads: int, kv_heads:
     check_paged_decode_attention("cuda", dtype, heads, kv_heads, 16, 128, [1, 4000, 17, 250])
     lens = torch.randint(1, 600, (96,)).tolist()  # batch large enough to run unsplit
     check_paged_decode_attention("cuda", dtype, heads, kv_heads, 16, 128, lens)
+
+
+@pytest.mark.unit
+def test_linear_rejects_bad_arguments_and_dispatches_to_torch_on_cpu() -> None:
+    x, w, b = torch.randn(2, 16), torch.randn(8, 16), torch.randn(8)
+    bad = {
+        "MAX_GEMV_ROWS": (torch.randn(MAX_GEMV_ROWS + 1, 16), w, b),
+        "x must have shape": (torch.randn(16), w, b),
+        "weight must have shape": (x, torch.randn(8, 15), b),
+        "weight dtype": (x, w.double(), b),
+        "weight must be contiguous": (x, torch.randn(16, 8).t(), b),
+        "bias must have shape": (x, w, torch.randn(9)),
+        "bias dtype": (x, w, b.half()),
+        "x must be contiguous in its last dim": (torch.randn(2, 32)[:, ::2], w, b),
+    }
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=message):
+            linear.linear(*args)
+    assert torch.equal(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("n,k", [(3072, 2048), (2048, 2048), (2048, 8192), (1003, 1500)])
+def test_linear_on_gpu_llama_shapes(dtype: torch.dtype, n: int, k: int) -> None:
+    """Llama-3.2-1B's qkv, o and down projections and a shape that fills no tile, at every row count the kernel takes."""
+    for m in range(1, MAX_GEMV_ROWS + 1):
+        for with_bias in (False, True):
+            check_linear("cuda", dtype, m, n, k, with_bias)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_linear_in_cuda_graph_and_dispatch() -> None:
+    """A captured launch computes on the inputs present at replay; ``ops.linear`` hands
+    more than ``MAX_DISPATCH_ROWS`` rows to torch."""
+    x = torch.randn(1, 2048, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(3072, 2048, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(3072, dtype=torch.bfloat16, device="cuda")
+    ops.linear(x, w, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.linear(x, w, b)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    _assert_close(out, linear.ref_linear(x, w, b), torch.bfloat16)
+    many = torch.randn(MAX_DISPATCH_ROWS + 1, 2048, dtype=torch.bfloat16, device="cuda")
+    assert torch.equal(ops.linear(many, w, b), linear.ref_linear(many, w, b))
 
 
 @pytest.mark.gpu
@@ -274,5 +339,6 @@ if __name__ == "__main__":
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     passed = run_cases(small_cases("cpu", torch.float32))
     passed += run_cases(iter([("store_kv fp16", lambda: check_store_kv("cpu", torch.float16, 16, 2, 16)),
-                              ("rms_norm bf16", lambda: check_rms_norm("cpu", torch.bfloat16, 96, True))]))
+                              ("rms_norm bf16", lambda: check_rms_norm("cpu", torch.bfloat16, 96, True)),
+                              ("linear bf16", lambda: check_linear("cpu", torch.bfloat16, MAX_GEMV_ROWS, 37, 300, True))]))
     print(f"{passed} interpreted checks passed")
