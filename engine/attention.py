@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from baton.engine.sequence import ScheduledChunk
@@ -91,16 +92,17 @@ def build_attention_metadata(
 def _packed_positions_and_slots(
     starts: list[int], q_lens: list[int], block_tables: torch.Tensor, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``cu_query_lens`` (int32), and per-token positions and cache slots (int64) of a packed batch."""
-    q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
-    cu_query_lens = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
-    torch.cumsum(q_lens_t, 0, out=cu_query_lens[1:])
-    num_tokens = int(cu_query_lens[-1])
-    chunk_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens_t, output_size=num_tokens)
-    offsets = torch.arange(num_tokens) - cu_query_lens[:-1][chunk_of_token]
-    positions = torch.tensor(starts, dtype=torch.int64)[chunk_of_token] + offsets
-    block_ids = block_tables[chunk_of_token, positions // block_size].long()
-    return cu_query_lens.to(torch.int32), positions, block_ids * block_size + positions % block_size
+    """``cu_query_lens`` (int32), and per-token positions and cache slots (int64) of a packed batch.
+    Computed in numpy: torch's CPU indexing took 13-19 ms for 4,096 tokens on a GPU host's
+    virtual CPUs (thread-pool wake-ups), numpy takes tens of microseconds."""
+    q_lens_np = np.asarray(q_lens, dtype=np.int64)
+    cu_query_lens = np.zeros(len(q_lens) + 1, dtype=np.int64)
+    np.cumsum(q_lens_np, out=cu_query_lens[1:])
+    chunk_of_token = np.repeat(np.arange(len(q_lens)), q_lens_np)
+    positions = np.asarray(starts, dtype=np.int64)[chunk_of_token] + np.arange(cu_query_lens[-1]) - cu_query_lens[:-1][chunk_of_token]
+    block_ids = block_tables.numpy()[chunk_of_token, positions // block_size].astype(np.int64)
+    slots = block_ids * block_size + positions % block_size
+    return torch.from_numpy(cu_query_lens.astype(np.int32)), torch.from_numpy(positions), torch.from_numpy(slots)
 
 
 def paged_attention_forward(

@@ -52,20 +52,27 @@ def _to_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int], ch
     lse = torch.logsumexp(logits, dim=-1)
     if chosen_logits is None:
         chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    chosen = (chosen_logits - lse).tolist()
-    ids = token_ids.tolist()
     max_k = min(max(ks, default=0), logits.shape[1])
-    top_vals: list[list[float]] = []
-    top_ids: list[list[int]] = []
-    if max_k > 0:
-        values, indices = logits.topk(max_k, dim=1)
-        top_vals, top_ids = (values - lse.unsqueeze(1)).tolist(), indices.tolist()
+    if max_k == 0:
+        ids, chosen = _to_host(token_ids, chosen_logits - lse)
+        return [TokenLogprob(token_id=token, logprob=lp) for token, lp in zip(ids, chosen)]
+    values, indices = logits.topk(max_k, dim=1)
+    ids, chosen, top_ids, top_vals = _to_host(token_ids, chosen_logits - lse, indices, values - lse.unsqueeze(1))
     result = []
     for i, (token, lp) in enumerate(zip(ids, chosen)):
         k = min(ks[i], max_k)
         top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k else []
         result.append(TokenLogprob(token_id=token, logprob=lp, top=top))
     return result
+
+
+def _to_host(*tensors: torch.Tensor) -> list[list]:
+    """``t.tolist()`` for each tensor, with one wait for the device instead of one per tensor."""
+    if not tensors[0].is_cuda:
+        return [t.tolist() for t in tensors]
+    copies = [t.to("cpu", non_blocking=True) for t in tensors]
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [c.tolist() for c in copies]
 
 
 def prompt_logprobs(prompt_logits: torch.Tensor, next_token_ids: Seq[int], k: int) -> list[TokenLogprob]:
