@@ -117,11 +117,10 @@ class ModelRunner:
         ids: list[int] = []
         for chunk in chunks:
             ids.extend(_chunk_token_ids(chunk.seq, chunk.start, chunk.num_new_tokens))
-        input_ids = torch.tensor(ids, dtype=torch.int64)
         vocab = self.vocab_size
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got one outside")
-        return to_device(input_ids, self.device)
+        return to_device(torch.tensor(ids, dtype=torch.int64), self.device)
 
 
 def _chunk_token_ids(seq: Sequence, start: int, n: int) -> list[int]:
