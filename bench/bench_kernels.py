@@ -223,7 +223,7 @@ def rotary_store_kv_rows(pool: Pool, copy_gbs: float) -> list[str]:
         for i in range(64):
             qkv = torch.randn(tokens, sum(widths), dtype=DTYPE, device="cuda")
             q, k, v = (t.view(tokens, -1, shape.dim) for t in qkv.split(widths, dim=-1))
-            pos, s = torch.randint(0, 8192, (tokens,), device="cuda"), slots[i * tokens : (i + 1) * tokens]
+            pos, s = torch.randint(0, 8192, (tokens,), device="cuda"), slots[i * tokens : (i + 1) * tokens].clone()
             fused.append(lambda p=pos, q=q, k=k, v=v, s=s: rotary.rotary_store_kv(p, q, k, v, cos_sin, pool.cache, s))
             separate.append(lambda p=pos, q=q, k=k, v=v, s=s: kv_cache.store_kv(rotary.rotary_embedding(p, q, k, cos_sin)[1], v, pool.cache, s))
         ms, separate_ms = median_ms(fused, graph=True), median_ms(separate, graph=True)
