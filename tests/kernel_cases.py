@@ -1,7 +1,11 @@
-"""What the kernel test modules share: the GQA shapes they sweep and a fresh,
-printed seed per test (import ``fresh_seed`` to use it: it is autouse)."""
+"""What the kernel test modules share: the GQA shapes they sweep, a fresh,
+printed seed per test (import ``fresh_seed`` to use it: it is autouse), and
+running named check cases, natively or in a Triton-interpreter subprocess."""
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -15,3 +19,25 @@ def fresh_seed() -> None:
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"torch seed {seed}")
     torch.manual_seed(seed)
+
+
+def run_cases(cases: Iterator[tuple[str, Callable[[], None]]]) -> int:
+    """Run every ``(name, check)``; returns how many ran. A failure names its case."""
+    count = 0
+    for name, case in cases:
+        try:
+            case()
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+        count += 1
+    return count
+
+
+def interpreted_checks_passed(script: str) -> str:
+    """Run a test module as a script with ``TRITON_INTERPRET=1`` (which must be set
+    before triton is imported) and return its stdout; the script's ``__main__``
+    prints ``"<n> interpreted checks passed"``."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout

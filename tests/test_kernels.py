@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
-from kernel_cases import GQA, fresh_seed  # noqa: F401 (fresh_seed is an autouse fixture)
+from kernel_cases import GQA, fresh_seed, interpreted_checks_passed, run_cases  # noqa: F401 (fresh_seed is an autouse fixture)
 
 from baton.kernels import activation, attention, kv_cache, linear, norm, ops, rotary
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
@@ -210,24 +208,11 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "linear even K", lambda: check_linear(device, dtype, 3, 45, 256, False, ragged)
 
 
-def run_cases(cases: Iterator[tuple[str, Callable[[], None]]]) -> int:
-    count = 0
-    for name, case in cases:
-        try:
-            case()
-        except AssertionError as exc:
-            raise AssertionError(f"{name}: {exc}") from exc
-        count += 1
-    return count
-
-
 @pytest.mark.unit
 def test_kernels_under_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stdout = interpreted_checks_passed(__file__)
     expected = sum(1 for _ in small_cases("cpu", torch.float32)) + 3
-    assert f"{expected} interpreted checks passed" in proc.stdout, proc.stdout
+    assert f"{expected} interpreted checks passed" in stdout, stdout
 
 
 @pytest.mark.gpu

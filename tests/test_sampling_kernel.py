@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -22,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernel_cases import fresh_seed  # noqa: F401 (fresh_seed is an autouse fixture)
+from kernel_cases import fresh_seed, interpreted_checks_passed, run_cases  # noqa: F401 (fresh_seed is an autouse fixture)
 
 from baton.kernels import sampling
 
@@ -87,24 +85,11 @@ def small_cases(device: str) -> Iterator[tuple[str, Callable[[], None]]]:
         yield f"race b{batch} v{vocab} tile{tile} splits{splits}", lambda b=batch, v=vocab, t=tile, s=splits: check_race(device, b, v, t, s)
 
 
-def run_cases(cases: Iterator[tuple[str, Callable[[], None]]]) -> int:
-    count = 0
-    for name, case in cases:
-        try:
-            case()
-        except AssertionError as exc:
-            raise AssertionError(f"{name}: {exc}") from exc
-        count += 1
-    return count
-
-
 @pytest.mark.unit
 def test_sampling_kernel_under_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stdout = interpreted_checks_passed(__file__)
     expected = sum(1 for _ in small_cases("cpu"))
-    assert f"{expected} interpreted checks passed" in proc.stdout, proc.stdout
+    assert f"{expected} interpreted checks passed" in stdout, stdout
 
 
 @pytest.mark.unit
