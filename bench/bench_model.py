@@ -181,6 +181,14 @@ def throughput_rows(name: str, llm: LLM, hf: LlamaForCausalLM | None, batches: l
     return rows
 
 
+def bench_llm(directory: Path, max_batch: int, max_num_batched_tokens: int) -> LLM:
+    """Baton on the checkpoint in ``directory`` as the benchmarks run it: bf16, CUDA graphs,
+    blocks for ``max_batch`` full-length sequences, no prefix caching."""
+    return LLM(str(directory), device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=max_batch,
+               max_num_batched_tokens=max_num_batched_tokens, num_blocks=max_batch * (MAX_MODEL_LEN // 16) + 16,
+               enable_prefix_caching=False)
+
+
 def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: Path) -> list[Row]:
     directory = workdir / name
     model = write_checkpoint(name, directory)
@@ -188,8 +196,7 @@ def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: 
     del model
     torch.cuda.empty_cache()
     max_batch = max(max(args.latency_batches), max(args.batches))
-    llm = LLM(str(directory), device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=max_batch,
-              max_num_batched_tokens=args.max_num_batched_tokens, num_blocks=max_batch * (MAX_MODEL_LEN // 16) + 16, enable_prefix_caching=False)
+    llm = bench_llm(directory, max_batch, args.max_num_batched_tokens)
     rows = latency_rows(name, llm, args.latency_batches, args.context, bandwidth)
     rows += throughput_rows(name, llm, hf, args.batches, args.input_len, args.output_len)
     del llm, hf

@@ -8,6 +8,7 @@ goes between the prefill steps and the decode steps, host work included.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import statistics
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import MAX_MODEL_LEN, SHAPES, VOCAB, write_checkpoint
+from bench_model import SHAPES, VOCAB, bench_llm, write_checkpoint
 from bench_offline import make_prompts
 
 from baton.engine.llm import LLM
@@ -57,15 +58,15 @@ def main() -> None:
         prompts = make_prompts(args.batch, args.input_len, VOCAB, seed=1)
         params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
         for budget in args.budgets:
-            llm = LLM(str(workdir), device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=args.batch,
-                      max_num_batched_tokens=budget, num_blocks=args.batch * (MAX_MODEL_LEN // 16) + 16,
-                      enable_prefix_caching=False)
+            llm = bench_llm(workdir, args.batch, budget)
             llm.generate(prompts, params)   # warm-up: compiles every step shape
             times = step_times(llm, prompts, params)
-            prefill = [t for t in times if t > 5 * statistics.median(times)]
-            decode = times[len(prefill):]
+            # The leading steps run the prompts (eagerly, many tokens); the rest are decode steps.
+            cutoff = 5 * statistics.median(times)
+            num_prefill = len(list(itertools.takewhile(lambda t: t > cutoff, times)))
+            decode = times[num_prefill:]
             print(f"{args.shape} batch {args.batch} {args.input_len}/{args.output_len}, budget {budget}: "
-                  f"{len(times)} steps, {sum(times):.1f} ms; first steps {[round(t, 1) for t in times[:len(prefill) + 2]]} ms; "
+                  f"{len(times)} steps, {sum(times):.1f} ms; first steps {[round(t, 1) for t in times[:num_prefill + 2]]} ms; "
                   f"then {len(decode)} steps, median {statistics.median(decode):.3f} ms", flush=True)
             del llm
             torch.cuda.empty_cache()
