@@ -29,6 +29,16 @@ def check_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but must be on {like.device}")
 
 
+def check_same_dtype(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name} dtype {t.dtype} must match {like_name} dtype {like.dtype}")
+
+
+def check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
@@ -39,8 +49,7 @@ def check_int_index(name: str, t: torch.Tensor, shape: Sequence[int], like: torc
     check_shape(name, t, shape)
     check_dtype(name, t, (torch.int32, torch.int64))
     check_device(name, t, like)
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+    check_contiguous(name, t)
 
 
 def check_kv_cache(kv_cache: torch.Tensor) -> None:
@@ -48,8 +57,7 @@ def check_kv_cache(kv_cache: torch.Tensor) -> None:
     if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
         raise ValueError(f"kv_cache must have shape [num_blocks, 2, block_size, num_kv_heads, head_dim], got {list(kv_cache.shape)}")
     check_dtype("kv_cache", kv_cache)
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous")
+    check_contiguous("kv_cache", kv_cache)
 
 
 def check_power_of_two(name: str, value: int, minimum: int = 1) -> None:
@@ -64,8 +72,7 @@ def check_attention_args(q: torch.Tensor, kv_cache: torch.Tensor) -> None:
     check_shape("q", q, (-1, -1, head_dim))
     check_device("q", q, kv_cache)
     check_last_dim_contiguous("q", q)
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} must match kv_cache dtype {kv_cache.dtype}")
+    check_same_dtype("q", q, "kv_cache", kv_cache)
     if q.shape[1] % num_kv_heads:
         raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
     check_power_of_two("head_dim", head_dim, 16)

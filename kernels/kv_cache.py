@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
+from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 
 _COPY_BLOCK = 4096
 
@@ -135,8 +135,7 @@ def scatter_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, packed: torc
     check_int_index("block_ids", block_ids, (-1,), kv_cache)
     check_shape("packed", packed, (block_ids.shape[0], *kv_cache.shape[1:]))
     check_device("packed", packed, kv_cache)
-    if not packed.is_contiguous():
-        raise ValueError("packed must be contiguous")
+    check_contiguous("packed", packed)
     _launch_copy(packed, kv_cache, block_ids, gather=False)
 
 

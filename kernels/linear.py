@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_device, check_dtype, check_last_dim_contiguous, check_shape
+from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
 
 MAX_GEMV_ROWS = 4  # the most rows of x the kernel takes: it keeps an fp32 accumulator per row
 
@@ -86,15 +86,12 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     check_last_dim_contiguous("x", x)
     check_shape("weight", weight, (-1, x.shape[1]))
     check_device("weight", weight, x)
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
-    if not weight.is_contiguous():
-        raise ValueError("weight must be contiguous")
+    check_same_dtype("weight", weight, "x", x)
+    check_contiguous("weight", weight)
     if bias is not None:
         check_shape("bias", bias, (weight.shape[0],))
         check_device("bias", bias, x)
-        if bias.dtype != x.dtype:
-            raise ValueError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+        check_same_dtype("bias", bias, "x", x)
         check_last_dim_contiguous("bias", bias)
 
 

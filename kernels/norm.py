@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_device, check_dtype, check_last_dim_contiguous, check_shape
+from baton.kernels.checks import check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
 
 
 @triton.jit
@@ -54,8 +54,7 @@ def rms_norm(
     _check_rows("x", x, hidden, x)
     if residual is not None:
         _check_rows("residual", residual, hidden, x)
-        if residual.dtype != x.dtype:
-            raise ValueError(f"residual dtype {residual.dtype} must match x dtype {x.dtype}")
+        check_same_dtype("residual", residual, "x", x)
     x2 = x.reshape(-1, hidden)
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     new_residual = torch.empty_like(x2) if residual is not None else out
