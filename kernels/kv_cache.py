@@ -66,10 +66,11 @@ def _store_kv_kernel(
         _store_row(row + stride_c_kv, v, NUM_HEADS, HEAD_DIM, ROW_PAD)
 
 
-def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` at ``slot_mapping`` ``[num_tokens]``."""
+def check_store_kv_args(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """What a write of ``key``/``value`` at ``slot_mapping`` into ``kv_cache`` needs (``store_kv``,
+    ``rotary.rotary_store_kv``)."""
     check_kv_cache(kv_cache)
-    _, _, block_size, num_heads, head_dim = kv_cache.shape
+    _, _, _, num_heads, head_dim = kv_cache.shape
     num_tokens = key.shape[0] if key.dim() == 3 else -1
     for name, t in (("key", key), ("value", value)):
         check_shape(name, t, (num_tokens, num_heads, head_dim))
@@ -77,6 +78,13 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         check_device(name, t, kv_cache)
         check_last_dim_contiguous(name, t)
     check_int_index("slot_mapping", slot_mapping, (num_tokens,), kv_cache)
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` at ``slot_mapping`` ``[num_tokens]``."""
+    check_store_kv_args(key, value, kv_cache, slot_mapping)
+    _, _, block_size, num_heads, head_dim = kv_cache.shape
+    num_tokens = key.shape[0]
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](

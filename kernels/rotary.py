@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
-from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, ref_store_kv
+from baton.kernels.checks import check_device, check_dtype, check_int_index, check_last_dim_contiguous, check_shape
+from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, check_store_kv_args, ref_store_kv
 
 
 @triton.jit
@@ -169,16 +169,10 @@ def rotary_store_kv(
     ``value`` ``[tokens, kv_heads, head_dim]`` into ``kv_cache`` at ``slot_mapping`` ``[tokens]`` (a
     negative slot is skipped), and return the rotated query."""
     consts = _check_rotary_args(positions, query, key, cos_sin_cache)
-    check_kv_cache(kv_cache)
+    check_store_kv_args(key, value, kv_cache, slot_mapping)
+    check_device("kv_cache", kv_cache, query)
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     num_tokens = query.shape[0]
-    check_device("kv_cache", kv_cache, query)
-    check_shape("key", key, (num_tokens, kv_heads, head_dim))
-    check_shape("value", value, (num_tokens, kv_heads, head_dim))
-    check_dtype("value", value)
-    check_device("value", value, query)
-    check_last_dim_contiguous("value", value)
-    check_int_index("slot_mapping", slot_mapping, (num_tokens,), query)
     q_out = torch.empty_like(query)
     if num_tokens == 0:
         return q_out
