@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 import xxhash
 
+from baton.engine.attention import to_device
 from baton.engine.sequence import Sequence, TokenLogprob
 from baton.kernels import ops
 
@@ -46,33 +48,54 @@ def sample_seed(seed: int, t: int) -> int:
     return xxhash.xxh3_64_intdigest(_SEED_PAIR.pack(seed % 2**64, t)) & (2**63 - 1)
 
 
-def _to_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int], chosen_logits: torch.Tensor | None = None) -> list[TokenLogprob]:
+@dataclass
+class SampledTokens:
+    """One sampler call's results, still on the device: the chosen token ids
+    (``token_ids``, which a next step may read as its inputs without a round trip
+    through the host), their log-probs, and each row's top-``ks[i]`` alternatives.
+    The copies to the host start at once; ``to_host`` waits only for them."""
+
+    token_ids: torch.Tensor                       # [rows] int64
+    ks: list[int]
+    _host: list[torch.Tensor]                     # token ids, log-probs[, top ids, top log-probs] on the host
+    _copied: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, token_ids: torch.Tensor, ks: list[int], *results: torch.Tensor) -> SampledTokens:
+        if not token_ids.is_cuda:
+            return cls(token_ids, ks, [token_ids, *results], None)
+        host = [t.to("cpu", non_blocking=True) for t in (token_ids, *results)]
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(token_ids, ks, host, copied)
+
+    def to_host(self) -> list[TokenLogprob]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        ids, chosen, *top = (t.tolist() for t in self._host)
+        if not top:
+            return [TokenLogprob(token_id=token, logprob=lp) for token, lp in zip(ids, chosen)]
+        top_ids, top_vals = top
+        result = []
+        for i, (token, lp) in enumerate(zip(ids, chosen)):
+            k = self.ks[i]
+            top_k = list(zip(top_ids[i][:k], top_vals[i][:k])) if k else []
+            result.append(TokenLogprob(token_id=token, logprob=lp, top=top_k))
+        return result
+
+
+def _to_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int], chosen_logits: torch.Tensor | None = None) -> SampledTokens:
     """Log-probs (``logit - logsumexp``, no ``[N, vocab]`` log-softmax written) of the chosen
     tokens, whose logits the caller may pass, and each row's top-``ks[i]`` alternatives."""
     lse = torch.logsumexp(logits, dim=-1)
     if chosen_logits is None:
         chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     max_k = min(max(ks, default=0), logits.shape[1])
+    ks = [min(k, max_k) for k in ks]
     if max_k == 0:
-        ids, chosen = _to_host(token_ids, chosen_logits - lse)
-        return [TokenLogprob(token_id=token, logprob=lp) for token, lp in zip(ids, chosen)]
+        return SampledTokens.start(token_ids, ks, chosen_logits - lse)
     values, indices = logits.topk(max_k, dim=1)
-    ids, chosen, top_ids, top_vals = _to_host(token_ids, chosen_logits - lse, indices, values - lse.unsqueeze(1))
-    result = []
-    for i, (token, lp) in enumerate(zip(ids, chosen)):
-        k = min(ks[i], max_k)
-        top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k else []
-        result.append(TokenLogprob(token_id=token, logprob=lp, top=top))
-    return result
-
-
-def _to_host(*tensors: torch.Tensor) -> list[list]:
-    """``t.tolist()`` for each tensor, with one wait for the device instead of one per tensor."""
-    if not tensors[0].is_cuda:
-        return [t.tolist() for t in tensors]
-    copies = [t.to("cpu", non_blocking=True) for t in tensors]
-    torch.cuda.current_stream(tensors[0].device).synchronize()
-    return [c.tolist() for c in copies]
+    return SampledTokens.start(token_ids, ks, chosen_logits - lse, indices, values - lse.unsqueeze(1))
 
 
 def prompt_logprobs(prompt_logits: torch.Tensor, next_token_ids: Seq[int], k: int) -> list[TokenLogprob]:
@@ -81,7 +104,7 @@ def prompt_logprobs(prompt_logits: torch.Tensor, next_token_ids: Seq[int], k: in
     if prompt_logits.dim() != 2 or prompt_logits.shape[0] != len(next_token_ids):
         raise ValueError(f"prompt_logits {tuple(prompt_logits.shape)} do not match {len(next_token_ids)} next tokens")
     targets = torch.tensor(list(next_token_ids), dtype=torch.long, device=prompt_logits.device)
-    return _to_logprobs(prompt_logits.float(), targets, [k] * len(next_token_ids))
+    return _to_logprobs(prompt_logits.float(), targets, [k] * len(next_token_ids)).to_host()
 
 
 class Sampler:
@@ -91,10 +114,12 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[TokenLogprob]:
+        return self.sample(logits, seqs).to_host()
+
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SampledTokens:
+        """Launch the sampling of one token per row; the results stay on the device."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(seqs)} sequences")
-        if not seqs:
-            return []
         logits = logits.float()
         ks = [s.params.logprobs or 0 for s in seqs]
         if all(s.params.greedy and not self._needs_penalties(s) for s in seqs):
@@ -122,13 +147,13 @@ class Sampler:
         if len(seq.output_token_ids) < p.min_tokens:
             stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
             stops = [t for t in stops if 0 <= t < row.shape[0]]
-            row[torch.tensor(stops, dtype=torch.long, device=device)] = float("-inf")
+            row[to_device(torch.tensor(stops, dtype=torch.long), device)] = float("-inf")
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.token_ids, dtype=torch.long, device=device).unique()
+            seen = to_device(torch.tensor(seq.token_ids, dtype=torch.long), device).unique()
             values = row[seen]
             row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
-            outputs = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
+            outputs = to_device(torch.tensor(seq.output_token_ids, dtype=torch.long), device)
             counts = torch.bincount(outputs, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
             row -= p.presence_penalty * (counts > 0).to(row.dtype) + p.frequency_penalty * counts
 
@@ -137,10 +162,10 @@ class Sampler:
         """Greedy rows take the argmax; the others race seeded exponential noise
         against their filtered probabilities."""
         device = processed.device
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
-        temps = torch.tensor([max(s.params.temperature, MIN_TEMPERATURE) for s in seqs], device=device)
+        greedy = to_device(torch.tensor([s.params.greedy for s in seqs]), device)
+        temps = to_device(torch.tensor([max(s.params.temperature, MIN_TEMPERATURE) for s in seqs]), device)
         probs = _filtered_probs(processed / temps.unsqueeze(1), seqs)
-        seeds = torch.tensor([sample_seed(s.seed, len(s.output_token_ids)) for s in seqs], dtype=torch.int64, device=device)
+        seeds = to_device(torch.tensor([sample_seed(s.seed, len(s.output_token_ids)) for s in seqs], dtype=torch.int64), device)
         return torch.where(greedy, processed.argmax(dim=-1), ops.exponential_race(probs, seeds))
 
 
@@ -148,8 +173,8 @@ def _filtered_probs(scaled: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     """Softmax after top-k, then the top-p nucleus and min-p, row by row settings."""
     device, vocab = scaled.device, scaled.shape[1]
     top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
+    top_p = to_device(torch.tensor([s.params.top_p for s in seqs]), device)
+    min_p = to_device(torch.tensor([s.params.min_p for s in seqs]), device)
     wants_top_p = [s.params.top_p < 1.0 for s in seqs]
     order = None
     if min(top_k) < vocab or any(wants_top_p):
@@ -161,7 +186,7 @@ def _filtered_probs(scaled: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         outside &= (top_p < 1.0).unsqueeze(1)
         outside[:, 0] = False
         probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
-    if bool((min_p > 0).any()):
+    if any(s.params.min_p > 0 for s in seqs):
         probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
     return probs
 
@@ -179,12 +204,12 @@ def _top_k(scaled: torch.Tensor, top_k: list[int], wants_top_p: list[bool]) -> t
         values, order = scaled.topk(max(k for k in top_k if k < vocab), dim=-1)
     if min(top_k) == vocab:
         return scaled, order
-    limited = torch.tensor([k < vocab for k in top_k], device=device).unsqueeze(1)
-    index = torch.tensor(top_k, device=device).clamp(max=values.shape[1]).unsqueeze(1) - 1
+    limited = to_device(torch.tensor([k < vocab for k in top_k]), device).unsqueeze(1)
+    index = to_device(torch.tensor(top_k), device).clamp(max=values.shape[1]).unsqueeze(1) - 1
     kth = values.gather(1, index).masked_fill(~limited, float("-inf"))
     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if order.shape[1] < vocab and any(wants_top_p):
-        nucleus = torch.tensor(wants_top_p, device=device)
+        nucleus = to_device(torch.tensor(wants_top_p), device)
         # Kept tokens reach past the candidates only where the last candidate ties with the k-th.
         if bool((nucleus & (values[:, -1] == kth[:, 0])).any()):
             widest = int((scaled > float("-inf")).sum(dim=-1).masked_fill(~nucleus, 0).max())
