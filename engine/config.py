@@ -14,7 +14,8 @@ class EngineConfig:
     The KV pool holds ``num_blocks`` blocks when set, otherwise as many as fit in
     ``kv_cache_memory_bytes``. On CUDA, decode steps replay CUDA graphs captured
     for ``cuda_graph_batch_sizes`` (up to the first size that holds ``max_num_seqs``)
-    unless ``enforce_eager``.
+    unless ``enforce_eager``. With ``async_scheduling`` the host schedules and
+    launches step n+1 before it reads step n's tokens back (``engine_core``).
     """
 
     block_size: int = 16
@@ -28,6 +29,7 @@ class EngineConfig:
     dtype: str | None = None               # default: the checkpoint's dtype ("float32", "bfloat16", "float16")
     cuda_graph_batch_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CUDA_GRAPH_BATCH_SIZES))
     enforce_eager: bool = False            # never capture CUDA graphs
+    async_scheduling: bool | None = None   # overlap host work with the device's step (None: on CUDA only)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

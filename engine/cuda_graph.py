@@ -14,18 +14,24 @@ still holds). The graph runs the whole forward and the logits of every row;
 The host never waits on the GPU here: metadata is written into pinned staging
 buffers and copied with ``non_blocking`` copies. Before overwriting the staging
 buffers the host waits on the previous step's copy event, which in the engine
-loop has long completed (the sampler reads the previous step's tokens first).
+loop has completed (the host has read back the tokens of a step queued before it).
+With async scheduling, input tokens the previous step sampled are copied on the
+device into the token-id buffer after the staged ones (``FedTokens``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from baton.engine.attention import AttentionMetadata
 from baton.engine.sequence import ScheduledChunk
+
+if TYPE_CHECKING:
+    from baton.engine.model_runner import FedTokens
 
 _WARMUP_RUNS = 2
 
@@ -90,8 +96,9 @@ class _StaticInputs:
             is_decode_only=True,
         )
 
-    def load(self, chunks: Seq[ScheduledChunk], batch: int) -> None:
-        """Stage ``chunks`` padded to ``batch`` rows and start the copies to the device.
+    def load(self, chunks: Seq[ScheduledChunk], batch: int, fed: FedTokens | None = None) -> None:
+        """Stage ``chunks`` padded to ``batch`` rows and start the copies to the device;
+        then ``fed`` writes the tokens that are still on the device.
         Raises ValueError (before any copy) for a chunk the cache or vocab cannot take.
 
         Block-table rows are written incrementally: a row that held the same block-table
@@ -111,7 +118,7 @@ class _StaticInputs:
                 raise ValueError(
                     f"sequence {seq.seq_id}: {len(table)} blocks cannot hold {start + 1} tokens (block_size {bs})"
                 )
-            token = _token_at(chunk)
+            token = 0 if fed is not None and fed.rows[i] >= 0 else _token_at(chunk)
             if not 0 <= token < self.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got one outside")
             ids.append(token)
@@ -131,6 +138,8 @@ class _StaticInputs:
         used = self.max_batch + batch * self.max_blocks
         self.ints[:used].copy_(self.host_ints[:used], non_blocking=True)
         self.copied.record()
+        if fed is not None:
+            fed.write(self.longs[0], range(n))
 
 
 class DecodeGraphs:
@@ -179,12 +188,13 @@ class DecodeGraphs:
     def can_run(self, chunks: Seq[ScheduledChunk]) -> bool:
         return bool(chunks) and self.graph_size(len(chunks)) is not None and is_graph_step(chunks)
 
-    def run(self, chunks: Seq[ScheduledChunk]) -> torch.Tensor:
-        """Replay the step for ``chunks``: ``[len(chunks), vocab]`` float32 logits, a view
-        into the graph's output (valid until the next replay)."""
+    def run(self, chunks: Seq[ScheduledChunk], fed: FedTokens | None = None) -> torch.Tensor:
+        """Replay the step for ``chunks`` (``fed``: the input tokens still on the device):
+        ``[len(chunks), vocab]`` float32 logits, a view into the graph's output (valid
+        until the next replay)."""
         if not self.can_run(chunks):
             raise ValueError(f"a step of {len(chunks)} chunks is not a decode step of at most {self.batch_sizes[-1]} sequences")
         batch = self.graph_size(len(chunks))
-        self.inputs.load(chunks, batch)
+        self.inputs.load(chunks, batch, fed)
         self.graphs[batch].replay()
         return self.logits[batch][: len(chunks)]

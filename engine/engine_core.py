@@ -7,6 +7,12 @@ A request enters with ``add_request`` (``n`` sequences ``{request_id}-{i}`` when
 blocks through the prefix cache. Each ``step()`` runs one forward pass over the
 scheduler's chunks and returns the sequences that gained a token or finished.
 
+With async scheduling (``EngineConfig.async_scheduling``, on by default on
+CUDA) one step stays in flight: its sampled tokens are left on the device, the
+next step is scheduled and launched reading them there, and the host reads them
+back only then (vLLM v1 does the same). A sequence that the read-back finishes
+has had one more row computed in vain; nothing else changes, outputs included.
+
 Roles: a decode worker ``reserve``s blocks for a prompt whose KV comes from a
 prefill worker and ``activate``s it with the first token once the KV has landed;
 a prefill worker builds the core with ``keep_finished_blocks=True`` and
@@ -23,9 +29,11 @@ from typing import Protocol
 
 import torch
 
+from baton.engine.attention import to_device
 from baton.engine.block_manager import BlockEvent, BlockManager
 from baton.engine.config import EngineConfig
-from baton.engine.sampler import Sampler, prompt_logprobs
+from baton.engine.model_runner import FedTokens
+from baton.engine.sampler import SampledTokens, Sampler, prompt_logprobs
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import Scheduler
 from baton.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, TokenLogprob
@@ -45,8 +53,26 @@ class ModelRunnerLike(Protocol):
     vocab_size: int
 
     def execute(
-        self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None
+        self,
+        chunks: list[ScheduledChunk],
+        on_layer_done: Callable[[int], None] | None = None,
+        fed: FedTokens | None = None,
     ) -> ModelOutputLike: ...
+
+
+@dataclass
+class _Launched:
+    """A step whose sampled tokens are still on the device."""
+
+    seqs: list[Sequence]      # the sequences it sampled, in row order
+    tokens: SampledTokens
+
+    def feed(self, chunks: list[ScheduledChunk]) -> FedTokens | None:
+        """Where the next step's ``chunks`` find their input tokens on the device: a chunk
+        of a sequence this step sampled computes that (pending) token."""
+        index = {seq: i for i, seq in enumerate(self.seqs)}
+        rows = [index.get(chunk.seq, -1) for chunk in chunks]
+        return FedTokens(self.tokens.token_ids, rows) if any(r >= 0 for r in rows) else None
 
 
 @dataclass
@@ -80,6 +106,8 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}     # request_id -> its sequences
         self._request_of: dict[str, str] = {}              # seq_id -> request_id
         self.last_step_tokens = 0                          # tokens the last step computed (0: nothing to run)
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else config.device.startswith("cuda")
+        self._in_flight: _Launched | None = None           # a launched step whose tokens the host has not read
 
     # -- requests ---------------------------------------------------------------
     def _new_sequences(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
@@ -139,11 +167,13 @@ class EngineCore:
     def abort_active(self) -> list[Sequence]:
         """Abort every request with a waiting or running sequence (after a failed
         step); reserved and kept requests, whose KV is in transit, stay."""
+        self._in_flight = None
         seqs = [*self.scheduler.running, *self.scheduler.waiting]
         active = {self._request_of[s.seq_id] for s in seqs if s.seq_id in self._request_of}
         return [seq for request_id in active for seq in self.abort(request_id)]
 
     def has_unfinished(self) -> bool:
+        # A sequence of the step in flight is running (or waiting, if preempted) until its token is read.
         return self.scheduler.has_unfinished() or bool(self.pending)
 
     # -- roles --------------------------------------------------------------------
@@ -175,29 +205,67 @@ class EngineCore:
     def step(self, on_layer_done: LayerHook | None = None) -> list[Sequence]:
         """One forward pass. Returns the sequences that gained a token or finished.
         ``on_layer_done(layer, chunks)`` runs as soon as each layer's KV for the
-        step's ``chunks`` is in the cache (the prefill worker pushes it from there)."""
+        step's ``chunks`` is in the cache (the prefill worker pushes it from there).
+
+        With async scheduling (and no hook), a step's sampled tokens stay on the
+        device: the next step is scheduled and launched first, reading them there,
+        and only then does the host wait for them. So the host's scheduling and
+        bookkeeping overlap the device's work, and a step returns the sequences that
+        the step before it changed."""
         out = self.scheduler.schedule()
         self.last_step_tokens = out.num_tokens
-        if out.is_empty:
-            return []
-        hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, out.chunks))
-        result = self.runner.execute(out.chunks, hook)
-        samples = [c.samples for c in out.chunks]     # read before num_computed_tokens moves
-        changed = [c.seq for c, s in zip(out.chunks, samples) if s]
-        tokens = iter(self.sampler(result.logits, changed))
-        for chunk, sampled in zip(out.chunks, samples):
+        previous, self._in_flight = self._in_flight, None
+        result = None
+        if not out.is_empty:
+            hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, out.chunks))
+            fed = previous.feed(out.chunks) if previous is not None else None
+            result = self.runner.execute(out.chunks, hook, fed)
+        changed = self._read_back(previous) if previous is not None else []
+        launched = self._sample(out.chunks, result) if result is not None else None
+        if launched is not None:
+            if self.async_scheduling and on_layer_done is None:
+                self._in_flight = launched
+            else:
+                changed += self._read_back(launched)
+        self._release_children()
+        return changed
+
+    def _sample(self, chunks: list[ScheduledChunk], result: ModelOutputLike) -> _Launched | None:
+        """Launch the sampling of a computed step and advance its chunks; the tokens
+        stay on the device. A sequence the last read-back finished takes nothing (the
+        step computed its row in vain)."""
+        sampling = [c.seq for c in chunks if c.samples]   # one logits row each; read before num_computed_tokens moves
+        rows = [i for i, seq in enumerate(sampling) if not seq.is_finished]
+        sampled = [sampling[i] for i in rows]
+        logits = result.logits
+        if len(rows) < logits.shape[0]:
+            logits = logits.index_select(0, to_device(torch.tensor(rows, dtype=torch.int64), logits.device))
+        tokens = self.sampler.sample(logits, sampled) if sampled else None
+        for chunk in chunks:
             seq = chunk.seq
+            if seq.is_finished:
+                continue
             if result.prompt_logits:
                 self._record_prompt_logprobs(chunk, result.prompt_logits.get(seq.seq_id))
             seq.num_computed_tokens += chunk.num_new_tokens
-            if sampled:
-                token = next(tokens)
-                seq.output_token_ids.append(token.token_id)
-                seq.output_logprobs.append(token)
             self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
+        for seq in sampled:
+            seq.num_pending_tokens = 1
+        return None if tokens is None else _Launched(sampled, tokens)
+
+    def _read_back(self, launched: _Launched) -> list[Sequence]:
+        """Wait for a launched step's tokens, append them and apply the stop checks.
+        A sequence aborted meanwhile takes nothing."""
+        changed = []
+        for seq, token in zip(launched.seqs, launched.tokens.to_host()):
+            seq.num_pending_tokens = 0
+            if seq.is_finished:
+                continue
+            seq.output_token_ids.append(token.token_id)
+            seq.output_logprobs.append(token)
+            changed.append(seq)
         for seq in changed:
             self._check_stop(seq)
-        self._release_children()
         return changed
 
     def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor | None) -> None:

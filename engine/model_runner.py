@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,26 @@ from baton.engine.model_config import ModelConfig, load_model_config
 from baton.engine.rope import build_cos_sin_cache
 from baton.engine.sequence import ScheduledChunk, Sequence
 from baton.kernels.checks import DTYPES
+
+
+@dataclass
+class FedTokens:
+    """Input tokens a step reads on the device rather than from the host (async
+    scheduling): chunk ``i`` with ``rows[i] >= 0`` is a one-token chunk whose token
+    is ``tokens[rows[i]]``, sampled by the step before and not yet read back."""
+
+    tokens: torch.Tensor    # [n] int64, on the runner's device
+    rows: list[int]         # per chunk: a row of ``tokens``, or -1 (the host has the token)
+
+    def write(self, ids: torch.Tensor, offsets: Seq[int]) -> None:
+        """Copy the fed tokens into ``ids`` (a step's flat input ids, on the device),
+        chunk ``i``'s at ``offsets[i]``; no host wait."""
+        dst = [offset for offset, row in zip(offsets, self.rows) if row >= 0]
+        src = [row for row in self.rows if row >= 0]
+        if dst:
+            index = to_device(torch.tensor([dst, src], dtype=torch.int64), ids.device)
+            ids.index_copy_(0, index[0], self.tokens.index_select(0, index[1]))
+
 
 @dataclass
 class ModelOutput:
@@ -89,20 +110,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None
+        self,
+        chunks: list[ScheduledChunk],
+        on_layer_done: Callable[[int], None] | None = None,
+        fed: FedTokens | None = None,
     ) -> ModelOutput:
         """Compute ``chunks`` (writing their KV into the cache) and return the logits they need.
-        ``on_layer_done(i)`` is called once layer ``i`` has written this step's KV.
+        ``on_layer_done(i)`` is called once layer ``i`` has written this step's KV; ``fed``
+        gives the chunks whose input token is still on the device.
         A decode step without a hook replays a CUDA graph when one holds it; its logits
         are then a view into the graph's output, valid until the next step."""
         if on_layer_done is None and self.cuda_graphs is not None and self.cuda_graphs.can_run(chunks):
-            return ModelOutput(logits=self.cuda_graphs.run(chunks))
+            return ModelOutput(logits=self.cuda_graphs.run(chunks, fed))
         meta = build_attention_metadata(chunks, self.block_size, self.device)
         if meta.max_seq_len > self.max_model_len:
             raise ValueError(f"a sequence reaches {meta.max_seq_len} tokens, over max_model_len={self.max_model_len}")
-        input_ids = self._input_ids(chunks)
-        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, on_layer_done)
         ends = list(itertools.accumulate(chunk.num_new_tokens for chunk in chunks))
+        input_ids = self._input_ids(chunks, fed)
+        if fed is not None:
+            fed.write(input_ids, [end - 1 for end in ends])
+        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, on_layer_done)
         sample_rows = [ends[i] - 1 for i, chunk in enumerate(chunks) if chunk.samples]
         rows = to_device(torch.tensor(sample_rows, dtype=torch.int64), self.device)
         output = ModelOutput(logits=self.model.compute_logits(hidden.index_select(0, rows)))
@@ -113,10 +140,14 @@ class ModelRunner:
                 output.prompt_logits[seq.seq_id] = self.model.compute_logits(chunk_hidden)
         return output
 
-    def _input_ids(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _input_ids(self, chunks: list[ScheduledChunk], fed: FedTokens | None) -> torch.Tensor:
+        """The chunks' input ids from the host; a fed chunk's token is a 0 for ``fed.write`` to replace."""
         ids: list[int] = []
-        for chunk in chunks:
-            ids.extend(_chunk_token_ids(chunk.seq, chunk.start, chunk.num_new_tokens))
+        for i, chunk in enumerate(chunks):
+            if fed is not None and fed.rows[i] >= 0:
+                ids.append(0)
+            else:
+                ids.extend(_chunk_token_ids(chunk.seq, chunk.start, chunk.num_new_tokens))
         vocab = self.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got one outside")

@@ -140,9 +140,10 @@ class Scheduler:
 
     # -- leaving --------------------------------------------------------------
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark a running sequence finished; free its blocks unless they are kept
-        for a transfer (prefill role)."""
-        self.running.remove(seq)
+        """Mark a running sequence finished (or a waiting one: with async scheduling, a
+        token read back after its sequence was preempted can end it); free its blocks
+        unless they are kept for a transfer (prefill role)."""
+        (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._order.pop(seq.seq_id, None)

@@ -30,7 +30,9 @@ class Sequence:
 
     ``num_computed_tokens`` counts the tokens whose KV is in the cache (a cached
     prefix counts); the next forward pass computes ``token_ids[num_computed_tokens:]``
-    (or a chunk of it).
+    (or a chunk of it). With async scheduling, a token sampled by a step whose
+    results the host has not read yet is *pending*: it counts in ``num_tokens`` (so
+    the next step computes it, reading it on the device) but is not in ``token_ids``.
     """
 
     seq_id: str
@@ -42,6 +44,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0            # prompt tokens served from the prefix cache
+    num_pending_tokens: int = 0           # sampled on the device, not yet appended (0 or 1)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None      # "stop" | "length" | "abort"
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -57,7 +60,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:

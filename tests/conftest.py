@@ -1,10 +1,11 @@
-"""Shared fixtures: the demo checkpoint."""
+"""Shared fixtures: the demo checkpoint (``BATON_DEMO_MODEL`` overrides where it is)."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-DEMO_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "shakespeare-llama-5m"
+DEMO_MODEL = Path(os.environ.get("BATON_DEMO_MODEL", Path(__file__).resolve().parents[2] / "shared" / "models" / "shakespeare-llama-5m"))
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,9 @@ import torch
 from baton.engine.block_manager import BlockStored
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
+from baton.engine.model_runner import FedTokens
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.sequence import ScheduledChunk, TokenLogprob
+from baton.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, TokenLogprob
 
 pytestmark = pytest.mark.unit
 
@@ -49,25 +50,37 @@ class FakeRunner:
     vocab_size: int = VOCAB
     slots: dict[tuple[int, int], int] = field(default_factory=dict)   # (block, offset) -> token id
     steps: list[list[tuple[str, int, int]]] = field(default_factory=list)
+    fed_chunks: int = 0                                                # chunks whose token came from the "device"
 
     def _slot(self, table: list[int], position: int) -> tuple[int, int]:
         return table[position // self.block_size], position % self.block_size
 
-    def execute(self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None) -> FakeOutput:
+    def execute(
+        self,
+        chunks: list[ScheduledChunk],
+        on_layer_done: Callable[[int], None] | None = None,
+        fed: FedTokens | None = None,
+    ) -> FakeOutput:
         written: set[tuple[int, int]] = set()
         rows, prompt_logits = [], {}
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_new_tokens
+            tokens = seq.token_ids
+            if fed is not None and fed.rows[i] >= 0:   # the pending token, read "on the device"
+                assert (seq.num_pending_tokens, chunk.num_new_tokens, start) == (1, 1, len(tokens))
+                tokens = tokens + [int(fed.tokens[fed.rows[i]])]
+                self.fed_chunks += 1
+            assert len(tokens) == seq.num_tokens, "a pending token the step does not get"
             assert len(seq.block_table) * self.block_size >= end, "chunk has no room in its blocks"
             for p in range(start):
-                assert self.slots.get(self._slot(seq.block_table, p)) == seq.token_ids[p], f"stale KV at {p}"
+                assert self.slots.get(self._slot(seq.block_table, p)) == tokens[p], f"stale KV at {p}"
             for p in range(start, end):
                 slot = self._slot(seq.block_table, p)
                 assert slot not in written, "two chunks wrote one slot"
                 written.add(slot)
-                self.slots[slot] = seq.token_ids[p]
+                self.slots[slot] = tokens[p]
             if chunk.samples:
-                rows.append(logits_after(seq.token_ids[end - 1]))
+                rows.append(logits_after(tokens[end - 1]))
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 prompt_logits[seq.seq_id] = torch.stack([logits_after(t) for t in seq.token_ids[start:end]])
         if on_layer_done is not None:
@@ -105,8 +118,14 @@ def run_to_end(engine: EngineCore, limit: int = 2000) -> None:
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
 
-def test_single_request_matches_the_fake_model() -> None:
-    engine = make_engine()
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request: pytest.FixtureRequest) -> bool:
+    """Run a test with each step's tokens read back at once, and with one step in flight."""
+    return request.param
+
+
+def test_single_request_matches_the_fake_model(async_scheduling: bool) -> None:
+    engine = make_engine(async_scheduling=async_scheduling)
     (seq,) = engine.add_request("r", [3, 1, 4, 1, 5, 9], GREEDY)
     assert seq.seq_id == "r"
     run_to_end(engine)
@@ -114,9 +133,9 @@ def test_single_request_matches_the_fake_model() -> None:
     assert engine.stats().used_blocks == 0 and engine.requests == {}
 
 
-def test_requests_join_and_leave_every_step() -> None:
+def test_requests_join_and_leave_every_step(async_scheduling: bool) -> None:
     rng = random.Random(0)
-    engine = make_engine(num_blocks=40, max_num_batched_tokens=24, max_num_seqs=5)
+    engine = make_engine(num_blocks=40, max_num_batched_tokens=24, max_num_seqs=5, async_scheduling=async_scheduling)
     seqs, finished = [], set()
     for step in range(400):
         if step < 60:
@@ -135,10 +154,44 @@ def test_requests_join_and_leave_every_step() -> None:
     assert max(len(step) for step in engine.runner.steps) <= 5
     stats = engine.stats()
     assert (stats.used_blocks, stats.running, stats.waiting) == (0, 0, 0)
+    assert (engine.runner.fed_chunks > 0) == async_scheduling
 
 
-def test_preemption_under_block_pressure_completes_everything() -> None:
-    engine = make_engine(num_blocks=12, block_size=4, max_num_batched_tokens=64)
+def test_async_scheduling_under_random_pressure_matches_the_model() -> None:
+    """Tight pools, small budgets and mixed lengths with one step in flight: outputs
+    stay the model's, every block comes back, and the odd paths are taken (a token
+    read back after its sequence was preempted ends it while it waits)."""
+    ended_while_waiting = 0
+    for trial in range(60):
+        rng = random.Random(trial)
+        engine = make_engine(num_blocks=rng.randrange(8, 16), max_num_batched_tokens=rng.choice([8, 16, 64]),
+                             max_num_seqs=rng.randrange(2, 6), async_scheduling=True)
+        finish = engine.scheduler.finish
+
+        def counting_finish(seq: Sequence, reason: str, finish=finish) -> None:
+            nonlocal ended_while_waiting
+            ended_while_waiting += seq.status is SequenceStatus.WAITING
+            finish(seq, reason)
+
+        engine.scheduler.finish = counting_finish
+        seqs = []
+        for i in range(rng.randrange(3, 9)):
+            prompt = [rng.randrange(1, VOCAB - 1) for _ in range(rng.randrange(1, 12))]
+            params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 12), ignore_eos=rng.random() < 0.5)
+            seqs += engine.add_request(f"r{i}", prompt, params)
+        run_to_end(engine)
+        for s in seqs:
+            if s.params.ignore_eos:
+                assert (len(s.output_token_ids), s.finish_reason) == (s.params.max_tokens, "length")
+            else:
+                assert (s.output_token_ids, s.finish_reason) == expected_output(s.prompt_token_ids, s.params.max_tokens)
+            assert s.num_pending_tokens == 0
+        assert engine.stats().used_blocks == 0
+    assert ended_while_waiting > 0
+
+
+def test_preemption_under_block_pressure_completes_everything(async_scheduling: bool) -> None:
+    engine = make_engine(num_blocks=12, block_size=4, max_num_batched_tokens=64, async_scheduling=async_scheduling)
     prompts = [[(i * 7 + j) % 29 + 1 for j in range(10)] for i in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
     seqs = [engine.add_request(f"r{i}", p, params)[0] for i, p in enumerate(prompts)]
@@ -155,8 +208,8 @@ def test_preemption_under_block_pressure_completes_everything() -> None:
     assert engine.stats().used_blocks == 0
 
 
-def test_n_children_share_prompt_blocks() -> None:
-    engine = make_engine(num_blocks=64, block_size=4)
+def test_n_children_share_prompt_blocks(async_scheduling: bool) -> None:
+    engine = make_engine(num_blocks=64, block_size=4, async_scheduling=async_scheduling)
     prompt = list(range(1, 15))                     # 3 full blocks + 2 tokens
     params = SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=4, ignore_eos=True)
     seqs = engine.add_request("r", prompt, params)
@@ -173,8 +226,8 @@ def test_n_children_share_prompt_blocks() -> None:
     assert engine.stats().used_blocks == 0 and engine.requests == {}
 
 
-def test_abort_frees_blocks_everywhere() -> None:
-    engine = make_engine()
+def test_abort_frees_blocks_everywhere(async_scheduling: bool) -> None:
+    engine = make_engine(async_scheduling=async_scheduling)
     engine.add_request("a", list(range(1, 30)), SamplingParams(max_tokens=20, ignore_eos=True))
     kids = engine.add_request("b", list(range(1, 9)), SamplingParams(n=2, max_tokens=20))
     engine.step()
@@ -199,8 +252,8 @@ def test_validation_errors() -> None:
         engine.add_request("ok", [1, 2], GREEDY)
 
 
-def test_stop_conditions() -> None:
-    engine = make_engine()
+def test_stop_conditions(async_scheduling: bool) -> None:
+    engine = make_engine(async_scheduling=async_scheduling)
     (eos,) = engine.add_request("eos", [VOCAB - 1], SamplingParams(temperature=0.0, max_tokens=5))
     (ign,) = engine.add_request("ign", [VOCAB - 1], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     (mn,) = engine.add_request("min", [VOCAB - 1], SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2))
@@ -213,8 +266,8 @@ def test_stop_conditions() -> None:
     assert st.output_token_ids == [next_token(5), stop_at] and st.finish_reason == "stop"
 
 
-def test_prompt_logprobs_across_chunks() -> None:
-    engine = make_engine(max_num_batched_tokens=4)
+def test_prompt_logprobs_across_chunks(async_scheduling: bool) -> None:
+    engine = make_engine(max_num_batched_tokens=4, async_scheduling=async_scheduling)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
     (seq,) = engine.add_request("p", prompt, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1, logprobs=1))
     run_to_end(engine)
@@ -226,8 +279,8 @@ def test_prompt_logprobs_across_chunks() -> None:
     assert len(seq.output_logprobs) == 2 and seq.output_logprobs[0].top[0][0] == seq.output_token_ids[0]
 
 
-def test_reserve_activate_decode_role() -> None:
-    engine = make_engine(num_blocks=8, block_size=4)
+def test_reserve_activate_decode_role(async_scheduling: bool) -> None:
+    engine = make_engine(num_blocks=8, block_size=4, async_scheduling=async_scheduling)
     prompt = [7] * 9
     seq = engine.reserve("d", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert seq is not None and len(seq.block_table) == 3
@@ -269,7 +322,7 @@ MODEL_DIR = Path("/work/shared/models/shakespeare-llama-5m")
 
 @pytest.mark.model
 @pytest.mark.skipif(not MODEL_DIR.exists(), reason="needs the demo checkpoint")
-def test_real_model_greedy_parity_with_prefix_cache_chunking_and_preemption() -> None:
+def test_real_model_greedy_parity_with_prefix_cache_chunking_and_preemption(async_scheduling: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from baton.engine.hashing import model_fingerprint
@@ -279,15 +332,15 @@ def test_real_model_greedy_parity_with_prefix_cache_chunking_and_preemption() ->
     hf = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
     texts = ["JULIET:\nO Romeo, Romeo", "JULIET:\nO Romeo, Romeo! wherefore", "ROMEO:\nBut soft"]
     prompts = [tokenizer(t).input_ids for t in texts]
-    config = EngineConfig(block_size=4, num_blocks=14, max_num_batched_tokens=8, max_num_seqs=4)
+    config = EngineConfig(block_size=4, num_blocks=14, max_num_batched_tokens=8, max_num_seqs=4, async_scheduling=async_scheduling)
     runner = ModelRunner(str(MODEL_DIR), config)
     engine = EngineCore(runner, config, eos_token_ids=[], hash_extra=model_fingerprint(MODEL_DIR))
     recomputed: list[str] = []
     execute = runner.execute
 
-    def recording_execute(chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None):
+    def recording_execute(chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None, fed: FedTokens | None = None):
         recomputed.extend(c.seq.seq_id for c in chunks if c.seq.output_token_ids and c.start < c.seq.num_tokens - 1)
-        return execute(chunks, on_layer_done)
+        return execute(chunks, on_layer_done, fed)
 
     runner.execute = recording_execute
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

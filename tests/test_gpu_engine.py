@@ -11,12 +11,11 @@ divergence and requires that any divergence sits on such a narrow margin.
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_MODEL
 from transformers import AutoModelForCausalLM
 
 from baton.engine.config import EngineConfig
@@ -26,9 +25,7 @@ from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
 
-DEMO = os.environ.get(
-    "BATON_DEMO_MODEL", str(Path(__file__).resolve().parents[2] / "shared" / "models" / "shakespeare-llama-5m")
-)
+DEMO = str(DEMO_MODEL)
 PROMPTS = [
     "JULIET:\nO Romeo",
     "ROMEO:\nBut, soft! what light",
@@ -80,10 +77,12 @@ def cpu_tokens() -> list[list[int]]:
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("enforce_eager", [False, True])
-def test_fp32_greedy_matches_cpu_engine(cpu_tokens, enforce_eager):
-    llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8, enforce_eager=enforce_eager)
+@pytest.mark.parametrize("enforce_eager, async_scheduling", [(False, None), (True, None), (False, False)])
+def test_fp32_greedy_matches_cpu_engine(cpu_tokens, enforce_eager, async_scheduling):
+    llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8, enforce_eager=enforce_eager,
+              async_scheduling=async_scheduling)
     assert (llm.runner.cuda_graphs is None) == enforce_eager
+    assert llm.core.async_scheduling == (async_scheduling is None)   # on by default on CUDA
     ours = _token_ids(llm)
     assert ours == cpu_tokens
     assert llm.tokenizer.decode(ours[0]).startswith(", Romeo! wherefore art thou Romeo?")

@@ -38,7 +38,7 @@ class EosLovingRunner:
     delay_s: float = 0.0
     fail: bool = False
 
-    def execute(self, chunks: list[ScheduledChunk], on_layer_done=None) -> Output:
+    def execute(self, chunks: list[ScheduledChunk], on_layer_done=None, fed=None) -> Output:
         time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("injected step failure")
@@ -48,8 +48,9 @@ class EosLovingRunner:
         return Output(logits)
 
 
-def make_core(runner: EosLovingRunner, keep: bool = False) -> EngineCore:
-    return EngineCore(runner, EngineConfig(block_size=4, num_blocks=runner.num_blocks), [EOS], "fp", keep_finished_blocks=keep)
+def make_core(runner: EosLovingRunner, keep: bool = False, async_scheduling: bool = False) -> EngineCore:
+    config = EngineConfig(block_size=4, num_blocks=runner.num_blocks, async_scheduling=async_scheduling)
+    return EngineCore(runner, config, [EOS], "fp", keep_finished_blocks=keep)
 
 
 def run_to_end(core: EngineCore) -> None:
@@ -57,11 +58,12 @@ def run_to_end(core: EngineCore) -> None:
         core.step()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("min_tokens", [0, 1, 3])
-def test_prefill_then_decode_equals_one_process(min_tokens):
+def test_prefill_then_decode_equals_one_process(min_tokens, async_scheduling):
     params = SamplingParams(temperature=0, max_tokens=6, min_tokens=min_tokens)
     prompt = [1, 3, 4, 5, 6, 7]
-    one = make_core(EosLovingRunner())
+    one = make_core(EosLovingRunner(), async_scheduling=async_scheduling)
     (whole,) = one.add_request("r", prompt, params)
     run_to_end(one)
 
@@ -69,7 +71,7 @@ def test_prefill_then_decode_equals_one_process(min_tokens):
     (first,) = prefill.add_request("r", prompt, prefill_params(params))
     prefill.step()
     prefill.release("r")
-    decode = make_core(EosLovingRunner())
+    decode = make_core(EosLovingRunner(), async_scheduling=async_scheduling)
     decode.reserve("r", prompt, params)
     seq = decode.activate("r", first.output_logprobs[0])
     run_to_end(decode)
@@ -77,6 +79,25 @@ def test_prefill_then_decode_equals_one_process(min_tokens):
     assert seq.finish_reason == whole.finish_reason
     assert len(whole.output_token_ids) == min_tokens + 1  # EOS as soon as min_tokens allows
     assert prefill.stats().used_blocks == decode.stats().used_blocks == 0
+
+
+async def test_async_engine_loop_streams_each_token_once():
+    """With a step in flight, every update carries only tokens read back from the device."""
+    core = make_core(EosLovingRunner(), async_scheduling=True)
+    updates: list[SeqUpdate] = []
+    loop = EngineLoop(core, updates.extend)
+    loop.start()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=8, min_tokens=3)
+        (seq,) = await loop.call(lambda: core.add_request("r", [1, 3, 4], params))
+        for _ in range(200):
+            if updates and updates[-1].finish_reason is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert [t.token_id for u in updates for t in u.new_tokens] == seq.output_token_ids == [5, 5, 5, EOS]
+        assert [u.finish_reason for u in updates][-1] == "stop" and core.stats().used_blocks == 0
+    finally:
+        loop.stop()
 
 
 async def test_cancelled_caller_does_not_kill_the_engine_thread():
