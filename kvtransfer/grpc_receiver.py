@@ -96,6 +96,11 @@ class GrpcKVReceiver(KVReceiver):
             raise ValueError(f"block_ids must be distinct and within [0, {num_blocks})")
         with self._on_copy_stream():
             ids = torch.tensor(block_ids, dtype=torch.int64, device=self._caches[0].device)
+        if self._copy_stream is not None:
+            # With async scheduling a step may still be running on the compute stream that
+            # writes the last KV of a sequence that finished and gave these blocks back:
+            # land after it.
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self._copy_stream.device))
         self._incoming[request_id] = _Incoming(
             request_id=request_id,
             block_ids=ids,
