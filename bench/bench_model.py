@@ -12,7 +12,8 @@ random bf16 weights (written as a safetensors checkpoint, no hub), in one run:
 
 Decode latency is given three ways: the graph replay alone (device time), one
 ``ModelRunner.execute`` with metadata upload and a sync (CUDA graphs, and eager),
-and one engine step (scheduler, runner, sampler) from ``LLM.generate``. The table
+and one engine step (scheduler, runner, sampler) from ``LLM.generate``, with async
+scheduling (the default on CUDA) and without it. The table
 is printed and, when ``OUT`` is set, written to ``$OUT/model_bench.md``.
 """
 
@@ -137,7 +138,8 @@ def engine_step_ms(llm: LLM, batch: int, context: int) -> float:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         torch.cuda.synchronize()
         return time.perf_counter() - start
-    run(129)   # warm-up: every step shape of the measured runs (Triton specializes on some sizes)
+    run(129)   # warm-up: every step shape of the measured runs (Triton specializes on some sizes);
+    run(1)     # the 1-token run's prefill steps are shaped differently (its sequences end at once)
     return (run(129) - run(1)) / 128 * 1e3
 
 
@@ -159,25 +161,34 @@ def latency_rows(name: str, llm: LLM, batches: list[int], context: int, bandwidt
             ("runner.execute (eager)", step_ms(lambda c=chunks: runner.execute(c, on_layer_done=lambda layer: None))),
             ("engine step (LLM.generate)", engine_step_ms(llm, batch, context)),
         ]
+        llm.core.async_scheduling = False
+        cases.append(("engine step (LLM.generate), sync scheduling", engine_step_ms(llm, batch, context)))
+        llm.core.async_scheduling = True
         for case, ms in cases:
             rows.append(Row(name, f"decode b={batch} ctx={context}: {case}", f"{ms:.3f} ms", f"{floor:.3f} ms", f"{ms / floor:.2f}x"))
     return rows
 
 
 def throughput_rows(name: str, llm: LLM, hf: LlamaForCausalLM | None, batches: list[int], input_len: int, output_len: int) -> list[Row]:
+    """Output tokens/s of Baton with async scheduling and, on the same engine, without
+    it (each step's tokens read back before the next is scheduled), against transformers."""
     rows = []
     for batch in batches:
         prompts = make_prompts(batch, input_len, VOCAB, seed=batch)
         tokens = batch * output_len
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))   # warm-up, as above
-        baton = tokens / bench_baton(llm, prompts, output_len, "cuda")
+        baton = {}
+        for mode in ("sync", "async"):
+            llm.core.async_scheduling = mode == "async"
+            baton[mode] = tokens / bench_baton(llm, prompts, output_len, "cuda")
         case = f"offline b={batch} in={input_len} out={output_len}"
+        rows.append(Row(name, f"{case}: baton, sync scheduling", f"{baton['sync']:.0f} tok/s"))
         if hf is None:
-            rows.append(Row(name, f"{case}: baton", f"{baton:.0f} tok/s"))
+            rows.append(Row(name, f"{case}: baton", f"{baton['async']:.0f} tok/s"))
             continue
         with torch.inference_mode():
             ref = tokens / bench_hf(hf, prompts, output_len, "cuda")
-        rows.append(Row(name, f"{case}: baton / transformers", f"{baton:.0f} / {ref:.0f} tok/s", "", f"{baton / ref:.1f}x"))
+        rows.append(Row(name, f"{case}: baton / transformers", f"{baton['async']:.0f} / {ref:.0f} tok/s", "", f"{baton['async'] / ref:.1f}x"))
     return rows
 
 

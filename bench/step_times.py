@@ -27,17 +27,20 @@ from baton.engine.sampling_params import SamplingParams
 
 
 def step_times(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> list[float]:
-    """Milliseconds of each ``EngineCore.step`` (each followed by a device sync) for one batch."""
+    """Milliseconds between the ends of consecutive ``EngineCore.step`` calls for one batch:
+    each step waits for tokens on the host (its own, or with async scheduling the step
+    before's), so this is the period at which steps complete, host work included."""
     core = llm.core
     for i, prompt in enumerate(prompts):
         core.add_request(f"timed-{time.monotonic_ns()}-{i}", prompt, params)
     times = []
+    torch.cuda.synchronize()
+    last = time.perf_counter()
     while core.has_unfinished():
-        torch.cuda.synchronize()
-        start = time.perf_counter()
         core.step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+        now = time.perf_counter()
+        times.append((now - last) * 1e3)
+        last = now
     return times
 
 
@@ -60,14 +63,16 @@ def main() -> None:
         for budget in args.budgets:
             llm = bench_llm(workdir, args.batch, budget)
             llm.generate(prompts, params)   # warm-up: compiles every step shape
-            times = step_times(llm, prompts, params)
-            # The leading steps run the prompts (eagerly, many tokens); the rest are decode steps.
-            cutoff = 5 * statistics.median(times)
-            num_prefill = len(list(itertools.takewhile(lambda t: t > cutoff, times)))
-            decode = times[num_prefill:]
-            print(f"{args.shape} batch {args.batch} {args.input_len}/{args.output_len}, budget {budget}: "
-                  f"{len(times)} steps, {sum(times):.1f} ms; first steps {[round(t, 1) for t in times[:num_prefill + 2]]} ms; "
-                  f"then {len(decode)} steps, median {statistics.median(decode):.3f} ms", flush=True)
+            for mode in ("sync", "async"):
+                llm.core.async_scheduling = mode == "async"
+                times = step_times(llm, prompts, params)
+                # The leading steps run the prompts (eagerly, many tokens); the rest are decode steps.
+                cutoff = 5 * statistics.median(times)
+                num_prefill = len(list(itertools.takewhile(lambda t: t > cutoff, times)))
+                decode = times[num_prefill:]
+                print(f"{args.shape} batch {args.batch} {args.input_len}/{args.output_len}, budget {budget}, {mode} scheduling: "
+                      f"{len(times)} steps, {sum(times):.1f} ms; first steps {[round(t, 1) for t in times[:num_prefill + 2]]} ms; "
+                      f"then {len(decode)} steps, median {statistics.median(decode):.3f} ms", flush=True)
             del llm
             torch.cuda.empty_cache()
     finally:
