@@ -60,6 +60,8 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the last one's tokens back (default: on with --device cuda)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight RPCs get after SIGTERM")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -86,6 +88,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         max_model_len=args.max_model_len,
         device=args.device,
         dtype=args.dtype,
+        async_scheduling=args.async_scheduling,
     )
     runner = ModelRunner(args.model, config)
     fingerprint = model_fingerprint(runner.model_dir)

@@ -1,7 +1,8 @@
 """The whole system on loopback: real Redis, real gRPC workers in their own
 processes, the real gateway, driven through the official ``openai`` client.
 
-Two prefill workers and one decode worker, started exactly as ``baton up`` starts them."""
+Two prefill workers and one decode worker, started as ``baton up`` starts them (the
+decode worker with async scheduling, its default on a GPU)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class System:
         )
         os.environ.pop("REDIS_URL", None)
         self.plan = launcher.make_plan(args)
+        # The decode worker schedules asynchronously, as it does by default on a GPU.
+        self.plan.decode = [cmd + ["--async-scheduling"] for cmd in self.plan.decode]
         self.procs: list[subprocess.Popen] = []
         for cmd in [self.plan.redis] + self.plan.prefill + self.plan.decode:
             self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
