@@ -10,18 +10,22 @@ bf16, block 16), plus batch-1 decode in Llama-3.2-1B's shape (head dim 64) with
 block tables padded to 1,024 tokens as the decode runner pads them, and fused
 rotary + KV write against the two separate launches at 1B decode shapes, and the
 small-batch linear (GEMV) kernel against ``F.linear`` on the 1B and 8B projections
-(``--linear-only`` runs just that block). Times are
+(``--linear-only`` runs just that block). ``--prefill-sweep`` runs just the prefill
+candidates of ``PREFILL_CANDIDATES``: each is checked once against
+``ref_paged_attention``, then timed on 4k, 8k and 16k single prompts and on four
+1k chunks after 3k cached tokens each, with torch's SDPA beside. Times are
 medians of ``triton.testing.do_bench`` (prefill, eager decode) or
 ``do_bench_cudagraph`` (the short kernels, replayed from a CUDA graph as the
 decode runner does); inputs rotate over several sets so that the L2 cache does
 not flatter small cases.
 
-    python3 bench/bench_kernels.py [--quick] [--sweep | --sweep-only | --linear-only]
+    python3 bench/bench_kernels.py [--quick] [--sweep | --sweep-only | --linear-only | --prefill-sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import math
@@ -38,6 +42,7 @@ from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
 from baton.kernels import activation, kv_cache, linear, norm, rotary, sampling
+from baton.kernels.attention import ref_paged_attention
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
 from baton.kernels.attention_prefill import PrefillConfig, default_config, launch_paged_attention
 
@@ -114,16 +119,37 @@ def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: Decode
     return f"| decode | {case} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
 
 
-def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str) -> str:
-    cu = torch.tensor([0, seq], dtype=torch.int32, device="cuda")
-    seq_lens = torch.tensor([seq], dtype=torch.int32, device="cuda")
+def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str, batch: int = 1, prefix: int = 0) -> str:
+    """``batch`` sequences of ``seq`` new tokens, each after ``prefix`` cached ones (a multiple
+    of the block size); TFLOP/s of the causal work, 4 * dim * heads * seq * (prefix + seq / 2)."""
+    per_seq = (prefix + seq) // BLOCK
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seq
+    seq_lens = torch.full((batch,), prefix + seq, dtype=torch.int32, device="cuda")
     fns = []
-    for ids in pool.block_sets(seq // BLOCK, seq * KV_TOKEN_BYTES)[:2]:
-        q = torch.randn(seq, HEADS, DIM, dtype=DTYPE, device="cuda")
-        fns.append(lambda q=q, t=ids.view(1, -1): launch_paged_attention(q, pool.cache, cu, seq_lens, t, DIM**-0.5, config or default_config(q)))
+    for ids in pool.block_sets(batch * per_seq, batch * (prefix + seq) * KV_TOKEN_BYTES)[:2]:
+        q = torch.randn(batch * seq, HEADS, DIM, dtype=DTYPE, device="cuda")
+        fns.append(lambda q=q, t=ids.view(batch, per_seq): launch_paged_attention(q, pool.cache, cu, seq_lens, t, DIM**-0.5, config or default_config(q)))
     ms = median_ms(fns)
-    tflops = 4 * seq * seq / 2 * HEADS * DIM / ms / 1e9
-    return f"| prefill {label} | 1 x {seq} tokens | {ms * 1e3:.1f} us | {tflops:.0f} TFLOP/s | |"
+    tflops = 4 * batch * seq * (prefix + seq / 2) * HEADS * DIM / ms / 1e9
+    case = f"{batch} x {seq} tokens" + (f" after {prefix} cached" if prefix else "")
+    return f"| prefill {label} | {case} | {ms * 1e3:.1f} us | {tflops:.0f} TFLOP/s | |"
+
+
+def prefill_error(pool: Pool, config: PrefillConfig) -> float:
+    """Relative error (as the kernel tests measure it) against ``ref_paged_attention`` on fresh
+    random queries: a chunk after a cached prefix, a whole prompt and a short chunk, none a
+    multiple of the tiles, over blocks of the pool."""
+    pairs = [(1000, 3000), (1537, 1537), (77, 2100)]  # (new tokens, context)
+    widths = [math.ceil(ctx / BLOCK) for _, ctx in pairs]
+    tables = torch.zeros(len(pairs), max(widths), dtype=torch.int32, device="cuda")
+    for i, ids in enumerate(pool.perm[: sum(widths)].split(widths)):
+        tables[i, : ids.numel()] = ids
+    cu = torch.tensor([0, *itertools.accumulate(n for n, _ in pairs)], dtype=torch.int32, device="cuda")
+    seq_lens = torch.tensor([ctx for _, ctx in pairs], dtype=torch.int32, device="cuda")
+    q = torch.randn(int(cu[-1]), HEADS, DIM, dtype=DTYPE, device="cuda")
+    got = launch_paged_attention(q, pool.cache, cu, seq_lens, tables, DIM**-0.5, config).double()
+    want = ref_paged_attention(q, pool.cache, cu, seq_lens, tables, DIM**-0.5).double()
+    return float((got - want).norm() / want.norm())
 
 
 def sdpa_row(seq: int) -> str:
@@ -264,6 +290,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
     parser.add_argument("--sweep-only", action="store_true", help="only sweep launch parameters")
     parser.add_argument("--linear-only", action="store_true", help="only the linear (GEMV) rows")
+    parser.add_argument("--prefill-sweep", action="store_true", help="only the prefill attention candidates")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -285,6 +312,8 @@ def main() -> None:
     if args.linear_only:
         for row in linear_rows(copy_gbs):
             emit(row)
+    elif args.prefill_sweep:
+        prefill_sweep(Pool(2 * 16384 // BLOCK), emit)
     else:
         pool = Pool(2 * 128 * 16384 // BLOCK // (4 if args.quick else 1) + 4096)
         pool_1b = Pool(8192, LLAMA_1B)
@@ -330,7 +359,57 @@ def sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None
     prefill_candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 128, 4, 3))
     for cfg in prefill_candidates:
         for seq in (4096, 8192):
-            emit(prefill_row(pool, seq, cfg, str(cfg)))
+            emit(prefill_row(pool, seq, cfg, prefill_label(cfg)))
+
+
+_FAST = {"prefetch_ids": True, "ids_per_block": True}  # the loop variants most candidates share
+PREFILL_CANDIDATES = (
+    PrefillConfig(128, 128, 8, 3),  # the default: 2 KV buffers, block ids through shared memory
+    PrefillConfig(128, 128, 8, 3, prefetch_ids=True),  # 3 KV buffers (224 KB), two tiles in flight
+    PrefillConfig(128, 128, 8, 3, **_FAST),  # one id load per cache block: 608 SASS instructions a step, not 650
+    PrefillConfig(128, 128, 8, 3, **_FAST, lazy_rescale=True),  # no accumulator rescale on most steps
+    PrefillConfig(128, 128, 8, 3, **_FAST, one_loop=True),  # the pipeline runs through the diagonal tile
+    PrefillConfig(128, 128, 8, 3, **_FAST, lazy_rescale=True, one_loop=True),  # all four
+    PrefillConfig(128, 128, 8, 3, ids_per_block=True, lazy_rescale=True),  # fewer instructions, the default's pipeline
+    PrefillConfig(128, 128, 8, 2, **_FAST, lazy_rescale=True),  # 2 KV buffers (160 KB): one tile in flight
+    PrefillConfig(128, 64, 8, 3, **_FAST, lazy_rescale=True),  # 128 KB, two 64-key tiles in flight
+    PrefillConfig(128, 64, 8, 4, **_FAST, lazy_rescale=True),  # 160 KB, three
+    PrefillConfig(128, 64, 8, 5, **_FAST, lazy_rescale=True),  # 192 KB, four
+    PrefillConfig(64, 64, 4, 3, **_FAST),  # 112 KB: two programs per SM, one's softmax beside the other's MMA
+    PrefillConfig(64, 64, 4, 2, **_FAST, lazy_rescale=True),  # 81 KB: two programs per SM, one tile in flight
+    PrefillConfig(128, 64, 8, 2, **_FAST, lazy_rescale=True, maxnreg=128),  # two 128-row programs per SM (spills 88 B)
+)
+PREFILL_CASES = ((1, 4096, 0), (1, 8192, 0), (1, 16384, 0), (4, 1024, 3072))  # (sequences, new tokens, cached tokens each)
+
+
+def prefill_label(config: PrefillConfig) -> str:
+    """``128x128 w8 s3`` (rows x keys, warps, stages), then the register cap and the loop variants on."""
+    parts = [f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"]
+    parts += [f"maxnreg {config.maxnreg}"] if config.maxnreg else []
+    return " ".join(parts + [f.name for f in dataclasses.fields(config) if getattr(config, f.name) is True])
+
+
+def prefill_sweep(pool: Pool, emit: Callable[[str], None]) -> None:
+    """Each candidate checked once against the reference (the kernel tests' bf16 tolerance), then
+    timed on every case; one that does not compile or launch on this GPU (shared memory,
+    registers) or misses the tolerance gets a row saying so and no timings."""
+    working = []
+    for cfg in PREFILL_CANDIDATES:
+        label = prefill_label(cfg)
+        try:
+            err = prefill_error(pool, cfg)
+        except Exception as exc:  # one candidate that does not fit this GPU must not end the sweep
+            emit(f"| prefill {label} | failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]} | | | |")
+            continue
+        verdict = "ok" if err < 1.5e-2 else "MISMATCH, not timed"
+        emit(f"| prefill {label} | relative error vs ref_paged_attention | | {err:.1e} | {verdict} |")
+        if err < 1.5e-2:
+            working.append((cfg, label))
+    for batch, seq, prefix in PREFILL_CASES:
+        for cfg, label in working:
+            emit(prefill_row(pool, seq, cfg, label, batch, prefix))
+        if batch == 1:
+            emit(sdpa_row(seq))
 
 
 if __name__ == "__main__":

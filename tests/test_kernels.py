@@ -22,6 +22,7 @@ from kernel_cases import GQA, fresh_seed, interpreted_checks_passed, run_cases  
 
 from baton.kernels import activation, attention, kv_cache, linear, norm, ops, rotary
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
+from baton.kernels.attention_prefill import PrefillConfig, launch_paged_attention
 from baton.kernels.linear import MAX_DISPATCH_ROWS, MAX_GEMV_ROWS, LinearConfig, launch_linear
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
@@ -59,12 +60,17 @@ def paged_case(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int
     return q, cache, cu, torch.tensor(seq_lens, dtype=torch.int32, device=device), tables.to(device)
 
 
-def check_paged_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, pairs: list[tuple[int, int]]) -> None:
-    """``pairs`` are (q_len, seq_len): q_len < seq_len means a cached prefix."""
+def check_paged_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, pairs: list[tuple[int, int]],
+                          config: PrefillConfig | None = None, scale: float | None = None) -> None:
+    """``pairs`` are (q_len, seq_len): q_len < seq_len means a cached prefix. ``config`` None: the
+    default launch; ``scale`` None: ``head_dim**-0.5`` (a larger one makes the running maxima jump)."""
     q, cache, cu, seq_lens, tables = paged_case([a for a, _ in pairs], [b for _, b in pairs], heads, kv_heads, block_size, head_dim, dtype, device)
-    scale = head_dim**-0.5
+    scale = scale or head_dim**-0.5
     _poison_allocator(device, q.numel() * q.element_size())
-    got = attention.paged_attention(q, cache, cu, seq_lens, tables, scale)
+    if config is None:
+        got = attention.paged_attention(q, cache, cu, seq_lens, tables, scale)
+    else:
+        got = launch_paged_attention(q, cache, cu, seq_lens, tables, scale, config)
     _assert_close(got, attention.ref_paged_attention(q, cache, cu, seq_lens, tables, scale), dtype)
 
 
@@ -179,6 +185,27 @@ def check_linear(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_b
     _assert_close(got, linear.ref_linear(x, w, b), dtype)
 
 
+# Every loop variant of PrefillConfig at interpreter-sized tiles, each with a cache block size:
+# keys per tile above (several block ids a tile), equal to and below it (one block a tile or more).
+PREFILL_VARIANTS = (
+    (PrefillConfig(16, 32, 4, 2, prefetch_ids=True), 32),
+    (PrefillConfig(32, 16, 4, 3, prefetch_ids=True, ids_per_block=True, lazy_rescale=True, one_loop=True), 8),
+    (PrefillConfig(16, 16, 4, 1, ids_per_block=True, one_loop=True), 32),
+    (PrefillConfig(32, 32, 4, 1, lazy_rescale=True), 16),
+)
+
+
+def prefill_variant_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Each variant over a cached prefix, ragged lengths and a tile that ends past its sequence, at
+    the usual softmax scale and at one so large that, unless the lazy rescale runs whenever a row's
+    maximum grows by 2**8 or more, the scores overflow."""
+    pairs = [(1, 1), (9, 9), (5, 40), (37, 70), (20, 20 + 16)]
+    for config, block_size in PREFILL_VARIANTS:
+        for scale in (None, 20.0):
+            yield (f"prefill {config} bs{block_size} scale {scale}",
+                   lambda c=config, b=block_size, s=scale: check_paged_attention(device, dtype, 8, 2, b, 16, pairs, c, s))
+
+
 def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     """The cases the interpreter can afford; also the first pass on GPU."""
     grid = [(h, k, 16) for h, k in GQA] + [(4, 2, 8), (4, 2, 32), (8, 1, 8)]
@@ -190,6 +217,7 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "decode many splits + padding", lambda: check_decode_many_splits_and_padding(device, dtype)
     yield "decode unsplit", lambda: check_paged_decode_attention(device, dtype, 8, 4, 16, 16, [1, 17, 33, 5, 2])
     yield "prefill dim 64", lambda: check_paged_attention(device, dtype, 4, 2, 16, 64, [(40, 70), (33, 33)])
+    yield from prefill_variant_cases(device, dtype)
     for bs in (8, 16):
         yield f"store_kv bs{bs}", lambda b=bs: check_store_kv(device, dtype, b, 2, 16)
         yield f"gather/scatter bs{bs}", lambda b=bs: check_gather_scatter(device, dtype, b, 2, 16)
@@ -232,6 +260,27 @@ def test_attention_on_gpu_llama_shapes(dtype: torch.dtype, heads: int, kv_heads:
     check_paged_decode_attention("cuda", dtype, heads, kv_heads, 16, 128, [1, 4000, 17, 250])
     lens = torch.randint(1, 600, (96,)).tolist()  # batch large enough to run unsplit
     check_paged_decode_attention("cuda", dtype, heads, kv_heads, 16, 128, lens)
+
+
+# The loop variants at the tiles the GPU sweep times (bench_kernels.py --prefill-sweep), 16-bit only:
+# 128 x 128 fp32 tiles do not fit in shared memory.
+GPU_PREFILL_VARIANTS = (
+    PrefillConfig(128, 128, 8, 3, prefetch_ids=True),
+    PrefillConfig(128, 128, 8, 3, prefetch_ids=True, ids_per_block=True, lazy_rescale=True, one_loop=True),
+    PrefillConfig(64, 64, 4, 3, prefetch_ids=True, ids_per_block=True),
+    PrefillConfig(128, 64, 8, 2, prefetch_ids=True, ids_per_block=True, lazy_rescale=True, maxnreg=128),
+)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", GPU_PREFILL_VARIANTS, ids=str)
+def test_prefill_variants_on_gpu_llama_shapes(dtype: torch.dtype, config: PrefillConfig) -> None:
+    """At scale 1 the running maxima often grow by 2**8 or more in a step: the lazy rescale takes both branches."""
+    pairs = [(1, 1), (300, 300), (77, 1500), (1, 2049), (500, 517)]
+    for scale in (None, 1.0):
+        check_paged_attention("cuda", dtype, 32, 8, 16, 128, pairs, config, scale)
 
 
 @pytest.mark.unit
