@@ -25,7 +25,6 @@ not flatter small cases.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import itertools
 import math
@@ -350,43 +349,32 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
 
 def sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
     """Launch-parameter candidates, to choose the defaults."""
-    decode_candidates = (DecodeConfig(), DecodeConfig(64, None, 4, 4, 64, 32), DecodeConfig(32, None, 4, 4, 32, 64), DecodeConfig(64, None, 3, 6, 64, 48))
+    # More programs per SM split the 1B batch-64 step's sequences too, whose tables the runner pads to 1,024 tokens.
+    decode_candidates = (DecodeConfig(), DecodeConfig(programs_per_sm=8), DecodeConfig(programs_per_sm=16),
+                         DecodeConfig(programs_per_sm=16, min_split_tokens=128))
     for cfg in decode_candidates:
         label = f"| decode {cfg} |"
-        emit(decode_row(pool_1b, 1, 512, copy_gbs, cfg, RUNNER_CONTEXT).replace("| decode |", label))
+        for batch, ctx in ((1, 512), (64, 512), (64, 640)):
+            emit(decode_row(pool_1b, batch, ctx, copy_gbs, cfg, RUNNER_CONTEXT).replace("| decode |", label))
         for batch, ctx in ((1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 2048), (64, 2048)):
             emit(decode_row(pool, batch, ctx, copy_gbs, cfg).replace("| decode |", label))
-    prefill_candidates = (PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 128, 4, 3))
-    for cfg in prefill_candidates:
-        for seq in (4096, 8192):
-            emit(prefill_row(pool, seq, cfg, prefill_label(cfg)))
+    prefill_sweep(pool, emit)
 
 
-_FAST = {"prefetch_ids": True, "ids_per_block": True}  # the loop variants most candidates share
-PREFILL_CANDIDATES = (
-    PrefillConfig(128, 128, 8, 3),  # the default: 2 KV buffers, block ids through shared memory
-    PrefillConfig(128, 128, 8, 3, prefetch_ids=True),  # 3 KV buffers (224 KB), two tiles in flight
-    PrefillConfig(128, 128, 8, 3, **_FAST),  # one id load per cache block: 608 SASS instructions a step, not 650
-    PrefillConfig(128, 128, 8, 3, **_FAST, lazy_rescale=True),  # no accumulator rescale on most steps
-    PrefillConfig(128, 128, 8, 3, **_FAST, one_loop=True),  # the pipeline runs through the diagonal tile
-    PrefillConfig(128, 128, 8, 3, **_FAST, lazy_rescale=True, one_loop=True),  # all four
-    PrefillConfig(128, 128, 8, 3, ids_per_block=True, lazy_rescale=True),  # fewer instructions, the default's pipeline
-    PrefillConfig(128, 128, 8, 2, **_FAST, lazy_rescale=True),  # 2 KV buffers (160 KB): one tile in flight
-    PrefillConfig(128, 64, 8, 3, **_FAST, lazy_rescale=True),  # 128 KB, two 64-key tiles in flight
-    PrefillConfig(128, 64, 8, 4, **_FAST, lazy_rescale=True),  # 160 KB, three
-    PrefillConfig(128, 64, 8, 5, **_FAST, lazy_rescale=True),  # 192 KB, four
-    PrefillConfig(64, 64, 4, 3, **_FAST),  # 112 KB: two programs per SM, one's softmax beside the other's MMA
-    PrefillConfig(64, 64, 4, 2, **_FAST, lazy_rescale=True),  # 81 KB: two programs per SM, one tile in flight
-    PrefillConfig(128, 64, 8, 2, **_FAST, lazy_rescale=True, maxnreg=128),  # two 128-row programs per SM (spills 88 B)
+PREFILL_CANDIDATES = (  # shared memory from sm_90 compiles
+    PrefillConfig(128, 128, 8, 3),  # the default: 3 K/V buffers (224 KB), two tiles in flight
+    PrefillConfig(128, 128, 8, 2),  # 160 KB, one tile in flight
+    PrefillConfig(128, 64, 8, 3),   # 128 KB, two 64-key tiles in flight
+    PrefillConfig(128, 64, 8, 4),   # 160 KB, three
+    PrefillConfig(64, 64, 4, 3),    # 112 KB: two programs per SM, one's softmax beside the other's MMA
+    PrefillConfig(64, 128, 4, 3),   # two programs per SM with 128-key tiles
 )
 PREFILL_CASES = ((1, 4096, 0), (1, 8192, 0), (1, 16384, 0), (4, 1024, 3072))  # (sequences, new tokens, cached tokens each)
 
 
 def prefill_label(config: PrefillConfig) -> str:
-    """``128x128 w8 s3`` (rows x keys, warps, stages), then the register cap and the loop variants on."""
-    parts = [f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"]
-    parts += [f"maxnreg {config.maxnreg}"] if config.maxnreg else []
-    return " ".join(parts + [f.name for f in dataclasses.fields(config) if getattr(config, f.name) is True])
+    """``128x128 w8 s3``: rows x keys, warps, stages."""
+    return f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
 
 
 def prefill_sweep(pool: Pool, emit: Callable[[str], None]) -> None:

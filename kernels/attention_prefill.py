@@ -8,12 +8,11 @@ covers every tile without reading lengths on the host; each program finds its
 sequence by binary search. Keys before a tile's first query position need no
 causal mask, so the loop is split into an unmasked and a masked part.
 
-Loop variants (``PrefillConfig``): ``prefetch_ids`` loads block ids a tile ahead, so
-no KV load waits on a load of its own step and Triton keeps ``num_stages - 1`` KV
-tiles in flight, not one; ``ids_per_block`` loads one id per cache block, not per key;
-``lazy_rescale`` rescales the accumulator only when a row's maximum grows by 2**8 or
-more; ``one_loop`` masks the diagonal tiles behind a run-time branch of one loop, so
-the KV pipeline is not drained and refilled between the two parts.
+Each tile's cache block ids are loaded one tile ahead and once per block (not per
+key): with the ids loaded in the same loop step as the K/V they address, Triton
+keeps one K/V tile in flight instead of ``num_stages - 1``. On an H200 this took the
+4k-token prompt of the Llama-3-8B shape from 343 to 402 TFLOP/s
+(``bench/results/kernels_h200.md``).
 """
 
 from __future__ import annotations
@@ -29,79 +28,44 @@ from baton.kernels.checks import check_attention_args, check_int_index
 
 
 @triton.jit
-def _block_ids(table, tile_start, seq_len, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PER_BLOCK: tl.constexpr):
-    """The cache block of each of the ``BLOCK_N`` keys from ``tile_start`` (``MASKED``: 0 from
-    ``seq_len`` on): one table load per key, or (``PER_BLOCK``) one per block, broadcast to its keys."""
-    if PER_BLOCK:
-        NUM_IDS: tl.constexpr = BLOCK_N // BLOCK_SIZE if BLOCK_N > BLOCK_SIZE else 1
-        index = tile_start // BLOCK_SIZE + tl.arange(0, NUM_IDS)
-        ids = tl.load(table + index, mask=index * BLOCK_SIZE < seq_len, other=0)
-        return tl.reshape(tl.broadcast_to(ids[:, None], (NUM_IDS, BLOCK_N // NUM_IDS)), (BLOCK_N,))
-    pos = tile_start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        return tl.load(table + pos // BLOCK_SIZE, mask=pos < seq_len, other=0)
-    return tl.load(table + pos // BLOCK_SIZE)
-
-
-@triton.jit
-def _attend_tile(
-    q, acc, m, l, kv_ptr, block, head_off, q_pos, tile_start, seq_len, masked,
-    stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One online-softmax step over the ``BLOCK_N`` keys from ``tile_start`` (in cache blocks
-    ``block``); ``masked``, a constant or a run-time flag, applies the causal mask."""
-    d = tl.arange(0, HEAD_DIM)
-    pos = tile_start + tl.arange(0, BLOCK_N)
-    row = block.to(tl.int64) * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + head_off
-    k = tl.load(kv_ptr + row[:, None] + d[None, :])
-    v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :])
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if masked:
-        s = tl.where((pos[None, :] <= q_pos[:, None]) & (pos < seq_len)[None, :], s, float("-inf"))
-    # Scale inside the exponent: one fused multiply-add per score.
-    m_new = tl.maximum(m, tl.max(s, 1) * scale_log2)
-    if LAZY_RESCALE:
-        # Exponents stay relative to the old maxima until some row's grows by 8 (a factor 2**8),
-        # so p stays below 2**8; the first step (from -inf) always rescales.
-        if tl.max(m_new - m, 0) >= 8.0:
-            alpha = tl.math.exp2(m - m_new)
-            acc = acc * alpha[:, None]
-            l = l * alpha
-            m = m_new
-        p = tl.math.exp2(s * scale_log2 - m[:, None])
-        l += tl.sum(p, 1)
-        return tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION), m, l
-    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
-    alpha = tl.math.exp2(m - m_new)
-    l = l * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return acc, m_new, l
+def _block_ids(table, tile_start, seq_len, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cache block of each of the ``BLOCK_N`` keys from ``tile_start`` (0 from ``seq_len``
+    on): one table load per cache block, broadcast to its keys."""
+    NUM_IDS: tl.constexpr = BLOCK_N // BLOCK_SIZE if BLOCK_N > BLOCK_SIZE else 1
+    index = tile_start // BLOCK_SIZE + tl.arange(0, NUM_IDS)
+    ids = tl.load(table + index, mask=index * BLOCK_SIZE < seq_len, other=0)
+    return tl.reshape(tl.broadcast_to(ids[:, None], (NUM_IDS, BLOCK_N // NUM_IDS)), (BLOCK_N,))
 
 
 @triton.jit
 def _attend_range(
-    q, acc, m, l, kv_ptr, table, head_off, q_pos, start, end, mask_from, seq_len,
+    q, acc, m, l, kv_ptr, table, head_off, q_pos, start, end, seq_len,
     stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-    PREFETCH_IDS: tl.constexpr, IDS_PER_BLOCK: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The keys ``start`` to ``end``, causally masked if ``MASKED`` is 1, or from ``mask_from`` on if 2."""
-    if PREFETCH_IDS:
-        next_block = _block_ids(table, start, seq_len, BLOCK_SIZE, BLOCK_N, True, IDS_PER_BLOCK)
+    """Online softmax of a query tile over the keys ``start`` to ``end``, ``BLOCK_N`` a step
+    (``MASKED``: causally). Block ids run one tile ahead, so no K/V load waits for a load of
+    its own step and the pipeliner keeps ``num_stages - 1`` K/V tiles in flight."""
+    d = tl.arange(0, HEAD_DIM)
+    next_block = _block_ids(table, start, seq_len, BLOCK_SIZE, BLOCK_N)
     for tile_start in range(start, end, BLOCK_N):
-        if PREFETCH_IDS:
-            block = next_block
-            next_block = _block_ids(table, tile_start + BLOCK_N, seq_len, BLOCK_SIZE, BLOCK_N, True, IDS_PER_BLOCK)
-        else:
-            block = _block_ids(table, tile_start, seq_len, BLOCK_SIZE, BLOCK_N, MASKED != 0, IDS_PER_BLOCK)
-        masked = tile_start >= mask_from if MASKED == 2 else MASKED == 1
-        acc, m, l = _attend_tile(
-            q, acc, m, l, kv_ptr, block, head_off, q_pos, tile_start, seq_len, masked,
-            stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
-            BLOCK_SIZE, BLOCK_N, HEAD_DIM, LAZY_RESCALE, DOT_PRECISION,
-        )
+        block = next_block
+        next_block = _block_ids(table, tile_start + BLOCK_N, seq_len, BLOCK_SIZE, BLOCK_N)
+        pos = tile_start + tl.arange(0, BLOCK_N)
+        row = block.to(tl.int64) * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + head_off
+        k = tl.load(kv_ptr + row[:, None] + d[None, :])
+        v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            s = tl.where((pos[None, :] <= q_pos[:, None]) & (pos < seq_len)[None, :], s, float("-inf"))
+        # Scale inside the exponent: one fused multiply-add per score.
+        m_new = tl.maximum(m, tl.max(s, 1) * scale_log2)
+        p = tl.math.exp2(s * scale_log2 - m_new[:, None])
+        alpha = tl.math.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m = m_new
     return acc, m, l
 
 
@@ -130,7 +94,6 @@ def _paged_attention_kernel(
     stride_t_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PREFETCH_IDS: tl.constexpr, IDS_PER_BLOCK: tl.constexpr, LAZY_RESCALE: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     # Heads vary fastest and the last tiles (the longest causal rows) start first.
     head = tl.program_id(0)
@@ -157,16 +120,15 @@ def _paged_attention_kernel(
         # Keys before the tile's first query position are visible to every row of the tile.
         unmasked_end = (context_len + tile * BLOCK_M) // BLOCK_N * BLOCK_N
         end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_M)
-        if not ONE_LOOP:
-            acc, m, l = _attend_range(
-                q, acc, m, l, kv_ptr, table, head_off, q_pos, 0, unmasked_end, unmasked_end, seq_len,
-                stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
-                BLOCK_SIZE, BLOCK_N, HEAD_DIM, 0, PREFETCH_IDS, IDS_PER_BLOCK, LAZY_RESCALE, DOT_PRECISION,
-            )
         acc, m, l = _attend_range(
-            q, acc, m, l, kv_ptr, table, head_off, q_pos, 0 if ONE_LOOP else unmasked_end, end, unmasked_end, seq_len,
+            q, acc, m, l, kv_ptr, table, head_off, q_pos, 0, unmasked_end, seq_len,
             stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
-            BLOCK_SIZE, BLOCK_N, HEAD_DIM, 2 if ONE_LOOP else 1, PREFETCH_IDS, IDS_PER_BLOCK, LAZY_RESCALE, DOT_PRECISION,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, DOT_PRECISION,
+        )
+        acc, m, l = _attend_range(
+            q, acc, m, l, kv_ptr, table, head_off, q_pos, unmasked_end, end, seq_len,
+            stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, DOT_PRECISION,
         )
         out = acc / l[:, None]
         o_ptrs = out_ptr + tokens[:, None] * stride_o_tok + head * stride_o_head + d[None, :]
@@ -175,19 +137,12 @@ def _paged_attention_kernel(
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    """Launch parameters: query rows and keys per tile, warps, pipeline depth, the loop
-    variants of the module docstring, and a register cap per thread (``maxnreg``, None:
-    the compiler's choice; a lower cap can fit two programs on an SM)."""
+    """Launch parameters: query rows and keys per tile, warps, pipeline depth."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    prefetch_ids: bool = False
-    ids_per_block: bool = False
-    lazy_rescale: bool = False
-    one_loop: bool = False
-    maxnreg: int | None = None
 
 
 def default_config(q: torch.Tensor) -> PrefillConfig:
@@ -246,8 +201,6 @@ def launch_paged_attention(
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        PREFETCH_IDS=config.prefetch_ids, IDS_PER_BLOCK=config.ids_per_block,
-        LAZY_RESCALE=config.lazy_rescale, ONE_LOOP=config.one_loop,
-        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
