@@ -40,7 +40,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
-from baton.kernels import activation, kv_cache, linear, norm, rotary, sampling
+from baton.kernels import activation, kv_cache, linear, norm, pdl, rotary, sampling
 from baton.kernels.attention import ref_paged_attention
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
 from baton.kernels.attention_prefill import PrefillConfig, default_config, launch_paged_attention
@@ -261,6 +261,7 @@ def rotary_store_kv_rows(pool: Pool, copy_gbs: float) -> list[str]:
 LINEAR_SHAPES = (  # (model, projection, N, K): the decode projections of Llama-3.2-1B and Llama-3-8B
     ("1B", "qkv_proj", 3072, 2048), ("1B", "o_proj", 2048, 2048), ("1B", "gate_up_proj", 16384, 2048), ("1B", "down_proj", 2048, 8192),
     ("8B", "qkv_proj", 6144, 4096), ("8B", "o_proj", 4096, 4096), ("8B", "gate_up_proj", 28672, 4096), ("8B", "down_proj", 4096, 14336),
+    ("1B", "lm_head", 128256, 2048),
 )
 LINEAR_ROTATE_BYTES = 128 * 2**20  # more weight bytes than the L2 holds: every launch reads its weights from memory
 
@@ -290,7 +291,9 @@ def main() -> None:
     parser.add_argument("--sweep-only", action="store_true", help="only sweep launch parameters")
     parser.add_argument("--linear-only", action="store_true", help="only the linear (GEMV) rows")
     parser.add_argument("--prefill-sweep", action="store_true", help="only the prefill attention candidates")
+    parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     args = parser.parse_args()
+    pdl.enabled = not args.no_pdl
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
@@ -298,7 +301,8 @@ def main() -> None:
     lines = [f"# Kernel benchmarks: {props.name}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"torch {torch.__version__}, triton {triton.__version__}, {props.multi_processor_count} SMs; "
              f"Llama-3-8B shapes ({HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}, bf16, block {BLOCK}); medians, "
-             "CUDA-graph replay for decode, transfers and element-wise kernels (eager times beside decode)",
+             "CUDA-graph replay for decode, transfers and element-wise kernels (eager times beside decode); "
+             f"programmatic dependent launch {'on' if pdl.enabled else 'off'}",
              "", "| kernel | case | time | rate | vs copy |", "| --- | --- | --- | --- | --- |"]
 
     def emit(row: str) -> None:

@@ -38,6 +38,7 @@ from baton.engine.llm import LLM
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
+from baton.kernels import pdl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_offline import bench_baton, bench_hf, make_prompts
@@ -232,10 +233,12 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="Baton's token budget per step")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--no-pdl", action="store_true", help="launch the decode kernels without programmatic dependent launch")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: /dev/shm if it has room)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_model.py needs a CUDA GPU")
+    pdl.enabled = not args.no_pdl
     shm = Path("/dev/shm")
     default = shm if shm.is_dir() and shutil.disk_usage(shm).free > 20 << 30 else Path(tempfile.gettempdir())
     workdir = Path(tempfile.mkdtemp(dir=args.workdir or default))
@@ -243,7 +246,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     header = (f"# Model benchmarks: {props.name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
               f"torch {torch.__version__}, triton {triton.__version__}; bf16 random weights; "
-              f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (2 GiB D2D, read + write); floor = (weights + KV read) / copy bandwidth")
+              f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (2 GiB D2D, read + write); floor = (weights + KV read) / copy bandwidth; "
+              f"programmatic dependent launch {'on' if pdl.enabled else 'off'}")
     rows: list[Row] = []
     try:
         for name in args.shapes:

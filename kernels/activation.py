@@ -7,20 +7,30 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from baton.kernels import pdl
 from baton.kernels.checks import check_dtype, check_last_dim_contiguous
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def silu_mul(gate, up, dtype: tl.constexpr):
+    """``silu(gate) * up`` in ``dtype``, rounded as a ``dtype`` silu then product would be."""
+    gate, up = gate.to(tl.float32), up.to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    return (silu * up).to(dtype)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +43,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, 2 * inter)
     out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     if out.numel():
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, _BLOCK))](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=_BLOCK)
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, _BLOCK))](
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=_BLOCK, **pdl.launch_options(x))
     return out.view(*x.shape[:-1], inter)
 
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels import pdl
 from baton.kernels.checks import check_attention_args, check_int_index
 
 
@@ -82,22 +83,24 @@ def _paged_decode_attention_kernel(
     stride_t_seq,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     start = split * split_len
-    # The first block ids and the queries do not depend on the length: their loads
-    # go out together with the length's, not after it.
+    # The first block ids and the length (step metadata) load while the kernel before,
+    # which writes the queries and the newest K/V, may still run; then the queries.
     table = tables_ptr + seq * stride_t_seq
     pos = start + tl.arange(0, TILE_N)
     block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
+    seq_len = tl.load(seq_lens_ptr + seq)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
-    seq_len = tl.load(seq_lens_ptr + seq)
     if NUM_SPLITS == 1:
         used = 1
     else:
@@ -229,5 +232,6 @@ def launch_paged_decode_attention(
         CHUNK=min(splits_pad, max(1, 1024 // (merge_pad * head_dim))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps or (2 if head_dim <= 64 else 4), num_stages=config.num_stages,
+        **pdl.launch_options(q),
     )
     return out

@@ -1,4 +1,5 @@
-"""Small-batch linear layer (GEMV) for decode: ``x @ weight.T + bias`` for a few rows of ``x``.
+"""Small-batch linear layer (GEMV) for decode: ``x @ weight.T + bias`` for a few rows of ``x``,
+optionally of ``silu_and_mul(x)`` (``gated_linear``: the MLP's activation fused into ``down_proj``).
 
 One program owns ``block_n`` output columns for every row of ``x``, so each weight
 element is read from memory once, and walks K in ``block_k`` chunks, accumulating
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from baton.kernels import pdl
+from baton.kernels.activation import ref_silu_and_mul, silu_mul
 from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
 
 MAX_GEMV_ROWS = 4  # the most rows of x the kernel takes: it keeps an fp32 accumulator per row
@@ -44,11 +47,28 @@ DEFAULT_CONFIG = LinearConfig()
 
 
 @triton.jit
+def _load_w(w_ptrs, k0, K, ks, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_ptrs + k0)
+    return tl.load(w_ptrs + k0, mask=(k0 + ks < K)[None, None, :], other=0.0)
+
+
+@triton.jit
+def _load_x(x_ptrs, k0, K, ks, row_ok, GATED: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows of x from ``k0``; with ``GATED``, ``silu(x[:, :K]) * x[:, K:]`` as ``silu_and_mul`` rounds it."""
+    mask = row_ok if EVEN_K else row_ok & (k0 + ks < K)[None, None, :]
+    x = tl.load(x_ptrs + k0, mask=mask, other=0.0)
+    if GATED:
+        x = silu_mul(x, tl.load(x_ptrs + K + k0, mask=mask, other=0.0), x_ptrs.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     N, K, stride_xm, stride_wn, stride_om,
-    M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -62,29 +82,29 @@ def _linear_kernel(
     w_ptrs = w_ptr + w_rows[None, :, None] + ks[None, None, :]
     x_ptrs = x_ptr + rows[:, None, None] * stride_xm + ks[None, None, :]
     row_ok = (rows < M)[:, None, None]
-    acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs + k0)
-            x = tl.load(x_ptrs + k0, mask=row_ok, other=0.0)
-        else:
-            k_ok = (k0 + ks < K)[None, None, :]
-            w = tl.load(w_ptrs + k0, mask=k_ok, other=0.0)
-            x = tl.load(x_ptrs + k0, mask=row_ok & k_ok, other=0.0)
-        acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), 2)
+    # The first weight tile loads while the kernel before (which wrote x) may still run.
+    w = _load_w(w_ptrs, 0, K, ks, EVEN_K).to(tl.float32)
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
+    acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
+        acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & col_ok[None, :])
 
 
-def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> None:
     check_shape("x", x, (-1, -1))
     if x.shape[0] > MAX_GEMV_ROWS:
         raise ValueError(f"x has {x.shape[0]} rows; this kernel takes at most MAX_GEMV_ROWS={MAX_GEMV_ROWS}")
     check_dtype("x", x)
     check_last_dim_contiguous("x", x)
-    check_shape("weight", weight, (-1, x.shape[1]))
+    if gated and x.shape[1] % 2:
+        raise ValueError(f"a gated x has gate then up halves: its width must be even, got {x.shape[1]}")
+    check_shape("weight", weight, (-1, x.shape[1] // 2 if gated else x.shape[1]))
     check_device("weight", weight, x)
     check_same_dtype("weight", weight, "x", x)
     check_contiguous("weight", weight)
@@ -97,23 +117,30 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` (M <= ``MAX_GEMV_ROWS``), ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None,
-    all of one float dtype -> ``[M, N]`` in that dtype, accumulated in fp32."""
+    all of one float dtype -> ``[M, N]`` in that dtype, accumulated in fp32. With PDL, the
+    weights load before the kernel just before this one has finished: it must not write them."""
     return launch_linear(x, weight, bias, DEFAULT_CONFIG)
 
 
-def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LinearConfig) -> torch.Tensor:
-    """``linear`` with explicit launch parameters (tests and benchmarks pick them)."""
-    _check_linear_args(x, weight, bias)
-    (m, k), n = x.shape, weight.shape[0]
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(silu_and_mul(x), weight, bias)`` in one launch: ``x`` ``[M, 2K]`` (gate then up)."""
+    return launch_linear(x, weight, bias, DEFAULT_CONFIG, gated=True)
+
+
+def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LinearConfig,
+                  gated: bool = False) -> torch.Tensor:
+    """``linear`` (or ``gated_linear``) with explicit launch parameters (tests and benchmarks pick them)."""
+    _check_linear_args(x, weight, bias, gated)
+    (m, _), (n, k) = x.shape, weight.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     _linear_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, weight if bias is None else bias, out,
         n, k, x.stride(0), weight.stride(0), out.stride(0),
-        M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None,
+        M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, GATED=gated,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x),
     )
     return out
 
@@ -121,3 +148,8 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def ref_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[M, K]``, ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None -> ``[M, N]``."""
     return F.linear(x, weight, bias)
+
+
+def ref_gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[M, 2K]`` (gate then up), ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None -> ``[M, N]``."""
+    return F.linear(ref_silu_and_mul(x), weight, bias)

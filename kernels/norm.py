@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels import pdl
 from baton.kernels.checks import check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
 
 
@@ -14,11 +15,14 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     stride_x, stride_r, stride_o, stride_nr,
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)   # a weight: no kernel writes it
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -27,7 +31,6 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / hidden + eps)
     normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -65,7 +68,7 @@ def rms_norm(
             x2, res2, weight.contiguous(), out, new_residual,
             x2.stride(0), res2.stride(0), out.stride(0), new_residual.stride(0),
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)), **pdl.launch_options(x),
         )
     out = out.view(x.shape)
     return out if residual is None else (out, new_residual.view(x.shape))

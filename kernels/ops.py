@@ -35,9 +35,17 @@ silu_and_mul = _dispatch(activation.silu_and_mul, activation.ref_silu_and_mul)
 exponential_race = _dispatch(sampling.exponential_race, sampling.ref_exponential_race)
 
 
+def _gemv_rows(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dim() == 2 and x.shape[0] <= gemv.MAX_DISPATCH_ROWS
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` @ ``weight`` ``[N, K]``.T + ``bias``: the Triton GEMV for CUDA inputs of at
     most ``MAX_DISPATCH_ROWS`` rows (decode steps), ``F.linear`` (cuBLAS on GPU) for anything else."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] <= gemv.MAX_DISPATCH_ROWS:
-        return gemv.linear(x, weight, bias)
-    return gemv.ref_linear(x, weight, bias)
+    return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
+
+
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(silu_and_mul(x), weight, bias)``: one GEMV launch where ``linear`` takes the GEMV,
+    else the two ops."""
+    return gemv.gated_linear(x, weight, bias) if _gemv_rows(x) else linear(silu_and_mul(x), weight, bias)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels import pdl
 from baton.kernels.checks import check_device, check_dtype, check_int_index, check_last_dim_contiguous, check_shape
 from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, check_store_kv_args, ref_store_kv
 
@@ -92,12 +93,15 @@ def _rotary_store_kv_kernel(
     BLOCK_SIZE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr, KV_ROW_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Every load goes out before the first store: a load after a store could alias it
-    # and would wait for it.
+    # and would wait for it. Slots and positions are step metadata, not a kernel's output.
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, HALF_PAD)
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     q1, q2, q_tail = _rotate_heads(q_ptr + token * stride_q_tok, stride_q_head, cos, sin,
                                    NUM_Q_HEADS, Q_HEADS_PAD, HEAD_DIM, HALF, HALF_PAD, TAIL_PAD)
     k1, k2, k_tail = _rotate_heads(k_ptr + token * stride_k_tok, stride_k_head, cos, sin,
@@ -183,7 +187,7 @@ def rotary_store_kv(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         BLOCK_SIZE=block_size, NUM_Q_HEADS=query.shape[1], Q_HEADS_PAD=triton.next_power_of_2(query.shape[1]),
         NUM_KV_HEADS=kv_heads, KV_HEADS_PAD=triton.next_power_of_2(kv_heads),
-        KV_ROW_PAD=triton.next_power_of_2(kv_heads * head_dim), **consts,
+        KV_ROW_PAD=triton.next_power_of_2(kv_heads * head_dim), **consts, **pdl.launch_options(query),
     )
     return q_out
 

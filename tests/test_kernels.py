@@ -11,6 +11,7 @@ CUDA GPU every kernel runs natively in fp16/bf16/fp32, and a pool of more than
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -175,14 +176,17 @@ def check_silu_and_mul(device: str, dtype: torch.dtype, inter: int) -> None:
     _assert_close(activation.silu_and_mul(x), activation.ref_silu_and_mul(x), dtype)
 
 
-def check_linear(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool, config: LinearConfig | None = None) -> None:
-    """``x`` is a view with a row stride past K, as a slice of a wider activation would be."""
-    x = torch.randn(m, k + 3, dtype=dtype, device=device)[:, :k]
+def check_linear(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool, config: LinearConfig | None = None,
+                 gated: bool = False) -> None:
+    """``x`` is a view with a row stride past its width, as a slice of a wider activation would be;
+    ``gated``: ``x`` holds gate then up (2K wide) and the kernel applies ``silu_and_mul`` first."""
+    width = 2 * k if gated else k
     w = torch.randn(n, k, dtype=dtype, device=device)
     b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
+    x = torch.randn(m, width + 3, dtype=dtype, device=device)[:, :width]
     _poison_allocator(device, m * n * x.element_size())
-    got = linear.linear(x, w, b) if config is None else launch_linear(x, w, b, config)
-    _assert_close(got, linear.ref_linear(x, w, b), dtype)
+    got = launch_linear(x, w, b, config or linear.DEFAULT_CONFIG, gated)
+    _assert_close(got, (linear.ref_gated_linear if gated else linear.ref_linear)(x, w, b), dtype)
 
 
 # Tiles at interpreter sizes, each with a cache block size: keys per tile above it (several
@@ -233,6 +237,8 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     ragged = LinearConfig(block_n=16, block_k=128)  # N and K not multiples of the tile, then K a multiple
     yield "linear ragged tiles", lambda: check_linear(device, dtype, MAX_GEMV_ROWS, 45, 300, True, ragged)
     yield "linear even K", lambda: check_linear(device, dtype, 3, 45, 256, False, ragged)
+    yield "gated linear", lambda: check_linear(device, dtype, 2, 37, 300, True, gated=True)
+    yield "gated linear ragged tiles", lambda: check_linear(device, dtype, 3, 45, 300, False, ragged, gated=True)
 
 
 @pytest.mark.unit
@@ -303,8 +309,8 @@ def test_linear_rejects_bad_arguments_and_dispatches_to_torch_on_cpu() -> None:
 def test_linear_on_gpu_llama_shapes(dtype: torch.dtype, n: int, k: int) -> None:
     """Llama-3.2-1B's qkv, o and down projections and a shape that fills no tile, at every row count the kernel takes."""
     for m in range(1, MAX_GEMV_ROWS + 1):
-        for with_bias in (False, True):
-            check_linear("cuda", dtype, m, n, k, with_bias)
+        for with_bias, gated in itertools.product((False, True), repeat=2):
+            check_linear("cuda", dtype, m, n, k, with_bias, gated=gated)
 
 
 @pytest.mark.gpu
@@ -324,6 +330,8 @@ def test_linear_in_cuda_graph_and_dispatch() -> None:
     _assert_close(out, linear.ref_linear(x, w, b), torch.bfloat16)
     many = torch.randn(MAX_DISPATCH_ROWS + 1, 2048, dtype=torch.bfloat16, device="cuda")
     assert torch.equal(ops.linear(many, w, b), linear.ref_linear(many, w, b))
+    gate_up = torch.randn(MAX_DISPATCH_ROWS + 1, 2 * 3072, dtype=torch.bfloat16, device="cuda")
+    assert torch.equal(ops.gated_linear(gate_up, w.T.contiguous(), None), linear.ref_linear(ops.silu_and_mul(gate_up), w.T.contiguous()))
 
 
 @pytest.mark.gpu

@@ -101,7 +101,7 @@ class MLP(nn.Module):
         return {"gate": self.intermediate_size, "up": self.intermediate_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.down_proj, ops.silu_and_mul(project(self.gate_up_proj, x)))
+        return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
