@@ -99,7 +99,6 @@ def _paged_decode_attention_kernel(
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
     pdl.wait(PDL)
-    pdl.launch_dependents(PDL)
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
     if NUM_SPLITS == 1:
         used = 1
@@ -127,6 +126,9 @@ def _paged_decode_attention_kernel(
             l = l * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m = m_new
+        # Only now may the next kernel's programs start: waiting beside this loop, they slowed
+        # a 16k-token single sequence (256 programs) from 22.4 to 26.9 us on an H200.
+        pdl.launch_dependents(PDL)
 
         safe_l = tl.where(l > 0, l, 1.0)
         if used == 1:

@@ -3,10 +3,11 @@
 A kernel launched with PDL may start while the kernel before it on the stream is
 still running: its programs do the work that needs nothing from that kernel
 (address arithmetic, block-id and weight loads), then wait at ``wait()`` until the
-previous kernel has finished and its writes are visible. ``launch_dependents()``,
-called right after ``wait()``, lets the next kernel's programs start once every
-program of this one is past its wait: one kernel runs while the next one's programs
-start and load their weights. In a CUDA graph of ~150 short kernels (batch-1
+previous kernel has finished and its writes are visible. ``launch_dependents()``
+lets the next kernel's programs start once every program of this one has called it:
+right after ``wait()`` in short kernels (the next one's programs start and load
+their weights meanwhile), after the main loop in decode attention (waiting programs
+beside a long loop slowed it). In a CUDA graph of ~150 short kernels (batch-1
 decode) this hides launch latency and the first loads behind the kernel before.
 
 Every kernel that takes ``PDL`` must call ``wait()`` before its first load of
