@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from baton.kernels import activation, attention, kv_cache, norm, rotary, sampling
+from baton.kernels import activation, attention, kv_cache, logits, norm, rotary, sampling
 from baton.kernels import linear as gemv
 
 F = TypeVar("F", bound=Callable)
@@ -33,6 +33,7 @@ rms_norm = _dispatch(norm.rms_norm, norm.ref_rms_norm)
 rotary_store_kv = _dispatch(rotary.rotary_store_kv, rotary.ref_rotary_store_kv)
 silu_and_mul = _dispatch(activation.silu_and_mul, activation.ref_silu_and_mul)
 exponential_race = _dispatch(sampling.exponential_race, sampling.ref_exponential_race)
+max_logsumexp = _dispatch(logits.max_logsumexp, logits.ref_max_logsumexp)
 
 
 def _gemv_rows(x: torch.Tensor) -> bool:

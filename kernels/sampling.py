@@ -133,6 +133,18 @@ def _check_race_args(probs: torch.Tensor, seeds: torch.Tensor) -> None:
     check_last_dim_contiguous("seeds", seeds)
 
 
+def vocab_splits(rows: torch.Tensor, tile: int, splits: int | None) -> tuple[int, int]:
+    """(programs per row, entries per program) for a ``[batch, vocab]`` kernel over ``rows``:
+    ``splits`` programs a row (None: about ``PROGRAMS_PER_SM`` programs per SM in all), each
+    a whole number of ``tile``-entry tiles, which may leave fewer splits."""
+    batch, vocab = rows.shape
+    if splits is None:
+        sms = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else 1
+        splits = triton.cdiv(PROGRAMS_PER_SM * sms, max(batch, 1))
+    split_len = triton.cdiv(triton.cdiv(vocab, splits), tile) * tile
+    return triton.cdiv(vocab, split_len), split_len
+
+
 def exponential_race(probs: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """Per row of ``probs`` ``[batch, vocab]`` float32 (non-negative, finite), the
     index maximising ``probs / E(seeds[row], index)``; ``seeds`` ``[batch]`` int64.
@@ -146,11 +158,7 @@ def launch_exponential_race(probs: torch.Tensor, seeds: torch.Tensor, tile: int,
     programs per SM in all). Tests and benchmarks pick them."""
     _check_race_args(probs, seeds)
     batch, vocab = probs.shape
-    if splits is None:
-        sms = torch.cuda.get_device_properties(probs.device).multi_processor_count if probs.is_cuda else 1
-        splits = triton.cdiv(PROGRAMS_PER_SM * sms, max(batch, 1))
-    split_len = triton.cdiv(triton.cdiv(vocab, splits), tile) * tile
-    splits = triton.cdiv(vocab, split_len)
+    splits, split_len = vocab_splits(probs, tile, splits)
     part_score = torch.empty((batch, splits), dtype=torch.float32, device=probs.device)
     part_id = torch.empty((batch, splits), dtype=torch.int64, device=probs.device)
     if batch == 0:

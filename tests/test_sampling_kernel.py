@@ -1,6 +1,7 @@
-"""The exponential-race sampling kernel against its plain-torch reference, the
-noise function against its documented definition, and the reference's draws
-against the distribution they sample.
+"""The sampler's kernels against their plain-torch references: the exponential
+race (and its noise function against its documented definition, and the
+reference's draws against the distribution they sample) and the logits' row
+maximum and log-sum-exp.
 
 On CPU the kernel runs under the Triton interpreter in a subprocess
 (``TRITON_INTERPRET=1`` must be set before triton is imported):
@@ -22,7 +23,7 @@ import triton.language as tl
 
 from kernel_cases import fresh_seed, interpreted_checks_passed, run_cases  # noqa: F401 (fresh_seed is an autouse fixture)
 
-from baton.kernels import sampling
+from baton.kernels import logits, sampling
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -77,12 +78,46 @@ def check_noise_bits(device: str, n: int) -> None:
     assert mismatched == 0, f"{mismatched} of {n} noise values differ"
 
 
+def random_logits(batch: int, vocab: int, device: str) -> torch.Tensor:
+    """Spread-out logits with masked (-inf) entries; row 1 repeats its maximum at a later
+    index, row 2 is all -inf, row 3 ties at one value throughout."""
+    x = 8 * torch.randn(batch, vocab)
+    x[torch.rand(batch, vocab) < 0.1] = float("-inf")
+    if batch > 1:
+        top = int(x[1].argmax())
+        x[1, torch.randint(top, vocab, ())] = x[1, top]
+    if batch > 2:
+        x[2] = float("-inf")
+    if batch > 3:
+        x[3] = 1.5
+    return x.to(device)
+
+
+def check_max_logsumexp(device: str, batch: int, vocab: int, tile: int, splits: int | None) -> None:
+    """Maximum and index equal the reference's exactly (the lowest index on ties), the
+    log-sum-exp to float32 rounding; the default launch agrees."""
+    x = random_logits(batch, vocab, device)
+    got = logits.launch_max_logsumexp(x, tile, splits)
+    want = logits.ref_max_logsumexp(x)
+    assert [t.dtype for t in got] == [torch.float32, torch.int64, torch.float32], [t.dtype for t in got]
+    assert torch.equal(got[0], want[0]), (got[0].tolist(), want[0].tolist())
+    assert torch.equal(got[1], want[1]), (got[1].tolist(), want[1].tolist())
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    default = logits.max_logsumexp(x)
+    assert torch.equal(default[1], want[1])
+    torch.testing.assert_close(default[2], want[2], rtol=1e-5, atol=1e-5)
+
+
 def small_cases(device: str) -> Iterator[tuple[str, Callable[[], None]]]:
     """The cases the interpreter can afford; also the first pass on GPU."""
     yield "noise bits", lambda: check_noise_bits(device, 50_000)
     grid = [(0, 10, 64, 1), (1, 1, 64, 1), (3, 1, 64, 1), (4, 100, 64, 1), (5, 1000, 64, 4), (6, 3000, 256, 3), (4, 777, 128, 100), (2, 128256, 2048, 8)]
     for batch, vocab, tile, splits in grid:
         yield f"race b{batch} v{vocab} tile{tile} splits{splits}", lambda b=batch, v=vocab, t=tile, s=splits: check_race(device, b, v, t, s)
+    grid = [(0, 10, 64, 1), (1, 1, 64, 1), (4, 100, 64, 1), (5, 1000, 64, 4), (6, 3000, 256, 3), (4, 777, 128, 100), (2, 128256, 1024, 8)]
+    for batch, vocab, tile, splits in grid:
+        yield (f"max_logsumexp b{batch} v{vocab} tile{tile} splits{splits}",
+               lambda b=batch, v=vocab, t=tile, s=splits: check_max_logsumexp(device, b, v, t, s))
 
 
 @pytest.mark.unit
@@ -107,6 +142,9 @@ def test_wrapper_rejects_bad_arguments() -> None:
     for args, message in bad:
         with pytest.raises(ValueError, match=message):
             sampling.exponential_race(*args)
+    for x, message in [(probs.double(), "dtype"), (probs[0], "shape"), (probs.t(), "contiguous"), (probs[:, :0], "at least one column")]:
+        with pytest.raises(ValueError, match=message):
+            logits.max_logsumexp(x)
 
 
 def _f32(x: float) -> float:
@@ -210,6 +248,7 @@ def test_sampling_kernel_on_gpu() -> None:
         probs, seeds = random_probs(batch, 128256, "cuda"), random_seeds(batch, "cuda")
         assert torch.equal(sampling.exponential_race(probs, seeds), sampling.ref_exponential_race(probs, seeds))
         assert torch.equal(sampling.exponential_race(probs, seeds).cpu(), sampling.ref_exponential_race(probs.cpu(), seeds.cpu()))
+        check_max_logsumexp("cuda", batch, 128256, logits.TILE, None)
 
 
 if __name__ == "__main__":
