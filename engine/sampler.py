@@ -84,10 +84,11 @@ class SampledTokens:
         return result
 
 
-def _to_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int], chosen_logits: torch.Tensor | None = None) -> SampledTokens:
-    """Log-probs (``logit - logsumexp``, no ``[N, vocab]`` log-softmax written) of the chosen
-    tokens, whose logits the caller may pass, and each row's top-``ks[i]`` alternatives."""
-    lse = torch.logsumexp(logits, dim=-1)
+def _to_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int], lse: torch.Tensor,
+                 chosen_logits: torch.Tensor | None = None) -> SampledTokens:
+    """Log-probs (``logit - lse``, no ``[N, vocab]`` log-softmax written) of the chosen tokens,
+    whose logits the caller may pass, and each row's top-``ks[i]`` alternatives; ``lse`` holds
+    each row's log-sum-exp."""
     if chosen_logits is None:
         chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     max_k = min(max(ks, default=0), logits.shape[1])
@@ -104,7 +105,8 @@ def prompt_logprobs(prompt_logits: torch.Tensor, next_token_ids: Seq[int], k: in
     if prompt_logits.dim() != 2 or prompt_logits.shape[0] != len(next_token_ids):
         raise ValueError(f"prompt_logits {tuple(prompt_logits.shape)} do not match {len(next_token_ids)} next tokens")
     targets = torch.tensor(list(next_token_ids), dtype=torch.long, device=prompt_logits.device)
-    return _to_logprobs(prompt_logits.float(), targets, [k] * len(next_token_ids)).to_host()
+    logits = prompt_logits.float()
+    return _to_logprobs(logits, targets, [k] * len(next_token_ids), ops.max_logsumexp(logits)[2]).to_host()
 
 
 class Sampler:
@@ -122,14 +124,14 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(seqs)} sequences")
         logits = logits.float()
         ks = [s.params.logprobs or 0 for s in seqs]
+        best, argmax, lse = ops.max_logsumexp(logits)   # one read of the logits for both
         if all(s.params.greedy and not self._needs_penalties(s) for s in seqs):
-            best, token_ids = logits.max(dim=-1)
-            return _to_logprobs(logits, token_ids, ks, chosen_logits=best)
+            return _to_logprobs(logits, argmax, ks, lse, chosen_logits=best)
         processed = logits.clone()
         for i, seq in enumerate(seqs):
             if self._needs_penalties(seq):
                 self._apply_penalties(processed[i], seq)
-        return _to_logprobs(logits, self._sample(processed, seqs), ks)
+        return _to_logprobs(logits, self._sample(processed, seqs), ks, lse)
 
     @staticmethod
     def _needs_penalties(seq: Sequence) -> bool:
