@@ -10,16 +10,20 @@ bf16, block 16), plus batch-1 decode in Llama-3.2-1B's shape (head dim 64) with
 block tables padded to 1,024 tokens as the decode runner pads them, and fused
 rotary + KV write against the two separate launches at 1B decode shapes, and the
 small-batch linear (GEMV) kernel against ``F.linear`` on the 1B and 8B projections
-(``--linear-only`` runs just that block). ``--prefill-sweep`` runs just the prefill
+(``--linear-only`` runs just that block). ``--decode-sweep`` runs just the decode
+candidates of ``DECODE_CANDIDATES``, each checked once against its reference, at
+the 1B model's decode shapes and on long single 8B sequences and batches.
+``--prefill-sweep`` runs just the prefill
 candidates of ``PREFILL_CANDIDATES``: each is checked once against
 ``ref_paged_attention``, then timed on 4k, 8k and 16k single prompts and on four
-1k chunks after 3k cached tokens each, with torch's SDPA beside. Times are
+1k chunks after 3k cached tokens each, with torch's SDPA beside, and on the 1B
+model's offline prefill step (16 prompts of 512 tokens, head dim 64). Times are
 medians of ``triton.testing.do_bench`` (prefill, eager decode) or
 ``do_bench_cudagraph`` (the short kernels, replayed from a CUDA graph as the
 decode runner does); inputs rotate over several sets so that the L2 cache does
 not flatter small cases.
 
-    python3 bench/bench_kernels.py [--quick] [--sweep | --sweep-only | --linear-only | --prefill-sweep]
+    python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --prefill-sweep]
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from triton.testing import do_bench, do_bench_cudagraph
 from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
-from baton.kernels import activation, kv_cache, linear, norm, pdl, rotary, sampling
-from baton.kernels.attention import ref_paged_attention
+from baton.kernels import activation, kv_cache, linear, logits, norm, pdl, rotary, sampling
+from baton.kernels.attention import ref_paged_attention, ref_paged_decode_attention
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
 from baton.kernels.attention_prefill import PrefillConfig, default_config, launch_paged_attention
 
@@ -120,17 +124,18 @@ def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: Decode
 
 def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str, batch: int = 1, prefix: int = 0) -> str:
     """``batch`` sequences of ``seq`` new tokens, each after ``prefix`` cached ones (a multiple
-    of the block size); TFLOP/s of the causal work, 4 * dim * heads * seq * (prefix + seq / 2)."""
-    per_seq = (prefix + seq) // BLOCK
+    of the block size), in the pool's shape; TFLOP/s of the causal work,
+    4 * dim * heads * seq * (prefix + seq / 2)."""
+    shape, per_seq = pool.shape, (prefix + seq) // BLOCK
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seq
     seq_lens = torch.full((batch,), prefix + seq, dtype=torch.int32, device="cuda")
     fns = []
-    for ids in pool.block_sets(batch * per_seq, batch * (prefix + seq) * KV_TOKEN_BYTES)[:2]:
-        q = torch.randn(batch * seq, HEADS, DIM, dtype=DTYPE, device="cuda")
-        fns.append(lambda q=q, t=ids.view(batch, per_seq): launch_paged_attention(q, pool.cache, cu, seq_lens, t, DIM**-0.5, config or default_config(q)))
+    for ids in pool.block_sets(batch * per_seq, batch * (prefix + seq) * shape.kv_token_bytes)[:2]:
+        q = torch.randn(batch * seq, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
+        fns.append(lambda q=q, t=ids.view(batch, per_seq): launch_paged_attention(q, pool.cache, cu, seq_lens, t, shape.dim**-0.5, config or default_config(q)))
     ms = median_ms(fns)
-    tflops = 4 * batch * seq * (prefix + seq / 2) * HEADS * DIM / ms / 1e9
-    case = f"{batch} x {seq} tokens" + (f" after {prefix} cached" if prefix else "")
+    tflops = 4 * batch * seq * (prefix + seq / 2) * shape.heads * shape.dim / ms / 1e9
+    case = (f"{shape.name} " if shape != LLAMA_8B else "") + f"{batch} x {seq} tokens" + (f" after {prefix} cached" if prefix else "")
     return f"| prefill {label} | {case} | {ms * 1e3:.1f} us | {tflops:.0f} TFLOP/s | |"
 
 
@@ -148,6 +153,20 @@ def prefill_error(pool: Pool, config: PrefillConfig) -> float:
     q = torch.randn(int(cu[-1]), HEADS, DIM, dtype=DTYPE, device="cuda")
     got = launch_paged_attention(q, pool.cache, cu, seq_lens, tables, DIM**-0.5, config).double()
     want = ref_paged_attention(q, pool.cache, cu, seq_lens, tables, DIM**-0.5).double()
+    return float((got - want).norm() / want.norm())
+
+
+def decode_error(pool: Pool, config: DecodeConfig) -> float:
+    """Relative error against ``ref_paged_decode_attention`` for ragged lengths (one split, many,
+    none a multiple of the tiles) over shuffled blocks of the pool."""
+    lens = [1, 77, 2100, 16000]
+    width = math.ceil(max(lens) / BLOCK)
+    tables = pool.perm[: len(lens) * width].view(len(lens), width).contiguous()
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lens), pool.shape.heads, pool.shape.dim, dtype=DTYPE, device="cuda")
+    scale = pool.shape.dim**-0.5
+    got = launch_paged_decode_attention(q, pool.cache, seq_lens, tables, scale, config).double()
+    want = ref_paged_decode_attention(q, pool.cache, seq_lens, tables, scale).double()
     return float((got - want).norm() / want.norm())
 
 
@@ -181,9 +200,11 @@ def transfer_rows(pool: Pool, copy_gbs: float) -> list[str]:
 def sampling_rows(copy_gbs: float) -> list[str]:
     """The exponential-race sampling kernel against its torch reference over Llama-3's
     vocab, on dense rows and on rows cut to their top 50 (tiles of zeros skip the
-    noise), then the whole ``Sampler.__call__`` for 64 sequences (temperature 0.8,
-    top-p 0.9, top-k 50). The kernel replays from a CUDA graph, with its eager time
-    beside; the reference (it syncs) and the sampler run eagerly, as in the engine."""
+    noise), the logits' row maximum and log-sum-exp against torch's two calls (both
+    replayed from a CUDA graph), then the whole ``Sampler.__call__`` for 64 sequences
+    (temperature 0.8, top-p 0.9, top-k 50). The race kernel replays from a CUDA graph,
+    with its eager time beside; its reference (it syncs) and the sampler run eagerly,
+    as in the engine."""
     vocab, rows = 128256, []
     for batch, top in itertools.product((1, 64), (None, 50)):
         cases = []
@@ -199,6 +220,13 @@ def sampling_rows(copy_gbs: float) -> list[str]:
         gbs = batch * vocab * 4 / ms / 1e6
         rows.append(f"| exponential_race | batch {batch}, vocab {vocab}, {'top-50' if top else 'dense'} rows | {ms * 1e3:.1f} us "
                     f"(eager {eager_ms * 1e3:.1f}, torch ref {ref_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+    for batch in (1, 64, 128):
+        xs = [8 * torch.randn(batch, vocab, device="cuda") for _ in range(8)]
+        ms = median_ms([lambda x=x: logits.max_logsumexp(x) for x in xs], graph=True)
+        ref_ms = median_ms([lambda x=x: logits.ref_max_logsumexp(x) for x in xs], graph=True)
+        gbs = batch * vocab * 4 / ms / 1e6
+        rows.append(f"| max_logsumexp | batch {batch}, vocab {vocab} | {ms * 1e3:.1f} us (torch max + logsumexp {ref_ms * 1e3:.1f}) "
+                    f"| {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
     seqs = [Sequence(seq_id=f"s{i}", prompt_token_ids=[1, 2, 3], params=params, seed=i) for i in range(64)]
     sampler = Sampler()
@@ -287,8 +315,7 @@ def linear_rows(copy_gbs: float) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few cases only")
-    parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
-    parser.add_argument("--sweep-only", action="store_true", help="only sweep launch parameters")
+    parser.add_argument("--decode-sweep", action="store_true", help="only the decode attention candidates")
     parser.add_argument("--linear-only", action="store_true", help="only the linear (GEMV) rows")
     parser.add_argument("--prefill-sweep", action="store_true", help="only the prefill attention candidates")
     parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
@@ -320,10 +347,10 @@ def main() -> None:
     else:
         pool = Pool(2 * 128 * 16384 // BLOCK // (4 if args.quick else 1) + 4096)
         pool_1b = Pool(8192, LLAMA_1B)
-        if not args.sweep_only:
+        if args.decode_sweep:
+            decode_sweep(pool, pool_1b, copy_gbs, emit)
+        else:
             default_rows(pool, pool_1b, copy_gbs, emit, args.quick)
-        if args.sweep or args.sweep_only:
-            sweep(pool, pool_1b, copy_gbs, emit)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "kernels_bench.md"), "w") as f:
@@ -351,18 +378,30 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
         emit(row)
 
 
-def sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
-    """Launch-parameter candidates, to choose the defaults."""
-    # More programs per SM split the 1B batch-64 step's sequences too, whose tables the runner pads to 1,024 tokens.
-    decode_candidates = (DecodeConfig(), DecodeConfig(programs_per_sm=8), DecodeConfig(programs_per_sm=16),
-                         DecodeConfig(programs_per_sm=16, min_split_tokens=128))
-    for cfg in decode_candidates:
+# What the H200 round of 2026-11-30 tried against the default (kernels_h200.md): smaller tiles with deeper
+# pipelines, one tile in flight with twice the splits, one program per SM for a single long sequence.
+DECODE_CANDIDATES = (
+    DecodeConfig(),
+    DecodeConfig(tile_n=32, num_stages=3),
+    DecodeConfig(tile_n=32, num_stages=4),     # 64 KB of K/V buffers: three programs fit an SM
+    DecodeConfig(max_splits=64, num_stages=2),  # four programs per SM, one tile in flight each
+    DecodeConfig(max_splits=16),               # one program per SM for a single 8B sequence
+    DecodeConfig(programs_per_sm=8),
+)
+
+
+def decode_sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
+    """Decode launch-parameter candidates, each checked once against the reference, to choose the
+    defaults: the 1B batch-64 step (tables padded to 1,024 tokens, as the runner pads them),
+    single long 8B sequences and batches."""
+    for cfg in DECODE_CANDIDATES:
         label = f"| decode {cfg} |"
+        err = decode_error(pool, cfg)
+        emit(f"{label} relative error vs ref_paged_decode_attention | | {err:.1e} | {'ok' if err < 1e-2 else 'MISMATCH'} |")
         for batch, ctx in ((1, 512), (64, 512), (64, 640)):
             emit(decode_row(pool_1b, batch, ctx, copy_gbs, cfg, RUNNER_CONTEXT).replace("| decode |", label))
-        for batch, ctx in ((1, 4096), (1, 16384), (1, 32768), (16, 512), (16, 2048), (64, 2048)):
+        for batch, ctx in ((1, 4096), (1, 16384), (1, 32768), (16, 2048), (64, 2048)):
             emit(decode_row(pool, batch, ctx, copy_gbs, cfg).replace("| decode |", label))
-    prefill_sweep(pool, emit)
 
 
 PREFILL_CANDIDATES = (  # shared memory from sm_90 compiles
@@ -372,8 +411,9 @@ PREFILL_CANDIDATES = (  # shared memory from sm_90 compiles
     PrefillConfig(128, 64, 8, 4),   # 160 KB, three
     PrefillConfig(64, 64, 4, 3),    # 112 KB: two programs per SM, one's softmax beside the other's MMA
     PrefillConfig(64, 128, 4, 3),   # two programs per SM with 128-key tiles
+    PrefillConfig(128, 64, 4, 3),   # four warps over 128 rows: more programs resident for short prompts
 )
-PREFILL_CASES = ((1, 4096, 0), (1, 8192, 0), (1, 16384, 0), (4, 1024, 3072))  # (sequences, new tokens, cached tokens each)
+PREFILL_CASES = ((1, 4096, 0), (1, 8192, 0), (1, 16384, 0), (4, 1024, 3072))  # (sequences, new tokens, cached tokens each), 8B shape
 
 
 def prefill_label(config: PrefillConfig) -> str:
@@ -402,6 +442,10 @@ def prefill_sweep(pool: Pool, emit: Callable[[str], None]) -> None:
             emit(prefill_row(pool, seq, cfg, label, batch, prefix))
         if batch == 1:
             emit(sdpa_row(seq))
+    # The 1B model's offline-benchmark prefill step: 16 prompts of 512 tokens, head dim 64.
+    pool_1b = Pool(16 * 512 // BLOCK * 2, LLAMA_1B)
+    for cfg, label in working:
+        emit(prefill_row(pool_1b, 512, cfg, label, 16))
 
 
 if __name__ == "__main__":
