@@ -28,8 +28,8 @@ def shuffled(items: list[str]) -> list[str]:
 def test_longest_cached_prefix_wins_when_loads_are_similar() -> None:
     for _ in range(50):
         workers = [f"10.0.0.{i}:50051" for i in range(random.randint(2, 6))]
-        blocks = random.randint(4, 200)
-        hits = random.sample(range(blocks + 1), len(workers))       # distinct hit lengths
+        blocks = random.randint(max(4, len(workers)), 200)       # room for a distinct hit length per worker
+        hits = random.sample(range(blocks + 1), len(workers))
         cached = dict(zip(workers, hits))
         running = random.randint(0, 3)
         loads = {w: Load(running=running, free_blocks=random.randint(0, 100)) for w in workers}
