@@ -93,7 +93,8 @@ class _StaticInputs:
             block_tables=tables[:batch],
             max_query_len=1,
             max_seq_len=self.max_model_len,
-            is_decode_only=True,
+            num_decode_chunks=batch,
+            rest_cu_query_lens=None,
         )
 
     def load(self, chunks: Seq[ScheduledChunk], batch: int, fed: FedTokens | None = None) -> None:

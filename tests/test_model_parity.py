@@ -13,11 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from baton.engine.attention import build_attention_metadata
+from baton.engine.attention import build_attention_metadata, paged_attention_forward
 from baton.engine.config import EngineConfig
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
+from baton.kernels.attention import ref_paged_attention
 
 pytestmark = pytest.mark.model
 
@@ -64,18 +65,42 @@ def greedy(runner: ModelRunner, seqs: list[Sequence], max_new: int, chunk_size: 
                 chunk.seq.output_token_ids.append(next(rows))
 
 
+def random_chunks(kinds: str, rng: random.Random, pool: BlockPool, block_size: int) -> list[ScheduledChunk]:
+    """One chunk per letter of ``kinds``: ``d`` one new token (a decode), ``p`` 2 to 11 (a prompt
+    chunk), ``r`` 1 to 11; each after up to 29 computed tokens, with a spare block now and then."""
+    chunks = []
+    for i, kind in enumerate(kinds):
+        computed, new = rng.randrange(0, 30), {"d": 1, "p": rng.randrange(2, 12), "r": rng.randrange(1, 12)}[kind]
+        seq = Sequence(f"m{i}", [1] * (computed + new), SamplingParams())
+        seq.num_computed_tokens = computed
+        seq.block_table = pool.take(-(-(computed + new) // block_size) + rng.randrange(0, 2))
+        chunks.append(ScheduledChunk(seq, new))
+    return chunks
+
+
+@pytest.mark.unit
+def test_mixed_step_attention_splits_decodes_from_prompts():
+    """A step of leading decodes then prompt chunks and decodes (which, not leading, stay with
+    the prompts) takes the decode kernel for the decodes and the prefill kernel for the rest: the
+    same output as the reference over every chunk at once."""
+    rng = random.Random(7)
+    block_size, pool = 4, BlockPool(200, seed=7)
+    chunks = random_chunks("dddpdppd", rng, pool, block_size)
+    meta = build_attention_metadata(chunks, block_size)
+    assert meta.num_decode_chunks == 3 and not meta.is_decode_only
+    assert meta.rest_cu_query_lens.tolist() == [v - 3 for v in meta.cu_query_lens.tolist()[3:]]
+    kv_cache = torch.randn(200, 2, block_size, 2, 16)
+    q = torch.randn(meta.num_tokens, 4, 16)
+    want = ref_paged_attention(q, kv_cache, meta.cu_query_lens, meta.seq_lens, meta.block_tables, 0.25)
+    torch.testing.assert_close(paged_attention_forward(q, kv_cache, meta, 0.25), want)
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_attention_metadata_matches_per_token_walk(decode_only: bool):
     rng = random.Random(int(decode_only))
     block_size, pool = 4, BlockPool(200, seed=5)
-    chunks = []
-    for i in range(6):
-        computed, new = rng.randrange(0, 30), 1 if decode_only else rng.randrange(1, 12)
-        seq = Sequence(f"m{i}", [1] * (computed + new), SamplingParams())
-        seq.num_computed_tokens = computed
-        seq.block_table = pool.take(-(-(computed + new) // block_size) + rng.randrange(0, 2))
-        chunks.append(ScheduledChunk(seq, new))
+    chunks = random_chunks("d" * 6 if decode_only else "r" * 6, rng, pool, block_size)
     meta = build_attention_metadata(chunks, block_size)
     positions = [p for c in chunks for p in range(c.start, c.start + c.num_new_tokens)]
     tables = [c.seq.block_table for c in chunks for _ in range(c.num_new_tokens)]
@@ -87,6 +112,8 @@ def test_attention_metadata_matches_per_token_walk(decode_only: bool):
     for row, chunk in zip(meta.block_tables.tolist(), chunks):
         assert row[: len(chunk.seq.block_table)] == chunk.seq.block_table
     assert meta.is_decode_only == decode_only and meta.max_seq_len == max(meta.seq_lens.tolist())
+    leading = next((i for i, c in enumerate(chunks) if c.num_new_tokens != 1), len(chunks))
+    assert meta.num_decode_chunks == leading
     short = Sequence("short", [1] * 9, SamplingParams())
     short.block_table = [0, 1]
     with pytest.raises(ValueError, match="short: 2 blocks cannot hold 9 tokens"):
