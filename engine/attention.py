@@ -124,9 +124,9 @@ def paged_attention_forward(
 
     The leading one-token chunks (the decodes the scheduler puts first) take the decode
     kernel, the others the prefill kernel. In the prefill kernel a one-token chunk fills one
-    row of a 128-row query tile and each query head reloads its KV head's context: the 1B
-    model's prefill steps that carried 64-112 decodes took 27-34 ms on an H200, against
-    26-29.5 ms with the split (``bench/results/model_h200.md``)."""
+    row of a 128-row query tile and each query head reloads its KV head's context. The split
+    took the 1B model's batch-128 offline generate from 527 to 485 ms on an H200
+    (``bench/results/model_h200.md``)."""
     if meta.is_decode_only:
         return ops.paged_decode_attention(q, kv_cache, meta.seq_lens, meta.block_tables, scale)
     n = meta.num_decode_chunks
