@@ -54,7 +54,7 @@ def step_times(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> li
 
 def profile_host_and_device(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> None:
     """Where the host's time goes (cProfile, top functions by own time) and the GPU's
-    busy fraction (kernel time over wall time, torch.profiler) for one async batch."""
+    busy fraction (the kernels' spans over the wall time, torch.profiler) for one async batch."""
     llm.core.async_scheduling = True
     prof = cProfile.Profile()
     prof.enable()

@@ -70,7 +70,7 @@ def random_chunks(kinds: str, rng: random.Random, pool: BlockPool, block_size: i
     chunk), ``r`` 1 to 11; each after up to 29 computed tokens, with a spare block now and then."""
     chunks = []
     for i, kind in enumerate(kinds):
-        computed, new = rng.randrange(0, 30), {"d": 1, "p": rng.randrange(2, 12), "r": rng.randrange(1, 12)}[kind]
+        computed, new = rng.randrange(0, 30), 1 if kind == "d" else rng.randrange(2 if kind == "p" else 1, 12)
         seq = Sequence(f"m{i}", [1] * (computed + new), SamplingParams())
         seq.num_computed_tokens = computed
         seq.block_table = pool.take(-(-(computed + new) // block_size) + rng.randrange(0, 2))
