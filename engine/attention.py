@@ -84,16 +84,21 @@ def build_attention_metadata(
         slot_mapping = torch.tensor(slots, dtype=torch.int64)
     else:
         cu_query_lens, positions, slot_mapping = _packed_positions_and_slots(starts, q_lens, block_tables, block_size)
+    cu_on_device = to_device(cu_query_lens, device)
+    if num_decode == len(q_lens):
+        rest_cu_query_lens = None
+    else:
+        rest_cu_query_lens = cu_on_device if num_decode == 0 else to_device(cu_query_lens[num_decode:] - num_decode, device)
     return AttentionMetadata(
         positions=to_device(positions, device),
         slot_mapping=to_device(slot_mapping, device),
-        cu_query_lens=to_device(cu_query_lens, device),
+        cu_query_lens=cu_on_device,
         seq_lens=to_device(torch.tensor(seq_lens_list, dtype=torch.int32), device),
         block_tables=to_device(block_tables, device),
         max_query_len=max(q_lens),
         max_seq_len=max(seq_lens_list),
         num_decode_chunks=num_decode,
-        rest_cu_query_lens=None if num_decode == len(q_lens) else to_device(cu_query_lens[num_decode:] - num_decode, device),
+        rest_cu_query_lens=rest_cu_query_lens,
     )
 
 

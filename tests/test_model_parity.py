@@ -114,6 +114,8 @@ def test_attention_metadata_matches_per_token_walk(decode_only: bool):
     assert meta.is_decode_only == decode_only and meta.max_seq_len == max(meta.seq_lens.tolist())
     leading = next((i for i, c in enumerate(chunks) if c.num_new_tokens != 1), len(chunks))
     assert meta.num_decode_chunks == leading
+    if not decode_only:
+        assert meta.rest_cu_query_lens.tolist() == [v - leading for v in meta.cu_query_lens.tolist()[leading:]]
     short = Sequence("short", [1] * 9, SamplingParams())
     short.block_table = [0, 1]
     with pytest.raises(ValueError, match="short: 2 blocks cannot hold 9 tokens"):
