@@ -7,7 +7,8 @@ prefill attention TFLOP/s (causal FLOPs = 4 * seq^2 / 2 * heads * dim), block
 gather/scatter for one layer of a 2,048-token prompt, and the element-wise
 kernels. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128,
 bf16, block 16), plus batch-1 decode in Llama-3.2-1B's shape (head dim 64) with
-block tables padded to 1,024 tokens as the decode runner pads them, and fused
+block tables padded to 1,024 tokens as the decode runner pads them, prefill at
+that shape (a 4k prompt, 16 prompts of 512), and fused
 rotary + KV write against the two separate launches at 1B decode shapes, and the
 small-batch linear (GEMV) kernel against ``F.linear`` on the 1B and 8B projections
 (``--linear-only`` runs just that block). ``--decode-sweep`` runs just the decode
@@ -16,8 +17,9 @@ the 1B model's decode shapes and on long single 8B sequences and batches.
 ``--prefill-sweep`` runs just the prefill
 candidates of ``PREFILL_CANDIDATES``: each is checked once against
 ``ref_paged_attention``, then timed on 4k, 8k and 16k single prompts and on four
-1k chunks after 3k cached tokens each, with torch's SDPA beside, and on the 1B
-model's offline prefill step (16 prompts of 512 tokens, head dim 64). Times are
+1k chunks after 3k cached tokens each, with torch's SDPA beside, and at the 1B
+model's head dim 64 on ``PREFILL_CASES_1B`` (among them the offline benchmark's
+prefill step, 16 prompts of 512 tokens). Times are
 medians of ``triton.testing.do_bench`` (prefill, eager decode) or
 ``do_bench_cudagraph`` (the short kernels, replayed from a CUDA graph as the
 decode runner does); inputs rotate over several sets so that the L2 cache does
@@ -368,6 +370,8 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
     for seq in (1024, 4096, 8192):
         emit(prefill_row(pool, seq, None, "paged (default tiles)"))
         emit(sdpa_row(seq))
+    for batch, seq in ((1, 4096), (16, 512)):
+        emit(prefill_row(pool_1b, seq, None, "paged (default tiles)", batch))
     for row in sampling_rows(copy_gbs):
         emit(row)
     for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
@@ -414,6 +418,7 @@ PREFILL_CANDIDATES = (  # shared memory from sm_90 compiles
     PrefillConfig(128, 64, 4, 3),   # four warps over 128 rows: more programs resident for short prompts
 )
 PREFILL_CASES = ((1, 4096, 0), (1, 8192, 0), (1, 16384, 0), (4, 1024, 3072))  # (sequences, new tokens, cached tokens each), 8B shape
+PREFILL_CASES_1B = ((1, 1024, 0), (1, 4096, 0), (16, 512, 0), (4, 1024, 3072), (2, 64, 448))
 
 
 def prefill_label(config: PrefillConfig) -> str:
@@ -442,10 +447,12 @@ def prefill_sweep(pool: Pool, emit: Callable[[str], None]) -> None:
             emit(prefill_row(pool, seq, cfg, label, batch, prefix))
         if batch == 1:
             emit(sdpa_row(seq))
-    # The 1B model's offline-benchmark prefill step: 16 prompts of 512 tokens, head dim 64.
-    pool_1b = Pool(16 * 512 // BLOCK * 2, LLAMA_1B)
-    for cfg, label in working:
-        emit(prefill_row(pool_1b, 512, cfg, label, 16))
+    # Head dim 64 (Llama-3.2-1B), which has its own default: a 1k and a 4k prompt, the offline
+    # benchmark's prefill step (16 prompts of 512 tokens), chunks after a cached prefix.
+    pool_1b = Pool(16 * 4096 // BLOCK + 64, LLAMA_1B)
+    for batch, seq, prefix in PREFILL_CASES_1B:
+        for cfg, label in working:
+            emit(prefill_row(pool_1b, seq, cfg, label, batch, prefix))
 
 
 if __name__ == "__main__":

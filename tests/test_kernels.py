@@ -267,6 +267,16 @@ def test_attention_on_gpu_llama_shapes(dtype: torch.dtype, heads: int, kv_heads:
     check_paged_decode_attention("cuda", dtype, heads, kv_heads, 16, 128, lens)
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_attention_on_gpu_head_dim_64(dtype: torch.dtype) -> None:
+    """Llama-3.2-1B's heads, which take their own default prefill tiles."""
+    pairs = [(1, 1), (512, 512), (77, 1500), (1, 2049), (64, 512), (500, 517)]
+    check_paged_attention("cuda", dtype, 32, 8, 16, 64, pairs)
+    check_paged_decode_attention("cuda", dtype, 32, 8, 16, 64, [1, 4000, 17, 250])
+
+
 # Tiles the GPU sweep times (bench_kernels.py --prefill-sweep) besides the default, 16-bit only:
 # 128 x 128 fp32 tiles do not fit in shared memory.
 GPU_PREFILL_VARIANTS = (PrefillConfig(128, 64, 8, 4), PrefillConfig(64, 64, 4, 3), PrefillConfig(64, 128, 4, 3))
