@@ -20,9 +20,10 @@ candidates of ``PREFILL_CANDIDATES``: each is checked once against
 1k chunks after 3k cached tokens each, with torch's SDPA beside, and at the 1B
 model's head dim 64 on ``PREFILL_CASES_1B`` (among them the offline benchmark's
 prefill step, 16 prompts of 512 tokens). Times are
-medians of ``triton.testing.do_bench`` (prefill, eager decode) or
-``do_bench_cudagraph`` (the short kernels, replayed from a CUDA graph as the
-decode runner does); inputs rotate over several sets so that the L2 cache does
+medians of ``do_bench_cudagraph`` (the kernels replayed from a CUDA graph, as the
+decode runner replays them; a prefill of a few dozen tokens would otherwise time
+the host's launch) or ``triton.testing.do_bench`` (eager decode beside it, SDPA,
+the copy); inputs rotate over several sets so that the L2 cache does
 not flatter small cases.
 
     python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --prefill-sweep]
@@ -135,7 +136,7 @@ def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str, 
     for ids in pool.block_sets(batch * per_seq, batch * (prefix + seq) * shape.kv_token_bytes)[:2]:
         q = torch.randn(batch * seq, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
         fns.append(lambda q=q, t=ids.view(batch, per_seq): launch_paged_attention(q, pool.cache, cu, seq_lens, t, shape.dim**-0.5, config or default_config(q)))
-    ms = median_ms(fns)
+    ms = median_ms(fns, graph=True)
     tflops = 4 * batch * seq * (prefix + seq / 2) * shape.heads * shape.dim / ms / 1e9
     case = (f"{shape.name} " if shape != LLAMA_8B else "") + f"{batch} x {seq} tokens" + (f" after {prefix} cached" if prefix else "")
     return f"| prefill {label} | {case} | {ms * 1e3:.1f} us | {tflops:.0f} TFLOP/s | |"
