@@ -147,9 +147,9 @@ class PrefillConfig:
 
 def default_config(q: torch.Tensor) -> PrefillConfig:
     """Tiles from the H200 sweeps (bench/results/kernels_h200.md): 128 x 128 with 8 warps at head
-    dim 128 (399-457 TFLOP/s at 4k-16k tokens); 64 x 64 with 4 warps at head dims up to 64, where
-    the larger tile was 1.3-2.3x slower on four of five Llama-3.2-1B cases (16 prompts of 512
-    tokens: 87 against 135 us) and 1.3x faster only on a single 1k prompt."""
+    dim 128 (399-461 TFLOP/s at 4k-16k tokens); 64 x 64 with 4 warps at head dims up to 64, where
+    the larger tile was 1.13-1.57x slower on every Llama-3.2-1B case of the sweep (16 prompts of
+    512 tokens: 131 against 84 us)."""
     if q.device.type != "cuda":
         return PrefillConfig(32, 32, 4, 1)
     if q.dtype == torch.float32 or q.shape[-1] > 128:
