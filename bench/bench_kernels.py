@@ -331,7 +331,7 @@ def main() -> None:
     lines = [f"# Kernel benchmarks: {props.name}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"torch {torch.__version__}, triton {triton.__version__}, {props.multi_processor_count} SMs; "
              f"Llama-3-8B shapes ({HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}, bf16, block {BLOCK}); medians, "
-             "CUDA-graph replay for decode, transfers and element-wise kernels (eager times beside decode); "
+             "CUDA-graph replay for decode, prefill, transfers and element-wise kernels (eager times beside decode; SDPA eager); "
              f"programmatic dependent launch {'on' if pdl.enabled else 'off'}",
              "", "| kernel | case | time | rate | vs copy |", "| --- | --- | --- | --- | --- |"]
 
