@@ -11,10 +11,11 @@ block tables padded to 1,024 tokens as the decode runner pads them, prefill at
 that shape (a 4k prompt, 16 prompts of 512), and fused
 rotary + KV write against the two separate launches at 1B decode shapes, and the
 small-batch linear (GEMV) kernel against ``F.linear`` on the 1B and 8B projections
-(``--linear-only`` runs just that block). ``--decode-sweep`` runs just the decode
-candidates of ``DECODE_CANDIDATES``, each checked once against its reference, at
-the 1B model's decode shapes and on long single 8B sequences and batches.
-``--prefill-sweep`` runs just the prefill
+(``--linear-only`` runs just that block). A plain streaming read of one long
+sequence's bytes stands beside decode attention's single-sequence rows.
+``--decode-sweep`` runs just the decode candidates of ``DECODE_CANDIDATES``, each
+checked once against its reference, at the 1B model's decode shapes and on long
+single 8B sequences and batches. ``--prefill-sweep`` runs just the prefill
 candidates of ``PREFILL_CANDIDATES``: each is checked once against
 ``ref_paged_attention``, then timed on 4k, 8k and 16k single prompts and on four
 1k chunks after 3k cached tokens each, with torch's SDPA beside, and at the 1B
@@ -23,7 +24,7 @@ prefill step, 16 prompts of 512 tokens). Times are
 medians of ``do_bench_cudagraph`` (the kernels replayed from a CUDA graph, as the
 decode runner replays them; a prefill of a few dozen tokens would otherwise time
 the host's launch) or ``triton.testing.do_bench`` (eager decode beside it, SDPA,
-the copy); inputs rotate over several sets so that the L2 cache does
+the whole sampler, the copy); inputs rotate over several sets so that the L2 cache does
 not flatter small cases.
 
     python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --prefill-sweep]
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from triton.testing import do_bench, do_bench_cudagraph
 
 from baton.engine.sampler import Sampler
@@ -123,6 +125,34 @@ def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: Decode
     gbs = (nbytes + 2 * q.numel() * 2) / ms / 1e6
     case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > per_seq else "")
     return f"| decode | {case} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, per_program, TILE: tl.constexpr):
+    """Sum ``per_program`` contiguous elements per program: a plain streaming read."""
+    start = tl.program_id(0).to(tl.int64) * per_program
+    acc = tl.zeros([TILE], tl.float32)
+    for offset in range(0, per_program, TILE):
+        acc += tl.load(x_ptr + start + offset + tl.arange(0, TILE)).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc))
+
+
+def plain_read_rows(copy_gbs: float) -> list[str]:
+    """A plain read of as many bytes as one 8B sequence's K and V at 16k and 32k tokens, over
+    256-1,024 programs: what a kernel that does nothing but stream those bytes reaches at this
+    size, beside decode attention's single-sequence rows."""
+    rows = []
+    for ctx in (16384, 32768):
+        nbytes = ctx * KV_TOKEN_BYTES
+        bufs = [torch.randn(nbytes // 2, dtype=DTYPE, device="cuda") for _ in range(max(1, ROTATE_BYTES // nbytes))]
+        for programs in (256, 512, 1024):
+            out = torch.empty(programs, device="cuda")
+            ms = median_ms([lambda b=b: _read_kernel[(programs,)](b, out, nbytes // 2 // programs, TILE=4096) for b in bufs], graph=True)
+            gbs = nbytes / ms / 1e6
+            rows.append(f"| plain read | {nbytes / 1e6:.0f} MB (8B batch 1, ctx {ctx}), {programs} programs "
+                        f"| {ms * 1e3:.1f} us | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+        del bufs
+    return rows
 
 
 def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str, batch: int = 1, prefix: int = 0) -> str:
@@ -366,6 +396,8 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
     for batch, ctx in itertools.product(batches, ctxs):
         emit(decode_row(pool, batch, ctx, copy_gbs, DecodeConfig()))
     emit(decode_row(pool, 1, 32768, copy_gbs, DecodeConfig()))
+    for row in plain_read_rows(copy_gbs):
+        emit(row)
     for ctx in (512, 1024):
         emit(decode_row(pool_1b, 1, ctx, copy_gbs, DecodeConfig(), RUNNER_CONTEXT))
     for seq in (1024, 4096, 8192):
@@ -398,7 +430,9 @@ DECODE_CANDIDATES = (
 def decode_sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
     """Decode launch-parameter candidates, each checked once against the reference, to choose the
     defaults: the 1B batch-64 step (tables padded to 1,024 tokens, as the runner pads them),
-    single long 8B sequences and batches."""
+    single long 8B sequences and batches, after the plain reads of a long sequence's bytes."""
+    for row in plain_read_rows(copy_gbs):
+        emit(row)
     for cfg in DECODE_CANDIDATES:
         label = f"| decode {cfg} |"
         err = decode_error(pool, cfg)
