@@ -8,11 +8,11 @@ gather/scatter for one layer of a 2,048-token prompt, and the element-wise
 kernels. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128,
 bf16, block 16), plus batch-1 decode in Llama-3.2-1B's shape (head dim 64) with
 block tables padded to 1,024 tokens as the decode runner pads them, prefill at
-that shape (a 4k prompt, 16 prompts of 512), and fused
-rotary + KV write against the two separate launches at 1B decode shapes, and the
-small-batch linear (GEMV) kernel against ``F.linear`` on the 1B and 8B projections
-(``--linear-only`` runs just that block). A plain streaming read of one long
-sequence's bytes stands beside decode attention's single-sequence rows.
+that shape (a 4k prompt, 16 prompts of 512), fused rotary + KV write against the
+two separate launches at 1B decode shapes, and the small-batch linear (GEMV)
+kernel against ``F.linear`` on the 1B and 8B projections (``--linear-only`` runs
+just that block). A plain streaming read of one long sequence's bytes stands
+beside decode attention's single-sequence rows.
 ``--decode-sweep`` runs just the decode candidates of ``DECODE_CANDIDATES``, each
 checked once against its reference, at the 1B model's decode shapes and on long
 single 8B sequences and batches. ``--prefill-sweep`` runs just the prefill
@@ -20,12 +20,12 @@ candidates of ``PREFILL_CANDIDATES``: each is checked once against
 ``ref_paged_attention``, then timed on 4k, 8k and 16k single prompts and on four
 1k chunks after 3k cached tokens each, with torch's SDPA beside, and at the 1B
 model's head dim 64 on ``PREFILL_CASES_1B`` (among them the offline benchmark's
-prefill step, 16 prompts of 512 tokens). Times are
-medians of ``do_bench_cudagraph`` (the kernels replayed from a CUDA graph, as the
-decode runner replays them; a prefill of a few dozen tokens would otherwise time
-the host's launch) or ``triton.testing.do_bench`` (eager decode beside it, SDPA,
-the whole sampler, the copy); inputs rotate over several sets so that the L2 cache does
-not flatter small cases.
+prefill step, 16 prompts of 512 tokens). Times are medians of
+``do_bench_cudagraph`` (the kernels replayed from a CUDA graph, as the decode
+runner replays them; a prefill of a few dozen tokens would otherwise time the
+host's launch) or ``triton.testing.do_bench`` (eager decode beside it, SDPA, the
+whole sampler, the copy); inputs rotate over several sets so that the L2 cache
+does not flatter small cases.
 
     python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --prefill-sweep]
 """
