@@ -1,7 +1,5 @@
 """Small-batch linear layer (GEMV) for decode: ``x @ weight.T + bias`` for a few rows of ``x``,
-optionally of ``silu_and_mul(x)`` (``gated_linear``: the MLP's activation fused into ``down_proj``)
-or of ``rms_norm(x + residual)`` (``rms_norm_linear``: a decoder layer's norms fused into the
-qkv and gate/up projections that follow them).
+optionally of ``silu_and_mul(x)`` (``gated_linear``: the MLP's activation fused into ``down_proj``).
 
 One program owns ``block_n`` output columns for every row of ``x``, so each weight
 element is read from memory once, and walks K in ``block_k`` chunks, accumulating
@@ -22,7 +20,6 @@ import triton.language as tl
 from baton.kernels import pdl
 from baton.kernels.activation import ref_silu_and_mul, silu_mul
 from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
-from baton.kernels.norm import ref_rms_norm
 
 MAX_GEMV_ROWS = 4  # the most rows of x the kernel takes: it keeps an fp32 accumulator per row
 
@@ -67,49 +64,10 @@ def _load_x(x_ptrs, k0, K, ks, row_ok, GATED: tl.constexpr, EVEN_K: tl.constexpr
 
 
 @triton.jit
-def _load_sum(x_ptrs, r_ptrs, k0, K, ks, row_ok, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr):
-    """Rows of ``x + residual`` from ``k0`` (just x without one), rounded to x's dtype as
-    ``rms_norm`` rounds the sum it passes on as the next residual."""
-    mask = row_ok if EVEN_K else row_ok & (k0 + ks < K)[None, None, :]
-    h = tl.load(x_ptrs + k0, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        h = (h.to(tl.float32) + tl.load(r_ptrs + k0, mask=mask, other=0.0).to(tl.float32)).to(x_ptrs.dtype.element_ty)
-    return h
-
-
-@triton.jit
-def _rstd(x_ptrs, r_ptrs, K, ks, row_ok, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """``1 / sqrt(mean((x + residual)^2) + eps)`` of each row, ``[M_PAD, 1, 1]``."""
-    h = _load_sum(x_ptrs, r_ptrs, 0, K, ks, row_ok, HAS_RESIDUAL, EVEN_K).to(tl.float32)
-    sum_sq = tl.sum(h * h, 2)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        h = _load_sum(x_ptrs, r_ptrs, k0, K, ks, row_ok, HAS_RESIDUAL, EVEN_K).to(tl.float32)
-        sum_sq += tl.sum(h * h, 2)
-    return tl.math.rsqrt(sum_sq / K + eps)[:, :, None]
-
-
-@triton.jit
-def _load_normed(x_ptrs, r_ptrs, nw_ptr, new_r_ptrs, k0, K, ks, row_ok, rstd, store_residual,
-                 HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr):
-    """Rows of ``rms_norm(x + residual) * norm_weight`` from ``k0``, rounded as ``rms_norm`` rounds
-    them; the program that ``store_residual`` also writes the sum out as the next residual."""
-    h = _load_sum(x_ptrs, r_ptrs, k0, K, ks, row_ok, HAS_RESIDUAL, EVEN_K)
-    mask = row_ok if EVEN_K else row_ok & (k0 + ks < K)[None, None, :]
-    if HAS_RESIDUAL:
-        if store_residual:
-            tl.store(new_r_ptrs + k0, h, mask=mask)
-    dtype = x_ptrs.dtype.element_ty
-    nw = tl.load(nw_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)[None, None, :]
-    normed = (h.to(tl.float32) * rstd).to(dtype).to(tl.float32)
-    return (normed * nw).to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, nw_ptr, new_r_ptr,
-    N, K, stride_xm, stride_wn, stride_om, stride_rm, stride_nrm, eps,
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    N, K, stride_xm, stride_wn, stride_om,
     M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -128,22 +86,10 @@ def _linear_kernel(
     w = _load_w(w_ptrs, 0, K, ks, EVEN_K).to(tl.float32)
     pdl.wait(PDL)
     pdl.launch_dependents(PDL)
-    if NORM:
-        # Every program normalizes the rows itself (they are a few KB, read from L2): a pass
-        # for the norms, then the normalized rows as the GEMV's x. Program 0 writes the sum.
-        r_ptrs = r_ptr + rows[:, None, None] * stride_rm + ks[None, None, :]
-        new_r_ptrs = new_r_ptr + rows[:, None, None] * stride_nrm + ks[None, None, :]
-        rstd = _rstd(x_ptrs, r_ptrs, K, ks, row_ok, eps, HAS_RESIDUAL, BLOCK_K, EVEN_K)
-        first = tl.program_id(0) == 0
-        acc = tl.sum(_load_normed(x_ptrs, r_ptrs, nw_ptr, new_r_ptrs, 0, K, ks, row_ok, rstd, first, HAS_RESIDUAL, EVEN_K) * w, 2)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
-            acc += tl.sum(_load_normed(x_ptrs, r_ptrs, nw_ptr, new_r_ptrs, k0, K, ks, row_ok, rstd, first, HAS_RESIDUAL, EVEN_K) * w, 2)
-    else:
-        acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
-            acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
+    acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
+        acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
@@ -185,58 +131,14 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   gated: bool = False) -> torch.Tensor:
     """``linear`` (or ``gated_linear``) with explicit launch parameters (tests and benchmarks pick them)."""
     _check_linear_args(x, weight, bias, gated)
-    return _launch(x, weight, bias, config, gated=gated)
-
-
-def rms_norm_linear(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor, bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``linear(rms_norm(x, norm_weight, eps, residual), weight, bias)`` in one launch, with the
-    next residual: ``(out, x + residual)``, or ``(out, x)`` without ``residual``. ``x`` and
-    ``residual`` ``[M, K]``, ``norm_weight`` ``[K]``, all of one dtype."""
-    return launch_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, DEFAULT_CONFIG)
-
-
-def launch_rms_norm_linear(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor, bias: torch.Tensor | None, config: LinearConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rms_norm_linear`` with explicit launch parameters."""
-    _check_linear_args(x, weight, bias, gated=False)
-    check_shape("norm_weight", norm_weight, (x.shape[1],))
-    check_device("norm_weight", norm_weight, x)
-    check_same_dtype("norm_weight", norm_weight, "x", x)
-    check_contiguous("norm_weight", norm_weight)
-    if residual is not None:
-        check_shape("residual", residual, tuple(x.shape))
-        check_device("residual", residual, x)
-        check_same_dtype("residual", residual, "x", x)
-        check_last_dim_contiguous("residual", residual)
-    if weight.shape[0] == 0:
-        return ref_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
-    new_residual = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out = _launch(x, weight, bias, config, residual=residual, norm_weight=norm_weight, eps=eps, new_residual=new_residual)
-    return out, new_residual
-
-
-def _launch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LinearConfig, gated: bool = False,
-    residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-    new_residual: torch.Tensor | None = None,
-) -> torch.Tensor:
     (m, _), (n, k) = x.shape, weight.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    r = x if residual is None else residual
-    new_r = out if new_residual is None else new_residual
     _linear_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, weight if bias is None else bias, out,
-        r, weight if norm_weight is None else norm_weight, new_r,
-        n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0), new_r.stride(0), eps,
+        n, k, x.stride(0), weight.stride(0), out.stride(0),
         M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, GATED=gated,
-        NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x),
     )
@@ -251,14 +153,3 @@ def ref_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def ref_gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[M, 2K]`` (gate then up), ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None -> ``[M, N]``."""
     return F.linear(ref_silu_and_mul(x), weight, bias)
-
-
-def ref_rms_norm_linear(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor, bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(F.linear(rms_norm(x + residual)), x + residual)``; without ``residual``, ``(..., x)``."""
-    if residual is None:
-        return F.linear(ref_rms_norm(x, norm_weight, eps), weight, bias), x
-    normed, new_residual = ref_rms_norm(x, norm_weight, eps, residual)
-    return F.linear(normed, weight, bias), new_residual

@@ -46,21 +46,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
 
 
-def rms_norm_linear(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor, bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(linear(rms_norm(x, norm_weight, eps, residual), weight, bias), next residual)``, the
-    next residual being ``x + residual`` (``x`` without one): one GEMV launch where ``linear``
-    takes the GEMV, else the two ops."""
-    if _gemv_rows(x):
-        return gemv.rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
-    if residual is None:
-        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
-    normed, new_residual = rms_norm(x, norm_weight, eps, residual)
-    return linear(normed, weight, bias), new_residual
-
-
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(silu_and_mul(x), weight, bias)``: one GEMV launch where ``linear`` takes the GEMV,
     else the two ops."""

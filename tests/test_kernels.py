@@ -189,22 +189,6 @@ def check_linear(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_b
     _assert_close(got, (linear.ref_gated_linear if gated else linear.ref_linear)(x, w, b), dtype)
 
 
-def check_rms_norm_linear(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_residual: bool, with_bias: bool,
-                          config: LinearConfig | None = None) -> None:
-    """The norm fused into the GEMV, on views with a row stride past their width; the next
-    residual (``x + residual``, or ``x`` itself without one) equals the reference's exactly."""
-    w = torch.randn(n, k, dtype=dtype, device=device)
-    b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
-    norm_weight = torch.rand(k, dtype=dtype, device=device) + 0.5
-    x = 4 * torch.randn(m, k + 3, dtype=dtype, device=device)[:, :k]
-    residual = torch.randn(m, k + 5, dtype=dtype, device=device)[:, :k] if with_residual else None
-    _poison_allocator(device, m * max(n, k) * x.element_size())
-    got, got_residual = linear.launch_rms_norm_linear(x, residual, norm_weight, 1e-5, w, b, config or linear.DEFAULT_CONFIG)
-    want, want_residual = linear.ref_rms_norm_linear(x, residual, norm_weight, 1e-5, w, b)
-    _assert_close(got, want, dtype)
-    assert torch.equal(got_residual, want_residual)
-
-
 # Tiles at interpreter sizes, each with a cache block size: keys per tile above it (several
 # block ids a tile), equal to it and below it (one id a tile); pipelined and not.
 PREFILL_VARIANTS = (
@@ -255,9 +239,6 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "linear even K", lambda: check_linear(device, dtype, 3, 45, 256, False, ragged)
     yield "gated linear", lambda: check_linear(device, dtype, 2, 37, 300, True, gated=True)
     yield "gated linear ragged tiles", lambda: check_linear(device, dtype, 3, 45, 300, False, ragged, gated=True)
-    yield "rms_norm_linear ragged tiles", lambda: check_rms_norm_linear(device, dtype, MAX_GEMV_ROWS, 45, 300, True, True, ragged)
-    yield "rms_norm_linear even K, no residual", lambda: check_rms_norm_linear(device, dtype, 1, 45, 256, False, False, ragged)
-    yield "rms_norm_linear", lambda: check_rms_norm_linear(device, dtype, 2, 37, 300, True, False)
 
 
 @pytest.mark.unit
@@ -329,19 +310,6 @@ def test_linear_rejects_bad_arguments_and_dispatches_to_torch_on_cpu() -> None:
         with pytest.raises(ValueError, match=message):
             linear.linear(*args)
     assert torch.equal(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b))
-    norm_weight, residual = torch.rand(16), torch.randn(2, 16)
-    bad_norm = {
-        "norm_weight must have shape": (residual, torch.rand(15)),
-        "norm_weight dtype": (residual, norm_weight.double()),
-        "residual must have shape": (torch.randn(3, 16), norm_weight),
-        "residual dtype": (residual.half(), norm_weight),
-    }
-    for message, (res, nw) in bad_norm.items():
-        with pytest.raises(ValueError, match=message):
-            linear.rms_norm_linear(x, res, nw, 1e-5, w, b)
-    for res in (None, residual):
-        got, want = ops.rms_norm_linear(x, res, norm_weight, 1e-5, w, b), linear.ref_rms_norm_linear(x, res, norm_weight, 1e-5, w, b)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.gpu
@@ -349,13 +317,10 @@ def test_linear_rejects_bad_arguments_and_dispatches_to_torch_on_cpu() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("n,k", [(3072, 2048), (2048, 2048), (2048, 8192), (1003, 1500)])
 def test_linear_on_gpu_llama_shapes(dtype: torch.dtype, n: int, k: int) -> None:
-    """Llama-3.2-1B's qkv, o and down projections and a shape that fills no tile, at every row count the
-    kernel takes: plain, gated, and with the norm before it fused in."""
+    """Llama-3.2-1B's qkv, o and down projections and a shape that fills no tile, at every row count the kernel takes."""
     for m in range(1, MAX_GEMV_ROWS + 1):
         for with_bias, gated in itertools.product((False, True), repeat=2):
             check_linear("cuda", dtype, m, n, k, with_bias, gated=gated)
-        for with_residual, with_bias in itertools.product((False, True), repeat=2):
-            check_rms_norm_linear("cuda", dtype, m, n, k, with_residual, with_bias)
 
 
 @pytest.mark.gpu
@@ -377,10 +342,6 @@ def test_linear_in_cuda_graph_and_dispatch() -> None:
     assert torch.equal(ops.linear(many, w, b), linear.ref_linear(many, w, b))
     gate_up = torch.randn(MAX_DISPATCH_ROWS + 1, 2 * 3072, dtype=torch.bfloat16, device="cuda")
     assert torch.equal(ops.gated_linear(gate_up, w.T.contiguous(), None), linear.ref_linear(ops.silu_and_mul(gate_up), w.T.contiguous()))
-    residual, norm_weight = torch.randn_like(many), torch.rand(2048, dtype=torch.bfloat16, device="cuda")
-    out, new_residual = ops.rms_norm_linear(many, residual, norm_weight, 1e-5, w, b)
-    normed, want_residual = ops.rms_norm(many, norm_weight, 1e-5, residual)
-    assert torch.equal(out, linear.ref_linear(normed, w, b)) and torch.equal(new_residual, want_residual)
 
 
 @pytest.mark.gpu

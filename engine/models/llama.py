@@ -33,13 +33,11 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for ``x`` ``[tokens, in]`` through ``ops.linear``: on CUDA, decode-sized
     inputs (at most ``MAX_DISPATCH_ROWS`` tokens) run the Triton GEMV, larger ones cuBLAS.
 
-    ``o_proj`` takes it; qkv and gate/up take the same GEMV with their norm fused in
-    (``RMSNorm.project``), ``down_proj`` with SiLU-and-mul fused in (``ops.gated_linear``).
-    At one token on an H100 (bf16, CUDA-graph replay, ``bench/bench_kernels.py --linear-only``)
-    the GEMV beat cuBLAS on each of Llama-3.2-1B's qkv (6.1 vs 7.2 us), o (4.8 vs 6.2),
-    gate_up (23.1 vs 25.3) and down (13.2 vs 16.4), and the 1B batch-1 decode step (graph
-    replay, ctx 512) went from 1.256 to 1.132 ms. ``lm_head`` (``compute_logits``) takes the
-    GEMV at one row only."""
+    All four projections of a layer take it: at one token on an H100 (bf16, CUDA-graph
+    replay, ``bench/bench_kernels.py --linear-only``) the GEMV beat cuBLAS on each of
+    Llama-3.2-1B's qkv (6.1 vs 7.2 us), o (4.8 vs 6.2), gate_up (23.1 vs 25.3) and down
+    (13.2 vs 16.4), and the 1B batch-1 decode step (graph replay, ctx 512) went from 1.256
+    to 1.132 ms. ``lm_head`` (``compute_logits``) takes the GEMV at one row only."""
     return ops.linear(x, layer.weight, layer.bias)
 
 
@@ -55,12 +53,6 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return ops.rms_norm(x, self.weight, self.eps, residual)
-
-    def project(self, x: torch.Tensor, residual: torch.Tensor | None, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(layer(self(x, residual)), next residual)``, the next residual being ``x + residual``
-        (``x`` itself for the first layer, which has none). Decode-sized inputs on CUDA take one
-        GEMV launch for both (``ops.rms_norm_linear``)."""
-        return ops.rms_norm_linear(x, residual, self.weight, self.eps, layer.weight, layer.bias)
 
 
 class Attention(nn.Module):
@@ -81,14 +73,13 @@ class Attention(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        qkv: torch.Tensor,
+        hidden: torch.Tensor,
         kv_cache: torch.Tensor,
         cos_sin_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Attention from the ``qkv_proj`` output (the layer computes it with its norm)."""
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        num_tokens = hidden.shape[0]
+        q, k, v = project(self.qkv_proj, hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -109,9 +100,8 @@ class MLP(nn.Module):
     def shard_sizes(self) -> dict[str, int]:
         return {"gate": self.intermediate_size, "up": self.intermediate_size}
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP from the ``gate_up_proj`` output (the layer computes it with its norm)."""
-        return ops.gated_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -131,12 +121,14 @@ class DecoderLayer(nn.Module):
         cos_sin_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(mlp_out, residual)``; the next norm adds them (fused). Each norm is fused
-        with the projection after it."""
-        qkv, residual = self.input_layernorm.project(hidden, residual, self.self_attn.qkv_proj)
-        hidden = self.self_attn(positions, qkv, kv_cache, cos_sin_cache, meta)
-        gate_up, residual = self.post_attention_layernorm.project(hidden, residual, self.mlp.gate_up_proj)
-        return self.mlp(gate_up), residual
+        """Returns ``(mlp_out, residual)``; the next norm adds them (fused)."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, cos_sin_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
