@@ -31,19 +31,36 @@ from baton.kernels.checks import check_attention_args, check_int_index
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters: keys per loop step, warps (None: 2 for head dims up to 64,
-    else 4), pipeline depth (3 keeps two KV tiles in flight), and how far to split
-    the context (programs per SM to aim for, shortest split, most splits)."""
+    """Launch parameters: keys per loop step, warps, pipeline depth (3 keeps two KV
+    tiles in flight, 2 one), how many programs fit an SM (the context is split until
+    one wave of them is full), the shortest split, the most splits, and how many
+    partial-result elements each thread of the merge loads at once (a power of two)."""
 
     tile_n: int = 64
-    num_warps: int | None = None
+    num_warps: int = 4
     num_stages: int = 3
-    programs_per_sm: int = 4
+    programs_per_sm: int = 3
     min_split_tokens: int = 64
     max_splits: int = 32
+    merge_per_thread: int = 128
 
 
-DEFAULT_CONFIG = DecodeConfig()
+# The defaults by the largest head dim they serve: (two K/V tiles in flight per program,
+# lighter programs). ``programs_per_sm`` is what fits an SM's 228 KB of shared memory in
+# the sm_90 compiles of bf16 K/V: 36 KB / 18.5 KB a program at head dim 64, 70 KB / 38 KB
+# at 128 (bench/results/kernels_h200.md has the sweep they were chosen from).
+DEFAULT_CONFIGS: dict[int, tuple[DecodeConfig, DecodeConfig]] = {
+    64: (DecodeConfig(64, 2, 3, programs_per_sm=6), DecodeConfig(32, 1, 3, programs_per_sm=12)),
+    128: (DecodeConfig(64, 4, 3, programs_per_sm=3), DecodeConfig(64, 4, 2, programs_per_sm=5)),
+}
+
+
+def default_config(batch: int, num_kv_heads: int, head_dim: int, device: torch.device) -> DecodeConfig:
+    """Two K/V tiles in flight per program while one wave of such programs holds a program
+    for every sequence's KV head (the context is then split to fill the wave); beyond
+    that, lighter programs, so that more of the batch is resident at once."""
+    deep, light = DEFAULT_CONFIGS[64 if head_dim <= 64 else 128]
+    return deep if batch * num_kv_heads <= deep.programs_per_sm * _num_sms(device) else light
 
 
 @triton.jit
@@ -158,9 +175,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def num_splits(device: torch.device, batch: int, num_kv_heads: int, max_context: int, config: DecodeConfig) -> int:
-    """Split the context until about ``programs_per_sm`` programs per SM are busy,
-    keeping each split at least ``min_split_tokens`` long."""
-    wanted = math.ceil(config.programs_per_sm * _num_sms(device) / max(1, batch * num_kv_heads))
+    """Split the context as far as one wave of resident programs (``programs_per_sm``
+    on every SM) allows, keeping each split at least ``min_split_tokens`` long."""
+    wanted = config.programs_per_sm * _num_sms(device) // max(1, batch * num_kv_heads)
     return max(1, min(wanted, config.max_splits, math.ceil(max_context / config.min_split_tokens)))
 
 
@@ -193,7 +210,8 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
-    return launch_paged_decode_attention(q, kv_cache, seq_lens, block_tables, scale, DEFAULT_CONFIG)
+    config = default_config(q.shape[0], kv_cache.shape[3], q.shape[2], q.device)
+    return launch_paged_decode_attention(q, kv_cache, seq_lens, block_tables, scale, config)
 
 
 def launch_paged_decode_attention(
@@ -231,9 +249,9 @@ def launch_paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), MERGE_PAD=merge_pad, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=config.tile_n, NUM_SPLITS=splits, SPLITS_PAD=splits_pad,
-        CHUNK=min(splits_pad, max(1, 1024 // (merge_pad * head_dim))),
+        CHUNK=min(splits_pad, max(1, config.merge_per_thread * 32 * config.num_warps // (merge_pad * head_dim))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps or (2 if head_dim <= 64 else 4), num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl.launch_options(q),
     )
     return out

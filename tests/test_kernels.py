@@ -87,7 +87,7 @@ def check_decode_many_splits_and_padding(device: str, dtype: torch.dtype) -> Non
     """Forty splits (merged in chunks) and a length-0 padding sequence, which gets zeros."""
     q, cache, _, seq_lens, tables = paged_case([1] * 3, [700, 1, 9], 4, 2, 16, 16, dtype, device)
     seq_lens[2] = 0
-    config = DecodeConfig(tile_n=16, programs_per_sm=40, min_split_tokens=16, max_splits=40)
+    config = DecodeConfig(tile_n=16, programs_per_sm=60, min_split_tokens=16, max_splits=40, merge_per_thread=1)
     _poison_allocator(device, q.numel() * q.element_size())
     got = launch_paged_decode_attention(q, cache, seq_lens, tables, 0.25, config)
     _assert_close(got[:2], attention.ref_paged_decode_attention(q[:2], cache, seq_lens[:2], tables[:2], 0.25), dtype)
@@ -271,10 +271,12 @@ def test_attention_on_gpu_llama_shapes(dtype: torch.dtype, heads: int, kv_heads:
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_attention_on_gpu_head_dim_64(dtype: torch.dtype) -> None:
-    """Llama-3.2-1B's heads, which take their own default prefill tiles."""
+    """Llama-3.2-1B's heads, which take their own default prefill and decode tiles."""
     pairs = [(1, 1), (512, 512), (77, 1500), (1, 2049), (64, 512), (500, 517)]
     check_paged_attention("cuda", dtype, 32, 8, 16, 64, pairs)
     check_paged_decode_attention("cuda", dtype, 32, 8, 16, 64, [1, 4000, 17, 250])
+    lens = torch.randint(1, 600, (128,)).tolist()  # more KV heads than a wave of the deeper programs holds: the lighter ones
+    check_paged_decode_attention("cuda", dtype, 32, 8, 16, 64, lens)
 
 
 # Tiles the GPU sweep times (bench_kernels.py --prefill-sweep) besides the default, 16-bit only:
