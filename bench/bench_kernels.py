@@ -2,7 +2,8 @@
 ``$OUT/kernels_bench.md`` when ``OUT`` is set). No assertions: figures only.
 
 Measured in one run: device copy bandwidth (bytes read + written), paged decode
-attention GB/s over a batch x context grid as a fraction of that bandwidth,
+attention GB/s over a batch x context grid as a fraction of that bandwidth (with
+the launch parameters ``attention_decode.default_config`` picks for each case),
 prefill attention TFLOP/s (causal FLOPs = 4 * seq^2 / 2 * heads * dim), block
 gather/scatter for one layer of a 2,048-token prompt, and the element-wise
 kernels. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128,
@@ -14,18 +15,18 @@ kernel against ``F.linear`` on the 1B and 8B projections (``--linear-only`` runs
 just that block). A plain streaming read of one long sequence's bytes stands
 beside decode attention's single-sequence rows.
 ``--decode-sweep`` runs just the decode candidates of ``DECODE_CANDIDATES``, each
-checked once against its reference, at the 1B model's decode shapes and on long
-single 8B sequences and batches. ``--prefill-sweep`` runs just the prefill
-candidates of ``PREFILL_CANDIDATES``: each is checked once against
-``ref_paged_attention``, then timed on 4k, 8k and 16k single prompts and on four
-1k chunks after 3k cached tokens each, with torch's SDPA beside, and at the 1B
-model's head dim 64 on ``PREFILL_CASES_1B`` (among them the offline benchmark's
-prefill step, 16 prompts of 512 tokens). Times are medians of
-``do_bench_cudagraph`` (the kernels replayed from a CUDA graph, as the decode
-runner replays them; a prefill of a few dozen tokens would otherwise time the
-host's launch) or ``triton.testing.do_bench`` (eager decode beside it, SDPA, the
-whole sampler, the copy); inputs rotate over several sets so that the L2 cache
-does not flatter small cases.
+checked once against its reference, as a table of times over the batch x context
+cases of ``DECODE_SWEEP_CASES`` at both head dims, beside the default's choice.
+``--prefill-sweep`` runs just the prefill candidates of ``PREFILL_CANDIDATES``:
+each is checked once against ``ref_paged_attention``, then timed on 4k, 8k and
+16k single prompts and on four 1k chunks after 3k cached tokens each, with
+torch's SDPA beside, and at the 1B model's head dim 64 on ``PREFILL_CASES_1B``
+(among them the offline benchmark's prefill step, 16 prompts of 512 tokens).
+Times are medians of ``do_bench_cudagraph`` (the kernels replayed from a CUDA
+graph, as the decode runner replays them; a prefill of a few dozen tokens would
+otherwise time the host's launch) or ``triton.testing.do_bench`` (eager decode
+beside it, SDPA, the whole sampler, the copy); inputs rotate over several sets
+so that the L2 cache does not flatter small cases.
 
     python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --prefill-sweep]
 """
@@ -51,7 +52,8 @@ from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
 from baton.kernels import activation, kv_cache, linear, logits, norm, pdl, rotary, sampling
 from baton.kernels.attention import ref_paged_attention, ref_paged_decode_attention
-from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
+from baton.kernels.attention_decode import DEFAULT_CONFIGS, DecodeConfig, launch_paged_decode_attention
+from baton.kernels.attention_decode import default_config as default_decode_config
 from baton.kernels.attention_prefill import PrefillConfig, default_config, launch_paged_attention
 
 HEADS, KV_HEADS, DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
@@ -107,13 +109,15 @@ class Pool:
         return [self.perm[i * blocks_per_set : (i + 1) * blocks_per_set] for i in range(sets)]
 
 
-def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: DecodeConfig, table_ctx: int = 0) -> str:
-    """``table_ctx`` > ``ctx`` pads each block table to that many tokens (the split
-    count follows the table width, as in the decode runner's graphs)."""
+def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: DecodeConfig | None, table_ctx: int = 0, eager: bool = True) -> str:
+    """``config`` None: the default for the case (``attention_decode.default_config``). ``table_ctx`` > ``ctx``
+    pads each block table to that many tokens (the split count follows the table width,
+    as in the decode runner's graphs). ``eager`` adds the time of eager launches."""
     shape, per_seq = pool.shape, ctx // BLOCK
     width = max(table_ctx, ctx) // BLOCK
     nbytes = batch * ctx * shape.kv_token_bytes
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    config = config or default_decode_config(batch, shape.kv_heads, shape.dim, seq_lens.device)
     fns = []
     # Small cases rotate over more sets than fit in L2: in a model, each layer's KV arrives cold.
     for ids in pool.block_sets(batch * per_seq, nbytes, 8 if shape == LLAMA_8B else 64):
@@ -121,10 +125,11 @@ def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: Decode
         tables = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
         tables[:, :per_seq] = ids.view(batch, per_seq)
         fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, shape.dim**-0.5, config))
-    ms, eager_ms = median_ms(fns, graph=True), median_ms(fns)
+    ms = median_ms(fns, graph=True)
     gbs = (nbytes + 2 * q.numel() * 2) / ms / 1e6
     case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > per_seq else "")
-    return f"| decode | {case} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
+    eager_time = f" (eager {median_ms(fns) * 1e3:.1f})" if eager else ""
+    return f"| decode | {case} | {ms * 1e3:.1f} us{eager_time} | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
 
 
 @triton.jit
@@ -379,7 +384,7 @@ def main() -> None:
         prefill_sweep(Pool(2 * 16384 // BLOCK), emit)
     else:
         pool = Pool(2 * 128 * 16384 // BLOCK // (4 if args.quick else 1) + 4096)
-        pool_1b = Pool(8192, LLAMA_1B)
+        pool_1b = Pool(16384, LLAMA_1B)
         if args.decode_sweep:
             decode_sweep(pool, pool_1b, copy_gbs, emit)
         else:
@@ -394,12 +399,12 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
     """Every kernel with its default launch parameters."""
     batches, ctxs = ([1, 64], [2048, 16384]) if quick else ([1, 16, 64, 128], [512, 2048, 4096, 16384])
     for batch, ctx in itertools.product(batches, ctxs):
-        emit(decode_row(pool, batch, ctx, copy_gbs, DecodeConfig()))
-    emit(decode_row(pool, 1, 32768, copy_gbs, DecodeConfig()))
+        emit(decode_row(pool, batch, ctx, copy_gbs, None))
+    emit(decode_row(pool, 1, 32768, copy_gbs, None))
     for row in plain_read_rows(copy_gbs):
         emit(row)
-    for ctx in (512, 1024):
-        emit(decode_row(pool_1b, 1, ctx, copy_gbs, DecodeConfig(), RUNNER_CONTEXT))
+    for batch, ctx in ((1, 512), (1, 1024), (64, 512), (128, 640)):  # batch 1 and the offline benchmark's steps
+        emit(decode_row(pool_1b, batch, ctx, copy_gbs, None, RUNNER_CONTEXT))
     for seq in (1024, 4096, 8192):
         emit(prefill_row(pool, seq, None, "paged (default tiles)"))
         emit(sdpa_row(seq))
@@ -415,32 +420,45 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
         emit(row)
 
 
-# What the H200 round of 2026-11-30 tried against the default (kernels_h200.md): smaller tiles with deeper
-# pipelines, one tile in flight with twice the splits, one program per SM for a single long sequence.
-DECODE_CANDIDATES = (
-    DecodeConfig(),
-    DecodeConfig(tile_n=32, num_stages=3),
-    DecodeConfig(tile_n=32, num_stages=4),     # 64 KB of K/V buffers: three programs fit an SM
-    DecodeConfig(max_splits=64, num_stages=2),  # four programs per SM, one tile in flight each
-    DecodeConfig(max_splits=16),               # one program per SM for a single 8B sequence
-    DecodeConfig(programs_per_sm=8),
-)
+# Candidates per head dim (the 2026-12-04 sweep in kernels_h200.md): the two defaults first, then
+# one tile in flight instead of two, 32-key tiles, other warp counts. The fourth field is how many
+# programs fit an SM (shared memory of the sm_90 compiles).
+DECODE_CANDIDATES = {
+    64: (*DEFAULT_CONFIGS[64], DecodeConfig(64, 2, 2, 11), DecodeConfig(32, 1, 2, 22), DecodeConfig(32, 2, 3, 6)),
+    128: (*DEFAULT_CONFIGS[128], DecodeConfig(32, 2, 3, 6), DecodeConfig(32, 2, 2, 10), DecodeConfig(32, 4, 3, 6)),
+}
+DECODE_SWEEP_CASES = {  # (batch, context); the 1B cases pad their tables to RUNNER_CONTEXT where shorter
+    64: ((1, 512), (16, 640), (32, 640), (64, 512), (64, 640), (128, 576), (128, 640), (1, 16384), (16, 2048)),
+    128: ((1, 4096), (1, 16384), (1, 32768), (16, 2048), (16, 4096), (32, 2048), (64, 512), (64, 2048), (128, 512), (128, 2048)),
+}
+
+
+def decode_label(config: DecodeConfig) -> str:
+    """``t64 w4 s3 p3``: keys per tile, warps, stages, programs per SM."""
+    return f"t{config.tile_n} w{config.num_warps} s{config.num_stages} p{config.programs_per_sm}"
 
 
 def decode_sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
-    """Decode launch-parameter candidates, each checked once against the reference, to choose the
-    defaults: the 1B batch-64 step (tables padded to 1,024 tokens, as the runner pads them),
-    single long 8B sequences and batches, after the plain reads of a long sequence's bytes."""
+    """Decode launch-parameter candidates, each checked once against the reference, as a
+    table of CUDA-graph replay times per case, the default's choice first (* marks the
+    fastest), after the plain reads of a long sequence's bytes."""
     for row in plain_read_rows(copy_gbs):
         emit(row)
-    for cfg in DECODE_CANDIDATES:
-        label = f"| decode {cfg} |"
-        err = decode_error(pool, cfg)
-        emit(f"{label} relative error vs ref_paged_decode_attention | | {err:.1e} | {'ok' if err < 1e-2 else 'MISMATCH'} |")
-        for batch, ctx in ((1, 512), (64, 512), (64, 640)):
-            emit(decode_row(pool_1b, batch, ctx, copy_gbs, cfg, RUNNER_CONTEXT).replace("| decode |", label))
-        for batch, ctx in ((1, 4096), (1, 16384), (1, 32768), (16, 2048), (64, 2048)):
-            emit(decode_row(pool, batch, ctx, copy_gbs, cfg).replace("| decode |", label))
+    for p in (pool_1b, pool):
+        candidates = DECODE_CANDIDATES[p.shape.dim]
+        for cfg in candidates:
+            err = decode_error(p, cfg)
+            emit(f"| decode {p.shape.name} {decode_label(cfg)} | relative error vs ref_paged_decode_attention | | {err:.1e} | {'ok' if err < 1e-2 else 'MISMATCH'} |")
+        emit("")
+        emit(f"| {p.shape.name} case, us | default | " + " | ".join(map(decode_label, candidates)) + " |")
+        emit("| --- " * (len(candidates) + 2) + "|")
+        for batch, ctx in DECODE_SWEEP_CASES[p.shape.dim]:
+            table_ctx = RUNNER_CONTEXT if p is pool_1b else 0
+            times = [decode_row(p, batch, ctx, copy_gbs, cfg, table_ctx, eager=False).split(" | ")[2].split(" us")[0] for cfg in (None, *candidates)]
+            best = min(times, key=float)
+            default = decode_label(default_decode_config(batch, p.shape.kv_heads, p.shape.dim, p.cache.device))
+            emit(f"| batch {batch}, ctx {ctx} | {times[0]} ({default}) | " + " | ".join(f"*{t}*" if t == best else t for t in times[1:]) + " |")
+        emit("")
 
 
 PREFILL_CANDIDATES = (  # shared memory from sm_90 compiles
