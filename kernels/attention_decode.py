@@ -2,10 +2,12 @@
 
 One program handles every query head of one KV head group for one slice of a
 sequence's context, so each KV tile is loaded once for the whole group. Long
-contexts with few sequences are split over several programs (split-K). The split
-count depends only on tensor shapes, never on tensor values, so the launch needs
-no host sync and can be captured in a CUDA graph; a sequence uses only the splits
-its length reaches. A sequence that fits in one split is written directly; else
+contexts with few sequences are split over several programs (split-K), as far as
+one wave of resident programs allows; how heavy each program is (tile, warps,
+pipeline depth) depends on how much of the batch that wave holds. The launch
+depends only on tensor shapes, never on tensor values, so it needs no host sync
+and can be captured in a CUDA graph; a sequence uses only the splits its length
+reaches. A sequence that fits in one split is written directly; else
 each split stores its partial result and log-sum-exp, and the last split of the
 sequence to finish (counted on a per-device semaphore that it resets) merges them,
 so there is no second launch. A sequence of length 0 (batch padding) gets zeros.
