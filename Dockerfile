@@ -17,4 +17,4 @@ RUN pip install --no-cache-dir .
 
 ENV PYTHONUNBUFFERED=1
 EXPOSE 8000 50051 50061
-CMD ["python", "-m", "baton.services.gateway", "--help"]
+CMD ["python", "-P", "-m", "baton.services.gateway", "--help"]

@@ -55,6 +55,9 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
+    # -P: the working directory stays off sys.path. Run from a checkout, its top-level folders
+    # (kernels/, engine/) would shadow installed packages of those names, such as the
+    # ``kernels`` package that transformers imports; Baton's own code is imported as baton.*.
     py = sys.executable
     redis_url = args.redis_url or os.environ.get("REDIS_URL")
     redis_cmd = None
@@ -71,9 +74,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         for _ in range(count):
             port = free_port()
             addrs.append(f"127.0.0.1:{port}")
-            cmds.append([py, "-m", f"baton.services.{role}", "--port", str(port), *common])
+            cmds.append([py, "-P", "-m", f"baton.services.{role}", "--port", str(port), *common])
     plan.gateway = [
-        py, "-m", "baton.services.gateway",
+        py, "-P", "-m", "baton.services.gateway",
         "--model-dir", args.model,
         "--served-model-name", args.served_model_name or Path(args.model).name,
         "--host", args.host, "--port", str(args.port),

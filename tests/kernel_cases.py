@@ -37,7 +37,10 @@ def interpreted_checks_passed(script: str) -> str:
     """Run a test module as a script with ``TRITON_INTERPRET=1`` (which must be set
     before triton is imported) and return its stdout; the script's ``__main__``
     prints ``"<n> interpreted checks passed"``."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # The script imports its neighbours (this module) from its folder, which PYTHONSAFEPATH
+    # (set by scripts/test.sh) keeps off sys.path.
+    path = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(script)), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout

@@ -45,16 +45,16 @@ def _plan() -> launcher.Plan:
 def test_services_match_launcher(compose):
     assert set(compose["services"]) == {"redis", "gateway", "prefill", "decode"}
     plan = _plan()
-    modules = {"prefill": plan.prefill[0][2], "decode": plan.decode[0][2], "gateway": plan.gateway[2]}
-    for name, module in modules.items():
+    commands = {"prefill": plan.prefill[0], "decode": plan.decode[0], "gateway": plan.gateway}
+    for name, command in commands.items():
         argv = _argv(compose["services"][name])
-        assert argv[:3] == ["python", "-m", module]
+        assert command[1:3] == ["-P", "-m"] and argv[:4] == ["python", *command[1:4]]
 
 
 @pytest.mark.parametrize("role,port", [("prefill", 50051), ("decode", 50061)])
 def test_worker_commands_parse_with_default_ports(compose, role, port):
     service = compose["services"][role]
-    args = worker_arg_parser(role, default_port=port).parse_args(_argv(service)[3:])
+    args = worker_arg_parser(role, default_port=port).parse_args(_argv(service)[4:])
     assert args.port == port and args.model == "/models/shakespeare-llama-5m" and args.redis_url == "redis://redis:6379/0"
     assert args.dtype == "bfloat16" and args.device == "cuda"
     assert service["ports"] == [f"{port}:{port}"]
@@ -69,7 +69,7 @@ def test_gateway_command_parses_and_names_workers(compose):
     from baton.services.gateway.__main__ import build_parser
 
     service = compose["services"]["gateway"]
-    args = build_parser().parse_args(_argv(service)[3:])
+    args = build_parser().parse_args(_argv(service)[4:])
     assert args.port == 8000 and service["ports"] == ["8000:8000"]
     assert args.prefill_addr == ["prefill:50051"] and args.decode_addr == ["decode:50061"]
     assert set(service["depends_on"]) == {"prefill", "decode"}
