@@ -1,10 +1,12 @@
 # Source this on a lent GPU machine, from the repository root, before the GPU tests or
 # benchmarks: it maps the folders onto the ``baton.*`` namespace (no install needed),
 # installs wheels carried in .whl/ (grpcio, protobuf: the image's may be older) into
-# /tmp/site, and points the tests at the demo checkpoint carried in .carry/.
+# /tmp/site, points the tests at the demo checkpoint carried in .carry/, and keeps the
+# working directory off sys.path, as scripts/test.sh does (kernels/ would shadow the
+# ``kernels`` package that newer transformers imports).
 mkdir -p /tmp/b/baton
 for d in engine kernels kvtransfer protos services; do ln -sfn "$PWD/$d" "/tmp/b/baton/$d"; done
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-export PYTHONPATH=/tmp/site:/tmp/b PYTHONUNBUFFERED=1 BATON_DEMO_MODEL=$PWD/.carry/shakespeare-llama-5m
+export PYTHONPATH=/tmp/site:/tmp/b PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 BATON_DEMO_MODEL=$PWD/.carry/shakespeare-llama-5m
