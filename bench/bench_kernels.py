@@ -109,27 +109,33 @@ class Pool:
         return [self.perm[i * blocks_per_set : (i + 1) * blocks_per_set] for i in range(sets)]
 
 
-def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: DecodeConfig | None, table_ctx: int = 0, eager: bool = True) -> str:
-    """``config`` None: the default for the case (``attention_decode.default_config``). ``table_ctx`` > ``ctx``
-    pads each block table to that many tokens (the split count follows the table width,
-    as in the decode runner's graphs). ``eager`` adds the time of eager launches."""
+def decode_launches(pool: Pool, batch: int, ctx: int, config: DecodeConfig | None, table_ctx: int = 0) -> list[Callable[[], object]]:
+    """Decode launches of ``batch`` sequences of ``ctx`` tokens over rotating block sets of
+    ``pool``. ``config`` None: the default for the case (``attention_decode.default_config``).
+    ``table_ctx`` > ``ctx`` pads each block table to that many tokens (the split count follows
+    the table width, as in the decode runner's graphs)."""
     shape, per_seq = pool.shape, ctx // BLOCK
     width = max(table_ctx, ctx) // BLOCK
-    nbytes = batch * ctx * shape.kv_token_bytes
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     config = config or default_decode_config(batch, shape.kv_heads, shape.dim, seq_lens.device)
     fns = []
     # Small cases rotate over more sets than fit in L2: in a model, each layer's KV arrives cold.
-    for ids in pool.block_sets(batch * per_seq, nbytes, 8 if shape == LLAMA_8B else 64):
+    for ids in pool.block_sets(batch * per_seq, batch * ctx * shape.kv_token_bytes, 8 if shape == LLAMA_8B else 64):
         q = torch.randn(batch, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
         tables = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
         tables[:, :per_seq] = ids.view(batch, per_seq)
         fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, shape.dim**-0.5, config))
-    ms = median_ms(fns, graph=True)
-    gbs = (nbytes + 2 * q.numel() * 2) / ms / 1e6
-    case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > per_seq else "")
-    eager_time = f" (eager {median_ms(fns) * 1e3:.1f})" if eager else ""
-    return f"| decode | {case} | {ms * 1e3:.1f} us{eager_time} | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
+    return fns
+
+
+def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: DecodeConfig | None, table_ctx: int = 0) -> str:
+    """``decode_launches`` timed from a CUDA graph and eagerly, with the rate of K/V and query bytes."""
+    shape, width = pool.shape, max(table_ctx, ctx) // BLOCK
+    fns = decode_launches(pool, batch, ctx, config, table_ctx)
+    ms, eager_ms = median_ms(fns, graph=True), median_ms(fns)
+    gbs = batch * (ctx * shape.kv_token_bytes + 2 * shape.heads * shape.dim * 2) / ms / 1e6
+    case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > ctx // BLOCK else "")
+    return f"| decode | {case} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
 
 
 @triton.jit
@@ -454,7 +460,7 @@ def decode_sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
         emit("| --- " * (len(candidates) + 2) + "|")
         for batch, ctx in DECODE_SWEEP_CASES[p.shape.dim]:
             table_ctx = RUNNER_CONTEXT if p is pool_1b else 0
-            times = [decode_row(p, batch, ctx, copy_gbs, cfg, table_ctx, eager=False).split(" | ")[2].split(" us")[0] for cfg in (None, *candidates)]
+            times = [f"{median_ms(decode_launches(p, batch, ctx, cfg, table_ctx), graph=True) * 1e3:.1f}" for cfg in (None, *candidates)]
             best = min(times, key=float)
             default = decode_label(default_decode_config(batch, p.shape.kv_heads, p.shape.dim, p.cache.device))
             emit(f"| batch {batch}, ctx {ctx} | {times[0]} ({default}) | " + " | ".join(f"*{t}*" if t == best else t for t in times[1:]) + " |")
