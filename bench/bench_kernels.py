@@ -117,7 +117,7 @@ def decode_launches(pool: Pool, batch: int, ctx: int, config: DecodeConfig | Non
     shape, per_seq = pool.shape, ctx // BLOCK
     width = max(table_ctx, ctx) // BLOCK
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    config = config or default_decode_config(batch, shape.kv_heads, shape.dim, seq_lens.device)
+    config = config or default_decode_config(batch, shape.kv_heads, shape.dim, width * BLOCK, seq_lens.device)
     fns = []
     # Small cases rotate over more sets than fit in L2: in a model, each layer's KV arrives cold.
     for ids in pool.block_sets(batch * per_seq, batch * ctx * shape.kv_token_bytes, 8 if shape == LLAMA_8B else 64):
@@ -440,8 +440,10 @@ DECODE_SWEEP_CASES = {  # (batch, context); the 1B cases pad their tables to RUN
 
 
 def decode_label(config: DecodeConfig) -> str:
-    """``t64 w4 s3 p3``: keys per tile, warps, stages, programs per SM."""
-    return f"t{config.tile_n} w{config.num_warps} s{config.num_stages} p{config.programs_per_sm}"
+    """``t64 w4 s3 p3``: keys per tile, warps, stages, programs per SM (and ``m32``: the shortest
+    split, where not the usual)."""
+    shortest = f" m{config.min_split_tokens}" if config.min_split_tokens != DecodeConfig.min_split_tokens else ""
+    return f"t{config.tile_n} w{config.num_warps} s{config.num_stages} p{config.programs_per_sm}{shortest}"
 
 
 def decode_sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:
@@ -462,8 +464,9 @@ def decode_sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
             table_ctx = RUNNER_CONTEXT if p is pool_1b else 0
             times = [f"{median_ms(decode_launches(p, batch, ctx, cfg, table_ctx), graph=True) * 1e3:.1f}" for cfg in (None, *candidates)]
             best = min(times, key=float)
-            default = decode_label(default_decode_config(batch, p.shape.kv_heads, p.shape.dim, p.cache.device))
-            emit(f"| batch {batch}, ctx {ctx} | {times[0]} ({default}) | " + " | ".join(f"*{t}*" if t == best else t for t in times[1:]) + " |")
+            default = decode_label(default_decode_config(batch, p.shape.kv_heads, p.shape.dim, max(table_ctx, ctx), p.cache.device))
+            cells = [f"*{t}*" if t == best else t for t in times]
+            emit(f"| batch {batch}, ctx {ctx} | {cells[0]} ({default}) | " + " | ".join(cells[1:]) + " |")
         emit("")
 
 

@@ -4,7 +4,8 @@ One program handles every query head of one KV head group for one slice of a
 sequence's context, so each KV tile is loaded once for the whole group. Long
 contexts with few sequences are split over several programs (split-K), as far as
 one wave of resident programs allows; how heavy each program is (tile, warps,
-pipeline depth) depends on how much of the batch that wave holds. The launch
+pipeline depth) depends on how much of the batch that wave holds, and a few short
+sequences take half-size tiles to split further. The launch
 depends only on tensor shapes, never on tensor values, so it needs no host sync
 and can be captured in a CUDA graph; a sequence uses only the splits its length
 reaches. A sequence that fits in one split is written directly; else
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -57,12 +58,19 @@ DEFAULT_CONFIGS: dict[int, tuple[DecodeConfig, DecodeConfig]] = {
 }
 
 
-def default_config(batch: int, num_kv_heads: int, head_dim: int, device: torch.device) -> DecodeConfig:
+def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: int, device: torch.device) -> DecodeConfig:
     """Two K/V tiles in flight per program while one wave of such programs holds a program
-    for every sequence's KV head (the context is then split to fill the wave); beyond
-    that, lighter programs, so that more of the batch is resident at once."""
+    for every sequence's KV heads (the context is then split to fill the wave); beyond
+    that, lighter programs, so that more of the batch is resident at once. Where each split
+    would be a single tile and the wave has room for more (a few short sequences: a chain of
+    dependent loads per program, not bandwidth, sets the time), tiles of half the keys
+    split the context twice as far."""
     deep, light = DEFAULT_CONFIGS[64 if head_dim <= 64 else 128]
-    return deep if batch * num_kv_heads <= deep.programs_per_sm * _num_sms(device) else light
+    if batch * num_kv_heads > deep.programs_per_sm * _num_sms(device):
+        return light
+    half = replace(deep, tile_n=deep.tile_n // 2, min_split_tokens=deep.tile_n // 2)
+    splits, split_len = split_context(device, batch, num_kv_heads, max_context, deep)
+    return half if split_len == deep.tile_n and split_context(device, batch, num_kv_heads, max_context, half)[0] > splits else deep
 
 
 @triton.jit
@@ -176,11 +184,14 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def num_splits(device: torch.device, batch: int, num_kv_heads: int, max_context: int, config: DecodeConfig) -> int:
-    """Split the context as far as one wave of resident programs (``programs_per_sm``
-    on every SM) allows, keeping each split at least ``min_split_tokens`` long."""
+def split_context(device: torch.device, batch: int, num_kv_heads: int, max_context: int, config: DecodeConfig) -> tuple[int, int]:
+    """(splits, tokens a split): the context is split as far as one wave of resident programs
+    (``programs_per_sm`` on every SM) allows, each split at least ``min_split_tokens`` and a
+    whole number of tiles long."""
     wanted = config.programs_per_sm * _num_sms(device) // max(1, batch * num_kv_heads)
-    return max(1, min(wanted, config.max_splits, math.ceil(max_context / config.min_split_tokens)))
+    splits = max(1, min(wanted, config.max_splits, math.ceil(max_context / config.min_split_tokens)))
+    split_len = triton.cdiv(triton.cdiv(max_context, splits), config.tile_n) * config.tile_n
+    return triton.cdiv(max_context, split_len), split_len  # rounding up split_len can leave the last splits empty
 
 
 _SEMAPHORES: dict[torch.device, list[torch.Tensor]] = {}
@@ -212,7 +223,8 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
-    config = default_config(q.shape[0], kv_cache.shape[3], q.shape[2], q.device)
+    max_context = block_tables.shape[1] * kv_cache.shape[2]
+    config = default_config(q.shape[0], kv_cache.shape[3], q.shape[2], max_context, q.device)
     return launch_paged_decode_attention(q, kv_cache, seq_lens, block_tables, scale, config)
 
 
@@ -233,9 +245,7 @@ def launch_paged_decode_attention(
         return out
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * block_size
-    splits = num_splits(q.device, batch, num_kv_heads, max_context, config)
-    split_len = triton.cdiv(triton.cdiv(max_context, splits), config.tile_n) * config.tile_n
-    splits = triton.cdiv(max_context, split_len)  # rounding up split_len can leave the last splits empty
+    splits, split_len = split_context(q.device, batch, num_kv_heads, max_context, config)
     split_shape = (batch, num_heads, splits, head_dim) if splits > 1 else (0,)
     part_out = torch.empty(split_shape, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(split_shape[:-1], dtype=torch.float32, device=q.device)

@@ -218,6 +218,7 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
         lens = [1, bs, bs + 3, 300]  # 300: long enough to split the context
         yield f"decode h{heads}/{kv_heads} bs{bs}", lambda h=heads, k=kv_heads, b=bs, l=lens: check_paged_decode_attention(device, dtype, h, k, b, 16, l)
     yield "decode many splits + padding", lambda: check_decode_many_splits_and_padding(device, dtype)
+    yield "decode one short sequence (half tiles)", lambda: check_paged_decode_attention(device, dtype, 8, 2, 16, 16, [40])
     yield "decode unsplit", lambda: check_paged_decode_attention(device, dtype, 8, 4, 16, 16, [1, 17, 33, 5, 2])
     yield "prefill dim 64", lambda: check_paged_attention(device, dtype, 4, 2, 16, 64, [(40, 70), (33, 33)])
     yield from prefill_variant_cases(device, dtype)

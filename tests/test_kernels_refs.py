@@ -12,6 +12,7 @@ import torch
 from kernel_cases import GQA, fresh_seed  # noqa: F401 (fresh_seed is an autouse fixture)
 
 from baton.kernels import activation, attention, kv_cache, norm, ops, rotary
+from baton.kernels.attention_decode import DEFAULT_CONFIGS, default_config, split_context
 
 pytestmark = pytest.mark.unit
 
@@ -165,6 +166,16 @@ def test_ops_use_the_references_for_cpu_tensors() -> None:
     assert torch.equal(ops.silu_and_mul(x=x), activation.ref_silu_and_mul(x))
     names = ["gather_blocks", "scatter_blocks", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_store_kv", "silu_and_mul"]
     assert all(callable(getattr(ops, n)) for n in names)
+
+
+def test_decode_default_config_halves_tiles_only_where_each_split_is_one_tile() -> None:
+    cpu = torch.device("cpu")  # four SMs, as the launch assumes off the GPU
+    deep, light = DEFAULT_CONFIGS[64]
+    short = default_config(1, 2, 64, 80, cpu)
+    assert (short.tile_n, short.min_split_tokens, short.num_warps) == (deep.tile_n // 2, deep.tile_n // 2, deep.num_warps)
+    assert split_context(cpu, 1, 2, 80, short)[0] > split_context(cpu, 1, 2, 80, deep)[0]
+    assert default_config(1, 2, 64, 4096, cpu) == deep  # a long context: splits of many tiles
+    assert default_config(64, 8, 64, 80, cpu) == light  # more KV heads than a wave of deep programs holds
 
 
 def _bad_decode_calls():
