@@ -10,7 +10,8 @@ kernels. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128,
 bf16, block 16), plus batch-1 decode in Llama-3.2-1B's shape (head dim 64) with
 block tables padded to 1,024 tokens as the decode runner pads them, prefill at
 that shape (a 4k prompt, 16 prompts of 512), fused rotary + KV write against the
-two separate launches at 1B decode shapes, and the small-batch linear (GEMV)
+two separate launches at 1B decode shapes, the q/k/v projection fused with them
+against the GEMV and that launch (1B and 8B), and the small-batch linear (GEMV)
 kernel against ``F.linear`` on the 1B and 8B projections (``--linear-only`` runs
 just that block). A plain streaming read of one long sequence's bytes stands
 beside decode attention's single-sequence rows.
@@ -330,6 +331,30 @@ def rotary_store_kv_rows(pool: Pool, copy_gbs: float) -> list[str]:
     return rows
 
 
+def qkv_rotary_rows(pool: Pool, hidden: int, copy_gbs: float) -> list[str]:
+    """The q/k/v projection, rotary and KV write of one decode layer in ``pool``'s shape at one
+    and two rows: ``qkv_rotary_store_kv`` (one launch) against ``linear`` then
+    ``rotary_store_kv``. Bytes: the weight, x, q and the cache rows."""
+    shape, rows = pool.shape, []
+    n = (shape.heads + 2 * shape.kv_heads) * shape.dim
+    weights = [torch.randn(n, hidden, dtype=DTYPE, device="cuda") for _ in range(max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * hidden * 2))))]
+    cos_sin = torch.randn(8192, shape.dim, device="cuda")
+    slots = pool.perm.long() * BLOCK  # one token per block, shuffled: each write lands cold
+    for tokens in (1, 2):
+        fused, separate = [], []
+        for i, w in enumerate(weights):
+            x = torch.randn(tokens, hidden, dtype=DTYPE, device="cuda")
+            pos, s = torch.randint(0, 8192, (tokens,), device="cuda"), slots[i * tokens : (i + 1) * tokens].clone()
+            fused.append(lambda x=x, w=w, p=pos, s=s: rotary.qkv_rotary_store_kv(x, w, None, p, cos_sin, pool.cache, s))
+            separate.append(lambda x=x, w=w, p=pos, s=s: rotary.rotary_store_kv(
+                p, *rotary.split_qkv(linear.linear(x, w), shape.kv_heads, shape.dim), cos_sin, pool.cache, s))
+        ms, separate_ms = median_ms(fused, graph=True), median_ms(separate, graph=True)
+        gbs = (n * hidden + tokens * (hidden + n)) * 2 / ms / 1e6
+        rows.append(f"| qkv_rotary_store_kv | {shape.name} decode, {tokens} tokens | {ms * 1e3:.1f} us (linear + rotary_store_kv "
+                    f"{separate_ms * 1e3:.1f} us, saves {(separate_ms - ms) * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+    return rows
+
+
 LINEAR_SHAPES = (  # (model, projection, N, K): the decode projections of Llama-3.2-1B and Llama-3-8B
     ("1B", "qkv_proj", 3072, 2048), ("1B", "o_proj", 2048, 2048), ("1B", "gate_up_proj", 16384, 2048), ("1B", "down_proj", 2048, 8192),
     ("8B", "qkv_proj", 6144, 4096), ("8B", "o_proj", 4096, 4096), ("8B", "gate_up_proj", 28672, 4096), ("8B", "down_proj", 4096, 14336),
@@ -420,7 +445,7 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
         emit(row)
     for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
         emit(row)
-    for row in rotary_store_kv_rows(pool_1b, copy_gbs):
+    for row in rotary_store_kv_rows(pool_1b, copy_gbs) + qkv_rotary_rows(pool_1b, 2048, copy_gbs) + qkv_rotary_rows(pool, 4096, copy_gbs):
         emit(row)
     for row in linear_rows(copy_gbs):
         emit(row)

@@ -64,6 +64,34 @@ def _load_x(x_ptrs, k0, K, ks, row_ok, GATED: tl.constexpr, EVEN_K: tl.constexpr
 
 
 @triton.jit
+def _gemv_columns(
+    x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn,
+    M: tl.constexpr, M_PAD: tl.constexpr, GATED: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+):
+    """fp32 ``[M_PAD, len(cols)]``: rows of x (zeros past M) times the weight rows ``cols``.
+    Loads the first weight tile, then waits for the kernel before (which wrote x)."""
+    rows = tl.arange(0, M_PAD)
+    ks = tl.arange(0, BLOCK_K)
+    # Tiles are [rows, cols, k]: weights [1, cols, BLOCK_K], x [M_PAD, 1, BLOCK_K], so every
+    # thread holds all rows of x for its slice of K and one reduction serves every row.
+    # Columns past N re-read weight row 0 (their results are never stored): the weight
+    # loads need no mask along N.
+    w_rows = tl.where(col_ok, cols, 0).to(tl.int64) * stride_wn
+    w_ptrs = w_ptr + w_rows[None, :, None] + ks[None, None, :]
+    x_ptrs = x_ptr + rows[:, None, None] * stride_xm + ks[None, None, :]
+    row_ok = (rows < M)[:, None, None]
+    # The first weight tile loads while the kernel before may still run.
+    w = _load_w(w_ptrs, 0, K, ks, EVEN_K).to(tl.float32)
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
+    acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
+        acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
+    return acc
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     N, K, stride_xm, stride_wn, stride_om,
@@ -73,23 +101,7 @@ def _linear_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, M_PAD)
-    ks = tl.arange(0, BLOCK_K)
-    # Tiles are [rows, cols, k]: weights [1, BLOCK_N, BLOCK_K], x [M_PAD, 1, BLOCK_K], so every
-    # thread holds all rows of x for its slice of K and one reduction serves every row.
-    # Columns past N re-read weight row 0 (their results are never stored): the weight
-    # loads need no mask along N.
-    w_rows = tl.where(col_ok, cols, 0).to(tl.int64) * stride_wn
-    w_ptrs = w_ptr + w_rows[None, :, None] + ks[None, None, :]
-    x_ptrs = x_ptr + rows[:, None, None] * stride_xm + ks[None, None, :]
-    row_ok = (rows < M)[:, None, None]
-    # The first weight tile loads while the kernel before (which wrote x) may still run.
-    w = _load_w(w_ptrs, 0, K, ks, EVEN_K).to(tl.float32)
-    pdl.wait(PDL)
-    pdl.launch_dependents(PDL)
-    acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
-        acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
+    acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, GATED, BLOCK_K, EVEN_K, PDL)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]

@@ -46,6 +46,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
 
 
+def qkv_rotary_store_kv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """The fused q/k/v projection, then ``rotary_store_kv``: one launch where ``linear`` takes the
+    GEMV, else the two ops. Returns the rotated query ``[tokens, heads, head_dim]``."""
+    if _gemv_rows(x):
+        return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping)
+    q, k, v = rotary.split_qkv(linear(x, weight, bias), kv_cache.shape[3], kv_cache.shape[4])
+    return rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
+
+
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(silu_and_mul(x), weight, bias)``: one GEMV launch where ``linear`` takes the GEMV,
     else the two ops."""

@@ -2,7 +2,9 @@
 Mistral and Qwen). ``cos_sin_cache`` is ``[max_positions, rotary_dim]``: the
 cosines in the first half of the last dim, the sines in the second. Dims past
 ``rotary_dim`` pass through unchanged. ``rotary_store_kv`` also writes the rotated
-keys and the values into the paged KV cache (``kv_cache.store_kv``) in the same launch."""
+keys and the values into the paged KV cache (``kv_cache.store_kv``) in the same launch;
+``qkv_rotary_store_kv`` also computes the fused q/k/v projection first, with the GEMV of
+``linear.py``, for decode steps of a row or two."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import triton
 import triton.language as tl
 
 from baton.kernels import pdl
-from baton.kernels.checks import check_device, check_dtype, check_int_index, check_last_dim_contiguous, check_shape
+from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, check_store_kv_args, ref_store_kv
+from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear
 
 
 @triton.jit
@@ -115,6 +118,62 @@ def _rotary_store_kv_kernel(
         _store_row(row + stride_c_kv, v, NUM_KV_HEADS, HEAD_DIM, KV_ROW_PAD)
 
 
+@triton.jit
+def _qkv_rotary_store_kv_kernel(
+    x_ptr, w_ptr, b_ptr, pos_ptr, cos_sin_ptr, slot_ptr, q_out_ptr, cache_ptr,
+    K, stride_xm, stride_wn, stride_qo_tok, stride_cos_sin, stride_c_block, stride_c_kv, stride_c_tok,
+    M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # Each program computes two output columns of one head of the fused weight (q heads, then
+    # k, then v): a pair that rotates together (j, j + HALF), or two neighbours that pass
+    # through (a v head, or the dims past rotary_dim).
+    head = tl.program_id(0) // (HEAD_DIM // 2)
+    j = tl.program_id(0) % (HEAD_DIM // 2)
+    rotated = (head < NUM_Q_HEADS + NUM_KV_HEADS) & (j < HALF)
+    offs = tl.where(rotated, j, 2 * j) + tl.arange(0, 2) * tl.where(rotated, HALF, 1)
+    rows = tl.arange(0, M_PAD)
+    row_ok = rows < M
+    # Positions, slots and the cos/sin rows are step metadata: they load before the wait.
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    cos_sin = cos_sin_ptr + pos * stride_cos_sin + tl.minimum(j, HALF - 1)  # unused unless rotated
+    cos = tl.load(cos_sin, mask=row_ok, other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin + HALF, mask=row_ok, other=0.0).to(tl.float32)
+    cols = head * HEAD_DIM + offs
+    acc = _gemv_columns(x_ptr, w_ptr, cols, cols >= 0, K, stride_xm, stride_wn, M, M_PAD, False, BLOCK_K, EVEN_K, PDL)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    # The projection's output as the unfused path stores it, then rotated as _rotate_heads does.
+    x1, x2 = tl.split(acc.to(x_ptr.dtype.element_ty).to(tl.float32))
+    out = tl.where(rotated, tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin), acc).to(x_ptr.dtype.element_ty)
+    if head < NUM_Q_HEADS:
+        tl.store(q_out_ptr + rows[:, None] * stride_qo_tok + cols[None, :], out.to(q_out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        is_v = head >= NUM_Q_HEADS + NUM_KV_HEADS
+        kv_head = head - NUM_Q_HEADS - NUM_KV_HEADS * is_v.to(tl.int32)
+        row = _cache_row(cache_ptr, slot, stride_c_block, stride_c_tok, BLOCK_SIZE) + is_v.to(tl.int64) * stride_c_kv
+        tl.store(row[:, None] + kv_head * HEAD_DIM + offs[None, :], out.to(cache_ptr.dtype.element_ty),
+                 mask=(row_ok & (slot >= 0))[:, None])
+
+
+def _check_cos_sin(positions: torch.Tensor, num_tokens: int, cos_sin_cache: torch.Tensor, head_dim: int, like: torch.Tensor) -> dict[str, int]:
+    """Check the positions of ``num_tokens`` tokens (-1: any) and the cache; returns the
+    rotation's launch constants."""
+    check_int_index("positions", positions, (num_tokens,), like)
+    check_shape("cos_sin_cache", cos_sin_cache, (-1, -1))
+    check_dtype("cos_sin_cache", cos_sin_cache)
+    check_device("cos_sin_cache", cos_sin_cache, like)
+    check_last_dim_contiguous("cos_sin_cache", cos_sin_cache)
+    rotary_dim = cos_sin_cache.shape[1]
+    if rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"cos_sin_cache width {rotary_dim} must be even and <= head_dim {head_dim}")
+    half, tail = rotary_dim // 2, head_dim - rotary_dim
+    return {"HEAD_DIM": head_dim, "HALF": half, "HALF_PAD": triton.next_power_of_2(half),
+            "TAIL_PAD": triton.next_power_of_2(tail) if tail else 0}
+
+
 def _check_rotary_args(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor) -> dict[str, int]:
     """Check what both wrappers take; returns the rotation's launch constants."""
     num_tokens = query.shape[0] if query.dim() == 3 else -1
@@ -124,17 +183,7 @@ def _check_rotary_args(positions: torch.Tensor, query: torch.Tensor, key: torch.
         check_dtype(name, t)
         check_device(name, t, query)
         check_last_dim_contiguous(name, t)
-    check_int_index("positions", positions, (num_tokens,), query)
-    check_shape("cos_sin_cache", cos_sin_cache, (-1, -1))
-    check_dtype("cos_sin_cache", cos_sin_cache)
-    check_device("cos_sin_cache", cos_sin_cache, query)
-    check_last_dim_contiguous("cos_sin_cache", cos_sin_cache)
-    rotary_dim = cos_sin_cache.shape[1]
-    if rotary_dim % 2 or rotary_dim > head_dim:
-        raise ValueError(f"cos_sin_cache width {rotary_dim} must be even and <= head_dim {head_dim}")
-    half, tail = rotary_dim // 2, head_dim - rotary_dim
-    return {"HEAD_DIM": head_dim, "HALF": half, "HALF_PAD": triton.next_power_of_2(half),
-            "TAIL_PAD": triton.next_power_of_2(tail) if tail else 0}
+    return _check_cos_sin(positions, num_tokens, cos_sin_cache, head_dim, query)
 
 
 def rotary_embedding(
@@ -192,6 +241,58 @@ def rotary_store_kv(
     return q_out
 
 
+def _qkv_shape(weight: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim) of a fused q/k/v weight writing into ``kv_cache``."""
+    check_kv_cache(kv_cache)
+    _, _, _, kv_heads, head_dim = kv_cache.shape
+    rows = weight.shape[0] if weight.dim() == 2 else 0
+    if rows % head_dim or rows // head_dim <= 2 * kv_heads:
+        raise ValueError(f"weight has {rows} rows: it must stack q, k and v heads of {head_dim} ({kv_heads} k and v heads each)")
+    return rows // head_dim - 2 * kv_heads, kv_heads, head_dim
+
+
+def qkv_rotary_store_kv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """``rotary_store_kv`` of ``linear(x, weight, bias)`` split into q, k and v, in one launch: ``x``
+    ``[M, hidden]`` (M <= ``linear.MAX_GEMV_ROWS``), ``weight`` ``[(heads + 2 * kv_heads) * head_dim,
+    hidden]``; writes the rotated keys and the values into ``kv_cache`` at ``slot_mapping`` ``[M]``
+    (a negative slot is skipped) and returns the rotated query ``[M, heads, head_dim]``."""
+    _check_linear_args(x, weight, bias, gated=False)
+    heads, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
+    consts = _check_cos_sin(positions, x.shape[0], cos_sin_cache, head_dim, x)
+    check_device("kv_cache", kv_cache, x)
+    check_int_index("slot_mapping", slot_mapping, (x.shape[0],), x)
+    m, k = x.shape
+    q_out = torch.empty((m, heads, head_dim), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return q_out
+    _qkv_rotary_store_kv_kernel[((heads + 2 * kv_heads) * head_dim // 2,)](
+        x, weight, weight if bias is None else bias, positions, cos_sin_cache, slot_mapping, q_out, kv_cache,
+        k, x.stride(0), weight.stride(0), q_out.stride(0), cos_sin_cache.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, NUM_Q_HEADS=heads, NUM_KV_HEADS=kv_heads,
+        HEAD_DIM=head_dim, HALF=consts["HALF"], BLOCK_SIZE=kv_cache.shape[2], BLOCK_K=DEFAULT_CONFIG.block_k,
+        EVEN_K=k % DEFAULT_CONFIG.block_k == 0,
+        num_warps=DEFAULT_CONFIG.num_warps, num_stages=DEFAULT_CONFIG.num_stages, **pdl.launch_options(x),
+    )
+    return q_out
+
+
+def split_qkv(qkv: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of a fused projection's output ``[T, (heads + 2 * kv_heads) * head_dim]`` as q
+    ``[T, heads, head_dim]``, k and v ``[T, kv_heads, head_dim]``."""
+    tokens, width = qkv.shape
+    q, k, v = qkv.split([width - 2 * kv_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return q.view(tokens, -1, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = cos.shape[-1]
     xf = x.float()
@@ -230,3 +331,19 @@ def ref_rotary_store_kv(
     query, key = ref_rotary_embedding(positions, query, key, cos_sin_cache)
     ref_store_kv(key, value, kv_cache, slot_mapping)
     return query
+
+
+def ref_qkv_rotary_store_kv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """``ref_rotary_store_kv`` of ``ref_linear(x, weight, bias)`` split into q, k and v: writes the
+    rotated keys and the values into ``kv_cache`` at ``slot_mapping`` and returns the rotated query."""
+    _, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
+    q, k, v = split_qkv(ref_linear(x, weight, bias), kv_heads, head_dim)
+    return ref_rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)

@@ -146,28 +146,55 @@ def fused_qkv(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torc
     return tuple(p.view(tokens, -1, head_dim) for p in parts)
 
 
-def check_rotary_store_kv(device: str, dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, rotary_dim: int, slot_dtype: torch.dtype) -> None:
-    """The rotated query, and the cache after the write: the new K rows within tolerance of the
-    reference (the kernel may fuse multiply-adds), every other element exactly as the reference left it."""
-    tokens, heads, kv_heads, block_size, num_blocks = 13, 6, 2, 8, 5
-    q, k, v = fused_qkv(tokens, heads, kv_heads, head_dim, dtype, device)
+def rotary_write_case(tokens: int, kv_heads: int, head_dim: int, rotary_dim: int, cache_dtype: torch.dtype, slot_dtype: torch.dtype,
+                      device: str) -> tuple[torch.Tensor, ...]:
+    """Positions, a cos/sin cache, a random cache of 5 blocks of 8 and distinct slots, every
+    second one padding (-1)."""
     pos = torch.randint(0, 64, (tokens,), device=device)
     cos_sin = torch.randn(64, rotary_dim, device=device)
-    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, dtype=cache_dtype, device=device)
-    slots = torch.randperm(num_blocks * block_size)[:tokens].to(slot_dtype)
-    slots[::4] = -1
-    slots = slots.to(device)
+    cache = torch.randn(5, 2, 8, kv_heads, head_dim, dtype=cache_dtype, device=device)
+    slots = torch.randperm(5 * 8)[:tokens].to(slot_dtype)
+    slots[1::2] = -1
+    return pos, cos_sin, cache, slots.to(device)
+
+
+def _assert_written_rows(cache: torch.Tensor, want: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, kv: int | slice) -> None:
+    """The K (``kv`` 0) or K and V rows written at ``slots`` within ``dtype``'s tolerance of the
+    reference (the kernel may fuse multiply-adds), every other element exactly as it left them."""
+    written = slots[slots >= 0].long()
+    blocks, offsets = written // cache.shape[2], written % cache.shape[2]
+    _assert_close(cache[blocks, kv, offsets], want[blocks, kv, offsets], dtype)
+    cache[blocks, kv, offsets] = want[blocks, kv, offsets]
+    assert torch.equal(cache, want)
+
+
+def check_rotary_store_kv(device: str, dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, rotary_dim: int, slot_dtype: torch.dtype) -> None:
+    """The rotated query, and the cache after the write (new keys are rounded to both dtypes)."""
+    tokens, heads, kv_heads = 13, 6, 2
+    q, k, v = fused_qkv(tokens, heads, kv_heads, head_dim, dtype, device)
+    pos, cos_sin, cache, slots = rotary_write_case(tokens, kv_heads, head_dim, rotary_dim, cache_dtype, slot_dtype, device)
     want = cache.clone()
     want_q = rotary.ref_rotary_store_kv(pos, q, k, v, cos_sin, want, slots)
     _poison_allocator(device, q.numel() * q.element_size())
     got_q = rotary.rotary_store_kv(pos, q, k, v, cos_sin, cache, slots)
     _assert_close(got_q, want_q, dtype)
-    written = slots[slots >= 0].long()
-    blocks, offsets = written // block_size, written % block_size
-    coarser = max(dtype, cache_dtype, key=TOLERANCE.__getitem__)  # new keys are rounded to both dtypes
-    _assert_close(cache[blocks, 0, offsets], want[blocks, 0, offsets], coarser)
-    cache[blocks, 0, offsets] = want[blocks, 0, offsets]
-    assert torch.equal(cache, want)
+    _assert_written_rows(cache, want, slots, max(dtype, cache_dtype, key=TOLERANCE.__getitem__), 0)
+
+
+def check_qkv_rotary_store_kv(device: str, dtype: torch.dtype, cache_dtype: torch.dtype, rows: int, heads: int, kv_heads: int,
+                              head_dim: int, rotary_dim: int, hidden: int, with_bias: bool) -> None:
+    """The projection, rotation and cache write in one launch against the reference: the query
+    and the new K and V rows within tolerance, every other cache element exactly as it was."""
+    w = torch.randn((heads + 2 * kv_heads) * head_dim, hidden, dtype=dtype, device=device)
+    b = torch.randn(w.shape[0], dtype=dtype, device=device) if with_bias else None
+    x = torch.randn(rows, hidden + 3, dtype=dtype, device=device)[:, :hidden]
+    pos, cos_sin, cache, slots = rotary_write_case(rows, kv_heads, head_dim, rotary_dim, cache_dtype, torch.int64, device)
+    want = cache.clone()
+    want_q = rotary.ref_qkv_rotary_store_kv(x, w, b, pos, cos_sin, want, slots)
+    _poison_allocator(device, want_q.numel() * want_q.element_size())
+    got_q = rotary.qkv_rotary_store_kv(x, w, b, pos, cos_sin, cache, slots)
+    _assert_close(got_q, want_q, dtype)
+    _assert_written_rows(cache, want, slots, max(dtype, cache_dtype, key=TOLERANCE.__getitem__), slice(None))
 
 
 def check_silu_and_mul(device: str, dtype: torch.dtype, inter: int) -> None:
@@ -232,6 +259,9 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     other = torch.float16 if dtype == torch.float32 else torch.float32
     yield "rotary_store_kv 64/64", lambda: check_rotary_store_kv(device, dtype, dtype, 64, 64, torch.int64)
     yield "rotary_store_kv 32/16 other cache dtype", lambda: check_rotary_store_kv(device, dtype, other, 32, 16, torch.int32)
+    yield "qkv_rotary_store_kv 1 row 32/32 bias", lambda: check_qkv_rotary_store_kv(device, dtype, dtype, 1, 4, 2, 32, 32, 100, True)
+    yield "qkv_rotary_store_kv 2 rows 32/16 other cache dtype", lambda: check_qkv_rotary_store_kv(device, dtype, other, 2, 6, 2, 32, 16, 300, False)
+    yield "qkv_rotary_store_kv 4 rows even K, MQA", lambda: check_qkv_rotary_store_kv(device, dtype, dtype, MAX_GEMV_ROWS, 4, 1, 16, 16, 2048, True)
     yield "silu_and_mul", lambda: check_silu_and_mul(device, dtype, 1500)
     for m, n, k, bias in ((1, 37, 100, True), (2, 24, 1024, False), (3, 64, 1030, True), (4, 19, 512, False)):
         yield f"linear {m}x{k} -> {n} bias={bias}", lambda m=m, n=n, k=k, b=bias: check_linear(device, dtype, m, n, k, b)
@@ -328,6 +358,17 @@ def test_linear_on_gpu_llama_shapes(dtype: torch.dtype, n: int, k: int) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim,hidden", [(64, 2048), (128, 4096)], ids=["1B", "8B"])
+def test_qkv_rotary_store_kv_on_gpu_llama_shapes(dtype: torch.dtype, head_dim: int, hidden: int) -> None:
+    """Llama-3.2-1B's and Llama-3-8B's attention inputs (32 query heads, 8 KV heads) at every row count the kernel takes."""
+    for rows in range(1, MAX_GEMV_ROWS + 1):
+        for with_bias in (False, True):
+            check_qkv_rotary_store_kv("cuda", dtype, dtype, rows, 32, 8, head_dim, head_dim, hidden, with_bias)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_linear_in_cuda_graph_and_dispatch() -> None:
     """A captured launch computes on the inputs present at replay; ``ops.linear`` hands
     more than ``MAX_DISPATCH_ROWS`` rows to torch."""
@@ -345,6 +386,16 @@ def test_linear_in_cuda_graph_and_dispatch() -> None:
     assert torch.equal(ops.linear(many, w, b), linear.ref_linear(many, w, b))
     gate_up = torch.randn(MAX_DISPATCH_ROWS + 1, 2 * 3072, dtype=torch.bfloat16, device="cuda")
     assert torch.equal(ops.gated_linear(gate_up, w.T.contiguous(), None), linear.ref_linear(ops.silu_and_mul(gate_up), w.T.contiguous()))
+    # The 1B's q/k/v: 32 query heads, 8 KV heads of 64; the fused launch, and the unfused ops past MAX_DISPATCH_ROWS.
+    for rows in (1, MAX_DISPATCH_ROWS + 1):
+        cache = torch.randn(4, 2, 16, 8, 64, dtype=torch.bfloat16, device="cuda")
+        want_cache = cache.clone()
+        x = torch.randn(rows, 2048, dtype=torch.bfloat16, device="cuda")
+        pos, slots = torch.randint(0, 64, (rows,), device="cuda"), torch.randperm(64, device="cuda")[:rows]
+        cos_sin = torch.randn(64, 64, device="cuda")
+        got_q = ops.qkv_rotary_store_kv(x, w, b, pos, cos_sin, cache, slots)
+        _assert_close(got_q, rotary.ref_qkv_rotary_store_kv(x, w, b, pos, cos_sin, want_cache, slots), torch.bfloat16)
+        _assert_close(cache, want_cache, torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -368,6 +419,14 @@ def test_kernels_on_gpu_pool_beyond_int32_offsets() -> None:
     _assert_close(got_q, want_q, torch.bfloat16)
     _assert_close(cache[blocks, 0, offsets], want_k, torch.bfloat16)
     assert torch.equal(cache[blocks, 1, offsets], v)
+    x = torch.randn(MAX_GEMV_ROWS, 256, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn((32 + 2 * kv_heads) * head_dim, 256, dtype=torch.bfloat16, device="cuda") / 16
+    got_q = rotary.qkv_rotary_store_kv(x, w, None, pos[:MAX_GEMV_ROWS], cos_sin, cache, slots[:MAX_GEMV_ROWS])
+    q, k, v = rotary.split_qkv(linear.ref_linear(x, w), kv_heads, head_dim)
+    want_q, want_k = rotary.ref_rotary_embedding(pos[:MAX_GEMV_ROWS], q, k, cos_sin)
+    _assert_close(got_q, want_q, torch.bfloat16)
+    _assert_close(cache[blocks[:MAX_GEMV_ROWS], 0, offsets[:MAX_GEMV_ROWS]], want_k, torch.bfloat16)
+    _assert_close(cache[blocks[:MAX_GEMV_ROWS], 1, offsets[:MAX_GEMV_ROWS]], v, torch.bfloat16)
     ids = high[8:24].cuda()
     assert torch.equal(kv_cache.gather_blocks(cache, ids), kv_cache.ref_gather_blocks(cache, ids))
     packed = torch.randn(16, 2, block_size, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")

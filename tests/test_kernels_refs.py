@@ -164,6 +164,12 @@ def test_ops_use_the_references_for_cpu_tensors() -> None:
     x, w = torch.randn(3, 32), torch.randn(32)
     assert torch.equal(ops.rms_norm(x, w, 1e-6), norm.ref_rms_norm(x, w, 1e-6))
     assert torch.equal(ops.silu_and_mul(x=x), activation.ref_silu_and_mul(x))
+    qkv_w, cache = torch.randn((4 + 2 * 2) * 16, 32), torch.randn(6, 2, 8, 2, 16)
+    pos, cos_sin, slots = torch.randint(0, 32, (3,)), torch.randn(32, 16), torch.tensor([5, -1, 47])
+    want_cache = cache.clone()
+    want_q = rotary.ref_qkv_rotary_store_kv(x, qkv_w, None, pos, cos_sin, want_cache, slots)
+    assert torch.equal(ops.qkv_rotary_store_kv(x, qkv_w, None, pos, cos_sin, cache, slots), want_q)
+    assert torch.equal(cache, want_cache)
     names = ["gather_blocks", "scatter_blocks", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_store_kv", "silu_and_mul"]
     assert all(callable(getattr(ops, n)) for n in names)
 
@@ -195,6 +201,11 @@ def _bad_decode_calls():
     yield "must be even and <= head_dim", lambda: rotary.rotary_embedding(seq_lens, q, q, torch.randn(10, 20))
     yield "value must have shape", lambda: rotary.rotary_store_kv(seq_lens, q, q[:, :2], q[:, :1], torch.randn(10, 16), cache, seq_lens)
     yield "kv_cache must have shape", lambda: rotary.rotary_store_kv(seq_lens, q, q[:, :2], q[:, :2], torch.randn(10, 16), cache[:, 0], seq_lens)
+    x, w = torch.randn(2, 32), torch.randn((4 + 2 * 2) * 16, 32)
+    yield "must stack q, k and v heads", lambda: rotary.qkv_rotary_store_kv(x, w[:70], None, seq_lens, torch.randn(10, 16), cache, seq_lens)
+    yield "positions must have shape", lambda: rotary.qkv_rotary_store_kv(x, w, None, seq_lens[:1], torch.randn(10, 16), cache, seq_lens)
+    yield "slot_mapping must have dtype", lambda: rotary.qkv_rotary_store_kv(x, w, None, seq_lens, torch.randn(10, 16), cache, seq_lens.float())
+    yield "MAX_GEMV_ROWS", lambda: rotary.qkv_rotary_store_kv(torch.randn(5, 32), w, None, seq_lens, torch.randn(10, 16), cache, seq_lens)
 
 
 @pytest.mark.parametrize("message,call", list(_bad_decode_calls()), ids=lambda v: v if isinstance(v, str) else "")
