@@ -17,6 +17,7 @@ from torch import nn
 from baton.engine.attention import AttentionMetadata, paged_attention_forward
 from baton.engine.model_config import ModelConfig
 from baton.kernels import ops
+from baton.kernels.rotary import split_qkv
 
 # Checkpoint projection name -> (fused engine name, shard key). Shard keys are the
 # order of the slices inside the fused weight.
@@ -37,7 +38,8 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     replay, ``bench/bench_kernels.py --linear-only``) the GEMV beat cuBLAS on each of
     Llama-3.2-1B's qkv (6.1 vs 7.2 us), o (4.8 vs 6.2), gate_up (23.1 vs 25.3) and down
     (13.2 vs 16.4), and the 1B batch-1 decode step (graph replay, ctx 512) went from 1.256
-    to 1.132 ms. ``lm_head`` (``compute_logits``) takes the GEMV at one row only."""
+    to 1.132 ms. Without q/k norms, qkv's GEMV also rotates and writes the KV cache
+    (``ops.qkv_rotary_store_kv``). ``lm_head`` (``compute_logits``) takes the GEMV at one row only."""
     return ops.linear(x, layer.weight, layer.bias)
 
 
@@ -79,13 +81,12 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = project(self.qkv_proj, hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = ops.rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, meta.slot_mapping)
+            q, k, v = split_qkv(project(self.qkv_proj, hidden), self.num_kv_heads, self.head_dim)
+            q = ops.rotary_store_kv(positions, self.q_norm(q), self.k_norm(k), v, cos_sin_cache, kv_cache, meta.slot_mapping)
+        else:
+            q = ops.qkv_rotary_store_kv(hidden, self.qkv_proj.weight, self.qkv_proj.bias, positions, cos_sin_cache,
+                                        kv_cache, meta.slot_mapping)
         out = paged_attention_forward(q, kv_cache, meta, self.scale)
         return project(self.o_proj, out.reshape(num_tokens, self.q_size))
 
