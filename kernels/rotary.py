@@ -245,6 +245,8 @@ def _qkv_shape(weight: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int, 
     """(query heads, kv heads, head dim) of a fused q/k/v weight writing into ``kv_cache``."""
     check_kv_cache(kv_cache)
     _, _, _, kv_heads, head_dim = kv_cache.shape
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (each program owns two of a head's columns), got {head_dim}")
     rows = weight.shape[0] if weight.dim() == 2 else 0
     if rows % head_dim or rows // head_dim <= 2 * kv_heads:
         raise ValueError(f"weight has {rows} rows: it must stack q, k and v heads of {head_dim} ({kv_heads} k and v heads each)")

@@ -205,6 +205,7 @@ def _bad_decode_calls():
     yield "must stack q, k and v heads", lambda: rotary.qkv_rotary_store_kv(x, w[:70], None, seq_lens, torch.randn(10, 16), cache, seq_lens)
     yield "positions must have shape", lambda: rotary.qkv_rotary_store_kv(x, w, None, seq_lens[:1], torch.randn(10, 16), cache, seq_lens)
     yield "slot_mapping must have dtype", lambda: rotary.qkv_rotary_store_kv(x, w, None, seq_lens, torch.randn(10, 16), cache, seq_lens.float())
+    yield "head_dim must be even", lambda: rotary.qkv_rotary_store_kv(x[:, :15], w[:, :15].contiguous(), None, seq_lens, torch.randn(10, 14), torch.randn(4, 2, 8, 2, 15), seq_lens)
     yield "MAX_GEMV_ROWS", lambda: rotary.qkv_rotary_store_kv(torch.randn(5, 32), w, None, seq_lens, torch.randn(10, 16), cache, seq_lens)
 
 
