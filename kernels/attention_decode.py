@@ -68,9 +68,12 @@ def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: in
     deep, light = DEFAULT_CONFIGS[64 if head_dim <= 64 else 128]
     if batch * num_kv_heads > deep.programs_per_sm * _num_sms(device):
         return light
-    half = replace(deep, tile_n=deep.tile_n // 2, min_split_tokens=deep.tile_n // 2)
     splits, split_len = split_context(device, batch, num_kv_heads, max_context, deep)
-    return half if split_len == deep.tile_n and split_context(device, batch, num_kv_heads, max_context, half)[0] > splits else deep
+    if split_len == deep.tile_n:
+        half = replace(deep, tile_n=deep.tile_n // 2, min_split_tokens=deep.tile_n // 2)
+        if split_context(device, batch, num_kv_heads, max_context, half)[0] > splits:
+            return half
+    return deep
 
 
 @triton.jit
