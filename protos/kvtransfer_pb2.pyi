@@ -46,3 +46,15 @@ class PushReply(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     bytes_received: int
     def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
+
+class KVAck(_message.Message):
+    __slots__ = ("ok", "code", "error", "bytes_received")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    code: str
+    error: str
+    bytes_received: int
+    def __init__(self, ok: _Optional[bool] = ..., code: _Optional[str] = ..., error: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
