@@ -1,5 +1,5 @@
 """The KV transport interface. Services use only this module; backends (gRPC
-stream, later UCX and NCCL) implement it and register under a name.
+stream, UCX) implement it and register under a name.
 
 Sender side (prefill worker), per request::
 
@@ -150,7 +150,7 @@ ReceiverFactory = Callable[..., KVReceiver]
 
 _REGISTRY: dict[str, tuple[SenderFactory, ReceiverFactory]] = {}
 # Built-in backends, imported on first use so optional dependencies stay optional.
-_BUILTIN_MODULES: dict[str, str] = {"grpc": "baton.kvtransfer.grpc_transport"}
+_BUILTIN_MODULES: dict[str, str] = {"grpc": "baton.kvtransfer.grpc_transport", "ucx": "baton.kvtransfer.ucx_transport"}
 
 
 def register_transport(name: str, sender: SenderFactory, receiver: ReceiverFactory) -> None:
@@ -164,7 +164,11 @@ def known_transports() -> list[str]:
 
 def _lookup(transport: str) -> tuple[SenderFactory, ReceiverFactory]:
     if transport not in _REGISTRY and transport in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[transport])
+        try:
+            importlib.import_module(_BUILTIN_MODULES[transport])
+        except ImportError as e:
+            raise ValueError(f"KV transport {transport!r} needs the {e.name!r} package, which is not installed "
+                             f"(pip install 'baton[{transport}]')") from e
     if transport not in _REGISTRY:
         raise ValueError(f"unknown KV transport {transport!r}; known: {', '.join(known_transports())}")
     return _REGISTRY[transport]

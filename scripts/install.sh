@@ -3,6 +3,8 @@
 # plus Debian's redis-server when no redis-server is on the PATH.
 #   TORCH_SPEC   the torch requirement to install first (default: torch==2.13.0;
 #                on a GPU machine set it to the CUDA build you want)
+#   UCX_EXTRA    the ucxx build to install (default: ucx, for CUDA 12 and CPU-only machines;
+#                ucx-cu13 beside a CUDA 13 torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,5 +22,5 @@ python3 -m venv .venv
 pip install -q --upgrade pip
 # torch first, so that no dependency's loose requirement pulls a multi-GB CUDA build.
 pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-pip install -q -e ".[dev]"
+pip install -q -e ".[dev,${UCX_EXTRA:-ucx}]"
 echo "installed: run '.venv/bin/baton up' to serve, 'scripts/test.sh' to test"
