@@ -13,8 +13,10 @@ COPY kernels kernels
 COPY kvtransfer kvtransfer
 COPY protos protos
 COPY services services
-RUN pip install --no-cache-dir .
+# UCX_EXTRA: the ucxx build for the image's CUDA (ucx for CUDA 12, ucx-cu13 for CUDA 13).
+ARG UCX_EXTRA=ucx
+RUN pip install --no-cache-dir ".[${UCX_EXTRA}]"
 
 ENV PYTHONUNBUFFERED=1
-EXPOSE 8000 50051 50061
+EXPOSE 8000 50051 50061 50062
 CMD ["python", "-P", "-m", "baton.services.gateway", "--help"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The disaggregated path on one GPU: a prefill and a decode worker (separate
-# processes, KV handed over gRPC) and the gateway with static addresses (no
-# Redis: load-only routing), then a greedy check and the serving benchmark.
+# processes, KV handed over gRPC, or UCX with KV_TRANSPORT=ucx) and the gateway
+# with static addresses (no Redis: load-only routing), then a greedy check and
+# the serving benchmark.
 #   bench/serve_gpu.sh MODEL_DIR DTYPE [bench_serving.py flags...]   (DEVICE=cpu to try it without a GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ model=$1 dtype=$2; shift 2
 py=${PYTHON:-python3}
 common=(--model "$model" --device "${DEVICE:-cuda}" --dtype "$dtype" --kv-cache-memory-mb 4096 --max-num-seqs 128)
 $py -m baton.services.prefill --port 50051 "${common[@]}" & pids=($!)
-$py -m baton.services.decode --port 50061 "${common[@]}" & pids+=($!)
+$py -m baton.services.decode --port 50061 --kv-transport "${KV_TRANSPORT:-grpc}" "${common[@]}" & pids+=($!)
 $py -m baton.services.gateway --model-dir "$model" --served-model-name m --port 8000 \
     --prefill-addr 127.0.0.1:50051 --decode-addr 127.0.0.1:50061 --log-level warning & pids+=($!)
 trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait' EXIT

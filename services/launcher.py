@@ -74,7 +74,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         for _ in range(count):
             port = free_port()
             addrs.append(f"127.0.0.1:{port}")
-            cmds.append([py, "-P", "-m", f"baton.services.{role}", "--port", str(port), *common])
+            kv = ["--kv-transport", args.kv_transport] if role == "decode" else []
+            cmds.append([py, "-P", "-m", f"baton.services.{role}", "--port", str(port), *common, *kv])
     plan.gateway = [
         py, "-P", "-m", "baton.services.gateway",
         "--model-dir", args.model,
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc", help="how KV moves from prefill to decode")
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
     return parser
 

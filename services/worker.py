@@ -64,6 +64,10 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
                    help="launch each step before reading the last one's tokens back (default: on with --device cuda)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight RPCs get after SIGTERM")
     p.add_argument("--log-level", default="INFO")
+    if role == "decode":
+        p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc",
+                       help="how prefill workers send KV here: a gRPC stream on --port, or UCX on --kv-port")
+        p.add_argument("--kv-port", type=int, default=0, help="UCX listener port (0: any free port); it listens on every interface")
     return p
 
 

@@ -57,7 +57,11 @@ def test_worker_commands_parse_with_default_ports(compose, role, port):
     args = worker_arg_parser(role, default_port=port).parse_args(_argv(service)[4:])
     assert args.port == port and args.model == "/models/shakespeare-llama-5m" and args.redis_url == "redis://redis:6379/0"
     assert args.dtype == "bfloat16" and args.device == "cuda"
-    assert service["ports"] == [f"{port}:{port}"]
+    if role == "decode":  # KV arrives over gRPC on the worker's port unless KV_TRANSPORT=ucx picks UCX's
+        assert (args.kv_transport, args.kv_port) == ("grpc", 50062)
+        assert service["ports"] == [f"{port}:{port}", "50062:50062"]
+    else:
+        assert service["ports"] == [f"{port}:{port}"]
     assert worker_arg_parser(role, default_port=port).parse_args(["--model", "m"]).port == port
     assert service["environment"]["MODEL"].startswith("${MODEL:-")
     devices = service["deploy"]["resources"]["reservations"]["devices"]
@@ -91,3 +95,11 @@ def test_launcher_plan_spawns_redis_only_without_url(monkeypatch):
     assert plan.redis is not None and plan.redis[0] == "redis-server"
     assert len(plan.prefill) == 2 and len(plan.decode) == 3
     assert plan.gateway.count("--prefill-addr") == 2 and plan.gateway.count("--decode-addr") == 3
+
+
+def test_launcher_plan_passes_the_kv_transport_to_decode_workers():
+    args = launcher.build_parser().parse_args(["up", "--model", "/m", "--redis-url", "redis://r/0", "--kv-transport", "ucx"])
+    plan = launcher.make_plan(args)
+    decode = worker_arg_parser("decode", default_port=50061).parse_args(plan.decode[0][4:])
+    assert decode.kv_transport == "ucx"
+    assert "--kv-transport" not in plan.prefill[0]  # the decode worker's ticket names the transport

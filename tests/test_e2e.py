@@ -2,7 +2,8 @@
 processes, the real gateway, driven through the official ``openai`` client.
 
 Two prefill workers and one decode worker, started as ``baton up`` starts them (the
-decode worker with async scheduling, its default on a GPU)."""
+decode worker with async scheduling, its default on a GPU). Every test runs once
+with each KV transport: the gRPC stream, and UCX."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import redis
 from baton.engine.hashing import block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.sampling_params import SamplingParams
-from baton.protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from baton.services import launcher
 from baton.services.redis_keys import WORKER_PREFIX, WorkerRecord, block_key
 
@@ -32,11 +33,13 @@ MODEL_NAME = "shakespeare-llama-5m"
 
 
 class System:
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, kv_transport: str) -> None:
         args = launcher.build_parser().parse_args(
-            ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", "2", "--decode", "1"]
+            ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", "2", "--decode", "1",
+             "--kv-transport", kv_transport]
         )
         os.environ.pop("REDIS_URL", None)
+        self.kv_transport = kv_transport
         self.plan = launcher.make_plan(args)
         # The decode worker schedules asynchronously, as it does by default on a GPU.
         self.plan.decode = [cmd + ["--async-scheduling"] for cmd in self.plan.decode]
@@ -73,9 +76,9 @@ class System:
         launcher.stop_all(self.procs, grace=20)
 
 
-@pytest.fixture(scope="module")
-def system(demo_model):
-    s = System(demo_model)
+@pytest.fixture(scope="module", params=["grpc", "ucx"])
+def system(demo_model, request):
+    s = System(demo_model, request.param)
     yield s
     s.stop()
 
@@ -101,6 +104,20 @@ def test_greedy_matches_aggregated_engine_and_transformers(system, reference, de
         assert out.choices[0].text == tok.decode(expected, skip_special_tokens=True)
     juliet = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0)
     assert juliet.choices[0].text.startswith(", Romeo! wherefore art thou Romeo?")
+
+
+def test_decode_worker_tickets_name_the_transport(system):
+    with grpc.insecure_channel(system.worker_addrs("decode")[0]) as channel:
+        stub = decode_pb2_grpc.DecodeStub(channel)
+        request = decode_pb2.ReserveRequest(request_id="ticket-probe", prompt_token_ids=list(range(1, 40)),
+                                            params=common_pb2.SamplingParams(max_tokens=4))
+        ticket = stub.Reserve(request, timeout=10)
+        stub.Abort(common_pb2.AbortRequest(request_id="ticket-probe"), timeout=10)
+    host, port = ticket.address.rsplit(":", 1)
+    assert ticket.transport == system.kv_transport and host == "127.0.0.1" and int(port) > 0
+    assert len(ticket.block_ids) == 3  # 39 tokens in blocks of 16
+    assert (ticket.address == system.worker_addrs("decode")[0]) == (system.kv_transport == "grpc")
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 
 def test_streaming_equals_non_streaming(system):

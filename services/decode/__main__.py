@@ -1,13 +1,24 @@
-"""``python -m baton.services.decode --model DIR [--port N] [--redis-url URL]``"""
+"""``python -m baton.services.decode --model DIR [--port N] [--redis-url URL] [--kv-transport grpc|ucx]``"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
-from baton.kvtransfer.base import create_receiver
+import grpc
+
+from baton.kvtransfer.base import KVReceiver, create_receiver
 from baton.protos import decode_pb2, decode_pb2_grpc, kvtransfer_pb2
 from baton.services.decode.server import DecodeServicer
-from baton.services.worker import build_worker, serve, setup_logging, worker_arg_parser
+from baton.services.worker import WorkerContext, build_worker, serve, setup_logging, worker_arg_parser
+
+
+def make_receiver(args: argparse.Namespace, ctx: WorkerContext, server: grpc.aio.Server) -> KVReceiver:
+    """The KV receiver of ``--kv-transport``: gRPC on the worker's own server, or UCX on its own port."""
+    if args.kv_transport == "grpc":
+        return create_receiver("grpc", ctx.runner.kv_caches, address=ctx.address, server=server)
+    return create_receiver(args.kv_transport, ctx.runner.kv_caches,
+                           advertise_host=args.advertise_host or args.host, port=args.kv_port)
 
 
 async def main() -> None:
@@ -16,13 +27,12 @@ async def main() -> None:
     ctx = build_worker(args, "decode", keep_finished_blocks=False)
 
     def register(server):
-        receiver = create_receiver("grpc", ctx.runner.kv_caches, address=ctx.address, server=server)
+        receiver = make_receiver(args, ctx, server)
         servicer = DecodeServicer(ctx, receiver)
         decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
-        names = [
-            decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
-            kvtransfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name,
-        ]
+        names = [decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name]
+        if receiver.transport == "grpc":
+            names.append(kvtransfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name)
         return names, servicer.engine
 
     await serve(args, ctx, "decode", register)

@@ -70,8 +70,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._receiver.expect(rid, block_ids, self._ctx.layout)
         return kvtransfer_pb2.TransferTicket(
             request_id=rid,
-            transport="grpc",
-            address=self._ctx.address,
+            transport=self._receiver.transport,
+            address=self._receiver.address,
             block_ids=block_ids,
             layout=self._ctx.layout.to_proto(),
             num_tokens=len(prompt),
