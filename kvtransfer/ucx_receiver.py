@@ -39,6 +39,9 @@ from baton.kvtransfer.layout import KVLayout
 from baton.protos import kvtransfer_pb2
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 no longer reads
+# UCX progresses on the event loop, woken by the worker's file descriptor: ucxx's default, a
+# progress thread, competes with the engine thread for the GIL (bench/results/kvtransfer_h200.md).
+os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
 import ucxx  # noqa: E402
 from ucxx.exceptions import UCXCanceled, UCXError, UCXMessageTruncatedError  # noqa: E402
 
