@@ -145,6 +145,15 @@ def test_ticket_proto_round_trip_and_registry():
         create_receiver("carrier-pigeon", make_caches(2, torch.float32, 0))
 
 
+@pytest.mark.unit
+def test_a_backend_whose_package_is_missing_is_refused_by_name(monkeypatch):
+    from baton.kvtransfer import base
+
+    monkeypatch.setitem(base._BUILTIN_MODULES, "carrier-pigeon", "baton_missing_backend_package")
+    with pytest.raises(ValueError, match=r"KV transport 'carrier-pigeon' needs the 'baton_missing_backend_package' package"):
+        create_sender("carrier-pigeon")
+
+
 # ---------------------------------------------------------------- round trips
 
 
