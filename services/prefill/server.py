@@ -85,9 +85,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             elif update.new_tokens:
                 future.set_result(update)
 
-    def _sender(self, transport: str) -> KVSender:
+    async def _sender(self, transport: str) -> KVSender:
         if transport not in self._senders:
-            self._senders[transport] = create_sender(transport)
+            # The first use imports the backend (ucxx takes ~0.5 s): not on the event loop.
+            sender = await asyncio.to_thread(create_sender, transport)
+            self._senders.setdefault(transport, sender)
         return self._senders[transport]
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
@@ -149,7 +151,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 f"does not fit request {request.request_id!r} ({num_tokens} tokens, {num_blocks} blocks)",
             )
         try:
-            session = self._sender(ticket.transport).open(TransferTicket.from_proto(ticket), self._ctx.layout)
+            session = (await self._sender(ticket.transport)).open(TransferTicket.from_proto(ticket), self._ctx.layout)
         except LayoutMismatch as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (TransferError, ValueError) as exc:
