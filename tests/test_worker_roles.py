@@ -141,3 +141,17 @@ async def test_failed_step_aborts_running_requests_but_not_reserved_ones():
         assert await loop.call(lambda: core.stats().used_blocks) == 0
     finally:
         loop.stop()
+
+
+def test_decode_worker_without_its_transports_package_exits_with_the_reason(monkeypatch) -> None:
+    import argparse
+    from unittest import mock
+
+    from baton.kvtransfer import base
+    from baton.services.decode.__main__ import make_receiver
+
+    monkeypatch.setitem(base._BUILTIN_MODULES, "ucx", "baton_missing_backend_package")
+    monkeypatch.delitem(base._REGISTRY, "ucx", raising=False)
+    args = argparse.Namespace(kv_transport="ucx", advertise_host=None, host="127.0.0.1", kv_port=0)
+    with pytest.raises(SystemExit, match=r"decode worker: KV transport 'ucx' needs the 'baton_missing_backend_package'"):
+        make_receiver(args, mock.Mock(), server=None)
