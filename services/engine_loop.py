@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 from baton.engine.block_manager import BlockEvent
 from baton.engine.engine_core import EngineCore, EngineStats, LayerHook
 from baton.engine.sequence import Sequence, TokenLogprob
+from baton.services.worker_metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,8 +53,10 @@ class EngineLoop:
         on_outputs: Callable[[list[SeqUpdate]], None],
         on_layer_done: LayerHook | None = None,
         on_block_events: Callable[[list[BlockEvent]], None] | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.core = core
+        self._metrics = metrics
         self._on_outputs = on_outputs
         self._on_layer_done = on_layer_done
         self._on_block_events = on_block_events
@@ -127,11 +131,15 @@ class EngineLoop:
             self.stats = self.core.stats()
             self._wake.wait(timeout=0.5)
             return
+        started = time.perf_counter()
         try:
             changed = self.core.step(on_layer_done=self._on_layer_done)
         except Exception:
             log.exception("engine step failed; aborting the requests it ran")
             changed = self.core.abort_active()
+        else:
+            if self._metrics is not None:
+                self._metrics.record_step(time.perf_counter() - started, self.core.last_step_tokens)
         if not self.core.last_step_tokens:
             # Only parked work (blocks held for transfers): wait for a command rather than spin.
             self._wake.wait(timeout=0.005)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
@@ -29,6 +30,7 @@ from baton.protos import MAX_MESSAGE_BYTES, common_pb2
 from baton.services.engine_loop import EngineLoop
 from baton.services.index_publisher import IndexPublisher
 from baton.services.redis_keys import WorkerRecord
+from baton.services.worker_metrics import EngineMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
                    help="launch each step before reading the last one's tokens back (default: on with --device cuda)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight RPCs get after SIGTERM")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
     if role == "decode":
         p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc",
                        help="how prefill workers send KV here: a gRPC stream on --port, or UCX on --kv-port")
@@ -80,6 +83,7 @@ class WorkerContext:
     layout: KVLayout
     fingerprint: str
     publisher: IndexPublisher | None     # registry heartbeat + prefix-index events (with --redis-url)
+    engine_metrics: EngineMetrics | None  # with --metrics-port
 
 
 def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool) -> WorkerContext:
@@ -112,7 +116,8 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
     if args.redis_url:
         record = WorkerRecord(worker_id, role, address, fingerprint, config.block_size)
         publisher = IndexPublisher(args.redis_url, record, args.heartbeat_ttl)
-    return WorkerContext(worker_id, address, runner, core, layout, fingerprint, publisher)
+    metrics = EngineMetrics(CollectorRegistry()) if args.metrics_port is not None else None
+    return WorkerContext(worker_id, address, runner, core, layout, fingerprint, publisher, metrics)
 
 
 def warm_up(core: EngineCore, block_size: int) -> None:
@@ -144,6 +149,8 @@ async def serve(
     server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     engine.start()
+    if ctx.engine_metrics is not None:
+        serve_metrics(args.metrics_port, args.host, lambda: engine.stats, ctx.engine_metrics.registry)
     if ctx.publisher is not None:
         await ctx.publisher.start()
     for name in ["", *names]:

@@ -43,6 +43,12 @@ class System:
         self.plan = launcher.make_plan(args)
         # The decode worker schedules asynchronously, as it does by default on a GPU.
         self.plan.decode = [cmd + ["--async-scheduling"] for cmd in self.plan.decode]
+        self.metrics_ports = {}  # worker command index -> its Prometheus port
+        for cmds in (self.plan.prefill, self.plan.decode):
+            for i, cmd in enumerate(cmds):
+                port = launcher.free_port()
+                cmds[i] = cmd + ["--metrics-port", str(port)]
+                self.metrics_ports[cmd[cmd.index("--port") + 1]] = port
         self.procs: list[subprocess.Popen] = []
         for cmd in [self.plan.redis] + self.plan.prefill + self.plan.decode:
             self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
@@ -206,6 +212,28 @@ def test_client_disconnect_aborts_on_both_workers(system):
     stream.close()
     loads = system.wait_no_blocks_in_use()
     assert all(l.used_blocks == 0 and l.running == 0 for l in loads), loads
+
+
+def test_workers_serve_prometheus_metrics(system):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[3], max_tokens=8, temperature=0)
+    system.wait_no_blocks_in_use()
+    steps = {}
+    for role in ("prefill", "decode"):
+        for addr in system.worker_addrs(role):
+            port = system.metrics_ports[addr.rsplit(":", 1)[1]]
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            samples = {(s.name, s.labels.get("state")): s.value
+                       for family in text_string_to_metric_families(text) for s in family.samples}
+            assert samples[("baton_worker_requests", "running")] == samples[("baton_worker_requests", "waiting")] == 0
+            assert samples[("baton_worker_kv_blocks", "used")] == 0 and samples[("baton_worker_kv_usage_ratio", None)] == 0
+            assert samples[("baton_worker_kv_blocks", "free")] + samples[("baton_worker_kv_blocks", "cached")] > 0
+            n = samples[("baton_worker_engine_steps_total", None)]
+            assert samples[("baton_worker_engine_step_seconds_count", None)] == n
+            assert (samples[("baton_worker_tokens_total", None)] > 0) == (n > 0)
+            steps.setdefault(role, []).append(n)
+    assert sum(steps["prefill"]) > 0 and all(n > 0 for n in steps["decode"])
 
 
 def test_sigterm_drains_then_exits(system):

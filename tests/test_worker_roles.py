@@ -155,3 +155,25 @@ def test_decode_worker_without_its_transports_package_exits_with_the_reason(monk
     args = argparse.Namespace(kv_transport="ucx", advertise_host=None, host="127.0.0.1", kv_port=0)
     with pytest.raises(SystemExit, match=r"decode worker: KV transport 'ucx' needs the 'baton_missing_backend_package'"):
         make_receiver(args, mock.Mock(), server=None)
+
+
+def test_worker_metrics_read_the_engines_load_when_scraped() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from baton.engine.engine_core import EngineStats
+    from baton.services.worker_metrics import EngineMetrics, LoadCollector
+
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(registry)
+    stats = [EngineStats(running=2, waiting=1, total_blocks=10, free_blocks=3, used_blocks=4, cached_blocks=3)]
+    registry.register(LoadCollector(lambda: stats[0]))
+    metrics.record_step(0.002, 17)
+    metrics.record_step(0.003, 1)
+    get = registry.get_sample_value
+    assert (get("baton_worker_requests", {"state": "running"}), get("baton_worker_requests", {"state": "waiting"})) == (2, 1)
+    assert [get("baton_worker_kv_blocks", {"state": s}) for s in ("used", "cached", "free")] == [4, 3, 3]
+    assert get("baton_worker_kv_usage_ratio") == 0.4
+    assert (get("baton_worker_engine_steps_total"), get("baton_worker_tokens_total")) == (2, 18)
+    assert get("baton_worker_engine_step_seconds_sum") == pytest.approx(0.005)
+    stats[0] = EngineStats(running=0, waiting=0, total_blocks=10, free_blocks=10, used_blocks=0, cached_blocks=0)
+    assert get("baton_worker_kv_usage_ratio") == 0 and get("baton_worker_requests", {"state": "running"}) == 0

@@ -41,7 +41,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._ttl = reservation_ttl_s
         self._reservations: dict[str, asyncio.TimerHandle] = {}  # request id -> its expiry
         self._streams: dict[str, asyncio.Queue[SeqUpdate]] = {}
-        self.engine = EngineLoop(ctx.core, self._on_outputs)
+        self.engine = EngineLoop(ctx.core, self._on_outputs, metrics=ctx.engine_metrics)
 
     def _on_outputs(self, updates: list[SeqUpdate]) -> None:
         for update in updates:

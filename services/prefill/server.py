@@ -58,7 +58,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._sessions: dict[str, TransferSession] = {}
         self._senders: dict[str, KVSender] = {}
         on_events = ctx.publisher.publish if ctx.publisher is not None else None
-        self.engine = EngineLoop(ctx.core, self._on_outputs, self._on_layer_done, on_events)
+        self.engine = EngineLoop(ctx.core, self._on_outputs, self._on_layer_done, on_events, ctx.engine_metrics)
 
     # engine thread ---------------------------------------------------------
     def _on_layer_done(self, layer: int, chunks: list[ScheduledChunk]) -> None:
