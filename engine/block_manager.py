@@ -133,13 +133,13 @@ class BlockManager:
         return len(self._prefix_hits(seq)) * self.block_size
 
     # -- allocation ---------------------------------------------------------
-    def allocate(self, seq: Sequence, num_tokens: int, reuse_prefix: bool = True) -> bool:
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """First allocation of ``seq``: reuse its cached prefix, then add blocks for
         ``num_tokens`` more tokens. Sets ``num_computed_tokens`` / ``num_cached_tokens``.
         Returns False, changing nothing, when the pool is short."""
         if seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} already holds blocks")
-        hits = self._prefix_hits(seq) if reuse_prefix else []
+        hits = self._prefix_hits(seq)
         num_cached = len(hits) * self.block_size
         num_new = self.blocks_needed(num_cached + num_tokens) - len(hits)
         hits_evictable = sum(1 for b in hits if self.blocks[b].ref_count == 0)

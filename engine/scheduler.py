@@ -180,11 +180,13 @@ class Scheduler:
     # -- decode role ------------------------------------------------------------
     def reserve(self, seq: Sequence) -> bool:
         """Allocate blocks for the prompt of ``seq``, whose KV will arrive from
-        elsewhere; park it. False (nothing held) when the pool is short now."""
+        elsewhere, reusing the cached prefix the pool holds (``seq.num_cached_tokens``:
+        that part need not arrive); park it. False (nothing held) when the pool is short now."""
         if seq.seq_id in self._order or seq.seq_id in self.reserved:
             raise ValueError(f"sequence {seq.seq_id} is already scheduled")
         self.check_fits(seq)
-        if not self.block_manager.allocate(seq, seq.num_prompt_tokens, reuse_prefix=False):
+        cached = self.block_manager.cached_prefix_tokens(seq)
+        if not self.block_manager.allocate(seq, seq.num_prompt_tokens - cached):
             return False
         seq.status = SequenceStatus.WAITING
         self.reserved[seq.seq_id] = seq

@@ -17,7 +17,8 @@ Receiver side (decode worker), per request::
 ``submit_layer`` sends source blocks ``src_block_ids[j]`` (of the sender's
 cache) into ``ticket.block_ids[first + j]`` on the receiver (``first`` defaults
 to 0; a chunked prefill submits each chunk's blocks with its offset);
-``ticket.block_ids`` holds exactly the blocks of the prompt's KV, in sequence order. A transfer completes when every layer of
+``ticket.block_ids`` holds the blocks of the prompt's KV in sequence order, less
+the ``ticket.cached_blocks`` leading ones the receiver already holds. A transfer completes when every layer of
 every block has landed and the sender's final message has arrived.
 """
 
@@ -52,20 +53,21 @@ class TransferTicket:
     block_ids: tuple[int, ...]
     layout: KVLayout
     num_tokens: int
+    cached_blocks: int = 0
 
     @classmethod
     def from_proto(cls, msg: kvtransfer_pb2.TransferTicket) -> TransferTicket:
         return cls(
             request_id=msg.request_id, transport=msg.transport, address=msg.address,
             block_ids=tuple(msg.block_ids), layout=KVLayout.from_proto(msg.layout),
-            num_tokens=msg.num_tokens,
+            num_tokens=msg.num_tokens, cached_blocks=msg.cached_blocks,
         )
 
     def to_proto(self) -> kvtransfer_pb2.TransferTicket:
         return kvtransfer_pb2.TransferTicket(
             request_id=self.request_id, transport=self.transport, address=self.address,
             block_ids=list(self.block_ids), layout=self.layout.to_proto(),
-            num_tokens=self.num_tokens,
+            num_tokens=self.num_tokens, cached_blocks=self.cached_blocks,
         )
 
 

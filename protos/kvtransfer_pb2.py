@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from baton.protos import common_pb2 as baton_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61ton/protos/kvtransfer.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\"\x93\x01\n\x0eTransferTicket\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x12\n\nnum_tokens\x18\x06 \x01(\x05\"\x95\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0c\n\x04last\x18\x07 \x01(\x08\"#\n\tPushReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"H\n\x05KVAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x03\x32>\n\nKVTransfer\x12\x30\n\x04Push\x12\x11.baton.v1.KVChunk\x1a\x13.baton.v1.PushReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61ton/protos/kvtransfer.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\"\xaa\x01\n\x0eTransferTicket\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x12\n\nnum_tokens\x18\x06 \x01(\x05\x12\x15\n\rcached_blocks\x18\x07 \x01(\x05\"\x95\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0c\n\x04last\x18\x07 \x01(\x08\"#\n\tPushReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"H\n\x05KVAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x03\x32>\n\nKVTransfer\x12\x30\n\x04Push\x12\x11.baton.v1.KVChunk\x1a\x13.baton.v1.PushReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.protos.kvtransfer_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSFERTICKET']._serialized_start=71
-  _globals['_TRANSFERTICKET']._serialized_end=218
-  _globals['_KVCHUNK']._serialized_start=221
-  _globals['_KVCHUNK']._serialized_end=370
-  _globals['_PUSHREPLY']._serialized_start=372
-  _globals['_PUSHREPLY']._serialized_end=407
-  _globals['_KVACK']._serialized_start=409
-  _globals['_KVACK']._serialized_end=481
-  _globals['_KVTRANSFER']._serialized_start=483
-  _globals['_KVTRANSFER']._serialized_end=545
+  _globals['_TRANSFERTICKET']._serialized_end=241
+  _globals['_KVCHUNK']._serialized_start=244
+  _globals['_KVCHUNK']._serialized_end=393
+  _globals['_PUSHREPLY']._serialized_start=395
+  _globals['_PUSHREPLY']._serialized_end=430
+  _globals['_KVACK']._serialized_start=432
+  _globals['_KVACK']._serialized_end=504
+  _globals['_KVTRANSFER']._serialized_start=506
+  _globals['_KVTRANSFER']._serialized_end=568
 # @@protoc_insertion_point(module_scope)

@@ -115,13 +115,13 @@ def test_greedy_matches_aggregated_engine_and_transformers(system, reference, de
 def test_decode_worker_tickets_name_the_transport(system):
     with grpc.insecure_channel(system.worker_addrs("decode")[0]) as channel:
         stub = decode_pb2_grpc.DecodeStub(channel)
-        request = decode_pb2.ReserveRequest(request_id="ticket-probe", prompt_token_ids=list(range(1, 40)),
+        request = decode_pb2.ReserveRequest(request_id="ticket-probe", prompt_token_ids=list(range(500, 539)),
                                             params=common_pb2.SamplingParams(max_tokens=4))
         ticket = stub.Reserve(request, timeout=10)
         stub.Abort(common_pb2.AbortRequest(request_id="ticket-probe"), timeout=10)
     host, port = ticket.address.rsplit(":", 1)
     assert ticket.transport == system.kv_transport and host == "127.0.0.1" and int(port) > 0
-    assert len(ticket.block_ids) == 3  # 39 tokens in blocks of 16
+    assert len(ticket.block_ids) == 3 and ticket.cached_blocks == 0  # 39 new tokens in blocks of 16
     assert (ticket.address == system.worker_addrs("decode")[0]) == (system.kv_transport == "grpc")
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
@@ -180,6 +180,28 @@ def test_repeated_prompt_hits_the_worker_that_cached_it(system, demo_model):
         assert cached >= 48, cached
         assert again.choices[0].text == first.choices[0].text
     r.close()
+
+
+def gateway_counter(system, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{system.plan.url}/metrics", timeout=5).text
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_a_prompt_the_decode_worker_holds_sends_only_its_new_blocks(system):
+    """40 tokens are 3 blocks of 16; the second time, the decode worker already holds the
+    two full ones, so only the last block of each layer moves."""
+    prompt = list(range(300, 340))
+    sent, texts = [], []
+    for _ in range(2):
+        before = gateway_counter(system, "baton_kv_transfer_bytes_total")
+        out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0)
+        sent.append(gateway_counter(system, "baton_kv_transfer_bytes_total") - before)
+        texts.append(out.choices[0].text)
+    assert sent[0] > 0 and sent[1] == sent[0] / 3
+    assert texts[1] == texts[0]
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 
 def test_32_concurrent_streams_complete_without_leaks(system):

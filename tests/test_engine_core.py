@@ -302,6 +302,33 @@ def test_reserve_activate_decode_role(async_scheduling: bool) -> None:
         engine.activate("none", TokenLogprob(token_id=1, logprob=0.0))
 
 
+def test_decode_role_reuses_the_prefix_it_holds(async_scheduling: bool) -> None:
+    """A reservation takes the cached blocks of an earlier prompt's prefix; only the
+    rest of its KV arrives (the fake runner checks every slot a step reads)."""
+    engine = make_engine(num_blocks=16, block_size=4, async_scheduling=async_scheduling)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    def serve(rid: str, prompt: list[int], expect_cached: int) -> list[int]:
+        seq = engine.reserve(rid, prompt, params)
+        assert seq.num_cached_tokens == expect_cached and seq.num_computed_tokens == expect_cached
+        for p in range(expect_cached, len(prompt)):   # only the rest of the KV "arrives"
+            engine.runner.slots[engine.runner._slot(seq.block_table, p)] = prompt[p]
+        table = list(seq.block_table)
+        first = next_token(prompt[-1])
+        engine.activate(rid, TokenLogprob(token_id=first, logprob=0.0))
+        run_to_end(engine)
+        assert seq.output_token_ids == [first, next_token(first), next_token(next_token(first))]
+        return table
+
+    first = list(range(1, 11))                        # blocks [1-4] [5-8] [9 10]
+    a = serve("a", first, 0)
+    b = serve("b", first[:8] + [20, 21, 22], 8)       # shares the two full blocks
+    assert b[:2] == a[:2] and b[2] not in a
+    c = serve("c", first, 8)                          # the same prompt: the last block still arrives
+    assert c[:2] == a[:2]
+    assert engine.stats().used_blocks == 0
+
+
 def test_prefill_role_keeps_blocks_until_release() -> None:
     engine = make_engine(keep=True)
     (seq,) = engine.add_request("p", list(range(1, 11)), SamplingParams(temperature=0.0, max_tokens=1))

@@ -6,8 +6,9 @@ first token) and ``_streams`` (request id -> queue of engine updates for the
 open Generate stream). The running batch is the engine scheduler's.
 
 A request passes through:
-  RESERVED   Reserve: blocks for the prompt allocated, the KV receiver told to
-             expect them, a ticket returned; expires after ``reservation_ttl``
+  RESERVED   Reserve: blocks for the prompt allocated, reusing the prefix this
+             worker's cache already holds; the KV receiver told to expect the
+             rest, a ticket returned; expires after ``reservation_ttl``
   RECEIVING  prefill pushes layers into the reserved blocks (KVTransfer.Push)
   RUNNING    Generate: once every layer has landed, the request joins the batch
              with the first token prefill sampled; tokens stream back each step
@@ -65,7 +66,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if seq is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks for this prompt; try another decode worker")
         num_blocks = math.ceil(len(prompt) / self._ctx.layout.block_size)
-        block_ids = list(seq.block_table[:num_blocks])
+        cached = seq.num_cached_tokens // self._ctx.layout.block_size  # already here: not sent again
+        block_ids = list(seq.block_table[cached:num_blocks])
         self._reservations[rid] = asyncio.get_running_loop().call_later(self._ttl, self._expire, rid)
         self._receiver.expect(rid, block_ids, self._ctx.layout)
         return kvtransfer_pb2.TransferTicket(
@@ -75,6 +77,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             block_ids=block_ids,
             layout=self._ctx.layout.to_proto(),
             num_tokens=len(prompt),
+            cached_blocks=cached,
         )
 
     def _expire(self, rid: str) -> None:

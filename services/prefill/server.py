@@ -55,7 +55,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._block_size = ctx.layout.block_size
         self._tasks: dict[str, asyncio.Task] = {}
         self._pending: dict[str, asyncio.Future[SeqUpdate]] = {}
-        self._sessions: dict[str, TransferSession] = {}
+        self._sessions: dict[str, tuple[TransferSession, int]] = {}  # with the blocks the receiver holds
         self._senders: dict[str, KVSender] = {}
         on_events = ctx.publisher.publish if ctx.publisher is not None else None
         self.engine = EngineLoop(ctx.core, self._on_outputs, self._on_layer_done, on_events, ctx.engine_metrics)
@@ -64,12 +64,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def _on_layer_done(self, layer: int, chunks: list[ScheduledChunk]) -> None:
         for chunk in chunks:
             seq = chunk.seq
-            session = self._sessions.get(seq.seq_id)
-            if session is None or not chunk.samples:
+            transfer = self._sessions.get(seq.seq_id)
+            if transfer is None or not chunk.samples:
                 continue
+            session, cached = transfer
             num_blocks = math.ceil(seq.num_prompt_tokens / self._block_size)
             try:
-                session.submit_layer(layer, self._ctx.runner.kv_caches[layer], seq.block_table[:num_blocks])
+                session.submit_layer(layer, self._ctx.runner.kv_caches[layer], seq.block_table[cached:num_blocks])
             except Exception:  # this transfer fails at finish(); the others go on
                 log.exception("KV push of request %s failed; dropping its transfer", seq.seq_id)
                 self._sessions.pop(seq.seq_id, None)
@@ -144,11 +145,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         ticket = request.ticket
         num_tokens = len(request.prompt_token_ids)
         num_blocks = math.ceil(num_tokens / self._block_size)
-        if ticket.request_id != request.request_id or ticket.num_tokens != num_tokens or len(ticket.block_ids) != num_blocks:
+        cached = ticket.cached_blocks
+        if (ticket.request_id != request.request_id or ticket.num_tokens != num_tokens or not 0 <= cached < num_blocks
+                or len(ticket.block_ids) != num_blocks - cached):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"the ticket (request {ticket.request_id!r}, {ticket.num_tokens} tokens, {len(ticket.block_ids)} blocks) "
-                f"does not fit request {request.request_id!r} ({num_tokens} tokens, {num_blocks} blocks)",
+                f"the ticket (request {ticket.request_id!r}, {ticket.num_tokens} tokens, {len(ticket.block_ids)} blocks "
+                f"after {cached} cached) does not fit request {request.request_id!r} ({num_tokens} tokens, {num_blocks} blocks)",
             )
         try:
             session = (await self._sender(ticket.transport)).open(TransferTicket.from_proto(ticket), self._ctx.layout)
@@ -156,7 +159,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (TransferError, ValueError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach the decode worker: {exc}")
-        self._sessions[request.request_id] = session
+        self._sessions[request.request_id] = (session, cached)
         return session
 
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortReply:
