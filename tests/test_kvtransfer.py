@@ -22,7 +22,7 @@ from baton.kvtransfer import (
 )
 from baton.kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender, grpc_options
 from baton.kvtransfer.ucx_receiver import FRAME_BYTES, recv_frame, send_frame, ucxx
-from baton.kvtransfer.ucx_transport import UcxKVReceiver, UcxKVSender
+from baton.kvtransfer.ucx_transport import UcxKVSender
 from baton.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 TRANSPORTS = ["grpc", "ucx"]
