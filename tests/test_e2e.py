@@ -145,15 +145,18 @@ def test_chat_completion(system):
     assert out.usage.completion_tokens > 0
 
 
-def prefill_worker_ids(r: redis.Redis) -> set[str]:
+def worker_ids(r: redis.Redis, role: str) -> set[str]:
     records = [WorkerRecord.from_json(raw) for raw in r.mget(list(r.scan_iter(f"{WORKER_PREFIX}*"))) if raw is not None]
-    return {rec.worker_id for rec in records if rec.role == "prefill"}
+    return {rec.worker_id for rec in records if rec.role == role}
 
 
-def wait_for_keys(r: redis.Redis, keys: list[str], timeout: float = 10.0) -> None:
-    """The worker publishes its stored blocks in batches: poll until all are there."""
+def wait_for_holders(r: redis.Redis, keys: list[str], count: int, timeout: float = 10.0) -> list[set[str]]:
+    """Workers publish their stored blocks in batches: poll until every key has ``count`` holders."""
     deadline = time.monotonic() + timeout
-    while r.exists(*keys) < len(keys) and time.monotonic() < deadline:
+    while True:
+        holders = [{m.decode() for m in r.smembers(k)} for k in keys]
+        if all(len(h) >= count for h in holders) or time.monotonic() > deadline:
+            return holders
         time.sleep(0.05)
 
 
@@ -168,11 +171,13 @@ def test_repeated_prompt_hits_the_worker_that_cached_it(system, demo_model):
     fingerprint = model_fingerprint(demo_model)
     keys = [block_key(fingerprint, h) for h in block_hashes(token_ids, 16, fingerprint)]
     r = redis.Redis.from_url(system.plan.redis_url)
-    wait_for_keys(r, keys)
-    holders = [r.smembers(k) for k in keys]
-    assert len(holders[0]) == 1 and all(h == holders[0] for h in holders), holders
-    prefill_ids = prefill_worker_ids(r)
-    assert len(prefill_ids) == 2 and next(iter(holders[0])).decode() in prefill_ids
+    # The prefill worker that ran it holds every full block of the prompt, and so does the decode worker.
+    holders = wait_for_holders(r, keys, 2)
+    prefill_ids, (decode_id,) = worker_ids(r, "prefill"), worker_ids(r, "decode")
+    assert len(prefill_ids) == 2
+    prefill_holders = [h & prefill_ids for h in holders]
+    assert len(prefill_holders[0]) == 1 and all(h == prefill_holders[0] for h in prefill_holders), holders
+    assert all(decode_id in h for h in holders), holders
     for _ in range(3):
         again = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0)
         cached = again.usage.prompt_tokens_details.cached_tokens

@@ -70,10 +70,19 @@ def test_decode_prefers_free_blocks_then_fewest_running() -> None:
         workers = [f"d{i}:1" for i in range(random.randint(1, 6))]
         free = random.sample(range(1000), len(workers))
         loads = {w: Load(free_blocks=f, running=random.randint(0, 9)) for w, f in zip(workers, free)}
-        assert choose_decode(shuffled(workers), loads) == max(workers, key=lambda w: loads[w].free_blocks)
+        assert choose_decode(shuffled(workers), {}, loads) == max(workers, key=lambda w: loads[w].free_blocks)
     tied = {"x:1": Load(free_blocks=10, running=3), "y:1": Load(free_blocks=10, running=1)}
-    assert choose_decode(["x:1", "y:1"], tied) == "y:1"
-    assert choose_decode([], tied) is None
+    assert choose_decode(["x:1", "y:1"], {}, tied) == "y:1"
+    assert choose_decode([], {}, tied) is None
+
+
+def test_decode_counts_the_prompt_blocks_a_worker_holds_as_room() -> None:
+    loads = {"hot:1": Load(free_blocks=40), "cold:1": Load(free_blocks=45)}
+    assert choose_decode(["hot:1", "cold:1"], {}, loads) == "cold:1"
+    assert choose_decode(["hot:1", "cold:1"], {"hot:1": 4}, loads) == "cold:1"   # 44 < 45
+    assert choose_decode(["hot:1", "cold:1"], {"hot:1": 6}, loads) == "hot:1"    # 46 > 45
+    # A popular prefix does not pile everything on one worker: its free blocks run out.
+    assert choose_decode(["hot:1", "cold:1"], {"hot:1": 6}, {**loads, "hot:1": Load(free_blocks=10)}) == "cold:1"
 
 
 def test_health_skips_down_and_penalized_workers() -> None:
@@ -94,4 +103,4 @@ def test_health_skips_down_and_penalized_workers() -> None:
     # Routing over the healthy list only.
     health.penalize("a:1", now)
     loads = {w: Load(free_blocks=100 if w == "a:1" else 1) for w in workers}
-    assert choose_decode(health.healthy(workers, now), loads) != "a:1"
+    assert choose_decode(health.healthy(workers, now), {}, loads) != "a:1"

@@ -42,7 +42,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._ttl = reservation_ttl_s
         self._reservations: dict[str, asyncio.TimerHandle] = {}  # request id -> its expiry
         self._streams: dict[str, asyncio.Queue[SeqUpdate]] = {}
-        self.engine = EngineLoop(ctx.core, self._on_outputs, metrics=ctx.engine_metrics)
+        # Its cached prompt blocks go to the prefix index too: the gateway routes by them.
+        on_events = ctx.publisher.publish if ctx.publisher is not None else None
+        self.engine = EngineLoop(ctx.core, self._on_outputs, on_block_events=on_events, metrics=ctx.engine_metrics)
 
     def _on_outputs(self, updates: list[SeqUpdate]) -> None:
         for update in updates:

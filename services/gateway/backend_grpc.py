@@ -2,8 +2,9 @@
 
 One request (one sequence) passes through these states::
 
-    route decode -> RESERVED (Decode.Reserve: blocks + transfer ticket)
-      -> route prefill (Redis prefix index + load) -> PREFILLING (Prefill.Prefill:
+    look up the prompt's cached prefix on every worker (one Redis round trip)
+    -> route decode (room + cached prefix) -> RESERVED (Decode.Reserve: blocks + transfer ticket)
+      -> route prefill (cached prefix + load) -> PREFILLING (Prefill.Prefill:
          the worker pushes KV to the ticket and returns the first token)
       -> first chunk yielded at once (time to first token does not wait for decode)
       -> GENERATING (Decode.Generate stream) -> FINISHED (a chunk with finish_reason)
@@ -146,12 +147,13 @@ class GrpcBackend(Backend):
     async def _attempt(
         self, request: GenerationRequest, deadline: float, avoid: set[str]
     ) -> AsyncIterator[GenerationChunk]:
-        decode, ticket = await self._reserve(request, deadline, avoid)
+        cached = await self._cached_prefixes(request, avoid)
+        decode, ticket = await self._reserve(request, deadline, avoid, cached)
         prefill: _Worker | None = None
         finished = False
         self._in_flight[decode.address] += 1
         try:
-            prefill = await self._choose_prefill(request, avoid)
+            prefill = await self._choose_prefill(request, avoid, cached)
             reply = await self._prefill(prefill, request, ticket, deadline)
             yield self._first_chunk(request, reply)
             call = decode.stub.Generate(
@@ -177,10 +179,23 @@ class GrpcBackend(Backend):
             if not finished:
                 await self._abort(request.request_id, [decode, prefill])
 
+    async def _cached_prefixes(self, request: GenerationRequest, avoid: set[str]) -> dict[str, int]:
+        """How many of the prompt's leading blocks each healthy worker holds, by address:
+        one Redis round trip for both roles (none where neither has a choice to make)."""
+        candidates = [a for role in ("prefill", "decode") for a in self._healthy(role, avoid)]
+        num_blocks = len(request.prompt_token_ids) // self.config.block_size
+        choices = max(len(self._healthy("prefill", avoid)), len(self._healthy("decode", avoid)))
+        if self._index is None or choices < 2 or num_blocks == 0:
+            return {}
+        by_id = {self._workers[a].worker_id: a for a in candidates if self._workers[a].worker_id}
+        head = request.prompt_token_ids[: self._index.max_blocks * self.config.block_size]
+        runs = await self._index.longest_prefixes(block_hashes(head, self.config.block_size, self.fingerprint), list(by_id))
+        return {by_id[worker_id]: n for worker_id, n in runs.items()}
+
     async def _reserve(
-        self, request: GenerationRequest, deadline: float, avoid: set[str]
+        self, request: GenerationRequest, deadline: float, avoid: set[str], cached: dict[str, int]
     ) -> tuple[_Worker, kvtransfer_pb2.TransferTicket]:
-        """Reserve on the best decode worker with room (RESOURCE_EXHAUSTED: next one)."""
+        """Reserve on the decode worker with the most room (RESOURCE_EXHAUSTED: next one)."""
         msg = decode_pb2.ReserveRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -188,7 +203,7 @@ class GrpcBackend(Backend):
         )
         full: set[str] = set()
         while True:
-            address = choose_decode(self._healthy("decode", avoid | full), self._routing_loads())
+            address = choose_decode(self._healthy("decode", avoid | full), cached, self._routing_loads())
             if address is None:
                 raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
             worker = self._workers[address]
@@ -207,19 +222,9 @@ class GrpcBackend(Backend):
             self._loads[address] = replace(load, free_blocks=max(load.free_blocks - len(ticket.block_ids), 0))
             return worker, ticket
 
-    async def _choose_prefill(self, request: GenerationRequest, avoid: set[str]) -> _Worker:
-        """Route by cached prefix (one Redis round trip) against load; see ``router``."""
-        candidates = self._healthy("prefill", avoid)
-        if not candidates:
-            raise BackendError("no healthy prefill worker", 503)
-        block_size = self.config.block_size
-        num_blocks = len(request.prompt_token_ids) // block_size
-        cached: dict[str, int] = {}
-        if self._index is not None and len(candidates) > 1 and num_blocks > 0:
-            by_id = {self._workers[a].worker_id: a for a in candidates if self._workers[a].worker_id}
-            head = request.prompt_token_ids[: self._index.max_blocks * block_size]
-            runs = await self._index.longest_prefixes(block_hashes(head, block_size, self.fingerprint), list(by_id))
-            cached = {by_id[worker_id]: n for worker_id, n in runs.items()}
+    async def _choose_prefill(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> _Worker:
+        """Route by cached prefix against load; see ``router``."""
+        num_blocks = len(request.prompt_token_ids) // self.config.block_size
         address = choose_prefill(self._healthy("prefill", avoid), cached, self._routing_loads(), num_blocks)
         if address is None:
             raise BackendError("no healthy prefill worker", 503)

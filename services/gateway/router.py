@@ -18,8 +18,10 @@ an idle cold one even with one request ahead, while a small hit (under half the
 prompt) never outweighs one extra queued request. Ties go to the less loaded
 worker, then the one with more free blocks, then the lower address.
 
-Decode: the most free KV blocks, then the fewest running (+ waiting + in-flight)
-requests.
+Decode: the most room for the prompt, i.e. free KV blocks plus the prompt's
+leading blocks the worker already holds (it reuses those rather than taking new
+ones, and they need not be sent), then the fewest running (+ waiting +
+in-flight) requests.
 
 Health: a worker is skipped while it is *down* (its ``GetLoad`` failed or never
 answered; cleared by the next answer) or *penalized* (an RPC to it failed with
@@ -72,11 +74,12 @@ def choose_prefill(
     return min(candidates, key=key, default=None)
 
 
-def choose_decode(candidates: Sequence[str], loads: Mapping[str, Load]) -> str | None:
-    """The candidate with the most free blocks, then the fewest queued requests."""
+def choose_decode(candidates: Sequence[str], cached_blocks: Mapping[str, int], loads: Mapping[str, Load]) -> str | None:
+    """The candidate with the most room (free blocks plus cached prompt blocks), then
+    the fewest queued requests."""
     def key(worker: str) -> tuple[int, int, str]:
         load = loads.get(worker, Load())
-        return (-load.free_blocks, load.queued, worker)
+        return (-(load.free_blocks + cached_blocks.get(worker, 0)), load.queued, worker)
 
     return min(candidates, key=key, default=None)
 
