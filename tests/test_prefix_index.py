@@ -285,6 +285,34 @@ async def test_gateway_discovers_registered_workers_and_routes_by_cached_prefix(
             await server.stop(None)
 
 
+async def test_gateway_reserves_on_the_decode_worker_holding_the_prompt(redis_url: str) -> None:
+    # d0 has a little more free room, but d1 holds the prompt's 4 full blocks: 100 + 4 > 102.
+    prefill, decodes = FakePrefill("p0"), [FakeDecode("d0", free_blocks=102), FakeDecode("d1", free_blocks=100)]
+    started = [await serve(prefill)] + [await serve(d) for d in decodes]
+    roles = ["prefill", "decode", "decode"]
+    records = [WorkerRecord(name, role, addr, FP, 16) for (_, addr), role, name in zip(started, roles, ["p0", "d0", "d1"])]
+    publishers = [IndexPublisher(redis_url, r) for r in records]
+    for pub in publishers:
+        await pub.start()
+    backend = GrpcBackend(config([], [], redis_url=redis_url), fingerprint=FP)
+    await backend.start()
+    try:
+        assert await backend.ready()
+        prompt = [random.randrange(1000) for _ in range(70)]
+        publishers[2].publish([BlockStored(block_hashes(prompt, 16, FP))])
+        assert await publishers[2].flush()
+        await collect(backend.generate(request(prompt, max_tokens=1)))
+        assert [len(d.reserved) for d in decodes] == [0, 1]
+        await collect(backend.generate(request([7] * 70, max_tokens=1)))   # held nowhere: the roomier one
+        assert [len(d.reserved) for d in decodes] == [1, 1]
+    finally:
+        await backend.close()
+        for pub in publishers:
+            await pub.stop()
+        for server, _ in started:
+            await server.stop(None)
+
+
 async def test_gateway_serves_with_redis_down() -> None:
     prefills, decode = [FakePrefill("p0"), FakePrefill("p1")], FakeDecode("d0")
     started = [await serve(p) for p in prefills] + [await serve(decode)]
