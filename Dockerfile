@@ -18,5 +18,5 @@ ARG UCX_EXTRA=ucx
 RUN pip install --no-cache-dir ".[${UCX_EXTRA}]"
 
 ENV PYTHONUNBUFFERED=1
-EXPOSE 8000 50051 50061 50062
+EXPOSE 8000 50051 50061 50062 9100 9101
 CMD ["python", "-P", "-m", "baton.services.gateway", "--help"]

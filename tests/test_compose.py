@@ -57,11 +57,13 @@ def test_worker_commands_parse_with_default_ports(compose, role, port):
     args = worker_arg_parser(role, default_port=port).parse_args(_argv(service)[4:])
     assert args.port == port and args.model == "/models/shakespeare-llama-5m" and args.redis_url == "redis://redis:6379/0"
     assert args.dtype == "bfloat16" and args.device == "cuda"
+    metrics = {"prefill": 9100, "decode": 9101}[role]
+    assert args.metrics_port == metrics
     if role == "decode":  # KV arrives over gRPC on the worker's port unless KV_TRANSPORT=ucx picks UCX's
         assert (args.kv_transport, args.kv_port) == ("grpc", 50062)
-        assert service["ports"] == [f"{port}:{port}", "50062:50062"]
+        assert service["ports"] == [f"{port}:{port}", "50062:50062", f"{metrics}:{metrics}"]
     else:
-        assert service["ports"] == [f"{port}:{port}"]
+        assert service["ports"] == [f"{port}:{port}", f"{metrics}:{metrics}"]
     assert worker_arg_parser(role, default_port=port).parse_args(["--model", "m"]).port == port
     assert service["environment"]["MODEL"].startswith("${MODEL:-")
     devices = service["deploy"]["resources"]["reservations"]["devices"]
