@@ -4,6 +4,7 @@ gateway's PrefixIndex reads, against a real redis-server on a free port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import shutil
@@ -250,67 +251,62 @@ def test_unknown_event_kind_is_refused() -> None:
         pub.publish([Lookalike([1, 2])])            # the right shape is not enough
 
 
-async def test_gateway_discovers_registered_workers_and_routes_by_cached_prefix(redis_url: str) -> None:
-    prefills, decode = [FakePrefill("p0"), FakePrefill("p1")], FakeDecode("d0")
-    started = [await serve(p) for p in prefills] + [await serve(decode)]
-    roles = ["prefill", "prefill", "decode"]
-    records = [WorkerRecord(name, role, addr, FP, 16) for (_, addr), role, name in zip(started, roles, ["p0", "p1", "d0"])]
-    publishers = [IndexPublisher(redis_url, r) for r in records]
-    for pub in publishers:
+@contextlib.asynccontextmanager
+async def registered_cluster(redis_url: str, workers: list[tuple[str, str, object]]):
+    """Fake workers ``(name, role, servicer)`` served on loopback and registered in Redis, and
+    a gateway backend that found them; yields the publishers by name and the backend. A
+    publisher the test pops from that dict is the test's to stop."""
+    started = [await serve(servicer) for _, _, servicer in workers]
+    publishers = {name: IndexPublisher(redis_url, WorkerRecord(name, role, addr, FP, 16))
+                  for (name, role, _), (_, addr) in zip(workers, started)}
+    for pub in publishers.values():
         await pub.start()
     backend = GrpcBackend(config([], [], redis_url=redis_url), fingerprint=FP)
     await backend.start()
     try:
         assert await backend.ready()
+        yield publishers, backend
+    finally:
+        await backend.close()
+        for pub in publishers.values():
+            await pub.stop()
+        for server, _ in started:
+            await server.stop(None)
+
+
+async def test_gateway_discovers_registered_workers_and_routes_by_cached_prefix(redis_url: str) -> None:
+    prefills, decode = [FakePrefill("p0"), FakePrefill("p1")], FakeDecode("d0")
+    workers = [("p0", "prefill", prefills[0]), ("p1", "prefill", prefills[1]), ("d0", "decode", decode)]
+    async with registered_cluster(redis_url, workers) as (publishers, backend):
         prompt = [random.randrange(1000) for _ in range(70)]
         hashes = block_hashes(prompt, 16, FP)
         for warm, cold in ((0, 1), (1, 0)):          # the whole prompt cached on one, then the other
-            publishers[warm].publish([BlockStored(hashes)])
-            publishers[cold].publish([BlockRemoved(hashes)])
-            assert await publishers[warm].flush() and await publishers[cold].flush()
+            publishers[f"p{warm}"].publish([BlockStored(hashes)])
+            publishers[f"p{cold}"].publish([BlockRemoved(hashes)])
+            assert await publishers[f"p{warm}"].flush() and await publishers[f"p{cold}"].flush()
             for _ in range(3):
                 await collect(backend.generate(request(prompt, max_tokens=1)))
             assert len(prefills[warm].requests) == 3 and prefills[cold].requests == []
             prefills[warm].requests.clear()
-        await publishers[2].stop()                    # the decode worker leaves the registry
+        await publishers.pop("d0").stop()             # the decode worker leaves the registry
         deadline = time.monotonic() + 5
         while await backend.ready() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert not await backend.ready()
-    finally:
-        await backend.close()
-        for pub in publishers[:2]:
-            await pub.stop()
-        for server, _ in started:
-            await server.stop(None)
 
 
 async def test_gateway_reserves_on_the_decode_worker_holding_the_prompt(redis_url: str) -> None:
     # d0 has a little more free room, but d1 holds the prompt's 4 full blocks: 100 + 4 > 102.
-    prefill, decodes = FakePrefill("p0"), [FakeDecode("d0", free_blocks=102), FakeDecode("d1", free_blocks=100)]
-    started = [await serve(prefill)] + [await serve(d) for d in decodes]
-    roles = ["prefill", "decode", "decode"]
-    records = [WorkerRecord(name, role, addr, FP, 16) for (_, addr), role, name in zip(started, roles, ["p0", "d0", "d1"])]
-    publishers = [IndexPublisher(redis_url, r) for r in records]
-    for pub in publishers:
-        await pub.start()
-    backend = GrpcBackend(config([], [], redis_url=redis_url), fingerprint=FP)
-    await backend.start()
-    try:
-        assert await backend.ready()
+    decodes = [FakeDecode("d0", free_blocks=102), FakeDecode("d1", free_blocks=100)]
+    workers = [("p0", "prefill", FakePrefill("p0")), ("d0", "decode", decodes[0]), ("d1", "decode", decodes[1])]
+    async with registered_cluster(redis_url, workers) as (publishers, backend):
         prompt = [random.randrange(1000) for _ in range(70)]
-        publishers[2].publish([BlockStored(block_hashes(prompt, 16, FP))])
-        assert await publishers[2].flush()
+        publishers["d1"].publish([BlockStored(block_hashes(prompt, 16, FP))])
+        assert await publishers["d1"].flush()
         await collect(backend.generate(request(prompt, max_tokens=1)))
         assert [len(d.reserved) for d in decodes] == [0, 1]
         await collect(backend.generate(request([7] * 70, max_tokens=1)))   # held nowhere: the roomier one
         assert [len(d.reserved) for d in decodes] == [1, 1]
-    finally:
-        await backend.close()
-        for pub in publishers:
-            await pub.stop()
-        for server, _ in started:
-            await server.stop(None)
 
 
 async def test_gateway_serves_with_redis_down() -> None:
