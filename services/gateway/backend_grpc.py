@@ -182,12 +182,11 @@ class GrpcBackend(Backend):
     async def _cached_prefixes(self, request: GenerationRequest, avoid: set[str]) -> dict[str, int]:
         """How many of the prompt's leading blocks each healthy worker holds, by address:
         one Redis round trip for both roles (none where neither has a choice to make)."""
-        candidates = [a for role in ("prefill", "decode") for a in self._healthy(role, avoid)]
+        by_role = [self._healthy(role, avoid) for role in ("prefill", "decode")]
         num_blocks = len(request.prompt_token_ids) // self.config.block_size
-        choices = max(len(self._healthy("prefill", avoid)), len(self._healthy("decode", avoid)))
-        if self._index is None or choices < 2 or num_blocks == 0:
+        if self._index is None or max(map(len, by_role)) < 2 or num_blocks == 0:
             return {}
-        by_id = {self._workers[a].worker_id: a for a in candidates if self._workers[a].worker_id}
+        by_id = {self._workers[a].worker_id: a for healthy in by_role for a in healthy if self._workers[a].worker_id}
         head = request.prompt_token_ids[: self._index.max_blocks * self.config.block_size]
         runs = await self._index.longest_prefixes(block_hashes(head, self.config.block_size, self.fingerprint), list(by_id))
         return {by_id[worker_id]: n for worker_id, n in runs.items()}
