@@ -191,7 +191,7 @@ class DecodeGraphs:
 
     def run(self, chunks: Seq[ScheduledChunk], fed: FedTokens | None = None) -> torch.Tensor:
         """Replay the step for ``chunks`` (``fed``: the input tokens still on the device):
-        ``[len(chunks), vocab]`` float32 logits, a view into the graph's output (valid
+        ``[len(chunks), vocab]`` logits in the model's dtype, a view into the graph's output (valid
         until the next replay)."""
         if not self.can_run(chunks):
             raise ValueError(f"a step of {len(chunks)} chunks is not a decode step of at most {self.batch_sizes[-1]} sequences")

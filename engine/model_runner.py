@@ -1,7 +1,8 @@
 """Runs the model for one scheduled step: packs the chunks' tokens into one flat
 batch, builds the attention metadata once, runs the forward over the paged KV
-cache, and returns float32 logits for the rows that need them. On CUDA, decode
-steps replay captured graphs (``engine/cuda_graph.py``); everything else runs eagerly.
+cache, and returns the logits (in the model's dtype) of the rows that need them.
+On CUDA, decode steps replay captured graphs (``engine/cuda_graph.py``); everything
+else runs eagerly.
 
 The runner owns the weights and the KV cache tensors (one per layer,
 ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``). It never mutates the
@@ -49,7 +50,7 @@ class FedTokens:
 
 @dataclass
 class ModelOutput:
-    """``logits``: ``[num_sampling_chunks, vocab]`` float32, one row per chunk with
+    """``logits``: ``[num_sampling_chunks, vocab]`` in the model's dtype, one row per chunk with
     ``chunk.samples``, in chunk order. ``prompt_logits``: seq_id -> ``[num_new_tokens, vocab]``
     for prompt chunks of sequences that asked for prompt logprobs; row ``j`` predicts the
     token at position ``chunk.start + j + 1``."""

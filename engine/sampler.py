@@ -87,16 +87,17 @@ class SampledTokens:
 def _to_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int], lse: torch.Tensor,
                  chosen_logits: torch.Tensor | None = None) -> SampledTokens:
     """Log-probs (``logit - lse``, no ``[N, vocab]`` log-softmax written) of the chosen tokens,
-    whose logits the caller may pass, and each row's top-``ks[i]`` alternatives; ``lse`` holds
-    each row's log-sum-exp."""
+    whose float32 logits the caller may pass, and each row's top-``ks[i]`` alternatives; ``lse``
+    holds each row's log-sum-exp. ``logits`` may be in the model's dtype: only what is read
+    from them is widened."""
     if chosen_logits is None:
-        chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1).float()
     max_k = min(max(ks, default=0), logits.shape[1])
     ks = [min(k, max_k) for k in ks]
     if max_k == 0:
         return SampledTokens.start(token_ids, ks, chosen_logits - lse)
     values, indices = logits.topk(max_k, dim=1)
-    return SampledTokens.start(token_ids, ks, chosen_logits - lse, indices, values - lse.unsqueeze(1))
+    return SampledTokens.start(token_ids, ks, chosen_logits - lse, indices, values.float() - lse.unsqueeze(1))
 
 
 def prompt_logprobs(prompt_logits: torch.Tensor, next_token_ids: Seq[int], k: int) -> list[TokenLogprob]:
@@ -119,15 +120,15 @@ class Sampler:
         return self.sample(logits, seqs).to_host()
 
     def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SampledTokens:
-        """Launch the sampling of one token per row; the results stay on the device."""
+        """Launch the sampling of one token per row (``logits`` in any float dtype, read as
+        float32); the results stay on the device."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(seqs)} sequences")
-        logits = logits.float()
         ks = [s.params.logprobs or 0 for s in seqs]
         best, argmax, lse = ops.max_logsumexp(logits)   # one read of the logits for both
         if all(s.params.greedy and not self._needs_penalties(s) for s in seqs):
             return _to_logprobs(logits, argmax, ks, lse, chosen_logits=best)
-        processed = logits.clone()
+        processed = logits.to(torch.float32, copy=True)
         for i, seq in enumerate(seqs):
             if self._needs_penalties(seq):
                 self._apply_penalties(processed[i], seq)

@@ -1,6 +1,9 @@
 """Row statistics of logits for the sampler, in one read of each row: the largest
 logit, its index (the lowest on ties, as ``torch.max`` returns it) and the row's
-log-sum-exp (a token's log-prob is its logit minus that).
+log-sum-exp (a token's log-prob is its logit minus that). The logits may be in the
+model's dtype: each is widened to float32 as it is loaded, so the statistics equal
+those of the float32 copy the engine no longer writes (47 us of a batch-128 step at a
+128,256-entry vocabulary on an H200).
 
 torch computes them in about six passes over the rows (max, then logsumexp's max,
 subtract, exp, sum and log): at 128 rows of a 128,256-entry vocabulary that is 197 us
@@ -45,7 +48,7 @@ def _split_stats_kernel(
     total = tl.zeros([], tl.float32)
     for first in range(start, end, TILE):
         cols = first + lanes
-        x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf"))
+        x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
         tile_max = tl.max(x, 0)
         # Strictly greater: an equal maximum in a later tile keeps the earlier index.
         best_id = tl.where(tile_max > best, first + tl.argmax(x, 0, tie_break_left=True), best_id)
@@ -83,15 +86,16 @@ def _merge_stats_kernel(
 
 def _check_logits(logits: torch.Tensor) -> None:
     check_shape("logits", logits, (-1, -1))
-    check_dtype("logits", logits, (torch.float32,))
+    check_dtype("logits", logits)
     check_last_dim_contiguous("logits", logits)
     if logits.shape[1] == 0:
         raise ValueError("logits must have at least one column")
 
 
 def max_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of ``logits`` ``[batch, vocab]`` float32: the largest logit (``[batch]``
-    float32), its lowest index (``[batch]`` int64) and the log-sum-exp (``[batch]`` float32)."""
+    """Per row of ``logits`` ``[batch, vocab]`` (float32, bfloat16 or float16): the largest
+    logit (``[batch]`` float32), its lowest index (``[batch]`` int64) and the log-sum-exp
+    (``[batch]`` float32)."""
     return launch_max_logsumexp(logits, TILE)
 
 
@@ -118,7 +122,8 @@ def launch_max_logsumexp(logits: torch.Tensor, tile: int, splits: int | None = N
 
 
 def ref_max_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of ``logits`` ``[batch, vocab]`` float32: the largest logit, its lowest index
-    and the log-sum-exp."""
+    """Per row of ``logits`` ``[batch, vocab]``: the largest logit, its lowest index and the
+    log-sum-exp, in float32."""
+    logits = logits.float()
     best, index = logits.max(dim=-1)
     return best, index, torch.logsumexp(logits, dim=-1)

@@ -57,7 +57,7 @@ def greedy(runner: ModelRunner, seqs: list[Sequence], max_new: int, chunk_size: 
         samples = [c.samples for c in chunks]
         out = runner.execute(chunks)
         assert out.logits.shape == (sum(samples), runner.model_config.vocab_size)
-        assert out.logits.dtype == torch.float32
+        assert out.logits.dtype == runner.dtype
         rows = iter(out.logits.argmax(-1).tolist())
         for chunk, samples_now in zip(chunks, samples):
             chunk.seq.num_computed_tokens += chunk.num_new_tokens

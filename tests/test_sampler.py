@@ -38,6 +38,22 @@ def test_greedy_is_argmax_with_raw_logprobs() -> None:
             assert t.top == []
 
 
+def test_half_precision_logits_sample_as_their_float32_copy() -> None:
+    """The engine hands the sampler logits in the model's dtype; every setting must give the
+    tokens and log-probs of the same values widened to float32."""
+    logits = (4 * torch.randn(6, V)).to(torch.bfloat16)
+    logits[1, 7] = logits[1, 3] = logits[1].max()   # a tie: the lowest index wins either way
+    seqs = [
+        seq(0, temperature=0.0, logprobs=2), seq(1, temperature=0.0), seq(2, temperature=0.8, top_k=5, logprobs=1),
+        seq(3, temperature=1.0, top_p=0.9), seq(4, temperature=0.0, repetition_penalty=1.3), seq(5, temperature=0.7, min_p=0.1),
+    ]
+    half, wide = Sampler()(logits, seqs), Sampler()(logits.float(), seqs)
+    assert [t.token_id for t in half] == [t.token_id for t in wide]
+    assert half[1].token_id == 3
+    assert [t.logprob for t in half] == [t.logprob for t in wide]
+    assert [t.top for t in half] == [t.top for t in wide]
+
+
 def test_seeded_sampling_reproducible_and_batch_independent() -> None:
     logits = torch.randn(9, V)
     target = seq(1234, temperature=0.8, top_p=0.95, outputs=[5, 6])

@@ -93,10 +93,12 @@ def random_logits(batch: int, vocab: int, device: str) -> torch.Tensor:
     return x.to(device)
 
 
-def check_max_logsumexp(device: str, batch: int, vocab: int, tile: int, splits: int | None) -> None:
+def check_max_logsumexp(device: str, batch: int, vocab: int, tile: int, splits: int | None,
+                        dtype: torch.dtype = torch.float32) -> None:
     """Maximum and index equal the reference's exactly (the lowest index on ties), the
-    log-sum-exp to float32 rounding; the default launch agrees."""
-    x = random_logits(batch, vocab, device)
+    log-sum-exp to float32 rounding; the default launch agrees. Half-precision logits
+    give the statistics of their float32 copy."""
+    x = random_logits(batch, vocab, device).to(dtype)
     got = logits.launch_max_logsumexp(x, tile, splits)
     want = logits.ref_max_logsumexp(x)
     assert [t.dtype for t in got] == [torch.float32, torch.int64, torch.float32], [t.dtype for t in got]
@@ -106,6 +108,10 @@ def check_max_logsumexp(device: str, batch: int, vocab: int, tile: int, splits: 
     default = logits.max_logsumexp(x)
     assert torch.equal(default[1], want[1])
     torch.testing.assert_close(default[2], want[2], rtol=1e-5, atol=1e-5)
+    if dtype != torch.float32:
+        widened = logits.ref_max_logsumexp(x.float())
+        assert torch.equal(got[0], widened[0]) and torch.equal(got[1], widened[1])
+        torch.testing.assert_close(got[2], widened[2], rtol=1e-5, atol=1e-5)
 
 
 def small_cases(device: str) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -118,6 +124,9 @@ def small_cases(device: str) -> Iterator[tuple[str, Callable[[], None]]]:
     for batch, vocab, tile, splits in grid:
         yield (f"max_logsumexp b{batch} v{vocab} tile{tile} splits{splits}",
                lambda b=batch, v=vocab, t=tile, s=splits: check_max_logsumexp(device, b, v, t, s))
+    for dtype in (torch.bfloat16, torch.float16):
+        yield (f"max_logsumexp {dtype} b5 v1000 tile64 splits4",
+               lambda d=dtype: check_max_logsumexp(device, 5, 1000, 64, 4, d))
 
 
 @pytest.mark.unit
@@ -249,6 +258,7 @@ def test_sampling_kernel_on_gpu() -> None:
         assert torch.equal(sampling.exponential_race(probs, seeds), sampling.ref_exponential_race(probs, seeds))
         assert torch.equal(sampling.exponential_race(probs, seeds).cpu(), sampling.ref_exponential_race(probs.cpu(), seeds.cpu()))
         check_max_logsumexp("cuda", batch, 128256, logits.TILE, None)
+        check_max_logsumexp("cuda", batch, 128256, logits.TILE, None, torch.bfloat16)
 
 
 if __name__ == "__main__":
