@@ -5,7 +5,9 @@
     python bench/bench_offline.py --model DIR --device cuda --dtype bfloat16 --batches 1 64 --input-len 512 --output-len 128
 
 Greedy decoding with EOS ignored, so both sides produce exactly
-batch x output-len tokens. Prints output tokens/s for each.
+batch x output-len tokens. Each side first generates the whole batch once untimed
+(transformers' first run at a batch shape is several times slower than its next on a
+GPU), then once timed. Prints output tokens/s for each.
 """
 
 from __future__ import annotations
@@ -83,11 +85,13 @@ def main() -> None:
     for batch in args.batches:
         prompts = make_prompts(batch, args.input_len, vocab, seed=batch)
         tokens = batch * args.output_len
+        bench_baton(llm, prompts, args.output_len, args.device)   # warm-up
         baton_tps = tokens / bench_baton(llm, prompts, args.output_len, args.device)
         if hf is None:
             print(f"{batch:>5} {baton_tps:>12.1f} {'-':>10} {'-':>8}")
             continue
         with torch.inference_mode():
+            bench_hf(hf, prompts, args.output_len, args.device)   # warm-up
             hf_tps = tokens / bench_hf(hf, prompts, args.output_len, args.device)
         print(f"{batch:>5} {baton_tps:>12.1f} {hf_tps:>10.1f} {baton_tps / hf_tps:>7.2f}x")
 
