@@ -52,6 +52,7 @@ class Plan:
     decode: list[list[str]] = field(default_factory=list)
     gateway: list[str] = field(default_factory=list)
     url: str = ""
+    metrics: dict[tuple[str, str], str] = field(default_factory=dict)   # (role, address) -> Prometheus URL (--worker-metrics)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -75,7 +76,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
             port = free_port()
             addrs.append(f"127.0.0.1:{port}")
             kv = ["--kv-transport", args.kv_transport] if role == "decode" else []
-            cmds.append([py, "-P", "-m", f"baton.services.{role}", "--port", str(port), *common, *kv])
+            metrics = []
+            if args.worker_metrics:
+                metrics_port = free_port()
+                metrics = ["--metrics-port", str(metrics_port)]
+                plan.metrics[(role, addrs[-1])] = f"http://127.0.0.1:{metrics_port}/metrics"
+            cmds.append([py, "-P", "-m", f"baton.services.{role}", "--port", str(port), *common, *kv, *metrics])
     plan.gateway = [
         py, "-P", "-m", "baton.services.gateway",
         "--model-dir", args.model,
@@ -141,6 +147,8 @@ def up(args: argparse.Namespace) -> int:
             procs.append(subprocess.Popen(cmd))
         wait_ready(plan.url, procs, READY_TIMEOUT_S)
         print(f"Baton is ready: {plan.url}/v1 (model {args.served_model_name}; Ctrl-C stops)", flush=True)
+        for (role, addr), metrics_url in plan.metrics.items():
+            print(f"  {role} worker {addr}: metrics at {metrics_url}", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         print("baton up: a process exited; stopping the rest", file=sys.stderr)
@@ -174,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc", help="how KV moves from prefill to decode")
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
+    p.add_argument("--worker-metrics", action="store_true",
+                   help="serve each worker's Prometheus metrics on a free port (printed once ready)")
     return parser
 
 

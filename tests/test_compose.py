@@ -99,6 +99,19 @@ def test_launcher_plan_spawns_redis_only_without_url(monkeypatch):
     assert plan.gateway.count("--prefill-addr") == 2 and plan.gateway.count("--decode-addr") == 3
 
 
+def test_launcher_plan_gives_each_worker_a_metrics_port_on_request():
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2"]
+    plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
+    assert plan.metrics == {} and not any("--metrics-port" in cmd for cmd in plan.prefill + plan.decode)
+    plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--worker-metrics"]))
+    urls = {}
+    for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)):
+        for cmd in cmds:
+            worker = worker_arg_parser(role, default_port=50051).parse_args(cmd[4:])
+            urls[(role, f"127.0.0.1:{worker.port}")] = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+    assert plan.metrics == urls and len(set(urls.values())) == 3
+
+
 def test_launcher_plan_passes_the_kv_transport_to_decode_workers():
     args = launcher.build_parser().parse_args(["up", "--model", "/m", "--redis-url", "redis://r/0", "--kv-transport", "ucx"])
     plan = launcher.make_plan(args)

@@ -36,19 +36,13 @@ class System:
     def __init__(self, model: str, kv_transport: str) -> None:
         args = launcher.build_parser().parse_args(
             ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", "2", "--decode", "1",
-             "--kv-transport", kv_transport]
+             "--kv-transport", kv_transport, "--worker-metrics"]
         )
         os.environ.pop("REDIS_URL", None)
         self.kv_transport = kv_transport
         self.plan = launcher.make_plan(args)
         # The decode worker schedules asynchronously, as it does by default on a GPU.
         self.plan.decode = [cmd + ["--async-scheduling"] for cmd in self.plan.decode]
-        self.metrics_ports = {}  # worker command index -> its Prometheus port
-        for cmds in (self.plan.prefill, self.plan.decode):
-            for i, cmd in enumerate(cmds):
-                port = launcher.free_port()
-                cmds[i] = cmd + ["--metrics-port", str(port)]
-                self.metrics_ports[cmd[cmd.index("--port") + 1]] = port
         self.procs: list[subprocess.Popen] = []
         for cmd in [self.plan.redis] + self.plan.prefill + self.plan.decode:
             self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
@@ -249,8 +243,7 @@ def test_workers_serve_prometheus_metrics(system):
     steps = {}
     for role in ("prefill", "decode"):
         for addr in system.worker_addrs(role):
-            port = system.metrics_ports[addr.rsplit(":", 1)[1]]
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            text = httpx.get(system.plan.metrics[(role, addr)], timeout=5).text
             samples = {(s.name, s.labels.get("state")): s.value
                        for family in text_string_to_metric_families(text) for s in family.samples}
             assert samples[("baton_worker_requests", "running")] == samples[("baton_worker_requests", "waiting")] == 0
