@@ -84,7 +84,11 @@ def _find_sequence(cu_query_lens_ptr, num_seqs, tile_id, BLOCK_M: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# The batch's size, its block tables' width and the index tensors' addresses change from step
+# to step: specialising on them compiled new variants in the middle of serving, each one
+# stalling every request in flight.
+@triton.jit(do_not_specialize=["num_seqs", "stride_t_seq"],
+            do_not_specialize_on_alignment=["cu_query_lens_ptr", "seq_lens_ptr", "tables_ptr"])
 def _paged_attention_kernel(
     q_ptr, kv_ptr, out_ptr, cu_query_lens_ptr, seq_lens_ptr, tables_ptr,
     num_seqs, scale_log2,

@@ -96,7 +96,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["ids_ptr"])   # block ids are often a slice of a run
 def _copy_blocks_kernel(
     src_ptr,
     dst_ptr,

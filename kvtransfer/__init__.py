@@ -7,9 +7,10 @@ from baton.kvtransfer.base import (
 )
 from baton.kvtransfer.errors import LayoutMismatch, TransferError
 from baton.kvtransfer.layout import KVLayout, check_layout
+from baton.kvtransfer.session import warm_up_block_copies
 
 __all__ = [
     "KVLayout", "KVReceiver", "KVSender", "LayoutMismatch", "TransferError", "TransferSession",
     "TransferStats", "TransferTicket", "check_layout", "create_receiver", "create_sender",
-    "known_transports", "register_transport",
+    "known_transports", "register_transport", "warm_up_block_copies",
 ]

@@ -40,6 +40,15 @@ def blocks_per_message(transport: str, ticket: TransferTicket, local_layout: KVL
     return count
 
 
+def warm_up_block_copies(kv_cache: torch.Tensor) -> None:
+    """Compile the kernels that pack blocks for sending and unpack them on landing, before the
+    first transfer needs them (compiled in the middle of serving, each stalled every request
+    in flight): block 0 of ``kv_cache`` is packed and written back unchanged. Run it before
+    the cache is in use."""
+    ids = torch.zeros(1, dtype=torch.int64, device=kv_cache.device)
+    ops.scatter_blocks(kv_cache, ids, ops.gather_blocks(kv_cache, ids))
+
+
 @dataclass
 class Packed:
     """One layer's run of ``num_blocks`` blocks for ticket blocks ``first_block ..``,

@@ -25,7 +25,7 @@ from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.model_runner import ModelRunner
-from baton.kvtransfer.layout import KVLayout
+from baton.kvtransfer import KVLayout, warm_up_block_copies
 from baton.protos import MAX_MESSAGE_BYTES, common_pb2
 from baton.services.engine_loop import EngineLoop
 from baton.services.index_publisher import IndexPublisher
@@ -121,8 +121,9 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
 
 
 def warm_up(core: EngineCore, block_size: int) -> None:
-    """Run two short requests through the engine before serving, so that a GPU
-    worker's kernels are compiled before the first real request needs them."""
+    """Run two short requests through the engine and a block through the KV transfer's
+    pack and unpack before serving, so that a GPU worker's kernels are compiled before
+    the first real request needs them."""
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     for i, length in enumerate((block_size + 1, 2 * block_size)):
         request_id = f"warm-up-{i}"
@@ -131,6 +132,7 @@ def warm_up(core: EngineCore, block_size: int) -> None:
             core.step()
         core.abort(request_id)  # the prefill role keeps finished blocks until released
     core.drain_block_events()  # nothing of the warm-up belongs in the global index
+    warm_up_block_copies(core.runner.kv_caches[0])
 
 
 async def serve(

@@ -326,6 +326,37 @@ def test_prefill_variants_on_gpu_llama_shapes(dtype: torch.dtype, config: Prefil
         check_paged_attention("cuda", dtype, 32, 8, 16, 128, pairs, config, scale)
 
 
+def compiled_variants(kernel) -> int:
+    """How many variants of a Triton kernel this process has compiled for the current GPU."""
+    return len(kernel.device_caches[torch.cuda.current_device()][0])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_serving_shapes_reuse_one_compiled_kernel() -> None:
+    """From step to step a worker's prompt batch changes size, its block tables change width,
+    and KV runs are sent from slices of block-id tensors. None of it may compile a new variant
+    of prefill attention or of the block copies: each compile in the middle of serving stalled
+    every request in flight."""
+    from baton.kernels.attention_prefill import _paged_attention_kernel
+    from baton.kernels.kv_cache import _copy_blocks_kernel
+
+    counts = []
+    for q_lens, seq_lens in [([5], [5]), ([3, 9, 1], [40, 9, 17]), ([16] * 16, [16] * 16), ([4, 4], [224, 10]), ([7, 2], [300, 2])]:
+        q, cache, cu, lens, tables = paged_case(q_lens, seq_lens, 32, 8, 16, 64, torch.bfloat16, "cuda")
+        for first in (0, 1):   # index tensors read from an offset, as the rest of a mixed batch reads them
+            pad = torch.zeros(first, dtype=torch.int32, device="cuda")
+            cu_off = torch.cat([pad, cu])[first:]
+            lens_off = torch.cat([pad, lens])[first:]
+            tables_off = torch.cat([pad.new_zeros(first, tables.shape[1]), tables])[first:]
+            got = attention.paged_attention(q, cache, cu_off, lens_off, tables_off, 0.125)
+            _assert_close(got, attention.ref_paged_attention(q, cache, cu, lens, tables, 0.125), torch.bfloat16)
+            ids = torch.arange(cache.shape[0] - 1, -1, -1, device="cuda")[first:]
+            assert torch.equal(kv_cache.gather_blocks(cache, ids), kv_cache.ref_gather_blocks(cache, ids))
+            counts.append((compiled_variants(_paged_attention_kernel), compiled_variants(_copy_blocks_kernel)))
+    assert len(set(counts)) == 1, counts
+
+
 @pytest.mark.unit
 def test_linear_rejects_bad_arguments_and_dispatches_to_torch_on_cpu() -> None:
     x, w, b = torch.randn(2, 16), torch.randn(8, 16), torch.randn(8)
