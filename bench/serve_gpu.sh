@@ -4,6 +4,8 @@
 # with static addresses (no Redis: load-only routing), then a greedy check and
 # the serving benchmark.
 #   bench/serve_gpu.sh MODEL_DIR DTYPE [bench_serving.py flags...]   (DEVICE=cpu to try it without a GPU)
+# ROUNDS=N runs the benchmark N times against the same processes (the first round also
+# meets whatever the workers' start-up did not warm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=$1 dtype=$2; shift 2
@@ -22,5 +24,8 @@ done
 curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
     -d '{"model": "m", "prompt": "JULIET:\nO Romeo", "max_tokens": 12, "temperature": 0}'
 echo
-$py bench/bench_serving.py --url http://127.0.0.1:8000 "$@"
+for round in $(seq 1 "${ROUNDS:-1}"); do
+    echo "round $round"
+    $py bench/bench_serving.py --url http://127.0.0.1:8000 "$@"
+done
 curl -s http://127.0.0.1:8000/metrics | grep -E '^baton_(kv_transfer_bytes_total|kv_transfer_seconds_(sum|count)|prefix_cache_hit_ratio|requests_total)'
