@@ -29,7 +29,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor    # [B, max_blocks] int32, padded with 0
     max_query_len: int
     max_seq_len: int
-    num_decode_chunks: int        # leading chunks of one new token each (rows 0..n-1): the decode kernel's
+    num_decode_chunks: int        # leading chunks of one generated token each (rows 0..n-1): the decode kernel's
     rest_cu_query_lens: torch.Tensor | None  # [B - num_decode_chunks + 1] int32: cu_query_lens of the other chunks, from 0
 
     @property
@@ -73,7 +73,8 @@ def build_attention_metadata(
         q_lens.append(n)
         tables.append(table)
     seq_lens_list = [s + n for s, n in zip(starts, q_lens)]
-    num_decode = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+    num_decode = next((i for i, (chunk, start, n) in enumerate(zip(chunks, starts, q_lens))
+                       if n != 1 or start < chunk.seq.num_prompt_tokens), len(q_lens))
     max_blocks = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
     if max(q_lens) == 1:
@@ -127,11 +128,14 @@ def paged_attention_forward(
     """Attend ``q`` ``[T, heads, head_dim]`` over each chunk's paged context in ``kv_cache``,
     which must already hold the chunk's new keys/values at ``meta.slot_mapping``.
 
-    The leading one-token chunks (the decodes the scheduler puts first) take the decode
-    kernel, the others the prefill kernel. In the prefill kernel a one-token chunk fills one
-    row of a 128-row query tile and each query head reloads its KV head's context. The split
-    took the 1B model's batch-128 offline generate from 527 to 485 ms on an H200
-    (``bench/results/model_h200.md``)."""
+    The leading chunks that compute one generated token (the decodes the scheduler puts first)
+    take the decode kernel, the others the prefill kernel. In the prefill kernel a one-token
+    chunk fills one row of a 128-row query tile and each query head reloads its KV head's
+    context. The split took the 1B model's batch-128 offline generate from 527 to 485 ms on an
+    H200 (``bench/results/model_h200.md``). A one-token chunk that ends a prompt (all of it but
+    the last token cached) stays with the prompts: the decode kernel compiles a variant per
+    batch and table width it meets eagerly, and a prefill worker, which sees only such chunks,
+    compiled them in the middle of serving (``bench/results/serving_h200.md``)."""
     if meta.is_decode_only:
         return ops.paged_decode_attention(q, kv_cache, meta.seq_lens, meta.block_tables, scale)
     n = meta.num_decode_chunks

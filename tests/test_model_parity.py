@@ -66,12 +66,16 @@ def greedy(runner: ModelRunner, seqs: list[Sequence], max_new: int, chunk_size: 
 
 
 def random_chunks(kinds: str, rng: random.Random, pool: BlockPool, block_size: int) -> list[ScheduledChunk]:
-    """One chunk per letter of ``kinds``: ``d`` one new token (a decode), ``p`` 2 to 11 (a prompt
-    chunk), ``r`` 1 to 11; each after up to 29 computed tokens, with a spare block now and then."""
+    """One chunk per letter of ``kinds``: ``d`` one generated token (a decode), ``l`` a prompt's
+    last token (the rest of it cached), ``p`` 2 to 11 prompt tokens, ``r`` 1 to 11; each after up
+    to 29 computed tokens (a decode after at least one), with a spare block now and then."""
     chunks = []
     for i, kind in enumerate(kinds):
-        computed, new = rng.randrange(0, 30), 1 if kind == "d" else rng.randrange(2 if kind == "p" else 1, 12)
-        seq = Sequence(f"m{i}", [1] * (computed + new), SamplingParams())
+        computed = rng.randrange(1 if kind == "d" else 0, 30)
+        new = 1 if kind in "dl" else rng.randrange(2 if kind == "p" else 1, 12)
+        prompt = computed if kind == "d" else computed + new
+        seq = Sequence(f"m{i}", [1] * prompt, SamplingParams())
+        seq.output_token_ids = [1] * (computed + new - prompt)
         seq.num_computed_tokens = computed
         seq.block_table = pool.take(-(-(computed + new) // block_size) + rng.randrange(0, 2))
         chunks.append(ScheduledChunk(seq, new))
@@ -79,16 +83,18 @@ def random_chunks(kinds: str, rng: random.Random, pool: BlockPool, block_size: i
 
 
 @pytest.mark.unit
-def test_mixed_step_attention_splits_decodes_from_prompts():
+@pytest.mark.parametrize("kinds,leading", [("dddpdppd", 3), ("ddldpd", 2), ("lll", 0), ("ldd", 0)])
+def test_mixed_step_attention_splits_decodes_from_prompts(kinds: str, leading: int):
     """A step of leading decodes then prompt chunks and decodes (which, not leading, stay with
     the prompts) takes the decode kernel for the decodes and the prefill kernel for the rest: the
-    same output as the reference over every chunk at once."""
+    same output as the reference over every chunk at once. A prompt's last token alone (``l``)
+    is a prompt chunk, not a decode."""
     rng = random.Random(7)
     block_size, pool = 4, BlockPool(200, seed=7)
-    chunks = random_chunks("dddpdppd", rng, pool, block_size)
+    chunks = random_chunks(kinds, rng, pool, block_size)
     meta = build_attention_metadata(chunks, block_size)
-    assert meta.num_decode_chunks == 3 and not meta.is_decode_only
-    assert meta.rest_cu_query_lens.tolist() == [v - 3 for v in meta.cu_query_lens.tolist()[3:]]
+    assert meta.num_decode_chunks == leading and not meta.is_decode_only
+    assert meta.rest_cu_query_lens.tolist() == [v - leading for v in meta.cu_query_lens.tolist()[leading:]]
     kv_cache = torch.randn(200, 2, block_size, 2, 16)
     q = torch.randn(meta.num_tokens, 4, 16)
     want = ref_paged_attention(q, kv_cache, meta.cu_query_lens, meta.seq_lens, meta.block_tables, 0.25)
@@ -112,7 +118,7 @@ def test_attention_metadata_matches_per_token_walk(decode_only: bool):
     for row, chunk in zip(meta.block_tables.tolist(), chunks):
         assert row[: len(chunk.seq.block_table)] == chunk.seq.block_table
     assert meta.is_decode_only == decode_only and meta.max_seq_len == max(meta.seq_lens.tolist())
-    leading = next((i for i, c in enumerate(chunks) if c.num_new_tokens != 1), len(chunks))
+    leading = next((i for i, c in enumerate(chunks) if c.num_new_tokens != 1 or c.start < c.seq.num_prompt_tokens), len(chunks))
     assert meta.num_decode_chunks == leading
     if not decode_only:
         assert meta.rest_cu_query_lens.tolist() == [v - leading for v in meta.cu_query_lens.tolist()[leading:]]
