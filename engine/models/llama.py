@@ -177,8 +177,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden]`` -> ``[N, vocab]`` in the model's dtype (the sampler widens what it
-        reads to float32, so no float32 copy of the logits is written). One row takes ``ops.linear`` (the GEMV on
-        CUDA: 116.9 us for Llama-3.2-1B's vocabulary on an H200 against cuBLAS's 126.4); more
-        take ``F.linear`` (at two rows the GEMV is slower, 137.0 us against 126.8)."""
+        reads to float32, so no float32 copy of the logits is written). One row takes
+        ``ops.linear`` (the GEMV on CUDA: 116.9 us for Llama-3.2-1B's vocabulary on an H200
+        against cuBLAS's 126.4); more take ``F.linear`` (at two rows the GEMV is slower, 137.0 us
+        against 126.8)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return ops.linear(hidden, weight) if hidden.shape[0] == 1 else F.linear(hidden, weight)
