@@ -103,9 +103,7 @@ def _merge_splits(
     tl.store(out_ptr, (acc / tl.where(total > 0, total, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
-# Eager steps' block tables change width, and their index tensors may be slices: no variant per
-# width or address (each compile stalled serving).
-@triton.jit(do_not_specialize=["stride_t_seq"], do_not_specialize_on_alignment=["seq_lens_ptr", "tables_ptr"])
+@triton.jit
 def _paged_decode_attention_kernel(
     q_ptr, kv_ptr, out_ptr, part_out_ptr, part_lse_ptr, sem_ptr, seq_lens_ptr, tables_ptr,
     scale_log2, split_len, table_tokens,
