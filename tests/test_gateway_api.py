@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 
 from baton.engine.sequence import TokenLogprob
+from baton.services.gateway import app as app_module
 from baton.services.gateway.app import create_app
 from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
 from baton.services.gateway.config import GatewayConfig
@@ -662,3 +663,18 @@ def test_gateway_process_drains_on_sigterm_and_exits_zero() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_shutdown_does_not_wait_forever_for_the_backend(tok, monkeypatch, caplog) -> None:
+    """A backend whose close never returns (a stuck channel, say) holds the gateway's exit
+    only for ``BACKEND_CLOSE_TIMEOUT_S``."""
+    class StuckBackend(FakeBackend):
+        async def close(self) -> None:
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(app_module, "BACKEND_CLOSE_TIMEOUT_S", 0.2)
+    app = create_app(make_config(), StuckBackend(tok), tok)
+    async with asyncio.timeout(10):
+        async with app.router.lifespan_context(app):
+            pass
+    assert "did not close within 0.2 s" in caplog.text

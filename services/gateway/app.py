@@ -37,6 +37,7 @@ from baton.services.gateway.serving import OpenAIServing, PrimedStream, as_api_e
 from baton.services.gateway.tokenizer import GatewayTokenizer
 
 logger = logging.getLogger(__name__)
+BACKEND_CLOSE_TIMEOUT_S = 10.0   # at shutdown: what the backend gets to close its channels and Redis
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
@@ -217,7 +218,10 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
         try:
             yield
         finally:
-            await backend.close()
+            try:
+                await asyncio.wait_for(backend.close(), BACKEND_CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning("the backend did not close within %g s; shutting down without it", BACKEND_CLOSE_TIMEOUT_S)
 
     app = FastAPI(title="Baton gateway", lifespan=lifespan)
     app.state.gateway = state
