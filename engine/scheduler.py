@@ -15,11 +15,11 @@ Queues and states:
 - ``kept`` (prefill role, ``FINISHED``): finished but keep their blocks while the
   KV is still being sent, until ``release``.
 
-Each ``schedule()``: running decodes first (one token each), then continuing
-prefills, then — when nothing was preempted — waiting requests FCFS, within
-``max_num_batched_tokens`` and ``max_num_seqs``. A waiting request is admitted
-only when the pool has blocks for its chunk. A running sequence that cannot get a
-block preempts the most recently arrived running sequence (possibly itself).
+Each ``schedule()``: running decodes first (one generated token each), then continuing
+prefills (a prompt's last token alone among them), then — when nothing was preempted —
+waiting requests FCFS, within ``max_num_batched_tokens`` and ``max_num_seqs``. A waiting
+request is admitted only when the pool has blocks for its chunk. A running sequence that
+cannot get a block preempts the most recently arrived running sequence (possibly itself).
 """
 
 from __future__ import annotations
@@ -85,9 +85,15 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: _Budget) -> None:
-        remaining = [(seq, seq.num_tokens - seq.num_computed_tokens) for seq in self.running]
-        decodes = [item for item in remaining if item[1] == 1]
-        prefills = [item for item in remaining if item[1] > 1]
+        decodes, prefills = [], []
+        for seq in self.running:
+            todo = seq.num_tokens - seq.num_computed_tokens
+            # A decode computes a generated token; a prompt's last token alone is still a prefill
+            # chunk (the model runner gives the decode kernel only the leading decodes).
+            if todo == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                decodes.append((seq, todo))
+            elif todo >= 1:
+                prefills.append((seq, todo))
         for seq, todo in decodes + prefills:
             if budget.tokens == 0:
                 return

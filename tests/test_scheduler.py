@@ -79,6 +79,19 @@ def test_decodes_are_scheduled_first() -> None:
     assert summary(out) == [("old", 4, 1), ("long", 7, 7)]     # budget spent before admitting "new"
 
 
+def test_a_prompts_last_token_alone_is_scheduled_with_the_prefills() -> None:
+    """An earlier sequence recomputing only its prompt's last token (after a preemption, say)
+    goes after the later one's decode, so the step's decodes lead and take the decode kernel."""
+    sched = make(budget=16)
+    early, late = make_seq("early", 9), make_seq("late", 2)
+    sched.add(early)
+    sched.add(late)
+    advance(sched.schedule())
+    early.output_token_ids.clear()
+    early.num_computed_tokens = 8
+    assert summary(sched.schedule()) == [("late", 2, 1), ("early", 8, 1)]
+
+
 def test_admission_waits_for_blocks() -> None:
     sched = make(num_blocks=6, budget=64)
     a, b = make_seq("a", 16, max_tokens=4), make_seq("b", 12, max_tokens=4)
