@@ -79,7 +79,7 @@ def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: in
 @triton.jit
 def _merge_splits(
     part_out_ptr, part_lse_ptr, out_ptr, rows, head_ok, used,
-    MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Merge ``used`` split results of a head group (``rows`` index their first split),
     weighting each by its share of the softmax mass; other programs wrote them, so
@@ -92,7 +92,7 @@ def _merge_splits(
     lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)  # an empty sequence: every weight is 0
     acc = tl.zeros([MERGE_PAD, HEAD_DIM], tl.float32)
     total = tl.zeros([MERGE_PAD], tl.float32)
-    for first in tl.static_range(0, NUM_SPLITS, CHUNK):
+    for first in tl.static_range(0, SPLITS_PAD, CHUNK):
         s = first + tl.arange(0, CHUNK)
         ok = head_ok[:, None] & (s < used)[None, :]
         idx = rows[:, None] + s[None, :]
@@ -103,16 +103,19 @@ def _merge_splits(
     tl.store(out_ptr, (acc / tl.where(total > 0, total, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
-@triton.jit
+# The split count is a value, not a constant, or eager steps and each batch size captured in a
+# graph would compile a variant per count; the merge reads up to ``SPLITS_PAD``, fixed per
+# config. It costs 0.1-0.2 us on short split launches (bench/results/kernels_h200.md, ninth round).
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_attention_kernel(
     q_ptr, kv_ptr, out_ptr, part_out_ptr, part_lse_ptr, sem_ptr, seq_lens_ptr, tables_ptr,
-    scale_log2, split_len, table_tokens,
+    scale_log2, split_len, table_tokens, num_splits,
     stride_q_seq, stride_q_head,
     stride_c_block, stride_c_kv, stride_c_tok, stride_c_head,
     stride_o_seq, stride_o_head,
     stride_t_seq,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -130,10 +133,10 @@ def _paged_decode_attention_kernel(
     heads = kv_head * GROUP + g
     pdl.wait(PDL)
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
-    if NUM_SPLITS == 1:
-        used = 1
+    if SPLIT:
+        used = tl.minimum(tl.maximum(tl.cdiv(seq_len, split_len), 1), num_splits)
     else:
-        used = tl.minimum(tl.maximum(tl.cdiv(seq_len, split_len), 1), NUM_SPLITS)
+        used = 1
     if split < used:
         end = tl.minimum(seq_len, start + split_len)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -166,7 +169,7 @@ def _paged_decode_attention_kernel(
             tl.store(o_ptrs, (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
         else:
             lse = tl.where(l > 0, m + tl.math.log2(safe_l), float("-inf"))
-            row_idx = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+            row_idx = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
             tl.store(part_out_ptr + row_idx[:, None] * HEAD_DIM + d[None, :], acc / safe_l[:, None], mask=(g < GROUP)[:, None])
             tl.store(part_lse_ptr + row_idx, lse, mask=g < GROUP)
             # Every thread's partial is stored before one thread counts this split in
@@ -176,9 +179,9 @@ def _paged_decode_attention_kernel(
             if tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu") == used - 1:
                 mg = tl.arange(0, MERGE_PAD)
                 merge_heads = kv_head * GROUP + mg
-                rows = (seq * tl.num_programs(1) * GROUP + merge_heads) * NUM_SPLITS
+                rows = (seq * tl.num_programs(1) * GROUP + merge_heads) * num_splits
                 o_ptrs = out_ptr + seq * stride_o_seq + merge_heads[:, None] * stride_o_head + d[None, :]
-                _merge_splits(part_out_ptr, part_lse_ptr, o_ptrs, rows, mg < GROUP, used, MERGE_PAD, HEAD_DIM, NUM_SPLITS, SPLITS_PAD, CHUNK)
+                _merge_splits(part_out_ptr, part_lse_ptr, o_ptrs, rows, mg < GROUP, used, MERGE_PAD, HEAD_DIM, SPLITS_PAD, CHUNK)
                 tl.store(sem, 0)
 
 
@@ -254,16 +257,16 @@ def launch_paged_decode_attention(
     part_lse = torch.empty(split_shape[:-1], dtype=torch.float32, device=q.device)
     sems = _semaphores(q.device, batch * num_kv_heads) if splits > 1 else seq_lens
     merge_pad = triton.next_power_of_2(group)
-    splits_pad = triton.next_power_of_2(splits)
+    splits_pad = triton.next_power_of_2(config.max_splits) if splits > 1 else 1
     _paged_decode_attention_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache, out, part_out, part_lse, sems, seq_lens, block_tables,
-        scale * math.log2(math.e), split_len, max_context,
+        scale * math.log2(math.e), split_len, max_context, splits,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), MERGE_PAD=merge_pad, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE_N=config.tile_n, NUM_SPLITS=splits, SPLITS_PAD=splits_pad,
+        BLOCK_SIZE=block_size, TILE_N=config.tile_n, SPLIT=splits > 1, SPLITS_PAD=splits_pad,
         CHUNK=min(splits_pad, max(1, config.merge_per_thread * 32 * config.num_warps // (merge_pad * head_dim))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -357,6 +357,30 @@ def test_serving_shapes_reuse_one_compiled_kernel() -> None:
     assert len(set(counts)) == 1, counts
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_split_counts_share_one_compiled_kernel() -> None:
+    """Each batch size splits the context a different number of times, and an eager mixed step's
+    decodes come in any batch size. Only the launch parameters and whether the context is split
+    at all may pick a variant of decode attention, not the split count."""
+    from baton.kernels.attention_decode import _paged_decode_attention_kernel, default_config, split_context
+
+    device = torch.device("cuda")
+    kinds, split_counts = set(), set()
+    before = compiled_variants(_paged_decode_attention_kernel)
+    for batch in range(1, 13):
+        lens = [2000] + [500 + 37 * i for i in range(batch - 1)]   # one table width for every batch
+        q, cache, _, seq_lens, tables = paged_case([1] * batch, lens, 32, 8, 16, 128, torch.bfloat16, "cuda")
+        got = attention.paged_decode_attention(q, cache, seq_lens, tables, 0.125)
+        _assert_close(got, attention.ref_paged_decode_attention(q, cache, seq_lens, tables, 0.125), torch.bfloat16)
+        config = default_config(batch, 8, 128, tables.shape[1] * 16, device)
+        splits = split_context(device, batch, 8, tables.shape[1] * 16, config)[0]
+        kinds.add((config, splits > 1))
+        split_counts.add(splits)
+    assert len(split_counts) > len(kinds), "the cases must split the context in more ways than they have kinds of launch"
+    assert compiled_variants(_paged_decode_attention_kernel) - before <= len(kinds), split_counts
+
+
 @pytest.mark.unit
 def test_linear_rejects_bad_arguments_and_dispatches_to_torch_on_cpu() -> None:
     x, w, b = torch.randn(2, 16), torch.randn(8, 16), torch.randn(8)
