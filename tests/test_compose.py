@@ -83,6 +83,14 @@ def test_gateway_command_parses_and_names_workers(compose):
     assert launcher_flags <= {a.option_strings[0] for a in build_parser()._actions if a.option_strings}
 
 
+def test_workers_keep_compiled_kernels_in_a_named_volume(compose):
+    for role in ("prefill", "decode"):
+        service = compose["services"][role]
+        cache = service["environment"]["TRITON_CACHE_DIR"]
+        assert f"triton-cache:{cache}" in service["volumes"]
+    assert "triton-cache" in compose["volumes"]
+
+
 def test_redis_service(compose):
     redis = compose["services"]["redis"]
     assert redis["ports"] == ["6379:6379"] and "healthcheck" in redis
