@@ -35,7 +35,7 @@ class PrefillStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/baton.v1.Prefill/Prefill',
                 request_serializer=baton_dot_protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_prefill__pb2.PrefillReply.FromString,
@@ -76,7 +76,7 @@ class PrefillServicer:
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=baton_dot_protos_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=baton_dot_protos_dot_prefill__pb2.PrefillReply.SerializeToString,
@@ -113,7 +113,7 @@ class Prefill:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/baton.v1.Prefill/Prefill',

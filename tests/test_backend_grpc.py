@@ -82,12 +82,16 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
 
 
 class FakePrefill(prefill_pb2_grpc.PrefillServicer):
-    """Answers the first token of the prompt; INVALID_ARGUMENT past ``max_len``."""
+    """Streams the first token of the prompt, then the handoff's end once ``handoff`` is set
+    (or fails it UNAVAILABLE where ``fail_handoff``); INVALID_ARGUMENT past ``max_len``."""
 
     def __init__(self, name: str, max_len: int = 10_000, delay_s: float = 0.0, running: int = 0) -> None:
         self.name, self.max_len, self.delay_s, self.running = name, max_len, delay_s, running
         self.requests: list[prefill_pb2.PrefillRequest] = []
         self.aborted: list[str] = []
+        self.handoff = asyncio.Event()
+        self.handoff.set()
+        self.fail_handoff = False
 
     async def Prefill(self, request, context):
         self.requests.append(request)
@@ -96,12 +100,16 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt has {n} tokens, more than {self.max_len}")
         await asyncio.sleep(self.delay_s)
         prompt_logprobs = [common_pb2.TokenLogprob(token_id=t, logprob=-1.0) for t in request.prompt_token_ids[1:]]
-        return prefill_pb2.PrefillReply(
+        yield prefill_pb2.PrefillReply(first=prefill_pb2.FirstToken(
             request_id=request.request_id,
-            first_token=common_pb2.TokenLogprob(token_id=first_token_of(list(request.prompt_token_ids)), logprob=-0.1),
+            token=common_pb2.TokenLogprob(token_id=first_token_of(list(request.prompt_token_ids)), logprob=-0.1),
             prompt_logprobs=prompt_logprobs if request.params.HasField("prompt_logprobs") else [],
-            prompt_tokens=n, cached_tokens=16 * (n // 32), kv_bytes_sent=4096 * n, kv_seconds=0.002,
-        )
+            prompt_tokens=n, cached_tokens=16 * (n // 32),
+        ))
+        await self.handoff.wait()
+        if self.fail_handoff:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "KV transfer to the decode worker failed: connection reset")
+        yield prefill_pb2.PrefillReply(handoff=prefill_pb2.KVHandoff(bytes_sent=4096 * n, seconds=0.002))
 
     async def Abort(self, request, context):
         self.aborted.append(request.request_id)
@@ -310,6 +318,41 @@ async def test_stream_failure_after_first_token_is_503_without_retry(cluster) ->
         async for chunk in backend.generate(request(max_tokens=10)):
             seen.append(chunk)
     assert err.value.status == 503 and len(seen) == 3 and other.reserved == {}
+
+
+async def test_first_token_is_yielded_before_the_handoff_ends(cluster) -> None:
+    """Time to first token does not wait for the rest of the KV handoff: the first chunk comes
+    while the prefill worker still sends, and decode starts only once it has finished."""
+    add, make, _ = cluster
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0")
+    prefill.handoff.clear()
+    backend = await make(config([await add(prefill)], [await add(decode)]))
+    req = request(max_tokens=4)
+    stream = backend.generate(req)
+    first = await asyncio.wait_for(anext(stream), 5.0)
+    assert first.tokens[0].token_id == first_token_of(req.prompt_token_ids)
+    rest = asyncio.create_task(collect(stream))
+    await asyncio.sleep(0.2)
+    assert not rest.done() and decode.first_tokens == []
+    prefill.handoff.set()
+    chunks = await asyncio.wait_for(rest, 5.0)
+    assert [c.finish_reason for c in chunks] == [None, None, "length"] and decode.first_tokens == [first.tokens[0].token_id]
+
+
+async def test_handoff_failure_after_first_token_is_503_and_frees_both(cluster) -> None:
+    add, make, _ = cluster
+    prefill, other, decode = FakePrefill("p0"), FakePrefill("p1", running=2), FakeDecode("d0")
+    prefill.handoff.clear()
+    prefill.fail_handoff = True
+    backend = await make(config([await add(prefill), await add(other)], [await add(decode)]))
+    req = request(max_tokens=4)
+    stream = backend.generate(req)
+    assert len((await anext(stream)).tokens) == 1
+    prefill.handoff.set()
+    with pytest.raises(BackendError, match="prefill worker .* UNAVAILABLE: KV transfer") as err:
+        await anext(stream)
+    assert err.value.status == 503 and other.requests == [] and decode.first_tokens == []
+    assert decode.aborted == [req.request_id] and prefill.aborted == [req.request_id]
 
 
 def test_params_and_logprobs_round_trip() -> None:

@@ -4,18 +4,21 @@ One request (one sequence) passes through these states::
 
     look up the prompt's cached prefix on every worker (one Redis round trip)
     -> route decode (room + cached prefix) -> RESERVED (Decode.Reserve: blocks + transfer ticket)
-      -> route prefill (cached prefix + load) -> PREFILLING (Prefill.Prefill:
-         the worker pushes KV to the ticket and returns the first token)
-      -> first chunk yielded at once (time to first token does not wait for decode)
+      -> route prefill (cached prefix + load) -> PREFILLING (Prefill.Prefill stream:
+         the worker pushes KV to the ticket layer by layer and sends the first token)
+      -> first chunk yielded at once (time to first token waits for neither the
+         rest of the handoff nor decode) -> HANDED OFF (the stream's last message:
+         the decode worker holds every layer)
       -> GENERATING (Decode.Generate stream) -> FINISHED (a chunk with finish_reason)
 
 Leaving by any other path (the consumer closes the iterator, a cancellation,
 a failed step) cancels the in-flight RPC and sends ``Abort`` to both workers,
 best effort, with a short deadline. UNAVAILABLE / DEADLINE_EXCEEDED from a
 worker penalizes it for a few seconds (routing skips it) and, when nothing has
-been yielded yet, the request is retried once elsewhere (fresh Reserve);
-INVALID_ARGUMENT becomes HTTP 400, anything else 503 naming the worker, and
-the end-to-end deadline (``request_timeout_s``) 504.
+been yielded yet, the request is retried once elsewhere (fresh Reserve); once the
+first token is out (a handoff that fails after it included), the stream ends with
+a 503. INVALID_ARGUMENT becomes HTTP 400, anything else 503 naming the worker,
+and the end-to-end deadline (``request_timeout_s``) 504.
 
 Background task (``start()``): every ``load_poll_interval_s`` poll ``GetLoad``
 on every known worker (a worker is *down* until it answers), and about once a
@@ -154,10 +157,11 @@ class GrpcBackend(Backend):
         self._in_flight[decode.address] += 1
         try:
             prefill = await self._choose_prefill(request, avoid, cached)
-            reply = await self._prefill(prefill, request, ticket, deadline)
-            yield self._first_chunk(request, reply)
+            async with aclosing(self._prefill(prefill, request, ticket, deadline)) as replies:
+                async for first in replies:
+                    yield self._first_chunk(request, first)
             call = decode.stub.Generate(
-                decode_pb2.GenerateRequest(request_id=request.request_id, first_token=reply.first_token),
+                decode_pb2.GenerateRequest(request_id=request.request_id, first_token=first.token),
                 timeout=self._timeout(deadline, math.inf),
             )
             try:
@@ -231,33 +235,45 @@ class GrpcBackend(Backend):
 
     async def _prefill(
         self, worker: _Worker, request: GenerationRequest, ticket: kvtransfer_pb2.TransferTicket, deadline: float
-    ) -> prefill_pb2.PrefillReply:
+    ) -> AsyncIterator[prefill_pb2.FirstToken]:
+        """Yield the first token as soon as the prefill worker sends it; end once the worker
+        reports the KV handed off (the decode worker then holds every layer)."""
         msg = prefill_pb2.PrefillRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             params=params_to_proto(request.params),
             ticket=ticket,
         )
+        call = worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
         self._in_flight[worker.address] += 1
         try:
-            reply = await worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
-        except grpc.aio.AioRpcError as err:
-            raise self._failure(worker, err, deadline) from err
+            yield await self._read(call, worker, deadline, "first")
+            handoff = await self._read(call, worker, deadline, "handoff")
         finally:
             self._in_flight[worker.address] -= 1
-        if reply.kv_bytes_sent > 0:
-            KV_TRANSFER_BYTES.inc(reply.kv_bytes_sent)
-            KV_TRANSFER_SECONDS.observe(reply.kv_seconds)
-        return reply
+            call.cancel()
+        if handoff.bytes_sent > 0:
+            KV_TRANSFER_BYTES.inc(handoff.bytes_sent)
+            KV_TRANSFER_SECONDS.observe(handoff.seconds)
+
+    async def _read(self, call: grpc.aio.UnaryStreamCall, worker: _Worker, deadline: float, event: str):
+        """The next message of a Prefill stream, which must be ``event``."""
+        try:
+            reply = await call.read()
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(worker, err, deadline) from err
+        if reply is grpc.aio.EOF or reply.WhichOneof("event") != event:
+            raise BackendError(f"prefill worker {worker.address} sent no {event!r} message in its place in the stream", 503)
+        return getattr(reply, event)
 
     @staticmethod
-    def _first_chunk(request: GenerationRequest, reply: prefill_pb2.PrefillReply) -> GenerationChunk:
+    def _first_chunk(request: GenerationRequest, first: prefill_pb2.FirstToken) -> GenerationChunk:
         wants_prompt_logprobs = request.params.prompt_logprobs is not None
         return GenerationChunk(
-            tokens=[logprob_from_proto(reply.first_token)],
-            prompt_tokens=reply.prompt_tokens,
-            cached_tokens=reply.cached_tokens,
-            prompt_logprobs=[logprob_from_proto(p) for p in reply.prompt_logprobs] if wants_prompt_logprobs else None,
+            tokens=[logprob_from_proto(first.token)],
+            prompt_tokens=first.prompt_tokens,
+            cached_tokens=first.cached_tokens,
+            prompt_logprobs=[logprob_from_proto(p) for p in first.prompt_logprobs] if wants_prompt_logprobs else None,
         )
 
     # -- failures and aborts -----------------------------------------------

@@ -10,11 +10,13 @@ A request passes through:
   RUNNING   prefilled chunk by chunk over the local prefix cache; in the step of
             the final chunk, each layer's blocks are pushed as soon as that
             layer is computed (``_on_layer_done``), overlapping later layers
-  SAMPLED   the first token is sampled; the blocks stay held
+  SAMPLED   the first token is sampled and streamed to the gateway at once;
+            the blocks stay held
   SENT      the decode worker acknowledged every layer
-  RELEASED  blocks released to the prefix cache; the reply goes out
-An abort, a deadline or a transfer failure at any point aborts the transfer and
-releases the blocks.
+  RELEASED  blocks released to the prefix cache; the handoff's end (bytes,
+            seconds) is streamed and the stream ends
+An abort, a deadline or a transfer failure at any point aborts the transfer,
+releases the blocks and ends the stream with an error status.
 """
 
 from __future__ import annotations
@@ -113,21 +115,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             update = await future
-            kv_bytes, kv_seconds = 0, 0.0
-            if session is not None:
-                stats = await session.finish(time_remaining(context))
-                kv_bytes, kv_seconds = stats.bytes, stats.seconds
-            await self.engine.call(lambda: self._ctx.core.release(rid))
-            released = True
-            return prefill_pb2.PrefillReply(
+            yield prefill_pb2.PrefillReply(first=prefill_pb2.FirstToken(
                 request_id=rid,
-                first_token=logprob_to_proto(update.new_tokens[0]),
+                token=logprob_to_proto(update.new_tokens[0]),
                 prompt_logprobs=[logprob_to_proto(lp) for lp in update.prompt_logprobs],
                 prompt_tokens=len(prompt),
                 cached_tokens=update.num_cached_tokens,
-                kv_bytes_sent=kv_bytes,
-                kv_seconds=kv_seconds,
-            )
+            ))
+            stats = await session.finish(time_remaining(context)) if session is not None else None
+            await self.engine.call(lambda: self._ctx.core.release(rid))
+            released = True
+            if stats is not None:
+                yield prefill_pb2.PrefillReply(handoff=prefill_pb2.KVHandoff(bytes_sent=stats.bytes, seconds=stats.seconds))
         except TransferError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode worker failed: {exc}")
         except EngineAborted as exc:
