@@ -95,6 +95,15 @@ class EngineLoop:
         for seq in self.core.abort(request_id):
             self._sent.pop(seq.seq_id, None)
 
+    def release(self, request_id: str) -> None:
+        """Prefill role: hand a finished request's blocks to the prefix cache before the
+        next step. Not awaited: the caller need not wait for the step running now."""
+        self._enqueue(lambda: self._release(request_id), None)
+
+    def _release(self, request_id: str) -> None:
+        if request_id in self.core.requests:  # else the engine aborted it, which freed its blocks
+            self.core.release(request_id)
+
     def _enqueue(self, fn: Callable[[], object], future: Future | None) -> None:
         with self._lock:
             self._commands.append((fn, future))

@@ -120,6 +120,31 @@ async def test_cancelled_caller_does_not_kill_the_engine_thread():
         loop.stop()
 
 
+async def test_release_hands_a_finished_prefill_to_the_prefix_cache(caplog):
+    """The prefill worker releases without waiting for the step: the blocks reach the prefix cache
+    before the next step, and a release the engine has overtaken (it aborted the request) is a no-op."""
+    core = make_core(EosLovingRunner(delay_s=0.05), keep=True)
+    updates: list[SeqUpdate] = []
+    loop = EngineLoop(core, updates.extend)
+    loop.start()
+    try:
+        params = prefill_params(SamplingParams(temperature=0, max_tokens=4))
+        await loop.call(lambda: core.add_request("done", [1, 3, 4, 5, 6, 7, 1, 3, 4], params))
+        for _ in range(100):
+            if any(u.seq_id == "done" and u.new_tokens for u in updates):
+                break
+            await asyncio.sleep(0.01)
+        assert await loop.call(lambda: core.stats().used_blocks) == 3   # kept for the KV transfer
+        loop.release("done")
+        loop.abort("gone")
+        loop.release("gone")
+        stats = await loop.call(core.stats)
+        assert "done" not in core.requests and stats.used_blocks == 0 and stats.cached_blocks == 2
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    finally:
+        loop.stop()
+
+
 async def test_failed_step_aborts_running_requests_but_not_reserved_ones():
     runner = EosLovingRunner()
     core = make_core(runner)

@@ -13,8 +13,9 @@ A request passes through:
   SAMPLED   the first token is sampled and streamed to the gateway at once;
             the blocks stay held
   SENT      the decode worker acknowledged every layer
-  RELEASED  blocks released to the prefix cache; the handoff's end (bytes,
-            seconds) is streamed and the stream ends
+  RELEASED  blocks queued for release to the prefix cache (before the next
+            step, without waiting for the running one); the handoff's end
+            (bytes, seconds) is streamed and the stream ends
 An abort, a deadline or a transfer failure at any point aborts the transfer,
 releases the blocks and ends the stream with an error status.
 """
@@ -123,7 +124,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 cached_tokens=update.num_cached_tokens,
             ))
             stats = await session.finish(time_remaining(context)) if session is not None else None
-            await self.engine.call(lambda: self._ctx.core.release(rid))
+            self.engine.release(rid)
             released = True
             if stats is not None:
                 yield prefill_pb2.PrefillReply(handoff=prefill_pb2.KVHandoff(bytes_sent=stats.bytes, seconds=stats.seconds))
