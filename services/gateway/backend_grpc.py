@@ -256,7 +256,9 @@ class GrpcBackend(Backend):
             KV_TRANSFER_BYTES.inc(handoff.bytes_sent)
             KV_TRANSFER_SECONDS.observe(handoff.seconds)
 
-    async def _read(self, call: grpc.aio.UnaryStreamCall, worker: _Worker, deadline: float, event: str):
+    async def _read(
+        self, call: grpc.aio.UnaryStreamCall, worker: _Worker, deadline: float, event: str
+    ) -> prefill_pb2.FirstToken | prefill_pb2.KVHandoff:
         """The next message of a Prefill stream, which must be ``event``."""
         try:
             reply = await call.read()
