@@ -2,6 +2,7 @@
 
 Per sequence, in this order (OpenAI / Hugging Face semantics):
 
+0. ``logit_bias`` (OpenAI) is added to the logits of its tokens;
 1. stop tokens (EOS unless ``ignore_eos``, and ``stop_token_ids``) are masked
    while fewer than ``min_tokens`` tokens have been generated;
 2. repetition penalty (HF): over prompt + output tokens, a positive logit is
@@ -126,27 +127,33 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(seqs)} sequences")
         ks = [s.params.logprobs or 0 for s in seqs]
         best, argmax, lse = ops.max_logsumexp(logits)   # one read of the logits for both
-        if all(s.params.greedy and not self._needs_penalties(s) for s in seqs):
+        if all(s.params.greedy and not self._needs_processing(s) for s in seqs):
             return _to_logprobs(logits, argmax, ks, lse, chosen_logits=best)
         processed = logits.to(torch.float32, copy=True)
         for i, seq in enumerate(seqs):
-            if self._needs_penalties(seq):
-                self._apply_penalties(processed[i], seq)
+            if self._needs_processing(seq):
+                self._process(processed[i], seq)
         return _to_logprobs(logits, self._sample(processed, seqs), ks, lse)
 
     @staticmethod
-    def _needs_penalties(seq: Sequence) -> bool:
+    def _needs_processing(seq: Sequence) -> bool:
         p = seq.params
         return (
-            p.repetition_penalty != 1.0
+            bool(p.logit_bias)
+            or p.repetition_penalty != 1.0
             or p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0
             or len(seq.output_token_ids) < p.min_tokens
         )
 
-    def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> None:
-        """Stop-token masking and penalties, in place on one row of logits."""
+    def _process(self, row: torch.Tensor, seq: Sequence) -> None:
+        """Logit bias, stop-token masking and penalties, in place on one row of logits."""
         p, device = seq.params, row.device
+        if p.logit_bias:
+            biased = [(t, b) for t, b in p.logit_bias.items() if t < row.shape[0]]
+            if biased:
+                ids, values = zip(*biased)
+                row[to_device(torch.tensor(ids, dtype=torch.long), device)] += to_device(torch.tensor(values), device)
         if len(seq.output_token_ids) < p.min_tokens:
             stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
             stops = [t for t in stops if 0 <= t < row.shape[0]]

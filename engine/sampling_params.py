@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 @dataclass
@@ -14,7 +15,8 @@ class SamplingParams:
     ``seed`` makes sampling reproducible whatever the batch: the token at output
     index ``t`` is drawn with noise keyed by ``(seed, t)`` (see ``sampler``).
     ``logprobs`` / ``prompt_logprobs``: ``None`` = off, ``k`` = the chosen token
-    plus its top-``k`` alternatives.
+    plus its top-``k`` alternatives. ``logit_bias`` maps token ids to what is added to
+    their logits before sampling (ids beyond the vocabulary are ignored).
     """
 
     n: int = 1
@@ -32,6 +34,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
@@ -50,6 +53,11 @@ class SamplingParams:
             (
                 self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
                 f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
+            (all(t >= 0 for t in self.logit_bias), "logit_bias token ids must be non-negative"),
+            (
+                all(-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for b in self.logit_bias.values()),
+                f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
             ),
         ]
         for ok, message in checks:

@@ -34,6 +34,7 @@ def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         ignore_eos=params.ignore_eos,
         max_tokens=params.max_tokens,
         min_tokens=params.min_tokens,
+        logit_bias=params.logit_bias,
     )
     if params.seed is not None:
         msg.seed = params.seed
@@ -62,6 +63,7 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        logit_bias=dict(msg.logit_bias),
     )
 
 

@@ -364,6 +364,7 @@ def test_params_and_logprobs_round_trip() -> None:
             frequency_penalty=random.choice([-0.25, 0.0, 1.5]), seed=random.choice([None, 0, 2**63]),
             stop_token_ids=random.sample(range(VOCAB), random.randint(0, 3)), ignore_eos=random.random() < 0.5,
             logprobs=random.choice([None, 0, 5]), prompt_logprobs=random.choice([None, 0, 20]),
+            logit_bias=random.choice([{}, {3: -100.0, 17: 2.5}]),
         )
         params.min_tokens = random.randint(0, params.max_tokens)
         wire = params_to_proto(params).SerializeToString()

@@ -106,6 +106,23 @@ def test_greedy_matches_aggregated_engine_and_transformers(system, reference, de
     assert juliet.choices[0].text.startswith(", Romeo! wherefore art thou Romeo?")
 
 
+def test_logit_bias_holds_on_both_workers(system, reference, demo_model):
+    """The prefill worker samples the first token and the decode worker the rest: a forced
+    token is every token, and a banned one gives what the aggregated engine gives."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    forced = reference[PROMPTS[0]][1]
+    out = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=4, temperature=0,
+                                           logit_bias={str(forced): 100})
+    assert out.choices[0].text == tok.decode([forced] * 4, skip_special_tokens=True)
+    banned = {reference[PROMPTS[0]][0]: -100.0}
+    want = LLM(demo_model).generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, logit_bias=banned))
+    out = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                           logit_bias={str(t): b for t, b in banned.items()})
+    assert out.choices[0].text == want[0].outputs[0].text and want[0].outputs[0].token_ids[0] not in banned
+
+
 def test_decode_worker_tickets_name_the_transport(system):
     with grpc.insecure_channel(system.worker_addrs("decode")[0]) as channel:
         stub = decode_pb2_grpc.DecodeStub(channel)

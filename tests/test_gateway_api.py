@@ -160,6 +160,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
         ({"model": MODEL, "prompt": [5, 99999]}, "prompt"),
         ({"model": MODEL, "prompt": "x", "max_tokens": 2048}, "max_tokens"),
         ({"model": MODEL, "prompt": "x " * 2100}, "prompt"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 100.5}}, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
     ],
 )
 async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
@@ -200,10 +203,19 @@ async def test_malformed_json_unknown_model_and_oversized_body(tok) -> None:
 
 async def test_unknown_fields_are_ignored_and_null_means_default(tok) -> None:
     backend = FakeBackend(tok)
-    body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "temperature": None, "logit_bias": {"5": 1}, "suffix": None}
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "temperature": None, "service_tier": "auto", "suffix": None}
     response = await post(backend, tok, "/v1/completions", body)
     assert response.status_code == 200, response.text
     assert backend.requests[0].params.temperature == 1.0
+
+
+async def test_logit_bias_reaches_the_backend_by_token_id(tok) -> None:
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            "logit_bias": {"5": 1, "17": -100}}
+    response = await post(backend, tok, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    assert backend.requests[0].params.logit_bias == {5: 1.0, 17: -100.0}
 
 
 async def test_backend_error_and_unexpected_error(tok) -> None:

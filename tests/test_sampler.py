@@ -97,7 +97,7 @@ def test_repetition_penalty_hf_semantics() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     s = seq(prompt=[0], outputs=[1], temperature=0.0, repetition_penalty=2.0)
     row = logits[0].clone()
-    Sampler()._apply_penalties(row, s)
+    Sampler()._process(row, s)
     assert row.tolist() == [1.0, -4.0, 1.0, 0.5]
     assert Sampler()(logits, [s])[0].token_id in (0, 2)       # tie at 1.0: argmax picks the first
     s2 = seq(prompt=[0], temperature=0.0, repetition_penalty=3.0)
@@ -108,9 +108,25 @@ def test_presence_and_frequency_penalties_openai_semantics() -> None:
     logits = torch.zeros(1, 5)
     s = seq(prompt=[4, 4, 4], outputs=[1, 1, 2], temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
     row = logits[0].clone()
-    Sampler()._apply_penalties(row, s)
+    Sampler()._process(row, s)
     assert row.tolist() == pytest.approx([0.0, -1.0, -0.75, 0.0, 0.0])   # prompt tokens not penalized
     assert Sampler()(torch.tensor([[1.0, 1.2, 0.0, 0.0, 0.0]]), [s])[0].token_id == 0
+
+
+def test_logit_bias_openai_semantics() -> None:
+    logits = torch.randn(4, V)
+    best = logits.argmax(-1)
+    forced = seq(0, temperature=0.0, logit_bias={7: 100.0}, logprobs=1)
+    banned = seq(1, temperature=0.0, logit_bias={int(best[1]): -100.0})
+    sampled = seq(2, temperature=1.0, logit_bias={9: 100.0})
+    beyond = seq(3, temperature=0.0, logit_bias={V + 5: 100.0})   # beyond the vocabulary: ignored
+    out = Sampler()(logits, [forced, banned, sampled, beyond])
+    assert [t.token_id for t in out] == [7, int(logits[1].topk(2).indices[1]), 9, int(best[3])]
+    raw = torch.log_softmax(logits, dim=-1)
+    assert out[0].logprob == pytest.approx(raw[0, 7].item(), abs=1e-6)   # reported from the raw distribution
+    for bad in ({3: 100.5}, {-1: 1.0}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
 
 
 def test_min_tokens_masks_stop_tokens() -> None:

@@ -161,13 +161,16 @@ class OpenAIServing:
                 f"{longest + limit} ({longest} in the prompt, {limit} for the completion).",
                 param=limit_param,
             )
+        vocab, logit_bias = self.tokenizer.vocab_size, req.token_logit_bias
+        if any(t >= vocab for t in logit_bias):
+            raise APIError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         try:
             return SamplingParams(
                 max_tokens=limit if limit is not None else self.max_model_len - longest,
                 min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, seed=req.seed, stop_token_ids=list(req.stop_token_ids),
-                ignore_eos=req.ignore_eos,
+                ignore_eos=req.ignore_eos, logit_bias=logit_bias,
             )
         except ValueError as exc:
             raise APIError(str(exc)) from exc
