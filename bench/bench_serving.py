@@ -3,7 +3,9 @@
     .venv/bin/baton up &                                   # or any Baton / OpenAI-compatible URL
     python bench/bench_serving.py --url http://127.0.0.1:8000 --requests 64 --concurrency 16
 
-Prints requests/s, output tokens/s, and TTFT / ITL / end-to-end percentiles.
+Prints requests/s, output tokens/s, and TTFT / ITL / end-to-end percentiles, and those of the
+gap before each request's second token (in a disaggregated server, what is left of the KV
+handoff once the first token is out).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ async def run(args: argparse.Namespace) -> None:
     print(f"throughput  {len(ok) / elapsed:8.2f} req/s  {tokens / elapsed:10.1f} output tok/s  ({elapsed:.1f} s)")
     print(f"TTFT  {percentiles([r.ttft for r in ok])}")
     print(f"ITL   {percentiles([i for r in ok for i in r.itls])}")
+    print(f"2nd   {percentiles([r.itls[0] for r in ok if r.itls])}")
     print(f"E2E   {percentiles([r.e2e for r in ok])}")
 
 
