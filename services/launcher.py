@@ -114,15 +114,25 @@ def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
 
 
 def stop_all(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
-    """SIGTERM in reverse start order (gateway first), then SIGKILL stragglers."""
-    for proc in reversed(procs):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """SIGTERM in reverse start order (gateway first), then SIGKILL stragglers. An interrupt
+    while waiting (a second Ctrl-C or SIGTERM) kills every process left at once, then
+    propagates: none is left running."""
+    try:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    except KeyboardInterrupt:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in procs:
             proc.wait()
+        raise
 
 
 def up(args: argparse.Namespace) -> int:
@@ -159,7 +169,10 @@ def up(args: argparse.Namespace) -> int:
         print(f"baton up: {exc}", file=sys.stderr)
         return 1
     finally:
-        stop_all(procs)
+        try:
+            stop_all(procs)
+        except KeyboardInterrupt:  # a second signal: the rest were killed, not drained
+            print("baton up: stopped without waiting for the processes to drain", file=sys.stderr)
 
 
 def _interrupt(signum, frame) -> None:

@@ -30,21 +30,33 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def test_baton_up_serves_and_stops_cleanly():
-    port = free_port()
+def start_baton_up(port: int) -> tuple[subprocess.Popen, list[int]]:
+    """``baton up`` on ``port``, once it says it is ready, and its child processes."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "baton.services.launcher", "up", "--port", str(port)],
         stdout=subprocess.PIPE, text=True, env=env,
     )
-    children: list[int] = []
+    ready = ""
+    deadline = time.monotonic() + 240
+    while "Baton is ready" not in ready and time.monotonic() < deadline and proc.poll() is None:
+        ready = proc.stdout.readline()
+    if f"http://127.0.0.1:{port}/v1" not in ready:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+        pytest.fail(f"baton up did not get ready: {ready!r}")
+    return proc, children_of(proc.pid)
+
+
+def assert_gone(pids: list[int]) -> None:
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], pid
+
+
+def test_baton_up_serves_and_stops_cleanly():
+    port = free_port()
+    proc, children = start_baton_up(port)
     try:
-        ready = ""
-        deadline = time.monotonic() + 240
-        while "Baton is ready" not in ready and time.monotonic() < deadline and proc.poll() is None:
-            ready = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/v1" in ready, ready
-        children = children_of(proc.pid)
         assert len(children) == 4  # redis, prefill, decode, gateway
         body = {"model": "shakespeare-llama-5m", "prompt": "JULIET:\nO Romeo", "max_tokens": 8, "temperature": 0}
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
@@ -54,8 +66,19 @@ def test_baton_up_serves_and_stops_cleanly():
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=90)
     assert code == 0
-    for child in children:
-        assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert_gone(children)
+
+
+def test_a_second_sigterm_kills_what_is_left():
+    """While ``baton up`` waits for the gateway to drain (at least a second), a second signal
+    must not leave the workers and Redis running without it."""
+    proc, children = start_baton_up(free_port())
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 0
+    assert len(children) == 4
+    assert_gone(children)
 
 
 def test_baton_up_refuses_a_missing_model(capsys):
