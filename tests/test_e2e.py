@@ -44,11 +44,15 @@ class System:
         # The decode worker schedules asynchronously, as it does by default on a GPU.
         self.plan.decode = [cmd + ["--async-scheduling"] for cmd in self.plan.decode]
         self.procs: list[subprocess.Popen] = []
-        for cmd in [self.plan.redis] + self.plan.prefill + self.plan.decode:
-            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-        self.gateway = subprocess.Popen(self.plan.gateway)
-        self.procs.append(self.gateway)
-        launcher.wait_ready(self.plan.url, self.procs, timeout=180)
+        try:  # a system that does not come up is stopped, not left running past the test session
+            for cmd in [self.plan.redis] + self.plan.prefill + self.plan.decode:
+                self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+            self.gateway = subprocess.Popen(self.plan.gateway)
+            self.procs.append(self.gateway)
+            launcher.wait_ready(self.plan.url, self.procs, timeout=180)
+        except BaseException:
+            self.stop()
+            raise
         self.client = openai.OpenAI(base_url=f"{self.plan.url}/v1", api_key="unused", max_retries=0, timeout=120)
         self.aclient = openai.AsyncOpenAI(base_url=f"{self.plan.url}/v1", api_key="unused", max_retries=0, timeout=300)
 
