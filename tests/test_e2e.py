@@ -277,6 +277,52 @@ def test_workers_serve_prometheus_metrics(system):
     assert sum(steps["prefill"]) > 0 and all(n > 0 for n in steps["decode"])
 
 
+def test_a_prefill_worker_killed_mid_burst_leaks_nothing(system):
+    """Requests in flight when a prefill worker dies either finish (retried on the other one
+    when no token was out yet) or end with the gateway's error naming that worker; none hangs,
+    and the workers left hold no KV block. (It kills a worker: keep it last but for SIGTERM.)"""
+    victim = system.procs[1 + 0]                                  # after Redis: the first prefill worker
+    victim_addr = f"127.0.0.1:{victim.args[victim.args.index('--port') + 1]}"
+    assert victim_addr in system.worker_addrs("prefill")
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> str:
+        try:
+            stream = await client.completions.create(
+                model=MODEL_NAME, prompt=f"{PROMPTS[i % len(PROMPTS)]} {i}", max_tokens=32, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            chunks = [c async for c in stream]
+            return "finished" if chunks[-1].choices[0].finish_reason == "length" else repr(chunks[-1])
+        except openai.APIError as exc:
+            return str(exc)
+
+    async def burst() -> list[str]:
+        # A client of this event loop: the system's own was bound to another test's.
+        async with openai.AsyncOpenAI(base_url=f"{system.plan.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            requests = [asyncio.create_task(one(client, i)) for i in range(24)]
+            await asyncio.sleep(0.3)
+            victim.kill()
+            return await asyncio.wait_for(asyncio.gather(*requests), 120)
+
+    results = asyncio.run(burst())
+    assert all(r == "finished" or f"prefill worker {victim_addr}" in r for r in results), results
+    survivors = [a for a in system.worker_addrs("prefill") if a != victim_addr]
+    deadline = time.monotonic() + 20
+    while True:
+        loads = []
+        for role, addrs in (("prefill", survivors), ("decode", system.worker_addrs("decode"))):
+            stub_cls = prefill_pb2_grpc.PrefillStub if role == "prefill" else decode_pb2_grpc.DecodeStub
+            for addr in addrs:
+                with grpc.insecure_channel(addr) as channel:
+                    loads.append(stub_cls(channel).GetLoad(common_pb2.LoadRequest(), timeout=5))
+        if all(l.used_blocks == 0 and l.running == 0 for l in loads) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(l.used_blocks == 0 and l.running == 0 for l in loads), loads
+    after = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert after.choices[0].text.startswith(", Romeo! wherefore art thou Romeo?")
+
+
 def test_sigterm_drains_then_exits(system):
     stream = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=64, temperature=0, stream=True)
     first = next(iter(stream))
