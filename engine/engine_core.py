@@ -21,6 +21,7 @@ a prefill worker builds the core with ``keep_finished_blocks=True`` and
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -110,13 +111,20 @@ class EngineCore:
         self._in_flight: _Launched | None = None           # a launched step whose tokens the host has not read
 
     # -- requests ---------------------------------------------------------------
-    def _new_sequences(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+    def _new_sequences(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int]
+    ) -> list[Sequence]:
         if request_id in self.requests:
             raise ValueError(f"request {request_id} already exists")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id} has an empty prompt")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise ValueError(f"request {request_id}: prompt token ids must be ints in [0, {self.vocab_size})")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids + output_token_ids):
+            raise ValueError(f"request {request_id}: token ids must be ints in [0, {self.vocab_size})")
+        if output_token_ids and (params.n != 1 or len(output_token_ids) >= params.max_tokens):
+            raise ValueError(
+                f"request {request_id}: a resumed request is one sequence (n=1) with fewer output tokens "
+                f"({len(output_token_ids)}) than max_tokens ({params.max_tokens})"
+            )
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -129,14 +137,22 @@ class EngineCore:
         taken = [seq_id for seq_id in ids if seq_id in self._request_of]
         if taken:
             raise ValueError(f"request {request_id}: sequence ids {taken} are already in use")
+        # A resumed sequence's earlier tokens were sampled elsewhere: their log-probs are not known here.
+        resumed = [TokenLogprob(t, math.nan) for t in output_token_ids]
         return [
-            Sequence(seq_id, list(prompt_token_ids), params, seed=seed + i, arrival_time=now)
+            Sequence(seq_id, list(prompt_token_ids), params, seed=seed + i, arrival_time=now,
+                     output_token_ids=list(output_token_ids), output_logprobs=list(resumed))
             for i, seq_id in enumerate(ids)
         ]
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
-        """Queue a request; raises ValueError for one that can never be served."""
-        seqs = self._new_sequences(request_id, prompt_token_ids, params)
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None
+    ) -> list[Sequence]:
+        """Queue a request; raises ValueError for one that can never be served. ``output_token_ids``
+        resumes a sequence that generated them elsewhere: they count as its output (penalties,
+        ``min_tokens`` / ``max_tokens``, the sampling seed's index), so it goes on exactly as it would
+        have there; their KV is computed with the prompt's."""
+        seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [])
         self.scheduler.add(seqs[0])
         if len(seqs) > 1:
             self.pending[request_id] = seqs[1:]
@@ -177,19 +193,23 @@ class EngineCore:
         return self.scheduler.has_unfinished() or bool(self.pending)
 
     # -- roles --------------------------------------------------------------------
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence | None:
-        """Decode role: hold blocks for a prompt computed elsewhere. None when the
-        pool is short now; ValueError when the request can never be served."""
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None
+    ) -> Sequence | None:
+        """Decode role: hold blocks for a prompt (and a resumed request's ``output_token_ids``,
+        as in ``add_request``) computed elsewhere. None when the pool is short now; ValueError
+        when the request can never be served."""
         if params.n != 1:
             raise ValueError(f"request {request_id}: reserve takes one sequence (n=1), got n={params.n}")
-        seq = self._new_sequences(request_id, prompt_token_ids, params)[0]
+        seq = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [])[0]
         if not self.scheduler.reserve(seq):
             return None
         self._track(request_id, [seq])
         return seq
 
     def activate(self, request_id: str, first_token: TokenLogprob) -> Sequence:
-        """Decode role: the prompt's KV has landed; start decoding after ``first_token``."""
+        """Decode role: the reserved tokens' KV has landed; start decoding after ``first_token``
+        (the token the prefill worker sampled after them)."""
         seq = self.scheduler.activate(request_id, first_token)
         self._check_stop(seq)
         return seq

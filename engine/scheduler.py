@@ -185,26 +185,27 @@ class Scheduler:
 
     # -- decode role ------------------------------------------------------------
     def reserve(self, seq: Sequence) -> bool:
-        """Allocate blocks for the prompt of ``seq``, whose KV will arrive from
-        elsewhere, reusing the cached prefix the pool holds (``seq.num_cached_tokens``:
-        that part need not arrive); park it. False (nothing held) when the pool is short now."""
+        """Allocate blocks for the tokens of ``seq`` (its prompt, and a resumed sequence's
+        outputs so far), whose KV will arrive from elsewhere, reusing the cached prefix the
+        pool holds (``seq.num_cached_tokens``: that part need not arrive); park it. False
+        (nothing held) when the pool is short now."""
         if seq.seq_id in self._order or seq.seq_id in self.reserved:
             raise ValueError(f"sequence {seq.seq_id} is already scheduled")
         self.check_fits(seq)
         cached = self.block_manager.cached_prefix_tokens(seq)
-        if not self.block_manager.allocate(seq, seq.num_prompt_tokens - cached):
+        if not self.block_manager.allocate(seq, seq.num_tokens - cached):
             return False
         seq.status = SequenceStatus.WAITING
         self.reserved[seq.seq_id] = seq
         return True
 
     def activate(self, seq_id: str, first_token: TokenLogprob) -> Sequence:
-        """The prompt's KV has landed: mark it computed, append the first token
+        """The reserved tokens' KV has landed: mark it computed, append the first token
         and start decoding. The caller applies stop checks to that token."""
         seq = self.reserved.pop(seq_id, None)
         if seq is None:
             raise KeyError(f"no reserved sequence {seq_id}")
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = seq.num_tokens
         seq.output_token_ids.append(first_token.token_id)
         seq.output_logprobs.append(first_token)
         seq.status = SequenceStatus.RUNNING
