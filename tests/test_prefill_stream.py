@@ -1,6 +1,8 @@
 """The prefill worker's Prefill stream on the demo checkpoint, in process: the first token
 goes out while the decode side still holds back its acknowledgement of the KV, the handoff's
-end only after it, and the prompt's full block then sits in the worker's prefix cache."""
+end only after it, and the prompt's full block then sits in the worker's prefix cache; a
+resumed request's earlier tokens are computed and sent with its prompt; a handoff that
+cannot land blames the decode worker."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import torch
 
 from baton.kvtransfer.grpc_receiver import GrpcKVReceiver, KVTransferServicer
 from baton.kvtransfer.grpc_transport import grpc_options
-from baton.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from baton.engine.llm import LLM
+from baton.engine.sampling_params import SamplingParams
+from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from baton.services.prefill.server import PrefillServicer
 from baton.services.worker import build_worker, worker_arg_parser
 
@@ -33,7 +37,10 @@ class HeldAck(KVTransferServicer):
         return reply
 
 
-async def test_first_token_streams_before_the_handoff_is_acknowledged(demo_model):
+@pytest.fixture
+async def worker(demo_model):
+    """A prefill servicer and a gRPC KV receiver (acknowledging only once ``push.ack`` is set)
+    on one loopback server; yields (ctx, receiver, push, the server's address, the receiver's caches)."""
     ctx = build_worker(worker_arg_parser("prefill", 0).parse_args(["--model", demo_model, "--num-blocks", "64"]),
                        "prefill", keep_finished_blocks=True)
     servicer = PrefillServicer(ctx)
@@ -47,31 +54,80 @@ async def test_first_token_streams_before_the_handoff_is_acknowledged(demo_model
     await server.start()
     servicer.engine.start()
     try:
-        block_ids = [7, 3]
-        receiver.expect("r1", block_ids, ctx.layout)
-        ticket = kvtransfer_pb2.TransferTicket(
-            request_id="r1", transport="grpc", address=receiver.address, block_ids=block_ids,
-            layout=ctx.layout.to_proto(), num_tokens=len(PROMPT), cached_blocks=0,
-        )
-        params = common_pb2.SamplingParams(temperature=0.0, max_tokens=8)
-        before = await servicer.engine.call(ctx.core.stats)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = prefill_pb2_grpc.PrefillStub(channel).Prefill(
-                prefill_pb2.PrefillRequest(request_id="r1", prompt_token_ids=PROMPT, params=params, ticket=ticket), timeout=60)
-            first = await asyncio.wait_for(call.read(), 20)
-            assert first.WhichOneof("event") == "first" and first.first.prompt_tokens == len(PROMPT)
-            await asyncio.wait_for(receiver.wait_complete("r1", 30), 30)   # every layer landed, not yet acknowledged
-            handoff = asyncio.ensure_future(call.read())
-            await asyncio.sleep(0.3)
-            assert not handoff.done()
-            push.ack.set()
-            last = await asyncio.wait_for(handoff, 30)
-            assert last.WhichOneof("event") == "handoff" and last.handoff.bytes_sent > 0
-            assert await call.read() is grpc.aio.EOF and await call.code() == grpc.StatusCode.OK
-        assert all(cache[block_ids].abs().sum() > 0 for cache in caches)   # every layer's KV landed
-        after = await servicer.engine.call(ctx.core.stats)
-        assert after.used_blocks == 0 and after.cached_blocks == before.cached_blocks + len(PROMPT) // 16
+        yield ctx, servicer, receiver, push, f"127.0.0.1:{port}", caches
     finally:
         servicer.engine.stop()
         await server.stop(None)
         await receiver.close()
+
+
+def ticket_for(ctx, receiver, rid: str, block_ids: list[int], num_tokens: int) -> kvtransfer_pb2.TransferTicket:
+    receiver.expect(rid, block_ids, ctx.layout)
+    return kvtransfer_pb2.TransferTicket(
+        request_id=rid, transport="grpc", address=receiver.address, block_ids=block_ids,
+        layout=ctx.layout.to_proto(), num_tokens=num_tokens, cached_blocks=0,
+    )
+
+
+async def test_first_token_streams_before_the_handoff_is_acknowledged(worker):
+    ctx, servicer, receiver, push, address, caches = worker
+    block_ids = [7, 3]
+    ticket = ticket_for(ctx, receiver, "r1", block_ids, len(PROMPT))
+    params = common_pb2.SamplingParams(temperature=0.0, max_tokens=8)
+    before = await servicer.engine.call(ctx.core.stats)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = prefill_pb2_grpc.PrefillStub(channel).Prefill(
+            prefill_pb2.PrefillRequest(request_id="r1", prompt_token_ids=PROMPT, params=params, ticket=ticket), timeout=60)
+        first = await asyncio.wait_for(call.read(), 20)
+        assert first.WhichOneof("event") == "first" and first.first.prompt_tokens == len(PROMPT)
+        await asyncio.wait_for(receiver.wait_complete("r1", 30), 30)   # every layer landed, not yet acknowledged
+        handoff = asyncio.ensure_future(call.read())
+        await asyncio.sleep(0.3)
+        assert not handoff.done()
+        push.ack.set()
+        last = await asyncio.wait_for(handoff, 30)
+        assert last.WhichOneof("event") == "handoff" and last.handoff.bytes_sent > 0
+        assert await call.read() is grpc.aio.EOF and await call.code() == grpc.StatusCode.OK
+    assert all(cache[block_ids].abs().sum() > 0 for cache in caches)   # every layer's KV landed
+    after = await servicer.engine.call(ctx.core.stats)
+    assert after.used_blocks == 0 and after.cached_blocks == before.cached_blocks + len(PROMPT) // 16
+
+
+async def test_a_resumed_request_sends_its_earlier_tokens_kv_and_samples_the_next(worker, demo_model):
+    """Resumed after 15 tokens, the 34 tokens' KV fill three blocks and the token sampled is the
+    16th that one process generates."""
+    ctx, servicer, receiver, push, address, caches = worker
+    push.ack.set()
+    whole = LLM(demo_model).generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0]
+    earlier = whole.outputs[0].token_ids[:15]
+    block_ids = [9, 2, 40]
+    ticket = ticket_for(ctx, receiver, "r2", block_ids, len(PROMPT) + 15)
+    params = common_pb2.SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
+            request_id="r2", prompt_token_ids=PROMPT, params=params, ticket=ticket, output_token_ids=earlier), timeout=60)
+        replies = [reply async for reply in call]
+    assert [r.WhichOneof("event") for r in replies] == ["first", "handoff"]
+    assert replies[0].first.token.token_id == whole.outputs[0].token_ids[15]
+    assert all(cache[block_ids].abs().sum() > 0 for cache in caches)
+    assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0
+
+
+async def test_a_handoff_that_cannot_land_blames_the_decode_worker(worker):
+    """KV the receiver does not expect (its decode worker gave the request up): the stream ends
+    UNAVAILABLE with the trailing metadata that makes the gateway avoid the decode worker."""
+    ctx, servicer, receiver, push, address, caches = worker
+    ticket = kvtransfer_pb2.TransferTicket(
+        request_id="r3", transport="grpc", address=receiver.address, block_ids=[5, 6],
+        layout=ctx.layout.to_proto(), num_tokens=len(PROMPT), cached_blocks=0,
+    )
+    params = common_pb2.SamplingParams(temperature=0.0, max_tokens=8)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = prefill_pb2_grpc.PrefillStub(channel).Prefill(
+            prefill_pb2.PrefillRequest(request_id="r3", prompt_token_ids=PROMPT, params=params, ticket=ticket), timeout=60)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "decode worker" in err.value.details()
+    assert (FAILED_PEER_KEY, FAILED_PEER_DECODE) in tuple(err.value.trailing_metadata())
+    assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0

@@ -60,24 +60,32 @@ def run_to_end(core: EngineCore) -> None:
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("min_tokens", [0, 1, 3])
-def test_prefill_then_decode_equals_one_process(min_tokens, async_scheduling):
+@pytest.mark.parametrize("resumed", [0, 1, 3], ids=lambda k: f"resumed{k}")
+def test_prefill_then_decode_equals_one_process(min_tokens, async_scheduling, resumed):
+    """Also for a request resumed after ``resumed`` of its tokens (as the gateway resumes one
+    whose workers failed): the prefill worker computes them with the prompt, and the decode
+    worker reserves and receives them."""
     params = SamplingParams(temperature=0, max_tokens=6, min_tokens=min_tokens)
     prompt = [1, 3, 4, 5, 6, 7]
     one = make_core(EosLovingRunner(), async_scheduling=async_scheduling)
     (whole,) = one.add_request("r", prompt, params)
     run_to_end(one)
+    assert len(whole.output_token_ids) == min_tokens + 1  # EOS as soon as min_tokens allows
+    if resumed >= len(whole.output_token_ids):
+        return
+    earlier = whole.output_token_ids[:resumed]
 
     prefill = make_core(EosLovingRunner(), keep=True)
-    (first,) = prefill.add_request("r", prompt, prefill_params(params))
+    (first,) = prefill.add_request("r", prompt, prefill_params(params, resumed), earlier)
     prefill.step()
     prefill.release("r")
     decode = make_core(EosLovingRunner(), async_scheduling=async_scheduling)
-    decode.reserve("r", prompt, params)
-    seq = decode.activate("r", first.output_logprobs[0])
+    reserved = decode.reserve("r", prompt, params, earlier)
+    assert len(reserved.block_table) == -(-(len(prompt) + resumed) // 4)
+    seq = decode.activate("r", first.output_logprobs[resumed])
     run_to_end(decode)
     assert seq.output_token_ids == whole.output_token_ids
     assert seq.finish_reason == whole.finish_reason
-    assert len(whole.output_token_ids) == min_tokens + 1  # EOS as soon as min_tokens allows
     assert prefill.stats().used_blocks == decode.stats().used_blocks == 0
 
 

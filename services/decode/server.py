@@ -58,8 +58,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
         try:
             params = params_from_proto(request.params)
-            prompt = list(request.prompt_token_ids)
-            seq = await self.engine.call(lambda: self._ctx.core.reserve(rid, prompt, params))
+            prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
+            seq = await self.engine.call(lambda: self._ctx.core.reserve(rid, prompt, params, resumed))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except asyncio.CancelledError:
@@ -67,7 +67,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise
         if seq is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks for this prompt; try another decode worker")
-        num_blocks = math.ceil(len(prompt) / self._ctx.layout.block_size)
+        num_blocks = math.ceil(seq.num_tokens / self._ctx.layout.block_size)
         cached = seq.num_cached_tokens // self._ctx.layout.block_size  # already here: not sent again
         block_ids = list(seq.block_table[cached:num_blocks])
         self._reservations[rid] = asyncio.get_running_loop().call_later(self._ttl, self._expire, rid)
@@ -78,7 +78,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             address=self._receiver.address,
             block_ids=block_ids,
             layout=self._ctx.layout.to_proto(),
-            num_tokens=len(prompt),
+            num_tokens=seq.num_tokens,
             cached_blocks=cached,
         )
 
@@ -133,7 +133,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         seq = self._ctx.core.activate(rid, first)
         if seq.is_finished:
             return seq.finish_reason
-        self.engine.mark_sent(rid, 1)
+        self.engine.mark_sent(rid, len(seq.output_token_ids))  # the first token and a resumed request's earlier ones
         return None
 
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortReply:

@@ -6,7 +6,8 @@ in its scheduler.
 
 A request passes through:
   RECEIVED  validated; a KV transfer to the ticket's decode worker is opened
-  QUEUED    added to the engine (max_tokens=1) — waits for the token budget
+  QUEUED    added to the engine to sample one token (after a resumed request's
+            earlier ones, whose KV it computes and sends with the prompt's)
   RUNNING   prefilled chunk by chunk over the local prefix cache; in the step of
             the final chunk, each layer's blocks are pushed as soon as that
             layer is computed (``_on_layer_done``), overlapping later layers
@@ -17,7 +18,8 @@ A request passes through:
             step, without waiting for the running one); the handoff's end
             (bytes, seconds) is streamed and the stream ends
 An abort, a deadline or a transfer failure at any point aborts the transfer,
-releases the blocks and ends the stream with an error status.
+releases the blocks and ends the stream with an error status (a transfer failure's
+names the decode worker in its trailing metadata).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk
 from baton.kvtransfer.base import KVSender, TransferError, TransferSession, TransferTicket, create_sender
 from baton.kvtransfer.errors import LayoutMismatch
-from baton.protos import common_pb2, prefill_pb2, prefill_pb2_grpc
+from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, prefill_pb2, prefill_pb2_grpc
 from baton.services.convert import logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
 from baton.services.worker import WorkerContext, load_message, time_remaining
@@ -45,11 +47,17 @@ class EngineAborted(Exception):
     """The engine dropped the request (a failed step aborts everything running)."""
 
 
-def prefill_params(params: SamplingParams) -> SamplingParams:
-    """What the prefill engine samples with: the first token only. ``min_tokens``
-    stays (capped at 1) so a stop token is masked for the first token exactly as
-    when one process generates everything."""
-    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), n=1)
+def prefill_params(params: SamplingParams, num_resumed: int = 0) -> SamplingParams:
+    """What the prefill engine samples with: one token after the prompt and a resumed
+    request's ``num_resumed`` output tokens. ``min_tokens`` stays (capped there) so a stop
+    token is masked for that token exactly as when one process generates everything."""
+    limit = num_resumed + 1
+    return dataclasses.replace(params, max_tokens=limit, min_tokens=min(params.min_tokens, limit), n=1)
+
+
+async def _abort_for_decode(context: grpc.aio.ServicerContext, message: str) -> None:
+    """End the call UNAVAILABLE, naming the decode worker as the one that failed."""
+    await context.abort(grpc.StatusCode.UNAVAILABLE, message, trailing_metadata=((FAILED_PEER_KEY, FAILED_PEER_DECODE),))
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -58,7 +66,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._block_size = ctx.layout.block_size
         self._tasks: dict[str, asyncio.Task] = {}
         self._pending: dict[str, asyncio.Future[SeqUpdate]] = {}
-        self._sessions: dict[str, tuple[TransferSession, int]] = {}  # with the blocks the receiver holds
+        self._sessions: dict[str, tuple[TransferSession, slice]] = {}  # with the block-table slice to send
         self._senders: dict[str, KVSender] = {}
         on_events = ctx.publisher.publish if ctx.publisher is not None else None
         self.engine = EngineLoop(ctx.core, self._on_outputs, self._on_layer_done, on_events, ctx.engine_metrics)
@@ -70,10 +78,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             transfer = self._sessions.get(seq.seq_id)
             if transfer is None or not chunk.samples:
                 continue
-            session, cached = transfer
-            num_blocks = math.ceil(seq.num_prompt_tokens / self._block_size)
+            session, blocks = transfer
             try:
-                session.submit_layer(layer, self._ctx.runner.kv_caches[layer], seq.block_table[cached:num_blocks])
+                session.submit_layer(layer, self._ctx.runner.kv_caches[layer], seq.block_table[blocks])
             except Exception:  # this transfer fails at finish(); the others go on
                 log.exception("KV push of request %s failed; dropping its transfer", seq.seq_id)
                 self._sessions.pop(seq.seq_id, None)
@@ -100,11 +107,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         rid = request.request_id
         if not rid or rid in self._tasks:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
+        prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
         try:
-            params = prefill_params(params_from_proto(request.params))
+            params = prefill_params(params_from_proto(request.params), len(resumed))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        prompt = list(request.prompt_token_ids)
         session = await self._open_transfer(request, context) if request.HasField("ticket") else None
         self._tasks[rid] = asyncio.current_task()
         future: asyncio.Future[SeqUpdate] = asyncio.get_running_loop().create_future()
@@ -112,7 +119,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         released = False
         try:
             try:
-                await self.engine.call(lambda: self._ctx.core.add_request(rid, prompt, params))
+                await self.engine.call(lambda: self._add(rid, prompt, params, resumed))
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             update = await future
@@ -129,7 +136,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if stats is not None:
                 yield prefill_pb2.PrefillReply(handoff=prefill_pb2.KVHandoff(bytes_sent=stats.bytes, seconds=stats.seconds))
         except TransferError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode worker failed: {exc}")
+            await _abort_for_decode(context, f"KV transfer to the decode worker failed: {exc}")
         except EngineAborted as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         finally:
@@ -141,9 +148,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 if session is not None:
                     await session.abort()
 
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int]) -> None:
+        """Engine thread: queue the request; a resumed one's earlier tokens are not sent again."""
+        self._ctx.core.add_request(rid, prompt, params, resumed)
+        self.engine.mark_sent(rid, len(resumed))
+
     async def _open_transfer(self, request: prefill_pb2.PrefillRequest, context) -> TransferSession:
         ticket = request.ticket
-        num_tokens = len(request.prompt_token_ids)
+        num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
         num_blocks = math.ceil(num_tokens / self._block_size)
         cached = ticket.cached_blocks
         if (ticket.request_id != request.request_id or ticket.num_tokens != num_tokens or not 0 <= cached < num_blocks
@@ -158,8 +170,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except LayoutMismatch as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (TransferError, ValueError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach the decode worker: {exc}")
-        self._sessions[request.request_id] = (session, cached)
+            await _abort_for_decode(context, f"cannot reach the decode worker: {exc}")
+        self._sessions[request.request_id] = (session, slice(cached, num_blocks))
         return session
 
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortReply:
