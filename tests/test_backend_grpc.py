@@ -14,12 +14,12 @@ import pytest
 
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
-from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc
+from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc
 from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto, params_to_proto
 from baton.services.gateway.backend import BackendError, GenerationChunk, GenerationRequest
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.metrics import KV_TRANSFER_BYTES, WORKER_ERRORS
+from baton.services.gateway.metrics import KV_TRANSFER_BYTES, RETRIES, WORKER_ERRORS
 
 pytestmark = pytest.mark.unit
 
@@ -31,8 +31,14 @@ def first_token_of(prompt: list[int]) -> int:
     return (sum(prompt) * 31 + len(prompt)) % VOCAB
 
 
+def token_at(prompt: list[int], index: int) -> int:
+    """The fakes' output token ``index`` for ``prompt``: ``first, first + 1, ...``."""
+    return (first_token_of(prompt) + index) % VOCAB
+
+
 class FakeDecode(decode_pb2_grpc.DecodeServicer):
-    """Reserves, then generates ``first + 1, first + 2, ...`` until max_tokens."""
+    """Reserves, then generates ``token_at(prompt, i)`` after the first token (and a resumed
+    request's earlier ones) until max_tokens."""
 
     def __init__(self, name: str, free_blocks: int = 100, room: bool = True, delay_s: float = 0.0) -> None:
         self.name, self.free_blocks, self.room, self.delay_s = name, free_blocks, room, delay_s
@@ -45,10 +51,10 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
     async def Reserve(self, request, context):
         if not self.room:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free blocks")
-        blocks = -(-len(request.prompt_token_ids) // 16)
+        num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
         ticket = kvtransfer_pb2.TransferTicket(
             request_id=request.request_id, transport="grpc", address=f"{self.name}:kv",
-            block_ids=random.sample(range(self.free_blocks), blocks), num_tokens=len(request.prompt_token_ids),
+            block_ids=random.sample(range(self.free_blocks), -(-num_tokens // 16)), num_tokens=num_tokens,
         )
         self.reserved[request.request_id] = (request, ticket)
         return ticket
@@ -57,17 +63,18 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
         reserve, _ = self.reserved[request.request_id]
         params = params_from_proto(reserve.params)
         self.first_tokens.append(request.first_token.token_id)
-        if request.first_token.token_id != first_token_of(list(reserve.prompt_token_ids)):
+        prompt, done = list(reserve.prompt_token_ids), len(reserve.output_token_ids) + 1
+        if request.first_token.token_id != token_at(prompt, done - 1):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "wrong first token")
         try:
-            for i in range(1, params.max_tokens):
-                if self.fail_after is not None and i > self.fail_after:
+            for i in range(done, params.max_tokens):
+                if self.fail_after is not None and i - done >= self.fail_after:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker shutting down")
                 await asyncio.sleep(self.delay_s)
-                token = common_pb2.TokenLogprob(token_id=(request.first_token.token_id + i) % VOCAB, logprob=-0.5)
+                token = common_pb2.TokenLogprob(token_id=token_at(prompt, i), logprob=-0.5)
                 last = i == params.max_tokens - 1
                 yield decode_pb2.GenerateChunk(tokens=[token], finish_reason="length" if last else "")
-            if params.max_tokens == 1:
+            if done == params.max_tokens:
                 yield decode_pb2.GenerateChunk(finish_reason="length")
         except asyncio.CancelledError:
             self.stream_cancelled.set()
@@ -82,8 +89,9 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
 
 
 class FakePrefill(prefill_pb2_grpc.PrefillServicer):
-    """Streams the first token of the prompt, then the handoff's end once ``handoff`` is set
-    (or fails it UNAVAILABLE where ``fail_handoff``); INVALID_ARGUMENT past ``max_len``."""
+    """Streams the first token of the prompt (the next one of a resumed request), then the handoff's end once ``handoff`` is set
+    (or fails the next ``fail_handoffs`` UNAVAILABLE, blaming the decode worker as a real prefill
+    worker does); INVALID_ARGUMENT past ``max_len``."""
 
     def __init__(self, name: str, max_len: int = 10_000, delay_s: float = 0.0, running: int = 0) -> None:
         self.name, self.max_len, self.delay_s, self.running = name, max_len, delay_s, running
@@ -91,7 +99,7 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
         self.aborted: list[str] = []
         self.handoff = asyncio.Event()
         self.handoff.set()
-        self.fail_handoff = False
+        self.fail_handoffs = 0
 
     async def Prefill(self, request, context):
         self.requests.append(request)
@@ -102,13 +110,17 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
         prompt_logprobs = [common_pb2.TokenLogprob(token_id=t, logprob=-1.0) for t in request.prompt_token_ids[1:]]
         yield prefill_pb2.PrefillReply(first=prefill_pb2.FirstToken(
             request_id=request.request_id,
-            token=common_pb2.TokenLogprob(token_id=first_token_of(list(request.prompt_token_ids)), logprob=-0.1),
+            token=common_pb2.TokenLogprob(
+                token_id=token_at(list(request.prompt_token_ids), len(request.output_token_ids)), logprob=-0.1
+            ),
             prompt_logprobs=prompt_logprobs if request.params.HasField("prompt_logprobs") else [],
             prompt_tokens=n, cached_tokens=16 * (n // 32),
         ))
         await self.handoff.wait()
-        if self.fail_handoff:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "KV transfer to the decode worker failed: connection reset")
+        if self.fail_handoffs:
+            self.fail_handoffs -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "KV transfer to the decode worker failed: connection reset",
+                                trailing_metadata=((FAILED_PEER_KEY, FAILED_PEER_DECODE),))
         yield prefill_pb2.PrefillReply(handoff=prefill_pb2.KVHandoff(bytes_sent=4096 * n, seconds=0.002))
 
     async def Abort(self, request, context):
@@ -308,16 +320,34 @@ async def test_full_decode_workers_are_skipped_then_503(cluster) -> None:
     assert err.value.status == 503
 
 
-async def test_stream_failure_after_first_token_is_503_without_retry(cluster) -> None:
+async def test_decode_failure_mid_stream_resumes_on_another_worker(cluster) -> None:
+    """A decode worker failing after three tokens were streamed: the request goes on where it
+    broke on the other worker (after a prefill of the prompt and those tokens), and the
+    client sees one unbroken stream. With no retries allowed it ends with a 503 instead."""
     add, make, _ = cluster
-    decode, other = FakeDecode("d0", free_blocks=150), FakeDecode("d1", free_blocks=10)
+    prefill, decode, other = FakePrefill("p0"), FakeDecode("d0", free_blocks=150), FakeDecode("d1", free_blocks=10)
     decode.fail_after = 2
-    backend = await make(config([await add(FakePrefill("p0"))], [await add(decode), await add(other)]))
+    addrs = [await add(prefill)], [await add(decode), await add(other)]
+    backend = await make(config(*addrs, load_poll_interval_s=30.0))
+    req = request(max_tokens=10, prompt_logprobs=1)
+    resumed_before = RETRIES.labels(resumed="true")._value.get()
+    chunks = await collect(backend.generate(req))
+    assert [t.token_id for c in chunks for t in c.tokens] == [token_at(req.prompt_token_ids, i) for i in range(10)]
+    assert chunks[-1].finish_reason == "length" and chunks[0].prompt_logprobs is not None
+    streamed = [token_at(req.prompt_token_ids, i) for i in range(3)]
+    again = prefill.requests[1]
+    assert list(again.prompt_token_ids) == req.prompt_token_ids and list(again.output_token_ids) == streamed
+    assert not again.params.HasField("prompt_logprobs")      # they went out with the first token
+    assert list(other.reserved[req.request_id][0].output_token_ids) == streamed and again.ticket == other.reserved[req.request_id][1]
+    assert decode.aborted == [req.request_id] and other.aborted == []
+    assert RETRIES.labels(resumed="true")._value.get() - resumed_before == 1
+
+    strict = await make(config(*addrs, load_poll_interval_s=30.0, max_retries=0))
     seen: list[GenerationChunk] = []
     with pytest.raises(BackendError, match="decode worker .* UNAVAILABLE") as err:
-        async for chunk in backend.generate(request(max_tokens=10)):
+        async for chunk in strict.generate(request(max_tokens=10)):
             seen.append(chunk)
-    assert err.value.status == 503 and len(seen) == 3 and other.reserved == {}
+    assert err.value.status == 503 and len(seen) == 3 and len(other.reserved) == 1
 
 
 async def test_first_token_is_yielded_before_the_handoff_ends(cluster) -> None:
@@ -339,20 +369,38 @@ async def test_first_token_is_yielded_before_the_handoff_ends(cluster) -> None:
     assert [c.finish_reason for c in chunks] == [None, None, "length"] and decode.first_tokens == [first.tokens[0].token_id]
 
 
-async def test_handoff_failure_after_first_token_is_503_and_frees_both(cluster) -> None:
+async def test_handoff_failure_after_first_token_blames_decode_and_resumes(cluster) -> None:
+    """A KV handoff failing after the first token was streamed is the decode worker's failure:
+    the request resumes after that token on the other decode worker (the prefill worker stays
+    in use); with no other decode worker, a 503 that frees both workers."""
     add, make, _ = cluster
-    prefill, other, decode = FakePrefill("p0"), FakePrefill("p1", running=2), FakeDecode("d0")
-    prefill.handoff.clear()
-    prefill.fail_handoff = True
-    backend = await make(config([await add(prefill), await add(other)], [await add(decode)]))
+    prefill, decode, other = FakePrefill("p0"), FakeDecode("d0", free_blocks=150), FakeDecode("d1", free_blocks=10)
+    prefill.fail_handoffs = 1
+    backend = await make(config([await add(prefill)], [await add(decode), await add(other)], load_poll_interval_s=30.0))
+    req = request(max_tokens=4)
+    errors_before = {role: WORKER_ERRORS.labels(role=role)._value.get() for role in ("prefill", "decode")}
+    chunks = await collect(backend.generate(req))
+    assert [t.token_id for c in chunks for t in c.tokens] == [token_at(req.prompt_token_ids, i) for i in range(4)]
+    first = token_at(req.prompt_token_ids, 0)
+    assert [list(r.output_token_ids) for r in prefill.requests] == [[], [first]]
+    assert list(other.reserved[req.request_id][0].output_token_ids) == [first]
+    assert decode.first_tokens == [] and other.first_tokens == [token_at(req.prompt_token_ids, 1)]
+    assert decode.aborted == [req.request_id] and prefill.aborted == [req.request_id]
+    errors = {role: WORKER_ERRORS.labels(role=role)._value.get() - errors_before[role] for role in errors_before}
+    assert errors == {"prefill": 0, "decode": 1}
+
+    lonely, decode = FakePrefill("p1"), FakeDecode("d2")
+    lonely.handoff.clear()
+    lonely.fail_handoffs = 1
+    backend = await make(config([await add(lonely)], [await add(decode)]))
     req = request(max_tokens=4)
     stream = backend.generate(req)
     assert len((await anext(stream)).tokens) == 1
-    prefill.handoff.set()
-    with pytest.raises(BackendError, match="prefill worker .* UNAVAILABLE: KV transfer") as err:
+    lonely.handoff.set()
+    with pytest.raises(BackendError, match="decode worker .* UNAVAILABLE: KV transfer") as err:
         await anext(stream)
-    assert err.value.status == 503 and other.requests == [] and decode.first_tokens == []
-    assert decode.aborted == [req.request_id] and prefill.aborted == [req.request_id]
+    assert err.value.status == 503 and decode.first_tokens == []
+    assert decode.aborted == [req.request_id] and lonely.aborted == [req.request_id]
 
 
 def test_params_and_logprobs_round_trip() -> None:

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds, whole request")
+    p.add_argument(
+        "--max-retries", type=int, default=2,
+        help="times a request is retried on other workers after one fails (streamed tokens resume, not restart)",
+    )
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--log-level", default="info")
     return p
@@ -68,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
+        max_retries=args.max_retries,
         shutdown_timeout_s=args.shutdown_timeout,
     )
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
@@ -18,6 +18,17 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams          # params.n == 1: the gateway fans out n > 1 itself
+    output_token_ids: list[int] = field(default_factory=list)  # resumed: tokens already streamed
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens whose KV a worker computes: the prompt and any resumed output."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    def resumed(self, output_token_ids: list[int]) -> GenerationRequest:
+        """This request, to go on after ``output_token_ids`` (already streamed) on other workers;
+        its prompt log-probs were streamed with its first token."""
+        return replace(self, output_token_ids=list(output_token_ids), params=replace(self.params, prompt_logprobs=None))
 
 
 @dataclass

@@ -14,11 +14,15 @@ One request (one sequence) passes through these states::
 Leaving by any other path (the consumer closes the iterator, a cancellation,
 a failed step) cancels the in-flight RPC and sends ``Abort`` to both workers,
 best effort, with a short deadline. UNAVAILABLE / DEADLINE_EXCEEDED from a
-worker penalizes it for a few seconds (routing skips it) and, when nothing has
-been yielded yet, the request is retried once elsewhere (fresh Reserve); once the
-first token is out (a handoff that fails after it included), the stream ends with
-a 503. INVALID_ARGUMENT becomes HTTP 400, anything else 503 naming the worker,
-and the end-to-end deadline (``request_timeout_s``) 504.
+worker penalizes it for a few seconds (routing skips it; a prefill worker whose KV
+could not reach the decode worker names that one instead) and the request is
+retried on other workers (fresh Reserve), up to ``max_retries`` times. A request
+whose tokens were already streamed is *resumed*: the retry carries them as
+``output_token_ids``, the new prefill worker computes their KV with the prompt's
+and samples the next token, and the stream goes on where it broke (greedy and
+seeded output are what they would have been, since sampling depends only on the
+seed and the token's index). INVALID_ARGUMENT becomes HTTP 400, anything else
+503 naming the worker, and the end-to-end deadline (``request_timeout_s``) 504.
 
 Background task (``start()``): every ``load_poll_interval_s`` poll ``GetLoad``
 on every known worker (a worker is *down* until it answers), and about once a
@@ -41,12 +45,13 @@ import grpc
 
 from baton.engine.hashing import block_hashes, model_fingerprint
 from baton.protos import (
-    MAX_MESSAGE_BYTES, common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc,
+    FAILED_PEER_DECODE, FAILED_PEER_KEY, MAX_MESSAGE_BYTES,
+    common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc,
 )
 from baton.services.convert import logprob_from_proto, params_to_proto
 from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, WORKER_ERRORS
+from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, RETRIES, WORKER_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.gateway.router import Health, Load, choose_decode, choose_prefill
 
@@ -133,19 +138,26 @@ class GrpcBackend(Backend):
         _validate(request)
         deadline = time.monotonic() + self.config.request_timeout_s
         avoid: set[str] = set()
-        for attempt in (1, 2):
-            yielded = False
+        streamed: list[int] = []
+        attempt = request
+        for retry in range(self.config.max_retries + 1):
             try:
-                async with aclosing(self._attempt(request, deadline, avoid)) as chunks:
+                async with aclosing(self._attempt(attempt, deadline, avoid)) as chunks:
                     async for chunk in chunks:
-                        yielded = True
+                        streamed += [t.token_id for t in chunk.tokens]
                         yield chunk
                 return
             except _WorkerFailure as failure:
                 avoid.add(failure.worker.address)
-                if yielded or attempt == 2 or not self._healthy(failure.worker.role, avoid):
+                if retry == self.config.max_retries or not self._healthy(failure.worker.role, avoid):
                     raise BackendError(failure.message, 503) from failure
-                logger.warning("request %s: %s; retrying on another worker", request.request_id, failure.message)
+                RETRIES.labels(resumed=str(bool(streamed)).lower()).inc()
+                if streamed:
+                    attempt = request.resumed(streamed)
+                    logger.warning("request %s: %s; resuming after %d tokens on other workers",
+                                   request.request_id, failure.message, len(streamed))
+                else:
+                    logger.warning("request %s: %s; retrying on other workers", request.request_id, failure.message)
 
     async def _attempt(
         self, request: GenerationRequest, deadline: float, avoid: set[str]
@@ -157,7 +169,7 @@ class GrpcBackend(Backend):
         self._in_flight[decode.address] += 1
         try:
             prefill = await self._choose_prefill(request, avoid, cached)
-            async with aclosing(self._prefill(prefill, request, ticket, deadline)) as replies:
+            async with aclosing(self._prefill(prefill, decode, request, ticket, deadline)) as replies:
                 async for first in replies:
                     yield self._first_chunk(request, first)
             call = decode.stub.Generate(
@@ -187,11 +199,11 @@ class GrpcBackend(Backend):
         """How many of the prompt's leading blocks each healthy worker holds, by address:
         one Redis round trip for both roles (none where neither has a choice to make)."""
         by_role = [self._healthy(role, avoid) for role in ("prefill", "decode")]
-        num_blocks = len(request.prompt_token_ids) // self.config.block_size
+        num_blocks = len(request.token_ids) // self.config.block_size
         if self._index is None or max(map(len, by_role)) < 2 or num_blocks == 0:
             return {}
         by_id = {self._workers[a].worker_id: a for healthy in by_role for a in healthy if self._workers[a].worker_id}
-        head = request.prompt_token_ids[: self._index.max_blocks * self.config.block_size]
+        head = request.token_ids[: self._index.max_blocks * self.config.block_size]
         runs = await self._index.longest_prefixes(block_hashes(head, self.config.block_size, self.fingerprint), list(by_id))
         return {by_id[worker_id]: n for worker_id, n in runs.items()}
 
@@ -203,6 +215,7 @@ class GrpcBackend(Backend):
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             params=params_to_proto(request.params),
+            output_token_ids=request.output_token_ids,
         )
         full: set[str] = set()
         while True:
@@ -227,28 +240,30 @@ class GrpcBackend(Backend):
 
     async def _choose_prefill(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> _Worker:
         """Route by cached prefix against load; see ``router``."""
-        num_blocks = len(request.prompt_token_ids) // self.config.block_size
+        num_blocks = len(request.token_ids) // self.config.block_size
         address = choose_prefill(self._healthy("prefill", avoid), cached, self._routing_loads(), num_blocks)
         if address is None:
             raise BackendError("no healthy prefill worker", 503)
         return self._workers[address]
 
     async def _prefill(
-        self, worker: _Worker, request: GenerationRequest, ticket: kvtransfer_pb2.TransferTicket, deadline: float
+        self, worker: _Worker, decode: _Worker, request: GenerationRequest, ticket: kvtransfer_pb2.TransferTicket,
+        deadline: float,
     ) -> AsyncIterator[prefill_pb2.FirstToken]:
         """Yield the first token as soon as the prefill worker sends it; end once the worker
-        reports the KV handed off (the decode worker then holds every layer)."""
+        reports the KV handed off to ``decode`` (which then holds every layer)."""
         msg = prefill_pb2.PrefillRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             params=params_to_proto(request.params),
             ticket=ticket,
+            output_token_ids=request.output_token_ids,
         )
         call = worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
         self._in_flight[worker.address] += 1
         try:
-            yield await self._read(call, worker, deadline, "first")
-            handoff = await self._read(call, worker, deadline, "handoff")
+            yield await self._read(call, worker, decode, deadline, "first")
+            handoff = await self._read(call, worker, decode, deadline, "handoff")
         finally:
             self._in_flight[worker.address] -= 1
             call.cancel()
@@ -257,13 +272,13 @@ class GrpcBackend(Backend):
             KV_TRANSFER_SECONDS.observe(handoff.seconds)
 
     async def _read(
-        self, call: grpc.aio.UnaryStreamCall, worker: _Worker, deadline: float, event: str
+        self, call: grpc.aio.UnaryStreamCall, worker: _Worker, decode: _Worker, deadline: float, event: str
     ) -> prefill_pb2.FirstToken | prefill_pb2.KVHandoff:
         """The next message of a Prefill stream, which must be ``event``."""
         try:
             reply = await call.read()
         except grpc.aio.AioRpcError as err:
-            raise self._failure(worker, err, deadline) from err
+            raise self._failure(worker, err, deadline, peer=decode) from err
         if reply is grpc.aio.EOF or reply.WhichOneof("event") != event:
             raise BackendError(f"prefill worker {worker.address} sent no {event!r} message in its place in the stream", 503)
         return getattr(reply, event)
@@ -286,9 +301,14 @@ class GrpcBackend(Backend):
             raise BackendError(f"request timed out after {self.config.request_timeout_s:g} s", 504)
         return min(cap, remaining)
 
-    def _failure(self, worker: _Worker, err: grpc.aio.AioRpcError, deadline: float) -> Exception:
-        """The exception a failed RPC to ``worker`` becomes (see module docs)."""
+    def _failure(
+        self, worker: _Worker, err: grpc.aio.AioRpcError, deadline: float, peer: _Worker | None = None
+    ) -> Exception:
+        """The exception a failed RPC to ``worker`` becomes (see module docs); a prefill worker
+        whose KV could not reach the decode worker ``peer`` says so, and the peer is blamed."""
         code = err.code()
+        if peer is not None and (FAILED_PEER_KEY, FAILED_PEER_DECODE) in tuple(err.trailing_metadata() or ()):
+            worker = peer
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return BackendError(err.details() or "invalid request", 400)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() >= deadline:
