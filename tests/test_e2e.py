@@ -1,8 +1,8 @@
 """The whole system on loopback: real Redis, real gRPC workers in their own
 processes, the real gateway, driven through the official ``openai`` client.
 
-Two prefill workers and one decode worker, started as ``baton up`` starts them (the
-decode worker with async scheduling, its default on a GPU). Every test runs once
+Two prefill workers and two decode workers, started as ``baton up`` starts them (the
+decode workers with async scheduling, their default on a GPU). Every test runs once
 with each KV transport: the gRPC stream, and UCX."""
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ MODEL_NAME = "shakespeare-llama-5m"
 class System:
     def __init__(self, model: str, kv_transport: str) -> None:
         args = launcher.build_parser().parse_args(
-            ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", "2", "--decode", "1",
+            ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", "2", "--decode", "2",
              "--kv-transport", kv_transport, "--worker-metrics"]
         )
         os.environ.pop("REDIS_URL", None)
         self.kv_transport = kv_transport
         self.plan = launcher.make_plan(args)
-        # The decode worker schedules asynchronously, as it does by default on a GPU.
+        # The decode workers schedule asynchronously, as they do by default on a GPU.
         self.plan.decode = [cmd + ["--async-scheduling"] for cmd in self.plan.decode]
         self.procs: list[subprocess.Popen] = []
         try:  # a system that does not come up is stopped, not left running past the test session
@@ -189,11 +189,11 @@ def test_repeated_prompt_hits_the_worker_that_cached_it(system, demo_model):
     r = redis.Redis.from_url(system.plan.redis_url)
     # The prefill worker that ran it holds every full block of the prompt, and so does the decode worker.
     holders = wait_for_holders(r, keys, 2)
-    prefill_ids, (decode_id,) = worker_ids(r, "prefill"), worker_ids(r, "decode")
-    assert len(prefill_ids) == 2
-    prefill_holders = [h & prefill_ids for h in holders]
-    assert len(prefill_holders[0]) == 1 and all(h == prefill_holders[0] for h in prefill_holders), holders
-    assert all(decode_id in h for h in holders), holders
+    for role in ("prefill", "decode"):
+        ids = worker_ids(r, role)
+        assert len(ids) == 2
+        role_holders = [h & ids for h in holders]
+        assert len(role_holders[0]) == 1 and all(h == role_holders[0] for h in role_holders), holders
     for _ in range(3):
         again = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0)
         cached = again.usage.prompt_tokens_details.cached_tokens
@@ -203,23 +203,32 @@ def test_repeated_prompt_hits_the_worker_that_cached_it(system, demo_model):
     r.close()
 
 
-def gateway_counter(system, name: str) -> float:
+def gateway_counter(system, name: str, labels: dict[str, str] | None = None) -> float:
+    """A sample of the gateway's metrics (0 for a labelled one not counted yet)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{system.plan.url}/metrics", timeout=5).text
-    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+    samples = (s for f in text_string_to_metric_families(text) for s in f.samples)
+    return next((s.value for s in samples if s.name == name and s.labels == (labels or {})), 0.0)
 
 
-def test_a_prompt_the_decode_worker_holds_sends_only_its_new_blocks(system):
+def test_a_prompt_the_decode_worker_holds_sends_only_its_new_blocks(system, demo_model):
     """40 tokens are 3 blocks of 16; the second time, the decode worker already holds the
     two full ones, so only the last block of each layer moves."""
     prompt = list(range(300, 340))
+    fingerprint = model_fingerprint(demo_model)
+    keys = [block_key(fingerprint, h) for h in block_hashes(prompt, 16, fingerprint)]
     sent, texts = [], []
     for _ in range(2):
         before = gateway_counter(system, "baton_kv_transfer_bytes_total")
         out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0)
         sent.append(gateway_counter(system, "baton_kv_transfer_bytes_total") - before)
         texts.append(out.choices[0].text)
+        # Routing sees the decode worker's blocks once published, and its room (the other decode
+        # worker's, equal when both are idle) once polled again.
+        with redis.Redis.from_url(system.plan.redis_url) as r:
+            wait_for_holders(r, keys, 2)
+        time.sleep(1.0)
     assert sent[0] > 0 and sent[1] == sent[0] / 3
     assert texts[1] == texts[0]
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
@@ -278,36 +287,60 @@ def test_workers_serve_prometheus_metrics(system):
     assert sum(steps["prefill"]) > 0 and all(n > 0 for n in steps["decode"])
 
 
-def test_a_prefill_worker_killed_mid_burst_leaks_nothing(system):
-    """Requests in flight when a prefill worker dies either finish (retried on the other one
-    when no token was out yet) or end with the gateway's error naming that worker; none hangs,
-    and the workers left hold no KV block. (It kills a worker: keep it last but for SIGTERM.)"""
-    victim = system.procs[1]                                      # after Redis: the first prefill worker
-    victim_addr = f"127.0.0.1:{victim.args[victim.args.index('--port') + 1]}"
-    assert victim_addr in system.worker_addrs("prefill")
+def test_workers_killed_mid_burst_resume_every_request(system, demo_model):
+    """A prefill worker dies as the first of 24 streams gets its first token, and a decode
+    worker once six streams are five tokens in. Every request still ends as one process
+    would have generated it, greedy or seeded with penalties: those that lost a worker before
+    their first token were retried, those that had streamed tokens resumed after them on the
+    survivors. None hangs, the survivors hold no KV block, and serving goes on. (It kills
+    workers: keep it last but for SIGTERM.)"""
+    def victim(role: str) -> tuple[subprocess.Popen, str]:
+        addrs = system.worker_addrs(role)
+        proc = next(p for p in system.procs if f"127.0.0.1:{p.args[p.args.index('--port') + 1]}" == addrs[0]
+                    if "--port" in p.args)
+        return proc, addrs[0]
+
+    (prefill, prefill_addr), (decode, decode_addr) = victim("prefill"), victim("decode")
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(24)]
+    params = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.8, max_tokens=48, ignore_eos=True, seed=i, frequency_penalty=0.5,
+                             repetition_penalty=1.2) for i in range(24)]
+    expected = [o.outputs[0].text for o in LLM(demo_model).generate(prompts, params)]
+    streamed = [0] * 24
+    first_token, five_in = asyncio.Event(), asyncio.Event()
 
     async def one(client: openai.AsyncOpenAI, i: int) -> str:
-        try:
-            stream = await client.completions.create(
-                model=MODEL_NAME, prompt=f"{PROMPTS[i % len(PROMPTS)]} {i}", max_tokens=32, temperature=0, stream=True,
-                extra_body={"ignore_eos": True},
-            )
-            chunks = [c async for c in stream]
-            return "finished" if chunks[-1].choices[0].finish_reason == "length" else repr(chunks[-1])
-        except openai.APIError as exc:
-            return str(exc)
+        p = params[i]
+        extra = {"ignore_eos": True, "repetition_penalty": p.repetition_penalty}
+        stream = await client.completions.create(
+            model=MODEL_NAME, prompt=prompts[i], max_tokens=48, temperature=p.temperature, seed=p.seed,
+            frequency_penalty=p.frequency_penalty, stream=True, extra_body=extra,
+        )
+        text, finish = [], None
+        async for chunk in stream:
+            text.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason
+            streamed[i] += 1
+            first_token.set()
+            if sum(n >= 5 for n in streamed) >= 6:
+                five_in.set()
+        return "".join(text) if finish == "length" else f"finish_reason {finish}"
 
-    async def burst() -> list[str]:
+    async def burst() -> list[str | BaseException]:
         # A client of this event loop: the system's own was bound to another test's.
         async with openai.AsyncOpenAI(base_url=f"{system.plan.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
             requests = [asyncio.create_task(one(client, i)) for i in range(24)]
-            await asyncio.sleep(0.3)
-            victim.kill()
-            return await asyncio.wait_for(asyncio.gather(*requests), 120)
+            await asyncio.wait_for(first_token.wait(), 60)
+            prefill.kill()
+            await asyncio.wait_for(five_in.wait(), 60)
+            decode.kill()
+            return await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 120)
 
+    resumed_before = gateway_counter(system, 'baton_request_retries_total', {"resumed": "true"})
     results = asyncio.run(burst())
-    assert all(r == "finished" or f"prefill worker {victim_addr}" in r for r in results), results
-    loads = system.wait_no_blocks_in_use(skip=frozenset({victim_addr}))
+    assert results == expected
+    assert gateway_counter(system, "baton_request_retries_total", {"resumed": "true"}) > resumed_before
+    loads = system.wait_no_blocks_in_use(skip=frozenset({prefill_addr, decode_addr}))
     assert all(l.used_blocks == 0 and l.running == 0 for l in loads), loads
     after = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0)
     assert after.choices[0].text.startswith(", Romeo! wherefore art thou Romeo?")
