@@ -142,6 +142,8 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 
 # ---- errors -----------------------------------------------------------------
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
 
 @pytest.mark.parametrize(
     ("body", "param"),
@@ -163,6 +165,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
         ({"model": MODEL, "prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
         ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 100.5}}, "logit_bias"),
         ({"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
+        ({"model": MODEL, "prompt": "x", "suffix": "end"}, "suffix"),
     ],
 )
 async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
@@ -179,6 +184,11 @@ async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 4000},
          "max_completion_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL]}, "tools"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "auto"}, "tools"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [TOOL["function"]]}, "functions"),
     ],
 )
 async def test_invalid_chat_requests_get_400(tok, body, param) -> None:
@@ -207,6 +217,16 @@ async def test_unknown_fields_are_ignored_and_null_means_default(tok) -> None:
     response = await post(backend, tok, "/v1/completions", body)
     assert response.status_code == 200, response.text
     assert backend.requests[0].params.temperature == 1.0
+
+
+async def test_what_changes_nothing_is_accepted(tok) -> None:
+    """Text output, best_of equal to n, an empty suffix, and tools the model is told not to call."""
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "response_format": {"type": "text"}, "best_of": 2, "n": 2, "suffix": ""}
+    assert (await post(backend, tok, "/v1/completions", body)).status_code == 200
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "tools": [TOOL], "tool_choice": "none"}
+    assert (await post(backend, tok, "/v1/chat/completions", chat)).status_code == 200
+    assert len(backend.requests) == 3
 
 
 async def test_logit_bias_reaches_the_backend_by_token_id(tok) -> None:
@@ -637,11 +657,11 @@ def test_launcher_flags_build_the_config(monkeypatch) -> None:
     monkeypatch.setenv("BATON_API_KEYS", "sk-env1, sk-env2")
     args = build_parser().parse_args([
         "--model-dir", str(DEMO_MODEL), "--port", "9123", "--prefill-addr", "h:1", "--prefill-addr", "h:2",
-        "--decode-addr", "h:3", "--api-key", "sk-flag", "--max-queue", "7", "--block-size", "32",
+        "--decode-addr", "h:3", "--api-key", "sk-flag", "--max-queue", "7", "--block-size", "32", "--max-retries", "0",
     ])
     config = config_from_args(args)
     assert config.served_model_name == DEMO_MODEL.name
-    assert (config.port, config.max_queue, config.block_size) == (9123, 7, 32)
+    assert (config.port, config.max_queue, config.block_size, config.max_retries) == (9123, 7, 32, 0)
     assert config.prefill_addrs == ["h:1", "h:2"] and config.decode_addrs == ["h:3"]
     assert config.api_keys == ["sk-flag", "sk-env1", "sk-env2"]
 

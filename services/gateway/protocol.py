@@ -84,6 +84,14 @@ class BaseGenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"only {{'type': 'text'}} is supported (no structured output), got type {value.get('type')!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +140,22 @@ class CompletionRequest(BaseGenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError(f"best_of must equal n (no server-side ranking of samples), got {value}")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _check_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("a suffix (insertion) is not supported")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -170,6 +194,23 @@ class ChatCompletionRequest(BaseGenerationRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, value: list[dict[str, Any]] | None, info: ValidationInfo) -> list[dict[str, Any]] | None:
+        if value and info.data.get("tool_choice") != "none":
+            raise ValueError("tool calling is not supported: send no tools, or tool_choice 'none'")
+        return value
+
+    @field_validator("functions")
+    @classmethod
+    def _check_functions(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise ValueError("function calling is not supported")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
