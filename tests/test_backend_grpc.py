@@ -8,6 +8,7 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -281,6 +282,29 @@ async def test_dead_prefill_worker_fails_over_with_a_fresh_reservation(cluster) 
     assert [c.finish_reason for c in chunks] == [None, "length"]
     assert len(healthy.requests) == 1 and len(decode.reserved) == 1
     assert decode.aborted == [req.request_id]     # the first reservation was given back, then a fresh one
+
+
+async def test_a_sibling_runs_beside_the_placement_it_names(cluster) -> None:
+    """The first chunk names where a request runs; a request that names it as ``colocate``
+    goes to those workers, whatever load and room say, unless one is full or down."""
+    add, make, servers = cluster
+    idle, busy = FakePrefill("p0"), FakePrefill("p1", running=5)
+    roomy, small = FakeDecode("d0", free_blocks=150), FakeDecode("d1", free_blocks=10)
+    p_addrs, d_addrs = [await add(idle), await add(busy)], [await add(roomy), await add(small)]
+    backend = await make(config(p_addrs, d_addrs, load_poll_interval_s=30.0))
+    chunks = await collect(backend.generate(request(max_tokens=2)))
+    assert chunks[0].placement == (p_addrs[0], d_addrs[0]) and chunks[1].placement == ()
+
+    sibling = replace(request(max_tokens=2), colocate=(p_addrs[1], d_addrs[1]))
+    assert (await collect(backend.generate(sibling)))[0].placement == (p_addrs[1], d_addrs[1])
+    assert sibling.request_id in small.reserved and [r.request_id for r in busy.requests] == [sibling.request_id]
+
+    small.room = False
+    crowded = replace(request(max_tokens=2), colocate=(p_addrs[1], d_addrs[1]))
+    assert (await collect(backend.generate(crowded)))[0].placement == (p_addrs[1], d_addrs[0])
+    await servers[1].stop(None)                   # the busy prefill worker dies: a retry goes elsewhere
+    orphan = replace(request(max_tokens=2), colocate=(p_addrs[1], d_addrs[0]))
+    assert (await collect(backend.generate(orphan)))[0].placement == (p_addrs[0], d_addrs[0])
 
 
 async def test_static_dead_address_is_not_ready_and_fails_fast(cluster) -> None:

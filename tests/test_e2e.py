@@ -234,6 +234,22 @@ def test_a_prompt_the_decode_worker_holds_sends_only_its_new_blocks(system, demo
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 
+def test_n_samples_compute_and_send_the_prompt_once(system, demo_model):
+    """n=4 over a 70-token prompt (four full blocks and a partial one): the later samples run
+    beside the first, so the prompt's full blocks move once and each later sample sends only
+    its partial block; the samples are the aggregated engine's (seeds seed + i)."""
+    sent = []
+    for prompt, n in ((list(range(700, 770)), 1), (list(range(600, 670)), 4)):
+        before = gateway_counter(system, "baton_kv_transfer_bytes_total")
+        out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, n=n, seed=5, temperature=1.0)
+        sent.append(gateway_counter(system, "baton_kv_transfer_bytes_total") - before)
+    want = LLM(demo_model).generate([prompt], SamplingParams(n=4, seed=5, temperature=1.0, max_tokens=12))[0]
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [c.text for c in want.outputs]
+    block = sent[0] / 5
+    assert sent[1] == (5 + 3) * block, sent                # not 4 x 5 blocks
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+
+
 def test_32_concurrent_streams_complete_without_leaks(system):
     async def one(i: int) -> str:
         stream = await system.aclient.completions.create(

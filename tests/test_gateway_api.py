@@ -54,6 +54,7 @@ class FakeBackend(Backend):
         self.error = error
         self.fail_after = fail_after
         self.requests: list[GenerationRequest] = []
+        self.events: list[tuple[str, str]] = []   # ("start" | "chunk", request id), in order
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.is_ready = True
@@ -71,6 +72,7 @@ class FakeBackend(Backend):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self.requests.append(request)
+        self.events.append(("start", request.request_id))
         if self.error is not None:
             raise self.error
         out = self.output_ids(request)[: request.params.max_tokens]
@@ -85,12 +87,14 @@ class FakeBackend(Backend):
                 if start == 0:
                     chunk.prompt_tokens = len(request.prompt_token_ids)
                     chunk.cached_tokens = self.cached_tokens
+                    chunk.placement = ("prefill-of", request.request_id)
                     if request.params.prompt_logprobs is not None:
                         chunk.prompt_logprobs = [
                             self.logprob(request, i, t) for i, t in enumerate(request.prompt_token_ids[1:])
                         ]
                 if start + self.per_chunk >= len(out):
                     chunk.finish_reason = finish
+                self.events.append(("chunk", request.request_id))
                 yield chunk
                 self.first_chunk_sent.set()
             self.finished.append(request.request_id)
@@ -340,6 +344,24 @@ async def test_n_fans_out_with_seeds_and_distinct_indexes(tok) -> None:
         for c in json.loads(e)["choices"]:
             by_index[c["index"]] += c["text"]
     assert by_index == {c["index"]: c["text"] for c in full["choices"]}
+
+
+async def test_later_samples_start_beside_the_first_once_it_decodes(tok) -> None:
+    """n=3 over two prompts: each prompt's samples 1 and 2 start only after its sample 0 has
+    its second token, asking to run where sample 0 runs."""
+    backend = FakeBackend(tok, per_chunk=1, delay=0.001)
+    body = {"model": MODEL, "prompt": ["x", "y"], "max_tokens": 6, "n": 3, "seed": 10}
+    full = (await post(backend, tok, "/v1/completions", body)).json()
+    assert sorted(c["index"] for c in full["choices"]) == list(range(6))
+    by_id = {r.request_id: r for r in backend.requests}
+    for p in (0, 1):
+        leader = f"{full['id']}-{3 * p}"
+        second_token = [i for i, e in enumerate(backend.events) if e == ("chunk", leader)][1]
+        assert by_id[leader].colocate == ()
+        for sample in (1, 2):
+            rid = f"{full['id']}-{3 * p + sample}"
+            assert backend.events.index(("start", rid)) > second_token
+            assert by_id[rid].colocate == ("prefill-of", leader) and by_id[rid].params.seed == 10 + sample
 
 
 async def test_batched_prompts_and_token_prompts(tok) -> None:

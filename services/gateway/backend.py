@@ -19,6 +19,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams          # params.n == 1: the gateway fans out n > 1 itself
     output_token_ids: list[int] = field(default_factory=list)  # resumed: tokens already streamed
+    colocate: tuple[str, ...] = ()  # a sibling's ``placement``: run beside it, over the KV it left cached
 
     @property
     def token_ids(self) -> list[int]:
@@ -33,7 +34,8 @@ class GenerationRequest:
 
 @dataclass
 class GenerationChunk:
-    """New output tokens. The first chunk carries the prompt facts; the last has
+    """New output tokens. The first chunk carries the prompt facts, and where the backend
+    runs the sequence (``placement``: opaque, to pass on as ``colocate``); the last has
     ``finish_reason`` set ("stop" or "length")."""
 
     tokens: list[TokenLogprob] = field(default_factory=list)
@@ -41,6 +43,7 @@ class GenerationChunk:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob] | None = None
+    placement: tuple[str, ...] = ()
 
 
 class BackendError(Exception):

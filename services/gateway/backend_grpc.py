@@ -11,6 +11,11 @@ One request (one sequence) passes through these states::
          the decode worker holds every layer)
       -> GENERATING (Decode.Generate stream) -> FINISHED (a chunk with finish_reason)
 
+A request that names a sibling's ``placement`` in ``colocate`` (the gateway's
+``n > 1`` choices) is routed to that sibling's prefill and decode workers while they
+are healthy and have room: the prompt blocks they cached for it are computed and
+sent once.
+
 Leaving by any other path (the consumer closes the iterator, a cancellation,
 a failed step) cancels the in-flight RPC and sends ``Abort`` to both workers,
 best effort, with a short deadline. UNAVAILABLE / DEADLINE_EXCEEDED from a
@@ -171,7 +176,7 @@ class GrpcBackend(Backend):
             prefill = await self._choose_prefill(request, avoid, cached)
             async with aclosing(self._prefill(prefill, decode, request, ticket, deadline)) as replies:
                 async for first in replies:
-                    yield self._first_chunk(request, first)
+                    yield replace(self._first_chunk(request, first), placement=(prefill.address, decode.address))
             call = decode.stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request.request_id, first_token=first.token),
                 timeout=self._timeout(deadline, math.inf),
@@ -219,7 +224,8 @@ class GrpcBackend(Backend):
         )
         full: set[str] = set()
         while True:
-            address = choose_decode(self._healthy("decode", avoid | full), cached, self._routing_loads())
+            healthy = self._healthy("decode", avoid | full)
+            address = _colocated(request, 1, healthy) or choose_decode(healthy, cached, self._routing_loads())
             if address is None:
                 raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
             worker = self._workers[address]
@@ -239,9 +245,10 @@ class GrpcBackend(Backend):
             return worker, ticket
 
     async def _choose_prefill(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> _Worker:
-        """Route by cached prefix against load; see ``router``."""
+        """Beside a sibling where asked, else by cached prefix against load; see ``router``."""
         num_blocks = len(request.token_ids) // self.config.block_size
-        address = choose_prefill(self._healthy("prefill", avoid), cached, self._routing_loads(), num_blocks)
+        healthy = self._healthy("prefill", avoid)
+        address = _colocated(request, 0, healthy) or choose_prefill(healthy, cached, self._routing_loads(), num_blocks)
         if address is None:
             raise BackendError("no healthy prefill worker", 503)
         return self._workers[address]
@@ -408,6 +415,13 @@ class GrpcBackend(Backend):
         self._loads[address] = Load(load.running, load.waiting, load.free_blocks, load.total_blocks)
         if not worker.worker_id:
             worker.worker_id = load.worker_id
+
+
+def _colocated(request: GenerationRequest, role: int, healthy: list[str]) -> str | None:
+    """The worker of ``role`` (0 prefill, 1 decode) that ``request.colocate`` names, if healthy."""
+    if len(request.colocate) == 2 and request.colocate[role] in healthy:
+        return request.colocate[role]
+    return None
 
 
 def _validate(request: GenerationRequest) -> None:

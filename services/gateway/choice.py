@@ -48,12 +48,15 @@ class Choice:
     text_len: int = 0
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
+    placement: tuple[str, ...] = ()   # where the backend runs it (the latest attempt's)
 
     def consume(self, chunk: GenerationChunk) -> Delta:
         first, self.started = not self.started, True
         if first:
             self.cached_tokens = chunk.cached_tokens
             metrics.record_prompt(len(self.prompt.token_ids), chunk.cached_tokens)
+        if chunk.placement:
+            self.placement = chunk.placement
         pieces: list[str] = []
         tokens: list[TokenLogprob] = []
         offsets: list[int] = []

@@ -2,7 +2,8 @@
 
 A request passes through: validated (protocol.py) -> tokenized (chat template for
 chat) -> checked against the context length -> fanned out into one backend
-sequence per choice (``n`` per prompt; ids ``f"{id}-{i}"``, seeds ``seed + i``)
+sequence per choice (``n`` per prompt; ids ``f"{id}-{i}"``, seeds ``seed + i``; a
+prompt's later samples start beside its first once that one decodes, see ``_merge``)
 -> each choice's chunks are detokenized and stop-string matched (``Choice``)
 -> merged into one response, or into SSE chunks when streaming.
 
@@ -207,17 +208,33 @@ class OpenAIServing:
             await close_stream(stream)
 
     async def _merge(self, choices: list[Choice], tracker: metrics.RequestMetrics) -> AsyncGenerator[Delta, None]:
-        """Every choice's deltas as they come; an error in one ends them all."""
+        """Every choice's deltas as they come; an error in one ends them all.
+
+        A prompt's first sample leads: the others start once its decode has begun (its
+        second token, or its end), beside it (``colocate``), so that its prefill and decode
+        workers hold the prompt's blocks in their prefix caches and compute and send only
+        the last, partial one again."""
         queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+        decoding = {c.index: asyncio.Event() for c in choices if c.sample == 0}
 
         async def pump(choice: Choice) -> None:
+            leads = choice.sample == 0
             try:
+                if not leads:
+                    leader = choices[choice.index - choice.sample]
+                    await decoding[leader.index].wait()
+                    choice.request = replace(choice.request, colocate=leader.placement)
                 async with aclosing(self._run(choice, tracker)) as deltas:
                     async for delta in deltas:
                         queue.put_nowait(delta)
+                        if leads and choice.num_tokens >= 2:
+                            decoding[choice.index].set()
                 queue.put_nowait(None)
             except Exception as exc:  # handed to the consumer, which decides
                 queue.put_nowait(exc)
+            finally:
+                if leads:
+                    decoding[choice.index].set()
 
         tasks = [asyncio.create_task(pump(c)) for c in choices]
         try:
