@@ -5,7 +5,8 @@
 
 Prints requests/s, output tokens/s, and TTFT / ITL / end-to-end percentiles, and those of the
 gap before each request's second token (in a disaggregated server, what is left of the KV
-handoff once the first token is out).
+handoff once the first token is out). With ``--n`` choices a request, TTFT is its first
+choice's, "TTFT n" its last choice's first token, and the token gaps are per choice.
 """
 
 from __future__ import annotations
@@ -23,20 +24,26 @@ import httpx
 
 @dataclass
 class Result:
-    ttft: float = 0.0
+    ttft: float = 0.0           # the first choice's first token
+    ttft_all: float = 0.0       # the last choice's first token
     itls: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)   # each choice's gap before its second token
     e2e: float = 0.0
     tokens: int = 0
     error: str | None = None
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> Result:
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, n: int, temperature: float
+) -> Result:
     body = {
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-        "stream": True, "stream_options": {"include_usage": True},
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "n": n, "seed": 0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
     }
     result = Result()
-    start = last = time.perf_counter()
+    start = time.perf_counter()
+    last: dict[int, float] = {}   # choice index -> its latest chunk's arrival
+    seen: dict[int, int] = {}     # choice index -> its chunks so far
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
@@ -47,14 +54,19 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 result.tokens = chunk["usage"]["completion_tokens"]
-            if not chunk["choices"] or not chunk["choices"][0]["text"]:
-                continue
-            now = time.perf_counter()
-            if result.ttft == 0.0:
-                result.ttft = now - start
-            else:
-                result.itls.append(now - last)
-            last = now
+            for choice in chunk["choices"]:
+                if not choice["text"]:
+                    continue
+                now, index = time.perf_counter(), choice["index"]
+                if index not in last:
+                    result.ttft = result.ttft or now - start
+                    result.ttft_all = now - start
+                else:
+                    result.itls.append(now - last[index])
+                    if seen[index] == 1:
+                        result.seconds.append(now - last[index])
+                last[index] = now
+                seen[index] = seen.get(index, 0) + 1
     result.e2e = time.perf_counter() - start
     return result
 
@@ -73,12 +85,15 @@ async def run(args: argparse.Namespace) -> None:
         words = ["thou", "art", "the", "king", "my", "lord", "love", "night", "sweet", "death", "fair", "heaven"]
         prompts = [" ".join(rng.choice(words) for _ in range(args.prompt_words)) for _ in range(args.requests)]
         gate = asyncio.Semaphore(args.concurrency)
+        def send(prompt: str):
+            return one_request(client, args.url, model, prompt, args.max_tokens, args.n, args.temperature)
+
         # Untimed warm-up: the first requests of a GPU worker compile its kernels.
-        await asyncio.gather(*(one_request(client, args.url, model, p, args.max_tokens) for p in prompts[: args.warmup]))
+        await asyncio.gather(*(send(p) for p in prompts[: args.warmup]))
 
         async def bounded(prompt: str) -> Result:
             async with gate:
-                return await one_request(client, args.url, model, prompt, args.max_tokens)
+                return await send(prompt)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(p) for p in prompts))
@@ -88,11 +103,13 @@ async def run(args: argparse.Namespace) -> None:
         if r.error:
             print("error:", r.error)
     tokens = sum(r.tokens for r in ok)
-    print(f"requests {len(ok)}/{len(results)} ok, concurrency {args.concurrency}, max_tokens {args.max_tokens}")
+    print(f"requests {len(ok)}/{len(results)} ok, concurrency {args.concurrency}, max_tokens {args.max_tokens}, n {args.n}")
     print(f"throughput  {len(ok) / elapsed:8.2f} req/s  {tokens / elapsed:10.1f} output tok/s  ({elapsed:.1f} s)")
     print(f"TTFT  {percentiles([r.ttft for r in ok])}")
+    if args.n > 1:
+        print(f"TTFT n {percentiles([r.ttft_all for r in ok])}")
     print(f"ITL   {percentiles([i for r in ok for i in r.itls])}")
-    print(f"2nd   {percentiles([r.itls[0] for r in ok if r.itls])}")
+    print(f"2nd   {percentiles([s for r in ok for s in r.seconds])}")
     print(f"E2E   {percentiles([r.e2e for r in ok])}")
 
 
@@ -103,6 +120,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--prompt-words", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--n", type=int, default=1, help="choices a request (the gateway's max_n caps it)")
+    p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--warmup", type=int, default=4, help="untimed requests sent first")
     asyncio.run(run(p.parse_args()))
