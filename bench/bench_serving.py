@@ -34,7 +34,7 @@ class Result:
 
 
 async def one_request(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, n: int, temperature: float
+    client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int], max_tokens: int, n: int, temperature: float
 ) -> Result:
     body = {
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "n": n, "seed": 0,
@@ -83,15 +83,18 @@ async def run(args: argparse.Namespace) -> None:
         model = (await client.get(f"{args.url}/v1/models")).json()["data"][0]["id"]
         rng = random.Random(0)
         words = ["thou", "art", "the", "king", "my", "lord", "love", "night", "sweet", "death", "fair", "heaven"]
-        prompts = [" ".join(rng.choice(words) for _ in range(args.prompt_words)) for _ in range(args.requests)]
+        if args.token_prompts:   # token ids (3 on: past a checkpoint's special ones), e.g. for a random-weight model
+            prompts = [[rng.randrange(3, args.token_prompts) for _ in range(args.prompt_words)] for _ in range(args.requests)]
+        else:
+            prompts = [" ".join(rng.choice(words) for _ in range(args.prompt_words)) for _ in range(args.requests)]
         gate = asyncio.Semaphore(args.concurrency)
-        def send(prompt: str):
+        def send(prompt: str | list[int]):
             return one_request(client, args.url, model, prompt, args.max_tokens, args.n, args.temperature)
 
         # Untimed warm-up: the first requests of a GPU worker compile its kernels.
         await asyncio.gather(*(send(p) for p in prompts[: args.warmup]))
 
-        async def bounded(prompt: str) -> Result:
+        async def bounded(prompt: str | list[int]) -> Result:
             async with gate:
                 return await send(prompt)
 
@@ -119,6 +122,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--prompt-words", type=int, default=32)
+    p.add_argument("--token-prompts", type=int, metavar="VOCAB", help="prompts of random token ids below VOCAB, not words")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--n", type=int, default=1, help="choices a request (the gateway's max_n caps it)")
     p.add_argument("--temperature", type=float, default=0.0)
