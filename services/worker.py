@@ -1,7 +1,9 @@
 """What the prefill and decode workers share: command-line flags, building the
 engine, the grpc.aio server with health and reflection, and running it until
 SIGTERM/SIGINT (health turns NOT_SERVING at once, in-flight RPCs get a grace
-period, then the process exits)."""
+period, then the process exits). RPCs still running when the grace ends are
+cancelled UNAVAILABLE, which the gateway answers by retrying them elsewhere: a
+decode worker's streams resume on another decode worker after their tokens so far."""
 
 from __future__ import annotations
 
@@ -64,7 +66,10 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens back (default: on with --device cuda)")
-    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight RPCs get after SIGTERM")
+    p.add_argument(
+        "--shutdown-grace", type=float, default=30.0,
+        help="seconds in-flight RPCs get after SIGTERM (then the gateway resumes what is left elsewhere)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
     if role == "decode":

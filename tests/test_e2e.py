@@ -33,16 +33,17 @@ MODEL_NAME = "shakespeare-llama-5m"
 
 
 class System:
-    def __init__(self, model: str, kv_transport: str) -> None:
+    def __init__(self, model: str, kv_transport: str, prefill: int = 2, decode: int = 2,
+                 decode_flags: tuple[str, ...] = ()) -> None:
         args = launcher.build_parser().parse_args(
-            ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", "2", "--decode", "2",
-             "--kv-transport", kv_transport, "--worker-metrics"]
+            ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", str(prefill),
+             "--decode", str(decode), "--kv-transport", kv_transport, "--worker-metrics"]
         )
         os.environ.pop("REDIS_URL", None)
         self.kv_transport = kv_transport
         self.plan = launcher.make_plan(args)
         # The decode workers schedule asynchronously, as they do by default on a GPU.
-        self.plan.decode = [cmd + ["--async-scheduling"] for cmd in self.plan.decode]
+        self.plan.decode = [cmd + ["--async-scheduling", *decode_flags] for cmd in self.plan.decode]
         self.procs: list[subprocess.Popen] = []
         try:  # a system that does not come up is stopped, not left running past the test session
             for cmd in [self.plan.redis] + self.plan.prefill + self.plan.decode:
@@ -360,6 +361,50 @@ def test_workers_killed_mid_burst_resume_every_request(system, demo_model):
     assert all(l.used_blocks == 0 and l.running == 0 for l in loads), loads
     after = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0)
     assert after.choices[0].text.startswith(", Romeo! wherefore art thou Romeo?")
+
+
+def test_a_decode_worker_shutting_down_leaves_its_requests_to_resume(demo_model):
+    """SIGTERM to one of two decode workers (grace 1 s) while eight streams are a few tokens
+    in: when the grace ends, gRPC cancels the streams it still holds UNAVAILABLE, and every
+    request finishes on the other one exactly as one process generates it. The worker exits
+    cleanly."""
+    system = System(demo_model, "grpc", prefill=1, decode=2, decode_flags=("--shutdown-grace", "1"))
+    try:
+        decode_addr = system.worker_addrs("decode")[0]
+        victim = next(p for p in system.procs if "--port" in p.args and decode_addr.endswith(":" + p.args[p.args.index("--port") + 1]))
+        prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(8)]
+        params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
+        expected = [o.outputs[0].text for o in LLM(demo_model).generate(prompts, params)]
+        streamed = [0] * 8
+        three_in = asyncio.Event()
+
+        async def one(client: openai.AsyncOpenAI, i: int) -> str:
+            stream = await client.completions.create(model=MODEL_NAME, prompt=prompts[i], max_tokens=160, temperature=0,
+                                                     stream=True, extra_body={"ignore_eos": True})
+            text, finish = [], None
+            async for chunk in stream:
+                text.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason
+                streamed[i] += 1
+                if min(streamed) >= 3:
+                    three_in.set()
+            return "".join(text) if finish == "length" else f"finish_reason {finish}"
+
+        async def burst() -> list[str | BaseException]:
+            async with openai.AsyncOpenAI(base_url=f"{system.plan.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+                requests = [asyncio.create_task(one(client, i)) for i in range(8)]
+                await asyncio.wait_for(three_in.wait(), 60)
+                victim.send_signal(signal.SIGTERM)
+                return await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 120)
+
+        resumed_before = gateway_counter(system, "baton_request_retries_total", {"resumed": "true"})
+        assert asyncio.run(burst()) == expected
+        assert gateway_counter(system, "baton_request_retries_total", {"resumed": "true"}) > resumed_before
+        assert victim.wait(timeout=30) == 0
+        loads = system.wait_no_blocks_in_use(skip=frozenset({decode_addr}))
+        assert all(l.used_blocks == 0 and l.running == 0 for l in loads), loads
+    finally:
+        system.stop()
 
 
 def test_sigterm_drains_then_exits(system):
