@@ -436,6 +436,34 @@ async def test_chat_applies_template_and_streams_in_openai_format(tok) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+async def test_chat_template_options_match_transformers(tok) -> None:
+    """add_generation_prompt, continue_final_message and chat_template_kwargs render what
+    transformers renders (the demo template ignores unknown variables); bad combinations are 400s."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    messages = [{"role": "user", "content": "Speak!"}, {"role": "assistant", "content": "O Romeo, Romeo"}]
+    cases = [
+        ({"add_generation_prompt": False}, {"add_generation_prompt": False}),
+        ({"add_generation_prompt": False, "continue_final_message": True},
+         {"add_generation_prompt": False, "continue_final_message": True}),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, {"add_generation_prompt": True, "enable_thinking": False}),
+    ]
+    for options, hf_options in cases:
+        backend = FakeBackend(tok)
+        body = {"model": MODEL, "messages": messages, "max_tokens": 4, **options}
+        assert (await post(backend, tok, "/v1/chat/completions", body)).status_code == 200
+        expected = hf.apply_chat_template(messages, tokenize=True, **hf_options)
+        assert backend.requests[0].prompt_token_ids == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    continued = tok.encode_chat(messages, add_generation_prompt=False, continue_final_message=True)
+    assert tok.decode(continued, skip_special_tokens=False).endswith("O Romeo, Romeo")
+
+    for options in ({"continue_final_message": True}, {"add_generation_prompt": False, "continue_final_message": True,
+                                                       "messages": messages[:1]}):
+        body = {"model": MODEL, "messages": messages, "max_tokens": 4, **options}
+        assert_error(await post(FakeBackend(tok), tok, "/v1/chat/completions", body), 400, "continue_final_message")
+
+
 async def test_chat_logprobs_format(tok) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": True, "top_logprobs": 3}
     content = (await post(FakeBackend(tok), tok, "/v1/chat/completions", body)).json()["choices"][0]["logprobs"]["content"]

@@ -197,6 +197,19 @@ class ChatCompletionRequest(BaseGenerationRequest):
     tool_choice: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _check_continue_final_message(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("add_generation_prompt", True):
+            raise ValueError("continue_final_message needs add_generation_prompt to be false")
+        messages = info.data.get("messages")
+        if value and messages and messages[-1].role != "assistant":
+            raise ValueError("continue_final_message continues an assistant message: the last message must be one")
+        return value
 
     @field_validator("tools")
     @classmethod

@@ -87,7 +87,12 @@ class OpenAIServing:
         arrival = time.perf_counter()
         self._check_common(req)
         try:
-            ids = self.tokenizer.encode_chat([m.template_dict() for m in req.messages])
+            ids = self.tokenizer.encode_chat(
+                [m.template_dict() for m in req.messages],
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                template_kwargs=req.chat_template_kwargs,
+            )
         except ChatTemplateError as exc:
             raise APIError(str(exc), param="messages") from exc
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

@@ -98,11 +98,21 @@ class GatewayTokenizer:
         """A plain prompt, with the tokenizer's own special tokens (the BOS)."""
         return self._tok.encode(text, add_special_tokens=True).ids
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The template's text. ``continue_final_message``: cut right after the last message's
+        content, so that generation continues it; ``template_kwargs``: more template variables
+        (the messages and special tokens win over them)."""
         if self._template is None:
             raise ChatTemplateError("the model has no chat template; use /v1/completions")
         try:
-            return self._template.render(
+            text = self._template.render(
+                **(template_kwargs or {}),
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -112,10 +122,19 @@ class GatewayTokenizer:
             raise
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
+        if continue_final_message:
+            final = messages[-1]["content"]
+            end = text.rfind(final)
+            if not final or end < 0:
+                raise ChatTemplateError("the chat template does not render the final message's content as it is, "
+                                        "so it cannot be continued")
+            text = text[: end + len(final)]
+        return text
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Chat messages through the template, then tokens without adding special tokens again."""
-        return self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+    def encode_chat(self, messages: list[dict[str, Any]], **render: Any) -> list[int]:
+        """Chat messages through the template (``render_chat``'s options), then tokens without
+        adding special tokens again."""
+        return self._tok.encode(self.render_chat(messages, **render), add_special_tokens=False).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
