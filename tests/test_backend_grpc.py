@@ -307,6 +307,18 @@ async def test_a_sibling_runs_beside_the_placement_it_names(cluster) -> None:
     assert (await collect(backend.generate(orphan)))[0].placement == (p_addrs[0], d_addrs[0])
 
 
+async def test_a_burst_spreads_over_decode_workers_by_requests(cluster) -> None:
+    """Eight requests at once over two decode workers, one reporting more free blocks: each
+    gets four (room first sent all eight to the roomier one), and the count of requests
+    in flight goes back to zero."""
+    add, make, _ = cluster
+    roomy, other = FakeDecode("d0", free_blocks=150, delay_s=0.02), FakeDecode("d1", free_blocks=100, delay_s=0.02)
+    backend = await make(config([await add(FakePrefill("p0"))], [await add(roomy), await add(other)], load_poll_interval_s=30.0))
+    await asyncio.gather(*(collect(backend.generate(request(max_tokens=6))) for _ in range(8)))
+    assert len(roomy.reserved) == len(other.reserved) == 4
+    assert all(load.in_flight == 0 for load in backend._routing_loads().values())
+
+
 async def test_static_dead_address_is_not_ready_and_fails_fast(cluster) -> None:
     add, make, _ = cluster
     prefill_addr = await add(FakePrefill("p0"))

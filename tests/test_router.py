@@ -1,4 +1,4 @@
-"""Routing decisions: prefix hits against load, decode by free blocks, health."""
+"""Routing decisions: prefix hits against load, decode by load then room, health."""
 
 from __future__ import annotations
 
@@ -65,24 +65,34 @@ def test_ties_go_to_the_less_loaded_then_more_free_worker() -> None:
     assert choose_prefill([], {}, loads, 8) is None
 
 
-def test_decode_prefers_free_blocks_then_fewest_running() -> None:
+def test_decode_balances_requests_then_prefers_room() -> None:
     for _ in range(50):
         workers = [f"d{i}:1" for i in range(random.randint(1, 6))]
-        free = random.sample(range(1000), len(workers))
-        loads = {w: Load(free_blocks=f, running=random.randint(0, 9)) for w, f in zip(workers, free)}
-        assert choose_decode(shuffled(workers), {}, loads) == max(workers, key=lambda w: loads[w].free_blocks)
-    tied = {"x:1": Load(free_blocks=10, running=3), "y:1": Load(free_blocks=10, running=1)}
+        loads = {w: Load(free_blocks=random.randint(100, 1000), total_blocks=1000, running=random.randint(0, 9),
+                         in_flight=random.randint(0, 9)) for w in workers}
+        best = min(workers, key=lambda w: (loads[w].queued, -loads[w].free_blocks, w))
+        assert choose_decode(shuffled(workers), {}, loads) == best
+    tied = {"x:1": Load(free_blocks=10, running=1), "y:1": Load(free_blocks=20, running=1)}
     assert choose_decode(["x:1", "y:1"], {}, tied) == "y:1"
     assert choose_decode([], {}, tied) is None
 
 
 def test_decode_counts_the_prompt_blocks_a_worker_holds_as_room() -> None:
-    loads = {"hot:1": Load(free_blocks=40), "cold:1": Load(free_blocks=45)}
+    loads = {"hot:1": Load(free_blocks=40, total_blocks=100), "cold:1": Load(free_blocks=45, total_blocks=100)}
     assert choose_decode(["hot:1", "cold:1"], {}, loads) == "cold:1"
     assert choose_decode(["hot:1", "cold:1"], {"hot:1": 4}, loads) == "cold:1"   # 44 < 45
     assert choose_decode(["hot:1", "cold:1"], {"hot:1": 6}, loads) == "hot:1"    # 46 > 45
-    # A popular prefix does not pile everything on one worker: its free blocks run out.
-    assert choose_decode(["hot:1", "cold:1"], {"hot:1": 6}, {**loads, "hot:1": Load(free_blocks=10)}) == "cold:1"
+    # ... but it does not outweigh a request more on that worker.
+    assert choose_decode(["hot:1", "cold:1"], {"hot:1": 6}, {**loads, "hot:1": Load(free_blocks=40, total_blocks=100, in_flight=1)}) == "cold:1"
+
+
+def test_a_tight_decode_worker_comes_last() -> None:
+    """Under a tenth of its pool free, a worker is chosen only when every worker is, by room."""
+    loads = {"busy:1": Load(free_blocks=500, total_blocks=1000, running=12), "tight:1": Load(free_blocks=90, total_blocks=1000)}
+    assert choose_decode(["busy:1", "tight:1"], {}, loads) == "busy:1"
+    assert choose_decode(["busy:1", "tight:1"], {"tight:1": 20}, loads) == "tight:1"   # 110 blocks of room is not tight
+    both = {**loads, "busy:1": Load(free_blocks=60, total_blocks=1000)}
+    assert choose_decode(["busy:1", "tight:1"], {}, both) == "tight:1"
 
 
 def test_health_skips_down_and_penalized_workers() -> None:

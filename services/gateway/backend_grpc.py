@@ -110,6 +110,7 @@ class GrpcBackend(Backend):
         self._workers: dict[str, _Worker] = {}
         self._loads: dict[str, Load] = {}
         self._in_flight: Counter[str] = Counter()
+        self._in_flight_at_poll: Counter[str] = Counter()   # as it was when the worker's last load was polled
         self._health = Health()
         self._task: asyncio.Task[None] | None = None
         self._aborts: set[asyncio.Task[None]] = set()
@@ -168,10 +169,9 @@ class GrpcBackend(Backend):
         self, request: GenerationRequest, deadline: float, avoid: set[str]
     ) -> AsyncIterator[GenerationChunk]:
         cached = await self._cached_prefixes(request, avoid)
-        decode, ticket = await self._reserve(request, deadline, avoid, cached)
+        decode, ticket = await self._reserve(request, deadline, avoid, cached)  # counts it in flight there
         prefill: _Worker | None = None
         finished = False
-        self._in_flight[decode.address] += 1
         try:
             prefill = await self._choose_prefill(request, avoid, cached)
             async with aclosing(self._prefill(prefill, decode, request, ticket, deadline)) as replies:
@@ -215,7 +215,8 @@ class GrpcBackend(Backend):
     async def _reserve(
         self, request: GenerationRequest, deadline: float, avoid: set[str], cached: dict[str, int]
     ) -> tuple[_Worker, kvtransfer_pb2.TransferTicket]:
-        """Reserve on the decode worker with the most room (RESOURCE_EXHAUSTED: next one)."""
+        """Reserve on the decode worker ``router`` picks (RESOURCE_EXHAUSTED: the next one); the
+        request counts in flight there from the pick on, so that a burst spreads out at once."""
         msg = decode_pb2.ReserveRequest(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -229,15 +230,18 @@ class GrpcBackend(Backend):
             if address is None:
                 raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
             worker = self._workers[address]
+            self._in_flight[address] += 1
             try:
                 ticket = await worker.stub.Reserve(msg, timeout=self._timeout(deadline, self.config.control_timeout_s))
             except grpc.aio.AioRpcError as err:
+                self._in_flight[address] -= 1
                 if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     full.add(address)
                     continue
                 self._abort_later(request.request_id, [worker])     # it may have reserved anyway
                 raise self._failure(worker, err, deadline) from err
-            except asyncio.CancelledError:
+            except BaseException:
+                self._in_flight[address] -= 1
                 self._abort_later(request.request_id, [worker])
                 raise
             load = self._loads.get(address, Load())
@@ -362,7 +366,14 @@ class GrpcBackend(Backend):
         return self._health.healthy(candidates, time.monotonic())
 
     def _routing_loads(self) -> dict[str, Load]:
-        return {a: replace(self._loads.get(a, Load()), in_flight=self._in_flight[a]) for a in self._workers}
+        """The polled loads, with the requests this gateway started or ended on each worker
+        since its poll: a burst must not follow a figure some requests ago."""
+        loads = {}
+        for address in self._workers:
+            load = self._loads.get(address, Load())
+            since = self._in_flight[address] - self._in_flight_at_poll[address]
+            loads[address] = replace(load, running=max(load.running + since, 0), in_flight=self._in_flight[address])
+        return loads
 
     async def _background(self) -> None:
         next_discovery = time.monotonic() + DISCOVERY_INTERVAL_S
@@ -413,6 +424,7 @@ class GrpcBackend(Backend):
         worker.answering = True
         self._health.mark_up(address)
         self._loads[address] = Load(load.running, load.waiting, load.free_blocks, load.total_blocks)
+        self._in_flight_at_poll[address] = self._in_flight[address]
         if not worker.worker_id:
             worker.worker_id = load.worker_id
 

@@ -18,10 +18,13 @@ an idle cold one even with one request ahead, while a small hit (under half the
 prompt) never outweighs one extra queued request. Ties go to the less loaded
 worker, then the one with more free blocks, then the lower address.
 
-Decode: the most room for the prompt, i.e. free KV blocks plus the prompt's
-leading blocks the worker already holds (it reuses those rather than taking new
-ones, and they need not be sent), then the fewest running (+ waiting +
-in-flight) requests.
+Decode: the fewest queued requests, then the most room for the prompt (free KV
+blocks plus the prompt's leading blocks the worker already holds: it reuses
+those rather than taking new ones, and they need not be sent), among the workers
+whose room is at least ``TIGHT_FRACTION`` of their pool; only when every worker
+is that tight, the most room. Balancing requests keeps each decode batch, and so
+each worker's time per token, even; room first would send a burst of requests
+to whichever worker last reported a few more free blocks.
 
 Health: a worker is skipped while it is *down* (its ``GetLoad`` failed or never
 answered; cleared by the next answer) or *penalized* (an RPC to it failed with
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 
 LOAD_WEIGHT = 0.5
 PENALTY_S = 5.0
+TIGHT_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,14 @@ def choose_prefill(
 
 
 def choose_decode(candidates: Sequence[str], cached_blocks: Mapping[str, int], loads: Mapping[str, Load]) -> str | None:
-    """The candidate with the most room (free blocks plus cached prompt blocks), then
-    the fewest queued requests."""
-    def key(worker: str) -> tuple[int, int, str]:
+    """The candidate with the fewest queued requests, then the most room (free blocks plus
+    cached prompt blocks), unless its room is under ``TIGHT_FRACTION`` of its pool: such
+    workers come last, by room."""
+    def key(worker: str) -> tuple[bool, int, int, str]:
         load = loads.get(worker, Load())
-        return (-(load.free_blocks + cached_blocks.get(worker, 0)), load.queued, worker)
+        room = load.free_blocks + cached_blocks.get(worker, 0)
+        tight = room < TIGHT_FRACTION * load.total_blocks
+        return (tight, 0 if tight else load.queued, -room, worker)
 
     return min(candidates, key=key, default=None)
 
