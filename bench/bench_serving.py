@@ -5,8 +5,9 @@
 
 Prints requests/s, output tokens/s, and TTFT / ITL / end-to-end percentiles, and those of the
 gap before each request's second token (in a disaggregated server, what is left of the KV
-handoff once the first token is out). With ``--n`` choices a request, TTFT is its first
-choice's, "TTFT n" its last choice's first token, and the token gaps are per choice.
+handoff once the first token is out) and of each request's longest gap (a worker that fails
+mid-stream shows there). With ``--n`` choices a request, TTFT is its first choice's, "TTFT n"
+its last choice's first token, and the token gaps are per choice.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ async def run(args: argparse.Namespace) -> None:
         print(f"TTFT n {percentiles([r.ttft_all for r in ok])}")
     print(f"ITL   {percentiles([i for r in ok for i in r.itls])}")
     print(f"2nd   {percentiles([s for r in ok for s in r.seconds])}")
+    stalls = sorted((max(r.itls) for r in ok if r.itls), reverse=True)
+    print(f"stall {percentiles(stalls)}  (each request's longest gap; the longest {', '.join(f'{s * 1e3:.0f}' for s in stalls[:6])} ms)")
     print(f"E2E   {percentiles([r.e2e for r in ok])}")
 
 
