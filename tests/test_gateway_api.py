@@ -464,6 +464,33 @@ async def test_chat_template_options_match_transformers(tok) -> None:
         assert_error(await post(FakeBackend(tok), tok, "/v1/chat/completions", body), 400, "continue_final_message")
 
 
+async def test_tokenize_and_detokenize(tok) -> None:
+    """/tokenize gives the ids a completion or a chat completion would send (transformers'
+    for the demo checkpoint); /detokenize inverts it; neither reaches the backend."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    backend = FakeBackend(tok)
+    prompt = "JULIET:\nO Romeo, Romeo!"
+    out = (await post(backend, tok, "/tokenize", {"model": MODEL, "prompt": prompt})).json()
+    assert out["tokens"] == hf(prompt).input_ids and out["count"] == len(out["tokens"]) and out["max_model_len"] == 2048
+    bare = (await post(backend, tok, "/tokenize", {"model": MODEL, "prompt": prompt, "add_special_tokens": False})).json()
+    assert bare["tokens"] == hf(prompt, add_special_tokens=False).input_ids
+    messages = [{"role": "user", "content": "Speak!"}]
+    chat = (await post(backend, tok, "/tokenize", {"model": MODEL, "messages": messages})).json()
+    expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert chat["tokens"] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    back = (await post(backend, tok, "/detokenize", {"model": MODEL, "tokens": bare["tokens"]})).json()
+    assert back == {"prompt": prompt}
+    assert backend.requests == []
+
+    assert_error(await post(backend, tok, "/tokenize", {"model": MODEL}), 400)
+    assert_error(await post(backend, tok, "/tokenize", {"model": "gpt-9", "prompt": "x"}), 404, "model")
+    assert_error(await post(backend, tok, "/detokenize", {"model": MODEL, "tokens": [5, 99999]}), 400, "tokens")
+    keyed = make_config(api_keys=["sk-1"])
+    assert (await post(backend, tok, "/tokenize", {"model": MODEL, "prompt": "x"}, keyed)).status_code == 401
+
+
 async def test_chat_logprobs_format(tok) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": True, "top_logprobs": 3}
     content = (await post(FakeBackend(tok), tok, "/v1/chat/completions", body)).json()["choices"][0]["logprobs"]["content"]

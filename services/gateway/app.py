@@ -32,7 +32,9 @@ from starlette.types import Receive, Scope, Send
 from baton.services.gateway import metrics
 from baton.services.gateway.backend import Backend
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from baton.services.gateway.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+)
 from baton.services.gateway.serving import OpenAIServing, PrimedStream, as_api_error
 from baton.services.gateway.tokenizer import GatewayTokenizer
 
@@ -176,6 +178,24 @@ async def _generate(
             state.release()
 
 
+async def _answer(
+    request: Request, config: GatewayConfig, model: type[RequestT], handler: Callable[[RequestT], Awaitable[BaseModel]]
+) -> Response:
+    """A request the gateway answers itself (no worker, no admission slot); never raises."""
+    try:
+        _check_api_key(request, config.api_keys)
+        try:
+            body = model.model_validate(await _read_json(request, config.max_body_bytes))
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        return JSONResponse((await handler(body)).model_dump(mode="json"))
+    except Exception as exc:
+        error = as_api_error(exc)
+        if error.status >= 500 and not isinstance(exc, APIError):
+            logger.error("request failed: %s", exc, exc_info=True)
+        return error_response(error)
+
+
 def _add_probes(app: FastAPI, backend: Backend, state: GatewayState) -> None:
     @app.get("/health")
     async def health() -> Response:
@@ -233,6 +253,14 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, config, state, ChatCompletionRequest, serving.create_chat_completion)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await _answer(request, config, TokenizeRequest, serving.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await _answer(request, config, DetokenizeRequest, serving.detokenize)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -189,14 +189,11 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatCompletionRequest(BaseGenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tool_choice: str | dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    functions: list[dict[str, Any]] | None = None
+class ChatTemplateOptions(BaseModel):
+    """How chat messages go through the template, as vLLM takes them. That the last message is
+    the assistant's, for ``continue_final_message``, is checked where they are rendered."""
+
+    model_config = ConfigDict(extra="ignore")
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -206,10 +203,17 @@ class ChatCompletionRequest(BaseGenerationRequest):
     def _check_continue_final_message(cls, value: bool, info: ValidationInfo) -> bool:
         if value and info.data.get("add_generation_prompt", True):
             raise ValueError("continue_final_message needs add_generation_prompt to be false")
-        messages = info.data.get("messages")
-        if value and messages and messages[-1].role != "assistant":
-            raise ValueError("continue_final_message continues an assistant message: the last message must be one")
         return value
+
+
+class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
 
     @field_validator("tools")
     @classmethod
@@ -235,6 +239,27 @@ class ChatCompletionRequest(BaseGenerationRequest):
     @property
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(ChatTemplateOptions):
+    """``/tokenize`` (as vLLM has it): a prompt, or chat messages through the template."""
+
+    model: str
+    prompt: str | None = None
+    add_special_tokens: bool = True
+    messages: list[ChatMessage] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either a prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    tokens: list[int]
 
 
 # ---- responses --------------------------------------------------------------
@@ -336,6 +361,16 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -31,8 +31,8 @@ from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.protocol import (
     APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatLogprobToken, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList, PromptTokensDetails,
-    TopLogprob, UsageInfo, BaseGenerationRequest,
+    CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+    PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo, BaseGenerationRequest,
 )
 from baton.services.gateway.tokenizer import (
     ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
@@ -63,6 +63,21 @@ class OpenAIServing:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.config.served_model_name, max_model_len=self.max_model_len)])
 
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """The token ids a completion (``prompt``) or a chat completion (``messages``) would send."""
+        self._check_model(req.model)
+        if req.prompt is not None:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            ids = self._chat_token_ids(req)
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(req.model)
+        if any(not 0 <= t < self.tokenizer.vocab_size for t in req.tokens):
+            raise APIError(f"token ids must be in [0, {self.tokenizer.vocab_size})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens))
+
     # ---- entry points -------------------------------------------------------
 
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | PrimedStream:
@@ -86,15 +101,7 @@ class OpenAIServing:
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | PrimedStream:
         arrival = time.perf_counter()
         self._check_common(req)
-        try:
-            ids = self.tokenizer.encode_chat(
-                [m.template_dict() for m in req.messages],
-                add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message,
-                template_kwargs=req.chat_template_kwargs,
-            )
-        except ChatTemplateError as exc:
-            raise APIError(str(exc), param="messages") from exc
+        ids = self._chat_token_ids(req)
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         prompts = [self._prompt(ids, with_text=False)]
         params = self._params(req, prompts, req.output_limit, limit_param, "messages")
@@ -121,13 +128,28 @@ class OpenAIServing:
 
     # ---- request preparation ------------------------------------------------
 
+    def _check_model(self, model: str) -> None:
+        if model != self.config.served_model_name:
+            raise APIError(f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found")
+
     def _check_common(self, req: BaseGenerationRequest) -> None:
-        if req.model != self.config.served_model_name:
-            raise APIError(
-                f"The model `{req.model}` does not exist.", status=404, param="model", code="model_not_found"
-            )
+        self._check_model(req.model)
         if req.n > self.config.max_n:
             raise APIError(f"n must be at most {self.config.max_n}, got {req.n}", param="n")
+
+    def _chat_token_ids(self, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+        if req.continue_final_message and (not req.messages or req.messages[-1].role != "assistant"):
+            raise APIError("continue_final_message continues an assistant message: the last message must be one",
+                           param="continue_final_message")
+        try:
+            return self.tokenizer.encode_chat(
+                [m.template_dict() for m in req.messages or []],
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                template_kwargs=req.chat_template_kwargs,
+            )
+        except ChatTemplateError as exc:
+            raise APIError(str(exc), param="messages") from exc
 
     def _completion_token_ids(self, req: CompletionRequest) -> list[list[int]]:
         prompt = req.prompt

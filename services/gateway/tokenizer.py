@@ -94,9 +94,9 @@ class GatewayTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        """A plain prompt, with the tokenizer's own special tokens (the BOS)."""
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A plain prompt, with the tokenizer's own special tokens (the BOS) unless told not to."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def render_chat(
         self,
