@@ -3,7 +3,7 @@
 One request (one sequence) passes through these states::
 
     look up the prompt's cached prefix on every worker (one Redis round trip)
-    -> route decode (room + cached prefix) -> RESERVED (Decode.Reserve: blocks + transfer ticket)
+    -> route decode (load, then room + cached prefix) -> RESERVED (Decode.Reserve: blocks + transfer ticket)
       -> route prefill (cached prefix + load) -> PREFILLING (Prefill.Prefill stream:
          the worker pushes KV to the ticket layer by layer and sends the first token)
       -> first chunk yielded at once (time to first token waits for neither the
