@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import grpc
 import httpx
@@ -56,6 +57,14 @@ class System:
             raise
         self.client = openai.OpenAI(base_url=f"{self.plan.url}/v1", api_key="unused", max_retries=0, timeout=120)
         self.aclient = openai.AsyncOpenAI(base_url=f"{self.plan.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def proc_at(self, address: str) -> subprocess.Popen:
+        """The worker process listening at ``address``."""
+        return next(p for p in self.procs if "--port" in p.args and address == f"127.0.0.1:{p.args[p.args.index('--port') + 1]}")
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        """A client for the calling event loop (``aclient`` is bound to the first one that used it)."""
+        return openai.AsyncOpenAI(base_url=f"{self.plan.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def worker_addrs(self, role: str) -> list[str]:
         flag = f"--{role}-addr"
@@ -304,6 +313,22 @@ def test_workers_serve_prometheus_metrics(system):
     assert sum(steps["prefill"]) > 0 and all(n > 0 for n in steps["decode"])
 
 
+async def stream_completion(client: openai.AsyncOpenAI, prompt: str, params: SamplingParams, on_chunk: Callable[[], None]) -> str:
+    """The text of a streamed completion with ``params`` (``on_chunk`` runs after each chunk), or
+    the finish reason it wrongly ended with."""
+    stream = await client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=params.max_tokens, temperature=params.temperature, seed=params.seed,
+        frequency_penalty=params.frequency_penalty, stream=True,
+        extra_body={"ignore_eos": params.ignore_eos, "repetition_penalty": params.repetition_penalty},
+    )
+    text, finish = [], None
+    async for chunk in stream:
+        text.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason
+        on_chunk()
+    return "".join(text) if finish == "length" else f"finish_reason {finish}"
+
+
 def test_workers_killed_mid_burst_resume_every_request(system, demo_model):
     """A prefill worker dies as the first of 24 streams gets its first token, and a decode
     worker once six streams are five tokens in. Every request still ends as one process
@@ -311,13 +336,7 @@ def test_workers_killed_mid_burst_resume_every_request(system, demo_model):
     their first token were retried, those that had streamed tokens resumed after them on the
     survivors. None hangs, the survivors hold no KV block, and serving goes on. (It kills
     workers: keep it last but for SIGTERM.)"""
-    def victim(role: str) -> tuple[subprocess.Popen, str]:
-        addrs = system.worker_addrs(role)
-        proc = next(p for p in system.procs if f"127.0.0.1:{p.args[p.args.index('--port') + 1]}" == addrs[0]
-                    if "--port" in p.args)
-        return proc, addrs[0]
-
-    (prefill, prefill_addr), (decode, decode_addr) = victim("prefill"), victim("decode")
+    prefill_addr, decode_addr = system.worker_addrs("prefill")[0], system.worker_addrs("decode")[0]
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(24)]
     params = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True) if i % 2 else
               SamplingParams(temperature=0.8, max_tokens=48, ignore_eos=True, seed=i, frequency_penalty=0.5,
@@ -326,34 +345,23 @@ def test_workers_killed_mid_burst_resume_every_request(system, demo_model):
     streamed = [0] * 24
     first_token, five_in = asyncio.Event(), asyncio.Event()
 
-    async def one(client: openai.AsyncOpenAI, i: int) -> str:
-        p = params[i]
-        extra = {"ignore_eos": True, "repetition_penalty": p.repetition_penalty}
-        stream = await client.completions.create(
-            model=MODEL_NAME, prompt=prompts[i], max_tokens=48, temperature=p.temperature, seed=p.seed,
-            frequency_penalty=p.frequency_penalty, stream=True, extra_body=extra,
-        )
-        text, finish = [], None
-        async for chunk in stream:
-            text.append(chunk.choices[0].text)
-            finish = chunk.choices[0].finish_reason
-            streamed[i] += 1
-            first_token.set()
-            if sum(n >= 5 for n in streamed) >= 6:
-                five_in.set()
-        return "".join(text) if finish == "length" else f"finish_reason {finish}"
+    def count(i: int) -> None:
+        streamed[i] += 1
+        first_token.set()
+        if sum(n >= 5 for n in streamed) >= 6:
+            five_in.set()
 
     async def burst() -> list[str | BaseException]:
-        # A client of this event loop: the system's own was bound to another test's.
-        async with openai.AsyncOpenAI(base_url=f"{system.plan.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-            requests = [asyncio.create_task(one(client, i)) for i in range(24)]
+        async with system.async_client() as client:
+            requests = [asyncio.create_task(stream_completion(client, prompts[i], params[i], lambda i=i: count(i)))
+                        for i in range(24)]
             await asyncio.wait_for(first_token.wait(), 60)
-            prefill.kill()
+            system.proc_at(prefill_addr).kill()
             await asyncio.wait_for(five_in.wait(), 60)
-            decode.kill()
+            system.proc_at(decode_addr).kill()
             return await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 120)
 
-    resumed_before = gateway_counter(system, 'baton_request_retries_total', {"resumed": "true"})
+    resumed_before = gateway_counter(system, "baton_request_retries_total", {"resumed": "true"})
     results = asyncio.run(burst())
     assert results == expected
     assert gateway_counter(system, "baton_request_retries_total", {"resumed": "true"}) > resumed_before
@@ -371,28 +379,22 @@ def test_a_decode_worker_shutting_down_leaves_its_requests_to_resume(demo_model)
     system = System(demo_model, "grpc", prefill=1, decode=2, decode_flags=("--shutdown-grace", "1"))
     try:
         decode_addr = system.worker_addrs("decode")[0]
-        victim = next(p for p in system.procs if "--port" in p.args and decode_addr.endswith(":" + p.args[p.args.index("--port") + 1]))
+        victim = system.proc_at(decode_addr)
         prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(8)]
         params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
         expected = [o.outputs[0].text for o in LLM(demo_model).generate(prompts, params)]
         streamed = [0] * 8
         three_in = asyncio.Event()
 
-        async def one(client: openai.AsyncOpenAI, i: int) -> str:
-            stream = await client.completions.create(model=MODEL_NAME, prompt=prompts[i], max_tokens=160, temperature=0,
-                                                     stream=True, extra_body={"ignore_eos": True})
-            text, finish = [], None
-            async for chunk in stream:
-                text.append(chunk.choices[0].text)
-                finish = chunk.choices[0].finish_reason
-                streamed[i] += 1
-                if min(streamed) >= 3:
-                    three_in.set()
-            return "".join(text) if finish == "length" else f"finish_reason {finish}"
+        def count(i: int) -> None:
+            streamed[i] += 1
+            if min(streamed) >= 3:
+                three_in.set()
 
         async def burst() -> list[str | BaseException]:
-            async with openai.AsyncOpenAI(base_url=f"{system.plan.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-                requests = [asyncio.create_task(one(client, i)) for i in range(8)]
+            async with system.async_client() as client:
+                requests = [asyncio.create_task(stream_completion(client, prompts[i], params, lambda i=i: count(i)))
+                            for i in range(8)]
                 await asyncio.wait_for(three_in.wait(), 60)
                 victim.send_signal(signal.SIGTERM)
                 return await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 120)
