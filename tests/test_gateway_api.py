@@ -347,10 +347,12 @@ async def test_n_fans_out_with_seeds_and_distinct_indexes(tok) -> None:
 
 
 async def test_later_samples_start_beside_the_first_once_it_decodes(tok) -> None:
-    """n=3 over two prompts: each prompt's samples 1 and 2 start only after its sample 0 has
-    its second token, asking to run where sample 0 runs."""
+    """n=3 over two prompts of two blocks and more: each prompt's samples 1 and 2 start only
+    after its sample 0 has its second token, asking to run where sample 0 runs. A prompt of
+    one block or less has no block to share: its samples start at once, anywhere."""
     backend = FakeBackend(tok, per_chunk=1, delay=0.001)
-    body = {"model": MODEL, "prompt": ["x", "y"], "max_tokens": 6, "n": 3, "seed": 10}
+    long_prompts = [list(range(100, 140)), list(range(200, 233))]   # 40 and 33 tokens, blocks of 16
+    body = {"model": MODEL, "prompt": long_prompts, "max_tokens": 6, "n": 3, "seed": 10}
     full = (await post(backend, tok, "/v1/completions", body)).json()
     assert sorted(c["index"] for c in full["choices"]) == list(range(6))
     by_id = {r.request_id: r for r in backend.requests}
@@ -362,6 +364,11 @@ async def test_later_samples_start_beside_the_first_once_it_decodes(tok) -> None
             rid = f"{full['id']}-{3 * p + sample}"
             assert backend.events.index(("start", rid)) > second_token
             assert by_id[rid].colocate == ("prefill-of", leader) and by_id[rid].params.seed == 10 + sample
+
+    backend = FakeBackend(tok, per_chunk=1, delay=0.001)
+    short = (await post(backend, tok, "/v1/completions", {**body, "prompt": list(range(100, 116))})).json()
+    assert backend.events[:3] == [("start", f"{short['id']}-{i}") for i in range(3)]
+    assert all(r.colocate == () for r in backend.requests)
 
 
 async def test_batched_prompts_and_token_prompts(tok) -> None:

@@ -237,17 +237,21 @@ class OpenAIServing:
     async def _merge(self, choices: list[Choice], tracker: metrics.RequestMetrics) -> AsyncGenerator[Delta, None]:
         """Every choice's deltas as they come; an error in one ends them all.
 
-        A prompt's first sample leads: the others start once its decode has begun (its
-        second token, or its end), beside it (``colocate``), so that its prefill and decode
-        workers hold the prompt's blocks in their prefix caches and compute and send only
-        the last, partial one again."""
+        A prompt with a block to share (a full block before the one holding its last token,
+        which is always computed again) has its first sample lead: the others start once its
+        decode has begun (its second token, or its end), beside it (``colocate``), so that its
+        prefill and decode workers hold the prompt's blocks in their prefix caches and compute
+        and send only the last one again. Shorter prompts' samples all start at once."""
         queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
         decoding = {c.index: asyncio.Event() for c in choices if c.sample == 0}
+
+        def follows(choice: Choice) -> bool:
+            return choice.sample > 0 and (len(choice.prompt.token_ids) - 1) // self.config.block_size > 0
 
         async def pump(choice: Choice) -> None:
             leads = choice.sample == 0
             try:
-                if not leads:
+                if follows(choice):
                     leader = choices[choice.index - choice.sample]
                     await decoding[leader.index].wait()
                     choice.request = replace(choice.request, colocate=leader.placement)
