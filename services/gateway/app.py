@@ -155,10 +155,7 @@ async def _generate(
         _check_api_key(request, config.api_keys)
         state.admit()
         admitted = release_now = True
-        try:
-            body = model.model_validate(await _read_json(request, config.max_body_bytes))
-        except ValidationError as exc:
-            raise _validation_error(exc) from exc
+        body = await _read_body(request, config, model)
         result = await _unless_disconnected(request, handler(body))
         if result is None:
             return Response(status_code=499)  # nobody is listening any more
@@ -167,9 +164,7 @@ async def _generate(
             return _StreamResponse(result, state.release)
         return JSONResponse(result.model_dump(mode="json"))
     except Exception as exc:
-        error = as_api_error(exc)
-        if error.status >= 500 and not isinstance(exc, APIError):
-            logger.error("request failed: %s", exc, exc_info=error.status == 500)
+        error = _logged_error(exc)
         if error.status < 500:
             metrics.REQUESTS_TOTAL.labels(status="rejected").inc()
         return error_response(error)
@@ -184,16 +179,26 @@ async def _answer(
     """A request the gateway answers itself (no worker, no admission slot); never raises."""
     try:
         _check_api_key(request, config.api_keys)
-        try:
-            body = model.model_validate(await _read_json(request, config.max_body_bytes))
-        except ValidationError as exc:
-            raise _validation_error(exc) from exc
+        body = await _read_body(request, config, model)
         return JSONResponse((await handler(body)).model_dump(mode="json"))
     except Exception as exc:
-        error = as_api_error(exc)
-        if error.status >= 500 and not isinstance(exc, APIError):
-            logger.error("request failed: %s", exc, exc_info=True)
-        return error_response(error)
+        return error_response(_logged_error(exc))
+
+
+async def _read_body(request: Request, config: GatewayConfig, model: type[RequestT]) -> RequestT:
+    """The request's JSON body as ``model``; an ``APIError`` (400, 413) where it is not one."""
+    try:
+        return model.model_validate(await _read_json(request, config.max_body_bytes))
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+
+
+def _logged_error(exc: Exception) -> APIError:
+    """The API error ``exc`` becomes; a server-side failure that is not one already is logged."""
+    error = as_api_error(exc)
+    if error.status >= 500 and not isinstance(exc, APIError):
+        logger.error("request failed: %s", exc, exc_info=error.status == 500)
+    return error
 
 
 def _add_probes(app: FastAPI, backend: Backend, state: GatewayState) -> None:

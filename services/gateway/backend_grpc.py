@@ -176,7 +176,7 @@ class GrpcBackend(Backend):
             prefill = await self._choose_prefill(request, avoid, cached)
             async with aclosing(self._prefill(prefill, decode, request, ticket, deadline)) as replies:
                 async for first in replies:
-                    yield replace(self._first_chunk(request, first), placement=(prefill.address, decode.address))
+                    yield self._first_chunk(request, first, (prefill.address, decode.address))
             call = decode.stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request.request_id, first_token=first.token),
                 timeout=self._timeout(deadline, math.inf),
@@ -295,13 +295,16 @@ class GrpcBackend(Backend):
         return getattr(reply, event)
 
     @staticmethod
-    def _first_chunk(request: GenerationRequest, first: prefill_pb2.FirstToken) -> GenerationChunk:
+    def _first_chunk(
+        request: GenerationRequest, first: prefill_pb2.FirstToken, placement: tuple[str, str]
+    ) -> GenerationChunk:
         wants_prompt_logprobs = request.params.prompt_logprobs is not None
         return GenerationChunk(
             tokens=[logprob_from_proto(first.token)],
             prompt_tokens=first.prompt_tokens,
             cached_tokens=first.cached_tokens,
             prompt_logprobs=[logprob_from_proto(p) for p in first.prompt_logprobs] if wants_prompt_logprobs else None,
+            placement=placement,
         )
 
     # -- failures and aborts -----------------------------------------------
