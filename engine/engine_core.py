@@ -13,6 +13,12 @@ next step is scheduled and launched reading them there, and the host reads them
 back only then (vLLM v1 does the same). A sequence that the read-back finishes
 has had one more row computed in vain; nothing else changes, outputs included.
 
+Structured output: a sequence whose params carry a grammar gets a matcher
+(``engine/structured_output.py``), advanced over each token appended, however it came
+(sampled here, the prefill worker's first token, a resumed request's earlier ones); the
+sampler masks what the grammar does not allow next, and a terminated grammar ends the
+sequence ("stop").
+
 Roles: a decode worker ``reserve``s blocks for a prompt whose KV comes from a
 prefill worker and ``activate``s it with the first token once the KV has landed;
 a prefill worker builds the core with ``keep_finished_blocks=True`` and
@@ -21,12 +27,13 @@ a prefill worker builds the core with ``keep_finished_blocks=True`` and
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -38,6 +45,12 @@ from baton.engine.sampler import SampledTokens, Sampler, prompt_logprobs
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import Scheduler
 from baton.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, TokenLogprob
+from baton.engine.structured_output import StructuredOutputs
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
+
+log = logging.getLogger(__name__)
 
 
 class ModelOutputLike(Protocol):
@@ -94,8 +107,10 @@ class EngineCore:
         eos_token_ids: list[int],
         hash_extra: str,
         keep_finished_blocks: bool = False,
+        structured_outputs: StructuredOutputs | None = None,
     ):
         self.runner = runner
+        self.structured_outputs = structured_outputs   # None: requests with a grammar are refused
         self.config = config
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = runner.max_model_len
@@ -132,6 +147,7 @@ class EngineCore:
                 f"= {total} exceeds max_model_len {self.max_model_len}"
             )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
+        grammars = [self._grammar(request_id, params, output_token_ids) for _ in range(params.n)]
         now = time.monotonic()
         ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
         taken = [seq_id for seq_id in ids if seq_id in self._request_of]
@@ -141,9 +157,20 @@ class EngineCore:
         resumed = [TokenLogprob(t, math.nan) for t in output_token_ids]
         return [
             Sequence(seq_id, list(prompt_token_ids), params, seed=seed + i, arrival_time=now,
-                     output_token_ids=list(output_token_ids), output_logprobs=list(resumed))
-            for i, seq_id in enumerate(ids)
+                     output_token_ids=list(output_token_ids), output_logprobs=list(resumed), grammar=grammar)
+            for i, (seq_id, grammar) in enumerate(zip(ids, grammars))
         ]
+
+    def _grammar(self, request_id: str, params: SamplingParams, output_token_ids: list[int]) -> GrammarMatcher | None:
+        """A matcher for the request's structured output, past ``output_token_ids`` (None without one)."""
+        if params.structured_output is None:
+            return None
+        if self.structured_outputs is None:
+            raise ValueError(f"request {request_id}: this engine has no tokenizer for structured output")
+        try:
+            return self.structured_outputs.matcher(params.structured_output, output_token_ids)
+        except ValueError as exc:
+            raise ValueError(f"request {request_id}: {exc}") from exc
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None
@@ -302,10 +329,18 @@ class EngineCore:
         seq.prompt_logprobs.extend(prompt_logprobs(logits[first:stop], targets, k))
 
     def _check_stop(self, seq: Sequence) -> None:
+        """After a token is appended: advance the sequence's grammar over it, then finish the
+        sequence if the token ends it."""
         params, outputs = seq.params, seq.output_token_ids
         last, count = outputs[-1], len(outputs)
         reason = None
-        if count > params.min_tokens and (
+        if seq.grammar is not None and not seq.grammar.accept_token(last):
+            # Sampled under the grammar's mask, so only a foreign first token gets here.
+            log.error("sequence %s: token %d is not allowed by its grammar; aborting it", seq.seq_id, last)
+            reason = "abort"
+        elif seq.grammar is not None and seq.grammar.is_terminated():
+            reason = "stop"
+        elif count > params.min_tokens and (
             (last in self.eos_token_ids and not params.ignore_eos) or last in params.stop_token_ids
         ):
             reason = "stop"

@@ -21,6 +21,7 @@ from baton.engine.hashing import model_fingerprint
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence, TokenLogprob
+from baton.engine.structured_output import StructuredOutputs
 
 
 @dataclass
@@ -51,6 +52,9 @@ class LLM:
             self.config,
             eos_token_ids=self.runner.model_config.eos_token_ids,
             hash_extra=model_fingerprint(self.runner.model_dir),
+            structured_outputs=StructuredOutputs(
+                self.runner.model_dir, self.runner.vocab_size, self.runner.model_config.eos_token_ids
+            ),
         )
         self._ids = itertools.count()
         # Everything built so far (torch, transformers, the model) lives as long as the

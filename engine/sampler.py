@@ -9,7 +9,8 @@ Per sequence, in this order (OpenAI / Hugging Face semantics):
    divided by the penalty and a negative one multiplied;
 3. presence / frequency penalties (OpenAI): ``logit -= presence * (count > 0)
    + frequency * count`` over output tokens;
-4. greedy (``temperature == 0``): argmax. Otherwise divide by the temperature
+4. structured output: tokens the sequence's grammar does not allow next are masked;
+5. greedy (``temperature == 0``): argmax. Otherwise divide by the temperature
    (at least ``MIN_TEMPERATURE``),
    keep ``top_k``, then the ``top_p`` nucleus, then tokens with
    ``prob >= min_p * max prob``, and draw by exponential race: argmax of
@@ -38,6 +39,7 @@ import xxhash
 
 from baton.engine.attention import to_device
 from baton.engine.sequence import Sequence, TokenLogprob
+from baton.engine.structured_output import mask_logits
 from baton.kernels import ops
 
 _SEED_PAIR = struct.Struct("<QQ")
@@ -133,6 +135,7 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if self._needs_processing(seq):
                 self._process(processed[i], seq)
+        mask_logits(processed, [seq.grammar for seq in seqs])
         return _to_logprobs(logits, self._sample(processed, seqs), ks, lse)
 
     @staticmethod
@@ -144,10 +147,12 @@ class Sampler:
             or p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0
             or len(seq.output_token_ids) < p.min_tokens
+            or seq.grammar is not None
         )
 
     def _process(self, row: torch.Tensor, seq: Sequence) -> None:
-        """Logit bias, stop-token masking and penalties, in place on one row of logits."""
+        """Logit bias, stop-token masking and penalties, in place on one row of logits (the
+        grammar's mask is applied to all rows at once, after)."""
         p, device = seq.params, row.device
         if p.logit_bias:
             biased = [(t, b) for t, b in p.logit_bias.items() if t < row.shape[0]]

@@ -8,6 +8,32 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
+@dataclass(frozen=True)
+class StructuredOutputParams:
+    """Constrain the output to a grammar: exactly one of ``json`` (a JSON schema, as JSON
+    text), ``json_object`` (any JSON object), ``regex``, ``choice`` (exactly one of these
+    strings) or ``grammar`` (EBNF, as xgrammar reads it). The output ends, with EOS, where
+    the grammar is complete and admits nothing more. JSON may hold any whitespace between
+    its tokens unless ``disable_any_whitespace`` (vLLM's option of that name): then it is
+    written compactly, which spares a small model loops of blank lines. ``engine/structured_output.py``
+    compiles it; this class only holds it (hashable: compiled grammars are cached by it)."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured output takes exactly one of json, json_object, regex, choice or grammar, got {given or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured output's choice needs at least one string")
+
+
 @dataclass
 class SamplingParams:
     """What to generate and how. ``temperature == 0`` is greedy.
@@ -17,6 +43,7 @@ class SamplingParams:
     ``logprobs`` / ``prompt_logprobs``: ``None`` = off, ``k`` = the chosen token
     plus its top-``k`` alternatives. ``logit_bias`` maps token ids to what is added to
     their logits before sampling (ids beyond the vocabulary are ignored).
+    ``structured_output`` masks, each step, the tokens its grammar does not allow next.
     """
 
     n: int = 1
@@ -35,6 +62,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    structured_output: StructuredOutputParams | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -58,6 +86,11 @@ class SamplingParams:
             (
                 all(-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for b in self.logit_bias.values()),
                 f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+            ),
+            (
+                # A complete grammar allows only EOS, which min_tokens would mask: nothing would be left.
+                self.structured_output is None or self.min_tokens == 0,
+                "min_tokens cannot be combined with structured output",
             ),
         ]
         for ok, message in checks:

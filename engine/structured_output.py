@@ -1,0 +1,91 @@
+"""Structured output with xgrammar: a request's grammar (``StructuredOutputParams``) compiled
+against the model's tokenizer, one matcher per sequence, and the mask each step applies.
+
+A worker compiles a request's grammar before the engine takes the request
+(``StructuredOutputs.compile``, off the engine thread: a large JSON schema can take a while);
+xgrammar's compiler caches what it compiled, so creating the sequence's matcher finds it there.
+The engine advances a sequence's matcher over every token appended, wherever it was sampled
+(a prefill worker's first token, a resumed request's earlier ones), and the sampler masks each
+constrained row by its matcher's bitmask. The matcher ends the output: it is terminated once it
+has accepted EOS where the grammar was complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+import xgrammar as xgr
+from transformers import AutoTokenizer
+
+from baton.engine.sampling_params import StructuredOutputParams
+
+# xgrammar's errors start with a timestamp and its C++ source position: not for the client.
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
+
+
+def _message(exc: Exception) -> str:
+    return _SOURCE_PREFIX.sub("", str(exc)).strip()
+
+
+class StructuredOutputs:
+    """Compiles grammars against the tokenizer of ``model_dir`` (loaded on first use) for logits
+    of width ``vocab_size``; EOS (``eos_token_ids``) is what ends a complete grammar. Thread-safe."""
+
+    def __init__(self, model_dir: Path | str, vocab_size: int, eos_token_ids: Seq[int]) -> None:
+        self.model_dir = Path(model_dir)
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self._lock = threading.Lock()
+        self._compiler: xgr.GrammarCompiler | None = None
+
+    def _get_compiler(self) -> xgr.GrammarCompiler:
+        with self._lock:
+            if self._compiler is None:
+                tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+                info = xgr.TokenizerInfo.from_huggingface(
+                    tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
+                )
+                self._compiler = xgr.GrammarCompiler(info)
+            return self._compiler
+
+    def compile(self, spec: StructuredOutputParams) -> xgr.CompiledGrammar:
+        """The compiled grammar of ``spec`` (cached); ``ValueError`` naming what is wrong with it."""
+        compiler = self._get_compiler()
+        try:
+            if spec.json is not None or spec.json_object:
+                schema = spec.json if spec.json is not None else '{"type": "object"}'
+                return compiler.compile_json_schema(schema, any_whitespace=not spec.disable_any_whitespace)
+            if spec.regex is not None:
+                return compiler.compile_regex(spec.regex)
+            if spec.choice is not None:
+                # A JSON string literal is also an EBNF one: the same escapes.
+                return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in spec.choice))
+            return compiler.compile_grammar(spec.grammar)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"invalid structured output: {_message(exc)}") from exc
+
+    def matcher(self, spec: StructuredOutputParams, accepted: Seq[int] = ()) -> xgr.GrammarMatcher:
+        """A fresh matcher for ``spec``, advanced over ``accepted`` (a resumed sequence's output so
+        far); ``ValueError`` if the grammar rejects one of them."""
+        matcher = xgr.GrammarMatcher(self.compile(spec))
+        for i, token in enumerate(accepted):
+            if not matcher.accept_token(token):
+                raise ValueError(f"output token {i} ({token}) is not allowed by the structured output's grammar")
+        return matcher
+
+
+def mask_logits(logits: torch.Tensor, matchers: Seq[xgr.GrammarMatcher | None]) -> None:
+    """Set to -inf, in place, each row's logits of the tokens its matcher does not allow next
+    (rows whose matcher is None are left alone). ``logits``: float32 ``[rows, vocab]``."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])
+    for i in rows:
+        matchers[i].fill_next_token_bitmask(bitmask, index=i)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

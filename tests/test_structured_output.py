@@ -1,0 +1,169 @@
+"""Structured output on the demo checkpoint: constrained greedy output equals transformers'
+``generate`` under xgrammar's own logits processor for the same grammar; sampled output stays
+in the grammar; a resumed sequence and the prefill / decode role split go on as one process
+does; unconstrained rows beside constrained ones are untouched; bad grammars are refused."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import xgrammar as xgr
+from transformers import AutoModelForCausalLM
+
+from baton.engine.engine_core import EngineCore
+from baton.engine.llm import LLM
+from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
+from baton.services.prefill.server import prefill_params
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ["JULIET:\nO Romeo", "ROMEO:\nBut, soft! what light through yonder", "HAMLET:\n"]
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}, "mood": {"enum": ["merry", "sad"]}},
+    "required": ["name", "age", "mood"],
+    "additionalProperties": False,
+}
+NAMES = ("Romeo", "Juliet", "Mercutio", "Tybalt")
+SENTENCE = r"[A-Z][a-z]+ (is|was) [a-z]+\."
+SPECS = {
+    "json": StructuredOutputParams(json=json.dumps(PERSON), disable_any_whitespace=True),
+    "json_object": StructuredOutputParams(json_object=True, disable_any_whitespace=True),
+    "regex": StructuredOutputParams(regex=SENTENCE),
+    "choice": StructuredOutputParams(choice=NAMES),
+    "grammar": StructuredOutputParams(grammar='root ::= "O " [A-Z] [a-z]+ ("!" | "?")'),
+}
+
+
+def follows(spec: StructuredOutputParams, text: str) -> bool:
+    """Whether a finished output's text is what its grammar describes (checked without xgrammar)."""
+    if spec.json is not None:
+        value = json.loads(text)
+        return set(value) == set(PERSON["required"]) and isinstance(value["age"], int) and value["mood"] in ("merry", "sad")
+    if spec.json_object:
+        return isinstance(json.loads(text), dict)
+    if spec.regex is not None:
+        return re.fullmatch(spec.regex, text) is not None
+    if spec.choice is not None:
+        return text in spec.choice
+    return re.fullmatch(r"O [A-Z][a-z]+[!?]", text) is not None
+
+
+@pytest.fixture(scope="module")
+def llm(demo_model) -> LLM:
+    return LLM(demo_model, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def hf_model(demo_model):
+    return AutoModelForCausalLM.from_pretrained(demo_model).eval()
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_greedy_output_matches_transformers_under_the_same_grammar(llm, hf_model, kind):
+    spec = SPECS[kind]
+    for async_scheduling in (False, True):
+        llm.core.async_scheduling = async_scheduling
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=48, structured_output=spec))
+        for out in outs:
+            ids = torch.tensor([out.prompt_token_ids])
+            processor = xgr.contrib.hf.LogitsProcessor(llm.core.structured_outputs.compile(spec))
+            theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=48,
+                                       logits_processor=[processor])[0, ids.shape[1]:].tolist()
+            ours = out.outputs[0]
+            assert ours.token_ids == theirs, (kind, async_scheduling, ours.text)
+            if ours.finish_reason == "stop":
+                assert ours.token_ids[-1] == 2 and follows(spec, ours.text), ours.text
+        # The demo model writes these to the end well within 48 tokens.
+        assert all(o.outputs[0].finish_reason == "stop" for o in outs) or kind == "json_object"
+    assert llm.core.stats().used_blocks == 0
+
+
+def test_sampled_output_stays_in_the_grammar(llm):
+    params = [
+        SamplingParams(temperature=t, top_p=0.95, seed=seed, max_tokens=64, structured_output=spec)
+        for seed, t in enumerate([0.7, 1.0, 1.5]) for spec in SPECS.values()
+    ]
+    outs = [o.outputs[0] for o in llm.generate([PROMPTS[i % 3] for i in range(len(params))], params)]
+    finished = [(p.structured_output, o.text) for p, o in zip(params, outs) if o.finish_reason == "stop"]
+    assert len(finished) >= len(params) - 3
+    assert all(follows(spec, text) for spec, text in finished), finished
+
+
+def test_unconstrained_rows_beside_constrained_ones_are_untouched(llm):
+    free = SamplingParams(temperature=0.8, seed=5, max_tokens=24, repetition_penalty=1.1)
+    alone = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, free)]
+    constrained = SamplingParams(temperature=0.8, seed=5, max_tokens=24, structured_output=SPECS["regex"])
+    mixed = llm.generate(PROMPTS + PROMPTS, [free] * 3 + [constrained] * 3)
+    assert [o.outputs[0].token_ids for o in mixed[:3]] == alone
+    assert [o.outputs[0].token_ids for o in mixed[3:]] != alone
+
+
+def test_a_resumed_sequence_goes_on_as_it_would_have(llm):
+    """The matcher is advanced over the tokens generated elsewhere, so the rest is the same."""
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=48, structured_output=SPECS["json"])
+    prompt = llm.tokenizer(PROMPTS[1]).input_ids
+    whole = llm.generate(prompt, params)[0].outputs[0]
+    assert whole.finish_reason == "stop" and follows(SPECS["json"], whole.text)
+    for k in (1, 5, len(whole.token_ids) - 1):
+        (seq,) = llm.core.add_request(f"resumed-{k}", prompt, params, whole.token_ids[:k])
+        while llm.core.has_unfinished():
+            llm.core.step()
+        assert seq.output_token_ids == whole.token_ids and seq.finish_reason == "stop"
+    broken = whole.token_ids[:3] + [llm.tokenizer.convert_tokens_to_ids("]")]
+    with pytest.raises(ValueError, match="output token 3 .* not allowed"):
+        llm.core.add_request("broken", prompt, params, broken)
+
+
+@pytest.mark.parametrize("kind", ["json", "choice"])
+def test_prefill_then_decode_equals_one_process(demo_model, llm, kind):
+    """The prefill role samples the first token under the grammar; the decode role advances
+    its own matcher over it (``activate``) and goes on. KV moves between the two engines'
+    caches as the transfer would put it: the prompt's blocks, layer by layer."""
+    params = SamplingParams(temperature=0, max_tokens=48, structured_output=SPECS[kind])
+    prompt = llm.tokenizer(PROMPTS[0]).input_ids
+    whole = llm.generate(prompt, params)[0].outputs[0]
+    prefill_llm, decode_llm = LLM(demo_model, block_size=4), LLM(demo_model, block_size=4)
+    c = prefill_llm.core
+    prefill = EngineCore(c.runner, c.config, sorted(c.eos_token_ids), "demo", keep_finished_blocks=True,
+                         structured_outputs=c.structured_outputs)
+    (first,) = prefill.add_request("r", prompt, prefill_params(params))
+    while prefill.has_unfinished():
+        prefill.step()
+    decode = decode_llm.core
+    reserved = decode.reserve("r", prompt, params)
+    blocks = -(-len(prompt) // 4)
+    for src, dst in zip(prefill.runner.kv_caches, decode.runner.kv_caches):
+        dst[reserved.block_table[:blocks]] = src[first.block_table[:blocks]]
+    prefill.release("r")
+    seq = decode.activate("r", first.output_logprobs[0])
+    while decode.has_unfinished():
+        decode.step()
+    assert seq.output_token_ids == whole.token_ids and seq.finish_reason == whole.finish_reason == "stop"
+    assert prefill.stats().used_blocks == decode.stats().used_blocks == 0
+
+
+def test_bad_grammars_and_combinations_are_refused(llm):
+    for spec, message in [
+        (StructuredOutputParams(regex="(a"), "Regex parsing error"),
+        (StructuredOutputParams(json='{"type": "nothing"}'), "Unsupported type"),
+        (StructuredOutputParams(json="{not json"), "invalid structured output"),
+        (StructuredOutputParams(grammar='root ::= "a" |'), "EBNF parser error"),
+    ]:
+        with pytest.raises(ValueError, match=message) as caught:
+            llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, structured_output=spec))
+        assert "/project/" not in str(caught.value) and not str(caught.value).startswith("[")
+    for fields in [{}, {"regex": "a", "choice": ("a",)}, {"json_object": True, "grammar": 'root ::= "a"'}]:
+        with pytest.raises(ValueError, match="exactly one"):
+            StructuredOutputParams(**fields)
+    with pytest.raises(ValueError, match="at least one"):
+        StructuredOutputParams(choice=())
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=1, structured_output=SPECS["regex"])
+    bare = EngineCore(llm.runner, llm.config, [2], "demo")
+    with pytest.raises(ValueError, match="no tokenizer for structured output"):
+        bare.add_request("r", [1, 2, 3], SamplingParams(structured_output=SPECS["regex"]))
+    assert llm.core.stats().used_blocks == 0
