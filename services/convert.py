@@ -5,8 +5,8 @@ so both ends agree field by field. No torch, no grpc: only ``baton.protos``
 messages and the engine's plain dataclasses.
 
 ``SamplingParams``: every field is written explicitly; the proto's ``optional``
-fields (``seed``, ``logprobs``, ``prompt_logprobs``) only when set, so ``None``
-survives the round trip. ``n`` is not on the wire: the gateway fans out ``n > 1``
+fields (``seed``, ``logprobs``, ``prompt_logprobs``) and ``structured_output`` only
+when set, so ``None`` survives the round trip. ``n`` is not on the wire: the gateway fans out ``n > 1``
 itself and each wire request is one sequence. Reading, the proto's documented
 zero defaults map to "off" (``top_p`` 0 -> 1.0, ``repetition_penalty`` 0 -> 1.0);
 anything else invalid raises ``ValueError`` from ``SamplingParams`` with a
@@ -15,7 +15,7 @@ message naming the field, which a worker should answer with INVALID_ARGUMENT.
 
 from __future__ import annotations
 
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
 from baton.engine.sequence import TokenLogprob
 from baton.protos import common_pb2
 
@@ -42,7 +42,37 @@ def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         msg.logprobs = params.logprobs
     if params.prompt_logprobs is not None:
         msg.prompt_logprobs = params.prompt_logprobs
+    if params.structured_output is not None:
+        msg.structured_output.CopyFrom(structured_output_to_proto(params.structured_output))
     return msg
+
+
+def structured_output_to_proto(spec: StructuredOutputParams) -> common_pb2.StructuredOutput:
+    msg = common_pb2.StructuredOutput(disable_any_whitespace=spec.disable_any_whitespace)
+    if spec.json is not None:
+        msg.json_schema = spec.json
+    elif spec.json_object:
+        msg.json_object = True
+    elif spec.regex is not None:
+        msg.regex = spec.regex
+    elif spec.choice is not None:
+        msg.choice.choices.extend(spec.choice)
+    else:
+        msg.grammar = spec.grammar
+    return msg
+
+
+def structured_output_from_proto(msg: common_pb2.StructuredOutput) -> StructuredOutputParams:
+    """``ValueError`` when no kind is set (or a choice holds none)."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_output names no kind (json_schema, json_object, regex, choice or grammar)")
+    if kind == "choice":
+        value = tuple(msg.choice.choices)
+    else:
+        value = getattr(msg, kind)
+    field = {"json_schema": "json"}.get(kind, kind)
+    return StructuredOutputParams(**{field: value}, disable_any_whitespace=msg.disable_any_whitespace)
 
 
 def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
@@ -64,6 +94,7 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         logit_bias=dict(msg.logit_bias),
+        structured_output=structured_output_from_proto(msg.structured_output) if msg.HasField("structured_output") else None,
     )
 
 

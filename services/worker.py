@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
@@ -25,8 +26,9 @@ from prometheus_client import CollectorRegistry
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
 from baton.engine.model_runner import ModelRunner
+from baton.engine.structured_output import StructuredOutputs, mask_logits
 from baton.kvtransfer import KVLayout, warm_up_block_copies
 from baton.protos import MAX_MESSAGE_BYTES, common_pb2
 from baton.services.engine_loop import EngineLoop
@@ -111,6 +113,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         eos_token_ids=runner.model_config.eos_token_ids,
         hash_extra=fingerprint,
         keep_finished_blocks=keep_finished_blocks,
+        structured_outputs=StructuredOutputs(runner.model_dir, runner.vocab_size, runner.model_config.eos_token_ids),
     )
     warm_up(core, config.block_size)
     gc.freeze()   # the model and library objects leave the collector's full scans (see engine/llm.py)
@@ -128,7 +131,8 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
 def warm_up(core: EngineCore, block_size: int) -> None:
     """Run two short requests through the engine and a block through the KV transfer's
     pack and unpack before serving, so that a GPU worker's kernels are compiled before
-    the first real request needs them."""
+    the first real request needs them; then load the tokenizer for structured output and
+    mask a row of logits by a grammar (compiling the mask's kernel)."""
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     for i, length in enumerate((block_size + 1, 2 * block_size)):
         request_id = f"warm-up-{i}"
@@ -138,6 +142,11 @@ def warm_up(core: EngineCore, block_size: int) -> None:
         core.abort(request_id)  # the prefill role keeps finished blocks until released
     core.drain_block_events()  # nothing of the warm-up belongs in the global index
     warm_up_block_copies(core.runner.kv_caches[0])
+    try:
+        grammar = core.structured_outputs.matcher(StructuredOutputParams(json_object=True))
+        mask_logits(torch.zeros(1, core.vocab_size, device=core.runner.kv_caches[0].device), [grammar])
+    except Exception as exc:  # xgrammar may not take an unusual tokenizer: serve the rest anyway
+        log.warning("structured output is unavailable with this tokenizer: %s", exc)
 
 
 async def serve(
@@ -193,6 +202,14 @@ def load_message(worker_id: str, role: str, engine: EngineLoop) -> common_pb2.Wo
         used_blocks=s.used_blocks,
         cached_blocks=s.cached_blocks,
     )
+
+
+async def compile_grammar(ctx: WorkerContext, params: SamplingParams) -> None:
+    """Compile a request's structured-output grammar, if it has one, in a worker thread: neither
+    the event loop nor the engine waits on a large schema (the engine then finds it compiled).
+    ``ValueError`` naming what is wrong with it."""
+    if params.structured_output is not None:
+        await asyncio.to_thread(ctx.core.structured_outputs.compile, params.structured_output)
 
 
 def time_remaining(context: grpc.aio.ServicerContext, default: float = 60.0) -> float:

@@ -13,7 +13,7 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
 from baton.engine.sequence import TokenLogprob
 from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc
 from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto, params_to_proto
@@ -439,6 +439,13 @@ async def test_handoff_failure_after_first_token_blames_decode_and_resumes(clust
     assert decode.aborted == [req.request_id] and lonely.aborted == [req.request_id]
 
 
+STRUCTURED = [
+    None, StructuredOutputParams(json='{"type": "object"}', disable_any_whitespace=True), StructuredOutputParams(json_object=True),
+    StructuredOutputParams(regex="[a-z]+"), StructuredOutputParams(choice=("a", "b \"c\"", "")),
+    StructuredOutputParams(grammar='root ::= "x"'),
+]
+
+
 def test_params_and_logprobs_round_trip() -> None:
     for _ in range(50):                     # values exact in float32, so the round trip is exact
         params = SamplingParams(
@@ -448,14 +455,16 @@ def test_params_and_logprobs_round_trip() -> None:
             frequency_penalty=random.choice([-0.25, 0.0, 1.5]), seed=random.choice([None, 0, 2**63]),
             stop_token_ids=random.sample(range(VOCAB), random.randint(0, 3)), ignore_eos=random.random() < 0.5,
             logprobs=random.choice([None, 0, 5]), prompt_logprobs=random.choice([None, 0, 20]),
-            logit_bias=random.choice([{}, {3: -100.0, 17: 2.5}]),
+            logit_bias=random.choice([{}, {3: -100.0, 17: 2.5}]), structured_output=random.choice(STRUCTURED),
         )
-        params.min_tokens = random.randint(0, params.max_tokens)
+        params.min_tokens = random.randint(0, params.max_tokens) if params.structured_output is None else 0
         wire = params_to_proto(params).SerializeToString()
         assert params_from_proto(common_pb2.SamplingParams.FromString(wire)) == params
     zero = params_from_proto(common_pb2.SamplingParams(max_tokens=4))
     assert (zero.top_p, zero.repetition_penalty, zero.seed, zero.logprobs) == (1.0, 1.0, None, None)
     with pytest.raises(ValueError, match="max_tokens"):
         params_from_proto(common_pb2.SamplingParams())
+    with pytest.raises(ValueError, match="names no kind"):
+        params_from_proto(common_pb2.SamplingParams(max_tokens=4, structured_output=common_pb2.StructuredOutput()))
     lp = TokenLogprob(random.randrange(VOCAB), -1.5, [(random.randrange(VOCAB), -0.25), (7, -3.0)])
     assert logprob_from_proto(logprob_to_proto(lp)) == lp

@@ -30,7 +30,7 @@ from baton.kvtransfer.base import KVReceiver, TransferError
 from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2
 from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
-from baton.services.worker import WorkerContext, load_message, time_remaining
+from baton.services.worker import WorkerContext, compile_grammar, load_message, time_remaining
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         try:
             params = params_from_proto(request.params)
             prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
+            await compile_grammar(self._ctx, params)
             seq = await self.engine.call(lambda: self._ctx.core.reserve(rid, prompt, params, resumed))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -110,6 +111,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 finish = await self.engine.call(lambda: self._activate(rid, first))
             except KeyError:
                 await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was aborted before its KV arrived")
+            if finish == "abort":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid!r}: the first token does not fit its grammar")
             if finish is not None:
                 finished = True
                 yield decode_pb2.GenerateChunk(finish_reason=finish)

@@ -38,7 +38,7 @@ from baton.kvtransfer.errors import LayoutMismatch
 from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, prefill_pb2, prefill_pb2_grpc
 from baton.services.convert import logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
-from baton.services.worker import WorkerContext, load_message, time_remaining
+from baton.services.worker import WorkerContext, compile_grammar, load_message, time_remaining
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
         try:
             params = prefill_params(params_from_proto(request.params), len(resumed))
+            await compile_grammar(self._ctx, params)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         session = await self._open_transfer(request, context) if request.HasField("ticket") else None
