@@ -8,6 +8,7 @@ with each KV transport: the gRPC stream, and UCX."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import redis
 
 from baton.engine.hashing import block_hashes, model_fingerprint
 from baton.engine.llm import LLM
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
 from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from baton.services import launcher
 from baton.services.redis_keys import WORKER_PREFIX, WorkerRecord, block_key
@@ -169,6 +170,40 @@ def test_chat_completion(system):
     )
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content
     assert out.usage.completion_tokens > 0
+
+
+def test_structured_output_matches_the_aggregated_engine(system, demo_model):
+    """The prefill worker samples the first token under the grammar and the decode worker the
+    rest, each with its own matcher: a JSON schema and a seeded n=3 choice give what the
+    aggregated engine gives; a streamed chat answer is valid JSON; a bad regex is a 400."""
+    llm = LLM(demo_model)
+    person = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+    spec = StructuredOutputParams(json=json.dumps(person), disable_any_whitespace=True)
+    want = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=48, structured_output=spec))
+    for prompt, expected in zip(PROMPTS, want):
+        out = system.client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=48, temperature=0,
+            extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": person}},
+                        "structured_outputs": {"disable_any_whitespace": True}},
+        )
+        assert out.choices[0].text == expected.outputs[0].text and out.choices[0].finish_reason == "stop"
+        assert set(json.loads(out.choices[0].text)) == {"name", "age"}
+    names = ["Romeo", "Juliet", "Mercutio", "Tybalt"]
+    choice = StructuredOutputParams(choice=tuple(names))
+    want = llm.generate(PROMPTS[2], SamplingParams(n=3, seed=7, temperature=1.5, max_tokens=8, structured_output=choice))[0]
+    out = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=8, n=3, seed=7, temperature=1.5,
+                                           extra_body={"structured_outputs": {"choice": names}})
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [c.text for c in want.outputs]
+    chat = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "Who art thou?"}], max_tokens=48, temperature=0,
+                response_format={"type": "json_object"}, extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+    full = system.client.chat.completions.create(**chat)
+    streamed = "".join(c.choices[0].delta.content or "" for c in system.client.chat.completions.create(**chat, stream=True) if c.choices)
+    assert streamed == full.choices[0].message.content and full.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(streamed), dict)
+    with pytest.raises(openai.BadRequestError, match="Regex parsing error"):
+        system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=4, extra_body={"structured_outputs": {"regex": "(a"}})
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 
 def worker_ids(r: redis.Redis, role: str) -> set[str]:

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import uvicorn
 
+from baton.engine.sampling_params import StructuredOutputParams
 from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import app as app_module
 from baton.services.gateway.app import create_app
@@ -33,6 +34,7 @@ from conftest import DEMO_MODEL
 pytestmark = pytest.mark.unit
 
 MODEL = "shakespeare"
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 SCRIPTS = [
     "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father 日本 and refuse thy name;",
     "But, soft! what light through yonder window breaks? It is the east.",
@@ -169,7 +171,13 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
         ({"model": MODEL, "prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
         ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 100.5}}, "logit_bias"),
         ({"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
-        ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
+        ({"model": MODEL, "prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
+        ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+", "choice": ["a"]}}, "structured_outputs"),
+        ({"model": MODEL, "prompt": "x", "structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
+        ({"model": MODEL, "prompt": "x", "structured_outputs": {"choice": []}}, "structured_outputs"),
+        ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+"}, "min_tokens": 2}, None),
+        ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+"}, "response_format": {"type": "json_object"}}, None),
         ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
         ({"model": MODEL, "prompt": "x", "suffix": "end"}, "suffix"),
     ],
@@ -189,7 +197,7 @@ async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 4000},
          "max_completion_tokens"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+          "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL]}, "tools"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "auto"}, "tools"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [TOOL["function"]]}, "functions"),
@@ -240,6 +248,43 @@ async def test_logit_bias_reaches_the_backend_by_token_id(tok) -> None:
     response = await post(backend, tok, "/v1/chat/completions", body)
     assert response.status_code == 200, response.text
     assert backend.requests[0].params.logit_bias == {5: 1.0, 17: -100.0}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"response_format": {"type": "json_object"}}, StructuredOutputParams(json_object=True)),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}},
+         StructuredOutputParams(json=json.dumps(PERSON))),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+          "structured_outputs": {"disable_any_whitespace": True}},
+         StructuredOutputParams(json=json.dumps(PERSON), disable_any_whitespace=True)),
+        ({"structured_outputs": {"json": PERSON}}, StructuredOutputParams(json=json.dumps(PERSON))),
+        ({"structured_outputs": {"json": '{"type": "array"}'}}, StructuredOutputParams(json='{"type": "array"}')),
+        ({"structured_outputs": {"regex": "[0-9]+", "disable_any_whitespace": True}},
+         StructuredOutputParams(regex="[0-9]+", disable_any_whitespace=True)),
+        ({"structured_outputs": {"choice": ["yes", "no"]}, "response_format": {"type": "text"}},
+         StructuredOutputParams(choice=("yes", "no"))),
+        ({"structured_outputs": {"grammar": 'root ::= "a"'}}, StructuredOutputParams(grammar='root ::= "a"')),
+        ({"response_format": {"type": "text"}}, None),
+    ],
+)
+async def test_structured_output_reaches_the_backend(tok, fields, expected) -> None:
+    """OpenAI's response_format and vLLM's structured_outputs become one grammar (the worker
+    compiles it, and answers a bad one with INVALID_ARGUMENT: a 400)."""
+    backend = FakeBackend(tok)
+    for path, body in [("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})]:
+        response = await post(backend, tok, path, {"model": MODEL, "max_tokens": 4, **body, **fields})
+        assert response.status_code == 200, response.text
+    assert [r.params.structured_output for r in backend.requests] == [expected, expected]
+
+
+async def test_a_grammar_the_worker_refuses_is_a_400(tok) -> None:
+    backend = FakeBackend(tok, error=BackendError("invalid structured output: Regex parsing error at position 2", 400))
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "structured_outputs": {"regex": "(a"}}
+    for stream in (False, True):
+        error = assert_error(await post(backend, tok, "/v1/completions", {**body, "stream": stream}), 400)
+        assert error["type"] == "invalid_request_error" and "Regex parsing error" in error["message"]
 
 
 async def test_backend_error_and_unexpected_error(tok) -> None:

@@ -8,12 +8,13 @@ against the context) are checked in ``serving.py``.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
-from baton.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from baton.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, StructuredOutputParams
 
 MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS_TOKENS = 1024
@@ -60,6 +61,55 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {}: any JSON value
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: one of ``json`` (a schema), ``json_object``, ``regex``,
+    ``choice`` or ``grammar`` (EBNF), and ``disable_any_whitespace``. Its other options
+    (``structural_tag``, ...) are refused rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = False
+
+    @property
+    def has_kind(self) -> bool:
+        return any(v is not None for v in (self.json_, self.regex, self.choice, self.grammar)) or bool(self.json_object)
+
+    def params(self) -> StructuredOutputParams:
+        """``ValueError`` unless exactly one kind is given."""
+        schema = json.dumps(self.json_) if isinstance(self.json_, dict) else self.json_
+        return StructuredOutputParams(
+            json=schema, json_object=bool(self.json_object), regex=self.regex,
+            choice=None if self.choice is None else tuple(self.choice), grammar=self.grammar,
+            disable_any_whitespace=self.disable_any_whitespace,
+        )
+
+
 class BaseGenerationRequest(BaseModel):
     """Parameters shared by completions and chat completions."""
 
@@ -84,14 +134,28 @@ class BaseGenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
-    @field_validator("response_format")
-    @classmethod
-    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError(f"only {{'type': 'text'}} is supported (no structured output), got type {value.get('type')!r}")
-        return value
+    @model_validator(mode="after")
+    def _one_structured_output(self) -> BaseGenerationRequest:
+        if self.structured_outputs is not None and self.structured_outputs.has_kind and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("give the output's structure in response_format or in structured_outputs, not both")
+        return self
+
+    @property
+    def structured_output(self) -> StructuredOutputParams | None:
+        """The grammar the output must follow, from ``response_format`` (OpenAI) or
+        ``structured_outputs`` (vLLM; its ``disable_any_whitespace`` also applies to the former)."""
+        compact = self.structured_outputs is not None and self.structured_outputs.disable_any_whitespace
+        if self.structured_outputs is not None and self.structured_outputs.has_kind:
+            return self.structured_outputs.params()
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        if self.response_format.type == "json_object":
+            return StructuredOutputParams(json_object=True, disable_any_whitespace=compact)
+        return StructuredOutputParams(json=json.dumps(self.response_format.json_schema.schema_), disable_any_whitespace=compact)
 
     @model_validator(mode="before")
     @classmethod

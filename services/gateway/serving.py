@@ -193,12 +193,16 @@ class OpenAIServing:
         if any(t >= vocab for t in logit_bias):
             raise APIError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         try:
+            structured_output = req.structured_output
+        except ValueError as exc:
+            raise APIError(str(exc), param="structured_outputs") from exc
+        try:
             return SamplingParams(
                 max_tokens=limit if limit is not None else self.max_model_len - longest,
                 min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, seed=req.seed, stop_token_ids=list(req.stop_token_ids),
-                ignore_eos=req.ignore_eos, logit_bias=logit_bias,
+                ignore_eos=req.ignore_eos, logit_bias=logit_bias, structured_output=structured_output,
             )
         except ValueError as exc:
             raise APIError(str(exc)) from exc
@@ -407,7 +411,8 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, BackendError):
-        return APIError(exc.message, status=exc.status, type="service_unavailable_error")
+        kind = "invalid_request_error" if exc.status == 400 else "service_unavailable_error"
+        return APIError(exc.message, status=exc.status, type=kind)
     return APIError("internal error while generating", status=500, type="internal_server_error")
 
 
