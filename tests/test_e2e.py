@@ -25,6 +25,8 @@ from baton.engine.llm import LLM
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
 from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from baton.services import launcher
+from baton.services.gateway import tools
+from baton.services.gateway.protocol import ChatCompletionRequest
 from baton.services.redis_keys import WORKER_PREFIX, WorkerRecord, block_key
 
 openai = pytest.importorskip("openai")
@@ -203,6 +205,33 @@ def test_structured_output_matches_the_aggregated_engine(system, demo_model):
     assert isinstance(json.loads(streamed), dict)
     with pytest.raises(openai.BadRequestError, match="Regex parsing error"):
         system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=4, extra_body={"structured_outputs": {"regex": "(a"}})
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+
+
+def test_forced_tool_calls_match_the_aggregated_engine(system, demo_model):
+    """tool_choice 'required' (one call) and a named function: the calls, streamed or not, are
+    what the aggregated engine writes under the same grammar, over the prompt /tokenize gives."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
+    messages = [{"role": "user", "content": "What weather hath Verona?"}]
+    ids = httpx.post(f"{system.plan.url}/tokenize", json={"model": MODEL_NAME, "messages": messages}, timeout=30).json()["tokens"]
+    llm = LLM(demo_model)
+    for tool_choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        request = dict(model=MODEL_NAME, messages=messages, tools=[weather, clock], tool_choice=tool_choice,
+                       parallel_tool_calls=False, max_tokens=64, temperature=0)
+        grammar = tools.grammar(ChatCompletionRequest(**request))
+        want = json.loads(llm.generate(ids, SamplingParams(temperature=0, max_tokens=64, structured_output=grammar))[0].outputs[0].text)
+        expected = [(c["name"], c["parameters"]) for c in want] if tool_choice == "required" else [("get_weather", want)]
+        out = system.client.chat.completions.create(**request)
+        assert out.choices[0].finish_reason == ("tool_calls" if tool_choice == "required" else "stop")
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in out.choices[0].message.tool_calls] == expected
+        streamed: dict[int, list[str]] = {}
+        for chunk in system.client.chat.completions.create(**request, stream=True):
+            for piece in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                streamed.setdefault(piece.index, []).extend([piece.function.name or "", piece.function.arguments or ""])
+        calls = [(parts[0], json.loads("".join(parts[1::2]))) for _, parts in sorted(streamed.items())]
+        assert calls == expected
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import uvicorn
 
 from baton.engine.sampling_params import StructuredOutputParams
 from baton.engine.sequence import TokenLogprob
-from baton.services.gateway import app as app_module
+from baton.services.gateway import app as app_module, tools
 from baton.services.gateway.app import create_app
 from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
 from baton.services.gateway.config import GatewayConfig
@@ -285,6 +286,134 @@ async def test_a_grammar_the_worker_refuses_is_a_400(tok) -> None:
     for stream in (False, True):
         error = assert_error(await post(backend, tok, "/v1/completions", {**body, "stream": stream}), 400)
         assert error["type"] == "invalid_request_error" and "Regex parsing error" in error["message"]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                         "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}
+
+
+class ScriptedBackend(FakeBackend):
+    """Outputs ``text`` (as the grammar would have it), cut at max_tokens."""
+
+    def __init__(self, tok: GatewayTokenizer, text: str) -> None:
+        super().__init__(tok)
+        self.text = text
+
+    def output_ids(self, request: GenerationRequest) -> list[int]:
+        return self.tok.encode(self.text, add_special_tokens=False)
+
+
+def tool_body(tool_choice: object, **fields: object) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Verona?"}], "max_tokens": 200,
+            "tools": [WEATHER, CLOCK], "tool_choice": tool_choice, **fields}
+
+
+async def test_a_forced_tool_choice_constrains_the_output() -> None:
+    """A named function: its parameters' schema (any object without one); 'required': an array
+    of calls of the given tools, one unless parallel_tool_calls."""
+    named = ChatCompletionRequest(**tool_body({"type": "function", "function": {"name": "get_weather"}}))
+    compact = {"disable_any_whitespace": True}
+    assert tools.grammar(named) == StructuredOutputParams(json=json.dumps(WEATHER["function"]["parameters"]), **compact)
+    clock = ChatCompletionRequest(**tool_body({"type": "function", "function": {"name": "get_time"}}))
+    assert tools.grammar(clock) == StructuredOutputParams(json='{"type": "object"}', **compact)
+    for parallel in (True, False):
+        schema = json.loads(tools.grammar(ChatCompletionRequest(**tool_body("required", parallel_tool_calls=parallel))).json)
+        assert schema["type"] == "array" and schema["minItems"] == 1 and schema.get("maxItems") == (None if parallel else 1)
+        assert [c["properties"]["name"] for c in schema["items"]["anyOf"]] == [{"const": "get_weather"}, {"const": "get_time"}]
+        assert schema["items"]["anyOf"][0]["properties"]["parameters"] == WEATHER["function"]["parameters"]
+    assert tools.grammar(ChatCompletionRequest(**tool_body("none"))) is None
+
+
+async def test_a_named_function_call_streams_its_arguments(tok) -> None:
+    arguments = '{"city": "Verona, fair Verona"}'
+    body = tool_body({"type": "function", "function": {"name": "get_weather"}})
+    backend = ScriptedBackend(tok, arguments)
+    response = await post(backend, tok, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": arguments}
+    assert backend.requests[0].params.structured_output == tools.grammar(ChatCompletionRequest(**body))
+    events = sse_events(await post(backend, tok, "/v1/chat/completions", {**body, "stream": True}))
+    pieces = [json.loads(e)["choices"][0] for e in events[:-1]]
+    calls = [c for p in pieces for c in p["delta"].get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert all(c["index"] == 0 and set(c) == {"index", "function"} for c in calls[1:])
+    assert "".join(c["function"]["arguments"] for c in calls) == arguments
+    assert not any(p["delta"].get("content") for p in pieces)
+    assert [p["finish_reason"] for p in pieces if p["finish_reason"]] == ["stop"] and events[-1] == "[DONE]"
+
+
+async def test_required_tool_calls_come_whole(tok) -> None:
+    text = '[{"name": "get_weather", "parameters": {"city": "Mantua"}}, {"name": "get_time", "parameters": {}}]'
+    backend = ScriptedBackend(tok, text)
+    response = await post(backend, tok, "/v1/chat/completions", tool_body("required"))
+    (choice,) = response.json()["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in choice["message"]["tool_calls"]] == [
+        ("get_weather", {"city": "Mantua"}), ("get_time", {})]
+    events = sse_events(await post(backend, tok, "/v1/chat/completions", tool_body("required", stream=True)))
+    pieces = [json.loads(e)["choices"][0] for e in events[:-1]]
+    with_calls = [p for p in pieces if p["delta"].get("tool_calls")]
+    assert len(with_calls) == 1 and with_calls[0]["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in with_calls[0]["delta"]["tool_calls"]] == ["get_weather", "get_time"]
+    assert [c["index"] for c in with_calls[0]["delta"]["tool_calls"]] == [0, 1]
+    assert not any(p["delta"].get("content") for p in pieces)
+
+
+async def test_a_tool_call_cut_short_is_text(tok) -> None:
+    """At max_tokens the array is not whole: the text comes back as content, finish_reason length."""
+    text = '[{"name": "get_weather", "parameters": {"city": "Mantua and Verona and Padua"}}]'
+    cut = tool_body("required", max_tokens=8)
+    (choice,) = (await post(ScriptedBackend(tok, text), tok, "/v1/chat/completions", cut)).json()["choices"]
+    assert choice["finish_reason"] == "length" and choice["message"]["tool_calls"] == []
+    assert text.startswith(choice["message"]["content"])
+    events = sse_events(await post(ScriptedBackend(tok, text), tok, "/v1/chat/completions", {**cut, "stream": True}))
+    pieces = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(p["delta"].get("content") or "" for p in pieces) == choice["message"]["content"]
+    assert [p["finish_reason"] for p in pieces if p["finish_reason"]] == ["length"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tool_choice": {"type": "function", "function": {"name": "get_mood"}}}, "tools"),
+        ({"tool_choice": "required", "tools": []}, None),
+        ({"tool_choice": "required", "response_format": {"type": "json_object"}}, None),
+        ({"tool_choice": "auto"}, "tools"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "required"}, "tools"),
+    ],
+)
+async def test_bad_tool_requests_get_400(tok, fields, param) -> None:
+    backend = FakeBackend(tok)
+    assert_error(await post(backend, tok, "/v1/chat/completions", {**tool_body("required"), **fields}), 400, param)
+    assert backend.requests == []
+
+
+async def test_earlier_tool_calls_and_results_reach_the_template(tok, tmp_path) -> None:
+    """An assistant's tool_calls (arguments as objects) and a tool's result, with the tools."""
+    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}:"
+                "{% for c in m.tool_calls or [] %}{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}"
+                "{{ m.tool_call_id or '' }}{{ m.content }};{% endfor %}")
+    shutil.copy(DEMO_MODEL / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
+    tool_tok = GatewayTokenizer(tmp_path)
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Verona"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+    ]
+    backend = ScriptedBackend(tool_tok, "{}")
+    body = {**tool_body({"type": "function", "function": {"name": "get_time"}}), "messages": messages}
+    assert (await post(backend, tool_tok, "/v1/chat/completions", body)).status_code == 200
+    rendered = tool_tok.decode(backend.requests[0].prompt_token_ids)
+    assert rendered == "[get_weather][get_time]user:Weather?;assistant:get_weather(Verona);tool:call_1rain;"
 
 
 async def test_backend_error_and_unexpected_error(tok) -> None:

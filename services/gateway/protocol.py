@@ -96,12 +96,18 @@ class StructuredOutputs(BaseModel):
     grammar: str | None = None
     disable_any_whitespace: bool = False
 
+    @model_validator(mode="after")
+    def _at_most_one_kind(self) -> StructuredOutputs:
+        if self.has_kind:
+            self.params()
+        return self
+
     @property
     def has_kind(self) -> bool:
         return any(v is not None for v in (self.json_, self.regex, self.choice, self.grammar)) or bool(self.json_object)
 
     def params(self) -> StructuredOutputParams:
-        """``ValueError`` unless exactly one kind is given."""
+        """The grammar; ``ValueError`` unless exactly one kind is given."""
         schema = json.dumps(self.json_) if isinstance(self.json_, dict) else self.json_
         return StructuredOutputParams(
             json=schema, json_object=bool(self.json_object), regex=self.regex,
@@ -235,22 +241,77 @@ class TextContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str                  # JSON text
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None     # an assistant's earlier calls
+    tool_call_id: str | None = None              # a tool's result: which call it answers
 
-    def template_dict(self) -> dict[str, str]:
-        """The message as the chat template sees it (text parts joined)."""
+    def template_dict(self) -> dict[str, Any]:
+        """The message as the chat template sees it (text parts joined). A tool call's arguments
+        go in as an object where they are JSON, as transformers' templates expect them."""
         if isinstance(self.content, list):
             content = "".join(part.text for part in self.content)
         else:
             content = self.content or ""
-        out = {"role": self.role, "content": content}
+        out: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls
+            ]
         return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None     # a JSON schema of the arguments; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatTemplateOptions(BaseModel):
@@ -275,16 +336,42 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tool_choice: str | dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
+    parallel_tool_calls: bool = True
     functions: list[dict[str, Any]] | None = None
 
     @field_validator("tools")
     @classmethod
-    def _check_tools(cls, value: list[dict[str, Any]] | None, info: ValidationInfo) -> list[dict[str, Any]] | None:
-        if value and info.data.get("tool_choice") != "none":
-            raise ValueError("tool calling is not supported: send no tools, or tool_choice 'none'")
+    def _check_tools(cls, value: list[Tool] | None, info: ValidationInfo) -> list[Tool] | None:
+        choice = info.data.get("tool_choice")
+        if value and choice in (None, "auto"):
+            raise ValueError("tool_choice 'auto' (the default with tools) needs a parser of the model's own tool-call "
+                             "format, which Baton does not have: use tool_choice 'required', a named function, or 'none'")
+        if value and isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in value}:
+            raise ValueError(f"tool_choice names function {choice.function.name!r}, which is not among the tools")
         return value
+
+    @model_validator(mode="after")
+    def _tools_for_forced_choice(self) -> ChatCompletionRequest:
+        if self.forced_tools and not self.tools:
+            raise ValueError("tool_choice 'required' or a named function needs tools")
+        if self.forced_tools and super().structured_output is not None:
+            raise ValueError("a forced tool_choice already fixes the output's structure: "
+                             "give no response_format or structured_outputs with it")
+        return self
+
+    @property
+    def forced_tools(self) -> bool:
+        """Whether the output must be tool calls: ``tool_choice`` is 'required' or names a function."""
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template sees them (none with tool_choice 'none')."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     @field_validator("functions")
     @classmethod
@@ -384,6 +471,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -402,9 +490,32 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed piece of a tool call: the first names it, the rest add to its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
-from baton.services.gateway import metrics
+from baton.services.gateway import metrics, tools
 from baton.services.gateway.backend import Backend, BackendError, GenerationRequest
 from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
 from baton.services.gateway.config import GatewayConfig
@@ -32,6 +32,7 @@ from baton.services.gateway.protocol import (
     APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatLogprobToken, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+    NamedToolChoice,
     PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo, BaseGenerationRequest,
 )
 from baton.services.gateway.tokenizer import (
@@ -117,11 +118,12 @@ class OpenAIServing:
             choices=[
                 ChatChoice(
                     index=c.index,
-                    message=ChatResponseMessage(content="".join(c.text)),
+                    message=message,
                     logprobs=self._chat_logprobs([t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
-                    finish_reason=c.finish_reason,
+                    finish_reason=finish_reason,
                 )
                 for c in choices
+                for message, finish_reason in [self._chat_message(req, c)]
             ],
             usage=self._usage(choices),
         )
@@ -147,6 +149,7 @@ class OpenAIServing:
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 template_kwargs=req.chat_template_kwargs,
+                tools=req.template_tools if isinstance(req, ChatCompletionRequest) else None,
             )
         except ChatTemplateError as exc:
             raise APIError(str(exc), param="messages") from exc
@@ -192,10 +195,8 @@ class OpenAIServing:
         vocab, logit_bias = self.tokenizer.vocab_size, req.token_logit_bias
         if any(t >= vocab for t in logit_bias):
             raise APIError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
-        try:
-            structured_output = req.structured_output
-        except ValueError as exc:
-            raise APIError(str(exc), param="structured_outputs") from exc
+        forced_tools = isinstance(req, ChatCompletionRequest) and req.forced_tools
+        structured_output = tools.grammar(req) if forced_tools else req.structured_output
         try:
             return SamplingParams(
                 max_tokens=limit if limit is not None else self.max_model_len - longest,
@@ -341,15 +342,44 @@ class OpenAIServing:
         if delta.first:
             role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role="assistant", content=""))
             out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[role]).model_dump_json())
-        if delta.text or delta.finish_reason or (req.logprobs and delta.tokens):
+        message, finish_reason = self._chat_delta(req, choice, delta)
+        if message is not None or finish_reason or (req.logprobs and delta.tokens):
             content = ChatStreamChoice(
                 index=delta.index,
-                delta=DeltaMessage(content=delta.text or None),
+                delta=message or DeltaMessage(),
                 logprobs=self._chat_logprobs(delta.tokens) if req.logprobs else None,
-                finish_reason=delta.finish_reason,
+                finish_reason=finish_reason,
             )
             out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[content]).model_dump_json())
         return out
+
+    def _chat_delta(self, req: ChatCompletionRequest, choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
+        """What a delta adds to a streamed message (None: nothing), and its finish reason. A named
+        function's arguments stream as they come, the first piece naming the call; the calls of
+        tool_choice 'required' come whole once the array is complete."""
+        if not req.forced_tools:
+            return (DeltaMessage(content=delta.text) if delta.text else None), delta.finish_reason
+        if isinstance(req.tool_choice, NamedToolChoice):
+            if not (delta.text or delta.first):
+                return None, delta.finish_reason
+            return DeltaMessage(tool_calls=[tools.named_call_piece(req, delta.text, delta.first)]), delta.finish_reason
+        if delta.finish_reason is None:
+            return None, None
+        message, finish_reason = self._chat_message(req, choice)
+        if message.tool_calls:
+            return DeltaMessage(tool_calls=tools.as_deltas(message.tool_calls)), finish_reason
+        return DeltaMessage(content=message.content or None), finish_reason
+
+    @staticmethod
+    def _chat_message(req: ChatCompletionRequest, choice: Choice) -> tuple[ChatResponseMessage, str | None]:
+        """A finished choice's message and finish reason: with a forced tool_choice, the calls it
+        made ('tool_calls' for 'required', 'stop' for a named function, as OpenAI and vLLM
+        answer), or its text where it was cut short of a whole call."""
+        text = "".join(choice.text)
+        calls = tools.tool_calls(req, text) if req.forced_tools else None
+        if calls is None:
+            return ChatResponseMessage(content=text), choice.finish_reason
+        return ChatResponseMessage(tool_calls=calls), "tool_calls" if req.tool_choice == "required" else choice.finish_reason
 
     def _completion_choice(self, req: CompletionRequest, choice: Choice, deltas: list[Delta]) -> CompletionChoice:
         text, logprobs = self._completion_text(req, choice.prompt, deltas)

@@ -104,15 +104,18 @@ class GatewayTokenizer:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """The template's text. ``continue_final_message``: cut right after the last message's
         content, so that generation continues it; ``template_kwargs``: more template variables
-        (the messages and special tokens win over them)."""
+        (the messages, special tokens and ``tools`` win over them); ``tools``: the request's
+        tools, in OpenAI's form, as transformers hands them to a template."""
         if self._template is None:
             raise ChatTemplateError("the model has no chat template; use /v1/completions")
+        variables = {**(template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         try:
             text = self._template.render(
-                **(template_kwargs or {}),
+                **variables,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",

@@ -1,0 +1,91 @@
+"""Tool calls where the request forces them, as vLLM makes them without a tool-call parser.
+
+``tool_choice`` naming a function constrains the output to that function's arguments (its
+``parameters`` schema, any JSON object without one); ``"required"`` constrains it to a JSON
+array of ``{"name": ..., "parameters": {...}}`` calls of the given tools (exactly one unless
+``parallel_tool_calls``), written compactly: the arguments are for a program, and whitespace
+anywhere only invites a model into loops of blank lines. The finished output is read back into OpenAI ``tool_calls``: for a
+named function as it streams (each piece of text is a piece of the arguments), for
+``"required"`` once the array is complete. ``"auto"`` would need a parser of each model
+family's own tool-call format, and is refused in ``protocol``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from baton.engine.sampling_params import StructuredOutputParams
+from baton.services.gateway.protocol import (
+    ChatCompletionRequest, DeltaFunctionCall, DeltaToolCall, FunctionCall, NamedToolChoice, Tool, ToolCall,
+)
+
+ANY_OBJECT = {"type": "object"}
+
+
+def grammar(req: ChatCompletionRequest) -> StructuredOutputParams | None:
+    """The structure a forced ``tool_choice`` gives the output; None when it forces nothing."""
+    if isinstance(req.tool_choice, NamedToolChoice):
+        return StructuredOutputParams(json=json.dumps(_parameters(_named_tool(req))), disable_any_whitespace=True)
+    if req.tool_choice == "required":
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for t in req.tools or []
+        ]
+        array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not req.parallel_tool_calls:
+            array["maxItems"] = 1
+        return StructuredOutputParams(json=json.dumps(array), disable_any_whitespace=True)
+    return None
+
+
+def tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
+    """The calls a finished output makes; None if it is not complete calls (one cut short). A
+    named function's arguments are the text itself, as streamed."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(req.tool_choice, NamedToolChoice):
+        return [ToolCall(id=_call_id(), function=FunctionCall(name=req.tool_choice.function.name, arguments=text))]
+    if not isinstance(value, list) or not all(isinstance(c, dict) and c.keys() == {"name", "parameters"} for c in value):
+        return None
+    return [
+        ToolCall(id=_call_id(), function=FunctionCall(name=c["name"], arguments=json.dumps(c["parameters"], ensure_ascii=False)))
+        for c in value
+    ]
+
+
+def named_call_piece(req: ChatCompletionRequest, text: str, first: bool) -> DeltaToolCall:
+    """A streamed piece of a named function's call: ``text`` adds to its arguments; the first
+    piece also gives the call's id and the function's name."""
+    if not first:
+        return DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))
+    return DeltaToolCall(index=0, id=_call_id(), type="function",
+                         function=DeltaFunctionCall(name=_named_tool(req).function.name, arguments=text))
+
+
+def as_deltas(calls: list[ToolCall]) -> list[DeltaToolCall]:
+    """Whole calls as streamed pieces, one each."""
+    return [
+        DeltaToolCall(index=i, id=c.id, type="function", function=DeltaFunctionCall(name=c.function.name, arguments=c.function.arguments))
+        for i, c in enumerate(calls)
+    ]
+
+
+def _named_tool(req: ChatCompletionRequest) -> Tool:
+    name = req.tool_choice.function.name
+    return next(t for t in req.tools or [] if t.function.name == name)
+
+
+def _parameters(tool: Tool) -> dict:
+    return tool.function.parameters if tool.function.parameters is not None else ANY_OBJECT
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
