@@ -82,6 +82,17 @@ def test_greedy_output_matches_transformers_under_the_same_grammar(llm, hf_model
     assert llm.core.stats().used_blocks == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_constrained_output_equals_the_cpu_engine(demo_model, llm):
+    """The mask applied on the device (xgrammar's kernel) and read back after a step in flight."""
+    cuda = LLM(demo_model, device="cuda", block_size=4, async_scheduling=True)
+    for spec in SPECS.values():
+        params = SamplingParams(temperature=0, max_tokens=48, structured_output=spec)
+        want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+        assert [o.outputs[0].token_ids for o in cuda.generate(PROMPTS, params)] == want, spec
+
+
 def test_sampled_output_stays_in_the_grammar(llm):
     params = [
         SamplingParams(temperature=t, top_p=0.95, seed=seed, max_tokens=64, structured_output=spec)
