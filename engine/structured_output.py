@@ -12,6 +12,7 @@ has accepted EOS where the grammar was complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -86,6 +87,11 @@ def mask_logits(logits: torch.Tensor, matchers: Seq[xgr.GrammarMatcher | None]) 
     if not rows:
         return
     bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])
-    for i in rows:
-        matchers[i].fill_next_token_bitmask(bitmask, index=i)
+    _batch_filler().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, indices=rows)
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+@functools.cache
+def _batch_filler() -> xgr.BatchGrammarMatcher:
+    """Fills a batch's bitmasks on a pool of threads (the GIL released)."""
+    return xgr.BatchGrammarMatcher()
