@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.engine.loader import resolve_model_dir
+from baton.services.gateway.tool_parsers import PARSERS
 
 DEMO_MODEL = "shakespeare-llama-5m"
 READY_TIMEOUT_S = 300.0
@@ -92,6 +93,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *[a for addr in prefill_addrs for a in ("--prefill-addr", addr)],
         *[a for addr in decode_addrs for a in ("--decode-addr", addr)],
         *[a for key in args.api_key for a in ("--api-key", key)],
+        *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
     ]
     plan.url = f"http://{args.host}:{args.port}"
     return plan
@@ -195,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc", help="how KV moves from prefill to decode")
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
+    p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")
     p.add_argument("--worker-metrics", action="store_true",
                    help="serve each worker's Prometheus metrics on a free port (printed once ready)")
     return parser

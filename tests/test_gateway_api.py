@@ -199,8 +199,8 @@ async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
          "max_completion_tokens"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
           "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL]}, "tools"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "auto"}, "tools"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL]}, "tool_choice"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [TOOL["function"]]}, "functions"),
     ],
 )
@@ -384,7 +384,7 @@ async def test_a_tool_call_cut_short_is_text(tok) -> None:
         ({"tool_choice": {"type": "function", "function": {"name": "get_mood"}}}, "tools"),
         ({"tool_choice": "required", "tools": []}, None),
         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, None),
-        ({"tool_choice": "auto"}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "required"}, "tools"),
     ],
@@ -393,6 +393,40 @@ async def test_bad_tool_requests_get_400(tok, fields, param) -> None:
     backend = FakeBackend(tok)
     assert_error(await post(backend, tok, "/v1/chat/completions", {**tool_body("required"), **fields}), 400, param)
     assert backend.requests == []
+
+
+HERMES = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Verona"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_tool_choice_auto_reads_the_models_own_calls(tok, stream) -> None:
+    """With --tool-call-parser hermes, the model's <tool_call> blocks become tool_calls and the
+    rest its content; streamed, the content comes as it is written and each call whole."""
+    config = make_config(tool_call_parser="hermes")
+    body = {**tool_body("auto"), "stream": stream}
+    response = await post(ScriptedBackend(tok, HERMES), tok, "/v1/chat/completions", body, config=config)
+    assert response.status_code == 200, response.text
+    if stream:
+        pieces = [json.loads(e)["choices"][0] for e in sse_events(response)[:-1]]
+        content = "".join(p["delta"].get("content") or "" for p in pieces)
+        calls = [c for p in pieces for c in p["delta"].get("tool_calls") or []]
+        finish = [p["finish_reason"] for p in pieces if p["finish_reason"]]
+        assert [c["index"] for c in calls] == [0, 1]
+    else:
+        (choice,) = response.json()["choices"]
+        content, calls, finish = choice["message"]["content"], choice["message"]["tool_calls"], [choice["finish_reason"]]
+    assert content == "Let me look." and finish == ["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Verona"}), ("get_time", {})]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+    plain = await post(ScriptedBackend(tok, "No tools, good friar."), tok, "/v1/chat/completions", body, config=config)
+    if stream:
+        pieces = [json.loads(e)["choices"][0] for e in sse_events(plain)[:-1]]
+        assert "".join(p["delta"].get("content") or "" for p in pieces) == "No tools, good friar."
+        assert [p["finish_reason"] for p in pieces if p["finish_reason"]] == ["stop"]
+    else:
+        assert plain.json()["choices"][0]["message"] == {"role": "assistant", "content": "No tools, good friar.", "tool_calls": []}
 
 
 async def test_earlier_tool_calls_and_results_reach_the_template(tok, tmp_path) -> None:
@@ -916,10 +950,12 @@ def test_launcher_flags_build_the_config(monkeypatch) -> None:
     args = build_parser().parse_args([
         "--model-dir", str(DEMO_MODEL), "--port", "9123", "--prefill-addr", "h:1", "--prefill-addr", "h:2",
         "--decode-addr", "h:3", "--api-key", "sk-flag", "--max-queue", "7", "--block-size", "32", "--max-retries", "0",
+        "--tool-call-parser", "hermes",
     ])
     config = config_from_args(args)
     assert config.served_model_name == DEMO_MODEL.name
     assert (config.port, config.max_queue, config.block_size, config.max_retries) == (9123, 7, 32, 0)
+    assert config.tool_call_parser == "hermes"
     assert config.prefill_addrs == ["h:1", "h:2"] and config.decode_addrs == ["h:3"]
     assert config.api_keys == ["sk-flag", "sk-env1", "sk-env2"]
 

@@ -22,6 +22,7 @@ from baton.services.gateway.app import GatewayState, create_app
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.tokenizer import GatewayTokenizer
+from baton.services.gateway.tool_parsers import PARSERS
 
 DRAIN_MIN_S = 1.0
 FINAL_SHUTDOWN_S = 5.0  # after draining: what uvicorn waits for connections before cancelling them
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="times a request is retried on other workers after one fails (streamed tokens resume, not restart)",
     )
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -74,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         request_timeout_s=args.request_timeout,
         max_retries=args.max_retries,
         shutdown_timeout_s=args.shutdown_timeout,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

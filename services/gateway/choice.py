@@ -10,6 +10,7 @@ from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import metrics
 from baton.services.gateway.backend import GenerationChunk, GenerationRequest
 from baton.services.gateway.tokenizer import IncrementalDetokenizer, StopStringMatcher
+from baton.services.gateway.tool_parsers import ToolStream
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Choice:
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
     placement: tuple[str, ...] = ()   # where the backend runs it (the latest attempt's)
+    tool_stream: ToolStream | None = None   # reads a streamed answer's own tool calls (tool_choice "auto")
+    tool_calls_sent: int = 0
 
     def consume(self, chunk: GenerationChunk) -> Delta:
         first, self.started = not self.started, True

@@ -345,9 +345,6 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
     @classmethod
     def _check_tools(cls, value: list[Tool] | None, info: ValidationInfo) -> list[Tool] | None:
         choice = info.data.get("tool_choice")
-        if value and choice in (None, "auto"):
-            raise ValueError("tool_choice 'auto' (the default with tools) needs a parser of the model's own tool-call "
-                             "format, which Baton does not have: use tool_choice 'required', a named function, or 'none'")
         if value and isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in value}:
             raise ValueError(f"tool_choice names function {choice.function.name!r}, which is not among the tools")
         return value
@@ -365,6 +362,11 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
     def forced_tools(self) -> bool:
         """Whether the output must be tool calls: ``tool_choice`` is 'required' or names a function."""
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    @property
+    def auto_tools(self) -> bool:
+        """Whether the model may call the tools or answer (``tool_choice`` 'auto', the default with tools)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:

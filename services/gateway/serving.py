@@ -38,6 +38,7 @@ from baton.services.gateway.protocol import (
 from baton.services.gateway.tokenizer import (
     ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
 )
+from baton.services.gateway.tool_parsers import make_parser
 
 DONE = "[DONE]"
 
@@ -60,6 +61,7 @@ class OpenAIServing:
         self.backend = backend
         self.tokenizer = tokenizer
         self.max_model_len = resolve_max_model_len(config)
+        self.tool_parser = make_parser(config.tool_call_parser) if config.tool_call_parser else None
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.config.served_model_name, max_model_len=self.max_model_len)])
@@ -110,6 +112,9 @@ class OpenAIServing:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = self._choices(request_id, prompts, params, req)
         if req.stream:
+            if req.auto_tools:
+                for choice in choices:
+                    choice.tool_stream = self.tool_parser.stream()
             return await PrimedStream.start(self._stream(req, request_id, choices, self._chat_chunks, arrival))
         deltas = await self._collect(choices, arrival)
         return ChatCompletionResponse(
@@ -138,6 +143,10 @@ class OpenAIServing:
         self._check_model(req.model)
         if req.n > self.config.max_n:
             raise APIError(f"n must be at most {self.config.max_n}, got {req.n}", param="n")
+        if isinstance(req, ChatCompletionRequest) and req.auto_tools and self.tool_parser is None:
+            raise APIError("tool_choice 'auto' (the default with tools) reads the model's own tool-call format: start the "
+                           "gateway with --tool-call-parser, or use tool_choice 'required', a named function or 'none'",
+                           param="tool_choice")
 
     def _chat_token_ids(self, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
         if req.continue_final_message and (not req.messages or req.messages[-1].role != "assistant"):
@@ -356,7 +365,10 @@ class OpenAIServing:
     def _chat_delta(self, req: ChatCompletionRequest, choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
         """What a delta adds to a streamed message (None: nothing), and its finish reason. A named
         function's arguments stream as they come, the first piece naming the call; the calls of
-        tool_choice 'required' come whole once the array is complete."""
+        tool_choice 'required' come whole once the array is complete; with 'auto', the tool-call
+        parser decides (``_auto_tools_delta``)."""
+        if choice.tool_stream is not None:
+            return self._auto_tools_delta(choice, delta)
         if not req.forced_tools:
             return (DeltaMessage(content=delta.text) if delta.text else None), delta.finish_reason
         if isinstance(req.tool_choice, NamedToolChoice):
@@ -370,16 +382,33 @@ class OpenAIServing:
             return DeltaMessage(tool_calls=tools.as_deltas(message.tool_calls)), finish_reason
         return DeltaMessage(content=message.content or None), finish_reason
 
-    @staticmethod
-    def _chat_message(req: ChatCompletionRequest, choice: Choice) -> tuple[ChatResponseMessage, str | None]:
-        """A finished choice's message and finish reason: with a forced tool_choice, the calls it
+    def _chat_message(self, req: ChatCompletionRequest, choice: Choice) -> tuple[ChatResponseMessage, str | None]:
+        """A finished choice's message and finish reason. With a forced tool_choice: the calls it
         made ('tool_calls' for 'required', 'stop' for a named function, as OpenAI and vLLM
-        answer), or its text where it was cut short of a whole call."""
+        answer), or its text where it was cut short of a whole call. With 'auto': the content and
+        calls the tool-call parser reads in its text ('tool_calls' if it made any)."""
         text = "".join(choice.text)
+        if req.auto_tools:
+            content, calls = self.tool_parser.parse(text)
+            return ChatResponseMessage(content=content, tool_calls=calls), "tool_calls" if calls else choice.finish_reason
         calls = tools.tool_calls(req, text) if req.forced_tools else None
         if calls is None:
             return ChatResponseMessage(content=text), choice.finish_reason
         return ChatResponseMessage(tool_calls=calls), "tool_calls" if req.tool_choice == "required" else choice.finish_reason
+
+    @staticmethod
+    def _auto_tools_delta(choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
+        """Content as the parser lets it go, and each call whole once its text is complete."""
+        content, calls = choice.tool_stream.add(delta.text)
+        if delta.finish_reason is not None:
+            rest, more = choice.tool_stream.finish()
+            content, calls = content + rest, calls + more
+        pieces = tools.as_deltas(calls, choice.tool_calls_sent)
+        choice.tool_calls_sent += len(calls)
+        finish_reason = "tool_calls" if delta.finish_reason and choice.tool_calls_sent else delta.finish_reason
+        if not (content or pieces):
+            return None, finish_reason
+        return DeltaMessage(content=content or None, tool_calls=pieces or None), finish_reason
 
     def _completion_choice(self, req: CompletionRequest, choice: Choice, deltas: list[Delta]) -> CompletionChoice:
         text, logprobs = self._completion_text(req, choice.prompt, deltas)

@@ -70,11 +70,11 @@ def named_call_piece(req: ChatCompletionRequest, text: str, first: bool) -> Delt
                          function=DeltaFunctionCall(name=_named_tool(req).function.name, arguments=text))
 
 
-def as_deltas(calls: list[ToolCall]) -> list[DeltaToolCall]:
-    """Whole calls as streamed pieces, one each."""
+def as_deltas(calls: list[ToolCall], first_index: int = 0) -> list[DeltaToolCall]:
+    """Whole calls as streamed pieces, one each, numbered from ``first_index``."""
     return [
         DeltaToolCall(index=i, id=c.id, type="function", function=DeltaFunctionCall(name=c.function.name, arguments=c.function.arguments))
-        for i, c in enumerate(calls)
+        for i, c in enumerate(calls, first_index)
     ]
 
 
