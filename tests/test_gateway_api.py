@@ -429,6 +429,27 @@ async def test_tool_choice_auto_reads_the_models_own_calls(tok, stream) -> None:
         assert plain.json()["choices"][0]["message"] == {"role": "assistant", "content": "No tools, good friar.", "tool_calls": []}
 
 
+async def test_vllm_output_options(tok) -> None:
+    """include_stop_str_in_output, skip_special_tokens and truncate_prompt_tokens, as vLLM takes them."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "stop": ["wherefore"]}
+    text = (await post(FakeBackend(tok), tok, "/v1/completions", body)).json()["choices"][0]["text"]
+    assert text == "O Romeo, Romeo! "
+    for stream in (False, True):
+        response = await post(FakeBackend(tok), tok, "/v1/completions", {**body, "stream": stream, "include_stop_str_in_output": True})
+        got = "".join(json.loads(e)["choices"][0]["text"] for e in sse_events(response)[:-1]) if stream else response.json()["choices"][0]["text"]
+        assert got == text + "wherefore"
+    special = ScriptedBackend(tok, "Exeunt.</s>")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 200}
+    assert (await post(special, tok, "/v1/chat/completions", chat)).json()["choices"][0]["message"]["content"] == "Exeunt."
+    kept = await post(special, tok, "/v1/chat/completions", {**chat, "skip_special_tokens": False})
+    assert kept.json()["choices"][0]["message"]["content"] == "Exeunt.</s>"
+    backend = FakeBackend(tok)
+    prompt = tok.encode("But, soft! what light through yonder window breaks?")
+    response = await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4, "truncate_prompt_tokens": 5})
+    assert backend.requests[0].prompt_token_ids == prompt[-5:] and response.json()["usage"]["prompt_tokens"] == 5
+    assert_error(await post(backend, tok, "/v1/completions", {**body, "truncate_prompt_tokens": 0}), 400, "truncate_prompt_tokens")
+
+
 async def test_earlier_tool_calls_and_results_reach_the_template(tok, tmp_path) -> None:
     """An assistant's tool_calls (arguments as objects) and a tool's result, with the tools."""
     template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}:"

@@ -79,12 +79,12 @@ def test_incremental_detokenizer_emits_exact_text(tok: GatewayTokenizer, prompt:
     assert all("\ufffd" not in p for p in pieces)  # partial UTF-8 is held back, never sent
 
 
-def _reference_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Character by character: stop at the first stop string to complete."""
+def _reference_stop(text: str, stops: list[str], include: bool = False) -> tuple[str, bool]:
+    """Character by character: stop at the first stop string to complete (before it, or after it with ``include``)."""
     for end in range(1, len(text) + 1):
         done = [s for s in stops if text[:end].endswith(s)]
         if done:
-            return text[: end - max(map(len, done))], True
+            return text[: end if include else end - max(map(len, done))], True
     return text, False
 
 
@@ -94,21 +94,23 @@ def _reference_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     text=st.text(alphabet="abc\n", max_size=40),
     stops=st.lists(st.text(alphabet="abc\n", min_size=1, max_size=4), min_size=1, max_size=4),
     cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=10),
+    include=st.booleans(),
 )
-def test_stop_matcher_never_leaks(text: str, stops: list[str], cuts: list[int]) -> None:
+def test_stop_matcher_never_leaks(text: str, stops: list[str], cuts: list[int], include: bool) -> None:
+    """Nothing past the stop string is sent, nor the stop string itself unless it is to be included."""
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    matcher = StopStringMatcher(stops)
+    matcher = StopStringMatcher(stops, include=include)
     sent, stopped = "", False
     for a, b in zip(bounds, bounds[1:]):
         result = matcher.feed(text[a:b])
         sent += result.text
-        assert not any(s in sent for s in stops)
         if result.stopped:
             stopped = True
             break
+        assert not any(s in sent for s in stops)
     if not stopped:
         sent += matcher.flush()
-    assert (sent, stopped) == _reference_stop(text, stops)
+    assert (sent, stopped) == _reference_stop(text, stops, include)
 
 
 @pytest.mark.unit

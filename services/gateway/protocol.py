@@ -142,6 +142,10 @@ class BaseGenerationRequest(BaseModel):
     user: str | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's extras
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)   # keep only the prompt's last k tokens
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> BaseGenerationRequest:

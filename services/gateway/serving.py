@@ -86,7 +86,7 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | PrimedStream:
         arrival = time.perf_counter()
         self._check_common(req)
-        prompts = [self._prompt(ids, with_text=req.echo) for ids in self._completion_token_ids(req)]
+        prompts = [self._prompt(self._truncate(req, ids), with_text=req.echo) for ids in self._completion_token_ids(req)]
         params = self._params(req, prompts, req.max_tokens, "max_tokens", "prompt")
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -104,7 +104,7 @@ class OpenAIServing:
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | PrimedStream:
         arrival = time.perf_counter()
         self._check_common(req)
-        ids = self._chat_token_ids(req)
+        ids = self._truncate(req, self._chat_token_ids(req))
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         prompts = [self._prompt(ids, with_text=False)]
         params = self._params(req, prompts, req.output_limit, limit_param, "messages")
@@ -176,6 +176,11 @@ class OpenAIServing:
             raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         return batch
 
+    @staticmethod
+    def _truncate(req: BaseGenerationRequest, token_ids: list[int]) -> list[int]:
+        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's option), or all of it."""
+        return token_ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else token_ids
+
     def _prompt(self, token_ids: list[int], with_text: bool) -> Prompt:
         prompt = Prompt(token_ids)
         if with_text:  # echo: the prompt's text and each token's offset in it
@@ -226,8 +231,9 @@ class OpenAIServing:
                 index = p * req.n + i
                 seed = None if params.seed is None else params.seed + i
                 gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids, replace(params, seed=seed))
-                detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
-                choices.append(Choice(index, i, prompt, gen, detok, StopStringMatcher(req.stop_strings)))
+                detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
+                stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
+                choices.append(Choice(index, i, prompt, gen, detok, stop))
         return choices
 
     # ---- running choices ----------------------------------------------------

@@ -165,8 +165,9 @@ class IncrementalDetokenizer:
     sequence (decoded as U+FFFD).
     """
 
-    def __init__(self, tokenizer: GatewayTokenizer, prompt_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer: GatewayTokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -180,8 +181,8 @@ class IncrementalDetokenizer:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        prefix_text = self._tok.decode(self._ids[self._prefix_offset : self._read_offset])
-        text = self._tok.decode(self._ids[self._prefix_offset :])
+        prefix_text = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], self._skip_special_tokens)
+        text = self._tok.decode(self._ids[self._prefix_offset :], self._skip_special_tokens)
         if len(text) > len(prefix_text) and (final or not text.endswith(REPLACEMENT_CHAR)):
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
@@ -192,14 +193,16 @@ class IncrementalDetokenizer:
 @dataclass
 class StopResult:
     text: str        # safe to send now
-    stopped: bool    # a stop string matched: ``text`` ends right before it
+    stopped: bool    # a stop string matched: ``text`` ends right before it (after it, included)
 
 
 class StopStringMatcher:
-    """Holds back the longest tail that could still grow into a stop string."""
+    """Holds back the longest tail that could still grow into a stop string. The text ends
+    right before the stop string that matched, or right after it with ``include``."""
 
-    def __init__(self, stop: list[str]) -> None:
+    def __init__(self, stop: list[str], include: bool = False) -> None:
         self._stop = [s for s in stop if s]
+        self._include = include
         self._pending = ""
 
     def feed(self, text: str) -> StopResult:
@@ -211,7 +214,8 @@ class StopStringMatcher:
         hits = [(i + len(s), i) for s, i in ((s, buf.find(s)) for s in self._stop) if i >= 0]
         if hits:
             self._pending = ""
-            return StopResult(buf[: min(hits)[1]], True)
+            end, start = min(hits)
+            return StopResult(buf[: end if self._include else start], True)
         keep = self._partial_suffix(buf)
         self._pending = buf[len(buf) - keep :] if keep else ""
         return StopResult(buf[: len(buf) - keep], False)
