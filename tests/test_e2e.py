@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 import httpx
@@ -380,10 +381,12 @@ def test_workers_serve_prometheus_metrics(system):
 async def stream_completion(client: openai.AsyncOpenAI, prompt: str, params: SamplingParams, on_chunk: Callable[[], None]) -> str:
     """The text of a streamed completion with ``params`` (``on_chunk`` runs after each chunk), or
     the finish reason it wrongly ended with."""
+    extra = {"ignore_eos": params.ignore_eos, "repetition_penalty": params.repetition_penalty}
+    if params.structured_output is not None:
+        extra["structured_outputs"] = {"regex": params.structured_output.regex}
     stream = await client.completions.create(
         model=MODEL_NAME, prompt=prompt, max_tokens=params.max_tokens, temperature=params.temperature, seed=params.seed,
-        frequency_penalty=params.frequency_penalty, stream=True,
-        extra_body={"ignore_eos": params.ignore_eos, "repetition_penalty": params.repetition_penalty},
+        frequency_penalty=params.frequency_penalty, stream=True, extra_body=extra,
     )
     text, finish = [], None
     async for chunk in stream:
@@ -396,15 +399,18 @@ async def stream_completion(client: openai.AsyncOpenAI, prompt: str, params: Sam
 def test_workers_killed_mid_burst_resume_every_request(system, demo_model):
     """A prefill worker dies as the first of 24 streams gets its first token, and a decode
     worker once six streams are five tokens in. Every request still ends as one process
-    would have generated it, greedy or seeded with penalties: those that lost a worker before
+    would have generated it, greedy or seeded with penalties, a third of them under a grammar
+    (its matcher advanced over the tokens streamed before): those that lost a worker before
     their first token were retried, those that had streamed tokens resumed after them on the
     survivors. None hangs, the survivors hold no KV block, and serving goes on. (It kills
     workers: keep it last but for SIGTERM.)"""
     prefill_addr, decode_addr = system.worker_addrs("prefill")[0], system.worker_addrs("decode")[0]
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(24)]
+    prose = StructuredOutputParams(regex=r"[A-Za-z ,.;:!?'\n-]{300,400}")   # longer than 48 tokens: no early EOS
     params = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True) if i % 2 else
               SamplingParams(temperature=0.8, max_tokens=48, ignore_eos=True, seed=i, frequency_penalty=0.5,
                              repetition_penalty=1.2) for i in range(24)]
+    params = [replace(p, structured_output=prose) if i % 3 == 0 else p for i, p in enumerate(params)]
     expected = [o.outputs[0].text for o in LLM(demo_model).generate(prompts, params)]
     streamed = [0] * 24
     first_token, five_in = asyncio.Event(), asyncio.Event()
