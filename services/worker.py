@@ -38,6 +38,8 @@ from baton.services.worker_metrics import EngineMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
+COMPILE_MARGIN_S = 0.5   # of an RPC's deadline, kept to answer after a grammar's compilation
+
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -204,12 +206,20 @@ def load_message(worker_id: str, role: str, engine: EngineLoop) -> common_pb2.Wo
     )
 
 
-async def compile_grammar(ctx: WorkerContext, params: SamplingParams) -> None:
+async def compile_grammar(ctx: WorkerContext, params: SamplingParams, context: grpc.aio.ServicerContext) -> None:
     """Compile a request's structured-output grammar, if it has one, in a worker thread: neither
     the event loop nor the engine waits on a large schema (the engine then finds it compiled).
-    ``ValueError`` naming what is wrong with it."""
-    if params.structured_output is not None:
-        await asyncio.to_thread(ctx.core.structured_outputs.compile, params.structured_output)
+    ``ValueError`` naming what is wrong with it, or that it did not compile before the RPC's
+    deadline (less a margin to answer): a client's error, not this worker's, so the gateway
+    does not blame the worker for a slow grammar. The compilation goes on and is cached."""
+    if params.structured_output is None:
+        return
+    seconds = max(time_remaining(context) - COMPILE_MARGIN_S, 0.0)
+    compiling = asyncio.to_thread(ctx.core.structured_outputs.compile, params.structured_output)
+    try:
+        await asyncio.wait_for(compiling, seconds)
+    except TimeoutError:
+        raise ValueError(f"the structured output's grammar did not compile within {seconds:.1f} s") from None
 
 
 def time_remaining(context: grpc.aio.ServicerContext, default: float = 60.0) -> float:

@@ -2,11 +2,12 @@
 goes out while the decode side still holds back its acknowledgement of the KV, the handoff's
 end only after it, and the prompt's full block then sits in the worker's prefix cache; a
 resumed request's earlier tokens are computed and sent with its prompt; a handoff that
-cannot land blames the decode worker."""
+cannot land blames the decode worker; a grammar that does not compile in time is the client's error."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -130,4 +131,30 @@ async def test_a_handoff_that_cannot_land_blames_the_decode_worker(worker):
                 pass
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "decode worker" in err.value.details()
     assert (FAILED_PEER_KEY, FAILED_PEER_DECODE) in tuple(err.value.trailing_metadata())
+    assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0
+
+
+async def test_a_grammar_that_does_not_compile_in_time_is_the_clients_error(worker, monkeypatch):
+    """A grammar xgrammar refuses, or one still compiling when the RPC's deadline nears, ends the
+    call INVALID_ARGUMENT (the gateway's 400, no blame on the worker) and holds nothing."""
+    ctx, servicer, receiver, push, address, caches = worker
+    structured = ctx.core.structured_outputs
+    compile_now = structured.compile
+
+    def slow_compile(spec):
+        time.sleep(2.0)
+        return compile_now(spec)
+
+    cases = [(common_pb2.StructuredOutput(regex="(a"), 60, "Regex parsing error"),
+             (common_pb2.StructuredOutput(regex="[a-z]+"), 1.5, "did not compile within")]
+    monkeypatch.setattr(structured, "compile", slow_compile)
+    async with grpc.aio.insecure_channel(address) as channel:
+        for i, (grammar, timeout, message) in enumerate(cases):
+            params = common_pb2.SamplingParams(temperature=0.0, max_tokens=8, structured_output=grammar)
+            call = prefill_pb2_grpc.PrefillStub(channel).Prefill(
+                prefill_pb2.PrefillRequest(request_id=f"g{i}", prompt_token_ids=PROMPT, params=params), timeout=timeout)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
     assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0

@@ -110,7 +110,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
         try:
             params = prefill_params(params_from_proto(request.params), len(resumed))
-            await compile_grammar(self._ctx, params)
+            await compile_grammar(self._ctx, params, context)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         session = await self._open_transfer(request, context) if request.HasField("ticket") else None
