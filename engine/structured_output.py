@@ -23,6 +23,7 @@ import torch
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
+from baton.engine.attention import to_device
 from baton.engine.sampling_params import StructuredOutputParams
 
 # xgrammar's errors start with a timestamp and its C++ source position: not for the client.
@@ -88,7 +89,8 @@ def mask_logits(logits: torch.Tensor, matchers: Seq[xgr.GrammarMatcher | None]) 
         return
     bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])
     _batch_filler().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, indices=rows)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+    # Through pinned memory: a copy from pageable memory would wait for the step in flight.
+    xgr.apply_token_bitmask_inplace(logits, to_device(bitmask, logits.device), indices=rows)
 
 
 @functools.cache
