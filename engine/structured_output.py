@@ -87,10 +87,11 @@ def mask_logits(logits: torch.Tensor, matchers: Seq[xgr.GrammarMatcher | None]) 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return
-    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])   # all allowed
     _batch_filler().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, indices=rows)
-    # Through pinned memory: a copy from pageable memory would wait for the step in flight.
-    xgr.apply_token_bitmask_inplace(logits, to_device(bitmask, logits.device), indices=rows)
+    # Every row, the free ones' masks allowing all: row indices would reach the GPU from pageable
+    # memory, and such a copy (the mask's too, so it goes pinned) waits for the step in flight.
+    xgr.apply_token_bitmask_inplace(logits, to_device(bitmask, logits.device))
 
 
 @functools.cache
