@@ -7,7 +7,8 @@ Prints requests/s, output tokens/s, and TTFT / ITL / end-to-end percentiles, and
 gap before each request's second token (in a disaggregated server, what is left of the KV
 handoff once the first token is out) and of each request's longest gap (a worker that fails
 mid-stream shows there). With ``--n`` choices a request, TTFT is its first choice's, "TTFT n"
-its last choice's first token, and the token gaps are per choice.
+its last choice's first token, and the token gaps are per choice. ``--regex`` puts every output
+under a grammar (structured output), e.g. ``--regex "[a-z ]{2000,}"``.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ class Result:
 
 
 async def one_request(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int], max_tokens: int, n: int, temperature: float
+    client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int], max_tokens: int, n: int, temperature: float,
+    regex: str | None,
 ) -> Result:
     body = {
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "n": n, "seed": 0,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
     }
+    if regex is not None:
+        body["structured_outputs"] = {"regex": regex}
     result = Result()
     start = time.perf_counter()
     last: dict[int, float] = {}   # choice index -> its latest chunk's arrival
@@ -90,7 +94,7 @@ async def run(args: argparse.Namespace) -> None:
             prompts = [" ".join(rng.choice(words) for _ in range(args.prompt_words)) for _ in range(args.requests)]
         gate = asyncio.Semaphore(args.concurrency)
         def send(prompt: str | list[int]):
-            return one_request(client, args.url, model, prompt, args.max_tokens, args.n, args.temperature)
+            return one_request(client, args.url, model, prompt, args.max_tokens, args.n, args.temperature, args.regex)
 
         # Untimed warm-up: the first requests of a GPU worker compile its kernels.
         await asyncio.gather(*(send(p) for p in prompts[: args.warmup]))
@@ -129,6 +133,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--n", type=int, default=1, help="choices a request (the gateway's max_n caps it)")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--regex", help="constrain every output to this regular expression (structured output); make it "
+                                   "admit at least --max-tokens tokens, or requests end early")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--warmup", type=int, default=4, help="untimed requests sent first")
     asyncio.run(run(p.parse_args()))
