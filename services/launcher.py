@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.engine.loader import resolve_model_dir
+from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from baton.services.gateway.tool_parsers import PARSERS
 
 DEMO_MODEL = "shakespeare-llama-5m"
@@ -94,6 +95,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *[a for addr in decode_addrs for a in ("--decode-addr", addr)],
         *[a for key in args.api_key for a in ("--api-key", key)],
         *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
+        *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else []),
     ]
     plan.url = f"http://{args.host}:{args.port}"
     return plan
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="the gateway gives a reasoning model's <think> text as the message's reasoning")
     p.add_argument("--worker-metrics", action="store_true",
                    help="serve each worker's Prometheus metrics on a free port (printed once ready)")
     return parser

@@ -120,13 +120,15 @@ def test_launcher_plan_gives_each_worker_a_metrics_port_on_request():
     assert plan.metrics == urls and len(set(urls.values())) == 3
 
 
-def test_launcher_plan_passes_the_tool_call_parser_to_the_gateway():
+def test_launcher_plan_passes_the_output_parsers_to_the_gateway():
     from baton.services.gateway.__main__ import build_parser
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
-    for extra, parser in (([], None), (["--tool-call-parser", "llama3_json"], "llama3_json")):
+    for extra, parsers in (([], (None, None)), (["--tool-call-parser", "llama3_json", "--reasoning-parser", "qwen3"],
+                                                 ("llama3_json", "qwen3"))):
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
-        assert build_parser().parse_args(plan.gateway[4:]).tool_call_parser == parser
+        args = build_parser().parse_args(plan.gateway[4:])
+        assert (args.tool_call_parser, args.reasoning_parser) == parsers
 
 
 def test_launcher_plan_passes_the_kv_transport_to_decode_workers():

@@ -310,6 +310,13 @@ def tool_body(tool_choice: object, **fields: object) -> dict:
             "tools": [WEATHER, CLOCK], "tool_choice": tool_choice, **fields}
 
 
+def streamed_message(response: httpx.Response) -> tuple[str, str, list[dict], list[str]]:
+    """A streamed chat answer's reasoning, content, tool-call pieces and finish reasons."""
+    pieces = [json.loads(e)["choices"][0] for e in sse_events(response)[:-1]]
+    return ("".join(p["delta"].get("reasoning") or "" for p in pieces), "".join(p["delta"].get("content") or "" for p in pieces),
+            [c for p in pieces for c in p["delta"].get("tool_calls") or []], [p["finish_reason"] for p in pieces if p["finish_reason"]])
+
+
 async def test_a_forced_tool_choice_constrains_the_output() -> None:
     """A named function: its parameters' schema (any object without one); 'required': an array
     of calls of the given tools, one unless parallel_tool_calls."""
@@ -408,10 +415,7 @@ async def test_tool_choice_auto_reads_the_models_own_calls(tok, stream) -> None:
     response = await post(ScriptedBackend(tok, HERMES), tok, "/v1/chat/completions", body, config=config)
     assert response.status_code == 200, response.text
     if stream:
-        pieces = [json.loads(e)["choices"][0] for e in sse_events(response)[:-1]]
-        content = "".join(p["delta"].get("content") or "" for p in pieces)
-        calls = [c for p in pieces for c in p["delta"].get("tool_calls") or []]
-        finish = [p["finish_reason"] for p in pieces if p["finish_reason"]]
+        _, content, calls, finish = streamed_message(response)
         assert [c["index"] for c in calls] == [0, 1]
     else:
         (choice,) = response.json()["choices"]
@@ -422,11 +426,9 @@ async def test_tool_choice_auto_reads_the_models_own_calls(tok, stream) -> None:
     assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
     plain = await post(ScriptedBackend(tok, "No tools, good friar."), tok, "/v1/chat/completions", body, config=config)
     if stream:
-        pieces = [json.loads(e)["choices"][0] for e in sse_events(plain)[:-1]]
-        assert "".join(p["delta"].get("content") or "" for p in pieces) == "No tools, good friar."
-        assert [p["finish_reason"] for p in pieces if p["finish_reason"]] == ["stop"]
+        assert streamed_message(plain) == ("", "No tools, good friar.", [], ["stop"])
     else:
-        assert plain.json()["choices"][0]["message"] == {"role": "assistant", "content": "No tools, good friar.", "tool_calls": []}
+        assert plain.json()["choices"][0]["message"] == {"role": "assistant", "content": "No tools, good friar.", "reasoning": None, "tool_calls": []}
 
 
 async def test_vllm_output_options(tok) -> None:
@@ -448,6 +450,38 @@ async def test_vllm_output_options(tok) -> None:
     response = await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4, "truncate_prompt_tokens": 5})
     assert backend.requests[0].prompt_token_ids == prompt[-5:] and response.json()["usage"]["prompt_tokens"] == 5
     assert_error(await post(backend, tok, "/v1/completions", {**body, "truncate_prompt_tokens": 0}), 400, "truncate_prompt_tokens")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_reasoning_parser_splits_thinking_from_the_answer(tok, tmp_path, stream) -> None:
+    """With --reasoning-parser, <think> text is the message's reasoning: opened by the model, or
+    left open by the chat template; before tool calls it is split off first; a grammar-bound
+    answer has no thinking to split."""
+    config = make_config(reasoning_parser="qwen3", tool_call_parser="hermes")
+    shutil.copy(DEMO_MODEL / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{% for m in messages %}{{ m.content }}\n{% endfor %}<think>\n", "eos_token": "</s>"}))
+    opened = GatewayTokenizer(tmp_path)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Which is more, 2 or 1?"}], "max_tokens": 400, "stream": stream}
+    cases = [
+        (tok, "<think>Two is more.</think>\n\nIt is 2.", chat, ("Two is more.", "It is 2.", [], "stop")),
+        (opened, "Two is more.\n</think>\n\nIt is 2.", chat, ("Two is more.\n", "It is 2.", [], "stop")),
+        (tok, "No thinking: 2.", chat, (None, "No thinking: 2.", [], "stop")),
+        (tok, f"<think>Ask the sky.</think>\n{HERMES.split(chr(10), 1)[1]}", {**tool_body("auto"), "stream": stream},
+         ("Ask the sky.", None, ["get_weather", "get_time"], "tool_calls")),
+        (tok, "<think>x</think>y", {**chat, "structured_outputs": {"regex": ".*"}}, (None, "<think>x</think>y", [], "stop")),
+    ]
+    for tokenizer, text, body, (reasoning, content, calls, finish) in cases:
+        response = await post(ScriptedBackend(tokenizer, text), tokenizer, "/v1/chat/completions", body, config=config)
+        assert response.status_code == 200, response.text
+        if stream:
+            got_reasoning, got_content, got_calls, finishes = streamed_message(response)
+            got = (got_reasoning or None, got_content or None, [c["function"]["name"] for c in got_calls], finishes[-1])
+        else:
+            choice = response.json()["choices"][0]
+            message = choice["message"]
+            got = (message["reasoning"], message["content"], [c["function"]["name"] for c in message["tool_calls"]], choice["finish_reason"])
+        assert got == (reasoning, content, calls, finish), text
 
 
 async def test_earlier_tool_calls_and_results_reach_the_template(tok, tmp_path) -> None:

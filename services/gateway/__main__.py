@@ -21,6 +21,7 @@ import uvicorn
 from baton.services.gateway.app import GatewayState, create_app
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from baton.services.gateway.tokenizer import GatewayTokenizer
 from baton.services.gateway.tool_parsers import PARSERS
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="give a reasoning model's <think> text as the message's reasoning, apart from its content")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -78,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_retries=args.max_retries,
         shutdown_timeout_s=args.shutdown_timeout,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import metrics
 from baton.services.gateway.backend import GenerationChunk, GenerationRequest
+from baton.services.gateway.reasoning import ThinkStream
 from baton.services.gateway.tokenizer import IncrementalDetokenizer, StopStringMatcher
 from baton.services.gateway.tool_parsers import ToolStream
 
@@ -50,6 +51,7 @@ class Choice:
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
     placement: tuple[str, ...] = ()   # where the backend runs it (the latest attempt's)
+    reasoning: ThinkStream | None = None    # splits a reasoning model's thinking from its answer
     tool_stream: ToolStream | None = None   # reads a streamed answer's own tool calls (tool_choice "auto")
     tool_calls_sent: int = 0
 

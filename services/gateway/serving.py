@@ -35,12 +35,14 @@ from baton.services.gateway.protocol import (
     NamedToolChoice,
     PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo, BaseGenerationRequest,
 )
+from baton.services.gateway.reasoning import ThinkStream, starts_in_reasoning
 from baton.services.gateway.tokenizer import (
     ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
 )
 from baton.services.gateway.tool_parsers import make_parser
 
 DONE = "[DONE]"
+PROMPT_TAIL_TOKENS = 16   # where a chat template leaves <think> open or closed: the prompt's end
 
 ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[str]]
 
@@ -111,6 +113,10 @@ class OpenAIServing:
         params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = self._choices(request_id, prompts, params, req)
+        if self.config.reasoning_parser and params.structured_output is None:  # a grammar leaves no room to think
+            tail = self.tokenizer.decode(ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+            for choice in choices:
+                choice.reasoning = ThinkStream(starts_in_reasoning(tail))
         if req.stream:
             if req.auto_tools:
                 for choice in choices:
@@ -372,7 +378,20 @@ class OpenAIServing:
         """What a delta adds to a streamed message (None: nothing), and its finish reason. A named
         function's arguments stream as they come, the first piece naming the call; the calls of
         tool_choice 'required' come whole once the array is complete; with 'auto', the tool-call
-        parser decides (``_auto_tools_delta``)."""
+        parser decides (``_auto_tools_delta``). A reasoning model's thinking is split off first."""
+        if choice.reasoning is not None:
+            reasoning, answer = choice.reasoning.add(delta.text)
+            if delta.finish_reason is not None:
+                more_reasoning, more_answer = choice.reasoning.finish()
+                reasoning, answer = reasoning + more_reasoning, answer + more_answer
+            message, finish_reason = self._answer_delta(req, choice, replace(delta, text=answer))
+            if reasoning:
+                message = (message or DeltaMessage()).model_copy(update={"reasoning": reasoning})
+            return message, finish_reason
+        return self._answer_delta(req, choice, delta)
+
+    def _answer_delta(self, req: ChatCompletionRequest, choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
+        """``_chat_delta`` past the thinking: the answer's text, tool calls and finish reason."""
         if choice.tool_stream is not None:
             return self._auto_tools_delta(choice, delta)
         if not req.forced_tools:
@@ -392,14 +411,21 @@ class OpenAIServing:
         """A finished choice's message and finish reason. With a forced tool_choice: the calls it
         made ('tool_calls' for 'required', 'stop' for a named function, as OpenAI and vLLM
         answer), or its text where it was cut short of a whole call. With 'auto': the content and
-        calls the tool-call parser reads in its text ('tool_calls' if it made any)."""
+        calls the tool-call parser reads in its text ('tool_calls' if it made any). A reasoning
+        model's thinking is split off first."""
         text = "".join(choice.text)
+        reasoning = None
+        if choice.reasoning is not None:
+            reasoning, answer = choice.reasoning.split(text)
+            text = answer or ""
         if req.auto_tools:
             content, calls = self.tool_parser.parse(text)
-            return ChatResponseMessage(content=content, tool_calls=calls), "tool_calls" if calls else choice.finish_reason
+            message = ChatResponseMessage(content=content, reasoning=reasoning, tool_calls=calls)
+            return message, "tool_calls" if calls else choice.finish_reason
         calls = tools.tool_calls(req, text) if req.forced_tools else None
         if calls is None:
-            return ChatResponseMessage(content=text), choice.finish_reason
+            content = text if choice.reasoning is None else text or None
+            return ChatResponseMessage(content=content, reasoning=reasoning), choice.finish_reason
         return ChatResponseMessage(tool_calls=calls), "tool_calls" if req.tool_choice == "required" else choice.finish_reason
 
     @staticmethod
