@@ -26,6 +26,10 @@ from transformers import AutoTokenizer
 from baton.engine.attention import to_device
 from baton.engine.sampling_params import StructuredOutputParams
 
+# Compiled grammars kept for reuse, evicted past this size: a server that meets a
+# stream of distinct schemas must not grow without bound.
+GRAMMAR_CACHE_BYTES = 512 << 20
+
 # xgrammar's errors start with a timestamp and its C++ source position: not for the client.
 _SOURCE_PREFIX = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
 
@@ -52,7 +56,7 @@ class StructuredOutputs:
                 info = xgr.TokenizerInfo.from_huggingface(
                     tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
                 )
-                self._compiler = xgr.GrammarCompiler(info)
+                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
             return self._compiler
 
     def compile(self, spec: StructuredOutputParams) -> xgr.CompiledGrammar:

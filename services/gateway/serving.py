@@ -113,14 +113,8 @@ class OpenAIServing:
         params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = self._choices(request_id, prompts, params, req)
-        if self.config.reasoning_parser and params.structured_output is None:  # a grammar leaves no room to think
-            tail = self.tokenizer.decode(ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
-            for choice in choices:
-                choice.reasoning = ThinkStream(starts_in_reasoning(tail))
+        self._attach_output_parsers(req, params, ids, choices)
         if req.stream:
-            if req.auto_tools:
-                for choice in choices:
-                    choice.tool_stream = self.tool_parser.stream()
             return await PrimedStream.start(self._stream(req, request_id, choices, self._chat_chunks, arrival))
         deltas = await self._collect(choices, arrival)
         return ChatCompletionResponse(
@@ -140,6 +134,19 @@ class OpenAIServing:
         )
 
     # ---- request preparation ------------------------------------------------
+
+    def _attach_output_parsers(self, req: ChatCompletionRequest, params: SamplingParams, prompt_ids: list[int],
+                               choices: list[Choice]) -> None:
+        """Give each chat choice what reads its output as it streams: the reasoning parser (unless a
+        grammar binds the output from its first token: then there is no thinking), which the
+        prompt's end tells where the output starts, and the tool-call parser for tool_choice 'auto'."""
+        if self.config.reasoning_parser and params.structured_output is None:
+            tail = self.tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+            for choice in choices:
+                choice.reasoning = ThinkStream(starts_in_reasoning(tail))
+        if req.stream and req.auto_tools:
+            for choice in choices:
+                choice.tool_stream = self.tool_parser.stream()
 
     def _check_model(self, model: str) -> None:
         if model != self.config.served_model_name:
