@@ -485,7 +485,8 @@ async def test_reasoning_parser_splits_thinking_from_the_answer(tok, tmp_path, s
 
 
 async def test_earlier_tool_calls_and_results_reach_the_template(tok, tmp_path) -> None:
-    """An assistant's tool_calls (arguments as objects) and a tool's result, with the tools."""
+    """An assistant's tool_calls (arguments as objects) and a tool's result, with the tools; /tokenize
+    renders them alike."""
     template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}:"
                 "{% for c in m.tool_calls or [] %}{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}"
                 "{{ m.tool_call_id or '' }}{{ m.content }};{% endfor %}")
@@ -503,6 +504,8 @@ async def test_earlier_tool_calls_and_results_reach_the_template(tok, tmp_path) 
     assert (await post(backend, tool_tok, "/v1/chat/completions", body)).status_code == 200
     rendered = tool_tok.decode(backend.requests[0].prompt_token_ids)
     assert rendered == "[get_weather][get_time]user:Weather?;assistant:get_weather(Verona);tool:call_1rain;"
+    tokenized = await post(backend, tool_tok, "/tokenize", {"model": MODEL, "messages": messages, "tools": [WEATHER, CLOCK]})
+    assert tokenized.json()["tokens"] == backend.requests[0].prompt_token_ids
 
 
 async def test_backend_error_and_unexpected_error(tok) -> None:

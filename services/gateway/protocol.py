@@ -307,6 +307,11 @@ class Tool(BaseModel):
     function: FunctionDefinition
 
 
+def _template_tools(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    """Tools as a chat template sees them (as transformers hands them over)."""
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
+
+
 class NamedFunction(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str
@@ -375,9 +380,7 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools as the chat template sees them (none with tool_choice 'none')."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
+        return None if self.tool_choice == "none" else _template_tools(self.tools)
 
     @field_validator("functions")
     @classmethod
@@ -405,6 +408,11 @@ class TokenizeRequest(ChatTemplateOptions):
     prompt: str | None = None
     add_special_tokens: bool = True
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None          # rendered with the messages, as a chat request's would be
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return _template_tools(self.tools)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

@@ -171,7 +171,7 @@ class OpenAIServing:
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 template_kwargs=req.chat_template_kwargs,
-                tools=req.template_tools if isinstance(req, ChatCompletionRequest) else None,
+                tools=req.template_tools,
             )
         except ChatTemplateError as exc:
             raise APIError(str(exc), param="messages") from exc
