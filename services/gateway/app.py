@@ -23,8 +23,10 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
@@ -40,6 +42,7 @@ from baton.services.gateway.tokenizer import GatewayTokenizer
 
 logger = logging.getLogger(__name__)
 BACKEND_CLOSE_TIMEOUT_S = 10.0   # at shutdown: what the backend gets to close its channels and Redis
+SCHEMA_REFS = "#/components/schemas/"
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
@@ -251,19 +254,19 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     app = FastAPI(title="Baton gateway", lifespan=lifespan)
     app.state.gateway = state
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await _generate(request, config, state, CompletionRequest, serving.create_completion)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, config, state, ChatCompletionRequest, serving.create_chat_completion)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest))
     async def tokenize(request: Request) -> Response:
         return await _answer(request, config, TokenizeRequest, serving.tokenize)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest))
     async def detokenize(request: Request) -> Response:
         return await _answer(request, config, DetokenizeRequest, serving.detokenize)
 
@@ -277,4 +280,24 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
 
     _add_probes(app, backend, state)
     _add_error_handlers(app)
+    _document_bodies(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
     return app
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a handler that reads ``model`` from the raw request itself."""
+    schema = {"$ref": f"{SCHEMA_REFS}{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _document_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Put the request models' JSON schemas in the OpenAPI document (``/openapi.json``, ``/docs``)."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            _, defs = models_json_schema([(m, "validation") for m in models], ref_template=SCHEMA_REFS + "{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
