@@ -172,6 +172,10 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
         ({"model": MODEL, "prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
         ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 100.5}}, "logit_bias"),
         ({"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "top_k": 2**40}, "top_k"),
+        ({"model": MODEL, "prompt": "x", "seed": 2**64}, "seed"),
+        ({"model": MODEL, "prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids"),
+        ({"model": MODEL, "prompt": "x", "stop_token_ids": [5, 99999]}, "stop_token_ids"),
         ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
         ({"model": MODEL, "prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+", "choice": ["a"]}}, "structured_outputs"),
@@ -601,6 +605,9 @@ async def test_n_fans_out_with_seeds_and_distinct_indexes(tok) -> None:
     assert sorted(i.rsplit("-", 1)[1] for i in ids) == ["0", "1"]
     assert sorted(r.params.seed for r in backend.requests) == [10, 11]
     assert all(r.params.n == 1 for r in backend.requests)
+    last = FakeBackend(tok)   # the largest seed: the next sample's wraps, as the engine's seed + i does modulo 2**64
+    assert (await post(last, tok, "/v1/completions", {**body, "seed": 2**64 - 1})).status_code == 200
+    assert sorted(r.params.seed for r in last.requests) == [0, 2**64 - 1]
     assert full["usage"]["completion_tokens"] == 12
     assert full["usage"]["prompt_tokens"] == len(tok.encode("x"))
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from baton.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, StructuredOutputParams
 
+INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1   # what the workers' wire fields hold
 MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS_TOKENS = 1024
 
@@ -125,14 +126,14 @@ class BaseGenerationRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, le=INT32_MAX)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=UINT64_MAX)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)     # each checked against the vocabulary in serving
     n: int = Field(default=1, ge=1)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)

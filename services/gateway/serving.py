@@ -222,6 +222,8 @@ class OpenAIServing:
         vocab, logit_bias = self.tokenizer.vocab_size, req.token_logit_bias
         if any(t >= vocab for t in logit_bias):
             raise APIError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        if any(not 0 <= t < vocab for t in req.stop_token_ids):
+            raise APIError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         forced_tools = isinstance(req, ChatCompletionRequest) and req.forced_tools
         structured_output = tools.grammar(req) if forced_tools else req.structured_output
         try:
@@ -242,7 +244,7 @@ class OpenAIServing:
         for p, prompt in enumerate(prompts):
             for i in range(req.n):
                 index = p * req.n + i
-                seed = None if params.seed is None else params.seed + i
+                seed = None if params.seed is None else (params.seed + i) % 2**64   # the engine's seed + i, on the wire
                 gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids, replace(params, seed=seed))
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
