@@ -166,7 +166,10 @@ class Sampler:
         if p.repetition_penalty != 1.0:
             seen = to_device(torch.tensor(seq.token_ids, dtype=torch.long), device).unique()
             values = row[seen]
-            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            penalized = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            # An extreme penalty stays finite: -inf is for what may not be sampled at all (a grammar's mask).
+            finite = torch.finfo(row.dtype)
+            row[seen] = penalized.clamp(finite.min, finite.max)
         if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
             outputs = to_device(torch.tensor(seq.output_token_ids, dtype=torch.long), device)
             counts = torch.bincount(outputs, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)

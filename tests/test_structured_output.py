@@ -104,6 +104,19 @@ def test_sampled_output_stays_in_the_grammar(llm):
     assert all(follows(spec, text) for spec, text in finished), finished
 
 
+def test_an_extreme_repetition_penalty_leaves_the_grammar_something_to_sample(llm):
+    """Penalized logits stay finite (float32 would overflow to -inf): the grammar's tokens can
+    all be penalized without leaving the row empty (a found-by-fuzzing abort)."""
+    for regex in ("(ab )+x", "[a-c]{30}"):
+        for penalty in (4.6e307, 1e-300):
+            for temperature in (0.0, 1.0):
+                params = SamplingParams(temperature=temperature, seed=1, max_tokens=64, repetition_penalty=penalty,
+                                        structured_output=StructuredOutputParams(regex=regex))
+                out = llm.generate([2, 0], params)[0].outputs[0]
+                assert out.finish_reason in ("stop", "length"), (regex, penalty, temperature, out.text)
+                assert out.finish_reason == "length" or re.fullmatch(regex, out.text), out.text
+
+
 def test_unconstrained_rows_beside_constrained_ones_are_untouched(llm):
     free = SamplingParams(temperature=0.8, seed=5, max_tokens=24, repetition_penalty=1.1)
     alone = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, free)]
