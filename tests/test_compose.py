@@ -27,14 +27,14 @@ def _resolve(value: str) -> str:
     return match.group(1) if match else value
 
 
-def _argv(service: dict) -> list[str]:
-    """The service's command as argv, its ``$$VAR`` references filled from its environment."""
+def _argv(service: dict, **env_overrides: str) -> list[str]:
+    """The service's command as argv, its ``$$VAR`` references filled from its environment (as sh
+    fills them: a quoted one is one word, an unquoted one as many words as it holds)."""
     command = service["command"]
     assert command.startswith("sh -c '"), command
     inner = command.removeprefix("sh -c '").removesuffix("'")
-    env = {k: _resolve(v) for k, v in service["environment"].items()}
-    argv = shlex.split(inner.replace("$$", "$"))[1:]  # drop "exec"
-    return [env[a[1:]] if a.startswith("$") else a for a in argv]
+    env = {k: _resolve(v) for k, v in service["environment"].items()} | env_overrides
+    return shlex.split(re.sub(r"\$\$(\w+)", lambda m: env[m.group(1)], inner))[1:]  # drop "exec"
 
 
 def _plan() -> launcher.Plan:
@@ -81,6 +81,10 @@ def test_gateway_command_parses_and_names_workers(compose):
     assert set(service["depends_on"]) == {"prefill", "decode"}
     launcher_flags = {a for a in _plan().gateway if a.startswith("--")}
     assert launcher_flags <= {a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+    assert service["environment"]["GATEWAY_FLAGS"] == "${GATEWAY_FLAGS:-}"
+    flags = "--tool-call-parser hermes --reasoning-parser qwen3"
+    args = build_parser().parse_args(_argv(service, GATEWAY_FLAGS=flags)[4:])
+    assert (args.tool_call_parser, args.reasoning_parser, args.port) == ("hermes", "qwen3", 8000)
 
 
 def test_workers_keep_compiled_kernels_in_a_named_volume(compose):
