@@ -575,6 +575,15 @@ async def test_usage_cached_tokens_and_include_usage(tok) -> None:
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
     assert all(json.loads(e)["usage"] is None for e in events[:-2])
 
+    # vLLM's continuous_usage_stats: each chunk carries the usage so far (FakeBackend: 3 tokens a chunk).
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 7, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    for path, request in (("/v1/completions", {**body, "stream_options": chat["stream_options"]}), ("/v1/chat/completions", chat)):
+        chunks = [json.loads(e) for e in sse_events(await post(FakeBackend(tok), tok, path, request))[:-1]]
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts == sorted(counts) and counts[-1] == 7 and all(c["usage"] for c in chunks)
+        assert chunks[-1]["choices"] == [] and counts[-2] == 7
+
 
 async def test_stop_string_truncates_without_leaking_and_aborts(tok) -> None:
     # "wherefore" is split over several tokens and chunks of one token each.

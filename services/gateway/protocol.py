@@ -60,6 +60,7 @@ class ErrorResponse(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+    continuous_usage_stats: bool = False   # vLLM's: every chunk carries the usage so far (with include_usage)
 
 
 class JSONSchemaFormat(BaseModel):
@@ -209,6 +210,10 @@ class BaseGenerationRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(BaseGenerationRequest):

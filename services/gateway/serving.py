@@ -44,7 +44,7 @@ from baton.services.gateway.tool_parsers import make_parser
 DONE = "[DONE]"
 PROMPT_TAIL_TOKENS = 16   # where a chat template leaves <think> open or closed: the prompt's end
 
-ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[str]]
+ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[CompletionResponse | ChatCompletionChunk]]
 
 
 def resolve_max_model_len(config: GatewayConfig) -> int:
@@ -341,8 +341,10 @@ class OpenAIServing:
                 async with aclosing(self._merge(choices, tracker)) as merged:
                     async for delta in merged:
                         for chunk in format_delta(req, request_id, choices[delta.index], delta):
+                            if req.continuous_usage:
+                                chunk.usage = self._usage(choices)
                             sent = True
-                            yield chunk
+                            yield chunk.model_dump_json()
             except Exception as exc:
                 status = "error"
                 if not sent:
@@ -360,18 +362,18 @@ class OpenAIServing:
 
     # ---- formatting ---------------------------------------------------------
 
-    def _completion_chunks(self, req: CompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[str]:
+    def _completion_chunks(self, req: CompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[CompletionResponse]:
         text, logprobs = self._completion_text(req, choice.prompt, [delta])
         if not (text or delta.finish_reason or (logprobs and logprobs.tokens)):
             return []
         out = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
-        return [CompletionResponse(id=request_id, model=req.model, choices=[out]).model_dump_json()]
+        return [CompletionResponse(id=request_id, model=req.model, choices=[out])]
 
-    def _chat_chunks(self, req: ChatCompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[str]:
+    def _chat_chunks(self, req: ChatCompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[ChatCompletionChunk]:
         out = []
         if delta.first:
             role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role="assistant", content=""))
-            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[role]).model_dump_json())
+            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[role]))
         message, finish_reason = self._chat_delta(req, choice, delta)
         if message is not None or finish_reason or (req.logprobs and delta.tokens):
             content = ChatStreamChoice(
@@ -380,7 +382,7 @@ class OpenAIServing:
                 logprobs=self._chat_logprobs(delta.tokens) if req.logprobs else None,
                 finish_reason=finish_reason,
             )
-            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[content]).model_dump_json())
+            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[content]))
         return out
 
     def _chat_delta(self, req: ChatCompletionRequest, choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
