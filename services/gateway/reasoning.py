@@ -12,6 +12,8 @@ text that may be the start of a tag is held until it is not.
 
 from __future__ import annotations
 
+from baton.services.gateway.tokenizer import partial_suffix
+
 PARSERS = ("deepseek_r1", "qwen3")
 _START, _END = "<think>", "</think>"
 
@@ -21,14 +23,6 @@ def starts_in_reasoning(prompt_tail: str) -> bool:
     the rendered prompt, special tokens included)."""
     opened = prompt_tail.rfind(_START)
     return opened >= 0 and prompt_tail.find(_END, opened) < 0
-
-
-def _held(text: str, tag: str) -> int:
-    """How many of ``text``'s last characters could begin ``tag``."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
 
 
 class ThinkStream:
@@ -54,7 +48,7 @@ class ThinkStream:
             elif self._state == "reasoning":
                 end = self._buf.find(_END)
                 if end < 0:
-                    keep = _held(self._buf, _END)
+                    keep = partial_suffix(self._buf, [_END])
                     reasoning += self._buf[: len(self._buf) - keep]
                     self._buf = self._buf[len(self._buf) - keep:]
                     break

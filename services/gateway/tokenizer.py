@@ -16,6 +16,7 @@ never sent to the client.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -216,7 +217,7 @@ class StopStringMatcher:
             self._pending = ""
             end, start = min(hits)
             return StopResult(buf[: end if self._include else start], True)
-        keep = self._partial_suffix(buf)
+        keep = partial_suffix(buf, self._stop)
         self._pending = buf[len(buf) - keep :] if keep else ""
         return StopResult(buf[: len(buf) - keep], False)
 
@@ -225,11 +226,14 @@ class StopStringMatcher:
         out, self._pending = self._pending, ""
         return out
 
-    def _partial_suffix(self, buf: str) -> int:
-        longest = 0
-        for stop in self._stop:
-            for k in range(min(len(stop) - 1, len(buf)), longest, -1):
-                if buf.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
+
+def partial_suffix(text: str, markers: Iterable[str]) -> int:
+    """How many of ``text``'s last characters could still grow into one of ``markers`` (the
+    longest such tail; a whole marker is not a partial one)."""
+    longest = 0
+    for marker in markers:
+        for k in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:k]):
+                longest = k
+                break
+    return longest

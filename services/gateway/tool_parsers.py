@@ -18,6 +18,7 @@ import uuid
 from typing import Protocol
 
 from baton.services.gateway.protocol import FunctionCall, ToolCall
+from baton.services.gateway.tokenizer import partial_suffix
 
 PARSERS = ("hermes", "llama3_json")
 
@@ -106,7 +107,7 @@ class HermesStream:
                 continue
             start = self._buf.find(_START)
             if start < 0:
-                held = _partial_marker(self._buf)
+                held = partial_suffix(self._buf, [_START])
                 ready, self._buf = self._buf[: len(self._buf) - held], self._buf[len(self._buf) - held:]
                 out += self._content(ready)
                 break
@@ -128,14 +129,6 @@ class HermesStream:
         rest = (_START if self._in_call else "") + self._buf
         self._buf, self._in_call = "", False
         return self._content(rest), []
-
-
-def _partial_marker(text: str) -> int:
-    """How many of ``text``'s last characters could begin ``<tool_call>``."""
-    for size in range(min(len(_START) - 1, len(text)), 0, -1):
-        if _START.startswith(text[-size:]):
-            return size
-    return 0
 
 
 # ---- llama3_json ----------------------------------------------------------------
