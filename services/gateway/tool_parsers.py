@@ -14,11 +14,11 @@ once its text is complete (a call that does not parse is content after all).
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Protocol
 
-from baton.services.gateway.protocol import FunctionCall, ToolCall
+from baton.services.gateway.protocol import ToolCall
 from baton.services.gateway.tokenizer import partial_suffix
+from baton.services.gateway.tools import new_call
 
 PARSERS = ("hermes", "llama3_json")
 
@@ -53,8 +53,7 @@ def _call(value: object, arguments_key: str) -> ToolCall | None:
     arguments = value.get(arguments_key, {})
     if not isinstance(arguments, dict):
         return None
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
-                    function=FunctionCall(name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False)))
+    return new_call(value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
 # ---- hermes -------------------------------------------------------------------

@@ -52,13 +52,10 @@ def tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
     except ValueError:
         return None
     if isinstance(req.tool_choice, NamedToolChoice):
-        return [ToolCall(id=_call_id(), function=FunctionCall(name=req.tool_choice.function.name, arguments=text))]
+        return [new_call(req.tool_choice.function.name, text)]
     if not isinstance(value, list) or not all(isinstance(c, dict) and c.keys() == {"name", "parameters"} for c in value):
         return None
-    return [
-        ToolCall(id=_call_id(), function=FunctionCall(name=c["name"], arguments=json.dumps(c["parameters"], ensure_ascii=False)))
-        for c in value
-    ]
+    return [new_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
 
 
 def named_call_piece(req: ChatCompletionRequest, text: str, first: bool) -> DeltaToolCall:
@@ -85,6 +82,11 @@ def _named_tool(req: ChatCompletionRequest) -> Tool:
 
 def _parameters(tool: Tool) -> dict:
     return tool.function.parameters if tool.function.parameters is not None else ANY_OBJECT
+
+
+def new_call(name: str, arguments: str) -> ToolCall:
+    """A call of ``name`` with ``arguments`` (JSON text), under a fresh id."""
+    return ToolCall(id=_call_id(), function=FunctionCall(name=name, arguments=arguments))
 
 
 def _call_id() -> str:
