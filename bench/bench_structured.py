@@ -57,26 +57,26 @@ def bench_masks(
 ) -> tuple[float, float]:
     """Median seconds per step to fill and apply ``batch`` rows' masks (``mask_logits``), and of
     those the filling alone (xgrammar's batch matcher, on the host)."""
-    matchers = [structured.matcher(SPEC) for _ in range(batch)]
+    grammars = [structured.grammar(SPEC) for _ in range(batch)]
     logits = torch.zeros(batch, vocab, device=device)
     filler = xgr.BatchGrammarMatcher()
     times, fills = [], []
     for _ in range(steps):
         bitmask = xgr.allocate_token_bitmask(batch, vocab)
         start = time.perf_counter()
-        filler.batch_fill_next_token_bitmask(matchers, bitmask)
+        filler.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
         fills.append(time.perf_counter() - start)
         logits.zero_()
         sync(device)
         start = time.perf_counter()
-        mask_logits(logits, matchers)
+        mask_logits(logits, grammars)
         sync(device)
         times.append(time.perf_counter() - start)
         allowed = (logits > float("-inf")).cpu()
-        for i, m in enumerate(matchers):
-            m.accept_token(rng.choice(allowed[i].nonzero().flatten().tolist()))
-            if m.is_terminated():   # took EOS where the JSON was whole: start another
-                matchers[i] = structured.matcher(SPEC)
+        for i, g in enumerate(grammars):
+            g.accept(rng.choice(allowed[i].nonzero().flatten().tolist()))
+            if g.is_terminated():   # took EOS where the JSON was whole: start another
+                grammars[i] = structured.grammar(SPEC)
     return sorted(times)[len(times) // 2], sorted(fills)[len(fills) // 2]
 
 

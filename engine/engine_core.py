@@ -13,7 +13,7 @@ next step is scheduled and launched reading them there, and the host reads them
 back only then (vLLM v1 does the same). A sequence that the read-back finishes
 has had one more row computed in vain; nothing else changes, outputs included.
 
-Structured output: a sequence whose params carry a grammar gets a matcher
+Structured output: a sequence whose params carry a grammar gets a ``Grammar``
 (``engine/structured_output.py``), advanced over each token appended, however it came
 (sampled here, the prefill worker's first token, a resumed request's earlier ones); the
 sampler masks what the grammar does not allow next, and a terminated grammar ends the
@@ -48,7 +48,7 @@ from baton.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, Toke
 from baton.engine.structured_output import StructuredOutputs
 
 if TYPE_CHECKING:
-    from xgrammar import GrammarMatcher
+    from baton.engine.structured_output import Grammar
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class EngineCore:
             raise ValueError(f"request {request_id} already exists")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id} has an empty prompt")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids + output_token_ids):
+        reasoning_end = list(params.structured_output.reasoning_end) if params.structured_output else []
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids + output_token_ids + reasoning_end):
             raise ValueError(f"request {request_id}: token ids must be ints in [0, {self.vocab_size})")
         if output_token_ids and (params.n != 1 or len(output_token_ids) >= params.max_tokens):
             raise ValueError(
@@ -161,14 +162,14 @@ class EngineCore:
             for i, (seq_id, grammar) in enumerate(zip(ids, grammars))
         ]
 
-    def _grammar(self, request_id: str, params: SamplingParams, output_token_ids: list[int]) -> GrammarMatcher | None:
-        """A matcher for the request's structured output, past ``output_token_ids`` (None without one)."""
+    def _grammar(self, request_id: str, params: SamplingParams, output_token_ids: list[int]) -> Grammar | None:
+        """The request's structured output, past ``output_token_ids`` (None without one)."""
         if params.structured_output is None:
             return None
         if self.structured_outputs is None:
             raise ValueError(f"request {request_id}: this engine has no tokenizer for structured output")
         try:
-            return self.structured_outputs.matcher(params.structured_output, output_token_ids)
+            return self.structured_outputs.grammar(params.structured_output, output_token_ids)
         except ValueError as exc:
             raise ValueError(f"request {request_id}: {exc}") from exc
 
@@ -334,7 +335,7 @@ class EngineCore:
         params, outputs = seq.params, seq.output_token_ids
         last, count = outputs[-1], len(outputs)
         reason = None
-        if seq.grammar is not None and not seq.grammar.accept_token(last):
+        if seq.grammar is not None and not seq.grammar.accept(last):
             # Sampled under the grammar's mask, so only a foreign first token gets here.
             log.error("sequence %s: token %d is not allowed by its grammar; aborting it", seq.seq_id, last)
             reason = "abort"

@@ -16,7 +16,11 @@ class StructuredOutputParams:
     the grammar is complete and admits nothing more. JSON may hold any whitespace between
     its tokens unless ``disable_any_whitespace`` (vLLM's option of that name): then it is
     written compactly, which spares a small model loops of blank lines. ``engine/structured_output.py``
-    compiles it; this class only holds it (hashable: compiled grammars are cached by it)."""
+    compiles it; this class only holds it (hashable: compiled grammars are cached by it).
+
+    ``reasoning_end``: for a reasoning model, the tokens that end its thinking (``</think>``);
+    the grammar binds only the output after their first appearance, so the thinking before
+    it is free (as vLLM and SGLang do with a reasoning parser). Empty: from the first token."""
 
     json: str | None = None
     json_object: bool = False
@@ -24,6 +28,7 @@ class StructuredOutputParams:
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
     disable_any_whitespace: bool = False
+    reasoning_end: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
@@ -32,6 +37,8 @@ class StructuredOutputParams:
             raise ValueError(f"structured output takes exactly one of json, json_object, regex, choice or grammar, got {given or 'none'}")
         if self.choice is not None and not self.choice:
             raise ValueError("structured output's choice needs at least one string")
+        if any(not isinstance(t, int) or t < 0 for t in self.reasoning_end):
+            raise ValueError("structured output's reasoning_end must be token ids")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from baton.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from xgrammar import GrammarMatcher
+    from baton.engine.structured_output import Grammar
 
 
 class SequenceStatus(enum.Enum):
@@ -53,7 +53,7 @@ class Sequence:
     finish_reason: str | None = None      # "stop" | "length" | "abort"
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-    grammar: GrammarMatcher | None = None  # structured output: advanced over each appended token
+    grammar: Grammar | None = None        # structured output: advanced over each appended token
 
     @property
     def token_ids(self) -> list[int]:

@@ -4,10 +4,11 @@ against the model's tokenizer, one matcher per sequence, and the mask each step 
 A worker compiles a request's grammar before the engine takes the request
 (``StructuredOutputs.compile``, off the engine thread: a large JSON schema can take a while);
 xgrammar's compiler caches what it compiled, so creating the sequence's matcher finds it there.
-The engine advances a sequence's matcher over every token appended, wherever it was sampled
+The engine advances a sequence's ``Grammar`` over every token appended, wherever it was sampled
 (a prefill worker's first token, a resumed request's earlier ones), and the sampler masks each
 constrained row by its matcher's bitmask. The matcher ends the output: it is terminated once it
-has accepted EOS where the grammar was complete.
+has accepted EOS where the grammar was complete. A reasoning model's grammar waits for the end
+of its thinking (``StructuredOutputParams.reasoning_end``): until then it neither masks nor ends.
 """
 
 from __future__ import annotations
@@ -75,24 +76,48 @@ class StructuredOutputs:
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"invalid structured output: {_message(exc)}") from exc
 
-    def matcher(self, spec: StructuredOutputParams, accepted: Seq[int] = ()) -> xgr.GrammarMatcher:
-        """A fresh matcher for ``spec``, advanced over ``accepted`` (a resumed sequence's output so
-        far); ``ValueError`` if the grammar rejects one of them."""
-        matcher = xgr.GrammarMatcher(self.compile(spec))
+    def grammar(self, spec: StructuredOutputParams, accepted: Seq[int] = ()) -> Grammar:
+        """A fresh ``Grammar`` for ``spec``, advanced over ``accepted`` (a resumed sequence's output
+        so far); ``ValueError`` if the grammar rejects one of them."""
+        grammar = Grammar(xgr.GrammarMatcher(self.compile(spec)), spec.reasoning_end)
         for i, token in enumerate(accepted):
-            if not matcher.accept_token(token):
+            if not grammar.accept(token):
                 raise ValueError(f"output token {i} ({token}) is not allowed by the structured output's grammar")
-        return matcher
+        return grammar
 
 
-def mask_logits(logits: torch.Tensor, matchers: Seq[xgr.GrammarMatcher | None]) -> None:
-    """Set to -inf, in place, each row's logits of the tokens its matcher does not allow next
-    (rows whose matcher is None are left alone). ``logits``: float32 ``[rows, vocab]``."""
-    rows = [i for i, m in enumerate(matchers) if m is not None]
+class Grammar:
+    """One sequence's structured output: its matcher, which binds once the output has written
+    ``reasoning_end`` (at once if that is empty)."""
+
+    def __init__(self, matcher: xgr.GrammarMatcher, reasoning_end: Seq[int] = ()) -> None:
+        self.matcher = matcher
+        self._reasoning_end = list(reasoning_end)
+        self._recent: list[int] = []            # the output's last tokens, while the grammar waits
+        self.binding = not reasoning_end        # False: still thinking, nothing masked
+
+    def accept(self, token: int) -> bool:
+        """Advance over the output's next token; False if the grammar does not allow it."""
+        if self.binding:
+            return self.matcher.accept_token(token)
+        self._recent = (self._recent + [token])[-len(self._reasoning_end):]
+        self.binding = self._recent == self._reasoning_end
+        return True
+
+    def is_terminated(self) -> bool:
+        """Whether the grammar has ended the output (accepted EOS where it was complete)."""
+        return self.binding and self.matcher.is_terminated()
+
+
+def mask_logits(logits: torch.Tensor, grammars: Seq[Grammar | None]) -> None:
+    """Set to -inf, in place, each row's logits of the tokens its grammar does not allow next
+    (rows without a grammar, or whose grammar is not binding yet, are left alone). ``logits``:
+    float32 ``[rows, vocab]``."""
+    rows = [i for i, g in enumerate(grammars) if g is not None and g.binding]
     if not rows:
         return
-    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])   # all allowed
-    _batch_filler().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, indices=rows)
+    bitmask = xgr.allocate_token_bitmask(len(grammars), logits.shape[1])   # all allowed
+    _batch_filler().batch_fill_next_token_bitmask([grammars[i].matcher for i in rows], bitmask, indices=rows)
     # Every row, the free ones' masks allowing all: row indices would reach the GPU from pageable
     # memory, and such a copy (the mask's too, so it goes pinned) waits for the step in flight.
     xgr.apply_token_bitmask_inplace(logits, to_device(bitmask, logits.device))

@@ -48,7 +48,7 @@ def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def structured_output_to_proto(spec: StructuredOutputParams) -> common_pb2.StructuredOutput:
-    msg = common_pb2.StructuredOutput(disable_any_whitespace=spec.disable_any_whitespace)
+    msg = common_pb2.StructuredOutput(disable_any_whitespace=spec.disable_any_whitespace, reasoning_end=spec.reasoning_end)
     if spec.json is not None:
         msg.json_schema = spec.json
     elif spec.json_object:
@@ -72,7 +72,8 @@ def structured_output_from_proto(msg: common_pb2.StructuredOutput) -> Structured
     else:
         value = getattr(msg, kind)
     field = {"json_schema": "json"}.get(kind, kind)
-    return StructuredOutputParams(**{field: value}, disable_any_whitespace=msg.disable_any_whitespace)
+    return StructuredOutputParams(**{field: value}, disable_any_whitespace=msg.disable_any_whitespace,
+                                  reasoning_end=tuple(msg.reasoning_end))
 
 
 def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:

@@ -145,7 +145,7 @@ def warm_up(core: EngineCore, block_size: int) -> None:
     core.drain_block_events()  # nothing of the warm-up belongs in the global index
     warm_up_block_copies(core.runner.kv_caches[0])
     try:
-        grammar = core.structured_outputs.matcher(StructuredOutputParams(json_object=True))
+        grammar = core.structured_outputs.grammar(StructuredOutputParams(json_object=True))
         mask_logits(torch.zeros(1, core.vocab_size, device=core.runner.kv_caches[0].device), [grammar])
     except Exception as exc:  # xgrammar may not take an unusual tokenizer: serve the rest anyway
         log.warning("structured output is unavailable with this tokenizer: %s", exc)

@@ -442,7 +442,8 @@ async def test_handoff_failure_after_first_token_blames_decode_and_resumes(clust
 STRUCTURED = [
     None, StructuredOutputParams(json='{"type": "object"}', disable_any_whitespace=True), StructuredOutputParams(json_object=True),
     StructuredOutputParams(regex="[a-z]+"), StructuredOutputParams(choice=("a", "b \"c\"", "")),
-    StructuredOutputParams(grammar='root ::= "x"'),
+    StructuredOutputParams(grammar='root ::= "x"'), StructuredOutputParams(regex="[0-9]+", reasoning_end=(151668,)),
+    StructuredOutputParams(json_object=True, reasoning_end=(7, 0, 9)),
 ]
 
 

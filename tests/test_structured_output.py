@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -150,6 +151,13 @@ def test_prefill_then_decode_equals_one_process(demo_model, llm, kind):
     params = SamplingParams(temperature=0, max_tokens=48, structured_output=SPECS[kind])
     prompt = llm.tokenizer(PROMPTS[0]).input_ids
     whole = llm.generate(prompt, params)[0].outputs[0]
+    seq = prefill_then_decode(demo_model, prompt, params)
+    assert seq.output_token_ids == whole.token_ids and seq.finish_reason == whole.finish_reason == "stop"
+
+
+def prefill_then_decode(demo_model, prompt: list[int], params: SamplingParams):
+    """One request through a prefill-role engine and a decode-role one, as the workers run it;
+    the decode side's finished sequence. Both engines are left holding no blocks."""
     prefill_llm, decode_llm = LLM(demo_model, block_size=4), LLM(demo_model, block_size=4)
     c = prefill_llm.core
     prefill = EngineCore(c.runner, c.config, sorted(c.eos_token_ids), "demo", keep_finished_blocks=True,
@@ -166,8 +174,56 @@ def test_prefill_then_decode_equals_one_process(demo_model, llm, kind):
     seq = decode.activate("r", first.output_logprobs[0])
     while decode.has_unfinished():
         decode.step()
-    assert seq.output_token_ids == whole.token_ids and seq.finish_reason == whole.finish_reason == "stop"
     assert prefill.stats().used_blocks == decode.stats().used_blocks == 0
+    return seq
+
+
+# A reasoning model's thinking ends with these tokens (" thou Rome"): the grammar binds only
+# after them. The demo model writes them at output 7-8 of PROMPTS[0]; " Rome" alone comes at 1.
+THOU_ROME = (345, 790)
+
+
+def test_a_grammar_after_reasoning_binds_only_once_the_thinking_ends(llm, hf_model):
+    """Up to ``reasoning_end`` the output is what it is unconstrained; after it, what
+    transformers writes under the grammar from there."""
+    prompt = llm.tokenizer(PROMPTS[0]).input_ids
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=48))[0].outputs[0].token_ids
+    thinking = free[: free.index(THOU_ROME[1], 2) + 1]
+    assert thinking[-2:] == list(THOU_ROME)
+    for kind in ("json", "regex", "choice"):
+        spec = replace(SPECS[kind], reasoning_end=THOU_ROME)
+        for async_scheduling in (False, True):
+            llm.core.async_scheduling = async_scheduling
+            out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=96, structured_output=spec))[0].outputs[0]
+            ids = torch.tensor([prompt + thinking])
+            processor = xgr.contrib.hf.LogitsProcessor(llm.core.structured_outputs.compile(spec))
+            answer = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=96 - len(thinking), logits_processor=[processor])[0, ids.shape[1]:]
+            assert out.token_ids == thinking + answer.tolist(), (kind, async_scheduling, out.text)
+            assert out.finish_reason == "stop"
+            assert follows(spec, llm.tokenizer.decode(out.token_ids[len(thinking):], skip_special_tokens=True))
+    never = replace(SPECS["regex"], reasoning_end=(1000, 1001))
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=48, structured_output=never))[0].outputs[0]
+    assert out.token_ids == free and out.finish_reason == "length"
+    assert llm.core.stats().used_blocks == 0
+
+
+def test_a_grammar_after_reasoning_resumes_and_splits_roles_as_one_process(demo_model, llm):
+    """Resumed inside the thinking or after it, and with the first token sampled by the prefill
+    role (free: still thinking), the output is what one process writes."""
+    spec = replace(SPECS["json"], reasoning_end=THOU_ROME)
+    params = SamplingParams(temperature=0, max_tokens=96, structured_output=spec)
+    prompt = llm.tokenizer(PROMPTS[0]).input_ids
+    whole = llm.generate(prompt, params)[0].outputs[0]
+    for k in (1, 8, 9, 14):
+        (seq,) = llm.core.add_request(f"resumed-{k}", prompt, params, whole.token_ids[:k])
+        while llm.core.has_unfinished():
+            llm.core.step()
+        assert seq.output_token_ids == whole.token_ids and seq.finish_reason == "stop", k
+    seq = prefill_then_decode(demo_model, prompt, params)
+    assert seq.output_token_ids == whole.token_ids and seq.finish_reason == "stop"
+    with pytest.raises(ValueError, match="token ids must be ints"):
+        llm.core.add_request("bad-end", prompt, SamplingParams(structured_output=replace(spec, reasoning_end=(1 << 20,))))
 
 
 def test_bad_grammars_and_combinations_are_refused(llm):
