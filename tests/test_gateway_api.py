@@ -459,33 +459,60 @@ async def test_vllm_output_options(tok) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_reasoning_parser_splits_thinking_from_the_answer(tok, tmp_path, stream) -> None:
     """With --reasoning-parser, <think> text is the message's reasoning: opened by the model, or
-    left open by the chat template; before tool calls it is split off first; a grammar-bound
-    answer has no thinking to split."""
+    left open by the chat template; before tool calls it is split off first. A grammar
+    (structured output, a forced tool call) binds the answer: the workers apply it after the
+    output's </think>, unless the template closed the thinking."""
     config = make_config(reasoning_parser="qwen3", tool_call_parser="hermes")
     shutil.copy(DEMO_MODEL / "tokenizer.json", tmp_path / "tokenizer.json")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": "{% for m in messages %}{{ m.content }}\n{% endfor %}<think>\n", "eos_token": "</s>"}))
-    opened = GatewayTokenizer(tmp_path)
+
+    def with_template(name: str, template: str) -> GatewayTokenizer:
+        (tmp_path / name).mkdir()
+        shutil.copy(DEMO_MODEL / "tokenizer.json", tmp_path / name / "tokenizer.json")
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
+        return GatewayTokenizer(tmp_path / name)
+
+    opened = with_template("opened", "{% for m in messages %}{{ m.content }}\n{% endfor %}<think>\n")
+    closed = with_template("closed", "{% for m in messages %}{{ m.content }}\n{% endfor %}<think>\n\n</think>\n\n")
+    think_end = tuple(tok.encode("</think>", add_special_tokens=False))
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Which is more, 2 or 1?"}], "max_tokens": 400, "stream": stream}
+    named = {**tool_body({"type": "function", "function": {"name": "get_weather"}}), "stream": stream}
+    required = {**tool_body("required"), "stream": stream}
     cases = [
-        (tok, "<think>Two is more.</think>\n\nIt is 2.", chat, ("Two is more.", "It is 2.", [], "stop")),
-        (opened, "Two is more.\n</think>\n\nIt is 2.", chat, ("Two is more.\n", "It is 2.", [], "stop")),
-        (tok, "No thinking: 2.", chat, (None, "No thinking: 2.", [], "stop")),
+        (tok, "<think>Two is more.</think>\n\nIt is 2.", chat, ("Two is more.", "It is 2.", [], "stop"), None),
+        (opened, "Two is more.\n</think>\n\nIt is 2.", chat, ("Two is more.\n", "It is 2.", [], "stop"), None),
+        (tok, "No thinking: 2.", chat, (None, "No thinking: 2.", [], "stop"), None),
         (tok, f"<think>Ask the sky.</think>\n{HERMES.split(chr(10), 1)[1]}", {**tool_body("auto"), "stream": stream},
-         ("Ask the sky.", None, ["get_weather", "get_time"], "tool_calls")),
-        (tok, "<think>x</think>y", {**chat, "structured_outputs": {"regex": ".*"}}, (None, "<think>x</think>y", [], "stop")),
+         ("Ask the sky.", None, [("get_weather", '{"city": "Verona"}'), ("get_time", "{}")], "tool_calls"), None),
+        (tok, "<think>x</think>y", {**chat, "structured_outputs": {"regex": ".*"}}, ("x", "y", [], "stop"), think_end),
+        (opened, "x</think>y", {**chat, "structured_outputs": {"regex": ".*"}}, ("x", "y", [], "stop"), think_end),
+        (closed, '{"a": 1}', {**chat, "response_format": {"type": "json_object"}}, (None, '{"a": 1}', [], "stop"), ()),
+        (tok, '<think>Verona, then.</think>{"city":"Verona"}', named,
+         ("Verona, then.", None, [("get_weather", '{"city":"Verona"}')], "stop"), think_end),
+        (tok, '<think>The hour.</think>[{"name":"get_time","parameters":{}}]', required,
+         ("The hour.", None, [("get_time", "{}")], "tool_calls"), think_end),
+        (tok, "<think>Still thinking", named, ("Still thinking", None, [], "length"), think_end),
     ]
-    for tokenizer, text, body, (reasoning, content, calls, finish) in cases:
-        response = await post(ScriptedBackend(tokenizer, text), tokenizer, "/v1/chat/completions", body, config=config)
+    for tokenizer, text, body, (reasoning, content, calls, finish), reasoning_end in cases:
+        backend = ScriptedBackend(tokenizer, text)
+        if finish == "length":
+            body = {**body, "max_tokens": len(tokenizer.encode(text, add_special_tokens=False))}
+        response = await post(backend, tokenizer, "/v1/chat/completions", body, config=config)
         assert response.status_code == 200, response.text
         if stream:
-            got_reasoning, got_content, got_calls, finishes = streamed_message(response)
-            got = (got_reasoning or None, got_content or None, [c["function"]["name"] for c in got_calls], finishes[-1])
+            got_reasoning, got_content, pieces, finishes = streamed_message(response)
+            whole = {}
+            for piece in pieces:
+                name, arguments = whole.get(piece["index"], (None, ""))
+                whole[piece["index"]] = (name or piece["function"].get("name"), arguments + piece["function"].get("arguments", ""))
+            got = (got_reasoning or None, got_content or None, [whole[i] for i in sorted(whole)], finishes[-1])
         else:
             choice = response.json()["choices"][0]
             message = choice["message"]
-            got = (message["reasoning"], message["content"], [c["function"]["name"] for c in message["tool_calls"]], choice["finish_reason"])
+            got_calls = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
+            got = (message["reasoning"], message["content"], got_calls, choice["finish_reason"])
         assert got == (reasoning, content, calls, finish), text
+        grammar = backend.requests[0].params.structured_output
+        assert (grammar and grammar.reasoning_end) == reasoning_end, text
 
 
 async def test_earlier_tool_calls_and_results_reach_the_template(tok, tmp_path) -> None:

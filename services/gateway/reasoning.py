@@ -8,6 +8,11 @@ that closed it (Qwen3 with ``enable_thinking`` false) in the answer; otherwise t
 answer unless it opens ``<think>`` itself. An output that never closes its thinking (cut short)
 is all reasoning. The answer's leading whitespace after ``</think>`` is dropped. Streamed,
 text that may be the start of a tag is held until it is not.
+
+A grammar (structured output, a forced tool call) binds the answer, not the thinking: unless
+the prompt closed the thinking, the gateway has the workers apply it only after the output's
+``</think>`` (``StructuredOutputParams.reasoning_end``), as vLLM does. So an output that never
+closes its thinking is never constrained.
 """
 
 from __future__ import annotations
@@ -15,14 +20,21 @@ from __future__ import annotations
 from baton.services.gateway.tokenizer import partial_suffix
 
 PARSERS = ("deepseek_r1", "qwen3")
-_START, _END = "<think>", "</think>"
+_START, THINK_END = "<think>", "</think>"
+
+
+def closed_in_prompt(prompt_tail: str) -> bool:
+    """Whether the chat template closed the thinking before the output (Qwen3 with
+    ``enable_thinking`` false): then the output is all answer."""
+    closed = prompt_tail.rfind(THINK_END)
+    return closed >= 0 and closed > prompt_tail.rfind(_START)
 
 
 def starts_in_reasoning(prompt_tail: str) -> bool:
     """Whether the chat template left the prompt inside ``<think>`` (``prompt_tail``: the end of
     the rendered prompt, special tokens included)."""
     opened = prompt_tail.rfind(_START)
-    return opened >= 0 and prompt_tail.find(_END, opened) < 0
+    return opened >= 0 and prompt_tail.find(THINK_END, opened) < 0
 
 
 class ThinkStream:
@@ -46,14 +58,14 @@ class ThinkStream:
                 else:
                     self._state = "answer"
             elif self._state == "reasoning":
-                end = self._buf.find(_END)
+                end = self._buf.find(THINK_END)
                 if end < 0:
-                    keep = partial_suffix(self._buf, [_END])
+                    keep = partial_suffix(self._buf, [THINK_END])
                     reasoning += self._buf[: len(self._buf) - keep]
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
                 reasoning += self._buf[:end]
-                self._buf, self._state = self._buf[end + len(_END):], "after"
+                self._buf, self._state = self._buf[end + len(THINK_END):], "after"
             elif self._state == "after":          # the answer's leading whitespace is dropped
                 self._buf = self._buf.lstrip()
                 if self._buf:

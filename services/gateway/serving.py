@@ -35,7 +35,7 @@ from baton.services.gateway.protocol import (
     NamedToolChoice,
     PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo, BaseGenerationRequest,
 )
-from baton.services.gateway.reasoning import ThinkStream, starts_in_reasoning
+from baton.services.gateway.reasoning import THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
 from baton.services.gateway.tokenizer import (
     ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
 )
@@ -64,6 +64,7 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.max_model_len = resolve_max_model_len(config)
         self.tool_parser = make_parser(config.tool_call_parser) if config.tool_call_parser else None
+        self.think_end = tuple(tokenizer.encode(THINK_END, add_special_tokens=False))
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.config.served_model_name, max_model_len=self.max_model_len)])
@@ -111,9 +112,12 @@ class OpenAIServing:
         prompts = [self._prompt(ids, with_text=False)]
         params = self._params(req, prompts, req.output_limit, limit_param, "messages")
         params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        if self.config.reasoning_parser and params.structured_output and not closed_in_prompt(self._prompt_tail(ids)):
+            # The grammar binds the answer: the workers apply it after the thinking.
+            params = replace(params, structured_output=replace(params.structured_output, reasoning_end=self.think_end))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = self._choices(request_id, prompts, params, req)
-        self._attach_output_parsers(req, params, ids, choices)
+        self._attach_output_parsers(req, choices)
         if req.stream:
             return await PrimedStream.start(self._stream(req, request_id, choices, self._chat_chunks, arrival))
         deltas = await self._collect(choices, arrival)
@@ -135,18 +139,26 @@ class OpenAIServing:
 
     # ---- request preparation ------------------------------------------------
 
-    def _attach_output_parsers(self, req: ChatCompletionRequest, params: SamplingParams, prompt_ids: list[int],
-                               choices: list[Choice]) -> None:
-        """Give each chat choice what reads its output as it streams: the reasoning parser (unless a
-        grammar binds the output from its first token: then there is no thinking), which the
-        prompt's end tells where the output starts, and the tool-call parser for tool_choice 'auto'."""
-        if self.config.reasoning_parser and params.structured_output is None:
-            tail = self.tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
-            for choice in choices:
-                choice.reasoning = ThinkStream(starts_in_reasoning(tail))
+    def _attach_output_parsers(self, req: ChatCompletionRequest, choices: list[Choice]) -> None:
+        """Give each chat choice what reads its output as it streams: the reasoning parser and, for
+        tool_choice 'auto', the tool-call parser."""
+        for choice in choices:
+            choice.reasoning = self._think_stream(choice.prompt.token_ids)
         if req.stream and req.auto_tools:
             for choice in choices:
                 choice.tool_stream = self.tool_parser.stream()
+
+    def _prompt_tail(self, prompt_ids: list[int]) -> str:
+        """The rendered prompt's end, special tokens included: whether the chat template left the
+        output thinking."""
+        return self.tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+
+    def _think_stream(self, prompt_ids: list[int]) -> ThinkStream | None:
+        """A fresh reader of the output's thinking, which starts where the prompt left it (None
+        without a reasoning parser)."""
+        if not self.config.reasoning_parser:
+            return None
+        return ThinkStream(starts_in_reasoning(self._prompt_tail(prompt_ids)))
 
     def _check_model(self, model: str) -> None:
         if model != self.config.served_model_name:
@@ -408,9 +420,10 @@ class OpenAIServing:
         if not req.forced_tools:
             return (DeltaMessage(content=delta.text) if delta.text else None), delta.finish_reason
         if isinstance(req.tool_choice, NamedToolChoice):
-            if not (delta.text or delta.first):
+            if not delta.text:
                 return None, delta.finish_reason
-            return DeltaMessage(tool_calls=[tools.named_call_piece(req, delta.text, delta.first)]), delta.finish_reason
+            first, choice.tool_calls_sent = not choice.tool_calls_sent, 1
+            return DeltaMessage(tool_calls=[tools.named_call_piece(req, delta.text, first)]), delta.finish_reason
         if delta.finish_reason is None:
             return None, None
         message, finish_reason = self._chat_message(req, choice)
@@ -425,9 +438,9 @@ class OpenAIServing:
         calls the tool-call parser reads in its text ('tool_calls' if it made any). A reasoning
         model's thinking is split off first."""
         text = "".join(choice.text)
-        reasoning = None
-        if choice.reasoning is not None:
-            reasoning, answer = choice.reasoning.split(text)
+        reasoning, think = None, self._think_stream(choice.prompt.token_ids)
+        if think is not None:
+            reasoning, answer = think.split(text)
             text = answer or ""
         if req.auto_tools:
             content, calls = self.tool_parser.parse(text)
@@ -435,9 +448,10 @@ class OpenAIServing:
             return message, "tool_calls" if calls else choice.finish_reason
         calls = tools.tool_calls(req, text) if req.forced_tools else None
         if calls is None:
-            content = text if choice.reasoning is None else text or None
+            content = text if think is None else text or None
             return ChatResponseMessage(content=content, reasoning=reasoning), choice.finish_reason
-        return ChatResponseMessage(tool_calls=calls), "tool_calls" if req.tool_choice == "required" else choice.finish_reason
+        finish_reason = "tool_calls" if req.tool_choice == "required" else choice.finish_reason
+        return ChatResponseMessage(reasoning=reasoning, tool_calls=calls), finish_reason
 
     @staticmethod
     def _auto_tools_delta(choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
