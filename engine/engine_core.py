@@ -133,8 +133,10 @@ class EngineCore:
             raise ValueError(f"request {request_id} already exists")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id} has an empty prompt")
-        reasoning_end = list(params.structured_output.reasoning_end) if params.structured_output else []
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_token_ids + output_token_ids + reasoning_end):
+        named = [*prompt_token_ids, *output_token_ids, *(params.allowed_token_ids or ()),
+                 *(t for word in params.bad_words_token_ids for t in word),
+                 *(params.structured_output.reasoning_end if params.structured_output else ())]
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in named):
             raise ValueError(f"request {request_id}: token ids must be ints in [0, {self.vocab_size})")
         if output_token_ids and (params.n != 1 or len(output_token_ids) >= params.max_tokens):
             raise ValueError(

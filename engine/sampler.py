@@ -9,7 +9,9 @@ Per sequence, in this order (OpenAI / Hugging Face semantics):
    divided by the penalty and a negative one multiplied;
 3. presence / frequency penalties (OpenAI): ``logit -= presence * (count > 0)
    + frequency * count`` over output tokens;
-4. structured output: tokens the sequence's grammar does not allow next are masked;
+4. ``allowed_token_ids``: every other token is masked; ``bad_words_token_ids``: a bad
+   word's last token is masked where the sequence's tokens end with the rest of it;
+   structured output: tokens the sequence's grammar does not allow next are masked;
 5. greedy (``temperature == 0``): argmax. Otherwise divide by the temperature
    (at least ``MIN_TEMPERATURE``),
    keep ``top_k``, then the ``top_p`` nucleus, then tokens with
@@ -147,12 +149,15 @@ class Sampler:
             or p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0
             or len(seq.output_token_ids) < p.min_tokens
+            or p.allowed_token_ids is not None
+            or bool(p.bad_words_token_ids)
             or seq.grammar is not None
         )
 
     def _process(self, row: torch.Tensor, seq: Sequence) -> None:
-        """Logit bias, stop-token masking and penalties, in place on one row of logits (the
-        grammar's mask is applied to all rows at once, after)."""
+        """Logit bias, stop-token masking, penalties, then the allowed and bad tokens' masks, in
+        place on one row of logits (the grammar's mask is applied to all rows at once, after).
+        The masks come after the penalties, which keep what they scale finite."""
         p, device = seq.params, row.device
         if p.logit_bias:
             biased = [(t, b) for t, b in p.logit_bias.items() if t < row.shape[0]]
@@ -174,6 +179,14 @@ class Sampler:
             outputs = to_device(torch.tensor(seq.output_token_ids, dtype=torch.long), device)
             counts = torch.bincount(outputs, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
             row -= p.presence_penalty * (counts > 0).to(row.dtype) + p.frequency_penalty * counts
+        if p.allowed_token_ids is not None:
+            allowed = to_device(torch.tensor(p.allowed_token_ids, dtype=torch.long), device)
+            kept = row[allowed]
+            row.fill_(float("-inf"))
+            row[allowed] = kept
+        banned = banned_tokens(seq.token_ids, p.bad_words_token_ids)
+        if banned:
+            row[to_device(torch.tensor(banned, dtype=torch.long), device)] = float("-inf")
 
     @staticmethod
     def _sample(processed: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
@@ -185,6 +198,16 @@ class Sampler:
         probs = _filtered_probs(processed / temps.unsqueeze(1), seqs)
         seeds = to_device(torch.tensor([sample_seed(s.seed, len(s.output_token_ids)) for s in seqs], dtype=torch.int64), device)
         return torch.where(greedy, processed.argmax(dim=-1), ops.exponential_race(probs, seeds))
+
+
+def banned_tokens(token_ids: Seq[int], bad_words: Seq[Seq[int]]) -> list[int]:
+    """The last tokens of the ``bad_words`` whose other tokens ``token_ids`` ends with."""
+    banned = []
+    for word in bad_words:
+        rest = len(word) - 1
+        if rest == 0 or (rest <= len(token_ids) and list(token_ids[-rest:]) == list(word[:-1])):
+            banned.append(word[-1])
+    return banned
 
 
 def _filtered_probs(scaled: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:

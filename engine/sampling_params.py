@@ -51,6 +51,9 @@ class SamplingParams:
     plus its top-``k`` alternatives. ``logit_bias`` maps token ids to what is added to
     their logits before sampling (ids beyond the vocabulary are ignored).
     ``structured_output`` masks, each step, the tokens its grammar does not allow next.
+    ``allowed_token_ids`` (vLLM's option): only these may be sampled (None: any).
+    ``bad_words_token_ids``: token sequences the text may not gain: a sequence's last token is
+    masked wherever the tokens before it (prompt and output) end with the rest of it.
     """
 
     n: int = 1
@@ -70,6 +73,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     structured_output: StructuredOutputParams | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         checks = [
@@ -93,6 +98,14 @@ class SamplingParams:
             (
                 all(-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for b in self.logit_bias.values()),
                 f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+            ),
+            (
+                self.allowed_token_ids is None or (self.allowed_token_ids and min(self.allowed_token_ids) >= 0),
+                "allowed_token_ids must be a non-empty list of token ids",
+            ),
+            (
+                all(word and min(word) >= 0 for word in self.bad_words_token_ids),
+                "each of bad_words_token_ids must be a non-empty list of token ids",
             ),
             (
                 # A complete grammar allows only EOS, which min_tokens would mask: nothing would be left.

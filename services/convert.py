@@ -8,7 +8,8 @@ messages and the engine's plain dataclasses.
 fields (``seed``, ``logprobs``, ``prompt_logprobs``) and ``structured_output`` only
 when set, so ``None`` survives the round trip. ``n`` is not on the wire: the gateway fans out ``n > 1``
 itself and each wire request is one sequence. Reading, the proto's documented
-zero defaults map to "off" (``top_p`` 0 -> 1.0, ``repetition_penalty`` 0 -> 1.0);
+zero defaults map to "off" (``top_p`` 0 -> 1.0, ``repetition_penalty`` 0 -> 1.0, no
+``allowed_token_ids`` -> None);
 anything else invalid raises ``ValueError`` from ``SamplingParams`` with a
 message naming the field, which a worker should answer with INVALID_ARGUMENT.
 """
@@ -35,6 +36,8 @@ def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         max_tokens=params.max_tokens,
         min_tokens=params.min_tokens,
         logit_bias=params.logit_bias,
+        allowed_token_ids=params.allowed_token_ids or [],
+        bad_words=[common_pb2.TokenIds(ids=word) for word in params.bad_words_token_ids],
     )
     if params.seed is not None:
         msg.seed = params.seed
@@ -96,6 +99,8 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         logit_bias=dict(msg.logit_bias),
         structured_output=structured_output_from_proto(msg.structured_output) if msg.HasField("structured_output") else None,
+        allowed_token_ids=list(msg.allowed_token_ids) or None,
+        bad_words_token_ids=[list(word.ids) for word in msg.bad_words],
     )
 
 

@@ -457,6 +457,8 @@ def test_params_and_logprobs_round_trip() -> None:
             stop_token_ids=random.sample(range(VOCAB), random.randint(0, 3)), ignore_eos=random.random() < 0.5,
             logprobs=random.choice([None, 0, 5]), prompt_logprobs=random.choice([None, 0, 20]),
             logit_bias=random.choice([{}, {3: -100.0, 17: 2.5}]), structured_output=random.choice(STRUCTURED),
+            allowed_token_ids=random.choice([None, [0], random.sample(range(VOCAB), 5)]),
+            bad_words_token_ids=random.choice([[], [[7]], [[1, 2, 3], [0]]]),
         )
         params.min_tokens = random.randint(0, params.max_tokens) if params.structured_output is None else 0
         wire = params_to_proto(params).SerializeToString()

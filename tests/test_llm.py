@@ -167,3 +167,37 @@ def test_async_scheduling_samples_what_sync_scheduling_samples(demo_model, devic
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
     assert llm.core.stats().used_blocks == 0
 
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_bad_words_and_allowed_tokens_match_transformers(demo_model, async_scheduling):
+    """vLLM's ``bad_words`` and ``allowed_token_ids`` against transformers' ``bad_words_ids``
+    and a prefix-constrained processor: the same greedy tokens."""
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model).eval()
+    llm = LLM(demo_model, block_size=4, async_scheduling=async_scheduling)
+    bad = [tok.encode(word, add_special_tokens=False) for word in (" Romeo", " the", ",", "!")]
+    assert len(bad[0]) == 2
+    allowed = sorted(set(tok.encode(" Romeo, O Juliet! the night is fair and sweet.\n", add_special_tokens=False)) | {2})
+    changed = {"bad_words_ids": 0, "prefix_allowed_tokens_fn": 0}
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20))[0].outputs[0].token_ids
+        for params, constraint in [
+            (SamplingParams(temperature=0, max_tokens=20, bad_words_token_ids=bad), {"bad_words_ids": bad}),
+            (SamplingParams(temperature=0, max_tokens=20, allowed_token_ids=allowed),
+             {"prefix_allowed_tokens_fn": lambda batch, seen: allowed}),
+        ]:
+            theirs = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                                    **constraint)[0, ids.shape[1]:].tolist()
+            ours = llm.generate(prompt, params)[0].outputs[0].token_ids
+            assert _hf_prefix_equal(ours, theirs), (prompt, constraint.keys(), ours, theirs)
+            changed[next(iter(constraint))] += ours != free
+        sampled = llm.generate(prompt, SamplingParams(temperature=1.5, seed=4, max_tokens=32, allowed_token_ids=allowed,
+                                                      bad_words_token_ids=bad))[0].outputs[0].token_ids
+        assert set(sampled) <= set(allowed)
+        prompt_ids = tok(prompt).input_ids
+        text = prompt_ids + sampled      # no bad word ends in the output
+        assert not any(text[end - len(word):end] == word for word in bad for end in range(len(prompt_ids) + 1, len(text) + 1))
+    assert min(changed.values()) >= 2, changed        # each constraint changed most outputs
+    assert llm.core.stats().used_blocks == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baton.engine.sampler import MIN_TEMPERATURE, Sampler, prompt_logprobs, sample_seed
+from baton.engine.sampler import MIN_TEMPERATURE, Sampler, banned_tokens, prompt_logprobs, sample_seed
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
 from baton.kernels.sampling import ref_exponential_race
@@ -127,6 +127,35 @@ def test_logit_bias_openai_semantics() -> None:
     for bad in ({3: 100.5}, {-1: 1.0}):
         with pytest.raises(ValueError, match="logit_bias"):
             SamplingParams(logit_bias=bad)
+
+
+def test_allowed_token_ids_mask_everything_else() -> None:
+    logits = torch.randn(3, V)
+    allowed = [5, 17, 40]
+    greedy = seq(0, temperature=0.0, allowed_token_ids=allowed)
+    sampled = [seq(i, temperature=2.0, allowed_token_ids=allowed) for i in range(1, 3)]
+    out = Sampler()(logits, [greedy, *sampled])
+    assert out[0].token_id == allowed[int(logits[0, allowed].argmax())]
+    assert all(t.token_id in allowed for t in out)
+    assert {Sampler()(logits[1:2], [seq(i, temperature=5.0, allowed_token_ids=allowed)])[0].token_id for i in range(40)} == set(allowed)
+    for bad in ([], [-1, 3]):
+        with pytest.raises(ValueError, match="allowed_token_ids"):
+            SamplingParams(allowed_token_ids=bad)
+
+
+def test_bad_words_mask_their_last_token_after_the_rest() -> None:
+    """A one-token word is always masked; a longer one's last token only where the prompt and
+    output so far end with the rest of it."""
+    assert banned_tokens([1, 2, 3], [[9], [3, 4], [2, 3, 5], [1, 3, 6], [0, 1, 2, 3, 7]]) == [9, 4, 5]
+    assert banned_tokens([], [[1, 2], [4]]) == [4]
+    logits = torch.zeros(1, V)
+    logits[0, 8], logits[0, 9] = 2.0, 1.0
+    after = seq(prompt=[1, 2], outputs=[7], temperature=0.0, bad_words_token_ids=[[7, 8]])
+    elsewhere = seq(prompt=[1, 2], outputs=[6], temperature=0.0, bad_words_token_ids=[[7, 8]])
+    across = seq(prompt=[1, 7], temperature=0.0, bad_words_token_ids=[[7, 8]])   # the rest in the prompt
+    assert [t.token_id for t in Sampler()(logits.repeat(3, 1), [after, elsewhere, across])] == [9, 8, 9]
+    with pytest.raises(ValueError, match="bad_words_token_ids"):
+        SamplingParams(bad_words_token_ids=[[3], []])
 
 
 def test_min_tokens_masks_stop_tokens() -> None:
