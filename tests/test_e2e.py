@@ -125,9 +125,10 @@ def test_greedy_matches_aggregated_engine_and_transformers(system, reference, de
     assert juliet.choices[0].text.startswith(", Romeo! wherefore art thou Romeo?")
 
 
-def test_logit_bias_holds_on_both_workers(system, reference, demo_model):
+def test_logit_bias_bad_words_and_allowed_tokens_hold_on_both_workers(system, reference, demo_model):
     """The prefill worker samples the first token and the decode worker the rest: a forced
-    token is every token, and a banned one gives what the aggregated engine gives."""
+    token is every token, and banned ones (logit_bias, bad_words, tokens outside
+    allowed_token_ids) give what the aggregated engine gives."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo_model)
@@ -140,6 +141,15 @@ def test_logit_bias_holds_on_both_workers(system, reference, demo_model):
     out = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0,
                                            logit_bias={str(t): b for t, b in banned.items()})
     assert out.choices[0].text == want[0].outputs[0].text and want[0].outputs[0].token_ids[0] not in banned
+    # vLLM's bad_words (each as it starts the text and after a space) and allowed_token_ids.
+    words = [tok.encode(w, add_special_tokens=False) for w in ("Romeo", " Romeo", ",", " ,")]
+    allowed = sorted(set(tok.encode(" O Romeo, thou art fair and sweet!\n", add_special_tokens=False)))
+    want = LLM(demo_model).generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, bad_words_token_ids=words,
+                                                               allowed_token_ids=allowed))[0].outputs[0]
+    out = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                           extra_body={"bad_words": ["Romeo", ","], "allowed_token_ids": allowed})
+    assert out.choices[0].text == want.text != tok.decode(reference[PROMPTS[0]][:12], skip_special_tokens=True)
+    assert "Romeo" not in want.text and "," not in want.text
 
 
 def test_decode_worker_tickets_name_the_transport(system):

@@ -19,6 +19,7 @@ from baton.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, Structure
 INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1   # what the workers' wire fields hold
 MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_BAD_WORDS = 128
 
 
 class APIError(Exception):
@@ -148,6 +149,8 @@ class BaseGenerationRequest(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)   # keep only the prompt's last k tokens
+    allowed_token_ids: list[int] | None = Field(default=None, min_length=1)   # vLLM's: only these may be sampled
+    bad_words: list[str] = Field(default_factory=list, max_length=MAX_BAD_WORDS)   # vLLM's: words never written
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> BaseGenerationRequest:
@@ -181,6 +184,13 @@ class BaseGenerationRequest(BaseModel):
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return value
+
+    @field_validator("bad_words")
+    @classmethod
+    def _check_bad_words(cls, value: list[str]) -> list[str]:
+        if any(not word.strip() for word in value):
+            raise ValueError("a bad word must hold more than whitespace")
         return value
 
     @field_validator("logit_bias")

@@ -236,6 +236,8 @@ class OpenAIServing:
             raise APIError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         if any(not 0 <= t < vocab for t in req.stop_token_ids):
             raise APIError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        if any(not 0 <= t < vocab for t in req.allowed_token_ids or ()):
+            raise APIError(f"allowed_token_ids must be in [0, {vocab})", param="allowed_token_ids")
         forced_tools = isinstance(req, ChatCompletionRequest) and req.forced_tools
         structured_output = tools.grammar(req) if forced_tools else req.structured_output
         try:
@@ -245,9 +247,20 @@ class OpenAIServing:
                 min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, seed=req.seed, stop_token_ids=list(req.stop_token_ids),
                 ignore_eos=req.ignore_eos, logit_bias=logit_bias, structured_output=structured_output,
+                allowed_token_ids=req.allowed_token_ids, bad_words_token_ids=self._bad_words(req.bad_words),
             )
         except ValueError as exc:
             raise APIError(str(exc)) from exc
+
+    def _bad_words(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's tokens as it would start the text and as it would follow a space."""
+        sequences: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids not in sequences:
+                    sequences.append(ids)
+        return sequences
 
     def _choices(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, req: BaseGenerationRequest
