@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass
@@ -16,6 +17,8 @@ class EngineConfig:
     for ``cuda_graph_batch_sizes`` (up to the first size that holds ``max_num_seqs``)
     unless ``enforce_eager``. With ``async_scheduling`` the host schedules and
     launches step n+1 before it reads step n's tokens back (``engine_core``).
+    ``scheduling_policy``: "fcfs" (arrival order) or "priority" (each request's
+    ``priority``, lower first, then arrival; see ``scheduler``).
     """
 
     block_size: int = 16
@@ -30,10 +33,13 @@ class EngineConfig:
     cuda_graph_batch_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CUDA_GRAPH_BATCH_SIZES))
     enforce_eager: bool = False            # never capture CUDA graphs
     async_scheduling: bool | None = None   # overlap host work with the device's step (None: on CUDA only)
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if not self.cuda_graph_batch_sizes or any(

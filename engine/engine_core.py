@@ -127,7 +127,8 @@ class EngineCore:
 
     # -- requests ---------------------------------------------------------------
     def _new_sequences(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int]
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int],
+        priority: int,
     ) -> list[Sequence]:
         if request_id in self.requests:
             raise ValueError(f"request {request_id} already exists")
@@ -143,6 +144,9 @@ class EngineCore:
                 f"request {request_id}: a resumed request is one sequence (n=1) with fewer output tokens "
                 f"({len(output_token_ids)}) than max_tokens ({params.max_tokens})"
             )
+        if priority and self.config.scheduling_policy != "priority":
+            raise ValueError(f"request {request_id}: a priority needs the 'priority' scheduling policy "
+                             f"(workers: --scheduling-policy priority)")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -160,7 +164,8 @@ class EngineCore:
         resumed = [TokenLogprob(t, math.nan) for t in output_token_ids]
         return [
             Sequence(seq_id, list(prompt_token_ids), params, seed=seed + i, arrival_time=now,
-                     output_token_ids=list(output_token_ids), output_logprobs=list(resumed), grammar=grammar)
+                     output_token_ids=list(output_token_ids), output_logprobs=list(resumed), grammar=grammar,
+                     priority=priority)
             for i, (seq_id, grammar) in enumerate(zip(ids, grammars))
         ]
 
@@ -176,13 +181,15 @@ class EngineCore:
             raise ValueError(f"request {request_id}: {exc}") from exc
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None,
+        priority: int = 0,
     ) -> list[Sequence]:
         """Queue a request; raises ValueError for one that can never be served. ``output_token_ids``
         resumes a sequence that generated them elsewhere: they count as its output (penalties,
         ``min_tokens`` / ``max_tokens``, the sampling seed's index), so it goes on exactly as it would
-        have there; their KV is computed with the prompt's."""
-        seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [])
+        have there; their KV is computed with the prompt's. ``priority`` (lower first) needs the
+        "priority" scheduling policy."""
+        seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority)
         self.scheduler.add(seqs[0])
         if len(seqs) > 1:
             self.pending[request_id] = seqs[1:]
@@ -224,14 +231,15 @@ class EngineCore:
 
     # -- roles --------------------------------------------------------------------
     def reserve(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None,
+        priority: int = 0,
     ) -> Sequence | None:
         """Decode role: hold blocks for a prompt (and a resumed request's ``output_token_ids``,
-        as in ``add_request``) computed elsewhere. None when the pool is short now; ValueError
+        and ``priority`` as in ``add_request``) computed elsewhere. None when the pool is short now; ValueError
         when the request can never be served."""
         if params.n != 1:
             raise ValueError(f"request {request_id}: reserve takes one sequence (n=1), got n={params.n}")
-        seq = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [])[0]
+        seq = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority)[0]
         if not self.scheduler.reserve(seq):
             return None
         self._track(request_id, [seq])

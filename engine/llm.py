@@ -66,18 +66,23 @@ class LLM:
         self,
         prompts: str | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids) and return the outputs in prompt order."""
+        """Generate for every prompt (text, or token ids) and return the outputs in prompt order.
+        ``priority``: one per prompt, lower first (``scheduling_policy="priority"``)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        priorities = priority if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
         requests: list[tuple[str, list[Sequence]]] = []
-        for prompt, p in zip(prompts, params_list):
+        for prompt, p, rank in zip(prompts, params_list, priorities):
             token_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
             request_id = str(next(self._ids))
-            requests.append((request_id, self.core.add_request(request_id, token_ids, p)))
+            requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank)))
         while self.core.has_unfinished():
             self.core.step()
         return [self._output(request_id, seqs) for request_id, seqs in requests]

@@ -20,10 +20,16 @@ prefills (a prompt's last token alone among them), then — when nothing was pre
 waiting requests FCFS, within ``max_num_batched_tokens`` and ``max_num_seqs``. A waiting
 request is admitted only when the pool has blocks for its chunk. A running sequence that
 cannot get a block preempts the most recently arrived running sequence (possibly itself).
+
+With the "priority" policy (vLLM's), a sequence's rank is ``(priority, arrival)``, lower
+first, in place of its arrival alone: the best-ranked waiting sequence is admitted next
+(nothing jumps it while it waits for blocks), and the worst-ranked running one is preempted.
+Under "fcfs" every priority is 0, so both orders are the arrival order.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import deque
 from dataclasses import dataclass
@@ -104,9 +110,12 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(seq, num_new))
                 budget.tokens -= num_new
 
+    def _rank(self, seq: Sequence) -> tuple[int, int]:
+        return seq.priority, self._order[seq.seq_id]
+
     def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput, budget: _Budget) -> bool:
-        """Get blocks for ``num_new`` more tokens of ``seq``, preempting the most
-        recently arrived running sequences as needed. False if ``seq`` itself went."""
+        """Get blocks for ``num_new`` more tokens of ``seq``, preempting the worst-ranked
+        (latest arrived) running sequences as needed. False if ``seq`` itself went."""
         while not self.block_manager.append_slots(seq, num_new):
             victim = self.running[-1]
             self._preempt(victim, out, budget)
@@ -130,19 +139,20 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: _Budget) -> None:
         admitted = False
         while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+            # The deque is in arrival order (the preempted back at its front): FCFS takes its head.
+            seq = self.waiting[0] if self.config.scheduling_policy == "fcfs" else min(self.waiting, key=self._rank)
             cached = self.block_manager.cached_prefix_tokens(seq)
             num_new = min(seq.num_tokens - cached, budget.tokens)
             if not self.block_manager.allocate(seq, num_new):
-                break                                 # FCFS: nothing jumps the head
-            self.waiting.popleft()
+                break                                 # nothing jumps the best-ranked
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, num_new))
             budget.tokens -= num_new
             admitted = True
         if admitted:
-            self.running.sort(key=lambda s: self._order[s.seq_id])
+            self.running.sort(key=self._rank)
 
     # -- leaving --------------------------------------------------------------
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -210,6 +220,6 @@ class Scheduler:
         seq.output_logprobs.append(first_token)
         seq.status = SequenceStatus.RUNNING
         self._order[seq.seq_id] = next(self._counter)
-        self.running.append(seq)
+        bisect.insort(self.running, seq, key=self._rank)
         self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
         return seq

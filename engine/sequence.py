@@ -54,6 +54,7 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     grammar: Grammar | None = None        # structured output: advanced over each appended token
+    priority: int = 0                     # with the "priority" policy: lower is scheduled first
 
     @property
     def token_ids(self) -> list[int]:

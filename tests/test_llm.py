@@ -201,3 +201,21 @@ def test_bad_words_and_allowed_tokens_match_transformers(demo_model, async_sched
         assert not any(text[end - len(word):end] == word for word in bad for end in range(len(prompt_ids) + 1, len(text) + 1))
     assert min(changed.values()) >= 2, changed        # each constraint changed most outputs
     assert llm.core.stats().used_blocks == 0
+
+
+def test_priority_policy_serves_lower_priorities_first_with_the_same_tokens(demo_model):
+    llm = LLM(demo_model, block_size=4, max_num_seqs=1, scheduling_policy="priority")
+    params = SamplingParams(temperature=0, max_tokens=6)
+    finished: list[str] = []
+    for request_id, prompt, priority in [("late", PROMPTS[0], 3), ("first", PROMPTS[1], -1), ("second", PROMPTS[2], 0)]:
+        llm.core.add_request(request_id, llm.tokenizer(prompt).input_ids, params, priority=priority)
+    seqs = {rid: seq for rid, (seq,) in llm.core.requests.items()}
+    while llm.core.has_unfinished():
+        finished += [s.seq_id for s in llm.core.step() if s.is_finished]
+    assert finished == ["first", "second", "late"]
+    plain = LLM(demo_model, block_size=4)
+    want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS[:3], params)]
+    assert [seqs[rid].output_token_ids for rid in ("late", "first", "second")] == want
+    with pytest.raises(ValueError, match="scheduling policy"):
+        plain.generate(PROMPTS[0], params, priority=[1])
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], params, priority=[2, 1, 0])] == want

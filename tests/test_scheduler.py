@@ -16,14 +16,14 @@ pytestmark = pytest.mark.unit
 BS = 4
 
 
-def make(num_blocks: int = 32, budget: int = 16, max_seqs: int = 8, keep: bool = False) -> Scheduler:
-    config = EngineConfig(block_size=BS, max_num_batched_tokens=budget, max_num_seqs=max_seqs)
+def make(num_blocks: int = 32, budget: int = 16, max_seqs: int = 8, keep: bool = False, policy: str = "fcfs") -> Scheduler:
+    config = EngineConfig(block_size=BS, max_num_batched_tokens=budget, max_num_seqs=max_seqs, scheduling_policy=policy)
     return Scheduler(config, BlockManager(num_blocks, BS), keep_finished_blocks=keep)
 
 
-def make_seq(seq_id: str, prompt_len: int, max_tokens: int = 8, first: int = 1) -> Sequence:
+def make_seq(seq_id: str, prompt_len: int, max_tokens: int = 8, first: int = 1, priority: int = 0) -> Sequence:
     prompt = [first + i for i in range(prompt_len)]
-    return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), priority=priority)
 
 
 def advance(out: SchedulerOutput, token: int = 0) -> None:
@@ -128,6 +128,39 @@ def test_preemption_of_most_recent_and_recompute() -> None:
     out = sched.schedule()
     assert summary(out) == [("b", 0, 9)]                       # prompt + outputs so far
     assert out.chunks[0].samples
+
+
+def test_priority_policy_admits_the_best_ranked_and_preempts_the_worst() -> None:
+    """Lower priority first, then arrival: admission takes the best-ranked waiting sequence,
+    nothing jumps it while it waits for blocks, and preemption takes the worst-ranked."""
+    sched = make(num_blocks=8, budget=64, max_seqs=2, policy="priority")
+    low, urgent, normal, late_urgent = (make_seq("low", 7, priority=5), make_seq("urgent", 7, first=20, priority=-1),
+                                        make_seq("normal", 7, first=40), make_seq("late-urgent", 7, first=60, priority=-1))
+    for seq in (low, urgent, normal, late_urgent):
+        sched.add(seq)
+    out = sched.schedule()                                     # max_seqs 2: the two urgent ones, by arrival
+    assert summary(out) == [("urgent", 0, 7), ("late-urgent", 0, 7)]
+    advance(out)
+    sched.finish(urgent, "stop")
+    out = sched.schedule()
+    assert summary(out) == [("late-urgent", 7, 1), ("normal", 0, 7)]
+    advance(out)
+    sched.finish(late_urgent, "stop")
+    big = make_seq("big", 20, first=80, priority=-2)            # needs 5 blocks; 6 are free
+    sched.add(big)
+    out = sched.schedule()
+    assert summary(out) == [("normal", 7, 1), ("big", 0, 20)] and list(sched.waiting) == [low]
+    advance(out)
+    out = sched.schedule()                                     # the pool is full: normal (worst) makes room
+    assert summary(out) == [("big", 20, 1)] and out.preempted == [normal]
+    assert [s.seq_id for s in sched.running] == ["big"] and min(sched.waiting, key=sched._rank) is normal
+    fcfs = make(num_blocks=8, budget=64, max_seqs=1)
+    first, second = make_seq("first", 3, priority=0), make_seq("second", 3, first=20, priority=0)
+    fcfs.add(first)
+    fcfs.add(second)
+    assert summary(fcfs.schedule()) == [("first", 0, 3)]
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        EngineConfig(scheduling_policy="lifo")
 
 
 def test_preempting_itself_when_alone_short() -> None:
