@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from baton.engine.config import SCHEDULING_POLICIES
 from baton.engine.loader import resolve_model_dir
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from baton.services.gateway.tool_parsers import PARSERS
@@ -68,7 +69,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         port = free_port()
         redis_cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         redis_url = f"redis://127.0.0.1:{port}/0"
-    common = ["--model", args.model, "--redis-url", redis_url, "--device", args.device, "--block-size", str(args.block_size)]
+    common = ["--model", args.model, "--redis-url", redis_url, "--device", args.device, "--block-size", str(args.block_size),
+              "--scheduling-policy", args.scheduling_policy]
     if args.dtype:
         common += ["--dtype", args.dtype]
     plan = Plan(redis=redis_cmd, redis_url=redis_url)
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc", help="how KV moves from prefill to decode")
+    p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
+                   help="the workers' order: fcfs (arrival) or priority (each request's priority, lower first)")
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from baton.engine.config import EngineConfig
+from baton.engine.config import SCHEDULING_POLICIES, EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
@@ -74,6 +74,8 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
         "--shutdown-grace", type=float, default=30.0,
         help="seconds in-flight RPCs get after SIGTERM (then the gateway resumes what is left elsewhere)",
     )
+    p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
+                   help="fcfs: arrival order; priority: each request's priority (lower first), then arrival")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
     if role == "decode":
@@ -106,6 +108,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         device=args.device,
         dtype=args.dtype,
         async_scheduling=args.async_scheduling,
+        scheduling_policy=args.scheduling_policy,
     )
     runner = ModelRunner(args.model, config)
     fingerprint = model_fingerprint(runner.model_dir)

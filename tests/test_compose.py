@@ -58,7 +58,9 @@ def test_worker_commands_parse_with_default_ports(compose, role, port):
     assert args.port == port and args.model == "/models/shakespeare-llama-5m" and args.redis_url == "redis://redis:6379/0"
     assert args.dtype == "bfloat16" and args.device == "cuda"
     metrics = {"prefill": 9100, "decode": 9101}[role]
-    assert args.metrics_port == metrics
+    assert args.metrics_port == metrics and args.scheduling_policy == "fcfs"
+    priority = worker_arg_parser(role, default_port=port).parse_args(_argv(service, SCHEDULING_POLICY="priority")[4:])
+    assert priority.scheduling_policy == "priority"
     if role == "decode":  # KV arrives over gRPC on the worker's port unless KV_TRANSPORT=ucx picks UCX's
         assert (args.kv_transport, args.kv_port) == ("grpc", 50062)
         assert service["ports"] == [f"{port}:{port}", "50062:50062", f"{metrics}:{metrics}"]

@@ -39,13 +39,15 @@ MODEL_NAME = "shakespeare-llama-5m"
 
 class System:
     def __init__(self, model: str, kv_transport: str, prefill: int = 2, decode: int = 2,
-                 decode_flags: tuple[str, ...] = ()) -> None:
+                 decode_flags: tuple[str, ...] = (), scheduling_policy: str = "fcfs") -> None:
         args = launcher.build_parser().parse_args(
             ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", str(prefill),
-             "--decode", str(decode), "--kv-transport", kv_transport, "--worker-metrics"]
+             "--decode", str(decode), "--kv-transport", kv_transport, "--worker-metrics",
+             "--scheduling-policy", scheduling_policy]
         )
         os.environ.pop("REDIS_URL", None)
         self.kv_transport = kv_transport
+        self.scheduling_policy = scheduling_policy
         self.plan = launcher.make_plan(args)
         # The decode workers schedule asynchronously, as they do by default on a GPU.
         self.plan.decode = [cmd + ["--async-scheduling", *decode_flags] for cmd in self.plan.decode]
@@ -97,7 +99,8 @@ class System:
 
 @pytest.fixture(scope="module", params=["grpc", "ucx"])
 def system(demo_model, request):
-    s = System(demo_model, request.param)
+    # Each policy once: every test runs under both, and test_request_priority checks each one's answer.
+    s = System(demo_model, request.param, scheduling_policy="priority" if request.param == "grpc" else "fcfs")
     yield s
     s.stop()
 
@@ -150,6 +153,26 @@ def test_logit_bias_bad_words_and_allowed_tokens_hold_on_both_workers(system, re
                                            extra_body={"bad_words": ["Romeo", ","], "allowed_token_ids": allowed})
     assert out.choices[0].text == want.text != tok.decode(reference[PROMPTS[0]][:12], skip_special_tokens=True)
     assert "Romeo" not in want.text and "," not in want.text
+
+
+def test_request_priority_follows_the_workers_policy(system, reference, demo_model):
+    """Workers scheduling by priority serve a request's priority as any other; FCFS workers
+    refuse one that is not 0 (a 400 saying how to turn it on), holding no blocks."""
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(demo_model).decode(reference[PROMPTS[1]], skip_special_tokens=True)
+
+    def create(priority: int) -> str:
+        return system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=24, temperature=0,
+                                                extra_body={"priority": priority}).choices[0].text
+
+    assert create(0) == want
+    if system.scheduling_policy == "priority":
+        assert create(-7) == create(3) == want
+    else:
+        with pytest.raises(openai.BadRequestError, match="scheduling-policy priority"):
+            create(2)
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 
 def test_decode_worker_tickets_name_the_transport(system):

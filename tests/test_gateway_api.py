@@ -188,6 +188,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
         ({"model": MODEL, "prompt": "x", "allowed_token_ids": [-1]}, "allowed_token_ids"),
         ({"model": MODEL, "prompt": "x", "bad_words": ["fine", " \n"]}, "bad_words"),
         ({"model": MODEL, "prompt": "x", "bad_words": ["w"] * 129}, "bad_words"),
+        ({"model": MODEL, "prompt": "x", "priority": 2**31}, "priority"),
         ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
         ({"model": MODEL, "prompt": "x", "suffix": "end"}, "suffix"),
     ],
@@ -440,18 +441,20 @@ async def test_tool_choice_auto_reads_the_models_own_calls(tok, stream) -> None:
         assert plain.json()["choices"][0]["message"] == {"role": "assistant", "content": "No tools, good friar.", "reasoning": None, "tool_calls": []}
 
 
-async def test_bad_words_and_allowed_tokens_reach_the_workers(tok) -> None:
-    """vLLM's bad_words, each as it would start the text and after a space, and allowed_token_ids."""
+async def test_bad_words_allowed_tokens_and_priority_reach_the_workers(tok) -> None:
+    """vLLM's bad_words, each as it would start the text and after a space, allowed_token_ids
+    and priority."""
     backend = FakeBackend(tok)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "bad_words": [" Romeo", "thou", "Romeo"], "allowed_token_ids": [7, 3]}
     assert (await post(backend, tok, "/v1/completions", body)).status_code == 200
     params = backend.requests[0].params
     words = [tok.encode(w, add_special_tokens=False) for w in ("Romeo", " Romeo", "thou", " thou")]
     assert params.bad_words_token_ids == words and len(set(map(tuple, words))) == 4
-    assert params.allowed_token_ids == [7, 3]
-    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "bad_words": ["thou"]}
+    assert params.allowed_token_ids == [7, 3] and backend.requests[0].priority == 0
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "bad_words": ["thou"], "priority": -3}
     assert (await post(backend, tok, "/v1/chat/completions", chat)).status_code == 200
     assert backend.requests[1].params.bad_words_token_ids == words[2:] and backend.requests[1].params.allowed_token_ids is None
+    assert backend.requests[1].priority == -3
 
 
 async def test_vllm_output_options(tok) -> None:

@@ -60,7 +60,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             params = params_from_proto(request.params)
             prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
             await compile_grammar(self._ctx, params, context)
-            seq = await self.engine.call(lambda: self._ctx.core.reserve(rid, prompt, params, resumed))
+            seq = await self.engine.call(lambda: self._ctx.core.reserve(rid, prompt, params, resumed, request.priority))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except asyncio.CancelledError:

@@ -20,6 +20,7 @@ class GenerationRequest:
     params: SamplingParams          # params.n == 1: the gateway fans out n > 1 itself
     output_token_ids: list[int] = field(default_factory=list)  # resumed: tokens already streamed
     colocate: tuple[str, ...] = ()  # a sibling's ``placement``: run beside it, over the KV it left cached
+    priority: int = 0               # lower first, where the workers schedule by priority
 
     @property
     def token_ids(self) -> list[int]:

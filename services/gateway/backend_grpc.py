@@ -222,6 +222,7 @@ class GrpcBackend(Backend):
             prompt_token_ids=request.prompt_token_ids,
             params=params_to_proto(request.params),
             output_token_ids=request.output_token_ids,
+            priority=request.priority,
         )
         full: set[str] = set()
         while True:
@@ -269,6 +270,7 @@ class GrpcBackend(Backend):
             params=params_to_proto(request.params),
             ticket=ticket,
             output_token_ids=request.output_token_ids,
+            priority=request.priority,
         )
         call = worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
         self._in_flight[worker.address] += 1

@@ -151,6 +151,7 @@ class BaseGenerationRequest(BaseModel):
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)   # keep only the prompt's last k tokens
     allowed_token_ids: list[int] | None = Field(default=None, min_length=1)   # vLLM's: only these may be sampled
     bad_words: list[str] = Field(default_factory=list, max_length=MAX_BAD_WORDS)   # vLLM's: words never written
+    priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)   # vLLM's: lower first (--scheduling-policy priority)
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> BaseGenerationRequest:

@@ -270,7 +270,7 @@ class OpenAIServing:
             for i in range(req.n):
                 index = p * req.n + i
                 seed = None if params.seed is None else (params.seed + i) % 2**64   # the engine's seed + i, on the wire
-                gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids, replace(params, seed=seed))
+                gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids, replace(params, seed=seed), priority=req.priority)
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
                 choices.append(Choice(index, i, prompt, gen, detok, stop))

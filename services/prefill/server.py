@@ -120,7 +120,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         released = False
         try:
             try:
-                await self.engine.call(lambda: self._add(rid, prompt, params, resumed))
+                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request.priority))
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             update = await future
@@ -149,9 +149,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 if session is not None:
                     await session.abort()
 
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int]) -> None:
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int], priority: int) -> None:
         """Engine thread: queue the request; a resumed one's earlier tokens are not sent again."""
-        self._ctx.core.add_request(rid, prompt, params, resumed)
+        self._ctx.core.add_request(rid, prompt, params, resumed, priority)
         self.engine.mark_sent(rid, len(resumed))
 
     async def _open_transfer(self, request: prefill_pb2.PrefillRequest, context) -> TransferSession:
