@@ -6,8 +6,8 @@ array of ``{"name": ..., "parameters": {...}}`` calls of the given tools (exactl
 ``parallel_tool_calls``), written compactly: the arguments are for a program, and whitespace
 anywhere only invites a model into loops of blank lines. The finished output is read back into OpenAI ``tool_calls``: for a
 named function as it streams (each piece of text is a piece of the arguments), for
-``"required"`` once the array is complete. ``"auto"`` would need a parser of each model
-family's own tool-call format, and is refused in ``protocol``.
+``"required"`` once the array is complete. ``"auto"`` calls are read in the model family's own
+format by a tool-call parser (``tool_parsers``), which makes its calls and pieces here too.
 """
 
 from __future__ import annotations
@@ -61,10 +61,15 @@ def tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
 def named_call_piece(req: ChatCompletionRequest, text: str, first: bool) -> DeltaToolCall:
     """A streamed piece of a named function's call: ``text`` adds to its arguments; the first
     piece also gives the call's id and the function's name."""
-    if not first:
-        return DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))
-    return DeltaToolCall(index=0, id=_call_id(), type="function",
-                         function=DeltaFunctionCall(name=_named_tool(req).function.name, arguments=text))
+    return call_piece(0, text, _named_tool(req).function.name if first else None)
+
+
+def call_piece(index: int, arguments: str, name: str | None = None) -> DeltaToolCall:
+    """A streamed piece of call ``index``: ``arguments`` adds to its arguments; the first piece
+    (``name`` given) also names the call and gives it a fresh id."""
+    if name is None:
+        return DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=arguments))
+    return DeltaToolCall(index=index, id=_call_id(), type="function", function=DeltaFunctionCall(name=name, arguments=arguments))
 
 
 def as_deltas(calls: list[ToolCall], first_index: int = 0) -> list[DeltaToolCall]:
