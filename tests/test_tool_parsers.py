@@ -1,5 +1,6 @@
 """Tool-call parsers (tool_choice "auto"): what each reads in a finished text, and that reading
-the same text streamed, cut anywhere, gives the same content and calls."""
+the same text streamed, cut anywhere, gives the same content and calls: each call's first piece
+names it, and its pieces add up to its arguments, the model's own JSON text of them."""
 
 from __future__ import annotations
 
@@ -13,25 +14,41 @@ from baton.services.gateway.tool_parsers import make_parser
 
 pytestmark = pytest.mark.unit
 
-WEATHER = '{"name": "get_weather", "arguments": {"city": "Verona"}}'
+CITY = '{"city": "Verona"}'
+WEATHER = f'{{"name": "get_weather", "arguments": {CITY}}}'
+# Braces, brackets, tags, escaped quotes and a backslash inside strings, and nesting.
+TRICKY = r'{"text": "a } b </tool_call> <tool_call> {", "quote": "she said \"}\"", "path": "C:\\", "deep": {"n": [1, {"x": "]}"}]}}'
+# (text, content, calls[, streamed]): the finished reading, calls as (name, arguments); streamed:
+# the streamed reading (content, calls) where a call streamed before it turned out not to be one.
 CASES = {
     "hermes": [
         (f"Let me look.\n<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n" '{"name": "now", "arguments": {}}\n</tool_call>',
-         "Let me look.", [("get_weather", {"city": "Verona"}), ("now", {})]),
-        (f"A <tool_call>{WEATHER}</tool_call> B\n", "A  B", [("get_weather", {"city": "Verona"})]),
+         "Let me look.", [("get_weather", CITY), ("now", "{}")]),
+        (f"A <tool_call>{WEATHER}</tool_call> B\n", "A  B", [("get_weather", CITY)]),
+        (f'<tool_call>\n{{"name": "say", "arguments": {TRICKY}}}\n</tool_call>\nSaid.', "Said.", [("say", TRICKY)]),
+        ('<tool_call>{"arguments": {"city": "Verona"}, "name": "get_weather"}</tool_call>', None, [("get_weather", CITY)]),
+        ('<tool_call>{"name": "now"}</tool_call><tool_call>{"name": "sum", "arguments": { "xs" : [1, 2] }\n}</tool_call>',
+         None, [("now", "{}"), ("sum", '{ "xs" : [1, 2] }')]),
+        ('<tool_call>{"name": "a", "arguments": {"x": 1}, "id": 7}</tool_call>', None, [("a", '{"x": 1}')]),
         ("<tool_call>{not json}</tool_call> after", "<tool_call>{not json}</tool_call> after", []),
         ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
         (f"cut short <tool_call>{WEATHER[:20]}", f"cut short <tool_call>{WEATHER[:20]}", []),
+        (f"cut short <tool_call>{WEATHER[:48]}", f"cut short <tool_call>{WEATHER[:48]}", [],
+         ("cut short", [("get_weather", '{"city": "V')])),
         ("ends on <tool", "ends on <tool", []),
         ("  plain words, 1 < 2\n", "plain words, 1 < 2", []),
         ("", None, []),
     ],
     "llama3_json": [
-        ('{"name": "get_weather", "parameters": {"city": "Verona"}}', None, [("get_weather", {"city": "Verona"})]),
+        ('{"name": "get_weather", "parameters": {"city": "Verona"}}', None, [("get_weather", CITY)]),
         ('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": "y;z"}}',
-         None, [("a", {}), ("b", {"x": "y;z"})]),
+         None, [("a", "{}"), ("b", '{"x": "y;z"}')]),
+        (f'{{"name": "say", "parameters": {TRICKY}}};{{"name": "now", "parameters": {{}}, "id": 2}}; {{"name": "b", "parameters": {{"y": 1}}}}',
+         None, [("say", TRICKY), ("now", "{}"), ("b", '{"y": 1}')]),
+        ('{"parameters": {"x": 1}, "name": "a"}\n{"name": "b", "arguments": {"s": "}{"}}', None, [("a", '{"x": 1}'), ("b", '{"s": "}{"}')]),
         ('{"nom": "get_weather"}', '{"nom": "get_weather"}', []),
-        ('{"name": "a", "parameters": {}} and more', '{"name": "a", "parameters": {}} and more', []),
+        ('{"name": "a", "parameters": {}} and more', '{"name": "a", "parameters": {}} and more', [], ("", [("a", "{}")])),
+        ('{"name": "a", "parameters": {"x": ', '{"name": "a", "parameters": {"x": ', [], ("", [("a", '{"x": ')])),
         ('Plainly: {"name": "a", "parameters": {}}', 'Plainly: {"name": "a", "parameters": {}}', []),
         ("  <|python", "  <|python", []),
         ("", None, []),
@@ -40,31 +57,82 @@ CASES = {
 ALL = [(parser, *case) for parser, cases in CASES.items() for case in cases]
 
 
-def calls_of(calls) -> list[tuple[str, dict]]:
-    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+def feed(parser: str, pieces: list[str]) -> list[tuple[str, list]]:
+    """What a stream gives for each piece of text, then for its end."""
+    stream = make_parser(parser).stream()
+    return [stream.add(p) for p in pieces] + [stream.finish()]
 
 
-@pytest.mark.parametrize(("parser", "text", "content", "calls"), ALL)
+def assembled(deltas: list) -> list[tuple[str, str]]:
+    """Streamed call pieces put together, as a client would, checking each is in vLLM's shape:
+    a call's first piece has the next index, an id and the name; later ones only arguments."""
+    calls: list[list[str]] = []
+    for d in deltas:
+        if d.index == len(calls):
+            assert d.id.startswith("call_") and d.type == "function" and d.function.name
+            calls.append([d.function.name, ""])
+        else:
+            assert d.index == len(calls) - 1 and d.id is d.type is d.function.name is None
+        calls[d.index][1] += d.function.arguments
+    return [tuple(c) for c in calls]
+
+
+@pytest.mark.parametrize(("parser", "text", "content", "calls"), [case[:4] for case in ALL])
 def test_parse_reads_content_and_calls(parser, text, content, calls) -> None:
     got_content, got_calls = make_parser(parser).parse(text)
-    assert got_content == content and calls_of(got_calls) == calls
+    assert got_content == content and [(c.function.name, c.function.arguments) for c in got_calls] == calls
     assert len({c.id for c in got_calls}) == len(got_calls)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(case=st.sampled_from(ALL), cuts=st.lists(st.integers(0, 200), max_size=12))
 def test_streamed_pieces_read_as_the_whole(case, cuts) -> None:
-    parser, text, content, calls = case
+    parser, text, content, calls, *streamed = case
+    content, calls = streamed[0] if streamed else (content or "", calls)
     bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
-    stream = make_parser(parser).stream()
-    out, got = "", []
-    for a, b in zip(bounds, bounds[1:]):
-        piece, made = stream.add(text[a:b])
-        out, got = out + piece, got + made
-    piece, made = stream.finish()
-    assert (out + piece) == (content or "") and calls_of(got + made) == calls
+    steps = feed(parser, [text[a:b] for a, b in zip(bounds, bounds[1:])])
+    assert all(len({d.index for d in deltas}) == len(deltas) for _, deltas in steps)
+    assert "".join(out for out, _ in steps) == content
+    assert assembled([d for _, deltas in steps for d in deltas]) == calls
+
+
+@pytest.mark.parametrize(("parser", "text"), [
+    ("hermes", f'Saying. <tool_call>{{"name": "say", "arguments": {TRICKY}}}</tool_call>'),
+    ("llama3_json", f'<|python_tag|>{{"name": "now", "parameters": {{}}}}; {{"name": "now", "parameters": {{}}}}\n{{"name": "say", "arguments": {TRICKY}}}'),
+])
+def test_arguments_stream_as_the_model_writes_them(parser, text) -> None:
+    """Written a character at a time, a call is named once its arguments open, and each of their
+    characters goes out as it comes, strings holding braces and tags included."""
+    steps = feed(parser, list(text))
+    deltas = [(at, d) for at, (_, ds) in enumerate(steps) for d in ds]
+    said = [(at, d) for at, d in deltas if d.index == deltas[-1][1].index]   # the last call's: say's
+    first_at, first = said[0]
+    assert first.function.name == "say" and text[: first_at + 1].endswith('"arguments": {')
+    assert [d.function.arguments for _, d in said] == list(TRICKY)
+    assert [at for at, _ in said] == list(range(first_at, first_at + len(TRICKY)))
+
+
+def test_a_call_with_its_arguments_first_comes_whole() -> None:
+    """A block with its arguments before its name cannot stream: it is held, and its call goes
+    out in one piece at ``</tool_call>``."""
+    text = '<tool_call>{"arguments": {"city": "Verona"}, "name": "get_weather"}</tool_call>'
+    steps = feed("hermes", list(text))
+    assert [at for at, (_, deltas) in enumerate(steps) if deltas] == [len(text) - 1]
+    assert assembled(steps[len(text) - 1][1]) == [("get_weather", CITY)]
+
+
+def test_a_streamed_call_that_turns_out_bad_stays_sent() -> None:
+    """Cut before its end, a block that streamed and then is not JSON keeps its pieces, and is not
+    content too; read whole, it is content."""
+    text = 'Calling. <tool_call>{"name": "a", "arguments": {"x": 1}, oops}</tool_call> Done.'
+    cut = text.index('"x"')
+    steps = feed("hermes", [text[:cut], text[cut:]])
+    assert "".join(out for out, _ in steps) == "Calling.  Done."
+    assert assembled([d for _, deltas in steps for d in deltas]) == [("a", '{"x": 1}')]
+    assert feed("hermes", [text]) == [(text, []), ("", [])]
+    assert make_parser("hermes").parse(text) == (text, [])
 
 
 def test_unknown_parser() -> None:
     with pytest.raises(ValueError, match="unknown tool-call parser"):
-        make_parser("pythonic")
+        make_parser("xml")

@@ -53,7 +53,7 @@ class Choice:
     placement: tuple[str, ...] = ()   # where the backend runs it (the latest attempt's)
     reasoning: ThinkStream | None = None    # splits a reasoning model's thinking from its answer
     tool_stream: ToolStream | None = None   # reads a streamed answer's own tool calls (tool_choice "auto")
-    tool_calls_sent: int = 0
+    tool_calls_sent: int = 0                # calls whose first piece has gone out
 
     def consume(self, chunk: GenerationChunk) -> Delta:
         first, self.started = not self.started, True

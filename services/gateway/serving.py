@@ -468,13 +468,13 @@ class OpenAIServing:
 
     @staticmethod
     def _auto_tools_delta(choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
-        """Content as the parser lets it go, and each call whole once its text is complete."""
-        content, calls = choice.tool_stream.add(delta.text)
+        """Content and the pieces of calls as the parser lets them go: a call's name first, then
+        its arguments as the model writes them."""
+        content, pieces = choice.tool_stream.add(delta.text)
         if delta.finish_reason is not None:
             rest, more = choice.tool_stream.finish()
-            content, calls = content + rest, calls + more
-        pieces = tools.as_deltas(calls, choice.tool_calls_sent)
-        choice.tool_calls_sent += len(calls)
+            content, pieces = content + rest, pieces + more
+        choice.tool_calls_sent += sum(p.id is not None for p in pieces)
         finish_reason = "tool_calls" if delta.finish_reason and choice.tool_calls_sent else delta.finish_reason
         if not (content or pieces):
             return None, finish_reason

@@ -6,28 +6,35 @@ model family's format, as vLLM's ``--tool-call-parser`` reads them:
 * ``llama3_json`` (Llama 3.1 / 3.2): the whole answer is one or more ``{"name": ...,
   "parameters": {...}}`` objects (``;``-separated), after an optional ``<|python_tag|>``.
 
-A parser reads a finished text (``parse``) or one streamed piece by piece (``stream``); both
-give the same content and calls. Streamed, content goes out as it comes, and each call whole
-once its text is complete (a call that does not parse is content after all).
+A parser reads a finished text (``parse``) or one streamed piece by piece (``stream``). A call's
+arguments are the model's own JSON text of them, as written. Streamed, content goes out as it
+comes, and a call as vLLM streams it: a first piece with its index, id and name once the text
+has opened ``{"name": "...", "arguments": {``, then its arguments' text as the model writes it.
+Both readings give the same content and calls, but for a call that streamed and then turned out
+not to be one (bad JSON, or the output ended inside it): its pieces were sent and stay sent, and
+its text is not sent again as content, where the finished reading makes that text content.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Protocol
 
-from baton.services.gateway.protocol import ToolCall
+from baton.services.gateway.protocol import DeltaToolCall, ToolCall
 from baton.services.gateway.tokenizer import partial_suffix
-from baton.services.gateway.tools import new_call
+from baton.services.gateway.tools import call_piece, new_call
 
 PARSERS = ("hermes", "llama3_json")
 
 
 class ToolStream(Protocol):
-    def add(self, text: str) -> tuple[str, list[ToolCall]]:
-        """Content that can go out now, and the calls completed by ``text``."""
+    def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
+        """Content that can go out now, and the pieces of calls that ``text`` adds (at most one a
+        call): a call's first piece gives its index, id and name and its arguments' first text,
+        later ones more of its arguments."""
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
+    def finish(self) -> tuple[str, list[DeltaToolCall]]:
         """What was held back, once the output has ended."""
 
 
@@ -46,34 +53,168 @@ def make_parser(name: str) -> ToolParser:
     raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}")
 
 
-def _call(value: object, arguments_key: str) -> ToolCall | None:
-    """A call from a decoded ``{"name": ..., arguments_key: {...}}``; None if it is not one."""
+# ---- reading calls' JSON ---------------------------------------------------------
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _call_of(value: object, text: str, start: int, keys: tuple[str, ...]) -> tuple[str, str] | None:
+    """The name and arguments (their JSON text) of ``value``, decoded from the object at
+    ``start`` in ``text``, if it is a call ``{"name": ..., key: {...}}`` (``key`` the first of
+    ``keys`` it has; none: no arguments, ``{}``); None if it is not one."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
-    arguments = value.get(arguments_key, {})
-    if not isinstance(arguments, dict):
+    key = next((k for k in keys if k in value), None)
+    if key is None:
+        return value["name"], "{}"
+    if not isinstance(value[key], dict):
         return None
-    return new_call(value["name"], json.dumps(arguments, ensure_ascii=False))
+    return value["name"], _member_text(text, start, key)
+
+
+def _member_text(text: str, start: int, key: str) -> str:
+    """The JSON text of member ``key`` of the valid JSON object at ``start`` in ``text`` (the last
+    where the key repeats, as ``json.loads`` reads it)."""
+    decoder, pos, found = json.JSONDecoder(), start + 1, ""
+    while True:
+        pos = _JSON_WS.match(text, pos).end()
+        if text[pos] == "}":
+            return found
+        name, pos = decoder.raw_decode(text, pos)
+        pos = _JSON_WS.match(text, pos).end() + 1      # past the ':'
+        pos = _JSON_WS.match(text, pos).end()
+        _, end = decoder.raw_decode(text, pos)
+        if name == key:
+            found = text[pos:end]
+        pos = _JSON_WS.match(text, end).end()
+        if text[pos] == ",":
+            pos += 1
+
+
+class _JsonScan:
+    """Where JSON text read a character at a time stands: inside a string or not, and how deep
+    in objects and arrays."""
+
+    def __init__(self) -> None:
+        self.in_string = False
+        self.escaped = False       # the string's previous character was a backslash
+        self.depth = 0
+
+    def step(self, char: str) -> None:
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif char == "\\":
+                self.escaped = True
+            elif char == '"':
+                self.in_string = False
+        elif char == '"':
+            self.in_string = True
+        elif char in "{[":
+            self.depth += 1
+        elif char in "}]":
+            self.depth -= 1
+
+
+def _head(keys: str, lead: str = "") -> re.Pattern[str]:
+    """What opens a call that can stream, after ``lead``: ``{"name": "...", key: {`` with ``key``
+    one of ``keys`` (``|``-separated); the name (plain, without escapes) is its group."""
+    return re.compile(lead + r'\s*\{\s*"name"\s*:\s*"([^"\\\x00-\x1f]*)"\s*,\s*"(?:' + keys + r')"\s*:\s*\{')
+
+
+class _StreamedCall:
+    """One call's text as it comes, from where it may start: once it opens as ``head`` has it, a
+    first piece names it, and later pieces carry its arguments' text as it comes, up to the brace
+    that closes them."""
+
+    def __init__(self, head: re.Pattern[str], index: int) -> None:
+        self.index = index
+        self.began = False       # its first piece went out
+        self.done = False        # its arguments are closed
+        self.end = 0             # how far into the text the arguments have gone out
+        self._head = head
+        self._scan = _JsonScan()
+
+    def pieces(self, text: str) -> list[DeltaToolCall]:
+        """The piece that ``text`` (the call's text so far) adds to it, if any."""
+        name = None
+        if not self.began:
+            head = self._head.match(text)
+            if head is None:
+                return []
+            self.began, name, self.end = True, head.group(1), head.end() - 1
+        start = self.end
+        while self.end < len(text) and not self.done:
+            self._scan.step(text[self.end])
+            self.end += 1
+            self.done = self._scan.depth == 0
+        if name is None and start == self.end:
+            return []
+        return [call_piece(self.index, text[start:self.end], name)]
 
 
 # ---- hermes -------------------------------------------------------------------
 
 _START, _END = "<tool_call>", "</tool_call>"
+_HERMES_HEAD = _head("arguments")
 
 
-def _hermes_call(block: str) -> ToolCall | None:
+def _hermes_call(block: str) -> tuple[str, str] | None:
     try:
-        return _call(json.loads(block), "arguments")
+        value = json.loads(block)
     except ValueError:
         return None
+    return _call_of(value, block, len(block) - len(block.lstrip()), ("arguments",))
+
+
+class _Block:
+    """A ``<tool_call>`` block's text as it comes, up to its end: the first ``</tool_call>``
+    outside a JSON string."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.closed = False
+        self._read = 0           # the text before this is the block's: no </tool_call> starts in it
+        self._scan = _JsonScan()
+
+    def add(self, text: str) -> str:
+        """Takes in ``text``; what follows the block's end, once that has come."""
+        self.text += text
+        while self._read < len(self.text):
+            if self.text[self._read] == "<" and not self._scan.in_string:
+                tail = self.text[self._read:]
+                if tail.startswith(_END):
+                    self.text, self.closed = self.text[: self._read], True
+                    return tail[len(_END):]
+                if _END.startswith(tail):
+                    break
+            self._scan.step(self.text[self._read])
+            self._read += 1
+        return ""
+
+    @property
+    def known(self) -> str:
+        """The text known to be the block's so far."""
+        return self.text[: self._read]
 
 
 class HermesParser:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        stream = self.stream()
-        content, calls = stream.add(text)
-        rest, more = stream.finish()
-        return (content + rest) or None, calls + more
+        """Each whole block that is a call is one; other blocks, one cut short included, and the
+        text around the blocks are the content (its ends stripped)."""
+        content, calls, rest = "", [], text
+        while (start := rest.find(_START)) >= 0:
+            block = _Block()
+            after = block.add(rest[start + len(_START):])
+            if not block.closed:
+                break
+            call = _hermes_call(block.text)
+            if call is None:
+                content += rest[:start] + _START + block.text + _END
+            else:
+                content, calls = content + rest[:start], calls + [new_call(*call)]
+            rest = after
+        return (content + rest).strip() or None, calls
 
     def stream(self) -> HermesStream:
         return HermesStream()
@@ -81,38 +222,56 @@ class HermesParser:
 
 class HermesStream:
     """Content is the text outside the blocks with its ends stripped: whitespace is held until
-    more content follows it, and text that may be the start of ``<tool_call>`` until it is not."""
+    more content follows it, and text that may be the start of ``<tool_call>`` until it is not.
+
+    A block that ends within the text at hand is read whole: one piece with the whole call, or
+    content if it is not a call. One still open once the text at hand is read streams if it has
+    opened ``{"name": "...", "arguments": {``: the name goes out, then the arguments as they
+    come; what follows them is held to the block's end. From then on the block is a call: if it
+    ends as bad JSON, or the output ends inside it, the pieces sent stay sent and its text is not
+    content (vLLM does the same). A block that opens otherwise (``arguments`` before ``name``) is
+    held to its end and read whole."""
 
     def __init__(self) -> None:
-        self._buf = ""
-        self._in_call = False
+        self._buf = ""                           # text after the blocks read so far
+        self._block: _Block | None = None        # the block being read
+        self._call: _StreamedCall | None = None  # its call, if it streams
+        self._calls = 0                          # calls begun
         self._ws = ""              # trailing whitespace held until more content follows it
         self._started = False      # some content went out: whitespace before more content counts
 
-    def add(self, text: str) -> tuple[str, list[ToolCall]]:
+    def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         self._buf += text
-        out, calls = "", []
+        out, pieces = "", []
         while True:
-            if self._in_call:
-                end = self._buf.find(_END)
-                if end < 0:
-                    break
-                block, self._buf, self._in_call = self._buf[:end], self._buf[end + len(_END):], False
-                call = _hermes_call(block)
-                if call is not None:
-                    calls.append(call)
-                else:
-                    out += self._content(_START + block + _END)
-                continue
-            start = self._buf.find(_START)
-            if start < 0:
-                held = partial_suffix(self._buf, [_START])
-                ready, self._buf = self._buf[: len(self._buf) - held], self._buf[len(self._buf) - held:]
-                out += self._content(ready)
-                break
-            out += self._content(self._buf[:start])
-            self._buf, self._in_call = self._buf[start + len(_START):], True
-        return out, calls
+            if self._block is None:
+                start = self._buf.find(_START)
+                if start < 0:
+                    held = partial_suffix(self._buf, [_START])
+                    ready, self._buf = self._buf[: len(self._buf) - held], self._buf[len(self._buf) - held:]
+                    return out + self._content(ready), pieces
+                out += self._content(self._buf[:start])
+                self._buf, self._block = self._buf[start + len(_START):], _Block()
+                self._call = _StreamedCall(_HERMES_HEAD, self._calls)
+            self._buf = self._block.add(self._buf)
+            if not self._block.closed:
+                return out, pieces + self._call.pieces(self._block.known)
+            content, more = self._close()
+            out, pieces = out + content, pieces + more
+
+    def _close(self) -> tuple[str, list[DeltaToolCall]]:
+        """The block has ended: the rest of its streamed call, the whole call, or content."""
+        block, call = self._block.text, self._call
+        self._block = self._call = None
+        if call.began:
+            self._calls += 1
+            return "", call.pieces(block)
+        found = _hermes_call(block)
+        if found is None:
+            return self._content(_START + block + _END), []
+        self._calls += 1
+        name, arguments = found
+        return "", [call_piece(call.index, arguments, name)]
 
     def _content(self, text: str) -> str:
         """``text`` as it may go out now: its trailing whitespace stays held."""
@@ -124,65 +283,85 @@ class HermesStream:
         self._started = self._started or bool(body)
         return body
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        rest = (_START if self._in_call else "") + self._buf
-        self._buf, self._in_call = "", False
+    def finish(self) -> tuple[str, list[DeltaToolCall]]:
+        streamed = self._call is not None and self._call.began
+        rest = "" if streamed else (_START + self._block.text if self._block else "") + self._buf
+        self._buf, self._block, self._call = "", None, None
         return self._content(rest), []
 
 
 # ---- llama3_json ----------------------------------------------------------------
 
 _PYTHON_TAG = "<|python_tag|>"
+_SEPARATORS = re.compile(r"[\s;]*")
+_LLAMA3_HEAD = _head("parameters|arguments")
+_LLAMA3_NEXT = _head("parameters|arguments", r"\s*\}[\s;]*")   # from the end of the previous call's arguments
 
 
-def _llama3_calls(text: str) -> list[ToolCall] | None:
-    """The calls of a whole answer that is only calls; None otherwise."""
+def _llama3_calls(text: str) -> list[tuple[str, str]] | None:
+    """The calls (names and arguments) of a whole answer that is only calls; None otherwise."""
     body = text.strip().removeprefix(_PYTHON_TAG).strip()
     decoder, calls, pos = json.JSONDecoder(), [], 0
     while pos < len(body):
         try:
-            value, pos = decoder.raw_decode(body, pos)
+            value, end = decoder.raw_decode(body, pos)
         except ValueError:
             return None
-        call = _call(value, "parameters" if isinstance(value, dict) and "parameters" in value else "arguments")
+        call = _call_of(value, body, pos, ("parameters", "arguments"))
         if call is None:
             return None
         calls.append(call)
-        while pos < len(body) and (body[pos].isspace() or body[pos] == ";"):
-            pos += 1
+        pos = _SEPARATORS.match(body, end).end()
     return calls or None
 
 
 class Llama3JsonParser:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         calls = _llama3_calls(text)
-        return (None, calls) if calls else (text or None, [])
+        return (None, [new_call(*c) for c in calls]) if calls else (text or None, [])
 
     def stream(self) -> Llama3JsonStream:
         return Llama3JsonStream()
 
 
 class Llama3JsonStream:
-    """An answer that opens with ``{`` or ``<|python_tag|>`` is held to its end (it may be calls);
-    any other goes out as it comes."""
+    """An answer that opens with ``{`` or ``<|python_tag|>`` may be calls: it is held, but each
+    call that opens ``{"name": "...", "parameters": {`` (or ``"arguments"``), where the previous
+    one's arguments closed, streams: its name goes out, then its arguments as they come. At the
+    end the answer is read whole: the calls that did not stream go out whole if it is all calls.
+    If it is not, the pieces already sent stay sent and the rest is not content (vLLM does the
+    same); an answer none of whose calls streamed is content, as in the finished reading. Any
+    other answer goes out as it comes."""
 
     def __init__(self) -> None:
         self._buf = ""
         self._calls: bool | None = None    # None: not known yet
+        self._at = 0                       # where the text of the call being read starts
+        self._call = _StreamedCall(_LLAMA3_HEAD, 0)
 
-    def add(self, text: str) -> tuple[str, list[ToolCall]]:
+    def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         self._buf += text
         if self._calls is None:
             head = self._buf.lstrip()
             if not head or (_PYTHON_TAG.startswith(head) and len(head) < len(_PYTHON_TAG)):
                 return "", []
             self._calls = head.startswith(("{", _PYTHON_TAG))
-        if self._calls:
-            return "", []
-        out, self._buf = self._buf, ""
-        return out, []
+            self._at = len(self._buf) - len(head.removeprefix(_PYTHON_TAG))
+        if not self._calls:
+            out, self._buf = self._buf, ""
+            return out, []
+        pieces = []
+        while True:
+            pieces += self._call.pieces(self._buf[self._at:])
+            if not self._call.done:
+                return "", pieces
+            self._at += self._call.end
+            self._call = _StreamedCall(_LLAMA3_NEXT, self._call.index + 1)
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
+    def finish(self) -> tuple[str, list[DeltaToolCall]]:
         text, self._buf = self._buf, ""
         calls = _llama3_calls(text) if self._calls is not False else None
-        return ("", calls) if calls else (text, [])
+        sent = self._call.index + self._call.began
+        if calls is None:
+            return ("", []) if sent else (text, [])
+        return "", [call_piece(i, arguments, name) for i, (name, arguments) in enumerate(calls[sent:], sent)]
