@@ -23,6 +23,7 @@ from typing import Protocol
 
 from baton.services.gateway.protocol import DeltaToolCall, ToolCall
 from baton.services.gateway.tokenizer import partial_suffix
+from baton.services.gateway.tool_json import JsonScan, StreamedCall, call_head, call_of
 from baton.services.gateway.tools import call_piece, new_call
 
 PARSERS = ("hermes", "llama3_json")
@@ -53,110 +54,10 @@ def make_parser(name: str) -> ToolParser:
     raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}")
 
 
-# ---- reading calls' JSON ---------------------------------------------------------
-
-_JSON_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _call_of(value: object, text: str, start: int, keys: tuple[str, ...]) -> tuple[str, str] | None:
-    """The name and arguments (their JSON text) of ``value``, decoded from the object at
-    ``start`` in ``text``, if it is a call ``{"name": ..., key: {...}}`` (``key`` the first of
-    ``keys`` it has; none: no arguments, ``{}``); None if it is not one."""
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    key = next((k for k in keys if k in value), None)
-    if key is None:
-        return value["name"], "{}"
-    if not isinstance(value[key], dict):
-        return None
-    return value["name"], _member_text(text, start, key)
-
-
-def _member_text(text: str, start: int, key: str) -> str:
-    """The JSON text of member ``key`` of the valid JSON object at ``start`` in ``text`` (the last
-    where the key repeats, as ``json.loads`` reads it)."""
-    decoder, pos, found = json.JSONDecoder(), start + 1, ""
-    while True:
-        pos = _JSON_WS.match(text, pos).end()
-        if text[pos] == "}":
-            return found
-        name, pos = decoder.raw_decode(text, pos)
-        pos = _JSON_WS.match(text, pos).end() + 1      # past the ':'
-        pos = _JSON_WS.match(text, pos).end()
-        _, end = decoder.raw_decode(text, pos)
-        if name == key:
-            found = text[pos:end]
-        pos = _JSON_WS.match(text, end).end()
-        if text[pos] == ",":
-            pos += 1
-
-
-class _JsonScan:
-    """Where JSON text read a character at a time stands: inside a string or not, and how deep
-    in objects and arrays."""
-
-    def __init__(self) -> None:
-        self.in_string = False
-        self.escaped = False       # the string's previous character was a backslash
-        self.depth = 0
-
-    def step(self, char: str) -> None:
-        if self.in_string:
-            if self.escaped:
-                self.escaped = False
-            elif char == "\\":
-                self.escaped = True
-            elif char == '"':
-                self.in_string = False
-        elif char == '"':
-            self.in_string = True
-        elif char in "{[":
-            self.depth += 1
-        elif char in "}]":
-            self.depth -= 1
-
-
-def _head(keys: str, lead: str = "") -> re.Pattern[str]:
-    """What opens a call that can stream, after ``lead``: ``{"name": "...", key: {`` with ``key``
-    one of ``keys`` (``|``-separated); the name (plain, without escapes) is its group."""
-    return re.compile(lead + r'\s*\{\s*"name"\s*:\s*"([^"\\\x00-\x1f]*)"\s*,\s*"(?:' + keys + r')"\s*:\s*\{')
-
-
-class _StreamedCall:
-    """One call's text as it comes, from where it may start: once it opens as ``head`` has it, a
-    first piece names it, and later pieces carry its arguments' text as it comes, up to the brace
-    that closes them."""
-
-    def __init__(self, head: re.Pattern[str], index: int) -> None:
-        self.index = index
-        self.began = False       # its first piece went out
-        self.done = False        # its arguments are closed
-        self.end = 0             # how far into the text the arguments have gone out
-        self._head = head
-        self._scan = _JsonScan()
-
-    def pieces(self, text: str) -> list[DeltaToolCall]:
-        """The piece that ``text`` (the call's text so far) adds to it, if any."""
-        name = None
-        if not self.began:
-            head = self._head.match(text)
-            if head is None:
-                return []
-            self.began, name, self.end = True, head.group(1), head.end() - 1
-        start = self.end
-        while self.end < len(text) and not self.done:
-            self._scan.step(text[self.end])
-            self.end += 1
-            self.done = self._scan.depth == 0
-        if name is None and start == self.end:
-            return []
-        return [call_piece(self.index, text[start:self.end], name)]
-
-
 # ---- hermes -------------------------------------------------------------------
 
 _START, _END = "<tool_call>", "</tool_call>"
-_HERMES_HEAD = _head("arguments")
+_HERMES_HEAD = call_head("arguments")
 
 
 def _hermes_call(block: str) -> tuple[str, str] | None:
@@ -164,7 +65,7 @@ def _hermes_call(block: str) -> tuple[str, str] | None:
         value = json.loads(block)
     except ValueError:
         return None
-    return _call_of(value, block, len(block) - len(block.lstrip()), ("arguments",))
+    return call_of(value, block, len(block) - len(block.lstrip()), ("arguments",))
 
 
 class _Block:
@@ -175,7 +76,7 @@ class _Block:
         self.text = ""
         self.closed = False
         self._read = 0           # the text before this is the block's: no </tool_call> starts in it
-        self._scan = _JsonScan()
+        self._scan = JsonScan()
 
     def add(self, text: str) -> str:
         """Takes in ``text``; what follows the block's end, once that has come."""
@@ -235,7 +136,7 @@ class HermesStream:
     def __init__(self) -> None:
         self._buf = ""                           # text after the blocks read so far
         self._block: _Block | None = None        # the block being read
-        self._call: _StreamedCall | None = None  # its call, if it streams
+        self._call: StreamedCall | None = None  # its call, if it streams
         self._calls = 0                          # calls begun
         self._ws = ""              # trailing whitespace held until more content follows it
         self._started = False      # some content went out: whitespace before more content counts
@@ -252,7 +153,7 @@ class HermesStream:
                     return out + self._content(ready), pieces
                 out += self._content(self._buf[:start])
                 self._buf, self._block = self._buf[start + len(_START):], _Block()
-                self._call = _StreamedCall(_HERMES_HEAD, self._calls)
+                self._call = StreamedCall(_HERMES_HEAD, self._calls)
             self._buf = self._block.add(self._buf)
             if not self._block.closed:
                 return out, pieces + self._call.pieces(self._block.known)
@@ -294,8 +195,8 @@ class HermesStream:
 
 _PYTHON_TAG = "<|python_tag|>"
 _SEPARATORS = re.compile(r"[\s;]*")
-_LLAMA3_HEAD = _head("parameters|arguments")
-_LLAMA3_NEXT = _head("parameters|arguments", r"\s*\}[\s;]*")   # from the end of the previous call's arguments
+_LLAMA3_HEAD = call_head("parameters|arguments")
+_LLAMA3_NEXT = call_head("parameters|arguments", r"\s*\}[\s;]*")   # from the end of the previous call's arguments
 
 
 def _llama3_calls(text: str) -> list[tuple[str, str]] | None:
@@ -307,7 +208,7 @@ def _llama3_calls(text: str) -> list[tuple[str, str]] | None:
             value, end = decoder.raw_decode(body, pos)
         except ValueError:
             return None
-        call = _call_of(value, body, pos, ("parameters", "arguments"))
+        call = call_of(value, body, pos, ("parameters", "arguments"))
         if call is None:
             return None
         calls.append(call)
@@ -337,7 +238,7 @@ class Llama3JsonStream:
         self._buf = ""
         self._calls: bool | None = None    # None: not known yet
         self._at = 0                       # where the text of the call being read starts
-        self._call = _StreamedCall(_LLAMA3_HEAD, 0)
+        self._call = StreamedCall(_LLAMA3_HEAD, 0)
 
     def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         self._buf += text
@@ -356,7 +257,7 @@ class Llama3JsonStream:
             if not self._call.done:
                 return "", pieces
             self._at += self._call.end
-            self._call = _StreamedCall(_LLAMA3_NEXT, self._call.index + 1)
+            self._call = StreamedCall(_LLAMA3_NEXT, self._call.index + 1)
 
     def finish(self) -> tuple[str, list[DeltaToolCall]]:
         text, self._buf = self._buf, ""
