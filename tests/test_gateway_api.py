@@ -1087,12 +1087,12 @@ def test_launcher_flags_build_the_config(monkeypatch) -> None:
     args = build_parser().parse_args([
         "--model-dir", str(DEMO_MODEL), "--port", "9123", "--prefill-addr", "h:1", "--prefill-addr", "h:2",
         "--decode-addr", "h:3", "--api-key", "sk-flag", "--max-queue", "7", "--block-size", "32", "--max-retries", "0",
-        "--tool-call-parser", "hermes",
+        "--tool-call-parser", "pythonic",
     ])
     config = config_from_args(args)
     assert config.served_model_name == DEMO_MODEL.name
     assert (config.port, config.max_queue, config.block_size, config.max_retries) == (9123, 7, 32, 0)
-    assert config.tool_call_parser == "hermes"
+    assert config.tool_call_parser == "pythonic"
     assert config.prefill_addrs == ["h:1", "h:2"] and config.decode_addrs == ["h:3"]
     assert config.api_keys == ["sk-flag", "sk-env1", "sk-env2"]
 

@@ -1,6 +1,7 @@
 """Tool-call parsers (tool_choice "auto"): what each reads in a finished text, and that reading
 the same text streamed, cut anywhere, gives the same content and calls: each call's first piece
-names it, and its pieces add up to its arguments, the model's own JSON text of them."""
+names it, and its pieces add up to its arguments, the model's own JSON text of them (pythonic:
+its literal keyword arguments as JSON, anything else in them making the answer content)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,21 @@ CASES = {
         ("  <|python", "  <|python", []),
         ("", None, []),
     ],
+    "pythonic": [
+        ('[get_weather(city="Verona", days=3), clock()]', None, [("get_weather", '{"city": "Verona", "days": 3}'), ("clock", "{}")]),
+        ('<|python_start|>[f(x=-1.5, n=-2, ok=True, no=False, none=None, items=[1, "a", []], d={"k": {"n": [False]}}, s="日本 \\"q\\"")]<|python_end|>',
+         None, [("f", '{"x": -1.5, "n": -2, "ok": true, "no": false, "none": null, "items": [1, "a", []], "d": {"k": {"n": [false]}}, "s": "日本 \\"q\\""}')]),
+        ("  [\n  get_weather(city='Verona'),\n  clock()\n]\n", None, [("get_weather", '{"city": "Verona"}'), ("clock", "{}")]),
+        # Not calls, so content: positional arguments, names, calls, sums, sets and tuples as values,
+        # an attribute call, **arguments, an argument twice, a number JSON cannot hold, no calls.
+        *[(refused, refused, []) for refused in (
+            '[get_weather("Verona")]', "[get_weather(city=verona)]", '[os.system("x")]', "[f(x=g())]", "[f(**kw)]",
+            "[f(x=1 + 2)]", "[f(x=1, x=2)]", "[f(x=1e999)]", "[f(d={1: 2})]", "[f(s={1, 2})]", "[f(t=(1, 2))]",
+            "[f(x=-True)]", "[]", "[1, 2]", "[f(x=1)", '<|python_start|>print("hi")<|python_end|>', "Call [f(x=1)] later",
+            "(f(x=1),)", "  <|python_st",
+        )],
+        ("", None, []),
+    ],
 }
 ALL = [(parser, *case) for parser, cases in CASES.items() for case in cases]
 
@@ -84,7 +100,7 @@ def test_parse_reads_content_and_calls(parser, text, content, calls) -> None:
     assert len({c.id for c in got_calls}) == len(got_calls)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(case=st.sampled_from(ALL), cuts=st.lists(st.integers(0, 200), max_size=12))
 def test_streamed_pieces_read_as_the_whole(case, cuts) -> None:
     parser, text, content, calls, *streamed = case
@@ -131,6 +147,15 @@ def test_a_streamed_call_that_turns_out_bad_stays_sent() -> None:
     assert assembled([d for _, deltas in steps for d in deltas]) == [("a", '{"x": 1}')]
     assert feed("hermes", [text]) == [(text, []), ("", [])]
     assert make_parser("hermes").parse(text) == (text, [])
+
+
+def test_pythonic_calls_go_out_whole_at_the_end() -> None:
+    """A pythonic answer is held to its end, then each call goes out in one piece."""
+    text = '[get_weather(city="Verona"), clock()]'
+    steps = feed("pythonic", list(text))
+    assert all(step == ("", []) for step in steps[:-1])
+    assert [(d.index, d.function.name, d.function.arguments) for d in steps[-1][1]] == [
+        (0, "get_weather", '{"city": "Verona"}'), (1, "clock", "{}")]
 
 
 def test_unknown_parser() -> None:

@@ -4,12 +4,15 @@ model family's format, as vLLM's ``--tool-call-parser`` reads them:
 * ``hermes`` (Qwen2.5, Qwen3, Hermes): each call is ``<tool_call>{"name": ..., "arguments":
   {...}}</tool_call>``; text outside the blocks is the message's content;
 * ``llama3_json`` (Llama 3.1 / 3.2): the whole answer is one or more ``{"name": ...,
-  "parameters": {...}}`` objects (``;``-separated), after an optional ``<|python_tag|>``.
+  "parameters": {...}}`` objects (``;``-separated), after an optional ``<|python_tag|>``;
+* ``pythonic`` (Llama 3.2, Llama 4, ToolACE): the whole answer is a Python list of calls,
+  ``[get_weather(city="Verona"), clock()]``, in ``<|python_start|>`` ... ``<|python_end|>`` or not.
 
 A parser reads a finished text (``parse``) or one streamed piece by piece (``stream``). A call's
-arguments are the model's own JSON text of them, as written. Streamed, content goes out as it
-comes, and a call as vLLM streams it: a first piece with its index, id and name once the text
-has opened ``{"name": "...", "arguments": {``, then its arguments' text as the model writes it.
+arguments are the model's own JSON text of them, as written (pythonic: its literal values as
+JSON). Streamed, content goes out as it comes, and a call as vLLM streams it: a first piece with
+its index, id and name once the text has opened ``{"name": "...", "arguments": {``, then its
+arguments' text as the model writes it (pythonic: each call whole, once the answer has ended).
 Both readings give the same content and calls, but for a call that streamed and then turned out
 not to be one (bad JSON, or the output ended inside it): its pieces were sent and stay sent, and
 its text is not sent again as content, where the finished reading makes that text content.
@@ -17,6 +20,7 @@ its text is not sent again as content, where the finished reading makes that tex
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from typing import Protocol
@@ -26,7 +30,7 @@ from baton.services.gateway.tokenizer import partial_suffix
 from baton.services.gateway.tool_json import JsonScan, StreamedCall, call_head, call_of
 from baton.services.gateway.tools import call_piece, new_call
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json", "pythonic")
 
 
 class ToolStream(Protocol):
@@ -51,7 +55,24 @@ def make_parser(name: str) -> ToolParser:
         return HermesParser()
     if name == "llama3_json":
         return Llama3JsonParser()
+    if name == "pythonic":
+        return PythonicParser()
     raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}")
+
+
+def _opens_with(text: str, starts: tuple[str, ...]) -> bool | None:
+    """Whether an answer opens with one of ``starts`` (after whitespace); None while it is all
+    whitespace or may yet grow into one of them."""
+    head = text.lstrip()
+    if not head or any(len(head) < len(s) and s.startswith(head) for s in starts):
+        return None
+    return head.startswith(starts)
+
+
+def _calls_or_content(text: str, calls: list[tuple[str, str]] | None) -> tuple[str | None, list[ToolCall]]:
+    """The finished reading of an answer that is calls only if it is all calls: ``calls`` (names
+    and arguments; None: it is not calls), or else all content."""
+    return (None, [new_call(*c) for c in calls]) if calls else (text or None, [])
 
 
 # ---- hermes -------------------------------------------------------------------
@@ -218,8 +239,7 @@ def _llama3_calls(text: str) -> list[tuple[str, str]] | None:
 
 class Llama3JsonParser:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        calls = _llama3_calls(text)
-        return (None, [new_call(*c) for c in calls]) if calls else (text or None, [])
+        return _calls_or_content(text, _llama3_calls(text))
 
     def stream(self) -> Llama3JsonStream:
         return Llama3JsonStream()
@@ -243,11 +263,10 @@ class Llama3JsonStream:
     def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         self._buf += text
         if self._calls is None:
-            head = self._buf.lstrip()
-            if not head or (_PYTHON_TAG.startswith(head) and len(head) < len(_PYTHON_TAG)):
+            self._calls = _opens_with(self._buf, ("{", _PYTHON_TAG))
+            if self._calls is None:
                 return "", []
-            self._calls = head.startswith(("{", _PYTHON_TAG))
-            self._at = len(self._buf) - len(head.removeprefix(_PYTHON_TAG))
+            self._at = len(self._buf) - len(self._buf.lstrip().removeprefix(_PYTHON_TAG))
         if not self._calls:
             out, self._buf = self._buf, ""
             return out, []
@@ -266,3 +285,81 @@ class Llama3JsonStream:
         if calls is None:
             return ("", []) if sent else (text, [])
         return "", [call_piece(i, arguments, name) for i, (name, arguments) in enumerate(calls[sent:], sent)]
+
+
+# ---- pythonic -------------------------------------------------------------------
+
+_PYTHON_START, _PYTHON_END = "<|python_start|>", "<|python_end|>"
+
+
+def _pythonic_calls(text: str) -> list[tuple[str, str]] | None:
+    """The calls (names and arguments) of a whole answer that is a Python list of calls by name
+    with literal keyword arguments; None otherwise. The text is parsed, never run: only literal
+    nodes are read, by ``_literal``."""
+    body = text.strip().removeprefix(_PYTHON_START).removesuffix(_PYTHON_END).strip()
+    try:
+        tree = ast.parse(body, mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return None
+        return [_pythonic_call(node) for node in tree.elts]
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+
+
+def _pythonic_call(node: ast.expr) -> tuple[str, str]:
+    """A call ``name(key=literal, ...)``: its name and its arguments as JSON text."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+        raise ValueError("not a call of a name with keyword arguments")
+    arguments = {k.arg: _literal(k.value) for k in node.keywords}
+    if None in arguments or len(arguments) < len(node.keywords):
+        raise ValueError("**arguments, or an argument given twice")
+    return node.func.id, json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+
+
+def _literal(node: ast.expr) -> object:
+    """A literal's value: a string, a number (negative too), True, False, None, or a list or a
+    dict (string keys) of literals."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float))):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
+            and type(node.operand.value) in (int, float):
+        return -node.operand.value
+    if isinstance(node, ast.List):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys):
+        return {k.value: _literal(v) for k, v in zip(node.keys, node.values)}
+    raise ValueError("not a literal")
+
+
+class PythonicParser:
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        return _calls_or_content(text, _pythonic_calls(text))
+
+    def stream(self) -> PythonicStream:
+        return PythonicStream()
+
+
+class PythonicStream:
+    """An answer that opens with ``[`` or ``<|python_start|>`` may be calls: it is held to its end,
+    then goes out as calls, each whole in one piece, or as content. Any other answer goes out as
+    it comes."""
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._calls: bool | None = None    # None: not known yet
+
+    def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
+        self._buf += text
+        if self._calls is None:
+            self._calls = _opens_with(self._buf, ("[", _PYTHON_START))
+        if self._calls is not False:
+            return "", []
+        out, self._buf = self._buf, ""
+        return out, []
+
+    def finish(self) -> tuple[str, list[DeltaToolCall]]:
+        text, self._buf = self._buf, ""
+        calls = _pythonic_calls(text) if self._calls is not False else None
+        if calls is None:
+            return text, []
+        return "", [call_piece(i, arguments, name) for i, (name, arguments) in enumerate(calls)]
