@@ -82,6 +82,7 @@ _HERMES_HEAD = call_head("arguments")
 
 
 def _hermes_call(block: str) -> tuple[str, str] | None:
+    """The call a whole block's text makes (its name and arguments); None if it is not one."""
     try:
         value = json.loads(block)
     except ValueError:
@@ -157,7 +158,7 @@ class HermesStream:
     def __init__(self) -> None:
         self._buf = ""                           # text after the blocks read so far
         self._block: _Block | None = None        # the block being read
-        self._call: StreamedCall | None = None  # its call, if it streams
+        self._call: StreamedCall | None = None   # its call, if it streams
         self._calls = 0                          # calls begun
         self._ws = ""              # trailing whitespace held until more content follows it
         self._started = False      # some content went out: whitespace before more content counts
