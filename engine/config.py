@@ -2,10 +2,63 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 DEFAULT_CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SCHEDULING_POLICIES = ("fcfs", "priority")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by n-gram prompt lookup (``engine/speculative.py``): up to
+    ``num_speculative_tokens`` proposed a step, found after the longest n-gram of
+    ``prompt_lookup_min`` to ``prompt_lookup_max`` tokens that the text ends with and has
+    written before."""
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    @classmethod
+    def from_json(cls, text: str) -> SpeculativeConfig:
+        """From vLLM's ``--speculative-config`` JSON: ``{"method": "ngram", "num_speculative_tokens":
+        k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` (the last two optional)."""
+        try:
+            fields = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"--speculative-config is not JSON: {exc}") from None
+        if not isinstance(fields, dict) or fields.pop("method", None) != "ngram":
+            raise ValueError('--speculative-config must be an object with "method": "ngram" (the only method here)')
+        known = {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        if set(fields) - known or "num_speculative_tokens" not in fields:
+            raise ValueError(f"--speculative-config takes num_speculative_tokens and optionally prompt_lookup_max / "
+                             f"prompt_lookup_min, got {sorted(fields)}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields.values()):
+            raise ValueError("--speculative-config's values must be integers")
+        return cls(**fields)
+
+    def to_json(self) -> str:
+        """What ``from_json`` reads back."""
+        return json.dumps({"method": "ngram", **dataclasses.asdict(self)})
+
+
+def speculative_config_arg(text: str) -> SpeculativeConfig:
+    """``--speculative-config``'s argparse type: the parse error as the command line's."""
+    try:
+        return SpeculativeConfig.from_json(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclass
@@ -18,7 +71,9 @@ class EngineConfig:
     unless ``enforce_eager``. With ``async_scheduling`` the host schedules and
     launches step n+1 before it reads step n's tokens back (``engine_core``).
     ``scheduling_policy``: "fcfs" (arrival order) or "priority" (each request's
-    ``priority``, lower first, then arrival; see ``scheduler``).
+    ``priority``, lower first, then arrival; see ``scheduler``). ``speculative``: propose
+    tokens by n-gram lookup and verify them in one step (``engine/speculative.py``); it
+    schedules synchronously, since a proposal needs the tokens read back.
     """
 
     block_size: int = 16
@@ -34,12 +89,15 @@ class EngineConfig:
     enforce_eager: bool = False            # never capture CUDA graphs
     async_scheduling: bool | None = None   # overlap host work with the device's step (None: on CUDA only)
     scheduling_policy: str = "fcfs"
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
+        if self.speculative is not None and self.async_scheduling:
+            raise ValueError("speculative decoding schedules synchronously: it cannot run with async_scheduling")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if not self.cuda_graph_batch_sizes or any(

@@ -45,6 +45,7 @@ from baton.engine.sampler import SampledTokens, Sampler, prompt_logprobs
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import Scheduler
 from baton.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, TokenLogprob
+from baton.engine.speculative import SpeculationStats
 from baton.engine.structured_output import StructuredOutputs
 
 if TYPE_CHECKING:
@@ -76,14 +77,17 @@ class ModelRunnerLike(Protocol):
 
 @dataclass
 class _Launched:
-    """A step whose sampled tokens are still on the device."""
+    """A step whose sampled tokens are still on the device: one row per sequence, or with a
+    speculative draft one per draft token and one more (``engine/speculative.py``)."""
 
     seqs: list[Sequence]      # the sequences it sampled, in row order
+    drafts: list[list[int]]   # each one's draft
     tokens: SampledTokens
 
     def feed(self, chunks: list[ScheduledChunk]) -> FedTokens | None:
         """Where the next step's ``chunks`` find their input tokens on the device: a chunk
-        of a sequence this step sampled computes that (pending) token."""
+        of a sequence this step sampled computes that (pending) token. Only async scheduling
+        feeds, and it never drafts: rows are sequences."""
         index = {seq: i for i, seq in enumerate(self.seqs)}
         rows = [index.get(chunk.seq, -1) for chunk in chunks]
         return FedTokens(self.tokens.token_ids, rows) if any(r >= 0 for r in rows) else None
@@ -97,6 +101,8 @@ class EngineStats:
     free_blocks: int
     used_blocks: int
     cached_blocks: int
+    spec_proposed_tokens: int = 0    # speculative decoding: draft tokens verified so far
+    spec_accepted_tokens: int = 0    # and of those, accepted
 
 
 class EngineCore:
@@ -122,7 +128,10 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}     # request_id -> its sequences
         self._request_of: dict[str, str] = {}              # seq_id -> request_id
         self.last_step_tokens = 0                          # tokens the last step computed (0: nothing to run)
-        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else config.device.startswith("cuda")
+        self.spec_stats = SpeculationStats()
+        # A speculative proposal needs the tokens read back: it schedules synchronously.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else config.device.startswith("cuda") and config.speculative is None)
         self._in_flight: _Launched | None = None           # a launched step whose tokens the host has not read
 
     # -- requests ---------------------------------------------------------------
@@ -292,38 +301,63 @@ class EngineCore:
         """Launch the sampling of a computed step and advance its chunks; the tokens
         stay on the device. A sequence the last read-back finished takes nothing (the
         step computed its row in vain)."""
-        sampling = [c.seq for c in chunks if c.samples]   # one logits row each; read before num_computed_tokens moves
-        rows = [i for i, seq in enumerate(sampling) if not seq.is_finished]
-        sampled = [sampling[i] for i in rows]
+        sampled: list[ScheduledChunk] = []    # read before num_computed_tokens moves
+        rows: list[int] = []                  # the logits rows sampled
+        row_seqs: list[Sequence] = []
+        offsets: list[int] = []               # each row's output index past the sequence's last
+        first = 0
+        for chunk in (c for c in chunks if c.samples):
+            width = 1 + len(chunk.draft)
+            if not chunk.seq.is_finished:
+                sampled.append(chunk)
+                rows += range(first, first + width)
+                row_seqs += [chunk.seq] * width
+                offsets += range(width)
+            first += width
         logits = result.logits
         if len(rows) < logits.shape[0]:
             logits = logits.index_select(0, to_device(torch.tensor(rows, dtype=torch.int64), logits.device))
-        tokens = self.sampler.sample(logits, sampled) if sampled else None
+        tokens = self.sampler.sample(logits, row_seqs, offsets) if sampled else None
         for chunk in chunks:
             seq = chunk.seq
             if seq.is_finished:
                 continue
             if result.prompt_logits:
                 self._record_prompt_logprobs(chunk, result.prompt_logits.get(seq.seq_id))
-            seq.num_computed_tokens += chunk.num_new_tokens
+            seq.num_computed_tokens += chunk.num_own_tokens     # a draft's part counts once accepted
             self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
-        for seq in sampled:
-            seq.num_pending_tokens = 1
-        return None if tokens is None else _Launched(sampled, tokens)
+        for chunk in sampled:
+            chunk.seq.num_pending_tokens = 1
+        if tokens is None:
+            return None
+        return _Launched([c.seq for c in sampled], [c.draft for c in sampled], tokens)
 
     def _read_back(self, launched: _Launched) -> list[Sequence]:
         """Wait for a launched step's tokens, append them and apply the stop checks.
-        A sequence aborted meanwhile takes nothing."""
+        A sequence aborted meanwhile takes nothing. A drafted sequence appends its rows'
+        tokens while each equals its draft's next token, and the first that does not; the
+        KV of the draft tokens so accepted counts as computed."""
         changed = []
-        for seq, token in zip(launched.seqs, launched.tokens.to_host()):
+        tokens = iter(launched.tokens.to_host())
+        for seq, draft in zip(launched.seqs, launched.drafts):
+            rows = [next(tokens) for _ in range(1 + len(draft))]
             seq.num_pending_tokens = 0
             if seq.is_finished:
                 continue
-            seq.output_token_ids.append(token.token_id)
-            seq.output_logprobs.append(token)
             changed.append(seq)
-        for seq in changed:
-            self._check_stop(seq)
+            accepted = 0
+            for token, proposed in zip(rows, [*draft, None]):
+                seq.output_token_ids.append(token.token_id)
+                seq.output_logprobs.append(token)
+                self._check_stop(seq)
+                if seq.is_finished or token.token_id != proposed:
+                    break
+                accepted += 1
+            if draft:
+                self.spec_stats.record(len(draft), accepted)
+            if accepted and not seq.is_finished:
+                seq.num_computed_tokens += accepted
+                self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
         return changed
 
     def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor | None) -> None:
@@ -388,6 +422,8 @@ class EngineCore:
             free_blocks=bm.num_free_blocks,
             used_blocks=bm.num_used_blocks,
             cached_blocks=bm.num_cached_blocks,
+            spec_proposed_tokens=self.spec_stats.proposed_tokens,
+            spec_accepted_tokens=self.spec_stats.accepted_tokens,
         )
 
     def drain_block_events(self) -> list[BlockEvent]:

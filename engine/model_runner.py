@@ -50,8 +50,9 @@ class FedTokens:
 
 @dataclass
 class ModelOutput:
-    """``logits``: ``[num_sampling_chunks, vocab]`` in the model's dtype, one row per chunk with
-    ``chunk.samples``, in chunk order. ``prompt_logits``: seq_id -> ``[num_new_tokens, vocab]``
+    """``logits``: ``[rows, vocab]`` in the model's dtype, for each chunk with ``chunk.samples``
+    in chunk order one row per position of its draft and one for its last own token, in token
+    order (the last row is the last token's). ``prompt_logits``: seq_id -> ``[num_new_tokens, vocab]``
     for prompt chunks of sequences that asked for prompt logprobs; row ``j`` predicts the
     token at position ``chunk.start + j + 1``."""
 
@@ -131,7 +132,8 @@ class ModelRunner:
         if fed is not None:
             fed.write(input_ids, [end - 1 for end in ends])
         hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, on_layer_done)
-        sample_rows = [ends[i] - 1 for i, chunk in enumerate(chunks) if chunk.samples]
+        sample_rows = [row for i, chunk in enumerate(chunks) if chunk.samples
+                       for row in range(ends[i] - 1 - len(chunk.draft), ends[i])]
         rows = to_device(torch.tensor(sample_rows, dtype=torch.int64), self.device)
         output = ModelOutput(logits=self.model.compute_logits(hidden.index_select(0, rows)))
         for i, chunk in enumerate(chunks):
@@ -148,7 +150,7 @@ class ModelRunner:
             if fed is not None and fed.rows[i] >= 0:
                 ids.append(0)
             else:
-                ids.extend(_chunk_token_ids(chunk.seq, chunk.start, chunk.num_new_tokens))
+                ids.extend(_chunk_token_ids(chunk.seq, chunk.start, chunk.num_own_tokens) + chunk.draft)
         vocab = self.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got one outside")

@@ -124,9 +124,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[TokenLogprob]:
         return self.sample(logits, seqs).to_host()
 
-    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SampledTokens:
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence], offsets: Seq[int] | None = None) -> SampledTokens:
         """Launch the sampling of one token per row (``logits`` in any float dtype, read as
-        float32); the results stay on the device."""
+        float32); the results stay on the device. Row ``i`` draws the token at output index
+        ``len(seqs[i].output_token_ids) + offsets[i]`` (a speculative draft's rows: 0, 1, ...)."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(seqs)} sequences")
         ks = [s.params.logprobs or 0 for s in seqs]
@@ -138,7 +139,7 @@ class Sampler:
             if self._needs_processing(seq):
                 self._process(processed[i], seq)
         mask_logits(processed, [seq.grammar for seq in seqs])
-        return _to_logprobs(logits, self._sample(processed, seqs), ks, lse)
+        return _to_logprobs(logits, self._sample(processed, seqs, offsets or [0] * len(seqs)), ks, lse)
 
     @staticmethod
     def _needs_processing(seq: Sequence) -> bool:
@@ -189,14 +190,15 @@ class Sampler:
             row[to_device(torch.tensor(banned, dtype=torch.long), device)] = float("-inf")
 
     @staticmethod
-    def _sample(processed: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+    def _sample(processed: torch.Tensor, seqs: Seq[Sequence], offsets: Seq[int]) -> torch.Tensor:
         """Greedy rows take the argmax; the others race seeded exponential noise
         against their filtered probabilities."""
         device = processed.device
         greedy = to_device(torch.tensor([s.params.greedy for s in seqs]), device)
         temps = to_device(torch.tensor([max(s.params.temperature, MIN_TEMPERATURE) for s in seqs]), device)
         probs = _filtered_probs(processed / temps.unsqueeze(1), seqs)
-        seeds = to_device(torch.tensor([sample_seed(s.seed, len(s.output_token_ids)) for s in seqs], dtype=torch.int64), device)
+        seeds = [sample_seed(s.seed, len(s.output_token_ids) + offset) for s, offset in zip(seqs, offsets)]
+        seeds = to_device(torch.tensor(seeds, dtype=torch.int64), device)
         return torch.where(greedy, processed.argmax(dim=-1), ops.exponential_race(probs, seeds))
 
 

@@ -25,6 +25,10 @@ With the "priority" policy (vLLM's), a sequence's rank is ``(priority, arrival)`
 first, in place of its arrival alone: the best-ranked waiting sequence is admitted next
 (nothing jumps it while it waits for blocks), and the worst-ranked running one is preempted.
 Under "fcfs" every priority is 0, so both orders are the arrival order.
+
+With speculative decoding (``EngineConfig.speculative``), a decode that proposes tokens
+(``engine/speculative.py``) computes them after its own, as far as the step's budget and
+the pool allow without preempting anyone for them.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from baton.engine.block_manager import BlockManager
 from baton.engine.config import EngineConfig
 from baton.engine.sequence import ScheduledChunk, SchedulerOutput, Sequence, SequenceStatus, TokenLogprob
+from baton.engine.speculative import propose
 
 
 @dataclass
@@ -97,18 +102,29 @@ class Scheduler:
             # A decode computes a generated token; a prompt's last token alone is still a prefill
             # chunk (the model runner gives the decode kernel only the leading decodes).
             if todo == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
-                decodes.append((seq, todo))
+                decodes.append((seq, todo, True))
             elif todo >= 1:
-                prefills.append((seq, todo))
-        for seq, todo in decodes + prefills:
+                prefills.append((seq, todo, False))
+        for seq, todo, decode in decodes + prefills:
             if budget.tokens == 0:
                 return
             if seq.status is not SequenceStatus.RUNNING:
                 continue                              # preempted earlier in this step
-            num_new = min(todo, budget.tokens)
+            draft = self._draft(seq, budget) if decode else []
+            num_new = min(todo, budget.tokens) + len(draft)
             if self._make_room(seq, num_new, out, budget):
-                out.chunks.append(ScheduledChunk(seq, num_new))
+                out.chunks.append(ScheduledChunk(seq, num_new, draft))
                 budget.tokens -= num_new
+
+    def _draft(self, seq: Sequence, budget: _Budget) -> list[int]:
+        """A decode's speculative proposal, cut to the step's budget; [] if it has none or the
+        pool has no free slots for it."""
+        if self.config.speculative is None:
+            return []
+        draft = propose(seq, self.config.speculative)[: budget.tokens - 1]
+        if draft and not self.block_manager.append_slots(seq, 1 + len(draft)):
+            return []
+        return draft
 
     def _rank(self, seq: Sequence) -> tuple[int, int]:
         return seq.priority, self._order[seq.seq_id]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from baton.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from baton.engine.speculative import NgramIndex
     from baton.engine.structured_output import Grammar
 
 
@@ -55,6 +56,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     grammar: Grammar | None = None        # structured output: advanced over each appended token
     priority: int = 0                     # with the "priority" policy: lower is scheduled first
+    ngram_index: NgramIndex | None = None  # speculative decoding: where its n-grams occurred
 
     @property
     def token_ids(self) -> list[int]:
@@ -77,18 +79,27 @@ class Sequence:
 class ScheduledChunk:
     """Compute ``seq.token_ids[start : start + num_new_tokens]`` this step, where
     ``start == seq.num_computed_tokens`` when the step was scheduled. The chunk
-    samples a token when it reaches the end of the sequence."""
+    samples a token when it reaches the end of the sequence. A decode chunk may carry a
+    speculative ``draft``: tokens proposed to follow, computed after the sequence's own
+    and counted in ``num_new_tokens``; it samples one token per position of the draft
+    too (``engine/speculative.py``)."""
 
     seq: Sequence
     num_new_tokens: int
+    draft: list[int] = field(default_factory=list)
 
     @property
     def start(self) -> int:
         return self.seq.num_computed_tokens
 
     @property
+    def num_own_tokens(self) -> int:
+        """The sequence's own tokens this chunk computes (the rest is its draft)."""
+        return self.num_new_tokens - len(self.draft)
+
+    @property
     def samples(self) -> bool:
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+        return self.start + self.num_own_tokens == self.seq.num_tokens
 
 
 @dataclass

@@ -14,10 +14,11 @@ import torch
 import xgrammar as xgr
 from transformers import AutoModelForCausalLM
 
+from roles import prefill_then_decode
+
 from baton.engine.engine_core import EngineCore
 from baton.engine.llm import LLM
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
-from baton.services.prefill.server import prefill_params
 
 pytestmark = pytest.mark.model
 
@@ -151,31 +152,8 @@ def test_prefill_then_decode_equals_one_process(demo_model, llm, kind):
     params = SamplingParams(temperature=0, max_tokens=48, structured_output=SPECS[kind])
     prompt = llm.tokenizer(PROMPTS[0]).input_ids
     whole = llm.generate(prompt, params)[0].outputs[0]
-    seq = prefill_then_decode(demo_model, prompt, params)
+    seq, _ = prefill_then_decode(demo_model, prompt, params)
     assert seq.output_token_ids == whole.token_ids and seq.finish_reason == whole.finish_reason == "stop"
-
-
-def prefill_then_decode(demo_model, prompt: list[int], params: SamplingParams):
-    """One request through a prefill-role engine and a decode-role one, as the workers run it;
-    the decode side's finished sequence. Both engines are left holding no blocks."""
-    prefill_llm, decode_llm = LLM(demo_model, block_size=4), LLM(demo_model, block_size=4)
-    c = prefill_llm.core
-    prefill = EngineCore(c.runner, c.config, sorted(c.eos_token_ids), "demo", keep_finished_blocks=True,
-                         structured_outputs=c.structured_outputs)
-    (first,) = prefill.add_request("r", prompt, prefill_params(params))
-    while prefill.has_unfinished():
-        prefill.step()
-    decode = decode_llm.core
-    reserved = decode.reserve("r", prompt, params)
-    blocks = -(-len(prompt) // 4)
-    for src, dst in zip(prefill.runner.kv_caches, decode.runner.kv_caches):
-        dst[reserved.block_table[:blocks]] = src[first.block_table[:blocks]]
-    prefill.release("r")
-    seq = decode.activate("r", first.output_logprobs[0])
-    while decode.has_unfinished():
-        decode.step()
-    assert prefill.stats().used_blocks == decode.stats().used_blocks == 0
-    return seq
 
 
 # A reasoning model's thinking ends with these tokens (" thou Rome"): the grammar binds only
@@ -220,7 +198,7 @@ def test_a_grammar_after_reasoning_resumes_and_splits_roles_as_one_process(demo_
         while llm.core.has_unfinished():
             llm.core.step()
         assert seq.output_token_ids == whole.token_ids and seq.finish_reason == "stop", k
-    seq = prefill_then_decode(demo_model, prompt, params)
+    seq, _ = prefill_then_decode(demo_model, prompt, params)
     assert seq.output_token_ids == whole.token_ids and seq.finish_reason == "stop"
     with pytest.raises(ValueError, match="token ids must be ints"):
         llm.core.add_request("bad-end", prompt, SamplingParams(structured_output=replace(spec, reasoning_end=(1 << 20,))))
