@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from baton.engine.config import SCHEDULING_POLICIES
+from baton.engine.config import SCHEDULING_POLICIES, speculative_config_arg
 from baton.engine.loader import resolve_model_dir
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from baton.services.gateway.tool_parsers import PARSERS
@@ -80,6 +80,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
             port = free_port()
             addrs.append(f"127.0.0.1:{port}")
             kv = ["--kv-transport", args.kv_transport] if role == "decode" else []
+            if role == "decode" and args.speculative_config is not None:
+                kv += ["--speculative-config", args.speculative_config.to_json()]
             metrics = []
             if args.worker_metrics:
                 metrics_port = free_port()
@@ -202,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc", help="how KV moves from prefill to decode")
     p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                    help="the workers' order: fcfs (arrival) or priority (each request's priority, lower first)")
+    p.add_argument("--speculative-config", type=speculative_config_arg, default=None,
+                   help='the decode workers\' speculative decoding by n-gram lookup, as vLLM takes it: '
+                        '\'{"method": "ngram", "num_speculative_tokens": 4}\' (default: off)')
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from baton.engine.config import SCHEDULING_POLICIES, EngineConfig
+from baton.engine.config import SCHEDULING_POLICIES, EngineConfig, speculative_config_arg
 from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
@@ -82,6 +82,9 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
         p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc",
                        help="how prefill workers send KV here: a gRPC stream on --port, or UCX on --kv-port")
         p.add_argument("--kv-port", type=int, default=0, help="UCX listener port (0: any free port); it listens on every interface")
+        p.add_argument("--speculative-config", type=speculative_config_arg, default=None,
+                       help='speculative decoding by n-gram lookup, as vLLM takes it: \'{"method": "ngram", '
+                            '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (default: off)')
     return p
 
 
@@ -109,6 +112,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         dtype=args.dtype,
         async_scheduling=args.async_scheduling,
         scheduling_policy=args.scheduling_policy,
+        speculative=getattr(args, "speculative_config", None),
     )
     runner = ModelRunner(args.model, config)
     fingerprint = model_fingerprint(runner.model_dir)

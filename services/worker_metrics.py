@@ -9,7 +9,7 @@ totals); this is the per-worker view an operator scales and places by.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from baton.engine.engine_core import EngineStats
@@ -56,7 +56,11 @@ class LoadCollector(Collector):
         blocks.add_metric(["free"], s.free_blocks)
         usage = GaugeMetricFamily("baton_worker_kv_usage_ratio", "Used KV cache blocks / all blocks.")
         usage.add_metric([], s.used_blocks / s.total_blocks if s.total_blocks else 0.0)
-        yield from (requests, blocks, usage)
+        spec = CounterMetricFamily("baton_worker_spec_decode_tokens", "Speculative draft tokens verified, and accepted.",
+                                   labels=["kind"])
+        spec.add_metric(["proposed"], s.spec_proposed_tokens)
+        spec.add_metric(["accepted"], s.spec_accepted_tokens)
+        yield from (requests, blocks, usage, spec)
 
 
 def serve_metrics(port: int, host: str, stats, registry: CollectorRegistry) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from baton.engine.config import SpeculativeConfig
 from baton.services import launcher
 from baton.services.worker import worker_arg_parser
 
@@ -29,12 +30,16 @@ def _resolve(value: str) -> str:
 
 def _argv(service: dict, **env_overrides: str) -> list[str]:
     """The service's command as argv, its ``$$VAR`` references filled from its environment (as sh
-    fills them: a quoted one is one word, an unquoted one as many words as it holds)."""
+    fills them: a quoted one is one word; an unquoted one as many words as its value has between
+    whitespace, quotes in it kept as they are)."""
     command = service["command"]
     assert command.startswith("sh -c '"), command
     inner = command.removeprefix("sh -c '").removesuffix("'")
     env = {k: _resolve(v) for k, v in service["environment"].items()} | env_overrides
-    return shlex.split(re.sub(r"\$\$(\w+)", lambda m: env[m.group(1)], inner))[1:]  # drop "exec"
+    inner = re.sub(r'"\$\$(\w+)"', lambda m: shlex.quote(env[m.group(1)]), inner)
+    words = shlex.split(re.sub(r"\$\$(\w+)", r"@@\1@@", inner))
+    expanded = [w for word in words for w in (env[word[2:-2]].split() if re.fullmatch(r"@@\w+@@", word) else [word])]
+    return expanded[1:]  # drop "exec"
 
 
 def _plan() -> launcher.Plan:
@@ -62,7 +67,10 @@ def test_worker_commands_parse_with_default_ports(compose, role, port):
     priority = worker_arg_parser(role, default_port=port).parse_args(_argv(service, SCHEDULING_POLICY="priority")[4:])
     assert priority.scheduling_policy == "priority"
     if role == "decode":  # KV arrives over gRPC on the worker's port unless KV_TRANSPORT=ucx picks UCX's
-        assert (args.kv_transport, args.kv_port) == ("grpc", 50062)
+        assert (args.kv_transport, args.kv_port, args.speculative_config) == ("grpc", 50062, None)
+        spec = '{"method":"ngram","num_speculative_tokens":4}'
+        more = worker_arg_parser(role, default_port=port).parse_args(_argv(service, DECODE_FLAGS=f"--speculative-config {spec}")[4:])
+        assert more.speculative_config == SpeculativeConfig(num_speculative_tokens=4)
         assert service["ports"] == [f"{port}:{port}", "50062:50062", f"{metrics}:{metrics}"]
     else:
         assert service["ports"] == [f"{port}:{port}", f"{metrics}:{metrics}"]

@@ -474,6 +474,38 @@ def test_workers_killed_mid_burst_resume_every_request(system, demo_model):
     assert after.choices[0].text.startswith(", Romeo! wherefore art thou Romeo?")
 
 
+def test_speculative_decode_workers_stream_what_one_token_a_step_gives(demo_model):
+    """Decode workers speculating by n-gram lookup (``baton up --speculative-config``) stream
+    exactly what the aggregated engine writes one token a step, greedy and seeded, and count
+    the drafts they accepted in their metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    line = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name.\n\n"
+    prompts = [line * 3, line * 2 + "JULIET:\nO Romeo,"]
+    llm = LLM(demo_model)
+    system = System(demo_model, "grpc", prefill=1, decode=1, decode_flags=("--no-async-scheduling", "--speculative-config", spec))
+    try:
+        for params, extra in [(SamplingParams(temperature=0, max_tokens=96, ignore_eos=True), {"ignore_eos": True}),
+                              (SamplingParams(temperature=0.9, seed=4, max_tokens=64), {"seed": 4})]:
+            want = [o.outputs[0].text for o in llm.generate(prompts, params)]
+            for prompt, expected in zip(prompts, want):
+                out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=params.max_tokens,
+                                                       temperature=params.temperature, extra_body=extra)
+                assert out.choices[0].text == expected
+                chunks = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=params.max_tokens,
+                                                          temperature=params.temperature, extra_body=extra, stream=True)
+                assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+        (decode_addr,) = system.worker_addrs("decode")
+        text = httpx.get(system.plan.metrics[("decode", decode_addr)], timeout=5).text
+        spec_tokens = {s.labels["kind"]: s.value for family in text_string_to_metric_families(text)
+                       for s in family.samples if s.name == "baton_worker_spec_decode_tokens_total"}
+        assert spec_tokens["proposed"] >= spec_tokens["accepted"] > 0
+    finally:
+        system.stop()
+
+
 def test_a_decode_worker_shutting_down_leaves_its_requests_to_resume(demo_model):
     """SIGTERM to one of two decode workers (grace 1 s) while eight streams are a few tokens
     in: when the grace ends, gRPC cancels the streams it still holds UNAVAILABLE, and every
