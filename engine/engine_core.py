@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 class ModelOutputLike(Protocol):
     logits: torch.Tensor                     # [num sampling chunks, vocab]
     prompt_logits: dict[str, torch.Tensor]   # seq_id -> [num_new_tokens, vocab]
+    pooled: dict[str, torch.Tensor]          # seq_id -> [hidden_size]
 
 
 LayerHook = Callable[[int, list[ScheduledChunk]], None]
@@ -239,6 +240,16 @@ class EngineCore:
         return self.scheduler.has_unfinished() or bool(self.pending)
 
     # -- roles --------------------------------------------------------------------
+    def add_embedding_request(self, request_id: str, prompt_token_ids: list[int], priority: int = 0) -> Sequence:
+        """Queue an embedding request: its prompt is computed (chunked, over the prefix cache
+        like any other) and its last token's final hidden state, L2-normalized, becomes
+        ``seq.embedding``; it then finishes ("stop") with no output."""
+        (seq,) = self._new_sequences(request_id, prompt_token_ids, SamplingParams(max_tokens=1), [], priority)
+        seq.pooling = True
+        self.scheduler.add(seq)
+        self._track(request_id, [seq])
+        return seq
+
     def reserve(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None,
         priority: int = 0,
@@ -289,6 +300,8 @@ class EngineCore:
             result = self.runner.execute(out.chunks, hook, fed)
         changed = self._read_back(previous) if previous is not None else []
         launched = self._sample(out.chunks, result) if result is not None else None
+        if result is not None and result.pooled:
+            changed += self._pool(out.chunks, result.pooled)
         if launched is not None:
             if self.async_scheduling and on_layer_done is None:
                 self._in_flight = launched
@@ -331,6 +344,15 @@ class EngineCore:
         if tokens is None:
             return None
         return _Launched([c.seq for c in sampled], [c.draft for c in sampled], tokens)
+
+    def _pool(self, chunks: list[ScheduledChunk], pooled: dict[str, torch.Tensor]) -> list[Sequence]:
+        """Finish the embedding requests whose prompts this step completed."""
+        done = [c.seq for c in chunks if c.seq.seq_id in pooled and not c.seq.is_finished]
+        for seq in done:
+            seq.embedding = torch.nn.functional.normalize(pooled[seq.seq_id].float(), dim=0).tolist()
+            self.scheduler.finish(seq, "stop")
+            self._forget_if_done(seq)
+        return done
 
     def _read_back(self, launched: _Launched) -> list[Sequence]:
         """Wait for a launched step's tokens, append them and apply the stop checks.

@@ -87,6 +87,19 @@ class LLM:
             self.core.step()
         return [self._output(request_id, seqs) for request_id, seqs in requests]
 
+    def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
+        """Each prompt's embedding: its last token's final hidden state, L2-normalized (last-token
+        pooling, as decoder embedding models such as Qwen3-Embedding are read)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        seqs = []
+        for prompt in prompts:
+            token_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+            seqs.append(self.core.add_embedding_request(str(next(self._ids)), token_ids))
+        while self.core.has_unfinished():
+            self.core.step()
+        return [seq.embedding for seq in seqs]
+
     def _output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         outputs = [
             CompletionOutput(

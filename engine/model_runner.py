@@ -54,10 +54,12 @@ class ModelOutput:
     in chunk order one row per position of its draft and one for its last own token, in token
     order (the last row is the last token's). ``prompt_logits``: seq_id -> ``[num_new_tokens, vocab]``
     for prompt chunks of sequences that asked for prompt logprobs; row ``j`` predicts the
-    token at position ``chunk.start + j + 1``."""
+    token at position ``chunk.start + j + 1``. ``pooled``: seq_id -> the last token's final
+    hidden state ``[hidden_size]``, for chunks with ``chunk.pools``."""
 
     logits: torch.Tensor
     prompt_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -135,9 +137,12 @@ class ModelRunner:
         sample_rows = [row for i, chunk in enumerate(chunks) if chunk.samples
                        for row in range(ends[i] - 1 - len(chunk.draft), ends[i])]
         rows = to_device(torch.tensor(sample_rows, dtype=torch.int64), self.device)
-        output = ModelOutput(logits=self.model.compute_logits(hidden.index_select(0, rows)))
+        output = ModelOutput(logits=self.model.compute_logits(hidden.index_select(0, rows)) if sample_rows
+                             else hidden.new_empty((0, self.vocab_size)))
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
+            if chunk.pools:
+                output.pooled[seq.seq_id] = hidden[ends[i] - 1]
             if seq.params.prompt_logprobs is not None and chunk.start < seq.num_prompt_tokens:
                 chunk_hidden = hidden[ends[i] - chunk.num_new_tokens : ends[i]]
                 output.prompt_logits[seq.seq_id] = self.model.compute_logits(chunk_hidden)

@@ -57,6 +57,8 @@ class Sequence:
     grammar: Grammar | None = None        # structured output: advanced over each appended token
     priority: int = 0                     # with the "priority" policy: lower is scheduled first
     ngram_index: NgramIndex | None = None  # speculative decoding: where its n-grams occurred
+    pooling: bool = False                 # an embedding request: its prompt's last hidden state, no output
+    embedding: list[float] | None = None  # a pooling sequence's, once its prompt is computed
 
     @property
     def token_ids(self) -> list[int]:
@@ -79,7 +81,8 @@ class Sequence:
 class ScheduledChunk:
     """Compute ``seq.token_ids[start : start + num_new_tokens]`` this step, where
     ``start == seq.num_computed_tokens`` when the step was scheduled. The chunk
-    samples a token when it reaches the end of the sequence. A decode chunk may carry a
+    samples a token when it reaches the end of the sequence (a pooling one's ``pools``
+    instead: its last hidden state is the embedding). A decode chunk may carry a
     speculative ``draft``: tokens proposed to follow, computed after the sequence's own
     and counted in ``num_new_tokens``; it samples one token per position of the draft
     too (``engine/speculative.py``)."""
@@ -99,7 +102,11 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        return self.start + self.num_own_tokens == self.seq.num_tokens
+        return self.start + self.num_own_tokens == self.seq.num_tokens and not self.seq.pooling
+
+    @property
+    def pools(self) -> bool:
+        return self.start + self.num_own_tokens == self.seq.num_tokens and self.seq.pooling
 
 
 @dataclass

@@ -40,6 +40,7 @@ def logits_after(token: int) -> torch.Tensor:
 class FakeOutput:
     logits: torch.Tensor
     prompt_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

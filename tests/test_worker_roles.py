@@ -26,6 +26,7 @@ VOCAB, EOS = 8, 2
 class Output:
     logits: torch.Tensor
     prompt_logits: dict = field(default_factory=dict)
+    pooled: dict = field(default_factory=dict)
 
 
 @dataclass
