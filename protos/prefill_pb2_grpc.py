@@ -40,6 +40,11 @@ class PrefillStub:
                 request_serializer=baton_dot_protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_prefill__pb2.PrefillReply.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/baton.v1.Prefill/Embed',
+                request_serializer=baton_dot_protos_dot_prefill__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_prefill__pb2.EmbedReply.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.Prefill/Abort',
                 request_serializer=baton_dot_protos_dot_common__pb2.AbortRequest.SerializeToString,
@@ -56,6 +61,12 @@ class PrefillServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +91,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=baton_dot_protos_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=baton_dot_protos_dot_prefill__pb2.PrefillReply.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=baton_dot_protos_dot_prefill__pb2.EmbedRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_prefill__pb2.EmbedReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -119,6 +135,33 @@ class Prefill:
             '/baton.v1.Prefill/Prefill',
             baton_dot_protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
             baton_dot_protos_dot_prefill__pb2.PrefillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Prefill/Embed',
+            baton_dot_protos_dot_prefill__pb2.EmbedRequest.SerializeToString,
+            baton_dot_protos_dot_prefill__pb2.EmbedReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,7 @@ class SeqUpdate:
     finish_reason: str | None
     num_cached_tokens: int
     prompt_logprobs: list[TokenLogprob]
+    embedding: list[float] | None = None     # an embedding request's, once computed
 
 
 def _tokens_since(seq: Sequence, start: int) -> list[TokenLogprob]:
@@ -178,4 +179,5 @@ class EngineLoop:
             finish_reason=seq.finish_reason if seq.is_finished else None,
             num_cached_tokens=seq.num_cached_tokens,
             prompt_logprobs=list(seq.prompt_logprobs) if start == 0 else [],
+            embedding=seq.embedding,
         )

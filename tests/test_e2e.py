@@ -24,7 +24,7 @@ import redis
 from baton.engine.hashing import block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
-from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from baton.services import launcher
 from baton.services.gateway import tools
 from baton.services.gateway.protocol import ChatCompletionRequest
@@ -172,6 +172,26 @@ def test_request_priority_follows_the_workers_policy(system, reference, demo_mod
     else:
         with pytest.raises(openai.BadRequestError, match="scheduling-policy priority"):
             create(2)
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+
+
+def test_embeddings_come_from_the_prefill_workers(system, demo_model):
+    """/v1/embeddings through the OpenAI client (which asks for base64) and as floats: what the
+    aggregated engine pools; the prompts' blocks are left to the prefix cache, none in use."""
+    texts = [PROMPTS[0], PROMPTS[2] * 3, "x"]
+    want = LLM(demo_model).embed(texts)
+    out = system.client.embeddings.create(model=MODEL_NAME, input=texts)
+    assert [d.index for d in out.data] == [0, 1, 2]
+    for got, expected in zip(out.data, want):
+        assert got.embedding == pytest.approx(expected, abs=1e-5)
+    floats = httpx.post(f"{system.plan.url}/v1/embeddings", json={"model": MODEL_NAME, "input": texts[1]}, timeout=60).json()
+    assert floats["data"][0]["embedding"] == pytest.approx(want[1], abs=1e-5)
+    tokens = httpx.post(f"{system.plan.url}/tokenize", json={"model": MODEL_NAME, "prompt": texts[1]}, timeout=60).json()
+    assert floats["usage"] == {"prompt_tokens": tokens["count"], "total_tokens": tokens["count"]}
+    with grpc.insecure_channel(system.worker_addrs("prefill")[0]) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            prefill_pb2_grpc.PrefillStub(channel).Embed(prefill_pb2.EmbedRequest(request_id="e", prompt_token_ids=[]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty prompt" in caught.value.details()
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 

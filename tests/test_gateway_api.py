@@ -6,9 +6,11 @@ real uvicorn."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -24,7 +26,9 @@ from baton.engine.sampling_params import StructuredOutputParams
 from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import app as app_module, tools
 from baton.services.gateway.app import create_app
-from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
+from baton.services.gateway.backend import (
+    Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
+)
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from baton.services.gateway.serving import OpenAIServing
@@ -57,6 +61,7 @@ class FakeBackend(Backend):
         self.error = error
         self.fail_after = fail_after
         self.requests: list[GenerationRequest] = []
+        self.embeds: list[EmbedRequest] = []
         self.events: list[tuple[str, str]] = []   # ("start" | "chunk", request id), in order
         self.aborted: list[str] = []
         self.finished: list[str] = []
@@ -104,6 +109,16 @@ class FakeBackend(Backend):
         finally:
             if request.request_id not in self.finished:
                 self.aborted.append(request.request_id)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """A unit vector made from the prompt's tokens."""
+        self.embeds.append(request)
+        if self.error is not None:
+            raise self.error
+        ids = request.prompt_token_ids
+        raw = [float(len(ids)), float(sum(ids) % 97), float(ids[0]), float(ids[-1])]
+        norm = sum(v * v for v in raw) ** 0.5
+        return EmbedResult([v / norm for v in raw], len(ids), self.cached_tokens)
 
     async def ready(self) -> bool:
         return self.is_ready
@@ -1141,3 +1156,49 @@ async def test_shutdown_does_not_wait_forever_for_the_backend(tok, monkeypatch, 
         async with app.router.lifespan_context(app):
             pass
     assert "did not close within 0.2 s" in caplog.text
+
+
+# ---- embeddings ---------------------------------------------------------------
+
+async def test_embeddings_answer_each_input_in_order_as_floats_or_base64(tok) -> None:
+    backend = FakeBackend(tok, cached_tokens=2)
+    texts = ["O Romeo", "But, soft!", "HAMLET:"]
+    response = await post(backend, tok, "/v1/embeddings", {"model": MODEL, "input": texts, "priority": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    ids = [tok.encode(t) for t in texts]
+    assert [r.prompt_token_ids for r in sorted(backend.embeds, key=lambda r: r.request_id)] == ids
+    assert {r.priority for r in backend.embeds} == {2}
+    want = [(await FakeBackend(tok).embed(EmbedRequest("x", i))).embedding for i in ids]
+    assert body["object"] == "list" and body["model"] == MODEL
+    assert [(d["object"], d["index"]) for d in body["data"]] == [("embedding", i) for i in range(3)]
+    assert [d["embedding"] for d in body["data"]] == want
+    assert body["usage"] == {"prompt_tokens": sum(map(len, ids)), "total_tokens": sum(map(len, ids))}
+    packed = await post(FakeBackend(tok), tok, "/v1/embeddings", {"model": MODEL, "input": texts, "encoding_format": "base64"})
+    decoded = [list(struct.unpack(f"<{len(w)}f", base64.b64decode(d["embedding"]))) for w, d in zip(want, packed.json()["data"])]
+    assert [v for row in decoded for v in row] == pytest.approx([v for row in want for v in row], abs=1e-7)
+    single = await post(FakeBackend(tok), tok, "/v1/embeddings", {"model": MODEL, "input": ids[0][1:], "truncate_prompt_tokens": 2})
+    assert single.json()["usage"]["prompt_tokens"] == 2 and len(single.json()["data"]) == 1
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"model": MODEL, "input": ""}, 400, "input"),
+    ({"model": MODEL, "input": []}, 400, "input"),
+    ({"model": MODEL, "input": ["a", ""]}, 400, "input"),
+    ({"model": MODEL, "input": ["a"] * 2049}, 400, "input"),
+    ({"model": MODEL, "input": [5, 99999]}, 400, "input"),
+    ({"model": MODEL, "input": "x " * 2100}, 400, "input"),
+    ({"model": MODEL, "input": "x", "dimensions": 64}, 400, "dimensions"),
+    ({"model": MODEL, "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"model": "gpt-4", "input": "x"}, 404, "model"),
+])
+async def test_invalid_embedding_requests_get_clear_errors(tok, body, status, param) -> None:
+    backend = FakeBackend(tok)
+    assert_error(await post(backend, tok, "/v1/embeddings", body), status, param)
+    assert backend.embeds == []
+
+
+async def test_an_embedding_the_workers_cannot_compute_is_a_503(tok) -> None:
+    backend = FakeBackend(tok, error=BackendError("no healthy prefill worker", 503))
+    error = assert_error(await post(backend, tok, "/v1/embeddings", {"model": MODEL, "input": ["a", "b"]}), 503)
+    assert "prefill worker" in error["message"]

@@ -34,6 +34,20 @@ class GenerationRequest:
 
 
 @dataclass
+class EmbedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    priority: int = 0
+
+
+@dataclass
+class EmbedResult:
+    embedding: list[float]          # the prompt's last token's final hidden state, L2-normalized
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass
 class GenerationChunk:
     """New output tokens. The first chunk carries the prompt facts, and where the backend
     runs the sequence (``placement``: opaque, to pass on as ``colocate``); the last has
@@ -61,6 +75,11 @@ class Backend(abc.ABC):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Run one sequence. Closing the iterator early (client gone, stop string
         hit) aborts the request on every worker and frees its blocks. Raises
+        ``BackendError`` when no worker can serve it."""
+
+    @abc.abstractmethod
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """One prompt's embedding (a prefill worker computes it; nothing is decoded). Raises
         ``BackendError`` when no worker can serve it."""
 
     @abc.abstractmethod

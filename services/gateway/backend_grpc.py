@@ -54,7 +54,9 @@ from baton.protos import (
     common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc,
 )
 from baton.services.convert import logprob_from_proto, params_to_proto
-from baton.services.gateway.backend import Backend, BackendError, GenerationChunk, GenerationRequest
+from baton.services.gateway.backend import (
+    Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
+)
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, RETRIES, WORKER_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
@@ -165,15 +167,42 @@ class GrpcBackend(Backend):
                 else:
                     logger.warning("request %s: %s; retrying on other workers", request.request_id, failure.message)
 
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """On the prefill worker ``router`` picks for the prompt; a failed worker's request is
+        retried on another."""
+        _check_prompt(request.prompt_token_ids)
+        deadline = time.monotonic() + self.config.request_timeout_s
+        msg = prefill_pb2.EmbedRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                                       priority=request.priority)
+        avoid: set[str] = set()     # the workers that failed it
+        while True:
+            cached = await self._cached_prefixes(request.prompt_token_ids, avoid)
+            worker = await self._choose_prefill(request.prompt_token_ids, avoid, cached)
+            self._in_flight[worker.address] += 1
+            try:
+                reply = await worker.stub.Embed(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
+                return EmbedResult(list(reply.embedding), reply.prompt_tokens, reply.cached_tokens)
+            except grpc.aio.AioRpcError as err:
+                failure = self._failure(worker, err, deadline)
+                if not isinstance(failure, _WorkerFailure):
+                    raise failure from err
+                avoid.add(worker.address)
+                if len(avoid) > self.config.max_retries or not self._healthy("prefill", avoid):
+                    raise BackendError(failure.message, 503) from err
+                RETRIES.labels(resumed="false").inc()
+                logger.warning("embedding %s: %s; retrying on another prefill worker", request.request_id, failure.message)
+            finally:
+                self._in_flight[worker.address] -= 1
+
     async def _attempt(
         self, request: GenerationRequest, deadline: float, avoid: set[str]
     ) -> AsyncIterator[GenerationChunk]:
-        cached = await self._cached_prefixes(request, avoid)
+        cached = await self._cached_prefixes(request.token_ids, avoid)
         decode, ticket = await self._reserve(request, deadline, avoid, cached)  # counts it in flight there
         prefill: _Worker | None = None
         finished = False
         try:
-            prefill = await self._choose_prefill(request, avoid, cached)
+            prefill = await self._choose_prefill(request.token_ids, avoid, cached, request.colocate)
             async with aclosing(self._prefill(prefill, decode, request, ticket, deadline)) as replies:
                 async for first in replies:
                     yield self._first_chunk(request, first, (prefill.address, decode.address))
@@ -200,15 +229,15 @@ class GrpcBackend(Backend):
             if not finished:
                 await self._abort(request.request_id, [decode, prefill])
 
-    async def _cached_prefixes(self, request: GenerationRequest, avoid: set[str]) -> dict[str, int]:
-        """How many of the prompt's leading blocks each healthy worker holds, by address:
+    async def _cached_prefixes(self, token_ids: list[int], avoid: set[str]) -> dict[str, int]:
+        """How many of ``token_ids``' leading blocks each healthy worker holds, by address:
         one Redis round trip for both roles (none where neither has a choice to make)."""
         by_role = [self._healthy(role, avoid) for role in ("prefill", "decode")]
-        num_blocks = len(request.token_ids) // self.config.block_size
+        num_blocks = len(token_ids) // self.config.block_size
         if self._index is None or max(map(len, by_role)) < 2 or num_blocks == 0:
             return {}
         by_id = {self._workers[a].worker_id: a for healthy in by_role for a in healthy if self._workers[a].worker_id}
-        head = request.token_ids[: self._index.max_blocks * self.config.block_size]
+        head = token_ids[: self._index.max_blocks * self.config.block_size]
         runs = await self._index.longest_prefixes(block_hashes(head, self.config.block_size, self.fingerprint), list(by_id))
         return {by_id[worker_id]: n for worker_id, n in runs.items()}
 
@@ -227,7 +256,7 @@ class GrpcBackend(Backend):
         full: set[str] = set()
         while True:
             healthy = self._healthy("decode", avoid | full)
-            address = _colocated(request, 1, healthy) or choose_decode(healthy, cached, self._routing_loads())
+            address = _colocated(request.colocate, 1, healthy) or choose_decode(healthy, cached, self._routing_loads())
             if address is None:
                 raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
             worker = self._workers[address]
@@ -249,11 +278,13 @@ class GrpcBackend(Backend):
             self._loads[address] = replace(load, free_blocks=max(load.free_blocks - len(ticket.block_ids), 0))
             return worker, ticket
 
-    async def _choose_prefill(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> _Worker:
-        """Beside a sibling where asked, else by cached prefix against load; see ``router``."""
-        num_blocks = len(request.token_ids) // self.config.block_size
+    async def _choose_prefill(
+        self, token_ids: list[int], avoid: set[str], cached: dict[str, int], colocate: tuple[str, ...] = ()
+    ) -> _Worker:
+        """Beside a sibling where asked (``colocate``), else by cached prefix against load; see ``router``."""
+        num_blocks = len(token_ids) // self.config.block_size
         healthy = self._healthy("prefill", avoid)
-        address = _colocated(request, 0, healthy) or choose_prefill(healthy, cached, self._routing_loads(), num_blocks)
+        address = _colocated(colocate, 0, healthy) or choose_prefill(healthy, cached, self._routing_loads(), num_blocks)
         if address is None:
             raise BackendError("no healthy prefill worker", 503)
         return self._workers[address]
@@ -434,17 +465,20 @@ class GrpcBackend(Backend):
             worker.worker_id = load.worker_id
 
 
-def _colocated(request: GenerationRequest, role: int, healthy: list[str]) -> str | None:
-    """The worker of ``role`` (0 prefill, 1 decode) that ``request.colocate`` names, if healthy."""
-    if len(request.colocate) == 2 and request.colocate[role] in healthy:
-        return request.colocate[role]
+def _colocated(colocate: tuple[str, ...], role: int, healthy: list[str]) -> str | None:
+    """The worker of ``role`` (0 prefill, 1 decode) that a request's ``colocate`` names, if healthy."""
+    if len(colocate) == 2 and colocate[role] in healthy:
+        return colocate[role]
     return None
 
 
 def _validate(request: GenerationRequest) -> None:
-    ids = request.prompt_token_ids
     if request.params.n != 1:
         raise BackendError(f"the gRPC backend runs one sequence per request (n=1), got n={request.params.n}", 400)
+    _check_prompt(request.prompt_token_ids)
+
+
+def _check_prompt(ids: list[int]) -> None:
     if not ids:
         raise BackendError("the prompt must contain at least one token", 400)
     if min(ids) < 0 or max(ids) > INT32_MAX:

@@ -20,6 +20,7 @@ INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1   # what the workers' wire fields h
 MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_BAD_WORDS = 128
+MAX_EMBEDDING_INPUTS = 2048   # OpenAI's limit on inputs per embeddings request
 
 
 class APIError(Exception):
@@ -438,6 +439,36 @@ class TokenizeRequest(ChatTemplateOptions):
         return self
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request, with vLLM's ``truncate_prompt_tokens`` and ``priority``."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, value: str | list) -> str | list:
+        inputs = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        if not inputs or any(len(i) == 0 for i in inputs):
+            raise ValueError("input must be a non-empty string or token list, or a non-empty list of them")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs, got {len(inputs)}")
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _check_dimensions(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("dimensions (a shortened embedding) is not supported: the full embedding is returned")
+        return value
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -569,6 +600,24 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str           # base64: the float32 values, little-endian
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class TokenizeResponse(BaseModel):

@@ -14,6 +14,8 @@ gone, error): closing it aborts the sequence on the workers.
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -25,13 +27,14 @@ from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import metrics, tools
-from baton.services.gateway.backend import Backend, BackendError, GenerationRequest
+from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, GenerationRequest
 from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.protocol import (
     APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatLogprobToken, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+    CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, EmbeddingData,
+    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ModelCard, ModelList,
     NamedToolChoice,
     PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo, BaseGenerationRequest,
 )
@@ -89,7 +92,7 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | PrimedStream:
         arrival = time.perf_counter()
         self._check_common(req)
-        prompts = [self._prompt(self._truncate(req, ids), with_text=req.echo) for ids in self._completion_token_ids(req)]
+        prompts = [self._prompt(self._truncate(req, ids), with_text=req.echo) for ids in self._token_ids(req.prompt, "prompt")]
         params = self._params(req, prompts, req.max_tokens, "max_tokens", "prompt")
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -135,6 +138,30 @@ class OpenAIServing:
                 for message, finish_reason in [self._chat_message(req, c)]
             ],
             usage=self._usage(choices),
+        )
+
+    async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        """Each input's embedding, computed on the prefill workers (all inputs at once)."""
+        self._check_model(req.model)
+        inputs = [self._truncate(req, ids) for ids in self._token_ids(req.input, "input")]
+        longest = max(len(ids) for ids in inputs)
+        if longest > self.max_model_len:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens; an input has {longest}.",
+                           param="input")
+        request_id = f"embd-{uuid.uuid4().hex}"
+        try:
+            async with asyncio.TaskGroup() as group:   # one failure cancels the rest
+                tasks = [group.create_task(self.backend.embed(EmbedRequest(f"{request_id}-{i}", ids, req.priority)))
+                         for i, ids in enumerate(inputs)]
+        except* (APIError, BackendError) as errors:
+            raise as_api_error(errors.exceptions[0]) from None
+        results = [t.result() for t in tasks]
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        return EmbeddingResponse(
+            data=[EmbeddingData(index=i, embedding=_encode_embedding(r.embedding, req.encoding_format))
+                  for i, r in enumerate(results)],
+            model=req.model,
+            usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )
 
     # ---- request preparation ------------------------------------------------
@@ -188,8 +215,8 @@ class OpenAIServing:
         except ChatTemplateError as exc:
             raise APIError(str(exc), param="messages") from exc
 
-    def _completion_token_ids(self, req: CompletionRequest) -> list[list[int]]:
-        prompt = req.prompt
+    def _token_ids(self, prompt: str | list[int] | list[str] | list[list[int]], param: str) -> list[list[int]]:
+        """A completion's prompts (or an embedding request's inputs) as token ids."""
         if isinstance(prompt, str):
             return [self.tokenizer.encode(prompt)]
         if all(isinstance(p, int) for p in prompt):
@@ -198,11 +225,11 @@ class OpenAIServing:
             batch = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
         vocab = self.tokenizer.vocab_size
         if any(not 0 <= t < vocab for ids in batch for t in ids):
-            raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            raise APIError(f"token ids must be in [0, {vocab})", param=param)
         return batch
 
     @staticmethod
-    def _truncate(req: BaseGenerationRequest, token_ids: list[int]) -> list[int]:
+    def _truncate(req: BaseGenerationRequest | EmbeddingRequest, token_ids: list[int]) -> list[int]:
         """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's option), or all of it."""
         return token_ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else token_ids
 
@@ -533,6 +560,13 @@ class OpenAIServing:
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c.cached_tokens for c in firsts)),
         )
+
+
+def _encode_embedding(values: list[float], encoding_format: str) -> list[float] | str:
+    """As OpenAI sends it: a list of floats, or base64 of their float32 bytes (little-endian)."""
+    if encoding_format == "float":
+        return values
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
 
 
 def as_api_error(exc: Exception) -> APIError:

@@ -93,7 +93,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 continue
             if update.finish_reason == "abort":
                 future.set_exception(EngineAborted(f"the prefill engine aborted request {update.seq_id!r}"))
-            elif update.new_tokens:
+            elif update.new_tokens or update.embedding is not None:
                 future.set_result(update)
 
     async def _sender(self, transport: str) -> KVSender:
@@ -174,6 +174,33 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await _abort_for_decode(context, f"cannot reach the decode worker: {exc}")
         self._sessions[request.request_id] = (session, slice(cached, num_blocks))
         return session
+
+    async def Embed(self, request: prefill_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> prefill_pb2.EmbedReply:
+        rid = request.request_id
+        if not rid or rid in self._tasks:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
+        prompt = list(request.prompt_token_ids)
+        self._tasks[rid] = asyncio.current_task()
+        future: asyncio.Future[SeqUpdate] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        done = False
+        try:
+            try:
+                await self.engine.call(lambda: self._ctx.core.add_embedding_request(rid, prompt, request.priority))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            try:
+                update = await future
+            except EngineAborted as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            done = True
+            return prefill_pb2.EmbedReply(embedding=update.embedding, prompt_tokens=len(prompt),
+                                          cached_tokens=update.num_cached_tokens)
+        finally:
+            self._tasks.pop(rid, None)
+            self._pending.pop(rid, None)
+            # Finished, its prompt's blocks go to the prefix cache; else they are freed.
+            (self.engine.release if done else self.engine.abort)(rid)
 
     async def Abort(self, request: common_pb2.AbortRequest, context) -> common_pb2.AbortReply:
         task = self._tasks.get(request.request_id)
