@@ -67,6 +67,7 @@ class ModelRunnerLike(Protocol):
     num_blocks: int
     max_model_len: int
     vocab_size: int
+    generates: bool          # False: no LM head, embedding requests only
 
     def execute(
         self,
@@ -199,6 +200,7 @@ class EngineCore:
         ``min_tokens`` / ``max_tokens``, the sampling seed's index), so it goes on exactly as it would
         have there; their KV is computed with the prompt's. ``priority`` (lower first) needs the
         "priority" scheduling policy."""
+        self._check_generates(request_id)
         seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority)
         self.scheduler.add(seqs[0])
         if len(seqs) > 1:
@@ -240,6 +242,11 @@ class EngineCore:
         return self.scheduler.has_unfinished() or bool(self.pending)
 
     # -- roles --------------------------------------------------------------------
+    def _check_generates(self, request_id: str) -> None:
+        if not self.runner.generates:
+            raise ValueError(f"request {request_id}: this model is a base model's checkpoint, with no LM head: "
+                             "it serves embeddings only")
+
     def add_embedding_request(self, request_id: str, prompt_token_ids: list[int], priority: int = 0) -> Sequence:
         """Queue an embedding request: its prompt is computed (chunked, over the prefix cache
         like any other) and its last token's final hidden state, L2-normalized, becomes
@@ -259,6 +266,7 @@ class EngineCore:
         when the request can never be served."""
         if params.n != 1:
             raise ValueError(f"request {request_id}: reserve takes one sequence (n=1), got n={params.n}")
+        self._check_generates(request_id)
         seq = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority)[0]
         if not self.scheduler.reserve(seq):
             return None

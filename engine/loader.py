@@ -88,6 +88,8 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
                 if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
                     continue
                 target, shard = _engine_name(key)
+                if target not in params and f"model.{target}" in params:
+                    target = f"model.{target}"           # a base model's checkpoint names no "model." prefix
                 if target not in params:
                     unexpected.append(key)
                     continue

@@ -54,6 +54,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     dtype: str                     # the checkpoint's dtype: one of SUPPORTED_DTYPES
+    has_lm_head: bool = True       # False: a base model's checkpoint (``LlamaModel``...): embeddings only
 
     @classmethod
     def from_dict(
@@ -65,7 +66,7 @@ class ModelConfig:
         """Parse a ``config.json`` dict. ``max_model_len`` (default: ``max_position_embeddings``)
         is the longest sequence the engine will serve; a sliding window shorter than that
         is refused because this engine attends over the full context."""
-        architecture = _architecture(cfg)
+        architecture, has_lm_head = _architecture(cfg)
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
@@ -87,7 +88,8 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=_rope_config(cfg, max_pos),
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # A base model has no LM head to load: the embedding matrix stands in (never used).
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
@@ -95,6 +97,7 @@ class ModelConfig:
             eos_token_ids=_eos_token_ids(cfg, generation_config or {}),
             bos_token_id=cfg.get("bos_token_id"),
             dtype=_dtype(cfg),
+            has_lm_head=has_lm_head,
         )
 
 
@@ -109,16 +112,25 @@ def load_model_config(model_dir: Path, max_model_len: int | None = None) -> Mode
     return ModelConfig.from_dict(cfg, gen, max_model_len)
 
 
-def _architecture(cfg: dict[str, Any]) -> str:
+# A base model's architecture -> its causal-LM family (the same layers, no LM head).
+BASE_MODELS = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
+               "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM"}
+
+
+def _architecture(cfg: dict[str, Any]) -> tuple[str, bool]:
+    """The architecture, and whether the checkpoint has an LM head: a base model's (saved from
+    ``LlamaModel`` and the like, as embedding models are) is read as its causal-LM family's."""
     architectures = cfg.get("architectures") or []
     if len(architectures) != 1:
         raise ValueError(f"config.json must name exactly one architecture, got {architectures!r}")
     architecture = architectures[0]
+    if architecture in BASE_MODELS:
+        return BASE_MODELS[architecture], False
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES + tuple(BASE_MODELS))}"
         )
-    return architecture
+    return architecture, True
 
 
 def _biases(architecture: str, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:

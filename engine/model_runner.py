@@ -72,6 +72,7 @@ class ModelRunner:
         mc = self.model_config
         self.max_model_len: int = config.max_model_len or mc.max_position_embeddings
         self.vocab_size: int = mc.vocab_size
+        self.generates: bool = mc.has_lm_head   # False: a base model, embeddings only
         if not 0 < self.max_model_len <= mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len={self.max_model_len} must be in [1, max_position_embeddings={mc.max_position_embeddings}]"

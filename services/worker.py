@@ -144,8 +144,11 @@ def warm_up(core: EngineCore, block_size: int) -> None:
     mask a row of logits by a grammar (compiling the mask's kernel)."""
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     for i, length in enumerate((block_size + 1, 2 * block_size)):
-        request_id = f"warm-up-{i}"
-        core.add_request(request_id, [1 + t % (core.vocab_size - 1) for t in range(length)], params)
+        request_id, tokens = f"warm-up-{i}", [1 + t % (core.vocab_size - 1) for t in range(length)]
+        if core.runner.generates:
+            core.add_request(request_id, tokens, params)
+        else:   # a base model: embeddings only
+            core.add_embedding_request(request_id, tokens)
         while core.has_unfinished():
             core.step()
         core.abort(request_id)  # the prefill role keeps finished blocks until released

@@ -4,12 +4,16 @@ step or in chunks, beside generation, or over blocks its prefix cache holds."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton.engine.llm import LLM
 from baton.engine.sampling_params import SamplingParams
+from baton.services.worker import warm_up
 
 pytestmark = pytest.mark.model
 
@@ -52,4 +56,26 @@ def test_embeddings_beside_generation_and_over_the_prefix_cache(demo_model, refe
         assert seq.finish_reason == "stop" and seq.output_token_ids == [] and seq.num_cached_tokens > 0
     with pytest.raises(ValueError, match="token ids"):
         llm.core.add_embedding_request("bad", [1, 10**6])
+    assert llm.core.stats().used_blocks == 0
+
+
+def test_a_base_models_checkpoint_serves_embeddings_only(demo_model, reference, tmp_path) -> None:
+    """A checkpoint saved from the base model (``LlamaModel``: no LM head, no ``model.`` prefix),
+    as embedding models are published, loads and embeds as its causal-LM twin; generating is
+    refused with a message that says why, and a worker warms up on it."""
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(demo_model).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(demo_model) / name).exists():
+            (tmp_path / name).write_bytes((Path(demo_model) / name).read_bytes())
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaModel"]
+    llm = LLM(str(tmp_path))
+    for ours, theirs in zip(llm.embed(PROMPTS), reference):
+        torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="embeddings only"):
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="embeddings only"):
+        llm.core.reserve("r", [1, 2, 3], SamplingParams(max_tokens=2))
+    warm_up(llm.core, llm.config.block_size)       # a worker's start: it warms up on embeddings
     assert llm.core.stats().used_blocks == 0

@@ -49,6 +49,7 @@ class FakeRunner:
     block_size: int
     max_model_len: int = 512
     vocab_size: int = VOCAB
+    generates: bool = True
     slots: dict[tuple[int, int], int] = field(default_factory=dict)   # (block, offset) -> token id
     steps: list[list[tuple[str, int, int]]] = field(default_factory=list)
     fed_chunks: int = 0                                                # chunks whose token came from the "device"

@@ -36,6 +36,7 @@ class EosLovingRunner:
     num_blocks: int = 64
     max_model_len: int = 256
     vocab_size: int = VOCAB
+    generates: bool = True
     delay_s: float = 0.0
     fail: bool = False
 
