@@ -175,6 +175,23 @@ def test_request_priority_follows_the_workers_policy(system, reference, demo_mod
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 
+def test_responses_api_answers_as_chat_completions_do(system):
+    """The OpenAI client's responses.create, whole and streamed, says what the chat completion
+    with the same messages says."""
+    messages = [{"role": "system", "content": "Speak as Juliet."}, {"role": "user", "content": "Romeo?"}]
+    chat = system.client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=24, temperature=0)
+    out = system.client.responses.create(model=MODEL_NAME, instructions="Speak as Juliet.", input="Romeo?",
+                                         max_output_tokens=24, temperature=0)
+    assert out.output_text == chat.choices[0].message.content
+    assert (out.status == "incomplete") == (chat.choices[0].finish_reason == "length")
+    assert out.usage.input_tokens == chat.usage.prompt_tokens and out.usage.output_tokens == chat.usage.completion_tokens
+    events = list(system.client.responses.create(model=MODEL_NAME, instructions="Speak as Juliet.", input="Romeo?",
+                                                 max_output_tokens=24, temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == out.output_text
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+
+
 def test_embeddings_come_from_the_prefill_workers(system, demo_model):
     """/v1/embeddings through the OpenAI client (which asks for base64) and as floats: what the
     aggregated engine pools; the prompts' blocks are left to the prefix cache, none in use."""

@@ -1202,3 +1202,94 @@ async def test_an_embedding_the_workers_cannot_compute_is_a_503(tok) -> None:
     backend = FakeBackend(tok, error=BackendError("no healthy prefill worker", 503))
     error = assert_error(await post(backend, tok, "/v1/embeddings", {"model": MODEL, "input": ["a", "b"]}), 503)
     assert "prefill worker" in error["message"]
+
+
+# ---- Responses API --------------------------------------------------------------
+
+def responses_client(backend: Backend, tok: GatewayTokenizer, config: GatewayConfig | None = None):
+    """The OpenAI client, talking to the gateway app in process."""
+    import openai
+
+    app = create_app(config or make_config(), backend, tok)
+    return openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="unused", http_client=client_for(app), max_retries=0)
+
+
+async def test_responses_answer_as_the_chat_completion_they_make(tok) -> None:
+    backend = FakeBackend(tok, cached_tokens=3)
+    client = responses_client(backend, tok)
+    out = await client.responses.create(model=MODEL, input="Speak.", instructions="Be brief.", max_output_tokens=200,
+                                        temperature=0.5, metadata={"k": "v"})
+    chat = tok.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak."}],
+                           add_generation_prompt=True)
+    (request,) = backend.requests
+    assert request.prompt_token_ids == chat and request.params.temperature == 0.5 and request.params.max_tokens == 200
+    text = tok.decode(backend.output_ids(request))
+    assert out.status == "completed" and out.output_text == text and out.metadata == {"k": "v"}
+    assert [item.type for item in out.output] == ["message"] and out.output[0].content[0].type == "output_text"
+    assert (out.usage.input_tokens, out.usage.output_tokens, out.usage.input_tokens_details.cached_tokens) == \
+        (len(chat), len(backend.output_ids(request)), 3)
+    cut = await client.responses.create(model=MODEL, input=[{"role": "user", "content": [{"type": "input_text", "text": "Speak."}]}],
+                                        max_output_tokens=3)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens" and cut.usage.output_tokens == 3
+
+
+async def test_streamed_responses_send_the_events_openai_sends(tok) -> None:
+    backend = FakeBackend(tok, per_chunk=2)
+    client = responses_client(backend, tok)
+    events = [e async for e in await client.responses.create(model=MODEL, input="Speak.", stream=True)]
+    kinds = [e.type for e in events]
+    deltas = kinds.count("response.output_text.delta")
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+                     *["response.output_text.delta"] * deltas, "response.output_text.done", "response.content_part.done",
+                     "response.output_item.done", "response.completed"]
+    assert deltas > 3 and [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == tok.decode(backend.output_ids(backend.requests[0]))
+    final = events[-1].response
+    assert final.output_text == text and final.usage.output_tokens == len(backend.output_ids(backend.requests[0]))
+    assert events[2].item.id == events[-2].item.id == final.output[0].id
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_responses_give_a_reasoning_item_before_the_message(tok, stream) -> None:
+    config = make_config(reasoning_parser="qwen3")
+    backend = ScriptedBackend(tok, "<think>Two is more.</think>\n\nIt is 2.")
+    client = responses_client(backend, tok, config)
+    out = await client.responses.create(model=MODEL, input="Which is more?", stream=stream)
+    if stream:
+        events = [e async for e in out]
+        kinds = [e.type for e in events]
+        assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+        out = events[-1].response
+    assert [item.type for item in out.output] == ["reasoning", "message"]
+    assert out.output[0].content[0].text == "Two is more." and out.output_text == "It is 2."
+
+
+async def test_responses_take_a_json_schema_and_refuse_what_they_cannot_do(tok) -> None:
+    backend = FakeBackend(tok)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    response = await post(backend, tok, "/v1/responses", {"model": MODEL, "input": "Who?",
+                          "text": {"format": {"type": "json_schema", "name": "person", "schema": schema}}})
+    assert response.status_code == 200, response.text
+    assert json.loads(backend.requests[0].params.structured_output.json) == schema
+    for body, param in [
+        ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"input": "x", "background": True}, "background"),
+        ({"input": []}, "input"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+        ({"input": "x", "text": {"format": {"type": "json_schema", "schema": schema}}}, "text"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ]:
+        assert_error(await post(backend, tok, "/v1/responses", {"model": MODEL, **body}), 400, param)
+    assert len(backend.requests) == 1
+
+
+async def test_a_response_stream_that_fails_ends_with_an_error_event(tok) -> None:
+    backend = FakeBackend(tok, per_chunk=2, fail_after=4)
+    response = await post(backend, tok, "/v1/responses", {"model": MODEL, "input": "Speak.", "stream": True})
+    lines = response.text.splitlines()
+    events = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    names = [line[len("event: "):] for line in lines if line.startswith("event: ")]
+    assert names == [e["type"] for e in events] and events[-1]["type"] == "error"
+    assert "went away" in events[-1]["message"] and "response.completed" not in names

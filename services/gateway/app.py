@@ -35,7 +35,8 @@ from baton.services.gateway import metrics
 from baton.services.gateway.backend import Backend
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ResponsesRequest,
+    TokenizeRequest,
 )
 from baton.services.gateway.serving import OpenAIServing, PrimedStream, as_api_error
 from baton.services.gateway.tokenizer import GatewayTokenizer
@@ -262,6 +263,10 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, config, state, ChatCompletionRequest, serving.create_chat_completion)
 
+    @app.post("/v1/responses", openapi_extra=_json_body(ResponsesRequest))
+    async def responses(request: Request) -> Response:
+        return await _generate(request, config, state, ResponsesRequest, serving.create_response)
+
     @app.post("/v1/embeddings", openapi_extra=_json_body(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
         return await _generate(request, config, state, EmbeddingRequest, serving.create_embedding)
@@ -284,7 +289,8 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
 
     _add_probes(app, backend, state)
     _add_error_handlers(app)
-    _document_bodies(app, [CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest])
+    _document_bodies(app, [CompletionRequest, ChatCompletionRequest, ResponsesRequest, EmbeddingRequest, TokenizeRequest,
+                           DetokenizeRequest])
     return app
 
 

@@ -21,6 +21,7 @@ MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_BAD_WORDS = 128
 MAX_EMBEDDING_INPUTS = 2048   # OpenAI's limit on inputs per embeddings request
+DONE = "[DONE]"               # the last event of a completion or chat completion stream
 
 
 class APIError(Exception):
@@ -120,7 +121,18 @@ class StructuredOutputs(BaseModel):
         )
 
 
-class BaseGenerationRequest(BaseModel):
+class NullMeansDefault(BaseModel):
+    """A request whose fields sent as null take their defaults (as OpenAI's clients send them)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class BaseGenerationRequest(NullMeansDefault):
     """Parameters shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -173,13 +185,6 @@ class BaseGenerationRequest(BaseModel):
         if self.response_format.type == "json_object":
             return StructuredOutputParams(json_object=True, disable_any_whitespace=compact)
         return StructuredOutputParams(json=json.dumps(self.response_format.json_schema.schema_), disable_any_whitespace=compact)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
 
     @field_validator("stop")
     @classmethod
@@ -469,6 +474,112 @@ class EmbeddingRequest(BaseModel):
         return value
 
 
+class ResponseInputText(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class ResponseInputMessage(BaseModel):
+    """An input item of the Responses API: a message (other item kinds are refused)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ResponseInputText]
+
+    def chat_message(self) -> ChatMessage:
+        if isinstance(self.content, str):
+            return ChatMessage(role=self.role, content=self.content)
+        return ChatMessage(role=self.role, content=[TextContentPart(type="text", text=p.text) for p in self.content])
+
+
+class ResponseTextFormat(BaseModel):
+    """``text.format``: plain text, any JSON object, or JSON that follows ``schema``."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_has_a_name(self) -> ResponseTextFormat:
+        if self.type == "json_schema" and (self.name is None or self.schema_ is None):
+            raise ValueError("a json_schema format needs a name and a schema")
+        return self
+
+
+class ResponseText(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    format: ResponseTextFormat = Field(default_factory=ResponseTextFormat)
+
+
+class ResponsesRequest(NullMeansDefault):
+    """OpenAI's Responses API request, for text in and text (or JSON) out. Nothing is stored:
+    ``previous_response_id`` and ``background`` are refused, and so are tools and input items
+    other than messages (use ``/v1/chat/completions`` for tool calls)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[ResponseInputMessage] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    store: bool = True
+    text: ResponseText = Field(default_factory=ResponseText)
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    previous_response_id: str | None = None
+    background: bool = False
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("previous_response_id")
+    @classmethod
+    def _no_previous(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("previous_response_id needs stored responses, and this server stores none: send the "
+                             "whole conversation as input")
+        return value
+
+    @field_validator("background")
+    @classmethod
+    def _no_background(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("background responses are not supported")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if value:
+            raise ValueError("tools are not supported on /v1/responses: use /v1/chat/completions for tool calls")
+        return value
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat completion this response is: the instructions as a system message first."""
+        messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
+        if isinstance(self.input, str):
+            messages.append(ChatMessage(role="user", content=self.input))
+        else:
+            messages += [item.chat_message() for item in self.input]
+        fmt = self.text.format
+        response_format = None
+        if fmt.type == "json_object":
+            response_format = ResponseFormat(type="json_object")
+        elif fmt.type == "json_schema":
+            response_format = ResponseFormat(type="json_schema", json_schema=JSONSchemaFormat(
+                name=fmt.name, description=fmt.description, schema=fmt.schema_, strict=fmt.strict))
+        return ChatCompletionRequest(
+            model=self.model, messages=messages, max_completion_tokens=self.max_output_tokens, temperature=self.temperature,
+            top_p=self.top_p, stream=self.stream, stream_options=StreamOptions(include_usage=True) if self.stream else None,
+            response_format=response_format, user=self.user,
+        )
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -618,6 +729,78 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class OutputReasoning(BaseModel):
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseObject(BaseModel):
+    """A Responses API response, as OpenAI's clients read it."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int = Field(default_factory=_now)
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    incomplete_details: IncompleteDetails | None = None
+    error: dict[str, Any] | None = None
+    model: str
+    instructions: str | None = None
+    output: list[OutputReasoning | OutputMessage] = Field(default_factory=list)
+    max_output_tokens: int | None = None
+    temperature: float
+    top_p: float
+    text: ResponseText
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool = True
+    tool_choice: Literal["auto"] = "auto"
+    tools: list[Any] = Field(default_factory=list)
+    store: bool = False
+    user: str | None = None
+    usage: ResponseUsage | None = None
 
 
 class TokenizeResponse(BaseModel):

@@ -23,6 +23,8 @@ from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
@@ -30,11 +32,12 @@ from baton.services.gateway import metrics, tools
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, GenerationRequest
 from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
 from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway import responses
 from baton.services.gateway.protocol import (
-    APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+    DONE, APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatLogprobToken, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, EmbeddingData,
-    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ModelCard, ModelList,
+    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ModelCard, ModelList, ResponseObject, ResponsesRequest,
     NamedToolChoice,
     PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo, BaseGenerationRequest,
 )
@@ -44,7 +47,6 @@ from baton.services.gateway.tokenizer import (
 )
 from baton.services.gateway.tool_parsers import make_parser
 
-DONE = "[DONE]"
 PROMPT_TAIL_TOKENS = 16   # where a chat template leaves <think> open or closed: the prompt's end
 
 ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[CompletionResponse | ChatCompletionChunk]]
@@ -139,6 +141,18 @@ class OpenAIServing:
             ],
             usage=self._usage(choices),
         )
+
+    async def create_response(self, req: ResponsesRequest) -> ResponseObject | PrimedStream:
+        """A Responses API request, answered as the chat completion it makes (see ``responses``)."""
+        try:
+            chat = req.chat_request()
+        except ValidationError as exc:
+            raise APIError(f"input: {exc.errors()[0]['msg']}", param="input") from exc
+        response_id = responses.new_response_id()
+        result = await self.create_chat_completion(chat)
+        if isinstance(result, PrimedStream):
+            return await PrimedStream.start(responses.stream_events(req, response_id, result))
+        return responses.from_chat(req, response_id, result)
 
     async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
         """Each input's embedding, computed on the prefill workers (all inputs at once)."""
@@ -583,17 +597,20 @@ def _error_event(exc: Exception) -> str:
     return as_api_error(exc).body().model_dump_json()
 
 
+SSEItem = str | dict[str, str]   # an event's data, or its data and name ({"event": ..., "data": ...})
+
+
 class PrimedStream:
     """An SSE event stream already run up to its first event, so that an error
     before anything was sent still becomes a proper HTTP error. ``aclose()``
     ends the generation (aborting it on the workers if it is still running)."""
 
-    def __init__(self, stream: AsyncGenerator[str, None], first: str | None) -> None:
+    def __init__(self, stream: AsyncGenerator[SSEItem, None], first: SSEItem | None) -> None:
         self._stream = stream
         self._first = first
 
     @classmethod
-    async def start(cls, stream: AsyncGenerator[str, None]) -> PrimedStream:
+    async def start(cls, stream: AsyncGenerator[SSEItem, None]) -> PrimedStream:
         try:
             first = await anext(stream)
         except StopAsyncIteration:
@@ -603,7 +620,7 @@ class PrimedStream:
     def __aiter__(self) -> PrimedStream:
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> SSEItem:
         if self._first is not None:
             item, self._first = self._first, None
             return item
