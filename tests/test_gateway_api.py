@@ -566,15 +566,20 @@ async def test_reasoning_parser_splits_thinking_from_the_answer(tok, tmp_path, s
         assert (grammar and grammar.reasoning_end) == reasoning_end, text
 
 
-async def test_earlier_tool_calls_and_results_reach_the_template(tok, tmp_path) -> None:
-    """An assistant's tool_calls (arguments as objects) and a tool's result, with the tools; /tokenize
-    renders them alike."""
+def tool_template_tokenizer(directory) -> GatewayTokenizer:
+    """The demo tokenizer with a chat template that writes the tools, each call and each result."""
     template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}:"
                 "{% for c in m.tool_calls or [] %}{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}"
                 "{{ m.tool_call_id or '' }}{{ m.content }};{% endfor %}")
-    shutil.copy(DEMO_MODEL / "tokenizer.json", tmp_path / "tokenizer.json")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
-    tool_tok = GatewayTokenizer(tmp_path)
+    shutil.copy(DEMO_MODEL / "tokenizer.json", directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
+    return GatewayTokenizer(directory)
+
+
+async def test_earlier_tool_calls_and_results_reach_the_template(tok, tmp_path) -> None:
+    """An assistant's tool_calls (arguments as objects) and a tool's result, with the tools; /tokenize
+    renders them alike."""
+    tool_tok = tool_template_tokenizer(tmp_path)
     messages = [
         {"role": "user", "content": "Weather?"},
         {"role": "assistant", "content": None, "tool_calls": [
@@ -1266,6 +1271,7 @@ async def test_responses_give_a_reasoning_item_before_the_message(tok, stream) -
 
 
 async def test_responses_take_a_json_schema_and_refuse_what_they_cannot_do(tok) -> None:
+    """text.format json_schema is the grammar; what a stateless server cannot do is a 400."""
     backend = FakeBackend(tok)
     schema = {"type": "object", "properties": {"name": {"type": "string"}}}
     response = await post(backend, tok, "/v1/responses", {"model": MODEL, "input": "Who?",
@@ -1274,10 +1280,11 @@ async def test_responses_take_a_json_schema_and_refuse_what_they_cannot_do(tok) 
     assert json.loads(backend.requests[0].params.structured_output.json) == schema
     for body, param in [
         ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tool_choice"),   # auto, and no parser
         ({"input": "x", "background": True}, "background"),
         ({"input": []}, "input"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+        ({"input": [{"type": "web_search_call", "id": "c"}]}, "input"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "schema": schema}}}, "text"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ]:
@@ -1293,3 +1300,56 @@ async def test_a_response_stream_that_fails_ends_with_an_error_event(tok) -> Non
     names = [line[len("event: "):] for line in lines if line.startswith("event: ")]
     assert names == [e["type"] for e in events] and events[-1]["type"] == "error"
     assert "went away" in events[-1]["message"] and "response.completed" not in names
+
+
+RESPONSE_TOOLS = [{"type": "function", "name": w["function"]["name"], **{k: v for k, v in w["function"].items() if k != "name"}}
+                  for w in (WEATHER, CLOCK)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_responses_make_function_calls_as_chat_does(tok, stream) -> None:
+    """A named tool_choice, "required", and "auto" read by the tool-call parser: the calls are
+    function_call items (after any message), streamed as argument deltas."""
+    config = make_config(tool_call_parser="hermes")
+    cases = [
+        ({"type": "function", "name": "get_weather"}, '{"city":"Verona"}', [], [("get_weather", '{"city":"Verona"}')]),
+        ("required", '[{"name":"get_time","parameters":{}}]', [], [("get_time", "{}")]),
+        ("auto", HERMES, ["Let me look."], [("get_weather", '{"city": "Verona"}'), ("get_time", "{}")]),
+    ]
+    for tool_choice, text, said, calls in cases:
+        backend = ScriptedBackend(tok, text)
+        client = responses_client(backend, tok, config)
+        out = await client.responses.create(model=MODEL, input="Weather in Verona?", tools=RESPONSE_TOOLS,
+                                            tool_choice=tool_choice, stream=stream)
+        if stream:
+            events = [e async for e in out]
+            deltas: dict[str, str] = {}
+            for e in events:
+                if e.type == "response.function_call_arguments.delta":
+                    deltas[e.item_id] = deltas.get(e.item_id, "") + e.delta
+            out = events[-1].response
+            assert [deltas[item.id] for item in out.output if item.type == "function_call"] == [a for _, a in calls]
+        assert [item.content[0].text for item in out.output if item.type == "message"] == said, tool_choice
+        got = [(item.name, item.arguments) for item in out.output if item.type == "function_call"]
+        assert got == calls, tool_choice
+        assert all(item.call_id.startswith("call_") for item in out.output if item.type == "function_call")
+        assert backend.requests[0].params.structured_output is not None or tool_choice == "auto"
+
+
+async def test_earlier_function_calls_and_their_outputs_reach_the_template(tok, tmp_path) -> None:
+    """Consecutive function_call items are one assistant message's calls; each output a tool message."""
+    tool_tok = tool_template_tokenizer(tmp_path)
+    backend = ScriptedBackend(tool_tok, "Rain in both.")
+    inputs = [
+        {"role": "user", "content": "Weather?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Verona"}'},
+        {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": '{"city": "Mantua"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "rain"},
+        {"type": "function_call_output", "call_id": "call_2", "output": "rain"},
+    ]
+    body = {"model": MODEL, "input": inputs, "tools": RESPONSE_TOOLS, "tool_choice": "none"}
+    response = await post(backend, tool_tok, "/v1/responses", body)
+    assert response.status_code == 200, response.text
+    assert tool_tok.decode(backend.requests[0].prompt_token_ids) == \
+        "user:Weather?;assistant:get_weather(Verona)get_weather(Mantua);tool:call_1rain;tool:call_2rain;"   # "none": no tools
+    assert response.json()["output"][0]["content"][0]["text"] == "Rain in both."

@@ -494,6 +494,46 @@ class ResponseInputMessage(BaseModel):
         return ChatMessage(role=self.role, content=[TextContentPart(type="text", text=p.text) for p in self.content])
 
 
+class ResponseFunctionCallItem(BaseModel):
+    """An input item: a call the model made earlier (an assistant message's tool call)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class ResponseFunctionCallOutputItem(BaseModel):
+    """An input item: a call's result (a tool message)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+class ResponseFunctionTool(BaseModel):
+    """A Responses API tool: a function, named at the top level (chat nests it in ``function``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def chat_tool(self) -> Tool:
+        return Tool(type="function", function=FunctionDefinition(name=self.name, description=self.description,
+                                                                 parameters=self.parameters, strict=self.strict))
+
+
+class ResponseNamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    name: str
+
+
 class ResponseTextFormat(BaseModel):
     """``text.format``: plain text, any JSON object, or JSON that follows ``schema``."""
 
@@ -517,13 +557,13 @@ class ResponseText(BaseModel):
 
 
 class ResponsesRequest(NullMeansDefault):
-    """OpenAI's Responses API request, for text in and text (or JSON) out. Nothing is stored:
-    ``previous_response_id`` and ``background`` are refused, and so are tools and input items
-    other than messages (use ``/v1/chat/completions`` for tool calls)."""
+    """OpenAI's Responses API request: text or JSON out, and function calls (``tools``,
+    ``tool_choice``; earlier calls and their outputs as input items), as the chat completions
+    have them. Nothing is stored: ``previous_response_id`` and ``background`` are refused."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    input: str | list[ResponseInputMessage] = Field(min_length=1)
+    input: str | list[ResponseInputMessage | ResponseFunctionCallItem | ResponseFunctionCallOutputItem] = Field(min_length=1)
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -535,7 +575,9 @@ class ResponsesRequest(NullMeansDefault):
     user: str | None = None
     previous_response_id: str | None = None
     background: bool = False
-    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tools: list[ResponseFunctionTool] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @field_validator("previous_response_id")
     @classmethod
@@ -552,20 +594,25 @@ class ResponsesRequest(NullMeansDefault):
             raise ValueError("background responses are not supported")
         return value
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if value:
-            raise ValueError("tools are not supported on /v1/responses: use /v1/chat/completions for tool calls")
-        return value
-
     def chat_request(self) -> ChatCompletionRequest:
         """The chat completion this response is: the instructions as a system message first."""
         messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
         if isinstance(self.input, str):
             messages.append(ChatMessage(role="user", content=self.input))
-        else:
-            messages += [item.chat_message() for item in self.input]
+        for item in self.input if isinstance(self.input, list) else []:
+            if isinstance(item, ResponseInputMessage):
+                messages.append(item.chat_message())
+            elif isinstance(item, ResponseFunctionCallOutputItem):
+                messages.append(ChatMessage(role="tool", tool_call_id=item.call_id, content=item.output))
+            else:   # consecutive calls are one assistant message's
+                call = ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))
+                if messages and messages[-1].role == "assistant" and messages[-1].tool_calls and not messages[-1].content:
+                    messages[-1].tool_calls.append(call)
+                else:
+                    messages.append(ChatMessage(role="assistant", tool_calls=[call]))
+        tool_choice = self.tool_choice
+        if isinstance(tool_choice, ResponseNamedToolChoice):
+            tool_choice = NamedToolChoice(type="function", function=NamedFunction(name=tool_choice.name))
         fmt = self.text.format
         response_format = None
         if fmt.type == "json_object":
@@ -576,7 +623,8 @@ class ResponsesRequest(NullMeansDefault):
         return ChatCompletionRequest(
             model=self.model, messages=messages, max_completion_tokens=self.max_output_tokens, temperature=self.temperature,
             top_p=self.top_p, stream=self.stream, stream_options=StreamOptions(include_usage=True) if self.stream else None,
-            response_format=response_format, user=self.user,
+            response_format=response_format, user=self.user, tools=[t.chat_tool() for t in self.tools] or None,
+            tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls,
         )
 
 
@@ -766,6 +814,15 @@ class OutputTokensDetails(BaseModel):
     reasoning_tokens: int = 0
 
 
+class OutputFunctionCall(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
 class ResponseUsage(BaseModel):
     input_tokens: int
     input_tokens_details: InputTokensDetails
@@ -789,15 +846,15 @@ class ResponseObject(BaseModel):
     error: dict[str, Any] | None = None
     model: str
     instructions: str | None = None
-    output: list[OutputReasoning | OutputMessage] = Field(default_factory=list)
+    output: list[OutputReasoning | OutputMessage | OutputFunctionCall] = Field(default_factory=list)
     max_output_tokens: int | None = None
     temperature: float
     top_p: float
     text: ResponseText
     metadata: dict[str, str] | None = None
     parallel_tool_calls: bool = True
-    tool_choice: Literal["auto"] = "auto"
-    tools: list[Any] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice = "auto"
+    tools: list[ResponseFunctionTool] = Field(default_factory=list)
     store: bool = False
     user: str | None = None
     usage: ResponseUsage | None = None

@@ -3,11 +3,12 @@
 A request becomes a chat completion (``ResponsesRequest.chat_request``: the instructions as the
 system message, the input items as messages, ``text.format`` as the response format); its answer
 becomes a ``ResponseObject`` (``from_chat``), with a reasoning model's thinking (``--reasoning-parser``)
-as a reasoning item before the message. Streamed, the chat chunks become the Responses events
-(``ResponseEvents``): ``response.created``, ``response.in_progress``, then for each output item
-``response.output_item.added``, ``response.content_part.added``, its text's deltas
-(``response.reasoning_text.delta`` or ``response.output_text.delta``) and the matching ``.done``
-events, and last ``response.completed`` (``response.incomplete`` when cut at
+as a reasoning item before the message, and each tool call as a ``function_call`` item after it.
+Streamed, the chat chunks become the Responses events (``ResponseEvents``): ``response.created``,
+``response.in_progress``, then for each output item ``response.output_item.added``, its deltas
+(a text's ``response.content_part.added``, ``response.reasoning_text.delta`` or
+``response.output_text.delta``; a call's ``response.function_call_arguments.delta``) and the
+matching ``.done`` events, and last ``response.completed`` (``response.incomplete`` when cut at
 ``max_output_tokens``). A failure after the stream began is an ``error`` event. Nothing is
 stored.
 """
@@ -20,7 +21,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from baton.services.gateway.protocol import (
-    DONE, ChatCompletionResponse, InputTokensDetails, IncompleteDetails, OutputMessage, OutputReasoning, OutputText,
+    DONE, ChatCompletionResponse, InputTokensDetails, IncompleteDetails, OutputFunctionCall, OutputMessage, OutputReasoning,
+    OutputText,
     ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
 )
 
@@ -36,7 +38,8 @@ def _item_id(prefix: str) -> str:
 def _shell(req: ResponsesRequest, response_id: str, status: str) -> ResponseObject:
     return ResponseObject(id=response_id, status=status, model=req.model, instructions=req.instructions,
                           max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
-                          text=req.text, metadata=req.metadata, user=req.user)
+                          text=req.text, metadata=req.metadata, user=req.user, tools=req.tools,
+                          tool_choice=req.tool_choice or "auto", parallel_tool_calls=req.parallel_tool_calls)
 
 
 def _status(finish_reason: str | None) -> str:
@@ -63,8 +66,12 @@ def from_chat(req: ResponsesRequest, response_id: str, chat: ChatCompletionRespo
     if choice.message.reasoning:
         response.output.append(OutputReasoning(id=_item_id("rs"), status=status,
                                                content=[ReasoningText(text=choice.message.reasoning)]))
-    response.output.append(OutputMessage(id=_item_id("msg"), status=status,
-                                         content=[OutputText(text=choice.message.content or "")]))
+    calls = choice.message.tool_calls
+    if choice.message.content or not calls:
+        response.output.append(OutputMessage(id=_item_id("msg"), status=status,
+                                             content=[OutputText(text=choice.message.content or "")]))
+    response.output += [OutputFunctionCall(id=_item_id("fc"), call_id=c.id, name=c.function.name,
+                                           arguments=c.function.arguments, status=status) for c in calls]
     usage = chat.usage
     details = usage.prompt_tokens_details
     response.usage = _usage(usage.prompt_tokens, usage.completion_tokens, details.cached_tokens if details else 0)
@@ -78,7 +85,7 @@ class ResponseEvents:
     def __init__(self, req: ResponsesRequest, response_id: str) -> None:
         self.response = _shell(req, response_id, "in_progress")
         self._sequence = 0
-        self._open: OutputReasoning | OutputMessage | None = None     # the item its text now goes to
+        self._open: OutputReasoning | OutputMessage | OutputFunctionCall | None = None   # the item deltas now go to
         self._finish_reason: str | None = None
 
     def start(self) -> list[dict[str, Any]]:
@@ -97,13 +104,15 @@ class ResponseEvents:
                 events += self._text("reasoning", delta["reasoning"])
             if delta.get("content"):
                 events += self._text("message", delta["content"])
+            for piece in delta.get("tool_calls") or []:
+                events += self._call_piece(piece)
             self._finish_reason = choice.get("finish_reason") or self._finish_reason
         return events
 
     def finish(self) -> list[dict[str, Any]]:
         events = self._close()
-        if not any(isinstance(item, OutputMessage) for item in self.response.output):   # no text at all
-            events += self._text("message", "") + self._close()
+        if not any(isinstance(item, (OutputMessage, OutputFunctionCall)) for item in self.response.output):
+            events += self._text("message", "") + self._close()     # nothing said: an empty message
         response = _finish(self.response, self._finish_reason)
         kind = "response.incomplete" if response.status == "incomplete" else "response.completed"
         return events + [self._event(kind, response=response.model_dump(mode="json"))]
@@ -137,15 +146,39 @@ class ResponseEvents:
                                   content_index=0, delta=text, **extra))
         return events
 
+    def _call_piece(self, piece: dict[str, Any]) -> list[dict[str, Any]]:
+        """A streamed tool-call piece: the first (with an id) opens a function_call item."""
+        events = []
+        function = piece.get("function") or {}
+        if piece.get("id"):
+            events += self._close()
+            self._open = OutputFunctionCall(id=_item_id("fc"), call_id=piece["id"], name=function.get("name", ""),
+                                            arguments="", status="in_progress")
+            self.response.output.append(self._open)
+            events.append(self._event("response.output_item.added", output_index=len(self.response.output) - 1,
+                                      item=self._open.model_dump(mode="json")))
+        arguments = function.get("arguments") or ""
+        if arguments and isinstance(self._open, OutputFunctionCall):
+            self._open.arguments += arguments
+            events.append(self._event("response.function_call_arguments.delta", item_id=self._open.id,
+                                      output_index=len(self.response.output) - 1, delta=arguments))
+        return events
+
     def _close(self) -> list[dict[str, Any]]:
         item, self._open = self._open, None
         if item is None:
             return []
         index = self.response.output.index(item)
+        item.status = _status(self._finish_reason)
+        if isinstance(item, OutputFunctionCall):
+            return [
+                self._event("response.function_call_arguments.done", item_id=item.id, output_index=index,
+                            arguments=item.arguments),
+                self._event("response.output_item.done", output_index=index, item=item.model_dump(mode="json")),
+            ]
         text = item.content[0].text
         done = "response.reasoning_text.done" if item.type == "reasoning" else "response.output_text.done"
         extra = {} if item.type == "reasoning" else {"logprobs": []}
-        item.status = _status(self._finish_reason)
         return [
             self._event(done, item_id=item.id, output_index=index, content_index=0, text=text, **extra),
             self._event("response.content_part.done", item_id=item.id, output_index=index, content_index=0,
