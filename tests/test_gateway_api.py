@@ -30,7 +30,7 @@ from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
 )
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from baton.services.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from baton.services.gateway.serving import OpenAIServing
 from baton.services.gateway.tokenizer import GatewayTokenizer
 
@@ -991,6 +991,8 @@ async def test_metrics_exposed_and_updated(tok) -> None:
         before = (await client.get("/metrics")).text
         await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
         await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": -1})
+        between = (await client.get("/metrics")).text
+        await client.post("/v1/embeddings", json={"model": MODEL, "input": ["x", "y z"]})
         after = await client.get("/metrics")
     assert after.headers["content-type"].startswith("text/plain")
     for name in ("baton_time_to_first_token_seconds", "baton_inter_token_latency_seconds", "baton_e2e_request_latency_seconds",
@@ -999,7 +1001,7 @@ async def test_metrics_exposed_and_updated(tok) -> None:
                  "baton_kv_transfer_bytes_total", "baton_kv_transfer_seconds", "baton_redis_errors_total",
                  "baton_worker_errors_total"):
         assert f"# TYPE {name}" in after.text
-    text = after.text
+    text, embedded = between, after.text
     delta = lambda name, labels="": _sample(text, name, labels) - _sample(before, name, labels)  # noqa: E731
     assert delta("baton_generation_tokens_total") == 4
     assert delta("baton_prompt_tokens_total") == len(tok.encode("x"))
@@ -1009,6 +1011,12 @@ async def test_metrics_exposed_and_updated(tok) -> None:
     assert delta("baton_time_to_first_token_seconds_count") == 1
     assert delta("baton_inter_token_latency_seconds_count") == 3
     assert _sample(text, "baton_requests_running") == 0 and _sample(text, "baton_requests_waiting") == 0
+    # An embeddings request: one more success, its inputs' prompt and cached tokens, and no tokens generated.
+    more = lambda name, labels="": _sample(embedded, name, labels) - _sample(text, name, labels)  # noqa: E731
+    assert more("baton_requests_total", '{status="success"}') == 1 and more("baton_e2e_request_latency_seconds_count") == 1
+    assert more("baton_prompt_tokens_total") == len(tok.encode("x")) + len(tok.encode("y z"))
+    assert more("baton_cached_prompt_tokens_total") == 6 and more("baton_generation_tokens_total") == 0
+    assert _sample(embedded, "baton_requests_waiting") == 0
 
 
 def test_gateway_app_does_not_import_torch() -> None:
@@ -1353,3 +1361,27 @@ async def test_earlier_function_calls_and_their_outputs_reach_the_template(tok, 
     assert tool_tok.decode(backend.requests[0].prompt_token_ids) == \
         "user:Weather?;assistant:get_weather(Verona)get_weather(Mantua);tool:call_1rain;tool:call_2rain;"   # "none": no tools
     assert response.json()["output"][0]["content"][0]["text"] == "Rain in both."
+
+
+async def test_a_cancelled_embedding_request_cancels_its_inputs(tok) -> None:
+    """The client gone: every input's call is cancelled, and the request counts as aborted."""
+    from baton.services.gateway import metrics
+
+    started, cancelled = asyncio.Event(), []
+
+    class Slow(FakeBackend):
+        async def embed(self, request: EmbedRequest) -> EmbedResult:
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            finally:
+                cancelled.append(request.request_id)
+
+    aborted = metrics.REQUESTS_TOTAL.labels(status="aborted")._value.get()
+    serving = OpenAIServing(make_config(), Slow(tok), tok)
+    task = asyncio.create_task(serving.create_embedding(EmbeddingRequest(model=MODEL, input=["a", "b"])))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(cancelled) == 2 and metrics.REQUESTS_TOTAL.labels(status="aborted")._value.get() == aborted + 1

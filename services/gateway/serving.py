@@ -156,6 +156,7 @@ class OpenAIServing:
 
     async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
         """Each input's embedding, computed on the prefill workers (all inputs at once)."""
+        arrival = time.perf_counter()
         self._check_model(req.model)
         inputs = [self._truncate(req, ids) for ids in self._token_ids(req.input, "input")]
         longest = max(len(ids) for ids in inputs)
@@ -163,13 +164,23 @@ class OpenAIServing:
             raise APIError(f"This model's maximum context length is {self.max_model_len} tokens; an input has {longest}.",
                            param="input")
         request_id = f"embd-{uuid.uuid4().hex}"
+        tracker, status = metrics.RequestMetrics(arrival), "error"
         try:
-            async with asyncio.TaskGroup() as group:   # one failure cancels the rest
-                tasks = [group.create_task(self.backend.embed(EmbedRequest(f"{request_id}-{i}", ids, req.priority)))
-                         for i, ids in enumerate(inputs)]
-        except* (APIError, BackendError) as errors:
-            raise as_api_error(errors.exceptions[0]) from None
+            try:
+                async with asyncio.TaskGroup() as group:   # one failure cancels the rest
+                    tasks = [group.create_task(self.backend.embed(EmbedRequest(f"{request_id}-{i}", ids, req.priority)))
+                             for i, ids in enumerate(inputs)]
+            except* (APIError, BackendError) as errors:
+                raise as_api_error(errors.exceptions[0]) from None
+            status = "success"
+        except asyncio.CancelledError:     # the client went away (a bare one: it is not grouped)
+            status = "aborted"
+            raise
+        finally:
+            tracker.finish(status)
         results = [t.result() for t in tasks]
+        for r in results:
+            metrics.record_prompt(r.prompt_tokens, r.cached_tokens)
         prompt_tokens = sum(r.prompt_tokens for r in results)
         return EmbeddingResponse(
             data=[EmbeddingData(index=i, embedding=_encode_embedding(r.embedding, req.encoding_format))
