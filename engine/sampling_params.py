@@ -108,6 +108,11 @@ class SamplingParams:
                 "each of bad_words_token_ids must be a non-empty list of token ids",
             ),
             (
+                self.allowed_token_ids is None
+                or not set(self.allowed_token_ids) <= {w[0] for w in self.bad_words_token_ids if len(w) == 1},
+                "every one of allowed_token_ids is a bad word: nothing would be left to sample",
+            ),
+            (
                 # A complete grammar allows only EOS, which min_tokens would mask: nothing would be left.
                 self.structured_output is None or self.min_tokens == 0,
                 "min_tokens cannot be combined with structured output",

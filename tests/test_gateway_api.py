@@ -203,6 +203,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
         ({"model": MODEL, "prompt": "x", "allowed_token_ids": [-1]}, "allowed_token_ids"),
         ({"model": MODEL, "prompt": "x", "bad_words": ["fine", " \n"]}, "bad_words"),
         ({"model": MODEL, "prompt": "x", "bad_words": ["w"] * 129}, "bad_words"),
+        ({"model": MODEL, "prompt": "x", "bad_words": [","], "allowed_token_ids": [14]}, None),   # "," is 14
         ({"model": MODEL, "prompt": "x", "priority": 2**31}, "priority"),
         ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
         ({"model": MODEL, "prompt": "x", "suffix": "end"}, "suffix"),

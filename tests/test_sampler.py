@@ -156,6 +156,9 @@ def test_bad_words_mask_their_last_token_after_the_rest() -> None:
     assert [t.token_id for t in Sampler()(logits.repeat(3, 1), [after, elsewhere, across])] == [9, 8, 9]
     with pytest.raises(ValueError, match="bad_words_token_ids"):
         SamplingParams(bad_words_token_ids=[[3], []])
+    with pytest.raises(ValueError, match="nothing would be left"):
+        SamplingParams(allowed_token_ids=[3, 4], bad_words_token_ids=[[4], [3], [5, 3]])
+    SamplingParams(allowed_token_ids=[3, 4], bad_words_token_ids=[[4], [5, 3]])
 
 
 def test_min_tokens_masks_stop_tokens() -> None:
