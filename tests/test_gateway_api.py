@@ -1287,6 +1287,7 @@ async def test_responses_take_a_json_schema_and_refuse_what_they_cannot_do(tok) 
                           "text": {"format": {"type": "json_schema", "name": "person", "schema": schema}}})
     assert response.status_code == 200, response.text
     assert json.loads(backend.requests[0].params.structured_output.json) == schema
+    assert response.json()["text"] == {"format": {"type": "json_schema", "name": "person", "schema": schema}}
     for body, param in [
         ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),

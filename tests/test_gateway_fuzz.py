@@ -43,6 +43,8 @@ def gateway_schema() -> schemathesis.schemas.BaseSchema:
         if name in ("CompletionRequest", "ChatCompletionRequest"):
             schema["properties"]["max_tokens"] = {"type": "integer", "minimum": 1, "maximum": 8}
             schema["properties"].pop("max_completion_tokens", None)
+        if name == "ResponsesRequest":
+            schema["properties"]["max_output_tokens"] = {"type": "integer", "minimum": 1, "maximum": 8}
     app.openapi_schema = document
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 

@@ -535,14 +535,19 @@ class ResponseNamedToolChoice(BaseModel):
 
 
 class ResponseTextFormat(BaseModel):
-    """``text.format``: plain text, any JSON object, or JSON that follows ``schema``."""
+    """``text.format``: plain text, any JSON object, or JSON that follows ``schema`` (written back
+    as given: ``schema`` by its name, unset fields left out)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, serialize_by_alias=True)
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = Field(default=None, min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     @model_validator(mode="after")
     def _schema_has_a_name(self) -> ResponseTextFormat:
