@@ -1297,6 +1297,8 @@ async def test_responses_take_a_json_schema_and_refuse_what_they_cannot_do(tok) 
         ({"input": [{"type": "web_search_call", "id": "c"}]}, "input"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "schema": schema}}}, "text"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "x", "tools": RESPONSE_TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tools"),
+        ({"input": "x", "max_output_tokens": 5000}, "max_output_tokens"),
     ]:
         assert_error(await post(backend, tok, "/v1/responses", {"model": MODEL, **body}), 400, param)
     assert len(backend.requests) == 1

@@ -27,6 +27,14 @@ from baton.services.gateway.protocol import (
 )
 
 
+_FIELD_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens"}
+
+
+def field_name(chat_field: str | None) -> str | None:
+    """A chat request's field as the Responses request names it (errors name the client's field)."""
+    return _FIELD_NAMES.get(chat_field, chat_field)
+
+
 def new_response_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
 

@@ -28,11 +28,10 @@ from pydantic import ValidationError
 from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
-from baton.services.gateway import metrics, tools
+from baton.services.gateway import metrics, responses, tools
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, GenerationRequest
 from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway import responses
 from baton.services.gateway.protocol import (
     DONE, APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatLogprobToken, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
@@ -147,9 +146,15 @@ class OpenAIServing:
         try:
             chat = req.chat_request()
         except ValidationError as exc:
-            raise APIError(f"input: {exc.errors()[0]['msg']}", param="input") from exc
+            first = exc.errors()[0]
+            param = responses.field_name(str(first["loc"][0])) if first.get("loc") else None
+            raise APIError(f"{param}: {first['msg']}" if param else first["msg"], param=param) from exc
         response_id = responses.new_response_id()
-        result = await self.create_chat_completion(chat)
+        try:
+            result = await self.create_chat_completion(chat)
+        except APIError as exc:
+            exc.param = responses.field_name(exc.param)
+            raise
         if isinstance(result, PrimedStream):
             return await PrimedStream.start(responses.stream_events(req, response_id, result))
         return responses.from_chat(req, response_id, result)
