@@ -17,7 +17,7 @@ from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
 from baton.engine.sequence import TokenLogprob
 from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc
 from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto, params_to_proto
-from baton.services.gateway.backend import BackendError, GenerationChunk, GenerationRequest
+from baton.services.gateway.backend import BackendError, EmbedRequest, GenerationChunk, GenerationRequest
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, RETRIES, WORKER_ERRORS
@@ -123,6 +123,13 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "KV transfer to the decode worker failed: connection reset",
                                 trailing_metadata=((FAILED_PEER_KEY, FAILED_PEER_DECODE),))
         yield prefill_pb2.PrefillReply(handoff=prefill_pb2.KVHandoff(bytes_sent=4096 * n, seconds=0.002))
+
+    async def Embed(self, request, context):
+        self.requests.append(request)
+        n = len(request.prompt_token_ids)
+        if n > self.max_len:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt has {n} tokens, more than {self.max_len}")
+        return prefill_pb2.EmbedReply(embedding=[n / 100, 0.5], prompt_tokens=n, cached_tokens=16 * (n // 32))
 
     async def Abort(self, request, context):
         self.aborted.append(request.request_id)
@@ -282,6 +289,26 @@ async def test_dead_prefill_worker_fails_over_with_a_fresh_reservation(cluster) 
     assert [c.finish_reason for c in chunks] == [None, "length"]
     assert len(healthy.requests) == 1 and len(decode.reserved) == 1
     assert decode.aborted == [req.request_id]     # the first reservation was given back, then a fresh one
+
+
+async def test_embeddings_go_to_a_prefill_worker_and_fail_over(cluster) -> None:
+    """An embedding is the prefill worker's answer; a dead worker's is retried on another; an
+    invalid one is a 400 and all workers down a 503."""
+    add, make, servers = cluster
+    doomed, healthy = FakePrefill("p0"), FakePrefill("p1", running=2, max_len=40)
+    backend = await make(config([await add(doomed), await add(healthy)], [await add(FakeDecode("d0"))],
+                                load_poll_interval_s=30.0))
+    await servers[0].stop(None)                   # the idle one dies: routing still prefers it
+    result = await backend.embed(EmbedRequest("e1", list(range(1, 33)), priority=3))
+    assert (result.embedding, result.prompt_tokens, result.cached_tokens) == ([pytest.approx(0.32), 0.5], 32, 16)
+    assert [(r.request_id, r.priority) for r in healthy.requests] == [("e1", 3)]
+    with pytest.raises(BackendError) as caught:
+        await backend.embed(EmbedRequest("e2", list(range(1, 50))))
+    assert caught.value.status == 400 and "more than 40" in caught.value.message
+    await servers[1].stop(None)
+    with pytest.raises(BackendError) as caught:
+        await backend.embed(EmbedRequest("e3", [1, 2, 3]))
+    assert caught.value.status == 503
 
 
 async def test_a_sibling_runs_beside_the_placement_it_names(cluster) -> None:
@@ -458,7 +485,7 @@ def test_params_and_logprobs_round_trip() -> None:
             logprobs=random.choice([None, 0, 5]), prompt_logprobs=random.choice([None, 0, 20]),
             logit_bias=random.choice([{}, {3: -100.0, 17: 2.5}]), structured_output=random.choice(STRUCTURED),
             allowed_token_ids=random.choice([None, [0], random.sample(range(VOCAB), 5)]),
-            bad_words_token_ids=random.choice([[], [[7]], [[1, 2, 3], [0]]]),
+            bad_words_token_ids=random.choice([[], [[7]], [[1, 2, 3], [4]]]),
         )
         params.min_tokens = random.randint(0, params.max_tokens) if params.structured_output is None else 0
         wire = params_to_proto(params).SerializeToString()
