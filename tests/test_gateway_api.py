@@ -1191,6 +1191,8 @@ async def test_embeddings_answer_each_input_in_order_as_floats_or_base64(tok) ->
     packed = await post(FakeBackend(tok), tok, "/v1/embeddings", {"model": MODEL, "input": texts, "encoding_format": "base64"})
     decoded = [list(struct.unpack(f"<{len(w)}f", base64.b64decode(d["embedding"]))) for w, d in zip(want, packed.json()["data"])]
     assert [v for row in decoded for v in row] == pytest.approx([v for row in want for v in row], abs=1e-7)
+    longest = await post(FakeBackend(tok), tok, "/v1/embeddings", {"model": MODEL, "input": [5] * 2047})
+    assert longest.status_code == 200 and longest.json()["usage"]["prompt_tokens"] == 2047
     single = await post(FakeBackend(tok), tok, "/v1/embeddings", {"model": MODEL, "input": ids[0][1:], "truncate_prompt_tokens": 2})
     assert single.json()["usage"]["prompt_tokens"] == 2 and len(single.json()["data"]) == 1
 
@@ -1202,6 +1204,7 @@ async def test_embeddings_answer_each_input_in_order_as_floats_or_base64(tok) ->
     ({"model": MODEL, "input": ["a"] * 2049}, 400, "input"),
     ({"model": MODEL, "input": [5, 99999]}, 400, "input"),
     ({"model": MODEL, "input": "x " * 2100}, 400, "input"),
+    ({"model": MODEL, "input": [5] * 2048}, 400, "input"),          # the engine keeps a position past a prompt
     ({"model": MODEL, "input": "x", "dimensions": 64}, 400, "dimensions"),
     ({"model": MODEL, "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"model": "gpt-4", "input": "x"}, 404, "model"),

@@ -165,7 +165,7 @@ class OpenAIServing:
         self._check_model(req.model)
         inputs = [self._truncate(req, ids) for ids in self._token_ids(req.input, "input")]
         longest = max(len(ids) for ids in inputs)
-        if longest > self.max_model_len:
+        if longest >= self.max_model_len:   # as a prompt: the engine keeps one position past it
             raise APIError(f"This model's maximum context length is {self.max_model_len} tokens; an input has {longest}.",
                            param="input")
         request_id = f"embd-{uuid.uuid4().hex}"
