@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import gc
 import logging
 import signal
@@ -38,6 +39,7 @@ from baton.services.worker_metrics import EngineMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_STACKS_AFTER_S = 15.0   # past the grace: a shutdown this slow is stuck; its stacks go to stderr
 COMPILE_MARGIN_S = 0.5   # of an RPC's deadline, kept to answer after a grammar's compilation
 
 GRPC_OPTIONS = [
@@ -191,11 +193,14 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("%s worker %s draining (grace %.0fs)", role, ctx.worker_id, args.shutdown_grace)
+    # A worker still shutting down well past its grace writes where every thread is to stderr.
+    faulthandler.dump_traceback_later(args.shutdown_grace + SHUTDOWN_STACKS_AFTER_S, exit=False)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(args.shutdown_grace)
     engine.stop()
     if ctx.publisher is not None:
         await ctx.publisher.stop()
+    log.info("%s worker %s stopped", role, ctx.worker_id)
 
 
 def setup_logging(level: str) -> None:
