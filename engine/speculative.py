@@ -36,25 +36,31 @@ class SpeculationStats:
 
 
 class NgramIndex:
-    """Where each n-gram of one sequence's tokens last occurred with a token after it; grown as
-    the tokens grow (they are only ever appended to)."""
+    """Where each n-gram of one sequence's tokens last occurred with a token after it. The
+    tokens are only ever appended to: ``extend`` takes the new ones, so a step costs what it
+    adds, not the whole context."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
         self._last: dict[tuple[int, ...], int] = {}   # n-gram -> its latest start with a token after it
-        self._indexed = 0                             # tokens[:_indexed] are indexed
 
-    def propose(self, tokens: Seq[int], k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest n-gram
-        ``tokens`` ends with; [] if it ends with none it has written before."""
-        for end in range(max(self._indexed, 1), len(tokens)):      # the n-grams tokens[end] follows
+    def extend(self, new_tokens: Seq[int]) -> None:
+        tokens = self.tokens
+        for token in new_tokens:
+            end = len(tokens)                            # the n-grams ``token`` follows
             for n in range(self.min_n, min(self.max_n, end) + 1):
                 self._last[tuple(tokens[end - n:end])] = end - n
-        self._indexed = len(tokens)
+            tokens.append(token)
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest n-gram
+        the tokens end with; [] if they end with none written before."""
+        tokens = self.tokens
         for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
             start = self._last.get(tuple(tokens[len(tokens) - n:]))
             if start is not None:
-                return list(tokens[start + n:start + n + k])
+                return tokens[start + n:start + n + k]
         return []
 
 
@@ -78,6 +84,9 @@ def propose(seq: Sequence, config: SpeculativeConfig) -> list[int]:
     k = min(config.num_speculative_tokens, seq.params.max_tokens - len(seq.output_token_ids) - 1)
     if k <= 0 or not can_speculate(seq):
         return []
-    if seq.ngram_index is None:
-        seq.ngram_index = NgramIndex(config.prompt_lookup_min, config.prompt_lookup_max)
-    return seq.ngram_index.propose(seq.token_ids, k)
+    index = seq.ngram_index
+    if index is None:
+        index = seq.ngram_index = NgramIndex(config.prompt_lookup_min, config.prompt_lookup_max)
+        index.extend(seq.prompt_token_ids)
+    index.extend(seq.output_token_ids[len(index.tokens) - seq.num_prompt_tokens:])
+    return index.propose(k)
