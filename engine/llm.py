@@ -70,8 +70,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, or token ids) and return the outputs in prompt order.
         ``priority``: one per prompt, lower first (``scheduling_policy="priority"``)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = self._token_ids(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
@@ -79,8 +78,7 @@ class LLM:
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
         requests: list[tuple[str, list[Sequence]]] = []
-        for prompt, p, rank in zip(prompts, params_list, priorities):
-            token_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        for token_ids, p, rank in zip(prompts, params_list, priorities):
             request_id = str(next(self._ids))
             requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank)))
         while self.core.has_unfinished():
@@ -90,15 +88,16 @@ class LLM:
     def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
         """Each prompt's embedding: its last token's final hidden state, L2-normalized (last-token
         pooling, as decoder embedding models such as Qwen3-Embedding are read)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        seqs = []
-        for prompt in prompts:
-            token_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-            seqs.append(self.core.add_embedding_request(str(next(self._ids)), token_ids))
+        seqs = [self.core.add_embedding_request(str(next(self._ids)), ids) for ids in self._token_ids(prompts)]
         while self.core.has_unfinished():
             self.core.step()
         return [seq.embedding for seq in seqs]
+
+    def _token_ids(self, prompts: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """One prompt (text or token ids) or several, each as token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return [self.tokenizer(p).input_ids if isinstance(p, str) else list(p) for p in prompts]
 
     def _output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         outputs = [
