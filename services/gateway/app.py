@@ -254,28 +254,34 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
 
     app = FastAPI(title="Baton gateway", lifespan=lifespan)
     app.state.gateway = state
+    bodies: list[type[BaseModel]] = []
 
-    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
+    def body(model: type[BaseModel]) -> dict[str, Any]:
+        """A route's request body, also put in the OpenAPI document (``_document_bodies``)."""
+        bodies.append(model)
+        return _json_body(model)
+
+    @app.post("/v1/completions", openapi_extra=body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await _generate(request, config, state, CompletionRequest, serving.create_completion)
 
-    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
+    @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, config, state, ChatCompletionRequest, serving.create_chat_completion)
 
-    @app.post("/v1/responses", openapi_extra=_json_body(ResponsesRequest))
+    @app.post("/v1/responses", openapi_extra=body(ResponsesRequest))
     async def responses(request: Request) -> Response:
         return await _generate(request, config, state, ResponsesRequest, serving.create_response)
 
-    @app.post("/v1/embeddings", openapi_extra=_json_body(EmbeddingRequest))
+    @app.post("/v1/embeddings", openapi_extra=body(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
         return await _generate(request, config, state, EmbeddingRequest, serving.create_embedding)
 
-    @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest))
+    @app.post("/tokenize", openapi_extra=body(TokenizeRequest))
     async def tokenize(request: Request) -> Response:
         return await _answer(request, config, TokenizeRequest, serving.tokenize)
 
-    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest))
+    @app.post("/detokenize", openapi_extra=body(DetokenizeRequest))
     async def detokenize(request: Request) -> Response:
         return await _answer(request, config, DetokenizeRequest, serving.detokenize)
 
@@ -289,8 +295,7 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
 
     _add_probes(app, backend, state)
     _add_error_handlers(app)
-    _document_bodies(app, [CompletionRequest, ChatCompletionRequest, ResponsesRequest, EmbeddingRequest, TokenizeRequest,
-                           DetokenizeRequest])
+    _document_bodies(app, bodies)
     return app
 
 
