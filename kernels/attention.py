@@ -36,6 +36,11 @@ def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: 
     return k, v
 
 
+# Query runs up to this long (decodes, speculative drafts) are attended in one padded call:
+# a loop over sequences costs more than the padding there. Prompts, longer, go one at a time.
+_PADDED_QUERY_LEN = 16
+
+
 def ref_paged_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -45,8 +50,11 @@ def ref_paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole paged context."""
-    out = torch.empty_like(q)
     starts, lens = cu_query_lens.tolist(), seq_lens.tolist()
+    q_lens = [b - a for a, b in zip(starts, starts[1:])]
+    if len(lens) > 1 and max(q_lens) <= _PADDED_QUERY_LEN:
+        return _ref_padded_attention(q, kv_cache, q_lens, lens, block_tables, scale)
+    out = torch.empty_like(q)
     for i, seq_len in enumerate(lens):
         q_start, q_end = starts[i], starts[i + 1]
         q_len = q_end - q_start
@@ -63,6 +71,36 @@ def ref_paged_attention(
     return out
 
 
+def _ref_padded_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, q_lens: list[int], seq_lens: list[int], block_tables: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """``ref_paged_attention`` in one call: queries padded to the longest run, contexts to the
+    longest context. A padding query row sees key 0 at least (no NaN) and is dropped."""
+    batch, (_, _, block_size, _, head_dim) = len(seq_lens), kv_cache.shape
+    max_q, max_blocks = max(q_lens), -(-max(seq_lens) // block_size)
+    k, v = _gather_padded(kv_cache, block_tables, max_blocks)
+    row = torch.arange(max_q)
+    lens = torch.tensor(q_lens)
+    real = (row[None, :] < lens[:, None]).reshape(-1).to(q.device)
+    padded = q.new_zeros(batch * max_q, q.shape[1], head_dim)
+    padded[real] = q
+    q_pos = torch.tensor(seq_lens)[:, None] - lens[:, None] + row[None, :]           # [batch, max_q]
+    mask = (torch.arange(max_blocks * block_size)[None, None, :] <= q_pos[:, :, None]).to(q.device)
+    qb = padded.view(batch, max_q, -1, head_dim).transpose(1, 2).float()
+    o = F.scaled_dot_product_attention(qb, k.float(), v.float(), attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    return o.transpose(1, 2).reshape(batch * max_q, -1, head_dim)[real].to(q.dtype)
+
+
+def _gather_padded(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of every sequence's first ``max_blocks`` blocks, ``[batch, kv_heads, ctx, head_dim]`` each
+    (each block's K is contiguous, so K and V are gathered separately)."""
+    batch, (_, _, block_size, num_kv_heads, head_dim) = block_tables.shape[0], kv_cache.shape
+    ids = block_tables[:, :max_blocks].reshape(-1).long()
+    k = kv_cache[:, 0].index_select(0, ids).view(batch, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+    v = kv_cache[:, 1].index_select(0, ids).view(batch, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+    return k, v
+
+
 def ref_paged_decode_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -76,10 +114,7 @@ def ref_paged_decode_attention(
     max_len = int(seq_lens.max()) if batch else 0
     max_blocks = (max_len + block_size - 1) // block_size
     ctx_len = max_blocks * block_size
-    ids = block_tables[:, :max_blocks].reshape(-1).long()
-    # Gather K and V separately (each block's K is contiguous) as [batch, kv_heads, ctx, dim].
-    k = kv_cache[:, 0].index_select(0, ids).view(batch, ctx_len, num_kv_heads, head_dim).transpose(1, 2)
-    v = kv_cache[:, 1].index_select(0, ids).view(batch, ctx_len, num_kv_heads, head_dim).transpose(1, 2)
+    k, v = _gather_padded(kv_cache, block_tables, max_blocks)
     # Each KV head serves a group of query heads: [batch, kv_heads, group, dim].
     qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     mask = torch.arange(ctx_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)

@@ -248,6 +248,7 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "decode one short sequence (half tiles)", lambda: check_paged_decode_attention(device, dtype, 8, 2, 16, 16, [40])
     yield "decode unsplit", lambda: check_paged_decode_attention(device, dtype, 8, 4, 16, 16, [1, 17, 33, 5, 2])
     yield "prefill dim 64", lambda: check_paged_attention(device, dtype, 4, 2, 16, 64, [(40, 70), (33, 33)])
+    yield "prefill short query runs (drafts)", lambda: check_paged_attention(device, dtype, 8, 2, 16, 16, [(5, 40), (1, 3), (3, 3), (16, 50), (0, 6)])
     yield from prefill_variant_cases(device, dtype)
     for bs in (8, 16):
         yield f"store_kv bs{bs}", lambda b=bs: check_store_kv(device, dtype, b, 2, 16)
@@ -270,6 +271,21 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "linear even K", lambda: check_linear(device, dtype, 3, 45, 256, False, ragged)
     yield "gated linear", lambda: check_linear(device, dtype, 2, 37, 300, True, gated=True)
     yield "gated linear ragged tiles", lambda: check_linear(device, dtype, 3, 45, 300, False, ragged, gated=True)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("heads,kv_heads", GQA)
+def test_the_reference_attends_a_batch_of_short_runs_as_each_sequence_alone(heads: int, kv_heads: int) -> None:
+    """Short query runs (decodes, drafts) take the reference's padded call; one sequence at a
+    time takes its loop: they must agree."""
+    pairs = [(int(torch.randint(0, 17, ())), 0) for _ in range(6)]
+    pairs = [(q, q + int(torch.randint(0 if q else 1, 60, ()))) for q, _ in pairs]
+    q, cache, cu, seq_lens, tables = paged_case([a for a, _ in pairs], [b for _, b in pairs], heads, kv_heads, 8, 16, torch.float32, "cpu")
+    batched = attention.ref_paged_attention(q, cache, cu, seq_lens, tables, 0.3)
+    for i in range(len(pairs)):
+        lo, hi = int(cu[i]), int(cu[i + 1])
+        alone = attention.ref_paged_attention(q[lo:hi], cache, cu[i:i + 2] - lo, seq_lens[i:i + 1], tables[i:i + 1], 0.3)
+        torch.testing.assert_close(batched[lo:hi], alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.unit
