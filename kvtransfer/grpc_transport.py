@@ -26,7 +26,7 @@ from baton.kvtransfer.grpc_receiver import (
 )
 from baton.kvtransfer.layout import KVLayout
 from baton.kvtransfer.session import DEFAULT_STREAM_TIMEOUT_S, END, QueuedSession, blocks_per_message
-from baton.protos import MAX_MESSAGE_BYTES, kvtransfer_pb2, kvtransfer_pb2_grpc
+from baton.protos import MAX_MESSAGE_BYTES, RECONNECT_OPTIONS, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES", "GrpcKVReceiver", "GrpcKVSender",
@@ -136,7 +136,8 @@ class GrpcKVSender(KVSender):
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=grpc_options(self._max_message_bytes))
+            options = [*grpc_options(self._max_message_bytes), *RECONNECT_OPTIONS]
+            self._channels[address] = grpc.aio.insecure_channel(address, options=options)
         return self._channels[address]
 
     async def close(self) -> None:

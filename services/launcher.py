@@ -2,13 +2,14 @@
 
 Starts Redis (a private redis-server on a free port unless ``REDIS_URL`` /
 ``--redis-url`` names one), N prefill and M decode workers, and the gateway;
-waits until the gateway's ``/ready`` answers 200; prints the URL; on Ctrl-C or
+waits until the gateway's ``/ready`` counts every worker reachable; prints the URL; on Ctrl-C or
 SIGTERM stops everything, gateway first, each with a grace period.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -105,20 +106,22 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
-def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
+def wait_ready(plan: Plan, procs: list[subprocess.Popen], timeout: float) -> None:
+    """Until the gateway's ``/ready`` answers 200 and counts every planned worker reachable."""
+    want = {"prefill": len(plan.prefill), "decode": len(plan.decode)}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         dead = [p for p in procs if p.poll() is not None]
         if dead:
             raise RuntimeError(f"{' '.join(dead[0].args[:4])} exited with code {dead[0].returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=2) as resp:
-                if resp.status == 200:
+            with urllib.request.urlopen(f"{plan.url}/ready", timeout=2) as resp:
+                if resp.status == 200 and json.load(resp)["workers"] == want:
                     return
         except OSError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the gateway at {url} was not ready within {timeout:.0f}s")
+    raise RuntimeError(f"the gateway at {plan.url} did not reach all {want} workers within {timeout:.0f}s")
 
 
 def stop_all(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
@@ -163,7 +166,7 @@ def up(args: argparse.Namespace) -> int:
     try:
         for cmd in ([plan.redis] if plan.redis else []) + plan.prefill + plan.decode + [plan.gateway]:
             procs.append(subprocess.Popen(cmd))
-        wait_ready(plan.url, procs, READY_TIMEOUT_S)
+        wait_ready(plan, procs, READY_TIMEOUT_S)
         print(f"Baton is ready: {plan.url}/v1 (model {args.served_model_name}; Ctrl-C stops)", flush=True)
         for (role, addr), metrics_url in plan.metrics.items():
             print(f"  {role} worker {addr}: metrics at {metrics_url}", flush=True)

@@ -141,13 +141,13 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
         )
 
 
-async def serve(servicer) -> tuple[grpc.aio.Server, str]:
+async def serve(servicer, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, str]:
     server = grpc.aio.server()
     if isinstance(servicer, FakeDecode):
         decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
     else:
         prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(address)
     await server.start()
     return server, f"127.0.0.1:{port}"
 
@@ -204,7 +204,7 @@ async def test_full_flow(cluster) -> None:
     add, make, _ = cluster
     prefill, decode = FakePrefill("p0"), FakeDecode("d0")
     backend = await make(config([await add(prefill)], [await add(decode)]))
-    assert await backend.ready()
+    assert await backend.reachable() == {"prefill": 1, "decode": 1}
     req = request(max_tokens=5, prompt_logprobs=2, logprobs=1, seed=7, top_k=40, stop_token_ids=[3])
     kv_before = KV_TRANSFER_BYTES._value.get()
     chunks = await collect(backend.generate(req))
@@ -264,7 +264,7 @@ async def test_dead_decode_worker_fails_over_or_gives_503(cluster) -> None:
     chunks = await collect(backend.generate(request(max_tokens=3)))
     assert chunks[-1].finish_reason == "length" and len(healthy.reserved) == 1
     assert WORKER_ERRORS.labels(role="decode")._value.get() - errors_before == 1
-    assert await backend.ready()
+    assert await backend.reachable() == {"prefill": 1, "decode": 1}
     assert (await collect(backend.generate(request(max_tokens=1))))[-1].finish_reason == "length"
     assert len(healthy.reserved) == 2             # the dead one is skipped while penalized
 
@@ -350,11 +350,28 @@ async def test_static_dead_address_is_not_ready_and_fails_fast(cluster) -> None:
     add, make, _ = cluster
     prefill_addr = await add(FakePrefill("p0"))
     backend = await make(config([prefill_addr], [dead_address()]))
-    assert not await backend.ready()
+    assert await backend.reachable() == {"prefill": 1, "decode": 0}
     with pytest.raises(BackendError, match="no healthy decode worker") as err:
         await collect(backend.generate(request()))
     assert err.value.status == 503
-    assert not await (await make(config([prefill_addr], []))).ready()
+    assert await (await make(config([prefill_addr], []))).reachable() == {"prefill": 1, "decode": 0}
+
+
+async def test_a_worker_that_starts_late_is_reached_within_about_a_second(cluster) -> None:
+    """After 11.5 s of refused connections (a worker still loading a large model), gRPC's
+    default reconnect backoff (1 s, x1.6 a retry, +-20%) makes its next attempt 1.2-7.5 s
+    later, 4.4 s on average; the gateway's channels cap the backoff at one second."""
+    add, make, servers = cluster
+    late = dead_address()
+    backend = await make(config([await add(FakePrefill("p0"))], [late]))
+    await asyncio.sleep(11.5)
+    assert await backend.reachable() == {"prefill": 1, "decode": 0}
+    server, _ = await serve(FakeDecode("d0"), late)
+    servers.append(server)
+    started = time.monotonic()
+    while (await backend.reachable())["decode"] == 0:
+        assert time.monotonic() - started < 2.5, "the late decode worker was not reached within 2.5 s"
+        await asyncio.sleep(0.05)
 
 
 async def test_invalid_argument_becomes_400_and_frees_the_reservation(cluster) -> None:

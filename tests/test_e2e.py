@@ -57,7 +57,7 @@ class System:
                 self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
             self.gateway = subprocess.Popen(self.plan.gateway)
             self.procs.append(self.gateway)
-            launcher.wait_ready(self.plan.url, self.procs, timeout=180)
+            launcher.wait_ready(self.plan, self.procs, timeout=180)
         except BaseException:
             self.stop()
             raise

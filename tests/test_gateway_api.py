@@ -120,8 +120,8 @@ class FakeBackend(Backend):
         norm = sum(v * v for v in raw) ** 0.5
         return EmbedResult([v / norm for v in raw], len(ids), self.cached_tokens)
 
-    async def ready(self) -> bool:
-        return self.is_ready
+    async def reachable(self) -> dict[str, int]:
+        return {"prefill": 2, "decode": int(self.is_ready)}
 
 
 @pytest.fixture(scope="module")
@@ -968,7 +968,8 @@ async def test_ready_health_and_draining(tok) -> None:
     backend = FakeBackend(tok)
     app = create_app(make_config(), backend, tok)
     async with client_for(app) as client:
-        assert (await client.get("/ready")).status_code == 200
+        ready = await client.get("/ready")
+        assert ready.status_code == 200 and ready.json()["workers"] == {"prefill": 2, "decode": 1}
         backend.is_ready = False
         assert (await client.get("/ready")).status_code == 503
         assert (await client.get("/health")).status_code == 200

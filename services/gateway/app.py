@@ -212,13 +212,15 @@ def _add_probes(app: FastAPI, backend: Backend, state: GatewayState) -> None:
 
     @app.get("/ready")
     async def ready() -> Response:
-        ok = False
-        if not state.draining:
-            try:
-                ok = await backend.ready()
-            except Exception:
-                logger.exception("backend readiness check failed")
-        return JSONResponse({"ready": ok, "draining": state.draining}, status_code=200 if ok else 503)
+        """200 while a prefill and a decode worker are reachable and the gateway is not
+        draining; the body counts the reachable workers of each role."""
+        workers = {"prefill": 0, "decode": 0}
+        try:
+            workers = await backend.reachable()
+        except Exception:
+            logger.exception("backend readiness check failed")
+        ok = not state.draining and workers["prefill"] > 0 and workers["decode"] > 0
+        return JSONResponse({"ready": ok, "draining": state.draining, "workers": workers}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -83,8 +83,9 @@ class Backend(abc.ABC):
         ``BackendError`` when no worker can serve it."""
 
     @abc.abstractmethod
-    async def ready(self) -> bool:
-        """At least one prefill and one decode worker are reachable."""
+    async def reachable(self) -> dict[str, int]:
+        """How many workers of each role (``prefill``, ``decode``) routing may use now; the
+        gateway is ready while both have one."""
 
     async def start(self) -> None:
         """Begin background work (discovery, load polling)."""

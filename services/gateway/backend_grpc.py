@@ -50,7 +50,7 @@ import grpc
 
 from baton.engine.hashing import block_hashes, model_fingerprint
 from baton.protos import (
-    FAILED_PEER_DECODE, FAILED_PEER_KEY, MAX_MESSAGE_BYTES,
+    FAILED_PEER_DECODE, FAILED_PEER_KEY, MAX_MESSAGE_BYTES, RECONNECT_OPTIONS,
     common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc,
 )
 from baton.services.convert import logprob_from_proto, params_to_proto
@@ -70,6 +70,7 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 0),
+    *RECONNECT_OPTIONS,
 )
 DISCOVERY_INTERVAL_S = 1.0
 ABORT_TIMEOUT_S = 2.0
@@ -137,8 +138,8 @@ class GrpcBackend(Backend):
         if self._index is not None:
             await self._index.close()
 
-    async def ready(self) -> bool:
-        return bool(self._healthy("prefill", set()) and self._healthy("decode", set()))
+    async def reachable(self) -> dict[str, int]:
+        return {role: len(self._healthy(role, set())) for role in ("prefill", "decode")}
 
     # -- one request -------------------------------------------------------
 
