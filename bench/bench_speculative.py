@@ -6,8 +6,11 @@ steps, and how many proposed tokens were accepted, on the same prompts in the sa
 
 The prompts are Shakespeare lines, each repeated ``--repeats`` times, so that the text has
 n-grams to look up (as a prompt that quotes a document does); greedy, EOS ignored, so every
-run writes batch x output-len tokens. The outputs must be the same with and without
-speculation: the script stops if they are not.
+run writes batch x output-len tokens. In float32 the outputs must be the same with and
+without speculation: the script stops if they are not. In bf16 / fp16 the drafted rows go
+through the prefill kernel and the others through the decode kernel, which round
+differently, so a greedy near-tie may flip: "same" counts the outputs that match one token
+a step, "1st diff" is where the others first differ, on average.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ def run(llm: LLM, prompts: list[str], params: SamplingParams, device: str) -> tu
     return time.perf_counter() - start, steps, [s.output_token_ids for s in seqs]
 
 
+def first_difference(got: list[list[int]], want: list[list[int]]) -> float:
+    """Mean index of the first differing token, over the outputs that differ (nan if none)."""
+    firsts = [next(i for i, (a, b) in enumerate(zip(g, w)) if a != b) for g, w in zip(got, want) if g != w]
+    return sum(firsts) / len(firsts) if firsts else float("nan")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=default_model())
@@ -68,18 +77,21 @@ def main() -> None:
     tokens = args.batch * args.output_len
     print(f"model={args.model} device={args.device} batch={args.batch} out={args.output_len} "
           f"prompt tokens={len(base.tokenizer(prompts[0]).input_ids)} threads={torch.get_num_threads()}")
-    print(f"{'k':>3} {'tok/s':>9} {'steps':>6} {'tok/step':>9} {'proposed':>9} {'accepted':>9} {'rate':>6}")
-    print(f"{'-':>3} {tokens / seconds:>9.1f} {steps:>6} {tokens / steps:>9.2f} {'-':>9} {'-':>9} {'-':>6}")
+    print(f"{'k':>3} {'tok/s':>9} {'steps':>6} {'tok/step':>9} {'proposed':>9} {'accepted':>9} {'rate':>6} "
+          f"{'same':>9} {'1st diff':>8}")
+    print(f"{'-':>3} {tokens / seconds:>9.1f} {steps:>6} {tokens / steps:>9.2f} {'-':>9} {'-':>9} {'-':>6} {'-':>9} {'-':>8}")
     for k in args.k:
         spec = LLM(args.model, **engine, speculative=SpeculativeConfig(k, prompt_lookup_max=args.lookup_max))
         run(spec, prompts[:1], SamplingParams(temperature=0, max_tokens=4), args.device)
         proposed, accepted = spec.core.spec_stats.proposed_tokens, spec.core.spec_stats.accepted_tokens
         seconds, steps, got = run(spec, prompts, params, args.device)
-        if got != want:
+        same = sum(g == w for g, w in zip(got, want))
+        if same < len(want) and (args.dtype or "float32") == "float32":
             raise SystemExit(f"k={k}: speculative output differs from one token a step")
         proposed, accepted = spec.core.spec_stats.proposed_tokens - proposed, spec.core.spec_stats.accepted_tokens - accepted
         rate = accepted / proposed if proposed else 0.0
-        print(f"{k:>3} {tokens / seconds:>9.1f} {steps:>6} {tokens / steps:>9.2f} {proposed:>9} {accepted:>9} {rate:>6.1%}")
+        print(f"{k:>3} {tokens / seconds:>9.1f} {steps:>6} {tokens / steps:>9.2f} {proposed:>9} {accepted:>9} {rate:>6.1%} "
+              f"{same:>4}/{len(want)} {first_difference(got, want):>8.1f}")
 
 
 if __name__ == "__main__":

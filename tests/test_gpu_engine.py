@@ -18,7 +18,7 @@ import torch
 from conftest import DEMO_MODEL
 from transformers import AutoModelForCausalLM
 
-from baton.engine.config import EngineConfig
+from baton.engine.config import EngineConfig, SpeculativeConfig
 from baton.engine.cuda_graph import capture_sizes, is_graph_step
 from baton.engine.llm import LLM
 from baton.engine.model_runner import ModelRunner
@@ -111,6 +111,32 @@ def test_bf16_greedy_matches_transformers():
                 f"{prompt!r}: token {same} differs where transformers' top-2 margin is {margin:.3f} (top {float(top2[0]):.2f})"
             )
     assert matched >= compared // 2, f"only {matched} of {compared} tokens agree"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_speculation_on_cuda_writes_what_one_token_a_step_writes_on_the_cpu():
+    """Drafted steps run the varlen prefill kernels beside graph-replayed plain decode steps;
+    greedy fp32 output equals the CPU engine's without speculation, and drafts are accepted."""
+    line = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name.\n\n"
+    prompts = [line * 3, line * 2 + "JULIET:\nO Romeo,", *PROMPTS[1:3]]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(DEMO, num_blocks=256).generate(prompts, params)]
+    llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8,
+              speculative=SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3))
+    assert llm.runner.cuda_graphs is not None and not llm.core.async_scheduling
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+    assert llm.core.spec_stats.accepted_tokens > 0 and llm.core.stats().used_blocks == 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_embeddings_on_cuda_match_the_cpu_engine():
+    want = torch.tensor(LLM(DEMO, num_blocks=256).embed(PROMPTS))
+    got = torch.tensor(LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8).embed(PROMPTS))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    bf16 = torch.tensor(LLM(DEMO, device="cuda", dtype="bfloat16", num_blocks=256, max_num_seqs=8).embed(PROMPTS))
+    assert torch.nn.functional.cosine_similarity(bf16, want).min() > 0.99
 
 
 def _ragged_batch(runner: ModelRunner, rng: random.Random, batch: int, tag: str) -> list[Sequence]:
