@@ -264,7 +264,8 @@ async def registered_cluster(redis_url: str, workers: list[tuple[str, str, objec
     backend = GrpcBackend(config([], [], redis_url=redis_url), fingerprint=FP)
     await backend.start()
     try:
-        assert await backend.ready()
+        roles = [role for _, role, _ in workers]
+        assert await backend.reachable() == {"prefill": roles.count("prefill"), "decode": roles.count("decode")}
         yield publishers, backend
     finally:
         await backend.close()
@@ -290,9 +291,9 @@ async def test_gateway_discovers_registered_workers_and_routes_by_cached_prefix(
             prefills[warm].requests.clear()
         await publishers.pop("d0").stop()             # the decode worker leaves the registry
         deadline = time.monotonic() + 5
-        while await backend.ready() and time.monotonic() < deadline:
+        while (await backend.reachable())["decode"] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert not await backend.ready()
+        assert await backend.reachable() == {"prefill": 2, "decode": 0}
 
 
 async def test_gateway_reserves_on_the_decode_worker_holding_the_prompt(redis_url: str) -> None:
@@ -318,7 +319,7 @@ async def test_gateway_serves_with_redis_down() -> None:
     errors_before = REDIS_ERRORS._value.get()
     try:
         await backend.start()                          # the registry read fails: static workers only
-        assert await backend.ready()
+        assert await backend.reachable() == {"prefill": 2, "decode": 1}
         chunks = await collect(backend.generate(request([random.randrange(1000) for _ in range(40)], max_tokens=2)))
         assert [c.finish_reason for c in chunks] == [None, "length"]
         assert REDIS_ERRORS._value.get() - errors_before >= 1
