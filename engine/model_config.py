@@ -2,7 +2,8 @@
 (and ``generation_config.json``). Pure Python: no torch.
 
 Both layouts of RoPE settings are understood: ``rope_parameters`` (transformers 5)
-and ``rope_theta`` + ``rope_scaling`` (older checkpoints).
+and ``rope_theta`` + ``rope_scaling`` (older checkpoints). An embedding model's pooling is
+read from its sentence-transformers files (``load_pooler_config``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.engine.models import SUPPORTED_ARCHITECTURES
+from baton.engine.pooling import PoolerConfig, pooling_module_path
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -110,6 +112,17 @@ def load_model_config(model_dir: Path, max_model_len: int | None = None) -> Mode
     gen_path = Path(model_dir) / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
     return ModelConfig.from_dict(cfg, gen, max_model_len)
+
+
+def load_pooler_config(model_dir: Path) -> PoolerConfig:
+    """How the checkpoint's sentence-transformers modules (``modules.json`` and its Pooling
+    module's ``config.json``) pool an embedding; LAST, normalized, when it has none."""
+    modules_path = Path(model_dir) / "modules.json"
+    modules = json.loads(modules_path.read_text()) if modules_path.is_file() else []
+    path = pooling_module_path(modules)
+    if path is None:
+        return PoolerConfig()
+    return PoolerConfig.from_sentence_transformers(modules, json.loads((Path(model_dir) / path / "config.json").read_text()))
 
 
 # A base model's architecture -> its causal-LM family (the same layers, no LM head).
