@@ -113,7 +113,7 @@ class BlockManager:
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Block ids of the longest confirmed cached prefix. The block holding the
         last token is never reused: at least one token must be computed."""
-        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or not seq.reuses_prefix:
             return []
         state, bs, tokens = self._state(seq), self.block_size, seq.token_ids
         hits: list[int] = []

@@ -7,6 +7,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from baton.engine.pooling import PoolerConfig
+
 DEFAULT_CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SCHEDULING_POLICIES = ("fcfs", "priority")
 MAX_SPECULATIVE_TOKENS = 16
@@ -73,7 +75,9 @@ class EngineConfig:
     ``scheduling_policy``: "fcfs" (arrival order) or "priority" (each request's
     ``priority``, lower first, then arrival; see ``scheduler``). ``speculative``: propose
     tokens by n-gram lookup and verify them in one step (``engine/speculative.py``); it
-    schedules synchronously, since a proposal needs the tokens read back.
+    schedules synchronously, since a proposal needs the tokens read back. ``pooler``: how an
+    embedding request pools its prompt's hidden states (``engine/pooling.py``); None: as the
+    checkpoint's sentence-transformers modules say, else LAST, normalized.
     """
 
     block_size: int = 16
@@ -90,6 +94,7 @@ class EngineConfig:
     async_scheduling: bool | None = None   # overlap host work with the device's step (None: on CUDA only)
     scheduling_policy: str = "fcfs"
     speculative: SpeculativeConfig | None = None
+    pooler: PoolerConfig | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -41,6 +41,7 @@ from baton.engine.attention import to_device
 from baton.engine.block_manager import BlockEvent, BlockManager
 from baton.engine.config import EngineConfig
 from baton.engine.model_runner import FedTokens
+from baton.engine.pooling import PoolerConfig
 from baton.engine.sampler import SampledTokens, Sampler, prompt_logprobs
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import Scheduler
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 class ModelOutputLike(Protocol):
     logits: torch.Tensor                     # [num sampling chunks, vocab]
     prompt_logits: dict[str, torch.Tensor]   # seq_id -> [num_new_tokens, vocab]
-    pooled: dict[str, torch.Tensor]          # seq_id -> [hidden_size]
+    pooled: dict[str, torch.Tensor]          # seq_id -> [hidden_size]: the chunk's part of its embedding
 
 
 LayerHook = Callable[[int, list[ScheduledChunk]], None]
@@ -68,6 +69,7 @@ class ModelRunnerLike(Protocol):
     max_model_len: int
     vocab_size: int
     generates: bool          # False: no LM head, embedding requests only
+    pooler: PoolerConfig     # how embedding requests pool
 
     def execute(
         self,
@@ -248,11 +250,11 @@ class EngineCore:
                              "it serves embeddings only")
 
     def add_embedding_request(self, request_id: str, prompt_token_ids: list[int], priority: int = 0) -> Sequence:
-        """Queue an embedding request: its prompt is computed (chunked, over the prefix cache
-        like any other) and its last token's final hidden state, L2-normalized, becomes
-        ``seq.embedding``; it then finishes ("stop") with no output."""
+        """Queue an embedding request: its prompt is computed (chunked, and under LAST pooling
+        over the prefix cache like any other) and its final hidden states, pooled as the runner's
+        ``pooler`` says, become ``seq.embedding``; it then finishes ("stop") with no output."""
         (seq,) = self._new_sequences(request_id, prompt_token_ids, SamplingParams(max_tokens=1), [], priority)
-        seq.pooling = True
+        seq.pooling = self.runner.pooler
         self.scheduler.add(seq)
         self._track(request_id, [seq])
         return seq
@@ -308,8 +310,8 @@ class EngineCore:
             result = self.runner.execute(out.chunks, hook, fed)
         changed = self._read_back(previous) if previous is not None else []
         launched = self._sample(out.chunks, result) if result is not None else None
-        if result is not None and result.pooled:
-            changed += self._pool(out.chunks, result.pooled)
+        if result is not None:
+            changed += self._pool(out.chunks)
         if launched is not None:
             if self.async_scheduling and on_layer_done is None:
                 self._in_flight = launched
@@ -345,6 +347,8 @@ class EngineCore:
                 continue
             if result.prompt_logits:
                 self._record_prompt_logprobs(chunk, result.prompt_logits.get(seq.seq_id))
+            if seq.seq_id in result.pooled:
+                _add_pooled(chunk, result.pooled[seq.seq_id])
             seq.num_computed_tokens += chunk.num_own_tokens     # a draft's part counts once accepted
             self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
         for chunk in sampled:
@@ -353,11 +357,12 @@ class EngineCore:
             return None
         return _Launched([c.seq for c in sampled], [c.draft for c in sampled], tokens)
 
-    def _pool(self, chunks: list[ScheduledChunk], pooled: dict[str, torch.Tensor]) -> list[Sequence]:
+    def _pool(self, chunks: list[ScheduledChunk]) -> list[Sequence]:
         """Finish the embedding requests whose prompts this step completed."""
-        done = [c.seq for c in chunks if c.seq.seq_id in pooled and not c.seq.is_finished]
+        done = [c.seq for c in chunks if c.seq.pooling is not None and not c.seq.is_finished
+                and c.seq.num_computed_tokens == c.seq.num_prompt_tokens]
         for seq in done:
-            seq.embedding = torch.nn.functional.normalize(pooled[seq.seq_id].float(), dim=0).tolist()
+            seq.embedding, seq.pooled = _embedding(seq), None
             self.scheduler.finish(seq, "stop")
             self._forget_if_done(seq)
         return done
@@ -458,3 +463,22 @@ class EngineCore:
 
     def drain_block_events(self) -> list[BlockEvent]:
         return self.block_manager.drain_events()
+
+
+def _add_pooled(chunk: ScheduledChunk, part: torch.Tensor) -> None:
+    """Add a chunk's part of its sequence's embedding (``model_runner.pooled_part``) to the parts
+    so far, before the chunk advances the sequence. A chunk that starts the prompt starts them
+    over: a preempted sequence computes its prompt again."""
+    seq = chunk.seq
+    seq.pooled = part if chunk.start == 0 or seq.pooled is None else seq.pooled + part
+
+
+def _embedding(seq: Sequence) -> list[float]:
+    """A pooling sequence's embedding from its chunks' parts added up: MEAN divides their sum by
+    the prompt's length; normalized (L2) when its pooler says so."""
+    pooled = seq.pooled.float()
+    if seq.pooling.pooling_type == "MEAN":
+        pooled = pooled / seq.num_prompt_tokens
+    if seq.pooling.normalize:
+        pooled = torch.nn.functional.normalize(pooled, dim=0)
+    return pooled.tolist()

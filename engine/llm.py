@@ -86,8 +86,9 @@ class LLM:
         return [self._output(request_id, seqs) for request_id, seqs in requests]
 
     def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
-        """Each prompt's embedding: its last token's final hidden state, L2-normalized (last-token
-        pooling, as decoder embedding models such as Qwen3-Embedding are read)."""
+        """Each prompt's embedding: its final hidden states pooled as ``pooler`` (``EngineConfig``)
+        says, by default as the checkpoint's sentence-transformers modules do, else its last
+        token's, L2-normalized (as decoder embedding models such as Qwen3-Embedding are read)."""
         seqs = [self.core.add_embedding_request(str(next(self._ids)), ids) for ids in self._token_ids(prompts)]
         while self.core.has_unfinished():
             self.core.step()

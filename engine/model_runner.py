@@ -23,7 +23,8 @@ from baton.engine.attention import build_attention_metadata, to_device
 from baton.engine.config import EngineConfig
 from baton.engine.cuda_graph import DecodeGraphs, capture_sizes
 from baton.engine.loader import build_model, resolve_model_dir
-from baton.engine.model_config import ModelConfig, load_model_config
+from baton.engine.model_config import ModelConfig, load_model_config, load_pooler_config
+from baton.engine.pooling import PoolerConfig
 from baton.engine.rope import build_cos_sin_cache
 from baton.engine.sequence import ScheduledChunk, Sequence
 from baton.kernels.checks import DTYPES
@@ -54,8 +55,8 @@ class ModelOutput:
     in chunk order one row per position of its draft and one for its last own token, in token
     order (the last row is the last token's). ``prompt_logits``: seq_id -> ``[num_new_tokens, vocab]``
     for prompt chunks of sequences that asked for prompt logprobs; row ``j`` predicts the
-    token at position ``chunk.start + j + 1``. ``pooled``: seq_id -> the last token's final
-    hidden state ``[hidden_size]``, for chunks with ``chunk.pools``."""
+    token at position ``chunk.start + j + 1``. ``pooled``: seq_id -> the chunk's part of its
+    pooling sequence's embedding ``[hidden_size]`` (``pooled_part``), for chunks that have one."""
 
     logits: torch.Tensor
     prompt_logits: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -73,6 +74,7 @@ class ModelRunner:
         self.max_model_len: int = config.max_model_len or mc.max_position_embeddings
         self.vocab_size: int = mc.vocab_size
         self.generates: bool = mc.has_lm_head   # False: a base model, embeddings only
+        self.pooler: PoolerConfig = config.pooler or load_pooler_config(self.model_dir)
         if not 0 < self.max_model_len <= mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len={self.max_model_len} must be in [1, max_position_embeddings={mc.max_position_embeddings}]"
@@ -142,10 +144,11 @@ class ModelRunner:
                              else hidden.new_empty((0, self.vocab_size)))
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
-            if chunk.pools:
-                output.pooled[seq.seq_id] = hidden[ends[i] - 1]
+            chunk_hidden = hidden[ends[i] - chunk.num_new_tokens : ends[i]]
+            part = pooled_part(chunk, chunk_hidden) if seq.pooling is not None else None
+            if part is not None:
+                output.pooled[seq.seq_id] = part
             if seq.params.prompt_logprobs is not None and chunk.start < seq.num_prompt_tokens:
-                chunk_hidden = hidden[ends[i] - chunk.num_new_tokens : ends[i]]
                 output.prompt_logits[seq.seq_id] = self.model.compute_logits(chunk_hidden)
         return output
 
@@ -161,6 +164,20 @@ class ModelRunner:
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got one outside")
         return to_device(torch.tensor(ids, dtype=torch.int64), self.device)
+
+
+def pooled_part(chunk: ScheduledChunk, hidden: torch.Tensor) -> torch.Tensor | None:
+    """A pooling chunk's part of its sequence's embedding, from the chunk's final hidden states
+    ``hidden`` (``[num_new_tokens, hidden_size]``): MEAN, their float32 sum (the engine core adds
+    the chunks' up and divides); CLS, position 0's, in the chunk that starts there (a copy: kept
+    until the prompt ends, a view would keep the whole step's states); LAST, the last token's, in
+    the chunk that ends the prompt. None when the chunk has no part."""
+    pooling_type = chunk.seq.pooling.pooling_type
+    if pooling_type == "MEAN":
+        return hidden.sum(dim=0, dtype=torch.float32)
+    if pooling_type == "CLS":
+        return hidden[0].clone() if chunk.start == 0 else None
+    return hidden[-1] if chunk.pools else None
 
 
 def _chunk_token_ids(seq: Sequence, start: int, n: int) -> list[int]:

@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING
 from baton.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import torch
+
+    from baton.engine.pooling import PoolerConfig
     from baton.engine.speculative import NgramIndex
     from baton.engine.structured_output import Grammar
 
@@ -57,7 +60,8 @@ class Sequence:
     grammar: Grammar | None = None        # structured output: advanced over each appended token
     priority: int = 0                     # with the "priority" policy: lower is scheduled first
     ngram_index: NgramIndex | None = None  # speculative decoding: where its n-grams occurred
-    pooling: bool = False                 # an embedding request: its prompt's last hidden state, no output
+    pooling: PoolerConfig | None = None   # an embedding request: how its prompt's hidden states pool; no output
+    pooled: torch.Tensor | None = None    # a pooling sequence's chunks' contributions so far (``engine_core``)
     embedding: list[float] | None = None  # a pooling sequence's, once its prompt is computed
 
     @property
@@ -76,13 +80,19 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def reuses_prefix(self) -> bool:
+        """Whether a cached prefix may stand in for computing the prompt's start: not when rows
+        that only computing it gives are wanted (prompt logprobs; MEAN or CLS pooling's hidden states)."""
+        return self.params.prompt_logprobs is None and (self.pooling is None or not self.pooling.needs_whole_prompt)
+
 
 @dataclass(slots=True)
 class ScheduledChunk:
     """Compute ``seq.token_ids[start : start + num_new_tokens]`` this step, where
     ``start == seq.num_computed_tokens`` when the step was scheduled. The chunk
     samples a token when it reaches the end of the sequence (a pooling one's ``pools``
-    instead: its last hidden state is the embedding). A decode chunk may carry a
+    instead: its embedding is complete). A decode chunk may carry a
     speculative ``draft``: tokens proposed to follow, computed after the sequence's own
     and counted in ``num_new_tokens``; it samples one token per position of the draft
     too (``engine/speculative.py``)."""
@@ -102,11 +112,11 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        return self.start + self.num_own_tokens == self.seq.num_tokens and not self.seq.pooling
+        return self.start + self.num_own_tokens == self.seq.num_tokens and self.seq.pooling is None
 
     @property
     def pools(self) -> bool:
-        return self.start + self.num_own_tokens == self.seq.num_tokens and self.seq.pooling
+        return self.start + self.num_own_tokens == self.seq.num_tokens and self.seq.pooling is not None
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Embeddings on the demo checkpoint: the engine's last-token pooling equals transformers' final
 hidden state of the prompt's last token, L2-normalized, whether the prompt is computed in one
-step or in chunks, beside generation, or over blocks its prefix cache holds."""
+step or in chunks, beside generation, or over blocks its prefix cache holds; mean and first-token
+(CLS) pooling, normalized or not, equal the mean and the first of transformers' final hidden
+states, computed in one step or in chunks, with their prefix cached, or after a preemption."""
 
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from baton.engine.engine_core import EngineCore
 from baton.engine.llm import LLM
+from baton.engine.pooling import POOLING_TYPES, PoolerConfig
 from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import Sequence
 from baton.services.worker import warm_up
 
 pytestmark = pytest.mark.model
@@ -21,13 +26,40 @@ PROMPTS = ["JULIET:\nO Romeo", "ROMEO:\nBut, soft! what light through yonder win
 
 
 @pytest.fixture(scope="module")
-def reference(demo_model) -> list[torch.Tensor]:
+def prompt_ids(demo_model) -> list[list[int]]:
+    """PROMPTS' token ids, then the same without their leading BOS token: so that the prompts'
+    first tokens differ too, and CLS pooling tells them apart."""
     tok = AutoTokenizer.from_pretrained(demo_model)
+    ids = [tok(p).input_ids for p in PROMPTS]
+    return ids + [p[1:] for p in ids]
+
+
+@pytest.fixture(scope="module")
+def hidden_states(demo_model, prompt_ids) -> list[torch.Tensor]:
+    """Each prompt's final hidden states ``[tokens, hidden_size]``, as transformers computes them."""
     model = AutoModelForCausalLM.from_pretrained(demo_model).eval()
     with torch.no_grad():
-        return [torch.nn.functional.normalize(
-            model(tok(p, return_tensors="pt").input_ids, output_hidden_states=True).hidden_states[-1][0, -1], dim=0)
-            for p in PROMPTS]
+        return [model(torch.tensor([p]), output_hidden_states=True).hidden_states[-1][0] for p in prompt_ids]
+
+
+@pytest.fixture(scope="module")
+def reference(hidden_states) -> list[torch.Tensor]:
+    """PROMPTS' last-token pooling, normalized (the default)."""
+    return [pooled(hidden, PoolerConfig()) for hidden in hidden_states[: len(PROMPTS)]]
+
+
+def pooled(hidden: torch.Tensor, pooler: PoolerConfig) -> torch.Tensor:
+    """``pooler``'s embedding of a prompt whose final hidden states are ``hidden``."""
+    vector = {"LAST": hidden[-1], "MEAN": hidden.mean(dim=0), "CLS": hidden[0]}[pooler.pooling_type]
+    return torch.nn.functional.normalize(vector, dim=0) if pooler.normalize else vector
+
+
+def embed(core: EngineCore, prompts: list[list[int]], tag: str) -> list[Sequence]:
+    """Embed ``prompts`` together; their finished sequences."""
+    seqs = [core.add_embedding_request(f"{tag}{i}", p) for i, p in enumerate(prompts)]
+    while core.has_unfinished():
+        core.step()
+    return seqs
 
 
 @pytest.mark.parametrize("engine_kwargs", [{}, {"max_num_batched_tokens": 5, "block_size": 4}], ids=["whole", "chunked"])
@@ -79,3 +111,74 @@ def test_a_base_models_checkpoint_serves_embeddings_only(demo_model, reference, 
         llm.core.reserve("r", [1, 2, 3], SamplingParams(max_tokens=2))
     warm_up(llm.core, llm.config.block_size)       # a worker's start: it warms up on embeddings
     assert llm.core.stats().used_blocks == 0
+
+
+POOLERS = [PoolerConfig("MEAN"), PoolerConfig("MEAN", normalize=False), PoolerConfig("CLS"),
+           PoolerConfig("CLS", normalize=False), PoolerConfig("LAST", normalize=False)]
+
+
+@pytest.mark.parametrize("pooler", POOLERS, ids=lambda p: f"{p.pooling_type}-{'normalized' if p.normalize else 'raw'}")
+@pytest.mark.parametrize("engine_kwargs", [{}, {"max_num_batched_tokens": 5, "block_size": 4}], ids=["whole", "chunked"])
+def test_each_pooling_type_matches_transformers(demo_model, prompt_ids, hidden_states, pooler, engine_kwargs) -> None:
+    llm = LLM(demo_model, pooler=pooler, **engine_kwargs)
+    for ours, hidden in zip(llm.embed(prompt_ids), hidden_states, strict=True):
+        torch.testing.assert_close(torch.tensor(ours), pooled(hidden, pooler), rtol=1e-5, atol=1e-5)
+    assert llm.core.stats().used_blocks == 0
+
+
+@pytest.mark.parametrize("pooling_type", POOLING_TYPES)
+def test_mean_and_cls_compute_the_whole_prompt_though_its_prefix_is_cached(demo_model, prompt_ids, hidden_states,
+                                                                          pooling_type) -> None:
+    """A cached prefix keeps KV, not the hidden states MEAN and CLS read: they compute every
+    prompt token again (LAST reuses the prefix), and what they compute is cached for others."""
+    pooler = PoolerConfig(pooling_type)
+    llm = LLM(demo_model, block_size=4, pooler=pooler)
+    embed(llm.core, prompt_ids, "first")
+    for seq, hidden in zip(embed(llm.core, prompt_ids, "again"), hidden_states, strict=True):
+        torch.testing.assert_close(torch.tensor(seq.embedding), pooled(hidden, pooler), rtol=1e-5, atol=1e-5)
+        assert (seq.num_cached_tokens > 0) == (pooling_type == "LAST")
+    generated = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=1))
+    assert all(out.num_cached_tokens > 0 for out in generated)
+
+
+def test_a_preempted_mean_pooling_sequence_sums_its_prompt_once(demo_model, prompt_ids, hidden_states) -> None:
+    """A generation's growth preempts an embedding request halfway through its prompt; it
+    computes the prompt again from the start, and its sum starts over."""
+    pooler = PoolerConfig("MEAN")
+    llm = LLM(demo_model, block_size=4, num_blocks=8, max_num_batched_tokens=5, pooler=pooler)
+    preempted = []
+    schedule = llm.core.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        preempted.extend(seq.seq_id for seq in out.preempted)
+        return out
+
+    llm.core.scheduler.schedule = recording_schedule
+    llm.core.add_request("g", prompt_ids[0], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    (seq,) = embed(llm.core, [prompt_ids[1]], "e")
+    assert "e0" in preempted and seq.finish_reason == "stop"
+    torch.testing.assert_close(torch.tensor(seq.embedding), pooled(hidden_states[1], pooler), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def mean_pooling_checkpoint(demo_model, tmp_path) -> str:
+    """The demo checkpoint as a sentence-transformers model that pools by the mean and does
+    not normalize (a Pooling module, no Normalize module)."""
+    for path in Path(demo_model).iterdir():
+        (tmp_path / path.name).symlink_to(path)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True,
+                                                                    "pooling_mode_lasttoken": False}))
+    return str(tmp_path)
+
+
+def test_without_a_pooler_config_the_checkpoint_says_how_to_pool(mean_pooling_checkpoint, prompt_ids, hidden_states) -> None:
+    llm = LLM(mean_pooling_checkpoint)
+    for ours, hidden in zip(llm.embed(prompt_ids), hidden_states, strict=True):
+        torch.testing.assert_close(torch.tensor(ours), pooled(hidden, PoolerConfig("MEAN", normalize=False)),
+                                   rtol=1e-5, atol=1e-5)
+

@@ -42,7 +42,7 @@ class EmbedRequest:
 
 @dataclass
 class EmbedResult:
-    embedding: list[float]          # the prompt's last token's final hidden state, L2-normalized
+    embedding: list[float]          # the prompt's final hidden states, pooled as the prefill worker's pooler says
     prompt_tokens: int
     cached_tokens: int
 
