@@ -23,6 +23,7 @@ from pathlib import Path
 
 from baton.engine.config import SCHEDULING_POLICIES, speculative_config_arg
 from baton.engine.loader import resolve_model_dir
+from baton.engine.pooling import pooler_config_arg
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from baton.services.gateway.tool_parsers import PARSERS
 
@@ -83,6 +84,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
             kv = ["--kv-transport", args.kv_transport] if role == "decode" else []
             if role == "decode" and args.speculative_config is not None:
                 kv += ["--speculative-config", args.speculative_config.to_json()]
+            if role == "prefill" and args.pooler_config is not None:
+                kv += ["--pooler-config", args.pooler_config.to_json()]
             metrics = []
             if args.worker_metrics:
                 metrics_port = free_port()
@@ -210,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-config", type=speculative_config_arg, default=None,
                    help='the decode workers\' speculative decoding by n-gram lookup, as vLLM takes it: '
                         '\'{"method": "ngram", "num_speculative_tokens": 4}\' (default: off)')
+    p.add_argument("--pooler-config", type=pooler_config_arg, default=None,
+                   help='how the prefill workers pool embeddings, as vLLM takes it: \'{"pooling_type": "MEAN", '
+                        '"normalize": false}\' (default: the checkpoint\'s sentence-transformers pooling, else LAST)')
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")

@@ -29,6 +29,7 @@ from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
 from baton.engine.model_runner import ModelRunner
+from baton.engine.pooling import pooler_config_arg
 from baton.engine.structured_output import StructuredOutputs, mask_logits
 from baton.kvtransfer import KVLayout, warm_up_block_copies
 from baton.protos import MAX_MESSAGE_BYTES, common_pb2
@@ -87,6 +88,11 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
         p.add_argument("--speculative-config", type=speculative_config_arg, default=None,
                        help='speculative decoding by n-gram lookup, as vLLM takes it: \'{"method": "ngram", '
                             '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (default: off)')
+    else:   # the prefill role computes the embeddings
+        p.add_argument("--pooler-config", type=pooler_config_arg, default=None,
+                       help='how embeddings pool the prompt\'s final hidden states, as vLLM takes it: \'{"pooling_type": '
+                            '"MEAN", "normalize": false}\' (LAST, MEAN or CLS; default: the checkpoint\'s '
+                            'sentence-transformers pooling, else LAST, normalized)')
     return p
 
 
@@ -115,6 +121,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         async_scheduling=args.async_scheduling,
         scheduling_policy=args.scheduling_policy,
         speculative=getattr(args, "speculative_config", None),
+        pooler=getattr(args, "pooler_config", None),
     )
     runner = ModelRunner(args.model, config)
     fingerprint = model_fingerprint(runner.model_dir)

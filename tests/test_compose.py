@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from baton.engine.config import SpeculativeConfig
+from baton.engine.pooling import PoolerConfig
 from baton.services import launcher
 from baton.services.worker import worker_arg_parser
 
@@ -73,6 +74,10 @@ def test_worker_commands_parse_with_default_ports(compose, role, port):
         assert more.speculative_config == SpeculativeConfig(num_speculative_tokens=4)
         assert service["ports"] == [f"{port}:{port}", "50062:50062", f"{metrics}:{metrics}"]
     else:
+        assert args.pooler_config is None
+        pooler = '{"pooling_type":"MEAN","normalize":false}'
+        more = worker_arg_parser(role, default_port=port).parse_args(_argv(service, PREFILL_FLAGS=f"--pooler-config {pooler}")[4:])
+        assert more.pooler_config == PoolerConfig("MEAN", normalize=False)
         assert service["ports"] == [f"{port}:{port}", f"{metrics}:{metrics}"]
     assert worker_arg_parser(role, default_port=port).parse_args(["--model", "m"]).port == port
     assert service["environment"]["MODEL"].startswith("${MODEL:-")

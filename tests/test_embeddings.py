@@ -2,7 +2,9 @@
 hidden state of the prompt's last token, L2-normalized, whether the prompt is computed in one
 step or in chunks, beside generation, or over blocks its prefix cache holds; mean and first-token
 (CLS) pooling, normalized or not, equal the mean and the first of transformers' final hidden
-states, computed in one step or in chunks, with their prefix cached, or after a preemption."""
+states, computed in one step or in chunks, with their prefix cached, or after a preemption; the
+pooling is the checkpoint's sentence-transformers pooling unless a worker's --pooler-config says
+otherwise."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from baton.engine.llm import LLM
 from baton.engine.pooling import POOLING_TYPES, PoolerConfig
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
-from baton.services.worker import warm_up
+from baton.services.worker import build_worker, warm_up, worker_arg_parser
 
 pytestmark = pytest.mark.model
 
@@ -182,3 +184,10 @@ def test_without_a_pooler_config_the_checkpoint_says_how_to_pool(mean_pooling_ch
         torch.testing.assert_close(torch.tensor(ours), pooled(hidden, PoolerConfig("MEAN", normalize=False)),
                                    rtol=1e-5, atol=1e-5)
 
+
+def test_a_prefill_workers_pooler_config_overrides_the_checkpoints(mean_pooling_checkpoint, prompt_ids,
+                                                                   hidden_states) -> None:
+    flags = ["--model", mean_pooling_checkpoint, "--num-blocks", "64", "--pooler-config", '{"pooling_type": "CLS"}']
+    ctx = build_worker(worker_arg_parser("prefill", 0).parse_args(flags), "prefill", keep_finished_blocks=True)
+    for seq, hidden in zip(embed(ctx.core, prompt_ids, "e"), hidden_states, strict=True):
+        torch.testing.assert_close(torch.tensor(seq.embedding), pooled(hidden, PoolerConfig("CLS")), rtol=1e-5, atol=1e-5)

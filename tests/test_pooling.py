@@ -1,5 +1,5 @@
-"""Choosing how embeddings pool: vLLM's ``--pooler-config`` JSON and a checkpoint's
-sentence-transformers modules."""
+"""Choosing how embeddings pool: vLLM's ``--pooler-config`` JSON, a checkpoint's
+sentence-transformers modules, and the command lines that hand the choice to prefill workers."""
 
 from __future__ import annotations
 
@@ -84,3 +84,22 @@ def test_without_a_pooling_module_the_last_token_pools_normalized(tmp_path, norm
     write_sentence_transformers(tmp_path, None, normalize)
     assert load_pooler_config(tmp_path) == PoolerConfig("LAST", normalize=True)
 
+
+def test_baton_up_hands_the_pooler_config_to_the_prefill_workers(capsys) -> None:
+    from baton.services import launcher
+    from baton.services.worker import worker_arg_parser
+
+    text = json.dumps({"pooling_type": "CLS", "normalize": False})
+    args = launcher.build_parser().parse_args(["up", "--redis-url", "redis://r:1/0", "--pooler-config", text])
+    plan = launcher.make_plan(args)
+    (prefill,), (decode,) = plan.prefill, plan.decode
+    parsed = worker_arg_parser("prefill", default_port=1).parse_args(prefill[4:])
+    assert parsed.pooler_config == PoolerConfig("CLS", normalize=False)
+    assert "--pooler-config" not in decode
+    assert worker_arg_parser("prefill", default_port=1).parse_args(["--model", "m"]).pooler_config is None
+    for parser, argv in ((launcher.build_parser(), ["up"]), (worker_arg_parser("prefill", default_port=1), ["--model", "m"])):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--pooler-config", '{"pooling_type": "MAX"}'])
+        assert "pooling_type must be one of LAST, MEAN, CLS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worker_arg_parser("decode", default_port=1).parse_args(["--model", "m", "--pooler-config", text])
