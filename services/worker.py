@@ -29,7 +29,7 @@ from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
 from baton.engine.model_runner import ModelRunner
-from baton.engine.pooling import pooler_config_arg
+from baton.engine.pooling import PoolerConfig, pooler_config_arg
 from baton.engine.structured_output import StructuredOutputs, mask_logits
 from baton.kvtransfer import KVLayout, warm_up_block_copies
 from baton.protos import MAX_MESSAGE_BYTES, common_pb2
@@ -121,7 +121,8 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         async_scheduling=args.async_scheduling,
         scheduling_policy=args.scheduling_policy,
         speculative=getattr(args, "speculative_config", None),
-        pooler=getattr(args, "pooler_config", None),
+        # A decode worker never pools: it does not read (nor fail on) the checkpoint's pooling.
+        pooler=args.pooler_config if role == "prefill" else PoolerConfig(),
     )
     runner = ModelRunner(args.model, config)
     fingerprint = model_fingerprint(runner.model_dir)

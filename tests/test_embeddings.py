@@ -191,3 +191,15 @@ def test_a_prefill_workers_pooler_config_overrides_the_checkpoints(mean_pooling_
     ctx = build_worker(worker_arg_parser("prefill", 0).parse_args(flags), "prefill", keep_finished_blocks=True)
     for seq, hidden in zip(embed(ctx.core, prompt_ids, "e"), hidden_states, strict=True):
         torch.testing.assert_close(torch.tensor(seq.embedding), pooled(hidden, PoolerConfig("CLS")), rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_worker_does_not_read_the_checkpoints_pooling(mean_pooling_checkpoint, prompt_ids) -> None:
+    """A pooling mode Baton does not have fails a prefill worker at start, not a decode worker,
+    which never pools."""
+    config = Path(mean_pooling_checkpoint) / "1_Pooling" / "config.json"
+    config.write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    flags = ["--model", mean_pooling_checkpoint, "--num-blocks", "64"]
+    with pytest.raises(ValueError, match="pooling_mode_max_tokens is not supported"):
+        build_worker(worker_arg_parser("prefill", 0).parse_args(flags), "prefill", keep_finished_blocks=True)
+    ctx = build_worker(worker_arg_parser("decode", 0).parse_args(flags), "decode", keep_finished_blocks=False)
+    assert ctx.core.reserve("r", prompt_ids[0], SamplingParams(max_tokens=4)) is not None
