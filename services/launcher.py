@@ -110,7 +110,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def wait_ready(plan: Plan, procs: list[subprocess.Popen], timeout: float) -> None:
-    """Until the gateway's ``/ready`` answers 200 and counts every planned worker reachable."""
+    """Until the gateway's ``/ready`` answers 200 and counts every planned worker reachable (more,
+    where a shared Redis registry lists others too)."""
     want = {"prefill": len(plan.prefill), "decode": len(plan.decode)}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -119,7 +120,8 @@ def wait_ready(plan: Plan, procs: list[subprocess.Popen], timeout: float) -> Non
             raise RuntimeError(f"{' '.join(dead[0].args[:4])} exited with code {dead[0].returncode}")
         try:
             with urllib.request.urlopen(f"{plan.url}/ready", timeout=2) as resp:
-                if resp.status == 200 and json.load(resp)["workers"] == want:
+                reachable = json.load(resp)["workers"]
+                if resp.status == 200 and all(reachable[role] >= count for role, count in want.items()):
                     return
         except OSError:
             pass

@@ -3,17 +3,20 @@ gateway, prints the URL once ready, serves, and stops everything on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
-from baton.services.launcher import free_port
+from baton.services.launcher import Plan, free_port, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -86,3 +89,37 @@ def test_baton_up_refuses_a_missing_model(capsys):
 
     assert main(["up", "--model", "/nonexistent/checkpoint"]) == 2
     assert "'/nonexistent/checkpoint' is not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_ready_means_every_planned_worker_is_reachable():
+    """``/ready`` answers 200 once one worker of each role answers the gateway; ``baton up``
+    waits until it counts all that it started (or more: a shared registry lists others)."""
+    answers = [(503, {"prefill": 1, "decode": 0}), (200, {"prefill": 1, "decode": 1}),
+               (200, {"prefill": 2, "decode": 1}), (200, {"prefill": 3, "decode": 2})]
+    served: list[int] = []
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, workers = answers[min(len(served), len(answers) - 1)]
+            served.append(status)
+            body = json.dumps({"ready": status == 200, "draining": False, "workers": workers}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        plan = Plan(redis=None, redis_url="", prefill=[["p"], ["p"]], decode=[["d"]], url=f"http://127.0.0.1:{server.server_port}")
+        wait_ready(plan, [], timeout=30)
+        assert served == [503, 200, 200]
+        dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        dead.wait()
+        with pytest.raises(RuntimeError, match="exited with code 3"):
+            wait_ready(plan, [dead], timeout=30)
+    finally:
+        server.shutdown()
