@@ -155,7 +155,7 @@ def latency_rows(name: str, llm: LLM, batches: list[int], context: int, bandwidt
         graphs = runner.cuda_graphs
         assert graphs is not None and graphs.can_run(chunks)
         runner.execute(chunks)
-        graph = graphs.graphs[graphs.graph_size(batch)]
+        graph = graphs.graphs[graphs.graph_shape(chunks)]
         cases = [
             ("graph replay", triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")),
             ("runner.execute (graphs)", step_ms(lambda c=chunks: runner.execute(c))),

@@ -71,11 +71,10 @@ def main() -> None:
     prompts = [LINES[i % len(LINES)] * args.repeats for i in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     engine = dict(device=args.device, dtype=args.dtype, enable_prefix_caching=False, async_scheduling=False)
-    # Each engine first writes 16 tokens of the whole batch, untimed: drafted steps compile kernel
-    # variants that plain decode steps do not use.
-    warm_up = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    # Each engine first runs the whole batch untimed: drafts of varying lengths make steps of
+    # varying row counts, whose kernel variants (sampling, attention) compile on first sight.
     base = LLM(args.model, **engine)
-    run(base, prompts, warm_up, args.device)
+    run(base, prompts, params, args.device)
     seconds, steps, want = run(base, prompts, params, args.device)
     tokens = args.batch * args.output_len
     print(f"model={args.model} device={args.device} batch={args.batch} out={args.output_len} "
@@ -85,7 +84,7 @@ def main() -> None:
     print(f"{'-':>3} {tokens / seconds:>9.1f} {steps:>6} {tokens / steps:>9.2f} {'-':>9} {'-':>9} {'-':>6} {'-':>9} {'-':>8}")
     for k in args.k:
         spec = LLM(args.model, **engine, speculative=SpeculativeConfig(k, prompt_lookup_max=args.lookup_max))
-        run(spec, prompts, warm_up, args.device)
+        run(spec, prompts, params, args.device)
         proposed, accepted = spec.core.spec_stats.proposed_tokens, spec.core.spec_stats.accepted_tokens
         seconds, steps, got = run(spec, prompts, params, args.device)
         same = sum(g == w for g, w in zip(got, want))

@@ -41,7 +41,7 @@ def main() -> None:
         chunks = decoding_batch(runner, args.batch, args.context)
         runner.execute(chunks)
         graphs = runner.cuda_graphs
-        graph = graphs.graphs[graphs.graph_size(args.batch)]
+        graph = graphs.graphs[graphs.graph_shape(chunks)]
         for _ in range(5):
             graph.replay()
         torch.cuda.synchronize()

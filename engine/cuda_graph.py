@@ -3,13 +3,18 @@
 A decode-only step (every chunk computes one token and samples it) replays a
 graph captured for the smallest batch size in ``EngineConfig.cuda_graph_batch_sizes``
 that holds it; prefill, mixed batches and steps with a layer hook run eagerly.
+With speculative decoding, a decode step where some chunk carries a draft replays
+a graph of ``1 + num_speculative_tokens`` query rows a sequence: each chunk's own
+token, its draft, then padding rows (no K/V written, logits dropped). Its attention
+runs the prefill kernel, causal, so a real row never reads a padding row's key.
 
 Each graph reads static device buffers: token ids, positions, slots, context
-lengths, and block tables of a fixed width ``ceil(max_model_len / block_size)``.
+lengths, and block tables of a fixed width (``max_model_len`` plus the draft rows).
 Rows past the real batch are padding: slot -1 (``rotary_store_kv`` writes no K/V
-for it) and context length 0 (attention writes zeros, whatever block ids the row
-still holds). The graph runs the whole forward and the logits of every row;
-``run`` returns a view of the real rows, valid until the next replay.
+for it) and context length 0 (the decode kernel writes zeros, whatever block ids the
+row still holds; with drafts, as many as its rows). The graph runs the whole forward
+and the logits of every row; ``run`` returns a view of the real rows, valid until the
+next replay (with drafts, a copy of them).
 
 The host never waits on the GPU here: metadata is written into pinned staging
 buffers and copied with ``non_blocking`` copies. Before overwriting the staging
@@ -24,10 +29,11 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
-from baton.engine.attention import AttentionMetadata
+from baton.engine.attention import AttentionMetadata, to_device
 from baton.engine.sequence import ScheduledChunk
 
 if TYPE_CHECKING:
@@ -45,10 +51,10 @@ def capture_sizes(batch_sizes: Seq[int], max_num_seqs: int) -> list[int]:
 
 
 def is_graph_step(chunks: Seq[ScheduledChunk]) -> bool:
-    """One new, sampled token per chunk, and no prompt logits wanted."""
+    """One new, sampled token of its own per chunk (a draft may follow it), and no prompt logits wanted."""
     for chunk in chunks:
         seq = chunk.seq
-        if chunk.num_new_tokens != 1 or not chunk.samples:
+        if chunk.num_own_tokens != 1 or not chunk.samples:
             return False
         if seq.params.prompt_logprobs is not None and chunk.start < seq.num_prompt_tokens:
             return False
@@ -64,14 +70,17 @@ def _token_at(chunk: ScheduledChunk) -> int:
 class _StaticInputs:
     """Device buffers the graphs read, and the pinned host buffers that fill them.
 
-    ``longs`` rows: token ids, positions, slots (int64). ``ints``: context lengths
-    ``[max_batch]`` then block tables ``[max_batch, max_blocks]`` (int32), so the
-    lengths and the first ``batch`` table rows are one contiguous prefix."""
+    ``longs`` rows: token ids, positions, slots (int64), ``query_len`` entries a sequence.
+    ``ints``: context lengths ``[max_batch]`` then block tables ``[max_batch, max_blocks]``
+    (int32), so the lengths and the first ``batch`` table rows are one contiguous prefix.
+    The tables reach ``max_query_len - 1`` positions past ``max_model_len``: padding rows'
+    keys may lie there (stale, valid block ids; no real row reads them)."""
 
-    def __init__(self, max_batch: int, max_model_len: int, block_size: int, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, max_batch: int, max_query_len: int, max_model_len: int, block_size: int, vocab_size: int,
+                 device: torch.device) -> None:
         self.max_batch, self.max_model_len, self.block_size, self.vocab_size = max_batch, max_model_len, block_size, vocab_size
-        self.max_blocks = -(-max_model_len // block_size)
-        self.host_longs = torch.zeros((3, max_batch), dtype=torch.int64, pin_memory=True)
+        self.max_blocks = -(-(max_model_len + max_query_len - 1) // block_size)
+        self.host_longs = torch.zeros((3, max_batch * max_query_len), dtype=torch.int64, pin_memory=True)
         self.host_ints = torch.zeros(max_batch * (1 + self.max_blocks), dtype=torch.int32, pin_memory=True)
         self.host_longs[2] = -1
         self._longs_np, self._ints_np = self.host_longs.numpy(), self.host_ints.numpy()
@@ -83,23 +92,25 @@ class _StaticInputs:
         self.copied = torch.cuda.Event()
         self.copied.record()
 
-    def metadata(self, batch: int) -> AttentionMetadata:
+    def metadata(self, batch: int, query_len: int) -> AttentionMetadata:
         tables = self.ints[self.max_batch :].view(self.max_batch, self.max_blocks)
+        rows = batch * query_len
+        cu_query_lens = self.cu_query_lens[: batch + 1] * query_len if query_len > 1 else self.cu_query_lens[: batch + 1]
         return AttentionMetadata(
-            positions=self.longs[1, :batch],
-            slot_mapping=self.longs[2, :batch],
-            cu_query_lens=self.cu_query_lens[: batch + 1],
+            positions=self.longs[1, :rows],
+            slot_mapping=self.longs[2, :rows],
+            cu_query_lens=cu_query_lens,
             seq_lens=self.ints[:batch],
             block_tables=tables[:batch],
-            max_query_len=1,
-            max_seq_len=self.max_model_len,
-            num_decode_chunks=batch,
-            rest_cu_query_lens=None,
+            max_query_len=query_len,
+            max_seq_len=self.max_model_len + query_len - 1,
+            num_decode_chunks=batch if query_len == 1 else 0,
+            rest_cu_query_lens=None if query_len == 1 else cu_query_lens,
         )
 
-    def load(self, chunks: Seq[ScheduledChunk], batch: int, fed: FedTokens | None = None) -> None:
-        """Stage ``chunks`` padded to ``batch`` rows and start the copies to the device;
-        then ``fed`` writes the tokens that are still on the device.
+    def load(self, chunks: Seq[ScheduledChunk], batch: int, query_len: int, fed: FedTokens | None = None) -> None:
+        """Stage ``chunks`` padded to ``batch`` sequences of ``query_len`` rows and start the
+        copies to the device; then ``fed`` writes the tokens that are still on the device.
         Raises ValueError (before any copy) for a chunk the cache or vocab cannot take.
 
         Block-table rows are written incrementally: a row that held the same block-table
@@ -107,44 +118,55 @@ class _StaticInputs:
         when a sequence is preempted) gets only its new entries. Entries past a row's
         length keep stale block ids, which are valid ids that attention masks out."""
         self.copied.synchronize()
-        ids, positions, slots = [], [], []
-        tables, bs, written = self._tables_np, self.block_size, self._written
+        ids, positions, slots, starts = [], [], [], []
+        tables, bs, written, last_position = self._tables_np, self.block_size, self._written, self.max_model_len - 1
         for i, chunk in enumerate(chunks):
             seq, start = chunk.seq, chunk.start
             table = seq.block_table
-            num_blocks = start // bs + 1
-            if start >= self.max_model_len:
-                raise ValueError(f"a sequence reaches {start + 1} tokens, over max_model_len={self.max_model_len}")
+            end = start + chunk.num_new_tokens
+            num_blocks = (end - 1) // bs + 1
+            if end > self.max_model_len:
+                raise ValueError(f"a sequence reaches {end} tokens, over max_model_len={self.max_model_len}")
             if len(table) < num_blocks:
                 raise ValueError(
-                    f"sequence {seq.seq_id}: {len(table)} blocks cannot hold {start + 1} tokens (block_size {bs})"
+                    f"sequence {seq.seq_id}: {len(table)} blocks cannot hold {end} tokens (block_size {bs})"
                 )
-            token = 0 if fed is not None and fed.rows[i] >= 0 else _token_at(chunk)
-            if not 0 <= token < self.vocab_size:
+            tokens = [0 if fed is not None and fed.rows[i] >= 0 else _token_at(chunk), *chunk.draft]
+            if not all(0 <= token < self.vocab_size for token in tokens):
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got one outside")
-            ids.append(token)
-            positions.append(start)
-            slots.append(table[num_blocks - 1] * bs + start % bs)
+            starts.append(start)
+            if query_len == 1:     # plain decode, the common step: no lists to build
+                ids.append(tokens[0])
+                positions.append(start)
+                slots.append(table[num_blocks - 1] * bs + start % bs)
+            else:
+                padding = query_len - len(tokens)
+                ids += tokens + [0] * padding
+                positions += [*range(start, end), *(min(p, last_position) for p in range(end, end + padding))]
+                slots += [table[p // bs] * bs + p % bs for p in range(start, end)] + [-1] * padding
             held, count = written[i]
             first = count if held is table else 0
             if first < num_blocks:
                 tables[i, first:num_blocks] = table[first:num_blocks]
                 written[i] = (table, num_blocks)
-        n = len(chunks)
+        n, real, rows = len(chunks), len(ids), batch * query_len
         longs, seq_lens = self._longs_np, self._ints_np
-        longs[0, :n], longs[1, :n], longs[2, :n] = ids, positions, slots
-        seq_lens[:n] = longs[1, :n] + 1
-        longs[:2, n:batch], longs[2, n:batch], seq_lens[n:batch] = 0, -1, 0
-        self.longs.copy_(self.host_longs, non_blocking=True)
+        longs[0, :real], longs[1, :real], longs[2, :real] = ids, positions, slots
+        seq_lens[:n] = np.asarray(starts) + query_len    # a sequence's rows are the last ones of its context
+        # Padding sequences: length 0 in the decode kernel (zeros), their own rows in the prefill kernel's.
+        longs[:2, real:rows], longs[2, real:rows], seq_lens[n:batch] = 0, -1, 0 if query_len == 1 else query_len
+        self.longs[:, :rows].copy_(self.host_longs[:, :rows], non_blocking=True)
         used = self.max_batch + batch * self.max_blocks
         self.ints[:used].copy_(self.host_ints[:used], non_blocking=True)
         self.copied.record()
         if fed is not None:
-            fed.write(self.longs[0], range(n))
+            fed.write(self.longs[0], range(0, real, query_len))
 
 
 class DecodeGraphs:
-    """Captured decode graphs of ``model`` over ``kv_caches``, one per batch size."""
+    """Captured decode graphs of ``model`` over ``kv_caches``, one per batch size, and with
+    ``draft_len`` (speculative decoding's ``num_speculative_tokens``) one per batch size of
+    ``1 + draft_len`` rows a sequence whose rows fit ``max_num_tokens``."""
 
     def __init__(
         self,
@@ -154,48 +176,65 @@ class DecodeGraphs:
         max_model_len: int,
         block_size: int,
         vocab_size: int,
+        draft_len: int = 0,
+        max_num_tokens: int | None = None,
     ) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.batch_sizes = sorted(batch_sizes)
-        self.inputs = _StaticInputs(self.batch_sizes[-1], max_model_len, block_size, vocab_size, kv_caches[0].device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.shapes = [(b, 1) for b in self.batch_sizes]
+        self.draft_len = draft_len
+        if draft_len:
+            limit = max_num_tokens or self.batch_sizes[-1] * (1 + draft_len)
+            self.shapes += [(b, 1 + draft_len) for b in self.batch_sizes if b * (1 + draft_len) <= limit]
+        self.inputs = _StaticInputs(self.batch_sizes[-1], 1 + draft_len, max_model_len, block_size, vocab_size,
+                                    kv_caches[0].device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _forward(self, batch: int) -> torch.Tensor:
-        meta = self.inputs.metadata(batch)
-        hidden = self.model(self.inputs.longs[0, :batch], meta.positions, self.kv_caches, meta)
+    def _forward(self, batch: int, query_len: int) -> torch.Tensor:
+        meta = self.inputs.metadata(batch, query_len)
+        hidden = self.model(self.inputs.longs[0, : batch * query_len], meta.positions, self.kv_caches, meta)
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up and capture every batch size, largest first, into one memory pool.
+        """Warm up and capture every shape, largest first, into one memory pool.
         The static inputs hold padding only, so neither touches the KV cache."""
         pool = None
-        for batch in reversed(self.batch_sizes):
+        for shape in sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True):
             for _ in range(_WARMUP_RUNS):
-                self._forward(batch)
+                self._forward(*shape)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[batch] = self._forward(batch)
+                self.logits[shape] = self._forward(*shape)
             pool = graph.pool()
-            self.graphs[batch] = graph
+            self.graphs[shape] = graph
         torch.cuda.synchronize()
 
-    def graph_size(self, num_seqs: int) -> int | None:
-        """The captured batch size a step of ``num_seqs`` sequences runs in, if any."""
-        return next((b for b in self.batch_sizes if b >= num_seqs and b in self.graphs), None)
+    def graph_shape(self, chunks: Seq[ScheduledChunk]) -> tuple[int, int] | None:
+        """The captured (batch size, rows a sequence) a decode step of ``chunks`` replays, if any."""
+        if not chunks or not is_graph_step(chunks) or any(len(chunk.draft) > self.draft_len for chunk in chunks):
+            return None
+        query_len = 1 + self.draft_len if any(chunk.draft for chunk in chunks) else 1
+        return next(((b, q) for b, q in self.shapes if q == query_len and b >= len(chunks) and (b, q) in self.graphs), None)
 
     def can_run(self, chunks: Seq[ScheduledChunk]) -> bool:
-        return bool(chunks) and self.graph_size(len(chunks)) is not None and is_graph_step(chunks)
+        return self.graph_shape(chunks) is not None
 
     def run(self, chunks: Seq[ScheduledChunk], fed: FedTokens | None = None) -> torch.Tensor:
-        """Replay the step for ``chunks`` (``fed``: the input tokens still on the device):
-        ``[len(chunks), vocab]`` logits in the model's dtype, a view into the graph's output (valid
-        until the next replay)."""
-        if not self.can_run(chunks):
+        """Replay the step for ``chunks`` (``fed``: the input tokens still on the device): the
+        logits of each chunk's rows (its own token's, then its draft's; ``[len(chunks), vocab]``
+        without drafts) in the model's dtype, a view into the graph's output (valid until the
+        next replay) or, with drafts, a copy of its real rows."""
+        shape = self.graph_shape(chunks)
+        if shape is None:
             raise ValueError(f"a step of {len(chunks)} chunks is not a decode step of at most {self.batch_sizes[-1]} sequences")
-        batch = self.graph_size(len(chunks))
-        self.inputs.load(chunks, batch, fed)
-        self.graphs[batch].replay()
-        return self.logits[batch][: len(chunks)]
+        batch, query_len = shape
+        self.inputs.load(chunks, batch, query_len, fed)
+        self.graphs[shape].replay()
+        logits = self.logits[shape]
+        if query_len == 1:
+            return logits[: len(chunks)]
+        rows = [i * query_len + j for i, chunk in enumerate(chunks) for j in range(chunk.num_new_tokens)]
+        return logits.index_select(0, to_device(torch.tensor(rows, dtype=torch.int64), logits.device))

@@ -137,10 +137,6 @@ class EngineCore:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else config.device.startswith("cuda") and config.speculative is None)
         self._in_flight: _Launched | None = None           # a launched step whose tokens the host has not read
-        if config.speculative is not None and config.device.startswith("cuda") and not config.enforce_eager:
-            log.warning("speculative decoding on a GPU: steps with drafts run without CUDA graphs and are several times "
-                        "slower than graph-replayed steps (2.8x slower overall on a Llama-3.2-1B shape at 41%% acceptance, "
-                        "bench/results/speculative_h200.md)")
 
     # -- requests ---------------------------------------------------------------
     def _new_sequences(

@@ -97,7 +97,9 @@ class ModelRunner:
         self.cuda_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = capture_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
-            self.cuda_graphs = DecodeGraphs(self.model, self.kv_caches, sizes, self.max_model_len, self.block_size, self.vocab_size)
+            draft_len = config.speculative.num_speculative_tokens if config.speculative is not None else 0
+            self.cuda_graphs = DecodeGraphs(self.model, self.kv_caches, sizes, self.max_model_len, self.block_size, self.vocab_size,
+                                            draft_len, config.max_num_batched_tokens)
             self.cuda_graphs.capture()
 
     def block_bytes(self) -> int:

@@ -65,6 +65,7 @@ def test_graph_steps_are_sampled_single_tokens():
     wants.output_token_ids.append(9)
     wants.num_computed_tokens = 3
     assert is_graph_step([ScheduledChunk(wants, 1)])            # decoding: prompt logits long done
+    assert is_graph_step([ScheduledChunk(wants, 3, [5, 6])])    # its token, then a speculative draft
 
 
 def _token_ids(llm: LLM) -> list[list[int]]:
@@ -124,9 +125,14 @@ def test_speculation_on_cuda_writes_what_one_token_a_step_writes_on_the_cpu():
     want = [o.outputs[0].token_ids for o in LLM(DEMO, num_blocks=256).generate(prompts, params)]
     llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8,
               speculative=SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3))
-    assert llm.runner.cuda_graphs is not None and not llm.core.async_scheduling
+    graphs = llm.runner.cuda_graphs
+    assert graphs is not None and not llm.core.async_scheduling and (4, 5) in graphs.graphs
+    replayed = []
+    run = graphs.run
+    graphs.run = lambda chunks, fed=None: replayed.append(graphs.graph_shape(chunks)) or run(chunks, fed)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
     assert llm.core.spec_stats.accepted_tokens > 0 and llm.core.stats().used_blocks == 0
+    assert (4, 5) in replayed and (4, 1) in replayed      # steps with drafts and without, from graphs
 
 
 @pytest.mark.gpu
@@ -169,7 +175,7 @@ def test_graph_decode_logits_match_eager():
     runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8,
                                             max_num_seqs=8, cuda_graph_batch_sizes=[1, 2, 4, 8]))
     graphs = runner.cuda_graphs
-    assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8]
+    assert graphs is not None and sorted(graphs.graphs) == [(1, 1), (2, 1), (4, 1), (8, 1)]
     for batch in (1, 3, 5, 7):
         seqs = _ragged_batch(runner, rng, batch, f"b{batch}-")
         for _ in range(3):
@@ -186,6 +192,41 @@ def test_graph_decode_logits_match_eager():
             for graph_cache, eager_cache in zip(after_graph, runner.kv_caches):
                 torch.testing.assert_close(graph_cache, eager_cache, rtol=1e-5, atol=1e-5)
             _advance(graph_logits, seqs)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_graph_drafted_logits_match_eager():
+    """Steps whose chunks carry drafts of 0 to k tokens replay the graph of k + 1 rows a
+    sequence: each real row's logits and the K/V written equal the eager step's, and padding
+    rows write nothing."""
+    seed = random.randrange(2**32)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    k = 3
+    runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8, max_num_seqs=8,
+                                            cuda_graph_batch_sizes=[1, 2, 4, 8], speculative=SpeculativeConfig(k)))
+    graphs = runner.cuda_graphs
+    assert graphs is not None and sorted(s for s in graphs.graphs if s[1] > 1) == [(1, 4), (2, 4), (4, 4), (8, 4)]
+    for batch in (1, 3, 6):
+        seqs = _ragged_batch(runner, rng, batch, f"d{batch}-")
+        for _ in range(3):
+            drafts = [[rng.randrange(runner.vocab_size) for _ in range(rng.randrange(k + 1))] for _ in seqs]
+            drafts[0] = drafts[0] or [7]
+            chunks = [ScheduledChunk(s, 1 + len(d), d) for s, d in zip(seqs, drafts)]
+            assert graphs.graph_shape(chunks) == (next(b for b in (1, 2, 4, 8) if b >= batch), k + 1)
+            before = [c.clone() for c in runner.kv_caches]
+            graph_logits = runner.execute(chunks).logits.clone()
+            after_graph = [c.clone() for c in runner.kv_caches]
+            bs = runner.block_size
+            assert _written_slots(before, after_graph) == {
+                c.seq.block_table[p // bs] * bs + p % bs for c in chunks for p in range(c.start, c.start + c.num_new_tokens)}
+            eager_logits = runner.execute(chunks, on_layer_done=lambda layer: None).logits
+            assert graph_logits.shape == (sum(c.num_new_tokens for c in chunks), runner.vocab_size)
+            torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)
+            for graph_cache, eager_cache in zip(after_graph, runner.kv_caches):
+                torch.testing.assert_close(graph_cache, eager_cache, rtol=1e-5, atol=1e-5)
+            _advance(graph_logits[[sum(c.num_new_tokens for c in chunks[:i]) for i in range(len(chunks))]], seqs)
 
 
 @pytest.mark.gpu
@@ -228,7 +269,7 @@ def _written_slots(before: list[torch.Tensor], after: list[torch.Tensor]) -> set
 def test_batches_past_the_largest_graph_run_eagerly():
     runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8,
                                             max_num_seqs=2, cuda_graph_batch_sizes=[1, 2, 4]))
-    assert runner.cuda_graphs is not None and sorted(runner.cuda_graphs.graphs) == [1, 2]
+    assert runner.cuda_graphs is not None and sorted(runner.cuda_graphs.graphs) == [(1, 1), (2, 1)]
     seqs = _ragged_batch(runner, random.Random(3), 3, "x")
     chunks = [ScheduledChunk(s, 1) for s in seqs]
     assert not runner.cuda_graphs.can_run(chunks)
