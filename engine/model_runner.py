@@ -127,8 +127,9 @@ class ModelRunner:
         """Compute ``chunks`` (writing their KV into the cache) and return the logits they need.
         ``on_layer_done(i)`` is called once layer ``i`` has written this step's KV; ``fed``
         gives the chunks whose input token is still on the device.
-        A decode step without a hook replays a CUDA graph when one holds it; its logits
-        are then a view into the graph's output, valid until the next step."""
+        A decode step without a hook (speculative drafts included) replays a CUDA graph when
+        one holds it; its logits are then a view into the graph's output, valid until the next
+        step (with drafts, a copy of the real rows)."""
         if on_layer_done is None and self.cuda_graphs is not None and self.cuda_graphs.can_run(chunks):
             return ModelOutput(logits=self.cuda_graphs.run(chunks, fed))
         meta = build_attention_metadata(chunks, self.block_size, self.device)
