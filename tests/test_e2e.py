@@ -23,6 +23,7 @@ import redis
 
 from baton.engine.hashing import block_hashes, model_fingerprint
 from baton.engine.llm import LLM
+from baton.engine.pooling import PoolerConfig
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
 from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from baton.services import launcher
@@ -39,11 +40,11 @@ MODEL_NAME = "shakespeare-llama-5m"
 
 class System:
     def __init__(self, model: str, kv_transport: str, prefill: int = 2, decode: int = 2,
-                 decode_flags: tuple[str, ...] = (), scheduling_policy: str = "fcfs") -> None:
+                 decode_flags: tuple[str, ...] = (), scheduling_policy: str = "fcfs", up_flags: tuple[str, ...] = ()) -> None:
         args = launcher.build_parser().parse_args(
             ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", str(prefill),
              "--decode", str(decode), "--kv-transport", kv_transport, "--worker-metrics",
-             "--scheduling-policy", scheduling_policy]
+             "--scheduling-policy", scheduling_policy, *up_flags]
         )
         os.environ.pop("REDIS_URL", None)
         self.kv_transport = kv_transport
@@ -210,6 +211,24 @@ def test_embeddings_come_from_the_prefill_workers(system, demo_model):
             prefill_pb2_grpc.PrefillStub(channel).Embed(prefill_pb2.EmbedRequest(request_id="e", prompt_token_ids=[]), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty prompt" in caught.value.details()
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+
+
+def test_baton_up_hands_its_pooler_config_to_the_prefill_workers(demo_model):
+    """``baton up --pooler-config`` MEAN, unnormalized: /v1/embeddings answers what the aggregated
+    engine pools so, again when the prompt's blocks are already cached (MEAN computes every token)."""
+    system = System(demo_model, "grpc", prefill=1, decode=1,
+                    up_flags=("--pooler-config", '{"pooling_type": "MEAN", "normalize": false}'))
+    try:
+        texts = [PROMPTS[0] * 3, PROMPTS[2]]
+        want = LLM(demo_model, pooler=PoolerConfig("MEAN", normalize=False)).embed(texts)
+        for _ in range(2):
+            out = system.client.embeddings.create(model=MODEL_NAME, input=texts)
+            for got, expected in zip(out.data, want, strict=True):
+                assert got.embedding == pytest.approx(expected, abs=1e-4)
+        assert sum(v * v for v in want[0]) != pytest.approx(1.0, abs=1e-3)    # not normalized
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
 
 
 def test_decode_worker_tickets_name_the_transport(system):
