@@ -147,11 +147,14 @@ class ModelRunner:
                              else hidden.new_empty((0, self.vocab_size)))
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
+            wants_logits = seq.params.prompt_logprobs is not None and chunk.start < seq.num_prompt_tokens
+            if seq.pooling is None and not wants_logits:    # most chunks: no per-chunk rows to slice
+                continue
             chunk_hidden = hidden[ends[i] - chunk.num_new_tokens : ends[i]]
             part = pooled_part(chunk, chunk_hidden) if seq.pooling is not None else None
             if part is not None:
                 output.pooled[seq.seq_id] = part
-            if seq.params.prompt_logprobs is not None and chunk.start < seq.num_prompt_tokens:
+            if wants_logits:
                 output.prompt_logits[seq.seq_id] = self.model.compute_logits(chunk_hidden)
         return output
 
