@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="num_speculative_tokens to try")
     p.add_argument("--lookup-max", type=int, default=4)
+    p.add_argument("--disable-by-batch-size", type=int, default=None, help="no drafts while this many sequences run")
     args = p.parse_args()
 
     prompts = [LINES[i % len(LINES)] * args.repeats for i in range(args.batch)]
@@ -83,7 +84,8 @@ def main() -> None:
           f"{'same':>9} {'1st diff':>8}")
     print(f"{'-':>3} {tokens / seconds:>9.1f} {steps:>6} {tokens / steps:>9.2f} {'-':>9} {'-':>9} {'-':>6} {'-':>9} {'-':>8}")
     for k in args.k:
-        spec = LLM(args.model, **engine, speculative=SpeculativeConfig(k, prompt_lookup_max=args.lookup_max))
+        spec = LLM(args.model, **engine, speculative=SpeculativeConfig(
+            k, prompt_lookup_max=args.lookup_max, disable_by_batch_size=args.disable_by_batch_size))
         run(spec, prompts, params, args.device)
         proposed, accepted = spec.core.spec_stats.proposed_tokens, spec.core.spec_stats.accepted_tokens
         seconds, steps, got = run(spec, prompts, params, args.device)

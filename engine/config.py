@@ -19,11 +19,14 @@ class SpeculativeConfig:
     """Speculative decoding by n-gram prompt lookup (``engine/speculative.py``): up to
     ``num_speculative_tokens`` proposed a step, found after the longest n-gram of
     ``prompt_lookup_min`` to ``prompt_lookup_max`` tokens that the text ends with and has
-    written before."""
+    written before. No step proposes while ``disable_by_batch_size`` or more sequences run
+    (vLLM's name): a large batch already fills the GPU, and drafts there cost more than
+    they save."""
 
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
@@ -31,28 +34,36 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be at least 1, got {self.disable_by_batch_size}")
+
+    def drafts_at(self, num_running: int) -> bool:
+        """Whether a step of ``num_running`` running sequences proposes drafts."""
+        return self.disable_by_batch_size is None or num_running < self.disable_by_batch_size
 
     @classmethod
     def from_json(cls, text: str) -> SpeculativeConfig:
         """From vLLM's ``--speculative-config`` JSON: ``{"method": "ngram", "num_speculative_tokens":
-        k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` (the last two optional)."""
+        k, "prompt_lookup_max": n, "prompt_lookup_min": m, "disable_by_batch_size": b}`` (all
+        but the first optional)."""
         try:
             fields = json.loads(text)
         except ValueError as exc:
             raise ValueError(f"--speculative-config is not JSON: {exc}") from None
         if not isinstance(fields, dict) or fields.pop("method", None) != "ngram":
             raise ValueError('--speculative-config must be an object with "method": "ngram" (the only method here)')
-        known = {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        known = {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"}
         if set(fields) - known or "num_speculative_tokens" not in fields:
             raise ValueError(f"--speculative-config takes num_speculative_tokens and optionally prompt_lookup_max / "
-                             f"prompt_lookup_min, got {sorted(fields)}")
+                             f"prompt_lookup_min / disable_by_batch_size, got {sorted(fields)}")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields.values()):
             raise ValueError("--speculative-config's values must be integers")
         return cls(**fields)
 
     def to_json(self) -> str:
         """What ``from_json`` reads back."""
-        return json.dumps({"method": "ngram", **dataclasses.asdict(self)})
+        fields = {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+        return json.dumps({"method": "ngram", **fields})
 
 
 def speculative_config_arg(text: str) -> SpeculativeConfig:

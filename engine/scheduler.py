@@ -28,7 +28,8 @@ Under "fcfs" every priority is 0, so both orders are the arrival order.
 
 With speculative decoding (``EngineConfig.speculative``), a decode that proposes tokens
 (``engine/speculative.py``) computes them after its own, as far as the step's budget and
-the pool allow without preempting anyone for them.
+the pool allow without preempting anyone for them, unless the running batch has reached
+``disable_by_batch_size``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from baton.engine.block_manager import BlockManager
-from baton.engine.config import EngineConfig
+from baton.engine.config import EngineConfig, SpeculativeConfig
 from baton.engine.sequence import ScheduledChunk, SchedulerOutput, Sequence, SequenceStatus, TokenLogprob
 from baton.engine.speculative import propose
 
@@ -105,23 +106,24 @@ class Scheduler:
                 decodes.append((seq, todo, True))
             elif todo >= 1:
                 prefills.append((seq, todo, False))
+        spec = self.config.speculative
+        if spec is not None and not spec.drafts_at(len(self.running)):
+            spec = None
         for seq, todo, decode in decodes + prefills:
             if budget.tokens == 0:
                 return
             if seq.status is not SequenceStatus.RUNNING:
                 continue                              # preempted earlier in this step
-            draft = self._draft(seq, budget) if decode else []
+            draft = self._draft(seq, spec, budget) if decode and spec is not None else []
             num_new = min(todo, budget.tokens) + len(draft)
             if self._make_room(seq, num_new, out, budget):
                 out.chunks.append(ScheduledChunk(seq, num_new, draft))
                 budget.tokens -= num_new
 
-    def _draft(self, seq: Sequence, budget: _Budget) -> list[int]:
+    def _draft(self, seq: Sequence, spec: SpeculativeConfig, budget: _Budget) -> list[int]:
         """A decode's speculative proposal, cut to the step's budget; [] if it has none or the
         pool has no free slots for it."""
-        if self.config.speculative is None:
-            return []
-        draft = propose(seq, self.config.speculative)[: budget.tokens - 1]
+        draft = propose(seq, spec)[: budget.tokens - 1]
         if draft and not self.block_manager.append_slots(seq, 1 + len(draft)):
             return []
         return draft

@@ -63,6 +63,11 @@ def test_the_config_reads_vllms_json_and_refuses_the_rest() -> None:
             SpeculativeConfig.from_json(text)
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(speculative=SPEC, async_scheduling=True)
+    gated = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 3}')
+    assert gated.disable_by_batch_size == 3 and SpeculativeConfig.from_json(gated.to_json()) == gated
+    assert SpeculativeConfig.from_json(SPEC.to_json()) == SPEC
+    with pytest.raises(ValueError, match="at least 1"):
+        SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}')
 
 
 @pytest.mark.unit
@@ -104,6 +109,25 @@ def test_a_draft_is_computed_after_its_token_within_the_budget_and_the_pool() ->
     sched, s = decoding(budget=64, full=True)            # no room for the draft: the token goes alone
     (chunk,) = sched.schedule().chunks
     assert (chunk.draft, chunk.num_new_tokens, len(s.block_table)) == ([], 1, 2)
+
+
+@pytest.mark.unit
+def test_no_drafts_while_the_running_batch_has_reached_disable_by_batch_size() -> None:
+    spec = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, disable_by_batch_size=2)
+    sched = Scheduler(EngineConfig(block_size=4, speculative=spec), BlockManager(64, 4))
+    seqs = [Sequence(f"s{i}", [1, 2, 3, 1, 2, 3, 1], SamplingParams(max_tokens=16, temperature=0)) for i in range(2)]
+    for s in seqs:
+        sched.add(s)
+    sched.schedule()
+    for s in seqs:
+        s.num_computed_tokens = 7
+        s.output_token_ids.append(2)                     # each would propose 3 1 2
+    assert [c.draft for c in sched.schedule().chunks] == [[], []]
+    for s in seqs:
+        s.num_computed_tokens += 1
+        s.output_token_ids.append(3)
+    sched.finish(seqs[1], "stop")                        # one left running: it drafts again
+    assert [c.draft for c in sched.schedule().chunks] == [[1, 2, 3]]
 
 
 @pytest.fixture(scope="module")
