@@ -153,9 +153,10 @@ def latency_rows(name: str, llm: LLM, batches: list[int], context: int, bandwidt
         kv = batch * context * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * runner.dtype.itemsize
         floor = (weight_bytes(runner) + kv) / bandwidth * 1e3
         graphs = runner.cuda_graphs
-        assert graphs is not None and graphs.can_run(chunks)
+        shape = graphs.graph_shape(chunks) if graphs is not None else None
+        assert shape is not None, f"no graph holds a decode step of batch {batch}"
         runner.execute(chunks)
-        graph = graphs.graphs[graphs.graph_shape(chunks)]
+        graph = graphs.graphs[shape]
         cases = [
             ("graph replay", triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")),
             ("runner.execute (graphs)", step_ms(lambda c=chunks: runner.execute(c))),

@@ -131,15 +131,16 @@ class _StaticInputs:
                 raise ValueError(
                     f"sequence {seq.seq_id}: {len(table)} blocks cannot hold {end} tokens (block_size {bs})"
                 )
-            tokens = [0 if fed is not None and fed.rows[i] >= 0 else _token_at(chunk), *chunk.draft]
-            if not all(0 <= token < self.vocab_size for token in tokens):
+            token = 0 if fed is not None and fed.rows[i] >= 0 else _token_at(chunk)
+            if not 0 <= token < self.vocab_size or (chunk.draft and not all(0 <= t < self.vocab_size for t in chunk.draft)):
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got one outside")
             starts.append(start)
             if query_len == 1:     # plain decode, the common step: no lists to build
-                ids.append(tokens[0])
+                ids.append(token)
                 positions.append(start)
                 slots.append(table[num_blocks - 1] * bs + start % bs)
             else:
+                tokens = [token, *chunk.draft]
                 padding = query_len - len(tokens)
                 ids += tokens + [0] * padding
                 positions += [*range(start, end), *(min(p, last_position) for p in range(end, end + padding))]
@@ -214,22 +215,19 @@ class DecodeGraphs:
 
     def graph_shape(self, chunks: Seq[ScheduledChunk]) -> tuple[int, int] | None:
         """The captured (batch size, rows a sequence) a decode step of ``chunks`` replays, if any."""
-        if not chunks or not is_graph_step(chunks) or any(len(chunk.draft) > self.draft_len for chunk in chunks):
+        if not chunks or not is_graph_step(chunks):
             return None
-        query_len = 1 + self.draft_len if any(chunk.draft for chunk in chunks) else 1
+        longest_draft = max(len(chunk.draft) for chunk in chunks)
+        if longest_draft > self.draft_len:
+            return None
+        query_len = 1 + self.draft_len if longest_draft else 1
         return next(((b, q) for b, q in self.shapes if q == query_len and b >= len(chunks) and (b, q) in self.graphs), None)
 
-    def can_run(self, chunks: Seq[ScheduledChunk]) -> bool:
-        return self.graph_shape(chunks) is not None
-
-    def run(self, chunks: Seq[ScheduledChunk], fed: FedTokens | None = None) -> torch.Tensor:
-        """Replay the step for ``chunks`` (``fed``: the input tokens still on the device): the
-        logits of each chunk's rows (its own token's, then its draft's; ``[len(chunks), vocab]``
-        without drafts) in the model's dtype, a view into the graph's output (valid until the
-        next replay) or, with drafts, a copy of its real rows."""
-        shape = self.graph_shape(chunks)
-        if shape is None:
-            raise ValueError(f"a step of {len(chunks)} chunks is not a decode step of at most {self.batch_sizes[-1]} sequences")
+    def replay(self, chunks: Seq[ScheduledChunk], shape: tuple[int, int], fed: FedTokens | None = None) -> torch.Tensor:
+        """Replay the graph of ``shape`` (``graph_shape(chunks)``) for ``chunks`` (``fed``: the
+        input tokens still on the device): the logits of each chunk's rows (its own token's, then
+        its draft's; ``[len(chunks), vocab]`` without drafts) in the model's dtype, a view into the
+        graph's output (valid until the next replay) or, with drafts, a copy of its real rows."""
         batch, query_len = shape
         self.inputs.load(chunks, batch, query_len, fed)
         self.graphs[shape].replay()

@@ -130,8 +130,9 @@ class ModelRunner:
         A decode step without a hook (speculative drafts included) replays a CUDA graph when
         one holds it; its logits are then a view into the graph's output, valid until the next
         step (with drafts, a copy of the real rows)."""
-        if on_layer_done is None and self.cuda_graphs is not None and self.cuda_graphs.can_run(chunks):
-            return ModelOutput(logits=self.cuda_graphs.run(chunks, fed))
+        shape = self.cuda_graphs.graph_shape(chunks) if on_layer_done is None and self.cuda_graphs is not None else None
+        if shape is not None:
+            return ModelOutput(logits=self.cuda_graphs.replay(chunks, shape, fed))
         meta = build_attention_metadata(chunks, self.block_size, self.device)
         if meta.max_seq_len > self.max_model_len:
             raise ValueError(f"a sequence reaches {meta.max_seq_len} tokens, over max_model_len={self.max_model_len}")

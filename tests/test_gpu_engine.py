@@ -128,8 +128,8 @@ def test_speculation_on_cuda_writes_what_one_token_a_step_writes_on_the_cpu():
     graphs = llm.runner.cuda_graphs
     assert graphs is not None and not llm.core.async_scheduling and (4, 5) in graphs.graphs
     replayed = []
-    run = graphs.run
-    graphs.run = lambda chunks, fed=None: replayed.append(graphs.graph_shape(chunks)) or run(chunks, fed)
+    replay = graphs.replay
+    graphs.replay = lambda chunks, shape, fed=None: replayed.append(shape) or replay(chunks, shape, fed)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
     assert llm.core.spec_stats.accepted_tokens > 0 and llm.core.stats().used_blocks == 0
     assert (4, 5) in replayed and (4, 1) in replayed      # steps with drafts and without, from graphs
@@ -180,7 +180,7 @@ def test_graph_decode_logits_match_eager():
         seqs = _ragged_batch(runner, rng, batch, f"b{batch}-")
         for _ in range(3):
             chunks = [ScheduledChunk(s, 1) for s in seqs]
-            assert graphs.can_run(chunks)
+            assert graphs.graph_shape(chunks) == (next(b for b in (1, 2, 4, 8) if b >= batch), 1)
             before = [c.clone() for c in runner.kv_caches]
             graph_logits = runner.execute(chunks).logits.clone()
             after_graph = [c.clone() for c in runner.kv_caches]
@@ -272,7 +272,7 @@ def test_batches_past_the_largest_graph_run_eagerly():
     assert runner.cuda_graphs is not None and sorted(runner.cuda_graphs.graphs) == [(1, 1), (2, 1)]
     seqs = _ragged_batch(runner, random.Random(3), 3, "x")
     chunks = [ScheduledChunk(s, 1) for s in seqs]
-    assert not runner.cuda_graphs.can_run(chunks)
+    assert runner.cuda_graphs.graph_shape(chunks) is None
     cpu = ModelRunner(DEMO, EngineConfig(num_blocks=96, block_size=8))
     for gpu_cache, cpu_cache in zip(runner.kv_caches, cpu.kv_caches):
         cpu_cache.copy_(gpu_cache.cpu())
