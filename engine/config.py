@@ -85,8 +85,9 @@ class EngineConfig:
     launches step n+1 before it reads step n's tokens back (``engine_core``).
     ``scheduling_policy``: "fcfs" (arrival order) or "priority" (each request's
     ``priority``, lower first, then arrival; see ``scheduler``). ``speculative``: propose
-    tokens by n-gram lookup and verify them in one step (``engine/speculative.py``); it
-    schedules synchronously, since a proposal needs the tokens read back. ``pooler``: how an
+    tokens by n-gram lookup and verify them in one step (``engine/speculative.py``); steps
+    that may propose schedule synchronously, since a proposal needs the tokens read back
+    (async scheduling goes on above ``disable_by_batch_size``). ``pooler``: how an
     embedding request pools its prompt's hidden states (``engine/pooling.py``); None: as the
     checkpoint's sentence-transformers modules say, else LAST, normalized.
     """
@@ -112,8 +113,9 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
-        if self.speculative is not None and self.async_scheduling:
-            raise ValueError("speculative decoding schedules synchronously: it cannot run with async_scheduling")
+        if self.speculative is not None and self.speculative.disable_by_batch_size is None and self.async_scheduling:
+            raise ValueError("speculative decoding schedules synchronously below disable_by_batch_size: async_scheduling "
+                             "needs one set")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if not self.cuda_graph_batch_sizes or any(

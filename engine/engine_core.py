@@ -12,6 +12,9 @@ CUDA) one step stays in flight: its sampled tokens are left on the device, the
 next step is scheduled and launched reading them there, and the host reads them
 back only then (vLLM v1 does the same). A sequence that the read-back finishes
 has had one more row computed in vain; nothing else changes, outputs included.
+With speculative decoding, a step is read back at once where the step after it
+needs its tokens: where it verified drafts (how many were accepted sets the next
+positions) or where the next step may propose (``disable_by_batch_size`` not reached).
 
 Structured output: a sequence whose params carry a grammar gets a ``Grammar``
 (``engine/structured_output.py``), advanced over each token appended, however it came
@@ -133,9 +136,9 @@ class EngineCore:
         self._request_of: dict[str, str] = {}              # seq_id -> request_id
         self.last_step_tokens = 0                          # tokens the last step computed (0: nothing to run)
         self.spec_stats = SpeculationStats()
-        # A speculative proposal needs the tokens read back: it schedules synchronously.
+        spec = config.speculative
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else config.device.startswith("cuda") and config.speculative is None)
+                                 else config.device.startswith("cuda") and (spec is None or spec.disable_by_batch_size is not None))
         self._in_flight: _Launched | None = None           # a launched step whose tokens the host has not read
 
     # -- requests ---------------------------------------------------------------
@@ -313,12 +316,20 @@ class EngineCore:
         if result is not None:
             changed += self._pool(out.chunks)
         if launched is not None:
-            if self.async_scheduling and on_layer_done is None:
+            if self.async_scheduling and on_layer_done is None and self._next_step_may_wait(launched):
                 self._in_flight = launched
             else:
                 changed += self._read_back(launched)
         self._release_children()
         return changed
+
+    def _next_step_may_wait(self, launched: _Launched) -> bool:
+        """Whether the next step can run before ``launched``'s tokens are read: not when it
+        verified drafts or the next step may propose some (both need the tokens on the host)."""
+        spec = self.scheduler.config.speculative
+        if spec is None:
+            return True
+        return not any(launched.drafts) and not spec.drafts_at(len(self.scheduler.running))
 
     def _sample(self, chunks: list[ScheduledChunk], result: ModelOutputLike) -> _Launched | None:
         """Launch the sampling of a computed step and advance its chunks; the tokens

@@ -183,6 +183,38 @@ def test_speculation_beside_penalties_under_preemption_and_in_the_decode_role(de
     assert seq.output_token_ids == want[0] and decode.spec_stats.accepted_tokens > 0
 
 
+@pytest.mark.model
+def test_async_scheduling_above_disable_by_batch_size_and_drafts_below_it(demo_model, engines) -> None:
+    """Two sequences propose and verify drafts, each step read back at once; two more arrive
+    (the step that admits them verifies drafts: it is read back too), and while the batch is
+    at disable_by_batch_size steps stay in flight (async scheduling); once it shrinks below,
+    drafts come back. The output is the output without speculation."""
+    base, _ = engines
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (72, 96, 12, 20)]
+    want = [o.outputs[0].token_ids for o in base.generate(PROMPTS, params)]
+    gated = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, disable_by_batch_size=3)
+    llm = LLM(demo_model, block_size=4, async_scheduling=True, speculative=gated)
+    in_flight = 0
+    for request_id, (prompt, p) in enumerate(zip(PROMPTS, params)):
+        llm.core.add_request(str(request_id), llm.tokenizer(prompt).input_ids, p)
+        if request_id == 1:
+            for _ in range(8):
+                llm.core.step()
+                assert llm.core._in_flight is None
+            assert llm.core.spec_stats.proposed_tokens > 0
+    seqs = [llm.core.requests[str(i)][0] for i in range(len(PROMPTS))]
+    while llm.core.has_unfinished():
+        llm.core.step()
+        if llm.core._in_flight is not None:
+            in_flight += 1
+            assert not any(llm.core._in_flight.drafts)
+            assert len(llm.core.scheduler.running) >= 3
+    assert [s.output_token_ids for s in seqs] == want and llm.core.stats().used_blocks == 0
+    assert in_flight > 10 and llm.core.spec_stats.accepted_tokens > 0
+    with pytest.raises(ValueError, match="disable_by_batch_size"):
+        EngineConfig(speculative=SPEC, async_scheduling=True)
+
+
 @pytest.mark.unit
 def test_baton_up_hands_the_speculative_config_to_the_decode_workers(capsys) -> None:
     from baton.services import launcher
