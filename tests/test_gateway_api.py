@@ -111,14 +111,18 @@ class FakeBackend(Backend):
                 self.aborted.append(request.request_id)
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        """A unit vector made from the prompt's tokens."""
         self.embeds.append(request)
         if self.error is not None:
             raise self.error
         ids = request.prompt_token_ids
+        return EmbedResult(self.vector(ids), len(ids), self.cached_tokens)
+
+    @staticmethod
+    def vector(ids: list[int]) -> list[float]:
+        """A unit vector made from the prompt's tokens."""
         raw = [float(len(ids)), float(sum(ids) % 97), float(ids[0]), float(ids[-1])]
         norm = sum(v * v for v in raw) ** 0.5
-        return EmbedResult([v / norm for v in raw], len(ids), self.cached_tokens)
+        return [v / norm for v in raw]
 
     async def reachable(self) -> dict[str, int]:
         return {"prefill": 2, "decode": int(self.is_ready)}
@@ -1216,10 +1220,165 @@ async def test_invalid_embedding_requests_get_clear_errors(tok, body, status, pa
     assert backend.embeds == []
 
 
-async def test_an_embedding_the_workers_cannot_compute_is_a_503(tok) -> None:
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/embeddings", {"model": MODEL, "input": ["a", "b"]}),
+    ("/score", {"model": MODEL, "text_1": "a", "text_2": ["b", "c"]}),
+    ("/rerank", {"model": MODEL, "query": "a", "documents": ["b", "c"]}),
+])
+async def test_an_embedding_the_workers_cannot_compute_is_a_503(tok, path, body) -> None:
     backend = FakeBackend(tok, error=BackendError("no healthy prefill worker", 503))
-    error = assert_error(await post(backend, tok, "/v1/embeddings", {"model": MODEL, "input": ["a", "b"]}), 503)
+    error = assert_error(await post(backend, tok, path, body), 503)
     assert "prefill worker" in error["message"]
+
+
+# ---- score and rerank (vLLM's, over embeddings) ---------------------------------
+
+class RawBackend(FakeBackend):
+    """The fake embeddings, not normalized (as a pooler with normalize false leaves them)."""
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        result = await super().embed(request)
+        result.embedding = [v * (3 + len(request.prompt_token_ids)) for v in result.embedding]
+        return result
+
+
+def fake_cosine(tok: GatewayTokenizer, text_1: str, text_2: str) -> float:
+    """The cosine similarity of the fake backend's embeddings of two texts, computed here."""
+    a, b = (FakeBackend.vector(tok.encode(t)) for t in (text_1, text_2))
+    return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+
+
+QUERY = "O Romeo"
+DOCUMENTS = ["But, soft!", "HAMLET: To be", "O Romeo, Romeo!", "x", "Wherefore art thou"]
+
+
+@pytest.mark.parametrize("backend_cls", [FakeBackend, RawBackend], ids=["normalized", "raw"])
+@pytest.mark.parametrize(("text_1", "text_2"), [
+    ("O Romeo", "But, soft!"),                                       # 1:1
+    ("O Romeo", DOCUMENTS),                                          # 1:N
+    (["O Romeo"], DOCUMENTS[:2]),                                    # 1:N, text_1 a list of one
+    (DOCUMENTS[:3], ["x", "O Romeo", "Wherefore art thou"]),         # N:N
+], ids=["1:1", "1:N", "[1]:N", "N:N"])
+async def test_a_score_is_the_cosine_of_its_pairs_embeddings(tok, backend_cls, text_1, text_2) -> None:
+    from baton.services.gateway import metrics
+
+    backend = backend_cls(tok)
+    firsts, seconds = ([t] if isinstance(t, str) else t for t in (text_1, text_2))
+    succeeded = metrics.REQUESTS_TOTAL.labels(status="success")._value.get()
+    for path in ("/score", "/v1/score"):
+        response = await post(backend, tok, path, {"model": MODEL, "text_1": text_1, "text_2": text_2, "priority": 3})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert set(body) == {"id", "object", "created", "model", "data", "usage"}
+        assert body["id"].startswith("score-") and body["object"] == "list" and body["model"] == MODEL
+        assert isinstance(body["created"], int)
+        assert [(d["index"], d["object"]) for d in body["data"]] == [(i, "score") for i in range(len(seconds))]
+        want = [fake_cosine(tok, firsts[0] if len(firsts) == 1 else firsts[i], t) for i, t in enumerate(seconds)]
+        assert [d["score"] for d in body["data"]] == pytest.approx(want, abs=1e-12)
+        tokens = sum(len(tok.encode(t)) for t in firsts + seconds)   # each text embedded once
+        assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    assert len(backend.embeds) == 2 * (len(firsts) + len(seconds)) and {r.priority for r in backend.embeds} == {3}
+    assert metrics.REQUESTS_TOTAL.labels(status="success")._value.get() == succeeded + 2
+
+
+async def test_score_truncates_each_text_and_defaults_to_the_served_model(tok) -> None:
+    backend = FakeBackend(tok)
+    response = await post(backend, tok, "/score", {"text_1": "O Romeo, Romeo!", "text_2": ["But, soft!", "x"],
+                                                   "truncate_prompt_tokens": 2})
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == MODEL and response.json()["usage"]["prompt_tokens"] == 2 + 2 + 2
+    assert sorted(r.prompt_token_ids for r in backend.embeds) == sorted(
+        tok.encode(t)[-2:] for t in ("O Romeo, Romeo!", "But, soft!", "x"))
+
+
+async def test_rerank_orders_the_documents_by_cosine_and_cuts_to_top_n(tok) -> None:
+    scores = [fake_cosine(tok, QUERY, d) for d in DOCUMENTS]
+    order = sorted(range(len(DOCUMENTS)), key=lambda i: -scores[i])
+    assert len(set(scores)) == len(scores) and order != list(range(len(DOCUMENTS)))
+    tokens = sum(len(tok.encode(t)) for t in [QUERY] + DOCUMENTS)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        response = await post(RawBackend(tok), tok, path, {"model": MODEL, "query": QUERY, "documents": DOCUMENTS})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert set(body) == {"id", "model", "usage", "results"} and body["id"].startswith("rerank-")
+        assert body["model"] == MODEL and body["usage"] == {"total_tokens": tokens}
+        assert [r["index"] for r in body["results"]] == order
+        assert [r["relevance_score"] for r in body["results"]] == pytest.approx([scores[i] for i in order], abs=1e-12)
+        assert [r["document"] for r in body["results"]] == [{"text": DOCUMENTS[i]} for i in order]
+    for top_n, count in ((2, 2), (1, 1), (0, len(DOCUMENTS)), (None, len(DOCUMENTS)), (99, len(DOCUMENTS))):
+        response = await post(FakeBackend(tok), tok, "/rerank", {"query": QUERY, "documents": DOCUMENTS, "top_n": top_n})
+        assert [r["index"] for r in response.json()["results"]] == order[:count]
+        assert response.json()["usage"] == {"total_tokens": tokens}    # every document is scored
+    bare = await post(FakeBackend(tok), tok, "/rerank", {"query": QUERY, "documents": DOCUMENTS, "top_n": 3,
+                                                        "return_documents": False})
+    assert bare.json()["results"] == [{"index": i, "relevance_score": pytest.approx(scores[i], abs=1e-12)} for i in order[:3]]
+
+
+async def test_equal_relevance_keeps_the_documents_order(tok) -> None:
+    response = await post(FakeBackend(tok), tok, "/rerank", {"query": "x", "documents": ["But", "x", "y", "x"]})
+    assert [r["index"] for r in response.json()["results"]][:2] == [1, 3]
+
+
+def test_cosine_of_a_zero_vector_is_zero() -> None:
+    from baton.services.gateway import scoring
+
+    assert scoring.cosine([0.0, 0.0], [1.0, 2.0]) == 0.0
+    assert scoring.cosine([1.0, 0.0], [-2.0, 0.0]) == -1.0
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/score", {"model": MODEL, "text_1": ["a", "b", "c"], "text_2": ["x", "y"]}, 400, "text_2"),
+    ("/score", {"model": MODEL, "text_1": ["a", "b"], "text_2": "x"}, 400, "text_2"),
+    ("/score", {"model": MODEL, "text_1": [], "text_2": ["x"]}, 400, "text_1"),
+    ("/score", {"model": MODEL, "text_1": "a", "text_2": []}, 400, "text_2"),
+    ("/score", {"model": MODEL, "text_1": "", "text_2": "x"}, 400, "text_1"),
+    ("/score", {"model": MODEL, "text_1": "a", "text_2": ["x", ""]}, 400, "text_2"),
+    ("/score", {"model": MODEL, "text_2": "x"}, 400, "text_1"),
+    ("/score", {"model": MODEL, "text_1": "a", "text_2": [5, 6]}, 400, "text_2"),
+    ("/score", {"model": MODEL, "text_1": "a", "text_2": ["x"] * 2048}, 400, "text_2"),
+    ("/score", {"model": MODEL, "text_1": ["a"] * 1025, "text_2": ["x"] * 1025}, 400, "text_2"),
+    ("/score", {"model": MODEL, "text_1": "a", "text_2": "x " * 2100}, 400, "text_2"),
+    ("/score", {"model": MODEL, "text_1": "x " * 2100, "text_2": "a"}, 400, "text_1"),
+    ("/score", {"model": MODEL, "text_1": "a", "text_2": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ("/score", {"model": MODEL, "text_1": "a", "text_2": "x", "priority": 2**31}, 400, "priority"),
+    ("/v1/score", {"model": "gpt-4", "text_1": "a", "text_2": "x"}, 404, "model"),
+    ("/rerank", {"model": MODEL, "query": "a", "documents": []}, 400, "documents"),
+    ("/rerank", {"model": MODEL, "query": "a", "documents": "x"}, 400, "documents"),
+    ("/rerank", {"model": MODEL, "query": "a", "documents": ["x", ""]}, 400, "documents"),
+    ("/rerank", {"model": MODEL, "query": "", "documents": ["x"]}, 400, "query"),
+    ("/rerank", {"model": MODEL, "documents": ["x"]}, 400, "query"),
+    ("/rerank", {"model": MODEL, "query": "a", "documents": ["x"] * 2048}, 400, "documents"),
+    ("/rerank", {"model": MODEL, "query": "a", "documents": ["x", "x " * 2100]}, 400, "documents"),
+    ("/rerank", {"model": MODEL, "query": "a", "documents": ["x"], "top_n": -1}, 400, "top_n"),
+    ("/v1/rerank", {"model": "gpt-4", "query": "a", "documents": ["x"]}, 404, "model"),
+    ("/v2/rerank", {"model": MODEL, "query": "a", "documents": ["x"], "return_documents": "maybe"}, 400, "return_documents"),
+])
+async def test_invalid_score_and_rerank_requests_get_clear_errors(tok, path, body, status, param) -> None:
+    backend = FakeBackend(tok)
+    error = assert_error(await post(backend, tok, path, body), status, param)
+    assert error["type"] == "invalid_request_error"
+    assert backend.embeds == []
+
+
+async def test_score_and_rerank_take_as_many_texts_as_an_embeddings_request(tok) -> None:
+    backend = FakeBackend(tok)
+    score = await post(backend, tok, "/score", {"model": MODEL, "text_1": ["a"] * 1024, "text_2": ["x"] * 1024})
+    rerank = await post(backend, tok, "/rerank", {"model": MODEL, "query": "a", "documents": ["x"] * 2047})
+    assert len(score.json()["data"]) == 1024 and len(rerank.json()["results"]) == 2047
+    assert len(backend.embeds) == 2 * 2048
+
+
+async def test_score_and_rerank_are_in_the_openapi_document(tok) -> None:
+    app = create_app(make_config(), FakeBackend(tok), tok)
+    async with client_for(app) as client:
+        document = (await client.get("/openapi.json")).json()
+    routes = {"ScoreRequest": (("/score", "/v1/score"), {"text_1", "text_2"}),
+              "RerankRequest": (("/rerank", "/v1/rerank", "/v2/rerank"), {"query", "documents", "top_n", "return_documents"})}
+    for model, (paths, fields) in routes.items():
+        assert fields <= set(document["components"]["schemas"][model]["properties"])
+        for path in paths:
+            content = document["paths"][path]["post"]["requestBody"]["content"]
+            assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
 
 
 # ---- Responses API --------------------------------------------------------------

@@ -35,8 +35,8 @@ from baton.services.gateway import metrics
 from baton.services.gateway.backend import Backend
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ResponsesRequest,
-    TokenizeRequest,
+    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, RerankRequest,
+    ResponsesRequest, ScoreRequest, TokenizeRequest,
 )
 from baton.services.gateway.serving import OpenAIServing, PrimedStream, as_api_error
 from baton.services.gateway.tokenizer import GatewayTokenizer
@@ -278,6 +278,17 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     @app.post("/v1/embeddings", openapi_extra=body(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
         return await _generate(request, config, state, EmbeddingRequest, serving.create_embedding)
+
+    async def score(request: Request) -> Response:
+        return await _generate(request, config, state, ScoreRequest, serving.create_score)
+
+    async def rerank(request: Request) -> Response:
+        return await _generate(request, config, state, RerankRequest, serving.create_rerank)
+
+    for path in ("/score", "/v1/score"):           # vLLM's paths
+        app.post(path, openapi_extra=body(ScoreRequest))(score)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.post(path, openapi_extra=body(RerankRequest))(rerank)
 
     @app.post("/tokenize", openapi_extra=body(TokenizeRequest))
     async def tokenize(request: Request) -> Response:

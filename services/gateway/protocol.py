@@ -1,5 +1,6 @@
 """OpenAI API shapes: requests and responses of /v1/completions,
-/v1/chat/completions (streaming chunks too) and /v1/models, and the error body.
+/v1/chat/completions (streaming chunks too) and /v1/models, and the error body; vLLM's
+/score and /rerank.
 
 Unknown request fields are ignored, like OpenAI; an explicit ``null`` means "the
 default". Limits that depend on the deployment (``n`` against ``max_n``, lengths
@@ -462,8 +463,7 @@ class EmbeddingRequest(BaseModel):
         inputs = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
         if not inputs or any(len(i) == 0 for i in inputs):
             raise ValueError("input must be a non-empty string or token list, or a non-empty list of them")
-        if len(inputs) > MAX_EMBEDDING_INPUTS:
-            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs, got {len(inputs)}")
+        _check_embedding_count(len(inputs), "inputs")
         return value
 
     @field_validator("dimensions")
@@ -471,6 +471,74 @@ class EmbeddingRequest(BaseModel):
     def _check_dimensions(cls, value: int | None) -> int | None:
         if value is not None:
             raise ValueError("dimensions (a shortened embedding) is not supported: the full embedding is returned")
+        return value
+
+
+def _check_embedding_count(count: int, what: str, limit: int = MAX_EMBEDDING_INPUTS) -> None:
+    """One request embeds at most ``MAX_EMBEDDING_INPUTS`` texts, whichever route it comes by."""
+    if count > limit:
+        raise ValueError(f"at most {limit} {what}, got {count}")
+
+
+def _texts(value: str | list[str], name: str) -> list[str]:
+    """A text or a list of texts, as a list; refused where there is none or one is empty."""
+    texts = [value] if isinstance(value, str) else value
+    if not texts or any(not t for t in texts):
+        raise ValueError(f"{name} must hold at least one text, and no empty one")
+    return texts
+
+
+class ScoringRequest(NullMeansDefault):
+    """What vLLM's score and rerank requests share: the model (the served one where left out, as
+    vLLM takes it), and ``truncate_prompt_tokens`` and ``priority`` as an embeddings request has them."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)
+
+
+class ScoreRequest(ScoringRequest):
+    """vLLM's score request: each ``text_1`` scored against its ``text_2``, paired 1:1, 1:N (one
+    ``text_1`` against each ``text_2``) or N:N (the i-th with the i-th). With an embedding model a
+    pair's score is the cosine similarity of the two texts' embeddings. Both become lists once
+    validated."""
+
+    text_1: str | list[str]
+    text_2: str | list[str]
+
+    @field_validator("text_1")
+    @classmethod
+    def _check_text_1(cls, value: str | list[str]) -> list[str]:
+        return _texts(value, "text_1")
+
+    @field_validator("text_2")
+    @classmethod
+    def _check_text_2(cls, value: str | list[str], info: ValidationInfo) -> list[str]:
+        second = _texts(value, "text_2")
+        first = info.data.get("text_1")
+        if first is not None:
+            if len(first) not in (1, len(second)):
+                raise ValueError(f"text_1 and text_2 pair 1:1, 1:N or N:N; got {len(first)} and {len(second)} texts")
+            _check_embedding_count(len(first) + len(second), "texts in text_1 and text_2 together")
+        return second
+
+
+class RerankRequest(ScoringRequest):
+    """vLLM's rerank request (Jina's and Cohere's shape): the ``documents`` ranked by their
+    relevance to the ``query``, the ``top_n`` first (0: all of them), each with its text unless
+    ``return_documents`` is false."""
+
+    query: str = Field(min_length=1)
+    documents: list[str]
+    top_n: int = Field(default=0, ge=0)
+    return_documents: bool = True
+
+    @field_validator("documents")
+    @classmethod
+    def _check_documents(cls, value: list[str]) -> list[str]:
+        _check_embedding_count(len(_texts(value, "documents")), "documents (the query is embedded too)",
+                               MAX_EMBEDDING_INPUTS - 1)
         return value
 
 
@@ -782,6 +850,46 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    data: list[ScoreData]
+    usage: EmbeddingUsage
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument | None = None     # left out where the request's return_documents is false
+    relevance_score: float
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
 
 
 class OutputText(BaseModel):

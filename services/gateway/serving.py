@@ -28,8 +28,8 @@ from pydantic import ValidationError
 from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
-from baton.services.gateway import metrics, responses, tools
-from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, GenerationRequest
+from baton.services.gateway import metrics, responses, scoring, tools
+from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationRequest
 from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.protocol import (
@@ -37,7 +37,7 @@ from baton.services.gateway.protocol import (
     ChatLogprobToken, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, EmbeddingData,
     EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ModelCard, ModelList, ResponseObject, ResponsesRequest,
-    NamedToolChoice,
+    NamedToolChoice, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, ScoringRequest,
     PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo, BaseGenerationRequest,
 )
 from baton.services.gateway.reasoning import THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
@@ -163,17 +163,59 @@ class OpenAIServing:
         """Each input's embedding, computed on the prefill workers (all inputs at once)."""
         arrival = time.perf_counter()
         self._check_model(req.model)
-        inputs = [self._truncate(req, ids) for ids in self._token_ids(req.input, "input")]
+        inputs = self._embedding_inputs(req.input, req, "input")
+        results = await self._embed(f"embd-{uuid.uuid4().hex}", inputs, req.priority, arrival)
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        return EmbeddingResponse(
+            data=[EmbeddingData(index=i, embedding=_encode_embedding(r.embedding, req.encoding_format))
+                  for i, r in enumerate(results)],
+            model=req.model,
+            usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+        )
+
+    async def create_score(self, req: ScoreRequest) -> ScoreResponse:
+        """vLLM's /score: each pair's cosine similarity (``scoring``), from one batch of embeddings."""
+        request_id, scores, prompt_tokens = await self._similarities("score", req, (req.text_1, "text_1"),
+                                                                     (req.text_2, "text_2"))
+        return scoring.score_response(request_id, self.config.served_model_name, scores, prompt_tokens)
+
+    async def create_rerank(self, req: RerankRequest) -> RerankResponse:
+        """vLLM's /rerank: the documents by their cosine similarity to the query."""
+        request_id, scores, prompt_tokens = await self._similarities("rerank", req, ([req.query], "query"),
+                                                                     (req.documents, "documents"))
+        return scoring.rerank_response(req, request_id, self.config.served_model_name, scores, prompt_tokens)
+
+    async def _similarities(
+        self, kind: str, req: ScoreRequest | RerankRequest, first: tuple[list[str], str], second: tuple[list[str], str]
+    ) -> tuple[str, list[float], int]:
+        """The request id, each pair's score of the ``first`` texts against the ``second`` (each
+        given with its parameter's name) and the prompt tokens embedded: every text once."""
+        arrival = time.perf_counter()
+        self._check_model(self.config.served_model_name if req.model is None else req.model)
+        inputs = [self._embedding_inputs(texts, req, param) for texts, param in (first, second)]
+        request_id = f"{kind}-{uuid.uuid4().hex}"
+        results = await self._embed(request_id, inputs[0] + inputs[1], req.priority, arrival)
+        scores = scoring.similarities([r.embedding for r in results], len(inputs[0]))
+        return request_id, scores, sum(r.prompt_tokens for r in results)
+
+    def _embedding_inputs(self, texts: str | list, req: EmbeddingRequest | ScoringRequest, param: str) -> list[list[int]]:
+        """Texts (or token ids) to embed as token ids, truncated as the request asks; each must fit
+        the context."""
+        inputs = [self._truncate(req, ids) for ids in self._token_ids(texts, param)]
         longest = max(len(ids) for ids in inputs)
         if longest >= self.max_model_len:   # as a prompt: the engine keeps one position past it
             raise APIError(f"This model's maximum context length is {self.max_model_len} tokens; an input has {longest}.",
-                           param="input")
-        request_id = f"embd-{uuid.uuid4().hex}"
+                           param=param)
+        return inputs
+
+    async def _embed(self, request_id: str, inputs: list[list[int]], priority: int, arrival: float) -> list[EmbedResult]:
+        """Each input's embedding, computed on the prefill workers (all inputs at once, ids
+        ``f"{request_id}-{i}"``); metered as one request."""
         tracker, status = metrics.RequestMetrics(arrival), "error"
         try:
             try:
                 async with asyncio.TaskGroup() as group:   # one failure cancels the rest
-                    tasks = [group.create_task(self.backend.embed(EmbedRequest(f"{request_id}-{i}", ids, req.priority)))
+                    tasks = [group.create_task(self.backend.embed(EmbedRequest(f"{request_id}-{i}", ids, priority)))
                              for i, ids in enumerate(inputs)]
             except* (APIError, BackendError) as errors:
                 raise as_api_error(errors.exceptions[0]) from None
@@ -186,13 +228,7 @@ class OpenAIServing:
         results = [t.result() for t in tasks]
         for r in results:
             metrics.record_prompt(r.prompt_tokens, r.cached_tokens)
-        prompt_tokens = sum(r.prompt_tokens for r in results)
-        return EmbeddingResponse(
-            data=[EmbeddingData(index=i, embedding=_encode_embedding(r.embedding, req.encoding_format))
-                  for i, r in enumerate(results)],
-            model=req.model,
-            usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
-        )
+        return results
 
     # ---- request preparation ------------------------------------------------
 
@@ -259,7 +295,7 @@ class OpenAIServing:
         return batch
 
     @staticmethod
-    def _truncate(req: BaseGenerationRequest | EmbeddingRequest, token_ids: list[int]) -> list[int]:
+    def _truncate(req: BaseGenerationRequest | EmbeddingRequest | ScoringRequest, token_ids: list[int]) -> list[int]:
         """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's option), or all of it."""
         return token_ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else token_ids
 
