@@ -213,6 +213,34 @@ def test_embeddings_come_from_the_prefill_workers(system, demo_model):
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 
+def test_score_and_rerank_are_cosines_of_the_systems_embeddings(system):
+    """vLLM's /score and /rerank over the prefill workers: a pair's score is the cosine similarity
+    of the two embeddings /v1/embeddings returns for its texts, and /rerank orders the documents
+    by it, most similar first."""
+    import torch
+
+    query, documents = PROMPTS[0], [PROMPTS[1], PROMPTS[0] + ", Romeo!", PROMPTS[3], "Romeo", PROMPTS[2]]
+    embedded = httpx.post(f"{system.plan.url}/v1/embeddings", json={"model": MODEL_NAME, "input": [query] + documents},
+                          timeout=60).json()
+    vectors = [torch.tensor(d["embedding"], dtype=torch.float64) for d in embedded["data"]]
+    want = [torch.nn.functional.cosine_similarity(vectors[0], v, dim=0).item() for v in vectors[1:]]
+    pair = httpx.post(f"{system.plan.url}/score", json={"model": MODEL_NAME, "text_1": query, "text_2": documents[1]},
+                      timeout=60).json()
+    assert pair["data"][0]["score"] == pytest.approx(want[1], abs=1e-6)
+    scored = httpx.post(f"{system.plan.url}/v1/score", json={"model": MODEL_NAME, "text_1": query, "text_2": documents},
+                        timeout=60).json()
+    assert [d["score"] for d in scored["data"]] == pytest.approx(want, abs=1e-6)
+    assert scored["usage"]["prompt_tokens"] == embedded["usage"]["prompt_tokens"]
+    order = sorted(range(len(documents)), key=lambda i: -want[i])
+    assert min(want[a] - want[b] for a, b in zip(order, order[1:])) > 1e-4     # an order that rounding cannot flip
+    reranked = httpx.post(f"{system.plan.url}/rerank", json={"model": MODEL_NAME, "query": query, "documents": documents,
+                                                             "top_n": 3}, timeout=60).json()
+    assert [r["index"] for r in reranked["results"]] == order[:3]
+    assert [r["document"]["text"] for r in reranked["results"]] == [documents[i] for i in order[:3]]
+    assert [r["relevance_score"] for r in reranked["results"]] == pytest.approx([want[i] for i in order[:3]], abs=1e-6)
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+
+
 def test_baton_up_hands_its_pooler_config_to_the_prefill_workers(demo_model):
     """``baton up --pooler-config`` MEAN, unnormalized: /v1/embeddings answers what the aggregated
     engine pools so, again when the prompt's blocks are already cached (MEAN computes every token)."""
