@@ -10,7 +10,9 @@ run writes batch x output-len tokens. In float32 the outputs must be the same wi
 without speculation: the script stops if they are not. In bf16 / fp16 the drafted rows go
 through the prefill kernel and the others through the decode kernel, which round
 differently, so a greedy near-tie may flip: "same" counts the outputs that match one token
-a step, "1st diff" is where the others first differ, on average.
+a step, "1st diff" is where the others first differ, on average. Each engine schedules as
+it would serve: on CUDA plain decoding is asynchronous, speculation synchronous (asynchronous
+above ``--disable-by-batch-size``); "async" says which.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def main() -> None:
 
     prompts = [LINES[i % len(LINES)] * args.repeats for i in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    engine = dict(device=args.device, dtype=args.dtype, enable_prefix_caching=False, async_scheduling=False)
+    engine = dict(device=args.device, dtype=args.dtype, enable_prefix_caching=False)
     # Each engine first runs the whole batch untimed: drafts of varying lengths make steps of
     # varying row counts, whose kernel variants (sampling, attention) compile on first sight.
     base = LLM(args.model, **engine)
@@ -81,8 +83,9 @@ def main() -> None:
     print(f"model={args.model} device={args.device} batch={args.batch} out={args.output_len} "
           f"prompt tokens={len(base.tokenizer(prompts[0]).input_ids)} threads={torch.get_num_threads()}")
     print(f"{'k':>3} {'tok/s':>9} {'steps':>6} {'tok/step':>9} {'proposed':>9} {'accepted':>9} {'rate':>6} "
-          f"{'same':>9} {'1st diff':>8}")
-    print(f"{'-':>3} {tokens / seconds:>9.1f} {steps:>6} {tokens / steps:>9.2f} {'-':>9} {'-':>9} {'-':>6} {'-':>9} {'-':>8}")
+          f"{'same':>9} {'1st diff':>8} {'async':>5}")
+    print(f"{'-':>3} {tokens / seconds:>9.1f} {steps:>6} {tokens / steps:>9.2f} {'-':>9} {'-':>9} {'-':>6} {'-':>9} {'-':>8} "
+          f"{base.core.async_scheduling!s:>5}")
     for k in args.k:
         spec = LLM(args.model, **engine, speculative=SpeculativeConfig(
             k, prompt_lookup_max=args.lookup_max, disable_by_batch_size=args.disable_by_batch_size))
@@ -95,7 +98,7 @@ def main() -> None:
         proposed, accepted = spec.core.spec_stats.proposed_tokens - proposed, spec.core.spec_stats.accepted_tokens - accepted
         rate = accepted / proposed if proposed else 0.0
         print(f"{k:>3} {tokens / seconds:>9.1f} {steps:>6} {tokens / steps:>9.2f} {proposed:>9} {accepted:>9} {rate:>6.1%} "
-              f"{same:>4}/{len(want)} {first_difference(got, want):>8.1f}")
+              f"{same:>4}/{len(want)} {first_difference(got, want):>8.1f} {spec.core.async_scheduling!s:>5}")
 
 
 if __name__ == "__main__":

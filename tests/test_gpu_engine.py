@@ -116,23 +116,27 @@ def test_bf16_greedy_matches_transformers():
 
 @pytest.mark.gpu
 @needs_gpu
-def test_speculation_on_cuda_writes_what_one_token_a_step_writes_on_the_cpu():
-    """Drafted steps run the varlen prefill kernels beside graph-replayed plain decode steps;
-    greedy fp32 output equals the CPU engine's without speculation, and drafts are accepted."""
+@pytest.mark.parametrize("gate", [None, 3], ids=["always", "disable-by-batch-3"])
+def test_speculation_on_cuda_writes_what_one_token_a_step_writes_on_the_cpu(gate):
+    """Drafted steps replay graphs of 1 + k rows beside graph-replayed plain decode steps;
+    greedy fp32 output equals the CPU engine's without speculation, and drafts are accepted.
+    With disable_by_batch_size 3, the four sequences decode asynchronously without drafts
+    until two have finished; the other two then draft."""
     line = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name.\n\n"
     prompts = [line * 3, line * 2 + "JULIET:\nO Romeo,", *PROMPTS[1:3]]
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (64, 64, 12, 20)]
     want = [o.outputs[0].token_ids for o in LLM(DEMO, num_blocks=256).generate(prompts, params)]
     llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8,
-              speculative=SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3))
+              speculative=SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, disable_by_batch_size=gate))
     graphs = llm.runner.cuda_graphs
-    assert graphs is not None and not llm.core.async_scheduling and (4, 5) in graphs.graphs
+    assert graphs is not None and llm.core.async_scheduling == (gate is not None) and (4, 5) in graphs.graphs
     replayed = []
     replay = graphs.replay
     graphs.replay = lambda chunks, shape, fed=None: replayed.append(shape) or replay(chunks, shape, fed)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
     assert llm.core.spec_stats.accepted_tokens > 0 and llm.core.stats().used_blocks == 0
-    assert (4, 5) in replayed and (4, 1) in replayed      # steps with drafts and without, from graphs
+    assert (2, 5) in replayed and (4, 1) in replayed      # steps with drafts and without, from graphs
+    assert ((4, 5) in replayed) == (gate is None)
 
 
 @pytest.mark.gpu
