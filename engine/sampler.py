@@ -107,12 +107,18 @@ def _to_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, ks: Seq[int], ls
 
 def prompt_logprobs(prompt_logits: torch.Tensor, next_token_ids: Seq[int], k: int) -> list[TokenLogprob]:
     """Log-probs of the actual next tokens under ``prompt_logits`` (row ``j``
-    predicts ``next_token_ids[j]``), with the top-``k`` alternatives."""
+    predicts ``next_token_ids[j]``), with the top-``k`` alternatives and each actual token's
+    rank: the number of logits at least as large as its own."""
     if prompt_logits.dim() != 2 or prompt_logits.shape[0] != len(next_token_ids):
         raise ValueError(f"prompt_logits {tuple(prompt_logits.shape)} do not match {len(next_token_ids)} next tokens")
     targets = torch.tensor(list(next_token_ids), dtype=torch.long, device=prompt_logits.device)
     logits = prompt_logits.float()
-    return _to_logprobs(logits, targets, [k] * len(next_token_ids), ops.max_logsumexp(logits)[2]).to_host()
+    chosen = logits.gather(1, targets.unsqueeze(1))
+    ranks = (logits >= chosen).sum(1).tolist()
+    out = _to_logprobs(logits, targets, [k] * len(next_token_ids), ops.max_logsumexp(logits)[2], chosen.squeeze(1)).to_host()
+    for token, rank in zip(out, ranks):
+        token.rank = rank
+    return out
 
 
 class Sampler:

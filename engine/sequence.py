@@ -25,11 +25,14 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(slots=True)
 class TokenLogprob:
-    """Log-probability of one token and, when asked for, its top alternatives."""
+    """Log-probability of one token and, when asked for, its top alternatives. ``rank``: how many
+    tokens of the vocabulary are at least as likely (1 = the most likely), as vLLM counts it;
+    computed for prompt tokens only (None elsewhere)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None
 
 
 @dataclass(eq=False)

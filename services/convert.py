@@ -109,6 +109,7 @@ def logprob_to_proto(logprob: TokenLogprob) -> common_pb2.TokenLogprob:
         token_id=logprob.token_id,
         logprob=logprob.logprob,
         top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in logprob.top],
+        rank=logprob.rank or 0,
     )
 
 
@@ -117,4 +118,5 @@ def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprob:
         token_id=msg.token_id,
         logprob=msg.logprob,
         top=[(t.token_id, t.logprob) for t in msg.top],
+        rank=msg.rank or None,
     )

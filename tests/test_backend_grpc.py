@@ -515,3 +515,5 @@ def test_params_and_logprobs_round_trip() -> None:
         params_from_proto(common_pb2.SamplingParams(max_tokens=4, structured_output=common_pb2.StructuredOutput()))
     lp = TokenLogprob(random.randrange(VOCAB), -1.5, [(random.randrange(VOCAB), -0.25), (7, -3.0)])
     assert logprob_from_proto(logprob_to_proto(lp)) == lp
+    ranked = TokenLogprob(5, -0.5, rank=3)
+    assert logprob_from_proto(logprob_to_proto(ranked)) == ranked

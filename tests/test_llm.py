@@ -29,6 +29,17 @@ def hf_greedy(demo_model) -> dict[str, list[int]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def hf_model(demo_model):
+    return AutoModelForCausalLM.from_pretrained(demo_model).eval()
+
+
+def _hf_logprobs(model, token_ids: list[int]) -> torch.Tensor:
+    """transformers' log-probs of each position's next token: row ``i`` predicts token ``i + 1``."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([token_ids])).logits[0].float(), -1)
+
+
 def _tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
@@ -120,14 +131,11 @@ def test_a_resumed_sequence_goes_on_as_it_would_have(demo_model, device, async_s
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_prompt_and_output_logprobs_match_transformers(demo_model, async_scheduling):
+def test_prompt_and_output_logprobs_match_transformers(demo_model, hf_model, async_scheduling):
     llm = LLM(demo_model, async_scheduling=async_scheduling)
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2))[0]
     tok = AutoTokenizer.from_pretrained(demo_model)
-    model = AutoModelForCausalLM.from_pretrained(demo_model).eval()
-    ids = torch.tensor([out.prompt_token_ids + out.outputs[0].token_ids])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    logprobs = _hf_logprobs(hf_model, out.prompt_token_ids + out.outputs[0].token_ids)
     n_prompt = len(out.prompt_token_ids)
     assert len(out.prompt_logprobs) == n_prompt - 1
     for i, lp in enumerate(out.prompt_logprobs):
@@ -139,6 +147,36 @@ def test_prompt_and_output_logprobs_match_transformers(demo_model, async_schedul
         assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
         assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
     assert tok.decode(out.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [{"block_size": 4}, {"block_size": 4, "max_num_batched_tokens": 7, "async_scheduling": True}],
+    ids=["whole", "async-chunked"],
+)
+def test_prompt_logprobs_and_ranks_match_transformers_over_a_cached_prefix(demo_model, hf_model, engine_kwargs):
+    """Every prompt token after the first gets its log-prob, its rank (how many tokens are at
+    least as likely) and the top-k alternatives of transformers' logits, though the prompt's
+    blocks sit in the prefix cache: prompt log-probs compute the whole prompt again."""
+    llm = LLM(demo_model, **engine_kwargs)
+    prompt = PROMPTS[1]
+    llm.generate(prompt, GREEDY)
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens >= 8          # the prompt's blocks are cached
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3))[0]
+    assert out.num_cached_tokens == 0
+    ids = out.prompt_token_ids
+    logprobs = _hf_logprobs(hf_model, ids)
+    assert [lp.token_id for lp in out.prompt_logprobs] == ids[1:]
+    ranks = []
+    for row, lp in zip(logprobs, out.prompt_logprobs):
+        ranks.append(lp.rank)
+        assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
+        assert lp.rank == (row >= row[lp.token_id]).sum().item()
+        top = row.topk(3)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert min(ranks) == 1 and max(ranks) > 1          # the prompt has likely tokens and less likely ones
+    assert llm.core.stats().used_blocks == 0
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[

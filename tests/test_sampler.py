@@ -188,13 +188,17 @@ def test_logprobs_use_raw_distribution_when_sampling() -> None:
 
 def test_prompt_logprobs() -> None:
     logits = torch.randn(5, V)
+    logits[4, 3] = logits[4, 9] = logits[4].max() + 1      # a tie for the first place: both rank 2
     targets = torch.randint(0, V, (5,)).tolist()
+    targets[4] = 9
     out = prompt_logprobs(logits, targets, 4)
     raw = torch.log_softmax(logits, -1)
     for j, t in enumerate(out):
         assert t.token_id == targets[j]
         assert t.logprob == pytest.approx(raw[j, targets[j]].item(), abs=1e-6)
         assert [tid for tid, _ in t.top] == raw[j].topk(4).indices.tolist()
+        assert t.rank == sum(v >= logits[j, targets[j]].item() for v in logits[j].tolist())
+    assert out[4].rank == 2
     with pytest.raises(ValueError, match="do not match"):
         prompt_logprobs(logits, targets[:3], 1)
 
