@@ -78,6 +78,13 @@ class FakeBackend(Backend):
         top = [((token_id + j) % self.tok.vocab_size, lp - j) for j in range(k)]
         return TokenLogprob(token_id, lp, top)
 
+    def prompt_logprob(self, request: GenerationRequest, position: int, token_id: int) -> TokenLogprob:
+        """Prompt token ``position + 1``: ranked ``position % 3 + 1``, and among its top-k
+        alternatives (the request's ``prompt_logprobs``) where that rank is within them."""
+        rank, vocab = position % 3 + 1, self.tok.vocab_size
+        top = [(token_id if j == rank else (token_id + 100 + j) % vocab, -0.5 * j) for j in range(1, request.params.prompt_logprobs + 1)]
+        return TokenLogprob(token_id, -0.5 * rank, top, rank)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self.requests.append(request)
         self.events.append(("start", request.request_id))
@@ -98,7 +105,7 @@ class FakeBackend(Backend):
                     chunk.placement = ("prefill-of", request.request_id)
                     if request.params.prompt_logprobs is not None:
                         chunk.prompt_logprobs = [
-                            self.logprob(request, i, t) for i, t in enumerate(request.prompt_token_ids[1:])
+                            self.prompt_logprob(request, i, t) for i, t in enumerate(request.prompt_token_ids[1:])
                         ]
                 if start + self.per_chunk >= len(out):
                     chunk.finish_reason = finish
@@ -211,6 +218,12 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
         ({"model": MODEL, "prompt": "x", "priority": 2**31}, "priority"),
         ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
         ({"model": MODEL, "prompt": "x", "suffix": "end"}, "suffix"),
+        ({"model": MODEL, "prompt": "x", "prompt_logprobs": -2}, "prompt_logprobs"),
+        ({"model": MODEL, "prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"model": MODEL, "prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),   # the vocabulary: 1024 > 20
+        ({"model": MODEL, "prompt": "x", "prompt_logprobs": "two"}, "prompt_logprobs"),
+        ({"model": MODEL, "prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        ({"model": MODEL, "prompt": "x", "prompt_logprobs": -1, "stream": True}, "prompt_logprobs"),
     ],
 )
 async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
@@ -232,6 +245,10 @@ async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL]}, "tool_choice"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [TOOL["function"]]}, "functions"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2, "stream": True},
+         "prompt_logprobs"),
     ],
 )
 async def test_invalid_chat_requests_get_400(tok, body, param) -> None:
@@ -781,6 +798,84 @@ async def test_completion_logprobs_and_echo(tok) -> None:
 
     plain_echo = (await post(FakeBackend(tok), tok, "/v1/completions", {**body, "echo": True, "logprobs": None})).json()
     assert plain_echo["choices"][0]["text"] == echoed["text"]
+    assert "prompt_logprobs" not in echoed and "prompt_logprobs" not in choice   # only for those who ask
+
+
+def assert_prompt_logprobs(tok: GatewayTokenizer, entries: list, prompt_ids: list[int], k: int) -> None:
+    """vLLM's shape, over the fake backend's prompt log-probs (token ``i`` ranked ``(i - 1) % 3 + 1``):
+    one entry per prompt token, the first null; each keyed by token ids, holding the prompt's
+    token with its rank and the top-``k`` alternatives ranked 1 to ``k``."""
+    assert len(entries) == len(prompt_ids) and entries[0] is None
+    for i, (entry, token_id) in enumerate(zip(entries[1:], prompt_ids[1:])):
+        rank = i % 3 + 1
+        assert entry[str(token_id)] == {"logprob": -0.5 * rank, "rank": rank, "decoded_token": tok.token_text(token_id)}
+        others = {key: v for key, v in entry.items() if key != str(token_id)}
+        assert len(entry) == (k if rank <= k else k + 1)
+        assert sorted(v["rank"] for v in others.values()) == [r for r in range(1, k + 1) if r != rank]
+        assert all(v["decoded_token"] == tok.token_text(int(key)) and v["logprob"] == -0.5 * v["rank"]
+                   for key, v in others.items())
+
+
+async def test_completion_prompt_logprobs_come_once_per_prompt(tok) -> None:
+    """vLLM's ``prompt_logprobs`` on each choice: every sample of a prompt carries its prompt's,
+    which only the first sample computes (the others start beside it, once it decodes)."""
+    prompts = ["JULIET:\nO Romeo, Romeo!", "ROMEO:"]
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 4, "n": 2, "prompt_logprobs": 2}
+    out = (await post(backend, tok, "/v1/completions", body)).json()
+    for choice in out["choices"]:
+        assert_prompt_logprobs(tok, choice["prompt_logprobs"], tok.encode(prompts[choice["index"] // 2]), 2)
+    asked = {r.request_id: r.params.prompt_logprobs for r in backend.requests}
+    assert asked == {f"{out['id']}-{i}": k for i, k in enumerate([2, None, 2, None])}
+    for leader, follower in ((0, 1), (2, 3)):   # the second sample starts after the first's prompt log-probs
+        first_chunk = backend.events.index(("chunk", f"{out['id']}-{leader}"))
+        assert backend.events.index(("start", f"{out['id']}-{follower}")) > first_chunk
+    zero = (await post(FakeBackend(tok), tok, "/v1/completions", {**body, "prompt_logprobs": 0, "n": 1})).json()
+    assert_prompt_logprobs(tok, zero["choices"][0]["prompt_logprobs"], tok.encode(prompts[0]), 0)
+
+
+async def test_prompt_logprobs_with_echo_keep_each_its_own_top_k(tok) -> None:
+    prompt = "JULIET:\nO Romeo"
+    prompt_ids = tok.encode(prompt)
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1, "prompt_logprobs": 3}
+    choice = (await post(backend, tok, "/v1/completions", body)).json()["choices"][0]
+    assert backend.requests[0].params.prompt_logprobs == 3          # one computation serves both
+    assert_prompt_logprobs(tok, choice["prompt_logprobs"], prompt_ids, 3)
+    echoed = choice["logprobs"]
+    assert echoed["token_logprobs"][: len(prompt_ids)] == [None] + [-0.5 * (i % 3 + 1) for i in range(len(prompt_ids) - 1)]
+    assert all(len(top) == 1 for top in echoed["top_logprobs"][1:])
+
+
+async def test_chat_prompt_logprobs_are_the_responses(tok) -> None:
+    """On a chat completion, vLLM's ``prompt_logprobs`` is the response's (the rendered prompt's),
+    not a choice's; a stream may ask for 0 of them, and gets none."""
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Speak, Juliet!"}], "max_tokens": 3, "n": 2,
+            "prompt_logprobs": 1}
+    out = (await post(backend, tok, "/v1/chat/completions", body)).json()
+    assert_prompt_logprobs(tok, out["prompt_logprobs"], backend.requests[0].prompt_token_ids, 1)
+    assert all("prompt_logprobs" not in c for c in out["choices"])
+    assert [r.params.prompt_logprobs for r in backend.requests] == [1, None]
+    plain = (await post(FakeBackend(tok), tok, "/v1/chat/completions", {**body, "prompt_logprobs": None})).json()
+    assert "prompt_logprobs" not in plain
+    streamed = FakeBackend(tok)
+    response = await post(streamed, tok, "/v1/chat/completions", {**body, "prompt_logprobs": 0, "stream": True})
+    assert response.status_code == 200 and sse_events(response)[-1] == "[DONE]"
+    assert all(r.params.prompt_logprobs is None for r in streamed.requests)
+    assert "prompt_logprobs" not in response.text
+
+
+async def test_prompt_logprobs_a_worker_left_short_are_an_error(tok) -> None:
+    class Short(FakeBackend):
+        async def generate(self, request):
+            async for chunk in super().generate(request):
+                if chunk.prompt_logprobs:
+                    chunk.prompt_logprobs = chunk.prompt_logprobs[1:]
+                yield chunk
+
+    body = {"model": MODEL, "prompt": "JULIET:\nO Romeo", "max_tokens": 3, "prompt_logprobs": 1}
+    assert "scored" in assert_error(await post(Short(tok), tok, "/v1/completions", body), 502)["message"]
 
 
 # ---- chat ---------------------------------------------------------------------

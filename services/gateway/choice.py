@@ -19,6 +19,7 @@ class Prompt:
     token_ids: list[int]
     text: str = ""                                        # decoded, only for echo
     offsets: list[int] = field(default_factory=list)      # each token's start within ``text``
+    logprobs: list[TokenLogprob] | None = None            # each token's after the first, as its first sample got them
 
 
 @dataclass
@@ -31,7 +32,6 @@ class Delta:
     offsets: list[int]           # each token's start within the choice's output text
     finish_reason: str | None
     first: bool
-    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -60,6 +60,8 @@ class Choice:
         if first:
             self.cached_tokens = chunk.cached_tokens
             metrics.record_prompt(len(self.prompt.token_ids), chunk.cached_tokens)
+            if chunk.prompt_logprobs is not None:
+                self.prompt.logprobs = chunk.prompt_logprobs
         if chunk.placement:
             self.placement = chunk.placement
         pieces: list[str] = []
@@ -83,7 +85,7 @@ class Choice:
         self.text_len += len(text)
         self.text.append(text)
         self.finish_reason = finish
-        return Delta(self.index, text, tokens, offsets, finish, first, chunk.prompt_logprobs if first else None)
+        return Delta(self.index, text, tokens, offsets, finish, first)
 
 
 async def close_stream(iterator: AsyncIterator[GenerationChunk]) -> None:

@@ -166,6 +166,7 @@ class BaseGenerationRequest(NullMeansDefault):
     allowed_token_ids: list[int] | None = Field(default=None, min_length=1)   # vLLM's: only these may be sampled
     bad_words: list[str] = Field(default_factory=list, max_length=MAX_BAD_WORDS)   # vLLM's: words never written
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)   # vLLM's: lower first (--scheduling-policy priority)
+    prompt_logprobs: int | None = Field(default=None, ge=-1, le=MAX_LOGPROBS)   # vLLM's: top-k per prompt token; -1: all
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> BaseGenerationRequest:
@@ -192,6 +193,13 @@ class BaseGenerationRequest(NullMeansDefault):
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return value
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _check_prompt_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and info.data.get("stream"):   # as vLLM: a stream has no place for them (0 asks for none)
+            raise ValueError("prompt_logprobs are not available when stream is true")
         return value
 
     @field_validator("bad_words")
@@ -732,11 +740,32 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one token of a prompt position's ``prompt_logprobs`` entry."""
+
+    logprob: float
+    rank: int | None = None           # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]   # per prompt token (the first: None), keyed by token id
+
+
+def _unless_null(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data`` without ``key`` where it is null: an extra field only those who asked for it see."""
+    return {k: v for k, v in data.items() if k != key or v is not None}
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _prompt_logprobs_if_asked(self, handler: Any) -> dict[str, Any]:
+        return _unless_null(handler(self), "prompt_logprobs")
 
 
 class CompletionResponse(BaseModel):
@@ -783,6 +812,11 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _prompt_logprobs_if_asked(self, handler: Any) -> dict[str, Any]:
+        return _unless_null(handler(self), "prompt_logprobs")
 
 
 class DeltaFunctionCall(BaseModel):

@@ -26,7 +26,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from baton.engine.model_config import load_model_config
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import metrics, responses, scoring, tools
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationRequest
@@ -38,7 +38,8 @@ from baton.services.gateway.protocol import (
     CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, EmbeddingData,
     EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ModelCard, ModelList, ResponseObject, ResponsesRequest,
     NamedToolChoice, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, ScoringRequest,
-    PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo, BaseGenerationRequest,
+    PromptLogprob, PromptLogprobs, PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo,
+    BaseGenerationRequest,
 )
 from baton.services.gateway.reasoning import THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
 from baton.services.gateway.tokenizer import (
@@ -47,6 +48,7 @@ from baton.services.gateway.tokenizer import (
 from baton.services.gateway.tool_parsers import make_parser
 
 PROMPT_TAIL_TOKENS = 16   # where a chat template leaves <think> open or closed: the prompt's end
+MIN_LOGPROB = -9999.0     # what vLLM writes for a log-prob of -inf (which JSON cannot hold)
 
 ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[CompletionResponse | ChatCompletionChunk]]
 
@@ -95,7 +97,10 @@ class OpenAIServing:
         self._check_common(req)
         prompts = [self._prompt(self._truncate(req, ids), with_text=req.echo) for ids in self._token_ids(req.prompt, "prompt")]
         params = self._params(req, prompts, req.max_tokens, "max_tokens", "prompt")
-        params = replace(params, logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+        prompt_k = self._prompt_logprobs(req)
+        # echo with logprobs scores the prompt too: both from one computation, with the larger top-k
+        wanted = [k for k in (req.logprobs if req.echo else None, prompt_k) if k is not None]
+        params = replace(params, logprobs=req.logprobs, prompt_logprobs=max(wanted, default=None))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         choices = self._choices(request_id, prompts, params, req)
         if req.stream:
@@ -104,7 +109,7 @@ class OpenAIServing:
         return CompletionResponse(
             id=request_id,
             model=req.model,
-            choices=[self._completion_choice(req, c, deltas[c.index]) for c in choices],
+            choices=[self._completion_choice(req, c, deltas[c.index], prompt_k) for c in choices],
             usage=self._usage(choices),
         )
 
@@ -115,7 +120,8 @@ class OpenAIServing:
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         prompts = [self._prompt(ids, with_text=False)]
         params = self._params(req, prompts, req.output_limit, limit_param, "messages")
-        params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        prompt_k = self._prompt_logprobs(req)
+        params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None, prompt_logprobs=prompt_k)
         if self.config.reasoning_parser and params.structured_output and not closed_in_prompt(self._prompt_tail(ids)):
             # The grammar binds the answer: the workers apply it after the thinking.
             params = replace(params, structured_output=replace(params.structured_output, reasoning_end=self.think_end))
@@ -139,6 +145,7 @@ class OpenAIServing:
                 for message, finish_reason in [self._chat_message(req, c)]
             ],
             usage=self._usage(choices),
+            prompt_logprobs=None if prompt_k is None else self._prompt_logprob_entries(choices[0].prompt, prompt_k),
         )
 
     async def create_response(self, req: ResponsesRequest) -> ResponseObject | PrimedStream:
@@ -257,6 +264,18 @@ class OpenAIServing:
         if model != self.config.served_model_name:
             raise APIError(f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found")
 
+    def _prompt_logprobs(self, req: BaseGenerationRequest) -> int | None:
+        """How many alternatives come with each prompt token's log-prob (vLLM's ``prompt_logprobs``);
+        None: not asked for, or a stream (which has no place for them). -1 asks for the whole
+        vocabulary, refused (as vLLM refuses it) where that is more than the limit."""
+        if req.prompt_logprobs is None or req.stream:
+            return None
+        k = self.tokenizer.vocab_size if req.prompt_logprobs == -1 else req.prompt_logprobs
+        if k > MAX_LOGPROBS:
+            raise APIError(f"prompt_logprobs -1 asks for the whole vocabulary ({k} tokens), more than the limit of "
+                           f"{MAX_LOGPROBS}", param="prompt_logprobs")
+        return k
+
     def _check_common(self, req: BaseGenerationRequest) -> None:
         self._check_model(req.model)
         if req.n > self.config.max_n:
@@ -363,7 +382,9 @@ class OpenAIServing:
             for i in range(req.n):
                 index = p * req.n + i
                 seed = None if params.seed is None else (params.seed + i) % 2**64   # the engine's seed + i, on the wire
-                gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids, replace(params, seed=seed), priority=req.priority)
+                scored = params.prompt_logprobs if i == 0 else None   # the prompt's log-probs: its first sample's
+                gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids,
+                                        replace(params, seed=seed, prompt_logprobs=scored), priority=req.priority)
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
                 choices.append(Choice(index, i, prompt, gen, detok, stop))
@@ -394,12 +415,15 @@ class OpenAIServing:
         which is always computed again) has its first sample lead: the others start once its
         decode has begun (its second token, or its end), beside it (``colocate``), so that its
         prefill and decode workers hold the prompt's blocks in their prefix caches and compute
-        and send only the last one again. Shorter prompts' samples all start at once."""
+        and send only the last one again. So does a prompt whose log-probs are asked for (only its
+        first sample computes them, ``_choices``). Other prompts' samples all start at once."""
         queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
         decoding = {c.index: asyncio.Event() for c in choices if c.sample == 0}
 
         def follows(choice: Choice) -> bool:
-            return choice.sample > 0 and (len(choice.prompt.token_ids) - 1) // self.config.block_size > 0
+            leader = choices[choice.index - choice.sample]
+            shares = (len(choice.prompt.token_ids) - 1) // self.config.block_size > 0
+            return choice.sample > 0 and (shares or leader.request.params.prompt_logprobs is not None)
 
         async def pump(choice: Choice) -> None:
             leads = choice.sample == 0
@@ -573,9 +597,13 @@ class OpenAIServing:
             return None, finish_reason
         return DeltaMessage(content=content or None, tool_calls=pieces or None), finish_reason
 
-    def _completion_choice(self, req: CompletionRequest, choice: Choice, deltas: list[Delta]) -> CompletionChoice:
+    def _completion_choice(
+        self, req: CompletionRequest, choice: Choice, deltas: list[Delta], prompt_k: int | None
+    ) -> CompletionChoice:
         text, logprobs = self._completion_text(req, choice.prompt, deltas)
-        return CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason)
+        scored = None if prompt_k is None else self._prompt_logprob_entries(choice.prompt, prompt_k)
+        return CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
+                                prompt_logprobs=scored)
 
     def _completion_text(
         self, req: CompletionRequest, prompt: Prompt, deltas: list[Delta]
@@ -587,21 +615,41 @@ class OpenAIServing:
             return text, None
         out = CompletionLogprobs()
         if echo:
-            scored = [None] + list(deltas[0].prompt_logprobs or [None] * (len(prompt.token_ids) - 1))
+            scored = [None] + list(prompt.logprobs or [None] * (len(prompt.token_ids) - 1))
             for token_id, offset, lp in zip(prompt.token_ids, prompt.offsets, scored):
-                self._append_completion_logprob(out, token_id, offset, lp)
+                self._append_completion_logprob(out, token_id, offset, lp, req.logprobs)
         for d in deltas:
             for token, offset in zip(d.tokens, d.offsets):
-                self._append_completion_logprob(out, token.token_id, base + offset, token)
+                self._append_completion_logprob(out, token.token_id, base + offset, token, req.logprobs)
         return text, out
 
     def _append_completion_logprob(
-        self, out: CompletionLogprobs, token_id: int, offset: int, lp: TokenLogprob | None
+        self, out: CompletionLogprobs, token_id: int, offset: int, lp: TokenLogprob | None, k: int
     ) -> None:
         out.tokens.append(self.tokenizer.token_text(token_id))
         out.text_offset.append(offset)
         out.token_logprobs.append(lp.logprob if lp is not None else None)
-        out.top_logprobs.append({self.tokenizer.token_text(t): v for t, v in lp.top} if lp is not None else None)
+        out.top_logprobs.append({self.tokenizer.token_text(t): v for t, v in lp.top[:k]} if lp is not None else None)
+
+    def _prompt_logprob_entries(self, prompt: Prompt, k: int) -> PromptLogprobs:
+        """vLLM's ``prompt_logprobs``: None for the first token; for each other, keyed by token id, the
+        token itself (its rank: how many tokens are at least as likely) and its top-``k`` alternatives
+        (ranks 1 to ``k``), each with its log-prob and text."""
+        scored = prompt.logprobs or []
+        if len(scored) != len(prompt.token_ids) - 1:
+            raise BackendError(f"a worker scored {len(scored)} of the prompt's {len(prompt.token_ids) - 1} tokens "
+                               "after its first", 502)
+
+        def entry(token_id: int, logprob: float, rank: int | None) -> PromptLogprob:
+            return PromptLogprob(logprob=max(logprob, MIN_LOGPROB), rank=rank, decoded_token=self.tokenizer.token_text(token_id))
+
+        entries: PromptLogprobs = [None]
+        for lp in scored:
+            alternatives = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+            for rank, (token_id, logprob) in enumerate(lp.top[:k], 1):
+                alternatives.setdefault(str(token_id), entry(token_id, logprob, rank))
+            entries.append(alternatives)
+        return entries
 
     def _chat_logprobs(self, tokens: list[TokenLogprob]) -> ChatLogprobs:
         tok = self.tokenizer
