@@ -284,6 +284,28 @@ def test_streaming_equals_non_streaming(system):
         assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_prompt_logprobs_are_the_aggregated_engines(system, demo_model):
+    """vLLM's ``prompt_logprobs``, computed by a prefill worker that holds the prompt's blocks in
+    its prefix cache (the plain request before left them there): every prompt token's log-prob,
+    rank and top-2 alternatives are the aggregated engine's, on each of the n choices."""
+    prompt = "HAMLET:\nTo be, or not to be, that is the question: whether 'tis nobler in the mind"
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+    assert httpx.post(f"{system.plan.url}/v1/completions", json=body, timeout=60).status_code == 200
+    out = httpx.post(f"{system.plan.url}/v1/completions", json={**body, "prompt_logprobs": 2, "n": 2}, timeout=60).json()
+    llm = LLM(demo_model)
+    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2))[0]
+    assert len(want.prompt_token_ids) > 17 and len(out["choices"]) == 2
+    for choice in out["choices"]:
+        entries = choice["prompt_logprobs"]
+        assert len(entries) == len(want.prompt_token_ids) and entries[0] is None
+        for entry, lp in zip(entries[1:], want.prompt_logprobs):
+            expected = {lp.token_id: (lp.logprob, lp.rank)} | {t: (v, r) for r, (t, v) in enumerate(lp.top, 1) if t != lp.token_id}
+            assert {int(key): v["rank"] for key, v in entry.items()} == {t: r for t, (_, r) in expected.items()}
+            for token_id, (logprob, _) in expected.items():
+                assert entry[str(token_id)]["logprob"] == pytest.approx(logprob, abs=1e-4)
+                assert entry[str(token_id)]["decoded_token"] == llm.tokenizer.decode([token_id])
+
+
 def test_chat_completion(system):
     out = system.client.chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": "Speak, Romeo."}], max_tokens=16, temperature=0
