@@ -40,6 +40,14 @@ def blocks_per_message(transport: str, ticket: TransferTicket, local_layout: KVL
     return count
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (the host may be a bracketed IPv6 address) of a ticket's address."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise TransferError(f"address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
 def warm_up_block_copies(kv_cache: torch.Tensor) -> None:
     """Compile the kernels that pack blocks for sending and unpack them on landing, before the
     first transfer needs them (compiled in the middle of serving, each stalled every request
@@ -87,10 +95,14 @@ class QueuedSession(TransferSession):
         """Connect, send the handshake, then the queue until ``END``, then the final
         message; return once the receiver acknowledged it. Raise ``TransferError``."""
 
-    @abc.abstractmethod
     def _stage(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Where a packed run waits to be sent (compute thread), and the event that
-        completes it, if any."""
+        completes it, if any: by default the packed buffer itself, on its device."""
+        if not packed.is_cuda:
+            return packed, None
+        ready = torch.cuda.Event()
+        ready.record()
+        return packed, ready
 
     def _cancel_call(self) -> None:
         """End the backend's connection at once (``abort``); by default the task's cancellation does."""

@@ -25,7 +25,7 @@ from baton.kvtransfer.base import KVSender, TransferStats, TransferTicket, regis
 from baton.kvtransfer.errors import TransferError
 from baton.kvtransfer.landing import Refused
 from baton.kvtransfer.layout import KVLayout
-from baton.kvtransfer.session import DEFAULT_STREAM_TIMEOUT_S, END, QueuedSession, blocks_per_message
+from baton.kvtransfer.session import DEFAULT_STREAM_TIMEOUT_S, END, QueuedSession, blocks_per_message, split_address
 from baton.kvtransfer.ucx_receiver import UCX_ERRORS, UcxKVReceiver, buffer_of, post, recv_frame, send_frame, ucxx
 from baton.protos import kvtransfer_pb2
 
@@ -43,13 +43,6 @@ def _raise_failed(operations: list[asyncio.Future]) -> None:
             raise op.exception()
 
 
-def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise TransferError(f"UCX address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
 class UcxTransferSession(QueuedSession):
     """The sending half of one request's transfer over one UCX endpoint."""
 
@@ -59,13 +52,6 @@ class UcxTransferSession(QueuedSession):
         self._stream_timeout_s = stream_timeout_s
         self._ep = None
         super().__init__(ticket, blocks_per_message)
-
-    def _stage(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        if not packed.is_cuda:
-            return packed, None
-        ready = torch.cuda.Event()
-        ready.record()
-        return packed, ready
 
     def _cancel_call(self) -> None:
         if self._ep is not None:
