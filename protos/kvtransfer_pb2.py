@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from baton.protos import common_pb2 as baton_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61ton/protos/kvtransfer.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\"\xaa\x01\n\x0eTransferTicket\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x12\n\nnum_tokens\x18\x06 \x01(\x05\x12\x15\n\rcached_blocks\x18\x07 \x01(\x05\"\x95\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0c\n\x04last\x18\x07 \x01(\x08\"#\n\tPushReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"H\n\x05KVAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x03\x32>\n\nKVTransfer\x12\x30\n\x04Push\x12\x11.baton.v1.KVChunk\x1a\x13.baton.v1.PushReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61ton/protos/kvtransfer.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\"\xaa\x01\n\x0eTransferTicket\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x12\n\nnum_tokens\x18\x06 \x01(\x05\x12\x15\n\rcached_blocks\x18\x07 \x01(\x05\"\xa9\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x12\n\ndata_bytes\x18\x08 \x01(\x03\"#\n\tPushReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\\\n\x05KVAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"J\n\x0bPairRequest\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.baton.v1.KVChunkH\x00\x12\x0f\n\x05\x61\x62ort\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"Y\n\tPairReply\x12$\n\x05group\x18\x01 \x01(\x0b\x32\x13.baton.v1.PairGroupH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.baton.v1.KVAckH\x00\x42\x06\n\x04kind\"@\n\tPairGroup\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\x05\x12\x0e\n\x06prefix\x18\x03 \x01(\t2>\n\nKVTransfer\x12\x30\n\x04Push\x12\x11.baton.v1.KVChunk\x1a\x13.baton.v1.PushReply(\x01\x32@\n\x06KVPair\x12\x36\n\x04Open\x12\x15.baton.v1.PairRequest\x1a\x13.baton.v1.PairReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSFERTICKET']._serialized_start=71
   _globals['_TRANSFERTICKET']._serialized_end=241
   _globals['_KVCHUNK']._serialized_start=244
-  _globals['_KVCHUNK']._serialized_end=393
-  _globals['_PUSHREPLY']._serialized_start=395
-  _globals['_PUSHREPLY']._serialized_end=430
-  _globals['_KVACK']._serialized_start=432
-  _globals['_KVACK']._serialized_end=504
-  _globals['_KVTRANSFER']._serialized_start=506
-  _globals['_KVTRANSFER']._serialized_end=568
+  _globals['_KVCHUNK']._serialized_end=413
+  _globals['_PUSHREPLY']._serialized_start=415
+  _globals['_PUSHREPLY']._serialized_end=450
+  _globals['_KVACK']._serialized_start=452
+  _globals['_KVACK']._serialized_end=544
+  _globals['_PAIRREQUEST']._serialized_start=546
+  _globals['_PAIRREQUEST']._serialized_end=620
+  _globals['_PAIRREPLY']._serialized_start=622
+  _globals['_PAIRREPLY']._serialized_end=711
+  _globals['_PAIRGROUP']._serialized_start=713
+  _globals['_PAIRGROUP']._serialized_end=777
+  _globals['_KVTRANSFER']._serialized_start=779
+  _globals['_KVTRANSFER']._serialized_end=841
+  _globals['_KVPAIR']._serialized_start=843
+  _globals['_KVPAIR']._serialized_end=907
 # @@protoc_insertion_point(module_scope)

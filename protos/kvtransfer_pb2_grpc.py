@@ -98,3 +98,76 @@ class KVTransfer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class KVPairStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Open = channel.stream_stream(
+                '/baton.v1.KVPair/Open',
+                request_serializer=baton_dot_protos_dot_kvtransfer__pb2.PairRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_kvtransfer__pb2.PairReply.FromString,
+                _registered_method=True)
+
+
+class KVPairServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Open(self, request_iterator, context):
+        """The NCCL transport's control stream of one sender process and a receiver.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVPairServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Open': grpc.stream_stream_rpc_method_handler(
+                    servicer.Open,
+                    request_deserializer=baton_dot_protos_dot_kvtransfer__pb2.PairRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_kvtransfer__pb2.PairReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'baton.v1.KVPair', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('baton.v1.KVPair', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVPair:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Open(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/baton.v1.KVPair/Open',
+            baton_dot_protos_dot_kvtransfer__pb2.PairRequest.SerializeToString,
+            baton_dot_protos_dot_kvtransfer__pb2.PairReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
