@@ -1,5 +1,5 @@
 """Moving KV blocks between workers: one interface (``base``), the layout
-handshake (``layout``), and backends registered by name (``grpc`` and ``ucx`` built in)."""
+handshake (``layout``), and backends registered by name (``grpc``, ``ucx`` and ``nccl`` built in)."""
 
 from baton.kvtransfer.base import (
     KVReceiver, KVSender, TransferSession, TransferStats, TransferTicket,

@@ -1,5 +1,5 @@
 """The KV transport interface. Services use only this module; backends (gRPC
-stream, UCX) implement it and register under a name.
+stream, UCX, NCCL) implement it and register under a name.
 
 Sender side (prefill worker), per request::
 
@@ -152,7 +152,10 @@ ReceiverFactory = Callable[..., KVReceiver]
 
 _REGISTRY: dict[str, tuple[SenderFactory, ReceiverFactory]] = {}
 # Built-in backends, imported on first use so optional dependencies stay optional.
-_BUILTIN_MODULES: dict[str, str] = {"grpc": "baton.kvtransfer.grpc_transport", "ucx": "baton.kvtransfer.ucx_transport"}
+_BUILTIN_MODULES: dict[str, str] = {
+    "grpc": "baton.kvtransfer.grpc_transport", "ucx": "baton.kvtransfer.ucx_transport",
+    "nccl": "baton.kvtransfer.nccl_transport",
+}
 
 
 def register_transport(name: str, sender: SenderFactory, receiver: ReceiverFactory) -> None:

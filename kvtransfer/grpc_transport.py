@@ -110,8 +110,7 @@ class GrpcTransferSession(QueuedSession):
             code, details = await call.code(), await call.details()
         if code == grpc.StatusCode.INTERNAL and details == "Internal error from Core":
             details = "the receiver ended the stream while data was in flight (grpc/grpc#36066 hides its status)"
-        return TransferError(f"KV transfer of request {self._ticket.request_id!r} to {self._ticket.address} "
-                             f"failed: {code.name}: {details}")
+        return self._error(code.name, details)
 
 
 class GrpcKVSender(KVSender):

@@ -21,8 +21,10 @@ from baton.kernels import ops
 from baton.kvtransfer.base import TransferSession, TransferStats, TransferTicket
 from baton.kvtransfer.errors import TransferError
 from baton.kvtransfer.layout import KVLayout, check_layout
+from baton.protos import kvtransfer_pb2
 
 END = object()  # queued by finish(): send the final message
+_ANSWERED = object()  # queued when the receiver's answer arrives (see ``QueuedSession._next``)
 DEFAULT_STREAM_TIMEOUT_S = 120.0
 
 
@@ -103,6 +105,30 @@ class QueuedSession(TransferSession):
         ready = torch.cuda.Event()
         ready.record()
         return packed, ready
+
+    def _answered_by(self, answer: asyncio.Future) -> asyncio.Future:
+        """Let ``_next`` raise as soon as ``answer`` (the receiver's ``KVAck``) arrives; returns it."""
+        answer.add_done_callback(lambda _: self._queue.put_nowait(_ANSWERED))
+        return answer
+
+    async def _next(self, answer: asyncio.Future) -> Packed | object:
+        """The next queued run, or ``END``; raises if the receiver answered before the final
+        chunk (a refusal, or a failure standing for one)."""
+        item = await self._queue.get()
+        if item is _ANSWERED:
+            self._check(answer.result())
+            raise self._error("UNKNOWN", "the receiver answered before the final chunk")
+        return item
+
+    def _check(self, ack: kvtransfer_pb2.KVAck) -> None:
+        """Raise the receiver's refusal, if ``ack`` is one."""
+        if not ack.ok:
+            raise self._error(ack.code or "UNKNOWN", ack.error)
+
+    def _error(self, code: str, details: str) -> TransferError:
+        """The transfer failed; ``code`` is the name of the gRPC status code it maps to."""
+        return TransferError(f"KV transfer of request {self._ticket.request_id!r} to {self._ticket.address} "
+                             f"failed: {code}: {details}")
 
     def _cancel_call(self) -> None:
         """End the backend's connection at once (``abort``); by default the task's cancellation does."""

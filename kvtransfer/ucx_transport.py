@@ -33,7 +33,6 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "UcxKVReceiver", "UcxKVSender", "UcxTransferSe
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
-_ANSWERED = object()  # queued when the receiver's final answer (or a refusal) arrives
 
 
 def _raise_failed(operations: list[asyncio.Future]) -> None:
@@ -64,13 +63,9 @@ class UcxTransferSession(QueuedSession):
         try:
             async with asyncio.timeout(self._stream_timeout_s):
                 ep = await self._handshake()
-                answer = asyncio.ensure_future(recv_frame(ep, kvtransfer_pb2.KVAck))
-                answer.add_done_callback(lambda _: self._queue.put_nowait(_ANSWERED))
+                answer = self._answered_by(asyncio.ensure_future(recv_frame(ep, kvtransfer_pb2.KVAck)))
                 sent, started = 0, 0.0
-                while (item := await self._queue.get()) is not END:
-                    if item is _ANSWERED:
-                        self._check(answer.result())
-                        raise self._error("UNKNOWN", "the receiver answered before the final chunk")
+                while (item := await self._next(answer)) is not END:
                     await item.wait_ready()
                     started = started or time.perf_counter()
                     header = kvtransfer_pb2.KVChunk(request_id=rid, layer=item.layer, first_block=item.first_block,
@@ -120,14 +115,6 @@ class UcxTransferSession(QueuedSession):
         await send_frame(ep, kvtransfer_pb2.KVChunk(request_id=self._ticket.request_id, layout=self._layout.to_proto()))
         self._check(await recv_frame(ep, kvtransfer_pb2.KVAck))
         return ep
-
-    def _check(self, ack: kvtransfer_pb2.KVAck) -> None:
-        if not ack.ok:
-            raise self._error(ack.code or "UNKNOWN", ack.error)
-
-    def _error(self, code: str, details: str) -> TransferError:
-        return TransferError(f"KV transfer of request {self._ticket.request_id!r} to {self._ticket.address} "
-                             f"failed: {code}: {details}")
 
     async def _failure(self, answer: asyncio.Future | None, error: Exception) -> TransferError:
         """The receiver's refusal when one explains the broken endpoint, else the UCX error."""

@@ -1,17 +1,23 @@
-"""The KV transport: layout handshake, backend registry, and both backends end
-to end on loopback: the gRPC stream on a real ``grpc.aio`` server, and UCX (over
-TCP here) on a real ``ucxx`` listener. Tests that take the ``transport`` fixture
-run on both."""
+"""The KV transport: layout handshake, backend registry, and every backend end
+to end on loopback: the gRPC stream on a real ``grpc.aio`` server, UCX (over
+TCP here) on a real ``ucxx`` listener, and NCCL's protocol over gloo pair
+groups (the CPU's backend of the same transport). Tests that take the
+``transport`` fixture run on each."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,11 +27,14 @@ from baton.kvtransfer import (
     KVLayout, LayoutMismatch, TransferError, TransferTicket, check_layout, create_receiver, create_sender,
 )
 from baton.kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender, grpc_options
+from baton.kvtransfer.nccl_receiver import CONTROL_MESSAGE_BYTES
+from baton.kvtransfer.nccl_transport import NcclKVSender
+from baton.kvtransfer.pair import SENDER, PairGroup
 from baton.kvtransfer.ucx_receiver import FRAME_BYTES, recv_frame, send_frame, ucxx
 from baton.kvtransfer.ucx_transport import UcxKVSender
 from baton.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
-TRANSPORTS = ["grpc", "ucx"]
+TRANSPORTS = ["grpc", "ucx", "nccl"]
 
 NUM_LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 16, 2, 64
 BLOCK_BYTES_F32 = 2 * BLOCK_SIZE * HEADS * HEAD_DIM * 4
@@ -43,9 +52,10 @@ def layout_of(caches: list[torch.Tensor]) -> KVLayout:
 
 class Receiver:
     """A decode-side receiver on loopback: served by a real grpc.aio server on an
-    ephemeral port, or listening for UCX on one. Build it on the test's event loop."""
+    ephemeral port, or listening for UCX or NCCL pairs on one. Build it on the test's event loop."""
 
-    def __init__(self, transport: str, caches: list[torch.Tensor], max_message_bytes: int = 64 << 20) -> None:
+    def __init__(self, transport: str, caches: list[torch.Tensor], max_message_bytes: int = 64 << 20,
+                 **options) -> None:
         self.transport = transport
         self.caches = caches
         self.server = None
@@ -53,6 +63,8 @@ class Receiver:
             self.server = grpc.aio.server(options=grpc_options(max_message_bytes))
             port = self.server.add_insecure_port("127.0.0.1:0")
             self.receiver = create_receiver("grpc", caches, address=f"127.0.0.1:{port}", server=self.server)
+        elif transport == "nccl":
+            self.receiver = create_receiver("nccl", caches, max_message_bytes=max_message_bytes, **options)
         else:
             self.receiver = create_receiver(transport, caches)
 
@@ -139,7 +151,8 @@ def test_ticket_proto_round_trip_and_registry():
         ticket.to_proto().SerializeToString())) == ticket
     assert isinstance(create_sender("grpc"), GrpcKVSender)
     assert isinstance(create_sender("ucx"), UcxKVSender)
-    with pytest.raises(ValueError, match=r"unknown KV transport 'carrier-pigeon'; known: grpc, ucx"):
+    assert isinstance(create_sender("nccl"), NcclKVSender)
+    with pytest.raises(ValueError, match=r"unknown KV transport 'carrier-pigeon'; known: grpc, nccl, ucx"):
         create_sender("carrier-pigeon")
     with pytest.raises(ValueError, match="carrier-pigeon"):
         create_receiver("carrier-pigeon", make_caches(2, torch.float32, 0))
@@ -210,7 +223,7 @@ async def test_layer_larger_than_chunk_limit_is_split(transport, make_receiver):
         sender = GrpcKVSender(max_message_bytes=4 * layout.block_bytes + 1024, chunk_bytes=chunk_bytes)
         recv = await make_receiver(dst, max_message_bytes=4 * layout.block_bytes + 1024)
     else:
-        sender, recv = UcxKVSender(chunk_bytes=chunk_bytes), await make_receiver(dst)
+        sender, recv = create_sender(transport, chunk_bytes=chunk_bytes), await make_receiver(dst)
     src_ids, dst_ids = list(range(29, 19, -1)), random.Random(6).sample(range(30), 10)
     session = sender.open(recv.ticket("big", dst_ids), layout)
     await asyncio.to_thread(submit_all, session, src, src_ids)
@@ -423,6 +436,22 @@ async def ucx_push(address: str, messages: list[tuple[object, int | None]]) -> k
         ep.abort()
 
 
+@contextlib.asynccontextmanager
+async def raw_pair(address: str):
+    """A hand-driven NCCL pair with the receiver at ``address``: its control call, and
+    the sender's half of its (gloo) group."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = kvtransfer_pb2_grpc.KVPairStub(channel).Open()
+        named = (await call.read()).group
+        group = await PairGroup.join((address.rsplit(":", 1)[0], named.store_port), named.prefix, SENDER,
+                                     named.backend, torch.device("cpu"), timeout_s=10)
+        try:
+            yield call, group
+        finally:
+            call.cancel()
+            group.abort()
+
+
 async def push_raw(recv: Receiver, layout: KVLayout, fields: dict, size: int) -> tuple[str, str]:
     """Send the handshake, then one hand-made chunk of ``size`` data bytes; the
     receiver's refusal as (status code name, message)."""
@@ -432,6 +461,15 @@ async def push_raw(recv: Receiver, layout: KVLayout, fields: dict, size: int) ->
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await kvtransfer_pb2_grpc.KVTransferStub(channel).Push(iter(chunks), timeout=10)
         return e.value.code().name, e.value.details()
+    if recv.transport == "nccl":
+        async with raw_pair(recv.receiver.address) as (call, group):
+            await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("bad", layout)))
+            await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("bad", data_bytes=size, **fields)))
+            if size:
+                group.send(torch.zeros(size, dtype=torch.uint8))
+            answer = (await asyncio.wait_for(call.read(), 10)).ack
+        assert not answer.ok and answer.request_id == "bad"
+        return answer.code, answer.error
     messages = [(chunk("bad", layout), None), (chunk("bad", **fields), None)] + ([(None, size)] if size else [])
     answer = await ucx_push(recv.receiver.address, messages)
     assert not answer.ok
@@ -489,6 +527,146 @@ async def test_ucx_handshake_refusals():
     await recv.stop()
 
 
+# ---------------------------------------------------------------- NCCL pairs (over gloo here)
+
+
+@pytest.mark.unit
+async def test_nccl_pair_carries_a_senders_transfers_and_two_senders_at_once():
+    """One sender's transfers share its pair (one after another, and at once), and another
+    sender's pair lands beside it; a refused or cancelled request leaves its pair's others alone."""
+    src, dst = make_caches(16, torch.float32, 50), make_caches(16, torch.float32, 51)
+    recv, one, two = Receiver("nccl", dst), NcclKVSender(), NcclKVSender()
+    plans = {"a": (one, [0, 1], [2, 3]), "b": (two, [4, 5], [6, 7]), "c": (one, [8, 9], [10, 11]),
+             "cancelled": (one, [12], [12])}
+    sessions = {rid: sender.open(recv.ticket(rid, d), layout_of(src)) for rid, (sender, _, d) in plans.items()}
+    for rid, session in sessions.items():
+        session.submit_layer(0, src[0], plans[rid][1])
+    await until(lambda: torch.equal(dst[0][12], src[0][12]))
+    assert recv.receiver.cancel("cancelled")
+    for layer in range(1, NUM_LAYERS):
+        for rid, session in sessions.items():
+            session.submit_layer(layer, src[layer], plans[rid][1])
+    await asyncio.gather(*(sessions[rid].finish(timeout_s=10) for rid in "abc"))
+    await asyncio.gather(*(recv.receiver.wait_complete(rid, timeout_s=10) for rid in "abc"))
+    with pytest.raises(TransferError, match="cancelled by the receiver"):
+        await sessions["cancelled"].finish(timeout_s=10)
+    for _, s_ids, d_ids in plans.values():
+        for layer in range(NUM_LAYERS):
+            assert torch.equal(dst[layer][d_ids], src[layer][s_ids]) == (d_ids != [12] or layer == 0)
+    first_pair = one._links[recv.receiver.address]
+    session = one.open(recv.ticket("later", [13]), layout_of(src))
+    await asyncio.to_thread(submit_all, session, src, [13])
+    await session.finish(timeout_s=10)
+    await recv.receiver.wait_complete("later", timeout_s=10)
+    assert one._links[recv.receiver.address] is first_pair and first_pair is not two._links[recv.receiver.address]
+    await one.close()
+    await two.close()
+    await recv.stop()
+
+
+async def sender_to_kill(address: str, layout: KVLayout) -> None:
+    """A sender process that sends layer 0 of request 'killed', then the header of layer 1,
+    whose data never comes, says 'ready' and waits to be killed."""
+    async with raw_pair(address) as (call, group):
+        def header(layer: int) -> kvtransfer_pb2.PairRequest:
+            return kvtransfer_pb2.PairRequest(chunk=chunk("killed", layer=layer, first_block=0, num_blocks=2,
+                                                          data_bytes=2 * layout.block_bytes))
+        await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("killed", layout)))
+        await call.write(header(0))
+        await group.send(torch.ones(2 * layout.block_bytes, dtype=torch.uint8))
+        await call.write(header(1))
+        print("ready", flush=True)
+        await asyncio.sleep(60)
+
+
+_SENDER_TO_KILL = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from baton.protos import common_pb2
+from test_kvtransfer import KVLayout, sender_to_kill
+asyncio.run(sender_to_kill(sys.argv[2], KVLayout.from_proto(common_pb2.KVLayout.FromString(bytes.fromhex(sys.argv[3])))))
+"""
+
+
+@pytest.mark.unit
+async def test_nccl_sender_killed_mid_transfer_fails_the_request_and_the_next_sender_gets_a_new_pair():
+    src, dst = make_caches(4, torch.float32, 52), make_caches(4, torch.float32, 53)
+    before = [c.clone() for c in dst]
+    recv = Receiver("nccl", dst)
+    layout = layout_of(dst)
+    recv.receiver.expect("killed", [0, 1], layout)
+    args = [str(Path(__file__).parent), recv.receiver.address, layout.to_proto().SerializeToString().hex()]
+    proc = subprocess.Popen([sys.executable, "-c", _SENDER_TO_KILL, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60) == "ready\n"
+        await until(lambda: bool((dst[0][[0, 1]].view(torch.uint8) == 1).all()))
+        proc.send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="the sender of request 'killed' went away"):
+            await recv.receiver.wait_complete("killed", timeout_s=30)
+        assert time.monotonic() - started < 5
+    finally:
+        proc.kill()
+        proc.wait()
+    assert all(torch.equal(dst[layer], before[layer]) for layer in range(1, NUM_LAYERS))
+    sender = NcclKVSender()
+    session = sender.open(recv.ticket("next", [2, 3]), layout)
+    await asyncio.to_thread(submit_all, session, src, [0, 1])
+    await session.finish(timeout_s=10)
+    await recv.receiver.wait_complete("next", timeout_s=10)
+    assert all(torch.equal(dst[layer][[2, 3]], src[layer][[0, 1]]) for layer in range(NUM_LAYERS))
+    await sender.close()
+    await recv.stop()
+
+
+@pytest.mark.unit
+async def test_nccl_data_that_never_comes_breaks_the_pair_within_its_deadline():
+    dst = make_caches(4, torch.float32, 54)
+    recv = Receiver("nccl", dst, timeout_s=1.0)
+    layout = layout_of(dst)
+    recv.receiver.expect("stalled", [0], layout)
+    async with raw_pair(recv.receiver.address) as (call, _):
+        await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("stalled", layout)))
+        await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("stalled", layer=0, first_block=0, num_blocks=1,
+                                                                data_bytes=layout.block_bytes)))
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="'stalled' went away .*Timed out"):
+            await recv.receiver.wait_complete("stalled", timeout_s=30)
+        assert time.monotonic() - started < 5
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await asyncio.wait_for(call.read(), 10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "the pair's gloo group failed" in e.value.details()
+    await recv.stop()
+
+
+@pytest.mark.unit
+async def test_nccl_header_over_the_receivers_limit_breaks_the_pair_and_the_next_transfer_opens_another():
+    src, dst = make_caches(8, torch.float32, 55), make_caches(8, torch.float32, 56)
+    layout = layout_of(src)
+    recv = Receiver("nccl", dst, max_message_bytes=2 * layout.block_bytes)
+    sender = NcclKVSender(chunk_bytes=4 * layout.block_bytes)
+    session = sender.open(recv.ticket("huge", [0, 1, 2, 3]), layout)
+    await asyncio.to_thread(submit_all, session, src, [4, 5, 6, 7])
+    message = rf"INVALID_ARGUMENT: a header of request 'huge' announces {4 * layout.block_bytes} bytes of data, " \
+              rf"outside \(0, {2 * layout.block_bytes}\]"
+    with pytest.raises(TransferError, match=message):
+        await session.finish(timeout_s=10)
+    with pytest.raises(TransferError, match=message.removeprefix("INVALID_ARGUMENT: ")):
+        await recv.receiver.wait_complete("huge", timeout_s=10)
+    session = sender.open(recv.ticket("small", [4, 5]), layout)
+    await asyncio.to_thread(submit_all, session, src, [0, 1])
+    await session.finish(timeout_s=10)
+    await recv.receiver.wait_complete("small", timeout_s=10)
+    assert all(torch.equal(dst[layer][[4, 5]], src[layer][[0, 1]]) for layer in range(NUM_LAYERS))
+    async with raw_pair(recv.receiver.address) as (call, _):  # a control message over its limit
+        await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("x" * CONTROL_MESSAGE_BYTES)))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await asyncio.wait_for(call.read(), 10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await sender.close()
+    await recv.stop()
+
+
 @pytest.mark.unit
 def test_expect_and_open_validate_arguments():
     caches = make_caches(4, torch.float32, 25)
@@ -516,11 +694,13 @@ def test_expect_and_open_validate_arguments():
         UcxKVSender().open(ticket, layout)
     with pytest.raises(TransferError, match="'nohost' is not host:port"):
         UcxKVSender().open(dataclasses.replace(ticket, transport="ucx", address="nohost"), layout)
+    with pytest.raises(TransferError, match="'nohost' is not host:port"):
+        NcclKVSender().open(dataclasses.replace(ticket, transport="nccl", address="nohost"), layout)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", ["grpc", "ucx"])
 def test_cuda_round_trip_bit_exact(transport):
     """CUDA caches on both ends: gather on the GPU, then a pinned async copy out (gRPC) or
     the device buffer itself (UCX), scattered back in on the GPU."""
