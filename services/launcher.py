@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc", help="how KV moves from prefill to decode")
+    p.add_argument("--kv-transport", choices=["grpc", "ucx", "nccl"], default="grpc", help="how KV moves from prefill to decode")
     p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                    help="the workers' order: fcfs (arrival) or priority (each request's priority, lower first)")
     p.add_argument("--speculative-config", type=speculative_config_arg, default=None,

@@ -82,9 +82,11 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
     if role == "decode":
-        p.add_argument("--kv-transport", choices=["grpc", "ucx"], default="grpc",
-                       help="how prefill workers send KV here: a gRPC stream on --port, or UCX on --kv-port")
-        p.add_argument("--kv-port", type=int, default=0, help="UCX listener port (0: any free port); it listens on every interface")
+        p.add_argument("--kv-transport", choices=["grpc", "ucx", "nccl"], default="grpc",
+                       help="how prefill workers send KV here: a gRPC stream on --port, UCX on --kv-port, or NCCL "
+                            "(gloo between CPU caches) pair groups set up over --kv-port")
+        p.add_argument("--kv-port", type=int, default=0,
+                       help="the UCX listener's or NCCL control port (0: any free port); it listens on every interface")
         p.add_argument("--speculative-config", type=speculative_config_arg, default=None,
                        help='speculative decoding by n-gram lookup, as vLLM takes it: \'{"method": "ngram", '
                             '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (default: off)')

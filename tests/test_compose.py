@@ -67,8 +67,10 @@ def test_worker_commands_parse_with_default_ports(compose, role, port):
     assert args.metrics_port == metrics and args.scheduling_policy == "fcfs"
     priority = worker_arg_parser(role, default_port=port).parse_args(_argv(service, SCHEDULING_POLICY="priority")[4:])
     assert priority.scheduling_policy == "priority"
-    if role == "decode":  # KV arrives over gRPC on the worker's port unless KV_TRANSPORT=ucx picks UCX's
+    if role == "decode":  # KV arrives over gRPC on the worker's port unless KV_TRANSPORT picks UCX or NCCL on 50062
         assert (args.kv_transport, args.kv_port, args.speculative_config) == ("grpc", 50062, None)
+        nccl = worker_arg_parser(role, default_port=port).parse_args(_argv(service, KV_TRANSPORT="nccl")[4:])
+        assert (nccl.kv_transport, nccl.kv_port) == ("nccl", 50062)
         spec = '{"method":"ngram","num_speculative_tokens":4}'
         more = worker_arg_parser(role, default_port=port).parse_args(_argv(service, DECODE_FLAGS=f"--speculative-config {spec}")[4:])
         assert more.speculative_config == SpeculativeConfig(num_speculative_tokens=4)
@@ -150,9 +152,10 @@ def test_launcher_plan_passes_the_output_parsers_to_the_gateway():
         assert (args.tool_call_parser, args.reasoning_parser) == parsers
 
 
-def test_launcher_plan_passes_the_kv_transport_to_decode_workers():
-    args = launcher.build_parser().parse_args(["up", "--model", "/m", "--redis-url", "redis://r/0", "--kv-transport", "ucx"])
+@pytest.mark.parametrize("transport", ["ucx", "nccl"])
+def test_launcher_plan_passes_the_kv_transport_to_decode_workers(transport):
+    args = launcher.build_parser().parse_args(["up", "--model", "/m", "--redis-url", "redis://r/0", "--kv-transport", transport])
     plan = launcher.make_plan(args)
     decode = worker_arg_parser("decode", default_port=50061).parse_args(plan.decode[0][4:])
-    assert decode.kv_transport == "ucx"
+    assert decode.kv_transport == transport
     assert "--kv-transport" not in plan.prefill[0]  # the decode worker's ticket names the transport

@@ -259,6 +259,30 @@ def test_baton_up_hands_its_pooler_config_to_the_prefill_workers(demo_model):
         system.stop()
 
 
+def test_baton_up_moves_kv_over_nccl(demo_model):
+    """``baton up --kv-transport nccl`` (gloo pair groups between CPU workers): greedy output is the
+    aggregated engine's, prompts at once over pairs being set up and again over the pairs kept,
+    and no block stays in use."""
+    system = System(demo_model, "nccl", prefill=2, decode=1)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        expected = [o.outputs[0].text for o in LLM(demo_model).generate(PROMPTS, params)]
+
+        async def at_once() -> list[str]:
+            async with system.async_client() as client:
+                return await asyncio.gather(*(stream_completion(client, p, params, lambda: None) for p in PROMPTS))
+
+        async def one_by_one() -> list[str]:
+            async with system.async_client() as client:
+                return [await stream_completion(client, p, params, lambda: None) for p in PROMPTS]
+
+        assert asyncio.run(at_once()) == expected
+        assert asyncio.run(one_by_one()) == expected
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
+
+
 def test_decode_worker_tickets_name_the_transport(system):
     with grpc.insecure_channel(system.worker_addrs("decode")[0]) as channel:
         stub = decode_pb2_grpc.DecodeStub(channel)

@@ -1,4 +1,4 @@
-"""``python -m baton.services.decode --model DIR [--port N] [--redis-url URL] [--kv-transport grpc|ucx]``"""
+"""``python -m baton.services.decode --model DIR [--port N] [--redis-url URL] [--kv-transport grpc|ucx|nccl]``"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from baton.services.worker import WorkerContext, build_worker, serve, setup_logg
 
 
 def make_receiver(args: argparse.Namespace, ctx: WorkerContext, server: grpc.aio.Server) -> KVReceiver:
-    """The KV receiver of ``--kv-transport``: gRPC on the worker's own server, or UCX on its own port."""
+    """The KV receiver of ``--kv-transport``: gRPC on the worker's own server, or UCX or NCCL on its own port."""
     if args.kv_transport == "grpc":
         return create_receiver("grpc", ctx.runner.kv_caches, address=ctx.address, server=server)
     try:
