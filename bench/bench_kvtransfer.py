@@ -6,6 +6,10 @@ its first decode step.
     python bench/bench_kvtransfer.py --device cuda --receiver-device cuda:1 \\
         --layers 32 --kv-heads 8 --head-dim 128 --tokens 2048 8192   # Llama-3-8B, GPU to GPU
 
+NCCL takes two GPUs (it refuses two ranks on one): the run skips it, saying so,
+when ``--device`` and ``--receiver-device`` name the same one; between CPU caches
+it runs over gloo.
+
 The receiver runs in its own process (on ``--receiver-device``) with every
 request of the run expected up front; the sender submits all layers of a
 request back to back (a prefill worker submits each as it is computed) and
@@ -107,9 +111,20 @@ async def send_all(args: argparse.Namespace, transport: str, address: str, conn)
     return results
 
 
+def nccl_skip_reason(args: argparse.Namespace) -> str | None:
+    """Why the nccl transport cannot run between these devices, if it cannot."""
+    sender, receiver = torch.device(args.device), torch.device(args.receiver_device)
+    if sender.type != receiver.type:
+        return "it needs both caches on CUDA (NCCL) or both on the CPU (gloo)"
+    if sender.type == "cuda" and (sender.index or 0) == (receiver.index or 0):
+        return (f"NCCL refuses two ranks on one GPU, and both caches are on {sender}; give the receiver another "
+                f"(--receiver-device cuda:1) on a machine with two (this one has {torch.cuda.device_count()})")
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--transports", nargs="+", default=["grpc", "ucx"])
+    p.add_argument("--transports", nargs="+", default=["grpc", "ucx", "nccl"])
     p.add_argument("--device", default="cpu", help="the sender's caches")
     p.add_argument("--receiver-device", default=None, help="the receiver's caches (default: --device)")
     p.add_argument("--layers", type=int, default=16)
@@ -131,6 +146,9 @@ def main() -> None:
           f"median of {args.repeats}")
     if args.device.startswith("cuda"):
         print(f"# {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}")
+    if "nccl" in args.transports and (reason := nccl_skip_reason(args)) is not None:
+        print(f"# nccl skipped: {reason}")
+        args.transports.remove("nccl")
     print("| transport | prompt tokens | KV bytes | time | GB/s |")
     print("| --- | --- | --- | --- | --- |")
     ctx = mp.get_context("spawn")

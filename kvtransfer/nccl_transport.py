@@ -4,9 +4,9 @@ control messages on a gRPC stream beside it; between CPU caches the same
 protocol runs over gloo.
 
 Sender: one ``Link`` per receiver carries all of this process's transfers to it,
-several at once: the control stream and the pair's group, set up when the
-first session opens (overlapping the first layers) and kept for the next; a
-link that broke is dropped, and the next session opens a new one.
+several at once: the control stream, opened with the first session, and the
+pair's group, set up on the device of that session's first run, kept for the
+next transfers; a link that broke is dropped, and the next session opens a new one.
 ``submit_layer`` (``session.QueuedSession``) queues packed runs, on the device
 for a CUDA cache. A session's stream task hands its link the handshake, each
 run and the final chunk, then waits for the receiver's answer to its request.
@@ -52,25 +52,26 @@ class Link:
         self._outbox: asyncio.Queue[tuple[str, kvtransfer_pb2.PairRequest, torch.Tensor | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self.failure: kvtransfer_pb2.KVAck | None = None
-        self._connected = asyncio.get_running_loop().create_task(self._connect(connect_timeout_s, timeout_s))
-        self._connected.add_done_callback(self._on_task_done)
+        self._timeouts = connect_timeout_s, timeout_s
+        self._connected: asyncio.Task | None = None
 
-    async def connected(self) -> None:
-        """Once the pair's group is up; raises ``Refused`` when it could not be set up."""
+    async def connected(self, device: torch.device) -> None:
+        """Once the pair's group is up: the first call sets it up on ``device``. Raises
+        ``Refused`` when it could not be set up."""
+        if self._connected is None:
+            self._connected = asyncio.get_running_loop().create_task(self._connect(device, *self._timeouts))
+            self._connected.add_done_callback(self._on_task_done)
         await asyncio.shield(self._connected)
 
-    async def _connect(self, connect_timeout_s: float, timeout_s: float) -> None:
+    async def _connect(self, device: torch.device, connect_timeout_s: float, timeout_s: float) -> None:
         try:
             async with asyncio.timeout(connect_timeout_s):
                 reply = await self._call.read()
                 if reply is grpc.aio.EOF or not reply.HasField("group"):
                     raise Refused("UNAVAILABLE", "the receiver did not name the pair's group")
-                backend = reply.group.backend
-                device = (torch.device("cuda", torch.cuda.current_device())
-                          if backend == "nccl" and torch.cuda.is_available() else torch.device("cpu"))
                 host, _ = split_address(self.address)
                 self._group = await PairGroup.join((host, reply.group.store_port), reply.group.prefix, SENDER,
-                                                   backend, device, timeout_s)
+                                                   reply.group.backend, device, timeout_s)
         except grpc.aio.AioRpcError as e:
             raise Refused(e.code().name, e.details()) from None
         except TransferError as e:
@@ -166,8 +167,10 @@ class Link:
 
     async def close(self) -> None:
         self._fail("CANCELLED", "the sender closed")
-        self._connected.cancel()
-        await asyncio.gather(self._connected, *self._tasks, return_exceptions=True)
+        tasks = [*self._tasks, *([self._connected] if self._connected is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class NcclTransferSession(QueuedSession):
@@ -183,14 +186,18 @@ class NcclTransferSession(QueuedSession):
         rid, link = self._ticket.request_id, self._link
         try:
             async with asyncio.timeout(self._stream_timeout_s):
-                await link.connected()
+                # The first run (finish() queues END only after every layer-block) tells the
+                # device of a pair that is still to be set up.
+                item = await self._queue.get()
+                await link.connected(item.data.device)
                 answer = self._answered_by(link.open(rid, self._layout))
                 sent, started = 0, 0.0
-                while (item := await self._next(answer)) is not END:
+                while item is not END:
                     await item.wait_ready()
                     started = started or time.perf_counter()
                     link.send_run(rid, item)
                     sent += item.data.numel() * item.data.element_size()
+                    item = await self._next(answer)
                 link.finish(rid)
                 self._check(await answer)
                 return TransferStats(bytes=sent, seconds=time.perf_counter() - started)

@@ -707,8 +707,7 @@ def test_cuda_round_trip_bit_exact(transport):
     src = [c.cuda() for c in make_caches(40, torch.bfloat16, 30)]
     dst = [c.cuda() for c in make_caches(48, torch.bfloat16, 31)]
     untouched = [c.clone() for c in dst]
-    rng = random.Random(32)
-    src_ids, dst_ids = rng.sample(range(40), 13), rng.sample(range(48), 13)
+    src_ids, dst_ids = gpu_blocks()
 
     async def transfer() -> None:
         recv = Receiver(transport, dst)
@@ -725,7 +724,68 @@ def test_cuda_round_trip_bit_exact(transport):
             await recv.stop()
 
     asyncio.run(transfer())
-    others = sorted(set(range(48)) - set(dst_ids))
+    check_landed_bit_exact(src, src_ids, dst, dst_ids, untouched)
+
+
+def gpu_blocks() -> tuple[list[int], list[int]]:
+    """The source and destination blocks of the GPU round trips (of 40 and 48)."""
+    rng = random.Random(32)
+    return rng.sample(range(40), 13), rng.sample(range(48), 13)
+
+
+def check_landed_bit_exact(src, src_ids, dst, dst_ids, untouched) -> None:
+    others = sorted(set(range(dst[0].shape[0])) - set(dst_ids))
     for layer in range(NUM_LAYERS):
-        assert torch.equal(dst[layer][dst_ids].view(torch.int16), src[layer][src_ids].view(torch.int16))
+        assert torch.equal(dst[layer][dst_ids].view(torch.int16).cpu(), src[layer][src_ids].view(torch.int16).cpu())
         assert torch.equal(dst[layer][others], untouched[layer][others])
+
+
+async def receive_on_cuda_1() -> None:
+    """The receiving process of the two-GPU NCCL test: prints its address, then checks
+    what landed in its caches on cuda:1."""
+    dst = [c.to("cuda:1") for c in make_caches(48, torch.bfloat16, 31)]
+    untouched = [c.clone() for c in dst]
+    src_ids, dst_ids = gpu_blocks()
+    recv = Receiver("nccl", dst)
+    recv.ticket("gpu", dst_ids)
+    print(recv.receiver.address, flush=True)
+    await recv.receiver.wait_complete("gpu", timeout_s=120)
+    check_landed_bit_exact(make_caches(40, torch.bfloat16, 30), src_ids, dst, dst_ids, untouched)
+    await recv.stop()
+
+
+_RECEIVER_ON_CUDA_1 = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from test_kvtransfer import receive_on_cuda_1
+asyncio.run(receive_on_cuda_1())
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_nccl_round_trip_between_two_gpus_bit_exact():
+    """NCCL refuses two ranks on one GPU: the sender (this process) packs on cuda:0, the
+    receiver (another process) lands on cuda:1, in runs of 5 blocks."""
+    proc = subprocess.Popen([sys.executable, "-c", _RECEIVER_ON_CUDA_1, str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        address = proc.stdout.readline().strip()
+        src = [c.to("cuda:0") for c in make_caches(40, torch.bfloat16, 30)]
+        src_ids, dst_ids = gpu_blocks()
+        layout = layout_of(src)
+
+        async def transfer() -> None:
+            sender = NcclKVSender(chunk_bytes=5 * layout.block_bytes)
+            try:
+                session = sender.open(TransferTicket("gpu", "nccl", address, tuple(dst_ids), layout, 200), layout)
+                await asyncio.to_thread(submit_all, session, src, src_ids)
+                await session.finish(timeout_s=120)
+            finally:
+                await sender.close()
+
+        asyncio.run(transfer())
+        assert proc.wait(timeout=60) == 0  # it checked what landed
+    finally:
+        proc.kill()
+        proc.wait()
