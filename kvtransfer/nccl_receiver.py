@@ -135,8 +135,9 @@ class NcclKVReceiver(LandingReceiver):
             data = received = None
             if not chunk.last:
                 if not 0 < chunk.data_bytes <= self._max_message_bytes:
-                    raise Refused("INVALID_ARGUMENT", f"a header of request {chunk.request_id!r} announces "
-                                                      f"{chunk.data_bytes} bytes of data, outside (0, {self._max_message_bytes}]")
+                    raise Refused("INVALID_ARGUMENT",
+                                  f"a header of request {chunk.request_id!r} announces {chunk.data_bytes} bytes "
+                                  f"of data, outside (0, {self._max_message_bytes}]")
                 data = torch.empty(chunk.data_bytes, dtype=torch.uint8, device=self.device)
                 received = group.recv(data)
             await pair.runs.put((pair.entries.get(chunk.request_id), chunk, data, received))

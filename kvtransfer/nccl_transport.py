@@ -236,7 +236,8 @@ class NcclKVSender(KVSender):
             if address not in self._channels:
                 options = [*grpc_options(CONTROL_MESSAGE_BYTES), *RECONNECT_OPTIONS]
                 self._channels[address] = grpc.aio.insecure_channel(address, options=options)
-            link = self._links[address] = Link(address, self._channels[address], connect_timeout_s=self._connect_timeout_s,
+            link = self._links[address] = Link(address, self._channels[address],
+                                               connect_timeout_s=self._connect_timeout_s,
                                                timeout_s=self._stream_timeout_s)
         return link
 

@@ -105,10 +105,21 @@ async def make_receiver(transport):
 
 
 @pytest.fixture
-async def sender(transport):
-    s = create_sender(transport)
-    yield s
-    await s.close()
+async def make_sender(transport):
+    made = []
+
+    def make(**options):
+        made.append(create_sender(transport, **options))
+        return made[-1]
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+@pytest.fixture
+async def sender(make_sender):
+    return make_sender()
 
 
 def submit_all(session, caches: list[torch.Tensor], src_ids: list[int]) -> None:
@@ -530,12 +541,13 @@ async def test_ucx_handshake_refusals():
 # ---------------------------------------------------------------- NCCL pairs (over gloo here)
 
 
+@pytest.mark.parametrize("transport", ["nccl"])
 @pytest.mark.unit
-async def test_nccl_pair_carries_a_senders_transfers_and_two_senders_at_once():
+async def test_nccl_pair_carries_a_senders_transfers_and_two_senders_at_once(make_receiver, make_sender):
     """One sender's transfers share its pair (one after another, and at once), and another
     sender's pair lands beside it; a refused or cancelled request leaves its pair's others alone."""
     src, dst = make_caches(16, torch.float32, 50), make_caches(16, torch.float32, 51)
-    recv, one, two = Receiver("nccl", dst), NcclKVSender(), NcclKVSender()
+    recv, one, two = await make_receiver(dst), make_sender(), make_sender()
     plans = {"a": (one, [0, 1], [2, 3]), "b": (two, [4, 5], [6, 7]), "c": (one, [8, 9], [10, 11]),
              "cancelled": (one, [12], [12])}
     sessions = {rid: sender.open(recv.ticket(rid, d), layout_of(src)) for rid, (sender, _, d) in plans.items()}
@@ -559,9 +571,51 @@ async def test_nccl_pair_carries_a_senders_transfers_and_two_senders_at_once():
     await session.finish(timeout_s=10)
     await recv.receiver.wait_complete("later", timeout_s=10)
     assert one._links[recv.receiver.address] is first_pair and first_pair is not two._links[recv.receiver.address]
-    await one.close()
-    await two.close()
-    await recv.stop()
+
+
+@pytest.mark.parametrize("transport", ["nccl"])
+@pytest.mark.unit
+async def test_nccl_data_of_a_cancelled_request_already_on_its_way_is_dropped(make_receiver):
+    """The receiver still takes the data that a sender sent for a request cancelled meanwhile
+    (the pair stays in step) but lands none of it, also of a header it read before the cancel;
+    the pair's next request lands whole."""
+    dst = make_caches(4, torch.float32, 57)
+    before = [c.clone() for c in dst]
+    recv = await make_receiver(dst)
+    layout = layout_of(dst)
+    recv.receiver.expect("gone", [0], layout)
+    recv.receiver.expect("kept", [1], layout)
+    async with raw_pair(recv.receiver.address) as (call, group):
+        async def header(rid: str, layer: int) -> None:
+            await call.write(kvtransfer_pb2.PairRequest(chunk=chunk(rid, layer=layer, first_block=0, num_blocks=1,
+                                                                    data_bytes=layout.block_bytes)))
+
+        async def data(value: int) -> None:
+            await group.send(torch.full((layout.block_bytes,), value, dtype=torch.uint8))
+
+        for rid in ("gone", "kept"):
+            await call.write(kvtransfer_pb2.PairRequest(chunk=chunk(rid, layout)))
+        await header("gone", 0)
+        await data(1)
+        await until(lambda: bool((dst[0][0].view(torch.uint8) == 1).all()))
+        await header("gone", 1)
+        await asyncio.sleep(0.2)  # the receiver reads it and waits for its data
+        assert recv.receiver.cancel("gone")
+        answer = (await asyncio.wait_for(call.read(), 10)).ack
+        assert (answer.request_id, answer.ok, answer.code) == ("gone", False, "ABORTED")
+        await data(2)
+        for layer in range(NUM_LAYERS):
+            await header("gone", layer)
+            await data(2)
+            await header("kept", layer)
+            await data(3)
+        await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("kept", last=True)))
+        answer = (await asyncio.wait_for(call.read(), 10)).ack
+        assert (answer.request_id, answer.ok, answer.bytes_received) == ("kept", True, NUM_LAYERS * layout.block_bytes)
+    await recv.receiver.wait_complete("kept", timeout_s=10)
+    assert all(bool((dst[layer][1].view(torch.uint8) == 3).all()) for layer in range(NUM_LAYERS))
+    assert bool((dst[0][0].view(torch.uint8) == 1).all())  # what landed before the cancel, and nothing after it
+    assert all(torch.equal(dst[layer][0], before[layer][0]) for layer in range(1, NUM_LAYERS))
 
 
 async def sender_to_kill(address: str, layout: KVLayout) -> None:
@@ -588,11 +642,13 @@ asyncio.run(sender_to_kill(sys.argv[2], KVLayout.from_proto(common_pb2.KVLayout.
 """
 
 
+@pytest.mark.parametrize("transport", ["nccl"])
 @pytest.mark.unit
-async def test_nccl_sender_killed_mid_transfer_fails_the_request_and_the_next_sender_gets_a_new_pair():
+async def test_nccl_sender_killed_mid_transfer_fails_the_request_and_the_next_sender_gets_a_new_pair(
+        make_receiver, make_sender):
     src, dst = make_caches(4, torch.float32, 52), make_caches(4, torch.float32, 53)
     before = [c.clone() for c in dst]
-    recv = Receiver("nccl", dst)
+    recv = await make_receiver(dst)
     layout = layout_of(dst)
     recv.receiver.expect("killed", [0, 1], layout)
     args = [str(Path(__file__).parent), recv.receiver.address, layout.to_proto().SerializeToString().hex()]
@@ -609,20 +665,19 @@ async def test_nccl_sender_killed_mid_transfer_fails_the_request_and_the_next_se
         proc.kill()
         proc.wait()
     assert all(torch.equal(dst[layer], before[layer]) for layer in range(1, NUM_LAYERS))
-    sender = NcclKVSender()
+    sender = make_sender()
     session = sender.open(recv.ticket("next", [2, 3]), layout)
     await asyncio.to_thread(submit_all, session, src, [0, 1])
     await session.finish(timeout_s=10)
     await recv.receiver.wait_complete("next", timeout_s=10)
     assert all(torch.equal(dst[layer][[2, 3]], src[layer][[0, 1]]) for layer in range(NUM_LAYERS))
-    await sender.close()
-    await recv.stop()
 
 
+@pytest.mark.parametrize("transport", ["nccl"])
 @pytest.mark.unit
-async def test_nccl_data_that_never_comes_breaks_the_pair_within_its_deadline():
+async def test_nccl_data_that_never_comes_breaks_the_pair_within_its_deadline(make_receiver):
     dst = make_caches(4, torch.float32, 54)
-    recv = Receiver("nccl", dst, timeout_s=1.0)
+    recv = await make_receiver(dst, timeout_s=1.0)
     layout = layout_of(dst)
     recv.receiver.expect("stalled", [0], layout)
     async with raw_pair(recv.receiver.address) as (call, _):
@@ -636,15 +691,16 @@ async def test_nccl_data_that_never_comes_breaks_the_pair_within_its_deadline():
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await asyncio.wait_for(call.read(), 10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "the pair's gloo group failed" in e.value.details()
-    await recv.stop()
 
 
+@pytest.mark.parametrize("transport", ["nccl"])
 @pytest.mark.unit
-async def test_nccl_header_over_the_receivers_limit_breaks_the_pair_and_the_next_transfer_opens_another():
+async def test_nccl_header_over_the_receivers_limit_breaks_the_pair_and_the_next_transfer_opens_another(
+        make_receiver, make_sender):
     src, dst = make_caches(8, torch.float32, 55), make_caches(8, torch.float32, 56)
     layout = layout_of(src)
-    recv = Receiver("nccl", dst, max_message_bytes=2 * layout.block_bytes)
-    sender = NcclKVSender(chunk_bytes=4 * layout.block_bytes)
+    recv = await make_receiver(dst, max_message_bytes=2 * layout.block_bytes)
+    sender = make_sender(chunk_bytes=4 * layout.block_bytes)
     session = sender.open(recv.ticket("huge", [0, 1, 2, 3]), layout)
     await asyncio.to_thread(submit_all, session, src, [4, 5, 6, 7])
     message = rf"INVALID_ARGUMENT: a header of request 'huge' announces {4 * layout.block_bytes} bytes of data, " \
@@ -663,8 +719,6 @@ async def test_nccl_header_over_the_receivers_limit_breaks_the_pair_and_the_next
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await asyncio.wait_for(call.read(), 10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    await sender.close()
-    await recv.stop()
 
 
 @pytest.mark.unit
