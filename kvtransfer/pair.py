@@ -10,7 +10,9 @@ group's own thread, in the order posted, each under the group's deadline, and
 ``abort`` gives the group up: the NCCL communicator is aborted, which ends its
 pending work. Building the group (the communicator's setup blocks until both
 ranks arrive) and a first one-byte exchange that sets up the pair's connection
-run in that thread too, under the same deadline.
+run in that thread too, under the same deadline. An operation past the deadline
+fails its wait, and torch's NCCL watchdog aborts that communicator, rather than
+taking the whole process down (its default): a worker outlives its peers.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
 
 from baton.kvtransfer.errors import TransferError
 
+os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # CleanUpOnly: abort the communicator, no crash
 RECEIVER, SENDER = 0, 1
 
 
@@ -40,6 +44,7 @@ class PairGroup:
         self._timeout = datetime.timedelta(seconds=timeout_s)
         initializer = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-pair", initializer=initializer)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._group: dist.ProcessGroup | None = None
 
     @classmethod
@@ -79,13 +84,17 @@ class PairGroup:
 
     def send(self, data: torch.Tensor) -> asyncio.Future:
         """Post sending ``data`` to the peer; the future completes once it went."""
-        return self._post(self._group.send([data], RECEIVER, 0), data)
+        return self._post(self._group.send, RECEIVER, data)
 
     def recv(self, data: torch.Tensor) -> asyncio.Future:
         """Post receiving ``data`` from the peer; the future completes once it is filled."""
-        return self._post(self._group.recv([data], SENDER, 0), data)
+        return self._post(self._group.recv, SENDER, data)
 
-    def _post(self, work: dist.Work, data: torch.Tensor) -> asyncio.Future:
+    def _post(self, operation, peer: int, data: torch.Tensor) -> asyncio.Future:
+        # Posted from the group's own stream: posted from the caller's (a compute stream), the
+        # transfer would wait behind every kernel already queued there.
+        with torch.cuda.stream(self._stream):
+            work = operation([data], peer, 0)
         return asyncio.wrap_future(self._thread.submit(self._wait, work, data))
 
     def _wait(self, work: dist.Work, data: torch.Tensor) -> None:
