@@ -46,6 +46,7 @@ class PairGroup:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-pair", initializer=initializer)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._group: dist.ProcessGroup | None = None
+        self._aborted = False
 
     @classmethod
     async def join(cls, store: dist.Store | tuple[str, int], prefix: str, rank: int, backend: str,
@@ -81,6 +82,8 @@ class PairGroup:
         probe = torch.zeros(1, dtype=torch.uint8, device=self.device)
         op = self._group.send if rank == SENDER else self._group.recv
         op([probe], 1 - rank, 0).wait(self._timeout)
+        if self._aborted:  # given up while it was being built
+            self._group.abort()
 
     def send(self, data: torch.Tensor) -> asyncio.Future:
         """Post sending ``data`` to the peer; the future completes once it went."""
@@ -103,6 +106,7 @@ class PairGroup:
 
     def abort(self) -> None:
         """Give the group up: its pending operations fail or are dropped."""
+        self._aborted = True
         if self._group is not None:
             self._group.abort()
         self._thread.shutdown(wait=False, cancel_futures=True)
