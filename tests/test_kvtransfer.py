@@ -618,6 +618,14 @@ async def test_nccl_data_of_a_cancelled_request_already_on_its_way_is_dropped(ma
     assert all(torch.equal(dst[layer][0], before[layer][0]) for layer in range(1, NUM_LAYERS))
 
 
+@pytest.mark.unit
+async def test_nccl_pair_refuses_caches_its_backend_does_not_take():
+    """A CPU prefill worker cannot pair with a GPU decode worker (nor the other way round)."""
+    with pytest.raises(TransferError, match="the receiver's KV moves over nccl, which does not take KV on cpu: "
+                                            "the nccl transport needs both caches on CUDA or both on the CPU"):
+        await PairGroup.join(("127.0.0.1", 1), "pair/", SENDER, "nccl", torch.device("cpu"), timeout_s=1)
+
+
 async def sender_to_kill(address: str, layout: KVLayout) -> None:
     """A sender process that sends layer 0 of request 'killed', then the header of layer 1,
     whose data never comes, says 'ready' and waits to be killed."""
