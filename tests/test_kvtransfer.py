@@ -851,3 +851,35 @@ def test_nccl_round_trip_between_two_gpus_bit_exact():
     finally:
         proc.kill()
         proc.wait()
+
+
+_LONE_NCCL_RECEIVER = """
+import asyncio, sys, time, torch, torch.distributed as dist
+from baton.kvtransfer.errors import TransferError
+from baton.kvtransfer.pair import RECEIVER, PairGroup
+
+async def main():
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    started = time.perf_counter()
+    try:
+        await PairGroup.join(store, "pair-0", RECEIVER, "nccl", torch.device("cuda:0"), 5.0)
+    except TransferError as e:
+        print(f"refused after {time.perf_counter() - started:.1f} s: {e}", flush=True)
+
+asyncio.run(main())
+time.sleep(2)    # an aborted communicator's watchdog must not take the process down meanwhile
+print("cuda after the abort:", (torch.ones(4, device="cuda") * 2).sum().item(), flush=True)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_lone_nccl_rank_gives_up_within_its_deadline_and_its_process_lives_on():
+    """What one GPU can check of NCCL's pair group: a receiver whose sender never joins gives
+    the group up after its 5 s deadline (a non-blocking communicator, aborted), and neither
+    the abort nor torch's NCCL watchdog ends the worker's process."""
+    out = subprocess.run([sys.executable, "-c", _LONE_NCCL_RECEIVER], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    refused = re.search(r"refused after ([\d.]+) s", out.stdout)
+    assert refused is not None and 4.5 <= float(refused.group(1)) < 30, out.stdout
+    assert "cuda after the abort: 8.0" in out.stdout, out.stdout
