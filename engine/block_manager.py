@@ -13,7 +13,8 @@ All block ids ``0 .. num_blocks - 1`` are ordinary blocks (none is reserved).
 
 The prefix cache maps a chained block hash (``baton.engine.hashing``) to a block
 id. A hit is used only when the block's stored token ids and parent hash match
-the request's; a hash collision costs a recomputation, never wrong KV. The pool
+the request's; a hash collision costs a recomputation, never wrong KV. A sequence's
+hashes carry its LoRA adapter (``hashing.block_extra``): no block is shared across adapters. The pool
 never talks to Redis: it queues ``BlockStored`` / ``BlockRemoved`` events that an
 index publisher drains with ``drain_events()``.
 """
@@ -107,7 +108,8 @@ class BlockManager:
         bs, done = self.block_size, len(state.hashes)
         if (done + 1) * bs <= seq.num_tokens:
             parent = state.hashes[-1] if state.hashes else None
-            state.hashes += hashing.block_hashes(seq.token_ids[done * bs :], bs, self.hash_extra, parent)
+            extra = hashing.block_extra(self.hash_extra, seq.lora)
+            state.hashes += hashing.block_hashes(seq.token_ids[done * bs :], bs, extra, parent)
         return state
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:

@@ -89,7 +89,9 @@ class EngineConfig:
     that may propose schedule synchronously, since a proposal needs the tokens read back
     (async scheduling goes on above ``disable_by_batch_size``). ``pooler``: how an
     embedding request pools its prompt's hidden states (``engine/pooling.py``); None: as the
-    checkpoint's sentence-transformers modules say, else LAST, normalized.
+    checkpoint's sentence-transformers modules say, else LAST, normalized. ``lora_modules``:
+    LoRA adapters (name -> PEFT directory), all resident, at most ``max_loras`` of rank at most
+    ``max_lora_rank`` (vLLM's names; ``engine/lora_loader.py``); a request names one by its name.
     """
 
     block_size: int = 16
@@ -107,6 +109,9 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     speculative: SpeculativeConfig | None = None
     pooler: PoolerConfig | None = None
+    lora_modules: dict[str, str] = field(default_factory=dict)
+    max_loras: int = 1
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -118,6 +123,11 @@ class EngineConfig:
                              "needs one set")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be positive, got {self.max_loras} and {self.max_lora_rank}")
+        if len(self.lora_modules) > self.max_loras:
+            raise ValueError(f"{len(self.lora_modules)} LoRA adapters given ({', '.join(self.lora_modules)}) "
+                             f"but max_loras={self.max_loras}")
         if not self.cuda_graph_batch_sizes or any(
             not isinstance(b, int) or b < 1 for b in self.cuda_graph_batch_sizes
         ):

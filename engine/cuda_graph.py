@@ -2,7 +2,8 @@
 
 A decode-only step (every chunk computes one token and samples it) replays a
 graph captured for the smallest batch size in ``EngineConfig.cuda_graph_batch_sizes``
-that holds it; prefill, mixed batches and steps with a layer hook run eagerly.
+that holds it; prefill, mixed batches, steps with a layer hook and steps with a LoRA
+sequence (the graphs are captured without adapters) run eagerly.
 With speculative decoding, a decode step where some chunk carries a draft replays
 a graph of ``1 + num_speculative_tokens`` query rows a sequence: each chunk's own
 token, its draft, then padding rows (no K/V written, logits dropped). Its attention
@@ -51,10 +52,11 @@ def capture_sizes(batch_sizes: Seq[int], max_num_seqs: int) -> list[int]:
 
 
 def is_graph_step(chunks: Seq[ScheduledChunk]) -> bool:
-    """One new, sampled token of its own per chunk (a draft may follow it), and no prompt logits wanted."""
+    """One new, sampled token of its own per chunk (a draft may follow it), no prompt logits wanted,
+    and no LoRA adapter."""
     for chunk in chunks:
         seq = chunk.seq
-        if chunk.num_own_tokens != 1 or not chunk.samples:
+        if chunk.num_own_tokens != 1 or not chunk.samples or seq.lora is not None:
             return False
         if seq.params.prompt_logprobs is not None and chunk.start < seq.num_prompt_tokens:
             return False
@@ -229,6 +231,8 @@ class DecodeGraphs:
         its draft's; ``[len(chunks), vocab]`` without drafts) in the model's dtype, a view into the
         graph's output (valid until the next replay) or, with drafts, a copy of its real rows."""
         batch, query_len = shape
+        if not is_graph_step(chunks):
+            raise ValueError("a CUDA graph replays only decode steps of the base model (no LoRA adapter, no prompt logits)")
         self.inputs.load(chunks, batch, query_len, fed)
         self.graphs[shape].replay()
         logits = self.logits[shape]

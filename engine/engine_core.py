@@ -22,6 +22,11 @@ Structured output: a sequence whose params carry a grammar gets a ``Grammar``
 sampler masks what the grammar does not allow next, and a terminated grammar ends the
 sequence ("stop").
 
+LoRA: a request may name one of the runner's adapters (``lora``); its sequences run under it
+and their blocks hash under it (``hashing.block_extra``), so the prefix cache never hands
+a block computed under one adapter to another, or to the base model. A name the runner
+has not loaded is refused with ``UnknownLoRA``.
+
 Roles: a decode worker ``reserve``s blocks for a prompt whose KV comes from a
 prefill worker and ``activate``s it with the first token once the KV has landed;
 a prefill worker builds the core with ``keep_finished_blocks=True`` and
@@ -67,12 +72,17 @@ class ModelOutputLike(Protocol):
 LayerHook = Callable[[int, list[ScheduledChunk]], None]
 
 
+class UnknownLoRA(ValueError):
+    """A request names a LoRA adapter this engine has not loaded."""
+
+
 class ModelRunnerLike(Protocol):
     num_blocks: int
     max_model_len: int
     vocab_size: int
     generates: bool          # False: no LM head, embedding requests only
     pooler: PoolerConfig     # how embedding requests pool
+    lora_names: frozenset[str]  # the LoRA adapters requests may name
 
     def execute(
         self,
@@ -144,7 +154,7 @@ class EngineCore:
     # -- requests ---------------------------------------------------------------
     def _new_sequences(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int],
-        priority: int,
+        priority: int, lora: str | None = None,
     ) -> list[Sequence]:
         if request_id in self.requests:
             raise ValueError(f"request {request_id} already exists")
@@ -160,6 +170,9 @@ class EngineCore:
                 f"request {request_id}: a resumed request is one sequence (n=1) with fewer output tokens "
                 f"({len(output_token_ids)}) than max_tokens ({params.max_tokens})"
             )
+        if lora is not None and lora not in self.runner.lora_names:
+            loaded = ", ".join(sorted(self.runner.lora_names)) or "none"
+            raise UnknownLoRA(f"request {request_id}: LoRA adapter {lora!r} is not loaded here (loaded: {loaded})")
         if priority and self.config.scheduling_policy != "priority":
             raise ValueError(f"request {request_id}: a priority needs the 'priority' scheduling policy "
                              f"(workers: --scheduling-policy priority)")
@@ -181,7 +194,7 @@ class EngineCore:
         return [
             Sequence(seq_id, list(prompt_token_ids), params, seed=seed + i, arrival_time=now,
                      output_token_ids=list(output_token_ids), output_logprobs=list(resumed), grammar=grammar,
-                     priority=priority)
+                     priority=priority, lora=lora)
             for i, (seq_id, grammar) in enumerate(zip(ids, grammars))
         ]
 
@@ -198,15 +211,16 @@ class EngineCore:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None,
-        priority: int = 0,
+        priority: int = 0, lora: str | None = None,
     ) -> list[Sequence]:
-        """Queue a request; raises ValueError for one that can never be served. ``output_token_ids``
+        """Queue a request (under LoRA adapter ``lora``, None: the base model); raises ValueError
+        for one that can never be served (``UnknownLoRA`` for an adapter not loaded). ``output_token_ids``
         resumes a sequence that generated them elsewhere: they count as its output (penalties,
         ``min_tokens`` / ``max_tokens``, the sampling seed's index), so it goes on exactly as it would
         have there; their KV is computed with the prompt's. ``priority`` (lower first) needs the
         "priority" scheduling policy."""
         self._check_generates(request_id)
-        seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority)
+        seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority, lora)
         self.scheduler.add(seqs[0])
         if len(seqs) > 1:
             self.pending[request_id] = seqs[1:]
@@ -264,15 +278,15 @@ class EngineCore:
 
     def reserve(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None,
-        priority: int = 0,
+        priority: int = 0, lora: str | None = None,
     ) -> Sequence | None:
         """Decode role: hold blocks for a prompt (and a resumed request's ``output_token_ids``,
-        and ``priority`` as in ``add_request``) computed elsewhere. None when the pool is short now; ValueError
+        and ``priority`` and ``lora`` as in ``add_request``) computed elsewhere. None when the pool is short now; ValueError
         when the request can never be served."""
         if params.n != 1:
             raise ValueError(f"request {request_id}: reserve takes one sequence (n=1), got n={params.n}")
         self._check_generates(request_id)
-        seq = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority)[0]
+        seq = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority, lora)[0]
         if not self.scheduler.reserve(seq):
             return None
         self._track(request_id, [seq])

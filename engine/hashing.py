@@ -15,6 +15,10 @@ The length prefixes keep the fields from aliasing one another. Blocks chain:
 ``h_0 = hash_block(None, block_0, extra)``, ``h_i = hash_block(h_{i-1}, block_i, extra)``;
 only full blocks are hashed.
 
+``block_extra(fingerprint, lora)`` is the ``extra`` of a sequence's blocks: the model
+fingerprint alone for the base model, ``f"{fingerprint}+lora:{lora}"`` under LoRA adapter
+``lora`` (its name, UTF-8), so blocks computed under different adapters never share a hash.
+
 ``model_fingerprint(model_dir)`` is the BLAKE2b digest (8 bytes, no key) of
 ``config.json`` re-serialized canonically (``json.dumps(config, sort_keys=True,
 separators=(",", ":"), ensure_ascii=True)`` encoded as UTF-8), as 16 hex chars.
@@ -54,6 +58,11 @@ def _encode(parent: int | None, token_ids: Sequence[int], extra: str) -> bytes:
 def hash_block(parent: int | None, token_ids: Sequence[int], extra: str) -> int:
     """The 64-bit hash of one block given its parent's hash (None for the first)."""
     return xxhash.xxh3_64_intdigest(_encode(parent, token_ids, extra))
+
+
+def block_extra(fingerprint: str, lora: str | None) -> str:
+    """The ``extra`` of blocks computed under LoRA adapter ``lora`` (None: the base model)."""
+    return fingerprint if lora is None else f"{fingerprint}+lora:{lora}"
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, extra: str, parent: int | None = None) -> list[int]:

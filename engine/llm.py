@@ -4,6 +4,11 @@
     out = llm.generate(["JULIET:\\nO Romeo"], SamplingParams(temperature=0, max_tokens=16))
     print(out[0].outputs[0].text)
 
+LoRA adapters (PEFT directories) load at start and a request names one by its name:
+
+    llm = LLM(model, lora_modules={"sonnets": "/path/to/adapter"}, max_lora_rank=16)
+    llm.generate(prompts, params, lora="sonnets")     # or one name (or None) per prompt
+
 The disaggregated services and the tests use it as their reference.
 """
 
@@ -67,9 +72,12 @@ class LLM:
         prompts: str | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         priority: list[int] | None = None,
+        lora: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, or token ids) and return the outputs in prompt order.
-        ``priority``: one per prompt, lower first (``scheduling_policy="priority"``)."""
+        ``priority``: one per prompt, lower first (``scheduling_policy="priority"``). ``lora``: the
+        LoRA adapter (a name of ``lora_modules``) all prompts run under, or one per prompt (None:
+        the base model)."""
         prompts = self._token_ids(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
@@ -77,10 +85,13 @@ class LLM:
         priorities = priority if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
+        adapters = lora if isinstance(lora, list) else [lora] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} LoRA adapters")
         requests: list[tuple[str, list[Sequence]]] = []
-        for token_ids, p, rank in zip(prompts, params_list, priorities):
+        for token_ids, p, rank, adapter in zip(prompts, params_list, priorities, adapters):
             request_id = str(next(self._ids))
-            requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank)))
+            requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank, lora=adapter)))
         while self.core.has_unfinished():
             self.core.step()
         return [self._output(request_id, seqs) for request_id, seqs in requests]

@@ -2,7 +2,8 @@
 batch, builds the attention metadata once, runs the forward over the paged KV
 cache, and returns the logits (in the model's dtype) of the rows that need them.
 On CUDA, decode steps replay captured graphs (``engine/cuda_graph.py``); everything
-else runs eagerly.
+else runs eagerly, and so does every step with a LoRA sequence (``engine/lora.py``): the
+graphs are captured without adapters.
 
 The runner owns the weights and the KV cache tensors (one per layer,
 ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``). It never mutates the
@@ -23,6 +24,8 @@ from baton.engine.attention import build_attention_metadata, to_device
 from baton.engine.config import EngineConfig
 from baton.engine.cuda_graph import DecodeGraphs, capture_sizes
 from baton.engine.loader import build_model, resolve_model_dir
+from baton.engine.lora import LoRAStack
+from baton.engine.lora_loader import load_adapters
 from baton.engine.model_config import ModelConfig, load_model_config, load_pooler_config
 from baton.engine.pooling import PoolerConfig
 from baton.engine.rope import build_cos_sin_cache
@@ -87,6 +90,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = build_model(self.model_dir, mc, self.dtype, self.device)
         self.model.set_cos_sin_cache(build_cos_sin_cache(mc.rope, mc.head_dim, self.max_model_len, self.device))
+        adapters = load_adapters(config.lora_modules, mc, config.max_lora_rank)
+        self.lora = LoRAStack(adapters, mc, self.device, self.dtype)
+        self.lora_names: frozenset[str] = frozenset(self.lora.names)
         self.num_blocks: int = config.num_blocks or self._blocks_that_fit()
         if self.num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
@@ -140,7 +146,7 @@ class ModelRunner:
         input_ids = self._input_ids(chunks, fed)
         if fed is not None:
             fed.write(input_ids, [end - 1 for end in ends])
-        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, on_layer_done)
+        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, on_layer_done, self.lora.batch(chunks))
         sample_rows = [row for i, chunk in enumerate(chunks) if chunk.samples
                        for row in range(ends[i] - 1 - len(chunk.draft), ends[i])]
         rows = to_device(torch.tensor(sample_rows, dtype=torch.int64), self.device)

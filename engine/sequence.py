@@ -66,6 +66,7 @@ class Sequence:
     pooling: PoolerConfig | None = None   # an embedding request: how its prompt's hidden states pool; no output
     pooled: torch.Tensor | None = None    # a pooling sequence's chunks' contributions so far (``engine_core``)
     embedding: list[float] | None = None  # a pooling sequence's, once its prompt is computed
+    lora: str | None = None               # the LoRA adapter it runs under (None: the base model)
 
     @property
     def token_ids(self) -> list[int]:

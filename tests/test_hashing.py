@@ -12,7 +12,7 @@ import sys
 import pytest
 import xxhash
 
-from baton.engine.hashing import block_hashes, hash_block, model_fingerprint
+from baton.engine.hashing import block_extra, block_hashes, hash_block, model_fingerprint
 
 pytestmark = pytest.mark.unit
 
@@ -25,6 +25,8 @@ GOLDEN_BLOCKS = [
     ((2**64 - 1, [0, -1, 2**31 - 1], "modèle"), 13505937463019211327),
 ]
 GOLDEN_CHAIN = (list(range(10)), 4, "abc", [15773259920907177949, 13846864136730621593])
+# Blocks computed under a LoRA adapter: the adapter's name joins the fingerprint in ``extra``.
+GOLDEN_LORA = ("0123456789abcdef", "sonnets", "0123456789abcdef+lora:sonnets", [7108457745286642992, 8422438619771919332])
 
 
 @pytest.mark.parametrize(("args", "expected"), GOLDEN_BLOCKS)
@@ -35,6 +37,14 @@ def test_golden_block_hashes(args: tuple, expected: int) -> None:
 def test_golden_chain() -> None:
     tokens, block_size, extra, expected = GOLDEN_CHAIN
     assert block_hashes(tokens, block_size, extra) == expected
+
+
+def test_golden_lora_extra() -> None:
+    fingerprint, lora, extra, expected = GOLDEN_LORA
+    assert block_extra(fingerprint, None) == fingerprint
+    assert block_extra(fingerprint, lora) == extra
+    assert block_hashes(list(range(10)), 4, block_extra(fingerprint, lora)) == expected
+    assert set(expected).isdisjoint(block_hashes(list(range(10)), 4, fingerprint))
 
 
 def test_encoding_matches_documentation() -> None:

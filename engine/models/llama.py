@@ -4,11 +4,17 @@ Llama 2/3/3.x, Mistral, Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
 Module names follow Hugging Face, except that q/k/v are fused into ``qkv_proj``
 and gate/up into ``gate_up_proj`` (``STACKED_PARAMS`` tells the loader how).
 Every hot op goes through ``baton.kernels.ops`` so Triton kernels plug in on GPU.
+
+LoRA (``engine/lora.py``): a step with adapter tokens hands each layer a ``LayerLoRA``
+that adds their deltas to the projections' outputs; those projections then skip the
+fused kernels that never materialize them (q/k/v with the KV store, the MLP's down
+projection with its activation). A step without one takes the plain path unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +24,9 @@ from baton.engine.attention import AttentionMetadata, paged_attention_forward
 from baton.engine.model_config import ModelConfig
 from baton.kernels import ops
 from baton.kernels.rotary import split_qkv
+
+if TYPE_CHECKING:
+    from baton.engine.lora import LayerLoRA, LoRABatch
 
 # Checkpoint projection name -> (fused engine name, shard key). Shard keys are the
 # order of the slices inside the fused weight.
@@ -79,16 +88,20 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         cos_sin_cache: torch.Tensor,
         meta: AttentionMetadata,
+        lora: LayerLoRA | None = None,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k, v = split_qkv(project(self.qkv_proj, hidden), self.num_kv_heads, self.head_dim)
-            q = ops.rotary_store_kv(positions, self.q_norm(q), self.k_norm(k), v, cos_sin_cache, kv_cache, meta.slot_mapping)
-        else:
+        if self.q_norm is None and lora is None:
             q = ops.qkv_rotary_store_kv(hidden, self.qkv_proj.weight, self.qkv_proj.bias, positions, cos_sin_cache,
                                         kv_cache, meta.slot_mapping)
-        out = paged_attention_forward(q, kv_cache, meta, self.scale)
-        return project(self.o_proj, out.reshape(num_tokens, self.q_size))
+        else:
+            qkv = project(self.qkv_proj, hidden)
+            q, k, v = split_qkv(qkv if lora is None else lora.add("qkv_proj", hidden, qkv), self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = ops.rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, meta.slot_mapping)
+        out = paged_attention_forward(q, kv_cache, meta, self.scale).reshape(num_tokens, self.q_size)
+        return project(self.o_proj, out) if lora is None else lora.add("o_proj", out, project(self.o_proj, out))
 
 
 class MLP(nn.Module):
@@ -101,8 +114,11 @@ class MLP(nn.Module):
     def shard_sizes(self) -> dict[str, int]:
         return {"gate": self.intermediate_size, "up": self.intermediate_size}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias)
+    def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
+        if lora is None:
+            return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias)
+        hidden = ops.silu_and_mul(lora.add("gate_up_proj", x, project(self.gate_up_proj, x)))
+        return lora.add("down_proj", hidden, project(self.down_proj, hidden))
 
 
 class DecoderLayer(nn.Module):
@@ -121,15 +137,16 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         cos_sin_cache: torch.Tensor,
         meta: AttentionMetadata,
+        lora: LayerLoRA | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(mlp_out, residual)``; the next norm adds them (fused)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, cos_sin_cache, meta)
+        hidden = self.self_attn(positions, hidden, kv_cache, cos_sin_cache, meta, lora)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -161,15 +178,18 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
         on_layer_done: Callable[[int], None] | None = None,
+        lora: LoRABatch | None = None,
     ) -> torch.Tensor:
-        """``input_ids``/``positions`` ``[T]`` -> final hidden states ``[T, hidden]``.
+        """``input_ids``/``positions`` ``[T]`` -> final hidden states ``[T, hidden]``; ``lora``: the
+        step's adapter tokens (None: none).
         ``on_layer_done(i)`` is called once layer ``i`` has written its KV into ``kv_caches[i]``
         (on CUDA: once that write is enqueued on the current stream; record an event there
         before reading the cache from another stream)."""
         hidden = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
-            hidden, residual = layer(positions, hidden, residual, kv_caches[i], self.cos_sin_cache, meta)
+            layer_lora = lora.layer(i) if lora is not None else None
+            hidden, residual = layer(positions, hidden, residual, kv_caches[i], self.cos_sin_cache, meta, layer_lora)
             if on_layer_done is not None:
                 on_layer_done(i)
         hidden, _ = self.model.norm(hidden, residual)

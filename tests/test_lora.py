@@ -1,0 +1,166 @@
+"""LoRA adapters on the demo checkpoint: each request's greedy output equals the engine's on a
+checkpoint with its adapter merged in (and differs from the base model's), in mixed batches,
+under chunked prefill and preemption, through the prefill and decode roles; the prefix cache
+never shares blocks across adapters; the loader refuses what it cannot apply."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from baton.engine.config import EngineConfig
+from baton.engine.cuda_graph import is_graph_step
+from baton.engine.engine_core import UnknownLoRA
+from baton.engine.llm import LLM
+from baton.engine.lora_loader import load_adapter, parse_lora_modules
+from baton.engine.model_config import load_model_config
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import ScheduledChunk, Sequence
+from lora_adapters import make_adapter, merge_adapter
+from roles import prefill_then_decode
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ["JULIET:\nO Romeo", "ROMEO:\nBut, soft! what light through yonder", "First Citizen:\nBefore we proceed"]
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adapters(demo_model, tmp_path_factory) -> dict[str, Path]:
+    """"one": every projection, rank 8; "two": q/v/down of some layers, rank 4, rsLoRA."""
+    root = tmp_path_factory.mktemp("lora")
+    return {
+        "one": make_adapter(demo_model, root / "one", std=0.05),
+        "two": make_adapter(demo_model, root / "two", rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"),
+                            use_rslora=True, seed=1, std=0.08, layers=range(1, 5)),
+    }
+
+
+@pytest.fixture(scope="module")
+def references(demo_model, adapters, tmp_path_factory) -> dict[str | None, list[list[int]]]:
+    """Greedy outputs of PROMPTS per adapter (None: the base model), each on its merged checkpoint."""
+    root = tmp_path_factory.mktemp("merged")
+    models = {None: demo_model, **{name: str(merge_adapter(demo_model, path, root / name)) for name, path in adapters.items()}}
+    return {name: [out.outputs[0].token_ids for out in LLM(model).generate(PROMPTS, GREEDY)] for name, model in models.items()}
+
+
+@pytest.fixture(scope="module")
+def lora_llm(demo_model, adapters) -> LLM:
+    return LLM(demo_model, lora_modules={name: str(path) for name, path in adapters.items()}, max_loras=2)
+
+
+def _token_ids(outputs) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in outputs]
+
+
+def test_adapter_equals_merged_checkpoint(lora_llm, references) -> None:
+    for name in ("one", "two"):
+        assert _token_ids(lora_llm.generate(PROMPTS, GREEDY, lora=name)) == references[name]
+        assert references[name] != references[None]
+    assert _token_ids(lora_llm.generate(PROMPTS, GREEDY)) == references[None]
+
+
+def test_mixed_batch_each_equals_its_reference(lora_llm, references) -> None:
+    names = [None, "one", "two", "two", None, "one"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    outputs = _token_ids(lora_llm.generate(prompts, GREEDY, lora=names))
+    assert outputs == [references[name][i % len(PROMPTS)] for i, name in enumerate(names)]
+
+
+@pytest.mark.parametrize("config", [
+    {"max_num_batched_tokens": 8, "block_size": 4},                        # chunked prefill
+    {"num_blocks": 24, "block_size": 4, "max_num_seqs": 3},                # tight pool: preemption
+])
+def test_chunked_prefill_and_preemption(demo_model, adapters, references, config) -> None:
+    llm = LLM(demo_model, lora_modules={name: str(path) for name, path in adapters.items()}, max_loras=2, **config)
+    names = ["one", None, "two", "one", "two", None]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    outputs = _token_ids(llm.generate(prompts, GREEDY, lora=names))
+    assert outputs == [references[name][i % len(PROMPTS)] for i, name in enumerate(names)]
+
+
+def test_rslora_scales_by_sqrt_rank(demo_model, adapters, references, tmp_path) -> None:
+    """The same weights read without rsLoRA (scale alpha / r, here half of alpha / sqrt(r)) give
+    another output: the reference holds the rsLoRA scale."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "adapter_model.safetensors").write_bytes((adapters["two"] / "adapter_model.safetensors").read_bytes())
+    peft = json.loads((adapters["two"] / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**peft, "use_rslora": False}))
+    assert load_adapter("two", adapters["two"], load_model_config(Path(demo_model)), 16).scale == pytest.approx(4.0)
+    assert load_adapter("plain", plain, load_model_config(Path(demo_model)), 16).scale == pytest.approx(2.0)
+    llm = LLM(demo_model, lora_modules={"plain": str(plain)})
+    assert _token_ids(llm.generate(PROMPTS, GREEDY, lora="plain")) != references["two"]
+
+
+def test_prefix_cache_never_shared_across_adapters(demo_model, adapters) -> None:
+    llm = LLM(demo_model, lora_modules={name: str(path) for name, path in adapters.items()}, max_loras=2, block_size=4)
+    prompt = PROMPTS[1]
+    assert llm.generate(prompt, GREEDY, lora="one")[0].num_cached_tokens == 0
+    assert llm.generate(prompt, GREEDY, lora="one")[0].num_cached_tokens >= 8     # same adapter: reused
+    assert llm.generate(prompt, GREEDY, lora="two")[0].num_cached_tokens == 0     # another adapter
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0                 # the base model
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens >= 8
+
+
+def test_prefill_and_decode_roles_with_an_adapter(demo_model, adapters, references) -> None:
+    prompt = LLM(demo_model).tokenizer(PROMPTS[0]).input_ids
+    modules = {"one": str(adapters["one"])}
+    seq, _ = prefill_then_decode(demo_model, prompt, GREEDY, lora="one", lora_modules=modules)
+    assert seq.output_token_ids == references["one"][0]
+
+
+def test_unknown_adapter_is_refused(lora_llm) -> None:
+    with pytest.raises(UnknownLoRA, match="'three' is not loaded here"):
+        lora_llm.generate(PROMPTS[0], GREEDY, lora="three")
+
+
+def test_graph_steps_exclude_lora_sequences() -> None:
+    """The CUDA-graph path replays only steps that ``is_graph_step`` admits (``DecodeGraphs.replay``
+    checks it again): a decode step with a LoRA sequence is never one."""
+    base = Sequence("a", [1, 2, 3], SamplingParams(), num_computed_tokens=2)
+    adapted = Sequence("b", [1, 2, 3], SamplingParams(), num_computed_tokens=2, lora="one")
+    assert is_graph_step([ScheduledChunk(base, 1)])
+    assert not is_graph_step([ScheduledChunk(base, 1), ScheduledChunk(adapted, 1)])
+
+
+# -- loading: what is refused, and how it says so -----------------------------------------
+
+def _rewrite(adapter: Path, directory: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
+    directory.mkdir()
+    peft = json.loads((adapter / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**peft, **(config or {})}))
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({**weights, **(tensors or {})}, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def test_loader_refusals(demo_model, adapters, tmp_path) -> None:
+    config = load_model_config(Path(demo_model))
+    one = adapters["one"]
+    cases = [
+        ({"target_modules": ["q_proj", "lm_head"]}, None, "target module.s. lm_head not supported"),
+        (None, {"base_model.model.model.embed_tokens.lora_A.weight": torch.zeros(8, 1024)},
+         "tensor base_model.model.model.embed_tokens.lora_A.weight is not a LoRA weight of a supported module"),
+        ({"r": 32}, None, "rank 32 is above max_lora_rank=16"),
+        (None, {"base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight": torch.zeros(256, 8)},
+         r"layer 0 k_proj.lora_B has shape \(256, 8\), expected \(128, 8\)"),
+        ({"use_dora": True}, None, "use_dora not supported"),
+    ]
+    for i, (peft, tensors, message) in enumerate(cases):
+        bad = _rewrite(one, tmp_path / str(i), peft, tensors)
+        with pytest.raises(ValueError, match=f"LoRA adapter 'bad' .*{message}"):
+            load_adapter("bad", bad, config, max_rank=16)
+
+
+def test_too_many_adapters_and_bad_flags_are_refused(adapters) -> None:
+    with pytest.raises(ValueError, match=r"2 LoRA adapters given \(one, two\) but max_loras=1"):
+        EngineConfig(lora_modules={name: str(path) for name, path in adapters.items()})
+    assert parse_lora_modules(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
+    for specs, message in ((["a"], "takes name=path"), (["a=/x", "a=/y"], "names adapter 'a' twice")):
+        with pytest.raises(ValueError, match=message):
+            parse_lora_modules(specs)
