@@ -74,6 +74,19 @@ def speculative_config_arg(text: str) -> SpeculativeConfig:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def parse_lora_modules(specs: list[str]) -> dict[str, str]:
+    """``--lora-modules name=path ...`` as ``{name: path}``; ValueError for a malformed or repeated name."""
+    modules: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes name=path, got {spec!r}")
+        if name in modules:
+            raise ValueError(f"--lora-modules names adapter {name!r} twice")
+        modules[name] = path
+    return modules
+
+
 @dataclass
 class EngineConfig:
     """How the engine lays out its KV cache and batches work.

@@ -47,19 +47,6 @@ class LoRAAdapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
-def parse_lora_modules(specs: list[str]) -> dict[str, str]:
-    """``--lora-modules name=path ...`` as ``{name: path}``; ValueError for a malformed or repeated name."""
-    modules: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--lora-modules takes name=path, got {spec!r}")
-        if name in modules:
-            raise ValueError(f"--lora-modules names adapter {name!r} twice")
-        modules[name] = path
-    return modules
-
-
 def projection_shape(config: ModelConfig, proj: str) -> tuple[int, int]:
     """``(out, in)`` of a checkpoint projection of ``config``'s model."""
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim

@@ -12,11 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from baton.engine.config import EngineConfig
+from baton.engine.block_manager import BlockStored
+from baton.engine.config import EngineConfig, parse_lora_modules
 from baton.engine.cuda_graph import is_graph_step
 from baton.engine.engine_core import UnknownLoRA
+from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
-from baton.engine.lora_loader import load_adapter, parse_lora_modules
+from baton.engine.lora_loader import load_adapter
 from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
@@ -101,6 +103,10 @@ def test_prefix_cache_never_shared_across_adapters(demo_model, adapters) -> None
     llm = LLM(demo_model, lora_modules={name: str(path) for name, path in adapters.items()}, max_loras=2, block_size=4)
     prompt = PROMPTS[1]
     assert llm.generate(prompt, GREEDY, lora="one")[0].num_cached_tokens == 0
+    # The blocks go to the prefix index under the hashes the gateway computes for the adapter.
+    stored = [h for event in llm.core.drain_block_events() if isinstance(event, BlockStored) for h in event.block_hashes]
+    expected = block_hashes(llm.tokenizer(prompt).input_ids, 4, block_extra(model_fingerprint(demo_model), "one"))
+    assert stored[: len(expected)] == expected
     assert llm.generate(prompt, GREEDY, lora="one")[0].num_cached_tokens >= 8     # same adapter: reused
     assert llm.generate(prompt, GREEDY, lora="two")[0].num_cached_tokens == 0     # another adapter
     assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0                 # the base model
