@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from baton.engine.config import SCHEDULING_POLICIES, EngineConfig, speculative_config_arg
+from baton.engine.config import SCHEDULING_POLICIES, EngineConfig, parse_lora_modules, speculative_config_arg
 from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
@@ -81,6 +81,11 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
                    help="fcfs: arrival order; priority: each request's priority (lower first), then arrival")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to load, all resident; a request names one in its model "
+                        "(prefill and decode workers must load the same ones)")
+    p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters --lora-modules may give")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
     if role == "decode":
         p.add_argument("--kv-transport", choices=["grpc", "ucx", "nccl"], default="grpc",
                        help="how prefill workers send KV here: a gRPC stream on --port, UCX on --kv-port, or NCCL "
@@ -125,6 +130,9 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         speculative=getattr(args, "speculative_config", None),
         # A decode worker never pools: it does not read (nor fail on) the checkpoint's pooling.
         pooler=args.pooler_config if role == "prefill" else PoolerConfig(),
+        lora_modules=parse_lora_modules(args.lora_modules),
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
     )
     runner = ModelRunner(args.model, config)
     fingerprint = model_fingerprint(runner.model_dir)

@@ -158,3 +158,16 @@ async def test_a_grammar_that_does_not_compile_in_time_is_the_clients_error(work
                     pass
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
     assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0
+
+
+async def test_an_adapter_the_worker_has_not_loaded_is_not_found(worker):
+    ctx, servicer, receiver, push, address, caches = worker
+    params = common_pb2.SamplingParams(temperature=0.0, max_tokens=4)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = prefill_pb2_grpc.PrefillStub(channel).Prefill(
+            prefill_pb2.PrefillRequest(request_id="r1", prompt_token_ids=PROMPT, params=params, lora="sonnets"), timeout=60)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "LoRA adapter 'sonnets' is not loaded here (loaded: none)" in err.value.details()
+    assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0

@@ -8,7 +8,8 @@ open Generate stream). The running batch is the engine scheduler's.
 A request passes through:
   RESERVED   Reserve: blocks for the prompt allocated, reusing the prefix this
              worker's cache already holds; the KV receiver told to expect the
-             rest, a ticket returned; expires after ``reservation_ttl``
+             rest, a ticket returned; expires after ``reservation_ttl``. A LoRA
+             adapter this worker has not loaded: NOT_FOUND
   RECEIVING  prefill pushes layers into the reserved blocks (KVTransfer.Push)
   RUNNING    Generate: once every layer has landed, the request joins the batch
              with the first token prefill sampled; tokens stream back each step
@@ -25,6 +26,7 @@ import math
 
 import grpc
 
+from baton.engine.engine_core import UnknownLoRA
 from baton.engine.sequence import TokenLogprob
 from baton.kvtransfer.base import KVReceiver, TransferError
 from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2
@@ -60,7 +62,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             params = params_from_proto(request.params)
             prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
             await compile_grammar(self._ctx, params, context)
-            seq = await self.engine.call(lambda: self._ctx.core.reserve(rid, prompt, params, resumed, request.priority))
+            seq = await self.engine.call(
+                lambda: self._ctx.core.reserve(rid, prompt, params, resumed, request.priority, request.lora or None))
+        except UnknownLoRA as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except asyncio.CancelledError:

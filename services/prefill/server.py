@@ -17,6 +17,7 @@ A request passes through:
   RELEASED  blocks queued for release to the prefix cache (before the next
             step, without waiting for the running one); the handoff's end
             (bytes, seconds) is streamed and the stream ends
+A request naming a LoRA adapter this worker has not loaded ends NOT_FOUND before it is queued.
 An abort, a deadline or a transfer failure at any point aborts the transfer,
 releases the blocks and ends the stream with an error status (a transfer failure's
 names the decode worker in its trailing metadata).
@@ -31,6 +32,7 @@ import math
 
 import grpc
 
+from baton.engine.engine_core import UnknownLoRA
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk
 from baton.kvtransfer.base import KVSender, TransferError, TransferSession, TransferTicket, create_sender
@@ -120,7 +122,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         released = False
         try:
             try:
-                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request.priority))
+                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request.priority, request.lora or None))
+            except UnknownLoRA as exc:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             update = await future
@@ -149,9 +153,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 if session is not None:
                     await session.abort()
 
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int], priority: int) -> None:
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int], priority: int,
+             lora: str | None) -> None:
         """Engine thread: queue the request; a resumed one's earlier tokens are not sent again."""
-        self._ctx.core.add_request(rid, prompt, params, resumed, priority)
+        self._ctx.core.add_request(rid, prompt, params, resumed, priority, lora)
         self.engine.mark_sent(rid, len(resumed))
 
     async def _open_transfer(self, request: prefill_pb2.PrefillRequest, context) -> TransferSession:
