@@ -39,10 +39,11 @@ def token_at(prompt: list[int], index: int) -> int:
 
 class FakeDecode(decode_pb2_grpc.DecodeServicer):
     """Reserves, then generates ``token_at(prompt, i)`` after the first token (and a resumed
-    request's earlier ones) until max_tokens."""
+    request's earlier ones) until max_tokens. A LoRA adapter other than those in ``loras``: NOT_FOUND."""
 
-    def __init__(self, name: str, free_blocks: int = 100, room: bool = True, delay_s: float = 0.0) -> None:
-        self.name, self.free_blocks, self.room, self.delay_s = name, free_blocks, room, delay_s
+    def __init__(self, name: str, free_blocks: int = 100, room: bool = True, delay_s: float = 0.0,
+                 loras: frozenset[str] = frozenset()) -> None:
+        self.name, self.free_blocks, self.room, self.delay_s, self.loras = name, free_blocks, room, delay_s, loras
         self.reserved: dict[str, tuple[decode_pb2.ReserveRequest, kvtransfer_pb2.TransferTicket]] = {}
         self.aborted: list[str] = []
         self.first_tokens: list[int] = []
@@ -50,6 +51,8 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
         self.fail_after: int | None = None       # abort the stream UNAVAILABLE after this many chunks
 
     async def Reserve(self, request, context):
+        if request.lora and request.lora not in self.loras:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"LoRA adapter {request.lora!r} is not loaded here")
         if not self.room:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free blocks")
         num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
@@ -385,6 +388,21 @@ async def test_invalid_argument_becomes_400_and_frees_the_reservation(cluster) -
     with pytest.raises(BackendError) as bad:
         await collect(backend.generate(request([1, -2, 3])))
     assert bad.value.status == 400
+
+
+async def test_the_lora_adapter_reaches_both_workers_and_one_they_lack_is_a_404(cluster) -> None:
+    add, make, _ = cluster
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0", loras=frozenset({"one"}))
+    backend = await make(config([await add(prefill)], [await add(decode)]))
+    req = replace(request(max_tokens=2), lora="one")
+    await collect(backend.generate(req))
+    assert decode.reserved[req.request_id][0].lora == prefill.requests[0].lora == "one"
+    await collect(backend.generate(request(max_tokens=2)))
+    assert prefill.requests[1].lora == ""                   # the base model
+    missing = replace(request(max_tokens=2), lora="two")
+    with pytest.raises(BackendError, match="LoRA adapter 'two' is not loaded here") as err:
+        await collect(backend.generate(missing))
+    assert err.value.status == 404 and len(prefill.requests) == 2
 
 
 async def test_full_decode_workers_are_skipped_then_503(cluster) -> None:

@@ -271,6 +271,42 @@ async def test_malformed_json_unknown_model_and_oversized_body(tok) -> None:
     assert backend.requests == []
 
 
+LORAS = {"sonnets": "/adapters/sonnets", "tragedies": "/adapters/tragedies"}
+
+
+async def test_models_list_the_lora_adapters_with_their_base_as_parent(tok) -> None:
+    app = create_app(make_config(lora_modules=LORAS), FakeBackend(tok), tok)
+    async with client_for(app) as client:
+        data = (await client.get("/v1/models")).json()["data"]
+    assert [(m["id"], m["root"], m["parent"]) for m in data] == [
+        (MODEL, str(DEMO_MODEL), None), ("sonnets", "/adapters/sonnets", MODEL), ("tragedies", "/adapters/tragedies", MODEL)]
+
+
+async def test_a_lora_adapter_named_as_model_reaches_the_backend(tok) -> None:
+    backend, config = FakeBackend(tok), make_config(lora_modules=LORAS)
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "n": 2}
+    for model in ("sonnets", MODEL, "tragedies"):
+        assert (await post(backend, tok, "/v1/completions", {"model": model, "prompt": ["a", "b"], "max_tokens": 2},
+                           config)).status_code == 200
+        assert (await post(backend, tok, "/v1/chat/completions", {"model": model, **chat}, config)).status_code == 200
+    adapters = [r.lora for r in backend.requests]
+    assert adapters == ["sonnets"] * 4 + [None] * 4 + ["tragedies"] * 4
+    assert (await post(backend, tok, "/tokenize", {"model": "sonnets", "prompt": "x"}, config)).status_code == 200
+    error = assert_error(await post(backend, tok, "/v1/completions", {"model": "comedies", "prompt": "x"}, config),
+                         404, "model")
+    assert error["code"] == "model_not_found"
+    # Embeddings come from the base model: an adapter's name there is refused, not ignored.
+    assert_error(await post(backend, tok, "/v1/embeddings", {"model": "sonnets", "input": "x"}, config), 400, "model")
+    assert backend.embeds == []
+
+
+async def test_a_worker_without_the_adapter_is_a_404(tok) -> None:
+    backend = FakeBackend(tok, error=BackendError("decode worker 127.0.0.1:1: LoRA adapter 'sonnets' is not loaded", 404))
+    body = {"model": "sonnets", "prompt": "x", "max_tokens": 2}
+    error = assert_error(await post(backend, tok, "/v1/completions", body, make_config(lora_modules=LORAS)), 404, "model")
+    assert error["code"] == "model_not_found" and "'sonnets' is not loaded" in error["message"]
+
+
 async def test_unknown_fields_are_ignored_and_null_means_default(tok) -> None:
     backend = FakeBackend(tok)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "temperature": None, "service_tier": "auto", "suffix": None}

@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import redis.asyncio as aioredis
 
 from baton.engine.block_manager import BlockRemoved, BlockStored
-from baton.engine.hashing import block_hashes
+from baton.engine.hashing import block_extra, block_hashes
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.metrics import REDIS_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
@@ -294,6 +294,23 @@ async def test_gateway_discovers_registered_workers_and_routes_by_cached_prefix(
         while (await backend.reachable())["decode"] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert await backend.reachable() == {"prefill": 2, "decode": 0}
+
+
+async def test_a_lora_request_is_routed_by_the_blocks_computed_under_its_adapter(redis_url: str) -> None:
+    """p0 holds the prompt's blocks computed under adapter "one" (hashed with its extra, as the
+    workers hash them), p1 the base model's: each request goes where its own blocks are."""
+    prefills, decode = [FakePrefill("p0"), FakePrefill("p1")], FakeDecode("d0", loras=frozenset({"one"}))
+    workers = [("p0", "prefill", prefills[0]), ("p1", "prefill", prefills[1]), ("d0", "decode", decode)]
+    async with registered_cluster(redis_url, workers) as (publishers, backend):
+        prompt = [random.randrange(1000) for _ in range(70)]
+        publishers["p0"].publish([BlockStored(block_hashes(prompt, 16, block_extra(FP, "one")))])
+        publishers["p1"].publish([BlockStored(block_hashes(prompt, 16, FP))])
+        assert await publishers["p0"].flush() and await publishers["p1"].flush()
+        for _ in range(2):
+            await collect(backend.generate(replace(request(prompt, max_tokens=1), lora="one")))
+            await collect(backend.generate(request(prompt, max_tokens=1)))
+        assert [r.lora for r in prefills[0].requests] == ["one"] * 2
+        assert [r.lora for r in prefills[1].requests] == [""] * 2
 
 
 async def test_gateway_reserves_on_the_decode_worker_holding_the_prompt(redis_url: str) -> None:

@@ -18,6 +18,7 @@ from types import FrameType
 
 import uvicorn
 
+from baton.engine.config import parse_lora_modules
 from baton.services.gateway.app import GatewayState, create_app
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="give a reasoning model's <think> text as the message's reasoning, apart from its content")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                   help="the LoRA adapters the workers load (their --lora-modules): requests may name them as model")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -82,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         shutdown_timeout_s=args.shutdown_timeout,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        lora_modules=parse_lora_modules(args.lora_modules),
     )
 
 

@@ -21,6 +21,7 @@ class GenerationRequest:
     output_token_ids: list[int] = field(default_factory=list)  # resumed: tokens already streamed
     colocate: tuple[str, ...] = ()  # a sibling's ``placement``: run beside it, over the KV it left cached
     priority: int = 0               # lower first, where the workers schedule by priority
+    lora: str | None = None         # the LoRA adapter it runs under (None: the base model)
 
     @property
     def token_ids(self) -> list[int]:

@@ -26,8 +26,11 @@ whose tokens were already streamed is *resumed*: the retry carries them as
 ``output_token_ids``, the new prefill worker computes their KV with the prompt's
 and samples the next token, and the stream goes on where it broke (greedy and
 seeded output are what they would have been, since sampling depends only on the
-seed and the token's index). INVALID_ARGUMENT becomes HTTP 400, anything else
-503 naming the worker, and the end-to-end deadline (``request_timeout_s``) 504.
+seed and the token's index). INVALID_ARGUMENT becomes HTTP 400, NOT_FOUND from Reserve
+or Prefill (a LoRA adapter the worker has not loaded) 404, anything else 503 naming the
+worker, and the end-to-end deadline (``request_timeout_s``) 504. A request's LoRA adapter
+goes to both workers, and into the block hashes its cached prefix is looked up by
+(``hashing.block_extra``), as the workers hash its blocks.
 
 Background task (``start()``): every ``load_poll_interval_s`` poll ``GetLoad``
 on every known worker (a worker is *down* until it answers), and about once a
@@ -48,7 +51,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from baton.engine.hashing import block_hashes, model_fingerprint
+from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.protos import (
     FAILED_PEER_DECODE, FAILED_PEER_KEY, MAX_MESSAGE_BYTES, RECONNECT_OPTIONS,
     common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc,
@@ -198,7 +201,7 @@ class GrpcBackend(Backend):
     async def _attempt(
         self, request: GenerationRequest, deadline: float, avoid: set[str]
     ) -> AsyncIterator[GenerationChunk]:
-        cached = await self._cached_prefixes(request.token_ids, avoid)
+        cached = await self._cached_prefixes(request.token_ids, avoid, request.lora)
         decode, ticket = await self._reserve(request, deadline, avoid, cached)  # counts it in flight there
         prefill: _Worker | None = None
         finished = False
@@ -230,16 +233,17 @@ class GrpcBackend(Backend):
             if not finished:
                 await self._abort(request.request_id, [decode, prefill])
 
-    async def _cached_prefixes(self, token_ids: list[int], avoid: set[str]) -> dict[str, int]:
-        """How many of ``token_ids``' leading blocks each healthy worker holds, by address:
-        one Redis round trip for both roles (none where neither has a choice to make)."""
+    async def _cached_prefixes(self, token_ids: list[int], avoid: set[str], lora: str | None = None) -> dict[str, int]:
+        """How many of ``token_ids``' leading blocks (computed under LoRA adapter ``lora``) each healthy
+        worker holds, by address: one Redis round trip for both roles (none where neither has a choice to make)."""
         by_role = [self._healthy(role, avoid) for role in ("prefill", "decode")]
         num_blocks = len(token_ids) // self.config.block_size
         if self._index is None or max(map(len, by_role)) < 2 or num_blocks == 0:
             return {}
         by_id = {self._workers[a].worker_id: a for healthy in by_role for a in healthy if self._workers[a].worker_id}
         head = token_ids[: self._index.max_blocks * self.config.block_size]
-        runs = await self._index.longest_prefixes(block_hashes(head, self.config.block_size, self.fingerprint), list(by_id))
+        hashes = block_hashes(head, self.config.block_size, block_extra(self.fingerprint, lora))
+        runs = await self._index.longest_prefixes(hashes, list(by_id))
         return {by_id[worker_id]: n for worker_id, n in runs.items()}
 
     async def _reserve(
@@ -253,6 +257,7 @@ class GrpcBackend(Backend):
             params=params_to_proto(request.params),
             output_token_ids=request.output_token_ids,
             priority=request.priority,
+            lora=request.lora or "",
         )
         full: set[str] = set()
         while True:
@@ -270,7 +275,7 @@ class GrpcBackend(Backend):
                     full.add(address)
                     continue
                 self._abort_later(request.request_id, [worker])     # it may have reserved anyway
-                raise self._failure(worker, err, deadline) from err
+                raise self._failure(worker, err, deadline, names_model=True) from err
             except BaseException:
                 self._in_flight[address] -= 1
                 self._abort_later(request.request_id, [worker])
@@ -303,6 +308,7 @@ class GrpcBackend(Backend):
             ticket=ticket,
             output_token_ids=request.output_token_ids,
             priority=request.priority,
+            lora=request.lora or "",
         )
         call = worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
         self._in_flight[worker.address] += 1
@@ -323,7 +329,7 @@ class GrpcBackend(Backend):
         try:
             reply = await call.read()
         except grpc.aio.AioRpcError as err:
-            raise self._failure(worker, err, deadline, peer=decode) from err
+            raise self._failure(worker, err, deadline, peer=decode, names_model=True) from err
         if reply is grpc.aio.EOF or reply.WhichOneof("event") != event:
             raise BackendError(f"prefill worker {worker.address} sent no {event!r} message in its place in the stream", 503)
         return getattr(reply, event)
@@ -350,15 +356,20 @@ class GrpcBackend(Backend):
         return min(cap, remaining)
 
     def _failure(
-        self, worker: _Worker, err: grpc.aio.AioRpcError, deadline: float, peer: _Worker | None = None
+        self, worker: _Worker, err: grpc.aio.AioRpcError, deadline: float, peer: _Worker | None = None,
+        names_model: bool = False,
     ) -> Exception:
         """The exception a failed RPC to ``worker`` becomes (see module docs); a prefill worker
-        whose KV could not reach the decode worker ``peer`` says so, and the peer is blamed."""
+        whose KV could not reach the decode worker ``peer`` says so, and the peer is blamed.
+        ``names_model``: the RPC names the request's model (Reserve, Prefill), so NOT_FOUND is a
+        LoRA adapter the worker has not loaded."""
         code = err.code()
         if peer is not None and (FAILED_PEER_KEY, FAILED_PEER_DECODE) in tuple(err.trailing_metadata() or ()):
             worker = peer
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return BackendError(err.details() or "invalid request", 400)
+        if code == grpc.StatusCode.NOT_FOUND and names_model:
+            return BackendError(f"{worker.role} worker {worker.address}: {err.details()}", 404)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() >= deadline:
             return BackendError(f"request timed out after {self.config.request_timeout_s:g} s", 504)
         WORKER_ERRORS.labels(role=worker.role).inc()

@@ -1022,6 +1022,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
     owned_by: str = "baton"
+    root: str | None = None          # the model's directory (an adapter's, for a LoRA adapter)
+    parent: str | None = None        # a LoRA adapter's base model
     max_model_len: int | None = None
 
 

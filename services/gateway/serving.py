@@ -7,6 +7,10 @@ prompt's later samples start beside its first once that one decodes, see ``_merg
 -> each choice's chunks are detokenized and stop-string matched (``Choice``)
 -> merged into one response, or into SSE chunks when streaming.
 
+``model`` names the base model (``served_model_name``) or one of the LoRA adapters the
+workers load (``lora_modules``, vLLM's ``--lora-modules``): each backend sequence carries
+the adapter's name. Embeddings and scores come from the base model only.
+
 Every backend iterator is closed when its choice ends early (stop string, client
 gone, error): closing it aborts the sequence on the workers.
 """
@@ -73,7 +77,11 @@ class OpenAIServing:
         self.think_end = tuple(tokenizer.encode(THINK_END, add_special_tokens=False))
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.config.served_model_name, max_model_len=self.max_model_len)])
+        """The base model, then each LoRA adapter (``root``: its directory, ``parent``: the base), as vLLM lists them."""
+        base = self.config.served_model_name
+        adapters = [ModelCard(id=name, root=path, parent=base, max_model_len=self.max_model_len)
+                    for name, path in self.config.lora_modules.items()]
+        return ModelList(data=[ModelCard(id=base, root=self.config.model_dir, max_model_len=self.max_model_len), *adapters])
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         """The token ids a completion (``prompt``) or a chat completion (``messages``) would send."""
@@ -94,7 +102,7 @@ class OpenAIServing:
 
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | PrimedStream:
         arrival = time.perf_counter()
-        self._check_common(req)
+        lora = self._check_common(req)
         prompts = [self._prompt(self._truncate(req, ids), with_text=req.echo) for ids in self._token_ids(req.prompt, "prompt")]
         params = self._params(req, prompts, req.max_tokens, "max_tokens", "prompt")
         prompt_k = self._prompt_logprobs(req)
@@ -102,7 +110,7 @@ class OpenAIServing:
         wanted = [k for k in (req.logprobs if req.echo else None, prompt_k) if k is not None]
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=max(wanted, default=None))
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        choices = self._choices(request_id, prompts, params, req)
+        choices = self._choices(request_id, prompts, params, req, lora)
         if req.stream:
             return await PrimedStream.start(self._stream(req, request_id, choices, self._completion_chunks, arrival))
         deltas = await self._collect(choices, arrival)
@@ -115,7 +123,7 @@ class OpenAIServing:
 
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | PrimedStream:
         arrival = time.perf_counter()
-        self._check_common(req)
+        lora = self._check_common(req)
         ids = self._truncate(req, self._chat_token_ids(req))
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         prompts = [self._prompt(ids, with_text=False)]
@@ -126,7 +134,7 @@ class OpenAIServing:
             # The grammar binds the answer: the workers apply it after the thinking.
             params = replace(params, structured_output=replace(params.structured_output, reasoning_end=self.think_end))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = self._choices(request_id, prompts, params, req)
+        choices = self._choices(request_id, prompts, params, req, lora)
         self._attach_output_parsers(req, choices)
         if req.stream:
             return await PrimedStream.start(self._stream(req, request_id, choices, self._chat_chunks, arrival))
@@ -169,7 +177,7 @@ class OpenAIServing:
     async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
         """Each input's embedding, computed on the prefill workers (all inputs at once)."""
         arrival = time.perf_counter()
-        self._check_model(req.model)
+        self._check_model(req.model, base_only=True)
         inputs = self._embedding_inputs(req.input, req, "input")
         results = await self._embed(f"embd-{uuid.uuid4().hex}", inputs, req.priority, arrival)
         prompt_tokens = sum(r.prompt_tokens for r in results)
@@ -198,7 +206,7 @@ class OpenAIServing:
         """The request id, each pair's score of the ``first`` texts against the ``second`` (each
         given with its parameter's name) and the prompt tokens embedded: every text once."""
         arrival = time.perf_counter()
-        self._check_model(self.config.served_model_name if req.model is None else req.model)
+        self._check_model(self.config.served_model_name if req.model is None else req.model, base_only=True)
         inputs = [self._embedding_inputs(texts, req, param) for texts, param in (first, second)]
         request_id = f"{kind}-{uuid.uuid4().hex}"
         results = await self._embed(request_id, inputs[0] + inputs[1], req.priority, arrival)
@@ -260,9 +268,17 @@ class OpenAIServing:
             return None
         return ThinkStream(starts_in_reasoning(self._prompt_tail(prompt_ids)))
 
-    def _check_model(self, model: str) -> None:
-        if model != self.config.served_model_name:
+    def _check_model(self, model: str, base_only: bool = False) -> str | None:
+        """The LoRA adapter ``model`` names (None: the base model). 404 for a model not served here;
+        400 for an adapter where only the base model serves (``base_only``: embeddings, scores)."""
+        if model == self.config.served_model_name:
+            return None
+        if model not in self.config.lora_modules:
             raise APIError(f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found")
+        if base_only:
+            raise APIError(f"`{model}` is a LoRA adapter: this endpoint serves the base model "
+                           f"`{self.config.served_model_name}` only", param="model")
+        return model
 
     def _prompt_logprobs(self, req: BaseGenerationRequest) -> int | None:
         """How many alternatives come with each prompt token's log-prob (vLLM's ``prompt_logprobs``);
@@ -276,14 +292,16 @@ class OpenAIServing:
                            f"{MAX_LOGPROBS}", param="prompt_logprobs")
         return k
 
-    def _check_common(self, req: BaseGenerationRequest) -> None:
-        self._check_model(req.model)
+    def _check_common(self, req: BaseGenerationRequest) -> str | None:
+        """``_check_model``'s adapter, once the request's other common fields are checked."""
+        lora = self._check_model(req.model)
         if req.n > self.config.max_n:
             raise APIError(f"n must be at most {self.config.max_n}, got {req.n}", param="n")
         if isinstance(req, ChatCompletionRequest) and req.auto_tools and self.tool_parser is None:
             raise APIError("tool_choice 'auto' (the default with tools) reads the model's own tool-call format: start the "
                            "gateway with --tool-call-parser, or use tool_choice 'required', a named function or 'none'",
                            param="tool_choice")
+        return lora
 
     def _chat_token_ids(self, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
         if req.continue_final_message and (not req.messages or req.messages[-1].role != "assistant"):
@@ -375,8 +393,10 @@ class OpenAIServing:
         return sequences
 
     def _choices(
-        self, request_id: str, prompts: list[Prompt], params: SamplingParams, req: BaseGenerationRequest
+        self, request_id: str, prompts: list[Prompt], params: SamplingParams, req: BaseGenerationRequest,
+        lora: str | None,
     ) -> list[Choice]:
+        """One choice per sample of each prompt, each a backend sequence under LoRA adapter ``lora``."""
         choices = []
         for p, prompt in enumerate(prompts):
             for i in range(req.n):
@@ -384,7 +404,8 @@ class OpenAIServing:
                 seed = None if params.seed is None else (params.seed + i) % 2**64   # the engine's seed + i, on the wire
                 scored = params.prompt_logprobs if i == 0 else None   # the prompt's log-probs: its first sample's
                 gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids,
-                                        replace(params, seed=seed, prompt_logprobs=scored), priority=req.priority)
+                                        replace(params, seed=seed, prompt_logprobs=scored), priority=req.priority,
+                                        lora=lora)
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
                 choices.append(Choice(index, i, prompt, gen, detok, stop))
@@ -687,6 +708,8 @@ def as_api_error(exc: Exception) -> APIError:
     """How a failure during generation reaches the client."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, BackendError) and exc.status == 404:    # a worker lacks the request's LoRA adapter
+        return APIError(exc.message, status=404, param="model", code="model_not_found")
     if isinstance(exc, BackendError):
         kind = "invalid_request_error" if exc.status == 400 else "service_unavailable_error"
         return APIError(exc.message, status=exc.status, type=kind)
