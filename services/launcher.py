@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from baton.engine.config import SCHEDULING_POLICIES, speculative_config_arg
+from baton.engine.config import SCHEDULING_POLICIES, parse_lora_modules, speculative_config_arg
 from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
@@ -75,6 +75,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
               "--scheduling-policy", args.scheduling_policy]
     if args.dtype:
         common += ["--dtype", args.dtype]
+    loras = ["--lora-modules", *args.lora_modules] if args.lora_modules else []
+    if loras:
+        common += [*loras, "--max-loras", str(args.max_loras), "--max-lora-rank", str(args.max_lora_rank)]
     plan = Plan(redis=redis_cmd, redis_url=redis_url)
     prefill_addrs, decode_addrs = [], []
     for role, count, addrs, cmds in (("prefill", args.prefill, prefill_addrs, plan.prefill), ("decode", args.decode, decode_addrs, plan.decode)):
@@ -104,6 +107,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *[a for key in args.api_key for a in ("--api-key", key)],
         *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
         *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else []),
+        *loras,
     ]
     plan.url = f"http://{args.host}:{args.port}"
     return plan
@@ -160,6 +164,12 @@ def up(args: argparse.Namespace) -> int:
         return 2
     if args.served_model_name is None:
         args.served_model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
+    try:
+        if args.served_model_name in parse_lora_modules(args.lora_modules):
+            raise ValueError(f"LoRA adapter {args.served_model_name!r} takes the served model's name")
+    except ValueError as exc:
+        print(f"baton up: {exc}", file=sys.stderr)
+        return 2
     try:
         args.model = str(resolve_model_dir(args.model))  # a hub id is downloaded once, here
     except OSError as exc:
@@ -223,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="the gateway gives a reasoning model's <think> text as the message's reasoning")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) every worker loads; a request names one as its model")
+    p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters --lora-modules may give")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
     p.add_argument("--worker-metrics", action="store_true",
                    help="serve each worker's Prometheus metrics on a free port (printed once ready)")
     return parser

@@ -159,3 +159,17 @@ def test_launcher_plan_passes_the_kv_transport_to_decode_workers(transport):
     decode = worker_arg_parser("decode", default_port=50061).parse_args(plan.decode[0][4:])
     assert decode.kv_transport == transport
     assert "--kv-transport" not in plan.prefill[0]  # the decode worker's ticket names the transport
+
+
+def test_launcher_plan_hands_the_lora_modules_to_both_roles_and_the_gateway():
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--lora-modules", "one=/a/one", "two=/a/two",
+            "--max-loras", "2", "--max-lora-rank", "32"]
+    plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
+    for role, cmd in (("prefill", plan.prefill[0]), ("decode", plan.decode[0])):
+        worker = worker_arg_parser(role, default_port=50051).parse_args(cmd[4:])
+        assert (worker.lora_modules, worker.max_loras, worker.max_lora_rank) == (["one=/a/one", "two=/a/two"], 2, 32)
+    gateway = config_from_args(build_parser().parse_args(plan.gateway[4:]))
+    assert gateway.lora_modules == {"one": "/a/one", "two": "/a/two"}
+    assert "--lora-modules" not in launcher.make_plan(launcher.build_parser().parse_args(argv[:5])).gateway

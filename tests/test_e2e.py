@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 
-from baton.engine.hashing import block_hashes, model_fingerprint
+from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.pooling import PoolerConfig
 from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
@@ -30,6 +30,7 @@ from baton.services import launcher
 from baton.services.gateway import tools
 from baton.services.gateway.protocol import ChatCompletionRequest
 from baton.services.redis_keys import WORKER_PREFIX, WorkerRecord, block_key
+from lora_adapters import make_adapter
 
 openai = pytest.importorskip("openai")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -40,7 +41,8 @@ MODEL_NAME = "shakespeare-llama-5m"
 
 class System:
     def __init__(self, model: str, kv_transport: str, prefill: int = 2, decode: int = 2,
-                 decode_flags: tuple[str, ...] = (), scheduling_policy: str = "fcfs", up_flags: tuple[str, ...] = ()) -> None:
+                 decode_flags: tuple[str, ...] = (), scheduling_policy: str = "fcfs", up_flags: tuple[str, ...] = (),
+                 gateway_flags: tuple[str, ...] = ()) -> None:
         args = launcher.build_parser().parse_args(
             ["up", "--model", model, "--port", str(launcher.free_port()), "--prefill", str(prefill),
              "--decode", str(decode), "--kv-transport", kv_transport, "--worker-metrics",
@@ -52,6 +54,7 @@ class System:
         self.plan = launcher.make_plan(args)
         # The decode workers schedule asynchronously, as they do by default on a GPU.
         self.plan.decode = [cmd + ["--async-scheduling", *decode_flags] for cmd in self.plan.decode]
+        self.plan.gateway += gateway_flags
         self.procs: list[subprocess.Popen] = []
         try:  # a system that does not come up is stopped, not left running past the test session
             for cmd in [self.plan.redis] + self.plan.prefill + self.plan.decode:
@@ -439,6 +442,53 @@ def test_repeated_prompt_hits_the_worker_that_cached_it(system, demo_model):
         assert cached >= 48, cached
         assert again.choices[0].text == first.choices[0].text
     r.close()
+
+
+def test_baton_up_serves_lora_adapters_as_models(demo_model, tmp_path):
+    """``baton up --lora-modules``: both roles load the adapters and the gateway lists them. A request
+    naming one writes what the aggregated engine writes under it; its prompt's blocks are indexed
+    under the adapter's hashes, which route it back to the prefill worker holding them, and no
+    other adapter (nor the base model) reuses them. A model the gateway knows but the workers do
+    not load (a misconfigured deployment) is a 404, as is one nobody knows."""
+    from transformers import AutoTokenizer
+
+    adapters = {"one": make_adapter(demo_model, tmp_path / "one", std=0.05),
+                "two": make_adapter(demo_model, tmp_path / "two", rank=4, targets=("q_proj", "down_proj"), seed=1)}
+    modules = [f"{name}={path}" for name, path in adapters.items()]
+    system = System(demo_model, "grpc", prefill=2, decode=1, up_flags=("--lora-modules", *modules, "--max-loras", "2"),
+                    gateway_flags=("--lora-modules", f"ghost={tmp_path}"))
+    try:
+        models = system.client.models.list().data
+        assert [(m.id, getattr(m, "parent", None)) for m in models] == [
+            (MODEL_NAME, None), ("one", MODEL_NAME), ("two", MODEL_NAME), ("ghost", MODEL_NAME)]
+        llm = LLM(demo_model, lora_modules={name: str(path) for name, path in adapters.items()}, max_loras=2)
+        prompt = "FIRST CITIZEN:\nBefore we proceed any further, hear me speak. " * 2
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        want = {lora: llm.generate(prompt, params, lora=lora)[0].outputs[0].text for lora in ("one", "two", None)}
+        assert len(set(want.values())) == 3
+        for lora in ("one", "two", None):
+            out = system.client.completions.create(model=lora or MODEL_NAME, prompt=prompt, max_tokens=16, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+            assert out.choices[0].text == want[lora]
+            assert out.usage.prompt_tokens_details.cached_tokens == 0       # no adapter reuses another's blocks
+        token_ids = AutoTokenizer.from_pretrained(demo_model)(prompt).input_ids
+        hashes = block_hashes(token_ids, 16, block_extra(model_fingerprint(demo_model), "one"))
+        r = redis.Redis.from_url(system.plan.redis_url)
+        holders = wait_for_holders(r, [block_key(model_fingerprint(demo_model), h) for h in hashes], 2)
+        assert all(len(h & worker_ids(r, "prefill")) == 1 for h in holders), holders
+        r.close()
+        for _ in range(2):
+            again = system.client.completions.create(model="one", prompt=prompt, max_tokens=16, temperature=0,
+                                                     extra_body={"ignore_eos": True})
+            assert again.choices[0].text == want["one"]
+            assert again.usage.prompt_tokens_details.cached_tokens >= 32
+        for model in ("ghost", "nope"):
+            with pytest.raises(openai.NotFoundError) as err:
+                system.client.completions.create(model=model, prompt=prompt, max_tokens=4)
+            assert err.value.code == "model_not_found"
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
 
 
 def gateway_counter(system, name: str, labels: dict[str, str] | None = None) -> float:
