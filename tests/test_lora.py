@@ -170,3 +170,28 @@ def test_too_many_adapters_and_bad_flags_are_refused(adapters) -> None:
     for specs, message in ((["a"], "takes name=path"), (["a=/x", "a=/y"], "names adapter 'a' twice")):
         with pytest.raises(ValueError, match=message):
             parse_lora_modules(specs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_on_cuda_equals_the_cpu_engine_and_replays_graphs_for_base_steps_only(demo_model, adapters, references) -> None:
+    """On CUDA (graphs captured, async scheduling): base-only steps replay graphs; no step with a
+    LoRA sequence does (they run eagerly, and the graph path refuses one); every output equals
+    the CPU engine's reference."""
+    llm = LLM(demo_model, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8,
+              lora_modules={name: str(path) for name, path in adapters.items()}, max_loras=2)
+    graphs = llm.runner.cuda_graphs
+    assert graphs is not None and llm.core.async_scheduling
+    replayed: list[list[str | None]] = []
+    replay = graphs.replay
+    graphs.replay = lambda chunks, shape, fed=None: replayed.append([c.seq.lora for c in chunks]) or replay(chunks, shape, fed)
+    assert _token_ids(llm.generate(PROMPTS, GREEDY)) == references[None]
+    assert len(replayed) >= GREEDY.max_tokens - 2                  # base-only decode steps: graphs
+    replayed.clear()
+    names = ["one", None, "two", "two", None, "one"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    assert _token_ids(llm.generate(prompts, GREEDY, lora=names)) == [references[n][i % len(PROMPTS)] for i, n in enumerate(names)]
+    assert all(lora is None for step in replayed for lora in step)
+    adapted = Sequence("x", [1, 2, 3], SamplingParams(), block_table=[0], num_computed_tokens=2, lora="one")
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        replay([ScheduledChunk(adapted, 1)], (1, 1))
