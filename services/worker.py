@@ -160,13 +160,15 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
 def warm_up(core: EngineCore, block_size: int) -> None:
     """Run two short requests through the engine and a block through the KV transfer's
     pack and unpack before serving, so that a GPU worker's kernels are compiled before
-    the first real request needs them; then load the tokenizer for structured output and
-    mask a row of logits by a grammar (compiling the mask's kernel)."""
+    the first real request needs them (one more under a LoRA adapter, whose steps run other
+    kernels); then load the tokenizer for structured output and mask a row of logits by a
+    grammar (compiling the mask's kernel)."""
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    for i, length in enumerate((block_size + 1, 2 * block_size)):
+    runs = [(block_size + 1, None), (2 * block_size, None), *((block_size + 1, name) for name in sorted(core.runner.lora_names)[:1])]
+    for i, (length, lora) in enumerate(runs):
         request_id, tokens = f"warm-up-{i}", [1 + t % (core.vocab_size - 1) for t in range(length)]
         if core.runner.generates:
-            core.add_request(request_id, tokens, params)
+            core.add_request(request_id, tokens, params, lora=lora)
         else:   # a base model: embeddings only
             core.add_embedding_request(request_id, tokens)
         while core.has_unfinished():

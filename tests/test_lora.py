@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from baton.engine.block_manager import BlockStored
-from baton.engine.config import EngineConfig, parse_lora_modules
+from baton.engine.config import EngineConfig, SpeculativeConfig, parse_lora_modules
 from baton.engine.cuda_graph import is_graph_step
 from baton.engine.engine_core import UnknownLoRA
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
@@ -76,13 +76,16 @@ def test_mixed_batch_each_equals_its_reference(lora_llm, references) -> None:
 @pytest.mark.parametrize("config", [
     {"max_num_batched_tokens": 8, "block_size": 4},                        # chunked prefill
     {"num_blocks": 24, "block_size": 4, "max_num_seqs": 3},                # tight pool: preemption
-])
-def test_chunked_prefill_and_preemption(demo_model, adapters, references, config) -> None:
+    {"num_blocks": 24, "block_size": 4, "max_num_seqs": 3, "async_scheduling": True},
+    {"speculative": SpeculativeConfig(num_speculative_tokens=3)},          # drafts verified under the adapter
+], ids=["chunked", "preempted", "async", "speculative"])
+def test_chunked_prefill_preemption_async_and_speculation(demo_model, adapters, references, config) -> None:
     llm = LLM(demo_model, lora_modules={name: str(path) for name, path in adapters.items()}, max_loras=2, **config)
     names = ["one", None, "two", "one", "two", None]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     outputs = _token_ids(llm.generate(prompts, GREEDY, lora=names))
     assert outputs == [references[name][i % len(PROMPTS)] for i, name in enumerate(names)]
+    assert llm.core.spec_stats.proposed_tokens > 0 or "speculative" not in config
 
 
 def test_rslora_scales_by_sqrt_rank(demo_model, adapters, references, tmp_path) -> None:
