@@ -113,7 +113,8 @@ class _StaticInputs:
     def load(self, chunks: Seq[ScheduledChunk], batch: int, query_len: int, fed: FedTokens | None = None) -> None:
         """Stage ``chunks`` padded to ``batch`` sequences of ``query_len`` rows and start the
         copies to the device; then ``fed`` writes the tokens that are still on the device.
-        Raises ValueError (before any copy) for a chunk the cache or vocab cannot take.
+        Raises ValueError (before any copy) for a chunk the cache or vocab cannot take, or one
+        under a LoRA adapter (the graphs hold none: computed here, it would lack its adapter).
 
         Block-table rows are written incrementally: a row that held the same block-table
         list last step (block tables only grow in place, and are replaced by a new list
@@ -129,6 +130,8 @@ class _StaticInputs:
             num_blocks = (end - 1) // bs + 1
             if end > self.max_model_len:
                 raise ValueError(f"a sequence reaches {end} tokens, over max_model_len={self.max_model_len}")
+            if seq.lora is not None:
+                raise ValueError(f"sequence {seq.seq_id} runs under LoRA adapter {seq.lora!r}: a CUDA graph holds no adapter")
             if len(table) < num_blocks:
                 raise ValueError(
                     f"sequence {seq.seq_id}: {len(table)} blocks cannot hold {end} tokens (block_size {bs})"
@@ -231,8 +234,6 @@ class DecodeGraphs:
         its draft's; ``[len(chunks), vocab]`` without drafts) in the model's dtype, a view into the
         graph's output (valid until the next replay) or, with drafts, a copy of its real rows."""
         batch, query_len = shape
-        if not is_graph_step(chunks):
-            raise ValueError("a CUDA graph replays only decode steps of the base model (no LoRA adapter, no prompt logits)")
         self.inputs.load(chunks, batch, query_len, fed)
         self.graphs[shape].replay()
         logits = self.logits[shape]

@@ -57,6 +57,8 @@ class LoRAStack:
 
     def batch(self, chunks: Seq[ScheduledChunk]) -> LoRABatch | None:
         """The step's token groups by adapter (chunks packed in order); None when no chunk has one."""
+        if not self.names:
+            return None
         rows: dict[int, list[int]] = {}
         offset = 0
         for chunk in chunks:

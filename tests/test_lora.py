@@ -129,8 +129,8 @@ def test_unknown_adapter_is_refused(lora_llm) -> None:
 
 
 def test_graph_steps_exclude_lora_sequences() -> None:
-    """The CUDA-graph path replays only steps that ``is_graph_step`` admits (``DecodeGraphs.replay``
-    checks it again): a decode step with a LoRA sequence is never one."""
+    """The CUDA-graph path replays only steps that ``is_graph_step`` admits (and the graphs' inputs
+    refuse a LoRA sequence again, see the GPU test): a decode step with a LoRA sequence is never one."""
     base = Sequence("a", [1, 2, 3], SamplingParams(), num_computed_tokens=2)
     adapted = Sequence("b", [1, 2, 3], SamplingParams(), num_computed_tokens=2, lora="one")
     assert is_graph_step([ScheduledChunk(base, 1)])
@@ -196,5 +196,5 @@ def test_fp32_on_cuda_equals_the_cpu_engine_and_replays_graphs_for_base_steps_on
     assert _token_ids(llm.generate(prompts, GREEDY, lora=names)) == [references[n][i % len(PROMPTS)] for i, n in enumerate(names)]
     assert all(lora is None for step in replayed for lora in step)
     adapted = Sequence("x", [1, 2, 3], SamplingParams(), block_table=[0], num_computed_tokens=2, lora="one")
-    with pytest.raises(ValueError, match="no LoRA adapter"):
+    with pytest.raises(ValueError, match="runs under LoRA adapter 'one': a CUDA graph holds no adapter"):
         replay([ScheduledChunk(adapted, 1)], (1, 1))
