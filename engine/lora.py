@@ -8,11 +8,13 @@ projections' ``A`` along the rank and its ``B`` places each projection's ``B`` (
 in) in that projection's rows and rank columns: ``(x @ A^T) @ B^T`` is then every slice's
 delta at once. Ranks are zero-padded to the largest loaded, which adds zeros only.
 
-``LoRABatch`` is one step's use of them: for each adapter in the step, the rows (token
-positions in the packed batch) whose sequence uses it. ``add`` gives each group its
-``scale * (x @ A^T) @ B^T``: one gather, two small matmuls and one ``index_add_`` per
-adapter in the step. A step where no sequence names an adapter has no batch at all, and
-the model runs its plain path (fused kernels, CUDA graphs) at no cost.
+``LoRABatch`` is one step's use of them: each token's adapter (-1: the base model), as a
+mask over the stacked ranks. ``add`` gives every token ``((x @ A^T) * mask) @ B^T`` over all
+loaded adapters at once: two matmuls of fixed shapes, whatever the mix of adapters in the
+step (``max_loras`` is small and ranks are small against the model, so computing every
+adapter for every token costs little beside the base projections; base tokens add exact
+zeros). A step where no sequence names an adapter has no batch at all, and the model runs
+its plain path (fused kernels, CUDA graphs) at no cost.
 
 Plain torch, no Triton kernel (a grouped "punica"-style kernel is the next step for large
 batches of many adapters). A step with a LoRA sequence runs eagerly: the CUDA graphs are
@@ -47,29 +49,23 @@ class LoRAStack:
     def __init__(self, adapters: Seq[LoRAAdapter], config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.names = [adapter.name for adapter in adapters]
         self.index = {name: i for i, name in enumerate(self.names)}
-        self.device = device
+        self.device, self.dtype = device, dtype
         rank = max((adapter.rank for adapter in adapters), default=0)
         self.weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in range(config.num_layers):
             for module, projs in ENGINE_MODULES.items():
                 if any((layer, proj) in adapter.weights for adapter in adapters for proj in projs):
-                    self.weights[(layer, module)] = _stack(adapters, config, layer, projs, rank, device, dtype)
+                    a, b = _stack(adapters, config, layer, projs, rank, device, dtype)
+                    # Flat: A [adapters * width, in], B [out, adapters * width], adapter-major.
+                    self.weights[(layer, module)] = a.flatten(0, 1), b.permute(1, 0, 2).flatten(1)
 
     def batch(self, chunks: Seq[ScheduledChunk]) -> LoRABatch | None:
-        """The step's token groups by adapter (chunks packed in order); None when no chunk has one."""
-        if not self.names:
+        """Each token's adapter in the step (chunks packed in order); None when no chunk has one."""
+        if not self.names or all(chunk.seq.lora is None for chunk in chunks):
             return None
-        rows: dict[int, list[int]] = {}
-        offset = 0
-        for chunk in chunks:
-            name = chunk.seq.lora
-            if name is not None:
-                rows.setdefault(self.index[name], []).extend(range(offset, offset + chunk.num_new_tokens))
-            offset += chunk.num_new_tokens
-        if not rows:
-            return None
-        groups = [(i, to_device(torch.tensor(r, dtype=torch.int64), self.device)) for i, r in rows.items()]
-        return LoRABatch(self, groups)
+        adapters = [self.index[chunk.seq.lora] if chunk.seq.lora is not None else -1
+                    for chunk in chunks for _ in range(chunk.num_new_tokens)]
+        return LoRABatch(self, to_device(torch.tensor(adapters, dtype=torch.int64), self.device))
 
 
 def _stack(adapters: Seq[LoRAAdapter], config: ModelConfig, layer: int, projs: tuple[str, ...], rank: int,
@@ -92,11 +88,18 @@ def _stack(adapters: Seq[LoRAAdapter], config: ModelConfig, layer: int, projs: t
 
 
 class LoRABatch:
-    """One step's tokens grouped by adapter: ``groups`` of (adapter index, rows)."""
+    """One step's tokens under the stack's adapters: ``adapters[t]`` is token ``t``'s (-1: none)."""
 
-    def __init__(self, stack: LoRAStack, groups: list[tuple[int, torch.Tensor]]) -> None:
+    def __init__(self, stack: LoRAStack, adapters: torch.Tensor) -> None:
         self.stack = stack
-        self.groups = groups
+        self._one_hot = (adapters[:, None] == torch.arange(len(stack.names), device=adapters.device)).to(stack.dtype)
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def mask(self, width: int) -> torch.Tensor:
+        """``[tokens, adapters * width]``: 1 over the ``width`` ranks of each token's own adapter."""
+        if width not in self._masks:
+            self._masks[width] = self._one_hot.repeat_interleave(width, dim=1)
+        return self._masks[width]
 
     def layer(self, layer: int) -> LayerLoRA:
         return LayerLoRA(self, layer)
@@ -109,14 +112,11 @@ class LayerLoRA:
         self.batch, self.layer_index = batch, layer
 
     def add(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out`` (engine ``module``'s output for input ``x``, ``[tokens, out]``) plus each grouped
-        token's adapter delta, in place; returned for chaining. Untouched where no adapter
-        adapts this module."""
+        """``out`` (engine ``module``'s output for input ``x``, ``[tokens, out]``) plus each token's
+        adapter delta, in place; returned for chaining. Untouched where no adapter adapts this module."""
         weights = self.batch.stack.weights.get((self.layer_index, module))
         if weights is None:
             return out
         lora_a, lora_b = weights
-        for adapter, rows in self.batch.groups:
-            shrunk = x.index_select(0, rows) @ lora_a[adapter].T
-            out.index_add_(0, rows, shrunk @ lora_b[adapter].T)
-        return out
+        shrunk = (x @ lora_a.T) * self.batch.mask(lora_a.shape[0] // len(self.batch.stack.names))
+        return out.addmm_(shrunk, lora_b.T)
