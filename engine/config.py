@@ -91,7 +91,9 @@ def parse_lora_modules(specs: list[str]) -> dict[str, str]:
 class EngineConfig:
     """How the engine lays out its KV cache and batches work.
 
-    The KV pool holds ``num_blocks`` blocks when set, otherwise as many as fit in
+    The KV pool holds ``num_blocks`` blocks when set; else, with ``gpu_memory_utilization``
+    (CUDA), as many as fit in that share of the device's memory beside the weights and the
+    activations of the largest step (``model_runner``); else as many as fit in
     ``kv_cache_memory_bytes``. On CUDA, decode steps replay CUDA graphs captured
     for ``cuda_graph_batch_sizes`` (up to the first size that holds ``max_num_seqs``)
     unless ``enforce_eager``. With ``async_scheduling`` the host schedules and
@@ -125,6 +127,7 @@ class EngineConfig:
     lora_modules: dict[str, str] = field(default_factory=dict)
     max_loras: int = 1
     max_lora_rank: int = 16
+    gpu_memory_utilization: float | None = None   # CUDA: size the KV pool to this share of the device (vLLM's)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -138,6 +141,10 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError(f"max_loras and max_lora_rank must be positive, got {self.max_loras} and {self.max_lora_rank}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.gpu_memory_utilization is not None and not self.device.startswith("cuda"):
+            raise ValueError(f"gpu_memory_utilization sizes the KV cache on a CUDA device, not on {self.device!r}")
         if len(self.lora_modules) > self.max_loras:
             raise ValueError(f"{len(self.lora_modules)} LoRA adapters given ({', '.join(self.lora_modules)}) "
                              f"but max_loras={self.max_loras}")

@@ -29,6 +29,7 @@ from baton.engine.lora_loader import load_adapters
 from baton.engine.model_config import ModelConfig, load_model_config, load_pooler_config
 from baton.engine.pooling import PoolerConfig
 from baton.engine.rope import build_cos_sin_cache
+from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
 from baton.kernels.checks import DTYPES
 
@@ -93,7 +94,8 @@ class ModelRunner:
         adapters = load_adapters(config.lora_modules, mc, config.max_lora_rank)
         self.lora = LoRAStack(adapters, mc, self.device, self.dtype)
         self.lora_names: frozenset[str] = frozenset(self.lora.names)
-        self.num_blocks: int = config.num_blocks or self._blocks_that_fit()
+        self.num_blocks: int = config.num_blocks or (
+            self._blocks_in_device_share() if config.gpu_memory_utilization is not None else self._blocks_that_fit())
         if self.num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         shape = (self.num_blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim)
@@ -122,6 +124,39 @@ class ModelRunner:
                 f"({self.block_bytes()} bytes)"
             )
         return num_blocks
+
+    def _blocks_in_device_share(self) -> int:
+        """The KV blocks that fit ``gpu_memory_utilization`` of the device's memory beside what this
+        process's torch allocations peak at without them: the weights, and the activations of
+        the largest step (run once, over a scratch cache). The CUDA context and the CUDA graphs
+        captured later come on top."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        scratch = self.profile_step()
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch
+        torch.cuda.empty_cache()   # the scratch cache and the activations go back to the device
+        free, total = torch.cuda.mem_get_info(self.device)
+        return kv_blocks_in_share(self.config.gpu_memory_utilization, total, peak, free, self.block_bytes(), str(self.device))
+
+    @torch.inference_mode()
+    def profile_step(self) -> int:
+        """Run the largest step this engine schedules (``max_num_batched_tokens`` prompt tokens of
+        one sequence, logits for ``max_num_seqs`` rows) over a scratch KV cache, freed after;
+        return the scratch cache's bytes."""
+        mc = self.model_config
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-tokens // self.block_size)
+        scratch = [torch.zeros((blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim), dtype=self.dtype,
+                               device=self.device) for _ in range(mc.num_layers)]
+        seq = Sequence("memory-profile", [0] * tokens, SamplingParams(max_tokens=1))
+        seq.block_table = list(range(blocks))
+        chunk = ScheduledChunk(seq, tokens)
+        meta = build_attention_metadata([chunk], self.block_size, self.device)
+        hidden = self.model(torch.zeros(tokens, dtype=torch.int64, device=self.device), meta.positions, scratch, meta)
+        if self.generates:
+            self.model.compute_logits(hidden[: min(tokens, self.config.max_num_seqs)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return sum(cache.numel() * cache.element_size() for cache in scratch)
 
     @torch.inference_mode()
     def execute(
@@ -203,3 +238,19 @@ def _chunk_token_ids(seq: Sequence, start: int, n: int) -> list[int]:
     if start + n <= num_prompt:
         return seq.prompt_token_ids[start : start + n]
     return seq.prompt_token_ids[start:] + seq.output_token_ids[: start + n - num_prompt]
+
+
+def kv_blocks_in_share(utilization: float, total: int, peak: int, available: int, block_bytes: int, device: str) -> int:
+    """How many KV blocks of ``block_bytes`` fit ``utilization`` of a device's ``total`` bytes beside
+    ``peak`` (what the engine takes without its KV cache); ValueError where none does, or where
+    the device has less than that ``available`` (another process holds the rest)."""
+    share = utilization * total
+    kv_bytes = share - peak
+    if kv_bytes < block_bytes:
+        raise ValueError(f"gpu_memory_utilization={utilization:g} gives {share / 2**30:.2f} GiB of {device}, and the "
+                         f"weights and the activations of the largest step take {peak / 2**30:.2f} GiB of it: no room for "
+                         f"a KV block of {block_bytes / 2**20:.2f} MiB (raise it, or lower max_num_batched_tokens)")
+    if kv_bytes > available:
+        raise ValueError(f"gpu_memory_utilization={utilization:g} asks for a {kv_bytes / 2**30:.2f} GiB KV cache, but "
+                         f"{device} has {available / 2**30:.2f} GiB free (other processes hold the rest): lower it")
+    return int(kv_bytes // block_bytes)

@@ -75,6 +75,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
               "--scheduling-policy", args.scheduling_policy]
     if args.dtype:
         common += ["--dtype", args.dtype]
+    if args.gpu_memory_utilization is not None:   # every worker shares the one device
+        common += ["--gpu-memory-utilization", f"{args.gpu_memory_utilization / (args.prefill + args.decode):.6g}"]
     loras = ["--lora-modules", *args.lora_modules] if args.lora_modules else []
     if loras:
         common += [*loras, "--max-loras", str(args.max_loras), "--max-lora-rank", str(args.max_lora_rank)]
@@ -219,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="CUDA: the share of the GPU's memory all the workers together size their KV caches to (each "
+                        "worker gets an equal part, as they share the device; default: each worker's 256 MiB)")
     p.add_argument("--kv-transport", choices=["grpc", "ucx", "nccl"], default="grpc", help="how KV moves from prefill to decode")
     p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                    help="the workers' order: fcfs (arrival) or priority (each request's priority, lower first)")

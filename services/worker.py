@@ -68,6 +68,9 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-mb", type=int, default=256)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="CUDA: size the KV cache to fill this share of the GPU's memory, beside the weights and the "
+                        "activations of the largest step (vLLM's; default: --kv-cache-memory-mb)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -120,6 +123,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_mb * 1024 * 1024,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,

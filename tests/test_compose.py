@@ -173,3 +173,13 @@ def test_launcher_plan_hands_the_lora_modules_to_both_roles_and_the_gateway():
     gateway = config_from_args(build_parser().parse_args(plan.gateway[4:]))
     assert gateway.lora_modules == {"one": "/a/one", "two": "/a/two"}
     assert "--lora-modules" not in launcher.make_plan(launcher.build_parser().parse_args(argv[:5])).gateway
+
+
+def test_launcher_plan_splits_the_gpu_memory_utilization_between_the_workers():
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--device", "cuda", "--prefill", "2"]
+    plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--gpu-memory-utilization", "0.9"]))
+    shares = [worker_arg_parser(role, default_port=50051).parse_args(cmd[4:]).gpu_memory_utilization
+              for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)) for cmd in cmds]
+    assert shares == [pytest.approx(0.3)] * 3
+    plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
+    assert worker_arg_parser("decode", default_port=50061).parse_args(plan.decode[0][4:]).gpu_memory_utilization is None

@@ -281,3 +281,22 @@ def test_batches_past_the_largest_graph_run_eagerly():
     for gpu_cache, cpu_cache in zip(runner.kv_caches, cpu.kv_caches):
         cpu_cache.copy_(gpu_cache.cpu())
     torch.testing.assert_close(runner.execute(chunks).logits.cpu(), cpu.execute(chunks).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_memory_utilization_fills_its_share_of_the_device_with_kv_blocks():
+    """The KV pool fills ``gpu_memory_utilization`` of the device beside the weights and the
+    activations of the largest step (measured by running it), and the engine still writes what
+    the CPU engine writes."""
+    torch.cuda.empty_cache()
+    llm = LLM(DEMO, device="cuda", dtype="float32", gpu_memory_utilization=0.05, max_num_batched_tokens=512)
+    runner = llm.runner
+    _, total = torch.cuda.mem_get_info()
+    kv = runner.num_blocks * runner.block_bytes()
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    assert 0.05 * total - kv <= 512 * 2**20 and kv + weights <= 0.05 * total      # the activations of 512 tokens fit in 512 MiB
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(DEMO, num_blocks=64).generate(PROMPTS, params)]
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == want
+

@@ -257,3 +257,34 @@ def test_priority_policy_serves_lower_priorities_first_with_the_same_tokens(demo
     with pytest.raises(ValueError, match="scheduling policy"):
         plain.generate(PROMPTS[0], params, priority=[1])
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], params, priority=[2, 1, 0])] == want
+
+
+@pytest.mark.model
+def test_the_profile_step_runs_the_largest_step_over_a_scratch_cache(demo_model):
+    """What sizing the KV cache by ``gpu_memory_utilization`` runs first: a step of
+    ``max_num_batched_tokens`` prompt tokens, over a scratch cache (its bytes returned), that
+    leaves the engine's own cache as it was."""
+    from baton.engine.config import EngineConfig
+    from baton.engine.model_runner import ModelRunner
+
+    runner = ModelRunner(demo_model, EngineConfig(max_num_batched_tokens=300, block_size=16, num_blocks=8))
+    before = [cache.clone() for cache in runner.kv_caches]
+    assert runner.profile_step() == 19 * runner.block_bytes()            # 300 tokens: 19 blocks of 16
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches))
+
+
+@pytest.mark.unit
+def test_kv_blocks_fill_the_device_share_beside_the_peak_or_fail_saying_why():
+    from baton.engine.config import EngineConfig
+    from baton.engine.model_runner import kv_blocks_in_share
+
+    gib = 2**30
+    assert kv_blocks_in_share(0.5, 80 * gib, 10 * gib, 70 * gib, 2**20, "cuda:0") == 30 * 1024
+    with pytest.raises(ValueError, match="no room for a KV block"):
+        kv_blocks_in_share(0.1, 80 * gib, 8 * gib, 70 * gib, 2**20, "cuda:0")
+    with pytest.raises(ValueError, match="has 20.00 GiB free"):
+        kv_blocks_in_share(0.9, 80 * gib, 10 * gib, 20 * gib, 2**20, "cuda:0")
+    with pytest.raises(ValueError, match="on a CUDA device"):
+        EngineConfig(gpu_memory_utilization=0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        EngineConfig(device="cuda", gpu_memory_utilization=1.5)
