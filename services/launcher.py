@@ -25,6 +25,7 @@ from baton.engine.config import SCHEDULING_POLICIES, parse_lora_modules, specula
 from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
+from baton.services.gateway.tokenizer import chat_template_arg
 from baton.services.gateway.tool_parsers import PARSERS
 
 DEMO_MODEL = "shakespeare-llama-5m"
@@ -109,6 +110,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *[a for key in args.api_key for a in ("--api-key", key)],
         *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
         *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else []),
+        *(["--chat-template", args.chat_template] if args.chat_template else []),
         *loras,
     ]
     plan.url = f"http://{args.host}:{args.port}"
@@ -238,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="the gateway gives a reasoning model's <think> text as the message's reasoning")
+    p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
+                   help="the gateway's Jinja chat template, or a file holding it, in place of the model's own")
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) every worker loads; a request names one as its model")
     p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters --lora-modules may give")

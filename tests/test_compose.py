@@ -183,3 +183,15 @@ def test_launcher_plan_splits_the_gpu_memory_utilization_between_the_workers():
     assert shares == [pytest.approx(0.3)] * 3
     plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
     assert worker_arg_parser("decode", default_port=50061).parse_args(plan.decode[0][4:]).gpu_memory_utilization is None
+
+
+def test_launcher_plan_hands_the_chat_template_to_the_gateway(tmp_path):
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "chat.jinja").write_text(template)
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
+    plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--chat-template", str(tmp_path / "chat.jinja")]))
+    assert config_from_args(build_parser().parse_args(plan.gateway[4:])).chat_template == template
+    plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
+    assert config_from_args(build_parser().parse_args(plan.gateway[4:])).chat_template is None

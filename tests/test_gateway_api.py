@@ -972,6 +972,19 @@ async def test_chat_template_options_match_transformers(tok) -> None:
         assert_error(await post(FakeBackend(tok), tok, "/v1/chat/completions", body), 400, "continue_final_message")
 
 
+async def test_a_chat_template_flag_renders_chat_requests(tok) -> None:
+    """With ``--chat-template``, chat requests (and /tokenize's messages) go through it, not the model's."""
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    custom = GatewayTokenizer(DEMO_MODEL, template)
+    backend = FakeBackend(custom)
+    config = make_config(chat_template=template)
+    messages = [{"role": "user", "content": "Speak!"}]
+    chat = (await post(backend, custom, "/tokenize", {"model": MODEL, "messages": messages}, config)).json()
+    assert chat["tokens"] == tok.encode("<user>Speak!<assistant>", add_special_tokens=False)
+    await post(backend, custom, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2}, config)
+    assert backend.requests[-1].prompt_token_ids == chat["tokens"]
+
+
 async def test_tokenize_and_detokenize(tok) -> None:
     """/tokenize gives the ids a completion or a chat completion would send (transformers'
     for the demo checkpoint); /detokenize inverts it; neither reaches the backend."""

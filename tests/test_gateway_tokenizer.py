@@ -169,3 +169,22 @@ def test_no_template_is_a_clear_error(tmp_path: Path) -> None:
     assert tok.eos_token_id == 2
     with pytest.raises(ChatTemplateError, match="no chat template"):
         tok.encode_chat([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.unit
+def test_a_chat_template_given_in_place_of_the_models_own(tmp_path: Path) -> None:
+    """vLLM's ``--chat-template``: the template itself, or a file holding it, wins over the model's."""
+    import argparse
+
+    from baton.services.gateway.tokenizer import chat_template_arg
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    (tmp_path / "t.jinja").write_text(template)
+    assert chat_template_arg(template) == template == chat_template_arg(str(tmp_path / "t.jinja"))
+    with pytest.raises(argparse.ArgumentTypeError, match="neither a chat template"):
+        chat_template_arg(str(tmp_path / "missing.jinja"))
+    tok = GatewayTokenizer(DEMO_MODEL, template)
+    assert tok.render_chat([{"role": "user", "content": "Speak!"}]) == "<user>Speak!\n<assistant>"
+    assert GatewayTokenizer(DEMO_MODEL).render_chat([{"role": "user", "content": "Speak!"}]) != "<user>Speak!\n<assistant>"
+    with pytest.raises(ChatTemplateError, match="the --chat-template does not parse"):
+        GatewayTokenizer(DEMO_MODEL, "{% for m in messages %}")

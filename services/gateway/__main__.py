@@ -23,7 +23,7 @@ from baton.services.gateway.app import GatewayState, create_app
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
-from baton.services.gateway.tokenizer import GatewayTokenizer
+from baton.services.gateway.tokenizer import GatewayTokenizer, chat_template_arg
 from baton.services.gateway.tool_parsers import PARSERS
 
 DRAIN_MIN_S = 1.0
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="give a reasoning model's <think> text as the message's reasoning, apart from its content")
+    p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
+                   help="the Jinja chat template, or a file holding it, in place of the model's own (vLLM's)")
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="the LoRA adapters the workers load (their --lora-modules): requests may name them as model")
     p.add_argument("--log-level", default="info")
@@ -86,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         lora_modules=parse_lora_modules(args.lora_modules),
+        chat_template=args.chat_template,
     )
 
 
@@ -120,7 +123,7 @@ class DrainingServer(uvicorn.Server):
 
 async def serve(config: GatewayConfig, log_level: str) -> None:
     """Build the app inside the running loop (the backend's gRPC channels bind to it) and serve."""
-    app = create_app(config, GrpcBackend(config), GatewayTokenizer(config.model_dir))
+    app = create_app(config, GrpcBackend(config), GatewayTokenizer(config.model_dir, config.chat_template))
     server_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=FINAL_SHUTDOWN_S
     )

@@ -15,6 +15,7 @@ never sent to the client.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,10 +59,22 @@ def _byte_level_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
-class GatewayTokenizer:
-    """The served model's tokenizer and chat template."""
+def chat_template_arg(value: str) -> str:
+    """vLLM's ``--chat-template``: the template itself where it holds Jinja's braces or a line
+    break, else the path of a file that holds it."""
+    if "{" in value or "\n" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a chat template (it has no '{{') nor a file")
+    return path.read_text(encoding="utf-8")
 
-    def __init__(self, model_dir: str | Path) -> None:
+
+class GatewayTokenizer:
+    """The served model's tokenizer and chat template (``chat_template``, where given, in place of
+    the model's own)."""
+
+    def __init__(self, model_dir: str | Path, chat_template: str | None = None) -> None:
         model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -72,14 +85,15 @@ class GatewayTokenizer:
         self.bos_token: str | None = _token_content(config.get("bos_token"))
         self.eos_token: str | None = _token_content(config.get("eos_token"))
         self.eos_token_id: int | None = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.chat_template: str | None = self._load_template(model_dir, config.get("chat_template"))
+        self.chat_template: str | None = chat_template or self._load_template(model_dir, config.get("chat_template"))
         self._byte_level = "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise_exception
         try:
             self._template = env.from_string(self.chat_template) if self.chat_template else None
         except jinja2.TemplateSyntaxError as exc:
-            raise ChatTemplateError(f"the chat template of {model_dir} does not parse: {exc}") from exc
+            source = "the --chat-template" if chat_template else f"the chat template of {model_dir}"
+            raise ChatTemplateError(f"{source} does not parse: {exc}") from exc
 
     @staticmethod
     def _load_template(model_dir: Path, value: Any) -> str | None:
