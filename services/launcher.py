@@ -111,6 +111,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
         *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else []),
         *(["--chat-template", args.chat_template] if args.chat_template else []),
+        *(["--return-tokens-as-token-ids"] if args.return_tokens_as_token_ids else []),
         *loras,
     ]
     plan.url = f"http://{args.host}:{args.port}"
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the gateway gives a reasoning model's <think> text as the message's reasoning")
     p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
                    help="the gateway's Jinja chat template, or a file holding it, in place of the model's own")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='log-probs name their tokens "token_id:{id}" unless a request says otherwise')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) every worker loads; a request names one as its model")
     p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters --lora-modules may give")

@@ -185,7 +185,7 @@ def test_launcher_plan_splits_the_gpu_memory_utilization_between_the_workers():
     assert worker_arg_parser("decode", default_port=50061).parse_args(plan.decode[0][4:]).gpu_memory_utilization is None
 
 
-def test_launcher_plan_hands_the_chat_template_to_the_gateway(tmp_path):
+def test_launcher_plan_hands_the_chat_template_and_token_ids_flag_to_the_gateway(tmp_path):
     from baton.services.gateway.__main__ import build_parser, config_from_args
 
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -195,3 +195,6 @@ def test_launcher_plan_hands_the_chat_template_to_the_gateway(tmp_path):
     assert config_from_args(build_parser().parse_args(plan.gateway[4:])).chat_template == template
     plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
     assert config_from_args(build_parser().parse_args(plan.gateway[4:])).chat_template is None
+    assert not config_from_args(build_parser().parse_args(plan.gateway[4:])).return_tokens_as_token_ids
+    plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--return-tokens-as-token-ids"]))
+    assert config_from_args(build_parser().parse_args(plan.gateway[4:])).return_tokens_as_token_ids

@@ -1026,6 +1026,27 @@ async def test_chat_logprobs_format(tok) -> None:
     assert no_lp["choices"][0]["logprobs"] is None
 
 
+
+async def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(tok) -> None:
+    """vLLM's ``return_tokens_as_token_ids``: log-probs name their tokens ``token_id:{id}``, asked by
+    the request or, unless the request says otherwise, by the gateway's flag; the rest is as before."""
+    out_ids = tok.encode(SCRIPTS[0])[1:5]
+    named = [f"token_id:{t}" for t in out_ids]
+    body = {"model": MODEL, "prompt": "JULIET:\nO", "max_tokens": 4, "logprobs": 2, "return_tokens_as_token_ids": True}
+    lp = (await post(FakeBackend(tok), tok, "/v1/completions", body)).json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == named
+    assert [list(top)[0] for top in lp["top_logprobs"]] == named and all(len(top) == 2 for top in lp["top_logprobs"])
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": True,
+            "top_logprobs": 1}
+    by_flag = make_config(return_tokens_as_token_ids=True)
+    content = (await post(FakeBackend(tok), tok, "/v1/chat/completions", chat, by_flag)).json()["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == named and [c["top_logprobs"][0]["token"] for c in content] == named
+    assert [c["bytes"] for c in content] == [tok.token_bytes(t) for t in out_ids]
+    asked_not = {**chat, "return_tokens_as_token_ids": False}
+    content = (await post(FakeBackend(tok), tok, "/v1/chat/completions", asked_not, by_flag)).json()["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [tok.token_text(t) for t in out_ids]
+
+
 # ---- cancellation, admission, auth, readiness, metrics ------------------------------
 
 

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give a reasoning model's <think> text as the message's reasoning, apart from its content")
     p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
                    help="the Jinja chat template, or a file holding it, in place of the model's own (vLLM's)")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="the LoRA adapters the workers load (their --lora-modules): requests may name them as model")
     p.add_argument("--log-level", default="info")
@@ -89,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         reasoning_parser=args.reasoning_parser,
         lora_modules=parse_lora_modules(args.lora_modules),
         chat_template=args.chat_template,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
     )
 
 

@@ -167,6 +167,7 @@ class BaseGenerationRequest(NullMeansDefault):
     bad_words: list[str] = Field(default_factory=list, max_length=MAX_BAD_WORDS)   # vLLM's: words never written
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)   # vLLM's: lower first (--scheduling-policy priority)
     prompt_logprobs: int | None = Field(default=None, ge=-1, le=MAX_LOGPROBS)   # vLLM's: top-k per prompt token; -1: all
+    return_tokens_as_token_ids: bool | None = None   # vLLM's: log-probs name tokens "token_id:{id}" (None: the gateway's)
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> BaseGenerationRequest:

@@ -146,7 +146,7 @@ class OpenAIServing:
                 ChatChoice(
                     index=c.index,
                     message=message,
-                    logprobs=self._chat_logprobs([t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
+                    logprobs=self._chat_logprobs(req, [t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
                     finish_reason=finish_reason,
                 )
                 for c in choices
@@ -542,7 +542,7 @@ class OpenAIServing:
             content = ChatStreamChoice(
                 index=delta.index,
                 delta=message or DeltaMessage(),
-                logprobs=self._chat_logprobs(delta.tokens) if req.logprobs else None,
+                logprobs=self._chat_logprobs(req, delta.tokens) if req.logprobs else None,
                 finish_reason=finish_reason,
             )
             out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[content]))
@@ -638,19 +638,30 @@ class OpenAIServing:
         if echo:
             scored = [None] + list(prompt.logprobs or [None] * (len(prompt.token_ids) - 1))
             for token_id, offset, lp in zip(prompt.token_ids, prompt.offsets, scored):
-                self._append_completion_logprob(out, token_id, offset, lp, req.logprobs)
+                self._append_completion_logprob(req, out, token_id, offset, lp)
         for d in deltas:
             for token, offset in zip(d.tokens, d.offsets):
-                self._append_completion_logprob(out, token.token_id, base + offset, token, req.logprobs)
+                self._append_completion_logprob(req, out, token.token_id, base + offset, token)
         return text, out
 
     def _append_completion_logprob(
-        self, out: CompletionLogprobs, token_id: int, offset: int, lp: TokenLogprob | None, k: int
+        self, req: CompletionRequest, out: CompletionLogprobs, token_id: int, offset: int, lp: TokenLogprob | None
     ) -> None:
-        out.tokens.append(self.tokenizer.token_text(token_id))
+        token = self._logprob_token(req)
+        out.tokens.append(token(token_id))
         out.text_offset.append(offset)
         out.token_logprobs.append(lp.logprob if lp is not None else None)
-        out.top_logprobs.append({self.tokenizer.token_text(t): v for t, v in lp.top[:k]} if lp is not None else None)
+        out.top_logprobs.append({token(t): v for t, v in lp.top[: req.logprobs]} if lp is not None else None)
+
+    def _logprob_token(self, req: BaseGenerationRequest) -> Callable[[int], str]:
+        """How a log-prob names its token: its text, or (vLLM's ``return_tokens_as_token_ids``, the
+        request's or else the gateway's) ``"token_id:{id}"``, which no tokenizer can make ambiguous."""
+        as_ids = req.return_tokens_as_token_ids
+        if as_ids is None:
+            as_ids = self.config.return_tokens_as_token_ids
+        if as_ids:
+            return lambda token_id: f"token_id:{token_id}"
+        return self.tokenizer.token_text
 
     def _prompt_logprob_entries(self, prompt: Prompt, k: int) -> PromptLogprobs:
         """vLLM's ``prompt_logprobs``: None for the first token; for each other, keyed by token id, the
@@ -672,13 +683,13 @@ class OpenAIServing:
             entries.append(alternatives)
         return entries
 
-    def _chat_logprobs(self, tokens: list[TokenLogprob]) -> ChatLogprobs:
-        tok = self.tokenizer
+    def _chat_logprobs(self, req: ChatCompletionRequest, tokens: list[TokenLogprob]) -> ChatLogprobs:
+        tok, token = self.tokenizer, self._logprob_token(req)
         return ChatLogprobs(
             content=[
                 ChatLogprobToken(
-                    token=tok.token_text(t.token_id), logprob=t.logprob, bytes=tok.token_bytes(t.token_id),
-                    top_logprobs=[TopLogprob(token=tok.token_text(i), logprob=v, bytes=tok.token_bytes(i)) for i, v in t.top],
+                    token=token(t.token_id), logprob=t.logprob, bytes=tok.token_bytes(t.token_id),
+                    top_logprobs=[TopLogprob(token=token(i), logprob=v, bytes=tok.token_bytes(i)) for i, v in t.top],
                 )
                 for t in tokens
             ]
