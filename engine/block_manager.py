@@ -14,7 +14,8 @@ All block ids ``0 .. num_blocks - 1`` are ordinary blocks (none is reserved).
 The prefix cache maps a chained block hash (``baton.engine.hashing``) to a block
 id. A hit is used only when the block's stored token ids and parent hash match
 the request's; a hash collision costs a recomputation, never wrong KV. A sequence's
-hashes carry its LoRA adapter (``hashing.block_extra``): no block is shared across adapters. The pool
+hashes carry its LoRA adapter and cache salt (``hashing.block_extra``): no block is shared across
+adapters or salts. The pool
 never talks to Redis: it queues ``BlockStored`` / ``BlockRemoved`` events that an
 index publisher drains with ``drain_events()``.
 """
@@ -108,7 +109,7 @@ class BlockManager:
         bs, done = self.block_size, len(state.hashes)
         if (done + 1) * bs <= seq.num_tokens:
             parent = state.hashes[-1] if state.hashes else None
-            extra = hashing.block_extra(self.hash_extra, seq.lora)
+            extra = hashing.block_extra(self.hash_extra, seq.lora, seq.cache_salt)
             state.hashes += hashing.block_hashes(seq.token_ids[done * bs :], bs, extra, parent)
         return state
 

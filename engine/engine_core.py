@@ -27,6 +27,10 @@ and their blocks hash under it (``hashing.block_extra``), so the prefix cache ne
 a block computed under one adapter to another, or to the base model. A name the runner
 has not loaded is refused with ``UnknownLoRA``.
 
+Cache salt (vLLM's ``cache_salt``): a request's salt goes into its blocks' hashes too, so it reuses
+only blocks computed for requests with the same salt (and an unsalted one only unsalted blocks);
+the ``n`` samples of one request share it, and with it their prompt's blocks.
+
 Roles: a decode worker ``reserve``s blocks for a prompt whose KV comes from a
 prefill worker and ``activate``s it with the first token once the KV has landed;
 a prefill worker builds the core with ``keep_finished_blocks=True`` and
@@ -154,7 +158,7 @@ class EngineCore:
     # -- requests ---------------------------------------------------------------
     def _new_sequences(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int],
-        priority: int, lora: str | None = None,
+        priority: int, lora: str | None = None, cache_salt: str | None = None,
     ) -> list[Sequence]:
         if request_id in self.requests:
             raise ValueError(f"request {request_id} already exists")
@@ -173,6 +177,8 @@ class EngineCore:
         if lora is not None and lora not in self.runner.lora_names:
             loaded = ", ".join(sorted(self.runner.lora_names)) or "none"
             raise UnknownLoRA(f"request {request_id}: LoRA adapter {lora!r} is not loaded here (loaded: {loaded})")
+        if cache_salt == "":
+            raise ValueError(f"request {request_id}: a cache salt must not be empty (None: unsalted)")
         if priority and self.config.scheduling_policy != "priority":
             raise ValueError(f"request {request_id}: a priority needs the 'priority' scheduling policy "
                              f"(workers: --scheduling-policy priority)")
@@ -194,7 +200,7 @@ class EngineCore:
         return [
             Sequence(seq_id, list(prompt_token_ids), params, seed=seed + i, arrival_time=now,
                      output_token_ids=list(output_token_ids), output_logprobs=list(resumed), grammar=grammar,
-                     priority=priority, lora=lora)
+                     priority=priority, lora=lora, cache_salt=cache_salt)
             for i, (seq_id, grammar) in enumerate(zip(ids, grammars))
         ]
 
@@ -211,16 +217,18 @@ class EngineCore:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None,
-        priority: int = 0, lora: str | None = None,
+        priority: int = 0, lora: str | None = None, cache_salt: str | None = None,
     ) -> list[Sequence]:
-        """Queue a request (under LoRA adapter ``lora``, None: the base model); raises ValueError
+        """Queue a request (under LoRA adapter ``lora``, None: the base model; its blocks' hashes
+        salted with ``cache_salt``, None: unsalted); raises ValueError
         for one that can never be served (``UnknownLoRA`` for an adapter not loaded). ``output_token_ids``
         resumes a sequence that generated them elsewhere: they count as its output (penalties,
         ``min_tokens`` / ``max_tokens``, the sampling seed's index), so it goes on exactly as it would
         have there; their KV is computed with the prompt's. ``priority`` (lower first) needs the
         "priority" scheduling policy."""
         self._check_generates(request_id)
-        seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority, lora)
+        seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority, lora,
+                                   cache_salt)
         self.scheduler.add(seqs[0])
         if len(seqs) > 1:
             self.pending[request_id] = seqs[1:]
@@ -266,11 +274,15 @@ class EngineCore:
             raise ValueError(f"request {request_id}: this model is a base model's checkpoint, with no LM head: "
                              "it serves embeddings only")
 
-    def add_embedding_request(self, request_id: str, prompt_token_ids: list[int], priority: int = 0) -> Sequence:
+    def add_embedding_request(
+        self, request_id: str, prompt_token_ids: list[int], priority: int = 0, cache_salt: str | None = None,
+    ) -> Sequence:
         """Queue an embedding request: its prompt is computed (chunked, and under LAST pooling
-        over the prefix cache like any other) and its final hidden states, pooled as the runner's
-        ``pooler`` says, become ``seq.embedding``; it then finishes ("stop") with no output."""
-        (seq,) = self._new_sequences(request_id, prompt_token_ids, SamplingParams(max_tokens=1), [], priority)
+        over the prefix cache like any other, salted with ``cache_salt``) and its final hidden states,
+        pooled as the runner's ``pooler`` says, become ``seq.embedding``; it then finishes ("stop")
+        with no output."""
+        (seq,) = self._new_sequences(request_id, prompt_token_ids, SamplingParams(max_tokens=1), [], priority,
+                                     cache_salt=cache_salt)
         seq.pooling = self.runner.pooler
         self.scheduler.add(seq)
         self._track(request_id, [seq])
@@ -278,15 +290,16 @@ class EngineCore:
 
     def reserve(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None,
-        priority: int = 0, lora: str | None = None,
+        priority: int = 0, lora: str | None = None, cache_salt: str | None = None,
     ) -> Sequence | None:
         """Decode role: hold blocks for a prompt (and a resumed request's ``output_token_ids``,
-        and ``priority`` and ``lora`` as in ``add_request``) computed elsewhere. None when the pool is short now; ValueError
+        and ``priority``, ``lora`` and ``cache_salt`` as in ``add_request``) computed elsewhere. None when the pool is short now; ValueError
         when the request can never be served."""
         if params.n != 1:
             raise ValueError(f"request {request_id}: reserve takes one sequence (n=1), got n={params.n}")
         self._check_generates(request_id)
-        seq = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority, lora)[0]
+        seq = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority, lora,
+                                  cache_salt)[0]
         if not self.scheduler.reserve(seq):
             return None
         self._track(request_id, [seq])

@@ -15,9 +15,13 @@ The length prefixes keep the fields from aliasing one another. Blocks chain:
 ``h_0 = hash_block(None, block_0, extra)``, ``h_i = hash_block(h_{i-1}, block_i, extra)``;
 only full blocks are hashed.
 
-``block_extra(fingerprint, lora)`` is the ``extra`` of a sequence's blocks: the model
-fingerprint alone for the base model, ``f"{fingerprint}+lora:{lora}"`` under LoRA adapter
-``lora`` (its name, UTF-8), so blocks computed under different adapters never share a hash.
+``block_extra(fingerprint, lora, cache_salt)`` is the ``extra`` of a sequence's blocks: the
+model fingerprint, then ``f"+salt:{n}:{cache_salt}"`` for a request's cache salt (vLLM's
+``cache_salt``; ``n`` its length in UTF-8 bytes, in decimal), then ``f"+lora:{lora}"`` under
+LoRA adapter ``lora`` (its name). Each part is left out where it is None, so an unsalted
+base-model block's ``extra`` is the fingerprint alone. The salt's length prefix ends it, and
+the adapter's name runs to the end: no salt can pass for an adapter or for another salt, and
+blocks computed under different adapters or salts never share a hash.
 
 ``model_fingerprint(model_dir)`` is the BLAKE2b digest (8 bytes, no key) of
 ``config.json`` re-serialized canonically (``json.dumps(config, sort_keys=True,
@@ -60,9 +64,12 @@ def hash_block(parent: int | None, token_ids: Sequence[int], extra: str) -> int:
     return xxhash.xxh3_64_intdigest(_encode(parent, token_ids, extra))
 
 
-def block_extra(fingerprint: str, lora: str | None) -> str:
-    """The ``extra`` of blocks computed under LoRA adapter ``lora`` (None: the base model)."""
-    return fingerprint if lora is None else f"{fingerprint}+lora:{lora}"
+def block_extra(fingerprint: str, lora: str | None, cache_salt: str | None = None) -> str:
+    """The ``extra`` of blocks computed under LoRA adapter ``lora`` (None: the base model) for a
+    request salted with ``cache_salt`` (None: unsalted); see the module docs."""
+    salt = "" if cache_salt is None else f"+salt:{len(cache_salt.encode('utf-8'))}:{cache_salt}"
+    adapter = "" if lora is None else f"+lora:{lora}"
+    return f"{fingerprint}{salt}{adapter}"
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, extra: str, parent: int | None = None) -> list[int]:

@@ -73,11 +73,13 @@ class LLM:
         params: SamplingParams | list[SamplingParams] | None = None,
         priority: list[int] | None = None,
         lora: str | list[str | None] | None = None,
+        cache_salt: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, or token ids) and return the outputs in prompt order.
         ``priority``: one per prompt, lower first (``scheduling_policy="priority"``). ``lora``: the
         LoRA adapter (a name of ``lora_modules``) all prompts run under, or one per prompt (None:
-        the base model)."""
+        the base model). ``cache_salt``: the salt of all prompts' prefix-cache hashes, or one per
+        prompt (None: unsalted); only prompts with the same salt share cached blocks."""
         prompts = self._token_ids(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
@@ -88,10 +90,14 @@ class LLM:
         adapters = lora if isinstance(lora, list) else [lora] * len(prompts)
         if len(adapters) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(adapters)} LoRA adapters")
+        salts = cache_salt if isinstance(cache_salt, list) else [cache_salt] * len(prompts)
+        if len(salts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(salts)} cache salts")
         requests: list[tuple[str, list[Sequence]]] = []
-        for token_ids, p, rank, adapter in zip(prompts, params_list, priorities, adapters):
+        for token_ids, p, rank, adapter, salt in zip(prompts, params_list, priorities, adapters, salts):
             request_id = str(next(self._ids))
-            requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank, lora=adapter)))
+            requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank, lora=adapter,
+                                                               cache_salt=salt)))
         while self.core.has_unfinished():
             self.core.step()
         return [self._output(request_id, seqs) for request_id, seqs in requests]

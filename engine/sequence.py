@@ -67,6 +67,7 @@ class Sequence:
     pooled: torch.Tensor | None = None    # a pooling sequence's chunks' contributions so far (``engine_core``)
     embedding: list[float] | None = None  # a pooling sequence's, once its prompt is computed
     lora: str | None = None               # the LoRA adapter it runs under (None: the base model)
+    cache_salt: str | None = None         # salts its blocks' hashes: only requests with the same salt share them
 
     @property
     def token_ids(self) -> list[int]:

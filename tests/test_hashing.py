@@ -27,6 +27,14 @@ GOLDEN_BLOCKS = [
 GOLDEN_CHAIN = (list(range(10)), 4, "abc", [15773259920907177949, 13846864136730621593])
 # Blocks computed under a LoRA adapter: the adapter's name joins the fingerprint in ``extra``.
 GOLDEN_LORA = ("0123456789abcdef", "sonnets", "0123456789abcdef+lora:sonnets", [7108457745286642992, 8422438619771919332])
+# Blocks of a salted request (lora, cache_salt, extra, hashes of range(10) in blocks of 4): the salt,
+# length-prefixed (UTF-8 bytes), follows the fingerprint; an adapter's name comes last.
+GOLDEN_SALTED = [
+    (None, "tenant-a", "0123456789abcdef+salt:8:tenant-a", [7373287859977743755, 2733607930422956617]),
+    ("sonnets", "tenant-a", "0123456789abcdef+salt:8:tenant-a+lora:sonnets",
+     [18210650508692365929, 9333618806317286949]),
+    (None, "clé", "0123456789abcdef+salt:4:clé", [16345628854702421750, 14721131874225921371]),
+]
 
 
 @pytest.mark.parametrize(("args", "expected"), GOLDEN_BLOCKS)
@@ -45,6 +53,29 @@ def test_golden_lora_extra() -> None:
     assert block_extra(fingerprint, lora) == extra
     assert block_hashes(list(range(10)), 4, block_extra(fingerprint, lora)) == expected
     assert set(expected).isdisjoint(block_hashes(list(range(10)), 4, fingerprint))
+
+
+@pytest.mark.parametrize(("lora", "salt", "extra", "expected"), GOLDEN_SALTED)
+def test_golden_salted_extra(lora: str | None, salt: str, extra: str, expected: list[int]) -> None:
+    fingerprint = GOLDEN_LORA[0]
+    assert block_extra(fingerprint, lora, salt) == extra
+    assert block_hashes(list(range(10)), 4, extra) == expected
+    unsalted = block_hashes(list(range(10)), 4, block_extra(fingerprint, lora))
+    assert set(expected).isdisjoint(unsalted)
+
+
+def test_no_salt_leaves_the_extra_unchanged() -> None:
+    fingerprint, lora, extra, _ = GOLDEN_LORA
+    assert block_extra(fingerprint, None, None) == fingerprint
+    assert block_extra(fingerprint, lora, None) == extra
+
+
+def test_salts_never_alias_adapters_or_other_salts() -> None:
+    # Each pair would collide under a plain concatenation of the parts.
+    cases = [(None, None), ("a", None), (None, "a"), ("b", "a"), (None, "a+lora:b"), ("a+salt:1:b", None),
+             ("b", "1:a"), (None, "1:a+lora:b"), (None, "a" * 10), ("x", "a" * 10), (None, "é"), (None, "e")]
+    extras = [block_extra("fp", lora, salt) for lora, salt in cases]
+    assert len(set(extras)) == len(cases)
 
 
 def test_encoding_matches_documentation() -> None:

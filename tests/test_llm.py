@@ -8,8 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from baton.engine.block_manager import BlockStored
+from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.sampling_params import SamplingParams
+from roles import prefill_then_decode
 
 pytestmark = pytest.mark.model
 
@@ -74,6 +77,51 @@ def test_shared_prefix_is_served_from_the_cache(demo_model, hf_greedy):
     assert first.num_cached_tokens == 0 and again.num_cached_tokens >= 4
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert _hf_prefix_equal(again.outputs[0].token_ids, hf_greedy[PROMPTS[1]])
+
+
+def test_prefix_cache_is_salted(demo_model):
+    llm = LLM(demo_model, block_size=4)
+    prompt, salted = PROMPTS[1], lambda salt: llm.generate(prompt, GREEDY, cache_salt=salt)[0]
+    first = salted("tenant-a")
+    assert first.num_cached_tokens == 0
+    # The blocks go to the prefix index under the hashes the gateway computes for the salt.
+    stored = [h for event in llm.core.drain_block_events() if isinstance(event, BlockStored) for h in event.block_hashes]
+    expected = block_hashes(llm.tokenizer(prompt).input_ids, 4, block_extra(model_fingerprint(demo_model), None, "tenant-a"))
+    assert stored[: len(expected)] == expected
+    again, other, unsalted = salted("tenant-a"), salted("tenant-b"), salted(None)
+    assert again.num_cached_tokens >= 8                                  # the same salt: reused
+    assert other.num_cached_tokens == 0 and unsalted.num_cached_tokens == 0
+    assert {tuple(o.outputs[0].token_ids) for o in (first, again, other, unsalted)} == {tuple(first.outputs[0].token_ids)}
+    per_prompt = llm.generate([prompt, prompt], GREEDY, cache_salt=["tenant-b", "tenant-c"])
+    assert per_prompt[0].num_cached_tokens >= 8 and per_prompt[1].num_cached_tokens == 0
+    with pytest.raises(ValueError, match="must not be empty"):
+        llm.generate(prompt, GREEDY, cache_salt="")
+
+
+def test_prefill_and_decode_roles_with_a_salt(demo_model):
+    llm = LLM(demo_model, block_size=4)
+    prompt = llm.tokenizer(PROMPTS[1]).input_ids
+    seq, decode = prefill_then_decode(demo_model, prompt, GREEDY, cache_salt="tenant-a")
+    assert seq.cache_salt == "tenant-a"
+    assert seq.output_token_ids == llm.generate(PROMPTS[1], GREEDY)[0].outputs[0].token_ids
+    salted = block_hashes(prompt, 4, block_extra(model_fingerprint(demo_model), None, "tenant-a"))
+    stored = [h for event in decode.drain_block_events() if isinstance(event, BlockStored) for h in event.block_hashes]
+    assert stored[: len(salted)] == salted
+    # The decode worker's cached prompt blocks serve a later reservation under the same salt only.
+    for salt, reused in (("tenant-a", True), ("tenant-b", False), (None, False)):
+        reserved = decode.reserve(f"again-{salt}", prompt, GREEDY, cache_salt=salt)
+        assert (reserved.num_cached_tokens > 0) == reused, salt
+        decode.abort(f"again-{salt}")
+
+
+def test_n_samples_share_the_salt_and_the_prompt_blocks(demo_model):
+    llm = LLM(demo_model, block_size=4)
+    seqs = llm.core.add_request("r", llm.tokenizer(PROMPTS[2]).input_ids,
+                                SamplingParams(temperature=1.0, max_tokens=4, n=3, seed=1), cache_salt="tenant-a")
+    while llm.core.has_unfinished():
+        llm.core.step()
+    assert {seq.cache_salt for seq in seqs} == {"tenant-a"}
+    assert seqs[0].num_cached_tokens == 0 and all(seq.num_cached_tokens >= 8 for seq in seqs[1:])
 
 
 def test_seeded_sampling_is_reproducible_across_batches(demo_model):
