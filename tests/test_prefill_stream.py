@@ -2,7 +2,8 @@
 goes out while the decode side still holds back its acknowledgement of the KV, the handoff's
 end only after it, and the prompt's full block then sits in the worker's prefix cache; a
 resumed request's earlier tokens are computed and sent with its prompt; a handoff that
-cannot land blames the decode worker; a grammar that does not compile in time is the client's error."""
+cannot land blames the decode worker; a grammar that does not compile in time is the client's error; a
+cache salt keeps requests to the cached blocks of their own salt."""
 
 from __future__ import annotations
 
@@ -170,4 +171,30 @@ async def test_an_adapter_the_worker_has_not_loaded_is_not_found(worker):
             await call.read()
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "LoRA adapter 'sonnets' is not loaded here (loaded: none)" in err.value.details()
+    assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0
+
+
+async def test_a_cache_salt_keeps_prefill_and_embeddings_to_their_own_cached_blocks(worker):
+    """The prompt's cached block serves later requests (prefill or embedding) with the same salt only."""
+    ctx, servicer, receiver, push, address, caches = worker
+    params = common_pb2.SamplingParams(temperature=0.0, max_tokens=4)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+
+        async def prefill(rid: str, salt: str) -> int:
+            request = prefill_pb2.PrefillRequest(request_id=rid, prompt_token_ids=PROMPT, params=params, cache_salt=salt)
+            replies = [reply async for reply in stub.Prefill(request, timeout=60)]
+            return replies[0].first.cached_tokens
+
+        async def embed(rid: str, salt: str) -> int:
+            request = prefill_pb2.EmbedRequest(request_id=rid, prompt_token_ids=PROMPT, cache_salt=salt)
+            return (await stub.Embed(request, timeout=60)).cached_tokens
+
+        assert await prefill("r1", "tenant-a") == 0
+        assert await prefill("r2", "tenant-a") == 16
+        assert await prefill("r3", "tenant-b") == 0
+        assert await prefill("r4", "") == 0          # unsalted
+        assert await embed("e1", "tenant-a") == 16
+        assert await embed("e2", "tenant-c") == 0
+        assert await embed("e3", "tenant-c") == 16
     assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0

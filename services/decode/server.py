@@ -63,7 +63,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
             await compile_grammar(self._ctx, params, context)
             seq = await self.engine.call(
-                lambda: self._ctx.core.reserve(rid, prompt, params, resumed, request.priority, request.lora or None))
+                lambda: self._ctx.core.reserve(rid, prompt, params, resumed, request.priority, request.lora or None,
+                                               request.cache_salt or None))
         except UnknownLoRA as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except ValueError as exc:

@@ -122,7 +122,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         released = False
         try:
             try:
-                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request.priority, request.lora or None))
+                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request))
             except UnknownLoRA as exc:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             except ValueError as exc:
@@ -153,10 +153,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 if session is not None:
                     await session.abort()
 
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int], priority: int,
-             lora: str | None) -> None:
-        """Engine thread: queue the request; a resumed one's earlier tokens are not sent again."""
-        self._ctx.core.add_request(rid, prompt, params, resumed, priority, lora)
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int],
+             request: prefill_pb2.PrefillRequest) -> None:
+        """Engine thread: queue the request (its priority, LoRA adapter and cache salt as ``request``
+        gives them); a resumed one's earlier tokens are not sent again."""
+        self._ctx.core.add_request(rid, prompt, params, resumed, request.priority, request.lora or None,
+                                   request.cache_salt or None)
         self.engine.mark_sent(rid, len(resumed))
 
     async def _open_transfer(self, request: prefill_pb2.PrefillRequest, context) -> TransferSession:
@@ -191,7 +193,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         done = False
         try:
             try:
-                await self.engine.call(lambda: self._ctx.core.add_embedding_request(rid, prompt, request.priority))
+                await self.engine.call(lambda: self._ctx.core.add_embedding_request(
+                    rid, prompt, request.priority, request.cache_salt or None))
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             try:
