@@ -405,6 +405,19 @@ async def test_the_lora_adapter_reaches_both_workers_and_one_they_lack_is_a_404(
     assert err.value.status == 404 and len(prefill.requests) == 2
 
 
+async def test_the_cache_salt_reaches_both_workers_and_the_embedding_worker(cluster) -> None:
+    add, make, _ = cluster
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0")
+    backend = await make(config([await add(prefill)], [await add(decode)]))
+    req = replace(request(max_tokens=2), cache_salt="tenant-a")
+    await collect(backend.generate(req))
+    assert decode.reserved[req.request_id][0].cache_salt == prefill.requests[0].cache_salt == "tenant-a"
+    await collect(backend.generate(request(max_tokens=2)))
+    assert prefill.requests[1].cache_salt == ""                 # unsalted
+    await backend.embed(EmbedRequest("e1", list(range(1, 33)), cache_salt="tenant-b"))
+    assert prefill.requests[2].cache_salt == "tenant-b"
+
+
 async def test_full_decode_workers_are_skipped_then_503(cluster) -> None:
     add, make, _ = cluster
     full, roomy = FakeDecode("d0", free_blocks=180, room=False), FakeDecode("d1", free_blocks=20)

@@ -307,6 +307,48 @@ async def test_a_worker_without_the_adapter_is_a_404(tok) -> None:
     assert error["code"] == "model_not_found" and "'sonnets' is not loaded" in error["message"]
 
 
+SALT = "kd4X0zLq9Vb2Yc7Hf1Tw8Rm3Ns6Pj5Ga0Ue4Io2Kl7"   # 43 characters: 256 bits in base64, as vLLM advises
+
+
+async def test_the_cache_salt_reaches_the_backend_on_every_route(tok) -> None:
+    backend = FakeBackend(tok)
+    salted = {"max_tokens": 2, "cache_salt": SALT}
+    routes = [
+        ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"], "n": 2, **salted}),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], **salted}),
+        ("/v1/responses", {"model": MODEL, "input": "x", "max_output_tokens": 2, "cache_salt": SALT}),
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 2, "cache_salt": None}),
+        ("/v1/embeddings", {"model": MODEL, "input": ["a", "b"], "cache_salt": SALT}),
+        ("/score", {"model": MODEL, "text_1": "a", "text_2": "b", "cache_salt": SALT}),
+        ("/rerank", {"model": MODEL, "query": "a", "documents": ["b"], "cache_salt": SALT}),
+        ("/v1/embeddings", {"model": MODEL, "input": "a"}),
+    ]
+    for path, body in routes:
+        assert (await post(backend, tok, path, body)).status_code == 200, path
+    assert [r.cache_salt for r in backend.requests] == [SALT] * 4 + [SALT] + [SALT] + [None]   # each of n samples too
+    assert [r.cache_salt for r in backend.embeds] == [SALT] * 6 + [None]
+
+
+@pytest.mark.parametrize("salt", ["", "s" * 129, "a/b", "a@b", "a\\b", "a\x00b", 7, ["s"]])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"])
+async def test_a_cache_salt_vllm_refuses_is_a_400_naming_it(tok, path, salt) -> None:
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "x"}], "input": "x", "cache_salt": salt}
+    error = assert_error(await post(backend, tok, path, body), 400, "cache_salt")
+    assert "cache_salt" in error["message"]
+    assert backend.requests == backend.embeds == []
+
+
+async def test_the_longest_cache_salt_passes_and_a_lone_surrogate_is_refused(tok) -> None:
+    backend = FakeBackend(tok)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "cache_salt": "é" * 128}
+    assert (await post(backend, tok, "/v1/completions", body)).status_code == 200
+    lone = b'{"model": "%s", "prompt": "x", "cache_salt": "a\\ud800"}' % MODEL.encode()
+    assert_error(await post(backend, tok, "/v1/completions", lone, headers={"content-type": "application/json"}),
+                 400, "cache_salt")
+    assert [r.cache_salt for r in backend.requests] == ["é" * 128]
+
+
 async def test_unknown_fields_are_ignored_and_null_means_default(tok) -> None:
     backend = FakeBackend(tok)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "temperature": None, "service_tier": "auto", "suffix": None}

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from baton.engine.block_manager import BlockRemoved, BlockStored
 from baton.engine.hashing import block_extra, block_hashes
+from baton.services.gateway.backend import EmbedRequest
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.metrics import REDIS_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
@@ -311,6 +312,27 @@ async def test_a_lora_request_is_routed_by_the_blocks_computed_under_its_adapter
             await collect(backend.generate(request(prompt, max_tokens=1)))
         assert [r.lora for r in prefills[0].requests] == ["one"] * 2
         assert [r.lora for r in prefills[1].requests] == [""] * 2
+
+
+async def test_a_salted_request_is_routed_by_the_blocks_cached_under_its_salt(redis_url: str) -> None:
+    """p0 holds the prompt's blocks salted with "tenant-a" (hashed with its extra, as the workers
+    hash them), p1 the unsalted ones: each request, and each embedding, goes where its own blocks
+    are; one under another salt finds none and goes by load alone."""
+    prefills, decode = [FakePrefill("p0"), FakePrefill("p1")], FakeDecode("d0")
+    workers = [("p0", "prefill", prefills[0]), ("p1", "prefill", prefills[1]), ("d0", "decode", decode)]
+    async with registered_cluster(redis_url, workers) as (publishers, backend):
+        prompt = [random.randrange(1000) for _ in range(70)]
+        publishers["p0"].publish([BlockStored(block_hashes(prompt, 16, block_extra(FP, None, "tenant-a")))])
+        publishers["p1"].publish([BlockStored(block_hashes(prompt, 16, FP))])
+        assert await publishers["p0"].flush() and await publishers["p1"].flush()
+        for i in range(2):
+            await collect(backend.generate(replace(request(prompt, max_tokens=1), cache_salt="tenant-a")))
+            await collect(backend.generate(request(prompt, max_tokens=1)))
+            await backend.embed(EmbedRequest(f"e{i}", prompt, cache_salt="tenant-a"))
+        assert [r.cache_salt for r in prefills[0].requests] == ["tenant-a"] * 4
+        assert [r.cache_salt for r in prefills[1].requests] == [""] * 2
+        assert set((await backend._cached_prefixes(prompt, set(), cache_salt="tenant-a")).values()) == {0, 4}
+        assert set((await backend._cached_prefixes(prompt, set(), cache_salt="tenant-b")).values()) == {0}
 
 
 async def test_gateway_reserves_on_the_decode_worker_holding_the_prompt(redis_url: str) -> None:

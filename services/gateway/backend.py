@@ -22,6 +22,7 @@ class GenerationRequest:
     colocate: tuple[str, ...] = ()  # a sibling's ``placement``: run beside it, over the KV it left cached
     priority: int = 0               # lower first, where the workers schedule by priority
     lora: str | None = None         # the LoRA adapter it runs under (None: the base model)
+    cache_salt: str | None = None   # salts its blocks' hashes: it reuses only blocks cached under the same salt
 
     @property
     def token_ids(self) -> list[int]:
@@ -39,6 +40,7 @@ class EmbedRequest:
     request_id: str
     prompt_token_ids: list[int]
     priority: int = 0
+    cache_salt: str | None = None   # as a GenerationRequest's
 
 
 @dataclass

@@ -29,8 +29,8 @@ seeded output are what they would have been, since sampling depends only on the
 seed and the token's index). INVALID_ARGUMENT becomes HTTP 400, NOT_FOUND from Reserve
 or Prefill (a LoRA adapter the worker has not loaded) 404, anything else 503 naming the
 worker, and the end-to-end deadline (``request_timeout_s``) 504. A request's LoRA adapter
-goes to both workers, and into the block hashes its cached prefix is looked up by
-(``hashing.block_extra``), as the workers hash its blocks.
+and cache salt go to both workers, and into the block hashes its cached prefix is looked up
+by (``hashing.block_extra``), as the workers hash its blocks: routing follows the salted cache.
 
 Background task (``start()``): every ``load_poll_interval_s`` poll ``GetLoad``
 on every known worker (a worker is *down* until it answers), and about once a
@@ -177,10 +177,10 @@ class GrpcBackend(Backend):
         _check_prompt(request.prompt_token_ids)
         deadline = time.monotonic() + self.config.request_timeout_s
         msg = prefill_pb2.EmbedRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                                       priority=request.priority)
+                                       priority=request.priority, cache_salt=request.cache_salt or "")
         avoid: set[str] = set()     # the workers that failed it
         while True:
-            cached = await self._cached_prefixes(request.prompt_token_ids, avoid)
+            cached = await self._cached_prefixes(request.prompt_token_ids, avoid, cache_salt=request.cache_salt)
             worker = await self._choose_prefill(request.prompt_token_ids, avoid, cached)
             self._in_flight[worker.address] += 1
             try:
@@ -201,7 +201,7 @@ class GrpcBackend(Backend):
     async def _attempt(
         self, request: GenerationRequest, deadline: float, avoid: set[str]
     ) -> AsyncIterator[GenerationChunk]:
-        cached = await self._cached_prefixes(request.token_ids, avoid, request.lora)
+        cached = await self._cached_prefixes(request.token_ids, avoid, request.lora, request.cache_salt)
         decode, ticket = await self._reserve(request, deadline, avoid, cached)  # counts it in flight there
         prefill: _Worker | None = None
         finished = False
@@ -233,16 +233,19 @@ class GrpcBackend(Backend):
             if not finished:
                 await self._abort(request.request_id, [decode, prefill])
 
-    async def _cached_prefixes(self, token_ids: list[int], avoid: set[str], lora: str | None = None) -> dict[str, int]:
-        """How many of ``token_ids``' leading blocks (computed under LoRA adapter ``lora``) each healthy
-        worker holds, by address: one Redis round trip for both roles (none where neither has a choice to make)."""
+    async def _cached_prefixes(
+        self, token_ids: list[int], avoid: set[str], lora: str | None = None, cache_salt: str | None = None,
+    ) -> dict[str, int]:
+        """How many of ``token_ids``' leading blocks (computed under LoRA adapter ``lora``, salted with
+        ``cache_salt``) each healthy worker holds, by address: one Redis round trip for both roles (none
+        where neither has a choice to make)."""
         by_role = [self._healthy(role, avoid) for role in ("prefill", "decode")]
         num_blocks = len(token_ids) // self.config.block_size
         if self._index is None or max(map(len, by_role)) < 2 or num_blocks == 0:
             return {}
         by_id = {self._workers[a].worker_id: a for healthy in by_role for a in healthy if self._workers[a].worker_id}
         head = token_ids[: self._index.max_blocks * self.config.block_size]
-        hashes = block_hashes(head, self.config.block_size, block_extra(self.fingerprint, lora))
+        hashes = block_hashes(head, self.config.block_size, block_extra(self.fingerprint, lora, cache_salt))
         runs = await self._index.longest_prefixes(hashes, list(by_id))
         return {by_id[worker_id]: n for worker_id, n in runs.items()}
 
@@ -258,6 +261,7 @@ class GrpcBackend(Backend):
             output_token_ids=request.output_token_ids,
             priority=request.priority,
             lora=request.lora or "",
+            cache_salt=request.cache_salt or "",
         )
         full: set[str] = set()
         while True:
@@ -309,6 +313,7 @@ class GrpcBackend(Backend):
             output_token_ids=request.output_token_ids,
             priority=request.priority,
             lora=request.lora or "",
+            cache_salt=request.cache_salt or "",
         )
         call = worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
         self._in_flight[worker.address] += 1

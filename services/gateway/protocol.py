@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator,
+)
 
 from baton.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, StructuredOutputParams
 
@@ -22,6 +24,7 @@ MAX_STOP_STRINGS = 4
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_BAD_WORDS = 128
 MAX_EMBEDDING_INPUTS = 2048   # OpenAI's limit on inputs per embeddings request
+MAX_CACHE_SALT_CHARS = 128    # vLLM's limit on a cache_salt
 DONE = "[DONE]"               # the last event of a completion or chat completion stream
 
 
@@ -122,6 +125,28 @@ class StructuredOutputs(BaseModel):
         )
 
 
+def _check_cache_salt(value: str | None) -> str | None:
+    """vLLM's rule for ``cache_salt``: absent, or a non-empty string of at most 128 characters
+    without '@', '/', '\\' or NUL; and text that UTF-8 can carry (no lone surrogate), as the
+    workers' wire and the block hashes need."""
+    if value is None:
+        return value
+    if not value:
+        raise ValueError("must be a non-empty string if provided")
+    if len(value) > MAX_CACHE_SALT_CHARS or any(c in "@/\\\x00" for c in value):
+        raise ValueError(f"must be at most {MAX_CACHE_SALT_CHARS} characters and must not contain '@', '/', '\\' or NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from exc
+    return value
+
+
+# vLLM's: the prefix cache is salted with it, so a request reuses only blocks computed under the same
+# salt (a tenant's prompts cannot be guessed from another's cache hits).
+CacheSalt = Annotated[str | None, AfterValidator(_check_cache_salt)]
+
+
 class NullMeansDefault(BaseModel):
     """A request whose fields sent as null take their defaults (as OpenAI's clients send them)."""
 
@@ -168,6 +193,7 @@ class BaseGenerationRequest(NullMeansDefault):
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)   # vLLM's: lower first (--scheduling-policy priority)
     prompt_logprobs: int | None = Field(default=None, ge=-1, le=MAX_LOGPROBS)   # vLLM's: top-k per prompt token; -1: all
     return_tokens_as_token_ids: bool | None = None   # vLLM's: log-probs name tokens "token_id:{id}" (None: the gateway's)
+    cache_salt: CacheSalt = None
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> BaseGenerationRequest:
@@ -455,7 +481,7 @@ class TokenizeRequest(ChatTemplateOptions):
 
 
 class EmbeddingRequest(BaseModel):
-    """OpenAI's embeddings request, with vLLM's ``truncate_prompt_tokens`` and ``priority``."""
+    """OpenAI's embeddings request, with vLLM's ``truncate_prompt_tokens``, ``priority`` and ``cache_salt``."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -465,6 +491,7 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)
+    cache_salt: CacheSalt = None
 
     @field_validator("input")
     @classmethod
@@ -499,12 +526,14 @@ def _texts(value: str | list[str], name: str) -> list[str]:
 
 class ScoringRequest(NullMeansDefault):
     """What vLLM's score and rerank requests share: the model (the served one where left out, as
-    vLLM takes it), and ``truncate_prompt_tokens`` and ``priority`` as an embeddings request has them."""
+    vLLM takes it), and ``truncate_prompt_tokens``, ``priority`` and ``cache_salt`` as an embeddings
+    request has them."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)
+    cache_salt: CacheSalt = None
 
 
 class ScoreRequest(ScoringRequest):
@@ -660,6 +689,7 @@ class ResponsesRequest(NullMeansDefault):
     tools: list[ResponseFunctionTool] = Field(default_factory=list)
     tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    cache_salt: CacheSalt = None     # vLLM's, as a chat completion takes it
 
     @field_validator("previous_response_id")
     @classmethod
@@ -706,7 +736,7 @@ class ResponsesRequest(NullMeansDefault):
             model=self.model, messages=messages, max_completion_tokens=self.max_output_tokens, temperature=self.temperature,
             top_p=self.top_p, stream=self.stream, stream_options=StreamOptions(include_usage=True) if self.stream else None,
             response_format=response_format, user=self.user, tools=[t.chat_tool() for t in self.tools] or None,
-            tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls,
+            tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls, cache_salt=self.cache_salt,
         )
 
 

@@ -9,7 +9,8 @@ prompt's later samples start beside its first once that one decodes, see ``_merg
 
 ``model`` names the base model (``served_model_name``) or one of the LoRA adapters the
 workers load (``lora_modules``, vLLM's ``--lora-modules``): each backend sequence carries
-the adapter's name. Embeddings and scores come from the base model only.
+the adapter's name. Embeddings and scores come from the base model only. A request's
+``cache_salt`` (vLLM's) goes with each of its backend sequences (all ``n`` samples share it).
 
 Every backend iterator is closed when its choice ends early (stop string, client
 gone, error): closing it aborts the sequence on the workers.
@@ -179,7 +180,7 @@ class OpenAIServing:
         arrival = time.perf_counter()
         self._check_model(req.model, base_only=True)
         inputs = self._embedding_inputs(req.input, req, "input")
-        results = await self._embed(f"embd-{uuid.uuid4().hex}", inputs, req.priority, arrival)
+        results = await self._embed(f"embd-{uuid.uuid4().hex}", inputs, req, arrival)
         prompt_tokens = sum(r.prompt_tokens for r in results)
         return EmbeddingResponse(
             data=[EmbeddingData(index=i, embedding=_encode_embedding(r.embedding, req.encoding_format))
@@ -209,7 +210,7 @@ class OpenAIServing:
         self._check_model(self.config.served_model_name if req.model is None else req.model, base_only=True)
         inputs = [self._embedding_inputs(texts, req, param) for texts, param in (first, second)]
         request_id = f"{kind}-{uuid.uuid4().hex}"
-        results = await self._embed(request_id, inputs[0] + inputs[1], req.priority, arrival)
+        results = await self._embed(request_id, inputs[0] + inputs[1], req, arrival)
         scores = scoring.similarities([r.embedding for r in results], len(inputs[0]))
         return request_id, scores, sum(r.prompt_tokens for r in results)
 
@@ -223,14 +224,17 @@ class OpenAIServing:
                            param=param)
         return inputs
 
-    async def _embed(self, request_id: str, inputs: list[list[int]], priority: int, arrival: float) -> list[EmbedResult]:
+    async def _embed(
+        self, request_id: str, inputs: list[list[int]], req: EmbeddingRequest | ScoringRequest, arrival: float,
+    ) -> list[EmbedResult]:
         """Each input's embedding, computed on the prefill workers (all inputs at once, ids
-        ``f"{request_id}-{i}"``); metered as one request."""
+        ``f"{request_id}-{i}"``, with ``req``'s priority and cache salt); metered as one request."""
         tracker, status = metrics.RequestMetrics(arrival), "error"
         try:
             try:
                 async with asyncio.TaskGroup() as group:   # one failure cancels the rest
-                    tasks = [group.create_task(self.backend.embed(EmbedRequest(f"{request_id}-{i}", ids, priority)))
+                    tasks = [group.create_task(self.backend.embed(
+                                 EmbedRequest(f"{request_id}-{i}", ids, req.priority, req.cache_salt)))
                              for i, ids in enumerate(inputs)]
             except* (APIError, BackendError) as errors:
                 raise as_api_error(errors.exceptions[0]) from None
@@ -405,7 +409,7 @@ class OpenAIServing:
                 scored = params.prompt_logprobs if i == 0 else None   # the prompt's log-probs: its first sample's
                 gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids,
                                         replace(params, seed=seed, prompt_logprobs=scored), priority=req.priority,
-                                        lora=lora)
+                                        lora=lora, cache_salt=req.cache_salt)
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
                 choices.append(Choice(index, i, prompt, gen, detok, stop))
