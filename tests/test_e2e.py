@@ -444,6 +444,49 @@ def test_repeated_prompt_hits_the_worker_that_cached_it(system, demo_model):
     r.close()
 
 
+def test_a_cache_salt_keeps_each_salts_cached_prefix_apart(system, demo_model):
+    """A salted prompt's blocks are indexed under the salted hashes (on one prefill and one decode
+    worker), which route it back to them: repeated under its salt it is served from the cache;
+    under another salt, or none, it is computed anew (on either role), with the same output."""
+    from transformers import AutoTokenizer
+
+    prompt = "SECOND CITIZEN:\nWould you proceed especially against Caius Marcius? " * 3
+    fingerprint, salted = model_fingerprint(demo_model), {"cache_salt": "tenant-a"}
+
+    def complete(salt: str | None):
+        return system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0,
+                                                extra_body={"cache_salt": salt})
+
+    first = complete("tenant-a")
+    assert first.usage.prompt_tokens >= 64 and first.usage.prompt_tokens_details.cached_tokens == 0
+    token_ids = AutoTokenizer.from_pretrained(demo_model)(prompt).input_ids
+    hashes = block_hashes(token_ids, 16, block_extra(fingerprint, None, salted["cache_salt"]))
+    with redis.Redis.from_url(system.plan.redis_url) as r:
+        holders = wait_for_holders(r, [block_key(fingerprint, h) for h in hashes], 2)
+        for role in ("prefill", "decode"):
+            assert all(len(h & worker_ids(r, role)) == 1 for h in holders), holders
+        assert not any(r.exists(block_key(fingerprint, h)) for h in block_hashes(token_ids, 16, fingerprint))
+    for _ in range(3):
+        again = complete("tenant-a")
+        assert again.usage.prompt_tokens_details.cached_tokens >= 48 and again.choices[0].text == first.choices[0].text
+    for salt in ("tenant-b", None):
+        other = complete(salt)
+        assert other.usage.prompt_tokens_details.cached_tokens == 0 and other.choices[0].text == first.choices[0].text
+    # A decode worker that ran it reserves the salted prompt's blocks from its cache under the same salt only.
+    cached = {}
+    for salt in ("tenant-a", "tenant-c"):
+        for i, address in enumerate(system.worker_addrs("decode")):
+            with grpc.insecure_channel(address) as channel:
+                stub, rid = decode_pb2_grpc.DecodeStub(channel), f"salt-probe-{salt}-{i}"
+                request = decode_pb2.ReserveRequest(request_id=rid, prompt_token_ids=token_ids, cache_salt=salt,
+                                                    params=common_pb2.SamplingParams(max_tokens=4))
+                cached[salt, i] = stub.Reserve(request, timeout=10).cached_blocks
+                stub.Abort(common_pb2.AbortRequest(request_id=rid), timeout=10)
+    assert max(cached["tenant-a", i] for i in range(2)) == len(token_ids) // 16
+    assert [cached["tenant-c", i] for i in range(2)] == [0, 0]
+    assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+
+
 def test_baton_up_serves_lora_adapters_as_models(demo_model, tmp_path):
     """``baton up --lora-modules``: both roles load the adapters and the gateway lists them. A request
     naming one writes what the aggregated engine writes under it; its prompt's blocks are indexed
