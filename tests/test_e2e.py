@@ -484,6 +484,19 @@ def test_a_cache_salt_keeps_each_salts_cached_prefix_apart(system, demo_model):
                 stub.Abort(common_pb2.AbortRequest(request_id=rid), timeout=10)
     assert max(cached["tenant-a", i] for i in range(2)) == len(token_ids) // 16
     assert [cached["tenant-c", i] for i in range(2)] == [0, 0]
+    # Each prefill worker alone holds the prompt under a salt of its own: the gateway sends each
+    # salt's requests there, as only the salted hashes can tell (load alone sends all to one).
+    for i, address in enumerate(system.worker_addrs("prefill")):
+        with grpc.insecure_channel(address) as channel:
+            request = prefill_pb2.PrefillRequest(request_id=f"salt-seed-{i}", prompt_token_ids=token_ids,
+                                                 params=common_pb2.SamplingParams(max_tokens=1), cache_salt=f"seed-{i}")
+            assert len(list(prefill_pb2_grpc.PrefillStub(channel).Prefill(request, timeout=30))) == 1
+        with redis.Redis.from_url(system.plan.redis_url) as r:
+            seeded = block_hashes(token_ids, 16, block_extra(fingerprint, None, f"seed-{i}"))
+            assert all(len(h) == 1 for h in wait_for_holders(r, [block_key(fingerprint, h) for h in seeded], 1))
+    for _ in range(2):
+        for i in range(2):
+            assert complete(f"seed-{i}").usage.prompt_tokens_details.cached_tokens >= 48, i
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 
