@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import itertools
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from transformers import AutoTokenizer
 
@@ -27,6 +28,8 @@ from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence, TokenLogprob
 from baton.engine.structured_output import StructuredOutputs
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -81,18 +84,12 @@ class LLM:
         the base model). ``cache_salt``: the salt of all prompts' prefix-cache hashes, or one per
         prompt (None: unsalted); only prompts with the same salt share cached blocks."""
         prompts = self._token_ids(prompts)
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        params_list = _per_prompt(SamplingParams() if params is None else params, len(prompts), "sampling params")
         priorities = priority if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
-        adapters = lora if isinstance(lora, list) else [lora] * len(prompts)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} LoRA adapters")
-        salts = cache_salt if isinstance(cache_salt, list) else [cache_salt] * len(prompts)
-        if len(salts) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(salts)} cache salts")
+        adapters = _per_prompt(lora, len(prompts), "LoRA adapters")
+        salts = _per_prompt(cache_salt, len(prompts), "cache salts")
         requests: list[tuple[str, list[Sequence]]] = []
         for token_ids, p, rank, adapter, salt in zip(prompts, params_list, priorities, adapters, salts):
             request_id = str(next(self._ids))
@@ -130,3 +127,12 @@ class LLM:
         ]
         first = seqs[0]
         return RequestOutput(request_id, list(first.prompt_token_ids), outputs, first.num_cached_tokens, list(first.prompt_logprobs))
+
+
+def _per_prompt(value: T | list[T], count: int, what: str) -> list[T]:
+    """One ``value`` for each of ``count`` prompts: a list is one per prompt already (ValueError
+    naming ``what`` where its length differs), anything else is every prompt's."""
+    values = value if isinstance(value, list) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{count} prompts but {len(values)} {what}")
+    return values

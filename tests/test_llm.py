@@ -336,3 +336,16 @@ def test_kv_blocks_fill_the_device_share_beside_the_peak_or_fail_saying_why():
         EngineConfig(gpu_memory_utilization=0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         EngineConfig(device="cuda", gpu_memory_utilization=1.5)
+
+
+@pytest.mark.model
+def test_per_prompt_arguments_must_give_one_per_prompt(demo_model):
+    from baton.engine.sampling_params import SamplingParams as Params
+
+    llm = LLM(demo_model, num_blocks=16)
+    for kwargs, what in (({"params": [Params(max_tokens=2)]}, "sampling params"), ({"lora": [None]}, "LoRA adapters"),
+                         ({"cache_salt": ["s"]}, "cache salts"), ({"priority": [0]}, "priorities")):
+        with pytest.raises(ValueError, match=f"2 prompts but 1 {what}"):
+            llm.generate(["JULIET:", "ROMEO:"], **kwargs)
+    one = llm.generate(["JULIET:", "ROMEO:"], Params(max_tokens=2, temperature=0), cache_salt="s")
+    assert [len(o.outputs[0].token_ids) for o in one] == [2, 2]
