@@ -115,10 +115,12 @@ class OpenAIServing:
         if req.stream:
             return await PrimedStream.start(self._stream(req, request_id, choices, self._completion_chunks, arrival))
         deltas = await self._collect(choices, arrival)
+        # Once per prompt: its n samples (choice p * n + i) share it.
+        scored = [None if prompt_k is None else self._prompt_logprob_entries(p, prompt_k) for p in prompts]
         return CompletionResponse(
             id=request_id,
             model=req.model,
-            choices=[self._completion_choice(req, c, deltas[c.index], prompt_k) for c in choices],
+            choices=[self._completion_choice(req, c, deltas[c.index], scored[c.index // req.n]) for c in choices],
             usage=self._usage(choices),
         )
 
@@ -623,10 +625,9 @@ class OpenAIServing:
         return DeltaMessage(content=content or None, tool_calls=pieces or None), finish_reason
 
     def _completion_choice(
-        self, req: CompletionRequest, choice: Choice, deltas: list[Delta], prompt_k: int | None
+        self, req: CompletionRequest, choice: Choice, deltas: list[Delta], scored: PromptLogprobs | None
     ) -> CompletionChoice:
         text, logprobs = self._completion_text(req, choice.prompt, deltas)
-        scored = None if prompt_k is None else self._prompt_logprob_entries(choice.prompt, prompt_k)
         return CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
                                 prompt_logprobs=scored)
 
