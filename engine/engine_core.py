@@ -353,7 +353,7 @@ class EngineCore:
     def _next_step_may_wait(self, launched: _Launched) -> bool:
         """Whether the next step can run before ``launched``'s tokens are read: not when it
         verified drafts or the next step may propose some (both need the tokens on the host)."""
-        spec = self.scheduler.config.speculative
+        spec = self.config.speculative
         if spec is None:
             return True
         return not any(launched.drafts) and not spec.drafts_at(len(self.scheduler.running))
