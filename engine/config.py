@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from baton.engine.pooling import PoolerConfig
+from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 
 DEFAULT_CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -107,6 +108,8 @@ class EngineConfig:
     checkpoint's sentence-transformers modules say, else LAST, normalized. ``lora_modules``:
     LoRA adapters (name -> PEFT directory), all resident, at most ``max_loras`` of rank at most
     ``max_lora_rank`` (vLLM's names; ``engine/lora_loader.py``); a request names one by its name.
+    ``max_logprobs``: the most log-probs a request may ask for each sampled or prompt token (vLLM's;
+    -1: the whole vocabulary).
     """
 
     block_size: int = 16
@@ -128,6 +131,7 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     gpu_memory_utilization: float | None = None   # CUDA: size the KV pool to this share of the device (vLLM's)
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS      # the most log-probs a request may ask for a token (-1: the vocabulary)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -141,6 +145,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError(f"max_loras and max_lora_rank must be positive, got {self.max_loras} and {self.max_lora_rank}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (the vocabulary) or at least 0, got {self.max_logprobs}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.gpu_memory_utilization is not None and not self.device.startswith("cuda"):

@@ -142,6 +142,7 @@ class EngineCore:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = runner.max_model_len
         self.vocab_size = runner.vocab_size
+        self.max_logprobs = self.vocab_size if config.max_logprobs == -1 else config.max_logprobs
         self.block_manager = BlockManager(runner.num_blocks, config.block_size, hash_extra, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, keep_finished_blocks)
         self.sampler = Sampler(eos_token_ids)
@@ -177,6 +178,11 @@ class EngineCore:
         if lora is not None and lora not in self.runner.lora_names:
             loaded = ", ".join(sorted(self.runner.lora_names)) or "none"
             raise UnknownLoRA(f"request {request_id}: LoRA adapter {lora!r} is not loaded here (loaded: {loaded})")
+        limit = self.max_logprobs
+        for kind, k in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
+            if k is not None and k > limit:
+                raise ValueError(f"request {request_id}: requested {kind} logprobs of {k}, which is greater than max "
+                                 f"allowed: {limit}")
         if cache_salt == "":
             raise ValueError(f"request {request_id}: a cache salt must not be empty (None: unsalted)")
         if priority and self.config.scheduling_policy != "priority":

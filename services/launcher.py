@@ -24,6 +24,7 @@ from pathlib import Path
 from baton.engine.config import SCHEDULING_POLICIES, parse_lora_modules, speculative_config_arg
 from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
+from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from baton.services.gateway.tokenizer import chat_template_arg
 from baton.services.gateway.tool_parsers import PARSERS
@@ -73,7 +74,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         redis_cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         redis_url = f"redis://127.0.0.1:{port}/0"
     common = ["--model", args.model, "--redis-url", redis_url, "--device", args.device, "--block-size", str(args.block_size),
-              "--scheduling-policy", args.scheduling_policy]
+              "--scheduling-policy", args.scheduling_policy, "--max-logprobs", str(args.max_logprobs)]
     if args.dtype:
         common += ["--dtype", args.dtype]
     if args.gpu_memory_utilization is not None:   # every worker shares the one device
@@ -105,6 +106,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "--host", args.host, "--port", str(args.port),
         "--redis-url", redis_url,
         "--block-size", str(args.block_size),
+        "--max-logprobs", str(args.max_logprobs),
         *[a for addr in prefill_addrs for a in ("--prefill-addr", addr)],
         *[a for addr in decode_addrs for a in ("--decode-addr", addr)],
         *[a for key in args.api_key for a in ("--api-key", key)],
@@ -236,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooler-config", type=pooler_config_arg, default=None,
                    help='how the prefill workers pool embeddings, as vLLM takes it: \'{"pooling_type": "MEAN", '
                         '"normalize": false}\' (default: the checkpoint\'s sentence-transformers pooling, else LAST)')
+    p.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
+                   help="the most log-probs a request may ask for each token (vLLM's; -1: the whole vocabulary)")
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from baton.engine.config import SCHEDULING_POLICIES, EngineConfig, parse_lora_modules, speculative_config_arg
 from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
-from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
+from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams, StructuredOutputParams
 from baton.engine.model_runner import ModelRunner
 from baton.engine.pooling import PoolerConfig, pooler_config_arg
 from baton.engine.structured_output import StructuredOutputs, mask_logits
@@ -74,6 +74,8 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
+                   help="the most log-probs a request may ask for each token (vLLM's; -1: the whole vocabulary)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens back (default: on with --device cuda)")
     p.add_argument(
@@ -127,6 +129,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
+        max_logprobs=args.max_logprobs,
         device=args.device,
         dtype=args.dtype,
         async_scheduling=args.async_scheduling,

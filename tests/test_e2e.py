@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 PROMPTS = ["JULIET:\nO Romeo", "ROMEO:\nBut, soft! what light", "HAMLET:\nTo be, or not to be", "KING RICHARD III:\nNow is the winter"]
 MODEL_NAME = "shakespeare-llama-5m"
+MAX_LOGPROBS = 25   # past vLLM's default of 20: the systems here raise it with baton up --max-logprobs
 
 
 class System:
@@ -104,7 +105,8 @@ class System:
 @pytest.fixture(scope="module", params=["grpc", "ucx"])
 def system(demo_model, request):
     # Each policy once: every test runs under both, and test_request_priority checks each one's answer.
-    s = System(demo_model, request.param, scheduling_policy="priority" if request.param == "grpc" else "fcfs")
+    s = System(demo_model, request.param, scheduling_policy="priority" if request.param == "grpc" else "fcfs",
+               up_flags=("--max-logprobs", str(MAX_LOGPROBS)))
     yield s
     s.stop()
 
@@ -314,15 +316,23 @@ def test_streaming_equals_non_streaming(system):
 def test_prompt_logprobs_are_the_aggregated_engines(system, demo_model):
     """vLLM's ``prompt_logprobs``, computed by a prefill worker that holds the prompt's blocks in
     its prefix cache (the plain request before left them there): every prompt token's log-prob,
-    rank and top-2 alternatives are the aggregated engine's, on each of the n choices."""
+    rank and top-k alternatives are the aggregated engine's, on each of the n choices; k is past
+    vLLM's default limit of 20, which ``baton up --max-logprobs`` raised on every process (the
+    prefill worker scores the prompt, the decode worker the output)."""
     prompt = "HAMLET:\nTo be, or not to be, that is the question: whether 'tis nobler in the mind"
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0}
     assert httpx.post(f"{system.plan.url}/v1/completions", json=body, timeout=60).status_code == 200
-    out = httpx.post(f"{system.plan.url}/v1/completions", json={**body, "prompt_logprobs": 2, "n": 2}, timeout=60).json()
-    llm = LLM(demo_model)
-    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2))[0]
+    k = MAX_LOGPROBS
+    out = httpx.post(f"{system.plan.url}/v1/completions", json={**body, "prompt_logprobs": k, "logprobs": k, "n": 2},
+                     timeout=60).json()
+    llm = LLM(demo_model, max_logprobs=MAX_LOGPROBS)
+    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=k, logprobs=k))[0]
     assert len(want.prompt_token_ids) > 17 and len(out["choices"]) == 2
     for choice in out["choices"]:
+        top = choice["logprobs"]["top_logprobs"]
+        assert [len(t) for t in top] == [k] * 4
+        for got, lp in zip(top, want.outputs[0].logprobs):
+            assert got == pytest.approx({llm.tokenizer.decode([t]): v for t, v in lp.top}, abs=1e-4)
         entries = choice["prompt_logprobs"]
         assert len(entries) == len(want.prompt_token_ids) and entries[0] is None
         for entry, lp in zip(entries[1:], want.prompt_logprobs):

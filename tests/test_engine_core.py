@@ -281,6 +281,23 @@ def test_prompt_logprobs_across_chunks(async_scheduling: bool) -> None:
     assert len(seq.output_logprobs) == 2 and seq.output_logprobs[0].top[0][0] == seq.output_token_ids[0]
 
 
+def test_logprobs_asked_for_are_limited_by_max_logprobs() -> None:
+    engine = make_engine()   # vLLM's default limit, 20, under this vocabulary of 32
+    for params in (SamplingParams(logprobs=21), SamplingParams(prompt_logprobs=21)):
+        with pytest.raises(ValueError, match="logprobs of 21, which is greater than max allowed: 20"):
+            engine.add_request("over", [3, 1, 4], params)
+    assert not engine.has_unfinished()
+    engine = make_engine(max_logprobs=-1)   # the whole vocabulary
+    with pytest.raises(ValueError, match="greater than max allowed: 32"):
+        engine.add_request("over", [3, 1, 4], SamplingParams(logprobs=VOCAB + 1))
+    (seq,) = engine.add_request("all", [3, 1, 4], SamplingParams(temperature=0.0, max_tokens=1, logprobs=VOCAB,
+                                                                  prompt_logprobs=VOCAB))
+    run_to_end(engine)
+    assert len(seq.output_logprobs[0].top) == VOCAB and len(seq.prompt_logprobs[0].top) == VOCAB
+    with pytest.raises(ValueError, match="max_logprobs"):
+        EngineConfig(max_logprobs=-2)
+
+
 def test_reserve_activate_decode_role(async_scheduling: bool) -> None:
     engine = make_engine(num_blocks=8, block_size=4, async_scheduling=async_scheduling)
     prompt = [7] * 9

@@ -246,6 +246,8 @@ async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [TOOL["function"]]}, "functions"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+         "top_logprobs"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": -1}, "prompt_logprobs"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2, "stream": True},
          "prompt_logprobs"),
@@ -253,6 +255,28 @@ async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
 )
 async def test_invalid_chat_requests_get_400(tok, body, param) -> None:
     assert_error(await post(FakeBackend(tok), tok, "/v1/chat/completions", body), 400, param)
+
+
+async def test_max_logprobs_sets_how_many_log_probs_a_request_may_ask_for(tok) -> None:
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True}
+    backend, few = FakeBackend(tok), make_config(max_logprobs=5)
+    error = assert_error(await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, few),
+                         400, "logprobs")
+    assert error["message"] == "Requested sample logprobs of 6, which is greater than max allowed: 5"
+    assert_error(await post(backend, tok, "/v1/chat/completions", {**chat, "top_logprobs": 6}, few), 400, "top_logprobs")
+    assert_error(await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": "x", "prompt_logprobs": 6}, few),
+                 400, "prompt_logprobs")
+    assert backend.requests == []
+    many = make_config(max_logprobs=30)
+    ok = await post(backend, tok, "/v1/completions",
+                    {"model": MODEL, "prompt": "x", "max_tokens": 2, "logprobs": 25, "prompt_logprobs": 30}, many)
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["top_logprobs"][0]) == 25
+    assert (await post(backend, tok, "/v1/chat/completions", {**chat, "top_logprobs": 30}, many)).status_code == 200
+    vocabulary = make_config(max_logprobs=-1)
+    assert (await post(backend, tok, "/v1/completions",
+                       {"model": MODEL, "prompt": "x", "max_tokens": 2, "prompt_logprobs": -1}, vocabulary)).status_code == 200
+    assert [(r.params.logprobs, r.params.prompt_logprobs) for r in backend.requests] == [
+        (25, 30), (30, None), (None, tok.vocab_size)]
 
 
 async def test_malformed_json_unknown_model_and_oversized_body(tok) -> None:

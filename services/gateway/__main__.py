@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 
 from baton.engine.config import parse_lora_modules
+from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 from baton.services.gateway.app import GatewayState, create_app
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-n", type=int, default=8)
+    p.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
+                   help="the most log-probs a request may ask for each token (vLLM's; -1: the whole vocabulary)")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds, whole request")
@@ -82,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         max_n=args.max_n,
+        max_logprobs=args.max_logprobs,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,

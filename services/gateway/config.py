@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
+
 
 class GatewayConfig(BaseModel):
     model_dir: str                                   # local HF directory (tokenizer, config.json)
@@ -17,6 +19,7 @@ class GatewayConfig(BaseModel):
     block_size: int = 16                             # must match the workers' (checked against the registry)
     max_model_len: int | None = None                 # default: config.json's max_position_embeddings
     max_n: int = 8
+    max_logprobs: int = Field(default=DEFAULT_MAX_LOGPROBS, ge=-1)  # per token a request may ask for (-1: the vocabulary)
     max_queue: int = 256                             # admitted requests (running + waiting) before 429
     max_body_bytes: int = 1 << 20
     request_timeout_s: float = 600.0                 # whole request, end to end

@@ -17,7 +17,7 @@ from pydantic import (
     AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator,
 )
 
-from baton.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, StructuredOutputParams
+from baton.engine.sampling_params import MAX_LOGIT_BIAS, StructuredOutputParams
 
 INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1   # what the workers' wire fields hold
 MAX_STOP_STRINGS = 4
@@ -191,7 +191,7 @@ class BaseGenerationRequest(NullMeansDefault):
     allowed_token_ids: list[int] | None = Field(default=None, min_length=1)   # vLLM's: only these may be sampled
     bad_words: list[str] = Field(default_factory=list, max_length=MAX_BAD_WORDS)   # vLLM's: words never written
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)   # vLLM's: lower first (--scheduling-policy priority)
-    prompt_logprobs: int | None = Field(default=None, ge=-1, le=MAX_LOGPROBS)   # vLLM's: top-k per prompt token; -1: all
+    prompt_logprobs: int | None = Field(default=None, ge=-1)   # vLLM's: top-k per prompt token; -1: all
     return_tokens_as_token_ids: bool | None = None   # vLLM's: log-probs name tokens "token_id:{id}" (None: the gateway's)
     cache_salt: CacheSalt = None
 
@@ -271,7 +271,7 @@ class BaseGenerationRequest(NullMeansDefault):
 
 class CompletionRequest(BaseGenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
@@ -403,7 +403,7 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     tools: list[Tool] | None = None
     parallel_tool_calls: bool = True

@@ -31,7 +31,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from baton.engine.model_config import load_model_config
-from baton.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import metrics, responses, scoring, tools
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationRequest
@@ -106,6 +106,7 @@ class OpenAIServing:
         lora = self._check_common(req)
         prompts = [self._prompt(self._truncate(req, ids), with_text=req.echo) for ids in self._token_ids(req.prompt, "prompt")]
         params = self._params(req, prompts, req.max_tokens, "max_tokens", "prompt")
+        self._check_logprobs(req.logprobs, "sample", "logprobs")
         prompt_k = self._prompt_logprobs(req)
         # echo with logprobs scores the prompt too: both from one computation, with the larger top-k
         wanted = [k for k in (req.logprobs if req.echo else None, prompt_k) if k is not None]
@@ -131,6 +132,7 @@ class OpenAIServing:
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         prompts = [self._prompt(ids, with_text=False)]
         params = self._params(req, prompts, req.output_limit, limit_param, "messages")
+        self._check_logprobs(req.top_logprobs, "sample", "top_logprobs")
         prompt_k = self._prompt_logprobs(req)
         params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None, prompt_logprobs=prompt_k)
         if self.config.reasoning_parser and params.structured_output and not closed_in_prompt(self._prompt_tail(ids)):
@@ -286,16 +288,20 @@ class OpenAIServing:
                            f"`{self.config.served_model_name}` only", param="model")
         return model
 
+    def _check_logprobs(self, k: int | None, kind: str, param: str) -> None:
+        """vLLM's check (and words) of a request's log-probs against ``--max-logprobs``."""
+        limit = self.tokenizer.vocab_size if self.config.max_logprobs == -1 else self.config.max_logprobs
+        if k is not None and k > limit:
+            raise APIError(f"Requested {kind} logprobs of {k}, which is greater than max allowed: {limit}", param=param)
+
     def _prompt_logprobs(self, req: BaseGenerationRequest) -> int | None:
         """How many alternatives come with each prompt token's log-prob (vLLM's ``prompt_logprobs``);
         None: not asked for, or a stream (which has no place for them). -1 asks for the whole
-        vocabulary, refused (as vLLM refuses it) where that is more than the limit."""
+        vocabulary."""
         if req.prompt_logprobs is None or req.stream:
             return None
         k = self.tokenizer.vocab_size if req.prompt_logprobs == -1 else req.prompt_logprobs
-        if k > MAX_LOGPROBS:
-            raise APIError(f"prompt_logprobs -1 asks for the whole vocabulary ({k} tokens), more than the limit of "
-                           f"{MAX_LOGPROBS}", param="prompt_logprobs")
+        self._check_logprobs(k, "prompt", "prompt_logprobs")
         return k
 
     def _check_common(self, req: BaseGenerationRequest) -> str | None:
