@@ -113,6 +113,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
         *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else []),
         *(["--chat-template", args.chat_template] if args.chat_template else []),
+        *(["--trust-request-chat-template"] if args.trust_request_chat_template else []),
         *(["--return-tokens-as-token-ids"] if args.return_tokens_as_token_ids else []),
         *loras,
     ]
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the gateway gives a reasoning model's <think> text as the message's reasoning")
     p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
                    help="the gateway's Jinja chat template, or a file holding it, in place of the model's own")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="a chat request may bring its own chat_template (only where every client is trusted)")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='log-probs name their tokens "token_id:{id}" unless a request says otherwise')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",

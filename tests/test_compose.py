@@ -198,3 +198,22 @@ def test_launcher_plan_hands_the_chat_template_and_token_ids_flag_to_the_gateway
     assert not config_from_args(build_parser().parse_args(plan.gateway[4:])).return_tokens_as_token_ids
     plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--return-tokens-as-token-ids"]))
     assert config_from_args(build_parser().parse_args(plan.gateway[4:])).return_tokens_as_token_ids
+
+
+def test_launcher_plan_hands_the_request_template_trust_to_the_gateway():
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
+    for extra, trusted in (([], False), (["--trust-request-chat-template"], True)):
+        plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
+        assert config_from_args(build_parser().parse_args(plan.gateway[4:])).trust_request_chat_template is trusted
+
+
+def test_launcher_plan_hands_max_logprobs_to_every_process():
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--max-logprobs", "-1"]
+    plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
+    assert config_from_args(build_parser().parse_args(plan.gateway[4:])).max_logprobs == -1
+    for role, cmd in (("prefill", plan.prefill[0]), ("decode", plan.decode[0])):
+        assert worker_arg_parser(role, default_port=50051).parse_args(cmd[4:]).max_logprobs == -1

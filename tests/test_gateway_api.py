@@ -1051,6 +1051,35 @@ async def test_a_chat_template_flag_renders_chat_requests(tok) -> None:
     assert backend.requests[-1].prompt_token_ids == chat["tokens"]
 
 
+async def test_a_request_brings_its_own_chat_template_only_where_trusted(tok) -> None:
+    """vLLM's ``chat_template`` request field: refused (400, nothing sent) unless the gateway runs
+    with ``--trust-request-chat-template``; then chat requests and /tokenize's messages render
+    through it, a request without one through the model's, and one that does not parse or
+    render is a 400 naming ``chat_template``."""
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "user", "content": "Speak!"}]
+    chat = {"model": MODEL, "messages": messages, "max_tokens": 2}
+    backend = FakeBackend(tok)
+    error = assert_error(await post(backend, tok, "/v1/chat/completions", {**chat, "chat_template": template}),
+                         400, "chat_template")
+    assert "--trust-request-chat-template" in error["message"]
+    assert_error(await post(backend, tok, "/tokenize", {"model": MODEL, "messages": messages, "chat_template": template}),
+                 400, "chat_template")
+    assert backend.requests == []
+    trusted = make_config(trust_request_chat_template=True)
+    own = (await post(backend, tok, "/tokenize", {"model": MODEL, "messages": messages, "chat_template": template},
+                      trusted)).json()
+    assert own["tokens"] == tok.encode("[user]Speak!", add_special_tokens=False)
+    await post(backend, tok, "/v1/chat/completions", {**chat, "chat_template": template}, trusted)
+    await post(backend, tok, "/v1/chat/completions", chat, trusted)
+    assert backend.requests[0].prompt_token_ids == own["tokens"]
+    assert backend.requests[1].prompt_token_ids == tok.encode_chat(messages)
+    for broken in ("{% for m in messages %}", "{{ raise_exception('no') }}", "{{ ''.__class__.__mro__ }}"):
+        assert_error(await post(backend, tok, "/v1/chat/completions", {**chat, "chat_template": broken}, trusted),
+                     400, "chat_template")
+    assert len(backend.requests) == 2
+
+
 async def test_tokenize_and_detokenize(tok) -> None:
     """/tokenize gives the ids a completion or a chat completion would send (transformers'
     for the demo checkpoint); /detokenize inverts it; neither reaches the backend."""

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give a reasoning model's <think> text as the message's reasoning, apart from its content")
     p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
                    help="the Jinja chat template, or a file holding it, in place of the model's own (vLLM's)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="a chat request may bring its own chat_template (Jinja, sandboxed; vLLM's): only where every "
+                        "client is trusted, since rendering one can take the gateway's time and memory")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
@@ -95,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         reasoning_parser=args.reasoning_parser,
         lora_modules=parse_lora_modules(args.lora_modules),
         chat_template=args.chat_template,
+        trust_request_chat_template=args.trust_request_chat_template,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
     )
 

@@ -30,6 +30,7 @@ class GatewayConfig(BaseModel):
     reasoning_parser: str | None = None              # splits <think> reasoning from the answer (reasoning.PARSERS)
     lora_modules: dict[str, str] = Field(default_factory=dict)  # LoRA adapters the workers load: name -> directory
     chat_template: str | None = None                  # Jinja, in place of the model's own (vLLM's --chat-template)
+    trust_request_chat_template: bool = False         # a request may bring its own chat_template (vLLM's flag)
     return_tokens_as_token_ids: bool = False          # log-probs name tokens "token_id:{id}" unless a request says
     shutdown_timeout_s: float = 30.0                 # in-flight requests may finish within this after SIGTERM
     load_poll_interval_s: float = 0.5

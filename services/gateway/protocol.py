@@ -390,6 +390,7 @@ class ChatTemplateOptions(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None   # vLLM's: the request's own Jinja template (--trust-request-chat-template)
 
     @field_validator("continue_final_message")
     @classmethod

@@ -319,6 +319,9 @@ class OpenAIServing:
         if req.continue_final_message and (not req.messages or req.messages[-1].role != "assistant"):
             raise APIError("continue_final_message continues an assistant message: the last message must be one",
                            param="continue_final_message")
+        if req.chat_template is not None and not self.config.trust_request_chat_template:
+            raise APIError("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                           "Refused request with untrusted chat template.", param="chat_template")
         try:
             return self.tokenizer.encode_chat(
                 [m.template_dict() for m in req.messages or []],
@@ -326,9 +329,10 @@ class OpenAIServing:
                 continue_final_message=req.continue_final_message,
                 template_kwargs=req.chat_template_kwargs,
                 tools=req.template_tools,
+                chat_template=req.chat_template,
             )
         except ChatTemplateError as exc:
-            raise APIError(str(exc), param="messages") from exc
+            raise APIError(str(exc), param="messages" if req.chat_template is None else "chat_template") from exc
 
     def _token_ids(self, prompt: str | list[int] | list[str] | list[list[int]], param: str) -> list[list[int]]:
         """A completion's prompts (or an embedding request's inputs) as token ids."""

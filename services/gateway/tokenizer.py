@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 _CONTEXT_TOKENS = 5  # prompt tokens decoded before the output so leading spaces survive
+REQUEST_TEMPLATES_KEPT = 16  # requests' own chat templates kept compiled
 
 
 class ChatTemplateError(ValueError):
@@ -89,10 +90,14 @@ class GatewayTokenizer:
         self._byte_level = "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise_exception
+        self._compile = lru_cache(maxsize=REQUEST_TEMPLATES_KEPT)(env.from_string)
+        source = "the --chat-template" if chat_template else f"the chat template of {model_dir}"
+        self._template = self._parse(self.chat_template, source) if self.chat_template else None
+
+    def _parse(self, template: str, source: str) -> jinja2.Template:
         try:
-            self._template = env.from_string(self.chat_template) if self.chat_template else None
+            return self._compile(template)
         except jinja2.TemplateSyntaxError as exc:
-            source = "the --chat-template" if chat_template else f"the chat template of {model_dir}"
             raise ChatTemplateError(f"{source} does not parse: {exc}") from exc
 
     @staticmethod
@@ -120,16 +125,19 @@ class GatewayTokenizer:
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> str:
         """The template's text. ``continue_final_message``: cut right after the last message's
         content, so that generation continues it; ``template_kwargs``: more template variables
         (the messages, special tokens and ``tools`` win over them); ``tools``: the request's
-        tools, in OpenAI's form, as transformers hands them to a template."""
-        if self._template is None:
+        tools, in OpenAI's form, as transformers hands them to a template; ``chat_template``: a
+        request's own template, in place of the served one (the last few compiled are kept)."""
+        template = self._template if chat_template is None else self._parse(chat_template, "the request's chat_template")
+        if template is None:
             raise ChatTemplateError("the model has no chat template; use /v1/completions")
         variables = {**(template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         try:
-            text = self._template.render(
+            text = template.render(
                 **variables,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
