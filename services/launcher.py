@@ -27,7 +27,7 @@ from baton.engine.pooling import pooler_config_arg
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from baton.services.gateway.tokenizer import chat_template_arg
-from baton.services.gateway.tool_parsers import PARSERS
+from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER, PARSERS
 
 DEMO_MODEL = "shakespeare-llama-5m"
 READY_TIMEOUT_S = 300.0
@@ -170,6 +170,9 @@ def up(args: argparse.Namespace) -> int:
     if args.redis_url is None and not os.environ.get("REDIS_URL") and shutil.which("redis-server") is None:
         print("baton up: redis-server is not installed; install it or pass --redis-url", file=sys.stderr)
         return 2
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        print(f"baton up: {AUTO_TOOL_CHOICE_NEEDS_PARSER}", file=sys.stderr)
+        return 2
     if args.served_model_name is None:
         args.served_model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
     try:
@@ -244,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag, taken as vLLM takes it: it needs --tool-call-parser, which turns tool_choice "
+                        "'auto' on by itself")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="the gateway gives a reasoning model's <think> text as the message's reasoning")
     p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",

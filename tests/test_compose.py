@@ -145,8 +145,8 @@ def test_launcher_plan_passes_the_output_parsers_to_the_gateway():
     from baton.services.gateway.__main__ import build_parser
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
-    for extra, parsers in (([], (None, None)), (["--tool-call-parser", "llama3_json", "--reasoning-parser", "qwen3"],
-                                                 ("llama3_json", "qwen3"))):
+    for extra, parsers in (([], (None, None)), (["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
+                                                  "--reasoning-parser", "qwen3"], ("llama3_json", "qwen3"))):
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
         args = build_parser().parse_args(plan.gateway[4:])
         assert (args.tool_call_parser, args.reasoning_parser) == parsers

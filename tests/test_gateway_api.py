@@ -1080,6 +1080,14 @@ async def test_a_request_brings_its_own_chat_template_only_where_trusted(tok) ->
     assert len(backend.requests) == 2
 
 
+async def test_version_names_the_installed_release(tok) -> None:
+    import importlib.metadata
+
+    async with client_for(create_app(make_config(), FakeBackend(tok), tok)) as client:
+        out = await client.get("/version")
+    assert out.status_code == 200 and out.json() == {"version": importlib.metadata.version("baton")}
+
+
 async def test_tokenize_and_detokenize(tok) -> None:
     """/tokenize gives the ids a completion or a chat completion would send (transformers'
     for the demo checkpoint); /detokenize inverts it; neither reaches the backend."""

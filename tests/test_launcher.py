@@ -91,6 +91,18 @@ def test_baton_up_refuses_a_missing_model(capsys):
     assert "'/nonexistent/checkpoint' is not a checkpoint directory" in capsys.readouterr().err
 
 
+def test_enable_auto_tool_choice_needs_a_parser_as_in_vllm(capsys):
+    from baton.services.gateway.__main__ import main as gateway_main
+    from baton.services.launcher import main
+
+    assert main(["up", "--enable-auto-tool-choice"]) == 2
+    assert "--enable-auto-tool-choice requires --tool-call-parser" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        gateway_main(["--model-dir", "/m", "--enable-auto-tool-choice"])
+    assert exit_info.value.code == 2
+    assert "--enable-auto-tool-choice requires --tool-call-parser" in capsys.readouterr().err
+
+
 def test_ready_means_every_planned_worker_is_reachable():
     """``/ready`` answers 200 once one worker of each role answers the gateway; ``baton up``
     waits until it counts all that it started (or more: a shared registry lists others)."""

@@ -25,7 +25,7 @@ from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from baton.services.gateway.tokenizer import GatewayTokenizer, chat_template_arg
-from baton.services.gateway.tool_parsers import PARSERS
+from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER, PARSERS
 
 DRAIN_MIN_S = 1.0
 FINAL_SHUTDOWN_S = 5.0  # after draining: what uvicorn waits for connections before cancelling them
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag, taken as vLLM takes it: it needs --tool-call-parser, which turns tool_choice "
+                        "'auto' on by itself")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="give a reasoning model's <think> text as the message's reasoning, apart from its content")
     p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
@@ -142,7 +145,10 @@ async def serve(config: GatewayConfig, log_level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error(AUTO_TOOL_CHOICE_NEEDS_PARSER)
     config = config_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(config, args.log_level))

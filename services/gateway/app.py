@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -221,6 +222,10 @@ def _add_probes(app: FastAPI, backend: Backend, state: GatewayState) -> None:
             logger.exception("backend readiness check failed")
         ok = not state.draining and workers["prefill"] > 0 and workers["decode"] > 0
         return JSONResponse({"ready": ok, "draining": state.draining, "workers": workers}, status_code=200 if ok else 503)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": importlib.metadata.version("baton")})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -31,6 +31,9 @@ from baton.services.gateway.tool_json import JsonScan, StreamedCall, call_head, 
 from baton.services.gateway.tools import call_piece, new_call
 
 PARSERS = ("hermes", "llama3_json", "pythonic")
+# vLLM turns tool_choice "auto" on with --enable-auto-tool-choice and a parser; here the parser
+# alone does, and the flag is taken (and checked) as vLLM takes it.
+AUTO_TOOL_CHOICE_NEEDS_PARSER = "--enable-auto-tool-choice requires --tool-call-parser"
 
 
 class ToolStream(Protocol):
