@@ -46,6 +46,11 @@ class DecodeStub:
                 request_serializer=baton_dot_protos_dot_decode__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_decode__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.PrefillAndGenerate = channel.unary_stream(
+                '/baton.v1.Decode/PrefillAndGenerate',
+                request_serializer=baton_dot_protos_dot_decode__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_decode__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.Decode/Abort',
                 request_serializer=baton_dot_protos_dot_common__pb2.AbortRequest.SerializeToString,
@@ -73,6 +78,14 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefillAndGenerate(self, request, context):
+        """A short prompt, or one this worker mostly holds, prefilled here (no prefill worker, no KV
+        transfer): the request joins this worker's batch as a whole, and its tokens stream back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -96,6 +109,11 @@ def add_DecodeServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=baton_dot_protos_dot_decode__pb2.GenerateRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_decode__pb2.GenerateChunk.SerializeToString,
+            ),
+            'PrefillAndGenerate': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrefillAndGenerate,
+                    request_deserializer=baton_dot_protos_dot_decode__pb2.ReserveRequest.FromString,
                     response_serializer=baton_dot_protos_dot_decode__pb2.GenerateChunk.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
@@ -162,6 +180,33 @@ class Decode:
             target,
             '/baton.v1.Decode/Generate',
             baton_dot_protos_dot_decode__pb2.GenerateRequest.SerializeToString,
+            baton_dot_protos_dot_decode__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillAndGenerate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.Decode/PrefillAndGenerate',
+            baton_dot_protos_dot_decode__pb2.ReserveRequest.SerializeToString,
             baton_dot_protos_dot_decode__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,

@@ -107,6 +107,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "--redis-url", redis_url,
         "--block-size", str(args.block_size),
         "--max-logprobs", str(args.max_logprobs),
+        "--max-local-prefill-length", str(args.max_local_prefill_length),
         *[a for addr in prefill_addrs for a in ("--prefill-addr", addr)],
         *[a for addr in decode_addrs for a in ("--decode-addr", addr)],
         *[a for key in args.api_key for a in ("--api-key", key)],
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooler-config", type=pooler_config_arg, default=None,
                    help='how the prefill workers pool embeddings, as vLLM takes it: \'{"pooling_type": "MEAN", '
                         '"normalize": false}\' (default: the checkpoint\'s sentence-transformers pooling, else LAST)')
+    p.add_argument("--max-local-prefill-length", type=int, default=0,
+                   help="prompts with at most this many tokens to compute go to a decode worker alone (no prefill "
+                        "worker, no KV transfer; Dynamo's conditional disaggregation; default 0: off)")
     p.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
                    help="the most log-probs a request may ask for each token (vLLM's; -1: the whole vocabulary)")
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")

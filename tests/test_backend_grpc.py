@@ -20,7 +20,7 @@ from baton.services.convert import logprob_from_proto, logprob_to_proto, params_
 from baton.services.gateway.backend import BackendError, EmbedRequest, GenerationChunk, GenerationRequest
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.metrics import KV_TRANSFER_BYTES, RETRIES, WORKER_ERRORS
+from baton.services.gateway.metrics import KV_TRANSFER_BYTES, PREFILLS, RETRIES, WORKER_ERRORS
 
 pytestmark = pytest.mark.unit
 
@@ -45,6 +45,7 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                  loras: frozenset[str] = frozenset()) -> None:
         self.name, self.free_blocks, self.room, self.delay_s, self.loras = name, free_blocks, room, delay_s, loras
         self.reserved: dict[str, tuple[decode_pb2.ReserveRequest, kvtransfer_pb2.TransferTicket]] = {}
+        self.local: list[decode_pb2.ReserveRequest] = []    # PrefillAndGenerate's requests
         self.aborted: list[str] = []
         self.first_tokens: list[int] = []
         self.stream_cancelled = asyncio.Event()
@@ -70,16 +71,34 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
         prompt, done = list(reserve.prompt_token_ids), len(reserve.output_token_ids) + 1
         if request.first_token.token_id != token_at(prompt, done - 1):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "wrong first token")
+        async for chunk in self._tokens(prompt, done, params.max_tokens, context):
+            yield chunk
+        if done == params.max_tokens:
+            yield decode_pb2.GenerateChunk(finish_reason="length")
+
+    async def PrefillAndGenerate(self, request, context):
+        """The whole request: its first chunk carries the prompt's figures, as a prefill worker's first token."""
+        self.local.append(request)
+        if request.lora and request.lora not in self.loras:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"LoRA adapter {request.lora!r} is not loaded here")
+        prompt, params = list(request.prompt_token_ids), params_from_proto(request.params)
+        first = True
+        async for chunk in self._tokens(prompt, len(request.output_token_ids), params.max_tokens, context):
+            if first:
+                chunk.prompt_tokens, chunk.cached_tokens = len(prompt), 16
+                if params.prompt_logprobs is not None:
+                    chunk.prompt_logprobs.extend(common_pb2.TokenLogprob(token_id=t, logprob=-1.0) for t in prompt[1:])
+                first = False
+            yield chunk
+
+    async def _tokens(self, prompt: list[int], start: int, max_tokens: int, context):
         try:
-            for i in range(done, params.max_tokens):
-                if self.fail_after is not None and i - done >= self.fail_after:
+            for i in range(start, max_tokens):
+                if self.fail_after is not None and i - start >= self.fail_after:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker shutting down")
                 await asyncio.sleep(self.delay_s)
                 token = common_pb2.TokenLogprob(token_id=token_at(prompt, i), logprob=-0.5)
-                last = i == params.max_tokens - 1
-                yield decode_pb2.GenerateChunk(tokens=[token], finish_reason="length" if last else "")
-            if done == params.max_tokens:
-                yield decode_pb2.GenerateChunk(finish_reason="length")
+                yield decode_pb2.GenerateChunk(tokens=[token], finish_reason="length" if i == max_tokens - 1 else "")
         except asyncio.CancelledError:
             self.stream_cancelled.set()
             raise
@@ -512,6 +531,50 @@ async def test_handoff_failure_after_first_token_blames_decode_and_resumes(clust
         await anext(stream)
     assert err.value.status == 503 and decode.first_tokens == []
     assert decode.aborted == [req.request_id] and lonely.aborted == [req.request_id]
+
+
+async def test_a_prompt_short_enough_is_computed_on_the_decode_worker_alone(cluster) -> None:
+    """Under ``max_local_prefill_length`` a prompt with at most that many tokens to compute goes
+    to the decode worker's PrefillAndGenerate (no prefill worker, no reservation, no KV), its first
+    chunk with the prompt's figures and the decode worker alone as its placement; a longer one goes
+    the disaggregated way. A local request closed early is aborted there; one whose decode worker
+    fails mid-stream resumes after its streamed tokens on the other, again locally."""
+    add, make, _ = cluster
+    prefill, decode, other = FakePrefill("p0"), FakeDecode("d0", free_blocks=150), FakeDecode("d1", free_blocks=10)
+    p_addr, d_addrs = await add(prefill), [await add(decode), await add(other)]
+    backend = await make(config([p_addr], d_addrs, load_poll_interval_s=30.0, max_local_prefill_length=32))
+    counts = {where: PREFILLS.labels(where=where)._value.get() for where in ("local", "remote")}
+    short = request(list(range(1, 33)), max_tokens=4, prompt_logprobs=1, seed=3)
+    chunks = await collect(backend.generate(short))
+    assert [t.token_id for c in chunks for t in c.tokens] == [token_at(short.prompt_token_ids, i) for i in range(4)]
+    assert (chunks[0].prompt_tokens, chunks[0].cached_tokens, chunks[0].placement) == (32, 16, ("", d_addrs[0]))
+    assert [p.token_id for p in chunks[0].prompt_logprobs] == short.prompt_token_ids[1:]
+    assert [c.finish_reason for c in chunks] == [None, None, None, "length"]
+    assert [r.request_id for r in decode.local] == [short.request_id] and params_from_proto(decode.local[0].params) == short.params
+    assert prefill.requests == [] and decode.reserved == {} and decode.aborted == []
+    long = request(list(range(1, 34)), max_tokens=2)
+    assert [c.finish_reason for c in await collect(backend.generate(long))] == [None, "length"]
+    assert [r.request_id for r in prefill.requests] == [long.request_id] and long.request_id in decode.reserved
+    assert {where: PREFILLS.labels(where=where)._value.get() - counts[where] for where in counts} == {"local": 1, "remote": 1}
+    assert (await collect(backend.generate(request([1, 2, 3], max_tokens=1))))[0].prompt_logprobs is None
+
+    decode.delay_s = 0.05
+    early = request(list(range(1, 9)), max_tokens=100)
+    stream = backend.generate(early)
+    await anext(stream)
+    await stream.aclose()
+    assert decode.aborted == [early.request_id] and prefill.aborted == []
+    await asyncio.wait_for(decode.stream_cancelled.wait(), 2.0)
+
+    decode.delay_s, decode.fail_after = 0.0, 2
+    broken = request(list(range(5, 25)), max_tokens=6)
+    chunks = await collect(backend.generate(broken))
+    assert [t.token_id for c in chunks for t in c.tokens] == [token_at(broken.prompt_token_ids, i) for i in range(6)]
+    assert list(other.local[-1].output_token_ids) == [token_at(broken.prompt_token_ids, i) for i in range(2)]
+
+    with pytest.raises(BackendError) as err:   # a LoRA adapter the decode worker lacks: 404, nothing retried
+        await collect(backend.generate(replace(request([1, 2, 3]), lora="sonnets")))
+    assert err.value.status == 404 and "not loaded" in err.value.message and prefill.requests[1:] == []
 
 
 STRUCTURED = [

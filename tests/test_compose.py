@@ -217,3 +217,12 @@ def test_launcher_plan_hands_max_logprobs_to_every_process():
     assert config_from_args(build_parser().parse_args(plan.gateway[4:])).max_logprobs == -1
     for role, cmd in (("prefill", plan.prefill[0]), ("decode", plan.decode[0])):
         assert worker_arg_parser(role, default_port=50051).parse_args(cmd[4:]).max_logprobs == -1
+
+
+def test_launcher_plan_hands_the_local_prefill_length_to_the_gateway():
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
+    for extra, length in (([], 0), (["--max-local-prefill-length", "64"], 64)):
+        plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
+        assert config_from_args(build_parser().parse_args(plan.gateway[4:])).max_local_prefill_length == length

@@ -288,6 +288,50 @@ def test_baton_up_moves_kv_over_nccl(demo_model):
         system.stop()
 
 
+def test_prompts_short_enough_are_computed_on_the_decode_worker_alone(demo_model):
+    """``baton up --max-local-prefill-length 24``: the four short prompts, at once, each go to the
+    decode worker alone, and their greedy output (and prompt log-probs) are the aggregated
+    engine's; a prompt of 6 blocks goes to the prefill worker, and once the decode worker has
+    cached its blocks (published to Redis) the same prompt is computed there, past the cached
+    prefix. No block stays in use."""
+    system = System(demo_model, "grpc", prefill=1, decode=1, up_flags=("--max-local-prefill-length", "24"))
+    try:
+        llm = LLM(demo_model)
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        expected = [o.outputs[0].text for o in llm.generate(PROMPTS, params)]
+
+        async def at_once() -> list[str]:
+            async with system.async_client() as client:
+                return await asyncio.gather(*(stream_completion(client, p, params, lambda: None) for p in PROMPTS))
+
+        assert asyncio.run(at_once()) == expected
+        assert [gateway_counter(system, "baton_prefills_total", {"where": w}) for w in ("local", "remote")] == [4, 0]
+
+        body = {"model": MODEL_NAME, "prompt": PROMPTS[1], "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+        entries = httpx.post(f"{system.plan.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["prompt_logprobs"]
+        want = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2))[0].prompt_logprobs
+        assert [{int(k): v["logprob"] for k, v in e.items()} for e in entries[1:]] == [
+            pytest.approx({lp.token_id: lp.logprob} | dict(lp.top), abs=1e-4) for lp in want]
+
+        prompt = list(range(300, 396))   # 6 blocks of 16
+        fingerprint = model_fingerprint(demo_model)
+        keys = [block_key(fingerprint, h) for h in block_hashes(prompt, 16, fingerprint)]
+        want_text = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+        usage = []
+        for where in ("remote", "local"):
+            before = gateway_counter(system, "baton_prefills_total", {"where": where})
+            out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0)
+            assert out.choices[0].text == want_text
+            assert gateway_counter(system, "baton_prefills_total", {"where": where}) - before == 1
+            usage.append(out.usage.prompt_tokens_details.cached_tokens)
+            with redis.Redis.from_url(system.plan.redis_url) as r:   # the decode worker's cached blocks, published
+                wait_for_holders(r, keys, 2)
+        assert usage[1] >= 80
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
+
+
 def test_decode_worker_tickets_name_the_transport(system):
     with grpc.insecure_channel(system.worker_addrs("decode")[0]) as channel:
         stub = decode_pb2_grpc.DecodeStub(channel)

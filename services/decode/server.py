@@ -16,6 +16,11 @@ A request passes through:
   FINISHED   stop token, EOS or max_tokens: the last chunk carries the reason
 An Abort, a cancelled stream, an expired reservation or a failed transfer frees
 every block the request holds.
+
+PrefillAndGenerate skips the prefill worker (the gateway's choice for a prompt short enough,
+or mostly cached here: Dynamo's conditional disaggregation): the request joins this worker's
+batch as an aggregated engine's would, its prompt computed here in chunks beside the others'
+decode steps, and streams like Generate, the first chunk with the prompt's figures.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import AsyncIterator
 
 import grpc
 
 from baton.engine.engine_core import UnknownLoRA
+from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
 from baton.kvtransfer.base import KVReceiver, TransferError
 from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2
@@ -35,6 +42,11 @@ from baton.services.engine_loop import EngineLoop, SeqUpdate
 from baton.services.worker import WorkerContext, compile_grammar, load_message, time_remaining
 
 log = logging.getLogger(__name__)
+
+
+def _chunk(update: SeqUpdate) -> decode_pb2.GenerateChunk:
+    return decode_pb2.GenerateChunk(tokens=[logprob_to_proto(t) for t in update.new_tokens],
+                                    finish_reason=update.finish_reason or "")
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -123,19 +135,69 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 finished = True
                 yield decode_pb2.GenerateChunk(finish_reason=finish)
                 return
-            while not finished:
-                update = await queue.get()
+            async for update in self._updates(rid, queue, context):
                 finished = update.finish_reason is not None
-                if update.finish_reason == "abort":
-                    await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was aborted on the decode worker")
-                yield decode_pb2.GenerateChunk(
-                    tokens=[logprob_to_proto(t) for t in update.new_tokens],
-                    finish_reason=update.finish_reason or "",
-                )
+                yield _chunk(update)
         finally:
             self._streams.pop(rid, None)
             if not finished:
                 self._free(rid)
+
+    async def PrefillAndGenerate(self, request: decode_pb2.ReserveRequest, context):
+        """The whole request here: its prompt (what this worker's prefix cache does not hold of it)
+        computed in this worker's batches, as an aggregated engine would; the first chunk carries
+        what a prefill worker's first token would (prompt and cached tokens, prompt log-probs)."""
+        rid = request.request_id
+        if not rid or rid in self._reservations or rid in self._streams:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
+        prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
+        queue: asyncio.Queue[SeqUpdate] = asyncio.Queue()
+        self._streams[rid] = queue
+        finished = False
+        try:
+            try:
+                params = params_from_proto(request.params)
+                if params.n != 1:
+                    raise ValueError(f"request {rid}: PrefillAndGenerate takes one sequence (n=1), got n={params.n}")
+                await compile_grammar(self._ctx, params, context)
+                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request))
+            except UnknownLoRA as exc:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            first = True
+            async for update in self._updates(rid, queue, context):
+                finished = update.finish_reason is not None
+                if first and not (update.new_tokens or finished):
+                    continue   # a prompt chunk, before the first token
+                chunk = _chunk(update)
+                if first:
+                    chunk.prompt_tokens, chunk.cached_tokens = len(prompt), update.num_cached_tokens
+                    chunk.prompt_logprobs.extend(logprob_to_proto(lp) for lp in update.prompt_logprobs)
+                    first = False
+                yield chunk
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self.engine.abort(rid)
+
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int],
+             request: decode_pb2.ReserveRequest) -> None:
+        """Engine thread: queue the whole request; a resumed one's earlier tokens are not sent again."""
+        self._ctx.core.add_request(rid, prompt, params, resumed, request.priority, request.lora or None,
+                                   request.cache_salt or None)
+        self.engine.mark_sent(rid, len(resumed))
+
+    @staticmethod
+    async def _updates(rid: str, queue: asyncio.Queue[SeqUpdate], context) -> AsyncIterator[SeqUpdate]:
+        """The request's updates, up to the one that finishes it; an abort ends the RPC ABORTED."""
+        while True:
+            update = await queue.get()
+            if update.finish_reason == "abort":
+                await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was aborted on the decode worker")
+            yield update
+            if update.finish_reason is not None:
+                return
 
     def _activate(self, rid: str, first: TokenLogprob) -> str | None:
         """Engine thread: join the batch; the reason if the first token already ends it."""

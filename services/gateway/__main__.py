@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-retries", type=int, default=2,
         help="times a request is retried on other workers after one fails (streamed tokens resume, not restart)",
     )
+    p.add_argument("--max-local-prefill-length", type=int, default=0,
+                   help="a prompt whose tokens to compute (past the prefix the decode worker caches) are at most this "
+                        "many is computed on the decode worker, with no prefill worker or KV transfer (Dynamo's; "
+                        "default 0: every prompt goes to a prefill worker)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")
@@ -96,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
         max_retries=args.max_retries,
+        max_local_prefill_length=args.max_local_prefill_length,
         shutdown_timeout_s=args.shutdown_timeout,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,

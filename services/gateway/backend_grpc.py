@@ -61,7 +61,7 @@ from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
 )
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, RETRIES, WORKER_ERRORS
+from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILLS, RETRIES, WORKER_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.gateway.router import Health, Load, choose_decode, choose_prefill
 
@@ -202,6 +202,13 @@ class GrpcBackend(Backend):
         self, request: GenerationRequest, deadline: float, avoid: set[str]
     ) -> AsyncIterator[GenerationChunk]:
         cached = await self._cached_prefixes(request.token_ids, avoid, request.lora, request.cache_salt)
+        local = self._local_decode(request, avoid, cached)
+        if local is not None:
+            async with aclosing(self._prefill_and_generate(local, request, deadline)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        PREFILLS.labels(where="remote").inc()
         decode, ticket = await self._reserve(request, deadline, avoid, cached)  # counts it in flight there
         prefill: _Worker | None = None
         finished = False
@@ -233,6 +240,49 @@ class GrpcBackend(Backend):
             if not finished:
                 await self._abort(request.request_id, [decode, prefill])
 
+    def _local_decode(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> _Worker | None:
+        """The decode worker that computes ``request``'s prompt itself (no prefill worker, no KV moved):
+        the one routing picks, where the tokens it would compute (past the prefix its cache holds) are
+        at most ``max_local_prefill_length`` (Dynamo's conditional disaggregation); None: a prefill
+        worker computes them."""
+        limit = self.config.max_local_prefill_length
+        if not limit:
+            return None
+        address = self._pick_decode(request, self._healthy("decode", avoid), cached)
+        if address is None or len(request.token_ids) - cached.get(address, 0) * self.config.block_size > limit:
+            return None
+        return self._workers[address]
+
+    async def _prefill_and_generate(
+        self, decode: _Worker, request: GenerationRequest, deadline: float
+    ) -> AsyncIterator[GenerationChunk]:
+        """The whole request on ``decode`` (``Decode.PrefillAndGenerate``)."""
+        PREFILLS.labels(where="local").inc()
+        self._in_flight[decode.address] += 1
+        call = decode.stub.PrefillAndGenerate(_reserve_message(request), timeout=self._timeout(deadline, math.inf))
+        finished = False
+        try:
+            async for msg in call:
+                chunk = GenerationChunk(tokens=[logprob_from_proto(t) for t in msg.tokens],
+                                        finish_reason=msg.finish_reason or None)
+                if msg.prompt_tokens:   # the first chunk
+                    chunk.prompt_tokens, chunk.cached_tokens = msg.prompt_tokens, msg.cached_tokens
+                    chunk.placement = ("", decode.address)   # a sibling's prefill worker: routing's choice
+                    if request.params.prompt_logprobs is not None:
+                        chunk.prompt_logprobs = [logprob_from_proto(p) for p in msg.prompt_logprobs]
+                finished = chunk.finish_reason is not None
+                yield chunk
+                if finished:
+                    return
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(decode, err, deadline, names_model=True) from err
+        finally:
+            call.cancel()
+            self._in_flight[decode.address] -= 1
+            if not finished:
+                await self._abort(request.request_id, [decode])
+        raise BackendError(f"decode worker {decode.address} ended the stream without a finish reason", 503)
+
     async def _cached_prefixes(
         self, token_ids: list[int], avoid: set[str], lora: str | None = None, cache_salt: str | None = None,
     ) -> dict[str, int]:
@@ -241,7 +291,9 @@ class GrpcBackend(Backend):
         where neither has a choice to make)."""
         by_role = [self._healthy(role, avoid) for role in ("prefill", "decode")]
         num_blocks = len(token_ids) // self.config.block_size
-        if self._index is None or max(map(len, by_role)) < 2 or num_blocks == 0:
+        # A lone decode worker's cached prefix still decides where the prompt is computed.
+        choices = max(map(len, by_role)) > 1 or (self.config.max_local_prefill_length and by_role[1])
+        if self._index is None or not choices or num_blocks == 0:
             return {}
         by_id = {self._workers[a].worker_id: a for healthy in by_role for a in healthy if self._workers[a].worker_id}
         head = token_ids[: self._index.max_blocks * self.config.block_size]
@@ -254,19 +306,10 @@ class GrpcBackend(Backend):
     ) -> tuple[_Worker, kvtransfer_pb2.TransferTicket]:
         """Reserve on the decode worker ``router`` picks (RESOURCE_EXHAUSTED: the next one); the
         request counts in flight there from the pick on, so that a burst spreads out at once."""
-        msg = decode_pb2.ReserveRequest(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            params=params_to_proto(request.params),
-            output_token_ids=request.output_token_ids,
-            priority=request.priority,
-            lora=request.lora or "",
-            cache_salt=request.cache_salt or "",
-        )
+        msg = _reserve_message(request)
         full: set[str] = set()
         while True:
-            healthy = self._healthy("decode", avoid | full)
-            address = _colocated(request.colocate, 1, healthy) or choose_decode(healthy, cached, self._routing_loads())
+            address = self._pick_decode(request, self._healthy("decode", avoid | full), cached)
             if address is None:
                 raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
             worker = self._workers[address]
@@ -287,6 +330,10 @@ class GrpcBackend(Backend):
             load = self._loads.get(address, Load())
             self._loads[address] = replace(load, free_blocks=max(load.free_blocks - len(ticket.block_ids), 0))
             return worker, ticket
+
+    def _pick_decode(self, request: GenerationRequest, healthy: list[str], cached: dict[str, int]) -> str | None:
+        """Beside a sibling where asked (``colocate``), else by load, room and cached prefix; see ``router``."""
+        return _colocated(request.colocate, 1, healthy) or choose_decode(healthy, cached, self._routing_loads())
 
     async def _choose_prefill(
         self, token_ids: list[int], avoid: set[str], cached: dict[str, int], colocate: tuple[str, ...] = ()
@@ -480,6 +527,19 @@ class GrpcBackend(Backend):
         self._in_flight_at_poll[address] = self._in_flight[address]
         if not worker.worker_id:
             worker.worker_id = load.worker_id
+
+
+def _reserve_message(request: GenerationRequest) -> decode_pb2.ReserveRequest:
+    """What a decode worker takes to reserve ``request``'s blocks, or to serve it whole."""
+    return decode_pb2.ReserveRequest(
+        request_id=request.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        params=params_to_proto(request.params),
+        output_token_ids=request.output_token_ids,
+        priority=request.priority,
+        lora=request.lora or "",
+        cache_salt=request.cache_salt or "",
+    )
 
 
 def _colocated(colocate: tuple[str, ...], role: int, healthy: list[str]) -> str | None:
