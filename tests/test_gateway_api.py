@@ -1293,6 +1293,34 @@ async def test_metrics_exposed_and_updated(tok) -> None:
     assert _sample(embedded, "baton_requests_waiting") == 0
 
 
+async def test_metrics_vllm_has_are_also_served_under_vllms_names(tok) -> None:
+    """Each family vLLM's server has too comes again under vLLM's name, labelled with the served
+    model's name: the same samples, the same values."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app(make_config(), FakeBackend(tok, cached_tokens=3), tok)
+    async with client_for(app) as client:
+        await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+        text = (await client.get("/metrics")).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    pairs = [("baton_time_to_first_token_seconds_count", "vllm:time_to_first_token_seconds_count"),
+             ("baton_inter_token_latency_seconds_bucket", "vllm:inter_token_latency_seconds_bucket"),
+             ("baton_e2e_request_latency_seconds_sum", "vllm:e2e_request_latency_seconds_sum"),
+             ("baton_requests_running", "vllm:num_requests_running"), ("baton_requests_waiting", "vllm:num_requests_waiting"),
+             ("baton_prompt_tokens_total", "vllm:prompt_tokens_total"),
+             ("baton_prompt_tokens_total", "vllm:prefix_cache_queries_total"),
+             ("baton_generation_tokens_total", "vllm:generation_tokens_total"),
+             ("baton_cached_prompt_tokens_total", "vllm:prefix_cache_hits_total")]
+    for ours, theirs in pairs:
+        mine = {labels: v for (name, labels), v in samples.items() if name == ours}
+        vllm = {tuple(l for l in labels if l != ("model_name", MODEL)): v for (name, labels), v in samples.items()
+                if name == theirs and ("model_name", MODEL) in labels}
+        assert mine and vllm == mine, theirs
+    assert samples[("vllm:generation_tokens_total", (("model_name", MODEL),))] >= 4
+    assert not any(name.startswith("vllm:") and "kv_transfer" in name for name, _ in samples)
+
+
 def test_gateway_app_does_not_import_torch() -> None:
     code = "import sys, baton.services.gateway.app, baton.services.gateway.__main__; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

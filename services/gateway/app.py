@@ -206,7 +206,7 @@ def _logged_error(exc: Exception) -> APIError:
     return error
 
 
-def _add_probes(app: FastAPI, backend: Backend, state: GatewayState) -> None:
+def _add_probes(app: FastAPI, backend: Backend, state: GatewayState, model_name: str) -> None:
     @app.get("/health")
     async def health() -> Response:
         return JSONResponse({"status": "ok"})
@@ -229,7 +229,7 @@ def _add_probes(app: FastAPI, backend: Backend, state: GatewayState) -> None:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = metrics.render(model_name)
         return Response(body, media_type=content_type)
 
 
@@ -311,7 +311,7 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
             return error_response(exc)
         return JSONResponse(serving.models().model_dump(mode="json"))
 
-    _add_probes(app, backend, state)
+    _add_probes(app, backend, state, config.served_model_name)
     _add_error_handlers(app)
     _document_bodies(app, bodies)
     return app

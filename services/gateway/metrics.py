@@ -2,14 +2,20 @@
 
 Other gateway modules import these names and update them; ``record_prompt`` keeps
 the cumulative prefix-cache hit ratio, ``RequestMetrics`` follows one request
-(waiting -> running -> finished) and ``render()`` gives the text exposition format.
+(waiting -> running -> finished) and ``render()`` gives the text exposition format:
+Baton's metrics, then those vLLM has too under vLLM's names (``VLLM_NAMES``), labelled with
+the served model's name as vLLM labels them, so that dashboards and autoscalers made for
+vLLM read Baton unchanged.
 """
 
 from __future__ import annotations
 
 import time
 
+from collections.abc import Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -57,6 +63,19 @@ RETRIES = Counter(
     labelnames=["resumed"], registry=REGISTRY,
 )
 
+# Families (without a counter's ``_total``) that vLLM's server has too: Baton's name -> vLLM's
+# names for it (vLLM counts every prompt token as a prefix-cache query).
+VLLM_NAMES = {
+    "baton_time_to_first_token_seconds": ("vllm:time_to_first_token_seconds",),
+    "baton_inter_token_latency_seconds": ("vllm:inter_token_latency_seconds",),
+    "baton_e2e_request_latency_seconds": ("vllm:e2e_request_latency_seconds",),
+    "baton_requests_running": ("vllm:num_requests_running",),
+    "baton_requests_waiting": ("vllm:num_requests_waiting",),
+    "baton_prompt_tokens": ("vllm:prompt_tokens", "vllm:prefix_cache_queries"),
+    "baton_generation_tokens": ("vllm:generation_tokens",),
+    "baton_cached_prompt_tokens": ("vllm:prefix_cache_hits",),
+}
+
 _prompt_totals = [0, 0]  # prompt tokens, cached tokens since start (for the hit ratio)
 
 
@@ -103,6 +122,22 @@ class RequestMetrics:
         REQUESTS_TOTAL.labels(status=status).inc()
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+class _VllmView:
+    """The families of ``VLLM_NAMES`` under vLLM's names, each sample labelled ``model_name``."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            for name in VLLM_NAMES.get(family.name, ()):
+                out = Metric(name, family.documentation, family.type)
+                for sample in family.samples:
+                    out.add_sample(name + sample.name[len(family.name):], {**sample.labels, "model_name": self.model_name},
+                                   sample.value, sample.timestamp)
+                yield out
+
+
+def render(model_name: str) -> tuple[bytes, str]:
+    """The exposition text (vLLM's names labelled with ``model_name`` after Baton's) and its content type."""
+    return generate_latest(REGISTRY) + generate_latest(_VllmView(model_name)), CONTENT_TYPE_LATEST
