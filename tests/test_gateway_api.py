@@ -1051,6 +1051,29 @@ async def test_a_chat_template_flag_renders_chat_requests(tok) -> None:
     assert backend.requests[-1].prompt_token_ids == chat["tokens"]
 
 
+async def test_documents_reach_a_rag_template_as_transformers_hands_them(tok) -> None:
+    """vLLM's ``documents`` (chat, and /tokenize's messages): the template sees them as the
+    ``documents`` variable, rendering what transformers renders with them."""
+    from transformers import AutoTokenizer
+
+    template = ("{% for d in documents or [] %}[doc {{ loop.index }}: {{ d['title'] }}] {{ d['text'] }}\n{% endfor %}"
+                "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+    custom, config = GatewayTokenizer(DEMO_MODEL, template), make_config(chat_template=template)
+    backend = FakeBackend(custom)
+    messages = [{"role": "user", "content": "Who loves whom?"}]
+    documents = [{"title": "Act II", "text": "O Romeo, Romeo!"}, {"title": "Act III", "text": "Tybalt, the prince of cats."}]
+    chat = {"model": MODEL, "messages": messages, "max_tokens": 2, "documents": documents}
+    assert (await post(backend, custom, "/v1/chat/completions", chat, config)).status_code == 200
+    tokens = (await post(backend, custom, "/tokenize", {"model": MODEL, "messages": messages, "documents": documents},
+                         config)).json()["tokens"]
+    expected = AutoTokenizer.from_pretrained(str(DEMO_MODEL)).apply_chat_template(
+        messages, chat_template=template, documents=documents, tokenize=True, add_generation_prompt=True)
+    assert backend.requests[0].prompt_token_ids == tokens == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert "[doc 2: Act III]" in custom.decode(tokens)
+    assert_error(await post(backend, custom, "/v1/chat/completions", {**chat, "documents": [{"title": 1}]}, config),
+                 400, "documents")
+
+
 async def test_a_request_brings_its_own_chat_template_only_where_trusted(tok) -> None:
     """vLLM's ``chat_template`` request field: refused (400, nothing sent) unless the gateway runs
     with ``--trust-request-chat-template``; then chat requests and /tokenize's messages render

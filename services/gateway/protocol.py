@@ -391,6 +391,7 @@ class ChatTemplateOptions(BaseModel):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None   # vLLM's: the request's own Jinja template (--trust-request-chat-template)
+    documents: list[dict[str, str]] | None = None   # vLLM's: for a RAG model's template, as transformers hands them
 
     @field_validator("continue_final_message")
     @classmethod

@@ -330,6 +330,7 @@ class OpenAIServing:
                 template_kwargs=req.chat_template_kwargs,
                 tools=req.template_tools,
                 chat_template=req.chat_template,
+                documents=req.documents,
             )
         except ChatTemplateError as exc:
             raise APIError(str(exc), param="messages" if req.chat_template is None else "chat_template") from exc

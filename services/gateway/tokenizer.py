@@ -126,16 +126,19 @@ class GatewayTokenizer:
         template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
         chat_template: str | None = None,
+        documents: list[dict[str, str]] | None = None,
     ) -> str:
         """The template's text. ``continue_final_message``: cut right after the last message's
         content, so that generation continues it; ``template_kwargs``: more template variables
-        (the messages, special tokens and ``tools`` win over them); ``tools``: the request's
+        (the messages, special tokens, ``tools`` and ``documents`` win over them); ``tools``: the request's
         tools, in OpenAI's form, as transformers hands them to a template; ``chat_template``: a
-        request's own template, in place of the served one (the last few compiled are kept)."""
+        request's own template, in place of the served one (the last few compiled are kept);
+        ``documents``: a RAG template's documents (each a dict of strings, such as title and text)."""
         template = self._template if chat_template is None else self._parse(chat_template, "the request's chat_template")
         if template is None:
             raise ChatTemplateError("the model has no chat template; use /v1/completions")
-        variables = {**(template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
+        given = {"tools": tools, "documents": documents}
+        variables = {**(template_kwargs or {}), **{k: v for k, v in given.items() if v is not None}}
         try:
             text = template.render(
                 **variables,
