@@ -20,6 +20,7 @@ import uvicorn
 
 from baton.engine.config import parse_lora_modules
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
+from baton.services.gateway import sampling_defaults
 from baton.services.gateway.app import GatewayState, create_app
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="the LoRA adapters the workers load (their --lora-modules): requests may name them as model")
+    sampling_defaults.add_flags(p)
     p.add_argument("--log-level", default="info")
     return p
 
@@ -108,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         chat_template=args.chat_template,
         trust_request_chat_template=args.trust_request_chat_template,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
     )
 
 
@@ -155,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         parser.error(AUTO_TOOL_CHOICE_NEEDS_PARSER)
     config = config_from_args(args)
+    try:
+        # a default a request's field would refuse stops the start
+        sampling_defaults.load(config.model_dir, config.generation_config, config.override_generation_config)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(config, args.log_level))
 

@@ -1,7 +1,8 @@
 """OpenAI completions and chat completions over an abstract ``Backend``.
 
-A request passes through: validated (protocol.py) -> tokenized (chat template for
-chat) -> checked against the context length -> fanned out into one backend
+A request passes through: validated (protocol.py) -> the model's sampling defaults for the
+fields it left out (``sampling_defaults``) -> tokenized (chat template for chat) -> checked
+against the context length -> fanned out into one backend
 sequence per choice (``n`` per prompt; ids ``f"{id}-{i}"``, seeds ``seed + i``; a
 prompt's later samples start beside its first once that one decodes, see ``_merge``)
 -> each choice's chunks are detokenized and stop-string matched (``Choice``)
@@ -33,7 +34,7 @@ from pydantic import ValidationError
 from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
-from baton.services.gateway import metrics, responses, scoring, tools
+from baton.services.gateway import metrics, responses, sampling_defaults, scoring, tools
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationRequest
 from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
 from baton.services.gateway.config import GatewayConfig
@@ -76,6 +77,9 @@ class OpenAIServing:
         self.max_model_len = resolve_max_model_len(config)
         self.tool_parser = make_parser(config.tool_call_parser) if config.tool_call_parser else None
         self.think_end = tuple(tokenizer.encode(THINK_END, add_special_tokens=False))
+        self.generation_defaults = sampling_defaults.load(config.model_dir, config.generation_config,
+                                                          config.override_generation_config)
+        sampling_defaults.log_defaults(self.generation_defaults)
 
     def models(self) -> ModelList:
         """The base model, then each LoRA adapter (``root``: its directory, ``parent``: the base), as vLLM lists them."""
@@ -104,6 +108,7 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | PrimedStream:
         arrival = time.perf_counter()
         lora = self._check_common(req)
+        req = sampling_defaults.with_defaults(req, self.generation_defaults)
         prompts = [self._prompt(self._truncate(req, ids), with_text=req.echo) for ids in self._token_ids(req.prompt, "prompt")]
         params = self._params(req, prompts, req.max_tokens, "max_tokens", "prompt")
         self._check_logprobs(req.logprobs, "sample", "logprobs")
@@ -128,6 +133,7 @@ class OpenAIServing:
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | PrimedStream:
         arrival = time.perf_counter()
         lora = self._check_common(req)
+        req = sampling_defaults.with_defaults(req, self.generation_defaults)
         ids = self._truncate(req, self._chat_token_ids(req))
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         prompts = [self._prompt(ids, with_text=False)]
@@ -162,7 +168,9 @@ class OpenAIServing:
         )
 
     async def create_response(self, req: ResponsesRequest) -> ResponseObject | PrimedStream:
-        """A Responses API request, answered as the chat completion it makes (see ``responses``)."""
+        """A Responses API request, answered as the chat completion it makes (see ``responses``),
+        with the model's defaults for what it left out (its answer echoes them)."""
+        req = sampling_defaults.with_defaults(req, self.generation_defaults)
         try:
             chat = req.chat_request()
         except ValidationError as exc:
@@ -372,6 +380,7 @@ class OpenAIServing:
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {longest}.",
                 param=prompt_param,
             )
+        limit = sampling_defaults.capped(limit, self.generation_defaults)
         if limit is not None and longest + limit > self.max_model_len:
             raise APIError(
                 f"This model's maximum context length is {self.max_model_len} tokens; you requested "
@@ -389,7 +398,8 @@ class OpenAIServing:
         structured_output = tools.grammar(req) if forced_tools else req.structured_output
         try:
             return SamplingParams(
-                max_tokens=limit if limit is not None else self.max_model_len - longest,
+                max_tokens=limit if limit is not None else sampling_defaults.default_limit(self.max_model_len - longest,
+                                                                                            self.generation_defaults),
                 min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, seed=req.seed, stop_token_ids=list(req.stop_token_ids),
