@@ -4,6 +4,13 @@
     out = llm.generate(["JULIET:\\nO Romeo"], SamplingParams(temperature=0, max_tokens=16))
     print(out[0].outputs[0].text)
 
+Without params, ``generate`` samples with ``get_default_sampling_params()``: the model's
+``generation_config.json`` defaults, as vLLM applies them (``generation_config="auto"``; ``"vllm"``
+reads none, a folder that folder's file), with ``override_generation_config`` on top:
+
+    llm = LLM(model, override_generation_config={"temperature": 0, "max_new_tokens": 32})
+    llm.generate(prompts)                              # greedy, 32 tokens at most
+
 LoRA adapters (PEFT directories) load at start and a request names one by its name:
 
     llm = LLM(model, lora_modules={"sonnets": "/path/to/adapter"}, max_lora_rank=16)
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -23,6 +31,7 @@ from transformers import AutoTokenizer
 
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
+from baton.engine.generation_config import GenerationDefaults, as_params, load_generation_defaults
 from baton.engine.hashing import model_fingerprint
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
@@ -30,6 +39,7 @@ from baton.engine.sequence import Sequence, TokenLogprob
 from baton.engine.structured_output import StructuredOutputs
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,9 +61,14 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str, **engine_config) -> None:
+    def __init__(
+        self, model: str, generation_config: str = "auto", override_generation_config: dict | None = None,
+        **engine_config,
+    ) -> None:
         self.config = EngineConfig(**engine_config)
         self.runner = ModelRunner(model, self.config)
+        self.generation_defaults = _generation_defaults(self.runner.model_dir, generation_config,
+                                                        override_generation_config or {})
         self.tokenizer = AutoTokenizer.from_pretrained(self.runner.model_dir)
         self.core = EngineCore(
             self.runner,
@@ -70,6 +85,11 @@ class LLM:
         # ~0.15 s each on a CPU host once enough per-token objects have piled up.
         gc.freeze()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` samples with when given no params: the generation config's defaults
+        (``generation_config``, ``override_generation_config``), the rest ``SamplingParams``'s own."""
+        return SamplingParams(**self.generation_defaults.values)
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],
@@ -82,9 +102,11 @@ class LLM:
         ``priority``: one per prompt, lower first (``scheduling_policy="priority"``). ``lora``: the
         LoRA adapter (a name of ``lora_modules``) all prompts run under, or one per prompt (None:
         the base model). ``cache_salt``: the salt of all prompts' prefix-cache hashes, or one per
-        prompt (None: unsalted); only prompts with the same salt share cached blocks."""
+        prompt (None: unsalted); only prompts with the same salt share cached blocks. No ``params``:
+        ``get_default_sampling_params()``."""
         prompts = self._token_ids(prompts)
-        params_list = _per_prompt(SamplingParams() if params is None else params, len(prompts), "sampling params")
+        params_list = _per_prompt(self.get_default_sampling_params() if params is None else params, len(prompts),
+                                  "sampling params")
         priorities = priority if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
@@ -127,6 +149,15 @@ class LLM:
         ]
         first = seqs[0]
         return RequestOutput(request_id, list(first.prompt_token_ids), outputs, first.num_cached_tokens, list(first.prompt_logprobs))
+
+
+def _generation_defaults(model_dir: str, source: str, override: dict) -> GenerationDefaults:
+    """The generation config's sampling defaults, each checked as ``SamplingParams`` checks its
+    values (ValueError naming the argument, and the file); logged once."""
+    defaults = load_generation_defaults(model_dir, source, override, lambda values: SamplingParams(**as_params(values)))
+    if defaults.values:
+        logger.info("default sampling params from %s: %s", defaults.describe(), defaults.values)
+    return defaults
 
 
 def _per_prompt(value: T | list[T], count: int, what: str) -> list[T]:

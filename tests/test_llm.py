@@ -4,6 +4,9 @@ chunked prefill), seeded sampling, n > 1 and prompt logprobs."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -349,3 +352,29 @@ def test_per_prompt_arguments_must_give_one_per_prompt(demo_model):
             llm.generate(["JULIET:", "ROMEO:"], **kwargs)
     one = llm.generate(["JULIET:", "ROMEO:"], Params(max_tokens=2, temperature=0), cache_salt="s")
     assert [len(o.outputs[0].token_ids) for o in one] == [2, 2]
+
+
+@pytest.mark.model
+def test_generate_without_params_samples_with_the_generation_configs_defaults(demo_model, tmp_path):
+    """As vLLM's ``LLM``: the model's generation_config.json sets the default params (its sampling
+    keys only), ``"vllm"`` ignores it, and the override goes on top; set params are the caller's."""
+    model = tmp_path / "model"
+    shutil.copytree(demo_model, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0, "max_new_tokens": 7}))
+    llm = LLM(str(model), num_blocks=32)
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, max_tokens=7)
+    greedy = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=7))[0].outputs[0].token_ids
+    assert llm.generate(PROMPTS[0])[0].outputs[0].token_ids == greedy and len(greedy) == 7
+    assert len(llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].token_ids) == 3
+    assert LLM(str(model), generation_config="vllm", num_blocks=32).get_default_sampling_params() == SamplingParams()
+    over = LLM(str(model), override_generation_config={"temperature": 0.7, "max_new_tokens": None, "top_k": 5}, num_blocks=32)
+    assert over.get_default_sampling_params() == SamplingParams(temperature=0.7, top_k=5)
+    assert LLM(demo_model, num_blocks=32).get_default_sampling_params() == SamplingParams()   # the demo's sets none
+    with pytest.raises(ValueError, match="^override_generation_config: top_p must be in"):
+        LLM(str(model), override_generation_config={"top_p": 1.5}, num_blocks=32)
+    with pytest.raises(ValueError, match="^override_generation_config: unknown key"):
+        LLM(str(model), override_generation_config={"do_sample": True}, num_blocks=32)
+    (model / "generation_config.json").write_text(json.dumps({"temperature": -1}))
+    with pytest.raises(ValueError, match=f"^generation_config auto: {model}/generation_config.json: temperature must"):
+        LLM(str(model), num_blocks=32)
