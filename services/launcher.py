@@ -25,6 +25,7 @@ from baton.engine.config import SCHEDULING_POLICIES, parse_lora_modules, specula
 from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
+from baton.services.gateway import sampling_defaults
 from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from baton.services.gateway.tokenizer import chat_template_arg
 from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER, PARSERS
@@ -116,6 +117,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *(["--chat-template", args.chat_template] if args.chat_template else []),
         *(["--trust-request-chat-template"] if args.trust_request_chat_template else []),
         *(["--return-tokens-as-token-ids"] if args.return_tokens_as_token_ids else []),
+        *(["--generation-config", args.generation_config] if args.generation_config != "auto" else []),
+        *(["--override-generation-config", json.dumps(args.override_generation_config)]
+          if args.override_generation_config else []),
         *loras,
     ]
     plan.url = f"http://{args.host}:{args.port}"
@@ -184,7 +188,8 @@ def up(args: argparse.Namespace) -> int:
         return 2
     try:
         args.model = str(resolve_model_dir(args.model))  # a hub id is downloaded once, here
-    except OSError as exc:
+        sampling_defaults.load(args.model, args.generation_config, args.override_generation_config)
+    except (OSError, ValueError) as exc:
         print(f"baton up: {exc}", file=sys.stderr)
         return 2
     plan = make_plan(args)
@@ -266,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA adapters (PEFT directories) every worker loads; a request names one as its model")
     p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters --lora-modules may give")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
+    sampling_defaults.add_flags(p)
     p.add_argument("--worker-metrics", action="store_true",
                    help="serve each worker's Prometheus metrics on a free port (printed once ready)")
     return parser

@@ -2,6 +2,7 @@
 same modules, flags each service's own parser accepts, and the default ports."""
 
 import argparse
+import json
 import re
 import shlex
 from pathlib import Path
@@ -226,3 +227,36 @@ def test_launcher_plan_hands_the_local_prefill_length_to_the_gateway():
     for extra, length in (([], 0), (["--max-local-prefill-length", "64"], 64)):
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
         assert config_from_args(build_parser().parse_args(plan.gateway[4:])).max_local_prefill_length == length
+def test_launcher_hands_the_generation_config_flags_to_the_gateway(compose, tmp_path, capsys):
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.2}))
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
+
+    def gateway_config(*flags: str):
+        plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *flags]))
+        return config_from_args(build_parser().parse_args(plan.gateway[4:]))
+
+    assert (gateway_config().generation_config, gateway_config().override_generation_config) == ("auto", {})
+    gateway = gateway_config("--generation-config", str(tmp_path),
+                             "--override-generation-config", '{"top_k": 4, "max_new_tokens": null}')
+    assert gateway.generation_config == str(tmp_path)
+    assert gateway.override_generation_config == {"top_k": 4, "max_new_tokens": None}
+    with pytest.raises(SystemExit):
+        launcher.build_parser().parse_args([*argv, "--override-generation-config", '{"temperature": -1}'])
+    assert "argument --override-generation-config: temperature: Input should be greater" in capsys.readouterr().err
+    # compose: through GATEWAY_FLAGS (JSON without spaces: the shell splits the flags at whitespace)
+    service = compose["services"]["gateway"]
+    args = build_parser().parse_args(_argv(service, GATEWAY_FLAGS='--override-generation-config {"temperature":0.5}')[4:])
+    assert config_from_args(args).override_generation_config == {"temperature": 0.5}
+
+
+def test_baton_up_refuses_a_generation_config_a_request_would_refuse_before_starting_anything(demo_model, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_bytes((Path(demo_model) / name).read_bytes())
+    (model / "generation_config.json").write_text(json.dumps({"top_p": 0}))
+    assert launcher.main(["up", "--model", str(model), "--redis-url", "redis://127.0.0.1:1/0"]) == 2
+    err = capsys.readouterr().err
+    assert f"baton up: --generation-config auto: {model}/generation_config.json: top_p: Input should be greater" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,11 +34,11 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def start_baton_up(port: int) -> tuple[subprocess.Popen, list[int]]:
-    """``baton up`` on ``port``, once it says it is ready, and its child processes."""
+def start_baton_up(port: int, *flags: str) -> tuple[subprocess.Popen, list[int]]:
+    """``baton up`` on ``port`` (with ``flags``), once it says it is ready, and its child processes."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "baton.services.launcher", "up", "--port", str(port)],
+        [sys.executable, "-m", "baton.services.launcher", "up", "--port", str(port), *flags],
         stdout=subprocess.PIPE, text=True, env=env,
     )
     ready = ""
@@ -70,6 +71,33 @@ def test_baton_up_serves_and_stops_cleanly():
         code = proc.wait(timeout=90)
     assert code == 0
     assert_gone(children)
+
+
+def test_baton_up_serves_the_generation_configs_defaults(demo_model, tmp_path):
+    """A checkpoint whose generation_config.json asks for greedy decoding and 7 new tokens: a
+    request that leaves temperature and max_tokens out gets the engine's 7 greedy tokens."""
+    from baton.engine.llm import LLM
+    from baton.engine.sampling_params import SamplingParams
+
+    model = tmp_path / "shakespeare-llama-5m"
+    shutil.copytree(demo_model, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0, "max_new_tokens": 7}))
+    prompt = "JULIET:\nO Romeo"
+    greedy = LLM(demo_model, num_blocks=32).generate(prompt, SamplingParams(temperature=0, max_tokens=7))[0].outputs[0]
+    port = free_port()
+    proc, _ = start_baton_up(port, "--model", str(model))
+    try:
+        for _ in range(2):   # the second from the prefix cache
+            body = {"model": "shakespeare-llama-5m", "prompt": prompt}
+            resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+            assert resp.status_code == 200, resp.text
+            out = resp.json()
+            assert (out["choices"][0]["text"], out["usage"]["completion_tokens"]) == (greedy.text, 7)
+            assert out["choices"][0]["finish_reason"] == "length"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
 
 
 def test_a_second_sigterm_kills_what_is_left():
