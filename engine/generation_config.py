@@ -118,7 +118,8 @@ def generation_config_path(model_dir: str | Path, source: str) -> Path | None:
         return path if path.is_file() else None
     folder = Path(source)
     if not folder.is_dir():
-        raise ValueError(f"{source!r} is not a folder (give 'auto', 'vllm' or a folder holding {GENERATION_CONFIG_FILE})")
+        raise ValueError(f"{source!r} is not a folder (give 'auto', 'vllm' or a folder holding "
+                         f"{GENERATION_CONFIG_FILE})")
     if not (folder / GENERATION_CONFIG_FILE).is_file():
         raise ValueError(f"the folder {source!r} holds no {GENERATION_CONFIG_FILE}")
     return folder / GENERATION_CONFIG_FILE

@@ -251,7 +251,13 @@ def test_launcher_hands_the_generation_config_flags_to_the_gateway(compose, tmp_
     assert config_from_args(args).override_generation_config == {"temperature": 0.5}
 
 
-def test_baton_up_refuses_a_generation_config_a_request_would_refuse_before_starting_anything(demo_model, tmp_path, capsys):
+def test_baton_up_refuses_a_generation_config_a_request_would_refuse_before_starting_anything(
+    demo_model, tmp_path, capsys, monkeypatch,
+):
+    def start(args):
+        raise AssertionError("baton up went on to start the processes")
+
+    monkeypatch.setattr(launcher, "make_plan", start)
     model = tmp_path / "model"
     model.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):

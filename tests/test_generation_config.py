@@ -14,7 +14,7 @@ import pytest
 from baton.engine.generation_config import (
     GenerationDefaults, generation_config_arg, load_generation_defaults, parse_override,
 )
-from baton.services.gateway import sampling_defaults
+from baton.services.gateway import __main__ as gateway_main, sampling_defaults
 from baton.services.gateway.__main__ import build_parser, config_from_args, main
 from baton.services.gateway.app import create_app
 from baton.services.gateway.config import GatewayConfig
@@ -151,7 +151,13 @@ def test_an_override_a_request_would_refuse_stops_the_gateway_naming_the_flag(ca
     assert f"argument --override-generation-config: {message}" in capsys.readouterr().err
 
 
-def test_a_generation_config_a_request_would_refuse_stops_the_gateway_naming_the_flag_and_file(tmp_path, capsys):
+def test_a_generation_config_a_request_would_refuse_stops_the_gateway_naming_the_flag_and_file(
+    tmp_path, capsys, monkeypatch,
+):
+    def serve(config, log_level):
+        raise AssertionError("the gateway went on to serve")
+
+    monkeypatch.setattr(gateway_main, "serve", serve)
     model = model_copy(tmp_path / "m", {"top_k": -2})
     with pytest.raises(SystemExit):
         main(["--model-dir", str(model)])
@@ -167,7 +173,8 @@ def test_the_flags_reach_the_gateways_config(tmp_path):
     args = build_parser().parse_args(["--model-dir", str(DEMO_MODEL), "--generation-config", folder,
                                       "--override-generation-config", '{"top_k": 3, "max_new_tokens": null}'])
     config = config_from_args(args)
-    assert (config.generation_config, config.override_generation_config) == (folder, {"top_k": 3, "max_new_tokens": None})
+    assert config.generation_config == folder
+    assert config.override_generation_config == {"top_k": 3, "max_new_tokens": None}
     config = config_from_args(build_parser().parse_args(["--model-dir", str(DEMO_MODEL)]))
     assert (config.generation_config, config.override_generation_config) == ("auto", {})
 
@@ -218,7 +225,8 @@ async def test_a_response_echoes_the_defaults_it_took_and_keeps_what_it_was_give
 
 async def test_the_default_limit_is_cut_to_the_room_the_prompt_leaves(tok, model_dir):
     prompt_tokens = len(tok.encode(BODIES["/v1/completions"]["prompt"]))
-    params, _ = await generated(tok, "/v1/completions", make_config(model_dir=model_dir, max_model_len=prompt_tokens + 2))
+    config = make_config(model_dir=model_dir, max_model_len=prompt_tokens + 2)
+    params, _ = await generated(tok, "/v1/completions", config)
     assert params["max_tokens"] == 2                                     # not a 400: the client asked for nothing
 
 
