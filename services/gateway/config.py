@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, Field
 
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
@@ -35,8 +33,9 @@ class GatewayConfig(BaseModel):
     chat_template: str | None = None                  # Jinja, in place of the model's own (vLLM's --chat-template)
     trust_request_chat_template: bool = False         # a request may bring its own chat_template (vLLM's flag)
     return_tokens_as_token_ids: bool = False          # log-probs name tokens "token_id:{id}" unless a request says
-    generation_config: str = "auto"                   # vLLM's: sampling defaults from the model's generation_config.json
-                                                      # ("auto"), none ("vllm"), or a folder's
-    override_generation_config: dict[str, Any] = Field(default_factory=dict)  # vLLM's: defaults set on top of those
+    # vLLM's: sampling defaults from the model's generation_config.json ("auto"), none ("vllm") or a folder's,
+    # and the values set on top of them
+    generation_config: str = "auto"
+    override_generation_config: dict[str, float | int | None] = Field(default_factory=dict)
     shutdown_timeout_s: float = 30.0                 # in-flight requests may finish within this after SIGTERM
     load_poll_interval_s: float = 0.5
