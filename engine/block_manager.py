@@ -15,7 +15,9 @@ The prefix cache maps a chained block hash (``baton.engine.hashing``) to a block
 id. A hit is used only when the block's stored token ids and parent hash match
 the request's; a hash collision costs a recomputation, never wrong KV. A sequence's
 hashes carry its LoRA adapter and cache salt (``hashing.block_extra``): no block is shared across
-adapters or salts. The pool
+adapters or salts. A block remembers the adapter it was computed under, so that unloading an
+adapter (``forget_lora``) uncaches its blocks: other weights loaded later under the same name
+hash the same, and must not find them. The pool
 never talks to Redis: it queues ``BlockStored`` / ``BlockRemoved`` events that an
 index publisher drains with ``drain_events()``.
 """
@@ -49,6 +51,7 @@ class Block:
     block_hash: int | None = None
     parent_hash: int | None = None
     token_ids: tuple[int, ...] = ()
+    lora: str | None = None        # the LoRA adapter its KV was computed under (while cached)
 
 
 @dataclass
@@ -185,6 +188,7 @@ class BlockManager:
             block.block_hash = block_hash
             block.parent_hash = state.hashes[i - 1] if i else None
             block.token_ids = tuple(tokens[i * bs : (i + 1) * bs])
+            block.lora = seq.lora
             self._by_hash[block_hash] = block.block_id
             stored.append(block_hash)
         state.num_registered = max(state.num_registered, num_full)
@@ -204,6 +208,20 @@ class BlockManager:
                     self._evictable[block_id] = None
         seq.block_table = []
         self._seqs.pop(seq.seq_id, None)
+
+    def forget_lora(self, lora: str) -> None:
+        """Uncache every block computed under LoRA adapter ``lora`` (it is being unloaded); those no
+        sequence holds become free, those still held (a finished prefill awaiting ``release``) are
+        freed without a hash. Queues their removal from the index."""
+        removed: list[int] = []
+        for block in self.blocks:
+            if block.block_hash is not None and block.lora == lora:
+                removed.append(self._uncache(block))
+                if block.ref_count == 0:
+                    del self._evictable[block.block_id]
+                    self._free.append(block.block_id)
+        if removed:
+            self._events.append(BlockRemoved(removed))
 
     # -- internals ----------------------------------------------------------
     def _ref(self, block_id: int) -> None:
@@ -231,5 +249,5 @@ class BlockManager:
         block_hash = block.block_hash
         assert block_hash is not None
         del self._by_hash[block_hash]
-        block.block_hash, block.parent_hash, block.token_ids = None, None, ()
+        block.block_hash, block.parent_hash, block.token_ids, block.lora = None, None, (), None
         return block_hash

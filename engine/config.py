@@ -106,8 +106,9 @@ class EngineConfig:
     (async scheduling goes on above ``disable_by_batch_size``). ``pooler``: how an
     embedding request pools its prompt's hidden states (``engine/pooling.py``); None: as the
     checkpoint's sentence-transformers modules say, else LAST, normalized. ``lora_modules``:
-    LoRA adapters (name -> PEFT directory), all resident, at most ``max_loras`` of rank at most
-    ``max_lora_rank`` (vLLM's names; ``engine/lora_loader.py``); a request names one by its name.
+    LoRA adapters (name -> PEFT directory) loaded at start, all resident, at most ``max_loras`` of
+    rank at most ``max_lora_rank`` (vLLM's names; ``engine/lora_loader.py``), those loaded later
+    (``EngineCore.load_lora``) counted; a request names one by its name.
     ``max_logprobs``: the most log-probs a request may ask for each sampled or prompt token (vLLM's;
     -1: the whole vocabulary).
     """

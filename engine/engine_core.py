@@ -25,7 +25,11 @@ sequence ("stop").
 LoRA: a request may name one of the runner's adapters (``lora``); its sequences run under it
 and their blocks hash under it (``hashing.block_extra``), so the prefix cache never hands
 a block computed under one adapter to another, or to the base model. A name the runner
-has not loaded is refused with ``UnknownLoRA``.
+has not loaded is refused with ``UnknownLoRA``. Adapters load and unload between steps
+(``load_lora``, ``unload_lora``; a worker runs them on its engine thread). An unload is refused
+(``LoRAInUse``) while an unfinished sequence runs under the adapter, so none ever computes a token
+without it; it uncaches every block computed under it, since other weights may later load under
+its name, and their blocks hash the same.
 
 Cache salt (vLLM's ``cache_salt``): a request's salt goes into its blocks' hashes too, so it reuses
 only blocks computed for requests with the same salt (and an unsalted one only unsalted blocks);
@@ -62,6 +66,7 @@ from baton.engine.speculative import SpeculationStats
 from baton.engine.structured_output import StructuredOutputs
 
 if TYPE_CHECKING:
+    from baton.engine.lora_loader import LoRAAdapter
     from baton.engine.structured_output import Grammar
 
 log = logging.getLogger(__name__)
@@ -77,7 +82,15 @@ LayerHook = Callable[[int, list[ScheduledChunk]], None]
 
 
 class UnknownLoRA(ValueError):
-    """A request names a LoRA adapter this engine has not loaded."""
+    """A request (or an unload) names a LoRA adapter this engine has not loaded."""
+
+
+class LoRAInUse(ValueError):
+    """An unload of a LoRA adapter that unfinished sequences run under."""
+
+
+class LoRAConflict(ValueError):
+    """A load under the name of a LoRA adapter loaded with other weights."""
 
 
 class ModelRunnerLike(Protocol):
@@ -87,6 +100,11 @@ class ModelRunnerLike(Protocol):
     generates: bool          # False: no LM head, embedding requests only
     pooler: PoolerConfig     # how embedding requests pool
     lora_names: frozenset[str]  # the LoRA adapters requests may name
+    adapters: dict[str, LoRAAdapter]
+
+    def read_lora(self, name: str, path: str) -> LoRAAdapter: ...
+    def add_lora(self, adapter: LoRAAdapter) -> None: ...
+    def remove_lora(self, name: str) -> LoRAAdapter: ...
 
     def execute(
         self,
@@ -324,6 +342,38 @@ class EngineCore:
             raise KeyError(f"no request {request_id}")
         for seq in self._forget(request_id):
             self.scheduler.release(seq.seq_id)
+
+    # -- LoRA adapters (between steps) ----------------------------------------------
+    def load_lora(self, name: str, path: str) -> bool:
+        """Read, check and add the adapter in ``path`` under ``name`` (``add_lora``)."""
+        return self.add_lora(self.runner.read_lora(name, path))
+
+    def add_lora(self, adapter: LoRAAdapter) -> bool:
+        """Serve an adapter read by ``runner.read_lora`` from the next step on. False, changing
+        nothing, where the same adapter (by ``digest``) is loaded under its name already;
+        ``LoRAConflict`` where other weights are; ValueError where ``max_loras`` are loaded."""
+        loaded = self.runner.adapters.get(adapter.name)
+        if loaded is not None:
+            if loaded.digest == adapter.digest:
+                return False
+            raise LoRAConflict(f"LoRA adapter {adapter.name!r} is loaded here with other weights ({loaded.path}, "
+                               f"digest {loaded.digest}; {adapter.path} has digest {adapter.digest})")
+        self.runner.add_lora(adapter)
+        return True
+
+    def unload_lora(self, name: str) -> LoRAAdapter:
+        """Drop adapter ``name`` and uncache every block computed under it; returns it.
+        ``UnknownLoRA`` where it is not loaded, ``LoRAInUse`` while unfinished sequences run under it."""
+        if name not in self.runner.lora_names:
+            loaded = ", ".join(sorted(self.runner.lora_names)) or "none"
+            raise UnknownLoRA(f"LoRA adapter {name!r} is not loaded here (loaded: {loaded})")
+        users = sum(1 for seqs in self.requests.values() for seq in seqs if seq.lora == name and not seq.is_finished)
+        if users:
+            raise LoRAInUse(f"LoRA adapter {name!r} is in use by {users} unfinished sequence(s); unload it once they "
+                            "finish")
+        adapter = self.runner.remove_lora(name)
+        self.block_manager.forget_lora(name)
+        return adapter
 
     # -- the step -----------------------------------------------------------------
     def step(self, on_layer_done: LayerHook | None = None) -> list[Sequence]:

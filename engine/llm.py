@@ -11,10 +11,13 @@ reads none, a folder that folder's file), with ``override_generation_config`` on
     llm = LLM(model, override_generation_config={"temperature": 0, "max_new_tokens": 32})
     llm.generate(prompts)                              # greedy, 32 tokens at most
 
-LoRA adapters (PEFT directories) load at start and a request names one by its name:
+LoRA adapters (PEFT directories) load at start, or later between ``generate`` calls, and a
+request names one by its name:
 
     llm = LLM(model, lora_modules={"sonnets": "/path/to/adapter"}, max_lora_rank=16)
     llm.generate(prompts, params, lora="sonnets")     # or one name (or None) per prompt
+    llm.unload_lora("sonnets")
+    llm.load_lora("sql", "/path/to/other/adapter")
 
 The disaggregated services and the tests use it as their reference.
 """
@@ -120,6 +123,17 @@ class LLM:
         while self.core.has_unfinished():
             self.core.step()
         return [self._output(request_id, seqs) for request_id, seqs in requests]
+
+    def load_lora(self, name: str, path: str) -> bool:
+        """Load the LoRA adapter (PEFT directory) ``path`` under ``name``, checked as ``lora_modules``
+        are at start (ValueError naming what is wrong, ``max_loras`` included). False, changing
+        nothing, where the same adapter is loaded under ``name`` already (``LoRAConflict``: other weights)."""
+        return self.core.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Unload LoRA adapter ``name`` (``UnknownLoRA`` where it is not loaded); the blocks cached
+        under it are dropped, so an adapter loaded later under the same name starts afresh."""
+        self.core.unload_lora(name)
 
     def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
         """Each prompt's embedding: its final hidden states pooled as ``pooler`` (``EngineConfig``)

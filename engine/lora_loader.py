@@ -7,18 +7,26 @@ tensors are named ``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lor
 ``scale * (x @ A^T) @ B^T`` with ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
 rsLoRA), as PEFT computes it.
 
-Every check runs at start and its error names the adapter and what is wrong: a target
+Every check runs when an adapter loads (at start, or at runtime: ``EngineCore.load_lora``) and
+its error names the adapter and what is wrong: a target
 module other than the seven projections (``SUPPORTED_MODULES``), a rank above
 ``max_lora_rank``, a tensor of the wrong shape or name, PEFT features that change the
 math (DoRA, per-module ranks, trained biases, ``modules_to_save``). (``EngineConfig`` refuses
-more adapters than ``max_loras``.) No torch device work here: tensors are read to the CPU as float32.
+more adapters than ``max_loras``; ``ModelRunner.add_lora`` those loaded at runtime.) No torch device
+work here: tensors are read to the CPU as float32.
+
+An adapter's ``digest`` identifies its weights: the BLAKE2b digest (8 bytes, as 16 hex chars) of
+its two files' bytes, each preceded by its length (8 bytes, unsigned little endian), config first.
+Two loads under one name are the same adapter exactly when their digests are equal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +46,14 @@ _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_
 @dataclass
 class LoRAAdapter:
     """One adapter as read from disk: ``weights[(layer, proj)] = (A [r, in], B [out, r])``,
-    float32 on the CPU, for each projection it adapts."""
+    float32 on the CPU, for each projection it adapts; ``digest`` identifies its files (module docs)."""
 
     name: str
     path: Path
     rank: int
     scale: float
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    digest: str
 
 
 def projection_shape(config: ModelConfig, proj: str) -> tuple[int, int]:
@@ -84,7 +93,19 @@ def load_adapter(name: str, path: str | Path, config: ModelConfig, max_rank: int
                 raise ValueError(f"{where}: layer {layer} {proj}.lora_{kind} has shape {tuple(ab[kind].shape)}, "
                                  f"expected {want} (r={rank} and the base model's {proj})")
         pairs[(layer, proj)] = (ab["A"], ab["B"])
-    return LoRAAdapter(name, directory, rank, scale, pairs)
+    return LoRAAdapter(name, directory, rank, scale, pairs, adapter_digest(directory))
+
+
+def adapter_digest(directory: Path) -> str:
+    """The digest of an adapter directory's two files (see module docs)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = directory / name
+        digest.update(struct.pack("<Q", path.stat().st_size))
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_config(peft: dict, where: str, max_rank: int) -> tuple[int, float]:

@@ -25,7 +25,7 @@ from baton.engine.config import EngineConfig
 from baton.engine.cuda_graph import DecodeGraphs, capture_sizes
 from baton.engine.loader import build_model, resolve_model_dir
 from baton.engine.lora import LoRAStack
-from baton.engine.lora_loader import load_adapters
+from baton.engine.lora_loader import LoRAAdapter, load_adapter, load_adapters
 from baton.engine.model_config import ModelConfig, load_model_config, load_pooler_config
 from baton.engine.pooling import PoolerConfig
 from baton.engine.rope import build_cos_sin_cache
@@ -91,9 +91,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = build_model(self.model_dir, mc, self.dtype, self.device)
         self.model.set_cos_sin_cache(build_cos_sin_cache(mc.rope, mc.head_dim, self.max_model_len, self.device))
-        adapters = load_adapters(config.lora_modules, mc, config.max_lora_rank)
-        self.lora = LoRAStack(adapters, mc, self.device, self.dtype)
-        self.lora_names: frozenset[str] = frozenset(self.lora.names)
+        self._set_adapters({a.name: a for a in load_adapters(config.lora_modules, mc, config.max_lora_rank)})
         self.num_blocks: int = config.num_blocks or (
             self._blocks_in_device_share() if config.gpu_memory_utilization is not None else self._blocks_that_fit())
         if self.num_blocks < 1:
@@ -109,6 +107,36 @@ class ModelRunner:
             self.cuda_graphs = DecodeGraphs(self.model, self.kv_caches, sizes, self.max_model_len, self.block_size, self.vocab_size,
                                             draft_len, config.max_num_batched_tokens)
             self.cuda_graphs.capture()
+
+    # -- LoRA adapters: those of ``config.lora_modules``, and any loaded or unloaded since ---------
+
+    def read_lora(self, name: str, path: str) -> LoRAAdapter:
+        """Read and check an adapter for this model, as those of ``lora_modules`` are at start; changes
+        nothing, so any thread may call it."""
+        return load_adapter(name, path, self.model_config, self.config.max_lora_rank)
+
+    def add_lora(self, adapter: LoRAAdapter) -> None:
+        """Make ``adapter`` resident, for the steps after this call (between steps only); ValueError
+        where its name is taken or ``max_loras`` adapters are loaded already."""
+        if adapter.name in self.adapters:
+            raise ValueError(f"LoRA adapter {adapter.name!r} is loaded already")
+        if len(self.adapters) >= self.config.max_loras:
+            raise ValueError(f"LoRA adapter {adapter.name!r}: {len(self.adapters)} adapters are loaded "
+                             f"({', '.join(self.adapters)}) and max_loras={self.config.max_loras}; unload one first")
+        self._set_adapters({**self.adapters, adapter.name: adapter})
+
+    def remove_lora(self, name: str) -> LoRAAdapter:
+        """Drop a resident adapter (between steps only, and only once no sequence runs under it)."""
+        adapters = dict(self.adapters)
+        removed = adapters.pop(name)
+        self._set_adapters(adapters)
+        return removed
+
+    def _set_adapters(self, adapters: dict[str, LoRAAdapter]) -> None:
+        """Restack the resident adapters (each one's rows move; the engine core swaps them between steps)."""
+        self.lora = LoRAStack(list(adapters.values()), self.model_config, self.device, self.dtype)
+        self.adapters = adapters
+        self.lora_names: frozenset[str] = frozenset(adapters)
 
     def block_bytes(self) -> int:
         """Bytes one block takes across all layers (K and V)."""

@@ -219,3 +219,35 @@ def test_random_operations_keep_invariants(ops: list[tuple[str, int, int]]) -> N
 def test_pool_and_scheduler_import_no_torch() -> None:
     code = "import sys, baton.engine.block_manager, baton.engine.scheduler; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_forget_lora_uncaches_the_adapters_blocks_held_or_not() -> None:
+    """Unloading adapter "x": its cached-free blocks become free, a block still held (a finished
+    prefill awaiting its release) is freed without a hash when released; the index hears of both;
+    the base model's and another adapter's blocks stay cached."""
+    bm = BlockManager(num_blocks=16, block_size=BS, hash_extra="m")
+    tokens = list(range(9))
+    seqs = {name: Sequence(seq_id=name or "base", prompt_token_ids=tokens, params=SamplingParams(), lora=name)
+            for name in ("x", "y", None)}
+    held = Sequence(seq_id="held", prompt_token_ids=list(range(60, 73)), params=SamplingParams(), lora="x")
+    for seq in [*seqs.values(), held]:
+        assert bm.allocate(seq, seq.num_tokens)
+        compute(bm, seq, seq.num_tokens)
+    for seq in seqs.values():
+        bm.free(seq)
+    stored = [h for e in bm.drain_events() if isinstance(e, BlockStored) for h in e.block_hashes]
+    x_hashes = {h for h in stored if bm.blocks[bm._by_hash[h]].lora == "x"}
+    assert len(x_hashes) == 5                      # "x"'s two full blocks, then the held sequence's three
+    assert bm.num_evictable_blocks == 6
+    bm.forget_lora("x")
+    assert bm.num_evictable_blocks == 4            # "y"'s and the base model's
+    assert bm.drain_events() == [BlockRemoved(sorted(x_hashes, key=stored.index))]
+    check_invariant(bm)
+    for name in ("x", "y", None):
+        again = make_seq(f"again-{name}", tokens)
+        again.lora = name
+        assert bm.cached_prefix_tokens(again) == (0 if name == "x" else 8)
+    free = bm.num_free_blocks
+    bm.free(held)                                  # its four blocks, none cached any more
+    assert bm.num_free_blocks == free + 4 and bm.num_evictable_blocks == 4
+    check_invariant(bm)

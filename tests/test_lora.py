@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from baton.engine.block_manager import BlockStored
+from baton.engine.block_manager import BlockRemoved, BlockStored
 from baton.engine.config import EngineConfig, SpeculativeConfig, parse_lora_modules
 from baton.engine.cuda_graph import is_graph_step
-from baton.engine.engine_core import UnknownLoRA
+from baton.engine.engine_core import LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.lora_loader import load_adapter
@@ -198,3 +198,81 @@ def test_fp32_on_cuda_equals_the_cpu_engine_and_replays_graphs_for_base_steps_on
     adapted = Sequence("x", [1, 2, 3], SamplingParams(), block_table=[0], num_computed_tokens=2, lora="one")
     with pytest.raises(ValueError, match="runs under LoRA adapter 'one': a CUDA graph holds no adapter"):
         replay([ScheduledChunk(adapted, 1)], (1, 1))
+
+
+# -- loading and unloading while serving -----------------------------------------------------
+
+def test_an_adapter_loaded_at_runtime_equals_one_loaded_at_start(demo_model, adapters, references) -> None:
+    llm = LLM(demo_model, max_loras=2)
+    with pytest.raises(UnknownLoRA):
+        llm.generate(PROMPTS[0], GREEDY, lora="one")
+    assert llm.load_lora("one", str(adapters["one"]))
+    assert _token_ids(llm.generate(PROMPTS, GREEDY, lora="one")) == references["one"]
+    assert not llm.load_lora("one", str(adapters["one"]))           # the same adapter: nothing changes
+    with pytest.raises(LoRAConflict, match="'one' is loaded here with other weights"):
+        llm.load_lora("one", str(adapters["two"]))
+    assert llm.load_lora("two", str(adapters["two"]))
+    assert _token_ids(llm.generate(PROMPTS, GREEDY, lora=["two", None, "one"])) == [
+        references["two"][0], references[None][1], references["one"][2]]
+    llm.unload_lora("one")
+    with pytest.raises(UnknownLoRA, match="'one' is not loaded here"):
+        llm.generate(PROMPTS[0], GREEDY, lora="one")
+    with pytest.raises(UnknownLoRA, match="'one' is not loaded here"):
+        llm.unload_lora("one")
+    assert _token_ids(llm.generate(PROMPTS, GREEDY, lora="two")) == references["two"]
+
+
+def test_a_runtime_load_is_checked_as_at_start(demo_model, adapters, tmp_path) -> None:
+    llm = LLM(demo_model, lora_modules={"one": str(adapters["one"])})
+    with pytest.raises(ValueError, match=r"LoRA adapter 'two': 1 adapters are loaded \(one\) and max_loras=1"):
+        llm.load_lora("two", str(adapters["two"]))
+    llm.unload_lora("one")
+    with pytest.raises(ValueError, match="LoRA adapter 'big' .*rank 32 is above max_lora_rank=16"):
+        llm.load_lora("big", str(_rewrite(adapters["one"], tmp_path / "big", {"r": 32})))
+    with pytest.raises(ValueError, match="LoRA adapter 'lm' .*target module.s. lm_head not supported"):
+        llm.load_lora("lm", str(_rewrite(adapters["one"], tmp_path / "lm", {"target_modules": ["lm_head"]})))
+    with pytest.raises(FileNotFoundError, match="LoRA adapter 'none' .*needs adapter_config.json"):
+        llm.load_lora("none", str(tmp_path / "missing"))
+    assert llm.runner.lora_names == frozenset()
+    assert llm.load_lora("two", str(adapters["two"]))
+
+
+def test_an_adapter_in_use_is_not_unloaded(demo_model, adapters, references) -> None:
+    """Running, waiting, a later sample of ``n`` or reserved (a decode worker awaiting its KV): the
+    unload is refused, and the requests finish under the adapter; once none is left it goes."""
+    llm = LLM(demo_model, lora_modules={"one": str(adapters["one"])}, max_num_seqs=1)
+    core = llm.core
+    prompt = llm.tokenizer(PROMPTS[0]).input_ids
+    (a,) = core.add_request("a", prompt, GREEDY, lora="one")
+    core.add_request("b", prompt, SamplingParams(temperature=0, max_tokens=20, n=2), lora="one")
+    core.step()
+    with pytest.raises(LoRAInUse, match=r"'one' is in use by 3 unfinished sequence\(s\)"):
+        core.unload_lora("one")
+    while core.has_unfinished():
+        core.step()
+    assert a.output_token_ids == references["one"][0]
+    reserved = core.reserve("r", prompt, GREEDY, lora="one")
+    with pytest.raises(LoRAInUse, match=r"in use by 1 unfinished"):
+        core.unload_lora("one")
+    core.abort(reserved.seq_id)
+    core.unload_lora("one")
+    assert llm.runner.lora_names == frozenset()
+
+
+def test_other_weights_loaded_under_the_same_name_never_reuse_the_old_blocks(demo_model, adapters, references) -> None:
+    """Block hashes carry the adapter's name only: an unload drops the blocks cached under it (and
+    tells the index), so neither a prompt nor a decode worker's reservation finds them afterwards."""
+    llm = LLM(demo_model, lora_modules={"x": str(adapters["one"])}, block_size=4)
+    prompt = llm.tokenizer(PROMPTS[1]).input_ids
+    assert _token_ids(llm.generate(prompt, GREEDY, lora="x")) == [references["one"][1]]
+    assert llm.generate(prompt, GREEDY, lora="x")[0].num_cached_tokens >= 8
+    stored = {h for event in llm.core.drain_block_events() if isinstance(event, BlockStored) for h in event.block_hashes}
+    llm.unload_lora("x")
+    removed = {h for event in llm.core.drain_block_events() if isinstance(event, BlockRemoved) for h in event.block_hashes}
+    assert removed == stored
+    llm.load_lora("x", str(adapters["two"]))
+    assert llm.core.reserve("d", prompt, GREEDY, lora="x").num_cached_tokens == 0
+    llm.core.abort("d")
+    again = llm.generate(prompt, GREEDY, lora="x")[0]
+    assert again.num_cached_tokens == 0
+    assert again.outputs[0].token_ids == references["two"][1]
