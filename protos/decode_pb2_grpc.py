@@ -61,6 +61,16 @@ class DecodeStub:
                 request_serializer=baton_dot_protos_dot_common__pb2.LoadRequest.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_common__pb2.WorkerLoad.FromString,
                 _registered_method=True)
+        self.LoadLoRA = channel.unary_unary(
+                '/baton.v1.Decode/LoadLoRA',
+                request_serializer=baton_dot_protos_dot_common__pb2.LoadLoRARequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_common__pb2.LoadLoRAReply.FromString,
+                _registered_method=True)
+        self.UnloadLoRA = channel.unary_unary(
+                '/baton.v1.Decode/UnloadLoRA',
+                request_serializer=baton_dot_protos_dot_common__pb2.UnloadLoRARequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_common__pb2.UnloadLoRAReply.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -98,6 +108,18 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRA(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRA(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +147,16 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=baton_dot_protos_dot_common__pb2.LoadRequest.FromString,
                     response_serializer=baton_dot_protos_dot_common__pb2.WorkerLoad.SerializeToString,
+            ),
+            'LoadLoRA': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRA,
+                    request_deserializer=baton_dot_protos_dot_common__pb2.LoadLoRARequest.FromString,
+                    response_serializer=baton_dot_protos_dot_common__pb2.LoadLoRAReply.SerializeToString,
+            ),
+            'UnloadLoRA': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRA,
+                    request_deserializer=baton_dot_protos_dot_common__pb2.UnloadLoRARequest.FromString,
+                    response_serializer=baton_dot_protos_dot_common__pb2.UnloadLoRAReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +294,60 @@ class Decode:
             '/baton.v1.Decode/GetLoad',
             baton_dot_protos_dot_common__pb2.LoadRequest.SerializeToString,
             baton_dot_protos_dot_common__pb2.WorkerLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Decode/LoadLoRA',
+            baton_dot_protos_dot_common__pb2.LoadLoRARequest.SerializeToString,
+            baton_dot_protos_dot_common__pb2.LoadLoRAReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Decode/UnloadLoRA',
+            baton_dot_protos_dot_common__pb2.UnloadLoRARequest.SerializeToString,
+            baton_dot_protos_dot_common__pb2.UnloadLoRAReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,11 @@ engine, the grpc.aio server with health and reflection, and running it until
 SIGTERM/SIGINT (health turns NOT_SERVING at once, in-flight RPCs get a grace
 period, then the process exits). RPCs still running when the grace ends are
 cancelled UNAVAILABLE, which the gateway answers by retrying them elsewhere: a
-decode worker's streams resume on another decode worker after their tokens so far."""
+decode worker's streams resume on another decode worker after their tokens so far.
+
+Both roles load and unload LoRA adapters while serving (``LoadLoRA``, ``UnloadLoRA``): the
+adapter is read and checked in a worker thread, then added to (or dropped from) the engine on
+its own thread between steps (``EngineCore.add_lora``, ``unload_lora``)."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from baton.engine.config import SCHEDULING_POLICIES, EngineConfig, parse_lora_modules, speculative_config_arg
-from baton.engine.engine_core import EngineCore
+from baton.engine.engine_core import EngineCore, LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.hashing import model_fingerprint
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams, StructuredOutputParams
 from baton.engine.model_runner import ModelRunner
@@ -89,7 +93,8 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) to load, all resident; a request names one in its model "
                         "(prefill and decode workers must load the same ones)")
-    p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters --lora-modules may give")
+    p.add_argument("--max-loras", type=int, default=1,
+                   help="the most LoRA adapters loaded at once: by --lora-modules, and by LoadLoRA while serving")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
     if role == "decode":
         p.add_argument("--kv-transport", choices=["grpc", "ucx", "nccl"], default="grpc",
@@ -268,3 +273,41 @@ def time_remaining(context: grpc.aio.ServicerContext, default: float = 60.0) -> 
     """Seconds left before the RPC's deadline (``default`` when it has none)."""
     remaining = context.time_remaining()
     return default if remaining is None else max(remaining, 0.0)
+
+
+async def load_lora(ctx: WorkerContext, engine: EngineLoop, request: common_pb2.LoadLoRARequest,
+                    context: grpc.aio.ServicerContext) -> common_pb2.LoadLoRAReply:
+    """``LoadLoRA`` for either role (statuses: ``common.proto``)."""
+    name, path = request.name, request.path
+    if not name or not path:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a LoRA adapter needs a name and a path")
+    try:
+        adapter = await asyncio.to_thread(ctx.runner.read_lora, name, path)
+    except (OSError, ValueError) as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if request.digest and adapter.digest != request.digest:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"LoRA adapter {name!r}: {path} here has digest {adapter.digest}, not {request.digest} "
+                            "(the files differ from those the other workers loaded)")
+    try:
+        added = await engine.call(lambda: ctx.core.add_lora(adapter))
+    except LoRAConflict as exc:
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+    except ValueError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if added:
+        log.info("loaded LoRA adapter %r from %s (digest %s)", name, path, adapter.digest)
+    return common_pb2.LoadLoRAReply(digest=adapter.digest, already_loaded=not added)
+
+
+async def unload_lora(ctx: WorkerContext, engine: EngineLoop, request: common_pb2.UnloadLoRARequest,
+                      context: grpc.aio.ServicerContext) -> common_pb2.UnloadLoRAReply:
+    """``UnloadLoRA`` for either role (statuses: ``common.proto``)."""
+    try:
+        adapter = await engine.call(lambda: ctx.core.unload_lora(request.name))
+    except UnknownLoRA as exc:
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    except LoRAInUse as exc:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    log.info("unloaded LoRA adapter %r", request.name)
+    return common_pb2.UnloadLoRAReply(path=str(adapter.path), digest=adapter.digest)

@@ -15,7 +15,8 @@ A request passes through:
              with the first token prefill sampled; tokens stream back each step
   FINISHED   stop token, EOS or max_tokens: the last chunk carries the reason
 An Abort, a cancelled stream, an expired reservation or a failed transfer frees
-every block the request holds.
+every block the request holds. LoRA adapters load and unload while serving (``LoadLoRA``,
+``UnloadLoRA``: ``services/worker.py``); a reserved request counts as running under its adapter.
 
 PrefillAndGenerate skips the prefill worker (the gateway's choice for a prompt short enough,
 or mostly cached here: Dynamo's conditional disaggregation): the request joins this worker's
@@ -39,7 +40,9 @@ from baton.kvtransfer.base import KVReceiver, TransferError
 from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2
 from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
-from baton.services.worker import WorkerContext, compile_grammar, load_message, time_remaining
+from baton.services.worker import (
+    WorkerContext, compile_grammar, load_lora, load_message, time_remaining, unload_lora,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,3 +224,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
         return load_message(self._ctx.worker_id, "decode", self.engine)
 
+    async def LoadLoRA(self, request: common_pb2.LoadLoRARequest, context) -> common_pb2.LoadLoRAReply:
+        return await load_lora(self._ctx, self.engine, request, context)
+
+    async def UnloadLoRA(self, request: common_pb2.UnloadLoRARequest, context) -> common_pb2.UnloadLoRAReply:
+        return await unload_lora(self._ctx, self.engine, request, context)

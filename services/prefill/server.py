@@ -17,7 +17,8 @@ A request passes through:
   RELEASED  blocks queued for release to the prefix cache (before the next
             step, without waiting for the running one); the handoff's end
             (bytes, seconds) is streamed and the stream ends
-A request naming a LoRA adapter this worker has not loaded ends NOT_FOUND before it is queued.
+A request naming a LoRA adapter this worker has not loaded ends NOT_FOUND before it is queued;
+adapters load and unload while serving (``LoadLoRA``, ``UnloadLoRA``: ``services/worker.py``).
 An abort, a deadline or a transfer failure at any point aborts the transfer,
 releases the blocks and ends the stream with an error status (a transfer failure's
 names the decode worker in its trailing metadata).
@@ -40,7 +41,9 @@ from baton.kvtransfer.errors import LayoutMismatch
 from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, prefill_pb2, prefill_pb2_grpc
 from baton.services.convert import logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
-from baton.services.worker import WorkerContext, compile_grammar, load_message, time_remaining
+from baton.services.worker import (
+    WorkerContext, compile_grammar, load_lora, load_message, time_remaining, unload_lora,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +222,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
         return load_message(self._ctx.worker_id, "prefill", self.engine)
 
+    async def LoadLoRA(self, request: common_pb2.LoadLoRARequest, context) -> common_pb2.LoadLoRAReply:
+        return await load_lora(self._ctx, self.engine, request, context)
+
+    async def UnloadLoRA(self, request: common_pb2.UnloadLoRARequest, context) -> common_pb2.UnloadLoRAReply:
+        return await unload_lora(self._ctx, self.engine, request, context)
