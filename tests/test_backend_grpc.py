@@ -37,13 +37,50 @@ def token_at(prompt: list[int], index: int) -> int:
     return (first_token_of(prompt) + index) % VOCAB
 
 
-class FakeDecode(decode_pb2_grpc.DecodeServicer):
+class FakeLoRAs:
+    """LoadLoRA / UnloadLoRA as a worker answers them: an adapter's digest is ``digests[path]``
+    (default ``"d-" + path``); ``refuse`` makes every load fail INVALID_ARGUMENT, ``in_use`` the unload
+    of those names FAILED_PRECONDITION. ``calls`` records (rpc, name, digest) in order."""
+
+    def _init_loras(self, loras: frozenset[str]) -> None:
+        self.loras: dict[str, tuple[str, str]] = {name: (f"/start/{name}", f"d-/start/{name}") for name in loras}
+        self.digests: dict[str, str] = {}
+        self.refuse: str | None = None
+        self.in_use: set[str] = set()
+        self.calls: list[tuple[str, str, str]] = []
+
+    async def LoadLoRA(self, request, context):
+        self.calls.append(("load", request.name, request.digest))
+        if self.refuse is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.refuse)
+        digest = self.digests.get(request.path, f"d-{request.path}")
+        if request.digest and request.digest != digest:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request.path} here has digest {digest}")
+        if request.name in self.loras:
+            if self.loras[request.name][1] != digest:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, "loaded here with other weights")
+            return common_pb2.LoadLoRAReply(digest=digest, already_loaded=True)
+        self.loras[request.name] = (request.path, digest)
+        return common_pb2.LoadLoRAReply(digest=digest)
+
+    async def UnloadLoRA(self, request, context):
+        self.calls.append(("unload", request.name, ""))
+        if request.name not in self.loras:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"LoRA adapter {request.name!r} is not loaded here")
+        if request.name in self.in_use:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"LoRA adapter {request.name!r} is in use")
+        path, digest = self.loras.pop(request.name)
+        return common_pb2.UnloadLoRAReply(path=path, digest=digest)
+
+
+class FakeDecode(FakeLoRAs, decode_pb2_grpc.DecodeServicer):
     """Reserves, then generates ``token_at(prompt, i)`` after the first token (and a resumed
     request's earlier ones) until max_tokens. A LoRA adapter other than those in ``loras``: NOT_FOUND."""
 
     def __init__(self, name: str, free_blocks: int = 100, room: bool = True, delay_s: float = 0.0,
                  loras: frozenset[str] = frozenset()) -> None:
-        self.name, self.free_blocks, self.room, self.delay_s, self.loras = name, free_blocks, room, delay_s, loras
+        self.name, self.free_blocks, self.room, self.delay_s = name, free_blocks, room, delay_s
+        self._init_loras(loras)
         self.reserved: dict[str, tuple[decode_pb2.ReserveRequest, kvtransfer_pb2.TransferTicket]] = {}
         self.local: list[decode_pb2.ReserveRequest] = []    # PrefillAndGenerate's requests
         self.aborted: list[str] = []
@@ -111,7 +148,7 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
         return common_pb2.WorkerLoad(worker_id=self.name, role="decode", free_blocks=self.free_blocks, total_blocks=200)
 
 
-class FakePrefill(prefill_pb2_grpc.PrefillServicer):
+class FakePrefill(FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
     """Streams the first token of the prompt (the next one of a resumed request), then the handoff's end once ``handoff`` is set
     (or fails the next ``fail_handoffs`` UNAVAILABLE, blaming the decode worker as a real prefill
     worker does); INVALID_ARGUMENT past ``max_len``."""
@@ -123,6 +160,7 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
         self.handoff = asyncio.Event()
         self.handoff.set()
         self.fail_handoffs = 0
+        self._init_loras(frozenset())
 
     async def Prefill(self, request, context):
         self.requests.append(request)
@@ -422,6 +460,106 @@ async def test_the_lora_adapter_reaches_both_workers_and_one_they_lack_is_a_404(
     with pytest.raises(BackendError, match="LoRA adapter 'two' is not loaded here") as err:
         await collect(backend.generate(missing))
     assert err.value.status == 404 and len(prefill.requests) == 2
+
+
+async def lora_cluster(cluster, **decode_kw) -> tuple[GrpcBackend, list[FakePrefill], list[FakeDecode]]:
+    add, make, _ = cluster
+    prefills, decodes = [FakePrefill("p0"), FakePrefill("p1")], [FakeDecode("d0", **decode_kw), FakeDecode("d1", **decode_kw)]
+    backend = await make(config([await add(p) for p in prefills], [await add(d) for d in decodes]))
+    assert await backend.reachable() == {"prefill": 2, "decode": 2}
+    return backend, prefills, decodes
+
+
+async def test_a_runtime_adapter_loads_on_every_worker_and_serves(cluster) -> None:
+    backend, prefills, decodes = await lora_cluster(cluster)
+    await backend.load_lora("sql", "/a/sql")
+    assert all(w.loras["sql"] == ("/a/sql", "d-/a/sql") for w in [*prefills, *decodes])
+    for _ in range(4):
+        await collect(backend.generate(replace(request(max_tokens=2), lora="sql")))
+    await backend.unload_lora("sql")
+    assert all("sql" not in w.loras for w in [*prefills, *decodes])
+    with pytest.raises(BackendError) as err:
+        await collect(backend.generate(replace(request(max_tokens=2), lora="sql")))
+    assert err.value.status == 404
+
+
+async def test_a_refused_load_is_undone_where_it_was_done(cluster) -> None:
+    """One decode worker refuses: the others unload it again, and the reason is the error. Workers
+    that read other files at the path (other digests): refused and undone too. A worker that held
+    the same adapter before keeps it."""
+    backend, prefills, decodes = await lora_cluster(cluster)
+    decodes[1].refuse = "LoRA adapter 'big': rank 32 is above max_lora_rank=16"
+    with pytest.raises(BackendError, match=r"decode worker .*: INVALID_ARGUMENT: .*rank 32 is above") as err:
+        await backend.load_lora("big", "/a/big")
+    assert err.value.status == 400
+    assert all("big" not in w.loras for w in [*prefills, *decodes])
+    assert [c for c in prefills[0].calls] == [("load", "big", ""), ("unload", "big", "")]
+    assert decodes[1].calls == [("load", "big", "")]                 # refused: nothing to undo
+    decodes[1].refuse = None
+    prefills[1].digests["/a/sql"] = "other"
+    decodes[0].loras["sql"] = ("/a/sql", "d-/a/sql")                 # held before: not unloaded
+    with pytest.raises(BackendError, match="the workers read different files at /a/sql") as err:
+        await backend.load_lora("sql", "/a/sql")
+    assert err.value.status == 400
+    assert [sorted(w.loras) for w in [*prefills, *decodes]] == [[], [], ["sql"], []]
+    assert ("unload", "sql", "") not in decodes[0].calls
+
+
+async def test_a_refused_unload_is_undone_where_it_was_done(cluster) -> None:
+    backend, prefills, decodes = await lora_cluster(cluster)
+    await backend.load_lora("sql", "/a/sql")
+    decodes[0].in_use.add("sql")
+    with pytest.raises(BackendError, match=r"decode worker .*: FAILED_PRECONDITION: LoRA adapter 'sql' is in use") as err:
+        await backend.unload_lora("sql")
+    assert err.value.status == 400
+    assert all(w.loras["sql"] == ("/a/sql", "d-/a/sql") for w in [*prefills, *decodes])
+    assert prefills[0].calls[-2:] == [("unload", "sql", ""), ("load", "sql", "d-/a/sql")]   # loaded again, the same weights
+    await collect(backend.generate(replace(request(max_tokens=2), lora="sql")))
+    decodes[0].in_use.clear()
+    del prefills[1].loras["sql"]                                       # one without it: nothing to do there
+    await backend.unload_lora("sql")
+    assert all("sql" not in w.loras for w in [*prefills, *decodes])
+
+
+async def test_a_worker_seen_later_or_restarted_gets_the_runtime_adapters_before_routing(cluster) -> None:
+    """A worker that starts after the load is sent it (with its digest) by the poll that first finds
+    it answering, and counts only then; one that cannot load the same weights stays out of routing;
+    a restarted one (a new id) is sent it again; a worker that lost it (a restart the polls missed)
+    has its request retried elsewhere rather than answered 404."""
+    add, make, servers = cluster
+    late = dead_address()
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0")
+    backend = await make(config([await add(prefill)], [await add(decode), late]))
+    await backend.load_lora("sql", "/a/sql")
+    assert decode.loras["sql"] == ("/a/sql", "d-/a/sql")
+    stranger = FakeDecode("d1")
+    stranger.digests["/a/sql"] = "other"
+    server, _ = await serve(stranger, late)
+    servers.append(server)
+    await asyncio.sleep(1.5)
+    assert ("load", "sql", "d-/a/sql") in stranger.calls and "sql" not in stranger.loras
+    assert await backend.reachable() == {"prefill": 1, "decode": 1}
+    for _ in range(4):
+        req = replace(request(max_tokens=2), lora="sql")
+        await collect(backend.generate(req))
+        assert req.request_id in decode.reserved and not stranger.reserved
+    stranger.digests.clear()
+    started = time.monotonic()
+    while (await backend.reachable())["decode"] < 2:
+        assert time.monotonic() - started < 2.0
+        await asyncio.sleep(0.05)
+    assert stranger.loras["sql"] == ("/a/sql", "d-/a/sql")
+    stranger.loras.clear()
+    stranger.name = "d1-restarted"                                      # GetLoad reports a new id
+    while "sql" not in stranger.loras:
+        assert time.monotonic() - started < 4.0
+        await asyncio.sleep(0.05)
+    decode.loras.clear()                                                # lost without a sign
+    for _ in range(4):
+        await collect(backend.generate(replace(request(max_tokens=2), lora="sql")))
+    while "sql" not in decode.loras:                                    # the next poll sends it again
+        assert time.monotonic() - started < 6.0
+        await asyncio.sleep(0.05)
 
 
 async def test_the_cache_salt_reaches_both_workers_and_the_embedding_worker(cluster) -> None:

@@ -90,6 +90,15 @@ class Backend(abc.ABC):
         """How many workers of each role (``prefill``, ``decode``) routing may use now; the
         gateway is ready while both have one."""
 
+    async def load_lora(self, name: str, path: str) -> None:
+        """Load LoRA adapter ``name`` from ``path`` (a PEFT directory where the workers run) on every
+        worker, or on none: ``BackendError`` with the reason."""
+        raise BackendError("this backend cannot load LoRA adapters", 501)
+
+    async def unload_lora(self, name: str) -> None:
+        """Unload LoRA adapter ``name`` from every worker, or from none: ``BackendError`` with the reason."""
+        raise BackendError("this backend cannot unload LoRA adapters", 501)
+
     async def start(self) -> None:
         """Begin background work (discovery, load polling)."""
 

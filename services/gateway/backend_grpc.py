@@ -36,6 +36,11 @@ Background task (``start()``): every ``load_poll_interval_s`` poll ``GetLoad``
 on every known worker (a worker is *down* until it answers), and about once a
 second refresh the Redis registry (``baton:worker:*``) on top of the static
 addresses. Routing logic lives in ``router``; the Redis reads in ``prefix_index``.
+
+LoRA adapters loaded through the gateway (``load_lora``, ``unload_lora``) go to every worker that
+answers, all or none (``lora_fanout``). Routing uses a worker only once it holds every one of
+them: a worker seen for the first time, or again after it stopped answering or restarted (a new
+id), is sent those it lacks by the poll that finds it answering.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -61,6 +66,7 @@ from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
 )
 from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.lora_fanout import RuntimeAdapter, load_everywhere, sync, unload_everywhere
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILLS, RETRIES, WORKER_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.gateway.router import Health, Load, choose_decode, choose_prefill
@@ -91,6 +97,8 @@ class _Worker:
     static: bool              # from the config (never dropped) or the registry
     worker_id: str = ""       # the registry's id, else learned from GetLoad
     answering: bool | None = None   # its last GetLoad answered (None: not polled yet)
+    loras: set[str] = field(default_factory=set)   # the runtime LoRA adapters it is known to hold
+    lora_error: str | None = None   # why the last sync of those left some out
 
 
 class _WorkerFailure(Exception):
@@ -120,6 +128,8 @@ class GrpcBackend(Backend):
         self._health = Health()
         self._task: asyncio.Task[None] | None = None
         self._aborts: set[asyncio.Task[None]] = set()
+        self._runtime_loras: dict[str, RuntimeAdapter] = {}
+        self._lora_lock = asyncio.Lock()     # one load, unload or sync at a time
         for role, addrs in (("prefill", config.prefill_addrs), ("decode", config.decode_addrs)):
             for address in addrs:
                 self._add_worker(address, role, static=True)
@@ -275,7 +285,7 @@ class GrpcBackend(Backend):
                 if finished:
                     return
         except grpc.aio.AioRpcError as err:
-            raise self._failure(decode, err, deadline, names_model=True) from err
+            raise self._failure(decode, err, deadline, names_model=True, lora=request.lora) from err
         finally:
             call.cancel()
             self._in_flight[decode.address] -= 1
@@ -322,7 +332,7 @@ class GrpcBackend(Backend):
                     full.add(address)
                     continue
                 self._abort_later(request.request_id, [worker])     # it may have reserved anyway
-                raise self._failure(worker, err, deadline, names_model=True) from err
+                raise self._failure(worker, err, deadline, names_model=True, lora=request.lora) from err
             except BaseException:
                 self._in_flight[address] -= 1
                 self._abort_later(request.request_id, [worker])
@@ -365,8 +375,8 @@ class GrpcBackend(Backend):
         call = worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
         self._in_flight[worker.address] += 1
         try:
-            yield await self._read(call, worker, decode, deadline, "first")
-            handoff = await self._read(call, worker, decode, deadline, "handoff")
+            yield await self._read(call, worker, decode, deadline, "first", request.lora)
+            handoff = await self._read(call, worker, decode, deadline, "handoff", request.lora)
         finally:
             self._in_flight[worker.address] -= 1
             call.cancel()
@@ -375,13 +385,14 @@ class GrpcBackend(Backend):
             KV_TRANSFER_SECONDS.observe(handoff.seconds)
 
     async def _read(
-        self, call: grpc.aio.UnaryStreamCall, worker: _Worker, decode: _Worker, deadline: float, event: str
+        self, call: grpc.aio.UnaryStreamCall, worker: _Worker, decode: _Worker, deadline: float, event: str,
+        lora: str | None,
     ) -> prefill_pb2.FirstToken | prefill_pb2.KVHandoff:
-        """The next message of a Prefill stream, which must be ``event``."""
+        """The next message of a Prefill stream (of a request under LoRA adapter ``lora``), which must be ``event``."""
         try:
             reply = await call.read()
         except grpc.aio.AioRpcError as err:
-            raise self._failure(worker, err, deadline, peer=decode, names_model=True) from err
+            raise self._failure(worker, err, deadline, peer=decode, names_model=True, lora=lora) from err
         if reply is grpc.aio.EOF or reply.WhichOneof("event") != event:
             raise BackendError(f"prefill worker {worker.address} sent no {event!r} message in its place in the stream", 503)
         return getattr(reply, event)
@@ -399,6 +410,40 @@ class GrpcBackend(Backend):
             placement=placement,
         )
 
+    # -- LoRA adapters loaded while serving ---------------------------------
+
+    async def load_lora(self, name: str, path: str) -> None:
+        async with self._lora_lock:
+            workers = self._answering()
+            if not workers:
+                raise BackendError("no worker answers: no LoRA adapter can load now", 503)
+            self._runtime_loras[name] = await load_everywhere(workers, name, path, self.config.lora_timeout_s)
+
+    async def unload_lora(self, name: str) -> None:
+        async with self._lora_lock:
+            adapter = self._runtime_loras.pop(name, None)
+            try:
+                await unload_everywhere(self._answering(), name, self.config.lora_timeout_s)
+            except BaseException:
+                if adapter is not None:
+                    self._runtime_loras[name] = adapter
+                raise
+
+    def _answering(self) -> list[_Worker]:
+        return [w for w in self._workers.values() if w.answering]
+
+    async def _sync_loras(self, worker: _Worker) -> None:
+        """Load the runtime adapters ``worker`` lacks (not while a load or unload runs: the next poll)."""
+        if self._lora_lock.locked():
+            return
+        async with self._lora_lock:
+            error = await sync(worker, list(self._runtime_loras.values()), self.config.lora_timeout_s)
+        if error is not None and error != worker.lora_error:
+            logger.error("%s worker %s is left out of routing: %s", worker.role, worker.address, error)
+        elif error is None and worker.lora_error is not None:
+            logger.info("%s worker %s holds every LoRA adapter again", worker.role, worker.address)
+        worker.lora_error = error
+
     # -- failures and aborts -----------------------------------------------
 
     def _timeout(self, deadline: float, cap: float) -> float:
@@ -409,17 +454,22 @@ class GrpcBackend(Backend):
 
     def _failure(
         self, worker: _Worker, err: grpc.aio.AioRpcError, deadline: float, peer: _Worker | None = None,
-        names_model: bool = False,
+        names_model: bool = False, lora: str | None = None,
     ) -> Exception:
         """The exception a failed RPC to ``worker`` becomes (see module docs); a prefill worker
         whose KV could not reach the decode worker ``peer`` says so, and the peer is blamed.
-        ``names_model``: the RPC names the request's model (Reserve, Prefill), so NOT_FOUND is a
-        LoRA adapter the worker has not loaded."""
+        ``names_model``: the RPC names the request's model (Reserve, Prefill: LoRA adapter ``lora``),
+        so NOT_FOUND is an adapter the worker has not loaded: a 404, unless the gateway loaded it at
+        runtime (the worker restarted since): then it gets the adapter again before it is routed
+        to, and the request is retried elsewhere."""
         code = err.code()
         if peer is not None and (FAILED_PEER_KEY, FAILED_PEER_DECODE) in tuple(err.trailing_metadata() or ()):
             worker = peer
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return BackendError(err.details() or "invalid request", 400)
+        if code == grpc.StatusCode.NOT_FOUND and names_model and lora in self._runtime_loras:
+            worker.loras.discard(lora)
+            return _WorkerFailure(f"{worker.role} worker {worker.address} lost LoRA adapter {lora!r}", worker)
         if code == grpc.StatusCode.NOT_FOUND and names_model:
             return BackendError(f"{worker.role} worker {worker.address}: {err.details()}", 404)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() >= deadline:
@@ -462,7 +512,9 @@ class GrpcBackend(Backend):
         self._health.mark_down(address)                   # until its first GetLoad answer
 
     def _healthy(self, role: str, avoid: set[str]) -> list[str]:
-        candidates = (a for a, w in self._workers.items() if w.role == role and a not in avoid)
+        """The workers of ``role`` routing may use: up, not avoided, holding every runtime LoRA adapter."""
+        runtime = self._runtime_loras.keys()
+        candidates = (a for a, w in self._workers.items() if w.role == role and a not in avoid and runtime <= w.loras)
         return self._health.healthy(candidates, time.monotonic())
 
     def _routing_loads(self) -> dict[str, Load]:
@@ -500,7 +552,7 @@ class GrpcBackend(Backend):
                 logger.info("discovered %s worker %s at %s", record.role, record.worker_id, record.address)
                 self._add_worker(record.address, record.role, static=False, worker_id=record.worker_id)
             elif known.role == record.role:
-                known.worker_id = record.worker_id
+                self._identify(known, record.worker_id)
         live = {record.address for record in records}
         for address, worker in list(self._workers.items()):
             if not worker.static and address not in live:
@@ -508,6 +560,15 @@ class GrpcBackend(Backend):
                 del self._workers[address]
                 self._loads.pop(address, None)
                 self._health.forget(address)
+
+    @staticmethod
+    def _identify(worker: _Worker, worker_id: str) -> None:
+        """Record ``worker``'s id; another id than before is a restarted process, without the
+        runtime LoRA adapters."""
+        if worker.worker_id and worker_id and worker_id != worker.worker_id:
+            logger.info("%s worker %s restarted as %s", worker.role, worker.address, worker_id)
+            worker.loras.clear()
+        worker.worker_id = worker_id or worker.worker_id
 
     async def _poll(self, worker: _Worker) -> None:
         address = worker.address
@@ -517,16 +578,18 @@ class GrpcBackend(Backend):
             if worker.answering is not False:
                 logger.warning("%s worker %s is not answering: %s", worker.role, address, err.code().name)
             worker.answering = False
+            worker.loras.clear()            # it may restart without them
             self._health.mark_down(address)
             return
         if worker.answering is False:
             logger.info("%s worker %s answers again", worker.role, address)
+        self._identify(worker, load.worker_id)
+        if not self._runtime_loras.keys() <= worker.loras:
+            await self._sync_loras(worker)
         worker.answering = True
         self._health.mark_up(address)
         self._loads[address] = Load(load.running, load.waiting, load.free_blocks, load.total_blocks)
         self._in_flight_at_poll[address] = self._in_flight[address]
-        if not worker.worker_id:
-            worker.worker_id = load.worker_id
 
 
 def _reserve_message(request: GenerationRequest) -> decode_pb2.ReserveRequest:
