@@ -81,7 +81,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.gpu_memory_utilization is not None:   # every worker shares the one device
         common += ["--gpu-memory-utilization", f"{args.gpu_memory_utilization / (args.prefill + args.decode):.6g}"]
     loras = ["--lora-modules", *args.lora_modules] if args.lora_modules else []
-    if loras:
+    if loras or args.allow_runtime_lora_updating:
         common += [*loras, "--max-loras", str(args.max_loras), "--max-lora-rank", str(args.max_lora_rank)]
     plan = Plan(redis=redis_cmd, redis_url=redis_url)
     prefill_addrs, decode_addrs = [], []
@@ -121,6 +121,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *(["--override-generation-config", json.dumps(args.override_generation_config)]
           if args.override_generation_config else []),
         *loras,
+        *(["--allow-runtime-lora-updating"] if args.allow_runtime_lora_updating else []),
     ]
     plan.url = f"http://{args.host}:{args.port}"
     return plan
@@ -269,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='log-probs name their tokens "token_id:{id}" unless a request says otherwise')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) every worker loads; a request names one as its model")
-    p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters --lora-modules may give")
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="the gateway serves /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's), which load "
+                        "and unload adapters on every worker while serving (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True too)")
+    p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters loaded at once, at start and since")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
     sampling_defaults.add_flags(p)
     p.add_argument("--worker-metrics", action="store_true",

@@ -176,6 +176,20 @@ def test_launcher_plan_hands_the_lora_modules_to_both_roles_and_the_gateway():
     assert "--lora-modules" not in launcher.make_plan(launcher.build_parser().parse_args(argv[:5])).gateway
 
 
+def test_launcher_plan_lets_the_gateway_load_adapters_at_runtime_and_sizes_the_workers_for_them(monkeypatch):
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--max-loras", "3", "--max-lora-rank", "64"]
+    plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--allow-runtime-lora-updating"]))
+    assert config_from_args(build_parser().parse_args(plan.gateway[4:])).allow_runtime_lora_updating
+    for role, cmd in (("prefill", plan.prefill[0]), ("decode", plan.decode[0])):
+        worker = worker_arg_parser(role, default_port=50051).parse_args(cmd[4:])
+        assert (worker.lora_modules, worker.max_loras, worker.max_lora_rank) == ([], 3, 64)
+    plain = launcher.make_plan(launcher.build_parser().parse_args(argv))
+    assert not config_from_args(build_parser().parse_args(plain.gateway[4:])).allow_runtime_lora_updating
+
+
 def test_launcher_plan_splits_the_gpu_memory_utilization_between_the_workers():
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--device", "cuda", "--prefill", "2"]
     plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--gpu-memory-utilization", "0.9"]))

@@ -25,6 +25,7 @@ import uvicorn
 from baton.engine.sampling_params import StructuredOutputParams
 from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import app as app_module, tools
+from baton.services.gateway.__main__ import build_parser, config_from_args
 from baton.services.gateway.app import create_app
 from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
@@ -329,6 +330,101 @@ async def test_a_worker_without_the_adapter_is_a_404(tok) -> None:
     body = {"model": "sonnets", "prompt": "x", "max_tokens": 2}
     error = assert_error(await post(backend, tok, "/v1/completions", body, make_config(lora_modules=LORAS)), 404, "model")
     assert error["code"] == "model_not_found" and "'sonnets' is not loaded" in error["message"]
+
+
+class LoRABackend(FakeBackend):
+    """Records loads and unloads; ``refusal`` fails the next one."""
+
+    def __init__(self, tok: GatewayTokenizer) -> None:
+        super().__init__(tok)
+        self.updates: list[tuple[str, ...]] = []
+        self.refusal: BackendError | None = None
+
+    async def load_lora(self, name: str, path: str) -> None:
+        await self._update("load", name, path)
+
+    async def unload_lora(self, name: str) -> None:
+        await self._update("unload", name)
+
+    async def _update(self, *what: str) -> None:
+        refusal, self.refusal = self.refusal, None
+        if refusal is not None:
+            raise refusal
+        self.updates.append(what)
+
+
+async def test_the_lora_adapter_routes_exist_only_when_allowed(tok, monkeypatch) -> None:
+    """As in vLLM: without the flag (or ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) the routes are a 404."""
+    backend = LoRABackend(tok)
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        assert (await post(backend, tok, path, {"lora_name": "sql", "lora_path": "/a"})).status_code == 404
+    assert backend.updates == []
+    argv = ["--model-dir", str(DEMO_MODEL)]
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    assert not config_from_args(build_parser().parse_args(argv)).allow_runtime_lora_updating
+    assert config_from_args(build_parser().parse_args([*argv, "--allow-runtime-lora-updating"])).allow_runtime_lora_updating
+    for value, allowed in (("True", True), ("1", True), ("false", False), ("0", False)):
+        monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", value)
+        assert config_from_args(build_parser().parse_args(argv)).allow_runtime_lora_updating is allowed
+
+
+async def test_an_adapter_loaded_at_runtime_is_served_until_unloaded(tok) -> None:
+    backend = LoRABackend(tok)
+    app = create_app(make_config(allow_runtime_lora_updating=True, lora_modules={"sonnets": "/adapters/sonnets"}),
+                     backend, tok)
+    completion = {"model": "sql", "prompt": "x", "max_tokens": 2}
+    async with client_for(app) as client:
+        assert_error(await client.post("/v1/completions", json=completion), 404, "model")
+        loaded = await client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": "/a/sql",
+                                                                   "lora_int_id": 7})
+        assert (loaded.status_code, loaded.text) == (200, "Success: LoRA adapter 'sql' added successfully.")
+        assert loaded.headers["content-type"].startswith("text/plain")
+        data = (await client.get("/v1/models")).json()["data"]
+        assert [(m["id"], m["root"], m["parent"]) for m in data] == [
+            (MODEL, str(DEMO_MODEL), None), ("sonnets", "/adapters/sonnets", MODEL), ("sql", "/a/sql", MODEL)]
+        assert (await client.post("/v1/completions", json=completion)).status_code == 200
+        assert backend.requests[-1].lora == "sql"
+        again = assert_error(await client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": "/b"}),
+                             400, "lora_name")
+        assert again["message"] == "The lora adapter 'sql' has already been loaded."
+        assert_error(await client.post("/v1/load_lora_adapter", json={"lora_name": MODEL, "lora_path": "/b"}), 400,
+                     "lora_name")
+        assert_error(await client.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400, "lora_path")
+        removed = await client.post("/v1/unload_lora_adapter", json={"lora_name": "sql", "lora_int_id": 7})
+        assert (removed.status_code, removed.text) == (200, "Success: LoRA adapter 'sql' removed successfully.")
+        assert assert_error(await client.post("/v1/completions", json=completion), 404, "model")["code"] == "model_not_found"
+        gone = assert_error(await client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}), 404, "lora_name")
+        assert gone["message"] == "The lora adapter 'sql' cannot be found."
+        assert (await client.post("/v1/unload_lora_adapter", json={"lora_name": "sonnets"})).status_code == 200
+        assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == [MODEL]
+    assert backend.updates == [("load", "sql", "/a/sql"), ("unload", "sql"), ("unload", "sonnets")]
+
+
+async def test_a_refused_load_or_unload_changes_nothing_and_says_why(tok) -> None:
+    backend = LoRABackend(tok)
+    app = create_app(make_config(allow_runtime_lora_updating=True, api_keys=["k"]), backend, tok)
+    auth = {"authorization": "Bearer k"}
+    async with client_for(app) as client:
+        assert_error(await client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": "/a"}), 401)
+        assert_error(await client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}), 401)
+        backend.refusal = BackendError("decode worker 127.0.0.1:2: INVALID_ARGUMENT: LoRA adapter 'sql' (/a): rank 32 "
+                                       "is above max_lora_rank=16", 400)
+        refused = assert_error(await client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": "/a"},
+                                                 headers=auth), 400)
+        assert "rank 32 is above max_lora_rank=16" in refused["message"]
+        assert [m["id"] for m in (await client.get("/v1/models", headers=auth)).json()["data"]] == [MODEL]
+        assert (await client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": "/a"},
+                                  headers=auth)).status_code == 200
+        backend.refusal = BackendError("decode worker 127.0.0.1:2: FAILED_PRECONDITION: LoRA adapter 'sql' is in use "
+                                       "by 1 unfinished sequence(s); unload it once they finish", 400)
+        in_use = assert_error(await client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}, headers=auth), 400)
+        assert "is in use" in in_use["message"]
+        body = {"model": "sql", "prompt": "x", "max_tokens": 2}
+        assert (await client.post("/v1/completions", json=body, headers=auth)).status_code == 200
+        backend.refusal = BackendError("prefill worker 127.0.0.1:1: UNAVAILABLE: connection refused", 503)
+        assert_error(await client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}, headers=auth), 503)
+        assert [m["id"] for m in (await client.get("/v1/models", headers=auth)).json()["data"]] == [MODEL, "sql"]
+    assert backend.updates == [("load", "sql", "/a")]
 
 
 SALT = "kd4X0zLq9Vb2Yc7Hf1Tw8Rm3Ns6Pj5Ga0Ue4Io2Kl7"   # 43 characters: 256 bits in base64, as vLLM advises

@@ -7,7 +7,9 @@ validation (400) -> serving (404 unknown model, 400 too long, 503 no worker)
 (streamed or not) has been sent or the client has gone.
 
 ``/health`` (liveness), ``/ready`` (backend reachable and not draining) and
-``/metrics`` need no API key.
+``/metrics`` need no API key. With ``allow_runtime_lora_updating`` (vLLM's
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+exist, answered as vLLM answers them: plain text on success, error JSON otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from sse_starlette import EventSourceResponse
@@ -36,8 +38,8 @@ from baton.services.gateway import metrics
 from baton.services.gateway.backend import Backend
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, RerankRequest,
-    ResponsesRequest, ScoreRequest, TokenizeRequest,
+    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoRAAdapterRequest,
+    RerankRequest, ResponsesRequest, ScoreRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
 )
 from baton.services.gateway.serving import OpenAIServing, PrimedStream, as_api_error
 from baton.services.gateway.tokenizer import GatewayTokenizer
@@ -179,13 +181,18 @@ async def _generate(
 
 
 async def _answer(
-    request: Request, config: GatewayConfig, model: type[RequestT], handler: Callable[[RequestT], Awaitable[BaseModel]]
+    request: Request, config: GatewayConfig, model: type[RequestT],
+    handler: Callable[[RequestT], Awaitable[BaseModel | str]],
 ) -> Response:
-    """A request the gateway answers itself (no worker, no admission slot); never raises."""
+    """A request the gateway answers without an admission slot (itself, or a LoRA adapter's load
+    or unload), as JSON or plain text; never raises."""
     try:
         _check_api_key(request, config.api_keys)
         body = await _read_body(request, config, model)
-        return JSONResponse((await handler(body)).model_dump(mode="json"))
+        result = await handler(body)
+        if isinstance(result, str):
+            return PlainTextResponse(result)
+        return JSONResponse(result.model_dump(mode="json"))
     except Exception as exc:
         return error_response(_logged_error(exc))
 
@@ -302,6 +309,15 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     @app.post("/detokenize", openapi_extra=body(DetokenizeRequest))
     async def detokenize(request: Request) -> Response:
         return await _answer(request, config, DetokenizeRequest, serving.detokenize)
+
+    if config.allow_runtime_lora_updating:
+        @app.post("/v1/load_lora_adapter", openapi_extra=body(LoadLoRAAdapterRequest))
+        async def load_lora_adapter(request: Request) -> Response:
+            return await _answer(request, config, LoadLoRAAdapterRequest, serving.load_lora_adapter)
+
+        @app.post("/v1/unload_lora_adapter", openapi_extra=body(UnloadLoRAAdapterRequest))
+        async def unload_lora_adapter(request: Request) -> Response:
+            return await _answer(request, config, UnloadLoRAAdapterRequest, serving.unload_lora_adapter)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

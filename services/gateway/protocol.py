@@ -748,6 +748,24 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's ``/v1/load_lora_adapter``: an adapter's name and its directory where the workers run
+    (``lora_int_id`` is accepted and ignored, as vLLM ignores it)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    lora_int_id: int | None = None
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's ``/v1/unload_lora_adapter``."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_int_id: int | None = None
+
+
 # ---- responses --------------------------------------------------------------
 
 

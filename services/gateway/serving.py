@@ -9,8 +9,10 @@ prompt's later samples start beside its first once that one decodes, see ``_merg
 -> merged into one response, or into SSE chunks when streaming.
 
 ``model`` names the base model (``served_model_name``) or one of the LoRA adapters the
-workers load (``lora_modules``, vLLM's ``--lora-modules``): each backend sequence carries
-the adapter's name. Embeddings and scores come from the base model only. A request's
+workers load (``lora_modules``, vLLM's ``--lora-modules``, and those loaded since through vLLM's
+``/v1/load_lora_adapter``): each backend sequence carries the adapter's name. An adapter is
+served once every worker has loaded it, and no longer from the moment its unload starts (back
+if the unload fails). Embeddings and scores come from the base model only. A request's
 ``cache_salt`` (vLLM's) goes with each of its backend sequences (all ``n`` samples share it).
 
 Every backend iterator is closed when its choice ends early (stop string, client
@@ -42,7 +44,8 @@ from baton.services.gateway.protocol import (
     DONE, APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatLogprobToken, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, EmbeddingData,
-    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ModelCard, ModelList, ResponseObject, ResponsesRequest,
+    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, LoadLoRAAdapterRequest, ModelCard, ModelList, ResponseObject,
+    ResponsesRequest, UnloadLoRAAdapterRequest,
     NamedToolChoice, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, ScoringRequest,
     PromptLogprob, PromptLogprobs, PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo,
     BaseGenerationRequest,
@@ -80,13 +83,44 @@ class OpenAIServing:
         self.generation_defaults = sampling_defaults.load(config.model_dir, config.generation_config,
                                                           config.override_generation_config)
         sampling_defaults.log_defaults(self.generation_defaults)
+        self.loras = dict(config.lora_modules)     # the LoRA adapters served: name -> directory
+        self._lora_updates = asyncio.Lock()        # one load or unload at a time
 
     def models(self) -> ModelList:
         """The base model, then each LoRA adapter (``root``: its directory, ``parent``: the base), as vLLM lists them."""
         base = self.config.served_model_name
         adapters = [ModelCard(id=name, root=path, parent=base, max_model_len=self.max_model_len)
-                    for name, path in self.config.lora_modules.items()]
+                    for name, path in self.loras.items()]
         return ModelList(data=[ModelCard(id=base, root=self.config.model_dir, max_model_len=self.max_model_len), *adapters])
+
+    async def load_lora_adapter(self, req: LoadLoRAAdapterRequest) -> str:
+        """vLLM's ``/v1/load_lora_adapter``: every worker loads the adapter (or none does, and the
+        reason is the error), then requests may name it."""
+        name = req.lora_name
+        async with self._lora_updates:
+            if name == self.config.served_model_name:
+                raise APIError(f"The lora adapter '{name}' takes the name of the served model.", param="lora_name")
+            if name in self.loras:
+                raise APIError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+            await self.backend.load_lora(name, req.lora_path)
+            self.loras[name] = req.lora_path
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload_lora_adapter(self, req: UnloadLoRAAdapterRequest) -> str:
+        """vLLM's ``/v1/unload_lora_adapter``: requests may no longer name the adapter, and every
+        worker unloads it (or none does: a worker refuses while requests run under it)."""
+        name = req.lora_name
+        async with self._lora_updates:
+            path = self.loras.pop(name, None)
+            if path is None:
+                raise APIError(f"The lora adapter '{name}' cannot be found.", status=404, param="lora_name",
+                               type="not_found_error")
+            try:
+                await self.backend.unload_lora(name)
+            except BaseException:
+                self.loras[name] = path
+                raise
+        return f"Success: LoRA adapter '{name}' removed successfully."
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         """The token ids a completion (``prompt``) or a chat completion (``messages``) would send."""
@@ -289,7 +323,7 @@ class OpenAIServing:
         400 for an adapter where only the base model serves (``base_only``: embeddings, scores)."""
         if model == self.config.served_model_name:
             return None
-        if model not in self.config.lora_modules:
+        if model not in self.loras:
             raise APIError(f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found")
         if base_only:
             raise APIError(f"`{model}` is a LoRA adapter: this endpoint serves the base model "
