@@ -6,8 +6,11 @@ never shares blocks across adapters; the loader refuses what it cannot apply."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,10 +21,13 @@ from baton.engine.cuda_graph import is_graph_step
 from baton.engine.engine_core import LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
-from baton.engine.lora_loader import load_adapter
+from baton.engine.lora_loader import adapter_digest, load_adapter
 from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
+from baton.protos import common_pb2
+from baton.services.engine_loop import EngineLoop
+from baton.services.worker import load_lora, unload_lora
 from lora_adapters import make_adapter, merge_adapter
 from roles import prefill_then_decode
 
@@ -276,3 +282,54 @@ def test_other_weights_loaded_under_the_same_name_never_reuse_the_old_blocks(dem
     again = llm.generate(prompt, GREEDY, lora="x")[0]
     assert again.num_cached_tokens == 0
     assert again.outputs[0].token_ids == references["two"][1]
+
+
+class _Aborted(Exception):
+    """What ``context.abort`` raises in a real servicer, with the status it was given."""
+
+
+class _Context:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+
+async def test_the_workers_lora_rpcs_answer_with_statuses(demo_model, adapters, tmp_path) -> None:
+    """``LoadLoRA`` / ``UnloadLoRA`` of either role, on a running engine loop: each refusal is its
+    status with the engine's message; a reserved request (a decode worker awaiting its KV) holds
+    the adapter."""
+    llm = LLM(demo_model)
+    worker = SimpleNamespace(runner=llm.runner, core=llm.core)
+    engine = EngineLoop(llm.core, on_outputs=lambda updates: None)
+    engine.start()
+
+    async def status(call) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(_Aborted) as err:
+            await call
+        return err.value.args
+
+    def load(name: str, path: Path | str, digest: str = "") -> Awaitable:
+        return load_lora(worker, engine, common_pb2.LoadLoRARequest(name=name, path=str(path), digest=digest), _Context())
+
+    def unload(name: str) -> Awaitable:
+        return unload_lora(worker, engine, common_pb2.UnloadLoRARequest(name=name), _Context())
+
+    try:
+        reply = await load("one", adapters["one"])
+        assert not reply.already_loaded and reply.digest == adapter_digest(adapters["one"])
+        assert (await load("one", adapters["one"], reply.digest)).already_loaded
+        assert (await status(load("one", adapters["two"])))[0] == grpc.StatusCode.ALREADY_EXISTS
+        code, message = await status(load("two", adapters["two"]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_loras=1" in message
+        code, message = await status(load("two", adapters["two"], digest="0" * 16))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "not 0000000000000000" in message
+        code, message = await status(load("big", _rewrite(adapters["one"], tmp_path / "big", {"r": 32})))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "rank 32 is above max_lora_rank=16" in message
+        prompt = llm.tokenizer(PROMPTS[0]).input_ids
+        await engine.call(lambda: llm.core.reserve("r", prompt, GREEDY, lora="one"))
+        code, message = await status(unload("one"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "in use by 1 unfinished" in message
+        engine.abort("r")
+        assert (await unload("one")).path == str(adapters["one"])
+        assert (await status(unload("one")))[0] == grpc.StatusCode.NOT_FOUND
+    finally:
+        engine.stop()
