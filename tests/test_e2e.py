@@ -601,6 +601,68 @@ def test_baton_up_serves_lora_adapters_as_models(demo_model, tmp_path):
         system.stop()
 
 
+def test_baton_up_loads_and_unloads_lora_adapters_while_serving(demo_model, tmp_path):
+    """``baton up --allow-runtime-lora-updating``: an adapter loaded through the gateway is listed and
+    writes what the engine writes with it loaded at start; one the workers cannot apply is a 400
+    naming why; a decode worker restarted meanwhile is sent it before it serves again; unloaded,
+    its name is a 404; other weights loaded under the name later reuse none of the old blocks."""
+    one = make_adapter(demo_model, tmp_path / "one", std=0.05)
+    two = make_adapter(demo_model, tmp_path / "two", rank=4, targets=("q_proj", "down_proj"), seed=1)
+    big = make_adapter(demo_model, tmp_path / "big", rank=32)
+    prompt = "FIRST CITIZEN:\nBefore we proceed any further, hear me speak. " * 2
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm = LLM(demo_model, lora_modules={"one": str(one), "two": str(two)}, max_loras=2)
+    want = {lora: llm.generate(prompt, params, lora=lora)[0].outputs[0].text for lora in ("one", "two", None)}
+    assert len(set(want.values())) == 3
+    system = System(demo_model, "grpc", prefill=1, decode=1, up_flags=("--allow-runtime-lora-updating",))
+    url = system.plan.url
+
+    def update(route: str, **body: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/{route}_lora_adapter", json=body, timeout=60)
+
+    def complete(model: str):
+        return system.client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0,
+                                                extra_body={"ignore_eos": True})
+
+    try:
+        loaded = update("load", lora_name="sql", lora_path=str(one))
+        assert (loaded.status_code, loaded.text) == (200, "Success: LoRA adapter 'sql' added successfully.")
+        assert [(m.id, getattr(m, "parent", None)) for m in system.client.models.list().data] == [
+            (MODEL_NAME, None), ("sql", MODEL_NAME)]
+        assert complete("sql").choices[0].text == want["one"]
+        refused = update("load", lora_name="big", lora_path=str(big))
+        assert refused.status_code == 400 and "rank 32 is above max_lora_rank=16" in refused.json()["error"]["message"]
+        assert update("load", lora_name="sql", lora_path=str(two)).status_code == 400       # loaded already
+
+        decode = system.proc_at(system.worker_addrs("decode")[0])
+        decode.terminate()
+        decode.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/ready", timeout=5).json()["workers"]["decode"]:
+            assert time.monotonic() < deadline, "the gateway did not notice the decode worker stop"
+            time.sleep(0.2)
+        system.procs[system.procs.index(decode)] = subprocess.Popen(decode.args, stdout=subprocess.DEVNULL)
+        launcher.wait_ready(system.plan, system.procs, timeout=180)
+        assert complete("sql").choices[0].text == want["one"]          # not a 404: it got the adapter first
+
+        removed = update("unload", lora_name="sql")
+        assert (removed.status_code, removed.text) == (200, "Success: LoRA adapter 'sql' removed successfully.")
+        with pytest.raises(openai.NotFoundError) as err:
+            complete("sql")
+        assert err.value.code == "model_not_found"
+        assert update("unload", lora_name="sql").status_code == 404
+        assert [m.id for m in system.client.models.list().data] == [MODEL_NAME]
+
+        assert update("load", lora_name="sql", lora_path=str(two)).status_code == 200
+        again = complete("sql")
+        assert again.choices[0].text == want["two"]
+        assert again.usage.prompt_tokens_details.cached_tokens == 0    # none of the blocks computed under "one"
+        assert complete(MODEL_NAME).choices[0].text == want[None]
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
+
+
 def gateway_counter(system, name: str, labels: dict[str, str] | None = None) -> float:
     """A sample of the gateway's metrics (0 for a labelled one not counted yet)."""
     from prometheus_client.parser import text_string_to_metric_families
