@@ -302,22 +302,18 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         app.post(path, openapi_extra=body(RerankRequest))(rerank)
 
-    @app.post("/tokenize", openapi_extra=body(TokenizeRequest))
-    async def tokenize(request: Request) -> Response:
-        return await _answer(request, config, TokenizeRequest, serving.tokenize)
+    def answered(path: str, model: type[RequestT], handler: Callable[[RequestT], Awaitable[BaseModel | str]]) -> None:
+        """A POST route that ``_answer`` answers with ``handler``."""
+        async def route(request: Request) -> Response:
+            return await _answer(request, config, model, handler)
 
-    @app.post("/detokenize", openapi_extra=body(DetokenizeRequest))
-    async def detokenize(request: Request) -> Response:
-        return await _answer(request, config, DetokenizeRequest, serving.detokenize)
+        app.post(path, name=handler.__name__, openapi_extra=body(model))(route)
 
+    answered("/tokenize", TokenizeRequest, serving.tokenize)
+    answered("/detokenize", DetokenizeRequest, serving.detokenize)
     if config.allow_runtime_lora_updating:
-        @app.post("/v1/load_lora_adapter", openapi_extra=body(LoadLoRAAdapterRequest))
-        async def load_lora_adapter(request: Request) -> Response:
-            return await _answer(request, config, LoadLoRAAdapterRequest, serving.load_lora_adapter)
-
-        @app.post("/v1/unload_lora_adapter", openapi_extra=body(UnloadLoRAAdapterRequest))
-        async def unload_lora_adapter(request: Request) -> Response:
-            return await _answer(request, config, UnloadLoRAAdapterRequest, serving.unload_lora_adapter)
+        answered("/v1/load_lora_adapter", LoadLoRAAdapterRequest, serving.load_lora_adapter)
+        answered("/v1/unload_lora_adapter", UnloadLoRAAdapterRequest, serving.unload_lora_adapter)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
