@@ -6,7 +6,8 @@ tensor per (layer, engine module) it adapts. The engine fuses q/k/v into ``qkv_p
 gate/up into ``gate_up_proj`` (``models/llama.py``), so a fused module's ``A`` stacks its
 projections' ``A`` along the rank and its ``B`` places each projection's ``B`` (scale folded
 in) in that projection's rows and rank columns: ``(x @ A^T) @ B^T`` is then every slice's
-delta at once. Ranks are zero-padded to the largest loaded, which adds zeros only.
+delta at once. Ranks are zero-padded to the largest loaded, which adds zeros only. A load or
+an unload while serving builds a new stack in its place, between steps (``ModelRunner.add_lora``).
 
 ``LoRABatch`` is one step's use of them: each token's adapter (-1: the base model), as a
 mask over the stacked ranks. ``add`` gives every token ``((x @ A^T) * mask) @ B^T`` over all
