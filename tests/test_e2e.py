@@ -387,6 +387,26 @@ def test_prompt_logprobs_are_the_aggregated_engines(system, demo_model):
                 assert entry[str(token_id)]["decoded_token"] == llm.tokenizer.decode([token_id])
 
 
+def test_stop_reason_names_the_stop_token_or_string_the_workers_and_gateway_stopped_on(system, demo_model):
+    """vLLM's ``stop_reason`` through the real workers: the ``stop_token_ids`` token the decode
+    worker stopped on (the greedy output's fourth token), the stop string the gateway matched,
+    and none for a length finish."""
+    llm = LLM(demo_model)
+    greedy = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    token = greedy.token_ids[3]
+    assert token not in greedy.token_ids[:3]
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    by_token = httpx.post(f"{system.plan.url}/v1/completions", json={**body, "stop_token_ids": [token]}, timeout=60).json()
+    assert [(c["finish_reason"], c["stop_reason"]) for c in by_token["choices"]] == [("stop", token)]
+    assert by_token["usage"]["completion_tokens"] == 4
+    word = greedy.text.split()[1]
+    by_string = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                                 stop=[word], extra_body={"ignore_eos": True})
+    assert (by_string.choices[0].finish_reason, by_string.choices[0].model_extra["stop_reason"]) == ("stop", word)
+    plain = httpx.post(f"{system.plan.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert (plain["finish_reason"], plain["stop_reason"]) == ("length", None)
+
+
 def test_chat_completion(system):
     out = system.client.chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": "Speak, Romeo."}], max_tokens=16, temperature=0

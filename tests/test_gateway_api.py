@@ -855,11 +855,61 @@ async def test_completion_streaming_matches_non_streaming(tok) -> None:
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
-    assert all(set(c["choices"][0]) == {"index", "text", "logprobs", "finish_reason"} for c in chunks)
+    assert all(set(c["choices"][0]) == {"index", "text", "logprobs", "finish_reason", "stop_reason"} for c in chunks)
     assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "stop"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     assert all("\ufffd" not in c["choices"][0]["text"] for c in chunks)
+
+
+def test_a_choice_names_its_stop_string_or_stop_token_as_vllm_does(tok) -> None:
+    """vLLM's ``stop_reason``: the stop string that matched, or the ``stop_token_ids`` token the
+    workers stopped on; none for an EOS token (unless ``ignore_eos``), a length finish or a stop
+    token that did not end the output."""
+    from baton.engine.sampling_params import SamplingParams
+    from baton.services.gateway.choice import Choice, Prompt
+    from baton.services.gateway.tokenizer import IncrementalDetokenizer, StopStringMatcher
+
+    eos = tok.eos_token_id
+
+    def run(tokens: list[int], finish: str, stop: list[str] = (), **params) -> tuple[str | None, int | str | None]:
+        request = GenerationRequest("r-0", [1, 5], SamplingParams(**params))
+        choice = Choice(0, 0, Prompt([1, 5]), request, IncrementalDetokenizer(tok, [1, 5]), StopStringMatcher(list(stop)),
+                        eos_token_ids=frozenset({eos}))
+        first = choice.consume(GenerationChunk(tokens=[TokenLogprob(tokens[0], 0.0)]))
+        last = choice.consume(GenerationChunk(tokens=[TokenLogprob(t, 0.0) for t in tokens[1:]], finish_reason=finish))
+        assert first.stop_reason is None and last.stop_reason == choice.stop_reason
+        return choice.finish_reason, choice.stop_reason
+
+    romeo = tok.encode(" Romeo, Romeo!", add_special_tokens=False)
+    comma = tok.encode(",", add_special_tokens=False)[0]
+    assert run(romeo, "length", stop=["eo,"]) == ("stop", "eo,")
+    assert run(romeo, "stop", stop=["Romeo!"]) == ("stop", "Romeo!")   # completed by the final flush
+    assert run([*romeo[:2], comma], "stop", stop_token_ids=[comma]) == ("stop", comma)
+    assert run([romeo[0], comma], "stop", stop_token_ids=[comma]) == ("stop", comma)   # the stop token in the last chunk alone
+    assert run([romeo[0], eos], "stop", stop_token_ids=[eos]) == ("stop", None)
+    assert run([romeo[0], eos], "stop", stop_token_ids=[eos], ignore_eos=True) == ("stop", eos)
+    assert run([romeo[0], eos], "stop") == ("stop", None)
+    assert run([comma, romeo[0]], "length", stop_token_ids=[comma], min_tokens=2) == ("length", None)
+
+
+async def test_stop_reason_in_completions_and_chat_streamed_or_not(tok) -> None:
+    """Each choice says its ``stop_reason`` (null where none stopped it), a stream on its final chunk."""
+    text = tok.decode(tok.encode(SCRIPTS[0])[1:])
+    stop = text.split()[3]
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 64, "stop": [stop]}
+    full = (await post(FakeBackend(tok), tok, "/v1/completions", body)).json()["choices"][0]
+    assert (full["finish_reason"], full["stop_reason"]) == ("stop", stop)
+    chunks = [json.loads(e) for e in sse_events(await post(FakeBackend(tok), tok, "/v1/completions",
+                                                          {**body, "stream": True}))[:-1]]
+    assert [c["choices"][0]["stop_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [stop]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 64, "stop": [stop]}
+    assert (await post(FakeBackend(tok), tok, "/v1/chat/completions", chat)).json()["choices"][0]["stop_reason"] == stop
+    events = sse_events(await post(FakeBackend(tok), tok, "/v1/chat/completions", {**chat, "stream": True}))
+    finals = [c["choices"][0] for c in map(json.loads, events[:-1]) if c["choices"][0]["finish_reason"]]
+    assert [(f["finish_reason"], f["stop_reason"]) for f in finals] == [("stop", stop)]
+    plain = (await post(FakeBackend(tok), tok, "/v1/completions", {**body, "stop": []})).json()["choices"][0]
+    assert plain["stop_reason"] is None
 
 
 async def test_usage_cached_tokens_and_include_usage(tok) -> None:

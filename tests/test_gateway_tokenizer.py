@@ -79,13 +79,15 @@ def test_incremental_detokenizer_emits_exact_text(tok: GatewayTokenizer, prompt:
     assert all("\ufffd" not in p for p in pieces)  # partial UTF-8 is held back, never sent
 
 
-def _reference_stop(text: str, stops: list[str], include: bool = False) -> tuple[str, bool]:
-    """Character by character: stop at the first stop string to complete (before it, or after it with ``include``)."""
+def _reference_stop(text: str, stops: list[str], include: bool = False) -> tuple[str, str | None]:
+    """Character by character: stop at the first stop string to complete (the longest of those
+    completing together), before it or after it with ``include``; and that stop string."""
     for end in range(1, len(text) + 1):
         done = [s for s in stops if text[:end].endswith(s)]
         if done:
-            return text[: end if include else end - max(map(len, done))], True
-    return text, False
+            matched = max(done, key=len)
+            return text[: end if include else end - len(matched)], matched
+    return text, None
 
 
 @pytest.mark.unit
@@ -100,17 +102,17 @@ def test_stop_matcher_never_leaks(text: str, stops: list[str], cuts: list[int], 
     """Nothing past the stop string is sent, nor the stop string itself unless it is to be included."""
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     matcher = StopStringMatcher(stops, include=include)
-    sent, stopped = "", False
+    sent, matched = "", None
     for a, b in zip(bounds, bounds[1:]):
         result = matcher.feed(text[a:b])
         sent += result.text
         if result.stopped:
-            stopped = True
+            matched = result.matched
             break
         assert not any(s in sent for s in stops)
-    if not stopped:
+    if matched is None:
         sent += matcher.flush()
-    assert (sent, stopped) == _reference_stop(text, stops, include)
+    assert (sent, matched) == _reference_stop(text, stops, include)
 
 
 @pytest.mark.unit
@@ -122,7 +124,7 @@ def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
     result = matcher.feed(" fair E")
     assert (result.text, result.stopped) == (" fair ", False)
     result = matcher.feed("ND of it")
-    assert (result.text, result.stopped) == ("", True)
+    assert (result.text, result.stopped, result.matched) == ("", True, "END")
 
 
 @pytest.mark.unit

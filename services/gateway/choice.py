@@ -32,6 +32,7 @@ class Delta:
     offsets: list[int]           # each token's start within the choice's output text
     finish_reason: str | None
     first: bool
+    stop_reason: int | str | None = None   # with finish_reason "stop": the stop string or token id (vLLM's)
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Choice:
     reasoning: ThinkStream | None = None    # splits a reasoning model's thinking from its answer
     tool_stream: ToolStream | None = None   # reads a streamed answer's own tool calls (tool_choice "auto")
     tool_calls_sent: int = 0                # calls whose first piece has gone out
+    eos_token_ids: frozenset[int] = frozenset()   # the model's: a stop on one of them has no stop_reason
+    last_token: int | None = None
+    stop_reason: int | str | None = None    # vLLM's: the stop string or stop token id that ended it, if one did
 
     def consume(self, chunk: GenerationChunk) -> Delta:
         first, self.started = not self.started, True
@@ -71,21 +75,31 @@ class Choice:
         for token in chunk.tokens:
             tokens.append(token)
             offsets.append(self.text_len + sum(map(len, pieces)))
+            self.last_token = token.token_id
             result = self.stop.feed(self.detok.add(token.token_id))
             pieces.append(result.text)
             if result.stopped:
-                finish = "stop"
+                finish, self.stop_reason = "stop", result.matched
                 break
         if finish is None and chunk.finish_reason is not None:
             tail = self.stop.feed(self.detok.flush())
             pieces.append(tail.text if tail.stopped else tail.text + self.stop.flush())
             finish = "stop" if tail.stopped else chunk.finish_reason
+            self.stop_reason = tail.matched if tail.stopped else self._stop_token(finish)
         text = "".join(pieces)
         self.num_tokens += len(tokens)
         self.text_len += len(text)
         self.text.append(text)
         self.finish_reason = finish
-        return Delta(self.index, text, tokens, offsets, finish, first)
+        return Delta(self.index, text, tokens, offsets, finish, first, self.stop_reason if finish else None)
+
+    def _stop_token(self, finish: str) -> int | None:
+        """The stop token id (of ``stop_token_ids``) the workers stopped on, as vLLM reports it:
+        none for an EOS token (unless ``ignore_eos``), nor for a stop with another cause."""
+        params, last = self.request.params, self.last_token
+        if finish != "stop" or last is None or last not in params.stop_token_ids:
+            return None
+        return None if last in self.eos_token_ids and not params.ignore_eos else last
 
 
 async def close_stream(iterator: AsyncIterator[GenerationChunk]) -> None:

@@ -812,6 +812,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None    # vLLM's: the stop string or stop token id that ended it
     prompt_logprobs: PromptLogprobs | None = None
 
     @model_serializer(mode="wrap")
@@ -854,6 +855,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None    # as CompletionChoice's
 
 
 class ChatCompletionResponse(BaseModel):
@@ -908,6 +910,7 @@ class ChatStreamChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None    # with finish_reason: as CompletionChoice's
 
 
 class ChatCompletionChunk(BaseModel):

@@ -78,6 +78,7 @@ class OpenAIServing:
         self.backend = backend
         self.tokenizer = tokenizer
         self.max_model_len = resolve_max_model_len(config)
+        self.eos_token_ids = frozenset(load_model_config(Path(config.model_dir)).eos_token_ids)
         self.tool_parser = make_parser(config.tool_call_parser) if config.tool_call_parser else None
         self.think_end = tuple(tokenizer.encode(THINK_END, add_special_tokens=False))
         self.generation_defaults = sampling_defaults.load(config.model_dir, config.generation_config,
@@ -193,6 +194,7 @@ class OpenAIServing:
                     message=message,
                     logprobs=self._chat_logprobs(req, [t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
                     finish_reason=finish_reason,
+                    stop_reason=c.stop_reason,
                 )
                 for c in choices
                 for message, finish_reason in [self._chat_message(req, c)]
@@ -469,7 +471,7 @@ class OpenAIServing:
                                         lora=lora, cache_salt=req.cache_salt)
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
-                choices.append(Choice(index, i, prompt, gen, detok, stop))
+                choices.append(Choice(index, i, prompt, gen, detok, stop, eos_token_ids=self.eos_token_ids))
         return choices
 
     # ---- running choices ----------------------------------------------------
@@ -590,7 +592,8 @@ class OpenAIServing:
         text, logprobs = self._completion_text(req, choice.prompt, [delta])
         if not (text or delta.finish_reason or (logprobs and logprobs.tokens)):
             return []
-        out = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+        out = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                               stop_reason=delta.stop_reason)
         return [CompletionResponse(id=request_id, model=req.model, choices=[out])]
 
     def _chat_chunks(self, req: ChatCompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[ChatCompletionChunk]:
@@ -605,6 +608,7 @@ class OpenAIServing:
                 delta=message or DeltaMessage(),
                 logprobs=self._chat_logprobs(req, delta.tokens) if req.logprobs else None,
                 finish_reason=finish_reason,
+                stop_reason=choice.stop_reason if finish_reason else None,
             )
             out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[content]))
         return out
@@ -684,7 +688,7 @@ class OpenAIServing:
     ) -> CompletionChoice:
         text, logprobs = self._completion_text(req, choice.prompt, deltas)
         return CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
-                                prompt_logprobs=scored)
+                                stop_reason=choice.stop_reason, prompt_logprobs=scored)
 
     def _completion_text(
         self, req: CompletionRequest, prompt: Prompt, deltas: list[Delta]

@@ -218,8 +218,12 @@ class IncrementalDetokenizer:
 
 @dataclass
 class StopResult:
-    text: str        # safe to send now
-    stopped: bool    # a stop string matched: ``text`` ends right before it (after it, included)
+    text: str                    # safe to send now
+    matched: str | None = None   # the stop string that matched: ``text`` ends right before it (after it, included)
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
 
 
 class StopStringMatcher:
@@ -233,18 +237,18 @@ class StopStringMatcher:
 
     def feed(self, text: str) -> StopResult:
         if not self._stop:
-            return StopResult(text, False)
+            return StopResult(text)
         buf = self._pending + text
         # The stop string that completes first as characters arrive (the longest
         # of those completing together), whatever the chunking.
-        hits = [(i + len(s), i) for s, i in ((s, buf.find(s)) for s in self._stop) if i >= 0]
+        hits = [(i + len(s), i, s) for s, i in ((s, buf.find(s)) for s in self._stop) if i >= 0]
         if hits:
             self._pending = ""
-            end, start = min(hits)
-            return StopResult(buf[: end if self._include else start], True)
+            end, start, matched = min(hits)
+            return StopResult(buf[: end if self._include else start], matched)
         keep = partial_suffix(buf, self._stop)
         self._pending = buf[len(buf) - keep :] if keep else ""
-        return StopResult(buf[: len(buf) - keep], False)
+        return StopResult(buf[: len(buf) - keep])
 
     def flush(self) -> str:
         """The held-back tail, released when the sequence ends without a match."""
