@@ -523,9 +523,9 @@ async def test_a_refused_unload_is_undone_where_it_was_done(cluster) -> None:
 
 async def test_a_worker_seen_later_or_restarted_gets_the_runtime_adapters_before_routing(cluster) -> None:
     """A worker that starts after the load is sent it (with its digest) by the poll that first finds
-    it answering, and counts only then; one that cannot load the same weights stays out of routing;
-    a restarted one (a new id) is sent it again; a worker that lost it (a restart the polls missed)
-    has its request retried elsewhere rather than answered 404."""
+    it answering, and serves requests under it only then; one that cannot load the same weights
+    serves the base model alone; a restarted one (a new id) is sent it again; a worker that lost it
+    (a restart the polls missed) has its request retried elsewhere rather than answered 404."""
     add, make, servers = cluster
     late = dead_address()
     prefill, decode = FakePrefill("p0"), FakeDecode("d0")
@@ -538,17 +538,25 @@ async def test_a_worker_seen_later_or_restarted_gets_the_runtime_adapters_before
     servers.append(server)
     await asyncio.sleep(1.5)
     assert ("load", "sql", "d-/a/sql") in stranger.calls and "sql" not in stranger.loras
-    assert await backend.reachable() == {"prefill": 1, "decode": 1}
-    for _ in range(4):
+    assert await backend.reachable() == {"prefill": 1, "decode": 2}
+    retries = RETRIES.labels(resumed="false")._value.get()
+    for _ in range(4):                                                  # routed to the worker holding it, never tried on the other
         req = replace(request(max_tokens=2), lora="sql")
         await collect(backend.generate(req))
         assert req.request_id in decode.reserved and not stranger.reserved
+    assert RETRIES.labels(resumed="false")._value.get() == retries
+    for _ in range(4):                                                  # the base model: both decode workers
+        await collect(backend.generate(request(max_tokens=2)))
+    assert stranger.reserved and all(not r.lora for r, _ in stranger.reserved.values())
     stranger.digests.clear()
     started = time.monotonic()
-    while (await backend.reachable())["decode"] < 2:
+    while "sql" not in stranger.loras:
         assert time.monotonic() - started < 2.0
         await asyncio.sleep(0.05)
     assert stranger.loras["sql"] == ("/a/sql", "d-/a/sql")
+    for _ in range(4):
+        await collect(backend.generate(replace(request(max_tokens=2), lora="sql")))
+    assert any(r.lora == "sql" for r, _ in stranger.reserved.values())
     stranger.loras.clear()
     stranger.name = "d1-restarted"                                      # GetLoad reports a new id
     while "sql" not in stranger.loras:

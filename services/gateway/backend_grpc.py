@@ -38,9 +38,10 @@ second refresh the Redis registry (``baton:worker:*``) on top of the static
 addresses. Routing logic lives in ``router``; the Redis reads in ``prefix_index``.
 
 LoRA adapters loaded through the gateway (``load_lora``, ``unload_lora``) go to every worker that
-answers, all or none (``lora_fanout``). Routing uses a worker only once it holds every one of
-them: a worker seen for the first time, or again after it stopped answering or restarted (a new
-id), is sent those it lacks by the poll that finds it answering.
+answers, all or none (``lora_fanout``). A request under one of them is routed only to workers
+that hold it: a worker seen for the first time, or again after it stopped answering or restarted
+(a new id), is sent those it lacks by the poll that finds it answering; one that cannot load an
+adapter serves the base model and the other adapters.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ class GrpcBackend(Backend):
                 return
             except _WorkerFailure as failure:
                 avoid.add(failure.worker.address)
-                if retry == self.config.max_retries or not self._healthy(failure.worker.role, avoid):
+                if retry == self.config.max_retries or not self._healthy(failure.worker.role, avoid, request.lora):
                     raise BackendError(failure.message, 503) from failure
                 RETRIES.labels(resumed=str(bool(streamed)).lower()).inc()
                 if streamed:
@@ -223,7 +224,7 @@ class GrpcBackend(Backend):
         prefill: _Worker | None = None
         finished = False
         try:
-            prefill = await self._choose_prefill(request.token_ids, avoid, cached, request.colocate)
+            prefill = await self._choose_prefill(request.token_ids, avoid, cached, request.colocate, request.lora)
             async with aclosing(self._prefill(prefill, decode, request, ticket, deadline)) as replies:
                 async for first in replies:
                     yield self._first_chunk(request, first, (prefill.address, decode.address))
@@ -258,7 +259,7 @@ class GrpcBackend(Backend):
         limit = self.config.max_local_prefill_length
         if not limit:
             return None
-        address = self._pick_decode(request, self._healthy("decode", avoid), cached)
+        address = self._pick_decode(request, self._healthy("decode", avoid, request.lora), cached)
         if address is None or len(request.token_ids) - cached.get(address, 0) * self.config.block_size > limit:
             return None
         return self._workers[address]
@@ -299,7 +300,7 @@ class GrpcBackend(Backend):
         """How many of ``token_ids``' leading blocks (computed under LoRA adapter ``lora``, salted with
         ``cache_salt``) each healthy worker holds, by address: one Redis round trip for both roles (none
         where neither has a choice to make)."""
-        by_role = [self._healthy(role, avoid) for role in ("prefill", "decode")]
+        by_role = [self._healthy(role, avoid, lora) for role in ("prefill", "decode")]
         num_blocks = len(token_ids) // self.config.block_size
         # A lone decode worker's cached prefix still decides where the prompt is computed.
         choices = max(map(len, by_role)) > 1 or (self.config.max_local_prefill_length and by_role[1])
@@ -319,7 +320,7 @@ class GrpcBackend(Backend):
         msg = _reserve_message(request)
         full: set[str] = set()
         while True:
-            address = self._pick_decode(request, self._healthy("decode", avoid | full), cached)
+            address = self._pick_decode(request, self._healthy("decode", avoid | full, request.lora), cached)
             if address is None:
                 raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
             worker = self._workers[address]
@@ -346,11 +347,12 @@ class GrpcBackend(Backend):
         return _colocated(request.colocate, 1, healthy) or choose_decode(healthy, cached, self._routing_loads())
 
     async def _choose_prefill(
-        self, token_ids: list[int], avoid: set[str], cached: dict[str, int], colocate: tuple[str, ...] = ()
+        self, token_ids: list[int], avoid: set[str], cached: dict[str, int], colocate: tuple[str, ...] = (),
+        lora: str | None = None,
     ) -> _Worker:
         """Beside a sibling where asked (``colocate``), else by cached prefix against load; see ``router``."""
         num_blocks = len(token_ids) // self.config.block_size
-        healthy = self._healthy("prefill", avoid)
+        healthy = self._healthy("prefill", avoid, lora)
         address = _colocated(colocate, 0, healthy) or choose_prefill(healthy, cached, self._routing_loads(), num_blocks)
         if address is None:
             raise BackendError("no healthy prefill worker", 503)
@@ -439,7 +441,8 @@ class GrpcBackend(Backend):
         async with self._lora_lock:
             error = await sync(worker, list(self._runtime_loras.values()), self.config.lora_timeout_s)
         if error is not None and error != worker.lora_error:
-            logger.error("%s worker %s is left out of routing: %s", worker.role, worker.address, error)
+            logger.error("%s worker %s serves no request under the adapters it lacks: %s", worker.role, worker.address,
+                         error)
         elif error is None and worker.lora_error is not None:
             logger.info("%s worker %s holds every LoRA adapter again", worker.role, worker.address)
         worker.lora_error = error
@@ -511,10 +514,13 @@ class GrpcBackend(Backend):
         self._workers[address] = _Worker(address, role, stub, static, worker_id)
         self._health.mark_down(address)                   # until its first GetLoad answer
 
-    def _healthy(self, role: str, avoid: set[str]) -> list[str]:
-        """The workers of ``role`` routing may use: up, not avoided, holding every runtime LoRA adapter."""
-        runtime = self._runtime_loras.keys()
-        candidates = (a for a, w in self._workers.items() if w.role == role and a not in avoid and runtime <= w.loras)
+    def _healthy(self, role: str, avoid: set[str], lora: str | None = None) -> list[str]:
+        """The workers of ``role`` routing may use for a request under LoRA adapter ``lora``: up, not
+        avoided, and holding ``lora`` where the gateway loaded it at runtime (a worker still without
+        it serves the base model and the other adapters)."""
+        runtime = lora in self._runtime_loras
+        candidates = (a for a, w in self._workers.items()
+                      if w.role == role and a not in avoid and (not runtime or lora in w.loras))
         return self._health.healthy(candidates, time.monotonic())
 
     def _routing_loads(self) -> dict[str, Load]:

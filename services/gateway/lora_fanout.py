@@ -7,9 +7,10 @@ first refusal is the caller's ``BackendError``. An unload goes the same way (``U
 worker without the adapter has nothing to do), undone by loading the adapter again from the
 path and digest each worker reports. Each worker's ``loras`` holds the runtime adapters it is
 known to hold: a worker the gateway first sees, or sees again after a silence or a restart,
-gets them through ``sync`` before routing uses it. Undoing is best effort: a worker that
-cannot undo keeps the outcome (logged), which never serves other weights under a name, since
-a load under a loaded name with other weights is refused.
+gets them through ``sync`` before routing uses it (and is not routed requests under one it could
+not load). Undoing is best effort: a worker that cannot undo keeps the outcome (logged), which
+never serves other weights under a name, since a load under a loaded name with other weights is
+refused.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ async def unload_everywhere(workers: list[LoRAWorker], name: str, timeout: float
 
 async def sync(worker: LoRAWorker, adapters: list[RuntimeAdapter], timeout: float) -> str | None:
     """Load onto ``worker`` each of ``adapters`` it is not known to hold, with its digest (the same
-    weights or none); the first failure's message (the worker stays without the rest), or None."""
+    weights or none); the failures' messages (the worker goes without those adapters), or None."""
+    failures = []
     for adapter in adapters:
         if adapter.name in worker.loras:
             continue
@@ -126,6 +128,7 @@ async def sync(worker: LoRAWorker, adapters: list[RuntimeAdapter], timeout: floa
         try:
             await worker.stub.LoadLoRA(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
-            return f"LoRA adapter {adapter.name!r} did not load there: {err.code().name}: {err.details()}"
+            failures.append(f"LoRA adapter {adapter.name!r} did not load there: {err.code().name}: {err.details()}")
+            continue
         worker.loras.add(adapter.name)
-    return None
+    return "; ".join(failures) or None
