@@ -17,7 +17,9 @@ the request's; a hash collision costs a recomputation, never wrong KV. A sequenc
 hashes carry its LoRA adapter and cache salt (``hashing.block_extra``): no block is shared across
 adapters or salts. A block remembers the adapter it was computed under, so that unloading an
 adapter (``forget_lora``) uncaches its blocks: other weights loaded later under the same name
-hash the same, and must not find them. The pool
+hash the same, and must not find them. ``reset_prefix_cache`` (vLLM's) uncaches every block: the
+next requests start cold. Uncaching a block that sequences hold only drops its hash: its KV and its
+references stay, no later request finds it, and once released it is free, not cached-free. The pool
 never talks to Redis: it queues ``BlockStored`` / ``BlockRemoved`` events that an
 index publisher drains with ``drain_events()``.
 """
@@ -25,6 +27,7 @@ index publisher drains with ``drain_events()``.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from baton.engine import hashing
@@ -42,6 +45,15 @@ class BlockRemoved:
 
 
 BlockEvent = BlockStored | BlockRemoved
+
+
+@dataclass
+class PrefixCacheReset:
+    """What ``reset_prefix_cache`` did: cached blocks no sequence held, now free; cached blocks
+    sequences hold, uncached and left to them."""
+
+    freed_blocks: int
+    held_blocks: int
 
 
 @dataclass
@@ -213,17 +225,32 @@ class BlockManager:
         """Uncache every block computed under LoRA adapter ``lora`` (it is being unloaded); those no
         sequence holds become free, those still held (a finished prefill awaiting ``release``) are
         freed without a hash. Queues their removal from the index."""
+        self._uncache_where(lambda block: block.lora == lora)
+
+    def reset_prefix_cache(self) -> PrefixCacheReset:
+        """Uncache every block, so that no later request reuses one: those no sequence holds become
+        free; those sequences hold (running, reserved for KV on its way, or a finished prefill
+        awaiting ``release``) keep their KV and references, and are freed without a hash when
+        released. Queues their removal from the index."""
+        return self._uncache_where(lambda block: True)
+
+    # -- internals ----------------------------------------------------------
+    def _uncache_where(self, chosen: Callable[[Block], bool]) -> PrefixCacheReset:
+        """Uncache the cached blocks ``chosen`` picks (see ``reset_prefix_cache``)."""
         removed: list[int] = []
+        held = 0
         for block in self.blocks:
-            if block.block_hash is not None and block.lora == lora:
+            if block.block_hash is not None and chosen(block):
                 removed.append(self._uncache(block))
                 if block.ref_count == 0:
                     del self._evictable[block.block_id]
                     self._free.append(block.block_id)
+                else:
+                    held += 1
         if removed:
             self._events.append(BlockRemoved(removed))
+        return PrefixCacheReset(freed_blocks=len(removed) - held, held_blocks=held)
 
-    # -- internals ----------------------------------------------------------
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

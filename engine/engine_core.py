@@ -35,6 +35,11 @@ Cache salt (vLLM's ``cache_salt``): a request's salt goes into its blocks' hashe
 only blocks computed for requests with the same salt (and an unsalted one only unsalted blocks);
 the ``n`` samples of one request share it, and with it their prompt's blocks.
 
+Prefix-cache reset (vLLM's ``reset_prefix_cache``; a worker runs it on its engine thread between
+steps): every cached block is uncached, so the next requests start cold. Blocks no sequence holds
+become free; those unfinished (or kept) sequences hold stay theirs with their KV, and are never
+found by a later request (``BlockManager.reset_prefix_cache``).
+
 Roles: a decode worker ``reserve``s blocks for a prompt whose KV comes from a
 prefill worker and ``activate``s it with the first token once the KV has landed;
 a prefill worker builds the core with ``keep_finished_blocks=True`` and
@@ -54,7 +59,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from baton.engine.attention import to_device
-from baton.engine.block_manager import BlockEvent, BlockManager
+from baton.engine.block_manager import BlockEvent, BlockManager, PrefixCacheReset
 from baton.engine.config import EngineConfig
 from baton.engine.model_runner import FedTokens
 from baton.engine.pooling import PoolerConfig
@@ -374,6 +379,11 @@ class EngineCore:
         adapter = self.runner.remove_lora(name)
         self.block_manager.forget_lora(name)
         return adapter
+
+    # -- the prefix cache (between steps) --------------------------------------------
+    def reset_prefix_cache(self) -> PrefixCacheReset:
+        """Uncache every block: none is reused by a later request (see the module docs)."""
+        return self.block_manager.reset_prefix_cache()
 
     # -- the step -----------------------------------------------------------------
     def step(self, on_layer_done: LayerHook | None = None) -> list[Sequence]:

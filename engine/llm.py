@@ -19,6 +19,9 @@ request names one by its name:
     llm.unload_lora("sonnets")
     llm.load_lora("sql", "/path/to/other/adapter")
 
+``llm.reset_prefix_cache()`` (vLLM's) drops every cached block between ``generate`` calls: the next
+prompts are computed afresh (a cold-cache benchmark, or after something that invalidates cached KV).
+
 The disaggregated services and the tests use it as their reference.
 """
 
@@ -134,6 +137,13 @@ class LLM:
         """Unload LoRA adapter ``name`` (``UnknownLoRA`` where it is not loaded); the blocks cached
         under it are dropped, so an adapter loaded later under the same name starts afresh."""
         self.core.unload_lora(name)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block, so that no later prompt reuses one; whether it succeeded, as
+        vLLM's answers. It always does: a block a request still holds (one left by a ``generate``
+        that raised) is uncached too, its KV left to that request."""
+        self.core.reset_prefix_cache()
+        return True
 
     def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
         """Each prompt's embedding: its final hidden states pooled as ``pooler`` (``EngineConfig``)

@@ -184,7 +184,7 @@ def test_prefix_caching_disabled_and_prompt_logprobs() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["alloc", "append", "compute", "free"]), st.integers(0, 5), st.integers(1, 9)), max_size=60))
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "append", "compute", "free", "reset"]), st.integers(0, 5), st.integers(1, 9)), max_size=60))
 def test_random_operations_keep_invariants(ops: list[tuple[str, int, int]]) -> None:
     bm = BlockManager(num_blocks=10, block_size=BS)
     seqs = [make_seq(f"s{i}", [i % 2] * (3 + i) + list(range(i))) for i in range(6)]
@@ -207,6 +207,9 @@ def test_random_operations_keep_invariants(ops: list[tuple[str, int, int]]) -> N
         elif op == "free":
             bm.free(seq)
             seq.num_computed_tokens = 0
+        elif op == "reset":
+            bm.reset_prefix_cache()
+            assert bm.num_cached_blocks == bm.num_evictable_blocks == 0
         check_invariant(bm)
         held = [b for s in seqs for b in s.block_table]
         for block_id in set(held):
@@ -250,4 +253,44 @@ def test_forget_lora_uncaches_the_adapters_blocks_held_or_not() -> None:
     free = bm.num_free_blocks
     bm.free(held)                                  # its four blocks, none cached any more
     assert bm.num_free_blocks == free + 4 and bm.num_evictable_blocks == 4
+    check_invariant(bm)
+
+
+def test_reset_prefix_cache_frees_unreferenced_blocks_and_uncaches_held_ones() -> None:
+    """Cached blocks nobody holds become free; cached blocks running sequences hold (one shared by
+    two) keep their references and content but no later request finds them, and once released they
+    are free, not cached-free; the index hears of every one."""
+    bm = BlockManager(num_blocks=16, block_size=BS, hash_extra="m")
+    done = make_seq("done", list(range(9)))               # two full blocks, then freed: cached-free
+    running = make_seq("running", list(range(40, 53)))    # three full blocks, still held
+    for seq in (done, running):
+        assert bm.allocate(seq, seq.num_tokens)
+        compute(bm, seq, seq.num_tokens)
+    bm.free(done)
+    sharer = make_seq("sharer", list(range(40, 49)))      # shares the running sequence's first two blocks
+    assert bm.allocate(sharer, 1) and sharer.num_cached_tokens == 8
+    stored = [h for e in bm.drain_events() for h in e.block_hashes]
+    held_tables = {s.seq_id: list(s.block_table) for s in (running, sharer)}
+    held_refs = {b: bm.blocks[b].ref_count for b in running.block_table}
+    assert bm.num_cached_blocks == 5 and bm.num_evictable_blocks == 2
+
+    reset = bm.reset_prefix_cache()
+    assert (reset.freed_blocks, reset.held_blocks) == (2, 3)
+    assert bm.drain_events() == [BlockRemoved(stored)]
+    assert bm.num_cached_blocks == 0 and bm.num_evictable_blocks == 0
+    assert bm.num_used_blocks == 5 and bm.num_free_blocks == 11
+    assert {s.seq_id: s.block_table for s in (running, sharer)} == held_tables
+    assert {b: bm.blocks[b].ref_count for b in running.block_table} == held_refs
+    check_invariant(bm)
+    for i, tokens in enumerate((list(range(9)), list(range(40, 53)))):
+        assert bm.cached_prefix_tokens(make_seq(f"probe-{i}", tokens)) == 0
+    later = make_seq("later", list(range(40, 53)))
+    assert bm.allocate(later, later.num_tokens) and not set(later.block_table) & set(running.block_table)
+    compute(bm, later, later.num_tokens)                  # recomputed: cached again, in new blocks
+    assert bm.drain_events() == [BlockStored(stored[2:])]
+    compute(bm, running, 0)
+    assert bm.drain_events() == []                        # the held blocks stay uncached
+    for seq in (running, sharer, later):
+        bm.free(seq)
+    assert bm.num_evictable_blocks == 3 and bm.num_free_blocks == 16
     check_invariant(bm)

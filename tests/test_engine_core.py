@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from baton.engine.block_manager import BlockStored
+from baton.engine.block_manager import BlockRemoved, BlockStored
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.model_runner import FedTokens
@@ -361,6 +361,47 @@ def test_prefill_role_keeps_blocks_until_release() -> None:
     assert engine.stats().used_blocks == 0 and engine.stats().cached_blocks == 2
     with pytest.raises(KeyError):
         engine.release("p")
+
+
+def test_a_prefix_cache_reset_leaves_running_requests_whole_and_the_next_ones_cold(async_scheduling: bool) -> None:
+    """Between steps: the blocks of a finished request are freed, and those a running request shares
+    with it are uncached but keep their KV (the fake runner checks every slot each step reads, while
+    new requests take the freed blocks); a request with the same prompt afterwards computes it all."""
+    engine = make_engine(num_blocks=12, block_size=4, async_scheduling=async_scheduling)
+    prompt = list(range(1, 11))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    (done,) = engine.add_request("done", prompt, params)
+    run_to_end(engine)
+    (running,) = engine.add_request("running", prompt + [12], params)
+    for _ in range(3):
+        engine.step()
+    assert running.num_cached_tokens == 8 and not running.is_finished
+    stored = [h for e in engine.drain_block_events() if isinstance(e, BlockStored) for h in e.block_hashes]
+    held = sum(1 for b in running.block_table if engine.block_manager.blocks[b].block_hash is not None)
+    assert held >= 2                                  # the two it shares with the finished one, and its own
+    reset = engine.reset_prefix_cache()
+    assert (reset.held_blocks, reset.freed_blocks) == (held, len(stored) - held)
+    assert engine.drain_block_events() == [BlockRemoved(stored)]
+    assert engine.stats().cached_blocks == 0
+    (again,) = engine.add_request("again", prompt, params)
+    others = [engine.add_request(f"o{i}", [20 + i] * 6, params)[0] for i in range(2)]
+    run_to_end(engine)
+    assert again.num_cached_tokens == 0
+    for seq in (done, running, again, *others):
+        assert seq.output_token_ids == expected_output(seq.prompt_token_ids, 8)[0]
+    assert engine.stats().used_blocks == 0
+
+
+def test_a_prefix_cache_reset_leaves_a_finished_prefills_blocks_until_release() -> None:
+    engine = make_engine(keep=True)
+    (seq,) = engine.add_request("p", list(range(1, 11)), SamplingParams(temperature=0.0, max_tokens=1))
+    engine.step()
+    table = list(seq.block_table)
+    assert engine.reset_prefix_cache().held_blocks == 2
+    assert seq.block_table == table and engine.stats().used_blocks == 3 and engine.stats().cached_blocks == 0
+    engine.release("p")
+    stats = engine.stats()
+    assert (stats.used_blocks, stats.cached_blocks, stats.free_blocks) == (0, 0, stats.total_blocks)
 
 
 MODEL_DIR = Path("/work/shared/models/shakespeare-llama-5m")

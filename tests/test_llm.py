@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from baton.engine.block_manager import BlockStored
+from baton.engine.block_manager import BlockRemoved, BlockStored
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.sampling_params import SamplingParams
@@ -80,6 +80,23 @@ def test_shared_prefix_is_served_from_the_cache(demo_model, hf_greedy):
     assert first.num_cached_tokens == 0 and again.num_cached_tokens >= 4
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert _hf_prefix_equal(again.outputs[0].token_ids, hf_greedy[PROMPTS[1]])
+
+
+def test_reset_prefix_cache_makes_the_next_prompts_cold(demo_model):
+    """vLLM's ``llm.reset_prefix_cache()``: True, every cached block dropped (and its removal queued
+    for the index); the same prompt is computed afresh, to the same tokens, and cached again."""
+    llm = LLM(demo_model, block_size=4)
+    first = llm.generate(PROMPTS[1], GREEDY)[0]
+    assert llm.generate(PROMPTS[1], GREEDY)[0].num_cached_tokens >= 8
+    stored = {h for event in llm.core.drain_block_events() for h in event.block_hashes}
+    assert llm.reset_prefix_cache() is True
+    assert llm.core.stats().cached_blocks == 0
+    assert llm.core.stats().free_blocks == llm.core.stats().total_blocks
+    (removed,) = llm.core.drain_block_events()
+    assert isinstance(removed, BlockRemoved) and set(removed.block_hashes) == stored
+    cold = llm.generate(PROMPTS[1], GREEDY)[0]
+    assert cold.num_cached_tokens == 0 and cold.outputs[0].token_ids == first.outputs[0].token_ids
+    assert llm.generate(PROMPTS[1], GREEDY)[0].num_cached_tokens >= 8
 
 
 def test_prefix_cache_is_salted(demo_model):
