@@ -188,3 +188,15 @@ class UnloadLoRAReply(_message.Message):
     path: str
     digest: str
     def __init__(self, path: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ResetPrefixCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetPrefixCacheReply(_message.Message):
+    __slots__ = ("freed_blocks", "held_blocks")
+    FREED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HELD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    freed_blocks: int
+    held_blocks: int
+    def __init__(self, freed_blocks: _Optional[int] = ..., held_blocks: _Optional[int] = ...) -> None: ...

@@ -71,6 +71,11 @@ class DecodeStub:
                 request_serializer=baton_dot_protos_dot_common__pb2.UnloadLoRARequest.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_common__pb2.UnloadLoRAReply.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/baton.v1.Decode/ResetPrefixCache',
+                request_serializer=baton_dot_protos_dot_common__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=baton_dot_protos_dot_common__pb2.ResetPrefixCacheReply.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -120,6 +125,12 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +168,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.UnloadLoRA,
                     request_deserializer=baton_dot_protos_dot_common__pb2.UnloadLoRARequest.FromString,
                     response_serializer=baton_dot_protos_dot_common__pb2.UnloadLoRAReply.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=baton_dot_protos_dot_common__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=baton_dot_protos_dot_common__pb2.ResetPrefixCacheReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +364,33 @@ class Decode:
             '/baton.v1.Decode/UnloadLoRA',
             baton_dot_protos_dot_common__pb2.UnloadLoRARequest.SerializeToString,
             baton_dot_protos_dot_common__pb2.UnloadLoRAReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Decode/ResetPrefixCache',
+            baton_dot_protos_dot_common__pb2.ResetPrefixCacheRequest.SerializeToString,
+            baton_dot_protos_dot_common__pb2.ResetPrefixCacheReply.FromString,
             options,
             channel_credentials,
             insecure,

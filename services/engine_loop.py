@@ -1,9 +1,11 @@
 """Runs an ``EngineCore`` on its own thread and lets asyncio code talk to it.
 
 The core is not thread-safe, so every mutation (add, abort, reserve, activate,
-release) is queued as a command and executed on the engine thread between
-steps. After each step the thread hands the sequences that changed to the
-event loop, where ``on_outputs`` fans them out to the waiting RPCs.
+release, a LoRA adapter's load or unload, a prefix-cache reset) is queued as a command
+and executed on the engine thread between steps. After each step the thread hands the
+sequences that changed to the event loop, where ``on_outputs`` fans them out to the
+waiting RPCs, and the block events to ``on_block_events``; with nothing to step, the
+block events the commands queued (an unload's, a reset's) are handed over at once.
 
     commands ──> [engine thread: run commands → step() → publish] ──> on_outputs (event loop)
 """
@@ -139,6 +141,7 @@ class EngineLoop:
         self._run_commands()
         if not self.core.has_unfinished():
             self.stats = self.core.stats()
+            self._publish([], self.core.drain_block_events())
             self._wake.wait(timeout=0.5)
             return
         started = time.perf_counter()
@@ -154,8 +157,10 @@ class EngineLoop:
             # Only parked work (blocks held for transfers): wait for a command rather than spin.
             self._wake.wait(timeout=0.005)
         self.stats = self.core.stats()
-        updates = [self._update(seq) for seq in changed]
-        events = self.core.drain_block_events()
+        self._publish([self._update(seq) for seq in changed], self.core.drain_block_events())
+
+    def _publish(self, updates: list[SeqUpdate], events: list[BlockEvent]) -> None:
+        """Hand a step's updates and block events to the event loop."""
         if self._loop is None:
             return
         if updates:

@@ -7,7 +7,8 @@ decode worker's streams resume on another decode worker after their tokens so fa
 
 Both roles load and unload LoRA adapters while serving (``LoadLoRA``, ``UnloadLoRA``): the
 adapter is read and checked in a worker thread, then added to (or dropped from) the engine on
-its own thread between steps (``EngineCore.add_lora``, ``unload_lora``)."""
+its own thread between steps (``EngineCore.add_lora``, ``unload_lora``). ``ResetPrefixCache``
+runs there too (``EngineCore.reset_prefix_cache``); the engine loop publishes the removed blocks."""
 
 from __future__ import annotations
 
@@ -311,3 +312,11 @@ async def unload_lora(ctx: WorkerContext, engine: EngineLoop, request: common_pb
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     log.info("unloaded LoRA adapter %r", request.name)
     return common_pb2.UnloadLoRAReply(path=str(adapter.path), digest=adapter.digest)
+
+
+async def reset_prefix_cache(engine: EngineLoop) -> common_pb2.ResetPrefixCacheReply:
+    """``ResetPrefixCache`` for either role (``common.proto``)."""
+    reset = await engine.call(engine.core.reset_prefix_cache)
+    log.info("prefix cache reset: %d cached blocks freed, %d held by requests uncached",
+             reset.freed_blocks, reset.held_blocks)
+    return common_pb2.ResetPrefixCacheReply(freed_blocks=reset.freed_blocks, held_blocks=reset.held_blocks)

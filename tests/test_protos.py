@@ -20,9 +20,9 @@ def test_committed_stubs_are_current():
 def test_services_and_package():
     assert prefill_pb2.DESCRIPTOR.package == "baton.v1"
     assert set(prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].methods_by_name) == {
-        "Prefill", "Embed", "Abort", "GetLoad", "LoadLoRA", "UnloadLoRA"}
+        "Prefill", "Embed", "Abort", "GetLoad", "LoadLoRA", "UnloadLoRA", "ResetPrefixCache"}
     assert set(decode_pb2.DESCRIPTOR.services_by_name["Decode"].methods_by_name) == {
-        "Reserve", "Generate", "PrefillAndGenerate", "Abort", "GetLoad", "LoadLoRA", "UnloadLoRA"}
+        "Reserve", "Generate", "PrefillAndGenerate", "Abort", "GetLoad", "LoadLoRA", "UnloadLoRA", "ResetPrefixCache"}
     assert set(kvtransfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].methods_by_name) == {"Push"}
 
 

@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pytest
 import torch
 
+from baton.engine.block_manager import BlockEvent, BlockRemoved, BlockStored
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk
 from baton.services.engine_loop import EngineLoop, SeqUpdate
 from baton.services.prefill.server import prefill_params
+from baton.services.worker import reset_prefix_cache
 
 pytestmark = pytest.mark.unit
 VOCAB, EOS = 8, 2
+T = TypeVar("T")
 
 
 @dataclass
@@ -176,6 +181,46 @@ async def test_failed_step_aborts_running_requests_but_not_reserved_ones():
         assert await loop.call(lambda: core.stats().used_blocks) == 0
     finally:
         loop.stop()
+
+
+async def test_reset_prefix_cache_runs_between_steps_and_publishes_the_removals_at_once():
+    """``ResetPrefixCache`` on an idle engine loop (a reservation awaiting its KV is all it holds):
+    the cached blocks nobody holds are freed, those the reservation shares are uncached but stay its
+    own, and every removal reaches the index publisher without waiting for a step."""
+    core = make_core(EosLovingRunner())
+    events: list[BlockEvent] = []
+    loop = EngineLoop(core, lambda updates: None, on_block_events=events.extend)
+    loop.start()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=3)
+        shared, other = [1, 3, 4, 5, 6, 7, 1, 3, 4], [6, 6, 6, 6, 7, 7, 7, 7, 1]
+        for rid, prompt in (("a", shared), ("b", other)):
+            await loop.call(lambda rid=rid, prompt=prompt: core.add_request(rid, prompt, params))
+        stored = await wait_for(lambda: [h for e in events if isinstance(e, BlockStored) for h in e.block_hashes], 4)
+        parked = await loop.call(lambda: core.reserve("parked", shared + [5], params))
+        table = list(parked.block_table)
+        assert parked.num_cached_tokens == 8
+        reply = await reset_prefix_cache(loop)
+        assert (reply.freed_blocks, reply.held_blocks) == (2, 2)
+        removed = await wait_for(lambda: [h for e in events if isinstance(e, BlockRemoved) for h in e.block_hashes], 4)
+        assert sorted(removed) == sorted(stored)
+        stats = await loop.call(core.stats)
+        assert (stats.cached_blocks, stats.used_blocks) == (0, len(table)) and parked.block_table == table
+        assert all(core.block_manager.blocks[b].ref_count == 1 for b in table)
+        loop.abort("parked")
+        stats = await loop.call(core.stats)
+        assert (stats.used_blocks, stats.cached_blocks, stats.free_blocks) == (0, 0, stats.total_blocks)
+    finally:
+        loop.stop()
+
+
+async def wait_for(read: Callable[[], list[T]], count: int, timeout: float = 2.0) -> list[T]:
+    """Poll ``read()`` until it has ``count`` items (the event loop delivers them from the engine thread)."""
+    deadline = time.monotonic() + timeout
+    while len(items := read()) < count:
+        assert time.monotonic() < deadline, f"{len(items)} of {count} items after {timeout} s"
+        await asyncio.sleep(0.01)
+    return items
 
 
 def test_decode_worker_without_its_transports_package_exits_with_the_reason(monkeypatch) -> None:

@@ -17,6 +17,7 @@ A request passes through:
 An Abort, a cancelled stream, an expired reservation or a failed transfer frees
 every block the request holds. LoRA adapters load and unload while serving (``LoadLoRA``,
 ``UnloadLoRA``: ``services/worker.py``); a reserved request counts as running under its adapter.
+``ResetPrefixCache`` uncaches every block, those of reserved and running requests kept for them.
 
 PrefillAndGenerate skips the prefill worker (the gateway's choice for a prompt short enough,
 or mostly cached here: Dynamo's conditional disaggregation): the request joins this worker's
@@ -41,7 +42,7 @@ from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2
 from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
 from baton.services.worker import (
-    WorkerContext, compile_grammar, load_lora, load_message, time_remaining, unload_lora,
+    WorkerContext, compile_grammar, load_lora, load_message, reset_prefix_cache, time_remaining, unload_lora,
 )
 
 log = logging.getLogger(__name__)
@@ -229,3 +230,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def UnloadLoRA(self, request: common_pb2.UnloadLoRARequest, context) -> common_pb2.UnloadLoRAReply:
         return await unload_lora(self._ctx, self.engine, request, context)
+
+    async def ResetPrefixCache(self, request: common_pb2.ResetPrefixCacheRequest,
+                               context) -> common_pb2.ResetPrefixCacheReply:
+        return await reset_prefix_cache(self.engine)

@@ -18,7 +18,8 @@ A request passes through:
             step, without waiting for the running one); the handoff's end
             (bytes, seconds) is streamed and the stream ends
 A request naming a LoRA adapter this worker has not loaded ends NOT_FOUND before it is queued;
-adapters load and unload while serving (``LoadLoRA``, ``UnloadLoRA``: ``services/worker.py``).
+adapters load and unload while serving (``LoadLoRA``, ``UnloadLoRA``: ``services/worker.py``), and
+``ResetPrefixCache`` uncaches every block, those of requests in any state here kept for them.
 An abort, a deadline or a transfer failure at any point aborts the transfer,
 releases the blocks and ends the stream with an error status (a transfer failure's
 names the decode worker in its trailing metadata).
@@ -42,7 +43,7 @@ from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, prefil
 from baton.services.convert import logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
 from baton.services.worker import (
-    WorkerContext, compile_grammar, load_lora, load_message, time_remaining, unload_lora,
+    WorkerContext, compile_grammar, load_lora, load_message, reset_prefix_cache, time_remaining, unload_lora,
 )
 
 log = logging.getLogger(__name__)
@@ -227,3 +228,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def UnloadLoRA(self, request: common_pb2.UnloadLoRARequest, context) -> common_pb2.UnloadLoRAReply:
         return await unload_lora(self._ctx, self.engine, request, context)
+
+    async def ResetPrefixCache(self, request: common_pb2.ResetPrefixCacheRequest,
+                               context) -> common_pb2.ResetPrefixCacheReply:
+        return await reset_prefix_cache(self.engine)
