@@ -73,7 +73,23 @@ class FakeLoRAs:
         return common_pb2.UnloadLoRAReply(path=path, digest=digest)
 
 
-class FakeDecode(FakeLoRAs, decode_pb2_grpc.DecodeServicer):
+class FakeCacheReset:
+    """ResetPrefixCache as a worker answers it: ``resets`` counts those answered; ``reset_failure``
+    (a status and its message) fails each, ``reset_delay_s`` holds each that long first."""
+
+    resets = 0
+    reset_failure: tuple[grpc.StatusCode, str] | None = None
+    reset_delay_s = 0.0
+
+    async def ResetPrefixCache(self, request, context):
+        await asyncio.sleep(self.reset_delay_s)
+        if self.reset_failure is not None:
+            await context.abort(*self.reset_failure)
+        self.resets += 1
+        return common_pb2.ResetPrefixCacheReply(freed_blocks=3, held_blocks=1)
+
+
+class FakeDecode(FakeCacheReset, FakeLoRAs, decode_pb2_grpc.DecodeServicer):
     """Reserves, then generates ``token_at(prompt, i)`` after the first token (and a resumed
     request's earlier ones) until max_tokens. A LoRA adapter other than those in ``loras``: NOT_FOUND."""
 
@@ -148,7 +164,7 @@ class FakeDecode(FakeLoRAs, decode_pb2_grpc.DecodeServicer):
         return common_pb2.WorkerLoad(worker_id=self.name, role="decode", free_blocks=self.free_blocks, total_blocks=200)
 
 
-class FakePrefill(FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
+class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
     """Streams the first token of the prompt (the next one of a resumed request), then the handoff's end once ``handoff`` is set
     (or fails the next ``fail_handoffs`` UNAVAILABLE, blaming the decode worker as a real prefill
     worker does); INVALID_ARGUMENT past ``max_len``."""
@@ -568,6 +584,33 @@ async def test_a_worker_seen_later_or_restarted_gets_the_runtime_adapters_before
     while "sql" not in decode.loras:                                    # the next poll sends it again
         assert time.monotonic() - started < 6.0
         await asyncio.sleep(0.05)
+
+
+async def test_a_prefix_cache_reset_reaches_every_answering_worker_and_names_each_that_fails(cluster) -> None:
+    """Every worker that answers is reset (one that does not is neither waited for nor blamed); a
+    worker that refuses, or answers past the deadline, is named with its status and message."""
+    add, make, _ = cluster
+    workers = [FakePrefill("p0"), FakePrefill("p1"), FakeDecode("d0"), FakeDecode("d1")]
+    addresses = [await add(w) for w in workers]
+    silent = dead_address()
+    backend = await make(config(addresses[:2], [*addresses[2:], silent], cache_reset_timeout_s=0.5))
+    await backend.reset_prefix_cache()
+    assert [w.resets for w in workers] == [1, 1, 1, 1]
+    workers[3].reset_failure = (grpc.StatusCode.INTERNAL, "the engine thread is gone")
+    workers[0].reset_delay_s = 2.0
+    with pytest.raises(BackendError) as err:
+        await backend.reset_prefix_cache()
+    assert sorted(err.value.message.split("; ")) == [
+        f"decode worker {addresses[3]}: INTERNAL: the engine thread is gone",
+        f"prefill worker {addresses[0]}: DEADLINE_EXCEEDED: Deadline Exceeded"]
+    assert [w.resets for w in workers[1:3]] == [2, 2]
+
+
+async def test_a_prefix_cache_reset_with_no_worker_answering_fails(cluster) -> None:
+    _, make, _ = cluster
+    backend = await make(config([dead_address()], [dead_address()]))
+    with pytest.raises(BackendError, match="no worker answers"):
+        await backend.reset_prefix_cache()
 
 
 async def test_the_cache_salt_reaches_both_workers_and_the_embedding_worker(cluster) -> None:

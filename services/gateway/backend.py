@@ -99,6 +99,11 @@ class Backend(abc.ABC):
         """Unload LoRA adapter ``name`` from every worker, or from none: ``BackendError`` with the reason."""
         raise BackendError("this backend cannot unload LoRA adapters", 501)
 
+    async def reset_prefix_cache(self) -> None:
+        """Drop every worker's cached blocks (those requests hold are left to them, never reused):
+        ``BackendError`` naming each worker that did not, and why."""
+        raise BackendError("this backend cannot reset the prefix cache", 501)
+
     async def start(self) -> None:
         """Begin background work (discovery, load polling)."""
 

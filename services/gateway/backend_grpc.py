@@ -42,6 +42,8 @@ answers, all or none (``lora_fanout``). A request under one of them is routed on
 that hold it: a worker seen for the first time, or again after it stopped answering or restarted
 (a new id), is sent those it lacks by the poll that finds it answering; one that cannot load an
 adapter serves the base model and the other adapters.
+A prefix-cache reset (``reset_prefix_cache``) goes to every worker that answers too (``fanout``); the
+workers publish the blocks they drop, so routing stops counting them.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
 )
 from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.fanout import reset_prefix_cache
 from baton.services.gateway.lora_fanout import RuntimeAdapter, load_everywhere, sync, unload_everywhere
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILLS, RETRIES, WORKER_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
@@ -430,6 +433,14 @@ class GrpcBackend(Backend):
                 if adapter is not None:
                     self._runtime_loras[name] = adapter
                 raise
+
+    # -- the workers' prefix caches ------------------------------------------
+
+    async def reset_prefix_cache(self) -> None:
+        workers = self._answering()
+        if not workers:
+            raise BackendError("no worker answers", 503)
+        await reset_prefix_cache(workers, self.config.cache_reset_timeout_s)
 
     def _answering(self) -> list[_Worker]:
         return [w for w in self._workers.values() if w.answering]

@@ -15,22 +15,20 @@ refused.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 import grpc
 
 from baton.protos import common_pb2
 from baton.services.gateway.backend import BackendError
+from baton.services.gateway.fanout import Worker, failure, gather_replies, is_error
 
 logger = logging.getLogger(__name__)
 
 # A worker's answer saying no (the adapter, the name or the worker's state is the reason): 400.
 REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION)
-ReplyT = TypeVar("ReplyT")
 
 
 @dataclass(frozen=True)
@@ -42,44 +40,27 @@ class RuntimeAdapter:
     digest: str
 
 
-class LoRAWorker(Protocol):
-    address: str
-    role: str
-    stub: Any           # a PrefillStub or a DecodeStub: both have LoadLoRA and UnloadLoRA
+class LoRAWorker(Worker, Protocol):
     loras: set[str]     # the runtime adapters it is known to hold
 
 
-async def _gather(calls: list[Awaitable[ReplyT]]) -> list[ReplyT | grpc.aio.AioRpcError]:
-    """Each call's reply, or its RPC error; any other exception propagates."""
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException) and not isinstance(result, grpc.aio.AioRpcError):
-            raise result
-    return results
-
-
-def _failed(result: object) -> bool:
-    return isinstance(result, grpc.aio.AioRpcError)
-
-
 def _refusal(worker: LoRAWorker, err: grpc.aio.AioRpcError) -> BackendError:
-    status = 400 if err.code() in REFUSALS else 503
-    return BackendError(f"{worker.role} worker {worker.address}: {err.code().name}: {err.details()}", status)
+    return BackendError(failure(worker, err), 400 if err.code() in REFUSALS else 503)
 
 
 def _log_failures(what: str, workers: list[LoRAWorker], results: list[object]) -> None:
     """Log the failed undos (NOT_FOUND: a worker without the adapter had nothing to undo)."""
     for worker, result in zip(workers, results):
-        if _failed(result) and result.code() != grpc.StatusCode.NOT_FOUND:
+        if is_error(result) and result.code() != grpc.StatusCode.NOT_FOUND:
             logger.error("%s on %s worker %s failed: %s", what, worker.role, worker.address, result.details())
 
 
 async def load_everywhere(workers: list[LoRAWorker], name: str, path: str, timeout: float) -> RuntimeAdapter:
     """Load adapter ``name`` from ``path`` on every worker of ``workers``, or on none."""
     request = common_pb2.LoadLoRARequest(name=name, path=path)
-    results = await _gather([w.stub.LoadLoRA(request, timeout=timeout) for w in workers])
-    failed = [(w, r) for w, r in zip(workers, results) if _failed(r)]
-    digests = sorted({r.digest for r in results if not _failed(r)})
+    results = await gather_replies([w.stub.LoadLoRA(request, timeout=timeout) for w in workers])
+    failed = [(w, r) for w, r in zip(workers, results) if is_error(r)]
+    digests = sorted({r.digest for r in results if not is_error(r)})
     if not failed and len(digests) == 1:
         for worker in workers:
             worker.loras.add(name)
@@ -87,9 +68,9 @@ async def load_everywhere(workers: list[LoRAWorker], name: str, path: str, timeo
     error = _refusal(*failed[0]) if failed else BackendError(
         f"the workers read different files at {path} (digests {', '.join(digests)})", 400)
     # Undo where it loaded, and where it may have (no answer); not where it was loaded before.
-    undo = [w for w, r in zip(workers, results) if (r.code() not in REFUSALS if _failed(r) else not r.already_loaded)]
+    undo = [w for w, r in zip(workers, results) if (r.code() not in REFUSALS if is_error(r) else not r.already_loaded)]
     unload = common_pb2.UnloadLoRARequest(name=name)
-    undone = await _gather([w.stub.UnloadLoRA(unload, timeout=timeout) for w in undo])
+    undone = await gather_replies([w.stub.UnloadLoRA(unload, timeout=timeout) for w in undo])
     _log_failures(f"undoing the load of LoRA adapter {name!r}", undo, undone)
     raise error
 
@@ -97,22 +78,22 @@ async def load_everywhere(workers: list[LoRAWorker], name: str, path: str, timeo
 async def unload_everywhere(workers: list[LoRAWorker], name: str, timeout: float) -> None:
     """Unload adapter ``name`` from every worker of ``workers``, or from none."""
     request = common_pb2.UnloadLoRARequest(name=name)
-    results = await _gather([w.stub.UnloadLoRA(request, timeout=timeout) for w in workers])
+    results = await gather_replies([w.stub.UnloadLoRA(request, timeout=timeout) for w in workers])
     for worker, result in zip(workers, results):
-        if _failed(result) and result.code() not in REFUSALS:
+        if is_error(result) and result.code() not in REFUSALS:
             worker.loras.discard(name)      # it may hold it or not: ``sync`` finds out
-    failed = [(w, r) for w, r in zip(workers, results) if _failed(r) and r.code() != grpc.StatusCode.NOT_FOUND]
+    failed = [(w, r) for w, r in zip(workers, results) if is_error(r) and r.code() != grpc.StatusCode.NOT_FOUND]
     if not failed:
         for worker in workers:
             worker.loras.discard(name)
         return
-    redo = [(w, r) for w, r in zip(workers, results) if not _failed(r)]
-    redone = await _gather([
+    redo = [(w, r) for w, r in zip(workers, results) if not is_error(r)]
+    redone = await gather_replies([
         w.stub.LoadLoRA(common_pb2.LoadLoRARequest(name=name, path=r.path, digest=r.digest), timeout=timeout)
         for w, r in redo])
     _log_failures(f"undoing the unload of LoRA adapter {name!r}", [w for w, _ in redo], redone)
     for (worker, _), result in zip(redo, redone):
-        if _failed(result):
+        if is_error(result):
             worker.loras.discard(name)
     raise _refusal(*failed[0])
 
