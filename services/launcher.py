@@ -122,6 +122,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
           if args.override_generation_config else []),
         *loras,
         *(["--allow-runtime-lora-updating"] if args.allow_runtime_lora_updating else []),
+        *(["--dev-mode"] if args.dev_mode else []),
     ]
     plan.url = f"http://{args.host}:{args.port}"
     return plan
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="the gateway serves /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's), which load "
                         "and unload adapters on every worker while serving (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True too)")
+    p.add_argument("--dev-mode", action="store_true",
+                   help="the gateway serves vLLM's dev-mode route /reset_prefix_cache, which drops every worker's "
+                        "cached blocks (VLLM_SERVER_DEV_MODE=1 too)")
     p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters loaded at once, at start and since")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
     sampling_defaults.add_flags(p)

@@ -190,6 +190,16 @@ def test_launcher_plan_lets_the_gateway_load_adapters_at_runtime_and_sizes_the_w
     assert not config_from_args(build_parser().parse_args(plain.gateway[4:])).allow_runtime_lora_updating
 
 
+def test_launcher_plan_hands_the_dev_mode_to_the_gateway(monkeypatch):
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
+    for flags, on in (([], False), (["--dev-mode"], True)):
+        plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *flags]))
+        assert config_from_args(build_parser().parse_args(plan.gateway[4:])).dev_mode is on
+
+
 def test_launcher_plan_splits_the_gpu_memory_utilization_between_the_workers():
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--device", "cuda", "--prefill", "2"]
     plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--gpu-memory-utilization", "0.9"]))

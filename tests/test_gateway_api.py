@@ -427,6 +427,52 @@ async def test_a_refused_load_or_unload_changes_nothing_and_says_why(tok) -> Non
     assert backend.updates == [("load", "sql", "/a")]
 
 
+class ResetBackend(FakeBackend):
+    """Counts prefix-cache resets; ``failure`` fails each."""
+
+    def __init__(self, tok: GatewayTokenizer) -> None:
+        super().__init__(tok)
+        self.resets = 0
+        self.failure: BackendError | None = None
+
+    async def reset_prefix_cache(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.resets += 1
+
+
+async def test_reset_prefix_cache_exists_only_in_dev_mode(tok, monkeypatch) -> None:
+    """As in vLLM: without ``--dev-mode`` (or ``VLLM_SERVER_DEV_MODE``) the route is a 404."""
+    backend = ResetBackend(tok)
+    assert_error(await post(backend, tok, "/reset_prefix_cache", b""), 404)
+    assert (await post(backend, tok, "/reset_prefix_cache", b"", make_config(dev_mode=True))).status_code == 200
+    assert backend.resets == 1
+    argv = ["--model-dir", str(DEMO_MODEL)]
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    assert not config_from_args(build_parser().parse_args(argv)).dev_mode
+    assert config_from_args(build_parser().parse_args([*argv, "--dev-mode"])).dev_mode
+    for value, on in (("1", True), ("true", True), ("True", True), ("0", False), ("false", False), ("", False)):
+        monkeypatch.setenv("VLLM_SERVER_DEV_MODE", value)
+        assert config_from_args(build_parser().parse_args(argv)).dev_mode is on
+
+
+async def test_reset_prefix_cache_answers_as_vllm_behind_the_api_key(tok) -> None:
+    """An empty 200 once every worker has reset; vLLM's 409 naming the workers that did not."""
+    backend = ResetBackend(tok)
+    app = create_app(make_config(dev_mode=True, api_keys=["k"]), backend, tok)
+    auth = {"authorization": "Bearer k"}
+    async with client_for(app) as client:
+        assert_error(await client.post("/reset_prefix_cache"), 401)
+        assert_error(await client.post("/reset_prefix_cache", headers={"authorization": "Bearer nope"}), 401)
+        assert backend.resets == 0
+        done = await client.post("/reset_prefix_cache", headers=auth)
+        assert (done.status_code, done.content, backend.resets) == (200, b"", 1)
+        backend.failure = BackendError("decode worker 127.0.0.1:2: UNAVAILABLE: connection refused", 503)
+        failed = assert_error(await client.post("/reset_prefix_cache", headers=auth), 409)
+        assert failed["message"] == "Prefix cache reset failed. decode worker 127.0.0.1:2: UNAVAILABLE: connection refused"
+        assert failed["type"] == "Conflict"
+
+
 SALT = "kd4X0zLq9Vb2Yc7Hf1Tw8Rm3Ns6Pj5Ga0Ue4Io2Kl7"   # 43 characters: 256 bits in base64, as vLLM advises
 
 

@@ -79,16 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="the LoRA adapters the workers load (their --lora-modules): requests may name them as model")
     sampling_defaults.add_flags(p)
-    p.add_argument("--allow-runtime-lora-updating", action="store_true", default=runtime_lora_updating_env(),
+    p.add_argument("--allow-runtime-lora-updating", action="store_true", default=env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
                    help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; also "
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in the environment)")
+    p.add_argument("--dev-mode", action="store_true", default=env_flag("VLLM_SERVER_DEV_MODE"),
+                   help="serve vLLM's dev-mode route /reset_prefix_cache (also VLLM_SERVER_DEV_MODE=1 in the "
+                        "environment, as in vLLM)")
     p.add_argument("--log-level", default="info")
     return p
 
 
-def runtime_lora_updating_env() -> bool:
-    """``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, read as vLLM reads it: "1" or "true", any case."""
-    return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true")
+def env_flag(name: str) -> bool:
+    """A vLLM switch in the environment: "1" or "true", any case."""
+    return os.environ.get(name, "0").strip().lower() in ("1", "true")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -116,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         reasoning_parser=args.reasoning_parser,
         lora_modules=parse_lora_modules(args.lora_modules),
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
+        dev_mode=args.dev_mode,
         chat_template=args.chat_template,
         trust_request_chat_template=args.trust_request_chat_template,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,

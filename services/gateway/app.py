@@ -9,7 +9,9 @@ validation (400) -> serving (404 unknown model, 400 too long, 503 no worker)
 ``/health`` (liveness), ``/ready`` (backend reachable and not draining) and
 ``/metrics`` need no API key. With ``allow_runtime_lora_updating`` (vLLM's
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
-exist, answered as vLLM answers them: plain text on success, error JSON otherwise.
+exist, answered as vLLM answers them: plain text on success, error JSON otherwise. In dev mode
+(``dev_mode``, vLLM's ``VLLM_SERVER_DEV_MODE``), ``/reset_prefix_cache`` exists: an empty 200, or
+error JSON.
 """
 
 from __future__ import annotations
@@ -314,6 +316,16 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     if config.allow_runtime_lora_updating:
         answered("/v1/load_lora_adapter", LoadLoRAAdapterRequest, serving.load_lora_adapter)
         answered("/v1/unload_lora_adapter", UnloadLoRAAdapterRequest, serving.unload_lora_adapter)
+
+    if config.dev_mode:
+        @app.post("/reset_prefix_cache")
+        async def reset_prefix_cache(request: Request) -> Response:
+            try:
+                _check_api_key(request, config.api_keys)
+                await serving.reset_prefix_cache()
+            except Exception as exc:
+                return error_response(_logged_error(exc))
+            return Response(status_code=200)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

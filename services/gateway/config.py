@@ -32,6 +32,7 @@ class GatewayConfig(BaseModel):
     lora_modules: dict[str, str] = Field(default_factory=dict)  # LoRA adapters the workers load: name -> directory
     allow_runtime_lora_updating: bool = False         # serve /v1/load_lora_adapter and /v1/unload_lora_adapter
     lora_timeout_s: float = 60.0                      # deadline of one LoadLoRA / UnloadLoRA RPC
+    dev_mode: bool = False                            # vLLM's dev mode: serve /reset_prefix_cache
     cache_reset_timeout_s: float = 30.0               # deadline of one ResetPrefixCache RPC
     chat_template: str | None = None                  # Jinja, in place of the model's own (vLLM's --chat-template)
     trust_request_chat_template: bool = False         # a request may bring its own chat_template (vLLM's flag)

@@ -14,6 +14,7 @@ workers load (``lora_modules``, vLLM's ``--lora-modules``, and those loaded sinc
 served once every worker has loaded it, and no longer from the moment its unload starts (back
 if the unload fails). Embeddings and scores come from the base model only. A request's
 ``cache_salt`` (vLLM's) goes with each of its backend sequences (all ``n`` samples share it).
+vLLM's dev-mode ``/reset_prefix_cache`` resets every worker's prefix cache, answering as vLLM does.
 
 Every backend iterator is closed when its choice ends early (stop string, client
 gone, error): closing it aborts the sequence on the workers.
@@ -122,6 +123,14 @@ class OpenAIServing:
                 self.loras[name] = path
                 raise
         return f"Success: LoRA adapter '{name}' removed successfully."
+
+    async def reset_prefix_cache(self) -> None:
+        """vLLM's ``/reset_prefix_cache``: every worker drops its cached blocks. Where one does not,
+        vLLM's 409 ``Prefix cache reset failed.``, followed here by the workers' reasons."""
+        try:
+            await self.backend.reset_prefix_cache()
+        except BackendError as exc:
+            raise APIError(f"Prefix cache reset failed. {exc.message}", status=409, type="Conflict") from exc
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         """The token ids a completion (``prompt``) or a chat completion (``messages``) would send."""
