@@ -683,6 +683,42 @@ def test_baton_up_loads_and_unloads_lora_adapters_while_serving(demo_model, tmp_
         system.stop()
 
 
+def test_baton_up_resets_the_prefix_cache_in_dev_mode(demo_model):
+    """``baton up --dev-mode``: a prompt sent again is served from the cache; after vLLM's
+    ``POST /reset_prefix_cache`` (an empty 200) no worker holds a cached block, the Redis index
+    lists none of the prompt's blocks, and the prompt is computed afresh, to the same text."""
+    from transformers import AutoTokenizer
+
+    prompt = "FIRST CITIZEN:\nBefore we proceed any further, hear me speak. " * 3
+    fingerprint = model_fingerprint(demo_model)
+    token_ids = AutoTokenizer.from_pretrained(demo_model)(prompt).input_ids
+    keys = [block_key(fingerprint, h) for h in block_hashes(token_ids, 16, fingerprint)]
+    system = System(demo_model, "grpc", prefill=1, decode=1, up_flags=("--dev-mode",))
+    r = redis.Redis.from_url(system.plan.redis_url)
+
+    def complete():
+        return system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=16, temperature=0)
+
+    try:
+        first = complete()
+        assert all(len(h) == 2 for h in wait_for_holders(r, keys, 2))   # the prefill and the decode worker
+        warm = complete()
+        assert warm.usage.prompt_tokens_details.cached_tokens >= 48
+        reset = httpx.post(f"{system.plan.url}/reset_prefix_cache", timeout=60)
+        assert (reset.status_code, reset.content) == (200, b"")
+        deadline = time.monotonic() + 10
+        while any(r.exists(k) for k in keys) or any(load.cached_blocks for load in system.loads()):
+            assert time.monotonic() < deadline, ([r.smembers(k) for k in keys], system.loads())
+            time.sleep(0.05)
+        cold = complete()
+        assert cold.usage.prompt_tokens_details.cached_tokens == 0
+        assert cold.choices[0].text == warm.choices[0].text == first.choices[0].text
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        r.close()
+        system.stop()
+
+
 def gateway_counter(system, name: str, labels: dict[str, str] | None = None) -> float:
     """A sample of the gateway's metrics (0 for a labelled one not counted yet)."""
     from prometheus_client.parser import text_string_to_metric_families
