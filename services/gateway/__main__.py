@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="the LoRA adapters the workers load (their --lora-modules): requests may name them as model")
     sampling_defaults.add_flags(p)
-    p.add_argument("--allow-runtime-lora-updating", action="store_true", default=env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   default=env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
                    help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; also "
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in the environment)")
     p.add_argument("--dev-mode", action="store_true", default=env_flag("VLLM_SERVER_DEV_MODE"),

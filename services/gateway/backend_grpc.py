@@ -65,11 +65,11 @@ from baton.protos import (
     common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc,
 )
 from baton.services.convert import logprob_from_proto, params_to_proto
+from baton.services.gateway import fanout
 from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
 )
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.fanout import reset_prefix_cache
 from baton.services.gateway.lora_fanout import RuntimeAdapter, load_everywhere, sync, unload_everywhere
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILLS, RETRIES, WORKER_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
@@ -440,7 +440,7 @@ class GrpcBackend(Backend):
         workers = self._answering()
         if not workers:
             raise BackendError("no worker answers", 503)
-        await reset_prefix_cache(workers, self.config.cache_reset_timeout_s)
+        await fanout.reset_prefix_cache(workers, self.config.cache_reset_timeout_s)
 
     def _answering(self) -> list[_Worker]:
         return [w for w in self._workers.values() if w.answering]
