@@ -22,6 +22,9 @@ request names one by its name:
 ``llm.reset_prefix_cache()`` (vLLM's) drops every cached block between ``generate`` calls: the next
 prompts are computed afresh (a cold-cache benchmark, or after something that invalidates cached KV).
 
+``llm.chat(messages, params)`` renders a conversation through the model's chat template first, as
+vLLM's ``LLM.chat`` does.
+
 The disaggregated services and the tests use it as their reference.
 """
 
@@ -126,6 +129,34 @@ class LLM:
         while self.core.has_unfinished():
             self.core.step()
         return [self._output(request_id, seqs) for request_id, seqs in requests]
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+        lora: str | list[str | None] | None = None,
+        cache_salt: str | list[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: one conversation (a list of messages) or several, each rendered by the
+        model's chat template (``chat_template`` in its place) as transformers renders it, then
+        ``generate``d with ``params`` (``lora``, ``cache_salt`` as there). ``continue_final_message``
+        continues the last (assistant) message instead of opening a new one."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template, tools=tools, tokenize=True, return_dict=False,
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
+            for conversation in conversations
+        ]
+        return self.generate(prompts, params, lora=lora, cache_salt=cache_salt)
 
     def load_lora(self, name: str, path: str) -> bool:
         """Load the LoRA adapter (PEFT directory) ``path`` under ``name``, checked as ``lora_modules``

@@ -99,6 +99,29 @@ def test_reset_prefix_cache_makes_the_next_prompts_cold(demo_model):
     assert llm.generate(PROMPTS[1], GREEDY)[0].num_cached_tokens >= 8
 
 
+def test_chat_renders_conversations_as_the_gateway_does(demo_model):
+    """``LLM.chat`` (vLLM's): each conversation through the chat template, as the gateway renders a
+    chat request (its options and a template of the caller's too), then generated."""
+    from baton.services.gateway.tokenizer import GatewayTokenizer
+
+    llm, params = LLM(demo_model), SamplingParams(temperature=0, max_tokens=8)
+    ask = [{"role": "user", "content": "Speak, Romeo."}]
+    answer = [*ask, {"role": "assistant", "content": "O, she doth teach"}]
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    cases = [(dict(), ask), (dict(add_generation_prompt=False, continue_final_message=True), answer),
+             (dict(chat_template=template), ask)]
+    for options, conversation in cases:
+        gateway = GatewayTokenizer(demo_model, options.get("chat_template"))
+        ids = gateway.encode_chat(conversation, **{k: v for k, v in options.items() if k != "chat_template"})
+        out = llm.chat(conversation, params, **options)[0]
+        assert out.prompt_token_ids == ids
+        assert out.outputs[0].token_ids == llm.generate([ids], params)[0].outputs[0].token_ids
+    both = llm.chat([ask, answer], params, add_generation_prompt=False, continue_final_message=True)
+    assert [o.prompt_token_ids for o in both] == [
+        GatewayTokenizer(demo_model).encode_chat(c, add_generation_prompt=False, continue_final_message=True)
+        for c in (ask, answer)]
+
+
 def test_prefix_cache_is_salted(demo_model):
     llm = LLM(demo_model, block_size=4)
     prompt, salted = PROMPTS[1], lambda salt: llm.generate(prompt, GREEDY, cache_salt=salt)[0]
