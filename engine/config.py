@@ -75,17 +75,39 @@ def speculative_config_arg(text: str) -> SpeculativeConfig:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def parse_lora_modules(specs: list[str]) -> dict[str, str]:
-    """``--lora-modules name=path ...`` as ``{name: path}``; ValueError for a malformed or repeated name."""
+def parse_lora_modules(specs: list[str], served_model_name: str | None = None) -> dict[str, str]:
+    """``--lora-modules`` as ``{name: path}``, each spec as vLLM takes it: ``name=path``, or JSON
+    ``{"name": ..., "path": ..., "base_model_name": ...}``. A base model other than
+    ``served_model_name`` (where given) is refused: one base model is served. ValueError for a
+    malformed spec or a repeated name."""
     modules: dict[str, str] = {}
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--lora-modules takes name=path, got {spec!r}")
+        if spec.lstrip().startswith("{"):
+            name, path = _lora_module_json(spec, served_model_name)
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules takes name=path or a JSON object, got {spec!r}")
         if name in modules:
             raise ValueError(f"--lora-modules names adapter {name!r} twice")
         modules[name] = path
     return modules
+
+
+def _lora_module_json(spec: str, served_model_name: str | None) -> tuple[str, str]:
+    try:
+        module = json.loads(spec)
+    except ValueError as exc:
+        raise ValueError(f"--lora-modules {spec!r} is not JSON: {exc}") from None
+    if not isinstance(module, dict) or set(module) - {"name", "path", "base_model_name"}:
+        raise ValueError(f'--lora-modules {spec!r}: a JSON module takes "name", "path" and "base_model_name"')
+    name, path, base = module.get("name"), module.get("path"), module.get("base_model_name")
+    if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+        raise ValueError(f'--lora-modules {spec!r}: "name" and "path" must be non-empty strings')
+    if base is not None and served_model_name is not None and base != served_model_name:
+        raise ValueError(f"--lora-modules: adapter {name!r} names base model {base!r}, but the model served is "
+                         f"{served_model_name!r}")
+    return name, path
 
 
 @dataclass

@@ -183,7 +183,7 @@ def up(args: argparse.Namespace) -> int:
     if args.served_model_name is None:
         args.served_model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
     try:
-        if args.served_model_name in parse_lora_modules(args.lora_modules):
+        if args.served_model_name in parse_lora_modules(args.lora_modules, args.served_model_name):
             raise ValueError(f"LoRA adapter {args.served_model_name!r} takes the served model's name")
     except ValueError as exc:
         print(f"baton up: {exc}", file=sys.stderr)

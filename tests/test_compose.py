@@ -290,3 +290,20 @@ def test_baton_up_refuses_a_generation_config_a_request_would_refuse_before_star
     assert launcher.main(["up", "--model", str(model), "--redis-url", "redis://127.0.0.1:1/0"]) == 2
     err = capsys.readouterr().err
     assert f"baton up: --generation-config auto: {model}/generation_config.json: top_p: Input should be greater" in err
+
+
+def test_lora_modules_in_vllms_json_form_reach_every_process_and_a_foreign_base_model_is_refused(demo_model, capsys):
+    from baton.services.gateway.__main__ import build_parser, config_from_args, main as gateway_main
+
+    spec = '{"name": "sonnets", "path": "/a/sonnets", "base_model_name": "shakespeare-llama-5m"}'
+    argv = ["up", "--model", demo_model, "--redis-url", "redis://r/0", "--lora-modules", spec]
+    plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
+    assert config_from_args(build_parser().parse_args(plan.gateway[4:])).lora_modules == {"sonnets": "/a/sonnets"}
+    for role, cmd in (("prefill", plan.prefill[0]), ("decode", plan.decode[0])):
+        assert worker_arg_parser(role, default_port=50051).parse_args(cmd[4:]).lora_modules == [spec]
+    foreign = spec.replace("shakespeare-llama-5m", "llama-3-8b")
+    assert launcher.main([*argv[:-1], foreign]) == 2
+    assert "names base model 'llama-3-8b', but the model served is 'shakespeare-llama-5m'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gateway_main(["--model-dir", demo_model, "--lora-modules", foreign])
+    assert "names base model 'llama-3-8b'" in capsys.readouterr().err

@@ -176,9 +176,17 @@ def test_too_many_adapters_and_bad_flags_are_refused(adapters) -> None:
     with pytest.raises(ValueError, match=r"2 LoRA adapters given \(one, two\) but max_loras=1"):
         EngineConfig(lora_modules={name: str(path) for name, path in adapters.items()})
     assert parse_lora_modules(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
-    for specs, message in ((["a"], "takes name=path"), (["a=/x", "a=/y"], "names adapter 'a' twice")):
+    as_json = ['{"name": "c", "path": "/z", "base_model_name": "m"}', ' {"name": "d", "path": "/w"}']
+    assert parse_lora_modules(["a=/x", *as_json], "m") == {"a": "/x", "c": "/z", "d": "/w"}
+    assert parse_lora_modules(as_json) == {"c": "/z", "d": "/w"}     # a worker: any base model's name
+    for specs, message in ((["a"], "takes name=path or a JSON object"), (["a=/x", "a=/y"], "names adapter 'a' twice"),
+                           (['{"name": "a"'], "is not JSON"), (['{"name": "a", "path": "/x", "rank": 8}'], "takes"),
+                           (['{"name": "", "path": "/x"}'], "must be non-empty strings"),
+                           (['{"name": "a", "path": "/x"}', "a=/y"], "names adapter 'a' twice")):
         with pytest.raises(ValueError, match=message):
             parse_lora_modules(specs)
+    with pytest.raises(ValueError, match="adapter 'c' names base model 'm', but the model served is 'other'"):
+        parse_lora_modules(as_json, "other")
 
 
 @pytest.mark.gpu

@@ -97,9 +97,10 @@ def env_flag(name: str) -> bool:
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     env_keys = [k.strip() for k in os.environ.get("BATON_API_KEYS", "").split(",") if k.strip()]
+    served_model_name = args.served_model_name or os.path.basename(os.path.normpath(args.model_dir))
     return GatewayConfig(
         model_dir=args.model_dir,
-        served_model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model_dir)),
+        served_model_name=served_model_name,
         host=args.host,
         port=args.port,
         api_keys=args.api_key + env_keys,
@@ -118,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         shutdown_timeout_s=args.shutdown_timeout,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
-        lora_modules=parse_lora_modules(args.lora_modules),
+        lora_modules=parse_lora_modules(args.lora_modules, served_model_name),
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         dev_mode=args.dev_mode,
         chat_template=args.chat_template,
@@ -172,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         parser.error(AUTO_TOOL_CHOICE_NEEDS_PARSER)
-    config = config_from_args(args)
     try:
+        config = config_from_args(args)
         # a default a request's field would refuse stops the start
         sampling_defaults.load(config.model_dir, config.generation_config, config.override_generation_config)
     except ValueError as exc:
