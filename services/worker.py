@@ -240,20 +240,6 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def load_message(worker_id: str, role: str, engine: EngineLoop) -> common_pb2.WorkerLoad:
-    s = engine.stats
-    return common_pb2.WorkerLoad(
-        worker_id=worker_id,
-        role=role,
-        running=s.running,
-        waiting=s.waiting,
-        total_blocks=s.total_blocks,
-        free_blocks=s.free_blocks,
-        used_blocks=s.used_blocks,
-        cached_blocks=s.cached_blocks,
-    )
-
-
 async def compile_grammar(ctx: WorkerContext, params: SamplingParams, context: grpc.aio.ServicerContext) -> None:
     """Compile a request's structured-output grammar, if it has one, in a worker thread: neither
     the event loop nor the engine waits on a large schema (the engine then finds it compiled).
@@ -276,47 +262,64 @@ def time_remaining(context: grpc.aio.ServicerContext, default: float = 60.0) -> 
     return default if remaining is None else max(remaining, 0.0)
 
 
-async def load_lora(ctx: WorkerContext, engine: EngineLoop, request: common_pb2.LoadLoRARequest,
-                    context: grpc.aio.ServicerContext) -> common_pb2.LoadLoRAReply:
-    """``LoadLoRA`` for either role (statuses: ``common.proto``)."""
-    name, path = request.name, request.path
-    if not name or not path:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a LoRA adapter needs a name and a path")
-    try:
-        adapter = await asyncio.to_thread(ctx.runner.read_lora, name, path)
-    except (OSError, ValueError) as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if request.digest and adapter.digest != request.digest:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"LoRA adapter {name!r}: {path} here has digest {adapter.digest}, not {request.digest} "
-                            "(the files differ from those the other workers loaded)")
-    try:
-        added = await engine.call(lambda: ctx.core.add_lora(adapter))
-    except LoRAConflict as exc:
-        await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-    except ValueError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if added:
-        log.info("loaded LoRA adapter %r from %s (digest %s)", name, path, adapter.digest)
-    return common_pb2.LoadLoRAReply(digest=adapter.digest, already_loaded=not added)
+class WorkerRPCs:
+    """The RPCs both roles answer alike (statuses: ``common.proto``): a servicer mixes it in, with
+    its ``role``, its context ``_ctx`` and its ``engine`` loop. A LoRA adapter is read and checked
+    in a worker thread, then added to (or dropped from) the engine on its thread between steps; a
+    prefix-cache reset runs there too."""
 
+    role: str
+    _ctx: WorkerContext
+    engine: EngineLoop
 
-async def unload_lora(ctx: WorkerContext, engine: EngineLoop, request: common_pb2.UnloadLoRARequest,
-                      context: grpc.aio.ServicerContext) -> common_pb2.UnloadLoRAReply:
-    """``UnloadLoRA`` for either role (statuses: ``common.proto``)."""
-    try:
-        adapter = await engine.call(lambda: ctx.core.unload_lora(request.name))
-    except UnknownLoRA as exc:
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-    except LoRAInUse as exc:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    log.info("unloaded LoRA adapter %r", request.name)
-    return common_pb2.UnloadLoRAReply(path=str(adapter.path), digest=adapter.digest)
+    async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
+        s = self.engine.stats
+        return common_pb2.WorkerLoad(
+            worker_id=self._ctx.worker_id,
+            role=self.role,
+            running=s.running,
+            waiting=s.waiting,
+            total_blocks=s.total_blocks,
+            free_blocks=s.free_blocks,
+            used_blocks=s.used_blocks,
+            cached_blocks=s.cached_blocks,
+        )
 
+    async def LoadLoRA(self, request: common_pb2.LoadLoRARequest, context) -> common_pb2.LoadLoRAReply:
+        name, path = request.name, request.path
+        if not name or not path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a LoRA adapter needs a name and a path")
+        try:
+            adapter = await asyncio.to_thread(self._ctx.runner.read_lora, name, path)
+        except (OSError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.digest and adapter.digest != request.digest:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"LoRA adapter {name!r}: {path} here has digest {adapter.digest}, not {request.digest} "
+                                "(the files differ from those the other workers loaded)")
+        try:
+            added = await self.engine.call(lambda: self._ctx.core.add_lora(adapter))
+        except LoRAConflict as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if added:
+            log.info("loaded LoRA adapter %r from %s (digest %s)", name, path, adapter.digest)
+        return common_pb2.LoadLoRAReply(digest=adapter.digest, already_loaded=not added)
 
-async def reset_prefix_cache(engine: EngineLoop) -> common_pb2.ResetPrefixCacheReply:
-    """``ResetPrefixCache`` for either role (``common.proto``)."""
-    reset = await engine.call(engine.core.reset_prefix_cache)
-    log.info("prefix cache reset: %d cached blocks freed, %d held by requests uncached",
-             reset.freed_blocks, reset.held_blocks)
-    return common_pb2.ResetPrefixCacheReply(freed_blocks=reset.freed_blocks, held_blocks=reset.held_blocks)
+    async def UnloadLoRA(self, request: common_pb2.UnloadLoRARequest, context) -> common_pb2.UnloadLoRAReply:
+        try:
+            adapter = await self.engine.call(lambda: self._ctx.core.unload_lora(request.name))
+        except UnknownLoRA as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except LoRAInUse as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        log.info("unloaded LoRA adapter %r", request.name)
+        return common_pb2.UnloadLoRAReply(path=str(adapter.path), digest=adapter.digest)
+
+    async def ResetPrefixCache(self, request: common_pb2.ResetPrefixCacheRequest,
+                               context) -> common_pb2.ResetPrefixCacheReply:
+        reset = await self.engine.call(self.engine.core.reset_prefix_cache)
+        log.info("prefix cache reset: %d cached blocks freed, %d held by requests uncached",
+                 reset.freed_blocks, reset.held_blocks)
+        return common_pb2.ResetPrefixCacheReply(freed_blocks=reset.freed_blocks, held_blocks=reset.held_blocks)

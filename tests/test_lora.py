@@ -27,7 +27,7 @@ from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
 from baton.protos import common_pb2
 from baton.services.engine_loop import EngineLoop
-from baton.services.worker import load_lora, unload_lora
+from baton.services.worker import WorkerRPCs
 from lora_adapters import make_adapter, merge_adapter
 from roles import prefill_then_decode
 
@@ -306,8 +306,9 @@ async def test_the_workers_lora_rpcs_answer_with_statuses(demo_model, adapters, 
     status with the engine's message; a reserved request (a decode worker awaiting its KV) holds
     the adapter."""
     llm = LLM(demo_model)
-    worker = SimpleNamespace(runner=llm.runner, core=llm.core)
-    engine = EngineLoop(llm.core, on_outputs=lambda updates: None)
+    rpcs = WorkerRPCs()
+    rpcs._ctx = SimpleNamespace(runner=llm.runner, core=llm.core)
+    rpcs.engine = engine = EngineLoop(llm.core, on_outputs=lambda updates: None)
     engine.start()
 
     async def status(call) -> tuple[grpc.StatusCode, str]:
@@ -316,10 +317,10 @@ async def test_the_workers_lora_rpcs_answer_with_statuses(demo_model, adapters, 
         return err.value.args
 
     def load(name: str, path: Path | str, digest: str = "") -> Awaitable:
-        return load_lora(worker, engine, common_pb2.LoadLoRARequest(name=name, path=str(path), digest=digest), _Context())
+        return rpcs.LoadLoRA(common_pb2.LoadLoRARequest(name=name, path=str(path), digest=digest), _Context())
 
     def unload(name: str) -> Awaitable:
-        return unload_lora(worker, engine, common_pb2.UnloadLoRARequest(name=name), _Context())
+        return rpcs.UnloadLoRA(common_pb2.UnloadLoRARequest(name=name), _Context())
 
     try:
         reply = await load("one", adapters["one"])

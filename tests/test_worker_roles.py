@@ -18,9 +18,10 @@ from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk
+from baton.protos import common_pb2
 from baton.services.engine_loop import EngineLoop, SeqUpdate
 from baton.services.prefill.server import prefill_params
-from baton.services.worker import reset_prefix_cache
+from baton.services.worker import WorkerRPCs
 
 pytestmark = pytest.mark.unit
 VOCAB, EOS = 8, 2
@@ -200,7 +201,9 @@ async def test_reset_prefix_cache_runs_between_steps_and_publishes_the_removals_
         parked = await loop.call(lambda: core.reserve("parked", shared + [5], params))
         table = list(parked.block_table)
         assert parked.num_cached_tokens == 8
-        reply = await reset_prefix_cache(loop)
+        rpcs = WorkerRPCs()
+        rpcs.engine = loop
+        reply = await rpcs.ResetPrefixCache(common_pb2.ResetPrefixCacheRequest(), None)
         assert (reply.freed_blocks, reply.held_blocks) == (2, 2)
         removed = await wait_for(lambda: [h for e in events if isinstance(e, BlockRemoved) for h in e.block_hashes], 4)
         assert sorted(removed) == sorted(stored)

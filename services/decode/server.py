@@ -41,9 +41,7 @@ from baton.kvtransfer.base import KVReceiver, TransferError
 from baton.protos import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2
 from baton.services.convert import logprob_from_proto, logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
-from baton.services.worker import (
-    WorkerContext, compile_grammar, load_lora, load_message, reset_prefix_cache, time_remaining, unload_lora,
-)
+from baton.services.worker import WorkerContext, WorkerRPCs, compile_grammar, time_remaining
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,9 @@ def _chunk(update: SeqUpdate) -> decode_pb2.GenerateChunk:
                                     finish_reason=update.finish_reason or "")
 
 
-class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
+    role = "decode"
+
     def __init__(self, ctx: WorkerContext, receiver: KVReceiver, reservation_ttl_s: float = 180.0) -> None:
         self._ctx = ctx
         self._receiver = receiver
@@ -221,16 +221,3 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             stream.put_nowait(SeqUpdate(rid, [], "abort", 0, []))
         self._free(rid)  # also when this worker never recorded it: a cancelled Reserve may have reserved
         return common_pb2.AbortReply(found=expiry is not None or stream is not None)
-
-    async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
-        return load_message(self._ctx.worker_id, "decode", self.engine)
-
-    async def LoadLoRA(self, request: common_pb2.LoadLoRARequest, context) -> common_pb2.LoadLoRAReply:
-        return await load_lora(self._ctx, self.engine, request, context)
-
-    async def UnloadLoRA(self, request: common_pb2.UnloadLoRARequest, context) -> common_pb2.UnloadLoRAReply:
-        return await unload_lora(self._ctx, self.engine, request, context)
-
-    async def ResetPrefixCache(self, request: common_pb2.ResetPrefixCacheRequest,
-                               context) -> common_pb2.ResetPrefixCacheReply:
-        return await reset_prefix_cache(self.engine)

@@ -42,9 +42,7 @@ from baton.kvtransfer.errors import LayoutMismatch
 from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, prefill_pb2, prefill_pb2_grpc
 from baton.services.convert import logprob_to_proto, params_from_proto
 from baton.services.engine_loop import EngineLoop, SeqUpdate
-from baton.services.worker import (
-    WorkerContext, compile_grammar, load_lora, load_message, reset_prefix_cache, time_remaining, unload_lora,
-)
+from baton.services.worker import WorkerContext, WorkerRPCs, compile_grammar, time_remaining
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +64,9 @@ async def _abort_for_decode(context: grpc.aio.ServicerContext, message: str) -> 
     await context.abort(grpc.StatusCode.UNAVAILABLE, message, trailing_metadata=((FAILED_PEER_KEY, FAILED_PEER_DECODE),))
 
 
-class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
+    role = "prefill"
+
     def __init__(self, ctx: WorkerContext) -> None:
         self._ctx = ctx
         self._block_size = ctx.layout.block_size
@@ -219,16 +219,3 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if task is not None:
             task.cancel()  # its cleanup aborts the transfer and frees the blocks
         return common_pb2.AbortReply(found=task is not None)
-
-    async def GetLoad(self, request: common_pb2.LoadRequest, context) -> common_pb2.WorkerLoad:
-        return load_message(self._ctx.worker_id, "prefill", self.engine)
-
-    async def LoadLoRA(self, request: common_pb2.LoadLoRARequest, context) -> common_pb2.LoadLoRAReply:
-        return await load_lora(self._ctx, self.engine, request, context)
-
-    async def UnloadLoRA(self, request: common_pb2.UnloadLoRARequest, context) -> common_pb2.UnloadLoRAReply:
-        return await unload_lora(self._ctx, self.engine, request, context)
-
-    async def ResetPrefixCache(self, request: common_pb2.ResetPrefixCacheRequest,
-                               context) -> common_pb2.ResetPrefixCacheReply:
-        return await reset_prefix_cache(self.engine)
