@@ -801,7 +801,13 @@ def test_client_disconnect_aborts_on_both_workers(system):
 def test_workers_serve_prometheus_metrics(system):
     from prometheus_client.parser import text_string_to_metric_families
 
-    system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[3], max_tokens=8, temperature=0)
+    params = SamplingParams(temperature=0, max_tokens=8)
+
+    async def at_once() -> list[str]:   # in flight together: routing spreads them over both decode workers
+        async with system.async_client() as client:
+            return await asyncio.gather(*(stream_completion(client, p, params, lambda: None) for p in PROMPTS))
+
+    asyncio.run(at_once())
     system.wait_no_blocks_in_use()
     steps = {}
     for role in ("prefill", "decode"):
