@@ -117,6 +117,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *(["--chat-template", args.chat_template] if args.chat_template else []),
         *(["--trust-request-chat-template"] if args.trust_request_chat_template else []),
         *(["--return-tokens-as-token-ids"] if args.return_tokens_as_token_ids else []),
+        *(["--enable-request-id-headers"] if args.enable_request_id_headers else []),
         *(["--generation-config", args.generation_config] if args.generation_config != "auto" else []),
         *(["--override-generation-config", json.dumps(args.override_generation_config)]
           if args.override_generation_config else []),
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the gateway's Jinja chat template, or a file holding it, in place of the model's own")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="a chat request may bring its own chat_template (only where every client is trusted)")
+    p.add_argument("--enable-request-id-headers", action="store_true",
+                   help="the gateway's generation responses carry the request's id as X-Request-Id")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='log-probs name their tokens "token_id:{id}" unless a request says otherwise')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",

@@ -307,3 +307,12 @@ def test_lora_modules_in_vllms_json_form_reach_every_process_and_a_foreign_base_
     with pytest.raises(SystemExit):
         gateway_main(["--model-dir", demo_model, "--lora-modules", foreign])
     assert "names base model 'llama-3-8b'" in capsys.readouterr().err
+
+
+def test_launcher_plan_hands_the_request_id_headers_flag_to_the_gateway():
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
+    for extra, enabled in (([], False), (["--enable-request-id-headers"], True)):
+        plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
+        assert config_from_args(build_parser().parse_args(plan.gateway[4:])).enable_request_id_headers is enabled

@@ -958,6 +958,32 @@ async def test_stop_reason_in_completions_and_chat_streamed_or_not(tok) -> None:
     assert plain["stop_reason"] is None
 
 
+async def test_x_request_id_names_the_request_and_comes_back_on_request(tok) -> None:
+    """vLLM's ``request_id``: the ``X-Request-Id`` header's (over the body's field) names the
+    response and the workers' sequences; with ``--enable-request-id-headers`` every generation
+    response (streamed, refused) carries it back, a fresh one where the client sent none."""
+    backend, echo = FakeBackend(tok), make_config(enable_request_id_headers=True)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "request_id": "from-the-body"}
+    plain = await post(backend, tok, "/v1/completions", body, headers={"X-Request-Id": "trace-7"})
+    assert plain.json()["id"] == "cmpl-trace-7" and "x-request-id" not in plain.headers
+    assert (await post(backend, tok, "/v1/completions", body, echo)).json()["id"] == "cmpl-from-the-body"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "stream": True}
+    streamed = await post(backend, tok, "/v1/chat/completions", chat, echo, headers={"X-Request-Id": "trace-8"})
+    assert streamed.headers["x-request-id"] == "trace-8"
+    assert {json.loads(e)["id"] for e in sse_events(streamed)[:-1]} == {"chatcmpl-trace-8"}
+    fresh = await post(backend, tok, "/v1/completions", {**body, "request_id": None}, echo)
+    assert fresh.json()["id"] == f"cmpl-{fresh.headers['x-request-id']}" and len(fresh.headers["x-request-id"]) == 32
+    assert [r.request_id.rsplit("-", 1)[0] for r in backend.requests] == [
+        "cmpl-trace-7", "cmpl-from-the-body", "chatcmpl-trace-8", fresh.json()["id"]]
+    await post(backend, tok, "/v1/embeddings", {"model": MODEL, "input": "x"}, headers={"X-Request-Id": "trace-9"})
+    assert backend.embeds[-1].request_id.startswith("embd-trace-9")
+    refused = await post(backend, tok, "/v1/completions", {**body, "temperature": -1}, echo, headers={"X-Request-Id": "t"})
+    assert refused.status_code == 400 and refused.headers["x-request-id"] == "t"
+    for bad in ("has space", "x" * 129, "é"):
+        assert_error(await post(backend, tok, "/v1/completions", {**body, "request_id": bad}), 400, "request_id")
+    assert_error(await post(backend, tok, "/v1/completions", body, headers={"X-Request-Id": "a b"}), 400, "request_id")
+
+
 async def test_usage_cached_tokens_and_include_usage(tok) -> None:
     prompt = "JULIET:\nO Romeo"
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 7}

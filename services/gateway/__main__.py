@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="a chat request may bring its own chat_template (Jinja, sandboxed; vLLM's): only where every "
                         "client is trusted, since rendering one can take the gateway's time and memory")
+    p.add_argument("--enable-request-id-headers", action="store_true",
+                   help="generation responses carry the request's id as X-Request-Id (vLLM's)")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
@@ -125,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         chat_template=args.chat_template,
         trust_request_chat_template=args.trust_request_chat_template,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        enable_request_id_headers=args.enable_request_id_headers,
         generation_config=args.generation_config,
         override_generation_config=args.override_generation_config,
     )

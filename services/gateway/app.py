@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.metadata
+import uuid
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,7 @@ from baton.services.gateway.tokenizer import GatewayTokenizer
 logger = logging.getLogger(__name__)
 BACKEND_CLOSE_TIMEOUT_S = 10.0   # at shutdown: what the backend gets to close its channels and Redis
 SCHEMA_REFS = "#/components/schemas/"
+REQUEST_ID_HEADER = "X-Request-Id"   # vLLM's: names a request, in place of its body's request_id
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
@@ -158,28 +160,38 @@ async def _generate(
     model: type[RequestT],
     handler: Callable[[RequestT], Awaitable[BaseModel | PrimedStream]],
 ) -> Response:
-    """One generation request, from its API key to its response; never raises."""
+    """One generation request, from its API key to its response; never raises. Its id (vLLM's
+    ``request_id``: the ``X-Request-Id`` header's, else the body's, else a fresh one) names its
+    response, and with ``enable_request_id_headers`` comes back as that header."""
     admitted = release_now = False
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
     try:
         _check_api_key(request, config.api_keys)
         state.admit()
         admitted = release_now = True
         body = await _read_body(request, config, model)
+        if "request_id" in model.model_fields:
+            request_id = body.request_id or request_id
+            body = body.model_copy(update={"request_id": request_id})
         result = await _unless_disconnected(request, handler(body))
         if result is None:
-            return Response(status_code=499)  # nobody is listening any more
-        if isinstance(result, PrimedStream):
+            response: Response = Response(status_code=499)  # nobody is listening any more
+        elif isinstance(result, PrimedStream):
             release_now = False
-            return _StreamResponse(result, state.release)
-        return JSONResponse(result.model_dump(mode="json"))
+            response = _StreamResponse(result, state.release)
+        else:
+            response = JSONResponse(result.model_dump(mode="json"))
     except Exception as exc:
         error = _logged_error(exc)
         if error.status < 500:
             metrics.REQUESTS_TOTAL.labels(status="rejected").inc()
-        return error_response(error)
+        response = error_response(error)
     finally:
         if admitted and release_now:
             state.release()
+    if config.enable_request_id_headers:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 async def _answer(
@@ -200,9 +212,14 @@ async def _answer(
 
 
 async def _read_body(request: Request, config: GatewayConfig, model: type[RequestT]) -> RequestT:
-    """The request's JSON body as ``model``; an ``APIError`` (400, 413) where it is not one."""
+    """The request's JSON body as ``model``; an ``APIError`` (400, 413) where it is not one. A
+    ``model`` with vLLM's ``request_id`` takes the ``X-Request-Id`` header's in place of the body's."""
+    data = await _read_json(request, config.max_body_bytes)
+    header = request.headers.get(REQUEST_ID_HEADER)
+    if header is not None and isinstance(data, dict) and "request_id" in model.model_fields:
+        data = {**data, "request_id": header}
     try:
-        return model.model_validate(await _read_json(request, config.max_body_bytes))
+        return model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from exc
 

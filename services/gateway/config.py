@@ -37,6 +37,7 @@ class GatewayConfig(BaseModel):
     chat_template: str | None = None                  # Jinja, in place of the model's own (vLLM's --chat-template)
     trust_request_chat_template: bool = False         # a request may bring its own chat_template (vLLM's flag)
     return_tokens_as_token_ids: bool = False          # log-probs name tokens "token_id:{id}" unless a request says
+    enable_request_id_headers: bool = False           # responses carry X-Request-Id (vLLM's flag)
     # vLLM's: sampling defaults from the model's generation_config.json ("auto"), none ("vllm") or a folder's,
     # and the values set on top of them
     generation_config: str = "auto"

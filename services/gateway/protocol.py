@@ -14,7 +14,8 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator,
+    AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_serializer,
+    model_validator,
 )
 
 from baton.engine.sampling_params import MAX_LOGIT_BIAS, StructuredOutputParams
@@ -158,12 +159,18 @@ class NullMeansDefault(BaseModel):
         return data
 
 
+# vLLM's request_id: names a request's response (and its sequences on the workers, where two in
+# flight at once cannot share it); printable ASCII, so that it reads the same in every log.
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
+
+
 class BaseGenerationRequest(NullMeansDefault):
     """Parameters shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
+    request_id: RequestId | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -487,6 +494,7 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str
+    request_id: RequestId | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None

@@ -160,7 +160,7 @@ class OpenAIServing:
         # echo with logprobs scores the prompt too: both from one computation, with the larger top-k
         wanted = [k for k in (req.logprobs if req.echo else None, prompt_k) if k is not None]
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=max(wanted, default=None))
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
         choices = self._choices(request_id, prompts, params, req, lora)
         if req.stream:
             return await PrimedStream.start(self._stream(req, request_id, choices, self._completion_chunks, arrival))
@@ -188,7 +188,7 @@ class OpenAIServing:
         if self.config.reasoning_parser and params.structured_output and not closed_in_prompt(self._prompt_tail(ids)):
             # The grammar binds the answer: the workers apply it after the thinking.
             params = replace(params, structured_output=replace(params.structured_output, reasoning_end=self.think_end))
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
         choices = self._choices(request_id, prompts, params, req, lora)
         self._attach_output_parsers(req, choices)
         if req.stream:
@@ -237,7 +237,7 @@ class OpenAIServing:
         arrival = time.perf_counter()
         self._check_model(req.model, base_only=True)
         inputs = self._embedding_inputs(req.input, req, "input")
-        results = await self._embed(f"embd-{uuid.uuid4().hex}", inputs, req, arrival)
+        results = await self._embed(f"embd-{req.request_id or uuid.uuid4().hex}", inputs, req, arrival)
         prompt_tokens = sum(r.prompt_tokens for r in results)
         return EmbeddingResponse(
             data=[EmbeddingData(index=i, embedding=_encode_embedding(r.embedding, req.encoding_format))
