@@ -25,10 +25,8 @@ from baton.engine.config import SCHEDULING_POLICIES, parse_lora_modules, specula
 from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
-from baton.services.gateway import sampling_defaults
-from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
-from baton.services.gateway.tokenizer import chat_template_arg
-from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER, PARSERS
+from baton.services.gateway import sampling_defaults, serving_flags
+from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER
 
 DEMO_MODEL = "shakespeare-llama-5m"
 READY_TIMEOUT_S = 300.0
@@ -108,22 +106,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "--redis-url", redis_url,
         "--block-size", str(args.block_size),
         "--max-logprobs", str(args.max_logprobs),
-        "--max-local-prefill-length", str(args.max_local_prefill_length),
         *[a for addr in prefill_addrs for a in ("--prefill-addr", addr)],
         *[a for addr in decode_addrs for a in ("--decode-addr", addr)],
         *[a for key in args.api_key for a in ("--api-key", key)],
-        *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
-        *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else []),
-        *(["--chat-template", args.chat_template] if args.chat_template else []),
-        *(["--trust-request-chat-template"] if args.trust_request_chat_template else []),
-        *(["--return-tokens-as-token-ids"] if args.return_tokens_as_token_ids else []),
-        *(["--enable-request-id-headers"] if args.enable_request_id_headers else []),
-        *(["--generation-config", args.generation_config] if args.generation_config != "auto" else []),
-        *(["--override-generation-config", json.dumps(args.override_generation_config)]
-          if args.override_generation_config else []),
         *loras,
-        *(["--allow-runtime-lora-updating"] if args.allow_runtime_lora_updating else []),
-        *(["--dev-mode"] if args.dev_mode else []),
+        *serving_flags.forwarded(args),
     ]
     plan.url = f"http://{args.host}:{args.port}"
     return plan
@@ -251,38 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooler-config", type=pooler_config_arg, default=None,
                    help='how the prefill workers pool embeddings, as vLLM takes it: \'{"pooling_type": "MEAN", '
                         '"normalize": false}\' (default: the checkpoint\'s sentence-transformers pooling, else LAST)')
-    p.add_argument("--max-local-prefill-length", type=int, default=0,
-                   help="prompts with at most this many tokens to compute go to a decode worker alone (no prefill "
-                        "worker, no KV transfer; Dynamo's conditional disaggregation; default 0: off)")
     p.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
                    help="the most log-probs a request may ask for each token (vLLM's; -1: the whole vocabulary)")
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
-    p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
-                   help="the gateway reads the model's own tool calls in this format (tool_choice 'auto')")
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="vLLM's flag, taken as vLLM takes it: it needs --tool-call-parser, which turns tool_choice "
-                        "'auto' on by itself")
-    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
-                   help="the gateway gives a reasoning model's <think> text as the message's reasoning")
-    p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
-                   help="the gateway's Jinja chat template, or a file holding it, in place of the model's own")
-    p.add_argument("--trust-request-chat-template", action="store_true",
-                   help="a chat request may bring its own chat_template (only where every client is trusted)")
-    p.add_argument("--enable-request-id-headers", action="store_true",
-                   help="the gateway's generation responses carry the request's id as X-Request-Id")
-    p.add_argument("--return-tokens-as-token-ids", action="store_true",
-                   help='log-probs name their tokens "token_id:{id}" unless a request says otherwise')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) every worker loads; a request names one as its model")
-    p.add_argument("--allow-runtime-lora-updating", action="store_true",
-                   help="the gateway serves /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's), which load "
-                        "and unload adapters on every worker while serving (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True too)")
-    p.add_argument("--dev-mode", action="store_true",
-                   help="the gateway serves vLLM's dev-mode route /reset_prefix_cache, which drops every worker's "
-                        "cached blocks (VLLM_SERVER_DEV_MODE=1 too)")
     p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters loaded at once, at start and since")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
-    sampling_defaults.add_flags(p)
+    serving_flags.add(p)
     p.add_argument("--worker-metrics", action="store_true",
                    help="serve each worker's Prometheus metrics on a free port (printed once ready)")
     return parser

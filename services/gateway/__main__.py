@@ -20,13 +20,12 @@ import uvicorn
 
 from baton.engine.config import parse_lora_modules
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
-from baton.services.gateway import sampling_defaults
+from baton.services.gateway import sampling_defaults, serving_flags
 from baton.services.gateway.app import GatewayState, create_app
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
-from baton.services.gateway.tokenizer import GatewayTokenizer, chat_template_arg
-from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER, PARSERS
+from baton.services.gateway.tokenizer import GatewayTokenizer
+from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER
 
 DRAIN_MIN_S = 1.0
 FINAL_SHUTDOWN_S = 5.0  # after draining: what uvicorn waits for connections before cancelling them
@@ -57,44 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-retries", type=int, default=2,
         help="times a request is retried on other workers after one fails (streamed tokens resume, not restart)",
     )
-    p.add_argument("--max-local-prefill-length", type=int, default=0,
-                   help="a prompt whose tokens to compute (past the prefix the decode worker caches) are at most this "
-                        "many is computed on the decode worker, with no prefill worker or KV transfer (Dynamo's; "
-                        "default 0: every prompt goes to a prefill worker)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
-    p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
-                   help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="vLLM's flag, taken as vLLM takes it: it needs --tool-call-parser, which turns tool_choice "
-                        "'auto' on by itself")
-    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
-                   help="give a reasoning model's <think> text as the message's reasoning, apart from its content")
-    p.add_argument("--chat-template", type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
-                   help="the Jinja chat template, or a file holding it, in place of the model's own (vLLM's)")
-    p.add_argument("--trust-request-chat-template", action="store_true",
-                   help="a chat request may bring its own chat_template (Jinja, sandboxed; vLLM's): only where every "
-                        "client is trusted, since rendering one can take the gateway's time and memory")
-    p.add_argument("--enable-request-id-headers", action="store_true",
-                   help="generation responses carry the request's id as X-Request-Id (vLLM's)")
-    p.add_argument("--return-tokens-as-token-ids", action="store_true",
-                   help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="the LoRA adapters the workers load (their --lora-modules): requests may name them as model")
-    sampling_defaults.add_flags(p)
-    p.add_argument("--allow-runtime-lora-updating", action="store_true",
-                   default=env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
-                   help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; also "
-                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in the environment)")
-    p.add_argument("--dev-mode", action="store_true", default=env_flag("VLLM_SERVER_DEV_MODE"),
-                   help="serve vLLM's dev-mode route /reset_prefix_cache (also VLLM_SERVER_DEV_MODE=1 in the "
-                        "environment, as in vLLM)")
+    serving_flags.add(p)
     p.add_argument("--log-level", default="info")
     return p
-
-
-def env_flag(name: str) -> bool:
-    """A vLLM switch in the environment: "1" or "true", any case."""
-    return os.environ.get(name, "0").strip().lower() in ("1", "true")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:

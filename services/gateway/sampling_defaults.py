@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from baton.engine.generation_config import (
-    PARAM_NAMES, GenerationDefaults, as_params, generation_config_arg, load_generation_defaults, parse_override,
+    PARAM_NAMES, GenerationDefaults, as_params, load_generation_defaults, parse_override,
 )
 from baton.services.gateway.protocol import BaseGenerationRequest
 
@@ -57,16 +57,6 @@ def check_as_request_fields(values: dict[str, Any]) -> None:
         error = exc.errors()[0]
         key = str(error["loc"][0])
         raise ValueError(f"{GENERATION_NAMES.get(key, key)}: {error['msg']}, got {error['input']!r}") from None
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """``--generation-config`` and ``--override-generation-config``, as the gateway and ``baton up`` take them."""
-    parser.add_argument("--generation-config", type=generation_config_arg, default="auto", metavar="auto|vllm|DIR",
-                        help="sampling defaults for requests that leave them out, as vLLM takes them: from the "
-                             "model's generation_config.json (auto), none (vllm), or DIR/generation_config.json")
-    parser.add_argument("--override-generation-config", type=override_generation_config_arg, default={}, metavar="JSON",
-                        help='sampling defaults set on top of the generation config\'s (vLLM\'s), e.g. '
-                             '\'{"temperature": 0.5, "max_new_tokens": 256}\': its max_new_tokens caps every request')
 
 
 def override_generation_config_arg(text: str) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""The gateway's flags that ``baton up`` takes too, declared once for both (``add``), and handed on
+to the gateway ``baton up`` starts (``forwarded``): those set to other than their defaults, as the
+gateway's command line takes them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from baton.engine.generation_config import generation_config_arg
+from baton.services.gateway.reasoning import PARSERS as REASONING_PARSERS
+from baton.services.gateway.sampling_defaults import override_generation_config_arg
+from baton.services.gateway.tokenizer import chat_template_arg
+from baton.services.gateway.tool_parsers import PARSERS
+
+
+def env_flag(name: str) -> bool:
+    """A vLLM switch in the environment: "1" or "true", any case."""
+    return os.environ.get(name, "0").strip().lower() in ("1", "true")
+
+
+def _flags() -> list[tuple[str, dict[str, Any]]]:
+    """Each flag's name and ``add_argument`` keywords (the environment read now, for the defaults)."""
+    switch = {"action": "store_true", "default": False}
+    return [
+        ("--max-local-prefill-length", dict(
+            type=int, default=0,
+            help="a prompt whose tokens to compute (past the prefix the decode worker caches) are at most this many "
+                 "is computed on the decode worker, with no prefill worker or KV transfer (Dynamo's; default 0: every "
+                 "prompt goes to a prefill worker)")),
+        ("--tool-call-parser", dict(
+            choices=PARSERS, default=None,
+            help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")),
+        ("--enable-auto-tool-choice", dict(
+            switch, help="vLLM's flag, taken as vLLM takes it: it needs --tool-call-parser, which turns tool_choice "
+                         "'auto' on by itself")),
+        ("--reasoning-parser", dict(
+            choices=REASONING_PARSERS, default=None,
+            help="give a reasoning model's <think> text as the message's reasoning, apart from its content")),
+        ("--chat-template", dict(
+            type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
+            help="the Jinja chat template, or a file holding it, in place of the model's own (vLLM's)")),
+        ("--trust-request-chat-template", dict(
+            switch, help="a chat request may bring its own chat_template (Jinja, sandboxed; vLLM's): only where every "
+                         "client is trusted, since rendering one can take the gateway's time and memory")),
+        ("--enable-request-id-headers", dict(
+            switch, help="generation responses carry the request's id as X-Request-Id (vLLM's)")),
+        ("--return-tokens-as-token-ids", dict(
+            switch, help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')),
+        ("--generation-config", dict(
+            type=generation_config_arg, default="auto", metavar="auto|vllm|DIR",
+            help="sampling defaults for requests that leave them out, as vLLM takes them: from the model's "
+                 "generation_config.json (auto), none (vllm), or DIR/generation_config.json")),
+        ("--override-generation-config", dict(
+            type=override_generation_config_arg, default={}, metavar="JSON",
+            help='sampling defaults set on top of the generation config\'s (vLLM\'s), e.g. \'{"temperature": 0.5, '
+                 '"max_new_tokens": 256}\': its max_new_tokens caps every request')),
+        ("--allow-runtime-lora-updating", dict(
+            switch, default=env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
+            help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; also "
+                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in the environment)")),
+        ("--dev-mode", dict(
+            switch, default=env_flag("VLLM_SERVER_DEV_MODE"),
+            help="serve vLLM's dev-mode route /reset_prefix_cache (also VLLM_SERVER_DEV_MODE=1 in the environment, "
+                 "as in vLLM)")),
+    ]
+
+
+def add(parser: argparse.ArgumentParser) -> None:
+    for name, options in _flags():
+        parser.add_argument(name, **options)
+
+
+def forwarded(args: argparse.Namespace) -> list[str]:
+    """The gateway's arguments for the flags of ``args`` set to other than their defaults."""
+    out: list[str] = []
+    for name, options in _flags():
+        value = getattr(args, name[2:].replace("-", "_"))
+        if value == options["default"]:
+            continue
+        if options.get("action") == "store_true":
+            out.append(name)
+        else:
+            out += [name, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return out
