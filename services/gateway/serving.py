@@ -63,14 +63,6 @@ MIN_LOGPROB = -9999.0     # what vLLM writes for a log-prob of -inf (which JSON 
 ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[CompletionResponse | ChatCompletionChunk]]
 
 
-def resolve_max_model_len(config: GatewayConfig) -> int:
-    """``config.max_model_len``, else the engine's default for the model (its
-    ``max_position_embeddings``, with the engine's fallback when the config lacks it)."""
-    if config.max_model_len is not None:
-        return config.max_model_len
-    return load_model_config(Path(config.model_dir)).max_position_embeddings
-
-
 class OpenAIServing:
     """The completion and chat handlers; depends only on the abstract ``Backend``."""
 
@@ -78,8 +70,11 @@ class OpenAIServing:
         self.config = config
         self.backend = backend
         self.tokenizer = tokenizer
-        self.max_model_len = resolve_max_model_len(config)
-        self.eos_token_ids = frozenset(load_model_config(Path(config.model_dir)).eos_token_ids)
+        model_config = load_model_config(Path(config.model_dir))
+        # --max-model-len, else the engine's default: the model's max_position_embeddings (or its fallback)
+        self.max_model_len = (config.max_model_len if config.max_model_len is not None
+                              else model_config.max_position_embeddings)
+        self.eos_token_ids = frozenset(model_config.eos_token_ids)
         self.tool_parser = make_parser(config.tool_call_parser) if config.tool_call_parser else None
         self.think_end = tuple(tokenizer.encode(THINK_END, add_special_tokens=False))
         self.generation_defaults = sampling_defaults.load(config.model_dir, config.generation_config,
