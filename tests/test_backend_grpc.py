@@ -20,6 +20,7 @@ from baton.services.convert import logprob_from_proto, logprob_to_proto, params_
 from baton.services.gateway.backend import BackendError, EmbedRequest, GenerationChunk, GenerationRequest
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.lora_fanout import SyncBackoff
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, PREFILLS, RETRIES, WORKER_ERRORS
 
 pytestmark = pytest.mark.unit
@@ -540,8 +541,9 @@ async def test_a_refused_unload_is_undone_where_it_was_done(cluster) -> None:
 async def test_a_worker_seen_later_or_restarted_gets_the_runtime_adapters_before_routing(cluster) -> None:
     """A worker that starts after the load is sent it (with its digest) by the poll that first finds
     it answering, and serves requests under it only then; one that cannot load the same weights
-    serves the base model alone; a restarted one (a new id) is sent it again; a worker that lost it
-    (a restart the polls missed) has its request retried elsewhere rather than answered 404."""
+    serves the base model alone, and is sent it again after a wait that doubles (not at every poll);
+    a restarted one (a new id) is sent it again at once; a worker that lost it (a restart the polls
+    missed) has its request retried elsewhere rather than answered 404."""
     add, make, servers = cluster
     late = dead_address()
     prefill, decode = FakePrefill("p0"), FakeDecode("d0")
@@ -554,6 +556,7 @@ async def test_a_worker_seen_later_or_restarted_gets_the_runtime_adapters_before
     servers.append(server)
     await asyncio.sleep(1.5)
     assert ("load", "sql", "d-/a/sql") in stranger.calls and "sql" not in stranger.loras
+    assert len(stranger.calls) <= 2                                     # at 0 and 1 s, not at each of ~30 polls
     assert await backend.reachable() == {"prefill": 1, "decode": 2}
     retries = RETRIES.labels(resumed="false")._value.get()
     for _ in range(4):                                                  # routed to the worker holding it, never tried on the other
@@ -566,8 +569,8 @@ async def test_a_worker_seen_later_or_restarted_gets_the_runtime_adapters_before
     assert stranger.reserved and all(not r.lora for r, _ in stranger.reserved.values())
     stranger.digests.clear()
     started = time.monotonic()
-    while "sql" not in stranger.loras:
-        assert time.monotonic() - started < 2.0
+    while "sql" not in stranger.loras:                                  # the try 3 s after the first
+        assert time.monotonic() - started < 3.5
         await asyncio.sleep(0.05)
     assert stranger.loras["sql"] == ("/a/sql", "d-/a/sql")
     for _ in range(4):
@@ -576,14 +579,34 @@ async def test_a_worker_seen_later_or_restarted_gets_the_runtime_adapters_before
     stranger.loras.clear()
     stranger.name = "d1-restarted"                                      # GetLoad reports a new id
     while "sql" not in stranger.loras:
-        assert time.monotonic() - started < 4.0
+        assert time.monotonic() - started < 5.5
         await asyncio.sleep(0.05)
     decode.loras.clear()                                                # lost without a sign
     for _ in range(4):
         await collect(backend.generate(replace(request(max_tokens=2), lora="sql")))
     while "sql" not in decode.loras:                                    # the next poll sends it again
-        assert time.monotonic() - started < 6.0
+        assert time.monotonic() - started < 7.5
         await asyncio.sleep(0.05)
+
+
+def test_the_lora_sync_backoff_doubles_to_its_cap_and_starts_over_after_a_load_or_a_clear() -> None:
+    backoff = SyncBackoff(first=1.0, cap=4.0)
+    assert backoff.waiting("a", 0.0) is None
+    tries = []
+    for now in (x / 2 for x in range(40)):                              # a poll every 0.5 s for 20 s
+        if backoff.waiting("a", now) is None:
+            tries.append(now)
+            backoff.failed("a", now, f"failed at {now}")
+    assert tries == [0.0, 1.0, 3.0, 7.0, 11.0, 15.0, 19.0]
+    assert backoff.waiting("a", 19.5) == "failed at 19.0" and backoff.waiting("b", 19.5) is None
+    backoff.loaded("a")
+    assert backoff.waiting("a", 19.5) is None
+    backoff.failed("a", 20.0, "again")
+    backoff.failed("b", 20.0, "b too")
+    assert backoff.waiting("a", 20.5) == "again"                        # a first wait again: due at 21
+    assert backoff.waiting("a", 21.0) is None
+    backoff.clear()
+    assert backoff.waiting("b", 20.5) is None
 
 
 async def test_a_prefix_cache_reset_reaches_every_answering_worker_and_names_each_that_fails(cluster) -> None:

@@ -70,7 +70,7 @@ from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
 )
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.lora_fanout import RuntimeAdapter, load_everywhere, sync, unload_everywhere
+from baton.services.gateway.lora_fanout import RuntimeAdapter, SyncBackoff, load_everywhere, sync, unload_everywhere
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILLS, RETRIES, WORKER_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.gateway.router import Health, Load, choose_decode, choose_prefill
@@ -103,6 +103,7 @@ class _Worker:
     answering: bool | None = None   # its last GetLoad answered (None: not polled yet)
     loras: set[str] = field(default_factory=set)   # the runtime LoRA adapters it is known to hold
     lora_error: str | None = None   # why the last sync of those left some out
+    lora_backoff: SyncBackoff = field(default_factory=SyncBackoff)   # when to send it those again
 
 
 class _WorkerFailure(Exception):
@@ -450,7 +451,7 @@ class GrpcBackend(Backend):
         if self._lora_lock.locked():
             return
         async with self._lora_lock:
-            error = await sync(worker, list(self._runtime_loras.values()), self.config.lora_timeout_s)
+            error = await sync(worker, list(self._runtime_loras.values()), self.config.lora_timeout_s, time.monotonic())
         if error is not None and error != worker.lora_error:
             logger.error("%s worker %s serves no request under the adapters it lacks: %s", worker.role, worker.address,
                          error)
@@ -585,6 +586,7 @@ class GrpcBackend(Backend):
         if worker.worker_id and worker_id and worker_id != worker.worker_id:
             logger.info("%s worker %s restarted as %s", worker.role, worker.address, worker_id)
             worker.loras.clear()
+            worker.lora_backoff.clear()
         worker.worker_id = worker_id or worker.worker_id
 
     async def _poll(self, worker: _Worker) -> None:
@@ -596,6 +598,7 @@ class GrpcBackend(Backend):
                 logger.warning("%s worker %s is not answering: %s", worker.role, address, err.code().name)
             worker.answering = False
             worker.loras.clear()            # it may restart without them
+            worker.lora_backoff.clear()
             self._health.mark_down(address)
             return
         if worker.answering is False:

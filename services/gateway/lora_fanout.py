@@ -8,7 +8,8 @@ worker without the adapter has nothing to do), undone by loading the adapter aga
 path and digest each worker reports. Each worker's ``loras`` holds the runtime adapters it is
 known to hold: a worker the gateway first sees, or sees again after a silence or a restart,
 gets them through ``sync`` before routing uses it (and is not routed requests under one it could
-not load). Undoing is best effort: a worker that cannot undo keeps the outcome (logged), which
+not load; it is sent that one again after a wait that doubles at each failure, ``SyncBackoff``,
+and at once after a restart). Undoing is best effort: a worker that cannot undo keeps the outcome (logged), which
 never serves other weights under a name, since a load under a loaded name with other weights is
 refused.
 """
@@ -16,7 +17,7 @@ refused.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -40,8 +41,36 @@ class RuntimeAdapter:
     digest: str
 
 
+@dataclass
+class SyncBackoff:
+    """When ``sync`` may next send a worker each adapter it failed to load there: after ``first``
+    seconds, doubling at each failure up to ``cap`` (the worker's files may be mended, but reading
+    and refusing the same adapter at every poll is wasted work). ``clear`` starts over."""
+
+    first: float = 1.0
+    cap: float = 30.0
+    _failed: dict[str, tuple[float, float, str]] = field(default_factory=dict)   # name: (next try, wait, why)
+
+    def waiting(self, name: str, now: float) -> str | None:
+        """Why ``name`` failed last, while its next try is not due; else None."""
+        entry = self._failed.get(name)
+        return entry[2] if entry is not None and now < entry[0] else None
+
+    def failed(self, name: str, now: float, why: str) -> None:
+        previous = self._failed.get(name)
+        wait = self.first if previous is None else min(2 * previous[1], self.cap)
+        self._failed[name] = (now + wait, wait, why)
+
+    def loaded(self, name: str) -> None:
+        self._failed.pop(name, None)
+
+    def clear(self) -> None:
+        self._failed.clear()
+
+
 class LoRAWorker(Worker, Protocol):
     loras: set[str]     # the runtime adapters it is known to hold
+    lora_backoff: SyncBackoff
 
 
 def _refusal(worker: LoRAWorker, err: grpc.aio.AioRpcError) -> BackendError:
@@ -64,6 +93,7 @@ async def load_everywhere(workers: list[LoRAWorker], name: str, path: str, timeo
     if not failed and len(digests) == 1:
         for worker in workers:
             worker.loras.add(name)
+            worker.lora_backoff.loaded(name)
         return RuntimeAdapter(name, path, digests[0])
     error = _refusal(*failed[0]) if failed else BackendError(
         f"the workers read different files at {path} (digests {', '.join(digests)})", 400)
@@ -98,18 +128,25 @@ async def unload_everywhere(workers: list[LoRAWorker], name: str, timeout: float
     raise _refusal(*failed[0])
 
 
-async def sync(worker: LoRAWorker, adapters: list[RuntimeAdapter], timeout: float) -> str | None:
+async def sync(worker: LoRAWorker, adapters: list[RuntimeAdapter], timeout: float, now: float) -> str | None:
     """Load onto ``worker`` each of ``adapters`` it is not known to hold, with its digest (the same
-    weights or none); the failures' messages (the worker goes without those adapters), or None."""
+    weights or none), but those that failed there and are not due again (``now``: monotonic time);
+    the failures' messages (the worker goes without those adapters), or None."""
     failures = []
     for adapter in adapters:
         if adapter.name in worker.loras:
+            continue
+        if (why := worker.lora_backoff.waiting(adapter.name, now)) is not None:
+            failures.append(why)
             continue
         request = common_pb2.LoadLoRARequest(name=adapter.name, path=adapter.path, digest=adapter.digest)
         try:
             await worker.stub.LoadLoRA(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
-            failures.append(f"LoRA adapter {adapter.name!r} did not load there: {err.code().name}: {err.details()}")
+            why = f"LoRA adapter {adapter.name!r} did not load there: {err.code().name}: {err.details()}"
+            worker.lora_backoff.failed(adapter.name, now, why)
+            failures.append(why)
             continue
         worker.loras.add(adapter.name)
+        worker.lora_backoff.loaded(adapter.name)
     return "; ".join(failures) or None
