@@ -789,6 +789,30 @@ async def test_a_prompt_short_enough_is_computed_on_the_decode_worker_alone(clus
     assert err.value.status == 404 and "not loaded" in err.value.message and prefill.requests[1:] == []
 
 
+async def test_prompts_of_any_length_go_to_the_decode_worker_while_every_prefill_worker_is_busy(cluster) -> None:
+    """Under ``max_prefill_queue_size`` a long prompt goes to a prefill worker while one has fewer
+    prompts than that, to the decode worker once each has that many (as polled, or started by this
+    gateway since), and when no prefill worker answers."""
+    add, make, _ = cluster
+    idle, busy, decode = FakePrefill("p0"), FakePrefill("p1", running=3), FakeDecode("d0")
+    backend = await make(config([await add(idle), await add(busy)], [await add(decode)], max_prefill_queue_size=3))
+    await asyncio.sleep(0.2)                                            # polled
+    long = request(list(range(1, 200)), max_tokens=2)
+    await collect(backend.generate(long))
+    assert [r.request_id for r in idle.requests] == [long.request_id] and decode.local == []
+    idle.running = 2
+    await asyncio.sleep(0.2)
+    idle.delay_s = 1.0
+    held = asyncio.ensure_future(collect(backend.generate(request(max_tokens=2))))   # the third on p0, in flight
+    while len(idle.requests) < 2:
+        await asyncio.sleep(0.01)
+    await collect(backend.generate(long))
+    assert [r.request_id for r in decode.local] == [long.request_id] and busy.requests == []
+    await held
+    dead = await make(config([dead_address()], [await add(FakeDecode("d1"))], max_prefill_queue_size=3))
+    assert [c.finish_reason for c in await collect(dead.generate(long))] == [None, "length"]
+
+
 STRUCTURED = [
     None, StructuredOutputParams(json='{"type": "object"}', disable_any_whitespace=True), StructuredOutputParams(json_object=True),
     StructuredOutputParams(regex="[a-z]+"), StructuredOutputParams(choice=("a", "b \"c\"", "")),

@@ -244,13 +244,14 @@ def test_launcher_plan_hands_max_logprobs_to_every_process():
         assert worker_arg_parser(role, default_port=50051).parse_args(cmd[4:]).max_logprobs == -1
 
 
-def test_launcher_plan_hands_the_local_prefill_length_to_the_gateway():
+def test_launcher_plan_hands_the_local_prefill_rules_to_the_gateway():
     from baton.services.gateway.__main__ import build_parser, config_from_args
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
-    for extra, length in (([], 0), (["--max-local-prefill-length", "64"], 64)):
+    for extra, rules in (([], (0, 0)), (["--max-local-prefill-length", "64", "--max-prefill-queue-size", "8"], (64, 8))):
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
-        assert config_from_args(build_parser().parse_args(plan.gateway[4:])).max_local_prefill_length == length
+        config = config_from_args(build_parser().parse_args(plan.gateway[4:]))
+        assert (config.max_local_prefill_length, config.max_prefill_queue_size) == rules
 def test_launcher_hands_the_generation_config_flags_to_the_gateway(compose, tmp_path, capsys):
     from baton.services.gateway.__main__ import build_parser, config_from_args
 

@@ -85,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         request_timeout_s=args.request_timeout,
         max_retries=args.max_retries,
         max_local_prefill_length=args.max_local_prefill_length,
+        max_prefill_queue_size=args.max_prefill_queue_size,
         shutdown_timeout_s=args.shutdown_timeout,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,

@@ -255,18 +255,30 @@ class GrpcBackend(Backend):
             if not finished:
                 await self._abort(request.request_id, [decode, prefill])
 
+    @property
+    def _local_prefill(self) -> bool:
+        """Whether a decode worker may compute a prompt itself (``_local_decode``)."""
+        return bool(self.config.max_local_prefill_length or self.config.max_prefill_queue_size)
+
     def _local_decode(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> _Worker | None:
-        """The decode worker that computes ``request``'s prompt itself (no prefill worker, no KV moved):
-        the one routing picks, where the tokens it would compute (past the prefix its cache holds) are
-        at most ``max_local_prefill_length`` (Dynamo's conditional disaggregation); None: a prefill
-        worker computes them."""
-        limit = self.config.max_local_prefill_length
-        if not limit:
+        """The decode worker that computes ``request``'s prompt itself (no prefill worker, no KV moved),
+        by Dynamo's conditional disaggregation: the one routing picks, where the tokens it would compute
+        (past the prefix its cache holds) are at most ``max_local_prefill_length``, or where every
+        healthy prefill worker has ``max_prefill_queue_size`` prompts or more (running and waiting), or
+        none answers; None: a prefill worker computes them."""
+        if not self._local_prefill:
             return None
         address = self._pick_decode(request, self._healthy("decode", avoid, request.lora), cached)
-        if address is None or len(request.token_ids) - cached.get(address, 0) * self.config.block_size > limit:
+        if address is None:
             return None
-        return self._workers[address]
+        limit = self.config.max_local_prefill_length
+        short = limit and len(request.token_ids) - cached.get(address, 0) * self.config.block_size <= limit
+        return self._workers[address] if short or self._prefill_queues_full(avoid, request.lora) else None
+
+    def _prefill_queues_full(self, avoid: set[str], lora: str | None) -> bool:
+        cap = self.config.max_prefill_queue_size
+        loads = self._routing_loads()
+        return bool(cap) and all(loads[a].queued >= cap for a in self._healthy("prefill", avoid, lora))
 
     async def _prefill_and_generate(
         self, decode: _Worker, request: GenerationRequest, deadline: float
@@ -307,7 +319,7 @@ class GrpcBackend(Backend):
         by_role = [self._healthy(role, avoid, lora) for role in ("prefill", "decode")]
         num_blocks = len(token_ids) // self.config.block_size
         # A lone decode worker's cached prefix still decides where the prompt is computed.
-        choices = max(map(len, by_role)) > 1 or (self.config.max_local_prefill_length and by_role[1])
+        choices = max(map(len, by_role)) > 1 or (self._local_prefill and by_role[1])
         if self._index is None or not choices or num_blocks == 0:
             return {}
         by_id = {self._workers[a].worker_id: a for healthy in by_role for a in healthy if self._workers[a].worker_id}

@@ -26,6 +26,7 @@ class GatewayConfig(BaseModel):
     prefill_timeout_s: float = 120.0                 # deadline of one Prefill RPC
     control_timeout_s: float = 5.0                   # deadline of Reserve / Abort / GetLoad
     max_local_prefill_length: int = Field(default=0, ge=0)  # prompts computing at most this many tokens: on decode
+    max_prefill_queue_size: int = Field(default=0, ge=0)    # every prefill worker this busy (or none up): on decode
     max_retries: int = Field(default=2, ge=0)        # on other workers after one fails; streamed tokens resume
     tool_call_parser: str | None = None              # reads tool_choice "auto" calls (tool_parsers.PARSERS); None: refused
     reasoning_parser: str | None = None              # splits <think> reasoning from the answer (reasoning.PARSERS)

@@ -56,7 +56,7 @@ REDIS_ERRORS = Counter("baton_redis_errors_total", "Failed Redis prefix-index op
 WORKER_ERRORS = Counter("baton_worker_errors_total", "Failed worker RPCs by role.", labelnames=["role"], registry=REGISTRY)
 PREFILLS = Counter(
     "baton_prefills_total", "Prompts computed, by where: remote (a prefill worker, its KV moved to the decode "
-    "worker) or local (on the decode worker: --max-local-prefill-length).", labelnames=["where"], registry=REGISTRY,
+    "worker) or local (on the decode worker: --max-local-prefill-length, --max-prefill-queue-size).", labelnames=["where"], registry=REGISTRY,
 )
 RETRIES = Counter(
     "baton_request_retries_total", "Requests retried on other workers after a worker failed; resumed: tokens had been streamed.",

@@ -30,6 +30,10 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
             help="a prompt whose tokens to compute (past the prefix the decode worker caches) are at most this many "
                  "is computed on the decode worker, with no prefill worker or KV transfer (Dynamo's; default 0: every "
                  "prompt goes to a prefill worker)")),
+        ("--max-prefill-queue-size", dict(
+            type=int, default=0,
+            help="while every prefill worker has at least this many prompts (running and waiting), or none answers, "
+                 "prompts of any length are computed on the decode worker (Dynamo's; default 0: never)")),
         ("--tool-call-parser", dict(
             choices=PARSERS, default=None,
             help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")),
