@@ -1329,6 +1329,37 @@ async def test_version_names_the_installed_release(tok) -> None:
     assert out.status_code == 200 and out.json() == {"version": importlib.metadata.version("baton")}
 
 
+async def test_sagemaker_routes_ping_and_invocations_and_vllms_load(tok) -> None:
+    """/ping answers as /health (GET and POST); /invocations gives a body to the API its fields name,
+    with that API's answers and errors; /load counts the generation requests in flight."""
+    backend = FakeBackend(tok, delay=0.05)
+    app = create_app(make_config(), backend, tok)
+    async with client_for(app) as client:
+        for method in (client.get, client.post):
+            assert (await method("/ping")).json() == {"status": "ok"}
+        assert (await client.get("/load")).json() == {"server_load": 0}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        direct, invoked = [(await client.post(path, json=chat)).json() for path in ("/v1/chat/completions", "/invocations")]
+        assert invoked["object"] == "chat.completion" and invoked["choices"] == direct["choices"]
+        completion = (await client.post("/invocations", json={"model": MODEL, "prompt": "x", "max_tokens": 2})).json()
+        assert completion["object"] == "text_completion"
+        embedding = (await client.post("/invocations", json={"model": MODEL, "input": "x"})).json()
+        assert embedding["object"] == "list" and embedding["data"][0]["object"] == "embedding"
+        rerank = (await client.post("/invocations", json={"model": MODEL, "query": "a", "documents": ["b", "c"]})).json()
+        assert len(rerank["results"]) == 2
+        score = (await client.post("/invocations", json={"model": MODEL, "text_1": "a", "text_2": ["b", "c"]})).json()
+        assert len(score["data"]) == 2
+        assert_error(await client.post("/invocations", json={"model": MODEL, "prompt": "x", "temperature": -1}), 400, "temperature")
+        assert "'messages', 'prompt'" in assert_error(await client.post("/invocations", json={"model": MODEL}), 400)["message"]
+        assert "not valid JSON" in assert_error(await client.post("/invocations", content=b"[1"), 400)["message"]
+        streams = [asyncio.ensure_future(client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 40}))
+                   for _ in range(2)]
+        while app.state.gateway.in_flight < 2:
+            await asyncio.sleep(0.01)
+        assert (await client.get("/load")).json() == {"server_load": 2}
+        await asyncio.gather(*streams)
+
+
 async def test_tokenize_and_detokenize(tok) -> None:
     """/tokenize gives the ids a completion or a chat completion would send (transformers'
     for the demo checkpoint); /detokenize inverts it; neither reaches the backend."""

@@ -110,6 +110,9 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> APIError
 
 
 async def _read_json(request: Request, limit: int) -> Any:
+    """The request's body as JSON, read once (``/invocations`` looks before its route reads)."""
+    if "baton.json" in request.scope:
+        return request.scope["baton.json"]
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise APIError(f"request body is larger than {limit} bytes", status=413)
@@ -119,9 +122,10 @@ async def _read_json(request: Request, limit: int) -> Any:
         if len(body) > limit:
             raise APIError(f"request body is larger than {limit} bytes", status=413)
     try:
-        return json.loads(body)
+        request.scope["baton.json"] = json.loads(body)
     except ValueError as exc:
         raise APIError(f"request body is not valid JSON: {exc}") from exc
+    return request.scope["baton.json"]
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
@@ -237,6 +241,18 @@ def _add_probes(app: FastAPI, backend: Backend, state: GatewayState, model_name:
     async def health() -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def ping() -> Response:
+        """SageMaker's probe, as vLLM serves it: /health's answer."""
+        return await health()
+
+    app.get("/ping")(ping)
+    app.post("/ping", name="ping_post")(ping)
+
+    @app.get("/load")
+    async def load() -> Response:
+        """vLLM's load figure: the generation requests in flight on this gateway."""
+        return JSONResponse({"server_load": state.in_flight})
+
     @app.get("/ready")
     async def ready() -> Response:
         """200 while a prefill and a decode worker are reachable and the gateway is not
@@ -320,6 +336,23 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
         app.post(path, openapi_extra=body(ScoreRequest))(score)
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         app.post(path, openapi_extra=body(RerankRequest))(rerank)
+
+    # SageMaker's one route, as vLLM serves it: the first of these fields the body has picks the API.
+    invocation_routes = (("messages", chat_completions), ("prompt", completions), ("input", embeddings),
+                         ("documents", rerank), ("text_1", score))
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        try:
+            _check_api_key(request, config.api_keys)
+            data = await _read_json(request, config.max_body_bytes)
+            route = next((r for key, r in invocation_routes if isinstance(data, dict) and key in data), None)
+            if route is None:
+                raise APIError("the body is none of the requests /invocations takes: it needs one of "
+                               + ", ".join(f"'{key}'" for key, _ in invocation_routes))
+        except Exception as exc:
+            return error_response(_logged_error(exc))
+        return await route(request)
 
     def answered(path: str, model: type[RequestT], handler: Callable[[RequestT], Awaitable[BaseModel | str]]) -> None:
         """A POST route that ``_answer`` answers with ``handler``."""
