@@ -9,9 +9,9 @@ path and digest each worker reports. Each worker's ``loras`` holds the runtime a
 known to hold: a worker the gateway first sees, or sees again after a silence or a restart,
 gets them through ``sync`` before routing uses it (and is not routed requests under one it could
 not load; it is sent that one again after a wait that doubles at each failure, ``SyncBackoff``,
-and at once after a restart). Undoing is best effort: a worker that cannot undo keeps the outcome (logged), which
-never serves other weights under a name, since a load under a loaded name with other weights is
-refused.
+and at once after a restart). Undoing is best effort: a worker that cannot undo keeps the
+outcome (logged), which never serves other weights under a name, since a load under a loaded
+name with other weights is refused.
 """
 
 from __future__ import annotations
