@@ -182,7 +182,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"prompt": "x"}, "model"),
+        ({"model": 5, "prompt": "x"}, "model"),
         ({"model": MODEL}, "prompt"),
         ({"model": MODEL, "prompt": "x", "temperature": -0.1}, "temperature"),
         ({"model": MODEL, "prompt": "x", "temperature": 2.5}, "temperature"),
@@ -294,6 +294,21 @@ async def test_malformed_json_unknown_model_and_oversized_body(tok) -> None:
 
     assert_error(await post(backend, tok, "/v1/completions", chunked(), small), 413)
     assert backend.requests == []
+
+
+async def test_a_request_without_a_model_is_for_the_served_one(tok) -> None:
+    """As vLLM takes it: ``model`` left out (or null) names the served model, on every route."""
+    backend = FakeBackend(tok)
+    bodies = {"/v1/completions": {"prompt": "x", "max_tokens": 2}, "/v1/embeddings": {"input": "x"},
+              "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "model": None},
+              "/v1/responses": {"input": "hi", "max_output_tokens": 2}, "/tokenize": {"prompt": "x"},
+              "/detokenize": {"tokens": [5]}, "/rerank": {"query": "a", "documents": ["b"]}}
+    async with client_for(create_app(make_config(), backend, tok)) as client:
+        for path, body in bodies.items():
+            out = await client.post(path, json=body)
+            assert out.status_code == 200, (path, out.text)
+            assert out.json().get("model", MODEL) == MODEL, path
+    assert len(backend.requests) == 3
 
 
 LORAS = {"sonnets": "/adapters/sonnets", "tragedies": "/adapters/tragedies"}

@@ -217,15 +217,19 @@ async def _answer(
 
 async def _read_body(request: Request, config: GatewayConfig, model: type[RequestT]) -> RequestT:
     """The request's JSON body as ``model``; an ``APIError`` (400, 413) where it is not one. A
-    ``model`` with vLLM's ``request_id`` takes the ``X-Request-Id`` header's in place of the body's."""
+    ``model`` with vLLM's ``request_id`` takes the ``X-Request-Id`` header's in place of the body's;
+    one that leaves out the model names the served one."""
     data = await _read_json(request, config.max_body_bytes)
     header = request.headers.get(REQUEST_ID_HEADER)
     if header is not None and isinstance(data, dict) and "request_id" in model.model_fields:
         data = {**data, "request_id": header}
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from exc
+    if "model" in model.model_fields and body.model is None:      # vLLM's default: the served model
+        body = body.model_copy(update={"model": config.served_model_name})
+    return body
 
 
 def _logged_error(exc: Exception) -> APIError:

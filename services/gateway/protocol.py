@@ -169,7 +169,7 @@ class BaseGenerationRequest(NullMeansDefault):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str | None = None      # None: the served model (vLLM's)
     request_id: RequestId | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -472,7 +472,7 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
 class TokenizeRequest(ChatTemplateOptions):
     """``/tokenize`` (as vLLM has it): a prompt, or chat messages through the template."""
 
-    model: str
+    model: str | None = None      # None: the served model (vLLM's)
     prompt: str | None = None
     add_special_tokens: bool = True
     messages: list[ChatMessage] | None = None
@@ -493,7 +493,7 @@ class EmbeddingRequest(BaseModel):
     """OpenAI's embeddings request, with vLLM's ``truncate_prompt_tokens``, ``priority`` and ``cache_salt``."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: str | None = None      # None: the served model (vLLM's)
     request_id: RequestId | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -683,7 +683,7 @@ class ResponsesRequest(NullMeansDefault):
     have them. Nothing is stored: ``previous_response_id`` and ``background`` are refused."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: str | None = None      # None: the served model (vLLM's)
     input: str | list[ResponseInputMessage | ResponseFunctionCallItem | ResponseFunctionCallOutputItem] = Field(min_length=1)
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
@@ -752,7 +752,7 @@ class ResponsesRequest(NullMeansDefault):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: str | None = None      # None: the served model (vLLM's)
     tokens: list[int]
 
 

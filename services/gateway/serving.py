@@ -259,7 +259,7 @@ class OpenAIServing:
         """The request id, each pair's score of the ``first`` texts against the ``second`` (each
         given with its parameter's name) and the prompt tokens embedded: every text once."""
         arrival = time.perf_counter()
-        self._check_model(self.config.served_model_name if req.model is None else req.model, base_only=True)
+        self._check_model(req.model, base_only=True)
         inputs = [self._embedding_inputs(texts, req, param) for texts, param in (first, second)]
         request_id = f"{kind}-{uuid.uuid4().hex}"
         results = await self._embed(request_id, inputs[0] + inputs[1], req, arrival)
