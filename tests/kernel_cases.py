@@ -1,7 +1,9 @@
 """What the kernel test modules share: the GQA shapes they sweep, a fresh,
-printed seed per test (import ``fresh_seed`` to use it: it is autouse), and
-running named check cases, natively or in a Triton-interpreter subprocess."""
+printed seed per test (import ``fresh_seed`` to use it: it is autouse),
+running named check cases, natively or in a Triton-interpreter subprocess, and
+compiling a kernel for a Hopper GPU without one."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,4 +45,30 @@ def interpreted_checks_passed(script: str) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+_HOPPER_COMPILE = """
+import importlib, inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, name = sys.argv[1].split(":")
+kernel = getattr(importlib.import_module(module), name)
+pointers, constants = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+names = list(inspect.signature(kernel.fn).parameters)
+signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
+source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()})
+sys.stdout.write(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
+"""
+
+
+def hopper_ptx(kernel: str, pointers: dict[str, str], constants: dict[str, object]) -> str:
+    """The PTX of ``kernel`` (``"module:name"``) for an sm_90 target, compiled without a GPU, in a
+    child process (libtriton's objects outlive a compile, and nanobind lists them at exit);
+    parameters in neither dict are i32."""
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
+    args = [sys.executable, "-c", _HOPPER_COMPILE, kernel, json.dumps(pointers), json.dumps(constants)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr
     return proc.stdout

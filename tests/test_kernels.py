@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from kernel_cases import GQA, fresh_seed, interpreted_checks_passed, run_cases  # noqa: F401 (fresh_seed is an autouse fixture)
+from kernel_cases import GQA, fresh_seed, hopper_ptx, interpreted_checks_passed, run_cases  # noqa: F401 (fresh_seed is an autouse fixture)
 
 from baton.kernels import activation, attention, kv_cache, linear, norm, ops, rotary
 from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
@@ -395,6 +395,32 @@ def test_decode_split_counts_share_one_compiled_kernel() -> None:
         split_counts.add(splits)
     assert len(split_counts) > len(kinds), "the cases must split the context in more ways than they have kinds of launch"
     assert compiled_variants(_paged_decode_attention_kernel) - before <= len(kinds), split_counts
+
+
+HOPPER_PDL_CASES = {   # kernel: (pointer parameters, constants); the rest are i32
+    "attention_decode:_paged_decode_attention_kernel": (
+        {"q_ptr": "*bf16", "kv_ptr": "*bf16", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+         "sem_ptr": "*i32", "seq_lens_ptr": "*i32", "tables_ptr": "*i32", "scale_log2": "fp32"},
+        dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
+             CHUNK=8, DOT_PRECISION="tf32")),
+    "linear:_linear_kernel": (
+        {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"},
+        dict(M=1, M_PAD=16, HAS_BIAS=False, GATED=True, BLOCK_N=64, BLOCK_K=128, EVEN_K=True)),
+    "norm:_rms_norm_kernel": (
+        {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "new_residual_ptr": "*bf16",
+         "eps": "fp32"},
+        dict(HAS_RESIDUAL=True, BLOCK=4096)),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kernel", HOPPER_PDL_CASES)
+def test_pdl_kernels_compile_for_hopper(kernel: str) -> None:
+    """The programmatic-dependent-launch path of a decode-step kernel runs only on a Hopper GPU,
+    so compile it for one here: a mistake in it fails this run, not the next GPU run."""
+    pointers, constants = HOPPER_PDL_CASES[kernel]
+    ptx = hopper_ptx(f"baton.kernels.{kernel}", pointers, {**constants, "PDL": True})
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
 
 
 @pytest.mark.unit
