@@ -1,7 +1,7 @@
 """``baton up``: the whole system as local processes.
 
 Starts Redis (a private redis-server on a free port unless ``REDIS_URL`` /
-``--redis-url`` names one), N prefill and M decode workers, and the gateway;
+``--redis-url`` names one; none with ``--no-redis``), N prefill and M decode workers, and the gateway;
 waits until the gateway's ``/ready`` counts every worker reachable; prints the URL; on Ctrl-C or
 SIGTERM stops everything, gateway first, each with a grace period.
 """
@@ -53,7 +53,7 @@ class Plan:
     """Every process ``baton up`` starts, as argument lists (tests read this too)."""
 
     redis: list[str] | None
-    redis_url: str
+    redis_url: str             # "" with --no-redis
     prefill: list[list[str]] = field(default_factory=list)
     decode: list[list[str]] = field(default_factory=list)
     gateway: list[str] = field(default_factory=list)
@@ -66,13 +66,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     # (kernels/, engine/) would shadow installed packages of those names, such as the
     # ``kernels`` package that transformers imports; Baton's own code is imported as baton.*.
     py = sys.executable
-    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    redis_url = "" if args.no_redis else args.redis_url or os.environ.get("REDIS_URL") or None
     redis_cmd = None
-    if not redis_url:
+    if redis_url is None:
         port = free_port()
         redis_cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         redis_url = f"redis://127.0.0.1:{port}/0"
-    common = ["--model", args.model, "--redis-url", redis_url, "--device", args.device, "--block-size", str(args.block_size),
+    with_redis = ["--redis-url", redis_url] if redis_url else []
+    common = ["--model", args.model, *with_redis, "--device", args.device, "--block-size", str(args.block_size),
               "--scheduling-policy", args.scheduling_policy, "--max-logprobs", str(args.max_logprobs)]
     if args.dtype:
         common += ["--dtype", args.dtype]
@@ -103,7 +104,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "--model-dir", args.model,
         "--served-model-name", args.served_model_name or Path(args.model).name,
         "--host", args.host, "--port", str(args.port),
-        "--redis-url", redis_url,
+        *with_redis,
         "--block-size", str(args.block_size),
         "--max-logprobs", str(args.max_logprobs),
         *[a for addr in prefill_addrs for a in ("--prefill-addr", addr)],
@@ -162,8 +163,12 @@ def up(args: argparse.Namespace) -> int:
     if args.model is None:
         print("baton up: no --model given and the demo checkpoint was not found", file=sys.stderr)
         return 2
-    if args.redis_url is None and not os.environ.get("REDIS_URL") and shutil.which("redis-server") is None:
-        print("baton up: redis-server is not installed; install it or pass --redis-url", file=sys.stderr)
+    if args.no_redis and args.redis_url:
+        print("baton up: --no-redis and --redis-url exclude each other", file=sys.stderr)
+        return 2
+    if not args.no_redis and args.redis_url is None and not os.environ.get("REDIS_URL") and shutil.which("redis-server") is None:
+        print("baton up: redis-server is not installed; install it, pass --redis-url, or run without the prefix "
+              "index (--no-redis)", file=sys.stderr)
         return 2
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         print(f"baton up: {AUTO_TOOL_CHOICE_NEEDS_PARSER}", file=sys.stderr)
@@ -223,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", type=int, default=1, help="number of prefill workers")
     p.add_argument("--decode", type=int, default=1, help="number of decode workers")
     p.add_argument("--redis-url", default=None, help="use this Redis (default: $REDIS_URL, else a private redis-server)")
+    p.add_argument("--no-redis", action="store_true",
+                   help="no Redis: the gateway routes by load alone, not by the prefix caches (no global index)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--block-size", type=int, default=16)

@@ -129,6 +129,23 @@ def test_launcher_plan_spawns_redis_only_without_url(monkeypatch):
     assert plan.gateway.count("--prefill-addr") == 2 and plan.gateway.count("--decode-addr") == 3
 
 
+def test_launcher_plan_without_redis_starts_none_and_names_none(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://elsewhere:6379/0")
+    plan = launcher.make_plan(launcher.build_parser().parse_args(["up", "--model", "/m", "--no-redis"]))
+    assert plan.redis is None and plan.redis_url == ""
+    assert all("--redis-url" not in cmd for cmd in [*plan.prefill, *plan.decode, plan.gateway])
+    assert plan.gateway.count("--prefill-addr") == plan.gateway.count("--decode-addr") == 1
+
+
+def test_baton_up_refuses_no_redis_with_a_redis_url_and_names_no_redis_without_redis_server(monkeypatch, capsys):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert launcher.main(["up", "--no-redis", "--redis-url", "redis://r/0"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)
+    assert launcher.main(["up"]) == 2
+    assert "--no-redis" in capsys.readouterr().err
+
+
 def test_launcher_plan_gives_each_worker_a_metrics_port_on_request():
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2"]
     plan = launcher.make_plan(launcher.build_parser().parse_args(argv))

@@ -20,6 +20,7 @@ import grpc
 import httpx
 import pytest
 import redis
+import torch
 
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
@@ -58,7 +59,7 @@ class System:
         self.plan.gateway += gateway_flags
         self.procs: list[subprocess.Popen] = []
         try:  # a system that does not come up is stopped, not left running past the test session
-            for cmd in [self.plan.redis] + self.plan.prefill + self.plan.decode:
+            for cmd in ([self.plan.redis] if self.plan.redis else []) + self.plan.prefill + self.plan.decode:
                 self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
             self.gateway = subprocess.Popen(self.plan.gateway)
             self.procs.append(self.gateway)
@@ -678,6 +679,46 @@ def test_baton_up_loads_and_unloads_lora_adapters_while_serving(demo_model, tmp_
         assert again.choices[0].text == want["two"]
         assert again.usage.prompt_tokens_details.cached_tokens == 0    # none of the blocks computed under "one"
         assert complete(MODEL_NAME).choices[0].text == want[None]
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_baton_up_without_redis_computes_prompts_on_either_worker_and_loads_adapters(demo_model, tmp_path, device):
+    """``baton up --no-redis`` (no Redis anywhere: routing by load alone) on ``device``: a prompt short
+    enough for ``--max-local-prefill-length`` is computed on the decode worker, a longer one on the
+    prefill worker, each to the aggregated engine's text; an adapter loaded at runtime writes what
+    the engine writes with it loaded at start, on either path; ``/reset_prefix_cache`` answers and
+    changes no text. On a GPU this is the serving paths' run on CUDA."""
+    adapter = make_adapter(demo_model, tmp_path / "one", std=0.05)
+    short, long = "JULIET:\nO Romeo", "FIRST CITIZEN:\nBefore we proceed any further, hear me speak. " * 2
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm = LLM(demo_model, device=device, lora_modules={"one": str(adapter)})
+    want = {(p, lora): llm.generate(p, params, lora=lora)[0].outputs[0].text for p in (short, long) for lora in (None, "one")}
+    del llm
+    system = System(demo_model, "grpc", prefill=1, decode=1, up_flags=(
+        "--no-redis", "--device", device, "--max-local-prefill-length", "24", "--allow-runtime-lora-updating", "--dev-mode"))
+    url = system.plan.url
+
+    def complete(prompt: str, model: str = MODEL_NAME) -> str:
+        return system.client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0,
+                                                extra_body={"ignore_eos": True}).choices[0].text
+
+    def prefills() -> dict[str, float]:
+        return {where: gateway_counter(system, "baton_prefills_total", {"where": where}) for where in ("local", "remote")}
+
+    try:
+        assert system.plan.redis is None and "--redis-url" not in system.plan.gateway
+        assert complete(short) == want[(short, None)] and prefills() == {"local": 1, "remote": 0}
+        assert complete(long) == want[(long, None)] and prefills() == {"local": 1, "remote": 1}
+        loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "one", "lora_path": str(adapter)}, timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        assert [complete(p, "one") for p in (short, long)] == [want[(short, "one")], want[(long, "one")]]
+        assert prefills() == {"local": 2, "remote": 2}
+        assert httpx.post(f"{url}/reset_prefix_cache", timeout=60).status_code == 200
+        assert [complete(p) for p in (short, long)] == [want[(short, None)], want[(long, None)]]
         assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
     finally:
         system.stop()
