@@ -181,3 +181,22 @@ class EngineConfig:
             not isinstance(b, int) or b < 1 for b in self.cuda_graph_batch_sizes
         ):
             raise ValueError(f"cuda_graph_batch_sizes must be positive ints, got {self.cuda_graph_batch_sizes}")
+
+
+def add_engine_switches(p: argparse.ArgumentParser) -> None:
+    """vLLM's engine switches, on a worker and on ``baton up`` (which hands them to every worker)."""
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: never capture CUDA graphs (vLLM's)")
+    p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="CUDA: the decode batch sizes captured as CUDA graphs, each step padded to the next (vLLM's; "
+                        "default: the powers of two from 1 to 256, up to the first that holds --max-num-seqs)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep computed blocks to reuse for prompts that share a prefix (vLLM's; with "
+                        "--no-enable-prefix-caching every prompt is computed in full and nothing is indexed)")
+
+
+def engine_switches(args: argparse.Namespace) -> list[str]:
+    """``add_engine_switches``' flags as a worker's command line takes them (those not at their defaults)."""
+    out = ["--enforce-eager"] if args.enforce_eager else []
+    if args.cuda_graph_sizes:
+        out += ["--cuda-graph-sizes", *map(str, args.cuda_graph_sizes)]
+    return out if args.enable_prefix_caching else [*out, "--no-enable-prefix-caching"]

@@ -21,7 +21,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from baton.engine.config import SCHEDULING_POLICIES, parse_lora_modules, speculative_config_arg
+from baton.engine.config import (
+    SCHEDULING_POLICIES, add_engine_switches, engine_switches, parse_lora_modules, speculative_config_arg,
+)
 from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
@@ -77,6 +79,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
               "--scheduling-policy", args.scheduling_policy, "--max-logprobs", str(args.max_logprobs)]
     if args.dtype:
         common += ["--dtype", args.dtype]
+    common += engine_switches(args)
     if args.gpu_memory_utilization is not None:   # every worker shares the one device
         common += ["--gpu-memory-utilization", f"{args.gpu_memory_utilization / (args.prefill + args.decode):.6g}"]
     loras = ["--lora-modules", *args.lora_modules] if args.lora_modules else []
@@ -232,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no Redis: the gateway routes by load alone, not by the prefix caches (no global index)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
+    add_engine_switches(p)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="CUDA: the share of the GPU's memory all the workers together size their KV caches to (each "

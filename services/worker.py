@@ -29,7 +29,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from baton.engine.config import SCHEDULING_POLICIES, EngineConfig, parse_lora_modules, speculative_config_arg
+from baton.engine.config import (
+    SCHEDULING_POLICIES, EngineConfig, add_engine_switches, parse_lora_modules, speculative_config_arg,
+)
 from baton.engine.engine_core import EngineCore, LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.hashing import model_fingerprint
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams, StructuredOutputParams
@@ -83,6 +85,7 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
                    help="the most log-probs a request may ask for each token (vLLM's; -1: the whole vocabulary)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens back (default: on with --device cuda)")
+    add_engine_switches(p)
     p.add_argument(
         "--shutdown-grace", type=float, default=30.0,
         help="seconds in-flight RPCs get after SIGTERM (then the gateway resumes what is left elsewhere)",
@@ -126,8 +129,9 @@ class WorkerContext:
     engine_metrics: EngineMetrics | None  # with --metrics-port
 
 
-def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool) -> WorkerContext:
-    config = EngineConfig(
+def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
+    """The engine configuration a worker of ``role`` runs with, from its command line."""
+    return EngineConfig(
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_mb * 1024 * 1024,
@@ -146,7 +150,14 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         lora_modules=parse_lora_modules(args.lora_modules),
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
+        **({"cuda_graph_batch_sizes": args.cuda_graph_sizes} if args.cuda_graph_sizes else {}),
     )
+
+
+def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool) -> WorkerContext:
+    config = engine_config(args, role)
     runner = ModelRunner(args.model, config)
     fingerprint = model_fingerprint(runner.model_dir)
     core = EngineCore(

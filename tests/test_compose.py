@@ -159,6 +159,20 @@ def test_launcher_plan_gives_each_worker_a_metrics_port_on_request():
     assert plan.metrics == urls and len(set(urls.values())) == 3
 
 
+def test_launcher_plan_hands_vllms_engine_switches_to_every_worker():
+    from baton.services.worker import engine_config
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2"]
+    for extra, want in (([], (False, True, [1, 2, 4, 8, 16, 32, 64, 128, 256])),
+                        (["--enforce-eager", "--no-enable-prefix-caching", "--cuda-graph-sizes", "1", "3", "8"],
+                         (True, False, [1, 3, 8]))):
+        plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
+        for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)):
+            for cmd in cmds:
+                config = engine_config(worker_arg_parser(role, default_port=50051).parse_args(cmd[4:]), role)
+                assert (config.enforce_eager, config.enable_prefix_caching, config.cuda_graph_batch_sizes) == want
+
+
 def test_launcher_plan_passes_the_output_parsers_to_the_gateway():
     from baton.services.gateway.__main__ import build_parser
 

@@ -724,6 +724,28 @@ def test_baton_up_without_redis_computes_prompts_on_either_worker_and_loads_adap
         system.stop()
 
 
+def test_baton_up_without_prefix_caching_computes_every_prompt_in_full(demo_model):
+    """``baton up --no-enable-prefix-caching`` (vLLM's switch): a prompt sent again is computed again
+    (no cached tokens), to the aggregated engine's text; n > 1 and a prompt held by no cache
+    still work, and every block is freed."""
+    prompt = "FIRST CITIZEN:\nBefore we proceed any further, hear me speak. " * 2
+    llm = LLM(demo_model)
+    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].outputs[0].text
+    system = System(demo_model, "grpc", prefill=1, decode=1, up_flags=("--no-redis", "--no-enable-prefix-caching"))
+    try:
+        for _ in range(2):
+            out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=16, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+            assert out.choices[0].text == want and out.usage.prompt_tokens_details.cached_tokens == 0
+        samples = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, n=2, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+        assert [c.text for c in samples.choices] == [want[: len(c.text)] for c in samples.choices]
+        assert samples.usage.completion_tokens == 16
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
+
+
 def test_baton_up_resets_the_prefix_cache_in_dev_mode(demo_model):
     """``baton up --dev-mode``: a prompt sent again is served from the cache; after vLLM's
     ``POST /reset_prefix_cache`` (an empty 200) no worker holds a cached block, the Redis index
