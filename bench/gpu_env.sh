@@ -2,11 +2,11 @@
 # benchmarks: it maps the folders onto the ``baton.*`` namespace (no install needed),
 # installs wheels carried in .whl/ into /tmp/site (grpcio, protobuf: the image's may be
 # older; for the gateway and the e2e tests also fastapi, starlette, uvicorn, sse-starlette,
-# h11, click, anyio, httpx, httpcore, prometheus-client, pydantic, redis, xxhash, xgrammar
-# and what they need: the image lacks uvicorn at least), points the tests at the demo
-# checkpoint carried in .carry/, and keeps the working directory off sys.path, as
-# scripts/test.sh does (kernels/ would shadow the ``kernels`` package that newer
-# transformers imports).
+# h11, click, anyio, httpx, httpcore, prometheus-client, pydantic, redis, xxhash, xgrammar,
+# and openai with httpx2 and jiter, and what they need: the image lacks uvicorn at least),
+# points the tests at the demo checkpoint carried in .carry/, and keeps the working
+# directory off sys.path, as scripts/test.sh does (kernels/ would shadow the ``kernels``
+# package that newer transformers imports).
 mkdir -p /tmp/b/baton
 for d in engine kernels kvtransfer protos services; do ln -sfn "$PWD/$d" "/tmp/b/baton/$d"; done
 if compgen -G ".whl/*.whl" >/dev/null; then
