@@ -105,7 +105,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     plan.gateway = [
         py, "-P", "-m", "baton.services.gateway",
         "--model-dir", args.model,
-        "--served-model-name", args.served_model_name or Path(args.model).name,
+        "--served-model-name", *(args.served_model_name or [Path(args.model).name]),
         "--host", args.host, "--port", str(args.port),
         *with_redis,
         "--block-size", str(args.block_size),
@@ -177,10 +177,11 @@ def up(args: argparse.Namespace) -> int:
         print(f"baton up: {AUTO_TOOL_CHOICE_NEEDS_PARSER}", file=sys.stderr)
         return 2
     if args.served_model_name is None:
-        args.served_model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
+        args.served_model_name = [Path(args.model).name if Path(args.model).is_dir() else args.model]
     try:
-        if args.served_model_name in parse_lora_modules(args.lora_modules, args.served_model_name):
-            raise ValueError(f"LoRA adapter {args.served_model_name!r} takes the served model's name")
+        taken = set(args.served_model_name) & set(parse_lora_modules(args.lora_modules, args.served_model_name[0]))
+        if taken:
+            raise ValueError(f"LoRA adapter {sorted(taken)[0]!r} takes a served model's name")
     except ValueError as exc:
         print(f"baton up: {exc}", file=sys.stderr)
         return 2
@@ -197,7 +198,7 @@ def up(args: argparse.Namespace) -> int:
         for cmd in ([plan.redis] if plan.redis else []) + plan.prefill + plan.decode + [plan.gateway]:
             procs.append(subprocess.Popen(cmd))
         wait_ready(plan, procs, READY_TIMEOUT_S)
-        print(f"Baton is ready: {plan.url}/v1 (model {args.served_model_name}; Ctrl-C stops)", flush=True)
+        print(f"Baton is ready: {plan.url}/v1 (model {', '.join(args.served_model_name)}; Ctrl-C stops)", flush=True)
         for (role, addr), metrics_url in plan.metrics.items():
             print(f"  {role} worker {addr}: metrics at {metrics_url}", flush=True)
         while all(p.poll() is None for p in procs):
@@ -225,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="start Redis, the workers and the gateway as local processes")
     p.add_argument("--model", default=default_model(), help="HF model directory or hub id (default: the demo checkpoint)")
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model's names for clients, the first in responses (vLLM's; default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--prefill", type=int, default=1, help="number of prefill workers")

@@ -159,6 +159,17 @@ def test_launcher_plan_gives_each_worker_a_metrics_port_on_request():
     assert plan.metrics == urls and len(set(urls.values())) == 3
 
 
+def test_baton_up_hands_the_gateway_every_served_name_and_keeps_them_from_adapters(monkeypatch, capsys):
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--served-model-name", "bard", "poet"]
+    config = config_from_args(build_parser().parse_args(launcher.make_plan(launcher.build_parser().parse_args(argv)).gateway[4:]))
+    assert (config.served_model_name, config.served_model_aliases) == ("bard", ["poet"])
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: "/usr/bin/redis-server")
+    assert launcher.main([*argv, "--lora-modules", "poet=/a"]) == 2
+    assert "'poet' takes a served model's name" in capsys.readouterr().err
+
+
 def test_launcher_plan_hands_vllms_engine_switches_to_every_worker():
     from baton.services.worker import engine_config
 

@@ -311,6 +311,19 @@ async def test_a_request_without_a_model_is_for_the_served_one(tok) -> None:
     assert len(backend.requests) == 3
 
 
+async def test_the_served_model_answers_to_each_of_its_names_under_the_first(tok) -> None:
+    """vLLM's ``--served-model-name A B``: /v1/models lists both; a request naming B is served and
+    answered as A; a LoRA adapter may not take either name."""
+    backend = FakeBackend(tok)
+    app = create_app(make_config(served_model_aliases=["bard"], allow_runtime_lora_updating=True), backend, tok)
+    async with client_for(app) as client:
+        assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == [MODEL, "bard"]
+        out = await client.post("/v1/completions", json={"model": "bard", "prompt": "x", "max_tokens": 2})
+        assert out.status_code == 200 and out.json()["model"] == MODEL and backend.requests[-1].lora is None
+        refused = await client.post("/v1/load_lora_adapter", json={"lora_name": "bard", "lora_path": "/a"})
+        assert_error(refused, 400, "lora_name")
+
+
 LORAS = {"sonnets": "/adapters/sonnets", "tragedies": "/adapters/tragedies"}
 
 

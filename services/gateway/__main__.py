@@ -34,7 +34,8 @@ FINAL_SHUTDOWN_S = 5.0  # after draining: what uvicorn waits for connections bef
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m baton.services.gateway", description="Baton's OpenAI-compatible gateway")
     p.add_argument("--model-dir", required=True, help="local Hugging Face model directory (tokenizer, config.json)")
-    p.add_argument("--served-model-name", help="model id clients name (default: the directory's name)")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the model's names for clients, the first in responses (vLLM's; default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis-url", default=os.environ.get("BATON_REDIS_URL"), help="prefix index and worker registry")
@@ -66,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     env_keys = [k.strip() for k in os.environ.get("BATON_API_KEYS", "").split(",") if k.strip()]
-    served_model_name = args.served_model_name or os.path.basename(os.path.normpath(args.model_dir))
+    served_model_name, *aliases = args.served_model_name or [os.path.basename(os.path.normpath(args.model_dir))]
     return GatewayConfig(
         model_dir=args.model_dir,
         served_model_name=served_model_name,
+        served_model_aliases=aliases,
         host=args.host,
         port=args.port,
         api_keys=args.api_key + env_keys,

@@ -218,7 +218,7 @@ async def _answer(
 async def _read_body(request: Request, config: GatewayConfig, model: type[RequestT]) -> RequestT:
     """The request's JSON body as ``model``; an ``APIError`` (400, 413) where it is not one. A
     ``model`` with vLLM's ``request_id`` takes the ``X-Request-Id`` header's in place of the body's;
-    one that leaves out the model names the served one."""
+    one that leaves out the model, or names it by another of its names, names it by the first."""
     data = await _read_json(request, config.max_body_bytes)
     header = request.headers.get(REQUEST_ID_HEADER)
     if header is not None and isinstance(data, dict) and "request_id" in model.model_fields:
@@ -227,8 +227,8 @@ async def _read_body(request: Request, config: GatewayConfig, model: type[Reques
         body = model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from exc
-    if "model" in model.model_fields and body.model is None:      # vLLM's default: the served model
-        body = body.model_copy(update={"model": config.served_model_name})
+    if "model" in model.model_fields and (body.model is None or body.model in config.served_model_aliases):
+        body = body.model_copy(update={"model": config.served_model_name})   # vLLM's: the first name answers
     return body
 
 

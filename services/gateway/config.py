@@ -10,6 +10,7 @@ from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 class GatewayConfig(BaseModel):
     model_dir: str                                   # local HF directory (tokenizer, config.json)
     served_model_name: str                           # the id /v1/models reports and requests must name
+    served_model_aliases: list[str] = Field(default_factory=list)  # other names requests may use (vLLM's)
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = Field(default_factory=list)  # empty: no authentication

@@ -84,18 +84,21 @@ class OpenAIServing:
         self._lora_updates = asyncio.Lock()        # one load or unload at a time
 
     def models(self) -> ModelList:
-        """The base model, then each LoRA adapter (``root``: its directory, ``parent``: the base), as vLLM lists them."""
+        """The base model under each of its names, then each LoRA adapter (``root``: its directory,
+        ``parent``: the base), as vLLM lists them."""
         base = self.config.served_model_name
+        names = [ModelCard(id=name, root=self.config.model_dir, max_model_len=self.max_model_len)
+                 for name in (base, *self.config.served_model_aliases)]
         adapters = [ModelCard(id=name, root=path, parent=base, max_model_len=self.max_model_len)
                     for name, path in self.loras.items()]
-        return ModelList(data=[ModelCard(id=base, root=self.config.model_dir, max_model_len=self.max_model_len), *adapters])
+        return ModelList(data=[*names, *adapters])
 
     async def load_lora_adapter(self, req: LoadLoRAAdapterRequest) -> str:
         """vLLM's ``/v1/load_lora_adapter``: every worker loads the adapter (or none does, and the
         reason is the error), then requests may name it."""
         name = req.lora_name
         async with self._lora_updates:
-            if name == self.config.served_model_name:
+            if name in (self.config.served_model_name, *self.config.served_model_aliases):
                 raise APIError(f"The lora adapter '{name}' takes the name of the served model.", param="lora_name")
             if name in self.loras:
                 raise APIError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
