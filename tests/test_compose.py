@@ -170,6 +170,19 @@ def test_baton_up_hands_the_gateway_every_served_name_and_keeps_them_from_adapte
     assert "'poet' takes a served model's name" in capsys.readouterr().err
 
 
+def test_baton_up_hands_the_cors_flags_to_the_gateway():
+    from baton.services.gateway.__main__ import build_parser, config_from_args
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
+    for extra, want in (([], (["*"], False)), (["--allowed-origins", '["https://a", "https://b"]', "--allow-credentials"],
+                                             (["https://a", "https://b"], True))):
+        plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
+        config = config_from_args(build_parser().parse_args(plan.gateway[4:]))
+        assert (config.allowed_origins, config.allow_credentials) == want
+    with pytest.raises(SystemExit):
+        launcher.build_parser().parse_args([*argv, "--allowed-origins", "https://a"])   # not JSON
+
+
 def test_launcher_plan_hands_vllms_engine_switches_to_every_worker():
     from baton.services.worker import engine_config
 

@@ -324,6 +324,27 @@ async def test_the_served_model_answers_to_each_of_its_names_under_the_first(tok
         assert_error(refused, 400, "lora_name")
 
 
+async def test_cors_as_vllm_configures_it(tok) -> None:
+    """Any origin by default (vLLM's defaults), a preflight answered; with ``allowed_origins`` set,
+    only those origins are named back."""
+    open_app = create_app(make_config(), FakeBackend(tok), tok)
+    async with client_for(open_app) as client:
+        out = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+                                headers={"Origin": "https://ui.example"})
+        assert out.status_code == 200 and out.headers["access-control-allow-origin"] == "*"
+        preflight = await client.options("/v1/chat/completions", headers={
+            "Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 200 and "POST" in preflight.headers["access-control-allow-methods"]
+    strict = create_app(make_config(allowed_origins=["https://ui.example"], allow_credentials=True), FakeBackend(tok), tok)
+    async with client_for(strict) as client:
+        ok = await client.get("/v1/models", headers={"Origin": "https://ui.example"})
+        assert ok.headers["access-control-allow-origin"] == "https://ui.example"
+        assert ok.headers["access-control-allow-credentials"] == "true"
+        other = await client.get("/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
 LORAS = {"sonnets": "/adapters/sonnets", "tragedies": "/adapters/tragedies"}
 
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
@@ -306,6 +307,8 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
                 logger.warning("the backend did not close within %g s; shutting down without it", BACKEND_CLOSE_TIMEOUT_S)
 
     app = FastAPI(title="Baton gateway", lifespan=lifespan)
+    app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
+                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
     app.state.gateway = state
     bodies: list[type[BaseModel]] = []
 

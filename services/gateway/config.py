@@ -11,6 +11,10 @@ class GatewayConfig(BaseModel):
     model_dir: str                                   # local HF directory (tokenizer, config.json)
     served_model_name: str                           # the id /v1/models reports and requests must name
     served_model_aliases: list[str] = Field(default_factory=list)  # other names requests may use (vLLM's)
+    allowed_origins: list[str] = Field(default_factory=lambda: ["*"])   # CORS, as vLLM's flags of these names
+    allowed_methods: list[str] = Field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = Field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = Field(default_factory=list)  # empty: no authentication

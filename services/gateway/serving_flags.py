@@ -16,6 +16,17 @@ from baton.services.gateway.tokenizer import chat_template_arg
 from baton.services.gateway.tool_parsers import PARSERS
 
 
+def json_list_arg(text: str) -> list[str]:
+    """A flag's JSON list of strings (vLLM's CORS flags take them so)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text}")
+    return value
+
+
 def env_flag(name: str) -> bool:
     """A vLLM switch in the environment: "1" or "true", any case."""
     return os.environ.get(name, "0").strip().lower() in ("1", "true")
@@ -65,6 +76,14 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
             switch, default=env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
             help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; also "
                  "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in the environment)")),
+        ("--allowed-origins", dict(
+            type=json_list_arg, default=["*"], metavar="JSON",
+            help='CORS: the origins a browser may call from, a JSON list (vLLM\'s; default ["*"])')),
+        ("--allowed-methods", dict(
+            type=json_list_arg, default=["*"], metavar="JSON", help="CORS: the methods allowed (vLLM's)")),
+        ("--allowed-headers", dict(
+            type=json_list_arg, default=["*"], metavar="JSON", help="CORS: the request headers allowed (vLLM's)")),
+        ("--allow-credentials", dict(switch, help="CORS: allow credentials (cookies, HTTP authentication; vLLM's)")),
         ("--dev-mode", dict(
             switch, default=env_flag("VLLM_SERVER_DEV_MODE"),
             help="serve vLLM's dev-mode route /reset_prefix_cache (also VLLM_SERVER_DEV_MODE=1 in the environment, "
@@ -87,5 +106,5 @@ def forwarded(args: argparse.Namespace) -> list[str]:
         if options.get("action") == "store_true":
             out.append(name)
         else:
-            out += [name, json.dumps(value) if isinstance(value, dict) else str(value)]
+            out += [name, json.dumps(value) if isinstance(value, dict | list) else str(value)]
     return out
