@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -116,7 +117,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *loras,
         *serving_flags.forwarded(args),
     ]
-    plan.url = f"http://{args.host}:{args.port}"
+    plan.url = f"{'https' if args.ssl_certfile else 'http'}://{args.host}:{args.port}"
     return plan
 
 
@@ -130,7 +131,9 @@ def wait_ready(plan: Plan, procs: list[subprocess.Popen], timeout: float) -> Non
         if dead:
             raise RuntimeError(f"{' '.join(dead[0].args[:4])} exited with code {dead[0].returncode}")
         try:
-            with urllib.request.urlopen(f"{plan.url}/ready", timeout=2) as resp:
+            # The gateway just started is probed, not trusted: its certificate may name another host.
+            context = ssl._create_unverified_context() if plan.url.startswith("https") else None
+            with urllib.request.urlopen(f"{plan.url}/ready", timeout=2, context=context) as resp:
                 reachable = json.load(resp)["workers"]
                 if resp.status == 200 and all(reachable[role] >= count for role, count in want.items()):
                     return
@@ -175,6 +178,9 @@ def up(args: argparse.Namespace) -> int:
         return 2
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         print(f"baton up: {AUTO_TOOL_CHOICE_NEEDS_PARSER}", file=sys.stderr)
+        return 2
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        print("baton up: TLS needs both --ssl-keyfile and --ssl-certfile", file=sys.stderr)
         return 2
     if args.served_model_name is None:
         args.served_model_name = [Path(args.model).name if Path(args.model).is_dir() else args.model]

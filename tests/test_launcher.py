@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -45,7 +46,7 @@ def start_baton_up(port: int, *flags: str) -> tuple[subprocess.Popen, list[int]]
     deadline = time.monotonic() + 240
     while "Baton is ready" not in ready and time.monotonic() < deadline and proc.poll() is None:
         ready = proc.stdout.readline()
-    if f"http://127.0.0.1:{port}/v1" not in ready:
+    if f"://127.0.0.1:{port}/v1" not in ready:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=90)
         pytest.fail(f"baton up did not get ready: {ready!r}")
@@ -71,6 +72,29 @@ def test_baton_up_serves_and_stops_cleanly():
         code = proc.wait(timeout=90)
     assert code == 0
     assert_gone(children)
+
+
+def test_baton_up_serves_over_tls_and_only_so(tmp_path):
+    """``baton up --ssl-keyfile K --ssl-certfile C`` (vLLM's flags): the gateway answers HTTPS with
+    that certificate, and plain HTTP not at all."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    proc, _ = start_baton_up(port, "--no-redis", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert))
+    try:
+        body = {"prompt": "JULIET:\nO Romeo", "max_tokens": 8, "temperature": 0}
+        trusted = ssl.create_default_context(cafile=str(cert))
+        resp = httpx.post(f"https://127.0.0.1:{port}/v1/completions", json=body, timeout=60, verify=trusted)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"].startswith(", Romeo!")
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=10)
+        with pytest.raises(httpx.ConnectError):    # a client that does not trust the certificate
+            httpx.get(f"https://127.0.0.1:{port}/health", timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
 
 
 def test_baton_up_serves_the_generation_configs_defaults(demo_model, tmp_path):
@@ -117,6 +141,13 @@ def test_baton_up_refuses_a_missing_model(capsys):
 
     assert main(["up", "--model", "/nonexistent/checkpoint"]) == 2
     assert "'/nonexistent/checkpoint' is not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_tls_needs_both_the_key_and_the_certificate(capsys):
+    from baton.services.launcher import main
+
+    assert main(["up", "--ssl-keyfile", "/k.pem"]) == 2
+    assert "both --ssl-keyfile and --ssl-certfile" in capsys.readouterr().err
 
 
 def test_enable_auto_tool_choice_needs_a_parser_as_in_vllm(capsys):

@@ -92,6 +92,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         allowed_methods=args.allowed_methods,
         allowed_headers=args.allowed_headers,
         allow_credentials=args.allow_credentials,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs,
         shutdown_timeout_s=args.shutdown_timeout,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
@@ -140,7 +144,9 @@ async def serve(config: GatewayConfig, log_level: str) -> None:
     """Build the app inside the running loop (the backend's gRPC channels bind to it) and serve."""
     app = create_app(config, GrpcBackend(config), GatewayTokenizer(config.model_dir, config.chat_template))
     server_config = uvicorn.Config(
-        app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=FINAL_SHUTDOWN_S
+        app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=FINAL_SHUTDOWN_S,
+        ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, ssl_ca_certs=config.ssl_ca_certs,
+        ssl_cert_reqs=config.ssl_cert_reqs,
     )
     await DrainingServer(server_config, app.state.gateway, config.shutdown_timeout_s).serve()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 
@@ -15,6 +15,10 @@ class GatewayConfig(BaseModel):
     allowed_methods: list[str] = Field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = Field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    ssl_keyfile: str | None = None                    # TLS (uvicorn's), as vLLM's flags of these names
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int = 0
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = Field(default_factory=list)  # empty: no authentication
@@ -50,3 +54,9 @@ class GatewayConfig(BaseModel):
     override_generation_config: dict[str, float | int | None] = Field(default_factory=dict)
     shutdown_timeout_s: float = 30.0                 # in-flight requests may finish within this after SIGTERM
     load_poll_interval_s: float = 0.5
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewayConfig:
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("TLS needs both --ssl-keyfile and --ssl-certfile")
+        return self

@@ -84,6 +84,12 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
         ("--allowed-headers", dict(
             type=json_list_arg, default=["*"], metavar="JSON", help="CORS: the request headers allowed (vLLM's)")),
         ("--allow-credentials", dict(switch, help="CORS: allow credentials (cookies, HTTP authentication; vLLM's)")),
+        ("--ssl-keyfile", dict(default=None, metavar="FILE", help="TLS: the server's private key (vLLM's)")),
+        ("--ssl-certfile", dict(default=None, metavar="FILE", help="TLS: the server's certificate chain (vLLM's)")),
+        ("--ssl-ca-certs", dict(default=None, metavar="FILE", help="TLS: the CA certificates clients' are checked by")),
+        ("--ssl-cert-reqs", dict(
+            type=int, choices=(0, 1, 2), default=0,
+            help="TLS: client certificates none (0), optional (1) or required (2), as Python's ssl.CERT_* (vLLM's)")),
         ("--dev-mode", dict(
             switch, default=env_flag("VLLM_SERVER_DEV_MODE"),
             help="serve vLLM's dev-mode route /reset_prefix_cache (also VLLM_SERVER_DEV_MODE=1 in the environment, "
