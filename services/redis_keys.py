@@ -6,6 +6,9 @@
 - Prefix index: ``baton:blocks:{fingerprint}:{block_hash:016x}`` is a SET of the
   worker ids that hold that block in their prefix cache. Workers add on
   ``stored`` and remove on ``removed`` events, in pipelined batches.
+- Runtime LoRA adapters: ``baton:loras:{fingerprint}`` is a HASH of the adapters
+  loaded through a gateway's ``/v1/load_lora_adapter``, name to ``{"path", "digest"}``
+  as JSON; gateways write it on a load or unload and adopt what others wrote.
 
 The index is advisory: a stale entry costs a recomputation, never a wrong answer.
 """
@@ -17,6 +20,7 @@ import json
 
 WORKER_PREFIX = "baton:worker:"
 BLOCKS_PREFIX = "baton:blocks:"
+LORAS_PREFIX = "baton:loras:"
 DEFAULT_HEARTBEAT_TTL_S = 10.0
 
 
@@ -49,3 +53,7 @@ def worker_key(worker_id: str) -> str:
 
 def block_key(fingerprint: str, block_hash: int) -> str:
     return f"{BLOCKS_PREFIX}{fingerprint}:{block_hash:016x}"
+
+
+def lora_key(fingerprint: str) -> str:
+    return f"{LORAS_PREFIX}{fingerprint}"

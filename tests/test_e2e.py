@@ -684,6 +684,44 @@ def test_baton_up_loads_and_unloads_lora_adapters_while_serving(demo_model, tmp_
         system.stop()
 
 
+def test_a_second_gateway_serves_the_adapters_loaded_through_the_first(demo_model, tmp_path):
+    """Two gateways on one Redis and the same workers (a gateway restarted is the second one): an
+    adapter loaded through the first is listed and served by the second, which started after it,
+    to the engine's text; unloaded through the second, the first stops listing it."""
+    adapter = make_adapter(demo_model, tmp_path / "one", std=0.05)
+    prompt = "FIRST CITIZEN:\nBefore we proceed any further, hear me speak. " * 2
+    llm = LLM(demo_model, lora_modules={"one": str(adapter)})
+    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), lora="one")[0].outputs[0].text
+    system = System(demo_model, "grpc", prefill=1, decode=1, up_flags=("--allow-runtime-lora-updating",))
+    second_port = launcher.free_port()
+    cmd = list(system.plan.gateway)
+    cmd[cmd.index("--port") + 1] = str(second_port)
+    second_url = f"http://127.0.0.1:{second_port}"
+
+    def listed(url: str) -> list[str]:
+        return [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]]
+
+    try:
+        loaded = httpx.post(f"{system.plan.url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(adapter)},
+                            timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        system.procs.append(subprocess.Popen(cmd))
+        launcher.wait_ready(replace(system.plan, url=second_url), system.procs, timeout=120)
+        assert listed(second_url) == [MODEL_NAME, "sql"]
+        body = {"model": "sql", "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        deadline = time.monotonic() + 10
+        while (out := httpx.post(f"{second_url}/v1/completions", json=body, timeout=60)).status_code != 200:
+            assert time.monotonic() < deadline, out.text      # until its first poll has found the workers holding it
+            time.sleep(0.2)
+        assert out.json()["choices"][0]["text"] == want
+        assert httpx.post(f"{second_url}/v1/unload_lora_adapter", json={"lora_name": "sql"}, timeout=60).status_code == 200
+        while "sql" in listed(system.plan.url):
+            assert time.monotonic() < deadline + 10, "the first gateway still lists the unloaded adapter"
+            time.sleep(0.2)
+    finally:
+        system.stop()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_baton_up_without_redis_computes_prompts_on_either_worker_and_loads_adapters(demo_model, tmp_path, device):

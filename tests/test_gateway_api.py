@@ -382,18 +382,24 @@ async def test_a_worker_without_the_adapter_is_a_404(tok) -> None:
 
 
 class LoRABackend(FakeBackend):
-    """Records loads and unloads; ``refusal`` fails the next one."""
+    """Records loads and unloads, and holds the adapters loaded; ``refusal`` fails the next one."""
 
     def __init__(self, tok: GatewayTokenizer) -> None:
         super().__init__(tok)
         self.updates: list[tuple[str, ...]] = []
         self.refusal: BackendError | None = None
+        self.loaded: dict[str, str] = {}
+
+    def runtime_loras(self) -> dict[str, str]:
+        return dict(self.loaded)
 
     async def load_lora(self, name: str, path: str) -> None:
         await self._update("load", name, path)
+        self.loaded[name] = path
 
     async def unload_lora(self, name: str) -> None:
         await self._update("unload", name)
+        self.loaded.pop(name, None)
 
     async def _update(self, *what: str) -> None:
         refusal, self.refusal = self.refusal, None

@@ -26,7 +26,7 @@ from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.metrics import REDIS_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.index_publisher import IndexPublisher
-from baton.services.redis_keys import WorkerRecord, block_key, worker_key
+from baton.services.redis_keys import WorkerRecord, block_key, lora_key, worker_key
 from test_backend_grpc import FakeDecode, FakePrefill, collect, config, request, serve
 
 pytestmark = [
@@ -312,6 +312,53 @@ async def test_a_lora_request_is_routed_by_the_blocks_computed_under_its_adapter
             await collect(backend.generate(request(prompt, max_tokens=1)))
         assert [r.lora for r in prefills[0].requests] == ["one"] * 2
         assert [r.lora for r in prefills[1].requests] == [""] * 2
+
+
+async def test_runtime_lora_adapters_are_recorded_per_model_and_read_back(redis_url: str) -> None:
+    index, other_model = PrefixIndex(redis_url, FP), PrefixIndex(redis_url, "f" * 16)
+    assert await index.runtime_loras() == {}
+    assert await index.put_lora("sql", "/a/sql", "d1") and await index.put_lora("poem", "/a/poem", "d2")
+    assert await index.runtime_loras() == {"sql": ("/a/sql", "d1"), "poem": ("/a/poem", "d2")}
+    assert await other_model.runtime_loras() == {}
+    client = aioredis.Redis.from_url(redis_url)
+    await client.hset(lora_key(FP), "broken", "{not json")
+    assert await index.delete_lora("sql")
+    assert await index.runtime_loras() == {"poem": ("/a/poem", "d2")}        # the unreadable entry skipped
+    await client.aclose()
+    await index.close()
+    await other_model.close()
+    down = PrefixIndex(f"redis://127.0.0.1:{free_port()}/0", FP, retry_after_s=0.0)
+    assert await down.runtime_loras() is None and not await down.put_lora("sql", "/a", "d") and not await down.delete_lora("sql")
+    await down.close()
+
+
+async def test_gateways_share_the_lora_adapters_loaded_at_runtime(redis_url: str) -> None:
+    """An adapter loaded through one gateway is served by another (started before or after) within
+    a registry refresh, on the workers that hold it; unloaded through one, it is gone from the other;
+    a gateway started after it was loaded serves it from the start."""
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0")
+    async with registered_cluster(redis_url, [("p0", "prefill", prefill), ("d0", "decode", decode)]) as (_, first):
+        second = GrpcBackend(config([], [], redis_url=redis_url), fingerprint=FP)
+        await second.start()
+        await first.load_lora("sql", "/a/sql")
+        deadline = time.monotonic() + 5
+        while "sql" not in second.runtime_loras():
+            assert time.monotonic() < deadline, "the second gateway did not adopt the adapter"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)                      # the polls after it send it to the workers (already there)
+        req = replace(request(max_tokens=2), lora="sql")
+        await collect(second.generate(req))
+        assert decode.reserved[req.request_id][0].lora == "sql"
+        late = GrpcBackend(config([], [], redis_url=redis_url), fingerprint=FP)
+        await late.start()
+        assert late.runtime_loras() == {"sql": "/a/sql"}
+        await second.unload_lora("sql")
+        assert "sql" not in decode.loras
+        while "sql" in first.runtime_loras() or "sql" in late.runtime_loras():
+            assert time.monotonic() < deadline + 5, "an unload through another gateway was not seen"
+            await asyncio.sleep(0.05)
+        for backend in (second, late):
+            await backend.close()
 
 
 async def test_a_salted_request_is_routed_by_the_blocks_cached_under_its_salt(redis_url: str) -> None:

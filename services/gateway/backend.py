@@ -90,6 +90,11 @@ class Backend(abc.ABC):
         """How many workers of each role (``prefill``, ``decode``) routing may use now; the
         gateway is ready while both have one."""
 
+    def runtime_loras(self) -> dict[str, str]:
+        """The LoRA adapters loaded while serving (``load_lora``, here or through another gateway),
+        name: path."""
+        return {}
+
     async def load_lora(self, name: str, path: str) -> None:
         """Load LoRA adapter ``name`` from ``path`` (a PEFT directory where the workers run) on every
         worker, or on none: ``BackendError`` with the reason."""

@@ -41,7 +41,10 @@ LoRA adapters loaded through the gateway (``load_lora``, ``unload_lora``) go to 
 answers, all or none (``lora_fanout``). A request under one of them is routed only to workers
 that hold it: a worker seen for the first time, or again after it stopped answering or restarted
 (a new id), is sent those it lacks by the poll that finds it answering; one that cannot load an
-adapter serves the base model and the other adapters.
+adapter serves the base model and the other adapters. With Redis, each load and unload is
+recorded there (``baton:loras:*``), and the registry refresh adopts what other gateways, or this
+one before a restart, recorded: an adapter that appeared is served here too (its workers are sent
+it, with its digest, as above), one that disappeared is no longer.
 A prefix-cache reset (``reset_prefix_cache``) goes to every worker that answers too (``fanout``); the
 workers publish the blocks they drop, so routing stops counting them.
 """
@@ -134,6 +137,7 @@ class GrpcBackend(Backend):
         self._task: asyncio.Task[None] | None = None
         self._aborts: set[asyncio.Task[None]] = set()
         self._runtime_loras: dict[str, RuntimeAdapter] = {}
+        self._recorded_loras: set[str] | None = None   # the adapters Redis listed at the last read
         self._lora_lock = asyncio.Lock()     # one load, unload or sync at a time
         for role, addrs in (("prefill", config.prefill_addrs), ("decode", config.decode_addrs)):
             for address in addrs:
@@ -430,12 +434,17 @@ class GrpcBackend(Backend):
 
     # -- LoRA adapters loaded while serving ---------------------------------
 
+    def runtime_loras(self) -> dict[str, str]:
+        return {name: adapter.path for name, adapter in self._runtime_loras.items()}
+
     async def load_lora(self, name: str, path: str) -> None:
         async with self._lora_lock:
             workers = self._answering()
             if not workers:
                 raise BackendError("no worker answers: no LoRA adapter can load now", 503)
-            self._runtime_loras[name] = await load_everywhere(workers, name, path, self.config.lora_timeout_s)
+            adapter = self._runtime_loras[name] = await load_everywhere(workers, name, path, self.config.lora_timeout_s)
+            if self._index is not None and not await self._index.put_lora(name, adapter.path, adapter.digest):
+                logger.warning("LoRA adapter %r loaded, but Redis did not record it for other gateways", name)
 
     async def unload_lora(self, name: str) -> None:
         async with self._lora_lock:
@@ -446,6 +455,36 @@ class GrpcBackend(Backend):
                 if adapter is not None:
                     self._runtime_loras[name] = adapter
                 raise
+            if self._index is not None and not await self._index.delete_lora(name):
+                logger.warning("LoRA adapter %r unloaded, but Redis still records it for other gateways", name)
+
+    async def _adopt_loras(self, index: PrefixIndex) -> None:
+        """Take up the runtime adapters Redis lists that were not there at the last read (all of them
+        at the first), and drop those no longer listed that were; not while a load or unload runs."""
+        if self._lora_lock.locked():
+            return
+        recorded = await index.runtime_loras()
+        if recorded is None:
+            return
+        before = self._recorded_loras if self._recorded_loras is not None else set()
+        for name, (path, digest) in recorded.items():
+            ours = self._runtime_loras.get(name)
+            if name in self.config.lora_modules or (ours is not None and ours.digest == digest):
+                continue
+            if ours is None and name in before:
+                continue        # unloaded here since, and Redis not yet told
+            logger.info("serving LoRA adapter %r (%s), loaded through another gateway", name, path)
+            self._forget_lora(name)
+            self._runtime_loras[name] = RuntimeAdapter(name, path, digest)
+        for name in (before - recorded.keys()) & self._runtime_loras.keys():
+            logger.info("LoRA adapter %r was unloaded through another gateway", name)
+            self._forget_lora(name)
+        self._recorded_loras = set(recorded)
+
+    def _forget_lora(self, name: str) -> None:
+        self._runtime_loras.pop(name, None)
+        for worker in self._workers.values():
+            worker.loras.discard(name)
 
     # -- the workers' prefix caches ------------------------------------------
 
@@ -572,6 +611,7 @@ class GrpcBackend(Backend):
     async def _refresh(self, discover: bool) -> None:
         if discover and self._index is not None:
             await self._discover(self._index)
+            await self._adopt_loras(self._index)
         await asyncio.gather(*(self._poll(w) for w in list(self._workers.values())))
 
     async def _discover(self, index: PrefixIndex) -> None:

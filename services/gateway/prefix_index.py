@@ -1,14 +1,15 @@
-"""The gateway's read side of the Redis index: prefix hits and worker registry.
+"""The gateway's side of Redis: prefix hits, the worker registry, and the runtime LoRA adapters.
 
 ``longest_prefixes`` asks, in one pipelined round trip, which workers hold each
 of a prompt's leading block hashes (SMEMBERS per block key, at most
 ``max_blocks`` of them) and returns, per worker, the length of the run of
 leading blocks it holds. ``live_workers`` lists the registry (SCAN + MGET),
 skipping records whose model fingerprint or block size disagree with the
-gateway's.
+gateway's. ``runtime_loras`` reads the adapters gateways loaded while serving
+(``put_lora`` and ``delete_lora`` write them).
 
 Redis is advisory. When it does not answer (refused, timed out) every call still
-returns: no hits, or the last registry read. Each failure counts in
+returns: no hits, the last registry read, no adapters read (None) or not written (False). Each failure counts in
 ``REDIS_ERRORS``; one warning is logged per outage; after a failure Redis is
 left alone for ``retry_after_s`` so a dead or blackholed server costs requests
 nothing.
@@ -16,15 +17,16 @@ nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import redis.asyncio as aioredis
 
 from baton.services.gateway.metrics import REDIS_ERRORS
 from baton.services.redis_client import REDIS_ERRORS_CAUGHT, OutageLog, connect
-from baton.services.redis_keys import WORKER_PREFIX, WorkerRecord, block_key
+from baton.services.redis_keys import WORKER_PREFIX, WorkerRecord, block_key, lora_key
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,46 @@ class PrefixIndex:
         records = (self._accept(_text(key), raw) for key, raw in zip(keys, raws) if raw is not None)
         self._workers = [record for record in records if record is not None]
         return list(self._workers)
+
+    async def runtime_loras(self) -> dict[str, tuple[str, str]] | None:
+        """The runtime LoRA adapters gateways of this model loaded, name: (path, digest); None
+        when Redis does not answer. An unreadable entry is skipped."""
+        if not self._may_try():
+            return None
+        try:
+            raw = await self._redis.hgetall(lora_key(self.fingerprint))
+        except REDIS_ERRORS_CAUGHT as err:
+            self._failed(err)
+            return None
+        self._outage.ok()
+        adapters = {}
+        for name, value in raw.items():
+            try:
+                entry = json.loads(value)
+                adapters[_text(name)] = (str(entry["path"]), str(entry["digest"]))
+            except (ValueError, KeyError, TypeError):
+                self._reject(f"{lora_key(self.fingerprint)}[{_text(name)}]", "unreadable adapter entry")
+        return adapters
+
+    async def put_lora(self, name: str, path: str, digest: str) -> bool:
+        """Record a runtime LoRA adapter for the other gateways; False when Redis does not answer."""
+        entry = json.dumps({"path": path, "digest": digest})
+        return await self._write(lambda r: r.hset(lora_key(self.fingerprint), name, entry))
+
+    async def delete_lora(self, name: str) -> bool:
+        """Forget a runtime LoRA adapter; False when Redis does not answer."""
+        return await self._write(lambda r: r.hdel(lora_key(self.fingerprint), name))
+
+    async def _write(self, command: Callable[[aioredis.Redis], Awaitable[object]]) -> bool:
+        if not self._may_try():
+            return False
+        try:
+            await command(self._redis)
+        except REDIS_ERRORS_CAUGHT as err:
+            self._failed(err)
+            return False
+        self._outage.ok()
+        return True
 
     async def close(self) -> None:
         await self._redis.aclose()

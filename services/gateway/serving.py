@@ -80,8 +80,14 @@ class OpenAIServing:
         self.generation_defaults = sampling_defaults.load(config.model_dir, config.generation_config,
                                                           config.override_generation_config)
         sampling_defaults.log_defaults(self.generation_defaults)
-        self.loras = dict(config.lora_modules)     # the LoRA adapters served: name -> directory
-        self._lora_updates = asyncio.Lock()        # one load or unload at a time
+        self._start_loras = dict(config.lora_modules)   # --lora-modules still served: name -> directory
+        self._lora_updates = asyncio.Lock()             # one load or unload at a time
+
+    @property
+    def loras(self) -> dict[str, str]:
+        """The LoRA adapters served, name: directory: those of ``--lora-modules`` not unloaded, then
+        those loaded while serving (through this gateway or another)."""
+        return {**self._start_loras, **self.backend.runtime_loras()}
 
     def models(self) -> ModelList:
         """The base model under each of its names, then each LoRA adapter (``root``: its directory,
@@ -103,7 +109,6 @@ class OpenAIServing:
             if name in self.loras:
                 raise APIError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
             await self.backend.load_lora(name, req.lora_path)
-            self.loras[name] = req.lora_path
         return f"Success: LoRA adapter '{name}' added successfully."
 
     async def unload_lora_adapter(self, req: UnloadLoRAAdapterRequest) -> str:
@@ -111,14 +116,15 @@ class OpenAIServing:
         worker unloads it (or none does: a worker refuses while requests run under it)."""
         name = req.lora_name
         async with self._lora_updates:
-            path = self.loras.pop(name, None)
-            if path is None:
+            if name not in self.loras:
                 raise APIError(f"The lora adapter '{name}' cannot be found.", status=404, param="lora_name",
                                type="not_found_error")
+            path = self._start_loras.pop(name, None)
             try:
                 await self.backend.unload_lora(name)
             except BaseException:
-                self.loras[name] = path
+                if path is not None:
+                    self._start_loras[name] = path
                 raise
         return f"Success: LoRA adapter '{name}' removed successfully."
 
