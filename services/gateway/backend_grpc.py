@@ -459,12 +459,11 @@ class GrpcBackend(Backend):
                 logger.warning("LoRA adapter %r unloaded, but Redis still records it for other gateways", name)
 
     async def _adopt_loras(self, index: PrefixIndex) -> None:
-        """Take up the runtime adapters Redis lists that were not there at the last read (all of them
-        at the first), and drop those no longer listed that were; not while a load or unload runs."""
-        if self._lora_lock.locked():
-            return
+        """Take up the runtime adapters Redis lists that this gateway does not hold (or holds with other
+        weights), but for those it unloaded since the last read, and drop those listed then and no
+        longer; not while a load or unload runs here (the next refresh)."""
         recorded = await index.runtime_loras()
-        if recorded is None:
+        if recorded is None or self._lora_lock.locked():
             return
         before = self._recorded_loras if self._recorded_loras is not None else set()
         for name, (path, digest) in recorded.items():

@@ -9,10 +9,10 @@ gateway's. ``runtime_loras`` reads the adapters gateways loaded while serving
 (``put_lora`` and ``delete_lora`` write them).
 
 Redis is advisory. When it does not answer (refused, timed out) every call still
-returns: no hits, the last registry read, no adapters read (None) or not written (False). Each failure counts in
-``REDIS_ERRORS``; one warning is logged per outage; after a failure Redis is
-left alone for ``retry_after_s`` so a dead or blackholed server costs requests
-nothing.
+returns: no hits, the last registry read, no adapters read (None) or none written
+(False). Each failure counts in ``REDIS_ERRORS``; one warning is logged per outage;
+after a failure Redis is left alone for ``retry_after_s`` so a dead or blackholed
+server costs requests nothing.
 """
 
 from __future__ import annotations
