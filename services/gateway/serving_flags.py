@@ -86,7 +86,8 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
         ("--allow-credentials", dict(switch, help="CORS: allow credentials (cookies, HTTP authentication; vLLM's)")),
         ("--ssl-keyfile", dict(default=None, metavar="FILE", help="TLS: the server's private key (vLLM's)")),
         ("--ssl-certfile", dict(default=None, metavar="FILE", help="TLS: the server's certificate chain (vLLM's)")),
-        ("--ssl-ca-certs", dict(default=None, metavar="FILE", help="TLS: the CA certificates clients' certificates are checked against (vLLM's)")),
+        ("--ssl-ca-certs", dict(
+            default=None, metavar="FILE", help="TLS: the CA certificates clients' certificates are checked against (vLLM's)")),
         ("--ssl-cert-reqs", dict(
             type=int, choices=(0, 1, 2), default=0,
             help="TLS: client certificates none (0), optional (1) or required (2), as Python's ssl.CERT_* (vLLM's)")),
