@@ -117,6 +117,10 @@ class NcclKVReceiver(LandingReceiver):
                 self.fail(entry, error.message if isinstance(error, Refused) else
                           f"the sender of request {entry.request_id!r} went away" + (f" ({error})" if error else ""))
         if isinstance(error, Refused):
+            # Said in-band first: a sender still writing may read the stream's end as another status.
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                await context.write(kvtransfer_pb2.PairReply(broken=kvtransfer_pb2.KVAck(
+                    ok=False, code=error.code, error=error.message)))
             await context.abort(grpc.StatusCode[error.code], error.message)
         if error is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the pair's {backend} group failed: {error}")

@@ -130,6 +130,8 @@ class Link:
         """Hand each answer to its request's session."""
         try:
             while (reply := await self._call.read()) is not grpc.aio.EOF:
+                if reply.HasField("broken"):
+                    raise Refused(reply.broken.code, reply.broken.error)
                 answer = self._answers.pop(reply.ack.request_id, None)
                 if answer is not None and not answer.done():
                     answer.set_result(reply.ack)

@@ -74,12 +74,14 @@ class PairRequest(_message.Message):
     def __init__(self, chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., abort: _Optional[str] = ...) -> None: ...
 
 class PairReply(_message.Message):
-    __slots__ = ("group", "ack")
+    __slots__ = ("group", "ack", "broken")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_FIELD_NUMBER: _ClassVar[int]
     group: PairGroup
     ack: KVAck
-    def __init__(self, group: _Optional[_Union[PairGroup, _Mapping]] = ..., ack: _Optional[_Union[KVAck, _Mapping]] = ...) -> None: ...
+    broken: KVAck
+    def __init__(self, group: _Optional[_Union[PairGroup, _Mapping]] = ..., ack: _Optional[_Union[KVAck, _Mapping]] = ..., broken: _Optional[_Union[KVAck, _Mapping]] = ...) -> None: ...
 
 class PairGroup(_message.Message):
     __slots__ = ("backend", "store_port", "prefix")

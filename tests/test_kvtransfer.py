@@ -722,6 +722,14 @@ async def test_nccl_header_over_the_receivers_limit_breaks_the_pair_and_the_next
     await session.finish(timeout_s=10)
     await recv.receiver.wait_complete("small", timeout_s=10)
     assert all(torch.equal(dst[layer][[4, 5]], src[layer][[0, 1]]) for layer in range(NUM_LAYERS))
+    recv.ticket("raw", [6, 7])
+    async with raw_pair(recv.receiver.address) as (call, _):  # the break is said in the stream, before its end
+        await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("raw", layout)))
+        await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("raw", layer=0, first_block=0, num_blocks=2,
+                                                                data_bytes=4 * layout.block_bytes)))
+        reply = await asyncio.wait_for(call.read(), 10)
+        assert reply.HasField("broken") and reply.broken.code == "INVALID_ARGUMENT"
+        assert re.search(message.removeprefix("INVALID_ARGUMENT: ").replace("'huge'", "'raw'"), reply.broken.error)
     async with raw_pair(recv.receiver.address) as (call, _):  # a control message over its limit
         await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("x" * CONTROL_MESSAGE_BYTES)))
         with pytest.raises(grpc.aio.AioRpcError) as e:
