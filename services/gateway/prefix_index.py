@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BLOCKS = 512
 SCAN_COUNT = 256
+_NO_ANSWER = object()   # ``PrefixIndex._attempt``'s result where Redis did not answer
+T = TypeVar("T")
 
 
 def _text(value: bytes | str) -> str:
@@ -69,20 +72,21 @@ class PrefixIndex:
         ``max_blocks``) it holds, counting from the first; all 0 without Redis."""
         runs = dict.fromkeys(worker_ids, 0)
         hashes = list(block_hashes[: self.max_blocks])
-        if not hashes or not runs or not self._may_try():
+        if not hashes or not runs:
             return runs
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
+
+        async def holders(r: aioredis.Redis) -> list[set[bytes]]:
+            async with r.pipeline(transaction=False) as pipe:
                 for block_hash in hashes:
                     pipe.smembers(block_key(self.fingerprint, block_hash))
-                holders_per_block = await pipe.execute()
-        except REDIS_ERRORS_CAUGHT as err:
-            self._failed(err)
+                return await pipe.execute()
+
+        holders_per_block = await self._attempt(holders)
+        if holders_per_block is _NO_ANSWER:
             return runs
-        self._outage.ok()
         remaining = set(runs)
-        for holders in holders_per_block:
-            remaining &= {_text(member) for member in holders}
+        for block_holders in holders_per_block:
+            remaining &= {_text(member) for member in block_holders}
             if not remaining:
                 break
             for worker_id in remaining:
@@ -92,15 +96,15 @@ class PrefixIndex:
     async def live_workers(self) -> list[WorkerRecord]:
         """Registered workers that serve this gateway's model and block size;
         during an outage, the last list read."""
-        if not self._may_try():
+
+        async def registry(r: aioredis.Redis) -> tuple[list[bytes], list[bytes | None]]:
+            keys = [key async for key in r.scan_iter(match=f"{WORKER_PREFIX}*", count=SCAN_COUNT)]
+            return keys, (await r.mget(keys) if keys else [])
+
+        read = await self._attempt(registry)
+        if read is _NO_ANSWER:
             return list(self._workers)
-        try:
-            keys = [key async for key in self._redis.scan_iter(match=f"{WORKER_PREFIX}*", count=SCAN_COUNT)]
-            raws = await self._redis.mget(keys) if keys else []
-        except REDIS_ERRORS_CAUGHT as err:
-            self._failed(err)
-            return list(self._workers)
-        self._outage.ok()
+        keys, raws = read
         records = (self._accept(_text(key), raw) for key, raw in zip(keys, raws) if raw is not None)
         self._workers = [record for record in records if record is not None]
         return list(self._workers)
@@ -108,14 +112,9 @@ class PrefixIndex:
     async def runtime_loras(self) -> dict[str, tuple[str, str]] | None:
         """The runtime LoRA adapters gateways of this model loaded, name: (path, digest); None
         when Redis does not answer. An unreadable entry is skipped."""
-        if not self._may_try():
+        raw = await self._attempt(lambda r: r.hgetall(lora_key(self.fingerprint)))
+        if raw is _NO_ANSWER:
             return None
-        try:
-            raw = await self._redis.hgetall(lora_key(self.fingerprint))
-        except REDIS_ERRORS_CAUGHT as err:
-            self._failed(err)
-            return None
-        self._outage.ok()
         adapters = {}
         for name, value in raw.items():
             try:
@@ -128,22 +127,24 @@ class PrefixIndex:
     async def put_lora(self, name: str, path: str, digest: str) -> bool:
         """Record a runtime LoRA adapter for the other gateways; False when Redis does not answer."""
         entry = json.dumps({"path": path, "digest": digest})
-        return await self._write(lambda r: r.hset(lora_key(self.fingerprint), name, entry))
+        return await self._attempt(lambda r: r.hset(lora_key(self.fingerprint), name, entry)) is not _NO_ANSWER
 
     async def delete_lora(self, name: str) -> bool:
         """Forget a runtime LoRA adapter; False when Redis does not answer."""
-        return await self._write(lambda r: r.hdel(lora_key(self.fingerprint), name))
+        return await self._attempt(lambda r: r.hdel(lora_key(self.fingerprint), name)) is not _NO_ANSWER
 
-    async def _write(self, command: Callable[[aioredis.Redis], Awaitable[object]]) -> bool:
+    async def _attempt(self, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T | object:
+        """``command``'s result, or ``_NO_ANSWER`` where Redis does not answer (counted, logged once
+        an outage, then left alone for ``retry_after_s``) or is being left alone."""
         if not self._may_try():
-            return False
+            return _NO_ANSWER
         try:
-            await command(self._redis)
+            result = await command(self._redis)
         except REDIS_ERRORS_CAUGHT as err:
             self._failed(err)
-            return False
+            return _NO_ANSWER
         self._outage.ok()
-        return True
+        return result
 
     async def close(self) -> None:
         await self._redis.aclose()
