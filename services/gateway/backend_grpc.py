@@ -108,6 +108,11 @@ class _Worker:
     lora_error: str | None = None   # why the last sync of those left some out
     lora_backoff: SyncBackoff = field(default_factory=SyncBackoff)   # when to send it those again
 
+    def may_have_lost_loras(self) -> None:
+        """It may have restarted without the runtime adapters: the next sync sends them all, at once."""
+        self.loras.clear()
+        self.lora_backoff.clear()
+
 
 class _WorkerFailure(Exception):
     """A worker failed in a way another worker may not: retry elsewhere."""
@@ -636,8 +641,7 @@ class GrpcBackend(Backend):
         runtime LoRA adapters."""
         if worker.worker_id and worker_id and worker_id != worker.worker_id:
             logger.info("%s worker %s restarted as %s", worker.role, worker.address, worker_id)
-            worker.loras.clear()
-            worker.lora_backoff.clear()
+            worker.may_have_lost_loras()
         worker.worker_id = worker_id or worker.worker_id
 
     async def _poll(self, worker: _Worker) -> None:
@@ -648,8 +652,7 @@ class GrpcBackend(Backend):
             if worker.answering is not False:
                 logger.warning("%s worker %s is not answering: %s", worker.role, address, err.code().name)
             worker.answering = False
-            worker.loras.clear()            # it may restart without them
-            worker.lora_backoff.clear()
+            worker.may_have_lost_loras()
             self._health.mark_down(address)
             return
         if worker.answering is False:

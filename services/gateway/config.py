@@ -55,6 +55,11 @@ class GatewayConfig(BaseModel):
     shutdown_timeout_s: float = 30.0                 # in-flight requests may finish within this after SIGTERM
     load_poll_interval_s: float = 0.5
 
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """Every name the model answers to, the one responses give first."""
+        return (self.served_model_name, *self.served_model_aliases)
+
     @model_validator(mode="after")
     def _tls_pair(self) -> GatewayConfig:
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):

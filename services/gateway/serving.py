@@ -94,7 +94,7 @@ class OpenAIServing:
         ``parent``: the base), as vLLM lists them."""
         base = self.config.served_model_name
         names = [ModelCard(id=name, root=self.config.model_dir, max_model_len=self.max_model_len)
-                 for name in (base, *self.config.served_model_aliases)]
+                 for name in self.config.served_model_names]
         adapters = [ModelCard(id=name, root=path, parent=base, max_model_len=self.max_model_len)
                     for name, path in self.loras.items()]
         return ModelList(data=[*names, *adapters])
@@ -104,7 +104,7 @@ class OpenAIServing:
         reason is the error), then requests may name it."""
         name = req.lora_name
         async with self._lora_updates:
-            if name in (self.config.served_model_name, *self.config.served_model_aliases):
+            if name in self.config.served_model_names:
                 raise APIError(f"The lora adapter '{name}' takes the name of the served model.", param="lora_name")
             if name in self.loras:
                 raise APIError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
