@@ -25,8 +25,8 @@ from baton.kvtransfer.grpc_receiver import (
     ACCEPTED_KEY, ACCEPTED_VALUE, GrpcKVReceiver, KVTransferServicer, add_to_server,
 )
 from baton.kvtransfer.layout import KVLayout
-from baton.kvtransfer.session import DEFAULT_STREAM_TIMEOUT_S, END, QueuedSession, blocks_per_message
-from baton.protos import MAX_MESSAGE_BYTES, RECONNECT_OPTIONS, kvtransfer_pb2, kvtransfer_pb2_grpc
+from baton.kvtransfer.session import DEFAULT_KEEPALIVE_S, DEFAULT_STREAM_TIMEOUT_S, END, QueuedSession, blocks_per_message
+from baton.protos import MAX_MESSAGE_BYTES, RECONNECT_OPTIONS, keepalive_options, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES", "GrpcKVReceiver", "GrpcKVSender",
@@ -120,12 +120,14 @@ class GrpcKVSender(KVSender):
 
     def __init__(self, *, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S) -> None:
+                 stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S,
+                 keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         if not 0 < chunk_bytes < max_message_bytes:
             raise ValueError(f"chunk_bytes must be in (0, max_message_bytes={max_message_bytes}), got {chunk_bytes}")
         self._max_message_bytes = max_message_bytes
         self._chunk_bytes = chunk_bytes
         self._stream_timeout_s = stream_timeout_s
+        self._keepalive_s = keepalive_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def open(self, ticket: TransferTicket, local_layout: KVLayout) -> GrpcTransferSession:
@@ -135,7 +137,8 @@ class GrpcKVSender(KVSender):
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            options = [*grpc_options(self._max_message_bytes), *RECONNECT_OPTIONS]
+            options = [*grpc_options(self._max_message_bytes), *keepalive_options(self._keepalive_s, self._keepalive_s),
+                       *RECONNECT_OPTIONS]
             self._channels[address] = grpc.aio.insecure_channel(address, options=options)
         return self._channels[address]
 

@@ -46,7 +46,7 @@ from baton.kvtransfer.landing import Incoming, LandingReceiver, Refused
 from baton.kvtransfer.layout import KVLayout
 from baton.kvtransfer.pair import RECEIVER, PairGroup, backend_for
 from baton.kvtransfer.session import DEFAULT_STREAM_TIMEOUT_S
-from baton.protos import MAX_MESSAGE_BYTES, kvtransfer_pb2, kvtransfer_pb2_grpc
+from baton.protos import ACCEPT_PINGS, MAX_MESSAGE_BYTES, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 CONTROL_MESSAGE_BYTES = 64 * 1024  # the size limit of a message on the control stream
 RUNS_IN_FLIGHT = 4                 # runs a pair receives at once (each in its own buffer)
@@ -83,7 +83,7 @@ class NcclKVReceiver(LandingReceiver):
         self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         self._pair_ids = itertools.count()
-        self._server = grpc.aio.server(options=grpc_options(CONTROL_MESSAGE_BYTES))
+        self._server = grpc.aio.server(options=[*grpc_options(CONTROL_MESSAGE_BYTES), *ACCEPT_PINGS])
         kvtransfer_pb2_grpc.add_KVPairServicer_to_server(KVPairServicer(self), self._server)
         self.address = f"{advertise_host}:{self._server.add_insecure_port(f'[::]:{port}')}"
         self._started = asyncio.get_running_loop().create_task(self._server.start())

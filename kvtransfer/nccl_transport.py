@@ -31,9 +31,9 @@ from baton.kvtransfer.layout import KVLayout
 from baton.kvtransfer.nccl_receiver import CONTROL_MESSAGE_BYTES, NcclKVReceiver
 from baton.kvtransfer.pair import SENDER, PairGroup
 from baton.kvtransfer.session import (
-    DEFAULT_STREAM_TIMEOUT_S, END, Packed, QueuedSession, blocks_per_message, split_address,
+    DEFAULT_KEEPALIVE_S, DEFAULT_STREAM_TIMEOUT_S, END, Packed, QueuedSession, blocks_per_message, split_address,
 )
-from baton.protos import MAX_MESSAGE_BYTES, RECONNECT_OPTIONS, kvtransfer_pb2, kvtransfer_pb2_grpc
+from baton.protos import MAX_MESSAGE_BYTES, RECONNECT_OPTIONS, keepalive_options, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Link", "NcclKVReceiver", "NcclKVSender", "NcclTransferSession"]
 
@@ -217,12 +217,13 @@ class NcclKVSender(KVSender):
     transport = "nccl"
 
     def __init__(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S,
-                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self._chunk_bytes = chunk_bytes
         self._stream_timeout_s = stream_timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self._keepalive_s = keepalive_s
         self._links: dict[str, Link] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -236,7 +237,8 @@ class NcclKVSender(KVSender):
         link = self._links.get(address)
         if link is None or link.failure is not None:
             if address not in self._channels:
-                options = [*grpc_options(CONTROL_MESSAGE_BYTES), *RECONNECT_OPTIONS]
+                options = [*grpc_options(CONTROL_MESSAGE_BYTES), *keepalive_options(self._keepalive_s, self._keepalive_s),
+                           *RECONNECT_OPTIONS]
                 self._channels[address] = grpc.aio.insecure_channel(address, options=options)
             link = self._links[address] = Link(address, self._channels[address],
                                                connect_timeout_s=self._connect_timeout_s,

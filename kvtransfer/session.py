@@ -26,6 +26,9 @@ from baton.protos import kvtransfer_pb2
 END = object()  # queued by finish(): send the final message
 _ANSWERED = object()  # queued when the receiver's answer arrives (see ``QueuedSession._next``)
 DEFAULT_STREAM_TIMEOUT_S = 120.0
+# A sender pings its receiver this often while a transfer's stream is open, and gives the stream
+# up when a ping goes unanswered as long: a receiver gone silent fails its transfers in seconds.
+DEFAULT_KEEPALIVE_S = 10.0
 
 
 def blocks_per_message(transport: str, ticket: TransferTicket, local_layout: KVLayout, chunk_bytes: int) -> int:

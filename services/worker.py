@@ -39,7 +39,7 @@ from baton.engine.model_runner import ModelRunner
 from baton.engine.pooling import PoolerConfig, pooler_config_arg
 from baton.engine.structured_output import StructuredOutputs, mask_logits
 from baton.kvtransfer import KVLayout, warm_up_block_copies
-from baton.protos import MAX_MESSAGE_BYTES, common_pb2
+from baton.protos import ACCEPT_PINGS, MAX_MESSAGE_BYTES, common_pb2
 from baton.services.engine_loop import EngineLoop
 from baton.services.index_publisher import IndexPublisher
 from baton.services.redis_keys import WorkerRecord
@@ -55,9 +55,8 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
-    # The gateway pings idle connections every 30 s while a long prefill runs: accept that.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
+    # The gateway pings while a long prefill runs, and prefill workers while their KV goes out.
+    *ACCEPT_PINGS,
 ]
 
 

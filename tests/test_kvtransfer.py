@@ -737,6 +737,57 @@ async def test_nccl_header_over_the_receivers_limit_breaks_the_pair_and_the_next
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+async def receiver_to_stop(transport: str) -> None:
+    """A receiver process expecting requests 'first' (blocks 0, 1) and 'second' (2, 3): prints
+    its address, then serves until it is stopped or killed."""
+    recv = Receiver(transport, make_caches(4, torch.float32, 58))
+    await recv.start()
+    for request_id, blocks in (("first", [0, 1]), ("second", [2, 3])):
+        recv.receiver.expect(request_id, blocks, layout_of(recv.caches))
+    print(recv.receiver.address, flush=True)
+    await asyncio.sleep(120)
+
+
+_RECEIVER_TO_STOP = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from test_kvtransfer import receiver_to_stop
+asyncio.run(receiver_to_stop(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("transport", ["grpc", "nccl"])
+@pytest.mark.unit
+async def test_a_receiver_that_stops_answering_fails_its_transfer_in_seconds_not_at_the_deadline(
+        transport, make_sender):
+    """The receiver's process frozen (SIGSTOP: its connections stay open, nothing answers on
+    them, as with a host gone or a network cut), a transfer to it waits for an answer; the
+    sender's keepalive pings find the receiver gone long before the stream's deadline."""
+    src = make_caches(4, torch.float32, 57)
+    layout = layout_of(src)
+    proc = subprocess.Popen([sys.executable, "-c", _RECEIVER_TO_STOP, str(Path(__file__).parent), transport],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        address = (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)).strip()
+        sender = make_sender(keepalive_s=1.0, stream_timeout_s=30.0)
+
+        async def transfer(request_id: str, blocks: list[int]) -> None:
+            ticket = TransferTicket(request_id, transport, address, tuple(blocks), layout, 2 * BLOCK_SIZE)
+            session = sender.open(ticket, layout)
+            await asyncio.to_thread(submit_all, session, src, [0, 1])
+            await session.finish(timeout_s=60)
+
+        await transfer("first", [0, 1])   # connected (for NCCL: the pair set up)
+        proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="UNAVAILABLE"):
+            await transfer("second", [2, 3])
+        assert time.monotonic() - started < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.unit
 def test_expect_and_open_validate_arguments():
     caches = make_caches(4, torch.float32, 25)

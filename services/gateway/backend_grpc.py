@@ -64,7 +64,7 @@ import grpc
 
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.protos import (
-    FAILED_PEER_DECODE, FAILED_PEER_KEY, MAX_MESSAGE_BYTES, RECONNECT_OPTIONS,
+    FAILED_PEER_DECODE, FAILED_PEER_KEY, MAX_MESSAGE_BYTES, RECONNECT_OPTIONS, keepalive_options,
     common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc,
 )
 from baton.services.convert import logprob_from_proto, params_to_proto
@@ -83,9 +83,7 @@ logger = logging.getLogger(__name__)
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 0),
+    *keepalive_options(interval_s=30.0, timeout_s=10.0),
     *RECONNECT_OPTIONS,
 )
 DISCOVERY_INTERVAL_S = 1.0
