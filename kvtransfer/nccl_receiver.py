@@ -69,13 +69,14 @@ class Pair:
 
 class NcclKVReceiver(LandingReceiver):
     """Lands KV sent over pair process groups into ``kv_caches`` (one tensor per
-    layer). Serves the control streams on ``port`` (0: any free port) on every
-    interface, and a ``TCPStore`` on another free port; tickets carry
-    ``advertise_host:port``. Create it on the event loop that will serve it."""
+    layer). Serves the control streams on ``host:port`` (port 0: any free one), and a
+    ``TCPStore`` on another free port (torch's store listens on every interface);
+    tickets carry ``advertise_host:port``. Create it on the event loop that will serve it."""
 
     transport = "nccl"
 
-    def __init__(self, kv_caches: list[torch.Tensor], *, advertise_host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, kv_caches: list[torch.Tensor], *, host: str = "127.0.0.1", advertise_host: str = "127.0.0.1",
+                 port: int = 0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, timeout_s: float = DEFAULT_STREAM_TIMEOUT_S) -> None:
         super().__init__(kv_caches)
         self._max_message_bytes = max_message_bytes
@@ -85,7 +86,7 @@ class NcclKVReceiver(LandingReceiver):
         self._pair_ids = itertools.count()
         self._server = grpc.aio.server(options=[*grpc_options(CONTROL_MESSAGE_BYTES), *ACCEPT_PINGS])
         kvtransfer_pb2_grpc.add_KVPairServicer_to_server(KVPairServicer(self), self._server)
-        self.address = f"{advertise_host}:{self._server.add_insecure_port(f'[::]:{port}')}"
+        self.address = f"{advertise_host}:{self._server.add_insecure_port(f'{host}:{port}')}"
         self._started = asyncio.get_running_loop().create_task(self._server.start())
 
     async def close(self) -> None:

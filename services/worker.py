@@ -104,7 +104,8 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
                        help="how prefill workers send KV here: a gRPC stream on --port, UCX on --kv-port, or NCCL "
                             "(gloo between CPU caches) pair groups set up over --kv-port")
         p.add_argument("--kv-port", type=int, default=0,
-                       help="the UCX listener's or NCCL control port (0: any free port); it listens on every interface")
+                       help="the UCX listener's or NCCL control port (0: any free port); NCCL's listens on --host, "
+                            "UCX's (and NCCL's store) on every interface")
         p.add_argument("--speculative-config", type=speculative_config_arg, default=None,
                        help='speculative decoding by n-gram lookup, as vLLM takes it: \'{"method": "ngram", '
                             '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (default: off)')

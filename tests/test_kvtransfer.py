@@ -737,6 +737,22 @@ async def test_nccl_header_over_the_receivers_limit_breaks_the_pair_and_the_next
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.unit
+async def test_nccl_control_port_listens_on_the_receivers_host_only():
+    receiver = create_receiver("nccl", make_caches(2, torch.float32, 59), host="127.0.0.1")
+    port = int(receiver.address.rsplit(":", 1)[1])
+
+    def accepts(host: str) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex((host, port)) == 0
+
+    try:
+        await until(lambda: accepts("127.0.0.1"))
+        assert not accepts("127.0.0.2")   # another loopback address, as another interface's would be
+    finally:
+        await receiver.close()
+
+
 async def receiver_to_stop(transport: str) -> None:
     """A receiver process expecting requests 'first' (blocks 0, 1) and 'second' (2, 3): prints
     its address, then serves until it is stopped or killed."""

@@ -17,8 +17,9 @@ def make_receiver(args: argparse.Namespace, ctx: WorkerContext, server: grpc.aio
     """The KV receiver of ``--kv-transport``: gRPC on the worker's own server, or UCX or NCCL on its own port."""
     if args.kv_transport == "grpc":
         return create_receiver("grpc", ctx.runner.kv_caches, address=ctx.address, server=server)
+    bind = {"host": args.host} if args.kv_transport == "nccl" else {}  # ucxx's listener takes a port only
     try:
-        return create_receiver(args.kv_transport, ctx.runner.kv_caches,
+        return create_receiver(args.kv_transport, ctx.runner.kv_caches, **bind,
                                advertise_host=args.advertise_host or args.host, port=args.kv_port)
     except ValueError as exc:  # its package is not installed
         raise SystemExit(f"decode worker: {exc}") from None
