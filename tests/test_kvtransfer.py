@@ -33,6 +33,7 @@ from baton.kvtransfer.pair import SENDER, PairGroup
 from baton.kvtransfer.ucx_receiver import FRAME_BYTES, recv_frame, send_frame, ucxx
 from baton.kvtransfer.ucx_transport import UcxKVSender
 from baton.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
+from polling import until
 
 TRANSPORTS = ["grpc", "ucx", "nccl"]
 
@@ -127,13 +128,6 @@ def submit_all(session, caches: list[torch.Tensor], src_ids: list[int]) -> None:
     thread = threading.Thread(target=lambda: [session.submit_layer(i, c, src_ids) for i, c in enumerate(caches)])
     thread.start()
     thread.join()
-
-
-async def until(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------- layout

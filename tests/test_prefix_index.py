@@ -27,6 +27,7 @@ from baton.services.gateway.metrics import REDIS_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.index_publisher import IndexPublisher
 from baton.services.redis_keys import WorkerRecord, block_key, lora_key, worker_key
+from polling import until
 from test_backend_grpc import FakeDecode, FakePrefill, collect, config, request, serve
 
 pytestmark = [
@@ -324,6 +325,10 @@ async def test_runtime_lora_adapters_are_recorded_per_model_and_read_back(redis_
     await client.hset(lora_key(FP), "broken", "{not json")
     assert await index.delete_lora("sql")
     assert await index.runtime_loras() == {"poem": ("/a/poem", "d2")}        # the unreadable entry skipped
+    assert await index.delete_lora("poem", ("/a/poem", "d1"))   # answered; it records another load of the name
+    assert await index.runtime_loras() == {"poem": ("/a/poem", "d2")}
+    assert await index.delete_lora("poem", ("/a/poem", "d2"))
+    assert await index.runtime_loras() == {}
     await client.aclose()
     await index.close()
     await other_model.close()
@@ -341,10 +346,7 @@ async def test_gateways_share_the_lora_adapters_loaded_at_runtime(redis_url: str
         second = GrpcBackend(config([], [], redis_url=redis_url), fingerprint=FP)
         await second.start()
         await first.load_lora("sql", "/a/sql")
-        deadline = time.monotonic() + 5
-        while "sql" not in second.runtime_loras():
-            assert time.monotonic() < deadline, "the second gateway did not adopt the adapter"
-            await asyncio.sleep(0.05)
+        await until(lambda: "sql" in second.runtime_loras())
         await asyncio.sleep(0.5)                      # the polls after it send it to the workers (already there)
         req = replace(request(max_tokens=2), lora="sql")
         await collect(second.generate(req))
@@ -354,11 +356,34 @@ async def test_gateways_share_the_lora_adapters_loaded_at_runtime(redis_url: str
         assert late.runtime_loras() == {"sql": "/a/sql"}
         await second.unload_lora("sql")
         assert "sql" not in decode.loras
-        while "sql" in first.runtime_loras() or "sql" in late.runtime_loras():
-            assert time.monotonic() < deadline + 5, "an unload through another gateway was not seen"
-            await asyncio.sleep(0.05)
+        await until(lambda: "sql" not in first.runtime_loras() and "sql" not in late.runtime_loras())
         for backend in (second, late):
             await backend.close()
+
+
+async def test_lora_loads_and_unloads_redis_missed_reach_the_other_gateways_once_it_answers(redis_url: str) -> None:
+    """Redis paused (every command waits, so the gateway's time out) while one gateway unloads an
+    adapter the other serves and loads another: once Redis answers again, both changes reach it
+    and the other gateway follows."""
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0")
+    async with registered_cluster(redis_url, [("p0", "prefill", prefill), ("d0", "decode", decode)]) as (_, first):
+        second = GrpcBackend(config([], [], redis_url=redis_url), fingerprint=FP)
+        await second.start()
+        try:
+            await first.load_lora("old", "/a/old")
+            await until(lambda: "old" in second.runtime_loras())
+            client = aioredis.Redis.from_url(redis_url)
+            await client.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+            await first.unload_lora("old")
+            await first.load_lora("sql", "/a/sql")
+            await asyncio.sleep(0.5)
+            assert second.runtime_loras() == {"old": "/a/old"}       # Redis is still paused
+            await until(lambda: second.runtime_loras() == {"sql": "/a/sql"}, timeout_s=10)
+            assert await client.hkeys(lora_key(FP)) == [b"sql"]
+            assert first.runtime_loras() == {"sql": "/a/sql"}
+            await client.aclose()
+        finally:
+            await second.close()
 
 
 async def test_a_salted_request_is_routed_by_the_blocks_cached_under_its_salt(redis_url: str) -> None:

@@ -56,7 +56,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -141,6 +141,9 @@ class GrpcBackend(Backend):
         self._aborts: set[asyncio.Task[None]] = set()
         self._runtime_loras: dict[str, RuntimeAdapter] = {}
         self._recorded_loras: set[str] | None = None   # the adapters Redis listed at the last read
+        # Per adapter name, the latest load or unload here that Redis did not take (it did not
+        # answer): written again at each refresh until it does.
+        self._unrecorded: dict[str, Callable[[PrefixIndex], Awaitable[bool]]] = {}
         self._lora_lock = asyncio.Lock()     # one load, unload or sync at a time
         for role, addrs in (("prefill", config.prefill_addrs), ("decode", config.decode_addrs)):
             for address in addrs:
@@ -446,8 +449,7 @@ class GrpcBackend(Backend):
             if not workers:
                 raise BackendError("no worker answers: no LoRA adapter can load now", 503)
             adapter = self._runtime_loras[name] = await load_everywhere(workers, name, path, self.config.lora_timeout_s)
-            if self._index is not None and not await self._index.put_lora(name, adapter.path, adapter.digest):
-                logger.warning("LoRA adapter %r loaded, but Redis did not record it for other gateways", name)
+            await self._record(name, "loaded", lambda index: index.put_lora(name, adapter.path, adapter.digest))
 
     async def unload_lora(self, name: str) -> None:
         async with self._lora_lock:
@@ -458,8 +460,30 @@ class GrpcBackend(Backend):
                 if adapter is not None:
                     self._runtime_loras[name] = adapter
                 raise
-            if self._index is not None and not await self._index.delete_lora(name):
-                logger.warning("LoRA adapter %r unloaded, but Redis still records it for other gateways", name)
+            held = (adapter.path, adapter.digest) if adapter is not None else None
+            await self._record(name, "unloaded", lambda index: index.delete_lora(name, held))
+
+    async def _record(self, name: str, done: str, write: Callable[[PrefixIndex], Awaitable[bool]]) -> None:
+        """Tell the other gateways, through Redis, of a load or unload here (``write``); where Redis
+        does not answer, at a later refresh."""
+        if self._index is None:
+            return
+        if await write(self._index):
+            self._unrecorded.pop(name, None)
+        else:
+            self._unrecorded[name] = write
+            logger.warning("LoRA adapter %r %s; Redis did not answer: other gateways learn of it once it does", name, done)
+
+    async def _record_later(self, index: PrefixIndex) -> None:
+        """Write what Redis did not take before, in order, while it answers; not while a load or unload runs."""
+        if not self._unrecorded or self._lora_lock.locked():
+            return
+        async with self._lora_lock:
+            for name, write in list(self._unrecorded.items()):
+                if not await write(index):
+                    return
+                del self._unrecorded[name]
+                logger.info("Redis took the change of LoRA adapter %r at last", name)
 
     async def _adopt_loras(self, index: PrefixIndex) -> None:
         """Take up the runtime adapters Redis lists that this gateway does not hold (or holds with other
@@ -471,14 +495,16 @@ class GrpcBackend(Backend):
         before = self._recorded_loras if self._recorded_loras is not None else set()
         for name, (path, digest) in recorded.items():
             ours = self._runtime_loras.get(name)
-            if name in self.config.lora_modules or (ours is not None and ours.digest == digest):
+            if name in self.config.lora_modules or name in self._unrecorded:
+                continue        # its own, or changed here and Redis not yet told
+            if ours is not None and ours.digest == digest:
                 continue
             if ours is None and name in before:
                 continue        # unloaded here since, and Redis not yet told
             logger.info("serving LoRA adapter %r (%s), loaded through another gateway", name, path)
             self._forget_lora(name)
             self._runtime_loras[name] = RuntimeAdapter(name, path, digest)
-        for name in (before - recorded.keys()) & self._runtime_loras.keys():
+        for name in (before - recorded.keys() - self._unrecorded.keys()) & self._runtime_loras.keys():
             logger.info("LoRA adapter %r was unloaded through another gateway", name)
             self._forget_lora(name)
         self._recorded_loras = set(recorded)
@@ -613,6 +639,7 @@ class GrpcBackend(Backend):
     async def _refresh(self, discover: bool) -> None:
         if discover and self._index is not None:
             await self._discover(self._index)
+            await self._record_later(self._index)
             await self._adopt_loras(self._index)
         await asyncio.gather(*(self._poll(w) for w in list(self._workers.values())))
 

@@ -33,12 +33,18 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BLOCKS = 512
 SCAN_COUNT = 256
+# HDEL KEYS[1] ARGV[1] where its entry is still ARGV[2], in one step.
+DELETE_IF_HELD = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0"
 _NO_ANSWER = object()   # ``PrefixIndex._attempt``'s result where Redis did not answer
 T = TypeVar("T")
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _lora_entry(path: str, digest: str) -> str:
+    return json.dumps({"path": path, "digest": digest})
 
 
 class PrefixIndex:
@@ -58,6 +64,7 @@ class PrefixIndex:
             self._redis = connect(redis_client_or_url, timeout_s)
         else:
             self._redis = redis_client_or_url
+        self._delete_if_held = self._redis.register_script(DELETE_IF_HELD)
         self.fingerprint = fingerprint
         self.block_size = block_size
         self.max_blocks = max_blocks
@@ -126,12 +133,17 @@ class PrefixIndex:
 
     async def put_lora(self, name: str, path: str, digest: str) -> bool:
         """Record a runtime LoRA adapter for the other gateways; False when Redis does not answer."""
-        entry = json.dumps({"path": path, "digest": digest})
+        entry = _lora_entry(path, digest)
         return await self._attempt(lambda r: r.hset(lora_key(self.fingerprint), name, entry)) is not _NO_ANSWER
 
-    async def delete_lora(self, name: str) -> bool:
-        """Forget a runtime LoRA adapter; False when Redis does not answer."""
-        return await self._attempt(lambda r: r.hdel(lora_key(self.fingerprint), name)) is not _NO_ANSWER
+    async def delete_lora(self, name: str, held: tuple[str, str] | None = None) -> bool:
+        """Forget a runtime LoRA adapter: any, or only while Redis records it as ``held`` (path, digest),
+        so that a late write does not forget another gateway's newer load. False when Redis does not answer."""
+        key = lora_key(self.fingerprint)
+        if held is None:
+            return await self._attempt(lambda r: r.hdel(key, name)) is not _NO_ANSWER
+        entry = _lora_entry(*held)
+        return await self._attempt(lambda r: self._delete_if_held(keys=[key], args=[name, entry], client=r)) is not _NO_ANSWER
 
     async def _attempt(self, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T | object:
         """``command``'s result, or ``_NO_ANSWER`` where Redis does not answer (counted, logged once
