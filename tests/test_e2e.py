@@ -867,13 +867,17 @@ def test_n_samples_compute_and_send_the_prompt_once(system, demo_model):
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
 
 
-def test_32_concurrent_streams_complete_without_leaks(system):
+def test_32_concurrent_streams_sharing_a_request_id_complete_without_leaks(system):
+    """Every stream names itself ``X-Request-Id: shared``, as a client's retries or a proxy may;
+    the workers hold them apart."""
     async def one(i: int) -> str:
         stream = await system.aclient.completions.create(
-            model=MODEL_NAME, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=16, temperature=0.8, seed=i, stream=True
+            model=MODEL_NAME, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=16, temperature=0.8, seed=i, stream=True,
+            extra_headers={"X-Request-Id": "shared"},
         )
         text, finish = "", None
         async for chunk in stream:
+            assert chunk.id == "cmpl-shared"
             text += chunk.choices[0].text
             finish = chunk.choices[0].finish_reason or finish
         return finish

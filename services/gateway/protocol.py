@@ -159,8 +159,8 @@ class NullMeansDefault(BaseModel):
         return data
 
 
-# vLLM's request_id: names a request's response (and its sequences on the workers, where two in
-# flight at once cannot share it); printable ASCII, so that it reads the same in every log.
+# vLLM's request_id: names a request's response, and its sequences on the workers with a random
+# suffix (requests in flight at once may share it); printable ASCII, so it reads the same in every log.
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
 
 

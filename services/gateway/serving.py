@@ -165,7 +165,7 @@ class OpenAIServing:
         wanted = [k for k in (req.logprobs if req.echo else None, prompt_k) if k is not None]
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=max(wanted, default=None))
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-        choices = self._choices(request_id, prompts, params, req, lora)
+        choices = self._choices(worker_request_id(request_id), prompts, params, req, lora)
         if req.stream:
             return await PrimedStream.start(self._stream(req, request_id, choices, self._completion_chunks, arrival))
         deltas = await self._collect(choices, arrival)
@@ -193,7 +193,7 @@ class OpenAIServing:
             # The grammar binds the answer: the workers apply it after the thinking.
             params = replace(params, structured_output=replace(params.structured_output, reasoning_end=self.think_end))
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-        choices = self._choices(request_id, prompts, params, req, lora)
+        choices = self._choices(worker_request_id(request_id), prompts, params, req, lora)
         self._attach_output_parsers(req, choices)
         if req.stream:
             return await PrimedStream.start(self._stream(req, request_id, choices, self._chat_chunks, arrival))
@@ -241,7 +241,7 @@ class OpenAIServing:
         arrival = time.perf_counter()
         self._check_model(req.model, base_only=True)
         inputs = self._embedding_inputs(req.input, req, "input")
-        results = await self._embed(f"embd-{req.request_id or uuid.uuid4().hex}", inputs, req, arrival)
+        results = await self._embed(worker_request_id(f"embd-{req.request_id or uuid.uuid4().hex}"), inputs, req, arrival)
         prompt_tokens = sum(r.prompt_tokens for r in results)
         return EmbeddingResponse(
             data=[EmbeddingData(index=i, embedding=_encode_embedding(r.embedding, req.encoding_format))
@@ -783,6 +783,12 @@ class OpenAIServing:
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c.cached_tokens for c in firsts)),
         )
+
+
+def worker_request_id(request_id: str) -> str:
+    """The workers' name for a request: its response's id and a random suffix, as requests in
+    flight at once may share an id the client chose (vLLM's rule since vllm-project/vllm#27987)."""
+    return f"{request_id}-{uuid.uuid4().hex[:8]}"
 
 
 def _encode_embedding(values: list[float], encoding_format: str) -> list[float] | str:
