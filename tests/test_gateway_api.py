@@ -1086,15 +1086,22 @@ async def test_stop_string_truncates_without_leaking_and_aborts(tok) -> None:
             assert backend.aborted == [backend.requests[0].request_id]  # the backend iterator was closed early
 
 
+def worker_name(backend: FakeBackend, response_id: str) -> str:
+    """The workers' name for the request answered as ``response_id`` (its samples' ids less their
+    index): the response's id and a random suffix."""
+    (named,) = {r.request_id.rsplit("-", 1)[0] for r in backend.requests if r.request_id.startswith(f"{response_id}-")}
+    assert re.fullmatch(rf"{re.escape(response_id)}-[0-9a-f]{{8}}", named), named
+    return named
+
+
 async def test_n_fans_out_with_seeds_and_distinct_indexes(tok) -> None:
     backend = FakeBackend(tok)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 6, "n": 2, "seed": 10}
     full = (await post(backend, tok, "/v1/completions", body)).json()
     assert sorted(c["index"] for c in full["choices"]) == [0, 1]
     assert full["choices"][0]["text"] != full["choices"][1]["text"]
-    ids = [r.request_id for r in backend.requests]
-    assert {i.rsplit("-", 1)[0] for i in ids} == {full["id"]}
-    assert sorted(i.rsplit("-", 1)[1] for i in ids) == ["0", "1"]
+    named = worker_name(backend, full["id"])
+    assert sorted(r.request_id for r in backend.requests) == [f"{named}-0", f"{named}-1"]
     assert sorted(r.params.seed for r in backend.requests) == [10, 11]
     assert all(r.params.n == 1 for r in backend.requests)
     last = FakeBackend(tok)   # the largest seed: the next sample's wraps, as the engine's seed + i does modulo 2**64
@@ -1120,19 +1127,19 @@ async def test_later_samples_start_beside_the_first_once_it_decodes(tok) -> None
     body = {"model": MODEL, "prompt": long_prompts, "max_tokens": 6, "n": 3, "seed": 10}
     full = (await post(backend, tok, "/v1/completions", body)).json()
     assert sorted(c["index"] for c in full["choices"]) == list(range(6))
-    by_id = {r.request_id: r for r in backend.requests}
+    by_id, named = {r.request_id: r for r in backend.requests}, worker_name(backend, full["id"])
     for p in (0, 1):
-        leader = f"{full['id']}-{3 * p}"
+        leader = f"{named}-{3 * p}"
         second_token = [i for i, e in enumerate(backend.events) if e == ("chunk", leader)][1]
         assert by_id[leader].colocate == ()
         for sample in (1, 2):
-            rid = f"{full['id']}-{3 * p + sample}"
+            rid = f"{named}-{3 * p + sample}"
             assert backend.events.index(("start", rid)) > second_token
             assert by_id[rid].colocate == ("prefill-of", leader) and by_id[rid].params.seed == 10 + sample
 
     backend = FakeBackend(tok, per_chunk=1, delay=0.001)
     short = (await post(backend, tok, "/v1/completions", {**body, "prompt": list(range(100, 116))})).json()
-    assert backend.events[:3] == [("start", f"{short['id']}-{i}") for i in range(3)]
+    assert backend.events[:3] == [("start", f"{worker_name(backend, short['id'])}-{i}") for i in range(3)]
     assert all(r.colocate == () for r in backend.requests)
 
 
@@ -1203,11 +1210,11 @@ async def test_completion_prompt_logprobs_come_once_per_prompt(tok) -> None:
     out = (await post(backend, tok, "/v1/completions", body)).json()
     for choice in out["choices"]:
         assert_prompt_logprobs(tok, choice["prompt_logprobs"], tok.encode(prompts[choice["index"] // 2]), 2)
-    asked = {r.request_id: r.params.prompt_logprobs for r in backend.requests}
-    assert asked == {f"{out['id']}-{i}": k for i, k in enumerate([2, None, 2, None])}
+    asked, named = {r.request_id: r.params.prompt_logprobs for r in backend.requests}, worker_name(backend, out["id"])
+    assert asked == {f"{named}-{i}": k for i, k in enumerate([2, None, 2, None])}
     for leader, follower in ((0, 1), (2, 3)):   # the second sample starts after the first's prompt log-probs
-        first_chunk = backend.events.index(("chunk", f"{out['id']}-{leader}"))
-        assert backend.events.index(("start", f"{out['id']}-{follower}")) > first_chunk
+        first_chunk = backend.events.index(("chunk", f"{named}-{leader}"))
+        assert backend.events.index(("start", f"{named}-{follower}")) > first_chunk
     zero = (await post(FakeBackend(tok), tok, "/v1/completions", {**body, "prompt_logprobs": 0, "n": 1})).json()
     assert_prompt_logprobs(tok, zero["choices"][0]["prompt_logprobs"], tok.encode(prompts[0]), 0)
 
