@@ -87,6 +87,8 @@ class BlockManager:
         self._by_hash: dict[int, int] = {}
         self._seqs: dict[str, _SeqState] = {}
         self._events: list[BlockEvent] = []
+        self.prefix_queried_tokens = 0   # prompt tokens first allocations looked up in the cache
+        self.prefix_hit_tokens = 0       # and of those, found
 
     # -- counters ---------------------------------------------------------
     @property
@@ -169,6 +171,8 @@ class BlockManager:
         seq.num_computed_tokens = num_cached
         seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
         self._state(seq).num_registered = len(hits)
+        self.prefix_queried_tokens += seq.num_prompt_tokens
+        self.prefix_hit_tokens += seq.num_cached_tokens
         return True
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:

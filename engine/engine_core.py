@@ -147,6 +147,12 @@ class EngineStats:
     cached_blocks: int
     spec_proposed_tokens: int = 0    # speculative decoding: draft tokens verified so far
     spec_accepted_tokens: int = 0    # and of those, accepted
+    # Since the engine started: prompt tokens computed (an embedding's included), tokens
+    # generated, and the prompt tokens first allocations looked up in the prefix cache, and found.
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
 
 class EngineCore:
@@ -174,6 +180,7 @@ class EngineCore:
         self._request_of: dict[str, str] = {}              # seq_id -> request_id
         self.last_step_tokens = 0                          # tokens the last step computed (0: nothing to run)
         self.spec_stats = SpeculationStats()
+        self.prompt_tokens = self.generated_tokens = 0   # computed and generated since the start
         spec = config.speculative
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else config.device.startswith("cuda") and (spec is None or spec.disable_by_batch_size is not None))
@@ -453,6 +460,7 @@ class EngineCore:
                 self._record_prompt_logprobs(chunk, result.prompt_logits.get(seq.seq_id))
             if seq.seq_id in result.pooled:
                 _add_pooled(chunk, result.pooled[seq.seq_id])
+            self.prompt_tokens += max(0, min(chunk.start + chunk.num_own_tokens, seq.num_prompt_tokens) - chunk.start)
             seq.num_computed_tokens += chunk.num_own_tokens     # a draft's part counts once accepted
             self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
         for chunk in sampled:
@@ -488,6 +496,7 @@ class EngineCore:
             for token, proposed in zip(rows, [*draft, None]):
                 seq.output_token_ids.append(token.token_id)
                 seq.output_logprobs.append(token)
+                self.generated_tokens += 1
                 self._check_stop(seq)
                 if seq.is_finished or token.token_id != proposed:
                     break
@@ -563,6 +572,10 @@ class EngineCore:
             cached_blocks=bm.num_cached_blocks,
             spec_proposed_tokens=self.spec_stats.proposed_tokens,
             spec_accepted_tokens=self.spec_stats.accepted_tokens,
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated_tokens,
+            prefix_queried_tokens=bm.prefix_queried_tokens,
+            prefix_hit_tokens=bm.prefix_hit_tokens,
         )
 
     def drain_block_events(self) -> list[BlockEvent]:

@@ -43,7 +43,7 @@ from baton.protos import ACCEPT_PINGS, MAX_MESSAGE_BYTES, common_pb2
 from baton.services.engine_loop import EngineLoop
 from baton.services.index_publisher import IndexPublisher
 from baton.services.redis_keys import WorkerRecord
-from baton.services.worker_metrics import EngineMetrics, serve_metrics
+from baton.services.worker_metrics import EngineMetrics, log_stats, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
                    help="fcfs: arrival order; priority: each request's priority (lower first), then arrival")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
+    p.add_argument("--disable-log-stats", action="store_true",
+                   help="no log line every 10 s of throughput, requests, KV cache use and prefix cache hits (vLLM's)")
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) to load, all resident; a request names one in its model "
                         "(prefill and decode workers must load the same ones)")
@@ -227,6 +229,8 @@ async def serve(
         serve_metrics(args.metrics_port, args.host, lambda: engine.stats, ctx.engine_metrics.registry)
     if ctx.publisher is not None:
         await ctx.publisher.start()
+    stats_log = None if args.disable_log_stats else asyncio.create_task(
+        log_stats(lambda: engine.stats, f"{role} worker {ctx.worker_id}"))
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s worker %s serving on %s", role, ctx.worker_id, ctx.address)
@@ -241,6 +245,8 @@ async def serve(
     faulthandler.dump_traceback_later(args.shutdown_grace + SHUTDOWN_STACKS_AFTER_S, exit=False)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(args.shutdown_grace)
+    if stats_log is not None:
+        stats_log.cancel()
     engine.stop()
     if ctx.publisher is not None:
         await ctx.publisher.stop()

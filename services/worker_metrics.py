@@ -1,6 +1,8 @@
 """A worker's Prometheus metrics, served on ``--metrics-port``: its engine's load
-(read from ``EngineLoop.stats`` when scraped, so nothing runs per step for it)
-and what the engine thread did (steps, their wall time, tokens computed).
+and token counts (read from ``EngineLoop.stats`` when scraped, so nothing runs per
+step for them) and what the engine thread did (steps, their wall time, tokens
+computed). And vLLM's periodic log line of the same (``log_stats``), unless
+``--disable-log-stats``.
 
 The gateway's /metrics has the request view (TTFT, ITL, queue, KV transfer
 totals); this is the per-worker view an operator scales and places by.
@@ -8,12 +10,22 @@ totals); this is the per-worker view an operator scales and places by.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from baton.engine.engine_core import EngineStats
 
+log = logging.getLogger(__name__)
+
+# Seconds between the log lines; vLLM's 10 s, and its VLLM_LOG_STATS_INTERVAL as BATON_LOG_STATS_INTERVAL.
+LOG_STATS_INTERVAL_S = float(os.environ.get("BATON_LOG_STATS_INTERVAL", "10"))
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -60,7 +72,42 @@ class LoadCollector(Collector):
                                    labels=["kind"])
         spec.add_metric(["proposed"], s.spec_proposed_tokens)
         spec.add_metric(["accepted"], s.spec_accepted_tokens)
-        yield from (requests, blocks, usage, spec)
+        counts = [
+            CounterMetricFamily(name, doc, value=value) for name, doc, value in (
+                ("baton_worker_prompt_tokens", "Prompt tokens computed (an embedding's included).", s.prompt_tokens),
+                ("baton_worker_generation_tokens", "Tokens generated.", s.generated_tokens),
+                ("baton_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_queried_tokens),
+                ("baton_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_hit_tokens),
+            )
+        ]
+        yield from (requests, blocks, usage, spec, *counts)
+
+
+def stats_line(before: EngineStats, now: EngineStats, seconds: float) -> str | None:
+    """vLLM's periodic line over the ``seconds`` between two reads of the engine's stats: prompt
+    and generation throughput, requests, KV cache use, prefix cache hit rate; None where the
+    engine computed nothing and holds no request."""
+    prompt, generated = now.prompt_tokens - before.prompt_tokens, now.generated_tokens - before.generated_tokens
+    if not (prompt or generated or now.running or now.waiting):
+        return None
+    queried = now.prefix_queried_tokens - before.prefix_queried_tokens
+    hit_rate = f"{(now.prefix_hit_tokens - before.prefix_hit_tokens) / queried:.1%}" if queried else "no lookups"
+    usage = now.used_blocks / now.total_blocks if now.total_blocks else 0.0
+    return (f"prompt throughput {prompt / seconds:.1f} tokens/s, generation throughput {generated / seconds:.1f} "
+            f"tokens/s, running {now.running}, waiting {now.waiting}, KV cache usage {usage:.1%}, "
+            f"prefix cache hit rate {hit_rate}")
+
+
+async def log_stats(stats: Callable[[], EngineStats], label: str, every_s: float = LOG_STATS_INTERVAL_S) -> None:
+    """Log ``stats_line`` every ``every_s`` seconds, prefixed by ``label``, until cancelled."""
+    before, since = stats(), time.monotonic()
+    while True:
+        await asyncio.sleep(every_s)
+        now, at = stats(), time.monotonic()
+        line = stats_line(before, now, at - since)
+        if line is not None:
+            log.info("%s: %s", label, line)
+        before, since = now, at
 
 
 def serve_metrics(port: int, host: str, stats, registry: CollectorRegistry) -> None:

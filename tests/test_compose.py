@@ -183,18 +183,20 @@ def test_baton_up_hands_the_cors_flags_to_the_gateway():
         launcher.build_parser().parse_args([*argv, "--allowed-origins", "https://a"])   # not JSON
 
 
-def test_launcher_plan_hands_vllms_engine_switches_to_every_worker():
+def test_launcher_plan_hands_vllms_engine_switches_and_disable_log_stats_to_every_worker():
     from baton.services.worker import engine_config
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2"]
-    for extra, want in (([], (False, True, [1, 2, 4, 8, 16, 32, 64, 128, 256])),
-                        (["--enforce-eager", "--no-enable-prefix-caching", "--cuda-graph-sizes", "1", "3", "8"],
-                         (True, False, [1, 3, 8]))):
+    for extra, want in (([], (False, True, [1, 2, 4, 8, 16, 32, 64, 128, 256], False)),
+                        (["--enforce-eager", "--no-enable-prefix-caching", "--cuda-graph-sizes", "1", "3", "8",
+                          "--disable-log-stats"], (True, False, [1, 3, 8], True))):
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
         for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)):
             for cmd in cmds:
-                config = engine_config(worker_arg_parser(role, default_port=50051).parse_args(cmd[4:]), role)
-                assert (config.enforce_eager, config.enable_prefix_caching, config.cuda_graph_batch_sizes) == want
+                args = worker_arg_parser(role, default_port=50051).parse_args(cmd[4:])
+                config = engine_config(args, role)
+                assert (config.enforce_eager, config.enable_prefix_caching, config.cuda_graph_batch_sizes,
+                        args.disable_log_stats) == want
 
 
 def test_launcher_plan_passes_the_output_parsers_to_the_gateway():

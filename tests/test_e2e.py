@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -926,8 +927,38 @@ def test_workers_serve_prometheus_metrics(system):
             n = samples[("baton_worker_engine_steps_total", None)]
             assert samples[("baton_worker_engine_step_seconds_count", None)] == n
             assert (samples[("baton_worker_tokens_total", None)] > 0) == (n > 0)
+            counted = samples[("baton_worker_prompt_tokens_total" if role == "prefill" else "baton_worker_generation_tokens_total", None)]
+            assert (counted > 0) == (n > 0)
+            assert samples[("baton_worker_prefix_cache_hits_total", None)] <= samples[("baton_worker_prefix_cache_queries_total", None)]
             steps.setdefault(role, []).append(n)
     assert sum(steps["prefill"]) > 0 and all(n > 0 for n in steps["decode"])
+
+
+@pytest.mark.parametrize("disabled", [False, True], ids=["logged", "disabled"])
+def test_a_worker_logs_what_its_engine_did_every_interval_unless_told_not_to(demo_model, disabled):
+    """vLLM's periodic engine line (every BATON_LOG_STATS_INTERVAL seconds, 10 by default) from a
+    prefill worker that computed two embeddings of one prompt; none with --disable-log-stats."""
+    port = launcher.free_port()
+    cmd = [sys.executable, "-P", "-m", "baton.services.prefill", "--model", demo_model, "--port", str(port),
+           *(["--disable-log-stats"] if disabled else [])]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "BATON_LOG_STATS_INTERVAL": "0.5"})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+            for i in range(2):
+                prefill_pb2_grpc.PrefillStub(channel).Embed(
+                    prefill_pb2.EmbedRequest(request_id=f"e{i}", prompt_token_ids=list(range(1, 41))), timeout=60)
+        time.sleep(1.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=60)[1]
+    lines = [line for line in log.splitlines() if "prompt throughput" in line]
+    if disabled:
+        assert lines == []
+        return
+    assert 1 <= len(lines) <= 2, log   # the intervals the embeddings ran in; none of the idle ones after
+    assert "prefill worker" in lines[0] and "prefix cache hit rate" in lines[0]
+    assert float(lines[0].split("prompt throughput ")[1].split(" ")[0]) > 0
 
 
 async def stream_completion(client: openai.AsyncOpenAI, prompt: str, params: SamplingParams, on_chunk: Callable[[], None]) -> str:

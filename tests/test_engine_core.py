@@ -135,6 +135,20 @@ def test_single_request_matches_the_fake_model(async_scheduling: bool) -> None:
     assert engine.stats().used_blocks == 0 and engine.requests == {}
 
 
+def test_stats_count_prompt_and_generated_tokens_and_prefix_cache_hits(async_scheduling: bool) -> None:
+    engine = make_engine(async_scheduling=async_scheduling)
+    prompt = [(7 * i) % (VOCAB - 2) + 1 for i in range(3 * engine.config.block_size + 2)]
+    (first,) = engine.add_request("a", prompt, GREEDY)
+    run_to_end(engine)
+    (again,) = engine.add_request("b", prompt, GREEDY)
+    run_to_end(engine)
+    stats = engine.stats()
+    assert again.num_cached_tokens == 3 * engine.config.block_size
+    assert stats.prompt_tokens == 2 * len(prompt) - again.num_cached_tokens
+    assert stats.generated_tokens == len(first.output_token_ids) + len(again.output_token_ids) > 0
+    assert (stats.prefix_queried_tokens, stats.prefix_hit_tokens) == (2 * len(prompt), again.num_cached_tokens)
+
+
 def test_requests_join_and_leave_every_step(async_scheduling: bool) -> None:
     rng = random.Random(0)
     engine = make_engine(num_blocks=40, max_num_batched_tokens=24, max_num_seqs=5, async_scheduling=async_scheduling)

@@ -5,6 +5,10 @@ give up (cancelled RPCs) and steps that fail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,7 +253,8 @@ def test_worker_metrics_read_the_engines_load_when_scraped() -> None:
     registry = CollectorRegistry()
     metrics = EngineMetrics(registry)
     stats = [EngineStats(running=2, waiting=1, total_blocks=10, free_blocks=3, used_blocks=4, cached_blocks=3,
-                         spec_proposed_tokens=40, spec_accepted_tokens=9)]
+                         spec_proposed_tokens=40, spec_accepted_tokens=9, prompt_tokens=300, generated_tokens=20,
+                         prefix_queried_tokens=280, prefix_hit_tokens=64)]
     registry.register(LoadCollector(lambda: stats[0]))
     metrics.record_step(0.002, 17)
     metrics.record_step(0.003, 1)
@@ -259,6 +264,37 @@ def test_worker_metrics_read_the_engines_load_when_scraped() -> None:
     assert get("baton_worker_kv_usage_ratio") == 0.4
     assert [get("baton_worker_spec_decode_tokens_total", {"kind": k}) for k in ("proposed", "accepted")] == [40, 9]
     assert (get("baton_worker_engine_steps_total"), get("baton_worker_tokens_total")) == (2, 18)
+    assert [get(f"baton_worker_{name}_total") for name in ("prompt_tokens", "generation_tokens", "prefix_cache_queries",
+                                                           "prefix_cache_hits")] == [300, 20, 280, 64]
     assert get("baton_worker_engine_step_seconds_sum") == pytest.approx(0.005)
     stats[0] = EngineStats(running=0, waiting=0, total_blocks=10, free_blocks=10, used_blocks=0, cached_blocks=0)
     assert get("baton_worker_kv_usage_ratio") == 0 and get("baton_worker_requests", {"state": "running"}) == 0
+
+
+def test_the_stats_line_says_what_the_engine_did_since_the_last_one(caplog: pytest.LogCaptureFixture) -> None:
+    from baton.engine.engine_core import EngineStats
+    from baton.services.worker_metrics import log_stats, stats_line
+
+    idle = EngineStats(running=0, waiting=0, total_blocks=200, free_blocks=200, used_blocks=0, cached_blocks=0,
+                       prompt_tokens=1000, generated_tokens=500, prefix_queried_tokens=900, prefix_hit_tokens=100)
+    busy = EngineStats(running=3, waiting=1, total_blocks=200, free_blocks=150, used_blocks=50, cached_blocks=0,
+                       prompt_tokens=3000, generated_tokens=600, prefix_queried_tokens=1300, prefix_hit_tokens=400)
+    assert stats_line(idle, busy, 4.0) == (
+        "prompt throughput 500.0 tokens/s, generation throughput 25.0 tokens/s, running 3, waiting 1, "
+        "KV cache usage 25.0%, prefix cache hit rate 75.0%")
+    assert stats_line(idle, idle, 10.0) is None                      # idle throughout: no line
+    assert stats_line(busy, busy, 10.0).endswith("prefix cache hit rate no lookups")   # running, nothing computed
+    reads = itertools.chain([idle, busy, busy], itertools.repeat(dataclasses.replace(busy, running=0, waiting=0)))
+
+    async def log_a_while() -> None:
+        task = asyncio.create_task(log_stats(lambda: next(reads), "decode worker d0", every_s=0.01))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.INFO, logger="baton.services.worker_metrics"):
+        asyncio.run(log_a_while())
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(": ", 1)[0] for line in lines] == ["decode worker d0"] * 2
+    assert lines[0].endswith("prefix cache hit rate 75.0%") and "running 3" in lines[1]
