@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import shutil
 import socket
@@ -1040,6 +1041,23 @@ async def test_x_request_id_names_the_request_and_comes_back_on_request(tok) -> 
     for bad in ("has space", "x" * 129, "é"):
         assert_error(await post(backend, tok, "/v1/completions", {**body, "request_id": bad}), 400, "request_id")
     assert_error(await post(backend, tok, "/v1/completions", body, headers={"X-Request-Id": "a b"}), 400, "request_id")
+
+
+async def test_enable_log_requests_logs_each_prompt_cut_to_max_log_len(tok, caplog: pytest.LogCaptureFixture) -> None:
+    backend, body = FakeBackend(tok), {"model": MODEL, "prompt": ["JULIET:\nO Romeo", "x"], "max_tokens": 2, "n": 2}
+    with caplog.at_level(logging.INFO, logger="baton.services.gateway.serving"):
+        await post(backend, tok, "/v1/completions", body)
+        assert caplog.records == []                       # off by default, as in vLLM
+        config = make_config(enable_log_requests=True, max_log_len=5)
+        out = (await post(backend, tok, "/v1/completions", body, config)).json()
+        await post(backend, tok, "/v1/embeddings", {"model": MODEL, "input": "JULIET"}, config)
+    named = worker_name(backend, out["id"])
+    ids = tok.encode("JULIET:\nO Romeo")
+    first, second, embedding = (r.getMessage() for r in caplog.records)
+    assert first.startswith(f"request {named}-0: prompt 'JULIE', prompt_token_ids {ids[:5]}, params SamplingParams(")
+    assert first.endswith(", lora None") and "max_tokens=2" in first
+    assert second.startswith(f"request {named}-2: prompt 'x', prompt_token_ids {tok.encode('x')}")
+    assert re.match(r"request embd-[0-9a-f]{32}-[0-9a-f]{8}-0: prompt 'JULIE', .* params None, lora None", embedding)
 
 
 async def test_usage_cached_tokens_and_include_usage(tok) -> None:

@@ -106,6 +106,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         trust_request_chat_template=args.trust_request_chat_template,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_request_id_headers=args.enable_request_id_headers,
+        enable_log_requests=args.enable_log_requests,
+        max_log_len=args.max_log_len,
         generation_config=args.generation_config,
         override_generation_config=args.override_generation_config,
     )

@@ -48,6 +48,8 @@ class GatewayConfig(BaseModel):
     trust_request_chat_template: bool = False         # a request may bring its own chat_template (vLLM's flag)
     return_tokens_as_token_ids: bool = False          # log-probs name tokens "token_id:{id}" unless a request says
     enable_request_id_headers: bool = False           # responses carry X-Request-Id (vLLM's flag)
+    enable_log_requests: bool = False                 # log each prompt and its parameters (vLLM's flag)
+    max_log_len: int | None = Field(default=None, ge=0)  # of a logged prompt: characters and token ids (None: all)
     # vLLM's: sampling defaults from the model's generation_config.json ("auto"), none ("vllm") or a folder's,
     # and the values set on top of them
     generation_config: str = "auto"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import struct
 import time
 import uuid
@@ -56,6 +57,8 @@ from baton.services.gateway.tokenizer import (
     ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
 )
 from baton.services.gateway.tool_parsers import make_parser
+
+logger = logging.getLogger(__name__)
 
 PROMPT_TAIL_TOKENS = 16   # where a chat template leaves <think> open or closed: the prompt's end
 MIN_LOGPROB = -9999.0     # what vLLM writes for a log-prob of -inf (which JSON cannot hold)
@@ -291,6 +294,8 @@ class OpenAIServing:
         """Each input's embedding, computed on the prefill workers (all inputs at once, ids
         ``f"{request_id}-{i}"``, with ``req``'s priority and cache salt); metered as one request."""
         tracker, status = metrics.RequestMetrics(arrival), "error"
+        for i, ids in enumerate(inputs):
+            self._log_request(f"{request_id}-{i}", ids, None, None)
         try:
             try:
                 async with asyncio.TaskGroup() as group:   # one failure cancels the rest
@@ -475,6 +480,7 @@ class OpenAIServing:
         """One choice per sample of each prompt, each a backend sequence under LoRA adapter ``lora``."""
         choices = []
         for p, prompt in enumerate(prompts):
+            self._log_request(f"{request_id}-{p * req.n}", prompt.token_ids, params, lora)
             for i in range(req.n):
                 index = p * req.n + i
                 seed = None if params.seed is None else (params.seed + i) % 2**64   # the engine's seed + i, on the wire
@@ -486,6 +492,16 @@ class OpenAIServing:
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
                 choices.append(Choice(index, i, prompt, gen, detok, stop, eos_token_ids=self.eos_token_ids))
         return choices
+
+    def _log_request(self, request_id: str, token_ids: list[int], params: SamplingParams | None, lora: str | None) -> None:
+        """vLLM's ``--enable-log-requests`` line for a prompt (its first sample's id): the prompt, its
+        token ids (each cut to ``--max-log-len`` characters / ids), the sampling parameters, the adapter."""
+        if not self.config.enable_log_requests:
+            return
+        cap = self.config.max_log_len
+        text = self.tokenizer.decode(token_ids)
+        logger.info("request %s: prompt %r, prompt_token_ids %s, params %s, lora %s", request_id, text[:cap],
+                    token_ids[:cap], params, lora)
 
     # ---- running choices ----------------------------------------------------
 

@@ -62,6 +62,12 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
                          "client is trusted, since rendering one can take the gateway's time and memory")),
         ("--enable-request-id-headers", dict(
             switch, help="generation responses carry the request's id as X-Request-Id (vLLM's)")),
+        ("--enable-log-requests", dict(
+            switch, help="log each request's prompt, token ids, sampling parameters and LoRA adapter (vLLM's)")),
+        ("--max-log-len", dict(
+            type=int, default=None, metavar="N",
+            help="with --enable-log-requests: log at most N characters and N token ids of a prompt (vLLM's; "
+                 "default: all)")),
         ("--return-tokens-as-token-ids", dict(
             switch, help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')),
         ("--generation-config", dict(
