@@ -1085,6 +1085,15 @@ async def test_usage_cached_tokens_and_include_usage(tok) -> None:
         assert counts == sorted(counts) and counts[-1] == 7 and all(c["usage"] for c in chunks)
         assert chunks[-1]["choices"] == [] and counts[-2] == 7
 
+    # vLLM's --enable-force-include-usage: a stream that did not ask ends with the usage all the same.
+    plain = {**body, "stream_options": None}
+    assert all(json.loads(e)["usage"] is None for e in sse_events(await post(FakeBackend(tok), tok, "/v1/completions", plain))[:-1])
+    forced = make_config(enable_force_include_usage=True)
+    for path, request in (("/v1/completions", plain), ("/v1/chat/completions", {**chat, "stream_options": None})):
+        chunks = [json.loads(e) for e in sse_events(await post(FakeBackend(tok), tok, path, request, forced))[:-1]]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 7
+        assert all(c["usage"] is None for c in chunks[:-1])
+
 
 async def test_stop_string_truncates_without_leaking_and_aborts(tok) -> None:
     # "wherefore" is split over several tokens and chunks of one token each.
@@ -2017,6 +2026,21 @@ async def test_score_and_rerank_take_as_many_texts_as_an_embeddings_request(tok)
     rerank = await post(backend, tok, "/rerank", {"model": MODEL, "query": "a", "documents": ["x"] * 2047})
     assert len(score.json()["data"]) == 1024 and len(rerank.json()["results"]) == 2047
     assert len(backend.embeds) == 2 * 2048
+
+
+async def test_vllms_docs_access_log_and_root_path_flags(tok) -> None:
+    from baton.services.gateway.__main__ import uvicorn_config
+
+    docs = create_app(make_config(), FakeBackend(tok), tok)
+    async with client_for(docs) as client:
+        assert [(await client.get(path)).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [200] * 3
+    no_docs = create_app(make_config(disable_fastapi_docs=True), FakeBackend(tok), tok)
+    async with client_for(no_docs) as client:
+        assert [(await client.get(path)).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [404] * 3
+    default = uvicorn_config(docs, make_config(), "info")
+    assert default.access_log and default.root_path == ""
+    flagged = uvicorn_config(docs, make_config(disable_uvicorn_access_log=True, root_path="/baton"), "info")
+    assert not flagged.access_log and flagged.root_path == "/baton"
 
 
 async def test_score_and_rerank_are_in_the_openapi_document(tok) -> None:

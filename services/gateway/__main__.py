@@ -17,6 +17,7 @@ import time
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from baton.engine.config import parse_lora_modules
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
@@ -107,6 +108,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_request_id_headers=args.enable_request_id_headers,
         enable_log_requests=args.enable_log_requests,
+        enable_force_include_usage=args.enable_force_include_usage,
+        root_path=args.root_path,
+        disable_fastapi_docs=args.disable_fastapi_docs,
+        disable_uvicorn_access_log=args.disable_uvicorn_access_log,
         max_log_len=args.max_log_len,
         generation_config=args.generation_config,
         override_generation_config=args.override_generation_config,
@@ -145,12 +150,15 @@ class DrainingServer(uvicorn.Server):
 async def serve(config: GatewayConfig, log_level: str) -> None:
     """Build the app inside the running loop (the backend's gRPC channels bind to it) and serve."""
     app = create_app(config, GrpcBackend(config), GatewayTokenizer(config.model_dir, config.chat_template))
-    server_config = uvicorn.Config(
+    await DrainingServer(uvicorn_config(app, config, log_level), app.state.gateway, config.shutdown_timeout_s).serve()
+
+
+def uvicorn_config(app: FastAPI, config: GatewayConfig, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=FINAL_SHUTDOWN_S,
         ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, ssl_ca_certs=config.ssl_ca_certs,
-        ssl_cert_reqs=config.ssl_cert_reqs,
+        ssl_cert_reqs=config.ssl_cert_reqs, access_log=not config.disable_uvicorn_access_log, root_path=config.root_path,
     )
-    await DrainingServer(server_config, app.state.gateway, config.shutdown_timeout_s).serve()
 
 
 def main(argv: list[str] | None = None) -> None:

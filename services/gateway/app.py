@@ -306,7 +306,8 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
             except TimeoutError:
                 logger.warning("the backend did not close within %g s; shutting down without it", BACKEND_CLOSE_TIMEOUT_S)
 
-    app = FastAPI(title="Baton gateway", lifespan=lifespan)
+    docs = {} if not config.disable_fastapi_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Baton gateway", lifespan=lifespan, **docs)
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
                        allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
     app.state.gateway = state

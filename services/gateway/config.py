@@ -49,6 +49,10 @@ class GatewayConfig(BaseModel):
     return_tokens_as_token_ids: bool = False          # log-probs name tokens "token_id:{id}" unless a request says
     enable_request_id_headers: bool = False           # responses carry X-Request-Id (vLLM's flag)
     enable_log_requests: bool = False                 # log each prompt and its parameters (vLLM's flag)
+    enable_force_include_usage: bool = False          # every stream ends with a usage chunk (vLLM's flag)
+    root_path: str = ""                               # the path prefix a proxy serves the gateway under (uvicorn's)
+    disable_fastapi_docs: bool = False                # no /docs, /redoc, /openapi.json (vLLM's flag)
+    disable_uvicorn_access_log: bool = False          # no line per HTTP request (vLLM's flag)
     max_log_len: int | None = Field(default=None, ge=0)  # of a logged prompt: characters and token ids (None: all)
     # vLLM's: sampling defaults from the model's generation_config.json ("auto"), none ("vllm") or a folder's,
     # and the values set on top of them

@@ -608,7 +608,7 @@ class OpenAIServing:
                 yield DONE
                 return
             status = "success"
-            if req.include_usage:
+            if req.include_usage or self.config.enable_force_include_usage:
                 usage_chunk = CompletionResponse if isinstance(req, CompletionRequest) else ChatCompletionChunk
                 yield usage_chunk(id=request_id, model=req.model, choices=[], usage=self._usage(choices)).model_dump_json()
             yield DONE

@@ -68,6 +68,13 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
             type=int, default=None, metavar="N",
             help="with --enable-log-requests: log at most N characters and N token ids of a prompt (vLLM's; "
                  "default: all)")),
+        ("--enable-force-include-usage", dict(
+            switch, help="every streamed response ends with a usage chunk, as if it asked for stream_options."
+                         "include_usage (vLLM's)")),
+        ("--root-path", dict(
+            default="", metavar="PATH", help="the path prefix a proxy serves the gateway under (vLLM's; uvicorn's)")),
+        ("--disable-fastapi-docs", dict(switch, help="serve no /docs, /redoc or /openapi.json (vLLM's)")),
+        ("--disable-uvicorn-access-log", dict(switch, help="log no line per HTTP request (vLLM's)")),
         ("--return-tokens-as-token-ids", dict(
             switch, help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')),
         ("--generation-config", dict(
