@@ -38,13 +38,12 @@ second refresh the Redis registry (``baton:worker:*``) on top of the static
 addresses. Routing logic lives in ``router``; the Redis reads in ``prefix_index``.
 
 LoRA adapters loaded through the gateway (``load_lora``, ``unload_lora``) go to every worker that
-answers, all or none (``lora_fanout``). A request under one of them is routed only to workers
-that hold it: a worker seen for the first time, or again after it stopped answering or restarted
-(a new id), is sent those it lacks by the poll that finds it answering; one that cannot load an
-adapter serves the base model and the other adapters. With Redis, each load and unload is
-recorded there (``baton:loras:*``), and the registry refresh adopts what other gateways, or this
-one before a restart, recorded: an adapter that appeared is served here too (its workers are sent
-it, with its digest, as above), one that disappeared is no longer.
+answers, all or none, and through Redis to the other gateways (``lora_registry``). A request under
+one of them is routed only to workers that hold it: a worker seen for the first time, or again
+after it stopped answering or restarted (a new id), is sent those it lacks by the poll that finds
+it answering; one that cannot load an adapter serves the base model and the other adapters. The
+registry refresh adopts what other gateways, or this one before a restart, recorded (its workers
+are sent an adopted adapter, with its digest, as above).
 A prefix-cache reset (``reset_prefix_cache``) goes to every worker that answers too (``fanout``); the
 workers publish the blocks they drop, so routing stops counting them.
 """
@@ -56,7 +55,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -73,7 +72,8 @@ from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
 )
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.lora_fanout import RuntimeAdapter, SyncBackoff, load_everywhere, sync, unload_everywhere
+from baton.services.gateway.lora_fanout import SyncBackoff
+from baton.services.gateway.lora_registry import LoRARegistry
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILLS, RETRIES, WORKER_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.gateway.router import Health, Load, choose_decode, choose_prefill
@@ -139,12 +139,7 @@ class GrpcBackend(Backend):
         self._health = Health()
         self._task: asyncio.Task[None] | None = None
         self._aborts: set[asyncio.Task[None]] = set()
-        self._runtime_loras: dict[str, RuntimeAdapter] = {}
-        self._recorded_loras: set[str] | None = None   # the adapters Redis listed at the last read
-        # Per adapter name, the latest load or unload here that Redis did not take (it did not
-        # answer): written again at each refresh until it does.
-        self._unrecorded: dict[str, Callable[[PrefixIndex], Awaitable[bool]]] = {}
-        self._lora_lock = asyncio.Lock()     # one load, unload or sync at a time
+        self._loras = LoRARegistry(config.lora_modules, config.lora_timeout_s, self._index)
         for role, addrs in (("prefill", config.prefill_addrs), ("decode", config.decode_addrs)):
             for address in addrs:
                 self._add_worker(address, role, static=True)
@@ -441,78 +436,13 @@ class GrpcBackend(Backend):
     # -- LoRA adapters loaded while serving ---------------------------------
 
     def runtime_loras(self) -> dict[str, str]:
-        return {name: adapter.path for name, adapter in self._runtime_loras.items()}
+        return self._loras.paths()
 
     async def load_lora(self, name: str, path: str) -> None:
-        async with self._lora_lock:
-            workers = self._answering()
-            if not workers:
-                raise BackendError("no worker answers: no LoRA adapter can load now", 503)
-            adapter = self._runtime_loras[name] = await load_everywhere(workers, name, path, self.config.lora_timeout_s)
-            await self._record(name, "loaded", lambda index: index.put_lora(name, adapter.path, adapter.digest))
+        await self._loras.load(self._answering, name, path)
 
     async def unload_lora(self, name: str) -> None:
-        async with self._lora_lock:
-            adapter = self._runtime_loras.pop(name, None)
-            try:
-                await unload_everywhere(self._answering(), name, self.config.lora_timeout_s)
-            except BaseException:
-                if adapter is not None:
-                    self._runtime_loras[name] = adapter
-                raise
-            held = (adapter.path, adapter.digest) if adapter is not None else None
-            await self._record(name, "unloaded", lambda index: index.delete_lora(name, held))
-
-    async def _record(self, name: str, done: str, write: Callable[[PrefixIndex], Awaitable[bool]]) -> None:
-        """Tell the other gateways, through Redis, of a load or unload here (``write``); where Redis
-        does not answer, at a later refresh."""
-        if self._index is None:
-            return
-        if await write(self._index):
-            self._unrecorded.pop(name, None)
-        else:
-            self._unrecorded[name] = write
-            logger.warning("LoRA adapter %r %s; Redis did not answer: other gateways learn of it once it does", name, done)
-
-    async def _record_later(self, index: PrefixIndex) -> None:
-        """Write what Redis did not take before, in order, while it answers; not while a load or unload runs."""
-        if not self._unrecorded or self._lora_lock.locked():
-            return
-        async with self._lora_lock:
-            for name, write in list(self._unrecorded.items()):
-                if not await write(index):
-                    return
-                del self._unrecorded[name]
-                logger.info("Redis took the change of LoRA adapter %r at last", name)
-
-    async def _adopt_loras(self, index: PrefixIndex) -> None:
-        """Take up the runtime adapters Redis lists that this gateway does not hold (or holds with other
-        weights), but for those it unloaded since the last read, and drop those listed then and no
-        longer; not while a load or unload runs here (the next refresh)."""
-        recorded = await index.runtime_loras()
-        if recorded is None or self._lora_lock.locked():
-            return
-        before = self._recorded_loras if self._recorded_loras is not None else set()
-        for name, (path, digest) in recorded.items():
-            ours = self._runtime_loras.get(name)
-            if name in self.config.lora_modules or name in self._unrecorded:
-                continue        # its own, or changed here and Redis not yet told
-            if ours is not None and ours.digest == digest:
-                continue
-            if ours is None and name in before:
-                continue        # unloaded here since, and Redis not yet told
-            logger.info("serving LoRA adapter %r (%s), loaded through another gateway", name, path)
-            self._forget_lora(name)
-            self._runtime_loras[name] = RuntimeAdapter(name, path, digest)
-        for name in (before - recorded.keys() - self._unrecorded.keys()) & self._runtime_loras.keys():
-            logger.info("LoRA adapter %r was unloaded through another gateway", name)
-            self._forget_lora(name)
-        self._recorded_loras = set(recorded)
-
-    def _forget_lora(self, name: str) -> None:
-        self._runtime_loras.pop(name, None)
-        for worker in self._workers.values():
-            worker.loras.discard(name)
+        await self._loras.unload(self._answering, name)
 
     # -- the workers' prefix caches ------------------------------------------
 
@@ -524,19 +454,6 @@ class GrpcBackend(Backend):
 
     def _answering(self) -> list[_Worker]:
         return [w for w in self._workers.values() if w.answering]
-
-    async def _sync_loras(self, worker: _Worker) -> None:
-        """Load the runtime adapters ``worker`` lacks (not while a load or unload runs: the next poll)."""
-        if self._lora_lock.locked():
-            return
-        async with self._lora_lock:
-            error = await sync(worker, list(self._runtime_loras.values()), self.config.lora_timeout_s, time.monotonic())
-        if error is not None and error != worker.lora_error:
-            logger.error("%s worker %s serves no request under the adapters it lacks: %s", worker.role, worker.address,
-                         error)
-        elif error is None and worker.lora_error is not None:
-            logger.info("%s worker %s holds every LoRA adapter again", worker.role, worker.address)
-        worker.lora_error = error
 
     # -- failures and aborts -----------------------------------------------
 
@@ -561,7 +478,7 @@ class GrpcBackend(Backend):
             worker = peer
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return BackendError(err.details() or "invalid request", 400)
-        if code == grpc.StatusCode.NOT_FOUND and names_model and lora in self._runtime_loras:
+        if code == grpc.StatusCode.NOT_FOUND and names_model and lora in self._loras:
             worker.loras.discard(lora)
             return _WorkerFailure(f"{worker.role} worker {worker.address} lost LoRA adapter {lora!r}", worker)
         if code == grpc.StatusCode.NOT_FOUND and names_model:
@@ -609,7 +526,7 @@ class GrpcBackend(Backend):
         """The workers of ``role`` routing may use for a request under LoRA adapter ``lora``: up, not
         avoided, and holding ``lora`` where the gateway loaded it at runtime (a worker still without
         it serves the base model and the other adapters)."""
-        runtime = lora in self._runtime_loras
+        runtime = lora in self._loras
         candidates = (a for a, w in self._workers.items()
                       if w.role == role and a not in avoid and (not runtime or lora in w.loras))
         return self._health.healthy(candidates, time.monotonic())
@@ -639,8 +556,7 @@ class GrpcBackend(Backend):
     async def _refresh(self, discover: bool) -> None:
         if discover and self._index is not None:
             await self._discover(self._index)
-            await self._record_later(self._index)
-            await self._adopt_loras(self._index)
+            await self._loras.refresh(self._workers.values())
         await asyncio.gather(*(self._poll(w) for w in list(self._workers.values())))
 
     async def _discover(self, index: PrefixIndex) -> None:
@@ -683,8 +599,7 @@ class GrpcBackend(Backend):
         if worker.answering is False:
             logger.info("%s worker %s answers again", worker.role, address)
         self._identify(worker, load.worker_id)
-        if not self._runtime_loras.keys() <= worker.loras:
-            await self._sync_loras(worker)
+        await self._loras.sync(worker)
         worker.answering = True
         self._health.mark_up(address)
         self._loads[address] = Load(load.running, load.waiting, load.free_blocks, load.total_blocks)

@@ -70,6 +70,7 @@ class SyncBackoff:
 
 class LoRAWorker(Worker, Protocol):
     loras: set[str]     # the runtime adapters it is known to hold
+    lora_error: str | None   # why the last sync of those left some out
     lora_backoff: SyncBackoff
 
 
