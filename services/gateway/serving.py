@@ -37,19 +37,18 @@ from pydantic import ValidationError
 
 from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.sequence import TokenLogprob
 from baton.services.gateway import metrics, responses, sampling_defaults, scoring, tools
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationRequest
 from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
 from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.logprobs import LogprobFormatter
 from baton.services.gateway.protocol import (
-    DONE, APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-    ChatLogprobToken, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, EmbeddingData,
+    DONE, APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, EmbeddingData,
     EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, LoadLoRAAdapterRequest, ModelCard, ModelList, ResponseObject,
     ResponsesRequest, UnloadLoRAAdapterRequest,
     NamedToolChoice, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, ScoringRequest,
-    PromptLogprob, PromptLogprobs, PromptTokensDetails, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo,
+    PromptLogprobs, PromptTokensDetails, TokenizeRequest, TokenizeResponse, UsageInfo,
     BaseGenerationRequest,
 )
 from baton.services.gateway.reasoning import THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
@@ -61,7 +60,6 @@ from baton.services.gateway.tool_parsers import make_parser
 logger = logging.getLogger(__name__)
 
 PROMPT_TAIL_TOKENS = 16   # where a chat template leaves <think> open or closed: the prompt's end
-MIN_LOGPROB = -9999.0     # what vLLM writes for a log-prob of -inf (which JSON cannot hold)
 
 ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[CompletionResponse | ChatCompletionChunk]]
 
@@ -73,6 +71,7 @@ class OpenAIServing:
         self.config = config
         self.backend = backend
         self.tokenizer = tokenizer
+        self._logprobs = LogprobFormatter(tokenizer, config.return_tokens_as_token_ids)
         model_config = load_model_config(Path(config.model_dir))
         # --max-model-len, else the engine's default: the model's max_position_embeddings (or its fallback)
         self.max_model_len = (config.max_model_len if config.max_model_len is not None
@@ -173,7 +172,7 @@ class OpenAIServing:
             return await PrimedStream.start(self._stream(req, request_id, choices, self._completion_chunks, arrival))
         deltas = await self._collect(choices, arrival)
         # Once per prompt: its n samples (choice p * n + i) share it.
-        scored = [None if prompt_k is None else self._prompt_logprob_entries(p, prompt_k) for p in prompts]
+        scored = [None if prompt_k is None else self._logprobs.prompt_entries(p, prompt_k) for p in prompts]
         return CompletionResponse(
             id=request_id,
             model=req.model,
@@ -208,7 +207,7 @@ class OpenAIServing:
                 ChatChoice(
                     index=c.index,
                     message=message,
-                    logprobs=self._chat_logprobs(req, [t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
+                    logprobs=self._logprobs.chat(req, [t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
                     finish_reason=finish_reason,
                     stop_reason=c.stop_reason,
                 )
@@ -216,7 +215,7 @@ class OpenAIServing:
                 for message, finish_reason in [self._chat_message(req, c)]
             ],
             usage=self._usage(choices),
-            prompt_logprobs=None if prompt_k is None else self._prompt_logprob_entries(choices[0].prompt, prompt_k),
+            prompt_logprobs=None if prompt_k is None else self._logprobs.prompt_entries(choices[0].prompt, prompt_k),
         )
 
     async def create_response(self, req: ResponsesRequest) -> ResponseObject | PrimedStream:
@@ -618,7 +617,7 @@ class OpenAIServing:
     # ---- formatting ---------------------------------------------------------
 
     def _completion_chunks(self, req: CompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[CompletionResponse]:
-        text, logprobs = self._completion_text(req, choice.prompt, [delta])
+        text, logprobs = self._logprobs.completion_text(req, choice.prompt, [delta])
         if not (text or delta.finish_reason or (logprobs and logprobs.tokens)):
             return []
         out = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
@@ -635,7 +634,7 @@ class OpenAIServing:
             content = ChatStreamChoice(
                 index=delta.index,
                 delta=message or DeltaMessage(),
-                logprobs=self._chat_logprobs(req, delta.tokens) if req.logprobs else None,
+                logprobs=self._logprobs.chat(req, delta.tokens) if req.logprobs else None,
                 finish_reason=finish_reason,
                 stop_reason=choice.stop_reason if finish_reason else None,
             )
@@ -715,78 +714,9 @@ class OpenAIServing:
     def _completion_choice(
         self, req: CompletionRequest, choice: Choice, deltas: list[Delta], scored: PromptLogprobs | None
     ) -> CompletionChoice:
-        text, logprobs = self._completion_text(req, choice.prompt, deltas)
+        text, logprobs = self._logprobs.completion_text(req, choice.prompt, deltas)
         return CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
                                 stop_reason=choice.stop_reason, prompt_logprobs=scored)
-
-    def _completion_text(
-        self, req: CompletionRequest, prompt: Prompt, deltas: list[Delta]
-    ) -> tuple[str, CompletionLogprobs | None]:
-        echo = req.echo and bool(deltas) and deltas[0].first
-        base = len(prompt.text) if req.echo else 0
-        text = (prompt.text if echo else "") + "".join(d.text for d in deltas)
-        if req.logprobs is None:
-            return text, None
-        out = CompletionLogprobs()
-        if echo:
-            scored = [None] + list(prompt.logprobs or [None] * (len(prompt.token_ids) - 1))
-            for token_id, offset, lp in zip(prompt.token_ids, prompt.offsets, scored):
-                self._append_completion_logprob(req, out, token_id, offset, lp)
-        for d in deltas:
-            for token, offset in zip(d.tokens, d.offsets):
-                self._append_completion_logprob(req, out, token.token_id, base + offset, token)
-        return text, out
-
-    def _append_completion_logprob(
-        self, req: CompletionRequest, out: CompletionLogprobs, token_id: int, offset: int, lp: TokenLogprob | None
-    ) -> None:
-        token = self._logprob_token(req)
-        out.tokens.append(token(token_id))
-        out.text_offset.append(offset)
-        out.token_logprobs.append(lp.logprob if lp is not None else None)
-        out.top_logprobs.append({token(t): v for t, v in lp.top[: req.logprobs]} if lp is not None else None)
-
-    def _logprob_token(self, req: BaseGenerationRequest) -> Callable[[int], str]:
-        """How a log-prob names its token: its text, or (vLLM's ``return_tokens_as_token_ids``, the
-        request's or else the gateway's) ``"token_id:{id}"``, which no tokenizer can make ambiguous."""
-        as_ids = req.return_tokens_as_token_ids
-        if as_ids is None:
-            as_ids = self.config.return_tokens_as_token_ids
-        if as_ids:
-            return lambda token_id: f"token_id:{token_id}"
-        return self.tokenizer.token_text
-
-    def _prompt_logprob_entries(self, prompt: Prompt, k: int) -> PromptLogprobs:
-        """vLLM's ``prompt_logprobs``: None for the first token; for each other, keyed by token id, the
-        token itself (its rank: how many tokens are at least as likely) and its top-``k`` alternatives
-        (ranks 1 to ``k``), each with its log-prob and text."""
-        scored = prompt.logprobs or []
-        if len(scored) != len(prompt.token_ids) - 1:
-            raise BackendError(f"a worker scored {len(scored)} of the prompt's {len(prompt.token_ids) - 1} tokens "
-                               "after its first", 502)
-
-        def entry(token_id: int, logprob: float, rank: int | None) -> PromptLogprob:
-            return PromptLogprob(logprob=max(logprob, MIN_LOGPROB), rank=rank, decoded_token=self.tokenizer.token_text(token_id))
-
-        entries: PromptLogprobs = [None]
-        for lp in scored:
-            alternatives = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
-            for rank, (token_id, logprob) in enumerate(lp.top[:k], 1):
-                alternatives.setdefault(str(token_id), entry(token_id, logprob, rank))
-            entries.append(alternatives)
-        return entries
-
-    def _chat_logprobs(self, req: ChatCompletionRequest, tokens: list[TokenLogprob]) -> ChatLogprobs:
-        tok, token = self.tokenizer, self._logprob_token(req)
-        return ChatLogprobs(
-            content=[
-                ChatLogprobToken(
-                    token=token(t.token_id), logprob=t.logprob, bytes=tok.token_bytes(t.token_id),
-                    top_logprobs=[TopLogprob(token=token(i), logprob=v, bytes=tok.token_bytes(i)) for i, v in t.top],
-                )
-                for t in tokens
-            ]
-        )
 
     @staticmethod
     def _usage(choices: list[Choice]) -> UsageInfo:
