@@ -45,7 +45,8 @@ from baton.services.gateway.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoRAAdapterRequest,
     RerankRequest, ResponsesRequest, ScoreRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
 )
-from baton.services.gateway.serving import OpenAIServing, PrimedStream, as_api_error
+from baton.services.gateway.serving import OpenAIServing
+from baton.services.gateway.streaming import PrimedStream, as_api_error
 from baton.services.gateway.tokenizer import GatewayTokenizer
 
 logger = logging.getLogger(__name__)

@@ -3,10 +3,11 @@
 A request passes through: validated (protocol.py) -> the model's sampling defaults for the
 fields it left out (``sampling_defaults``) -> tokenized (chat template for chat) -> checked
 against the context length -> fanned out into one backend
-sequence per choice (``n`` per prompt; ids ``f"{id}-{i}"``, seeds ``seed + i``; a
+sequence per choice (``n`` per prompt; ids ``f"{id}-{suffix}-{i}"``, seeds ``seed + i``; a
 prompt's later samples start beside its first once that one decodes, see ``_merge``)
 -> each choice's chunks are detokenized and stop-string matched (``Choice``)
--> merged into one response, or into SSE chunks when streaming.
+-> merged into one response, or into SSE chunks when streaming (``streaming``; log-probs in
+``logprobs``).
 
 ``model`` names the base model (``served_model_name``) or one of the LoRA adapters the
 workers load (``lora_modules``, vLLM's ``--lora-modules``, and those loaded since through vLLM's
@@ -52,6 +53,7 @@ from baton.services.gateway.protocol import (
     BaseGenerationRequest,
 )
 from baton.services.gateway.reasoning import THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
+from baton.services.gateway.streaming import PrimedStream, as_api_error, error_event
 from baton.services.gateway.tokenizer import (
     ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
 )
@@ -603,7 +605,7 @@ class OpenAIServing:
                 status = "error"
                 if not sent:
                     raise
-                yield _error_event(exc)
+                yield error_event(exc)
                 yield DONE
                 return
             status = "success"
@@ -742,52 +744,3 @@ def _encode_embedding(values: list[float], encoding_format: str) -> list[float] 
     if encoding_format == "float":
         return values
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
-
-
-def as_api_error(exc: Exception) -> APIError:
-    """How a failure during generation reaches the client."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, BackendError) and exc.status == 404:    # a worker lacks the request's LoRA adapter
-        return APIError(exc.message, status=404, param="model", code="model_not_found")
-    if isinstance(exc, BackendError):
-        kind = "invalid_request_error" if exc.status == 400 else "service_unavailable_error"
-        return APIError(exc.message, status=exc.status, type=kind)
-    return APIError("internal error while generating", status=500, type="internal_server_error")
-
-
-def _error_event(exc: Exception) -> str:
-    return as_api_error(exc).body().model_dump_json()
-
-
-SSEItem = str | dict[str, str]   # an event's data, or its data and name ({"event": ..., "data": ...})
-
-
-class PrimedStream:
-    """An SSE event stream already run up to its first event, so that an error
-    before anything was sent still becomes a proper HTTP error. ``aclose()``
-    ends the generation (aborting it on the workers if it is still running)."""
-
-    def __init__(self, stream: AsyncGenerator[SSEItem, None], first: SSEItem | None) -> None:
-        self._stream = stream
-        self._first = first
-
-    @classmethod
-    async def start(cls, stream: AsyncGenerator[SSEItem, None]) -> PrimedStream:
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            first = None
-        return cls(stream, first)
-
-    def __aiter__(self) -> PrimedStream:
-        return self
-
-    async def __anext__(self) -> SSEItem:
-        if self._first is not None:
-            item, self._first = self._first, None
-            return item
-        return await anext(self._stream)
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
