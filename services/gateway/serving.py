@@ -40,28 +40,25 @@ from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
 from baton.services.gateway import metrics, responses, sampling_defaults, scoring, tools
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationRequest
+from baton.services.gateway.chat_output import ChatOutput
 from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.logprobs import LogprobFormatter
 from baton.services.gateway.protocol import (
-    DONE, APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, DetokenizeResponse, EmbeddingData,
-    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, LoadLoRAAdapterRequest, ModelCard, ModelList, ResponseObject,
-    ResponsesRequest, UnloadLoRAAdapterRequest,
-    NamedToolChoice, RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, ScoringRequest,
-    PromptLogprobs, PromptTokensDetails, TokenizeRequest, TokenizeResponse, UsageInfo,
-    BaseGenerationRequest,
+    DONE, APIError, BaseGenerationRequest, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, LoadLoRAAdapterRequest,
+    ModelCard, ModelList, PromptLogprobs, PromptTokensDetails, RerankRequest, RerankResponse, ResponseObject,
+    ResponsesRequest, ScoreRequest, ScoreResponse, ScoringRequest, TokenizeRequest, TokenizeResponse,
+    UnloadLoRAAdapterRequest, UsageInfo,
 )
-from baton.services.gateway.reasoning import THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
 from baton.services.gateway.streaming import PrimedStream, as_api_error, error_event
 from baton.services.gateway.tokenizer import (
     ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
 )
-from baton.services.gateway.tool_parsers import make_parser
 
 logger = logging.getLogger(__name__)
 
-PROMPT_TAIL_TOKENS = 16   # where a chat template leaves <think> open or closed: the prompt's end
 
 ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[CompletionResponse | ChatCompletionChunk]]
 
@@ -79,8 +76,7 @@ class OpenAIServing:
         self.max_model_len = (config.max_model_len if config.max_model_len is not None
                               else model_config.max_position_embeddings)
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
-        self.tool_parser = make_parser(config.tool_call_parser) if config.tool_call_parser else None
-        self.think_end = tuple(tokenizer.encode(THINK_END, add_special_tokens=False))
+        self._chat = ChatOutput(tokenizer, config.reasoning_parser, config.tool_call_parser, self._logprobs)
         self.generation_defaults = sampling_defaults.load(config.model_dir, config.generation_config,
                                                           config.override_generation_config)
         sampling_defaults.log_defaults(self.generation_defaults)
@@ -193,14 +189,12 @@ class OpenAIServing:
         self._check_logprobs(req.top_logprobs, "sample", "top_logprobs")
         prompt_k = self._prompt_logprobs(req)
         params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None, prompt_logprobs=prompt_k)
-        if self.config.reasoning_parser and params.structured_output and not closed_in_prompt(self._prompt_tail(ids)):
-            # The grammar binds the answer: the workers apply it after the thinking.
-            params = replace(params, structured_output=replace(params.structured_output, reasoning_end=self.think_end))
+        params = self._chat.bind_grammar_to_answer(params, ids)
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
         choices = self._choices(worker_request_id(request_id), prompts, params, req, lora)
-        self._attach_output_parsers(req, choices)
+        self._chat.attach_parsers(req, choices)
         if req.stream:
-            return await PrimedStream.start(self._stream(req, request_id, choices, self._chat_chunks, arrival))
+            return await PrimedStream.start(self._stream(req, request_id, choices, self._chat.chunks, arrival))
         deltas = await self._collect(choices, arrival)
         return ChatCompletionResponse(
             id=request_id,
@@ -214,7 +208,7 @@ class OpenAIServing:
                     stop_reason=c.stop_reason,
                 )
                 for c in choices
-                for message, finish_reason in [self._chat_message(req, c)]
+                for message, finish_reason in [self._chat.message(req, c)]
             ],
             usage=self._usage(choices),
             prompt_logprobs=None if prompt_k is None else self._logprobs.prompt_entries(choices[0].prompt, prompt_k),
@@ -318,27 +312,6 @@ class OpenAIServing:
 
     # ---- request preparation ------------------------------------------------
 
-    def _attach_output_parsers(self, req: ChatCompletionRequest, choices: list[Choice]) -> None:
-        """Give each chat choice what reads its output as it streams: the reasoning parser and, for
-        tool_choice 'auto', the tool-call parser."""
-        for choice in choices:
-            choice.reasoning = self._think_stream(choice.prompt.token_ids)
-        if req.stream and req.auto_tools:
-            for choice in choices:
-                choice.tool_stream = self.tool_parser.stream()
-
-    def _prompt_tail(self, prompt_ids: list[int]) -> str:
-        """The rendered prompt's end, special tokens included: whether the chat template left the
-        output thinking."""
-        return self.tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
-
-    def _think_stream(self, prompt_ids: list[int]) -> ThinkStream | None:
-        """A fresh reader of the output's thinking, which starts where the prompt left it (None
-        without a reasoning parser)."""
-        if not self.config.reasoning_parser:
-            return None
-        return ThinkStream(starts_in_reasoning(self._prompt_tail(prompt_ids)))
-
     def _check_model(self, model: str, base_only: bool = False) -> str | None:
         """The LoRA adapter ``model`` names (None: the base model). 404 for a model not served here;
         400 for an adapter where only the base model serves (``base_only``: embeddings, scores)."""
@@ -372,7 +345,7 @@ class OpenAIServing:
         lora = self._check_model(req.model)
         if req.n > self.config.max_n:
             raise APIError(f"n must be at most {self.config.max_n}, got {req.n}", param="n")
-        if isinstance(req, ChatCompletionRequest) and req.auto_tools and self.tool_parser is None:
+        if isinstance(req, ChatCompletionRequest) and req.auto_tools and self._chat.tool_parser is None:
             raise APIError("tool_choice 'auto' (the default with tools) reads the model's own tool-call format: start the "
                            "gateway with --tool-call-parser, or use tool_choice 'required', a named function or 'none'",
                            param="tool_choice")
@@ -625,93 +598,6 @@ class OpenAIServing:
         out = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
                                stop_reason=delta.stop_reason)
         return [CompletionResponse(id=request_id, model=req.model, choices=[out])]
-
-    def _chat_chunks(self, req: ChatCompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[ChatCompletionChunk]:
-        out = []
-        if delta.first:
-            role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role="assistant", content=""))
-            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[role]))
-        message, finish_reason = self._chat_delta(req, choice, delta)
-        if message is not None or finish_reason or (req.logprobs and delta.tokens):
-            content = ChatStreamChoice(
-                index=delta.index,
-                delta=message or DeltaMessage(),
-                logprobs=self._logprobs.chat(req, delta.tokens) if req.logprobs else None,
-                finish_reason=finish_reason,
-                stop_reason=choice.stop_reason if finish_reason else None,
-            )
-            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[content]))
-        return out
-
-    def _chat_delta(self, req: ChatCompletionRequest, choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
-        """What a delta adds to a streamed message (None: nothing), and its finish reason. A named
-        function's arguments stream as they come, the first piece naming the call; the calls of
-        tool_choice 'required' come whole once the array is complete; with 'auto', the tool-call
-        parser decides (``_auto_tools_delta``). A reasoning model's thinking is split off first."""
-        if choice.reasoning is not None:
-            reasoning, answer = choice.reasoning.add(delta.text)
-            if delta.finish_reason is not None:
-                more_reasoning, more_answer = choice.reasoning.finish()
-                reasoning, answer = reasoning + more_reasoning, answer + more_answer
-            message, finish_reason = self._answer_delta(req, choice, replace(delta, text=answer))
-            if reasoning:
-                message = (message or DeltaMessage()).model_copy(update={"reasoning": reasoning})
-            return message, finish_reason
-        return self._answer_delta(req, choice, delta)
-
-    def _answer_delta(self, req: ChatCompletionRequest, choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
-        """``_chat_delta`` past the thinking: the answer's text, tool calls and finish reason."""
-        if choice.tool_stream is not None:
-            return self._auto_tools_delta(choice, delta)
-        if not req.forced_tools:
-            return (DeltaMessage(content=delta.text) if delta.text else None), delta.finish_reason
-        if isinstance(req.tool_choice, NamedToolChoice):
-            if not delta.text:
-                return None, delta.finish_reason
-            first, choice.tool_calls_sent = not choice.tool_calls_sent, 1
-            return DeltaMessage(tool_calls=[tools.named_call_piece(req, delta.text, first)]), delta.finish_reason
-        if delta.finish_reason is None:
-            return None, None
-        message, finish_reason = self._chat_message(req, choice)
-        if message.tool_calls:
-            return DeltaMessage(tool_calls=tools.as_deltas(message.tool_calls)), finish_reason
-        return DeltaMessage(content=message.content or None), finish_reason
-
-    def _chat_message(self, req: ChatCompletionRequest, choice: Choice) -> tuple[ChatResponseMessage, str | None]:
-        """A finished choice's message and finish reason. With a forced tool_choice: the calls it
-        made ('tool_calls' for 'required', 'stop' for a named function, as OpenAI and vLLM
-        answer), or its text where it was cut short of a whole call. With 'auto': the content and
-        calls the tool-call parser reads in its text ('tool_calls' if it made any). A reasoning
-        model's thinking is split off first."""
-        text = "".join(choice.text)
-        reasoning, think = None, self._think_stream(choice.prompt.token_ids)
-        if think is not None:
-            reasoning, answer = think.split(text)
-            text = answer or ""
-        if req.auto_tools:
-            content, calls = self.tool_parser.parse(text)
-            message = ChatResponseMessage(content=content, reasoning=reasoning, tool_calls=calls)
-            return message, "tool_calls" if calls else choice.finish_reason
-        calls = tools.tool_calls(req, text) if req.forced_tools else None
-        if calls is None:
-            content = text if think is None else text or None
-            return ChatResponseMessage(content=content, reasoning=reasoning), choice.finish_reason
-        finish_reason = "tool_calls" if req.tool_choice == "required" else choice.finish_reason
-        return ChatResponseMessage(reasoning=reasoning, tool_calls=calls), finish_reason
-
-    @staticmethod
-    def _auto_tools_delta(choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:
-        """Content and the pieces of calls as the parser lets them go: a call's name first, then
-        its arguments as the model writes them."""
-        content, pieces = choice.tool_stream.add(delta.text)
-        if delta.finish_reason is not None:
-            rest, more = choice.tool_stream.finish()
-            content, pieces = content + rest, pieces + more
-        choice.tool_calls_sent += sum(p.id is not None for p in pieces)
-        finish_reason = "tool_calls" if delta.finish_reason and choice.tool_calls_sent else delta.finish_reason
-        if not (content or pieces):
-            return None, finish_reason
-        return DeltaMessage(content=content or None, tool_calls=pieces or None), finish_reason
 
     def _completion_choice(
         self, req: CompletionRequest, choice: Choice, deltas: list[Delta], scored: PromptLogprobs | None
