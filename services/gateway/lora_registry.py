@@ -101,7 +101,7 @@ class LoRARegistry:
         if recorded is None or self._lock.locked():
             return
         before = self._recorded if self._recorded is not None else set()
-        forgotten = []
+        changed = []
         for name, (path, digest) in recorded.items():
             ours = self.adapters.get(name)
             if name in self._start_modules or name in self._unrecorded:
@@ -111,14 +111,14 @@ class LoRARegistry:
             if ours is None and name in before:
                 continue        # unloaded here since, and Redis not yet told
             logger.info("serving LoRA adapter %r (%s), loaded through another gateway", name, path)
-            forgotten.append(name)
+            changed.append(name)
             self.adapters[name] = RuntimeAdapter(name, path, digest)
         for name in (before - recorded.keys() - self._unrecorded.keys()) & self.adapters.keys():
             logger.info("LoRA adapter %r was unloaded through another gateway", name)
-            forgotten.append(name)
+            changed.append(name)
             del self.adapters[name]
         for worker in workers:
-            worker.loras.difference_update(forgotten)
+            worker.loras.difference_update(changed)
         self._recorded = set(recorded)
 
     async def sync(self, worker: LoRAWorker) -> None:

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BLOCKS = 512
 SCAN_COUNT = 256
 # HDEL KEYS[1] ARGV[1] where its entry is still ARGV[2], in one step.
-DELETE_IF_HELD = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0"
+DELETE_IF_HELD = ("if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then "
+                  "return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0")
 _NO_ANSWER = object()   # ``PrefixIndex._attempt``'s result where Redis did not answer
 T = TypeVar("T")
 
@@ -143,7 +144,8 @@ class PrefixIndex:
         if held is None:
             return await self._attempt(lambda r: r.hdel(key, name)) is not _NO_ANSWER
         entry = _lora_entry(*held)
-        return await self._attempt(lambda r: self._delete_if_held(keys=[key], args=[name, entry], client=r)) is not _NO_ANSWER
+        deleted = await self._attempt(lambda r: self._delete_if_held(keys=[key], args=[name, entry], client=r))
+        return deleted is not _NO_ANSWER
 
     async def _attempt(self, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T | object:
         """``command``'s result, or ``_NO_ANSWER`` where Redis does not answer (counted, logged once
