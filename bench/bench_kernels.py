@@ -41,7 +41,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -452,11 +452,15 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
 
 
 # Candidates per head dim (the 2026-12-04 sweep in kernels_h200.md): the two defaults first, then
-# one tile in flight instead of two, 32-key tiles, other warp counts. The fourth field is how many
-# programs fit an SM (shared memory of the sm_90 compiles).
+# one tile in flight instead of two, 32-key tiles, other warp counts, and the first default asking
+# L2 for none, two or four of a split's first tiles before its PDL wait. The fourth field is how
+# many programs fit an SM (shared memory of the sm_90 compiles).
 DECODE_CANDIDATES = {
-    64: (*DEFAULT_CONFIGS[64], DecodeConfig(64, 2, 2, 11), DecodeConfig(32, 1, 2, 22), DecodeConfig(32, 2, 3, 6)),
-    128: (*DEFAULT_CONFIGS[128], DecodeConfig(32, 2, 3, 6), DecodeConfig(32, 2, 2, 10), DecodeConfig(32, 4, 3, 6)),
+    dim: (*DEFAULT_CONFIGS[dim], *others, *(replace(DEFAULT_CONFIGS[dim][0], prefetch_tiles=n) for n in (0, 2, 4)))
+    for dim, others in (
+        (64, (DecodeConfig(64, 2, 2, 11), DecodeConfig(32, 1, 2, 22), DecodeConfig(32, 2, 3, 6))),
+        (128, (DecodeConfig(32, 2, 3, 6), DecodeConfig(32, 2, 2, 10), DecodeConfig(32, 4, 3, 6))),
+    )
 }
 DECODE_SWEEP_CASES = {  # (batch, context); the 1B cases pad their tables to RUNNER_CONTEXT where shorter
     64: ((1, 512), (16, 640), (32, 640), (64, 512), (64, 640), (128, 576), (128, 640), (1, 16384), (16, 2048)),
@@ -466,9 +470,10 @@ DECODE_SWEEP_CASES = {  # (batch, context); the 1B cases pad their tables to RUN
 
 def decode_label(config: DecodeConfig) -> str:
     """``t64 w4 s3 p3``: keys per tile, warps, stages, programs per SM (and ``m32``: the shortest
-    split, where not the usual)."""
+    split, ``f2``: the tiles asked of L2 ahead, where not the usual)."""
     shortest = f" m{config.min_split_tokens}" if config.min_split_tokens != DecodeConfig.min_split_tokens else ""
-    return f"t{config.tile_n} w{config.num_warps} s{config.num_stages} p{config.programs_per_sm}{shortest}"
+    ahead = f" f{config.prefetch_tiles}" if config.prefetch_tiles != DecodeConfig.prefetch_tiles else ""
+    return f"t{config.tile_n} w{config.num_warps} s{config.num_stages} p{config.programs_per_sm}{shortest}{ahead}"
 
 
 def decode_sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None]) -> None:

@@ -36,8 +36,10 @@ from baton.kernels.checks import check_attention_args, check_int_index
 class DecodeConfig:
     """Launch parameters: keys per loop step, warps, pipeline depth (3 keeps two KV
     tiles in flight, 2 one), how many programs fit an SM (the context is split until
-    one wave of them is full), the shortest split, the most splits, and how many
-    partial-result elements each thread of the merge loads at once (a power of two)."""
+    one wave of them is full), the shortest split, the most splits, how many
+    partial-result elements each thread of the merge loads at once (a power of two),
+    and how many of a split's first tiles (0 or a power of two) it asks L2 for while it
+    waits for the kernel before (with programmatic dependent launch)."""
 
     tile_n: int = 64
     num_warps: int = 4
@@ -46,6 +48,7 @@ class DecodeConfig:
     min_split_tokens: int = 64
     max_splits: int = 32
     merge_per_thread: int = 128
+    prefetch_tiles: int = 1
 
 
 # The defaults by the largest head dim they serve: (two K/V tiles in flight per program,
@@ -74,6 +77,12 @@ def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: in
         if split_context(device, batch, num_kv_heads, max_context, half)[0] > splits:
             return half
     return deep
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at ``ptrs``; nothing waits for them."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -117,6 +126,7 @@ def _paged_decode_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH_KEYS: tl.constexpr, LINE: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -131,6 +141,17 @@ def _paged_decode_attention_kernel(
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
+    if PDL and PREFETCH_KEYS > 0:
+        # HBM idles until the kernel before finishes: start this split's first K/V rows on
+        # their way to L2 meanwhile. A line that kernel then writes (the newest token) is
+        # read fresh, as every write and read meets in L2; rows past the split read offset 0.
+        ahead = start + tl.arange(0, PREFETCH_KEYS)
+        wanted = ahead < tl.minimum(seq_len, start + split_len)
+        ahead_block = tl.load(table + ahead // BLOCK_SIZE, mask=wanted, other=0).to(tl.int64)
+        ahead_row = tl.where(wanted, ahead_block * stride_c_block + (ahead % BLOCK_SIZE) * stride_c_tok + kv_head.to(tl.int64) * stride_c_head, 0)
+        lines = kv_ptr + ahead_row[:, None] + (tl.arange(0, HEAD_DIM // LINE) * LINE)[None, :]
+        _prefetch_l2(lines)
+        _prefetch_l2(lines + stride_c_kv)
     pdl.wait(PDL)
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
     if SPLIT:
@@ -269,6 +290,7 @@ def launch_paged_decode_attention(
         BLOCK_SIZE=block_size, TILE_N=config.tile_n, SPLIT=splits > 1, SPLITS_PAD=splits_pad,
         CHUNK=min(splits_pad, max(1, config.merge_per_thread * 32 * config.num_warps // (merge_pad * head_dim))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=min(head_dim, 128 // kv_cache.element_size()),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl.launch_options(q),
     )

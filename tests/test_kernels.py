@@ -402,7 +402,7 @@ HOPPER_PDL_CASES = {   # kernel: (pointer parameters, constants); the rest are i
         {"q_ptr": "*bf16", "kv_ptr": "*bf16", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
          "sem_ptr": "*i32", "seq_lens_ptr": "*i32", "tables_ptr": "*i32", "scale_log2": "fp32"},
         dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
-             CHUNK=8, DOT_PRECISION="tf32")),
+             CHUNK=8, DOT_PRECISION="tf32", PREFETCH_KEYS=64, LINE=64)),
     "linear:_linear_kernel": (
         {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"},
         dict(M=1, M_PAD=16, HAS_BIAS=False, GATED=True, BLOCK_N=64, BLOCK_K=128, EVEN_K=True)),
@@ -421,6 +421,8 @@ def test_pdl_kernels_compile_for_hopper(kernel: str) -> None:
     pointers, constants = HOPPER_PDL_CASES[kernel]
     ptx = hopper_ptx(f"baton.kernels.{kernel}", pointers, {**constants, "PDL": True})
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    if constants.get("PREFETCH_KEYS"):
+        assert "prefetch.global.L2" in ptx
 
 
 @pytest.mark.unit
