@@ -397,16 +397,25 @@ def test_decode_split_counts_share_one_compiled_kernel() -> None:
     assert compiled_variants(_paged_decode_attention_kernel) - before <= len(kinds), split_counts
 
 
-HOPPER_PDL_CASES = {   # kernel: (pointer parameters, constants); the rest are i32
-    "attention_decode:_paged_decode_attention_kernel": (
-        {"q_ptr": "*bf16", "kv_ptr": "*bf16", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
-         "sem_ptr": "*i32", "seq_lens_ptr": "*i32", "tables_ptr": "*i32", "scale_log2": "fp32"},
+def _decode_pointers(kv: str) -> dict[str, str]:
+    return {"q_ptr": f"*{kv}", "kv_ptr": f"*{kv}", "out_ptr": f"*{kv}", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+            "sem_ptr": "*i32", "seq_lens_ptr": "*i32", "tables_ptr": "*i32", "scale_log2": "fp32"}
+
+
+HOPPER_PDL_CASES = {   # case: (kernel, pointer parameters, constants); the rest are i32
+    "decode bf16 head dim 128": (
+        "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16"),
         dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
              CHUNK=8, DOT_PRECISION="tf32", PREFETCH_KEYS=64, LINE=64)),
-    "linear:_linear_kernel": (
-        {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"},
+    "decode fp32 head dim 64, two tiles to L2": (   # 128-byte lines of 32 elements, two to a row
+        "attention_decode:_paged_decode_attention_kernel", _decode_pointers("fp32"),
+        dict(GROUP=2, GROUP_PAD=16, MERGE_PAD=2, HEAD_DIM=64, BLOCK_SIZE=16, TILE_N=32, SPLIT=False, SPLITS_PAD=1,
+             CHUNK=1, DOT_PRECISION="ieee", PREFETCH_KEYS=64, LINE=32)),
+    "gated GEMV": (
+        "linear:_linear_kernel", {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"},
         dict(M=1, M_PAD=16, HAS_BIAS=False, GATED=True, BLOCK_N=64, BLOCK_K=128, EVEN_K=True)),
-    "norm:_rms_norm_kernel": (
+    "RMSNorm": (
+        "norm:_rms_norm_kernel",
         {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "new_residual_ptr": "*bf16",
          "eps": "fp32"},
         dict(HAS_RESIDUAL=True, BLOCK=4096)),
@@ -414,11 +423,11 @@ HOPPER_PDL_CASES = {   # kernel: (pointer parameters, constants); the rest are i
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("kernel", HOPPER_PDL_CASES)
-def test_pdl_kernels_compile_for_hopper(kernel: str) -> None:
+@pytest.mark.parametrize("case", HOPPER_PDL_CASES)
+def test_pdl_kernels_compile_for_hopper(case: str) -> None:
     """The programmatic-dependent-launch path of a decode-step kernel runs only on a Hopper GPU,
     so compile it for one here: a mistake in it fails this run, not the next GPU run."""
-    pointers, constants = HOPPER_PDL_CASES[kernel]
+    kernel, pointers, constants = HOPPER_PDL_CASES[case]
     ptx = hopper_ptx(f"baton.kernels.{kernel}", pointers, {**constants, "PDL": True})
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     if constants.get("PREFETCH_KEYS"):
