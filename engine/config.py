@@ -192,11 +192,16 @@ def add_engine_switches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="keep computed blocks to reuse for prompts that share a prefix (vLLM's; with "
                         "--no-enable-prefix-caching every prompt is computed in full and nothing is indexed)")
+    p.add_argument("--disable-log-stats", action="store_true",
+                   help="a worker logs no line every 10 s of throughput, requests, KV cache use and prefix cache hits "
+                        "(vLLM's)")
 
 
 def engine_switches(args: argparse.Namespace) -> list[str]:
     """``add_engine_switches``' flags as a worker's command line takes them (those not at their defaults)."""
     out = ["--enforce-eager"] if args.enforce_eager else []
+    if args.disable_log_stats:
+        out.append("--disable-log-stats")
     if args.cuda_graph_sizes:
         out += ["--cuda-graph-sizes", *map(str, args.cuda_graph_sizes)]
     return out if args.enable_prefix_caching else [*out, "--no-enable-prefix-caching"]

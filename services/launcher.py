@@ -81,8 +81,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.dtype:
         common += ["--dtype", args.dtype]
     common += engine_switches(args)
-    if args.disable_log_stats:
-        common.append("--disable-log-stats")
     if args.gpu_memory_utilization is not None:   # every worker shares the one device
         common += ["--gpu-memory-utilization", f"{args.gpu_memory_utilization / (args.prefill + args.decode):.6g}"]
     loras = ["--lora-modules", *args.lora_modules] if args.lora_modules else []
@@ -269,9 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     serving_flags.add(p)
     p.add_argument("--worker-metrics", action="store_true",
                    help="serve each worker's Prometheus metrics on a free port (printed once ready)")
-    p.add_argument("--disable-log-stats", action="store_true",
-                   help="the workers log no line every 10 s of throughput, requests, KV cache use and prefix cache hits "
-                        "(vLLM's)")
     return parser
 
 

@@ -93,8 +93,6 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
                    help="fcfs: arrival order; priority: each request's priority (lower first), then arrival")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
-    p.add_argument("--disable-log-stats", action="store_true",
-                   help="no log line every 10 s of throughput, requests, KV cache use and prefix cache hits (vLLM's)")
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) to load, all resident; a request names one in its model "
                         "(prefill and decode workers must load the same ones)")
