@@ -6,8 +6,8 @@ model, all under one adapter, and spread evenly over several, on the same engine
 
 The adapters are random, in PEFT's format, on every projection of every layer (the tests'
 ``make_adapter``), written to a temporary directory. Greedy, EOS ignored, so every run writes
-batch x output-len tokens. A step with a token under an adapter runs eagerly on the GPU (the
-CUDA graphs hold no adapter), so the "1 adapter" row there also prices the graphs it loses.
+batch x output-len tokens. On the GPU a decode step under adapters replays CUDA graphs captured
+with them, which run the adapted projections unfused (``engine/lora.py``); prompts run eagerly.
 """
 
 from __future__ import annotations

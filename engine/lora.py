@@ -18,8 +18,9 @@ zeros). A step where no sequence names an adapter has no batch at all, and the m
 its plain path (fused kernels, CUDA graphs) at no cost.
 
 Plain torch, no Triton kernel (a grouped "punica"-style kernel is the next step for large
-batches of many adapters). A step with a LoRA sequence runs eagerly: the CUDA graphs are
-captured without adapters and never replay such a step (``engine/cuda_graph.py``).
+batches of many adapters). Every shape is fixed by the stack, so a decode step with a LoRA
+sequence replays CUDA graphs captured with it, each row's adapter a static input
+(``engine/cuda_graph.py``); a new stack (a load or an unload) has them captured again.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Runs the model for one scheduled step: packs the chunks' tokens into one flat
 batch, builds the attention metadata once, runs the forward over the paged KV
 cache, and returns the logits (in the model's dtype) of the rows that need them.
-On CUDA, decode steps replay captured graphs (``engine/cuda_graph.py``); everything
-else runs eagerly, and so does every step with a LoRA sequence (``engine/lora.py``): the
-graphs are captured without adapters.
+On CUDA, decode steps replay captured graphs (``engine/cuda_graph.py``), those with a
+LoRA sequence graphs captured with the resident adapters (``engine/lora.py``) again at
+each load and unload; everything else runs eagerly.
 
 The runner owns the weights and the KV cache tensors (one per layer,
 ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``). It never mutates the
@@ -91,6 +91,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = build_model(self.model_dir, mc, self.dtype, self.device)
         self.model.set_cos_sin_cache(build_cos_sin_cache(mc.rope, mc.head_dim, self.max_model_len, self.device))
+        self.cuda_graphs: DecodeGraphs | None = None
         self._set_adapters({a.name: a for a in load_adapters(config.lora_modules, mc, config.max_lora_rank)})
         self.num_blocks: int = config.num_blocks or (
             self._blocks_in_device_share() if config.gpu_memory_utilization is not None else self._blocks_that_fit())
@@ -100,13 +101,13 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
         ]
-        self.cuda_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = capture_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
             draft_len = config.speculative.num_speculative_tokens if config.speculative is not None else 0
             self.cuda_graphs = DecodeGraphs(self.model, self.kv_caches, sizes, self.max_model_len, self.block_size, self.vocab_size,
                                             draft_len, config.max_num_batched_tokens)
             self.cuda_graphs.capture()
+            self.cuda_graphs.capture_lora(self.lora)
 
     # -- LoRA adapters: those of ``config.lora_modules``, and any loaded or unloaded since ---------
 
@@ -133,10 +134,13 @@ class ModelRunner:
         return removed
 
     def _set_adapters(self, adapters: dict[str, LoRAAdapter]) -> None:
-        """Restack the resident adapters (each one's rows move; the engine core swaps them between steps)."""
+        """Restack the resident adapters (each one's rows move; the engine core swaps them between
+        steps) and capture the graphs that read them."""
         self.lora = LoRAStack(list(adapters.values()), self.model_config, self.device, self.dtype)
         self.adapters = adapters
         self.lora_names: frozenset[str] = frozenset(adapters)
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.capture_lora(self.lora)
 
     def block_bytes(self) -> int:
         """Bytes one block takes across all layers (K and V)."""

@@ -25,6 +25,7 @@ from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
 from baton.kernels import pdl
+from lora_adapters import make_adapter
 
 DEMO = str(DEMO_MODEL)
 PROMPTS = [
@@ -129,14 +130,14 @@ def test_speculation_on_cuda_writes_what_one_token_a_step_writes_on_the_cpu(gate
     llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8,
               speculative=SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, disable_by_batch_size=gate))
     graphs = llm.runner.cuda_graphs
-    assert graphs is not None and llm.core.async_scheduling == (gate is not None) and (4, 5) in graphs.graphs
+    assert graphs is not None and llm.core.async_scheduling == (gate is not None) and (4, 5, False) in graphs.graphs
     replayed = []
     replay = graphs.replay
     graphs.replay = lambda chunks, shape, fed=None: replayed.append(shape) or replay(chunks, shape, fed)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
     assert llm.core.spec_stats.accepted_tokens > 0 and llm.core.stats().used_blocks == 0
-    assert (2, 5) in replayed and (4, 1) in replayed      # steps with drafts and without, from graphs
-    assert ((4, 5) in replayed) == (gate is None)
+    assert (2, 5, False) in replayed and (4, 1, False) in replayed      # steps with drafts and without, from graphs
+    assert ((4, 5, False) in replayed) == (gate is None)
 
 
 @pytest.mark.gpu
@@ -149,14 +150,16 @@ def test_embeddings_on_cuda_match_the_cpu_engine():
     assert torch.nn.functional.cosine_similarity(bf16, want).min() > 0.99
 
 
-def _ragged_batch(runner: ModelRunner, rng: random.Random, batch: int, tag: str) -> list[Sequence]:
-    """``batch`` sequences of random prompts (1..60 tokens) on shuffled blocks, prefilled eagerly."""
+def _ragged_batch(runner: ModelRunner, rng: random.Random, batch: int, tag: str,
+                  loras: list[str | None] | None = None) -> list[Sequence]:
+    """``batch`` sequences of random prompts (1..60 tokens) on shuffled blocks, prefilled eagerly;
+    sequence ``i`` under LoRA adapter ``loras[i]`` where given."""
     blocks = list(range(runner.num_blocks))
     rng.shuffle(blocks)
     seqs = []
     for i in range(batch):
         prompt = [rng.randrange(runner.vocab_size) for _ in range(rng.randrange(1, 61))]
-        seq = Sequence(f"{tag}{i}", prompt, SamplingParams(temperature=0, max_tokens=8))
+        seq = Sequence(f"{tag}{i}", prompt, SamplingParams(temperature=0, max_tokens=8), lora=loras[i] if loras else None)
         need = -(-(len(prompt) + 8) // runner.block_size)
         seq.block_table, blocks = blocks[:need], blocks[need:]
         seqs.append(seq)
@@ -170,6 +173,27 @@ def _advance(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         seq.output_token_ids.append(token)
 
 
+def _graph_decode_equals_eager(runner: ModelRunner, seqs: list[Sequence], steps: int = 3) -> None:
+    """``steps`` decode steps of ``seqs``, each replayed from the smallest graph that holds them (with
+    adapters where a sequence has one) and then run eagerly over the same cache: equal logits,
+    equal K/V, written to each sequence's own slot only."""
+    graphs, bs = runner.cuda_graphs, runner.block_size
+    for _ in range(steps):
+        chunks = [ScheduledChunk(s, 1) for s in seqs]
+        adapted = any(s.lora is not None for s in seqs)
+        assert graphs.graph_shape(chunks) == (next(b for b in (1, 2, 4, 8) if b >= len(seqs)), 1, adapted)
+        before = [c.clone() for c in runner.kv_caches]
+        graph_logits = runner.execute(chunks).logits.clone()
+        after_graph = [c.clone() for c in runner.kv_caches]
+        assert _written_slots(before, after_graph) == {c.seq.block_table[c.start // bs] * bs + c.start % bs for c in chunks}
+        eager_logits = runner.execute(chunks, on_layer_done=lambda layer: None).logits
+        assert graph_logits.shape == (len(seqs), runner.vocab_size)
+        torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)
+        for graph_cache, eager_cache in zip(after_graph, runner.kv_caches):
+            torch.testing.assert_close(graph_cache, eager_cache, rtol=1e-5, atol=1e-5)
+        _advance(graph_logits, seqs)
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_graph_decode_logits_match_eager():
@@ -179,23 +203,42 @@ def test_graph_decode_logits_match_eager():
     runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8,
                                             max_num_seqs=8, cuda_graph_batch_sizes=[1, 2, 4, 8]))
     graphs = runner.cuda_graphs
-    assert graphs is not None and sorted(graphs.graphs) == [(1, 1), (2, 1), (4, 1), (8, 1)]
+    assert graphs is not None and sorted(graphs.graphs) == [(1, 1, False), (2, 1, False), (4, 1, False), (8, 1, False)]
     for batch in (1, 3, 5, 7):
-        seqs = _ragged_batch(runner, rng, batch, f"b{batch}-")
-        for _ in range(3):
-            chunks = [ScheduledChunk(s, 1) for s in seqs]
-            assert graphs.graph_shape(chunks) == (next(b for b in (1, 2, 4, 8) if b >= batch), 1)
-            before = [c.clone() for c in runner.kv_caches]
-            graph_logits = runner.execute(chunks).logits.clone()
-            after_graph = [c.clone() for c in runner.kv_caches]
-            bs = runner.block_size
-            assert _written_slots(before, after_graph) == {c.seq.block_table[c.start // bs] * bs + c.start % bs for c in chunks}
-            eager_logits = runner.execute(chunks, on_layer_done=lambda layer: None).logits
-            assert graph_logits.shape == (batch, runner.vocab_size)
-            torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)
-            for graph_cache, eager_cache in zip(after_graph, runner.kv_caches):
-                torch.testing.assert_close(graph_cache, eager_cache, rtol=1e-5, atol=1e-5)
-            _advance(graph_logits, seqs)
+        _graph_decode_equals_eager(runner, _ragged_batch(runner, rng, batch, f"b{batch}-"))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_lora_graph_decode_logits_match_eager(tmp_path):
+    """Decode steps with LoRA sequences (two adapters, among base sequences) replay graphs captured
+    with the adapters, equal to eager steps; after an unload moves the other adapter's rows and a
+    load adds one, the graphs captured again are too. A step under an adapter the graphs lack is
+    refused."""
+    seed = random.randrange(2**32)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    one = make_adapter(DEMO, tmp_path / "one", std=0.05)
+    two = make_adapter(DEMO, tmp_path / "two", rank=4, targets=("q_proj", "v_proj", "down_proj"), seed=1, std=0.08)
+    runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8, max_num_seqs=8,
+                                            cuda_graph_batch_sizes=[1, 2, 4, 8], max_loras=2,
+                                            lora_modules={"one": str(one), "two": str(two)}))
+    graphs = runner.cuda_graphs
+    assert graphs is not None and sorted(graphs.graphs) == sorted((b, 1, a) for b in (1, 2, 4, 8) for a in (False, True))
+    for i, loras in enumerate((["one", None, "two", "two", None, "one", None], ["two"], [None, "one", "two"], [None, None])):
+        _graph_decode_equals_eager(runner, _ragged_batch(runner, rng, len(loras), f"l{i}-", loras))
+    runner.remove_lora("one")
+    assert graphs.lora is not None and graphs.lora.index == {"two": 0}
+    stale = _ragged_batch(runner, rng, 1, "stale", ["two"])
+    stale[0].lora = "one"
+    with pytest.raises(ValueError, match="'one', which this CUDA graph lacks"):
+        graphs.replay([ScheduledChunk(stale[0], 1)], (1, 1, True))
+    runner.add_lora(runner.read_lora("three", str(one)))
+    for i, loras in enumerate((["two", None, "two"], ["three", "two", None, "three", "three"])):
+        _graph_decode_equals_eager(runner, _ragged_batch(runner, rng, len(loras), f"r{i}-", loras))
+    runner.remove_lora("two")
+    runner.remove_lora("three")
+    assert graphs.lora is None and sorted(graphs.graphs) == [(1, 1, False), (2, 1, False), (4, 1, False), (8, 1, False)]
 
 
 @pytest.mark.gpu
@@ -211,14 +254,14 @@ def test_graph_drafted_logits_match_eager():
     runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8, max_num_seqs=8,
                                             cuda_graph_batch_sizes=[1, 2, 4, 8], speculative=SpeculativeConfig(k)))
     graphs = runner.cuda_graphs
-    assert graphs is not None and sorted(s for s in graphs.graphs if s[1] > 1) == [(1, 4), (2, 4), (4, 4), (8, 4)]
+    assert graphs is not None and sorted(s for s in graphs.graphs if s[1] > 1) == [(1, 4, False), (2, 4, False), (4, 4, False), (8, 4, False)]
     for batch in (1, 3, 6):
         seqs = _ragged_batch(runner, rng, batch, f"d{batch}-")
         for _ in range(3):
             drafts = [[rng.randrange(runner.vocab_size) for _ in range(rng.randrange(k + 1))] for _ in seqs]
             drafts[0] = drafts[0] or [7]
             chunks = [ScheduledChunk(s, 1 + len(d), d) for s, d in zip(seqs, drafts)]
-            assert graphs.graph_shape(chunks) == (next(b for b in (1, 2, 4, 8) if b >= batch), k + 1)
+            assert graphs.graph_shape(chunks) == (next(b for b in (1, 2, 4, 8) if b >= batch), k + 1, False)
             before = [c.clone() for c in runner.kv_caches]
             graph_logits = runner.execute(chunks).logits.clone()
             after_graph = [c.clone() for c in runner.kv_caches]
@@ -273,7 +316,7 @@ def _written_slots(before: list[torch.Tensor], after: list[torch.Tensor]) -> set
 def test_batches_past_the_largest_graph_run_eagerly():
     runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8,
                                             max_num_seqs=2, cuda_graph_batch_sizes=[1, 2, 4]))
-    assert runner.cuda_graphs is not None and sorted(runner.cuda_graphs.graphs) == [(1, 1), (2, 1)]
+    assert runner.cuda_graphs is not None and sorted(runner.cuda_graphs.graphs) == [(1, 1, False), (2, 1, False)]
     seqs = _ragged_batch(runner, random.Random(3), 3, "x")
     chunks = [ScheduledChunk(s, 1) for s in seqs]
     assert runner.cuda_graphs.graph_shape(chunks) is None

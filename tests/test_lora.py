@@ -134,13 +134,14 @@ def test_unknown_adapter_is_refused(lora_llm) -> None:
         lora_llm.generate(PROMPTS[0], GREEDY, lora="three")
 
 
-def test_graph_steps_exclude_lora_sequences() -> None:
-    """The CUDA-graph path replays only steps that ``is_graph_step`` admits (and the graphs' inputs
-    refuse a LoRA sequence again, see the GPU test): a decode step with a LoRA sequence is never one."""
+def test_lora_decode_steps_are_graph_steps() -> None:
+    """A decode step with LoRA sequences is one the CUDA-graph path replays (from the graphs with
+    adapters, see the GPU tests); a prompt chunk under an adapter is not, as without one."""
     base = Sequence("a", [1, 2, 3], SamplingParams(), num_computed_tokens=2)
     adapted = Sequence("b", [1, 2, 3], SamplingParams(), num_computed_tokens=2, lora="one")
-    assert is_graph_step([ScheduledChunk(base, 1)])
-    assert not is_graph_step([ScheduledChunk(base, 1), ScheduledChunk(adapted, 1)])
+    prompt = Sequence("c", [1, 2, 3], SamplingParams(), lora="one")
+    assert is_graph_step([ScheduledChunk(base, 1), ScheduledChunk(adapted, 1)])
+    assert not is_graph_step([ScheduledChunk(adapted, 1), ScheduledChunk(prompt, 3)])
 
 
 # -- loading: what is refused, and how it says so -----------------------------------------
@@ -191,27 +192,25 @@ def test_too_many_adapters_and_bad_flags_are_refused(adapters) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fp32_on_cuda_equals_the_cpu_engine_and_replays_graphs_for_base_steps_only(demo_model, adapters, references) -> None:
-    """On CUDA (graphs captured, async scheduling): base-only steps replay graphs; no step with a
-    LoRA sequence does (they run eagerly, and the graph path refuses one); every output equals
-    the CPU engine's reference."""
+def test_fp32_on_cuda_equals_the_cpu_engine_and_replays_graphs_for_lora_steps(demo_model, adapters, references) -> None:
+    """On CUDA (graphs captured, async scheduling): base-only decode steps replay the plain graphs,
+    steps with LoRA sequences those captured with the adapters; every output equals the CPU
+    engine's reference."""
     llm = LLM(demo_model, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8,
               lora_modules={name: str(path) for name, path in adapters.items()}, max_loras=2)
     graphs = llm.runner.cuda_graphs
     assert graphs is not None and llm.core.async_scheduling
-    replayed: list[list[str | None]] = []
+    replayed: list[tuple[list[str | None], bool]] = []
     replay = graphs.replay
-    graphs.replay = lambda chunks, shape, fed=None: replayed.append([c.seq.lora for c in chunks]) or replay(chunks, shape, fed)
+    graphs.replay = lambda chunks, shape, fed=None: replayed.append(([c.seq.lora for c in chunks], shape[2])) or replay(chunks, shape, fed)
     assert _token_ids(llm.generate(PROMPTS, GREEDY)) == references[None]
-    assert len(replayed) >= GREEDY.max_tokens - 2                  # base-only decode steps: graphs
+    assert len(replayed) >= GREEDY.max_tokens - 2 and not any(adapted for _, adapted in replayed)
     replayed.clear()
     names = ["one", None, "two", "two", None, "one"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     assert _token_ids(llm.generate(prompts, GREEDY, lora=names)) == [references[n][i % len(PROMPTS)] for i, n in enumerate(names)]
-    assert all(lora is None for step in replayed for lora in step)
-    adapted = Sequence("x", [1, 2, 3], SamplingParams(), block_table=[0], num_computed_tokens=2, lora="one")
-    with pytest.raises(ValueError, match="runs under LoRA adapter 'one': a CUDA graph holds no adapter"):
-        replay([ScheduledChunk(adapted, 1)], (1, 1))
+    assert len(replayed) >= GREEDY.max_tokens - 2                  # the decode steps: graphs with adapters
+    assert all(adapted == any(loras) for loras, adapted in replayed) and {"one", "two"} <= {n for loras, _ in replayed for n in loras}
 
 
 # -- loading and unloading while serving -----------------------------------------------------
