@@ -132,7 +132,9 @@ class EngineConfig:
     rank at most ``max_lora_rank`` (vLLM's names; ``engine/lora_loader.py``), those loaded later
     (``EngineCore.load_lora``) counted; a request names one by its name.
     ``max_logprobs``: the most log-probs a request may ask for each sampled or prompt token (vLLM's;
-    -1: the whole vocabulary).
+    -1: the whole vocabulary). ``seed`` (vLLM's): seeds the draws that give each request without
+    a ``seed`` of its own one, so a fresh engine handed the same requests in the same order samples
+    the same tokens; None draws them from the OS's randomness.
     """
 
     block_size: int = 16
@@ -155,6 +157,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     gpu_memory_utilization: float | None = None   # CUDA: size the KV pool to this share of the device (vLLM's)
     max_logprobs: int = DEFAULT_MAX_LOGPROBS      # the most log-probs a request may ask for a token (-1: the vocabulary)
+    seed: int | None = None                       # seeds unseeded requests' sampling seeds (None: OS randomness)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -168,6 +171,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError(f"max_loras and max_lora_rank must be positive, got {self.max_loras} and {self.max_lora_rank}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (the vocabulary) or at least 0, got {self.max_logprobs}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
@@ -192,6 +197,9 @@ def add_engine_switches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="keep computed blocks to reuse for prompts that share a prefix (vLLM's; with "
                         "--no-enable-prefix-caching every prompt is computed in full and nothing is indexed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed the sampling seeds of requests that give none, so a fresh worker handed the same requests "
+                        "in the same order samples the same tokens (vLLM's; default: none, drawn from the OS)")
     p.add_argument("--disable-log-stats", action="store_true",
                    help="a worker logs no line every 10 s of throughput, requests, KV cache use and prefix cache hits "
                         "(vLLM's)")
@@ -202,6 +210,8 @@ def engine_switches(args: argparse.Namespace) -> list[str]:
     out = ["--enforce-eager"] if args.enforce_eager else []
     if args.disable_log_stats:
         out.append("--disable-log-stats")
+    if args.seed is not None:
+        out += ["--seed", str(args.seed)]
     if args.cuda_graph_sizes:
         out += ["--cuda-graph-sizes", *map(str, args.cuda_graph_sizes)]
     return out if args.enable_prefix_caching else [*out, "--no-enable-prefix-caching"]

@@ -185,6 +185,7 @@ class EngineCore:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else config.device.startswith("cuda") and (spec is None or spec.disable_by_batch_size is not None))
         self._in_flight: _Launched | None = None           # a launched step whose tokens the host has not read
+        self._seeds = random.Random(config.seed)           # draws unseeded requests' sampling seeds
 
     # -- requests ---------------------------------------------------------------
     def _new_sequences(
@@ -224,7 +225,7 @@ class EngineCore:
                 f"request {request_id}: prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
                 f"= {total} exceeds max_model_len {self.max_model_len}"
             )
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         grammars = [self._grammar(request_id, params, output_token_ids) for _ in range(params.n)]
         now = time.monotonic()
         ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]

@@ -151,6 +151,7 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         enforce_eager=args.enforce_eager,
+        seed=args.seed,
         enable_prefix_caching=args.enable_prefix_caching,
         **({"cuda_graph_batch_sizes": args.cuda_graph_sizes} if args.cuda_graph_sizes else {}),
     )

@@ -187,15 +187,15 @@ def test_launcher_plan_hands_vllms_engine_switches_and_disable_log_stats_to_ever
     from baton.services.worker import engine_config
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2"]
-    for extra, want in (([], (False, True, [1, 2, 4, 8, 16, 32, 64, 128, 256], False)),
+    for extra, want in (([], (False, True, [1, 2, 4, 8, 16, 32, 64, 128, 256], None, False)),
                         (["--enforce-eager", "--no-enable-prefix-caching", "--cuda-graph-sizes", "1", "3", "8",
-                          "--disable-log-stats"], (True, False, [1, 3, 8], True))):
+                          "--seed", "7", "--disable-log-stats"], (True, False, [1, 3, 8], 7, True))):
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
         for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)):
             for cmd in cmds:
                 args = worker_arg_parser(role, default_port=50051).parse_args(cmd[4:])
                 config = engine_config(args, role)
-                assert (config.enforce_eager, config.enable_prefix_caching, config.cuda_graph_batch_sizes,
+                assert (config.enforce_eager, config.enable_prefix_caching, config.cuda_graph_batch_sizes, config.seed,
                         args.disable_log_stats) == want
 
 

@@ -312,6 +312,22 @@ def test_logprobs_asked_for_are_limited_by_max_logprobs() -> None:
         EngineConfig(max_logprobs=-2)
 
 
+def test_the_engine_seed_draws_unseeded_requests_seeds() -> None:
+    """vLLM's ``seed``: engines seeded alike give the same unseeded requests the same sampling
+    seeds in the same order (each request its own, n samples seed + i); a request's own seed is
+    kept; another engine seed draws others. A negative one is refused."""
+    def seeds(engine_seed: int) -> list[int]:
+        engine = make_engine(seed=engine_seed)
+        drawn = [seq.seed for i in range(3) for seq in engine.add_request(f"r{i}", [3, 1, 4], SamplingParams(n=2))]
+        return drawn + [seq.seed for seq in engine.add_request("own", [3, 1, 4], SamplingParams(seed=5))]
+    first = seeds(7)
+    assert seeds(7) == first and first[-1] == 5
+    assert len(set(first[:-1:2])) == 3 and all(b == a + 1 for a, b in zip(first[:-1:2], first[1:-1:2]))
+    assert seeds(8)[:-1] != first[:-1]
+    with pytest.raises(ValueError, match="seed must be non-negative, got -1"):
+        EngineConfig(seed=-1)
+
+
 def test_reserve_activate_decode_role(async_scheduling: bool) -> None:
     engine = make_engine(num_blocks=8, block_size=4, async_scheduling=async_scheduling)
     prompt = [7] * 9

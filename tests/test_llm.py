@@ -179,6 +179,19 @@ def test_seeded_sampling_is_reproducible_across_batches(demo_model):
     assert len(unseeded) > 1  # without a seed, samples differ
 
 
+def test_fresh_engines_with_one_seed_sample_unseeded_requests_alike(demo_model):
+    """``LLM(model, seed=N)`` (vLLM's ``--seed``): the same unseeded requests in the same order give
+    the same tokens on a fresh engine seeded alike, each request its own sample."""
+    params = SamplingParams(temperature=1.5, max_tokens=16)
+
+    def samples(seed: int) -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in LLM(demo_model, seed=seed).generate([PROMPTS[3]] * 4, params)]
+
+    first = samples(7)
+    assert samples(7) == first and len({tuple(t) for t in first}) > 1
+    assert samples(8) != first
+
+
 def test_n_samples_share_the_prompt_blocks(demo_model):
     llm = LLM(demo_model, block_size=4)
     prompt = PROMPTS[1]
