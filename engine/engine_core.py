@@ -5,7 +5,8 @@ A request enters with ``add_request`` (``n`` sequences ``{request_id}-{i}`` when
 ``n > 1``, else one sequence named ``request_id``). Children ``1..n-1`` wait in
 ``pending`` until child 0's prompt is computed, so they reuse its full prompt
 blocks through the prefix cache. Each ``step()`` runs one forward pass over the
-scheduler's chunks and returns the sequences that gained a token or finished.
+scheduler's chunks and returns the sequences that gained a token or finished; what
+its results do to each sequence (stops, prompt log-probs, embeddings) lives in ``step_outputs``.
 
 With async scheduling (``EngineConfig.async_scheduling``, on by default on
 CUDA) one step stays in flight: its sampled tokens are left on the device, the
@@ -48,7 +49,6 @@ a prefill worker builds the core with ``keep_finished_blocks=True`` and
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import time
@@ -61,20 +61,19 @@ import torch
 from baton.engine.attention import to_device
 from baton.engine.block_manager import BlockEvent, BlockManager, PrefixCacheReset
 from baton.engine.config import EngineConfig
-from baton.engine.model_runner import FedTokens
 from baton.engine.pooling import PoolerConfig
-from baton.engine.sampler import SampledTokens, Sampler, prompt_logprobs
+from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import Scheduler
 from baton.engine.sequence import ScheduledChunk, Sequence, SequenceStatus, TokenLogprob
 from baton.engine.speculative import SpeculationStats
+from baton.engine.step_outputs import Launched, add_pooled, embedding, record_prompt_logprobs, stop_reason
 from baton.engine.structured_output import StructuredOutputs
 
 if TYPE_CHECKING:
     from baton.engine.lora_loader import LoRAAdapter
+    from baton.engine.model_runner import FedTokens
     from baton.engine.structured_output import Grammar
-
-log = logging.getLogger(__name__)
 
 
 class ModelOutputLike(Protocol):
@@ -117,24 +116,6 @@ class ModelRunnerLike(Protocol):
         on_layer_done: Callable[[int], None] | None = None,
         fed: FedTokens | None = None,
     ) -> ModelOutputLike: ...
-
-
-@dataclass
-class _Launched:
-    """A step whose sampled tokens are still on the device: one row per sequence, or with a
-    speculative draft one per draft token and one more (``engine/speculative.py``)."""
-
-    seqs: list[Sequence]      # the sequences it sampled, in row order
-    drafts: list[list[int]]   # each one's draft
-    tokens: SampledTokens
-
-    def feed(self, chunks: list[ScheduledChunk]) -> FedTokens | None:
-        """Where the next step's ``chunks`` find their input tokens on the device: a chunk
-        of a sequence this step sampled computes that (pending) token. Only async scheduling
-        feeds, and it never drafts: rows are sequences."""
-        index = {seq: i for i, seq in enumerate(self.seqs)}
-        rows = [index.get(chunk.seq, -1) for chunk in chunks]
-        return FedTokens(self.tokens.token_ids, rows) if any(r >= 0 for r in rows) else None
 
 
 @dataclass
@@ -184,7 +165,7 @@ class EngineCore:
         spec = config.speculative
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else config.device.startswith("cuda") and (spec is None or spec.disable_by_batch_size is not None))
-        self._in_flight: _Launched | None = None           # a launched step whose tokens the host has not read
+        self._in_flight: Launched | None = None            # a launched step whose tokens the host has not read
         self._seeds = random.Random(config.seed)           # draws unseeded requests' sampling seeds
 
     # -- requests ---------------------------------------------------------------
@@ -424,7 +405,7 @@ class EngineCore:
         self._release_children()
         return changed
 
-    def _next_step_may_wait(self, launched: _Launched) -> bool:
+    def _next_step_may_wait(self, launched: Launched) -> bool:
         """Whether the next step can run before ``launched``'s tokens are read: not when it
         verified drafts or the next step may propose some (both need the tokens on the host)."""
         spec = self.config.speculative
@@ -432,7 +413,7 @@ class EngineCore:
             return True
         return not any(launched.drafts) and not spec.drafts_at(len(self.scheduler.running))
 
-    def _sample(self, chunks: list[ScheduledChunk], result: ModelOutputLike) -> _Launched | None:
+    def _sample(self, chunks: list[ScheduledChunk], result: ModelOutputLike) -> Launched | None:
         """Launch the sampling of a computed step and advance its chunks; the tokens
         stay on the device. A sequence the last read-back finished takes nothing (the
         step computed its row in vain)."""
@@ -458,9 +439,9 @@ class EngineCore:
             if seq.is_finished:
                 continue
             if result.prompt_logits:
-                self._record_prompt_logprobs(chunk, result.prompt_logits.get(seq.seq_id))
+                record_prompt_logprobs(chunk, result.prompt_logits.get(seq.seq_id))
             if seq.seq_id in result.pooled:
-                _add_pooled(chunk, result.pooled[seq.seq_id])
+                add_pooled(chunk, result.pooled[seq.seq_id])
             self.prompt_tokens += max(0, min(chunk.start + chunk.num_own_tokens, seq.num_prompt_tokens) - chunk.start)
             seq.num_computed_tokens += chunk.num_own_tokens     # a draft's part counts once accepted
             self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
@@ -468,19 +449,19 @@ class EngineCore:
             chunk.seq.num_pending_tokens = 1
         if tokens is None:
             return None
-        return _Launched([c.seq for c in sampled], [c.draft for c in sampled], tokens)
+        return Launched([c.seq for c in sampled], [c.draft for c in sampled], tokens)
 
     def _pool(self, chunks: list[ScheduledChunk]) -> list[Sequence]:
         """Finish the embedding requests whose prompts this step completed."""
         done = [c.seq for c in chunks if c.seq.pooling is not None and not c.seq.is_finished
                 and c.seq.num_computed_tokens == c.seq.num_prompt_tokens]
         for seq in done:
-            seq.embedding, seq.pooled = _embedding(seq), None
+            seq.embedding, seq.pooled = embedding(seq), None
             self.scheduler.finish(seq, "stop")
             self._forget_if_done(seq)
         return done
 
-    def _read_back(self, launched: _Launched) -> list[Sequence]:
+    def _read_back(self, launched: Launched) -> list[Sequence]:
         """Wait for a launched step's tokens, append them and apply the stop checks.
         A sequence aborted meanwhile takes nothing. A drafted sequence appends its rows'
         tokens while each equals its draft's next token, and the first that does not; the
@@ -509,37 +490,9 @@ class EngineCore:
                 self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
         return changed
 
-    def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor | None) -> None:
-        """Append prompt log-probs for rows that predict prompt tokens not yet
-        recorded (``seq.prompt_logprobs[i]`` is for prompt token ``i + 1``)."""
-        seq, k = chunk.seq, chunk.seq.params.prompt_logprobs
-        if logits is None or k is None:
-            return
-        first = len(seq.prompt_logprobs) - chunk.start      # rows before this were recorded earlier
-        stop = min(chunk.num_new_tokens, seq.num_prompt_tokens - 1 - chunk.start)
-        if first < 0 or stop <= first:
-            return
-        targets = seq.prompt_token_ids[chunk.start + first + 1 : chunk.start + stop + 1]
-        seq.prompt_logprobs.extend(prompt_logprobs(logits[first:stop], targets, k))
-
     def _check_stop(self, seq: Sequence) -> None:
-        """After a token is appended: advance the sequence's grammar over it, then finish the
-        sequence if the token ends it."""
-        params, outputs = seq.params, seq.output_token_ids
-        last, count = outputs[-1], len(outputs)
-        reason = None
-        if seq.grammar is not None and not seq.grammar.accept(last):
-            # Sampled under the grammar's mask, so only a foreign first token gets here.
-            log.error("sequence %s: token %d is not allowed by its grammar; aborting it", seq.seq_id, last)
-            reason = "abort"
-        elif seq.grammar is not None and seq.grammar.is_terminated():
-            reason = "stop"
-        elif count > params.min_tokens and (
-            (last in self.eos_token_ids and not params.ignore_eos) or last in params.stop_token_ids
-        ):
-            reason = "stop"
-        elif count >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
+        """After a token is appended: finish the sequence if it ends it (``stop_reason``)."""
+        reason = stop_reason(seq, self.eos_token_ids, self.max_model_len)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._forget_if_done(seq)
@@ -581,22 +534,3 @@ class EngineCore:
 
     def drain_block_events(self) -> list[BlockEvent]:
         return self.block_manager.drain_events()
-
-
-def _add_pooled(chunk: ScheduledChunk, part: torch.Tensor) -> None:
-    """Add a chunk's part of its sequence's embedding (``model_runner.pooled_part``) to the parts
-    so far, before the chunk advances the sequence. A chunk that starts the prompt starts them
-    over: a preempted sequence computes its prompt again."""
-    seq = chunk.seq
-    seq.pooled = part if chunk.start == 0 or seq.pooled is None else seq.pooled + part
-
-
-def _embedding(seq: Sequence) -> list[float]:
-    """A pooling sequence's embedding from its chunks' parts added up: MEAN divides their sum by
-    the prompt's length; normalized (L2) when its pooler says so."""
-    pooled = seq.pooled.float()
-    if seq.pooling.pooling_type == "MEAN":
-        pooled = pooled / seq.num_prompt_tokens
-    if seq.pooling.normalize:
-        pooled = torch.nn.functional.normalize(pooled, dim=0)
-    return pooled.tolist()
