@@ -70,6 +70,12 @@ def main() -> None:
             spread = [names[i % count] for i in range(args.batch)]
             rate = tokens_per_s(llm, prompts, params, spread, args.device)
             print(f"{count:>8} {rate:>10.1f} {rate / base:>8.2f}")
+        # A load or unload while serving stalls the engine's steps: reading the adapter, restacking
+        # the loaded ones and, on the GPU, capturing their CUDA graphs again.
+        for action, run in (("unload", lambda: llm.unload_lora(names[0])), ("load", lambda: llm.load_lora(names[0], modules[names[0]]))):
+            start = time.perf_counter()
+            run()
+            print(f"runtime {action} of one adapter ({most} loaded at most): {(time.perf_counter() - start) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
