@@ -312,26 +312,31 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
                        allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
     app.state.gateway = state
-    bodies: list[type[BaseModel]] = []
+    bodies: list[type[BaseModel]] = []   # the request models the routes read, for the OpenAPI document
+    _add_generation_routes(app, config, state, serving, bodies)
+    _add_answered_routes(app, config, serving, bodies)
+    _add_probes(app, backend, state, config.served_model_name)
+    _add_error_handlers(app)
+    _document_bodies(app, bodies)
+    return app
 
-    def body(model: type[BaseModel]) -> dict[str, Any]:
-        """A route's request body, also put in the OpenAPI document (``_document_bodies``)."""
-        bodies.append(model)
-        return _json_body(model)
 
-    @app.post("/v1/completions", openapi_extra=body(CompletionRequest))
+def _add_generation_routes(app: FastAPI, config: GatewayConfig, state: GatewayState, serving: OpenAIServing,
+                           bodies: list[type[BaseModel]]) -> None:
+    """The routes that take an admission slot (``_generate``), and SageMaker's ``/invocations``."""
+    @app.post("/v1/completions", openapi_extra=_openapi_body(bodies, CompletionRequest))
     async def completions(request: Request) -> Response:
         return await _generate(request, config, state, CompletionRequest, serving.create_completion)
 
-    @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest))
+    @app.post("/v1/chat/completions", openapi_extra=_openapi_body(bodies, ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, config, state, ChatCompletionRequest, serving.create_chat_completion)
 
-    @app.post("/v1/responses", openapi_extra=body(ResponsesRequest))
+    @app.post("/v1/responses", openapi_extra=_openapi_body(bodies, ResponsesRequest))
     async def responses(request: Request) -> Response:
         return await _generate(request, config, state, ResponsesRequest, serving.create_response)
 
-    @app.post("/v1/embeddings", openapi_extra=body(EmbeddingRequest))
+    @app.post("/v1/embeddings", openapi_extra=_openapi_body(bodies, EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
         return await _generate(request, config, state, EmbeddingRequest, serving.create_embedding)
 
@@ -342,9 +347,9 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
         return await _generate(request, config, state, RerankRequest, serving.create_rerank)
 
     for path in ("/score", "/v1/score"):           # vLLM's paths
-        app.post(path, openapi_extra=body(ScoreRequest))(score)
+        app.post(path, openapi_extra=_openapi_body(bodies, ScoreRequest))(score)
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
-        app.post(path, openapi_extra=body(RerankRequest))(rerank)
+        app.post(path, openapi_extra=_openapi_body(bodies, RerankRequest))(rerank)
 
     # SageMaker's one route, as vLLM serves it: the first of these fields the body has picks the API.
     invocation_routes = (("messages", chat_completions), ("prompt", completions), ("input", embeddings),
@@ -363,12 +368,16 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
             return error_response(_logged_error(exc))
         return await route(request)
 
+
+def _add_answered_routes(app: FastAPI, config: GatewayConfig, serving: OpenAIServing, bodies: list[type[BaseModel]]) -> None:
+    """The routes the gateway answers without an admission slot: tokenizing, runtime LoRA updates,
+    the prefix-cache reset (dev mode) and the model list."""
     def answered(path: str, model: type[RequestT], handler: Callable[[RequestT], Awaitable[BaseModel | str]]) -> None:
         """A POST route that ``_answer`` answers with ``handler``."""
         async def route(request: Request) -> Response:
             return await _answer(request, config, model, handler)
 
-        app.post(path, name=handler.__name__, openapi_extra=body(model))(route)
+        app.post(path, name=handler.__name__, openapi_extra=_openapi_body(bodies, model))(route)
 
     answered("/tokenize", TokenizeRequest, serving.tokenize)
     answered("/detokenize", DetokenizeRequest, serving.detokenize)
@@ -394,14 +403,11 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
             return error_response(exc)
         return JSONResponse(serving.models().model_dump(mode="json"))
 
-    _add_probes(app, backend, state, config.served_model_name)
-    _add_error_handlers(app)
-    _document_bodies(app, bodies)
-    return app
 
-
-def _json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI request body of a handler that reads ``model`` from the raw request itself."""
+def _openapi_body(bodies: list[type[BaseModel]], model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a handler that reads ``model`` from the raw request itself;
+    ``model`` joins ``bodies``, whose schemas ``_document_bodies`` puts in the document."""
+    bodies.append(model)
     schema = {"$ref": f"{SCHEMA_REFS}{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
