@@ -4,10 +4,10 @@ A request passes through: validated (protocol.py) -> the model's sampling defaul
 fields it left out (``sampling_defaults``) -> tokenized (chat template for chat) -> checked
 against the context length -> fanned out into one backend
 sequence per choice (``n`` per prompt; ids ``f"{id}-{suffix}-{i}"``, seeds ``seed + i``; a
-prompt's later samples start beside its first once that one decodes, see ``_merge``)
+prompt's later samples start beside its first once that one decodes, see ``ChoiceRunner.merge``)
 -> each choice's chunks are detokenized and stop-string matched (``Choice``)
--> merged into one response, or into SSE chunks when streaming (``streaming``; log-probs in
-``logprobs``).
+-> merged into one response, or into SSE chunks when streaming (``choice_runner``; log-probs
+in ``logprobs``).
 
 ``model`` names the base model (``served_model_name``) or one of the LoRA adapters the
 workers load (``lora_modules``, vLLM's ``--lora-modules``, and those loaded since through vLLM's
@@ -16,9 +16,6 @@ served once every worker has loaded it, and no longer from the moment its unload
 if the unload fails). Embeddings and scores come from the base model only. A request's
 ``cache_salt`` (vLLM's) goes with each of its backend sequences (all ``n`` samples share it).
 vLLM's dev-mode ``/reset_prefix_cache`` resets every worker's prefix cache, answering as vLLM does.
-
-Every backend iterator is closed when its choice ends early (stop string, client
-gone, error): closing it aborts the sequence on the workers.
 """
 
 from __future__ import annotations
@@ -29,8 +26,6 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,26 +36,23 @@ from baton.engine.sampling_params import SamplingParams
 from baton.services.gateway import metrics, responses, sampling_defaults, scoring, tools
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationRequest
 from baton.services.gateway.chat_output import ChatOutput
-from baton.services.gateway.choice import Choice, Delta, Prompt, close_stream
+from baton.services.gateway.choice import Choice, Delta, Prompt
+from baton.services.gateway.choice_runner import ChoiceRunner, usage
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.logprobs import LogprobFormatter
 from baton.services.gateway.protocol import (
-    DONE, APIError, BaseGenerationRequest, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, DetokenizeRequest,
-    DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, LoadLoRAAdapterRequest,
-    ModelCard, ModelList, PromptLogprobs, PromptTokensDetails, RerankRequest, RerankResponse, ResponseObject,
-    ResponsesRequest, ScoreRequest, ScoreResponse, ScoringRequest, TokenizeRequest, TokenizeResponse,
-    UnloadLoRAAdapterRequest, UsageInfo,
+    APIError, BaseGenerationRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
+    CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest,
+    EmbeddingResponse, EmbeddingUsage, LoadLoRAAdapterRequest, ModelCard, ModelList, PromptLogprobs, RerankRequest,
+    RerankResponse, ResponseObject, ResponsesRequest, ScoreRequest, ScoreResponse, ScoringRequest, TokenizeRequest,
+    TokenizeResponse, UnloadLoRAAdapterRequest,
 )
-from baton.services.gateway.streaming import PrimedStream, as_api_error, error_event
+from baton.services.gateway.streaming import PrimedStream, as_api_error
 from baton.services.gateway.tokenizer import (
     ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
 )
 
 logger = logging.getLogger(__name__)
-
-
-ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[CompletionResponse | ChatCompletionChunk]]
 
 
 class OpenAIServing:
@@ -71,6 +63,7 @@ class OpenAIServing:
         self.backend = backend
         self.tokenizer = tokenizer
         self._logprobs = LogprobFormatter(tokenizer, config.return_tokens_as_token_ids)
+        self._runner = ChoiceRunner(backend, config.block_size, config.enable_force_include_usage)
         model_config = load_model_config(Path(config.model_dir))
         # --max-model-len, else the engine's default: the model's max_position_embeddings (or its fallback)
         self.max_model_len = (config.max_model_len if config.max_model_len is not None
@@ -167,15 +160,15 @@ class OpenAIServing:
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
         choices = self._choices(worker_request_id(request_id), prompts, params, req, lora)
         if req.stream:
-            return await PrimedStream.start(self._stream(req, request_id, choices, self._completion_chunks, arrival))
-        deltas = await self._collect(choices, arrival)
+            return await PrimedStream.start(self._runner.stream(req, request_id, choices, self._completion_chunks, arrival))
+        deltas = await self._runner.collect(choices, arrival)
         # Once per prompt: its n samples (choice p * n + i) share it.
         scored = [None if prompt_k is None else self._logprobs.prompt_entries(p, prompt_k) for p in prompts]
         return CompletionResponse(
             id=request_id,
             model=req.model,
             choices=[self._completion_choice(req, c, deltas[c.index], scored[c.index // req.n]) for c in choices],
-            usage=self._usage(choices),
+            usage=usage(choices),
         )
 
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | PrimedStream:
@@ -194,8 +187,8 @@ class OpenAIServing:
         choices = self._choices(worker_request_id(request_id), prompts, params, req, lora)
         self._chat.attach_parsers(req, choices)
         if req.stream:
-            return await PrimedStream.start(self._stream(req, request_id, choices, self._chat.chunks, arrival))
-        deltas = await self._collect(choices, arrival)
+            return await PrimedStream.start(self._runner.stream(req, request_id, choices, self._chat.chunks, arrival))
+        deltas = await self._runner.collect(choices, arrival)
         return ChatCompletionResponse(
             id=request_id,
             model=req.model,
@@ -210,7 +203,7 @@ class OpenAIServing:
                 for c in choices
                 for message, finish_reason in [self._chat.message(req, c)]
             ],
-            usage=self._usage(choices),
+            usage=usage(choices),
             prompt_logprobs=None if prompt_k is None else self._logprobs.prompt_entries(choices[0].prompt, prompt_k),
         )
 
@@ -477,118 +470,6 @@ class OpenAIServing:
         logger.info("request %s: prompt %r, prompt_token_ids %s, params %s, lora %s", request_id, text[:cap],
                     token_ids[:cap], params, lora)
 
-    # ---- running choices ----------------------------------------------------
-
-    async def _run(self, choice: Choice, tracker: metrics.RequestMetrics) -> AsyncGenerator[Delta, None]:
-        stream = self.backend.generate(choice.request)
-        try:
-            async for chunk in stream:
-                if choice.finish_reason is not None:
-                    break  # nothing may follow the finishing chunk
-                delta = choice.consume(chunk)
-                tracker.on_tokens(choice.index, len(delta.tokens))
-                yield delta
-                if delta.finish_reason is not None and chunk.finish_reason is None:
-                    return  # a stop string: closing the stream aborts the sequence
-            if choice.finish_reason is None:
-                raise BackendError("a worker ended the sequence without finishing it", 502)
-        finally:
-            await close_stream(stream)
-
-    async def _merge(self, choices: list[Choice], tracker: metrics.RequestMetrics) -> AsyncGenerator[Delta, None]:
-        """Every choice's deltas as they come; an error in one ends them all.
-
-        A prompt with a block to share (a full block before the one holding its last token,
-        which is always computed again) has its first sample lead: the others start once its
-        decode has begun (its second token, or its end), beside it (``colocate``), so that its
-        prefill and decode workers hold the prompt's blocks in their prefix caches and compute
-        and send only the last one again. So does a prompt whose log-probs are asked for (only its
-        first sample computes them, ``_choices``). Other prompts' samples all start at once."""
-        queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
-        decoding = {c.index: asyncio.Event() for c in choices if c.sample == 0}
-
-        def follows(choice: Choice) -> bool:
-            leader = choices[choice.index - choice.sample]
-            shares = (len(choice.prompt.token_ids) - 1) // self.config.block_size > 0
-            return choice.sample > 0 and (shares or leader.request.params.prompt_logprobs is not None)
-
-        async def pump(choice: Choice) -> None:
-            leads = choice.sample == 0
-            try:
-                if follows(choice):
-                    leader = choices[choice.index - choice.sample]
-                    await decoding[leader.index].wait()
-                    choice.request = replace(choice.request, colocate=leader.placement)
-                async with aclosing(self._run(choice, tracker)) as deltas:
-                    async for delta in deltas:
-                        queue.put_nowait(delta)
-                        if leads and choice.num_tokens >= 2:
-                            decoding[choice.index].set()
-                queue.put_nowait(None)
-            except Exception as exc:  # handed to the consumer, which decides
-                queue.put_nowait(exc)
-            finally:
-                if leads:
-                    decoding[choice.index].set()
-
-        tasks = [asyncio.create_task(pump(c)) for c in choices]
-        try:
-            for _ in choices:
-                while (item := await queue.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _collect(self, choices: list[Choice], arrival: float) -> dict[int, list[Delta]]:
-        tracker = metrics.RequestMetrics(arrival)
-        deltas: dict[int, list[Delta]] = {c.index: [] for c in choices}
-        status = "error"
-        try:
-            async with aclosing(self._merge(choices, tracker)) as merged:
-                async for delta in merged:
-                    deltas[delta.index].append(delta)
-            status = "success"
-        except asyncio.CancelledError:
-            status = "aborted"
-            raise
-        finally:
-            tracker.finish(status)
-        return deltas
-
-    async def _stream(
-        self, req: BaseGenerationRequest, request_id: str, choices: list[Choice], format_delta: ChunkFormatter,
-        arrival: float,
-    ) -> AsyncGenerator[str, None]:
-        tracker = metrics.RequestMetrics(arrival)
-        status, sent = "aborted", False
-        try:
-            try:
-                async with aclosing(self._merge(choices, tracker)) as merged:
-                    async for delta in merged:
-                        for chunk in format_delta(req, request_id, choices[delta.index], delta):
-                            if req.continuous_usage:
-                                chunk.usage = self._usage(choices)
-                            sent = True
-                            yield chunk.model_dump_json()
-            except Exception as exc:
-                status = "error"
-                if not sent:
-                    raise
-                yield error_event(exc)
-                yield DONE
-                return
-            status = "success"
-            if req.include_usage or self.config.enable_force_include_usage:
-                usage_chunk = CompletionResponse if isinstance(req, CompletionRequest) else ChatCompletionChunk
-                yield usage_chunk(id=request_id, model=req.model, choices=[], usage=self._usage(choices)).model_dump_json()
-            yield DONE
-        finally:
-            tracker.finish(status)
-
     # ---- formatting ---------------------------------------------------------
 
     def _completion_chunks(self, req: CompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[CompletionResponse]:
@@ -605,18 +486,6 @@ class OpenAIServing:
         text, logprobs = self._logprobs.completion_text(req, choice.prompt, deltas)
         return CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
                                 stop_reason=choice.stop_reason, prompt_logprobs=scored)
-
-    @staticmethod
-    def _usage(choices: list[Choice]) -> UsageInfo:
-        firsts = [c for c in choices if c.sample == 0]
-        prompt_tokens = sum(len(c.prompt.token_ids) for c in firsts)
-        completion_tokens = sum(c.num_tokens for c in choices)
-        return UsageInfo(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c.cached_tokens for c in firsts)),
-        )
 
 
 def worker_request_id(request_id: str) -> str:
