@@ -420,7 +420,7 @@ async def test_a_burst_spreads_over_decode_workers_by_requests(cluster) -> None:
     backend = await make(config([await add(FakePrefill("p0"))], [await add(roomy), await add(other)], load_poll_interval_s=30.0))
     await asyncio.gather(*(collect(backend.generate(request(max_tokens=6))) for _ in range(8)))
     assert len(roomy.reserved) == len(other.reserved) == 4
-    assert all(load.in_flight == 0 for load in backend._routing_loads().values())
+    assert all(load.in_flight == 0 for load in backend._pool.routing_loads().values())
 
 
 async def test_static_dead_address_is_not_ready_and_fails_fast(cluster) -> None:

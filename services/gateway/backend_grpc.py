@@ -35,7 +35,8 @@ by (``hashing.block_extra``), as the workers hash its blocks: routing follows th
 Background task (``start()``): every ``load_poll_interval_s`` poll ``GetLoad``
 on every known worker (a worker is *down* until it answers), and about once a
 second refresh the Redis registry (``baton:worker:*``) on top of the static
-addresses. Routing logic lives in ``router``; the Redis reads in ``prefix_index``.
+addresses (``worker_pool``). Routing logic lives in ``router``; the Redis reads in
+``prefix_index``.
 
 LoRA adapters loaded through the gateway (``load_lora``, ``unload_lora``) go to every worker that
 answers, all or none, and through Redis to the other gateways (``lora_registry``). A request under
@@ -54,68 +55,37 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import grpc
 
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
-from baton.protos import (
-    FAILED_PEER_DECODE, FAILED_PEER_KEY, MAX_MESSAGE_BYTES, RECONNECT_OPTIONS, keepalive_options,
-    common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, prefill_pb2, prefill_pb2_grpc,
-)
+from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, decode_pb2, kvtransfer_pb2, prefill_pb2
 from baton.services.convert import logprob_from_proto, params_to_proto
 from baton.services.gateway import fanout
 from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
 )
 from baton.services.gateway.config import GatewayConfig
-from baton.services.gateway.lora_fanout import SyncBackoff
 from baton.services.gateway.lora_registry import LoRARegistry
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILLS, RETRIES, WORKER_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
-from baton.services.gateway.router import Health, Load, choose_decode, choose_prefill
+from baton.services.gateway.router import Load, choose_decode, choose_prefill
+from baton.services.gateway.worker_pool import Worker, WorkerPool
 
 logger = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    *keepalive_options(interval_s=30.0, timeout_s=10.0),
-    *RECONNECT_OPTIONS,
-)
-DISCOVERY_INTERVAL_S = 1.0
 ABORT_TIMEOUT_S = 2.0
 INT32_MAX = 2**31 - 1
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-Stub = prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub
-
-
-@dataclass
-class _Worker:
-    address: str
-    role: str                 # "prefill" | "decode"
-    stub: Stub
-    static: bool              # from the config (never dropped) or the registry
-    worker_id: str = ""       # the registry's id, else learned from GetLoad
-    answering: bool | None = None   # its last GetLoad answered (None: not polled yet)
-    loras: set[str] = field(default_factory=set)   # the runtime LoRA adapters it is known to hold
-    lora_error: str | None = None   # why the last sync of those left some out
-    lora_backoff: SyncBackoff = field(default_factory=SyncBackoff)   # when to send it those again
-
-    def may_have_lost_loras(self) -> None:
-        """It may have restarted without the runtime adapters: the next sync sends them all, at once."""
-        self.loras.clear()
-        self.lora_backoff.clear()
 
 
 class _WorkerFailure(Exception):
     """A worker failed in a way another worker may not: retry elsewhere."""
 
-    def __init__(self, message: str, worker: _Worker) -> None:
+    def __init__(self, message: str, worker: Worker) -> None:
         super().__init__(message)
         self.message = message
         self.worker = worker
@@ -131,24 +101,16 @@ class GrpcBackend(Backend):
             if config.redis_url
             else None
         )
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._workers: dict[str, _Worker] = {}
-        self._loads: dict[str, Load] = {}
-        self._in_flight: Counter[str] = Counter()
-        self._in_flight_at_poll: Counter[str] = Counter()   # as it was when the worker's last load was polled
-        self._health = Health()
         self._task: asyncio.Task[None] | None = None
         self._aborts: set[asyncio.Task[None]] = set()
         self._loras = LoRARegistry(config.lora_modules, config.lora_timeout_s, self._index)
-        for role, addrs in (("prefill", config.prefill_addrs), ("decode", config.decode_addrs)):
-            for address in addrs:
-                self._add_worker(address, role, static=True)
+        self._pool = WorkerPool(config, self._index, self._loras)
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        await self._refresh(discover=True)
-        self._task = asyncio.create_task(self._background(), name="grpc-backend-poll")
+        await self._pool.refresh(discover=True)
+        self._task = asyncio.create_task(self._pool.run(), name="grpc-backend-poll")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -156,13 +118,12 @@ class GrpcBackend(Backend):
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await asyncio.gather(*self._aborts, return_exceptions=True)
-        await asyncio.gather(*(channel.close() for channel in self._channels.values()))
-        self._channels.clear()
+        await self._pool.close()
         if self._index is not None:
             await self._index.close()
 
     async def reachable(self) -> dict[str, int]:
-        return {role: len(self._healthy(role, set())) for role in ("prefill", "decode")}
+        return {role: len(self._pool.healthy(role, set())) for role in ("prefill", "decode")}
 
     # -- one request -------------------------------------------------------
 
@@ -181,7 +142,7 @@ class GrpcBackend(Backend):
                 return
             except _WorkerFailure as failure:
                 avoid.add(failure.worker.address)
-                if retry == self.config.max_retries or not self._healthy(failure.worker.role, avoid, request.lora):
+                if retry == self.config.max_retries or not self._pool.healthy(failure.worker.role, avoid, request.lora):
                     raise BackendError(failure.message, 503) from failure
                 RETRIES.labels(resumed=str(bool(streamed)).lower()).inc()
                 if streamed:
@@ -202,7 +163,7 @@ class GrpcBackend(Backend):
         while True:
             cached = await self._cached_prefixes(request.prompt_token_ids, avoid, cache_salt=request.cache_salt)
             worker = await self._choose_prefill(request.prompt_token_ids, avoid, cached)
-            self._in_flight[worker.address] += 1
+            self._pool.in_flight[worker.address] += 1
             try:
                 reply = await worker.stub.Embed(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
                 return EmbedResult(list(reply.embedding), reply.prompt_tokens, reply.cached_tokens)
@@ -211,12 +172,12 @@ class GrpcBackend(Backend):
                 if not isinstance(failure, _WorkerFailure):
                     raise failure from err
                 avoid.add(worker.address)
-                if len(avoid) > self.config.max_retries or not self._healthy("prefill", avoid):
+                if len(avoid) > self.config.max_retries or not self._pool.healthy("prefill", avoid):
                     raise BackendError(failure.message, 503) from err
                 RETRIES.labels(resumed="false").inc()
                 logger.warning("embedding %s: %s; retrying on another prefill worker", request.request_id, failure.message)
             finally:
-                self._in_flight[worker.address] -= 1
+                self._pool.in_flight[worker.address] -= 1
 
     async def _attempt(
         self, request: GenerationRequest, deadline: float, avoid: set[str]
@@ -230,7 +191,7 @@ class GrpcBackend(Backend):
             return
         PREFILLS.labels(where="remote").inc()
         decode, ticket = await self._reserve(request, deadline, avoid, cached)  # counts it in flight there
-        prefill: _Worker | None = None
+        prefill: Worker | None = None
         finished = False
         try:
             prefill = await self._choose_prefill(request.token_ids, avoid, cached, request.colocate, request.lora)
@@ -256,7 +217,7 @@ class GrpcBackend(Backend):
                 call.cancel()
             raise BackendError(f"decode worker {decode.address} ended the stream without a finish reason", 503)
         finally:
-            self._in_flight[decode.address] -= 1
+            self._pool.in_flight[decode.address] -= 1
             if not finished:
                 await self._abort(request.request_id, [decode, prefill])
 
@@ -265,7 +226,7 @@ class GrpcBackend(Backend):
         """Whether a decode worker may compute a prompt itself (``_local_decode``)."""
         return bool(self.config.max_local_prefill_length or self.config.max_prefill_queue_size)
 
-    def _local_decode(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> _Worker | None:
+    def _local_decode(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> Worker | None:
         """The decode worker that computes ``request``'s prompt itself (no prefill worker, no KV moved),
         by Dynamo's conditional disaggregation: the one routing picks, where the tokens it would compute
         (past the prefix its cache holds) are at most ``max_local_prefill_length``, or where every
@@ -273,24 +234,24 @@ class GrpcBackend(Backend):
         none answers; None: a prefill worker computes them."""
         if not self._local_prefill:
             return None
-        address = self._pick_decode(request, self._healthy("decode", avoid, request.lora), cached)
+        address = self._pick_decode(request, self._pool.healthy("decode", avoid, request.lora), cached)
         if address is None:
             return None
         limit = self.config.max_local_prefill_length
         short = limit and len(request.token_ids) - cached.get(address, 0) * self.config.block_size <= limit
-        return self._workers[address] if short or self._prefill_queues_full(avoid, request.lora) else None
+        return self._pool.workers[address] if short or self._prefill_queues_full(avoid, request.lora) else None
 
     def _prefill_queues_full(self, avoid: set[str], lora: str | None) -> bool:
         cap = self.config.max_prefill_queue_size
-        loads = self._routing_loads()
-        return bool(cap) and all(loads[a].queued >= cap for a in self._healthy("prefill", avoid, lora))
+        loads = self._pool.routing_loads()
+        return bool(cap) and all(loads[a].queued >= cap for a in self._pool.healthy("prefill", avoid, lora))
 
     async def _prefill_and_generate(
-        self, decode: _Worker, request: GenerationRequest, deadline: float
+        self, decode: Worker, request: GenerationRequest, deadline: float
     ) -> AsyncIterator[GenerationChunk]:
         """The whole request on ``decode`` (``Decode.PrefillAndGenerate``)."""
         PREFILLS.labels(where="local").inc()
-        self._in_flight[decode.address] += 1
+        self._pool.in_flight[decode.address] += 1
         call = decode.stub.PrefillAndGenerate(_reserve_message(request), timeout=self._timeout(deadline, math.inf))
         finished = False
         try:
@@ -310,7 +271,7 @@ class GrpcBackend(Backend):
             raise self._failure(decode, err, deadline, names_model=True, lora=request.lora) from err
         finally:
             call.cancel()
-            self._in_flight[decode.address] -= 1
+            self._pool.in_flight[decode.address] -= 1
             if not finished:
                 await self._abort(request.request_id, [decode])
         raise BackendError(f"decode worker {decode.address} ended the stream without a finish reason", 503)
@@ -321,13 +282,13 @@ class GrpcBackend(Backend):
         """How many of ``token_ids``' leading blocks (computed under LoRA adapter ``lora``, salted with
         ``cache_salt``) each healthy worker holds, by address: one Redis round trip for both roles (none
         where neither has a choice to make)."""
-        by_role = [self._healthy(role, avoid, lora) for role in ("prefill", "decode")]
+        by_role = [self._pool.healthy(role, avoid, lora) for role in ("prefill", "decode")]
         num_blocks = len(token_ids) // self.config.block_size
         # A lone decode worker's cached prefix still decides where the prompt is computed.
         choices = max(map(len, by_role)) > 1 or (self._local_prefill and by_role[1])
         if self._index is None or not choices or num_blocks == 0:
             return {}
-        by_id = {self._workers[a].worker_id: a for healthy in by_role for a in healthy if self._workers[a].worker_id}
+        by_id = {self._pool.workers[a].worker_id: a for healthy in by_role for a in healthy if self._pool.workers[a].worker_id}
         head = token_ids[: self._index.max_blocks * self.config.block_size]
         hashes = block_hashes(head, self.config.block_size, block_extra(self.fingerprint, lora, cache_salt))
         runs = await self._index.longest_prefixes(hashes, list(by_id))
@@ -335,52 +296,52 @@ class GrpcBackend(Backend):
 
     async def _reserve(
         self, request: GenerationRequest, deadline: float, avoid: set[str], cached: dict[str, int]
-    ) -> tuple[_Worker, kvtransfer_pb2.TransferTicket]:
+    ) -> tuple[Worker, kvtransfer_pb2.TransferTicket]:
         """Reserve on the decode worker ``router`` picks (RESOURCE_EXHAUSTED: the next one); the
         request counts in flight there from the pick on, so that a burst spreads out at once."""
         msg = _reserve_message(request)
         full: set[str] = set()
         while True:
-            address = self._pick_decode(request, self._healthy("decode", avoid | full, request.lora), cached)
+            address = self._pick_decode(request, self._pool.healthy("decode", avoid | full, request.lora), cached)
             if address is None:
                 raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
-            worker = self._workers[address]
-            self._in_flight[address] += 1
+            worker = self._pool.workers[address]
+            self._pool.in_flight[address] += 1
             try:
                 ticket = await worker.stub.Reserve(msg, timeout=self._timeout(deadline, self.config.control_timeout_s))
             except grpc.aio.AioRpcError as err:
-                self._in_flight[address] -= 1
+                self._pool.in_flight[address] -= 1
                 if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     full.add(address)
                     continue
                 self._abort_later(request.request_id, [worker])     # it may have reserved anyway
                 raise self._failure(worker, err, deadline, names_model=True, lora=request.lora) from err
             except BaseException:
-                self._in_flight[address] -= 1
+                self._pool.in_flight[address] -= 1
                 self._abort_later(request.request_id, [worker])
                 raise
-            load = self._loads.get(address, Load())
-            self._loads[address] = replace(load, free_blocks=max(load.free_blocks - len(ticket.block_ids), 0))
+            load = self._pool.loads.get(address, Load())
+            self._pool.loads[address] = replace(load, free_blocks=max(load.free_blocks - len(ticket.block_ids), 0))
             return worker, ticket
 
     def _pick_decode(self, request: GenerationRequest, healthy: list[str], cached: dict[str, int]) -> str | None:
         """Beside a sibling where asked (``colocate``), else by load, room and cached prefix; see ``router``."""
-        return _colocated(request.colocate, 1, healthy) or choose_decode(healthy, cached, self._routing_loads())
+        return _colocated(request.colocate, 1, healthy) or choose_decode(healthy, cached, self._pool.routing_loads())
 
     async def _choose_prefill(
         self, token_ids: list[int], avoid: set[str], cached: dict[str, int], colocate: tuple[str, ...] = (),
         lora: str | None = None,
-    ) -> _Worker:
+    ) -> Worker:
         """Beside a sibling where asked (``colocate``), else by cached prefix against load; see ``router``."""
         num_blocks = len(token_ids) // self.config.block_size
-        healthy = self._healthy("prefill", avoid, lora)
-        address = _colocated(colocate, 0, healthy) or choose_prefill(healthy, cached, self._routing_loads(), num_blocks)
+        healthy = self._pool.healthy("prefill", avoid, lora)
+        address = _colocated(colocate, 0, healthy) or choose_prefill(healthy, cached, self._pool.routing_loads(), num_blocks)
         if address is None:
             raise BackendError("no healthy prefill worker", 503)
-        return self._workers[address]
+        return self._pool.workers[address]
 
     async def _prefill(
-        self, worker: _Worker, decode: _Worker, request: GenerationRequest, ticket: kvtransfer_pb2.TransferTicket,
+        self, worker: Worker, decode: Worker, request: GenerationRequest, ticket: kvtransfer_pb2.TransferTicket,
         deadline: float,
     ) -> AsyncIterator[prefill_pb2.FirstToken]:
         """Yield the first token as soon as the prefill worker sends it; end once the worker
@@ -396,19 +357,19 @@ class GrpcBackend(Backend):
             cache_salt=request.cache_salt or "",
         )
         call = worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
-        self._in_flight[worker.address] += 1
+        self._pool.in_flight[worker.address] += 1
         try:
             yield await self._read(call, worker, decode, deadline, "first", request.lora)
             handoff = await self._read(call, worker, decode, deadline, "handoff", request.lora)
         finally:
-            self._in_flight[worker.address] -= 1
+            self._pool.in_flight[worker.address] -= 1
             call.cancel()
         if handoff.bytes_sent > 0:
             KV_TRANSFER_BYTES.inc(handoff.bytes_sent)
             KV_TRANSFER_SECONDS.observe(handoff.seconds)
 
     async def _read(
-        self, call: grpc.aio.UnaryStreamCall, worker: _Worker, decode: _Worker, deadline: float, event: str,
+        self, call: grpc.aio.UnaryStreamCall, worker: Worker, decode: Worker, deadline: float, event: str,
         lora: str | None,
     ) -> prefill_pb2.FirstToken | prefill_pb2.KVHandoff:
         """The next message of a Prefill stream (of a request under LoRA adapter ``lora``), which must be ``event``."""
@@ -439,21 +400,18 @@ class GrpcBackend(Backend):
         return self._loras.paths()
 
     async def load_lora(self, name: str, path: str) -> None:
-        await self._loras.load(self._answering, name, path)
+        await self._loras.load(self._pool.answering, name, path)
 
     async def unload_lora(self, name: str) -> None:
-        await self._loras.unload(self._answering, name)
+        await self._loras.unload(self._pool.answering, name)
 
     # -- the workers' prefix caches ------------------------------------------
 
     async def reset_prefix_cache(self) -> None:
-        workers = self._answering()
+        workers = self._pool.answering()
         if not workers:
             raise BackendError("no worker answers", 503)
         await fanout.reset_prefix_cache(workers, self.config.cache_reset_timeout_s)
-
-    def _answering(self) -> list[_Worker]:
-        return [w for w in self._workers.values() if w.answering]
 
     # -- failures and aborts -----------------------------------------------
 
@@ -464,7 +422,7 @@ class GrpcBackend(Backend):
         return min(cap, remaining)
 
     def _failure(
-        self, worker: _Worker, err: grpc.aio.AioRpcError, deadline: float, peer: _Worker | None = None,
+        self, worker: Worker, err: grpc.aio.AioRpcError, deadline: float, peer: Worker | None = None,
         names_model: bool = False, lora: str | None = None,
     ) -> Exception:
         """The exception a failed RPC to ``worker`` becomes (see module docs); a prefill worker
@@ -488,21 +446,21 @@ class GrpcBackend(Backend):
         WORKER_ERRORS.labels(role=worker.role).inc()
         message = f"{worker.role} worker {worker.address} failed: {code.name}: {err.details()}"
         if code in RETRYABLE:
-            self._health.penalize(worker.address, time.monotonic())
+            self._pool.health.penalize(worker.address, time.monotonic())
             return _WorkerFailure(message, worker)
         return BackendError(message, 503)
 
-    async def _abort(self, request_id: str, workers: list[_Worker | None]) -> None:
+    async def _abort(self, request_id: str, workers: list[Worker | None]) -> None:
         """Abort on every worker; survives a second cancellation of the caller."""
         await asyncio.shield(self._abort_later(request_id, workers))
 
-    def _abort_later(self, request_id: str, workers: list[_Worker | None]) -> asyncio.Task[None]:
+    def _abort_later(self, request_id: str, workers: list[Worker | None]) -> asyncio.Task[None]:
         task = asyncio.create_task(self._send_aborts(request_id, [w for w in workers if w is not None]))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
         return task
 
-    async def _send_aborts(self, request_id: str, workers: list[_Worker]) -> None:
+    async def _send_aborts(self, request_id: str, workers: list[Worker]) -> None:
         timeout = min(self.config.control_timeout_s, ABORT_TIMEOUT_S)
         msg = common_pb2.AbortRequest(request_id=request_id)
         results = await asyncio.gather(
@@ -512,98 +470,6 @@ class GrpcBackend(Backend):
             if isinstance(result, BaseException):
                 logger.info("abort of %s on %s %s failed: %s", request_id, worker.role, worker.address, result)
 
-    # -- worker pool: discovery, load polling, health ----------------------
-
-    def _add_worker(self, address: str, role: str, *, static: bool, worker_id: str = "") -> None:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        channel = self._channels[address]
-        stub: Stub = prefill_pb2_grpc.PrefillStub(channel) if role == "prefill" else decode_pb2_grpc.DecodeStub(channel)
-        self._workers[address] = _Worker(address, role, stub, static, worker_id)
-        self._health.mark_down(address)                   # until its first GetLoad answer
-
-    def _healthy(self, role: str, avoid: set[str], lora: str | None = None) -> list[str]:
-        """The workers of ``role`` routing may use for a request under LoRA adapter ``lora``: up, not
-        avoided, and holding ``lora`` where the gateway loaded it at runtime (a worker still without
-        it serves the base model and the other adapters)."""
-        runtime = lora in self._loras
-        candidates = (a for a, w in self._workers.items()
-                      if w.role == role and a not in avoid and (not runtime or lora in w.loras))
-        return self._health.healthy(candidates, time.monotonic())
-
-    def _routing_loads(self) -> dict[str, Load]:
-        """The polled loads, with the requests this gateway started or ended on each worker
-        since its poll: a burst must not follow a figure some requests ago."""
-        loads = {}
-        for address in self._workers:
-            load = self._loads.get(address, Load())
-            since = self._in_flight[address] - self._in_flight_at_poll[address]
-            loads[address] = replace(load, running=max(load.running + since, 0), in_flight=self._in_flight[address])
-        return loads
-
-    async def _background(self) -> None:
-        next_discovery = time.monotonic() + DISCOVERY_INTERVAL_S
-        while True:
-            await asyncio.sleep(self.config.load_poll_interval_s)
-            discover = time.monotonic() >= next_discovery
-            if discover:
-                next_discovery = time.monotonic() + DISCOVERY_INTERVAL_S
-            try:
-                await self._refresh(discover)
-            except Exception:       # the loop must outlive any one bad round
-                logger.exception("worker discovery / load polling round failed")
-
-    async def _refresh(self, discover: bool) -> None:
-        if discover and self._index is not None:
-            await self._discover(self._index)
-            await self._loras.refresh(self._workers.values())
-        await asyncio.gather(*(self._poll(w) for w in list(self._workers.values())))
-
-    async def _discover(self, index: PrefixIndex) -> None:
-        records = await index.live_workers()
-        for record in records:
-            known = self._workers.get(record.address)
-            if known is None:
-                logger.info("discovered %s worker %s at %s", record.role, record.worker_id, record.address)
-                self._add_worker(record.address, record.role, static=False, worker_id=record.worker_id)
-            elif known.role == record.role:
-                self._identify(known, record.worker_id)
-        live = {record.address for record in records}
-        for address, worker in list(self._workers.items()):
-            if not worker.static and address not in live:
-                logger.info("%s worker %s at %s left the registry", worker.role, worker.worker_id, address)
-                del self._workers[address]
-                self._loads.pop(address, None)
-                self._health.forget(address)
-
-    @staticmethod
-    def _identify(worker: _Worker, worker_id: str) -> None:
-        """Record ``worker``'s id; another id than before is a restarted process, without the
-        runtime LoRA adapters."""
-        if worker.worker_id and worker_id and worker_id != worker.worker_id:
-            logger.info("%s worker %s restarted as %s", worker.role, worker.address, worker_id)
-            worker.may_have_lost_loras()
-        worker.worker_id = worker_id or worker.worker_id
-
-    async def _poll(self, worker: _Worker) -> None:
-        address = worker.address
-        try:
-            load = await worker.stub.GetLoad(common_pb2.LoadRequest(), timeout=self.config.control_timeout_s)
-        except grpc.aio.AioRpcError as err:
-            if worker.answering is not False:
-                logger.warning("%s worker %s is not answering: %s", worker.role, address, err.code().name)
-            worker.answering = False
-            worker.may_have_lost_loras()
-            self._health.mark_down(address)
-            return
-        if worker.answering is False:
-            logger.info("%s worker %s answers again", worker.role, address)
-        self._identify(worker, load.worker_id)
-        await self._loras.sync(worker)
-        worker.answering = True
-        self._health.mark_up(address)
-        self._loads[address] = Load(load.running, load.waiting, load.free_blocks, load.total_blocks)
-        self._in_flight_at_poll[address] = self._in_flight[address]
 
 
 def _reserve_message(request: GenerationRequest) -> decode_pb2.ReserveRequest:
