@@ -5,16 +5,18 @@
 # the serving benchmark.
 #   bench/serve_gpu.sh MODEL_DIR DTYPE [bench_serving.py flags...]   (DEVICE=cpu to try it without a GPU)
 # ROUNDS=N runs the benchmark N times against the same processes (the first round also
-# meets whatever the workers' start-up did not warm).
+# meets whatever the workers' start-up did not warm); GATEWAY_FLAGS adds gateway flags
+# (e.g. "--max-local-prefill-length 256").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=$1 dtype=$2; shift 2
 py=${PYTHON:-python3}
+read -ra gateway_flags <<< "${GATEWAY_FLAGS:-}"
 common=(--model "$model" --device "${DEVICE:-cuda}" --dtype "$dtype" --kv-cache-memory-mb 4096 --max-num-seqs 128)
 $py -m baton.services.prefill --port 50051 "${common[@]}" & pids=($!)
 $py -m baton.services.decode --port 50061 --kv-transport "${KV_TRANSPORT:-grpc}" "${common[@]}" & pids+=($!)
 $py -m baton.services.gateway --model-dir "$model" --served-model-name m --port 8000 \
-    --prefill-addr 127.0.0.1:50051 --decode-addr 127.0.0.1:50061 --log-level warning & pids+=($!)
+    --prefill-addr 127.0.0.1:50051 --decode-addr 127.0.0.1:50061 --log-level warning "${gateway_flags[@]}" & pids+=($!)
 trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait' EXIT
 for _ in $(seq 1 300); do
     curl -sf http://127.0.0.1:8000/ready >/dev/null && break
@@ -28,4 +30,4 @@ for round in $(seq 1 "${ROUNDS:-1}"); do
     echo "round $round"
     $py bench/bench_serving.py --url http://127.0.0.1:8000 "$@"
 done
-curl -s http://127.0.0.1:8000/metrics | grep -E '^baton_(kv_transfer_bytes_total|kv_transfer_seconds_(sum|count)|prefix_cache_hit_ratio|requests_total)'
+curl -s http://127.0.0.1:8000/metrics | grep -E '^baton_(kv_transfer_bytes_total|kv_transfer_seconds_(sum|count)|prefix_cache_hit_ratio|requests_total|prefills_total)'
