@@ -12,6 +12,13 @@ acceptance, then sends each run as a header frame and its data, and finally the
 last frame, and waits for the receiver's answer. A receive for that answer is
 posted right after the acceptance, so a refusal midway surfaces at once. The
 protocol and the receiver are in ``ucx_receiver``.
+
+Waiting on the receiver (its acceptance; the sends, then its answer, once the last
+layer is queued), the sender gives the transfer up (UNAVAILABLE) when none of those
+operations completes for ``keepalive_s``: a frozen process, a dead host or a cut
+network can leave the connection open, and UCX would wait on it until the stream's
+deadline. One run must then cross the link within ``keepalive_s`` (64 MB in 10 s at
+the defaults: links slower than 6.4 MB/s need a smaller ``chunk_bytes``).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from baton.kvtransfer.base import KVSender, TransferStats, TransferTicket, regis
 from baton.kvtransfer.errors import TransferError
 from baton.kvtransfer.landing import Refused
 from baton.kvtransfer.layout import KVLayout
-from baton.kvtransfer.session import DEFAULT_STREAM_TIMEOUT_S, END, QueuedSession, blocks_per_message, split_address
+from baton.kvtransfer.session import (
+    DEFAULT_KEEPALIVE_S, DEFAULT_STREAM_TIMEOUT_S, END, QueuedSession, blocks_per_message, split_address,
+)
 from baton.kvtransfer.ucx_receiver import UCX_ERRORS, UcxKVReceiver, buffer_of, post, recv_frame, send_frame, ucxx
 from baton.protos import kvtransfer_pb2
 
@@ -46,9 +55,10 @@ class UcxTransferSession(QueuedSession):
     """The sending half of one request's transfer over one UCX endpoint."""
 
     def __init__(self, *, ticket: TransferTicket, pool: EndpointPool, blocks_per_message: int,
-                 stream_timeout_s: float) -> None:
+                 stream_timeout_s: float, keepalive_s: float) -> None:
         self._pool = pool
         self._stream_timeout_s = stream_timeout_s
+        self._keepalive_s = keepalive_s
         self._ep = None
         super().__init__(ticket, blocks_per_message)
 
@@ -75,9 +85,9 @@ class UcxTransferSession(QueuedSession):
                     post(sends, ep.send(buffer_of(item.data.view(-1).view(torch.uint8))))
                     sent += item.data.numel() * item.data.element_size()
                     _raise_failed(sends)
-                await post(sends, send_frame(ep, kvtransfer_pb2.KVChunk(request_id=rid, last=True)))
-                await asyncio.gather(*sends)
-                self._check(await answer)
+                post(sends, send_frame(ep, kvtransfer_pb2.KVChunk(request_id=rid, last=True)))
+                await self._from_receiver([*sends, answer])
+                self._check(answer.result())
                 self._pool.put(self._ticket.address, ep)
                 self._ep = None
                 return TransferStats(bytes=sent, seconds=time.perf_counter() - started)
@@ -113,8 +123,24 @@ class UcxTransferSession(QueuedSession):
     async def _accepted(self, ep):
         self._ep = ep
         await send_frame(ep, kvtransfer_pb2.KVChunk(request_id=self._ticket.request_id, layout=self._layout.to_proto()))
-        self._check(await recv_frame(ep, kvtransfer_pb2.KVAck))
+        ack = asyncio.ensure_future(recv_frame(ep, kvtransfer_pb2.KVAck))
+        try:
+            await self._from_receiver([ack])
+        finally:
+            ack.cancel()
+        self._check(ack.result())
         return ep
+
+    async def _from_receiver(self, operations: list[asyncio.Future]) -> None:
+        """Wait for ``operations`` on the endpoint while one of them completes every ``keepalive_s``
+        (see the module docs); raise the first error among those done."""
+        pending = set(operations)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=self._keepalive_s, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise self._error("UNAVAILABLE", f"the receiver took and answered nothing for {self._keepalive_s:g} s")
+            for operation in done:
+                operation.result()
 
     async def _failure(self, answer: asyncio.Future | None, error: Exception) -> TransferError:
         """The receiver's refusal when one explains the broken endpoint, else the UCX error."""
@@ -170,18 +196,20 @@ class UcxKVSender(KVSender):
 
     def __init__(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S,
-                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, max_idle_endpoints: int = 8) -> None:
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, max_idle_endpoints: int = 8,
+                 keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self._chunk_bytes = chunk_bytes
         self._stream_timeout_s = stream_timeout_s
+        self._keepalive_s = keepalive_s
         self._pool = EndpointPool(connect_timeout_s, max_idle_endpoints)
 
     def open(self, ticket: TransferTicket, local_layout: KVLayout) -> UcxTransferSession:
         count = blocks_per_message(self.transport, ticket, local_layout, self._chunk_bytes)
         split_address(ticket.address)
         return UcxTransferSession(ticket=ticket, pool=self._pool, blocks_per_message=count,
-                                  stream_timeout_s=self._stream_timeout_s)
+                                  stream_timeout_s=self._stream_timeout_s, keepalive_s=self._keepalive_s)
 
     async def close(self) -> None:
         self._pool.close()

@@ -766,13 +766,14 @@ asyncio.run(receiver_to_stop(sys.argv[2]))
 """
 
 
-@pytest.mark.parametrize("transport", ["grpc", "nccl"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.unit
 async def test_a_receiver_that_stops_answering_fails_its_transfer_in_seconds_not_at_the_deadline(
         transport, make_sender):
     """The receiver's process frozen (SIGSTOP: its connections stay open, nothing answers on
     them, as with a host gone or a network cut), a transfer to it waits for an answer; the
-    sender's keepalive pings find the receiver gone long before the stream's deadline."""
+    sender's keepalive pings (gRPC, NCCL's control stream) or, over UCX, its wait on an
+    endpoint where nothing completes find the receiver gone long before the stream's deadline."""
     src = make_caches(4, torch.float32, 57)
     layout = layout_of(src)
     proc = subprocess.Popen([sys.executable, "-c", _RECEIVER_TO_STOP, str(Path(__file__).parent), transport],
