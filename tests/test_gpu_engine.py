@@ -243,25 +243,31 @@ def test_lora_graph_decode_logits_match_eager(tmp_path):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_graph_drafted_logits_match_eager():
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_graph_drafted_logits_match_eager(lora, tmp_path):
     """Steps whose chunks carry drafts of 0 to k tokens replay the graph of k + 1 rows a
-    sequence: each real row's logits and the K/V written equal the eager step's, and padding
-    rows write nothing."""
+    sequence (with ``lora``, the one captured with an adapter, which the first sequence and
+    some others run under): each real row's logits and the K/V written equal the eager
+    step's, and padding rows write nothing."""
     seed = random.randrange(2**32)
     print(f"seed={seed}")
     rng = random.Random(seed)
     k = 3
+    adapters = {"one": str(make_adapter(DEMO, tmp_path / "one", std=0.05))} if lora else {}
     runner = ModelRunner(DEMO, EngineConfig(device="cuda", dtype="float32", num_blocks=96, block_size=8, max_num_seqs=8,
-                                            cuda_graph_batch_sizes=[1, 2, 4, 8], speculative=SpeculativeConfig(k)))
+                                            cuda_graph_batch_sizes=[1, 2, 4, 8], speculative=SpeculativeConfig(k),
+                                            lora_modules=adapters))
     graphs = runner.cuda_graphs
-    assert graphs is not None and sorted(s for s in graphs.graphs if s[1] > 1) == [(1, 4, False), (2, 4, False), (4, 4, False), (8, 4, False)]
+    assert graphs is not None and sorted(s for s in graphs.graphs if s[1] > 1) == sorted(
+        (b, 4, a) for b in (1, 2, 4, 8) for a in {False, lora})
     for batch in (1, 3, 6):
-        seqs = _ragged_batch(runner, rng, batch, f"d{batch}-")
+        loras = ["one" if lora and (i == 0 or rng.random() < 0.5) else None for i in range(batch)]
+        seqs = _ragged_batch(runner, rng, batch, f"d{batch}-", loras)
         for _ in range(3):
             drafts = [[rng.randrange(runner.vocab_size) for _ in range(rng.randrange(k + 1))] for _ in seqs]
             drafts[0] = drafts[0] or [7]
             chunks = [ScheduledChunk(s, 1 + len(d), d) for s, d in zip(seqs, drafts)]
-            assert graphs.graph_shape(chunks) == (next(b for b in (1, 2, 4, 8) if b >= batch), k + 1, False)
+            assert graphs.graph_shape(chunks) == (next(b for b in (1, 2, 4, 8) if b >= batch), k + 1, lora)
             before = [c.clone() for c in runner.kv_caches]
             graph_logits = runner.execute(chunks).logits.clone()
             after_graph = [c.clone() for c in runner.kv_caches]
