@@ -39,7 +39,7 @@ from torch import nn
 
 from baton.engine.attention import AttentionMetadata, to_device
 from baton.engine.lora import LoRABatch, LoRAStack
-from baton.engine.sequence import ScheduledChunk
+from baton.engine.sequence import ScheduledChunk, Sequence
 
 if TYPE_CHECKING:
     from baton.engine.model_runner import FedTokens
@@ -121,6 +121,16 @@ class _StaticInputs:
         self.longs[2:].fill_(-1)
         self.ints[: self.max_batch].zero_()
 
+    def _check(self, seq: Sequence, end: int, num_blocks: int, lora: LoRAStack | None) -> None:
+        """ValueError where ``seq``, computed up to ``end`` over ``num_blocks`` blocks, cannot be."""
+        if end > self.max_model_len:
+            raise ValueError(f"a sequence reaches {end} tokens, over max_model_len={self.max_model_len}")
+        if seq.lora is not None and (lora is None or seq.lora not in lora.index):
+            raise ValueError(f"sequence {seq.seq_id} runs under LoRA adapter {seq.lora!r}, which this CUDA graph lacks")
+        if len(seq.block_table) < num_blocks:
+            raise ValueError(f"sequence {seq.seq_id}: {len(seq.block_table)} blocks cannot hold {end} tokens "
+                             f"(block_size {self.block_size})")
+
     def load(self, chunks: Seq[ScheduledChunk], batch: int, query_len: int, fed: FedTokens | None = None,
              lora: LoRAStack | None = None) -> None:
         """Stage ``chunks`` padded to ``batch`` sequences of ``query_len`` rows and start the
@@ -141,16 +151,9 @@ class _StaticInputs:
             table = seq.block_table
             end = start + chunk.num_new_tokens
             num_blocks = (end - 1) // bs + 1
-            if end > self.max_model_len:
-                raise ValueError(f"a sequence reaches {end} tokens, over max_model_len={self.max_model_len}")
-            if seq.lora is not None and (lora is None or seq.lora not in lora.index):
-                raise ValueError(f"sequence {seq.seq_id} runs under LoRA adapter {seq.lora!r}, which this CUDA graph lacks")
+            self._check(seq, end, num_blocks, lora)
             if lora is not None:
                 adapters += [lora.index[seq.lora] if seq.lora is not None else -1] * query_len
-            if len(table) < num_blocks:
-                raise ValueError(
-                    f"sequence {seq.seq_id}: {len(table)} blocks cannot hold {end} tokens (block_size {bs})"
-                )
             token = 0 if fed is not None and fed.rows[i] >= 0 else _token_at(chunk)
             if not 0 <= token < self.vocab_size or (chunk.draft and not all(0 <= t < self.vocab_size for t in chunk.draft)):
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got one outside")
