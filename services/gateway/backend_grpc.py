@@ -101,7 +101,6 @@ class GrpcBackend(Backend):
             if config.redis_url
             else None
         )
-        self._task: asyncio.Task[None] | None = None
         self._aborts: set[asyncio.Task[None]] = set()
         self._loras = LoRARegistry(config.lora_modules, config.lora_timeout_s, self._index)
         self._pool = WorkerPool(config, self._index, self._loras)
@@ -109,15 +108,10 @@ class GrpcBackend(Backend):
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        await self._pool.refresh(discover=True)
-        self._task = asyncio.create_task(self._pool.run(), name="grpc-backend-poll")
+        await self._pool.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        await asyncio.gather(*self._aborts, return_exceptions=True)
+        await asyncio.gather(*self._aborts, return_exceptions=True)   # they use the pool's channels
         await self._pool.close()
         if self._index is not None:
             await self._index.close()

@@ -67,6 +67,7 @@ class WorkerPool:
         self._in_flight_at_poll: Counter[str] = Counter()   # as it was when the worker's last load was polled
         self.health = Health()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._task: asyncio.Task[None] | None = None
         for role, addrs in (("prefill", config.prefill_addrs), ("decode", config.decode_addrs)):
             for address in addrs:
                 self.add(address, role, static=True)
@@ -75,7 +76,16 @@ class WorkerPool:
         """The workers whose last ``GetLoad`` answered."""
         return [w for w in self.workers.values() if w.answering]
 
+    async def start(self) -> None:
+        """A first round (the registry read), then the background polling (``run``)."""
+        await self.refresh(discover=True)
+        self._task = asyncio.create_task(self.run(), name="worker-pool-poll")
+
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
         await asyncio.gather(*(channel.close() for channel in self._channels.values()))
         self._channels.clear()
 
