@@ -150,7 +150,9 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
         lora_modules=parse_lora_modules(args.lora_modules),
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
-        enforce_eager=args.enforce_eager,
+        # A prefill worker's every step pushes its KV layer by layer (a hook), which no CUDA graph
+        # replays: capturing decode graphs there would only cost start-up time and memory.
+        enforce_eager=args.enforce_eager or role == "prefill",
         seed=args.seed,
         enable_prefix_caching=args.enable_prefix_caching,
         **({"cuda_graph_batch_sizes": args.cuda_graph_sizes} if args.cuda_graph_sizes else {}),
