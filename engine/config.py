@@ -132,9 +132,9 @@ class EngineConfig:
     rank at most ``max_lora_rank`` (vLLM's names; ``engine/lora_loader.py``), those loaded later
     (``EngineCore.load_lora``) counted; a request names one by its name.
     ``max_logprobs``: the most log-probs a request may ask for each sampled or prompt token (vLLM's;
-    -1: the whole vocabulary). ``seed`` (vLLM's): seeds the draws that give each request without
-    a ``seed`` of its own one, so a fresh engine handed the same requests in the same order samples
-    the same tokens; None draws them from the OS's randomness.
+    -1: the whole vocabulary). ``seed`` (vLLM's): seeds the generator that draws a sampling seed for
+    each request without one of its own, so a fresh engine handed the same requests in the same
+    order samples the same tokens; None: those seeds come from the OS's randomness.
     """
 
     block_size: int = 16
