@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,6 +34,8 @@ from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER
 
 DEMO_MODEL = "shakespeare-llama-5m"
 READY_TIMEOUT_S = 300.0
+PORTS_FROM = 20000   # free_port's picks: from here to the ephemeral range, clear of well-known and common ports
+_HANDED_OUT: set[int] = set()   # free_port's picks so far: a plan's workers never share one
 
 
 def default_model() -> str | None:
@@ -46,9 +49,32 @@ def default_model() -> str | None:
 
 
 def free_port() -> int:
+    """A port free now on 127.0.0.1 that this process has not handed out before, for a process
+    started next to listen on. Picked below the kernel's ephemeral range where there is room:
+    outgoing connections take their local ports from that range, and one could take a port
+    picked there before its server binds it."""
+    low = _ephemeral_ports_start()
+    for port in random.sample(range(PORTS_FROM, low), min(64, max(low - PORTS_FROM, 0))):
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_ports_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux's; 32768, its default, elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass

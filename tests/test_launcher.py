@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from baton.services import launcher
 from baton.services.launcher import Plan, free_port, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -194,3 +196,18 @@ def test_ready_means_every_planned_worker_is_reachable():
             wait_ready(plan, [dead], timeout=30)
     finally:
         server.shutdown()
+
+
+def test_free_ports_are_picked_below_the_ephemeral_range_where_there_is_room(monkeypatch):
+    """Outgoing connections take local ports from the kernel's ephemeral range: a port picked
+    there could be taken before ``baton up``'s worker binds it (a CI run met that). Each pick
+    is free to bind, in [PORTS_FROM, the range's start), and none is handed out twice (one plan
+    asks for many); with no room below, one of the kernel's."""
+    start = launcher._ephemeral_ports_start()
+    picks = [free_port() for _ in range(200)]
+    assert all(launcher.PORTS_FROM <= port < start for port in picks) and len(set(picks)) == len(picks)
+    for port in picks:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    monkeypatch.setattr(launcher, "_ephemeral_ports_start", lambda: launcher.PORTS_FROM)
+    assert free_port() >= start

@@ -26,6 +26,7 @@ from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.metrics import REDIS_ERRORS
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.index_publisher import IndexPublisher
+from baton.services.launcher import free_port
 from baton.services.redis_keys import WorkerRecord, block_key, lora_key, worker_key
 from polling import until
 from test_backend_grpc import FakeDecode, FakePrefill, collect, config, request, serve
@@ -36,12 +37,6 @@ pytestmark = [
 ]
 
 FP = "0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_redis(port: int) -> subprocess.Popen:
