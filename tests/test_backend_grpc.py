@@ -168,11 +168,13 @@ class FakeDecode(FakeCacheReset, FakeLoRAs, decode_pb2_grpc.DecodeServicer):
 class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
     """Streams the first token of the prompt (the next one of a resumed request), then the handoff's end once ``handoff`` is set
     (or fails the next ``fail_handoffs`` UNAVAILABLE, blaming the decode worker as a real prefill
-    worker does); INVALID_ARGUMENT past ``max_len``."""
+    worker does); INVALID_ARGUMENT past ``max_len``. Its load counts ``running`` and, as a real
+    worker's does, the prompts it is prefilling."""
 
     def __init__(self, name: str, max_len: int = 10_000, delay_s: float = 0.0, running: int = 0) -> None:
         self.name, self.max_len, self.delay_s, self.running = name, max_len, delay_s, running
         self.requests: list[prefill_pb2.PrefillRequest] = []
+        self.prefilling = 0
         self.aborted: list[str] = []
         self.handoff = asyncio.Event()
         self.handoff.set()
@@ -181,6 +183,14 @@ class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
 
     async def Prefill(self, request, context):
         self.requests.append(request)
+        self.prefilling += 1
+        try:
+            async for reply in self._prefill(request, context):
+                yield reply
+        finally:
+            self.prefilling -= 1
+
+    async def _prefill(self, request, context):
         n = len(request.prompt_token_ids)
         if n > self.max_len:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt has {n} tokens, more than {self.max_len}")
@@ -214,7 +224,7 @@ class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
 
     async def GetLoad(self, request, context):
         return common_pb2.WorkerLoad(
-            worker_id=self.name, role="prefill", running=self.running, free_blocks=50, total_blocks=50
+            worker_id=self.name, role="prefill", running=self.running + self.prefilling, free_blocks=50, total_blocks=50
         )
 
 

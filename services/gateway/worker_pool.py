@@ -64,7 +64,7 @@ class WorkerPool:
         self.workers: dict[str, Worker] = {}
         self.loads: dict[str, Load] = {}
         self.in_flight: Counter[str] = Counter()            # the requests this gateway runs on each
-        self._in_flight_at_poll: Counter[str] = Counter()   # as it was when the worker's last load was polled
+        self._in_flight_at_poll: Counter[str] = Counter()   # as it was when the worker's last load was asked for
         self.health = Health()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._task: asyncio.Task[None] | None = None
@@ -108,7 +108,7 @@ class WorkerPool:
 
     def routing_loads(self) -> dict[str, Load]:
         """The polled loads, with the requests this gateway started or ended on each worker
-        since its poll: a burst must not follow a figure some requests ago."""
+        since its poll was sent: a burst must not follow a figure some requests ago."""
         loads = {}
         for address in self.workers:
             load = self.loads.get(address, Load())
@@ -164,6 +164,9 @@ class WorkerPool:
 
     async def _poll(self, worker: Worker) -> None:
         address = worker.address
+        # Requests started while the poll is on its way may be missing from the answer: they
+        # count as started since (the load errs high, never low, for that round trip).
+        in_flight = self.in_flight[address]
         try:
             load = await worker.stub.GetLoad(common_pb2.LoadRequest(), timeout=self.config.control_timeout_s)
         except grpc.aio.AioRpcError as err:
@@ -180,4 +183,4 @@ class WorkerPool:
         worker.answering = True
         self.health.mark_up(address)
         self.loads[address] = Load(load.running, load.waiting, load.free_blocks, load.total_blocks)
-        self._in_flight_at_poll[address] = self.in_flight[address]
+        self._in_flight_at_poll[address] = in_flight
