@@ -200,7 +200,8 @@ def test_ready_means_every_planned_worker_is_reachable():
 
 def test_free_ports_are_picked_below_the_ephemeral_range_where_there_is_room(monkeypatch):
     """Outgoing connections take local ports from the kernel's ephemeral range: a port picked
-    there could be taken before ``baton up``'s worker binds it (a CI run met that). Each pick
+    there could be taken before ``baton up``'s worker binds it (a CI run lost a worker to a
+    port in use by then). Each pick
     is free to bind, in [PORTS_FROM, the range's start), and none is handed out twice (one plan
     asks for many); with no room below, one of the kernel's."""
     start = launcher._ephemeral_ports_start()
