@@ -205,6 +205,16 @@ def add_engine_switches(p: argparse.ArgumentParser) -> None:
                         "(vLLM's)")
 
 
+def add_lora_switches(p: argparse.ArgumentParser, modules_help: str) -> None:
+    """vLLM's LoRA switches, on a worker and on ``baton up`` (which hands them to every worker)."""
+    p.add_argument("--enable-lora", action="store_true",
+                   help="accepted so that vLLM command lines run: LoRA is always on here (vLLM's)")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH", help=modules_help)
+    p.add_argument("--max-loras", type=int, default=1,
+                   help="the most LoRA adapters loaded at once: by --lora-modules, and at runtime while serving")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
+
+
 def engine_switches(args: argparse.Namespace) -> list[str]:
     """``add_engine_switches``' flags as a worker's command line takes them (those not at their defaults)."""
     out = ["--enforce-eager"] if args.enforce_eager else []

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.engine.config import (
-    SCHEDULING_POLICIES, add_engine_switches, engine_switches, parse_lora_modules, speculative_config_arg,
+    SCHEDULING_POLICIES, add_engine_switches, add_lora_switches, engine_switches, parse_lora_modules, speculative_config_arg,
 )
 from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
@@ -286,10 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
                    help="the most log-probs a request may ask for each token (vLLM's; -1: the whole vocabulary)")
     p.add_argument("--api-key", action="append", default=[], help="require this Bearer key (repeatable)")
-    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
-                   help="LoRA adapters (PEFT directories) every worker loads; a request names one as its model")
-    p.add_argument("--max-loras", type=int, default=1, help="the most LoRA adapters loaded at once, at start and since")
-    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
+    add_lora_switches(p, "LoRA adapters (PEFT directories) every worker loads; a request names one as its model")
     serving_flags.add(p)
     p.add_argument("--worker-metrics", action="store_true",
                    help="serve each worker's Prometheus metrics on a free port (printed once ready)")

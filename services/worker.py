@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from baton.engine.config import (
-    SCHEDULING_POLICIES, EngineConfig, add_engine_switches, parse_lora_modules, speculative_config_arg,
+    SCHEDULING_POLICIES, EngineConfig, add_engine_switches, add_lora_switches, parse_lora_modules, speculative_config_arg,
 )
 from baton.engine.engine_core import EngineCore, LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.hashing import model_fingerprint
@@ -93,12 +93,8 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
                    help="fcfs: arrival order; priority: each request's priority (lower first), then arrival")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
-    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
-                   help="LoRA adapters (PEFT directories) to load, all resident; a request names one in its model "
-                        "(prefill and decode workers must load the same ones)")
-    p.add_argument("--max-loras", type=int, default=1,
-                   help="the most LoRA adapters loaded at once: by --lora-modules, and by LoadLoRA while serving")
-    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank loaded")
+    add_lora_switches(p, "LoRA adapters (PEFT directories) to load, all resident; a request names one in its model "
+                         "(prefill and decode workers must load the same ones)")
     if role == "decode":
         p.add_argument("--kv-transport", choices=["grpc", "ucx", "nccl"], default="grpc",
                        help="how prefill workers send KV here: a gRPC stream on --port, UCX on --kv-port, or NCCL "

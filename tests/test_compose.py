@@ -234,6 +234,17 @@ def test_launcher_plan_hands_the_lora_modules_to_both_roles_and_the_gateway():
     assert "--lora-modules" not in launcher.make_plan(launcher.build_parser().parse_args(argv[:5])).gateway
 
 
+def test_vllms_enable_lora_is_taken_by_baton_up_and_by_a_worker():
+    """vLLM serves adapters only with ``--enable-lora``; here LoRA is always on, and a vLLM
+    command line with the flag starts the same system as one without it."""
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--lora-modules", "one=/a/one", "--max-loras", "2"]
+    plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--enable-lora"]))
+    for role, cmd in (("prefill", plan.prefill[0]), ("decode", plan.decode[0])):
+        worker = worker_arg_parser(role, default_port=50051).parse_args(cmd[4:])
+        assert (worker.lora_modules, worker.max_loras) == (["one=/a/one"], 2)
+        assert worker_arg_parser(role, default_port=50051).parse_args([*cmd[4:], "--enable-lora"]).enable_lora
+
+
 def test_launcher_plan_lets_the_gateway_load_adapters_at_runtime_and_sizes_the_workers_for_them(monkeypatch):
     from baton.services.gateway.__main__ import build_parser, config_from_args
 
