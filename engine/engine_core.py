@@ -52,16 +52,17 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from baton.engine.attention import to_device
 from baton.engine.block_manager import BlockEvent, BlockManager, PrefixCacheReset
 from baton.engine.config import EngineConfig
-from baton.engine.pooling import PoolerConfig
+from baton.engine.engine_api import (
+    EngineStats, LayerHook, LoRAConflict, LoRAInUse, ModelOutputLike, ModelRunnerLike, UnknownLoRA,
+)
+from baton.engine.request_checks import RequestLimits, check_request
 from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import Scheduler
@@ -72,68 +73,7 @@ from baton.engine.structured_output import StructuredOutputs
 
 if TYPE_CHECKING:
     from baton.engine.lora_loader import LoRAAdapter
-    from baton.engine.model_runner import FedTokens
     from baton.engine.structured_output import Grammar
-
-
-class ModelOutputLike(Protocol):
-    logits: torch.Tensor                     # [num sampling chunks, vocab]
-    prompt_logits: dict[str, torch.Tensor]   # seq_id -> [num_new_tokens, vocab]
-    pooled: dict[str, torch.Tensor]          # seq_id -> [hidden_size]: the chunk's part of its embedding
-
-
-LayerHook = Callable[[int, list[ScheduledChunk]], None]
-
-
-class UnknownLoRA(ValueError):
-    """A request (or an unload) names a LoRA adapter this engine has not loaded."""
-
-
-class LoRAInUse(ValueError):
-    """An unload of a LoRA adapter that unfinished sequences run under."""
-
-
-class LoRAConflict(ValueError):
-    """A load under the name of a LoRA adapter loaded with other weights."""
-
-
-class ModelRunnerLike(Protocol):
-    num_blocks: int
-    max_model_len: int
-    vocab_size: int
-    generates: bool          # False: no LM head, embedding requests only
-    pooler: PoolerConfig     # how embedding requests pool
-    lora_names: frozenset[str]  # the LoRA adapters requests may name
-    adapters: dict[str, LoRAAdapter]
-
-    def read_lora(self, name: str, path: str) -> LoRAAdapter: ...
-    def add_lora(self, adapter: LoRAAdapter) -> None: ...
-    def remove_lora(self, name: str) -> LoRAAdapter: ...
-
-    def execute(
-        self,
-        chunks: list[ScheduledChunk],
-        on_layer_done: Callable[[int], None] | None = None,
-        fed: FedTokens | None = None,
-    ) -> ModelOutputLike: ...
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    total_blocks: int
-    free_blocks: int
-    used_blocks: int
-    cached_blocks: int
-    spec_proposed_tokens: int = 0    # speculative decoding: draft tokens verified so far
-    spec_accepted_tokens: int = 0    # and of those, accepted
-    # Since the engine started: prompt tokens computed (an embedding's included), tokens
-    # generated, and the prompt tokens first allocations looked up in the prefix cache, and found.
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefix_queried_tokens: int = 0
-    prefix_hit_tokens: int = 0
 
 
 class EngineCore:
@@ -152,7 +92,8 @@ class EngineCore:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = runner.max_model_len
         self.vocab_size = runner.vocab_size
-        self.max_logprobs = self.vocab_size if config.max_logprobs == -1 else config.max_logprobs
+        max_logprobs = self.vocab_size if config.max_logprobs == -1 else config.max_logprobs
+        self.limits = RequestLimits(self.vocab_size, self.max_model_len, max_logprobs, config.scheduling_policy == "priority")
         self.block_manager = BlockManager(runner.num_blocks, config.block_size, hash_extra, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, keep_finished_blocks)
         self.sampler = Sampler(eos_token_ids)
@@ -175,37 +116,10 @@ class EngineCore:
     ) -> list[Sequence]:
         if request_id in self.requests:
             raise ValueError(f"request {request_id} already exists")
-        if not prompt_token_ids:
-            raise ValueError(f"request {request_id} has an empty prompt")
-        named = [*prompt_token_ids, *output_token_ids, *(params.allowed_token_ids or ()),
-                 *(t for word in params.bad_words_token_ids for t in word),
-                 *(params.structured_output.reasoning_end if params.structured_output else ())]
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in named):
-            raise ValueError(f"request {request_id}: token ids must be ints in [0, {self.vocab_size})")
-        if output_token_ids and (params.n != 1 or len(output_token_ids) >= params.max_tokens):
-            raise ValueError(
-                f"request {request_id}: a resumed request is one sequence (n=1) with fewer output tokens "
-                f"({len(output_token_ids)}) than max_tokens ({params.max_tokens})"
-            )
+        check_request(request_id, prompt_token_ids, params, output_token_ids, priority, cache_salt, self.limits)
         if lora is not None and lora not in self.runner.lora_names:
             loaded = ", ".join(sorted(self.runner.lora_names)) or "none"
             raise UnknownLoRA(f"request {request_id}: LoRA adapter {lora!r} is not loaded here (loaded: {loaded})")
-        limit = self.max_logprobs
-        for kind, k in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
-            if k is not None and k > limit:
-                raise ValueError(f"request {request_id}: requested {kind} logprobs of {k}, which is greater than max "
-                                 f"allowed: {limit}")
-        if cache_salt == "":
-            raise ValueError(f"request {request_id}: a cache salt must not be empty (None: unsalted)")
-        if priority and self.config.scheduling_policy != "priority":
-            raise ValueError(f"request {request_id}: a priority needs the 'priority' scheduling policy "
-                             f"(workers: --scheduling-policy priority)")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"request {request_id}: prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                f"= {total} exceeds max_model_len {self.max_model_len}"
-            )
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         grammars = [self._grammar(request_id, params, output_token_ids) for _ in range(params.n)]
         now = time.monotonic()

@@ -22,7 +22,8 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from baton.engine.block_manager import BlockEvent
-from baton.engine.engine_core import EngineCore, EngineStats, LayerHook
+from baton.engine.engine_api import EngineStats, LayerHook
+from baton.engine.engine_core import EngineCore
 from baton.engine.sequence import Sequence, TokenLogprob
 from baton.services.worker_metrics import EngineMetrics
 

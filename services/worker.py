@@ -32,7 +32,8 @@ from prometheus_client import CollectorRegistry
 from baton.engine.config import (
     SCHEDULING_POLICIES, EngineConfig, add_engine_switches, add_lora_switches, parse_lora_modules, speculative_config_arg,
 )
-from baton.engine.engine_core import EngineCore, LoRAConflict, LoRAInUse, UnknownLoRA
+from baton.engine.engine_api import LoRAConflict, LoRAInUse, UnknownLoRA
+from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams, StructuredOutputParams
 from baton.engine.model_runner import ModelRunner

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from baton.engine.engine_core import EngineStats
+from baton.engine.engine_api import EngineStats
 
 log = logging.getLogger(__name__)
 

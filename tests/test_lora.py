@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from baton.engine.block_manager import BlockRemoved, BlockStored
 from baton.engine.config import EngineConfig, SpeculativeConfig, parse_lora_modules
 from baton.engine.cuda_graph import is_graph_step
-from baton.engine.engine_core import LoRAConflict, LoRAInUse, UnknownLoRA
+from baton.engine.engine_api import LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.lora_loader import adapter_digest, load_adapter

@@ -247,7 +247,7 @@ def test_decode_worker_without_its_transports_package_exits_with_the_reason(monk
 def test_worker_metrics_read_the_engines_load_when_scraped() -> None:
     from prometheus_client import CollectorRegistry
 
-    from baton.engine.engine_core import EngineStats
+    from baton.engine.engine_api import EngineStats
     from baton.services.worker_metrics import EngineMetrics, LoadCollector
 
     registry = CollectorRegistry()
@@ -272,7 +272,7 @@ def test_worker_metrics_read_the_engines_load_when_scraped() -> None:
 
 
 def test_the_stats_line_says_what_the_engine_did_since_the_last_one(caplog: pytest.LogCaptureFixture) -> None:
-    from baton.engine.engine_core import EngineStats
+    from baton.engine.engine_api import EngineStats
     from baton.services.worker_metrics import log_stats, stats_line
 
     idle = EngineStats(running=0, waiting=0, total_blocks=200, free_blocks=200, used_blocks=0, cached_blocks=0,

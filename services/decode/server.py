@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from baton.engine.engine_core import UnknownLoRA
+from baton.engine.engine_api import UnknownLoRA
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
 from baton.kvtransfer.base import KVReceiver, TransferError

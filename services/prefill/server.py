@@ -34,7 +34,7 @@ import math
 
 import grpc
 
-from baton.engine.engine_core import UnknownLoRA
+from baton.engine.engine_api import UnknownLoRA
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk
 from baton.kvtransfer.base import KVSender, TransferError, TransferSession, TransferTicket, create_sender
