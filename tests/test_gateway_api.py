@@ -1045,7 +1045,7 @@ async def test_x_request_id_names_the_request_and_comes_back_on_request(tok) -> 
 
 async def test_enable_log_requests_logs_each_prompt_cut_to_max_log_len(tok, caplog: pytest.LogCaptureFixture) -> None:
     backend, body = FakeBackend(tok), {"model": MODEL, "prompt": ["JULIET:\nO Romeo", "x"], "max_tokens": 2, "n": 2}
-    with caplog.at_level(logging.INFO, logger="baton.services.gateway.serving"):
+    with caplog.at_level(logging.INFO, logger="baton.services.gateway.preparation"):
         await post(backend, tok, "/v1/completions", body)
         assert caplog.records == []                       # off by default, as in vLLM
         config = make_config(enable_log_requests=True, max_log_len=5)

@@ -2,9 +2,9 @@
 
 A request passes through: validated (protocol.py) -> the model's sampling defaults for the
 fields it left out (``sampling_defaults``) -> tokenized (chat template for chat) -> checked
-against the context length -> fanned out into one backend
-sequence per choice (``n`` per prompt; ids ``f"{id}-{suffix}-{i}"``, seeds ``seed + i``; a
-prompt's later samples start beside its first once that one decodes, see ``ChoiceRunner.merge``)
+against the context length -> fanned out into one backend sequence per choice (``n`` per prompt;
+ids ``f"{id}-{suffix}-{i}"``, seeds ``seed + i``); those three in ``preparation.RequestPreparer``
+-> started (a prompt's later samples beside its first once that one decodes, ``ChoiceRunner.merge``)
 -> each choice's chunks are detokenized and stop-string matched (``Choice``)
 -> merged into one response, or into SSE chunks when streaming (``choice_runner``; log-probs
 in ``logprobs``).
@@ -22,24 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import logging
 import struct
 import time
 import uuid
 from dataclasses import replace
-from pathlib import Path
 
 from pydantic import ValidationError
 
-from baton.engine.model_config import load_model_config
-from baton.engine.sampling_params import SamplingParams
-from baton.services.gateway import metrics, responses, sampling_defaults, scoring, tools
-from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationRequest
+from baton.services.gateway import metrics, responses, sampling_defaults, scoring
+from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult
 from baton.services.gateway.chat_output import ChatOutput
-from baton.services.gateway.choice import Choice, Delta, Prompt
+from baton.services.gateway.choice import Choice, Delta
 from baton.services.gateway.choice_runner import ChoiceRunner, usage
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.logprobs import LogprobFormatter
+from baton.services.gateway.preparation import RequestPreparer
 from baton.services.gateway.protocol import (
     APIError, BaseGenerationRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
     CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest,
@@ -48,12 +45,7 @@ from baton.services.gateway.protocol import (
     TokenizeResponse, UnloadLoRAAdapterRequest,
 )
 from baton.services.gateway.streaming import PrimedStream, as_api_error
-from baton.services.gateway.tokenizer import (
-    ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
-)
-
-logger = logging.getLogger(__name__)
-
+from baton.services.gateway.tokenizer import GatewayTokenizer
 
 class OpenAIServing:
     """The completion and chat handlers; depends only on the abstract ``Backend``."""
@@ -64,15 +56,9 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self._logprobs = LogprobFormatter(tokenizer, config.return_tokens_as_token_ids)
         self._runner = ChoiceRunner(backend, config.block_size, config.enable_force_include_usage)
-        model_config = load_model_config(Path(config.model_dir))
-        # --max-model-len, else the engine's default: the model's max_position_embeddings (or its fallback)
-        self.max_model_len = (config.max_model_len if config.max_model_len is not None
-                              else model_config.max_position_embeddings)
-        self.eos_token_ids = frozenset(model_config.eos_token_ids)
+        self.prep = RequestPreparer(config, tokenizer)
+        self.max_model_len = self.prep.max_model_len
         self._chat = ChatOutput(tokenizer, config.reasoning_parser, config.tool_call_parser, self._logprobs)
-        self.generation_defaults = sampling_defaults.load(config.model_dir, config.generation_config,
-                                                          config.override_generation_config)
-        sampling_defaults.log_defaults(self.generation_defaults)
         self._start_loras = dict(config.lora_modules)   # --lora-modules still served: name -> directory
         self._lora_updates = asyncio.Lock()             # one load or unload at a time
 
@@ -135,7 +121,7 @@ class OpenAIServing:
         if req.prompt is not None:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            ids = self._chat_token_ids(req)
+            ids = self.prep.chat_token_ids(req)
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
@@ -149,16 +135,16 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | PrimedStream:
         arrival = time.perf_counter()
         lora = self._check_common(req)
-        req = sampling_defaults.with_defaults(req, self.generation_defaults)
-        prompts = [self._prompt(self._truncate(req, ids), with_text=req.echo) for ids in self._token_ids(req.prompt, "prompt")]
-        params = self._params(req, prompts, req.max_tokens, "max_tokens", "prompt")
-        self._check_logprobs(req.logprobs, "sample", "logprobs")
-        prompt_k = self._prompt_logprobs(req)
+        req = sampling_defaults.with_defaults(req, self.prep.generation_defaults)
+        prompts = [self.prep.prompt(self.prep.truncate(req, ids), with_text=req.echo) for ids in self.prep.token_ids(req.prompt, "prompt")]
+        params = self.prep.params(req, prompts, req.max_tokens, "max_tokens", "prompt")
+        self.prep.check_logprobs(req.logprobs, "sample", "logprobs")
+        prompt_k = self.prep.prompt_logprobs(req)
         # echo with logprobs scores the prompt too: both from one computation, with the larger top-k
         wanted = [k for k in (req.logprobs if req.echo else None, prompt_k) if k is not None]
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=max(wanted, default=None))
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-        choices = self._choices(worker_request_id(request_id), prompts, params, req, lora)
+        choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora)
         if req.stream:
             return await PrimedStream.start(self._runner.stream(req, request_id, choices, self._completion_chunks, arrival))
         deltas = await self._runner.collect(choices, arrival)
@@ -174,17 +160,17 @@ class OpenAIServing:
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | PrimedStream:
         arrival = time.perf_counter()
         lora = self._check_common(req)
-        req = sampling_defaults.with_defaults(req, self.generation_defaults)
-        ids = self._truncate(req, self._chat_token_ids(req))
+        req = sampling_defaults.with_defaults(req, self.prep.generation_defaults)
+        ids = self.prep.truncate(req, self.prep.chat_token_ids(req))
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        prompts = [self._prompt(ids, with_text=False)]
-        params = self._params(req, prompts, req.output_limit, limit_param, "messages")
-        self._check_logprobs(req.top_logprobs, "sample", "top_logprobs")
-        prompt_k = self._prompt_logprobs(req)
+        prompts = [self.prep.prompt(ids, with_text=False)]
+        params = self.prep.params(req, prompts, req.output_limit, limit_param, "messages")
+        self.prep.check_logprobs(req.top_logprobs, "sample", "top_logprobs")
+        prompt_k = self.prep.prompt_logprobs(req)
         params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None, prompt_logprobs=prompt_k)
         params = self._chat.bind_grammar_to_answer(params, ids)
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-        choices = self._choices(worker_request_id(request_id), prompts, params, req, lora)
+        choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora)
         self._chat.attach_parsers(req, choices)
         if req.stream:
             return await PrimedStream.start(self._runner.stream(req, request_id, choices, self._chat.chunks, arrival))
@@ -210,7 +196,7 @@ class OpenAIServing:
     async def create_response(self, req: ResponsesRequest) -> ResponseObject | PrimedStream:
         """A Responses API request, answered as the chat completion it makes (see ``responses``),
         with the model's defaults for what it left out (its answer echoes them)."""
-        req = sampling_defaults.with_defaults(req, self.generation_defaults)
+        req = sampling_defaults.with_defaults(req, self.prep.generation_defaults)
         try:
             chat = req.chat_request()
         except ValidationError as exc:
@@ -231,7 +217,7 @@ class OpenAIServing:
         """Each input's embedding, computed on the prefill workers (all inputs at once)."""
         arrival = time.perf_counter()
         self._check_model(req.model, base_only=True)
-        inputs = self._embedding_inputs(req.input, req, "input")
+        inputs = self.prep.embedding_inputs(req.input, req, "input")
         results = await self._embed(worker_request_id(f"embd-{req.request_id or uuid.uuid4().hex}"), inputs, req, arrival)
         prompt_tokens = sum(r.prompt_tokens for r in results)
         return EmbeddingResponse(
@@ -260,21 +246,11 @@ class OpenAIServing:
         given with its parameter's name) and the prompt tokens embedded: every text once."""
         arrival = time.perf_counter()
         self._check_model(req.model, base_only=True)
-        inputs = [self._embedding_inputs(texts, req, param) for texts, param in (first, second)]
+        inputs = [self.prep.embedding_inputs(texts, req, param) for texts, param in (first, second)]
         request_id = f"{kind}-{uuid.uuid4().hex}"
         results = await self._embed(request_id, inputs[0] + inputs[1], req, arrival)
         scores = scoring.similarities([r.embedding for r in results], len(inputs[0]))
         return request_id, scores, sum(r.prompt_tokens for r in results)
-
-    def _embedding_inputs(self, texts: str | list, req: EmbeddingRequest | ScoringRequest, param: str) -> list[list[int]]:
-        """Texts (or token ids) to embed as token ids, truncated as the request asks; each must fit
-        the context."""
-        inputs = [self._truncate(req, ids) for ids in self._token_ids(texts, param)]
-        longest = max(len(ids) for ids in inputs)
-        if longest >= self.max_model_len:   # as a prompt: the engine keeps one position past it
-            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens; an input has {longest}.",
-                           param=param)
-        return inputs
 
     async def _embed(
         self, request_id: str, inputs: list[list[int]], req: EmbeddingRequest | ScoringRequest, arrival: float,
@@ -283,7 +259,7 @@ class OpenAIServing:
         ``f"{request_id}-{i}"``, with ``req``'s priority and cache salt); metered as one request."""
         tracker, status = metrics.RequestMetrics(arrival), "error"
         for i, ids in enumerate(inputs):
-            self._log_request(f"{request_id}-{i}", ids, None, None)
+            self.prep.log_request(f"{request_id}-{i}", ids, None, None)
         try:
             try:
                 async with asyncio.TaskGroup() as group:   # one failure cancels the rest
@@ -317,22 +293,6 @@ class OpenAIServing:
                            f"`{self.config.served_model_name}` only", param="model")
         return model
 
-    def _check_logprobs(self, k: int | None, kind: str, param: str) -> None:
-        """vLLM's check (and words) of a request's log-probs against ``--max-logprobs``."""
-        limit = self.tokenizer.vocab_size if self.config.max_logprobs == -1 else self.config.max_logprobs
-        if k is not None and k > limit:
-            raise APIError(f"Requested {kind} logprobs of {k}, which is greater than max allowed: {limit}", param=param)
-
-    def _prompt_logprobs(self, req: BaseGenerationRequest) -> int | None:
-        """How many alternatives come with each prompt token's log-prob (vLLM's ``prompt_logprobs``);
-        None: not asked for, or a stream (which has no place for them). -1 asks for the whole
-        vocabulary."""
-        if req.prompt_logprobs is None or req.stream:
-            return None
-        k = self.tokenizer.vocab_size if req.prompt_logprobs == -1 else req.prompt_logprobs
-        self._check_logprobs(k, "prompt", "prompt_logprobs")
-        return k
-
     def _check_common(self, req: BaseGenerationRequest) -> str | None:
         """``_check_model``'s adapter, once the request's other common fields are checked."""
         lora = self._check_model(req.model)
@@ -343,132 +303,6 @@ class OpenAIServing:
                            "gateway with --tool-call-parser, or use tool_choice 'required', a named function or 'none'",
                            param="tool_choice")
         return lora
-
-    def _chat_token_ids(self, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
-        if req.continue_final_message and (not req.messages or req.messages[-1].role != "assistant"):
-            raise APIError("continue_final_message continues an assistant message: the last message must be one",
-                           param="continue_final_message")
-        if req.chat_template is not None and not self.config.trust_request_chat_template:
-            raise APIError("Chat template is passed with request, but --trust-request-chat-template is not set. "
-                           "Refused request with untrusted chat template.", param="chat_template")
-        try:
-            return self.tokenizer.encode_chat(
-                [m.template_dict() for m in req.messages or []],
-                add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message,
-                template_kwargs=req.chat_template_kwargs,
-                tools=req.template_tools,
-                chat_template=req.chat_template,
-                documents=req.documents,
-            )
-        except ChatTemplateError as exc:
-            raise APIError(str(exc), param="messages" if req.chat_template is None else "chat_template") from exc
-
-    def _token_ids(self, prompt: str | list[int] | list[str] | list[list[int]], param: str) -> list[list[int]]:
-        """A completion's prompts (or an embedding request's inputs) as token ids."""
-        if isinstance(prompt, str):
-            return [self.tokenizer.encode(prompt)]
-        if all(isinstance(p, int) for p in prompt):
-            batch = [list(prompt)]
-        else:
-            batch = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
-        vocab = self.tokenizer.vocab_size
-        if any(not 0 <= t < vocab for ids in batch for t in ids):
-            raise APIError(f"token ids must be in [0, {vocab})", param=param)
-        return batch
-
-    @staticmethod
-    def _truncate(req: BaseGenerationRequest | EmbeddingRequest | ScoringRequest, token_ids: list[int]) -> list[int]:
-        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's option), or all of it."""
-        return token_ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else token_ids
-
-    def _prompt(self, token_ids: list[int], with_text: bool) -> Prompt:
-        prompt = Prompt(token_ids)
-        if with_text:  # echo: the prompt's text and each token's offset in it
-            detok = IncrementalDetokenizer(self.tokenizer, [])
-            for t in token_ids:
-                prompt.offsets.append(len(prompt.text))
-                prompt.text += detok.add(t)
-            prompt.text += detok.flush()
-        return prompt
-
-    def _params(
-        self, req: BaseGenerationRequest, prompts: list[Prompt], limit: int | None, limit_param: str, prompt_param: str
-    ) -> SamplingParams:
-        longest = max(len(p.token_ids) for p in prompts)
-        if longest >= self.max_model_len:
-            raise APIError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {longest}.",
-                param=prompt_param,
-            )
-        limit = sampling_defaults.capped(limit, self.generation_defaults)
-        if limit is not None and longest + limit > self.max_model_len:
-            raise APIError(
-                f"This model's maximum context length is {self.max_model_len} tokens; you requested "
-                f"{longest + limit} ({longest} in the prompt, {limit} for the completion).",
-                param=limit_param,
-            )
-        vocab, logit_bias = self.tokenizer.vocab_size, req.token_logit_bias
-        if any(t >= vocab for t in logit_bias):
-            raise APIError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
-        if any(not 0 <= t < vocab for t in req.stop_token_ids):
-            raise APIError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
-        if any(not 0 <= t < vocab for t in req.allowed_token_ids or ()):
-            raise APIError(f"allowed_token_ids must be in [0, {vocab})", param="allowed_token_ids")
-        forced_tools = isinstance(req, ChatCompletionRequest) and req.forced_tools
-        structured_output = tools.grammar(req) if forced_tools else req.structured_output
-        try:
-            return SamplingParams(
-                max_tokens=limit if limit is not None else sampling_defaults.default_limit(self.max_model_len - longest,
-                                                                                            self.generation_defaults),
-                min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, seed=req.seed, stop_token_ids=list(req.stop_token_ids),
-                ignore_eos=req.ignore_eos, logit_bias=logit_bias, structured_output=structured_output,
-                allowed_token_ids=req.allowed_token_ids, bad_words_token_ids=self._bad_words(req.bad_words),
-            )
-        except ValueError as exc:
-            raise APIError(str(exc)) from exc
-
-    def _bad_words(self, words: list[str]) -> list[list[int]]:
-        """Each bad word's tokens as it would start the text and as it would follow a space."""
-        sequences: list[list[int]] = []
-        for word in words:
-            for text in (word.lstrip(), " " + word.lstrip()):
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                if ids not in sequences:
-                    sequences.append(ids)
-        return sequences
-
-    def _choices(
-        self, request_id: str, prompts: list[Prompt], params: SamplingParams, req: BaseGenerationRequest,
-        lora: str | None,
-    ) -> list[Choice]:
-        """One choice per sample of each prompt, each a backend sequence under LoRA adapter ``lora``."""
-        choices = []
-        for p, prompt in enumerate(prompts):
-            self._log_request(f"{request_id}-{p * req.n}", prompt.token_ids, params, lora)
-            for i in range(req.n):
-                index = p * req.n + i
-                seed = None if params.seed is None else (params.seed + i) % 2**64   # the engine's seed + i, on the wire
-                scored = params.prompt_logprobs if i == 0 else None   # the prompt's log-probs: its first sample's
-                gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids,
-                                        replace(params, seed=seed, prompt_logprobs=scored), priority=req.priority,
-                                        lora=lora, cache_salt=req.cache_salt)
-                detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
-                stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
-                choices.append(Choice(index, i, prompt, gen, detok, stop, eos_token_ids=self.eos_token_ids))
-        return choices
-
-    def _log_request(self, request_id: str, token_ids: list[int], params: SamplingParams | None, lora: str | None) -> None:
-        """vLLM's ``--enable-log-requests`` line for a prompt (its first sample's id): the prompt, its
-        token ids (each cut to ``--max-log-len`` characters / ids), the sampling parameters, the adapter."""
-        if not self.config.enable_log_requests:
-            return
-        cap = self.config.max_log_len
-        text = self.tokenizer.decode(token_ids)
-        logger.info("request %s: prompt %r, prompt_token_ids %s, params %s, lora %s", request_id, text[:cap],
-                    token_ids[:cap], params, lora)
 
     # ---- formatting ---------------------------------------------------------
 
