@@ -398,8 +398,8 @@ async def test_a_salted_request_is_routed_by_the_blocks_cached_under_its_salt(re
             await backend.embed(EmbedRequest(f"e{i}", prompt, cache_salt="tenant-a"))
         assert [r.cache_salt for r in prefills[0].requests] == ["tenant-a"] * 4
         assert [r.cache_salt for r in prefills[1].requests] == [""] * 2
-        assert set((await backend._cached_prefixes(prompt, set(), cache_salt="tenant-a")).values()) == {0, 4}
-        assert set((await backend._cached_prefixes(prompt, set(), cache_salt="tenant-b")).values()) == {0}
+        assert set((await backend._place.cached_prefixes(prompt, set(), cache_salt="tenant-a")).values()) == {0, 4}
+        assert set((await backend._place.cached_prefixes(prompt, set(), cache_salt="tenant-b")).values()) == {0}
 
 
 async def test_gateway_reserves_on_the_decode_worker_holding_the_prompt(redis_url: str) -> None:

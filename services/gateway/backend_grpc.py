@@ -35,8 +35,8 @@ by (``hashing.block_extra``), as the workers hash its blocks: routing follows th
 Background task (``start()``): every ``load_poll_interval_s`` poll ``GetLoad``
 on every known worker (a worker is *down* until it answers), and about once a
 second refresh the Redis registry (``baton:worker:*``) on top of the static
-addresses (``worker_pool``). Routing logic lives in ``router``; the Redis reads in
-``prefix_index``.
+addresses (``worker_pool``). Where a request runs is ``placement``'s choice (its rules in
+``router``; the Redis reads in ``prefix_index``).
 
 LoRA adapters loaded through the gateway (``load_lora``, ``unload_lora``) go to every worker that
 answers, all or none, and through Redis to the other gateways (``lora_registry``). A request under
@@ -61,7 +61,7 @@ from dataclasses import replace
 
 import grpc
 
-from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
+from baton.engine.hashing import model_fingerprint
 from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, decode_pb2, kvtransfer_pb2, prefill_pb2
 from baton.services.convert import logprob_from_proto, params_to_proto
 from baton.services.gateway import fanout
@@ -71,8 +71,9 @@ from baton.services.gateway.backend import (
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.lora_registry import LoRARegistry
 from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILLS, RETRIES, WORKER_ERRORS
+from baton.services.gateway.placement import Placement
 from baton.services.gateway.prefix_index import PrefixIndex
-from baton.services.gateway.router import Load, choose_decode, choose_prefill
+from baton.services.gateway.router import Load
 from baton.services.gateway.worker_pool import Worker, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class GrpcBackend(Backend):
         self._aborts: set[asyncio.Task[None]] = set()
         self._loras = LoRARegistry(config.lora_modules, config.lora_timeout_s, self._index)
         self._pool = WorkerPool(config, self._index, self._loras)
+        self._place = Placement(config, self._pool, self._index, self.fingerprint)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -155,8 +157,8 @@ class GrpcBackend(Backend):
                                        priority=request.priority, cache_salt=request.cache_salt or "")
         avoid: set[str] = set()     # the workers that failed it
         while True:
-            cached = await self._cached_prefixes(request.prompt_token_ids, avoid, cache_salt=request.cache_salt)
-            worker = await self._choose_prefill(request.prompt_token_ids, avoid, cached)
+            cached = await self._place.cached_prefixes(request.prompt_token_ids, avoid, cache_salt=request.cache_salt)
+            worker = self._place.choose_prefill(request.prompt_token_ids, avoid, cached)
             self._pool.in_flight[worker.address] += 1
             try:
                 reply = await worker.stub.Embed(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
@@ -176,8 +178,8 @@ class GrpcBackend(Backend):
     async def _attempt(
         self, request: GenerationRequest, deadline: float, avoid: set[str]
     ) -> AsyncIterator[GenerationChunk]:
-        cached = await self._cached_prefixes(request.token_ids, avoid, request.lora, request.cache_salt)
-        local = self._local_decode(request, avoid, cached)
+        cached = await self._place.cached_prefixes(request.token_ids, avoid, request.lora, request.cache_salt)
+        local = self._place.local_decode(request, avoid, cached)
         if local is not None:
             async with aclosing(self._prefill_and_generate(local, request, deadline)) as chunks:
                 async for chunk in chunks:
@@ -188,7 +190,7 @@ class GrpcBackend(Backend):
         prefill: Worker | None = None
         finished = False
         try:
-            prefill = await self._choose_prefill(request.token_ids, avoid, cached, request.colocate, request.lora)
+            prefill = self._place.choose_prefill(request.token_ids, avoid, cached, request.colocate, request.lora)
             async with aclosing(self._prefill(prefill, decode, request, ticket, deadline)) as replies:
                 async for first in replies:
                     yield self._first_chunk(request, first, (prefill.address, decode.address))
@@ -214,31 +216,6 @@ class GrpcBackend(Backend):
             self._pool.in_flight[decode.address] -= 1
             if not finished:
                 await self._abort(request.request_id, [decode, prefill])
-
-    @property
-    def _local_prefill(self) -> bool:
-        """Whether a decode worker may compute a prompt itself (``_local_decode``)."""
-        return bool(self.config.max_local_prefill_length or self.config.max_prefill_queue_size)
-
-    def _local_decode(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> Worker | None:
-        """The decode worker that computes ``request``'s prompt itself (no prefill worker, no KV moved),
-        by Dynamo's conditional disaggregation: the one routing picks, where the tokens it would compute
-        (past the prefix its cache holds) are at most ``max_local_prefill_length``, or where every
-        healthy prefill worker has ``max_prefill_queue_size`` prompts or more (running and waiting), or
-        none answers; None: a prefill worker computes them."""
-        if not self._local_prefill:
-            return None
-        address = self._pick_decode(request, self._pool.healthy("decode", avoid, request.lora), cached)
-        if address is None:
-            return None
-        limit = self.config.max_local_prefill_length
-        short = limit and len(request.token_ids) - cached.get(address, 0) * self.config.block_size <= limit
-        return self._pool.workers[address] if short or self._prefill_queues_full(avoid, request.lora) else None
-
-    def _prefill_queues_full(self, avoid: set[str], lora: str | None) -> bool:
-        cap = self.config.max_prefill_queue_size
-        loads = self._pool.routing_loads()
-        return bool(cap) and all(loads[a].queued >= cap for a in self._pool.healthy("prefill", avoid, lora))
 
     async def _prefill_and_generate(
         self, decode: Worker, request: GenerationRequest, deadline: float
@@ -270,24 +247,6 @@ class GrpcBackend(Backend):
                 await self._abort(request.request_id, [decode])
         raise BackendError(f"decode worker {decode.address} ended the stream without a finish reason", 503)
 
-    async def _cached_prefixes(
-        self, token_ids: list[int], avoid: set[str], lora: str | None = None, cache_salt: str | None = None,
-    ) -> dict[str, int]:
-        """How many of ``token_ids``' leading blocks (computed under LoRA adapter ``lora``, salted with
-        ``cache_salt``) each healthy worker holds, by address: one Redis round trip for both roles (none
-        where neither has a choice to make)."""
-        by_role = [self._pool.healthy(role, avoid, lora) for role in ("prefill", "decode")]
-        num_blocks = len(token_ids) // self.config.block_size
-        # A lone decode worker's cached prefix still decides where the prompt is computed.
-        choices = max(map(len, by_role)) > 1 or (self._local_prefill and by_role[1])
-        if self._index is None or not choices or num_blocks == 0:
-            return {}
-        by_id = {self._pool.workers[a].worker_id: a for healthy in by_role for a in healthy if self._pool.workers[a].worker_id}
-        head = token_ids[: self._index.max_blocks * self.config.block_size]
-        hashes = block_hashes(head, self.config.block_size, block_extra(self.fingerprint, lora, cache_salt))
-        runs = await self._index.longest_prefixes(hashes, list(by_id))
-        return {by_id[worker_id]: n for worker_id, n in runs.items()}
-
     async def _reserve(
         self, request: GenerationRequest, deadline: float, avoid: set[str], cached: dict[str, int]
     ) -> tuple[Worker, kvtransfer_pb2.TransferTicket]:
@@ -296,7 +255,7 @@ class GrpcBackend(Backend):
         msg = _reserve_message(request)
         full: set[str] = set()
         while True:
-            address = self._pick_decode(request, self._pool.healthy("decode", avoid | full, request.lora), cached)
+            address = self._place.pick_decode(request, self._pool.healthy("decode", avoid | full, request.lora), cached)
             if address is None:
                 raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
             worker = self._pool.workers[address]
@@ -317,22 +276,6 @@ class GrpcBackend(Backend):
             load = self._pool.loads.get(address, Load())
             self._pool.loads[address] = replace(load, free_blocks=max(load.free_blocks - len(ticket.block_ids), 0))
             return worker, ticket
-
-    def _pick_decode(self, request: GenerationRequest, healthy: list[str], cached: dict[str, int]) -> str | None:
-        """Beside a sibling where asked (``colocate``), else by load, room and cached prefix; see ``router``."""
-        return _colocated(request.colocate, 1, healthy) or choose_decode(healthy, cached, self._pool.routing_loads())
-
-    async def _choose_prefill(
-        self, token_ids: list[int], avoid: set[str], cached: dict[str, int], colocate: tuple[str, ...] = (),
-        lora: str | None = None,
-    ) -> Worker:
-        """Beside a sibling where asked (``colocate``), else by cached prefix against load; see ``router``."""
-        num_blocks = len(token_ids) // self.config.block_size
-        healthy = self._pool.healthy("prefill", avoid, lora)
-        address = _colocated(colocate, 0, healthy) or choose_prefill(healthy, cached, self._pool.routing_loads(), num_blocks)
-        if address is None:
-            raise BackendError("no healthy prefill worker", 503)
-        return self._pool.workers[address]
 
     async def _prefill(
         self, worker: Worker, decode: Worker, request: GenerationRequest, ticket: kvtransfer_pb2.TransferTicket,
@@ -478,12 +421,6 @@ def _reserve_message(request: GenerationRequest) -> decode_pb2.ReserveRequest:
         cache_salt=request.cache_salt or "",
     )
 
-
-def _colocated(colocate: tuple[str, ...], role: int, healthy: list[str]) -> str | None:
-    """The worker of ``role`` (0 prefill, 1 decode) that a request's ``colocate`` names, if healthy."""
-    if len(colocate) == 2 and colocate[role] in healthy:
-        return colocate[role]
-    return None
 
 
 def _validate(request: GenerationRequest) -> None:
