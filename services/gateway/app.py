@@ -6,8 +6,8 @@ validation (400) -> serving (404 unknown model, 400 too long, 503 no worker)
 -> a JSON response or an SSE stream. It stays admitted until its response
 (streamed or not) has been sent or the client has gone.
 
-``/health`` (liveness), ``/ready`` (backend reachable and not draining) and
-``/metrics`` need no API key. With ``allow_runtime_lora_updating`` (vLLM's
+``/health`` (liveness), ``/ready`` (backend reachable and not draining), ``/metrics`` and the
+other probes (``probes``) need no API key. With ``allow_runtime_lora_updating`` (vLLM's
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
 exist, answered as vLLM answers them: plain text on success, error JSON otherwise. In dev mode
 (``dev_mode``, vLLM's ``VLLM_SERVER_DEV_MODE``), ``/reset_prefix_cache`` exists: an empty 200, or
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import importlib.metadata
 import uuid
 import json
 import logging
@@ -41,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 from baton.services.gateway import metrics
 from baton.services.gateway.backend import Backend
 from baton.services.gateway.config import GatewayConfig
+from baton.services.gateway.probes import add_probes
 from baton.services.gateway.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoRAAdapterRequest,
     RerankRequest, ResponsesRequest, ScoreRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
@@ -242,45 +242,6 @@ def _logged_error(exc: Exception) -> APIError:
     return error
 
 
-def _add_probes(app: FastAPI, backend: Backend, state: GatewayState, model_name: str) -> None:
-    @app.get("/health")
-    async def health() -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def ping() -> Response:
-        """SageMaker's probe, as vLLM serves it: /health's answer."""
-        return await health()
-
-    app.get("/ping")(ping)
-    app.post("/ping", name="ping_post")(ping)
-
-    @app.get("/load")
-    async def load() -> Response:
-        """vLLM's load figure: the generation requests in flight on this gateway."""
-        return JSONResponse({"server_load": state.in_flight})
-
-    @app.get("/ready")
-    async def ready() -> Response:
-        """200 while a prefill and a decode worker are reachable and the gateway is not
-        draining; the body counts the reachable workers of each role."""
-        workers = {"prefill": 0, "decode": 0}
-        try:
-            workers = await backend.reachable()
-        except Exception:
-            logger.exception("backend readiness check failed")
-        ok = not state.draining and workers["prefill"] > 0 and workers["decode"] > 0
-        return JSONResponse({"ready": ok, "draining": state.draining, "workers": workers}, status_code=200 if ok else 503)
-
-    @app.get("/version")
-    async def version() -> Response:
-        return JSONResponse({"version": importlib.metadata.version("baton")})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        body, content_type = metrics.render(model_name)
-        return Response(body, media_type=content_type)
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
@@ -315,7 +276,7 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
     bodies: list[type[BaseModel]] = []   # the request models the routes read, for the OpenAPI document
     _add_generation_routes(app, config, state, serving, bodies)
     _add_answered_routes(app, config, serving, bodies)
-    _add_probes(app, backend, state, config.served_model_name)
+    add_probes(app, backend, state, config.served_model_name)
     _add_error_handlers(app)
     _document_bodies(app, bodies)
     return app
