@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from baton.kernels import activation, attention, kv_cache, logits, norm, rotary, sampling
+from baton.kernels import activation, attention, kv_cache, logits, lora, norm, rotary, sampling
 from baton.kernels import linear as gemv
 
 F = TypeVar("F", bound=Callable)
@@ -34,6 +34,8 @@ rotary_store_kv = _dispatch(rotary.rotary_store_kv, rotary.ref_rotary_store_kv)
 silu_and_mul = _dispatch(activation.silu_and_mul, activation.ref_silu_and_mul)
 exponential_race = _dispatch(sampling.exponential_race, sampling.ref_exponential_race)
 max_logsumexp = _dispatch(logits.max_logsumexp, logits.ref_max_logsumexp)
+lora_shrink = _dispatch(lora.lora_shrink, lora.ref_lora_shrink)
+lora_expand_add = _dispatch(lora.lora_expand_add, lora.ref_lora_expand_add)
 
 
 def _gemv_rows(x: torch.Tensor) -> bool:

@@ -1,0 +1,270 @@
+"""Grouped LoRA ("punica"-style, after vLLM's sgmv kernels): each token's adapter delta,
+computed for that token's own adapter only.
+
+A step's tokens each name an adapter (``adapters[t]`` in ``[0, n)``, -1: none). ``group_by_adapter``
+sorts the token ids by adapter on the device (a counting sort of fixed-shape torch ops, stable, with
+no host sync: a CUDA graph that captures it groups whatever adapters its replay finds) into
+``order`` and the start of each group in it, ``starts`` (``[n + 2]``: group 0 holds the tokens
+without an adapter, group ``g`` those of adapter ``g - 1``). A step computes it once and hands it
+to every module's two launches:
+
+- ``lora_shrink``: ``y[t] = x[t] @ a[adapters[t]]^T``, fp32 ``[T, w]`` (zeros for tokens without one);
+- ``lora_expand_add``: ``out[t] += y[t] @ b[adapters[t]]^T`` in place (rows without one untouched).
+
+Each launches one grid over (token blocks, output-column tiles, groups) whose size depends only
+on T, n and the widths. A program takes one row block of its group's tokens, gathered through
+``order``; one whose block starts past its group's count exits at once, so the work follows the
+tokens each adapter has, not ``n`` times them. Tiles have at least 16 rows and multiply with
+``tl.dot`` (fp32 accumulate; fp32 inputs in full precision, not TF32). Every token lies in one
+group, so each output row is written by one program per column tile: no atomics, and a fixed
+order of summation (the same result from run to run). Shrink's group-0 programs write the zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from baton.kernels.checks import check_device, check_dtype, check_int_index, check_last_dim_contiguous, check_same_dtype, check_shape
+
+
+class LoRAGroups(NamedTuple):
+    """Tokens grouped by adapter: ``order`` ``[T]`` int64, token ids sorted by adapter (stable,
+    tokens without one first); ``starts`` ``[n + 2]`` int64, group ``g`` (adapter ``g - 1``, none
+    for ``g = 0``) is ``order[starts[g]:starts[g + 1]]``."""
+
+    order: torch.Tensor
+    starts: torch.Tensor
+
+
+def group_by_adapter(adapters: torch.Tensor, n: int) -> LoRAGroups:
+    """Group ``adapters`` ``[T]`` (values in ``[0, n)``; -1 or any other value: no adapter) with
+    fixed-shape ops on its device: a counting sort over ``[T, n + 1]`` flags."""
+    device = adapters.device
+    valid = (adapters >= 0) & (adapters < n)
+    group = torch.where(valid, adapters.long() + 1, 0)
+    member = group[:, None] == torch.arange(n + 1, device=device)      # [T, n + 1]
+    seen = member.long().cumsum(0)                                     # members so far, this one included
+    starts = torch.zeros(n + 2, dtype=torch.int64, device=device)
+    starts[1:] = member.long().sum(0).cumsum(0)
+    slot = starts[group] + seen.gather(1, group[:, None])[:, 0] - 1   # this token's place in its group
+    tokens = torch.arange(adapters.shape[0], device=device)
+    return LoRAGroups(torch.empty_like(tokens).scatter_(0, slot, tokens), starts)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Launch parameters: token rows, output columns and reduction width per step of a program,
+    warps, pipeline depth. Rows, columns and width are powers of two of at least 16 (``tl.dot``)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _tile(width: int, most: int) -> int:
+    return max(16, min(most, triton.next_power_of_2(width)))
+
+
+def default_shrink_config(tokens: int, w: int) -> LoRAConfig:
+    """Decode-sized steps: 16-row tiles and narrow column tiles (more programs to stream ``a``);
+    larger steps: 64 rows. Not yet tuned on a GPU (``bench/bench_kernels.py --lora-only``)."""
+    if tokens <= 64:
+        return LoRAConfig(block_m=16, block_n=_tile(w, 32), block_k=256)
+    return LoRAConfig(block_m=64, block_n=_tile(w, 64), block_k=64, num_stages=3)
+
+
+def default_expand_config(tokens: int, w: int) -> LoRAConfig:
+    """As ``default_shrink_config``: the reduction is over the rank width ``w``, the columns the
+    module's output."""
+    return LoRAConfig(block_m=16 if tokens <= 64 else 64, block_n=128, block_k=_tile(w, 64))
+
+
+@triton.jit
+def _group_tile(order_ptr, starts_ptr, group, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of ``group``: the token ids of its row block ``program_id(0)`` (int64;
+    token 0 past the group's end, never stored), which rows are the group's, its columns
+    ``program_id(1)`` and which lie below ``width``, and whether the block holds any of the group."""
+    start = tl.load(starts_ptr + group)
+    count = tl.load(starts_ptr + group + 1) - start
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < count
+    tokens = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tokens, row_ok, cols, cols < width, tl.program_id(0) * BLOCK_M < count
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, y_ptr, order_ptr, starts_ptr,
+    W, K, stride_xt, stride_an, stride_aw, stride_yt,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``y[t, cols] = x[t] @ a[g - 1, cols]^T`` for the tokens of group ``g``; zeros for group 0."""
+    group = tl.program_id(2)
+    tokens, row_ok, cols, col_ok, live = _group_tile(order_ptr, starts_ptr, group, W, BLOCK_M, BLOCK_N)
+    if not live:
+        return
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if group > 0:
+        ks = tl.arange(0, BLOCK_K)
+        # Rows past the group read token 0 and columns past W read a's row 0: never stored.
+        x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :]
+        a_rows = (group - 1).to(tl.int64) * stride_an + tl.where(col_ok, cols, 0).to(tl.int64) * stride_aw
+        a_ptrs = a_ptr + a_rows[None, :] + ks[:, None]                  # [BLOCK_K, BLOCK_N]: a^T
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs + k0)
+                a = tl.load(a_ptrs + k0)
+            else:
+                k_ok = k0 + ks < K
+                x = tl.load(x_ptrs + k0, mask=k_ok[None, :], other=0.0)
+                a = tl.load(a_ptrs + k0, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+    y_ptrs = y_ptr + tokens[:, None] * stride_yt + cols[None, :]
+    tl.store(y_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _lora_expand_kernel(
+    y_ptr, b_ptr, out_ptr, order_ptr, starts_ptr,
+    N, W, stride_yt, stride_bn, stride_bo, stride_ot,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``out[t, cols] += y[t] @ b[lora, cols]^T`` for the tokens of adapter ``lora`` (group ``lora + 1``)."""
+    lora = tl.program_id(2)
+    tokens, row_ok, cols, col_ok, live = _group_tile(order_ptr, starts_ptr, lora + 1, N, BLOCK_M, BLOCK_N)
+    if not live:
+        return
+    ks = tl.arange(0, BLOCK_K)
+    b_rows = lora.to(tl.int64) * stride_bn + tl.where(col_ok, cols, 0).to(tl.int64) * stride_bo
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, W, BLOCK_K):
+        k_ok = k0 + ks < W
+        y = tl.load(y_ptr + tokens[:, None] * stride_yt + (k0 + ks)[None, :], mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[None, :] + (k0 + ks)[:, None], mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(y.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+    out_ptrs = out_ptr + tokens[:, None] * stride_ot + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    now = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (now + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_groups(groups: LoRAGroups | None, adapters: torch.Tensor, n: int) -> LoRAGroups:
+    """``groups`` checked against ``adapters`` and ``n`` adapters, or computed when None."""
+    if groups is None:
+        return group_by_adapter(adapters, n)
+    check_int_index("groups.order", groups.order, adapters.shape, adapters)
+    check_int_index("groups.starts", groups.starts, (n + 2,), adapters)
+    return groups
+
+
+def _check_lora_args(x: torch.Tensor, weights: torch.Tensor, adapters: torch.Tensor, names: tuple[str, str]) -> None:
+    """``x`` ``[T, k]`` and ``weights`` ``[n, *, k]`` of float dtypes on one device, each contiguous
+    in its last dim; ``adapters`` ``[T]``."""
+    x_name, w_name = names
+    check_shape(x_name, x, (-1, -1))
+    check_dtype(x_name, x)
+    check_last_dim_contiguous(x_name, x)
+    check_shape(w_name, weights, (-1, -1, x.shape[1]))
+    check_dtype(w_name, weights)
+    check_device(w_name, weights, x)
+    check_last_dim_contiguous(w_name, weights)
+    check_int_index("adapters", adapters, (x.shape[0],), x)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, adapters: torch.Tensor, groups: LoRAGroups | None = None) -> torch.Tensor:
+    """``x`` ``[T, in]``, ``a`` ``[n, w, in]`` (x's dtype), ``adapters`` ``[T]`` (-1: none) -> fp32
+    ``[T, w]``: ``x[t] @ a[adapters[t]]^T``, zeros where -1. ``groups``: ``group_by_adapter(adapters, n)``,
+    computed here when None."""
+    return launch_lora_shrink(x, a, adapters, groups)
+
+
+def launch_lora_shrink(x: torch.Tensor, a: torch.Tensor, adapters: torch.Tensor, groups: LoRAGroups | None = None,
+                       config: LoRAConfig | None = None) -> torch.Tensor:
+    """``lora_shrink`` with explicit launch parameters (None: ``default_shrink_config``)."""
+    _check_lora_args(x, a, adapters, ("x", "a"))
+    check_same_dtype("a", a, "x", x)
+    (tokens, k), (n, w, _) = x.shape, a.shape
+    groups = _check_groups(groups, adapters, n)
+    y = torch.empty((tokens, w), dtype=torch.float32, device=x.device)
+    if y.numel() == 0:
+        return y
+    cfg = config or default_shrink_config(tokens, w)
+    grid = (triton.cdiv(tokens, cfg.block_m), triton.cdiv(w, cfg.block_n), n + 1)
+    _lora_shrink_kernel[grid](
+        x, a, y, groups.order, groups.starts,
+        w, k, x.stride(0), a.stride(0), a.stride(1), y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def lora_expand_add(y: torch.Tensor, b: torch.Tensor, adapters: torch.Tensor, out: torch.Tensor,
+                    groups: LoRAGroups | None = None) -> torch.Tensor:
+    """``y`` ``[T, w]`` (any float dtype), ``b`` ``[n, out, w]``, ``out`` ``[T, out]`` (b's dtype):
+    ``out[t] += y[t] @ b[adapters[t]]^T`` in place where ``adapters[t]`` is not -1 (other rows
+    untouched), summed in fp32 and rounded once; returns ``out``. ``groups`` as in ``lora_shrink``."""
+    return launch_lora_expand_add(y, b, adapters, out, groups)
+
+
+def launch_lora_expand_add(y: torch.Tensor, b: torch.Tensor, adapters: torch.Tensor, out: torch.Tensor,
+                           groups: LoRAGroups | None = None, config: LoRAConfig | None = None) -> torch.Tensor:
+    """``lora_expand_add`` with explicit launch parameters (None: ``default_expand_config``)."""
+    _check_lora_args(y, b, adapters, ("y", "b"))
+    (tokens, w), (n, width, _) = y.shape, b.shape
+    check_shape("out", out, (tokens, width))
+    check_device("out", out, y)
+    check_same_dtype("out", out, "b", b)
+    check_last_dim_contiguous("out", out)
+    groups = _check_groups(groups, adapters, n)
+    if out.numel() == 0 or n == 0:
+        return out
+    cfg = config or default_expand_config(tokens, w)
+    grid = (triton.cdiv(tokens, cfg.block_m), triton.cdiv(width, cfg.block_n), n)
+    _lora_expand_kernel[grid](
+        y, b, out, groups.order, groups.starts,
+        width, w, y.stride(0), b.stride(0), b.stride(1), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=_dot_precision(b.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _adapter_rows(adapters: torch.Tensor, n: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(i, rows)`` for each adapter ``i`` that some token names: the int64 token ids."""
+    for i in range(n):
+        rows = (adapters == i).nonzero()[:, 0]
+        if rows.numel():
+            yield i, rows
+
+
+def ref_lora_shrink(x: torch.Tensor, a: torch.Tensor, adapters: torch.Tensor, groups: LoRAGroups | None = None) -> torch.Tensor:
+    """``x`` ``[T, in]``, ``a`` ``[n, w, in]``, ``adapters`` ``[T]`` (-1: none) -> fp32 ``[T, w]``:
+    ``x[t] @ a[adapters[t]]^T``, zeros where -1. ``groups`` (the kernel's grouping) is not needed here."""
+    y = torch.zeros((x.shape[0], a.shape[1]), dtype=torch.float32, device=x.device)
+    for i, rows in _adapter_rows(adapters, a.shape[0]):
+        y[rows] = x[rows].float() @ a[i].float().T
+    return y
+
+
+def ref_lora_expand_add(y: torch.Tensor, b: torch.Tensor, adapters: torch.Tensor, out: torch.Tensor,
+                        groups: LoRAGroups | None = None) -> torch.Tensor:
+    """``out[t] += y[t] @ b[adapters[t]]^T`` in place (fp32, rounded once) where ``adapters[t]`` is
+    not -1; returns ``out``. ``groups`` is not needed here."""
+    for i, rows in _adapter_rows(adapters, b.shape[0]):
+        out[rows] = (out[rows].float() + y[rows].float() @ b[i].float().T).to(out.dtype)
+    return out
