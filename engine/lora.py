@@ -1,26 +1,28 @@
 """LoRA on the device: the resident adapters, stacked per engine module, and a step's
 batch of tokens that use them.
 
-``LoRAStack`` holds every loaded adapter (all stay resident) as one ``A`` and one ``B``
-tensor per (layer, engine module) it adapts. The engine fuses q/k/v into ``qkv_proj`` and
-gate/up into ``gate_up_proj`` (``models/llama.py``), so a fused module's ``A`` stacks its
-projections' ``A`` along the rank and its ``B`` places each projection's ``B`` (scale folded
-in) in that projection's rows and rank columns: ``(x @ A^T) @ B^T`` is then every slice's
-delta at once. Ranks are zero-padded to the largest loaded, which adds zeros only. A load or
-an unload while serving builds a new stack in its place, between steps (``ModelRunner.add_lora``).
+``LoRAStack`` holds every loaded adapter (all stay resident) as one ``A`` ``[adapters, width, in]``
+and one ``B`` ``[adapters, out, width]`` tensor per (layer, engine module) it adapts. The engine
+fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (``models/llama.py``), so a fused
+module's ``A`` stacks its projections' ``A`` along the rank and its ``B`` places each projection's
+``B`` (scale folded in) in that projection's rows and rank columns: ``(x @ A^T) @ B^T`` is then
+every slice's delta at once. Ranks are zero-padded to the largest loaded, which adds zeros only.
+A load or an unload while serving builds a new stack in its place, between steps
+(``ModelRunner.add_lora``).
 
-``LoRABatch`` is one step's use of them: each token's adapter (-1: the base model), as a
-mask over the stacked ranks. ``add`` gives every token ``((x @ A^T) * mask) @ B^T`` over all
-loaded adapters at once: two matmuls of fixed shapes, whatever the mix of adapters in the
-step (``max_loras`` is small and ranks are small against the model, so computing every
-adapter for every token costs little beside the base projections; base tokens add exact
-zeros). A step where no sequence names an adapter has no batch at all, and the model runs
-its plain path (fused kernels, CUDA graphs) at no cost.
+``LoRABatch`` is one step's use of them: each token's adapter (-1: the base model), and those
+tokens grouped by adapter (``kernels/lora.py``'s ``group_by_adapter``: computed once a step on
+the device, shared by every module). ``add`` gives each token its own adapter's delta with two
+launches, the grouped ("punica"-style) kernels ``ops.lora_shrink`` (``x @ A[adapter]^T``) and
+``ops.lora_expand_add`` (``out += that @ B[adapter]^T``), which compute each token under its own
+adapter only, whatever the number loaded; base tokens are left as they are. On CPU both run
+their plain-torch references. A step where no sequence names an adapter has no batch at all,
+and the model runs its plain path (fused kernels, CUDA graphs) at no cost.
 
-Plain torch, no Triton kernel (a grouped "punica"-style kernel is the next step for large
-batches of many adapters). Every shape is fixed by the stack, so a decode step with a LoRA
-sequence replays CUDA graphs captured with it, each row's adapter a static input
-(``engine/cuda_graph.py``); a new stack (a load or an unload) has them captured again.
+Every launch's shape is fixed by the stack and the step's token count, never by the mix of
+adapters, so a decode step with a LoRA sequence replays CUDA graphs captured with it, each row's
+adapter a static input and its grouping recomputed in the replay (``engine/cuda_graph.py``);
+a new stack (a load or an unload) has them captured again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from baton.engine.attention import to_device
 from baton.engine.lora_loader import LoRAAdapter, projection_shape
 from baton.engine.model_config import ModelConfig
 from baton.engine.sequence import ScheduledChunk
+from baton.kernels import ops
+from baton.kernels.lora import group_by_adapter
 
 
 # Engine module -> the checkpoint projections it computes, in the order of its output slices
@@ -57,9 +61,7 @@ class LoRAStack:
         for layer in range(config.num_layers):
             for module, projs in ENGINE_MODULES.items():
                 if any((layer, proj) in adapter.weights for adapter in adapters for proj in projs):
-                    a, b = _stack(adapters, config, layer, projs, rank, device, dtype)
-                    # Flat: A [adapters * width, in], B [out, adapters * width], adapter-major.
-                    self.weights[(layer, module)] = a.flatten(0, 1), b.permute(1, 0, 2).flatten(1)
+                    self.weights[(layer, module)] = _stack(adapters, config, layer, projs, rank, device, dtype)
 
     def batch(self, chunks: Seq[ScheduledChunk]) -> LoRABatch | None:
         """Each token's adapter in the step (chunks packed in order); None when no chunk has one."""
@@ -90,18 +92,12 @@ def _stack(adapters: Seq[LoRAAdapter], config: ModelConfig, layer: int, projs: t
 
 
 class LoRABatch:
-    """One step's tokens under the stack's adapters: ``adapters[t]`` is token ``t``'s (-1: none)."""
+    """One step's tokens under the stack's adapters: ``adapters[t]`` is token ``t``'s (-1: none), and
+    ``groups`` those tokens grouped by adapter, on the device, for every module's kernels."""
 
     def __init__(self, stack: LoRAStack, adapters: torch.Tensor) -> None:
-        self.stack = stack
-        self._one_hot = (adapters[:, None] == torch.arange(len(stack.names), device=adapters.device)).to(stack.dtype)
-        self._masks: dict[int, torch.Tensor] = {}
-
-    def mask(self, width: int) -> torch.Tensor:
-        """``[tokens, adapters * width]``: 1 over the ``width`` ranks of each token's own adapter."""
-        if width not in self._masks:
-            self._masks[width] = self._one_hot.repeat_interleave(width, dim=1)
-        return self._masks[width]
+        self.stack, self.adapters = stack, adapters
+        self.groups = group_by_adapter(adapters, len(stack.names))
 
     def layer(self, layer: int) -> LayerLoRA:
         return LayerLoRA(self, layer)
@@ -120,5 +116,5 @@ class LayerLoRA:
         if weights is None:
             return out
         lora_a, lora_b = weights
-        shrunk = (x @ lora_a.T) * self.batch.mask(lora_a.shape[0] // len(self.batch.stack.names))
-        return out.addmm_(shrunk, lora_b.T)
+        adapters, groups = self.batch.adapters, self.batch.groups
+        return ops.lora_expand_add(ops.lora_shrink(x, lora_a, adapters, groups), lora_b, adapters, out, groups)
