@@ -20,7 +20,6 @@ allocates them, so it must not happen inside CUDA-graph capture (warm up first).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -29,7 +28,7 @@ import triton
 import triton.language as tl
 
 from baton.kernels import pdl
-from baton.kernels.checks import check_attention_args, check_int_index
+from baton.kernels.checks import check_attention_args, check_int_index, num_sms
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: in
     dependent loads per program, not bandwidth, sets the time), tiles of half the keys
     split the context twice as far."""
     deep, light = DEFAULT_CONFIGS[64 if head_dim <= 64 else 128]
-    if batch * num_kv_heads > deep.programs_per_sm * _num_sms(device):
+    if batch * num_kv_heads > deep.programs_per_sm * num_sms(device):
         return light
     splits, split_len = split_context(device, batch, num_kv_heads, max_context, deep)
     if split_len == deep.tile_n:
@@ -206,16 +205,11 @@ def _paged_decode_attention_kernel(
                 tl.store(sem, 0)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def split_context(device: torch.device, batch: int, num_kv_heads: int, max_context: int, config: DecodeConfig) -> tuple[int, int]:
     """(splits, tokens a split): the context is split as far as one wave of resident programs
     (``programs_per_sm`` on every SM) allows, each split at least ``min_split_tokens`` and a
     whole number of tiles long."""
-    wanted = config.programs_per_sm * _num_sms(device) // max(1, batch * num_kv_heads)
+    wanted = config.programs_per_sm * num_sms(device) // max(1, batch * num_kv_heads)
     splits = max(1, min(wanted, config.max_splits, math.ceil(max_context / config.min_split_tokens)))
     split_len = triton.cdiv(triton.cdiv(max_context, splits), config.tile_n) * config.tile_n
     return triton.cdiv(max_context, split_len), split_len  # rounding up split_len can leave the last splits empty

@@ -1,8 +1,10 @@
 """Argument checks shared by the Triton host wrappers: each raises ValueError
-with a message naming the argument, so bad input never reaches a kernel."""
+with a message naming the argument, so bad input never reaches a kernel. Also the one
+device fact the wrappers size their grids by (``num_sms``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -77,3 +79,9 @@ def check_attention_args(q: torch.Tensor, kv_cache: torch.Tensor) -> None:
         raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
     check_power_of_two("head_dim", head_dim, 16)
     check_power_of_two("block_size", block_size)
+
+
+@functools.lru_cache(maxsize=8)
+def num_sms(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA ``device`` (4 elsewhere: the interpreter's grids)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
