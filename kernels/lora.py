@@ -2,22 +2,24 @@
 computed for that token's own adapter only.
 
 A step's tokens each name an adapter (``adapters[t]`` in ``[0, n)``, -1: none). ``group_by_adapter``
-sorts the token ids by adapter on the device (a counting sort of fixed-shape torch ops, stable, with
-no host sync: a CUDA graph that captures it groups whatever adapters its replay finds) into
-``order`` and the start of each group in it, ``starts`` (``[n + 2]``: group 0 holds the tokens
-without an adapter, group ``g`` those of adapter ``g - 1``). A step computes it once and hands it
-to every module's two launches:
+sorts the token ids by adapter on the device (one launch of a counting sort, stable, with no host
+sync: a CUDA graph that captures it groups whatever adapters its replay finds) into ``order`` and
+the start of each group in it, ``starts`` (``[n + 2]``: group 0 holds the tokens without an
+adapter, group ``g`` those of adapter ``g - 1``). A step computes it once and hands it to every
+module's two launches:
 
 - ``lora_shrink``: ``y[t] = x[t] @ a[adapters[t]]^T``, fp32 ``[T, w]`` (zeros for tokens without one);
 - ``lora_expand_add``: ``out[t] += y[t] @ b[adapters[t]]^T`` in place (rows without one untouched).
 
-Each launches one grid over (token blocks, output-column tiles, groups) whose size depends only
-on T, n and the widths. A program takes one row block of its group's tokens, gathered through
+Each launches one grid over (token blocks, output-column tiles, adapters) whose size depends only
+on T, n and the widths. A program takes one row block of its adapter's tokens, gathered through
 ``order``; one whose block starts past its group's count exits at once, so the work follows the
 tokens each adapter has, not ``n`` times them. Tiles have at least 16 rows and multiply with
-``tl.dot`` (fp32 accumulate; fp32 inputs in full precision, not TF32). Every token lies in one
-group, so each output row is written by one program per column tile: no atomics, and a fixed
-order of summation (the same result from run to run). Shrink's group-0 programs write the zeros.
+``tl.dot`` (fp32 accumulate; fp32 inputs in full precision, not TF32). A decode step's few
+tokens make few tiles, so shrink splits its long reduction (the model's hidden size) over
+several programs a tile, which add their parts into ``y`` atomically: fp32 sums whose order
+varies from run to run, by rounding only. Expand's reduction (the rank) is short: each output
+row has one writer per column tile.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_device, check_dtype, check_int_index, check_last_dim_contiguous, check_same_dtype, check_shape
+from baton.kernels.checks import (
+    check_device, check_dtype, check_int_index, check_last_dim_contiguous, check_same_dtype, check_shape, num_sms,
+)
 
 
 class LoRAGroups(NamedTuple):
@@ -42,9 +46,48 @@ class LoRAGroups(NamedTuple):
     starts: torch.Tensor
 
 
+@triton.jit
+def _group_kernel(adapters_ptr, order_ptr, starts_ptr, T, n, BLOCK: tl.constexpr):
+    """Program ``g`` of ``n + 2``: ``starts[g]``, the tokens whose group is below ``g`` (group 0:
+    no adapter; ``g``: adapter ``g - 1``), then, for ``g <= n``, its group's token ids in order."""
+    g = tl.program_id(0)
+    before = 0
+    for t0 in range(0, T, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        a = tl.load(adapters_ptr + t, mask=t < T, other=-1)
+        group = tl.where((a >= 0) & (a < n), a + 1, 0)
+        before += tl.sum(((group < g) & (t < T)).to(tl.int32))
+    tl.store(starts_ptr + g, before.to(tl.int64))
+    if g <= n:
+        place = before
+        for t0 in range(0, T, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            a = tl.load(adapters_ptr + t, mask=t < T, other=-1)
+            mine = (tl.where((a >= 0) & (a < n), a + 1, 0) == g) & (t < T)
+            rank = tl.cumsum(mine.to(tl.int32), 0) - 1
+            tl.store(order_ptr + place + rank, t.to(tl.int64), mask=mine)
+            place += tl.sum(mine.to(tl.int32))
+
+
 def group_by_adapter(adapters: torch.Tensor, n: int) -> LoRAGroups:
-    """Group ``adapters`` ``[T]`` (values in ``[0, n)``; -1 or any other value: no adapter) with
-    fixed-shape ops on its device: a counting sort over ``[T, n + 1]`` flags."""
+    """Group ``adapters`` ``[T]`` (values in ``[0, n)``; -1 or any other value: no adapter) on its
+    device: one launch of ``n + 2`` programs on CUDA, ``ref_group_by_adapter`` elsewhere."""
+    check_int_index("adapters", adapters, (-1,), adapters)
+    return launch_group_by_adapter(adapters, n) if adapters.is_cuda else ref_group_by_adapter(adapters, n)
+
+
+def launch_group_by_adapter(adapters: torch.Tensor, n: int) -> LoRAGroups:
+    """``group_by_adapter``'s kernel, whatever the device (the tests run it interpreted on CPU)."""
+    tokens = adapters.shape[0]
+    groups = LoRAGroups(torch.empty(tokens, dtype=torch.int64, device=adapters.device),
+                        torch.empty(n + 2, dtype=torch.int64, device=adapters.device))
+    _group_kernel[(n + 2,)](adapters, groups.order, groups.starts, tokens, n,
+                            BLOCK=min(1024, triton.next_power_of_2(max(tokens, 16))), num_warps=4)
+    return groups
+
+
+def ref_group_by_adapter(adapters: torch.Tensor, n: int) -> LoRAGroups:
+    """``group_by_adapter`` in fixed-shape torch ops (a counting sort over ``[T, n + 1]`` flags)."""
     device = adapters.device
     valid = (adapters >= 0) & (adapters < n)
     group = torch.where(valid, adapters.long() + 1, 0)
@@ -60,13 +103,15 @@ def group_by_adapter(adapters: torch.Tensor, n: int) -> LoRAGroups:
 @dataclass(frozen=True)
 class LoRAConfig:
     """Launch parameters: token rows, output columns and reduction width per step of a program,
-    warps, pipeline depth. Rows, columns and width are powers of two of at least 16 (``tl.dot``)."""
+    warps, pipeline depth, and (shrink) how many programs share one tile's reduction, adding their
+    parts into it. Rows, columns and width are powers of two of at least 16 (``tl.dot``)."""
 
     block_m: int = 16
     block_n: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    splits: int | None = None   # shrink: slices of the reduction (None: enough programs for the device)
 
 
 def _tile(width: int, most: int) -> int:
@@ -74,11 +119,23 @@ def _tile(width: int, most: int) -> int:
 
 
 def default_shrink_config(tokens: int, w: int) -> LoRAConfig:
-    """Decode-sized steps: 16-row tiles and narrow column tiles (more programs to stream ``a``);
-    larger steps: 64 rows. Not yet tuned on a GPU (``bench/bench_kernels.py --lora-only``)."""
+    """Decode-sized steps: 16-row tiles; larger steps: 64 rows; the reduction split as
+    ``shrink_splits`` says (``bench/bench_kernels.py --lora-only`` has the figures)."""
     if tokens <= 64:
-        return LoRAConfig(block_m=16, block_n=_tile(w, 32), block_k=256)
+        return LoRAConfig(block_m=16, block_n=_tile(w, 64), block_k=64)
     return LoRAConfig(block_m=64, block_n=_tile(w, 64), block_k=64, num_stages=3)
+
+
+def shrink_splits(cfg: LoRAConfig, tokens: int, w: int, k: int, n: int, device: torch.device) -> tuple[int, int]:
+    """(splits, reduction width of each, a whole number of ``block_k``): ``cfg.splits``, else as many
+    as give about two programs an SM over the tiles that hold tokens (at most one row block a
+    ``block_m`` tokens, plus one for each adapter present, its last partly filled); a few tokens'
+    tiles read all of ``a``'s rows for them, so few tiles leave most SMs idle unless the
+    reduction is split."""
+    tiles = (triton.cdiv(tokens, cfg.block_m) + min(n, tokens)) * triton.cdiv(w, cfg.block_n)
+    wanted = cfg.splits if cfg.splits is not None else triton.cdiv(2 * num_sms(device), tiles)
+    split_k = triton.cdiv(triton.cdiv(k, max(1, min(wanted, triton.cdiv(k, cfg.block_k)))), cfg.block_k) * cfg.block_k
+    return triton.cdiv(k, split_k), split_k
 
 
 def default_expand_config(tokens: int, w: int) -> LoRAConfig:
@@ -88,49 +145,56 @@ def default_expand_config(tokens: int, w: int) -> LoRAConfig:
 
 
 @triton.jit
-def _group_tile(order_ptr, starts_ptr, group, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _group_tile(order_ptr, starts_ptr, group, width, splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's tile of ``group``: the token ids of its row block ``program_id(0)`` (int64;
-    token 0 past the group's end, never stored), which rows are the group's, its columns
-    ``program_id(1)`` and which lie below ``width``, and whether the block holds any of the group."""
+    token 0 past the group's end, never stored), which rows are the group's, its columns (tile
+    ``program_id(1) // splits``) and which lie below ``width``, and whether the block holds any of
+    the group."""
     start = tl.load(starts_ptr + group)
     count = tl.load(starts_ptr + group + 1) - start
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < count
     tokens = tl.load(order_ptr + start + rows, mask=row_ok, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = (tl.program_id(1) // splits) * BLOCK_N + tl.arange(0, BLOCK_N)
     return tokens, row_ok, cols, cols < width, tl.program_id(0) * BLOCK_M < count
 
 
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, y_ptr, order_ptr, starts_ptr,
-    W, K, stride_xt, stride_an, stride_aw, stride_yt,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    W, K, split_k, splits, stride_xt, stride_an, stride_aw, stride_yt,
+    ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """``y[t, cols] = x[t] @ a[g - 1, cols]^T`` for the tokens of group ``g``; zeros for group 0."""
-    group = tl.program_id(2)
-    tokens, row_ok, cols, col_ok, live = _group_tile(order_ptr, starts_ptr, group, W, BLOCK_M, BLOCK_N)
+    """``y[t, cols] += x[t, ks] @ a[lora, cols, ks]^T`` for the tokens of adapter ``lora`` (group
+    ``lora + 1``) over this program's slice of the reduction (``split_k`` wide, one of ``splits``;
+    ``ATOMIC``: several, each adding its part into ``y``, which starts at zero)."""
+    lora = tl.program_id(2)
+    tokens, row_ok, cols, col_ok, live = _group_tile(order_ptr, starts_ptr, lora + 1, W, splits, BLOCK_M, BLOCK_N)
     if not live:
         return
+    first = (tl.program_id(1) % splits) * split_k
+    ks = first + tl.arange(0, BLOCK_K)
+    # Rows past the group read token 0 and columns past W read a's row 0: never stored.
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :]
+    a_rows = lora.to(tl.int64) * stride_an + tl.where(col_ok, cols, 0).to(tl.int64) * stride_aw
+    a_ptrs = a_ptr + a_rows[None, :] + ks[:, None]                  # [BLOCK_K, BLOCK_N]: a^T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if group > 0:
-        ks = tl.arange(0, BLOCK_K)
-        # Rows past the group read token 0 and columns past W read a's row 0: never stored.
-        x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :]
-        a_rows = (group - 1).to(tl.int64) * stride_an + tl.where(col_ok, cols, 0).to(tl.int64) * stride_aw
-        a_ptrs = a_ptr + a_rows[None, :] + ks[:, None]                  # [BLOCK_K, BLOCK_N]: a^T
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(x_ptrs + k0)
-                a = tl.load(a_ptrs + k0)
-            else:
-                k_ok = k0 + ks < K
-                x = tl.load(x_ptrs + k0, mask=k_ok[None, :], other=0.0)
-                a = tl.load(a_ptrs + k0, mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+    for k0 in range(0, tl.minimum(split_k, K - first), BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs + k0)
+            a = tl.load(a_ptrs + k0)
+        else:
+            k_ok = first + k0 + tl.arange(0, BLOCK_K) < K
+            x = tl.load(x_ptrs + k0, mask=k_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs + k0, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + tokens[:, None] * stride_yt + cols[None, :]
-    tl.store(y_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+    mask = row_ok[:, None] & col_ok[None, :]
+    if not ATOMIC:
+        tl.store(y_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -141,7 +205,7 @@ def _lora_expand_kernel(
 ):
     """``out[t, cols] += y[t] @ b[lora, cols]^T`` for the tokens of adapter ``lora`` (group ``lora + 1``)."""
     lora = tl.program_id(2)
-    tokens, row_ok, cols, col_ok, live = _group_tile(order_ptr, starts_ptr, lora + 1, N, BLOCK_M, BLOCK_N)
+    tokens, row_ok, cols, col_ok, live = _group_tile(order_ptr, starts_ptr, lora + 1, N, 1, BLOCK_M, BLOCK_N)
     if not live:
         return
     ks = tl.arange(0, BLOCK_K)
@@ -199,16 +263,18 @@ def launch_lora_shrink(x: torch.Tensor, a: torch.Tensor, adapters: torch.Tensor,
     check_same_dtype("a", a, "x", x)
     (tokens, k), (n, w, _) = x.shape, a.shape
     groups = _check_groups(groups, adapters, n)
-    y = torch.empty((tokens, w), dtype=torch.float32, device=x.device)
-    if y.numel() == 0:
+    y = torch.zeros((tokens, w), dtype=torch.float32, device=x.device)   # the rows without an adapter stay 0
+    if y.numel() == 0 or n == 0:
         return y
     cfg = config or default_shrink_config(tokens, w)
-    grid = (triton.cdiv(tokens, cfg.block_m), triton.cdiv(w, cfg.block_n), n + 1)
+    splits, split_k = shrink_splits(cfg, tokens, w, k, n, x.device)
+    grid = (triton.cdiv(tokens, cfg.block_m), triton.cdiv(w, cfg.block_n) * splits, n)
     _lora_shrink_kernel[grid](
         x, a, y, groups.order, groups.starts,
-        w, k, x.stride(0), a.stride(0), a.stride(1), y.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        w, k, split_k, splits, x.stride(0), a.stride(0), a.stride(1), y.stride(0),
+        ATOMIC=splits > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=k % cfg.block_k == 0, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 

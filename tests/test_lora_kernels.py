@@ -40,6 +40,7 @@ CASES = [
     (40, 2, 8, 48, 20, "none"),
 ]
 SMALL_TILES = LoRAConfig(block_m=16, block_n=16, block_k=16, num_stages=1)   # every case spans several tiles
+SPLIT_TILES = LoRAConfig(block_m=16, block_n=16, block_k=16, num_stages=1, splits=3)   # shrink adds three parts a tile
 
 
 def case_id(case: tuple) -> str:
@@ -91,6 +92,16 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     for case in CASES:
         yield f"lora {case_id(case)}", lambda c=case: check_lora(device, dtype, c)
         yield f"lora {case_id(case)} small tiles", lambda c=case: check_lora(device, dtype, c, SMALL_TILES)
+        yield f"lora {case_id(case)} split reduction", lambda c=case: check_lora(device, dtype, c, SPLIT_TILES)
+    for tokens, n in ((1, 1), (37, 3), (1500, 5)):   # the last spans two of the kernel's blocks
+        yield f"grouping T{tokens} n{n}", lambda t=tokens, n=n: check_grouping(device, t, n)
+
+
+def check_grouping(device: str, tokens: int, n: int) -> None:
+    """The grouping kernel gives the reference's order and starts (out-of-range adapters: none)."""
+    adapters = torch.randint(-2, n + 2, (tokens,), device=device)
+    got, want = lora.launch_group_by_adapter(adapters, n), lora.ref_group_by_adapter(adapters, n)
+    assert torch.equal(got.order, want.order) and torch.equal(got.starts, want.starts)
 
 
 @pytest.mark.unit
@@ -116,7 +127,7 @@ def test_refs_match_a_per_token_loop(dtype: torch.dtype, case: tuple) -> None:
 def test_grouping_is_a_stable_sort_by_adapter(n: int) -> None:
     """Tokens without an adapter (-1, or any value outside [0, n)) form group 0, first."""
     adapters = torch.randint(-2, n + 2, (int(torch.randint(1, 60, ())),))
-    groups = lora.group_by_adapter(adapters, n)
+    groups = lora.ref_group_by_adapter(adapters, n)
     key = torch.where((adapters >= 0) & (adapters < n), adapters + 1, 0)
     assert torch.equal(groups.order, torch.sort(key, stable=True).indices)
     assert groups.starts.tolist() == [0, *torch.tensor([int((key <= g).sum()) for g in range(n + 1)]).tolist()]
@@ -186,7 +197,7 @@ def test_lora_kernels_compile_for_hopper_with_tensor_cores(kernel: str, pointers
     """The bf16 tiles the default configs pick compile for an H100 and multiply on tensor cores."""
     constants = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, DOT_PRECISION="tf32")
     if kernel == "_lora_shrink_kernel":
-        constants["EVEN_K"] = True
+        constants.update(EVEN_K=True, ATOMIC=True)   # a decode step's split reduction
     ptx = hopper_ptx(f"baton.kernels.lora:{kernel}", pointers, constants)
     assert "mma" in ptx
 
