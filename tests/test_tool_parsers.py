@@ -5,7 +5,6 @@ its literal keyword arguments as JSON, anything else in them making the answer c
 
 from __future__ import annotations
 
-import json
 
 import pytest
 from hypothesis import given, settings
