@@ -136,7 +136,8 @@ class OpenAIServing:
         arrival = time.perf_counter()
         lora = self._check_common(req)
         req = sampling_defaults.with_defaults(req, self.prep.generation_defaults)
-        prompts = [self.prep.prompt(self.prep.truncate(req, ids), with_text=req.echo) for ids in self.prep.token_ids(req.prompt, "prompt")]
+        prompts = [self.prep.prompt(self.prep.truncate(req, ids), with_text=req.echo)
+                   for ids in self.prep.token_ids(req.prompt, "prompt")]
         params = self.prep.params(req, prompts, req.max_tokens, "max_tokens", "prompt")
         self.prep.check_logprobs(req.logprobs, "sample", "logprobs")
         prompt_k = self.prep.prompt_logprobs(req)
