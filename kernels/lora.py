@@ -139,9 +139,11 @@ def shrink_splits(cfg: LoRAConfig, tokens: int, w: int, k: int, n: int, device: 
 
 
 def default_expand_config(tokens: int, w: int) -> LoRAConfig:
-    """As ``default_shrink_config``: the reduction is over the rank width ``w``, the columns the
-    module's output."""
-    return LoRAConfig(block_m=16 if tokens <= 64 else 64, block_n=128, block_k=_tile(w, 64))
+    """As ``default_shrink_config``: the reduction is over the rank width ``w`` (one to three steps,
+    so a decode step's tiles do not pipeline it), the columns the module's output."""
+    if tokens <= 64:
+        return LoRAConfig(block_m=16, block_n=128, block_k=_tile(w, 64), num_stages=1)
+    return LoRAConfig(block_m=64, block_n=128, block_k=_tile(w, 64))
 
 
 @triton.jit
