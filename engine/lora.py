@@ -16,7 +16,7 @@ the device, shared by every module). ``add`` gives each token its own adapter's 
 launches, the grouped ("punica"-style) kernels ``ops.lora_shrink`` (``x @ A[adapter]^T``) and
 ``ops.lora_expand_add`` (``out += that @ B[adapter]^T``), which compute each token under its own
 adapter only, whatever the number loaded; base tokens are left as they are. On CPU both run
-their plain-torch references. A step where no sequence names an adapter has no batch at all,
+their plain-torch references, and no grouping is computed. A step where no sequence names an adapter has no batch at all,
 and the model runs its plain path (fused kernels, CUDA graphs) at no cost.
 
 Every launch's shape is fixed by the stack and the step's token count, never by the mix of
@@ -93,11 +93,12 @@ def _stack(adapters: Seq[LoRAAdapter], config: ModelConfig, layer: int, projs: t
 
 class LoRABatch:
     """One step's tokens under the stack's adapters: ``adapters[t]`` is token ``t``'s (-1: none), and
-    ``groups`` those tokens grouped by adapter, on the device, for every module's kernels."""
+    ``groups`` those tokens grouped by adapter on a CUDA device, for every module's kernels (None
+    elsewhere: the torch references need no grouping)."""
 
     def __init__(self, stack: LoRAStack, adapters: torch.Tensor) -> None:
         self.stack, self.adapters = stack, adapters
-        self.groups = group_by_adapter(adapters, len(stack.names))
+        self.groups = group_by_adapter(adapters, len(stack.names)) if adapters.is_cuda else None
 
     def layer(self, layer: int) -> LayerLoRA:
         return LayerLoRA(self, layer)
