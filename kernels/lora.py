@@ -47,23 +47,27 @@ class LoRAGroups(NamedTuple):
 
 
 @triton.jit
+def _token_groups(adapters_ptr, t, T, n):
+    """The groups of tokens ``t``: 0 without an adapter, ``a + 1`` for adapter ``a``, and ``n + 2``
+    (no program's group, below none) past the ``T`` tokens."""
+    a = tl.load(adapters_ptr + t, mask=t < T, other=-1)
+    return tl.where(t < T, tl.where((a >= 0) & (a < n), a + 1, 0), n + 2)
+
+
+@triton.jit
 def _group_kernel(adapters_ptr, order_ptr, starts_ptr, T, n, BLOCK: tl.constexpr):
     """Program ``g`` of ``n + 2``: ``starts[g]``, the tokens whose group is below ``g`` (group 0:
     no adapter; ``g``: adapter ``g - 1``), then, for ``g <= n``, its group's token ids in order."""
     g = tl.program_id(0)
     before = 0
     for t0 in range(0, T, BLOCK):
-        t = t0 + tl.arange(0, BLOCK)
-        a = tl.load(adapters_ptr + t, mask=t < T, other=-1)
-        group = tl.where((a >= 0) & (a < n), a + 1, 0)
-        before += tl.sum(((group < g) & (t < T)).to(tl.int32))
+        before += tl.sum((_token_groups(adapters_ptr, t0 + tl.arange(0, BLOCK), T, n) < g).to(tl.int32))
     tl.store(starts_ptr + g, before.to(tl.int64))
     if g <= n:
         place = before
         for t0 in range(0, T, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
-            a = tl.load(adapters_ptr + t, mask=t < T, other=-1)
-            mine = (tl.where((a >= 0) & (a < n), a + 1, 0) == g) & (t < T)
+            mine = _token_groups(adapters_ptr, t, T, n) == g
             rank = tl.cumsum(mine.to(tl.int32), 0) - 1
             tl.store(order_ptr + place + rank, t.to(tl.int64), mask=mine)
             place += tl.sum(mine.to(tl.int32))
