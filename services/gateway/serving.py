@@ -57,7 +57,6 @@ class OpenAIServing:
         self._logprobs = LogprobFormatter(tokenizer, config.return_tokens_as_token_ids)
         self._runner = ChoiceRunner(backend, config.block_size, config.enable_force_include_usage)
         self.prep = RequestPreparer(config, tokenizer)
-        self.max_model_len = self.prep.max_model_len
         self._chat = ChatOutput(tokenizer, config.reasoning_parser, config.tool_call_parser, self._logprobs)
         self._start_loras = dict(config.lora_modules)   # --lora-modules still served: name -> directory
         self._lora_updates = asyncio.Lock()             # one load or unload at a time
@@ -72,9 +71,9 @@ class OpenAIServing:
         """The base model under each of its names, then each LoRA adapter (``root``: its directory,
         ``parent``: the base), as vLLM lists them."""
         base = self.config.served_model_name
-        names = [ModelCard(id=name, root=self.config.model_dir, max_model_len=self.max_model_len)
+        names = [ModelCard(id=name, root=self.config.model_dir, max_model_len=self.prep.max_model_len)
                  for name in self.config.served_model_names]
-        adapters = [ModelCard(id=name, root=path, parent=base, max_model_len=self.max_model_len)
+        adapters = [ModelCard(id=name, root=path, parent=base, max_model_len=self.prep.max_model_len)
                     for name, path in self.loras.items()]
         return ModelList(data=[*names, *adapters])
 
@@ -122,7 +121,7 @@ class OpenAIServing:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             ids = self.prep.chat_token_ids(req)
-        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
+        return TokenizeResponse(count=len(ids), max_model_len=self.prep.max_model_len, tokens=ids)
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self._check_model(req.model)
