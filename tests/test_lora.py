@@ -132,6 +132,9 @@ def test_prefill_and_decode_roles_with_an_adapter(demo_model, adapters, referenc
 def test_unknown_adapter_is_refused(lora_llm) -> None:
     with pytest.raises(UnknownLoRA, match="'three' is not loaded here"):
         lora_llm.generate(PROMPTS[0], GREEDY, lora="three")
+    # A request wrong in two ways hears of the unknown adapter (the gateway's 404) first.
+    with pytest.raises(UnknownLoRA, match="'three' is not loaded here"):
+        lora_llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, logprobs=10_000), lora="three")
 
 
 def test_lora_decode_steps_are_graph_steps() -> None:
