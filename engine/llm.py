@@ -22,6 +22,9 @@ request names one by its name:
 ``llm.reset_prefix_cache()`` (vLLM's) drops every cached block between ``generate`` calls: the next
 prompts are computed afresh (a cold-cache benchmark, or after something that invalidates cached KV).
 
+``llm.beam_search(prompts, BeamSearchParams(beam_width=4, max_tokens=32))`` gives each prompt's best
+beams, as vLLM's ``LLM.beam_search`` does (``engine.beam_search``).
+
 ``llm.chat(messages, params)`` renders a conversation through the model's chat template first, as
 vLLM's ``LLM.chat`` does.
 
@@ -38,6 +41,7 @@ from typing import TypeVar
 
 from transformers import AutoTokenizer
 
+from baton.engine.beam_search import Beam, BeamRules, BeamSearchParams, best, extend
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.generation_config import GenerationDefaults, as_params, load_generation_defaults
@@ -67,6 +71,23 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam, as vLLM's: ``tokens`` are the prompt's and then the beam's; ``finish_reason`` is
+    "stop" where an EOS token ended it (the last of ``tokens``), else "length"."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprob]
+    cum_logprob: float
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]    # best first
 
 
 class LLM:
@@ -157,6 +178,38 @@ class LLM:
             for conversation in conversations
         ]
         return self.generate(prompts, params, lora=lora, cache_salt=cache_salt)
+
+    def beam_search(
+        self, prompts: str | list[str] | list[list[int]], params: BeamSearchParams, lora: str | None = None,
+    ) -> list[BeamSearchOutput]:
+        """Each prompt's ``params.beam_width`` best beams (under LoRA adapter ``lora``), as vLLM's
+        ``LLM.beam_search`` finds them (``engine.beam_search``); each step runs every prompt's live
+        beams in one batch."""
+        prompts = self._token_ids(prompts)
+        stop_ids = frozenset() if params.ignore_eos else frozenset(self.core.eos_token_ids)
+        rules = [BeamRules(params.beam_width, params.length_penalty, len(p), stop_ids) for p in prompts]
+        live: list[list[Beam]] = [[Beam()] for _ in prompts]
+        finished: list[list[Beam]] = [[] for _ in prompts]
+        for _ in range(params.max_tokens):
+            batch = [(i, beam) for i, beams in enumerate(live) for beam in beams]
+            if not batch:
+                break
+            outs = self.generate([prompts[i] + beam.token_ids for i, beam in batch], rules[0].step_params(), lora=lora)
+            steps: list[list[TokenLogprob]] = [[] for _ in prompts]
+            for (i, _), out in zip(batch, outs):
+                steps[i].append(out.outputs[0].logprobs[0])
+            for i, rule in enumerate(rules):
+                live[i], ended = extend(live[i], steps[i], rule)
+                finished[i] += ended
+        return [
+            BeamSearchOutput([
+                BeamSearchSequence(prompt + beam.token_ids, beam.tokens, beam.cum_logprob,
+                                   self.tokenizer.decode(beam.token_ids, skip_special_tokens=True),
+                                   "stop" if beam.finished else "length")
+                for beam in best(finished[i] + live[i], rules[i])
+            ])
+            for i, prompt in enumerate(prompts)
+        ]
 
     def load_lora(self, name: str, path: str) -> bool:
         """Load the LoRA adapter (PEFT directory) ``path`` under ``name``, checked as ``lora_modules``
