@@ -1,13 +1,23 @@
-"""Beam search (vLLM's ``LLM.beam_search``): the search's rules on hand-made log-probs, and the
-offline search against transformers' on the demo checkpoint."""
+"""Beam search (vLLM's ``use_beam_search`` and ``LLM.beam_search``): the search's rules on hand-made
+log-probs, the offline search against transformers' on the demo checkpoint, and the gateway's
+search over a backend that runs the same engine in this process against the offline one."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
 
 import pytest
 
 from baton.engine.beam_search import Beam, BeamRules, BeamSearchParams, best, extend
 from baton.engine.llm import LLM
 from baton.engine.sequence import TokenLogprob
+from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest
+from baton.services.gateway.tokenizer import GatewayTokenizer
+from test_gateway_api import assert_error, make_config, post, sse_events
+
+from conftest import DEMO_MODEL
 
 pytestmark = pytest.mark.model
 
@@ -79,6 +89,129 @@ def test_offline_beam_search_matches_transformers(llm, demo_model, width) -> Non
 def test_offline_beam_search_checks_its_params() -> None:
     with pytest.raises(ValueError, match="beam_width and max_tokens must be at least 1"):
         BeamSearchParams(beam_width=0, max_tokens=4)
+
+
+# ---- the gateway's search -----------------------------------------------------------
+
+
+class EngineBackend(Backend):
+    """Each sequence run by an aggregated engine in this process; records every request, and
+    fails the ``fail_at``-th with a worker's error."""
+
+    def __init__(self, llm: LLM, fail_at: int | None = None) -> None:
+        self.llm = llm
+        self.fail_at = fail_at
+        self.requests: list[GenerationRequest] = []
+        self.open: set[str] = set()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self.requests.append(request)
+        if len(self.requests) == self.fail_at:
+            raise BackendError("decode worker 127.0.0.1:1 went away", 503)
+        (out,) = self.llm.generate([request.prompt_token_ids], request.params, lora=request.lora)
+        self.open.add(request.request_id)
+        try:
+            await asyncio.sleep(0)
+            o = out.outputs[0]
+            yield GenerationChunk(tokens=o.logprobs, finish_reason=o.finish_reason, prompt_tokens=len(out.prompt_token_ids),
+                                  cached_tokens=out.num_cached_tokens, prompt_logprobs=out.prompt_logprobs or None)
+        finally:
+            self.open.discard(request.request_id)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        raise BackendError("no embeddings here", 501)
+
+    async def reachable(self) -> dict[str, int]:
+        return {"prefill": 1, "decode": 1}
+
+
+@pytest.fixture(scope="module")
+def gateway_tok() -> GatewayTokenizer:
+    return GatewayTokenizer(DEMO_MODEL)
+
+
+def beam_body(prompt: str, n: int, **fields: object) -> dict:
+    return {"model": "shakespeare", "prompt": prompt, "n": n, "max_tokens": 8, "use_beam_search": True,
+            "ignore_eos": True, **fields}
+
+
+async def test_gateway_beams_are_the_offline_searchs(llm, gateway_tok) -> None:
+    offline = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True))
+    backend = EngineBackend(llm)
+    r = await post(backend, gateway_tok, "/v1/completions", beam_body(PROMPTS, 3, temperature=1.3, logprobs=2))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    prompt_len = [len(o.sequences[0].tokens) - len(o.sequences[0].logprobs) for o in offline]
+    expected = [s for out in offline for s in out.sequences]
+    assert [c["text"] for c in body["choices"]] == [s.text for s in expected]
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+    for choice, seq in zip(body["choices"], expected):
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx([t.logprob for t in seq.logprobs], abs=1e-5)
+        assert all(len(top) == 2 for top in choice["logprobs"]["top_logprobs"])
+    assert body["usage"]["prompt_tokens"] == sum(prompt_len)
+    assert body["usage"]["completion_tokens"] == 6 * 8
+    # one single-token request per live beam and step, greedy, with the top 2n log-probs
+    assert len(backend.requests) == 2 * (1 + 3 * 7)
+    assert {(q.params.max_tokens, q.params.temperature, q.params.logprobs) for q in backend.requests} == {(1, 0.0, 6)}
+    assert not backend.open
+
+    stream = await post(EngineBackend(llm), gateway_tok, "/v1/completions", beam_body(PROMPTS, 3, stream=True))
+    texts = {}
+    for event in sse_events(stream)[:-1]:
+        for c in json.loads(event)["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert [texts[i] for i in range(6)] == [s.text for s in expected]
+
+
+async def test_chat_beams_search_the_templated_conversation(llm, gateway_tok) -> None:
+    messages = [{"role": "user", "content": "Speak, Romeo."}]
+    ids = gateway_tok.encode_chat(messages, add_generation_prompt=True)
+    (offline,) = llm.beam_search([ids], BeamSearchParams(beam_width=2, max_tokens=8, ignore_eos=True))
+    body = {"model": "shakespeare", "messages": messages, "n": 2, "max_tokens": 8, "use_beam_search": True,
+            "ignore_eos": True}
+    r = await post(EngineBackend(llm), gateway_tok, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    assert [c["message"]["content"] for c in r.json()["choices"]] == [s.text for s in offline.sequences]
+
+
+async def test_beams_stop_on_stop_tokens_and_rank_by_length_penalised_score(llm, gateway_tok) -> None:
+    newline = gateway_tok.encode("\n", add_special_tokens=False)[-1]
+    prompt_len = len(gateway_tok.encode(PROMPTS[1]))
+    for penalty in (0.0, 1.0, 3.0):
+        body = beam_body(PROMPTS[1], 4, max_tokens=12, stop_token_ids=[newline], logprobs=0, length_penalty=penalty)
+        r = await post(EngineBackend(llm), gateway_tok, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        stopped = [c for c in choices if c["finish_reason"] == "stop"]
+        assert stopped and all(c["stop_reason"] == newline and c["logprobs"]["tokens"][-1] == "\n" for c in stopped)
+        scores = [sum(c["logprobs"]["token_logprobs"])
+                  / (prompt_len + len(c["logprobs"]["tokens"]) - (c["finish_reason"] == "stop")) ** penalty
+                  for c in choices]
+        assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"logit_bias": {"5": 3.0}}, "logit_bias"),
+    ({"bad_words": ["Romeo"]}, "bad_words"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, "structured_outputs"),
+    ({"repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"n": 11}, "n"),                   # 22 log-probs a step, past --max-logprobs' 20
+])
+async def test_beam_search_refuses_what_its_log_probs_cannot_follow(llm, gateway_tok, fields, param) -> None:
+    backend = EngineBackend(llm)
+    r = await post(backend, gateway_tok, "/v1/completions", {**beam_body(PROMPTS[0], 2), **fields},
+                   config=make_config(max_n=16))
+    assert "use_beam_search" in assert_error(r, 400, param)["message"]
+    assert backend.requests == []
+
+
+async def test_a_failed_step_fails_the_request_and_closes_every_step(llm, gateway_tok) -> None:
+    backend = EngineBackend(llm, fail_at=5)
+    r = await post(backend, gateway_tok, "/v1/completions", beam_body(PROMPTS[0], 3))
+    assert "went away" in assert_error(r, 503)["message"]
+    assert len(backend.requests) <= 7 and not backend.open
 
 
 def test_offline_beams_end_on_eos_unless_it_is_ignored(llm) -> None:

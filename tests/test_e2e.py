@@ -23,6 +23,7 @@ import pytest
 import redis
 import torch
 
+from baton.engine.beam_search import BeamSearchParams
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.pooling import PoolerConfig
@@ -866,6 +867,21 @@ def test_n_samples_compute_and_send_the_prompt_once(system, demo_model):
     block = sent[0] / 5
     assert sent[1] == (5 + 3) * block, sent                # not 4 x 5 blocks
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+
+
+def test_beam_search_through_the_workers_is_the_aggregated_engines(system, demo_model):
+    """vLLM's use_beam_search: every step's beams run on the prefill and decode workers as
+    single-token requests, and the choices are the aggregated engine's best beams. Scored by
+    log-prob alone (length_penalty 0), one of the JULIET prompt's best ends in an EOS token."""
+    want = LLM(demo_model).beam_search(PROMPTS[:2], BeamSearchParams(beam_width=3, max_tokens=8, length_penalty=0.0))
+    assert "stop" in [s.finish_reason for s in want[0].sequences]
+    for prompt, expected in zip(PROMPTS[:2], want):
+        out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, n=3, max_tokens=8,
+                                               extra_body={"use_beam_search": True, "length_penalty": 0.0})
+        assert [c.text for c in out.choices] == [s.text for s in expected.sequences]
+        assert [c.finish_reason for c in out.choices] == [s.finish_reason for s in expected.sequences]
+    loads = system.wait_no_blocks_in_use()
+    assert all(l.used_blocks == 0 and l.running == 0 for l in loads), loads
 
 
 def test_32_concurrent_streams_sharing_a_request_id_complete_without_leaks(system):

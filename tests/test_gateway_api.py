@@ -72,7 +72,9 @@ class FakeBackend(Backend):
         self.first_chunk_sent = asyncio.Event()
 
     def output_ids(self, request: GenerationRequest) -> list[int]:
-        choice = int(request.request_id.rsplit("-", 1)[1])
+        """The script of the request's choice: the last number of its id (a beam step's
+        ``{choice id}-s{step}-b{beam}`` keeps its choice's)."""
+        choice = int(next(part for part in reversed(request.request_id.split("-")) if part.isdigit()))
         return self.tok.encode(SCRIPTS[choice % len(SCRIPTS)])[1:]
 
     def logprob(self, request: GenerationRequest, position: int, token_id: int) -> TokenLogprob:

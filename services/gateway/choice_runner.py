@@ -10,12 +10,13 @@ error): closing it aborts the sequence on the workers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import replace
+from typing import Protocol
 
 from baton.services.gateway import metrics
-from baton.services.gateway.backend import Backend, BackendError
+from baton.services.gateway.backend import BackendError, GenerationChunk, GenerationRequest
 from baton.services.gateway.choice import Choice, Delta, close_stream
 from baton.services.gateway.protocol import (
     DONE, BaseGenerationRequest, ChatCompletionChunk, CompletionRequest, CompletionResponse, PromptTokensDetails,
@@ -26,13 +27,23 @@ from baton.services.gateway.streaming import error_event
 ChunkFormatter = Callable[[BaseGenerationRequest, str, Choice, Delta], list[CompletionResponse | ChatCompletionChunk]]
 
 
+class Generator(Protocol):
+    """What runs a choice's sequence: a ``Backend``, or a ``beam_search.BeamSearch``."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+
 class ChoiceRunner:
     """Runs choices on ``backend``; prompts of more than ``block_size`` tokens share blocks
     between samples. ``force_include_usage``: every stream ends with a usage chunk (vLLM's
     ``--enable-force-include-usage``)."""
 
-    def __init__(self, backend: Backend, block_size: int, force_include_usage: bool) -> None:
+    def __init__(self, backend: Generator, block_size: int, force_include_usage: bool) -> None:
         self.backend, self.block_size, self.force_include_usage = backend, block_size, force_include_usage
+
+    def over(self, backend: Generator) -> ChoiceRunner:
+        """This runner, running its choices on ``backend`` instead."""
+        return ChoiceRunner(backend, self.block_size, self.force_include_usage)
 
     async def run(self, choice: Choice, tracker: metrics.RequestMetrics) -> AsyncGenerator[Delta, None]:
         stream = self.backend.generate(choice.request)

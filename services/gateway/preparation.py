@@ -41,9 +41,14 @@ class RequestPreparer:
                                                           config.override_generation_config)
         sampling_defaults.log_defaults(self.generation_defaults)
 
+    @property
+    def logprob_limit(self) -> int:
+        """The most log-probs a request may ask for a token (``--max-logprobs``; -1: the vocabulary)."""
+        return self.tokenizer.vocab_size if self.config.max_logprobs == -1 else self.config.max_logprobs
+
     def check_logprobs(self, k: int | None, kind: str, param: str) -> None:
         """vLLM's check (and words) of a request's log-probs against ``--max-logprobs``."""
-        limit = self.tokenizer.vocab_size if self.config.max_logprobs == -1 else self.config.max_logprobs
+        limit = self.logprob_limit
         if k is not None and k > limit:
             raise APIError(f"Requested {kind} logprobs of {k}, which is greater than max allowed: {limit}", param=param)
 

@@ -201,6 +201,8 @@ class BaseGenerationRequest(NullMeansDefault):
     prompt_logprobs: int | None = Field(default=None, ge=-1)   # vLLM's: top-k per prompt token; -1: all
     return_tokens_as_token_ids: bool | None = None   # vLLM's: log-probs name tokens "token_id:{id}" (None: the gateway's)
     cache_salt: CacheSalt = None
+    use_beam_search: bool = False   # vLLM's: the n likeliest sequences by beam search (beam_search.py)
+    length_penalty: float = 1.0     # vLLM's: a beam's score is its log-prob / its length ** length_penalty
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> BaseGenerationRequest:

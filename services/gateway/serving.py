@@ -4,7 +4,8 @@ A request passes through: validated (protocol.py) -> the model's sampling defaul
 fields it left out (``sampling_defaults``) -> tokenized (chat template for chat) -> checked
 against the context length -> fanned out into one backend sequence per choice (``n`` per prompt;
 ids ``f"{id}-{suffix}-{i}"``, seeds ``seed + i``); those three in ``preparation.RequestPreparer``
--> started (a prompt's later samples beside its first once that one decodes, ``ChoiceRunner.merge``)
+-> started (a prompt's later samples beside its first once that one decodes, ``ChoiceRunner.merge``;
+with ``use_beam_search``, its ``n`` best beams instead, ``beam_search``)
 -> each choice's chunks are detokenized and stop-string matched (``Choice``)
 -> merged into one response, or into SSE chunks when streaming (``choice_runner``; log-probs
 in ``logprobs``).
@@ -29,7 +30,7 @@ from dataclasses import replace
 
 from pydantic import ValidationError
 
-from baton.services.gateway import metrics, responses, sampling_defaults, scoring
+from baton.services.gateway import beam_search, metrics, responses, sampling_defaults, scoring
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult
 from baton.services.gateway.chat_output import ChatOutput
 from baton.services.gateway.choice import Choice, Delta
@@ -145,9 +146,10 @@ class OpenAIServing:
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=max(wanted, default=None))
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
         choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora)
+        runner = self._runner_for(req, choices)
         if req.stream:
-            return await PrimedStream.start(self._runner.stream(req, request_id, choices, self._completion_chunks, arrival))
-        deltas = await self._runner.collect(choices, arrival)
+            return await PrimedStream.start(runner.stream(req, request_id, choices, self._completion_chunks, arrival))
+        deltas = await runner.collect(choices, arrival)
         # Once per prompt: its n samples (choice p * n + i) share it.
         scored = [None if prompt_k is None else self._logprobs.prompt_entries(p, prompt_k) for p in prompts]
         return CompletionResponse(
@@ -172,9 +174,10 @@ class OpenAIServing:
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
         choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora)
         self._chat.attach_parsers(req, choices)
+        runner = self._runner_for(req, choices)
         if req.stream:
-            return await PrimedStream.start(self._runner.stream(req, request_id, choices, self._chat.chunks, arrival))
-        deltas = await self._runner.collect(choices, arrival)
+            return await PrimedStream.start(runner.stream(req, request_id, choices, self._chat.chunks, arrival))
+        deltas = await runner.collect(choices, arrival)
         return ChatCompletionResponse(
             id=request_id,
             model=req.model,
@@ -298,11 +301,19 @@ class OpenAIServing:
         lora = self._check_model(req.model)
         if req.n > self.config.max_n:
             raise APIError(f"n must be at most {self.config.max_n}, got {req.n}", param="n")
+        if req.use_beam_search:   # before the model's defaults, which it does not follow
+            beam_search.check_request(req, self.prep.logprob_limit)
         if isinstance(req, ChatCompletionRequest) and req.auto_tools and self._chat.tool_parser is None:
             raise APIError("tool_choice 'auto' (the default with tools) reads the model's own tool-call format: start the "
                            "gateway with --tool-call-parser, or use tool_choice 'required', a named function or 'none'",
                            param="tool_choice")
         return lora
+
+    def _runner_for(self, req: BaseGenerationRequest, choices: list[Choice]) -> ChoiceRunner:
+        """What runs the choices: the backend, or a beam search over it (``n`` beams a prompt)."""
+        if not req.use_beam_search:
+            return self._runner
+        return self._runner.over(beam_search.BeamSearch(self.backend, choices, req.n, req.length_penalty))
 
     # ---- formatting ---------------------------------------------------------
 
