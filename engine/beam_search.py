@@ -34,7 +34,8 @@ class BeamSearchParams:
 
     def __post_init__(self) -> None:
         if self.beam_width < 1 or self.max_tokens < 1:
-            raise ValueError(f"beam_width and max_tokens must be at least 1, got {self.beam_width} and {self.max_tokens}")
+            raise ValueError(f"beam_width and max_tokens must be at least 1, got {self.beam_width} and "
+                             f"{self.max_tokens}")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ import pytest
 from baton.engine.beam_search import Beam, BeamRules, BeamSearchParams, best, extend
 from baton.engine.llm import LLM
 from baton.engine.sequence import TokenLogprob
-from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest
+from baton.services.gateway.backend import (
+    Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
+)
 from baton.services.gateway.tokenizer import GatewayTokenizer
 from test_gateway_api import assert_error, make_config, post, sse_events
 
@@ -83,7 +85,8 @@ def test_offline_beam_search_matches_transformers(llm, demo_model, width) -> Non
         assert [s.cum_logprob / 10 for s in out.sequences] == pytest.approx(hf_out.sequences_scores.tolist(), abs=1e-4)
         assert all(s.finish_reason == "length" and s.cum_logprob == pytest.approx(sum(t.logprob for t in s.logprobs))
                    for s in out.sequences)
-        assert [s.text for s in out.sequences] == [tok.decode(s[ids.shape[1]:], skip_special_tokens=True) for s in hf_out.sequences.tolist()]
+        texts = [tok.decode(s[ids.shape[1]:], skip_special_tokens=True) for s in hf_out.sequences.tolist()]
+        assert [s.text for s in out.sequences] == texts
 
 
 def test_offline_beam_search_checks_its_params() -> None:
@@ -113,8 +116,9 @@ class EngineBackend(Backend):
         try:
             await asyncio.sleep(0)
             o = out.outputs[0]
-            yield GenerationChunk(tokens=o.logprobs, finish_reason=o.finish_reason, prompt_tokens=len(out.prompt_token_ids),
-                                  cached_tokens=out.num_cached_tokens, prompt_logprobs=out.prompt_logprobs or None)
+            yield GenerationChunk(tokens=o.logprobs, finish_reason=o.finish_reason,
+                                  prompt_tokens=len(out.prompt_token_ids), cached_tokens=out.num_cached_tokens,
+                                  prompt_logprobs=out.prompt_logprobs or None)
         finally:
             self.open.discard(request.request_id)
 

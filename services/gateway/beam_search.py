@@ -118,6 +118,7 @@ class BeamSearch:
                     got = chunk
                 elif chunk.tokens:
                     got.tokens += chunk.tokens
-        if got is None or len(got.tokens) != 1:
-            raise BackendError(f"a worker answered a beam step with {0 if got is None else len(got.tokens)} tokens", 502)
+        count = 0 if got is None else len(got.tokens)
+        if got is None or count != 1:
+            raise BackendError(f"a worker answered a beam step with {count} tokens", 502)
         return got
