@@ -2229,3 +2229,45 @@ async def test_a_cancelled_embedding_request_cancels_its_inputs(tok) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(cancelled) == 2 and metrics.REQUESTS_TOTAL.labels(status="aborted")._value.get() == aborted + 1
+
+
+# ---- vLLM's return_token_ids --------------------------------------------------------------
+
+
+def streamed_ids(response: httpx.Response) -> tuple[dict[int, list[int]], dict[int, list[list[int]]]]:
+    """Each choice's streamed token ids, and the prompt ids its chunks carried (one list per chunk that did)."""
+    ids: dict[int, list[int]] = {}
+    prompts: dict[int, list[list[int]]] = {}
+    for event in sse_events(response)[:-1]:
+        chunk = json.loads(event)
+        for c in chunk["choices"]:
+            ids.setdefault(c["index"], []).extend(c.get("token_ids", []))
+            prompt = c.get("prompt_token_ids", chunk.get("prompt_token_ids"))
+            prompts.setdefault(c["index"], []).extend([prompt] if prompt is not None else [])
+    return ids, prompts
+
+
+async def test_return_token_ids_gives_the_prompts_and_each_choices_token_ids(tok) -> None:
+    """Beside the text: the prompt's ids and each choice's; streamed, the prompt's on a choice's
+    first chunk and each chunk's own ids; absent unless asked for (vLLM's return_token_ids)."""
+    prompt, messages = "JULIET:\nO Romeo", [{"role": "user", "content": "Speak, Romeo."}]
+    want = [tok.encode(script)[1:8] for script in SCRIPTS]      # FakeBackend's choices 0 and 1, 7 tokens
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 7, "n": 2, "return_token_ids": True}
+    choices = (await post(FakeBackend(tok), tok, "/v1/completions", body)).json()["choices"]
+    assert [c["token_ids"] for c in choices] == want
+    assert [c["prompt_token_ids"] for c in choices] == [tok.encode(prompt)] * 2
+    assert [c["text"] for c in choices] == [tok.decode(ids) for ids in want]
+    stream = await post(FakeBackend(tok, per_chunk=2), tok, "/v1/completions", {**body, "stream": True})
+    assert streamed_ids(stream) == ({0: want[0], 1: want[1]}, {0: [tok.encode(prompt)], 1: [tok.encode(prompt)]})
+
+    chat = {"model": MODEL, "messages": messages, "max_tokens": 7, "return_token_ids": True}
+    answer = (await post(FakeBackend(tok), tok, "/v1/chat/completions", chat)).json()
+    assert answer["prompt_token_ids"] == tok.encode_chat(messages, add_generation_prompt=True)
+    assert answer["choices"][0]["token_ids"] == want[0]
+    stream = await post(FakeBackend(tok, per_chunk=2), tok, "/v1/chat/completions", {**chat, "stream": True})
+    assert streamed_ids(stream) == ({0: want[0]}, {0: [answer["prompt_token_ids"]]})
+
+    for path, plain in (("/v1/completions", body), ("/v1/chat/completions", chat)):
+        out = (await post(FakeBackend(tok), tok, path, {**plain, "return_token_ids": False})).json()
+        assert "prompt_token_ids" not in out
+        assert all({"token_ids", "prompt_token_ids"}.isdisjoint(c) for c in out["choices"])

@@ -63,15 +63,17 @@ class ChatOutput:
         out = []
         if delta.first:
             role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role="assistant", content=""))
-            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[role]))
+            out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[role],
+                                           prompt_token_ids=choice.prompt.token_ids if req.return_token_ids else None))
         message, finish_reason = self._delta(req, choice, delta)
-        if message is not None or finish_reason or (req.logprobs and delta.tokens):
+        if message is not None or finish_reason or ((req.logprobs or req.return_token_ids) and delta.tokens):
             content = ChatStreamChoice(
                 index=delta.index,
                 delta=message or DeltaMessage(),
                 logprobs=self._logprobs.chat(req, delta.tokens) if req.logprobs else None,
                 finish_reason=finish_reason,
                 stop_reason=choice.stop_reason if finish_reason else None,
+                token_ids=[t.token_id for t in delta.tokens] if req.return_token_ids else None,
             )
             out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[content]))
         return out

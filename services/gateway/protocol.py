@@ -200,6 +200,7 @@ class BaseGenerationRequest(NullMeansDefault):
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)   # vLLM's: lower first (--scheduling-policy priority)
     prompt_logprobs: int | None = Field(default=None, ge=-1)   # vLLM's: top-k per prompt token; -1: all
     return_tokens_as_token_ids: bool | None = None   # vLLM's: log-probs name tokens "token_id:{id}" (None: the gateway's)
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids beside the text
     cache_salt: CacheSalt = None
     use_beam_search: bool = False   # vLLM's: the n likeliest sequences by beam search (beam_search.py)
     length_penalty: float = 1.0     # vLLM's: a beam's score is its log-prob / its length ** length_penalty
@@ -812,9 +813,9 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]   # per prompt token (the first: None), keyed by token id
 
 
-def _unless_null(data: dict[str, Any], key: str) -> dict[str, Any]:
-    """``data`` without ``key`` where it is null: an extra field only those who asked for it see."""
-    return {k: v for k, v in data.items() if k != key or v is not None}
+def _unless_null(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``data`` without those of ``keys`` that are null: extra fields only those who asked for them see."""
+    return {k: v for k, v in data.items() if k not in keys or v is not None}
 
 
 class CompletionChoice(BaseModel):
@@ -824,10 +825,12 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None    # vLLM's: the stop string or stop token id that ended it
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None   # return_token_ids (vLLM's; a stream: a choice's first chunk)
+    token_ids: list[int] | None = None          # return_token_ids: the choice's (a stream: the chunk's)
 
     @model_serializer(mode="wrap")
-    def _prompt_logprobs_if_asked(self, handler: Any) -> dict[str, Any]:
-        return _unless_null(handler(self), "prompt_logprobs")
+    def _extras_if_asked(self, handler: Any) -> dict[str, Any]:
+        return _unless_null(handler(self), "prompt_logprobs", "prompt_token_ids", "token_ids")
 
 
 class CompletionResponse(BaseModel):
@@ -866,6 +869,11 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None    # as CompletionChoice's
+    token_ids: list[int] | None = None      # as CompletionChoice's
+
+    @model_serializer(mode="wrap")
+    def _token_ids_if_asked(self, handler: Any) -> dict[str, Any]:
+        return _unless_null(handler(self), "token_ids")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -876,10 +884,11 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None   # return_token_ids (vLLM's)
 
     @model_serializer(mode="wrap")
-    def _prompt_logprobs_if_asked(self, handler: Any) -> dict[str, Any]:
-        return _unless_null(handler(self), "prompt_logprobs")
+    def _extras_if_asked(self, handler: Any) -> dict[str, Any]:
+        return _unless_null(handler(self), "prompt_logprobs", "prompt_token_ids")
 
 
 class DeltaFunctionCall(BaseModel):
@@ -921,6 +930,11 @@ class ChatStreamChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None    # with finish_reason: as CompletionChoice's
+    token_ids: list[int] | None = None      # return_token_ids (vLLM's): the chunk's
+
+    @model_serializer(mode="wrap")
+    def _token_ids_if_asked(self, handler: Any) -> dict[str, Any]:
+        return _unless_null(handler(self), "token_ids")
 
 
 class ChatCompletionChunk(BaseModel):
@@ -930,6 +944,11 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None   # return_token_ids (vLLM's): on a choice's first chunk
+
+    @model_serializer(mode="wrap")
+    def _prompt_token_ids_if_asked(self, handler: Any) -> dict[str, Any]:
+        return _unless_null(handler(self), "prompt_token_ids")
 
 
 class EmbeddingData(BaseModel):

@@ -188,12 +188,14 @@ class OpenAIServing:
                     logprobs=self._logprobs.chat(req, [t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
                     finish_reason=finish_reason,
                     stop_reason=c.stop_reason,
+                    token_ids=[t.token_id for d in deltas[c.index] for t in d.tokens] if req.return_token_ids else None,
                 )
                 for c in choices
                 for message, finish_reason in [self._chat.message(req, c)]
             ],
             usage=usage(choices),
             prompt_logprobs=None if prompt_k is None else self._logprobs.prompt_entries(choices[0].prompt, prompt_k),
+            prompt_token_ids=ids if req.return_token_ids else None,
         )
 
     async def create_response(self, req: ResponsesRequest) -> ResponseObject | PrimedStream:
@@ -319,18 +321,25 @@ class OpenAIServing:
 
     def _completion_chunks(self, req: CompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[CompletionResponse]:
         text, logprobs = self._logprobs.completion_text(req, choice.prompt, [delta])
-        if not (text or delta.finish_reason or (logprobs and logprobs.tokens)):
+        ids = req.return_token_ids
+        if not (text or delta.finish_reason or (logprobs and logprobs.tokens)
+                or (ids and (delta.tokens or delta.first))):
             return []
         out = CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
-                               stop_reason=delta.stop_reason)
+                               stop_reason=delta.stop_reason,
+                               prompt_token_ids=choice.prompt.token_ids if ids and delta.first else None,
+                               token_ids=[t.token_id for t in delta.tokens] if ids else None)
         return [CompletionResponse(id=request_id, model=req.model, choices=[out])]
 
     def _completion_choice(
         self, req: CompletionRequest, choice: Choice, deltas: list[Delta], scored: PromptLogprobs | None
     ) -> CompletionChoice:
         text, logprobs = self._logprobs.completion_text(req, choice.prompt, deltas)
+        ids = req.return_token_ids
         return CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
-                                stop_reason=choice.stop_reason, prompt_logprobs=scored)
+                                stop_reason=choice.stop_reason, prompt_logprobs=scored,
+                                prompt_token_ids=choice.prompt.token_ids if ids else None,
+                                token_ids=[t.token_id for d in deltas for t in d.tokens] if ids else None)
 
 
 def worker_request_id(request_id: str) -> str:
