@@ -203,6 +203,13 @@ def add_engine_switches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-log-stats", action="store_true",
                    help="a worker logs no line every 10 s of throughput, requests, KV cache use and prefix cache hits "
                         "(vLLM's)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the most tokens a request's prompt and output may hold together (vLLM's; default: the "
+                        "model's max_position_embeddings)")
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                   help="the most sequences a step runs (vLLM's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                   help="the most tokens a step computes; longer prompts are computed in chunks (vLLM's)")
 
 
 def add_lora_switches(p: argparse.ArgumentParser, modules_help: str) -> None:
@@ -224,4 +231,10 @@ def engine_switches(args: argparse.Namespace) -> list[str]:
         out += ["--seed", str(args.seed)]
     if args.cuda_graph_sizes:
         out += ["--cuda-graph-sizes", *map(str, args.cuda_graph_sizes)]
+    for flag, value, default in (("--max-model-len", args.max_model_len, None),
+                                 ("--max-num-seqs", args.max_num_seqs, EngineConfig.max_num_seqs),
+                                 ("--max-num-batched-tokens", args.max_num_batched_tokens,
+                                  EngineConfig.max_num_batched_tokens)):
+        if value != default:
+            out += [flag, str(value)]
     return out if args.enable_prefix_caching else [*out, "--no-enable-prefix-caching"]

@@ -137,6 +137,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         *with_redis,
         "--block-size", str(args.block_size),
         "--max-logprobs", str(args.max_logprobs),
+        *(["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []),
         *[a for addr in prefill_addrs for a in ("--prefill-addr", addr)],
         *[a for addr in decode_addrs for a in ("--decode-addr", addr)],
         *[a for key in args.api_key for a in ("--api-key", key)],

@@ -78,9 +78,6 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="CUDA: size the KV cache to fill this share of the GPU's memory, beside the weights and the "
                         "activations of the largest step (vLLM's; default: --kv-cache-memory-mb)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
                    help="the most log-probs a request may ask for each token (vLLM's; -1: the whole vocabulary)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,

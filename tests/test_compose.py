@@ -184,12 +184,14 @@ def test_baton_up_hands_the_cors_flags_to_the_gateway():
 
 
 def test_launcher_plan_hands_vllms_engine_switches_and_disable_log_stats_to_every_worker():
+    from baton.services.gateway.__main__ import build_parser
     from baton.services.worker import engine_config
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2"]
-    for extra, want in (([], (False, True, [1, 2, 4, 8, 16, 32, 64, 128, 256], None, False)),
+    for extra, want in (([], (False, True, [1, 2, 4, 8, 16, 32, 64, 128, 256], None, False, None, 128, 2048)),
                         (["--enforce-eager", "--no-enable-prefix-caching", "--cuda-graph-sizes", "1", "3", "8",
-                          "--seed", "7", "--disable-log-stats"], (True, False, [1, 3, 8], 7, True))):
+                          "--seed", "7", "--disable-log-stats", "--max-model-len", "512", "--max-num-seqs", "32",
+                          "--max-num-batched-tokens", "1024"], (True, False, [1, 3, 8], 7, True, 512, 32, 1024))):
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
         for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)):
             for cmd in cmds:
@@ -197,7 +199,9 @@ def test_launcher_plan_hands_vllms_engine_switches_and_disable_log_stats_to_ever
                 config = engine_config(args, role)
                 eager, *rest = want
                 assert (config.enforce_eager, config.enable_prefix_caching, config.cuda_graph_batch_sizes, config.seed,
-                        args.disable_log_stats) == (eager or role == "prefill", *rest)   # no decode graphs to prefill
+                        args.disable_log_stats, config.max_model_len, config.max_num_seqs,
+                        config.max_num_batched_tokens) == (eager or role == "prefill", *rest)   # no decode graphs to prefill
+        assert build_parser().parse_args(plan.gateway[4:]).max_model_len == want[5]   # the gateway checks it too
 
 
 def test_launcher_plan_passes_the_output_parsers_to_the_gateway():
