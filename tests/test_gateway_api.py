@@ -1677,7 +1677,13 @@ async def test_metrics_vllm_has_are_also_served_under_vllms_names(tok) -> None:
              ("baton_prompt_tokens_total", "vllm:prompt_tokens_total"),
              ("baton_prompt_tokens_total", "vllm:prefix_cache_queries_total"),
              ("baton_generation_tokens_total", "vllm:generation_tokens_total"),
-             ("baton_cached_prompt_tokens_total", "vllm:prefix_cache_hits_total")]
+             ("baton_cached_prompt_tokens_total", "vllm:prefix_cache_hits_total"),
+             ("baton_request_success_total", "vllm:request_success_total"),
+             ("baton_request_prompt_tokens_bucket", "vllm:request_prompt_tokens_bucket"),
+             ("baton_request_generation_tokens_sum", "vllm:request_generation_tokens_sum"),
+             ("baton_request_max_num_generation_tokens_count", "vllm:request_max_num_generation_tokens_count"),
+             ("baton_request_params_n_bucket", "vllm:request_params_n_bucket"),
+             ("baton_request_params_max_tokens_sum", "vllm:request_params_max_tokens_sum")]
     for ours, theirs in pairs:
         mine = {labels: v for (name, labels), v in samples.items() if name == ours}
         vllm = {tuple(l for l in labels if l != ("model_name", MODEL)): v for (name, labels), v in samples.items()
@@ -1685,6 +1691,33 @@ async def test_metrics_vllm_has_are_also_served_under_vllms_names(tok) -> None:
         assert mine and vllm == mine, theirs
     assert samples[("vllm:generation_tokens_total", (("model_name", MODEL),))] >= 4
     assert not any(name.startswith("vllm:") and "kv_transfer" in name for name, _ in samples)
+
+
+async def test_each_finished_sequence_counts_with_its_finish_reason_and_lengths(tok) -> None:
+    """vLLM's per-request metrics: every choice a finished sequence (stop, length, or abort and error
+    before either), with its prompt and generated tokens; each request's n, max_tokens and longest output."""
+    body = {"model": MODEL, "prompt": "JULIET:\nO Romeo", "max_tokens": 5, "n": 2}
+    prompt_len = len(tok.encode(body["prompt"]))
+    failing = FakeBackend(tok, error=BackendError("decode worker 127.0.0.1:1 went away", 503))
+    app = create_app(make_config(), FakeBackend(tok), tok)
+    async with client_for(app) as client:
+        before = (await client.get("/metrics")).text
+        await client.post("/v1/completions", json=body)
+        await client.post("/v1/completions", json={**body, "max_tokens": 50, "n": 1, "stop": ["thou"]})
+        after = (await client.get("/metrics")).text
+    await post(failing, tok, "/v1/completions", {**body, "stream": True})
+    async with client_for(app) as client:
+        failed = (await client.get("/metrics")).text
+    delta = lambda text, name, labels="": _sample(text, name, labels) - _sample(before, name, labels)  # noqa: E731
+    assert delta(after, "baton_request_success_total", '{finished_reason="length"}') == 2
+    assert delta(after, "baton_request_success_total", '{finished_reason="stop"}') == 1
+    stopped = len(tok.encode("O Romeo, Romeo! wherefore art thou", add_special_tokens=False))   # SCRIPTS[0] to "thou"
+    assert delta(after, "baton_request_generation_tokens_sum") == 5 + 5 + stopped
+    assert delta(after, "baton_request_prompt_tokens_sum") == 3 * prompt_len
+    assert delta(after, "baton_request_max_num_generation_tokens_sum") == 5 + stopped
+    assert (delta(after, "baton_request_params_n_sum"), delta(after, "baton_request_params_n_count")) == (3, 2)
+    assert delta(after, "baton_request_params_max_tokens_sum") == 55
+    assert delta(failed, "baton_request_success_total", '{finished_reason="error"}') == 2
 
 
 def test_gateway_app_does_not_import_torch() -> None:

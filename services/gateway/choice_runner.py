@@ -123,6 +123,7 @@ class ChoiceRunner:
             raise
         finally:
             tracker.finish(status)
+            record(choices, status)
         return deltas
 
     async def stream(
@@ -154,6 +155,16 @@ class ChoiceRunner:
             yield DONE
         finally:
             tracker.finish(status)
+            record(choices, status)
+
+
+def record(choices: list[Choice], status: str) -> None:
+    """vLLM's per-request metrics of a request's choices, once it ends with ``status``; a choice cut
+    short finished by "abort" (the client went away) or "error"."""
+    cut = "abort" if status == "aborted" else "error"
+    params = choices[0].request.params
+    metrics.record_sequences(max(c.sample for c in choices) + 1, params.max_tokens,
+                             [(len(c.prompt.token_ids), c.num_tokens, c.finish_reason or cut) for c in choices])
 
 
 def usage(choices: list[Choice]) -> UsageInfo:
