@@ -6,13 +6,17 @@ from dataclasses import dataclass, field
 
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default: the most log-probs a request may ask for
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")   # a structured output's
 
 
 @dataclass(frozen=True)
 class StructuredOutputParams:
     """Constrain the output to a grammar: exactly one of ``json`` (a JSON schema, as JSON
     text), ``json_object`` (any JSON object), ``regex``, ``choice`` (exactly one of these
-    strings) or ``grammar`` (EBNF, as xgrammar reads it). The output ends, with EOS, where
+    strings), ``grammar`` (EBNF, as xgrammar reads it) or ``structural_tag`` (vLLM's, as JSON
+    text: free text in which each trigger starts one of the tagged structures; xgrammar's
+    ``{"type": "structural_tag", "format": ...}``, or vLLM's older ``{"structures": [{"begin",
+    "schema", "end"}], "triggers": [...]}``). The output ends, with EOS, where
     the grammar is complete and admits nothing more. JSON may hold any whitespace between
     its tokens unless ``disable_any_whitespace`` (vLLM's option of that name): then it is
     written compactly, which spares a small model loops of blank lines. ``engine/structured_output.py``
@@ -27,14 +31,15 @@ class StructuredOutputParams:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
+    structural_tag: str | None = None
     disable_any_whitespace: bool = False
     reasoning_end: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given = [name for name in KINDS if name != "json_object" and getattr(self, name) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
-            raise ValueError(f"structured output takes exactly one of json, json_object, regex, choice or grammar, got {given or 'none'}")
+            raise ValueError(f"structured output takes exactly one of {', '.join(KINDS)}, got {given or 'none'}")
         if self.choice is not None and not self.choice:
             raise ValueError("structured output's choice needs at least one string")
         if any(not isinstance(t, int) or t < 0 for t in self.reasoning_end):

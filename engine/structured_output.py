@@ -72,6 +72,8 @@ class StructuredOutputs:
             if spec.choice is not None:
                 # A JSON string literal is also an EBNF one: the same escapes.
                 return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in spec.choice))
+            if spec.structural_tag is not None:
+                return compiler.compile_structural_tag(_structural_tag(spec.structural_tag))
             return compiler.compile_grammar(spec.grammar)
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"invalid structured output: {_message(exc)}") from exc
@@ -84,6 +86,22 @@ class StructuredOutputs:
             if not grammar.accept(token):
                 raise ValueError(f"output token {i} ({token}) is not allowed by the structured output's grammar")
         return grammar
+
+
+def _structural_tag(text: str) -> str:
+    """A structural tag as xgrammar reads it: vLLM's older form (``structures`` of ``begin``, JSON
+    ``schema`` and ``end``, and ``triggers``) becomes the ``triggered_tags`` format it stands for."""
+    tag = json.loads(text)
+    if not isinstance(tag, dict) or "structures" not in tag:
+        return text
+    try:
+        tags = [{"begin": s["begin"], "content": {"type": "json_schema", "json_schema": s["schema"]}, "end": s["end"]}
+                for s in tag["structures"]]
+        triggers = tag["triggers"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError("a structural tag's structures each need begin, schema and end, beside its triggers") from exc
+    triggered = {"type": "triggered_tags", "triggers": triggers, "tags": tags}
+    return json.dumps({"type": "structural_tag", "format": triggered})
 
 
 class Grammar:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62\x61ton/protos/common.proto\x12\x08\x62\x61ton.v1\"\xd1\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nmax_tokens\x18\x0b \x01(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x02\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0e \x01(\x05\x12;\n\nlogit_bias\x18\x0f \x03(\x0b\x32\'.baton.v1.SamplingParams.LogitBiasEntry\x12\x35\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1a.baton.v1.StructuredOutput\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\x05\x12%\n\tbad_words\x18\x12 \x03(\x0b\x32\x12.baton.v1.TokenIds\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc8\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12#\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x11.baton.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x12\x15\n\rreasoning_end\x18\x07 \x03(\x05\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"b\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.baton.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"\x94\x01\n\x08KVLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0e\n\x06layout\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\"\xa6\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x07 \x01(\x05\x12\x15\n\rcached_blocks\x18\x08 \x01(\x05\"\r\n\x0bLoadRequest\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"=\n\x0fLoadLoRARequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"7\n\rLoadLoRAReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\"!\n\x11UnloadLoRARequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x0fUnloadLoRAReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\x19\n\x17ResetPrefixCacheRequest\"B\n\x15ResetPrefixCacheReply\x12\x14\n\x0c\x66reed_blocks\x18\x01 \x01(\x05\x12\x13\n\x0bheld_blocks\x18\x02 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62\x61ton/protos/common.proto\x12\x08\x62\x61ton.v1\"\xd1\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nmax_tokens\x18\x0b \x01(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x02\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0e \x01(\x05\x12;\n\nlogit_bias\x18\x0f \x03(\x0b\x32\'.baton.v1.SamplingParams.LogitBiasEntry\x12\x35\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1a.baton.v1.StructuredOutput\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\x05\x12%\n\tbad_words\x18\x12 \x03(\x0b\x32\x12.baton.v1.TokenIds\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe2\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12#\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x11.baton.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x08 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x12\x15\n\rreasoning_end\x18\x07 \x03(\x05\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"b\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.baton.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"\x94\x01\n\x08KVLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0e\n\x06layout\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\"\xa6\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x07 \x01(\x05\x12\x15\n\rcached_blocks\x18\x08 \x01(\x05\"\r\n\x0bLoadRequest\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"=\n\x0fLoadLoRARequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"7\n\rLoadLoRAReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\"!\n\x11UnloadLoRARequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x0fUnloadLoRAReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\x19\n\x17ResetPrefixCacheRequest\"B\n\x15ResetPrefixCacheReply\x12\x14\n\x0c\x66reed_blocks\x18\x01 \x01(\x05\x12\x13\n\x0bheld_blocks\x18\x02 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,33 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=635
   _globals['_TOKENIDS']._serialized_end=658
   _globals['_STRUCTUREDOUTPUT']._serialized_start=661
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=861
-  _globals['_CHOICES']._serialized_start=863
-  _globals['_CHOICES']._serialized_end=889
-  _globals['_TOPLOGPROB']._serialized_start=891
-  _globals['_TOPLOGPROB']._serialized_end=938
-  _globals['_TOKENLOGPROB']._serialized_start=940
-  _globals['_TOKENLOGPROB']._serialized_end=1038
-  _globals['_KVLAYOUT']._serialized_start=1041
-  _globals['_KVLAYOUT']._serialized_end=1189
-  _globals['_WORKERLOAD']._serialized_start=1192
-  _globals['_WORKERLOAD']._serialized_end=1358
-  _globals['_LOADREQUEST']._serialized_start=1360
-  _globals['_LOADREQUEST']._serialized_end=1373
-  _globals['_ABORTREQUEST']._serialized_start=1375
-  _globals['_ABORTREQUEST']._serialized_end=1409
-  _globals['_ABORTREPLY']._serialized_start=1411
-  _globals['_ABORTREPLY']._serialized_end=1438
-  _globals['_LOADLORAREQUEST']._serialized_start=1440
-  _globals['_LOADLORAREQUEST']._serialized_end=1501
-  _globals['_LOADLORAREPLY']._serialized_start=1503
-  _globals['_LOADLORAREPLY']._serialized_end=1558
-  _globals['_UNLOADLORAREQUEST']._serialized_start=1560
-  _globals['_UNLOADLORAREQUEST']._serialized_end=1593
-  _globals['_UNLOADLORAREPLY']._serialized_start=1595
-  _globals['_UNLOADLORAREPLY']._serialized_end=1642
-  _globals['_RESETPREFIXCACHEREQUEST']._serialized_start=1644
-  _globals['_RESETPREFIXCACHEREQUEST']._serialized_end=1669
-  _globals['_RESETPREFIXCACHEREPLY']._serialized_start=1671
-  _globals['_RESETPREFIXCACHEREPLY']._serialized_end=1737
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=887
+  _globals['_CHOICES']._serialized_start=889
+  _globals['_CHOICES']._serialized_end=915
+  _globals['_TOPLOGPROB']._serialized_start=917
+  _globals['_TOPLOGPROB']._serialized_end=964
+  _globals['_TOKENLOGPROB']._serialized_start=966
+  _globals['_TOKENLOGPROB']._serialized_end=1064
+  _globals['_KVLAYOUT']._serialized_start=1067
+  _globals['_KVLAYOUT']._serialized_end=1215
+  _globals['_WORKERLOAD']._serialized_start=1218
+  _globals['_WORKERLOAD']._serialized_end=1384
+  _globals['_LOADREQUEST']._serialized_start=1386
+  _globals['_LOADREQUEST']._serialized_end=1399
+  _globals['_ABORTREQUEST']._serialized_start=1401
+  _globals['_ABORTREQUEST']._serialized_end=1435
+  _globals['_ABORTREPLY']._serialized_start=1437
+  _globals['_ABORTREPLY']._serialized_end=1464
+  _globals['_LOADLORAREQUEST']._serialized_start=1466
+  _globals['_LOADLORAREQUEST']._serialized_end=1527
+  _globals['_LOADLORAREPLY']._serialized_start=1529
+  _globals['_LOADLORAREPLY']._serialized_end=1584
+  _globals['_UNLOADLORAREQUEST']._serialized_start=1586
+  _globals['_UNLOADLORAREQUEST']._serialized_end=1619
+  _globals['_UNLOADLORAREPLY']._serialized_start=1621
+  _globals['_UNLOADLORAREPLY']._serialized_end=1668
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_start=1670
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_end=1695
+  _globals['_RESETPREFIXCACHEREPLY']._serialized_start=1697
+  _globals['_RESETPREFIXCACHEREPLY']._serialized_end=1763
 # @@protoc_insertion_point(module_scope)

@@ -60,6 +60,8 @@ def structured_output_to_proto(spec: StructuredOutputParams) -> common_pb2.Struc
         msg.regex = spec.regex
     elif spec.choice is not None:
         msg.choice.choices.extend(spec.choice)
+    elif spec.structural_tag is not None:
+        msg.structural_tag = spec.structural_tag
     else:
         msg.grammar = spec.grammar
     return msg
@@ -69,7 +71,8 @@ def structured_output_from_proto(msg: common_pb2.StructuredOutput) -> Structured
     """``ValueError`` when no kind is set (or a choice holds none)."""
     kind = msg.WhichOneof("kind")
     if kind is None:
-        raise ValueError("structured_output names no kind (json_schema, json_object, regex, choice or grammar)")
+        raise ValueError("structured_output names no kind (json_schema, json_object, regex, choice, grammar or "
+                         "structural_tag)")
     if kind == "choice":
         value = tuple(msg.choice.choices)
     else:

@@ -31,3 +31,14 @@ def test_optional_seed_has_presence():
     assert not params.HasField("seed")
     params.seed = 0
     assert params.HasField("seed")
+
+
+def test_every_structured_output_kind_crosses_the_wire():
+    from baton.engine.sampling_params import StructuredOutputParams
+    from baton.services.convert import structured_output_from_proto, structured_output_to_proto
+
+    for spec in [StructuredOutputParams(json='{"type": "array"}', disable_any_whitespace=True),
+                 StructuredOutputParams(json_object=True), StructuredOutputParams(regex="a+"),
+                 StructuredOutputParams(choice=("yes", "no")), StructuredOutputParams(grammar='root ::= "a"'),
+                 StructuredOutputParams(structural_tag='{"type": "structural_tag"}', reasoning_end=(7, 8))]:
+        assert structured_output_from_proto(structured_output_to_proto(spec)) == spec

@@ -31,12 +31,19 @@ PERSON = {
 }
 NAMES = ("Romeo", "Juliet", "Mercutio", "Tybalt")
 SENTENCE = r"[A-Z][a-z]+ (is|was) [a-z]+\."
+# Free text in which "Romeo" starts a tagged structure: "Romeo!", a JSON name, " END" (the demo model writes "Romeo").
+NAMED = {"type": "string", "enum": ["Juliet", "Tybalt"]}
+TAGGED = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["Romeo"], "tags": [
+    {"begin": "Romeo!", "content": {"type": "json_schema", "json_schema": NAMED}, "end": " END"}]}}
+TAGGED_OLDER = {"type": "structural_tag", "structures": [{"begin": "Romeo!", "schema": NAMED, "end": " END"}],
+                "triggers": ["Romeo"]}
 SPECS = {
     "json": StructuredOutputParams(json=json.dumps(PERSON), disable_any_whitespace=True),
     "json_object": StructuredOutputParams(json_object=True, disable_any_whitespace=True),
     "regex": StructuredOutputParams(regex=SENTENCE),
     "choice": StructuredOutputParams(choice=NAMES),
     "grammar": StructuredOutputParams(grammar='root ::= "O " [A-Z] [a-z]+ ("!" | "?")'),
+    "structural_tag": StructuredOutputParams(structural_tag=json.dumps(TAGGED)),
 }
 
 
@@ -51,6 +58,9 @@ def follows(spec: StructuredOutputParams, text: str) -> bool:
         return re.fullmatch(spec.regex, text) is not None
     if spec.choice is not None:
         return text in spec.choice
+    if spec.structural_tag is not None:
+        starts = [i for i in range(len(text)) if text.startswith("Romeo", i)]
+        return all(re.match(r'Romeo!"(Juliet|Tybalt)" END', text[i:]) for i in starts)
     return re.fullmatch(r"O [A-Z][a-z]+[!?]", text) is not None
 
 
@@ -79,8 +89,8 @@ def test_greedy_output_matches_transformers_under_the_same_grammar(llm, hf_model
             assert ours.token_ids == theirs, (kind, async_scheduling, ours.text)
             if ours.finish_reason == "stop":
                 assert ours.token_ids[-1] == 2 and follows(spec, ours.text), ours.text
-        # The demo model writes these to the end well within 48 tokens.
-        assert all(o.outputs[0].finish_reason == "stop" for o in outs) or kind == "json_object"
+        # The demo model writes these to the end well within 48 tokens (a structural tag's text never ends).
+        assert all(o.outputs[0].finish_reason == "stop" for o in outs) or kind in ("json_object", "structural_tag")
     assert llm.core.stats().used_blocks == 0
 
 
@@ -204,8 +214,25 @@ def test_a_grammar_after_reasoning_resumes_and_splits_roles_as_one_process(demo_
         llm.core.add_request("bad-end", prompt, SamplingParams(structured_output=replace(spec, reasoning_end=(1 << 20,))))
 
 
+def test_a_structural_tag_frees_the_text_until_a_trigger_starts_a_structure(llm):
+    """vLLM's structural tag, in xgrammar's form and in vLLM's older one: the text is the model's own
+    until it writes "Romeo", which starts the tagged structure; then free again."""
+    free = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24))[0].outputs[0].text
+    assert free.startswith(", Romeo! wherefore")
+    for tag in (TAGGED, TAGGED_OLDER):
+        spec = StructuredOutputParams(structural_tag=json.dumps(tag))
+        (out,) = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, structured_output=spec))
+        text = out.outputs[0].text
+        assert text.startswith(', Romeo!"Juliet" END') and follows(spec, text), text
+
+
 def test_bad_grammars_and_combinations_are_refused(llm):
     for spec, message in [
+        (StructuredOutputParams(structural_tag='{"type": "structural_tag", "format": {"type": "nonsense"}}'),
+         "Format type not recognized"),
+        (StructuredOutputParams(structural_tag='{"structures": [{"begin": "<a>"}], "triggers": ["<"]}'),
+         "each need begin, schema and end"),
+        (StructuredOutputParams(structural_tag="not json"), "invalid structured output"),
         (StructuredOutputParams(regex="(a"), "Regex parsing error"),
         (StructuredOutputParams(json='{"type": "nothing"}'), "Unsupported type"),
         (StructuredOutputParams(json="{not json"), "invalid structured output"),
