@@ -447,6 +447,15 @@ def test_structured_output_matches_the_aggregated_engine(system, demo_model):
     streamed = "".join(c.choices[0].delta.content or "" for c in system.client.chat.completions.create(**chat, stream=True) if c.choices)
     assert streamed == full.choices[0].message.content and full.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(streamed), dict)
+    # vLLM's structural tag (its older form): free text until the model writes "Romeo", then the structure.
+    tag = {"type": "structural_tag", "structures": [{"begin": "Romeo!", "schema": {"enum": ["Juliet", "Tybalt"]},
+                                                     "end": " END"}], "triggers": ["Romeo"]}
+    spec = StructuredOutputParams(structural_tag=json.dumps(tag))
+    (want,) = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, structured_output=spec))
+    want = want.outputs[0].text
+    out = system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                           extra_body={"response_format": tag})
+    assert out.choices[0].text == want and want.startswith(', Romeo!"Juliet" END')
     with pytest.raises(openai.BadRequestError, match="Regex parsing error"):
         system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=4, extra_body={"structured_outputs": {"regex": "(a"}})
     assert system.wait_no_blocks_in_use()[-1].used_blocks == 0

@@ -210,7 +210,10 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
         ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
         ({"model": MODEL, "prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+", "choice": ["a"]}}, "structured_outputs"),
-        ({"model": MODEL, "prompt": "x", "structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
+        ({"model": MODEL, "prompt": "x", "structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
+        ({"model": MODEL, "prompt": "x", "response_format": {"type": "structural_tag"}}, "response_format"),
+        ({"model": MODEL, "prompt": "x", "response_format": {"type": "structural_tag", "triggers": ["<"],
+          "structures": [{"begin": "<a>", "end": "</a>"}]}}, "response_format"),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"choice": []}}, "structured_outputs"),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+"}, "min_tokens": 2}, None),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+"}, "response_format": {"type": "json_object"}}, None),
@@ -601,6 +604,13 @@ async def test_logit_bias_reaches_the_backend_by_token_id(tok) -> None:
     assert backend.requests[0].params.logit_bias == {5: 1.0, 17: -100.0}
 
 
+# vLLM's structural tags: xgrammar's form, and vLLM's older one (as the worker gets them: JSON text).
+TAG_FORMAT = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<w"], "tags": [
+    {"begin": "<w>", "content": {"type": "json_schema", "json_schema": PERSON}, "end": "</w>"}]}}
+TAG_OLDER = {"type": "structural_tag", "structures": [{"begin": "<w>", "schema": PERSON, "end": "</w>"}],
+             "triggers": ["<w"]}
+
+
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
@@ -618,6 +628,10 @@ async def test_logit_bias_reaches_the_backend_by_token_id(tok) -> None:
          StructuredOutputParams(choice=("yes", "no"))),
         ({"structured_outputs": {"grammar": 'root ::= "a"'}}, StructuredOutputParams(grammar='root ::= "a"')),
         ({"response_format": {"type": "text"}}, None),
+        ({"response_format": {**TAG_FORMAT, "name": "ignored"}},
+         StructuredOutputParams(structural_tag=json.dumps(TAG_FORMAT))),
+        ({"response_format": TAG_OLDER}, StructuredOutputParams(structural_tag=json.dumps(TAG_OLDER))),
+        ({"structured_outputs": {"structural_tag": "{}"}}, StructuredOutputParams(structural_tag="{}")),
     ],
 )
 async def test_structured_output_reaches_the_backend(tok, fields, expected) -> None:

@@ -79,24 +79,45 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
+class StructuralTagItem(BaseModel):
+    """One structure of vLLM's older structural tag: ``begin``, JSON following ``schema``, ``end``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    begin: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    end: str
+
+
 class ResponseFormat(BaseModel):
-    """OpenAI's ``response_format``: free text, any JSON object, or JSON following a schema."""
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON following a schema; or
+    vLLM's ``structural_tag``: xgrammar's ``format``, or the older ``structures`` and ``triggers``."""
 
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JSONSchemaFormat | None = None
+    format: dict[str, Any] | None = None
+    structures: list[StructuralTagItem] | None = None
+    triggers: list[str] | None = None
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type 'json_schema' needs a json_schema")
+        older = self.structures is not None and self.triggers is not None
+        if self.type == "structural_tag" and (self.format is None) == (not older):
+            raise ValueError("type 'structural_tag' needs a format, or structures and triggers")
         return self
+
+    def structural_tag(self) -> str:
+        """The structural tag, as JSON text (what vLLM's ``structured_outputs.structural_tag`` holds)."""
+        fields = ("type", "format") if self.format is not None else ("type", "structures", "triggers")
+        return json.dumps(self.model_dump(include=set(fields), by_alias=True))
 
 
 class StructuredOutputs(BaseModel):
     """vLLM's ``structured_outputs``: one of ``json`` (a schema), ``json_object``, ``regex``,
-    ``choice`` or ``grammar`` (EBNF), and ``disable_any_whitespace``. Its other options
-    (``structural_tag``, ...) are refused rather than ignored."""
+    ``choice``, ``grammar`` (EBNF) or ``structural_tag`` (JSON text), and ``disable_any_whitespace``.
+    Its other options are refused rather than ignored."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
@@ -104,6 +125,7 @@ class StructuredOutputs(BaseModel):
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    structural_tag: str | None = None
     disable_any_whitespace: bool = False
 
     @model_validator(mode="after")
@@ -114,7 +136,8 @@ class StructuredOutputs(BaseModel):
 
     @property
     def has_kind(self) -> bool:
-        return any(v is not None for v in (self.json_, self.regex, self.choice, self.grammar)) or bool(self.json_object)
+        kinds = (self.json_, self.regex, self.choice, self.grammar, self.structural_tag)
+        return any(v is not None for v in kinds) or bool(self.json_object)
 
     def params(self) -> StructuredOutputParams:
         """The grammar; ``ValueError`` unless exactly one kind is given."""
@@ -122,7 +145,7 @@ class StructuredOutputs(BaseModel):
         return StructuredOutputParams(
             json=schema, json_object=bool(self.json_object), regex=self.regex,
             choice=None if self.choice is None else tuple(self.choice), grammar=self.grammar,
-            disable_any_whitespace=self.disable_any_whitespace,
+            structural_tag=self.structural_tag, disable_any_whitespace=self.disable_any_whitespace,
         )
 
 
@@ -223,6 +246,9 @@ class BaseGenerationRequest(NullMeansDefault):
             return None
         if self.response_format.type == "json_object":
             return StructuredOutputParams(json_object=True, disable_any_whitespace=compact)
+        if self.response_format.type == "structural_tag":
+            return StructuredOutputParams(structural_tag=self.response_format.structural_tag(),
+                                          disable_any_whitespace=compact)
         return StructuredOutputParams(json=json.dumps(self.response_format.json_schema.schema_), disable_any_whitespace=compact)
 
     @field_validator("stop")
