@@ -1479,7 +1479,9 @@ async def test_tokenize_and_detokenize(tok) -> None:
     out = (await post(backend, tok, "/tokenize", {"model": MODEL, "prompt": prompt})).json()
     assert out["tokens"] == hf(prompt).input_ids and out["count"] == len(out["tokens"]) and out["max_model_len"] == 2048
     bare = (await post(backend, tok, "/tokenize", {"model": MODEL, "prompt": prompt, "add_special_tokens": False})).json()
-    assert bare["tokens"] == hf(prompt, add_special_tokens=False).input_ids
+    assert bare["tokens"] == hf(prompt, add_special_tokens=False).input_ids and bare["token_strs"] is None
+    spelled = (await post(backend, tok, "/tokenize", {"model": MODEL, "prompt": prompt, "return_token_strs": True})).json()
+    assert spelled["token_strs"] == hf.convert_ids_to_tokens(out["tokens"])    # vLLM's return_token_strs
     messages = [{"role": "user", "content": "Speak!"}]
     chat = (await post(backend, tok, "/tokenize", {"model": MODEL, "messages": messages})).json()
     expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)

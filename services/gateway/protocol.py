@@ -506,6 +506,7 @@ class TokenizeRequest(ChatTemplateOptions):
     add_special_tokens: bool = True
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None          # rendered with the messages, as a chat request's would be
+    return_token_strs: bool = False          # vLLM's: each token's vocabulary entry too
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -1120,6 +1121,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None      # with return_token_strs (vLLM's)
 
 
 class DetokenizeResponse(BaseModel):

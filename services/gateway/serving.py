@@ -122,7 +122,8 @@ class OpenAIServing:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             ids = self.prep.chat_token_ids(req)
-        return TokenizeResponse(count=len(ids), max_model_len=self.prep.max_model_len, tokens=ids)
+        strs = [self.tokenizer.token_piece(t) for t in ids] if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.prep.max_model_len, tokens=ids, token_strs=strs)
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self._check_model(req.model)

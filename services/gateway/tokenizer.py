@@ -172,6 +172,10 @@ class GatewayTokenizer:
         """One token as text, special tokens included (for logprobs)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
 
+    def token_piece(self, token_id: int) -> str:
+        """One token's vocabulary entry, as the tokenizer spells it (byte-level ``Ġ`` and all)."""
+        return self._tok.id_to_token(token_id) or ""
+
     def token_bytes(self, token_id: int) -> list[int]:
         """The raw bytes of one token (exact even for a token that splits a UTF-8 character)."""
         piece = self._tok.id_to_token(token_id)
