@@ -287,6 +287,29 @@ async def cluster():
         await server.stop(None)
 
 
+class HeldDecode(FakeDecode):
+    """A decode worker whose requests hold ``used`` of its 200 blocks."""
+
+    def __init__(self, name: str, used: int) -> None:
+        super().__init__(name)
+        self.used = used
+
+    async def GetLoad(self, request, context):
+        return common_pb2.WorkerLoad(worker_id=self.name, role="decode", used_blocks=self.used,
+                                     free_blocks=200 - self.used, total_blocks=200)
+
+
+async def test_kv_cache_usage_is_each_roles_held_share_over_its_answering_workers(cluster) -> None:
+    add, make, servers = cluster
+    backend = await make(config([await add(FakePrefill("p0"))], [await add(HeldDecode("d0", 30)),
+                                                                 await add(HeldDecode("d1", 90))]))
+    assert backend.kv_cache_usage() == {"prefill": 0.0, "decode": pytest.approx(120 / 400)}
+    await servers[2].stop(None)                    # d1 stops answering: only d0 counts
+    while (await backend.reachable())["decode"] == 2:
+        await asyncio.sleep(0.05)
+    assert backend.kv_cache_usage() == {"prefill": 0.0, "decode": pytest.approx(30 / 200)}
+
+
 async def test_full_flow(cluster) -> None:
     add, make, _ = cluster
     prefill, decode = FakePrefill("p0"), FakeDecode("d0")

@@ -1736,6 +1736,29 @@ async def test_each_finished_sequence_counts_with_its_finish_reason_and_lengths(
     assert delta(failed, "baton_request_success_total", '{finished_reason="error"}') == 2
 
 
+class UsageBackend(FakeBackend):
+    def __init__(self, tok: GatewayTokenizer, usage: dict[str, float]) -> None:
+        super().__init__(tok)
+        self.usage = usage
+
+    def kv_cache_usage(self) -> dict[str, float]:
+        return self.usage
+
+
+async def test_kv_cache_usage_is_read_from_the_backend_when_scraped(tok) -> None:
+    """Each role's share of held KV blocks, and vLLM's kv_cache_usage_perc: the decode workers'."""
+    backend = UsageBackend(tok, {"prefill": 0.5, "decode": 0.25})
+    app = create_app(make_config(), backend, tok)
+    async with client_for(app) as client:
+        text = (await client.get("/metrics")).text
+        backend.usage = {"prefill": 0.5}                        # no decode worker answers
+        later = (await client.get("/metrics")).text
+    assert _sample(text, "baton_kv_cache_usage_ratio", '{role="decode"}') == 0.25
+    assert _sample(text, "baton_kv_cache_usage_ratio", '{role="prefill"}') == 0.5
+    assert _sample(text, "vllm:kv_cache_usage_perc", f'{{model_name="{MODEL}"}}') == 0.25
+    assert 'role="decode"' not in later and "vllm:kv_cache_usage_perc{" not in later
+
+
 def test_gateway_app_does_not_import_torch() -> None:
     code = "import sys, baton.services.gateway.app, baton.services.gateway.__main__; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -90,6 +90,11 @@ class Backend(abc.ABC):
         """How many workers of each role (``prefill``, ``decode``) routing may use now; the
         gateway is ready while both have one."""
 
+    def kv_cache_usage(self) -> dict[str, float]:
+        """Each role's share of KV cache blocks that requests hold, over its workers that answer
+        (a role with none is left out)."""
+        return {}
+
     def runtime_loras(self) -> dict[str, str]:
         """The LoRA adapters loaded while serving (``load_lora``, here or through another gateway),
         name: path."""

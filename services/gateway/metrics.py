@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -80,6 +80,10 @@ REQUEST_PARAMS_N = Histogram("baton_request_params_n", "Each request's n (its sa
                              buckets=_N_BUCKETS, registry=REGISTRY)
 REQUEST_PARAMS_MAX_TOKENS = Histogram("baton_request_params_max_tokens", "Each request's output limit.",
                                       buckets=_TOKEN_BUCKETS, registry=REGISTRY)
+KV_CACHE_USAGE = Gauge(
+    "baton_kv_cache_usage_ratio", "KV cache blocks requests hold / all blocks, over the answering workers of a role "
+    "(read when scraped).", labelnames=["role"], registry=REGISTRY,
+)
 RETRIES = Counter(
     "baton_request_retries_total", "Requests retried on other workers after a worker failed; resumed: tokens had been streamed.",
     labelnames=["resumed"], registry=REGISTRY,
@@ -162,8 +166,17 @@ class RequestMetrics:
         REQUESTS_TOTAL.labels(status=status).inc()
 
 
+def set_kv_cache_usage(usage: dict[str, float]) -> None:
+    """Each role's KV cache usage as the backend reads it now (a role left out has no sample)."""
+    KV_CACHE_USAGE.clear()
+    for role, ratio in usage.items():
+        KV_CACHE_USAGE.labels(role=role).set(ratio)
+
+
 class _VllmView:
-    """The families of ``VLLM_NAMES`` under vLLM's names, each sample labelled ``model_name``."""
+    """The families of ``VLLM_NAMES`` under vLLM's names, each sample labelled ``model_name``; and
+    vLLM's ``kv_cache_usage_perc`` (a share, as vLLM's): the decode workers', whose KV cache bounds
+    how many sequences run."""
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
@@ -176,6 +189,12 @@ class _VllmView:
                     out.add_sample(name + sample.name[len(family.name):], {**sample.labels, "model_name": self.model_name},
                                    sample.value, sample.timestamp)
                 yield out
+        decode = REGISTRY.get_sample_value("baton_kv_cache_usage_ratio", {"role": "decode"})
+        if decode is not None:
+            usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "The decode workers' KV cache usage (1: full).",
+                                      labels=["model_name"])
+            usage.add_metric([self.model_name], decode)
+            yield usage
 
 
 def render(model_name: str) -> tuple[bytes, str]:

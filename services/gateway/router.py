@@ -50,6 +50,7 @@ class Load:
     free_blocks: int = 0
     total_blocks: int = 0
     in_flight: int = 0          # requests this gateway has on the worker now
+    used_blocks: int = 0        # held by requests (neither free nor only cached)
 
     @property
     def queued(self) -> int:

@@ -182,5 +182,6 @@ class WorkerPool:
         await self.loras.sync(worker)
         worker.answering = True
         self.health.mark_up(address)
-        self.loads[address] = Load(load.running, load.waiting, load.free_blocks, load.total_blocks)
+        self.loads[address] = Load(load.running, load.waiting, load.free_blocks, load.total_blocks,
+                                   used_blocks=load.used_blocks)
         self._in_flight_at_poll[address] = in_flight
