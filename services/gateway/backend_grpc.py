@@ -122,14 +122,7 @@ class GrpcBackend(Backend):
         return {role: len(self._pool.healthy(role, set())) for role in ("prefill", "decode")}
 
     def kv_cache_usage(self) -> dict[str, float]:
-        usage = {}
-        for role in ("prefill", "decode"):
-            loads = [self._pool.loads[w.address] for w in self._pool.answering()
-                     if w.role == role and w.address in self._pool.loads]
-            total = sum(load.total_blocks for load in loads)
-            if total:
-                usage[role] = sum(load.used_blocks for load in loads) / total
-        return usage
+        return self._pool.kv_cache_usage()
 
     # -- one request -------------------------------------------------------
 

@@ -106,6 +106,17 @@ class WorkerPool:
                       if w.role == role and a not in avoid and (not runtime or lora in w.loras))
         return self.health.healthy(candidates, time.monotonic())
 
+    def kv_cache_usage(self) -> dict[str, float]:
+        """Each role's share of KV cache blocks that requests hold, over its answering workers' last
+        polled loads (a role with none is left out)."""
+        usage = {}
+        for role in ("prefill", "decode"):
+            loads = [self.loads[w.address] for w in self.answering() if w.role == role and w.address in self.loads]
+            total = sum(load.total_blocks for load in loads)
+            if total:
+                usage[role] = sum(load.used_blocks for load in loads) / total
+        return usage
+
     def routing_loads(self) -> dict[str, Load]:
         """The polled loads, with the requests this gateway started or ended on each worker
         since its poll was sent: a burst must not follow a figure some requests ago."""
