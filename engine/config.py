@@ -188,8 +188,23 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_batch_sizes must be positive ints, got {self.cuda_graph_batch_sizes}")
 
 
+def _one_device(text: str) -> int:
+    """vLLM's parallel sizes: only 1 here (argparse's error otherwise, saying how Baton scales)."""
+    if text.strip() != "1":
+        raise argparse.ArgumentTypeError(f"{text}: a Baton worker runs its model on one device; serve more with more "
+                                         "workers (baton up --prefill N --decode M)")
+    return 1
+
+
 def add_engine_switches(p: argparse.ArgumentParser) -> None:
-    """vLLM's engine switches, on a worker and on ``baton up`` (which hands them to every worker)."""
+    """vLLM's engine switches, on a worker and on ``baton up`` (which hands them to every worker); and
+    some that vLLM command lines carry which change nothing here, so that those command lines run."""
+    p.add_argument("--enable-chunked-prefill", action="store_true",
+                   help="accepted so that vLLM command lines run: prompts are always computed in chunks of "
+                        "--max-num-batched-tokens here")
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
+        p.add_argument(flag, short, type=_one_device, default=1, metavar="1",
+                       help="accepted so that vLLM command lines run: 1 only, a worker's model on one device")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: never capture CUDA graphs (vLLM's)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="CUDA: the decode batch sizes captured as CUDA graphs, each step padded to the next (vLLM's; "

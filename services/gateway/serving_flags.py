@@ -64,6 +64,9 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
             switch, help="generation responses carry the request's id as X-Request-Id (vLLM's)")),
         ("--enable-log-requests", dict(
             switch, help="log each request's prompt, token ids, sampling parameters and LoRA adapter (vLLM's)")),
+        ("--disable-log-requests", dict(
+            switch, help="accepted so that older vLLM command lines run: requests are logged only with "
+                         "--enable-log-requests")),
         ("--max-log-len", dict(
             type=int, default=None, metavar="N",
             help="with --enable-log-requests: log at most N characters and N token ids of a prompt (vLLM's; "
