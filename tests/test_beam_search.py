@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from baton.engine.beam_search import Beam, BeamRules, BeamSearchParams, best, extend
 from baton.engine.llm import LLM
 from baton.engine.sequence import TokenLogprob
+from baton.services.gateway.app import create_app
 from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
 )
 from baton.services.gateway.tokenizer import GatewayTokenizer
-from test_gateway_api import assert_error, make_config, post, sse_events
+from test_gateway_api import FakeBackend, assert_error, make_config, post, serve, sse_events
 
 from conftest import DEMO_MODEL
 
@@ -225,3 +228,22 @@ def test_offline_beams_end_on_eos_unless_it_is_ignored(llm) -> None:
         stopped = [s for s in out.sequences if s.finish_reason == "stop"]
         assert [s.tokens[-1] for s in stopped] == ([] if ignore_eos else [2])   # the demo model's EOS id
         assert [s.cum_logprob for s in out.sequences] == sorted((s.cum_logprob for s in out.sequences), reverse=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_mid_search_aborts_the_steps_in_flight_and_starts_no_more(gateway_tok, stream) -> None:
+    backend = FakeBackend(gateway_tok, per_chunk=1, delay=0.05)     # 40 steps of 50 ms: 2 s a search
+    app = create_app(make_config(), backend, gateway_tok)
+    with serve(app) as (url, _, _):
+        body = {"model": "shakespeare", "prompt": "x", "max_tokens": 40, "n": 2, "stream": stream,
+                "use_beam_search": True}
+        with httpx.Client(base_url=url, timeout=0.6) as client, pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/completions", json=body)
+        deadline = time.monotonic() + 5
+        while (not backend.aborted or app.state.gateway.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = len(backend.requests)
+        time.sleep(0.3)
+    ids = {r.request_id for r in backend.requests}
+    assert backend.aborted and ids == set(backend.aborted) | set(backend.finished)    # none left running
+    assert len(backend.requests) == started < 1 + 2 * 39                            # none started since
