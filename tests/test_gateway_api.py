@@ -1756,7 +1756,7 @@ async def test_kv_cache_usage_is_read_from_the_backend_when_scraped(tok) -> None
     assert _sample(text, "baton_kv_cache_usage_ratio", '{role="decode"}') == 0.25
     assert _sample(text, "baton_kv_cache_usage_ratio", '{role="prefill"}') == 0.5
     assert _sample(text, "vllm:kv_cache_usage_perc", f'{{model_name="{MODEL}"}}') == 0.25
-    assert 'role="decode"' not in later and "vllm:kv_cache_usage_perc{" not in later
+    assert 'baton_kv_cache_usage_ratio{role="decode"}' not in later and "vllm:kv_cache_usage_perc{" not in later
 
 
 def test_gateway_app_does_not_import_torch() -> None:
