@@ -822,6 +822,21 @@ async def test_a_prompt_short_enough_is_computed_on_the_decode_worker_alone(clus
     assert err.value.status == 404 and "not loaded" in err.value.message and prefill.requests[1:] == []
 
 
+async def test_a_request_may_be_computed_on_the_decode_worker_within_its_own_limit(cluster) -> None:
+    """A request's ``local_prefill_limit`` (a beam search's later steps) is ``max_local_prefill_length``
+    for it alone, on a gateway without that flag."""
+    add, make, _ = cluster
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0")
+    backend = await make(config([await add(prefill)], [await add(decode)], load_poll_interval_s=30.0))
+    near = replace(request(list(range(1, 9)), max_tokens=1), local_prefill_limit=8)
+    far = replace(request(list(range(1, 10)), max_tokens=1), local_prefill_limit=8)
+    plain = request(list(range(1, 4)), max_tokens=1)
+    for req in (near, far, plain):
+        await collect(backend.generate(req))
+    assert [r.request_id for r in decode.local] == [near.request_id]
+    assert [r.request_id for r in prefill.requests] == [far.request_id, plain.request_id]
+
+
 async def test_prompts_of_any_length_go_to_the_decode_worker_while_every_prefill_worker_is_busy(cluster) -> None:
     """Under ``max_prefill_queue_size`` a long prompt goes to a prefill worker while one has fewer
     prompts than that, to the decode worker once each has that many (as polled, or started by this

@@ -161,6 +161,8 @@ async def test_gateway_beams_are_the_offline_searchs(llm, gateway_tok) -> None:
     # one single-token request per live beam and step, greedy, with the top 2n log-probs
     assert len(backend.requests) == 2 * (1 + 3 * 7)
     assert {(q.params.max_tokens, q.params.temperature, q.params.logprobs) for q in backend.requests} == {(1, 0.0, 6)}
+    # the steps past the first may be computed on the decode worker: a block at most is uncached there
+    assert all(q.local_prefill_limit == (0 if "-s0-" in q.request_id else 16) for q in backend.requests)
     assert not backend.open
 
     stream = await post(EngineBackend(llm), gateway_tok, "/v1/completions", beam_body(PROMPTS, 3, stream=True))

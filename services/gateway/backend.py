@@ -23,6 +23,7 @@ class GenerationRequest:
     priority: int = 0               # lower first, where the workers schedule by priority
     lora: str | None = None         # the LoRA adapter it runs under (None: the base model)
     cache_salt: str | None = None   # salts its blocks' hashes: it reuses only blocks cached under the same salt
+    local_prefill_limit: int = 0    # as --max-local-prefill-length, for this request (the larger of the two counts)
 
     @property
     def token_ids(self) -> list[int]:

@@ -181,7 +181,8 @@ class GrpcBackend(Backend):
     async def _attempt(
         self, request: GenerationRequest, deadline: float, avoid: set[str]
     ) -> AsyncIterator[GenerationChunk]:
-        cached = await self._place.cached_prefixes(request.token_ids, avoid, request.lora, request.cache_salt)
+        cached = await self._place.cached_prefixes(request.token_ids, avoid, request.lora, request.cache_salt,
+                                                   self._place.local_prefill(request))
         local = self._place.local_decode(request, avoid, cached)
         if local is not None:
             async with aclosing(self._prefill_and_generate(local, request, deadline)) as chunks:

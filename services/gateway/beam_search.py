@@ -3,7 +3,9 @@ the backend as vLLM's front end runs it: each step sends one single-token reques
 the backend (``engine.beam_search`` has the search's rules). A prompt's ``n`` choices are its ``n``
 best beams, best first; they run through ``ChoiceRunner`` as samples do (``BeamSearch.generate``
 stands in for the backend's), one chunk each holding the whole beam, so stop strings cut the
-chosen beams' text afterwards as they cut a sample's.
+chosen beams' text afterwards as they cut a sample's. A step past the first has at most a block of
+tokens that the decode worker of its beam's last step does not hold cached: it is computed there
+(``local_prefill_limit``), a round trip shorter than through a prefill worker and a KV transfer.
 
 The search ranks the model's own log-probs, so it follows no sampling parameter: temperature and
 the other sampling knobs (and the model's defaults for them) change nothing, and a request that
@@ -50,10 +52,12 @@ class BeamSearch:
     (``width`` a prompt, in ``serving``'s order) its beam: ``generate`` is the backend's for
     ``ChoiceRunner``."""
 
-    def __init__(self, backend: Backend, choices: list[Choice], width: int, length_penalty: float) -> None:
+    def __init__(self, backend: Backend, choices: list[Choice], width: int, length_penalty: float,
+                 block_size: int) -> None:
         self.backend = backend
         self.length_penalty = length_penalty
         self.width = width
+        self.block_size = block_size
         self._leaders = [c for c in choices if c.sample == 0]
         self._rank = {c.request.request_id: (c.index // width, c.sample) for c in choices}
         self._done = [asyncio.Event() for _ in self._leaders]
@@ -87,16 +91,16 @@ class BeamSearch:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else leader.eos_token_ids)
         rules = BeamRules(self.width, self.length_penalty, len(request.prompt_token_ids), stop_ids,
                           params.min_tokens, params.logprobs or 0)
-        step_params = replace(rules.step_params(), prompt_logprobs=params.prompt_logprobs)
+        first_step = replace(request, params=replace(rules.step_params(), prompt_logprobs=params.prompt_logprobs))
+        later_step = replace(request, params=rules.step_params(), local_prefill_limit=self.block_size)
         live, finished = [Beam()], []
         first = GenerationChunk()
         for step in range(params.max_tokens):
             try:
                 async with asyncio.TaskGroup() as group:   # one failure cancels (and aborts) the others
                     tasks = [group.create_task(self._next_token(replace(
-                                 request, request_id=f"{request.request_id}-s{step}-b{i}",
-                                 prompt_token_ids=request.prompt_token_ids + beam.token_ids,
-                                 params=step_params if step == 0 else replace(step_params, prompt_logprobs=None))))
+                                 later_step if step else first_step, request_id=f"{request.request_id}-s{step}-b{i}",
+                                 prompt_token_ids=request.prompt_token_ids + beam.token_ids)))
                              for i, beam in enumerate(live)]
             except* Exception as errors:
                 raise errors.exceptions[0] from None

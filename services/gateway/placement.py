@@ -24,23 +24,27 @@ class Placement:
         self.index = index
         self.fingerprint = fingerprint
 
-    @property
-    def local_prefill(self) -> bool:
-        """Whether a decode worker may compute a prompt itself (``local_decode``)."""
-        return bool(self.config.max_local_prefill_length or self.config.max_prefill_queue_size)
+    def local_limit(self, request: GenerationRequest) -> int:
+        """The most tokens past its cached prefix a decode worker computes itself for ``request``:
+        ``max_local_prefill_length``, or the request's own ``local_prefill_limit`` where larger."""
+        return max(self.config.max_local_prefill_length, request.local_prefill_limit)
+
+    def local_prefill(self, request: GenerationRequest) -> bool:
+        """Whether a decode worker may compute ``request``'s prompt itself (``local_decode``)."""
+        return bool(self.local_limit(request) or self.config.max_prefill_queue_size)
 
     def local_decode(self, request: GenerationRequest, avoid: set[str], cached: dict[str, int]) -> Worker | None:
         """The decode worker that computes ``request``'s prompt itself (no prefill worker, no KV moved),
         by Dynamo's conditional disaggregation: the one routing picks, where the tokens it would compute
-        (past the prefix its cache holds) are at most ``max_local_prefill_length``, or where every
-        healthy prefill worker has ``max_prefill_queue_size`` prompts or more (running and waiting), or
-        none answers; None: a prefill worker computes them."""
-        if not self.local_prefill:
+        (past the prefix its cache holds) are at most ``local_limit``, or where every healthy prefill
+        worker has ``max_prefill_queue_size`` prompts or more (running and waiting), or none answers;
+        None: a prefill worker computes them."""
+        if not self.local_prefill(request):
             return None
         address = self.pick_decode(request, self.pool.healthy("decode", avoid, request.lora), cached)
         if address is None:
             return None
-        limit = self.config.max_local_prefill_length
+        limit = self.local_limit(request)
         short = limit and len(request.token_ids) - cached.get(address, 0) * self.config.block_size <= limit
         return self.pool.workers[address] if short or self._prefill_queues_full(avoid, request.lora) else None
 
@@ -51,14 +55,15 @@ class Placement:
 
     async def cached_prefixes(
         self, token_ids: list[int], avoid: set[str], lora: str | None = None, cache_salt: str | None = None,
+        local: bool = False,
     ) -> dict[str, int]:
         """How many of ``token_ids``' leading blocks (computed under LoRA adapter ``lora``, salted with
         ``cache_salt``) each healthy worker holds, by address: one Redis round trip for both roles (none
-        where neither has a choice to make)."""
+        where neither has a choice to make; ``local``: a decode worker may compute the prompt itself)."""
         by_role = [self.pool.healthy(role, avoid, lora) for role in ("prefill", "decode")]
         num_blocks = len(token_ids) // self.config.block_size
         # A lone decode worker's cached prefix still decides where the prompt is computed.
-        choices = max(map(len, by_role)) > 1 or (self.local_prefill and by_role[1])
+        choices = max(map(len, by_role)) > 1 or (local and by_role[1])
         if self.index is None or not choices or num_blocks == 0:
             return {}
         by_id = {self.pool.workers[a].worker_id: a for healthy in by_role for a in healthy if self.pool.workers[a].worker_id}

@@ -316,7 +316,8 @@ class OpenAIServing:
         """What runs the choices: the backend, or a beam search over it (``n`` beams a prompt)."""
         if not req.use_beam_search:
             return self._runner
-        return self._runner.over(beam_search.BeamSearch(self.backend, choices, req.n, req.length_penalty))
+        return self._runner.over(beam_search.BeamSearch(self.backend, choices, req.n, req.length_penalty,
+                                                        self.config.block_size))
 
     # ---- formatting ---------------------------------------------------------
 
