@@ -880,15 +880,18 @@ def test_n_samples_compute_and_send_the_prompt_once(system, demo_model):
 
 def test_beam_search_through_the_workers_is_the_aggregated_engines(system, demo_model):
     """vLLM's use_beam_search: every step's beams run on the prefill and decode workers as
-    single-token requests, and the choices are the aggregated engine's best beams. Scored by
-    log-prob alone (length_penalty 0), one of the JULIET prompt's best ends in an EOS token."""
+    single-token requests (those past the first computed on the decode workers, which hold all but a
+    block of them), and the choices are the aggregated engine's best beams. Scored by log-prob alone
+    (length_penalty 0), one of the JULIET prompt's best ends in an EOS token."""
     want = LLM(demo_model).beam_search(PROMPTS[:2], BeamSearchParams(beam_width=3, max_tokens=8, length_penalty=0.0))
     assert "stop" in [s.finish_reason for s in want[0].sequences]
+    local = gateway_counter(system, "baton_prefills_total", {"where": "local"})
     for prompt, expected in zip(PROMPTS[:2], want):
         out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, n=3, max_tokens=8,
                                                extra_body={"use_beam_search": True, "length_penalty": 0.0})
         assert [c.text for c in out.choices] == [s.text for s in expected.sequences]
         assert [c.finish_reason for c in out.choices] == [s.finish_reason for s in expected.sequences]
+    assert gateway_counter(system, "baton_prefills_total", {"where": "local"}) > local
     loads = system.wait_no_blocks_in_use()
     assert all(l.used_blocks == 0 and l.running == 0 for l in loads), loads
 
