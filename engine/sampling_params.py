@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default: the most log-probs a request may ask for
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
-KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")   # a structured output's
+KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")   # what a structured output may be
 
 
 @dataclass(frozen=True)
