@@ -1336,6 +1336,24 @@ async def test_chat_applies_template_and_streams_in_openai_format(tok) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+async def test_chat_echo_starts_the_answer_with_the_last_message_in_its_role(tok) -> None:
+    """vLLM's chat ``echo``: a continued assistant message comes back whole (streamed: its text on
+    the role's chunk); a last message in another role than the answer's is not echoed."""
+    messages = [{"role": "user", "content": "Speak!"}, {"role": "assistant", "content": "O Romeo, Romeo"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 4, "add_generation_prompt": False,
+            "continue_final_message": True}
+    plain = (await post(FakeBackend(tok), tok, "/v1/chat/completions", body)).json()["choices"][0]["message"]["content"]
+    echoed = (await post(FakeBackend(tok), tok, "/v1/chat/completions", {**body, "echo": True})).json()
+    assert echoed["choices"][0]["message"]["content"] == "O Romeo, Romeo" + plain and plain
+    chunks = [json.loads(e) for e in sse_events(await post(FakeBackend(tok), tok, "/v1/chat/completions",
+                                                           {**body, "echo": True, "stream": True}))[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "O Romeo, Romeo"}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "O Romeo, Romeo" + plain
+    asked = {"model": MODEL, "messages": messages[:1], "max_tokens": 4, "echo": True}    # answered as the assistant
+    content = (await post(FakeBackend(tok), tok, "/v1/chat/completions", asked)).json()["choices"][0]["message"]["content"]
+    assert content == plain
+
+
 async def test_chat_template_options_match_transformers(tok) -> None:
     """add_generation_prompt, continue_final_message and chat_template_kwargs render what
     transformers renders (the demo template ignores unknown variables); bad combinations are 400s."""

@@ -62,7 +62,7 @@ class ChatOutput:
     def chunks(self, req: ChatCompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[ChatCompletionChunk]:
         out = []
         if delta.first:
-            role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role="assistant", content=""))
+            role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role="assistant", content=req.echoed))
             out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[role],
                                            prompt_token_ids=choice.prompt.token_ids if req.return_token_ids else None))
         message, finish_reason = self._delta(req, choice, delta)

@@ -446,6 +446,7 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
     tools: list[Tool] | None = None
     parallel_tool_calls: bool = True
     functions: list[dict[str, Any]] | None = None
+    echo: bool = False      # vLLM's: the answer starts with the last message's text (``echoed``)
 
     @field_validator("tools")
     @classmethod
@@ -468,6 +469,15 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
     def forced_tools(self) -> bool:
         """Whether the output must be tool calls: ``tool_choice`` is 'required' or names a function."""
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    @property
+    def echoed(self) -> str:
+        """What vLLM's ``echo`` puts before the answer: the last message's text where that message
+        is in the answer's role (an assistant's, or any without ``add_generation_prompt``)."""
+        last = self.messages[-1]
+        if not self.echo or (self.add_generation_prompt and last.role != "assistant"):
+            return ""
+        return last.template_dict()["content"]
 
     @property
     def auto_tools(self) -> bool:

@@ -185,7 +185,8 @@ class OpenAIServing:
             choices=[
                 ChatChoice(
                     index=c.index,
-                    message=message,
+                    message=message.model_copy(update={"content": req.echoed + (message.content or "")}) if req.echoed
+                    else message,
                     logprobs=self._logprobs.chat(req, [t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
                     finish_reason=finish_reason,
                     stop_reason=c.stop_reason,
