@@ -76,3 +76,4 @@ class EngineStats:
     generated_tokens: int = 0
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
+    preemptions: int = 0             # sequences preempted for want of KV blocks (recomputed later)

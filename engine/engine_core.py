@@ -444,6 +444,7 @@ class EngineCore:
             generated_tokens=self.generated_tokens,
             prefix_queried_tokens=bm.prefix_queried_tokens,
             prefix_hit_tokens=bm.prefix_hit_tokens,
+            preemptions=self.scheduler.preemptions,
         )
 
     def drain_block_events(self) -> list[BlockEvent]:

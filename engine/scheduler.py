@@ -61,6 +61,7 @@ class Scheduler:
         self.kept: dict[str, Sequence] = {}
         self._order: dict[str, int] = {}          # seq_id -> arrival rank
         self._counter = itertools.count()
+        self.preemptions = 0                      # sequences preempted since the start
 
     # -- admission ------------------------------------------------------------
     def check_fits(self, seq: Sequence) -> None:
@@ -149,6 +150,7 @@ class Scheduler:
                 break
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self.preemptions += 1
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -78,6 +78,8 @@ class LoadCollector(Collector):
                 ("baton_worker_generation_tokens", "Tokens generated.", s.generated_tokens),
                 ("baton_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_queried_tokens),
                 ("baton_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_hit_tokens),
+                ("baton_worker_preemptions", "Sequences preempted for want of KV blocks (recomputed later).",
+                 s.preemptions),
             )
         ]
         yield from (requests, blocks, usage, spec, *counts)

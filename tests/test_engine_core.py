@@ -214,6 +214,8 @@ def test_preemption_under_block_pressure_completes_everything(async_scheduling: 
     run_to_end(engine)
     restarts = [(sid, start) for step in engine.runner.steps for sid, start, _ in step if start == 0]
     assert len(restarts) > len(seqs), "the pool should have forced preemption and recomputation"
+    # each recomputation from token 0 follows a preemption (others resume from cached blocks)
+    assert engine.stats().preemptions >= len(restarts) - len(seqs) > 0
     for s in seqs:
         assert len(s.output_token_ids) == 14 and s.finish_reason == "length"
         out, last = [], s.prompt_token_ids[-1]

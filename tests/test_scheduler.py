@@ -120,7 +120,7 @@ def test_preemption_of_most_recent_and_recompute() -> None:
     advance(out)
     out = sched.schedule()                                     # both need a 3rd block; none free
     assert summary(out) == [("a", 8, 1)]
-    assert out.preempted == [b] and list(sched.waiting) == [b]
+    assert out.preempted == [b] and list(sched.waiting) == [b] and sched.preemptions == 1
     assert b.num_computed_tokens == 0 and b.block_table == [] and b.status is SequenceStatus.WAITING
     assert b.output_token_ids == [0, 0]                        # kept: recomputed with the prompt
     advance(out)

@@ -254,7 +254,7 @@ def test_worker_metrics_read_the_engines_load_when_scraped() -> None:
     metrics = EngineMetrics(registry)
     stats = [EngineStats(running=2, waiting=1, total_blocks=10, free_blocks=3, used_blocks=4, cached_blocks=3,
                          spec_proposed_tokens=40, spec_accepted_tokens=9, prompt_tokens=300, generated_tokens=20,
-                         prefix_queried_tokens=280, prefix_hit_tokens=64)]
+                         prefix_queried_tokens=280, prefix_hit_tokens=64, preemptions=5)]
     registry.register(LoadCollector(lambda: stats[0]))
     metrics.record_step(0.002, 17)
     metrics.record_step(0.003, 1)
@@ -265,7 +265,7 @@ def test_worker_metrics_read_the_engines_load_when_scraped() -> None:
     assert [get("baton_worker_spec_decode_tokens_total", {"kind": k}) for k in ("proposed", "accepted")] == [40, 9]
     assert (get("baton_worker_engine_steps_total"), get("baton_worker_tokens_total")) == (2, 18)
     assert [get(f"baton_worker_{name}_total") for name in ("prompt_tokens", "generation_tokens", "prefix_cache_queries",
-                                                           "prefix_cache_hits")] == [300, 20, 280, 64]
+                                                           "prefix_cache_hits", "preemptions")] == [300, 20, 280, 64, 5]
     assert get("baton_worker_engine_step_seconds_sum") == pytest.approx(0.005)
     stats[0] = EngineStats(running=0, waiting=0, total_blocks=10, free_blocks=10, used_blocks=0, cached_blocks=0)
     assert get("baton_worker_kv_usage_ratio") == 0 and get("baton_worker_requests", {"state": "running"}) == 0
