@@ -170,7 +170,7 @@ def test_baton_up_hands_the_gateway_every_served_name_and_keeps_them_from_adapte
     assert "'poet' takes a served model's name" in capsys.readouterr().err
 
 
-def test_baton_up_hands_the_cors_flags_to_the_gateway():
+def test_baton_up_hands_the_cors_flags_and_the_response_role_to_the_gateway():
     from baton.services.gateway.__main__ import build_parser, config_from_args
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
@@ -179,6 +179,8 @@ def test_baton_up_hands_the_cors_flags_to_the_gateway():
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
         config = config_from_args(build_parser().parse_args(plan.gateway[4:]))
         assert (config.allowed_origins, config.allow_credentials) == want
+    plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--response-role", "narrator"]))
+    assert config_from_args(build_parser().parse_args(plan.gateway[4:])).response_role == "narrator"
     with pytest.raises(SystemExit):
         launcher.build_parser().parse_args([*argv, "--allowed-origins", "https://a"])   # not JSON
 

@@ -1354,6 +1354,23 @@ async def test_chat_echo_starts_the_answer_with_the_last_message_in_its_role(tok
     assert content == plain
 
 
+async def test_response_role_names_a_new_answer_and_a_continued_message_keeps_its_own(tok) -> None:
+    """vLLM's ``--response-role``: the role of an answer the prompt asks for, whole and streamed;
+    without ``add_generation_prompt`` the answer continues the last message, in that message's
+    role (which ``echo`` then repeats)."""
+    config = make_config(response_role="narrator")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Speak!"}], "max_tokens": 4}
+    answer = (await post(FakeBackend(tok), tok, "/v1/chat/completions", body, config)).json()["choices"][0]["message"]
+    assert answer["role"] == "narrator" and answer["content"]
+    streamed = sse_events(await post(FakeBackend(tok), tok, "/v1/chat/completions", {**body, "stream": True}, config))
+    assert json.loads(streamed[0])["choices"][0]["delta"] == {"role": "narrator", "content": ""}
+    continued = {**body, "add_generation_prompt": False, "echo": True}
+    answer = (await post(FakeBackend(tok), tok, "/v1/chat/completions", continued, config)).json()["choices"][0]["message"]
+    assert answer["role"] == "user" and answer["content"].startswith("Speak!") and len(answer["content"]) > len("Speak!")
+    plain = (await post(FakeBackend(tok), tok, "/v1/chat/completions", body)).json()["choices"][0]["message"]
+    assert plain["role"] == "assistant"
+
+
 async def test_chat_template_options_match_transformers(tok) -> None:
     """add_generation_prompt, continue_final_message and chat_template_kwargs render what
     transformers renders (the demo template ignores unknown variables); bad combinations are 400s."""

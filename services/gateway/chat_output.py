@@ -24,8 +24,9 @@ PROMPT_TAIL_TOKENS = 16   # where a chat template leaves <think> open or closed:
 
 class ChatOutput:
     def __init__(self, tokenizer: GatewayTokenizer, reasoning_parser: str | None, tool_call_parser: str | None,
-                 logprobs: LogprobFormatter) -> None:
+                 logprobs: LogprobFormatter, response_role: str) -> None:
         self._tokenizer = tokenizer
+        self._response_role = response_role
         self._reasoning = reasoning_parser
         self.tool_parser = make_parser(tool_call_parser) if tool_call_parser else None
         self._logprobs = logprobs
@@ -59,10 +60,18 @@ class ChatOutput:
             return None
         return ThinkStream(starts_in_reasoning(self._prompt_tail(prompt_ids)))
 
+    def role(self, req: ChatCompletionRequest) -> str:
+        """The answer's role: ``--response-role``'s, or the continued message's."""
+        return req.answer_role(self._response_role)
+
+    def echoed(self, req: ChatCompletionRequest) -> str:
+        """What ``echo`` puts before the answer (``ChatCompletionRequest.echoed``)."""
+        return req.echoed(self.role(req))
+
     def chunks(self, req: ChatCompletionRequest, request_id: str, choice: Choice, delta: Delta) -> list[ChatCompletionChunk]:
         out = []
         if delta.first:
-            role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role="assistant", content=req.echoed))
+            role = ChatStreamChoice(index=delta.index, delta=DeltaMessage(role=self.role(req), content=self.echoed(req)))
             out.append(ChatCompletionChunk(id=request_id, model=req.model, choices=[role],
                                            prompt_token_ids=choice.prompt.token_ids if req.return_token_ids else None))
         message, finish_reason = self._delta(req, choice, delta)
@@ -118,21 +127,21 @@ class ChatOutput:
         answer), or its text where it was cut short of a whole call. With 'auto': the content and
         calls the tool-call parser reads in its text ('tool_calls' if it made any). A reasoning
         model's thinking is split off first."""
-        text = "".join(choice.text)
+        text, role = "".join(choice.text), self.role(req)
         reasoning, think = None, self._think_stream(choice.prompt.token_ids)
         if think is not None:
             reasoning, answer = think.split(text)
             text = answer or ""
         if req.auto_tools:
             content, calls = self.tool_parser.parse(text)
-            message = ChatResponseMessage(content=content, reasoning=reasoning, tool_calls=calls)
+            message = ChatResponseMessage(role=role, content=content, reasoning=reasoning, tool_calls=calls)
             return message, "tool_calls" if calls else choice.finish_reason
         calls = tools.tool_calls(req, text) if req.forced_tools else None
         if calls is None:
             content = text if think is None else text or None
-            return ChatResponseMessage(content=content, reasoning=reasoning), choice.finish_reason
+            return ChatResponseMessage(role=role, content=content, reasoning=reasoning), choice.finish_reason
         finish_reason = "tool_calls" if req.tool_choice == "required" else choice.finish_reason
-        return ChatResponseMessage(reasoning=reasoning, tool_calls=calls), finish_reason
+        return ChatResponseMessage(role=role, reasoning=reasoning, tool_calls=calls), finish_reason
 
     @staticmethod
     def _auto_tools_delta(choice: Choice, delta: Delta) -> tuple[DeltaMessage | None, str | None]:

@@ -470,14 +470,16 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
         """Whether the output must be tool calls: ``tool_choice`` is 'required' or names a function."""
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
-    @property
-    def echoed(self) -> str:
+    def answer_role(self, response_role: str) -> str:
+        """The answer's role, as vLLM gives it: ``response_role`` (``--response-role``) where the
+        prompt asks for a new message, else the last message's, which the answer continues."""
+        return response_role if self.add_generation_prompt else self.messages[-1].role
+
+    def echoed(self, role: str) -> str:
         """What vLLM's ``echo`` puts before the answer: the last message's text where that message
-        is in the answer's role (an assistant's, or any without ``add_generation_prompt``)."""
+        is in the answer's ``role``."""
         last = self.messages[-1]
-        if not self.echo or (self.add_generation_prompt and last.role != "assistant"):
-            return ""
-        return last.template_dict()["content"]
+        return last.template_dict()["content"] if self.echo and last.role == role else ""
 
     @property
     def auto_tools(self) -> bool:
@@ -894,7 +896,7 @@ class ChatLogprobs(BaseModel):
 
 
 class ChatResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"                 # --response-role, or the continued message's
     content: str | None = None
     reasoning: str | None = None           # a reasoning model's thinking (--reasoning-parser), as vLLM names it
     tool_calls: list[ToolCall] = Field(default_factory=list)
@@ -951,7 +953,7 @@ class DeltaToolCall(BaseModel):
 
 
 class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
+    role: str | None = None
     content: str | None = None
     reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None

@@ -58,7 +58,8 @@ class OpenAIServing:
         self._logprobs = LogprobFormatter(tokenizer, config.return_tokens_as_token_ids)
         self._runner = ChoiceRunner(backend, config.block_size, config.enable_force_include_usage)
         self.prep = RequestPreparer(config, tokenizer)
-        self._chat = ChatOutput(tokenizer, config.reasoning_parser, config.tool_call_parser, self._logprobs)
+        self._chat = ChatOutput(tokenizer, config.reasoning_parser, config.tool_call_parser, self._logprobs,
+                                config.response_role)
         self._start_loras = dict(config.lora_modules)   # --lora-modules still served: name -> directory
         self._lora_updates = asyncio.Lock()             # one load or unload at a time
 
@@ -179,14 +180,14 @@ class OpenAIServing:
         if req.stream:
             return await PrimedStream.start(runner.stream(req, request_id, choices, self._chat.chunks, arrival))
         deltas = await runner.collect(choices, arrival)
+        echoed = self._chat.echoed(req)
         return ChatCompletionResponse(
             id=request_id,
             model=req.model,
             choices=[
                 ChatChoice(
                     index=c.index,
-                    message=message.model_copy(update={"content": req.echoed + (message.content or "")}) if req.echoed
-                    else message,
+                    message=message.model_copy(update={"content": echoed + (message.content or "")}) if echoed else message,
                     logprobs=self._logprobs.chat(req, [t for d in deltas[c.index] for t in d.tokens]) if req.logprobs else None,
                     finish_reason=finish_reason,
                     stop_reason=c.stop_reason,

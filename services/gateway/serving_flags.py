@@ -78,6 +78,10 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
             default="", metavar="PATH", help="the path prefix a proxy serves the gateway under (vLLM's; uvicorn's)")),
         ("--disable-fastapi-docs", dict(switch, help="serve no /docs, /redoc or /openapi.json (vLLM's)")),
         ("--disable-uvicorn-access-log", dict(switch, help="log no line per HTTP request (vLLM's)")),
+        ("--response-role", dict(
+            default="assistant", metavar="ROLE",
+            help="the role of a chat answer where the request has add_generation_prompt (vLLM's; default assistant); "
+                 "without it, the answer continues the last message in that message's role")),
         ("--return-tokens-as-token-ids", dict(
             switch, help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')),
         ("--generation-config", dict(
