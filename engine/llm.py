@@ -25,6 +25,9 @@ prompts are computed afresh (a cold-cache benchmark, or after something that inv
 ``llm.beam_search(prompts, BeamSearchParams(beam_width=4, max_tokens=32))`` gives each prompt's best
 beams, as vLLM's ``LLM.beam_search`` does (``engine.beam_search``).
 
+``LLM(model, tokenizer=path)`` takes the tokenizer (and its chat template) from another directory or
+hub id than the model's, as vLLM's ``tokenizer`` does.
+
 ``llm.chat(messages, params)`` renders a conversation through the model's chat template first, as
 vLLM's ``LLM.chat`` does.
 
@@ -46,6 +49,7 @@ from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.generation_config import GenerationDefaults, as_params, load_generation_defaults
 from baton.engine.hashing import model_fingerprint
+from baton.engine.loader import resolve_model_dir
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence, TokenLogprob
@@ -92,21 +96,22 @@ class BeamSearchOutput:
 
 class LLM:
     def __init__(
-        self, model: str, generation_config: str = "auto", override_generation_config: dict | None = None,
-        **engine_config,
+        self, model: str, tokenizer: str | None = None, generation_config: str = "auto",
+        override_generation_config: dict | None = None, **engine_config,
     ) -> None:
         self.config = EngineConfig(**engine_config)
         self.runner = ModelRunner(model, self.config)
         self.generation_defaults = _generation_defaults(self.runner.model_dir, generation_config,
                                                         override_generation_config or {})
-        self.tokenizer = AutoTokenizer.from_pretrained(self.runner.model_dir)
+        tokenizer_dir = resolve_model_dir(tokenizer) if tokenizer else self.runner.model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.core = EngineCore(
             self.runner,
             self.config,
             eos_token_ids=self.runner.model_config.eos_token_ids,
             hash_extra=model_fingerprint(self.runner.model_dir),
             structured_outputs=StructuredOutputs(
-                self.runner.model_dir, self.runner.vocab_size, self.runner.model_config.eos_token_ids
+                tokenizer_dir, self.runner.vocab_size, self.runner.model_config.eos_token_ids
             ),
         )
         self._ids = itertools.count()

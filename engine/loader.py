@@ -38,7 +38,7 @@ def resolve_model_dir(model: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
     except Exception as exc:  # the hub client raises many types (offline, 404, auth, network)
         raise OSError(
             f"could not get model {model!r}: not a local directory, and downloading it from the "

@@ -30,6 +30,7 @@ from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 from baton.services.gateway import sampling_defaults, serving_flags
+from baton.services.gateway.tokenizer import GatewayTokenizer
 from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER
 
 DEMO_MODEL = "shakespeare-llama-5m"
@@ -102,7 +103,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         redis_cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         redis_url = f"redis://127.0.0.1:{port}/0"
     with_redis = ["--redis-url", redis_url] if redis_url else []
-    common = ["--model", args.model, *with_redis, "--device", args.device, "--block-size", str(args.block_size),
+    tokenizer = ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    common = ["--model", args.model, *tokenizer, *with_redis, "--device", args.device, "--block-size", str(args.block_size),
               "--scheduling-policy", args.scheduling_policy, "--max-logprobs", str(args.max_logprobs)]
     if args.dtype:
         common += ["--dtype", args.dtype]
@@ -131,7 +133,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             cmds.append([py, "-P", "-m", f"baton.services.{role}", "--port", str(port), *common, *kv, *metrics])
     plan.gateway = [
         py, "-P", "-m", "baton.services.gateway",
-        "--model-dir", args.model,
+        "--model-dir", args.model, *tokenizer,
         "--served-model-name", *(args.served_model_name or [Path(args.model).name]),
         "--host", args.host, "--port", str(args.port),
         *with_redis,
@@ -220,6 +222,9 @@ def up(args: argparse.Namespace) -> int:
         return 2
     try:
         args.model = str(resolve_model_dir(args.model))  # a hub id is downloaded once, here
+        if args.tokenizer:
+            args.tokenizer = str(resolve_model_dir(args.tokenizer))
+        GatewayTokenizer(args.tokenizer or args.model)   # a missing or broken tokenizer stops the start
         sampling_defaults.load(args.model, args.generation_config, args.override_generation_config)
     except (OSError, ValueError) as exc:
         print(f"baton up: {exc}", file=sys.stderr)
@@ -259,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="start Redis, the workers and the gateway as local processes")
     p.add_argument("--model", default=default_model(), help="HF model directory or hub id (default: the demo checkpoint)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the tokenizer's directory or hub id, where it is not --model's (vLLM's)")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the model's names for clients, the first in responses (vLLM's; default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1")

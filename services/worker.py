@@ -35,6 +35,7 @@ from baton.engine.config import (
 from baton.engine.engine_api import LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
+from baton.engine.loader import resolve_model_dir
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams, StructuredOutputParams
 from baton.engine.model_runner import ModelRunner
 from baton.engine.pooling import PoolerConfig, pooler_config_arg
@@ -64,6 +65,9 @@ GRPC_OPTIONS = [
 def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m baton.services.{role}", description=f"Baton {role} worker")
     p.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    p.add_argument("--tokenizer", default=None,
+                   help="the tokenizer's directory or hub id, where it is not --model's (vLLM's; structured outputs "
+                        "compile their grammars against it)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=default_port)
     p.add_argument("--advertise-host", default=None, help="host others use to reach this worker (default: --host)")
@@ -163,7 +167,8 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         eos_token_ids=runner.model_config.eos_token_ids,
         hash_extra=fingerprint,
         keep_finished_blocks=keep_finished_blocks,
-        structured_outputs=StructuredOutputs(runner.model_dir, runner.vocab_size, runner.model_config.eos_token_ids),
+        structured_outputs=StructuredOutputs(resolve_model_dir(args.tokenizer) if args.tokenizer else runner.model_dir,
+                                             runner.vocab_size, runner.model_config.eos_token_ids),
     )
     warm_up(core, config.block_size)
     gc.freeze()   # the model and library objects leave the collector's full scans (see engine/llm.py)

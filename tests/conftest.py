@@ -12,3 +12,18 @@ DEMO_MODEL = Path(os.environ.get("BATON_DEMO_MODEL", Path(__file__).resolve().pa
 def demo_model() -> str:
     assert (DEMO_MODEL / "config.json").exists(), f"demo checkpoint missing at {DEMO_MODEL}"
     return str(DEMO_MODEL)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture
+def split_checkpoint(tmp_path) -> tuple[str, str]:
+    """The demo checkpoint as two directories: the model without its tokenizer, and the tokenizer
+    (its files and chat template) alone."""
+    model, tokenizer = tmp_path / "model", tmp_path / "tokenizer"
+    model.mkdir()
+    tokenizer.mkdir()
+    for path in DEMO_MODEL.iterdir():
+        (tokenizer if path.name in TOKENIZER_FILES else model).joinpath(path.name).symlink_to(path)
+    return str(model), str(tokenizer)

@@ -126,6 +126,39 @@ def test_baton_up_serves_the_generation_configs_defaults(demo_model, tmp_path):
         assert proc.wait(timeout=90) == 0
 
 
+def test_baton_up_takes_the_tokenizer_from_another_directory(demo_model, split_checkpoint, capsys):
+    """vLLM's ``--tokenizer``: a checkpoint without tokenizer files is refused at once, and served
+    with one from elsewhere, which the gateway encodes and renders chats with and the workers
+    compile grammars against: the same answers as the whole checkpoint's."""
+    from baton.engine.llm import LLM
+    from baton.engine.sampling_params import SamplingParams, StructuredOutputParams
+
+    from baton.services.gateway.__main__ import main as gateway_main
+
+    model, tokenizer = split_checkpoint
+    assert launcher.main(["up", "--model", model, "--no-redis"]) == 2
+    assert f"no tokenizer.json in {model}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gateway_main(["--model-dir", model])
+    assert f"no tokenizer.json in {model}" in capsys.readouterr().err
+    names = ["Romeo", "Juliet", "Mercutio"]
+    messages = [{"role": "user", "content": "Who speaks?"}]
+    expected = LLM(demo_model, num_blocks=32).chat(
+        messages, SamplingParams(temperature=0, structured_output=StructuredOutputParams(choice=names)))[0].outputs[0].text
+    port = free_port()
+    proc, _ = start_baton_up(port, "--no-redis", "--model", model, "--tokenizer", tokenizer)
+    try:
+        body = {"prompt": "JULIET:\nO Romeo", "max_tokens": 8, "temperature": 0}
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"].startswith(", Romeo!"), resp.text
+        body = {"messages": messages, "temperature": 0, "structured_outputs": {"choice": names}}
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == expected, resp.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+
+
 def test_a_second_sigterm_kills_what_is_left():
     """While ``baton up`` waits for the gateway to drain (at least a second), a second signal
     must not leave the workers and Redis running without it."""

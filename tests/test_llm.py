@@ -122,6 +122,25 @@ def test_chat_renders_conversations_as_the_gateway_does(demo_model):
         for c in (ask, answer)]
 
 
+def test_a_tokenizer_from_another_directory_serves_as_the_models_own(demo_model, split_checkpoint):
+    """vLLM's ``tokenizer``: a checkpoint without tokenizer files runs with one from elsewhere, which
+    encodes text prompts, renders chats and compiles structured outputs' grammars."""
+    from baton.engine.sampling_params import StructuredOutputParams
+
+    model, tokenizer = split_checkpoint
+    with pytest.raises((OSError, ValueError)):
+        LLM(model, num_blocks=32)
+    split, whole = LLM(model, tokenizer=tokenizer, num_blocks=32), LLM(demo_model, num_blocks=32)
+    names = StructuredOutputParams(choice=["Romeo", "Juliet", "Mercutio"])
+    for params in (SamplingParams(temperature=0, max_tokens=8), SamplingParams(temperature=0, structured_output=names)):
+        assert [o.outputs[0].text for o in split.generate(["JULIET:\nO Romeo", "ROMEO:\n"], params)] == \
+               [o.outputs[0].text for o in whole.generate(["JULIET:\nO Romeo", "ROMEO:\n"], params)]
+    chat = [{"role": "user", "content": "Speak, Romeo."}]
+    out = split.chat(chat, SamplingParams(temperature=0, max_tokens=8))[0]
+    assert out.outputs[0].token_ids == whole.chat(chat, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
+    assert split.generate("ROMEO:\n", SamplingParams(temperature=0, structured_output=names))[0].outputs[0].text in names.choice
+
+
 def test_prefix_cache_is_salted(demo_model):
     llm = LLM(demo_model, block_size=4)
     prompt, salted = PROMPTS[1], lambda salt: llm.generate(prompt, GREEDY, cache_salt=salt)[0]

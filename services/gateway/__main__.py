@@ -35,6 +35,9 @@ FINAL_SHUTDOWN_S = 5.0  # after draining: what uvicorn waits for connections bef
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m baton.services.gateway", description="Baton's OpenAI-compatible gateway")
     p.add_argument("--model-dir", required=True, help="local Hugging Face model directory (tokenizer, config.json)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="the tokenizer's directory (tokenizer.json, tokenizer_config.json, chat template), where it is "
+                        "not --model-dir (vLLM's)")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="the model's names for clients, the first in responses (vLLM's; default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1")
@@ -71,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     served_model_name, *aliases = args.served_model_name or [os.path.basename(os.path.normpath(args.model_dir))]
     return GatewayConfig(
         model_dir=args.model_dir,
+        tokenizer=args.tokenizer,
         served_model_name=served_model_name,
         served_model_aliases=aliases,
         host=args.host,
@@ -148,9 +152,9 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-async def serve(config: GatewayConfig, log_level: str) -> None:
+async def serve(config: GatewayConfig, tokenizer: GatewayTokenizer, log_level: str) -> None:
     """Build the app inside the running loop (the backend's gRPC channels bind to it) and serve."""
-    app = create_app(config, GrpcBackend(config), GatewayTokenizer(config.model_dir, config.chat_template))
+    app = create_app(config, GrpcBackend(config), tokenizer)
     await DrainingServer(uvicorn_config(app, config, log_level), app.state.gateway, config.shutdown_timeout_s).serve()
 
 
@@ -171,10 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         config = config_from_args(args)
         # a default a request's field would refuse stops the start
         sampling_defaults.load(config.model_dir, config.generation_config, config.override_generation_config)
-    except ValueError as exc:
+        tokenizer = GatewayTokenizer(config.tokenizer_dir, config.chat_template)
+    except (OSError, ValueError) as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config, args.log_level))
+    asyncio.run(serve(config, tokenizer, args.log_level))
 
 
 if __name__ == "__main__":

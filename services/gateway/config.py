@@ -8,7 +8,8 @@ from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 
 
 class GatewayConfig(BaseModel):
-    model_dir: str                                   # local HF directory (tokenizer, config.json)
+    model_dir: str                                   # local HF directory (config.json, generation_config.json)
+    tokenizer: str | None = None                     # the tokenizer's directory, if not model_dir (vLLM's --tokenizer)
     served_model_name: str                           # the id /v1/models reports and requests must name
     served_model_aliases: list[str] = Field(default_factory=list)  # other names requests may use (vLLM's)
     allowed_origins: list[str] = Field(default_factory=lambda: ["*"])   # CORS, as vLLM's flags of these names
@@ -61,6 +62,10 @@ class GatewayConfig(BaseModel):
     override_generation_config: dict[str, float | int | None] = Field(default_factory=dict)
     shutdown_timeout_s: float = 30.0                 # in-flight requests may finish within this after SIGTERM
     load_poll_interval_s: float = 0.5
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.tokenizer or self.model_dir
 
     @property
     def served_model_names(self) -> tuple[str, ...]:
