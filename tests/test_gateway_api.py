@@ -2227,7 +2227,7 @@ async def test_responses_give_a_reasoning_item_before_the_message(tok, stream) -
 
 
 async def test_responses_take_a_json_schema_and_refuse_what_they_cannot_do(tok) -> None:
-    """text.format json_schema is the grammar; what a stateless server cannot do is a 400."""
+    """text.format json_schema is the grammar; what the server cannot do is a 400."""
     backend = FakeBackend(tok)
     schema = {"type": "object", "properties": {"name": {"type": "string"}}}
     response = await post(backend, tok, "/v1/responses", {"model": MODEL, "input": "Who?",
@@ -2236,7 +2236,6 @@ async def test_responses_take_a_json_schema_and_refuse_what_they_cannot_do(tok) 
     assert json.loads(backend.requests[0].params.structured_output.json) == schema
     assert response.json()["text"] == {"format": {"type": "json_schema", "name": "person", "schema": schema}}
     for body, param in [
-        ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
         ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tool_choice"),   # auto, and no parser
         ({"input": "x", "background": True}, "background"),
@@ -2249,6 +2248,83 @@ async def test_responses_take_a_json_schema_and_refuse_what_they_cannot_do(tok) 
     ]:
         assert_error(await post(backend, tok, "/v1/responses", {"model": MODEL, **body}), 400, param)
     assert len(backend.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_stored_responses_are_read_deleted_and_gone_on_from(tok, stream) -> None:
+    """``store`` (the default) keeps an answer: ``GET /v1/responses/{id}`` reads it, a request with
+    its ``previous_response_id`` is its conversation (input and answer, not its instructions) then
+    the new input, chained as far as the client goes on, and ``DELETE`` forgets it."""
+    import openai
+
+    backend = FakeBackend(tok)
+    app = create_app(make_config(), backend, tok)
+    client = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="unused", http_client=client_for(app), max_retries=0)
+
+    async def create(**kwargs):
+        out = await client.responses.create(model=MODEL, max_output_tokens=6, stream=stream, **kwargs)
+        return [e async for e in out][-1].response if stream else out
+
+    first = await create(input="Speak.", instructions="Be brief.")
+    assert first.store and (await client.responses.retrieve(first.id)).model_dump() == first.model_dump()
+    second = await create(input="Again.", instructions="Be kind.", previous_response_id=first.id)
+    third = await create(input=[{"role": "user", "content": "More."}], previous_response_id=second.id)
+    conversation = [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": first.output_text},
+                    {"role": "user", "content": "Again."}]
+    assert backend.requests[1].prompt_token_ids == tok.encode_chat(
+        [{"role": "system", "content": "Be kind."}, *conversation], add_generation_prompt=True)
+    assert backend.requests[2].prompt_token_ids == tok.encode_chat(
+        [*conversation, {"role": "assistant", "content": second.output_text}, {"role": "user", "content": "More."}],
+        add_generation_prompt=True)
+    assert (second.previous_response_id, third.previous_response_id) == (first.id, second.id)
+    async with client_for(app) as raw:
+        deleted = await raw.delete(f"/v1/responses/{first.id}")
+        assert deleted.status_code == 200 and deleted.json() == {"id": first.id, "object": "response.deleted", "deleted": True}
+        assert_error(await raw.delete(f"/v1/responses/{first.id}"), 404)
+        assert_error(await raw.get(f"/v1/responses/{first.id}"), 404)
+        assert_error(await raw.post("/v1/responses", json={"input": "x", "previous_response_id": first.id}), 404,
+                     "previous_response_id")
+    unstored = await create(input="Speak.", store=False)
+    assert not unstored.store
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unstored.id)
+    none_kept = responses_client(FakeBackend(tok), tok, make_config(responses_store_mb=0))
+    out = await none_kept.responses.create(model=MODEL, input="Speak.", max_output_tokens=2)
+    assert not out.store
+    with pytest.raises(openai.NotFoundError):
+        await none_kept.responses.retrieve(out.id)
+    assert len(backend.requests) == 4
+
+
+def test_the_response_store_keeps_the_conversation_and_drops_the_least_recent_past_its_bound() -> None:
+    from baton.services.gateway.protocol import (
+        OutputFunctionCall, OutputMessage, OutputReasoning, OutputText, ReasoningText, ResponseObject,
+        ResponseFunctionCallItem, ResponseInputMessage, ResponseText,
+    )
+    from baton.services.gateway.response_store import ResponseStore
+
+    def response(rid: str, text: str) -> ResponseObject:
+        return ResponseObject(id=rid, status="completed", model=MODEL, temperature=1.0, top_p=1.0, text=ResponseText(), output=[
+            OutputReasoning(id="rs", status="completed", content=[ReasoningText(text="hm")]),
+            OutputMessage(id="msg", status="completed", content=[OutputText(text=text)]),
+            OutputFunctionCall(id="fc", call_id="call_1", name="f", arguments="{}", status="completed")])
+
+    asked = [ResponseInputMessage(role="user", content="Q")]
+    probe = ResponseStore(1 << 20)
+    assert probe.put(response("r0", "A"), asked)
+    size = probe.bytes
+    assert probe.get("r0").conversation == [*asked, ResponseInputMessage(role="assistant", content="A"),
+                                            ResponseFunctionCallItem(type="function_call", call_id="call_1", name="f",
+                                                                     arguments="{}")]
+    store = ResponseStore(3 * size)
+    for rid in ("r1", "r2", "r3"):
+        assert store.put(response(rid, "A"), asked)
+    assert store.get("r1") is not None            # now the most recently used
+    assert store.put(response("r4", "A"), asked)
+    assert store.get("r2") is None and [store.get(r) is not None for r in ("r1", "r3", "r4")] == [True] * 3
+    assert (len(store), store.bytes) == (3, 3 * size)
+    assert not store.put(response("big", "A" * 4 * size), asked) and store.get("big") is None and len(store) == 3
+    assert store.delete("r3") and not store.delete("r3") and (len(store), store.bytes) == (2, 2 * size)
 
 
 async def test_a_response_stream_that_fails_ends_with_an_error_event(tok) -> None:

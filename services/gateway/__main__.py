@@ -105,6 +105,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         response_role=args.response_role,
+        responses_store_mb=args.responses_store_mb,
         lora_modules=parse_lora_modules(args.lora_modules, served_model_name),
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         dev_mode=args.dev_mode,

@@ -332,7 +332,7 @@ def _add_generation_routes(app: FastAPI, config: GatewayConfig, state: GatewaySt
 
 def _add_answered_routes(app: FastAPI, config: GatewayConfig, serving: OpenAIServing, bodies: list[type[BaseModel]]) -> None:
     """The routes the gateway answers without an admission slot: tokenizing, runtime LoRA updates,
-    the prefix-cache reset (dev mode) and the model list."""
+    the prefix-cache reset (dev mode), stored responses and the model list."""
     def answered(path: str, model: type[RequestT], handler: Callable[[RequestT], Awaitable[BaseModel | str]]) -> None:
         """A POST route that ``_answer`` answers with ``handler``."""
         async def route(request: Request) -> Response:
@@ -355,6 +355,20 @@ def _add_answered_routes(app: FastAPI, config: GatewayConfig, serving: OpenAISer
             except Exception as exc:
                 return error_response(_logged_error(exc))
             return Response(status_code=200)
+
+    def stored(handler: Callable[[str], BaseModel]) -> Callable[[Request, str], Awaitable[Response]]:
+        """A route on a stored Responses API answer (``response_store``)."""
+        async def route(request: Request, response_id: str) -> Response:
+            try:
+                _check_api_key(request, config.api_keys)
+                return JSONResponse(handler(response_id).model_dump(mode="json"))
+            except APIError as exc:
+                return error_response(exc)
+
+        return route
+
+    app.get("/v1/responses/{response_id}", name="stored_response")(stored(serving.stored_response))
+    app.delete("/v1/responses/{response_id}", name="delete_response")(stored(serving.delete_response))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -671,6 +671,9 @@ class ResponseFunctionCallOutputItem(BaseModel):
     output: str
 
 
+InputItem = ResponseInputMessage | ResponseFunctionCallItem | ResponseFunctionCallOutputItem
+
+
 class ResponseFunctionTool(BaseModel):
     """A Responses API tool: a function, named at the top level (chat nests it in ``function``)."""
 
@@ -722,11 +725,12 @@ class ResponseText(BaseModel):
 class ResponsesRequest(NullMeansDefault):
     """OpenAI's Responses API request: text or JSON out, and function calls (``tools``,
     ``tool_choice``; earlier calls and their outputs as input items), as the chat completions
-    have them. Nothing is stored: ``previous_response_id`` and ``background`` are refused."""
+    have them. ``store`` keeps the answer for a later request to go on from (``previous_response_id``;
+    ``response_store``); ``background`` is refused."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None      # None: the served model (vLLM's)
-    input: str | list[ResponseInputMessage | ResponseFunctionCallItem | ResponseFunctionCallOutputItem] = Field(min_length=1)
+    input: str | list[InputItem] = Field(min_length=1)
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -743,14 +747,6 @@ class ResponsesRequest(NullMeansDefault):
     parallel_tool_calls: bool = True
     cache_salt: CacheSalt = None     # vLLM's, as a chat completion takes it
 
-    @field_validator("previous_response_id")
-    @classmethod
-    def _no_previous(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError("previous_response_id needs stored responses, and this server stores none: send the "
-                             "whole conversation as input")
-        return value
-
     @field_validator("background")
     @classmethod
     def _no_background(cls, value: bool) -> bool:
@@ -758,12 +754,14 @@ class ResponsesRequest(NullMeansDefault):
             raise ValueError("background responses are not supported")
         return value
 
+    def input_items(self) -> list[InputItem]:
+        """The input as items (text is a user message)."""
+        return [ResponseInputMessage(role="user", content=self.input)] if isinstance(self.input, str) else list(self.input)
+
     def chat_request(self) -> ChatCompletionRequest:
         """The chat completion this response is: the instructions as a system message first."""
         messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
-        if isinstance(self.input, str):
-            messages.append(ChatMessage(role="user", content=self.input))
-        for item in self.input if isinstance(self.input, list) else []:
+        for item in self.input_items():
             if isinstance(item, ResponseInputMessage):
                 messages.append(item.chat_message())
             elif isinstance(item, ResponseFunctionCallOutputItem):
@@ -1125,8 +1123,15 @@ class ResponseObject(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice = "auto"
     tools: list[ResponseFunctionTool] = Field(default_factory=list)
     store: bool = False
+    previous_response_id: str | None = None
     user: str | None = None
     usage: ResponseUsage | None = None
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True
 
 
 class TokenizeResponse(BaseModel):

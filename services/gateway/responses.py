@@ -9,15 +9,15 @@ Streamed, the chat chunks become the Responses events (``ResponseEvents``): ``re
 (a text's ``response.content_part.added``, ``response.reasoning_text.delta`` or
 ``response.output_text.delta``; a call's ``response.function_call_arguments.delta``) and the
 matching ``.done`` events, and last ``response.completed`` (``response.incomplete`` when cut at
-``max_output_tokens``). A failure after the stream began is an ``error`` event. Nothing is
-stored.
+``max_output_tokens``). A failure after the stream began is an ``error`` event. A stored
+response (``store``) is kept once answered (``response_store``).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from baton.services.gateway.protocol import (
@@ -47,7 +47,8 @@ def _shell(req: ResponsesRequest, response_id: str, status: str) -> ResponseObje
     return ResponseObject(id=response_id, status=status, model=req.model, instructions=req.instructions,
                           max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                           text=req.text, metadata=req.metadata, user=req.user, tools=req.tools,
-                          tool_choice=req.tool_choice or "auto", parallel_tool_calls=req.parallel_tool_calls)
+                          tool_choice=req.tool_choice or "auto", parallel_tool_calls=req.parallel_tool_calls,
+                          store=req.store, previous_response_id=req.previous_response_id)
 
 
 def _status(finish_reason: str | None) -> str:
@@ -201,9 +202,10 @@ class ResponseEvents:
 
 
 async def stream_events(
-    req: ResponsesRequest, response_id: str, chat_stream: AsyncIterator[str]
+    req: ResponsesRequest, response_id: str, chat_stream: AsyncIterator[str], answered: Callable[[ResponseObject], None],
 ) -> AsyncGenerator[dict[str, str], None]:
-    """The Responses SSE events (``event:`` and ``data:``) of a streamed chat completion."""
+    """The Responses SSE events (``event:`` and ``data:``) of a streamed chat completion; the
+    finished response goes to ``answered`` before its last event."""
     events = ResponseEvents(req, response_id)
     try:
         for event in events.start():
@@ -218,7 +220,9 @@ async def stream_events(
                 return
             for event in events.chunk(chunk):
                 yield _sse(event)
-        for event in events.finish():
+        finished = events.finish()
+        answered(events.response)
+        for event in finished:
             yield _sse(event)
     finally:
         await chat_stream.aclose()

@@ -82,6 +82,11 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
             default="assistant", metavar="ROLE",
             help="the role of a chat answer where the request has add_generation_prompt (vLLM's; default assistant); "
                  "without it, the answer continues the last message in that message's role")),
+        ("--responses-store-mb", dict(
+            type=int, default=64, metavar="MB",
+            help="the Responses API answers a request may store (store, the default) for later ones to go on from "
+                 "(previous_response_id) and clients to read or delete: at most MB of them in this gateway's memory, "
+                 "the least recently used out first (0: none stored)")),
         ("--return-tokens-as-token-ids", dict(
             switch, help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')),
         ("--generation-config", dict(
