@@ -1887,6 +1887,7 @@ def test_launcher_flags_build_the_config(monkeypatch) -> None:
     from baton.services.gateway.__main__ import build_parser, config_from_args
 
     monkeypatch.setenv("BATON_API_KEYS", "sk-env1, sk-env2")
+    monkeypatch.setenv("VLLM_API_KEY", "sk-vllm")
     args = build_parser().parse_args([
         "--model-dir", str(DEMO_MODEL), "--port", "9123", "--prefill-addr", "h:1", "--prefill-addr", "h:2",
         "--decode-addr", "h:3", "--api-key", "sk-flag", "--max-queue", "7", "--block-size", "32", "--max-retries", "0",
@@ -1897,7 +1898,7 @@ def test_launcher_flags_build_the_config(monkeypatch) -> None:
     assert (config.port, config.max_queue, config.block_size, config.max_retries) == (9123, 7, 32, 0)
     assert config.tool_call_parser == "pythonic"
     assert config.prefill_addrs == ["h:1", "h:2"] and config.decode_addrs == ["h:3"]
-    assert config.api_keys == ["sk-flag", "sk-env1", "sk-env2"]
+    assert config.api_keys == ["sk-flag", "sk-env1", "sk-env2", "sk-vllm"]
 
 
 @pytest.mark.integration

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-addr", action="append", default=[], help="static decode worker host:port (repeatable)")
     p.add_argument(
         "--api-key", action="append", default=[],
-        help="accepted Bearer key (repeatable; also BATON_API_KEYS, comma-separated); none: no authentication",
+        help="accepted Bearer key (repeatable; also BATON_API_KEYS, comma-separated, and vLLM's VLLM_API_KEY); "
+             "none: no authentication",
     )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int)
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     env_keys = [k.strip() for k in os.environ.get("BATON_API_KEYS", "").split(",") if k.strip()]
+    env_keys += [os.environ["VLLM_API_KEY"]] if os.environ.get("VLLM_API_KEY") else []   # vLLM's one key
     served_model_name, *aliases = args.served_model_name or [os.path.basename(os.path.normpath(args.model_dir))]
     return GatewayConfig(
         model_dir=args.model_dir,
