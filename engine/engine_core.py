@@ -2,8 +2,8 @@
 append, stop, cache, free.
 
 A request enters with ``add_request`` (``n`` sequences ``{request_id}-{i}`` when
-``n > 1``, else one sequence named ``request_id``). Children ``1..n-1`` wait in
-``pending`` until child 0's prompt is computed, so they reuse its full prompt
+``n > 1``, else one sequence named ``request_id``). Children ``1..n-1`` wait
+(``RequestTable``) until child 0's prompt is computed, so they reuse its full prompt
 blocks through the prefix cache. Each ``step()`` runs one forward pass over the
 scheduler's chunks and returns the sequences that gained a token or finished; what
 its results do to each sequence (stops, prompt log-probs, embeddings) lives in ``step_outputs``.
@@ -63,6 +63,7 @@ from baton.engine.engine_api import (
     EngineStats, LayerHook, LoRAConflict, LoRAInUse, ModelOutputLike, ModelRunnerLike, UnknownLoRA,
 )
 from baton.engine.request_checks import RequestLimits, check_request
+from baton.engine.request_table import RequestTable
 from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import Scheduler
@@ -97,9 +98,7 @@ class EngineCore:
         self.block_manager = BlockManager(runner.num_blocks, config.block_size, hash_extra, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, keep_finished_blocks)
         self.sampler = Sampler(eos_token_ids)
-        self.pending: dict[str, list[Sequence]] = {}      # request_id -> children 1..n-1 not yet added
-        self.requests: dict[str, list[Sequence]] = {}     # request_id -> its sequences
-        self._request_of: dict[str, str] = {}              # seq_id -> request_id
+        self.table = RequestTable()
         self.last_step_tokens = 0                          # tokens the last step computed (0: nothing to run)
         self.spec_stats = SpeculationStats()
         self.prompt_tokens = self.generated_tokens = 0   # computed and generated since the start
@@ -114,7 +113,7 @@ class EngineCore:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int],
         priority: int, lora: str | None = None, cache_salt: str | None = None,
     ) -> list[Sequence]:
-        if request_id in self.requests:
+        if request_id in self.table:
             raise ValueError(f"request {request_id} already exists")
         if lora is not None and lora not in self.runner.lora_names:  # a wrong model name first, as vLLM's 404
             loaded = ", ".join(sorted(self.runner.lora_names)) or "none"
@@ -124,7 +123,7 @@ class EngineCore:
         grammars = [self._grammar(request_id, params, output_token_ids) for _ in range(params.n)]
         now = time.monotonic()
         ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
-        taken = [seq_id for seq_id in ids if seq_id in self._request_of]
+        taken = self.table.taken(ids)
         if taken:
             raise ValueError(f"request {request_id}: sequence ids {taken} are already in use")
         # A resumed sequence's earlier tokens were sampled elsewhere: their log-probs are not known here.
@@ -162,26 +161,17 @@ class EngineCore:
         seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority, lora,
                                    cache_salt)
         self.scheduler.add(seqs[0])
-        if len(seqs) > 1:
-            self.pending[request_id] = seqs[1:]
-        self._track(request_id, seqs)
+        self.table.add(request_id, seqs, held_back=True)
         return seqs
 
-    def _track(self, request_id: str, seqs: list[Sequence]) -> None:
-        self.requests[request_id] = seqs
-        for seq in seqs:
-            self._request_of[seq.seq_id] = request_id
-
-    def _forget(self, request_id: str) -> list[Sequence]:
-        self.pending.pop(request_id, None)
-        seqs = self.requests.pop(request_id, [])
-        for seq in seqs:
-            self._request_of.pop(seq.seq_id, None)
-        return seqs
+    @property
+    def requests(self) -> dict[str, list[Sequence]]:
+        """The requests not yet forgotten: request_id -> its sequences."""
+        return self.table.requests
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Stop every sequence of a request and free its blocks; returns them."""
-        seqs = self._forget(request_id)
+        seqs = self.table.forget(request_id)
         for seq in seqs:
             self.scheduler.abort(seq.seq_id)
             if not seq.is_finished:                   # a child never handed to the scheduler
@@ -193,12 +183,12 @@ class EngineCore:
         step); reserved and kept requests, whose KV is in transit, stay."""
         self._in_flight = None
         seqs = [*self.scheduler.running, *self.scheduler.waiting]
-        active = {self._request_of[s.seq_id] for s in seqs if s.seq_id in self._request_of}
+        active = {self.table.request_of(s.seq_id) for s in seqs} - {None}
         return [seq for request_id in active for seq in self.abort(request_id)]
 
     def has_unfinished(self) -> bool:
         # A sequence of the step in flight is running (or waiting, if preempted) until its token is read.
-        return self.scheduler.has_unfinished() or bool(self.pending)
+        return self.scheduler.has_unfinished() or bool(self.table.pending)
 
     # -- roles --------------------------------------------------------------------
     def _check_generates(self, request_id: str) -> None:
@@ -217,7 +207,7 @@ class EngineCore:
                                      cache_salt=cache_salt)
         seq.pooling = self.runner.pooler
         self.scheduler.add(seq)
-        self._track(request_id, [seq])
+        self.table.add(request_id, [seq])
         return seq
 
     def reserve(
@@ -234,7 +224,7 @@ class EngineCore:
                                   cache_salt)[0]
         if not self.scheduler.reserve(seq):
             return None
-        self._track(request_id, [seq])
+        self.table.add(request_id, [seq])
         return seq
 
     def activate(self, request_id: str, first_token: TokenLogprob) -> Sequence:
@@ -246,9 +236,9 @@ class EngineCore:
 
     def release(self, request_id: str) -> None:
         """Prefill role: free the blocks a finished request kept for its KV transfer."""
-        if request_id not in self.requests:
+        if request_id not in self.table:
             raise KeyError(f"no request {request_id}")
-        for seq in self._forget(request_id):
+        for seq in self.table.forget(request_id):
             self.scheduler.release(seq.seq_id)
 
     # -- LoRA adapters (between steps) ----------------------------------------------
@@ -275,7 +265,7 @@ class EngineCore:
         if name not in self.runner.lora_names:
             loaded = ", ".join(sorted(self.runner.lora_names)) or "none"
             raise UnknownLoRA(f"LoRA adapter {name!r} is not loaded here (loaded: {loaded})")
-        users = sum(1 for seqs in self.requests.values() for seq in seqs if seq.lora == name and not seq.is_finished)
+        users = self.table.unfinished_under(name)
         if users:
             raise LoRAInUse(f"LoRA adapter {name!r} is in use by {users} unfinished sequence(s); unload it once they "
                             "finish")
@@ -316,7 +306,8 @@ class EngineCore:
                 self._in_flight = launched
             else:
                 changed += self._read_back(launched)
-        self._release_children()
+        for child in self.table.release_children():
+            self.scheduler.add(child)
         return changed
 
     def _next_step_may_wait(self, launched: Launched) -> bool:
@@ -411,29 +402,18 @@ class EngineCore:
             self.scheduler.finish(seq, reason)
             self._forget_if_done(seq)
 
-    def _release_children(self) -> None:
-        for request_id, children in list(self.pending.items()):
-            first = self.requests[request_id][0]
-            if first.is_finished or first.num_computed_tokens >= first.num_prompt_tokens:
-                del self.pending[request_id]
-                for child in children:
-                    self.scheduler.add(child)
-
     def _forget_if_done(self, seq: Sequence) -> None:
         """Drop the request's bookkeeping once all its sequences are finished
         (a prefill-role core keeps it until ``release``)."""
-        request_id = self._request_of[seq.seq_id]
-        if request_id in self.pending or self.scheduler.keep_finished_blocks:
-            return
-        if all(s.is_finished for s in self.requests[request_id]):
-            self._forget(request_id)
+        if not self.scheduler.keep_finished_blocks:
+            self.table.forget_if_done(seq)
 
     # -- observability --------------------------------------------------------------
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
             running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting) + sum(len(c) for c in self.pending.values()),
+            waiting=len(self.scheduler.waiting) + self.table.num_held_back(),
             total_blocks=bm.num_total_blocks,
             free_blocks=bm.num_free_blocks,
             used_blocks=bm.num_used_blocks,

@@ -476,3 +476,23 @@ def test_real_model_greedy_parity_with_prefix_cache_chunking_and_preemption(asyn
                 ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert seq.output_token_ids == ids[0, len(prompt) :].tolist()
     assert engine.stats().used_blocks == 0
+
+
+def test_the_request_table_holds_children_back_until_the_first_prompt_is_computed():
+    from baton.engine.request_table import RequestTable
+
+    table = RequestTable()
+    first, *children = seqs = [Sequence(f"r-{i}", [1, 2, 3], SamplingParams(n=3), lora="a") for i in range(3)]
+    table.add("r", seqs, held_back=True)
+    table.add("s", [Sequence("s", [4], SamplingParams())])
+    assert "r" in table and table.taken(["r-1", "x", "s"]) == ["r-1", "s"] and table.request_of("r-2") == "r"
+    assert (table.num_held_back(), table.unfinished_under("a"), table.release_children()) == (2, 3, [])
+    first.num_computed_tokens = 3
+    assert table.release_children() == children and table.num_held_back() == 0
+    for seq in seqs[:2]:
+        seq.status = SequenceStatus.FINISHED
+        table.forget_if_done(seq)
+    assert "r" in table and table.unfinished_under("a") == 1    # one sequence still runs
+    children[1].status = SequenceStatus.FINISHED
+    table.forget_if_done(children[1])
+    assert "r" not in table and table.request_of("r-0") is None and table.forget("r") == []
