@@ -186,6 +186,11 @@ class EngineCore:
         active = {self.table.request_of(s.seq_id) for s in seqs} - {None}
         return [seq for request_id in active for seq in self.abort(request_id)]
 
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End an unfinished sequence from outside the step (the offline ``LLM``'s stop strings)."""
+        self.scheduler.finish(seq, reason)
+        self._forget_if_done(seq)
+
     def has_unfinished(self) -> bool:
         # A sequence of the step in flight is running (or waiting, if preempted) until its token is read.
         return self.scheduler.has_unfinished() or bool(self.table.pending)

@@ -31,6 +31,12 @@ hub id than the model's, as vLLM's ``tokenizer`` does.
 ``llm.chat(messages, params)`` renders a conversation through the model's chat template first, as
 vLLM's ``LLM.chat`` does.
 
+As in vLLM, a prompt may also be ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``;
+``SamplingParams(stop=[...])`` ends a text at its first stop string (checked after each step, on
+the newest tokens' text, and cut there); each ``CompletionOutput`` says what stopped it
+(``stop_reason``) and, with ``logprobs``, its ``cumulative_logprob``; ``use_tqdm=True`` shows
+progress, and ``get_tokenizer()`` returns the tokenizer.
+
 The disaggregated services and the tests use it as their reference.
 """
 
@@ -42,7 +48,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from transformers import AutoTokenizer
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from baton.engine.beam_search import Beam, BeamRules, BeamSearchParams, best, extend
 from baton.engine.config import EngineConfig
@@ -53,19 +60,28 @@ from baton.engine.loader import resolve_model_dir
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence, TokenLogprob
+from baton.engine.stop_strings import cut_at_stop, first_stop, tail_tokens
 from baton.engine.structured_output import StructuredOutputs
 
 T = TypeVar("T")
+Prompt = str | list[int] | dict
+Prompts = Prompt | list[str] | list[list[int]] | list[dict]
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class CompletionOutput:
+    """One sample, as vLLM's: ``stop_reason`` is the stop string or stop token id that ended it
+    (None for EOS or a length); ``cumulative_logprob`` the sum of its tokens' log-probs, given
+    where ``logprobs`` were asked for."""
+
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -75,6 +91,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt: str | None = None        # the prompt's text, where it was given as text
+    finished: bool = True
 
 
 @dataclass
@@ -127,21 +145,25 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[str] | list[list[int]],
-        params: SamplingParams | list[SamplingParams] | None = None,
+        prompts: Prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         priority: list[int] | None = None,
         lora: str | list[str | None] | None = None,
         cache_salt: str | list[str | None] | None = None,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids) and return the outputs in prompt order.
+        """Generate for every prompt (text, token ids, or vLLM's ``{"prompt": text}`` and
+        ``{"prompt_token_ids": ids}``) and return the outputs in prompt order.
         ``priority``: one per prompt, lower first (``scheduling_policy="priority"``). ``lora``: the
         LoRA adapter (a name of ``lora_modules``) all prompts run under, or one per prompt (None:
         the base model). ``cache_salt``: the salt of all prompts' prefix-cache hashes, or one per
-        prompt (None: unsalted); only prompts with the same salt share cached blocks. No ``params``:
-        ``get_default_sampling_params()``."""
+        prompt (None: unsalted); only prompts with the same salt share cached blocks. No
+        ``sampling_params``: ``get_default_sampling_params()``. ``use_tqdm``: a progress bar over
+        the finished prompts (vLLM's, there on by default)."""
+        texts = _texts(prompts)
         prompts = self._token_ids(prompts)
-        params_list = _per_prompt(self.get_default_sampling_params() if params is None else params, len(prompts),
-                                  "sampling params")
+        params_list = _per_prompt(self.get_default_sampling_params() if sampling_params is None else sampling_params,
+                                  len(prompts), "sampling params")
         priorities = priority if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
@@ -152,14 +174,27 @@ class LLM:
             request_id = str(next(self._ids))
             requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank, lora=adapter,
                                                                cache_salt=salt)))
-        while self.core.has_unfinished():
-            self.core.step()
-        return [self._output(request_id, seqs) for request_id, seqs in requests]
+        self._run([seq for _, seqs in requests for seq in seqs], use_tqdm)
+        return [self._output(request_id, seqs, text) for (request_id, seqs), text in zip(requests, texts)]
+
+    def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        """Step until every sequence is finished, ending those whose text gained a stop string."""
+        with tqdm(total=len(seqs), desc="Generating", unit="seq", disable=not use_tqdm) as bar:
+            while self.core.has_unfinished():
+                for seq in self.core.step():
+                    if seq.params.stop and not seq.is_finished and self._stopped(seq):
+                        self.core.finish(seq, "stop")
+                bar.update(sum(s.is_finished for s in seqs) - bar.n)
+
+    def _stopped(self, seq: Sequence) -> bool:
+        """Whether the end of ``seq``'s text holds one of its stop strings."""
+        tail = seq.output_token_ids[-tail_tokens(seq.params.stop):]
+        return first_stop(self.tokenizer.decode(tail, skip_special_tokens=True), seq.params.stop) is not None
 
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
-        params: SamplingParams | list[SamplingParams] | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         *,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
@@ -168,10 +203,11 @@ class LLM:
         chat_template_kwargs: dict | None = None,
         lora: str | list[str | None] | None = None,
         cache_salt: str | list[str | None] | None = None,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat``: one conversation (a list of messages) or several, each rendered by the
         model's chat template (``chat_template`` in its place) as transformers renders it, then
-        ``generate``d with ``params`` (``lora``, ``cache_salt`` as there). ``continue_final_message``
+        ``generate``d with ``sampling_params`` (``lora``, ``cache_salt``, ``use_tqdm`` as there). ``continue_final_message``
         continues the last (assistant) message instead of opening a new one."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
@@ -182,10 +218,10 @@ class LLM:
             )
             for conversation in conversations
         ]
-        return self.generate(prompts, params, lora=lora, cache_salt=cache_salt)
+        return self.generate(prompts, sampling_params, lora=lora, cache_salt=cache_salt, use_tqdm=use_tqdm)
 
     def beam_search(
-        self, prompts: str | list[str] | list[list[int]], params: BeamSearchParams, lora: str | None = None,
+        self, prompts: Prompts, params: BeamSearchParams, lora: str | None = None,
     ) -> list[BeamSearchOutput]:
         """Each prompt's ``params.beam_width`` best beams (under LoRA adapter ``lora``), as vLLM's
         ``LLM.beam_search`` finds them (``engine.beam_search``); each step runs every prompt's live
@@ -234,7 +270,7 @@ class LLM:
         self.core.reset_prefix_cache()
         return True
 
-    def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
+    def embed(self, prompts: Prompts) -> list[list[float]]:
         """Each prompt's embedding: its final hidden states pooled as ``pooler`` (``EngineConfig``)
         says, by default as the checkpoint's sentence-transformers modules do, else its last
         token's, L2-normalized (as decoder embedding models such as Qwen3-Embedding are read)."""
@@ -243,25 +279,34 @@ class LLM:
             self.core.step()
         return [seq.embedding for seq in seqs]
 
-    def _token_ids(self, prompts: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-        """One prompt (text or token ids) or several, each as token ids."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        return [self.tokenizer(p).input_ids if isinstance(p, str) else list(p) for p in prompts]
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer prompts are encoded and outputs decoded with (vLLM's)."""
+        return self.tokenizer
 
-    def _output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
-        outputs = [
-            CompletionOutput(
-                index=i,
-                text=self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True),
-                token_ids=list(seq.output_token_ids),
-                finish_reason=seq.finish_reason,
-                logprobs=list(seq.output_logprobs),
-            )
-            for i, seq in enumerate(seqs)
-        ]
+    def _token_ids(self, prompts: Prompts) -> list[list[int]]:
+        """One prompt or several (``Prompts``), each as token ids."""
+        ids = [_prompt(p) for p in _as_list(prompts)]
+        return [self.tokenizer(p).input_ids if isinstance(p, str) else list(p) for p in ids]
+
+    def _output(self, request_id: str, seqs: list[Sequence], prompt: str | None) -> RequestOutput:
         first = seqs[0]
-        return RequestOutput(request_id, list(first.prompt_token_ids), outputs, first.num_cached_tokens, list(first.prompt_logprobs))
+        return RequestOutput(request_id, list(first.prompt_token_ids), [self._completion(i, s) for i, s in enumerate(seqs)],
+                             first.num_cached_tokens, list(first.prompt_logprobs), prompt)
+
+    def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
+        """A finished sequence's sample: its text cut at its first stop string, and what stopped it."""
+        params = seq.params
+        text, stop = cut_at_stop(self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True), params.stop,
+                                 params.include_stop_str_in_output)
+        last = seq.output_token_ids[-1] if seq.output_token_ids else None
+        if stop is None and seq.finish_reason == "stop" and last in params.stop_token_ids:
+            stop = last
+        return CompletionOutput(
+            index=index, text=text, token_ids=list(seq.output_token_ids),
+            finish_reason="stop" if isinstance(stop, str) else seq.finish_reason, logprobs=list(seq.output_logprobs),
+            stop_reason=stop,
+            cumulative_logprob=sum(t.logprob for t in seq.output_logprobs) if params.logprobs is not None else None,
+        )
 
 
 def _generation_defaults(model_dir: str, source: str, override: dict) -> GenerationDefaults:
@@ -271,6 +316,28 @@ def _generation_defaults(model_dir: str, source: str, override: dict) -> Generat
     if defaults.values:
         logger.info("default sampling params from %s: %s", defaults.describe(), defaults.values)
     return defaults
+
+
+def _as_list(prompts: Prompts) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
+def _prompt(prompt: Prompt) -> str | list[int]:
+    """A prompt's text or token ids (vLLM's dict forms: ``prompt_token_ids`` first, then ``prompt``)."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if "prompt_token_ids" in prompt:
+        return prompt["prompt_token_ids"]
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError(f"a prompt dict takes 'prompt' (text) or 'prompt_token_ids', got keys {sorted(prompt)}")
+
+
+def _texts(prompts: Prompts) -> list[str | None]:
+    """Each prompt's text, where it was given as text (None for token ids)."""
+    return [p if isinstance(p, str) else None for p in map(_prompt, _as_list(prompts))]
 
 
 def _per_prompt(value: T | list[T], count: int, what: str) -> list[T]:

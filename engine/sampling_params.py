@@ -59,6 +59,9 @@ class SamplingParams:
     ``allowed_token_ids`` (vLLM's option): only these may be sampled (None: any).
     ``bad_words_token_ids``: token sequences the text may not gain: a sequence's last token is
     masked wherever the tokens before it (prompt and output) end with the rest of it.
+    ``stop``: strings that end the text where it first holds one (cut before it, unless
+    ``include_stop_str_in_output``). The offline ``LLM`` applies them, as it detokenizes; the
+    gateway applies a request's own, so neither field goes to the workers.
     """
 
     n: int = 1
@@ -80,8 +83,12 @@ class SamplingParams:
     structured_output: StructuredOutputParams | None = None
     allowed_token_ids: list[int] | None = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):     # vLLM takes one string too
+            self.stop = [self.stop]
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
@@ -117,6 +124,7 @@ class SamplingParams:
                 or not set(self.allowed_token_ids) <= {w[0] for w in self.bad_words_token_ids if len(w) == 1},
                 "every one of allowed_token_ids is a bad word: nothing would be left to sample",
             ),
+            (all(isinstance(s, str) and s for s in self.stop), "each of stop must be a non-empty string"),
             (
                 # A complete grammar allows only EOS, which min_tokens would mask: nothing would be left.
                 self.structured_output is None or self.min_tokens == 0,

@@ -141,6 +141,37 @@ def test_a_tokenizer_from_another_directory_serves_as_the_models_own(demo_model,
     assert split.generate("ROMEO:\n", SamplingParams(temperature=0, structured_output=names))[0].outputs[0].text in names.choice
 
 
+def test_stop_strings_and_vllms_prompt_and_output_forms(demo_model):
+    """As vLLM's ``LLM``: a stop string ends the text where it first appears (cut before it, or
+    after with ``include_stop_str_in_output``) and stops the sequence there; a stop token id is the
+    ``stop_reason`` it gives; prompts may be vLLM's dicts, and outputs carry the prompt's text and,
+    with log-probs, their sum."""
+    llm = LLM(demo_model, num_blocks=64)
+    greedy = SamplingParams(temperature=0, max_tokens=40)
+    prompts = ["JULIET:\nO Romeo", "ROMEO:\n"]
+    full = [o.outputs[0] for o in llm.generate(prompts, greedy)]
+    assert all("\n" in o.text for o in full) and "Romeo" in full[0].text
+    for stop, include in ((["\n", "Romeo"], False), ("\n", True)):
+        params = SamplingParams(temperature=0, max_tokens=40, stop=stop, include_stop_str_in_output=include)
+        outs = llm.generate([{"prompt": prompts[0]}, {"prompt_token_ids": llm.get_tokenizer()(prompts[1]).input_ids}],
+                            sampling_params=params, use_tqdm=True)
+        assert [o.prompt for o in outs] == [prompts[0], None]
+        for out, whole in zip(outs, full):
+            sample = out.outputs[0]
+            hit = min((whole.text.find(s), s) for s in params.stop if s in whole.text)
+            assert sample.text == whole.text[: hit[0] + (len(hit[1]) if include else 0)]
+            assert (sample.finish_reason, sample.stop_reason) == ("stop", hit[1])
+            assert sample.token_ids == whole.token_ids[: len(sample.token_ids)] < whole.token_ids   # stopped early
+    stop_id = full[1].token_ids[4]
+    by_id = llm.generate(prompts[1], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_id], logprobs=0))
+    sample = by_id[0].outputs[0]
+    assert (sample.token_ids, sample.finish_reason, sample.stop_reason) == (full[1].token_ids[:5], "stop", stop_id)
+    assert sample.cumulative_logprob == pytest.approx(sum(t.logprob for t in sample.logprobs)) and sample.cumulative_logprob < 0
+    assert full[0].cumulative_logprob is None and full[0].stop_reason is None   # no log-probs asked; a length
+    with pytest.raises(ValueError, match="prompt dict takes"):
+        llm.generate({"text": "x"}, greedy)
+
+
 def test_prefix_cache_is_salted(demo_model):
     llm = LLM(demo_model, block_size=4)
     prompt, salted = PROMPTS[1], lambda salt: llm.generate(prompt, GREEDY, cache_salt=salt)[0]
@@ -418,7 +449,7 @@ def test_per_prompt_arguments_must_give_one_per_prompt(demo_model):
     from baton.engine.sampling_params import SamplingParams as Params
 
     llm = LLM(demo_model, num_blocks=16)
-    for kwargs, what in (({"params": [Params(max_tokens=2)]}, "sampling params"), ({"lora": [None]}, "LoRA adapters"),
+    for kwargs, what in (({"sampling_params": [Params(max_tokens=2)]}, "sampling params"), ({"lora": [None]}, "LoRA adapters"),
                          ({"cache_salt": ["s"]}, "cache salts"), ({"priority": [0]}, "priorities")):
         with pytest.raises(ValueError, match=f"2 prompts but 1 {what}"):
             llm.generate(["JULIET:", "ROMEO:"], **kwargs)
