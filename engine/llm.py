@@ -16,6 +16,7 @@ request names one by its name:
 
     llm = LLM(model, lora_modules={"sonnets": "/path/to/adapter"}, max_lora_rank=16)
     llm.generate(prompts, params, lora="sonnets")     # or one name (or None) per prompt
+    llm.generate(prompts, params, lora_request=LoRARequest("sql", 1, "/path"))  # vLLM's: loaded on first use
     llm.unload_lora("sonnets")
     llm.load_lora("sql", "/path/to/other/adapter")
 
@@ -46,6 +47,7 @@ import gc
 import itertools
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -95,6 +97,16 @@ class RequestOutput:
     finished: bool = True
 
 
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's: a LoRA adapter by name, id and PEFT directory; ``generate`` loads it under
+    ``lora_name`` on first use (``lora_int_id`` is not used here: adapters go by name)."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
 @dataclass
 class BeamSearchSequence:
     """One beam, as vLLM's: ``tokens`` are the prompt's and then the beam's; ``finish_reason`` is
@@ -115,8 +127,9 @@ class BeamSearchOutput:
 class LLM:
     def __init__(
         self, model: str, tokenizer: str | None = None, generation_config: str = "auto",
-        override_generation_config: dict | None = None, **engine_config,
+        override_generation_config: dict | None = None, enable_lora: bool = True, **engine_config,
     ) -> None:
+        """``enable_lora`` is taken so that vLLM's calls run: LoRA is always on here."""
         self.config = EngineConfig(**engine_config)
         self.runner = ModelRunner(model, self.config)
         self.generation_defaults = _generation_defaults(self.runner.model_dir, generation_config,
@@ -151,6 +164,7 @@ class LLM:
         lora: str | list[str | None] | None = None,
         cache_salt: str | list[str | None] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or vLLM's ``{"prompt": text}`` and
         ``{"prompt_token_ids": ids}``) and return the outputs in prompt order.
@@ -159,7 +173,8 @@ class LLM:
         the base model). ``cache_salt``: the salt of all prompts' prefix-cache hashes, or one per
         prompt (None: unsalted); only prompts with the same salt share cached blocks. No
         ``sampling_params``: ``get_default_sampling_params()``. ``use_tqdm``: a progress bar over
-        the finished prompts (vLLM's, there on by default)."""
+        the finished prompts (vLLM's, there on by default). ``lora_request`` (vLLM's, in place of
+        ``lora``): the adapter of all prompts or of each, loaded on first use."""
         texts = _texts(prompts)
         prompts = self._token_ids(prompts)
         params_list = _per_prompt(self.get_default_sampling_params() if sampling_params is None else sampling_params,
@@ -167,6 +182,10 @@ class LLM:
         priorities = priority if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
+        if lora_request is not None:
+            if lora is not None:
+                raise ValueError("give lora (adapters by name) or lora_request (vLLM's), not both")
+            lora = self._load_requested(_per_prompt(lora_request, len(prompts), "LoRA requests"))
         adapters = _per_prompt(lora, len(prompts), "LoRA adapters")
         salts = _per_prompt(cache_salt, len(prompts), "cache salts")
         requests: list[tuple[str, list[Sequence]]] = []
@@ -176,6 +195,15 @@ class LLM:
                                                                cache_salt=salt)))
         self._run([seq for _, seqs in requests for seq in seqs], use_tqdm)
         return [self._output(request_id, seqs, text) for (request_id, seqs), text in zip(requests, texts)]
+
+    def _load_requested(self, requests: list[LoRARequest | None]) -> list[str | None]:
+        """Each request's adapter name, loading those not loaded yet from their directory
+        (``load_lora``'s checks: other weights under a loaded name are a ``LoRAConflict``)."""
+        for request in {r for r in requests if r is not None}:
+            loaded = self.runner.adapters.get(request.lora_name)
+            if loaded is None or loaded.path != Path(request.lora_path).expanduser():
+                self.load_lora(request.lora_name, request.lora_path)
+        return [None if r is None else r.lora_name for r in requests]
 
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
         """Step until every sequence is finished, ending those whose text gained a stop string."""

@@ -20,7 +20,7 @@ from baton.engine.config import EngineConfig, SpeculativeConfig, parse_lora_modu
 from baton.engine.cuda_graph import is_graph_step
 from baton.engine.engine_api import LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
-from baton.engine.llm import LLM
+from baton.engine.llm import LLM, LoRARequest
 from baton.engine.lora_loader import adapter_digest, load_adapter
 from baton.engine.model_config import load_model_config
 from baton.engine.sampling_params import SamplingParams
@@ -236,6 +236,22 @@ def test_an_adapter_loaded_at_runtime_equals_one_loaded_at_start(demo_model, ada
     with pytest.raises(UnknownLoRA, match="'one' is not loaded here"):
         llm.unload_lora("one")
     assert _token_ids(llm.generate(PROMPTS, GREEDY, lora="two")) == references["two"]
+
+
+def test_vllms_lora_request_loads_its_adapter_on_first_use(demo_model, adapters, references) -> None:
+    """``generate(..., lora_request=LoRARequest(name, id, path))``, as vLLM takes it: the adapter
+    loads the first time, is used as loaded after, and other weights under its name are refused."""
+    llm = LLM(demo_model, enable_lora=True, max_loras=2)
+    one, two = LoRARequest("one", 1, str(adapters["one"])), LoRARequest("two", 2, str(adapters["two"]))
+    assert _token_ids(llm.generate(PROMPTS, GREEDY, lora_request=one)) == references["one"]
+    loaded = llm.runner.adapters["one"]
+    outputs = _token_ids(llm.generate(PROMPTS, GREEDY, lora_request=[None, one, two]))
+    assert outputs == [references[None][0], references["one"][1], references["two"][2]]
+    assert llm.runner.adapters["one"] is loaded and llm.runner.lora_names == {"one", "two"}
+    with pytest.raises(LoRAConflict, match="'one' is loaded here with other weights"):
+        llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("one", 1, str(adapters["two"])))
+    with pytest.raises(ValueError, match="not both"):
+        llm.generate(PROMPTS[0], GREEDY, lora="one", lora_request=one)
 
 
 def test_a_runtime_load_is_checked_as_at_start(demo_model, adapters, tmp_path) -> None:
