@@ -195,6 +195,11 @@ def stop_all(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
+    if args.model_tag is not None:
+        if args.model != default_model():
+            print("baton up: give the model once, as MODEL or as --model", file=sys.stderr)
+            return 2
+        args.model = args.model_tag
     if args.model is None:
         print("baton up: no --model given and the demo checkpoint was not found", file=sys.stderr)
         return 2
@@ -262,7 +267,10 @@ def _interrupt(signum, frame) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("up", help="start Redis, the workers and the gateway as local processes")
+    p = sub.add_parser("up", aliases=["serve"],
+                       help="start Redis, the workers and the gateway as local processes (serve: vLLM's name)")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as `vllm serve MODEL` takes it (or --model)")
     p.add_argument("--model", default=default_model(), help="HF model directory or hub id (default: the demo checkpoint)")
     p.add_argument("--tokenizer", default=None,
                    help="the tokenizer's directory or hub id, where it is not --model's (vLLM's)")

@@ -37,11 +37,12 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def start_baton_up(port: int, *flags: str) -> tuple[subprocess.Popen, list[int]]:
-    """``baton up`` on ``port`` (with ``flags``), once it says it is ready, and its child processes."""
+def start_baton_up(port: int, *flags: str, command: str = "up") -> tuple[subprocess.Popen, list[int]]:
+    """``baton up`` (or ``command``) on ``port`` (with ``flags``), once it says it is ready, and its
+    child processes."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "baton.services.launcher", "up", "--port", str(port), *flags],
+        [sys.executable, "-m", "baton.services.launcher", command, "--port", str(port), *flags],
         stdout=subprocess.PIPE, text=True, env=env,
     )
     ready = ""
@@ -102,7 +103,8 @@ def test_baton_up_serves_over_tls_and_only_so(tmp_path):
 def test_baton_up_serves_the_generation_configs_defaults(demo_model, tmp_path):
     """A checkpoint whose generation_config.json asks for greedy decoding and 7 new tokens: a
     request that leaves temperature and max_tokens out gets the engine's 7 greedy tokens (of
-    prompts the model is unsure how to go on from, which sampling at temperature 1 would not give)."""
+    prompts the model is unsure how to go on from, which sampling at temperature 1 would not give).
+    Started as vLLM is: ``baton serve MODEL``."""
     from baton.engine.llm import LLM
     from baton.engine.sampling_params import SamplingParams
 
@@ -113,7 +115,7 @@ def test_baton_up_serves_the_generation_configs_defaults(demo_model, tmp_path):
     prompts = ["ROMEO:\n", "First Citizen:\n"]
     greedy = LLM(demo_model, num_blocks=32).generate(prompts, SamplingParams(temperature=0, max_tokens=7))
     port = free_port()
-    proc, _ = start_baton_up(port, "--model", str(model))
+    proc, _ = start_baton_up(port, str(model), command="serve")
     try:
         body = {"model": "shakespeare-llama-5m", "prompt": prompts}
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
@@ -157,6 +159,11 @@ def test_baton_up_takes_the_tokenizer_from_another_directory(demo_model, split_c
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
+
+
+def test_the_model_is_given_once(capsys):
+    assert launcher.main(["serve", "/a", "--model", "/b"]) == 2
+    assert "give the model once" in capsys.readouterr().err
 
 
 def test_a_second_sigterm_kills_what_is_left():
