@@ -13,6 +13,9 @@ from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 DEFAULT_CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SCHEDULING_POLICIES = ("fcfs", "priority")
 MAX_SPECULATIVE_TOKENS = 16
+# vLLM's --dtype names: "auto" is the checkpoint's own; "half" and "float" as torch names them
+DTYPE_NAMES = {"auto": None, "half": "float16", "float": "float32", "float16": "float16", "bfloat16": "bfloat16",
+               "float32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,7 @@ class EngineConfig:
     max_model_len: int | None = None       # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     device: str = "cpu"
-    dtype: str | None = None               # default: the checkpoint's dtype ("float32", "bfloat16", "float16")
+    dtype: str | None = None               # default or "auto": the checkpoint's dtype (DTYPE_NAMES)
     cuda_graph_batch_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CUDA_GRAPH_BATCH_SIZES))
     enforce_eager: bool = False            # never capture CUDA graphs
     async_scheduling: bool | None = None   # overlap host work with the device's step (None: on CUDA only)
@@ -160,6 +163,10 @@ class EngineConfig:
     seed: int | None = None                       # seeds unseeded requests' sampling seeds (None: OS randomness)
 
     def __post_init__(self) -> None:
+        if self.dtype is not None:
+            if self.dtype not in DTYPE_NAMES:
+                raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+            self.dtype = DTYPE_NAMES[self.dtype]
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.engine.config import (
-    SCHEDULING_POLICIES, add_engine_switches, add_lora_switches, engine_switches, parse_lora_modules, speculative_config_arg,
+    DTYPE_NAMES, SCHEDULING_POLICIES, add_engine_switches, add_lora_switches, engine_switches, parse_lora_modules,
+    speculative_config_arg,
 )
 from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
@@ -284,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-redis", action="store_true",
                    help="no Redis: the gateway routes by load alone, not by the prefix caches (no global index)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="the workers' dtype (vLLM's names; default, auto: the checkpoint's)")
     add_engine_switches(p)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=None,

@@ -30,7 +30,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from baton.engine.config import (
-    SCHEDULING_POLICIES, EngineConfig, add_engine_switches, add_lora_switches, parse_lora_modules, speculative_config_arg,
+    DTYPE_NAMES, SCHEDULING_POLICIES, EngineConfig, add_engine_switches, add_lora_switches, parse_lora_modules,
+    speculative_config_arg,
 )
 from baton.engine.engine_api import LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.engine_core import EngineCore
@@ -75,7 +76,8 @@ def worker_arg_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, help="register and publish the prefix index here")
     p.add_argument("--heartbeat-ttl", type=float, default=10.0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="the weights' and activations' dtype (vLLM's names; default, auto: the checkpoint's)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-mb", type=int, default=256)

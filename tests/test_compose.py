@@ -422,3 +422,18 @@ def test_launcher_plan_hands_the_request_id_headers_flag_to_the_gateway():
     for extra, enabled in (([], False), (["--enable-request-id-headers"], True)):
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
         assert config_from_args(build_parser().parse_args(plan.gateway[4:])).enable_request_id_headers is enabled
+
+
+def test_vllms_dtype_names_reach_the_workers_as_the_engine_takes_them():
+    from baton.engine.config import EngineConfig
+    from baton.services.worker import engine_config
+
+    for name, want in (("auto", None), ("half", "float16"), ("float", "float32"), ("bfloat16", "bfloat16")):
+        plan = launcher.make_plan(launcher.build_parser().parse_args(["up", "--model", "/m", "--no-redis", "--dtype", name]))
+        for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)):
+            assert engine_config(worker_arg_parser(role, default_port=1).parse_args(cmds[0][4:]), role).dtype == want
+        assert EngineConfig(dtype=name).dtype == want
+    with pytest.raises(ValueError, match="dtype must be one of auto, half"):
+        EngineConfig(dtype="fp8")
+    with pytest.raises(SystemExit):
+        launcher.build_parser().parse_args(["up", "--dtype", "fp8"])
