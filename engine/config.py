@@ -209,6 +209,9 @@ def add_engine_switches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-chunked-prefill", action="store_true",
                    help="accepted so that vLLM command lines run: prompts are always computed in chunks of "
                         "--max-num-batched-tokens here")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted so that vLLM command lines run: no code from a checkpoint runs here (the model "
+                        "architectures are Baton's own)")
     for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
         p.add_argument(flag, short, type=_one_device, default=1, metavar="1",
                        help="accepted so that vLLM command lines run: 1 only, a worker's model on one device")

@@ -264,17 +264,17 @@ def test_vllms_enable_lora_is_taken_by_baton_up_and_by_a_worker():
 
 
 def test_vllm_command_lines_flags_that_change_nothing_here_are_taken_and_parallel_sizes_past_1_refused(capsys):
-    """A ``vllm serve`` command line's --enable-chunked-prefill, -tp 1 / -pp 1 and --disable-log-requests
+    """A ``vllm serve`` command line's --enable-chunked-prefill, --trust-remote-code, -tp 1 / -pp 1 and --disable-log-requests
     start the same system as without them; a tensor or pipeline parallel size past 1 is refused at once."""
     from baton.services.gateway.__main__ import build_parser
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
-    extra = ["--enable-chunked-prefill", "-tp", "1", "--pipeline-parallel-size", "1", "--disable-log-requests"]
+    extra = ["--enable-chunked-prefill", "--trust-remote-code", "-tp", "1", "--pipeline-parallel-size", "1", "--disable-log-requests"]
     plain, vllm = (launcher.make_plan(launcher.build_parser().parse_args(a)) for a in (argv, [*argv, *extra]))
     assert [cmd[6:] for cmd in vllm.prefill + vllm.decode] == [cmd[6:] for cmd in plain.prefill + plain.decode]  # past --port
     assert not build_parser().parse_args(vllm.gateway[4:]).enable_log_requests
     worker = worker_arg_parser("decode", default_port=50061)
-    worker.parse_args([*plain.decode[0][4:], "--enable-chunked-prefill", "-tp", "1"])
+    worker.parse_args([*plain.decode[0][4:], "--enable-chunked-prefill", "--trust-remote-code", "-tp", "1"])
     for parser, args in ((launcher.build_parser(), argv), (worker, plain.decode[0][4:])):
         with pytest.raises(SystemExit):
             parser.parse_args([*args, "--tensor-parallel-size", "2"])
