@@ -161,6 +161,8 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None   # CUDA: size the KV pool to this share of the device (vLLM's)
     max_logprobs: int = DEFAULT_MAX_LOGPROBS      # the most log-probs a request may ask for a token (-1: the vocabulary)
     seed: int | None = None                       # seeds unseeded requests' sampling seeds (None: OS randomness)
+    revision: str | None = None                   # a hub model's branch, tag or commit (None: its default branch)
+    download_dir: str | None = None               # where a hub model is downloaded (None: the hub's cache)
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -204,8 +206,10 @@ def _one_device(text: str) -> int:
 
 
 def add_engine_switches(p: argparse.ArgumentParser) -> None:
-    """vLLM's engine switches, on a worker and on ``baton up`` (which hands them to every worker); and
-    some that vLLM command lines carry which change nothing here, so that those command lines run."""
+    """vLLM's engine switches, on a worker and on ``baton up`` (which hands them to every worker, but
+    for ``--revision`` and ``--download-dir``: it downloads a hub model once and hands the workers its
+    directory); and some that vLLM command lines carry which change nothing here, so that those
+    command lines run."""
     p.add_argument("--enable-chunked-prefill", action="store_true",
                    help="accepted so that vLLM command lines run: prompts are always computed in chunks of "
                         "--max-num-batched-tokens here")
@@ -225,6 +229,10 @@ def add_engine_switches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="seed the sampling seeds of requests that give none, so a fresh worker handed the same requests "
                         "in the same order samples the same tokens (vLLM's; default: none, drawn from the OS)")
+    p.add_argument("--revision", default=None,
+                   help="a hub model's (and tokenizer's) branch, tag or commit (vLLM's; default: its default branch)")
+    p.add_argument("--download-dir", default=None,
+                   help="where a hub model is downloaded (vLLM's; default: the Hugging Face cache)")
     p.add_argument("--disable-log-stats", action="store_true",
                    help="a worker logs no line every 10 s of throughput, requests, KV cache use and prefix cache hits "
                         "(vLLM's)")

@@ -134,7 +134,8 @@ class LLM:
         self.runner = ModelRunner(model, self.config)
         self.generation_defaults = _generation_defaults(self.runner.model_dir, generation_config,
                                                         override_generation_config or {})
-        tokenizer_dir = resolve_model_dir(tokenizer) if tokenizer else self.runner.model_dir
+        tokenizer_dir = (resolve_model_dir(tokenizer, self.config.revision, self.config.download_dir) if tokenizer
+                         else self.runner.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.core = EngineCore(
             self.runner,

@@ -27,9 +27,11 @@ _MAX_NAMES_IN_ERROR = 10
 _FUSED_NAMES = frozenset(fused for fused, _ in STACKED_PARAMS.values())
 
 
-def resolve_model_dir(model: str) -> Path:
+def resolve_model_dir(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
     """A local checkpoint directory as is, otherwise a Hugging Face hub id downloaded
-    (or found in the local hub cache) with ``huggingface_hub.snapshot_download``."""
+    (or found in the local hub cache) with ``huggingface_hub.snapshot_download``: at ``revision``
+    (a branch, tag or commit; None: the default branch), into ``download_dir`` (None: the hub's
+    cache), as vLLM's ``--revision`` and ``--download-dir`` ask."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -38,7 +40,8 @@ def resolve_model_dir(model: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+        return Path(snapshot_download(model, revision=revision, cache_dir=download_dir,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
     except Exception as exc:  # the hub client raises many types (offline, 404, auth, network)
         raise OSError(
             f"could not get model {model!r}: not a local directory, and downloading it from the "

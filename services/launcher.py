@@ -227,9 +227,10 @@ def up(args: argparse.Namespace) -> int:
         print(f"baton up: {exc}", file=sys.stderr)
         return 2
     try:
-        args.model = str(resolve_model_dir(args.model))  # a hub id is downloaded once, here
+        # A hub id is downloaded once, here: the workers and the gateway get the local directory.
+        args.model = str(resolve_model_dir(args.model, args.revision, args.download_dir))
         if args.tokenizer:
-            args.tokenizer = str(resolve_model_dir(args.tokenizer))
+            args.tokenizer = str(resolve_model_dir(args.tokenizer, args.revision, args.download_dir))
         GatewayTokenizer(args.tokenizer or args.model)   # a missing or broken tokenizer stops the start
         sampling_defaults.load(args.model, args.generation_config, args.override_generation_config)
     except (OSError, ValueError) as exc:

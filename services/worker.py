@@ -142,6 +142,8 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
         max_logprobs=args.max_logprobs,
         device=args.device,
         dtype=args.dtype,
+        revision=args.revision,
+        download_dir=args.download_dir,
         async_scheduling=args.async_scheduling,
         scheduling_policy=args.scheduling_policy,
         speculative=getattr(args, "speculative_config", None),
@@ -169,8 +171,9 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         eos_token_ids=runner.model_config.eos_token_ids,
         hash_extra=fingerprint,
         keep_finished_blocks=keep_finished_blocks,
-        structured_outputs=StructuredOutputs(resolve_model_dir(args.tokenizer) if args.tokenizer else runner.model_dir,
-                                             runner.vocab_size, runner.model_config.eos_token_ids),
+        structured_outputs=StructuredOutputs(
+            resolve_model_dir(args.tokenizer, args.revision, args.download_dir) if args.tokenizer else runner.model_dir,
+            runner.vocab_size, runner.model_config.eos_token_ids),
     )
     warm_up(core, config.block_size)
     gc.freeze()   # the model and library objects leave the collector's full scans (see engine/llm.py)

@@ -165,3 +165,33 @@ def test_hub_id_without_network_gives_clear_error():
         resolve_model_dir("baton-test-org/no-such-model")
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         resolve_model_dir("/nonexistent/checkpoint/dir")
+
+
+@pytest.mark.unit
+def test_a_hub_model_is_fetched_at_its_revision_into_the_download_dir(monkeypatch, tmp_path):
+    """vLLM's ``--revision`` and ``--download-dir``, as ``baton up``, a worker and ``EngineConfig``
+    take them, reach the hub client; a local directory is used as it is."""
+    import huggingface_hub
+
+    from baton.services import launcher
+    from baton.services.worker import engine_config, worker_arg_parser
+
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, cache_dir=None, allow_patterns=None):
+        asked.append((repo_id, revision, cache_dir))
+        return str(DEMO)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_model_dir("org/poet", "v2", str(tmp_path)) == DEMO and asked == [("org/poet", "v2", str(tmp_path))]
+    assert resolve_model_dir(str(DEMO), "v2") == DEMO.resolve() and len(asked) == 1
+    args = worker_arg_parser("prefill", default_port=1).parse_args(
+        ["--model", "org/poet", "--revision", "v3", "--download-dir", str(tmp_path)])
+    config = engine_config(args, "prefill")
+    assert (config.revision, config.download_dir) == ("v3", str(tmp_path))
+    assert ModelRunner("org/poet", EngineConfig(num_blocks=4, revision="v3")).model_dir == DEMO
+    assert asked[-1] == ("org/poet", "v3", None)
+    monkeypatch.setattr(launcher, "make_plan", lambda args: (_ for _ in ()).throw(SystemExit(args.model)))
+    with pytest.raises(SystemExit, match=str(DEMO)):
+        launcher.main(["serve", "org/poet", "--revision", "v4", "--no-redis"])
+    assert asked[-1] == ("org/poet", "v4", None)
