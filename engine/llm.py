@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -311,6 +312,15 @@ class LLM:
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer prompts are encoded and outputs decoded with (vLLM's)."""
         return self.tokenizer
+
+    def score(self, text_1: str | list[str], text_2: str | list[str]) -> list[float]:
+        """vLLM's ``LLM.score`` over the embeddings: each pair's cosine similarity, paired as vLLM
+        pairs them (one ``text_1`` against each ``text_2``, else the i-th with the i-th)."""
+        first, second = ([t] if isinstance(t, str) else list(t) for t in (text_1, text_2))
+        if not second or len(first) not in (1, len(second)):
+            raise ValueError(f"score pairs 1 text_1 with N text_2, or N with N: got {len(first)} and {len(second)}")
+        embeddings = torch.tensor(self.embed(first + second), dtype=torch.float64)
+        return torch.cosine_similarity(embeddings[: len(first)], embeddings[len(first):]).tolist()
 
     def _token_ids(self, prompts: Prompts) -> list[list[int]]:
         """One prompt or several (``Prompts``), each as token ids."""

@@ -203,3 +203,16 @@ def test_a_decode_worker_does_not_read_the_checkpoints_pooling(mean_pooling_chec
         build_worker(worker_arg_parser("prefill", 0).parse_args(flags), "prefill", keep_finished_blocks=True)
     ctx = build_worker(worker_arg_parser("decode", 0).parse_args(flags), "decode", keep_finished_blocks=False)
     assert ctx.core.reserve("r", prompt_ids[0], SamplingParams(max_tokens=4)) is not None
+
+
+def test_score_is_the_cosine_of_the_embeddings_paired_as_vllm_pairs_them(demo_model) -> None:
+    """``LLM.score`` (vLLM's): 1:N and N:N pairs, scored as the gateway's /score scores them."""
+    from baton.services.gateway.scoring import similarities
+
+    llm = LLM(demo_model, num_blocks=64)
+    query, docs = "O Romeo", ["But, soft!", "Romeo, Romeo!", "To be"]
+    assert llm.score(query, docs) == pytest.approx(similarities(llm.embed([query, *docs]), 1), abs=1e-9)
+    assert llm.score(docs, docs[::-1]) == pytest.approx(similarities(llm.embed(docs + docs[::-1]), 3), abs=1e-9)
+    assert llm.score(docs, docs) == pytest.approx([1.0] * 3)
+    with pytest.raises(ValueError, match="1 text_1 with N text_2, or N with N: got 2 and 3"):
+        llm.score(docs[:2], docs)
