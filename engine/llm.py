@@ -237,8 +237,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat``: one conversation (a list of messages) or several, each rendered by the
         model's chat template (``chat_template`` in its place) as transformers renders it, then
-        ``generate``d with ``sampling_params`` (``lora``, ``cache_salt``, ``use_tqdm`` as there). ``continue_final_message``
-        continues the last (assistant) message instead of opening a new one."""
+        ``generate``d with ``sampling_params`` (``lora``, ``cache_salt``, ``use_tqdm`` as there).
+        ``continue_final_message`` continues the last (assistant) message instead of opening a new one."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.tokenizer.apply_chat_template(
@@ -329,8 +329,9 @@ class LLM:
 
     def _output(self, request_id: str, seqs: list[Sequence], prompt: str | None) -> RequestOutput:
         first = seqs[0]
-        return RequestOutput(request_id, list(first.prompt_token_ids), [self._completion(i, s) for i, s in enumerate(seqs)],
-                             first.num_cached_tokens, list(first.prompt_logprobs), prompt)
+        samples = [self._completion(i, seq) for i, seq in enumerate(seqs)]
+        return RequestOutput(request_id, list(first.prompt_token_ids), samples, first.num_cached_tokens,
+                             list(first.prompt_logprobs), prompt)
 
     def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
         """A finished sequence's sample: its text cut at its first stop string, and what stopped it."""

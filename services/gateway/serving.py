@@ -42,8 +42,8 @@ from baton.services.gateway.protocol import (
     APIError, BaseGenerationRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
     CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest,
     EmbeddingResponse, EmbeddingUsage, LoadLoRAAdapterRequest, ModelCard, ModelList, PromptLogprobs, RerankRequest,
-    RerankResponse, ResponseDeleted, ResponseObject, ResponsesRequest, ScoreRequest, ScoreResponse, ScoringRequest, TokenizeRequest,
-    TokenizeResponse, UnloadLoRAAdapterRequest,
+    RerankResponse, ResponseDeleted, ResponseObject, ResponsesRequest, ScoreRequest, ScoreResponse, ScoringRequest,
+    TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest,
 )
 from baton.services.gateway.response_store import ResponseStore
 from baton.services.gateway.streaming import PrimedStream, as_api_error
