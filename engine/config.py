@@ -205,6 +205,14 @@ def _one_device(text: str) -> int:
     return 1
 
 
+def _kv_cache_dtype(text: str) -> str:
+    """vLLM's KV cache dtype: only ``auto`` here (the model's dtype; argparse's error otherwise)."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"{text}: the KV cache is kept in the model's dtype here (auto only; "
+                                         "no fp8 KV cache)")
+    return text
+
+
 def add_engine_switches(p: argparse.ArgumentParser) -> None:
     """vLLM's engine switches, on a worker and on ``baton up`` (which hands them to every worker, but
     for ``--revision`` and ``--download-dir``: it downloads a hub model once and hands the workers its
@@ -216,6 +224,8 @@ def add_engine_switches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted so that vLLM command lines run: no code from a checkpoint runs here (the model "
                         "architectures are Baton's own)")
+    p.add_argument("--kv-cache-dtype", type=_kv_cache_dtype, default="auto", metavar="auto",
+                   help="accepted so that vLLM command lines run: auto only, the KV cache in the model's dtype")
     for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
         p.add_argument(flag, short, type=_one_device, default=1, metavar="1",
                        help="accepted so that vLLM command lines run: 1 only, a worker's model on one device")

@@ -269,7 +269,7 @@ def test_vllm_command_lines_flags_that_change_nothing_here_are_taken_and_paralle
     from baton.services.gateway.__main__ import build_parser
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
-    extra = ["--enable-chunked-prefill", "--trust-remote-code", "-tp", "1", "--pipeline-parallel-size", "1", "--disable-log-requests"]
+    extra = ["--enable-chunked-prefill", "--trust-remote-code", "--kv-cache-dtype", "auto", "-tp", "1", "--pipeline-parallel-size", "1", "--disable-log-requests"]
     plain, vllm = (launcher.make_plan(launcher.build_parser().parse_args(a)) for a in (argv, [*argv, *extra]))
     assert [cmd[6:] for cmd in vllm.prefill + vllm.decode] == [cmd[6:] for cmd in plain.prefill + plain.decode]  # past --port
     assert not build_parser().parse_args(vllm.gateway[4:]).enable_log_requests
@@ -279,6 +279,9 @@ def test_vllm_command_lines_flags_that_change_nothing_here_are_taken_and_paralle
         with pytest.raises(SystemExit):
             parser.parse_args([*args, "--tensor-parallel-size", "2"])
         assert "runs its model on one device" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            parser.parse_args([*args, "--kv-cache-dtype", "fp8"])
+        assert "no fp8 KV cache" in capsys.readouterr().err
 
 
 def test_launcher_plan_lets_the_gateway_load_adapters_at_runtime_and_sizes_the_workers_for_them(monkeypatch):
@@ -437,3 +440,18 @@ def test_vllms_dtype_names_reach_the_workers_as_the_engine_takes_them():
         EngineConfig(dtype="fp8")
     with pytest.raises(SystemExit):
         launcher.build_parser().parse_args(["up", "--dtype", "fp8"])
+
+
+def test_the_uvicorn_log_level_reaches_the_gateways_http_server(demo_model, monkeypatch):
+    from baton.services.gateway import __main__ as gateway_main
+
+    levels = []
+
+    async def serve(config, tokenizer, log_level):
+        levels.append(log_level)
+
+    monkeypatch.setattr(gateway_main, "serve", serve)
+    argv = ["up", "--model", demo_model, "--no-redis"]
+    for extra in ([], ["--uvicorn-log-level", "warning"]):
+        gateway_main.main(launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra])).gateway[4:])
+    assert levels == ["info", "warning"]

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config, tokenizer, args.log_level))
+    asyncio.run(serve(config, tokenizer, args.uvicorn_log_level or args.log_level))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
             default="", metavar="PATH", help="the path prefix a proxy serves the gateway under (vLLM's; uvicorn's)")),
         ("--disable-fastapi-docs", dict(switch, help="serve no /docs, /redoc or /openapi.json (vLLM's)")),
         ("--disable-uvicorn-access-log", dict(switch, help="log no line per HTTP request (vLLM's)")),
+        ("--uvicorn-log-level", dict(
+            default=None, choices=("critical", "error", "warning", "info", "debug", "trace"),
+            help="the HTTP server's log level (vLLM's; default: the gateway's --log-level)")),
         ("--response-role", dict(
             default="assistant", metavar="ROLE",
             help="the role of a chat answer where the request has add_generation_prompt (vLLM's; default assistant); "
