@@ -172,6 +172,16 @@ def test_stop_strings_and_vllms_prompt_and_output_forms(demo_model):
         llm.generate({"text": "x"}, greedy)
 
 
+def test_vllms_constructor_arguments_that_change_nothing_here_are_taken(demo_model):
+    llm = LLM(demo_model, trust_remote_code=True, tensor_parallel_size=1, kv_cache_dtype="auto", enable_lora=True,
+              dtype="auto", num_blocks=16)
+    assert llm.generate("JULIET:", SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="on one device"):
+        LLM(demo_model, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="auto only"):
+        LLM(demo_model, kv_cache_dtype="fp8")
+
+
 def test_prefix_cache_is_salted(demo_model):
     llm = LLM(demo_model, block_size=4)
     prompt, salted = PROMPTS[1], lambda salt: llm.generate(prompt, GREEDY, cache_salt=salt)[0]
