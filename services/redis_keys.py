@@ -9,6 +9,8 @@
 - Runtime LoRA adapters: ``baton:loras:{fingerprint}`` is a HASH of the adapters
   loaded through a gateway's ``/v1/load_lora_adapter``, name to ``{"path", "digest"}``
   as JSON; gateways write it on a load or unload and adopt what others wrote.
+- Stored Responses API answers: ``baton:response:{response_id}`` holds one as JSON, with a
+  TTL (``services/gateway/response_store.py``).
 
 The index is advisory: a stale entry costs a recomputation, never a wrong answer.
 """
@@ -21,6 +23,7 @@ import json
 WORKER_PREFIX = "baton:worker:"
 BLOCKS_PREFIX = "baton:blocks:"
 LORAS_PREFIX = "baton:loras:"
+RESPONSE_PREFIX = "baton:response:"
 DEFAULT_HEARTBEAT_TTL_S = 10.0
 
 
@@ -57,3 +60,7 @@ def block_key(fingerprint: str, block_hash: int) -> str:
 
 def lora_key(fingerprint: str) -> str:
     return f"{LORAS_PREFIX}{fingerprint}"
+
+
+def response_key(response_id: str) -> str:
+    return f"{RESPONSE_PREFIX}{response_id}"

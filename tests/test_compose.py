@@ -170,7 +170,7 @@ def test_baton_up_hands_the_gateway_every_served_name_and_keeps_them_from_adapte
     assert "'poet' takes a served model's name" in capsys.readouterr().err
 
 
-def test_baton_up_hands_the_cors_flags_and_the_response_role_to_the_gateway():
+def test_baton_up_hands_the_cors_flags_the_response_role_and_the_response_store_to_the_gateway():
     from baton.services.gateway.__main__ import build_parser, config_from_args
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
@@ -179,8 +179,10 @@ def test_baton_up_hands_the_cors_flags_and_the_response_role_to_the_gateway():
         plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
         config = config_from_args(build_parser().parse_args(plan.gateway[4:]))
         assert (config.allowed_origins, config.allow_credentials) == want
-    plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--response-role", "narrator"]))
-    assert config_from_args(build_parser().parse_args(plan.gateway[4:])).response_role == "narrator"
+    extra = ["--response-role", "narrator", "--responses-store-ttl", "60", "--responses-store-mb", "0"]
+    plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, *extra]))
+    config = config_from_args(build_parser().parse_args(plan.gateway[4:]))
+    assert (config.response_role, config.responses_store_ttl_s, config.responses_store_mb) == ("narrator", 60, 0)
 
 
 def test_baton_up_hands_the_tokenizer_to_the_gateway_and_every_worker():

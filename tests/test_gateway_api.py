@@ -2297,12 +2297,12 @@ async def test_stored_responses_are_read_deleted_and_gone_on_from(tok, stream) -
     assert len(backend.requests) == 4
 
 
-def test_the_response_store_keeps_the_conversation_and_drops_the_least_recent_past_its_bound() -> None:
+async def test_the_memory_response_store_keeps_the_conversation_and_drops_the_least_recent_past_its_bound() -> None:
     from baton.services.gateway.protocol import (
         OutputFunctionCall, OutputMessage, OutputReasoning, OutputText, ReasoningText, ResponseObject,
         ResponseFunctionCallItem, ResponseInputMessage, ResponseText,
     )
-    from baton.services.gateway.response_store import ResponseStore
+    from baton.services.gateway.response_store import MemoryResponseStore, StoredResponse
 
     def response(rid: str, text: str) -> ResponseObject:
         return ResponseObject(id=rid, status="completed", model=MODEL, temperature=1.0, top_p=1.0, text=ResponseText(), output=[
@@ -2311,21 +2311,21 @@ def test_the_response_store_keeps_the_conversation_and_drops_the_least_recent_pa
             OutputFunctionCall(id="fc", call_id="call_1", name="f", arguments="{}", status="completed")])
 
     asked = [ResponseInputMessage(role="user", content="Q")]
-    probe = ResponseStore(1 << 20)
-    assert probe.put(response("r0", "A"), asked)
-    size = probe.bytes
-    assert probe.get("r0").conversation == [*asked, ResponseInputMessage(role="assistant", content="A"),
-                                            ResponseFunctionCallItem(type="function_call", call_id="call_1", name="f",
-                                                                     arguments="{}")]
-    store = ResponseStore(3 * size)
+    probe = MemoryResponseStore(1 << 20)
+    assert await probe.put(response("r0", "A"), asked)
+    size, kept = probe.bytes, await probe.get("r0")
+    assert kept.conversation == [*asked, ResponseInputMessage(role="assistant", content="A"),
+                                 ResponseFunctionCallItem(type="function_call", call_id="call_1", name="f", arguments="{}")]
+    assert StoredResponse.from_json(kept.to_json()) == kept and size == len(kept.to_json())
+    store = MemoryResponseStore(3 * size)
     for rid in ("r1", "r2", "r3"):
-        assert store.put(response(rid, "A"), asked)
-    assert store.get("r1") is not None            # now the most recently used
-    assert store.put(response("r4", "A"), asked)
-    assert store.get("r2") is None and [store.get(r) is not None for r in ("r1", "r3", "r4")] == [True] * 3
+        assert await store.put(response(rid, "A"), asked)
+    assert await store.get("r1") is not None            # now the most recently used
+    assert await store.put(response("r4", "A"), asked)
+    assert await store.get("r2") is None and [await store.get(r) is not None for r in ("r1", "r3", "r4")] == [True] * 3
     assert (len(store), store.bytes) == (3, 3 * size)
-    assert not store.put(response("big", "A" * 4 * size), asked) and store.get("big") is None and len(store) == 3
-    assert store.delete("r3") and not store.delete("r3") and (len(store), store.bytes) == (2, 2 * size)
+    assert not await store.put(response("big", "A" * 4 * size), asked) and await store.get("big") is None
+    assert await store.delete("r3") and not await store.delete("r3") and (len(store), store.bytes) == (2, 2 * size)
 
 
 async def test_a_response_stream_that_fails_ends_with_an_error_event(tok) -> None:

@@ -433,3 +433,44 @@ async def test_gateway_serves_with_redis_down() -> None:
         await backend.close()
         for server, _ in started:
             await server.stop(None)
+
+
+async def test_gateways_share_stored_responses_through_redis() -> None:
+    """With Redis, a response one gateway stored is read, gone on from and deleted through
+    another (a load balancer's next pick), and expires; while Redis does not answer, going on
+    from one is a 503 and a new response is answered, unstored."""
+    import openai
+
+    from baton.services.gateway.app import create_app
+    from baton.services.gateway.tokenizer import GatewayTokenizer
+    from test_gateway_api import DEMO_MODEL, MODEL, FakeBackend, client_for, make_config
+
+    tok = GatewayTokenizer(DEMO_MODEL)
+    port = free_port()
+    proc = start_redis(port)
+    try:
+        config = make_config(redis_url=f"redis://127.0.0.1:{port}/0", responses_store_ttl_s=120)
+        backends = [FakeBackend(tok), FakeBackend(tok)]
+        apps = [create_app(config, backend, tok) for backend in backends]
+        one, two = (openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="unused", http_client=client_for(app),
+                                       max_retries=0) for app in apps)
+        first = await one.responses.create(model=MODEL, input="Speak.", max_output_tokens=6)
+        assert (await two.responses.retrieve(first.id)).model_dump() == first.model_dump()
+        second = await two.responses.create(model=MODEL, input="Again.", previous_response_id=first.id, max_output_tokens=6)
+        assert backends[1].requests[0].prompt_token_ids == tok.encode_chat(
+            [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": first.output_text},
+             {"role": "user", "content": "Again."}], add_generation_prompt=True)
+        r = aioredis.Redis.from_url(config.redis_url)
+        assert 0 < await r.ttl(f"baton:response:{second.id}") <= 120
+        await r.aclose()
+        async with client_for(apps[0]) as raw:
+            assert (await raw.delete(f"/v1/responses/{second.id}")).json()["deleted"]
+        with pytest.raises(openai.NotFoundError):
+            await two.responses.retrieve(second.id)
+    finally:
+        stop_redis(proc)
+    with pytest.raises(openai.APIStatusError) as down:
+        await one.responses.create(model=MODEL, input="More.", previous_response_id=first.id, max_output_tokens=6)
+    assert down.value.status_code == 503 and "Redis does not answer" in down.value.message
+    unstored = await one.responses.create(model=MODEL, input="Speak.", max_output_tokens=6)
+    assert unstored.output_text and len(backends[0].requests) == 2

@@ -108,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         reasoning_parser=args.reasoning_parser,
         response_role=args.response_role,
         responses_store_mb=args.responses_store_mb,
+        responses_store_ttl_s=args.responses_store_ttl,
         lora_modules=parse_lora_modules(args.lora_modules, served_model_name),
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         dev_mode=args.dev_mode,

@@ -267,6 +267,7 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: GatewayTokeni
                 await asyncio.wait_for(backend.close(), BACKEND_CLOSE_TIMEOUT_S)
             except TimeoutError:
                 logger.warning("the backend did not close within %g s; shutting down without it", BACKEND_CLOSE_TIMEOUT_S)
+            await serving.response_store.close()
 
     docs = {} if not config.disable_fastapi_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="Baton gateway", lifespan=lifespan, **docs)
@@ -356,12 +357,12 @@ def _add_answered_routes(app: FastAPI, config: GatewayConfig, serving: OpenAISer
                 return error_response(_logged_error(exc))
             return Response(status_code=200)
 
-    def stored(handler: Callable[[str], BaseModel]) -> Callable[[Request, str], Awaitable[Response]]:
+    def stored(handler: Callable[[str], Awaitable[BaseModel]]) -> Callable[[Request, str], Awaitable[Response]]:
         """A route on a stored Responses API answer (``response_store``)."""
         async def route(request: Request, response_id: str) -> Response:
             try:
                 _check_api_key(request, config.api_keys)
-                return JSONResponse(handler(response_id).model_dump(mode="json"))
+                return JSONResponse((await handler(response_id)).model_dump(mode="json"))
             except APIError as exc:
                 return error_response(exc)
 

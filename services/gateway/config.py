@@ -40,7 +40,8 @@ class GatewayConfig(BaseModel):
     max_retries: int = Field(default=2, ge=0)        # on other workers after one fails; streamed tokens resume
     tool_call_parser: str | None = None              # reads tool_choice "auto" calls (tool_parsers.PARSERS); None: refused
     reasoning_parser: str | None = None              # splits <think> reasoning from the answer (reasoning.PARSERS)
-    responses_store_mb: int = Field(default=64, ge=0)  # stored Responses API answers, least recent out first (0: none)
+    responses_store_mb: int = Field(default=64, ge=0)  # stored Responses API answers without Redis (0: none, anywhere)
+    responses_store_ttl_s: int = Field(default=86400, ge=1)  # how long Redis keeps a stored answer
     response_role: str = "assistant"                  # a chat answer's role where the prompt asks for a new message
     lora_modules: dict[str, str] = Field(default_factory=dict)  # LoRA adapters the workers load: name -> directory
     allow_runtime_lora_updating: bool = False         # serve /v1/load_lora_adapter and /v1/unload_lora_adapter

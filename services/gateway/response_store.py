@@ -9,18 +9,37 @@ fed back, as chat templates drop it). A request that goes on from a response is 
 conversation followed by its own input; as in OpenAI's API, the earlier ``instructions`` and
 ``tools`` do not carry over.
 
-The store is this gateway's memory, bounded in bytes (``--responses-store-mb``): past it, the
-least recently used entries go first. Gateways behind one load balancer do not share it.
+Where the gateway has Redis (``--redis-url``), entries live there (``RedisResponseStore``), so
+every gateway of the model sees them, whichever one a load balancer sends the next request to;
+each expires ``--responses-store-ttl`` seconds after it was stored. Without Redis they live in
+this gateway's memory (``MemoryResponseStore``), at most ``--responses-store-mb`` of them, the
+least recently used out first. Entries are JSON, read back through the request models: nothing
+is unpickled.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from pydantic import TypeAdapter
 
 from baton.services.gateway.protocol import (
-    InputItem, OutputFunctionCall, OutputMessage, ResponseFunctionCallItem, ResponseInputMessage, ResponseObject,
+    APIError, InputItem, OutputFunctionCall, OutputMessage, ResponseFunctionCallItem, ResponseInputMessage,
+    ResponseObject,
 )
+from baton.services.gateway.config import GatewayConfig
+from baton.services.redis_client import REDIS_ERRORS_CAUGHT, connect
+from baton.services.redis_keys import response_key
+
+logger = logging.getLogger(__name__)
+_CONVERSATION = TypeAdapter(list[InputItem])
+T = TypeVar("T")
 
 
 def output_as_input(response: ResponseObject) -> list[InputItem]:
@@ -39,44 +58,112 @@ def output_as_input(response: ResponseObject) -> list[InputItem]:
 class StoredResponse:
     response: ResponseObject
     conversation: list[InputItem]    # the input it answered, then its output
-    size: int                        # bytes, as JSON
+
+    @classmethod
+    def of(cls, response: ResponseObject, answered: list[InputItem]) -> StoredResponse:
+        return cls(response, [*answered, *output_as_input(response)])
+
+    def to_json(self) -> str:
+        return json.dumps({"response": self.response.model_dump(mode="json"),
+                           "conversation": _CONVERSATION.dump_python(self.conversation, mode="json")})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> StoredResponse:
+        data = json.loads(raw)
+        return cls(ResponseObject.model_validate(data["response"]), _CONVERSATION.validate_python(data["conversation"]))
 
 
-class ResponseStore:
+class ResponseStore(Protocol):
+    async def put(self, response: ResponseObject, answered: list[InputItem]) -> bool:
+        """Keep ``response`` with the input items it ``answered``; whether it was kept."""
+
+    async def get(self, response_id: str) -> StoredResponse | None: ...
+
+    async def delete(self, response_id: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def for_config(config: GatewayConfig) -> ResponseStore:
+    """Redis's store where the gateway has Redis, else its own memory's."""
+    if config.redis_url:
+        return RedisResponseStore(connect(config.redis_url, config.control_timeout_s), config.responses_store_ttl_s)
+    return MemoryResponseStore(config.responses_store_mb << 20)
+
+
+class MemoryResponseStore:
     """Responses by id, at most ``max_bytes`` of them (as JSON), least recently used out first."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[StoredResponse, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, response: ResponseObject, answered: list[InputItem]) -> bool:
-        """Keep ``response`` with the input items it ``answered``; False where it alone is over
-        the bound (nothing is kept then)."""
-        conversation = [*answered, *output_as_input(response)]
-        size = len(response.model_dump_json()) + sum(len(item.model_dump_json()) for item in conversation)
+    async def put(self, response: ResponseObject, answered: list[InputItem]) -> bool:
+        """False, keeping nothing, where this one alone is over the bound."""
+        entry = StoredResponse.of(response, answered)
+        size = len(entry.to_json())
         if size > self.max_bytes:
             return False
-        self.delete(response.id)
-        self._entries[response.id] = StoredResponse(response, conversation, size)
+        await self.delete(response.id)
+        self._entries[response.id] = (entry, size)
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.size
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
         return True
 
-    def get(self, response_id: str) -> StoredResponse | None:
-        entry = self._entries.get(response_id)
-        if entry is not None:
-            self._entries.move_to_end(response_id)
-        return entry
+    async def get(self, response_id: str) -> StoredResponse | None:
+        if response_id not in self._entries:
+            return None
+        self._entries.move_to_end(response_id)
+        return self._entries[response_id][0]
 
-    def delete(self, response_id: str) -> bool:
+    async def delete(self, response_id: str) -> bool:
         entry = self._entries.pop(response_id, None)
-        if entry is None:
+        if entry is not None:
+            self.bytes -= entry[1]
+        return entry is not None
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+class RedisResponseStore:
+    """Responses by id in Redis (``baton:response:{id}``), each kept ``ttl_s`` seconds. A response
+    Redis does not take is not stored (logged); reading or deleting while Redis does not answer
+    is a 503."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+        self._redis = client
+        self.ttl_s = ttl_s
+
+    async def put(self, response: ResponseObject, answered: list[InputItem]) -> bool:
+        try:
+            await self._redis.set(response_key(response.id), StoredResponse.of(response, answered).to_json(), ex=self.ttl_s)
+        except REDIS_ERRORS_CAUGHT as err:
+            logger.warning("response %s not stored: Redis does not answer (%s: %s)", response.id, type(err).__name__, err)
             return False
-        self.bytes -= entry.size
         return True
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        raw = await self._ask(self._redis.get(response_key(response_id)))
+        return None if raw is None else StoredResponse.from_json(raw)
+
+    async def delete(self, response_id: str) -> bool:
+        return bool(await self._ask(self._redis.delete(response_key(response_id))))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    @staticmethod
+    async def _ask(command: Awaitable[T]) -> T:
+        try:
+            return await command
+        except REDIS_ERRORS_CAUGHT as err:
+            raise APIError(f"stored responses are unavailable: Redis does not answer ({type(err).__name__})",
+                           status=503, type="service_unavailable_error") from err

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from baton.services.gateway.protocol import (
@@ -202,7 +202,8 @@ class ResponseEvents:
 
 
 async def stream_events(
-    req: ResponsesRequest, response_id: str, chat_stream: AsyncIterator[str], answered: Callable[[ResponseObject], None],
+    req: ResponsesRequest, response_id: str, chat_stream: AsyncIterator[str],
+    answered: Callable[[ResponseObject], Awaitable[None]],
 ) -> AsyncGenerator[dict[str, str], None]:
     """The Responses SSE events (``event:`` and ``data:``) of a streamed chat completion; the
     finished response goes to ``answered`` before its last event."""
@@ -221,7 +222,7 @@ async def stream_events(
             for event in events.chunk(chunk):
                 yield _sse(event)
         finished = events.finish()
-        answered(events.response)
+        await answered(events.response)
         for event in finished:
             yield _sse(event)
     finally:

@@ -30,7 +30,7 @@ from dataclasses import replace
 
 from pydantic import ValidationError
 
-from baton.services.gateway import beam_search, metrics, responses, sampling_defaults, scoring
+from baton.services.gateway import beam_search, metrics, response_store, responses, sampling_defaults, scoring
 from baton.services.gateway.backend import Backend, BackendError, EmbedRequest, EmbedResult
 from baton.services.gateway.chat_output import ChatOutput
 from baton.services.gateway.choice import Choice, Delta
@@ -45,7 +45,6 @@ from baton.services.gateway.protocol import (
     RerankResponse, ResponseDeleted, ResponseObject, ResponsesRequest, ScoreRequest, ScoreResponse, ScoringRequest,
     TokenizeRequest, TokenizeResponse, UnloadLoRAAdapterRequest,
 )
-from baton.services.gateway.response_store import ResponseStore
 from baton.services.gateway.streaming import PrimedStream, as_api_error
 from baton.services.gateway.tokenizer import GatewayTokenizer
 
@@ -61,7 +60,7 @@ class OpenAIServing:
         self.prep = RequestPreparer(config, tokenizer)
         self._chat = ChatOutput(tokenizer, config.reasoning_parser, config.tool_call_parser, self._logprobs,
                                 config.response_role)
-        self.response_store = ResponseStore(config.responses_store_mb << 20)
+        self.response_store = response_store.for_config(config)
         self._start_loras = dict(config.lora_modules)   # --lora-modules still served: name -> directory
         self._lora_updates = asyncio.Lock()             # one load or unload at a time
 
@@ -207,13 +206,13 @@ class OpenAIServing:
         """A Responses API request, answered as the chat completion it makes (see ``responses``),
         with the model's defaults for what it left out (its answer echoes them)."""
         req = sampling_defaults.with_defaults(req, self.prep.generation_defaults)
-        if not self.response_store.max_bytes:
+        if not self.config.responses_store_mb:
             req = req.model_copy(update={"store": False})
-        req = self._with_history(req)
+        req = await self._with_history(req)
 
-        def keep(response: ResponseObject) -> None:
+        async def keep(response: ResponseObject) -> None:
             if req.store:
-                self.response_store.put(response, req.input_items())
+                await self.response_store.put(response, req.input_items())
 
         try:
             chat = req.chat_request()
@@ -230,29 +229,29 @@ class OpenAIServing:
         if isinstance(result, PrimedStream):
             return await PrimedStream.start(responses.stream_events(req, response_id, result, keep))
         response = responses.from_chat(req, response_id, result)
-        keep(response)
+        await keep(response)
         return response
 
-    def _with_history(self, req: ResponsesRequest) -> ResponsesRequest:
+    async def _with_history(self, req: ResponsesRequest) -> ResponsesRequest:
         """``req`` as the conversation its ``previous_response_id`` closes, then its own input."""
         if req.previous_response_id is None:
             return req
-        stored = self.response_store.get(req.previous_response_id)
+        stored = await self.response_store.get(req.previous_response_id)
         if stored is None:
             raise APIError(f"Previous response with id '{req.previous_response_id}' not found.", status=404,
                            param="previous_response_id", type="not_found_error")
         return req.model_copy(update={"input": [*stored.conversation, *req.input_items()]})
 
-    def stored_response(self, response_id: str) -> ResponseObject:
+    async def stored_response(self, response_id: str) -> ResponseObject:
         """``GET /v1/responses/{id}``: a stored response."""
-        stored = self.response_store.get(response_id)
+        stored = await self.response_store.get(response_id)
         if stored is None:
             raise APIError(f"Response with id '{response_id}' not found.", status=404, type="not_found_error")
         return stored.response
 
-    def delete_response(self, response_id: str) -> ResponseDeleted:
+    async def delete_response(self, response_id: str) -> ResponseDeleted:
         """``DELETE /v1/responses/{id}``."""
-        if not self.response_store.delete(response_id):
+        if not await self.response_store.delete(response_id):
             raise APIError(f"Response with id '{response_id}' not found.", status=404, type="not_found_error")
         return ResponseDeleted(id=response_id)
 

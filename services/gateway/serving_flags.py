@@ -88,8 +88,11 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
         ("--responses-store-mb", dict(
             type=int, default=64, metavar="MB",
             help="the Responses API answers a request may store (store, the default) for later ones to go on from "
-                 "(previous_response_id) and clients to read or delete: at most MB of them in this gateway's memory, "
-                 "the least recently used out first (0: none stored)")),
+                 "(previous_response_id) and clients to read or delete: without Redis, at most MB of them in this "
+                 "gateway's memory, the least recently used out first (0: none stored, with Redis or without)")),
+        ("--responses-store-ttl", dict(
+            type=int, default=86400, metavar="SECONDS",
+            help="with Redis, where every gateway sees the stored answers: how long each is kept")),
         ("--return-tokens-as-token-ids", dict(
             switch, help='log-probs name their tokens "token_id:{id}" unless a request says otherwise (vLLM\'s)')),
         ("--generation-config", dict(
