@@ -438,7 +438,7 @@ async def test_gateway_serves_with_redis_down() -> None:
 async def test_gateways_share_stored_responses_through_redis() -> None:
     """With Redis, a response one gateway stored is read, gone on from and deleted through
     another (a load balancer's next pick), and expires; while Redis does not answer, going on
-    from one is a 503 and a new response is answered, unstored."""
+    from one is a 503 and a new response is answered, unstored, and says so."""
     import openai
 
     from baton.services.gateway.app import create_app
@@ -473,4 +473,6 @@ async def test_gateways_share_stored_responses_through_redis() -> None:
         await one.responses.create(model=MODEL, input="More.", previous_response_id=first.id, max_output_tokens=6)
     assert down.value.status_code == 503 and "Redis does not answer" in down.value.message
     unstored = await one.responses.create(model=MODEL, input="Speak.", max_output_tokens=6)
-    assert unstored.output_text and len(backends[0].requests) == 2
+    streamed = [e async for e in await one.responses.create(model=MODEL, input="Speak.", max_output_tokens=6, stream=True)]
+    assert unstored.output_text and not unstored.store and len(backends[0].requests) == 3
+    assert streamed[-1].type == "response.incomplete" and not streamed[-1].response.store   # cut at 6 tokens

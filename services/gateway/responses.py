@@ -119,12 +119,17 @@ class ResponseEvents:
         return events
 
     def finish(self) -> list[dict[str, Any]]:
+        """The events that close the output; the response is finished then (``completed`` sends it)."""
         events = self._close()
         if not any(isinstance(item, (OutputMessage, OutputFunctionCall)) for item in self.response.output):
             events += self._text("message", "") + self._close()     # nothing said: an empty message
-        response = _finish(self.response, self._finish_reason)
-        kind = "response.incomplete" if response.status == "incomplete" else "response.completed"
-        return events + [self._event(kind, response=response.model_dump(mode="json"))]
+        _finish(self.response, self._finish_reason)
+        return events
+
+    def completed(self) -> dict[str, Any]:
+        """The last event: the finished response."""
+        kind = "response.incomplete" if self.response.status == "incomplete" else "response.completed"
+        return self._event(kind, response=self.response.model_dump(mode="json"))
 
     def error(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         """A failure after the stream began (the chat stream's error event)."""
@@ -203,10 +208,10 @@ class ResponseEvents:
 
 async def stream_events(
     req: ResponsesRequest, response_id: str, chat_stream: AsyncIterator[str],
-    answered: Callable[[ResponseObject], Awaitable[None]],
+    answered: Callable[[ResponseObject], Awaitable[bool]],
 ) -> AsyncGenerator[dict[str, str], None]:
     """The Responses SSE events (``event:`` and ``data:``) of a streamed chat completion; the
-    finished response goes to ``answered`` before its last event."""
+    finished response goes to ``answered`` (which says whether it is stored) before its last event."""
     events = ResponseEvents(req, response_id)
     try:
         for event in events.start():
@@ -221,10 +226,10 @@ async def stream_events(
                 return
             for event in events.chunk(chunk):
                 yield _sse(event)
-        finished = events.finish()
-        await answered(events.response)
-        for event in finished:
+        for event in events.finish():
             yield _sse(event)
+        events.response.store = await answered(events.response)
+        yield _sse(events.completed())
     finally:
         await chat_stream.aclose()
 

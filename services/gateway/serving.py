@@ -210,9 +210,9 @@ class OpenAIServing:
             req = req.model_copy(update={"store": False})
         req = await self._with_history(req)
 
-        async def keep(response: ResponseObject) -> None:
-            if req.store:
-                await self.response_store.put(response, req.input_items())
+        async def keep(response: ResponseObject) -> bool:
+            """Store the answer where the request asks; whether it is stored."""
+            return req.store and await self.response_store.put(response, req.input_items())
 
         try:
             chat = req.chat_request()
@@ -229,7 +229,7 @@ class OpenAIServing:
         if isinstance(result, PrimedStream):
             return await PrimedStream.start(responses.stream_events(req, response_id, result, keep))
         response = responses.from_chat(req, response_id, result)
-        await keep(response)
+        response.store = await keep(response)
         return response
 
     async def _with_history(self, req: ResponsesRequest) -> ResponsesRequest:
