@@ -203,7 +203,7 @@ class LLM:
             request_id = str(next(self._ids))
             requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank, lora=adapter,
                                                                cache_salt=salt)))
-        self._run([seq for _, seqs in requests for seq in seqs], use_tqdm)
+        self._run(sum(len(seqs) for _, seqs in requests), use_tqdm)
         return [self._output(request_id, seqs, text) for (request_id, seqs), text in zip(requests, texts)]
 
     def _load_requested(self, requests: list[LoRARequest | None]) -> list[str | None]:
@@ -215,14 +215,16 @@ class LLM:
                 self.load_lora(request.lora_name, request.lora_path)
         return [None if r is None else r.lora_name for r in requests]
 
-    def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
-        """Step until every sequence is finished, ending those whose text gained a stop string."""
-        with tqdm(total=len(seqs), desc="Generating", unit="seq", disable=not use_tqdm) as bar:
+    def _run(self, num_seqs: int, use_tqdm: bool) -> None:
+        """Step until every sequence is finished, ending those whose text gained a stop string;
+        the bar counts each sequence once, in the step that finishes it."""
+        with tqdm(total=num_seqs, desc="Generating", unit="seq", disable=not use_tqdm) as bar:
             while self.core.has_unfinished():
-                for seq in self.core.step():
+                changed = self.core.step()
+                for seq in changed:
                     if seq.params.stop and not seq.is_finished and self._stopped(seq):
                         self.core.finish(seq, "stop")
-                bar.update(sum(s.is_finished for s in seqs) - bar.n)
+                bar.update(sum(seq.is_finished for seq in changed))
 
     def _stopped(self, seq: Sequence) -> bool:
         """Whether the end of ``seq``'s text holds one of its stop strings."""
