@@ -161,6 +161,7 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None   # CUDA: size the KV pool to this share of the device (vLLM's)
     max_logprobs: int = DEFAULT_MAX_LOGPROBS      # the most log-probs a request may ask for a token (-1: the vocabulary)
     seed: int | None = None                       # seeds unseeded requests' sampling seeds (None: OS randomness)
+    tokenizer: str | None = None                  # the tokenizer's directory or hub id, where not the model's
     revision: str | None = None                   # a hub model's branch, tag or commit (None: its default branch)
     download_dir: str | None = None               # where a hub model is downloaded (None: the hub's cache)
 

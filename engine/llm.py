@@ -59,7 +59,6 @@ from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.generation_config import GenerationDefaults, as_params, load_generation_defaults
 from baton.engine.hashing import model_fingerprint
-from baton.engine.loader import resolve_model_dir
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence, TokenLogprob
@@ -139,20 +138,18 @@ class LLM:
                              "must be 1")
         if kv_cache_dtype != "auto":
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: the KV cache is kept in the model's dtype (auto only)")
-        self.config = EngineConfig(**engine_config)
+        self.config = EngineConfig(tokenizer=tokenizer, **engine_config)
         self.runner = ModelRunner(model, self.config)
         self.generation_defaults = _generation_defaults(self.runner.model_dir, generation_config,
                                                         override_generation_config or {})
-        tokenizer_dir = (resolve_model_dir(tokenizer, self.config.revision, self.config.download_dir) if tokenizer
-                         else self.runner.model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.runner.tokenizer_dir)
         self.core = EngineCore(
             self.runner,
             self.config,
             eos_token_ids=self.runner.model_config.eos_token_ids,
             hash_extra=model_fingerprint(self.runner.model_dir),
             structured_outputs=StructuredOutputs(
-                tokenizer_dir, self.runner.vocab_size, self.runner.model_config.eos_token_ids
+                self.runner.tokenizer_dir, self.runner.vocab_size, self.runner.model_config.eos_token_ids
             ),
         )
         self._ids = itertools.count()

@@ -73,6 +73,8 @@ class ModelRunner:
     def __init__(self, model: str, config: EngineConfig) -> None:
         self.config = config
         self.model_dir: Path = resolve_model_dir(model, config.revision, config.download_dir)
+        self.tokenizer_dir: Path = (resolve_model_dir(config.tokenizer, config.revision, config.download_dir)
+                                    if config.tokenizer else self.model_dir)
         self.model_config: ModelConfig = load_model_config(self.model_dir, config.max_model_len)
         mc = self.model_config
         self.max_model_len: int = config.max_model_len or mc.max_position_embeddings

@@ -36,7 +36,6 @@ from baton.engine.config import (
 from baton.engine.engine_api import LoRAConflict, LoRAInUse, UnknownLoRA
 from baton.engine.engine_core import EngineCore
 from baton.engine.hashing import model_fingerprint
-from baton.engine.loader import resolve_model_dir
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams, StructuredOutputParams
 from baton.engine.model_runner import ModelRunner
 from baton.engine.pooling import PoolerConfig, pooler_config_arg
@@ -142,6 +141,7 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
         max_logprobs=args.max_logprobs,
         device=args.device,
         dtype=args.dtype,
+        tokenizer=args.tokenizer,
         revision=args.revision,
         download_dir=args.download_dir,
         async_scheduling=args.async_scheduling,
@@ -171,9 +171,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
         eos_token_ids=runner.model_config.eos_token_ids,
         hash_extra=fingerprint,
         keep_finished_blocks=keep_finished_blocks,
-        structured_outputs=StructuredOutputs(
-            resolve_model_dir(args.tokenizer, args.revision, args.download_dir) if args.tokenizer else runner.model_dir,
-            runner.vocab_size, runner.model_config.eos_token_ids),
+        structured_outputs=StructuredOutputs(runner.tokenizer_dir, runner.vocab_size, runner.model_config.eos_token_ids),
     )
     warm_up(core, config.block_size)
     gc.freeze()   # the model and library objects leave the collector's full scans (see engine/llm.py)

@@ -187,6 +187,7 @@ def test_baton_up_hands_the_cors_flags_the_response_role_and_the_response_store_
 
 def test_baton_up_hands_the_tokenizer_to_the_gateway_and_every_worker():
     from baton.services.gateway.__main__ import build_parser, config_from_args
+    from baton.services.worker import engine_config
 
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0"]
     plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
@@ -194,7 +195,8 @@ def test_baton_up_hands_the_tokenizer_to_the_gateway_and_every_worker():
     plan = launcher.make_plan(launcher.build_parser().parse_args([*argv, "--tokenizer", "/t"]))
     assert config_from_args(build_parser().parse_args(plan.gateway[4:])).tokenizer_dir == "/t"
     for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)):
-        assert [worker_arg_parser(role, default_port=50051).parse_args(cmd[4:]).tokenizer for cmd in cmds] == ["/t"]
+        assert [engine_config(worker_arg_parser(role, default_port=50051).parse_args(cmd[4:]), role).tokenizer
+                for cmd in cmds] == ["/t"]
     with pytest.raises(SystemExit):
         launcher.build_parser().parse_args([*argv, "--allowed-origins", "https://a"])   # not JSON
 
