@@ -21,6 +21,9 @@ pytestmark = pytest.mark.model
 
 PROMPTS = ["JULIET:\nO Romeo", "ROMEO:\nBut, soft! what light through yonder", "First Citizen:\nBefore we proceed", "HAMLET:\n"]
 GREEDY = SamplingParams(temperature=0, max_tokens=20)
+SCHEDULINGS = pytest.mark.parametrize("device,async_scheduling", [("cpu", False), ("cpu", True), pytest.param(
+    "cuda", True, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])],
+    ids=["cpu-sync", "cpu-async", "cuda"])
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +144,13 @@ def test_a_tokenizer_from_another_directory_serves_as_the_models_own(demo_model,
     assert split.generate("ROMEO:\n", SamplingParams(temperature=0, structured_output=names))[0].outputs[0].text in names.choice
 
 
-def test_stop_strings_and_vllms_prompt_and_output_forms(demo_model):
+@SCHEDULINGS
+def test_stop_strings_and_vllms_prompt_and_output_forms(demo_model, device, async_scheduling):
     """As vLLM's ``LLM``: a stop string ends the text where it first appears (cut before it, or
     after with ``include_stop_str_in_output``) and stops the sequence there; a stop token id is the
     ``stop_reason`` it gives; prompts may be vLLM's dicts, and outputs carry the prompt's text and,
-    with log-probs, their sum."""
-    llm = LLM(demo_model, num_blocks=64)
+    with log-probs, their sum. So too with a step in flight (async scheduling)."""
+    llm = LLM(demo_model, device=device, num_blocks=64, async_scheduling=async_scheduling)
     greedy = SamplingParams(temperature=0, max_tokens=40)
     prompts = ["JULIET:\nO Romeo", "ROMEO:\n"]
     full = [o.outputs[0] for o in llm.generate(prompts, greedy)]
@@ -266,9 +270,7 @@ def test_n_samples_share_the_prompt_blocks(demo_model):
     assert llm.core.stats().used_blocks == 0
 
 
-@pytest.mark.parametrize("device,async_scheduling", [("cpu", False), ("cpu", True), pytest.param("cuda", True, marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])],
-    ids=["cpu-sync", "cpu-async", "cuda"])
+@SCHEDULINGS
 def test_a_resumed_sequence_goes_on_as_it_would_have(demo_model, device, async_scheduling):
     """A sequence resumed after k of its tokens (as the gateway resumes one whose worker
     failed) samples what the uninterrupted one sampled next: the seed's index, the penalties
