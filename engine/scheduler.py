@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -167,6 +168,8 @@ class Scheduler:
                 break                                 # nothing jumps the best-ranked
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
+            if seq.scheduled_time is None:
+                seq.scheduled_time = time.monotonic()   # the end of its wait in the queue (vLLM's queue time)
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, num_new))
             budget.tokens -= num_new

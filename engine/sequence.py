@@ -50,7 +50,8 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int = 0                         # the sampling seed actually used (params.seed or drawn)
-    arrival_time: float = 0.0
+    arrival_time: float = 0.0             # time.monotonic() when the engine took it
+    scheduled_time: float | None = None   # time.monotonic() when a step first computed it (None: not yet)
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

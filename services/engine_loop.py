@@ -41,6 +41,10 @@ class SeqUpdate:
     num_cached_tokens: int
     prompt_logprobs: list[TokenLogprob]
     embedding: list[float] | None = None     # an embedding request's, once computed
+    # Its wait in this worker's queue, and the time from its first step to this update: on the
+    # update with its first token, its prefill (vLLM's queue and prefill times). 0 before a step ran it.
+    queued_seconds: float = 0.0
+    prefill_seconds: float = 0.0
 
 
 def _tokens_since(seq: Sequence, start: int) -> list[TokenLogprob]:
@@ -158,7 +162,8 @@ class EngineLoop:
             # Only parked work (blocks held for transfers): wait for a command rather than spin.
             self._wake.wait(timeout=0.005)
         self.stats = self.core.stats()
-        self._publish([self._update(seq) for seq in changed], self.core.drain_block_events())
+        now = time.monotonic()
+        self._publish([self._update(seq, now) for seq in changed], self.core.drain_block_events())
 
     def _publish(self, updates: list[SeqUpdate], events: list[BlockEvent]) -> None:
         """Hand a step's updates and block events to the event loop."""
@@ -173,12 +178,13 @@ class EngineLoop:
         """Engine thread only: ``num_tokens`` outputs of ``seq_id`` were delivered elsewhere."""
         self._sent[seq_id] = num_tokens
 
-    def _update(self, seq: Sequence) -> SeqUpdate:
+    def _update(self, seq: Sequence, now: float) -> SeqUpdate:
         start = self._sent.get(seq.seq_id, 0)
         if seq.is_finished:
             self._sent.pop(seq.seq_id, None)
         else:
             self._sent[seq.seq_id] = len(seq.output_token_ids)
+        scheduled = seq.scheduled_time
         return SeqUpdate(
             seq_id=seq.seq_id,
             new_tokens=_tokens_since(seq, start),
@@ -186,4 +192,6 @@ class EngineLoop:
             num_cached_tokens=seq.num_cached_tokens,
             prompt_logprobs=list(seq.prompt_logprobs) if start == 0 else [],
             embedding=seq.embedding,
+            queued_seconds=0.0 if scheduled is None else scheduled - seq.arrival_time,
+            prefill_seconds=0.0 if scheduled is None else now - scheduled,
         )

@@ -322,11 +322,14 @@ def test_prompts_short_enough_are_computed_on_the_decode_worker_alone(demo_model
         want_text = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
         usage = []
         for where in ("remote", "local"):
-            before = gateway_counter(system, "baton_prefills_total", {"where": where})
+        prefill_times = lambda: [gateway_counter(system, f"baton_request_prefill_time_seconds_{s}") for s in ("count", "sum")]  # noqa: E731
+            before, timed = gateway_counter(system, "baton_prefills_total", {"where": where}), prefill_times()
             out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0)
             assert out.choices[0].text == want_text
             assert gateway_counter(system, "baton_prefills_total", {"where": where}) - before == 1
             usage.append(out.usage.prompt_tokens_details.cached_tokens)
+            count, total = prefill_times()
+            assert count == timed[0] + 1 and total > timed[1]   # timed by the worker that prefilled it
             with redis.Redis.from_url(system.plan.redis_url) as r:   # the decode worker's cached blocks, published
                 wait_for_holders(r, keys, 2)
         assert usage[1] >= 80

@@ -49,6 +49,9 @@ SCRIPTS = [
 ]
 
 
+QUEUED_S, PREFILL_S = 0.125, 0.5   # each sequence's wait in a worker's queue and prefill, as FakeBackend says
+
+
 class FakeBackend(Backend):
     """Deterministic output from the demo tokenizer's vocabulary; records every
     request and every sequence closed before it finished (an abort)."""
@@ -108,6 +111,7 @@ class FakeBackend(Backend):
                     chunk.prompt_tokens = len(request.prompt_token_ids)
                     chunk.cached_tokens = self.cached_tokens
                     chunk.placement = ("prefill-of", request.request_id)
+                    chunk.queued_seconds, chunk.prefill_seconds = QUEUED_S, PREFILL_S
                     if request.params.prompt_logprobs is not None:
                         chunk.prompt_logprobs = [
                             self.prompt_logprob(request, i, t) for i, t in enumerate(request.prompt_token_ids[1:])
@@ -1734,7 +1738,12 @@ async def test_metrics_vllm_has_are_also_served_under_vllms_names(tok) -> None:
              ("baton_request_generation_tokens_sum", "vllm:request_generation_tokens_sum"),
              ("baton_request_max_num_generation_tokens_count", "vllm:request_max_num_generation_tokens_count"),
              ("baton_request_params_n_bucket", "vllm:request_params_n_bucket"),
-             ("baton_request_params_max_tokens_sum", "vllm:request_params_max_tokens_sum")]
+             ("baton_request_params_max_tokens_sum", "vllm:request_params_max_tokens_sum"),
+             ("baton_request_queue_time_seconds_sum", "vllm:request_queue_time_seconds_sum"),
+             ("baton_request_prefill_time_seconds_count", "vllm:request_prefill_time_seconds_count"),
+             ("baton_request_decode_time_seconds_bucket", "vllm:request_decode_time_seconds_bucket"),
+             ("baton_request_inference_time_seconds_sum", "vllm:request_inference_time_seconds_sum"),
+             ("baton_request_time_per_output_token_seconds_count", "vllm:request_time_per_output_token_seconds_count")]
     for ours, theirs in pairs:
         mine = {labels: v for (name, labels), v in samples.items() if name == ours}
         vllm = {tuple(l for l in labels if l != ("model_name", MODEL)): v for (name, labels), v in samples.items()
@@ -1746,11 +1755,13 @@ async def test_metrics_vllm_has_are_also_served_under_vllms_names(tok) -> None:
 
 async def test_each_finished_sequence_counts_with_its_finish_reason_and_lengths(tok) -> None:
     """vLLM's per-request metrics: every choice a finished sequence (stop, length, or abort and error
-    before either), with its prompt and generated tokens; each request's n, max_tokens and longest output."""
+    before either), with its prompt and generated tokens; each request's n, max_tokens and longest
+    output; and the phases of each that ended by stop or length: its queue and prefill times as the
+    backend says, its decode from its first token to its last."""
     body = {"model": MODEL, "prompt": "JULIET:\nO Romeo", "max_tokens": 5, "n": 2}
     prompt_len = len(tok.encode(body["prompt"]))
-    failing = FakeBackend(tok, error=BackendError("decode worker 127.0.0.1:1 went away", 503))
-    app = create_app(make_config(), FakeBackend(tok), tok)
+    failing = FakeBackend(tok, fail_after=3)
+    app = create_app(make_config(), FakeBackend(tok, delay=0.02), tok)
     async with client_for(app) as client:
         before = (await client.get("/metrics")).text
         await client.post("/v1/completions", json=body)
@@ -1769,6 +1780,14 @@ async def test_each_finished_sequence_counts_with_its_finish_reason_and_lengths(
     assert (delta(after, "baton_request_params_n_sum"), delta(after, "baton_request_params_n_count")) == (3, 2)
     assert delta(after, "baton_request_params_max_tokens_sum") == 55
     assert delta(failed, "baton_request_success_total", '{finished_reason="error"}') == 2
+    for text in (after, failed):   # three sequences ended by stop or length; the two cut short have no phases
+        assert delta(text, "baton_request_queue_time_seconds_sum") == pytest.approx(3 * QUEUED_S)
+        assert delta(text, "baton_request_prefill_time_seconds_sum") == pytest.approx(3 * PREFILL_S)
+        assert delta(text, "baton_request_decode_time_seconds_count") == 3
+        assert delta(text, "baton_request_time_per_output_token_seconds_count") == 3
+    decode = delta(after, "baton_request_decode_time_seconds_sum")
+    assert decode >= 3 * 0.02   # each had two chunks at least, 20 ms apart
+    assert delta(after, "baton_request_inference_time_seconds_sum") == pytest.approx(3 * PREFILL_S + decode)
 
 
 class UsageBackend(FakeBackend):

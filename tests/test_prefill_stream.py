@@ -82,6 +82,7 @@ async def test_first_token_streams_before_the_handoff_is_acknowledged(worker):
             prefill_pb2.PrefillRequest(request_id="r1", prompt_token_ids=PROMPT, params=params, ticket=ticket), timeout=60)
         first = await asyncio.wait_for(call.read(), 20)
         assert first.WhichOneof("event") == "first" and first.first.prompt_tokens == len(PROMPT)
+        assert first.first.queued_seconds >= 0 and first.first.prefill_seconds > 0
         await asyncio.wait_for(receiver.wait_complete("r1", 30), 30)   # every layer landed, not yet acknowledged
         handoff = asyncio.ensure_future(call.read())
         await asyncio.sleep(0.3)

@@ -60,8 +60,9 @@ class EosLovingRunner:
         return Output(logits)
 
 
-def make_core(runner: EosLovingRunner, keep: bool = False, async_scheduling: bool = False) -> EngineCore:
-    config = EngineConfig(block_size=4, num_blocks=runner.num_blocks, async_scheduling=async_scheduling)
+def make_core(runner: EosLovingRunner, keep: bool = False, async_scheduling: bool = False, max_num_seqs: int = 128) -> EngineCore:
+    config = EngineConfig(block_size=4, num_blocks=runner.num_blocks, async_scheduling=async_scheduling,
+                          max_num_seqs=max_num_seqs)
     return EngineCore(runner, config, [EOS], "fp", keep_finished_blocks=keep)
 
 
@@ -116,6 +117,27 @@ async def test_async_engine_loop_streams_each_token_once():
             await asyncio.sleep(0.01)
         assert [t.token_id for u in updates for t in u.new_tokens] == seq.output_token_ids == [5, 5, 5, EOS]
         assert [u.finish_reason for u in updates][-1] == "stop" and core.stats().used_blocks == 0
+    finally:
+        loop.stop()
+
+
+async def test_each_first_token_says_how_long_its_sequence_queued_and_prefilled():
+    """One sequence a step, 50 ms a step: the first runs at once, its first token a step later;
+    the second waits in the queue for the first's three steps, then prefills in one."""
+    core = make_core(EosLovingRunner(delay_s=0.05), max_num_seqs=1)
+    updates: list[SeqUpdate] = []
+    loop = EngineLoop(core, updates.extend)
+    loop.start()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        await loop.call(lambda: [core.add_request(rid, [1, 3, 4], params) for rid in ("a", "b")])
+        for _ in range(200):
+            if sum(u.finish_reason is not None for u in updates) == 2:
+                break
+            await asyncio.sleep(0.01)
+        first = {u.seq_id: u for u in reversed(updates) if u.new_tokens}   # each one's earliest update with tokens
+        assert first["a"].queued_seconds < 0.05 <= first["a"].prefill_seconds
+        assert first["b"].queued_seconds >= 0.15 and first["b"].prefill_seconds >= 0.05
     finally:
         loop.stop()
 

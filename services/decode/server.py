@@ -177,6 +177,7 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
                 chunk = _chunk(update)
                 if first:
                     chunk.prompt_tokens, chunk.cached_tokens = len(prompt), update.num_cached_tokens
+                    chunk.queued_seconds, chunk.prefill_seconds = update.queued_seconds, update.prefill_seconds
                     chunk.prompt_logprobs.extend(logprob_to_proto(lp) for lp in update.prompt_logprobs)
                     first = False
                 yield chunk

@@ -53,9 +53,10 @@ class EmbedResult:
 
 @dataclass
 class GenerationChunk:
-    """New output tokens. The first chunk carries the prompt facts, and where the backend
-    runs the sequence (``placement``: opaque, to pass on as ``colocate``); the last has
-    ``finish_reason`` set ("stop" or "length")."""
+    """New output tokens. The first chunk carries the prompt facts, where the backend runs the
+    sequence (``placement``: opaque, to pass on as ``colocate``) and, where the backend knows them,
+    the sequence's wait in a worker's queue and its prefill (``queued_seconds``, ``prefill_seconds``);
+    the last has ``finish_reason`` set ("stop" or "length")."""
 
     tokens: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
@@ -63,6 +64,8 @@ class GenerationChunk:
     cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob] | None = None
     placement: tuple[str, ...] = ()
+    queued_seconds: float | None = None
+    prefill_seconds: float | None = None
 
 
 class BackendError(Exception):

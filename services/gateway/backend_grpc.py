@@ -235,6 +235,7 @@ class GrpcBackend(Backend):
                                         finish_reason=msg.finish_reason or None)
                 if msg.prompt_tokens:   # the first chunk
                     chunk.prompt_tokens, chunk.cached_tokens = msg.prompt_tokens, msg.cached_tokens
+                    chunk.queued_seconds, chunk.prefill_seconds = msg.queued_seconds, msg.prefill_seconds
                     chunk.placement = ("", decode.address)   # a sibling's prefill worker: routing's choice
                     if request.params.prompt_logprobs is not None:
                         chunk.prompt_logprobs = [logprob_from_proto(p) for p in msg.prompt_logprobs]
@@ -333,6 +334,8 @@ class GrpcBackend(Backend):
             cached_tokens=first.cached_tokens,
             prompt_logprobs=[logprob_from_proto(p) for p in first.prompt_logprobs] if wants_prompt_logprobs else None,
             placement=placement,
+            queued_seconds=first.queued_seconds,
+            prefill_seconds=first.prefill_seconds,
         )
 
     # -- LoRA adapters loaded while serving ---------------------------------

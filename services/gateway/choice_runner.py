@@ -51,6 +51,8 @@ class ChoiceRunner:
             async for chunk in stream:
                 if choice.finish_reason is not None:
                     break  # nothing may follow the finishing chunk
+                if chunk.queued_seconds is not None and chunk.prefill_seconds is not None:
+                    tracker.on_phases(choice.index, chunk.queued_seconds, chunk.prefill_seconds)
                 delta = choice.consume(chunk)
                 tracker.on_tokens(choice.index, len(delta.tokens))
                 yield delta
@@ -123,7 +125,7 @@ class ChoiceRunner:
             raise
         finally:
             tracker.finish(status)
-            record(choices, status)
+            record(choices, status, tracker)
         return deltas
 
     async def stream(
@@ -155,16 +157,16 @@ class ChoiceRunner:
             yield DONE
         finally:
             tracker.finish(status)
-            record(choices, status)
+            record(choices, status, tracker)
 
 
-def record(choices: list[Choice], status: str) -> None:
+def record(choices: list[Choice], status: str, tracker: metrics.RequestMetrics) -> None:
     """vLLM's per-request metrics of a request's choices, once it ends with ``status``; a choice cut
     short finished by "abort" (the client went away) or "error"."""
     cut = "abort" if status == "aborted" else "error"
     params = choices[0].request.params
-    metrics.record_sequences(max(c.sample for c in choices) + 1, params.max_tokens,
-                             [(len(c.prompt.token_ids), c.num_tokens, c.finish_reason or cut) for c in choices])
+    metrics.record_sequences(max(c.sample for c in choices) + 1, params.max_tokens, [
+        tracker.sequence(c.index, len(c.prompt.token_ids), c.num_tokens, c.finish_reason or cut) for c in choices])
 
 
 def usage(choices: list[Choice]) -> UsageInfo:

@@ -2,7 +2,8 @@
 
 Other gateway modules import these names and update them; ``record_prompt`` keeps
 the cumulative prefix-cache hit ratio, ``RequestMetrics`` follows one request
-(waiting -> running -> finished) and ``render()`` gives the text exposition format:
+(waiting -> running -> finished), ``record_sequences`` counts its finished sequences (their
+lengths and phases) and ``render()`` gives the text exposition format:
 Baton's metrics, then those vLLM has too under vLLM's names (``VLLM_NAMES``), labelled with
 the served model's name as vLLM labels them, so that dashboards and autoscalers made for
 vLLM read Baton unchanged.
@@ -11,8 +12,8 @@ vLLM read Baton unchanged.
 from __future__ import annotations
 
 import time
-
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -25,6 +26,8 @@ _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160
 _TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _TOKEN_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))   # vLLM's 1-2-5 series, to 5M tokens
 _N_BUCKETS = (1, 2, 5, 10, 20)
+_PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+                  160.0, 320.0, 640.0)
 
 TTFT = Histogram(
     "baton_time_to_first_token_seconds", "Time from request arrival to its first token.",
@@ -80,6 +83,22 @@ REQUEST_PARAMS_N = Histogram("baton_request_params_n", "Each request's n (its sa
                              buckets=_N_BUCKETS, registry=REGISTRY)
 REQUEST_PARAMS_MAX_TOKENS = Histogram("baton_request_params_max_tokens", "Each request's output limit.",
                                       buckets=_TOKEN_BUCKETS, registry=REGISTRY)
+# vLLM's phases of a finished sequence (stop or length). In Baton the queue is the worker's that
+# computes the prompt (a prefill worker, or a decode worker prefilling locally), and so is the
+# prefill, from its first step to its first token; the decode is from the first token to the last
+# as the gateway gets them (the KV handoff included).
+QUEUE_TIME = Histogram("baton_request_queue_time_seconds", "Each finished sequence's wait in its worker's queue.",
+                       buckets=_PHASE_BUCKETS, registry=REGISTRY)
+PREFILL_TIME = Histogram("baton_request_prefill_time_seconds", "Each finished sequence's prefill: from its first "
+                         "step to its first token.", buckets=_PHASE_BUCKETS, registry=REGISTRY)
+DECODE_TIME = Histogram("baton_request_decode_time_seconds", "Each finished sequence's decode: from its first "
+                        "token to its last.", buckets=_PHASE_BUCKETS, registry=REGISTRY)
+INFERENCE_TIME = Histogram("baton_request_inference_time_seconds", "Each finished sequence's prefill and decode.",
+                           buckets=_PHASE_BUCKETS, registry=REGISTRY)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "baton_request_time_per_output_token_seconds", "Each finished sequence's decode over its tokens after the first.",
+    buckets=_ITL_BUCKETS, registry=REGISTRY,
+)
 KV_CACHE_USAGE = Gauge(
     "baton_kv_cache_usage_ratio", "KV cache blocks requests hold / all blocks, over the answering workers of a role "
     "(read when scraped).", labelnames=["role"], registry=REGISTRY,
@@ -106,6 +125,11 @@ VLLM_NAMES = {
     "baton_request_max_num_generation_tokens": ("vllm:request_max_num_generation_tokens",),
     "baton_request_params_n": ("vllm:request_params_n",),
     "baton_request_params_max_tokens": ("vllm:request_params_max_tokens",),
+    "baton_request_queue_time_seconds": ("vllm:request_queue_time_seconds",),
+    "baton_request_prefill_time_seconds": ("vllm:request_prefill_time_seconds",),
+    "baton_request_decode_time_seconds": ("vllm:request_decode_time_seconds",),
+    "baton_request_inference_time_seconds": ("vllm:request_inference_time_seconds",),
+    "baton_request_time_per_output_token_seconds": ("vllm:request_time_per_output_token_seconds",),
 }
 
 _prompt_totals = [0, 0]  # prompt tokens, cached tokens since start (for the hit ratio)
@@ -121,16 +145,38 @@ def record_prompt(prompt_tokens: int, cached_tokens: int) -> None:
         PREFIX_CACHE_HIT_RATIO.set(_prompt_totals[1] / _prompt_totals[0])
 
 
-def record_sequences(n: int, max_tokens: int, sequences: list[tuple[int, int, str]]) -> None:
+@dataclass
+class FinishedSequence:
+    """One sequence of a finished request, as vLLM's per-request metrics count it. Its phases
+    are None where unknown: its backend did not say (``queued``, ``prefill``), or it had no token."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str            # stop, length, or abort and error before either
+    queued: float | None = None
+    prefill: float | None = None
+    decode: float | None = None   # from its first token to its last
+
+
+def record_sequences(n: int, max_tokens: int, sequences: list[FinishedSequence]) -> None:
     """vLLM's per-request metrics of a finished generation request: ``n`` and ``max_tokens`` as it
-    asked, and each of its sequences' (prompt tokens, generated tokens, finish reason)."""
+    asked, and each of its sequences' lengths, finish reason and, for one that ended by stop or
+    length, its phases."""
     REQUEST_PARAMS_N.observe(n)
     REQUEST_PARAMS_MAX_TOKENS.observe(max_tokens)
-    REQUEST_MAX_GENERATION_TOKENS.observe(max((generated for _, generated, _ in sequences), default=0))
-    for prompt, generated, reason in sequences:
-        REQUEST_SUCCESS.labels(finished_reason=reason).inc()
-        REQUEST_PROMPT_TOKENS.observe(prompt)
-        REQUEST_GENERATION_TOKENS.observe(generated)
+    REQUEST_MAX_GENERATION_TOKENS.observe(max((s.generated_tokens for s in sequences), default=0))
+    for seq in sequences:
+        REQUEST_SUCCESS.labels(finished_reason=seq.finish_reason).inc()
+        REQUEST_PROMPT_TOKENS.observe(seq.prompt_tokens)
+        REQUEST_GENERATION_TOKENS.observe(seq.generated_tokens)
+        if seq.finish_reason not in ("stop", "length") or seq.queued is None or seq.prefill is None or seq.decode is None:
+            continue
+        QUEUE_TIME.observe(seq.queued)
+        PREFILL_TIME.observe(seq.prefill)
+        DECODE_TIME.observe(seq.decode)
+        INFERENCE_TIME.observe(seq.prefill + seq.decode)
+        if seq.generated_tokens > 1:
+            TIME_PER_OUTPUT_TOKEN.observe(seq.decode / (seq.generated_tokens - 1))
 
 
 class RequestMetrics:
@@ -140,8 +186,14 @@ class RequestMetrics:
     def __init__(self, arrival: float) -> None:
         self.arrival = arrival
         self.first_token: float | None = None
-        self.last: dict[int, float] = {}
+        self.first: dict[int, float] = {}                 # each choice's first token
+        self.last: dict[int, float] = {}                  # each choice's latest token
+        self.phases: dict[int, tuple[float, float]] = {}  # each choice's queue and prefill times
         REQUESTS_WAITING.inc()
+
+    def on_phases(self, index: int, queued: float, prefill: float) -> None:
+        """A choice's queue and prefill times, as its worker measured them: its first attempt's."""
+        self.phases.setdefault(index, (queued, prefill))
 
     def on_tokens(self, index: int, count: int) -> None:
         if count == 0:
@@ -156,8 +208,15 @@ class RequestMetrics:
         gaps = count if index in self.last else count - 1
         for _ in range(gaps):
             ITL.observe((now - self.last.get(index, now)) / count)
+        self.first.setdefault(index, now)
         self.last[index] = now
         GENERATION_TOKENS.inc(count)
+
+    def sequence(self, index: int, prompt_tokens: int, generated_tokens: int, finish_reason: str) -> FinishedSequence:
+        """Choice ``index``, finished, with the phases this request saw it go through."""
+        queued, prefill = self.phases.get(index, (None, None))
+        decode = self.last[index] - self.first[index] if index in self.first else None
+        return FinishedSequence(prompt_tokens, generated_tokens, finish_reason, queued, prefill, decode)
 
     def finish(self, status: str) -> None:
         (REQUESTS_WAITING if self.first_token is None else REQUESTS_RUNNING).dec()

@@ -138,6 +138,8 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
                 prompt_logprobs=[logprob_to_proto(lp) for lp in update.prompt_logprobs],
                 prompt_tokens=len(prompt),
                 cached_tokens=update.num_cached_tokens,
+                queued_seconds=update.queued_seconds,
+                prefill_seconds=update.prefill_seconds,
             ))
             stats = await session.finish(time_remaining(context)) if session is not None else None
             self.engine.release(rid)
