@@ -11,6 +11,8 @@ One request (one sequence) passes through these states::
          the decode worker holds every layer)
       -> GENERATING (Decode.Generate stream) -> FINISHED (a chunk with finish_reason)
 
+(The RPCs' messages are built and read in ``worker_messages``.)
+
 A request that names a sibling's ``placement`` in ``colocate`` (the gateway's
 ``n > 1`` choices) is routed to that sibling's prefill and decode workers while they
 are healthy and have room: the prompt blocks they cached for it are computed and
@@ -63,7 +65,6 @@ import grpc
 
 from baton.engine.hashing import model_fingerprint
 from baton.protos import FAILED_PEER_DECODE, FAILED_PEER_KEY, common_pb2, decode_pb2, kvtransfer_pb2, prefill_pb2
-from baton.services.convert import logprob_from_proto, params_to_proto
 from baton.services.gateway import fanout
 from baton.services.gateway.backend import (
     Backend, BackendError, EmbedRequest, EmbedResult, GenerationChunk, GenerationRequest,
@@ -74,12 +75,14 @@ from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECOND
 from baton.services.gateway.placement import Placement
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.gateway.router import Load
+from baton.services.gateway.worker_messages import (
+    check_prompt, decode_chunk, first_chunk, prefill_message, reserve_message, validate,
+)
 from baton.services.gateway.worker_pool import Worker, WorkerPool
 
 logger = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 2.0
-INT32_MAX = 2**31 - 1
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -127,7 +130,7 @@ class GrpcBackend(Backend):
     # -- one request -------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        _validate(request)
+        validate(request)
         deadline = time.monotonic() + self.config.request_timeout_s
         avoid: set[str] = set()
         streamed: list[int] = []
@@ -154,7 +157,7 @@ class GrpcBackend(Backend):
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """On the prefill worker ``router`` picks for the prompt; a failed worker's request is
         retried on another."""
-        _check_prompt(request.prompt_token_ids)
+        check_prompt(request.prompt_token_ids)
         deadline = time.monotonic() + self.config.request_timeout_s
         msg = prefill_pb2.EmbedRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                                        priority=request.priority, cache_salt=request.cache_salt or "")
@@ -197,16 +200,14 @@ class GrpcBackend(Backend):
             prefill = self._place.choose_prefill(request.token_ids, avoid, cached, request.colocate, request.lora)
             async with aclosing(self._prefill(prefill, decode, request, ticket, deadline)) as replies:
                 async for first in replies:
-                    yield self._first_chunk(request, first, (prefill.address, decode.address))
+                    yield first_chunk(request, first, (prefill.address, decode.address))
             call = decode.stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request.request_id, first_token=first.token),
                 timeout=self._timeout(deadline, math.inf),
             )
             try:
                 async for msg in call:
-                    chunk = GenerationChunk(
-                        tokens=[logprob_from_proto(t) for t in msg.tokens], finish_reason=msg.finish_reason or None
-                    )
+                    chunk = decode_chunk(msg, request, ())
                     finished = chunk.finish_reason is not None
                     yield chunk
                     if finished:
@@ -227,18 +228,11 @@ class GrpcBackend(Backend):
         """The whole request on ``decode`` (``Decode.PrefillAndGenerate``)."""
         PREFILLS.labels(where="local").inc()
         self._pool.in_flight[decode.address] += 1
-        call = decode.stub.PrefillAndGenerate(_reserve_message(request), timeout=self._timeout(deadline, math.inf))
+        call = decode.stub.PrefillAndGenerate(reserve_message(request), timeout=self._timeout(deadline, math.inf))
         finished = False
         try:
             async for msg in call:
-                chunk = GenerationChunk(tokens=[logprob_from_proto(t) for t in msg.tokens],
-                                        finish_reason=msg.finish_reason or None)
-                if msg.prompt_tokens:   # the first chunk
-                    chunk.prompt_tokens, chunk.cached_tokens = msg.prompt_tokens, msg.cached_tokens
-                    chunk.queued_seconds, chunk.prefill_seconds = msg.queued_seconds, msg.prefill_seconds
-                    chunk.placement = ("", decode.address)   # a sibling's prefill worker: routing's choice
-                    if request.params.prompt_logprobs is not None:
-                        chunk.prompt_logprobs = [logprob_from_proto(p) for p in msg.prompt_logprobs]
+                chunk = decode_chunk(msg, request, ("", decode.address))   # a sibling's prefill worker: routing's choice
                 finished = chunk.finish_reason is not None
                 yield chunk
                 if finished:
@@ -257,7 +251,7 @@ class GrpcBackend(Backend):
     ) -> tuple[Worker, kvtransfer_pb2.TransferTicket]:
         """Reserve on the decode worker ``router`` picks (RESOURCE_EXHAUSTED: the next one); the
         request counts in flight there from the pick on, so that a burst spreads out at once."""
-        msg = _reserve_message(request)
+        msg = reserve_message(request)
         full: set[str] = set()
         while True:
             address = self._place.pick_decode(request, self._pool.healthy("decode", avoid | full, request.lora), cached)
@@ -288,16 +282,7 @@ class GrpcBackend(Backend):
     ) -> AsyncIterator[prefill_pb2.FirstToken]:
         """Yield the first token as soon as the prefill worker sends it; end once the worker
         reports the KV handed off to ``decode`` (which then holds every layer)."""
-        msg = prefill_pb2.PrefillRequest(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            params=params_to_proto(request.params),
-            ticket=ticket,
-            output_token_ids=request.output_token_ids,
-            priority=request.priority,
-            lora=request.lora or "",
-            cache_salt=request.cache_salt or "",
-        )
+        msg = prefill_message(request, ticket)
         call = worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
         self._pool.in_flight[worker.address] += 1
         try:
@@ -322,21 +307,6 @@ class GrpcBackend(Backend):
         if reply is grpc.aio.EOF or reply.WhichOneof("event") != event:
             raise BackendError(f"prefill worker {worker.address} sent no {event!r} message in its place in the stream", 503)
         return getattr(reply, event)
-
-    @staticmethod
-    def _first_chunk(
-        request: GenerationRequest, first: prefill_pb2.FirstToken, placement: tuple[str, str]
-    ) -> GenerationChunk:
-        wants_prompt_logprobs = request.params.prompt_logprobs is not None
-        return GenerationChunk(
-            tokens=[logprob_from_proto(first.token)],
-            prompt_tokens=first.prompt_tokens,
-            cached_tokens=first.cached_tokens,
-            prompt_logprobs=[logprob_from_proto(p) for p in first.prompt_logprobs] if wants_prompt_logprobs else None,
-            placement=placement,
-            queued_seconds=first.queued_seconds,
-            prefill_seconds=first.prefill_seconds,
-        )
 
     # -- LoRA adapters loaded while serving ---------------------------------
 
@@ -413,31 +383,3 @@ class GrpcBackend(Backend):
         for worker, result in zip(workers, results):
             if isinstance(result, BaseException):
                 logger.info("abort of %s on %s %s failed: %s", request_id, worker.role, worker.address, result)
-
-
-
-def _reserve_message(request: GenerationRequest) -> decode_pb2.ReserveRequest:
-    """What a decode worker takes to reserve ``request``'s blocks, or to serve it whole."""
-    return decode_pb2.ReserveRequest(
-        request_id=request.request_id,
-        prompt_token_ids=request.prompt_token_ids,
-        params=params_to_proto(request.params),
-        output_token_ids=request.output_token_ids,
-        priority=request.priority,
-        lora=request.lora or "",
-        cache_salt=request.cache_salt or "",
-    )
-
-
-
-def _validate(request: GenerationRequest) -> None:
-    if request.params.n != 1:
-        raise BackendError(f"the gRPC backend runs one sequence per request (n=1), got n={request.params.n}", 400)
-    _check_prompt(request.prompt_token_ids)
-
-
-def _check_prompt(ids: list[int]) -> None:
-    if not ids:
-        raise BackendError("the prompt must contain at least one token", 400)
-    if min(ids) < 0 or max(ids) > INT32_MAX:
-        raise BackendError("prompt token ids must be in [0, 2**31)", 400)
