@@ -32,6 +32,12 @@ hub id than the model's, as vLLM's ``tokenizer`` does.
 ``llm.chat(messages, params)`` renders a conversation through the model's chat template first, as
 vLLM's ``LLM.chat`` does.
 
+``llm.embed(prompts)`` and ``llm.score(text_1, text_2)`` answer in vLLM's types (``engine.outputs``), so that its scripts
+run unchanged:
+
+    llm.embed(prompts)[0].outputs.embedding            # a list of floats
+    [o.outputs.score for o in llm.score(query, docs)]  # the cosine of each pair's embeddings
+
 As in vLLM, a prompt may also be ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``;
 ``SamplingParams(stop=[...])`` ends a text at its first stop string (checked after each step, on
 the newest tokens' text, and cut there); each ``CompletionOutput`` says what stopped it
@@ -46,7 +52,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -60,6 +66,9 @@ from baton.engine.engine_core import EngineCore
 from baton.engine.generation_config import GenerationDefaults, as_params, load_generation_defaults
 from baton.engine.hashing import model_fingerprint
 from baton.engine.model_runner import ModelRunner
+from baton.engine.outputs import (
+    CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput, ScoringRequestOutput,
+)
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence, TokenLogprob
 from baton.engine.stop_strings import cut_at_stop, first_stop, tail_tokens
@@ -69,32 +78,6 @@ T = TypeVar("T")
 Prompt = str | list[int] | dict
 Prompts = Prompt | list[str] | list[list[int]] | list[dict]
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CompletionOutput:
-    """One sample, as vLLM's: ``stop_reason`` is the stop string or stop token id that ended it
-    (None for EOS or a length); ``cumulative_logprob`` the sum of its tokens' log-probs, given
-    where ``logprobs`` were asked for."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    stop_reason: int | str | None = None
-    cumulative_logprob: float | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    num_cached_tokens: int = 0
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt: str | None = None        # the prompt's text, where it was given as text
-    finished: bool = True
 
 
 @dataclass(frozen=True)
@@ -307,27 +290,36 @@ class LLM:
         self.core.reset_prefix_cache()
         return True
 
-    def embed(self, prompts: Prompts) -> list[list[float]]:
-        """Each prompt's embedding: its final hidden states pooled as ``pooler`` (``EngineConfig``)
-        says, by default as the checkpoint's sentence-transformers modules do, else its last
-        token's, L2-normalized (as decoder embedding models such as Qwen3-Embedding are read)."""
+    def embed(self, prompts: Prompts, use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """Each prompt's (as ``generate`` takes them) embedding, in prompt order and as vLLM's
+        ``LLM.embed`` answers (``outputs.embedding``): its final hidden states pooled as ``pooler``
+        (``EngineConfig``) says, by default as the checkpoint's sentence-transformers modules do,
+        else its last token's, L2-normalized (as decoder embedding models such as Qwen3-Embedding
+        are read). ``use_tqdm``: a progress bar over the embedded prompts."""
         seqs = [self.core.add_embedding_request(str(next(self._ids)), ids) for ids in self._token_ids(prompts)]
-        while self.core.has_unfinished():
-            self.core.step()
-        return [seq.embedding for seq in seqs]
+        self._run(len(seqs), use_tqdm)
+        # A request of one sequence: the sequence's id is the request's.
+        return [EmbeddingRequestOutput(seq.seq_id, EmbeddingOutput(seq.embedding), list(seq.prompt_token_ids),
+                                       seq.num_cached_tokens) for seq in seqs]
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer prompts are encoded and outputs decoded with (vLLM's)."""
         return self.tokenizer
 
-    def score(self, text_1: str | list[str], text_2: str | list[str]) -> list[float]:
-        """vLLM's ``LLM.score`` over the embeddings: each pair's cosine similarity, paired as vLLM
-        pairs them (one ``text_1`` against each ``text_2``, else the i-th with the i-th)."""
-        first, second = ([t] if isinstance(t, str) else list(t) for t in (text_1, text_2))
+    def score(self, text_1: Prompts, text_2: Prompts, use_tqdm: bool = False) -> list[ScoringRequestOutput]:
+        """vLLM's ``LLM.score`` over the embeddings: each pair's cosine similarity (``outputs.score``),
+        paired as vLLM pairs them (one ``text_1`` against each ``text_2``, else the i-th with the
+        i-th); texts as ``embed`` takes prompts. As vLLM's embedding-model path answers, a pair's
+        ``request_id`` joins its two embeddings' ("0_1"), its ``prompt_token_ids`` are the first
+        text's, the tokenizer's pad token (where it has one), then the second text's, and its
+        ``num_cached_tokens`` are the two texts' summed."""
+        first, second = _as_list(text_1), _as_list(text_2)
         if not second or len(first) not in (1, len(second)):
             raise ValueError(f"score pairs 1 text_1 with N text_2, or N with N: got {len(first)} and {len(second)}")
-        embeddings = torch.tensor(self.embed(first + second), dtype=torch.float64)
-        return torch.cosine_similarity(embeddings[: len(first)], embeddings[len(first):]).tolist()
+        embedded = self.embed(first + second, use_tqdm)
+        firsts = embedded[: len(first)] * (len(second) if len(first) == 1 else 1)
+        pad = [] if self.tokenizer.pad_token_id is None else [self.tokenizer.pad_token_id]
+        return [_scored(a, b, pad) for a, b in zip(firsts, embedded[len(first):])]
 
     def _token_ids(self, prompts: Prompts) -> list[list[int]]:
         """One prompt or several (``Prompts``), each as token ids."""
@@ -363,6 +355,14 @@ def _generation_defaults(model_dir: str, source: str, override: dict) -> Generat
     if defaults.values:
         logger.info("default sampling params from %s: %s", defaults.describe(), defaults.values)
     return defaults
+
+
+def _scored(a: EmbeddingRequestOutput, b: EmbeddingRequestOutput, pad: list[int]) -> ScoringRequestOutput:
+    """The pair ``a``, ``b`` scored: the cosine similarity of their embeddings, in float64."""
+    vectors = (torch.tensor(e.outputs.embedding, dtype=torch.float64) for e in (a, b))
+    score = ScoringOutput(torch.cosine_similarity(*vectors, dim=0).item())
+    return ScoringRequestOutput(f"{a.request_id}_{b.request_id}", score, a.prompt_token_ids + pad + b.prompt_token_ids,
+                                a.num_cached_tokens + b.num_cached_tokens)
 
 
 def _as_list(prompts: Prompts) -> list[Prompt]:

@@ -205,7 +205,7 @@ def test_embeddings_come_from_the_prefill_workers(system, demo_model):
     """/v1/embeddings through the OpenAI client (which asks for base64) and as floats: what the
     aggregated engine pools; the prompts' blocks are left to the prefix cache, none in use."""
     texts = [PROMPTS[0], PROMPTS[2] * 3, "x"]
-    want = LLM(demo_model).embed(texts)
+    want = [out.outputs.embedding for out in LLM(demo_model).embed(texts)]
     out = system.client.embeddings.create(model=MODEL_NAME, input=texts)
     assert [d.index for d in out.data] == [0, 1, 2]
     for got, expected in zip(out.data, want):
@@ -256,7 +256,8 @@ def test_baton_up_hands_its_pooler_config_to_the_prefill_workers(demo_model):
                     up_flags=("--pooler-config", '{"pooling_type": "MEAN", "normalize": false}'))
     try:
         texts = [PROMPTS[0] * 3, PROMPTS[2]]
-        want = LLM(demo_model, pooler=PoolerConfig("MEAN", normalize=False)).embed(texts)
+        llm = LLM(demo_model, pooler=PoolerConfig("MEAN", normalize=False))
+        want = [out.outputs.embedding for out in llm.embed(texts)]
         for _ in range(2):
             out = system.client.embeddings.create(model=MODEL_NAME, input=texts)
             for got, expected in zip(out.data, want, strict=True):
@@ -321,15 +322,15 @@ def test_prompts_short_enough_are_computed_on_the_decode_worker_alone(demo_model
         keys = [block_key(fingerprint, h) for h in block_hashes(prompt, 16, fingerprint)]
         want_text = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
         usage = []
-        for where in ("remote", "local"):
         prefill_times = lambda: [gateway_counter(system, f"baton_request_prefill_time_seconds_{s}") for s in ("count", "sum")]  # noqa: E731
+        for where in ("remote", "local"):
             before, timed = gateway_counter(system, "baton_prefills_total", {"where": where}), prefill_times()
             out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0)
             assert out.choices[0].text == want_text
             assert gateway_counter(system, "baton_prefills_total", {"where": where}) - before == 1
-            usage.append(out.usage.prompt_tokens_details.cached_tokens)
             count, total = prefill_times()
             assert count == timed[0] + 1 and total > timed[1]   # timed by the worker that prefilled it
+            usage.append(out.usage.prompt_tokens_details.cached_tokens)
             with redis.Redis.from_url(system.plan.redis_url) as r:   # the decode worker's cached blocks, published
                 wait_for_holders(r, keys, 2)
         assert usage[1] >= 80

@@ -4,7 +4,7 @@ step or in chunks, beside generation, or over blocks its prefix cache holds; mea
 (CLS) pooling, normalized or not, equal the mean and the first of transformers' final hidden
 states, computed in one step or in chunks, with their prefix cached, or after a preemption; the
 pooling is the checkpoint's sentence-transformers pooling unless a worker's --pooler-config says
-otherwise."""
+otherwise. ``LLM.embed`` and ``LLM.score`` answer in vLLM's output types."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton.engine.engine_core import EngineCore
 from baton.engine.llm import LLM
+from baton.engine.outputs import EmbeddingRequestOutput, ScoringRequestOutput
 from baton.engine.pooling import POOLING_TYPES, PoolerConfig
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
@@ -56,6 +57,16 @@ def pooled(hidden: torch.Tensor, pooler: PoolerConfig) -> torch.Tensor:
     return torch.nn.functional.normalize(vector, dim=0) if pooler.normalize else vector
 
 
+def vectors(outputs: list[EmbeddingRequestOutput]) -> list[list[float]]:
+    """``LLM.embed``'s embeddings."""
+    return [out.outputs.embedding for out in outputs]
+
+
+def scores(outputs: list[ScoringRequestOutput]) -> list[float]:
+    """``LLM.score``'s scores."""
+    return [out.outputs.score for out in outputs]
+
+
 def embed(core: EngineCore, prompts: list[list[int]], tag: str) -> list[Sequence]:
     """Embed ``prompts`` together; their finished sequences."""
     seqs = [core.add_embedding_request(f"{tag}{i}", p) for i, p in enumerate(prompts)]
@@ -67,7 +78,7 @@ def embed(core: EngineCore, prompts: list[list[int]], tag: str) -> list[Sequence
 @pytest.mark.parametrize("engine_kwargs", [{}, {"max_num_batched_tokens": 5, "block_size": 4}], ids=["whole", "chunked"])
 def test_embeddings_match_transformers_last_hidden_state(demo_model, reference, engine_kwargs) -> None:
     llm = LLM(demo_model, **engine_kwargs)
-    got = llm.embed(PROMPTS)
+    got = vectors(llm.embed(PROMPTS))
     for ours, theirs in zip(got, reference):
         assert len(ours) == theirs.shape[0]
         torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-5)
@@ -105,7 +116,7 @@ def test_a_base_models_checkpoint_serves_embeddings_only(demo_model, reference, 
             (tmp_path / name).write_bytes((Path(demo_model) / name).read_bytes())
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaModel"]
     llm = LLM(str(tmp_path))
-    for ours, theirs in zip(llm.embed(PROMPTS), reference):
+    for ours, theirs in zip(vectors(llm.embed(PROMPTS)), reference):
         torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="embeddings only"):
         llm.generate(PROMPTS[0], SamplingParams(max_tokens=2))
@@ -123,7 +134,7 @@ POOLERS = [PoolerConfig("MEAN"), PoolerConfig("MEAN", normalize=False), PoolerCo
 @pytest.mark.parametrize("engine_kwargs", [{}, {"max_num_batched_tokens": 5, "block_size": 4}], ids=["whole", "chunked"])
 def test_each_pooling_type_matches_transformers(demo_model, prompt_ids, hidden_states, pooler, engine_kwargs) -> None:
     llm = LLM(demo_model, pooler=pooler, **engine_kwargs)
-    for ours, hidden in zip(llm.embed(prompt_ids), hidden_states, strict=True):
+    for ours, hidden in zip(vectors(llm.embed(prompt_ids)), hidden_states, strict=True):
         torch.testing.assert_close(torch.tensor(ours), pooled(hidden, pooler), rtol=1e-5, atol=1e-5)
     assert llm.core.stats().used_blocks == 0
 
@@ -180,7 +191,7 @@ def mean_pooling_checkpoint(demo_model, tmp_path) -> str:
 
 def test_without_a_pooler_config_the_checkpoint_says_how_to_pool(mean_pooling_checkpoint, prompt_ids, hidden_states) -> None:
     llm = LLM(mean_pooling_checkpoint)
-    for ours, hidden in zip(llm.embed(prompt_ids), hidden_states, strict=True):
+    for ours, hidden in zip(vectors(llm.embed(prompt_ids)), hidden_states, strict=True):
         torch.testing.assert_close(torch.tensor(ours), pooled(hidden, PoolerConfig("MEAN", normalize=False)),
                                    rtol=1e-5, atol=1e-5)
 
@@ -205,14 +216,46 @@ def test_a_decode_worker_does_not_read_the_checkpoints_pooling(mean_pooling_chec
     assert ctx.core.reserve("r", prompt_ids[0], SamplingParams(max_tokens=4)) is not None
 
 
+def test_embed_answers_as_vllms_llm_embed_does(demo_model, prompt_ids) -> None:
+    """An ``EmbeddingRequestOutput`` for each prompt (text, token ids, or vLLM's dict forms), in
+    prompt order: a request id of its own, the prompt's token ids, finished, and as
+    ``outputs.embedding`` what the engine pools for it; ``num_cached_tokens`` counts the prefix
+    cache's hits (LAST pooling reuses it)."""
+    llm = LLM(demo_model, num_blocks=64, block_size=4)
+    prompts = [PROMPTS[0], {"prompt": PROMPTS[1]}, {"prompt_token_ids": prompt_ids[2]}, prompt_ids[3]]
+    outs = llm.embed(prompts, use_tqdm=True)
+    assert all(isinstance(out, EmbeddingRequestOutput) and out.finished for out in outs)
+    assert len({out.request_id for out in outs}) == len(prompts)
+    assert [out.prompt_token_ids for out in outs] == prompt_ids[:4]
+    pooled_by_engine = embed(LLM(demo_model, num_blocks=64, block_size=4).core, prompt_ids[:4], "e")
+    assert vectors(outs) == [seq.embedding for seq in pooled_by_engine]
+    assert {out.outputs.hidden_size for out in outs} == {llm.runner.model_config.hidden_size}
+    assert [out.num_cached_tokens for out in outs] == [0] * 4
+    (again,) = llm.embed(PROMPTS[0])
+    assert again.num_cached_tokens > 0 and again.request_id not in {out.request_id for out in outs}
+    assert again.outputs.embedding == pytest.approx(outs[0].outputs.embedding, abs=1e-6)
+
+
 def test_score_is_the_cosine_of_the_embeddings_paired_as_vllm_pairs_them(demo_model) -> None:
-    """``LLM.score`` (vLLM's): 1:N and N:N pairs, scored as the gateway's /score scores them."""
+    """``LLM.score`` (vLLM's): 1:N and N:N pairs, scored as the gateway's /score scores them; a
+    ``ScoringRequestOutput`` for each pair, whose tokens are the pair's joined by the pad token
+    and whose request id joins the two embeddings', as vLLM's embedding-model path answers."""
     from baton.services.gateway.scoring import similarities
 
     llm = LLM(demo_model, num_blocks=64)
     query, docs = "O Romeo", ["But, soft!", "Romeo, Romeo!", "To be"]
-    assert llm.score(query, docs) == pytest.approx(similarities(llm.embed([query, *docs]), 1), abs=1e-9)
-    assert llm.score(docs, docs[::-1]) == pytest.approx(similarities(llm.embed(docs + docs[::-1]), 3), abs=1e-9)
-    assert llm.score(docs, docs) == pytest.approx([1.0] * 3)
+    outs = llm.score(query, docs)
+    assert scores(outs) == pytest.approx(similarities(vectors(llm.embed([query, *docs])), 1), abs=1e-9)
+    assert all(isinstance(out, ScoringRequestOutput) and out.finished for out in outs)
+    ids = [llm.tokenizer(text).input_ids for text in (query, *docs)]
+    assert llm.tokenizer.pad_token_id is not None
+    assert [out.prompt_token_ids for out in outs] == [ids[0] + [llm.tokenizer.pad_token_id] + d for d in ids[1:]]
+    query_id = outs[0].request_id.split("_")[0]
+    assert [out.request_id.split("_")[0] for out in outs] == [query_id] * 3 and len({out.request_id for out in outs}) == 3
+    by_dicts = llm.score({"prompt": query}, [{"prompt_token_ids": d} for d in ids[1:]])
+    assert scores(by_dicts) == pytest.approx(scores(outs), abs=1e-9)
+    assert scores(llm.score(docs, docs[::-1])) == pytest.approx(similarities(vectors(llm.embed(docs + docs[::-1])), 3),
+                                                                abs=1e-9)
+    assert scores(llm.score(docs, docs)) == pytest.approx([1.0] * 3)
     with pytest.raises(ValueError, match="1 text_1 with N text_2, or N with N: got 2 and 3"):
         llm.score(docs[:2], docs)

@@ -143,10 +143,13 @@ def test_speculation_on_cuda_writes_what_one_token_a_step_writes_on_the_cpu(gate
 @pytest.mark.gpu
 @needs_gpu
 def test_embeddings_on_cuda_match_the_cpu_engine():
-    want = torch.tensor(LLM(DEMO, num_blocks=256).embed(PROMPTS))
-    got = torch.tensor(LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8).embed(PROMPTS))
+    def embeddings(llm: LLM) -> torch.Tensor:
+        return torch.tensor([out.outputs.embedding for out in llm.embed(PROMPTS)])
+
+    want = embeddings(LLM(DEMO, num_blocks=256))
+    got = embeddings(LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-    bf16 = torch.tensor(LLM(DEMO, device="cuda", dtype="bfloat16", num_blocks=256, max_num_seqs=8).embed(PROMPTS))
+    bf16 = embeddings(LLM(DEMO, device="cuda", dtype="bfloat16", num_blocks=256, max_num_seqs=8))
     assert torch.nn.functional.cosine_similarity(bf16, want).min() > 0.99
 
 

@@ -1,0 +1,75 @@
+"""What the offline ``LLM`` answers, as vLLM's ``vllm.outputs`` types: a generation's
+``RequestOutput`` (one ``CompletionOutput`` per sample), an embedding's ``EmbeddingRequestOutput``
+and a scored pair's ``ScoringRequestOutput``, with vLLM's field names and order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from baton.engine.sequence import TokenLogprob
+
+
+@dataclass
+class CompletionOutput:
+    """One sample, as vLLM's: ``stop_reason`` is the stop string or stop token id that ended it
+    (None for EOS or a length); ``cumulative_logprob`` the sum of its tokens' log-probs, given
+    where ``logprobs`` were asked for."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt: str | None = None        # the prompt's text, where it was given as text
+    finished: bool = True
+
+
+@dataclass
+class EmbeddingOutput:
+    """vLLM's: a prompt's pooled embedding."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """vLLM's: what ``LLM.embed`` answers for one prompt."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    num_cached_tokens: int = 0
+    finished: bool = True
+
+
+@dataclass
+class ScoringOutput:
+    """vLLM's: a pair's score."""
+
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """vLLM's: what ``LLM.score`` answers for one pair (``score`` says what its fields hold)."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    num_cached_tokens: int = 0
+    finished: bool = True
