@@ -53,6 +53,7 @@ import gc
 import itertools
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -71,7 +72,7 @@ from baton.engine.outputs import (
 )
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence, TokenLogprob
-from baton.engine.stop_strings import cut_at_stop, first_stop, tail_tokens
+from baton.engine.stop_strings import cut_at_stop, first_stop, tail_tokens, tokens_through_stop
 from baton.engine.structured_output import StructuredOutputs
 
 T = TypeVar("T")
@@ -333,18 +334,21 @@ class LLM:
                              list(first.prompt_logprobs), prompt)
 
     def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
-        """A finished sequence's sample: its text cut at its first stop string, and what stopped it."""
-        params = seq.params
-        text, stop = cut_at_stop(self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True), params.stop,
-                                 params.include_stop_str_in_output)
-        last = seq.output_token_ids[-1] if seq.output_token_ids else None
-        if stop is None and seq.finish_reason == "stop" and last in params.stop_token_ids:
-            stop = last
+        """A finished sequence's sample: its text cut at its first stop string, and what stopped it;
+        a stop string's sample keeps its tokens up to the one that completed the string."""
+        params, ids, logprobs = seq.params, seq.output_token_ids, seq.output_logprobs
+        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+        text, stop = cut_at_stop(decode(ids), params.stop, params.include_stop_str_in_output)
+        if isinstance(stop, str):
+            kept = tokens_through_stop(ids, decode, params.stop)
+            ids, logprobs = ids[:kept], logprobs[:kept]
+        elif seq.finish_reason == "stop" and ids and ids[-1] in params.stop_token_ids:
+            stop = ids[-1]
         return CompletionOutput(
-            index=index, text=text, token_ids=list(seq.output_token_ids),
-            finish_reason="stop" if isinstance(stop, str) else seq.finish_reason, logprobs=list(seq.output_logprobs),
+            index=index, text=text, token_ids=list(ids),
+            finish_reason="stop" if isinstance(stop, str) else seq.finish_reason, logprobs=list(logprobs),
             stop_reason=stop,
-            cumulative_logprob=sum(t.logprob for t in seq.output_logprobs) if params.logprobs is not None else None,
+            cumulative_logprob=sum(t.logprob for t in logprobs) if params.logprobs is not None else None,
         )
 
 

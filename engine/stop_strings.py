@@ -3,7 +3,7 @@ through ``StopStringMatcher``). Pure functions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 TAIL_EXTRA_TOKENS = 8   # tokens decoded past the longest stop string's length: a token's text may be empty
 
@@ -21,6 +21,23 @@ def first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
         return None
     start, _, stop = min(found)
     return start, stop
+
+
+def tokens_through_stop(token_ids: Sequence[int], decode: Callable[[Sequence[int]], str], stops: Sequence[str]) -> int:
+    """How many of ``token_ids`` the text needs to hold a stop string (all of them where it never
+    does): a step that appends several tokens (a speculative draft's, a step in flight) may have
+    gone past the one that completed it. A prefix's text is a prefix of the whole's, so the count is
+    found by bisection."""
+    low, high = 0, len(token_ids)   # the text of ``high`` tokens holds one, of ``low`` not (or low == 0)
+    if first_stop(decode(token_ids), stops) is None:
+        return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if first_stop(decode(token_ids[:mid]), stops) is None:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 def cut_at_stop(text: str, stops: Sequence[str], include: bool) -> tuple[str, str | None]:

@@ -15,6 +15,7 @@ from baton.engine.block_manager import BlockRemoved, BlockStored
 from baton.engine.hashing import block_extra, block_hashes, model_fingerprint
 from baton.engine.llm import LLM
 from baton.engine.sampling_params import SamplingParams
+from baton.engine.stop_strings import first_stop, tokens_through_stop
 from roles import prefill_then_decode
 
 pytestmark = pytest.mark.model
@@ -166,6 +167,9 @@ def test_stop_strings_and_vllms_prompt_and_output_forms(demo_model, device, asyn
             assert sample.text == whole.text[: hit[0] + (len(hit[1]) if include else 0)]
             assert (sample.finish_reason, sample.stop_reason) == ("stop", hit[1])
             assert sample.token_ids == whole.token_ids[: len(sample.token_ids)] < whole.token_ids   # stopped early
+            # ... at the token that completed the stop string, not after it
+            texts = [llm.get_tokenizer().decode(sample.token_ids[:k]) for k in (len(sample.token_ids) - 1, None)]
+            assert [first_stop(t, params.stop) is not None for t in texts] == [False, True]
     stop_id = full[1].token_ids[4]
     by_id = llm.generate(prompts[1], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_id], logprobs=0))
     sample = by_id[0].outputs[0]
@@ -174,6 +178,16 @@ def test_stop_strings_and_vllms_prompt_and_output_forms(demo_model, device, asyn
     assert full[0].cumulative_logprob is None and full[0].stop_reason is None   # no log-probs asked; a length
     with pytest.raises(ValueError, match="prompt dict takes"):
         llm.generate({"text": "x"}, greedy)
+
+
+@pytest.mark.unit
+def test_the_tokens_through_a_stop_string_are_the_fewest_whose_text_holds_it():
+    words = ["O", " Rom", "eo", ",", " Rom", "eo", "!"]
+    decode = lambda ids: "".join(words[i] for i in ids)  # noqa: E731
+    ids = list(range(len(words)))
+    assert [tokens_through_stop(ids, decode, stops) for stops in (["Romeo"], ["o,"], ["O"], ["!"], ["Juliet"])] == \
+        [3, 4, 1, 7, 7]
+    assert tokens_through_stop([], decode, ["O"]) == 0
 
 
 def test_vllms_constructor_arguments_that_change_nothing_here_are_taken(demo_model):

@@ -141,7 +141,8 @@ def engines(demo_model) -> tuple[LLM, LLM]:
     SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=96, n=2),
     SamplingParams(temperature=0, max_tokens=96, stop_token_ids=[14], ignore_eos=True),
     SamplingParams(temperature=1.0, seed=5, max_tokens=7, logit_bias={201: 2.0}),
-], ids=["greedy-logprobs", "seeded-n2", "stop-token", "short-biased"])
+    SamplingParams(temperature=0, max_tokens=96, stop=["Romeo"], ignore_eos=True, logprobs=0),
+], ids=["greedy-logprobs", "seeded-n2", "stop-token", "short-biased", "stop-string"])
 def test_speculation_changes_nothing_but_the_number_of_steps(engines, params) -> None:
     base, spec = engines
     before = (spec.core.spec_stats.proposed_tokens, spec.core.spec_stats.accepted_tokens)
@@ -149,7 +150,7 @@ def test_speculation_changes_nothing_but_the_number_of_steps(engines, params) ->
     got = spec.generate(PROMPTS, params)
     for w, g in zip(want, got):
         for wo, go in zip(w.outputs, g.outputs):
-            assert (go.token_ids, go.finish_reason) == (wo.token_ids, wo.finish_reason)
+            assert (go.token_ids, go.finish_reason, go.text) == (wo.token_ids, wo.finish_reason, wo.text)
             assert [[i for i, _ in t.top] for t in go.logprobs] == [[i for i, _ in t.top] for t in wo.logprobs]
             for got_lp, want_lp in zip(go.logprobs, wo.logprobs):
                 assert [got_lp.logprob, *(v for _, v in got_lp.top)] == \
