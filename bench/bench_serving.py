@@ -8,7 +8,9 @@ gap before each request's second token (in a disaggregated server, what is left 
 handoff once the first token is out) and of each request's longest gap (a worker that fails
 mid-stream shows there). With ``--n`` choices a request, TTFT is its first choice's, "TTFT n"
 its last choice's first token, and the token gaps are per choice. ``--regex`` puts every output
-under a grammar (structured output), e.g. ``--regex "[a-z ]{2000,}"``.
+under a grammar (structured output), e.g. ``--regex "[a-z ]{2000,}"``. Where the server serves
+vLLM's phase metrics (Baton and vLLM do, at ``/metrics``), the timed run's mean queue, prefill
+and decode times a sequence, as the server measured them, follow.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+PHASES = {   # vLLM's phase histograms, each a sequence's
+    "queue": "vllm:request_queue_time_seconds", "prefill": "vllm:request_prefill_time_seconds",
+    "decode": "vllm:request_decode_time_seconds", "inference": "vllm:request_inference_time_seconds",
+    "time per output token": "vllm:request_time_per_output_token_seconds",
+}
 
 
 @dataclass
@@ -76,6 +85,33 @@ async def one_request(
     return result
 
 
+async def phase_totals(client: httpx.AsyncClient, url: str) -> dict[str, tuple[float, float]]:
+    """The server's vLLM phase histograms: (sum of seconds, sequences) by phase, over every label
+    (empty where it serves none)."""
+    resp = await client.get(f"{url}/metrics")
+    if resp.status_code != 200:
+        return {}
+    fields = {f"{name}{suffix}": (phase, i) for phase, name in PHASES.items() for i, suffix in enumerate(("_sum", "_count"))}
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            if sample.name in fields:
+                phase, i = fields[sample.name]
+                totals.setdefault(phase, [0.0, 0.0])[i] += sample.value
+    return {phase: (total[0], total[1]) for phase, total in totals.items()}
+
+
+def phase_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> str | None:
+    """Each phase's mean over the sequences that finished between the two readings."""
+    means = []
+    for phase in PHASES:
+        if phase in after:
+            seconds, count = (a - b for a, b in zip(after[phase], before.get(phase, (0.0, 0.0))))
+            if count:
+                means.append(f"{phase} {seconds / count * 1e3:.1f} ms")
+    return "  ".join(means) or None
+
+
 def percentiles(values: list[float]) -> str:
     if not values:
         return "-"
@@ -103,9 +139,11 @@ async def run(args: argparse.Namespace) -> None:
             async with gate:
                 return await send(prompt)
 
+        phases_before = await phase_totals(client, args.url)
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(p) for p in prompts))
         elapsed = time.perf_counter() - start
+        phases = phase_means(phases_before, await phase_totals(client, args.url))
     ok = [r for r in results if r.error is None]
     for r in results:
         if r.error:
@@ -121,6 +159,8 @@ async def run(args: argparse.Namespace) -> None:
     stalls = sorted((max(r.itls) for r in ok if r.itls), reverse=True)
     print(f"stall {percentiles(stalls)}  (each request's longest gap; the longest {', '.join(f'{s * 1e3:.0f}' for s in stalls[:6])} ms)")
     print(f"E2E   {percentiles([r.e2e for r in ok])}")
+    if phases is not None:
+        print(f"server means a sequence: {phases}")
 
 
 def main() -> None:
