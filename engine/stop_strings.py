@@ -25,8 +25,8 @@ def first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
 
 def tokens_through_stop(token_ids: Sequence[int], decode: Callable[[Sequence[int]], str], stops: Sequence[str]) -> int:
     """How many of ``token_ids`` the text needs to hold a stop string (all of them where it never
-    does): a step that appends several tokens (a speculative draft's, a step in flight) may have
-    gone past the one that completed it. A prefix's text is a prefix of the whole's, so the count is
+    does): a step that appends several tokens (a speculative step's accepted draft) may have gone
+    past the one that completed it. A prefix's text is a prefix of the whole's, so the count is
     found by bisection."""
     low, high = 0, len(token_ids)   # the text of ``high`` tokens holds one, of ``low`` not (or low == 0)
     if first_stop(decode(token_ids), stops) is None:
