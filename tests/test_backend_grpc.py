@@ -21,12 +21,13 @@ from baton.services.gateway.backend import BackendError, EmbedRequest, Generatio
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.lora_fanout import SyncBackoff
-from baton.services.gateway.metrics import KV_TRANSFER_BYTES, PREFILLS, RETRIES, WORKER_ERRORS
+from baton.services.gateway.metrics import KV_TRANSFER_BYTES, PREFILLS, REGISTRY, RETRIES, WORKER_ERRORS
 
 pytestmark = pytest.mark.unit
 
 FP = "00112233aabbccdd"
 VOCAB = 1000
+REMOTE = {"where": "remote"}
 
 
 def first_token_of(prompt: list[int]) -> int:
@@ -140,6 +141,7 @@ class FakeDecode(FakeCacheReset, FakeLoRAs, decode_pb2_grpc.DecodeServicer):
         async for chunk in self._tokens(prompt, len(request.output_token_ids), params.max_tokens, context):
             if first:
                 chunk.prompt_tokens, chunk.cached_tokens = len(prompt), 16
+                chunk.queued_seconds, chunk.prefill_seconds = 0.125, 0.0625
                 if params.prompt_logprobs is not None:
                     chunk.prompt_logprobs.extend(common_pb2.TokenLogprob(token_id=t, logprob=-1.0) for t in prompt[1:])
                 first = False
@@ -202,7 +204,7 @@ class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
                 token_id=token_at(list(request.prompt_token_ids), len(request.output_token_ids)), logprob=-0.1
             ),
             prompt_logprobs=prompt_logprobs if request.params.HasField("prompt_logprobs") else [],
-            prompt_tokens=n, cached_tokens=16 * (n // 32),
+            prompt_tokens=n, cached_tokens=16 * (n // 32), queued_seconds=0.25, prefill_seconds=0.5,
         ))
         await self.handoff.wait()
         if self.fail_handoffs:
@@ -310,13 +312,19 @@ async def test_kv_cache_usage_is_each_roles_held_share_over_its_answering_worker
     assert backend.kv_cache_usage() == {"prefill": 0.0, "decode": pytest.approx(30 / 200)}
 
 
+def histogram(name: str, labels: dict[str, str] | None = None) -> tuple[float, float]:
+    """A gateway histogram's (count, sum) so far."""
+    return tuple(REGISTRY.get_sample_value(f"{name}_{s}", labels or {}) or 0.0 for s in ("count", "sum"))
+
+
 async def test_full_flow(cluster) -> None:
     add, make, _ = cluster
-    prefill, decode = FakePrefill("p0"), FakeDecode("d0")
+    prefill, decode = FakePrefill("p0", delay_s=0.05), FakeDecode("d0")
     backend = await make(config([await add(prefill)], [await add(decode)]))
     assert await backend.reachable() == {"prefill": 1, "decode": 1}
     req = request(max_tokens=5, prompt_logprobs=2, logprobs=1, seed=7, top_k=40, stop_token_ids=[3])
     kv_before = KV_TRANSFER_BYTES._value.get()
+    reserves, rpcs = histogram("baton_reserve_seconds"), histogram("baton_prefill_rpc_first_token_seconds", REMOTE)
     chunks = await collect(backend.generate(req))
 
     first = first_token_of(req.prompt_token_ids)
@@ -333,6 +341,11 @@ async def test_full_flow(cluster) -> None:
     assert decode.first_tokens == [first]
     assert decode.aborted == [] and prefill.aborted == []
     assert KV_TRANSFER_BYTES._value.get() - kv_before == 4096 * len(req.prompt_token_ids)
+    # The worker's phases reach the first chunk; the gateway times the Reserve and the Prefill RPC's first token.
+    assert (chunks[0].queued_seconds, chunks[0].prefill_seconds) == (0.25, 0.5)
+    assert histogram("baton_reserve_seconds")[0] == reserves[0] + 1
+    count, total = histogram("baton_prefill_rpc_first_token_seconds", REMOTE)
+    assert count == rpcs[0] + 1 and total - rpcs[1] >= 0.05   # the prefill worker's 50 ms are in it
 
     no_logprobs = await collect(backend.generate(request(max_tokens=1)))
     assert no_logprobs[0].prompt_logprobs is None
@@ -789,8 +802,11 @@ async def test_a_prompt_short_enough_is_computed_on_the_decode_worker_alone(clus
     p_addr, d_addrs = await add(prefill), [await add(decode), await add(other)]
     backend = await make(config([p_addr], d_addrs, load_poll_interval_s=30.0, max_local_prefill_length=32))
     counts = {where: PREFILLS.labels(where=where)._value.get() for where in ("local", "remote")}
+    local_rpcs = histogram("baton_prefill_rpc_first_token_seconds", {"where": "local"})[0]
     short = request(list(range(1, 33)), max_tokens=4, prompt_logprobs=1, seed=3)
     chunks = await collect(backend.generate(short))
+    assert (chunks[0].queued_seconds, chunks[0].prefill_seconds) == (0.125, 0.0625)
+    assert histogram("baton_prefill_rpc_first_token_seconds", {"where": "local"})[0] == local_rpcs + 1
     assert [t.token_id for c in chunks for t in c.tokens] == [token_at(short.prompt_token_ids, i) for i in range(4)]
     assert (chunks[0].prompt_tokens, chunks[0].cached_tokens, chunks[0].placement) == (32, 16, ("", d_addrs[0]))
     assert [p.token_id for p in chunks[0].prompt_logprobs] == short.prompt_token_ids[1:]

@@ -71,7 +71,9 @@ from baton.services.gateway.backend import (
 )
 from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.lora_registry import LoRARegistry
-from baton.services.gateway.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILLS, RETRIES, WORKER_ERRORS
+from baton.services.gateway.metrics import (
+    KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PREFILL_RPC_FIRST_TOKEN, PREFILLS, RESERVE_SECONDS, RETRIES, WORKER_ERRORS,
+)
 from baton.services.gateway.placement import Placement
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.gateway.router import Load
@@ -228,11 +230,15 @@ class GrpcBackend(Backend):
         """The whole request on ``decode`` (``Decode.PrefillAndGenerate``)."""
         PREFILLS.labels(where="local").inc()
         self._pool.in_flight[decode.address] += 1
+        started, first = time.perf_counter(), True
         call = decode.stub.PrefillAndGenerate(reserve_message(request), timeout=self._timeout(deadline, math.inf))
         finished = False
         try:
             async for msg in call:
                 chunk = decode_chunk(msg, request, ("", decode.address))   # a sibling's prefill worker: routing's choice
+                if first:
+                    PREFILL_RPC_FIRST_TOKEN.labels(where="local").observe(time.perf_counter() - started)
+                    first = False
                 finished = chunk.finish_reason is not None
                 yield chunk
                 if finished:
@@ -259,8 +265,10 @@ class GrpcBackend(Backend):
                 raise BackendError("no decode worker has room" if full else "no healthy decode worker", 503)
             worker = self._pool.workers[address]
             self._pool.in_flight[address] += 1
+            started = time.perf_counter()
             try:
                 ticket = await worker.stub.Reserve(msg, timeout=self._timeout(deadline, self.config.control_timeout_s))
+                RESERVE_SECONDS.observe(time.perf_counter() - started)
             except grpc.aio.AioRpcError as err:
                 self._pool.in_flight[address] -= 1
                 if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -282,11 +290,14 @@ class GrpcBackend(Backend):
     ) -> AsyncIterator[prefill_pb2.FirstToken]:
         """Yield the first token as soon as the prefill worker sends it; end once the worker
         reports the KV handed off to ``decode`` (which then holds every layer)."""
-        msg = prefill_message(request, ticket)
-        call = worker.stub.Prefill(msg, timeout=self._timeout(deadline, self.config.prefill_timeout_s))
+        started = time.perf_counter()
+        timeout = self._timeout(deadline, self.config.prefill_timeout_s)
+        call = worker.stub.Prefill(prefill_message(request, ticket), timeout=timeout)
         self._pool.in_flight[worker.address] += 1
         try:
-            yield await self._read(call, worker, decode, deadline, "first", request.lora)
+            first = await self._read(call, worker, decode, deadline, "first", request.lora)
+            PREFILL_RPC_FIRST_TOKEN.labels(where="remote").observe(time.perf_counter() - started)
+            yield first
             handoff = await self._read(call, worker, decode, deadline, "handoff", request.lora)
         finally:
             self._pool.in_flight[worker.address] -= 1

@@ -57,6 +57,17 @@ KV_TRANSFER_SECONDS = Histogram(
     "baton_kv_transfer_seconds", "Duration of one request's KV transfer.",
     buckets=_TRANSFER_BUCKETS, registry=REGISTRY,
 )
+# The first token's way through the workers, to set beside TTFT (from the HTTP request's arrival):
+# what the time before it went to.
+RESERVE_SECONDS = Histogram(
+    "baton_reserve_seconds", "A decode worker's Reserve round trip (its engine thread takes it between steps).",
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+PREFILL_RPC_FIRST_TOKEN = Histogram(
+    "baton_prefill_rpc_first_token_seconds", "From a prompt's RPC (remote: Prefill on a prefill worker; local: "
+    "PrefillAndGenerate on a decode worker) to its first token: the worker's queue and prefill and the RPC around them.",
+    labelnames=["where"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
 REDIS_ERRORS = Counter("baton_redis_errors_total", "Failed Redis prefix-index operations.", registry=REGISTRY)
 WORKER_ERRORS = Counter("baton_worker_errors_total", "Failed worker RPCs by role.", labelnames=["role"], registry=REGISTRY)
 PREFILLS = Counter(
