@@ -10,7 +10,8 @@ mid-stream shows there). With ``--n`` choices a request, TTFT is its first choic
 its last choice's first token, and the token gaps are per choice. ``--regex`` puts every output
 under a grammar (structured output), e.g. ``--regex "[a-z ]{2000,}"``. Where the server serves
 vLLM's phase metrics (Baton and vLLM do, at ``/metrics``), the timed run's mean queue, prefill
-and decode times a sequence, as the server measured them, follow.
+and decode times a sequence, as the server measured them, follow; from Baton, also the means of
+a decode worker's ``Reserve`` and of a prompt RPC's time to its first token.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-PHASES = {   # vLLM's phase histograms, each a sequence's
+PHASES = {   # vLLM's phase histograms, each a sequence's; then Baton's steps to a first token, each an RPC's
     "queue": "vllm:request_queue_time_seconds", "prefill": "vllm:request_prefill_time_seconds",
     "decode": "vllm:request_decode_time_seconds", "inference": "vllm:request_inference_time_seconds",
     "time per output token": "vllm:request_time_per_output_token_seconds",
+    "Reserve": "baton_reserve_seconds", "prompt RPC to first token": "baton_prefill_rpc_first_token_seconds",
 }
 
 
@@ -160,7 +162,7 @@ async def run(args: argparse.Namespace) -> None:
     print(f"stall {percentiles(stalls)}  (each request's longest gap; the longest {', '.join(f'{s * 1e3:.0f}' for s in stalls[:6])} ms)")
     print(f"E2E   {percentiles([r.e2e for r in ok])}")
     if phases is not None:
-        print(f"server means a sequence: {phases}")
+        print(f"server means: {phases}")
 
 
 def main() -> None:
