@@ -111,7 +111,7 @@ class EngineCore:
     # -- requests ---------------------------------------------------------------
     def _new_sequences(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int],
-        priority: int, lora: str | None = None, cache_salt: str | None = None,
+        priority: int, lora: str | None = None, cache_salt: str | None = None, arrival_time: float | None = None,
     ) -> list[Sequence]:
         if request_id in self.table:
             raise ValueError(f"request {request_id} already exists")
@@ -121,7 +121,7 @@ class EngineCore:
         check_request(request_id, prompt_token_ids, params, output_token_ids, priority, cache_salt, self.limits)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         grammars = [self._grammar(request_id, params, output_token_ids) for _ in range(params.n)]
-        now = time.monotonic()
+        now = time.monotonic() if arrival_time is None else arrival_time
         ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
         taken = self.table.taken(ids)
         if taken:
@@ -148,10 +148,11 @@ class EngineCore:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int] | None = None,
-        priority: int = 0, lora: str | None = None, cache_salt: str | None = None,
+        priority: int = 0, lora: str | None = None, cache_salt: str | None = None, arrival_time: float | None = None,
     ) -> list[Sequence]:
         """Queue a request (under LoRA adapter ``lora``, None: the base model; its blocks' hashes
-        salted with ``cache_salt``, None: unsalted); raises ValueError
+        salted with ``cache_salt``, None: unsalted; arrived at ``time.monotonic()`` reading
+        ``arrival_time``, None: now, where its wait in the queue starts); raises ValueError
         for one that can never be served (``UnknownLoRA`` for an adapter not loaded). ``output_token_ids``
         resumes a sequence that generated them elsewhere: they count as its output (penalties,
         ``min_tokens`` / ``max_tokens``, the sampling seed's index), so it goes on exactly as it would
@@ -159,7 +160,7 @@ class EngineCore:
         "priority" scheduling policy."""
         self._check_generates(request_id)
         seqs = self._new_sequences(request_id, prompt_token_ids, params, output_token_ids or [], priority, lora,
-                                   cache_salt)
+                                   cache_salt, arrival_time)
         self.scheduler.add(seqs[0])
         self.table.add(request_id, seqs, held_back=True)
         return seqs

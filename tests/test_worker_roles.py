@@ -123,7 +123,8 @@ async def test_async_engine_loop_streams_each_token_once():
 
 async def test_each_first_token_says_how_long_its_sequence_queued_and_prefilled():
     """One sequence a step, 50 ms a step: the first runs at once, its first token a step later;
-    the second waits in the queue for the first's three steps, then prefills in one."""
+    the second waits in the queue for the first's three steps, then prefills in one. A request
+    that arrived earlier than the engine took it (a worker's RPC) waited from its arrival."""
     core = make_core(EosLovingRunner(delay_s=0.05), max_num_seqs=1)
     updates: list[SeqUpdate] = []
     loop = EngineLoop(core, updates.extend)
@@ -131,13 +132,15 @@ async def test_each_first_token_says_how_long_its_sequence_queued_and_prefilled(
     try:
         params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
         await loop.call(lambda: [core.add_request(rid, [1, 3, 4], params) for rid in ("a", "b")])
+        await loop.call(lambda: core.add_request("c", [1, 3, 4], params, arrival_time=time.monotonic() - 1.0))
         for _ in range(200):
-            if sum(u.finish_reason is not None for u in updates) == 2:
+            if sum(u.finish_reason is not None for u in updates) == 3:
                 break
             await asyncio.sleep(0.01)
         first = {u.seq_id: u for u in reversed(updates) if u.new_tokens}   # each one's earliest update with tokens
         assert first["a"].queued_seconds < 0.05 <= first["a"].prefill_seconds
         assert first["b"].queued_seconds >= 0.15 and first["b"].prefill_seconds >= 0.05
+        assert first["c"].queued_seconds >= 1.0 + 0.15   # and its wait for b's three steps at least
     finally:
         loop.stop()
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -151,6 +152,7 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
         """The whole request here: its prompt (what this worker's prefix cache does not hold of it)
         computed in this worker's batches, as an aggregated engine would; the first chunk carries
         what a prefill worker's first token would (prompt and cached tokens, prompt log-probs)."""
+        received = time.monotonic()   # its wait in the queue starts here (the engine takes it between steps)
         rid = request.request_id
         if not rid or rid in self._reservations or rid in self._streams:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
@@ -164,7 +166,7 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
                 if params.n != 1:
                     raise ValueError(f"request {rid}: PrefillAndGenerate takes one sequence (n=1), got n={params.n}")
                 await compile_grammar(self._ctx, params, context)
-                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request))
+                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request, received))
             except UnknownLoRA as exc:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             except ValueError as exc:
@@ -187,10 +189,10 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
                 self.engine.abort(rid)
 
     def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int],
-             request: decode_pb2.ReserveRequest) -> None:
+             request: decode_pb2.ReserveRequest, received: float) -> None:
         """Engine thread: queue the whole request; a resumed one's earlier tokens are not sent again."""
         self._ctx.core.add_request(rid, prompt, params, resumed, request.priority, request.lora or None,
-                                   request.cache_salt or None)
+                                   request.cache_salt or None, received)
         self.engine.mark_sent(rid, len(resumed))
 
     @staticmethod

@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import time
 
 import grpc
 
@@ -110,6 +111,7 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
         return self._senders[transport]
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        received = time.monotonic()   # its wait in the queue starts here (the engine takes it between steps)
         rid = request.request_id
         if not rid or rid in self._tasks:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
@@ -126,7 +128,7 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
         released = False
         try:
             try:
-                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request))
+                await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request, received))
             except UnknownLoRA as exc:
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             except ValueError as exc:
@@ -160,11 +162,11 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
                     await session.abort()
 
     def _add(self, rid: str, prompt: list[int], params: SamplingParams, resumed: list[int],
-             request: prefill_pb2.PrefillRequest) -> None:
+             request: prefill_pb2.PrefillRequest, received: float) -> None:
         """Engine thread: queue the request (its priority, LoRA adapter and cache salt as ``request``
         gives them); a resumed one's earlier tokens are not sent again."""
         self._ctx.core.add_request(rid, prompt, params, resumed, request.priority, request.lora or None,
-                                   request.cache_salt or None)
+                                   request.cache_salt or None, received)
         self.engine.mark_sent(rid, len(resumed))
 
     async def _open_transfer(self, request: prefill_pb2.PrefillRequest, context) -> TransferSession:
