@@ -5,8 +5,11 @@ and a scored pair's ``ScoringRequestOutput``, with vLLM's field names and order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from baton.engine.sequence import TokenLogprob
+
+O = TypeVar("O")
 
 
 @dataclass
@@ -47,17 +50,6 @@ class EmbeddingOutput:
 
 
 @dataclass
-class EmbeddingRequestOutput:
-    """vLLM's: what ``LLM.embed`` answers for one prompt."""
-
-    request_id: str
-    outputs: EmbeddingOutput
-    prompt_token_ids: list[int]
-    num_cached_tokens: int = 0
-    finished: bool = True
-
-
-@dataclass
 class ScoringOutput:
     """vLLM's: a pair's score."""
 
@@ -65,11 +57,21 @@ class ScoringOutput:
 
 
 @dataclass
-class ScoringRequestOutput:
-    """vLLM's: what ``LLM.score`` answers for one pair (``score`` says what its fields hold)."""
+class PoolingRequestOutput(Generic[O]):
+    """vLLM's: what a pooling call answers for one prompt (or one scored pair)."""
 
     request_id: str
-    outputs: ScoringOutput
+    outputs: O
     prompt_token_ids: list[int]
     num_cached_tokens: int = 0
     finished: bool = True
+
+
+@dataclass
+class EmbeddingRequestOutput(PoolingRequestOutput[EmbeddingOutput]):
+    """vLLM's: what ``LLM.embed`` answers for one prompt."""
+
+
+@dataclass
+class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
+    """vLLM's: what ``LLM.score`` answers for one pair (``LLM.score`` says what its fields hold)."""
