@@ -21,8 +21,9 @@ from baton.engine.block_manager import BlockEvent, BlockRemoved, BlockStored
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.sequence import ScheduledChunk
+from baton.engine.sequence import ScheduledChunk, TokenLogprob
 from baton.protos import common_pb2
+from baton.services.decode.server import DecodeServicer
 from baton.services.engine_loop import EngineLoop, SeqUpdate
 from baton.services.prefill.server import prefill_params
 from baton.services.worker import WorkerRPCs
@@ -143,6 +144,27 @@ async def test_each_first_token_says_how_long_its_sequence_queued_and_prefilled(
         assert first["c"].queued_seconds >= 1.0 + 0.15   # and its wait for b's three steps at least
     finally:
         loop.stop()
+
+
+async def test_updates_a_decode_stream_fell_behind_on_go_out_as_one():
+    """Updates queued while a stream was busy: one chunk with every token in order, the latest
+    figures and finish, the phase times of the first token's update; one at a time, each alone."""
+    tokens = [TokenLogprob(i, -0.1 * i) for i in (5, 6, 7)]
+    prompt_lp = [TokenLogprob(3, -1.0)]
+    queue: asyncio.Queue[SeqUpdate] = asyncio.Queue()
+    for update in [SeqUpdate("r", [], None, 0, []),                           # a prompt chunk, no token yet
+                   SeqUpdate("r", tokens[:1], None, 4, prompt_lp, queued_seconds=0.25, prefill_seconds=0.5),
+                   SeqUpdate("r", tokens[1:2], None, 4, prompt_lp, queued_seconds=0.25, prefill_seconds=0.75),
+                   SeqUpdate("r", tokens[2:], "length", 4, prompt_lp, queued_seconds=0.25, prefill_seconds=1.0)]:
+        queue.put_nowait(update)
+    (merged,) = [u async for u in DecodeServicer._updates("r", queue, None)]
+    assert merged == SeqUpdate("r", tokens, "length", 4, prompt_lp, queued_seconds=0.25, prefill_seconds=0.5)
+    stream = DecodeServicer._updates("r", queue, None)
+    for update in [SeqUpdate("r", tokens[:1], None, 4, []), SeqUpdate("r", tokens[1:], "stop", 4, [])]:
+        queue.put_nowait(update)
+        assert await anext(stream) == update
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
 
 
 async def test_cancelled_caller_does_not_kill_the_engine_thread():

@@ -28,6 +28,7 @@ decode steps, and streams like Generate, the first chunk with the prompt's figur
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -50,6 +51,16 @@ log = logging.getLogger(__name__)
 def _chunk(update: SeqUpdate) -> decode_pb2.GenerateChunk:
     return decode_pb2.GenerateChunk(tokens=[logprob_to_proto(t) for t in update.new_tokens],
                                     finish_reason=update.finish_reason or "")
+
+
+def _merged(updates: list[SeqUpdate]) -> SeqUpdate:
+    """A stream's updates as one: every token in order, the latest figures (prompt log-probs,
+    cached tokens, finish reason), and the phase times of the first that carried a token."""
+    if len(updates) == 1:
+        return updates[0]
+    timed = next((u for u in updates if u.new_tokens), updates[-1])
+    return dataclasses.replace(updates[-1], new_tokens=[t for u in updates for t in u.new_tokens],
+                               queued_seconds=timed.queued_seconds, prefill_seconds=timed.prefill_seconds)
 
 
 class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
@@ -197,9 +208,14 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
 
     @staticmethod
     async def _updates(rid: str, queue: asyncio.Queue[SeqUpdate], context) -> AsyncIterator[SeqUpdate]:
-        """The request's updates, up to the one that finishes it; an abort ends the RPC ABORTED."""
+        """The request's updates, up to the one that finishes it; an abort ends the RPC ABORTED.
+        Those that queued up while the stream was busy go out as one (``_merged``): a loop that
+        falls behind sends fewer, fuller chunks rather than falling further behind."""
         while True:
-            update = await queue.get()
+            batch = [await queue.get()]
+            while batch[-1].finish_reason is None and not queue.empty():
+                batch.append(queue.get_nowait())
+            update = _merged(batch)
             if update.finish_reason == "abort":
                 await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was aborted on the decode worker")
             yield update
