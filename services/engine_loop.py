@@ -68,7 +68,7 @@ class EngineLoop:
         self._on_outputs = on_outputs
         self._on_layer_done = on_layer_done
         self._on_block_events = on_block_events
-        self._commands: list[tuple[Callable[[], Any], Future | None]] = []
+        self._commands: list[tuple[Callable[[], Any], Future | None, float]] = []   # with when each was queued
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -114,15 +114,17 @@ class EngineLoop:
 
     def _enqueue(self, fn: Callable[[], object], future: Future | None) -> None:
         with self._lock:
-            self._commands.append((fn, future))
+            self._commands.append((fn, future, time.perf_counter()))
         self._wake.set()
 
     def _run_commands(self) -> None:
         with self._lock:
             commands, self._commands = self._commands, []
-        for fn, future in commands:
+        for fn, future, queued in commands:
             if future is not None and not future.set_running_or_notify_cancel():
                 continue  # the caller gave up before it ran
+            if self._metrics is not None:
+                self._metrics.command_wait_seconds.observe(time.perf_counter() - queued)
             try:
                 result = fn()
             except Exception as exc:  # handed to the caller, which turns it into an RPC status

@@ -42,6 +42,10 @@ class EngineMetrics:
         self.tokens = Counter(
             "baton_worker_tokens_total", "Tokens the engine computed (prompt and generated).", registry=registry
         )
+        self.command_wait_seconds = Histogram(
+            "baton_worker_engine_command_wait_seconds", "From an RPC's command (add, reserve, activate, abort, ...) "
+            "queued to the engine thread running it, between steps.", buckets=_STEP_BUCKETS, registry=registry,
+        )
 
     def record_step(self, seconds: float, tokens: int) -> None:
         self.steps.inc()

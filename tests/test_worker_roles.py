@@ -167,6 +167,26 @@ async def test_updates_a_decode_stream_fell_behind_on_go_out_as_one():
         await anext(stream)
 
 
+async def test_a_commands_wait_for_the_engine_thread_is_measured():
+    """A command queued while a 50 ms step runs waits for it: the worker's metrics time each wait."""
+    from prometheus_client import CollectorRegistry
+
+    from baton.services.worker_metrics import EngineMetrics
+
+    metrics = EngineMetrics(CollectorRegistry())
+    core = make_core(EosLovingRunner(delay_s=0.05))
+    loop = EngineLoop(core, lambda updates: None, metrics=metrics)
+    loop.start()
+    try:
+        await loop.call(lambda: core.add_request("r", [1, 3, 4], SamplingParams(max_tokens=50, ignore_eos=True)))
+        for _ in range(3):   # each queued as the thread goes back to stepping
+            await loop.call(core.stats)
+    finally:
+        loop.stop()
+    sample = lambda suffix: metrics.registry.get_sample_value(f"baton_worker_engine_command_wait_seconds_{suffix}")  # noqa: E731
+    assert sample("count") == 4 and sample("sum") >= 0.05
+
+
 async def test_cancelled_caller_does_not_kill_the_engine_thread():
     core = make_core(EosLovingRunner(delay_s=0.3))
     updates: list[SeqUpdate] = []
