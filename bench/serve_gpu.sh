@@ -13,8 +13,8 @@ model=$1 dtype=$2; shift 2
 py=${PYTHON:-python3}
 read -ra gateway_flags <<< "${GATEWAY_FLAGS:-}"
 common=(--model "$model" --device "${DEVICE:-cuda}" --dtype "$dtype" --kv-cache-memory-mb 4096 --max-num-seqs 128)
-$py -m baton.services.prefill --port 50051 "${common[@]}" & pids=($!)
-$py -m baton.services.decode --port 50061 --kv-transport "${KV_TRANSPORT:-grpc}" "${common[@]}" & pids+=($!)
+$py -m baton.services.prefill --port 50051 --metrics-port 9100 "${common[@]}" & pids=($!)
+$py -m baton.services.decode --port 50061 --metrics-port 9101 --kv-transport "${KV_TRANSPORT:-grpc}" "${common[@]}" & pids+=($!)
 $py -m baton.services.gateway --model-dir "$model" --served-model-name m --port 8000 \
     --prefill-addr 127.0.0.1:50051 --decode-addr 127.0.0.1:50061 --log-level warning "${gateway_flags[@]}" & pids+=($!)
 trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait' EXIT
@@ -31,3 +31,7 @@ for round in $(seq 1 "${ROUNDS:-1}"); do
     $py bench/bench_serving.py --url http://127.0.0.1:8000 "$@"
 done
 curl -s http://127.0.0.1:8000/metrics | grep -E '^baton_(kv_transfer_bytes_total|kv_transfer_seconds_(sum|count)|prefix_cache_hit_ratio|requests_total|prefills_total)'
+# Each worker's engine steps and its RPCs' commands' waits for the engine thread (sums and counts since its start).
+for port in 9100 9101; do
+    curl -s "http://127.0.0.1:$port/metrics" | grep -E '^baton_worker_engine_(step|command_wait)_seconds_(sum|count)' | sed "s/^/:$port /"
+done
