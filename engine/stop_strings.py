@@ -27,10 +27,8 @@ def tokens_through_stop(token_ids: Sequence[int], decode: Callable[[Sequence[int
     """How many of ``token_ids`` the text needs to hold a stop string (all of them where it never
     does): a step that appends several tokens (a speculative step's accepted draft) may have gone
     past the one that completed it. A prefix's text is a prefix of the whole's, so the count is
-    found by bisection."""
-    low, high = 0, len(token_ids)   # the text of ``high`` tokens holds one, of ``low`` not (or low == 0)
-    if first_stop(decode(token_ids), stops) is None:
-        return high
+    found by bisection (which ends at all of them where no prefix holds one)."""
+    low, high = 0, len(token_ids)   # the text of ``low`` tokens holds none; ``high`` is the answer so far
     while high - low > 1:
         mid = (low + high) // 2
         if first_stop(decode(token_ids[:mid]), stops) is None:
