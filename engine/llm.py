@@ -318,9 +318,11 @@ class LLM:
         if not second or len(first) not in (1, len(second)):
             raise ValueError(f"score pairs 1 text_1 with N text_2, or N with N: got {len(first)} and {len(second)}")
         embedded = self.embed(first + second, use_tqdm)
+        vectors = torch.tensor([e.outputs.embedding for e in embedded], dtype=torch.float64)
+        scores = torch.cosine_similarity(vectors[: len(first)], vectors[len(first):]).tolist()   # 1:N broadcasts
         firsts = embedded[: len(first)] * (len(second) if len(first) == 1 else 1)
         pad = [] if self.tokenizer.pad_token_id is None else [self.tokenizer.pad_token_id]
-        return [_scored(a, b, pad) for a, b in zip(firsts, embedded[len(first):])]
+        return [_scored(a, b, score, pad) for a, b, score in zip(firsts, embedded[len(first):], scores)]
 
     def _token_ids(self, prompts: Prompts) -> list[list[int]]:
         """One prompt or several (``Prompts``), each as token ids."""
@@ -361,12 +363,10 @@ def _generation_defaults(model_dir: str, source: str, override: dict) -> Generat
     return defaults
 
 
-def _scored(a: EmbeddingRequestOutput, b: EmbeddingRequestOutput, pad: list[int]) -> ScoringRequestOutput:
-    """The pair ``a``, ``b`` scored: the cosine similarity of their embeddings, in float64."""
-    vectors = (torch.tensor(e.outputs.embedding, dtype=torch.float64) for e in (a, b))
-    score = ScoringOutput(torch.cosine_similarity(*vectors, dim=0).item())
-    return ScoringRequestOutput(f"{a.request_id}_{b.request_id}", score, a.prompt_token_ids + pad + b.prompt_token_ids,
-                                a.num_cached_tokens + b.num_cached_tokens)
+def _scored(a: EmbeddingRequestOutput, b: EmbeddingRequestOutput, score: float, pad: list[int]) -> ScoringRequestOutput:
+    """The pair ``a``, ``b`` with its ``score``, as vLLM's embedding-model path answers it."""
+    return ScoringRequestOutput(f"{a.request_id}_{b.request_id}", ScoringOutput(score),
+                                a.prompt_token_ids + pad + b.prompt_token_ids, a.num_cached_tokens + b.num_cached_tokens)
 
 
 def _as_list(prompts: Prompts) -> list[Prompt]:
