@@ -26,7 +26,7 @@ from baton.protos import common_pb2 as baton_dot_protos_dot_common__pb2
 from baton.protos import kvtransfer_pb2 as baton_dot_protos_dot_kvtransfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61ton/protos/prefill.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\x1a\x1d\x62\x61ton/protos/kvtransfer.proto\"\xe0\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12(\n\x06ticket\x18\x04 \x01(\x0b\x32\x18.baton.v1.TransferTicket\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0c\n\x04lora\x18\x07 \x01(\t\x12\x12\n\ncache_salt\x18\x08 \x01(\t\"f\n\x0cPrefillReply\x12%\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x14.baton.v1.FirstTokenH\x00\x12&\n\x07handoff\x18\x02 \x01(\x0b\x32\x13.baton.v1.KVHandoffH\x00\x42\x07\n\x05\x65vent\"\xd7\x01\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05token\x18\x02 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\x12\x16\n\x0equeued_seconds\x18\x06 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x07 \x01(\x01\"0\n\tKVHandoff\x12\x12\n\nbytes_sent\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"b\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"M\n\nEmbedReply\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x32\xcc\x03\n\x07Prefill\x12=\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x16.baton.v1.PrefillReply0\x01\x12\x35\n\x05\x45mbed\x12\x16.baton.v1.EmbedRequest\x1a\x14.baton.v1.EmbedReply\x12\x35\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x14.baton.v1.AbortReply\x12\x36\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x14.baton.v1.WorkerLoad\x12>\n\x08LoadLoRA\x12\x19.baton.v1.LoadLoRARequest\x1a\x17.baton.v1.LoadLoRAReply\x12\x44\n\nUnloadLoRA\x12\x1b.baton.v1.UnloadLoRARequest\x1a\x19.baton.v1.UnloadLoRAReply\x12V\n\x10ResetPrefixCache\x12!.baton.v1.ResetPrefixCacheRequest\x1a\x1f.baton.v1.ResetPrefixCacheReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61ton/protos/prefill.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\x1a\x1d\x62\x61ton/protos/kvtransfer.proto\"\xd4\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0c\n\x04lora\x18\x07 \x01(\t\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12\x16\n\x0eticket_follows\x18\t \x01(\x08J\x04\x08\x04\x10\x05\"p\n\x0cPrefillInput\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x18.baton.v1.PrefillRequestH\x00\x12*\n\x06ticket\x18\x02 \x01(\x0b\x32\x18.baton.v1.TransferTicketH\x00\x42\x07\n\x05input\"f\n\x0cPrefillReply\x12%\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x14.baton.v1.FirstTokenH\x00\x12&\n\x07handoff\x18\x02 \x01(\x0b\x32\x13.baton.v1.KVHandoffH\x00\x42\x07\n\x05\x65vent\"\xd7\x01\n\nFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05token\x18\x02 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\x12\x16\n\x0equeued_seconds\x18\x06 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x07 \x01(\x01\"0\n\tKVHandoff\x12\x12\n\nbytes_sent\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"b\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"M\n\nEmbedReply\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x32\xcc\x03\n\x07Prefill\x12=\n\x07Prefill\x12\x16.baton.v1.PrefillInput\x1a\x16.baton.v1.PrefillReply(\x01\x30\x01\x12\x35\n\x05\x45mbed\x12\x16.baton.v1.EmbedRequest\x1a\x14.baton.v1.EmbedReply\x12\x35\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x14.baton.v1.AbortReply\x12\x36\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x14.baton.v1.WorkerLoad\x12>\n\x08LoadLoRA\x12\x19.baton.v1.LoadLoRARequest\x1a\x17.baton.v1.LoadLoRAReply\x12\x44\n\nUnloadLoRA\x12\x1b.baton.v1.UnloadLoRARequest\x1a\x19.baton.v1.UnloadLoRAReply\x12V\n\x10ResetPrefixCache\x12!.baton.v1.ResetPrefixCacheRequest\x1a\x1f.baton.v1.ResetPrefixCacheReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.protos.prefill_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=99
-  _globals['_PREFILLREQUEST']._serialized_end=323
-  _globals['_PREFILLREPLY']._serialized_start=325
-  _globals['_PREFILLREPLY']._serialized_end=427
-  _globals['_FIRSTTOKEN']._serialized_start=430
-  _globals['_FIRSTTOKEN']._serialized_end=645
-  _globals['_KVHANDOFF']._serialized_start=647
-  _globals['_KVHANDOFF']._serialized_end=695
-  _globals['_EMBEDREQUEST']._serialized_start=697
-  _globals['_EMBEDREQUEST']._serialized_end=795
-  _globals['_EMBEDREPLY']._serialized_start=797
-  _globals['_EMBEDREPLY']._serialized_end=874
-  _globals['_PREFILL']._serialized_start=877
-  _globals['_PREFILL']._serialized_end=1337
+  _globals['_PREFILLREQUEST']._serialized_end=311
+  _globals['_PREFILLINPUT']._serialized_start=313
+  _globals['_PREFILLINPUT']._serialized_end=425
+  _globals['_PREFILLREPLY']._serialized_start=427
+  _globals['_PREFILLREPLY']._serialized_end=529
+  _globals['_FIRSTTOKEN']._serialized_start=532
+  _globals['_FIRSTTOKEN']._serialized_end=747
+  _globals['_KVHANDOFF']._serialized_start=749
+  _globals['_KVHANDOFF']._serialized_end=797
+  _globals['_EMBEDREQUEST']._serialized_start=799
+  _globals['_EMBEDREQUEST']._serialized_end=897
+  _globals['_EMBEDREPLY']._serialized_start=899
+  _globals['_EMBEDREPLY']._serialized_end=976
+  _globals['_PREFILL']._serialized_start=979
+  _globals['_PREFILL']._serialized_end=1439
 # @@protoc_insertion_point(module_scope)

@@ -9,24 +9,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "ticket", "output_token_ids", "priority", "lora", "cache_salt")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "output_token_ids", "priority", "lora", "cache_salt", "ticket_follows")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
-    TICKET_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
-    ticket: _kvtransfer_pb2.TransferTicket
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
     priority: int
     lora: str
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., ticket: _Optional[_Union[_kvtransfer_pb2.TransferTicket, _Mapping]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., priority: _Optional[int] = ..., lora: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    ticket_follows: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., priority: _Optional[int] = ..., lora: _Optional[str] = ..., cache_salt: _Optional[str] = ..., ticket_follows: _Optional[bool] = ...) -> None: ...
+
+class PrefillInput(_message.Message):
+    __slots__ = ("request", "ticket")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    request: PrefillRequest
+    ticket: _kvtransfer_pb2.TransferTicket
+    def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ..., ticket: _Optional[_Union[_kvtransfer_pb2.TransferTicket, _Mapping]] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
     __slots__ = ("first", "handoff")

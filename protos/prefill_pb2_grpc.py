@@ -35,9 +35,9 @@ class PrefillStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_stream(
+        self.Prefill = channel.stream_stream(
                 '/baton.v1.Prefill/Prefill',
-                request_serializer=baton_dot_protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
+                request_serializer=baton_dot_protos_dot_prefill__pb2.PrefillInput.SerializeToString,
                 response_deserializer=baton_dot_protos_dot_prefill__pb2.PrefillReply.FromString,
                 _registered_method=True)
         self.Embed = channel.unary_unary(
@@ -75,7 +75,7 @@ class PrefillStub:
 class PrefillServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Prefill(self, request, context):
+    def Prefill(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,9 +120,9 @@ class PrefillServicer:
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_stream_rpc_method_handler(
+            'Prefill': grpc.stream_stream_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=baton_dot_protos_dot_prefill__pb2.PrefillRequest.FromString,
+                    request_deserializer=baton_dot_protos_dot_prefill__pb2.PrefillInput.FromString,
                     response_serializer=baton_dot_protos_dot_prefill__pb2.PrefillReply.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
@@ -167,7 +167,7 @@ class Prefill:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Prefill(request,
+    def Prefill(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -177,11 +177,11 @@ class Prefill:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/baton.v1.Prefill/Prefill',
-            baton_dot_protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
+            baton_dot_protos_dot_prefill__pb2.PrefillInput.SerializeToString,
             baton_dot_protos_dot_prefill__pb2.PrefillReply.FromString,
             options,
             channel_credentials,

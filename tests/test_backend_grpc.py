@@ -92,8 +92,9 @@ class FakeCacheReset:
 
 
 class FakeDecode(FakeCacheReset, FakeLoRAs, decode_pb2_grpc.DecodeServicer):
-    """Reserves, then generates ``token_at(prompt, i)`` after the first token (and a resumed
-    request's earlier ones) until max_tokens. A LoRA adapter other than those in ``loras``: NOT_FOUND."""
+    """Reserves (once ``reserving`` is set), then generates ``token_at(prompt, i)`` after the first token
+    (and a resumed request's earlier ones) until max_tokens. A LoRA adapter other than those in ``loras``:
+    NOT_FOUND."""
 
     def __init__(self, name: str, free_blocks: int = 100, room: bool = True, delay_s: float = 0.0,
                  loras: frozenset[str] = frozenset()) -> None:
@@ -105,8 +106,11 @@ class FakeDecode(FakeCacheReset, FakeLoRAs, decode_pb2_grpc.DecodeServicer):
         self.first_tokens: list[int] = []
         self.stream_cancelled = asyncio.Event()
         self.fail_after: int | None = None       # abort the stream UNAVAILABLE after this many chunks
+        self.reserving = asyncio.Event()
+        self.reserving.set()
 
     async def Reserve(self, request, context):
+        await self.reserving.wait()
         if request.lora and request.lora not in self.loras:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"LoRA adapter {request.lora!r} is not loaded here")
         if not self.room:
@@ -168,7 +172,8 @@ class FakeDecode(FakeCacheReset, FakeLoRAs, decode_pb2_grpc.DecodeServicer):
 
 
 class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
-    """Streams the first token of the prompt (the next one of a resumed request), then the handoff's end once ``handoff`` is set
+    """Streams the first token of the prompt (the next one of a resumed request), then, once its ticket
+    has come on the stream (``tickets``), the handoff's end once ``handoff`` is set
     (or fails the next ``fail_handoffs`` UNAVAILABLE, blaming the decode worker as a real prefill
     worker does); INVALID_ARGUMENT past ``max_len``. Its load counts ``running`` and, as a real
     worker's does, the prompts it is prefilling."""
@@ -176,6 +181,7 @@ class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
     def __init__(self, name: str, max_len: int = 10_000, delay_s: float = 0.0, running: int = 0) -> None:
         self.name, self.max_len, self.delay_s, self.running = name, max_len, delay_s, running
         self.requests: list[prefill_pb2.PrefillRequest] = []
+        self.tickets: list[kvtransfer_pb2.TransferTicket] = []   # those that came after a first token
         self.prefilling = 0
         self.aborted: list[str] = []
         self.handoff = asyncio.Event()
@@ -183,7 +189,8 @@ class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
         self.fail_handoffs = 0
         self._init_loras(frozenset())
 
-    async def Prefill(self, request, context):
+    async def Prefill(self, stream, context):
+        request = (await context.read()).request
         self.requests.append(request)
         self.prefilling += 1
         try:
@@ -206,6 +213,8 @@ class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
             prompt_logprobs=prompt_logprobs if request.params.HasField("prompt_logprobs") else [],
             prompt_tokens=n, cached_tokens=16 * (n // 32), queued_seconds=0.25, prefill_seconds=0.5,
         ))
+        if request.ticket_follows:
+            self.tickets.append((await context.read()).ticket)
         await self.handoff.wait()
         if self.fail_handoffs:
             self.fail_handoffs -= 1
@@ -239,6 +248,11 @@ async def serve(servicer, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server
     port = server.add_insecure_port(address)
     await server.start()
     return server, f"127.0.0.1:{port}"
+
+
+def placement(chunks: list[GenerationChunk]) -> tuple[str, ...]:
+    """Where a stream says its request ran: the latest placement a chunk named (``Choice`` keeps it so)."""
+    return [c.placement for c in chunks if c.placement][-1]
 
 
 def dead_address() -> str:
@@ -336,7 +350,7 @@ async def test_full_flow(cluster) -> None:
     assert [c.finish_reason for c in chunks] == [None] * 4 + ["length"]
     # The prefill worker got the decode worker's ticket and the same params.
     reserve, ticket = decode.reserved[req.request_id]
-    assert prefill.requests[0].ticket == ticket
+    assert prefill.requests[0].ticket_follows and prefill.tickets == [ticket]
     assert params_from_proto(reserve.params) == req.params == params_from_proto(prefill.requests[0].params)
     assert decode.first_tokens == [first]
     assert decode.aborted == [] and prefill.aborted == []
@@ -435,26 +449,25 @@ async def test_embeddings_go_to_a_prefill_worker_and_fail_over(cluster) -> None:
 
 
 async def test_a_sibling_runs_beside_the_placement_it_names(cluster) -> None:
-    """The first chunk names where a request runs; a request that names it as ``colocate``
+    """The stream names where a request runs; a request that names it as ``colocate``
     goes to those workers, whatever load and room say, unless one is full or down."""
     add, make, servers = cluster
     idle, busy = FakePrefill("p0"), FakePrefill("p1", running=5)
     roomy, small = FakeDecode("d0", free_blocks=150), FakeDecode("d1", free_blocks=10)
     p_addrs, d_addrs = [await add(idle), await add(busy)], [await add(roomy), await add(small)]
     backend = await make(config(p_addrs, d_addrs, load_poll_interval_s=30.0))
-    chunks = await collect(backend.generate(request(max_tokens=2)))
-    assert chunks[0].placement == (p_addrs[0], d_addrs[0]) and chunks[1].placement == ()
+    assert placement(await collect(backend.generate(request(max_tokens=2)))) == (p_addrs[0], d_addrs[0])
 
     sibling = replace(request(max_tokens=2), colocate=(p_addrs[1], d_addrs[1]))
-    assert (await collect(backend.generate(sibling)))[0].placement == (p_addrs[1], d_addrs[1])
+    assert placement(await collect(backend.generate(sibling))) == (p_addrs[1], d_addrs[1])
     assert sibling.request_id in small.reserved and [r.request_id for r in busy.requests] == [sibling.request_id]
 
     small.room = False
     crowded = replace(request(max_tokens=2), colocate=(p_addrs[1], d_addrs[1]))
-    assert (await collect(backend.generate(crowded)))[0].placement == (p_addrs[1], d_addrs[0])
+    assert placement(await collect(backend.generate(crowded))) == (p_addrs[1], d_addrs[0])
     await servers[1].stop(None)                   # the busy prefill worker dies: a retry goes elsewhere
     orphan = replace(request(max_tokens=2), colocate=(p_addrs[1], d_addrs[0]))
-    assert (await collect(backend.generate(orphan)))[0].placement == (p_addrs[0], d_addrs[0])
+    assert placement(await collect(backend.generate(orphan))) == (p_addrs[0], d_addrs[0])
 
 
 async def test_a_burst_spreads_over_decode_workers_by_requests(cluster) -> None:
@@ -522,7 +535,7 @@ async def test_the_lora_adapter_reaches_both_workers_and_one_they_lack_is_a_404(
     missing = replace(request(max_tokens=2), lora="two")
     with pytest.raises(BackendError, match="LoRA adapter 'two' is not loaded here") as err:
         await collect(backend.generate(missing))
-    assert err.value.status == 404 and len(prefill.requests) == 2
+    assert err.value.status == 404 and len(prefill.requests) == 3 and prefill.aborted == [missing.request_id]
 
 
 async def lora_cluster(cluster, **decode_kw) -> tuple[GrpcBackend, list[FakePrefill], list[FakeDecode]]:
@@ -726,7 +739,7 @@ async def test_decode_failure_mid_stream_resumes_on_another_worker(cluster) -> N
     again = prefill.requests[1]
     assert list(again.prompt_token_ids) == req.prompt_token_ids and list(again.output_token_ids) == streamed
     assert not again.params.HasField("prompt_logprobs")      # they went out with the first token
-    assert list(other.reserved[req.request_id][0].output_token_ids) == streamed and again.ticket == other.reserved[req.request_id][1]
+    assert list(other.reserved[req.request_id][0].output_token_ids) == streamed and prefill.tickets[1] == other.reserved[req.request_id][1]
     assert decode.aborted == [req.request_id] and other.aborted == []
     assert RETRIES.labels(resumed="true")._value.get() - resumed_before == 1
 
@@ -755,6 +768,38 @@ async def test_first_token_is_yielded_before_the_handoff_ends(cluster) -> None:
     prefill.handoff.set()
     chunks = await asyncio.wait_for(rest, 5.0)
     assert [c.finish_reason for c in chunks] == [None, None, "length"] and decode.first_tokens == [first.tokens[0].token_id]
+
+
+async def test_the_first_token_does_not_wait_for_the_reservation(cluster) -> None:
+    """The prompt runs while the decode worker reserves: a first token that comes before the
+    reservation is yielded at once, placed on the prefill worker alone; the ticket follows on the
+    prefill stream once reserved, and the first decode chunk names the decode worker too."""
+    add, make, _ = cluster
+    prefill, decode = FakePrefill("p0"), FakeDecode("d0")
+    p_addr, d_addr = await add(prefill), await add(decode)
+    backend = await make(config([p_addr], [d_addr]))
+    decode.reserving.clear()
+    req = request(max_tokens=3)
+    stream = backend.generate(req)
+    first = await asyncio.wait_for(anext(stream), 5.0)
+    assert first.tokens[0].token_id == first_token_of(req.prompt_token_ids) and first.placement == (p_addr, "")
+    assert decode.reserved == {} and prefill.tickets == []
+    decode.reserving.set()
+    chunks = await asyncio.wait_for(collect(stream), 5.0)
+    assert [c.finish_reason for c in chunks] == [None, "length"] and chunks[0].placement == (p_addr, d_addr)
+    assert prefill.tickets == [decode.reserved[req.request_id][1]] and decode.aborted == prefill.aborted == []
+
+
+async def test_a_reservation_that_fails_ends_the_prefill_at_once(cluster) -> None:
+    """No decode worker with room: the 503 comes without waiting for the prompt's first token,
+    and the prefill worker is told to stop."""
+    add, make, _ = cluster
+    prefill, decode = FakePrefill("p0", delay_s=30.0), FakeDecode("d0", room=False)
+    backend = await make(config([await add(prefill)], [await add(decode)]))
+    req = request()
+    with pytest.raises(BackendError, match="no decode worker has room") as err:
+        await asyncio.wait_for(collect(backend.generate(req)), 10.0)
+    assert err.value.status == 503 and [r.request_id for r in prefill.requests] == prefill.aborted == [req.request_id]
 
 
 async def test_handoff_failure_after_first_token_blames_decode_and_resumes(cluster) -> None:

@@ -580,7 +580,8 @@ def test_a_cache_salt_keeps_each_salts_cached_prefix_apart(system, demo_model):
         with grpc.insecure_channel(address) as channel:
             request = prefill_pb2.PrefillRequest(request_id=f"salt-seed-{i}", prompt_token_ids=token_ids,
                                                  params=common_pb2.SamplingParams(max_tokens=1), cache_salt=f"seed-{i}")
-            assert len(list(prefill_pb2_grpc.PrefillStub(channel).Prefill(request, timeout=30))) == 1
+            stream = [prefill_pb2.PrefillInput(request=request)]
+            assert len(list(prefill_pb2_grpc.PrefillStub(channel).Prefill(iter(stream), timeout=30))) == 1
         with redis.Redis.from_url(system.plan.redis_url) as r:
             seeded = block_hashes(token_ids, 16, block_extra(fingerprint, None, f"seed-{i}"))
             assert all(len(h) == 1 for h in wait_for_holders(r, [block_key(fingerprint, h) for h in seeded], 1))

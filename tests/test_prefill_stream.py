@@ -1,7 +1,8 @@
 """The prefill worker's Prefill stream on the demo checkpoint, in process: the first token
 goes out while the decode side still holds back its acknowledgement of the KV, the handoff's
 end only after it, and the prompt's full block then sits in the worker's prefix cache; a
-resumed request's earlier tokens are computed and sent with its prompt; a handoff that
+ticket that comes after the first token gets every layer then, and a stream that ends without
+the ticket it promised holds nothing; a resumed request's earlier tokens are computed and sent with its prompt; a handoff that
 cannot land blames the decode worker; a grammar that does not compile in time is the client's error; a
 cache salt keeps requests to the cached blocks of their own salt."""
 
@@ -63,6 +64,12 @@ async def worker(demo_model):
         await receiver.close()
 
 
+def messages(ticket: kvtransfer_pb2.TransferTicket | None = None, **request) -> list[prefill_pb2.PrefillInput]:
+    """A Prefill stream's messages: the request, then its ``ticket`` if one is given (``ticket_follows``)."""
+    opening = prefill_pb2.PrefillInput(request=prefill_pb2.PrefillRequest(ticket_follows=ticket is not None, **request))
+    return [opening] if ticket is None else [opening, prefill_pb2.PrefillInput(ticket=ticket)]
+
+
 def ticket_for(ctx, receiver, rid: str, block_ids: list[int], num_tokens: int) -> kvtransfer_pb2.TransferTicket:
     receiver.expect(rid, block_ids, ctx.layout)
     return kvtransfer_pb2.TransferTicket(
@@ -79,7 +86,7 @@ async def test_first_token_streams_before_the_handoff_is_acknowledged(worker):
     before = await servicer.engine.call(ctx.core.stats)
     async with grpc.aio.insecure_channel(address) as channel:
         call = prefill_pb2_grpc.PrefillStub(channel).Prefill(
-            prefill_pb2.PrefillRequest(request_id="r1", prompt_token_ids=PROMPT, params=params, ticket=ticket), timeout=60)
+            messages(ticket, request_id="r1", prompt_token_ids=PROMPT, params=params), timeout=60)
         first = await asyncio.wait_for(call.read(), 20)
         assert first.WhichOneof("event") == "first" and first.first.prompt_tokens == len(PROMPT)
         assert first.first.queued_seconds >= 0 and first.first.prefill_seconds > 0
@@ -96,6 +103,55 @@ async def test_first_token_streams_before_the_handoff_is_acknowledged(worker):
     assert after.used_blocks == 0 and after.cached_blocks == before.cached_blocks + len(PROMPT) // 16
 
 
+async def test_a_ticket_that_comes_after_the_first_token_gets_every_layer(worker):
+    """The prompt runs before its ticket comes (the gateway still reserving): the first token goes
+    out, the blocks stay held, and the ticket, once it comes, gets every layer at once: the KV of a
+    request whose ticket came first."""
+    ctx, servicer, receiver, push, address, caches = worker
+    push.ack.set()
+    params = common_pb2.SamplingParams(temperature=0.0, max_tokens=8)
+    early, late = [7, 3], [11, 12]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+        replies = [r async for r in stub.Prefill(messages(ticket_for(ctx, receiver, "early", early, len(PROMPT)),
+                                                          request_id="early", prompt_token_ids=PROMPT, params=params), timeout=60)]
+        assert [r.WhichOneof("event") for r in replies] == ["first", "handoff"]
+        call = stub.Prefill(timeout=60)
+        await call.write(prefill_pb2.PrefillInput(request=prefill_pb2.PrefillRequest(
+            request_id="late", prompt_token_ids=PROMPT, params=params, ticket_follows=True)))
+        first = await asyncio.wait_for(call.read(), 20)
+        assert first.first.token == replies[0].first.token
+        assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 2     # held for the ticket
+        assert all(cache[late].abs().sum() == 0 for cache in caches)
+        await call.write(prefill_pb2.PrefillInput(ticket=ticket_for(ctx, receiver, "late", late, len(PROMPT))))
+        await call.done_writing()
+        last = await asyncio.wait_for(call.read(), 30)
+        assert last.WhichOneof("event") == "handoff" and last.handoff.bytes_sent == replies[1].handoff.bytes_sent
+    for cache in caches:   # the late one computed its last 3 tokens over the cached first block: rounding differs
+        assert cache[late].abs().sum() > 0
+        torch.testing.assert_close(cache[late], cache[early])
+    assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0
+
+
+async def test_a_stream_without_the_ticket_it_promised_holds_nothing(worker):
+    """A request whose ticket was to follow, on a stream that ends without one, or a stream that does not
+    open with a request: INVALID_ARGUMENT, and no block stays held."""
+    ctx, servicer, receiver, push, address, caches = worker
+    params = common_pb2.SamplingParams(temperature=0.0, max_tokens=8)
+    promised = prefill_pb2.PrefillInput(request=prefill_pb2.PrefillRequest(
+        request_id="r4", prompt_token_ids=PROMPT, params=params, ticket_follows=True))
+    ticket_first = prefill_pb2.PrefillInput(ticket=ticket_for(ctx, receiver, "r5", [1, 2], len(PROMPT)))
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+        for stream, message in (([promised], "said a ticket follows; its stream sent none"),
+                                ([ticket_first], "opens with its request")):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Prefill(stream, timeout=60):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0
+
+
 async def test_a_resumed_request_sends_its_earlier_tokens_kv_and_samples_the_next(worker, demo_model):
     """Resumed after 15 tokens, the 34 tokens' KV fill three blocks and the token sampled is the
     16th that one process generates."""
@@ -107,8 +163,8 @@ async def test_a_resumed_request_sends_its_earlier_tokens_kv_and_samples_the_nex
     ticket = ticket_for(ctx, receiver, "r2", block_ids, len(PROMPT) + 15)
     params = common_pb2.SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     async with grpc.aio.insecure_channel(address) as channel:
-        call = prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
-            request_id="r2", prompt_token_ids=PROMPT, params=params, ticket=ticket, output_token_ids=earlier), timeout=60)
+        call = prefill_pb2_grpc.PrefillStub(channel).Prefill(messages(
+            ticket, request_id="r2", prompt_token_ids=PROMPT, params=params, output_token_ids=earlier), timeout=60)
         replies = [reply async for reply in call]
     assert [r.WhichOneof("event") for r in replies] == ["first", "handoff"]
     assert replies[0].first.token.token_id == whole.outputs[0].token_ids[15]
@@ -127,7 +183,7 @@ async def test_a_handoff_that_cannot_land_blames_the_decode_worker(worker):
     params = common_pb2.SamplingParams(temperature=0.0, max_tokens=8)
     async with grpc.aio.insecure_channel(address) as channel:
         call = prefill_pb2_grpc.PrefillStub(channel).Prefill(
-            prefill_pb2.PrefillRequest(request_id="r3", prompt_token_ids=PROMPT, params=params, ticket=ticket), timeout=60)
+            messages(ticket, request_id="r3", prompt_token_ids=PROMPT, params=params), timeout=60)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in call:
                 pass
@@ -154,7 +210,7 @@ async def test_a_grammar_that_does_not_compile_in_time_is_the_clients_error(work
         for i, (grammar, timeout, message) in enumerate(cases):
             params = common_pb2.SamplingParams(temperature=0.0, max_tokens=8, structured_output=grammar)
             call = prefill_pb2_grpc.PrefillStub(channel).Prefill(
-                prefill_pb2.PrefillRequest(request_id=f"g{i}", prompt_token_ids=PROMPT, params=params), timeout=timeout)
+                messages(request_id=f"g{i}", prompt_token_ids=PROMPT, params=params), timeout=timeout)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in call:
                     pass
@@ -167,7 +223,7 @@ async def test_an_adapter_the_worker_has_not_loaded_is_not_found(worker):
     params = common_pb2.SamplingParams(temperature=0.0, max_tokens=4)
     async with grpc.aio.insecure_channel(address) as channel:
         call = prefill_pb2_grpc.PrefillStub(channel).Prefill(
-            prefill_pb2.PrefillRequest(request_id="r1", prompt_token_ids=PROMPT, params=params, lora="sonnets"), timeout=60)
+            messages(request_id="r1", prompt_token_ids=PROMPT, params=params, lora="sonnets"), timeout=60)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call.read()
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -183,8 +239,8 @@ async def test_a_cache_salt_keeps_prefill_and_embeddings_to_their_own_cached_blo
         stub = prefill_pb2_grpc.PrefillStub(channel)
 
         async def prefill(rid: str, salt: str) -> int:
-            request = prefill_pb2.PrefillRequest(request_id=rid, prompt_token_ids=PROMPT, params=params, cache_salt=salt)
-            replies = [reply async for reply in stub.Prefill(request, timeout=60)]
+            call = stub.Prefill(messages(request_id=rid, prompt_token_ids=PROMPT, params=params, cache_salt=salt), timeout=60)
+            replies = [reply async for reply in call]
             return replies[0].first.cached_tokens
 
         async def embed(rid: str, salt: str) -> int:

@@ -3,12 +3,13 @@
 One request (one sequence) passes through these states::
 
     look up the prompt's cached prefix on every worker (one Redis round trip)
-    -> route decode (load, then room + cached prefix) -> RESERVED (Decode.Reserve: blocks + transfer ticket)
-      -> route prefill (cached prefix + load) -> PREFILLING (Prefill.Prefill stream:
-         the worker pushes KV to the ticket layer by layer and sends the first token)
+    -> at once: route decode (load, then room + cached prefix) -> RESERVED (Decode.Reserve: blocks + transfer ticket)
+       and route prefill (cached prefix + load) -> PREFILLING (Prefill.Prefill stream: the request,
+       then the ticket as soon as it is reserved; the worker pushes KV to it layer by layer
+       and sends the first token)
       -> first chunk yielded at once (time to first token waits for neither the
-         rest of the handoff nor decode) -> HANDED OFF (the stream's last message:
-         the decode worker holds every layer)
+         reservation, the rest of the handoff nor decode) -> HANDED OFF (the stream's last
+         message: the decode worker holds every layer)
       -> GENERATING (Decode.Generate stream) -> FINISHED (a chunk with finish_reason)
 
 (The RPCs' messages are built and read in ``worker_messages``.)
@@ -78,7 +79,7 @@ from baton.services.gateway.placement import Placement
 from baton.services.gateway.prefix_index import PrefixIndex
 from baton.services.gateway.router import Load
 from baton.services.gateway.worker_messages import (
-    check_prompt, decode_chunk, first_chunk, prefill_message, reserve_message, validate,
+    check_prompt, decode_chunk, first_chunk, prefill_message, reserve_message, ticket_message, validate,
 )
 from baton.services.gateway.worker_pool import Worker, WorkerPool
 
@@ -95,6 +96,27 @@ class _WorkerFailure(Exception):
         super().__init__(message)
         self.message = message
         self.worker = worker
+
+
+Reserving = asyncio.Task[tuple[Worker, kvtransfer_pb2.TransferTicket]]   # a decode worker's Reserve under way
+
+
+def _reserved(reserving: Reserving) -> str:
+    """The decode worker's address if the reservation has been made, else ""."""
+    done = reserving.done() and not reserving.cancelled() and reserving.exception() is None
+    return reserving.result()[0].address if done else ""
+
+
+async def _send_request(call: grpc.aio.StreamStreamCall, request: GenerationRequest, reserving: Reserving) -> None:
+    """Open a Prefill stream with ``request``, then send the ticket once ``reserving`` has it
+    (its failure raises here). A call that has ended takes no more: reading it tells why."""
+    try:
+        await call.write(prefill_message(request))
+        ticket = (await reserving)[1]
+        await call.write(ticket_message(ticket))
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass
 
 
 class GrpcBackend(Backend):
@@ -195,21 +217,27 @@ class GrpcBackend(Backend):
                     yield chunk
             return
         PREFILLS.labels(where="remote").inc()
-        decode, ticket = await self._reserve(request, deadline, avoid, cached)  # counts it in flight there
+        # The decode worker reserves while the prompt runs; its ticket follows on the prefill stream.
+        reserving = asyncio.create_task(self._reserve(request, deadline, avoid, cached))  # counts it in flight there
         prefill: Worker | None = None
         finished = False
         try:
             prefill = self._place.choose_prefill(request.token_ids, avoid, cached, request.colocate, request.lora)
-            async with aclosing(self._prefill(prefill, decode, request, ticket, deadline)) as replies:
+            async with aclosing(self._prefill(prefill, request, reserving, deadline)) as replies:
                 async for first in replies:
-                    yield first_chunk(request, first, (prefill.address, decode.address))
+                    placed = _reserved(reserving)
+                    yield first_chunk(request, first, (prefill.address, placed))
+            decode = reserving.result()[0]
             call = decode.stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request.request_id, first_token=first.token),
                 timeout=self._timeout(deadline, math.inf),
             )
+            placement = () if placed else (prefill.address, decode.address)   # the first token came before the reservation
             try:
                 async for msg in call:
                     chunk = decode_chunk(msg, request, ())
+                    if placement:
+                        chunk.placement, placement = placement, ()
                     finished = chunk.finish_reason is not None
                     yield chunk
                     if finished:
@@ -220,7 +248,11 @@ class GrpcBackend(Backend):
                 call.cancel()
             raise BackendError(f"decode worker {decode.address} ended the stream without a finish reason", 503)
         finally:
-            self._pool.in_flight[decode.address] -= 1
+            reserving.cancel()   # one still under way aborts itself
+            reserved = (await asyncio.gather(reserving, return_exceptions=True))[0]
+            decode = reserved[0] if isinstance(reserved, tuple) else None
+            if decode is not None:
+                self._pool.in_flight[decode.address] -= 1
             if not finished:
                 await self._abort(request.request_id, [decode, prefill])
 
@@ -285,21 +317,30 @@ class GrpcBackend(Backend):
             return worker, ticket
 
     async def _prefill(
-        self, worker: Worker, decode: Worker, request: GenerationRequest, ticket: kvtransfer_pb2.TransferTicket,
-        deadline: float,
+        self, worker: Worker, request: GenerationRequest, reserving: Reserving, deadline: float,
     ) -> AsyncIterator[prefill_pb2.FirstToken]:
-        """Yield the first token as soon as the prefill worker sends it; end once the worker
-        reports the KV handed off to ``decode`` (which then holds every layer)."""
+        """Yield the first token as soon as the prefill worker sends it, whether or not the decode
+        worker's reservation (``reserving``) has come: its ticket goes on the stream when it does. End
+        once the worker reports the KV handed off (the decode worker then holds every layer). A
+        reservation that fails before the first token ends the call at once."""
         started = time.perf_counter()
-        timeout = self._timeout(deadline, self.config.prefill_timeout_s)
-        call = worker.stub.Prefill(prefill_message(request, ticket), timeout=timeout)
+        call = worker.stub.Prefill(timeout=self._timeout(deadline, self.config.prefill_timeout_s))
         self._pool.in_flight[worker.address] += 1
+        sending = asyncio.create_task(_send_request(call, request, reserving))
+        reading = asyncio.ensure_future(self._read(call, worker, None, deadline, "first", request.lora))
         try:
-            first = await self._read(call, worker, decode, deadline, "first", request.lora)
+            await asyncio.wait((reading, sending), return_when=asyncio.FIRST_COMPLETED)
+            if sending.done():
+                sending.result()   # a failed reservation raises here
+            first = await reading
             PREFILL_RPC_FIRST_TOKEN.labels(where="remote").observe(time.perf_counter() - started)
             yield first
-            handoff = await self._read(call, worker, decode, deadline, "handoff", request.lora)
+            await sending
+            handoff = await self._read(call, worker, reserving.result()[0], deadline, "handoff", request.lora)
         finally:
+            reading.cancel()
+            sending.cancel()
+            await asyncio.gather(reading, sending, return_exceptions=True)
             self._pool.in_flight[worker.address] -= 1
             call.cancel()
         if handoff.bytes_sent > 0:
@@ -307,10 +348,11 @@ class GrpcBackend(Backend):
             KV_TRANSFER_SECONDS.observe(handoff.seconds)
 
     async def _read(
-        self, call: grpc.aio.UnaryStreamCall, worker: Worker, decode: Worker, deadline: float, event: str,
+        self, call: grpc.aio.StreamStreamCall, worker: Worker, decode: Worker | None, deadline: float, event: str,
         lora: str | None,
     ) -> prefill_pb2.FirstToken | prefill_pb2.KVHandoff:
-        """The next message of a Prefill stream (of a request under LoRA adapter ``lora``), which must be ``event``."""
+        """The next message of a Prefill stream (of a request under LoRA adapter ``lora``, its KV going to
+        ``decode`` once the ticket is sent), which must be ``event``."""
         try:
             reply = await call.read()
         except grpc.aio.AioRpcError as err:

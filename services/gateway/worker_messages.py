@@ -24,18 +24,23 @@ def reserve_message(request: GenerationRequest) -> decode_pb2.ReserveRequest:
     )
 
 
-def prefill_message(request: GenerationRequest, ticket: kvtransfer_pb2.TransferTicket) -> prefill_pb2.PrefillRequest:
-    """What a prefill worker takes to compute ``request``'s KV into the decode worker's ``ticket``."""
-    return prefill_pb2.PrefillRequest(
+def prefill_message(request: GenerationRequest) -> prefill_pb2.PrefillInput:
+    """What opens a prefill worker's stream for ``request``: its KV's ticket follows (``ticket_message``)."""
+    return prefill_pb2.PrefillInput(request=prefill_pb2.PrefillRequest(
         request_id=request.request_id,
         prompt_token_ids=request.prompt_token_ids,
         params=params_to_proto(request.params),
-        ticket=ticket,
         output_token_ids=request.output_token_ids,
         priority=request.priority,
         lora=request.lora or "",
         cache_salt=request.cache_salt or "",
-    )
+        ticket_follows=True,
+    ))
+
+
+def ticket_message(ticket: kvtransfer_pb2.TransferTicket) -> prefill_pb2.PrefillInput:
+    """The decode worker's ``ticket``, sent on the prefill worker's stream after the request."""
+    return prefill_pb2.PrefillInput(ticket=ticket)
 
 
 def first_chunk(request: GenerationRequest, first: prefill_pb2.FirstToken, placement: tuple[str, ...]) -> GenerationChunk:
