@@ -6,7 +6,7 @@
 #   bench/serve_gpu.sh MODEL_DIR DTYPE [bench_serving.py flags...]   (DEVICE=cpu to try it without a GPU)
 # ROUNDS=N runs the benchmark N times against the same processes (the first round also
 # meets whatever the workers' start-up did not warm); GATEWAY_FLAGS adds gateway flags
-# (e.g. "--max-local-prefill-length 256"). PYSPY_DIR=DIR runs each process under py-spy (on
+# (e.g. "--max-local-prefill-length 256"), WORKER_FLAGS both workers' (e.g. "--stream-interval 8"). PYSPY_DIR=DIR runs each process under py-spy (on
 # PATH) and leaves its samples there, one raw flamegraph per process and thread (prefill.txt,
 # decode.txt, gateway.txt).
 set -euo pipefail
@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 model=$1 dtype=$2; shift 2
 py=${PYTHON:-python3}
 read -ra gateway_flags <<< "${GATEWAY_FLAGS:-}"
-common=(--model "$model" --device "${DEVICE:-cuda}" --dtype "$dtype" --kv-cache-memory-mb 4096 --max-num-seqs 128)
+read -ra worker_flags <<< "${WORKER_FLAGS:-}"
+common=(--model "$model" --device "${DEVICE:-cuda}" --dtype "$dtype" --kv-cache-memory-mb 4096 --max-num-seqs 128
+        "${worker_flags[@]}")
 pids=() stop=TERM
 launch() {  # NAME COMMAND...: start one service in the background
     local name=$1; shift

@@ -214,6 +214,13 @@ def _kv_cache_dtype(text: str) -> str:
     return text
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
 def add_engine_switches(p: argparse.ArgumentParser) -> None:
     """vLLM's engine switches, on a worker and on ``baton up`` (which hands them to every worker, but
     for ``--revision`` and ``--download-dir``: it downloads a hub model once and hands the workers its
@@ -254,6 +261,10 @@ def add_engine_switches(p: argparse.ArgumentParser) -> None:
                    help="the most sequences a step runs (vLLM's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                    help="the most tokens a step computes; longer prompts are computed in chunks (vLLM's)")
+    p.add_argument("--stream-interval", type=_positive_int, default=1, metavar="N",
+                   help="a decode worker streams a request's tokens N at a time, its first and its last at once "
+                        "(vLLM's and SGLang's: a larger N streams less smoothly but serves more tokens a second; "
+                        "default 1: each token as it comes; a prefill worker sends one token)")
 
 
 def add_lora_switches(p: argparse.ArgumentParser, modules_help: str) -> None:
@@ -276,6 +287,7 @@ def engine_switches(args: argparse.Namespace) -> list[str]:
     if args.cuda_graph_sizes:
         out += ["--cuda-graph-sizes", *map(str, args.cuda_graph_sizes)]
     for flag, value, default in (("--max-model-len", args.max_model_len, None),
+                                 ("--stream-interval", args.stream_interval, 1),
                                  ("--max-num-seqs", args.max_num_seqs, EngineConfig.max_num_seqs),
                                  ("--max-num-batched-tokens", args.max_num_batched_tokens,
                                   EngineConfig.max_num_batched_tokens)):

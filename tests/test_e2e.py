@@ -1089,6 +1089,27 @@ def test_speculative_decode_workers_stream_what_one_token_a_step_gives(demo_mode
         system.stop()
 
 
+def test_a_stream_interval_sends_tokens_in_fours_but_the_first(demo_model):
+    """``baton up --stream-interval 4`` (vLLM's flag): a streamed completion of 13 tokens comes as
+    its first token, then three chunks of four, whether its prompt went to the prefill worker or,
+    short enough, to the decode worker alone; the text is the aggregated engine's."""
+    system = System(demo_model, "grpc", prefill=1, decode=1,
+                    up_flags=("--stream-interval", "4", "--max-local-prefill-length", "8"))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
+        prompts = [PROMPTS[1] * 3, PROMPTS[0]]   # 30 tokens and more, computed on the prefill worker; 6, locally
+        expected = [o.outputs[0].text for o in LLM(demo_model).generate(prompts, params)]
+        for prompt, want in zip(prompts, expected):
+            chunks = list(system.client.completions.create(
+                model=MODEL_NAME, prompt=prompt, max_tokens=13, temperature=0, logprobs=0, stream=True,
+                extra_body={"ignore_eos": True}))
+            sizes = [len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs]
+            assert [n for n in sizes if n] == [1, 4, 4, 4] and "".join(c.choices[0].text for c in chunks) == want
+        assert [gateway_counter(system, "baton_prefills_total", {"where": w}) for w in ("local", "remote")] == [1, 1]
+    finally:
+        system.stop()
+
+
 def test_a_decode_worker_shutting_down_leaves_its_requests_to_resume(demo_model):
     """SIGTERM to one of two decode workers (grace 1 s) while eight streams are a few tokens
     in: when the grace ends, gRPC cancels the streams it still holds UNAVAILABLE, and every

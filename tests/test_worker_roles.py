@@ -167,6 +167,34 @@ async def test_updates_a_decode_stream_fell_behind_on_go_out_as_one():
         await anext(stream)
 
 
+async def test_a_stream_interval_holds_tokens_back_but_the_first_and_the_last():
+    """``--stream-interval 3``: a Generate stream (its first token sent by prefill) sends its tokens
+    three at a time and the rest with the finish; a PrefillAndGenerate stream sends its first token
+    at once."""
+    tokens = [TokenLogprob(i, -0.1) for i in range(5, 12)]
+    queue: asyncio.Queue[SeqUpdate] = asyncio.Queue()
+    stream = DecodeServicer._updates("r", queue, None, interval=3, sent=1)
+    sent = []
+    pending = asyncio.ensure_future(anext(stream))
+    for i, token in enumerate(tokens):
+        queue.put_nowait(SeqUpdate("r", [token], "length" if i == len(tokens) - 1 else None, 4, []))
+        await asyncio.sleep(0.05)     # the stream takes the update: out at once, or held back
+        assert pending.done() == (i in (2, 5, 6)), i
+        if pending.done():
+            sent.append(pending.result())
+            pending = asyncio.ensure_future(anext(stream))
+    with pytest.raises(StopAsyncIteration):
+        await pending
+    assert [u.new_tokens for u in sent] == [tokens[:3], tokens[3:6], tokens[6:]]
+    assert [u.finish_reason for u in sent] == [None, None, "length"]
+
+    local = DecodeServicer._updates("l", queue, None, interval=3, sent=0)
+    for update in (SeqUpdate("l", [], None, 0, []),              # a prompt chunk: passed on, the caller skips it
+                   SeqUpdate("l", tokens[:1], None, 4, [])):
+        queue.put_nowait(update)
+        assert await asyncio.wait_for(anext(local), 5.0) == update
+
+
 async def test_a_commands_wait_for_the_engine_thread_is_measured():
     """A command queued while a 50 ms step runs waits for it: the worker's metrics time each wait."""
     from prometheus_client import CollectorRegistry

@@ -32,7 +32,7 @@ async def main() -> None:
 
     def register(server):
         receiver = make_receiver(args, ctx, server)
-        servicer = DecodeServicer(ctx, receiver)
+        servicer = DecodeServicer(ctx, receiver, stream_interval=args.stream_interval)
         decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
         names = [decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name]
         if receiver.transport == "grpc":

@@ -13,6 +13,7 @@ A request passes through:
   RECEIVING  prefill pushes layers into the reserved blocks (KVTransfer.Push)
   RUNNING    Generate: once every layer has landed, the request joins the batch
              with the first token prefill sampled; tokens stream back each step
+             (``--stream-interval N``: N at a time)
   FINISHED   stop token, EOS or max_tokens: the last chunk carries the reason
 An Abort, a cancelled stream, an expired reservation or a failed transfer frees
 every block the request holds. LoRA adapters load and unload while serving (``LoadLoRA``,
@@ -66,10 +67,12 @@ def _merged(updates: list[SeqUpdate]) -> SeqUpdate:
 class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
     role = "decode"
 
-    def __init__(self, ctx: WorkerContext, receiver: KVReceiver, reservation_ttl_s: float = 180.0) -> None:
+    def __init__(self, ctx: WorkerContext, receiver: KVReceiver, reservation_ttl_s: float = 180.0,
+                 stream_interval: int = 1) -> None:
         self._ctx = ctx
         self._receiver = receiver
         self._ttl = reservation_ttl_s
+        self._interval = stream_interval   # tokens a stream holds back to send together (--stream-interval)
         self._reservations: dict[str, asyncio.TimerHandle] = {}  # request id -> its expiry
         self._streams: dict[str, asyncio.Queue[SeqUpdate]] = {}
         # Its cached prompt blocks go to the prefix index too: the gateway routes by them.
@@ -151,7 +154,7 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
                 finished = True
                 yield decode_pb2.GenerateChunk(finish_reason=finish)
                 return
-            async for update in self._updates(rid, queue, context):
+            async for update in self._updates(rid, queue, context, self._interval, sent=1):   # prefill sent the first
                 finished = update.finish_reason is not None
                 yield _chunk(update)
         finally:
@@ -183,7 +186,7 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             first = True
-            async for update in self._updates(rid, queue, context):
+            async for update in self._updates(rid, queue, context, self._interval, sent=len(resumed)):
                 finished = update.finish_reason is not None
                 if first and not (update.new_tokens or finished):
                     continue   # a prompt chunk, before the first token
@@ -207,17 +210,25 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
         self.engine.mark_sent(rid, len(resumed))
 
     @staticmethod
-    async def _updates(rid: str, queue: asyncio.Queue[SeqUpdate], context) -> AsyncIterator[SeqUpdate]:
+    async def _updates(rid: str, queue: asyncio.Queue[SeqUpdate], context, interval: int = 1,
+                       sent: int = 0) -> AsyncIterator[SeqUpdate]:
         """The request's updates, up to the one that finishes it; an abort ends the RPC ABORTED.
         Those that queued up while the stream was busy go out as one (``_merged``): a loop that
-        falls behind sends fewer, fuller chunks rather than falling further behind."""
+        falls behind sends fewer, fuller chunks rather than falling further behind. Tokens are held
+        back until ``interval`` of them have come (``--stream-interval``), but for the request's
+        first (``sent``: the tokens its client has had) and the last."""
+        held: list[SeqUpdate] = []
         while True:
-            batch = [await queue.get()]
-            while batch[-1].finish_reason is None and not queue.empty():
-                batch.append(queue.get_nowait())
-            update = _merged(batch)
+            held.append(await queue.get())
+            while held[-1].finish_reason is None and not queue.empty():
+                held.append(queue.get_nowait())
+            update = _merged(held)
+            if update.finish_reason is None and sent > 0 and len(update.new_tokens) < interval:
+                continue
+            held = []
             if update.finish_reason == "abort":
                 await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was aborted on the decode worker")
+            sent += len(update.new_tokens)
             yield update
             if update.finish_reason is not None:
                 return
