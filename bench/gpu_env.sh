@@ -3,7 +3,8 @@
 # installs wheels carried in .whl/ into /tmp/site (grpcio, protobuf: the image's may be
 # older; for the gateway and the e2e tests also fastapi, starlette, uvicorn, sse-starlette,
 # h11, click, anyio, httpx, httpcore, prometheus-client, pydantic, redis, xxhash, xgrammar,
-# and openai with httpx2 and jiter, and what they need: the image lacks uvicorn at least),
+# openai with httpx2 and jiter, pytest-asyncio for the async GPU tests, and what they need: the
+# image lacks uvicorn at least),
 # points the tests at the demo checkpoint carried in .carry/, and keeps the working
 # directory off sys.path, as scripts/test.sh does (kernels/ would shadow the ``kernels``
 # package that newer transformers imports).

@@ -40,12 +40,17 @@ class HeldAck(KVTransferServicer):
         return reply
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+
+
 @pytest.fixture
-async def worker(demo_model):
+async def worker(demo_model, request):
     """A prefill servicer and a gRPC KV receiver (acknowledging only once ``push.ack`` is set)
-    on one loopback server; yields (ctx, receiver, push, the server's address, the receiver's caches)."""
-    ctx = build_worker(worker_arg_parser("prefill", 0).parse_args(["--model", demo_model, "--num-blocks", "64"]),
-                       "prefill", keep_finished_blocks=True)
+    on one loopback server, on the CPU (or the device an indirect parameter names); yields (ctx,
+    receiver, push, the server's address, the receiver's caches)."""
+    device = getattr(request, "param", "cpu")
+    args = ["--model", demo_model, "--num-blocks", "64", "--device", device]
+    ctx = build_worker(worker_arg_parser("prefill", 0).parse_args(args), "prefill", keep_finished_blocks=True)
     servicer = PrefillServicer(ctx)
     caches = [torch.zeros_like(c) for c in ctx.runner.kv_caches]
     server = grpc.aio.server(options=grpc_options())
@@ -103,6 +108,7 @@ async def test_first_token_streams_before_the_handoff_is_acknowledged(worker):
     assert after.used_blocks == 0 and after.cached_blocks == before.cached_blocks + len(PROMPT) // 16
 
 
+@pytest.mark.parametrize("worker", ["cpu", CUDA], indirect=True)
 async def test_a_ticket_that_comes_after_the_first_token_gets_every_layer(worker):
     """The prompt runs before its ticket comes (the gateway still reserving): the first token goes
     out, the blocks stay held, and the ticket, once it comes, gets every layer at once: the KV of a
