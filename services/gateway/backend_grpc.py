@@ -101,10 +101,11 @@ class _WorkerFailure(Exception):
 Reserving = asyncio.Task[tuple[Worker, kvtransfer_pb2.TransferTicket]]   # a decode worker's Reserve under way
 
 
-def _reserved(reserving: Reserving) -> str:
-    """The decode worker's address if the reservation has been made, else ""."""
-    done = reserving.done() and not reserving.cancelled() and reserving.exception() is None
-    return reserving.result()[0].address if done else ""
+def _reserved(reserving: Reserving) -> Worker | None:
+    """The decode worker the reservation was made on; None while it is under way, or if it failed."""
+    if reserving.done() and not reserving.cancelled() and reserving.exception() is None:
+        return reserving.result()[0]
+    return None
 
 
 async def _send_request(call: grpc.aio.StreamStreamCall, request: GenerationRequest, reserving: Reserving) -> None:
@@ -226,7 +227,7 @@ class GrpcBackend(Backend):
             async with aclosing(self._prefill(prefill, request, reserving, deadline)) as replies:
                 async for first in replies:
                     placed = _reserved(reserving)
-                    yield first_chunk(request, first, (prefill.address, placed))
+                    yield first_chunk(request, first, (prefill.address, placed.address if placed else ""))
             decode = reserving.result()[0]
             call = decode.stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request.request_id, first_token=first.token),
@@ -249,8 +250,8 @@ class GrpcBackend(Backend):
             raise BackendError(f"decode worker {decode.address} ended the stream without a finish reason", 503)
         finally:
             reserving.cancel()   # one still under way aborts itself
-            reserved = (await asyncio.gather(reserving, return_exceptions=True))[0]
-            decode = reserved[0] if isinstance(reserved, tuple) else None
+            await asyncio.gather(reserving, return_exceptions=True)
+            decode = _reserved(reserving)
             if decode is not None:
                 self._pool.in_flight[decode.address] -= 1
             if not finished:

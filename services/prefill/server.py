@@ -58,9 +58,10 @@ class EngineAborted(Exception):
     """The engine dropped the request (a failed step aborts everything running)."""
 
 
-class Refused(Exception):
+class EndCall(Exception):
     """The call ends with ``code`` and ``message`` (and ``trailing`` metadata): raised where the
-    servicer context is not at hand, or from a task other than the handler's."""
+    servicer context is not at hand, or from a task other than the handler's. (A KV receiver's
+    refusal is ``kvtransfer``'s own ``Refused``.)"""
 
     def __init__(self, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
@@ -78,9 +79,9 @@ def prefill_params(params: SamplingParams, num_resumed: int = 0) -> SamplingPara
     return dataclasses.replace(params, max_tokens=limit, min_tokens=min(params.min_tokens, limit), n=1)
 
 
-def _decode_failed(message: str) -> Refused:
+def _decode_failed(message: str) -> EndCall:
     """The call's end UNAVAILABLE, naming the decode worker as the one that failed."""
-    return Refused(grpc.StatusCode.UNAVAILABLE, message, ((FAILED_PEER_KEY, FAILED_PEER_DECODE),))
+    return EndCall(grpc.StatusCode.UNAVAILABLE, message, ((FAILED_PEER_KEY, FAILED_PEER_DECODE),))
 
 
 class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
@@ -168,9 +169,9 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
             try:
                 await self.engine.call(lambda: self._add(rid, prompt, params, resumed, request, received))
             except UnknownLoRA as exc:
-                raise Refused(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+                raise EndCall(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
             except ValueError as exc:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+                raise EndCall(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
             update = await future
             yield prefill_pb2.PrefillReply(first=prefill_pb2.FirstToken(
                 request_id=rid,
@@ -187,7 +188,7 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
             released = True
             if stats is not None:
                 yield prefill_pb2.PrefillReply(handoff=prefill_pb2.KVHandoff(bytes_sent=stats.bytes, seconds=stats.seconds))
-        except Refused as exc:
+        except EndCall as exc:
             await exc.end(context)
         except TransferError as exc:
             await _decode_failed(f"KV transfer to the decode worker failed: {exc}").end(context)
@@ -219,7 +220,7 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
         prompt's computation (``_attach``)."""
         message = await context.read()
         if message is grpc.aio.EOF or message.WhichOneof("input") != "ticket":
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+            raise EndCall(grpc.StatusCode.INVALID_ARGUMENT,
                           f"request {request.request_id!r} said a ticket follows; its stream sent none")
         ticket = message.ticket
         num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
@@ -227,7 +228,7 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
         cached = ticket.cached_blocks
         if (ticket.request_id != request.request_id or ticket.num_tokens != num_tokens or not 0 <= cached < num_blocks
                 or len(ticket.block_ids) != num_blocks - cached):
-            raise Refused(
+            raise EndCall(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the ticket (request {ticket.request_id!r}, {ticket.num_tokens} tokens, {len(ticket.block_ids)} blocks "
                 f"after {cached} cached) does not fit request {request.request_id!r} ({num_tokens} tokens, {num_blocks} blocks)",
@@ -235,7 +236,7 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
         try:
             session = (await self._sender(ticket.transport)).open(TransferTicket.from_proto(ticket), self._ctx.layout)
         except LayoutMismatch as exc:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+            raise EndCall(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
         except (TransferError, ValueError) as exc:
             raise _decode_failed(f"cannot reach the decode worker: {exc}") from exc
         try:
