@@ -1,22 +1,30 @@
 """The gateway's Prometheus metrics, in a registry of their own (served at /metrics).
 
-Other gateway modules import these names and update them; ``record_prompt`` keeps
-the cumulative prefix-cache hit ratio, ``RequestMetrics`` follows one request
+Other gateway modules import these names and update them; ``record_prompt`` counts a
+prefill's prompt and cached tokens, ``RequestMetrics`` follows one request
 (waiting -> running -> finished), ``record_sequences`` counts its finished sequences (their
 lengths and phases) and ``render()`` gives the text exposition format:
 Baton's metrics, then those vLLM has too under vLLM's names (``VLLM_NAMES``), labelled with
 the served model's name as vLLM labels them, so that dashboards and autoscalers made for
 vLLM read Baton unchanged.
+
+With several API server processes (``--api-server-count``), each keeps its metrics in files of
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, which the supervisor turns on
+for them) and ``render()`` sums every process's: whichever process a scrape reaches answers for
+all. Figures that are not sums (the prefix-cache hit ratio, the workers' KV cache usage) are
+worked out when scraped.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -41,15 +49,15 @@ E2E = Histogram(
     "baton_e2e_request_latency_seconds", "Time from request arrival to its last token.",
     buckets=_E2E_BUCKETS, registry=REGISTRY,
 )
-REQUESTS_RUNNING = Gauge("baton_requests_running", "Requests producing tokens.", registry=REGISTRY)
-REQUESTS_WAITING = Gauge("baton_requests_waiting", "Admitted requests still waiting for their first token.", registry=REGISTRY)
+# Summed over the API server processes that are alive (in multiprocess mode; one process: its own).
+REQUESTS_RUNNING = Gauge("baton_requests_running", "Requests producing tokens.", multiprocess_mode="livesum",
+                         registry=REGISTRY)
+REQUESTS_WAITING = Gauge("baton_requests_waiting", "Admitted requests still waiting for their first token.",
+                         multiprocess_mode="livesum", registry=REGISTRY)
 REQUESTS_TOTAL = Counter("baton_requests_total", "Finished requests by outcome.", labelnames=["status"], registry=REGISTRY)
 PROMPT_TOKENS = Counter("baton_prompt_tokens_total", "Prompt tokens sent to prefill.", registry=REGISTRY)
 CACHED_PROMPT_TOKENS = Counter(
     "baton_cached_prompt_tokens_total", "Prompt tokens served from a prefix cache.", registry=REGISTRY
-)
-PREFIX_CACHE_HIT_RATIO = Gauge(
-    "baton_prefix_cache_hit_ratio", "Cumulative cached prompt tokens / prompt tokens.", registry=REGISTRY
 )
 GENERATION_TOKENS = Counter("baton_generation_tokens_total", "Output tokens generated.", registry=REGISTRY)
 KV_TRANSFER_BYTES = Counter("baton_kv_transfer_bytes_total", "KV cache bytes moved prefill -> decode.", registry=REGISTRY)
@@ -110,10 +118,6 @@ TIME_PER_OUTPUT_TOKEN = Histogram(
     "baton_request_time_per_output_token_seconds", "Each finished sequence's decode over its tokens after the first.",
     buckets=_ITL_BUCKETS, registry=REGISTRY,
 )
-KV_CACHE_USAGE = Gauge(
-    "baton_kv_cache_usage_ratio", "KV cache blocks requests hold / all blocks, over the answering workers of a role "
-    "(read when scraped).", labelnames=["role"], registry=REGISTRY,
-)
 RETRIES = Counter(
     "baton_request_retries_total", "Requests retried on other workers after a worker failed; resumed: tokens had been streamed.",
     labelnames=["resumed"], registry=REGISTRY,
@@ -143,17 +147,10 @@ VLLM_NAMES = {
     "baton_request_time_per_output_token_seconds": ("vllm:request_time_per_output_token_seconds",),
 }
 
-_prompt_totals = [0, 0]  # prompt tokens, cached tokens since start (for the hit ratio)
-
-
 def record_prompt(prompt_tokens: int, cached_tokens: int) -> None:
-    """Count one prefill's prompt and cached tokens and update the cumulative hit ratio."""
+    """Count one prefill's prompt and cached tokens."""
     PROMPT_TOKENS.inc(prompt_tokens)
     CACHED_PROMPT_TOKENS.inc(cached_tokens)
-    _prompt_totals[0] += prompt_tokens
-    _prompt_totals[1] += cached_tokens
-    if _prompt_totals[0]:
-        PREFIX_CACHE_HIT_RATIO.set(_prompt_totals[1] / _prompt_totals[0])
 
 
 @dataclass
@@ -236,37 +233,57 @@ class RequestMetrics:
         REQUESTS_TOTAL.labels(status=status).inc()
 
 
-def set_kv_cache_usage(usage: dict[str, float]) -> None:
-    """Each role's KV cache usage as the backend reads it now (a role left out has no sample)."""
-    KV_CACHE_USAGE.clear()
-    for role, ratio in usage.items():
-        KV_CACHE_USAGE.labels(role=role).set(ratio)
+def _recorded() -> CollectorRegistry:
+    """The metrics recorded so far: every API server process's, summed, in multiprocess mode;
+    else this process's."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path)
+    return registry
 
 
-class _VllmView:
-    """The families of ``VLLM_NAMES`` under vLLM's names, each sample labelled ``model_name``; and
-    vLLM's ``kv_cache_usage_perc`` (a share, as vLLM's): the decode workers', whose KV cache bounds
-    how many sequences run."""
+class _ScrapeView:
+    """What a scrape adds to the recorded metrics: the cumulative prefix-cache hit ratio, each role's
+    KV cache usage as the backend reads it now (a role left out has no sample), and the families
+    of ``VLLM_NAMES`` under vLLM's names, each sample labelled ``model_name``, with vLLM's
+    ``kv_cache_usage_perc`` (a share, as vLLM's): the decode workers', whose KV cache bounds how
+    many sequences run."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, recorded: CollectorRegistry, model_name: str, kv_cache_usage: dict[str, float]) -> None:
+        self.recorded = recorded
         self.model_name = model_name
+        self.kv_cache_usage = kv_cache_usage
 
     def collect(self) -> Iterator[Metric]:
-        for family in REGISTRY.collect():
+        families = list(self.recorded.collect())
+        totals = {s.name: s.value for f in families for s in f.samples}
+        prompt = totals.get("baton_prompt_tokens_total", 0.0)
+        cached = totals.get("baton_cached_prompt_tokens_total", 0.0)
+        yield GaugeMetricFamily("baton_prefix_cache_hit_ratio", "Cumulative cached prompt tokens / prompt tokens.",
+                                value=cached / prompt if prompt else 0.0)
+        usage = GaugeMetricFamily("baton_kv_cache_usage_ratio", "KV cache blocks requests hold / all blocks, over the "
+                                  "answering workers of a role (read when scraped).", labels=["role"])
+        for role, ratio in self.kv_cache_usage.items():
+            usage.add_metric([role], ratio)
+        yield usage
+        for family in families:
             for name in VLLM_NAMES.get(family.name, ()):
                 out = Metric(name, family.documentation, family.type)
                 for sample in family.samples:
                     out.add_sample(name + sample.name[len(family.name):], {**sample.labels, "model_name": self.model_name},
                                    sample.value, sample.timestamp)
                 yield out
-        decode = REGISTRY.get_sample_value("baton_kv_cache_usage_ratio", {"role": "decode"})
-        if decode is not None:
-            usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "The decode workers' KV cache usage (1: full).",
-                                      labels=["model_name"])
-            usage.add_metric([self.model_name], decode)
-            yield usage
+        if "decode" in self.kv_cache_usage:
+            vllm_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "The decode workers' KV cache usage (1: full).",
+                                           labels=["model_name"])
+            vllm_usage.add_metric([self.model_name], self.kv_cache_usage["decode"])
+            yield vllm_usage
 
 
-def render(model_name: str) -> tuple[bytes, str]:
-    """The exposition text (vLLM's names labelled with ``model_name`` after Baton's) and its content type."""
-    return generate_latest(REGISTRY) + generate_latest(_VllmView(model_name)), CONTENT_TYPE_LATEST
+def render(model_name: str, kv_cache_usage: dict[str, float]) -> tuple[bytes, str]:
+    """The exposition text (Baton's metrics, then vLLM's names labelled with ``model_name``) and its
+    content type; ``kv_cache_usage``: each role's, as the backend reads it now."""
+    recorded = _recorded()
+    return generate_latest(recorded) + generate_latest(_ScrapeView(recorded, model_name, kv_cache_usage)), CONTENT_TYPE_LATEST

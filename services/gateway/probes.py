@@ -56,6 +56,5 @@ def add_probes(app: FastAPI, backend: Backend, state: GatewayState, model_name: 
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.set_kv_cache_usage(backend.kv_cache_usage())
-        body, content_type = metrics.render(model_name)
+        body, content_type = metrics.render(model_name, backend.kv_cache_usage())
         return Response(body, media_type=content_type)
