@@ -207,6 +207,10 @@ def up(args: argparse.Namespace) -> int:
     if args.no_redis and args.redis_url:
         print("baton up: --no-redis and --redis-url exclude each other", file=sys.stderr)
         return 2
+    if args.no_redis and args.api_server_count > 1:
+        print("baton up: --api-server-count above 1 needs Redis (leave out --no-redis): the API servers share stored "
+              "responses and runtime LoRA adapters through it", file=sys.stderr)
+        return 2
     if not args.no_redis and args.redis_url is None and not os.environ.get("REDIS_URL") and shutil.which("redis-server") is None:
         print("baton up: redis-server is not installed; install it, pass --redis-url, or run without the prefix "
               "index (--no-redis)", file=sys.stderr)

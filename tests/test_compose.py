@@ -146,6 +146,16 @@ def test_baton_up_refuses_no_redis_with_a_redis_url_and_names_no_redis_without_r
     assert "--no-redis" in capsys.readouterr().err
 
 
+def test_baton_up_hands_the_api_server_count_to_the_gateway_and_refuses_it_without_redis(capsys):
+    from baton.services.gateway.__main__ import build_parser
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--api-server-count", "4"]
+    gateway = launcher.make_plan(launcher.build_parser().parse_args(argv)).gateway
+    assert build_parser().parse_args(gateway[4:]).api_server_count == 4
+    assert launcher.main(["up", "--no-redis", "--api-server-count", "2"]) == 2
+    assert "--api-server-count above 1 needs Redis" in capsys.readouterr().err
+
+
 def test_launcher_plan_gives_each_worker_a_metrics_port_on_request():
     argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2"]
     plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
@@ -451,7 +461,7 @@ def test_the_uvicorn_log_level_reaches_the_gateways_http_server(demo_model, monk
 
     levels = []
 
-    async def serve(config, tokenizer, log_level):
+    async def serve(config, tokenizer, log_level, listen_fd, supervisor):
         levels.append(log_level)
 
     monkeypatch.setattr(gateway_main, "serve", serve)

@@ -154,7 +154,7 @@ def test_an_override_a_request_would_refuse_stops_the_gateway_naming_the_flag(ca
 def test_a_generation_config_a_request_would_refuse_stops_the_gateway_naming_the_flag_and_file(
     tmp_path, capsys, monkeypatch,
 ):
-    def serve(config, tokenizer, log_level):
+    def serve(config, tokenizer, log_level, listen_fd, supervisor):
         raise AssertionError("the gateway went on to serve")
 
     monkeypatch.setattr(gateway_main, "serve", serve)

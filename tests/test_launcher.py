@@ -14,27 +14,15 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
 
 from baton.services import launcher
 from baton.services.launcher import Plan, free_port, wait_ready
+from processes import assert_gone, children_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
 
 
 def start_baton_up(port: int, *flags: str, command: str = "up") -> tuple[subprocess.Popen, list[int]]:
@@ -56,11 +44,6 @@ def start_baton_up(port: int, *flags: str, command: str = "up") -> tuple[subproc
     return proc, children_of(proc.pid)
 
 
-def assert_gone(pids: list[int]) -> None:
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], pid
-
-
 def test_baton_up_serves_and_stops_cleanly():
     port = free_port()
     proc, children = start_baton_up(port)
@@ -75,6 +58,40 @@ def test_baton_up_serves_and_stops_cleanly():
         code = proc.wait(timeout=90)
     assert code == 0
     assert_gone(children)
+
+
+def test_baton_up_with_two_api_servers_serves_from_both_and_stops_cleanly():
+    """Two gateway processes on the port: requests on connections of their own reach either, and
+    what one stored (a response) or counted (the metrics) is there for a request reaching the other."""
+    port = free_port()
+    proc, children = start_baton_up(port, "--api-server-count", "2")
+    url = f"http://127.0.0.1:{port}/v1"
+    gateways = children_of(children[-1])
+    try:
+        assert len(gateways) == 2
+        body = {"model": "shakespeare-llama-5m", "prompt": "JULIET:\nO Romeo", "max_tokens": 8, "temperature": 0}
+        for _ in range(6):
+            with httpx.Client() as client:
+                resp = client.post(f"{url}/completions", json=body, timeout=60)
+                assert resp.status_code == 200, resp.text
+                assert resp.json()["choices"][0]["text"].startswith(", Romeo!")
+        previous = None
+        for turn in range(4):
+            with httpx.Client() as client:
+                ask = {"model": "shakespeare-llama-5m", "input": f"Speak, turn {turn}.", "max_output_tokens": 4,
+                       "temperature": 0, **({"previous_response_id": previous} if previous else {})}
+                resp = client.post(f"{url}/responses", json=ask, timeout=60)
+                assert resp.status_code == 200, resp.text
+                previous = resp.json()["id"]
+        with httpx.Client() as client:
+            assert client.get(f"{url}/responses/{previous}", timeout=10).json()["id"] == previous
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert 'baton_requests_total{status="success"} 10.0' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=90)
+    assert code == 0
+    assert_gone(children + gateways)
 
 
 def test_baton_up_serves_over_tls_and_only_so(tmp_path):

@@ -5,6 +5,9 @@ generation requests get 503, while the listener stays open so in-flight
 requests can finish; once none is left (at least ``DRAIN_MIN_S`` after the
 signal, so load balancers see the 503) or ``shutdown_timeout_s`` has passed,
 uvicorn shuts down and the process exits 0. A second signal exits at once.
+
+With ``--api-server-count N`` above 1, this process supervises N gateways that serve its port
+(``api_servers``) and passes each signal on to them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
+import sys
 import time
 from types import FrameType
 
@@ -21,7 +26,7 @@ from fastapi import FastAPI
 
 from baton.engine.config import parse_lora_modules
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
-from baton.services.gateway import sampling_defaults, serving_flags
+from baton.services.gateway import api_servers, sampling_defaults, serving_flags
 from baton.services.gateway.app import GatewayState, create_app
 from baton.services.gateway.backend_grpc import GrpcBackend
 from baton.services.gateway.config import GatewayConfig
@@ -66,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
                    help="the LoRA adapters the workers load (their --lora-modules): requests may name them as model")
     serving_flags.add(p)
+    # An API server's, from its supervisor (api_servers.child_command).
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info")
     return p
 
@@ -130,11 +138,13 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain phase between the signal and the listener closing."""
 
-    def __init__(self, config: uvicorn.Config, state: GatewayState, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: GatewayState, drain_timeout_s: float, parent: int | None = None) -> None:
+        """``parent``: an API server's supervisor's pid (its exit stops the server), else None."""
         super().__init__(config)
         self.state = state
         self.drain_timeout_s = drain_timeout_s
         self.drain_started: float | None = None
+        self.parent = parent
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.draining:
@@ -151,15 +161,19 @@ class DrainingServer(uvicorn.Server):
         return waited >= self.drain_timeout_s or (self.state.in_flight == 0 and waited >= min(DRAIN_MIN_S, self.drain_timeout_s))
 
     async def on_tick(self, counter: int) -> bool:
-        if self.drained():
+        if self.drained() or (self.parent is not None and api_servers.parent_gone(self.parent)):
             self.should_exit = True
         return await super().on_tick(counter)
 
 
-async def serve(config: GatewayConfig, tokenizer: GatewayTokenizer, log_level: str) -> None:
-    """Build the app inside the running loop (the backend's gRPC channels bind to it) and serve."""
+async def serve(config: GatewayConfig, tokenizer: GatewayTokenizer, log_level: str, listen_fd: int | None,
+                supervisor: int | None) -> None:
+    """Build the app inside the running loop (the backend's gRPC channels bind to it) and serve, on
+    the inherited socket ``listen_fd`` of an API server's ``supervisor`` where given."""
     app = create_app(config, GrpcBackend(config), tokenizer)
-    await DrainingServer(uvicorn_config(app, config, log_level), app.state.gateway, config.shutdown_timeout_s).serve()
+    server = DrainingServer(uvicorn_config(app, config, log_level), app.state.gateway, config.shutdown_timeout_s,
+                            supervisor)
+    await server.serve(sockets=None if listen_fd is None else [socket.socket(fileno=listen_fd)])
 
 
 def uvicorn_config(app: FastAPI, config: GatewayConfig, log_level: str) -> uvicorn.Config:
@@ -171,10 +185,15 @@ def uvicorn_config(app: FastAPI, config: GatewayConfig, log_level: str) -> uvico
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         parser.error(AUTO_TOOL_CHOICE_NEEDS_PARSER)
+    if args.api_server_count < 1:
+        parser.error("--api-server-count must be at least 1")
+    if args.api_server_count > 1 and not args.redis_url:
+        parser.error(api_servers.NEEDS_REDIS)
     try:
         config = config_from_args(args)
         # a default a request's field would refuse stops the start
@@ -183,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config, tokenizer, args.uvicorn_log_level or args.log_level))
+    if args.api_server_count > 1:
+        sys.exit(api_servers.supervise(argv, config.host, config.port, args.api_server_count))
+    asyncio.run(serve(config, tokenizer, args.uvicorn_log_level or args.log_level, args.listen_fd, args.supervisor_pid))
 
 
 if __name__ == "__main__":

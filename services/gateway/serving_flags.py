@@ -45,6 +45,11 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
             type=int, default=0,
             help="while every prefill worker has at least this many prompts (running and waiting), or none answers, "
                  "prompts of any length are computed on the decode worker (Dynamo's; default 0: never)")),
+        ("--api-server-count", dict(
+            type=int, default=1, metavar="N",
+            help="serve the port from N gateway processes (vLLM's), each taking the connections it accepts and "
+                 "admitting --max-queue requests; their metrics are summed; above 1 needs Redis, through which they "
+                 "share stored responses and runtime LoRA adapters")),
         ("--tool-call-parser", dict(
             choices=PARSERS, default=None,
             help="read the model's own tool calls in this format, for tool_choice 'auto' (default: 'auto' is refused)")),
