@@ -3,7 +3,8 @@
     .venv/bin/baton up &                                   # or any Baton / OpenAI-compatible URL
     python bench/bench_serving.py --url http://127.0.0.1:8000 --requests 64 --concurrency 16
 
-Prints requests/s, output tokens/s, and TTFT / ITL / end-to-end percentiles, and those of the
+Prints requests/s, output tokens/s (and how busy the client was: ``--clients P`` sends from P
+processes where one is the bound), and TTFT / ITL / end-to-end percentiles, and those of the
 gap before each request's second token (in a disaggregated server, what is left of the KV
 handoff once the first token is out) and of each request's longest gap (a worker that fails
 mid-stream shows there). With ``--n`` choices a request, TTFT is its first choice's, "TTFT n"
@@ -21,8 +22,9 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -121,8 +123,45 @@ def percentiles(values: list[float]) -> str:
     return f"p50 {qs[49] * 1e3:8.1f} ms  p90 {qs[89] * 1e3:8.1f} ms  p99 {qs[98] * 1e3:8.1f} ms"
 
 
+def shard_concurrency(concurrency: int, clients: int, shard: int) -> int:
+    """Client process ``shard``'s share of ``concurrency`` streams over ``clients`` processes."""
+    return concurrency // clients + (shard < concurrency % clients)
+
+
+async def timed(args: argparse.Namespace, client: httpx.AsyncClient, model: str, prompts: list,
+                concurrency: int) -> dict:
+    """``prompts``' requests, ``concurrency`` at once: their results, and this process's wall-clock
+    start and end and CPU seconds."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def bounded(prompt: str | list[int]) -> Result:
+        async with gate:
+            return await one_request(client, args.url, model, prompt, args.max_tokens, args.n, args.temperature, args.regex)
+
+    start, cpu_start = time.time(), time.process_time()
+    results = await asyncio.gather(*(bounded(p) for p in prompts))
+    return {"results": [asdict(r) for r in results], "start": start, "end": time.time(), "cpu": time.process_time() - cpu_start}
+
+
+async def in_processes(args: argparse.Namespace) -> list[dict]:
+    """The timed requests from ``args.clients`` processes of this script (``--shard``), started
+    together once each is set up; what each reported (JSON on its stdout)."""
+    argv = [sys.executable, __file__, *sys.argv[1:]]
+    procs = [await asyncio.create_subprocess_exec(*argv, "--shard", str(i), stdin=asyncio.subprocess.PIPE,
+                                                  stdout=asyncio.subprocess.PIPE) for i in range(args.clients)]
+    for proc in procs:
+        if await proc.stdout.readline() != b"ready\n":
+            raise RuntimeError(f"client process {proc.pid} did not get ready (exit code {await proc.wait()})")
+    for proc in procs:
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+    return [json.loads((await proc.communicate())[0]) for proc in procs]
+
+
 async def run(args: argparse.Namespace) -> None:
-    async with httpx.AsyncClient(timeout=args.timeout) as client:
+    # A connection per stream (httpx's default pool stops at 100 connections).
+    limits = httpx.Limits(max_connections=max(args.concurrency, args.warmup))
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
         model = (await client.get(f"{args.url}/v1/models")).json()["data"][0]["id"]
         rng = random.Random(0)
         words = ["thou", "art", "the", "king", "my", "lord", "love", "night", "sweet", "death", "fair", "heaven"]
@@ -130,29 +169,32 @@ async def run(args: argparse.Namespace) -> None:
             prompts = [[rng.randrange(3, args.token_prompts) for _ in range(args.prompt_words)] for _ in range(args.requests)]
         else:
             prompts = [" ".join(rng.choice(words) for _ in range(args.prompt_words)) for _ in range(args.requests)]
-        gate = asyncio.Semaphore(args.concurrency)
-        def send(prompt: str | list[int]):
-            return one_request(client, args.url, model, prompt, args.max_tokens, args.n, args.temperature, args.regex)
-
+        if args.shard is not None:   # one of several client processes: its share, when told to start
+            print("ready", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            print(json.dumps(await timed(args, client, model, prompts[args.shard::args.clients],
+                                         shard_concurrency(args.concurrency, args.clients, args.shard))))
+            return
         # Untimed warm-up: the first requests of a GPU worker compile its kernels.
-        await asyncio.gather(*(send(p) for p in prompts[: args.warmup]))
-
-        async def bounded(prompt: str | list[int]) -> Result:
-            async with gate:
-                return await send(prompt)
-
+        await asyncio.gather(*(one_request(client, args.url, model, p, args.max_tokens, args.n, args.temperature, args.regex)
+                               for p in prompts[: args.warmup]))
         phases_before = await phase_totals(client, args.url)
-        start = time.perf_counter()
-        results = await asyncio.gather(*(bounded(p) for p in prompts))
-        elapsed = time.perf_counter() - start
+        if args.clients > 1:
+            reports = await in_processes(args)
+        else:
+            reports = [await timed(args, client, model, prompts, args.concurrency)]
         phases = phase_means(phases_before, await phase_totals(client, args.url))
+    results = [Result(**r) for report in reports for r in report["results"]]
+    elapsed = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    busy = " / ".join(f"{r['cpu'] / (r['end'] - r['start']):.0%}" for r in reports)
     ok = [r for r in results if r.error is None]
     for r in results:
         if r.error:
             print("error:", r.error)
     tokens = sum(r.tokens for r in ok)
     print(f"requests {len(ok)}/{len(results)} ok, concurrency {args.concurrency}, max_tokens {args.max_tokens}, n {args.n}")
-    print(f"throughput  {len(ok) / elapsed:8.2f} req/s  {tokens / elapsed:10.1f} output tok/s  ({elapsed:.1f} s)")
+    print(f"throughput  {len(ok) / elapsed:8.2f} req/s  {tokens / elapsed:10.1f} output tok/s  ({elapsed:.1f} s; "
+          f"client process{'es' if len(reports) > 1 else ''} busy {busy} of a core)")
     print(f"TTFT  {percentiles([r.ttft for r in ok])}")
     if args.n > 1:
         print(f"TTFT n {percentiles([r.ttft_all for r in ok])}")
@@ -179,6 +221,10 @@ def main() -> None:
                                    "admit at least --max-tokens tokens, or requests end early")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--warmup", type=int, default=4, help="untimed requests sent first")
+    p.add_argument("--clients", type=int, default=1, metavar="P",
+                   help="send from P processes, each an even share of the requests and streams (one process's event "
+                        "loop can be the bound: see the busy share it prints)")
+    p.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)   # one of --clients' processes
     asyncio.run(run(p.parse_args()))
 
 

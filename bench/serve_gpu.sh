@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The disaggregated path on one GPU: a prefill and a decode worker (separate
 # processes, KV handed over gRPC, or UCX with KV_TRANSPORT=ucx) and the gateway
-# with static addresses (no Redis: load-only routing), then a greedy check and
-# the serving benchmark.
+# with static addresses (no Redis: load-only routing; REDIS_URL=URL gives every process
+# that Redis, which --api-server-count above 1 needs), then a greedy check and the
+# serving benchmark.
 #   bench/serve_gpu.sh MODEL_DIR DTYPE [bench_serving.py flags...]   (DEVICE=cpu to try it without a GPU)
 # ROUNDS=N runs the benchmark N times against the same processes (the first round also
 # meets whatever the workers' start-up did not warm); GATEWAY_FLAGS adds gateway flags
 # (e.g. "--max-local-prefill-length 256"), WORKER_FLAGS both workers' (e.g. "--stream-interval 8"). PYSPY_DIR=DIR runs each process under py-spy (on
-# PATH) and leaves its samples there, one raw flamegraph per process and thread (prefill.txt,
+# PATH) and leaves its samples there, one raw flamegraph per service, by process and thread (prefill.txt,
 # decode.txt, gateway.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,14 +16,16 @@ model=$1 dtype=$2; shift 2
 py=${PYTHON:-python3}
 read -ra gateway_flags <<< "${GATEWAY_FLAGS:-}"
 read -ra worker_flags <<< "${WORKER_FLAGS:-}"
+redis=()
+[[ -n "${REDIS_URL:-}" ]] && redis=(--redis-url "$REDIS_URL")
 common=(--model "$model" --device "${DEVICE:-cuda}" --dtype "$dtype" --kv-cache-memory-mb 4096 --max-num-seqs 128
-        "${worker_flags[@]}")
+        "${redis[@]}" "${worker_flags[@]}")
 pids=() stop=TERM
 launch() {  # NAME COMMAND...: start one service in the background
     local name=$1; shift
     if [[ -n "${PYSPY_DIR:-}" ]]; then
         mkdir -p "$PYSPY_DIR"; stop=INT
-        py-spy record --nonblocking --threads --rate 100 --format raw --output "$PYSPY_DIR/$name.txt" -- "$@" &
+        py-spy record --nonblocking --threads --subprocesses --rate 100 --format raw --output "$PYSPY_DIR/$name.txt" -- "$@" &
     else
         "$@" &
     fi
@@ -33,7 +36,7 @@ trap 'kill -"$stop" "${pids[@]}" 2>/dev/null; wait' EXIT
 launch prefill $py -m baton.services.prefill --port 50051 --metrics-port 9100 "${common[@]}"
 launch decode $py -m baton.services.decode --port 50061 --metrics-port 9101 --kv-transport "${KV_TRANSPORT:-grpc}" "${common[@]}"
 launch gateway $py -m baton.services.gateway --model-dir "$model" --served-model-name m --port 8000 \
-    --prefill-addr 127.0.0.1:50051 --decode-addr 127.0.0.1:50061 --log-level warning "${gateway_flags[@]}"
+    --prefill-addr 127.0.0.1:50051 --decode-addr 127.0.0.1:50061 --log-level warning "${redis[@]}" "${gateway_flags[@]}"
 for _ in $(seq 1 300); do
     curl -sf http://127.0.0.1:8000/ready >/dev/null && break
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || { echo "a process exited before ready" >&2; exit 1; }; done
