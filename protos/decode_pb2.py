@@ -26,7 +26,7 @@ from baton.protos import common_pb2 as baton_dot_protos_dot_common__pb2
 from baton.protos import kvtransfer_pb2 as baton_dot_protos_dot_kvtransfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62\x61ton/protos/decode.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\x1a\x1d\x62\x61ton/protos/kvtransfer.proto\"\xb6\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0c\n\x04lora\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\"R\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\"\xde\x01\n\rGenerateChunk\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12/\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x16\n\x0equeued_seconds\x18\x06 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x07 \x01(\x01\x32\xa1\x04\n\x06\x44\x65\x63ode\x12=\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x18.baton.v1.TransferTicket\x12@\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x17.baton.v1.GenerateChunk0\x01\x12I\n\x12PrefillAndGenerate\x12\x18.baton.v1.ReserveRequest\x1a\x17.baton.v1.GenerateChunk0\x01\x12\x35\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x14.baton.v1.AbortReply\x12\x36\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x14.baton.v1.WorkerLoad\x12>\n\x08LoadLoRA\x12\x19.baton.v1.LoadLoRARequest\x1a\x17.baton.v1.LoadLoRAReply\x12\x44\n\nUnloadLoRA\x12\x1b.baton.v1.UnloadLoRARequest\x1a\x19.baton.v1.UnloadLoRAReply\x12V\n\x10ResetPrefixCache\x12!.baton.v1.ResetPrefixCacheRequest\x1a\x1f.baton.v1.ResetPrefixCacheReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62\x61ton/protos/decode.proto\x12\x08\x62\x61ton.v1\x1a\x19\x62\x61ton/protos/common.proto\x1a\x1d\x62\x61ton/protos/kvtransfer.proto\"\xd1\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0c\n\x04lora\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x19\n\x11stream_each_token\x18\x08 \x01(\x08\"m\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x19\n\x11stream_each_token\x18\x03 \x01(\x08\"\xde\x01\n\rGenerateChunk\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12/\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x16\n\x0equeued_seconds\x18\x06 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x07 \x01(\x01\x32\xa1\x04\n\x06\x44\x65\x63ode\x12=\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x18.baton.v1.TransferTicket\x12@\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x17.baton.v1.GenerateChunk0\x01\x12I\n\x12PrefillAndGenerate\x12\x18.baton.v1.ReserveRequest\x1a\x17.baton.v1.GenerateChunk0\x01\x12\x35\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x14.baton.v1.AbortReply\x12\x36\n\x07GetLoad\x12\x15.baton.v1.LoadRequest\x1a\x14.baton.v1.WorkerLoad\x12>\n\x08LoadLoRA\x12\x19.baton.v1.LoadLoRARequest\x1a\x17.baton.v1.LoadLoRAReply\x12\x44\n\nUnloadLoRA\x12\x1b.baton.v1.UnloadLoRARequest\x1a\x19.baton.v1.UnloadLoRAReply\x12V\n\x10ResetPrefixCache\x12!.baton.v1.ResetPrefixCacheRequest\x1a\x1f.baton.v1.ResetPrefixCacheReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.protos.decode_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVEREQUEST']._serialized_start=98
-  _globals['_RESERVEREQUEST']._serialized_end=280
-  _globals['_GENERATEREQUEST']._serialized_start=282
-  _globals['_GENERATEREQUEST']._serialized_end=364
-  _globals['_GENERATECHUNK']._serialized_start=367
-  _globals['_GENERATECHUNK']._serialized_end=589
-  _globals['_DECODE']._serialized_start=592
-  _globals['_DECODE']._serialized_end=1137
+  _globals['_RESERVEREQUEST']._serialized_end=307
+  _globals['_GENERATEREQUEST']._serialized_start=309
+  _globals['_GENERATEREQUEST']._serialized_end=418
+  _globals['_GENERATECHUNK']._serialized_start=421
+  _globals['_GENERATECHUNK']._serialized_end=643
+  _globals['_DECODE']._serialized_start=646
+  _globals['_DECODE']._serialized_end=1191
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,8 @@ A request passes through:
   RECEIVING  prefill pushes layers into the reserved blocks (KVTransfer.Push)
   RUNNING    Generate: once every layer has landed, the request joins the batch
              with the first token prefill sampled; tokens stream back each step
-             (``--stream-interval N``: N at a time)
+             (``--stream-interval N``: N at a time, unless the gateway checks
+             each as it comes: ``stream_each_token``, for stop strings)
   FINISHED   stop token, EOS or max_tokens: the last chunk carries the reason
 An Abort, a cancelled stream, an expired reservation or a failed transfer frees
 every block the request holds. LoRA adapters load and unload while serving (``LoadLoRA``,
@@ -154,7 +155,8 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
                 finished = True
                 yield decode_pb2.GenerateChunk(finish_reason=finish)
                 return
-            async for update in self._updates(rid, queue, context, self._interval, sent=1):   # prefill sent the first
+            interval = 1 if request.stream_each_token else self._interval
+            async for update in self._updates(rid, queue, context, interval, sent=1):   # prefill sent the first
                 finished = update.finish_reason is not None
                 yield _chunk(update)
         finally:
@@ -186,7 +188,8 @@ class DecodeServicer(WorkerRPCs, decode_pb2_grpc.DecodeServicer):
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             first = True
-            async for update in self._updates(rid, queue, context, self._interval, sent=len(resumed)):
+            interval = 1 if request.stream_each_token else self._interval
+            async for update in self._updates(rid, queue, context, interval, sent=len(resumed)):
                 finished = update.finish_reason is not None
                 if first and not (update.new_tokens or finished):
                     continue   # a prompt chunk, before the first token

@@ -24,6 +24,7 @@ class GenerationRequest:
     lora: str | None = None         # the LoRA adapter it runs under (None: the base model)
     cache_salt: str | None = None   # salts its blocks' hashes: it reuses only blocks cached under the same salt
     local_prefill_limit: int = 0    # as --max-local-prefill-length, for this request (the larger of the two counts)
+    stream_each_token: bool = False  # its output is checked token by token (stop strings): not held back (--stream-interval)
 
     @property
     def token_ids(self) -> list[int]:

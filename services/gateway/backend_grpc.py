@@ -230,7 +230,8 @@ class GrpcBackend(Backend):
                     yield first_chunk(request, first, (prefill.address, placed.address if placed else ""))
             decode = reserving.result()[0]
             call = decode.stub.Generate(
-                decode_pb2.GenerateRequest(request_id=request.request_id, first_token=first.token),
+                decode_pb2.GenerateRequest(request_id=request.request_id, first_token=first.token,
+                                           stream_each_token=request.stream_each_token),
                 timeout=self._timeout(deadline, math.inf),
             )
             placement = () if placed else (prefill.address, decode.address)   # the first token came before the reservation

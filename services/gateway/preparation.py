@@ -172,7 +172,7 @@ class RequestPreparer:
                 scored = params.prompt_logprobs if i == 0 else None   # the prompt's log-probs: its first sample's
                 gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids,
                                         replace(params, seed=seed, prompt_logprobs=scored), priority=req.priority,
-                                        lora=lora, cache_salt=req.cache_salt)
+                                        lora=lora, cache_salt=req.cache_salt, stream_each_token=bool(req.stop_strings))
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
                 choices.append(Choice(index, i, prompt, gen, detok, stop, eos_token_ids=self.eos_token_ids))

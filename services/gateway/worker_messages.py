@@ -21,6 +21,7 @@ def reserve_message(request: GenerationRequest) -> decode_pb2.ReserveRequest:
         priority=request.priority,
         lora=request.lora or "",
         cache_salt=request.cache_salt or "",
+        stream_each_token=request.stream_each_token,
     )
 
 
