@@ -138,13 +138,14 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain phase between the signal and the listener closing."""
 
-    def __init__(self, config: uvicorn.Config, state: GatewayState, drain_timeout_s: float, parent: int | None = None) -> None:
-        """``parent``: an API server's supervisor's pid (its exit stops the server), else None."""
+    def __init__(self, config: uvicorn.Config, state: GatewayState, drain_timeout_s: float,
+                 supervisor: int | None = None) -> None:
+        """``supervisor``: an API server's supervisor's pid (its exit stops the server), else None."""
         super().__init__(config)
         self.state = state
         self.drain_timeout_s = drain_timeout_s
         self.drain_started: float | None = None
-        self.parent = parent
+        self.supervisor = supervisor
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.draining:
@@ -161,7 +162,7 @@ class DrainingServer(uvicorn.Server):
         return waited >= self.drain_timeout_s or (self.state.in_flight == 0 and waited >= min(DRAIN_MIN_S, self.drain_timeout_s))
 
     async def on_tick(self, counter: int) -> bool:
-        if self.drained() or (self.parent is not None and api_servers.parent_gone(self.parent)):
+        if self.drained() or (self.supervisor is not None and api_servers.parent_gone(self.supervisor)):
             self.should_exit = True
         return await super().on_tick(counter)
 

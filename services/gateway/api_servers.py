@@ -6,12 +6,12 @@ SSE frames); under many streams it is the busiest thread of a deployment
 cores.
 
 The supervisor (the process started with ``--api-server-count N``) binds the socket, then starts N
-gateways as child processes, each given the socket (``--listen-fd``); the kernel hands each new
-connection to a child that accepts it, so they need not share connections evenly (each admits
-``--max-queue`` requests: a share of it would turn a busier child's surplus into 429s). The children share what one
-request may need from an earlier one through Redis, as separate gateways do (stored responses,
-runtime LoRA adapters, the prefix index), so N > 1 needs ``--redis-url``. Their metrics are summed
-(prometheus-client's multiprocess mode, in a directory the supervisor makes and removes).
+gateways as child processes, each given the socket (``--listen-fd``). The kernel hands each new
+connection to a child that accepts it, so the children need not get even shares: each admits
+``--max-queue`` requests (a share of it would turn a busier child's surplus into 429s). They share
+what one request may need from an earlier one through Redis, as separate gateways do (stored
+responses, runtime LoRA adapters, the prefix index), so N > 1 needs ``--redis-url``. Their metrics
+are summed (prometheus-client's multiprocess mode, in a directory the supervisor makes and removes).
 
 Signals: the children run in a session of their own, so SIGTERM or Ctrl-C reaches the supervisor
 alone, which passes each one on as SIGTERM (the first drains, the second stops at once, as for one
@@ -84,6 +84,8 @@ def supervise(argv: list[str], host: str, port: int, count: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         for _ in range(count):
+            if signalled:   # stopped while starting: no more
+                break
             children.append(subprocess.Popen(command, pass_fds=(sock.fileno(),), env=env, start_new_session=True))
         sock.close()
         logger.info("serving on %s:%d with %d API server processes (pids %s)", host, port, count,
