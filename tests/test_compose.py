@@ -103,6 +103,8 @@ def test_gateway_command_parses_and_names_workers(compose):
     flags = "--tool-call-parser hermes --reasoning-parser qwen3"
     args = build_parser().parse_args(_argv(service, GATEWAY_FLAGS=flags)[4:])
     assert (args.tool_call_parser, args.reasoning_parser, args.port) == ("hermes", "qwen3", 8000)
+    args = build_parser().parse_args(_argv(service, GATEWAY_FLAGS="--api-server-count 4")[4:])
+    assert args.api_server_count == 4 and args.redis_url   # several API servers need the compose Redis
 
 
 def test_workers_keep_compiled_kernels_in_a_named_volume(compose):
