@@ -49,7 +49,7 @@ E2E = Histogram(
     "baton_e2e_request_latency_seconds", "Time from request arrival to its last token.",
     buckets=_E2E_BUCKETS, registry=REGISTRY,
 )
-# Summed over the API server processes that are alive (in multiprocess mode; one process: its own).
+# With several API server processes, the sum of theirs (multiprocess mode; they start and stop together).
 REQUESTS_RUNNING = Gauge("baton_requests_running", "Requests producing tokens.", multiprocess_mode="livesum",
                          registry=REGISTRY)
 REQUESTS_WAITING = Gauge("baton_requests_waiting", "Admitted requests still waiting for their first token.",
