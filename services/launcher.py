@@ -31,6 +31,7 @@ from baton.engine.loader import resolve_model_dir
 from baton.engine.pooling import pooler_config_arg
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 from baton.services.gateway import sampling_defaults, serving_flags
+from baton.services.gateway.config import GatewayConfig
 from baton.services.gateway.tokenizer import GatewayTokenizer
 from baton.services.gateway.tool_parsers import AUTO_TOOL_CHOICE_NEEDS_PARSER
 
@@ -247,6 +248,9 @@ def up(args: argparse.Namespace) -> int:
         for cmd in ([plan.redis] if plan.redis else []) + plan.prefill + plan.decode + [plan.gateway]:
             procs.append(subprocess.Popen(cmd))
         wait_ready(plan, procs, READY_TIMEOUT_S)
+        if args.api_server_count > 1:
+            # One API server answered /ready; each of the others sees the workers at its next poll of them.
+            time.sleep(2 * GatewayConfig.model_fields["load_poll_interval_s"].default)
         print(f"Baton is ready: {plan.url}/v1 (model {', '.join(args.served_model_name)}; Ctrl-C stops)", flush=True)
         for (role, addr), metrics_url in plan.metrics.items():
             print(f"  {role} worker {addr}: metrics at {metrics_url}", flush=True)
