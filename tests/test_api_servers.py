@@ -71,15 +71,18 @@ def test_several_api_servers_need_redis(capsys) -> None:
     assert exc.value.code == 2 and api_servers.NEEDS_REDIS in capsys.readouterr().err
 
 
+def _supervisor_command(port: int) -> list[str]:
+    """A gateway with two API servers, against workers and a Redis that do not answer."""
+    return [sys.executable, "-P", "-m", "baton.services.gateway", "--model-dir", str(DEMO_MODEL), "--port", str(port),
+            "--prefill-addr", DEAD, "--decode-addr", DEAD, "--redis-url", f"redis://{DEAD}/0", "--api-server-count", "2",
+            "--log-level", "warning"]
+
+
 @contextmanager
 def _supervisor(port: int) -> Iterator[tuple[subprocess.Popen, list[int]]]:
-    """A supervisor of two API servers (against workers and a Redis that do not answer), once
-    its port answers, and its children; killed on the way out if still running."""
-    proc = subprocess.Popen([
-        sys.executable, "-P", "-m", "baton.services.gateway", "--model-dir", str(DEMO_MODEL), "--port", str(port),
-        "--prefill-addr", DEAD, "--decode-addr", DEAD, "--redis-url", f"redis://{DEAD}/0", "--api-server-count", "2",
-        "--log-level", "warning",
-    ])
+    """``_supervisor_command``'s supervisor, once its port answers, and its children; killed on the
+    way out if still running."""
+    proc = subprocess.Popen(_supervisor_command(port))
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
@@ -122,6 +125,25 @@ def test_api_servers_share_the_port_and_drain_on_sigterm() -> None:
         assert proc.wait(timeout=30) == 0
     assert_gone(children)
     assert _metrics_dirs() == before
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_sigterm_while_the_api_servers_start_stops_them_cleanly() -> None:
+    """Children the signal finds still starting (no handler of theirs yet) end by it: the
+    supervisor exits 0, as for a drain."""
+    proc = subprocess.Popen(_supervisor_command(free_port()))
+    try:
+        deadline = time.monotonic() + 60
+        while len(children := children_of(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_gone(children)
 
 
 @pytest.mark.integration

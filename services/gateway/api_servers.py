@@ -62,7 +62,7 @@ def parent_gone(supervisor: int) -> bool:
 
 def supervise(argv: list[str], host: str, port: int, count: int) -> int:
     """Serve ``host``:``port`` with ``count`` child gateways run from ``argv`` until a signal (0
-    once every child has drained) or a child's own exit (1)."""
+    once every child has drained, or stopped if it was still starting) or a child's own exit (1)."""
     sock = listening_socket(host, port)
     metrics_dir = tempfile.mkdtemp(prefix="baton-gateway-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
@@ -98,7 +98,9 @@ def supervise(argv: list[str], host: str, port: int, count: int) -> int:
                              ", ".join(f"pid {c.pid}: code {c.returncode}" for c in children if c.returncode is not None))
                 stop_children()
             time.sleep(POLL_S)
-        return 0 if signalled and not failed and not any(child.returncode for child in children) else 1
+        # A child the signal found still starting (its handlers not yet set) ends by it: stopped, not failed.
+        stopped = all(child.returncode in (0, -signal.SIGTERM) for child in children)
+        return 0 if signalled and not failed and stopped else 1
     finally:
         for child in children:
             if child.poll() is None:
