@@ -68,39 +68,45 @@ def supervise(argv: list[str], host: str, port: int, count: int) -> int:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     command = child_command(argv, sock.fileno())
     children: list[subprocess.Popen] = []
-    signalled = False
+    signals = 0           # SIGTERMs and SIGINTs received
+    failed = False        # a child exited by itself
+    told: dict[int, int] = {}   # child pid -> SIGTERMs passed on to it
 
-    def stop_children() -> None:
+    def pass_on() -> None:
+        """Bring each running child up to one SIGTERM per signal received (one at least once a
+        child failed): a child started while a signal was being handled gets its share too."""
+        wanted = max(signals, int(failed))
         for child in children:
-            if child.poll() is None:
+            while child.poll() is None and told.get(child.pid, 0) < wanted:
                 child.send_signal(signal.SIGTERM)
+                told[child.pid] = told.get(child.pid, 0) + 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal signalled
-        signalled = True
-        stop_children()
+        nonlocal signals
+        signals += 1
+        pass_on()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         for _ in range(count):
-            if signalled:   # stopped while starting: no more
+            if signals:   # stopped while starting: no more
                 break
             children.append(subprocess.Popen(command, pass_fds=(sock.fileno(),), env=env, start_new_session=True))
+            pass_on()
         sock.close()
         logger.info("serving on %s:%d with %d API server processes (pids %s)", host, port, count,
                     " ".join(str(child.pid) for child in children))
-        failed = False
         while any(child.poll() is None for child in children):
-            if not signalled and not failed and any(child.returncode is not None for child in children):
+            if not signals and not failed and any(child.returncode is not None for child in children):
                 failed = True
                 logger.error("an API server exited by itself (%s); stopping the others",
                              ", ".join(f"pid {c.pid}: code {c.returncode}" for c in children if c.returncode is not None))
-                stop_children()
+            pass_on()
             time.sleep(POLL_S)
         # A child the signal found still starting (its handlers not yet set) ends by it: stopped, not failed.
         stopped = all(child.returncode in (0, -signal.SIGTERM) for child in children)
-        return 0 if signalled and not failed and stopped else 1
+        return 0 if signals and not failed and stopped else 1
     finally:
         for child in children:
             if child.poll() is None:
