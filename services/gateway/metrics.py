@@ -244,12 +244,12 @@ def _recorded() -> CollectorRegistry:
     return registry
 
 
-class _ScrapeView:
-    """What a scrape adds to the recorded metrics: the cumulative prefix-cache hit ratio, each role's
-    KV cache usage as the backend reads it now (a role left out has no sample), and the families
-    of ``VLLM_NAMES`` under vLLM's names, each sample labelled ``model_name``, with vLLM's
-    ``kv_cache_usage_perc`` (a share, as vLLM's): the decode workers', whose KV cache bounds how
-    many sequences run."""
+class _Scrape:
+    """What a scrape answers: the recorded metrics (read once), then what it adds to them: the
+    cumulative prefix-cache hit ratio, each role's KV cache usage as the backend reads it now (a
+    role left out has no sample), and the families of ``VLLM_NAMES`` under vLLM's names, each
+    sample labelled ``model_name``, with vLLM's ``kv_cache_usage_perc`` (a share, as vLLM's): the
+    decode workers', whose KV cache bounds how many sequences run."""
 
     def __init__(self, recorded: CollectorRegistry, model_name: str, kv_cache_usage: dict[str, float]) -> None:
         self.recorded = recorded
@@ -258,6 +258,7 @@ class _ScrapeView:
 
     def collect(self) -> Iterator[Metric]:
         families = list(self.recorded.collect())
+        yield from families
         totals = {s.name: s.value for f in families for s in f.samples}
         prompt = totals.get("baton_prompt_tokens_total", 0.0)
         cached = totals.get("baton_cached_prompt_tokens_total", 0.0)
@@ -285,5 +286,4 @@ class _ScrapeView:
 def render(model_name: str, kv_cache_usage: dict[str, float]) -> tuple[bytes, str]:
     """The exposition text (Baton's metrics, then vLLM's names labelled with ``model_name``) and its
     content type; ``kv_cache_usage``: each role's, as the backend reads it now."""
-    recorded = _recorded()
-    return generate_latest(recorded) + generate_latest(_ScrapeView(recorded, model_name, kv_cache_usage)), CONTENT_TYPE_LATEST
+    return generate_latest(_Scrape(_recorded(), model_name, kv_cache_usage)), CONTENT_TYPE_LATEST
