@@ -110,13 +110,15 @@ class NcclKVReceiver(LandingReceiver):
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             error = done.pop().exception()
         finally:
+            # Its requests fail before anything here awaits: a task slow to end, or this one
+            # cancelled again meanwhile, must not leave them waiting out their deadlines.
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             group.abort()
             for entry in list(pair.entries.values()):
                 self.fail(entry, error.message if isinstance(error, Refused) else
                           f"the sender of request {entry.request_id!r} went away" + (f" ({error})" if error else ""))
+            await asyncio.gather(*tasks, return_exceptions=True)
         if isinstance(error, Refused):
             # Said in-band first: a sender still writing may read the stream's end as another status.
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):

@@ -27,7 +27,7 @@ from baton.kvtransfer import (
     KVLayout, LayoutMismatch, TransferError, TransferTicket, check_layout, create_receiver, create_sender,
 )
 from baton.kvtransfer.grpc_transport import GrpcKVReceiver, GrpcKVSender, grpc_options
-from baton.kvtransfer.nccl_receiver import CONTROL_MESSAGE_BYTES
+from baton.kvtransfer.nccl_receiver import CONTROL_MESSAGE_BYTES, NcclKVReceiver
 from baton.kvtransfer.nccl_transport import NcclKVSender
 from baton.kvtransfer.pair import SENDER, PairGroup
 from baton.kvtransfer.ucx_receiver import FRAME_BYTES, recv_frame, send_frame, ucxx
@@ -673,6 +673,39 @@ async def test_nccl_sender_killed_mid_transfer_fails_the_request_and_the_next_se
     await session.finish(timeout_s=10)
     await recv.receiver.wait_complete("next", timeout_s=10)
     assert all(torch.equal(dst[layer][[2, 3]], src[layer][[0, 1]]) for layer in range(NUM_LAYERS))
+
+
+@pytest.mark.parametrize("transport", ["nccl"])
+@pytest.mark.unit
+async def test_nccl_sender_gone_fails_its_requests_at_once_while_a_task_of_the_pair_is_slow_to_end(
+        make_receiver, monkeypatch):
+    """The pair's requests fail when it breaks, not once all of its tasks have ended."""
+    release = asyncio.Event()
+
+    async def slow_to_end(pair, context) -> None:   # stands for a task stuck in a long wait
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await release.wait()
+
+    monkeypatch.setattr(NcclKVReceiver, "_reply", staticmethod(slow_to_end))
+    dst = make_caches(4, torch.float32, 57)
+    recv = await make_receiver(dst)
+    layout = layout_of(dst)
+    recv.receiver.expect("slow", [0], layout)
+    try:
+        async with raw_pair(recv.receiver.address) as (call, group):
+            await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("slow", layout)))
+            await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("slow", layer=0, first_block=0, num_blocks=1,
+                                                                    data_bytes=layout.block_bytes)))
+            await group.send(torch.ones(layout.block_bytes, dtype=torch.uint8))
+            await until(lambda: bool((dst[0][0].view(torch.uint8) == 1).all()))
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="the sender of request 'slow' went away"):
+            await recv.receiver.wait_complete("slow", timeout_s=30)
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize("transport", ["nccl"])
