@@ -10,9 +10,10 @@ sender's handshake binds a stream after checking the request id and the layout
 final message completes the request when every layer of every block has landed
 (*complete*). A refusal, the sender going away, a receiver ``cancel`` or a
 ``wait_complete`` timeout fails it (*failed*); after that nothing is written into
-its blocks. ``wait_complete`` reports the outcome and forgets the request.
-Everything runs on the event loop thread, so a cancellation can never interleave
-with a scatter.
+its blocks, and on CUDA the compute stream waits for the scatters already queued
+(the blocks are freed next). ``wait_complete`` reports the outcome and forgets the
+request. Everything runs on the event loop thread, so a cancellation can never
+interleave with a scatter.
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ class LandingReceiver(KVReceiver):
         if entry.complete or entry.error is not None:
             return
         entry.error = TransferError(message)
+        if self._copy_stream is not None and entry.bytes:
+            # Its blocks go back to the pool now: whatever the compute stream writes into them
+            # next runs after the scatters already queued for this request, not under them.
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
         entry.done.set()
         if cancel:
             entry.cancelled = True
