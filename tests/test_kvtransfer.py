@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -49,6 +50,14 @@ def make_caches(num_blocks: int, dtype: torch.dtype, seed: int, layers: int = NU
 
 def layout_of(caches: list[torch.Tensor]) -> KVLayout:
     return KVLayout.from_caches(caches, model_fingerprint="0123456789abcdef")
+
+
+async def fails_within(seconds: float, wait: Awaitable, match: str) -> None:
+    """``wait`` raises a ``TransferError`` matching ``match``, within ``seconds``."""
+    started = time.monotonic()
+    with pytest.raises(TransferError, match=match):
+        await wait
+    assert time.monotonic() - started < seconds
 
 
 class Receiver:
@@ -290,10 +299,8 @@ async def test_finish_refuses_missing_layers(make_receiver, sender):
     await until(lambda: torch.equal(dst[0][[0, 1]], src[0][[2, 3]]))
     with pytest.raises(TransferError, match="never submitted"):
         await session.finish(timeout_s=5)
-    started = time.monotonic()
-    with pytest.raises(TransferError, match="sender of request 'partial' (ended the stream|went away)"):
-        await recv.receiver.wait_complete("partial", timeout_s=5)
-    assert time.monotonic() - started < 2
+    await fails_within(2, recv.receiver.wait_complete("partial", timeout_s=5),
+                       "sender of request 'partial' (ended the stream|went away)")
 
 
 @pytest.mark.unit
@@ -375,10 +382,7 @@ async def test_receiver_cancel_fails_sender_promptly(make_receiver, sender):
     await asyncio.sleep(0.05)
     for layer in range(1, NUM_LAYERS):
         session.submit_layer(layer, src[layer], [0, 1])  # the engine carries on; nothing may land any more
-    started = time.monotonic()
-    with pytest.raises(TransferError, match="cancelled by the receiver"):
-        await session.finish(timeout_s=30)
-    assert time.monotonic() - started < 5
+    await fails_within(5, session.finish(timeout_s=30), "cancelled by the receiver")
     assert all(torch.equal(dst[layer], before[layer]) for layer in range(1, NUM_LAYERS))
 
 
@@ -391,10 +395,7 @@ async def test_dead_receiver_fails_within_deadline(transport, sender):
     ticket = TransferTicket("dead", transport, f"127.0.0.1:{port}", (0, 1), layout_of(src), 20)
     session = sender.open(ticket, layout_of(src))
     submit_all(session, src, [0, 1])
-    started = time.monotonic()
-    with pytest.raises(TransferError, match="UNAVAILABLE"):
-        await session.finish(timeout_s=10)
-    assert time.monotonic() - started < 10
+    await fails_within(10, session.finish(timeout_s=10), "UNAVAILABLE")
 
 
 @pytest.mark.unit
@@ -403,10 +404,8 @@ async def test_wait_complete_timeout_cancels_and_forgets(make_receiver, sender):
     before = [c.clone() for c in dst]
     recv = await make_receiver(dst)
     ticket = recv.ticket("slow", [0, 3])
-    started = time.monotonic()
-    with pytest.raises(TransferError, match=r"'slow' did not arrive within 0.2 s \(0 of 6 layer-blocks landed\)"):
-        await recv.receiver.wait_complete("slow", timeout_s=0.2)
-    assert time.monotonic() - started < 2
+    await fails_within(2, recv.receiver.wait_complete("slow", timeout_s=0.2),
+                       r"'slow' did not arrive within 0.2 s \(0 of 6 layer-blocks landed\)")
     with pytest.raises(TransferError, match="no KV transfer is expected"):
         await recv.receiver.wait_complete("slow", timeout_s=0.2)
     session = sender.open(ticket, layout_of(src))  # a late sender finds nothing to fill
@@ -659,10 +658,8 @@ async def test_nccl_sender_killed_mid_transfer_fails_the_request_and_the_next_se
         assert await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60) == "ready\n"
         await until(lambda: bool((dst[0][[0, 1]].view(torch.uint8) == 1).all()))
         proc.send_signal(signal.SIGKILL)
-        started = time.monotonic()
-        with pytest.raises(TransferError, match="the sender of request 'killed' went away"):
-            await recv.receiver.wait_complete("killed", timeout_s=30)
-        assert time.monotonic() - started < 5
+        await fails_within(5, recv.receiver.wait_complete("killed", timeout_s=30),
+                           "the sender of request 'killed' went away")
     finally:
         proc.kill()
         proc.wait()
@@ -700,10 +697,8 @@ async def test_nccl_sender_gone_fails_its_requests_at_once_while_a_task_of_the_p
                                                                     data_bytes=layout.block_bytes)))
             await group.send(torch.ones(layout.block_bytes, dtype=torch.uint8))
             await until(lambda: bool((dst[0][0].view(torch.uint8) == 1).all()))
-        started = time.monotonic()
-        with pytest.raises(TransferError, match="the sender of request 'slow' went away"):
-            await recv.receiver.wait_complete("slow", timeout_s=30)
-        assert time.monotonic() - started < 5
+        await fails_within(5, recv.receiver.wait_complete("slow", timeout_s=30),
+                           "the sender of request 'slow' went away")
     finally:
         release.set()
 
@@ -719,10 +714,7 @@ async def test_nccl_data_that_never_comes_breaks_the_pair_within_its_deadline(ma
         await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("stalled", layout)))
         await call.write(kvtransfer_pb2.PairRequest(chunk=chunk("stalled", layer=0, first_block=0, num_blocks=1,
                                                                 data_bytes=layout.block_bytes)))
-        started = time.monotonic()
-        with pytest.raises(TransferError, match="'stalled' went away .*Timed out"):
-            await recv.receiver.wait_complete("stalled", timeout_s=30)
-        assert time.monotonic() - started < 5
+        await fails_within(5, recv.receiver.wait_complete("stalled", timeout_s=30), "'stalled' went away .*Timed out")
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await asyncio.wait_for(call.read(), 10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "the pair's gloo group failed" in e.value.details()
@@ -823,10 +815,7 @@ async def test_a_receiver_that_stops_answering_fails_its_transfer_in_seconds_not
 
         await transfer("first", [0, 1])   # connected (for NCCL: the pair set up)
         proc.send_signal(signal.SIGSTOP)
-        started = time.monotonic()
-        with pytest.raises(TransferError, match="UNAVAILABLE"):
-            await transfer("second", [2, 3])
-        assert time.monotonic() - started < 10
+        await fails_within(10, transfer("second", [2, 3]), "UNAVAILABLE")
     finally:
         proc.kill()
         proc.wait()
