@@ -6,7 +6,8 @@ tokens that are the last ``q_len`` positions of its ``seq_len``-token context
 ``paged_decode_attention`` is the ``q_len == 1`` special case.
 
 Shapes: ``q`` ``[num_tokens, num_heads, head_dim]``; ``kv_cache``
-``[num_blocks, 2, block_size, num_kv_heads, head_dim]``; ``cu_query_lens``
+``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` (in ``q``'s dtype, or 8-bit floats
+widened to it as they are read); ``cu_query_lens``
 ``[batch + 1]`` int32 prefix sums of ``q_len``; ``seq_lens`` ``[batch]`` int32;
 ``block_tables`` ``[batch, max_blocks]`` int32 (entries past a sequence's
 blocks are ignored). Query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``.

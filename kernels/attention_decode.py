@@ -29,6 +29,7 @@ import triton.language as tl
 
 from baton.kernels import pdl
 from baton.kernels.checks import check_attention_args, check_int_index, num_sms
+from baton.kernels.kv_dtype import dot_fp16, to_dot_dtype
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def _paged_decode_attention_kernel(
     stride_t_seq,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP16: tl.constexpr, PDL: tl.constexpr,
     PREFETCH_KEYS: tl.constexpr, LINE: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -153,6 +154,7 @@ def _paged_decode_attention_kernel(
         _prefetch_l2(lines + stride_c_kv)
     pdl.wait(PDL)
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    q = to_dot_dtype(q, DOT_FP16)
     if SPLIT:
         used = tl.minimum(tl.maximum(tl.cdiv(seq_len, split_len), 1), num_splits)
     else:
@@ -169,8 +171,8 @@ def _paged_decode_attention_kernel(
             valid = pos < end
             row = block.to(tl.int64) * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + head_off
             block = tl.load(table + (pos + TILE_N) // BLOCK_SIZE, mask=pos + TILE_N < end, other=0)
-            k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -283,7 +285,7 @@ def launch_paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), MERGE_PAD=merge_pad, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=config.tile_n, SPLIT=splits > 1, SPLITS_PAD=splits_pad,
         CHUNK=min(splits_pad, max(1, config.merge_per_thread * 32 * config.num_warps // (merge_pad * head_dim))),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP16=dot_fp16(q, kv_cache),
         PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=min(head_dim, 128 // kv_cache.element_size()),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl.launch_options(q),

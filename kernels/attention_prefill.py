@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from baton.kernels.checks import check_attention_args, check_int_index
+from baton.kernels.kv_dtype import dot_fp16, to_dot_dtype
 
 
 @triton.jit
@@ -54,8 +55,8 @@ def _attend_range(
         next_block = _block_ids(table, tile_start + BLOCK_N, seq_len, BLOCK_SIZE, BLOCK_N)
         pos = tile_start + tl.arange(0, BLOCK_N)
         row = block.to(tl.int64) * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + head_off
-        k = tl.load(kv_ptr + row[:, None] + d[None, :])
-        v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :])
+        k = tl.load(kv_ptr + row[:, None] + d[None, :]).to(q.dtype)
+        v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :]).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             s = tl.where((pos[None, :] <= q_pos[:, None]) & (pos < seq_len)[None, :], s, float("-inf"))
@@ -97,7 +98,7 @@ def _paged_attention_kernel(
     stride_o_tok, stride_o_head,
     stride_t_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP16: tl.constexpr,
 ):
     # Heads vary fastest and the last tiles (the longest causal rows) start first.
     head = tl.program_id(0)
@@ -114,6 +115,7 @@ def _paged_attention_kernel(
         d = tl.arange(0, HEAD_DIM)
         tokens = (q_start + rows).to(tl.int64)
         q = tl.load(q_ptr + tokens[:, None] * stride_q_tok + head * stride_q_head + d[None, :], mask=row_ok[:, None], other=0.0)
+        q = to_dot_dtype(q, DOT_FP16)
         q_pos = context_len + rows
 
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -210,7 +212,7 @@ def launch_paged_attention(
         block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP16=dot_fp16(q, kv_cache),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -12,6 +12,10 @@ import torch
 # The float dtypes the kernels (and so the model weights and the KV cache) take, by name.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A KV cache may also hold 8-bit floats (vLLM's --kv-cache-dtype fp8): written rounded, read widened
+# to the queries' dtype, unscaled (vLLM's scale of 1.0 where a checkpoint gives none).
+FP8_KV_DTYPES: dict[str, torch.dtype] = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+KV_DTYPES: dict[str, torch.dtype] = {**DTYPES, **FP8_KV_DTYPES}
 
 
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
@@ -55,10 +59,10 @@ def check_int_index(name: str, t: torch.Tensor, shape: Sequence[int], like: torc
 
 
 def check_kv_cache(kv_cache: torch.Tensor) -> None:
-    """``[num_blocks, 2, block_size, num_kv_heads, head_dim]``, contiguous, floating point."""
+    """``[num_blocks, 2, block_size, num_kv_heads, head_dim]``, contiguous, floating point (8 bits too)."""
     if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
         raise ValueError(f"kv_cache must have shape [num_blocks, 2, block_size, num_kv_heads, head_dim], got {list(kv_cache.shape)}")
-    check_dtype("kv_cache", kv_cache)
+    check_dtype("kv_cache", kv_cache, tuple(KV_DTYPES.values()))
     check_contiguous("kv_cache", kv_cache)
 
 
@@ -74,7 +78,9 @@ def check_attention_args(q: torch.Tensor, kv_cache: torch.Tensor) -> None:
     check_shape("q", q, (-1, -1, head_dim))
     check_device("q", q, kv_cache)
     check_last_dim_contiguous("q", q)
-    check_same_dtype("q", q, "kv_cache", kv_cache)
+    if kv_cache.dtype not in FP8_KV_DTYPES.values():
+        check_same_dtype("q", q, "kv_cache", kv_cache)
+    check_dtype("q", q)
     if q.shape[1] % num_kv_heads:
         raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {num_kv_heads}")
     check_power_of_two("head_dim", head_dim, 16)

@@ -1,8 +1,8 @@
 """Writing new keys/values into the paged KV cache, and packing a request's
 blocks into one contiguous buffer (and back) for transfers.
 
-KV cache layout, one tensor per layer: ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``.
-A slot is ``block_id * block_size + offset``; a negative slot is padding and is skipped.
+KV cache layout, one tensor per layer: ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``;
+new keys and values are rounded to its dtype (an 8-bit float one too) as they are written. A slot is ``block_id * block_size + offset``; a negative slot is padding and is skipped.
 Block offsets are computed in int64, so pools of more than 2**31 elements work.
 """
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
+from baton.kernels.checks import FP8_KV_DTYPES, check_contiguous, check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 
 _COPY_BLOCK = 4096
 
@@ -154,9 +154,14 @@ def ref_store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     slots = slot_mapping[valid].long()
     # Rows of the cache seen as [num_blocks * 2 * block_size, heads, head_dim]: K then V per block.
     rows = slots // block_size * (2 * block_size) + slots % block_size
-    flat = kv_cache.view(num_blocks * 2 * block_size, heads, head_dim)
-    flat.index_copy_(0, rows, key[valid].to(kv_cache.dtype))
-    flat.index_copy_(0, rows + block_size, value[valid].to(kv_cache.dtype))
+    flat = _indexable(kv_cache.view(num_blocks * 2 * block_size, heads, head_dim))
+    flat.index_copy_(0, rows, _indexable(key[valid].to(kv_cache.dtype)))
+    flat.index_copy_(0, rows + block_size, _indexable(value[valid].to(kv_cache.dtype)))
+
+
+def _indexable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the bytes of an 8-bit float one (torch's CPU ``index_copy_`` does not take those)."""
+    return t.view(torch.uint8) if t.dtype in FP8_KV_DTYPES.values() else t
 
 
 def ref_gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -166,4 +171,4 @@ def ref_gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.
 
 def ref_scatter_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, packed: torch.Tensor) -> None:
     """Unpack ``packed`` ``[n, 2, block_size, heads, head_dim]`` into blocks ``block_ids`` ``[n]``."""
-    kv_cache.index_copy_(0, block_ids.long(), packed.to(kv_cache.dtype))
+    _indexable(kv_cache).index_copy_(0, block_ids.long(), _indexable(packed.to(kv_cache.dtype)))

@@ -26,7 +26,10 @@ from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_att
 from baton.kernels.attention_prefill import PrefillConfig, launch_paged_attention
 from baton.kernels.linear import MAX_DISPATCH_ROWS, MAX_GEMV_ROWS, LinearConfig, launch_linear
 
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2,
+             # a rounding that tips the other way costs an 8-bit float up to an eighth (a quarter)
+             torch.float8_e4m3fn: 3e-2, torch.float8_e5m2: 6e-2}
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -40,13 +43,15 @@ def _poison_allocator(device: str, nbytes: int) -> None:
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
-    assert torch.isfinite(got).all(), "output holds NaN/inf (unwritten or overflowing elements)"
+    assert torch.isfinite(got.double()).all(), "output holds NaN/inf (unwritten or overflowing elements)"
     err = (got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-12)
     assert err < TOLERANCE[dtype], f"relative error {err:.2e} >= {TOLERANCE[dtype]:.0e}"
 
 
-def paged_case(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype, device: str, extra_blocks: int = 3):
-    """Random pool, shuffled block tables with random padding entries, random queries."""
+def paged_case(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype, device: str, extra_blocks: int = 3,
+               cache_dtype: torch.dtype | None = None):
+    """Random pool (in ``cache_dtype``, default ``dtype``), shuffled block tables with random
+    padding entries, random queries."""
     blocks_per_seq = [math.ceil(s / block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + extra_blocks
     perm = torch.randperm(num_blocks)
@@ -55,17 +60,18 @@ def paged_case(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int
     for i, n in enumerate(blocks_per_seq):
         tables[i, :n] = perm[used : used + n]
         used += n
-    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device).to(cache_dtype or dtype)
     q = torch.randn(sum(q_lens), heads, head_dim, dtype=dtype, device=device)
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     return q, cache, cu, torch.tensor(seq_lens, dtype=torch.int32, device=device), tables.to(device)
 
 
 def check_paged_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, pairs: list[tuple[int, int]],
-                          config: PrefillConfig | None = None, scale: float | None = None) -> None:
+                          config: PrefillConfig | None = None, scale: float | None = None, cache_dtype: torch.dtype | None = None) -> None:
     """``pairs`` are (q_len, seq_len): q_len < seq_len means a cached prefix. ``config`` None: the
     default launch; ``scale`` None: ``head_dim**-0.5`` (a larger one makes the running maxima jump)."""
-    q, cache, cu, seq_lens, tables = paged_case([a for a, _ in pairs], [b for _, b in pairs], heads, kv_heads, block_size, head_dim, dtype, device)
+    q, cache, cu, seq_lens, tables = paged_case([a for a, _ in pairs], [b for _, b in pairs], heads, kv_heads, block_size, head_dim, dtype, device,
+                                                cache_dtype=cache_dtype)
     scale = scale or head_dim**-0.5
     _poison_allocator(device, q.numel() * q.element_size())
     if config is None:
@@ -75,8 +81,9 @@ def check_paged_attention(device: str, dtype: torch.dtype, heads: int, kv_heads:
     _assert_close(got, attention.ref_paged_attention(q, cache, cu, seq_lens, tables, scale), dtype)
 
 
-def check_paged_decode_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, lens: list[int]) -> None:
-    q, cache, _, seq_lens, tables = paged_case([1] * len(lens), lens, heads, kv_heads, block_size, head_dim, dtype, device)
+def check_paged_decode_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, lens: list[int],
+                                 cache_dtype: torch.dtype | None = None) -> None:
+    q, cache, _, seq_lens, tables = paged_case([1] * len(lens), lens, heads, kv_heads, block_size, head_dim, dtype, device, cache_dtype=cache_dtype)
     scale = head_dim**-0.5
     _poison_allocator(device, q.numel() * q.element_size())
     got = attention.paged_decode_attention(q, cache, seq_lens, tables, scale)
@@ -95,11 +102,16 @@ def check_decode_many_splits_and_padding(device: str, dtype: torch.dtype) -> Non
 
 
 def check_store_kv(device: str, dtype: torch.dtype, block_size: int, kv_heads: int, head_dim: int) -> None:
-    cache = torch.randn(9, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    """Float32 keys and values written into a cache of ``dtype``, rounded as torch rounds them.
+    Triton's interpreter rounds to 8-bit floats wrongly (1.99 to 1.0): there, the values are
+    8-bit floats already."""
+    cache = torch.randn(9, 2, block_size, kv_heads, head_dim, device=device).to(dtype)
     slots = torch.randperm(9 * block_size)[:13].to(torch.int32)
     slots[::4] = -1
     key = torch.randn(13, kv_heads, head_dim, dtype=torch.float32, device=device)
     value = torch.randn(13, kv_heads, 2 * head_dim, dtype=torch.float32, device=device)[..., ::2].contiguous()
+    if device == "cpu" and dtype in FP8:
+        key, value = key.to(dtype).float(), value.to(dtype).float()
     want = cache.clone()
     kv_cache.ref_store_kv(key, value, want, slots.to(device))
     kv_cache.store_kv(key, value, cache, slots.to(device))
@@ -107,12 +119,12 @@ def check_store_kv(device: str, dtype: torch.dtype, block_size: int, kv_heads: i
 
 
 def check_gather_scatter(device: str, dtype: torch.dtype, block_size: int, kv_heads: int, head_dim: int) -> None:
-    cache = torch.randn(12, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    cache = torch.randn(12, 2, block_size, kv_heads, head_dim, device=device).to(dtype)
     ids = torch.randperm(12)[:5].to(torch.int32).to(device)
     _poison_allocator(device, 5 * cache[0].numel() * cache.element_size())
     packed = kv_cache.gather_blocks(cache, ids)
     assert torch.equal(packed, kv_cache.ref_gather_blocks(cache, ids))
-    incoming = torch.randn_like(packed)
+    incoming = torch.randn(packed.shape, device=device).to(dtype)
     want = cache.clone()
     kv_cache.ref_scatter_blocks(want, ids, incoming)
     kv_cache.scatter_blocks(cache, ids, incoming)
@@ -152,7 +164,7 @@ def rotary_write_case(tokens: int, kv_heads: int, head_dim: int, rotary_dim: int
     second one padding (-1)."""
     pos = torch.randint(0, 64, (tokens,), device=device)
     cos_sin = torch.randn(64, rotary_dim, device=device)
-    cache = torch.randn(5, 2, 8, kv_heads, head_dim, dtype=cache_dtype, device=device)
+    cache = torch.randn(5, 2, 8, kv_heads, head_dim, device=device).to(cache_dtype)
     slots = torch.randperm(5 * 8)[:tokens].to(slot_dtype)
     slots[1::2] = -1
     return pos, cos_sin, cache, slots.to(device)
@@ -253,6 +265,11 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     for bs in (8, 16):
         yield f"store_kv bs{bs}", lambda b=bs: check_store_kv(device, dtype, b, 2, 16)
         yield f"gather/scatter bs{bs}", lambda b=bs: check_gather_scatter(device, dtype, b, 2, 16)
+    for fp8 in FP8:
+        yield f"prefill {fp8} cache", lambda c=fp8: check_paged_attention(device, dtype, 8, 2, 16, 16, [(9, 9), (5, 40), (20, 36)], cache_dtype=c)
+        yield f"decode {fp8} cache", lambda c=fp8: check_paged_decode_attention(device, dtype, 8, 2, 16, 16, [1, 19, 300], cache_dtype=c)
+        yield f"store_kv {fp8}", lambda c=fp8: check_store_kv(device, c, 16, 2, 16)
+        yield f"gather/scatter {fp8}", lambda c=fp8: check_gather_scatter(device, c, 16, 2, 16)
     for hidden, res in ((64, False), (100, True)):
         yield f"rms_norm {hidden} residual={res}", lambda h=hidden, r=res: check_rms_norm(device, dtype, h, r)
     for head_dim, rot in ((32, 32), (64, 48)):
@@ -326,6 +343,22 @@ def test_attention_on_gpu_head_dim_64(dtype: torch.dtype) -> None:
     check_paged_decode_attention("cuda", dtype, 32, 8, 16, 64, lens)
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cache_dtype", FP8, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_fp8_kv_cache_on_gpu(dtype: torch.dtype, cache_dtype: torch.dtype) -> None:
+    """8-bit KV caches at Llama shapes: attention reads them as the reference does, and every
+    write (fresh values, rounded on the GPU) as torch rounds them, within a rounding's tolerance."""
+    check_paged_attention("cuda", dtype, 32, 8, 16, 128, [(1, 1), (300, 300), (77, 1500), (500, 517)], cache_dtype=cache_dtype)
+    check_paged_decode_attention("cuda", dtype, 32, 8, 16, 128, [1, 4000, 17, 250], cache_dtype=cache_dtype)
+    check_paged_decode_attention("cuda", dtype, 32, 8, 16, 64, torch.randint(1, 600, (96,)).tolist(), cache_dtype=cache_dtype)
+    check_store_kv("cuda", cache_dtype, 16, 8, 128)
+    check_rotary_store_kv("cuda", dtype, cache_dtype, 128, 128, torch.int64)
+    for rows in (1, MAX_GEMV_ROWS):
+        check_qkv_rotary_store_kv("cuda", dtype, cache_dtype, rows, 32, 8, 128, 128, 512, False)
+
+
 # Tiles the GPU sweep times (bench_kernels.py --prefill-sweep) besides the default, 16-bit only:
 # 128 x 128 fp32 tiles do not fit in shared memory.
 GPU_PREFILL_VARIANTS = (PrefillConfig(128, 64, 8, 4), PrefillConfig(64, 64, 4, 3), PrefillConfig(64, 128, 4, 3))
@@ -397,8 +430,8 @@ def test_decode_split_counts_share_one_compiled_kernel() -> None:
     assert compiled_variants(_paged_decode_attention_kernel) - before <= len(kinds), split_counts
 
 
-def _decode_pointers(kv: str) -> dict[str, str]:
-    return {"q_ptr": f"*{kv}", "kv_ptr": f"*{kv}", "out_ptr": f"*{kv}", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+def _decode_pointers(dtype: str, kv: str | None = None) -> dict[str, str]:
+    return {"q_ptr": f"*{dtype}", "kv_ptr": f"*{kv or dtype}", "out_ptr": f"*{dtype}", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
             "sem_ptr": "*i32", "seq_lens_ptr": "*i32", "tables_ptr": "*i32", "scale_log2": "fp32"}
 
 
@@ -406,11 +439,15 @@ HOPPER_PDL_CASES = {   # case: (kernel, pointer parameters, constants); the rest
     "decode bf16 head dim 128": (
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16"),
         dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
-             CHUNK=8, DOT_PRECISION="tf32", PREFETCH_KEYS=64, LINE=64)),
+             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=64, LINE=64)),
+    "decode bf16 over an fp8 KV cache": (   # the tiles widened to float16, the queries narrowed to it
+        "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16", "fp8e4nv"),
+        dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
+             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=True, PREFETCH_KEYS=64, LINE=128)),
     "decode fp32 head dim 64, two tiles to L2": (   # 128-byte lines of 32 elements, two to a row
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("fp32"),
         dict(GROUP=2, GROUP_PAD=16, MERGE_PAD=2, HEAD_DIM=64, BLOCK_SIZE=16, TILE_N=32, SPLIT=False, SPLITS_PAD=1,
-             CHUNK=1, DOT_PRECISION="ieee", PREFETCH_KEYS=64, LINE=32)),
+             CHUNK=1, DOT_PRECISION="ieee", DOT_FP16=False, PREFETCH_KEYS=64, LINE=32)),
     "gated GEMV": (
         "linear:_linear_kernel", {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"},
         dict(M=1, M_PAD=16, HAS_BIAS=False, GATED=True, BLOCK_N=64, BLOCK_K=128, EVEN_K=True)),
