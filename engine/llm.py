@@ -112,16 +112,14 @@ class LLM:
     def __init__(
         self, model: str, tokenizer: str | None = None, generation_config: str = "auto",
         override_generation_config: dict | None = None, enable_lora: bool = True, trust_remote_code: bool = False,
-        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, kv_cache_dtype: str = "auto", **engine_config,
+        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, **engine_config,
     ) -> None:
-        """``enable_lora``, ``trust_remote_code``, parallel sizes of 1 and ``kv_cache_dtype="auto"`` are
-        taken so that vLLM's calls run: LoRA is always on, no checkpoint code runs, the model is on
-        one device and its KV cache in its dtype. ``engine_config``: ``EngineConfig``'s fields."""
+        """``enable_lora``, ``trust_remote_code`` and parallel sizes of 1 are taken so that vLLM's
+        calls run: LoRA is always on, no checkpoint code runs, the model is on one device.
+        ``engine_config``: ``EngineConfig``'s fields (``kv_cache_dtype="fp8"`` as in vLLM)."""
         if (tensor_parallel_size, pipeline_parallel_size) != (1, 1):
             raise ValueError("an LLM runs its model on one device: tensor_parallel_size and pipeline_parallel_size "
                              "must be 1")
-        if kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: the KV cache is kept in the model's dtype (auto only)")
         self.config = EngineConfig(tokenizer=tokenizer, **engine_config)
         self.runner = ModelRunner(model, self.config)
         self.generation_defaults = _generation_defaults(self.runner.model_dir, generation_config,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from baton.engine.attention import build_attention_metadata, to_device
-from baton.engine.config import EngineConfig
+from baton.engine.config import KV_CACHE_DTYPE_NAMES, EngineConfig
 from baton.engine.cuda_graph import DecodeGraphs, capture_sizes
 from baton.engine.loader import build_model, resolve_model_dir
 from baton.engine.lora import LoRAStack
@@ -31,7 +31,7 @@ from baton.engine.pooling import PoolerConfig
 from baton.engine.rope import build_cos_sin_cache
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
-from baton.kernels.checks import DTYPES
+from baton.kernels.checks import DTYPES, KV_DTYPES
 
 
 @dataclass
@@ -90,6 +90,12 @@ class ModelRunner:
             raise ValueError(f"dtype {dtype_name!r} is not supported; supported: {', '.join(DTYPES)}")
         self.dtype: torch.dtype = DTYPES[dtype_name]
         self.device = torch.device(config.device)
+        kv_name = KV_CACHE_DTYPE_NAMES[config.kv_cache_dtype]
+        self.kv_dtype: torch.dtype = KV_DTYPES[kv_name] if kv_name else self.dtype
+        if kv_name and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r}: 8-bit float KV caches need a GPU of compute "
+                             f"capability 8.9 or later (Ada, Hopper); {torch.cuda.get_device_name(self.device)} has "
+                             f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}")
         self.block_size = config.block_size
         self.model = build_model(self.model_dir, mc, self.dtype, self.device)
         self.model.set_cos_sin_cache(build_cos_sin_cache(mc.rope, mc.head_dim, self.max_model_len, self.device))
@@ -101,7 +107,7 @@ class ModelRunner:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         shape = (self.num_blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(mc.num_layers)
         ]
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = capture_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs)
@@ -147,7 +153,7 @@ class ModelRunner:
     def block_bytes(self) -> int:
         """Bytes one block takes across all layers (K and V)."""
         mc = self.model_config
-        per_layer = 2 * self.block_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+        per_layer = 2 * self.block_size * mc.num_kv_heads * mc.head_dim * self.kv_dtype.itemsize
         return per_layer * mc.num_layers
 
     def _blocks_that_fit(self) -> int:
@@ -179,7 +185,7 @@ class ModelRunner:
         mc = self.model_config
         tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         blocks = -(-tokens // self.block_size)
-        scratch = [torch.zeros((blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim), dtype=self.dtype,
+        scratch = [torch.zeros((blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim), dtype=self.kv_dtype,
                                device=self.device) for _ in range(mc.num_layers)]
         seq = Sequence("memory-profile", [0] * tokens, SamplingParams(max_tokens=1))
         seq.block_table = list(range(blocks))

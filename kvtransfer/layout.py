@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from baton.kernels.checks import DTYPES
+from baton.kernels.checks import KV_DTYPES
 from baton.kvtransfer.errors import LayoutMismatch
 from baton.protos import common_pb2
 
@@ -34,7 +34,7 @@ class KVLayout:
         shape = kv_caches[0].shape
         if len(shape) != 5 or shape[1] != 2:
             raise ValueError(f"a KV cache must be [num_blocks, 2, block_size, heads, head_dim], got {tuple(shape)}")
-        names = {dtype: name for name, dtype in DTYPES.items()}
+        names = {dtype: name for name, dtype in KV_DTYPES.items()}
         if kv_caches[0].dtype not in names:
             raise ValueError(f"unsupported KV cache dtype {kv_caches[0].dtype}")
         return cls(
@@ -55,9 +55,9 @@ class KVLayout:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unsupported KV dtype {self.dtype!r}; known: {sorted(DTYPES)}")
-        return DTYPES[self.dtype]
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"unsupported KV dtype {self.dtype!r}; known: {sorted(KV_DTYPES)}")
+        return KV_DTYPES[self.dtype]
 
     @property
     def block_shape(self) -> tuple[int, int, int, int]:

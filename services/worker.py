@@ -141,6 +141,7 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
         max_logprobs=args.max_logprobs,
         device=args.device,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         tokenizer=args.tokenizer,
         revision=args.revision,
         download_dir=args.download_dir,

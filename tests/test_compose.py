@@ -296,8 +296,16 @@ def test_vllm_command_lines_flags_that_change_nothing_here_are_taken_and_paralle
             parser.parse_args([*args, "--tensor-parallel-size", "2"])
         assert "runs its model on one device" in capsys.readouterr().err
         with pytest.raises(SystemExit):
-            parser.parse_args([*args, "--kv-cache-dtype", "fp8"])
-        assert "no fp8 KV cache" in capsys.readouterr().err
+            parser.parse_args([*args, "--kv-cache-dtype", "int8"])
+        assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_baton_up_hands_its_kv_cache_dtype_to_every_worker():
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2", "--kv-cache-dtype", "fp8"]
+    plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
+    parsed = [worker_arg_parser(role, default_port=50061).parse_args(cmd[4:])
+              for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)) for cmd in cmds]
+    assert [args.kv_cache_dtype for args in parsed] == ["fp8"] * 3
 
 
 def test_launcher_plan_lets_the_gateway_load_adapters_at_runtime_and_sizes_the_workers_for_them(monkeypatch):

@@ -292,6 +292,31 @@ def test_baton_up_moves_kv_over_nccl(demo_model):
         system.stop()
 
 
+def test_baton_up_with_an_fp8_kv_cache_serves_the_aggregated_fp8_engines_text_sending_a_byte_an_element(demo_model):
+    """``baton up --kv-cache-dtype fp8`` (vLLM's): every worker keeps its KV in 8-bit floats, so greedy
+    output through prefill, transfer and decode is the aggregated engine's with the same cache, and
+    each prompt's blocks move as a byte a key or value element (a quarter of the float32 demo
+    checkpoint's)."""
+    system = System(demo_model, "grpc", prefill=1, decode=1, up_flags=("--kv-cache-dtype", "fp8"))
+    try:
+        llm = LLM(demo_model, kv_cache_dtype="fp8")
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        want = [o.outputs[0].text for o in llm.generate(PROMPTS, params)]
+        got = []
+        for prompt in PROMPTS:
+            before = gateway_counter(system, "baton_kv_transfer_bytes_total")
+            out = system.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+            blocks = -(-out.usage.prompt_tokens // llm.runner.block_size)
+            assert gateway_counter(system, "baton_kv_transfer_bytes_total") - before == blocks * llm.runner.block_bytes()
+            got.append(out.choices[0].text)
+        assert got == want
+        assert 4 * llm.runner.block_bytes() == LLM(demo_model, num_blocks=1).runner.block_bytes()
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
+
+
 def test_prompts_short_enough_are_computed_on_the_decode_worker_alone(demo_model):
     """``baton up --max-local-prefill-length 24``: the four short prompts, at once, each go to the
     decode worker alone, and their greedy output (and prompt log-probs) are the aggregated

@@ -93,6 +93,19 @@ def test_fp32_greedy_matches_cpu_engine(cpu_tokens, enforce_eager, async_schedul
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_fp8_kv_cache_greedy_matches_the_cpu_engines(enforce_eager):
+    """``kv_cache_dtype="fp8"``: the kernels round keys and values to E4M3 as torch does on the CPU and
+    read them back widened, in CUDA graphs and eagerly."""
+    want = _token_ids(LLM(DEMO, num_blocks=256, kv_cache_dtype="fp8"))
+    llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8, kv_cache_dtype="fp8",
+              enforce_eager=enforce_eager)
+    assert llm.runner.kv_caches[0].dtype == torch.float8_e4m3fn and (llm.runner.cuda_graphs is None) == enforce_eager
+    assert _token_ids(llm) == want
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_bf16_greedy_matches_transformers():
     llm = LLM(DEMO, device="cuda", dtype="bfloat16", num_blocks=256, max_num_seqs=8)
     assert llm.runner.cuda_graphs is not None

@@ -184,7 +184,7 @@ def test_a_backend_whose_package_is_missing_is_refused_by_name(monkeypatch):
 # ---------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
 @pytest.mark.unit
 async def test_round_trip_bit_exact(dtype, make_receiver, sender):
     src = make_caches(40, dtype, seed=1)
@@ -201,9 +201,9 @@ async def test_round_trip_bit_exact(dtype, make_receiver, sender):
     layer_bytes = 11 * layout_of(src).block_bytes
     assert stats.bytes == got.bytes == NUM_LAYERS * layer_bytes and stats.seconds > 0
     others = sorted(set(range(48)) - set(dst_ids))
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[dtype.itemsize]
     for layer in range(NUM_LAYERS):
-        assert torch.equal(dst[layer][dst_ids].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                           src[layer][src_ids].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+        assert torch.equal(dst[layer][dst_ids].view(bits), src[layer][src_ids].view(bits))
         assert torch.equal(dst[layer][others], untouched[layer][others])
 
 
@@ -342,7 +342,7 @@ async def test_sender_refuses_mismatched_ticket_before_sending(field, make_recei
 @pytest.mark.unit
 async def test_receiver_refuses_mismatched_layout_naming_field(field, transport, make_receiver, sender):
     """A ticket that does not describe the receiver (stale or forged) is refused at the handshake."""
-    kwargs = {"block_size": {"block_size": 32}, "dtype": {"dtype": torch.bfloat16},
+    kwargs = {"block_size": {"block_size": 32}, "dtype": {"dtype": torch.float8_e4m3fn},  # an fp8 worker, a float32 one
               "num_kv_heads": {"heads": 4}}[field]
     src = make_caches(4, kwargs.pop("dtype", torch.float32), 14, **kwargs)
     dst = make_caches(4, torch.float32, 15)

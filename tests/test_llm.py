@@ -196,8 +196,25 @@ def test_vllms_constructor_arguments_that_change_nothing_here_are_taken(demo_mod
     assert llm.generate("JULIET:", SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="on one device"):
         LLM(demo_model, tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="auto only"):
-        LLM(demo_model, kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize("kv_cache_dtype, dtype", [("fp8", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)])
+def test_an_fp8_kv_cache_holds_each_key_and_value_in_a_byte(demo_model, kv_cache_dtype, dtype):
+    """vLLM's ``kv_cache_dtype="fp8"``: the cache holds the keys and values rounded to 8-bit floats (the
+    float32 demo model's in a quarter of the bytes, four times the blocks in the same memory), and
+    greedy output follows the full-precision cache's closely (the same first tokens here)."""
+    full, fp8 = LLM(demo_model), LLM(demo_model, kv_cache_dtype=kv_cache_dtype)
+    assert all(cache.dtype == dtype for cache in fp8.runner.kv_caches)
+    assert 4 * fp8.runner.block_bytes() == full.runner.block_bytes()
+    assert fp8.runner.num_blocks >= 4 * full.runner.num_blocks
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = PROMPTS[0]
+    want, got = full.generate(prompt, params)[0], fp8.generate(prompt, params)[0]
+    assert got.outputs[0].token_ids[:4] == want.outputs[0].token_ids[:4]
+    blocks = fp8.runner.kv_caches[0][: -(-len(got.prompt_token_ids) // fp8.runner.block_size)]
+    assert blocks.float().abs().sum() > 0   # the prompt's keys and values were written, as 8-bit floats
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8"):
+        LLM(demo_model, kv_cache_dtype="int8")
 
 
 def test_prefix_cache_is_salted(demo_model):
