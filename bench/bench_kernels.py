@@ -25,13 +25,17 @@ each is checked once against ``ref_paged_attention``, then timed on 4k, 8k and
 16k single prompts and on four 1k chunks after 3k cached tokens each, with
 torch's SDPA beside, and at the 1B model's head dim 64 on ``PREFILL_CASES_1B``
 (among them the offline benchmark's prefill step, 16 prompts of 512 tokens).
+``--kv-cache-dtype fp8`` (or ``fp8_e5m2``, or ``auto`` for bf16) runs just the decode and
+prefill attention rows over a KV pool of that dtype: decode's rate counts the bytes read,
+a byte an element for 8-bit floats.
 Times are medians of ``do_bench_cudagraph`` (the kernels replayed from a CUDA
 graph, as the decode runner replays them; a prefill of a few dozen tokens would
 otherwise time the host's launch) or ``triton.testing.do_bench`` (eager decode
 beside it, SDPA, the whole sampler, the copy); inputs rotate over several sets
 so that the L2 cache does not flatter small cases.
 
-    python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --lora-only | --prefill-sweep]
+    python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --lora-only | --prefill-sweep |
+                                            --kv-cache-dtype auto|fp8|fp8_e5m2]
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench, do_bench_cudagraph
 
+from baton.engine.config import KV_CACHE_DTYPE_NAMES
 from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
@@ -58,6 +63,7 @@ from baton.kernels.attention import ref_paged_attention, ref_paged_decode_attent
 from baton.kernels.attention_decode import DEFAULT_CONFIGS, DecodeConfig, launch_paged_decode_attention
 from baton.kernels.attention_decode import default_config as default_decode_config
 from baton.kernels.attention_prefill import PrefillConfig, default_config, launch_paged_attention
+from baton.kernels.checks import KV_DTYPES
 
 HEADS, KV_HEADS, DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
 KV_TOKEN_BYTES = 2 * KV_HEADS * DIM * 2  # K and V of one token, bf16
@@ -89,9 +95,6 @@ class Shape:
     kv_heads: int
     dim: int
 
-    @property
-    def kv_token_bytes(self) -> int:
-        return 2 * self.kv_heads * self.dim * 2  # K and V of one token, bf16
 
 
 LLAMA_8B = Shape("8B", HEADS, KV_HEADS, DIM)
@@ -100,12 +103,17 @@ RUNNER_CONTEXT = 1024  # the model benchmark's max_model_len: its decode tables 
 
 
 class Pool:
-    """One large random KV pool; disjoint random block sets for rotation."""
+    """One large random KV pool (bf16, or ``kv_dtype``); disjoint random block sets for rotation."""
 
-    def __init__(self, num_blocks: int, shape: Shape = LLAMA_8B) -> None:
+    def __init__(self, num_blocks: int, shape: Shape = LLAMA_8B, kv_dtype: torch.dtype = DTYPE) -> None:
         self.shape = shape
-        self.cache = torch.randn(num_blocks, 2, BLOCK, shape.kv_heads, shape.dim, dtype=DTYPE, device="cuda")
+        self.cache = torch.randn(num_blocks, 2, BLOCK, shape.kv_heads, shape.dim, dtype=DTYPE, device="cuda").to(kv_dtype)
         self.perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+
+    @property
+    def kv_token_bytes(self) -> int:
+        """K and V of one token."""
+        return 2 * self.shape.kv_heads * self.shape.dim * self.cache.element_size()
 
     def block_sets(self, blocks_per_set: int, bytes_per_set: int, max_sets: int = 8) -> list[torch.Tensor]:
         sets = max(1, min(max_sets, self.perm.numel() // blocks_per_set, math.ceil(ROTATE_BYTES / bytes_per_set)))
@@ -123,7 +131,7 @@ def decode_launches(pool: Pool, batch: int, ctx: int, config: DecodeConfig | Non
     config = config or default_decode_config(batch, shape.kv_heads, shape.dim, width * BLOCK, seq_lens.device)
     fns = []
     # Small cases rotate over more sets than fit in L2: in a model, each layer's KV arrives cold.
-    for ids in pool.block_sets(batch * per_seq, batch * ctx * shape.kv_token_bytes, 8 if shape == LLAMA_8B else 64):
+    for ids in pool.block_sets(batch * per_seq, batch * ctx * pool.kv_token_bytes, 8 if shape == LLAMA_8B else 64):
         q = torch.randn(batch, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
         tables = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
         tables[:, :per_seq] = ids.view(batch, per_seq)
@@ -136,7 +144,7 @@ def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: Decode
     shape, width = pool.shape, max(table_ctx, ctx) // BLOCK
     fns = decode_launches(pool, batch, ctx, config, table_ctx)
     ms, eager_ms = median_ms(fns, graph=True), median_ms(fns)
-    gbs = batch * (ctx * shape.kv_token_bytes + 2 * shape.heads * shape.dim * 2) / ms / 1e6
+    gbs = batch * (ctx * pool.kv_token_bytes + 2 * shape.heads * shape.dim * 2) / ms / 1e6
     case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > ctx // BLOCK else "")
     return f"| decode | {case} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
 
@@ -177,7 +185,7 @@ def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str, 
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seq
     seq_lens = torch.full((batch,), prefix + seq, dtype=torch.int32, device="cuda")
     fns = []
-    for ids in pool.block_sets(batch * per_seq, batch * (prefix + seq) * shape.kv_token_bytes)[:2]:
+    for ids in pool.block_sets(batch * per_seq, batch * (prefix + seq) * pool.kv_token_bytes)[:2]:
         q = torch.randn(batch * seq, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
         fns.append(lambda q=q, t=ids.view(batch, per_seq): launch_paged_attention(q, pool.cache, cu, seq_lens, t, shape.dim**-0.5, config or default_config(q)))
     ms = median_ms(fns, graph=True)
@@ -422,6 +430,9 @@ def main() -> None:
     parser.add_argument("--lora-only", action="store_true", help="only the grouped LoRA rows")
     parser.add_argument("--prefill-sweep", action="store_true", help="only the prefill attention candidates")
     parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
+    parser.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPE_NAMES), default=None,
+                        help="only the attention rows, over a KV pool of this dtype (the engine's flag: auto is bf16, "
+                             "fp8 and fp8_e5m2 8-bit floats)")
     args = parser.parse_args()
     pdl.enabled = not args.no_pdl
     if not torch.cuda.is_available():
@@ -430,7 +441,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     lines = [f"# Kernel benchmarks: {props.name}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"torch {torch.__version__}, triton {triton.__version__}, {props.multi_processor_count} SMs; "
-             f"Llama-3-8B shapes ({HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}, bf16, block {BLOCK}); medians, "
+             f"Llama-3-8B shapes ({HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}, bf16, block {BLOCK}"
+             f"{'; KV cache ' + args.kv_cache_dtype if args.kv_cache_dtype else ''}); medians, "
              "CUDA-graph replay for decode, prefill, transfers and element-wise kernels (eager times beside decode; SDPA eager); "
              f"programmatic dependent launch {'on' if pdl.enabled else 'off'}",
              "", "| kernel | case | time | rate | vs copy |", "| --- | --- | --- | --- | --- |"]
@@ -448,9 +460,13 @@ def main() -> None:
     elif args.prefill_sweep:
         prefill_sweep(Pool(2 * 16384 // BLOCK), emit)
     else:
-        pool = Pool(2 * 128 * 16384 // BLOCK // (4 if args.quick else 1) + 4096)
-        pool_1b = Pool(16384, LLAMA_1B)
-        if args.decode_sweep:
+        kv_name = KV_CACHE_DTYPE_NAMES.get(args.kv_cache_dtype)
+        kv_dtype = KV_DTYPES[kv_name] if kv_name else DTYPE
+        pool = Pool(2 * 128 * 16384 // BLOCK // (4 if args.quick else 1) + 4096, kv_dtype=kv_dtype)
+        pool_1b = Pool(16384, LLAMA_1B, kv_dtype)
+        if args.kv_cache_dtype:
+            attention_rows(pool, pool_1b, copy_gbs, emit, args.quick)
+        elif args.decode_sweep:
             decode_sweep(pool, pool_1b, copy_gbs, emit)
         else:
             default_rows(pool, pool_1b, copy_gbs, emit, args.quick)
@@ -462,19 +478,7 @@ def main() -> None:
 
 def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None], quick: bool) -> None:
     """Every kernel with its default launch parameters."""
-    batches, ctxs = ([1, 64], [2048, 16384]) if quick else ([1, 16, 64, 128], [512, 2048, 4096, 16384])
-    for batch, ctx in itertools.product(batches, ctxs):
-        emit(decode_row(pool, batch, ctx, copy_gbs, None))
-    emit(decode_row(pool, 1, 32768, copy_gbs, None))
-    for row in plain_read_rows(copy_gbs):
-        emit(row)
-    for batch, ctx in ((1, 512), (1, 1024), (64, 512), (128, 640)):  # batch 1 and the offline benchmark's steps
-        emit(decode_row(pool_1b, batch, ctx, copy_gbs, None, RUNNER_CONTEXT))
-    for seq in (1024, 4096, 8192):
-        emit(prefill_row(pool, seq, None, "paged (default tiles)"))
-        emit(sdpa_row(seq))
-    for batch, seq in ((1, 4096), (16, 512)):
-        emit(prefill_row(pool_1b, seq, None, "paged (default tiles)", batch))
+    attention_rows(pool, pool_1b, copy_gbs, emit, quick, with_references=True)
     for row in sampling_rows(copy_gbs):
         emit(row)
     for row in transfer_rows(pool, copy_gbs) + elementwise_rows(copy_gbs):
@@ -483,6 +487,26 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
         emit(row)
     for row in linear_rows(copy_gbs) + lora_rows():
         emit(row)
+
+
+def attention_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None], quick: bool,
+                   with_references: bool = False) -> None:
+    """Decode and prefill attention over the pools (``with_references``: the plain reads of one long
+    sequence's bytes, and SDPA's prefill, beside them)."""
+    batches, ctxs = ([1, 64], [2048, 16384]) if quick else ([1, 16, 64, 128], [512, 2048, 4096, 16384])
+    for batch, ctx in itertools.product(batches, ctxs):
+        emit(decode_row(pool, batch, ctx, copy_gbs, None))
+    emit(decode_row(pool, 1, 32768, copy_gbs, None))
+    for row in plain_read_rows(copy_gbs) if with_references else ():
+        emit(row)
+    for batch, ctx in ((1, 512), (1, 1024), (64, 512), (128, 640)):  # batch 1 and the offline benchmark's steps
+        emit(decode_row(pool_1b, batch, ctx, copy_gbs, None, RUNNER_CONTEXT))
+    for seq in (1024, 4096, 8192):
+        emit(prefill_row(pool, seq, None, "paged (default tiles)"))
+        if with_references:
+            emit(sdpa_row(seq))
+    for batch, seq in ((1, 4096), (16, 512)):
+        emit(prefill_row(pool_1b, seq, None, "paged (default tiles)", batch))
 
 
 # Candidates per head dim (the 2026-12-04 sweep in kernels_h200.md): the two defaults first, then

@@ -34,6 +34,7 @@ import triton
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from baton.engine.config import KV_CACHE_DTYPE_NAMES
 from baton.engine.llm import LLM
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
@@ -150,7 +151,7 @@ def latency_rows(name: str, llm: LLM, batches: list[int], context: int, bandwidt
     rows = []
     for batch in batches:
         chunks = decoding_batch(runner, batch, context)
-        kv = batch * context * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * runner.dtype.itemsize
+        kv = batch * context * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * runner.kv_dtype.itemsize
         floor = (weight_bytes(runner) + kv) / bandwidth * 1e3
         graphs = runner.cuda_graphs
         shape = graphs.graph_shape(chunks) if graphs is not None else None
@@ -215,12 +216,12 @@ def _spread(*runs: list[float]) -> str:
     return f" (median of {len(runs[0])}: " + " / ".join(f"{min(r):.0f}-{max(r):.0f}" for r in runs) + ")"
 
 
-def bench_llm(directory: Path, max_batch: int, max_num_batched_tokens: int) -> LLM:
+def bench_llm(directory: Path, max_batch: int, max_num_batched_tokens: int, kv_cache_dtype: str) -> LLM:
     """Baton on the checkpoint in ``directory`` as the benchmarks run it: bf16, CUDA graphs,
     blocks for ``max_batch`` full-length sequences, no prefix caching."""
     return LLM(str(directory), device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=max_batch,
                max_num_batched_tokens=max_num_batched_tokens, num_blocks=max_batch * (MAX_MODEL_LEN // 16) + 16,
-               enable_prefix_caching=False)
+               enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
 
 
 def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: Path) -> list[Row]:
@@ -230,7 +231,7 @@ def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: 
     del model
     torch.cuda.empty_cache()
     max_batch = max(max(args.latency_batches), max(args.batches))
-    llm = bench_llm(directory, max_batch, args.max_num_batched_tokens)
+    llm = bench_llm(directory, max_batch, args.max_num_batched_tokens, args.kv_cache_dtype)
     rows = latency_rows(name, llm, args.latency_batches, args.context, bandwidth)
     rows += throughput_rows(name, llm, hf, args.batches, args.input_len, args.output_len, args.repeats)
     del llm, hf
@@ -257,6 +258,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="offline runs of each side; the ratio is of the medians")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--no-pdl", action="store_true", help="launch the decode kernels without programmatic dependent launch")
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPE_NAMES), default="auto",
+                   help="Baton's KV cache (the engine's flag; transformers keeps its own in bf16)")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: /dev/shm if it has room)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -268,7 +271,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     props = torch.cuda.get_device_properties(0)
     header = (f"# Model benchmarks: {props.name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
-              f"torch {torch.__version__}, triton {triton.__version__}; bf16 random weights; "
+              f"torch {torch.__version__}, triton {triton.__version__}; bf16 random weights; Baton's KV cache {args.kv_cache_dtype}; "
               f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (2 GiB D2D, read + write); floor = (weights + KV read) / copy bandwidth; "
               f"programmatic dependent launch {'on' if pdl.enabled else 'off'}")
     rows: list[Row] = []
