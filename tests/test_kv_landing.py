@@ -16,11 +16,14 @@ async def test_a_failed_transfers_queued_scatter_runs_before_the_compute_stream_
     cache = torch.zeros(4, 2, 16, 2, 64, device="cuda")
     receiver = LandingReceiver([cache])
     layout = KVLayout.from_caches([cache], model_fingerprint="0123456789abcdef")
-    receiver.expect("failed", [1], layout)
-    entry = receiver.bind("failed")
+    ones = torch.ones(layout.block_bytes // 4, device="cuda").view(torch.uint8)
+    for rid, block in (("warm-up", 2), ("failed", 1)):
+        receiver.expect(rid, [block], layout)
+    receiver.land(receiver.bind("warm-up"), 0, 0, ones)   # the scatter kernel compiled before the timed part
+    torch.cuda.synchronize()
     with torch.cuda.stream(receiver._copy_stream):
-        torch.cuda._sleep(200_000_000)  # the copy stream is busy: the scatter below runs late
-    receiver.land(entry, 0, 0, torch.ones(layout.block_bytes // 4, device="cuda").view(torch.uint8))
+        torch.cuda._sleep(1_000_000_000)  # the copy stream is busy: the scatter below runs late
+    receiver.land(receiver.bind("failed"), 0, 0, ones)
     assert receiver.cancel("failed")
     cache[1].fill_(7.0)   # the block, freed, written by its next owner on the compute stream
     torch.cuda.synchronize()
