@@ -128,7 +128,8 @@ def decode_launches(pool: Pool, batch: int, ctx: int, config: DecodeConfig | Non
     shape, per_seq = pool.shape, ctx // BLOCK
     width = max(table_ctx, ctx) // BLOCK
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    config = config or default_decode_config(batch, shape.kv_heads, shape.dim, width * BLOCK, seq_lens.device)
+    config = config or default_decode_config(batch, shape.kv_heads, shape.dim, width * BLOCK, seq_lens.device,
+                                             pool.cache.element_size())
     fns = []
     # Small cases rotate over more sets than fit in L2: in a model, each layer's KV arrives cold.
     for ids in pool.block_sets(batch * per_seq, batch * ctx * pool.kv_token_bytes, 8 if shape == LLAMA_8B else 64):
@@ -552,7 +553,8 @@ def decode_sweep(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
             table_ctx = RUNNER_CONTEXT if p is pool_1b else 0
             times = [f"{median_ms(decode_launches(p, batch, ctx, cfg, table_ctx), graph=True) * 1e3:.1f}" for cfg in (None, *candidates)]
             best = min(times, key=float)
-            default = decode_label(default_decode_config(batch, p.shape.kv_heads, p.shape.dim, max(table_ctx, ctx), p.cache.device))
+            default = decode_label(default_decode_config(batch, p.shape.kv_heads, p.shape.dim, max(table_ctx, ctx), p.cache.device,
+                                                         p.cache.element_size()))
             cells = [f"*{t}*" if t == best else t for t in times]
             emit(f"| batch {batch}, ctx {ctx} | {cells[0]} ({default}) | " + " | ".join(cells[1:]) + " |")
         emit("")

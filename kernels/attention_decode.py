@@ -59,18 +59,24 @@ DEFAULT_CONFIGS: dict[int, tuple[DecodeConfig, DecodeConfig]] = {
     64: (DecodeConfig(64, 2, 3, programs_per_sm=6), DecodeConfig(32, 1, 3, programs_per_sm=12)),
     128: (DecodeConfig(64, 4, 3, programs_per_sm=3), DecodeConfig(64, 4, 2, programs_per_sm=5)),
 }
+# Past one wave of deep programs at head dim 128 over an 8-bit cache: tiles of 128 keys (a bf16
+# tile's bytes), two in flight, rather than the light programs' one tile of half those bytes: 0.72-0.75x
+# their time at batch 64, 0.88-0.90x at 128 (bench/results/kernels_h100.md, fp8 KV cache).
+FP8_PAST_THE_WAVE_128 = DecodeConfig(128, 4, 3, programs_per_sm=3)
 
 
-def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: int, device: torch.device) -> DecodeConfig:
+def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: int, device: torch.device,
+                   kv_bytes: int = 2) -> DecodeConfig:
     """Two K/V tiles in flight per program while one wave of such programs holds a program
     for every sequence's KV heads (the context is then split to fill the wave); beyond
-    that, lighter programs, so that more of the batch is resident at once. Where each split
+    that, lighter programs, so that more of the batch is resident at once (at head dim 128
+    over a cache of ``kv_bytes`` 1, tiles of twice the keys instead). Where each split
     would be a single tile and the wave has room for more (a few short sequences: a chain of
     dependent loads per program, not bandwidth, sets the time), tiles of half the keys
     split the context twice as far."""
     deep, light = DEFAULT_CONFIGS[64 if head_dim <= 64 else 128]
     if batch * num_kv_heads > deep.programs_per_sm * num_sms(device):
-        return light
+        return FP8_PAST_THE_WAVE_128 if kv_bytes == 1 and head_dim > 64 else light
     splits, split_len = split_context(device, batch, num_kv_heads, max_context, deep)
     if split_len == deep.tile_n:
         half = replace(deep, tile_n=deep.tile_n // 2, min_split_tokens=deep.tile_n // 2)
@@ -247,7 +253,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
     max_context = block_tables.shape[1] * kv_cache.shape[2]
-    config = default_config(q.shape[0], kv_cache.shape[3], q.shape[2], max_context, q.device)
+    config = default_config(q.shape[0], kv_cache.shape[3], q.shape[2], max_context, q.device, kv_cache.element_size())
     return launch_paged_decode_attention(q, kv_cache, seq_lens, block_tables, scale, config)
 
 
