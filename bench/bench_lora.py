@@ -32,11 +32,11 @@ LINE = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and 
 
 def tokens_per_s(llm: LLM, prompts: list[str], params: SamplingParams, lora: list[str | None], device: str) -> float:
     """Output tokens/s of one batch, after an untimed run of the same batch (kernel variants compile)."""
-    llm.generate(prompts, params, lora=lora)
+    llm.generate(prompts, params, lora=lora, use_tqdm=False)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    llm.generate(prompts, params, lora=lora)
+    llm.generate(prompts, params, lora=lora, use_tqdm=False)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return len(prompts) * params.max_tokens / (time.perf_counter() - start)

@@ -137,7 +137,7 @@ def engine_step_ms(llm: LLM, batch: int, context: int) -> float:
     def run(n: int) -> float:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
         torch.cuda.synchronize()
         return time.perf_counter() - start
     run(129)   # warm-up: every step shape of the measured runs (Triton specializes on some sizes);
@@ -185,7 +185,7 @@ def throughput_rows(name: str, llm: LLM, hf: LlamaForCausalLM | None, batches: l
     for batch in batches:
         prompts = make_prompts(batch, input_len, VOCAB, seed=batch)
         tokens = batch * output_len
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))   # warm-up, as above
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True), use_tqdm=False)   # warm-up, as above
         llm.core.async_scheduling = False
         sync_rate = tokens / bench_baton(llm, prompts, output_len, "cuda")
         llm.core.async_scheduling = True

@@ -81,10 +81,10 @@ def bench_masks(
 
 
 def bench_generate(llm: LLM, prompts: list[str], params: SamplingParams, device: str) -> tuple[float, int]:
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, structured_output=params.structured_output))  # warm-up
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, structured_output=params.structured_output), use_tqdm=False)  # warm-up
     sync(device)
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     sync(device)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return tokens / (time.perf_counter() - start), tokens

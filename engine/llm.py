@@ -41,8 +41,8 @@ run unchanged:
 As in vLLM, a prompt may also be ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``;
 ``SamplingParams(stop=[...])`` ends a text at its first stop string (checked after each step, on
 the newest tokens' text, and cut there); each ``CompletionOutput`` says what stopped it
-(``stop_reason``) and, with ``logprobs``, its ``cumulative_logprob``; ``use_tqdm=True`` shows
-progress, and ``get_tokenizer()`` returns the tokenizer.
+(``stop_reason``) and, with ``logprobs``, its ``cumulative_logprob``; a progress bar shows on
+stderr, as vLLM's does, unless ``use_tqdm=False``; and ``get_tokenizer()`` returns the tokenizer.
 
 The disaggregated services and the tests use it as their reference.
 """
@@ -152,7 +152,7 @@ class LLM:
         priority: list[int] | None = None,
         lora: str | list[str | None] | None = None,
         cache_salt: str | list[str | None] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
         lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or vLLM's ``{"prompt": text}`` and
@@ -162,7 +162,7 @@ class LLM:
         the base model). ``cache_salt``: the salt of all prompts' prefix-cache hashes, or one per
         prompt (None: unsalted); only prompts with the same salt share cached blocks. No
         ``sampling_params``: ``get_default_sampling_params()``. ``use_tqdm``: a progress bar over
-        the finished prompts (vLLM's, there on by default). ``lora_request`` (vLLM's, in place of
+        the finished prompts (vLLM's, on by default as there). ``lora_request`` (vLLM's, in place of
         ``lora``): the adapter of all prompts or of each, loaded on first use."""
         texts = _texts(prompts)
         prompts = self._token_ids(prompts)
@@ -222,7 +222,7 @@ class LLM:
         chat_template_kwargs: dict | None = None,
         lora: str | list[str | None] | None = None,
         cache_salt: str | list[str | None] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat``: one conversation (a list of messages) or several, each rendered by the
         model's chat template (``chat_template`` in its place) as transformers renders it, then
@@ -289,7 +289,7 @@ class LLM:
         self.core.reset_prefix_cache()
         return True
 
-    def embed(self, prompts: Prompts, use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+    def embed(self, prompts: Prompts, use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
         """Each prompt's (as ``generate`` takes them) embedding, in prompt order and as vLLM's
         ``LLM.embed`` answers (``outputs.embedding``): its final hidden states pooled as ``pooler``
         (``EngineConfig``) says, by default as the checkpoint's sentence-transformers modules do,
@@ -305,7 +305,7 @@ class LLM:
         """The tokenizer prompts are encoded and outputs decoded with (vLLM's)."""
         return self.tokenizer
 
-    def score(self, text_1: Prompts, text_2: Prompts, use_tqdm: bool = False) -> list[ScoringRequestOutput]:
+    def score(self, text_1: Prompts, text_2: Prompts, use_tqdm: bool = True) -> list[ScoringRequestOutput]:
         """vLLM's ``LLM.score`` over the embeddings: each pair's cosine similarity (``outputs.score``),
         paired as vLLM pairs them (one ``text_1`` against each ``text_2``, else the i-th with the
         i-th); texts as ``embed`` takes prompts. As vLLM's embedding-model path answers, a pair's

@@ -190,6 +190,18 @@ def test_the_tokens_through_a_stop_string_are_the_fewest_whose_text_holds_it():
     assert tokens_through_stop([], decode, ["O"]) == 0
 
 
+def test_generate_shows_a_progress_bar_unless_told_not_to(demo_model, capfd):
+    """vLLM's ``use_tqdm`` default: a bar over the finished prompts on stderr."""
+    llm = LLM(demo_model, num_blocks=16)
+    params = SamplingParams(temperature=0, max_tokens=2)
+    capfd.readouterr()
+    llm.generate(PROMPTS[:2], params)
+    assert "Generating: 100%" in capfd.readouterr().err
+    llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    llm.embed(PROMPTS[0], use_tqdm=False)
+    assert "Generating" not in capfd.readouterr().err
+
+
 def test_vllms_constructor_arguments_that_change_nothing_here_are_taken(demo_model):
     llm = LLM(demo_model, trust_remote_code=True, tensor_parallel_size=1, kv_cache_dtype="auto", enable_lora=True,
               dtype="auto", num_blocks=16)
