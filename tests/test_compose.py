@@ -68,6 +68,9 @@ def test_worker_commands_parse_with_default_ports(compose, role, port):
     assert args.metrics_port == metrics and args.scheduling_policy == "fcfs"
     priority = worker_arg_parser(role, default_port=port).parse_args(_argv(service, SCHEDULING_POLICY="priority")[4:])
     assert priority.scheduling_policy == "priority"
+    assert args.kv_cache_dtype == "auto"
+    fp8 = worker_arg_parser(role, default_port=port).parse_args(_argv(service, KV_CACHE_DTYPE="fp8")[4:])
+    assert fp8.kv_cache_dtype == "fp8"
     if role == "decode":  # KV arrives over gRPC on the worker's port unless KV_TRANSPORT picks UCX or NCCL on 50062
         assert (args.kv_transport, args.kv_port, args.speculative_config) == ("grpc", 50062, None)
         nccl = worker_arg_parser(role, default_port=port).parse_args(_argv(service, KV_TRANSPORT="nccl")[4:])
