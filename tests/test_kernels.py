@@ -352,7 +352,8 @@ def test_fp8_kv_cache_on_gpu(dtype: torch.dtype, cache_dtype: torch.dtype) -> No
     write (fresh values, rounded on the GPU) as torch rounds them, within a rounding's tolerance."""
     check_paged_attention("cuda", dtype, 32, 8, 16, 128, [(1, 1), (300, 300), (77, 1500), (500, 517)], cache_dtype=cache_dtype)
     check_paged_decode_attention("cuda", dtype, 32, 8, 16, 128, [1, 4000, 17, 250], cache_dtype=cache_dtype)
-    check_paged_decode_attention("cuda", dtype, 32, 8, 16, 64, torch.randint(1, 600, (96,)).tolist(), cache_dtype=cache_dtype)
+    for head_dim in (64, 128):   # batches past one wave of deep programs (128: the 8-bit cache's own tiles)
+        check_paged_decode_attention("cuda", dtype, 32, 8, 16, head_dim, torch.randint(1, 600, (96,)).tolist(), cache_dtype=cache_dtype)
     check_store_kv("cuda", cache_dtype, 16, 8, 128)
     check_rotary_store_kv("cuda", dtype, cache_dtype, 128, 128, torch.int64)
     for rows in (1, MAX_GEMV_ROWS):
