@@ -52,6 +52,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -78,6 +79,7 @@ from baton.engine.structured_output import StructuredOutputs
 T = TypeVar("T")
 Prompt = str | list[int] | dict
 Prompts = Prompt | list[str] | list[list[int]] | list[dict]
+ProgressBar = bool | Callable[..., tqdm]   # vLLM's use_tqdm: on, off, or the tqdm-like class to draw with
 logger = logging.getLogger(__name__)
 
 
@@ -152,7 +154,7 @@ class LLM:
         priority: list[int] | None = None,
         lora: str | list[str | None] | None = None,
         cache_salt: str | list[str | None] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: ProgressBar = True,
         lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or vLLM's ``{"prompt": text}`` and
@@ -162,7 +164,7 @@ class LLM:
         the base model). ``cache_salt``: the salt of all prompts' prefix-cache hashes, or one per
         prompt (None: unsalted); only prompts with the same salt share cached blocks. No
         ``sampling_params``: ``get_default_sampling_params()``. ``use_tqdm``: a progress bar over
-        the finished prompts (vLLM's, on by default as there). ``lora_request`` (vLLM's, in place of
+        the finished prompts (vLLM's, on by default as there; or the tqdm-like class to draw it). ``lora_request`` (vLLM's, in place of
         ``lora``): the adapter of all prompts or of each, loaded on first use."""
         texts = _texts(prompts)
         prompts = self._token_ids(prompts)
@@ -194,10 +196,12 @@ class LLM:
                 self.load_lora(request.lora_name, request.lora_path)
         return [None if r is None else r.lora_name for r in requests]
 
-    def _run(self, num_seqs: int, use_tqdm: bool) -> None:
+    def _run(self, num_seqs: int, use_tqdm: ProgressBar) -> None:
         """Step until every sequence is finished, ending those whose text gained a stop string;
-        the bar counts each sequence once, in the step that finishes it."""
-        with tqdm(total=num_seqs, desc="Generating", unit="seq", disable=not use_tqdm) as bar:
+        the bar (``use_tqdm``: on, off, or vLLM's tqdm-like class to draw it with) counts each
+        sequence once, in the step that finishes it."""
+        bar_class = use_tqdm if callable(use_tqdm) else tqdm
+        with bar_class(total=num_seqs, desc="Generating", unit="seq", disable=not use_tqdm) as bar:
             while self.core.has_unfinished():
                 changed = self.core.step()
                 for seq in changed:
@@ -222,7 +226,7 @@ class LLM:
         chat_template_kwargs: dict | None = None,
         lora: str | list[str | None] | None = None,
         cache_salt: str | list[str | None] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: ProgressBar = True,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat``: one conversation (a list of messages) or several, each rendered by the
         model's chat template (``chat_template`` in its place) as transformers renders it, then
@@ -289,7 +293,7 @@ class LLM:
         self.core.reset_prefix_cache()
         return True
 
-    def embed(self, prompts: Prompts, use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+    def embed(self, prompts: Prompts, use_tqdm: ProgressBar = True) -> list[EmbeddingRequestOutput]:
         """Each prompt's (as ``generate`` takes them) embedding, in prompt order and as vLLM's
         ``LLM.embed`` answers (``outputs.embedding``): its final hidden states pooled as ``pooler``
         (``EngineConfig``) says, by default as the checkpoint's sentence-transformers modules do,
@@ -305,7 +309,7 @@ class LLM:
         """The tokenizer prompts are encoded and outputs decoded with (vLLM's)."""
         return self.tokenizer
 
-    def score(self, text_1: Prompts, text_2: Prompts, use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+    def score(self, text_1: Prompts, text_2: Prompts, use_tqdm: ProgressBar = True) -> list[ScoringRequestOutput]:
         """vLLM's ``LLM.score`` over the embeddings: each pair's cosine similarity (``outputs.score``),
         paired as vLLM pairs them (one ``text_1`` against each ``text_2``, else the i-th with the
         i-th); texts as ``embed`` takes prompts. As vLLM's embedding-model path answers, a pair's

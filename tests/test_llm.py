@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton.engine.block_manager import BlockRemoved, BlockStored
@@ -200,6 +201,15 @@ def test_generate_shows_a_progress_bar_unless_told_not_to(demo_model, capfd):
     llm.generate(PROMPTS[:2], params, use_tqdm=False)
     llm.embed(PROMPTS[0], use_tqdm=False)
     assert "Generating" not in capfd.readouterr().err
+    counted = []
+
+    class Counting(tqdm):   # vLLM's use_tqdm may be the bar's class
+        def update(self, n: float | None = 1) -> bool | None:
+            counted.append(n)
+            return super().update(n)
+
+    llm.generate(PROMPTS[:3], params, use_tqdm=Counting)
+    assert sum(counted) == 3
 
 
 def test_vllms_constructor_arguments_that_change_nothing_here_are_taken(demo_model):
