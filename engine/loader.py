@@ -75,6 +75,7 @@ def build_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device
         model = model_class(config).to(dtype)
     model = model.to_empty(device=device)
     load_weights(model_dir, model, dtype)
+    model.fold_scales()
     return model.eval()
 
 

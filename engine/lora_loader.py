@@ -92,7 +92,10 @@ def load_adapter(name: str, path: str | Path, config: ModelConfig, max_rank: int
             if tuple(ab[kind].shape) != want:
                 raise ValueError(f"{where}: layer {layer} {proj}.lora_{kind} has shape {tuple(ab[kind].shape)}, "
                                  f"expected {want} (r={rank} and the base model's {proj})")
-        pairs[(layer, proj)] = (ab["A"], ab["B"])
+        # Granite's output and down projections carry its residual multiplier (``fold_scales``):
+        # so must their deltas.
+        scale_b = config.residual_multiplier if proj in ("o_proj", "down_proj") else 1.0
+        pairs[(layer, proj)] = (ab["A"], ab["B"] * scale_b if scale_b != 1.0 else ab["B"])
     return LoRAAdapter(name, directory, rank, scale, pairs, adapter_digest(directory))
 
 

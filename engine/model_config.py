@@ -57,6 +57,14 @@ class ModelConfig:
     bos_token_id: int | None
     dtype: str                     # the checkpoint's dtype: one of SUPPORTED_DTYPES
     has_lm_head: bool = True       # False: a base model's checkpoint (``LlamaModel``...): embeddings only
+    # Granite's scalars (1.0 and None elsewhere): the embeddings times ``embedding_multiplier``, each
+    # attention and MLP output times ``residual_multiplier`` before it joins the residual stream,
+    # ``attention_multiplier`` the attention's softmax scale (None: head_dim ** -0.5), and the
+    # logits divided by ``logits_scaling``.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
     @classmethod
     def from_dict(
@@ -100,6 +108,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             dtype=_dtype(cfg),
             has_lm_head=has_lm_head,
+            **_granite_scalars(architecture, cfg),
         )
 
 
@@ -146,10 +155,19 @@ def _architecture(cfg: dict[str, Any]) -> tuple[str, bool]:
     return architecture, True
 
 
+def _granite_scalars(architecture: str, cfg: dict[str, Any]) -> dict[str, float]:
+    if architecture != "GraniteForCausalLM":
+        return {}
+    return {"embedding_multiplier": float(cfg.get("embedding_multiplier", 1.0)),
+            "residual_multiplier": float(cfg.get("residual_multiplier", 1.0)),
+            "attention_multiplier": float(cfg.get("attention_multiplier", 1.0)),
+            "logits_scaling": float(cfg.get("logits_scaling", 1.0))}
+
+
 def _biases(architecture: str, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
     """(q/k/v bias, output-projection bias, MLP bias) as each architecture defines them."""
     attention_bias = bool(cfg.get("attention_bias") or False)
-    if architecture == "LlamaForCausalLM":
+    if architecture in ("LlamaForCausalLM", "GraniteForCausalLM"):
         return attention_bias, attention_bias, bool(cfg.get("mlp_bias") or False)
     if architecture == "Qwen2ForCausalLM":
         return True, False, False

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, GraniteConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+)
 
 from baton.engine.attention import build_attention_metadata, paged_attention_forward
 from baton.engine.config import EngineConfig
@@ -19,6 +21,7 @@ from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
 from baton.kernels.attention import ref_paged_attention
+from lora_adapters import make_adapter, merge_adapter
 
 pytestmark = pytest.mark.model
 
@@ -222,10 +225,10 @@ def test_demo_bfloat16_logits_close(tokenizer):
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
-def all_logits(runner: ModelRunner, prompt: list[int], decode_tokens: list[int]) -> torch.Tensor:
-    """Prefill ``prompt`` (asking for prompt logits), then feed ``decode_tokens`` one by one.
-    Returns the logits at every position: ``[len(prompt) + len(decode_tokens), vocab]``."""
-    seq = Sequence("p", list(prompt), SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0))
+def all_logits(runner: ModelRunner, prompt: list[int], decode_tokens: list[int], lora: str | None = None) -> torch.Tensor:
+    """Prefill ``prompt`` (asking for prompt logits), then feed ``decode_tokens`` one by one, under
+    the LoRA adapter ``lora``. Returns the logits at every position: ``[len(prompt) + len(decode_tokens), vocab]``."""
+    seq = Sequence("p", list(prompt), SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0), lora=lora)
     seq.block_table = BlockPool(runner.num_blocks, seed=3).take(-(-(len(prompt) + len(decode_tokens)) // runner.block_size))
     out = runner.execute([ScheduledChunk(seq, len(prompt))])
     rows = [out.prompt_logits["p"]]
@@ -235,7 +238,7 @@ def all_logits(runner: ModelRunner, prompt: list[int], decode_tokens: list[int])
         seq.output_token_ids.append(token)
         out = runner.execute([ScheduledChunk(seq, 1)])
         assert out.prompt_logits == {}
-        rows.append(out.logits)
+        rows.append(out.logits.clone())   # a CUDA graph's output buffer: the next replay writes it again
         seq.num_computed_tokens += 1
     return torch.cat(rows)
 
@@ -259,24 +262,65 @@ RANDOM_CONFIGS = {
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
     ),
     "llama-mqa-tied": lambda: LlamaConfig(**SMALL, num_key_value_heads=1, tie_word_embeddings=True),
+    "granite": lambda: GraniteConfig(**SMALL, num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                     attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True),
+    "granite-bias-untied": lambda: GraniteConfig(**SMALL, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+                                                 embedding_multiplier=3.0, residual_multiplier=0.5,
+                                                 attention_multiplier=0.05, logits_scaling=2.0),
 }
+
+
+def random_checkpoint(name: str, directory: Path) -> AutoModelForCausalLM:
+    """transformers' model of ``RANDOM_CONFIGS[name]``, its weights moved off their init values
+    (norms, biases and q/k norms all matter), saved in ``directory``."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(RANDOM_CONFIGS[name](), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    hf.save_pretrained(directory)
+    assert (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+    return hf
 
 
 @pytest.mark.parametrize("name", list(RANDOM_CONFIGS))
 def test_random_checkpoint_logits_match_transformers(name: str, tmp_path: Path):
-    torch.manual_seed(0)
-    config = RANDOM_CONFIGS[name]()
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for param in hf.parameters():   # off the init values: norms, biases and q/k norms all matter
-            param.add_(torch.randn_like(param) * 0.2)
-    hf.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").is_file() or (tmp_path / "model.safetensors.index.json").is_file()
+    hf = random_checkpoint(name, tmp_path)
+    config = hf.config
     tokens = torch.randint(0, config.vocab_size, (23,)).tolist()
     prompt, decode = tokens[:19], tokens[19:]
     runner = ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32))
     assert runner.model_config.tie_word_embeddings == bool(config.tie_word_embeddings)
     ours = all_logits(runner, prompt, decode)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([tokens])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_a_granite_adapter_equals_its_merged_checkpoint(tmp_path: Path):
+    """Granite scales what the output and down projections add to the residual stream: an
+    adapter's deltas there are scaled with them."""
+    random_checkpoint("granite", tmp_path / "base")
+    adapter = make_adapter(str(tmp_path / "base"), tmp_path / "adapter", rank=4, alpha=8, std=0.3)
+    merged = merge_adapter(str(tmp_path / "base"), adapter, tmp_path / "merged")
+    tokens = torch.randint(0, 128, (23,)).tolist()
+    config = EngineConfig(block_size=4, num_blocks=32, lora_modules={"a": str(adapter)})
+    ours = all_logits(ModelRunner(str(tmp_path / "base"), config), tokens[:19], tokens[19:], lora="a")
+    want = all_logits(ModelRunner(str(merged), EngineConfig(block_size=4, num_blocks=32)), tokens[:19], tokens[19:])
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_granite_logits_on_cuda_match_transformers(tmp_path: Path):
+    """Granite's multipliers on the GPU path: the Triton kernels under its attention scale, its
+    embedding and logits scales in the steps that CUDA graphs were captured for."""
+    hf = random_checkpoint("granite", tmp_path)
+    tokens = torch.randint(0, hf.config.vocab_size, (23,)).tolist()
+    runner = ModelRunner(str(tmp_path), EngineConfig(device="cuda", dtype="float32", block_size=4, num_blocks=32,
+                                                     cuda_graph_batch_sizes=[1]))
+    assert runner.cuda_graphs is not None
+    ours = all_logits(runner, tokens[:19], tokens[19:]).cpu()
     with torch.inference_mode():
         ref = hf(torch.tensor([tokens])).logits[0].float()
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

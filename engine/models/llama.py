@@ -1,5 +1,7 @@
 """One decoder-only implementation for the Llama family on the paged KV cache:
-Llama 2/3/3.x, Mistral, Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
+Llama 2/3/3.x, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Granite
+(scalar multipliers: ``ModelConfig``; the residual one is folded into the output and down
+projections once their weights are loaded, ``fold_scales``).
 
 Module names follow Hugging Face, except that q/k/v are fused into ``qkv_proj``
 and gate/up into ``gate_up_proj`` (``STACKED_PARAMS`` tells the loader how).
@@ -72,7 +74,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = config.attention_multiplier or self.head_dim**-0.5
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -167,6 +169,18 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
 
+    def fold_scales(self) -> None:
+        """Scale the output and down projections (weights and biases) by ``residual_multiplier``,
+        once the checkpoint is loaded: what they add to the residual stream is then scaled."""
+        m = self.config.residual_multiplier
+        if m != 1.0:
+            with torch.no_grad():
+                for layer in self.model.layers:
+                    for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                        proj.weight.mul_(m)
+                        if proj.bias is not None:
+                            proj.bias.mul_(m)
+
     def set_cos_sin_cache(self, cache: torch.Tensor) -> None:
         """Install the ``[max_positions, head_dim]`` RoPE table (see ``engine/rope.py``)."""
         self.cos_sin_cache = cache
@@ -186,6 +200,8 @@ class LlamaForCausalLM(nn.Module):
         (on CUDA: once that write is enqueued on the current stream; record an event there
         before reading the cache from another stream)."""
         hidden = self.model.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            hidden = hidden * self.config.embedding_multiplier
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
             layer_lora = lora.layer(i) if lora is not None else None
@@ -202,4 +218,5 @@ class LlamaForCausalLM(nn.Module):
         against cuBLAS's 126.4); more take ``F.linear`` (at two rows the GEMV is slower, 137.0 us
         against 126.8)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return ops.linear(hidden, weight) if hidden.shape[0] == 1 else F.linear(hidden, weight)
+        logits = ops.linear(hidden, weight) if hidden.shape[0] == 1 else F.linear(hidden, weight)
+        return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
