@@ -3,7 +3,8 @@
 Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``)
 checkpoints load the same way. Hugging Face tensor names map onto the engine's
 modules one to one, except q/k/v and gate/up, which are copied into slices of the
-fused ``qkv_proj`` / ``gate_up_proj`` weights. Every tensor must be used and every
+fused ``qkv_proj`` / ``gate_up_proj`` weights (a checkpoint that holds them fused, as
+Phi-3's does, fills every slice at once). Every tensor must be used and every
 parameter filled; otherwise the error names the offending tensors.
 """
 
@@ -98,7 +99,7 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
                     unexpected.append(key)
                     continue
                 _copy_into(model, params[target], target, shard, f.get_tensor(key).to(dtype), key)
-                filled[target].add(shard)
+                filled[target].update(needed[target] if not shard else {shard})
     if unexpected:
         raise ValueError(f"unexpected tensors in checkpoint {model_dir}: {_names(unexpected)}")
     missing = [_hf_name(name, shard) for name, keys in needed.items() for shard in sorted(keys - filled[name])]

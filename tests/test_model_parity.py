@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, GraniteConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+    AutoModelForCausalLM, AutoTokenizer, GraniteConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+    Qwen3Config,
 )
 
 from baton.engine.attention import build_attention_metadata, paged_attention_forward
@@ -225,9 +226,11 @@ def test_demo_bfloat16_logits_close(tokenizer):
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
-def all_logits(runner: ModelRunner, prompt: list[int], decode_tokens: list[int], lora: str | None = None) -> torch.Tensor:
+def all_logits(runner: ModelRunner, prompt: list[int], decode_tokens: list[int],
+               lora: str | None = None) -> torch.Tensor:
     """Prefill ``prompt`` (asking for prompt logits), then feed ``decode_tokens`` one by one, under
-    the LoRA adapter ``lora``. Returns the logits at every position: ``[len(prompt) + len(decode_tokens), vocab]``."""
+    the LoRA adapter ``lora``. Returns the logits at every position:
+    ``[len(prompt) + len(decode_tokens), vocab]``."""
     seq = Sequence("p", list(prompt), SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0), lora=lora)
     seq.block_table = BlockPool(runner.num_blocks, seed=3).take(-(-(len(prompt) + len(decode_tokens)) // runner.block_size))
     out = runner.execute([ScheduledChunk(seq, len(prompt))])
@@ -262,8 +265,10 @@ RANDOM_CONFIGS = {
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
     ),
     "llama-mqa-tied": lambda: LlamaConfig(**SMALL, num_key_value_heads=1, tie_word_embeddings=True),
-    "granite": lambda: GraniteConfig(**SMALL, num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
-                                     attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True),
+    "phi3": lambda: Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0),
+    "granite": lambda: GraniteConfig(**SMALL, num_key_value_heads=2, embedding_multiplier=12.0,
+                                     residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=8.0,
+                                     tie_word_embeddings=True),
     "granite-bias-untied": lambda: GraniteConfig(**SMALL, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
                                                  embedding_multiplier=3.0, residual_multiplier=0.5,
                                                  attention_multiplier=0.05, logits_scaling=2.0),

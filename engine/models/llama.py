@@ -1,7 +1,8 @@
 """One decoder-only implementation for the Llama family on the paged KV cache:
-Llama 2/3/3.x, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Granite
-(scalar multipliers: ``ModelConfig``; the residual one is folded into the output and down
-projections once their weights are loaded, ``fold_scales``).
+Llama 2/3/3.x, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), Phi-3 and
+Phi-4 (q/k/v and gate/up fused in the checkpoint too) and Granite (scalar multipliers:
+``ModelConfig``; the residual one is folded into the output and down projections once their
+weights are loaded, ``fold_scales``).
 
 Module names follow Hugging Face, except that q/k/v are fused into ``qkv_proj``
 and gate/up into ``gate_up_proj`` (``STACKED_PARAMS`` tells the loader how).
