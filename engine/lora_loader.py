@@ -5,11 +5,13 @@ An adapter is a directory with ``adapter_config.json`` (``r``, ``lora_alpha``,
 tensors are named ``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight``
 (``[r, in]``) and ``...lora_B.weight`` (``[out, r]``). A projection's output gains
 ``scale * (x @ A^T) @ B^T`` with ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
-rsLoRA), as PEFT computes it.
+rsLoRA), as PEFT computes it. A model whose checkpoint fuses q/k/v or gate/up (Phi-3) is
+adapted on ``qkv_proj`` or ``gate_up_proj``: one A, and B's rows split among the projections
+they stack, so each is adapted as the fused one was.
 
 Every check runs when an adapter loads (at start, or at runtime: ``EngineCore.load_lora``) and
 its error names the adapter and what is wrong: a target
-module other than the seven projections (``SUPPORTED_MODULES``), a rank above
+module other than the seven projections (``SUPPORTED_MODULES``) or the two fused ones, a rank above
 ``max_lora_rank``, a tensor of the wrong shape or name, PEFT features that change the
 math (DoRA, per-module ranks, trained biases, ``modules_to_save``). (``EngineConfig`` refuses
 more adapters than ``max_loras``; ``ModelRunner.add_lora`` those loaded at runtime.) No torch device
@@ -38,8 +40,9 @@ from baton.engine.model_config import ModelConfig
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "qkv_proj": "self_attn", "gate_up_proj": "mlp"}
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight")
 
 
@@ -61,7 +64,8 @@ def projection_shape(config: ModelConfig, proj: str) -> tuple[int, int]:
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     hidden, inter = config.hidden_size, config.intermediate_size
     return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
-            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}[proj]
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+            "qkv_proj": (q + 2 * kv, hidden), "gate_up_proj": (2 * inter, hidden)}[proj]
 
 
 def load_adapters(modules: dict[str, str], config: ModelConfig, max_rank: int) -> list[LoRAAdapter]:
@@ -92,10 +96,15 @@ def load_adapter(name: str, path: str | Path, config: ModelConfig, max_rank: int
             if tuple(ab[kind].shape) != want:
                 raise ValueError(f"{where}: layer {layer} {proj}.lora_{kind} has shape {tuple(ab[kind].shape)}, "
                                  f"expected {want} (r={rank} and the base model's {proj})")
-        # Granite's output and down projections carry its residual multiplier (``fold_scales``):
-        # so must their deltas.
-        scale_b = config.residual_multiplier if proj in ("o_proj", "down_proj") else 1.0
-        pairs[(layer, proj)] = (ab["A"], ab["B"] * scale_b if scale_b != 1.0 else ab["B"])
+        parts = FUSED_MODULES.get(proj, (proj,))
+        rows = ab["B"].split([projection_shape(config, part)[0] for part in parts])
+        for part, b in zip(parts, rows):
+            if (layer, part) in pairs:
+                raise ValueError(f"{where}: layer {layer} adapts {part} both alone and within a fused projection")
+            # Granite's output and down projections carry its residual multiplier (``fold_scales``):
+            # so must their deltas.
+            scale_b = config.residual_multiplier if part in ("o_proj", "down_proj") else 1.0
+            pairs[(layer, part)] = (ab["A"], b * scale_b if scale_b != 1.0 else b.contiguous())
     return LoRAAdapter(name, directory, rank, scale, pairs, adapter_digest(directory))
 
 
@@ -122,7 +131,7 @@ def _check_config(peft: dict, where: str, max_rank: int) -> tuple[int, float]:
         raise ValueError(f"{where}: lora_alpha must be a number, got {alpha!r}")
     targets = peft.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    unsupported = [t for t in targets if t not in SUPPORTED_MODULES]
+    unsupported = [t for t in targets if t not in SUPPORTED_MODULES and t not in FUSED_MODULES]
     if unsupported:
         raise ValueError(f"{where}: target module(s) {', '.join(map(str, unsupported))} not supported "
                          f"(supported: {', '.join(SUPPORTED_MODULES)})")
@@ -138,7 +147,7 @@ def _check_config(peft: dict, where: str, max_rank: int) -> tuple[int, float]:
 def _parse_key(key: str, config: ModelConfig, where: str) -> tuple[int, str, str]:
     """``(layer, proj, "A" | "B")`` of a tensor name; ValueError naming a tensor Baton cannot apply."""
     match = _KEY.fullmatch(key)
-    if match is None or match[3] not in SUPPORTED_MODULES or _PARENT[match[3]] != match[2]:
+    if match is None or match[3] not in _PARENT or _PARENT[match[3]] != match[2]:
         raise ValueError(f"{where}: tensor {key} is not a LoRA weight of a supported module "
                          f"({', '.join(SUPPORTED_MODULES)})")
     layer = int(match[1])

@@ -17,7 +17,7 @@ from baton.engine.loader import weight_files
 from baton.engine.lora_loader import SUPPORTED_MODULES, projection_shape
 from baton.engine.model_config import load_model_config
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 
 
 def _key(layer: int, proj: str, kind: str) -> str:

@@ -18,6 +18,7 @@ from transformers import (
 
 from baton.engine.attention import build_attention_metadata, paged_attention_forward
 from baton.engine.config import EngineConfig
+from baton.engine.lora_loader import load_adapter
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
@@ -329,3 +330,20 @@ def test_granite_logits_on_cuda_match_transformers(tmp_path: Path):
     with torch.inference_mode():
         ref = hf(torch.tensor([tokens])).logits[0].float()
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_a_phi3_adapter_on_its_fused_projections_equals_its_merged_checkpoint(tmp_path: Path):
+    """PEFT adapts Phi-3 on its fused ``qkv_proj`` and ``gate_up_proj``: one A each, B's rows split
+    among the projections they stack. An adapter that also adapts one of those alone is refused."""
+    random_checkpoint("phi3", tmp_path / "base")
+    fused = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    adapter = make_adapter(str(tmp_path / "base"), tmp_path / "adapter", rank=4, alpha=8, std=0.3, targets=fused)
+    merged = merge_adapter(str(tmp_path / "base"), adapter, tmp_path / "merged")
+    tokens = torch.randint(0, 128, (23,)).tolist()
+    config = EngineConfig(block_size=4, num_blocks=32, lora_modules={"a": str(adapter)})
+    ours = all_logits(ModelRunner(str(tmp_path / "base"), config), tokens[:19], tokens[19:], lora="a")
+    want = all_logits(ModelRunner(str(merged), EngineConfig(block_size=4, num_blocks=32)), tokens[:19], tokens[19:])
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    both = make_adapter(str(tmp_path / "base"), tmp_path / "both", targets=("qkv_proj", "k_proj"))
+    with pytest.raises(ValueError, match="layer 0 adapts k_proj both alone and within a fused projection"):
+        load_adapter("both", both, ModelRunner(str(tmp_path / "base"), EngineConfig(num_blocks=8)).model_config, 16)
