@@ -232,7 +232,8 @@ def all_logits(runner: ModelRunner, prompt: list[int], decode_tokens: list[int],
     """Prefill ``prompt`` (asking for prompt logits), then feed ``decode_tokens`` one by one, under
     the LoRA adapter ``lora``. Returns the logits at every position:
     ``[len(prompt) + len(decode_tokens), vocab]``."""
-    seq = Sequence("p", list(prompt), SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0), lora=lora)
+    params = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0)
+    seq = Sequence("p", list(prompt), params, lora=lora)
     seq.block_table = BlockPool(runner.num_blocks, seed=3).take(-(-(len(prompt) + len(decode_tokens)) // runner.block_size))
     out = runner.execute([ScheduledChunk(seq, len(prompt))])
     rows = [out.prompt_logits["p"]]
@@ -308,6 +309,11 @@ def test_a_granite_adapter_equals_its_merged_checkpoint(tmp_path: Path):
     adapter's deltas there are scaled with them."""
     random_checkpoint("granite", tmp_path / "base")
     adapter = make_adapter(str(tmp_path / "base"), tmp_path / "adapter", rank=4, alpha=8, std=0.3)
+    assert_adapter_equals_merged(tmp_path, adapter)
+
+
+def assert_adapter_equals_merged(tmp_path: Path, adapter: Path) -> None:
+    """The checkpoint in ``tmp_path / "base"`` under ``adapter`` gives the logits of the two merged."""
     merged = merge_adapter(str(tmp_path / "base"), adapter, tmp_path / "merged")
     tokens = torch.randint(0, 128, (23,)).tolist()
     config = EngineConfig(block_size=4, num_blocks=32, lora_modules={"a": str(adapter)})
@@ -338,12 +344,7 @@ def test_a_phi3_adapter_on_its_fused_projections_equals_its_merged_checkpoint(tm
     random_checkpoint("phi3", tmp_path / "base")
     fused = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
     adapter = make_adapter(str(tmp_path / "base"), tmp_path / "adapter", rank=4, alpha=8, std=0.3, targets=fused)
-    merged = merge_adapter(str(tmp_path / "base"), adapter, tmp_path / "merged")
-    tokens = torch.randint(0, 128, (23,)).tolist()
-    config = EngineConfig(block_size=4, num_blocks=32, lora_modules={"a": str(adapter)})
-    ours = all_logits(ModelRunner(str(tmp_path / "base"), config), tokens[:19], tokens[19:], lora="a")
-    want = all_logits(ModelRunner(str(merged), EngineConfig(block_size=4, num_blocks=32)), tokens[:19], tokens[19:])
-    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert_adapter_equals_merged(tmp_path, adapter)
     both = make_adapter(str(tmp_path / "base"), tmp_path / "both", targets=("qkv_proj", "k_proj"))
     with pytest.raises(ValueError, match="layer 0 adapts k_proj both alone and within a fused projection"):
         load_adapter("both", both, ModelRunner(str(tmp_path / "base"), EngineConfig(num_blocks=8)).model_config, 16)
