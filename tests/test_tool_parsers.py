@@ -68,6 +68,23 @@ CASES = {
         )],
         ("", None, []),
     ],
+    "granite": [
+        (f"[{WEATHER}]", None, [("get_weather", CITY)]),
+        ('<|tool_call|>[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": "y,z"}}]',
+         None, [("a", "{}"), ("b", '{"x": "y,z"}')]),
+        (f'<tool_call> [\n{{"name": "say", "arguments": {TRICKY}}},{{"name": "now", "arguments": {{}}, "id": 2}}, {{"name": "b", "arguments": {{"y": 1}}}}\n]',
+         None, [("say", TRICKY), ("now", "{}"), ("b", '{"y": 1}')]),
+        ('[{"arguments": {"x": 1}, "name": "a"}, {"name": "b"}]', None, [("a", '{"x": 1}'), ("b", "{}")]),
+        (WEATHER, WEATHER, []),
+        ('[{"name": "a", "arguments": {}}] and more', '[{"name": "a", "arguments": {}}] and more', [], ("", [("a", "{}")])),
+        ('[{"name": "a", "arguments": {}},]', '[{"name": "a", "arguments": {}},]', [], ("", [("a", "{}")])),
+        ('[{"name": "a", "arguments": {"x": ', '[{"name": "a", "arguments": {"x": ', [], ("", [("a", '{"x": ')])),
+        (f"Plainly: [{WEATHER}]", f"Plainly: [{WEATHER}]", []),
+        ("[]", "[]", []),
+        ("[1, 2]", "[1, 2]", []),
+        ("  <|tool", "  <|tool", []),
+        ("", None, []),
+    ],
 }
 ALL = [(parser, *case) for parser, cases in CASES.items() for case in cases]
 
@@ -114,6 +131,7 @@ def test_streamed_pieces_read_as_the_whole(case, cuts) -> None:
 @pytest.mark.parametrize(("parser", "text"), [
     ("hermes", f'Saying. <tool_call>{{"name": "say", "arguments": {TRICKY}}}</tool_call>'),
     ("llama3_json", f'<|python_tag|>{{"name": "now", "parameters": {{}}}}; {{"name": "now", "parameters": {{}}}}\n{{"name": "say", "arguments": {TRICKY}}}'),
+    ("granite", f'<tool_call>[{{"name": "now", "arguments": {{}}}}, {{"name": "say", "arguments": {TRICKY}}}]'),
 ])
 def test_arguments_stream_as_the_model_writes_them(parser, text) -> None:
     """Written a character at a time, a call is named once its arguments open, and each of their

@@ -1,15 +1,18 @@
 """A tool call's JSON text as a model writes it, ``{"name": ..., "arguments": {...}}``: the
 name and the arguments' own text of a finished call (``call_of``), and a call streamed as its
 text comes (``StreamedCall``), read with a scanner that knows JSON strings and nesting
-(``JsonScan``). The tool-call parsers (``tool_parsers``) find the calls in each format."""
+(``JsonScan``); and what every parser of an answer that is all calls or all content needs
+(``opens_with``, ``calls_or_content``, ``CallsStream``). The tool-call parsers (``tool_parsers``) find the calls
+in each format."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
-from baton.services.gateway.protocol import DeltaToolCall
-from baton.services.gateway.tools import call_piece
+from baton.services.gateway.protocol import DeltaToolCall, ToolCall
+from baton.services.gateway.tools import call_piece, new_call
 
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 
@@ -107,3 +110,64 @@ class StreamedCall:
         if name is None and start == self.end:
             return []
         return [call_piece(self.index, text[start:self.end], name)]
+
+
+def opens_with(text: str, starts: tuple[str, ...]) -> bool | None:
+    """Whether an answer opens with one of ``starts`` (after whitespace); None while it is all
+    whitespace or may yet grow into one of them."""
+    head = text.lstrip()
+    if not head or any(len(head) < len(s) and s.startswith(head) for s in starts):
+        return None
+    return head.startswith(starts)
+
+
+def calls_or_content(text: str, calls: list[tuple[str, str]] | None) -> tuple[str | None, list[ToolCall]]:
+    """The finished reading of an answer that is calls only if it is all calls: ``calls`` (names
+    and arguments; None: it is not calls), or else all content."""
+    return (None, [new_call(*c) for c in calls]) if calls else (text or None, [])
+
+
+class CallsStream:
+    """An answer that is either all calls, JSON objects one after another, or content, read as it
+    streams. One that opens with one of ``starts`` may be calls: it is held, but each call streams
+    once it opens as ``head`` has it (the first, from where ``body``, the answer without its
+    leading whitespace and tag, starts) or as ``next_head`` has it (each later one, from where the
+    previous one's arguments closed): its name goes out, then its arguments as they come. At the
+    end the answer is read whole (``calls``: its calls, None where it is not all calls): the calls
+    that did not stream go out whole. If it is not all calls, the pieces already sent stay sent and
+    the rest is not content (vLLM does the same); an answer none of whose calls streamed is
+    content, as in the finished reading. Any other answer goes out as it comes."""
+
+    def __init__(self, starts: tuple[str, ...], body: Callable[[str], str], head: re.Pattern[str],
+                 next_head: re.Pattern[str], calls: Callable[[str], list[tuple[str, str]] | None]) -> None:
+        self._starts, self._body, self._next, self._read = starts, body, next_head, calls
+        self._buf = ""
+        self._calls: bool | None = None    # None: not known yet
+        self._at = 0                       # where the text of the call being read starts
+        self._call = StreamedCall(head, 0)
+
+    def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
+        self._buf += text
+        if self._calls is None:
+            self._calls = opens_with(self._buf, self._starts)
+            if self._calls is None:
+                return "", []
+            self._at = len(self._buf) - len(self._body(self._buf))
+        if not self._calls:
+            out, self._buf = self._buf, ""
+            return out, []
+        pieces = []
+        while True:
+            pieces += self._call.pieces(self._buf[self._at:])
+            if not self._call.done:
+                return "", pieces
+            self._at += self._call.end
+            self._call = StreamedCall(self._next, self._call.index + 1)
+
+    def finish(self) -> tuple[str, list[DeltaToolCall]]:
+        text, self._buf = self._buf, ""
+        calls = self._read(text) if self._calls is not False else None
+        sent = self._call.index + self._call.began
+        if calls is None:
+            return ("", []) if sent else (text, [])
+        return "", [call_piece(i, arguments, name) for i, (name, arguments) in enumerate(calls[sent:], sent)]

@@ -6,7 +6,8 @@ model family's format, as vLLM's ``--tool-call-parser`` reads them:
 * ``llama3_json`` (Llama 3.1 / 3.2): the whole answer is one or more ``{"name": ...,
   "parameters": {...}}`` objects (``;``-separated), after an optional ``<|python_tag|>``;
 * ``pythonic`` (Llama 3.2, Llama 4, ToolACE): the whole answer is a Python list of calls,
-  ``[get_weather(city="Verona"), clock()]``, in ``<|python_start|>`` ... ``<|python_end|>`` or not.
+  ``[get_weather(city="Verona"), clock()]``, in ``<|python_start|>`` ... ``<|python_end|>`` or not;
+* ``granite`` (Granite 3.x): the whole answer is a JSON list of calls (``tool_parser_granite``).
 
 A parser reads a finished text (``parse``) or one streamed piece by piece (``stream``). A call's
 arguments are the model's own JSON text of them, as written (pythonic: its literal values as
@@ -27,10 +28,13 @@ from typing import Protocol
 
 from baton.services.gateway.protocol import DeltaToolCall, ToolCall
 from baton.services.gateway.tokenizer import partial_suffix
-from baton.services.gateway.tool_json import JsonScan, StreamedCall, call_head, call_of
+from baton.services.gateway.tool_parser_granite import GraniteParser
+from baton.services.gateway.tool_json import (
+    CallsStream, JsonScan, StreamedCall, call_head, call_of, calls_or_content, opens_with,
+)
 from baton.services.gateway.tools import call_piece, new_call
 
-PARSERS = ("hermes", "llama3_json", "pythonic")
+PARSERS = ("hermes", "llama3_json", "pythonic", "granite")
 # vLLM turns tool_choice "auto" on with --enable-auto-tool-choice and a parser; here the parser
 # alone does, and the flag is taken (and checked) as vLLM takes it.
 AUTO_TOOL_CHOICE_NEEDS_PARSER = "--enable-auto-tool-choice requires --tool-call-parser"
@@ -60,22 +64,9 @@ def make_parser(name: str) -> ToolParser:
         return Llama3JsonParser()
     if name == "pythonic":
         return PythonicParser()
+    if name == "granite":
+        return GraniteParser()
     raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}")
-
-
-def _opens_with(text: str, starts: tuple[str, ...]) -> bool | None:
-    """Whether an answer opens with one of ``starts`` (after whitespace); None while it is all
-    whitespace or may yet grow into one of them."""
-    head = text.lstrip()
-    if not head or any(len(head) < len(s) and s.startswith(head) for s in starts):
-        return None
-    return head.startswith(starts)
-
-
-def _calls_or_content(text: str, calls: list[tuple[str, str]] | None) -> tuple[str | None, list[ToolCall]]:
-    """The finished reading of an answer that is calls only if it is all calls: ``calls`` (names
-    and arguments; None: it is not calls), or else all content."""
-    return (None, [new_call(*c) for c in calls]) if calls else (text or None, [])
 
 
 # ---- hermes -------------------------------------------------------------------
@@ -243,52 +234,12 @@ def _llama3_calls(text: str) -> list[tuple[str, str]] | None:
 
 class Llama3JsonParser:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        return _calls_or_content(text, _llama3_calls(text))
+        return calls_or_content(text, _llama3_calls(text))
 
-    def stream(self) -> Llama3JsonStream:
-        return Llama3JsonStream()
-
-
-class Llama3JsonStream:
-    """An answer that opens with ``{`` or ``<|python_tag|>`` may be calls: it is held, but each
-    call that opens ``{"name": "...", "parameters": {`` (or ``"arguments"``), where the previous
-    one's arguments closed, streams: its name goes out, then its arguments as they come. At the
-    end the answer is read whole: the calls that did not stream go out whole if it is all calls.
-    If it is not, the pieces already sent stay sent and the rest is not content (vLLM does the
-    same); an answer none of whose calls streamed is content, as in the finished reading. Any
-    other answer goes out as it comes."""
-
-    def __init__(self) -> None:
-        self._buf = ""
-        self._calls: bool | None = None    # None: not known yet
-        self._at = 0                       # where the text of the call being read starts
-        self._call = StreamedCall(_LLAMA3_HEAD, 0)
-
-    def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
-        self._buf += text
-        if self._calls is None:
-            self._calls = _opens_with(self._buf, ("{", _PYTHON_TAG))
-            if self._calls is None:
-                return "", []
-            self._at = len(self._buf) - len(self._buf.lstrip().removeprefix(_PYTHON_TAG))
-        if not self._calls:
-            out, self._buf = self._buf, ""
-            return out, []
-        pieces = []
-        while True:
-            pieces += self._call.pieces(self._buf[self._at:])
-            if not self._call.done:
-                return "", pieces
-            self._at += self._call.end
-            self._call = StreamedCall(_LLAMA3_NEXT, self._call.index + 1)
-
-    def finish(self) -> tuple[str, list[DeltaToolCall]]:
-        text, self._buf = self._buf, ""
-        calls = _llama3_calls(text) if self._calls is not False else None
-        sent = self._call.index + self._call.began
-        if calls is None:
-            return ("", []) if sent else (text, [])
-        return "", [call_piece(i, arguments, name) for i, (name, arguments) in enumerate(calls[sent:], sent)]
+    def stream(self) -> CallsStream:
+        """Calls that open ``{"name": "...", "parameters": {`` (or ``"arguments"``) stream."""
+        return CallsStream(("{", _PYTHON_TAG), lambda text: text.lstrip().removeprefix(_PYTHON_TAG), _LLAMA3_HEAD,
+                           _LLAMA3_NEXT, _llama3_calls)
 
 
 # ---- pythonic -------------------------------------------------------------------
@@ -337,7 +288,7 @@ def _literal(node: ast.expr) -> object:
 
 class PythonicParser:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        return _calls_or_content(text, _pythonic_calls(text))
+        return calls_or_content(text, _pythonic_calls(text))
 
     def stream(self) -> PythonicStream:
         return PythonicStream()
@@ -355,7 +306,7 @@ class PythonicStream:
     def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         self._buf += text
         if self._calls is None:
-            self._calls = _opens_with(self._buf, ("[", _PYTHON_START))
+            self._calls = opens_with(self._buf, ("[", _PYTHON_START))
         if self._calls is not False:
             return "", []
         out, self._buf = self._buf, ""
