@@ -52,11 +52,12 @@ class ModelConfig:
     qkv_bias: bool                 # bias on the q/k/v projections (Qwen2; Llama ``attention_bias``)
     o_bias: bool                   # bias on the output projection (Llama/Qwen3 ``attention_bias``)
     mlp_bias: bool
-    qk_norm: bool                  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    qk_norm: str | None            # RMSNorm on q and k before RoPE: "head", each head (Qwen3); "full", all heads (OLMo 2)
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     dtype: str                     # the checkpoint's dtype: one of SUPPORTED_DTYPES
     has_lm_head: bool = True       # False: a base model's checkpoint (``LlamaModel``...): embeddings only
+    post_norm: bool = False        # OLMo 2: each layer norms its attention's and MLP's outputs, not their inputs
     # Granite's scalars (1.0 and None elsewhere): the embeddings times ``embedding_multiplier``, each
     # attention and MLP output times ``residual_multiplier`` before it joins the residual stream,
     # ``attention_multiplier`` the attention's softmax scale (None: head_dim ** -0.5), and the
@@ -103,11 +104,12 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm=architecture == "Qwen3ForCausalLM",
+            qk_norm={"Qwen3ForCausalLM": "head", "Olmo2ForCausalLM": "full"}.get(architecture),
             eos_token_ids=_eos_token_ids(cfg, generation_config or {}),
             bos_token_id=cfg.get("bos_token_id"),
             dtype=_dtype(cfg),
             has_lm_head=has_lm_head,
+            post_norm=architecture == "Olmo2ForCausalLM",
             **_granite_scalars(architecture, cfg),
         )
 
@@ -167,7 +169,7 @@ def _granite_scalars(architecture: str, cfg: dict[str, Any]) -> dict[str, float]
 def _biases(architecture: str, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
     """(q/k/v bias, output-projection bias, MLP bias) as each architecture defines them."""
     attention_bias = bool(cfg.get("attention_bias") or False)
-    if architecture in ("LlamaForCausalLM", "GraniteForCausalLM"):
+    if architecture in ("LlamaForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM"):
         return attention_bias, attention_bias, bool(cfg.get("mlp_bias") or False)
     if architecture == "Qwen2ForCausalLM":
         return True, False, False

@@ -67,12 +67,20 @@ def test_config_fields_per_architecture():
     gen = {"eos_token_id": [7, 2]}
     llama = ModelConfig.from_dict({**BASE, "eos_token_id": 2, "torch_dtype": "bfloat16", "attention_bias": True}, gen)
     assert llama.eos_token_ids == (7, 2) and llama.dtype == "bfloat16"
-    assert (llama.qkv_bias, llama.o_bias, llama.qk_norm) == (True, True, False)
+    assert (llama.qkv_bias, llama.o_bias, llama.qk_norm, llama.post_norm) == (True, True, None, False)
     qwen2 = ModelConfig.from_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 1,
                                    "sliding_window": 64, "use_sliding_window": False, "dtype": "float16"})
     assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.num_kv_heads, qwen2.dtype) == (True, False, 1, "float16")
     qwen3 = ModelConfig.from_dict({**BASE, "architectures": ["Qwen3ForCausalLM"], "head_dim": 32})
-    assert qwen3.qk_norm and qwen3.head_dim == 32 and not qwen3.qkv_bias
+    assert qwen3.qk_norm == "head" and qwen3.head_dim == 32 and not qwen3.qkv_bias
+    olmo2 = ModelConfig.from_dict({**BASE, "architectures": ["Olmo2ForCausalLM"], "attention_bias": True})
+    assert (olmo2.qk_norm, olmo2.post_norm, olmo2.qkv_bias, olmo2.o_bias, olmo2.mlp_bias) == ("full", True, True, True, False)
+    granite = ModelConfig.from_dict({**BASE, "architectures": ["GraniteForCausalLM"], "embedding_multiplier": 12.0,
+                                     "residual_multiplier": 0.22, "attention_multiplier": 0.0078125, "logits_scaling": 8.0})
+    assert (granite.embedding_multiplier, granite.residual_multiplier, granite.attention_multiplier,
+            granite.logits_scaling) == (12.0, 0.22, 0.0078125, 8.0)
+    assert (llama.embedding_multiplier, llama.residual_multiplier, llama.attention_multiplier, llama.logits_scaling) == \
+        (1.0, 1.0, None, 1.0)
 
 
 @pytest.mark.unit

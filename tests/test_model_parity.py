@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, GraniteConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-    Qwen3Config,
+    AutoModelForCausalLM, AutoTokenizer, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config,
+    Qwen2Config, Qwen3Config,
 )
 
 from baton.engine.attention import build_attention_metadata, paged_attention_forward
@@ -268,6 +268,9 @@ RANDOM_CONFIGS = {
     ),
     "llama-mqa-tied": lambda: LlamaConfig(**SMALL, num_key_value_heads=1, tie_word_embeddings=True),
     "phi3": lambda: Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0),
+    "olmo2": lambda: Olmo2Config(**SMALL, num_key_value_heads=2, pad_token_id=0),
+    "olmo2-bias-tied": lambda: Olmo2Config(**SMALL, num_key_value_heads=4, pad_token_id=0, attention_bias=True,
+                                           tie_word_embeddings=True),
     "granite": lambda: GraniteConfig(**SMALL, num_key_value_heads=2, embedding_multiplier=12.0,
                                      residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=8.0,
                                      tie_word_embeddings=True),

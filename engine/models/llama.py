@@ -1,8 +1,9 @@
 """One decoder-only implementation for the Llama family on the paged KV cache:
 Llama 2/3/3.x, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), Phi-3 and
-Phi-4 (q/k/v and gate/up fused in the checkpoint too) and Granite (scalar multipliers:
+Phi-4 (q/k/v and gate/up fused in the checkpoint too), Granite (scalar multipliers:
 ``ModelConfig``; the residual one is folded into the output and down projections once their
-weights are loaded, ``fold_scales``).
+weights are loaded, ``fold_scales``) and OLMo 2 (q/k RMSNorm over all heads at once, and each
+layer's norms after its attention and MLP instead of before: ``DecoderLayer``).
 
 Module names follow Hugging Face, except that q/k/v are fused into ``qkv_proj``
 and gate/up into ``gate_up_proj`` (``STACKED_PARAMS`` tells the loader how).
@@ -78,8 +79,10 @@ class Attention(nn.Module):
         self.scale = config.attention_multiplier or self.head_dim**-0.5
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.qk_norm = config.qk_norm
+        full = config.qk_norm == "full"
+        self.q_norm = RMSNorm(self.q_size if full else self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.kv_size if full else self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def shard_sizes(self) -> dict[str, int]:
         return {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
@@ -101,10 +104,16 @@ class Attention(nn.Module):
             qkv = project(self.qkv_proj, hidden)
             q, k, v = split_qkv(qkv if lora is None else lora.add("qkv_proj", hidden, qkv), self.num_kv_heads, self.head_dim)
             if self.q_norm is not None and self.k_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
+                q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
             q = ops.rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, meta.slot_mapping)
         out = paged_attention_forward(q, kv_cache, meta, self.scale).reshape(num_tokens, self.q_size)
         return project(self.o_proj, out) if lora is None else lora.add("o_proj", out, project(self.o_proj, out))
+
+    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[tokens, heads, head_dim]`` normed each head alone, or all heads at once ("full")."""
+        if self.qk_norm != "full":
+            return norm(x)
+        return norm(x.reshape(x.shape[0], -1)).view(x.shape)
 
 
 class MLP(nn.Module):
@@ -129,8 +138,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_norm = config.post_norm
+        self.input_layernorm = None if config.post_norm else RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.post_norm:
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
@@ -142,7 +154,14 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         lora: LayerLoRA | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(mlp_out, residual)``; the next norm adds them (fused)."""
+        """Returns ``(mlp_out, residual)``; the next norm adds them (fused), or with ``post_norm``
+        the next layer (the model's final norm fuses the last add either way)."""
+        if self.post_norm:
+            if residual is not None:
+                hidden = hidden + residual
+            hidden = hidden + self.post_attention_layernorm(self.self_attn(positions, hidden, kv_cache, cos_sin_cache,
+                                                                           meta, lora))
+            return self.post_feedforward_layernorm(self.mlp(hidden, lora)), hidden
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
