@@ -134,7 +134,7 @@ def _check_config(peft: dict, where: str, max_rank: int) -> tuple[int, float]:
     unsupported = [t for t in targets if t not in SUPPORTED_MODULES and t not in FUSED_MODULES]
     if unsupported:
         raise ValueError(f"{where}: target module(s) {', '.join(map(str, unsupported))} not supported "
-                         f"(supported: {', '.join(SUPPORTED_MODULES)})")
+                         f"(supported: {', '.join([*SUPPORTED_MODULES, *FUSED_MODULES])})")
     refused = [field for field in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if peft.get(field)]
     if peft.get("bias", "none") != "none":
         refused.append(f"bias={peft['bias']!r}")
@@ -149,7 +149,7 @@ def _parse_key(key: str, config: ModelConfig, where: str) -> tuple[int, str, str
     match = _KEY.fullmatch(key)
     if match is None or match[3] not in _PARENT or _PARENT[match[3]] != match[2]:
         raise ValueError(f"{where}: tensor {key} is not a LoRA weight of a supported module "
-                         f"({', '.join(SUPPORTED_MODULES)})")
+                         f"({', '.join([*SUPPORTED_MODULES, *FUSED_MODULES])})")
     layer = int(match[1])
     if layer >= config.num_layers:
         raise ValueError(f"{where}: tensor {key} names layer {layer}, but the base model has {config.num_layers}")
