@@ -9,6 +9,7 @@ read from its sentence-transformers files (``load_pooler_config``).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,17 @@ from typing import Any
 from baton.engine.models import SUPPORTED_ARCHITECTURES
 from baton.engine.pooling import PoolerConfig, pooling_module_path
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 _DEFAULT_ROPE_THETA = 10000.0
 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """RoPE base and scaling. ``factor`` is used by "linear" and "llama3"; the rest by "llama3"."""
+    """RoPE base and scaling. ``factor`` is used by "linear" and "llama3"; the frequency factors by
+    "llama3"; ``original_max_position_embeddings`` by both "llama3" and "longrope" (Phi-3.5,
+    Phi-4-mini), which divides each frequency by its ``short_factor`` or ``long_factor`` entry and
+    scales cosines and sines by ``attention_factor`` (``engine/rope.py``)."""
 
     theta: float = _DEFAULT_ROPE_THETA
     rope_type: str = "default"
@@ -31,6 +35,9 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    rotary_dim: int                # the leading dims of each head that RoPE rotates (partial_rotary_factor)
     intermediate_size: int
     vocab_size: int
     rms_norm_eps: float
@@ -87,13 +95,15 @@ class ModelConfig:
         max_pos = int(cfg.get("max_position_embeddings", 2048))
         _check_sliding_window(cfg, max_model_len or max_pos)
         qkv_bias, o_bias, mlp_bias = _biases(architecture, cfg)
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
         return cls(
             architecture=architecture,
             hidden_size=hidden,
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=kv_heads,
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
+            rotary_dim=int(head_dim * _partial_rotary_factor(cfg)),
             intermediate_size=int(cfg["intermediate_size"]),
             vocab_size=int(cfg["vocab_size"]),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
@@ -199,14 +209,14 @@ def _rope_config(cfg: dict[str, Any], max_pos: int) -> RopeConfig:
     legacy = dict(cfg.get("rope_scaling") or {})
     merged = {**legacy, **params}
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    rope_type = "longrope" if rope_type == "su" else rope_type   # Phi-3's first name for it
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    partial = merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1.0):
-        raise ValueError(f"partial_rotary_factor={partial} is not supported")
     theta = merged.get("rope_theta", cfg.get("rope_theta")) or _DEFAULT_ROPE_THETA
     if rope_type == "default":
         return RopeConfig(theta=float(theta))
+    if rope_type == "longrope":
+        return _longrope_config(cfg, merged, float(theta), max_pos)
     if "factor" not in merged:
         raise ValueError(f"rope type {rope_type!r} needs a 'factor'")
     if rope_type == "linear":
@@ -222,6 +232,30 @@ def _rope_config(cfg: dict[str, Any], max_pos: int) -> RopeConfig:
         high_freq_factor=float(merged["high_freq_factor"]),
         original_max_position_embeddings=int(merged.get("original_max_position_embeddings") or max_pos),
     )
+
+
+def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
+    params = dict(cfg.get("rope_parameters") or {})
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    partial = 1.0 if partial is None else float(partial)
+    if not 0.0 < partial <= 1.0:
+        raise ValueError(f"partial_rotary_factor={partial} must be in (0, 1]")
+    return partial
+
+
+def _longrope_config(cfg: dict[str, Any], params: dict[str, Any], theta: float, max_pos: int) -> RopeConfig:
+    """LongRoPE as transformers reads it: the attention factor given, or else from ``factor`` (by
+    default the ratio of ``max_position_embeddings`` to the original), as the paper suggests."""
+    original = params.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    if original is None or "short_factor" not in params or "long_factor" not in params:
+        raise ValueError("rope type 'longrope' needs short_factor, long_factor and original_max_position_embeddings")
+    factor = float(params.get("factor") or max_pos / int(original))
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(int(original)))
+    return RopeConfig(theta=theta, rope_type="longrope", factor=factor, original_max_position_embeddings=int(original),
+                      short_factor=tuple(map(float, params["short_factor"])),
+                      long_factor=tuple(map(float, params["long_factor"])), attention_factor=float(attention_factor))
 
 
 def _as_ids(value: Any) -> list[int]:

@@ -1,8 +1,14 @@
 """RoPE cos/sin cache, laid out as ``kernels/rotary.py`` expects:
-``[max_positions, head_dim]`` float32, cosines in the first half, sines in the second.
+``[max_positions, rotary_dim]`` float32, cosines in the first half, sines in the second (a head's
+dims past ``rotary_dim`` are not rotated: partial rotary).
 
 Inverse frequencies follow transformers exactly for the "default", "linear" and
-"llama3" rope types, so positions rotate bit-for-bit like the reference model.
+"llama3" rope types, so positions rotate bit-for-bit like the reference model. "longrope"
+divides each frequency by a factor of its own, the short factors' or the long factors', and
+scales the cache by the attention factor. transformers picks the long factors for a forward
+whose sequence reaches past ``original_max_position_embeddings``, so keys cached before that
+were rotated otherwise; as vLLM does, the choice here is made once, by the longest sequence
+served (``max_positions``): the long factors for all of them past that length.
 """
 
 from __future__ import annotations
@@ -14,9 +20,17 @@ import torch
 from baton.engine.model_config import RopeConfig
 
 
-def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """``[head_dim // 2]`` float32 inverse frequencies, scaled per ``rope.rope_type``."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
+def inverse_frequencies(rope: RopeConfig, rotary_dim: int, max_positions: int = 0) -> torch.Tensor:
+    """``[rotary_dim // 2]`` float32 inverse frequencies, scaled per ``rope.rope_type`` (for
+    "longrope", by the factors of sequences of up to ``max_positions``)."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float) / rotary_dim
+    if rope.rope_type == "longrope":
+        long = max_positions > rope.original_max_position_embeddings
+        factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
+        if factors.shape != exponents.shape:
+            raise ValueError(f"longrope has {factors.numel()} {'long' if long else 'short'} factors; "
+                             f"rotating {rotary_dim} dims takes {exponents.numel()}")
+        return 1.0 / (factors * rope.theta**exponents)
     inv_freq = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "default":
         return inv_freq
@@ -41,10 +55,12 @@ def _llama3_scaling(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 def build_cos_sin_cache(
-    rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device | str = "cpu"
+    rope: RopeConfig, rotary_dim: int, max_positions: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """``[max_positions, head_dim]`` float32: ``cos(p * f)`` then ``sin(p * f)`` for each frequency ``f``."""
-    inv_freq = inverse_frequencies(rope, head_dim)
+    """``[max_positions, rotary_dim]`` float32: ``cos(p * f)`` then ``sin(p * f)`` for each frequency
+    ``f`` (times the attention factor, for "longrope")."""
+    inv_freq = inverse_frequencies(rope, rotary_dim, max_positions)
     positions = torch.arange(max_positions, dtype=torch.int64).float()
     freqs = positions[:, None] * inv_freq[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    return (cache * rope.attention_factor if rope.rope_type == "longrope" else cache).to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -60,6 +61,25 @@ def test_legacy_and_new_rope_layouts_agree():
     assert plain.rope == RopeConfig() and plain.head_dim == 16 and plain.num_kv_heads == 4
     with pytest.raises(ValueError, match="yarn"):
         ModelConfig.from_dict({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+@pytest.mark.unit
+def test_longrope_and_partial_rotary_are_read_as_phi3_writes_them():
+    """Phi-3's older spelling ("su", the original length beside the scaling), the attention factor
+    worked out from the lengths where not given, and partial rotary's share of each head."""
+    su = {"type": "su", "short_factor": [1.0], "long_factor": [2.0]}
+    phi3 = {**BASE, "architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 131072,
+            "partial_rotary_factor": 0.75, "original_max_position_embeddings": 4096, "rope_scaling": su}
+    config = ModelConfig.from_dict(phi3)
+    assert (config.rope.rope_type, config.rope.original_max_position_embeddings, config.rotary_dim) == \
+        ("longrope", 4096, 12)
+    assert config.rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    given = ModelConfig.from_dict({**phi3, "rope_scaling": {**su, "attention_factor": 1.5}})
+    assert given.rope.attention_factor == 1.5
+    with pytest.raises(ValueError, match="needs short_factor, long_factor and original_max_position_embeddings"):
+        ModelConfig.from_dict({**phi3, "rope_scaling": {"type": "longrope", "short_factor": [1.0]}})
+    with pytest.raises(ValueError, match="partial_rotary_factor=1.5 must be in"):
+        ModelConfig.from_dict({**phi3, "partial_rotary_factor": 1.5})
 
 
 @pytest.mark.unit

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM, AutoTokenizer, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config,
-    Qwen2Config, Qwen3Config,
+    PretrainedConfig, Qwen2Config, Qwen3Config,
 )
 
 from baton.engine.attention import build_attention_metadata, paged_attention_forward
@@ -267,7 +267,9 @@ RANDOM_CONFIGS = {
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
     ),
     "llama-mqa-tied": lambda: LlamaConfig(**SMALL, num_key_value_heads=1, tie_word_embeddings=True),
-    "phi3": lambda: Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0),
+    "phi3": lambda: Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0, eos_token_id=2),
+    "phi3-partial-rotary": lambda: Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+                                              partial_rotary_factor=0.5),
     "olmo2": lambda: Olmo2Config(**SMALL, num_key_value_heads=2, pad_token_id=0),
     "olmo2-bias-tied": lambda: Olmo2Config(**SMALL, num_key_value_heads=4, pad_token_id=0, attention_bias=True,
                                            tie_word_embeddings=True),
@@ -280,11 +282,11 @@ RANDOM_CONFIGS = {
 }
 
 
-def random_checkpoint(name: str, directory: Path) -> AutoModelForCausalLM:
-    """transformers' model of ``RANDOM_CONFIGS[name]``, its weights moved off their init values
-    (norms, biases and q/k norms all matter), saved in ``directory``."""
+def random_checkpoint(name: str, directory: Path, config: PretrainedConfig | None = None) -> AutoModelForCausalLM:
+    """transformers' model of ``RANDOM_CONFIGS[name]`` (or of ``config``), its weights moved off their
+    init values (norms, biases and q/k norms all matter), saved in ``directory``."""
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(RANDOM_CONFIGS[name](), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_config(config or RANDOM_CONFIGS[name](), dtype=torch.float32).eval()
     with torch.no_grad():
         for param in hf.parameters():
             param.add_(torch.randn_like(param) * 0.2)
@@ -351,3 +353,25 @@ def test_a_phi3_adapter_on_its_fused_projections_equals_its_merged_checkpoint(tm
     both = make_adapter(str(tmp_path / "base"), tmp_path / "both", targets=("qkv_proj", "k_proj"))
     with pytest.raises(ValueError, match="layer 0 adapts k_proj both alone and within a fused projection"):
         load_adapter("both", both, ModelRunner(str(tmp_path / "base"), EngineConfig(num_blocks=8)).model_config, 16)
+
+
+@pytest.mark.parametrize("max_model_len, length", [(32, 23), (128, 44)], ids=["short-factors", "long-factors"])
+def test_phi3_longrope_logits_match_transformers(max_model_len: int, length: int, tmp_path: Path):
+    """LongRoPE divides each frequency by a factor of its own and scales the rotation. transformers
+    takes the long factors for a forward whose sequence passes ``original_max_position_embeddings``
+    (32 here), Baton for every sequence once it serves past it: at a max model length of 32 both
+    take the short factors, at 128 and 44 tokens both the long ones."""
+    config = Phi3Config(
+        **SMALL, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, max_position_embeddings=128,
+        original_max_position_embeddings=32, partial_rotary_factor=0.5,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0 + 0.1 * i for i in range(4)],
+                         "long_factor": [2.0 + 0.7 * i for i in range(4)]})
+    hf = random_checkpoint("phi3-longrope", tmp_path, config)
+    tokens = torch.randint(0, hf.config.vocab_size, (length,)).tolist()
+    runner = ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32, max_model_len=max_model_len))
+    assert runner.model_config.rotary_dim == 8 and runner.model_config.rope.rope_type == "longrope"
+    ours = all_logits(runner, tokens[:-4], tokens[-4:])
+    with torch.inference_mode():
+        ref = hf(torch.tensor([tokens])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
