@@ -85,6 +85,16 @@ CASES = {
         ("  <|tool", "  <|tool", []),
         ("", None, []),
     ],
+    "phi4_mini_json": [
+        (f"functools[{WEATHER}]", None, [("get_weather", CITY)]),
+        ('functools [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": "],["}}]',
+         None, [("a", "{}"), ("b", '{"x": "],["}')]),
+        (f"[{WEATHER}]", f"[{WEATHER}]", []),   # its tag is not optional
+        ("functools[", "functools[", []),
+        ("Use functools.reduce", "Use functools.reduce", []),
+        ("  function", "  function", []),
+        ("", None, []),
+    ],
 }
 ALL = [(parser, *case) for parser, cases in CASES.items() for case in cases]
 
@@ -132,6 +142,7 @@ def test_streamed_pieces_read_as_the_whole(case, cuts) -> None:
     ("hermes", f'Saying. <tool_call>{{"name": "say", "arguments": {TRICKY}}}</tool_call>'),
     ("llama3_json", f'<|python_tag|>{{"name": "now", "parameters": {{}}}}; {{"name": "now", "parameters": {{}}}}\n{{"name": "say", "arguments": {TRICKY}}}'),
     ("granite", f'<tool_call>[{{"name": "now", "arguments": {{}}}}, {{"name": "say", "arguments": {TRICKY}}}]'),
+    ("phi4_mini_json", f'functools[{{"name": "say", "arguments": {TRICKY}}}]'),
 ])
 def test_arguments_stream_as_the_model_writes_them(parser, text) -> None:
     """Written a character at a time, a call is named once its arguments open, and each of their

@@ -7,7 +7,8 @@ model family's format, as vLLM's ``--tool-call-parser`` reads them:
   "parameters": {...}}`` objects (``;``-separated), after an optional ``<|python_tag|>``;
 * ``pythonic`` (Llama 3.2, Llama 4, ToolACE): the whole answer is a Python list of calls,
   ``[get_weather(city="Verona"), clock()]``, in ``<|python_start|>`` ... ``<|python_end|>`` or not;
-* ``granite`` (Granite 3.x): the whole answer is a JSON list of calls (``tool_parser_granite``).
+* ``granite`` (Granite 3.x) and ``phi4_mini_json`` (Phi-4-mini): the whole answer is a JSON list of
+  calls after a tag (``tool_parser_json_list``).
 
 A parser reads a finished text (``parse``) or one streamed piece by piece (``stream``). A call's
 arguments are the model's own JSON text of them, as written (pythonic: its literal values as
@@ -28,13 +29,13 @@ from typing import Protocol
 
 from baton.services.gateway.protocol import DeltaToolCall, ToolCall
 from baton.services.gateway.tokenizer import partial_suffix
-from baton.services.gateway.tool_parser_granite import GraniteParser
+from baton.services.gateway.tool_parser_json_list import JsonListParser
 from baton.services.gateway.tool_json import (
     CallsStream, JsonScan, StreamedCall, call_head, call_of, calls_or_content, opens_with,
 )
 from baton.services.gateway.tools import call_piece, new_call
 
-PARSERS = ("hermes", "llama3_json", "pythonic", "granite")
+PARSERS = ("hermes", "llama3_json", "pythonic", "granite", "phi4_mini_json")
 # vLLM turns tool_choice "auto" on with --enable-auto-tool-choice and a parser; here the parser
 # alone does, and the flag is taken (and checked) as vLLM takes it.
 AUTO_TOOL_CHOICE_NEEDS_PARSER = "--enable-auto-tool-choice requires --tool-call-parser"
@@ -65,7 +66,9 @@ def make_parser(name: str) -> ToolParser:
     if name == "pythonic":
         return PythonicParser()
     if name == "granite":
-        return GraniteParser()
+        return JsonListParser(("<|tool_call|>", "<tool_call>"), tag_required=False)
+    if name == "phi4_mini_json":
+        return JsonListParser(("functools",), tag_required=True)
     raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}")
 
 
