@@ -237,7 +237,11 @@ async def serve(
         log_stats(lambda: engine.stats, f"{role} worker {ctx.worker_id}"))
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s worker %s serving on %s", role, ctx.worker_id, ctx.address)
+    runner = ctx.runner
+    log.info("%s worker %s serving on %s: %s in %s; KV cache of %d blocks of %d tokens in %s (%.2f GiB)", role,
+             ctx.worker_id, ctx.address, runner.model_config.architecture, str(runner.dtype).removeprefix("torch."),
+             runner.num_blocks, runner.block_size, str(runner.kv_dtype).removeprefix("torch."),
+             runner.num_blocks * runner.block_bytes() / 2**30)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

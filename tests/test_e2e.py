@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1010,6 +1011,10 @@ def test_a_worker_logs_what_its_engine_did_every_interval_unless_told_not_to(dem
     finally:
         proc.send_signal(signal.SIGTERM)
         log = proc.communicate(timeout=60)[1]
+    # The start: what the worker runs and the KV cache it sized (256 MiB by default: 2,730 float32
+    # blocks of the demo checkpoint, 96 KiB each over its six layers).
+    assert re.search(r"prefill worker \S+ serving on \S+: LlamaForCausalLM in float32; KV cache of 2730 blocks "
+                     r"of 16 tokens in float32 \(0\.25 GiB\)", log), log
     lines = [line for line in log.splitlines() if "prompt throughput" in line]
     if disabled:
         assert lines == []
