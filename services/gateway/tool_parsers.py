@@ -29,10 +29,10 @@ from typing import Protocol
 
 from baton.services.gateway.protocol import DeltaToolCall, ToolCall
 from baton.services.gateway.tokenizer import partial_suffix
-from baton.services.gateway.tool_parser_json_list import JsonListParser
 from baton.services.gateway.tool_json import (
     CallsStream, JsonScan, StreamedCall, call_head, call_of, calls_or_content, opens_with,
 )
+from baton.services.gateway.tool_parser_json_list import JsonListParser
 from baton.services.gateway.tools import call_piece, new_call
 
 PARSERS = ("hermes", "llama3_json", "pythonic", "granite", "phi4_mini_json")
