@@ -2,7 +2,8 @@
 blocks into one contiguous buffer (and back) for transfers.
 
 KV cache layout, one tensor per layer: ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``;
-new keys and values are rounded to its dtype (an 8-bit float one too) as they are written. A slot is ``block_id * block_size + offset``; a negative slot is padding and is skipped.
+new keys and values are rounded to its dtype (an 8-bit float one too) as they are written.
+A slot is ``block_id * block_size + offset``; a negative slot is padding and is skipped.
 Block offsets are computed in int64, so pools of more than 2**31 elements work.
 """
 

@@ -295,6 +295,13 @@ def random_checkpoint(name: str, directory: Path, config: PretrainedConfig | Non
     return hf
 
 
+
+def assert_matches_transformers(ours: torch.Tensor, hf: AutoModelForCausalLM, tokens: list[int]) -> None:
+    """``ours`` (``all_logits`` of ``tokens``) are transformers' logits of them, to 1e-4 relative."""
+    with torch.inference_mode():
+        ref = hf(torch.tensor([tokens])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
 @pytest.mark.parametrize("name", list(RANDOM_CONFIGS))
 def test_random_checkpoint_logits_match_transformers(name: str, tmp_path: Path):
     hf = random_checkpoint(name, tmp_path)
@@ -304,9 +311,7 @@ def test_random_checkpoint_logits_match_transformers(name: str, tmp_path: Path):
     runner = ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32))
     assert runner.model_config.tie_word_embeddings == bool(config.tie_word_embeddings)
     ours = all_logits(runner, prompt, decode)
-    with torch.inference_mode():
-        ref = hf(torch.tensor([tokens])).logits[0].float()
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert_matches_transformers(ours, hf, tokens)
 
 
 def test_a_granite_adapter_equals_its_merged_checkpoint(tmp_path: Path):
@@ -338,9 +343,7 @@ def test_granite_logits_on_cuda_match_transformers(tmp_path: Path):
                                                      cuda_graph_batch_sizes=[1]))
     assert runner.cuda_graphs is not None
     ours = all_logits(runner, tokens[:19], tokens[19:]).cpu()
-    with torch.inference_mode():
-        ref = hf(torch.tensor([tokens])).logits[0].float()
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert_matches_transformers(ours, hf, tokens)
 
 
 def test_a_phi3_adapter_on_its_fused_projections_equals_its_merged_checkpoint(tmp_path: Path):
@@ -372,6 +375,4 @@ def test_phi3_longrope_logits_match_transformers(max_model_len: int, length: int
     runner = ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32, max_model_len=max_model_len))
     assert runner.model_config.rotary_dim == 8 and runner.model_config.rope.rope_type == "longrope"
     ours = all_logits(runner, tokens[:-4], tokens[-4:])
-    with torch.inference_mode():
-        ref = hf(torch.tensor([tokens])).logits[0].float()
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert_matches_transformers(ours, hf, tokens)
