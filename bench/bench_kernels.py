@@ -308,8 +308,8 @@ def elementwise_rows(copy_gbs: float) -> list[str]:
          [lambda a=a, b=b: norm.ref_rms_norm(a, w, 1e-6, b) for a, b in zip(x, r)]),
         ("rotary (q and k)", 2 * qk, [lambda q=q, k=k: rotary.rotary_embedding(pos, q, k, cos_sin) for q, k in zip(qs, ks)],
          [lambda q=q, k=k: rotary.ref_rotary_embedding(pos, q, k, cos_sin) for q, k in zip(qs, ks)]),
-        ("silu_and_mul", 3 * tokens * inter * 2, [lambda g=g: activation.silu_and_mul(g) for g in gu],
-         [lambda g=g: activation.ref_silu_and_mul(g) for g in gu]),
+        ("silu_and_mul", 3 * tokens * inter * 2, [lambda g=g: activation.act_and_mul(g) for g in gu],
+         [lambda g=g: activation.ref_act_and_mul(g) for g in gu]),
     ]
     rows = []
     for name, nbytes, fns, refs in cases:

@@ -1,5 +1,5 @@
 """Small-batch linear layer (GEMV) for decode: ``x @ weight.T + bias`` for a few rows of ``x``,
-optionally of ``silu_and_mul(x)`` (``gated_linear``: the MLP's activation fused into ``down_proj``).
+optionally of ``act_and_mul(x, activation)`` (``gated_linear``: the MLP's activation fused into ``down_proj``).
 
 One program owns ``block_n`` output columns for every row of ``x``, so each weight
 element is read from memory once, and walks K in ``block_k`` chunks, accumulating
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from baton.kernels import pdl
-from baton.kernels.activation import ref_silu_and_mul, silu_mul
+from baton.kernels.activation import act_mul, check_activation, ref_act_and_mul
 from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
 
 MAX_GEMV_ROWS = 4  # the most rows of x the kernel takes: it keeps an fp32 accumulator per row
@@ -54,19 +54,20 @@ def _load_w(w_ptrs, k0, K, ks, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_ptrs, k0, K, ks, row_ok, GATED: tl.constexpr, EVEN_K: tl.constexpr):
-    """Rows of x from ``k0``; with ``GATED``, ``silu(x[:, :K]) * x[:, K:]`` as ``silu_and_mul`` rounds it."""
+def _load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows of x from ``k0``; with an ``ACTIVATION`` name (None: none), ``act(x[:, :K]) * x[:, K:]``
+    as ``act_and_mul`` rounds it."""
     mask = row_ok if EVEN_K else row_ok & (k0 + ks < K)[None, None, :]
     x = tl.load(x_ptrs + k0, mask=mask, other=0.0)
-    if GATED:
-        x = silu_mul(x, tl.load(x_ptrs + K + k0, mask=mask, other=0.0), x_ptrs.dtype.element_ty)
+    if ACTIVATION is not None:
+        x = act_mul(x, tl.load(x_ptrs + K + k0, mask=mask, other=0.0), x_ptrs.dtype.element_ty, ACTIVATION)
     return x.to(tl.float32)
 
 
 @triton.jit
 def _gemv_columns(
     x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn,
-    M: tl.constexpr, M_PAD: tl.constexpr, GATED: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """fp32 ``[M_PAD, len(cols)]``: rows of x (zeros past M) times the weight rows ``cols``.
     Loads the first weight tile, then waits for the kernel before (which wrote x)."""
@@ -84,10 +85,10 @@ def _gemv_columns(
     w = _load_w(w_ptrs, 0, K, ks, EVEN_K).to(tl.float32)
     pdl.wait(PDL)
     pdl.launch_dependents(PDL)
-    acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
+    acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, ACTIVATION, EVEN_K) * w, 2)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
-        acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, GATED, EVEN_K) * w, 2)
+        acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K) * w, 2)
     return acc
 
 
@@ -95,13 +96,13 @@ def _gemv_columns(
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     N, K, stride_xm, stride_wn, stride_om,
-    M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, M_PAD)
-    acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, GATED, BLOCK_K, EVEN_K, PDL)
+    acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, ACTIVATION, BLOCK_K, EVEN_K, PDL)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
@@ -134,14 +135,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return launch_linear(x, weight, bias, DEFAULT_CONFIG)
 
 
-def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(silu_and_mul(x), weight, bias)`` in one launch: ``x`` ``[M, 2K]`` (gate then up)."""
-    return launch_linear(x, weight, bias, DEFAULT_CONFIG, gated=True)
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 activation: str = "silu") -> torch.Tensor:
+    """``linear(act_and_mul(x, activation), weight, bias)`` in one launch: ``x`` ``[M, 2K]`` (gate then up)."""
+    return launch_linear(x, weight, bias, DEFAULT_CONFIG, gated=True, activation=activation)
 
 
 def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LinearConfig,
-                  gated: bool = False) -> torch.Tensor:
+                  gated: bool = False, activation: str = "silu") -> torch.Tensor:
     """``linear`` (or ``gated_linear``) with explicit launch parameters (tests and benchmarks pick them)."""
+    check_activation(activation)
     _check_linear_args(x, weight, bias, gated)
     (m, _), (n, k) = x.shape, weight.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -150,7 +153,7 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _linear_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, weight if bias is None else bias, out,
         n, k, x.stride(0), weight.stride(0), out.stride(0),
-        M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, GATED=gated,
+        M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, ACTIVATION=activation if gated else None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x),
     )
@@ -162,6 +165,7 @@ def ref_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return F.linear(x, weight, bias)
 
 
-def ref_gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def ref_gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     activation: str = "silu") -> torch.Tensor:
     """``x`` ``[M, 2K]`` (gate then up), ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None -> ``[M, N]``."""
-    return F.linear(ref_silu_and_mul(x), weight, bias)
+    return F.linear(ref_act_and_mul(x, activation), weight, bias)

@@ -1,4 +1,8 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm, optionally fused with the residual add that precedes it.
+
+Two numerics: Llama's rounds the normalized row to the input dtype before the weight
+multiplies it; Gemma's (``unit_offset``) scales by ``1 + weight`` in float32 and rounds
+once, as transformers' ``GemmaRMSNorm`` does (its weights are stored as offsets from 1)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     stride_x, stride_r, stride_o, stride_nr,
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -30,7 +34,11 @@ def _rms_norm_kernel(
         tl.store(new_residual_ptr + row * stride_nr + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / hidden + eps)
-    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if UNIT_OFFSET:
+        normed = xf * rstd
+        w = w + 1.0
+    else:
+        normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -46,9 +54,11 @@ def rms_norm(
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Normalize over the last dim. With ``residual``: ``x = x + residual`` first,
-    and return ``(normed, x)`` so the sum becomes the next residual."""
+    """Normalize over the last dim and scale by ``weight`` (``unit_offset``: by ``1 + weight``, Gemma's).
+    With ``residual``: ``x = x + residual`` first, and return ``(normed, x)`` so the sum becomes
+    the next residual."""
     if x.dim() == 0:
         raise ValueError("x must have at least one dim")
     hidden = x.shape[-1]
@@ -68,7 +78,7 @@ def rms_norm(
             x2, res2, weight.contiguous(), out, new_residual,
             x2.stride(0), res2.stride(0), out.stride(0), new_residual.stride(0),
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)), **pdl.launch_options(x),
+            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block, num_warps=min(16, max(1, block // 512)), **pdl.launch_options(x),
         )
     out = out.view(x.shape)
     return out if residual is None else (out, new_residual.view(x.shape))
@@ -79,11 +89,17 @@ def ref_rms_norm(
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Normalize over the last dim. With ``residual``: ``x = x + residual`` first,
-    and return ``(normed, x)`` so the sum becomes the next residual."""
+    """Normalize over the last dim and scale by ``weight`` (``unit_offset``: by ``1 + weight``, Gemma's).
+    With ``residual``: ``x = x + residual`` first, and return ``(normed, x)`` so the sum becomes
+    the next residual."""
     if residual is not None:
         x = x + residual
     xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        normed = (normed * (1.0 + weight.float())).to(x.dtype)
+    else:
+        normed = normed.to(x.dtype) * weight
     return normed if residual is None else (normed, x)

@@ -31,7 +31,7 @@ paged_attention = _dispatch(attention.paged_attention, attention.ref_paged_atten
 paged_decode_attention = _dispatch(attention.paged_decode_attention, attention.ref_paged_decode_attention)
 rms_norm = _dispatch(norm.rms_norm, norm.ref_rms_norm)
 rotary_store_kv = _dispatch(rotary.rotary_store_kv, rotary.ref_rotary_store_kv)
-silu_and_mul = _dispatch(activation.silu_and_mul, activation.ref_silu_and_mul)
+act_and_mul = _dispatch(activation.act_and_mul, activation.ref_act_and_mul)
 exponential_race = _dispatch(sampling.exponential_race, sampling.ref_exponential_race)
 max_logsumexp = _dispatch(logits.max_logsumexp, logits.ref_max_logsumexp)
 lora_shrink = _dispatch(lora.lora_shrink, lora.ref_lora_shrink)
@@ -65,7 +65,8 @@ def qkv_rotary_store_kv(
     return rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
 
 
-def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(silu_and_mul(x), weight, bias)``: one GEMV launch where ``linear`` takes the GEMV,
-    else the two ops."""
-    return gemv.gated_linear(x, weight, bias) if _gemv_rows(x) else linear(silu_and_mul(x), weight, bias)
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 activation: str = "silu") -> torch.Tensor:
+    """``linear(act_and_mul(x, activation), weight, bias)``: one GEMV launch where ``linear`` takes
+    the GEMV, else the two ops."""
+    return gemv.gated_linear(x, weight, bias, activation) if _gemv_rows(x) else linear(act_and_mul(x, activation), weight, bias)

@@ -119,6 +119,21 @@ def test_ref_rms_norm_matches_float64(with_residual: bool) -> None:
         torch.testing.assert_close(got[1].double(), s, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ref_rms_norm_unit_offset_is_gemmas_norm(dtype: torch.dtype) -> None:
+    """``unit_offset`` scales by ``1 + weight`` in float32 and rounds once: transformers' Gemma
+    norm bit for bit (Llama's rounds before the weight, which differs in bfloat16)."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    hf = Gemma2RMSNorm(96, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(96))
+    x = torch.randn(5, 96, dtype=dtype) * 3
+    assert torch.equal(norm.ref_rms_norm(x, hf.weight, 1e-6, unit_offset=True), hf(x))
+    if dtype == torch.bfloat16:
+        assert not torch.equal(norm.ref_rms_norm(x, hf.weight + 1, 1e-6), hf(x))
+
+
 @pytest.mark.parametrize("rotary_dim", [32, 16])
 def test_ref_rotary_matches_complex_rotation(rotary_dim: int) -> None:
     head_dim, max_pos = 32, 64
@@ -152,10 +167,10 @@ def test_ref_rotary_store_kv_is_rotate_then_store_and_skips_padding() -> None:
     assert torch.equal(cache, expected)
 
 
-def test_ref_silu_and_mul_matches_float64() -> None:
+def test_ref_act_and_mul_is_swiglu_by_default() -> None:
     x = torch.randn(6, 2 * 40)
     g, u = x[:, :40].double(), x[:, 40:].double()
-    torch.testing.assert_close(activation.ref_silu_and_mul(x).double(), g * torch.sigmoid(g) * u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(activation.ref_act_and_mul(x).double(), g * torch.sigmoid(g) * u, rtol=1e-5, atol=1e-5)
 
 
 def test_ops_use_the_references_for_cpu_tensors() -> None:
@@ -163,14 +178,14 @@ def test_ops_use_the_references_for_cpu_tensors() -> None:
     assert torch.equal(ops.paged_attention(q, cache, cu, seq_lens, tables, 0.5), attention.ref_paged_attention(q, cache, cu, seq_lens, tables, 0.5))
     x, w = torch.randn(3, 32), torch.randn(32)
     assert torch.equal(ops.rms_norm(x, w, 1e-6), norm.ref_rms_norm(x, w, 1e-6))
-    assert torch.equal(ops.silu_and_mul(x=x), activation.ref_silu_and_mul(x))
+    assert torch.equal(ops.act_and_mul(x=x), activation.ref_act_and_mul(x))
     qkv_w, cache = torch.randn((4 + 2 * 2) * 16, 32), torch.randn(6, 2, 8, 2, 16)
     pos, cos_sin, slots = torch.randint(0, 32, (3,)), torch.randn(32, 16), torch.tensor([5, -1, 47])
     want_cache = cache.clone()
     want_q = rotary.ref_qkv_rotary_store_kv(x, qkv_w, None, pos, cos_sin, want_cache, slots)
     assert torch.equal(ops.qkv_rotary_store_kv(x, qkv_w, None, pos, cos_sin, cache, slots), want_q)
     assert torch.equal(cache, want_cache)
-    names = ["gather_blocks", "scatter_blocks", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_store_kv", "silu_and_mul"]
+    names = ["gather_blocks", "scatter_blocks", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_store_kv", "act_and_mul"]
     assert all(callable(getattr(ops, n)) for n in names)
 
 
@@ -200,7 +215,7 @@ def _bad_decode_calls():
     yield "slot_mapping must have shape", lambda: kv_cache.store_kv(q[:, :2], q[:, :2], cache, seq_lens[:1])
     yield "packed must have shape", lambda: kv_cache.scatter_blocks(cache, seq_lens, cache[:3])
     yield "weight must have shape", lambda: norm.rms_norm(q, torch.ones(3), 1e-6)
-    yield "even last dim", lambda: activation.silu_and_mul(torch.randn(2, 5))
+    yield "even last dim", lambda: activation.act_and_mul(torch.randn(2, 5))
     yield "must be even and <= head_dim", lambda: rotary.rotary_embedding(seq_lens, q, q, torch.randn(10, 20))
     yield "value must have shape", lambda: rotary.rotary_store_kv(seq_lens, q, q[:, :2], q[:, :1], torch.randn(10, 16), cache, seq_lens)
     yield "kv_cache must have shape", lambda: rotary.rotary_store_kv(seq_lens, q, q[:, :2], q[:, :2], torch.randn(10, 16), cache[:, 0], seq_lens)
