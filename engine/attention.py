@@ -124,9 +124,12 @@ def paged_attention_forward(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attend ``q`` ``[T, heads, head_dim]`` over each chunk's paged context in ``kv_cache``,
-    which must already hold the chunk's new keys/values at ``meta.slot_mapping``.
+    which must already hold the chunk's new keys/values at ``meta.slot_mapping``; each query sees
+    its last ``sliding_window`` keys only, and scores are capped at ``softcap`` (both None: off).
 
     The leading chunks that compute one generated token (the decodes the scheduler puts first)
     take the decode kernel, the others the prefill kernel. In the prefill kernel a one-token
@@ -136,10 +139,11 @@ def paged_attention_forward(
     the last token cached) stays with the prompts: the decode kernel compiles a variant per
     batch and table width it meets eagerly, and a prefill worker, which sees only such chunks,
     compiled them in the middle of serving (``bench/results/serving_h200.md``)."""
+    options = {"sliding_window": sliding_window, "softcap": softcap}
     if meta.is_decode_only:
-        return ops.paged_decode_attention(q, kv_cache, meta.seq_lens, meta.block_tables, scale)
+        return ops.paged_decode_attention(q, kv_cache, meta.seq_lens, meta.block_tables, scale, **options)
     n = meta.num_decode_chunks
-    rest = ops.paged_attention(q[n:], kv_cache, meta.rest_cu_query_lens, meta.seq_lens[n:], meta.block_tables[n:], scale)
+    rest = ops.paged_attention(q[n:], kv_cache, meta.rest_cu_query_lens, meta.seq_lens[n:], meta.block_tables[n:], scale, **options)
     if n == 0:
         return rest
-    return torch.cat([ops.paged_decode_attention(q[:n], kv_cache, meta.seq_lens[:n], meta.block_tables[:n], scale), rest])
+    return torch.cat([ops.paged_decode_attention(q[:n], kv_cache, meta.seq_lens[:n], meta.block_tables[:n], scale, **options), rest])

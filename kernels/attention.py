@@ -11,6 +11,8 @@ widened to it as they are read); ``cu_query_lens``
 ``[batch + 1]`` int32 prefix sums of ``q_len``; ``seq_lens`` ``[batch]`` int32;
 ``block_tables`` ``[batch, max_blocks]`` int32 (entries past a sequence's
 blocks are ignored). Query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``.
+Both take ``sliding_window`` and ``softcap`` (``attention_options``): each query sees only
+its last ``sliding_window`` keys, and scores are capped at ``softcap``.
 
 The Triton kernels live in ``attention_prefill`` and ``attention_decode`` and are
 re-exported here beside their references.
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from baton.kernels.attention_decode import paged_decode_attention
+from baton.kernels.attention_options import window_and_softcap
 from baton.kernels.attention_prefill import paged_attention
 
 __all__ = ["paged_attention", "paged_decode_attention", "ref_paged_attention", "ref_paged_decode_attention"]
@@ -37,6 +40,28 @@ def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: 
     return k, v
 
 
+def _visible(k_pos: torch.Tensor, q_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Whether the query at ``q_pos`` sees the key at ``k_pos`` (broadcast): causally, and within
+    the last ``window`` keys where ``window`` is not 0."""
+    seen = k_pos <= q_pos
+    return seen & (k_pos > q_pos - window) if window else seen
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, cap: float) -> torch.Tensor:
+    """Float32 attention of ``q`` ``[..., heads, L, d]`` over ``k``, ``v`` ``[..., kv_heads, S, d]``
+    where the boolean ``mask`` (broadcast to ``[..., heads, L, S]``) holds. SDPA has no cap on
+    scores, so capped ones take the math written out; there, as from SDPA, a row that sees no
+    key gets zeros."""
+    q, k, v = q.float(), k.float(), v.float()
+    if not cap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    s = q @ k.transpose(-2, -1) * scale
+    s = (cap * torch.tanh(s / cap)).masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v
+
+
 # Query runs up to this long (decodes, speculative drafts) are attended in one padded call:
 # a loop over sequences costs more than the padding there. Prompts, longer, go one at a time.
 _PADDED_QUERY_LEN = 16
@@ -49,12 +74,16 @@ def ref_paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its whole paged context."""
+    """Causal attention of each sequence's new queries over its paged context."""
+    window, cap = window_and_softcap(sliding_window, softcap)
     starts, lens = cu_query_lens.tolist(), seq_lens.tolist()
     q_lens = [b - a for a, b in zip(starts, starts[1:])]
     if len(lens) > 1 and max(q_lens) <= _PADDED_QUERY_LEN:
-        return _ref_padded_attention(q, kv_cache, q_lens, lens, block_tables, scale)
+        return _ref_padded_attention(q, kv_cache, q_lens, lens, block_tables, scale, window, cap)
     out = torch.empty_like(q)
     for i, seq_len in enumerate(lens):
         q_start, q_end = starts[i], starts[i + 1]
@@ -62,21 +91,20 @@ def ref_paged_attention(
         if q_len == 0:
             continue
         k, v = _gather_context(kv_cache, block_tables[i], seq_len)
-        # Query j sits at absolute position seq_len - q_len + j and sees keys 0..that position.
+        # Query j sits at absolute position seq_len - q_len + j.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-        qi = q[q_start:q_end].transpose(0, 1).float()
-        ki, vi = k.transpose(0, 1).float(), v.transpose(0, 1).float()
-        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+        mask = _visible(torch.arange(seq_len, device=q.device)[None, :], q_pos[:, None], window)
+        o = _attend(q[q_start:q_end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale, cap)
         out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
     return out
 
 
 def _ref_padded_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, q_lens: list[int], seq_lens: list[int], block_tables: torch.Tensor, scale: float,
+    window: int, cap: float,
 ) -> torch.Tensor:
     """``ref_paged_attention`` in one call: queries padded to the longest run, contexts to the
-    longest context. A padding query row sees key 0 at least (no NaN) and is dropped."""
+    longest context. Padding query rows are dropped."""
     batch, (_, _, block_size, _, head_dim) = len(seq_lens), kv_cache.shape
     max_q, max_blocks = max(q_lens), -(-max(seq_lens) // block_size)
     k, v = _gather_padded(kv_cache, block_tables, max_blocks)
@@ -86,9 +114,8 @@ def _ref_padded_attention(
     padded = q.new_zeros(batch * max_q, q.shape[1], head_dim)
     padded[real] = q
     q_pos = torch.tensor(seq_lens)[:, None] - lens[:, None] + row[None, :]           # [batch, max_q]
-    mask = (torch.arange(max_blocks * block_size)[None, None, :] <= q_pos[:, :, None]).to(q.device)
-    qb = padded.view(batch, max_q, -1, head_dim).transpose(1, 2).float()
-    o = F.scaled_dot_product_attention(qb, k.float(), v.float(), attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    mask = _visible(torch.arange(max_blocks * block_size)[None, None, :], q_pos[:, :, None], window).to(q.device)
+    o = _attend(padded.view(batch, max_q, -1, head_dim).transpose(1, 2), k, v, mask[:, None], scale, cap)
     return o.transpose(1, 2).reshape(batch * max_q, -1, head_dim)[real].to(q.dtype)
 
 
@@ -108,8 +135,12 @@ def ref_paged_decode_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
+    window, cap = window_and_softcap(sliding_window, softcap)
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     max_len = int(seq_lens.max()) if batch else 0
@@ -118,6 +149,6 @@ def ref_paged_decode_attention(
     k, v = _gather_padded(kv_cache, block_tables, max_blocks)
     # Each KV head serves a group of query heads: [batch, kv_heads, group, dim].
     qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    mask = torch.arange(ctx_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
-    o = F.scaled_dot_product_attention(qg.float(), k.float(), v.float(), attn_mask=mask[:, None, None, :], scale=scale)
+    mask = _visible(torch.arange(ctx_len, device=q.device)[None, :], seq_lens[:, None].to(q.device) - 1, window)
+    o = _attend(qg, k, v, mask[:, None, None, :], scale, cap)
     return o.reshape(batch, num_heads, head_dim).to(q.dtype)

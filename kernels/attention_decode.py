@@ -13,6 +13,10 @@ each split stores its partial result and log-sum-exp, and the last split of the
 sequence to finish (counted on a per-device semaphore that it resets) merges them,
 so there is no second launch. A sequence of length 0 (batch padding) gets zeros.
 
+With a sliding window of ``W`` keys (``attention_options``) a sequence attends only its
+last ``W``: its splits cover those, from ``max(0, seq_len - W)``, and the launch splits
+``min(table width, W)`` keys, so a long context splits its window over the wave.
+
 The semaphores are shared by every launch on a device: launches that may overlap
 (on concurrent streams) must not both split. The first split launch on a device
 allocates them, so it must not happen inside CUDA-graph capture (warm up first).
@@ -28,6 +32,7 @@ import triton
 import triton.language as tl
 
 from baton.kernels import pdl
+from baton.kernels.attention_options import softcap_log2, window_and_softcap
 from baton.kernels.checks import check_attention_args, check_int_index, num_sms
 from baton.kernels.kv_dtype import dot_fp16, to_dot_dtype
 
@@ -54,10 +59,13 @@ class DecodeConfig:
 # The defaults by the largest head dim they serve: (two K/V tiles in flight per program,
 # lighter programs). ``programs_per_sm`` is what fits an SM's 228 KB of shared memory in
 # the sm_90 compiles of bf16 K/V: 36 KB / 18.5 KB a program at head dim 64, 70 KB / 38 KB
-# at 128 (bench/results/kernels_h200.md has the sweep they were chosen from).
+# at 128 (bench/results/kernels_h200.md has the sweep they were chosen from). Head dim 256
+# (Gemma) is sized by shared memory alone, not yet measured: tiles of 32 keys hold the bytes of
+# 128's tiles of 64, so its programs fit an SM as many times.
 DEFAULT_CONFIGS: dict[int, tuple[DecodeConfig, DecodeConfig]] = {
     64: (DecodeConfig(64, 2, 3, programs_per_sm=6), DecodeConfig(32, 1, 3, programs_per_sm=12)),
     128: (DecodeConfig(64, 4, 3, programs_per_sm=3), DecodeConfig(64, 4, 2, programs_per_sm=5)),
+    256: (DecodeConfig(32, 4, 3, programs_per_sm=3), DecodeConfig(32, 4, 2, programs_per_sm=5)),
 }
 # Past one wave of deep programs at head dim 128 over an 8-bit cache: tiles of 128 keys (a bf16
 # tile's bytes), two in flight, rather than the light programs' one tile of half those bytes: 0.72-0.75x
@@ -73,10 +81,12 @@ def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: in
     over a cache of ``kv_bytes`` 1, tiles of twice the keys instead). Where each split
     would be a single tile and the wave has room for more (a few short sequences: a chain of
     dependent loads per program, not bandwidth, sets the time), tiles of half the keys
-    split the context twice as far."""
-    deep, light = DEFAULT_CONFIGS[64 if head_dim <= 64 else 128]
+    split the context twice as far. Head dims take the entry of the smallest head dim at least
+    as large (the largest past them all)."""
+    key = min((d for d in DEFAULT_CONFIGS if d >= head_dim), default=max(DEFAULT_CONFIGS))
+    deep, light = DEFAULT_CONFIGS[key]
     if batch * num_kv_heads > deep.programs_per_sm * num_sms(device):
-        return FP8_PAST_THE_WAVE_128 if kv_bytes == 1 and head_dim > 64 else light
+        return FP8_PAST_THE_WAVE_128 if kv_bytes == 1 and key == 128 else light
     splits, split_len = split_context(device, batch, num_kv_heads, max_context, deep)
     if split_len == deep.tile_n:
         half = replace(deep, tile_n=deep.tile_n // 2, min_split_tokens=deep.tile_n // 2)
@@ -132,18 +142,28 @@ def _paged_decode_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP16: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_KEYS: tl.constexpr, LINE: tl.constexpr,
+    PREFETCH_KEYS: tl.constexpr, LINE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    start = split * split_len
     # The first block ids and the length (step metadata) load while the kernel before,
     # which writes the queries and the newest K/V, may still run; then the queries.
-    table = tables_ptr + seq * stride_t_seq
-    pos = start + tl.arange(0, TILE_N)
-    block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    if WINDOW > 0:
+        # The splits cover the last WINDOW keys: where they start waits for the length.
+        table = tables_ptr + seq * stride_t_seq
+        seq_len = tl.load(seq_lens_ptr + seq)
+        keys = tl.minimum(seq_len, WINDOW)
+        start = seq_len - keys + split * split_len
+        pos = start + tl.arange(0, TILE_N)
+        block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
+    else:
+        start = split * split_len
+        table = tables_ptr + seq * stride_t_seq
+        pos = start + tl.arange(0, TILE_N)
+        block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        keys = seq_len
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
@@ -162,7 +182,7 @@ def _paged_decode_attention_kernel(
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
     q = to_dot_dtype(q, DOT_FP16)
     if SPLIT:
-        used = tl.minimum(tl.maximum(tl.cdiv(seq_len, split_len), 1), num_splits)
+        used = tl.minimum(tl.maximum(tl.cdiv(keys, split_len), 1), num_splits)
     else:
         used = 1
     if split < used:
@@ -180,6 +200,8 @@ def _paged_decode_attention_kernel(
             k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
             v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            if SOFTCAP > 0:
+                s = softcap_log2(s, SOFTCAP)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
@@ -250,11 +272,20 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
-    max_context = block_tables.shape[1] * kv_cache.shape[2]
-    config = default_config(q.shape[0], kv_cache.shape[3], q.shape[2], max_context, q.device, kv_cache.element_size())
-    return launch_paged_decode_attention(q, kv_cache, seq_lens, block_tables, scale, config)
+    window, cap = window_and_softcap(sliding_window, softcap)
+    keys = _attended_keys(block_tables.shape[1] * kv_cache.shape[2], window)
+    config = default_config(q.shape[0], kv_cache.shape[3], q.shape[2], keys, q.device, kv_cache.element_size())
+    return launch_paged_decode_attention(q, kv_cache, seq_lens, block_tables, scale, config, sliding_window=window, softcap=cap)
+
+
+def _attended_keys(max_context: int, window: int) -> int:
+    """The most keys a sequence attends: the table's width in tokens, or the window (not 0) if shorter."""
+    return min(max_context, window) if window else max_context
 
 
 def launch_paged_decode_attention(
@@ -264,9 +295,13 @@ def launch_paged_decode_attention(
     block_tables: torch.Tensor,
     scale: float,
     config: DecodeConfig,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``paged_decode_attention`` with explicit launch parameters (benchmarks sweep them)."""
     _check_decode_args(q, kv_cache, seq_lens, block_tables)
+    window, cap = window_and_softcap(sliding_window, softcap)
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     out = torch.empty_like(q)
@@ -274,7 +309,7 @@ def launch_paged_decode_attention(
         return out
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * block_size
-    splits, split_len = split_context(q.device, batch, num_kv_heads, max_context, config)
+    splits, split_len = split_context(q.device, batch, num_kv_heads, _attended_keys(max_context, window), config)
     split_shape = (batch, num_heads, splits, head_dim) if splits > 1 else (0,)
     part_out = torch.empty(split_shape, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(split_shape[:-1], dtype=torch.float32, device=q.device)
@@ -293,6 +328,7 @@ def launch_paged_decode_attention(
         CHUNK=min(splits_pad, max(1, config.merge_per_thread * 32 * config.num_warps // (merge_pad * head_dim))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP16=dot_fp16(q, kv_cache),
         PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=min(head_dim, 128 // kv_cache.element_size()),
+        WINDOW=window, SOFTCAP=cap,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl.launch_options(q),
     )

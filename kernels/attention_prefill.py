@@ -6,7 +6,10 @@ Programs are (query head, query tile). Sequence ``i`` owns the tile ids from
 ``cu_query_lens[i] // BLOCK_M + i``, so the grid ``num_tokens // BLOCK_M + batch``
 covers every tile without reading lengths on the host; each program finds its
 sequence by binary search. Keys before a tile's first query position need no
-causal mask, so the loop is split into an unmasked and a masked part.
+causal mask, so the loop is split into an unmasked and a masked part. With a sliding
+window (``attention_options``) the loop starts at the first key a row of the tile sees,
+and keys that only some rows' windows hold take the masked part too: a long context
+costs a window's work.
 
 Each tile's cache block ids are loaded one tile ahead and once per block (not per
 key): with the ids loaded in the same loop step as the K/V they address, Triton
@@ -24,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.attention_options import softcap_log2, window_and_softcap
 from baton.kernels.checks import check_attention_args, check_int_index
 from baton.kernels.kv_dtype import dot_fp16, to_dot_dtype
 
@@ -43,11 +47,12 @@ def _attend_range(
     q, acc, m, l, kv_ptr, table, head_off, q_pos, start, end, seq_len,
     stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Online softmax of a query tile over the keys ``start`` to ``end``, ``BLOCK_N`` a step
-    (``MASKED``: causally). Block ids run one tile ahead, so no K/V load waits for a load of
-    its own step and the pipeliner keeps ``num_stages - 1`` K/V tiles in flight."""
+    (``MASKED``: causally, and within each row's ``WINDOW`` where that is not 0; scores capped
+    at ``SOFTCAP`` where that is not 0). Block ids run one tile ahead, so no K/V load waits for
+    a load of its own step and the pipeliner keeps ``num_stages - 1`` K/V tiles in flight."""
     d = tl.arange(0, HEAD_DIM)
     next_block = _block_ids(table, start, seq_len, BLOCK_SIZE, BLOCK_N)
     for tile_start in range(start, end, BLOCK_N):
@@ -58,12 +63,25 @@ def _attend_range(
         k = tl.load(kv_ptr + row[:, None] + d[None, :]).to(q.dtype)
         v = tl.load(kv_ptr + stride_c_kv + row[:, None] + d[None, :]).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SOFTCAP > 0:
+            s = softcap_log2(s * scale_log2, SOFTCAP)
+            s_scale = 1.0
+        else:
+            s_scale = scale_log2
         if MASKED:
-            s = tl.where((pos[None, :] <= q_pos[:, None]) & (pos < seq_len)[None, :], s, float("-inf"))
+            seen = (pos[None, :] <= q_pos[:, None]) & (pos < seq_len)[None, :]
+            if WINDOW > 0:
+                seen = seen & (pos[None, :] > q_pos[:, None] - WINDOW)
+            s = tl.where(seen, s, float("-inf"))
         # Scale inside the exponent: one fused multiply-add per score.
-        m_new = tl.maximum(m, tl.max(s, 1) * scale_log2)
-        p = tl.math.exp2(s * scale_log2 - m_new[:, None])
-        alpha = tl.math.exp2(m - m_new)
+        m_new = tl.maximum(m, tl.max(s, 1) * s_scale)
+        m_sub = m_new
+        if WINDOW > 0:
+            if MASKED:
+                # A row whose window starts past this tile has seen no key yet: subtract 0, not -inf (NaN).
+                m_sub = tl.where(m_new > float("-inf"), m_new, 0.0)
+        p = tl.math.exp2(s * s_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m - m_sub)
         l = l * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
@@ -99,6 +117,7 @@ def _paged_attention_kernel(
     stride_t_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP16: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Heads vary fastest and the last tiles (the longest causal rows) start first.
     head = tl.program_id(0)
@@ -126,15 +145,28 @@ def _paged_attention_kernel(
         # Keys before the tile's first query position are visible to every row of the tile.
         unmasked_end = (context_len + tile * BLOCK_M) // BLOCK_N * BLOCK_N
         end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_M)
+        if WINDOW > 0:
+            # The loop starts at the tile boundary before the first row's window. Keys from the
+            # last row's window start to the first row's position are in every row's window,
+            # those before it in only some.
+            start = tl.maximum(context_len + tile * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+            unmasked_start = tl.minimum(tl.cdiv(tl.maximum(end - WINDOW, 0), BLOCK_N) * BLOCK_N, unmasked_end)
+            acc, m, l = _attend_range(
+                q, acc, m, l, kv_ptr, table, head_off, q_pos, start, unmasked_start, seq_len,
+                stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WINDOW, SOFTCAP,
+            )
+        else:
+            unmasked_start = 0
         acc, m, l = _attend_range(
-            q, acc, m, l, kv_ptr, table, head_off, q_pos, 0, unmasked_end, seq_len,
+            q, acc, m, l, kv_ptr, table, head_off, q_pos, unmasked_start, unmasked_end, seq_len,
             stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
-            BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, DOT_PRECISION,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, DOT_PRECISION, WINDOW, SOFTCAP,
         )
         acc, m, l = _attend_range(
             q, acc, m, l, kv_ptr, table, head_off, q_pos, unmasked_end, end, seq_len,
             stride_c_block, stride_c_kv, stride_c_tok, scale_log2,
-            BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, DOT_PRECISION,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WINDOW, SOFTCAP,
         )
         out = acc / l[:, None]
         o_ptrs = out_ptr + tokens[:, None] * stride_o_tok + head * stride_o_head + d[None, :]
@@ -180,9 +212,13 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its whole paged context."""
-    return launch_paged_attention(q, kv_cache, cu_query_lens, seq_lens, block_tables, scale, default_config(q))
+    """Causal attention of each sequence's new queries over its paged context."""
+    return launch_paged_attention(q, kv_cache, cu_query_lens, seq_lens, block_tables, scale, default_config(q),
+                                  sliding_window=sliding_window, softcap=softcap)
 
 
 def launch_paged_attention(
@@ -193,9 +229,13 @@ def launch_paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     config: PrefillConfig,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``paged_attention`` with explicit launch parameters (benchmarks sweep them)."""
     _check_prefill_args(q, kv_cache, cu_query_lens, seq_lens, block_tables)
+    window, cap = window_and_softcap(sliding_window, softcap)
     num_tokens, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     out = torch.empty_like(q)
@@ -213,6 +253,7 @@ def launch_paged_attention(
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP16=dot_fp16(q, kv_cache),
+        WINDOW=window, SOFTCAP=cap,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -67,27 +67,35 @@ def paged_case(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int
 
 
 def check_paged_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, pairs: list[tuple[int, int]],
-                          config: PrefillConfig | None = None, scale: float | None = None, cache_dtype: torch.dtype | None = None) -> None:
+                          config: PrefillConfig | None = None, scale: float | None = None, cache_dtype: torch.dtype | None = None,
+                          sliding_window: int | None = None, softcap: float | None = None) -> None:
     """``pairs`` are (q_len, seq_len): q_len < seq_len means a cached prefix. ``config`` None: the
     default launch; ``scale`` None: ``head_dim**-0.5`` (a larger one makes the running maxima jump)."""
     q, cache, cu, seq_lens, tables = paged_case([a for a, _ in pairs], [b for _, b in pairs], heads, kv_heads, block_size, head_dim, dtype, device,
                                                 cache_dtype=cache_dtype)
     scale = scale or head_dim**-0.5
+    options = {"sliding_window": sliding_window, "softcap": softcap}
     _poison_allocator(device, q.numel() * q.element_size())
     if config is None:
-        got = attention.paged_attention(q, cache, cu, seq_lens, tables, scale)
+        got = attention.paged_attention(q, cache, cu, seq_lens, tables, scale, **options)
     else:
-        got = launch_paged_attention(q, cache, cu, seq_lens, tables, scale, config)
-    _assert_close(got, attention.ref_paged_attention(q, cache, cu, seq_lens, tables, scale), dtype)
+        got = launch_paged_attention(q, cache, cu, seq_lens, tables, scale, config, **options)
+    _assert_close(got, attention.ref_paged_attention(q, cache, cu, seq_lens, tables, scale, **options), dtype)
 
 
 def check_paged_decode_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, lens: list[int],
-                                 cache_dtype: torch.dtype | None = None) -> None:
+                                 cache_dtype: torch.dtype | None = None, config: DecodeConfig | None = None, scale: float | None = None,
+                                 sliding_window: int | None = None, softcap: float | None = None) -> None:
+    """``config`` None: the default launch; ``scale`` None: ``head_dim**-0.5``."""
     q, cache, _, seq_lens, tables = paged_case([1] * len(lens), lens, heads, kv_heads, block_size, head_dim, dtype, device, cache_dtype=cache_dtype)
-    scale = head_dim**-0.5
+    scale = scale or head_dim**-0.5
+    options = {"sliding_window": sliding_window, "softcap": softcap}
     _poison_allocator(device, q.numel() * q.element_size())
-    got = attention.paged_decode_attention(q, cache, seq_lens, tables, scale)
-    _assert_close(got, attention.ref_paged_decode_attention(q, cache, seq_lens, tables, scale), dtype)
+    if config is None:
+        got = attention.paged_decode_attention(q, cache, seq_lens, tables, scale, **options)
+    else:
+        got = launch_paged_decode_attention(q, cache, seq_lens, tables, scale, config, **options)
+    _assert_close(got, attention.ref_paged_decode_attention(q, cache, seq_lens, tables, scale, **options), dtype)
 
 
 def check_decode_many_splits_and_padding(device: str, dtype: torch.dtype) -> None:
@@ -131,12 +139,12 @@ def check_gather_scatter(device: str, dtype: torch.dtype, block_size: int, kv_he
     assert torch.equal(cache, want)
 
 
-def check_rms_norm(device: str, dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
+def check_rms_norm(device: str, dtype: torch.dtype, hidden: int, with_residual: bool, unit_offset: bool = False) -> None:
     x = torch.randn(7, hidden, dtype=dtype, device=device)
     w = torch.randn(hidden, dtype=dtype, device=device)
     r = torch.randn(7, hidden, dtype=dtype, device=device) if with_residual else None
     _poison_allocator(device, 2 * x.numel() * x.element_size())
-    got, want = norm.rms_norm(x, w, 1e-6, r), norm.ref_rms_norm(x, w, 1e-6, r)
+    got, want = norm.rms_norm(x, w, 1e-6, r, unit_offset), norm.ref_rms_norm(x, w, 1e-6, r, unit_offset)
     for g, e in zip(got, want) if with_residual else ((got, want),):
         _assert_close(g, e, dtype)
 
@@ -209,23 +217,33 @@ def check_qkv_rotary_store_kv(device: str, dtype: torch.dtype, cache_dtype: torc
     _assert_written_rows(cache, want, slots, max(dtype, cache_dtype, key=TOLERANCE.__getitem__), slice(None))
 
 
-def check_silu_and_mul(device: str, dtype: torch.dtype, inter: int) -> None:
-    x = torch.randn(2, 3, 2 * inter, dtype=dtype, device=device)
+def spread_gates(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (gate then up along its last dim) with its gates scaled from 0.1 to 30 along it: past
+    |gate| of about 10, ``exp(-2u)`` of GELU's tanh argument ``u`` overflows fp32."""
+    inter = x.shape[-1] // 2
+    x[..., :inter] *= torch.logspace(-1, math.log10(30), inter, device=x.device)
+    return x
+
+
+def check_act_and_mul(device: str, dtype: torch.dtype, inter: int, act: str, tokens: tuple[int, ...] = (2, 3)) -> None:
+    x = spread_gates(torch.randn(*tokens, 2 * inter, dtype=dtype, device=device))
     _poison_allocator(device, x.numel() * x.element_size())
-    _assert_close(activation.silu_and_mul(x), activation.ref_silu_and_mul(x), dtype)
+    _assert_close(activation.act_and_mul(x, act), activation.ref_act_and_mul(x, act), dtype)
 
 
 def check_linear(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool, config: LinearConfig | None = None,
-                 gated: bool = False) -> None:
+                 gated: bool = False, act: str = "silu") -> None:
     """``x`` is a view with a row stride past its width, as a slice of a wider activation would be;
-    ``gated``: ``x`` holds gate then up (2K wide) and the kernel applies ``silu_and_mul`` first."""
+    ``gated``: ``x`` holds gate then up (2K wide) and the kernel applies ``act_and_mul(x, act)`` first."""
     width = 2 * k if gated else k
     w = torch.randn(n, k, dtype=dtype, device=device)
     b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
     x = torch.randn(m, width + 3, dtype=dtype, device=device)[:, :width]
+    if gated:
+        spread_gates(x)
     _poison_allocator(device, m * n * x.element_size())
-    got = launch_linear(x, w, b, config or linear.DEFAULT_CONFIG, gated)
-    _assert_close(got, (linear.ref_gated_linear if gated else linear.ref_linear)(x, w, b), dtype)
+    got = launch_linear(x, w, b, config or linear.DEFAULT_CONFIG, gated, act)
+    _assert_close(got, linear.ref_gated_linear(x, w, b, act) if gated else linear.ref_linear(x, w, b), dtype)
 
 
 # Tiles at interpreter sizes, each with a cache block size: keys per tile above it (several
@@ -248,6 +266,41 @@ def prefill_variant_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str
                    lambda c=config, b=block_size, s=scale: check_paged_attention(device, dtype, 8, 2, b, 16, pairs, c, s))
 
 
+# Split decode launches at interpreter sizes: splits of one tile and of two.
+WINDOW_DECODE_CONFIGS = (
+    DecodeConfig(tile_n=16, programs_per_sm=60, min_split_tokens=16, max_splits=40, merge_per_thread=1),
+    DecodeConfig(tile_n=16, programs_per_sm=60, min_split_tokens=32, max_splits=8),
+)
+
+
+def window_softcap_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Sliding windows and capped scores against the references. Decode: windows of 1 and shorter
+    than a tile (where the whole context would split), split over several programs with the first
+    key (``seq_len - W``) mid-block and off the whole table's splits, as long as and longer than a
+    context. Prefill: windows shorter than a query tile (no key every row sees), across the masked,
+    unmasked and masked parts of a cached prefix, and past the context. Caps at a scale that bends
+    most scores."""
+    lens = [700, 1, 9, 57, 100, 101, 300]
+    for config in WINDOW_DECODE_CONFIGS:
+        for window in (5, 40, 100):
+            yield (f"decode window {window} {config}",
+                   lambda c=config, w=window: check_paged_decode_attention(device, dtype, 8, 2, 16, 16, lens, config=c, sliding_window=w))
+        yield (f"decode window 100 softcap {config}",
+               lambda c=config: check_paged_decode_attention(device, dtype, 8, 2, 16, 16, lens, config=c, scale=2.0,
+                                                             sliding_window=100, softcap=5.0))
+    for (heads, kv_heads), window, cap in (((4, 1), 1, None), ((2, 2), 7, 5.0), ((8, 2), None, 5.0), ((8, 2), 300, 5.0)):
+        yield (f"decode h{heads}/{kv_heads} window {window} softcap {cap}",
+               lambda h=heads, k=kv_heads, w=window, c=cap: check_paged_decode_attention(device, dtype, h, k, 8, 16, [1, 8, 300, 1000],
+                                                                                         scale=2.0, sliding_window=w, softcap=c))
+    pairs = [(1, 1), (40, 40), (21, 200), (5, 40), (0, 6)]   # window 80 over (21, 200): all three parts
+    for (config, block_size), window in itertools.product(PREFILL_VARIANTS[:2], (1, 12, 40, 80, 300)):
+        yield (f"prefill window {window} {config} bs{block_size}",
+               lambda c=config, b=block_size, w=window: check_paged_attention(device, dtype, 8, 2, b, 16, pairs, c, sliding_window=w))
+    for window in (None, 12):
+        yield (f"prefill window {window} softcap",
+               lambda w=window: check_paged_attention(device, dtype, 4, 2, 16, 16, pairs, scale=2.0, sliding_window=w, softcap=5.0))
+
+
 def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     """The cases the interpreter can afford; also the first pass on GPU."""
     grid = [(h, k, 16) for h, k in GQA] + [(4, 2, 8), (4, 2, 32), (8, 1, 8)]
@@ -262,6 +315,7 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "prefill dim 64", lambda: check_paged_attention(device, dtype, 4, 2, 16, 64, [(40, 70), (33, 33)])
     yield "prefill short query runs (drafts)", lambda: check_paged_attention(device, dtype, 8, 2, 16, 16, [(5, 40), (1, 3), (3, 3), (16, 50), (0, 6)])
     yield from prefill_variant_cases(device, dtype)
+    yield from window_softcap_cases(device, dtype)
     for bs in (8, 16):
         yield f"store_kv bs{bs}", lambda b=bs: check_store_kv(device, dtype, b, 2, 16)
         yield f"gather/scatter bs{bs}", lambda b=bs: check_gather_scatter(device, dtype, b, 2, 16)
@@ -272,6 +326,7 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
         yield f"gather/scatter {fp8}", lambda c=fp8: check_gather_scatter(device, c, 16, 2, 16)
     for hidden, res in ((64, False), (100, True)):
         yield f"rms_norm {hidden} residual={res}", lambda h=hidden, r=res: check_rms_norm(device, dtype, h, r)
+        yield f"rms_norm {hidden} residual={res} unit offset", lambda h=hidden, r=res: check_rms_norm(device, dtype, h, r, True)
     for head_dim, rot in ((32, 32), (64, 48)):
         yield f"rotary {head_dim}/{rot}", lambda h=head_dim, r=rot: check_rotary(device, dtype, h, r)
     other = torch.float16 if dtype == torch.float32 else torch.float32
@@ -280,7 +335,8 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "qkv_rotary_store_kv 1 row 32/32 bias", lambda: check_qkv_rotary_store_kv(device, dtype, dtype, 1, 4, 2, 32, 32, 100, True)
     yield "qkv_rotary_store_kv 2 rows 32/16 other cache dtype", lambda: check_qkv_rotary_store_kv(device, dtype, other, 2, 6, 2, 32, 16, 300, False)
     yield "qkv_rotary_store_kv 4 rows even K, MQA", lambda: check_qkv_rotary_store_kv(device, dtype, dtype, MAX_GEMV_ROWS, 4, 1, 16, 16, 2048, True)
-    yield "silu_and_mul", lambda: check_silu_and_mul(device, dtype, 1500)
+    for act in activation.ACTIVATIONS:
+        yield f"act_and_mul {act}", lambda a=act: check_act_and_mul(device, dtype, 1500, a)
     for m, n, k, bias in ((1, 37, 100, True), (2, 24, 1024, False), (3, 64, 1030, True), (4, 19, 512, False)):
         yield f"linear {m}x{k} -> {n} bias={bias}", lambda m=m, n=n, k=k, b=bias: check_linear(device, dtype, m, n, k, b)
     ragged = LinearConfig(block_n=16, block_k=128)  # N and K not multiples of the tile, then K a multiple
@@ -288,6 +344,9 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "linear even K", lambda: check_linear(device, dtype, 3, 45, 256, False, ragged)
     yield "gated linear", lambda: check_linear(device, dtype, 2, 37, 300, True, gated=True)
     yield "gated linear ragged tiles", lambda: check_linear(device, dtype, 3, 45, 300, False, ragged, gated=True)
+    yield "gated linear gelu_pytorch_tanh", lambda: check_linear(device, dtype, 2, 37, 300, True, gated=True, act="gelu_pytorch_tanh")
+    yield "gated linear gelu_pytorch_tanh ragged tiles", lambda: check_linear(device, dtype, 4, 45, 300, False, ragged, gated=True,
+                                                                                 act="gelu_pytorch_tanh")
 
 
 @pytest.mark.unit
@@ -305,10 +364,22 @@ def test_the_reference_attends_a_batch_of_short_runs_as_each_sequence_alone(head
         torch.testing.assert_close(batched[lo:hi], alone, rtol=1e-5, atol=1e-5)
 
 
+def low_precision_cases() -> Iterator[tuple[str, Callable[[], None]]]:
+    """The interpreter's cases in 16-bit dtypes (``small_cases`` runs float32): a few ops' roundings."""
+    yield "store_kv fp16", lambda: check_store_kv("cpu", torch.float16, 16, 2, 16)
+    yield "rms_norm bf16", lambda: check_rms_norm("cpu", torch.bfloat16, 96, True)
+    yield "rms_norm bf16 unit offset", lambda: check_rms_norm("cpu", torch.bfloat16, 96, True, True)
+    yield "linear bf16", lambda: check_linear("cpu", torch.bfloat16, MAX_GEMV_ROWS, 37, 300, True)
+    for half in (torch.float16, torch.bfloat16):   # GeGLU's two roundings
+        yield f"act_and_mul gelu_pytorch_tanh {half}", lambda d=half: check_act_and_mul("cpu", d, 300, "gelu_pytorch_tanh")
+        yield (f"gated linear gelu_pytorch_tanh {half}",
+               lambda d=half: check_linear("cpu", d, 3, 37, 300, True, gated=True, act="gelu_pytorch_tanh"))
+
+
 @pytest.mark.unit
 def test_kernels_under_triton_interpreter() -> None:
     stdout = interpreted_checks_passed(__file__)
-    expected = sum(1 for _ in small_cases("cpu", torch.float32)) + 3
+    expected = sum(1 for _ in small_cases("cpu", torch.float32)) + sum(1 for _ in low_precision_cases())
     assert f"{expected} interpreted checks passed" in stdout, stdout
 
 
@@ -341,6 +412,25 @@ def test_attention_on_gpu_head_dim_64(dtype: torch.dtype) -> None:
     check_paged_decode_attention("cuda", dtype, 32, 8, 16, 64, [1, 4000, 17, 250])
     lens = torch.randint(1, 600, (128,)).tolist()  # more KV heads than a wave of the deeper programs holds: the lighter ones
     check_paged_decode_attention("cuda", dtype, 32, 8, 16, 64, lens)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("window", [4096, 100, None], ids=lambda w: f"window {w}")
+def test_window_and_softcap_on_gpu_gemma2_shapes(dtype: torch.dtype, window: int | None) -> None:
+    """Gemma 2's attention (8 query heads over 4 KV heads of 256, scores capped at 50, a window of
+    4096 keys on every other layer) and a short window, over contexts past the window, at its
+    scale and at one where the cap bends the scores; decode batches that split the context, fill
+    one wave of deep programs unsplit (96) and take the light ones (128)."""
+    pairs = [(1, 1), (300, 300), (77, 5000), (1, 4097), (500, 4600), (4500, 4500)]
+    for scale, cap in ((None, None), (None, 50.0), (1.0, 50.0)):
+        check_paged_attention("cuda", dtype, 8, 4, 16, 256, pairs, scale=scale, sliding_window=window, softcap=cap)
+        check_paged_decode_attention("cuda", dtype, 8, 4, 16, 256, [5000, 1, 4096, 4097, 100, 101], scale=scale,
+                                     sliding_window=window, softcap=cap)
+    for batch in (96, 128):
+        lens = torch.randint(1, 6000, (batch,)).tolist()
+        check_paged_decode_attention("cuda", dtype, 8, 4, 16, 256, lens, sliding_window=window, softcap=50.0)
 
 
 @pytest.mark.gpu
@@ -440,18 +530,25 @@ HOPPER_PDL_CASES = {   # case: (kernel, pointer parameters, constants); the rest
     "decode bf16 head dim 128": (
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16"),
         dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
-             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=64, LINE=64)),
+             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=64, LINE=64, WINDOW=0, SOFTCAP=0.0)),
+    "decode bf16 head dim 256, a sliding window and capped scores": (   # Gemma 2's local layers
+        "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16"),
+        dict(GROUP=2, GROUP_PAD=16, MERGE_PAD=2, HEAD_DIM=256, BLOCK_SIZE=16, TILE_N=32, SPLIT=True, SPLITS_PAD=32,
+             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=32, LINE=64, WINDOW=4096, SOFTCAP=50.0)),
     "decode bf16 over an fp8 KV cache": (   # the tiles widened to float16, the queries narrowed to it
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16", "fp8e4nv"),
         dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
-             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=True, PREFETCH_KEYS=64, LINE=128)),
+             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=True, PREFETCH_KEYS=64, LINE=128, WINDOW=0, SOFTCAP=0.0)),
     "decode fp32 head dim 64, two tiles to L2": (   # 128-byte lines of 32 elements, two to a row
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("fp32"),
         dict(GROUP=2, GROUP_PAD=16, MERGE_PAD=2, HEAD_DIM=64, BLOCK_SIZE=16, TILE_N=32, SPLIT=False, SPLITS_PAD=1,
-             CHUNK=1, DOT_PRECISION="ieee", DOT_FP16=False, PREFETCH_KEYS=64, LINE=32)),
+             CHUNK=1, DOT_PRECISION="ieee", DOT_FP16=False, PREFETCH_KEYS=64, LINE=32, WINDOW=0, SOFTCAP=0.0)),
     "gated GEMV": (
         "linear:_linear_kernel", {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"},
-        dict(M=1, M_PAD=16, HAS_BIAS=False, GATED=True, BLOCK_N=64, BLOCK_K=128, EVEN_K=True)),
+        dict(M=1, M_PAD=16, HAS_BIAS=False, ACTIVATION="silu", BLOCK_N=64, BLOCK_K=128, EVEN_K=True)),
+    "gated GEMV, GELU (tanh)": (
+        "linear:_linear_kernel", {"x_ptr": "*fp16", "w_ptr": "*fp16", "b_ptr": "*fp16", "out_ptr": "*fp16"},
+        dict(M=2, M_PAD=2, HAS_BIAS=True, ACTIVATION="gelu_pytorch_tanh", BLOCK_N=2, BLOCK_K=2048, EVEN_K=False)),
     "RMSNorm": (
         "norm:_rms_norm_kernel",
         {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "new_residual_ptr": "*bf16",
@@ -505,6 +602,46 @@ def test_linear_on_gpu_llama_shapes(dtype: torch.dtype, n: int, k: int) -> None:
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("inter,hidden", [(9216, 2304), (14336, 3584)], ids=["gemma-2-2b", "gemma-2-9b"])
+def test_gelu_tanh_on_gpu_gemma_shapes(dtype: torch.dtype, inter: int, hidden: int) -> None:
+    """Gemma 2's GeGLU MLPs: ``act_and_mul`` over a prefill's tokens, and the down projection fused
+    with it at every row count the GEMV takes."""
+    check_act_and_mul("cuda", dtype, inter, "gelu_pytorch_tanh", (3, 171))
+    for m in range(1, MAX_GEMV_ROWS + 1):
+        for with_bias in (False, True):
+            check_linear("cuda", dtype, m, hidden, inter, with_bias, gated=True, act="gelu_pytorch_tanh")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", activation.ACTIVATIONS)
+def test_ref_act_and_mul_matches_float64(act: str, dtype: torch.dtype) -> None:
+    """The reference against the activation in float64 on the same inputs, within a rounding of the
+    activation and one of the product; an odd width, gates up to 30 wide and one row from -30 to 30."""
+    x = spread_gates(torch.randn(5, 2 * 37))
+    x[0, :37] = torch.linspace(-30, 30, 37)
+    x = x.to(dtype)
+    gate, up = x[:, :37].double(), x[:, 37:].double()
+    exact = {"silu": lambda g: g * torch.sigmoid(g), "gelu_pytorch_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh")}
+    got = activation.ref_act_and_mul(x, act)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), exact[act](gate) * up, rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_unknown_activation_is_rejected() -> None:
+    x, w = torch.randn(2, 32), torch.randn(8, 16)
+    calls = [lambda: activation.act_and_mul(x, "gelu"), lambda: activation.ref_act_and_mul(x, "relu"), lambda: ops.act_and_mul(x, "swish"),
+             lambda: linear.gated_linear(x, w, None, "gelu_new"), lambda: linear.ref_gated_linear(x, w, None, "tanh"),
+             lambda: ops.gated_linear(x, w, None, "Silu")]
+    for call in calls:
+        with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu_pytorch_tanh', got"):
+            call()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("head_dim,hidden", [(64, 2048), (128, 4096)], ids=["1B", "8B"])
 def test_qkv_rotary_store_kv_on_gpu_llama_shapes(dtype: torch.dtype, head_dim: int, hidden: int) -> None:
     """Llama-3.2-1B's and Llama-3-8B's attention inputs (32 query heads, 8 KV heads) at every row count the kernel takes."""
@@ -531,7 +668,7 @@ def test_linear_in_cuda_graph_and_dispatch() -> None:
     many = torch.randn(MAX_DISPATCH_ROWS + 1, 2048, dtype=torch.bfloat16, device="cuda")
     assert torch.equal(ops.linear(many, w, b), linear.ref_linear(many, w, b))
     gate_up = torch.randn(MAX_DISPATCH_ROWS + 1, 2 * 3072, dtype=torch.bfloat16, device="cuda")
-    assert torch.equal(ops.gated_linear(gate_up, w.T.contiguous(), None), linear.ref_linear(ops.silu_and_mul(gate_up), w.T.contiguous()))
+    assert torch.equal(ops.gated_linear(gate_up, w.T.contiguous(), None), linear.ref_linear(ops.act_and_mul(gate_up), w.T.contiguous()))
     # The 1B's q/k/v: 32 query heads, 8 KV heads of 64; the fused launch, and the unfused ops past MAX_DISPATCH_ROWS.
     for rows in (1, MAX_DISPATCH_ROWS + 1):
         cache = torch.randn(4, 2, 16, 8, 64, dtype=torch.bfloat16, device="cuda")
@@ -591,8 +728,5 @@ def test_kernels_on_gpu_pool_beyond_int32_offsets() -> None:
 
 if __name__ == "__main__":
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    passed = run_cases(small_cases("cpu", torch.float32))
-    passed += run_cases(iter([("store_kv fp16", lambda: check_store_kv("cpu", torch.float16, 16, 2, 16)),
-                              ("rms_norm bf16", lambda: check_rms_norm("cpu", torch.bfloat16, 96, True)),
-                              ("linear bf16", lambda: check_linear("cpu", torch.bfloat16, MAX_GEMV_ROWS, 37, 300, True))]))
+    passed = run_cases(small_cases("cpu", torch.float32)) + run_cases(low_precision_cases())
     print(f"{passed} interpreted checks passed")
