@@ -1,6 +1,11 @@
 """The model's own shape and numerics, parsed from a Hugging Face ``config.json``
 (and ``generation_config.json``). Pure Python: no torch.
 
+Sliding-window attention is read per layer (``sliding_windows``) the way transformers reads it
+for each family: ``layer_types`` where the config names them, else every other layer (Gemma 2),
+the layers from ``max_window_layers`` on (Qwen2/Qwen3 with ``use_sliding_window``) or every
+layer (Mistral, Phi-3). A window no shorter than the longest sequence served is dropped.
+
 Both layouts of RoPE settings are understood: ``rope_parameters`` (transformers 5)
 and ``rope_theta`` + ``rope_scaling`` (older checkpoints). An embedding model's pooling is
 read from its sentence-transformers files (``load_pooler_config``).
@@ -19,6 +24,7 @@ from baton.engine.pooling import PoolerConfig, pooling_module_path
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 _DEFAULT_ROPE_THETA = 10000.0
 
 
@@ -42,7 +48,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything the engine needs to know about a decoder-only Llama-family model."""
+    """Everything the engine needs to know about a decoder-only Llama-family model (Gemma included)."""
 
     architecture: str
     hidden_size: int
@@ -65,7 +71,19 @@ class ModelConfig:
     bos_token_id: int | None
     dtype: str                     # the checkpoint's dtype: one of SUPPORTED_DTYPES
     has_lm_head: bool = True       # False: a base model's checkpoint (``LlamaModel``...): embeddings only
-    post_norm: bool = False        # OLMo 2: each layer norms its attention's and MLP's outputs, not their inputs
+    # Where each layer norms: "pre", the inputs of its attention and MLP (Llama); "post", their
+    # outputs (OLMo 2); "both" (Gemma 2).
+    layer_norms: str = "pre"
+    hidden_act: str = "silu"       # the gated MLP's activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
+    # Gemma: every RMSNorm scales by 1 + weight (rounding once, in float32), and the embedding
+    # multiplier is rounded to the model's dtype before it scales the embeddings.
+    gemma_norms: bool = False
+    sliding_windows: tuple[int | None, ...] = ()   # per layer: keys a query sees (None, or no entries: all)
+    # Gemma 3: its sliding-window layers rotate by a RoPE of their own (``local_rope_layers``: which).
+    local_rope: RopeConfig | None = None
+    local_rope_layers: tuple[bool, ...] = ()
+    attn_logit_softcap: float | None = None        # Gemma 2: scores become cap * tanh(score / cap)
+    final_logit_softcap: float | None = None       # Gemma 2: the same on the logits
     # Granite's scalars (1.0 and None elsewhere): the embeddings times ``embedding_multiplier``, each
     # attention and MLP output times ``residual_multiplier`` before it joins the residual stream,
     # ``attention_multiplier`` the attention's softmax scale (None: head_dim ** -0.5), and the
@@ -83,23 +101,25 @@ class ModelConfig:
         max_model_len: int | None = None,
     ) -> ModelConfig:
         """Parse a ``config.json`` dict. ``max_model_len`` (default: ``max_position_embeddings``)
-        is the longest sequence the engine will serve; a sliding window shorter than that
-        is refused because this engine attends over the full context."""
+        is the longest sequence the engine will serve: a sliding window no shorter than that is dropped."""
         architecture, has_lm_head = _architecture(cfg)
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
+        gemma = architecture in GEMMA_ARCHITECTURES
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
         max_pos = int(cfg.get("max_position_embeddings", 2048))
-        _check_sliding_window(cfg, max_model_len or max_pos)
+        num_layers = int(cfg["num_hidden_layers"])
+        if cfg.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention is not supported: the engine generates causally")
+        rope, local_rope = _rope_configs(architecture, cfg, max_pos)
+        sliding = _sliding_layers(architecture, cfg, num_layers)
         qkv_bias, o_bias, mlp_bias = _biases(architecture, cfg)
         head_dim = int(cfg.get("head_dim") or hidden // heads)
         return cls(
             architecture=architecture,
             hidden_size=hidden,
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
@@ -107,20 +127,25 @@ class ModelConfig:
             intermediate_size=int(cfg["intermediate_size"]),
             vocab_size=int(cfg["vocab_size"]),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=_rope_config(cfg, max_pos),
+            rope=rope,
             max_position_embeddings=max_pos,
             # A base model has no LM head to load: the embedding matrix stands in (never used).
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm={"Qwen3ForCausalLM": "head", "Olmo2ForCausalLM": "full"}.get(architecture),
+            qk_norm={"Qwen3ForCausalLM": "head", "Gemma3ForCausalLM": "head", "Olmo2ForCausalLM": "full"}.get(architecture),
             eos_token_ids=_eos_token_ids(cfg, generation_config or {}),
             bos_token_id=cfg.get("bos_token_id"),
             dtype=_dtype(cfg),
             has_lm_head=has_lm_head,
-            post_norm=architecture == "Olmo2ForCausalLM",
+            layer_norms="both" if architecture in GEMMA_ARCHITECTURES[1:] else "post" if architecture == "Olmo2ForCausalLM" else "pre",
+            hidden_act=_hidden_act(architecture, cfg),
+            sliding_windows=_sliding_windows(cfg, sliding, max_model_len or max_pos),
+            local_rope=local_rope,
+            local_rope_layers=tuple(sliding) if local_rope else (),
             **_granite_scalars(architecture, cfg),
+            **(_gemma_fields(architecture, cfg, hidden) if gemma else {}),
         )
 
 
@@ -176,6 +201,41 @@ def _granite_scalars(architecture: str, cfg: dict[str, Any]) -> dict[str, float]
             "logits_scaling": float(cfg.get("logits_scaling", 1.0))}
 
 
+def _gemma_fields(architecture: str, cfg: dict[str, Any], hidden: int) -> dict[str, Any]:
+    """Gemma's embeddings times sqrt(hidden_size); Gemma 2's and 3's softmax scale from
+    ``query_pre_attn_scalar`` and their soft caps (Gemma 3 gives none)."""
+    fields: dict[str, Any] = {"gemma_norms": True, "embedding_multiplier": math.sqrt(hidden)}
+    if architecture != "GemmaForCausalLM":
+        fields.update(attention_multiplier=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
+                      attn_logit_softcap=_positive_or_none(cfg, "attn_logit_softcapping"),
+                      final_logit_softcap=_positive_or_none(cfg, "final_logit_softcapping"))
+    return fields
+
+
+def _positive_or_none(cfg: dict[str, Any], key: str) -> float | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if float(value) <= 0:
+        raise ValueError(f"{key}={value} must be positive (or null for none)")
+    return float(value)
+
+
+def _hidden_act(architecture: str, cfg: dict[str, Any]) -> str:
+    """Gemma's GeGLU takes the tanh approximation of GELU (transformers reads a legacy "gelu" so
+    too); every other family here SwiGLU."""
+    if architecture in GEMMA_ARCHITECTURES:
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"hidden_activation={act!r} is not supported for {architecture} (only 'gelu_pytorch_tanh')")
+        return act
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
+    return act
+
+
 def _biases(architecture: str, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
     """(q/k/v bias, output-projection bias, MLP bias) as each architecture defines them."""
     attention_bias = bool(cfg.get("attention_bias") or False)
@@ -183,31 +243,65 @@ def _biases(architecture: str, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
         return attention_bias, attention_bias, bool(cfg.get("mlp_bias") or False)
     if architecture == "Qwen2ForCausalLM":
         return True, False, False
-    if architecture == "Qwen3ForCausalLM":
+    if architecture in ("Qwen3ForCausalLM", *GEMMA_ARCHITECTURES):
         return attention_bias, attention_bias, False
     return False, False, False
 
 
-def _check_sliding_window(cfg: dict[str, Any], max_len: int) -> None:
-    window = cfg.get("sliding_window")
-    if cfg.get("use_sliding_window") is False:
-        window = None
+def _sliding_layers(architecture: str, cfg: dict[str, Any], num_layers: int) -> list[bool]:
+    """Which layers are sliding-window layers (whatever their window's length)."""
+    qwen = architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    if cfg.get("sliding_window") is None or not cfg.get("use_sliding_window", not qwen):
+        return [False] * num_layers
     layer_types = cfg.get("layer_types")
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        window = None
-    if window is not None and int(window) < max_len:
-        raise ValueError(
-            f"sliding_window={window} is shorter than the max model length {max_len}: sliding-window "
-            f"attention is not supported; serve with max_model_len <= {window}"
-        )
+    if layer_types is not None:
+        if len(layer_types) != num_layers:
+            raise ValueError(f"layer_types names {len(layer_types)} layers, the model has {num_layers}")
+        return [kind == "sliding_attention" for kind in layer_types]
+    if architecture == "Gemma2ForCausalLM":
+        return [i % 2 == 0 for i in range(num_layers)]
+    if architecture == "Gemma3ForCausalLM":
+        pattern = int(cfg.get("sliding_window_pattern", 6))
+        return [(i + 1) % pattern != 0 for i in range(num_layers)]
+    if qwen:
+        first = int(cfg.get("max_window_layers", num_layers))
+        return [i >= first for i in range(num_layers)]
+    return [True] * num_layers
 
 
-def _rope_config(cfg: dict[str, Any], max_pos: int) -> RopeConfig:
+def _sliding_windows(cfg: dict[str, Any], sliding: list[bool], max_len: int) -> tuple[int | None, ...]:
+    """Each layer's window (None: full attention); () where no layer's window is shorter than ``max_len``."""
+    if not any(sliding):
+        return ()
+    window = cfg["sliding_window"]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window={window!r} must be a positive integer")
+    if window >= max_len:
+        return ()
+    return tuple(window if s else None for s in sliding)
+
+
+def _rope_configs(architecture: str, cfg: dict[str, Any], max_pos: int) -> tuple[RopeConfig, RopeConfig | None]:
+    """The RoPE of every layer, or (Gemma 3) of its full-attention layers and of its sliding ones:
+    ``rope_parameters`` per layer type, or the older ``rope_theta`` (1M by default) and
+    ``rope_scaling`` for the full layers and ``rope_local_base_freq`` (10k) for the sliding ones."""
     params = dict(cfg.get("rope_parameters") or {})
-    if any(isinstance(v, dict) for v in params.values()):
-        raise ValueError("per-layer-type rope_parameters are not supported")
-    legacy = dict(cfg.get("rope_scaling") or {})
-    merged = {**legacy, **params}
+    per_type = any(isinstance(v, dict) for v in params.values())
+    if architecture != "Gemma3ForCausalLM":
+        if per_type:
+            raise ValueError(f"per-layer-type rope_parameters are not supported for {architecture}")
+        return _rope_config(cfg, {**(cfg.get("rope_scaling") or {}), **params}, max_pos), None
+    if per_type:
+        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    else:
+        full = {**(cfg.get("rope_scaling") or {}), **params}
+        local = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
+    full = {"rope_theta": cfg.get("rope_theta", 1_000_000.0), **full}
+    return _rope_config(cfg, full, max_pos), _rope_config(cfg, {"rope_theta": 10_000.0, **local}, max_pos)
+
+
+def _rope_config(cfg: dict[str, Any], merged: dict[str, Any], max_pos: int) -> RopeConfig:
+    """One RoPE from ``merged`` (a ``rope_parameters`` or ``rope_scaling`` dict, with the theta)."""
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
     rope_type = "longrope" if rope_type == "su" else rope_type   # Phi-3's first name for it
     if rope_type not in SUPPORTED_ROPE_TYPES:

@@ -98,7 +98,8 @@ class ModelRunner:
                              f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}")
         self.block_size = config.block_size
         self.model = build_model(self.model_dir, mc, self.dtype, self.device)
-        self.model.set_cos_sin_cache(build_cos_sin_cache(mc.rope, mc.rotary_dim, self.max_model_len, self.device))
+        local = build_cos_sin_cache(mc.local_rope, mc.rotary_dim, self.max_model_len, self.device) if mc.local_rope else None
+        self.model.set_cos_sin_cache(build_cos_sin_cache(mc.rope, mc.rotary_dim, self.max_model_len, self.device), local)
         self.cuda_graphs: DecodeGraphs | None = None
         self._set_adapters({a.name: a for a in load_adapters(config.lora_modules, mc, config.max_lora_rank)})
         self.num_blocks: int = config.num_blocks or (

@@ -87,29 +87,80 @@ def test_config_fields_per_architecture():
     gen = {"eos_token_id": [7, 2]}
     llama = ModelConfig.from_dict({**BASE, "eos_token_id": 2, "torch_dtype": "bfloat16", "attention_bias": True}, gen)
     assert llama.eos_token_ids == (7, 2) and llama.dtype == "bfloat16"
-    assert (llama.qkv_bias, llama.o_bias, llama.qk_norm, llama.post_norm) == (True, True, None, False)
+    assert (llama.qkv_bias, llama.o_bias, llama.qk_norm, llama.layer_norms) == (True, True, None, "pre")
     qwen2 = ModelConfig.from_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 1,
                                    "sliding_window": 64, "use_sliding_window": False, "dtype": "float16"})
     assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.num_kv_heads, qwen2.dtype) == (True, False, 1, "float16")
     qwen3 = ModelConfig.from_dict({**BASE, "architectures": ["Qwen3ForCausalLM"], "head_dim": 32})
     assert qwen3.qk_norm == "head" and qwen3.head_dim == 32 and not qwen3.qkv_bias
     olmo2 = ModelConfig.from_dict({**BASE, "architectures": ["Olmo2ForCausalLM"], "attention_bias": True})
-    assert (olmo2.qk_norm, olmo2.post_norm, olmo2.qkv_bias, olmo2.o_bias, olmo2.mlp_bias) == ("full", True, True, True, False)
+    assert (olmo2.qk_norm, olmo2.layer_norms, olmo2.qkv_bias, olmo2.o_bias, olmo2.mlp_bias) == ("full", "post", True, True, False)
     granite = ModelConfig.from_dict({**BASE, "architectures": ["GraniteForCausalLM"], "embedding_multiplier": 12.0,
                                      "residual_multiplier": 0.22, "attention_multiplier": 0.0078125, "logits_scaling": 8.0})
     assert (granite.embedding_multiplier, granite.residual_multiplier, granite.attention_multiplier,
             granite.logits_scaling) == (12.0, 0.22, 0.0078125, 8.0)
     assert (llama.embedding_multiplier, llama.residual_multiplier, llama.attention_multiplier, llama.logits_scaling) == \
         (1.0, 1.0, None, 1.0)
+    assert (llama.hidden_act, llama.gemma_norms, llama.attn_logit_softcap, llama.final_logit_softcap) == ("silu", False, None, None)
+    gemma = ModelConfig.from_dict({**BASE, "architectures": ["GemmaForCausalLM"], "hidden_act": "gelu", "head_dim": 256})
+    assert (gemma.hidden_act, gemma.gemma_norms, gemma.embedding_multiplier, gemma.head_dim) == \
+        ("gelu_pytorch_tanh", True, 8.0, 256)
+    gemma2 = ModelConfig.from_dict({**BASE, "architectures": ["Gemma2ForCausalLM"], "hidden_activation": "gelu_pytorch_tanh",
+                                    "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
+                                    "final_logit_softcapping": 30.0, "sliding_window": 128})
+    assert (gemma2.layer_norms, gemma2.attention_multiplier, gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == \
+        ("both", 0.25, 50.0, 30.0)
+    assert gemma2.sliding_windows == (128, None)
+    with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
+        ModelConfig.from_dict({**BASE, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="attn_logit_softcapping=0 must be positive"):
+        ModelConfig.from_dict({**BASE, "architectures": ["Gemma2ForCausalLM"], "attn_logit_softcapping": 0})
 
 
 @pytest.mark.unit
-def test_sliding_window_shorter_than_max_len_is_refused():
-    mistral = {**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 256}
-    with pytest.raises(ValueError, match="sliding_window=256"):
-        ModelConfig.from_dict(mistral)
-    assert ModelConfig.from_dict(mistral, max_model_len=256).architecture == "MistralForCausalLM"
-    assert ModelConfig.from_dict({**mistral, "sliding_window": 4096}).max_position_embeddings == 512
+def test_gemma3_reads_a_rope_for_its_sliding_layers_in_either_layout():
+    """transformers 5's ``rope_parameters`` per layer type, or the older ``rope_theta`` and
+    ``rope_scaling`` (the full layers', 1M by default) beside ``rope_local_base_freq`` (10k)."""
+    gemma3 = {**BASE, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 3, "sliding_window": 64,
+              "sliding_window_pattern": 3}
+    legacy = ModelConfig.from_dict({**gemma3, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert (legacy.rope.theta, legacy.rope.rope_type, legacy.rope.factor) == (1_000_000.0, "linear", 8.0)
+    assert (legacy.local_rope.theta, legacy.local_rope.rope_type) == (10_000.0, "default")
+    assert legacy.local_rope_layers == (True, True, False) and legacy.sliding_windows == (64, 64, None)
+    assert (legacy.qk_norm, legacy.layer_norms, legacy.gemma_norms, legacy.attn_logit_softcap) == ("head", "both", True, None)
+    typed = ModelConfig.from_dict({**gemma3, "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 500.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}}, max_model_len=64)
+    assert (typed.rope.theta, typed.local_rope.theta, typed.sliding_windows) == (500.0, 50.0, ())
+    assert typed.local_rope_layers == (True, True, False)   # a window as long as the context keeps its RoPE
+    with pytest.raises(ValueError, match="per-layer-type rope_parameters are not supported for LlamaForCausalLM"):
+        ModelConfig.from_dict({**BASE, "rope_parameters": {"full_attention": {"rope_type": "default"}}})
+    with pytest.raises(ValueError, match="use_bidirectional_attention is not supported"):
+        ModelConfig.from_dict({**gemma3, "use_bidirectional_attention": True})
+
+
+@pytest.mark.unit
+def test_sliding_windows_are_read_per_layer_as_transformers_reads_them():
+    """Every layer of a Mistral or Phi-3; ``layer_types`` where given; Qwen's from ``max_window_layers``
+    on and only with ``use_sliding_window``; none where the window covers the longest sequence."""
+    four = {**BASE, "num_hidden_layers": 4, "sliding_window": 256}
+    assert ModelConfig.from_dict({**four, "architectures": ["MistralForCausalLM"]}).sliding_windows == (256,) * 4
+    assert ModelConfig.from_dict({**four, "architectures": ["Phi3ForCausalLM"]}).sliding_windows == (256,) * 4
+    assert ModelConfig.from_dict({**four, "architectures": ["Gemma2ForCausalLM"]}).sliding_windows == (256, None, 256, None)
+    typed = {**four, "layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]}
+    assert ModelConfig.from_dict(typed).sliding_windows == (None, 256, 256, None)
+    qwen2 = {**four, "architectures": ["Qwen2ForCausalLM"], "max_window_layers": 3}
+    assert ModelConfig.from_dict(qwen2).sliding_windows == ()
+    assert ModelConfig.from_dict({**qwen2, "use_sliding_window": True}).sliding_windows == (None, None, None, 256)
+    assert ModelConfig.from_dict({**four, "use_sliding_window": False}).sliding_windows == ()
+    assert ModelConfig.from_dict(four, max_model_len=256).sliding_windows == ()
+    assert ModelConfig.from_dict(four, max_model_len=257).sliding_windows == (256,) * 4
+    gemma3 = {**four, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 7}
+    assert ModelConfig.from_dict(gemma3).sliding_windows == (256,) * 5 + (None, 256)
+    with pytest.raises(ValueError, match="sliding_window=0 must be a positive integer"):
+        ModelConfig.from_dict({**four, "sliding_window": 0})
+    with pytest.raises(ValueError, match="layer_types names 1 layers, the model has 4"):
+        ModelConfig.from_dict({**four, "layer_types": ["sliding_attention"]})
 
 
 @pytest.mark.unit

@@ -1,7 +1,7 @@
 """The engine's model on the paged KV cache against Hugging Face transformers:
 greedy decoding token for token on the demo checkpoint (batched, prefix-cached,
-chunked, shuffled block tables) and full logits on small random Llama, Mistral,
-Qwen2 and Qwen3 checkpoints."""
+chunked, shuffled block tables) and full logits on small random checkpoints of every
+supported family."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config,
-    PretrainedConfig, Qwen2Config, Qwen3Config,
+    AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config,
+    Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config,
 )
 
 from baton.engine.attention import build_attention_metadata, paged_attention_forward
@@ -251,6 +251,9 @@ def all_logits(runner: ModelRunner, prompt: list[int], decode_tokens: list[int],
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
 RANDOM_CONFIGS = {
     "mistral": lambda: MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
+    # A window of 8 keys over 19 prompt tokens and 4 decode steps in blocks of 4: the prompt's
+    # queries and every decode see only part of their context.
+    "mistral-window": lambda: MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=8),
     "qwen2": lambda: Qwen2Config(**SMALL, num_key_value_heads=2, use_sliding_window=False),
     "qwen3": lambda: Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32),
     "llama3-rope": lambda: LlamaConfig(
@@ -276,6 +279,16 @@ RANDOM_CONFIGS = {
     "granite": lambda: GraniteConfig(**SMALL, num_key_value_heads=2, embedding_multiplier=12.0,
                                      residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=8.0,
                                      tie_word_embeddings=True),
+    "gemma": lambda: GemmaConfig(**SMALL, num_key_value_heads=2, head_dim=32),
+    # Caps small enough to bend this random model's scores and logits.
+    "gemma2": lambda: Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
+                                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # A sliding layer (window 8, its own RoPE base) and a full one (linear RoPE scaling).
+    "gemma3": lambda: Gemma3TextConfig(
+        **SMALL, num_key_value_heads=2, head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
     "granite-bias-untied": lambda: GraniteConfig(**SMALL, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
                                                  embedding_multiplier=3.0, residual_multiplier=0.5,
                                                  attention_multiplier=0.05, logits_scaling=2.0),
@@ -332,12 +345,27 @@ def assert_adapter_equals_merged(tmp_path: Path, adapter: Path) -> None:
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+def test_a_gemma2_adapter_equals_its_merged_checkpoint(tmp_path: Path):
+    """LoRA's unfused path through Gemma 2's GeGLU and its four norms a layer."""
+    random_checkpoint("gemma2", tmp_path / "base")
+    adapter = make_adapter(str(tmp_path / "base"), tmp_path / "adapter", rank=4, alpha=8, std=0.3)
+    assert_adapter_equals_merged(tmp_path, adapter)
+
+
+def gemma2_head_dim_256() -> PretrainedConfig:
+    return Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=256, sliding_window=8, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=3.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_granite_logits_on_cuda_match_transformers(tmp_path: Path):
-    """Granite's multipliers on the GPU path: the Triton kernels under its attention scale, its
-    embedding and logits scales in the steps that CUDA graphs were captured for."""
-    hf = random_checkpoint("granite", tmp_path)
+@pytest.mark.parametrize("name", ["granite", "gemma2", "gemma2-head-dim-256", "gemma3", "mistral-window"])
+def test_logits_on_cuda_match_transformers(name: str, tmp_path: Path):
+    """The GPU path's Triton kernels and CUDA graphs under each family's numerics: Granite's
+    multipliers (attention scale, embedding and logits scales), Gemma 2's GeGLU, norms, soft caps and
+    sliding windows (at its real head dim of 256 too), Gemma 3's two RoPE tables, Mistral's window."""
+    config = gemma2_head_dim_256() if name == "gemma2-head-dim-256" else None
+    hf = random_checkpoint(name, tmp_path, config)
     tokens = torch.randint(0, hf.config.vocab_size, (23,)).tolist()
     runner = ModelRunner(str(tmp_path), EngineConfig(device="cuda", dtype="float32", block_size=4, num_blocks=32,
                                                      cuda_graph_batch_sizes=[1]))

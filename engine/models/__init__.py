@@ -16,6 +16,9 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "GraniteForCausalLM": ("llama", "LlamaForCausalLM"),
     "Phi3ForCausalLM": ("llama", "LlamaForCausalLM"),
     "Olmo2ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "GemmaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Gemma2ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Gemma3ForCausalLM": ("llama", "LlamaForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)

@@ -2,8 +2,12 @@
 Llama 2/3/3.x, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), Phi-3 and
 Phi-4 (q/k/v and gate/up fused in the checkpoint too), Granite (scalar multipliers:
 ``ModelConfig``; the residual one is folded into the output and down projections once their
-weights are loaded, ``fold_scales``) and OLMo 2 (q/k RMSNorm over all heads at once, and each
-layer's norms after its attention and MLP instead of before: ``DecoderLayer``).
+weights are loaded, ``fold_scales``), OLMo 2 (q/k RMSNorm over all heads at once, and each
+layer's norms after its attention and MLP instead of before: ``DecoderLayer``), Gemma 1/2
+(GeGLU, norms by ``1 + weight``, scaled embeddings; Gemma 2 also norms before and after its
+attention and MLP, soft-caps attention scores and logits, and slides a window over every other
+layer's keys) and Gemma 3's text model (Gemma 2's layers without the caps, with per-head q/k
+norms, five sliding-window layers to a full one, and a RoPE of their own for the sliding ones).
 
 Module names follow Hugging Face, except that q/k/v are fused into ``qkv_proj``
 and gate/up into ``gate_up_proj`` (``STACKED_PARAMS`` tells the loader how).
@@ -57,32 +61,41 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Weight holder; the math is ``ops.rms_norm`` (optionally fused with the residual add)."""
+    """Weight holder; the math is ``ops.rms_norm`` (optionally fused with the residual add),
+    Gemma's with ``unit_offset``."""
 
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual, self.unit_offset)
+
+
+def make_norm(config: ModelConfig, size: int | None = None) -> RMSNorm:
+    """An RMSNorm over ``size`` (default: the hidden size) with the model's numerics."""
+    return RMSNorm(size or config.hidden_size, config.rms_norm_eps, config.gemma_norms)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = config.attention_multiplier or self.head_dim**-0.5
+        self.sliding_window = config.sliding_windows[layer] if config.sliding_windows else None
+        self.softcap = config.attn_logit_softcap
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.qk_norm = config.qk_norm
         full = config.qk_norm == "full"
-        self.q_norm = RMSNorm(self.q_size if full else self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.kv_size if full else self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = make_norm(config, self.q_size if full else self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.kv_size if full else self.head_dim) if config.qk_norm else None
 
     def shard_sizes(self) -> dict[str, int]:
         return {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
@@ -106,7 +119,8 @@ class Attention(nn.Module):
             if self.q_norm is not None and self.k_norm is not None:
                 q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
             q = ops.rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, meta.slot_mapping)
-        out = paged_attention_forward(q, kv_cache, meta, self.scale).reshape(num_tokens, self.q_size)
+        out = paged_attention_forward(q, kv_cache, meta, self.scale, self.sliding_window, self.softcap)
+        out = out.reshape(num_tokens, self.q_size)
         return project(self.o_proj, out) if lora is None else lora.add("o_proj", out, project(self.o_proj, out))
 
     def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +134,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
+        self.activation = config.hidden_act
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
@@ -128,21 +143,24 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
         if lora is None:
-            return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias)
-        hidden = ops.silu_and_mul(lora.add("gate_up_proj", x, project(self.gate_up_proj, x)))
+            return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias, self.activation)
+        hidden = ops.act_and_mul(lora.add("gate_up_proj", x, project(self.gate_up_proj, x)), self.activation)
         return lora.add("down_proj", hidden, project(self.down_proj, hidden))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, index)
         self.mlp = MLP(config)
-        self.post_norm = config.post_norm
-        self.input_layernorm = None if config.post_norm else RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.post_norm:
-            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.local_rope = bool(config.local_rope_layers) and config.local_rope_layers[index]
+        self.norms = config.layer_norms
+        self.input_layernorm = None if self.norms == "post" else make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
+        if self.norms == "both":
+            self.pre_feedforward_layernorm = make_norm(config)
+        if self.norms != "pre":
+            self.post_feedforward_layernorm = make_norm(config)
 
     def forward(
         self,
@@ -154,9 +172,11 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         lora: LayerLoRA | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(mlp_out, residual)``; the next norm adds them (fused), or with ``post_norm``
-        the next layer (the model's final norm fuses the last add either way)."""
-        if self.post_norm:
+        """Returns ``(mlp_out, residual)``; the next norm adds them (fused), or with norms only after
+        the attention and MLP ("post") the next layer (the model's final norm fuses the last add
+        either way). With "both", ``post_attention_layernorm`` norms the attention's output and
+        ``pre_feedforward_layernorm`` the MLP's input."""
+        if self.norms == "post":
             if residual is not None:
                 hidden = hidden + residual
             hidden = hidden + self.post_attention_layernorm(self.self_attn(positions, hidden, kv_cache, cos_sin_cache,
@@ -167,6 +187,9 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, cos_sin_cache, meta, lora)
+        if self.norms == "both":
+            hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden, lora)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden, lora), residual
 
@@ -175,8 +198,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -188,10 +211,16 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+        self.register_buffer("local_cos_sin_cache", torch.empty(0), persistent=False)
+        self.embedding_scale = config.embedding_multiplier
 
     def fold_scales(self) -> None:
         """Scale the output and down projections (weights and biases) by ``residual_multiplier``,
-        once the checkpoint is loaded: what they add to the residual stream is then scaled."""
+        once the checkpoint is loaded: what they add to the residual stream is then scaled. Gemma's
+        embedding multiplier is rounded to the weights' dtype, as transformers rounds it."""
+        if self.config.gemma_norms:
+            weight = self.model.embed_tokens.weight
+            self.embedding_scale = float(torch.tensor(self.config.embedding_multiplier, dtype=weight.dtype))
         m = self.config.residual_multiplier
         if m != 1.0:
             with torch.no_grad():
@@ -201,9 +230,12 @@ class LlamaForCausalLM(nn.Module):
                         if proj.bias is not None:
                             proj.bias.mul_(m)
 
-    def set_cos_sin_cache(self, cache: torch.Tensor) -> None:
-        """Install the ``[max_positions, head_dim]`` RoPE table (see ``engine/rope.py``)."""
+    def set_cos_sin_cache(self, cache: torch.Tensor, local_cache: torch.Tensor | None = None) -> None:
+        """Install the ``[max_positions, rotary_dim]`` RoPE table (see ``engine/rope.py``), and the
+        sliding layers' own where they have one (``ModelConfig.local_rope``)."""
         self.cos_sin_cache = cache
+        if local_cache is not None:
+            self.local_cos_sin_cache = local_cache
 
     def forward(
         self,
@@ -220,12 +252,13 @@ class LlamaForCausalLM(nn.Module):
         (on CUDA: once that write is enqueued on the current stream; record an event there
         before reading the cache from another stream)."""
         hidden = self.model.embed_tokens(input_ids)
-        if self.config.embedding_multiplier != 1.0:
-            hidden = hidden * self.config.embedding_multiplier
+        if self.embedding_scale != 1.0:
+            hidden = hidden * self.embedding_scale
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
             layer_lora = lora.layer(i) if lora is not None else None
-            hidden, residual = layer(positions, hidden, residual, kv_caches[i], self.cos_sin_cache, meta, layer_lora)
+            cos_sin = self.local_cos_sin_cache if layer.local_rope else self.cos_sin_cache
+            hidden, residual = layer(positions, hidden, residual, kv_caches[i], cos_sin, meta, layer_lora)
             if on_layer_done is not None:
                 on_layer_done(i)
         hidden, _ = self.model.norm(hidden, residual)
@@ -239,4 +272,7 @@ class LlamaForCausalLM(nn.Module):
         against 126.8)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = ops.linear(hidden, weight) if hidden.shape[0] == 1 else F.linear(hidden, weight)
-        return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
