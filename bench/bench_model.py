@@ -1,5 +1,5 @@
-"""Model-level GPU benchmarks on Llama-3.2-1B- and Llama-3-8B-shaped models with
-random bf16 weights (written as a safetensors checkpoint, no hub), in one run:
+"""Model-level GPU benchmarks on Llama-3.2-1B- and Llama-3-8B-shaped models (and, asked for,
+a Gemma-2-2B-shaped one) with random bf16 weights (written as a safetensors checkpoint, no hub), in one run:
 
 (a) decode step latency at several batch sizes, next to the floor
     ``(weight bytes + KV bytes read) / copy bandwidth``, where the bandwidth is a
@@ -7,7 +7,8 @@ random bf16 weights (written as a safetensors checkpoint, no hub), in one run:
 (b) offline generation throughput (output tokens/s) of Baton's ``LLM`` against
     transformers' ``generate`` on the same model, prompts and lengths (greedy, EOS ignored).
 
-    python bench/bench_model.py                                  # both shapes
+    python bench/bench_model.py                                  # both Llama shapes
+    python bench/bench_model.py --shapes gemma-2-2b              # GeGLU, head dim 256, soft caps
     python bench/bench_model.py --shapes llama-3.2-1b --skip-hf
 
 Decode latency is given three ways: the graph replay alone (device time), one
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 import triton
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from baton.engine.config import KV_CACHE_DTYPE_NAMES
 from baton.engine.llm import LLM
@@ -44,12 +45,20 @@ from baton.kernels import pdl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_offline import bench_baton, bench_hf, make_prompts
 
-SHAPES: dict[str, dict[str, object]] = {
-    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-                     "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True},
-    "llama-3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                   "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False},
+SHAPES: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
+    "llama-3.2-1b": (LlamaConfig, {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                                   "tie_word_embeddings": True, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}),
+    "llama-3-8b": (LlamaConfig, {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                                 "tie_word_embeddings": False, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}),
+    # Its 4096-key windows are longer than MAX_MODEL_LEN here, so they drop out (as in the engine).
+    "gemma-2-2b": (Gemma2Config, {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                                  "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                                  "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                                  "final_logit_softcapping": 30.0, "tie_word_embeddings": True}),
 }
+LLAMA_SHAPES = ["llama-3.2-1b", "llama-3-8b"]
 VOCAB = 128256
 MAX_MODEL_LEN = 1024
 COPY_BYTES = 2 << 30
@@ -64,14 +73,15 @@ class Row:
     ratio: str = ""
 
 
-def write_checkpoint(shape: str, directory: Path) -> LlamaForCausalLM:
-    """A random-weight bf16 Llama of ``shape`` saved to ``directory`` (safetensors, with a
-    word-level tokenizer over the vocab); returns the model, on the GPU."""
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=MAX_MODEL_LEN, rope_theta=500000.0,
-                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **SHAPES[shape])
+def write_checkpoint(shape: str, directory: Path) -> torch.nn.Module:
+    """A random-weight bf16 model of ``shape`` saved to ``directory`` (safetensors, with a
+    word-level tokenizer over the vocab); returns the transformers model, on the GPU."""
+    config_class, fields = SHAPES[shape]
+    config = config_class(vocab_size=VOCAB, max_position_embeddings=MAX_MODEL_LEN, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=0, **fields)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     model.save_pretrained(directory)
     vocab = {f"<{i}>": i for i in range(VOCAB)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
@@ -172,7 +182,7 @@ def latency_rows(name: str, llm: LLM, batches: list[int], context: int, bandwidt
     return rows
 
 
-def throughput_rows(name: str, llm: LLM, hf: LlamaForCausalLM | None, batches: list[int], input_len: int, output_len: int,
+def throughput_rows(name: str, llm: LLM, hf: torch.nn.Module | None, batches: list[int], input_len: int, output_len: int,
                     repeats: int) -> list[Row]:
     """Output tokens/s of Baton with async scheduling and, on the same engine, without
     it (each step's tokens read back before the next is scheduled), against transformers.
@@ -248,7 +258,7 @@ def table(rows: list[Row], header: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=LLAMA_SHAPES, choices=list(SHAPES))
     p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--context", type=int, default=512, help="context length of the decode latency cases")
     p.add_argument("--batches", type=int, nargs="+", default=[32, 64], help="offline throughput batch sizes")
