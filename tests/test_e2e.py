@@ -14,9 +14,11 @@ import re
 import signal
 import subprocess
 import sys
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import httpx
@@ -313,6 +315,38 @@ def test_baton_up_with_an_fp8_kv_cache_serves_the_aggregated_fp8_engines_text_se
             got.append(out.choices[0].text)
         assert got == want
         assert 4 * llm.runner.block_bytes() == LLM(demo_model, num_blocks=1).runner.block_bytes()
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
+
+
+def test_baton_up_serves_a_gemma2_checkpoint_as_transformers_generates(demo_model, tmp_path):
+    """Gemma 2's sliding windows (8 keys here, on every other layer), soft caps, GeGLU and four norms
+    a layer through prefill, KV transfer and decode: greedy text and each token's logprob are
+    transformers' (a random checkpoint beside the demo tokenizer; it repeats itself, so the
+    logprobs are what tell a window kept from one lost)."""
+    from transformers import AutoTokenizer, Gemma2Config
+
+    from test_model_parity import SMALL, random_checkpoint
+
+    config = Gemma2Config(**{**SMALL, "vocab_size": 1024}, num_key_value_heads=2, head_dim=32, sliding_window=8,
+                          attn_logit_softcapping=2.0, final_logit_softcapping=3.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = random_checkpoint("gemma2", tmp_path, config)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(demo_model) / name, tmp_path / name)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    system = System(str(tmp_path), "grpc", prefill=1, decode=1)
+    try:
+        model = system.client.models.list().data[0].id
+        for prompt in (PROMPTS[0], PROMPTS[1] + "\n" + PROMPTS[2]):   # 7 and 27 tokens: within a window and past it
+            ids = tok(prompt, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                gen = hf.generate(ids, do_sample=False, max_new_tokens=16, output_logits=True, return_dict_in_generate=True)
+            want = gen.sequences[0, ids.shape[1]:].tolist()
+            want_logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(gen.logits, want)]
+            out = system.client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, logprobs=0)
+            assert out.choices[0].text == tok.decode(want, skip_special_tokens=True)
+            assert out.choices[0].logprobs.token_logprobs == pytest.approx(want_logprobs, abs=1e-4)
         assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
     finally:
         system.stop()
