@@ -95,6 +95,14 @@ CASES = {
         ("  function", "  function", []),
         ("", None, []),
     ],
+    "mistral": [   # its tag is a special token, skipped from the text unless the request keeps those
+        (f"[{WEATHER}]", None, [("get_weather", CITY)]),
+        (f'[TOOL_CALLS] [{WEATHER}, {{"name": "say", "arguments": {TRICKY}}}]', None, [("get_weather", CITY), ("say", TRICKY)]),
+        (f"Sure. [TOOL_CALLS][{WEATHER}]", f"Sure. [TOOL_CALLS][{WEATHER}]", []),
+        ("[TOOL_CALLS][", "[TOOL_CALLS][", []),
+        ("  [TOOL_CA", "  [TOOL_CA", []),
+        ("", None, []),
+    ],
 }
 ALL = [(parser, *case) for parser, cases in CASES.items() for case in cases]
 
@@ -111,7 +119,7 @@ def assembled(deltas: list) -> list[tuple[str, str]]:
     calls: list[list[str]] = []
     for d in deltas:
         if d.index == len(calls):
-            assert d.id.startswith("call_") and d.type == "function" and d.function.name
+            assert d.id and d.type == "function" and d.function.name
             calls.append([d.function.name, ""])
         else:
             assert d.index == len(calls) - 1 and d.id is d.type is d.function.name is None
@@ -143,6 +151,7 @@ def test_streamed_pieces_read_as_the_whole(case, cuts) -> None:
     ("llama3_json", f'<|python_tag|>{{"name": "now", "parameters": {{}}}}; {{"name": "now", "parameters": {{}}}}\n{{"name": "say", "arguments": {TRICKY}}}'),
     ("granite", f'<tool_call>[{{"name": "now", "arguments": {{}}}}, {{"name": "say", "arguments": {TRICKY}}}]'),
     ("phi4_mini_json", f'functools[{{"name": "say", "arguments": {TRICKY}}}]'),
+    ("mistral", f'[TOOL_CALLS][{{"name": "say", "arguments": {TRICKY}}}]'),
 ])
 def test_arguments_stream_as_the_model_writes_them(parser, text) -> None:
     """Written a character at a time, a call is named once its arguments open, and each of their
@@ -184,6 +193,17 @@ def test_pythonic_calls_go_out_whole_at_the_end() -> None:
     assert all(step == ("", []) for step in steps[:-1])
     assert [(d.index, d.function.name, d.function.arguments) for d in steps[-1][1]] == [
         (0, "get_weather", '{"city": "Verona"}'), (1, "clock", "{}")]
+
+
+def test_mistral_call_ids_are_nine_letters_and_digits_parsed_or_streamed() -> None:
+    """Mistral's chat templates refuse a call id that is not 9 letters and digits when the
+    conversation comes back with the call in it."""
+    text = f"[TOOL_CALLS][{WEATHER}, {WEATHER}]"
+    _, calls = make_parser("mistral").parse(text)
+    streamed = [d.id for _, deltas in feed("mistral", [text[:40], text[40:]]) for d in deltas if d.id]
+    for ids in ([c.id for c in calls], streamed):
+        assert len(ids) == 2 and len(set(ids)) == 2
+        assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in ids)
 
 
 def test_unknown_parser() -> None:

@@ -7,8 +7,10 @@ model family's format, as vLLM's ``--tool-call-parser`` reads them:
   "parameters": {...}}`` objects (``;``-separated), after an optional ``<|python_tag|>``;
 * ``pythonic`` (Llama 3.2, Llama 4, ToolACE): the whole answer is a Python list of calls,
   ``[get_weather(city="Verona"), clock()]``, in ``<|python_start|>`` ... ``<|python_end|>`` or not;
-* ``granite`` (Granite 3.x) and ``phi4_mini_json`` (Phi-4-mini): the whole answer is a JSON list of
-  calls after a tag (``tool_parser_json_list``).
+* ``granite`` (Granite 3.x), ``phi4_mini_json`` (Phi-4-mini) and ``mistral`` (Mistral 7B v0.3,
+  Mistral Nemo and Small, before their v11 tokenizers): the whole answer is a JSON list of calls
+  after a tag (``tool_parser_json_list``); ``mistral`` ids its calls with 9 letters and digits,
+  the only ids Mistral's chat templates take back in the next turn.
 
 A parser reads a finished text (``parse``) or one streamed piece by piece (``stream``). A call's
 arguments are the model's own JSON text of them, as written (pythonic: its literal values as
@@ -25,6 +27,8 @@ from __future__ import annotations
 import ast
 import json
 import re
+import secrets
+import string
 from typing import Protocol
 
 from baton.services.gateway.protocol import DeltaToolCall, ToolCall
@@ -35,7 +39,7 @@ from baton.services.gateway.tool_json import (
 from baton.services.gateway.tool_parser_json_list import JsonListParser
 from baton.services.gateway.tools import call_piece, new_call
 
-PARSERS = ("hermes", "llama3_json", "pythonic", "granite", "phi4_mini_json")
+PARSERS = ("hermes", "llama3_json", "pythonic", "granite", "phi4_mini_json", "mistral")
 # vLLM turns tool_choice "auto" on with --enable-auto-tool-choice and a parser; here the parser
 # alone does, and the flag is taken (and checked) as vLLM takes it.
 AUTO_TOOL_CHOICE_NEEDS_PARSER = "--enable-auto-tool-choice requires --tool-call-parser"
@@ -69,7 +73,51 @@ def make_parser(name: str) -> ToolParser:
         return JsonListParser(("<|tool_call|>", "<tool_call>"), tag_required=False)
     if name == "phi4_mini_json":
         return JsonListParser(("functools",), tag_required=True)
+    if name == "mistral":
+        return MistralParser()
     raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}")
+
+
+# ---- mistral ------------------------------------------------------------------
+
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+def _mistral_id() -> str:
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+
+
+def _mistral_ids(deltas: list[DeltaToolCall]) -> list[DeltaToolCall]:
+    """The pieces, each call's first (the one with an id) under a Mistral id."""
+    return [d.model_copy(update={"id": _mistral_id()}) if d.id else d for d in deltas]
+
+
+class MistralParser:
+    """``[TOOL_CALLS]`` (a special token, so usually not in the text) then a JSON list of calls,
+    each call's id 9 letters and digits: Mistral's templates refuse any other id in a later turn."""
+
+    def __init__(self) -> None:
+        self._list = JsonListParser(("[TOOL_CALLS]",), tag_required=False)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        content, calls = self._list.parse(text)
+        return content, [call.model_copy(update={"id": _mistral_id()}) for call in calls]
+
+    def stream(self) -> ToolStream:
+        return _MistralStream(self._list.stream())
+
+
+class _MistralStream:
+    def __init__(self, inner: ToolStream) -> None:
+        self._inner = inner
+
+    def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
+        content, deltas = self._inner.add(text)
+        return content, _mistral_ids(deltas)
+
+    def finish(self) -> tuple[str, list[DeltaToolCall]]:
+        content, deltas = self._inner.finish()
+        return content, _mistral_ids(deltas)
 
 
 # ---- hermes -------------------------------------------------------------------
