@@ -25,6 +25,9 @@ each is checked once against ``ref_paged_attention``, then timed on 4k, 8k and
 16k single prompts and on four 1k chunks after 3k cached tokens each, with
 torch's SDPA beside, and at the 1B model's head dim 64 on ``PREFILL_CASES_1B``
 (among them the offline benchmark's prefill step, 16 prompts of 512 tokens).
+``--gemma2`` runs just decode and prefill attention at Gemma-2-2B's heads (8 query heads over 4
+KV heads of 256), its global layers' (scores capped at 50) beside its local ones' (capped, and a
+window of 4,096 keys); a windowed row's rate counts the bytes and FLOPs of the keys it attends.
 ``--kv-cache-dtype fp8`` (or ``fp8_e5m2``, or ``auto`` for bf16) runs just the decode and
 prefill attention rows over a KV pool of that dtype: decode's rate counts the bytes read,
 a byte an element for 8-bit floats.
@@ -35,7 +38,7 @@ beside it, SDPA, the whole sampler, the copy); inputs rotate over several sets
 so that the L2 cache does not flatter small cases.
 
     python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --lora-only | --prefill-sweep |
-                                            --kv-cache-dtype auto|fp8|fp8_e5m2]
+                                            --gemma2 | --kv-cache-dtype auto|fp8|fp8_e5m2]
 """
 
 from __future__ import annotations
@@ -96,9 +99,10 @@ class Shape:
     dim: int
 
 
-
 LLAMA_8B = Shape("8B", HEADS, KV_HEADS, DIM)
 LLAMA_1B = Shape("1B", 32, 8, 64)
+GEMMA2_2B = Shape("Gemma-2-2B", 8, 4, 256)
+GEMMA2_WINDOW, GEMMA2_CAP = 4096, 50.0   # its local layers' window; the cap on every layer's scores
 RUNNER_CONTEXT = 1024  # the model benchmark's max_model_len: its decode tables span this many tokens
 
 
@@ -120,7 +124,8 @@ class Pool:
         return [self.perm[i * blocks_per_set : (i + 1) * blocks_per_set] for i in range(sets)]
 
 
-def decode_launches(pool: Pool, batch: int, ctx: int, config: DecodeConfig | None, table_ctx: int = 0) -> list[Callable[[], object]]:
+def decode_launches(pool: Pool, batch: int, ctx: int, config: DecodeConfig | None, table_ctx: int = 0,
+                    sliding_window: int | None = None, softcap: float | None = None) -> list[Callable[[], object]]:
     """Decode launches of ``batch`` sequences of ``ctx`` tokens over rotating block sets of
     ``pool``. ``config`` None: the default for the case (``attention_decode.default_config``).
     ``table_ctx`` > ``ctx`` pads each block table to that many tokens (the split count follows
@@ -128,25 +133,29 @@ def decode_launches(pool: Pool, batch: int, ctx: int, config: DecodeConfig | Non
     shape, per_seq = pool.shape, ctx // BLOCK
     width = max(table_ctx, ctx) // BLOCK
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    config = config or default_decode_config(batch, shape.kv_heads, shape.dim, width * BLOCK, seq_lens.device,
-                                             pool.cache.element_size())
+    keys = min(width * BLOCK, sliding_window or width * BLOCK)   # what the default launch splits
+    config = config or default_decode_config(batch, shape.kv_heads, shape.dim, keys, seq_lens.device, pool.cache.element_size())
+    options = {"sliding_window": sliding_window, "softcap": softcap}
     fns = []
     # Small cases rotate over more sets than fit in L2: in a model, each layer's KV arrives cold.
     for ids in pool.block_sets(batch * per_seq, batch * ctx * pool.kv_token_bytes, 8 if shape == LLAMA_8B else 64):
         q = torch.randn(batch, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
         tables = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
         tables[:, :per_seq] = ids.view(batch, per_seq)
-        fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, shape.dim**-0.5, config))
+        fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, shape.dim**-0.5, config, **options))
     return fns
 
 
-def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: DecodeConfig | None, table_ctx: int = 0) -> str:
-    """``decode_launches`` timed from a CUDA graph and eagerly, with the rate of K/V and query bytes."""
+def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: DecodeConfig | None, table_ctx: int = 0,
+               sliding_window: int | None = None, softcap: float | None = None) -> str:
+    """``decode_launches`` timed from a CUDA graph and eagerly, with the rate of the K/V bytes
+    attended (a window's) and the query bytes."""
     shape, width = pool.shape, max(table_ctx, ctx) // BLOCK
-    fns = decode_launches(pool, batch, ctx, config, table_ctx)
+    fns = decode_launches(pool, batch, ctx, config, table_ctx, sliding_window, softcap)
     ms, eager_ms = median_ms(fns, graph=True), median_ms(fns)
-    gbs = batch * (ctx * pool.kv_token_bytes + 2 * shape.heads * shape.dim * 2) / ms / 1e6
+    gbs = batch * (min(ctx, sliding_window or ctx) * pool.kv_token_bytes + 2 * shape.heads * shape.dim * 2) / ms / 1e6
     case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > ctx // BLOCK else "")
+    case += _options_label(sliding_window, softcap)
     return f"| decode | {case} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
 
 
@@ -178,20 +187,29 @@ def plain_read_rows(copy_gbs: float) -> list[str]:
     return rows
 
 
-def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str, batch: int = 1, prefix: int = 0) -> str:
+def _options_label(sliding_window: int | None, softcap: float | None) -> str:
+    return (f", window {sliding_window}" if sliding_window else "") + (f", cap {softcap:g}" if softcap else "")
+
+
+def prefill_row(pool: Pool, seq: int, config: PrefillConfig | None, label: str, batch: int = 1, prefix: int = 0,
+                sliding_window: int | None = None, softcap: float | None = None) -> str:
     """``batch`` sequences of ``seq`` new tokens, each after ``prefix`` cached ones (a multiple
     of the block size), in the pool's shape; TFLOP/s of the causal work,
-    4 * dim * heads * seq * (prefix + seq / 2)."""
+    4 * dim * heads * seq * (prefix + seq / 2), or with a window 4 * dim * heads times the keys
+    each new token attends."""
     shape, per_seq = pool.shape, (prefix + seq) // BLOCK
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seq
     seq_lens = torch.full((batch,), prefix + seq, dtype=torch.int32, device="cuda")
     fns = []
     for ids in pool.block_sets(batch * per_seq, batch * (prefix + seq) * pool.kv_token_bytes)[:2]:
         q = torch.randn(batch * seq, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
-        fns.append(lambda q=q, t=ids.view(batch, per_seq): launch_paged_attention(q, pool.cache, cu, seq_lens, t, shape.dim**-0.5, config or default_config(q)))
+        fns.append(lambda q=q, t=ids.view(batch, per_seq): launch_paged_attention(
+            q, pool.cache, cu, seq_lens, t, shape.dim**-0.5, config or default_config(q), sliding_window=sliding_window, softcap=softcap))
     ms = median_ms(fns, graph=True)
-    tflops = 4 * batch * seq * (prefix + seq / 2) * shape.heads * shape.dim / ms / 1e9
+    keys = sum(min(p + 1, sliding_window) for p in range(prefix, prefix + seq)) if sliding_window else seq * (prefix + seq / 2)
+    tflops = 4 * batch * keys * shape.heads * shape.dim / ms / 1e9
     case = (f"{shape.name} " if shape != LLAMA_8B else "") + f"{batch} x {seq} tokens" + (f" after {prefix} cached" if prefix else "")
+    case += _options_label(sliding_window, softcap)
     return f"| prefill {label} | {case} | {ms * 1e3:.1f} us | {tflops:.0f} TFLOP/s | |"
 
 
@@ -430,6 +448,7 @@ def main() -> None:
     parser.add_argument("--linear-only", action="store_true", help="only the linear (GEMV) rows")
     parser.add_argument("--lora-only", action="store_true", help="only the grouped LoRA rows")
     parser.add_argument("--prefill-sweep", action="store_true", help="only the prefill attention candidates")
+    parser.add_argument("--gemma2", action="store_true", help="only attention at Gemma-2-2B's heads, with its cap and window")
     parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     parser.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPE_NAMES), default=None,
                         help="only the attention rows, over a KV pool of this dtype (the engine's flag: auto is bf16, "
@@ -460,6 +479,8 @@ def main() -> None:
             emit(row)
     elif args.prefill_sweep:
         prefill_sweep(Pool(2 * 16384 // BLOCK), emit)
+    elif args.gemma2:
+        gemma2_rows(copy_gbs, emit)
     else:
         kv_name = KV_CACHE_DTYPE_NAMES.get(args.kv_cache_dtype)
         kv_dtype = KV_DTYPES[kv_name] if kv_name else DTYPE
@@ -475,6 +496,19 @@ def main() -> None:
     if out:
         with open(os.path.join(out, "kernels_bench.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def gemma2_rows(copy_gbs: float, emit: Callable[[str], None]) -> None:
+    """Gemma-2-2B's attention: each case on a global layer (cap, no window) and a local one (cap
+    and window); prefill also uncapped. Past the window, a local layer reads and computes a window's
+    worth, whatever the context."""
+    pool = Pool(64 * 8192 // BLOCK + 4096, GEMMA2_2B)
+    for batch, ctx in ((1, 4096), (1, 32768), (8, 32768), (64, 2048), (64, 8192)):
+        for window in (None, GEMMA2_WINDOW):
+            emit(decode_row(pool, batch, ctx, copy_gbs, None, sliding_window=window, softcap=GEMMA2_CAP))
+    for seq in (4096, 16384):
+        for window, cap in ((None, None), (None, GEMMA2_CAP), (GEMMA2_WINDOW, GEMMA2_CAP)):
+            emit(prefill_row(pool, seq, None, "paged (default tiles)", sliding_window=window, softcap=cap))
 
 
 def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None], quick: bool) -> None:
