@@ -3,8 +3,8 @@
 
 Sliding-window attention is read per layer (``sliding_windows``) the way transformers reads it
 for each family: ``layer_types`` where the config names them, else every other layer (Gemma 2),
-the layers from ``max_window_layers`` on (Qwen2/Qwen3 with ``use_sliding_window``) or every
-layer (Mistral, Phi-3). A window no shorter than the longest sequence served is dropped.
+five in each six (Gemma 3's ``sliding_window_pattern``), the layers from ``max_window_layers`` on
+(Qwen2/Qwen3 with ``use_sliding_window``) or every layer (Mistral, Phi-3). A window no shorter than the longest sequence served is dropped.
 
 Both layouts of RoPE settings are understood: ``rope_parameters`` (transformers 5)
 and ``rope_theta`` + ``rope_scaling`` (older checkpoints). An embedding model's pooling is
@@ -25,6 +25,7 @@ from baton.engine.pooling import PoolerConfig, pooling_module_path
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+_LAYER_NORMS = {"Olmo2ForCausalLM": "post", "Gemma2ForCausalLM": "both", "Gemma3ForCausalLM": "both"}   # else "pre"
 _DEFAULT_ROPE_THETA = 10000.0
 
 
@@ -72,7 +73,7 @@ class ModelConfig:
     dtype: str                     # the checkpoint's dtype: one of SUPPORTED_DTYPES
     has_lm_head: bool = True       # False: a base model's checkpoint (``LlamaModel``...): embeddings only
     # Where each layer norms: "pre", the inputs of its attention and MLP (Llama); "post", their
-    # outputs (OLMo 2); "both" (Gemma 2).
+    # outputs (OLMo 2); "both" (Gemma 2 and 3).
     layer_norms: str = "pre"
     hidden_act: str = "silu"       # the gated MLP's activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
     # Gemma: every RMSNorm scales by 1 + weight (rounding once, in float32), and the embedding
@@ -139,7 +140,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             dtype=_dtype(cfg),
             has_lm_head=has_lm_head,
-            layer_norms="both" if architecture in GEMMA_ARCHITECTURES[1:] else "post" if architecture == "Olmo2ForCausalLM" else "pre",
+            layer_norms=_LAYER_NORMS.get(architecture, "pre"),
             hidden_act=_hidden_act(architecture, cfg),
             sliding_windows=_sliding_windows(cfg, sliding, max_model_len or max_pos),
             local_rope=local_rope,
