@@ -297,9 +297,12 @@ RANDOM_CONFIGS = {
 
 def random_checkpoint(name: str, directory: Path, config: PretrainedConfig | None = None) -> AutoModelForCausalLM:
     """transformers' model of ``RANDOM_CONFIGS[name]`` (or of ``config``), its weights moved off their
-    init values (norms, biases and q/k norms all matter), saved in ``directory``."""
+    init values (norms, biases and q/k norms all matter), saved in ``directory``. Its attention is
+    the eager one: transformers' SDPA path has no score cap (huggingface/transformers#32877), and
+    releases that take it for Gemma 2 drop Gemma 2's cap (the likely reason why, on the GPU
+    machine's transformers, Gemma 2's logits missed ours while Gemma 3's, uncapped, matched)."""
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config or RANDOM_CONFIGS[name](), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_config(config or RANDOM_CONFIGS[name](), dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         for param in hf.parameters():
             param.add_(torch.randn_like(param) * 0.2)
