@@ -459,9 +459,11 @@ def main() -> None:
         sys.exit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
+    shape = GEMMA2_2B if args.gemma2 else LLAMA_8B
     lines = [f"# Kernel benchmarks: {props.name}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"torch {torch.__version__}, triton {triton.__version__}, {props.multi_processor_count} SMs; "
-             f"Llama-3-8B shapes ({HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}, bf16, block {BLOCK}"
+             f"{shape.name if args.gemma2 else 'Llama-3-8B'} shapes ({shape.heads} q heads, {shape.kv_heads} kv heads, "
+             f"dim {shape.dim}, bf16, block {BLOCK}"
              f"{'; KV cache ' + args.kv_cache_dtype if args.kv_cache_dtype else ''}); medians, "
              "CUDA-graph replay for decode, prefill, transfers and element-wise kernels (eager times beside decode; SDPA eager); "
              f"programmatic dependent launch {'on' if pdl.enabled else 'off'}",
