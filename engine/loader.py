@@ -4,8 +4,10 @@ Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json`
 checkpoints load the same way. Hugging Face tensor names map onto the engine's
 modules one to one, except q/k/v and gate/up, which are copied into slices of the
 fused ``qkv_proj`` / ``gate_up_proj`` weights (a checkpoint that holds them fused, as
-Phi-3's does, fills every slice at once). Every tensor must be used and every
-parameter filled; otherwise the error names the offending tensors.
+Phi-3's does, fills every slice at once). An image-text checkpoint served as its text model
+names that model's tensors under a prefix and holds others (``ModelConfig.weights_prefix``,
+``skipped_weights``). Every other tensor must be used and every parameter filled; otherwise the
+error names the offending tensors.
 """
 
 from __future__ import annotations
@@ -86,13 +88,16 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
     needed = {name: _shard_keys(model, name) for name in params}
     filled: dict[str, set[str]] = {name: set() for name in params}
     unexpected: list[str] = []
-    tied = bool(getattr(model, "config", None) and model.config.tie_word_embeddings)
+    config = getattr(model, "config", None)
+    tied = bool(config and config.tie_word_embeddings)
+    prefix, skipped = (config.weights_prefix, config.skipped_weights) if config else ("", ())
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
-                if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
+                name = key.removeprefix(prefix)
+                if key.startswith(skipped) or name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
-                target, shard = _engine_name(key)
+                target, shard = _engine_name(name)
                 if target not in params and f"model.{target}" in params:
                     target = f"model.{target}"           # a base model's checkpoint names no "model." prefix
                 if target not in params:

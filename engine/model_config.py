@@ -6,6 +6,10 @@ for each family: ``layer_types`` where the config names them, else every other l
 five in each six (Gemma 3's ``sliding_window_pattern``), the layers from ``max_window_layers`` on
 (Qwen2/Qwen3 with ``use_sliding_window``) or every layer (Mistral, Phi-3). A window no shorter than the longest sequence served is dropped.
 
+A Gemma 3 image-text checkpoint (``Gemma3ForConditionalGeneration``: the 4B, 12B and 27B) is read
+as its text model: its ``text_config``, and the weights under ``language_model.`` (``weights_prefix``),
+the vision tower's and projector's left out (``skipped_weights``).
+
 Both layouts of RoPE settings are understood: ``rope_parameters`` (transformers 5)
 and ``rope_theta`` + ``rope_scaling`` (older checkpoints). An embedding model's pooling is
 read from its sentence-transformers files (``load_pooler_config``).
@@ -72,6 +76,8 @@ class ModelConfig:
     bos_token_id: int | None
     dtype: str                     # the checkpoint's dtype: one of SUPPORTED_DTYPES
     has_lm_head: bool = True       # False: a base model's checkpoint (``LlamaModel``...): embeddings only
+    weights_prefix: str = ""                   # what the checkpoint's tensor names of this model start with
+    skipped_weights: tuple[str, ...] = ()      # prefixes of the checkpoint's tensors that are not this model's
     # Where each layer norms: "pre", the inputs of its attention and MLP (Llama); "post", their
     # outputs (OLMo 2); "both" (Gemma 2 and 3).
     layer_norms: str = "pre"
@@ -103,6 +109,7 @@ class ModelConfig:
     ) -> ModelConfig:
         """Parse a ``config.json`` dict. ``max_model_len`` (default: ``max_position_embeddings``)
         is the longest sequence the engine will serve: a sliding window no shorter than that is dropped."""
+        cfg, weights = _text_model(cfg)
         architecture, has_lm_head = _architecture(cfg)
         gemma = architecture in GEMMA_ARCHITECTURES
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
@@ -130,8 +137,9 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=rope,
             max_position_embeddings=max_pos,
-            # A base model has no LM head to load: the embedding matrix stands in (never used).
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
+            # A base model has no LM head to load: the embedding matrix stands in (never used). Gemma's
+            # configs tie by default.
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)) or not has_lm_head,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
@@ -140,6 +148,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             dtype=_dtype(cfg),
             has_lm_head=has_lm_head,
+            **weights,
             layer_norms=_LAYER_NORMS.get(architecture, "pre"),
             hidden_act=_hidden_act(architecture, cfg),
             sliding_windows=_sliding_windows(cfg, sliding, max_model_len or max_pos),
@@ -175,6 +184,25 @@ def load_pooler_config(model_dir: Path) -> PoolerConfig:
 # A base model's architecture -> its causal-LM family (the same layers, no LM head).
 BASE_MODELS = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
                "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM"}
+
+
+# An image-text architecture served as its text model -> (that model's architecture, where its
+# weights are, the other models' weights).
+IMAGE_TEXT_MODELS = {"Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", "language_model.",
+                                                        ("vision_tower.", "multi_modal_projector."))}
+
+
+def _text_model(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config of the model to serve (an image-text checkpoint's text model), and the
+    ``weights_prefix`` and ``skipped_weights`` fields where they are not the defaults."""
+    architectures = cfg.get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in IMAGE_TEXT_MODELS:
+        return cfg, {}
+    architecture, prefix, skipped = IMAGE_TEXT_MODELS[architectures[0]]
+    if not isinstance(cfg.get("text_config"), dict):
+        raise ValueError(f"{architectures[0]} config.json has no text_config")
+    outer = {k: cfg[k] for k in ("dtype", "torch_dtype", "tie_word_embeddings", "eos_token_id", "bos_token_id") if k in cfg}
+    return {**outer, **cfg["text_config"], "architectures": [architecture]}, {"weights_prefix": prefix, "skipped_weights": skipped}
 
 
 def _architecture(cfg: dict[str, Any]) -> tuple[str, bool]:

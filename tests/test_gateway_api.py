@@ -263,6 +263,10 @@ async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": -1}, "prompt_logprobs"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2, "stream": True},
          "prompt_logprobs"),
+        # Images are not served (an image-text checkpoint serves its text model).
+        ({"model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, "messages"),
     ],
 )
 async def test_invalid_chat_requests_get_400(tok, body, param) -> None:

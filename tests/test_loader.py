@@ -140,6 +140,20 @@ def test_gemma3_reads_a_rope_for_its_sliding_layers_in_either_layout():
 
 
 @pytest.mark.unit
+def test_an_image_text_checkpoint_is_read_as_its_text_model():
+    text = {k: v for k, v in BASE.items() if k != "architectures"}
+    outer = {"architectures": ["Gemma3ForConditionalGeneration"], "dtype": "bfloat16", "eos_token_id": [1, 106],
+             "text_config": {**text, "sliding_window": 64}}
+    config = ModelConfig.from_dict(outer)
+    assert (config.architecture, config.dtype, config.eos_token_ids, config.tie_word_embeddings) == \
+        ("Gemma3ForCausalLM", "bfloat16", (1, 106), True)
+    assert (config.weights_prefix, config.skipped_weights) == ("language_model.", ("vision_tower.", "multi_modal_projector."))
+    assert (ModelConfig.from_dict(BASE).weights_prefix, ModelConfig.from_dict(BASE).skipped_weights) == ("", ())
+    with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration config.json has no text_config"):
+        ModelConfig.from_dict({"architectures": ["Gemma3ForConditionalGeneration"]})
+
+
+@pytest.mark.unit
 def test_sliding_windows_are_read_per_layer_as_transformers_reads_them():
     """Every layer of a Mistral or Phi-3; ``layer_types`` where given; Qwen's from ``max_window_layers``
     on and only with ``use_sliding_window``; none where the window covers the longest sequence."""

@@ -360,6 +360,26 @@ def gemma2_head_dim_256() -> PretrainedConfig:
                         final_logit_softcapping=3.0)
 
 
+def test_a_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path: Path):
+    """Gemma 3's 4B, 12B and 27B ship as image-text checkpoints: Baton reads the text model's config
+    and weights out of them and leaves the vision tower's and projector's; a text prompt gets the
+    logits transformers gives the whole model."""
+    from transformers import Gemma3Config
+
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=32, vocab_size=300, sliding_window=8, query_pre_attn_scalar=24,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    hf = random_checkpoint("gemma3-image-text", tmp_path, Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                                        boi_token_index=290, eoi_token_index=291,
+                                                                        image_token_index=292))
+    tokens = torch.randint(0, 280, (23,)).tolist()
+    runner = ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32))
+    config = runner.model_config
+    assert (config.architecture, config.weights_prefix, config.tie_word_embeddings) == ("Gemma3ForCausalLM", "language_model.", True)
+    assert_matches_transformers(all_logits(runner, tokens[:19], tokens[19:]), hf, tokens)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["granite", "gemma2", "gemma2-head-dim-256", "gemma3", "mistral-window"])
