@@ -4,11 +4,12 @@
 Sliding-window attention is read per layer (``sliding_windows``) the way transformers reads it
 for each family: ``layer_types`` where the config names them, else every other layer (Gemma 2),
 five in each six (Gemma 3's ``sliding_window_pattern``), the layers from ``max_window_layers`` on
-(Qwen2/Qwen3 with ``use_sliding_window``) or every layer (Mistral, Phi-3). A window no shorter than the longest sequence served is dropped.
+(Qwen2/Qwen3 with ``use_sliding_window``) or every layer (Mistral, Phi-3). A window no shorter
+than the longest sequence served is dropped.
 
-A Gemma 3 image-text checkpoint (``Gemma3ForConditionalGeneration``: the 4B, 12B and 27B) is read
-as its text model: its ``text_config``, and the weights under ``language_model.`` (``weights_prefix``),
-the vision tower's and projector's left out (``skipped_weights``).
+A Gemma 3 image-text checkpoint (``Gemma3ForConditionalGeneration``: the 4B, 12B and 27B) is
+read as its text model: its ``text_config``, and the weights under ``language_model.``
+(``weights_prefix``), the vision tower's and projector's left out (``skipped_weights``).
 
 Both layouts of RoPE settings are understood: ``rope_parameters`` (transformers 5)
 and ``rope_theta`` + ``rope_scaling`` (older checkpoints). An embedding model's pooling is
