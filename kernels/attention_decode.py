@@ -151,17 +151,15 @@ def _paged_decode_attention_kernel(
     # which writes the queries and the newest K/V, may still run; then the queries.
     if WINDOW > 0:
         # The splits cover the last WINDOW keys: where they start waits for the length.
-        table = tables_ptr + seq * stride_t_seq
         seq_len = tl.load(seq_lens_ptr + seq)
         keys = tl.minimum(seq_len, WINDOW)
         start = seq_len - keys + split * split_len
-        pos = start + tl.arange(0, TILE_N)
-        block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
     else:
         start = split * split_len
-        table = tables_ptr + seq * stride_t_seq
-        pos = start + tl.arange(0, TILE_N)
-        block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
+    table = tables_ptr + seq * stride_t_seq
+    pos = start + tl.arange(0, TILE_N)
+    block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
+    if WINDOW == 0:
         seq_len = tl.load(seq_lens_ptr + seq)
         keys = seq_len
     g = tl.arange(0, GROUP_PAD)
