@@ -43,7 +43,10 @@ SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "qkv_proj": "self_attn", "gate_up_proj": "mlp"}
-_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight")
+# The decoder's layers as PEFT names them: ``model.layers``, or in an image-text model (Gemma 3's)
+# ``language_model.model.layers`` (transformers 4) or ``model.language_model.layers`` (5).
+_KEY = re.compile(r"base_model\.model\.(?:model|language_model\.model|model\.language_model)\.layers\.(\d+)\.(\w+)\.(\w+)"
+                  r"\.lora_([AB])\.weight")
 
 
 @dataclass

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config,
     Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config,
@@ -363,7 +365,8 @@ def gemma2_head_dim_256() -> PretrainedConfig:
 def test_a_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path: Path):
     """Gemma 3's 4B, 12B and 27B ship as image-text checkpoints: Baton reads the text model's config
     and weights out of them and leaves the vision tower's and projector's; a text prompt gets the
-    logits transformers gives the whole model."""
+    logits transformers gives the whole model. A LoRA adapter applies under any of the names PEFT
+    gives the text model's layers."""
     from transformers import Gemma3Config
 
     text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -377,7 +380,20 @@ def test_a_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path: Path):
     runner = ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32))
     config = runner.model_config
     assert (config.architecture, config.weights_prefix, config.tie_word_embeddings) == ("Gemma3ForCausalLM", "language_model.", True)
-    assert_matches_transformers(all_logits(runner, tokens[:19], tokens[19:]), hf, tokens)
+    base = all_logits(runner, tokens[:19], tokens[19:])
+    assert_matches_transformers(base, hf, tokens)
+    # PEFT names its layers language_model.model.layers (transformers 4) or model.language_model.layers (5).
+    adapter = make_adapter(str(tmp_path), tmp_path / "adapter", rank=4, alpha=8, std=0.3)
+    with_adapter = []
+    for layers in ("model.layers.", "language_model.model.layers.", "model.language_model.layers."):
+        renamed = tmp_path / layers.replace(".", "-")
+        shutil.copytree(adapter, renamed)
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        save_file({k.replace("model.model.layers.", f"model.{layers}"): v for k, v in tensors.items()}, renamed / "adapter_model.safetensors")
+        lora = ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32, lora_modules={"a": str(renamed)}))
+        with_adapter.append(all_logits(lora, tokens[:19], tokens[19:], lora="a"))
+    assert not torch.allclose(with_adapter[0], base, atol=1e-3)
+    assert torch.equal(with_adapter[1], with_adapter[0]) and torch.equal(with_adapter[2], with_adapter[0])
 
 
 @pytest.mark.gpu
