@@ -113,13 +113,15 @@ def feed(parser: str, pieces: list[str]) -> list[tuple[str, list]]:
     return [stream.add(p) for p in pieces] + [stream.finish()]
 
 
-def assembled(deltas: list) -> list[tuple[str, str]]:
+def assembled(deltas: list, parser: str = "") -> list[tuple[str, str]]:
     """Streamed call pieces put together, as a client would, checking each is in vLLM's shape:
-    a call's first piece has the next index, an id and the name; later ones only arguments."""
+    a call's first piece has the next index, an id (``mistral``'s: 9 letters and digits) and the
+    name; later ones only arguments."""
     calls: list[list[str]] = []
     for d in deltas:
         if d.index == len(calls):
-            assert d.id and d.type == "function" and d.function.name
+            assert (len(d.id) == 9 and d.id.isalnum()) if parser == "mistral" else d.id.startswith("call_")
+            assert d.type == "function" and d.function.name
             calls.append([d.function.name, ""])
         else:
             assert d.index == len(calls) - 1 and d.id is d.type is d.function.name is None
@@ -143,7 +145,7 @@ def test_streamed_pieces_read_as_the_whole(case, cuts) -> None:
     steps = feed(parser, [text[a:b] for a, b in zip(bounds, bounds[1:])])
     assert all(len({d.index for d in deltas}) == len(deltas) for _, deltas in steps)
     assert "".join(out for out, _ in steps) == content
-    assert assembled([d for _, deltas in steps for d in deltas]) == calls
+    assert assembled([d for _, deltas in steps for d in deltas], parser) == calls
 
 
 @pytest.mark.parametrize(("parser", "text"), [
