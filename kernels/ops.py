@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from baton.kernels import activation, attention, kv_cache, logits, lora, norm, rotary, sampling
+from baton.kernels import activation, attention, kv_cache, logits, lora, moe, norm, rotary, sampling
 from baton.kernels import linear as gemv
 
 F = TypeVar("F", bound=Callable)
@@ -36,6 +36,7 @@ exponential_race = _dispatch(sampling.exponential_race, sampling.ref_exponential
 max_logsumexp = _dispatch(logits.max_logsumexp, logits.ref_max_logsumexp)
 lora_shrink = _dispatch(lora.lora_shrink, lora.ref_lora_shrink)
 lora_expand_add = _dispatch(lora.lora_expand_add, lora.ref_lora_expand_add)
+fused_moe = _dispatch(moe.fused_moe, moe.ref_fused_moe)
 
 
 def _gemv_rows(x: torch.Tensor) -> bool:
