@@ -28,6 +28,10 @@ torch's SDPA beside, and at the 1B model's head dim 64 on ``PREFILL_CASES_1B``
 ``--gemma2`` runs just decode and prefill attention at Gemma-2-2B's heads (8 query heads over 4
 KV heads of 256), its global layers' (scores capped at 50) beside its local ones' (capped, and a
 window of 4,096 keys); a windowed row's rate counts the bytes and FLOPs of the keys it attends.
+``--moe`` runs just the fused mixture-of-experts rows: one layer of Mixtral-8x7B's and
+Qwen3-30B-A3B's experts (bf16) at decode (1-256 tokens) and prefill (4,096) sizes, routed at
+random; the rate counts the weight bytes of the experts each routing hits and the FLOPs
+``2 * tokens * k * 3 * hidden * inter``.
 ``--kv-cache-dtype fp8`` (or ``fp8_e5m2``, or ``auto`` for bf16) runs just the decode and
 prefill attention rows over a KV pool of that dtype: decode's rate counts the bytes read,
 a byte an element for 8-bit floats.
@@ -38,7 +42,7 @@ beside it, SDPA, the whole sampler, the copy); inputs rotate over several sets
 so that the L2 cache does not flatter small cases.
 
     python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --lora-only | --prefill-sweep |
-                                            --gemma2 | --kv-cache-dtype auto|fp8|fp8_e5m2]
+                                            --gemma2 | --moe | --kv-cache-dtype auto|fp8|fp8_e5m2]
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from baton.engine.config import KV_CACHE_DTYPE_NAMES
 from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
-from baton.kernels import activation, kv_cache, linear, logits, lora, norm, pdl, rotary, sampling
+from baton.kernels import activation, kv_cache, linear, logits, lora, moe, norm, pdl, rotary, sampling
 from baton.kernels.attention import ref_paged_attention, ref_paged_decode_attention
 from baton.kernels.attention_decode import DEFAULT_CONFIGS, DecodeConfig, launch_paged_decode_attention
 from baton.kernels.attention_decode import default_config as default_decode_config
@@ -441,6 +445,43 @@ def lora_rows() -> list[str]:
     return rows
 
 
+MOE_SHAPES = (("Mixtral-8x7B", 4096, 14336, 8, 2), ("Qwen3-30B-A3B", 2048, 768, 128, 8))   # hidden, inter, experts, k
+MOE_ROUTINGS = 8   # routings each case rotates over, so that a small step's experts differ from call to call
+
+
+def moe_rows(copy_gbs: float) -> list[str]:
+    """``moe.fused_moe`` on one layer's experts of each ``MOE_SHAPES`` model, bf16, replayed from a
+    CUDA graph over ``MOE_ROUTINGS`` random routings (top-k of random scores, softmax weights) and
+    inputs. Bytes: the experts each routing hits (their mean over the rotation) times one expert's
+    ``3 * hidden * inter`` weights; FLOPs ``2 * tokens * k * 3 * hidden * inter``. First, per model:
+    the relative error against ``ref_fused_moe`` at 64 tokens."""
+    rows = []
+    for model, hidden, inter, experts, k in MOE_SHAPES:
+        gate_up = torch.randn(experts, 2 * inter, hidden, dtype=DTYPE, device="cuda") / hidden**0.5
+        down = torch.randn(experts, hidden, inter, dtype=DTYPE, device="cuda") / inter**0.5
+        expert_bytes = 3 * hidden * inter * gate_up.element_size()
+        case = f"{model} layer ({experts} experts, top-{k}, hidden {hidden}, inter {inter})"
+
+        def routing(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            weights, ids = torch.randn(tokens, experts, device="cuda").topk(k, dim=-1)
+            return torch.randn(tokens, hidden, dtype=DTYPE, device="cuda"), weights.softmax(-1), ids
+
+        x, weights, ids = routing(64)
+        got = moe.fused_moe(x, gate_up, down, weights, ids).double()
+        want = moe.ref_fused_moe(x, gate_up, down, weights, ids).double()
+        err = float((got - want).norm() / want.norm())
+        rows.append(f"| fused_moe | {case}, 64 tokens: relative error vs ref_fused_moe | | {err:.1e} | {'ok' if err < 1.5e-2 else 'MISMATCH'} |")
+        for tokens in (1, 16, 64, 256, 4096):
+            sets = [routing(tokens) for _ in range(MOE_ROUTINGS)]
+            hit = sum(s[2].unique().numel() for s in sets) / len(sets)
+            ms = median_ms([lambda s=s: moe.fused_moe(s[0], gate_up, down, s[1], s[2]) for s in sets], graph=True)
+            gbs = hit * expert_bytes / ms / 1e6
+            tflops = 2 * tokens * k * 3 * hidden * inter / ms / 1e9
+            rows.append(f"| fused_moe | {case}, {tokens} tokens, {hit:.1f} experts hit | {ms * 1e3:.1f} us "
+                        f"| {gbs:.0f} GB/s, {tflops:.1f} TFLOP/s | {gbs / copy_gbs:.0%} of copy |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few cases only")
@@ -449,6 +490,7 @@ def main() -> None:
     parser.add_argument("--lora-only", action="store_true", help="only the grouped LoRA rows")
     parser.add_argument("--prefill-sweep", action="store_true", help="only the prefill attention candidates")
     parser.add_argument("--gemma2", action="store_true", help="only attention at Gemma-2-2B's heads, with its cap and window")
+    parser.add_argument("--moe", action="store_true", help="only the fused mixture-of-experts rows (Mixtral-8x7B, Qwen3-30B-A3B)")
     parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     parser.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPE_NAMES), default=None,
                         help="only the attention rows, over a KV pool of this dtype (the engine's flag: auto is bf16, "
@@ -476,8 +518,8 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     copy_gbs = copy_bandwidth()
     emit(f"| device copy | 1 GiB D2D, read + write | | {copy_gbs:.0f} GB/s | 100% |")
-    if args.linear_only or args.lora_only:
-        for row in linear_rows(copy_gbs) if args.linear_only else lora_rows():
+    if args.linear_only or args.lora_only or args.moe:
+        for row in linear_rows(copy_gbs) if args.linear_only else lora_rows() if args.lora_only else moe_rows(copy_gbs):
             emit(row)
     elif args.prefill_sweep:
         prefill_sweep(Pool(2 * 16384 // BLOCK), emit)
