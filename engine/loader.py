@@ -4,7 +4,10 @@ Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json`
 checkpoints load the same way. Hugging Face tensor names map onto the engine's
 modules one to one, except q/k/v and gate/up, which are copied into slices of the
 fused ``qkv_proj`` / ``gate_up_proj`` weights (a checkpoint that holds them fused, as
-Phi-3's does, fills every slice at once). An image-text checkpoint served as its text model
+Phi-3's does, fills every slice at once). A mixture-of-experts layer's experts are stacked: each
+expert's projections (``experts.<i>.gate_proj``..., Mixtral's ``block_sparse_moe.experts.<i>.w1``
+/ ``w3`` / ``w2``) fill expert ``i``'s slice of ``experts.gate_up_proj`` / ``down_proj``; a
+checkpoint holding them stacked already, as transformers 5 does in memory, fills all at once. An image-text checkpoint served as its text model
 names that model's tensors under a prefix and holds others (``ModelConfig.weights_prefix``,
 ``skipped_weights``). Every other tensor must be used and every parameter filled; otherwise the
 error names the offending tensors.
@@ -13,6 +16,7 @@ error names the offending tensors.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +32,8 @@ INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
 _MAX_NAMES_IN_ERROR = 10
 _FUSED_NAMES = frozenset(fused for fused, _ in STACKED_PARAMS.values())
+_EXPERT = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
+_MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "block_sparse_moe": "mlp"}
 
 
 def resolve_model_dir(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
@@ -113,7 +119,14 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _engine_name(key: str) -> tuple[str, str]:
-    """HF tensor name -> (engine parameter name, shard key; "" when not fused)."""
+    """HF tensor name -> (engine parameter name, shard key; "" when not fused). An expert's
+    projection's shard key is ``"<expert>"`` (down) or ``"<expert>.<gate | up>"``."""
+    key = key.replace(".block_sparse_moe.", ".mlp.")
+    expert = _EXPERT.search(key)
+    if expert is not None:
+        proj = _MIXTRAL_NAMES.get(expert[2], expert[2])
+        fused, shard = STACKED_PARAMS.get(proj, (proj, ""))
+        return f"{key[:expert.start()]}.experts.{fused}", f"{expert[1]}.{shard}" if shard else expert[1]
     parts = key.split(".")
     for i, part in enumerate(parts):
         if part in STACKED_PARAMS:
@@ -125,6 +138,11 @@ def _engine_name(key: str) -> tuple[str, str]:
 def _hf_name(name: str, shard: str) -> str:
     if not shard:
         return name
+    experts = _experts(name)
+    if experts is not None:
+        expert, _, part = shard.partition(".")
+        proj = next((p for p, (_, key) in STACKED_PARAMS.items() if part and key == part), experts[1])
+        return f"{experts[0]}.{expert}.{proj}.weight"
     for proj, (fused, key) in STACKED_PARAMS.items():
         if key == shard and f".{fused}." in name:
             return name.replace(f".{fused}.", f".{proj}.")
@@ -139,7 +157,19 @@ def _shard_layout(model: nn.Module, name: str) -> dict[str, int] | None:
     return model.get_submodule(parts[0]).shard_sizes()
 
 
+def _experts(name: str) -> tuple[str, str] | None:
+    """``(experts module, parameter)`` of a stacked experts parameter's name, else None."""
+    module, _, param = name.rpartition(".")
+    return (module, param) if module.endswith(".experts") else None
+
+
 def _shard_keys(model: nn.Module, name: str) -> set[str]:
+    experts = _experts(name)
+    if experts is not None:
+        module, param = experts
+        parts = list(model.get_submodule(module).shard_sizes()) if param in _FUSED_NAMES else [""]
+        count = model.get_parameter(name).shape[0]
+        return {f"{e}.{part}" if part else str(e) for e in range(count) for part in parts}
     layout = _shard_layout(model, name)
     return {""} if layout is None else set(layout)
 
@@ -148,8 +178,16 @@ def _copy_into(
     model: nn.Module, param: nn.Parameter, name: str, shard: str, tensor: torch.Tensor, key: str
 ) -> None:
     target = param.data
+    experts = _experts(name)
+    if experts is not None and shard:
+        expert, _, shard = shard.partition(".")
+        if int(expert) >= target.shape[0]:
+            raise ValueError(f"checkpoint tensor {key} names expert {expert}, but {name} holds {target.shape[0]}")
+        target = target[int(expert)]
+        layout = model.get_submodule(experts[0]).shard_sizes() if shard else None
+    else:
+        layout = _shard_layout(model, name) if shard else None
     if shard:
-        layout = _shard_layout(model, name)
         if layout is None or shard not in layout:
             raise ValueError(f"checkpoint tensor {key} does not fit parameter {name}")
         order = list(layout)

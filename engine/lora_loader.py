@@ -156,4 +156,7 @@ def _parse_key(key: str, config: ModelConfig, where: str) -> tuple[int, str, str
     layer = int(match[1])
     if layer >= config.num_layers:
         raise ValueError(f"{where}: tensor {key} names layer {layer}, but the base model has {config.num_layers}")
+    if match[2] == "mlp" and config.moe is not None and config.moe.sparse_layers[layer]:
+        raise ValueError(f"{where}: tensor {key} adapts layer {layer}'s MLP, a mixture of experts: "
+                         f"LoRA on experts is not supported")
     return layer, match[3], match[4]

@@ -30,6 +30,8 @@ from baton.engine.pooling import PoolerConfig, pooling_module_path
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+_QWEN_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 _LAYER_NORMS = {"Olmo2ForCausalLM": "post", "Gemma2ForCausalLM": "both", "Gemma3ForCausalLM": "both"}   # else "pre"
 _DEFAULT_ROPE_THETA = 10000.0
 
@@ -53,8 +55,27 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class SparseMoEConfig:
+    """A sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a router's softmax
+    over ``num_experts`` gated MLPs, each ``intermediate_size`` wide, sends each token through its
+    ``top_k`` most probable, weighted by those probabilities (divided by their sum with
+    ``renormalize``: Mixtral always, Qwen and OLMoE with ``norm_topk_prob``). Qwen2-MoE adds a shared
+    expert (``shared_intermediate_size`` wide; 0: none) scaled by the sigmoid of a gate of its own.
+    ``sparse_layers``: the layers that have one; the others have a dense MLP (Qwen's
+    ``mlp_only_layers`` and ``decoder_sparse_step``)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    sparse_layers: tuple[bool, ...]
+    shared_intermediate_size: int = 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Everything the engine needs to know about a decoder-only Llama-family model (Gemma included)."""
+    """Everything the engine needs to know about a decoder-only Llama-family model (Gemma and the
+    mixture-of-experts families included: ``moe``)."""
 
     architecture: str
     hidden_size: int
@@ -100,6 +121,7 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    moe: SparseMoEConfig | None = None
 
     @classmethod
     def from_dict(
@@ -121,6 +143,8 @@ class ModelConfig:
         num_layers = int(cfg["num_hidden_layers"])
         if cfg.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention is not supported: the engine generates causally")
+        if cfg.get("clip_qkv") is not None:
+            raise ValueError(f"clip_qkv={cfg['clip_qkv']} is not supported")
         rope, local_rope = _rope_configs(architecture, cfg, max_pos)
         sliding = _sliding_layers(architecture, cfg, num_layers)
         qkv_bias, o_bias, mlp_bias = _biases(architecture, cfg)
@@ -144,7 +168,8 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm={"Qwen3ForCausalLM": "head", "Gemma3ForCausalLM": "head", "Olmo2ForCausalLM": "full"}.get(architecture),
+            qk_norm={"Qwen3ForCausalLM": "head", "Qwen3MoeForCausalLM": "head", "Gemma3ForCausalLM": "head",
+                     "Olmo2ForCausalLM": "full", "OlmoeForCausalLM": "full"}.get(architecture),
             eos_token_ids=_eos_token_ids(cfg, generation_config or {}),
             bos_token_id=cfg.get("bos_token_id"),
             dtype=_dtype(cfg),
@@ -157,6 +182,7 @@ class ModelConfig:
             local_rope_layers=tuple(sliding) if local_rope else (),
             **_granite_scalars(architecture, cfg),
             **(_gemma_fields(architecture, cfg, hidden) if gemma else {}),
+            moe=_sparse_moe(architecture, cfg, num_layers),
         )
 
 
@@ -242,6 +268,23 @@ def _gemma_fields(architecture: str, cfg: dict[str, Any], hidden: int) -> dict[s
     return fields
 
 
+def _sparse_moe(architecture: str, cfg: dict[str, Any], num_layers: int) -> SparseMoEConfig | None:
+    """The experts of an MoE family as transformers reads its config; None for a dense family."""
+    if architecture not in MOE_ARCHITECTURES:
+        return None
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    top_k = int(cfg.get("num_experts_per_tok") or 0)
+    if experts < 1 or not 1 <= top_k <= experts:
+        raise ValueError(f"{architecture} needs 1 <= num_experts_per_tok <= its experts, got {top_k} of {experts}")
+    if architecture in ("MixtralForCausalLM", "OlmoeForCausalLM"):
+        return SparseMoEConfig(experts, top_k, int(cfg["intermediate_size"]),
+                               architecture == "MixtralForCausalLM" or bool(cfg.get("norm_topk_prob")), (True,) * num_layers)
+    step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or ())
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0) if architecture == "Qwen2MoeForCausalLM" else 0
+    return SparseMoEConfig(experts, top_k, int(cfg["moe_intermediate_size"]), bool(cfg.get("norm_topk_prob")),
+                           tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)), shared)
+
+
 def _positive_or_none(cfg: dict[str, Any], key: str) -> float | None:
     value = cfg.get(key)
     if value is None:
@@ -273,14 +316,16 @@ def _biases(architecture: str, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
         return attention_bias, attention_bias, bool(cfg.get("mlp_bias") or False)
     if architecture == "Qwen2ForCausalLM":
         return True, False, False
-    if architecture in ("Qwen3ForCausalLM", *GEMMA_ARCHITECTURES):
+    if architecture == "Qwen2MoeForCausalLM":
+        return bool(cfg.get("qkv_bias", True)), False, False
+    if architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", *GEMMA_ARCHITECTURES):
         return attention_bias, attention_bias, False
     return False, False, False
 
 
 def _sliding_layers(architecture: str, cfg: dict[str, Any], num_layers: int) -> list[bool]:
     """Which layers are sliding-window layers (whatever their window's length)."""
-    qwen = architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    qwen = architecture in _QWEN_ARCHITECTURES
     if cfg.get("sliding_window") is None or not cfg.get("use_sliding_window", not qwen):
         return [False] * num_layers
     layer_types = cfg.get("layer_types")

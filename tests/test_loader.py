@@ -118,6 +118,32 @@ def test_config_fields_per_architecture():
 
 
 @pytest.mark.unit
+def test_mixture_of_experts_fields_are_read_per_family():
+    assert ModelConfig.from_dict(BASE).moe is None
+    mixtral = ModelConfig.from_dict({**BASE, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8,
+                                     "num_experts_per_tok": 2, "sliding_window": None})
+    assert mixtral.moe is not None and (mixtral.moe.num_experts, mixtral.moe.top_k, mixtral.moe.intermediate_size) == (8, 2, 96)
+    assert mixtral.moe.renormalize and mixtral.moe.sparse_layers == (True, True) and mixtral.moe.shared_intermediate_size == 0
+    qwen2 = ModelConfig.from_dict({**BASE, "architectures": ["Qwen2MoeForCausalLM"], "num_hidden_layers": 4, "num_experts": 60,
+                                   "num_experts_per_tok": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+                                   "decoder_sparse_step": 2, "mlp_only_layers": [3], "sliding_window": 64,
+                                   "use_sliding_window": False})
+    assert qwen2.moe is not None and (qwen2.moe.intermediate_size, qwen2.moe.shared_intermediate_size) == (32, 48)
+    assert qwen2.moe.sparse_layers == (False, True, False, False) and not qwen2.moe.renormalize
+    assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.sliding_windows, qwen2.intermediate_size) == (True, False, (), 96)
+    qwen3 = ModelConfig.from_dict({**BASE, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128,
+                                   "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True})
+    assert qwen3.moe is not None and qwen3.moe.renormalize and qwen3.qk_norm == "head" and qwen3.moe.shared_intermediate_size == 0
+    olmoe = ModelConfig.from_dict({**BASE, "architectures": ["OlmoeForCausalLM"], "num_experts": 64, "num_experts_per_tok": 8})
+    assert olmoe.moe is not None and (olmoe.moe.intermediate_size, olmoe.moe.renormalize, olmoe.qk_norm) == (96, False, "full")
+    with pytest.raises(ValueError, match="num_experts_per_tok <= its experts, got 9 of 8"):
+        ModelConfig.from_dict({**BASE, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8, "num_experts_per_tok": 9})
+    with pytest.raises(ValueError, match="clip_qkv=8.0 is not supported"):
+        ModelConfig.from_dict({**BASE, "architectures": ["OlmoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
+                               "clip_qkv": 8.0})
+
+
+@pytest.mark.unit
 def test_gemma3_reads_a_rope_for_its_sliding_layers_in_either_layout():
     """transformers 5's ``rope_parameters`` per layer type, or the older ``rope_theta`` and
     ``rope_scaling`` (the full layers', 1M by default) beside ``rope_local_base_freq`` (10k)."""

@@ -14,13 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config,
-    Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config,
+    AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, LlamaConfig, MistralConfig,
+    MixtralConfig, Olmo2Config, OlmoeConfig, Phi3Config, PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig,
 )
 
 from baton.engine.attention import build_attention_metadata, paged_attention_forward
 from baton.engine.config import EngineConfig
+from baton.engine.loader import build_model
 from baton.engine.lora_loader import load_adapter
+from baton.engine.model_config import load_model_config
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
@@ -294,6 +296,13 @@ RANDOM_CONFIGS = {
     "granite-bias-untied": lambda: GraniteConfig(**SMALL, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
                                                  embedding_multiplier=3.0, residual_multiplier=0.5,
                                                  attention_multiplier=0.05, logits_scaling=2.0),
+    "mixtral": lambda: MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    # A shared expert, and a dense layer (mlp_only_layers) beside a sparse one.
+    "qwen2-moe": lambda: Qwen2MoeConfig(**SMALL, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        shared_expert_intermediate_size=48, mlp_only_layers=[1], use_sliding_window=False),
+    "qwen3-moe": lambda: Qwen3MoeConfig(**SMALL, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=3,
+                                        moe_intermediate_size=32, norm_topk_prob=True),
+    "olmoe": lambda: OlmoeConfig(**SMALL, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=0),
 }
 
 
@@ -350,6 +359,44 @@ def assert_adapter_equals_merged(tmp_path: Path, adapter: Path) -> None:
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+def test_a_moe_adapter_on_attention_equals_its_merged_checkpoint_and_one_on_experts_is_refused(tmp_path: Path):
+    """Qwen2-MoE: an adapter of every attention projection applies as merged weights do; one of a
+    sparse layer's MLP (its experts) is refused by name rather than left out."""
+    random_checkpoint("qwen2-moe", tmp_path / "base")
+    adapter = make_adapter(str(tmp_path / "base"), tmp_path / "adapter", rank=4, alpha=8, std=0.3,
+                           targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert_adapter_equals_merged(tmp_path, adapter)
+    experts = make_adapter(str(tmp_path / "base"), tmp_path / "experts", rank=4, targets=("gate_proj",), layers=range(1))
+    config = load_model_config(tmp_path / "base")
+    with pytest.raises(ValueError, match="adapts layer 0's MLP, a mixture of experts: LoRA on experts is not supported"):
+        load_adapter("experts", experts, config, max_rank=8)
+
+
+def test_stacked_experts_load_as_each_experts_own_tensors_and_a_missing_one_is_named(tmp_path: Path):
+    """A checkpoint holding each layer's experts stacked (as transformers 5 does in memory) loads as
+    Mixtral's per-expert tensors do; a missing expert's projection is named."""
+    random_checkpoint("mixtral", tmp_path / "experts")
+    tensors = load_file(str(tmp_path / "experts" / "model.safetensors"))
+    stacked = {k: v for k, v in tensors.items() if ".experts." not in k}
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.block_sparse_moe"
+        one = [{w: tensors.pop(f"{prefix}.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")} for e in range(4)]
+        stacked[f"model.layers.{layer}.mlp.gate.weight"] = stacked.pop(f"{prefix}.gate.weight")
+        stacked[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([w["w1"], w["w3"]]) for w in one])
+        stacked[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([w["w2"] for w in one])
+    (tmp_path / "stacked").mkdir()
+    shutil.copy(tmp_path / "experts" / "config.json", tmp_path / "stacked" / "config.json")
+    save_file(stacked, str(tmp_path / "stacked" / "model.safetensors"))
+    config = load_model_config(tmp_path / "experts")
+    a, b = (build_model(tmp_path / d, config, torch.float32, torch.device("cpu")).state_dict() for d in ("experts", "stacked"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tensors = load_file(str(tmp_path / "experts" / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, str(tmp_path / "experts" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight"):
+        build_model(tmp_path / "experts", config, torch.float32, torch.device("cpu"))
+
+
 def test_a_gemma2_adapter_equals_its_merged_checkpoint(tmp_path: Path):
     """LoRA's unfused path through Gemma 2's GeGLU and its four norms a layer."""
     random_checkpoint("gemma2", tmp_path / "base")
@@ -398,11 +445,12 @@ def test_a_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path: Path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["granite", "gemma2", "gemma2-head-dim-256", "gemma3", "mistral-window"])
+@pytest.mark.parametrize("name", ["granite", "gemma2", "gemma2-head-dim-256", "gemma3", "mistral-window", "mixtral", "qwen2-moe"])
 def test_logits_on_cuda_match_transformers(name: str, tmp_path: Path):
     """The GPU path's Triton kernels and CUDA graphs under each family's numerics: Granite's
     multipliers (attention scale, embedding and logits scales), Gemma 2's GeGLU, norms, soft caps and
-    sliding windows (at its real head dim of 256 too), Gemma 3's two RoPE tables, Mistral's window."""
+    sliding windows (at its real head dim of 256 too), Gemma 3's two RoPE tables, Mistral's window,
+    Mixtral's and Qwen2-MoE's experts (the fused MoE kernel, its routing captured in the graph)."""
     config = gemma2_head_dim_256() if name == "gemma2-head-dim-256" else None
     hf = random_checkpoint(name, tmp_path, config)
     tokens = torch.randint(0, hf.config.vocab_size, (23,)).tolist()

@@ -19,6 +19,10 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "GemmaForCausalLM": ("llama", "LlamaForCausalLM"),
     "Gemma2ForCausalLM": ("llama", "LlamaForCausalLM"),
     "Gemma3ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MixtralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2MoeForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen3MoeForCausalLM": ("llama", "LlamaForCausalLM"),
+    "OlmoeForCausalLM": ("llama", "LlamaForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)

@@ -7,7 +7,9 @@ layer's norms after its attention and MLP instead of before: ``DecoderLayer``), 
 (GeGLU, norms by ``1 + weight``, scaled embeddings; Gemma 2 also norms before and after its
 attention and MLP, soft-caps attention scores and logits, and slides a window over every other
 layer's keys) and Gemma 3's text model (Gemma 2's layers without the caps, with per-head q/k
-norms, five sliding-window layers to a full one, and a RoPE of their own for the sliding ones).
+norms, five sliding-window layers to a full one, and a RoPE of their own for the sliding ones);
+and the mixture-of-experts families on those layers: Mixtral, Qwen2-MoE (with its shared
+expert), Qwen3-MoE and OLMoE (``SparseMoE``).
 
 Module names follow Hugging Face, except that q/k/v are fused into ``qkv_proj``
 and gate/up into ``gate_up_proj`` (``STACKED_PARAMS`` tells the loader how).
@@ -131,12 +133,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
+        self.intermediate_size = intermediate_size or config.intermediate_size
         self.activation = config.hidden_act
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def shard_sizes(self) -> dict[str, int]:
         return {"gate": self.intermediate_size, "up": self.intermediate_size}
@@ -148,11 +150,53 @@ class MLP(nn.Module):
         return lora.add("down_proj", hidden, project(self.down_proj, hidden))
 
 
+class Experts(nn.Module):
+    """Every expert's gated MLP, stacked: ``gate_up_proj`` ``[experts, 2 * intermediate, hidden]``
+    (each expert's gate rows, then its up rows) and ``down_proj`` ``[experts, hidden, intermediate]``,
+    as transformers holds them (checkpoints name each expert's projections: the loader stacks them)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.moe is not None
+        experts, self.intermediate_size = config.moe.num_experts, config.moe.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * self.intermediate_size, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(experts, config.hidden_size, self.intermediate_size))
+
+    def shard_sizes(self) -> dict[str, int]:
+        return {"gate": self.intermediate_size, "up": self.intermediate_size}
+
+
+class SparseMoE(nn.Module):
+    """A mixture-of-experts MLP (``ModelConfig.moe``): the router (``gate``) picks each token's
+    experts in torch, with no host sync (CUDA graphs capture it); ``ops.fused_moe`` runs them."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.moe is not None
+        self.top_k, self.renormalize, self.activation = config.moe.top_k, config.moe.renormalize, config.hidden_act
+        self.gate = nn.Linear(config.hidden_size, config.moe.num_experts, bias=False)
+        self.experts = Experts(config)
+        shared = config.moe.shared_intermediate_size
+        self.shared_expert = MLP(config, shared) if shared else None
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(project(self.gate, x), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids, self.activation)
+        if self.shared_expert is None or self.shared_expert_gate is None:
+            return out
+        return out + torch.sigmoid(project(self.shared_expert_gate, x)) * self.shared_expert(x)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, index)
-        self.mlp = MLP(config)
+        self.sparse = config.moe is not None and config.moe.sparse_layers[index]
+        self.mlp = SparseMoE(config) if self.sparse else MLP(config)
         self.local_rope = bool(config.local_rope_layers) and config.local_rope_layers[index]
         self.norms = config.layer_norms
         self.input_layernorm = None if self.norms == "post" else make_norm(config)
@@ -181,7 +225,7 @@ class DecoderLayer(nn.Module):
                 hidden = hidden + residual
             hidden = hidden + self.post_attention_layernorm(self.self_attn(positions, hidden, kv_cache, cos_sin_cache,
                                                                            meta, lora))
-            return self.post_feedforward_layernorm(self.mlp(hidden, lora)), hidden
+            return self.post_feedforward_layernorm(self._mlp(hidden, lora)), hidden
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -189,9 +233,13 @@ class DecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, kv_cache, cos_sin_cache, meta, lora)
         if self.norms == "both":
             hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
-            return self.post_feedforward_layernorm(self.mlp(hidden, lora)), residual
+            return self.post_feedforward_layernorm(self._mlp(hidden, lora)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden, lora), residual
+        return self._mlp(hidden, lora), residual
+
+    def _mlp(self, x: torch.Tensor, lora: LayerLoRA | None) -> torch.Tensor:
+        """The MLP; an adapter never adapts a sparse one's experts (the LoRA loader refuses such adapters)."""
+        return self.mlp(x) if self.sparse else self.mlp(x, lora)
 
 
 class LlamaModel(nn.Module):
