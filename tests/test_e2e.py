@@ -320,18 +320,23 @@ def test_baton_up_with_an_fp8_kv_cache_serves_the_aggregated_fp8_engines_text_se
         system.stop()
 
 
-def test_baton_up_serves_a_gemma2_checkpoint_as_transformers_generates(demo_model, tmp_path):
-    """Gemma 2's sliding windows (8 keys here, on every other layer), soft caps, GeGLU and four norms
-    a layer through prefill, KV transfer and decode: greedy text and each token's logprob are
+@pytest.mark.parametrize("family", ["gemma2", "qwen2-moe"])
+def test_baton_up_serves_a_random_checkpoint_as_transformers_generates(demo_model, tmp_path, family):
+    """Through prefill, KV transfer and decode, greedy text and each token's logprob are
     transformers' (a random checkpoint beside the demo tokenizer; it repeats itself, so the
-    logprobs are what tell a window kept from one lost)."""
-    from transformers import AutoTokenizer, Gemma2Config
+    logprobs are what tell a window kept from one lost): Gemma 2's sliding windows (8 keys here, on
+    every other layer), soft caps, GeGLU and four norms a layer; Qwen2-MoE's experts, its shared
+    expert and a dense layer beside a sparse one."""
+    from transformers import AutoTokenizer, Gemma2Config, Qwen2MoeConfig
 
     from test_model_parity import SMALL, random_checkpoint
 
-    config = Gemma2Config(**{**SMALL, "vocab_size": 1024}, num_key_value_heads=2, head_dim=32, sliding_window=8,
-                          attn_logit_softcapping=2.0, final_logit_softcapping=3.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    hf = random_checkpoint("gemma2", tmp_path, config)
+    shape = {**SMALL, "vocab_size": 1024, "num_key_value_heads": 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    config = (Gemma2Config(**shape, head_dim=32, sliding_window=8, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+              if family == "gemma2" else
+              Qwen2MoeConfig(**shape, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=48, mlp_only_layers=[1], use_sliding_window=False))
+    hf = random_checkpoint(family, tmp_path, config)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(Path(demo_model) / name, tmp_path / name)
     tok = AutoTokenizer.from_pretrained(tmp_path)
