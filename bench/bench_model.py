@@ -1,14 +1,17 @@
 """Model-level GPU benchmarks on Llama-3.2-1B- and Llama-3-8B-shaped models (and, asked for,
-a Gemma-2-2B-shaped one) with random bf16 weights (written as a safetensors checkpoint, no hub), in one run:
+a Gemma-2-2B-shaped one and mixture-of-experts ones: Qwen3-30B-A3B's and Mixtral-8x7B's layers,
+fewer of them) with random bf16 weights (written as a safetensors checkpoint, no hub), in one run:
 
 (a) decode step latency at several batch sizes, next to the floor
     ``(weight bytes + KV bytes read) / copy bandwidth``, where the bandwidth is a
-    large device-to-device copy measured in the same run (bytes read + written);
+    large device-to-device copy measured in the same run (bytes read + written) and an MoE
+    layer's expert bytes count the experts a batch is expected to hit (``weight_bytes``);
 (b) offline generation throughput (output tokens/s) of Baton's ``LLM`` against
     transformers' ``generate`` on the same model, prompts and lengths (greedy, EOS ignored).
 
     python bench/bench_model.py                                  # both Llama shapes
     python bench/bench_model.py --shapes gemma-2-2b              # GeGLU, head dim 256, soft caps
+    python bench/bench_model.py --shapes qwen3-moe-12l mixtral-8l   # experts
     python bench/bench_model.py --shapes llama-3.2-1b --skip-hf
 
 Decode latency is given three ways: the graph replay alone (device time), one
@@ -33,7 +36,9 @@ from pathlib import Path
 import torch
 import triton
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM, Gemma2Config, LlamaConfig, MixtralConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen3MoeConfig,
+)
 
 from baton.engine.config import KV_CACHE_DTYPE_NAMES
 from baton.engine.llm import LLM
@@ -57,6 +62,16 @@ SHAPES: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
                                   "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
                                   "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
                                   "final_logit_softcapping": 30.0, "tie_word_embeddings": True}),
+    # Qwen3-30B-A3B's layers (128 experts, 8 a token), 12 of its 48; Mixtral-8x7B's (8 experts, 2 a
+    # token), 8 of its 32: a quarter of each model, so that transformers' copy fits beside Baton's.
+    "qwen3-moe-12l": (Qwen3MoeConfig, {"hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                                       "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+                                       "num_hidden_layers": 12, "num_attention_heads": 32, "num_key_value_heads": 4,
+                                       "head_dim": 128, "rope_theta": 1_000_000.0, "tie_word_embeddings": False}),
+    "mixtral-8l": (MixtralConfig, {"hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8,
+                                   "num_experts_per_tok": 2, "num_hidden_layers": 8, "num_attention_heads": 32,
+                                   "num_key_value_heads": 8, "rope_theta": 1_000_000.0, "sliding_window": None,
+                                   "tie_word_embeddings": False}),
 }
 LLAMA_SHAPES = ["llama-3.2-1b", "llama-3-8b"]
 VOCAB = 128256
@@ -98,15 +113,18 @@ def copy_bandwidth() -> float:
     return 2 * COPY_BYTES / (ms * 1e-3)
 
 
-def weight_bytes(runner: ModelRunner) -> int:
-    """Bytes a decode step reads from the weights: all of them but the embedding
-    table, unless the table is also the output projection."""
+def weight_bytes(runner: ModelRunner, batch: int) -> int:
+    """Bytes a decode step of ``batch`` tokens reads from the weights: all of them but the embedding
+    table, unless the table is also the output projection; of an MoE layer's experts, the share a
+    batch is expected to hit if each token's ``top_k`` were drawn at random, 1 - (1 - k/E)^batch."""
     tied = runner.model.lm_head is None
-    return sum(
-        p.numel() * p.element_size()
+    moe = runner.model_config.moe
+    hit = 1.0 - (1.0 - moe.top_k / moe.num_experts) ** batch if moe is not None else 1.0
+    return int(sum(
+        p.numel() * p.element_size() * (hit if ".experts." in name else 1.0)
         for name, p in runner.model.named_parameters()
         if tied or not name.endswith("embed_tokens.weight")
-    )
+    ))
 
 
 def decoding_batch(runner: ModelRunner, batch: int, context: int) -> list[ScheduledChunk]:
@@ -162,7 +180,7 @@ def latency_rows(name: str, llm: LLM, batches: list[int], context: int, bandwidt
     for batch in batches:
         chunks = decoding_batch(runner, batch, context)
         kv = batch * context * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * runner.kv_dtype.itemsize
-        floor = (weight_bytes(runner) + kv) / bandwidth * 1e3
+        floor = (weight_bytes(runner, batch) + kv) / bandwidth * 1e3
         graphs = runner.cuda_graphs
         shape = graphs.graph_shape(chunks) if graphs is not None else None
         assert shape is not None, f"no graph holds a decode step of batch {batch}"
