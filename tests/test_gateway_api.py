@@ -772,6 +772,28 @@ async def test_a_tool_call_cut_short_is_text(tok) -> None:
     assert [p["finish_reason"] for p in pieces if p["finish_reason"]] == ["length"]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_forced_tool_calls_take_the_parsers_ids(tok, stream) -> None:
+    """With --tool-call-parser mistral, the calls a forced tool_choice makes have Mistral's ids (9
+    letters and digits, the only ones its chat templates take back); with another parser, or none,
+    call_ ids."""
+    named = tool_body({"type": "function", "function": {"name": "get_weather"}}, stream=stream)
+    required = tool_body("required", stream=stream)
+    outputs = [(named, '{"city":"Verona"}', 1),
+               (required, '[{"name":"get_weather","parameters":{"city":"Verona"}},{"name":"get_time","parameters":{}}]', 2)]
+    call_form = re.compile(r"call_[0-9a-f]{24}")
+    for parser, form in [("mistral", re.compile(r"[A-Za-z0-9]{9}")), ("hermes", call_form), (None, call_form)]:
+        for body, text, count in outputs:
+            response = await post(ScriptedBackend(tok, text), tok, "/v1/chat/completions", body,
+                                  config=make_config(tool_call_parser=parser))
+            assert response.status_code == 200, response.text
+            if stream:
+                ids = [p["id"] for p in streamed_message(response)[2] if "id" in p]
+            else:
+                ids = [c["id"] for c in response.json()["choices"][0]["message"]["tool_calls"]]
+            assert len(set(ids)) == count and all(form.fullmatch(i) for i in ids), (parser, ids)
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -909,6 +931,37 @@ async def test_reasoning_parser_splits_thinking_from_the_answer(tok, tmp_path, s
             got_calls = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
             got = (message["reasoning"], message["content"], got_calls, choice["finish_reason"])
         assert got == (reasoning, content, calls, finish), text
+        grammar = backend.requests[0].params.structured_output
+        assert (grammar and grammar.reasoning_end) == reasoning_end, text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_granite_reasoning_parser_reads_its_thought_process(tok, stream) -> None:
+    """--reasoning-parser granite: the text between "Here is my thought process:" and "Here is my
+    response:" is the reasoning, the text after the answer as written. Its markers are plain text,
+    so a grammar binds the whole output (no reasoning_end), which is then all answer."""
+    args = build_parser().parse_args(["--model-dir", str(DEMO_MODEL), "--reasoning-parser", "granite"])
+    config = make_config(reasoning_parser=config_from_args(args).reasoning_parser)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Which is more, 2 or 1?"}], "max_tokens": 400, "stream": stream}
+    named = {**tool_body({"type": "function", "function": {"name": "get_weather"}}), "stream": stream}
+    cases = [
+        ("Here is my thought process:\nTwo is more.\n\nHere is my response:\nIt is 2.", chat,
+         ("\nTwo is more.\n\n", "\nIt is 2.", []), None),
+        ("Here's my thought process: sums. Here's my response: 2", chat, (" sums. ", " 2", []), None),
+        ("It is 2, here is my response: 2", chat, (None, "It is 2, here is my response: 2", []), None),
+        ('{"city":"Verona"}', named, (None, None, [("get_weather", '{"city":"Verona"}')]), ()),
+    ]
+    for text, body, expected, reasoning_end in cases:
+        backend = ScriptedBackend(tok, text, per_chunk=1)
+        response = await post(backend, tok, "/v1/chat/completions", body, config=config)
+        assert response.status_code == 200, response.text
+        if stream:
+            reasoning, content, pieces, _ = streamed_message(response)
+            reasoning, content, calls = reasoning or None, content or None, streamed_calls(pieces)
+        else:
+            message = response.json()["choices"][0]["message"]
+            reasoning, content, calls = message["reasoning"], message["content"], message["tool_calls"]
+        assert (reasoning, content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls]) == expected, text
         grammar = backend.requests[0].params.structured_output
         assert (grammar and grammar.reasoning_end) == reasoning_end, text
 

@@ -5,12 +5,13 @@ its literal keyword arguments as JSON, anything else in them making the answer c
 
 from __future__ import annotations
 
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from baton.services.gateway.tool_parsers import make_parser
+from baton.services.gateway.tool_parsers import PARSERS, make_parser
 
 pytestmark = pytest.mark.unit
 
@@ -102,6 +103,22 @@ CASES = {
         ("[TOOL_CALLS][", "[TOOL_CALLS][", []),
         ("  [TOOL_CA", "  [TOOL_CA", []),
         ("", None, []),
+        # v11 and later: name[ARGS]{...} for each call, after the content, each behind its tag
+        (f"[TOOL_CALLS]get_weather[ARGS]{CITY}", None, [("get_weather", CITY)]),
+        (f"\nget_weather[ARGS]{CITY}\n", None, [("get_weather", CITY)]),
+        (f"get_weather[ARGS]{CITY}now[ARGS]{{}}", None, [("get_weather", CITY), ("now", "{}")]),
+        (f"Let me look.[TOOL_CALLS]get_weather[ARGS]{CITY}[TOOL_CALLS]say[ARGS]{TRICKY}",
+         "Let me look.", [("get_weather", CITY), ("say", TRICKY)]),
+        ("Not [TOOL_CALLS] yet, [TOOL_CALLS]now[ARGS]{ } \n", "Not [TOOL_CALLS] yet, ", [("now", "{ }")]),
+        (f"Use get_weather[ARGS]{CITY}", f"Use get_weather[ARGS]{CITY}", []),
+        (f"[TOOL_CALLS]get_weather[ARGS]{CITY} and more", f"[TOOL_CALLS]get_weather[ARGS]{CITY} and more", [],
+         ("", [("get_weather", CITY)])),
+        (f"Sure.[TOOL_CALLS]get_weather[ARGS]{CITY[:8]}", f"Sure.[TOOL_CALLS]get_weather[ARGS]{CITY[:8]}", [],
+         ("Sure.", [("get_weather", CITY[:8])])),
+        ("[TOOL_CALLS]get_weather[ARGS]", "[TOOL_CALLS]get_weather[ARGS]", []),
+        ("[TOOL_CALLS]a[ARGS][1]", "[TOOL_CALLS]a[ARGS][1]", []),
+        ("Done. [TOOL_CALL", "Done. [TOOL_CALL", []),
+        ("get_weather", "get_weather", []),
     ],
 }
 ALL = [(parser, *case) for parser, cases in CASES.items() for case in cases]
@@ -154,15 +171,18 @@ def test_streamed_pieces_read_as_the_whole(case, cuts) -> None:
     ("granite", f'<tool_call>[{{"name": "now", "arguments": {{}}}}, {{"name": "say", "arguments": {TRICKY}}}]'),
     ("phi4_mini_json", f'functools[{{"name": "say", "arguments": {TRICKY}}}]'),
     ("mistral", f'[TOOL_CALLS][{{"name": "say", "arguments": {TRICKY}}}]'),
+    ("mistral", f"Calling.[TOOL_CALLS]now[ARGS]{{}}[TOOL_CALLS]say[ARGS]{TRICKY}"),
+    ("mistral", f"now[ARGS]{{}}say[ARGS]{TRICKY}"),
 ])
 def test_arguments_stream_as_the_model_writes_them(parser, text) -> None:
-    """Written a character at a time, a call is named once its arguments open, and each of their
-    characters goes out as it comes, strings holding braces and tags included."""
+    """Written a character at a time, a call is named once its arguments open (Mistral v11: once
+    ``[ARGS]{`` has come), and each of their characters goes out as it comes, strings holding
+    braces and tags included."""
     steps = feed(parser, list(text))
     deltas = [(at, d) for at, (_, ds) in enumerate(steps) for d in ds]
     said = [(at, d) for at, d in deltas if d.index == deltas[-1][1].index]   # the last call's: say's
     first_at, first = said[0]
-    assert first.function.name == "say" and text[: first_at + 1].endswith('"arguments": {')
+    assert first.function.name == "say" and text[: first_at + 1].endswith(('"arguments": {', "say[ARGS]{"))
     assert [d.function.arguments for _, d in said] == list(TRICKY)
     assert [at for at, _ in said] == list(range(first_at, first_at + len(TRICKY)))
 
@@ -199,13 +219,24 @@ def test_pythonic_calls_go_out_whole_at_the_end() -> None:
 
 def test_mistral_call_ids_are_nine_letters_and_digits_parsed_or_streamed() -> None:
     """Mistral's chat templates refuse a call id that is not 9 letters and digits when the
-    conversation comes back with the call in it."""
-    text = f"[TOOL_CALLS][{WEATHER}, {WEATHER}]"
-    _, calls = make_parser("mistral").parse(text)
-    streamed = [d.id for _, deltas in feed("mistral", [text[:40], text[40:]]) for d in deltas if d.id]
-    for ids in ([c.id for c in calls], streamed):
-        assert len(ids) == 2 and len(set(ids)) == 2
-        assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in ids)
+    conversation comes back with the call in it: in either form."""
+    for text in (f"[TOOL_CALLS][{WEATHER}, {WEATHER}]", f"[TOOL_CALLS]get_weather[ARGS]{CITY}[TOOL_CALLS]get_weather[ARGS]{CITY}"):
+        _, calls = make_parser("mistral").parse(text)
+        streamed = [d.id for _, deltas in feed("mistral", [text[:40], text[40:]]) for d in deltas if d.id]
+        for ids in ([c.id for c in calls], streamed):
+            assert len(ids) == 2 and len(set(ids)) == 2
+            assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in ids)
+
+
+def test_parsers_give_ids_in_their_familys_form() -> None:
+    """``new_id``: Mistral's 9 letters and digits, ``call_`` and hex digits for the others."""
+    for parser in PARSERS:
+        ids = {make_parser(parser).new_id() for _ in range(20)}
+        assert len(ids) == 20
+        if parser == "mistral":
+            assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in ids)
+        else:
+            assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids)
 
 
 def test_unknown_parser() -> None:

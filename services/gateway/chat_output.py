@@ -15,7 +15,7 @@ from baton.services.gateway.logprobs import LogprobFormatter
 from baton.services.gateway.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatResponseMessage, ChatStreamChoice, DeltaMessage, NamedToolChoice,
 )
-from baton.services.gateway.reasoning import THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
+from baton.services.gateway.reasoning import FORMATS, THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
 from baton.services.gateway.tokenizer import GatewayTokenizer
 from baton.services.gateway.tool_parsers import make_parser
 
@@ -27,15 +27,17 @@ class ChatOutput:
                  logprobs: LogprobFormatter, response_role: str) -> None:
         self._tokenizer = tokenizer
         self._response_role = response_role
-        self._reasoning = reasoning_parser
+        self._think = FORMATS[reasoning_parser] if reasoning_parser else None
         self.tool_parser = make_parser(tool_call_parser) if tool_call_parser else None
+        self._new_id = self.tool_parser.new_id if self.tool_parser else tools.call_id   # forced calls' ids too
         self._logprobs = logprobs
         self._think_end = tuple(tokenizer.encode(THINK_END, add_special_tokens=False))
 
     def bind_grammar_to_answer(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingParams:
         """``params`` whose grammar the workers apply once the thinking ends, where the output of a
-        reasoning model starts thinking (the prompt does not close it); else ``params``."""
-        if not (self._reasoning and params.structured_output) or closed_in_prompt(self._prompt_tail(prompt_ids)):
+        reasoning model starts thinking in ``<think>`` (the prompt does not close it); else ``params``."""
+        waits = self._think is not None and self._think.tags and params.structured_output is not None
+        if not waits or closed_in_prompt(self._prompt_tail(prompt_ids)):
             return params
         return replace(params, structured_output=replace(params.structured_output, reasoning_end=self._think_end))
 
@@ -54,11 +56,11 @@ class ChatOutput:
         return self._tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
 
     def _think_stream(self, prompt_ids: list[int]) -> ThinkStream | None:
-        """A fresh reader of the output's thinking, which starts where the prompt left it (None
-        without a reasoning parser)."""
-        if not self._reasoning:
+        """A fresh reader of the output's thinking, which starts where the prompt left ``<think>``
+        (None without a reasoning parser)."""
+        if self._think is None:
             return None
-        return ThinkStream(starts_in_reasoning(self._prompt_tail(prompt_ids)))
+        return ThinkStream(self._think.tags and starts_in_reasoning(self._prompt_tail(prompt_ids)), self._think)
 
     def role(self, req: ChatCompletionRequest) -> str:
         """The answer's role: ``--response-role``'s, or the continued message's."""
@@ -113,7 +115,7 @@ class ChatOutput:
             if not delta.text:
                 return None, delta.finish_reason
             first, choice.tool_calls_sent = not choice.tool_calls_sent, 1
-            return DeltaMessage(tool_calls=[tools.named_call_piece(req, delta.text, first)]), delta.finish_reason
+            return DeltaMessage(tool_calls=[tools.named_call_piece(req, delta.text, first, self._new_id)]), delta.finish_reason
         if delta.finish_reason is None:
             return None, None
         message, finish_reason = self.message(req, choice)
@@ -136,7 +138,7 @@ class ChatOutput:
             content, calls = self.tool_parser.parse(text)
             message = ChatResponseMessage(role=role, content=content, reasoning=reasoning, tool_calls=calls)
             return message, "tool_calls" if calls else choice.finish_reason
-        calls = tools.tool_calls(req, text) if req.forced_tools else None
+        calls = tools.tool_calls(req, text, self._new_id) if req.forced_tools else None
         if calls is None:
             content = text if think is None else text or None
             return ChatResponseMessage(role=role, content=content, reasoning=reasoning), choice.finish_reason

@@ -39,7 +39,7 @@ class GatewayConfig(BaseModel):
     max_prefill_queue_size: int = Field(default=0, ge=0)    # every prefill worker this busy (or none up): on decode
     max_retries: int = Field(default=2, ge=0)        # on other workers after one fails; streamed tokens resume
     tool_call_parser: str | None = None              # reads tool_choice "auto" calls (tool_parsers.PARSERS); None: refused
-    reasoning_parser: str | None = None              # splits <think> reasoning from the answer (reasoning.PARSERS)
+    reasoning_parser: str | None = None              # splits the thinking from the answer (reasoning.PARSERS)
     responses_store_mb: int = Field(default=64, ge=0)  # stored Responses API answers without Redis (0: none, anywhere)
     responses_store_ttl_s: int = Field(default=86400, ge=1)  # how long Redis keeps a stored answer
     response_role: str = "assistant"                  # a chat answer's role where the prompt asks for a new message

@@ -1,26 +1,52 @@
-"""A reasoning model's thinking, apart from its answer, as vLLM's ``--reasoning-parser`` gives it
-(``deepseek_r1``, ``qwen3``): the text between ``<think>`` and ``</think>`` is the message's
-``reasoning``, the text after it its content.
+"""A reasoning model's thinking, apart from its answer, as vLLM's ``--reasoning-parser`` gives it:
+the thinking is the message's ``reasoning``, the answer after it its content.
 
-Where the output starts is read off the prompt, as the chat template left it: a template that
-ends the prompt inside ``<think>`` (DeepSeek-R1, Qwen3.5) starts the output in reasoning, one
-that closed it (Qwen3 with ``enable_thinking`` false) in the answer; otherwise the output is the
-answer unless it opens ``<think>`` itself. An output that never closes its thinking (cut short)
-is all reasoning. The answer's leading whitespace after ``</think>`` is dropped. Streamed,
-text that may be the start of a tag is held until it is not.
+* ``deepseek_r1``, ``qwen3``: the text between ``<think>`` and ``</think>``. Where the output
+  starts is read off the prompt, as the chat template left it: a template that ends the prompt
+  inside ``<think>`` (DeepSeek-R1, Qwen3.5) starts the output in reasoning, one that closed it
+  (Qwen3 with ``enable_thinking`` false) in the answer; otherwise the output is the answer unless
+  it opens ``<think>`` itself. The answer's leading whitespace after ``</think>`` is dropped.
+* ``granite`` (Granite 3.2 with ``thinking`` on): the text between ``Here is my thought
+  process:`` and ``Here is my response:`` (or ``Here's ...``), where the output opens with the
+  first; the answer is the text after the second, as written.
 
-A grammar (structured output, a forced tool call) binds the answer, not the thinking: unless
-the prompt closed the thinking, the gateway has the workers apply it only after the output's
-``</think>`` (``StructuredOutputParams.reasoning_end``), as vLLM does. So an output that never
-closes its thinking is never constrained.
+An output that never closes its thinking (cut short) is all reasoning. Streamed, text that may be
+the start of a marker is held until it is not.
+
+A grammar (structured output, a forced tool call) binds the answer, not the thinking: with
+``<think>``, unless the prompt closed the thinking, the gateway has the workers apply it only
+after the output's ``</think>`` (``StructuredOutputParams.reasoning_end``), as vLLM does, so an
+output that never closes its thinking is never constrained. Granite's markers are plain text,
+written in more than one way, so there a grammar binds the whole output, which is then all answer
+(vLLM takes no grammar with Granite's thinking).
 """
 
 from __future__ import annotations
 
-from baton.services.gateway.tokenizer import partial_suffix
+import re
+from dataclasses import dataclass
 
-PARSERS = ("deepseek_r1", "qwen3")
+from baton.services.gateway.tokenizer import partial_suffix
+from baton.services.gateway.tool_json import opens_with
+
 _START, THINK_END = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class ThinkFormat:
+    """How a model family marks its thinking."""
+
+    opens: tuple[str, ...]      # what opens the thinking, at the output's start
+    closes: tuple[str, ...]     # what closes it, before the answer
+    strip_answer: bool          # the answer's leading whitespace is dropped
+    tags: bool                  # <think> tags: the prompt may open or close them, a grammar waits for </think>
+
+
+THINK = ThinkFormat((_START,), (THINK_END,), strip_answer=True, tags=True)
+GRANITE = ThinkFormat(("Here is my thought process:", "Here's my thought process:"),
+                      ("Here is my response:", "Here's my response:"), strip_answer=False, tags=False)
+FORMATS = {"deepseek_r1": THINK, "qwen3": THINK, "granite": GRANITE}
+PARSERS = tuple(FORMATS)
 
 
 def closed_in_prompt(prompt_tail: str) -> bool:
@@ -40,8 +66,10 @@ def starts_in_reasoning(prompt_tail: str) -> bool:
 class ThinkStream:
     """Splits one output, piece by piece, into reasoning and answer."""
 
-    def __init__(self, in_reasoning: bool) -> None:
-        self._state = "reasoning" if in_reasoning else "opening"   # opening: the answer, unless <think> comes first
+    def __init__(self, in_reasoning: bool, fmt: ThinkFormat = THINK) -> None:
+        self._state = "reasoning" if in_reasoning else "opening"   # opening: the answer, unless thinking opens first
+        self._fmt = fmt
+        self._close = re.compile("|".join(map(re.escape, fmt.closes)))
         self._buf = ""
 
     def add(self, text: str) -> tuple[str, str]:
@@ -50,24 +78,27 @@ class ThinkStream:
         reasoning = answer = ""
         while self._buf:
             if self._state == "opening":
-                head = self._buf.lstrip()
-                if not head or (_START.startswith(head) and head != _START):
+                opens = opens_with(self._buf, self._fmt.opens)
+                if opens is None:
                     break
-                if head.startswith(_START):
-                    self._buf, self._state = head[len(_START):], "reasoning"
+                if opens:
+                    head = self._buf.lstrip()
+                    opener = next(o for o in self._fmt.opens if head.startswith(o))
+                    self._buf, self._state = head[len(opener):], "reasoning"
                 else:
                     self._state = "answer"
             elif self._state == "reasoning":
-                end = self._buf.find(THINK_END)
-                if end < 0:
-                    keep = partial_suffix(self._buf, [THINK_END])
+                close = self._close.search(self._buf)
+                if close is None:
+                    keep = partial_suffix(self._buf, self._fmt.closes)
                     reasoning += self._buf[: len(self._buf) - keep]
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
-                reasoning += self._buf[:end]
-                self._buf, self._state = self._buf[end + len(THINK_END):], "after"
-            elif self._state == "after":          # the answer's leading whitespace is dropped
-                self._buf = self._buf.lstrip()
+                reasoning += self._buf[: close.start()]
+                self._buf, self._state = self._buf[close.end():], "after"
+            elif self._state == "after":          # the answer's leading whitespace is dropped, where the format does
+                if self._fmt.strip_answer:
+                    self._buf = self._buf.lstrip()
                 if self._buf:
                     self._state = "answer"
             else:

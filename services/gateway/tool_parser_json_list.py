@@ -15,6 +15,7 @@ import re
 
 from baton.services.gateway.protocol import ToolCall
 from baton.services.gateway.tool_json import CallsStream, call_head, call_of, calls_or_content
+from baton.services.gateway.tools import call_id
 
 _HEAD = call_head("arguments", r"\s*\[")               # from after the tag
 _NEXT = call_head("arguments", r"\s*\}\s*,")           # from the end of the previous call's arguments
@@ -24,6 +25,8 @@ _WS = re.compile(r"\s*")
 class JsonListParser:
     """An answer that is ``tags[0]`` (or another of ``tags``; with ``tag_required`` false, none)
     then a JSON list of calls."""
+
+    new_id = staticmethod(call_id)
 
     def __init__(self, tags: tuple[str, ...], tag_required: bool) -> None:
         self._tags, self._required = tags, tag_required

@@ -7,10 +7,11 @@ model family's format, as vLLM's ``--tool-call-parser`` reads them:
   "parameters": {...}}`` objects (``;``-separated), after an optional ``<|python_tag|>``;
 * ``pythonic`` (Llama 3.2, Llama 4, ToolACE): the whole answer is a Python list of calls,
   ``[get_weather(city="Verona"), clock()]``, in ``<|python_start|>`` ... ``<|python_end|>`` or not;
-* ``granite`` (Granite 3.x), ``phi4_mini_json`` (Phi-4-mini) and ``mistral`` (Mistral 7B v0.3,
-  Mistral Nemo and Small, before their v11 tokenizers): the whole answer is a JSON list of calls
-  after a tag (``tool_parser_json_list``); ``mistral`` ids its calls with 9 letters and digits,
-  the only ids Mistral's chat templates take back in the next turn.
+* ``granite`` (Granite 3.x) and ``phi4_mini_json`` (Phi-4-mini): the whole answer is a JSON list
+  of calls after a tag (``tool_parser_json_list``);
+* ``mistral``: before the v11 tokenizers such a list after ``[TOOL_CALLS]``, from v11 on
+  ``[TOOL_CALLS]name[ARGS]{...}`` for each call (``tool_parser_mistral``); it ids its calls with 9
+  letters and digits, the only ids Mistral's chat templates take back in the next turn.
 
 A parser reads a finished text (``parse``) or one streamed piece by piece (``stream``). A call's
 arguments are the model's own JSON text of them, as written (pythonic: its literal values as
@@ -27,8 +28,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import secrets
-import string
 from typing import Protocol
 
 from baton.services.gateway.protocol import DeltaToolCall, ToolCall
@@ -37,7 +36,8 @@ from baton.services.gateway.tool_json import (
     CallsStream, JsonScan, StreamedCall, call_head, call_of, calls_or_content, opens_with,
 )
 from baton.services.gateway.tool_parser_json_list import JsonListParser
-from baton.services.gateway.tools import call_piece, new_call
+from baton.services.gateway.tool_parser_mistral import MistralParser
+from baton.services.gateway.tools import call_id, call_piece, new_call
 
 PARSERS = ("hermes", "llama3_json", "pythonic", "granite", "phi4_mini_json", "mistral")
 # vLLM turns tool_choice "auto" on with --enable-auto-tool-choice and a parser; here the parser
@@ -61,6 +61,10 @@ class ToolParser(Protocol):
 
     def stream(self) -> ToolStream: ...
 
+    def new_id(self) -> str:
+        """A fresh call id in the form the model family takes back in a later turn: its own
+        calls', and the gateway's where a request forces them."""
+
 
 def make_parser(name: str) -> ToolParser:
     if name == "hermes":
@@ -76,48 +80,6 @@ def make_parser(name: str) -> ToolParser:
     if name == "mistral":
         return MistralParser()
     raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}")
-
-
-# ---- mistral ------------------------------------------------------------------
-
-_ID_CHARS = string.ascii_letters + string.digits
-
-
-def _mistral_id() -> str:
-    return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
-
-
-def _mistral_ids(deltas: list[DeltaToolCall]) -> list[DeltaToolCall]:
-    """The pieces, each call's first (the one with an id) under a Mistral id."""
-    return [d.model_copy(update={"id": _mistral_id()}) if d.id else d for d in deltas]
-
-
-class MistralParser:
-    """``[TOOL_CALLS]`` (a special token, so usually not in the text) then a JSON list of calls,
-    each call's id 9 letters and digits: Mistral's templates refuse any other id in a later turn."""
-
-    def __init__(self) -> None:
-        self._list = JsonListParser(("[TOOL_CALLS]",), tag_required=False)
-
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        content, calls = self._list.parse(text)
-        return content, [call.model_copy(update={"id": _mistral_id()}) for call in calls]
-
-    def stream(self) -> ToolStream:
-        return _MistralStream(self._list.stream())
-
-
-class _MistralStream:
-    def __init__(self, inner: ToolStream) -> None:
-        self._inner = inner
-
-    def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
-        content, deltas = self._inner.add(text)
-        return content, _mistral_ids(deltas)
-
-    def finish(self) -> tuple[str, list[DeltaToolCall]]:
-        content, deltas = self._inner.finish()
-        return content, _mistral_ids(deltas)
 
 
 # ---- hermes -------------------------------------------------------------------
@@ -167,6 +129,8 @@ class _Block:
 
 
 class HermesParser:
+    new_id = staticmethod(call_id)
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """Each whole block that is a call is one; other blocks, one cut short included, and the
         text around the blocks are the content (its ends stripped)."""
@@ -284,6 +248,8 @@ def _llama3_calls(text: str) -> list[tuple[str, str]] | None:
 
 
 class Llama3JsonParser:
+    new_id = staticmethod(call_id)
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         return calls_or_content(text, _llama3_calls(text))
 
@@ -338,6 +304,8 @@ def _literal(node: ast.expr) -> object:
 
 
 class PythonicParser:
+    new_id = staticmethod(call_id)
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         return calls_or_content(text, _pythonic_calls(text))
 

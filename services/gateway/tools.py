@@ -7,13 +7,16 @@ array of ``{"name": ..., "parameters": {...}}`` calls of the given tools (exactl
 anywhere only invites a model into loops of blank lines. The finished output is read back into OpenAI ``tool_calls``: for a
 named function as it streams (each piece of text is a piece of the arguments), for
 ``"required"`` once the array is complete. ``"auto"`` calls are read in the model family's own
-format by a tool-call parser (``tool_parsers``), which makes its calls and pieces here too.
+format by a tool-call parser (``tool_parsers``), which makes its calls and pieces here too. Call
+ids are ``call_`` and hex digits, or where a tool-call parser is set the form its family takes
+back (its ``new_id``), forced calls' too.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 
 from baton.engine.sampling_params import StructuredOutputParams
 from baton.services.gateway.protocol import (
@@ -44,32 +47,37 @@ def grammar(req: ChatCompletionRequest) -> StructuredOutputParams | None:
     return None
 
 
-def tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
-    """The calls a finished output makes; None if it is not complete calls (one cut short). A
-    named function's arguments are the text itself, as streamed."""
+def tool_calls(req: ChatCompletionRequest, text: str, new_id: Callable[[], str]) -> list[ToolCall] | None:
+    """The calls a finished output makes, each under an id from ``new_id``; None if it is not
+    complete calls (one cut short). A named function's arguments are the text itself, as streamed."""
     try:
         value = json.loads(text)
     except ValueError:
         return None
     if isinstance(req.tool_choice, NamedToolChoice):
-        return [new_call(req.tool_choice.function.name, text)]
+        return [new_call(req.tool_choice.function.name, text, new_id)]
     if not isinstance(value, list) or not all(isinstance(c, dict) and c.keys() == {"name", "parameters"} for c in value):
         return None
-    return [new_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+    return [new_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False), new_id) for c in value]
 
 
-def named_call_piece(req: ChatCompletionRequest, text: str, first: bool) -> DeltaToolCall:
+def named_call_piece(req: ChatCompletionRequest, text: str, first: bool, new_id: Callable[[], str]) -> DeltaToolCall:
     """A streamed piece of a named function's call: ``text`` adds to its arguments; the first
-    piece also gives the call's id and the function's name."""
-    return call_piece(0, text, _named_tool(req).function.name if first else None)
+    piece also gives the call's id (from ``new_id``) and the function's name."""
+    return call_piece(0, text, _named_tool(req).function.name if first else None, new_id)
 
 
-def call_piece(index: int, arguments: str, name: str | None = None) -> DeltaToolCall:
+def call_id() -> str:
+    """A fresh call id, as OpenAI and vLLM make them: ``call_`` and 24 hex digits."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def call_piece(index: int, arguments: str, name: str | None = None, new_id: Callable[[], str] = call_id) -> DeltaToolCall:
     """A streamed piece of call ``index``: ``arguments`` adds to its arguments; the first piece
-    (``name`` given) also names the call and gives it a fresh id."""
+    (``name`` given) also names the call and gives it a fresh id from ``new_id``."""
     if name is None:
         return DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=arguments))
-    return DeltaToolCall(index=index, id=_call_id(), type="function", function=DeltaFunctionCall(name=name, arguments=arguments))
+    return DeltaToolCall(index=index, id=new_id(), type="function", function=DeltaFunctionCall(name=name, arguments=arguments))
 
 
 def as_deltas(calls: list[ToolCall], first_index: int = 0) -> list[DeltaToolCall]:
@@ -89,10 +97,6 @@ def _parameters(tool: Tool) -> dict:
     return tool.function.parameters if tool.function.parameters is not None else ANY_OBJECT
 
 
-def new_call(name: str, arguments: str) -> ToolCall:
-    """A call of ``name`` with ``arguments`` (JSON text), under a fresh id."""
-    return ToolCall(id=_call_id(), function=FunctionCall(name=name, arguments=arguments))
-
-
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+def new_call(name: str, arguments: str, new_id: Callable[[], str] = call_id) -> ToolCall:
+    """A call of ``name`` with ``arguments`` (JSON text), under a fresh id from ``new_id``."""
+    return ToolCall(id=new_id(), function=FunctionCall(name=name, arguments=arguments))
