@@ -7,7 +7,8 @@ fused ``qkv_proj`` / ``gate_up_proj`` weights (a checkpoint that holds them fuse
 Phi-3's does, fills every slice at once). A mixture-of-experts layer's experts are stacked: each
 expert's projections (``experts.<i>.gate_proj``..., Mixtral's ``block_sparse_moe.experts.<i>.w1``
 / ``w3`` / ``w2``) fill expert ``i``'s slice of ``experts.gate_up_proj`` / ``down_proj``; a
-checkpoint holding them stacked already, as transformers 5 does in memory, fills all at once. An image-text checkpoint served as its text model
+checkpoint holding them stacked already (Granite MoE's ``input_linear`` / ``output_linear``, or
+transformers 5's names) fills all at once. An image-text checkpoint served as its text model
 names that model's tensors under a prefix and holds others (``ModelConfig.weights_prefix``,
 ``skipped_weights``). Every other tensor must be used and every parameter filled; otherwise the
 error names the offending tensors.
@@ -33,7 +34,10 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints sa
 _MAX_NAMES_IN_ERROR = 10
 _FUSED_NAMES = frozenset(fused for fused, _ in STACKED_PARAMS.values())
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
-_MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "block_sparse_moe": "mlp"}
+_MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+# Granite MoE's stacked experts and router, by their engine names.
+_GRANITE_MOE_NAMES = {".mlp.input_linear.weight": ".mlp.experts.gate_up_proj",
+                      ".mlp.output_linear.weight": ".mlp.experts.down_proj", ".mlp.router.layer.weight": ".mlp.gate.weight"}
 
 
 def resolve_model_dir(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
@@ -122,6 +126,9 @@ def _engine_name(key: str) -> tuple[str, str]:
     """HF tensor name -> (engine parameter name, shard key; "" when not fused). An expert's
     projection's shard key is ``"<expert>"`` (down) or ``"<expert>.<gate | up>"``."""
     key = key.replace(".block_sparse_moe.", ".mlp.")
+    for granite, ours in _GRANITE_MOE_NAMES.items():
+        if key.endswith(granite):
+            return key.removesuffix(granite) + ours, ""
     expert = _EXPERT.search(key)
     if expert is not None:
         proj = _MIXTRAL_NAMES.get(expert[2], expert[2])

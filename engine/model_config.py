@@ -30,7 +30,9 @@ from baton.engine.pooling import PoolerConfig, pooling_module_path
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+                     "GraniteMoeForCausalLM")
+_GRANITE_ARCHITECTURES = ("GraniteForCausalLM", "GraniteMoeForCausalLM")
 _QWEN_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 _LAYER_NORMS = {"Olmo2ForCausalLM": "post", "Gemma2ForCausalLM": "both", "Gemma3ForCausalLM": "both"}   # else "pre"
 _DEFAULT_ROPE_THETA = 10000.0
@@ -56,10 +58,10 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class SparseMoEConfig:
-    """A sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a router's softmax
-    over ``num_experts`` gated MLPs, each ``intermediate_size`` wide, sends each token through its
-    ``top_k`` most probable, weighted by those probabilities (divided by their sum with
-    ``renormalize``: Mixtral always, Qwen and OLMoE with ``norm_topk_prob``). Qwen2-MoE adds a shared
+    """A sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE): a router's
+    softmax over ``num_experts`` gated MLPs, each ``intermediate_size`` wide, sends each token through
+    its ``top_k`` most probable, weighted by those probabilities (divided by their sum with
+    ``renormalize``: Mixtral and Granite always, Qwen and OLMoE with ``norm_topk_prob``). Qwen2-MoE adds a shared
     expert (``shared_intermediate_size`` wide; 0: none) scaled by the sigmoid of a gate of its own.
     ``sparse_layers``: the layers that have one; the others have a dense MLP (Qwen's
     ``mlp_only_layers`` and ``decoder_sparse_step``)."""
@@ -249,7 +251,7 @@ def _architecture(cfg: dict[str, Any]) -> tuple[str, bool]:
 
 
 def _granite_scalars(architecture: str, cfg: dict[str, Any]) -> dict[str, float]:
-    if architecture != "GraniteForCausalLM":
+    if architecture not in _GRANITE_ARCHITECTURES:
         return {}
     return {"embedding_multiplier": float(cfg.get("embedding_multiplier", 1.0)),
             "residual_multiplier": float(cfg.get("residual_multiplier", 1.0)),
@@ -276,9 +278,10 @@ def _sparse_moe(architecture: str, cfg: dict[str, Any], num_layers: int) -> Spar
     top_k = int(cfg.get("num_experts_per_tok") or 0)
     if experts < 1 or not 1 <= top_k <= experts:
         raise ValueError(f"{architecture} needs 1 <= num_experts_per_tok <= its experts, got {top_k} of {experts}")
-    if architecture in ("MixtralForCausalLM", "OlmoeForCausalLM"):
-        return SparseMoEConfig(experts, top_k, int(cfg["intermediate_size"]),
-                               architecture == "MixtralForCausalLM" or bool(cfg.get("norm_topk_prob")), (True,) * num_layers)
+    if architecture in ("MixtralForCausalLM", "OlmoeForCausalLM", "GraniteMoeForCausalLM"):
+        # Granite's softmax over the top k logits is the renormalized top k of the softmax over all.
+        renormalize = architecture != "OlmoeForCausalLM" or bool(cfg.get("norm_topk_prob"))
+        return SparseMoEConfig(experts, top_k, int(cfg["intermediate_size"]), renormalize, (True,) * num_layers)
     step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or ())
     shared = int(cfg.get("shared_expert_intermediate_size") or 0) if architecture == "Qwen2MoeForCausalLM" else 0
     return SparseMoEConfig(experts, top_k, int(cfg["moe_intermediate_size"]), bool(cfg.get("norm_topk_prob")),
@@ -312,7 +315,7 @@ def _hidden_act(architecture: str, cfg: dict[str, Any]) -> str:
 def _biases(architecture: str, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
     """(q/k/v bias, output-projection bias, MLP bias) as each architecture defines them."""
     attention_bias = bool(cfg.get("attention_bias") or False)
-    if architecture in ("LlamaForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM"):
+    if architecture in ("LlamaForCausalLM", *_GRANITE_ARCHITECTURES, "Olmo2ForCausalLM"):
         return attention_bias, attention_bias, bool(cfg.get("mlp_bias") or False)
     if architecture == "Qwen2ForCausalLM":
         return True, False, False

@@ -136,6 +136,9 @@ def test_mixture_of_experts_fields_are_read_per_family():
     assert qwen3.moe is not None and qwen3.moe.renormalize and qwen3.qk_norm == "head" and qwen3.moe.shared_intermediate_size == 0
     olmoe = ModelConfig.from_dict({**BASE, "architectures": ["OlmoeForCausalLM"], "num_experts": 64, "num_experts_per_tok": 8})
     assert olmoe.moe is not None and (olmoe.moe.intermediate_size, olmoe.moe.renormalize, olmoe.qk_norm) == (96, False, "full")
+    granite = ModelConfig.from_dict({**BASE, "architectures": ["GraniteMoeForCausalLM"], "num_local_experts": 40,
+                                     "num_experts_per_tok": 8, "residual_multiplier": 0.22})
+    assert granite.moe is not None and (granite.moe.num_experts, granite.moe.renormalize, granite.residual_multiplier) == (40, True, 0.22)
     with pytest.raises(ValueError, match="num_experts_per_tok <= its experts, got 9 of 8"):
         ModelConfig.from_dict({**BASE, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8, "num_experts_per_tok": 9})
     with pytest.raises(ValueError, match="clip_qkv=8.0 is not supported"):

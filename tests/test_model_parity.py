@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, LlamaConfig, MistralConfig,
-    MixtralConfig, Olmo2Config, OlmoeConfig, Phi3Config, PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig,
+    GraniteMoeConfig, MixtralConfig, Olmo2Config, OlmoeConfig, Phi3Config, PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig,
 )
 
 from baton.engine.attention import build_attention_metadata, paged_attention_forward
@@ -303,6 +303,10 @@ RANDOM_CONFIGS = {
     "qwen3-moe": lambda: Qwen3MoeConfig(**SMALL, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=3,
                                         moe_intermediate_size=32, norm_topk_prob=True),
     "olmoe": lambda: OlmoeConfig(**SMALL, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=0),
+    # Granite's multipliers over stacked experts (the residual one folds into every expert's down projection).
+    "granitemoe": lambda: GraniteMoeConfig(**{**SMALL, "intermediate_size": 32}, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, embedding_multiplier=6.0, residual_multiplier=0.3,
+                                           attention_multiplier=0.05, logits_scaling=4.0),
 }
 
 

@@ -23,6 +23,7 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2MoeForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen3MoeForCausalLM": ("llama", "LlamaForCausalLM"),
     "OlmoeForCausalLM": ("llama", "LlamaForCausalLM"),
+    "GraniteMoeForCausalLM": ("llama", "LlamaForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)

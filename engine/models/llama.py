@@ -9,7 +9,7 @@ attention and MLP, soft-caps attention scores and logits, and slides a window ov
 layer's keys) and Gemma 3's text model (Gemma 2's layers without the caps, with per-head q/k
 norms, five sliding-window layers to a full one, and a RoPE of their own for the sliding ones);
 and the mixture-of-experts families on those layers: Mixtral, Qwen2-MoE (with its shared
-expert), Qwen3-MoE and OLMoE (``SparseMoE``).
+expert), Qwen3-MoE, OLMoE and Granite MoE (``SparseMoE``).
 
 Module names follow Hugging Face, except that q/k/v are fused into ``qkv_proj``
 and gate/up into ``gate_up_proj`` (``STACKED_PARAMS`` tells the loader how).
@@ -273,10 +273,10 @@ class LlamaForCausalLM(nn.Module):
         if m != 1.0:
             with torch.no_grad():
                 for layer in self.model.layers:
-                    for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                        proj.weight.mul_(m)
-                        if proj.bias is not None:
-                            proj.bias.mul_(m)
+                    down = (layer.mlp.experts.down_proj,) if layer.sparse else (layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+                    for param in (layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, *down):
+                        if param is not None:
+                            param.mul_(m)
 
     def set_cos_sin_cache(self, cache: torch.Tensor, local_cache: torch.Tensor | None = None) -> None:
         """Install the ``[max_positions, rotary_dim]`` RoPE table (see ``engine/rope.py``), and the
