@@ -815,6 +815,20 @@ HERMES = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"cit
           '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
 
 
+async def auto_tools_answer(tok, parser: str, text: str, stream: bool) -> tuple[str | None, list[dict], list[str], list[dict]]:
+    """The answer ``text`` to a tool_choice 'auto' request as ``parser`` reads it, whole or streamed
+    token by token: its content, calls, finish reasons and (streamed) call pieces."""
+    body = {**tool_body("auto"), "stream": stream}
+    config = make_config(tool_call_parser=parser)
+    response = await post(ScriptedBackend(tok, text, per_chunk=1), tok, "/v1/chat/completions", body, config=config)
+    assert response.status_code == 200, response.text
+    if stream:
+        _, content, pieces, finish = streamed_message(response)
+        return content, streamed_calls(pieces), finish, pieces
+    (choice,) = response.json()["choices"]
+    return choice["message"]["content"], choice["message"]["tool_calls"], [choice["finish_reason"]], []
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_tool_choice_auto_reads_the_models_own_calls(tok, stream) -> None:
     """With --tool-call-parser hermes, the model's <tool_call> blocks become tool_calls (their
@@ -822,15 +836,8 @@ async def test_tool_choice_auto_reads_the_models_own_calls(tok, stream) -> None:
     content comes as it is written and each call in pieces: its name, then its arguments."""
     config = make_config(tool_call_parser="hermes")
     body = {**tool_body("auto"), "stream": stream}
-    response = await post(ScriptedBackend(tok, HERMES, per_chunk=1), tok, "/v1/chat/completions", body, config=config)
-    assert response.status_code == 200, response.text
-    if stream:
-        _, content, pieces, finish = streamed_message(response)
-        calls = streamed_calls(pieces)
-        assert len([p for p in pieces if p["index"] == 0]) > 3
-    else:
-        (choice,) = response.json()["choices"]
-        content, calls, finish = choice["message"]["content"], choice["message"]["tool_calls"], [choice["finish_reason"]]
+    content, calls, finish, pieces = await auto_tools_answer(tok, "hermes", HERMES, stream)
+    assert not stream or len([p for p in pieces if p["index"] == 0]) > 3
     assert content == "Let me look." and finish == ["tool_calls"]
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
         ("get_weather", '{"city": "Verona"}'), ("get_time", "{}")]
@@ -840,6 +847,22 @@ async def test_tool_choice_auto_reads_the_models_own_calls(tok, stream) -> None:
         assert streamed_message(plain) == ("", "No tools, good friar.", [], ["stop"])
     else:
         assert plain.json()["choices"][0]["message"] == {"role": "assistant", "content": "No tools, good friar.", "reasoning": None, "tool_calls": []}
+
+
+QWEN3_CODER = ("Let me look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\n1600\n</parameter>\n</function>\n"
+               "</tool_call>\n<tool_call>\n<function=get_time>\n</function>\n</tool_call>")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_qwen3_coder_calls_are_typed_by_the_requests_tools(tok, stream) -> None:
+    """With --tool-call-parser qwen3_coder, the model's XML-like calls become tool_calls whose
+    values the request's tools type (get_weather's city is a string, digits or not); streamed
+    token by token, each call is named, then its arguments come a parameter at a time."""
+    content, calls, finish, pieces = await auto_tools_answer(tok, "qwen3_coder", QWEN3_CODER, stream)
+    assert not stream or [p["function"]["arguments"] for p in pieces if p["index"] == 0] == ["", '{"city": "1600"', "}"]
+    assert content == "Let me look.\n" and finish == ["tool_calls"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_weather", '{"city": "1600"}'), ("get_time", "{}")]
 
 
 async def test_bad_words_allowed_tokens_and_priority_reach_the_workers(tok) -> None:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from baton.services.gateway.protocol import Tool
 from baton.services.gateway.tool_parsers import PARSERS, make_parser
 
 pytestmark = pytest.mark.unit
@@ -19,6 +20,21 @@ CITY = '{"city": "Verona"}'
 WEATHER = f'{{"name": "get_weather", "arguments": {CITY}}}'
 # Braces, brackets, tags, escaped quotes and a backslash inside strings, and nesting.
 TRICKY = r'{"text": "a } b </tool_call> <tool_call> {", "quote": "she said \"}\"", "path": "C:\\", "deep": {"n": [1, {"x": "]}"}]}}'
+# qwen3_coder's calls are typed by the request's tools.
+TOOLS = {"qwen3_coder": [Tool.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+                                     "at": {"type": "object"}, "scale": {"type": "number"}, "hours": {"type": "array"},
+                                     "note": {"type": ["string", "null"]}, "any": {}}}}})]}
+
+
+def qwen_call(name: str, **parameters: str) -> str:
+    """A Qwen3-Coder call block: each parameter's raw text between newlines."""
+    tags = "".join(f"<parameter={key}>\n{value}\n</parameter>\n" for key, value in parameters.items())
+    return f"<tool_call>\n<function={name}>\n{tags}</function>\n</tool_call>"
+
+
+QWEN_WEATHER = qwen_call("get_weather", city="Verona", days="3")
+QWEN_CITY = '{"city": "Verona", "days": 3}'
 # (text, content, calls[, streamed]): the finished reading, calls as (name, arguments); streamed:
 # the streamed reading (content, calls) where a call streamed before it turned out not to be one.
 CASES = {
@@ -120,13 +136,45 @@ CASES = {
         ("Done. [TOOL_CALL", "Done. [TOOL_CALL", []),
         ("get_weather", "get_weather", []),
     ],
+    "qwen3_coder": [   # TOOLS type get_weather's parameters; other tools' values are read as JSON where they are JSON
+        (QWEN_WEATHER, None, [("get_weather", QWEN_CITY)]),
+        (f"Let me look.\n\n{QWEN_WEATHER}\n{qwen_call('now')}\n", "Let me look.\n\n", [("get_weather", QWEN_CITY), ("now", "{}")]),
+        (f"\n{QWEN_WEATHER}{QWEN_WEATHER}", None, [("get_weather", QWEN_CITY)] * 2),
+        (qwen_call("get_weather", city="12", days="-4", metric="false", at='{"lat": 45.4, "n": [1]}', scale="2.5", hours="[9, 17]"),
+         None, [("get_weather", '{"city": "12", "days": -4, "metric": false, "at": {"lat": 45.4, "n": [1]}, "scale": 2.5, "hours": [9, 17]}')]),
+        (qwen_call("get_weather", days="three", metric="yes", at="{oops}", scale="NaN", hours='{"a": 1}', note="null", any="[true]"),
+         None, [("get_weather", '{"days": "three", "metric": "yes", "at": "{oops}", "scale": "NaN", "hours": "{\\"a\\": 1}", "note": null, "any": [true]}')]),
+        (qwen_call("get_weather", city='"Verona"', note="7"), None, [("get_weather", '{"city": "\\"Verona\\"", "note": "7"}')]),
+        (qwen_call("lookup", n="7", ok="true", s="plain words", q='"quoted"', o='{"k": null}'),
+         None, [("lookup", '{"n": 7, "ok": true, "s": "plain words", "q": "quoted", "o": {"k": null}}')]),
+        (qwen_call("write", path="a.py", code="def f():\n    return '</tool_call> <tool_call> </function>'\n\n"),
+         None, [("write", '{"path": "a.py", "code": "def f():\\n    return \'</tool_call> <tool_call> </function>\'\\n\\n"}')]),
+        ("<tool_call><function=say><parameter=text>日本</parameter></function></tool_call>", None, [("say", '{"text": "日本"}')]),
+        (f"{QWEN_WEATHER}\nDone.", None, [("get_weather", QWEN_CITY)]),   # text after the blocks is not read
+        ("<tool_call>\noops\n</tool_call>", "<tool_call>\noops\n</tool_call>", []),
+        ("Sure. <tool_call>\n<function=get_weather\n>", "Sure. <tool_call>\n<function=get_weather\n>", []),
+        (f"Sure. {QWEN_WEATHER[:30]}", f"Sure. {QWEN_WEATHER[:30]}", []),
+        (f"Sure. {QWEN_WEATHER[:40]}", f"Sure. {QWEN_WEATHER[:40]}", [], ("Sure. ", [("get_weather", "")])),
+        (QWEN_WEATHER[:-12], QWEN_WEATHER[:-12], [], ("", [("get_weather", QWEN_CITY[:-1])])),
+        (QWEN_WEATHER.replace("</function>\n", ""), QWEN_WEATHER.replace("</function>\n", ""), [],
+         ("", [("get_weather", QWEN_CITY[:-1])])),
+        (qwen_call("a", x="1", y="2").replace("y>", "x>"), qwen_call("a", x="1", y="2").replace("y>", "x>"), [],
+         ("", [("a", '{"x": 1')])),   # a parameter given twice
+        (qwen_call("a", x="1").replace("<parameter", "<param"), qwen_call("a", x="1").replace("<parameter", "<param"), [],
+         ("", [("a", "")])),
+        (f"{QWEN_WEATHER}<tool_call>{{}}</tool_call>", f"{QWEN_WEATHER}<tool_call>{{}}</tool_call>", [],
+         ("", [("get_weather", QWEN_CITY)])),
+        ("Plain words, 1 < 2 <tool", "Plain words, 1 < 2 <tool", []),
+        ("  \n", None, []),
+        ("", None, []),
+    ],
 }
 ALL = [(parser, *case) for parser, cases in CASES.items() for case in cases]
 
 
 def feed(parser: str, pieces: list[str]) -> list[tuple[str, list]]:
     """What a stream gives for each piece of text, then for its end."""
-    stream = make_parser(parser).stream()
+    stream = make_parser(parser, TOOLS.get(parser)).stream()
     return [stream.add(p) for p in pieces] + [stream.finish()]
 
 
@@ -148,7 +196,7 @@ def assembled(deltas: list, parser: str = "") -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("parser", "text", "content", "calls"), [case[:4] for case in ALL])
 def test_parse_reads_content_and_calls(parser, text, content, calls) -> None:
-    got_content, got_calls = make_parser(parser).parse(text)
+    got_content, got_calls = make_parser(parser, TOOLS.get(parser)).parse(text)
     assert got_content == content and [(c.function.name, c.function.arguments) for c in got_calls] == calls
     assert len({c.id for c in got_calls}) == len(got_calls)
 
@@ -215,6 +263,28 @@ def test_pythonic_calls_go_out_whole_at_the_end() -> None:
     assert all(step == ("", []) for step in steps[:-1])
     assert [(d.index, d.function.name, d.function.arguments) for d in steps[-1][1]] == [
         (0, "get_weather", '{"city": "Verona"}'), (1, "clock", "{}")]
+
+
+def test_qwen3_coder_arguments_grow_a_parameter_at_a_time() -> None:
+    """Written a character at a time, content goes out as it comes, a Qwen3-Coder call is named
+    once ``<function=NAME>`` has come, and its arguments grow by each parameter once its
+    ``</parameter>`` has come, closing at ``</tool_call>``."""
+    text = f"Let me look.{QWEN_WEATHER}"
+    steps = feed("qwen3_coder", list(text))
+    assert [out for out, _ in steps[:12]] == list("Let me look.")
+    pieces = [(at + 1, d.function.name, d.function.arguments) for at, (_, deltas) in enumerate(steps) for d in deltas]
+    ends = [m.end() for m in re.finditer("<function=get_weather>|</parameter>|</tool_call>", text)]
+    assert pieces == [(ends[0], "get_weather", ""), (ends[1], None, '{"city": "Verona"'), (ends[2], None, ', "days": 3'),
+                      (ends[3], None, "}")]
+
+
+def test_qwen3_coder_types_values_by_the_requests_tools() -> None:
+    """A value is typed by its parameter's schema in the request's tools; without them, read as
+    JSON where it is JSON."""
+    text = qwen_call("get_weather", city="12", days="3")
+    typed = make_parser("qwen3_coder", TOOLS["qwen3_coder"]).parse(text)[1]
+    untyped = make_parser("qwen3_coder").parse(text)[1]
+    assert [c.function.arguments for c in typed + untyped] == ['{"city": "12", "days": 3}', '{"city": 12, "days": 3}']
 
 
 def test_mistral_call_ids_are_nine_letters_and_digits_parsed_or_streamed() -> None:

@@ -17,7 +17,7 @@ from baton.services.gateway.protocol import (
 )
 from baton.services.gateway.reasoning import FORMATS, THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
 from baton.services.gateway.tokenizer import GatewayTokenizer
-from baton.services.gateway.tool_parsers import make_parser
+from baton.services.gateway.tool_parsers import ToolParser, make_parser
 
 PROMPT_TAIL_TOKENS = 16   # where a chat template leaves <think> open or closed: the prompt's end
 
@@ -28,6 +28,7 @@ class ChatOutput:
         self._tokenizer = tokenizer
         self._response_role = response_role
         self._think = FORMATS[reasoning_parser] if reasoning_parser else None
+        self._tool_call_parser = tool_call_parser
         self.tool_parser = make_parser(tool_call_parser) if tool_call_parser else None
         self._new_id = self.tool_parser.new_id if self.tool_parser else tools.call_id   # forced calls' ids too
         self._logprobs = logprobs
@@ -47,8 +48,13 @@ class ChatOutput:
         for choice in choices:
             choice.reasoning = self._think_stream(choice.prompt.token_ids)
         if req.stream and req.auto_tools:
+            parser = self._request_parser(req)
             for choice in choices:
-                choice.tool_stream = self.tool_parser.stream()
+                choice.tool_stream = parser.stream()
+
+    def _request_parser(self, req: ChatCompletionRequest) -> ToolParser:
+        """The tool-call parser for ``req``, with its tools (``qwen3_coder`` types its calls' values by them)."""
+        return make_parser(self._tool_call_parser, req.tools)
 
     def _prompt_tail(self, prompt_ids: list[int]) -> str:
         """The rendered prompt's end, special tokens included: whether the chat template left the
@@ -135,7 +141,7 @@ class ChatOutput:
             reasoning, answer = think.split(text)
             text = answer or ""
         if req.auto_tools:
-            content, calls = self.tool_parser.parse(text)
+            content, calls = self._request_parser(req).parse(text)
             message = ChatResponseMessage(role=role, content=content, reasoning=reasoning, tool_calls=calls)
             return message, "tool_calls" if calls else choice.finish_reason
         calls = tools.tool_calls(req, text, self._new_id) if req.forced_tools else None

@@ -11,13 +11,18 @@ model family's format, as vLLM's ``--tool-call-parser`` reads them:
   of calls after a tag (``tool_parser_json_list``);
 * ``mistral``: before the v11 tokenizers such a list after ``[TOOL_CALLS]``, from v11 on
   ``[TOOL_CALLS]name[ARGS]{...}`` for each call (``tool_parser_mistral``); it ids its calls with 9
-  letters and digits, the only ids Mistral's chat templates take back in the next turn.
+  letters and digits, the only ids Mistral's chat templates take back in the next turn;
+* ``qwen3_coder`` (Qwen3-Coder): ``<tool_call>`` blocks of ``<function=NAME>`` and
+  ``<parameter=NAME>`` tags after the content (``tool_parser_qwen3_coder``); the one parser that
+  reads the request's tools, whose schemas type its parameters' values.
 
 A parser reads a finished text (``parse``) or one streamed piece by piece (``stream``). A call's
 arguments are the model's own JSON text of them, as written (pythonic: its literal values as
-JSON). Streamed, content goes out as it comes, and a call as vLLM streams it: a first piece with
-its index, id and name once the text has opened ``{"name": "...", "arguments": {``, then its
-arguments' text as the model writes it (pythonic: each call whole, once the answer has ended).
+JSON; qwen3_coder: its typed parameters as JSON). Streamed, content goes out as it comes, and a
+call as vLLM streams it: a first piece with its index, id and name once the text has opened
+``{"name": "...", "arguments": {`` (qwen3_coder: ``<function=NAME>``), then its arguments' text
+as the model writes it (pythonic: each call whole, once the answer has ended; qwen3_coder: a
+parameter at a time).
 Both readings give the same content and calls, but for a call that streamed and then turned out
 not to be one (bad JSON, or the output ended inside it): its pieces were sent and stay sent, and
 its text is not sent again as content, where the finished reading makes that text content.
@@ -30,16 +35,17 @@ import json
 import re
 from typing import Protocol
 
-from baton.services.gateway.protocol import DeltaToolCall, ToolCall
+from baton.services.gateway.protocol import DeltaToolCall, Tool, ToolCall
 from baton.services.gateway.tokenizer import partial_suffix
 from baton.services.gateway.tool_json import (
     CallsStream, JsonScan, StreamedCall, call_head, call_of, calls_or_content, opens_with,
 )
 from baton.services.gateway.tool_parser_json_list import JsonListParser
 from baton.services.gateway.tool_parser_mistral import MistralParser
+from baton.services.gateway.tool_parser_qwen3_coder import Qwen3CoderParser
 from baton.services.gateway.tools import call_id, call_piece, new_call
 
-PARSERS = ("hermes", "llama3_json", "pythonic", "granite", "phi4_mini_json", "mistral")
+PARSERS = ("hermes", "llama3_json", "pythonic", "granite", "phi4_mini_json", "mistral", "qwen3_coder")
 # vLLM turns tool_choice "auto" on with --enable-auto-tool-choice and a parser; here the parser
 # alone does, and the flag is taken (and checked) as vLLM takes it.
 AUTO_TOOL_CHOICE_NEEDS_PARSER = "--enable-auto-tool-choice requires --tool-call-parser"
@@ -66,7 +72,9 @@ class ToolParser(Protocol):
         calls', and the gateway's where a request forces them."""
 
 
-def make_parser(name: str) -> ToolParser:
+def make_parser(name: str, tools: list[Tool] | None = None) -> ToolParser:
+    """Parser ``name``, for a request with ``tools`` (which only ``qwen3_coder`` reads: they type
+    its calls' parameters)."""
     if name == "hermes":
         return HermesParser()
     if name == "llama3_json":
@@ -79,6 +87,8 @@ def make_parser(name: str) -> ToolParser:
         return JsonListParser(("functools",), tag_required=True)
     if name == "mistral":
         return MistralParser()
+    if name == "qwen3_coder":
+        return Qwen3CoderParser(tools)
     raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}")
 
 
