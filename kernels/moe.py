@@ -79,10 +79,13 @@ def default_config(tokens: int, topk: int, experts: int, dtype: torch.dtype) -> 
     """By the pairs an expert gets on average, ``tokens * topk / experts``: tiles of 16 rows (the
     fewest ``tl.dot`` takes) up to 16 pairs (decode steps), 32 up to 64, 64 past that, with wider
     column tiles and 8 warps past 256 (prefill). fp32 tiles pipeline two deep (shared memory).
-    Chosen, not measured: ``bench/bench_kernels.py --moe`` times them."""
+    Decode steps reduce 128 wide, three deep: on an H100 (bf16, ``bench/results/kernels_h100.md``)
+    the best of seven candidates or within 5% of it at Mixtral-8x7B's and Qwen3-30B-A3B's experts,
+    1 to 256 tokens (against 64 wide, four deep: 85-93% of copy -> 89-98% at Mixtral's 1-64 tokens,
+    65-90% -> 68-95% at Qwen3's 1-256); the larger tiles are not swept."""
     per_expert = tokens * topk / experts
     if per_expert <= 16:
-        cfg = MoEConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=4)
+        cfg = MoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
     elif per_expert <= 64:
         cfg = MoEConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
     elif per_expert <= 256:
