@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 
 from baton.services.gateway.protocol import DeltaToolCall, ToolCall
-from baton.services.gateway.tools import call_piece, new_call
+from baton.services.gateway.tools import call_id, call_piece, new_call
 
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 
@@ -86,12 +86,12 @@ class StreamedCall:
     first piece names it, and later pieces carry its arguments' text as it comes, up to the brace
     that closes them."""
 
-    def __init__(self, head: re.Pattern[str], index: int) -> None:
+    def __init__(self, head: re.Pattern[str], index: int, new_id: Callable[[], str] = call_id) -> None:
         self.index = index
         self.began = False       # its first piece went out
         self.done = False        # its arguments are closed
         self.end = 0             # how far into the text the arguments have gone out
-        self._head = head
+        self._head, self._new_id = head, new_id
         self._scan = JsonScan()
 
     def pieces(self, text: str) -> list[DeltaToolCall]:
@@ -109,7 +109,7 @@ class StreamedCall:
             self.done = self._scan.depth == 0
         if name is None and start == self.end:
             return []
-        return [call_piece(self.index, text[start:self.end], name)]
+        return [call_piece(self.index, text[start:self.end], name, self._new_id)]
 
 
 def opens_with(text: str, starts: tuple[str, ...]) -> bool | None:
@@ -121,10 +121,11 @@ def opens_with(text: str, starts: tuple[str, ...]) -> bool | None:
     return head.startswith(starts)
 
 
-def calls_or_content(text: str, calls: list[tuple[str, str]] | None) -> tuple[str | None, list[ToolCall]]:
+def calls_or_content(text: str, calls: list[tuple[str, str]] | None,
+                     new_id: Callable[[], str] = call_id) -> tuple[str | None, list[ToolCall]]:
     """The finished reading of an answer that is calls only if it is all calls: ``calls`` (names
-    and arguments; None: it is not calls), or else all content."""
-    return (None, [new_call(*c) for c in calls]) if calls else (text or None, [])
+    and arguments; None: it is not calls; ids from ``new_id``), or else all content."""
+    return (None, [new_call(*c, new_id) for c in calls]) if calls else (text or None, [])
 
 
 class CallsStream:
@@ -136,15 +137,17 @@ class CallsStream:
     end the answer is read whole (``calls``: its calls, None where it is not all calls): the calls
     that did not stream go out whole. If it is not all calls, the pieces already sent stay sent and
     the rest is not content (vLLM does the same); an answer none of whose calls streamed is
-    content, as in the finished reading. Any other answer goes out as it comes."""
+    content, as in the finished reading. Any other answer goes out as it comes. Calls take their ids
+    from ``new_id``."""
 
     def __init__(self, starts: tuple[str, ...], body: Callable[[str], str], head: re.Pattern[str],
-                 next_head: re.Pattern[str], calls: Callable[[str], list[tuple[str, str]] | None]) -> None:
-        self._starts, self._body, self._next, self._read = starts, body, next_head, calls
+                 next_head: re.Pattern[str], calls: Callable[[str], list[tuple[str, str]] | None],
+                 new_id: Callable[[], str] = call_id) -> None:
+        self._starts, self._body, self._next, self._read, self._new_id = starts, body, next_head, calls, new_id
         self._buf = ""
         self._calls: bool | None = None    # None: not known yet
         self._at = 0                       # where the text of the call being read starts
-        self._call = StreamedCall(head, 0)
+        self._call = StreamedCall(head, 0, new_id)
 
     def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         self._buf += text
@@ -162,7 +165,7 @@ class CallsStream:
             if not self._call.done:
                 return "", pieces
             self._at += self._call.end
-            self._call = StreamedCall(self._next, self._call.index + 1)
+            self._call = StreamedCall(self._next, self._call.index + 1, self._new_id)
 
     def finish(self) -> tuple[str, list[DeltaToolCall]]:
         text, self._buf = self._buf, ""
@@ -170,4 +173,4 @@ class CallsStream:
         sent = self._call.index + self._call.began
         if calls is None:
             return ("", []) if sent else (text, [])
-        return "", [call_piece(i, arguments, name) for i, (name, arguments) in enumerate(calls[sent:], sent)]
+        return "", [call_piece(i, arguments, name, self._new_id) for i, (name, arguments) in enumerate(calls[sent:], sent)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 from baton.services.gateway.protocol import ToolCall
 from baton.services.gateway.tool_json import CallsStream, call_head, call_of, calls_or_content
@@ -24,19 +25,17 @@ _WS = re.compile(r"\s*")
 
 class JsonListParser:
     """An answer that is ``tags[0]`` (or another of ``tags``; with ``tag_required`` false, none)
-    then a JSON list of calls."""
+    then a JSON list of calls, each under an id from ``new_id``."""
 
-    new_id = staticmethod(call_id)
-
-    def __init__(self, tags: tuple[str, ...], tag_required: bool) -> None:
-        self._tags, self._required = tags, tag_required
+    def __init__(self, tags: tuple[str, ...], tag_required: bool, new_id: Callable[[], str] = call_id) -> None:
+        self._tags, self._required, self.new_id = tags, tag_required, new_id
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        return calls_or_content(text, self._calls(text))
+        return calls_or_content(text, self._calls(text), self.new_id)
 
     def stream(self) -> CallsStream:
         starts = self._tags if self._required else ("[", *self._tags)
-        return CallsStream(starts, self._body, _HEAD, _NEXT, self._calls)
+        return CallsStream(starts, self._body, _HEAD, _NEXT, self._calls, self.new_id)
 
     def _body(self, text: str) -> str:
         """The answer without its leading whitespace and tag."""

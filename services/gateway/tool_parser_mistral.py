@@ -84,28 +84,21 @@ def _v11_start(text: str) -> int | None:
 
 
 def _v11_stream() -> CallsStream:
-    return CallsStream(_ANY, lambda text: text, _HEAD, _HEAD, _v11_calls)
-
-
-def _with_ids(read: tuple[str, list[DeltaToolCall]]) -> tuple[str, list[DeltaToolCall]]:
-    """A stream's content and pieces, each call's first piece (the one with an id) under a Mistral id."""
-    content, deltas = read
-    return content, [d.model_copy(update={"id": mistral_id()}) if d.id else d for d in deltas]
+    return CallsStream(_ANY, lambda text: text, _HEAD, _HEAD, _v11_calls, mistral_id)
 
 
 class MistralParser:
     new_id = staticmethod(mistral_id)
 
     def __init__(self) -> None:
-        self._list = JsonListParser((_TAG,), tag_required=False)
+        self._list = JsonListParser((_TAG,), tag_required=False, new_id=mistral_id)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """A list that is the whole answer, or v11 calls that end it (the text before them its
         content); an answer whose calls are not all whole calls is content."""
         at = _v11_start(text)
         if at is None:
-            content, calls = self._list.parse(text)
-            return content, [call.model_copy(update={"id": mistral_id()}) for call in calls]
+            return self._list.parse(text)
         calls = _v11_calls(text[at:])
         if calls is None:
             return text or None, []
@@ -129,7 +122,7 @@ class MistralStream:
 
     def add(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         if self._calls is not None:
-            return _with_ids(self._calls.add(text))
+            return self._calls.add(text)
         self._buf += text
         if self._opening:
             head = self._buf.lstrip()
@@ -162,11 +155,11 @@ class MistralStream:
     def _open(self, at: int, calls: CallsStream) -> tuple[str, list[DeltaToolCall]]:
         """The text before ``at`` as content; ``calls`` reads the rest, and all that follows."""
         out, rest, self._buf, self._calls = self._buf[:at], self._buf[at:], "", calls
-        content, deltas = _with_ids(calls.add(rest))
+        content, deltas = calls.add(rest)
         return out + content, deltas
 
     def finish(self) -> tuple[str, list[DeltaToolCall]]:
         if self._calls is not None:
-            return _with_ids(self._calls.finish())
+            return self._calls.finish()
         out, self._buf = self._buf, ""
         return out, []
