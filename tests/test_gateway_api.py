@@ -974,6 +974,12 @@ async def test_granite_reasoning_parser_reads_its_thought_process(tok, stream) -
         ("It is 2, here is my response: 2", chat, (None, "It is 2, here is my response: 2", []), None),
         ('{"city":"Verona"}', named, (None, None, [("get_weather", '{"city":"Verona"}')]), ()),
     ]
+    await assert_reasoning_cases(tok, config, cases, stream)
+
+
+async def assert_reasoning_cases(tok, config, cases, stream: bool) -> None:
+    """Each ``(output text, request body, (reasoning, content, calls), the grammar's reasoning_end)``
+    case, answered whole or streamed."""
     for text, body, expected, reasoning_end in cases:
         backend = ScriptedBackend(tok, text, per_chunk=1)
         response = await post(backend, tok, "/v1/chat/completions", body, config=config)
@@ -987,6 +993,26 @@ async def test_granite_reasoning_parser_reads_its_thought_process(tok, stream) -
         assert (reasoning, content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls]) == expected, text
         grammar = backend.requests[0].params.structured_output
         assert (grammar and grammar.reasoning_end) == reasoning_end, text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_mistral_reasoning_parser_reads_its_think_markers(tok, stream) -> None:
+    """--reasoning-parser mistral (Magistral): the text between [THINK] and [/THINK], where the
+    output opens with the first, is the reasoning, the text after the answer as written. A grammar
+    binds the answer: the workers apply it after the output's [/THINK] (not </think>)."""
+    args = build_parser().parse_args(["--model-dir", str(DEMO_MODEL), "--reasoning-parser", "mistral"])
+    config = make_config(reasoning_parser=config_from_args(args).reasoning_parser)
+    think_end = tuple(tok.encode("[/THINK]", add_special_tokens=False))
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Which is more, 2 or 1?"}], "max_tokens": 400, "stream": stream}
+    named = {**tool_body({"type": "function", "function": {"name": "get_weather"}}), "stream": stream}
+    cases = [
+        ("[THINK]Two is more.[/THINK]\nIt is 2.", chat, ("Two is more.", "\nIt is 2.", []), None),
+        ("It is 2. [THINK]no[/THINK]", chat, (None, "It is 2. [THINK]no[/THINK]", []), None),
+        ("[THINK]x[/THINK]y", {**chat, "structured_outputs": {"regex": ".*"}}, ("x", "y", []), think_end),
+        ('[THINK]Verona, then.[/THINK]{"city":"Verona"}', named,
+         ("Verona, then.", None, [("get_weather", '{"city":"Verona"}')]), think_end),
+    ]
+    await assert_reasoning_cases(tok, config, cases, stream)
 
 
 def tool_template_tokenizer(directory) -> GatewayTokenizer:

@@ -36,7 +36,23 @@ GRANITE_CASES = [
     ("Here's my", None, "Here's my"),
     ("<think>x</think>", None, "<think>x</think>"),
 ]
-ALL = [("qwen3", *case) for case in CASES] + [("granite", False, *case) for case in GRANITE_CASES]
+MISTRAL_CASES = [
+    # (output, reasoning, answer): thinking only where the output opens [THINK]; the answer as written
+    ("[THINK]Two beats one.[/THINK]It is 2.", "Two beats one.", "It is 2."),
+    ("\n [THINK]\nsums\n[/THINK]\n\nIt is 2.", "\nsums\n", "\n\nIt is 2."),
+    ("[THINK]a [THINK] b[/THINK]c[/THINK]d", "a [THINK] b", "c[/THINK]d"),
+    ("[THINK]cut short before [/THI", "cut short before [/THI", None),
+    ("[THINK]", None, None),
+    ("[THINK][/THINK]", None, None),
+    ("[THINK]hmm[/THINK]", "hmm", None),
+    ("It is 2. [THINK]late[/THINK] 3", None, "It is 2. [THINK]late[/THINK] 3"),
+    ("[/THINK]It is 2.", None, "[/THINK]It is 2."),
+    ("[Thinking] aloud", None, "[Thinking] aloud"),
+    ("[THIN", None, "[THIN"),
+    ("<think>x</think>", None, "<think>x</think>"),
+]
+ALL = ([("qwen3", *case) for case in CASES] + [("granite", False, *case) for case in GRANITE_CASES]
+       + [("mistral", False, *case) for case in MISTRAL_CASES])
 
 
 @pytest.mark.parametrize(("parser", "in_reasoning", "text", "reasoning", "answer"), ALL)
@@ -55,6 +71,29 @@ def test_streamed_pieces_split_as_the_whole(case, cuts) -> None:
         got_reasoning, got_answer = got_reasoning + r, got_answer + t
     r, t = stream.finish()
     assert (got_reasoning + r, got_answer + t) == (reasoning or "", answer or "")
+
+
+@pytest.mark.parametrize(("text", "reasoning", "answer"), MISTRAL_CASES)
+def test_mistral_splits_the_same_cut_at_every_character(text, reasoning, answer) -> None:
+    """Magistral's output, in two pieces cut at each of its characters and a character at a time,
+    splits as it does whole: a marker cut across pieces is held until it is whole or is not one."""
+    pieces = [[text[:cut], text[cut:]] for cut in range(len(text) + 1)] + [list(text)]
+    for cut in pieces:
+        stream = ThinkStream(False, FORMATS["mistral"])
+        steps = [stream.add(piece) for piece in cut] + [stream.finish()]
+        assert ("".join(r for r, _ in steps), "".join(a for _, a in steps)) == (reasoning or "", answer or ""), cut
+
+
+def test_mistral_holds_only_what_may_be_a_marker() -> None:
+    """A character at a time, Magistral's thinking goes out as it comes but for a possible
+    ``[/THINK]``, and the answer once it cannot open ``[THINK]``."""
+    stream = ThinkStream(False, FORMATS["mistral"])
+    assert [stream.add(c) for c in "[Tx"] == [("", ""), ("", ""), ("", "[Tx")]
+    stream = ThinkStream(False, FORMATS["mistral"])
+    text = "[THINK]a[b[/THINK]c"
+    steps = [stream.add(c) for c in text]
+    assert steps[:7] == [("", "")] * 7 and steps[7:10] == [("a", ""), ("", ""), ("[b", "")]
+    assert steps[10:-1] == [("", "")] * 8 and steps[-1] == ("", "c")
 
 
 def test_the_prompt_says_where_the_output_starts() -> None:
@@ -77,4 +116,4 @@ def test_granite_holds_only_what_may_be_a_marker() -> None:
 
 
 def test_every_parser_is_known() -> None:
-    assert PARSERS == ("deepseek_r1", "qwen3", "granite") == tuple(FORMATS)
+    assert PARSERS == ("deepseek_r1", "qwen3", "granite", "mistral") == tuple(FORMATS)

@@ -135,6 +135,20 @@ CASES = {
         ("[TOOL_CALLS]a[ARGS][1]", "[TOOL_CALLS]a[ARGS][1]", []),
         ("Done. [TOOL_CALL", "Done. [TOOL_CALL", []),
         ("get_weather", "get_weather", []),
+        # v13: name[CALL_ID]id[ARGS]{...}, the id the model's (test_mistral_v13_calls_keep_the_models_ids)
+        (f"[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{CITY}", None, [("get_weather", CITY)]),
+        (f"get_weather[CALL_ID]abc123XYZ[ARGS]{CITY}say[CALL_ID]Z9y8X7w6V[ARGS]{TRICKY}",
+         None, [("get_weather", CITY), ("say", TRICKY)]),
+        (f"Let me look.[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{CITY}[TOOL_CALLS]now[ARGS]{{}}",
+         "Let me look.", [("get_weather", CITY), ("now", "{}")]),
+        *[(refused, refused, []) for refused in (   # an id that is not 9 letters and digits
+            f"[TOOL_CALLS]get_weather[CALL_ID]abc123[ARGS]{CITY}", f"[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ0[ARGS]{CITY}",
+            f"get_weather[CALL_ID]abc_23XYZ[ARGS]{CITY}", f"get_weather[CALL_ID][ARGS]{CITY}",
+        )],
+        (f"Sure.[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{CITY[:8]}",
+         f"Sure.[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{CITY[:8]}", [], ("Sure.", [("get_weather", CITY[:8])])),
+        ("Sure.[TOOL_CALLS]get_weather[CALL_ID]abc12", "Sure.[TOOL_CALLS]get_weather[CALL_ID]abc12", []),
+        ("get_weather[CALL_I", "get_weather[CALL_I", []),
     ],
     "qwen3_coder": [   # TOOLS type get_weather's parameters; other tools' values are read as JSON where they are JSON
         (QWEN_WEATHER, None, [("get_weather", QWEN_CITY)]),
@@ -221,16 +235,18 @@ def test_streamed_pieces_read_as_the_whole(case, cuts) -> None:
     ("mistral", f'[TOOL_CALLS][{{"name": "say", "arguments": {TRICKY}}}]'),
     ("mistral", f"Calling.[TOOL_CALLS]now[ARGS]{{}}[TOOL_CALLS]say[ARGS]{TRICKY}"),
     ("mistral", f"now[ARGS]{{}}say[ARGS]{TRICKY}"),
+    ("mistral", f"Calling.[TOOL_CALLS]now[CALL_ID]abc123XYZ[ARGS]{{}}[TOOL_CALLS]say[CALL_ID]Z9y8X7w6V[ARGS]{TRICKY}"),
 ])
 def test_arguments_stream_as_the_model_writes_them(parser, text) -> None:
-    """Written a character at a time, a call is named once its arguments open (Mistral v11: once
-    ``[ARGS]{`` has come), and each of their characters goes out as it comes, strings holding
+    """Written a character at a time, a call is named once its arguments open (Mistral v11 and v13:
+    once ``[ARGS]{`` has come), and each of their characters goes out as it comes, strings holding
     braces and tags included."""
     steps = feed(parser, list(text))
     deltas = [(at, d) for at, (_, ds) in enumerate(steps) for d in ds]
     said = [(at, d) for at, d in deltas if d.index == deltas[-1][1].index]   # the last call's: say's
     first_at, first = said[0]
-    assert first.function.name == "say" and text[: first_at + 1].endswith(('"arguments": {', "say[ARGS]{"))
+    assert first.function.name == "say" and text[: first_at + 1].endswith(('"arguments": {', "say[ARGS]{",
+                                                                          "say[CALL_ID]Z9y8X7w6V[ARGS]{"))
     assert [d.function.arguments for _, d in said] == list(TRICKY)
     assert [at for at, _ in said] == list(range(first_at, first_at + len(TRICKY)))
 
@@ -296,6 +312,24 @@ def test_mistral_call_ids_are_nine_letters_and_digits_parsed_or_streamed() -> No
         for ids in ([c.id for c in calls], streamed):
             assert len(ids) == 2 and len(set(ids)) == 2
             assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in ids)
+
+
+def test_mistral_v13_calls_keep_the_models_ids() -> None:
+    """A v13 call's id is the one the model wrote after ``[CALL_ID]``, read whole or streamed in two
+    pieces cut at each character; streamed, the call's first piece carries it, and goes out as
+    soon as ``[ARGS]{`` has come. A v11 call beside it gets a fresh id."""
+    text = f"Sure.[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{CITY}[TOOL_CALLS]now[ARGS]{{}}"
+    content, calls = make_parser("mistral").parse(text)
+    assert content == "Sure." and calls[0].id == "abc123XYZ" and calls[1].id != "abc123XYZ"
+    for cut in range(len(text) + 1):
+        steps = feed("mistral", [text[:cut], text[cut:]])
+        firsts = [d for _, deltas in steps for d in deltas if d.id]
+        assert [(d.index, d.function.name) for d in firsts] == [(0, "get_weather"), (1, "now")], cut
+        assert firsts[0].id == "abc123XYZ" and firsts[1].id != "abc123XYZ", cut
+    steps = feed("mistral", list(text))
+    named = [at for at, (_, deltas) in enumerate(steps) for d in deltas if d.id == "abc123XYZ"]
+    assert named == [text.index("[ARGS]{") + len("[ARGS]{") - 1]
+    assert "".join(out for out, _ in steps) == "Sure."
 
 
 def test_parsers_give_ids_in_their_familys_form() -> None:

@@ -15,7 +15,7 @@ from baton.services.gateway.logprobs import LogprobFormatter
 from baton.services.gateway.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatResponseMessage, ChatStreamChoice, DeltaMessage, NamedToolChoice,
 )
-from baton.services.gateway.reasoning import FORMATS, THINK_END, ThinkStream, closed_in_prompt, starts_in_reasoning
+from baton.services.gateway.reasoning import FORMATS, ThinkStream, closed_in_prompt, starts_in_reasoning
 from baton.services.gateway.tokenizer import GatewayTokenizer
 from baton.services.gateway.tool_parsers import ToolParser, make_parser
 
@@ -32,13 +32,15 @@ class ChatOutput:
         self.tool_parser = make_parser(tool_call_parser) if tool_call_parser else None
         self._new_id = self.tool_parser.new_id if self.tool_parser else tools.call_id   # forced calls' ids too
         self._logprobs = logprobs
-        self._think_end = tuple(tokenizer.encode(THINK_END, add_special_tokens=False))
+        after = self._think.grammar_after if self._think else None   # None: a grammar binds the whole output
+        self._think_end = tuple(tokenizer.encode(after, add_special_tokens=False)) if after else ()
 
     def bind_grammar_to_answer(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingParams:
-        """``params`` whose grammar the workers apply once the thinking ends, where the output of a
-        reasoning model starts thinking in ``<think>`` (the prompt does not close it); else ``params``."""
-        waits = self._think is not None and self._think.tags and params.structured_output is not None
-        if not waits or closed_in_prompt(self._prompt_tail(prompt_ids)):
+        """``params`` whose grammar the workers apply once the thinking ends (``</think>``,
+        ``[/THINK]``), where the reasoning parser's grammar waits for that and the prompt does not
+        close the thinking; else ``params``."""
+        waits = bool(self._think_end) and params.structured_output is not None
+        if not waits or (self._think.read_prompt and closed_in_prompt(self._prompt_tail(prompt_ids))):
             return params
         return replace(params, structured_output=replace(params.structured_output, reasoning_end=self._think_end))
 
@@ -66,7 +68,7 @@ class ChatOutput:
         (None without a reasoning parser)."""
         if self._think is None:
             return None
-        return ThinkStream(self._think.tags and starts_in_reasoning(self._prompt_tail(prompt_ids)), self._think)
+        return ThinkStream(self._think.read_prompt and starts_in_reasoning(self._prompt_tail(prompt_ids)), self._think)
 
     def role(self, req: ChatCompletionRequest) -> str:
         """The answer's role: ``--response-role``'s, or the continued message's."""

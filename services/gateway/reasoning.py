@@ -9,16 +9,22 @@ the thinking is the message's ``reasoning``, the answer after it its content.
 * ``granite`` (Granite 3.2 with ``thinking`` on): the text between ``Here is my thought
   process:`` and ``Here is my response:`` (or ``Here's ...``), where the output opens with the
   first; the answer is the text after the second, as written.
+* ``mistral`` (Magistral from 1.1, Ministral 3 Reasoning): the text between ``[THINK]`` and
+  ``[/THINK]``, where the output opens with the first (the prompt is not read: Magistral's system
+  prompt shows both markers, in its instructions); the answer is the text after the second, as
+  written. Both are special tokens in Mistral's tokenizers, so in the text only where the request
+  keeps those (``skip_special_tokens`` false); without them the output is all answer.
 
 An output that never closes its thinking (cut short) is all reasoning. Streamed, text that may be
 the start of a marker is held until it is not.
 
 A grammar (structured output, a forced tool call) binds the answer, not the thinking: with
-``<think>``, unless the prompt closed the thinking, the gateway has the workers apply it only
-after the output's ``</think>`` (``StructuredOutputParams.reasoning_end``), as vLLM does, so an
-output that never closes its thinking is never constrained. Granite's markers are plain text,
-written in more than one way, so there a grammar binds the whole output, which is then all answer
-(vLLM takes no grammar with Granite's thinking).
+``<think>``, unless the prompt closed the thinking, and with ``[THINK]``, the gateway has the
+workers apply it only after the output's ``</think>`` (``[/THINK]``;
+``StructuredOutputParams.reasoning_end``), as vLLM does, so an output that never closes its
+thinking is never constrained. Granite's markers are plain text, written in more than one way, so
+there a grammar binds the whole output, which is then all answer (vLLM takes no grammar with
+Granite's thinking).
 """
 
 from __future__ import annotations
@@ -39,13 +45,16 @@ class ThinkFormat:
     opens: tuple[str, ...]      # what opens the thinking, at the output's start
     closes: tuple[str, ...]     # what closes it, before the answer
     strip_answer: bool          # the answer's leading whitespace is dropped
-    tags: bool                  # <think> tags: the prompt may open or close them, a grammar waits for </think>
+    read_prompt: bool           # <think> tags: the chat template may leave them open or closed
+    grammar_after: str | None   # a grammar binds the text after this marker (None: the whole output)
 
 
-THINK = ThinkFormat((_START,), (THINK_END,), strip_answer=True, tags=True)
+THINK = ThinkFormat((_START,), (THINK_END,), strip_answer=True, read_prompt=True, grammar_after=THINK_END)
 GRANITE = ThinkFormat(("Here is my thought process:", "Here's my thought process:"),
-                      ("Here is my response:", "Here's my response:"), strip_answer=False, tags=False)
-FORMATS = {"deepseek_r1": THINK, "qwen3": THINK, "granite": GRANITE}
+                      ("Here is my response:", "Here's my response:"), strip_answer=False, read_prompt=False,
+                      grammar_after=None)
+MISTRAL = ThinkFormat(("[THINK]",), ("[/THINK]",), strip_answer=False, read_prompt=False, grammar_after="[/THINK]")
+FORMATS = {"deepseek_r1": THINK, "qwen3": THINK, "granite": GRANITE, "mistral": MISTRAL}
 PARSERS = tuple(FORMATS)
 
 

@@ -58,8 +58,8 @@ def _flags() -> list[tuple[str, dict[str, Any]]]:
                          "'auto' on by itself")),
         ("--reasoning-parser", dict(
             choices=REASONING_PARSERS, default=None,
-            help="give a reasoning model's thinking (<think> text; granite: its thought process) as the message's "
-                 "reasoning, apart from its content")),
+            help="give a reasoning model's thinking (<think> text; granite: its thought process; mistral: "
+                 "[THINK] text) as the message's reasoning, apart from its content")),
         ("--chat-template", dict(
             type=chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
             help="the Jinja chat template, or a file holding it, in place of the model's own (vLLM's)")),

@@ -84,7 +84,8 @@ def call_head(keys: str, lead: str = "") -> re.Pattern[str]:
 class StreamedCall:
     """One call's text as it comes, from where it may start: once it opens as ``head`` has it, a
     first piece names it, and later pieces carry its arguments' text as it comes, up to the brace
-    that closes them."""
+    that closes them. Its id is the one its head gives (a group named ``id``), where the format
+    writes one, else a fresh one from ``new_id``."""
 
     def __init__(self, head: re.Pattern[str], index: int, new_id: Callable[[], str] = call_id) -> None:
         self.index = index
@@ -92,6 +93,7 @@ class StreamedCall:
         self.done = False        # its arguments are closed
         self.end = 0             # how far into the text the arguments have gone out
         self._head, self._new_id = head, new_id
+        self._given: str | None = None   # the id its head gives
         self._scan = JsonScan()
 
     def pieces(self, text: str) -> list[DeltaToolCall]:
@@ -102,6 +104,7 @@ class StreamedCall:
             if head is None:
                 return []
             self.began, name, self.end = True, head.group(1), head.end() - 1
+            self._given = head.groupdict().get("id")
         start = self.end
         while self.end < len(text) and not self.done:
             self._scan.step(text[self.end])
@@ -109,7 +112,10 @@ class StreamedCall:
             self.done = self._scan.depth == 0
         if name is None and start == self.end:
             return []
-        return [call_piece(self.index, text[start:self.end], name, self._new_id)]
+        return [call_piece(self.index, text[start:self.end], name, self._id)]
+
+    def _id(self) -> str:
+        return self._given or self._new_id()
 
 
 def opens_with(text: str, starts: tuple[str, ...]) -> bool | None:

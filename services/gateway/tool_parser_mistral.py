@@ -5,16 +5,20 @@ reads them:
   ``[TOOL_CALLS]`` then a JSON list of ``{"name": ..., "arguments": {...}}`` calls
   (``tool_parser_json_list``);
 * v11 and later (Mistral Small 3.2, Magistral, Devstral): each call is
-  ``[TOOL_CALLS]name[ARGS]{...}``, one after another, after the answer's content if it has any.
+  ``[TOOL_CALLS]name[ARGS]{...}``, one after another, after the answer's content if it has any;
+  from v13 ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}``, where the model gives the call its id.
 
 ``[TOOL_CALLS]`` is a special token, so usually not in the text: a list is read without it where
 it opens the answer, and v11 calls where the answer opens with ``name[ARGS]{``. A v11 call's
 arguments are the JSON object after ``[ARGS]``, as written. Each call's id is 9 letters and
-digits: Mistral's templates refuse any other id in a later turn.
+digits: Mistral's templates refuse any other id in a later turn. A v13 call's is the one the model
+wrote after ``[CALL_ID]`` (a call whose id is not 9 letters and digits is not a call: its text is
+content); the others' are made here.
 
 Streamed as ``tool_parsers`` streams the others: content goes out as it comes (text that may
-still open a call held until it does not), and a v11 call is named once ``name[ARGS]{`` has come,
-then its arguments go out as they come."""
+still open a call held until it does not), and a v11 call is named once ``name[ARGS]{`` has come
+(v13: ``name[CALL_ID]id[ARGS]{``, its first piece under the model's id), then its arguments go out
+as they come."""
 
 from __future__ import annotations
 
@@ -31,12 +35,14 @@ from baton.services.gateway.tools import new_call
 
 _TAG = "[TOOL_CALLS]"
 _ARGS = "[ARGS]{"
-# A v11 call's head, from where the text before it ends: its tag (optional), its name, [ARGS] and
-# the brace that opens its arguments; the name is its group.
-_HEAD = re.compile(r"\s*(?:\[TOOL_CALLS\])?([A-Za-z0-9_-]+)\[ARGS\]\{")
+# A v11 call's head, from where the text before it ends: its tag (optional), its name (the first
+# group), from v13 [CALL_ID] and the call's id (the group "id"), then [ARGS] and the brace that
+# opens its arguments.
+_HEAD = re.compile(r"\s*(?:\[TOOL_CALLS\])?([A-Za-z0-9_-]+)(?:\[CALL_ID\](?P<id>[A-Za-z0-9]{9}))?\[ARGS\]\{")
 _NAME = re.compile(r"[A-Za-z0-9_-]*")
 _ANY = ("",)   # the v11 calls' stream starts where they open: whatever text it gets opens as calls
 _ID_CHARS = string.ascii_letters + string.digits
+_ID_ARGS = "[CALL_ID]" + "#" * 9 + _ARGS   # what follows a v13 call's name, a '#' for each character of its id
 
 
 def mistral_id() -> str:
@@ -51,11 +57,20 @@ def _opens_call(text: str) -> bool | None:
     if _TAG.startswith(text):
         return None
     rest = text.removeprefix(_TAG)
-    return None if _ARGS.startswith(rest[_NAME.match(rest).end():]) else False
+    return None if _may_follow_name(rest[_NAME.match(rest).end():]) else False
 
 
-def _v11_calls(text: str) -> list[tuple[str, str]] | None:
-    """The calls (names and arguments) of a text that is only v11 calls; None otherwise."""
+def _may_follow_name(rest: str) -> bool:
+    """Whether ``rest``, what follows a call's name, may yet grow into ``[ARGS]{`` or v13's
+    ``[CALL_ID]id[ARGS]{``."""
+    if _ARGS.startswith(rest):
+        return True
+    return len(rest) <= len(_ID_ARGS) and all(c in _ID_CHARS if t == "#" else c == t for c, t in zip(rest, _ID_ARGS))
+
+
+def _v11_calls(text: str) -> list[tuple[str, str, str | None]] | None:
+    """The calls of a text that is only v11 calls, each its name, its arguments and the id the
+    model gave it (v13; None: none given); None where the text is not only calls."""
     decoder, calls, pos, text = json.JSONDecoder(), [], 0, text.rstrip()
     while pos < len(text):
         head = _HEAD.match(text, pos)
@@ -65,8 +80,13 @@ def _v11_calls(text: str) -> list[tuple[str, str]] | None:
             _, pos = decoder.raw_decode(text, head.end() - 1)
         except ValueError:
             return None
-        calls.append((head.group(1), text[head.end() - 1:pos]))
+        calls.append((head.group(1), text[head.end() - 1:pos], head.group("id")))
     return calls or None
+
+
+def _call(name: str, arguments: str, given: str | None) -> ToolCall:
+    """A call under the id the model gave it (v13), else a fresh one."""
+    return new_call(name, arguments, lambda: given or mistral_id())
 
 
 def _v11_start(text: str) -> int | None:
@@ -84,7 +104,15 @@ def _v11_start(text: str) -> int | None:
 
 
 def _v11_stream() -> CallsStream:
-    return CallsStream(_ANY, lambda text: text, _HEAD, _HEAD, _v11_calls, mistral_id)
+    """Calls that stream each from its head, which names the call and gives the model's id where
+    it wrote one: by the output's end every call has streamed, and the whole text's reading only
+    tells whether it was all calls."""
+    return CallsStream(_ANY, lambda text: text, _HEAD, _HEAD, _v11_names_and_arguments, mistral_id)
+
+
+def _v11_names_and_arguments(text: str) -> list[tuple[str, str]] | None:
+    calls = _v11_calls(text)
+    return None if calls is None else [(name, arguments) for name, arguments, _ in calls]
 
 
 class MistralParser:
@@ -102,7 +130,7 @@ class MistralParser:
         calls = _v11_calls(text[at:])
         if calls is None:
             return text or None, []
-        return text[:at] or None, [new_call(name, arguments, mistral_id) for name, arguments in calls]
+        return text[:at] or None, [_call(*call) for call in calls]
 
     def stream(self) -> MistralStream:
         return MistralStream(self._list)
