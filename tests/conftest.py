@@ -1,6 +1,7 @@
 """Shared fixtures: the demo checkpoint (``BATON_DEMO_MODEL`` overrides where it is)."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,19 @@ def demo_model() -> str:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MISTRAL_MARKERS = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]")
+
+
+def marked_tokenizer(directory: Path) -> Path:
+    """The demo tokenizer in ``directory``, with Mistral's tool-call and thinking markers added as
+    special tokens, as Mistral's tokenizers have them."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(DEMO_MODEL / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in MISTRAL_MARKERS])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    shutil.copy(DEMO_MODEL / "tokenizer_config.json", directory / "tokenizer_config.json")
+    return directory
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from baton.services.gateway.protocol import ChatCompletionRequest, CompletionReq
 from baton.services.gateway.serving import OpenAIServing
 from baton.services.gateway.tokenizer import GatewayTokenizer
 
-from conftest import DEMO_MODEL
+from conftest import DEMO_MODEL, marked_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -1013,6 +1013,77 @@ async def test_mistral_reasoning_parser_reads_its_think_markers(tok, stream) -> 
          ("Verona, then.", None, [("get_weather", '{"city":"Verona"}')]), think_end),
     ]
     await assert_reasoning_cases(tok, config, cases, stream)
+
+
+@pytest.fixture(scope="module")
+def marked(tmp_path_factory: pytest.TempPathFactory) -> GatewayTokenizer:
+    """The demo tokenizer with Mistral's markers as special tokens, as Mistral's tokenizers have them."""
+    return GatewayTokenizer(marked_tokenizer(tmp_path_factory.mktemp("marked")))
+
+
+MISTRAL_CALLS = '[TOOL_CALLS]get_weather[ARGS]{"city": "Verona"}[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e[ARGS]{}</s>'
+MISTRAL_READ = [("get_weather", '{"city": "Verona"}'), ("get_time", "{}")]
+
+
+async def chat_answer(tok: GatewayTokenizer, config: GatewayConfig, body: dict, text: str) -> tuple:
+    """The answer ``text`` to ``body``, whole or streamed token by token: its reasoning, content,
+    calls (names and arguments), their ids and its finish reason."""
+    response = await post(ScriptedBackend(tok, text, per_chunk=1), tok, "/v1/chat/completions", body, config=config)
+    assert response.status_code == 200, response.text
+    if body.get("stream"):
+        reasoning, content, pieces, finishes = streamed_message(response)
+        calls: dict[int, list[str]] = {}
+        for p in pieces:
+            call = calls.setdefault(p["index"], [p.get("id"), p["function"].get("name"), ""])
+            call[2] += p["function"]["arguments"]
+        return (reasoning or None, content or None, [(n, a) for _, n, a in calls.values()],
+                [i for i, _, _ in calls.values()], finishes[-1])
+    (choice,) = response.json()["choices"]
+    message = choice["message"]
+    calls = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
+    return message["reasoning"], message["content"], calls, [c["id"] for c in message["tool_calls"]], choice["finish_reason"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_mistral_markers_that_are_special_tokens_reach_the_parsers(marked, stream) -> None:
+    """Where Mistral's markers are special tokens, --tool-call-parser mistral (v11 and v13 calls)
+    and --reasoning-parser mistral read them with skip_special_tokens on, its default: the text
+    keeps them for the parsers, which take them out, and still skips the EOS."""
+    config = make_config(tool_call_parser="mistral", reasoning_parser="mistral")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Which is more, 2 or 1?"}], "max_tokens": 400,
+            "stream": stream}
+    auto = {**tool_body("auto"), "stream": stream}
+    cases = [
+        ("[THINK]Two is more.[/THINK]It is 2.</s>", chat, ("Two is more.", "It is 2.", [], "stop")),
+        (f"Let me look.{MISTRAL_CALLS}", auto, (None, "Let me look.", MISTRAL_READ, "tool_calls")),
+        (f"[THINK]Ask the sky.[/THINK]{MISTRAL_CALLS}", auto, ("Ask the sky.", None, MISTRAL_READ, "tool_calls")),
+    ]
+    for text, body, expected in cases:
+        reasoning, content, calls, ids, finish = await chat_answer(marked, config, body, text)
+        assert (reasoning, content, calls, finish) == expected, text
+        assert ids[1:] == (["a1B2c3D4e"] if calls else []) and all(re.fullmatch("[A-Za-z0-9]{9}", i) for i in ids)
+
+
+async def test_special_tokens_no_parser_reads_are_skipped_as_before(marked) -> None:
+    """Without the parsers, where the tool-call parser does not read the answer (no tools,
+    tool_choice 'none') and in completions, every special token is skipped, markers too; with
+    skip_special_tokens false, every one is kept, the EOS too."""
+    parsers = make_config(tool_call_parser="mistral", reasoning_parser="mistral")
+    thinking, calls = "[THINK]Two is more.[/THINK]It is 2.</s>", f"Let me look.{MISTRAL_CALLS}"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Verona?"}], "max_tokens": 400}
+    skipped = 'Let me look.get_weather{"city": "Verona"}get_timea1B2c3D4e{}'
+    cases = [
+        (make_config(), chat, thinking, (None, "Two is more.It is 2.", [], "stop")),
+        (make_config(), {**chat, "skip_special_tokens": False}, thinking, (None, thinking, [], "stop")),
+        (parsers, chat, calls, (None, skipped, [], "stop")),
+        (parsers, tool_body("none"), calls, (None, skipped, [], "stop")),
+    ]
+    for config, body, text, expected in cases:
+        reasoning, content, got_calls, _, finish = await chat_answer(marked, config, body, text)
+        assert (reasoning, content, got_calls, finish) == expected, (body, text)
+    completion = await post(ScriptedBackend(marked, calls), marked, "/v1/completions",
+                            {"model": MODEL, "prompt": "x", "max_tokens": 400}, config=parsers)
+    assert completion.json()["choices"][0]["text"] == skipped
 
 
 def tool_template_tokenizer(directory) -> GatewayTokenizer:
@@ -2495,6 +2566,18 @@ async def test_responses_make_function_calls_as_chat_does(tok, stream) -> None:
         assert got == calls, tool_choice
         assert all(item.call_id.startswith("call_") for item in out.output if item.type == "function_call")
         assert backend.requests[0].params.structured_output is not None or tool_choice == "auto"
+
+
+async def test_responses_read_mistral_markers_that_are_special_tokens(marked) -> None:
+    """The Responses API reads Mistral's special-token markers as chat does: a reasoning item,
+    then a function_call item per call."""
+    config = make_config(tool_call_parser="mistral", reasoning_parser="mistral")
+    backend = ScriptedBackend(marked, f"[THINK]Ask the sky.[/THINK]{MISTRAL_CALLS}")
+    out = await responses_client(backend, marked, config).responses.create(model=MODEL, input="Weather in Verona?",
+                                                                           tools=RESPONSE_TOOLS)
+    assert [item.type for item in out.output] == ["reasoning", "function_call", "function_call"]
+    assert out.output[0].content[0].text == "Ask the sky." and out.output[2].call_id == "a1B2c3D4e"
+    assert [(item.name, item.arguments) for item in out.output[1:]] == MISTRAL_READ
 
 
 async def test_earlier_function_calls_and_their_outputs_reach_the_template(tok, tmp_path) -> None:

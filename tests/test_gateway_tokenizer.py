@@ -15,7 +15,7 @@ from baton.services.gateway.tokenizer import (
     ChatTemplateError, GatewayTokenizer, IncrementalDetokenizer, StopStringMatcher,
 )
 
-from conftest import DEMO_MODEL
+from conftest import DEMO_MODEL, MISTRAL_MARKERS, marked_tokenizer
 
 TEXTS = [
     "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?",
@@ -34,11 +34,19 @@ CONVERSATIONS = [
 ]
 # Text with multi-byte characters, so byte-level tokens split UTF-8 sequences.
 TEXT = st.text(alphabet=st.sampled_from(list("abc xyz\nROMEO:!,'é日本🎭—")), max_size=60)
+# Text and special tokens: Mistral's markers, the BOS, the EOS and the pad.
+MARKED_TEXT = st.lists(st.one_of(TEXT, st.sampled_from([*MISTRAL_MARKERS, "<s>", "</s>", "<pad>"])), max_size=8).map("".join)
 
 
 @pytest.fixture(scope="module")
 def tok() -> GatewayTokenizer:
     return GatewayTokenizer(DEMO_MODEL)
+
+
+@pytest.fixture(scope="module")
+def marked(tmp_path_factory: pytest.TempPathFactory) -> GatewayTokenizer:
+    """The demo tokenizer with Mistral's markers as special tokens."""
+    return GatewayTokenizer(marked_tokenizer(tmp_path_factory.mktemp("marked")))
 
 
 @pytest.mark.model
@@ -77,6 +85,35 @@ def test_incremental_detokenizer_emits_exact_text(tok: GatewayTokenizer, prompt:
     pieces.append(detok.flush())
     assert "".join(pieces) == tok.decode(out_ids)
     assert all("\ufffd" not in p for p in pieces)  # partial UTF-8 is held back, never sent
+
+
+@pytest.mark.unit
+def test_markers_are_kept_by_id_where_each_is_one_special_token(tok: GatewayTokenizer, marked: GatewayTokenizer) -> None:
+    """Only a marker that is one special token has an id to keep: plain text, or a token of the
+    vocabulary that is not special, has none."""
+    ids = marked.special_token_ids([*MISTRAL_MARKERS, "<think>", "functools", "R", "Romeo"])
+    assert sorted(marked.token_text(i) for i in ids) == sorted(MISTRAL_MARKERS)
+    assert marked.special_ids == ids | {0, 1, 2} == tok.special_ids | ids
+    assert tok.special_token_ids(MISTRAL_MARKERS) == frozenset()
+
+
+@pytest.mark.unit
+@settings(max_examples=80, deadline=None)
+@given(prompt=MARKED_TEXT, output=MARKED_TEXT, kept=st.sets(st.sampled_from(MISTRAL_MARKERS)), skip=st.booleans())
+def test_incremental_detokenizer_skips_the_special_tokens_not_kept(
+    marked: GatewayTokenizer, prompt: str, output: str, kept: set[str], skip: bool,
+) -> None:
+    """Token by token, the text is the whole output's with the special tokens left out but the
+    kept ones (all kept where special tokens are not skipped); with none kept, the tokenizer's own
+    skipping, as before."""
+    out_ids = marked.encode(output, add_special_tokens=False)
+    kept_ids = marked.special_token_ids(kept)
+    detok = IncrementalDetokenizer(marked, marked.encode(prompt), skip, kept_ids)
+    text = "".join(detok.add(t) for t in out_ids) + detok.flush()
+    shown = [t for t in out_ids if not skip or t not in marked.special_ids or t in kept_ids]
+    assert text == marked.decode(shown, skip_special_tokens=False)
+    if not kept_ids:
+        assert text == marked.decode(out_ids, skip_special_tokens=skip)
 
 
 def _reference_stop(text: str, stops: list[str], include: bool = False) -> tuple[str, str | None]:

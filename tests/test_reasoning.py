@@ -117,3 +117,8 @@ def test_granite_holds_only_what_may_be_a_marker() -> None:
 
 def test_every_parser_is_known() -> None:
     assert PARSERS == ("deepseek_r1", "qwen3", "granite", "mistral") == tuple(FORMATS)
+
+
+def test_a_formats_markers_are_its_openers_and_closers() -> None:
+    """What the gateway keeps in the text, where the tokenizer makes a marker a special token."""
+    assert FORMATS["mistral"].markers == ("[THINK]", "[/THINK]") and FORMATS["qwen3"].markers == ("<think>", "</think>")

@@ -343,6 +343,17 @@ def test_parsers_give_ids_in_their_familys_form() -> None:
             assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids)
 
 
+def test_each_parser_names_the_markers_it_reads() -> None:
+    """What the gateway keeps in the text it hands a parser, where the tokenizer makes a marker a
+    special token (Mistral's are, in its tokenizers)."""
+    assert {name: make_parser(name).markers for name in PARSERS} == {
+        "hermes": ("<tool_call>", "</tool_call>"), "llama3_json": ("<|python_tag|>",),
+        "pythonic": ("<|python_start|>", "<|python_end|>"), "granite": ("<|tool_call|>", "<tool_call>"),
+        "phi4_mini_json": ("functools",), "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+        "qwen3_coder": ("<tool_call>", "</tool_call>"),
+    }
+
+
 def test_unknown_parser() -> None:
     with pytest.raises(ValueError, match="unknown tool-call parser"):
         make_parser("xml")

@@ -2,7 +2,8 @@
 each piece of content, reasoning or tool calls, with log-probs where asked) and the finished
 message. A reasoning model's thinking (``--reasoning-parser``) is split off first, from where
 the prompt left it; then the answer is the text, or the tool calls a forced ``tool_choice``
-made, or those the tool-call parser (``--tool-call-parser``) reads for ``tool_choice`` 'auto'."""
+made, or those the tool-call parser (``--tool-call-parser``) reads for ``tool_choice`` 'auto'.
+The parsers' markers that are special tokens stay in the text they read (``kept_tokens``)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ class ChatOutput:
         self._logprobs = logprobs
         after = self._think.grammar_after if self._think else None   # None: a grammar binds the whole output
         self._think_end = tuple(tokenizer.encode(after, add_special_tokens=False)) if after else ()
+        self._think_markers = tokenizer.special_token_ids(self._think.markers if self._think else ())
+        self._tool_markers = tokenizer.special_token_ids(self.tool_parser.markers if self.tool_parser else ())
+
+    def kept_tokens(self, req: ChatCompletionRequest) -> frozenset[int]:
+        """The special tokens an answer's text keeps though ``skip_special_tokens`` skips the others:
+        the markers the reasoning parser reads, and the tool-call parser's where it reads the
+        answer (tool_choice 'auto'), as vLLM keeps them; the parsers take them out."""
+        return self._think_markers | (self._tool_markers if req.auto_tools else frozenset())
 
     def bind_grammar_to_answer(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingParams:
         """``params`` whose grammar the workers apply once the thinking ends (``</think>``,

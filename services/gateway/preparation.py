@@ -160,9 +160,10 @@ class RequestPreparer:
 
     def choices(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, req: BaseGenerationRequest,
-        lora: str | None,
+        lora: str | None, kept: frozenset[int] = frozenset(),
     ) -> list[Choice]:
-        """One choice per sample of each prompt, each a backend sequence under LoRA adapter ``lora``."""
+        """One choice per sample of each prompt, each a backend sequence under LoRA adapter ``lora``,
+        its text keeping the special tokens in ``kept`` (the markers a parser reads)."""
         choices = []
         for p, prompt in enumerate(prompts):
             self.log_request(f"{request_id}-{p * req.n}", prompt.token_ids, params, lora)
@@ -173,7 +174,7 @@ class RequestPreparer:
                 gen = GenerationRequest(f"{request_id}-{index}", prompt.token_ids,
                                         replace(params, seed=seed, prompt_logprobs=scored), priority=req.priority,
                                         lora=lora, cache_salt=req.cache_salt, stream_each_token=bool(req.stop_strings))
-                detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens)
+                detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens, kept)
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
                 choices.append(Choice(index, i, prompt, gen, detok, stop, eos_token_ids=self.eos_token_ids))
         return choices

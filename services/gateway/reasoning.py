@@ -12,8 +12,9 @@ the thinking is the message's ``reasoning``, the answer after it its content.
 * ``mistral`` (Magistral from 1.1, Ministral 3 Reasoning): the text between ``[THINK]`` and
   ``[/THINK]``, where the output opens with the first (the prompt is not read: Magistral's system
   prompt shows both markers, in its instructions); the answer is the text after the second, as
-  written. Both are special tokens in Mistral's tokenizers, so in the text only where the request
-  keeps those (``skip_special_tokens`` false); without them the output is all answer.
+  written. Both are special tokens in Mistral's tokenizers, which the gateway keeps in the text it
+  reads here though ``skip_special_tokens`` skips the others (a format's ``markers``, where they
+  are special tokens, as vLLM keeps them).
 
 An output that never closes its thinking (cut short) is all reasoning. Streamed, text that may be
 the start of a marker is held until it is not.
@@ -47,6 +48,11 @@ class ThinkFormat:
     strip_answer: bool          # the answer's leading whitespace is dropped
     read_prompt: bool           # <think> tags: the chat template may leave them open or closed
     grammar_after: str | None   # a grammar binds the text after this marker (None: the whole output)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """Its openers and closers: kept in the output's text where they are special tokens."""
+        return self.opens + self.closes
 
 
 THINK = ThinkFormat((_START,), (THINK_END,), strip_answer=True, read_prompt=True, grammar_after=THINK_END)

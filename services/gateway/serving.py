@@ -175,7 +175,8 @@ class OpenAIServing:
         params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None, prompt_logprobs=prompt_k)
         params = self._chat.bind_grammar_to_answer(params, ids)
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-        choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora)
+        choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora,
+                                    kept=self._chat.kept_tokens(req))
         self._chat.attach_parsers(req, choices)
         runner = self._runner_for(req, choices)
         if req.stream:

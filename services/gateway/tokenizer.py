@@ -8,9 +8,11 @@ template in a sandbox and encoded *without* special tokens, since templates emit
 their own BOS.
 
 Per sequence, ``IncrementalDetokenizer`` turns token ids into text as they
-arrive, holding back an incomplete UTF-8 sequence, and ``StopStringMatcher``
-holds back text that could still become a stop string so that a stop string is
-never sent to the client.
+arrive, holding back an incomplete UTF-8 sequence and, where the request skips
+special tokens, leaving out all but those kept: the markers a parser reads
+(Mistral's ``[TOOL_CALLS]``, ``[THINK]``), as vLLM keeps them.
+``StopStringMatcher`` holds back text that could still become a stop string so
+that a stop string is never sent to the client.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class GatewayTokenizer:
         self.bos_token: str | None = _token_content(config.get("bos_token"))
         self.eos_token: str | None = _token_content(config.get("eos_token"))
         self.eos_token_id: int | None = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         self.chat_template: str | None = chat_template or self._load_template(model_dir, config.get("chat_template"))
         self._byte_level = "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -168,6 +171,10 @@ class GatewayTokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def special_token_ids(self, markers: Iterable[str]) -> frozenset[int]:
+        """The ids of those of ``markers`` that are each one special token (the others are text)."""
+        return frozenset(i for i in map(self._tok.token_to_id, markers) if i in self.special_ids)
+
     def token_text(self, token_id: int) -> str:
         """One token as text, special tokens included (for logprobs)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
@@ -192,17 +199,26 @@ class IncrementalDetokenizer:
 
     Decodes a short window (the previous few tokens as context) rather than the
     whole output, and holds text back while it ends in an incomplete UTF-8
-    sequence (decoded as U+FFFD).
+    sequence (decoded as U+FFFD). With ``skip_special_tokens``, special tokens
+    other than those in ``kept`` never enter the window (the tokenizer's own
+    skipping leaves out the same tokens); the rest are decoded as written.
     """
 
-    def __init__(self, tokenizer: GatewayTokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: GatewayTokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+                 kept: frozenset[int] = frozenset()) -> None:
         self._tok = tokenizer
-        self._skip_special_tokens = skip_special_tokens
-        self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._kept = kept
+        self._ids = [t for t in prompt_token_ids[-_CONTEXT_TOKENS:] if self._shown(t)]
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
 
+    def _shown(self, token_id: int) -> bool:
+        return token_id not in self._skipped or token_id in self._kept
+
     def add(self, token_id: int) -> str:
+        if not self._shown(token_id):
+            return ""
         self._ids.append(token_id)
         return self._emit(final=False)
 
@@ -211,8 +227,8 @@ class IncrementalDetokenizer:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        prefix_text = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], self._skip_special_tokens)
-        text = self._tok.decode(self._ids[self._prefix_offset :], self._skip_special_tokens)
+        prefix_text = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=False)
+        text = self._tok.decode(self._ids[self._prefix_offset :], skip_special_tokens=False)
         if len(text) > len(prefix_text) and (final or not text.endswith(REPLACEMENT_CHAR)):
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)

@@ -29,6 +29,7 @@ class JsonListParser:
 
     def __init__(self, tags: tuple[str, ...], tag_required: bool, new_id: Callable[[], str] = call_id) -> None:
         self._tags, self._required, self.new_id = tags, tag_required, new_id
+        self.markers = tags
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         return calls_or_content(text, self._calls(text), self.new_id)

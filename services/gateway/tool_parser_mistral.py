@@ -8,8 +8,9 @@ reads them:
   ``[TOOL_CALLS]name[ARGS]{...}``, one after another, after the answer's content if it has any;
   from v13 ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}``, where the model gives the call its id.
 
-``[TOOL_CALLS]`` is a special token, so usually not in the text: a list is read without it where
-it opens the answer, and v11 calls where the answer opens with ``name[ARGS]{``. A v11 call's
+``[TOOL_CALLS]``, ``[ARGS]`` and ``[CALL_ID]`` are special tokens in Mistral's tokenizers: the
+gateway keeps them in the text it reads here (``markers``). A list is read without the tag too
+where it opens the answer, and v11 calls where the answer opens with ``name[ARGS]{``. A v11 call's
 arguments are the JSON object after ``[ARGS]``, as written. Each call's id is 9 letters and
 digits: Mistral's templates refuse any other id in a later turn. A v13 call's is the one the model
 wrote after ``[CALL_ID]`` (a call whose id is not 9 letters and digits is not a call: its text is
@@ -116,6 +117,7 @@ def _v11_names_and_arguments(text: str) -> list[tuple[str, str]] | None:
 
 
 class MistralParser:
+    markers = (_TAG, "[ARGS]", "[CALL_ID]")
     new_id = staticmethod(mistral_id)
 
     def __init__(self) -> None:

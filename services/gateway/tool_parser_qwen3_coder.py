@@ -173,6 +173,7 @@ class _Blocks:
 class Qwen3CoderParser:
     """Reads calls against the request's ``tools``, which type their parameters."""
 
+    markers = (_START, _END)
     new_id = staticmethod(call_id)
 
     def __init__(self, tools: list[Tool] | None = None) -> None:

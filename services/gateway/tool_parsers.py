@@ -26,6 +26,10 @@ parameter at a time).
 Both readings give the same content and calls, but for a call that streamed and then turned out
 not to be one (bad JSON, or the output ended inside it): its pieces were sent and stay sent, and
 its text is not sent again as content, where the finished reading makes that text content.
+
+A parser names the ``markers`` it reads: where the served tokenizer makes one a special token
+(Mistral's ``[TOOL_CALLS]``), the text the parser reads keeps it though ``skip_special_tokens``
+skips the others, as vLLM's parsers keep theirs, and the parser takes it out.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class ToolStream(Protocol):
 
 
 class ToolParser(Protocol):
+    markers: tuple[str, ...]   # what marks its calls: kept in the output's text where they are special tokens
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """A finished output's content (None: none) and calls."""
 
@@ -139,6 +145,7 @@ class _Block:
 
 
 class HermesParser:
+    markers = (_START, _END)
     new_id = staticmethod(call_id)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -258,6 +265,7 @@ def _llama3_calls(text: str) -> list[tuple[str, str]] | None:
 
 
 class Llama3JsonParser:
+    markers = (_PYTHON_TAG,)
     new_id = staticmethod(call_id)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -314,6 +322,7 @@ def _literal(node: ast.expr) -> object:
 
 
 class PythonicParser:
+    markers = (_PYTHON_START, _PYTHON_END)
     new_id = staticmethod(call_id)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
