@@ -6,6 +6,10 @@ element is read from memory once, and walks K in ``block_k`` chunks, accumulatin
 in fp32. There is no split over K (on an H100, splitting the 1B model's o and down
 projections in 2 or 4 with fp32 atomics measured slower) and no workspace: the
 launch allocates only its output, so it can be captured in a CUDA graph.
+
+With FP8 weights (E4M3 and a scale per output column: ``kernels/fp8.py``), the same launch reads
+half the bytes: each program first finds every row's largest magnitude, rounds x to E4M3 by it as
+it multiplies, and scales the sums by the row's and the column's scales.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import triton.language as tl
 from baton.kernels import pdl
 from baton.kernels.activation import act_mul, check_activation, ref_act_and_mul
 from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
+from baton.kernels.fp8 import check_fp8_weight, quantize_value, row_scale
 
 MAX_GEMV_ROWS = 4  # the most rows of x the kernel takes: it keeps an fp32 accumulator per row
 
@@ -65,12 +70,25 @@ def _load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION: tl.constexpr, EVEN_K: tl.cons
 
 
 @triton.jit
+def _x_tile(x_ptrs, k0, K, ks, row_ok, inv_scale, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr, X_QUANT: tl.constexpr):
+    """``_load_x``, and with ``X_QUANT`` each row rounded to E4M3 by its scale's reciprocal
+    (``inv_scale`` ``[M_PAD, 1]``)."""
+    x = _load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K)
+    if X_QUANT:
+        x = quantize_value(x, inv_scale[:, :, None]).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _gemv_columns(
     x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn,
-    M: tl.constexpr, M_PAD: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr, X_QUANT: tl.constexpr,
 ):
     """fp32 ``[M_PAD, len(cols)]``: rows of x (zeros past M) times the weight rows ``cols``.
-    Loads the first weight tile, then waits for the kernel before (which wrote x)."""
+    Loads the first weight tile, then waits for the kernel before (which wrote x). With
+    ``X_QUANT`` (FP8 weights, ``baton.kernels.fp8``), a first pass over x finds each row's scale,
+    the products are of x rounded to E4M3, and the sums are scaled back by the rows' scales."""
     rows = tl.arange(0, M_PAD)
     ks = tl.arange(0, BLOCK_K)
     # Tiles are [rows, cols, k]: weights [1, cols, BLOCK_K], x [M_PAD, 1, BLOCK_K], so every
@@ -85,31 +103,42 @@ def _gemv_columns(
     w = _load_w(w_ptrs, 0, K, ks, EVEN_K).to(tl.float32)
     pdl.wait(PDL)
     pdl.launch_dependents(PDL)
-    acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, ACTIVATION, EVEN_K) * w, 2)
+    x_scale = tl.full([M_PAD, 1], 1.0, tl.float32)
+    inv_scale = x_scale
+    if X_QUANT:
+        amax = tl.zeros([M_PAD, 1], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            amax = tl.maximum(amax, tl.max(tl.abs(_load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K)), 2))
+        x_scale, inv_scale = row_scale(amax)
+    acc = tl.sum(_x_tile(x_ptrs, 0, K, ks, row_ok, inv_scale, ACTIVATION, EVEN_K, X_QUANT) * w, 2)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
-        acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K) * w, 2)
-    return acc
+        acc += tl.sum(_x_tile(x_ptrs, k0, K, ks, row_ok, inv_scale, ACTIVATION, EVEN_K, X_QUANT) * w, 2)
+    return acc * x_scale if X_QUANT else acc
 
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
+    x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr,
     N, K, stride_xm, stride_wn, stride_om,
     M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, M_PAD)
-    acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, ACTIVATION, BLOCK_K, EVEN_K, PDL)
+    acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, ACTIVATION, BLOCK_K, EVEN_K, PDL,
+                        FP8)
+    if FP8:
+        acc *= tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & col_ok[None, :])
 
 
-def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> None:
+def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool,
+                       weight_scale: torch.Tensor | None = None) -> None:
     check_shape("x", x, (-1, -1))
     if x.shape[0] > MAX_GEMV_ROWS:
         raise ValueError(f"x has {x.shape[0]} rows; this kernel takes at most MAX_GEMV_ROWS={MAX_GEMV_ROWS}")
@@ -118,9 +147,12 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if gated and x.shape[1] % 2:
         raise ValueError(f"a gated x has gate then up halves: its width must be even, got {x.shape[1]}")
     check_shape("weight", weight, (-1, x.shape[1] // 2 if gated else x.shape[1]))
-    check_device("weight", weight, x)
-    check_same_dtype("weight", weight, "x", x)
-    check_contiguous("weight", weight)
+    if weight_scale is None:
+        check_device("weight", weight, x)
+        check_same_dtype("weight", weight, "x", x)
+        check_contiguous("weight", weight)
+    else:
+        check_fp8_weight(weight, weight_scale, x, weight.shape[1])
     if bias is not None:
         check_shape("bias", bias, (weight.shape[0],))
         check_device("bias", bias, x)
@@ -128,33 +160,36 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         check_last_dim_contiguous("bias", bias)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` (M <= ``MAX_GEMV_ROWS``), ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None,
-    all of one float dtype -> ``[M, N]`` in that dtype, accumulated in fp32. With PDL, the
+    all of one float dtype -> ``[M, N]`` in that dtype, accumulated in fp32. With ``weight_scale``
+    ``[N]`` (fp32), ``weight`` is E4M3 and this is ``fp8.ref_fp8_linear``. With PDL, the
     weights load before the kernel just before this one has finished: it must not write them."""
-    return launch_linear(x, weight, bias, DEFAULT_CONFIG)
+    return launch_linear(x, weight, bias, DEFAULT_CONFIG, weight_scale=weight_scale)
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 activation: str = "silu") -> torch.Tensor:
-    """``linear(act_and_mul(x, activation), weight, bias)`` in one launch: ``x`` ``[M, 2K]`` (gate then up)."""
-    return launch_linear(x, weight, bias, DEFAULT_CONFIG, gated=True, activation=activation)
+                 activation: str = "silu", weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(act_and_mul(x, activation), weight, bias, weight_scale)`` in one launch: ``x`` ``[M, 2K]``
+    (gate then up)."""
+    return launch_linear(x, weight, bias, DEFAULT_CONFIG, gated=True, activation=activation, weight_scale=weight_scale)
 
 
 def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LinearConfig,
-                  gated: bool = False, activation: str = "silu") -> torch.Tensor:
+                  gated: bool = False, activation: str = "silu", weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``linear`` (or ``gated_linear``) with explicit launch parameters (tests and benchmarks pick them)."""
     check_activation(activation)
-    _check_linear_args(x, weight, bias, gated)
+    _check_linear_args(x, weight, bias, gated, weight_scale)
     (m, _), (n, k) = x.shape, weight.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     _linear_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, weight if bias is None else bias, out,
+        x, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias, out,
         n, k, x.stride(0), weight.stride(0), out.stride(0),
         M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, ACTIVATION=activation if gated else None,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, FP8=weight_scale is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x),
     )
     return out

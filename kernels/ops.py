@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from baton.kernels import activation, attention, kv_cache, logits, lora, moe, norm, rotary, sampling
+from baton.kernels import activation, attention, fp8, kv_cache, logits, lora, moe, norm, rotary, sampling
 from baton.kernels import linear as gemv
 
 F = TypeVar("F", bound=Callable)
@@ -43,10 +43,17 @@ def _gemv_rows(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dim() == 2 and x.shape[0] <= gemv.MAX_DISPATCH_ROWS
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` @ ``weight`` ``[N, K]``.T + ``bias``: the Triton GEMV for CUDA inputs of at
-    most ``MAX_DISPATCH_ROWS`` rows (decode steps), ``F.linear`` (cuBLAS on GPU) for anything else."""
-    return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
+    most ``MAX_DISPATCH_ROWS`` rows (decode steps), ``F.linear`` (cuBLAS on GPU) for anything else.
+    With ``weight_scale``, ``weight`` is E4M3 (``kernels/fp8.py``): the GEMV, else cuBLAS's FP8 GEMM
+    on CUDA, else the reference."""
+    if weight_scale is None:
+        return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
+    if _gemv_rows(x):
+        return gemv.linear(x, weight, bias, weight_scale)
+    return (fp8.scaled_mm_fp8_linear if x.is_cuda else fp8.ref_fp8_linear)(x, weight, weight_scale, bias)
 
 
 def qkv_rotary_store_kv(
@@ -57,17 +64,20 @@ def qkv_rotary_store_kv(
     cos_sin_cache: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused q/k/v projection, then ``rotary_store_kv``: one launch where ``linear`` takes the
-    GEMV, else the two ops. Returns the rotated query ``[tokens, heads, head_dim]``."""
-    if _gemv_rows(x):
+    GEMV (of an unquantized weight), else the two ops. Returns the rotated query ``[tokens, heads, head_dim]``."""
+    if weight_scale is None and _gemv_rows(x):
         return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping)
-    q, k, v = rotary.split_qkv(linear(x, weight, bias), kv_cache.shape[3], kv_cache.shape[4])
+    q, k, v = rotary.split_qkv(linear(x, weight, bias, weight_scale), kv_cache.shape[3], kv_cache.shape[4])
     return rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 activation: str = "silu") -> torch.Tensor:
-    """``linear(act_and_mul(x, activation), weight, bias)``: one GEMV launch where ``linear`` takes
-    the GEMV, else the two ops."""
-    return gemv.gated_linear(x, weight, bias, activation) if _gemv_rows(x) else linear(act_and_mul(x, activation), weight, bias)
+                 activation: str = "silu", weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(act_and_mul(x, activation), weight, bias, weight_scale)``: one GEMV launch where
+    ``linear`` takes the GEMV, else the two ops."""
+    if _gemv_rows(x):
+        return gemv.gated_linear(x, weight, bias, activation, weight_scale)
+    return linear(act_and_mul(x, activation), weight, bias, weight_scale)

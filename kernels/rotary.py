@@ -142,7 +142,8 @@ def _qkv_rotary_store_kv_kernel(
     cos = tl.load(cos_sin, mask=row_ok, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin + HALF, mask=row_ok, other=0.0).to(tl.float32)
     cols = head * HEAD_DIM + offs
-    acc = _gemv_columns(x_ptr, w_ptr, cols, cols >= 0, K, stride_xm, stride_wn, M, M_PAD, None, BLOCK_K, EVEN_K, PDL)
+    acc = _gemv_columns(x_ptr, w_ptr, cols, cols >= 0, K, stride_xm, stride_wn, M, M_PAD, None, BLOCK_K, EVEN_K, PDL,
+                        False)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     # The projection's output as the unfused path stores it, then rotated as _rotate_heads does.

@@ -1,0 +1,135 @@
+"""FP8 (E4M3) linear layers: weights quantized per output channel, activations per token as they
+come (vLLM's "fp8" with dynamic per-token scales, W8A8).
+
+What ``fp8_linear(x, weight, weight_scale, bias)`` computes, on every path: each row of ``x`` is
+multiplied by the reciprocal of its scale (its largest magnitude over 448, E4M3's largest finite
+value) and rounded to E4M3 (``quantize_rows``); the E4M3 products accumulate in fp32 and are scaled back by the row's
+and the output channel's scales, then the bias is added, and the result rounded once to ``x``'s
+dtype. Weights are quantized the same way along their output channels (``ref_quantize_rows``,
+at load).
+
+On CUDA, a decode step's few rows (``linear.MAX_DISPATCH_ROWS``) take the Triton GEMV, which
+quantizes them in its own launch (``linear.launch_linear``) and so reads half a bf16 weight's
+bytes; more rows are quantized by ``quantize_rows``' kernel and multiplied by cuBLAS's FP8 GEMM
+(``torch._scaled_mm``, row-wise scales) on GPUs with FP8 tensor cores (compute capability 8.9+).
+Elsewhere, and for shapes cuBLAS does not take (dims not multiples of 16), the torch reference
+runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_shape
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0             # E4M3's largest finite value
+MIN_SCALE_AMAX = 1e-12      # a row of zeros still gets a positive scale
+
+
+@triton.jit
+def quantize_value(x, inv_scale):
+    """fp32 ``x`` times its row's ``inv_scale``, saturated and rounded to E4M3 (to nearest even)."""
+    return tl.clamp(x * inv_scale, -448.0, 448.0).to(tl.float8e4nv)
+
+
+@triton.jit
+def row_scale(amax):
+    """The scale of a row whose largest magnitude is ``amax``, and its reciprocal (both IEEE, as
+    torch divides)."""
+    scale = tl.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    return scale, tl.div_rn(1.0, scale)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_x + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale, inv_scale = row_scale(tl.max(amax, 0))
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_x + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * K + k0 + ks, quantize_value(x, inv_scale), mask=k0 + ks < K)
+
+
+def _check_rows(x: torch.Tensor) -> None:
+    check_shape("x", x, (-1, -1))
+    check_dtype("x", x)
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"x must be contiguous in its last dim, got strides {tuple(x.stride())}")
+
+
+def quantize_rows(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[M, K]`` (a float dtype, CUDA) -> its rows in E4M3 ``[M, K]`` and their fp32 scales
+    ``[M]``: one program a row reads it twice (its largest magnitude, then the rounding)."""
+    _check_rows(x)
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m and k:
+        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK_K=min(block_k, triton.next_power_of_2(k)))
+    return q, scale
+
+
+def ref_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[M, K]`` -> ``(E4M3 [M, K], fp32 scales [M])``: each row times the reciprocal of its
+    scale (its largest magnitude / 448), saturated and rounded to nearest even."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=1).clamp(min=MIN_SCALE_AMAX) / FP8_MAX
+    return (xf * (1.0 / scale)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def check_fp8_weight(weight: torch.Tensor, weight_scale: torch.Tensor, x: torch.Tensor, in_features: int) -> None:
+    """An E4M3 ``weight`` ``[N, in_features]`` (contiguous, on ``x``'s device) and its fp32
+    ``weight_scale`` ``[N]``."""
+    check_shape("weight", weight, (-1, in_features))
+    check_dtype("weight", weight, (FP8_DTYPE,))
+    check_device("weight", weight, x)
+    check_contiguous("weight", weight)
+    check_shape("weight_scale", weight_scale, (weight.shape[0],))
+    check_dtype("weight_scale", weight_scale, (torch.float32,))
+    check_device("weight_scale", weight_scale, x)
+    check_contiguous("weight_scale", weight_scale)
+
+
+def ref_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[M, K]``, E4M3 ``weight`` ``[N, K]``, ``weight_scale`` ``[N]``, ``bias`` ``[N]`` or None
+    -> ``[M, N]`` in ``x``'s dtype, as the module docstring defines it."""
+    _check_rows(x)
+    check_fp8_weight(weight, weight_scale, x, x.shape[1])
+    q, scale = ref_quantize_rows(x)
+    out = (q.float() @ weight.float().t()) * scale[:, None] * weight_scale[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _has_fp8_tensor_cores(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def scaled_mm_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``ref_fp8_linear`` for CUDA ``x`` of any number of rows: ``quantize_rows``, then cuBLAS's FP8
+    GEMM with both row-wise scales, where the GPU and the shapes allow and ``x`` is bf16 (the one
+    output dtype cuBLAS takes with row-wise scales); the reference otherwise."""
+    _check_rows(x)
+    check_fp8_weight(weight, weight_scale, x, x.shape[1])
+    n, k = weight.shape
+    if not (x.dtype == torch.bfloat16 and _has_fp8_tensor_cores(x.device) and n % 16 == 0 and k % 16 == 0
+            and x.shape[0]):
+        return ref_fp8_linear(x, weight, weight_scale, bias)
+    q, scale = quantize_rows(x)
+    out = torch._scaled_mm(q, weight.t(), scale_a=scale[:, None], scale_b=weight_scale[None, :],
+                           out_dtype=torch.bfloat16)
+    return out if bias is None else out + bias

@@ -1,0 +1,202 @@
+"""The FP8 (W8A8) linear kernels (``kernels/fp8.py``, the GEMV's FP8 mode in ``kernels/linear.py``)
+against their plain-torch reference on fresh random inputs, the reference against the arithmetic it
+stands for, and the wrappers' argument checks.
+
+Triton's interpreter rounds to E4M3 without carrying into the exponent (``_convert_float`` in
+``triton/runtime/interpreter.py``: 124.3 rounds to 64), so there the inputs are rows whose values,
+once scaled, are E4M3 values already (each row's largest magnitude 448 times a power of two): the
+interpreter checks the kernels' scales, masks and sums, the GPU their rounding too.
+``python tests/test_fp8_kernels.py`` runs the interpreter's cases. On a CUDA GPU the cases run
+natively on random inputs in fp16/bf16/fp32, then Llama-3-8B's projection shapes, cuBLAS's FP8 GEMM
+path, and the kernels inside a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import kernel_cases
+from kernel_cases import hopper_ptx, interpreted_checks_passed, run_cases
+from test_kernels import _assert_close, _poison_allocator, needs_cuda, spread_gates
+
+from baton.kernels import fp8, ops
+from baton.kernels.activation import ref_act_and_mul
+from baton.kernels.linear import MAX_GEMV_ROWS, LinearConfig, launch_linear
+
+fresh_seed = kernel_cases.fresh_seed   # autouse: new random inputs on every run, the seed printed
+
+E4M3 = torch.float8_e4m3fn
+SMALL_TILES = LinearConfig(block_n=4, block_k=64)
+LLAMA_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}   # in, out
+
+
+def on_grid(rows: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Rows whose values over their scale are E4M3 values: E4M3 values with a 448 in each row, times
+    a power of two a row (zero for a row of zeros)."""
+    x = (torch.randn(rows, k) * 100).clamp(-448, 448).to(E4M3).float()
+    x[torch.arange(rows), torch.randint(0, k, (rows,))] = 448.0
+    x = x * torch.tensor([2.0 ** e for e in torch.randint(-12, 4, (rows,)).tolist()])[:, None]
+    return x.to(dtype).to(device)
+
+
+def inputs(rows: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Random rows of several magnitudes on a GPU; rows on the E4M3 grid in the interpreter."""
+    if device == "cpu":
+        return on_grid(rows, k, dtype, device)
+    return (torch.randn(rows, k, device=device) * torch.logspace(-3, 2, rows, device=device)[:, None]).to(dtype)
+
+
+def fp8_weight(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8.ref_quantize_rows(torch.randn(n, k, device=device) * 0.05)
+
+
+def check_quantize_rows(device: str, dtype: torch.dtype, m: int, k: int, block_k: int) -> None:
+    x = inputs(m, k, dtype, device)
+    if m > 1:
+        x[1] = 0
+    got_q, got_scale = fp8.quantize_rows(x, block_k)
+    want_q, want_scale = fp8.ref_quantize_rows(x)
+    assert torch.equal(got_scale, want_scale)
+    assert torch.equal(got_q.float(), want_q.float())
+
+
+def check_gemv(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool, config: LinearConfig,
+               gated: bool = False) -> None:
+    """The GEMV's FP8 mode against ``ref_fp8_linear``; ``x`` a view with a row stride past its width.
+    Gated: the activation's output is not on the grid, so the interpreter takes it only with gates
+    and ups that make it one (gate 0 in SiLU: 0)."""
+    w, w_scale = fp8_weight(n, k, device)
+    b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
+    width = 2 * k if gated else k
+    x = torch.empty(m, width + 3, dtype=dtype, device=device)[:, :width]
+    x[:, :k] = inputs(m, k, dtype, device)
+    if gated:
+        x[:, k:] = inputs(m, k, dtype, device)
+        spread_gates(x)
+    _poison_allocator(device, m * n * x.element_size())
+    got = launch_linear(x, w, b, config, gated=gated, weight_scale=w_scale)
+    want = fp8.ref_fp8_linear(ref_act_and_mul(x, "silu") if gated else x, w, w_scale, b)
+    _assert_close(got, want, dtype)
+
+
+def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    for m, k, block_k in [(1, 300, 64), (5, 1024, 256), (3, 17, 1024)]:
+        yield f"quantize rows {m}x{k}", lambda m=m, k=k, b=block_k: check_quantize_rows(device, dtype, m, k, b)
+    for m in range(1, MAX_GEMV_ROWS + 1):
+        yield f"fp8 gemv {m} rows", lambda m=m: check_gemv(device, dtype, m, 45, 300, m % 2 == 1, SMALL_TILES)
+    yield "fp8 gemv even K", lambda: check_gemv(device, dtype, 2, 16, 256, False, SMALL_TILES)
+    yield "fp8 gemv default tiles", lambda: check_gemv(device, dtype, 2, 37, 300, True, LinearConfig())
+    if device != "cpu":
+        yield "fp8 gated gemv", lambda: check_gemv(device, dtype, 2, 37, 300, True, SMALL_TILES, gated=True)
+
+
+@pytest.mark.unit
+def test_the_reference_is_the_dequantized_product_of_rows_rounded_per_token() -> None:
+    x = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 500.0])[:, None]
+    q, scale = fp8.ref_quantize_rows(x)
+    assert q.dtype == E4M3 and scale.shape == (5,)
+    assert torch.equal(q.float().abs().amax(dim=1)[[0, 1, 2, 4]], torch.full((4,), 448.0))
+    assert torch.equal(q[3].float(), torch.zeros(64)) and scale[3] > 0
+    assert (q.float() * scale[:, None] - x).abs().le(x.abs() / 16 + scale[:, None] / 512).all()
+    w, w_scale = fp8_weight(24, 64, "cpu")
+    bias = torch.randn(24)
+    want = (q.float() * scale[:, None]) @ (w.float() * w_scale[:, None]).t() + bias
+    torch.testing.assert_close(fp8.ref_fp8_linear(x, w, w_scale, bias), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.unit
+def test_ops_linear_takes_the_reference_on_the_cpu() -> None:
+    w, w_scale = fp8_weight(24, 64, "cpu")
+    x = torch.randn(7, 64)
+    assert torch.equal(ops.linear(x, w, None, w_scale), fp8.ref_fp8_linear(x, w, w_scale))
+    gated = torch.randn(3, 128)
+    assert torch.equal(ops.gated_linear(gated, w, None, "silu", w_scale),
+                       fp8.ref_fp8_linear(ref_act_and_mul(gated, "silu"), w, w_scale))
+
+
+@pytest.mark.unit
+def test_fp8_kernels_under_triton_interpreter() -> None:
+    stdout = interpreted_checks_passed(__file__)
+    expected = sum(1 for _ in small_cases("cpu", torch.float32)) + sum(1 for _ in small_cases("cpu", torch.bfloat16))
+    assert f"{expected} interpreted checks passed" in stdout, stdout
+
+
+@pytest.mark.unit
+def test_bad_arguments_are_refused() -> None:
+    w, w_scale = fp8_weight(8, 32, "cpu")
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="weight must have dtype"):
+        fp8.ref_fp8_linear(x, w.float(), w_scale)
+    with pytest.raises(ValueError, match="weight_scale must have shape \\[8\\]"):
+        fp8.ref_fp8_linear(x, w, w_scale[:4])
+    with pytest.raises(ValueError, match="weight_scale must have dtype"):
+        launch_linear(x, w, None, SMALL_TILES, weight_scale=w_scale.half())
+    with pytest.raises(ValueError, match="weight must have shape \\[\\*, 31\\], got \\[8, 32\\]"):
+        fp8.ref_fp8_linear(torch.randn(2, 31), w, w_scale)
+
+
+@pytest.mark.unit
+def test_fp8_gemv_rounds_with_hopper_conversions() -> None:
+    """On an H100 the FP8 GEMV rounds x to E4M3 in hardware (saturating, to nearest even) and widens
+    the weights back; the row quantization rounds the same way."""
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16"}
+    constants = dict(M=1, M_PAD=1, HAS_BIAS=False, ACTIVATION=None, BLOCK_N=2, BLOCK_K=2048, EVEN_K=True, PDL=True,
+                     FP8=True)
+    ptx = hopper_ptx("baton.kernels.linear:_linear_kernel", pointers, constants)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "cvt.rn.f16x2.e4m3x2" in ptx
+    rows = hopper_ptx("baton.kernels.fp8:_quantize_rows_kernel", {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+                      dict(BLOCK_K=1024))
+    assert "cvt.rn.satfinite.e4m3x2.f32" in rows
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_fp8_small_cases_on_gpu(dtype: torch.dtype) -> None:
+    assert run_cases(small_cases("cuda", dtype)) > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("proj", list(LLAMA_8B))
+def test_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
+    """The GEMV at decode's rows, cuBLAS's FP8 GEMM above them (bf16), each against the reference;
+    the GEMM's fp32 sums in another order, so to bf16's rounding of the output."""
+    k, n = LLAMA_8B[proj]
+    w, w_scale = fp8_weight(n, k, "cuda")
+    for rows in (1, 2, 3, 64, 2048):
+        x = inputs(rows, k, torch.bfloat16, "cuda")
+        _assert_close(ops.linear(x, w, None, w_scale), fp8.ref_fp8_linear(x, w, w_scale), torch.bfloat16)
+    q, scale = fp8.quantize_rows(inputs(2048, k, torch.bfloat16, "cuda"))
+    assert q.dtype == E4M3 and scale.shape == (2048,)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fp8_linears_replay_in_a_cuda_graph() -> None:
+    """Decode's GEMV and a batch's quantize-then-GEMM, captured once, replayed over new inputs."""
+    w, w_scale = fp8_weight(512, 1024, "cuda")
+    static = {rows: torch.zeros(rows, 1024, dtype=torch.bfloat16, device="cuda") for rows in (1, 32)}
+    for x in static.values():
+        ops.linear(x, w, None, w_scale)   # compile outside the capture
+    graph, outs = torch.cuda.CUDAGraph(), {}
+    with torch.cuda.graph(graph):
+        for rows, x in static.items():
+            outs[rows] = ops.linear(x, w, None, w_scale)
+    for _ in range(3):
+        for x in static.values():
+            x.copy_(inputs(x.shape[0], 1024, torch.bfloat16, "cuda"))
+        graph.replay()
+        for rows, x in static.items():
+            _assert_close(outs[rows], fp8.ref_fp8_linear(x, w, w_scale), torch.bfloat16)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    passed = run_cases(small_cases("cpu", torch.float32)) + run_cases(small_cases("cpu", torch.bfloat16))
+    print(f"{passed} interpreted checks passed")
