@@ -43,6 +43,7 @@ from transformers import (
 from baton.engine.config import KV_CACHE_DTYPE_NAMES
 from baton.engine.llm import LLM
 from baton.engine.model_runner import ModelRunner
+from baton.engine.quantization import QUANTIZATION_METHODS
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
 from baton.kernels import pdl
@@ -244,12 +245,13 @@ def _spread(*runs: list[float]) -> str:
     return f" (median of {len(runs[0])}: " + " / ".join(f"{min(r):.0f}-{max(r):.0f}" for r in runs) + ")"
 
 
-def bench_llm(directory: Path, max_batch: int, max_num_batched_tokens: int, kv_cache_dtype: str) -> LLM:
+def bench_llm(directory: Path, max_batch: int, max_num_batched_tokens: int, kv_cache_dtype: str,
+              quantization: str | None) -> LLM:
     """Baton on the checkpoint in ``directory`` as the benchmarks run it: bf16, CUDA graphs,
     blocks for ``max_batch`` full-length sequences, no prefix caching."""
     return LLM(str(directory), device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=max_batch,
                max_num_batched_tokens=max_num_batched_tokens, num_blocks=max_batch * (MAX_MODEL_LEN // 16) + 16,
-               enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
+               enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
 
 
 def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: Path) -> list[Row]:
@@ -259,7 +261,7 @@ def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: 
     del model
     torch.cuda.empty_cache()
     max_batch = max(max(args.latency_batches), max(args.batches))
-    llm = bench_llm(directory, max_batch, args.max_num_batched_tokens, args.kv_cache_dtype)
+    llm = bench_llm(directory, max_batch, args.max_num_batched_tokens, args.kv_cache_dtype, args.quantization)
     rows = latency_rows(name, llm, args.latency_batches, args.context, bandwidth)
     rows += throughput_rows(name, llm, hf, args.batches, args.input_len, args.output_len, args.repeats)
     del llm, hf
@@ -288,6 +290,9 @@ def main() -> None:
     p.add_argument("--no-pdl", action="store_true", help="launch the decode kernels without programmatic dependent launch")
     p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPE_NAMES), default="auto",
                    help="Baton's KV cache (the engine's flag; transformers keeps its own in bf16)")
+    p.add_argument("--quantization", choices=list(QUANTIZATION_METHODS), default=None,
+                   help="Baton's linear layers (the engine's flag, quantizing as the checkpoint loads; transformers "
+                        "keeps bf16): the floor counts the weights' bytes as loaded")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: /dev/shm if it has room)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -299,7 +304,8 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     props = torch.cuda.get_device_properties(0)
     header = (f"# Model benchmarks: {props.name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
-              f"torch {torch.__version__}, triton {triton.__version__}; bf16 random weights; Baton's KV cache {args.kv_cache_dtype}; "
+              f"torch {torch.__version__}, triton {triton.__version__}; bf16 random weights; Baton's KV cache {args.kv_cache_dtype}, linear layers "
+              f"{args.quantization or 'bf16'}; "
               f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (2 GiB D2D, read + write); floor = (weights + KV read) / copy bandwidth; "
               f"programmatic dependent launch {'on' if pdl.enabled else 'off'}")
     rows: list[Row] = []

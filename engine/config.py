@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from baton.engine.pooling import PoolerConfig
+from baton.engine.quantization import QUANTIZATION_METHODS
 from baton.engine.sampling_params import DEFAULT_MAX_LOGPROBS
 
 DEFAULT_CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -152,6 +153,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str | None = None               # default or "auto": the checkpoint's dtype (DTYPE_NAMES)
     kv_cache_dtype: str = "auto"           # the KV cache's (KV_CACHE_DTYPE_NAMES): "auto" is the model's dtype
+    quantization: str | None = None       # quantize an unquantized checkpoint's linear layers as it loads ("fp8")
     cuda_graph_batch_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CUDA_GRAPH_BATCH_SIZES))
     enforce_eager: bool = False            # never capture CUDA graphs
     async_scheduling: bool | None = None   # overlap host work with the device's step (None: on CUDA only)
@@ -173,6 +175,8 @@ class EngineConfig:
             if self.dtype not in DTYPE_NAMES:
                 raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
             self.dtype = DTYPE_NAMES[self.dtype]
+        if self.quantization not in (None, *QUANTIZATION_METHODS):
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPE_NAMES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPE_NAMES)}, got {self.kv_cache_dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -233,6 +237,12 @@ def add_engine_switches(p: argparse.ArgumentParser) -> None:
                    help="the KV cache's dtype (vLLM's): auto, the model's; fp8 (E4M3) or fp8_e5m2 hold each key and "
                         "value in a byte, unscaled: twice the blocks in the same memory, half the bytes read a step and "
                         "sent a transfer (every worker of a deployment must take the same)")
+    p.add_argument("--quantization", "-q", choices=list(QUANTIZATION_METHODS), default=None,
+                   help="quantize the linear layers of an unquantized checkpoint as it loads (vLLM's): fp8, E4M3 weights "
+                        "scaled per output channel and inputs scaled per token as they come (W8A8; half the weight "
+                        "bytes a decode step reads). A checkpoint quantized already (a config.json quantization_config: "
+                        "fp8, or compressed-tensors FP8 with dynamic per-token inputs) runs so without it (give every worker of a "
+                        "deployment the same)")
     for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
         p.add_argument(flag, short, type=_one_device, default=1, metavar="1",
                        help="accepted so that vLLM command lines run: 1 only, a worker's model on one device")
@@ -285,6 +295,8 @@ def engine_switches(args: argparse.Namespace) -> list[str]:
         out += ["--seed", str(args.seed)]
     if args.kv_cache_dtype != "auto":
         out += ["--kv-cache-dtype", args.kv_cache_dtype]
+    if args.quantization is not None:
+        out += ["--quantization", args.quantization]
     if args.cuda_graph_sizes:
         out += ["--cuda-graph-sizes", *map(str, args.cuda_graph_sizes)]
     for flag, value, default in (("--max-model-len", args.max_model_len, None),

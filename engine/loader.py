@@ -11,7 +11,9 @@ checkpoint holding them stacked already (Granite MoE's ``input_linear`` / ``outp
 transformers 5's names) fills all at once. An image-text checkpoint served as its text model
 names that model's tensors under a prefix and holds others (``ModelConfig.weights_prefix``,
 ``skipped_weights``). Every other tensor must be used and every parameter filled; otherwise the
-error names the offending tensors.
+error names the offending tensors. An FP8 model's linear layers (``engine/models/quantized.py``)
+take an FP8 checkpoint's E4M3 weights and their ``weight_scale`` tensors, or quantize an
+unquantized checkpoint's weights as they load.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from torch import nn
 from baton.engine.model_config import ModelConfig
 from baton.engine.models import get_model_class
 from baton.engine.models.llama import STACKED_PARAMS
+from baton.engine.models.quantized import checkpoint_scale, quantize_linears, quantize_rows_into
+from baton.kernels.fp8 import FP8_DTYPE
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -86,6 +90,8 @@ def build_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device
     model_class = get_model_class(config.architecture)
     with torch.device("meta"):
         model = model_class(config).to(dtype)
+        if config.quantization == "fp8":
+            quantize_linears(model)
     model = model.to_empty(device=device)
     load_weights(model_dir, model, dtype)
     model.fold_scales()
@@ -93,7 +99,9 @@ def build_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device
 
 
 def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
-    """Copy every checkpoint tensor (cast to ``dtype``) into ``model``'s parameters."""
+    """Copy every checkpoint tensor (cast to ``dtype``) into ``model``'s parameters. An FP8 layer's
+    (``Fp8Linear``) weight takes an E4M3 tensor as it is, and its ``weight_scale`` the checkpoint's
+    (spread over the rows where it is one per tensor); an unquantized tensor is quantized into both."""
     params = dict(model.named_parameters())
     needed = {name: _shard_keys(model, name) for name in params}
     filled: dict[str, set[str]] = {name: set() for name in params}
@@ -113,13 +121,33 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
                 if target not in params:
                     unexpected.append(key)
                     continue
-                _copy_into(model, params[target], target, shard, f.get_tensor(key).to(dtype), key)
-                filled[target].update(needed[target] if not shard else {shard})
+                for param_name in _load_tensor(model, params, target, shard, f.get_tensor(key), dtype, key):
+                    filled[param_name].update(needed[param_name] if not shard else {shard})
     if unexpected:
         raise ValueError(f"unexpected tensors in checkpoint {model_dir}: {_names(unexpected)}")
     missing = [_hf_name(name, shard) for name, keys in needed.items() for shard in sorted(keys - filled[name])]
     if missing:
         raise ValueError(f"tensors missing from checkpoint {model_dir}: {_names(missing)}")
+
+
+def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], target: str, shard: str, tensor: torch.Tensor,
+                 dtype: torch.dtype, key: str) -> list[str]:
+    """Copy one checkpoint tensor into ``target`` (and, quantizing it, into the scales beside it);
+    returns the parameters it filled."""
+    param = params[target]
+    if target.endswith(".weight_scale"):
+        rows = _shard_of(model, param, target, shard, key).shape[0]
+        _copy_into(model, param, target, shard, checkpoint_scale(tensor, rows), key)
+        return [target]
+    if param.dtype != FP8_DTYPE or tensor.dtype == FP8_DTYPE:
+        _copy_into(model, param, target, shard, tensor if param.dtype == FP8_DTYPE else tensor.to(dtype), key)
+        return [target]
+    scale_name = target.removesuffix("weight") + "weight_scale"
+    weight = _shard_of(model, param, target, shard, key)
+    if tuple(weight.shape) != tuple(tensor.shape):
+        raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(weight.shape)}")
+    quantize_rows_into(weight, _shard_of(model, params[scale_name], scale_name, shard, key), tensor.to(dtype))
+    return [target, scale_name]
 
 
 def _engine_name(key: str) -> tuple[str, str]:
@@ -181,9 +209,8 @@ def _shard_keys(model: nn.Module, name: str) -> set[str]:
     return {""} if layout is None else set(layout)
 
 
-def _copy_into(
-    model: nn.Module, param: nn.Parameter, name: str, shard: str, tensor: torch.Tensor, key: str
-) -> None:
+def _shard_of(model: nn.Module, param: nn.Parameter, name: str, shard: str, key: str) -> torch.Tensor:
+    """The slice of ``param`` that a checkpoint tensor of shard ``shard`` fills (all of it for "")."""
     target = param.data
     experts = _experts(name)
     if experts is not None and shard:
@@ -200,6 +227,13 @@ def _copy_into(
         order = list(layout)
         offset = sum(layout[k] for k in order[: order.index(shard)])
         target = target.narrow(0, offset, layout[shard])
+    return target
+
+
+def _copy_into(
+    model: nn.Module, param: nn.Parameter, name: str, shard: str, tensor: torch.Tensor, key: str
+) -> None:
+    target = _shard_of(model, param, name, shard, key)
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
     target.copy_(tensor)

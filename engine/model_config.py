@@ -26,6 +26,7 @@ from typing import Any
 
 from baton.engine.models import SUPPORTED_ARCHITECTURES
 from baton.engine.pooling import PoolerConfig, pooling_module_path
+from baton.engine.quantization import checkpoint_quantization
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -124,6 +125,7 @@ class ModelConfig:
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     moe: SparseMoEConfig | None = None
+    quantization: str | None = None    # the linear layers' weights (``engine/quantization.py``): None or "fp8"
 
     @classmethod
     def from_dict(
@@ -134,6 +136,7 @@ class ModelConfig:
     ) -> ModelConfig:
         """Parse a ``config.json`` dict. ``max_model_len`` (default: ``max_position_embeddings``)
         is the longest sequence the engine will serve: a sliding window no shorter than that is dropped."""
+        quantization = checkpoint_quantization(cfg)
         cfg, weights = _text_model(cfg)
         architecture, has_lm_head = _architecture(cfg)
         gemma = architecture in GEMMA_ARCHITECTURES
@@ -185,6 +188,7 @@ class ModelConfig:
             **_granite_scalars(architecture, cfg),
             **(_gemma_fields(architecture, cfg, hidden) if gemma else {}),
             moe=_sparse_moe(architecture, cfg, num_layers),
+            quantization=quantization,
         )
 
 

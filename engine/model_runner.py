@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from baton.engine.lora import LoRAStack
 from baton.engine.lora_loader import LoRAAdapter, load_adapter, load_adapters
 from baton.engine.model_config import ModelConfig, load_model_config, load_pooler_config
 from baton.engine.pooling import PoolerConfig
+from baton.engine.quantization import resolve_quantization
 from baton.engine.rope import build_cos_sin_cache
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
@@ -75,7 +76,9 @@ class ModelRunner:
         self.model_dir: Path = resolve_model_dir(model, config.revision, config.download_dir)
         self.tokenizer_dir: Path = (resolve_model_dir(config.tokenizer, config.revision, config.download_dir)
                                     if config.tokenizer else self.model_dir)
-        self.model_config: ModelConfig = load_model_config(self.model_dir, config.max_model_len)
+        mc = load_model_config(self.model_dir, config.max_model_len)
+        self.model_config: ModelConfig = replace(
+            mc, quantization=resolve_quantization(config.quantization, mc.quantization, mc.moe is not None))
         mc = self.model_config
         self.max_model_len: int = config.max_model_len or mc.max_position_embeddings
         self.vocab_size: int = mc.vocab_size

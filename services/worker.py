@@ -142,6 +142,7 @@ def engine_config(args: argparse.Namespace, role: str) -> EngineConfig:
         device=args.device,
         dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
         tokenizer=args.tokenizer,
         revision=args.revision,
         download_dir=args.download_dir,

@@ -303,12 +303,16 @@ def test_vllm_command_lines_flags_that_change_nothing_here_are_taken_and_paralle
         assert "invalid choice: 'int8'" in capsys.readouterr().err
 
 
-def test_baton_up_hands_its_kv_cache_dtype_to_every_worker():
-    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2", "--kv-cache-dtype", "fp8"]
+def test_baton_up_hands_its_kv_cache_dtype_and_quantization_to_every_worker():
+    from baton.services.worker import engine_config
+
+    argv = ["up", "--model", "/m", "--redis-url", "redis://r/0", "--prefill", "2", "--kv-cache-dtype", "fp8", "-q", "fp8"]
     plan = launcher.make_plan(launcher.build_parser().parse_args(argv))
-    parsed = [worker_arg_parser(role, default_port=50061).parse_args(cmd[4:])
-              for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)) for cmd in cmds]
-    assert [args.kv_cache_dtype for args in parsed] == ["fp8"] * 3
+    roles = [(role, worker_arg_parser(role, default_port=50061).parse_args(cmd[4:]))
+             for role, cmds in (("prefill", plan.prefill), ("decode", plan.decode)) for cmd in cmds]
+    assert [(args.kv_cache_dtype, engine_config(args, role).quantization) for role, args in roles] == [("fp8", "fp8")] * 3
+    plan = launcher.make_plan(launcher.build_parser().parse_args(argv[:-2]))
+    assert all("--quantization" not in cmd for cmd in [*plan.prefill, *plan.decode])
 
 
 def test_launcher_plan_lets_the_gateway_load_adapters_at_runtime_and_sizes_the_workers_for_them(monkeypatch):

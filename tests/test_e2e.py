@@ -357,6 +357,43 @@ def test_baton_up_serves_a_random_checkpoint_as_transformers_generates(demo_mode
         system.stop()
 
 
+def test_baton_up_serves_an_fp8_checkpoint_as_transformers_computes_it(demo_model, tmp_path):
+    """An FP8 checkpoint (LLM Compressor's per-channel FP8-dynamic form) through prefill, KV transfer and
+    decode: greedy text is transformers' with the weights dequantized and each linear layer's input
+    rounded to E4M3 per token, as W8A8 computes, and each token's logprob the aggregated engine's.
+    (Against transformers the logprobs drift: where Baton's and transformers' float32 sums differ in
+    their last bit, an input can round to the next E4M3 value, and decode steps carry that on;
+    ``test_quantization`` compares logits where none does.)"""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from test_model_parity import SMALL, random_checkpoint
+    from test_quantization import compressed_tensors, fake_quantized_transformers, write_fp8_checkpoint
+
+    config = LlamaConfig(**{**SMALL, "vocab_size": 1024}, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    hf = random_checkpoint("llama", tmp_path / "float", config)
+    model_dir = tmp_path / "fp8"
+    hf = fake_quantized_transformers(hf, write_fp8_checkpoint(tmp_path / "float", model_dir, compressed_tensors(), True))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(demo_model) / name, model_dir / name)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    llm = LLM(str(model_dir))
+    system = System(str(model_dir), "grpc", prefill=1, decode=1)
+    try:
+        model = system.client.models.list().data[0].id
+        for prompt in (PROMPTS[0], PROMPTS[1] + "\n" + PROMPTS[2]):
+            ids = tok(prompt, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                want = hf.generate(ids, do_sample=False, max_new_tokens=16)[0, ids.shape[1]:].tolist()
+            engine = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, logprobs=0))[0].outputs[0]
+            out = system.client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, logprobs=0)
+            assert out.choices[0].text == tok.decode(want, skip_special_tokens=True) == engine.text
+            assert out.choices[0].logprobs.token_logprobs == pytest.approx([t.logprob for t in engine.logprobs], abs=1e-5)
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
+
+
 def test_prompts_short_enough_are_computed_on_the_decode_worker_alone(demo_model):
     """``baton up --max-local-prefill-length 24``: the four short prompts, at once, each go to the
     decode worker alone, and their greedy output (and prompt log-probs) are the aggregated

@@ -32,6 +32,7 @@ from torch import nn
 
 from baton.engine.attention import AttentionMetadata, paged_attention_forward
 from baton.engine.model_config import ModelConfig
+from baton.engine.models.quantized import weight_scale
 from baton.kernels import ops
 from baton.kernels.rotary import split_qkv
 
@@ -58,8 +59,9 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     Llama-3.2-1B's qkv (6.1 vs 7.2 us), o (4.8 vs 6.2), gate_up (23.1 vs 25.3) and down
     (13.2 vs 16.4), and the 1B batch-1 decode step (graph replay, ctx 512) went from 1.256
     to 1.132 ms. Without q/k norms, qkv's GEMV also rotates and writes the KV cache
-    (``ops.qkv_rotary_store_kv``). ``lm_head`` (``compute_logits``) takes the GEMV at one row only."""
-    return ops.linear(x, layer.weight, layer.bias)
+    (``ops.qkv_rotary_store_kv``). ``lm_head`` (``compute_logits``) takes the GEMV at one row only.
+    An ``Fp8Linear`` (``engine/models/quantized.py``) passes its weight scales too."""
+    return ops.linear(x, layer.weight, layer.bias, weight_scale(layer))
 
 
 class RMSNorm(nn.Module):
@@ -114,7 +116,7 @@ class Attention(nn.Module):
         num_tokens = hidden.shape[0]
         if self.q_norm is None and lora is None:
             q = ops.qkv_rotary_store_kv(hidden, self.qkv_proj.weight, self.qkv_proj.bias, positions, cos_sin_cache,
-                                        kv_cache, meta.slot_mapping)
+                                        kv_cache, meta.slot_mapping, weight_scale(self.qkv_proj))
         else:
             qkv = project(self.qkv_proj, hidden)
             q, k, v = split_qkv(qkv if lora is None else lora.add("qkv_proj", hidden, qkv), self.num_kv_heads, self.head_dim)
@@ -145,7 +147,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
         if lora is None:
-            return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias, self.activation)
+            return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias, self.activation,
+                                    weight_scale(self.down_proj))
         hidden = ops.act_and_mul(lora.add("gate_up_proj", x, project(self.gate_up_proj, x)), self.activation)
         return lora.add("down_proj", hidden, project(self.down_proj, hidden))
 
@@ -263,9 +266,9 @@ class LlamaForCausalLM(nn.Module):
         self.embedding_scale = config.embedding_multiplier
 
     def fold_scales(self) -> None:
-        """Scale the output and down projections (weights and biases) by ``residual_multiplier``,
-        once the checkpoint is loaded: what they add to the residual stream is then scaled. Gemma's
-        embedding multiplier is rounded to the weights' dtype, as transformers rounds it."""
+        """Scale the output and down projections (weights, or an FP8 one's scales, and biases) by
+        ``residual_multiplier``, once the checkpoint is loaded: what they add to the residual stream
+        is then scaled. Gemma's embedding multiplier is rounded to the weights' dtype, as transformers rounds it."""
         if self.config.gemma_norms:
             weight = self.model.embed_tokens.weight
             self.embedding_scale = float(torch.tensor(self.config.embedding_multiplier, dtype=weight.dtype))
@@ -273,8 +276,11 @@ class LlamaForCausalLM(nn.Module):
         if m != 1.0:
             with torch.no_grad():
                 for layer in self.model.layers:
-                    down = (layer.mlp.experts.down_proj,) if layer.sparse else (layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
-                    for param in (layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, *down):
+                    params = [layer.mlp.experts.down_proj] if layer.sparse else []
+                    for proj in [layer.self_attn.o_proj] + ([] if layer.sparse else [layer.mlp.down_proj]):
+                        scale = weight_scale(proj)
+                        params += [proj.weight if scale is None else scale, proj.bias]
+                    for param in params:
                         if param is not None:
                             param.mul_(m)
 

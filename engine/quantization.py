@@ -1,0 +1,99 @@
+"""Which weight quantization a model runs with: a checkpoint's ``quantization_config``, or vLLM's
+``--quantization`` on an unquantized checkpoint (quantized as it loads).
+
+One scheme is served, FP8 (E4M3) W8A8 (``baton.kernels.fp8``): every linear layer of the decoder
+layers holds its weight in E4M3 with an fp32 scale per output channel, and quantizes its input
+per token as it comes. The embeddings, the LM head, MoE routers and experts stay in the model's
+dtype. Checkpoints read:
+
+* ``quant_method: fp8`` (vLLM's and AutoFP8's) with ``activation_scheme: dynamic``: a scale per
+  tensor (``<proj>.weight_scale``), spread over its output channels;
+* ``quant_method: compressed-tensors`` (LLM Compressor's FP8 "dynamic" schemes): 8-bit float
+  weights scaled per tensor or per channel, inputs per token, dynamically.
+
+vLLM scales a ``fp8`` checkpoint's dynamic activations per tensor; here they are always scaled per
+token (finer, and the one form of the kernels). Refused, by name: static activation scales, block-wise
+weight scales (DeepSeek's and Qwen's FP8 releases), integer or 4-bit schemes, quantized KV-cache
+scales, and layers left unquantized other than the LM head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QUANTIZATION_METHODS = ("fp8",)
+_LM_HEAD = ("lm_head", "re:.*lm_head", "re:.*lm_head$")
+
+
+def checkpoint_quantization(cfg: dict[str, Any]) -> str | None:
+    """The scheme of a ``config.json``'s ``quantization_config`` ("fp8"), None without one;
+    ValueError naming what is not served."""
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise ValueError(f"quantization_config must be an object, got {qc!r}")
+    method = qc.get("quant_method")
+    if method == "fp8":
+        _check_fp8(qc)
+    elif method == "compressed-tensors":
+        _check_compressed_tensors(qc)
+    else:
+        raise ValueError(f"quantization method {method!r} is not supported; supported: fp8 (dynamic activation "
+                         "scales) and compressed-tensors FP8 with dynamic per-token activations")
+    return "fp8"
+
+
+def _check_unquantized(layers: Any, field: str) -> None:
+    if any(name not in _LM_HEAD for name in layers or ()):
+        raise ValueError(f"quantization_config {field} {layers!r}: only the LM head may be left unquantized")
+
+
+def _check_fp8(qc: dict[str, Any]) -> None:
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise ValueError(f"fp8 activation_scheme {qc['activation_scheme']!r} is not supported: only dynamic "
+                         "activation scales (computed per token as the model runs)")
+    if qc.get("weight_block_size") is not None:
+        raise ValueError(f"fp8 weight_block_size {qc['weight_block_size']} is not supported: weight scales per "
+                         "tensor only (block-wise FP8 checkpoints are not served)")
+    for field in ("ignored_layers", "modules_to_not_convert"):
+        _check_unquantized(qc.get(field), field)
+
+
+def _check_compressed_tensors(qc: dict[str, Any]) -> None:
+    if qc.get("format") not in ("float-quantized", "naive-quantized"):
+        raise ValueError(f"compressed-tensors format {qc.get('format')!r} is not supported: FP8 "
+                         "(float-quantized) only")
+    if qc.get("kv_cache_scheme") is not None:
+        raise ValueError("compressed-tensors kv_cache_scheme is not supported: the KV cache is not scaled "
+                         "(--kv-cache-dtype fp8 stores it unscaled)")
+    _check_unquantized(qc.get("ignore"), "ignore")
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ValueError(f"compressed-tensors needs one config group for every Linear layer, got {len(groups)}")
+    group = next(iter(groups.values()))
+    if group.get("targets") != ["Linear"]:
+        raise ValueError(f"compressed-tensors targets {group.get('targets')!r}: only ['Linear'] is supported")
+    weights, inputs = group.get("weights") or {}, group.get("input_activations")
+    if not (weights.get("type") == "float" and weights.get("num_bits") == 8
+            and weights.get("strategy") in ("tensor", "channel") and not weights.get("dynamic")
+            and weights.get("symmetric", True)):
+        raise ValueError(f"compressed-tensors weights {weights!r}: only 8-bit float weights, symmetric, scaled per "
+                         "tensor or per channel, are supported")
+    if not (isinstance(inputs, dict) and inputs.get("type") == "float" and inputs.get("num_bits") == 8
+            and inputs.get("dynamic") is True and inputs.get("strategy") == "token"):
+        raise ValueError(f"compressed-tensors input_activations {inputs!r}: only 8-bit float inputs scaled per "
+                         "token, dynamically, are supported (weight-only and static schemes are not)")
+
+
+def resolve_quantization(requested: str | None, checkpoint: str | None, moe: bool) -> str | None:
+    """The scheme a model runs with: the checkpoint's, or ``requested`` (``--quantization``) on an
+    unquantized one; ValueError where they disagree or the model cannot take it."""
+    if requested is not None and requested not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization {requested!r} is not supported; supported: {', '.join(QUANTIZATION_METHODS)}")
+    if requested is not None and checkpoint is not None and requested != checkpoint:
+        raise ValueError(f"quantization {requested!r} asked of a checkpoint quantized as {checkpoint!r}")
+    scheme = checkpoint or requested
+    if scheme is not None and moe:
+        raise ValueError(f"{scheme} quantization of mixture-of-experts models is not supported")
+    return scheme

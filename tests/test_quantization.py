@@ -1,0 +1,174 @@
+"""FP8 (W8A8) models: which checkpoints and flags make them (``engine/quantization.py``), that an
+FP8 checkpoint computes what transformers computes with its weights dequantized and each linear
+layer's input rounded to E4M3 per token, and that ``--quantization fp8`` on an unquantized
+checkpoint is the checkpoint an FP8 tool would have written from it.
+
+The comparisons with transformers are exact to float32's last bits only while no input lands so near
+the midpoint of two E4M3 values that the two sides' float32 sums round it apart; the random
+checkpoints and prompts here are seeded (``random_checkpoint``), and none does on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from baton.engine.config import EngineConfig
+from baton.engine.model_runner import ModelRunner
+from baton.engine.quantization import checkpoint_quantization, resolve_quantization
+from test_model_parity import all_logits, random_checkpoint
+
+E4M3 = torch.float8_e4m3fn
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
+PER_TOKEN = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}
+
+
+def compressed_tensors(strategy: str = "channel", inputs: dict | None = PER_TOKEN, **extra) -> dict:
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "dynamic": False, "symmetric": True}
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": inputs}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+            "config_groups": {"group_0": group}, **extra}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("qc", [
+    {"quant_method": "fp8", "activation_scheme": "dynamic"},
+    {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]},
+    compressed_tensors("channel"),
+    compressed_tensors("tensor"),
+], ids=["fp8", "fp8-lm-head-ignored", "ct-channel", "ct-tensor"])
+def test_fp8_checkpoint_configs_are_read(qc: dict) -> None:
+    assert checkpoint_quantization({"quantization_config": qc}) == "fp8"
+    assert checkpoint_quantization({}) is None
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("qc,says", [
+    ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme 'static'"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "weight_block_size [128, 128]"),
+    ({"quant_method": "fp8", "ignored_layers": ["model.layers.0.mlp.down_proj"]}, "only the LM head"),
+    ({"quant_method": "awq", "bits": 4}, "quantization method 'awq'"),
+    (compressed_tensors(inputs=None), "weight-only"),
+    (compressed_tensors(inputs={**PER_TOKEN, "dynamic": False, "strategy": "tensor"}), "input_activations"),
+    (compressed_tensors(kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
+    ({**compressed_tensors(), "format": "pack-quantized"}, "format 'pack-quantized'"),
+    (compressed_tensors("group"), "scaled per tensor or per channel"),
+], ids=["static", "block-wise", "ignored-layer", "awq", "weight-only", "static-inputs", "kv-scales", "int4", "groups"])
+def test_unserved_quantization_configs_are_refused_by_name(qc: dict, says: str) -> None:
+    with pytest.raises(ValueError, match=f".*{says.replace('[', '.').replace(']', '.')}"):
+        checkpoint_quantization({"quantization_config": qc})
+
+
+@pytest.mark.unit
+def test_the_flag_and_the_checkpoint_must_agree() -> None:
+    assert resolve_quantization(None, None, moe=False) is None
+    assert resolve_quantization("fp8", None, moe=False) == "fp8"
+    assert resolve_quantization(None, "fp8", moe=False) == "fp8"
+    assert resolve_quantization("fp8", "fp8", moe=False) == "fp8"
+    with pytest.raises(ValueError, match="quantization 'int8' is not supported"):
+        resolve_quantization("int8", None, moe=False)
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        resolve_quantization("fp8", None, moe=True)
+    with pytest.raises(ValueError, match="quantization must be one of fp8"):
+        EngineConfig(quantization="int8")
+
+
+def quantize(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an FP8 tool writes for ``w``: E4M3 values and their scale (``[rows, 1]`` per channel,
+    ``[]`` per tensor), the largest magnitude of each row (or of all) taken to 448."""
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
+    scale = amax.clamp(min=1e-12) / 448.0
+    return (w * (1.0 / scale)).clamp(-448, 448).to(E4M3), scale
+
+
+def write_fp8_checkpoint(src: Path, dst: Path, qc: dict, per_channel: bool) -> dict[str, torch.Tensor]:
+    """``src``'s checkpoint with its decoder layers' projections in E4M3 beside their scales, under
+    ``qc``; returns the dequantized weights by name."""
+    dst.mkdir()
+    tensors, dequantized = load_file(src / "model.safetensors"), {}
+    for name in [n for n in tensors if n.startswith("model.layers.") and n.endswith(".weight") and n.split(".")[-2] in PROJECTIONS]:
+        q, scale = quantize(tensors[name], per_channel)
+        tensors[name], tensors[name.removesuffix("weight") + "weight_scale"] = q, scale
+        dequantized[name] = q.float() * scale
+    save_file(tensors, dst / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+    return dequantized
+
+
+def fake_quantized_transformers(hf: nn.Module, dequantized: dict[str, torch.Tensor]) -> nn.Module:
+    """``hf`` with the dequantized weights, each of those layers rounding its input to E4M3 per token
+    first (scaled by the largest magnitude of each token's row): W8A8's arithmetic in float32."""
+    def round_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        x = args[0]
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0
+        return ((x * (1.0 / scale)).clamp(-448, 448).to(E4M3).float() * scale,)
+
+    with torch.no_grad():
+        for name, weight in dequantized.items():
+            module = hf.get_submodule(name.removesuffix(".weight"))
+            module.weight.copy_(weight)
+            module.register_forward_pre_hook(round_input)
+    return hf
+
+
+# Biases on every projection (4 KV heads); Qwen3's q/k norms; Phi-3's fused q/k/v and gate/up in the
+# checkpoint (one scale per fused tensor); Granite's residual multiplier folded into the scales.
+ARCHITECTURES = ["llama-linear-rope-bias", "qwen3", "phi3", "granite-bias-untied"]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("qc,per_channel", [
+    (compressed_tensors("channel"), True), ({"quant_method": "fp8", "activation_scheme": "dynamic"}, False),
+], ids=["compressed-tensors-channel", "fp8-tensor"])
+def test_fp8_checkpoint_logits_match_transformers_rounding_each_input(name: str, qc: dict, per_channel: bool,
+                                                                        tmp_path: Path) -> None:
+    hf = random_checkpoint(name, tmp_path / "float")
+    dequantized = write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", qc, per_channel)
+    reference = fake_quantized_transformers(hf, dequantized)
+    tokens = torch.randint(0, hf.config.vocab_size, (23,)).tolist()
+    runner = ModelRunner(str(tmp_path / "fp8"), EngineConfig(block_size=4, num_blocks=32))
+    assert runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == E4M3
+    ours = all_logits(runner, tokens[:19], tokens[19:])
+    with torch.inference_mode():
+        ref = reference(torch.tensor([tokens])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["qwen3", "phi3"])
+def test_quantizing_as_it_loads_is_the_per_channel_checkpoint(name: str, tmp_path: Path) -> None:
+    """``--quantization fp8`` on an unquantized checkpoint computes exactly what the per-channel FP8
+    checkpoint an FP8 tool writes from it computes."""
+    random_checkpoint(name, tmp_path / "float")
+    write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", compressed_tensors("channel"), per_channel=True)
+    tokens = torch.randint(0, 128, (23,)).tolist()
+    engine = EngineConfig(block_size=4, num_blocks=32)
+    online = ModelRunner(str(tmp_path / "float"), EngineConfig(block_size=4, num_blocks=32, quantization="fp8"))
+    assert torch.equal(all_logits(online, tokens[:19], tokens[19:]),
+                       all_logits(ModelRunner(str(tmp_path / "fp8"), engine), tokens[:19], tokens[19:]))
+    unquantized = all_logits(ModelRunner(str(tmp_path / "float"), engine), tokens[:19], tokens[19:])
+    assert not torch.equal(all_logits(online, tokens[:19], tokens[19:]), unquantized)
+
+
+def test_a_missing_or_misshapen_scale_is_named(tmp_path: Path) -> None:
+    random_checkpoint("qwen3", tmp_path / "float")
+    write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", compressed_tensors("channel"), per_channel=True)
+    tensors = load_file(tmp_path / "fp8" / "model.safetensors")
+    engine = EngineConfig(block_size=4, num_blocks=32)
+    scale = "model.layers.1.self_attn.k_proj.weight_scale"
+    save_file({n: t for n, t in tensors.items() if n != scale}, tmp_path / "fp8" / "model.safetensors")
+    with pytest.raises(ValueError, match=f"tensors missing from checkpoint .*{scale}"):
+        ModelRunner(str(tmp_path / "fp8"), engine)
+    save_file({**tensors, scale: tensors[scale][:3]}, tmp_path / "fp8" / "model.safetensors")
+    with pytest.raises(ValueError, match="a weight scale of shape \\(3, 1\\) is neither one per tensor"):
+        ModelRunner(str(tmp_path / "fp8"), engine)
+
+
+def test_moe_models_refuse_fp8(tmp_path: Path) -> None:
+    random_checkpoint("mixtral", tmp_path)
+    with pytest.raises(ValueError, match="fp8 quantization of mixture-of-experts models is not supported"):
+        ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32, quantization="fp8"))
