@@ -41,7 +41,7 @@ otherwise time the host's launch) or ``triton.testing.do_bench`` (eager decode
 beside it, SDPA, the whole sampler, the copy); inputs rotate over several sets
 so that the L2 cache does not flatter small cases.
 
-    python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --lora-only | --prefill-sweep |
+    python3 bench/bench_kernels.py [--quick] [--decode-sweep | --linear-only | --fp8-linear | --lora-only | --prefill-sweep |
                                             --gemma2 | --moe | --kv-cache-dtype auto|fp8|fp8_e5m2]
 """
 
@@ -65,7 +65,7 @@ from baton.engine.config import KV_CACHE_DTYPE_NAMES
 from baton.engine.sampler import Sampler
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
-from baton.kernels import activation, kv_cache, linear, logits, lora, moe, norm, pdl, rotary, sampling
+from baton.kernels import activation, fp8, kv_cache, linear, logits, lora, moe, norm, pdl, rotary, sampling
 from baton.kernels.attention import ref_paged_attention, ref_paged_decode_attention
 from baton.kernels.attention_decode import DEFAULT_CONFIGS, DecodeConfig, launch_paged_decode_attention
 from baton.kernels.attention_decode import default_config as default_decode_config
@@ -414,6 +414,42 @@ def linear_rows(copy_gbs: float) -> list[str]:
     return rows
 
 
+FP8_GEMV_CONFIGS = (linear.FP8_CONFIG, linear.LinearConfig(block_n=2), linear.LinearConfig(block_n=8),
+                    linear.LinearConfig(block_n=4, block_k=1024), linear.LinearConfig(block_n=4, num_warps=8))
+
+
+def fp8_linear_rows(copy_gbs: float) -> list[str]:
+    """FP8 W8A8 linear layers (``kernels/fp8.py``), bf16 activations, CUDA-graph replays: the GEMV's
+    FP8 mode at decode rows over ``FP8_GEMV_CONFIGS`` (the first the default) against the bf16 GEMV
+    (bytes: the E4M3 weight, x and the output), and at prefill rows the row quantization plus
+    cuBLAS's FP8 GEMM against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K)."""
+    rows = []
+    for model, proj, n, k in LINEAR_SHAPES[:-1]:
+        count = max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * k)))
+        bf16 = [torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.05 for _ in range(count)]
+        quantized = [fp8.ref_quantize_rows(w) for w in bf16]
+        for m in (1, 2):
+            xs = [torch.randn(m, k, dtype=DTYPE, device="cuda") for _ in bf16]
+            bf16_ms = median_ms([lambda x=x, w=w: linear.linear(x, w) for x, w in zip(xs, bf16)], graph=True)
+            times = [median_ms([lambda x=x, q=q, c=c: linear.launch_linear(x, q[0], None, c, weight_scale=q[1])
+                                for x, q in zip(xs, quantized)], graph=True) for c in FP8_GEMV_CONFIGS]
+            gbs = (n * k + (m * k + m * n) * 2) / times[0] / 1e6
+            sweep = ", ".join(f"n{c.block_n} k{c.block_k} w{c.num_warps} {t * 1e3:.1f}" for c, t in zip(FP8_GEMV_CONFIGS, times))
+            rows.append(f"| fp8 linear (GEMV) | {model} {proj} N={n} K={k}, M={m} | {times[0] * 1e3:.1f} us (bf16 GEMV "
+                        f"{bf16_ms * 1e3:.1f} us; configs: {sweep}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+        for m in (512, 4096):
+            x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+            ms = median_ms([lambda q=q: fp8.scaled_mm_fp8_linear(x, q[0], q[1]) for q in quantized[:2]], graph=True)
+            bf16_ms = median_ms([lambda w=w: linear.ref_linear(x, w) for w in bf16[:2]], graph=True)
+            quant_ms = median_ms([lambda: fp8.quantize_rows(x)], graph=True)
+            tflops = 2 * m * n * k / ms / 1e9
+            rows.append(f"| fp8 linear (quantize + cuBLAS) | {model} {proj} N={n} K={k}, M={m} | {ms * 1e3:.1f} us (of it "
+                        f"the quantization {quant_ms * 1e3:.1f} us; bf16 F.linear {bf16_ms * 1e3:.1f} us) | "
+                        f"{tflops:.0f} TFLOP/s | {bf16_ms / ms:.2f}x bf16 |")
+        del bf16, quantized
+    return rows
+
+
 def lora_rows() -> list[str]:
     """Grouped LoRA (``lora_shrink`` then ``lora_expand_add``) against the masked torch path it
     replaced (every token times every loaded adapter's ranks, a one-hot mask, then the expand:
@@ -488,6 +524,7 @@ def main() -> None:
     parser.add_argument("--decode-sweep", action="store_true", help="only the decode attention candidates")
     parser.add_argument("--linear-only", action="store_true", help="only the linear (GEMV) rows")
     parser.add_argument("--lora-only", action="store_true", help="only the grouped LoRA rows")
+    parser.add_argument("--fp8-linear", action="store_true", help="only the FP8 linear rows (GEMV configs, quantize + cuBLAS)")
     parser.add_argument("--prefill-sweep", action="store_true", help="only the prefill attention candidates")
     parser.add_argument("--gemma2", action="store_true", help="only attention at Gemma-2-2B's heads, with its cap and window")
     parser.add_argument("--moe", action="store_true", help="only the fused mixture-of-experts rows (Mixtral-8x7B, Qwen3-30B-A3B)")
@@ -518,7 +555,10 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     copy_gbs = copy_bandwidth()
     emit(f"| device copy | 1 GiB D2D, read + write | | {copy_gbs:.0f} GB/s | 100% |")
-    if args.linear_only or args.lora_only or args.moe:
+    if args.fp8_linear:
+        for row in fp8_linear_rows(copy_gbs):
+            emit(row)
+    elif args.linear_only or args.lora_only or args.moe:
         for row in linear_rows(copy_gbs) if args.linear_only else lora_rows() if args.lora_only else moe_rows(copy_gbs):
             emit(row)
     elif args.prefill_sweep:

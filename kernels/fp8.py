@@ -39,9 +39,9 @@ def quantize_value(x, inv_scale):
 
 @triton.jit
 def row_scale(amax):
-    """The scale of a row whose largest magnitude is ``amax``, and its reciprocal (both IEEE, as
-    torch divides)."""
-    scale = tl.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    """The scale of a row whose largest magnitude is ``amax`` (times the float32 of 1/448, as the
+    reference multiplies: torch on CUDA divides by a scalar so), and its reciprocal (IEEE)."""
+    scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
     return scale, tl.div_rn(1.0, scale)
 
 
@@ -81,9 +81,9 @@ def quantize_rows(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, t
 
 def ref_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[M, K]`` -> ``(E4M3 [M, K], fp32 scales [M])``: each row times the reciprocal of its
-    scale (its largest magnitude / 448), saturated and rounded to nearest even."""
+    scale (its largest magnitude times the float32 of 1/448), saturated and rounded to nearest even."""
     xf = x.float()
-    scale = xf.abs().amax(dim=1).clamp(min=MIN_SCALE_AMAX) / FP8_MAX
+    scale = xf.abs().amax(dim=1).clamp(min=MIN_SCALE_AMAX) * (1.0 / FP8_MAX)
     return (xf * (1.0 / scale)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 

@@ -67,9 +67,9 @@ def qkv_rotary_store_kv(
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused q/k/v projection, then ``rotary_store_kv``: one launch where ``linear`` takes the
-    GEMV (of an unquantized weight), else the two ops. Returns the rotated query ``[tokens, heads, head_dim]``."""
-    if weight_scale is None and _gemv_rows(x):
-        return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping)
+    GEMV, else the two ops. Returns the rotated query ``[tokens, heads, head_dim]``."""
+    if _gemv_rows(x):
+        return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, weight_scale)
     q, k, v = rotary.split_qkv(linear(x, weight, bias, weight_scale), kv_cache.shape[3], kv_cache.shape[4])
     return rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
 

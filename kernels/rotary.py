@@ -15,6 +15,7 @@ import triton.language as tl
 from baton.kernels import pdl
 from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, check_store_kv_args, ref_store_kv
+from baton.kernels.fp8 import ref_fp8_linear
 from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear
 
 
@@ -120,11 +121,11 @@ def _rotary_store_kv_kernel(
 
 @triton.jit
 def _qkv_rotary_store_kv_kernel(
-    x_ptr, w_ptr, b_ptr, pos_ptr, cos_sin_ptr, slot_ptr, q_out_ptr, cache_ptr,
+    x_ptr, w_ptr, w_scale_ptr, b_ptr, pos_ptr, cos_sin_ptr, slot_ptr, q_out_ptr, cache_ptr,
     K, stride_xm, stride_wn, stride_qo_tok, stride_cos_sin, stride_c_block, stride_c_kv, stride_c_tok,
     M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, FP8: tl.constexpr,
 ):
     # Each program computes two output columns of one head of the fused weight (q heads, then
     # k, then v): a pair that rotates together (j, j + HALF), or two neighbours that pass
@@ -143,7 +144,9 @@ def _qkv_rotary_store_kv_kernel(
     sin = tl.load(cos_sin + HALF, mask=row_ok, other=0.0).to(tl.float32)
     cols = head * HEAD_DIM + offs
     acc = _gemv_columns(x_ptr, w_ptr, cols, cols >= 0, K, stride_xm, stride_wn, M, M_PAD, None, BLOCK_K, EVEN_K, PDL,
-                        False)
+                        FP8)
+    if FP8:
+        acc *= tl.load(w_scale_ptr + cols)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     # The projection's output as the unfused path stores it, then rotated as _rotate_heads does.
@@ -262,12 +265,14 @@ def qkv_rotary_store_kv(
     cos_sin_cache: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``rotary_store_kv`` of ``linear(x, weight, bias)`` split into q, k and v, in one launch: ``x``
-    ``[M, hidden]`` (M <= ``linear.MAX_GEMV_ROWS``), ``weight`` ``[(heads + 2 * kv_heads) * head_dim,
-    hidden]``; writes the rotated keys and the values into ``kv_cache`` at ``slot_mapping`` ``[M]``
-    (a negative slot is skipped) and returns the rotated query ``[M, heads, head_dim]``."""
-    _check_linear_args(x, weight, bias, gated=False)
+    """``rotary_store_kv`` of ``linear(x, weight, bias, weight_scale)`` split into q, k and v, in one
+    launch: ``x`` ``[M, hidden]`` (M <= ``linear.MAX_GEMV_ROWS``), ``weight`` ``[(heads + 2 * kv_heads)
+    * head_dim, hidden]`` (E4M3 with ``weight_scale``: ``kernels/fp8.py``); writes the rotated keys and
+    the values into ``kv_cache`` at ``slot_mapping`` ``[M]`` (a negative slot is skipped) and returns
+    the rotated query ``[M, heads, head_dim]``."""
+    _check_linear_args(x, weight, bias, gated=False, weight_scale=weight_scale)
     heads, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
     consts = _check_cos_sin(positions, x.shape[0], cos_sin_cache, head_dim, x)
     check_device("kv_cache", kv_cache, x)
@@ -277,12 +282,13 @@ def qkv_rotary_store_kv(
     if m == 0:
         return q_out
     _qkv_rotary_store_kv_kernel[((heads + 2 * kv_heads) * head_dim // 2,)](
-        x, weight, weight if bias is None else bias, positions, cos_sin_cache, slot_mapping, q_out, kv_cache,
+        x, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias, positions,
+        cos_sin_cache, slot_mapping, q_out, kv_cache,
         k, x.stride(0), weight.stride(0), q_out.stride(0), cos_sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, NUM_Q_HEADS=heads, NUM_KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, HALF=consts["HALF"], BLOCK_SIZE=kv_cache.shape[2], BLOCK_K=DEFAULT_CONFIG.block_k,
-        EVEN_K=k % DEFAULT_CONFIG.block_k == 0,
+        EVEN_K=k % DEFAULT_CONFIG.block_k == 0, FP8=weight_scale is not None,
         num_warps=DEFAULT_CONFIG.num_warps, num_stages=DEFAULT_CONFIG.num_stages, **pdl.launch_options(x),
     )
     return q_out
@@ -344,9 +350,12 @@ def ref_qkv_rotary_store_kv(
     cos_sin_cache: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``ref_rotary_store_kv`` of ``ref_linear(x, weight, bias)`` split into q, k and v: writes the
-    rotated keys and the values into ``kv_cache`` at ``slot_mapping`` and returns the rotated query."""
+    """``ref_rotary_store_kv`` of ``ref_linear(x, weight, bias)`` (``ref_fp8_linear`` with
+    ``weight_scale``) split into q, k and v: writes the rotated keys and the values into ``kv_cache``
+    at ``slot_mapping`` and returns the rotated query."""
     _, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
-    q, k, v = split_qkv(ref_linear(x, weight, bias), kv_heads, head_dim)
+    qkv = ref_linear(x, weight, bias) if weight_scale is None else ref_fp8_linear(x, weight, weight_scale, bias)
+    q, k, v = split_qkv(qkv, kv_heads, head_dim)
     return ref_rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)

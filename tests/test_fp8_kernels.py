@@ -21,9 +21,9 @@ import torch
 
 import kernel_cases
 from kernel_cases import hopper_ptx, interpreted_checks_passed, run_cases
-from test_kernels import _assert_close, _poison_allocator, needs_cuda, spread_gates
+from test_kernels import _assert_close, _assert_written_rows, _poison_allocator, needs_cuda, rotary_write_case, spread_gates
 
-from baton.kernels import fp8, ops
+from baton.kernels import fp8, ops, rotary
 from baton.kernels.activation import ref_act_and_mul
 from baton.kernels.linear import MAX_GEMV_ROWS, LinearConfig, launch_linear
 
@@ -83,6 +83,21 @@ def check_gemv(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_bia
     _assert_close(got, want, dtype)
 
 
+def check_qkv_rotary_store_kv(device: str, dtype: torch.dtype, rows: int, heads: int, kv_heads: int, head_dim: int,
+                              rotary_dim: int, hidden: int, with_bias: bool) -> None:
+    """The FP8 q/k/v projection, rotation and cache write in one launch against the reference."""
+    w, w_scale = fp8_weight((heads + 2 * kv_heads) * head_dim, hidden, device)
+    b = torch.randn(w.shape[0], dtype=dtype, device=device) if with_bias else None
+    x = inputs(rows, hidden, dtype, device)
+    pos, cos_sin, cache, slots = rotary_write_case(rows, kv_heads, head_dim, rotary_dim, dtype, torch.int64, device)
+    want = cache.clone()
+    want_q = rotary.ref_qkv_rotary_store_kv(x, w, b, pos, cos_sin, want, slots, w_scale)
+    _poison_allocator(device, want_q.numel() * want_q.element_size())
+    got_q = rotary.qkv_rotary_store_kv(x, w, b, pos, cos_sin, cache, slots, w_scale)
+    _assert_close(got_q, want_q, dtype)
+    _assert_written_rows(cache, want, slots, dtype, slice(None))
+
+
 def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     for m, k, block_k in [(1, 300, 64), (5, 1024, 256), (3, 17, 1024)]:
         yield f"quantize rows {m}x{k}", lambda m=m, k=k, b=block_k: check_quantize_rows(device, dtype, m, k, b)
@@ -90,6 +105,8 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
         yield f"fp8 gemv {m} rows", lambda m=m: check_gemv(device, dtype, m, 45, 300, m % 2 == 1, SMALL_TILES)
     yield "fp8 gemv even K", lambda: check_gemv(device, dtype, 2, 16, 256, False, SMALL_TILES)
     yield "fp8 gemv default tiles", lambda: check_gemv(device, dtype, 2, 37, 300, True, LinearConfig())
+    yield "fp8 qkv_rotary_store_kv 1 row bias", lambda: check_qkv_rotary_store_kv(device, dtype, 1, 4, 2, 32, 32, 100, True)
+    yield "fp8 qkv_rotary_store_kv 3 rows partial rotary", lambda: check_qkv_rotary_store_kv(device, dtype, 3, 6, 2, 32, 16, 300, False)
     if device != "cpu":
         yield "fp8 gated gemv", lambda: check_gemv(device, dtype, 2, 37, 300, True, SMALL_TILES, gated=True)
 
@@ -140,15 +157,21 @@ def test_bad_arguments_are_refused() -> None:
 
 
 @pytest.mark.unit
-def test_fp8_gemv_rounds_with_hopper_conversions() -> None:
-    """On an H100 the FP8 GEMV rounds x to E4M3 in hardware (saturating, to nearest even) and widens
-    the weights back; the row quantization rounds the same way."""
+def test_fp8_gemvs_round_with_hopper_conversions() -> None:
+    """On an H100 the FP8 GEMV (and the fused q/k/v one) rounds x to E4M3 in hardware (saturating,
+    to nearest even) and widens the weights back; the row quantization rounds the same way."""
     pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16"}
     constants = dict(M=1, M_PAD=1, HAS_BIAS=False, ACTIVATION=None, BLOCK_N=2, BLOCK_K=2048, EVEN_K=True, PDL=True,
                      FP8=True)
     ptx = hopper_ptx("baton.kernels.linear:_linear_kernel", pointers, constants)
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "cvt.rn.f16x2.e4m3x2" in ptx
+    qkv = dict(M=1, M_PAD=1, HAS_BIAS=False, NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_SIZE=16,
+               BLOCK_K=2048, EVEN_K=True, PDL=True, FP8=True)
+    fused = hopper_ptx("baton.kernels.rotary:_qkv_rotary_store_kv_kernel",
+                       {**pointers, "pos_ptr": "*i64", "cos_sin_ptr": "*bf16", "slot_ptr": "*i64", "q_out_ptr": "*bf16",
+                        "cache_ptr": "*bf16"}, qkv)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in fused and "griddepcontrol.wait" in fused
     rows = hopper_ptx("baton.kernels.fp8:_quantize_rows_kernel", {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
                       dict(BLOCK_K=1024))
     assert "cvt.rn.satfinite.e4m3x2.f32" in rows

@@ -81,7 +81,7 @@ def quantize(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Te
     """What an FP8 tool writes for ``w``: E4M3 values and their scale (``[rows, 1]`` per channel,
     ``[]`` per tensor), the largest magnitude of each row (or of all) taken to 448."""
     amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
-    scale = amax.clamp(min=1e-12) / 448.0
+    scale = amax.clamp(min=1e-12) * (1.0 / 448.0)
     return (w * (1.0 / scale)).clamp(-448, 448).to(E4M3), scale
 
 
@@ -105,7 +105,7 @@ def fake_quantized_transformers(hf: nn.Module, dequantized: dict[str, torch.Tens
     first (scaled by the largest magnitude of each token's row): W8A8's arithmetic in float32."""
     def round_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
         x = args[0]
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * (1.0 / 448.0)
         return ((x * (1.0 / scale)).clamp(-448, 448).to(E4M3).float() * scale,)
 
     with torch.no_grad():
