@@ -68,6 +68,15 @@ class ModelOutput:
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _require_fp8_device(device: torch.device, what: str) -> None:
+    """ValueError naming ``what`` where ``device`` is a GPU without 8-bit float arithmetic (compute
+    capability below 8.9: before Ada and Hopper); the CPU takes the references."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"{what} need a GPU of compute capability 8.9 or later (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} has "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}")
+
+
 class ModelRunner:
     """Loads ``model`` (a directory or hub id) per ``config`` and executes scheduled steps."""
 
@@ -95,10 +104,10 @@ class ModelRunner:
         self.device = torch.device(config.device)
         kv_name = KV_CACHE_DTYPE_NAMES[config.kv_cache_dtype]
         self.kv_dtype: torch.dtype = KV_DTYPES[kv_name] if kv_name else self.dtype
-        if kv_name and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
-            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r}: 8-bit float KV caches need a GPU of compute "
-                             f"capability 8.9 or later (Ada, Hopper); {torch.cuda.get_device_name(self.device)} has "
-                             f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}")
+        if kv_name:
+            _require_fp8_device(self.device, f"kv_cache_dtype {config.kv_cache_dtype!r}: 8-bit float KV caches")
+        if mc.quantization:
+            _require_fp8_device(self.device, f"{mc.quantization} quantization: E4M3 weights")
         self.block_size = config.block_size
         self.model = build_model(self.model_dir, mc, self.dtype, self.device)
         local = build_cos_sin_cache(mc.local_rope, mc.rotary_dim, self.max_model_len, self.device) if mc.local_rope else None

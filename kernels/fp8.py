@@ -11,9 +11,9 @@ at load).
 On CUDA, a decode step's few rows (``linear.MAX_DISPATCH_ROWS``) take the Triton GEMV, which
 quantizes them in its own launch (``linear.launch_linear``) and so reads half a bf16 weight's
 bytes; more rows are quantized by ``quantize_rows``' kernel and multiplied by cuBLAS's FP8 GEMM
-(``torch._scaled_mm``, row-wise scales) on GPUs with FP8 tensor cores (compute capability 8.9+).
-Elsewhere, and for shapes cuBLAS does not take (dims not multiples of 16), the torch reference
-runs.
+(``torch._scaled_mm``, row-wise scales). Both need a GPU with 8-bit float arithmetic (compute
+capability 8.9+: the engine refuses FP8 weights on older ones). On the CPU, for activations other
+than bf16 and for shapes cuBLAS does not take (dims not multiples of 16), the torch reference runs.
 """
 
 from __future__ import annotations

@@ -172,3 +172,19 @@ def test_moe_models_refuse_fp8(tmp_path: Path) -> None:
     random_checkpoint("mixtral", tmp_path)
     with pytest.raises(ValueError, match="fp8 quantization of mixture-of-experts models is not supported"):
         ModelRunner(str(tmp_path), EngineConfig(block_size=4, num_blocks=32, quantization="fp8"))
+
+
+@pytest.mark.unit
+def test_gpus_without_8_bit_float_arithmetic_refuse_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before compute capability 8.9 (an A100's 8.0) neither the GEMV's E4M3 conversions nor cuBLAS's FP8
+    GEMM exist: the runner says so by name instead of failing in a kernel's compile."""
+    from baton.engine import model_runner
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match="fp8 quantization: E4M3 weights need a GPU of compute capability 8.9 or later "
+                                         "\\(Ada, Hopper\\); NVIDIA A100-SXM4-80GB has 8.0"):
+        model_runner._require_fp8_device(torch.device("cuda"), "fp8 quantization: E4M3 weights")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    model_runner._require_fp8_device(torch.device("cuda"), "fp8 quantization: E4M3 weights")
+    model_runner._require_fp8_device(torch.device("cpu"), "fp8 quantization: E4M3 weights")
