@@ -12,8 +12,8 @@ transformers 5's names) fills all at once. An image-text checkpoint served as it
 names that model's tensors under a prefix and holds others (``ModelConfig.weights_prefix``,
 ``skipped_weights``). Every other tensor must be used and every parameter filled; otherwise the
 error names the offending tensors. An FP8 model's linear layers (``engine/models/quantized.py``)
-take an FP8 checkpoint's E4M3 weights and their ``weight_scale`` tensors, or quantize an
-unquantized checkpoint's weights as they load.
+take an FP8 checkpoint's E4M3 weights and their ``weight_scale`` tensors (its static
+``input_scale`` tensors are read past), or quantize an unquantized checkpoint's weights as they load.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from baton.kernels.fp8 import FP8_DTYPE
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
+_STATIC_INPUT_SCALE = ".input_scale"            # an FP8 checkpoint's calibrated input scale, read past
 _MAX_NAMES_IN_ERROR = 10
 _FUSED_NAMES = frozenset(fused for fused, _ in STACKED_PARAMS.values())
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
@@ -109,12 +110,15 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
     config = getattr(model, "config", None)
     tied = bool(config and config.tie_word_embeddings)
     prefix, skipped = (config.weights_prefix, config.skipped_weights) if config else ("", ())
+    quantized = bool(config and config.quantization)
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = key.removeprefix(prefix)
                 if key.startswith(skipped) or name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
+                if quantized and name.endswith(_STATIC_INPUT_SCALE):
+                    continue   # inputs are scaled per token as they come (engine/quantization.py)
                 target, shard = _engine_name(name)
                 if target not in params and f"model.{target}" in params:
                     target = f"model.{target}"           # a base model's checkpoint names no "model." prefix

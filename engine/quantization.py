@@ -6,15 +6,19 @@ layers holds its weight in E4M3 with an fp32 scale per output channel, and quant
 per token as it comes. The embeddings, the LM head, MoE routers and experts stay in the model's
 dtype. Checkpoints read:
 
-* ``quant_method: fp8`` (vLLM's and AutoFP8's) with ``activation_scheme: dynamic``: a scale per
-  tensor (``<proj>.weight_scale``), spread over its output channels;
-* ``quant_method: compressed-tensors`` (LLM Compressor's FP8 "dynamic" schemes): 8-bit float
-  weights scaled per tensor or per channel, inputs per token, dynamically.
+* ``quant_method: fp8`` (vLLM's and AutoFP8's): a scale per tensor (``<proj>.weight_scale``),
+  spread over its output channels;
+* ``quant_method: compressed-tensors`` (LLM Compressor's FP8 schemes): 8-bit float weights scaled
+  per tensor or per channel.
 
-vLLM scales a ``fp8`` checkpoint's dynamic activations per tensor; here they are always scaled per
-token (finer, and the one form of the kernels). Refused, by name: static activation scales, block-wise
-weight scales (DeepSeek's and Qwen's FP8 releases), integer or 4-bit schemes, quantized KV-cache
-scales, and layers left unquantized other than the LM head.
+Inputs are always scaled per token, as they come: a checkpoint's static input scales (``fp8``'s
+``activation_scheme: static``, compressed-tensors' per-tensor ``input_activations``; the
+``<proj>.input_scale`` tensors) are read past, not used. vLLM uses those, and scales a ``fp8``
+checkpoint's dynamic inputs per tensor; per token is finer (no input clips at a calibrated bound)
+and the one form of the kernels, so outputs sit a rounding closer to the unquantized model's than
+vLLM's, not equal to them. Refused, by name: block-wise weight scales (DeepSeek's and Qwen's FP8
+releases), integer or 4-bit schemes, weight-only schemes, quantized KV-cache scales, and layers
+left unquantized other than the LM head.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ def checkpoint_quantization(cfg: dict[str, Any]) -> str | None:
     elif method == "compressed-tensors":
         _check_compressed_tensors(qc)
     else:
-        raise ValueError(f"quantization method {method!r} is not supported; supported: fp8 (dynamic activation "
-                         "scales) and compressed-tensors FP8 with dynamic per-token activations")
+        raise ValueError(f"quantization method {method!r} is not supported; supported: fp8 and compressed-tensors "
+                         "FP8 (8-bit float weights and inputs)")
     return "fp8"
 
 
@@ -50,9 +54,8 @@ def _check_unquantized(layers: Any, field: str) -> None:
 
 
 def _check_fp8(qc: dict[str, Any]) -> None:
-    if qc.get("activation_scheme", "dynamic") != "dynamic":
-        raise ValueError(f"fp8 activation_scheme {qc['activation_scheme']!r} is not supported: only dynamic "
-                         "activation scales (computed per token as the model runs)")
+    if qc.get("activation_scheme", "dynamic") not in ("dynamic", "static"):
+        raise ValueError(f"fp8 activation_scheme {qc['activation_scheme']!r} is not supported: dynamic or static")
     if qc.get("weight_block_size") is not None:
         raise ValueError(f"fp8 weight_block_size {qc['weight_block_size']} is not supported: weight scales per "
                          "tensor only (block-wise FP8 checkpoints are not served)")
@@ -81,9 +84,9 @@ def _check_compressed_tensors(qc: dict[str, Any]) -> None:
         raise ValueError(f"compressed-tensors weights {weights!r}: only 8-bit float weights, symmetric, scaled per "
                          "tensor or per channel, are supported")
     if not (isinstance(inputs, dict) and inputs.get("type") == "float" and inputs.get("num_bits") == 8
-            and inputs.get("dynamic") is True and inputs.get("strategy") == "token"):
-        raise ValueError(f"compressed-tensors input_activations {inputs!r}: only 8-bit float inputs scaled per "
-                         "token, dynamically, are supported (weight-only and static schemes are not)")
+            and (inputs.get("strategy"), bool(inputs.get("dynamic"))) in (("token", True), ("tensor", False))):
+        raise ValueError(f"compressed-tensors input_activations {inputs!r}: only 8-bit float inputs, scaled per token "
+                         "as they come or per tensor by a static scale, are supported (weight-only schemes are not)")
 
 
 def resolve_quantization(requested: str | None, checkpoint: str | None, moe: bool) -> str | None:

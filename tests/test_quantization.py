@@ -34,13 +34,18 @@ def compressed_tensors(strategy: str = "channel", inputs: dict | None = PER_TOKE
             "config_groups": {"group_0": group}, **extra}
 
 
+STATIC_INPUTS = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("qc", [
     {"quant_method": "fp8", "activation_scheme": "dynamic"},
+    {"quant_method": "fp8", "activation_scheme": "static"},
     {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]},
     compressed_tensors("channel"),
     compressed_tensors("tensor"),
-], ids=["fp8", "fp8-lm-head-ignored", "ct-channel", "ct-tensor"])
+    compressed_tensors("tensor", STATIC_INPUTS),
+], ids=["fp8", "fp8-static", "fp8-lm-head-ignored", "ct-channel", "ct-tensor", "ct-static"])
 def test_fp8_checkpoint_configs_are_read(qc: dict) -> None:
     assert checkpoint_quantization({"quantization_config": qc}) == "fp8"
     assert checkpoint_quantization({}) is None
@@ -48,16 +53,17 @@ def test_fp8_checkpoint_configs_are_read(qc: dict) -> None:
 
 @pytest.mark.unit
 @pytest.mark.parametrize("qc,says", [
-    ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme 'static'"),
+    ({"quant_method": "fp8", "activation_scheme": "per-group"}, "activation_scheme 'per-group'"),
     ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "weight_block_size [128, 128]"),
     ({"quant_method": "fp8", "ignored_layers": ["model.layers.0.mlp.down_proj"]}, "only the LM head"),
     ({"quant_method": "awq", "bits": 4}, "quantization method 'awq'"),
     (compressed_tensors(inputs=None), "weight-only"),
-    (compressed_tensors(inputs={**PER_TOKEN, "dynamic": False, "strategy": "tensor"}), "input_activations"),
+    (compressed_tensors(inputs={**PER_TOKEN, "strategy": "tensor"}), "input_activations"),
     (compressed_tensors(kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
     ({**compressed_tensors(), "format": "pack-quantized"}, "format 'pack-quantized'"),
     (compressed_tensors("group"), "scaled per tensor or per channel"),
-], ids=["static", "block-wise", "ignored-layer", "awq", "weight-only", "static-inputs", "kv-scales", "int4", "groups"])
+], ids=["per-group-inputs", "block-wise", "ignored-layer", "awq", "weight-only", "dynamic-per-tensor-inputs", "kv-scales",
+        "int4", "groups"])
 def test_unserved_quantization_configs_are_refused_by_name(qc: dict, says: str) -> None:
     with pytest.raises(ValueError, match=f".*{says.replace('[', '.').replace(']', '.')}"):
         checkpoint_quantization({"quantization_config": qc})
@@ -85,14 +91,18 @@ def quantize(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Te
     return (w * (1.0 / scale)).clamp(-448, 448).to(E4M3), scale
 
 
-def write_fp8_checkpoint(src: Path, dst: Path, qc: dict, per_channel: bool) -> dict[str, torch.Tensor]:
-    """``src``'s checkpoint with its decoder layers' projections in E4M3 beside their scales, under
-    ``qc``; returns the dequantized weights by name."""
+def write_fp8_checkpoint(src: Path, dst: Path, qc: dict, per_channel: bool,
+                         input_scales: bool = False) -> dict[str, torch.Tensor]:
+    """``src``'s checkpoint with its decoder layers' projections in E4M3 beside their scales (and a
+    static input scale each, with ``input_scales``: calibrated too small, so inputs scaled by it would
+    clip), under ``qc``; returns the dequantized weights by name."""
     dst.mkdir()
     tensors, dequantized = load_file(src / "model.safetensors"), {}
     for name in [n for n in tensors if n.startswith("model.layers.") and n.endswith(".weight") and n.split(".")[-2] in PROJECTIONS]:
         q, scale = quantize(tensors[name], per_channel)
         tensors[name], tensors[name.removesuffix("weight") + "weight_scale"] = q, scale
+        if input_scales:
+            tensors[name.removesuffix("weight") + "input_scale"] = torch.tensor(1e-4)
         dequantized[name] = q.float() * scale
     save_file(tensors, dst / "model.safetensors")
     config = json.loads((src / "config.json").read_text())
@@ -122,13 +132,15 @@ ARCHITECTURES = ["llama-linear-rope-bias", "qwen3", "phi3", "granite-bias-untied
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
-@pytest.mark.parametrize("qc,per_channel", [
-    (compressed_tensors("channel"), True), ({"quant_method": "fp8", "activation_scheme": "dynamic"}, False),
-], ids=["compressed-tensors-channel", "fp8-tensor"])
+@pytest.mark.parametrize("qc,per_channel,input_scales", [
+    (compressed_tensors("channel"), True, False), ({"quant_method": "fp8", "activation_scheme": "dynamic"}, False, False),
+    ({"quant_method": "fp8", "activation_scheme": "static"}, False, True),
+], ids=["compressed-tensors-channel", "fp8-tensor", "fp8-static-inputs"])
 def test_fp8_checkpoint_logits_match_transformers_rounding_each_input(name: str, qc: dict, per_channel: bool,
-                                                                        tmp_path: Path) -> None:
+                                                                        input_scales: bool, tmp_path: Path) -> None:
+    """Per token, whatever the checkpoint calibrated: static input scales are read past."""
     hf = random_checkpoint(name, tmp_path / "float")
-    dequantized = write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", qc, per_channel)
+    dequantized = write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", qc, per_channel, input_scales)
     reference = fake_quantized_transformers(hf, dequantized)
     tokens = torch.randint(0, hf.config.vocab_size, (23,)).tolist()
     runner = ModelRunner(str(tmp_path / "fp8"), EngineConfig(block_size=4, num_blocks=32))
