@@ -200,3 +200,30 @@ def test_gpus_without_8_bit_float_arithmetic_refuse_fp8(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     model_runner._require_fp8_device(torch.device("cuda"), "fp8 quantization: E4M3 weights")
     model_runner._require_fp8_device(torch.device("cpu"), "fp8 quantization: E4M3 weights")
+
+
+def test_an_adapter_on_an_fp8_model_adds_to_each_fp8_projection(tmp_path: Path) -> None:
+    """A LoRA adapter over an FP8 checkpoint: each adapted projection is the FP8 product of the
+    token's rounded input plus the adapter's delta of the input as it came (transformers' layers
+    with a delta hooked on, of the input before the rounding hook)."""
+    from lora_adapters import make_adapter
+
+    hf = random_checkpoint("qwen3", tmp_path / "float")
+    reference = fake_quantized_transformers(hf, write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8",
+                                                                     compressed_tensors(), per_channel=True))
+    adapter = make_adapter(str(tmp_path / "fp8"), tmp_path / "adapter", rank=4, alpha=8, std=0.3)
+    tensors, peft = load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
+    for key in [k for k in tensors if ".lora_A." in k]:
+        module = reference.get_submodule(key.removeprefix("base_model.model.").split(".lora_A.")[0])
+        a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
+        inputs: list[torch.Tensor] = []
+        module.register_forward_pre_hook(lambda _m, args, inputs=inputs: inputs.append(args[0]), prepend=True)
+        module.register_forward_hook(lambda _m, _a, out, a=a, b=b, inputs=inputs:
+                                     out + inputs.pop() @ a.t() @ b.t() * (peft["lora_alpha"] / peft["r"]))
+    tokens = torch.randint(0, 128, (23,)).tolist()
+    runner = ModelRunner(str(tmp_path / "fp8"), EngineConfig(block_size=4, num_blocks=32, lora_modules={"a": str(adapter)}))
+    ours = all_logits(runner, tokens[:19], tokens[19:], lora="a")
+    with torch.inference_mode():
+        ref = reference(torch.tensor([tokens])).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert not torch.allclose(ours, all_logits(runner, tokens[:19], tokens[19:]), rtol=1e-2, atol=1e-2)
