@@ -3,8 +3,8 @@
 
 One scheme is served, FP8 (E4M3) W8A8 (``baton.kernels.fp8``): every linear layer of the decoder
 layers holds its weight in E4M3 with an fp32 scale per output channel, and quantizes its input
-per token as it comes. The embeddings, the LM head, MoE routers and experts stay in the model's
-dtype. Checkpoints read:
+per token as it comes. The embeddings and the LM head stay in the model's dtype; mixture-of-experts
+models are refused (their experts would stay unquantized). Checkpoints read:
 
 * ``quant_method: fp8`` (vLLM's and AutoFP8's): a scale per tensor (``<proj>.weight_scale``),
   spread over its output channels;

@@ -1,7 +1,7 @@
 """Quantized linear layers in the model (``engine/quantization.py`` says which checkpoints and
 flags make them): ``Fp8Linear`` holds an E4M3 weight and an fp32 scale per output channel, and
 ``quantize_linears`` puts one in place of each linear layer of the decoder layers' attention and
-dense MLPs, before the checkpoint loads (the loader fills or quantizes them: ``load_linear_weight``)."""
+dense MLPs, before the checkpoint loads (the loader fills or quantizes them)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def weight_scale(layer: nn.Module) -> torch.Tensor | None:
 
 def quantize_linears(model: nn.Module) -> None:
     """Swap every ``nn.Linear`` named in ``QUANTIZED_PROJECTIONS`` for an ``Fp8Linear`` of its shape
-    (on the meta device, before the weights load). Routers, experts, embeddings and the LM head stay."""
+    (on the meta device, before the weights load). Embeddings and the LM head stay as they are."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name.rpartition(".")[2] in QUANTIZED_PROJECTIONS:
             parent, _, attr = name.rpartition(".")
