@@ -239,8 +239,9 @@ async def serve(
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     runner = ctx.runner
-    log.info("%s worker %s serving on %s: %s in %s; KV cache of %d blocks of %d tokens in %s (%.2f GiB)", role,
-             ctx.worker_id, ctx.address, runner.model_config.architecture, str(runner.dtype).removeprefix("torch."),
+    quantized = f" (linear layers {runner.model_config.quantization})" if runner.model_config.quantization else ""
+    log.info("%s worker %s serving on %s: %s in %s%s; KV cache of %d blocks of %d tokens in %s (%.2f GiB)", role,
+             ctx.worker_id, ctx.address, runner.model_config.architecture, str(runner.dtype).removeprefix("torch."), quantized,
              runner.num_blocks, runner.block_size, str(runner.kv_dtype).removeprefix("torch."),
              runner.num_blocks * runner.block_bytes() / 2**30)
 
