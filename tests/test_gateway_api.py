@@ -1132,12 +1132,17 @@ async def test_backend_error_and_unexpected_error(tok) -> None:
     assert "bug" not in error["message"]
 
 
-async def test_backend_failure_mid_stream_sends_error_event(tok) -> None:
+async def test_backend_failure_mid_stream_sends_error_event_and_is_logged(tok, caplog: pytest.LogCaptureFixture) -> None:
+    """A failure after tokens were streamed reaches the client as an error event, and the log as
+    one before the first event does (a request's last worker failure, which leaves that worker
+    penalized, is no retry's: it was in no log)."""
     backend = FakeBackend(tok, per_chunk=2, fail_after=4)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 20, "stream": True}
-    events = sse_events(await post(backend, tok, "/v1/completions", body))
+    with caplog.at_level(logging.ERROR, logger="baton.services.gateway.streaming"):
+        events = sse_events(await post(backend, tok, "/v1/completions", body))
     assert events[-1] == "[DONE]"
     assert "went away" in json.loads(events[-2])["error"]["message"]
+    assert [r.getMessage() for r in caplog.records] == ["request failed: decode worker 127.0.0.1:1 went away"]
 
 
 # ---- completions --------------------------------------------------------------

@@ -46,7 +46,7 @@ from baton.services.gateway.protocol import (
     RerankRequest, ResponsesRequest, ScoreRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
 )
 from baton.services.gateway.serving import OpenAIServing
-from baton.services.gateway.streaming import PrimedStream, as_api_error
+from baton.services.gateway.streaming import PrimedStream, logged_api_error
 from baton.services.gateway.tokenizer import GatewayTokenizer
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ async def _generate(
         else:
             response = JSONResponse(result.model_dump(mode="json"))
     except Exception as exc:
-        error = _logged_error(exc)
+        error = logged_api_error(exc)
         if error.status < 500:
             metrics.REQUESTS_TOTAL.labels(status="rejected").inc()
         response = error_response(error)
@@ -214,7 +214,7 @@ async def _answer(
             return PlainTextResponse(result)
         return JSONResponse(result.model_dump(mode="json"))
     except Exception as exc:
-        return error_response(_logged_error(exc))
+        return error_response(logged_api_error(exc))
 
 
 async def _read_body(request: Request, config: GatewayConfig, model: type[RequestT]) -> RequestT:
@@ -232,14 +232,6 @@ async def _read_body(request: Request, config: GatewayConfig, model: type[Reques
     if "model" in model.model_fields and (body.model is None or body.model in config.served_model_aliases):
         body = body.model_copy(update={"model": config.served_model_name})   # vLLM's: the first name answers
     return body
-
-
-def _logged_error(exc: Exception) -> APIError:
-    """The API error ``exc`` becomes; a server-side failure that is not one already is logged."""
-    error = as_api_error(exc)
-    if error.status >= 500 and not isinstance(exc, APIError):
-        logger.error("request failed: %s", exc, exc_info=error.status == 500)
-    return error
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -327,7 +319,7 @@ def _add_generation_routes(app: FastAPI, config: GatewayConfig, state: GatewaySt
                 raise APIError("the body is none of the requests /invocations takes: it needs one of "
                                + ", ".join(f"'{key}'" for key, _ in invocation_routes))
         except Exception as exc:
-            return error_response(_logged_error(exc))
+            return error_response(logged_api_error(exc))
         return await route(request)
 
 
@@ -354,7 +346,7 @@ def _add_answered_routes(app: FastAPI, config: GatewayConfig, serving: OpenAISer
                 _check_api_key(request, config.api_keys)
                 await serving.reset_prefix_cache()
             except Exception as exc:
-                return error_response(_logged_error(exc))
+                return error_response(logged_api_error(exc))
             return Response(status_code=200)
 
     def stored(handler: Callable[[str], Awaitable[BaseModel]]) -> Callable[[Request, str], Awaitable[Response]]:

@@ -1,13 +1,17 @@
 """Server-sent event streams, primed to their first event so that a failure before anything
 was sent is still a plain HTTP error (``PrimedStream``), and how a failure during generation
-reaches the client (``as_api_error``; within a stream, an ``error_event``)."""
+reaches the client (``as_api_error``; within a stream, an ``error_event``) and the log (a
+server-side one, ``logged_api_error``, wherever it reaches the client)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 
 from baton.services.gateway.backend import BackendError
 from baton.services.gateway.protocol import APIError
+
+logger = logging.getLogger(__name__)
 
 
 def as_api_error(exc: Exception) -> APIError:
@@ -22,8 +26,17 @@ def as_api_error(exc: Exception) -> APIError:
     return APIError("internal error while generating", status=500, type="internal_server_error")
 
 
+def logged_api_error(exc: Exception) -> APIError:
+    """``as_api_error``; a server-side failure that is not one already is logged, whether it becomes
+    the HTTP error or, tokens already streamed, an ``error_event``."""
+    error = as_api_error(exc)
+    if error.status >= 500 and not isinstance(exc, APIError):
+        logger.error("request failed: %s", exc, exc_info=error.status == 500)
+    return error
+
+
 def error_event(exc: Exception) -> str:
-    return as_api_error(exc).body().model_dump_json()
+    return logged_api_error(exc).body().model_dump_json()
 
 
 SSEItem = str | dict[str, str]   # an event's data, or its data and name ({"event": ..., "data": ...})
