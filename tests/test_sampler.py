@@ -42,7 +42,7 @@ def test_half_precision_logits_sample_as_their_float32_copy() -> None:
     """The engine hands the sampler logits in the model's dtype; every setting must give the
     tokens and log-probs of the same values widened to float32."""
     logits = (4 * torch.randn(6, V)).to(torch.bfloat16)
-    logits[1, 7] = logits[1, 3] = logits[1].max()   # a tie: the lowest index wins either way
+    logits[1, 7] = logits[1, 3] = logits[1].max() + 1   # a tie above every other logit: the lowest index wins either way
     seqs = [
         seq(0, temperature=0.0, logprobs=2), seq(1, temperature=0.0), seq(2, temperature=0.8, top_k=5, logprobs=1),
         seq(3, temperature=1.0, top_p=0.9), seq(4, temperature=0.0, repetition_penalty=1.3), seq(5, temperature=0.7, min_p=0.1),
