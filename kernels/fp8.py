@@ -1,12 +1,12 @@
 """FP8 (E4M3) linear layers: weights quantized per output channel, activations per token as they
 come (vLLM's "fp8" with dynamic per-token scales, W8A8).
 
-What ``fp8_linear(x, weight, weight_scale, bias)`` computes, on every path: each row of ``x`` is
-multiplied by the reciprocal of its scale (its largest magnitude over 448, E4M3's largest finite
-value) and rounded to E4M3 (``quantize_rows``); the E4M3 products accumulate in fp32 and are scaled back by the row's
-and the output channel's scales, then the bias is added, and the result rounded once to ``x``'s
-dtype. Weights are quantized the same way along their output channels (``ref_quantize_rows``,
-at load).
+What an FP8 linear layer computes (``ref_fp8_linear`` defines it), on every path: each row of ``x``
+is multiplied by the reciprocal of its scale (its largest magnitude times the float32 of 1/448, E4M3's
+largest finite value) and rounded to E4M3 (``quantize_rows``); the E4M3 products accumulate in fp32
+and are scaled back by the row's and the output channel's scales, then the bias is added, and the
+result rounded once to ``x``'s dtype. Weights are quantized the same way along their output channels
+(``ref_quantize_rows``, at load).
 
 On CUDA, a decode step's few rows (``linear.MAX_DISPATCH_ROWS``) take the Triton GEMV, which
 quantizes them in its own launch (``linear.launch_linear``) and so reads half a bf16 weight's
