@@ -139,19 +139,21 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], target: str,
     """Copy one checkpoint tensor into ``target`` (and, quantizing it, into the scales beside it);
     returns the parameters it filled."""
     param = params[target]
+    slot = _shard_of(model, param, target, shard, key)
     if target.endswith(".weight_scale"):
-        rows = _shard_of(model, param, target, shard, key).shape[0]
-        _copy_into(model, param, target, shard, checkpoint_scale(tensor, rows), key)
+        slot.copy_(checkpoint_scale(tensor, slot.shape[0]))
         return [target]
-    if param.dtype != FP8_DTYPE or tensor.dtype == FP8_DTYPE:
-        _copy_into(model, param, target, shard, tensor if param.dtype == FP8_DTYPE else tensor.to(dtype), key)
-        return [target]
-    scale_name = target.removesuffix("weight") + "weight_scale"
-    weight = _shard_of(model, param, target, shard, key)
-    if tuple(weight.shape) != tuple(tensor.shape):
-        raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(weight.shape)}")
-    quantize_rows_into(weight, _shard_of(model, params[scale_name], scale_name, shard, key), tensor.to(dtype))
-    return [target, scale_name]
+    if tuple(slot.shape) != tuple(tensor.shape):
+        raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)}")
+    if param.dtype != FP8_DTYPE:
+        slot.copy_(tensor.to(dtype))
+    elif tensor.dtype == FP8_DTYPE:
+        slot.copy_(tensor)
+    else:   # an unquantized weight into an FP8 layer: quantized as it loads
+        scale_name = target.removesuffix("weight") + "weight_scale"
+        quantize_rows_into(slot, _shard_of(model, params[scale_name], scale_name, shard, key), tensor.to(dtype))
+        return [target, scale_name]
+    return [target]
 
 
 def _engine_name(key: str) -> tuple[str, str]:
@@ -232,15 +234,6 @@ def _shard_of(model: nn.Module, param: nn.Parameter, name: str, shard: str, key:
         offset = sum(layout[k] for k in order[: order.index(shard)])
         target = target.narrow(0, offset, layout[shard])
     return target
-
-
-def _copy_into(
-    model: nn.Module, param: nn.Parameter, name: str, shard: str, tensor: torch.Tensor, key: str
-) -> None:
-    target = _shard_of(model, param, name, shard, key)
-    if tuple(target.shape) != tuple(tensor.shape):
-        raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-    target.copy_(tensor)
 
 
 def _names(names: list[str]) -> str:

@@ -86,9 +86,8 @@ class ModelRunner:
         self.tokenizer_dir: Path = (resolve_model_dir(config.tokenizer, config.revision, config.download_dir)
                                     if config.tokenizer else self.model_dir)
         mc = load_model_config(self.model_dir, config.max_model_len)
-        self.model_config: ModelConfig = replace(
-            mc, quantization=resolve_quantization(config.quantization, mc.quantization, mc.moe is not None))
-        mc = self.model_config
+        mc = replace(mc, quantization=resolve_quantization(config.quantization, mc.quantization, mc.moe is not None))
+        self.model_config: ModelConfig = mc
         self.max_model_len: int = config.max_model_len or mc.max_position_embeddings
         self.vocab_size: int = mc.vocab_size
         self.generates: bool = mc.has_lm_head   # False: a base model, embeddings only
