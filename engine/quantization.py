@@ -90,12 +90,9 @@ def _check_compressed_tensors(qc: dict[str, Any]) -> None:
 
 
 def resolve_quantization(requested: str | None, checkpoint: str | None, moe: bool) -> str | None:
-    """The scheme a model runs with: the checkpoint's, or ``requested`` (``--quantization``) on an
-    unquantized one; ValueError where they disagree or the model cannot take it."""
-    if requested is not None and requested not in QUANTIZATION_METHODS:
-        raise ValueError(f"quantization {requested!r} is not supported; supported: {', '.join(QUANTIZATION_METHODS)}")
-    if requested is not None and checkpoint is not None and requested != checkpoint:
-        raise ValueError(f"quantization {requested!r} asked of a checkpoint quantized as {checkpoint!r}")
+    """The scheme a model runs with: the checkpoint's, or ``requested`` (``--quantization``, one of
+    ``QUANTIZATION_METHODS``: ``EngineConfig`` checks it) on an unquantized one (with FP8 the only
+    scheme, the two cannot disagree); ValueError where the model cannot take it."""
     scheme = checkpoint or requested
     if scheme is not None and moe:
         raise ValueError(f"{scheme} quantization of mixture-of-experts models is not supported")

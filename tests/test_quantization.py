@@ -75,8 +75,6 @@ def test_the_flag_and_the_checkpoint_must_agree() -> None:
     assert resolve_quantization("fp8", None, moe=False) == "fp8"
     assert resolve_quantization(None, "fp8", moe=False) == "fp8"
     assert resolve_quantization("fp8", "fp8", moe=False) == "fp8"
-    with pytest.raises(ValueError, match="quantization 'int8' is not supported"):
-        resolve_quantization("int8", None, moe=False)
     with pytest.raises(ValueError, match="mixture-of-experts"):
         resolve_quantization("fp8", None, moe=True)
     with pytest.raises(ValueError, match="quantization must be one of fp8"):
