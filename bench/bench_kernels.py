@@ -414,15 +414,17 @@ def linear_rows(copy_gbs: float) -> list[str]:
     return rows
 
 
-FP8_GEMV_CONFIGS = (linear.FP8_CONFIG, linear.LinearConfig(block_n=2), linear.LinearConfig(block_n=8),
-                    linear.LinearConfig(block_n=4, block_k=1024), linear.LinearConfig(block_n=4, num_warps=8))
+FP8_GEMV_CONFIGS = (linear.DEFAULT_CONFIG, linear.LinearConfig(block_n=4),
+                    linear.LinearConfig(block_n=8), linear.LinearConfig(block_n=16), linear.LinearConfig(block_n=8, num_warps=8))
 
 
 def fp8_linear_rows(copy_gbs: float) -> list[str]:
     """FP8 W8A8 linear layers (``kernels/fp8.py``), bf16 activations, CUDA-graph replays: the GEMV's
-    FP8 mode at decode rows over ``FP8_GEMV_CONFIGS`` (the first the default) against the bf16 GEMV
-    (bytes: the E4M3 weight, x and the output), and at prefill rows the row quantization plus
-    cuBLAS's FP8 GEMM against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K)."""
+    FP8 mode at decode rows over ``FP8_GEMV_CONFIGS`` (the first the default; each time takes in the
+    rows' quantization, timed alone too) against the bf16 GEMV (bytes: the E4M3 weight, x and the
+    output), down_proj also gated (the activation made in the quantization launch, as the model calls
+    it) against the bf16 gated GEMV, and at prefill rows the row quantization plus cuBLAS's FP8 GEMM
+    against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K)."""
     rows = []
     for model, proj, n, k in LINEAR_SHAPES[:-1]:
         count = max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * k)))
@@ -433,10 +435,20 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
             bf16_ms = median_ms([lambda x=x, w=w: linear.linear(x, w) for x, w in zip(xs, bf16)], graph=True)
             times = [median_ms([lambda x=x, q=q, c=c: linear.launch_linear(x, q[0], None, c, weight_scale=q[1])
                                 for x, q in zip(xs, quantized)], graph=True) for c in FP8_GEMV_CONFIGS]
+            quant_ms = median_ms([lambda x=x: fp8.quantize_rows(x) for x in xs], graph=True)
             gbs = (n * k + (m * k + m * n) * 2) / times[0] / 1e6
             sweep = ", ".join(f"n{c.block_n} k{c.block_k} w{c.num_warps} {t * 1e3:.1f}" for c, t in zip(FP8_GEMV_CONFIGS, times))
-            rows.append(f"| fp8 linear (GEMV) | {model} {proj} N={n} K={k}, M={m} | {times[0] * 1e3:.1f} us (bf16 GEMV "
-                        f"{bf16_ms * 1e3:.1f} us; configs: {sweep}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+            rows.append(f"| fp8 linear (GEMV) | {model} {proj} N={n} K={k}, M={m} | {times[0] * 1e3:.1f} us (quantization "
+                        f"alone {quant_ms * 1e3:.1f} us; bf16 GEMV {bf16_ms * 1e3:.1f} us; configs: {sweep}) | {gbs:.0f} GB/s "
+                        f"| {gbs / copy_gbs:.0%} of copy |")
+            if proj == "down_proj":
+                gated = [torch.randn(m, 2 * k, dtype=DTYPE, device="cuda") for _ in bf16]
+                bf16_ms = median_ms([lambda x=x, w=w: linear.gated_linear(x, w) for x, w in zip(gated, bf16)], graph=True)
+                ms = median_ms([lambda x=x, q=q: linear.gated_linear(x, q[0], weight_scale=q[1])
+                                for x, q in zip(gated, quantized)], graph=True)
+                gbs = (n * k + (2 * m * k + m * n) * 2) / ms / 1e6
+                rows.append(f"| fp8 gated linear (GEMV) | {model} {proj} N={n} K={k}, M={m} | {ms * 1e3:.1f} us (bf16 gated "
+                            f"GEMV {bf16_ms * 1e3:.1f} us) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
         for m in (512, 4096):
             x = torch.randn(m, k, dtype=DTYPE, device="cuda")
             ms = median_ms([lambda q=q: fp8.scaled_mm_fp8_linear(x, q[0], q[1]) for q in quantized[:2]], graph=True)

@@ -8,12 +8,12 @@ and are scaled back by the row's and the output channel's scales, then the bias 
 result rounded once to ``x``'s dtype. Weights are quantized the same way along their output channels
 (``ref_quantize_rows``, at load).
 
-On CUDA, a decode step's few rows (``linear.MAX_DISPATCH_ROWS``) take the Triton GEMV, which
-quantizes them in its own launch (``linear.launch_linear``) and so reads half a bf16 weight's
-bytes; more rows are quantized by ``quantize_rows``' kernel and multiplied by cuBLAS's FP8 GEMM
-(``torch._scaled_mm``, row-wise scales). Both need a GPU with 8-bit float arithmetic (compute
-capability 8.9+: the engine refuses FP8 weights on older ones). On the CPU, for activations other
-than bf16 and for shapes cuBLAS does not take (dims not multiples of 16), the torch reference runs.
+On CUDA, the rows are quantized by ``quantize_rows``' kernel (the MLP's activation made in the same
+launch), then multiplied: a decode step's few rows (``linear.MAX_DISPATCH_ROWS``) by the Triton
+GEMV, which reads half a bf16 weight's bytes; more rows by cuBLAS's FP8 GEMM (``torch._scaled_mm``,
+row-wise scales). Both need a GPU with 8-bit float arithmetic (compute capability 8.9+: the engine
+refuses FP8 weights on older ones). On the CPU, for activations other than bf16 and for shapes
+cuBLAS does not take (dims not multiples of 16), the torch reference runs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels import pdl
+from baton.kernels.activation import act_mul, check_activation
 from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_shape
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -46,18 +48,30 @@ def row_scale(amax):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _load_row(row_ptr, offs, K, ACTIVATION: tl.constexpr):
+    """A row's values at ``offs`` in fp32; with an ``ACTIVATION`` name, of ``act(row[:K]) * row[K:]``
+    as ``act_and_mul`` rounds it."""
+    x = tl.load(row_ptr + offs, mask=offs < K, other=0.0)
+    if ACTIVATION is not None:
+        x = act_mul(x, tl.load(row_ptr + K + offs, mask=offs < K, other=0.0), row_ptr.dtype.element_ty, ACTIVATION)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, ACTIVATION: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr):
+    row_ptr = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    q_row = q_ptr + tl.program_id(0).to(tl.int64) * K
     ks = tl.arange(0, BLOCK_K)
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + row * stride_x + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.maximum(amax, tl.abs(_load_row(row_ptr, k0 + ks, K, ACTIVATION)))
     scale, inv_scale = row_scale(tl.max(amax, 0))
-    tl.store(scale_ptr + row, scale)
+    tl.store(scale_ptr + tl.program_id(0), scale)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + row * stride_x + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row * K + k0 + ks, quantize_value(x, inv_scale), mask=k0 + ks < K)
+        tl.store(q_row + k0 + ks, quantize_value(_load_row(row_ptr, k0 + ks, K, ACTIVATION), inv_scale), mask=k0 + ks < K)
 
 
 def _check_rows(x: torch.Tensor) -> None:
@@ -67,15 +81,22 @@ def _check_rows(x: torch.Tensor) -> None:
         raise ValueError(f"x must be contiguous in its last dim, got strides {tuple(x.stride())}")
 
 
-def quantize_rows(x: torch.Tensor, block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, block_k: int = 1024, activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[M, K]`` (a float dtype, CUDA) -> its rows in E4M3 ``[M, K]`` and their fp32 scales
-    ``[M]``: one program a row reads it twice (its largest magnitude, then the rounding)."""
+    ``[M]``: one program a row reads it twice (its largest magnitude, then the rounding). With an
+    ``activation`` (``activation.ACTIVATIONS``), ``x`` is ``[M, 2K]`` (gate then up) and the rows
+    quantized are ``act_and_mul(x, activation)``'s, made in the same launch."""
     _check_rows(x)
-    m, k = x.shape
+    if activation is not None:
+        check_activation(activation)
+        if x.shape[1] % 2:
+            raise ValueError(f"a gated x has gate then up halves: its width must be even, got {x.shape[1]}")
+    m, k = x.shape[0], x.shape[1] // 2 if activation else x.shape[1]
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m and k:
-        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK_K=min(block_k, triton.next_power_of_2(k)))
+        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), ACTIVATION=activation,
+                                    BLOCK_K=min(block_k, triton.next_power_of_2(k)), **pdl.launch_options(x))
     return q, scale
 
 

@@ -7,9 +7,10 @@ in fp32. There is no split over K (on an H100, splitting the 1B model's o and do
 projections in 2 or 4 with fp32 atomics measured slower) and no workspace: the
 launch allocates only its output, so it can be captured in a CUDA graph.
 
-With FP8 weights (E4M3 and a scale per output column: ``kernels/fp8.py``), the same launch reads
-half the bytes: each program first finds every row's largest magnitude, rounds x to E4M3 by it as
-it multiplies, and scales the sums by the row's and the column's scales.
+With FP8 weights (E4M3 and a scale per output column: ``kernels/fp8.py``), ``fp8.quantize_rows``
+first rounds the rows of x to E4M3 (the activation made there, for ``gated_linear``) in a launch of
+its own, once, rather than in each of the GEMV's thousands of programs; the GEMV then reads half
+a bf16 weight's bytes and x in E4M3, and scales its sums by the row's and the column's scales.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import triton.language as tl
 from baton.kernels import pdl
 from baton.kernels.activation import act_mul, check_activation, ref_act_and_mul
 from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
-from baton.kernels.fp8 import check_fp8_weight, quantize_value, row_scale
+from baton.kernels.fp8 import check_fp8_weight, quantize_rows
 
 MAX_GEMV_ROWS = 4  # the most rows of x the kernel takes: it keeps an fp32 accumulator per row
 
@@ -47,12 +48,10 @@ class LinearConfig:
 
 # At one row on an H100, the fastest or within 2% of it for each 1B projection, in sweeps over
 # block_n 1-32, block_k 256-4096, 4 or 8 warps, 1 or 3 stages (a tl.dot version, 2-4 warps and
-# 3-6 stages, was slower at one row and level with cuBLAS at four).
+# 3-6 stages, was slower at one row and level with cuBLAS at four). FP8 weights over quantized
+# rows too: on an H200 (bench_kernels.py --fp8-linear) two columns were the fastest of 2-16, or tied,
+# for 14 of the 16 1B and 8B projections at one and two rows (8B gate_up 35.2 us against four's 36.2).
 DEFAULT_CONFIG = LinearConfig()
-# FP8 weights: four columns a program share each row's rounding of x. On an H100 (bench_kernels.py
-# --fp8-linear, the 1B and 8B projections) level with or faster than two at one row (8B gate_up
-# 54.0 against 55.4 us) and 10-27% faster at two (8B gate_up 80.2 against 90.3 us).
-FP8_CONFIG = LinearConfig(block_n=4)
 
 
 @triton.jit
@@ -74,25 +73,14 @@ def _load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION: tl.constexpr, EVEN_K: tl.cons
 
 
 @triton.jit
-def _x_tile(x_ptrs, k0, K, ks, row_ok, inv_scale, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr, X_QUANT: tl.constexpr):
-    """``_load_x``, and with ``X_QUANT`` each row rounded to E4M3 by its scale's reciprocal
-    (``inv_scale`` ``[M_PAD, 1]``)."""
-    x = _load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K)
-    if X_QUANT:
-        x = quantize_value(x, inv_scale[:, :, None]).to(tl.float32)
-    return x
-
-
-@triton.jit
 def _gemv_columns(
     x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn,
     M: tl.constexpr, M_PAD: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr, X_QUANT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """fp32 ``[M_PAD, len(cols)]``: rows of x (zeros past M) times the weight rows ``cols``.
-    Loads the first weight tile, then waits for the kernel before (which wrote x). With
-    ``X_QUANT`` (FP8 weights, ``baton.kernels.fp8``), a first pass over x finds each row's scale,
-    the products are of x rounded to E4M3, and the sums are scaled back by the rows' scales."""
+    """fp32 ``[M_PAD, len(cols)]``: rows of x (zeros past M) times the weight rows ``cols``, each
+    widened to fp32 (E4M3 ones too: the caller applies their scales). Loads the first weight tile,
+    then waits for the kernel before (which wrote x)."""
     rows = tl.arange(0, M_PAD)
     ks = tl.arange(0, BLOCK_K)
     # Tiles are [rows, cols, k]: weights [1, cols, BLOCK_K], x [M_PAD, 1, BLOCK_K], so every
@@ -107,23 +95,23 @@ def _gemv_columns(
     w = _load_w(w_ptrs, 0, K, ks, EVEN_K).to(tl.float32)
     pdl.wait(PDL)
     pdl.launch_dependents(PDL)
-    x_scale = tl.full([M_PAD, 1], 1.0, tl.float32)
-    inv_scale = x_scale
-    if X_QUANT:
-        amax = tl.zeros([M_PAD, 1], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            amax = tl.maximum(amax, tl.max(tl.abs(_load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K)), 2))
-        x_scale, inv_scale = row_scale(amax)
-    acc = tl.sum(_x_tile(x_ptrs, 0, K, ks, row_ok, inv_scale, ACTIVATION, EVEN_K, X_QUANT) * w, 2)
+    acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, ACTIVATION, EVEN_K) * w, 2)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
-        acc += tl.sum(_x_tile(x_ptrs, k0, K, ks, row_ok, inv_scale, ACTIVATION, EVEN_K, X_QUANT) * w, 2)
-    return acc * x_scale if X_QUANT else acc
+        acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K) * w, 2)
+    return acc
+
+
+@triton.jit
+def scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, col_ok):
+    """E4M3 products' sums ``acc`` ``[rows, cols]`` times their rows' scales, then their columns'."""
+    acc *= tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    return acc * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
 
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr,
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr,
     N, K, stride_xm, stride_wn, stride_om,
     M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr,
@@ -131,10 +119,9 @@ def _linear_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, M_PAD)
-    acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, ACTIVATION, BLOCK_K, EVEN_K, PDL,
-                        FP8)
+    acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, ACTIVATION, BLOCK_K, EVEN_K, PDL)
     if FP8:
-        acc *= tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        acc = scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, rows < M, cols, col_ok)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
@@ -170,15 +157,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     all of one float dtype -> ``[M, N]`` in that dtype, accumulated in fp32. With ``weight_scale``
     ``[N]`` (fp32), ``weight`` is E4M3 and this is ``fp8.ref_fp8_linear``. With PDL, the
     weights load before the kernel just before this one has finished: it must not write them."""
-    return launch_linear(x, weight, bias, DEFAULT_CONFIG if weight_scale is None else FP8_CONFIG, weight_scale=weight_scale)
+    return launch_linear(x, weight, bias, DEFAULT_CONFIG, weight_scale=weight_scale)
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  activation: str = "silu", weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(act_and_mul(x, activation), weight, bias, weight_scale)`` in one launch: ``x`` ``[M, 2K]``
-    (gate then up)."""
-    return launch_linear(x, weight, bias, DEFAULT_CONFIG if weight_scale is None else FP8_CONFIG, gated=True,
-                         activation=activation, weight_scale=weight_scale)
+    """``linear(act_and_mul(x, activation), weight, bias, weight_scale)`` in one launch (two with FP8
+    weights: the rows' quantization makes the activation): ``x`` ``[M, 2K]`` (gate then up)."""
+    return launch_linear(x, weight, bias, DEFAULT_CONFIG, gated=True, activation=activation, weight_scale=weight_scale)
 
 
 def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LinearConfig,
@@ -190,8 +176,12 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    x_scale = weight
+    if weight_scale is not None:
+        x, x_scale = quantize_rows(x, activation=activation if gated else None)
+        gated = False
     _linear_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias, out,
+        x, x_scale, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias, out,
         n, k, x.stride(0), weight.stride(0), out.stride(0),
         M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, ACTIVATION=activation if gated else None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, FP8=weight_scale is not None,

@@ -66,8 +66,9 @@ def qkv_rotary_store_kv(
     slot_mapping: torch.Tensor,
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused q/k/v projection, then ``rotary_store_kv``: one launch where ``linear`` takes the
-    GEMV, else the two ops. Returns the rotated query ``[tokens, heads, head_dim]``."""
+    """The fused q/k/v projection, then ``rotary_store_kv``: one GEMV launch where ``linear`` takes
+    the GEMV (after the rows' quantization with FP8 weights), else the two ops. Returns the rotated
+    query ``[tokens, heads, head_dim]``."""
     if _gemv_rows(x):
         return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, weight_scale)
     q, k, v = rotary.split_qkv(linear(x, weight, bias, weight_scale), kv_cache.shape[3], kv_cache.shape[4])
@@ -77,7 +78,7 @@ def qkv_rotary_store_kv(
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  activation: str = "silu", weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(act_and_mul(x, activation), weight, bias, weight_scale)``: one GEMV launch where
-    ``linear`` takes the GEMV, else the two ops."""
+    ``linear`` takes the GEMV (after the rows' quantization with FP8 weights), else the two ops."""
     if _gemv_rows(x):
         return gemv.gated_linear(x, weight, bias, activation, weight_scale)
     return linear(act_and_mul(x, activation), weight, bias, weight_scale)

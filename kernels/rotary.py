@@ -15,8 +15,8 @@ import triton.language as tl
 from baton.kernels import pdl
 from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, check_store_kv_args, ref_store_kv
-from baton.kernels.fp8 import ref_fp8_linear
-from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear
+from baton.kernels.fp8 import quantize_rows, ref_fp8_linear
+from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear, scale_sums
 
 
 @triton.jit
@@ -121,7 +121,7 @@ def _rotary_store_kv_kernel(
 
 @triton.jit
 def _qkv_rotary_store_kv_kernel(
-    x_ptr, w_ptr, w_scale_ptr, b_ptr, pos_ptr, cos_sin_ptr, slot_ptr, q_out_ptr, cache_ptr,
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, b_ptr, pos_ptr, cos_sin_ptr, slot_ptr, q_out_ptr, cache_ptr,
     K, stride_xm, stride_wn, stride_qo_tok, stride_cos_sin, stride_c_block, stride_c_kv, stride_c_tok,
     M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -143,17 +143,17 @@ def _qkv_rotary_store_kv_kernel(
     cos = tl.load(cos_sin, mask=row_ok, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin + HALF, mask=row_ok, other=0.0).to(tl.float32)
     cols = head * HEAD_DIM + offs
-    acc = _gemv_columns(x_ptr, w_ptr, cols, cols >= 0, K, stride_xm, stride_wn, M, M_PAD, None, BLOCK_K, EVEN_K, PDL,
-                        FP8)
+    acc = _gemv_columns(x_ptr, w_ptr, cols, cols >= 0, K, stride_xm, stride_wn, M, M_PAD, None, BLOCK_K, EVEN_K, PDL)
     if FP8:
-        acc *= tl.load(w_scale_ptr + cols)[None, :]
+        acc = scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, cols >= 0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     # The projection's output as the unfused path stores it, then rotated as _rotate_heads does.
-    x1, x2 = tl.split(acc.to(x_ptr.dtype.element_ty).to(tl.float32))
-    out = tl.where(rotated, tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin), acc).to(x_ptr.dtype.element_ty)
+    dtype = q_out_ptr.dtype.element_ty   # the model's (x's, unless x is E4M3)
+    x1, x2 = tl.split(acc.to(dtype).to(tl.float32))
+    out = tl.where(rotated, tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin), acc).to(dtype)
     if head < NUM_Q_HEADS:
-        tl.store(q_out_ptr + rows[:, None] * stride_qo_tok + cols[None, :], out.to(q_out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(q_out_ptr + rows[:, None] * stride_qo_tok + cols[None, :], out, mask=row_ok[:, None])
     else:
         is_v = head >= NUM_Q_HEADS + NUM_KV_HEADS
         kv_head = head - NUM_Q_HEADS - NUM_KV_HEADS * is_v.to(tl.int32)
@@ -268,7 +268,7 @@ def qkv_rotary_store_kv(
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``rotary_store_kv`` of ``linear(x, weight, bias, weight_scale)`` split into q, k and v, in one
-    launch: ``x`` ``[M, hidden]`` (M <= ``linear.MAX_GEMV_ROWS``), ``weight`` ``[(heads + 2 * kv_heads)
+    launch (after the rows' quantization with FP8 weights): ``x`` ``[M, hidden]`` (M <= ``linear.MAX_GEMV_ROWS``), ``weight`` ``[(heads + 2 * kv_heads)
     * head_dim, hidden]`` (E4M3 with ``weight_scale``: ``kernels/fp8.py``); writes the rotated keys and
     the values into ``kv_cache`` at ``slot_mapping`` ``[M]`` (a negative slot is skipped) and returns
     the rotated query ``[M, heads, head_dim]``."""
@@ -281,8 +281,11 @@ def qkv_rotary_store_kv(
     q_out = torch.empty((m, heads, head_dim), dtype=x.dtype, device=x.device)
     if m == 0:
         return q_out
+    x_scale = weight
+    if weight_scale is not None:
+        x, x_scale = quantize_rows(x)
     _qkv_rotary_store_kv_kernel[((heads + 2 * kv_heads) * head_dim // 2,)](
-        x, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias, positions,
+        x, x_scale, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias, positions,
         cos_sin_cache, slot_mapping, q_out, kv_cache,
         k, x.stride(0), weight.stride(0), q_out.stride(0), cos_sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),

@@ -54,12 +54,17 @@ def fp8_weight(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]
     return fp8.ref_quantize_rows(torch.randn(n, k, device=device) * 0.05)
 
 
-def check_quantize_rows(device: str, dtype: torch.dtype, m: int, k: int, block_k: int) -> None:
+def check_quantize_rows(device: str, dtype: torch.dtype, m: int, k: int, block_k: int, activation: str | None = None) -> None:
+    """``quantize_rows`` against the reference, a row of zeros among the rows. With an activation (gates
+    spread over its range, within fp16's once multiplied), of the rows ``ops.act_and_mul`` makes: the
+    same Triton activation, which matches torch's to a rounding, not a bit (``test_kernels``)."""
     x = inputs(m, k, dtype, device)
+    if activation is not None:
+        x = spread_gates(torch.cat([x / 100, inputs(m, k, dtype, device) / 100], dim=1))
     if m > 1:
         x[1] = 0
-    got_q, got_scale = fp8.quantize_rows(x, block_k)
-    want_q, want_scale = fp8.ref_quantize_rows(x)
+    got_q, got_scale = fp8.quantize_rows(x, block_k, activation)
+    want_q, want_scale = fp8.ref_quantize_rows(x if activation is None else ops.act_and_mul(x, activation))
     assert torch.equal(got_scale, want_scale)
     assert torch.equal(got_q.float(), want_q.float())
 
@@ -110,6 +115,8 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "fp8 qkv_rotary_store_kv 3 rows partial rotary", lambda: check_qkv_rotary_store_kv(device, dtype, 3, 6, 2, 32, 16, 300, False)
     if device != "cpu":
         yield "fp8 gated gemv", lambda: check_gemv(device, dtype, 2, 37, 300, True, SMALL_TILES, gated=True)
+        for act in ("silu", "gelu_pytorch_tanh"):
+            yield f"quantize rows of {act}", lambda a=act: check_quantize_rows(device, dtype, 3, 300, 128, a)
 
 
 @pytest.mark.unit
@@ -158,24 +165,28 @@ def test_bad_arguments_are_refused() -> None:
 
 
 @pytest.mark.unit
-def test_fp8_gemvs_round_with_hopper_conversions() -> None:
-    """On an H100 the FP8 GEMV (and the fused q/k/v one) rounds x to E4M3 in hardware (saturating,
-    to nearest even) and widens the weights back; the row quantization rounds the same way."""
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16"}
-    constants = dict(M=1, M_PAD=1, HAS_BIAS=False, ACTIVATION=None, BLOCK_N=2, BLOCK_K=2048, EVEN_K=True, PDL=True,
+def test_fp8_kernels_use_hopper_conversions() -> None:
+    """On an H100 the row quantization (with the MLP's activation too) rounds to E4M3 in hardware
+    (saturating, to nearest even) and waits for the kernel before it (PDL); the FP8 GEMVs (the
+    fused q/k/v one too) widen E4M3 rows and weights in hardware and round nothing."""
+    for activation in (None, "silu"):
+        rows = hopper_ptx("baton.kernels.fp8:_quantize_rows_kernel",
+                          {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+                          dict(ACTIVATION=activation, BLOCK_K=1024, PDL=True))
+        assert "cvt.rn.satfinite.e4m3x2.f32" in rows
+        assert "griddepcontrol.wait" in rows and "griddepcontrol.launch_dependents" in rows
+    pointers = {"x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
+                "b_ptr": "*bf16", "out_ptr": "*bf16"}
+    constants = dict(M=1, M_PAD=1, HAS_BIAS=False, ACTIVATION=None, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, PDL=True,
                      FP8=True)
-    ptx = hopper_ptx("baton.kernels.linear:_linear_kernel", pointers, constants)
-    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
-    assert "cvt.rn.f16x2.e4m3x2" in ptx
     qkv = dict(M=1, M_PAD=1, HAS_BIAS=False, NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_SIZE=16,
                BLOCK_K=2048, EVEN_K=True, PDL=True, FP8=True)
-    fused = hopper_ptx("baton.kernels.rotary:_qkv_rotary_store_kv_kernel",
-                       {**pointers, "pos_ptr": "*i64", "cos_sin_ptr": "*bf16", "slot_ptr": "*i64", "q_out_ptr": "*bf16",
-                        "cache_ptr": "*bf16"}, qkv)
-    assert "cvt.rn.satfinite.e4m3x2.f32" in fused and "griddepcontrol.wait" in fused
-    rows = hopper_ptx("baton.kernels.fp8:_quantize_rows_kernel", {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
-                      dict(BLOCK_K=1024))
-    assert "cvt.rn.satfinite.e4m3x2.f32" in rows
+    for ptx in (hopper_ptx("baton.kernels.linear:_linear_kernel", pointers, constants),
+                hopper_ptx("baton.kernels.rotary:_qkv_rotary_store_kv_kernel",
+                           {**pointers, "pos_ptr": "*i64", "cos_sin_ptr": "*bf16", "slot_ptr": "*i64",
+                            "q_out_ptr": "*bf16", "cache_ptr": "*bf16"}, qkv)):
+        assert "cvt.rn.f16x2.e4m3x2" in ptx and "griddepcontrol.wait" in ptx
+        assert "satfinite.e4m3" not in ptx
 
 
 @pytest.mark.gpu
