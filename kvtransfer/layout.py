@@ -1,6 +1,7 @@
 """The KV layout handshake: what both ends of a transfer must agree on before
 any KV bytes move (model, dtype, block size, memory layout, layers, KV heads,
-head dim), and the check that refuses a mismatch by naming the field."""
+head dim, how the weights that computed it were quantized), and the check that refuses a mismatch
+by naming the field."""
 
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ class KVLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    weight_quantization: str = ""   # the linear layers' quantization method ("fp8"), "" for none
 
     @classmethod
-    def from_caches(cls, kv_caches: list[torch.Tensor], model_fingerprint: str) -> KVLayout:
-        """Describe a list of per-layer caches ``[num_blocks, 2, block_size, heads, head_dim]``."""
+    def from_caches(cls, kv_caches: list[torch.Tensor], model_fingerprint: str,
+                    weight_quantization: str | None = None) -> KVLayout:
+        """Describe a list of per-layer caches ``[num_blocks, 2, block_size, heads, head_dim]`` that a
+        model whose linear layers are quantized by ``weight_quantization`` (None: not) fills."""
         if not kv_caches:
             raise ValueError("kv_caches is empty")
         shape = kv_caches[0].shape
@@ -44,6 +48,7 @@ class KVLayout:
             num_layers=len(kv_caches),
             num_kv_heads=shape[3],
             head_dim=shape[4],
+            weight_quantization=weight_quantization or "",
         )
 
     @classmethod

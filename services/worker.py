@@ -177,7 +177,7 @@ def build_worker(args: argparse.Namespace, role: str, keep_finished_blocks: bool
     )
     warm_up(core, config.block_size)
     gc.freeze()   # the model and library objects leave the collector's full scans (see engine/llm.py)
-    layout = KVLayout.from_caches(runner.kv_caches, fingerprint)
+    layout = KVLayout.from_caches(runner.kv_caches, fingerprint, runner.model_config.quantization)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     address = f"{args.advertise_host or args.host}:{args.port}"
     publisher = None

@@ -320,6 +320,21 @@ def test_baton_up_with_an_fp8_kv_cache_serves_the_aggregated_fp8_engines_text_se
         system.stop()
 
 
+def test_a_decode_worker_with_other_weight_quantization_refuses_the_prefill_workers_kv(demo_model):
+    """A decode worker started with ``--quantization fp8`` beside a prefill worker without it: KV
+    computed by the full-precision weights must not continue under FP8 ones, so the transfer is
+    refused at its handshake, naming the field, and the request fails with that message; no block
+    is left held."""
+    system = System(demo_model, "grpc", prefill=1, decode=1, decode_flags=("--quantization", "fp8"))
+    try:
+        with pytest.raises(openai.APIStatusError, match="weight_quantization is '' here but 'fp8' at the peer") as err:
+            system.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=4, temperature=0)
+        assert err.value.status_code == 503
+        assert system.wait_no_blocks_in_use()[-1].used_blocks == 0
+    finally:
+        system.stop()
+
+
 @pytest.mark.parametrize("family", ["gemma2", "qwen2-moe"])
 def test_baton_up_serves_a_random_checkpoint_as_transformers_generates(demo_model, tmp_path, family):
     """Through prefill, KV transfer and decode, greedy text and each token's logprob are

@@ -152,7 +152,10 @@ def test_layout_proto_round_trip_and_mismatch_names_field():
     with pytest.raises(LayoutMismatch, match="KV layout mismatch: block_size is 16 here but 32 at the peer") as e:
         check_layout(layout, dataclasses.replace(layout, block_size=32))
     assert (e.value.field, e.value.local_value, e.value.remote_value) == ("block_size", 16, 32)
-    for field, value in [("dtype", "float16"), ("num_kv_heads", 4), ("model_fingerprint", "x"), ("layout", "NHD")]:
+    assert layout.weight_quantization == ""
+    assert KVLayout.from_caches(make_caches(4, torch.bfloat16, 0), "0123456789abcdef", "fp8").weight_quantization == "fp8"
+    for field, value in [("dtype", "float16"), ("num_kv_heads", 4), ("model_fingerprint", "x"), ("layout", "NHD"),
+                         ("weight_quantization", "fp8")]:
         with pytest.raises(LayoutMismatch, match=field):
             check_layout(layout, dataclasses.replace(layout, **{field: value}))
 
