@@ -14,6 +14,9 @@ names that model's tensors under a prefix and holds others (``ModelConfig.weight
 error names the offending tensors. An FP8 model's linear layers (``engine/models/quantized.py``)
 take an FP8 checkpoint's E4M3 weights and their ``weight_scale`` tensors (its static
 ``input_scale`` tensors are read past), or quantize an unquantized checkpoint's weights as they load.
+A block-wise FP8 checkpoint's ``weight_scale_inv`` tensors (a scale per block) fill those layers'
+2-D ``weight_scale``; a fused layer's shard fills the scale rows of its blocks, so each shard must be
+a whole number of blocks.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
 _STATIC_INPUT_SCALE = ".input_scale"            # an FP8 checkpoint's calibrated input scale, read past
+_BLOCK_SCALE = ".weight_scale_inv"              # a block-wise FP8 checkpoint's weight scales (multipliers)
 _MAX_NAMES_IN_ERROR = 10
 _FUSED_NAMES = frozenset(fused for fused, _ in STACKED_PARAMS.values())
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
@@ -92,7 +96,7 @@ def build_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device
     with torch.device("meta"):
         model = model_class(config).to(dtype)
         if config.quantization == "fp8":
-            quantize_linears(model)
+            quantize_linears(model, config.weight_block_size)
     model = model.to_empty(device=device)
     load_weights(model_dir, model, dtype)
     model.fold_scales()
@@ -102,7 +106,8 @@ def build_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device
 def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
     """Copy every checkpoint tensor (cast to ``dtype``) into ``model``'s parameters. An FP8 layer's
     (``Fp8Linear``) weight takes an E4M3 tensor as it is, and its ``weight_scale`` the checkpoint's
-    (spread over the rows where it is one per tensor); an unquantized tensor is quantized into both."""
+    (spread over the rows where it is one per tensor; a block-wise checkpoint's ``weight_scale_inv``
+    as it is); an unquantized tensor is quantized into both (per output channel)."""
     params = dict(model.named_parameters())
     needed = {name: _shard_keys(model, name) for name in params}
     filled: dict[str, set[str]] = {name: set() for name in params}
@@ -111,6 +116,7 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
     tied = bool(config and config.tie_word_embeddings)
     prefix, skipped = (config.weights_prefix, config.skipped_weights) if config else ("", ())
     quantized = bool(config and config.quantization)
+    blocks = bool(config and config.weight_block_size)
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -119,6 +125,8 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
                     continue
                 if quantized and name.endswith(_STATIC_INPUT_SCALE):
                     continue   # inputs are scaled per token as they come (engine/quantization.py)
+                if blocks and name.endswith(_BLOCK_SCALE):
+                    name = name.removesuffix("_inv")
                 target, shard = _engine_name(name)
                 if target not in params and f"model.{target}" in params:
                     target = f"model.{target}"           # a base model's checkpoint names no "model." prefix
@@ -129,7 +137,8 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
                     filled[param_name].update(needed[param_name] if not shard else {shard})
     if unexpected:
         raise ValueError(f"unexpected tensors in checkpoint {model_dir}: {_names(unexpected)}")
-    missing = [_hf_name(name, shard) for name, keys in needed.items() for shard in sorted(keys - filled[name])]
+    missing = [_hf_name(name, shard) + ("_inv" if blocks and name.endswith(".weight_scale") else "")
+               for name, keys in needed.items() for shard in sorted(keys - filled[name])]
     if missing:
         raise ValueError(f"tensors missing from checkpoint {model_dir}: {_names(missing)}")
 
@@ -141,7 +150,10 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], target: str,
     param = params[target]
     slot = _shard_of(model, param, target, shard, key)
     if target.endswith(".weight_scale"):
-        slot.copy_(checkpoint_scale(tensor, slot.shape[0]))
+        if slot.dim() == 2 and tuple(slot.shape) != tuple(tensor.shape):   # block-wise
+            raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)} "
+                             "(a scale per block)")
+        slot.copy_(tensor.float() if slot.dim() == 2 else checkpoint_scale(tensor, slot.shape[0]))
         return [target]
     if tuple(slot.shape) != tuple(tensor.shape):
         raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)}")
@@ -151,6 +163,9 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], target: str,
         slot.copy_(tensor)
     else:   # an unquantized weight into an FP8 layer: quantized as it loads
         scale_name = target.removesuffix("weight") + "weight_scale"
+        if params[scale_name].dim() == 2:
+            raise ValueError(f"checkpoint tensor {key} is {tensor.dtype}: a block-wise FP8 checkpoint's projections "
+                             "must be E4M3")
         quantize_rows_into(slot, _shard_of(model, params[scale_name], scale_name, shard, key), tensor.to(dtype))
         return [target, scale_name]
     return [target]
@@ -227,6 +242,9 @@ def _shard_of(model: nn.Module, param: nn.Parameter, name: str, shard: str, key:
         layout = model.get_submodule(experts[0]).shard_sizes() if shard else None
     else:
         layout = _shard_layout(model, name) if shard else None
+        if layout is not None and name.endswith(".weight_scale") and param.dim() == 2:   # a scale per block
+            layer = name.removesuffix(".weight_scale")
+            layout = _block_rows(layout, model.get_submodule(layer).block[0], layer)
     if shard:
         if layout is None or shard not in layout:
             raise ValueError(f"checkpoint tensor {key} does not fit parameter {name}")
@@ -234,6 +252,14 @@ def _shard_of(model: nn.Module, param: nn.Parameter, name: str, shard: str, key:
         offset = sum(layout[k] for k in order[: order.index(shard)])
         target = target.narrow(0, offset, layout[shard])
     return target
+
+
+def _block_rows(layout: dict[str, int], bn: int, layer: str) -> dict[str, int]:
+    """A fused layer's shard sizes in rows of its block scales: each shard must be whole blocks."""
+    if any(rows % bn for rows in layout.values()):
+        raise ValueError(f"{layer} fuses shards of {layout} rows, not each a whole number of {bn}-row blocks: "
+                         "their block-wise FP8 scales cannot be fused")
+    return {shard: rows // bn for shard, rows in layout.items()}
 
 
 def _names(names: list[str]) -> str:

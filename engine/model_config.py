@@ -26,7 +26,7 @@ from typing import Any
 
 from baton.engine.models import SUPPORTED_ARCHITECTURES
 from baton.engine.pooling import PoolerConfig, pooling_module_path
-from baton.engine.quantization import checkpoint_quantization
+from baton.engine.quantization import checkpoint_quantization, checkpoint_weight_block
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -126,6 +126,8 @@ class ModelConfig:
     logits_scaling: float = 1.0
     moe: SparseMoEConfig | None = None
     quantization: str | None = None    # the linear layers' weights (``engine/quantization.py``): None or "fp8"
+    # A block-wise FP8 checkpoint's ``weight_block_size`` (bn, bk): a weight scale per block; None: per channel.
+    weight_block_size: tuple[int, int] | None = None
 
     @classmethod
     def from_dict(
@@ -136,7 +138,7 @@ class ModelConfig:
     ) -> ModelConfig:
         """Parse a ``config.json`` dict. ``max_model_len`` (default: ``max_position_embeddings``)
         is the longest sequence the engine will serve: a sliding window no shorter than that is dropped."""
-        quantization = checkpoint_quantization(cfg)
+        quantization, weight_block = checkpoint_quantization(cfg), checkpoint_weight_block(cfg)
         cfg, weights = _text_model(cfg)
         architecture, has_lm_head = _architecture(cfg)
         gemma = architecture in GEMMA_ARCHITECTURES
@@ -189,6 +191,7 @@ class ModelConfig:
             **(_gemma_fields(architecture, cfg, hidden) if gemma else {}),
             moe=_sparse_moe(architecture, cfg, num_layers),
             quantization=quantization,
+            weight_block_size=weight_block,
         )
 
 

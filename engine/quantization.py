@@ -2,23 +2,27 @@
 ``--quantization`` on an unquantized checkpoint (quantized as it loads).
 
 One scheme is served, FP8 (E4M3) W8A8 (``baton.kernels.fp8``): every linear layer of the decoder
-layers holds its weight in E4M3 with an fp32 scale per output channel, and quantizes its input
-per token as it comes. The embeddings and the LM head stay in the model's dtype; mixture-of-experts
-models are refused (their experts would stay unquantized). Checkpoints read:
+layers holds its weight in E4M3 with fp32 scales, and quantizes its input as it comes. The
+embeddings and the LM head stay in the model's dtype; mixture-of-experts models are refused (their
+experts would stay unquantized). Checkpoints read:
 
 * ``quant_method: fp8`` (vLLM's and AutoFP8's): a scale per tensor (``<proj>.weight_scale``),
   spread over its output channels;
+* ``quant_method: fp8`` with ``weight_block_size: [bn, bk]`` (DeepSeek-V3's and Qwen3-*-FP8's): a
+  scale per ``bn x bk`` block of the weight (``<proj>.weight_scale_inv``, a multiplier despite its
+  name), and inputs scaled per token and group of ``bk`` features (``checkpoint_weight_block``);
+  computed by the torch reference on every device (``kernels/fp8.py``: correct, not fast);
 * ``quant_method: compressed-tensors`` (LLM Compressor's FP8 schemes): 8-bit float weights scaled
   per tensor or per channel.
 
-Inputs are always scaled per token, as they come: a checkpoint's static input scales (``fp8``'s
-``activation_scheme: static``, compressed-tensors' per-tensor ``input_activations``; the
+Without blocks, inputs are always scaled per token, as they come: a checkpoint's static input scales
+(``fp8``'s ``activation_scheme: static``, compressed-tensors' per-tensor ``input_activations``; the
 ``<proj>.input_scale`` tensors) are read past, not used. vLLM uses those, and scales a ``fp8``
 checkpoint's dynamic inputs per tensor; per token is finer (no input clips at a calibrated bound)
 and the one form of the kernels, so outputs sit a rounding closer to the unquantized model's than
-vLLM's, not equal to them. Refused, by name: block-wise weight scales (DeepSeek's and Qwen's FP8
-releases), integer or 4-bit schemes, weight-only schemes, quantized KV-cache scales, and layers
-left unquantized other than the LM head.
+vLLM's, not equal to them. Refused, by name: block-wise weight scales with static input scales,
+integer or 4-bit schemes, weight-only schemes, quantized KV-cache scales, and layers left
+unquantized other than the LM head.
 """
 
 from __future__ import annotations
@@ -53,12 +57,26 @@ def _check_unquantized(layers: Any, field: str) -> None:
         raise ValueError(f"quantization_config {field} {layers!r}: only the LM head may be left unquantized")
 
 
+def checkpoint_weight_block(cfg: dict[str, Any]) -> tuple[int, int] | None:
+    """The ``(bn, bk)`` of a block-wise ``fp8`` checkpoint's ``weight_block_size`` (call it once
+    ``checkpoint_quantization`` has checked the config); None for any other config."""
+    qc = cfg.get("quantization_config") or {}
+    block = qc.get("weight_block_size") if qc.get("quant_method") == "fp8" else None
+    return None if block is None else (block[0], block[1])
+
+
 def _check_fp8(qc: dict[str, Any]) -> None:
-    if qc.get("activation_scheme", "dynamic") not in ("dynamic", "static"):
-        raise ValueError(f"fp8 activation_scheme {qc['activation_scheme']!r} is not supported: dynamic or static")
-    if qc.get("weight_block_size") is not None:
-        raise ValueError(f"fp8 weight_block_size {qc['weight_block_size']} is not supported: weight scales per "
-                         "tensor only (block-wise FP8 checkpoints are not served)")
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static"):
+        raise ValueError(f"fp8 activation_scheme {scheme!r} is not supported: dynamic or static")
+    block = qc.get("weight_block_size")
+    if block is not None:
+        if not (isinstance(block, (list, tuple)) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise ValueError(f"fp8 weight_block_size {block!r} is not supported: two positive ints [bn, bk]")
+        if scheme != "dynamic":
+            raise ValueError(f"fp8 weight_block_size {block} with activation_scheme {scheme!r} is not supported: "
+                             "block-wise checkpoints' inputs are quantized per token and group as they come (dynamic)")
     for field in ("ignored_layers", "modules_to_not_convert"):
         _check_unquantized(qc.get(field), field)
 

@@ -14,6 +14,14 @@ GEMV, which reads half a bf16 weight's bytes; more rows by cuBLAS's FP8 GEMM (``
 row-wise scales). Both need a GPU with 8-bit float arithmetic (compute capability 8.9+: the engine
 refuses FP8 weights on older ones). On the CPU, for activations other than bf16 and for shapes
 cuBLAS does not take (dims not multiples of 16), the torch reference runs.
+
+Block-wise FP8 (DeepSeek-V3's and Qwen3-*-FP8's checkpoints): the weight has one scale per
+``bn x bk`` block (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), and each row of ``x`` is
+quantized per group of ``bk`` consecutive features, each group scaled as a row is above
+(``ref_quantize_groups``). ``ref_fp8_block_linear`` defines what such a layer computes: the sum over
+``k`` of the dequantized product ``(xq[m, k] * xs[m, k // bk]) * (wq[n, k] * ws[n // bn, k // bk])``
+in fp32, plus the bias, rounded once to ``x``'s dtype. That reference is the only path, on CUDA too:
+correct, not fast (it dequantizes the whole weight on each call; there is no block-scaled kernel).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -108,14 +117,21 @@ def ref_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf * (1.0 / scale)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-def check_fp8_weight(weight: torch.Tensor, weight_scale: torch.Tensor, x: torch.Tensor, in_features: int) -> None:
+def check_fp8_weight(weight: torch.Tensor, weight_scale: torch.Tensor, x: torch.Tensor, in_features: int,
+                     block: tuple[int, int] | None = None) -> None:
     """An E4M3 ``weight`` ``[N, in_features]`` (contiguous, on ``x``'s device) and its fp32
-    ``weight_scale`` ``[N]``."""
+    ``weight_scale``: ``[N]``, or with a ``block`` ``(bn, bk)`` of two positive ints one per block,
+    ``[ceil(N / bn), ceil(in_features / bk)]``."""
     check_shape("weight", weight, (-1, in_features))
     check_dtype("weight", weight, (FP8_DTYPE,))
     check_device("weight", weight, x)
     check_contiguous("weight", weight)
-    check_shape("weight_scale", weight_scale, (weight.shape[0],))
+    if block is None:
+        check_shape("weight_scale", weight_scale, (weight.shape[0],))
+    else:
+        if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+            raise ValueError(f"block must be two positive ints (bn, bk), got {block!r}")
+        check_shape("weight_scale", weight_scale, (-(-weight.shape[0] // block[0]), -(-in_features // block[1])))
     check_dtype("weight_scale", weight_scale, (torch.float32,))
     check_device("weight_scale", weight_scale, x)
     check_contiguous("weight_scale", weight_scale)
@@ -129,6 +145,45 @@ def ref_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     check_fp8_weight(weight, weight_scale, x, x.shape[1])
     q, scale = ref_quantize_rows(x)
     out = (q.float() @ weight.float().t()) * scale[:, None] * weight_scale[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def ref_quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[M, K]`` -> ``(E4M3 [M, K], fp32 scales [M, ceil(K / group)])``: each run of ``group``
+    consecutive features of a row (the last one shorter where ``group`` does not divide ``K``)
+    quantized as ``ref_quantize_rows`` quantizes a row."""
+    _check_rows(x)
+    if group <= 0:
+        raise ValueError(f"group must be positive, got {group}")
+    m, k = x.shape
+    groups = -(-k // group)
+    xf = F.pad(x.float(), (0, groups * group - k)).view(m, groups, group)
+    scale = xf.abs().amax(dim=2).clamp(min=MIN_SCALE_AMAX) * (1.0 / FP8_MAX)
+    q = (xf * (1.0 / scale)[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(m, groups * group)[:, :k].contiguous(), scale
+
+
+def _dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """E4M3 ``q`` ``[R, C]`` in fp32, each value times the scale of its ``block`` (rows x columns):
+    ``scale`` ``[ceil(R / block[0]), ceil(C / block[1])]``."""
+    (rows, cols), (br, bc), (sr, sc) = q.shape, block, scale.shape
+    padded = F.pad(q.float(), (0, sc * bc - cols, 0, sr * br - rows)).view(sr, br, sc, bc)
+    return (padded * scale[:, None, :, None]).view(sr * br, sc * bc)[:rows, :cols]
+
+
+def ref_fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[M, K]``, E4M3 ``weight`` ``[N, K]`` with a scale per ``block`` ``(bn, bk)``
+    (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), ``bias`` ``[N]`` or None -> ``[M, N]`` in
+    ``x``'s dtype: ``x`` quantized per token and group of ``bk`` features (``ref_quantize_groups``),
+    then ``out[m, n] = sum_k (xq[m, k] * xs[m, k // bk]) * (wq[n, k] * ws[n // bn, k // bk])`` in fp32,
+    plus the bias, rounded once. The one path for block-scaled weights on every device (not fast)."""
+    _check_rows(x)
+    check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
+    q, scale = ref_quantize_groups(x, block[1])
+    out = _dequantize_blocks(q, scale, (1, block[1])) @ _dequantize_blocks(weight, weight_scale, block).t()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)

@@ -44,13 +44,16 @@ def _gemv_rows(x: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+           weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` @ ``weight`` ``[N, K]``.T + ``bias``: the Triton GEMV for CUDA inputs of at
     most ``MAX_DISPATCH_ROWS`` rows (decode steps), ``F.linear`` (cuBLAS on GPU) for anything else.
-    With ``weight_scale``, ``weight`` is E4M3 (``kernels/fp8.py``): the GEMV, else cuBLAS's FP8 GEMM
-    on CUDA, else the reference."""
+    With ``weight_scale``, ``weight`` is E4M3 (``kernels/fp8.py``): scaled per output channel, the GEMV,
+    else cuBLAS's FP8 GEMM on CUDA, else the reference; scaled per ``block`` ``(bn, bk)``
+    (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), the block reference on every device."""
     if weight_scale is None:
         return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
+    if block is not None:
+        return fp8.ref_fp8_block_linear(x, weight, weight_scale, block, bias)
     if _gemv_rows(x):
         return gemv.linear(x, weight, bias, weight_scale)
     return (fp8.scaled_mm_fp8_linear if x.is_cuda else fp8.ref_fp8_linear)(x, weight, weight_scale, bias)
@@ -65,20 +68,23 @@ def qkv_rotary_store_kv(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     weight_scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The fused q/k/v projection, then ``rotary_store_kv``: one GEMV launch where ``linear`` takes
-    the GEMV (after the rows' quantization with FP8 weights), else the two ops. Returns the rotated
-    query ``[tokens, heads, head_dim]``."""
-    if _gemv_rows(x):
+    the GEMV (after the rows' quantization with FP8 weights), else the two ops (always with block
+    scales). Returns the rotated query ``[tokens, heads, head_dim]``."""
+    if _gemv_rows(x) and block is None:
         return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, weight_scale)
-    q, k, v = rotary.split_qkv(linear(x, weight, bias, weight_scale), kv_cache.shape[3], kv_cache.shape[4])
+    q, k, v = rotary.split_qkv(linear(x, weight, bias, weight_scale, block), kv_cache.shape[3], kv_cache.shape[4])
     return rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 activation: str = "silu", weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(act_and_mul(x, activation), weight, bias, weight_scale)``: one GEMV launch where
-    ``linear`` takes the GEMV (after the rows' quantization with FP8 weights), else the two ops."""
-    if _gemv_rows(x):
+                 activation: str = "silu", weight_scale: torch.Tensor | None = None,
+                 block: tuple[int, int] | None = None) -> torch.Tensor:
+    """``linear(act_and_mul(x, activation), weight, bias, weight_scale, block)``: one GEMV launch where
+    ``linear`` takes the GEMV (after the rows' quantization with FP8 weights), else the two ops
+    (always with block scales)."""
+    if _gemv_rows(x) and block is None:
         return gemv.gated_linear(x, weight, bias, activation, weight_scale)
-    return linear(act_and_mul(x, activation), weight, bias, weight_scale)
+    return linear(act_and_mul(x, activation), weight, bias, weight_scale, block)

@@ -32,7 +32,7 @@ from torch import nn
 
 from baton.engine.attention import AttentionMetadata, paged_attention_forward
 from baton.engine.model_config import ModelConfig
-from baton.engine.models.quantized import weight_scale
+from baton.engine.models.quantized import weight_block, weight_scale
 from baton.kernels import ops
 from baton.kernels.rotary import split_qkv
 
@@ -60,8 +60,9 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     (13.2 vs 16.4), and the 1B batch-1 decode step (graph replay, ctx 512) went from 1.256
     to 1.132 ms. Without q/k norms, qkv's GEMV also rotates and writes the KV cache
     (``ops.qkv_rotary_store_kv``). ``lm_head`` (``compute_logits``) takes the GEMV at one row only.
-    An ``Fp8Linear`` (``engine/models/quantized.py``) passes its weight scales too."""
-    return ops.linear(x, layer.weight, layer.bias, weight_scale(layer))
+    An ``Fp8Linear`` (``engine/models/quantized.py``) passes its weight scales too, and its block
+    where scaled per block (then the torch reference computes it on every device)."""
+    return ops.linear(x, layer.weight, layer.bias, weight_scale(layer), weight_block(layer))
 
 
 class RMSNorm(nn.Module):
@@ -116,7 +117,8 @@ class Attention(nn.Module):
         num_tokens = hidden.shape[0]
         if self.q_norm is None and lora is None:
             q = ops.qkv_rotary_store_kv(hidden, self.qkv_proj.weight, self.qkv_proj.bias, positions, cos_sin_cache,
-                                        kv_cache, meta.slot_mapping, weight_scale(self.qkv_proj))
+                                        kv_cache, meta.slot_mapping, weight_scale(self.qkv_proj),
+                                        weight_block(self.qkv_proj))
         else:
             qkv = project(self.qkv_proj, hidden)
             q, k, v = split_qkv(qkv if lora is None else lora.add("qkv_proj", hidden, qkv), self.num_kv_heads, self.head_dim)
@@ -148,7 +150,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
         if lora is None:
             return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias, self.activation,
-                                    weight_scale(self.down_proj))
+                                    weight_scale(self.down_proj), weight_block(self.down_proj))
         hidden = ops.act_and_mul(lora.add("gate_up_proj", x, project(self.gate_up_proj, x)), self.activation)
         return lora.add("down_proj", hidden, project(self.down_proj, hidden))
 
@@ -266,9 +268,9 @@ class LlamaForCausalLM(nn.Module):
         self.embedding_scale = config.embedding_multiplier
 
     def fold_scales(self) -> None:
-        """Scale the output and down projections (weights, or an FP8 one's scales, and biases) by
-        ``residual_multiplier``, once the checkpoint is loaded: what they add to the residual stream
-        is then scaled. Gemma's embedding multiplier is rounded to the weights' dtype, as transformers rounds it."""
+        """Scale the output and down projections (weights, or an FP8 one's scales, per channel or per
+        block, and biases) by ``residual_multiplier``, once the checkpoint is loaded: what they add to
+        the residual stream is then scaled. Gemma's embedding multiplier is rounded to the weights' dtype, as transformers rounds it."""
         if self.config.gemma_norms:
             weight = self.model.embed_tokens.weight
             self.embedding_scale = float(torch.tensor(self.config.embedding_multiplier, dtype=weight.dtype))

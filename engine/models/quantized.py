@@ -1,7 +1,8 @@
 """Quantized linear layers in the model (``engine/quantization.py`` says which checkpoints and
-flags make them): ``Fp8Linear`` holds an E4M3 weight and an fp32 scale per output channel, and
-``quantize_linears`` puts one in place of each linear layer of the decoder layers' attention and
-dense MLPs, before the checkpoint loads (the loader fills or quantizes them)."""
+flags make them): ``Fp8Linear`` holds an E4M3 weight and fp32 scales, one per output channel or,
+from a block-wise checkpoint, one per block of the weight, and ``quantize_linears`` puts one in
+place of each linear layer of the decoder layers' attention and dense MLPs, before the checkpoint
+loads (the loader fills or quantizes them)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class Fp8Linear(nn.Module):
-    """``weight`` ``[out, in]`` in E4M3, ``weight_scale`` ``[out]`` (fp32), ``bias`` ``[out]`` in the
+    """``weight`` ``[out, in]`` in E4M3, ``weight_scale`` (fp32) ``[out]``, or with a ``block``
+    ``(bn, bk)`` one per block, ``[ceil(out / bn), ceil(in / bk)]``, ``bias`` ``[out]`` in the
     model's dtype or None; ``ops.linear`` computes with them (``kernels/fp8.py``)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 block: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        scales = (out_features,) if block is None else (-(-out_features // block[0]), -(-in_features // block[1]))
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(scales, dtype=torch.float32), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(torch.empty_like(bias), requires_grad=False)
 
 
@@ -30,13 +34,20 @@ def weight_scale(layer: nn.Module) -> torch.Tensor | None:
     return layer.weight_scale if isinstance(layer, Fp8Linear) else None
 
 
-def quantize_linears(model: nn.Module) -> None:
-    """Swap every ``nn.Linear`` named in ``QUANTIZED_PROJECTIONS`` for an ``Fp8Linear`` of its shape
-    (on the meta device, before the weights load). Embeddings and the LM head stay as they are."""
+def weight_block(layer: nn.Module) -> tuple[int, int] | None:
+    """A block-scaled ``Fp8Linear``'s block ``(bn, bk)``; None for any other layer."""
+    return layer.block if isinstance(layer, Fp8Linear) else None
+
+
+def quantize_linears(model: nn.Module, block: tuple[int, int] | None = None) -> None:
+    """Swap every ``nn.Linear`` named in ``QUANTIZED_PROJECTIONS`` for an ``Fp8Linear`` of its shape,
+    scaled per ``block`` (None: per output channel), on the meta device, before the weights load.
+    Embeddings and the LM head stay as they are."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name.rpartition(".")[2] in QUANTIZED_PROJECTIONS:
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, Fp8Linear(module.in_features, module.out_features, module.bias))
+            setattr(model.get_submodule(parent), attr,
+                    Fp8Linear(module.in_features, module.out_features, module.bias, block))
 
 
 def quantize_rows_into(weight: torch.Tensor, scale: torch.Tensor, tensor: torch.Tensor) -> None:
