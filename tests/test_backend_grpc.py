@@ -201,7 +201,9 @@ class FakePrefill(FakeCacheReset, FakeLoRAs, prefill_pb2_grpc.PrefillServicer):
 
     async def _prefill(self, request, context):
         n = len(request.prompt_token_ids)
-        if n > self.max_len:
+        if n > self.max_len:   # after its ticket, as a real worker refuses a request (services/prefill/server.py)
+            if request.ticket_follows:
+                await context.read()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt has {n} tokens, more than {self.max_len}")
         await asyncio.sleep(self.delay_s)
         prompt_logprobs = [common_pb2.TokenLogprob(token_id=t, logprob=-1.0) for t in request.prompt_token_ids[1:]]

@@ -237,6 +237,33 @@ async def test_an_adapter_the_worker_has_not_loaded_is_not_found(worker):
     assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0
 
 
+async def test_a_request_refused_before_it_is_queued_ends_only_once_its_ticket_has_come(worker):
+    """An invalid request (a grammar that does not compile) and one naming an adapter not loaded end
+    INVALID_ARGUMENT and NOT_FOUND, but not while the gateway may still be writing their ticket: a
+    status that came during that write would reach it as INTERNAL (grpc's asyncio client marks a call
+    whose write fails so)."""
+    ctx, servicer, receiver, push, address, caches = worker
+    bad_grammar = common_pb2.SamplingParams(temperature=0.0, max_tokens=4,
+                                            structured_output=common_pb2.StructuredOutput(regex="(a"))
+    good = common_pb2.SamplingParams(temperature=0.0, max_tokens=4)
+    cases = [("t1", {"params": bad_grammar}, grpc.StatusCode.INVALID_ARGUMENT, "Regex parsing error"),
+             ("t2", {"params": good, "lora": "sonnets"}, grpc.StatusCode.NOT_FOUND, "'sonnets' is not loaded")]
+    async with grpc.aio.insecure_channel(address) as channel:
+        for rid, fields, code, says in cases:
+            opening, ticket = messages(ticket_for(ctx, receiver, rid, [1, 2], len(PROMPT)), request_id=rid,
+                                       prompt_token_ids=PROMPT, **fields)
+            call = prefill_pb2_grpc.PrefillStub(channel).Prefill(timeout=60)
+            await call.write(opening)
+            await asyncio.sleep(0.5)
+            assert not call.done(), f"{rid} ended while its ticket could still be on its way"
+            await call.write(ticket)
+            await call.done_writing()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == code and says in err.value.details()
+    assert (await servicer.engine.call(ctx.core.stats)).used_blocks == 0
+
+
 async def test_a_cache_salt_keeps_prefill_and_embeddings_to_their_own_cached_blocks(worker):
     """The prompt's cached block serves later requests (prefill or embedding) with the same salt only."""
     ctx, servicer, receiver, push, address, caches = worker

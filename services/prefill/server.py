@@ -27,7 +27,9 @@ adapters load and unload while serving (``LoadLoRA``, ``UnloadLoRA``: ``services
 ``ResetPrefixCache`` uncaches every block, those of requests in any state here kept for them.
 An abort, a deadline, a ticket that does not come or does not fit, or a transfer failure at any
 point aborts the transfer, releases the blocks and ends the stream with an error status (a
-transfer failure's names the decode worker in its trailing metadata).
+transfer failure's names the decode worker in its trailing metadata). A request refused before it
+is queued (invalid, or naming an adapter not loaded) reads its ticket before its status goes out
+(``_end_before_ticket``), so the gateway is never writing as the call ends.
 """
 
 from __future__ import annotations
@@ -77,6 +79,17 @@ def prefill_params(params: SamplingParams, num_resumed: int = 0) -> SamplingPara
     token is masked for that token exactly as when one process generates everything."""
     limit = num_resumed + 1
     return dataclasses.replace(params, max_tokens=limit, min_tokens=min(params.min_tokens, limit), n=1)
+
+
+async def _end_before_ticket(request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext,
+                             message: str) -> None:
+    """End a call INVALID_ARGUMENT before its request is queued, having read the ticket that follows
+    it first, if one does. A status that reaches the gateway while it is writing the ticket turns,
+    in grpc's asyncio client, into INTERNAL "Internal error from Core" (a call whose write fails is
+    marked so), and a client's 400 would become a 503."""
+    if request.ticket_follows:
+        await context.read()
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def _decode_failed(message: str) -> EndCall:
@@ -152,13 +165,13 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
         request = opening.request
         rid = request.request_id
         if not rid or rid in self._tasks:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already in use")
+            await _end_before_ticket(request, context, f"request_id {rid!r} is empty or already in use")
         prompt, resumed = list(request.prompt_token_ids), list(request.output_token_ids)
         try:
             params = prefill_params(params_from_proto(request.params), len(resumed))
             await compile_grammar(self._ctx, params, context)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _end_before_ticket(request, context, str(exc))
         self._tasks[rid] = asyncio.current_task()
         ticket = asyncio.create_task(self._receive_ticket(request, context)) if request.ticket_follows else None
         future: asyncio.Future[SeqUpdate] = asyncio.get_running_loop().create_future()
@@ -189,6 +202,9 @@ class PrefillServicer(WorkerRPCs, prefill_pb2_grpc.PrefillServicer):
             if stats is not None:
                 yield prefill_pb2.PrefillReply(handoff=prefill_pb2.KVHandoff(bytes_sent=stats.bytes, seconds=stats.seconds))
         except EndCall as exc:
+            if session is None and ticket is not None:   # its ticket read first, as _end_before_ticket says why
+                opened = (await asyncio.gather(ticket, return_exceptions=True))[0]
+                session = opened if isinstance(opened, TransferSession) else None
             await exc.end(context)
         except TransferError as exc:
             await _decode_failed(f"KV transfer to the decode worker failed: {exc}").end(context)
