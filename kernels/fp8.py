@@ -159,10 +159,8 @@ def ref_quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
         raise ValueError(f"group must be positive, got {group}")
     m, k = x.shape
     groups = -(-k // group)
-    xf = F.pad(x.float(), (0, groups * group - k)).view(m, groups, group)
-    scale = xf.abs().amax(dim=2).clamp(min=MIN_SCALE_AMAX) * (1.0 / FP8_MAX)
-    q = (xf * (1.0 / scale)[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.view(m, groups * group)[:, :k].contiguous(), scale
+    q, scale = ref_quantize_rows(F.pad(x.float(), (0, groups * group - k)).view(m * groups, group))
+    return q.view(m, groups * group)[:, :k].contiguous(), scale.view(m, groups)
 
 
 def _dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
