@@ -149,15 +149,14 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], target: str,
     returns the parameters it filled."""
     param = params[target]
     slot = _shard_of(model, param, target, shard, key)
-    if target.endswith(".weight_scale"):
-        if slot.dim() == 2 and tuple(slot.shape) != tuple(tensor.shape):   # block-wise
-            raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)} "
-                             "(a scale per block)")
-        slot.copy_(tensor.float() if slot.dim() == 2 else checkpoint_scale(tensor, slot.shape[0]))
-        return [target]
+    scales = target.endswith(".weight_scale")
+    if scales and slot.dim() == 1:   # one per output channel (or one per tensor, spread over them)
+        tensor = checkpoint_scale(tensor, slot.shape[0])
     if tuple(slot.shape) != tuple(tensor.shape):
         raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)}")
-    if param.dtype != FP8_DTYPE:
+    if scales:   # fp32, never the model's dtype
+        slot.copy_(tensor.float())
+    elif param.dtype != FP8_DTYPE:
         slot.copy_(tensor.to(dtype))
     elif tensor.dtype == FP8_DTYPE:
         slot.copy_(tensor)
