@@ -116,7 +116,8 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     if device != "cpu":
         yield "fp8 gated gemv", lambda: check_gemv(device, dtype, 2, 37, 300, True, SMALL_TILES, gated=True)
         for act in ("silu", "gelu_pytorch_tanh"):
-            yield f"quantize rows of {act}", lambda a=act: check_quantize_rows(device, dtype, 3, 300, 128, a)
+            for block_k in (128, 512):
+                yield f"quantize rows of {act}, tile {block_k}", lambda a=act, b=block_k: check_quantize_rows(device, dtype, 3, 300, b, a)
 
 
 @pytest.mark.unit
@@ -169,10 +170,10 @@ def test_fp8_kernels_use_hopper_conversions() -> None:
     """On an H100 the row quantization (with the MLP's activation too) rounds to E4M3 in hardware
     (saturating, to nearest even) and waits for the kernel before it (PDL); the FP8 GEMVs (the
     fused q/k/v one too) widen E4M3 rows and weights in hardware and round nothing."""
-    for activation in (None, "silu"):
+    for activation, one_tile in [(a, t) for a in (None, "silu") for t in (False, True)]:
         rows = hopper_ptx("baton.kernels.fp8:_quantize_rows_kernel",
                           {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
-                          dict(ACTIVATION=activation, BLOCK_K=1024, PDL=True))
+                          dict(ACTIVATION=activation, BLOCK_K=1024, ONE_TILE=one_tile, PDL=True))
         assert "cvt.rn.satfinite.e4m3x2.f32" in rows
         assert "griddepcontrol.wait" in rows and "griddepcontrol.launch_dependents" in rows
     pointers = {"x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
