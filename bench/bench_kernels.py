@@ -424,12 +424,15 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
     rows' quantization, timed alone too) against the bf16 GEMV (bytes: the E4M3 weight, x and the
     output), down_proj also gated (the activation made in the quantization launch, as the model calls
     it) against the bf16 gated GEMV, and at prefill rows the row quantization plus cuBLAS's FP8 GEMM
-    against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K)."""
-    rows = []
+    against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K). Then the same weights scaled per 128 x 128 block
+    (DeepSeek-V3's, Qwen3-FP8's checkpoints; random scales): the block-scaled GEMV with its group
+    quantization, and cuBLAS's block-scaled GEMM, each beside its per-channel time."""
+    rows, block = [], fp8.CUBLAS_BLOCK
     for model, proj, n, k in LINEAR_SHAPES[:-1]:
         count = max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * k)))
         bf16 = [torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.05 for _ in range(count)]
         quantized = [fp8.ref_quantize_rows(w) for w in bf16]
+        block_scales = [(torch.rand(n // block[0], k // block[1], device="cuda") + 0.5) * 1e-3 for _ in bf16]
         for m in (1, 2):
             xs = [torch.randn(m, k, dtype=DTYPE, device="cuda") for _ in bf16]
             bf16_ms = median_ms([lambda x=x, w=w: linear.linear(x, w) for x, w in zip(xs, bf16)], graph=True)
@@ -441,6 +444,12 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
             rows.append(f"| fp8 linear (GEMV) | {model} {proj} N={n} K={k}, M={m} | {times[0] * 1e3:.1f} us (quantization "
                         f"alone {quant_ms * 1e3:.1f} us; bf16 GEMV {bf16_ms * 1e3:.1f} us; configs: {sweep}) | {gbs:.0f} GB/s "
                         f"| {gbs / copy_gbs:.0%} of copy |")
+            block_times = [median_ms([lambda x=x, q=q, s=s, c=c: linear.launch_linear(x, q[0], None, c, weight_scale=s, block=block)
+                                      for x, q, s in zip(xs, quantized, block_scales)], graph=True) for c in FP8_GEMV_CONFIGS]
+            gbs = (n * k + (m * k + m * n) * 2) / block_times[0] / 1e6
+            sweep = ", ".join(f"n{c.block_n} k{c.block_k} w{c.num_warps} {t * 1e3:.1f}" for c, t in zip(FP8_GEMV_CONFIGS, block_times))
+            rows.append(f"| fp8 linear, 128x128 blocks (GEMV) | {model} {proj} N={n} K={k}, M={m} | {block_times[0] * 1e3:.1f} us "
+                        f"(per channel {times[0] * 1e3:.1f} us; configs: {sweep}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
             if proj == "down_proj":
                 gated = [torch.randn(m, 2 * k, dtype=DTYPE, device="cuda") for _ in bf16]
                 bf16_ms = median_ms([lambda x=x, w=w: linear.gated_linear(x, w) for x, w in zip(gated, bf16)], graph=True)
@@ -458,7 +467,12 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
             rows.append(f"| fp8 linear (quantize + cuBLAS) | {model} {proj} N={n} K={k}, M={m} | {ms * 1e3:.1f} us (of it "
                         f"the quantization {quant_ms * 1e3:.1f} us; bf16 F.linear {bf16_ms * 1e3:.1f} us) | "
                         f"{tflops:.0f} TFLOP/s | {bf16_ms / ms:.2f}x bf16 |")
-        del bf16, quantized
+            block_ms = median_ms([lambda q=q, s=s: fp8.scaled_mm_block_fp8_linear(x, q[0], s, block)
+                                  for q, s in zip(quantized[:2], block_scales)], graph=True)
+            rows.append(f"| fp8 linear, 128x128 blocks (quantize + cuBLAS) | {model} {proj} N={n} K={k}, M={m} | "
+                        f"{block_ms * 1e3:.1f} us (per channel {ms * 1e3:.1f} us) | {2 * m * n * k / block_ms / 1e9:.0f} TFLOP/s "
+                        f"| {bf16_ms / block_ms:.2f}x bf16 |")
+        del bf16, quantized, block_scales
     return rows
 
 

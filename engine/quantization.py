@@ -11,7 +11,8 @@ experts would stay unquantized). Checkpoints read:
 * ``quant_method: fp8`` with ``weight_block_size: [bn, bk]`` (DeepSeek-V3's and Qwen3-*-FP8's): a
   scale per ``bn x bk`` block of the weight (``<proj>.weight_scale_inv``, a multiplier despite its
   name), and inputs scaled per token and group of ``bk`` features (``checkpoint_weight_block``);
-  computed by the torch reference on every device (``kernels/fp8.py``: correct, not fast);
+  on CUDA, decode's rows take the block-scaled GEMV and larger batches cuBLAS's block-scaled GEMM
+  (128 x 128 blocks, Hopper); the torch reference elsewhere (``kernels/fp8.py``);
 * ``quant_method: compressed-tensors`` (LLM Compressor's FP8 schemes): 8-bit float weights scaled
   per tensor or per channel.
 

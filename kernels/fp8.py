@@ -20,8 +20,12 @@ Block-wise FP8 (DeepSeek-V3's and Qwen3-*-FP8's checkpoints): the weight has one
 quantized per group of ``bk`` consecutive features, each group scaled as a row is above
 (``ref_quantize_groups``). ``ref_fp8_block_linear`` defines what such a layer computes: the sum over
 ``k`` of the dequantized product ``(xq[m, k] * xs[m, k // bk]) * (wq[n, k] * ws[n // bn, k // bk])``
-in fp32, plus the bias, rounded once to ``x``'s dtype. That reference is the only path, on CUDA too:
-correct, not fast (it dequantizes the whole weight on each call; there is no block-scaled kernel).
+in fp32, plus the bias, rounded once to ``x``'s dtype. On CUDA the rows are quantized by
+``quantize_groups``' kernel, then multiplied: a decode step's few rows by the Triton GEMV, which
+scales each group's sum by its row's and its block's scales (a ``bk`` that is a power of two:
+``linear.takes_block``); more rows by cuBLAS's block-scaled FP8 GEMM where it takes the recipe
+(``CUBLAS_BLOCK``, bf16, Hopper). Elsewhere the reference runs: correct, not fast (it dequantizes
+the whole weight on each call).
 """
 
 from __future__ import annotations
@@ -97,6 +101,17 @@ def _check_rows(x: torch.Tensor) -> None:
         raise ValueError(f"x must be contiguous in its last dim, got strides {tuple(x.stride())}")
 
 
+def _quantized_width(x: torch.Tensor, activation: str | None) -> int:
+    """The width of the rows ``x`` quantizes to: its own, or with an ``activation`` half of it."""
+    _check_rows(x)
+    if activation is None:
+        return x.shape[1]
+    check_activation(activation)
+    if x.shape[1] % 2:
+        raise ValueError(f"a gated x has gate then up halves: its width must be even, got {x.shape[1]}")
+    return x.shape[1] // 2
+
+
 def quantize_rows(x: torch.Tensor, block_k: int = 16384, activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[M, K]`` (a float dtype, CUDA) -> its rows in E4M3 ``[M, K]`` and their fp32 scales
     ``[M]``: one program a row. A row of up to ``block_k`` features is one tile, loaded once and kept in
@@ -104,18 +119,59 @@ def quantize_rows(x: torch.Tensor, block_k: int = 16384, activation: str | None 
     largest magnitude, then the rounding). With an ``activation`` (``activation.ACTIVATIONS``), ``x`` is
     ``[M, 2K]`` (gate then up) and the rows quantized are ``act_and_mul(x, activation)``'s, made in the
     same launch."""
-    _check_rows(x)
-    if activation is not None:
-        check_activation(activation)
-        if x.shape[1] % 2:
-            raise ValueError(f"a gated x has gate then up halves: its width must be even, got {x.shape[1]}")
-    m, k = x.shape[0], x.shape[1] // 2 if activation else x.shape[1]
+    m, k = x.shape[0], _quantized_width(x, activation)
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m and k:
         tile = min(block_k, triton.next_power_of_2(k))
         _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), ACTIVATION=activation, BLOCK_K=tile, ONE_TILE=tile >= k,
                                     num_warps=min(16, max(4, tile // 512)), **pdl.launch_options(x))
+    return q, scale
+
+
+@triton.jit
+def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, K, GROUPS, stride_x, stride_q, stride_sm, stride_sg,
+                            GROUP: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+                            TILE_GROUPS: tl.constexpr, PDL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * TILE_GROUPS + tl.arange(0, TILE_GROUPS)
+    ks = tl.arange(0, BLOCK)
+    # [TILE_GROUPS, BLOCK] places in the row. BLOCK is GROUP rounded up to a power of two: a lane past
+    # its group's end gets K, as one past the row has, and reads and writes nothing.
+    offs = tl.where((ks < GROUP)[None, :], groups[:, None] * GROUP + ks[None, :], K)
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
+    x = _load_row(x_ptr + row * stride_x, offs, K, ACTIVATION)
+    scale, inv_scale = row_scale(tl.max(tl.abs(x), 1))
+    tl.store(scale_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups < GROUPS)
+    tl.store(q_ptr + row * stride_q + offs, quantize_value(x, inv_scale[:, None]), mask=offs < K)
+
+
+def _launch_quantize_groups(x: torch.Tensor, group: int, activation: str | None, q: torch.Tensor,
+                            scale: torch.Tensor) -> None:
+    """Quantize ``x``'s rows per ``group`` into ``q`` ``[M, K]`` and ``scale`` ``[M, ceil(K / group)]``
+    (any strides: cuBLAS reads its scales column by column)."""
+    (m, k), groups = q.shape, scale.shape[1]
+    if not (m and k):
+        return
+    block = triton.next_power_of_2(group)
+    tile_groups = max(1, min(triton.next_power_of_2(groups), 4096 // block))
+    _quantize_groups_kernel[(m, triton.cdiv(groups, tile_groups))](
+        x, q, scale, k, groups, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1), GROUP=group,
+        ACTIVATION=activation, BLOCK=block, TILE_GROUPS=tile_groups, **pdl.launch_options(x))
+
+
+def quantize_groups(x: torch.Tensor, group: int, activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ref_quantize_groups`` on CUDA (``x`` of a float dtype): ``x`` ``[M, K]`` -> E4M3 ``[M, K]`` and
+    fp32 scales ``[M, ceil(K / group)]``, one program per row and run of up to 4,096 features' groups.
+    With an ``activation``, ``x`` is ``[M, 2K]`` and ``act_and_mul(x, activation)``'s rows are
+    quantized, as ``quantize_rows`` does."""
+    k = _quantized_width(x, activation)
+    if not isinstance(group, int) or group <= 0:
+        raise ValueError(f"group must be a positive int, got {group!r}")
+    q = torch.empty((x.shape[0], k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((x.shape[0], -(-k // group)), dtype=torch.float32, device=x.device)
+    _launch_quantize_groups(x, group, activation, q, scale)
     return q, scale
 
 
@@ -165,8 +221,8 @@ def ref_quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
     consecutive features of a row (the last one shorter where ``group`` does not divide ``K``)
     quantized as ``ref_quantize_rows`` quantizes a row."""
     _check_rows(x)
-    if group <= 0:
-        raise ValueError(f"group must be positive, got {group}")
+    if not isinstance(group, int) or group <= 0:
+        raise ValueError(f"group must be a positive int, got {group!r}")
     m, k = x.shape
     groups = -(-k // group)
     q, scale = ref_quantize_rows(F.pad(x.float(), (0, groups * group - k)).view(m * groups, group))
@@ -216,4 +272,35 @@ def scaled_mm_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     q, scale = quantize_rows(x)
     out = torch._scaled_mm(q, weight.t(), scale_a=scale[:, None], scale_b=weight_scale[None, :],
                            out_dtype=torch.bfloat16)
+    return out if bias is None else out + bias
+
+
+# cuBLAS's block-scaled FP8 GEMM (CUDA 12.9+, through ``torch._scaled_mm``) takes DeepSeek's recipe:
+# x scaled per token and 128 features, the weight per 128 x 128 block, on Hopper (compute capability
+# 9.0) alone, as PyTorch's check for it says.
+CUBLAS_BLOCK = (128, 128)
+
+
+def _cublas_takes_blocks(x: torch.Tensor, n: int, k: int, block: tuple[int, int]) -> bool:
+    return (x.dtype == torch.bfloat16 and tuple(block) == CUBLAS_BLOCK and n % 128 == 0 and k % 128 == 0
+            and torch.cuda.get_device_capability(x.device) == (9, 0))
+
+
+def scaled_mm_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                               block: tuple[int, int], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: ``quantize_groups``, then
+    cuBLAS's block-scaled FP8 GEMM where it takes the block, the shapes and the GPU (``CUBLAS_BLOCK``,
+    bf16 ``x``); the reference otherwise. cuBLAS reads the rows' scales column by column and in whole
+    fours of rows: the quantization writes them so, and zero rows pad x to a multiple of four."""
+    _check_rows(x)
+    check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
+    (m, k), n = x.shape, weight.shape[0]
+    if not (m and _cublas_takes_blocks(x, n, k, block)):
+        return ref_fp8_block_linear(x, weight, weight_scale, block, bias)
+    rows = -(-m // 4) * 4
+    q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
+    q[m:].view(torch.uint8).zero_()
+    scale = torch.zeros((k // 128, rows), dtype=torch.float32, device=x.device).t()
+    _launch_quantize_groups(x, 128, None, q[:m], scale[:m])
+    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)[:m]
     return out if bias is None else out + bias

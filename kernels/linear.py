@@ -25,7 +25,7 @@ import triton.language as tl
 from baton.kernels import pdl
 from baton.kernels.activation import act_mul, check_activation, ref_act_and_mul
 from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
-from baton.kernels.fp8 import check_fp8_weight, quantize_rows
+from baton.kernels.fp8 import check_fp8_weight, quantize_groups, quantize_rows
 
 MAX_GEMV_ROWS = 4  # the most rows of x the kernel takes: it keeps an fp32 accumulator per row
 
@@ -73,14 +73,37 @@ def _load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION: tl.constexpr, EVEN_K: tl.cons
 
 
 @triton.jit
+def _tile_sums(x, w, k0, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, col_ok, GROUPS,
+               M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+               GROUP_K: tl.constexpr):
+    """``[M_PAD, BLOCK_N]``: the products of one K tile summed over it; with block scales (``GROUP_K``
+    > 0: E4M3 rows scaled per token and ``GROUP_K`` features, ``x_scale`` ``[M, GROUPS]``, the weight
+    per ``GROUP_N x GROUP_K`` block, ``w_scale`` ``[ceil(N / GROUP_N), GROUPS]``), each group's sum
+    times its row's and its block's scales first."""
+    if GROUP_K == 0:
+        sums = tl.sum(x * w, 2)
+    else:
+        sums = tl.sum(tl.reshape(x * w, [M_PAD, BLOCK_N, BLOCK_K // GROUP_K, GROUP_K]), 3)
+        g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
+        x_scale = tl.load(x_scale_ptr + rows[:, None] * GROUPS + g[None, :],
+                          mask=row_ok[:, None] & (g < GROUPS)[None, :], other=0.0)
+        w_scale = tl.load(w_scale_ptr + (cols // GROUP_N)[:, None] * GROUPS + g[None, :],
+                          mask=col_ok[:, None] & (g < GROUPS)[None, :], other=0.0)
+        sums = tl.sum(sums * x_scale[:, None, :] * w_scale[None, :, :], 2)
+    return sums
+
+
+@triton.jit
 def _gemv_columns(
     x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn,
     M: tl.constexpr, M_PAD: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, x_scale_ptr=None, w_scale_ptr=None, GROUPS=0, GROUP_N: tl.constexpr = 0,
+    GROUP_K: tl.constexpr = 0,
 ):
     """fp32 ``[M_PAD, len(cols)]``: rows of x (zeros past M) times the weight rows ``cols``, each
-    widened to fp32 (E4M3 ones too: the caller applies their scales). Loads the first weight tile,
-    then waits for the kernel before (which wrote x)."""
+    widened to fp32 (E4M3 ones too: the caller applies their scales, but for block scales, applied
+    here group by group: ``_tile_sums``). Loads the first weight tile, then waits for the kernel before
+    (which wrote x)."""
     rows = tl.arange(0, M_PAD)
     ks = tl.arange(0, BLOCK_K)
     # Tiles are [rows, cols, k]: weights [1, cols, BLOCK_K], x [M_PAD, 1, BLOCK_K], so every
@@ -95,10 +118,12 @@ def _gemv_columns(
     w = _load_w(w_ptrs, 0, K, ks, EVEN_K).to(tl.float32)
     pdl.wait(PDL)
     pdl.launch_dependents(PDL)
-    acc = tl.sum(_load_x(x_ptrs, 0, K, ks, row_ok, ACTIVATION, EVEN_K) * w, 2)
+    acc = _tile_sums(_load_x(x_ptrs, 0, K, ks, row_ok, ACTIVATION, EVEN_K), w, 0, x_scale_ptr, w_scale_ptr, rows,
+                     rows < M, cols, col_ok, GROUPS, M_PAD, cols.shape[0], BLOCK_K, GROUP_N, GROUP_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
-        acc += tl.sum(_load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K) * w, 2)
+        acc += _tile_sums(_load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K), w, k0, x_scale_ptr, w_scale_ptr,
+                          rows, rows < M, cols, col_ok, GROUPS, M_PAD, cols.shape[0], BLOCK_K, GROUP_N, GROUP_K)
     return acc
 
 
@@ -112,15 +137,17 @@ def scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, col_ok):
 @triton.jit
 def _linear_kernel(
     x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr,
-    N, K, stride_xm, stride_wn, stride_om,
+    N, K, GROUPS, stride_xm, stride_wn, stride_om,
     M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, M_PAD)
-    acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, ACTIVATION, BLOCK_K, EVEN_K, PDL)
-    if FP8:
+    acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, ACTIVATION, BLOCK_K, EVEN_K, PDL,
+                        x_scale_ptr, w_scale_ptr, GROUPS, GROUP_N, GROUP_K)
+    if FP8 and GROUP_K == 0:
         acc = scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, rows < M, cols, col_ok)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -129,7 +156,7 @@ def _linear_kernel(
 
 
 def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool,
-                       weight_scale: torch.Tensor | None = None) -> None:
+                       weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
     check_shape("x", x, (-1, -1))
     if x.shape[0] > MAX_GEMV_ROWS:
         raise ValueError(f"x has {x.shape[0]} rows; this kernel takes at most MAX_GEMV_ROWS={MAX_GEMV_ROWS}")
@@ -143,7 +170,7 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         check_same_dtype("weight", weight, "x", x)
         check_contiguous("weight", weight)
     else:
-        check_fp8_weight(weight, weight_scale, x, weight.shape[1])
+        check_fp8_weight(weight, weight_scale, x, weight.shape[1], block)
     if bias is not None:
         check_shape("bias", bias, (weight.shape[0],))
         check_device("bias", bias, x)
@@ -151,41 +178,59 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         check_last_dim_contiguous("bias", bias)
 
 
+def takes_block(block: tuple[int, int], config: LinearConfig = DEFAULT_CONFIG) -> bool:
+    """Whether the GEMV applies block scales ``(bn, bk)`` itself: a ``bk`` that is a power of two and
+    divides ``config.block_k`` (128 in every published block-wise checkpoint); else the reference."""
+    bk = block[1]
+    return bk & (bk - 1) == 0 and config.block_k % bk == 0
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+           weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` (M <= ``MAX_GEMV_ROWS``), ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None,
     all of one float dtype -> ``[M, N]`` in that dtype, accumulated in fp32. With ``weight_scale``
-    ``[N]`` (fp32), ``weight`` is E4M3 and this is ``fp8.ref_fp8_linear``. With PDL, the
-    weights load before the kernel just before this one has finished: it must not write them."""
-    return launch_linear(x, weight, bias, DEFAULT_CONFIG, weight_scale=weight_scale)
+    ``[N]`` (fp32), ``weight`` is E4M3 and this is ``fp8.ref_fp8_linear``; with a ``block`` too
+    (``takes_block``), ``weight_scale`` has one scale per block and this is ``fp8.ref_fp8_block_linear``.
+    With PDL, the weights load before the kernel just before this one has finished: it must not write
+    them."""
+    return launch_linear(x, weight, bias, DEFAULT_CONFIG, weight_scale=weight_scale, block=block)
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 activation: str = "silu", weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(act_and_mul(x, activation), weight, bias, weight_scale)`` in one launch (two with FP8
-    weights: the rows' quantization makes the activation): ``x`` ``[M, 2K]`` (gate then up)."""
-    return launch_linear(x, weight, bias, DEFAULT_CONFIG, gated=True, activation=activation, weight_scale=weight_scale)
+                 activation: str = "silu", weight_scale: torch.Tensor | None = None,
+                 block: tuple[int, int] | None = None) -> torch.Tensor:
+    """``linear(act_and_mul(x, activation), weight, bias, weight_scale, block)`` in one launch (two with
+    FP8 weights: the rows' quantization makes the activation): ``x`` ``[M, 2K]`` (gate then up)."""
+    return launch_linear(x, weight, bias, DEFAULT_CONFIG, gated=True, activation=activation, weight_scale=weight_scale,
+                         block=block)
 
 
 def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LinearConfig,
-                  gated: bool = False, activation: str = "silu", weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  gated: bool = False, activation: str = "silu", weight_scale: torch.Tensor | None = None,
+                  block: tuple[int, int] | None = None) -> torch.Tensor:
     """``linear`` (or ``gated_linear``) with explicit launch parameters (tests and benchmarks pick them)."""
     check_activation(activation)
-    _check_linear_args(x, weight, bias, gated, weight_scale)
+    _check_linear_args(x, weight, bias, gated, weight_scale, block)
+    if block is not None and not takes_block(block, config):
+        raise ValueError(f"block {tuple(block)} is not taken by tiles of block_k={config.block_k}: its bk must be a "
+                         "power of two that divides block_k")
     (m, _), (n, k) = x.shape, weight.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     x_scale = weight
     if weight_scale is not None:
-        x, x_scale = quantize_rows(x, activation=activation if gated else None)
+        act = activation if gated else None
+        x, x_scale = quantize_rows(x, activation=act) if block is None else quantize_groups(x, block[1], act)
         gated = False
+    group_n, group_k = (0, 0) if block is None else block
     _linear_kernel[(triton.cdiv(n, config.block_n),)](
         x, x_scale, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias, out,
-        n, k, x.stride(0), weight.stride(0), out.stride(0),
+        n, k, -(-k // group_k) if group_k else 0, x.stride(0), weight.stride(0), out.stride(0),
         M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, ACTIVATION=activation if gated else None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, FP8=weight_scale is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x),
+        GROUP_N=group_n, GROUP_K=group_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl.launch_options(x),
     )
     return out
 

@@ -43,19 +43,27 @@ def _gemv_rows(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dim() == 2 and x.shape[0] <= gemv.MAX_DISPATCH_ROWS
 
 
+def _gemv_block_rows(x: torch.Tensor, block: tuple[int, int] | None) -> bool:
+    """The GEMV's rows, and weights it scales itself: unscaled or per channel, or per block it takes."""
+    return _gemv_rows(x) and (block is None or gemv.takes_block(block))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` @ ``weight`` ``[N, K]``.T + ``bias``: the Triton GEMV for CUDA inputs of at
     most ``MAX_DISPATCH_ROWS`` rows (decode steps), ``F.linear`` (cuBLAS on GPU) for anything else.
     With ``weight_scale``, ``weight`` is E4M3 (``kernels/fp8.py``): scaled per output channel, the GEMV,
     else cuBLAS's FP8 GEMM on CUDA, else the reference; scaled per ``block`` ``(bn, bk)``
-    (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), the block reference on every device."""
+    (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), the GEMV where it takes the block
+    (``gemv.takes_block``), else cuBLAS's block-scaled FP8 GEMM on CUDA where it takes it, else the
+    block reference."""
     if weight_scale is None:
         return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
+    if _gemv_block_rows(x, block):
+        return gemv.linear(x, weight, bias, weight_scale, block)
     if block is not None:
-        return fp8.ref_fp8_block_linear(x, weight, weight_scale, block, bias)
-    if _gemv_rows(x):
-        return gemv.linear(x, weight, bias, weight_scale)
+        return (fp8.scaled_mm_block_fp8_linear if x.is_cuda else fp8.ref_fp8_block_linear)(x, weight, weight_scale,
+                                                                                           block, bias)
     return (fp8.scaled_mm_fp8_linear if x.is_cuda else fp8.ref_fp8_linear)(x, weight, weight_scale, bias)
 
 
@@ -72,7 +80,7 @@ def qkv_rotary_store_kv(
 ) -> torch.Tensor:
     """The fused q/k/v projection, then ``rotary_store_kv``: one GEMV launch where ``linear`` takes
     the GEMV (after the rows' quantization with FP8 weights), else the two ops (always with block
-    scales). Returns the rotated query ``[tokens, heads, head_dim]``."""
+    scales: ``linear``'s GEMV applies those). Returns the rotated query ``[tokens, heads, head_dim]``."""
     if _gemv_rows(x) and block is None:
         return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, weight_scale)
     q, k, v = rotary.split_qkv(linear(x, weight, bias, weight_scale, block), kv_cache.shape[3], kv_cache.shape[4])
@@ -83,8 +91,8 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  activation: str = "silu", weight_scale: torch.Tensor | None = None,
                  block: tuple[int, int] | None = None) -> torch.Tensor:
     """``linear(act_and_mul(x, activation), weight, bias, weight_scale, block)``: one GEMV launch where
-    ``linear`` takes the GEMV (after the rows' quantization with FP8 weights), else the two ops
-    (always with block scales)."""
-    if _gemv_rows(x) and block is None:
-        return gemv.gated_linear(x, weight, bias, activation, weight_scale)
+    ``linear`` takes the GEMV (after the rows' quantization with FP8 weights, the activation made
+    there), else the two ops."""
+    if _gemv_block_rows(x, block):
+        return gemv.gated_linear(x, weight, bias, activation, weight_scale, block)
     return linear(act_and_mul(x, activation), weight, bias, weight_scale, block)

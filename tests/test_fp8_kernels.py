@@ -50,6 +50,13 @@ def inputs(rows: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return (torch.randn(rows, k, device=device) * torch.logspace(-3, 2, rows, device=device)[:, None]).to(dtype)
 
 
+def group_inputs(rows: int, k: int, group: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``inputs`` for quantization per ``group`` features: in the interpreter each group on the grid."""
+    if device == "cpu":
+        return torch.cat([on_grid(rows, min(group, k - g0), dtype, device) for g0 in range(0, k, group)], dim=1)
+    return inputs(rows, k, dtype, device)
+
+
 def fp8_weight(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return fp8.ref_quantize_rows(torch.randn(n, k, device=device) * 0.05)
 
@@ -69,23 +76,42 @@ def check_quantize_rows(device: str, dtype: torch.dtype, m: int, k: int, block_k
     assert torch.equal(got_q.float(), want_q.float())
 
 
+def check_quantize_groups(device: str, dtype: torch.dtype, m: int, k: int, group: int,
+                          activation: str | None = None) -> None:
+    """``quantize_groups`` against ``ref_quantize_groups``, exactly: a group of zeros among the groups,
+    the last group shorter where ``group`` does not divide ``k``; with an activation as
+    ``check_quantize_rows`` has it."""
+    x = group_inputs(m, k, group, dtype, device)
+    if activation is not None:
+        x = spread_gates(torch.cat([x / 100, inputs(m, k, dtype, device) / 100], dim=1))
+    x[m - 1, :group] = 0
+    got_q, got_scale = fp8.quantize_groups(x, group, activation)
+    want_q, want_scale = fp8.ref_quantize_groups(x if activation is None else ops.act_and_mul(x, activation), group)
+    assert torch.equal(got_scale, want_scale)
+    assert torch.equal(got_q.float(), want_q.float())
+
+
 def check_gemv(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool, config: LinearConfig,
-               gated: bool = False) -> None:
-    """The GEMV's FP8 mode against ``ref_fp8_linear``; ``x`` a view with a row stride past its width.
-    Gated: the activation's output is not on the grid, so the interpreter takes it only with gates
-    and ups that make it one (gate 0 in SiLU: 0)."""
+               gated: bool = False, block: tuple[int, int] | None = None) -> None:
+    """The GEMV's FP8 mode against ``ref_fp8_linear`` (with a ``block``, ``ref_fp8_block_linear``,
+    the weight's scales one per block); ``x`` a view with a row stride past its width. Gated: the
+    activation's output is not on the grid, so the interpreter takes it only with gates and ups that
+    make it one (gate 0 in SiLU: 0)."""
     w, w_scale = fp8_weight(n, k, device)
+    if block is not None:
+        w_scale = torch.rand(-(-n // block[0]), -(-k // block[1]), device=device) + 0.5
     b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
     width = 2 * k if gated else k
     x = torch.empty(m, width + 3, dtype=dtype, device=device)[:, :width]
-    x[:, :k] = inputs(m, k, dtype, device)
+    x[:, :k] = inputs(m, k, dtype, device) if block is None else group_inputs(m, k, block[1], dtype, device)
     if gated:   # act(gate) * up within fp16's range: gates to 30x and ups of rows up to 100 would overflow it
         x[:, :k] /= 100
         x[:, k:] = inputs(m, k, dtype, device) / 100
         spread_gates(x)
     _poison_allocator(device, m * n * x.element_size())
-    got = launch_linear(x, w, b, config, gated=gated, weight_scale=w_scale)
-    want = fp8.ref_fp8_linear(ref_act_and_mul(x, "silu") if gated else x, w, w_scale, b)
+    got = launch_linear(x, w, b, config, gated=gated, weight_scale=w_scale, block=block)
+    rows = ref_act_and_mul(x, "silu") if gated else x
+    want = fp8.ref_fp8_linear(rows, w, w_scale, b) if block is None else fp8.ref_fp8_block_linear(rows, w, w_scale, block, b)
     _assert_close(got, want, dtype)
 
 
@@ -110,6 +136,11 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     for m in range(1, MAX_GEMV_ROWS + 1):
         yield f"fp8 gemv {m} rows", lambda m=m: check_gemv(device, dtype, m, 45, 300, m % 2 == 1, SMALL_TILES)
     yield "fp8 gemv even K", lambda: check_gemv(device, dtype, 2, 16, 256, False, SMALL_TILES)
+    for m, k, group in [(2, 300, 32), (3, 256, 128), (1, 17, 8)]:
+        yield f"quantize groups {m}x{k} of {group}", lambda m=m, k=k, g=group: check_quantize_groups(device, dtype, m, k, g)
+    for m, n, k, block in [(1, 45, 300, (16, 32)), (2, 37, 256, (8, 16)), (MAX_GEMV_ROWS, 40, 100, (128, 64))]:
+        yield f"fp8 gemv {m} rows, blocks {block}", \
+            lambda m=m, n=n, k=k, b=block: check_gemv(device, dtype, m, n, k, m % 2 == 1, SMALL_TILES, block=b)
     yield "fp8 gemv default tiles", lambda: check_gemv(device, dtype, 2, 37, 300, True, LinearConfig())
     yield "fp8 qkv_rotary_store_kv 1 row bias", lambda: check_qkv_rotary_store_kv(device, dtype, 1, 4, 2, 32, 32, 100, True)
     yield "fp8 qkv_rotary_store_kv 3 rows partial rotary", lambda: check_qkv_rotary_store_kv(device, dtype, 3, 6, 2, 32, 16, 300, False)
@@ -118,6 +149,9 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
         for act in ("silu", "gelu_pytorch_tanh"):
             for block_k in (128, 512):
                 yield f"quantize rows of {act}, tile {block_k}", lambda a=act, b=block_k: check_quantize_rows(device, dtype, 3, 300, b, a)
+            yield f"quantize groups of {act}", lambda a=act: check_quantize_groups(device, dtype, 3, 300, 128, a)
+        yield "fp8 gated gemv, blocks", lambda: check_gemv(device, dtype, 2, 37, 300, True, SMALL_TILES, gated=True,
+                                                           block=(16, 64))
 
 
 @pytest.mark.unit
@@ -167,22 +201,26 @@ def test_bad_arguments_are_refused() -> None:
 
 @pytest.mark.unit
 def test_fp8_kernels_use_hopper_conversions() -> None:
-    """On an H100 the row quantization (with the MLP's activation too) rounds to E4M3 in hardware
-    (saturating, to nearest even) and waits for the kernel before it (PDL); the FP8 GEMVs (the
-    fused q/k/v one too) widen E4M3 rows and weights in hardware and round nothing."""
-    for activation, one_tile in [(a, t) for a in (None, "silu") for t in (False, True)]:
-        rows = hopper_ptx("baton.kernels.fp8:_quantize_rows_kernel",
-                          {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
-                          dict(ACTIVATION=activation, BLOCK_K=1024, ONE_TILE=one_tile, PDL=True))
+    """On an H100 the row and group quantizations (with the MLP's activation too) round to E4M3 in
+    hardware (saturating, to nearest even) and wait for the kernel before them (PDL); the FP8 GEMVs
+    (the fused q/k/v one, the block-scaled one too) widen E4M3 rows and weights in hardware and round
+    nothing."""
+    quantizations = [("_quantize_rows_kernel", dict(ACTIVATION=activation, BLOCK_K=1024, ONE_TILE=one_tile, PDL=True))
+                     for activation in (None, "silu") for one_tile in (False, True)]
+    quantizations.append(("_quantize_groups_kernel", dict(GROUP=128, ACTIVATION="silu", BLOCK=128, TILE_GROUPS=8, PDL=True)))
+    for kernel, constants in quantizations:
+        rows = hopper_ptx(f"baton.kernels.fp8:{kernel}", {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+                          constants)
         assert "cvt.rn.satfinite.e4m3x2.f32" in rows
         assert "griddepcontrol.wait" in rows and "griddepcontrol.launch_dependents" in rows
     pointers = {"x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
                 "b_ptr": "*bf16", "out_ptr": "*bf16"}
     constants = dict(M=1, M_PAD=1, HAS_BIAS=False, ACTIVATION=None, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, PDL=True,
-                     FP8=True)
+                     FP8=True, GROUP_N=0, GROUP_K=0)
     qkv = dict(M=1, M_PAD=1, HAS_BIAS=False, NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_SIZE=16,
                BLOCK_K=2048, EVEN_K=True, PDL=True, FP8=True)
     for ptx in (hopper_ptx("baton.kernels.linear:_linear_kernel", pointers, constants),
+                hopper_ptx("baton.kernels.linear:_linear_kernel", pointers, dict(constants, GROUP_N=128, GROUP_K=128)),
                 hopper_ptx("baton.kernels.rotary:_qkv_rotary_store_kv_kernel",
                            {**pointers, "pos_ptr": "*i64", "cos_sin_ptr": "*bf16", "slot_ptr": "*i64",
                             "q_out_ptr": "*bf16", "cache_ptr": "*bf16"}, qkv)):
@@ -195,6 +233,24 @@ def test_fp8_kernels_use_hopper_conversions() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_fp8_small_cases_on_gpu(dtype: torch.dtype) -> None:
     assert run_cases(small_cases("cuda", dtype)) > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("proj", list(LLAMA_8B))
+def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
+    """128 x 128 weight blocks (DeepSeek-V3's, Qwen3-FP8's): the block-scaled GEMV at decode's rows,
+    cuBLAS's block-scaled FP8 GEMM above them (bf16; row counts not a multiple of four padded), each
+    against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every shape here."""
+    (k, n), block = LLAMA_8B[proj], (128, 128)
+    w = fp8_weight(n, k, "cuda")[0]
+    w_scale = (torch.rand(n // 128, k // 128, device="cuda") + 0.5) * 1e-3
+    for rows in (1, 2, 3, 5, 64, 2048):
+        x = inputs(rows, k, torch.bfloat16, "cuda")
+        _assert_close(ops.linear(x, w, None, w_scale, block), fp8.ref_fp8_block_linear(x, w, w_scale, block),
+                      torch.bfloat16)
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert fp8._cublas_takes_blocks(x, n, k, block)
 
 
 @pytest.mark.gpu

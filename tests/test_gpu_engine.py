@@ -12,6 +12,8 @@ divergence and requires that any divergence sits on such a narrow margin.
 from __future__ import annotations
 
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
 from baton.kernels import pdl
 from lora_adapters import make_adapter
+from test_quantization import fp8_blocks, write_fp8_checkpoint
 
 DEMO = str(DEMO_MODEL)
 PROMPTS = [
@@ -101,6 +104,38 @@ def test_fp8_kv_cache_greedy_matches_the_cpu_engines(enforce_eager):
     llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8, kv_cache_dtype="fp8",
               enforce_eager=enforce_eager)
     assert llm.runner.kv_caches[0].dtype == torch.float8_e4m3fn and (llm.runner.cuda_graphs is None) == enforce_eager
+    assert _token_ids(llm) == want
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_fp8_weights_greedy_match_the_cpu_engines(enforce_eager):
+    """``quantization="fp8"``: decode's rows quantized by ``quantize_rows`` and multiplied by the FP8
+    GEMVs (the fused q/k/v one, the gated one) give the CPU engine's tokens, whose FP8 layers are the
+    torch reference, in CUDA graphs and eagerly."""
+    want = _token_ids(LLM(DEMO, num_blocks=256, quantization="fp8"))
+    llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8, quantization="fp8",
+              enforce_eager=enforce_eager)
+    assert llm.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert _token_ids(llm) == want
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_block_fp8_checkpoint_greedy_matches_the_cpu_engines(tmp_path):
+    """A block-wise FP8 checkpoint (128 x 128 blocks, DeepSeek-V3's and Qwen3-FP8's): decode's rows
+    quantized per group by ``quantize_groups`` and multiplied by the block-scaled GEMVs give the CPU
+    engine's tokens, whose layers are ``ref_fp8_block_linear``."""
+    AutoModelForCausalLM.from_pretrained(DEMO).save_pretrained(tmp_path / "float")   # the demo's shards as one file
+    checkpoint = tmp_path / "fp8-blocks"
+    write_fp8_checkpoint(tmp_path / "float", checkpoint, fp8_blocks([128, 128]), per_channel=False)
+    for f in Path(DEMO).iterdir():   # the tokenizer's files
+        if "safetensors" not in f.name and not (checkpoint / f.name).exists():
+            shutil.copy(f, checkpoint)
+    want = _token_ids(LLM(str(checkpoint), num_blocks=256))
+    llm = LLM(str(checkpoint), device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8)
+    assert llm.runner.model.model.layers[0].mlp.down_proj.block == (128, 128)
     assert _token_ids(llm) == want
 
 

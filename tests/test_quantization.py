@@ -265,12 +265,12 @@ def test_the_block_reference_is_its_formula_group_by_group() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("gemv_rows", [False, True], ids=["cpu", "decode-rows"])
-def test_ops_take_the_block_reference(gemv_rows: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("gemv_rows,block", [(False, (32, 16)), (True, (32, 40))], ids=["cpu", "decode-rows-bk-40"])
+def test_ops_take_the_block_reference_where_no_kernel_takes_the_block(gemv_rows: bool, block: tuple[int, int],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``ops.linear``, ``gated_linear`` and ``qkv_rotary_store_kv`` compute block-scaled weights by
-    the reference, also where decode-sized CUDA rows would take the GEMV (faked here: the GEMVs take
-    per-channel scales only)."""
-    block = (32, 16)
+    the reference on the CPU, and where decode-sized CUDA rows meet a block the GEMV does not take (a
+    ``bk`` not a power of two; the CUDA rows faked here)."""
     if gemv_rows:
         monkeypatch.setattr(ops, "_gemv_rows", lambda x: True)
         for module, name in [(gemv, "linear"), (gemv, "gated_linear"), (rotary, "qkv_rotary_store_kv")]:
@@ -286,6 +286,33 @@ def test_ops_take_the_block_reference(gemv_rows: bool, monkeypatch: pytest.Monke
     want_q = rotary.ref_rotary_store_kv(pos, *rotary.split_qkv(want, 2, 16), cos_sin, want_cache, slots)
     got_q = ops.qkv_rotary_store_kv(x, w, bias, pos, cos_sin, cache, slots, ws, block)
     assert torch.equal(got_q, want_q) and torch.equal(cache, want_cache)
+
+
+@pytest.mark.unit
+def test_decode_rows_take_the_gemv_with_a_power_of_two_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode-sized CUDA rows (faked) and a block whose ``bk`` is a power of two: ``ops.linear`` and
+    ``gated_linear`` hand the block to the GEMVs, and the q/k/v projection takes ``linear``'s GEMV
+    rather than the fused one, which scales per channel only."""
+    block, calls = (32, 16), []
+
+    def gemv_linear(x, w, bias, ws, blk):
+        calls.append(("linear", blk))
+        return fp8.ref_fp8_block_linear(x, w, ws, blk, bias)
+
+    def gemv_gated(x, w, bias, activation, ws, blk):
+        calls.append(("gated_linear", blk))
+        return fp8.ref_fp8_block_linear(ref_act_and_mul(x, activation), w, ws, blk, bias)
+
+    monkeypatch.setattr(ops, "_gemv_rows", lambda x: True)
+    monkeypatch.setattr(gemv, "linear", gemv_linear)
+    monkeypatch.setattr(gemv, "gated_linear", gemv_gated)
+    monkeypatch.setattr(rotary, "qkv_rotary_store_kv", lambda *args, **kwargs: pytest.fail("the fused GEMV took blocks"))
+    x, w, ws, bias = block_case(2, 128, 64, block)
+    ops.linear(x, w, bias, ws, block)
+    ops.gated_linear(torch.randn(2, 128), w, bias, "silu", ws, block)
+    pos, cos_sin, cache, slots = rotary_write_case(2, 2, 16, 16, torch.float32, torch.int64, "cpu")
+    ops.qkv_rotary_store_kv(x, w, bias, pos, cos_sin, cache, slots, ws, block)
+    assert calls == [("linear", block), ("gated_linear", block), ("linear", block)]
 
 
 @pytest.mark.parametrize("name", ["qwen3", "phi3"])
