@@ -14,9 +14,9 @@ names that model's tensors under a prefix and holds others (``ModelConfig.weight
 error names the offending tensors. An FP8 model's linear layers (``engine/models/quantized.py``)
 take an FP8 checkpoint's E4M3 weights and their ``weight_scale`` tensors (its static
 ``input_scale`` tensors are read past), or quantize an unquantized checkpoint's weights as they load.
-A block-wise FP8 checkpoint's ``weight_scale_inv`` tensors (a scale per block) fill those layers'
-2-D ``weight_scale``; a fused layer's shard fills the scale rows of its blocks, so each shard must be
-a whole number of blocks.
+A block-wise FP8 checkpoint's ``weight_scale_inv`` tensors (compressed-tensors' ``weight_scale``: a
+scale per block) fill those layers' 2-D ``weight_scale``; a fused layer's shard fills the scale rows
+of its blocks, so each shard must be a whole number of blocks.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)   # buffers some old checkpoints saved
 _STATIC_INPUT_SCALE = ".input_scale"            # an FP8 checkpoint's calibrated input scale, read past
-_BLOCK_SCALE = ".weight_scale_inv"              # a block-wise FP8 checkpoint's weight scales (multipliers)
 _MAX_NAMES_IN_ERROR = 10
 _FUSED_NAMES = frozenset(fused for fused, _ in STACKED_PARAMS.values())
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
@@ -106,8 +105,8 @@ def build_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device
 def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
     """Copy every checkpoint tensor (cast to ``dtype``) into ``model``'s parameters. An FP8 layer's
     (``Fp8Linear``) weight takes an E4M3 tensor as it is, and its ``weight_scale`` the checkpoint's
-    (spread over the rows where it is one per tensor; a block-wise checkpoint's ``weight_scale_inv``
-    as it is); an unquantized tensor is quantized into both (per output channel)."""
+    (spread over the rows where it is one per tensor; a block-wise checkpoint's block scales as they
+    are); an unquantized tensor is quantized into both (per output channel)."""
     params = dict(model.named_parameters())
     needed = {name: _shard_keys(model, name) for name in params}
     filled: dict[str, set[str]] = {name: set() for name in params}
@@ -116,7 +115,7 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
     tied = bool(config and config.tie_word_embeddings)
     prefix, skipped = (config.weights_prefix, config.skipped_weights) if config else ("", ())
     quantized = bool(config and config.quantization)
-    blocks = bool(config and config.weight_block_size)
+    block_scales = config.block_scale_suffix if config and config.weight_block_size else None
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -125,8 +124,8 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
                     continue
                 if quantized and name.endswith(_STATIC_INPUT_SCALE):
                     continue   # inputs are scaled per token as they come (engine/quantization.py)
-                if blocks and name.endswith(_BLOCK_SCALE):
-                    name = name.removesuffix("_inv")
+                if block_scales and name.endswith(block_scales):
+                    name = name.removesuffix(block_scales) + ".weight_scale"
                 target, shard = _engine_name(name)
                 if target not in params and f"model.{target}" in params:
                     target = f"model.{target}"           # a base model's checkpoint names no "model." prefix
@@ -137,10 +136,15 @@ def load_weights(model_dir: Path, model: nn.Module, dtype: torch.dtype) -> None:
                     filled[param_name].update(needed[param_name] if not shard else {shard})
     if unexpected:
         raise ValueError(f"unexpected tensors in checkpoint {model_dir}: {_names(unexpected)}")
-    missing = [_hf_name(name, shard) + ("_inv" if blocks and name.endswith(".weight_scale") else "")
-               for name, keys in needed.items() for shard in sorted(keys - filled[name])]
+    missing = [_scale_name(_hf_name(name, shard), block_scales) for name, keys in needed.items()
+               for shard in sorted(keys - filled[name])]
     if missing:
         raise ValueError(f"tensors missing from checkpoint {model_dir}: {_names(missing)}")
+
+
+def _scale_name(name: str, block_scales: str | None) -> str:
+    """A parameter's checkpoint name: a weight scale under the name a block-wise checkpoint gives it."""
+    return name.removesuffix(".weight_scale") + block_scales if block_scales and name.endswith(".weight_scale") else name
 
 
 def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], target: str, shard: str, tensor: torch.Tensor,

@@ -26,7 +26,7 @@ from typing import Any
 
 from baton.engine.models import SUPPORTED_ARCHITECTURES
 from baton.engine.pooling import PoolerConfig, pooling_module_path
-from baton.engine.quantization import checkpoint_quantization, checkpoint_weight_block
+from baton.engine.quantization import checkpoint_block_scale_suffix, checkpoint_quantization, checkpoint_weight_block
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -128,6 +128,7 @@ class ModelConfig:
     quantization: str | None = None    # the linear layers' weights (``engine/quantization.py``): None or "fp8"
     # A block-wise FP8 checkpoint's ``weight_block_size`` (bn, bk): a weight scale per block; None: per channel.
     weight_block_size: tuple[int, int] | None = None
+    block_scale_suffix: str = ".weight_scale_inv"   # what such a checkpoint calls its block scales
 
     @classmethod
     def from_dict(
@@ -139,6 +140,7 @@ class ModelConfig:
         """Parse a ``config.json`` dict. ``max_model_len`` (default: ``max_position_embeddings``)
         is the longest sequence the engine will serve: a sliding window no shorter than that is dropped."""
         quantization, weight_block = checkpoint_quantization(cfg), checkpoint_weight_block(cfg)
+        block_scale_suffix = checkpoint_block_scale_suffix(cfg)
         cfg, weights = _text_model(cfg)
         architecture, has_lm_head = _architecture(cfg)
         gemma = architecture in GEMMA_ARCHITECTURES
@@ -192,6 +194,7 @@ class ModelConfig:
             moe=_sparse_moe(architecture, cfg, num_layers),
             quantization=quantization,
             weight_block_size=weight_block,
+            block_scale_suffix=block_scale_suffix,
         )
 
 

@@ -14,7 +14,9 @@ experts would stay unquantized). Checkpoints read:
   on CUDA, decode's rows take the block-scaled GEMV and larger batches cuBLAS's block-scaled GEMM
   (128 x 128 blocks, Hopper); the torch reference elsewhere (``kernels/fp8.py``);
 * ``quant_method: compressed-tensors`` (LLM Compressor's FP8 schemes): 8-bit float weights scaled
-  per tensor or per channel.
+  per tensor or per channel, or per ``bn x bk`` block (its FP8_BLOCK scheme: weights' ``strategy:
+  block`` with a ``block_structure``, inputs' ``strategy: group`` of ``bk`` features, dynamic; the
+  scales named ``<proj>.weight_scale``), computed as the ``fp8`` block-wise ones are.
 
 Without blocks, inputs are always scaled per token, as they come: a checkpoint's static input scales
 (``fp8``'s ``activation_scheme: static``, compressed-tensors' per-tensor ``input_activations``; the
@@ -59,11 +61,29 @@ def _check_unquantized(layers: Any, field: str) -> None:
 
 
 def checkpoint_weight_block(cfg: dict[str, Any]) -> tuple[int, int] | None:
-    """The ``(bn, bk)`` of a block-wise ``fp8`` checkpoint's ``weight_block_size`` (call it once
-    ``checkpoint_quantization`` has checked the config); None for any other config."""
+    """The ``(bn, bk)`` of a block-wise checkpoint (``fp8``'s ``weight_block_size``, compressed-tensors'
+    ``block_structure``; call it once ``checkpoint_quantization`` has checked the config); None for
+    any other config."""
     qc = cfg.get("quantization_config") or {}
-    block = qc.get("weight_block_size") if qc.get("quant_method") == "fp8" else None
+    if qc.get("quant_method") == "fp8":
+        block = qc.get("weight_block_size")
+    elif qc.get("quant_method") == "compressed-tensors":
+        block = _compressed_tensors_weights(qc).get("block_structure")
+    else:
+        block = None
     return None if block is None else (block[0], block[1])
+
+
+def checkpoint_block_scale_suffix(cfg: dict[str, Any]) -> str:
+    """The name a block-wise checkpoint gives its weight scales: ``fp8``'s ``weight_scale_inv``,
+    compressed-tensors' ``weight_scale``."""
+    return ".weight_scale_inv" if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8" else ".weight_scale"
+
+
+def _is_block(block: Any) -> bool:
+    """Two positive ints ``[bn, bk]``."""
+    return (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block))
 
 
 def _check_fp8(qc: dict[str, Any]) -> None:
@@ -72,8 +92,7 @@ def _check_fp8(qc: dict[str, Any]) -> None:
         raise ValueError(f"fp8 activation_scheme {scheme!r} is not supported: dynamic or static")
     block = qc.get("weight_block_size")
     if block is not None:
-        if not (isinstance(block, (list, tuple)) and len(block) == 2
-                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        if not _is_block(block):
             raise ValueError(f"fp8 weight_block_size {block!r} is not supported: two positive ints [bn, bk]")
         if scheme != "dynamic":
             raise ValueError(f"fp8 weight_block_size {block} with activation_scheme {scheme!r} is not supported: "
@@ -97,15 +116,27 @@ def _check_compressed_tensors(qc: dict[str, Any]) -> None:
     if group.get("targets") != ["Linear"]:
         raise ValueError(f"compressed-tensors targets {group.get('targets')!r}: only ['Linear'] is supported")
     weights, inputs = group.get("weights") or {}, group.get("input_activations")
+    block = weights.get("block_structure") if weights.get("strategy") == "block" else None
     if not (weights.get("type") == "float" and weights.get("num_bits") == 8
-            and weights.get("strategy") in ("tensor", "channel") and not weights.get("dynamic")
+            and (weights.get("strategy") in ("tensor", "channel") or _is_block(block)) and not weights.get("dynamic")
             and weights.get("symmetric", True)):
         raise ValueError(f"compressed-tensors weights {weights!r}: only 8-bit float weights, symmetric, scaled per "
-                         "tensor or per channel, are supported")
-    if not (isinstance(inputs, dict) and inputs.get("type") == "float" and inputs.get("num_bits") == 8
-            and (inputs.get("strategy"), bool(inputs.get("dynamic"))) in (("token", True), ("tensor", False))):
+                         "tensor, per channel or per block (a block_structure of two positive ints), are supported")
+    if not (isinstance(inputs, dict) and inputs.get("type") == "float" and inputs.get("num_bits") == 8):
+        raise ValueError(f"compressed-tensors input_activations {inputs!r}: only 8-bit float inputs are supported "
+                         "(weight-only schemes are not)")
+    scaled = (inputs.get("strategy"), bool(inputs.get("dynamic")))
+    if block is not None and (scaled != ("group", True) or inputs.get("group_size") != block[1]):
+        raise ValueError(f"compressed-tensors input_activations {inputs!r} with weights in {block} blocks: only inputs "
+                         f"scaled per token and group of {block[1]} features as they come (dynamic) are supported")
+    if block is None and scaled not in (("token", True), ("tensor", False)):
         raise ValueError(f"compressed-tensors input_activations {inputs!r}: only 8-bit float inputs, scaled per token "
                          "as they come or per tensor by a static scale, are supported (weight-only schemes are not)")
+
+
+def _compressed_tensors_weights(qc: dict[str, Any]) -> dict[str, Any]:
+    """The weights' scheme of a compressed-tensors config's one group (``_check_compressed_tensors``)."""
+    return next(iter((qc.get("config_groups") or {}).values()), {}).get("weights") or {}
 
 
 def resolve_quantization(requested: str | None, checkpoint: str | None, moe: bool) -> str | None:

@@ -49,6 +49,21 @@ def compressed_tensors(strategy: str = "channel", inputs: dict | None = PER_TOKE
 STATIC_INPUTS = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
 
 
+def compressed_tensors_blocks(block: list[int], inputs: dict | None = None) -> dict:
+    """LLM Compressor's FP8_BLOCK scheme: weights per ``bn x bk`` block, inputs (by default) per token
+    and group of ``bk`` features as they come."""
+    qc = compressed_tensors("block", inputs or {**PER_TOKEN, "strategy": "group", "group_size": block[1]})
+    qc["config_groups"]["group_0"]["weights"]["block_structure"] = block
+    return qc
+
+
+def block_of(qc: dict) -> list[int] | None:
+    """A config's weight block: ``fp8``'s ``weight_block_size`` or compressed-tensors' ``block_structure``."""
+    if qc.get("quant_method") == "fp8":
+        return qc.get("weight_block_size")
+    return qc["config_groups"]["group_0"]["weights"].get("block_structure")
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("qc", [
     {"quant_method": "fp8", "activation_scheme": "dynamic"},
@@ -58,7 +73,8 @@ STATIC_INPUTS = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic"
     compressed_tensors("tensor"),
     compressed_tensors("tensor", STATIC_INPUTS),
     {**fp8_blocks([128, 128]), "ignored_layers": ["lm_head"]},
-], ids=["fp8", "fp8-static", "fp8-lm-head-ignored", "ct-channel", "ct-tensor", "ct-static", "fp8-block"])
+    compressed_tensors_blocks([128, 128]),
+], ids=["fp8", "fp8-static", "fp8-lm-head-ignored", "ct-channel", "ct-tensor", "ct-static", "fp8-block", "ct-block"])
 def test_fp8_checkpoint_configs_are_read(qc: dict) -> None:
     assert checkpoint_quantization({"quantization_config": qc}) == "fp8"
     assert checkpoint_quantization({}) is None
@@ -69,7 +85,11 @@ def test_the_model_config_carries_a_checkpoints_block() -> None:
     base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
             "intermediate_size": 96, "vocab_size": 128}
     blocked = ModelConfig.from_dict({**base, "quantization_config": fp8_blocks([128, 64])})
-    assert (blocked.quantization, blocked.weight_block_size) == ("fp8", (128, 64))
+    assert (blocked.quantization, blocked.weight_block_size, blocked.block_scale_suffix) == ("fp8", (128, 64),
+                                                                                              ".weight_scale_inv")
+    blocked = ModelConfig.from_dict({**base, "quantization_config": compressed_tensors_blocks([64, 32])})
+    assert (blocked.quantization, blocked.weight_block_size, blocked.block_scale_suffix) == ("fp8", (64, 32),
+                                                                                              ".weight_scale")
     per_tensor = ModelConfig.from_dict({**base, "quantization_config": {"quant_method": "fp8"}})
     assert (per_tensor.quantization, per_tensor.weight_block_size) == ("fp8", None)
     assert ModelConfig.from_dict(base).weight_block_size is None
@@ -89,9 +109,14 @@ def test_the_model_config_carries_a_checkpoints_block() -> None:
     (compressed_tensors(inputs={**PER_TOKEN, "strategy": "tensor"}), "input_activations"),
     (compressed_tensors(kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
     ({**compressed_tensors(), "format": "pack-quantized"}, "format 'pack-quantized'"),
-    (compressed_tensors("group"), "scaled per tensor or per channel"),
+    (compressed_tensors("group"), "scaled per tensor, per channel or per block"),
+    (compressed_tensors("block"), "scaled per tensor, per channel or per block"),
+    (compressed_tensors_blocks([128, 128], PER_TOKEN), "with weights in [128, 128] blocks"),
+    (compressed_tensors_blocks([128, 128], {**PER_TOKEN, "strategy": "group", "group_size": 64}),
+     "group of 128 features"),
 ], ids=["per-group-inputs", "block-wise-static-inputs", "block-of-one-int", "block-of-zero", "block-of-a-float",
-        "ignored-layer", "awq", "weight-only", "dynamic-per-tensor-inputs", "kv-scales", "int4", "groups"])
+        "ignored-layer", "awq", "weight-only", "dynamic-per-tensor-inputs", "kv-scales", "int4", "groups",
+        "ct-block-without-structure", "ct-block-per-token-inputs", "ct-block-other-group-size"])
 def test_unserved_quantization_configs_are_refused_by_name(qc: dict, says: str) -> None:
     with pytest.raises(ValueError, match=f".*{says.replace('[', '.').replace(']', '.')}"):
         checkpoint_quantization({"quantization_config": qc})
@@ -136,14 +161,14 @@ def write_fp8_checkpoint(src: Path, dst: Path, qc: dict, per_channel: bool,
                          input_scales: bool = False) -> dict[str, torch.Tensor]:
     """``src``'s checkpoint with its decoder layers' projections in E4M3 beside their scales (and a
     static input scale each, with ``input_scales``: calibrated too small, so inputs scaled by it would
-    clip), under ``qc``; returns the dequantized weights by name. With ``qc``'s ``weight_block_size``,
-    a scale per block, named ``weight_scale_inv``."""
+    clip), under ``qc``; returns the dequantized weights by name. With ``qc``'s block (``block_of``), a
+    scale per block, named ``weight_scale_inv`` (``fp8``) or ``weight_scale`` (compressed-tensors)."""
     dst.mkdir()
     tensors, dequantized = load_file(src / "model.safetensors"), {}
-    block = qc.get("weight_block_size")
+    block, suffix = block_of(qc), "_scale_inv" if qc["quant_method"] == "fp8" else "_scale"
     for name in [n for n in tensors if n.startswith("model.layers.") and n.endswith(".weight") and n.split(".")[-2] in PROJECTIONS]:
         if block:
-            tensors[name], tensors[name + "_scale_inv"], dequantized[name] = quantize_blocks(tensors[name], *block)
+            tensors[name], tensors[name + suffix], dequantized[name] = quantize_blocks(tensors[name], *block)
             continue
         q, scale = quantize(tensors[name], per_channel)
         tensors[name], tensors[name.removesuffix("weight") + "weight_scale"] = q, scale
@@ -203,12 +228,17 @@ def test_fp8_checkpoint_logits_match_transformers_rounding_each_input(name: str,
 # (bn, bk): N in several blocks and K (64, 96, 128) in several groups, the last one shorter. Phi-3's
 # checkpoint fuses q/k/v and gate/up, so its blocks need not split the shards: bn 48 leaves a shorter
 # last block of rows too. Granite's residual multiplier folds into the block scales.
-@pytest.mark.parametrize("name,block", [("llama-linear-rope-bias", [32, 40]), ("qwen3", [32, 40]),
-                                        ("granite-bias-untied", [32, 40]), ("phi3", [48, 40])])
-def test_block_fp8_checkpoint_logits_match_transformers_rounding_each_group(name: str, block: list[int],
+# LLM Compressor's FP8_BLOCK checkpoints compute the same, their scales named weight_scale.
+@pytest.mark.parametrize("name,block,blocks", [("llama-linear-rope-bias", [32, 40], fp8_blocks),
+                                               ("qwen3", [32, 40], fp8_blocks),
+                                               ("granite-bias-untied", [32, 40], fp8_blocks),
+                                               ("phi3", [48, 40], fp8_blocks),
+                                               ("qwen3", [32, 40], compressed_tensors_blocks)],
+                         ids=["llama", "qwen3", "granite", "phi3", "qwen3-compressed-tensors"])
+def test_block_fp8_checkpoint_logits_match_transformers_rounding_each_group(name: str, block: list[int], blocks,
                                                                             tmp_path: Path) -> None:
     hf = random_checkpoint(name, tmp_path / "float")
-    dequantized = write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", fp8_blocks(block), per_channel=False)
+    dequantized = write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", blocks(block), per_channel=False)
     reference = fake_quantized_transformers(hf, dequantized, group=block[1])
     tokens = torch.randint(0, hf.config.vocab_size, (23,)).tolist()
     runner = ModelRunner(str(tmp_path / "fp8"), EngineConfig(block_size=4, num_blocks=32))
@@ -330,14 +360,15 @@ def test_quantizing_as_it_loads_is_the_per_channel_checkpoint(name: str, tmp_pat
     assert not torch.equal(all_logits(online, tokens[:19], tokens[19:]), unquantized)
 
 
-@pytest.mark.parametrize("blocks", [False, True], ids=["per channel", "per block"])
-def test_a_missing_or_misshapen_scale_is_named(tmp_path: Path, blocks: bool) -> None:
+@pytest.mark.parametrize("qc", [compressed_tensors("channel"), fp8_blocks([32, 40]), compressed_tensors_blocks([32, 40])],
+                         ids=["per channel", "per block", "per block, compressed-tensors"])
+def test_a_missing_or_misshapen_scale_is_named(tmp_path: Path, qc: dict) -> None:
     random_checkpoint("qwen3", tmp_path / "float")
-    qc = fp8_blocks([32, 40]) if blocks else compressed_tensors("channel")
+    blocks = block_of(qc) is not None
     write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", qc, per_channel=not blocks)
     tensors = load_file(tmp_path / "fp8" / "model.safetensors")
     engine = EngineConfig(block_size=4, num_blocks=32)
-    scale = "model.layers.1.self_attn.k_proj.weight_scale" + ("_inv" if blocks else "")
+    scale = "model.layers.1.self_attn.k_proj.weight_scale" + ("_inv" if qc["quant_method"] == "fp8" else "")
     save_file({n: t for n, t in tensors.items() if n != scale}, tmp_path / "fp8" / "model.safetensors")
     with pytest.raises(ValueError, match=f"tensors missing from checkpoint .*{scale}"):
         ModelRunner(str(tmp_path / "fp8"), engine)
