@@ -13,6 +13,7 @@ fewer of them) with random bf16 weights (written as a safetensors checkpoint, no
     python bench/bench_model.py --shapes gemma-2-2b              # GeGLU, head dim 256, soft caps
     python bench/bench_model.py --shapes qwen3-moe-12l mixtral-8l   # experts
     python bench/bench_model.py --shapes llama-3.2-1b --skip-hf
+    python bench/bench_model.py --shapes llama-3-8b --skip-hf --fp8-blocks   # a block-wise FP8 checkpoint
 
 Decode latency is given three ways: the graph replay alone (device time), one
 ``ModelRunner.execute`` with metadata upload and a sync (CUDA graphs, and eager),
@@ -24,6 +25,7 @@ is printed and, when ``OUT`` is set, written to ``$OUT/model_bench.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import torch
 import triton
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM, Gemma2Config, LlamaConfig, MixtralConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen3MoeConfig,
@@ -104,6 +107,31 @@ def write_checkpoint(shape: str, directory: Path) -> torch.nn.Module:
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<0>", bos_token="<1>", eos_token="<2>").save_pretrained(directory)
     return model
+
+
+def quantize_checkpoint_blocks(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
+    """Rewrite the checkpoint in ``directory`` as a block-wise FP8 tool writes it (DeepSeek-V3's and
+    Qwen3-FP8's format): each decoder projection in E4M3 with a ``weight_scale_inv`` per ``block``
+    (its largest magnitude taken to 448), and the ``quantization_config`` that names them."""
+    (bn, bk), index = block, directory / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(path, device="cuda")
+        for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
+            n, k = tensors[name].shape
+            w = tensors[name].float().view(n // bn, bn, k // bk, bk)
+            scale = w.abs().amax(dim=(1, 3)).clamp(min=1e-12) * (1.0 / 448.0)
+            tensors[name] = (w / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, k)
+            tensors[name + "_scale_inv"] = scale
+            if weight_map is not None:
+                weight_map[name + "_scale_inv"] = path.name
+        save_file({key: t.contiguous().cpu() for key, t in tensors.items()}, path, metadata={"format": "pt"})
+    if weight_map is not None:
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": [bn, bk]}
+    (directory / "config.json").write_text(json.dumps(config))
 
 
 def copy_bandwidth() -> float:
@@ -257,6 +285,8 @@ def bench_llm(directory: Path, max_batch: int, max_num_batched_tokens: int, kv_c
 def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: Path) -> list[Row]:
     directory = workdir / name
     model = write_checkpoint(name, directory)
+    if args.fp8_blocks:
+        quantize_checkpoint_blocks(directory)
     hf = None if args.skip_hf else model
     del model
     torch.cuda.empty_cache()
@@ -293,6 +323,9 @@ def main() -> None:
     p.add_argument("--quantization", choices=list(QUANTIZATION_METHODS), default=None,
                    help="Baton's linear layers (the engine's flag, quantizing as the checkpoint loads; transformers "
                         "keeps bf16): the floor counts the weights' bytes as loaded")
+    p.add_argument("--fp8-blocks", action="store_true",
+                   help="write Baton's checkpoint block-wise FP8 (128 x 128 blocks, E4M3 weights with weight_scale_inv: "
+                        "DeepSeek-V3's and Qwen3-FP8's format; transformers keeps bf16)")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: /dev/shm if it has room)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -305,7 +338,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     header = (f"# Model benchmarks: {props.name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
               f"torch {torch.__version__}, triton {triton.__version__}; bf16 random weights; Baton's KV cache {args.kv_cache_dtype}, linear layers "
-              f"{args.quantization or 'bf16'}; "
+              f"{'fp8, 128x128 blocks (the checkpoint)' if args.fp8_blocks else args.quantization or 'bf16'}; "
               f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (2 GiB D2D, read + write); floor = (weights + KV read) / copy bandwidth; "
               f"programmatic dependent launch {'on' if pdl.enabled else 'off'}")
     rows: list[Row] = []
