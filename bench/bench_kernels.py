@@ -426,7 +426,7 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
     it) against the bf16 gated GEMV, and at prefill rows the row quantization plus cuBLAS's FP8 GEMM
     against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K). Then the same weights scaled per 128 x 128 block
     (DeepSeek-V3's, Qwen3-FP8's checkpoints; random scales): the block-scaled GEMV with its group
-    quantization, and cuBLAS's block-scaled GEMM, each beside its per-channel time."""
+    quantization, and the Triton and cuBLAS block-scaled GEMMs, each beside its per-channel time."""
     rows, block = [], fp8.CUBLAS_BLOCK
     for model, proj, n, k in LINEAR_SHAPES[:-1]:
         count = max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * k)))
@@ -467,11 +467,12 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
             rows.append(f"| fp8 linear (quantize + cuBLAS) | {model} {proj} N={n} K={k}, M={m} | {ms * 1e3:.1f} us (of it "
                         f"the quantization {quant_ms * 1e3:.1f} us; bf16 F.linear {bf16_ms * 1e3:.1f} us) | "
                         f"{tflops:.0f} TFLOP/s | {bf16_ms / ms:.2f}x bf16 |")
-            block_ms = median_ms([lambda q=q, s=s: fp8.scaled_mm_block_fp8_linear(x, q[0], s, block)
-                                  for q, s in zip(quantized[:2], block_scales)], graph=True)
-            rows.append(f"| fp8 linear, 128x128 blocks (quantize + cuBLAS) | {model} {proj} N={n} K={k}, M={m} | "
-                        f"{block_ms * 1e3:.1f} us (per channel {ms * 1e3:.1f} us) | {2 * m * n * k / block_ms / 1e9:.0f} TFLOP/s "
-                        f"| {bf16_ms / block_ms:.2f}x bf16 |")
+            for name, fn in [("Triton", fp8.block_fp8_linear), ("cuBLAS", fp8.scaled_mm_block_fp8_linear)]:
+                block_ms = median_ms([lambda q=q, s=s, fn=fn: fn(x, q[0], s, block)
+                                      for q, s in zip(quantized[:2], block_scales)], graph=True)
+                rows.append(f"| fp8 linear, 128x128 blocks (quantize + {name}) | {model} {proj} N={n} K={k}, M={m} | "
+                            f"{block_ms * 1e3:.1f} us (per channel {ms * 1e3:.1f} us) | "
+                            f"{2 * m * n * k / block_ms / 1e9:.0f} TFLOP/s | {bf16_ms / block_ms:.2f}x bf16 |")
         del bf16, quantized, block_scales
     return rows
 

@@ -275,6 +275,75 @@ def scaled_mm_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     return out if bias is None else out + bias
 
 
+@triton.jit
+def _block_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K, GROUPS,
+                       stride_am, stride_bn, stride_cm,
+                       GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr):
+    """``c = a @ b.T`` for E4M3 ``a`` ``[M, K]`` scaled per row and ``BLOCK_K`` features (``a_scale``
+    ``[M, GROUPS]``) and E4M3 ``b`` ``[N, K]`` scaled per ``GROUP_N x BLOCK_K`` block (``b_scale``
+    ``[ceil(N / GROUP_N), GROUPS]``): one K step a group, its tensor-core product scaled by its row's
+    and its block's scales before it joins the fp32 sum."""
+    # Programs walk SWIZZLE rows of tiles down a column before the next column: b's tiles stay in L2.
+    pid, tiles_m, tiles_n = tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = pid // (SWIZZLE * tiles_n) * SWIZZLE
+    rows_here = tl.minimum(tiles_m - first_m, SWIZZLE)
+    pid_m = first_m + pid % (SWIZZLE * tiles_n) % rows_here
+    pid_n = pid % (SWIZZLE * tiles_n) // rows_here
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn.to(tl.int64)[None, :] * stride_bn + rk[:, None]
+    a_scale_ptrs = a_scale_ptr + rm.to(tl.int64) * GROUPS
+    b_scale_ptrs = b_scale_ptr + (rn // GROUP_N).to(tl.int64) * GROUPS
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, GROUPS):
+        k_ok = g * BLOCK_K + rk < K
+        a = tl.load(a_ptrs + g * BLOCK_K, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + g * BLOCK_K, mask=(rn < N)[None, :] & k_ok[:, None], other=0.0)
+        a_scale = tl.load(a_scale_ptrs + g, mask=rm < M, other=0.0)
+        b_scale = tl.load(b_scale_ptrs + g, mask=rn < N, other=0.0)
+        acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def triton_takes_blocks(block: tuple[int, int]) -> bool:
+    """Whether ``block_fp8_linear``'s GEMM takes ``(bn, bk)``: a ``bk`` that is a power of two from 16
+    to 256 (one tensor-core K step a group)."""
+    bk = block[1]
+    return bk & (bk - 1) == 0 and 16 <= bk <= 256
+
+
+def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: ``quantize_groups``, then a
+    Triton GEMM on FP8 tensor cores (``_block_gemm_kernel``; 8-bit float arithmetic, compute
+    capability 8.9+) where it takes the block (``triton_takes_blocks``); the reference otherwise."""
+    _check_rows(x)
+    check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
+    if not (x.shape[0] and triton_takes_blocks(block) and _has_fp8_tensor_cores(x.device)):
+        return ref_fp8_block_linear(x, weight, weight_scale, block, bias)
+    q, scale = quantize_groups(x, block[1])
+    return _launch_block_gemm(q, scale, weight, weight_scale, block, bias, x.dtype)
+
+
+def _launch_block_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       block: tuple[int, int], bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``_block_gemm_kernel`` on rows quantized per group (``q``, ``scale``) -> ``[M, N]`` in ``dtype``."""
+    (m, k), n = q.shape, weight.shape[0]
+    out = torch.empty((m, n), dtype=dtype, device=q.device)
+    block_m = 64 if m <= 64 else 128
+    _block_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, 128),)](
+        q, scale, weight, weight_scale, weight if bias is None else bias, out, m, n, k, scale.shape[1],
+        q.stride(0), weight.stride(0), out.stride(0), GROUP_N=block[0], HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=128, BLOCK_K=block[1], SWIZZLE=8, num_warps=4 if block_m == 64 else 8, num_stages=4)
+    return out
+
+
 # cuBLAS's block-scaled FP8 GEMM (CUDA 12.9+, through ``torch._scaled_mm``) takes DeepSeek's recipe:
 # x scaled per token and 128 features, the weight per 128 x 128 block, on Hopper (compute capability
 # 9.0) alone, as PyTorch's check for it says.
@@ -282,7 +351,9 @@ CUBLAS_BLOCK = (128, 128)
 
 
 def _cublas_takes_blocks(x: torch.Tensor, n: int, k: int, block: tuple[int, int]) -> bool:
-    return (x.dtype == torch.bfloat16 and tuple(block) == CUBLAS_BLOCK and n % 128 == 0 and k % 128 == 0
+    """cuBLAS's recipe, on shapes it computes right: on an H100 (torch 2.11, CUDA 13.0), K = 640 (five
+    groups a row) gave wrong sums where K = 512 and 4,096 were right, so K must be whole fours of groups."""
+    return (x.dtype == torch.bfloat16 and tuple(block) == CUBLAS_BLOCK and n % 128 == 0 and k % 512 == 0
             and torch.cuda.get_device_capability(x.device) == (9, 0))
 
 

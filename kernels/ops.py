@@ -55,15 +55,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     With ``weight_scale``, ``weight`` is E4M3 (``kernels/fp8.py``): scaled per output channel, the GEMV,
     else cuBLAS's FP8 GEMM on CUDA, else the reference; scaled per ``block`` ``(bn, bk)``
     (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), the GEMV where it takes the block
-    (``gemv.takes_block``), else cuBLAS's block-scaled FP8 GEMM on CUDA where it takes it, else the
+    (``gemv.takes_block``), else the Triton block-scaled FP8 GEMM on CUDA where it takes it, else the
     block reference."""
     if weight_scale is None:
         return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
     if _gemv_block_rows(x, block):
         return gemv.linear(x, weight, bias, weight_scale, block)
     if block is not None:
-        return (fp8.scaled_mm_block_fp8_linear if x.is_cuda else fp8.ref_fp8_block_linear)(x, weight, weight_scale,
-                                                                                           block, bias)
+        return (fp8.block_fp8_linear if x.is_cuda else fp8.ref_fp8_block_linear)(x, weight, weight_scale, block, bias)
     return (fp8.scaled_mm_fp8_linear if x.is_cuda else fp8.ref_fp8_linear)(x, weight, weight_scale, bias)
 
 

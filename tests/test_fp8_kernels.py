@@ -57,6 +57,25 @@ def group_inputs(rows: int, k: int, group: int, dtype: torch.dtype, device: str)
     return inputs(rows, k, dtype, device)
 
 
+def block_scales(n: int, k: int, block: tuple[int, int], device: str) -> torch.Tensor:
+    """Random scales, one per ``block`` of an ``[n, k]`` E4M3 weight, of ``fp8_weight``'s size (fp16's
+    range holds the sums)."""
+    return (torch.rand(-(-n // block[0]), -(-k // block[1]), device=device) + 0.5) * (0.05 / 448)
+
+
+def check_block_gemm(device: str, dtype: torch.dtype, m: int, n: int, k: int, block: tuple[int, int],
+                     with_bias: bool) -> None:
+    """The block-scaled FP8 GEMM (``fp8.block_fp8_linear``'s kernel; rows quantized per group by the
+    reference, so the interpreter takes them) against ``ref_fp8_block_linear``."""
+    x = group_inputs(m, k, block[1], dtype, device)
+    w, w_scale = fp8_weight(n, k, device)[0], block_scales(n, k, block, device)
+    b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
+    q, scale = fp8.ref_quantize_groups(x, block[1])
+    _poison_allocator(device, m * n * x.element_size())
+    _assert_close(fp8._launch_block_gemm(q, scale, w, w_scale, block, b, dtype),
+                  fp8.ref_fp8_block_linear(x, w, w_scale, block, b), dtype)
+
+
 def fp8_weight(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return fp8.ref_quantize_rows(torch.randn(n, k, device=device) * 0.05)
 
@@ -99,7 +118,7 @@ def check_gemv(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_bia
     make it one (gate 0 in SiLU: 0)."""
     w, w_scale = fp8_weight(n, k, device)
     if block is not None:
-        w_scale = torch.rand(-(-n // block[0]), -(-k // block[1]), device=device) + 0.5
+        w_scale = block_scales(n, k, block, device)
     b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
     width = 2 * k if gated else k
     x = torch.empty(m, width + 3, dtype=dtype, device=device)[:, :width]
@@ -141,6 +160,9 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     for m, n, k, block in [(1, 45, 300, (16, 32)), (2, 37, 256, (8, 16)), (MAX_GEMV_ROWS, 40, 100, (128, 64))]:
         yield f"fp8 gemv {m} rows, blocks {block}", \
             lambda m=m, n=n, k=k, b=block: check_gemv(device, dtype, m, n, k, m % 2 == 1, SMALL_TILES, block=b)
+    for m, n, k, block in [(5, 200, 300, (64, 32)), (70, 130, 96, (128, 16))]:
+        yield f"fp8 block gemm {m}x{n}x{k}, blocks {block}", \
+            lambda m=m, n=n, k=k, b=block: check_block_gemm(device, dtype, m, n, k, b, m % 2 == 1)
     yield "fp8 gemv default tiles", lambda: check_gemv(device, dtype, 2, 37, 300, True, LinearConfig())
     yield "fp8 qkv_rotary_store_kv 1 row bias", lambda: check_qkv_rotary_store_kv(device, dtype, 1, 4, 2, 32, 32, 100, True)
     yield "fp8 qkv_rotary_store_kv 3 rows partial rotary", lambda: check_qkv_rotary_store_kv(device, dtype, 3, 6, 2, 32, 16, 300, False)
@@ -240,15 +262,15 @@ def test_fp8_small_cases_on_gpu(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("proj", list(LLAMA_8B))
 def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
     """128 x 128 weight blocks (DeepSeek-V3's, Qwen3-FP8's): the block-scaled GEMV at decode's rows,
-    cuBLAS's block-scaled FP8 GEMM above them (bf16; row counts not a multiple of four padded), each
-    against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every shape here."""
+    the Triton block-scaled GEMM above them, and cuBLAS's (bf16; row counts not a multiple of four
+    padded), each against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every shape here."""
     (k, n), block = LLAMA_8B[proj], (128, 128)
-    w = fp8_weight(n, k, "cuda")[0]
-    w_scale = (torch.rand(n // 128, k // 128, device="cuda") + 0.5) * 1e-3
+    w, w_scale = fp8_weight(n, k, "cuda")[0], block_scales(n, k, block, "cuda")
     for rows in (1, 2, 3, 5, 64, 2048):
         x = inputs(rows, k, torch.bfloat16, "cuda")
-        _assert_close(ops.linear(x, w, None, w_scale, block), fp8.ref_fp8_block_linear(x, w, w_scale, block),
-                      torch.bfloat16)
+        want = fp8.ref_fp8_block_linear(x, w, w_scale, block)
+        _assert_close(ops.linear(x, w, None, w_scale, block), want, torch.bfloat16)
+        _assert_close(fp8.scaled_mm_block_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
     if torch.cuda.get_device_capability() == (9, 0):
         assert fp8._cublas_takes_blocks(x, n, k, block)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEMO_MODEL
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton.engine.config import EngineConfig, SpeculativeConfig
 from baton.engine.cuda_graph import capture_sizes, is_graph_step
@@ -28,6 +28,7 @@ from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import ScheduledChunk, Sequence
 from baton.kernels import pdl
 from lora_adapters import make_adapter
+from test_model_parity import all_logits
 from test_quantization import fp8_blocks, write_fp8_checkpoint
 
 DEMO = str(DEMO_MODEL)
@@ -107,36 +108,56 @@ def test_fp8_kv_cache_greedy_matches_the_cpu_engines(enforce_eager):
     assert _token_ids(llm) == want
 
 
+# How far an FP8 model's decode logits on the GPU may sit from the CPU engine's, as a share of how far
+# quantizing moves the CPU's from the unquantized model's (``_fp8_decode_gap``).
+FP8_GAP = 0.25
+
+
+def _fp8_decode_gap(model: str, unquantized: str, quantization: str | None, enforce_eager: bool) -> float:
+    """Decode logits of an FP8 model on the GPU (float32, one row a step: the rows' quantization and
+    the FP8 GEMVs), against the CPU engine's (the torch reference) on the same teacher-forced tokens,
+    over the CPU's FP8 logits' distance from the unquantized model's. Greedy tokens cannot be compared:
+    where a layer input lands within a float32 rounding of an E4M3 midpoint, the two sides' sums
+    (in other orders) round it apart, an eighth of its value, and a pick with a narrow margin flips
+    (on the demo checkpoint, one prompt in five within 24 tokens). Those few flips move the logits far
+    less than quantizing every input and weight does; a wrong scale, block or row would not."""
+    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    prompt, decode = tokenizer(PROMPTS[2]).input_ids, tokenizer(PROMPTS[4]).input_ids[:16]
+    engine = dict(num_blocks=64, block_size=8)
+    cpu = all_logits(ModelRunner(model, EngineConfig(**engine, quantization=quantization)), prompt, decode)
+    ref = all_logits(ModelRunner(unquantized, EngineConfig(**engine)), prompt, decode)
+    runner = ModelRunner(model, EngineConfig(**engine, device="cuda", dtype="float32", quantization=quantization,
+                                             enforce_eager=enforce_eager))
+    assert runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert (runner.cuda_graphs is None) == enforce_eager
+    gpu = all_logits(runner, prompt, decode).cpu()
+    steps = slice(len(prompt), None)
+    gap = float((gpu[steps] - cpu[steps]).norm() / (cpu[steps] - ref[steps]).norm())
+    print(f"FP8 decode logits: GPU - CPU = {gap:.4f} x (CPU - unquantized)")
+    return gap
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("enforce_eager", [False, True])
-def test_fp8_weights_greedy_match_the_cpu_engines(enforce_eager):
-    """``quantization="fp8"``: decode's rows quantized by ``quantize_rows`` and multiplied by the FP8
-    GEMVs (the fused q/k/v one, the gated one) give the CPU engine's tokens, whose FP8 layers are the
-    torch reference, in CUDA graphs and eagerly."""
-    want = _token_ids(LLM(DEMO, num_blocks=256, quantization="fp8"))
-    llm = LLM(DEMO, device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8, quantization="fp8",
-              enforce_eager=enforce_eager)
-    assert llm.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
-    assert _token_ids(llm) == want
+def test_fp8_weights_decode_like_the_cpu_engine(enforce_eager):
+    """``quantization="fp8"`` (per output channel): decode's rows quantized by ``quantize_rows`` and
+    multiplied by the FP8 GEMVs (the fused q/k/v one, the gated one), in CUDA graphs and eagerly."""
+    assert _fp8_decode_gap(DEMO, DEMO, "fp8", enforce_eager) < FP8_GAP
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_block_fp8_checkpoint_greedy_matches_the_cpu_engines(tmp_path):
+def test_block_fp8_checkpoint_decodes_like_the_cpu_engine(tmp_path):
     """A block-wise FP8 checkpoint (128 x 128 blocks, DeepSeek-V3's and Qwen3-FP8's): decode's rows
-    quantized per group by ``quantize_groups`` and multiplied by the block-scaled GEMVs give the CPU
-    engine's tokens, whose layers are ``ref_fp8_block_linear``."""
+    quantized per group by ``quantize_groups`` and multiplied by the block-scaled GEMVs."""
     AutoModelForCausalLM.from_pretrained(DEMO).save_pretrained(tmp_path / "float")   # the demo's shards as one file
     checkpoint = tmp_path / "fp8-blocks"
     write_fp8_checkpoint(tmp_path / "float", checkpoint, fp8_blocks([128, 128]), per_channel=False)
     for f in Path(DEMO).iterdir():   # the tokenizer's files
         if "safetensors" not in f.name and not (checkpoint / f.name).exists():
             shutil.copy(f, checkpoint)
-    want = _token_ids(LLM(str(checkpoint), num_blocks=256))
-    llm = LLM(str(checkpoint), device="cuda", dtype="float32", num_blocks=256, max_num_seqs=8)
-    assert llm.runner.model.model.layers[0].mlp.down_proj.block == (128, 128)
-    assert _token_ids(llm) == want
+    assert _fp8_decode_gap(str(checkpoint), DEMO, None, enforce_eager=False) < FP8_GAP
 
 
 @pytest.mark.gpu
