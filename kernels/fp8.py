@@ -23,9 +23,11 @@ quantized per group of ``bk`` consecutive features, each group scaled as a row i
 in fp32, plus the bias, rounded once to ``x``'s dtype. On CUDA the rows are quantized by
 ``quantize_groups``' kernel, then multiplied: a decode step's few rows by the Triton GEMV, which
 scales each group's sum by its row's and its block's scales (a ``bk`` that is a power of two:
-``linear.takes_block``); more rows by cuBLAS's block-scaled FP8 GEMM where it takes the recipe
-(``CUBLAS_BLOCK``, bf16, Hopper). Elsewhere the reference runs: correct, not fast (it dequantizes
-the whole weight on each call).
+``linear.takes_block``); more rows by a Triton GEMM on FP8 tensor cores that scales each group's
+product the same way (``block_fp8_linear``). cuBLAS's block-scaled GEMM (``scaled_mm_block_fp8_linear``,
+DeepSeek's recipe on Hopper) computes the same and is kept beside it for the benchmark: on an H100 it
+ran at a quarter to 0.6 of bf16's speed on most Llama shapes (``bench/results/kernels_h100.md``).
+Elsewhere the reference runs: correct, not fast (it dequantizes the whole weight on each call).
 """
 
 from __future__ import annotations
