@@ -11,8 +11,8 @@ experts would stay unquantized). Checkpoints read:
 * ``quant_method: fp8`` with ``weight_block_size: [bn, bk]`` (DeepSeek-V3's and Qwen3-*-FP8's): a
   scale per ``bn x bk`` block of the weight (``<proj>.weight_scale_inv``, a multiplier despite its
   name), and inputs scaled per token and group of ``bk`` features (``checkpoint_weight_block``);
-  on CUDA, decode's rows take the block-scaled GEMV and larger batches the block-scaled Triton GEMM
-  (a ``bk`` that is a power of two); the torch reference elsewhere (``kernels/fp8.py``);
+  on CUDA, decode's rows take the block-scaled GEMV and larger batches cuBLAS's or Triton's
+  block-scaled GEMM (``fp8.block_fp8_linear``); the torch reference elsewhere (``kernels/fp8.py``);
 * ``quant_method: compressed-tensors`` (LLM Compressor's FP8 schemes): 8-bit float weights scaled
   per tensor or per channel, or per ``bn x bk`` block (its FP8_BLOCK scheme: weights' ``strategy:
   block`` with a ``block_structure``, inputs' ``strategy: group`` of ``bk`` features, dynamic; the

@@ -23,11 +23,12 @@ quantized per group of ``bk`` consecutive features, each group scaled as a row i
 in fp32, plus the bias, rounded once to ``x``'s dtype. On CUDA the rows are quantized by
 ``quantize_groups``' kernel, then multiplied: a decode step's few rows by the Triton GEMV, which
 scales each group's sum by its row's and its block's scales (a ``bk`` that is a power of two:
-``linear.takes_block``); more rows by a Triton GEMM on FP8 tensor cores that scales each group's
-product the same way (``block_fp8_linear``). cuBLAS's block-scaled GEMM (``scaled_mm_block_fp8_linear``,
-DeepSeek's recipe on Hopper) computes the same and is kept beside it for the benchmark: on an H100 it
-ran at a quarter to 0.6 of bf16's speed on most Llama shapes (``bench/results/kernels_h100.md``).
-Elsewhere the reference runs: correct, not fast (it dequantizes the whole weight on each call).
+``linear.takes_block``); more rows by cuBLAS's block-scaled FP8 GEMM where it takes DeepSeek's
+recipe (``CUBLAS_BLOCK``, bf16, Hopper; on an H100 right, but at a quarter to 0.6 of bf16's speed on
+most Llama shapes: ``bench/results/kernels_h100.md``), else by a Triton GEMM on FP8 tensor cores
+that scales each group's product the same way (``block_fp8_linear``; checked in Triton's interpreter
+and compiled for Hopper, not yet timed on a GPU). Elsewhere the reference runs: correct, not fast
+(it dequantizes the whole weight on each call).
 """
 
 from __future__ import annotations
@@ -277,6 +278,39 @@ def scaled_mm_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     return out if bias is None else out + bias
 
 
+# cuBLAS's block-scaled FP8 GEMM (CUDA 12.9+, through ``torch._scaled_mm``) takes DeepSeek's recipe:
+# x scaled per token and 128 features, the weight per 128 x 128 block, on Hopper (compute capability
+# 9.0) alone, as PyTorch's check for it says.
+CUBLAS_BLOCK = (128, 128)
+
+
+def _cublas_takes_blocks(x: torch.Tensor, n: int, k: int, block: tuple[int, int]) -> bool:
+    """cuBLAS's recipe, on shapes it computes right: on an H100 (torch 2.11, CUDA 13.0), K = 640 (five
+    groups a row) gave wrong sums where K = 512 and 4,096 were right, so K must be whole fours of groups."""
+    return (x.dtype == torch.bfloat16 and tuple(block) == CUBLAS_BLOCK and n % 128 == 0 and k % 512 == 0
+            and torch.cuda.get_device_capability(x.device) == (9, 0))
+
+
+def scaled_mm_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                               block: tuple[int, int], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: ``quantize_groups``, then
+    cuBLAS's block-scaled FP8 GEMM where it takes the block, the shapes and the GPU (``CUBLAS_BLOCK``,
+    bf16 ``x``); the reference otherwise. cuBLAS reads the rows' scales column by column and in whole
+    fours of rows: the quantization writes them so, and zero rows pad x to a multiple of four."""
+    _check_rows(x)
+    check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
+    (m, k), n = x.shape, weight.shape[0]
+    if not (m and _cublas_takes_blocks(x, n, k, block)):
+        return ref_fp8_block_linear(x, weight, weight_scale, block, bias)
+    rows = -(-m // 4) * 4
+    q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
+    q[m:].view(torch.uint8).zero_()
+    scale = torch.zeros((k // 128, rows), dtype=torch.float32, device=x.device).t()
+    _launch_quantize_groups(x, 128, None, q[:m], scale[:m])
+    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)[:m]
+    return out if bias is None else out + bias
+
+
 @triton.jit
 def _block_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K, GROUPS,
                        stride_am, stride_bn, stride_cm,
@@ -322,13 +356,24 @@ def triton_takes_blocks(block: tuple[int, int]) -> bool:
 
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: ``quantize_groups``, then a
-    Triton GEMM on FP8 tensor cores (``_block_gemm_kernel``; 8-bit float arithmetic, compute
-    capability 8.9+) where it takes the block (``triton_takes_blocks``); the reference otherwise."""
+    """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: cuBLAS's block-scaled GEMM where
+    it takes the recipe and the shapes (``scaled_mm_block_fp8_linear``: measured right on an H100);
+    else ``quantize_groups``, then a Triton GEMM on FP8 tensor cores (``_block_gemm_kernel``; 8-bit
+    float arithmetic, compute capability 8.9+) where it takes the block (``triton_takes_blocks``);
+    else the reference."""
     _check_rows(x)
     check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
+    if x.shape[0] and _cublas_takes_blocks(x, weight.shape[0], x.shape[1], block):
+        return scaled_mm_block_fp8_linear(x, weight, weight_scale, block, bias)
     if not (x.shape[0] and triton_takes_blocks(block) and _has_fp8_tensor_cores(x.device)):
         return ref_fp8_block_linear(x, weight, weight_scale, block, bias)
+    return triton_block_fp8_linear(x, weight, weight_scale, block, bias)
+
+
+def triton_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``block_fp8_linear``'s Triton path alone (its caller checks the arguments and the GPU):
+    ``quantize_groups``, then ``_block_gemm_kernel``."""
     q, scale = quantize_groups(x, block[1])
     return _launch_block_gemm(q, scale, weight, weight_scale, block, bias, x.dtype)
 
@@ -344,36 +389,3 @@ def _launch_block_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tenso
         q.stride(0), weight.stride(0), out.stride(0), GROUP_N=block[0], HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=128, BLOCK_K=block[1], SWIZZLE=8, num_warps=4 if block_m == 64 else 8, num_stages=4)
     return out
-
-
-# cuBLAS's block-scaled FP8 GEMM (CUDA 12.9+, through ``torch._scaled_mm``) takes DeepSeek's recipe:
-# x scaled per token and 128 features, the weight per 128 x 128 block, on Hopper (compute capability
-# 9.0) alone, as PyTorch's check for it says.
-CUBLAS_BLOCK = (128, 128)
-
-
-def _cublas_takes_blocks(x: torch.Tensor, n: int, k: int, block: tuple[int, int]) -> bool:
-    """cuBLAS's recipe, on shapes it computes right: on an H100 (torch 2.11, CUDA 13.0), K = 640 (five
-    groups a row) gave wrong sums where K = 512 and 4,096 were right, so K must be whole fours of groups."""
-    return (x.dtype == torch.bfloat16 and tuple(block) == CUBLAS_BLOCK and n % 128 == 0 and k % 512 == 0
-            and torch.cuda.get_device_capability(x.device) == (9, 0))
-
-
-def scaled_mm_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                               block: tuple[int, int], bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: ``quantize_groups``, then
-    cuBLAS's block-scaled FP8 GEMM where it takes the block, the shapes and the GPU (``CUBLAS_BLOCK``,
-    bf16 ``x``); the reference otherwise. cuBLAS reads the rows' scales column by column and in whole
-    fours of rows: the quantization writes them so, and zero rows pad x to a multiple of four."""
-    _check_rows(x)
-    check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
-    (m, k), n = x.shape, weight.shape[0]
-    if not (m and _cublas_takes_blocks(x, n, k, block)):
-        return ref_fp8_block_linear(x, weight, weight_scale, block, bias)
-    rows = -(-m // 4) * 4
-    q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
-    q[m:].view(torch.uint8).zero_()
-    scale = torch.zeros((k // 128, rows), dtype=torch.float32, device=x.device).t()
-    _launch_quantize_groups(x, 128, None, q[:m], scale[:m])
-    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)[:m]
-    return out if bias is None else out + bias

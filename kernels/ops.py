@@ -55,8 +55,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     With ``weight_scale``, ``weight`` is E4M3 (``kernels/fp8.py``): scaled per output channel, the GEMV,
     else cuBLAS's FP8 GEMM on CUDA, else the reference; scaled per ``block`` ``(bn, bk)``
     (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), the GEMV where it takes the block
-    (``gemv.takes_block``), else the Triton block-scaled FP8 GEMM on CUDA where it takes it, else the
-    block reference."""
+    (``gemv.takes_block``), else on CUDA ``fp8.block_fp8_linear`` (cuBLAS's or Triton's block-scaled
+    FP8 GEMM), else the block reference."""
     if weight_scale is None:
         return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
     if _gemv_block_rows(x, block):

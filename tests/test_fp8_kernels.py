@@ -226,7 +226,7 @@ def test_fp8_kernels_use_hopper_conversions() -> None:
     """On an H100 the row and group quantizations (with the MLP's activation too) round to E4M3 in
     hardware (saturating, to nearest even) and wait for the kernel before them (PDL); the FP8 GEMVs
     (the fused q/k/v one, the block-scaled one too) widen E4M3 rows and weights in hardware and round
-    nothing."""
+    nothing; the block-scaled GEMM multiplies E4M3 tiles on Hopper's tensor cores (wgmma)."""
     quantizations = [("_quantize_rows_kernel", dict(ACTIVATION=activation, BLOCK_K=1024, ONE_TILE=one_tile, PDL=True))
                      for activation in (None, "silu") for one_tile in (False, True)]
     quantizations.append(("_quantize_groups_kernel", dict(GROUP=128, ACTIVATION="silu", BLOCK=128, TILE_GROUPS=8, PDL=True)))
@@ -248,6 +248,11 @@ def test_fp8_kernels_use_hopper_conversions() -> None:
                             "q_out_ptr": "*bf16", "cache_ptr": "*bf16"}, qkv)):
         assert "cvt.rn.f16x2.e4m3x2" in ptx and "griddepcontrol.wait" in ptx
         assert "satfinite.e4m3" not in ptx
+    gemm = hopper_ptx("baton.kernels.fp8:_block_gemm_kernel",
+                      {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
+                       "bias_ptr": "*bf16", "c_ptr": "*bf16"},
+                      dict(GROUP_N=128, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SWIZZLE=8))
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in gemm
 
 
 @pytest.mark.gpu
@@ -261,15 +266,17 @@ def test_fp8_small_cases_on_gpu(dtype: torch.dtype) -> None:
 @needs_cuda
 @pytest.mark.parametrize("proj", list(LLAMA_8B))
 def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
-    """128 x 128 weight blocks (DeepSeek-V3's, Qwen3-FP8's): the block-scaled GEMV at decode's rows,
-    the Triton block-scaled GEMM above them, and cuBLAS's (bf16; row counts not a multiple of four
-    padded), each against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every shape here."""
+    """128 x 128 weight blocks (DeepSeek-V3's, Qwen3-FP8's): ``ops.linear`` (the block-scaled GEMV at
+    decode's rows, a block-scaled GEMM above them), the Triton GEMM and cuBLAS's (bf16; row counts not
+    a multiple of four padded), each against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every
+    shape here."""
     (k, n), block = LLAMA_8B[proj], (128, 128)
     w, w_scale = fp8_weight(n, k, "cuda")[0], block_scales(n, k, block, "cuda")
     for rows in (1, 2, 3, 5, 64, 2048):
         x = inputs(rows, k, torch.bfloat16, "cuda")
         want = fp8.ref_fp8_block_linear(x, w, w_scale, block)
         _assert_close(ops.linear(x, w, None, w_scale, block), want, torch.bfloat16)
+        _assert_close(fp8.triton_block_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
         _assert_close(fp8.scaled_mm_block_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
     if torch.cuda.get_device_capability() == (9, 0):
         assert fp8._cublas_takes_blocks(x, n, k, block)
