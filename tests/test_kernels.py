@@ -545,14 +545,22 @@ HOPPER_PDL_CASES = {   # case: (kernel, pointer parameters, constants); the rest
              CHUNK=1, DOT_PRECISION="ieee", DOT_FP16=False, PREFETCH_KEYS=64, LINE=32, WINDOW=0, SOFTCAP=0.0)),
     "gated GEMV": (
         "linear:_linear_kernel", {"x_ptr": "*bf16", "x_scale_ptr": "*bf16", "w_ptr": "*bf16", "w_scale_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"},
-        dict(M=1, M_PAD=16, HAS_BIAS=False, ACTIVATION="silu", BLOCK_N=64, BLOCK_K=128, EVEN_K=True, FP8=False)),
+        dict(M=1, M_PAD=16, HAS_BIAS=False, ACTIVATION="silu", BLOCK_N=64, BLOCK_K=128, EVEN_K=True, FP8=False, GROUP_N=0,
+             GROUP_K=0)),
     "gated GEMV, GELU (tanh)": (
         "linear:_linear_kernel", {"x_ptr": "*fp16", "x_scale_ptr": "*fp16", "w_ptr": "*fp16", "w_scale_ptr": "*fp16", "b_ptr": "*fp16", "out_ptr": "*fp16"},
-        dict(M=2, M_PAD=2, HAS_BIAS=True, ACTIVATION="gelu_pytorch_tanh", BLOCK_N=2, BLOCK_K=2048, EVEN_K=False, FP8=False)),
+        dict(M=2, M_PAD=2, HAS_BIAS=True, ACTIVATION="gelu_pytorch_tanh", BLOCK_N=2, BLOCK_K=2048, EVEN_K=False, FP8=False,
+             GROUP_N=0, GROUP_K=0)),
     "FP8 GEMV over rows quantized per token": (
         "linear:_linear_kernel", {"x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
                                   "b_ptr": "*bf16", "out_ptr": "*bf16"},
-        dict(M=2, M_PAD=2, HAS_BIAS=True, ACTIVATION=None, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, FP8=True)),
+        dict(M=2, M_PAD=2, HAS_BIAS=True, ACTIVATION=None, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, FP8=True, GROUP_N=0,
+             GROUP_K=0)),
+    "FP8 GEMV over rows quantized per token and group, weights per 128 x 128 block": (
+        "linear:_linear_kernel", {"x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
+                                  "b_ptr": "*bf16", "out_ptr": "*bf16"},
+        dict(M=1, M_PAD=1, HAS_BIAS=False, ACTIVATION=None, BLOCK_N=2, BLOCK_K=2048, EVEN_K=False, FP8=True, GROUP_N=128,
+             GROUP_K=128)),
 
     "RMSNorm": (
         "norm:_rms_norm_kernel",
