@@ -78,10 +78,11 @@ def qkv_rotary_store_kv(
     block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The fused q/k/v projection, then ``rotary_store_kv``: one GEMV launch where ``linear`` takes
-    the GEMV (after the rows' quantization with FP8 weights), else the two ops (always with block
-    scales: ``linear``'s GEMV applies those). Returns the rotated query ``[tokens, heads, head_dim]``."""
-    if _gemv_rows(x) and block is None:
-        return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, weight_scale)
+    the GEMV (after the rows' quantization with FP8 weights, per channel or per block), else the two
+    ops. Returns the rotated query ``[tokens, heads, head_dim]``."""
+    if _gemv_block_rows(x, block):
+        return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, weight_scale,
+                                          block)
     q, k, v = rotary.split_qkv(linear(x, weight, bias, weight_scale, block), kv_cache.shape[3], kv_cache.shape[4])
     return rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
 

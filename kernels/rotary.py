@@ -15,8 +15,8 @@ import triton.language as tl
 from baton.kernels import pdl
 from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, check_store_kv_args, ref_store_kv
-from baton.kernels.fp8 import quantize_rows, ref_fp8_linear
-from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear, scale_sums
+from baton.kernels.fp8 import quantize_groups, quantize_rows, ref_fp8_block_linear, ref_fp8_linear
+from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear, scale_sums, takes_block
 
 
 @triton.jit
@@ -122,10 +122,10 @@ def _rotary_store_kv_kernel(
 @triton.jit
 def _qkv_rotary_store_kv_kernel(
     x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, b_ptr, pos_ptr, cos_sin_ptr, slot_ptr, q_out_ptr, cache_ptr,
-    K, stride_xm, stride_wn, stride_qo_tok, stride_cos_sin, stride_c_block, stride_c_kv, stride_c_tok,
+    K, GROUPS, stride_xm, stride_wn, stride_qo_tok, stride_cos_sin, stride_c_block, stride_c_kv, stride_c_tok,
     M: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr, FP8: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
 ):
     # Each program computes two output columns of one head of the fused weight (q heads, then
     # k, then v): a pair that rotates together (j, j + HALF), or two neighbours that pass
@@ -143,8 +143,9 @@ def _qkv_rotary_store_kv_kernel(
     cos = tl.load(cos_sin, mask=row_ok, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin + HALF, mask=row_ok, other=0.0).to(tl.float32)
     cols = head * HEAD_DIM + offs
-    acc = _gemv_columns(x_ptr, w_ptr, cols, cols >= 0, K, stride_xm, stride_wn, M, M_PAD, None, BLOCK_K, EVEN_K, PDL)
-    if FP8:
+    acc = _gemv_columns(x_ptr, w_ptr, cols, cols >= 0, K, stride_xm, stride_wn, M, M_PAD, None, BLOCK_K, EVEN_K, PDL,
+                        x_scale_ptr, w_scale_ptr, GROUPS, GROUP_N, GROUP_K)
+    if FP8 and GROUP_K == 0:
         acc = scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, cols >= 0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
@@ -266,13 +267,18 @@ def qkv_rotary_store_kv(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     weight_scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """``rotary_store_kv`` of ``linear(x, weight, bias, weight_scale)`` split into q, k and v, in one
-    launch (after the rows' quantization with FP8 weights): ``x`` ``[M, hidden]`` (M <= ``linear.MAX_GEMV_ROWS``), ``weight`` ``[(heads + 2 * kv_heads)
-    * head_dim, hidden]`` (E4M3 with ``weight_scale``: ``kernels/fp8.py``); writes the rotated keys and
-    the values into ``kv_cache`` at ``slot_mapping`` ``[M]`` (a negative slot is skipped) and returns
-    the rotated query ``[M, heads, head_dim]``."""
-    _check_linear_args(x, weight, bias, gated=False, weight_scale=weight_scale)
+    """``rotary_store_kv`` of ``linear(x, weight, bias, weight_scale, block)`` split into q, k and v, in
+    one launch (after the rows' quantization with FP8 weights): ``x`` ``[M, hidden]`` (M <=
+    ``linear.MAX_GEMV_ROWS``), ``weight`` ``[(heads + 2 * kv_heads) * head_dim, hidden]`` (E4M3 with
+    ``weight_scale``, per output channel or per ``block`` the GEMV takes: ``kernels/fp8.py``); writes
+    the rotated keys and the values into ``kv_cache`` at ``slot_mapping`` ``[M]`` (a negative slot is
+    skipped) and returns the rotated query ``[M, heads, head_dim]``."""
+    _check_linear_args(x, weight, bias, gated=False, weight_scale=weight_scale, block=block)
+    if block is not None and not takes_block(block):
+        raise ValueError(f"block {tuple(block)} is not taken by the GEMV: its bk must be a power of two that divides "
+                         f"{DEFAULT_CONFIG.block_k}")
     heads, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
     consts = _check_cos_sin(positions, x.shape[0], cos_sin_cache, head_dim, x)
     check_device("kv_cache", kv_cache, x)
@@ -283,15 +289,16 @@ def qkv_rotary_store_kv(
         return q_out
     x_scale = weight
     if weight_scale is not None:
-        x, x_scale = quantize_rows(x)
+        x, x_scale = quantize_rows(x) if block is None else quantize_groups(x, block[1])
+    group_n, group_k = (0, 0) if block is None else block
     _qkv_rotary_store_kv_kernel[((heads + 2 * kv_heads) * head_dim // 2,)](
         x, x_scale, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias, positions,
         cos_sin_cache, slot_mapping, q_out, kv_cache,
-        k, x.stride(0), weight.stride(0), q_out.stride(0), cos_sin_cache.stride(0),
+        k, -(-k // group_k) if group_k else 0, x.stride(0), weight.stride(0), q_out.stride(0), cos_sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         M=m, M_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, NUM_Q_HEADS=heads, NUM_KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, HALF=consts["HALF"], BLOCK_SIZE=kv_cache.shape[2], BLOCK_K=DEFAULT_CONFIG.block_k,
-        EVEN_K=k % DEFAULT_CONFIG.block_k == 0, FP8=weight_scale is not None,
+        EVEN_K=k % DEFAULT_CONFIG.block_k == 0, FP8=weight_scale is not None, GROUP_N=group_n, GROUP_K=group_k,
         num_warps=DEFAULT_CONFIG.num_warps, num_stages=DEFAULT_CONFIG.num_stages, **pdl.launch_options(x),
     )
     return q_out
@@ -354,11 +361,17 @@ def ref_qkv_rotary_store_kv(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     weight_scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``ref_rotary_store_kv`` of ``ref_linear(x, weight, bias)`` (``ref_fp8_linear`` with
-    ``weight_scale``) split into q, k and v: writes the rotated keys and the values into ``kv_cache``
-    at ``slot_mapping`` and returns the rotated query."""
+    ``weight_scale``, ``ref_fp8_block_linear`` with a ``block`` too) split into q, k and v: writes the
+    rotated keys and the values into ``kv_cache`` at ``slot_mapping`` and returns the rotated query."""
     _, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
-    qkv = ref_linear(x, weight, bias) if weight_scale is None else ref_fp8_linear(x, weight, weight_scale, bias)
+    if weight_scale is None:
+        qkv = ref_linear(x, weight, bias)
+    elif block is None:
+        qkv = ref_fp8_linear(x, weight, weight_scale, bias)
+    else:
+        qkv = ref_fp8_block_linear(x, weight, weight_scale, block, bias)
     q, k, v = split_qkv(qkv, kv_heads, head_dim)
     return ref_rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)

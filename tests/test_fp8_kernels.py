@@ -135,16 +135,19 @@ def check_gemv(device: str, dtype: torch.dtype, m: int, n: int, k: int, with_bia
 
 
 def check_qkv_rotary_store_kv(device: str, dtype: torch.dtype, rows: int, heads: int, kv_heads: int, head_dim: int,
-                              rotary_dim: int, hidden: int, with_bias: bool) -> None:
-    """The FP8 q/k/v projection, rotation and cache write in one launch against the reference."""
+                              rotary_dim: int, hidden: int, with_bias: bool, block: tuple[int, int] | None = None) -> None:
+    """The FP8 q/k/v projection (with a ``block``, its weight scaled per block), rotation and cache
+    write in one launch against the reference."""
     w, w_scale = fp8_weight((heads + 2 * kv_heads) * head_dim, hidden, device)
+    if block is not None:
+        w_scale = block_scales(w.shape[0], hidden, block, device)
     b = torch.randn(w.shape[0], dtype=dtype, device=device) if with_bias else None
-    x = inputs(rows, hidden, dtype, device)
+    x = inputs(rows, hidden, dtype, device) if block is None else group_inputs(rows, hidden, block[1], dtype, device)
     pos, cos_sin, cache, slots = rotary_write_case(rows, kv_heads, head_dim, rotary_dim, dtype, torch.int64, device)
     want = cache.clone()
-    want_q = rotary.ref_qkv_rotary_store_kv(x, w, b, pos, cos_sin, want, slots, w_scale)
+    want_q = rotary.ref_qkv_rotary_store_kv(x, w, b, pos, cos_sin, want, slots, w_scale, block)
     _poison_allocator(device, want_q.numel() * want_q.element_size())
-    got_q = rotary.qkv_rotary_store_kv(x, w, b, pos, cos_sin, cache, slots, w_scale)
+    got_q = rotary.qkv_rotary_store_kv(x, w, b, pos, cos_sin, cache, slots, w_scale, block)
     _assert_close(got_q, want_q, dtype)
     _assert_written_rows(cache, want, slots, dtype, slice(None))
 
@@ -166,6 +169,8 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "fp8 gemv default tiles", lambda: check_gemv(device, dtype, 2, 37, 300, True, LinearConfig())
     yield "fp8 qkv_rotary_store_kv 1 row bias", lambda: check_qkv_rotary_store_kv(device, dtype, 1, 4, 2, 32, 32, 100, True)
     yield "fp8 qkv_rotary_store_kv 3 rows partial rotary", lambda: check_qkv_rotary_store_kv(device, dtype, 3, 6, 2, 32, 16, 300, False)
+    yield "fp8 qkv_rotary_store_kv 2 rows, blocks (32, 64)", \
+        lambda: check_qkv_rotary_store_kv(device, dtype, 2, 4, 2, 32, 32, 300, True, (32, 64))
     if device != "cpu":
         yield "fp8 gated gemv", lambda: check_gemv(device, dtype, 2, 37, 300, True, SMALL_TILES, gated=True)
         for act in ("silu", "gelu_pytorch_tanh"):
@@ -240,12 +245,14 @@ def test_fp8_kernels_use_hopper_conversions() -> None:
     constants = dict(M=1, M_PAD=1, HAS_BIAS=False, ACTIVATION=None, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, PDL=True,
                      FP8=True, GROUP_N=0, GROUP_K=0)
     qkv = dict(M=1, M_PAD=1, HAS_BIAS=False, NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_SIZE=16,
-               BLOCK_K=2048, EVEN_K=True, PDL=True, FP8=True)
+               BLOCK_K=2048, EVEN_K=True, PDL=True, FP8=True, GROUP_N=0, GROUP_K=0)
+    qkv_pointers = {**pointers, "pos_ptr": "*i64", "cos_sin_ptr": "*bf16", "slot_ptr": "*i64", "q_out_ptr": "*bf16",
+                    "cache_ptr": "*bf16"}
     for ptx in (hopper_ptx("baton.kernels.linear:_linear_kernel", pointers, constants),
                 hopper_ptx("baton.kernels.linear:_linear_kernel", pointers, dict(constants, GROUP_N=128, GROUP_K=128)),
-                hopper_ptx("baton.kernels.rotary:_qkv_rotary_store_kv_kernel",
-                           {**pointers, "pos_ptr": "*i64", "cos_sin_ptr": "*bf16", "slot_ptr": "*i64",
-                            "q_out_ptr": "*bf16", "cache_ptr": "*bf16"}, qkv)):
+                hopper_ptx("baton.kernels.rotary:_qkv_rotary_store_kv_kernel", qkv_pointers, qkv),
+                hopper_ptx("baton.kernels.rotary:_qkv_rotary_store_kv_kernel", qkv_pointers,
+                           dict(qkv, GROUP_N=128, GROUP_K=128))):
         assert "cvt.rn.f16x2.e4m3x2" in ptx and "griddepcontrol.wait" in ptx
         assert "satfinite.e4m3" not in ptx
     gemm = hopper_ptx("baton.kernels.fp8:_block_gemm_kernel",

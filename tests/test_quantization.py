@@ -320,9 +320,8 @@ def test_ops_take_the_block_reference_where_no_kernel_takes_the_block(gemv_rows:
 
 @pytest.mark.unit
 def test_decode_rows_take_the_gemv_with_a_power_of_two_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decode-sized CUDA rows (faked) and a block whose ``bk`` is a power of two: ``ops.linear`` and
-    ``gated_linear`` hand the block to the GEMVs, and the q/k/v projection takes ``linear``'s GEMV
-    rather than the fused one, which scales per channel only."""
+    """Decode-sized CUDA rows (faked) and a block whose ``bk`` is a power of two: ``ops.linear``,
+    ``gated_linear`` and ``qkv_rotary_store_kv`` hand the block to the GEMVs."""
     block, calls = (32, 16), []
 
     def gemv_linear(x, w, bias, ws, blk):
@@ -333,16 +332,20 @@ def test_decode_rows_take_the_gemv_with_a_power_of_two_block(monkeypatch: pytest
         calls.append(("gated_linear", blk))
         return fp8.ref_fp8_block_linear(ref_act_and_mul(x, activation), w, ws, blk, bias)
 
+    def fused_qkv(x, w, bias, pos, cos_sin, cache, slots, ws, blk):
+        calls.append(("qkv_rotary_store_kv", blk))
+        return rotary.ref_qkv_rotary_store_kv(x, w, bias, pos, cos_sin, cache, slots, ws, blk)
+
     monkeypatch.setattr(ops, "_gemv_rows", lambda x: True)
     monkeypatch.setattr(gemv, "linear", gemv_linear)
     monkeypatch.setattr(gemv, "gated_linear", gemv_gated)
-    monkeypatch.setattr(rotary, "qkv_rotary_store_kv", lambda *args, **kwargs: pytest.fail("the fused GEMV took blocks"))
+    monkeypatch.setattr(rotary, "qkv_rotary_store_kv", fused_qkv)
     x, w, ws, bias = block_case(2, 128, 64, block)
     ops.linear(x, w, bias, ws, block)
     ops.gated_linear(torch.randn(2, 128), w, bias, "silu", ws, block)
     pos, cos_sin, cache, slots = rotary_write_case(2, 2, 16, 16, torch.float32, torch.int64, "cpu")
     ops.qkv_rotary_store_kv(x, w, bias, pos, cos_sin, cache, slots, ws, block)
-    assert calls == [("linear", block), ("gated_linear", block), ("linear", block)]
+    assert calls == [("linear", block), ("gated_linear", block), ("qkv_rotary_store_kv", block)]
 
 
 @pytest.mark.parametrize("name", ["qwen3", "phi3"])
