@@ -155,8 +155,16 @@ def _linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & col_ok[None, :])
 
 
+def takes_block(block: tuple[int, int], config: LinearConfig = DEFAULT_CONFIG) -> bool:
+    """Whether the GEMV applies block scales ``(bn, bk)`` itself: a ``bk`` that is a power of two and
+    divides ``config.block_k`` (128 in every published block-wise checkpoint); else the reference."""
+    bk = block[1]
+    return bk & (bk - 1) == 0 and config.block_k % bk == 0
+
+
 def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool,
-                       weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
+                       weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+                       config: LinearConfig = DEFAULT_CONFIG) -> None:
     check_shape("x", x, (-1, -1))
     if x.shape[0] > MAX_GEMV_ROWS:
         raise ValueError(f"x has {x.shape[0]} rows; this kernel takes at most MAX_GEMV_ROWS={MAX_GEMV_ROWS}")
@@ -171,18 +179,14 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         check_contiguous("weight", weight)
     else:
         check_fp8_weight(weight, weight_scale, x, weight.shape[1], block)
+        if block is not None and not takes_block(block, config):
+            raise ValueError(f"block {tuple(block)} is not taken by tiles of block_k={config.block_k}: its bk must be a "
+                             "power of two that divides block_k")
     if bias is not None:
         check_shape("bias", bias, (weight.shape[0],))
         check_device("bias", bias, x)
         check_same_dtype("bias", bias, "x", x)
         check_last_dim_contiguous("bias", bias)
-
-
-def takes_block(block: tuple[int, int], config: LinearConfig = DEFAULT_CONFIG) -> bool:
-    """Whether the GEMV applies block scales ``(bn, bk)`` itself: a ``bk`` that is a power of two and
-    divides ``config.block_k`` (128 in every published block-wise checkpoint); else the reference."""
-    bk = block[1]
-    return bk & (bk - 1) == 0 and config.block_k % bk == 0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -210,10 +214,7 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   block: tuple[int, int] | None = None) -> torch.Tensor:
     """``linear`` (or ``gated_linear``) with explicit launch parameters (tests and benchmarks pick them)."""
     check_activation(activation)
-    _check_linear_args(x, weight, bias, gated, weight_scale, block)
-    if block is not None and not takes_block(block, config):
-        raise ValueError(f"block {tuple(block)} is not taken by tiles of block_k={config.block_k}: its bk must be a "
-                         "power of two that divides block_k")
+    _check_linear_args(x, weight, bias, gated, weight_scale, block, config)
     (m, _), (n, k) = x.shape, weight.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:

@@ -16,7 +16,7 @@ from baton.kernels import pdl
 from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, check_store_kv_args, ref_store_kv
 from baton.kernels.fp8 import quantize_groups, quantize_rows, ref_fp8_block_linear, ref_fp8_linear
-from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear, scale_sums, takes_block
+from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear, scale_sums
 
 
 @triton.jit
@@ -276,9 +276,6 @@ def qkv_rotary_store_kv(
     the rotated keys and the values into ``kv_cache`` at ``slot_mapping`` ``[M]`` (a negative slot is
     skipped) and returns the rotated query ``[M, heads, head_dim]``."""
     _check_linear_args(x, weight, bias, gated=False, weight_scale=weight_scale, block=block)
-    if block is not None and not takes_block(block):
-        raise ValueError(f"block {tuple(block)} is not taken by the GEMV: its bk must be a power of two that divides "
-                         f"{DEFAULT_CONFIG.block_k}")
     heads, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
     consts = _check_cos_sin(positions, x.shape[0], cos_sin_cache, head_dim, x)
     check_device("kv_cache", kv_cache, x)

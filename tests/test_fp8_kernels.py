@@ -224,6 +224,8 @@ def test_bad_arguments_are_refused() -> None:
         launch_linear(x, w, None, SMALL_TILES, weight_scale=w_scale.half())
     with pytest.raises(ValueError, match="weight must have shape \\[\\*, 31\\], got \\[8, 32\\]"):
         fp8.ref_fp8_linear(torch.randn(2, 31), w, w_scale)
+    with pytest.raises(ValueError, match="block \\(8, 40\\) is not taken by tiles of block_k=64"):
+        launch_linear(x, w, None, SMALL_TILES, weight_scale=block_scales(8, 32, (8, 40), "cpu"), block=(8, 40))
 
 
 @pytest.mark.unit
