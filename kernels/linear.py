@@ -97,13 +97,12 @@ def _tile_sums(x, w, k0, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, col_ok, G
 def _gemv_columns(
     x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn,
     M: tl.constexpr, M_PAD: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr, x_scale_ptr=None, w_scale_ptr=None, GROUPS=0, GROUP_N: tl.constexpr = 0,
-    GROUP_K: tl.constexpr = 0,
+    PDL: tl.constexpr, x_scale_ptr, w_scale_ptr, GROUPS, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
 ):
     """fp32 ``[M_PAD, len(cols)]``: rows of x (zeros past M) times the weight rows ``cols``, each
-    widened to fp32 (E4M3 ones too: the caller applies their scales, but for block scales, applied
-    here group by group: ``_tile_sums``). Loads the first weight tile, then waits for the kernel before
-    (which wrote x)."""
+    widened to fp32 (E4M3 ones too: per-channel scales the caller applies; block scales, ``GROUP_K``
+    > 0, are applied here group by group, ``_tile_sums``). Loads the first weight tile, then waits for
+    the kernel before (which wrote x)."""
     rows = tl.arange(0, M_PAD)
     ks = tl.arange(0, BLOCK_K)
     # Tiles are [rows, cols, k]: weights [1, cols, BLOCK_K], x [M_PAD, 1, BLOCK_K], so every
