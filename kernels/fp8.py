@@ -104,6 +104,11 @@ def _check_rows(x: torch.Tensor) -> None:
         raise ValueError(f"x must be contiguous in its last dim, got strides {tuple(x.stride())}")
 
 
+def _check_group(group: int) -> None:
+    if not isinstance(group, int) or group <= 0:
+        raise ValueError(f"group must be a positive int, got {group!r}")
+
+
 def _quantized_width(x: torch.Tensor, activation: str | None) -> int:
     """The width of the rows ``x`` quantizes to: its own, or with an ``activation`` half of it."""
     _check_rows(x)
@@ -170,8 +175,7 @@ def quantize_groups(x: torch.Tensor, group: int, activation: str | None = None) 
     With an ``activation``, ``x`` is ``[M, 2K]`` and ``act_and_mul(x, activation)``'s rows are
     quantized, as ``quantize_rows`` does."""
     k = _quantized_width(x, activation)
-    if not isinstance(group, int) or group <= 0:
-        raise ValueError(f"group must be a positive int, got {group!r}")
+    _check_group(group)
     q = torch.empty((x.shape[0], k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((x.shape[0], -(-k // group)), dtype=torch.float32, device=x.device)
     _launch_quantize_groups(x, group, activation, q, scale)
@@ -224,8 +228,7 @@ def ref_quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
     consecutive features of a row (the last one shorter where ``group`` does not divide ``K``)
     quantized as ``ref_quantize_rows`` quantizes a row."""
     _check_rows(x)
-    if not isinstance(group, int) or group <= 0:
-        raise ValueError(f"group must be a positive int, got {group!r}")
+    _check_group(group)
     m, k = x.shape
     groups = -(-k // group)
     q, scale = ref_quantize_rows(F.pad(x.float(), (0, groups * group - k)).view(m * groups, group))
@@ -299,9 +302,16 @@ def scaled_mm_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_sca
     fours of rows: the quantization writes them so, and zero rows pad x to a multiple of four."""
     _check_rows(x)
     check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
-    (m, k), n = x.shape, weight.shape[0]
-    if not (m and _cublas_takes_blocks(x, n, k, block)):
+    if not (x.shape[0] and _cublas_takes_blocks(x, weight.shape[0], x.shape[1], block)):
         return ref_fp8_block_linear(x, weight, weight_scale, block, bias)
+    return _cublas_block_fp8_linear(x, weight, weight_scale, bias)
+
+
+def _cublas_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+    """``scaled_mm_block_fp8_linear``'s cuBLAS path alone (its caller checks the arguments and that
+    cuBLAS takes them)."""
+    m, k = x.shape
     rows = -(-m // 4) * 4
     q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
     q[m:].view(torch.uint8).zero_()
@@ -364,7 +374,7 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     _check_rows(x)
     check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
     if x.shape[0] and _cublas_takes_blocks(x, weight.shape[0], x.shape[1], block):
-        return scaled_mm_block_fp8_linear(x, weight, weight_scale, block, bias)
+        return _cublas_block_fp8_linear(x, weight, weight_scale, bias)
     if not (x.shape[0] and triton_takes_blocks(block) and _has_fp8_tensor_cores(x.device)):
         return ref_fp8_block_linear(x, weight, weight_scale, block, bias)
     return triton_block_fp8_linear(x, weight, weight_scale, block, bias)
