@@ -94,15 +94,23 @@ def _tile_sums(x, w, k0, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, col_ok, G
 
 
 @triton.jit
+def _scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, col_ok):
+    """E4M3 products' sums ``acc`` ``[rows, cols]`` times their rows' scales, then their columns'."""
+    acc *= tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    return acc * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+
+
+@triton.jit
 def _gemv_columns(
     x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn,
     M: tl.constexpr, M_PAD: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr, x_scale_ptr, w_scale_ptr, GROUPS, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    PDL: tl.constexpr, FP8: tl.constexpr, x_scale_ptr, w_scale_ptr, GROUPS, GROUP_N: tl.constexpr,
+    GROUP_K: tl.constexpr,
 ):
     """fp32 ``[M_PAD, len(cols)]``: rows of x (zeros past M) times the weight rows ``cols``, each
-    widened to fp32 (E4M3 ones too: per-channel scales the caller applies; block scales, ``GROUP_K``
-    > 0, are applied here group by group, ``_tile_sums``). Loads the first weight tile, then waits for
-    the kernel before (which wrote x)."""
+    widened to fp32. With ``FP8`` (E4M3 rows and weights), their scales applied: block scales
+    (``GROUP_K`` > 0) group by group (``_tile_sums``), per-channel ones to the sums (``_scale_sums``).
+    Loads the first weight tile, then waits for the kernel before (which wrote x)."""
     rows = tl.arange(0, M_PAD)
     ks = tl.arange(0, BLOCK_K)
     # Tiles are [rows, cols, k]: weights [1, cols, BLOCK_K], x [M_PAD, 1, BLOCK_K], so every
@@ -123,14 +131,9 @@ def _gemv_columns(
         w = _load_w(w_ptrs, k0, K, ks, EVEN_K).to(tl.float32)
         acc += _tile_sums(_load_x(x_ptrs, k0, K, ks, row_ok, ACTIVATION, EVEN_K), w, k0, x_scale_ptr, w_scale_ptr,
                           rows, rows < M, cols, col_ok, GROUPS, M_PAD, cols.shape[0], BLOCK_K, GROUP_N, GROUP_K)
+    if FP8 and GROUP_K == 0:
+        acc = _scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, rows < M, cols, col_ok)
     return acc
-
-
-@triton.jit
-def scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, col_ok):
-    """E4M3 products' sums ``acc`` ``[rows, cols]`` times their rows' scales, then their columns'."""
-    acc *= tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    return acc * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
 
 
 @triton.jit
@@ -145,9 +148,7 @@ def _linear_kernel(
     col_ok = cols < N
     rows = tl.arange(0, M_PAD)
     acc = _gemv_columns(x_ptr, w_ptr, cols, col_ok, K, stride_xm, stride_wn, M, M_PAD, ACTIVATION, BLOCK_K, EVEN_K, PDL,
-                        x_scale_ptr, w_scale_ptr, GROUPS, GROUP_N, GROUP_K)
-    if FP8 and GROUP_K == 0:
-        acc = scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, rows < M, cols, col_ok)
+                        FP8, x_scale_ptr, w_scale_ptr, GROUPS, GROUP_N, GROUP_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]

@@ -16,7 +16,7 @@ from baton.kernels import pdl
 from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, check_store_kv_args, ref_store_kv
 from baton.kernels.fp8 import quantize_groups, quantize_rows, ref_fp8_block_linear, ref_fp8_linear
-from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear, scale_sums
+from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear
 
 
 @triton.jit
@@ -144,9 +144,7 @@ def _qkv_rotary_store_kv_kernel(
     sin = tl.load(cos_sin + HALF, mask=row_ok, other=0.0).to(tl.float32)
     cols = head * HEAD_DIM + offs
     acc = _gemv_columns(x_ptr, w_ptr, cols, cols >= 0, K, stride_xm, stride_wn, M, M_PAD, None, BLOCK_K, EVEN_K, PDL,
-                        x_scale_ptr, w_scale_ptr, GROUPS, GROUP_N, GROUP_K)
-    if FP8 and GROUP_K == 0:
-        acc = scale_sums(acc, x_scale_ptr, w_scale_ptr, rows, row_ok, cols, cols >= 0)
+                        FP8, x_scale_ptr, w_scale_ptr, GROUPS, GROUP_N, GROUP_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     # The projection's output as the unfused path stores it, then rotated as _rotate_heads does.

@@ -61,7 +61,7 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     to 1.132 ms. Without q/k norms, qkv's GEMV also rotates and writes the KV cache
     (``ops.qkv_rotary_store_kv``). ``lm_head`` (``compute_logits``) takes the GEMV at one row only.
     An ``Fp8Linear`` (``engine/models/quantized.py``) passes its weight scales too, and its block
-    where scaled per block (then the torch reference computes it on every device)."""
+    where scaled per block."""
     return ops.linear(x, layer.weight, layer.bias, weight_scale(layer), weight_block(layer))
 
 
