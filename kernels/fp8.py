@@ -9,7 +9,8 @@ result rounded once to ``x``'s dtype. Weights are quantized the same way along t
 (``ref_quantize_rows``, at load).
 
 On CUDA, the rows are quantized by ``quantize_rows``' kernel (the MLP's activation made in the same
-launch), then multiplied: a decode step's few rows (``linear.MAX_DISPATCH_ROWS``) by the Triton
+launch), or by the RMSNorm that makes them (``norm.rms_norm_fp8``; the products take them as
+``x_fp8``: ``check_x_fp8``), then multiplied: a decode step's few rows (``linear.MAX_DISPATCH_ROWS``) by the Triton
 GEMV, which reads half a bf16 weight's bytes; more rows by cuBLAS's FP8 GEMM (``torch._scaled_mm``,
 row-wise scales). Both need a GPU with 8-bit float arithmetic (compute capability 8.9+: the engine
 refuses FP8 weights on older ones). On the CPU, for activations other than bf16 and for shapes
@@ -182,6 +183,41 @@ def quantize_groups(x: torch.Tensor, group: int, activation: str | None = None) 
     return q, scale
 
 
+def check_x_fp8(x_fp8: tuple[torch.Tensor, torch.Tensor] | None, x: torch.Tensor, weight_scale: torch.Tensor | None,
+                block: tuple[int, int] | None, gated: bool = False) -> None:
+    """``x_fp8`` is None, or ``x``'s rows quantized before per token (``quantize_rows``,
+    ``norm.rms_norm_fp8``: E4M3 ``[M, K]`` and fp32 scales ``[M]``, contiguous, on ``x``'s device) for
+    a product that takes them: a weight scaled per output channel (``weight_scale``, no ``block``), not
+    gated (a gated product makes its activation as it quantizes)."""
+    if x_fp8 is None:
+        return
+    if weight_scale is None:
+        raise ValueError("x_fp8 is for FP8 weights: this weight has no weight_scale")
+    if block is not None:
+        raise ValueError("x_fp8 holds rows quantized per token: a block-scaled weight takes rows quantized per group")
+    if gated:
+        raise ValueError("x_fp8 holds rows quantized as they are: a gated product makes its activation as it quantizes")
+    q, scale = x_fp8
+    check_shape("x_fp8's rows", q, tuple(x.shape))
+    check_dtype("x_fp8's rows", q, (FP8_DTYPE,))
+    check_shape("x_fp8's scales", scale, (x.shape[0],))
+    check_dtype("x_fp8's scales", scale, (torch.float32,))
+    for name, t in (("x_fp8's rows", q), ("x_fp8's scales", scale)):
+        check_device(name, t, x)
+        check_contiguous(name, t)
+
+
+def fp8_input(x: torch.Tensor, block: tuple[int, int] | None, activation: str | None = None,
+              x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The E4M3 rows and scales an FP8 product over ``x`` takes (CUDA): ``x_fp8`` where the rows were
+    quantized before (its caller checked it: ``check_x_fp8``), else ``x`` quantized now, per token
+    (``quantize_rows``) or with a ``block`` per group of ``block[1]`` (``quantize_groups``), with the
+    ``activation`` made first where one is named."""
+    if x_fp8 is not None:
+        return x_fp8
+    return quantize_rows(x, activation=activation) if block is None else quantize_groups(x, block[1], activation)
+
+
 def ref_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[M, K]`` -> ``(E4M3 [M, K], fp32 scales [M])``: each row times the reciprocal of its
     scale (its largest magnitude times the float32 of 1/448), saturated and rounded to nearest even."""
@@ -211,12 +247,14 @@ def check_fp8_weight(weight: torch.Tensor, weight_scale: torch.Tensor, x: torch.
 
 
 def ref_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x`` ``[M, K]``, E4M3 ``weight`` ``[N, K]``, ``weight_scale`` ``[N]``, ``bias`` ``[N]`` or None
-    -> ``[M, N]`` in ``x``'s dtype, as the module docstring defines it."""
+    -> ``[M, N]`` in ``x``'s dtype, as the module docstring defines it; ``x_fp8``: ``x``'s rows
+    quantized before (``check_x_fp8``), taken as they are."""
     _check_rows(x)
     check_fp8_weight(weight, weight_scale, x, x.shape[1])
-    q, scale = ref_quantize_rows(x)
+    check_x_fp8(x_fp8, x, weight_scale, None)
+    q, scale = ref_quantize_rows(x) if x_fp8 is None else x_fp8
     out = (q.float() @ weight.float().t()) * scale[:, None] * weight_scale[None, :]
     if bias is not None:
         out = out + bias.float()
@@ -265,17 +303,19 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
 
 
 def scaled_mm_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``ref_fp8_linear`` for CUDA ``x`` of any number of rows: ``quantize_rows``, then cuBLAS's FP8
-    GEMM with both row-wise scales, where the GPU and the shapes allow and ``x`` is bf16 (the one
-    output dtype cuBLAS takes with row-wise scales); the reference otherwise."""
+                         bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``ref_fp8_linear`` for CUDA ``x`` of any number of rows: ``quantize_rows`` (unless ``x_fp8``
+    holds the rows quantized before), then cuBLAS's FP8 GEMM with both row-wise scales, where the GPU
+    and the shapes allow and ``x`` is bf16 (the one output dtype cuBLAS takes with row-wise scales);
+    the reference otherwise."""
     _check_rows(x)
     check_fp8_weight(weight, weight_scale, x, x.shape[1])
+    check_x_fp8(x_fp8, x, weight_scale, None)
     n, k = weight.shape
     if not (x.dtype == torch.bfloat16 and _has_fp8_tensor_cores(x.device) and n % 16 == 0 and k % 16 == 0
             and x.shape[0]):
-        return ref_fp8_linear(x, weight, weight_scale, bias)
-    q, scale = quantize_rows(x)
+        return ref_fp8_linear(x, weight, weight_scale, bias, x_fp8)
+    q, scale = fp8_input(x, None, x_fp8=x_fp8)
     out = torch._scaled_mm(q, weight.t(), scale_a=scale[:, None], scale_b=weight_scale[None, :],
                            out_dtype=torch.bfloat16)
     return out if bias is None else out + bias

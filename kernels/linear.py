@@ -9,8 +9,9 @@ launch allocates only its output, so it can be captured in a CUDA graph.
 
 With FP8 weights (E4M3 and a scale per output column: ``kernels/fp8.py``), ``fp8.quantize_rows``
 first rounds the rows of x to E4M3 (the activation made there, for ``gated_linear``) in a launch of
-its own, once, rather than in each of the GEMV's thousands of programs; the GEMV then reads half
-a bf16 weight's bytes and x in E4M3, and scales its sums by the row's and the column's scales.
+its own, once, rather than in each of the GEMV's thousands of programs, unless the RMSNorm that made
+x rounded them in its launch (``x_fp8``); the GEMV then reads half a bf16 weight's bytes and x in
+E4M3, and scales its sums by the row's and the column's scales.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import triton.language as tl
 from baton.kernels import pdl
 from baton.kernels.activation import act_mul, check_activation, ref_act_and_mul
 from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
-from baton.kernels.fp8 import check_fp8_weight, quantize_groups, quantize_rows
+from baton.kernels.fp8 import check_fp8_weight, check_x_fp8, fp8_input
 
 MAX_GEMV_ROWS = 4  # the most rows of x the kernel takes: it keeps an fp32 accumulator per row
 
@@ -164,7 +165,7 @@ def takes_block(block: tuple[int, int], config: LinearConfig = DEFAULT_CONFIG) -
 
 def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool,
                        weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
-                       config: LinearConfig = DEFAULT_CONFIG) -> None:
+                       config: LinearConfig = DEFAULT_CONFIG, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     check_shape("x", x, (-1, -1))
     if x.shape[0] > MAX_GEMV_ROWS:
         raise ValueError(f"x has {x.shape[0]} rows; this kernel takes at most MAX_GEMV_ROWS={MAX_GEMV_ROWS}")
@@ -187,17 +188,20 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         check_device("bias", bias, x)
         check_same_dtype("bias", bias, "x", x)
         check_last_dim_contiguous("bias", bias)
+    check_x_fp8(x_fp8, x, weight_scale, block, gated)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+           weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+           x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` (M <= ``MAX_GEMV_ROWS``), ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None,
     all of one float dtype -> ``[M, N]`` in that dtype, accumulated in fp32. With ``weight_scale``
     ``[N]`` (fp32), ``weight`` is E4M3 and this is ``fp8.ref_fp8_linear``; with a ``block`` too
     (``takes_block``), ``weight_scale`` has one scale per block and this is ``fp8.ref_fp8_block_linear``.
-    With PDL, the weights load before the kernel just before this one has finished: it must not write
-    them."""
-    return launch_linear(x, weight, bias, DEFAULT_CONFIG, weight_scale=weight_scale, block=block)
+    ``x_fp8``: per-channel FP8 weights' rows of ``x`` quantized before (``fp8.check_x_fp8``), read as
+    they are. With PDL, the weights load before the kernel just before this one has finished: it must
+    not write them."""
+    return launch_linear(x, weight, bias, DEFAULT_CONFIG, weight_scale=weight_scale, block=block, x_fp8=x_fp8)
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -211,18 +215,17 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LinearConfig,
                   gated: bool = False, activation: str = "silu", weight_scale: torch.Tensor | None = None,
-                  block: tuple[int, int] | None = None) -> torch.Tensor:
+                  block: tuple[int, int] | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``linear`` (or ``gated_linear``) with explicit launch parameters (tests and benchmarks pick them)."""
     check_activation(activation)
-    _check_linear_args(x, weight, bias, gated, weight_scale, block, config)
+    _check_linear_args(x, weight, bias, gated, weight_scale, block, config, x_fp8)
     (m, _), (n, k) = x.shape, weight.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     x_scale = weight
     if weight_scale is not None:
-        act = activation if gated else None
-        x, x_scale = quantize_rows(x, activation=act) if block is None else quantize_groups(x, block[1], act)
+        x, x_scale = fp8_input(x, block, activation if gated else None, x_fp8)
         gated = False
     group_n, group_k = (0, 0) if block is None else block
     _linear_kernel[(triton.cdiv(n, config.block_n),)](

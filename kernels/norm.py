@@ -12,14 +12,16 @@ import triton.language as tl
 
 from baton.kernels import pdl
 from baton.kernels.checks import check_device, check_dtype, check_last_dim_contiguous, check_same_dtype, check_shape
+from baton.kernels.fp8 import FP8_DTYPE, quantize_value, ref_quantize_rows, row_scale
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, q_ptr, scale_ptr,
     stride_x, stride_r, stride_o, stride_nr,
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -39,7 +41,14 @@ def _rms_norm_kernel(
         w = w + 1.0
     else:
         normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    out = (normed * w).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+    if QUANTIZE:
+        # The stored row, rounded: what quantize_rows would read back.
+        outf = out.to(tl.float32)
+        scale, inv_scale = row_scale(tl.max(tl.abs(outf), 0))
+        tl.store(scale_ptr + row, scale)
+        tl.store(q_ptr + row * hidden + cols, quantize_value(outf, inv_scale), mask=mask)
 
 
 def _check_rows(name: str, t: torch.Tensor, hidden: int, like: torch.Tensor) -> None:
@@ -47,6 +56,11 @@ def _check_rows(name: str, t: torch.Tensor, hidden: int, like: torch.Tensor) -> 
     check_dtype(name, t)
     check_device(name, t, like)
     check_last_dim_contiguous(name, t)
+
+
+def _check_2d(x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [rows, hidden], got shape {list(x.shape)}")
 
 
 def rms_norm(
@@ -59,6 +73,27 @@ def rms_norm(
     """Normalize over the last dim and scale by ``weight`` (``unit_offset``: by ``1 + weight``, Gemma's).
     With ``residual``: ``x = x + residual`` first, and return ``(normed, x)`` so the sum becomes
     the next residual."""
+    out, _, new_residual = _launch_rms_norm(x, weight, eps, residual, unit_offset, quantize=False)
+    return out if residual is None else (out, new_residual)
+
+
+def rms_norm_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """``rms_norm``'s rows, those rows as ``fp8.quantize_rows`` returns them (E4M3 ``[rows, hidden]``,
+    fp32 scales ``[rows]``; ``x`` ``[rows, hidden]``), and the new residual (None without
+    ``residual``), from one launch."""
+    _check_2d(x)
+    return _launch_rms_norm(x, weight, eps, residual, unit_offset, quantize=True)
+
+
+def _launch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, unit_offset: bool,
+                     quantize: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """The kernel's launch: ``(normed, (E4M3 rows, scales) or None, new residual or None)``."""
     if x.dim() == 0:
         raise ValueError("x must have at least one dim")
     hidden = x.shape[-1]
@@ -72,16 +107,19 @@ def rms_norm(
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     new_residual = torch.empty_like(x2) if residual is not None else out
     res2 = residual.reshape(-1, hidden) if residual is not None else x2
+    q = torch.empty(x2.shape if quantize else (0,), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(x2.shape[0] if quantize else 0, dtype=torch.float32, device=x.device)
     if x2.shape[0]:
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, res2, weight.contiguous(), out, new_residual,
+            x2, res2, weight.contiguous(), out, new_residual, q, scale,
             x2.stride(0), res2.stride(0), out.stride(0), new_residual.stride(0),
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block, num_warps=min(16, max(1, block // 512)), **pdl.launch_options(x),
+            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, QUANTIZE=quantize, BLOCK=block,
+            num_warps=min(16, max(1, block // 512)), **pdl.launch_options(x),
         )
-    out = out.view(x.shape)
-    return out if residual is None else (out, new_residual.view(x.shape))
+    return (out.view(x.shape), (q, scale) if quantize else None,
+            new_residual.view(x.shape) if residual is not None else None)
 
 
 def ref_rms_norm(
@@ -103,3 +141,19 @@ def ref_rms_norm(
     else:
         normed = normed.to(x.dtype) * weight
     return normed if residual is None else (normed, x)
+
+
+def ref_rms_norm_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """``rms_norm_fp8`` in torch: ``ref_rms_norm``, then ``fp8.ref_quantize_rows`` of its rows."""
+    _check_2d(x)
+    if residual is None:
+        normed, new_residual = ref_rms_norm(x, weight, eps, None, unit_offset), None
+    else:
+        normed, new_residual = ref_rms_norm(x, weight, eps, residual, unit_offset)
+    return normed, ref_quantize_rows(normed), new_residual

@@ -30,6 +30,7 @@ scatter_blocks = _dispatch(kv_cache.scatter_blocks, kv_cache.ref_scatter_blocks)
 paged_attention = _dispatch(attention.paged_attention, attention.ref_paged_attention)
 paged_decode_attention = _dispatch(attention.paged_decode_attention, attention.ref_paged_decode_attention)
 rms_norm = _dispatch(norm.rms_norm, norm.ref_rms_norm)
+rms_norm_fp8 = _dispatch(norm.rms_norm_fp8, norm.ref_rms_norm_fp8)
 rotary_store_kv = _dispatch(rotary.rotary_store_kv, rotary.ref_rotary_store_kv)
 act_and_mul = _dispatch(activation.act_and_mul, activation.ref_act_and_mul)
 exponential_race = _dispatch(sampling.exponential_race, sampling.ref_exponential_race)
@@ -49,21 +50,24 @@ def _gemv_block_rows(x: torch.Tensor, block: tuple[int, int] | None) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+           weight_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+           x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` @ ``weight`` ``[N, K]``.T + ``bias``: the Triton GEMV for CUDA inputs of at
     most ``MAX_DISPATCH_ROWS`` rows (decode steps), ``F.linear`` (cuBLAS on GPU) for anything else.
     With ``weight_scale``, ``weight`` is E4M3 (``kernels/fp8.py``): scaled per output channel, the GEMV,
     else cuBLAS's FP8 GEMM on CUDA, else the reference; scaled per ``block`` ``(bn, bk)``
     (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), the GEMV where it takes the block
     (``gemv.takes_block``), else on CUDA ``fp8.block_fp8_linear`` (cuBLAS's or Triton's block-scaled
-    FP8 GEMM), else the block reference."""
+    FP8 GEMM), else the block reference. ``x_fp8``: with per-channel scales, ``x``'s rows quantized
+    before (``rms_norm_fp8``), taken as they are."""
+    fp8.check_x_fp8(x_fp8, x, weight_scale, block)
     if weight_scale is None:
         return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
     if _gemv_block_rows(x, block):
-        return gemv.linear(x, weight, bias, weight_scale, block)
+        return gemv.linear(x, weight, bias, weight_scale, block, x_fp8)
     if block is not None:
         return (fp8.block_fp8_linear if x.is_cuda else fp8.ref_fp8_block_linear)(x, weight, weight_scale, block, bias)
-    return (fp8.scaled_mm_fp8_linear if x.is_cuda else fp8.ref_fp8_linear)(x, weight, weight_scale, bias)
+    return (fp8.scaled_mm_fp8_linear if x.is_cuda else fp8.ref_fp8_linear)(x, weight, weight_scale, bias, x_fp8)
 
 
 def qkv_rotary_store_kv(
@@ -76,14 +80,15 @@ def qkv_rotary_store_kv(
     slot_mapping: torch.Tensor,
     weight_scale: torch.Tensor | None = None,
     block: tuple[int, int] | None = None,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The fused q/k/v projection, then ``rotary_store_kv``: one GEMV launch where ``linear`` takes
-    the GEMV (after the rows' quantization with FP8 weights, per channel or per block), else the two
-    ops. Returns the rotated query ``[tokens, heads, head_dim]``."""
+    the GEMV (after the rows' quantization with FP8 weights, per channel or per block, unless
+    ``x_fp8`` holds them), else the two ops. Returns the rotated query ``[tokens, heads, head_dim]``."""
     if _gemv_block_rows(x, block):
         return rotary.qkv_rotary_store_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, weight_scale,
-                                          block)
-    q, k, v = rotary.split_qkv(linear(x, weight, bias, weight_scale, block), kv_cache.shape[3], kv_cache.shape[4])
+                                          block, x_fp8)
+    q, k, v = rotary.split_qkv(linear(x, weight, bias, weight_scale, block, x_fp8), kv_cache.shape[3], kv_cache.shape[4])
     return rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
 
 

@@ -15,7 +15,7 @@ import triton.language as tl
 from baton.kernels import pdl
 from baton.kernels.checks import check_device, check_dtype, check_int_index, check_kv_cache, check_last_dim_contiguous, check_shape
 from baton.kernels.kv_cache import _cache_row, _load_heads, _store_row, check_store_kv_args, ref_store_kv
-from baton.kernels.fp8 import quantize_groups, quantize_rows, ref_fp8_block_linear, ref_fp8_linear
+from baton.kernels.fp8 import check_x_fp8, fp8_input, ref_fp8_block_linear, ref_fp8_linear
 from baton.kernels.linear import DEFAULT_CONFIG, _check_linear_args, _gemv_columns, ref_linear
 
 
@@ -266,14 +266,15 @@ def qkv_rotary_store_kv(
     slot_mapping: torch.Tensor,
     weight_scale: torch.Tensor | None = None,
     block: tuple[int, int] | None = None,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``rotary_store_kv`` of ``linear(x, weight, bias, weight_scale, block)`` split into q, k and v, in
+    """``rotary_store_kv`` of ``linear(x, weight, bias, weight_scale, block, x_fp8)`` split into q, k and v, in
     one launch (after the rows' quantization with FP8 weights): ``x`` ``[M, hidden]`` (M <=
     ``linear.MAX_GEMV_ROWS``), ``weight`` ``[(heads + 2 * kv_heads) * head_dim, hidden]`` (E4M3 with
     ``weight_scale``, per output channel or per ``block`` the GEMV takes: ``kernels/fp8.py``); writes
     the rotated keys and the values into ``kv_cache`` at ``slot_mapping`` ``[M]`` (a negative slot is
     skipped) and returns the rotated query ``[M, heads, head_dim]``."""
-    _check_linear_args(x, weight, bias, gated=False, weight_scale=weight_scale, block=block)
+    _check_linear_args(x, weight, bias, gated=False, weight_scale=weight_scale, block=block, x_fp8=x_fp8)
     heads, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
     consts = _check_cos_sin(positions, x.shape[0], cos_sin_cache, head_dim, x)
     check_device("kv_cache", kv_cache, x)
@@ -284,7 +285,7 @@ def qkv_rotary_store_kv(
         return q_out
     x_scale = weight
     if weight_scale is not None:
-        x, x_scale = quantize_rows(x) if block is None else quantize_groups(x, block[1])
+        x, x_scale = fp8_input(x, block, x_fp8=x_fp8)
     group_n, group_k = (0, 0) if block is None else block
     _qkv_rotary_store_kv_kernel[((heads + 2 * kv_heads) * head_dim // 2,)](
         x, x_scale, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias, positions,
@@ -357,15 +358,18 @@ def ref_qkv_rotary_store_kv(
     slot_mapping: torch.Tensor,
     weight_scale: torch.Tensor | None = None,
     block: tuple[int, int] | None = None,
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``ref_rotary_store_kv`` of ``ref_linear(x, weight, bias)`` (``ref_fp8_linear`` with
-    ``weight_scale``, ``ref_fp8_block_linear`` with a ``block`` too) split into q, k and v: writes the
-    rotated keys and the values into ``kv_cache`` at ``slot_mapping`` and returns the rotated query."""
+    ``weight_scale`` and ``x_fp8``, ``ref_fp8_block_linear`` with a ``block`` too) split into q, k and v:
+    writes the rotated keys and the values into ``kv_cache`` at ``slot_mapping`` and returns the
+    rotated query."""
     _, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
+    check_x_fp8(x_fp8, x, weight_scale, block)
     if weight_scale is None:
         qkv = ref_linear(x, weight, bias)
     elif block is None:
-        qkv = ref_fp8_linear(x, weight, weight_scale, bias)
+        qkv = ref_fp8_linear(x, weight, weight_scale, bias, x_fp8)
     else:
         qkv = ref_fp8_block_linear(x, weight, weight_scale, block, bias)
     q, k, v = split_qkv(qkv, kv_heads, head_dim)

@@ -23,7 +23,7 @@ import kernel_cases
 from kernel_cases import hopper_ptx, interpreted_checks_passed, run_cases
 from test_kernels import _assert_close, _assert_written_rows, _poison_allocator, needs_cuda, rotary_write_case, spread_gates
 
-from baton.kernels import fp8, ops, rotary
+from baton.kernels import fp8, norm, ops, rotary
 from baton.kernels.activation import ref_act_and_mul
 from baton.kernels.linear import MAX_GEMV_ROWS, LinearConfig, launch_linear
 
@@ -152,9 +152,43 @@ def check_qkv_rotary_store_kv(device: str, dtype: torch.dtype, rows: int, heads:
     _assert_written_rows(cache, want, slots, dtype, slice(None))
 
 
+def check_rms_norm_fp8(device: str, dtype: torch.dtype, rows: int, hidden: int, with_residual: bool,
+                       unit_offset: bool = False) -> None:
+    """``rms_norm_fp8``: its normed rows and new residual as ``rms_norm``'s (a row of zeros among them),
+    its E4M3 rows and scales exactly as the rows quantized apart (in the interpreter by
+    ``quantize_rows``, whose rounding it shares; on a GPU by the reference), then taken by the GEMV and
+    by ``ops.linear`` as if they had quantized them."""
+    x = torch.randn(rows, hidden, dtype=dtype, device=device)
+    w = torch.randn(hidden, dtype=dtype, device=device)
+    r = torch.randn(rows, hidden, dtype=dtype, device=device) if with_residual else None
+    x[-1] = 0
+    if r is not None:
+        r[-1] = 0
+    _poison_allocator(device, 3 * x.numel() * x.element_size())
+    normed, (q, scale), summed = norm.rms_norm_fp8(x, w, 1e-6, r, unit_offset)
+    if r is None:
+        want, want_summed = norm.rms_norm(x, w, 1e-6, None, unit_offset), None
+        assert summed is None
+    else:
+        want, want_summed = norm.rms_norm(x, w, 1e-6, r, unit_offset)
+        assert torch.equal(summed, want_summed)
+    assert torch.equal(normed, want)
+    want_q, want_scale = (fp8.quantize_rows if device == "cpu" else fp8.ref_quantize_rows)(normed)
+    assert torch.equal(scale, want_scale) and torch.equal(q.float(), want_q.float())
+    weight, weight_scale = fp8_weight(24, hidden, device)
+    assert torch.equal(launch_linear(normed, weight, None, SMALL_TILES, weight_scale=weight_scale, x_fp8=(q, scale)),
+                       launch_linear(normed, weight, None, SMALL_TILES, weight_scale=weight_scale))
+    if device == "cpu":
+        assert torch.equal(ops.linear(normed, weight, None, weight_scale, x_fp8=(q, scale)),
+                           fp8.ref_fp8_linear(normed, weight, weight_scale, x_fp8=(q, scale)))
+
+
 def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     for m, k, block_k in [(1, 300, 64), (5, 1024, 256), (3, 17, 1024)]:
         yield f"quantize rows {m}x{k}", lambda m=m, k=k, b=block_k: check_quantize_rows(device, dtype, m, k, b)
+    for rows, hidden, res, offset in [(1, 96, False, False), (3, 300, True, False), (MAX_GEMV_ROWS, 64, True, True)]:
+        yield f"rms_norm_fp8 {rows}x{hidden} residual={res} unit offset={offset}", \
+            lambda m=rows, h=hidden, r=res, o=offset: check_rms_norm_fp8(device, dtype, m, h, r, o)
     for m in range(1, MAX_GEMV_ROWS + 1):
         yield f"fp8 gemv {m} rows", lambda m=m: check_gemv(device, dtype, m, 45, 300, m % 2 == 1, SMALL_TILES)
     yield "fp8 gemv even K", lambda: check_gemv(device, dtype, 2, 16, 256, False, SMALL_TILES)
@@ -230,16 +264,18 @@ def test_bad_arguments_are_refused() -> None:
 
 @pytest.mark.unit
 def test_fp8_kernels_use_hopper_conversions() -> None:
-    """On an H100 the row and group quantizations (with the MLP's activation too) round to E4M3 in
-    hardware (saturating, to nearest even) and wait for the kernel before them (PDL); the FP8 GEMVs
+    """On an H100 the row and group quantizations (with the MLP's activation too, or after the
+    RMSNorm in its launch) round to E4M3 in hardware (saturating, to nearest even) and wait for the kernel before them (PDL); the FP8 GEMVs
     (the fused q/k/v one, the block-scaled one too) widen E4M3 rows and weights in hardware and round
     nothing; the block-scaled GEMM multiplies E4M3 tiles on Hopper's tensor cores (wgmma)."""
-    quantizations = [("_quantize_rows_kernel", dict(ACTIVATION=activation, BLOCK_K=1024, ONE_TILE=one_tile, PDL=True))
+    quantizations = [("fp8:_quantize_rows_kernel", dict(ACTIVATION=activation, BLOCK_K=1024, ONE_TILE=one_tile, PDL=True))
                      for activation in (None, "silu") for one_tile in (False, True)]
-    quantizations.append(("_quantize_groups_kernel", dict(GROUP=128, ACTIVATION="silu", BLOCK=128, TILE_GROUPS=8, PDL=True)))
+    quantizations.append(("fp8:_quantize_groups_kernel", dict(GROUP=128, ACTIVATION="silu", BLOCK=128, TILE_GROUPS=8, PDL=True)))
+    quantizations.append(("norm:_rms_norm_kernel", dict(HAS_RESIDUAL=True, UNIT_OFFSET=False, QUANTIZE=True, BLOCK=4096, PDL=True)))
     for kernel, constants in quantizations:
-        rows = hopper_ptx(f"baton.kernels.fp8:{kernel}", {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
-                          constants)
+        rows = hopper_ptx(f"baton.kernels.{kernel}", {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16",
+                                                      "out_ptr": "*bf16", "new_residual_ptr": "*bf16", "q_ptr": "*fp8e4nv",
+                                                      "scale_ptr": "*fp32", "eps": "fp32"}, constants)
         assert "cvt.rn.satfinite.e4m3x2.f32" in rows
         assert "griddepcontrol.wait" in rows and "griddepcontrol.launch_dependents" in rows
     pointers = {"x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",

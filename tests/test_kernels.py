@@ -565,8 +565,8 @@ HOPPER_PDL_CASES = {   # case: (kernel, pointer parameters, constants); the rest
     "RMSNorm": (
         "norm:_rms_norm_kernel",
         {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "new_residual_ptr": "*bf16",
-         "eps": "fp32"},
-        dict(HAS_RESIDUAL=True, BLOCK=4096)),
+         "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "eps": "fp32"},
+        dict(HAS_RESIDUAL=True, UNIT_OFFSET=False, QUANTIZE=False, BLOCK=4096)),
 }
 
 

@@ -324,7 +324,7 @@ def test_decode_rows_take_the_gemv_with_a_power_of_two_block(monkeypatch: pytest
     ``gated_linear`` and ``qkv_rotary_store_kv`` hand the block to the GEMVs."""
     block, calls = (32, 16), []
 
-    def gemv_linear(x, w, bias, ws, blk):
+    def gemv_linear(x, w, bias, ws, blk, x_fp8):
         calls.append(("linear", blk))
         return fp8.ref_fp8_block_linear(x, w, ws, blk, bias)
 
@@ -332,7 +332,7 @@ def test_decode_rows_take_the_gemv_with_a_power_of_two_block(monkeypatch: pytest
         calls.append(("gated_linear", blk))
         return fp8.ref_fp8_block_linear(ref_act_and_mul(x, activation), w, ws, blk, bias)
 
-    def fused_qkv(x, w, bias, pos, cos_sin, cache, slots, ws, blk):
+    def fused_qkv(x, w, bias, pos, cos_sin, cache, slots, ws, blk, x_fp8):
         calls.append(("qkv_rotary_store_kv", blk))
         return rotary.ref_qkv_rotary_store_kv(x, w, bias, pos, cos_sin, cache, slots, ws, blk)
 
