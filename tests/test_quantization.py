@@ -211,8 +211,11 @@ ARCHITECTURES = ["llama-linear-rope-bias", "qwen3", "phi3", "granite-bias-untied
     ({"quant_method": "fp8", "activation_scheme": "static"}, False, True),
 ], ids=["compressed-tensors-channel", "fp8-tensor", "fp8-static-inputs"])
 def test_fp8_checkpoint_logits_match_transformers_rounding_each_input(name: str, qc: dict, per_channel: bool,
-                                                                        input_scales: bool, tmp_path: Path) -> None:
-    """Per token, whatever the checkpoint calibrated: static input scales are read past."""
+                                                                        input_scales: bool, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per token, whatever the checkpoint calibrated: static input scales are read past. The q/k/v and
+    gate/up projections take the rows their RMSNorm rounded (``ops.rms_norm_fp8``, two a layer)."""
+    norms = count_calls(monkeypatch, "rms_norm_fp8")
     hf = random_checkpoint(name, tmp_path / "float")
     dequantized = write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", qc, per_channel, input_scales)
     reference = fake_quantized_transformers(hf, dequantized)
@@ -223,6 +226,15 @@ def test_fp8_checkpoint_logits_match_transformers_rounding_each_input(name: str,
     with torch.inference_mode():
         ref = reference(torch.tensor([tokens])).logits[0].float()
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert norms and len(norms) % (2 * runner.model_config.num_layers) == 0
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, op: str) -> list[int]:
+    """A list that gains an entry at each call of ``ops.<op>`` (which still runs)."""
+    calls: list[int] = []
+    real = getattr(ops, op)
+    monkeypatch.setattr(ops, op, lambda *args: calls.append(1) or real(*args))
+    return calls
 
 
 # (bn, bk): N in several blocks and K (64, 96, 128) in several groups, the last one shorter. Phi-3's
@@ -236,7 +248,9 @@ def test_fp8_checkpoint_logits_match_transformers_rounding_each_input(name: str,
                                                ("qwen3", [32, 40], compressed_tensors_blocks)],
                          ids=["llama", "qwen3", "granite", "phi3", "qwen3-compressed-tensors"])
 def test_block_fp8_checkpoint_logits_match_transformers_rounding_each_group(name: str, block: list[int], blocks,
-                                                                            tmp_path: Path) -> None:
+                                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each projection quantizes its rows per group itself: no norm rounds them per token."""
+    norms = count_calls(monkeypatch, "rms_norm_fp8")
     hf = random_checkpoint(name, tmp_path / "float")
     dequantized = write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", blocks(block), per_channel=False)
     reference = fake_quantized_transformers(hf, dequantized, group=block[1])
@@ -249,6 +263,7 @@ def test_block_fp8_checkpoint_logits_match_transformers_rounding_each_group(name
     with torch.inference_mode():
         ref = reference(torch.tensor([tokens])).logits[0].float()
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert norms == []
 
 
 def test_block_scales_must_split_each_fused_shard_into_whole_blocks(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from baton.engine.attention import AttentionMetadata, paged_attention_forward
 from baton.engine.model_config import ModelConfig
-from baton.engine.models.quantized import weight_block, weight_scale
+from baton.engine.models.quantized import takes_fp8_rows, weight_block, weight_scale
 from baton.kernels import ops
 from baton.kernels.rotary import split_qkv
 
@@ -50,7 +50,7 @@ STACKED_PARAMS: dict[str, tuple[str, str]] = {
 }
 
 
-def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def project(layer: nn.Linear, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``layer(x)`` for ``x`` ``[tokens, in]`` through ``ops.linear``: on CUDA, decode-sized
     inputs (at most ``MAX_DISPATCH_ROWS`` tokens) run the Triton GEMV, larger ones cuBLAS.
 
@@ -61,8 +61,9 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     to 1.132 ms. Without q/k norms, qkv's GEMV also rotates and writes the KV cache
     (``ops.qkv_rotary_store_kv``). ``lm_head`` (``compute_logits``) takes the GEMV at one row only.
     An ``Fp8Linear`` (``engine/models/quantized.py``) passes its weight scales too, and its block
-    where scaled per block."""
-    return ops.linear(x, layer.weight, layer.bias, weight_scale(layer), weight_block(layer))
+    where scaled per block; ``x_fp8``, ``x``'s rows in E4M3 as the norm before made them
+    (``ops.rms_norm_fp8``), spares a per-channel one their quantization."""
+    return ops.linear(x, layer.weight, layer.bias, weight_scale(layer), weight_block(layer), x_fp8)
 
 
 class RMSNorm(nn.Module):
@@ -113,14 +114,17 @@ class Attention(nn.Module):
         cos_sin_cache: torch.Tensor,
         meta: AttentionMetadata,
         lora: LayerLoRA | None = None,
+        hidden_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``hidden_fp8``: ``hidden``'s rows in E4M3 where the norm before made them (``qkv_proj`` FP8
+        per channel)."""
         num_tokens = hidden.shape[0]
         if self.q_norm is None and lora is None:
             q = ops.qkv_rotary_store_kv(hidden, self.qkv_proj.weight, self.qkv_proj.bias, positions, cos_sin_cache,
                                         kv_cache, meta.slot_mapping, weight_scale(self.qkv_proj),
-                                        weight_block(self.qkv_proj))
+                                        weight_block(self.qkv_proj), hidden_fp8)
         else:
-            qkv = project(self.qkv_proj, hidden)
+            qkv = project(self.qkv_proj, hidden, hidden_fp8)
             q, k, v = split_qkv(qkv if lora is None else lora.add("qkv_proj", hidden, qkv), self.num_kv_heads, self.head_dim)
             if self.q_norm is not None and self.k_norm is not None:
                 q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
@@ -147,11 +151,14 @@ class MLP(nn.Module):
     def shard_sizes(self) -> dict[str, int]:
         return {"gate": self.intermediate_size, "up": self.intermediate_size}
 
-    def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x_fp8``: ``x``'s rows in E4M3 where the norm before made them (``gate_up_proj`` FP8 per channel)."""
+        gate_up = project(self.gate_up_proj, x, x_fp8)
         if lora is None:
-            return ops.gated_linear(project(self.gate_up_proj, x), self.down_proj.weight, self.down_proj.bias, self.activation,
+            return ops.gated_linear(gate_up, self.down_proj.weight, self.down_proj.bias, self.activation,
                                     weight_scale(self.down_proj), weight_block(self.down_proj))
-        hidden = ops.act_and_mul(lora.add("gate_up_proj", x, project(self.gate_up_proj, x)), self.activation)
+        hidden = ops.act_and_mul(lora.add("gate_up_proj", x, gate_up), self.activation)
         return lora.add("down_proj", hidden, project(self.down_proj, hidden))
 
 
@@ -231,20 +238,33 @@ class DecoderLayer(nn.Module):
             hidden = hidden + self.post_attention_layernorm(self.self_attn(positions, hidden, kv_cache, cos_sin_cache,
                                                                            meta, lora))
             return self.post_feedforward_layernorm(self._mlp(hidden, lora)), hidden
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, cos_sin_cache, meta, lora)
+        hidden, hidden_fp8, residual = self._norm(self.input_layernorm, hidden, residual, self.self_attn.qkv_proj)
+        hidden = self.self_attn(positions, hidden, kv_cache, cos_sin_cache, meta, lora, hidden_fp8)
+        mlp_in = None if self.sparse else self.mlp.gate_up_proj
         if self.norms == "both":
-            hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
-            return self.post_feedforward_layernorm(self._mlp(hidden, lora)), residual
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self._mlp(hidden, lora), residual
+            hidden, hidden_fp8, residual = self._norm(self.pre_feedforward_layernorm, self.post_attention_layernorm(hidden),
+                                                      residual, mlp_in)
+            return self.post_feedforward_layernorm(self._mlp(hidden, lora, hidden_fp8)), residual
+        hidden, hidden_fp8, residual = self._norm(self.post_attention_layernorm, hidden, residual, mlp_in)
+        return self._mlp(hidden, lora, hidden_fp8), residual
 
-    def _mlp(self, x: torch.Tensor, lora: LayerLoRA | None) -> torch.Tensor:
+    @staticmethod
+    def _norm(norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None, proj: nn.Module | None,
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+        """``norm(hidden + residual)`` (of ``hidden`` alone on the first layer), the rows it made in E4M3
+        where ``proj``, which takes them next, is FP8 per channel (``ops.rms_norm_fp8``: the same launch;
+        else None), and the new residual."""
+        if takes_fp8_rows(proj):
+            normed, rows, summed = ops.rms_norm_fp8(hidden, norm.weight, norm.eps, residual, norm.unit_offset)
+            return normed, rows, hidden if summed is None else summed
+        if residual is None:
+            return norm(hidden), None, hidden
+        normed, summed = norm(hidden, residual)
+        return normed, None, summed
+
+    def _mlp(self, x: torch.Tensor, lora: LayerLoRA | None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The MLP; an adapter never adapts a sparse one's experts (the LoRA loader refuses such adapters)."""
-        return self.mlp(x) if self.sparse else self.mlp(x, lora)
+        return self.mlp(x) if self.sparse else self.mlp(x, lora, x_fp8)
 
 
 class LlamaModel(nn.Module):

@@ -29,14 +29,20 @@ class Fp8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(torch.empty_like(bias), requires_grad=False)
 
 
-def weight_scale(layer: nn.Module) -> torch.Tensor | None:
+def weight_scale(layer: nn.Module | None) -> torch.Tensor | None:
     """An ``Fp8Linear``'s weight scales; None for an unquantized layer."""
     return layer.weight_scale if isinstance(layer, Fp8Linear) else None
 
 
-def weight_block(layer: nn.Module) -> tuple[int, int] | None:
+def weight_block(layer: nn.Module | None) -> tuple[int, int] | None:
     """A block-scaled ``Fp8Linear``'s block ``(bn, bk)``; None for any other layer."""
     return layer.block if isinstance(layer, Fp8Linear) else None
+
+
+def takes_fp8_rows(layer: nn.Module | None) -> bool:
+    """Whether ``layer`` is FP8 scaled per output channel: it takes its input's rows quantized per token
+    before it (``ops.rms_norm_fp8``)."""
+    return weight_scale(layer) is not None and weight_block(layer) is None
 
 
 def quantize_linears(model: nn.Module, block: tuple[int, int] | None = None) -> None:
