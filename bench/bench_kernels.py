@@ -418,8 +418,35 @@ FP8_GEMV_CONFIGS = (linear.DEFAULT_CONFIG, linear.LinearConfig(block_n=4),
                     linear.LinearConfig(block_n=8), linear.LinearConfig(block_n=16), linear.LinearConfig(block_n=8, num_warps=8))
 
 
+def _fp8_gemv_sweep(xs: list[torch.Tensor], weights: list[torch.Tensor], scales: list[torch.Tensor],
+                    block: tuple[int, int] | None = None) -> tuple[list[float], str]:
+    """The FP8 GEMV's time (ms, CUDA-graph replays rotating over the ``xs``/``weights``/``scales``) in each
+    of ``FP8_GEMV_CONFIGS``, and those times as a row's "configs" text."""
+    times = [median_ms([lambda x=x, w=w, s=s, c=c: linear.launch_linear(x, w, None, c, weight_scale=s, block=block)
+                        for x, w, s in zip(xs, weights, scales)], graph=True) for c in FP8_GEMV_CONFIGS]
+    return times, ", ".join(f"n{c.block_n} k{c.block_k} w{c.num_warps} {t * 1e3:.1f}" for c, t in zip(FP8_GEMV_CONFIGS, times))
+
+
+def fp8_norm_rows() -> list[str]:
+    """The RMSNorm (residual added) before an FP8 projection, at Llama-3.2-1B's and Llama-3-8B's hidden
+    sizes: ``norm.rms_norm_fp8`` (the rows rounded to E4M3 in the norm's launch) against ``rms_norm``
+    then ``fp8.quantize_rows`` (two launches), CUDA-graph replays over rotating inputs."""
+    rows = []
+    for model, hidden in (("1B", 2048), ("8B", 4096)):
+        w = torch.randn(hidden, dtype=DTYPE, device="cuda")
+        for m in (1, 2, 64, 4096):
+            sets = [(torch.randn(m, hidden, dtype=DTYPE, device="cuda"), torch.randn(m, hidden, dtype=DTYPE, device="cuda"))
+                    for _ in range(max(2, min(64, ROTATE_BYTES // (2 * m * hidden * 2))))]
+            fused = median_ms([lambda x=x, r=r: norm.rms_norm_fp8(x, w, 1e-6, r) for x, r in sets], graph=True)
+            apart = median_ms([lambda x=x, r=r: fp8.quantize_rows(norm.rms_norm(x, w, 1e-6, r)[0]) for x, r in sets], graph=True)
+            rows.append(f"| rms_norm_fp8 (norm + E4M3 rows, one launch) | {model} hidden {hidden}, {m} rows | {fused * 1e3:.1f} us "
+                        f"(rms_norm then quantize_rows: {apart * 1e3:.1f} us) | {apart / fused:.2f}x | |")
+    return rows
+
+
 def fp8_linear_rows(copy_gbs: float) -> list[str]:
-    """FP8 W8A8 linear layers (``kernels/fp8.py``), bf16 activations, CUDA-graph replays: the GEMV's
+    """FP8 W8A8 linear layers (``kernels/fp8.py``), bf16 activations, CUDA-graph replays (after
+    ``fp8_norm_rows``, the norm that quantizes the rows of the projections after it): the GEMV's
     FP8 mode at decode rows over ``FP8_GEMV_CONFIGS`` (the first the default; each time takes in the
     rows' quantization, timed alone too) against the bf16 GEMV (bytes: the E4M3 weight, x and the
     output), down_proj also gated (the activation made in the quantization launch, as the model calls
@@ -427,7 +454,7 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
     against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K). Then the same weights scaled per 128 x 128 block
     (DeepSeek-V3's, Qwen3-FP8's checkpoints; random scales): the block-scaled GEMV with its group
     quantization, and the Triton and cuBLAS block-scaled GEMMs, each beside its per-channel time."""
-    rows, block = [], fp8.CUBLAS_BLOCK
+    rows, block = fp8_norm_rows(), fp8.CUBLAS_BLOCK
     for model, proj, n, k in LINEAR_SHAPES[:-1]:
         count = max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * k)))
         bf16 = [torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.05 for _ in range(count)]
@@ -436,18 +463,14 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
         for m in (1, 2):
             xs = [torch.randn(m, k, dtype=DTYPE, device="cuda") for _ in bf16]
             bf16_ms = median_ms([lambda x=x, w=w: linear.linear(x, w) for x, w in zip(xs, bf16)], graph=True)
-            times = [median_ms([lambda x=x, q=q, c=c: linear.launch_linear(x, q[0], None, c, weight_scale=q[1])
-                                for x, q in zip(xs, quantized)], graph=True) for c in FP8_GEMV_CONFIGS]
+            times, sweep = _fp8_gemv_sweep(xs, [q[0] for q in quantized], [q[1] for q in quantized])
             quant_ms = median_ms([lambda x=x: fp8.quantize_rows(x) for x in xs], graph=True)
             gbs = (n * k + (m * k + m * n) * 2) / times[0] / 1e6
-            sweep = ", ".join(f"n{c.block_n} k{c.block_k} w{c.num_warps} {t * 1e3:.1f}" for c, t in zip(FP8_GEMV_CONFIGS, times))
             rows.append(f"| fp8 linear (GEMV) | {model} {proj} N={n} K={k}, M={m} | {times[0] * 1e3:.1f} us (quantization "
                         f"alone {quant_ms * 1e3:.1f} us; bf16 GEMV {bf16_ms * 1e3:.1f} us; configs: {sweep}) | {gbs:.0f} GB/s "
                         f"| {gbs / copy_gbs:.0%} of copy |")
-            block_times = [median_ms([lambda x=x, q=q, s=s, c=c: linear.launch_linear(x, q[0], None, c, weight_scale=s, block=block)
-                                      for x, q, s in zip(xs, quantized, block_scales)], graph=True) for c in FP8_GEMV_CONFIGS]
+            block_times, sweep = _fp8_gemv_sweep(xs, [q[0] for q in quantized], block_scales, block)
             gbs = (n * k + (m * k + m * n) * 2) / block_times[0] / 1e6
-            sweep = ", ".join(f"n{c.block_n} k{c.block_k} w{c.num_warps} {t * 1e3:.1f}" for c, t in zip(FP8_GEMV_CONFIGS, block_times))
             rows.append(f"| fp8 linear, 128x128 blocks (GEMV) | {model} {proj} N={n} K={k}, M={m} | {block_times[0] * 1e3:.1f} us "
                         f"(per channel {times[0] * 1e3:.1f} us; configs: {sweep}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
             if proj == "down_proj":
