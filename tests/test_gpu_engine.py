@@ -141,8 +141,10 @@ def _fp8_decode_gap(model: str, unquantized: str, quantization: str | None, enfo
 @needs_gpu
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_fp8_weights_decode_like_the_cpu_engine(enforce_eager):
-    """``quantization="fp8"`` (per output channel): decode's rows quantized by ``quantize_rows`` and
-    multiplied by the FP8 GEMVs (the fused q/k/v one, the gated one), in CUDA graphs and eagerly."""
+    """``quantization="fp8"`` (per output channel): decode's rows quantized by the RMSNorm before
+    them (``rms_norm_fp8``, for q/k/v and gate/up) or by ``quantize_rows`` (o, down with the
+    activation), and multiplied by the FP8 GEMVs (the fused q/k/v one, the gated one), in CUDA
+    graphs and eagerly."""
     assert _fp8_decode_gap(DEMO, DEMO, "fp8", enforce_eager) < FP8_GAP
 
 
