@@ -57,20 +57,22 @@ class DecodeConfig:
 
 
 # The defaults by the largest head dim they serve: (two K/V tiles in flight per program,
-# lighter programs). ``programs_per_sm`` is what fits an SM's 228 KB of shared memory in
-# the sm_90 compiles of bf16 K/V: 36 KB / 18.5 KB a program at head dim 64, 70 KB / 38 KB
-# at 128 (bench/results/kernels_h200.md has the sweep they were chosen from). Head dim 256
-# (Gemma) is sized by shared memory alone, not yet measured: tiles of 32 keys hold the bytes of
-# 128's tiles of 64, so its programs fit an SM as many times.
+# lighter programs). ``programs_per_sm`` is how many of a config's programs an H100 SM holds in the
+# sm_90 compile of bf16 K/V (``test_kernels`` checks it): the deep ones and the light one at head dim
+# 64 by shared memory (228 KB: 36 KB / 18.5 KB a program at head dim 64, 70 KB at 128), the light
+# ones at 128 and 256 by registers (106-145 a thread; bench/results/kernels_h200.md has the sweep the
+# configs were chosen from). Head dim 256 (Gemma) is sized by shared memory alone, not yet measured:
+# tiles of 32 keys hold the bytes of 128's tiles of 64, so its deep programs fit an SM as many times.
 DEFAULT_CONFIGS: dict[int, tuple[DecodeConfig, DecodeConfig]] = {
-    64: (DecodeConfig(64, 2, 3, programs_per_sm=6), DecodeConfig(32, 1, 3, programs_per_sm=12)),
-    128: (DecodeConfig(64, 4, 3, programs_per_sm=3), DecodeConfig(64, 4, 2, programs_per_sm=5)),
-    256: (DecodeConfig(32, 4, 3, programs_per_sm=3), DecodeConfig(32, 4, 2, programs_per_sm=5)),
+    64: (DecodeConfig(64, 2, 3, programs_per_sm=6), DecodeConfig(32, 1, 3, programs_per_sm=11)),
+    128: (DecodeConfig(64, 4, 3, programs_per_sm=3), DecodeConfig(64, 4, 2, programs_per_sm=4)),
+    256: (DecodeConfig(32, 4, 3, programs_per_sm=3), DecodeConfig(32, 4, 2, programs_per_sm=3)),
 }
 # Past one wave of deep programs at head dim 128 over an 8-bit cache: tiles of 128 keys (a bf16
 # tile's bytes), two in flight, rather than the light programs' one tile of half those bytes: 0.72-0.75x
-# their time at batch 64, 0.88-0.90x at 128 (bench/results/kernels_h100.md, fp8 KV cache).
-FP8_PAST_THE_WAVE_128 = DecodeConfig(128, 4, 3, programs_per_sm=3)
+# their time at batch 64, 0.88-0.90x at 128 (bench/results/kernels_h100.md, fp8 KV cache). Its
+# registers (about 200 a thread) let an SM hold two.
+FP8_PAST_THE_WAVE_128 = DecodeConfig(128, 4, 3, programs_per_sm=2)
 
 
 def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: int, device: torch.device,

@@ -1,7 +1,8 @@
 """What the kernel test modules share: the GQA shapes they sweep, a fresh,
 printed seed per test (import ``fresh_seed`` to use it: it is autouse),
 running named check cases, natively or in a Triton-interpreter subprocess, and
-compiling a kernel for a Hopper GPU without one."""
+compiling a kernel for a Hopper GPU without one (its PTX, or the registers and shared memory
+a program of it takes)."""
 
 import json
 import os
@@ -72,3 +73,40 @@ def hopper_ptx(kernel: str, pointers: dict[str, str], constants: dict[str, objec
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+_HOPPER_RESOURCES = """
+import importlib, inspect, json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, name = sys.argv[1].split(":")
+kernel = getattr(importlib.import_module(module), name)
+names = list(inspect.signature(kernel.fn).parameters)
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+found = []
+for job in json.loads(sys.argv[2]):
+    constants = job["constants"]
+    signature = {n: "constexpr" if n in constants else job["pointers"].get(n, "i32") for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in job["divisible"]})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=job["options"])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    found.append({"registers": int(usage.split("REG:")[1].split()[0]), "shared": compiled.metadata.shared})
+sys.stdout.write(json.dumps(found))
+"""
+
+
+def hopper_resources(kernel: str, jobs: list[dict]) -> list[dict[str, int]]:
+    """For each job (``pointers`` and ``constants`` as ``hopper_ptx`` takes them, the parameters
+    ``divisible`` by 16 as a launch specializes them, and the compile ``options``: warps, stages),
+    the registers a thread of ``kernel``'s sm_90 compile takes and the shared memory (bytes) a
+    program does: one child process compiles them all."""
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", _HOPPER_RESOURCES, kernel, json.dumps(jobs)], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from kernel_cases import GQA, fresh_seed, hopper_ptx, interpreted_checks_passed, run_cases  # noqa: F401 (fresh_seed is an autouse fixture)
+from kernel_cases import GQA, fresh_seed, hopper_ptx, hopper_resources, interpreted_checks_passed, run_cases  # noqa: F401 (fresh_seed is an autouse fixture)
 
 from baton.kernels import activation, attention, kv_cache, linear, norm, ops, rotary
-from baton.kernels.attention_decode import DecodeConfig, launch_paged_decode_attention
+from baton.kernels.attention_decode import DEFAULT_CONFIGS, FP8_PAST_THE_WAVE_128, DecodeConfig, launch_paged_decode_attention
 from baton.kernels.attention_prefill import PrefillConfig, launch_paged_attention
 from baton.kernels.linear import MAX_DISPATCH_ROWS, MAX_GEMV_ROWS, LinearConfig, launch_linear
 
@@ -580,6 +580,42 @@ def test_pdl_kernels_compile_for_hopper(case: str) -> None:
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     if constants.get("PREFETCH_KEYS"):
         assert "prefetch.global.L2" in ptx
+
+
+# An H100 SM (compute capability 9.0): 64K 32-bit registers, allocated a warp at a time in runs of 256
+# (8 a thread); 228 KB of shared memory, of which each resident program takes 1 KB more than it asks;
+# 64 warps.
+SM90_REGISTERS, SM90_REGISTER_RUN, SM90_SHARED, SM90_SHARED_RESERVED, SM90_WARPS = 65536, 8, 233472, 1024, 64
+
+
+def resident_programs(registers: int, shared: int, num_warps: int) -> int:
+    """How many programs of ``num_warps`` warps, each thread taking ``registers`` and each program
+    ``shared`` bytes, one SM90 SM holds at once."""
+    per_warp = -(-registers // SM90_REGISTER_RUN) * SM90_REGISTER_RUN * 32
+    return min(SM90_REGISTERS // (per_warp * num_warps), SM90_SHARED // (shared + SM90_SHARED_RESERVED), SM90_WARPS // num_warps)
+
+
+@pytest.mark.unit
+def test_decode_configs_count_on_as_many_programs_as_an_sm_holds() -> None:
+    """``split_context`` splits a context until one wave of ``programs_per_sm`` programs an SM is full:
+    each default decode config's count is what an H100 SM holds of its sm_90 compile (registers and
+    shared memory as a launch specializes it: strides and pointers divisible by 16), bf16 caches and
+    the 8-bit one of ``FP8_PAST_THE_WAVE_128``. A kernel change that takes more registers or shared
+    memory, without the count following, splits past the wave."""
+    cases = [(config, head_dim, "bf16") for head_dim, pair in DEFAULT_CONFIGS.items() for config in pair]
+    cases.append((FP8_PAST_THE_WAVE_128, 128, "fp8e4nv"))
+    divisible = ["q_ptr", "kv_ptr", "out_ptr", "part_out_ptr", "part_lse_ptr", "sem_ptr", "seq_lens_ptr", "tables_ptr",
+                 "split_len", "table_tokens", "stride_q_seq", "stride_q_head", "stride_c_block", "stride_c_kv", "stride_c_tok",
+                 "stride_c_head", "stride_o_seq", "stride_o_head", "stride_t_seq"]
+    jobs = [{"pointers": _decode_pointers("bf16", kv), "divisible": divisible,
+             "options": {"num_warps": config.num_warps, "num_stages": config.num_stages},
+             "constants": dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, TILE_N=config.tile_n,
+                               SPLIT=True, SPLITS_PAD=config.max_splits, CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=kv != "bf16",
+                               PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=64, WINDOW=0, SOFTCAP=0.0, PDL=True)}
+            for config, head_dim, kv in cases]
+    found = hopper_resources("baton.kernels.attention_decode:_paged_decode_attention_kernel", jobs)
+    held = [resident_programs(f["registers"], f["shared"], config.num_warps) for f, (config, _, _) in zip(found, cases)]
+    assert held == [config.programs_per_sm for config, _, _ in cases], list(zip(held, found, cases))
 
 
 @pytest.mark.unit
