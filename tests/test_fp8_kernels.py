@@ -260,14 +260,31 @@ def test_bad_arguments_are_refused() -> None:
         fp8.ref_fp8_linear(torch.randn(2, 31), w, w_scale)
     with pytest.raises(ValueError, match="block \\(8, 40\\) is not taken by tiles of block_k=64"):
         launch_linear(x, w, None, SMALL_TILES, weight_scale=block_scales(8, 32, (8, 40), "cpu"), block=(8, 40))
+    rows = fp8.ref_quantize_rows(x)
+    refused = {
+        "x_fp8 is for FP8 weights": lambda: launch_linear(x, w.float(), None, SMALL_TILES, x_fp8=rows),
+        "a block-scaled weight takes rows quantized per group": lambda: ops.linear(x, w, None, block_scales(8, 32, (8, 16), "cpu"),
+                                                                                 (8, 16), rows),
+        "a gated product makes its activation": lambda: launch_linear(torch.randn(2, 64), w, None, SMALL_TILES, gated=True,
+                                                                      weight_scale=w_scale, x_fp8=rows),
+        "x_fp8's rows must have shape \\[2, 32\\]": lambda: fp8.ref_fp8_linear(x, w, w_scale, x_fp8=(rows[0][:, :16], rows[1])),
+        "x_fp8's rows must have dtype": lambda: fp8.ref_fp8_linear(x, w, w_scale, x_fp8=(x, rows[1])),
+        "x_fp8's scales must have shape \\[2\\]": lambda: fp8.ref_fp8_linear(x, w, w_scale, x_fp8=(rows[0], rows[1][:1])),
+    }
+    for message, call in refused.items():
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match="x must be \\[rows, hidden\\]"):
+        norm.ref_rms_norm_fp8(torch.randn(2, 3, 32), torch.ones(32), 1e-6)
 
 
 @pytest.mark.unit
 def test_fp8_kernels_use_hopper_conversions() -> None:
     """On an H100 the row and group quantizations (with the MLP's activation too, or after the
-    RMSNorm in its launch) round to E4M3 in hardware (saturating, to nearest even) and wait for the kernel before them (PDL); the FP8 GEMVs
-    (the fused q/k/v one, the block-scaled one too) widen E4M3 rows and weights in hardware and round
-    nothing; the block-scaled GEMM multiplies E4M3 tiles on Hopper's tensor cores (wgmma)."""
+    RMSNorm in its launch) round to E4M3 in hardware (saturating, to nearest even) and wait for the
+    kernel before them (PDL); the FP8 GEMVs (the fused q/k/v one, the block-scaled one too) widen E4M3
+    rows and weights in hardware and round nothing; the block-scaled GEMM multiplies E4M3 tiles on
+    Hopper's tensor cores (wgmma)."""
     quantizations = [("fp8:_quantize_rows_kernel", dict(ACTIVATION=activation, BLOCK_K=1024, ONE_TILE=one_tile, PDL=True))
                      for activation in (None, "silu") for one_tile in (False, True)]
     quantizations.append(("fp8:_quantize_groups_kernel", dict(GROUP=128, ACTIVATION="silu", BLOCK=128, TILE_GROUPS=8, PDL=True)))

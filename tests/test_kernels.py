@@ -611,7 +611,8 @@ def test_decode_configs_count_on_as_many_programs_as_an_sm_holds() -> None:
              "options": {"num_warps": config.num_warps, "num_stages": config.num_stages},
              "constants": dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, TILE_N=config.tile_n,
                                SPLIT=True, SPLITS_PAD=config.max_splits, CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=kv != "bf16",
-                               PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=64, WINDOW=0, SOFTCAP=0.0, PDL=True)}
+                               PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=64 if kv == "bf16" else 128, WINDOW=0,
+                               SOFTCAP=0.0, PDL=True)}
             for config, head_dim, kv in cases]
     found = hopper_resources("baton.kernels.attention_decode:_paged_decode_attention_kernel", jobs)
     held = [resident_programs(f["registers"], f["shared"], config.num_warps) for f, (config, _, _) in zip(found, cases)]
