@@ -175,8 +175,9 @@ def _read_kernel(x_ptr, out_ptr, per_program, TILE: tl.constexpr):
 
 def plain_read_rows(copy_gbs: float) -> list[str]:
     """A plain read of as many bytes as one 8B sequence's K and V at 16k and 32k tokens, over
-    256-1,024 programs: what a kernel that does nothing but stream those bytes reaches at this
-    size, beside decode attention's single-sequence rows."""
+    256-1,024 programs, beside decode attention's single-sequence rows. Its loads are plain, one 8 KB
+    tile in flight a program (no ``cp.async`` pipelining, as decode's K/V tiles have): at 256 programs
+    that bounds it by latency, not by HBM, so it is no ceiling for decode's 256 programs."""
     rows = []
     for ctx in (16384, 32768):
         nbytes = ctx * KV_TOKEN_BYTES
