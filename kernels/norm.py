@@ -107,8 +107,11 @@ def _launch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     new_residual = torch.empty_like(x2) if residual is not None else out
     res2 = residual.reshape(-1, hidden) if residual is not None else x2
-    q = torch.empty(x2.shape if quantize else (0,), dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(x2.shape[0] if quantize else 0, dtype=torch.float32, device=x.device)
+    if quantize:
+        q = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x.device)
+        scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    else:   # placeholders the kernel never touches, as new_residual is without a residual
+        q = scale = out
     if x2.shape[0]:
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(x2.shape[0],)](
