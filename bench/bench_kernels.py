@@ -452,9 +452,10 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
     rows' quantization, timed alone too) against the bf16 GEMV (bytes: the E4M3 weight, x and the
     output), down_proj also gated (the activation made in the quantization launch, as the model calls
     it) against the bf16 gated GEMV, and at prefill rows the row quantization plus cuBLAS's FP8 GEMM
-    against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K). Then the same weights scaled per 128 x 128 block
-    (DeepSeek-V3's, Qwen3-FP8's checkpoints; random scales): the block-scaled GEMV with its group
-    quantization, and the Triton and cuBLAS block-scaled GEMMs, each beside its per-channel time."""
+    against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K), and plus the Triton FP8 GEMM (fp16 models'
+    path) in bf16 and fp16. Then the same weights scaled per 128 x 128 block (DeepSeek-V3's,
+    Qwen3-FP8's checkpoints; random scales): the block-scaled GEMV with its group quantization, and
+    the Triton and cuBLAS block-scaled GEMMs, each beside its per-channel time."""
     rows, block = fp8_norm_rows(), fp8.CUBLAS_BLOCK
     for model, proj, n, k in LINEAR_SHAPES[:-1]:
         count = max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * k)))
@@ -484,13 +485,19 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
                             f"GEMV {bf16_ms * 1e3:.1f} us) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
         for m in (512, 4096):
             x = torch.randn(m, k, dtype=DTYPE, device="cuda")
-            ms = median_ms([lambda q=q: fp8.scaled_mm_fp8_linear(x, q[0], q[1]) for q in quantized[:2]], graph=True)
+            ms = median_ms([lambda q=q: fp8.fp8_linear(x, q[0], q[1]) for q in quantized[:2]], graph=True)
             bf16_ms = median_ms([lambda w=w: linear.ref_linear(x, w) for w in bf16[:2]], graph=True)
             quant_ms = median_ms([lambda: fp8.quantize_rows(x)], graph=True)
             tflops = 2 * m * n * k / ms / 1e9
             rows.append(f"| fp8 linear (quantize + cuBLAS) | {model} {proj} N={n} K={k}, M={m} | {ms * 1e3:.1f} us (of it "
                         f"the quantization {quant_ms * 1e3:.1f} us; bf16 F.linear {bf16_ms * 1e3:.1f} us) | "
                         f"{tflops:.0f} TFLOP/s | {bf16_ms / ms:.2f}x bf16 |")
+            for dtype in (torch.bfloat16, torch.float16):
+                xd = x.to(dtype)
+                triton_ms = median_ms([lambda q=q: fp8.triton_fp8_linear(xd, q[0], q[1]) for q in quantized[:2]], graph=True)
+                rows.append(f"| fp8 linear (quantize + Triton), {str(dtype)[6:]} | {model} {proj} N={n} K={k}, M={m} | "
+                            f"{triton_ms * 1e3:.1f} us (cuBLAS, bf16: {ms * 1e3:.1f} us) | "
+                            f"{2 * m * n * k / triton_ms / 1e9:.0f} TFLOP/s | {bf16_ms / triton_ms:.2f}x bf16 |")
             for name, fn in [("Triton", fp8.triton_block_fp8_linear), ("cuBLAS", fp8.scaled_mm_block_fp8_linear)]:
                 block_ms = median_ms([lambda q=q, s=s, fn=fn: fn(x, q[0], s, block)
                                       for q, s in zip(quantized[:2], block_scales)], graph=True)

@@ -12,9 +12,10 @@ On CUDA, the rows are quantized by ``quantize_rows``' kernel (the MLP's activati
 launch), or by the RMSNorm that makes them (``norm.rms_norm_fp8``; the products take them as
 ``x_fp8``: ``check_x_fp8``), then multiplied: a decode step's few rows (``linear.MAX_DISPATCH_ROWS``) by the Triton
 GEMV, which reads half a bf16 weight's bytes; more rows by cuBLAS's FP8 GEMM (``torch._scaled_mm``,
-row-wise scales). Both need a GPU with 8-bit float arithmetic (compute capability 8.9+: the engine
-refuses FP8 weights on older ones). On the CPU, for activations other than bf16 and for shapes
-cuBLAS does not take (dims not multiples of 16), the torch reference runs.
+row-wise scales) where it takes them (bf16, dims multiples of 16), else (fp16 and fp32 models, other
+dims) by a Triton GEMM on FP8 tensor cores that scales its fp32 sums once (``fp8_linear``). Both need
+a GPU with 8-bit float arithmetic (compute capability 8.9+: the engine refuses FP8 weights on older
+ones). On the CPU the torch reference runs.
 
 Block-wise FP8 (DeepSeek-V3's and Qwen3-*-FP8's checkpoints): the weight has one scale per
 ``bn x bk`` block (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), and each row of ``x`` is
@@ -302,23 +303,38 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def scaled_mm_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                         bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def _cublas_takes_rows(x: torch.Tensor, n: int, k: int) -> bool:
+    """cuBLAS's FP8 GEMM with row-wise scales: bf16 ``x`` (the one output dtype it takes with them),
+    both dims multiples of 16."""
+    return x.dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``ref_fp8_linear`` for CUDA ``x`` of any number of rows: ``quantize_rows`` (unless ``x_fp8``
-    holds the rows quantized before), then cuBLAS's FP8 GEMM with both row-wise scales, where the GPU
-    and the shapes allow and ``x`` is bf16 (the one output dtype cuBLAS takes with row-wise scales);
-    the reference otherwise."""
+    holds the rows quantized before), then cuBLAS's FP8 GEMM with both row-wise scales where it takes
+    the dtype and the shapes (``_cublas_takes_rows``), else the Triton GEMM on FP8 tensor cores
+    (``_fp8_gemm_kernel``: fp16 and fp32 models, any dims); the reference on a GPU without 8-bit
+    float arithmetic."""
     _check_rows(x)
     check_fp8_weight(weight, weight_scale, x, x.shape[1])
     check_x_fp8(x_fp8, x, weight_scale, None)
-    n, k = weight.shape
-    if not (x.dtype == torch.bfloat16 and _has_fp8_tensor_cores(x.device) and n % 16 == 0 and k % 16 == 0
-            and x.shape[0]):
+    if not (x.shape[0] and _has_fp8_tensor_cores(x.device)):
         return ref_fp8_linear(x, weight, weight_scale, bias, x_fp8)
     q, scale = fp8_input(x, None, x_fp8=x_fp8)
+    if not _cublas_takes_rows(x, *weight.shape):
+        return _launch_fp8_gemm(q, scale, weight, weight_scale, None, bias, x.dtype)
     out = torch._scaled_mm(q, weight.t(), scale_a=scale[:, None], scale_b=weight_scale[None, :],
                            out_dtype=torch.bfloat16)
     return out if bias is None else out + bias
+
+
+def triton_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``fp8_linear``'s Triton path alone, whatever the dtype (its caller checks the arguments and the
+    GPU): ``quantize_rows``, then ``_fp8_gemm_kernel``."""
+    q, scale = quantize_rows(x)
+    return _launch_fp8_gemm(q, scale, weight, weight_scale, None, bias, x.dtype)
 
 
 # cuBLAS's block-scaled FP8 GEMM (CUDA 12.9+, through ``torch._scaled_mm``) takes DeepSeek's recipe:
@@ -362,14 +378,16 @@ def _cublas_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale
 
 
 @triton.jit
-def _block_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K, GROUPS,
-                       stride_am, stride_bn, stride_cm,
-                       GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr):
-    """``c = a @ b.T`` for E4M3 ``a`` ``[M, K]`` scaled per row and ``BLOCK_K`` features (``a_scale``
-    ``[M, GROUPS]``) and E4M3 ``b`` ``[N, K]`` scaled per ``GROUP_N x BLOCK_K`` block (``b_scale``
-    ``[ceil(N / GROUP_N), GROUPS]``): one K step a group, its tensor-core product scaled by its row's
-    and its block's scales before it joins the fp32 sum."""
+def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K, GROUPS,
+                     stride_am, stride_bn, stride_cm,
+                     PER_BLOCK: tl.constexpr, GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr):
+    """``c = a @ b.T`` for E4M3 ``a`` ``[M, K]`` and ``b`` ``[N, K]`` on FP8 tensor cores, with fp32
+    sums. ``PER_BLOCK``: ``a`` scaled per row and ``BLOCK_K`` features (``a_scale`` ``[M, GROUPS]``),
+    ``b`` per ``GROUP_N x BLOCK_K`` block (``b_scale`` ``[ceil(N / GROUP_N), GROUPS]``): one K step a
+    group, its product scaled by its row's and its block's scales before it joins the sum. Else ``a``
+    per row and ``b`` per output channel (``a_scale`` ``[M]``, ``b_scale`` ``[N]``: ``GROUPS`` and
+    ``GROUP_N`` 1): the whole sum scaled once."""
     # Programs walk SWIZZLE rows of tiles down a column before the next column: b's tiles stay in L2.
     pid, tiles_m, tiles_n = tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     first_m = pid // (SWIZZLE * tiles_n) * SWIZZLE
@@ -384,13 +402,18 @@ def _block_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, c_ptr, 
     a_scale_ptrs = a_scale_ptr + rm.to(tl.int64) * GROUPS
     b_scale_ptrs = b_scale_ptr + (rn // GROUP_N).to(tl.int64) * GROUPS
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(0, GROUPS):
+    for g in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = g * BLOCK_K + rk < K
         a = tl.load(a_ptrs + g * BLOCK_K, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs + g * BLOCK_K, mask=(rn < N)[None, :] & k_ok[:, None], other=0.0)
-        a_scale = tl.load(a_scale_ptrs + g, mask=rm < M, other=0.0)
-        b_scale = tl.load(b_scale_ptrs + g, mask=rn < N, other=0.0)
-        acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+        if PER_BLOCK:
+            a_scale = tl.load(a_scale_ptrs + g, mask=rm < M, other=0.0)
+            b_scale = tl.load(b_scale_ptrs + g, mask=rn < N, other=0.0)
+            acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+        else:
+            acc = tl.dot(a, b, acc)
+    if not PER_BLOCK:
+        acc *= tl.load(a_scale_ptrs, mask=rm < M, other=0.0)[:, None] * tl.load(b_scale_ptrs, mask=rn < N, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
@@ -408,7 +431,7 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: cuBLAS's block-scaled GEMM where
     it takes the recipe and the shapes (``scaled_mm_block_fp8_linear``: measured right on an H100);
-    else ``quantize_groups``, then a Triton GEMM on FP8 tensor cores (``_block_gemm_kernel``; 8-bit
+    else ``quantize_groups``, then a Triton GEMM on FP8 tensor cores (``_fp8_gemm_kernel``; 8-bit
     float arithmetic, compute capability 8.9+) where it takes the block (``triton_takes_blocks``);
     else the reference."""
     _check_rows(x)
@@ -423,19 +446,23 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 def triton_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
                             bias: torch.Tensor | None = None) -> torch.Tensor:
     """``block_fp8_linear``'s Triton path alone (its caller checks the arguments and the GPU):
-    ``quantize_groups``, then ``_block_gemm_kernel``."""
+    ``quantize_groups``, then ``_fp8_gemm_kernel``."""
     q, scale = quantize_groups(x, block[1])
-    return _launch_block_gemm(q, scale, weight, weight_scale, block, bias, x.dtype)
+    return _launch_fp8_gemm(q, scale, weight, weight_scale, block, bias, x.dtype)
 
 
-def _launch_block_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                       block: tuple[int, int], bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``_block_gemm_kernel`` on rows quantized per group (``q``, ``scale``) -> ``[M, N]`` in ``dtype``."""
+def _launch_fp8_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     block: tuple[int, int] | None, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``_fp8_gemm_kernel`` on rows quantized per token (``block`` None: ``scale`` ``[M]``, the
+    weight's per output channel) or per group of ``block[1]`` (``scale`` ``[M, groups]``, the
+    weight's per ``block``) -> ``[M, N]`` in ``dtype``."""
     (m, k), n = q.shape, weight.shape[0]
     out = torch.empty((m, n), dtype=dtype, device=q.device)
     block_m = 64 if m <= 64 else 128
-    _block_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, 128),)](
-        q, scale, weight, weight_scale, weight if bias is None else bias, out, m, n, k, scale.shape[1],
-        q.stride(0), weight.stride(0), out.stride(0), GROUP_N=block[0], HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=128, BLOCK_K=block[1], SWIZZLE=8, num_warps=4 if block_m == 64 else 8, num_stages=4)
+    group_n, block_k = (1, 128) if block is None else block
+    _fp8_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, 128),)](
+        q, scale, weight, weight_scale, weight if bias is None else bias, out, m, n, k, 1 if block is None else scale.shape[1],
+        q.stride(0), weight.stride(0), out.stride(0), PER_BLOCK=block is not None, GROUP_N=group_n,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k, SWIZZLE=8,
+        num_warps=4 if block_m == 64 else 8, num_stages=4)
     return out

@@ -7,8 +7,8 @@ Triton's interpreter rounds to E4M3 without carrying into the exponent (``_conve
 once scaled, are E4M3 values already (each row's largest magnitude 448 times a power of two): the
 interpreter checks the kernels' scales, masks and sums, the GPU their rounding too.
 ``python tests/test_fp8_kernels.py`` runs the interpreter's cases. On a CUDA GPU the cases run
-natively on random inputs in fp16/bf16/fp32, then Llama-3-8B's projection shapes, cuBLAS's FP8 GEMM
-path, and the kernels inside a captured CUDA graph.
+natively on random inputs in fp16/bf16/fp32, then Llama-3-8B's projection shapes through cuBLAS's and
+Triton's FP8 GEMMs, and the kernels inside a captured CUDA graph.
 """
 
 from __future__ import annotations
@@ -63,17 +63,23 @@ def block_scales(n: int, k: int, block: tuple[int, int], device: str) -> torch.T
     return (torch.rand(-(-n // block[0]), -(-k // block[1]), device=device) + 0.5) * (0.05 / 448)
 
 
-def check_block_gemm(device: str, dtype: torch.dtype, m: int, n: int, k: int, block: tuple[int, int],
-                     with_bias: bool) -> None:
-    """The block-scaled FP8 GEMM (``fp8.block_fp8_linear``'s kernel; rows quantized per group by the
-    reference, so the interpreter takes them) against ``ref_fp8_block_linear``."""
-    x = group_inputs(m, k, block[1], dtype, device)
-    w, w_scale = fp8_weight(n, k, device)[0], block_scales(n, k, block, device)
+def check_fp8_gemm(device: str, dtype: torch.dtype, m: int, n: int, k: int, block: tuple[int, int] | None,
+                   with_bias: bool) -> None:
+    """The Triton FP8 GEMM (``fp8_linear``'s and ``block_fp8_linear``'s kernel; rows quantized by the
+    reference, so the interpreter takes them) against ``ref_fp8_linear`` (``block`` None: the weight
+    scaled per output channel) or ``ref_fp8_block_linear``."""
+    x = inputs(m, k, dtype, device) if block is None else group_inputs(m, k, block[1], dtype, device)
+    w, w_scale = fp8_weight(n, k, device)
     b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
-    q, scale = fp8.ref_quantize_groups(x, block[1])
+    if block is None:
+        q, scale = fp8.ref_quantize_rows(x)
+        want = fp8.ref_fp8_linear(x, w, w_scale, b)
+    else:
+        w_scale = block_scales(n, k, block, device)
+        q, scale = fp8.ref_quantize_groups(x, block[1])
+        want = fp8.ref_fp8_block_linear(x, w, w_scale, block, b)
     _poison_allocator(device, m * n * x.element_size())
-    _assert_close(fp8._launch_block_gemm(q, scale, w, w_scale, block, b, dtype),
-                  fp8.ref_fp8_block_linear(x, w, w_scale, block, b), dtype)
+    _assert_close(fp8._launch_fp8_gemm(q, scale, w, w_scale, block, b, dtype), want, dtype)
 
 
 def fp8_weight(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,9 +203,9 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     for m, n, k, block in [(1, 45, 300, (16, 32)), (2, 37, 256, (8, 16)), (MAX_GEMV_ROWS, 40, 100, (128, 64))]:
         yield f"fp8 gemv {m} rows, blocks {block}", \
             lambda m=m, n=n, k=k, b=block: check_gemv(device, dtype, m, n, k, m % 2 == 1, SMALL_TILES, block=b)
-    for m, n, k, block in [(5, 200, 300, (64, 32)), (70, 130, 96, (128, 16))]:
-        yield f"fp8 block gemm {m}x{n}x{k}, blocks {block}", \
-            lambda m=m, n=n, k=k, b=block: check_block_gemm(device, dtype, m, n, k, b, m % 2 == 1)
+    for m, n, k, block in [(5, 200, 300, (64, 32)), (70, 130, 96, (128, 16)), (5, 200, 300, None), (70, 130, 136, None)]:
+        yield f"fp8 gemm {m}x{n}x{k}, blocks {block}", \
+            lambda m=m, n=n, k=k, b=block: check_fp8_gemm(device, dtype, m, n, k, b, m % 2 == 1)
     yield "fp8 gemv default tiles", lambda: check_gemv(device, dtype, 2, 37, 300, True, LinearConfig())
     yield "fp8 qkv_rotary_store_kv 1 row bias", lambda: check_qkv_rotary_store_kv(device, dtype, 1, 4, 2, 32, 32, 100, True)
     yield "fp8 qkv_rotary_store_kv 3 rows partial rotary", lambda: check_qkv_rotary_store_kv(device, dtype, 3, 6, 2, 32, 16, 300, False)
@@ -283,8 +289,8 @@ def test_fp8_kernels_use_hopper_conversions() -> None:
     """On an H100 the row and group quantizations (with the MLP's activation too, or after the
     RMSNorm in its launch) round to E4M3 in hardware (saturating, to nearest even) and wait for the
     kernel before them (PDL); the FP8 GEMVs (the fused q/k/v one, the block-scaled one too) widen E4M3
-    rows and weights in hardware and round nothing; the block-scaled GEMM multiplies E4M3 tiles on
-    Hopper's tensor cores (wgmma)."""
+    rows and weights in hardware and round nothing; the FP8 GEMM, block-scaled or per channel (fp16
+    out), multiplies E4M3 tiles on Hopper's tensor cores (wgmma)."""
     quantizations = [("fp8:_quantize_rows_kernel", dict(ACTIVATION=activation, BLOCK_K=1024, ONE_TILE=one_tile, PDL=True))
                      for activation in (None, "silu") for one_tile in (False, True)]
     quantizations.append(("fp8:_quantize_groups_kernel", dict(GROUP=128, ACTIVATION="silu", BLOCK=128, TILE_GROUPS=8, PDL=True)))
@@ -310,11 +316,13 @@ def test_fp8_kernels_use_hopper_conversions() -> None:
                            dict(qkv, GROUP_N=128, GROUP_K=128))):
         assert "cvt.rn.f16x2.e4m3x2" in ptx and "griddepcontrol.wait" in ptx
         assert "satfinite.e4m3" not in ptx
-    gemm = hopper_ptx("baton.kernels.fp8:_block_gemm_kernel",
-                      {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
-                       "bias_ptr": "*bf16", "c_ptr": "*bf16"},
-                      dict(GROUP_N=128, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SWIZZLE=8))
-    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in gemm
+    for per_block, group_n, c in ((True, 128, "*bf16"), (False, 1, "*fp16")):
+        gemm = hopper_ptx("baton.kernels.fp8:_fp8_gemm_kernel",
+                          {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
+                           "bias_ptr": c, "c_ptr": c},
+                          dict(PER_BLOCK=per_block, GROUP_N=group_n, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128,
+                               BLOCK_K=128, SWIZZLE=8))
+        assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in gemm
 
 
 @pytest.mark.gpu
@@ -347,15 +355,19 @@ def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("proj", list(LLAMA_8B))
-def test_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
-    """The GEMV at decode's rows, cuBLAS's FP8 GEMM above them (bf16), each against the reference;
-    the GEMM's fp32 sums in another order, so to bf16's rounding of the output."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp8_linear_on_gpu_llama_8b_shapes(proj: str, dtype: torch.dtype) -> None:
+    """The GEMV at decode's rows, above them cuBLAS's FP8 GEMM (bf16) or the Triton one (fp16), each
+    against the reference, and the Triton GEMM alone in bf16 too; the GEMMs' fp32 sums in another
+    order, so to the output's rounding."""
     k, n = LLAMA_8B[proj]
     w, w_scale = fp8_weight(n, k, "cuda")
     for rows in (1, 2, 3, 64, 2048):
-        x = inputs(rows, k, torch.bfloat16, "cuda")
-        _assert_close(ops.linear(x, w, None, w_scale), fp8.ref_fp8_linear(x, w, w_scale), torch.bfloat16)
-    q, scale = fp8.quantize_rows(inputs(2048, k, torch.bfloat16, "cuda"))
+        x = inputs(rows, k, dtype, "cuda")
+        want = fp8.ref_fp8_linear(x, w, w_scale)
+        _assert_close(ops.linear(x, w, None, w_scale), want, dtype)
+        _assert_close(fp8.triton_fp8_linear(x, w, w_scale), want, dtype)
+    q, scale = fp8.quantize_rows(inputs(2048, k, dtype, "cuda"))
     assert q.dtype == E4M3 and scale.shape == (2048,)
 
 
