@@ -23,9 +23,9 @@ quantized per group of ``bk`` consecutive features, each group scaled as a row i
 (``ref_quantize_groups``). ``ref_fp8_block_linear`` defines what such a layer computes: the sum over
 ``k`` of the dequantized product ``(xq[m, k] * xs[m, k // bk]) * (wq[n, k] * ws[n // bn, k // bk])``
 in fp32, plus the bias, rounded once to ``x``'s dtype. On CUDA the rows are quantized by
-``quantize_groups``' kernel, then multiplied: a decode step's few rows by the Triton GEMV, which
-scales each group's sum by its row's and its block's scales (a ``bk`` that is a power of two:
-``linear.takes_block``); more rows by cuBLAS's block-scaled FP8 GEMM where it takes DeepSeek's
+``quantize_groups``' kernel (or per group by the RMSNorm that makes them, taken as ``x_fp8``), then
+multiplied: a decode step's few rows by the Triton GEMV, which scales each group's sum by its row's
+and its block's scales (a ``bk`` that is a power of two: ``linear.takes_block``); more rows by cuBLAS's block-scaled FP8 GEMM where it takes DeepSeek's
 recipe (``CUBLAS_BLOCK``, bf16, Hopper; on an H100 right, but at a quarter to 0.6 of bf16's speed on
 most Llama shapes: ``bench/results/kernels_h100.md``), else by a Triton GEMM on FP8 tensor cores
 that scales each group's product the same way (``block_fp8_linear``; checked in Triton's interpreter
@@ -186,22 +186,21 @@ def quantize_groups(x: torch.Tensor, group: int, activation: str | None = None) 
 
 def check_x_fp8(x_fp8: tuple[torch.Tensor, torch.Tensor] | None, x: torch.Tensor, weight_scale: torch.Tensor | None,
                 block: tuple[int, int] | None, gated: bool = False) -> None:
-    """``x_fp8`` is None, or ``x``'s rows quantized before per token (``quantize_rows``,
-    ``norm.rms_norm_fp8``: E4M3 ``[M, K]`` and fp32 scales ``[M]``, contiguous, on ``x``'s device) for
-    a product that takes them: a weight scaled per output channel (``weight_scale``, no ``block``), not
-    gated (a gated product makes its activation as it quantizes)."""
+    """``x_fp8`` is None, or ``x``'s rows quantized before (``norm.rms_norm_fp8``, ``quantize_rows``,
+    ``quantize_groups``: E4M3 ``[M, K]`` and fp32 scales, contiguous, on ``x``'s device) for a product
+    that takes them: an FP8 weight (``weight_scale``), not gated (a gated product makes its activation
+    as it quantizes). Scaled per output channel, it takes rows scaled per token (scales ``[M]``); with
+    a ``block`` ``(bn, bk)``, per token and group of ``bk`` (scales ``[M, ceil(K / bk)]``)."""
     if x_fp8 is None:
         return
     if weight_scale is None:
         raise ValueError("x_fp8 is for FP8 weights: this weight has no weight_scale")
-    if block is not None:
-        raise ValueError("x_fp8 holds rows quantized per token: a block-scaled weight takes rows quantized per group")
     if gated:
         raise ValueError("x_fp8 holds rows quantized as they are: a gated product makes its activation as it quantizes")
     q, scale = x_fp8
     check_shape("x_fp8's rows", q, tuple(x.shape))
     check_dtype("x_fp8's rows", q, (FP8_DTYPE,))
-    check_shape("x_fp8's scales", scale, (x.shape[0],))
+    check_shape("x_fp8's scales", scale, (x.shape[0],) if block is None else (x.shape[0], -(-x.shape[1] // block[1])))
     check_dtype("x_fp8's scales", scale, (torch.float32,))
     for name, t in (("x_fp8's rows", q), ("x_fp8's scales", scale)):
         check_device(name, t, x)
@@ -283,15 +282,18 @@ def _dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, i
 
 
 def ref_fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         ) -> torch.Tensor:
     """``x`` ``[M, K]``, E4M3 ``weight`` ``[N, K]`` with a scale per ``block`` ``(bn, bk)``
     (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), ``bias`` ``[N]`` or None -> ``[M, N]`` in
-    ``x``'s dtype: ``x`` quantized per token and group of ``bk`` features (``ref_quantize_groups``),
-    then ``out[m, n] = sum_k (xq[m, k] * xs[m, k // bk]) * (wq[n, k] * ws[n // bn, k // bk])`` in fp32,
+    ``x``'s dtype: ``x`` quantized per token and group of ``bk`` features (``ref_quantize_groups``;
+    ``x_fp8``: so quantized before, taken as they are), then
+    ``out[m, n] = sum_k (xq[m, k] * xs[m, k // bk]) * (wq[n, k] * ws[n // bn, k // bk])`` in fp32,
     plus the bias, rounded once. The one path for block-scaled weights on every device (not fast)."""
     _check_rows(x)
     check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
-    q, scale = ref_quantize_groups(x, block[1])
+    check_x_fp8(x_fp8, x, weight_scale, block)
+    q, scale = ref_quantize_groups(x, block[1]) if x_fp8 is None else x_fp8
     out = _dequantize_blocks(q, scale, (1, block[1])) @ _dequantize_blocks(weight, weight_scale, block).t()
     if bias is not None:
         out = out + bias.float()
@@ -364,15 +366,20 @@ def scaled_mm_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_sca
 
 
 def _cublas_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                             bias: torch.Tensor | None) -> torch.Tensor:
+                             bias: torch.Tensor | None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             ) -> torch.Tensor:
     """``scaled_mm_block_fp8_linear``'s cuBLAS path alone (its caller checks the arguments and that
-    cuBLAS takes them)."""
+    cuBLAS takes them); ``x_fp8``'s rows, quantized before, copied into cuBLAS's layout."""
     m, k = x.shape
     rows = -(-m // 4) * 4
     q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
     q[m:].view(torch.uint8).zero_()
     scale = torch.zeros((k // 128, rows), dtype=torch.float32, device=x.device).t()
-    _launch_quantize_groups(x, 128, None, q[:m], scale[:m])
+    if x_fp8 is None:
+        _launch_quantize_groups(x, 128, None, q[:m], scale[:m])
+    else:
+        q[:m].copy_(x_fp8[0])
+        scale[:m].copy_(x_fp8[1])
     out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)[:m]
     return out if bias is None else out + bias
 
@@ -428,19 +435,22 @@ def triton_takes_blocks(block: tuple[int, int]) -> bool:
 
 
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> torch.Tensor:
     """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: cuBLAS's block-scaled GEMM where
     it takes the recipe and the shapes (``scaled_mm_block_fp8_linear``: measured right on an H100);
-    else ``quantize_groups``, then a Triton GEMM on FP8 tensor cores (``_fp8_gemm_kernel``; 8-bit
-    float arithmetic, compute capability 8.9+) where it takes the block (``triton_takes_blocks``);
-    else the reference."""
+    else ``quantize_groups`` (unless ``x_fp8`` holds the rows quantized before), then a Triton GEMM on
+    FP8 tensor cores (``_fp8_gemm_kernel``; 8-bit float arithmetic, compute capability 8.9+) where it
+    takes the block (``triton_takes_blocks``); else the reference."""
     _check_rows(x)
     check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
+    check_x_fp8(x_fp8, x, weight_scale, block)
     if x.shape[0] and _cublas_takes_blocks(x, weight.shape[0], x.shape[1], block):
-        return _cublas_block_fp8_linear(x, weight, weight_scale, bias)
+        return _cublas_block_fp8_linear(x, weight, weight_scale, bias, x_fp8)
     if not (x.shape[0] and triton_takes_blocks(block) and _has_fp8_tensor_cores(x.device)):
-        return ref_fp8_block_linear(x, weight, weight_scale, block, bias)
-    return triton_block_fp8_linear(x, weight, weight_scale, block, bias)
+        return ref_fp8_block_linear(x, weight, weight_scale, block, bias, x_fp8)
+    q, scale = fp8_input(x, block, x_fp8=x_fp8)
+    return _launch_fp8_gemm(q, scale, weight, weight_scale, block, bias, x.dtype)
 
 
 def triton_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],

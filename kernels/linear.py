@@ -11,7 +11,8 @@ With FP8 weights (E4M3 and a scale per output column: ``kernels/fp8.py``), ``fp8
 first rounds the rows of x to E4M3 (the activation made there, for ``gated_linear``) in a launch of
 its own, once, rather than in each of the GEMV's thousands of programs, unless the RMSNorm that made
 x rounded them in its launch (``x_fp8``); the GEMV then reads half a bf16 weight's bytes and x in
-E4M3, and scales its sums by the row's and the column's scales.
+E4M3, and scales its sums by the row's and the column's scales (with block scales, each group's sum
+by its row's and its block's).
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     all of one float dtype -> ``[M, N]`` in that dtype, accumulated in fp32. With ``weight_scale``
     ``[N]`` (fp32), ``weight`` is E4M3 and this is ``fp8.ref_fp8_linear``; with a ``block`` too
     (``takes_block``), ``weight_scale`` has one scale per block and this is ``fp8.ref_fp8_block_linear``.
-    ``x_fp8``: per-channel FP8 weights' rows of ``x`` quantized before (``fp8.check_x_fp8``), read as
-    they are. With PDL, the weights load before the kernel just before this one has finished: it must
+    ``x_fp8``: FP8 weights' rows of ``x`` quantized before (per token, or per group with a ``block``:
+    ``fp8.check_x_fp8``), read as they are. With PDL, the weights load before the kernel just before this one has finished: it must
     not write them."""
     return launch_linear(x, weight, bias, DEFAULT_CONFIG, weight_scale=weight_scale, block=block, x_fp8=x_fp8)
 

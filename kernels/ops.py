@@ -58,15 +58,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     else on CUDA ``fp8.fp8_linear`` (cuBLAS's or Triton's FP8 GEMM), else the reference; scaled per
     ``block`` ``(bn, bk)`` (``weight_scale`` ``[ceil(N / bn), ceil(K / bk)]``), the GEMV where it takes
     the block (``gemv.takes_block``), else on CUDA ``fp8.block_fp8_linear`` (cuBLAS's or Triton's
-    block-scaled FP8 GEMM), else the block reference. ``x_fp8``: with per-channel scales, ``x``'s rows quantized
-    before (``rms_norm_fp8``), taken as they are."""
+    block-scaled FP8 GEMM), else the block reference. ``x_fp8``: ``x``'s rows quantized before
+    (``rms_norm_fp8``: per token, for a ``block`` per group of ``bk``), taken as they are."""
     fp8.check_x_fp8(x_fp8, x, weight_scale, block)
     if weight_scale is None:
         return gemv.linear(x, weight, bias) if _gemv_rows(x) else gemv.ref_linear(x, weight, bias)
     if _gemv_block_rows(x, block):
         return gemv.linear(x, weight, bias, weight_scale, block, x_fp8)
     if block is not None:
-        return (fp8.block_fp8_linear if x.is_cuda else fp8.ref_fp8_block_linear)(x, weight, weight_scale, block, bias)
+        return (fp8.block_fp8_linear if x.is_cuda else fp8.ref_fp8_block_linear)(x, weight, weight_scale, block, bias,
+                                                                                 x_fp8)
     return (fp8.fp8_linear if x.is_cuda else fp8.ref_fp8_linear)(x, weight, weight_scale, bias, x_fp8)
 
 

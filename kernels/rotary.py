@@ -361,7 +361,7 @@ def ref_qkv_rotary_store_kv(
     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``ref_rotary_store_kv`` of ``ref_linear(x, weight, bias)`` (``ref_fp8_linear`` with
-    ``weight_scale`` and ``x_fp8``, ``ref_fp8_block_linear`` with a ``block`` too) split into q, k and v:
+    ``weight_scale``, ``ref_fp8_block_linear`` with a ``block`` too; either with ``x_fp8``) split into q, k and v:
     writes the rotated keys and the values into ``kv_cache`` at ``slot_mapping`` and returns the
     rotated query."""
     _, kv_heads, head_dim = _qkv_shape(weight, kv_cache)
@@ -371,6 +371,6 @@ def ref_qkv_rotary_store_kv(
     elif block is None:
         qkv = ref_fp8_linear(x, weight, weight_scale, bias, x_fp8)
     else:
-        qkv = ref_fp8_block_linear(x, weight, weight_scale, block, bias)
+        qkv = ref_fp8_block_linear(x, weight, weight_scale, block, bias, x_fp8)
     q, k, v = split_qkv(qkv, kv_heads, head_dim)
     return ref_rotary_store_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)

@@ -159,11 +159,12 @@ def check_qkv_rotary_store_kv(device: str, dtype: torch.dtype, rows: int, heads:
 
 
 def check_rms_norm_fp8(device: str, dtype: torch.dtype, rows: int, hidden: int, with_residual: bool,
-                       unit_offset: bool = False) -> None:
+                       unit_offset: bool = False, group: int | None = None) -> None:
     """``rms_norm_fp8``: its normed rows and new residual as ``rms_norm``'s (a row of zeros among them),
-    its E4M3 rows and scales exactly as the rows quantized apart (in the interpreter by
-    ``quantize_rows``, whose rounding it shares; on a GPU by the reference), then taken by the GEMV and
-    by ``ops.linear`` as if they had quantized them."""
+    its E4M3 rows and scales exactly as the rows quantized apart, per token or per ``group`` (in the
+    interpreter by ``quantize_rows`` or ``quantize_groups``, whose rounding it shares; on a GPU by the
+    reference), then taken by the GEMV (with a ``group``, over weights scaled per block of ``group``
+    columns) and by ``ops.linear`` as if they had quantized them."""
     x = torch.randn(rows, hidden, dtype=dtype, device=device)
     w = torch.randn(hidden, dtype=dtype, device=device)
     r = torch.randn(rows, hidden, dtype=dtype, device=device) if with_residual else None
@@ -171,7 +172,7 @@ def check_rms_norm_fp8(device: str, dtype: torch.dtype, rows: int, hidden: int, 
     if r is not None:
         r[-1] = 0
     _poison_allocator(device, 3 * x.numel() * x.element_size())
-    normed, (q, scale), summed = norm.rms_norm_fp8(x, w, 1e-6, r, unit_offset)
+    normed, (q, scale), summed = norm.rms_norm_fp8(x, w, 1e-6, r, unit_offset, group)
     if r is None:
         want, want_summed = norm.rms_norm(x, w, 1e-6, None, unit_offset), None
         assert summed is None
@@ -179,22 +180,32 @@ def check_rms_norm_fp8(device: str, dtype: torch.dtype, rows: int, hidden: int, 
         want, want_summed = norm.rms_norm(x, w, 1e-6, r, unit_offset)
         assert torch.equal(summed, want_summed)
     assert torch.equal(normed, want)
-    want_q, want_scale = (fp8.quantize_rows if device == "cpu" else fp8.ref_quantize_rows)(normed)
+    if group is None:
+        want_q, want_scale = (fp8.quantize_rows if device == "cpu" else fp8.ref_quantize_rows)(normed)
+    else:
+        want_q, want_scale = fp8.quantize_groups(normed, group) if device == "cpu" else fp8.ref_quantize_groups(normed, group)
     assert torch.equal(scale, want_scale) and torch.equal(q.float(), want_q.float())
     weight, weight_scale = fp8_weight(24, hidden, device)
-    assert torch.equal(launch_linear(normed, weight, None, SMALL_TILES, weight_scale=weight_scale, x_fp8=(q, scale)),
-                       launch_linear(normed, weight, None, SMALL_TILES, weight_scale=weight_scale))
+    block, tiles = None, SMALL_TILES
+    if group is not None:   # tiles of at least a group
+        block, tiles = (8, group), LinearConfig(block_n=4, block_k=max(group, SMALL_TILES.block_k))
+        weight_scale = block_scales(24, hidden, block, device)
+    assert torch.equal(launch_linear(normed, weight, None, tiles, weight_scale=weight_scale, block=block, x_fp8=(q, scale)),
+                       launch_linear(normed, weight, None, tiles, weight_scale=weight_scale, block=block))
     if device == "cpu":
-        assert torch.equal(ops.linear(normed, weight, None, weight_scale, x_fp8=(q, scale)),
-                           fp8.ref_fp8_linear(normed, weight, weight_scale, x_fp8=(q, scale)))
+        assert torch.equal(ops.linear(normed, weight, None, weight_scale, block, x_fp8=(q, scale)),
+                           fp8.ref_fp8_linear(normed, weight, weight_scale, x_fp8=(q, scale)) if block is None else
+                           fp8.ref_fp8_block_linear(normed, weight, weight_scale, block, x_fp8=(q, scale)))
 
 
 def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     for m, k, block_k in [(1, 300, 64), (5, 1024, 256), (3, 17, 1024)]:
         yield f"quantize rows {m}x{k}", lambda m=m, k=k, b=block_k: check_quantize_rows(device, dtype, m, k, b)
-    for rows, hidden, res, offset in [(1, 96, False, False), (3, 300, True, False), (MAX_GEMV_ROWS, 64, True, True)]:
-        yield f"rms_norm_fp8 {rows}x{hidden} residual={res} unit offset={offset}", \
-            lambda m=rows, h=hidden, r=res, o=offset: check_rms_norm_fp8(device, dtype, m, h, r, o)
+    for rows, hidden, res, offset, group in [(1, 96, False, False, None), (3, 300, True, False, None),
+                                             (MAX_GEMV_ROWS, 64, True, True, None), (2, 300, True, False, 64),
+                                             (3, 96, False, True, 32), (1, 128, True, False, 128)]:
+        yield f"rms_norm_fp8 {rows}x{hidden} residual={res} unit offset={offset} group={group}", \
+            lambda m=rows, h=hidden, r=res, o=offset, g=group: check_rms_norm_fp8(device, dtype, m, h, r, o, g)
     for m in range(1, MAX_GEMV_ROWS + 1):
         yield f"fp8 gemv {m} rows", lambda m=m: check_gemv(device, dtype, m, 45, 300, m % 2 == 1, SMALL_TILES)
     yield "fp8 gemv even K", lambda: check_gemv(device, dtype, 2, 16, 256, False, SMALL_TILES)
@@ -269,8 +280,8 @@ def test_bad_arguments_are_refused() -> None:
     rows = fp8.ref_quantize_rows(x)
     refused = {
         "x_fp8 is for FP8 weights": lambda: launch_linear(x, w.float(), None, SMALL_TILES, x_fp8=rows),
-        "a block-scaled weight takes rows quantized per group": lambda: ops.linear(x, w, None, block_scales(8, 32, (8, 16), "cpu"),
-                                                                                 (8, 16), rows),
+        "x_fp8's scales must have shape \\[2, 2\\]": lambda: ops.linear(x, w, None, block_scales(8, 32, (8, 16), "cpu"),
+                                                                        (8, 16), rows),
         "a gated product makes its activation": lambda: launch_linear(torch.randn(2, 64), w, None, SMALL_TILES, gated=True,
                                                                       weight_scale=w_scale, x_fp8=rows),
         "x_fp8's rows must have shape \\[2, 32\\]": lambda: fp8.ref_fp8_linear(x, w, w_scale, x_fp8=(rows[0][:, :16], rows[1])),
@@ -282,6 +293,9 @@ def test_bad_arguments_are_refused() -> None:
             call()
     with pytest.raises(ValueError, match="x must be \\[rows, hidden\\]"):
         norm.ref_rms_norm_fp8(torch.randn(2, 3, 32), torch.ones(32), 1e-6)
+    for group in (48, 64, 0):
+        with pytest.raises(ValueError, match="group must be None or a power of two up to 32 for rows of 32"):
+            norm.ref_rms_norm_fp8(x, torch.ones(32), 1e-6, group=group)
 
 
 @pytest.mark.unit
@@ -294,7 +308,8 @@ def test_fp8_kernels_use_hopper_conversions() -> None:
     quantizations = [("fp8:_quantize_rows_kernel", dict(ACTIVATION=activation, BLOCK_K=1024, ONE_TILE=one_tile, PDL=True))
                      for activation in (None, "silu") for one_tile in (False, True)]
     quantizations.append(("fp8:_quantize_groups_kernel", dict(GROUP=128, ACTIVATION="silu", BLOCK=128, TILE_GROUPS=8, PDL=True)))
-    quantizations.append(("norm:_rms_norm_kernel", dict(HAS_RESIDUAL=True, UNIT_OFFSET=False, QUANTIZE=True, BLOCK=4096, PDL=True)))
+    quantizations += [("norm:_rms_norm_kernel", dict(HAS_RESIDUAL=True, UNIT_OFFSET=False, QUANTIZE=True, GROUP=group,
+                                                     BLOCK=4096, PDL=True)) for group in (0, 128)]
     for kernel, constants in quantizations:
         rows = hopper_ptx(f"baton.kernels.{kernel}", {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16",
                                                       "out_ptr": "*bf16", "new_residual_ptr": "*bf16", "q_ptr": "*fp8e4nv",

@@ -152,7 +152,8 @@ def test_fp8_weights_decode_like_the_cpu_engine(enforce_eager):
 @needs_gpu
 def test_block_fp8_checkpoint_decodes_like_the_cpu_engine(tmp_path):
     """A block-wise FP8 checkpoint (128 x 128 blocks, DeepSeek-V3's and Qwen3-FP8's): decode's rows
-    quantized per group by ``quantize_groups`` and multiplied by the block-scaled GEMVs."""
+    quantized per group by the RMSNorm before them (q/k/v, gate/up) or by ``quantize_groups`` (o,
+    down with the activation), and multiplied by the block-scaled GEMVs."""
     AutoModelForCausalLM.from_pretrained(DEMO).save_pretrained(tmp_path / "float")   # the demo's shards as one file
     checkpoint = tmp_path / "fp8-blocks"
     write_fp8_checkpoint(tmp_path / "float", checkpoint, fp8_blocks([128, 128]), per_channel=False)

@@ -62,7 +62,7 @@ def project(layer: nn.Linear, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.
     (``ops.qkv_rotary_store_kv``). ``lm_head`` (``compute_logits``) takes the GEMV at one row only.
     An ``Fp8Linear`` (``engine/models/quantized.py``) passes its weight scales too, and its block
     where scaled per block; ``x_fp8``, ``x``'s rows in E4M3 as the norm before made them
-    (``ops.rms_norm_fp8``), spares a per-channel one their quantization."""
+    (``ops.rms_norm_fp8``), spares it their quantization."""
     return ops.linear(x, layer.weight, layer.bias, weight_scale(layer), weight_block(layer), x_fp8)
 
 
@@ -116,8 +116,8 @@ class Attention(nn.Module):
         lora: LayerLoRA | None = None,
         hidden_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``hidden_fp8``: ``hidden``'s rows in E4M3 where the norm before made them (``qkv_proj`` FP8
-        per channel)."""
+        """``hidden_fp8``: ``hidden``'s rows in E4M3 where the norm before made them (``qkv_proj`` FP8:
+        ``takes_fp8_rows``)."""
         num_tokens = hidden.shape[0]
         if self.q_norm is None and lora is None:
             q = ops.qkv_rotary_store_kv(hidden, self.qkv_proj.weight, self.qkv_proj.bias, positions, cos_sin_cache,
@@ -153,7 +153,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None,
                 x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``x_fp8``: ``x``'s rows in E4M3 where the norm before made them (``gate_up_proj`` FP8 per channel)."""
+        """``x_fp8``: ``x``'s rows in E4M3 where the norm before made them (``gate_up_proj`` FP8: ``takes_fp8_rows``)."""
         gate_up = project(self.gate_up_proj, x, x_fp8)
         if lora is None:
             return ops.gated_linear(gate_up, self.down_proj.weight, self.down_proj.bias, self.activation,
@@ -252,10 +252,13 @@ class DecoderLayer(nn.Module):
     def _norm(norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None, proj: nn.Module | None,
               ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
         """``norm(hidden + residual)`` (of ``hidden`` alone on the first layer), the rows it made in E4M3
-        where ``proj``, which takes them next, is FP8 per channel (``ops.rms_norm_fp8``: the same launch;
-        else None), and the new residual."""
+        where ``proj``, which takes them next, is FP8 and takes them (``takes_fp8_rows``: per token, or
+        per group of its block's ``bk``, in the same launch, ``ops.rms_norm_fp8``; else None), and the
+        new residual."""
         if takes_fp8_rows(proj):
-            normed, rows, summed = ops.rms_norm_fp8(hidden, norm.weight, norm.eps, residual, norm.unit_offset)
+            block = weight_block(proj)
+            normed, rows, summed = ops.rms_norm_fp8(hidden, norm.weight, norm.eps, residual, norm.unit_offset,
+                                                    None if block is None else block[1])
             return normed, rows, hidden if summed is None else summed
         if residual is None:
             return norm(hidden), None, hidden

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from baton.kernels.fp8 import FP8_DTYPE, ref_quantize_rows
+from baton.kernels.norm import norm_takes_group
 
 QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -40,9 +41,12 @@ def weight_block(layer: nn.Module | None) -> tuple[int, int] | None:
 
 
 def takes_fp8_rows(layer: nn.Module | None) -> bool:
-    """Whether ``layer`` is FP8 scaled per output channel: it takes its input's rows quantized per token
-    before it (``ops.rms_norm_fp8``)."""
-    return weight_scale(layer) is not None and weight_block(layer) is None
+    """Whether ``layer`` is FP8 and takes its input's rows quantized before it by the RMSNorm that
+    makes them (``ops.rms_norm_fp8``): per token where it is scaled per output channel, per token and
+    group of ``bk`` where per ``(bn, bk)`` block and the norm takes that group (``norm_takes_group``)."""
+    if weight_scale(layer) is None:
+        return False
+    return layer.block is None or norm_takes_group(layer.block[1], layer.in_features)
 
 
 def quantize_linears(model: nn.Module, block: tuple[int, int] | None = None) -> None:
