@@ -352,15 +352,16 @@ def test_fp8_small_cases_on_gpu(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("proj", list(LLAMA_8B))
 def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
     """128 x 128 weight blocks (DeepSeek-V3's, Qwen3-FP8's): ``ops.linear`` (the block-scaled GEMV at
-    decode's rows, a block-scaled GEMM above them), the Triton GEMM and cuBLAS's (bf16; row counts not
-    a multiple of four padded), each against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every
-    shape here."""
+    decode's rows, a block-scaled GEMM above them; also given the rows quantized before, as the
+    RMSNorm hands them on), the Triton GEMM and cuBLAS's (bf16; row counts not a multiple of four
+    padded), each against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every shape here."""
     (k, n), block = LLAMA_8B[proj], (128, 128)
     w, w_scale = fp8_weight(n, k, "cuda")[0], block_scales(n, k, block, "cuda")
     for rows in (1, 2, 3, 5, 64, 2048):
         x = inputs(rows, k, torch.bfloat16, "cuda")
         want = fp8.ref_fp8_block_linear(x, w, w_scale, block)
         _assert_close(ops.linear(x, w, None, w_scale, block), want, torch.bfloat16)
+        _assert_close(ops.linear(x, w, None, w_scale, block, fp8.quantize_groups(x, 128)), want, torch.bfloat16)
         _assert_close(fp8.triton_block_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
         _assert_close(fp8.scaled_mm_block_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
     if torch.cuda.get_device_capability() == (9, 0):
