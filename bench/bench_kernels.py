@@ -430,18 +430,23 @@ def _fp8_gemv_sweep(xs: list[torch.Tensor], weights: list[torch.Tensor], scales:
 
 def fp8_norm_rows() -> list[str]:
     """The RMSNorm (residual added) before an FP8 projection, at Llama-3.2-1B's and Llama-3-8B's hidden
-    sizes: ``norm.rms_norm_fp8`` (the rows rounded to E4M3 in the norm's launch) against ``rms_norm``
-    then ``fp8.quantize_rows`` (two launches), CUDA-graph replays over rotating inputs."""
+    sizes: ``norm.rms_norm_fp8`` (the rows rounded to E4M3 in the norm's launch, per token, and per
+    group of 128 for block-wise checkpoints) against ``rms_norm`` then ``fp8.quantize_rows`` or
+    ``quantize_groups`` (two launches), CUDA-graph replays over rotating inputs."""
     rows = []
     for model, hidden in (("1B", 2048), ("8B", 4096)):
         w = torch.randn(hidden, dtype=DTYPE, device="cuda")
         for m in (1, 2, 64, 4096):
             sets = [(torch.randn(m, hidden, dtype=DTYPE, device="cuda"), torch.randn(m, hidden, dtype=DTYPE, device="cuda"))
                     for _ in range(max(2, min(64, ROTATE_BYTES // (2 * m * hidden * 2))))]
-            fused = median_ms([lambda x=x, r=r: norm.rms_norm_fp8(x, w, 1e-6, r) for x, r in sets], graph=True)
-            apart = median_ms([lambda x=x, r=r: fp8.quantize_rows(norm.rms_norm(x, w, 1e-6, r)[0]) for x, r in sets], graph=True)
-            rows.append(f"| rms_norm_fp8 (norm + E4M3 rows, one launch) | {model} hidden {hidden}, {m} rows | {fused * 1e3:.1f} us "
-                        f"(rms_norm then quantize_rows: {apart * 1e3:.1f} us) | {apart / fused:.2f}x | |")
+            for group, quantize in ((None, fp8.quantize_rows), (128, lambda x: fp8.quantize_groups(x, 128))):
+                fused = median_ms([lambda x=x, r=r: norm.rms_norm_fp8(x, w, 1e-6, r, group=group) for x, r in sets],
+                                  graph=True)
+                apart = median_ms([lambda x=x, r=r: quantize(norm.rms_norm(x, w, 1e-6, r)[0]) for x, r in sets], graph=True)
+                rows.append(f"| rms_norm_fp8 (norm + E4M3 rows, one launch), {'per token' if group is None else 'groups of 128'} "
+                            f"| {model} hidden {hidden}, {m} rows | {fused * 1e3:.1f} us (rms_norm then "
+                            f"{'quantize_rows' if group is None else 'quantize_groups'}: {apart * 1e3:.1f} us) | "
+                            f"{apart / fused:.2f}x | |")
     return rows
 
 
