@@ -25,11 +25,12 @@ quantized per group of ``bk`` consecutive features, each group scaled as a row i
 in fp32, plus the bias, rounded once to ``x``'s dtype. On CUDA the rows are quantized by
 ``quantize_groups``' kernel (or per group by the RMSNorm that makes them, taken as ``x_fp8``), then
 multiplied: a decode step's few rows by the Triton GEMV, which scales each group's sum by its row's
-and its block's scales (a ``bk`` that is a power of two: ``linear.takes_block``); more rows by cuBLAS's block-scaled FP8 GEMM where it takes DeepSeek's
-recipe (``CUBLAS_BLOCK``, bf16, Hopper; on an H100 right, but at a quarter to 0.6 of bf16's speed on
-most Llama shapes: ``bench/results/kernels_h100.md``), else by a Triton GEMM on FP8 tensor cores
-that scales each group's product the same way (``block_fp8_linear``; checked in Triton's interpreter
-and compiled for Hopper, not yet timed on a GPU). Elsewhere the reference runs: correct, not fast
+and its block's scales (a ``bk`` that is a power of two: ``linear.takes_block``); more rows by
+cuBLAS's block-scaled FP8 GEMM where it takes DeepSeek's recipe (``CUBLAS_BLOCK``, bf16, Hopper; on
+an H100 right, but at a quarter to 0.6 of bf16's speed on most Llama shapes:
+``bench/results/kernels_h100.md``), else by a Triton GEMM on FP8 tensor cores that scales each
+group's product the same way (``block_fp8_linear``; checked in Triton's interpreter and compiled for
+Hopper, not yet timed on a GPU). Elsewhere the reference runs: correct, not fast
 (it dequantizes the whole weight on each call).
 """
 

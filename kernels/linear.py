@@ -200,8 +200,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ``[N]`` (fp32), ``weight`` is E4M3 and this is ``fp8.ref_fp8_linear``; with a ``block`` too
     (``takes_block``), ``weight_scale`` has one scale per block and this is ``fp8.ref_fp8_block_linear``.
     ``x_fp8``: FP8 weights' rows of ``x`` quantized before (per token, or per group with a ``block``:
-    ``fp8.check_x_fp8``), read as they are. With PDL, the weights load before the kernel just before this one has finished: it must
-    not write them."""
+    ``fp8.check_x_fp8``), read as they are. With PDL, the weights load before the kernel just before
+    this one has finished: it must not write them."""
     return launch_linear(x, weight, bias, DEFAULT_CONFIG, weight_scale=weight_scale, block=block, x_fp8=x_fp8)
 
 
