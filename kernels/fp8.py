@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from baton.kernels import pdl
-from baton.kernels.activation import act_mul, check_activation
+from baton.kernels.activation import act_mul, check_activation, ref_act_and_mul
 from baton.kernels.checks import check_contiguous, check_device, check_dtype, check_shape
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -313,18 +313,21 @@ def _cublas_takes_rows(x: torch.Tensor, n: int, k: int) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+               activation: str | None = None) -> torch.Tensor:
     """``ref_fp8_linear`` for CUDA ``x`` of any number of rows: ``quantize_rows`` (unless ``x_fp8``
-    holds the rows quantized before), then cuBLAS's FP8 GEMM with both row-wise scales where it takes
-    the dtype and the shapes (``_cublas_takes_rows``), else the Triton GEMM on FP8 tensor cores
-    (``_fp8_gemm_kernel``: fp16 and fp32 models, any dims); the reference on a GPU without 8-bit
-    float arithmetic."""
-    _check_rows(x)
-    check_fp8_weight(weight, weight_scale, x, x.shape[1])
-    check_x_fp8(x_fp8, x, weight_scale, None)
+    holds the rows quantized before; with an ``activation``, ``x`` is ``[M, 2K]`` and the rows are
+    ``act_and_mul(x, activation)``'s, made as they are quantized), then cuBLAS's FP8 GEMM with both
+    row-wise scales where it takes the dtype and the shapes (``_cublas_takes_rows``), else the Triton
+    GEMM on FP8 tensor cores (``_fp8_gemm_kernel``: fp16 and fp32 models, any dims); the reference on
+    a GPU without 8-bit float arithmetic."""
+    k = _quantized_width(x, activation)
+    check_fp8_weight(weight, weight_scale, x, k)
+    check_x_fp8(x_fp8, x, weight_scale, None, activation is not None)
     if not (x.shape[0] and _has_fp8_tensor_cores(x.device)):
-        return ref_fp8_linear(x, weight, weight_scale, bias, x_fp8)
-    q, scale = fp8_input(x, None, x_fp8=x_fp8)
+        rows = x if activation is None else ref_act_and_mul(x, activation)
+        return ref_fp8_linear(rows, weight, weight_scale, bias, x_fp8)
+    q, scale = fp8_input(x, None, activation, x_fp8)
     if not _cublas_takes_rows(x, *weight.shape):
         return _launch_fp8_gemm(q, scale, weight, weight_scale, None, bias, x.dtype)
     out = torch._scaled_mm(q, weight.t(), scale_a=scale[:, None], scale_b=weight_scale[None, :],
@@ -368,16 +371,17 @@ def scaled_mm_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_sca
 
 def _cublas_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                              bias: torch.Tensor | None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-                             ) -> torch.Tensor:
+                             activation: str | None = None) -> torch.Tensor:
     """``scaled_mm_block_fp8_linear``'s cuBLAS path alone (its caller checks the arguments and that
-    cuBLAS takes them); ``x_fp8``'s rows, quantized before, copied into cuBLAS's layout."""
-    m, k = x.shape
+    cuBLAS takes them); ``x_fp8``'s rows, quantized before, copied into cuBLAS's layout; with an
+    ``activation``, of ``act_and_mul(x, activation)``."""
+    m, k = x.shape[0], weight.shape[1]
     rows = -(-m // 4) * 4
     q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
     q[m:].view(torch.uint8).zero_()
     scale = torch.zeros((k // 128, rows), dtype=torch.float32, device=x.device).t()
     if x_fp8 is None:
-        _launch_quantize_groups(x, 128, None, q[:m], scale[:m])
+        _launch_quantize_groups(x, 128, activation, q[:m], scale[:m])
     else:
         q[:m].copy_(x_fp8[0])
         scale[:m].copy_(x_fp8[1])
@@ -437,20 +441,22 @@ def triton_takes_blocks(block: tuple[int, int]) -> bool:
 
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
                      bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     ) -> torch.Tensor:
+                     activation: str | None = None) -> torch.Tensor:
     """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: cuBLAS's block-scaled GEMM where
     it takes the recipe and the shapes (``scaled_mm_block_fp8_linear``: measured right on an H100);
     else ``quantize_groups`` (unless ``x_fp8`` holds the rows quantized before), then a Triton GEMM on
     FP8 tensor cores (``_fp8_gemm_kernel``; 8-bit float arithmetic, compute capability 8.9+) where it
-    takes the block (``triton_takes_blocks``); else the reference."""
-    _check_rows(x)
-    check_fp8_weight(weight, weight_scale, x, x.shape[1], block)
-    check_x_fp8(x_fp8, x, weight_scale, block)
-    if x.shape[0] and _cublas_takes_blocks(x, weight.shape[0], x.shape[1], block):
-        return _cublas_block_fp8_linear(x, weight, weight_scale, bias, x_fp8)
+    takes the block (``triton_takes_blocks``); else the reference. With an ``activation``, as
+    ``fp8_linear``: ``x`` ``[M, 2K]``, the activation made as the rows are quantized."""
+    k = _quantized_width(x, activation)
+    check_fp8_weight(weight, weight_scale, x, k, block)
+    check_x_fp8(x_fp8, x, weight_scale, block, activation is not None)
+    if x.shape[0] and _cublas_takes_blocks(x, weight.shape[0], k, block):
+        return _cublas_block_fp8_linear(x, weight, weight_scale, bias, x_fp8, activation)
     if not (x.shape[0] and triton_takes_blocks(block) and _has_fp8_tensor_cores(x.device)):
-        return ref_fp8_block_linear(x, weight, weight_scale, block, bias, x_fp8)
-    q, scale = fp8_input(x, block, x_fp8=x_fp8)
+        rows = x if activation is None else ref_act_and_mul(x, activation)
+        return ref_fp8_block_linear(rows, weight, weight_scale, block, bias, x_fp8)
+    q, scale = fp8_input(x, block, activation, x_fp8)
     return _launch_fp8_gemm(q, scale, weight, weight_scale, block, bias, x.dtype)
 
 

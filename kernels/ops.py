@@ -98,7 +98,12 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  block: tuple[int, int] | None = None) -> torch.Tensor:
     """``linear(act_and_mul(x, activation), weight, bias, weight_scale, block)``: one GEMV launch where
     ``linear`` takes the GEMV (after the rows' quantization with FP8 weights, the activation made
-    there), else the two ops."""
+    there); with FP8 weights on CUDA past the GEMV's rows, the rows' quantization (the activation
+    made there) and the FP8 GEMM; else the two ops."""
     if _gemv_block_rows(x, block):
         return gemv.gated_linear(x, weight, bias, activation, weight_scale, block)
+    if weight_scale is not None and x.is_cuda:
+        if block is None:
+            return fp8.fp8_linear(x, weight, weight_scale, bias, activation=activation)
+        return fp8.block_fp8_linear(x, weight, weight_scale, block, bias, activation=activation)
     return linear(act_and_mul(x, activation), weight, bias, weight_scale, block)

@@ -284,6 +284,10 @@ def test_bad_arguments_are_refused() -> None:
                                                                         (8, 16), rows),
         "a gated product makes its activation": lambda: launch_linear(torch.randn(2, 64), w, None, SMALL_TILES, gated=True,
                                                                       weight_scale=w_scale, x_fp8=rows),
+        "makes its activation as it quantizes": lambda: fp8.fp8_linear(torch.randn(2, 64), w, w_scale, x_fp8=rows,
+                                                                       activation="silu"),
+        "gate then up halves: its width must be even": lambda: fp8.block_fp8_linear(
+            torch.randn(2, 65), w, block_scales(8, 32, (8, 16), "cpu"), (8, 16), activation="silu"),
         "x_fp8's rows must have shape \\[2, 32\\]": lambda: fp8.ref_fp8_linear(x, w, w_scale, x_fp8=(rows[0][:, :16], rows[1])),
         "x_fp8's rows must have dtype": lambda: fp8.ref_fp8_linear(x, w, w_scale, x_fp8=(x, rows[1])),
         "x_fp8's scales must have shape \\[2\\]": lambda: fp8.ref_fp8_linear(x, w, w_scale, x_fp8=(rows[0], rows[1][:1])),
@@ -347,6 +351,12 @@ def test_fp8_small_cases_on_gpu(dtype: torch.dtype) -> None:
     assert run_cases(small_cases("cuda", dtype)) > 0
 
 
+def gate_up_rows(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A gated product's input ``[rows, 2k]`` on the GPU: gates spread over the activation's range,
+    ups of several magnitudes, their products within fp16's range."""
+    return spread_gates(torch.cat([inputs(rows, k, dtype, "cuda") / 100, inputs(rows, k, dtype, "cuda") / 100], dim=1))
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("proj", list(LLAMA_8B))
@@ -354,7 +364,8 @@ def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
     """128 x 128 weight blocks (DeepSeek-V3's, Qwen3-FP8's): ``ops.linear`` (the block-scaled GEMV at
     decode's rows, a block-scaled GEMM above them; also given the rows quantized before, as the
     RMSNorm hands them on), the Triton GEMM and cuBLAS's (bf16; row counts not a multiple of four
-    padded), each against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every shape here."""
+    padded), each against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every shape here. The
+    down projection also gated, as in ``test_fp8_linear_on_gpu_llama_8b_shapes``."""
     (k, n), block = LLAMA_8B[proj], (128, 128)
     w, w_scale = fp8_weight(n, k, "cuda")[0], block_scales(n, k, block, "cuda")
     for rows in (1, 2, 3, 5, 64, 2048):
@@ -362,6 +373,10 @@ def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
         want = fp8.ref_fp8_block_linear(x, w, w_scale, block)
         _assert_close(ops.linear(x, w, None, w_scale, block), want, torch.bfloat16)
         _assert_close(ops.linear(x, w, None, w_scale, block, fp8.quantize_groups(x, 128)), want, torch.bfloat16)
+        if proj == "down":
+            gated = gate_up_rows(rows, k, torch.bfloat16)
+            _assert_close(ops.gated_linear(gated, w, None, "silu", w_scale, block),
+                          fp8.ref_fp8_block_linear(ops.act_and_mul(gated, "silu"), w, w_scale, block), torch.bfloat16)
         _assert_close(fp8.triton_block_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
         _assert_close(fp8.scaled_mm_block_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
     if torch.cuda.get_device_capability() == (9, 0):
@@ -375,7 +390,8 @@ def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
 def test_fp8_linear_on_gpu_llama_8b_shapes(proj: str, dtype: torch.dtype) -> None:
     """The GEMV at decode's rows, above them cuBLAS's FP8 GEMM (bf16) or the Triton one (fp16), each
     against the reference, and the Triton GEMM alone in bf16 too; the GEMMs' fp32 sums in another
-    order, so to the output's rounding."""
+    order, so to the output's rounding. The down projection also gated, its activation made as its
+    rows are quantized (against the reference over the same Triton activation)."""
     k, n = LLAMA_8B[proj]
     w, w_scale = fp8_weight(n, k, "cuda")
     for rows in (1, 2, 3, 64, 2048):
@@ -383,6 +399,10 @@ def test_fp8_linear_on_gpu_llama_8b_shapes(proj: str, dtype: torch.dtype) -> Non
         want = fp8.ref_fp8_linear(x, w, w_scale)
         _assert_close(ops.linear(x, w, None, w_scale), want, dtype)
         _assert_close(fp8.triton_fp8_linear(x, w, w_scale), want, dtype)
+        if proj == "down":
+            gated = gate_up_rows(rows, k, dtype)
+            _assert_close(ops.gated_linear(gated, w, None, "silu", w_scale),
+                          fp8.ref_fp8_linear(ops.act_and_mul(gated, "silu"), w, w_scale), dtype)
     q, scale = fp8.quantize_rows(inputs(2048, k, dtype, "cuda"))
     assert q.dtype == E4M3 and scale.shape == (2048,)
 
