@@ -92,15 +92,15 @@ class Row:
     ratio: str = ""
 
 
-def write_checkpoint(shape: str, directory: Path) -> torch.nn.Module:
-    """A random-weight bf16 model of ``shape`` saved to ``directory`` (safetensors, with a
+def write_checkpoint(shape: str, directory: Path, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A random-weight model of ``shape`` in ``dtype`` saved to ``directory`` (safetensors, with a
     word-level tokenizer over the vocab); returns the transformers model, on the GPU."""
     config_class, fields = SHAPES[shape]
     config = config_class(vocab_size=VOCAB, max_position_embeddings=MAX_MODEL_LEN, bos_token_id=1, eos_token_id=2,
                           pad_token_id=0, **fields)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     model.save_pretrained(directory)
     vocab = {f"<{i}>": i for i in range(VOCAB)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
@@ -273,25 +273,25 @@ def _spread(*runs: list[float]) -> str:
     return f" (median of {len(runs[0])}: " + " / ".join(f"{min(r):.0f}-{max(r):.0f}" for r in runs) + ")"
 
 
-def bench_llm(directory: Path, max_batch: int, max_num_batched_tokens: int, kv_cache_dtype: str,
-              quantization: str | None) -> LLM:
-    """Baton on the checkpoint in ``directory`` as the benchmarks run it: bf16, CUDA graphs,
+def bench_llm(directory: Path, max_batch: int, max_num_batched_tokens: int, kv_cache_dtype: str = "auto",
+              quantization: str | None = None, dtype: str = "bfloat16") -> LLM:
+    """Baton on the checkpoint in ``directory`` as the benchmarks run it: ``dtype``, CUDA graphs,
     blocks for ``max_batch`` full-length sequences, no prefix caching."""
-    return LLM(str(directory), device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=max_batch,
+    return LLM(str(directory), device="cuda", dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=max_batch,
                max_num_batched_tokens=max_num_batched_tokens, num_blocks=max_batch * (MAX_MODEL_LEN // 16) + 16,
                enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
 
 
 def bench_shape(name: str, args: argparse.Namespace, bandwidth: float, workdir: Path) -> list[Row]:
     directory = workdir / name
-    model = write_checkpoint(name, directory)
+    model = write_checkpoint(name, directory, getattr(torch, args.dtype))
     if args.fp8_blocks:
         quantize_checkpoint_blocks(directory)
     hf = None if args.skip_hf else model
     del model
     torch.cuda.empty_cache()
     max_batch = max(max(args.latency_batches), max(args.batches))
-    llm = bench_llm(directory, max_batch, args.max_num_batched_tokens, args.kv_cache_dtype, args.quantization)
+    llm = bench_llm(directory, max_batch, args.max_num_batched_tokens, args.kv_cache_dtype, args.quantization, args.dtype)
     rows = latency_rows(name, llm, args.latency_batches, args.context, bandwidth)
     rows += throughput_rows(name, llm, hf, args.batches, args.input_len, args.output_len, args.repeats)
     del llm, hf
@@ -326,6 +326,8 @@ def main() -> None:
     p.add_argument("--fp8-blocks", action="store_true",
                    help="write Baton's checkpoint block-wise FP8 (128 x 128 blocks, E4M3 weights with weight_scale_inv: "
                         "DeepSeek-V3's and Qwen3-FP8's format; transformers keeps bf16)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                   help="the random weights' dtype, both sides (float16: FP8 prefill takes the Triton GEMM)")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: /dev/shm if it has room)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -337,8 +339,8 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     props = torch.cuda.get_device_properties(0)
     header = (f"# Model benchmarks: {props.name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
-              f"torch {torch.__version__}, triton {triton.__version__}; bf16 random weights; Baton's KV cache {args.kv_cache_dtype}, linear layers "
-              f"{'fp8, 128x128 blocks (the checkpoint)' if args.fp8_blocks else args.quantization or 'bf16'}; "
+              f"torch {torch.__version__}, triton {triton.__version__}; {args.dtype} random weights; Baton's KV cache {args.kv_cache_dtype}, linear layers "
+              f"{'fp8, 128x128 blocks (the checkpoint)' if args.fp8_blocks else args.quantization or args.dtype}; "
               f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (2 GiB D2D, read + write); floor = (weights + KV read) / copy bandwidth; "
               f"programmatic dependent launch {'on' if pdl.enabled else 'off'}")
     rows: list[Row] = []
