@@ -433,10 +433,10 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, c_ptr, M,
 
 
 def triton_takes_blocks(block: tuple[int, int]) -> bool:
-    """Whether ``block_fp8_linear``'s GEMM takes ``(bn, bk)``: a ``bk`` that is a power of two from 16
-    to 256 (one tensor-core K step a group)."""
+    """Whether ``block_fp8_linear``'s GEMM takes ``(bn, bk)``: a ``bk`` that is a power of two from 32
+    (Triton's smallest K for an 8-bit dot) to 256 (one tensor-core K step a group)."""
     bk = block[1]
-    return bk & (bk - 1) == 0 and 16 <= bk <= 256
+    return bk & (bk - 1) == 0 and 32 <= bk <= 256
 
 
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
