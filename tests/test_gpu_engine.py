@@ -108,19 +108,23 @@ def test_fp8_kv_cache_greedy_matches_the_cpu_engines(enforce_eager):
     assert _token_ids(llm) == want
 
 
-# How far an FP8 model's decode logits on the GPU may sit from the CPU engine's, as a share of how far
-# quantizing moves the CPU's from the unquantized model's (``_fp8_decode_gap``).
-FP8_GAP = 0.25
+# How much farther an FP8 model's decode logits on the GPU may sit from the unquantized model's than
+# the CPU FP8 engine's do (``_fp8_decode_ratio``).
+FP8_RATIO = 1.15
 
 
-def _fp8_decode_gap(model: str, unquantized: str, quantization: str | None, enforce_eager: bool) -> float:
+def _fp8_decode_ratio(model: str, unquantized: str, quantization: str | None, enforce_eager: bool) -> float:
     """Decode logits of an FP8 model on the GPU (float32, one row a step: the rows' quantization and
-    the FP8 GEMVs), against the CPU engine's (the torch reference) on the same teacher-forced tokens,
-    over the CPU's FP8 logits' distance from the unquantized model's. Greedy tokens cannot be compared:
-    where a layer input lands within a float32 rounding of an E4M3 midpoint, the two sides' sums
-    (in other orders) round it apart, an eighth of its value, and a pick with a narrow margin flips
-    (on the demo checkpoint, one prompt in five within 24 tokens). Those few flips move the logits far
-    less than quantizing every input and weight does; a wrong scale, block or row would not."""
+    the FP8 GEMVs; the prompt through the FP8 GEMMs), against the unquantized model's on the CPU on the
+    same teacher-forced tokens, over the CPU FP8 engine's (the torch reference) distance from them.
+    The GPU's logits cannot be held to the CPU FP8 engine's own: any difference in a sum's order moves
+    a layer input across an E4M3 rounding midpoint somewhere, and on the demo checkpoint that moves the
+    decode logits as far as quantizing does. Simulated on the CPU (every FP8 product's output times
+    1 + e * noise): e = 1e-6 moves them 0.6 times as far from the CPU FP8 engine's as quantizing
+    moves them from the unquantized model's, 1e-3 0.87 times (the H200 measured 0.81 and 0.82 with
+    the GEMMs' tensor-core sums), yet their distance from the unquantized model's stays within 1.04 of
+    the CPU FP8 engine's; outputs 5% off (a wrong scale) take it to 1.34, and a wrong row or block
+    further."""
     tokenizer = AutoTokenizer.from_pretrained(DEMO)
     prompt, decode = tokenizer(PROMPTS[2]).input_ids, tokenizer(PROMPTS[4]).input_ids[:16]
     engine = dict(num_blocks=64, block_size=8)
@@ -132,9 +136,11 @@ def _fp8_decode_gap(model: str, unquantized: str, quantization: str | None, enfo
     assert (runner.cuda_graphs is None) == enforce_eager
     gpu = all_logits(runner, prompt, decode).cpu()
     steps = slice(len(prompt), None)
-    gap = float((gpu[steps] - cpu[steps]).norm() / (cpu[steps] - ref[steps]).norm())
-    print(f"FP8 decode logits: GPU - CPU = {gap:.4f} x (CPU - unquantized)")
-    return gap
+    quantizing = (cpu[steps] - ref[steps]).norm()
+    ratio = float((gpu[steps] - ref[steps]).norm() / quantizing)
+    print(f"FP8 decode logits: |GPU - unquantized| = {ratio:.4f} x |CPU - unquantized|; "
+          f"|GPU - CPU| = {float((gpu[steps] - cpu[steps]).norm() / quantizing):.4f} x")
+    return ratio
 
 
 @pytest.mark.gpu
@@ -145,7 +151,7 @@ def test_fp8_weights_decode_like_the_cpu_engine(enforce_eager):
     them (``rms_norm_fp8``, for q/k/v and gate/up) or by ``quantize_rows`` (o, down with the
     activation), and multiplied by the FP8 GEMVs (the fused q/k/v one, the gated one), in CUDA
     graphs and eagerly."""
-    assert _fp8_decode_gap(DEMO, DEMO, "fp8", enforce_eager) < FP8_GAP
+    assert _fp8_decode_ratio(DEMO, DEMO, "fp8", enforce_eager) < FP8_RATIO
 
 
 @pytest.mark.gpu
@@ -160,7 +166,7 @@ def test_block_fp8_checkpoint_decodes_like_the_cpu_engine(tmp_path):
     for f in Path(DEMO).iterdir():   # the tokenizer's files
         if "safetensors" not in f.name and not (checkpoint / f.name).exists():
             shutil.copy(f, checkpoint)
-    assert _fp8_decode_gap(str(checkpoint), DEMO, None, enforce_eager=False) < FP8_GAP
+    assert _fp8_decode_ratio(str(checkpoint), DEMO, None, enforce_eager=False) < FP8_RATIO
 
 
 @pytest.mark.gpu
