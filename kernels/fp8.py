@@ -29,8 +29,8 @@ and its block's scales (a ``bk`` that is a power of two: ``linear.takes_block``)
 cuBLAS's block-scaled FP8 GEMM where it takes DeepSeek's recipe (``CUBLAS_BLOCK``, bf16, Hopper; on
 an H100 right, but at a quarter to 0.6 of bf16's speed on most Llama shapes:
 ``bench/results/kernels_h100.md``), else by a Triton GEMM on FP8 tensor cores that scales each
-group's product the same way (``block_fp8_linear``; checked in Triton's interpreter and compiled for
-Hopper, not yet timed on a GPU). Elsewhere the reference runs: correct, not fast
+group's product the same way (``block_fp8_linear``; on an H200 slower than cuBLAS's on every Llama-3-8B
+shape: ``bench/results/kernels_h200.md``). Elsewhere the reference runs: correct, not fast
 (it dequantizes the whole weight on each call).
 """
 
