@@ -503,7 +503,7 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
                 rows.append(f"| fp8 linear (quantize + Triton), {str(dtype)[6:]} | {model} {proj} N={n} K={k}, M={m} | "
                             f"{triton_ms * 1e3:.1f} us (cuBLAS, bf16: {ms * 1e3:.1f} us) | "
                             f"{2 * m * n * k / triton_ms / 1e9:.0f} TFLOP/s | {bf16_ms / triton_ms:.2f}x bf16 |")
-            for name, fn in [("Triton", fp8.triton_block_fp8_linear), ("cuBLAS", fp8.scaled_mm_block_fp8_linear)]:
+            for name, fn in [("Triton", fp8.triton_fp8_linear), ("cuBLAS", fp8.scaled_mm_block_fp8_linear)]:
                 block_ms = median_ms([lambda q=q, s=s, fn=fn: fn(x, q[0], s, block)
                                       for q, s in zip(quantized[:2], block_scales)], graph=True)
                 rows.append(f"| fp8 linear, 128x128 blocks (quantize + {name}) | {model} {proj} N={n} K={k}, M={m} | "

@@ -327,20 +327,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if not (x.shape[0] and _has_fp8_tensor_cores(x.device)):
         rows = x if activation is None else ref_act_and_mul(x, activation)
         return ref_fp8_linear(rows, weight, weight_scale, bias, x_fp8)
-    q, scale = fp8_input(x, None, activation, x_fp8)
     if not _cublas_takes_rows(x, *weight.shape):
-        return _launch_fp8_gemm(q, scale, weight, weight_scale, None, bias, x.dtype)
+        return triton_fp8_linear(x, weight, weight_scale, None, bias, x_fp8, activation)
+    q, scale = fp8_input(x, None, activation, x_fp8)
     out = torch._scaled_mm(q, weight.t(), scale_a=scale[:, None], scale_b=weight_scale[None, :],
                            out_dtype=torch.bfloat16)
     return out if bias is None else out + bias
-
-
-def triton_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``fp8_linear``'s Triton path alone, whatever the dtype (its caller checks the arguments and the
-    GPU): ``quantize_rows``, then ``_fp8_gemm_kernel``."""
-    q, scale = quantize_rows(x)
-    return _launch_fp8_gemm(q, scale, weight, weight_scale, None, bias, x.dtype)
 
 
 # cuBLAS's block-scaled FP8 GEMM (CUDA 12.9+, through ``torch._scaled_mm``) takes DeepSeek's recipe:
@@ -456,15 +448,17 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if not (x.shape[0] and triton_takes_blocks(block) and _has_fp8_tensor_cores(x.device)):
         rows = x if activation is None else ref_act_and_mul(x, activation)
         return ref_fp8_block_linear(rows, weight, weight_scale, block, bias, x_fp8)
+    return triton_fp8_linear(x, weight, weight_scale, block, bias, x_fp8, activation)
+
+
+def triton_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      block: tuple[int, int] | None = None, bias: torch.Tensor | None = None,
+                      x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, activation: str | None = None,
+                      ) -> torch.Tensor:
+    """The Triton path of ``fp8_linear`` (``block`` None) and of ``block_fp8_linear`` alone, whatever
+    the dtype (its caller checks the arguments and the GPU): the rows quantized per token or per group
+    (``fp8_input``), then ``_fp8_gemm_kernel``."""
     q, scale = fp8_input(x, block, activation, x_fp8)
-    return _launch_fp8_gemm(q, scale, weight, weight_scale, block, bias, x.dtype)
-
-
-def triton_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``block_fp8_linear``'s Triton path alone (its caller checks the arguments and the GPU):
-    ``quantize_groups``, then ``_fp8_gemm_kernel``."""
-    q, scale = quantize_groups(x, block[1])
     return _launch_fp8_gemm(q, scale, weight, weight_scale, block, bias, x.dtype)
 
 

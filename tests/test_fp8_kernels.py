@@ -377,7 +377,7 @@ def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
             gated = gate_up_rows(rows, k, torch.bfloat16)
             _assert_close(ops.gated_linear(gated, w, None, "silu", w_scale, block),
                           fp8.ref_fp8_block_linear(ops.act_and_mul(gated, "silu"), w, w_scale, block), torch.bfloat16)
-        _assert_close(fp8.triton_block_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
+        _assert_close(fp8.triton_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
         _assert_close(fp8.scaled_mm_block_fp8_linear(x, w, w_scale, block), want, torch.bfloat16)
     if torch.cuda.get_device_capability() == (9, 0):
         assert fp8._cublas_takes_blocks(x, n, k, block)
