@@ -450,9 +450,30 @@ def fp8_norm_rows() -> list[str]:
     return rows
 
 
+def fp8_quantize_rows(copy_gbs: float) -> list[str]:
+    """The rows an FP8 projection takes when no norm rounded them (the output projection's; the down
+    projection's, its activation made in the same launch): ``fp8.quantize_rows`` (per token) and
+    ``quantize_groups`` (groups of 128, block-wise checkpoints) at Llama-3-8B's widths, CUDA-graph
+    replays over rotating inputs; bytes: x read, the E4M3 rows written."""
+    rows = []
+    for proj, k, act in (("o_proj input", 4096, None), ("down_proj input (gated)", 14336, "silu")):
+        width = 2 * k if act else k
+        for m in (1, 64, 4096):
+            xs = [torch.randn(m, width, dtype=DTYPE, device="cuda")
+                  for _ in range(max(2, min(64, ROTATE_BYTES // (m * width * 2))))]
+            for name, quantize in (("quantize_rows", lambda x: fp8.quantize_rows(x, activation=act)),
+                                   ("quantize_groups (128)", lambda x: fp8.quantize_groups(x, 128, act))):
+                ms = median_ms([lambda x=x: quantize(x) for x in xs], graph=True)
+                gbs = (m * width * 2 + m * k) / ms / 1e6
+                rows.append(f"| fp8.{name} | 8B {proj}, {m} x {k} | {ms * 1e3:.1f} us | {gbs:.0f} GB/s "
+                            f"| {gbs / copy_gbs:.0%} of copy |")
+    return rows
+
+
 def fp8_linear_rows(copy_gbs: float) -> list[str]:
     """FP8 W8A8 linear layers (``kernels/fp8.py``), bf16 activations, CUDA-graph replays (after
-    ``fp8_norm_rows``, the norm that quantizes the rows of the projections after it): the GEMV's
+    ``fp8_norm_rows``, the norm that quantizes the rows of the projections after it, and
+    ``fp8_quantize_rows``, the quantization of the others' rows): the GEMV's
     FP8 mode at decode rows over ``FP8_GEMV_CONFIGS`` (the first the default; each time takes in the
     rows' quantization, timed alone too) against the bf16 GEMV (bytes: the E4M3 weight, x and the
     output), down_proj also gated (the activation made in the quantization launch, as the model calls
@@ -461,7 +482,7 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
     path) in bf16 and fp16. Then the same weights scaled per 128 x 128 block (DeepSeek-V3's,
     Qwen3-FP8's checkpoints; random scales): the block-scaled GEMV with its group quantization, and
     the Triton and cuBLAS block-scaled GEMMs, each beside its per-channel time."""
-    rows, block = fp8_norm_rows(), fp8.CUBLAS_BLOCK
+    rows, block = fp8_norm_rows() + fp8_quantize_rows(copy_gbs), fp8.CUBLAS_BLOCK
     for model, proj, n, k in LINEAR_SHAPES[:-1]:
         count = max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * k)))
         bf16 = [torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.05 for _ in range(count)]

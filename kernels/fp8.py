@@ -148,8 +148,11 @@ def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, K, GROUPS, stride_x, stride
     groups = tl.program_id(1) * TILE_GROUPS + tl.arange(0, TILE_GROUPS)
     ks = tl.arange(0, BLOCK)
     # [TILE_GROUPS, BLOCK] places in the row. BLOCK is GROUP rounded up to a power of two: a lane past
-    # its group's end gets K, as one past the row has, and reads and writes nothing.
-    offs = tl.where((ks < GROUP)[None, :], groups[:, None] * GROUP + ks[None, :], K)
+    # its group's end gets K, as one past the row has, and reads and writes nothing. A group of a power
+    # of two needs no such lanes, and its offsets left plain keep the loads and stores vectorized.
+    offs = groups[:, None] * GROUP + ks[None, :]
+    if BLOCK != GROUP:
+        offs = tl.where((ks < GROUP)[None, :], offs, K)
     pdl.wait(PDL)
     pdl.launch_dependents(PDL)
     x = _load_row(x_ptr + row * stride_x, offs, K, ACTIVATION)
@@ -169,7 +172,8 @@ def _launch_quantize_groups(x: torch.Tensor, group: int, activation: str | None,
     tile_groups = max(1, min(triton.next_power_of_2(groups), 4096 // block))
     _quantize_groups_kernel[(m, triton.cdiv(groups, tile_groups))](
         x, q, scale, k, groups, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1), GROUP=group,
-        ACTIVATION=activation, BLOCK=block, TILE_GROUPS=tile_groups, **pdl.launch_options(x))
+        ACTIVATION=activation, BLOCK=block, TILE_GROUPS=tile_groups, num_warps=min(8, max(4, tile_groups * block // 512)),
+        **pdl.launch_options(x))
 
 
 def quantize_groups(x: torch.Tensor, group: int, activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ Triton's FP8 GEMMs, and the kernels inside a captured CUDA graph.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -342,6 +343,24 @@ def test_fp8_kernels_use_hopper_conversions() -> None:
                           dict(PER_BLOCK=per_block, GROUP_N=group_n, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128,
                                BLOCK_K=128, SWIZZLE=8))
         assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in gemm
+
+
+@pytest.mark.unit
+def test_quantize_groups_loads_rows_in_16_byte_pieces() -> None:
+    """Groups of a power of two (128 in every published block-wise checkpoint) read a bf16 row 16
+    bytes a load and write its E4M3 values 16 a store on an H100, with the strides and pointers a
+    launch specializes as divisible by 16; a group of 40 (the lanes past each group's end masked)
+    reads and writes one value at a time."""
+    pointers = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+    divisible = ("x_ptr", "q_ptr", "scale_ptr", "K", "stride_x", "stride_q")
+    for group, block in ((128, 128), (40, 64)):
+        ptx = hopper_ptx("baton.kernels.fp8:_quantize_groups_kernel", pointers,
+                         dict(GROUP=group, ACTIVATION=None, BLOCK=block, TILE_GROUPS=4096 // block, PDL=False), divisible)
+        loads, stores = set(re.findall(r"ld\.global[.\w]*", ptx)), set(re.findall(r"st\.global[.\w]*", ptx))
+        if group == block:
+            assert loads == {"ld.global.v4.b32"} and "st.global.v4.b32" in stores, (loads, stores)
+        else:
+            assert loads == {"ld.global.b16"} and "st.global.b8" in stores, (loads, stores)
 
 
 @pytest.mark.gpu
