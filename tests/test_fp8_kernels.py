@@ -279,6 +279,17 @@ def test_fp8_kernels_under_triton_interpreter() -> None:
 
 
 @pytest.mark.unit
+def test_cublas_takes_bf16_rows_past_a_decode_batch() -> None:
+    """cuBLAS's FP8 GEMM takes bf16 rows with dims of multiples of 16, past ``TRITON_GEMM_ROWS`` rows
+    (a decode batch's go to the Triton GEMM's narrow tiles, faster there on an H100)."""
+    rows = fp8.TRITON_GEMM_ROWS
+    for m, dtype, n, k, takes in ((rows + 1, torch.bfloat16, 4096, 4096, True), (rows, torch.bfloat16, 4096, 4096, False),
+                                  (3, torch.bfloat16, 4096, 4096, False), (2048, torch.float16, 4096, 4096, False),
+                                  (2048, torch.bfloat16, 4096, 4104, False), (2048, torch.bfloat16, 4104, 4096, False)):
+        assert fp8._cublas_takes_rows(torch.empty(m, k, dtype=dtype), n, k) is takes, (m, dtype, n, k)
+
+
+@pytest.mark.unit
 def test_bad_arguments_are_refused() -> None:
     w, w_scale = fp8_weight(8, 32, "cpu")
     x = torch.randn(2, 32)
@@ -421,13 +432,15 @@ def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
 @pytest.mark.parametrize("proj", list(LLAMA_8B))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fp8_linear_on_gpu_llama_8b_shapes(proj: str, dtype: torch.dtype) -> None:
-    """The GEMV at decode's rows, above them cuBLAS's FP8 GEMM (bf16) or the Triton one (fp16), each
-    against the reference, and the Triton GEMM alone in bf16 too; the GEMMs' sums in another order and,
-    the Triton one's, with the FP8 MMA's bits, so to the output's rounding or ``FP8_MMA_TOLERANCE``. The down projection also gated, its activation made as its
-    rows are quantized (against the reference over the same Triton activation)."""
+    """The GEMV at decode's rows, above them the Triton FP8 GEMM in narrow tiles up to
+    ``TRITON_GEMM_ROWS``, past them cuBLAS's (bf16) or the Triton one (fp16), each against the
+    reference, and the Triton GEMM alone in bf16 too; the GEMMs' sums in another order and, the
+    Triton one's, with the FP8 MMA's bits, so to the output's rounding or ``FP8_MMA_TOLERANCE``. The
+    down projection also gated, its activation made as its rows are quantized (against the reference
+    over the same Triton activation)."""
     k, n = LLAMA_8B[proj]
     w, w_scale = fp8_weight(n, k, "cuda")
-    for rows in (1, 2, 3, 64, 2048):
+    for rows in (1, 2, 3, 64, 65, 2048):
         x = inputs(rows, k, dtype, "cuda")
         want = fp8.ref_fp8_linear(x, w, w_scale)
         _assert_close(ops.linear(x, w, None, w_scale), want, dtype, FP8_MMA_TOLERANCE)
