@@ -473,15 +473,17 @@ def fp8_quantize_rows(copy_gbs: float) -> list[str]:
 def fp8_linear_rows(copy_gbs: float) -> list[str]:
     """FP8 W8A8 linear layers (``kernels/fp8.py``), bf16 activations, CUDA-graph replays (after
     ``fp8_norm_rows``, the norm that quantizes the rows of the projections after it, and
-    ``fp8_quantize_rows``, the quantization of the others' rows): the GEMV's
-    FP8 mode at decode rows over ``FP8_GEMV_CONFIGS`` (the first the default; each time takes in the
-    rows' quantization, timed alone too) against the bf16 GEMV (bytes: the E4M3 weight, x and the
-    output), down_proj also gated (the activation made in the quantization launch, as the model calls
-    it) against the bf16 gated GEMV, and at prefill rows the row quantization plus cuBLAS's FP8 GEMM
-    against ``F.linear`` in bf16 (TFLOP/s of 2*M*N*K), and plus the Triton FP8 GEMM (fp16 models'
-    path) in bf16 and fp16. Then the same weights scaled per 128 x 128 block (DeepSeek-V3's,
-    Qwen3-FP8's checkpoints; random scales): the block-scaled GEMV with its group quantization, and
-    the Triton and cuBLAS block-scaled GEMMs, each beside its per-channel time."""
+    ``fp8_quantize_rows``, the quantization of the others' rows): the GEMV's FP8 mode at decode rows
+    over ``FP8_GEMV_CONFIGS`` (the first the default; each time takes in the rows' quantization, timed
+    alone too) against the bf16 GEMV (bytes: the E4M3 weight, x and the output), down_proj also gated
+    (the activation made in the quantization launch, as the model calls it) against the bf16 gated
+    GEMV; at a decode batch's rows (16 and ``TRITON_GEMM_ROWS``) the Triton GEMM's narrow tiles
+    against cuBLAS's FP8 GEMM on the same quantized rows and ``F.linear`` in bf16 (bytes: the
+    weight's); at prefill rows the row quantization plus cuBLAS's FP8 GEMM against ``F.linear`` in
+    bf16 (TFLOP/s of 2*M*N*K), and plus the Triton FP8 GEMM (fp16 models' path) in bf16 and fp16.
+    Then the same weights scaled per 128 x 128 block (DeepSeek-V3's, Qwen3-FP8's checkpoints; random
+    scales): the block-scaled GEMV with its group quantization, and at both the decode batch's and
+    prefill's rows the Triton and cuBLAS block-scaled GEMMs, each beside its per-channel time."""
     rows, block = fp8_norm_rows() + fp8_quantize_rows(copy_gbs), fp8.CUBLAS_BLOCK
     for model, proj, n, k in LINEAR_SHAPES[:-1]:
         count = max(2, math.ceil(LINEAR_ROTATE_BYTES / (n * k)))
@@ -509,6 +511,25 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
                 gbs = (n * k + (2 * m * k + m * n) * 2) / ms / 1e6
                 rows.append(f"| fp8 gated linear (GEMV) | {model} {proj} N={n} K={k}, M={m} | {ms * 1e3:.1f} us (bf16 gated "
                             f"GEMV {bf16_ms * 1e3:.1f} us) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+        for m in (16, fp8.TRITON_GEMM_ROWS):
+            x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+            xq, xs = fp8.quantize_rows(x)
+            bf16_ms = median_ms([lambda w=w: linear.ref_linear(x, w) for w in bf16], graph=True)
+            ms = median_ms([lambda q=q: fp8._launch_fp8_gemm(xq, xs, q[0], q[1], None, None, DTYPE) for q in quantized],
+                           graph=True)
+            cublas_ms = median_ms([lambda q=q: torch._scaled_mm(xq, q[0].t(), scale_a=xs[:, None], scale_b=q[1][None, :],
+                                                                out_dtype=DTYPE) for q in quantized], graph=True)
+            gbs = n * k / ms / 1e6
+            rows.append(f"| fp8 linear (Triton GEMM, a decode batch's tiles) | {model} {proj} N={n} K={k}, M={m} | "
+                        f"{ms * 1e3:.1f} us (cuBLAS's FP8 GEMM {cublas_ms * 1e3:.1f} us; bf16 F.linear {bf16_ms * 1e3:.1f} us; "
+                        f"rows quantized before) | {gbs:.0f} GB/s of weight | {gbs / copy_gbs:.0%} of copy |")
+            for name, fn in [("Triton", fp8.triton_fp8_linear), ("cuBLAS", fp8.scaled_mm_block_fp8_linear)]:
+                block_ms = median_ms([lambda q=q, s=s, fn=fn: fn(x, q[0], s, block) for q, s in zip(quantized, block_scales)],
+                                     graph=True)
+                gbs = n * k / block_ms / 1e6
+                rows.append(f"| fp8 linear, 128x128 blocks (quantize + {name}) | {model} {proj} N={n} K={k}, M={m} | "
+                            f"{block_ms * 1e3:.1f} us (per channel, Triton: {ms * 1e3:.1f} us) | {gbs:.0f} GB/s of weight "
+                            f"| {gbs / copy_gbs:.0%} of copy |")
         for m in (512, 4096):
             x = torch.randn(m, k, dtype=DTYPE, device="cuda")
             ms = median_ms([lambda q=q: fp8.fp8_linear(x, q[0], q[1]) for q in quantized[:2]], graph=True)
