@@ -219,6 +219,11 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
         ({"model": MODEL, "prompt": "x", "response_format": {"type": "structural_tag", "triggers": ["<"],
           "structures": [{"begin": "<a>", "end": "</a>"}]}}, "response_format"),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"choice": []}}, "structured_outputs"),
+        ({"model": MODEL, "prompt": "x", "guided_choice": []}, "guided_choice"),
+        ({"model": MODEL, "prompt": "x", "guided_json": {}, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+        ({"model": MODEL, "prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}, None),
+        ({"model": MODEL, "prompt": "x", "guided_regex": "a+", "structured_outputs": {"regex": "b+"}}, None),
+        ({"model": MODEL, "prompt": "x", "guided_regex": "a+", "response_format": {"type": "json_object"}}, None),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+"}, "min_tokens": 2}, None),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+"}, "response_format": {"type": "json_object"}}, None),
         ({"model": MODEL, "prompt": "x", "allowed_token_ids": []}, "allowed_token_ids"),
@@ -640,11 +645,18 @@ TAG_OLDER = {"type": "structural_tag", "structures": [{"begin": "<w>", "schema":
          StructuredOutputParams(structural_tag=json.dumps(TAG_FORMAT))),
         ({"response_format": TAG_OLDER}, StructuredOutputParams(structural_tag=json.dumps(TAG_OLDER))),
         ({"structured_outputs": {"structural_tag": "{}"}}, StructuredOutputParams(structural_tag="{}")),
+        ({"guided_json": PERSON, "guided_decoding_backend": "outlines"}, StructuredOutputParams(json=json.dumps(PERSON))),
+        ({"guided_json": '{"type": "array"}', "structured_outputs": {"disable_any_whitespace": True}},
+         StructuredOutputParams(json='{"type": "array"}', disable_any_whitespace=True)),
+        ({"guided_regex": "[0-9]+", "guided_json": None}, StructuredOutputParams(regex="[0-9]+")),
+        ({"guided_choice": ["yes", "no"], "response_format": {"type": "text"}}, StructuredOutputParams(choice=("yes", "no"))),
+        ({"guided_grammar": 'root ::= "a"'}, StructuredOutputParams(grammar='root ::= "a"')),
     ],
 )
 async def test_structured_output_reaches_the_backend(tok, fields, expected) -> None:
-    """OpenAI's response_format and vLLM's structured_outputs become one grammar (the worker
-    compiles it, and answers a bad one with INVALID_ARGUMENT: a 400)."""
+    """OpenAI's response_format, vLLM's structured_outputs and its older guided_ fields (which vLLM
+    ignores since v0.12) become one grammar (the worker compiles it, and answers a bad one with
+    INVALID_ARGUMENT: a 400)."""
     backend = FakeBackend(tok)
     for path, body in [("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})]:
         response = await post(backend, tok, path, {"model": MODEL, "max_tokens": 4, **body, **fields})

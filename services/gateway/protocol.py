@@ -227,12 +227,40 @@ class BaseGenerationRequest(NullMeansDefault):
     cache_salt: CacheSalt = None
     use_beam_search: bool = False   # vLLM's: the n likeliest sequences by beam search (beam_search.py)
     length_penalty: float = 1.0     # vLLM's: a beam's score is its log-prob / its length ** length_penalty
+    # vLLM's structured-output fields before v0.12, which since ignores them (a client still sending
+    # them gets free text, no error): read as the structured_outputs fields they became.
+    # guided_decoding_backend, which chose the compiler, is ignored (xgrammar compiles every grammar).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+    @field_validator("guided_whitespace_pattern")
+    @classmethod
+    def _refuse_whitespace_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("not supported (xgrammar takes no whitespace pattern); "
+                             "structured_outputs.disable_any_whitespace writes JSON compactly")
+        return value
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> BaseGenerationRequest:
+        legacy = {kind: value for kind, value in (("json", self.guided_json), ("regex", self.guided_regex),
+                                                  ("choice", self.guided_choice), ("grammar", self.guided_grammar))
+                  if value is not None}
+        if len(legacy) > 1:
+            raise ValueError(f"give one of guided_json, guided_regex, guided_choice and guided_grammar, got "
+                             f"{', '.join('guided_' + kind for kind in legacy)}")
+        if legacy:
+            if self.structured_outputs is not None and self.structured_outputs.has_kind:
+                raise ValueError("give the output's structure in structured_outputs or in a guided_ field, not both")
+            compact = self.structured_outputs is not None and self.structured_outputs.disable_any_whitespace
+            self.structured_outputs = StructuredOutputs.model_validate({**legacy, "disable_any_whitespace": compact})
         if self.structured_outputs is not None and self.structured_outputs.has_kind and self.response_format is not None \
                 and self.response_format.type != "text":
-            raise ValueError("give the output's structure in response_format or in structured_outputs, not both")
+            raise ValueError("give the output's structure in response_format or in structured_outputs "
+                             "(or a guided_ field), not both")
         return self
 
     @property
