@@ -914,6 +914,27 @@ async def test_vllm_output_options(tok) -> None:
     assert_error(await post(backend, tok, "/v1/completions", {**body, "truncate_prompt_tokens": 0}), 400, "truncate_prompt_tokens")
 
 
+async def test_add_special_tokens_as_vllm_takes_it(tok) -> None:
+    """vLLM's add_special_tokens: a completion's text prompts get the tokenizer's BOS unless it is
+    false (token-id prompts are taken as they are); a chat's template text gets none unless true."""
+    text, backend = "JULIET:\nO Romeo", FakeBackend(tok)
+    with_bos, without = tok.encode(text), tok.encode(text, add_special_tokens=False)
+    assert with_bos == [1, *without]
+    for fields, want in (({"prompt": text}, [with_bos]), ({"prompt": text, "add_special_tokens": False}, [without]),
+                         ({"prompt": [text, "x"], "add_special_tokens": False}, [without, tok.encode("x", False)]),
+                         ({"prompt": without, "add_special_tokens": True}, [without])):
+        backend.requests.clear()
+        response = await post(backend, tok, "/v1/completions", {"model": MODEL, "max_tokens": 4, **fields})
+        assert response.status_code == 200, response.text
+        assert [r.prompt_token_ids for r in backend.requests] == want, fields
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+    backend.requests.clear()
+    for fields in ({}, {"add_special_tokens": False}, {"add_special_tokens": True}):
+        assert (await post(backend, tok, "/v1/chat/completions", {**chat, **fields})).status_code == 200
+    templated, same, added = (r.prompt_token_ids for r in backend.requests)
+    assert same == templated and added == [1, *templated]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_reasoning_parser_splits_thinking_from_the_answer(tok, tmp_path, stream) -> None:
     """With --reasoning-parser, <think> text is the message's reasoning: opened by the model, or

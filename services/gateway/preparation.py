@@ -62,7 +62,9 @@ class RequestPreparer:
         self.check_logprobs(k, "prompt", "prompt_logprobs")
         return k
 
-    def chat_token_ids(self, req: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+    def chat_token_ids(self, req: ChatCompletionRequest | TokenizeRequest, add_special_tokens: bool = False) -> list[int]:
+        """The messages through the chat template, as token ids; the tokenizer's special tokens (the
+        BOS) added around the template's text only where asked (a template writes its own)."""
         if req.continue_final_message and (not req.messages or req.messages[-1].role != "assistant"):
             raise APIError("continue_final_message continues an assistant message: the last message must be one",
                            param="continue_final_message")
@@ -78,18 +80,21 @@ class RequestPreparer:
                 tools=req.template_tools,
                 chat_template=req.chat_template,
                 documents=req.documents,
+                add_special_tokens=add_special_tokens,
             )
         except ChatTemplateError as exc:
             raise APIError(str(exc), param="messages" if req.chat_template is None else "chat_template") from exc
 
-    def token_ids(self, prompt: str | list[int] | list[str] | list[list[int]], param: str) -> list[list[int]]:
-        """A completion's prompts (or an embedding request's inputs) as token ids."""
+    def token_ids(self, prompt: str | list[int] | list[str] | list[list[int]], param: str,
+                  add_special_tokens: bool = True) -> list[list[int]]:
+        """A completion's prompts (or an embedding request's inputs) as token ids, each text with the
+        tokenizer's special tokens unless told not to (token ids are taken as they are)."""
         if isinstance(prompt, str):
-            return [self.tokenizer.encode(prompt)]
+            return [self.tokenizer.encode(prompt, add_special_tokens)]
         if all(isinstance(p, int) for p in prompt):
             batch = [list(prompt)]
         else:
-            batch = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+            batch = [self.tokenizer.encode(p, add_special_tokens) if isinstance(p, str) else list(p) for p in prompt]
         vocab = self.tokenizer.vocab_size
         if any(not 0 <= t < vocab for ids in batch for t in ids):
             raise APIError(f"token ids must be in [0, {vocab})", param=param)

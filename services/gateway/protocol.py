@@ -339,6 +339,7 @@ class CompletionRequest(BaseGenerationRequest):
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
+    add_special_tokens: bool = True   # vLLM's: the tokenizer's special tokens (the BOS) around each text prompt
 
     @field_validator("best_of")
     @classmethod
@@ -475,6 +476,7 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
     parallel_tool_calls: bool = True
     functions: list[dict[str, Any]] | None = None
     echo: bool = False      # vLLM's: the answer starts with the last message's text (``echoed``)
+    add_special_tokens: bool = False   # vLLM's: the tokenizer's special tokens too, around the template's text
 
     @field_validator("tools")
     @classmethod

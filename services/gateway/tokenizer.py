@@ -163,10 +163,10 @@ class GatewayTokenizer:
             text = text[: end + len(final)]
         return text
 
-    def encode_chat(self, messages: list[dict[str, Any]], **render: Any) -> list[int]:
-        """Chat messages through the template (``render_chat``'s options), then tokens without
-        adding special tokens again."""
-        return self._tok.encode(self.render_chat(messages, **render), add_special_tokens=False).ids
+    def encode_chat(self, messages: list[dict[str, Any]], add_special_tokens: bool = False, **render: Any) -> list[int]:
+        """Chat messages through the template (``render_chat``'s options), then tokens, without
+        adding the tokenizer's special tokens again unless ``add_special_tokens``."""
+        return self._tok.encode(self.render_chat(messages, **render), add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
