@@ -2204,6 +2204,9 @@ async def test_embeddings_answer_each_input_in_order_as_floats_or_base64(tok) ->
     assert longest.status_code == 200 and longest.json()["usage"]["prompt_tokens"] == 2047
     single = await post(FakeBackend(tok), tok, "/v1/embeddings", {"model": MODEL, "input": ids[0][1:], "truncate_prompt_tokens": 2})
     assert single.json()["usage"]["prompt_tokens"] == 2 and len(single.json()["data"]) == 1
+    plain = FakeBackend(tok)   # vLLM's add_special_tokens: false leaves the BOS off each text
+    assert (await post(plain, tok, "/v1/embeddings", {"model": MODEL, "input": texts, "add_special_tokens": False})).status_code == 200
+    assert sorted(r.prompt_token_ids for r in plain.embeds) == sorted(i[1:] for i in ids) and ids[0][0] == 1
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [

@@ -194,10 +194,11 @@ class RequestPreparer:
         logger.info("request %s: prompt %r, prompt_token_ids %s, params %s, lora %s", request_id, text[:cap],
                     token_ids[:cap], params, lora)
 
-    def embedding_inputs(self, texts: str | list, req: EmbeddingRequest | ScoringRequest, param: str) -> list[list[int]]:
-        """Texts (or token ids) to embed as token ids, truncated as the request asks; each must fit
-        the context."""
-        inputs = [self.truncate(req, ids) for ids in self.token_ids(texts, param)]
+    def embedding_inputs(self, texts: str | list, req: EmbeddingRequest | ScoringRequest, param: str,
+                         add_special_tokens: bool = True) -> list[list[int]]:
+        """Texts (or token ids) to embed as token ids (``token_ids``), truncated as the request asks;
+        each must fit the context."""
+        inputs = [self.truncate(req, ids) for ids in self.token_ids(texts, param, add_special_tokens)]
         longest = max(len(ids) for ids in inputs)
         if longest >= self.max_model_len:   # as a prompt: the engine keeps one position past it
             raise APIError(f"This model's maximum context length is {self.max_model_len} tokens; an input has {longest}.",

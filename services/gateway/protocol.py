@@ -562,7 +562,8 @@ class TokenizeRequest(ChatTemplateOptions):
 
 
 class EmbeddingRequest(BaseModel):
-    """OpenAI's embeddings request, with vLLM's ``truncate_prompt_tokens``, ``priority`` and ``cache_salt``."""
+    """OpenAI's embeddings request, with vLLM's ``truncate_prompt_tokens``, ``add_special_tokens``,
+    ``priority`` and ``cache_salt``."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None      # None: the served model (vLLM's)
@@ -572,6 +573,7 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    add_special_tokens: bool = True   # vLLM's: the tokenizer's special tokens around each text input
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)
     cache_salt: CacheSalt = None
 

@@ -260,7 +260,7 @@ class OpenAIServing:
         """Each input's embedding, computed on the prefill workers (all inputs at once)."""
         arrival = time.perf_counter()
         self._check_model(req.model, base_only=True)
-        inputs = self.prep.embedding_inputs(req.input, req, "input")
+        inputs = self.prep.embedding_inputs(req.input, req, "input", req.add_special_tokens)
         results = await self._embed(worker_request_id(f"embd-{req.request_id or uuid.uuid4().hex}"), inputs, req, arrival)
         prompt_tokens = sum(r.prompt_tokens for r in results)
         return EmbeddingResponse(
