@@ -220,6 +220,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
           "structures": [{"begin": "<a>", "end": "</a>"}]}}, "response_format"),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"choice": []}}, "structured_outputs"),
         ({"model": MODEL, "prompt": "x", "guided_choice": []}, "guided_choice"),
+        ({"model": MODEL, "prompt": "x", "logits_processors": ["my.module:Processor"]}, "logits_processors"),
         ({"model": MODEL, "prompt": "x", "guided_json": {}, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
         ({"model": MODEL, "prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}, None),
         ({"model": MODEL, "prompt": "x", "guided_regex": "a+", "structured_outputs": {"regex": "b+"}}, None),

@@ -235,6 +235,14 @@ class BaseGenerationRequest(NullMeansDefault):
     guided_choice: list[str] | None = Field(default=None, min_length=1)
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+    logits_processors: list[Any] | None = None   # vLLM's, behind its --logits-processor-pattern: refused here
+
+    @field_validator("logits_processors")
+    @classmethod
+    def _refuse_logits_processors(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("not supported: Baton loads no logits processor a request names")
+        return value
 
     @field_validator("guided_whitespace_pattern")
     @classmethod
