@@ -939,9 +939,9 @@ async def test_add_special_tokens_as_vllm_takes_it(tok) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_reasoning_parser_splits_thinking_from_the_answer(tok, tmp_path, stream) -> None:
     """With --reasoning-parser, <think> text is the message's reasoning: opened by the model, or
-    left open by the chat template; before tool calls it is split off first. A grammar
-    (structured output, a forced tool call) binds the answer: the workers apply it after the
-    output's </think>, unless the template closed the thinking."""
+    left open by the chat template; before tool calls it is split off first (and left out with
+    include_reasoning false). A grammar (structured output, a forced tool call) binds the answer:
+    the workers apply it after the output's </think>, unless the template closed the thinking."""
     config = make_config(reasoning_parser="qwen3", tool_call_parser="hermes")
     shutil.copy(DEMO_MODEL / "tokenizer.json", tmp_path / "tokenizer.json")
 
@@ -971,6 +971,10 @@ async def test_reasoning_parser_splits_thinking_from_the_answer(tok, tmp_path, s
         (tok, '<think>The hour.</think>[{"name":"get_time","parameters":{}}]', required,
          ("The hour.", None, [("get_time", "{}")], "tool_calls"), think_end),
         (tok, "<think>Still thinking", named, ("Still thinking", None, [], "length"), think_end),
+        # vLLM's include_reasoning: false leaves the thinking out of the answer
+        (tok, "<think>Two is more.</think>\n\nIt is 2.", {**chat, "include_reasoning": False}, (None, "It is 2.", [], "stop"), None),
+        (tok, '<think>The hour.</think>[{"name":"get_time","parameters":{}}]', {**required, "include_reasoning": False},
+         (None, None, [("get_time", "{}")], "tool_calls"), think_end),
     ]
     for tokenizer, text, body, (reasoning, content, calls, finish), reasoning_end in cases:
         backend = ScriptedBackend(tokenizer, text)

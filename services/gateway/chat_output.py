@@ -110,14 +110,15 @@ class ChatOutput:
         """What a delta adds to a streamed message (None: nothing), and its finish reason. A named
         function's arguments stream as they come, the first piece naming the call; the calls of
         tool_choice 'required' come whole once the array is complete; with 'auto', the tool-call
-        parser decides (``_auto_tools_delta``). A reasoning model's thinking is split off first."""
+        parser decides (``_auto_tools_delta``). A reasoning model's thinking is split off first (and
+        dropped where the request leaves it out: ``include_reasoning``)."""
         if choice.reasoning is not None:
             reasoning, answer = choice.reasoning.add(delta.text)
             if delta.finish_reason is not None:
                 more_reasoning, more_answer = choice.reasoning.finish()
                 reasoning, answer = reasoning + more_reasoning, answer + more_answer
             message, finish_reason = self._answer_delta(req, choice, replace(delta, text=answer))
-            if reasoning:
+            if reasoning and req.include_reasoning:
                 message = (message or DeltaMessage()).model_copy(update={"reasoning": reasoning})
             return message, finish_reason
         return self._answer_delta(req, choice, delta)
@@ -145,12 +146,14 @@ class ChatOutput:
         made ('tool_calls' for 'required', 'stop' for a named function, as OpenAI and vLLM
         answer), or its text where it was cut short of a whole call. With 'auto': the content and
         calls the tool-call parser reads in its text ('tool_calls' if it made any). A reasoning
-        model's thinking is split off first."""
+        model's thinking is split off first (and dropped where the request leaves it out)."""
         text, role = "".join(choice.text), self.role(req)
         reasoning, think = None, self._think_stream(choice.prompt.token_ids)
         if think is not None:
             reasoning, answer = think.split(text)
             text = answer or ""
+            if not req.include_reasoning:
+                reasoning = None
         if req.auto_tools:
             content, calls = self._request_parser(req).parse(text)
             message = ChatResponseMessage(role=role, content=content, reasoning=reasoning, tool_calls=calls)

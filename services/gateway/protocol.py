@@ -485,6 +485,7 @@ class ChatCompletionRequest(BaseGenerationRequest, ChatTemplateOptions):
     functions: list[dict[str, Any]] | None = None
     echo: bool = False      # vLLM's: the answer starts with the last message's text (``echoed``)
     add_special_tokens: bool = False   # vLLM's: the tokenizer's special tokens too, around the template's text
+    include_reasoning: bool = True     # vLLM's: false leaves a reasoning parser's thinking out of the answer
 
     @field_validator("tools")
     @classmethod
