@@ -224,6 +224,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
         ({"model": MODEL, "prompt": "x", "guided_json": {}, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
         ({"model": MODEL, "prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}, None),
         ({"model": MODEL, "prompt": "x", "guided_regex": "a+", "structured_outputs": {"regex": "b+"}}, None),
+        ({"model": MODEL, "prompt": "x", "guided_json": {}, "structural_tag": "{}"}, None),
         ({"model": MODEL, "prompt": "x", "guided_regex": "a+", "response_format": {"type": "json_object"}}, None),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+"}, "min_tokens": 2}, None),
         ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a+"}, "response_format": {"type": "json_object"}}, None),
@@ -652,6 +653,7 @@ TAG_OLDER = {"type": "structural_tag", "structures": [{"begin": "<w>", "schema":
         ({"guided_regex": "[0-9]+", "guided_json": None}, StructuredOutputParams(regex="[0-9]+")),
         ({"guided_choice": ["yes", "no"], "response_format": {"type": "text"}}, StructuredOutputParams(choice=("yes", "no"))),
         ({"guided_grammar": 'root ::= "a"'}, StructuredOutputParams(grammar='root ::= "a"')),
+        ({"structural_tag": json.dumps(TAG_OLDER)}, StructuredOutputParams(structural_tag=json.dumps(TAG_OLDER))),
     ],
 )
 async def test_structured_output_reaches_the_backend(tok, fields, expected) -> None:

@@ -182,6 +182,11 @@ class NullMeansDefault(BaseModel):
         return data
 
 
+# vLLM's older request fields for structured output, each read as the structured_outputs field it became.
+LEGACY_STRUCTURED_OUTPUTS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                             "guided_grammar": "grammar", "structural_tag": "structural_tag"}
+
+
 # vLLM's request_id: names a request's response, and its sequences on the workers with a random
 # suffix (requests in flight at once may share it); printable ASCII, so it reads the same in every log.
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
@@ -228,12 +233,14 @@ class BaseGenerationRequest(NullMeansDefault):
     use_beam_search: bool = False   # vLLM's: the n likeliest sequences by beam search (beam_search.py)
     length_penalty: float = 1.0     # vLLM's: a beam's score is its log-prob / its length ** length_penalty
     # vLLM's structured-output fields before v0.12, which since ignores them (a client still sending
-    # them gets free text, no error): read as the structured_outputs fields they became.
-    # guided_decoding_backend, which chose the compiler, is ignored (xgrammar compiles every grammar).
+    # them gets free text, no error): read as the structured_outputs fields they became
+    # (LEGACY_STRUCTURED_OUTPUTS). guided_decoding_backend, which chose the compiler, is ignored
+    # (xgrammar compiles every grammar).
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(default=None, min_length=1)
     guided_grammar: str | None = None
+    structural_tag: str | None = None
     guided_whitespace_pattern: str | None = None
     logits_processors: list[Any] | None = None   # vLLM's, behind its --logits-processor-pattern: refused here
 
@@ -254,21 +261,19 @@ class BaseGenerationRequest(NullMeansDefault):
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> BaseGenerationRequest:
-        legacy = {kind: value for kind, value in (("json", self.guided_json), ("regex", self.guided_regex),
-                                                  ("choice", self.guided_choice), ("grammar", self.guided_grammar))
-                  if value is not None}
-        if len(legacy) > 1:
-            raise ValueError(f"give one of guided_json, guided_regex, guided_choice and guided_grammar, got "
-                             f"{', '.join('guided_' + kind for kind in legacy)}")
-        if legacy:
+        given = [name for name in LEGACY_STRUCTURED_OUTPUTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of {', '.join(LEGACY_STRUCTURED_OUTPUTS)}, got {', '.join(given)}")
+        if given:
             if self.structured_outputs is not None and self.structured_outputs.has_kind:
-                raise ValueError("give the output's structure in structured_outputs or in a guided_ field, not both")
+                raise ValueError(f"give the output's structure in structured_outputs or in {given[0]}, not both")
             compact = self.structured_outputs is not None and self.structured_outputs.disable_any_whitespace
-            self.structured_outputs = StructuredOutputs.model_validate({**legacy, "disable_any_whitespace": compact})
+            self.structured_outputs = StructuredOutputs.model_validate(
+                {LEGACY_STRUCTURED_OUTPUTS[given[0]]: getattr(self, given[0]), "disable_any_whitespace": compact})
         if self.structured_outputs is not None and self.structured_outputs.has_kind and self.response_format is not None \
                 and self.response_format.type != "text":
             raise ValueError("give the output's structure in response_format or in structured_outputs "
-                             "(or a guided_ field), not both")
+                             f"({', '.join(LEGACY_STRUCTURED_OUTPUTS)}), not both")
         return self
 
     @property
