@@ -1747,6 +1747,8 @@ async def test_tokenize_and_detokenize(tok) -> None:
     chat = (await post(backend, tok, "/tokenize", {"model": MODEL, "messages": messages})).json()
     expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     assert chat["tokens"] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    added = (await post(backend, tok, "/tokenize", {"model": MODEL, "messages": messages, "add_special_tokens": True})).json()
+    assert added["tokens"] == [1, *chat["tokens"]]   # vLLM's: the tokenizer's BOS on top of the template's text
     back = (await post(backend, tok, "/detokenize", {"model": MODEL, "tokens": bare["tokens"]})).json()
     assert back == {"prompt": prompt}
     assert backend.requests == []

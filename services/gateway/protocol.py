@@ -559,7 +559,7 @@ class TokenizeRequest(ChatTemplateOptions):
 
     model: str | None = None      # None: the served model (vLLM's)
     prompt: str | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None   # vLLM's: None adds a prompt's special tokens, not the messages'
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None          # rendered with the messages, as a chat request's would be
     return_token_strs: bool = False          # vLLM's: each token's vocabulary entry too

@@ -121,9 +121,9 @@ class OpenAIServing:
         """The token ids a completion (``prompt``) or a chat completion (``messages``) would send."""
         self._check_model(req.model)
         if req.prompt is not None:
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
         else:
-            ids = self.prep.chat_token_ids(req)
+            ids = self.prep.chat_token_ids(req, bool(req.add_special_tokens))
         strs = [self.tokenizer.token_piece(t) for t in ids] if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.prep.max_model_len, tokens=ids, token_strs=strs)
 
