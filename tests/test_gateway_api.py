@@ -1455,6 +1455,33 @@ async def test_completion_logprobs_and_echo(tok) -> None:
     assert "prompt_logprobs" not in echoed and "prompt_logprobs" not in choice   # only for those who ask
 
 
+async def test_echo_with_max_tokens_0_scores_the_prompt_alone(tok) -> None:
+    """OpenAI's older API and vLLM's: echo with max_tokens 0 answers the prompt's text and, with
+    logprobs, its tokens' (the first none), with nothing generated: the workers generate one token,
+    which the answer leaves out (its text, log-probs and ids, the usage's count), finished by length."""
+    prompt = "JULIET:\nO Romeo"
+    prompt_ids = tok.encode(prompt)
+    body = {"model": MODEL, "prompt": [prompt, "ROMEO:"], "max_tokens": 0, "echo": True, "logprobs": 1, "return_token_ids": True}
+    backend = FakeBackend(tok)
+    out = (await post(backend, tok, "/v1/completions", body)).json()
+    assert [r.params.max_tokens for r in backend.requests] == [1, 1]
+    first = out["choices"][0]
+    assert [c["text"] for c in out["choices"]] == [prompt, "ROMEO:"]
+    assert first["finish_reason"] == "length" and first["stop_reason"] is None and first["token_ids"] == []
+    lp = first["logprobs"]
+    assert lp["tokens"] == [tok.token_text(t) for t in prompt_ids] and lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == [-0.5 * (i % 3 + 1) for i in range(len(prompt_ids) - 1)]
+    assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] == len(prompt_ids) + len(tok.encode("ROMEO:"))
+    response = await post(FakeBackend(tok), tok, "/v1/completions",
+                          {**body, "prompt": prompt, "stream": True, "stream_options": {"include_usage": True}})
+    events = [json.loads(e) for e in sse_events(response)[:-1]]
+    texts = [c["text"] for e in events for c in e["choices"]]
+    assert "".join(texts) == prompt and events[-1]["usage"]["completion_tokens"] == 0
+    assert [c["finish_reason"] for e in events for c in e["choices"]][-1] == "length"
+    for bad in ({"echo": False}, {"use_beam_search": True}):
+        assert_error(await post(FakeBackend(tok), tok, "/v1/completions", {**body, **bad}), 400)
+
+
 def assert_prompt_logprobs(tok: GatewayTokenizer, entries: list, prompt_ids: list[int], k: int) -> None:
     """vLLM's shape, over the fake backend's prompt log-probs (token ``i`` ranked ``(i - 1) % 3 + 1``):
     one entry per prompt token, the first null; each keyed by token ids, holding the prompt's

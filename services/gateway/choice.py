@@ -58,6 +58,7 @@ class Choice:
     eos_token_ids: frozenset[int] = frozenset()   # the model's: a stop on one of them has no stop_reason
     last_token: int | None = None
     stop_reason: int | str | None = None    # vLLM's: the stop string or stop token id that ended it, if one did
+    prompt_only: bool = False               # its output is left out (CompletionRequest.prompt_only)
 
     def consume(self, chunk: GenerationChunk) -> Delta:
         first, self.started = not self.started, True
@@ -87,6 +88,9 @@ class Choice:
             finish = "stop" if tail.stopped else chunk.finish_reason
             self.stop_reason = tail.matched if tail.stopped else self._stop_token(finish)
         text = "".join(pieces)
+        if self.prompt_only:   # the one token the workers had to generate is no part of the answer
+            tokens, offsets, text, self.stop_reason = [], [], "", None
+            finish = finish and "length"
         self.num_tokens += len(tokens)
         self.text_len += len(text)
         self.text.append(text)

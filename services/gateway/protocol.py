@@ -348,6 +348,7 @@ class BaseGenerationRequest(NullMeansDefault):
 
 class CompletionRequest(BaseGenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)   # 0, with echo: the prompt alone, scored (``prompt_only``)
     logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
@@ -360,6 +361,19 @@ class CompletionRequest(BaseGenerationRequest):
         if value is not None and value != info.data.get("n", 1):
             raise ValueError(f"best_of must equal n (no server-side ranking of samples), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _prompt_only_with_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not (self.echo and not self.use_beam_search):
+            raise ValueError("max_tokens 0 returns the prompt alone: it needs echo (and no beam search)")
+        return self
+
+    @property
+    def prompt_only(self) -> bool:
+        """``echo`` with ``max_tokens`` 0 (OpenAI's older API, vLLM's): the prompt's text and, with
+        ``logprobs``, its tokens' log-probs, nothing generated. The workers generate one token, which
+        the answer leaves out."""
+        return self.echo and self.max_tokens == 0
 
     @field_validator("suffix")
     @classmethod

@@ -141,14 +141,14 @@ class OpenAIServing:
         req = sampling_defaults.with_defaults(req, self.prep.generation_defaults)
         prompts = [self.prep.prompt(self.prep.truncate(req, ids), with_text=req.echo)
                    for ids in self.prep.token_ids(req.prompt, "prompt", req.add_special_tokens)]
-        params = self.prep.params(req, prompts, req.max_tokens, "max_tokens", "prompt")
+        params = self.prep.params(req, prompts, 1 if req.prompt_only else req.max_tokens, "max_tokens", "prompt")
         self.prep.check_logprobs(req.logprobs, "sample", "logprobs")
         prompt_k = self.prep.prompt_logprobs(req)
         # echo with logprobs scores the prompt too: both from one computation, with the larger top-k
         wanted = [k for k in (req.logprobs if req.echo else None, prompt_k) if k is not None]
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=max(wanted, default=None))
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-        choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora)
+        choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora, prompt_only=req.prompt_only)
         runner = self._runner_for(req, choices)
         if req.stream:
             return await PrimedStream.start(runner.stream(req, request_id, choices, self._completion_chunks, arrival))
