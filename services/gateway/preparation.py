@@ -165,11 +165,11 @@ class RequestPreparer:
 
     def choices(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, req: BaseGenerationRequest,
-        lora: str | None, kept: frozenset[int] = frozenset(), prompt_only: bool = False,
+        lora: str | None, kept: frozenset[int] = frozenset(),
     ) -> list[Choice]:
         """One choice per sample of each prompt, each a backend sequence under LoRA adapter ``lora``,
-        its text keeping the special tokens in ``kept`` (the markers a parser reads); ``prompt_only``:
-        their outputs left out (``CompletionRequest.prompt_only``)."""
+        its text keeping the special tokens in ``kept`` (the markers a parser reads), its output left
+        out where the request scores the prompt alone (``prompt_only``)."""
         choices = []
         for p, prompt in enumerate(prompts):
             self.log_request(f"{request_id}-{p * req.n}", prompt.token_ids, params, lora)
@@ -183,7 +183,7 @@ class RequestPreparer:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids, req.skip_special_tokens, kept)
                 stop = StopStringMatcher(req.stop_strings, include=req.include_stop_str_in_output)
                 choices.append(Choice(index, i, prompt, gen, detok, stop, eos_token_ids=self.eos_token_ids,
-                                      prompt_only=prompt_only))
+                                      prompt_only=req.prompt_only))
         return choices
 
     def log_request(self, request_id: str, token_ids: list[int], params: SamplingParams | None, lora: str | None) -> None:

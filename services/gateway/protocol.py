@@ -345,6 +345,11 @@ class BaseGenerationRequest(NullMeansDefault):
     def continuous_usage(self) -> bool:
         return self.include_usage and self.stream_options.continuous_usage_stats
 
+    @property
+    def prompt_only(self) -> bool:
+        """Whether the answer leaves each choice's output out (``CompletionRequest.prompt_only``)."""
+        return False
+
 
 class CompletionRequest(BaseGenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]

@@ -148,7 +148,7 @@ class OpenAIServing:
         wanted = [k for k in (req.logprobs if req.echo else None, prompt_k) if k is not None]
         params = replace(params, logprobs=req.logprobs, prompt_logprobs=max(wanted, default=None))
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-        choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora, prompt_only=req.prompt_only)
+        choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora)
         runner = self._runner_for(req, choices)
         if req.stream:
             return await PrimedStream.start(runner.stream(req, request_id, choices, self._completion_chunks, arrival))
