@@ -470,6 +470,15 @@ def fp8_quantize_rows(copy_gbs: float) -> list[str]:
     return rows
 
 
+def _block_fp8_gemm_times(x: torch.Tensor, quantized: list[tuple[torch.Tensor, torch.Tensor]],
+                          block_scales: list[torch.Tensor], block: tuple[int, int]) -> list[tuple[str, float]]:
+    """The Triton and the cuBLAS block-scaled FP8 GEMM (each quantizing ``x`` per group) over the E4M3
+    weights of ``quantized`` with ``block_scales``: each one's name and time (ms, CUDA-graph replays)."""
+    return [(name, median_ms([lambda q=q, s=s, fn=fn: fn(x, q[0], s, block) for q, s in zip(quantized, block_scales)],
+                             graph=True))
+            for name, fn in (("Triton", fp8.triton_fp8_linear), ("cuBLAS", fp8.scaled_mm_block_fp8_linear))]
+
+
 def fp8_linear_rows(copy_gbs: float) -> list[str]:
     """FP8 W8A8 linear layers (``kernels/fp8.py``), bf16 activations, CUDA-graph replays (after
     ``fp8_norm_rows``, the norm that quantizes the rows of the projections after it, and
@@ -523,9 +532,7 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
             rows.append(f"| fp8 linear (Triton GEMM, a decode batch's tiles) | {model} {proj} N={n} K={k}, M={m} | "
                         f"{ms * 1e3:.1f} us (cuBLAS's FP8 GEMM {cublas_ms * 1e3:.1f} us; bf16 F.linear {bf16_ms * 1e3:.1f} us; "
                         f"rows quantized before) | {gbs:.0f} GB/s of weight | {gbs / copy_gbs:.0%} of copy |")
-            for name, fn in [("Triton", fp8.triton_fp8_linear), ("cuBLAS", fp8.scaled_mm_block_fp8_linear)]:
-                block_ms = median_ms([lambda q=q, s=s, fn=fn: fn(x, q[0], s, block) for q, s in zip(quantized, block_scales)],
-                                     graph=True)
+            for name, block_ms in _block_fp8_gemm_times(x, quantized, block_scales, block):
                 gbs = n * k / block_ms / 1e6
                 rows.append(f"| fp8 linear, 128x128 blocks (quantize + {name}) | {model} {proj} N={n} K={k}, M={m} | "
                             f"{block_ms * 1e3:.1f} us (per channel, Triton: {ms * 1e3:.1f} us) | {gbs:.0f} GB/s of weight "
@@ -545,9 +552,7 @@ def fp8_linear_rows(copy_gbs: float) -> list[str]:
                 rows.append(f"| fp8 linear (quantize + Triton), {str(dtype)[6:]} | {model} {proj} N={n} K={k}, M={m} | "
                             f"{triton_ms * 1e3:.1f} us (cuBLAS, bf16: {ms * 1e3:.1f} us) | "
                             f"{2 * m * n * k / triton_ms / 1e9:.0f} TFLOP/s | {bf16_ms / triton_ms:.2f}x bf16 |")
-            for name, fn in [("Triton", fp8.triton_fp8_linear), ("cuBLAS", fp8.scaled_mm_block_fp8_linear)]:
-                block_ms = median_ms([lambda q=q, s=s, fn=fn: fn(x, q[0], s, block)
-                                      for q, s in zip(quantized[:2], block_scales)], graph=True)
+            for name, block_ms in _block_fp8_gemm_times(x, quantized[:2], block_scales, block):
                 rows.append(f"| fp8 linear, 128x128 blocks (quantize + {name}) | {model} {proj} N={n} K={k}, M={m} | "
                             f"{block_ms * 1e3:.1f} us (per channel {ms * 1e3:.1f} us) | "
                             f"{2 * m * n * k / block_ms / 1e9:.0f} TFLOP/s | {bf16_ms / block_ms:.2f}x bf16 |")
