@@ -25,13 +25,14 @@ quantized per group of ``bk`` consecutive features, each group scaled as a row i
 in fp32, plus the bias, rounded once to ``x``'s dtype. On CUDA the rows are quantized by
 ``quantize_groups``' kernel (or per group by the RMSNorm that makes them, taken as ``x_fp8``), then
 multiplied: a decode step's few rows by the Triton GEMV, which scales each group's sum by its row's
-and its block's scales (a ``bk`` that is a power of two: ``linear.takes_block``); more rows by
-cuBLAS's block-scaled FP8 GEMM where it takes DeepSeek's recipe (``CUBLAS_BLOCK``, bf16, Hopper; on
-an H100 right, but at a quarter to 0.6 of bf16's speed on most Llama shapes:
-``bench/results/kernels_h100.md``), else by a Triton GEMM on FP8 tensor cores that scales each
-group's product the same way (``block_fp8_linear``; on an H200 slower than cuBLAS's on every Llama-3-8B
-shape: ``bench/results/kernels_h200.md``). Elsewhere the reference runs: correct, not fast
-(it dequantizes the whole weight on each call).
+and its block's scales (a ``bk`` that is a power of two: ``linear.takes_block``); past a decode
+batch's ``TRITON_GEMM_ROWS`` by cuBLAS's block-scaled FP8 GEMM where it takes DeepSeek's recipe
+(``CUBLAS_BLOCK``, bf16, Hopper; on an H100 right, and at 512 and 4,096 rows 1.25-1.6x bf16's speed
+on Llama-3-8B's shapes, the rows' quantization included: ``bench/results/kernels_h100.md``), else by
+a Triton GEMM on FP8 tensor cores that scales each group's product the same way
+(``block_fp8_linear``; at prefill's rows slower than cuBLAS's on every Llama-3-8B shape on an H200:
+``bench/results/kernels_h200.md``). Elsewhere the reference runs: correct, not fast (it dequantizes
+the whole weight on each call).
 """
 
 from __future__ import annotations
@@ -311,10 +312,12 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
 
 
 # Up to this many rows (a decode batch) the Triton GEMM in narrow tiles (``_launch_fp8_gemm``) reads
-# the weight faster than cuBLAS's FP8 GEMM: on an H100, Llama-3-8B's four projections at 16 and 64
-# rows took 0.63-0.92x cuBLAS's time (o_proj at 64 rows: 10.0 against 13.9 us), where 128-wide N
-# tiles give a 4,096-wide output 32 programs for 132 SMs. (Shared memory: 96 KB a program on sm_90,
-# 80 KB on sm_89, within Ada's 99 KB.)
+# the weight faster than cuBLAS's FP8 GEMMs: on an H100, Llama-3-8B's four projections at 16 and 64
+# rows took 0.63-0.92x cuBLAS's time per channel (o_proj at 64 rows: 10.0 against 13.9 us), where
+# 128-wide N tiles give a 4,096-wide output 32 programs for 132 SMs; per 128 x 128 block, with the
+# group quantization, a layer's four took 1.0x cuBLAS's block-scaled GEMMs' time at 3-16 rows and
+# 0.94-0.96x at 32-64 (down_proj alone 1.24x at 3-16 rows). (Shared memory: 96 KB a program on
+# sm_90, 80 KB on sm_89, within Ada's 99 KB.)
 TRITON_GEMM_ROWS = 64
 
 
@@ -448,16 +451,17 @@ def triton_takes_blocks(block: tuple[int, int]) -> bool:
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int],
                      bias: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
                      activation: str | None = None) -> torch.Tensor:
-    """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: cuBLAS's block-scaled GEMM where
-    it takes the recipe and the shapes (``scaled_mm_block_fp8_linear``: measured right on an H100);
-    else ``quantize_groups`` (unless ``x_fp8`` holds the rows quantized before), then a Triton GEMM on
-    FP8 tensor cores (``_fp8_gemm_kernel``; 8-bit float arithmetic, compute capability 8.9+) where it
-    takes the block (``triton_takes_blocks``); else the reference. With an ``activation``, as
-    ``fp8_linear``: ``x`` ``[M, 2K]``, the activation made as the rows are quantized."""
+    """``ref_fp8_block_linear`` for CUDA ``x`` of any number of rows: past a decode batch's
+    ``TRITON_GEMM_ROWS``, cuBLAS's block-scaled GEMM where it takes the recipe and the shapes
+    (``scaled_mm_block_fp8_linear``: measured right on an H100); else ``quantize_groups`` (unless
+    ``x_fp8`` holds the rows quantized before), then a Triton GEMM on FP8 tensor cores
+    (``_fp8_gemm_kernel``; 8-bit float arithmetic, compute capability 8.9+) where it takes the block
+    (``triton_takes_blocks``); else the reference. With an ``activation``, as ``fp8_linear``: ``x``
+    ``[M, 2K]``, the activation made as the rows are quantized."""
     k = _quantized_width(x, activation)
     check_fp8_weight(weight, weight_scale, x, k, block)
     check_x_fp8(x_fp8, x, weight_scale, block, activation is not None)
-    if x.shape[0] and _cublas_takes_blocks(x, weight.shape[0], k, block):
+    if x.shape[0] > TRITON_GEMM_ROWS and _cublas_takes_blocks(x, weight.shape[0], k, block):
         return _cublas_block_fp8_linear(x, weight, weight_scale, bias, x_fp8, activation)
     if not (x.shape[0] and triton_takes_blocks(block) and _has_fp8_tensor_cores(x.device)):
         rows = x if activation is None else ref_act_and_mul(x, activation)
@@ -484,10 +488,10 @@ def _launch_fp8_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
     (m, k), n = q.shape, weight.shape[0]
     out = torch.empty((m, n), dtype=dtype, device=q.device)
     group_n, block_k = (1, 128) if block is None else block
-    # Per channel, a decode batch's rows take narrow N tiles, more programs and a deeper pipeline
-    # (TRITON_GEMM_ROWS' figures); the block-scaled GEMM keeps its tiles there (not timed so).
-    skinny = m <= TRITON_GEMM_ROWS and block is None
-    block_m, block_n = (64, 64) if skinny else (64 if m <= 64 else 128, 128)
+    # A decode batch's rows take narrow N tiles, more programs and a deeper pipeline (TRITON_GEMM_ROWS'
+    # figures).
+    skinny = m <= TRITON_GEMM_ROWS
+    block_m, block_n = (64, 64) if skinny else (128, 128)
     _fp8_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         q, scale, weight, weight_scale, weight if bias is None else bias, out, m, n, k, 1 if block is None else scale.shape[1],
         q.stride(0), weight.stride(0), out.stride(0), PER_BLOCK=block is not None, GROUP_N=group_n,

@@ -290,6 +290,22 @@ def test_cublas_takes_bf16_rows_past_a_decode_batch() -> None:
 
 
 @pytest.mark.unit
+def test_block_scaled_decode_batches_take_the_triton_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to ``TRITON_GEMM_ROWS`` rows, ``block_fp8_linear`` takes the Triton GEMM even where cuBLAS's
+    block-scaled GEMM takes the recipe (narrow tiles, faster there on an H100); past them cuBLAS's."""
+    taken = []
+    monkeypatch.setattr(fp8, "_has_fp8_tensor_cores", lambda device: True)
+    monkeypatch.setattr(fp8, "_cublas_takes_blocks", lambda x, n, k, block: True)
+    monkeypatch.setattr(fp8, "_cublas_block_fp8_linear", lambda *args: taken.append("cuBLAS"))
+    monkeypatch.setattr(fp8, "triton_fp8_linear", lambda *args: taken.append("Triton"))
+    block = (128, 128)
+    w, w_scale = fp8_weight(256, 256, "cpu")[0], block_scales(256, 256, block, "cpu")
+    for rows in (3, fp8.TRITON_GEMM_ROWS, fp8.TRITON_GEMM_ROWS + 1):
+        fp8.block_fp8_linear(torch.randn(rows, 256, dtype=torch.bfloat16), w, w_scale, block)
+    assert taken == ["Triton", "Triton", "cuBLAS"]
+
+
+@pytest.mark.unit
 def test_bad_arguments_are_refused() -> None:
     w, w_scale = fp8_weight(8, 32, "cpu")
     x = torch.randn(2, 32)
@@ -406,13 +422,14 @@ def gate_up_rows(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("proj", list(LLAMA_8B))
 def test_block_fp8_linear_on_gpu_llama_8b_shapes(proj: str) -> None:
     """128 x 128 weight blocks (DeepSeek-V3's, Qwen3-FP8's): ``ops.linear`` (the block-scaled GEMV at
-    decode's rows, a block-scaled GEMM above them; also given the rows quantized before, as the
+    decode's rows, a block-scaled GEMM above them: Triton's narrow tiles up to ``TRITON_GEMM_ROWS``,
+    then cuBLAS's; also given the rows quantized before, as the
     RMSNorm hands them on), the Triton GEMM and cuBLAS's (bf16; row counts not a multiple of four
     padded), each against ``ref_fp8_block_linear``; on Hopper, cuBLAS takes every shape here. The
     down projection also gated, as in ``test_fp8_linear_on_gpu_llama_8b_shapes``."""
     (k, n), block = LLAMA_8B[proj], (128, 128)
     w, w_scale = fp8_weight(n, k, "cuda")[0], block_scales(n, k, block, "cuda")
-    for rows in (1, 2, 3, 5, 64, 2048):
+    for rows in (1, 2, 3, 5, 64, 65, 2048):
         x = inputs(rows, k, torch.bfloat16, "cuda")
         want = fp8.ref_fp8_block_linear(x, w, w_scale, block)
         _assert_close(ops.linear(x, w, None, w_scale, block), want, torch.bfloat16)
