@@ -316,7 +316,7 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
 # rows took 0.63-0.92x cuBLAS's time per channel (o_proj at 64 rows: 10.0 against 13.9 us), where
 # 128-wide N tiles give a 4,096-wide output 32 programs for 132 SMs; per 128 x 128 block, with the
 # group quantization, a layer's four took 1.0x cuBLAS's block-scaled GEMMs' time at 3-16 rows and
-# 0.94-0.96x at 32-64 (down_proj alone 1.24x at 3-16 rows). (Shared memory: 96 KB a program on
+# 0.94-0.96x at 32-64 (down_proj alone 1.24-1.27x at 3-16 rows). (Shared memory: 96 KB a program on
 # sm_90, 80 KB on sm_89, within Ada's 99 KB.)
 TRITON_GEMM_ROWS = 64
 
