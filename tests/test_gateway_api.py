@@ -914,7 +914,40 @@ async def test_vllm_output_options(tok) -> None:
     prompt = tok.encode("But, soft! what light through yonder window breaks?")
     response = await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4, "truncate_prompt_tokens": 5})
     assert backend.requests[0].prompt_token_ids == prompt[-5:] and response.json()["usage"]["prompt_tokens"] == 5
-    assert_error(await post(backend, tok, "/v1/completions", {**body, "truncate_prompt_tokens": 0}), 400, "truncate_prompt_tokens")
+    await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4, "truncate_prompt_tokens": 0})
+    assert backend.requests[1].prompt_token_ids == prompt   # 0: all of it, as vLLM reads it
+
+
+async def test_truncate_prompt_tokens_minus_one_keeps_what_the_context_has_room_for(tok) -> None:
+    """vLLM's truncate_prompt_tokens -1: the prompt's last tokens, as many as the context leaves room
+    for beside the output (one token where no limit is given; an embedded input, one position past
+    it); a count past the context is refused, as is anything below -1."""
+    backend, config = FakeBackend(tok), make_config(max_model_len=8)
+    prompt = tok.encode("But, soft! what light through yonder window breaks?")
+    assert len(prompt) > 8
+    for body, kept in (({"max_tokens": 3}, 5), ({}, 7)):
+        await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": prompt, "truncate_prompt_tokens": -1, **body}, config)
+        assert backend.requests[-1].prompt_token_ids == prompt[-kept:]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "But, soft! what light"}], "truncate_prompt_tokens": -1}
+    await post(backend, tok, "/v1/chat/completions", {**chat, "max_completion_tokens": 2}, config)
+    assert len(backend.requests[-1].prompt_token_ids) == 6
+    embedded = await post(FakeBackend(tok), tok, "/v1/embeddings", {"model": MODEL, "input": prompt, "truncate_prompt_tokens": -1}, config)
+    assert embedded.json()["usage"]["prompt_tokens"] == 7
+    too_long = await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": prompt, "truncate_prompt_tokens": 9}, config)
+    assert "maximum context length (8)" in assert_error(too_long, 400, "truncate_prompt_tokens")["message"]
+    assert_error(await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": prompt, "truncate_prompt_tokens": -2}),
+                 400, "truncate_prompt_tokens")
+
+
+async def test_stream_options_need_a_stream(tok) -> None:
+    """stream_options without stream is a 400, as OpenAI and vLLM answer it; an empty or null one is not."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for path, request in (("/v1/completions", body), ("/v1/chat/completions", chat)):
+        refused = await post(FakeBackend(tok), tok, path, {**request, "stream_options": {"include_usage": True}})
+        assert "stream is true" in assert_error(refused, 400, "stream_options")["message"]
+        for options in ({}, None):
+            assert (await post(FakeBackend(tok), tok, path, {**request, "stream_options": options})).status_code == 200
 
 
 async def test_add_special_tokens_as_vllm_takes_it(tok) -> None:
@@ -2382,7 +2415,7 @@ def test_cosine_of_a_zero_vector_is_zero() -> None:
     ("/score", {"model": MODEL, "text_1": ["a"] * 1025, "text_2": ["x"] * 1025}, 400, "text_2"),
     ("/score", {"model": MODEL, "text_1": "a", "text_2": "x " * 2100}, 400, "text_2"),
     ("/score", {"model": MODEL, "text_1": "x " * 2100, "text_2": "a"}, 400, "text_1"),
-    ("/score", {"model": MODEL, "text_1": "a", "text_2": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ("/score", {"model": MODEL, "text_1": "a", "text_2": "x", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
     ("/score", {"model": MODEL, "text_1": "a", "text_2": "x", "priority": 2**31}, 400, "priority"),
     ("/v1/score", {"model": "gpt-4", "text_1": "a", "text_2": "x"}, 404, "model"),
     ("/rerank", {"model": MODEL, "query": "a", "documents": []}, 400, "documents"),

@@ -100,10 +100,19 @@ class RequestPreparer:
             raise APIError(f"token ids must be in [0, {vocab})", param=param)
         return batch
 
-    @staticmethod
-    def truncate(req: BaseGenerationRequest | EmbeddingRequest | ScoringRequest, token_ids: list[int]) -> list[int]:
-        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's option), or all of it."""
-        return token_ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else token_ids
+    def truncate(self, req: BaseGenerationRequest | EmbeddingRequest | ScoringRequest, token_ids: list[int],
+                 output_limit: int | None = None) -> list[int]:
+        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's option), or all of it (the
+        option left out, or 0, as vLLM reads it). -1 keeps as many as the context leaves room for
+        beside ``output_limit`` tokens out (at least one: the engine keeps one position past an
+        embedded input too). More than the context holds is refused, as vLLM refuses it."""
+        keep = req.truncate_prompt_tokens
+        if keep == -1:
+            keep = max(1, self.max_model_len - max(1, output_limit or 0))
+        elif keep is not None and keep > self.max_model_len:
+            raise APIError(f"truncate_prompt_tokens ({keep}) is more than the model's maximum context length "
+                           f"({self.max_model_len})", param="truncate_prompt_tokens")
+        return token_ids[-keep:] if keep else token_ids
 
     def prompt(self, token_ids: list[int], with_text: bool) -> Prompt:
         prompt = Prompt(token_ids)

@@ -190,6 +190,9 @@ LEGACY_STRUCTURED_OUTPUTS = {"guided_json": "json", "guided_regex": "regex", "gu
 # vLLM's request_id: names a request's response, and its sequences on the workers with a random
 # suffix (requests in flight at once may share it); printable ASCII, so it reads the same in every log.
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
+# vLLM's truncate_prompt_tokens: keep only the prompt's last k tokens; -1, as many as the context
+# leaves room for; 0, as in vLLM, all of them (``RequestPreparer.truncate``).
+TruncatePromptTokens = Annotated[int | None, Field(ge=-1)]
 
 
 class BaseGenerationRequest(NullMeansDefault):
@@ -222,7 +225,7 @@ class BaseGenerationRequest(NullMeansDefault):
     # vLLM's extras
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    truncate_prompt_tokens: int | None = Field(default=None, ge=1)   # keep only the prompt's last k tokens
+    truncate_prompt_tokens: TruncatePromptTokens = None
     allowed_token_ids: list[int] | None = Field(default=None, min_length=1)   # vLLM's: only these may be sampled
     bad_words: list[str] = Field(default_factory=list, max_length=MAX_BAD_WORDS)   # vLLM's: words never written
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)   # vLLM's: lower first (--scheduling-policy priority)
@@ -291,6 +294,13 @@ class BaseGenerationRequest(NullMeansDefault):
             return StructuredOutputParams(structural_tag=self.response_format.structural_tag(),
                                           disable_any_whitespace=compact)
         return StructuredOutputParams(json=json.dumps(self.response_format.json_schema.schema_), disable_any_whitespace=compact)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and value.model_fields_set and not info.data.get("stream"):   # as OpenAI and vLLM answer
+            raise ValueError("stream_options can only be given when stream is true")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -605,7 +615,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
-    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    truncate_prompt_tokens: TruncatePromptTokens = None
     add_special_tokens: bool = True   # vLLM's: the tokenizer's special tokens around each text input
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)
     cache_salt: CacheSalt = None
@@ -648,7 +658,7 @@ class ScoringRequest(NullMeansDefault):
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    truncate_prompt_tokens: TruncatePromptTokens = None
     priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)
     cache_salt: CacheSalt = None
 

@@ -139,9 +139,10 @@ class OpenAIServing:
         arrival = time.perf_counter()
         lora = self._check_common(req)
         req = sampling_defaults.with_defaults(req, self.prep.generation_defaults)
-        prompts = [self.prep.prompt(self.prep.truncate(req, ids), with_text=req.echo)
+        limit = 1 if req.prompt_only else req.max_tokens
+        prompts = [self.prep.prompt(self.prep.truncate(req, ids, limit), with_text=req.echo)
                    for ids in self.prep.token_ids(req.prompt, "prompt", req.add_special_tokens)]
-        params = self.prep.params(req, prompts, 1 if req.prompt_only else req.max_tokens, "max_tokens", "prompt")
+        params = self.prep.params(req, prompts, limit, "max_tokens", "prompt")
         self.prep.check_logprobs(req.logprobs, "sample", "logprobs")
         prompt_k = self.prep.prompt_logprobs(req)
         # echo with logprobs scores the prompt too: both from one computation, with the larger top-k
@@ -166,7 +167,7 @@ class OpenAIServing:
         arrival = time.perf_counter()
         lora = self._check_common(req)
         req = sampling_defaults.with_defaults(req, self.prep.generation_defaults)
-        ids = self.prep.truncate(req, self.prep.chat_token_ids(req, req.add_special_tokens))
+        ids = self.prep.truncate(req, self.prep.chat_token_ids(req, req.add_special_tokens), req.output_limit)
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         prompts = [self.prep.prompt(ids, with_text=False)]
         params = self.prep.params(req, prompts, req.output_limit, limit_param, "messages")
