@@ -380,18 +380,25 @@ def _cublas_block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale
                              bias: torch.Tensor | None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
                              activation: str | None = None) -> torch.Tensor:
     """``scaled_mm_block_fp8_linear``'s cuBLAS path alone (its caller checks the arguments and that
-    cuBLAS takes them); ``x_fp8``'s rows, quantized before, copied into cuBLAS's layout; with an
-    ``activation``, of ``act_and_mul(x, activation)``."""
+    cuBLAS takes them); ``x_fp8``'s rows, quantized before, taken as they are where they come in
+    whole fours (their scales transposed into cuBLAS's layout), else copied in; with an
+    ``activation``, of ``act_and_mul(x, activation)``. Zero rows pad x only where it needs them: a
+    small model's prefill waits on this host work (``bench/results/model_h100.md``)."""
     m, k = x.shape[0], weight.shape[1]
     rows = -(-m // 4) * 4
-    q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
-    q[m:].view(torch.uint8).zero_()
-    scale = torch.zeros((k // 128, rows), dtype=torch.float32, device=x.device).t()
-    if x_fp8 is None:
-        _launch_quantize_groups(x, 128, activation, q[:m], scale[:m])
+    if x_fp8 is not None and rows == m:
+        q, scale = x_fp8[0], x_fp8[1].t().contiguous().t()
     else:
-        q[:m].copy_(x_fp8[0])
-        scale[:m].copy_(x_fp8[1])
+        q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
+        scale = torch.empty((k // 128, rows), dtype=torch.float32, device=x.device).t()
+        if rows > m:
+            q[m:].view(torch.uint8).zero_()
+            scale[m:].zero_()
+        if x_fp8 is None:
+            _launch_quantize_groups(x, 128, activation, q[:m], scale[:m])
+        else:
+            q[:m].copy_(x_fp8[0])
+            scale[:m].copy_(x_fp8[1])
     out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)[:m]
     return out if bias is None else out + bias
 
