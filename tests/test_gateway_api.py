@@ -2518,6 +2518,20 @@ async def test_streamed_responses_send_the_events_openai_sends(tok) -> None:
     assert events[2].item.id == events[-2].item.id == final.output[0].id
 
 
+async def test_responses_truncation_auto_keeps_the_prompts_last_tokens(tok) -> None:
+    """truncation "auto" (vLLM's reading of it): a prompt past the context keeps its last tokens, as
+    many as leave room for max_output_tokens; "disabled", the default, is a 400."""
+    backend, config = FakeBackend(tok), make_config(max_model_len=24)
+    body = {"model": MODEL, "input": "But, soft! what light through yonder window breaks? " * 3, "max_output_tokens": 4}
+    assert_error(await post(backend, tok, "/v1/responses", body, config), 400, "input")
+    response = await post(backend, tok, "/v1/responses", {**body, "truncation": "auto"}, config)
+    assert response.status_code == 200, response.text
+    chat = tok.encode_chat([{"role": "user", "content": body["input"]}], add_generation_prompt=True)
+    (request,) = backend.requests
+    assert len(chat) > 24 and request.prompt_token_ids == chat[-20:]
+    assert response.json()["truncation"] == "auto" and response.json()["usage"]["input_tokens"] == 20
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_responses_give_a_reasoning_item_before_the_message(tok, stream) -> None:
     config = make_config(reasoning_parser="qwen3")

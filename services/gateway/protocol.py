@@ -821,6 +821,9 @@ class ResponsesRequest(NullMeansDefault):
     tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
     parallel_tool_calls: bool = True
     cache_salt: CacheSalt = None     # vLLM's, as a chat completion takes it
+    # "auto": a prompt past the context loses its first tokens (vLLM's reading: truncate_prompt_tokens
+    # -1; OpenAI drops whole items from the conversation's middle instead); "disabled": a 400.
+    truncation: Literal["auto", "disabled"] = "disabled"
 
     @field_validator("background")
     @classmethod
@@ -862,6 +865,7 @@ class ResponsesRequest(NullMeansDefault):
             top_p=self.top_p, stream=self.stream, stream_options=StreamOptions(include_usage=True) if self.stream else None,
             response_format=response_format, user=self.user, tools=[t.chat_tool() for t in self.tools] or None,
             tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls, cache_salt=self.cache_salt,
+            truncate_prompt_tokens=-1 if self.truncation == "auto" else None,
         )
 
 
@@ -1200,6 +1204,7 @@ class ResponseObject(BaseModel):
     store: bool = False
     previous_response_id: str | None = None
     user: str | None = None
+    truncation: Literal["auto", "disabled"] = "disabled"
     usage: ResponseUsage | None = None
 
 

@@ -48,7 +48,7 @@ def _shell(req: ResponsesRequest, response_id: str, status: str) -> ResponseObje
                           max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                           text=req.text, metadata=req.metadata, user=req.user, tools=req.tools,
                           tool_choice=req.tool_choice or "auto", parallel_tool_calls=req.parallel_tool_calls,
-                          store=req.store, previous_response_id=req.previous_response_id)
+                          store=req.store, previous_response_id=req.previous_response_id, truncation=req.truncation)
 
 
 def _status(finish_reason: str | None) -> str:
