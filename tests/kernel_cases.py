@@ -50,33 +50,6 @@ def interpreted_checks_passed(script: str) -> str:
 
 
 _HOPPER_COMPILE = """
-import importlib, inspect, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-module, name = sys.argv[1].split(":")
-kernel = getattr(importlib.import_module(module), name)
-pointers, constants, divisible = json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
-names = list(inspect.signature(kernel.fn).parameters)
-signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
-source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()},
-                   attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-sys.stdout.write(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
-"""
-
-
-def hopper_ptx(kernel: str, pointers: dict[str, str], constants: dict[str, object], divisible: tuple[str, ...] = ()) -> str:
-    """The PTX of ``kernel`` (``"module:name"``) for an sm_90 target, compiled without a GPU, in a
-    child process (libtriton's objects outlive a compile, and nanobind lists them at exit);
-    parameters in neither dict are i32, those ``divisible`` by 16 specialized so, as a launch does."""
-    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
-    args = [sys.executable, "-c", _HOPPER_COMPILE, kernel, json.dumps(pointers), json.dumps(constants), json.dumps(divisible)]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-_HOPPER_RESOURCES = """
 import importlib, inspect, json, os, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
@@ -92,6 +65,9 @@ for job in json.loads(sys.argv[2]):
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in job["divisible"]})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=job["options"])
+    if job["ptx"]:
+        found.append({"ptx": compiled.asm["ptx"]})
+        continue
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -101,13 +77,26 @@ sys.stdout.write(json.dumps(found))
 """
 
 
+def _hopper_compile(kernel: str, jobs: list[dict], timeout: int) -> list[dict]:
+    """Compile ``kernel`` (``"module:name"``) for an sm_90 target without a GPU, once a job, in one
+    child process (libtriton's objects outlive a compile, and nanobind lists them at exit)."""
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE, kernel, json.dumps(jobs)], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def hopper_ptx(kernel: str, pointers: dict[str, str], constants: dict[str, object], divisible: tuple[str, ...] = ()) -> str:
+    """The PTX of ``kernel``'s sm_90 compile: parameters in neither dict are i32, those ``divisible``
+    by 16 specialized so, as a launch does."""
+    job = {"pointers": pointers, "constants": constants, "divisible": list(divisible), "options": {}, "ptx": True}
+    return _hopper_compile(kernel, [job], timeout=240)[0]["ptx"]
+
+
 def hopper_resources(kernel: str, jobs: list[dict]) -> list[dict[str, int]]:
     """For each job (``pointers`` and ``constants`` as ``hopper_ptx`` takes them, the parameters
     ``divisible`` by 16 as a launch specializes them, and the compile ``options``: warps, stages),
     the registers a thread of ``kernel``'s sm_90 compile takes and the shared memory (bytes) a
-    program does: one child process compiles them all."""
-    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-c", _HOPPER_RESOURCES, kernel, json.dumps(jobs)], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    program does, all in one child process."""
+    return _hopper_compile(kernel, [{**job, "ptx": False} for job in jobs], timeout=600)
