@@ -71,6 +71,7 @@ from baton.engine.model_runner import ModelRunner
 from baton.engine.outputs import (
     CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput, ScoringRequestOutput,
 )
+from baton.engine.request_checks import truncated_prompt
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence, TokenLogprob
 from baton.engine.stop_strings import cut_at_stop, first_stop, tail_tokens, tokens_through_stop
@@ -181,6 +182,7 @@ class LLM:
         salts = _per_prompt(cache_salt, len(prompts), "cache salts")
         requests: list[tuple[str, list[Sequence]]] = []
         for token_ids, p, rank, adapter, salt in zip(prompts, params_list, priorities, adapters, salts):
+            token_ids = truncated_prompt(token_ids, p.truncate_prompt_tokens, self.core.max_model_len, p.max_tokens)
             request_id = str(next(self._ids))
             requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank, lora=adapter,
                                                                cache_salt=salt)))
@@ -293,13 +295,16 @@ class LLM:
         self.core.reset_prefix_cache()
         return True
 
-    def embed(self, prompts: Prompts, use_tqdm: ProgressBar = True) -> list[EmbeddingRequestOutput]:
+    def embed(self, prompts: Prompts, use_tqdm: ProgressBar = True,
+              truncate_prompt_tokens: int | None = None) -> list[EmbeddingRequestOutput]:
         """Each prompt's (as ``generate`` takes them) embedding, in prompt order and as vLLM's
         ``LLM.embed`` answers (``outputs.embedding``): its final hidden states pooled as ``pooler``
         (``EngineConfig``) says, by default as the checkpoint's sentence-transformers modules do,
         else its last token's, L2-normalized (as decoder embedding models such as Qwen3-Embedding
-        are read). ``use_tqdm``: a progress bar over the embedded prompts."""
-        seqs = [self.core.add_embedding_request(str(next(self._ids)), ids) for ids in self._token_ids(prompts)]
+        are read). ``use_tqdm``: a progress bar over the embedded prompts. ``truncate_prompt_tokens``
+        (vLLM's): each prompt's last k tokens embedded (-1: as many as the context takes)."""
+        ids = [truncated_prompt(p, truncate_prompt_tokens, self.core.max_model_len, None) for p in self._token_ids(prompts)]
+        seqs = [self.core.add_embedding_request(str(next(self._ids)), p) for p in ids]
         self._run(len(seqs), use_tqdm)
         # A request of one sequence: the sequence's id is the request's.
         return [EmbeddingRequestOutput(seq.seq_id, EmbeddingOutput(seq.embedding), list(seq.prompt_token_ids),
@@ -309,17 +314,19 @@ class LLM:
         """The tokenizer prompts are encoded and outputs decoded with (vLLM's)."""
         return self.tokenizer
 
-    def score(self, text_1: Prompts, text_2: Prompts, use_tqdm: ProgressBar = True) -> list[ScoringRequestOutput]:
+    def score(self, text_1: Prompts, text_2: Prompts, use_tqdm: ProgressBar = True,
+              truncate_prompt_tokens: int | None = None) -> list[ScoringRequestOutput]:
         """vLLM's ``LLM.score`` over the embeddings: each pair's cosine similarity (``outputs.score``),
         paired as vLLM pairs them (one ``text_1`` against each ``text_2``, else the i-th with the
         i-th); texts as ``embed`` takes prompts. As vLLM's embedding-model path answers, a pair's
         ``request_id`` joins its two embeddings' ("0_1"), its ``prompt_token_ids`` are the first
         text's, the tokenizer's pad token (where it has one), then the second text's, and its
-        ``num_cached_tokens`` are the two texts' summed."""
+        ``num_cached_tokens`` are the two texts' summed. ``truncate_prompt_tokens``: as ``embed``
+        takes it, for each text."""
         first, second = _as_list(text_1), _as_list(text_2)
         if not second or len(first) not in (1, len(second)):
             raise ValueError(f"score pairs 1 text_1 with N text_2, or N with N: got {len(first)} and {len(second)}")
-        embedded = self.embed(first + second, use_tqdm)
+        embedded = self.embed(first + second, use_tqdm, truncate_prompt_tokens)
         vectors = torch.tensor([e.outputs.embedding for e in embedded], dtype=torch.float64)
         scores = torch.cosine_similarity(vectors[: len(first)], vectors[len(first):]).tolist()   # 1:N broadcasts
         firsts = embedded[: len(first)] * (len(second) if len(first) == 1 else 1)

@@ -57,3 +57,16 @@ def check_request(
             f"request {request_id}: prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
             f"= {total} exceeds max_model_len {limits.max_model_len}"
         )
+
+
+def truncated_prompt(token_ids: list[int], keep: int | None, max_model_len: int, output_limit: int | None) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens`` (``keep``): the prompt's last ``keep`` tokens; None or 0,
+    all of it (as vLLM reads 0); -1, as many as ``max_model_len`` leaves room for beside
+    ``output_limit`` tokens out (at least one: the engine keeps one position past an embedded input
+    too). ValueError for more than the context holds, as vLLM refuses it, or below -1."""
+    if keep is not None and not -1 <= keep <= max_model_len:
+        raise ValueError(f"truncate_prompt_tokens must be -1, 0 or up to the model's maximum context length "
+                         f"({max_model_len}), got {keep}")
+    if keep == -1:
+        keep = max(1, max_model_len - max(1, output_limit or 0))
+    return token_ids[-keep:] if keep else token_ids

@@ -61,7 +61,9 @@ class SamplingParams:
     masked wherever the tokens before it (prompt and output) end with the rest of it.
     ``stop``: strings that end the text where it first holds one (cut before it, unless
     ``include_stop_str_in_output``). The offline ``LLM`` applies them, as it detokenizes; the
-    gateway applies a request's own, so neither field goes to the workers.
+    gateway applies a request's own, so neither field goes to the workers. Nor does
+    ``truncate_prompt_tokens`` (vLLM's): the prompt's last k tokens kept, as the offline ``LLM``
+    and the gateway read it before a request goes on (``request_checks.truncated_prompt``).
     """
 
     n: int = 1
@@ -85,6 +87,7 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):     # vLLM takes one string too
@@ -125,6 +128,10 @@ class SamplingParams:
                 "every one of allowed_token_ids is a bad word: nothing would be left to sample",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "each of stop must be a non-empty string"),
+            (
+                self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= -1,
+                f"truncate_prompt_tokens must be -1 or more, got {self.truncate_prompt_tokens}",
+            ),
             (
                 # A complete grammar allows only EOS, which min_tokens would mask: nothing would be left.
                 self.structured_output is None or self.min_tokens == 0,

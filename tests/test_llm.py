@@ -523,6 +523,35 @@ def test_per_prompt_arguments_must_give_one_per_prompt(demo_model):
 
 
 @pytest.mark.model
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm_does(demo_model):
+    """vLLM's ``truncate_prompt_tokens``, offline: ``generate`` runs each prompt's last k tokens
+    (greedy: the tokens the truncated prompt gives), -1 as many as fit beside ``max_tokens``;
+    ``embed`` and ``score`` truncate each text so too; more than the context holds is refused."""
+    llm = LLM(demo_model, num_blocks=64, max_model_len=24)
+    ids = llm.get_tokenizer()("But, soft! what light through yonder window breaks? It is the east").input_ids
+    assert len(ids) > 24
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    for keep, kept in ((6, 6), (-1, 20), (0, None)):
+        if kept is None:
+            with pytest.raises(ValueError, match="exceeds max_model_len"):
+                llm.generate([ids], SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=keep))
+            continue
+        (out,) = llm.generate([ids], SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=keep))
+        assert out.prompt_token_ids == ids[-kept:]
+        assert out.outputs[0].token_ids == llm.generate([ids[-kept:]], greedy)[0].outputs[0].token_ids
+    (embedded,) = llm.embed([ids], truncate_prompt_tokens=-1)
+    assert embedded.prompt_token_ids == ids[-23:]
+    assert embedded.outputs.embedding == pytest.approx(llm.embed([ids[-23:]])[0].outputs.embedding, abs=1e-6)
+    (scored,) = llm.score([ids], [ids[:5]], truncate_prompt_tokens=4)
+    pad = llm.get_tokenizer().pad_token_id
+    assert scored.prompt_token_ids == ids[-4:] + [pad] + ids[1:5]
+    with pytest.raises(ValueError, match="maximum context length"):
+        llm.generate([ids], SamplingParams(truncate_prompt_tokens=25))
+    with pytest.raises(ValueError, match="-1 or more"):
+        SamplingParams(truncate_prompt_tokens=-2)
+
+
+@pytest.mark.model
 def test_generate_without_params_samples_with_the_generation_configs_defaults(demo_model, tmp_path):
     """As vLLM's ``LLM``: the model's generation_config.json sets the default params (its sampling
     keys only), ``"vllm"`` ignores it, and the override goes on top; set params are the caller's."""

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from baton.engine.model_config import load_model_config
+from baton.engine.request_checks import truncated_prompt
 from baton.engine.sampling_params import SamplingParams
 from baton.services.gateway import sampling_defaults, tools
 from baton.services.gateway.backend import GenerationRequest
@@ -102,17 +103,11 @@ class RequestPreparer:
 
     def truncate(self, req: BaseGenerationRequest | EmbeddingRequest | ScoringRequest, token_ids: list[int],
                  output_limit: int | None = None) -> list[int]:
-        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's option), or all of it (the
-        option left out, or 0, as vLLM reads it). -1 keeps as many as the context leaves room for
-        beside ``output_limit`` tokens out (at least one: the engine keeps one position past an
-        embedded input too). More than the context holds is refused, as vLLM refuses it."""
-        keep = req.truncate_prompt_tokens
-        if keep == -1:
-            keep = max(1, self.max_model_len - max(1, output_limit or 0))
-        elif keep is not None and keep > self.max_model_len:
-            raise APIError(f"truncate_prompt_tokens ({keep}) is more than the model's maximum context length "
-                           f"({self.max_model_len})", param="truncate_prompt_tokens")
-        return token_ids[-keep:] if keep else token_ids
+        """The prompt as the request's ``truncate_prompt_tokens`` keeps it (``truncated_prompt``)."""
+        try:
+            return truncated_prompt(token_ids, req.truncate_prompt_tokens, self.max_model_len, output_limit)
+        except ValueError as exc:
+            raise APIError(str(exc), param="truncate_prompt_tokens") from exc
 
     def prompt(self, token_ids: list[int], with_text: bool) -> Prompt:
         prompt = Prompt(token_ids)
