@@ -939,6 +939,14 @@ async def test_truncate_prompt_tokens_minus_one_keeps_what_the_context_has_room_
                  400, "truncate_prompt_tokens")
 
 
+async def test_prompt_embeds_are_refused_by_name(tok) -> None:
+    """vLLM's prompt_embeds (base64 tensors, behind its --enable-prompt-embeds) is a 400 naming the
+    field, beside a prompt or without one: never ignored."""
+    for body in ({"prompt": "x", "prompt_embeds": "AAAA"}, {"prompt_embeds": ["AAAA"]}):
+        refused = await post(FakeBackend(tok), tok, "/v1/completions", {"model": MODEL, "max_tokens": 2, **body})
+        assert "not supported" in assert_error(refused, 400, "prompt_embeds")["message"]
+
+
 async def test_stream_options_need_a_stream(tok) -> None:
     """stream_options without stream is a 400, as OpenAI and vLLM answer it; an empty or null one is not."""
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}

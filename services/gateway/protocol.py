@@ -362,6 +362,7 @@ class BaseGenerationRequest(NullMeansDefault):
 
 
 class CompletionRequest(BaseGenerationRequest):
+    prompt_embeds: Any = None   # vLLM's (behind --enable-prompt-embeds): refused, checked before the prompt
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=0)   # 0, with echo: the prompt alone, scored (``prompt_only``)
     logprobs: int | None = Field(default=None, ge=0)
@@ -389,6 +390,12 @@ class CompletionRequest(BaseGenerationRequest):
         ``logprobs``, its tokens' log-probs, nothing generated. The workers generate one token, which
         the answer leaves out."""
         return self.echo and self.max_tokens == 0
+
+    @field_validator("prompt_embeds")
+    @classmethod
+    def _refuse_prompt_embeds(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("not supported: send the prompt as text or token ids (Baton loads no tensor a client sends)")
 
     @field_validator("suffix")
     @classmethod
