@@ -214,7 +214,8 @@ class LLM:
     def _stopped(self, seq: Sequence) -> bool:
         """Whether the end of ``seq``'s text holds one of its stop strings."""
         tail = seq.output_token_ids[-tail_tokens(seq.params.stop):]
-        return first_stop(self.tokenizer.decode(tail, skip_special_tokens=True), seq.params.stop) is not None
+        text = self.tokenizer.decode(tail, skip_special_tokens=seq.params.skip_special_tokens)
+        return first_stop(text, seq.params.stop) is not None
 
     def chat(
         self,
@@ -348,7 +349,7 @@ class LLM:
         """A finished sequence's sample: its text cut at its first stop string, and what stopped it;
         a stop string's sample keeps its tokens up to the one that completed the string."""
         params, ids, logprobs = seq.params, seq.output_token_ids, seq.output_logprobs
-        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+        decode = partial(self.tokenizer.decode, skip_special_tokens=params.skip_special_tokens)
         text, stop = cut_at_stop(decode(ids), params.stop, params.include_stop_str_in_output)
         if isinstance(stop, str):
             kept = tokens_through_stop(ids, decode, params.stop)

@@ -61,9 +61,11 @@ class SamplingParams:
     masked wherever the tokens before it (prompt and output) end with the rest of it.
     ``stop``: strings that end the text where it first holds one (cut before it, unless
     ``include_stop_str_in_output``). The offline ``LLM`` applies them, as it detokenizes; the
-    gateway applies a request's own, so neither field goes to the workers. Nor does
-    ``truncate_prompt_tokens`` (vLLM's): the prompt's last k tokens kept, as the offline ``LLM``
-    and the gateway read it before a request goes on (``request_checks.truncated_prompt``).
+    gateway applies a request's own, so neither field goes to the workers. Nor do
+    ``skip_special_tokens`` (vLLM's: the offline ``LLM``'s text leaves special tokens out, as the
+    gateway does by a request's own field) and ``truncate_prompt_tokens`` (vLLM's: the prompt's
+    last k tokens kept, as the offline ``LLM`` and the gateway read it before a request goes on:
+    ``request_checks.truncated_prompt``).
     """
 
     n: int = 1
@@ -87,6 +89,7 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:

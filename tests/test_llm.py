@@ -523,6 +523,23 @@ def test_per_prompt_arguments_must_give_one_per_prompt(demo_model):
 
 
 @pytest.mark.model
+def test_skip_special_tokens_false_keeps_them_in_the_text_and_its_stop_strings(demo_model):
+    """vLLM's ``skip_special_tokens``, offline: special tokens are left out of a sample's text by
+    default; with it false they are written, and a stop string may hold one."""
+    llm = LLM(demo_model, num_blocks=16)
+    tokenizer = llm.get_tokenizer()
+    eos = tokenizer.eos_token_id
+    only_eos = {"temperature": 0, "max_tokens": 3, "ignore_eos": True, "allowed_token_ids": [eos]}
+    (skipped,) = llm.generate(["JULIET:"], SamplingParams(**only_eos))
+    (kept,) = llm.generate(["JULIET:"], SamplingParams(**only_eos, skip_special_tokens=False))
+    assert skipped.outputs[0].token_ids == kept.outputs[0].token_ids == [eos] * 3
+    assert skipped.outputs[0].text == "" and kept.outputs[0].text == tokenizer.eos_token * 3
+    (stopped,) = llm.generate(["JULIET:"], SamplingParams(**only_eos, skip_special_tokens=False, stop=[tokenizer.eos_token]))
+    assert (stopped.outputs[0].text, stopped.outputs[0].token_ids, stopped.outputs[0].stop_reason) == \
+        ("", [eos], tokenizer.eos_token)
+
+
+@pytest.mark.model
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm_does(demo_model):
     """vLLM's ``truncate_prompt_tokens``, offline: ``generate`` runs each prompt's last k tokens
     (greedy: the tokens the truncated prompt gives), -1 as many as fit beside ``max_tokens``;
