@@ -53,7 +53,7 @@ import gc
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -72,7 +72,7 @@ from baton.engine.outputs import (
     CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput, ScoringRequestOutput,
 )
 from baton.engine.request_checks import truncated_prompt
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sampling_params import SamplingParams, bad_word_sequences
 from baton.engine.sequence import Sequence, TokenLogprob
 from baton.engine.stop_strings import cut_at_stop, first_stop, tail_tokens, tokens_through_stop
 from baton.engine.structured_output import StructuredOutputs
@@ -183,6 +183,9 @@ class LLM:
         requests: list[tuple[str, list[Sequence]]] = []
         for token_ids, p, rank, adapter, salt in zip(prompts, params_list, priorities, adapters, salts):
             token_ids = truncated_prompt(token_ids, p.truncate_prompt_tokens, self.core.max_model_len, p.max_tokens)
+            if p.bad_words:
+                words = bad_word_sequences(p.bad_words, lambda text: self.tokenizer(text, add_special_tokens=False).input_ids)
+                p = replace(p, bad_words_token_ids=p.bad_words_token_ids + [w for w in words if w not in p.bad_words_token_ids])
             request_id = str(next(self._ids))
             requests.append((request_id, self.core.add_request(request_id, token_ids, p, priority=rank, lora=adapter,
                                                                cache_salt=salt)))

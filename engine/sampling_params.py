@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default: the most log-probs a request may ask for
@@ -58,7 +59,9 @@ class SamplingParams:
     ``structured_output`` masks, each step, the tokens its grammar does not allow next.
     ``allowed_token_ids`` (vLLM's option): only these may be sampled (None: any).
     ``bad_words_token_ids``: token sequences the text may not gain: a sequence's last token is
-    masked wherever the tokens before it (prompt and output) end with the rest of it.
+    masked wherever the tokens before it (prompt and output) end with the rest of it. ``bad_words``
+    (vLLM's): words as text, which the offline ``LLM`` and the gateway (a request's own) turn into
+    such sequences (``bad_word_sequences``) before a request goes on.
     ``stop``: strings that end the text where it first holds one (cut before it, unless
     ``include_stop_str_in_output``). The offline ``LLM`` applies them, as it detokenizes; the
     gateway applies a request's own, so neither field goes to the workers. Nor do
@@ -89,6 +92,7 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False
+    bad_words: list[str] = field(default_factory=list)
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
 
@@ -131,6 +135,7 @@ class SamplingParams:
                 "every one of allowed_token_ids is a bad word: nothing would be left to sample",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "each of stop must be a non-empty string"),
+            (all(isinstance(w, str) and w.strip() for w in self.bad_words), "each of bad_words must hold more than whitespace"),
             (
                 self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= -1,
                 f"truncate_prompt_tokens must be -1 or more, got {self.truncate_prompt_tokens}",
@@ -148,3 +153,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def bad_word_sequences(words: list[str], encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """Each bad word's tokens (``encode``: text to token ids, no special tokens) as it would start
+    the text and as it would follow a space, as vLLM bans them."""
+    sequences: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = encode(text)
+            if ids not in sequences:
+                sequences.append(ids)
+    return sequences

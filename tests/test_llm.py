@@ -523,6 +523,23 @@ def test_per_prompt_arguments_must_give_one_per_prompt(demo_model):
 
 
 @pytest.mark.model
+def test_bad_words_as_text_are_banned_at_the_start_and_after_a_space(demo_model):
+    """vLLM's ``bad_words``, offline: each word's tokens as the text's start and after a space are
+    banned, as if given as ``bad_words_token_ids``; the greedy output then leaves the word out."""
+    llm = LLM(demo_model, num_blocks=32)
+    tok = llm.get_tokenizer()
+    free = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    word = next(w for w in free.text.split() if w.isalpha() and len(w) > 2)
+    banned = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=20, bad_words=[word]))[0].outputs[0]
+    sequences = [tok(text, add_special_tokens=False).input_ids for text in (word, " " + word)]
+    by_ids = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=20, bad_words_token_ids=sequences))
+    assert banned.token_ids == by_ids[0].outputs[0].token_ids != free.token_ids
+    assert f" {word} " not in f" {banned.text} "
+    with pytest.raises(ValueError, match="bad_words must hold more than whitespace"):
+        SamplingParams(bad_words=[" "])
+
+
+@pytest.mark.model
 def test_skip_special_tokens_false_keeps_them_in_the_text_and_its_stop_strings(demo_model):
     """vLLM's ``skip_special_tokens``, offline: special tokens are left out of a sample's text by
     default; with it false they are written, and a stop string may hold one."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from baton.engine.model_config import load_model_config
 from baton.engine.request_checks import truncated_prompt
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sampling_params import SamplingParams, bad_word_sequences
 from baton.services.gateway import sampling_defaults, tools
 from baton.services.gateway.backend import GenerationRequest
 from baton.services.gateway.choice import Choice, Prompt
@@ -152,20 +152,11 @@ class RequestPreparer:
                 min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, seed=req.seed, stop_token_ids=list(req.stop_token_ids),
                 ignore_eos=req.ignore_eos, logit_bias=logit_bias, structured_output=structured_output,
-                allowed_token_ids=req.allowed_token_ids, bad_words_token_ids=self._bad_words(req.bad_words),
+                allowed_token_ids=req.allowed_token_ids, bad_words_token_ids=bad_word_sequences(
+                    req.bad_words, lambda text: self.tokenizer.encode(text, add_special_tokens=False)),
             )
         except ValueError as exc:
             raise APIError(str(exc)) from exc
-
-    def _bad_words(self, words: list[str]) -> list[list[int]]:
-        """Each bad word's tokens as it would start the text and as it would follow a space."""
-        sequences: list[list[int]] = []
-        for word in words:
-            for text in (word.lstrip(), " " + word.lstrip()):
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                if ids not in sequences:
-                    sequences.append(ids)
-        return sequences
 
     def choices(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, req: BaseGenerationRequest,
