@@ -191,7 +191,7 @@ LEGACY_STRUCTURED_OUTPUTS = {"guided_json": "json", "guided_regex": "regex", "gu
 # suffix (requests in flight at once may share it); printable ASCII, so it reads the same in every log.
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
 # vLLM's truncate_prompt_tokens: keep only the prompt's last k tokens; -1, as many as the context
-# leaves room for; 0, as in vLLM, all of them (``RequestPreparer.truncate``).
+# leaves room for; 0, as in vLLM, all of them (``request_checks.truncated_prompt``).
 TruncatePromptTokens = Annotated[int | None, Field(ge=-1)]
 
 
