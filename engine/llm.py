@@ -353,7 +353,7 @@ class LLM:
         a stop string's sample keeps its tokens up to the one that completed the string."""
         params, ids, logprobs = seq.params, seq.output_token_ids, seq.output_logprobs
         decode = partial(self.tokenizer.decode, skip_special_tokens=params.skip_special_tokens)
-        text, stop = cut_at_stop(decode(ids), params.stop, params.include_stop_str_in_output)
+        text, stop = cut_at_stop(decode(ids) if params.detokenize else "", params.stop, params.include_stop_str_in_output)
         if isinstance(stop, str):
             kept = tokens_through_stop(ids, decode, params.stop)
             ids, logprobs = ids[:kept], logprobs[:kept]

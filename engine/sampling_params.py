@@ -66,7 +66,8 @@ class SamplingParams:
     ``include_stop_str_in_output``). The offline ``LLM`` applies them, as it detokenizes; the
     gateway applies a request's own, so neither field goes to the workers. Nor do
     ``skip_special_tokens`` (vLLM's: the offline ``LLM``'s text leaves special tokens out, as the
-    gateway does by a request's own field) and ``truncate_prompt_tokens`` (vLLM's: the prompt's
+    gateway does by a request's own field), ``detokenize`` (vLLM's: false leaves the offline
+    ``LLM``'s samples without text, their tokens alone) and ``truncate_prompt_tokens`` (vLLM's: the prompt's
     last k tokens kept, as the offline ``LLM`` and the gateway read it before a request goes on:
     ``request_checks.truncated_prompt``).
     """
@@ -94,6 +95,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     bad_words: list[str] = field(default_factory=list)
     skip_special_tokens: bool = True
+    detokenize: bool = True
     truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -136,6 +138,7 @@ class SamplingParams:
             ),
             (all(isinstance(s, str) and s for s in self.stop), "each of stop must be a non-empty string"),
             (all(isinstance(w, str) and w.strip() for w in self.bad_words), "each of bad_words must hold more than whitespace"),
+            (self.detokenize or not self.stop, "stop strings need detokenize: they are found in the text"),
             (
                 self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= -1,
                 f"truncate_prompt_tokens must be -1 or more, got {self.truncate_prompt_tokens}",

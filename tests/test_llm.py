@@ -557,6 +557,20 @@ def test_skip_special_tokens_false_keeps_them_in_the_text_and_its_stop_strings(d
 
 
 @pytest.mark.model
+def test_detokenize_false_leaves_the_samples_without_text(demo_model):
+    """vLLM's ``detokenize=False`` (its throughput benchmark's): the same tokens, no text; stop strings,
+    found in the text, are refused with it."""
+    llm = LLM(demo_model, num_blocks=16)
+    greedy = {"temperature": 0, "max_tokens": 8}
+    (text,) = llm.generate(["JULIET:"], SamplingParams(**greedy))
+    (tokens,) = llm.generate(["JULIET:"], SamplingParams(**greedy, detokenize=False))
+    assert tokens.outputs[0].token_ids == text.outputs[0].token_ids and text.outputs[0].text
+    assert tokens.outputs[0].text == ""
+    with pytest.raises(ValueError, match="stop strings need detokenize"):
+        SamplingParams(detokenize=False, stop=["\n"])
+
+
+@pytest.mark.model
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm_does(demo_model):
     """vLLM's ``truncate_prompt_tokens``, offline: ``generate`` runs each prompt's last k tokens
     (greedy: the tokens the truncated prompt gives), -1 as many as fit beside ``max_tokens``;
