@@ -2541,6 +2541,29 @@ async def test_responses_truncation_auto_keeps_the_prompts_last_tokens(tok) -> N
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_responses_include_the_output_texts_logprobs_as_chat_gives_them(tok, stream) -> None:
+    """include "message.output_text.logprobs" with top_logprobs: the output text's tokens' log-probs
+    and alternatives, whole or streamed (each delta its tokens'), as the chat completion it makes gives
+    them; without include, none."""
+    client = responses_client(FakeBackend(tok), tok)
+    body = {"model": MODEL, "input": "Speak.", "max_output_tokens": 6, "temperature": 0}
+    chat = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Speak."}], max_tokens=6,
+                                                temperature=0, logprobs=True, top_logprobs=2)
+    want = [t.model_dump() for t in chat.choices[0].logprobs.content]
+    assert len(want) == 6 and all(len(t["top_logprobs"]) == 2 for t in want)
+    out = await client.responses.create(**body, include=["message.output_text.logprobs"], top_logprobs=2, stream=stream)
+    if stream:
+        events = [e async for e in out]
+        deltas = [t.model_dump() for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+        done = next(e for e in events if e.type == "response.output_text.done")
+        assert deltas == [t.model_dump() for t in done.logprobs] == want
+        out = events[-1].response
+    assert [t.model_dump() for t in out.output[0].content[0].logprobs] == want and out.top_logprobs == 2
+    plain = await client.responses.create(**body)
+    assert plain.output[0].content[0].logprobs == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_responses_give_a_reasoning_item_before_the_message(tok, stream) -> None:
     config = make_config(reasoning_parser="qwen3")
     backend = ScriptedBackend(tok, "<think>Two is more.</think>\n\nIt is 2.")

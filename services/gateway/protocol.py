@@ -831,6 +831,11 @@ class ResponsesRequest(NullMeansDefault):
     # "auto": a prompt past the context loses its first tokens (vLLM's reading: truncate_prompt_tokens
     # -1; OpenAI drops whole items from the conversation's middle instead); "disabled": a 400.
     truncation: Literal["auto", "disabled"] = "disabled"
+    # What else the output carries: "message.output_text.logprobs" (each token's log-prob and its
+    # top_logprobs alternatives) is honoured; the rest name what Baton never makes (encrypted
+    # reasoning, tools' results) and add nothing.
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @field_validator("background")
     @classmethod
@@ -873,7 +878,13 @@ class ResponsesRequest(NullMeansDefault):
             response_format=response_format, user=self.user, tools=[t.chat_tool() for t in self.tools] or None,
             tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls, cache_salt=self.cache_salt,
             truncate_prompt_tokens=-1 if self.truncation == "auto" else None,
+            logprobs=self.wants_logprobs, top_logprobs=(self.top_logprobs or 0) if self.wants_logprobs else None,
         )
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether the output text carries its tokens' log-probs (``include``, as OpenAI asks for them)."""
+        return "message.output_text.logprobs" in (self.include or ())
 
 
 class DetokenizeRequest(BaseModel):
@@ -1136,6 +1147,7 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[ChatLogprobToken] = Field(default_factory=list)   # with include's "message.output_text.logprobs"
 
 
 class OutputMessage(BaseModel):
@@ -1212,6 +1224,7 @@ class ResponseObject(BaseModel):
     previous_response_id: str | None = None
     user: str | None = None
     truncation: Literal["auto", "disabled"] = "disabled"
+    top_logprobs: int | None = None
     usage: ResponseUsage | None = None
 
 

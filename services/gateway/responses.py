@@ -21,9 +21,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from baton.services.gateway.protocol import (
-    DONE, ChatCompletionResponse, InputTokensDetails, IncompleteDetails, OutputFunctionCall, OutputMessage, OutputReasoning,
-    OutputText,
-    ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
+    DONE, ChatCompletionResponse, ChatLogprobToken, InputTokensDetails, IncompleteDetails, OutputFunctionCall, OutputMessage,
+    OutputReasoning, OutputText, ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
 )
 
 
@@ -48,7 +47,8 @@ def _shell(req: ResponsesRequest, response_id: str, status: str) -> ResponseObje
                           max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                           text=req.text, metadata=req.metadata, user=req.user, tools=req.tools,
                           tool_choice=req.tool_choice or "auto", parallel_tool_calls=req.parallel_tool_calls,
-                          store=req.store, previous_response_id=req.previous_response_id, truncation=req.truncation)
+                          store=req.store, previous_response_id=req.previous_response_id, truncation=req.truncation,
+                          top_logprobs=req.top_logprobs)
 
 
 def _status(finish_reason: str | None) -> str:
@@ -77,8 +77,9 @@ def from_chat(req: ResponsesRequest, response_id: str, chat: ChatCompletionRespo
                                                content=[ReasoningText(text=choice.message.reasoning)]))
     calls = choice.message.tool_calls
     if choice.message.content or not calls:
+        logprobs = choice.logprobs.content if choice.logprobs is not None and choice.logprobs.content else []
         response.output.append(OutputMessage(id=_item_id("msg"), status=status,
-                                             content=[OutputText(text=choice.message.content or "")]))
+                                             content=[OutputText(text=choice.message.content or "", logprobs=logprobs)]))
     response.output += [OutputFunctionCall(id=_item_id("fc"), call_id=c.id, name=c.function.name,
                                            arguments=c.function.arguments, status=status) for c in calls]
     usage = chat.usage
@@ -112,7 +113,7 @@ class ResponseEvents:
             if delta.get("reasoning"):
                 events += self._text("reasoning", delta["reasoning"])
             if delta.get("content"):
-                events += self._text("message", delta["content"])
+                events += self._text("message", delta["content"], (choice.get("logprobs") or {}).get("content") or [])
             for piece in delta.get("tool_calls") or []:
                 events += self._call_piece(piece)
             self._finish_reason = choice.get("finish_reason") or self._finish_reason
@@ -137,7 +138,9 @@ class ResponseEvents:
         return [self._event("error", code=error.get("code"), message=error.get("message", "internal error"),
                             param=error.get("param"))]
 
-    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
+    def _text(self, kind: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """A text delta of the ``kind`` item ("reasoning" or "message", opened where another is),
+        a message's with its tokens' ``logprobs`` (the chat chunk's)."""
         events = []
         if self._open is None or self._open.type != kind:
             events += self._close()
@@ -155,7 +158,10 @@ class ResponseEvents:
                                       content_index=0, part=part.model_dump(mode="json")))
         self._open.content[0].text += text
         name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        extra = {} if kind == "reasoning" else {"logprobs": []}
+        extra = {}
+        if kind == "message":
+            self._open.content[0].logprobs += [ChatLogprobToken.model_validate(t) for t in logprobs or []]
+            extra = {"logprobs": logprobs or []}
         events.append(self._event(name, item_id=self._open.id, output_index=len(self.response.output) - 1,
                                   content_index=0, delta=text, **extra))
         return events
@@ -192,7 +198,7 @@ class ResponseEvents:
             ]
         text = item.content[0].text
         done = "response.reasoning_text.done" if item.type == "reasoning" else "response.output_text.done"
-        extra = {} if item.type == "reasoning" else {"logprobs": []}
+        extra = {} if item.type == "reasoning" else {"logprobs": [t.model_dump(mode="json") for t in item.content[0].logprobs]}
         return [
             self._event(done, item_id=item.id, output_index=index, content_index=0, text=text, **extra),
             self._event("response.content_part.done", item_id=item.id, output_index=index, content_index=0,
