@@ -503,5 +503,5 @@ def _launch_fp8_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
         q, scale, weight, weight_scale, weight if bias is None else bias, out, m, n, k, 1 if block is None else scale.shape[1],
         q.stride(0), weight.stride(0), out.stride(0), PER_BLOCK=block is not None, GROUP_N=group_n,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWIZZLE=8,
-        num_warps=4 if block_m == 64 else 8, num_stages=6 if skinny else 4)
+        num_warps=4 if skinny else 8, num_stages=6 if skinny else 4)
     return out
