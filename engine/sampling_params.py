@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json as json_text
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default: the most log-probs a request may ask for
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
@@ -25,18 +26,25 @@ class StructuredOutputParams:
 
     ``reasoning_end``: for a reasoning model, the tokens that end its thinking (``</think>``);
     the grammar binds only the output after their first appearance, so the thinking before
-    it is free (as vLLM and SGLang do with a reasoning parser). Empty: from the first token."""
+    it is free (as vLLM and SGLang do with a reasoning parser). Empty: from the first token.
 
-    json: str | None = None
+    As vLLM's ``StructuredOutputsParams`` (also importable by that name), ``json`` may be the
+    schema itself (a dict) and ``choice`` a list: they are kept as JSON text and a tuple."""
+
+    json: str | dict | None = None
     json_object: bool = False
     regex: str | None = None
-    choice: tuple[str, ...] | None = None
+    choice: tuple[str, ...] | list[str] | None = None
     grammar: str | None = None
     structural_tag: str | None = None
     disable_any_whitespace: bool = False
     reasoning_end: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", json_text.dumps(self.json))
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
         given = [name for name in KINDS if name != "json_object" and getattr(self, name) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
@@ -45,6 +53,9 @@ class StructuredOutputParams:
             raise ValueError("structured output's choice needs at least one string")
         if any(not isinstance(t, int) or t < 0 for t in self.reasoning_end):
             raise ValueError("structured output's reasoning_end must be token ids")
+
+
+StructuredOutputsParams = StructuredOutputParams   # vLLM's name
 
 
 @dataclass
@@ -56,7 +67,8 @@ class SamplingParams:
     ``logprobs`` / ``prompt_logprobs``: ``None`` = off, ``k`` = the chosen token
     plus its top-``k`` alternatives. ``logit_bias`` maps token ids to what is added to
     their logits before sampling (ids beyond the vocabulary are ignored).
-    ``structured_output`` masks, each step, the tokens its grammar does not allow next.
+    ``structured_output`` masks, each step, the tokens its grammar does not allow next
+    (``structured_outputs=`` is taken too, vLLM's name for it).
     ``allowed_token_ids`` (vLLM's option): only these may be sampled (None: any).
     ``bad_words_token_ids``: token sequences the text may not gain: a sequence's last token is
     masked wherever the tokens before it (prompt and output) end with the rest of it. ``bad_words``
@@ -97,8 +109,13 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     truncate_prompt_tokens: int | None = None
+    structured_outputs: InitVar[StructuredOutputParams | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, structured_outputs: StructuredOutputParams | None) -> None:
+        if structured_outputs is not None:
+            if self.structured_output is not None:
+                raise ValueError("give structured_output or structured_outputs (vLLM's name for it), not both")
+            self.structured_output = structured_outputs
         if isinstance(self.stop, str):     # vLLM takes one string too
             self.stop = [self.stop]
         checks = [

@@ -571,6 +571,29 @@ def test_detokenize_false_leaves_the_samples_without_text(demo_model):
 
 
 @pytest.mark.model
+def test_vllms_structured_outputs_params_constrain_offline_generation(demo_model):
+    """vLLM's names and forms: ``SamplingParams(structured_outputs=StructuredOutputsParams(...))``
+    with the schema as a dict and the choices as a list constrain the output as Baton's own
+    ``structured_output`` does (the same tokens); giving both names is refused."""
+    from baton.engine.sampling_params import StructuredOutputParams, StructuredOutputsParams
+
+    llm = LLM(demo_model, num_blocks=32)
+    schema = {"type": "object", "properties": {"name": {"enum": ["Romeo", "Juliet"]}}, "required": ["name"]}
+    names = ["Romeo", "Juliet", "Mercutio"]
+    for theirs, ours in ((StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+                          StructuredOutputParams(json=json.dumps(schema), disable_any_whitespace=True)),
+                         (StructuredOutputsParams(choice=names), StructuredOutputParams(choice=tuple(names)))):
+        assert theirs == ours and hash(theirs) == hash(ours)
+        (got,) = llm.generate(["ROMEO:\n"], SamplingParams(temperature=0, max_tokens=32, structured_outputs=theirs))
+        (want,) = llm.generate(["ROMEO:\n"], SamplingParams(temperature=0, max_tokens=32, structured_output=ours))
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        text = got.outputs[0].text
+        assert (json.loads(text)["name"] in ("Romeo", "Juliet")) if theirs.json else text in names
+    with pytest.raises(ValueError, match="not both"):
+        SamplingParams(structured_output=StructuredOutputParams(regex="a"), structured_outputs=StructuredOutputParams(regex="b"))
+
+
+@pytest.mark.model
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm_does(demo_model):
     """vLLM's ``truncate_prompt_tokens``, offline: ``generate`` runs each prompt's last k tokens
     (greedy: the tokens the truncated prompt gives), -1 as many as fit beside ``max_tokens``;

@@ -141,10 +141,8 @@ class StructuredOutputs(BaseModel):
 
     def params(self) -> StructuredOutputParams:
         """The grammar; ``ValueError`` unless exactly one kind is given."""
-        schema = json.dumps(self.json_) if isinstance(self.json_, dict) else self.json_
         return StructuredOutputParams(
-            json=schema, json_object=bool(self.json_object), regex=self.regex,
-            choice=None if self.choice is None else tuple(self.choice), grammar=self.grammar,
+            json=self.json_, json_object=bool(self.json_object), regex=self.regex, choice=self.choice, grammar=self.grammar,
             structural_tag=self.structural_tag, disable_any_whitespace=self.disable_any_whitespace,
         )
 
