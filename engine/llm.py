@@ -345,8 +345,8 @@ class LLM:
     def _output(self, request_id: str, seqs: list[Sequence], prompt: str | None) -> RequestOutput:
         first = seqs[0]
         samples = [self._completion(i, seq) for i, seq in enumerate(seqs)]
-        return RequestOutput(request_id, list(first.prompt_token_ids), samples, first.num_cached_tokens,
-                             list(first.prompt_logprobs), prompt)
+        scored = [None, *first.prompt_logprobs] if first.params.prompt_logprobs is not None else None
+        return RequestOutput(request_id, list(first.prompt_token_ids), samples, first.num_cached_tokens, scored, prompt)
 
     def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
         """A finished sequence's sample: its text cut at its first stop string, and what stopped it;

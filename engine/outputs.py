@@ -16,7 +16,8 @@ O = TypeVar("O")
 class CompletionOutput:
     """One sample, as vLLM's: ``stop_reason`` is the stop string or stop token id that ended it
     (None for EOS or a length); ``cumulative_logprob`` the sum of its tokens' log-probs, given
-    where ``logprobs`` were asked for."""
+    where ``logprobs`` were asked for. Each of ``logprobs`` is also vLLM's entry for its position,
+    a mapping of token ids to ``Logprob`` (``TokenLogprob``)."""
 
     index: int
     text: str
@@ -33,7 +34,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # vLLM's: None unless asked for; then None for the first token (nothing before it scores it), and
+    # each later token's log-prob with its top alternatives (as a mapping, vLLM's entry)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt: str | None = None        # the prompt's text, where it was given as text
     finished: bool = True
 

@@ -4,6 +4,7 @@ to the model runner. Pure Python: no torch."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,16 +24,48 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """vLLM's: one token's log-prob at a position and its ``rank`` (how many tokens of the
+    vocabulary are at least as likely; None where not computed). ``decoded_token`` is left None:
+    the offline ``LLM`` writes no text for each entry (the gateway's log-probs carry it)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclass(slots=True)
-class TokenLogprob:
+class TokenLogprob(Mapping[int, Logprob]):
     """Log-probability of one token and, when asked for, its top alternatives. ``rank``: how many
     tokens of the vocabulary are at least as likely (1 = the most likely), as vLLM counts it;
-    computed for prompt tokens only (None elsewhere)."""
+    computed for prompt tokens only (None elsewhere).
+
+    As a mapping it is vLLM's entry for the position (``out.logprobs[i][token_id].logprob``):
+    ``ranked()``'s tokens."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
     rank: int | None = None
+
+    def ranked(self, k: int | None = None) -> dict[int, Logprob]:
+        """The token itself, then its top-``k`` alternatives (all: None) not already in, with their
+        ranks (the alternatives 1 to ``k``; the token its own ``rank``, or its place among them)."""
+        places = {token_id: place for place, (token_id, _) in enumerate(self.top, 1)}
+        entries = {self.token_id: Logprob(self.logprob, self.rank if self.rank is not None else places.get(self.token_id))}
+        for place, (token_id, logprob) in enumerate(self.top[:k], 1):
+            entries.setdefault(token_id, Logprob(logprob, place))
+        return entries
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        return self.ranked()[token_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ranked())
+
+    def __len__(self) -> int:
+        return len(self.ranked())
 
 
 @dataclass(eq=False)

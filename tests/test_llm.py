@@ -351,21 +351,29 @@ def test_a_resumed_sequence_goes_on_as_it_would_have(demo_model, device, async_s
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_prompt_and_output_logprobs_match_transformers(demo_model, hf_model, async_scheduling):
+    """Log-probs and their top alternatives as transformers' logits give them, in vLLM's forms too:
+    ``prompt_logprobs`` None unless asked for, else None for the first token; each position a
+    mapping of token ids to ``Logprob`` (the token itself, then the alternatives ranked 1 to k)."""
     llm = LLM(demo_model, async_scheduling=async_scheduling)
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2))[0]
     tok = AutoTokenizer.from_pretrained(demo_model)
     logprobs = _hf_logprobs(hf_model, out.prompt_token_ids + out.outputs[0].token_ids)
     n_prompt = len(out.prompt_token_ids)
-    assert len(out.prompt_logprobs) == n_prompt - 1
-    for i, lp in enumerate(out.prompt_logprobs):
-        assert lp.token_id == out.prompt_token_ids[i + 1]
-        assert lp.logprob == pytest.approx(logprobs[i, lp.token_id].item(), abs=1e-4)
+    assert len(out.prompt_logprobs) == n_prompt and out.prompt_logprobs[0] is None
+    for i, lp in enumerate(out.prompt_logprobs[1:]):
+        token = out.prompt_token_ids[i + 1]
+        assert lp.token_id == token
+        assert lp.logprob == pytest.approx(logprobs[i, token].item(), abs=1e-4)
         assert [t for t, _ in lp.top] == logprobs[i].topk(2).indices.tolist()
+        assert (lp[token].logprob, lp[token].rank) == (lp.logprob, (logprobs[i] >= logprobs[i, token]).sum().item())
+        assert list(lp) == [token, *(t for t, _ in lp.top if t != token)]
     for j, lp in enumerate(out.outputs[0].logprobs):
         row = logprobs[n_prompt - 1 + j]
         assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
         assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
+        assert {t: (e.logprob, e.rank) for t, e in lp.items()} == {t: (v, r) for r, (t, v) in enumerate(lp.top, 1)}   # greedy: the top one
     assert tok.decode(out.outputs[0].token_ids)
+    assert llm.generate(PROMPTS[0], GREEDY)[0].prompt_logprobs is None
 
 
 @pytest.mark.parametrize(
@@ -385,9 +393,9 @@ def test_prompt_logprobs_and_ranks_match_transformers_over_a_cached_prefix(demo_
     assert out.num_cached_tokens == 0
     ids = out.prompt_token_ids
     logprobs = _hf_logprobs(hf_model, ids)
-    assert [lp.token_id for lp in out.prompt_logprobs] == ids[1:]
+    assert [lp.token_id for lp in out.prompt_logprobs[1:]] == ids[1:]
     ranks = []
-    for row, lp in zip(logprobs, out.prompt_logprobs):
+    for row, lp in zip(logprobs, out.prompt_logprobs[1:]):
         ranks.append(lp.rank)
         assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
         assert lp.rank == (row >= row[lp.token_id]).sum().item()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from baton.engine.sequence import TokenLogprob
+from baton.engine.sequence import Logprob, TokenLogprob
 from baton.services.gateway.backend import BackendError
 from baton.services.gateway.choice import Delta, Prompt
 from baton.services.gateway.protocol import (
@@ -72,15 +72,11 @@ class LogprobFormatter:
             raise BackendError(f"a worker scored {len(scored)} of the prompt's {len(prompt.token_ids) - 1} tokens "
                                "after its first", 502)
 
-        def entry(token_id: int, logprob: float, rank: int | None) -> PromptLogprob:
-            return PromptLogprob(logprob=max(logprob, MIN_LOGPROB), rank=rank, decoded_token=self.tokenizer.token_text(token_id))
+        def entry(token_id: int, lp: Logprob) -> PromptLogprob:
+            return PromptLogprob(logprob=max(lp.logprob, MIN_LOGPROB), rank=lp.rank, decoded_token=self.tokenizer.token_text(token_id))
 
         entries: PromptLogprobs = [None]
-        for lp in scored:
-            alternatives = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
-            for rank, (token_id, logprob) in enumerate(lp.top[:k], 1):
-                alternatives.setdefault(str(token_id), entry(token_id, logprob, rank))
-            entries.append(alternatives)
+        entries += [{str(token_id): entry(token_id, e) for token_id, e in lp.ranked(k).items()} for lp in scored]
         return entries
 
     def chat(self, req: ChatCompletionRequest, tokens: list[TokenLogprob]) -> ChatLogprobs:
