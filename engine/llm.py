@@ -174,11 +174,7 @@ class LLM:
         priorities = priority if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
-        if lora_request is not None:
-            if lora is not None:
-                raise ValueError("give lora (adapters by name) or lora_request (vLLM's), not both")
-            lora = self._load_requested(_per_prompt(lora_request, len(prompts), "LoRA requests"))
-        adapters = _per_prompt(lora, len(prompts), "LoRA adapters")
+        adapters = self._adapters(lora, lora_request, len(prompts))
         salts = _per_prompt(cache_salt, len(prompts), "cache salts")
         requests: list[tuple[str, list[Sequence]]] = []
         for token_ids, p, rank, adapter, salt in zip(prompts, params_list, priorities, adapters, salts):
@@ -191,6 +187,16 @@ class LLM:
                                                                cache_salt=salt)))
         self._run(sum(len(seqs) for _, seqs in requests), use_tqdm)
         return [self._output(request_id, seqs, text) for (request_id, seqs), text in zip(requests, texts)]
+
+    def _adapters(self, lora: str | list[str | None] | None, lora_request: LoRARequest | list[LoRARequest | None] | None,
+                  count: int) -> list[str | None]:
+        """Each of ``count`` prompts' adapter name: ``lora``'s, or vLLM's ``lora_request``'s (loaded on
+        first use); not both."""
+        if lora_request is None:
+            return _per_prompt(lora, count, "LoRA adapters")
+        if lora is not None:
+            raise ValueError("give lora (adapters by name) or lora_request (vLLM's), not both")
+        return self._load_requested(_per_prompt(lora_request, count, "LoRA requests"))
 
     def _load_requested(self, requests: list[LoRARequest | None]) -> list[str | None]:
         """Each request's adapter name, loading those not loaded yet from their directory
@@ -233,10 +239,11 @@ class LLM:
         lora: str | list[str | None] | None = None,
         cache_salt: str | list[str | None] | None = None,
         use_tqdm: ProgressBar = True,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat``: one conversation (a list of messages) or several, each rendered by the
         model's chat template (``chat_template`` in its place) as transformers renders it, then
-        ``generate``d with ``sampling_params`` (``lora``, ``cache_salt``, ``use_tqdm`` as there).
+        ``generate``d with ``sampling_params`` (``lora``, ``cache_salt``, ``use_tqdm``, ``lora_request`` as there).
         ``continue_final_message`` continues the last (assistant) message instead of opening a new one."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
@@ -247,14 +254,16 @@ class LLM:
             )
             for conversation in conversations
         ]
-        return self.generate(prompts, sampling_params, lora=lora, cache_salt=cache_salt, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, lora=lora, cache_salt=cache_salt, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
 
     def beam_search(
-        self, prompts: Prompts, params: BeamSearchParams, lora: str | None = None,
+        self, prompts: Prompts, params: BeamSearchParams, lora: str | None = None, lora_request: LoRARequest | None = None,
     ) -> list[BeamSearchOutput]:
-        """Each prompt's ``params.beam_width`` best beams (under LoRA adapter ``lora``), as vLLM's
-        ``LLM.beam_search`` finds them (``engine.beam_search``); each step runs every prompt's live
-        beams in one batch."""
+        """Each prompt's ``params.beam_width`` best beams (under LoRA adapter ``lora``, or vLLM's
+        ``lora_request``, loaded on first use), as vLLM's ``LLM.beam_search`` finds them
+        (``engine.beam_search``); each step runs every prompt's live beams in one batch."""
+        (lora,) = self._adapters(lora, lora_request, 1)
         prompts = self._token_ids(prompts)
         stop_ids = frozenset() if params.ignore_eos else frozenset(self.core.eos_token_ids)
         rules = [BeamRules(params.beam_width, params.length_penalty, len(p), stop_ids) for p in prompts]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from baton.engine.beam_search import BeamSearchParams
 from baton.engine.block_manager import BlockRemoved, BlockStored
 from baton.engine.config import EngineConfig, SpeculativeConfig, parse_lora_modules
 from baton.engine.cuda_graph import is_graph_step
@@ -252,6 +253,25 @@ def test_vllms_lora_request_loads_its_adapter_on_first_use(demo_model, adapters,
         llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("one", 1, str(adapters["two"])))
     with pytest.raises(ValueError, match="not both"):
         llm.generate(PROMPTS[0], GREEDY, lora="one", lora_request=one)
+
+
+def test_vllms_lora_request_serves_chat_and_beam_search_too(demo_model, adapters) -> None:
+    """``chat`` and ``beam_search`` take vLLM's ``lora_request`` as ``generate`` does: the adapter loads
+    on first use, and the outputs are those under its name (not the base model's)."""
+    llm = LLM(demo_model, enable_lora=True, max_loras=1)
+    one = LoRARequest("one", 1, str(adapters["one"]))
+    chat = [{"role": "user", "content": "Speak, Romeo."}]
+    tuned = _token_ids(llm.chat(chat, GREEDY, lora_request=one))
+    assert llm.runner.lora_names == {"one"}
+    assert tuned == _token_ids(llm.chat(chat, GREEDY, lora="one")) != _token_ids(llm.chat(chat, GREEDY))
+
+    def beams(**adapter) -> list[list[int]]:
+        (out,) = llm.beam_search(PROMPTS[0], BeamSearchParams(beam_width=2, max_tokens=8, ignore_eos=True), **adapter)
+        return [b.tokens for b in out.sequences]
+
+    assert beams(lora_request=one) == beams(lora="one") != beams()
+    with pytest.raises(ValueError, match="not both"):
+        beams(lora="one", lora_request=one)
 
 
 def test_a_runtime_load_is_checked_as_at_start(demo_model, adapters, tmp_path) -> None:
