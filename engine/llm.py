@@ -244,18 +244,23 @@ class LLM:
         """vLLM's ``LLM.chat``: one conversation (a list of messages) or several, each rendered by the
         model's chat template (``chat_template`` in its place) as transformers renders it, then
         ``generate``d with ``sampling_params`` (``lora``, ``cache_salt``, ``use_tqdm``, ``lora_request`` as there).
-        ``continue_final_message`` continues the last (assistant) message instead of opening a new one."""
+        ``continue_final_message`` continues the last (assistant) message instead of opening a new one.
+        Each output's ``prompt`` is the rendered text, as vLLM's."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
+        texts = [
             self.tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, tools=tools, tokenize=True, return_dict=False,
+                conversation, chat_template=chat_template, tools=tools, tokenize=False,
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                 **(chat_template_kwargs or {}),
             )
             for conversation in conversations
         ]
-        return self.generate(prompts, sampling_params, lora=lora, cache_salt=cache_salt, use_tqdm=use_tqdm,
-                             lora_request=lora_request)
+        prompts = [self.tokenizer(text, add_special_tokens=False).input_ids for text in texts]   # the template writes its own
+        outputs = self.generate(prompts, sampling_params, lora=lora, cache_salt=cache_salt, use_tqdm=use_tqdm,
+                                lora_request=lora_request)
+        for output, text in zip(outputs, texts):
+            output.prompt = text
+        return outputs
 
     def beam_search(
         self, prompts: Prompts, params: BeamSearchParams, lora: str | None = None, lora_request: LoRARequest | None = None,

@@ -106,7 +106,8 @@ def test_reset_prefix_cache_makes_the_next_prompts_cold(demo_model):
 
 def test_chat_renders_conversations_as_the_gateway_does(demo_model):
     """``LLM.chat`` (vLLM's): each conversation through the chat template, as the gateway renders a
-    chat request (its options and a template of the caller's too), then generated."""
+    chat request (its options and a template of the caller's too), then generated; each output's
+    ``prompt`` is the rendered text, as vLLM's."""
     from baton.services.gateway.tokenizer import GatewayTokenizer
 
     llm, params = LLM(demo_model), SamplingParams(temperature=0, max_tokens=8)
@@ -120,6 +121,7 @@ def test_chat_renders_conversations_as_the_gateway_does(demo_model):
         ids = gateway.encode_chat(conversation, **{k: v for k, v in options.items() if k != "chat_template"})
         out = llm.chat(conversation, params, **options)[0]
         assert out.prompt_token_ids == ids
+        assert out.prompt == gateway.render_chat(conversation, **{k: v for k, v in options.items() if k != "chat_template"})
         assert out.outputs[0].token_ids == llm.generate([ids], params)[0].outputs[0].token_ids
     both = llm.chat([ask, answer], params, add_generation_prompt=False, continue_final_message=True)
     assert [o.prompt_token_ids for o in both] == [
