@@ -4,7 +4,7 @@ to the model runner. Pure Python: no torch."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,8 +52,10 @@ class TokenLogprob(Mapping[int, Logprob]):
     def ranked(self, k: int | None = None) -> dict[int, Logprob]:
         """The token itself, then its top-``k`` alternatives (all: None) not already in, with their
         ranks (the alternatives 1 to ``k``; the token its own ``rank``, or its place among them)."""
-        places = {token_id: place for place, (token_id, _) in enumerate(self.top, 1)}
-        entries = {self.token_id: Logprob(self.logprob, self.rank if self.rank is not None else places.get(self.token_id))}
+        rank = self.rank
+        if rank is None:
+            rank = next((place for place, (token_id, _) in enumerate(self.top, 1) if token_id == self.token_id), None)
+        entries = {self.token_id: Logprob(self.logprob, rank)}
         for place, (token_id, logprob) in enumerate(self.top[:k], 1):
             entries.setdefault(token_id, Logprob(logprob, place))
         return entries
@@ -66,6 +68,13 @@ class TokenLogprob(Mapping[int, Logprob]):
 
     def __len__(self) -> int:
         return len(self.ranked())
+
+    # items() and values() build the entries once (Mapping's own would look each key up again).
+    def items(self) -> ItemsView[int, Logprob]:
+        return self.ranked().items()
+
+    def values(self) -> ValuesView[Logprob]:
+        return self.ranked().values()
 
 
 @dataclass(eq=False)

@@ -119,7 +119,7 @@ class EngineBackend(Backend):
         try:
             await asyncio.sleep(0)
             o = out.outputs[0]
-            scored = out.prompt_logprobs[1:] if out.prompt_logprobs else []   # the chunk's leave out the first token's None
+            scored = out.prompt_logprobs[1:] if out.prompt_logprobs else []   # a chunk's have no None for the first token
             yield GenerationChunk(tokens=o.logprobs, finish_reason=o.finish_reason,
                                   prompt_tokens=len(out.prompt_token_ids), cached_tokens=out.num_cached_tokens,
                                   prompt_logprobs=scored or None)

@@ -291,7 +291,7 @@ class BaseGenerationRequest(NullMeansDefault):
         if self.response_format.type == "structural_tag":
             return StructuredOutputParams(structural_tag=self.response_format.structural_tag(),
                                           disable_any_whitespace=compact)
-        return StructuredOutputParams(json=json.dumps(self.response_format.json_schema.schema_), disable_any_whitespace=compact)
+        return StructuredOutputParams(json=self.response_format.json_schema.schema_, disable_any_whitespace=compact)
 
     @field_validator("stream_options")
     @classmethod

@@ -29,7 +29,7 @@ ANY_OBJECT = {"type": "object"}
 def grammar(req: ChatCompletionRequest) -> StructuredOutputParams | None:
     """The structure a forced ``tool_choice`` gives the output; None when it forces nothing."""
     if isinstance(req.tool_choice, NamedToolChoice):
-        return StructuredOutputParams(json=json.dumps(_parameters(_named_tool(req))), disable_any_whitespace=True)
+        return StructuredOutputParams(json=_parameters(_named_tool(req)), disable_any_whitespace=True)
     if req.tool_choice == "required":
         calls = [
             {
@@ -43,7 +43,7 @@ def grammar(req: ChatCompletionRequest) -> StructuredOutputParams | None:
         array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
         if not req.parallel_tool_calls:
             array["maxItems"] = 1
-        return StructuredOutputParams(json=json.dumps(array), disable_any_whitespace=True)
+        return StructuredOutputParams(json=array, disable_any_whitespace=True)
     return None
 
 
