@@ -118,6 +118,7 @@ class EngineCore:
         if lora is not None and lora not in self.runner.lora_names:  # a wrong model name first, as vLLM's 404
             loaded = ", ".join(sorted(self.runner.lora_names)) or "none"
             raise UnknownLoRA(f"request {request_id}: LoRA adapter {lora!r} is not loaded here (loaded: {loaded})")
+        params = params.with_vocabulary(self.vocab_size)
         check_request(request_id, prompt_token_ids, params, output_token_ids, priority, cache_salt, self.limits)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         grammars = [self._grammar(request_id, params, output_token_ids) for _ in range(params.n)]

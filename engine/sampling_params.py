@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json as json_text
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default: the most log-probs a request may ask for
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
@@ -65,7 +65,8 @@ class SamplingParams:
     ``seed`` makes sampling reproducible whatever the batch: the token at output
     index ``t`` is drawn with noise keyed by ``(seed, t)`` (see ``sampler``).
     ``logprobs`` / ``prompt_logprobs``: ``None`` = off, ``k`` = the chosen token
-    plus its top-``k`` alternatives. ``logit_bias`` maps token ids to what is added to
+    plus its top-``k`` alternatives, -1 = the whole vocabulary (vLLM's; the engine reads it as its
+    vocabulary's size, ``with_vocabulary``). ``logit_bias`` maps token ids to what is added to
     their logits before sampling (ids beyond the vocabulary are ignored).
     ``structured_output`` masks, each step, the tokens its grammar does not allow next
     (``structured_outputs=`` is taken too, vLLM's name for it).
@@ -130,10 +131,10 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.seed is None or self.seed >= 0, f"seed must be non-negative, got {self.seed}"),
-            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be non-negative, got {self.logprobs}"),
+            (self.logprobs is None or self.logprobs >= -1, f"logprobs must be -1 (all) or more, got {self.logprobs}"),
             (
-                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
-                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}",
+                self.prompt_logprobs is None or self.prompt_logprobs >= -1,
+                f"prompt_logprobs must be -1 (all) or more, got {self.prompt_logprobs}",
             ),
             (all(t >= 0 for t in self.logit_bias), "logit_bias token ids must be non-negative"),
             (
@@ -173,6 +174,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def with_vocabulary(self, vocab_size: int) -> SamplingParams:
+        """These params with log-probs of -1 (the whole vocabulary) as ``vocab_size`` of them."""
+        whole = {name: vocab_size for name in ("logprobs", "prompt_logprobs") if getattr(self, name) == -1}
+        return replace(self, **whole) if whole else self
 
 
 def bad_word_sequences(words: list[str], encode: Callable[[str], list[int]]) -> list[list[int]]:

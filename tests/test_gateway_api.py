@@ -268,6 +268,8 @@ async def test_invalid_completion_requests_get_400(tok, body, param) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
          "top_logprobs"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": -2},
+         "top_logprobs"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2, "stream": True},
          "prompt_logprobs"),
         # Images are not served (an image-text checkpoint serves its text model).
@@ -287,6 +289,8 @@ async def test_max_logprobs_sets_how_many_log_probs_a_request_may_ask_for(tok) -
                          400, "logprobs")
     assert error["message"] == "Requested sample logprobs of 6, which is greater than max allowed: 5"
     assert_error(await post(backend, tok, "/v1/chat/completions", {**chat, "top_logprobs": 6}, few), 400, "top_logprobs")
+    whole = assert_error(await post(backend, tok, "/v1/chat/completions", {**chat, "top_logprobs": -1}, few), 400, "top_logprobs")
+    assert whole["message"] == f"Requested sample logprobs of {tok.vocab_size}, which is greater than max allowed: 5"
     assert_error(await post(backend, tok, "/v1/completions", {"model": MODEL, "prompt": "x", "prompt_logprobs": 6}, few),
                  400, "prompt_logprobs")
     assert backend.requests == []
@@ -298,8 +302,10 @@ async def test_max_logprobs_sets_how_many_log_probs_a_request_may_ask_for(tok) -
     vocabulary = make_config(max_logprobs=-1)
     assert (await post(backend, tok, "/v1/completions",
                        {"model": MODEL, "prompt": "x", "max_tokens": 2, "prompt_logprobs": -1}, vocabulary)).status_code == 200
+    everything = await post(backend, tok, "/v1/chat/completions", {**chat, "top_logprobs": -1}, vocabulary)
+    assert len(everything.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == tok.vocab_size
     assert [(r.params.logprobs, r.params.prompt_logprobs) for r in backend.requests] == [
-        (25, 30), (30, None), (None, tok.vocab_size)]
+        (25, 30), (30, None), (None, tok.vocab_size), (tok.vocab_size, None)]
 
 
 async def test_malformed_json_unknown_model_and_oversized_body(tok) -> None:

@@ -378,6 +378,27 @@ def test_prompt_and_output_logprobs_match_transformers(demo_model, hf_model, asy
     assert llm.generate(PROMPTS[0], GREEDY)[0].prompt_logprobs is None
 
 
+def test_logprobs_of_minus_one_give_the_whole_vocabulary(demo_model, hf_model):
+    """vLLM's ``logprobs=-1`` / ``prompt_logprobs=-1``: every token of the vocabulary, in
+    transformers' order, where ``max_logprobs`` allows that many (-1: the vocabulary); refused
+    in vLLM's words where it does not."""
+    llm = LLM(demo_model, max_logprobs=-1)
+    vocab = llm.runner.vocab_size
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=2, logprobs=-1, prompt_logprobs=-1))[0]
+    logprobs = _hf_logprobs(hf_model, out.prompt_token_ids + out.outputs[0].token_ids)
+    n_prompt = len(out.prompt_token_ids)
+    rows = [(lp, logprobs[i]) for i, lp in enumerate(out.prompt_logprobs[1:])]
+    rows += [(lp, logprobs[n_prompt - 1 + j]) for j, lp in enumerate(out.outputs[0].logprobs)]
+    for lp, row in rows:
+        assert len(lp.top) == len(lp) == vocab
+        assert [t for t, _ in lp.top[:50]] == row.topk(50).indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(row.sort(descending=True).values.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match=f"sample logprobs of {vocab}, which is greater than max allowed: 20"):
+        LLM(demo_model).generate(PROMPTS[0], SamplingParams(max_tokens=2, logprobs=-1))
+    with pytest.raises(ValueError, match="prompt_logprobs must be -1"):
+        SamplingParams(prompt_logprobs=-2)
+
+
 @pytest.mark.parametrize(
     "engine_kwargs",
     [{"block_size": 4}, {"block_size": 4, "max_num_batched_tokens": 7, "async_scheduling": True}],

@@ -47,21 +47,23 @@ class RequestPreparer:
         """The most log-probs a request may ask for a token (``--max-logprobs``; -1: the vocabulary)."""
         return self.tokenizer.vocab_size if self.config.max_logprobs == -1 else self.config.max_logprobs
 
-    def check_logprobs(self, k: int | None, kind: str, param: str) -> None:
-        """vLLM's check (and words) of a request's log-probs against ``--max-logprobs``."""
+    def logprobs(self, k: int | None, kind: str, param: str) -> int | None:
+        """A request's log-probs a token (-1: the whole vocabulary, as vLLM reads it), checked as vLLM
+        checks them (and in its words) against ``--max-logprobs``."""
+        if k == -1:
+            k = self.tokenizer.vocab_size
         limit = self.logprob_limit
         if k is not None and k > limit:
             raise APIError(f"Requested {kind} logprobs of {k}, which is greater than max allowed: {limit}", param=param)
+        return k
 
     def prompt_logprobs(self, req: BaseGenerationRequest) -> int | None:
         """How many alternatives come with each prompt token's log-prob (vLLM's ``prompt_logprobs``);
         None: not asked for, or a stream (which has no place for them). -1 asks for the whole
         vocabulary."""
-        if req.prompt_logprobs is None or req.stream:
+        if req.stream:
             return None
-        k = self.tokenizer.vocab_size if req.prompt_logprobs == -1 else req.prompt_logprobs
-        self.check_logprobs(k, "prompt", "prompt_logprobs")
-        return k
+        return self.logprobs(req.prompt_logprobs, "prompt", "prompt_logprobs")
 
     def chat_token_ids(self, req: ChatCompletionRequest | TokenizeRequest, add_special_tokens: bool = False) -> list[int]:
         """The messages through the chat template, as token ids; the tokenizer's special tokens (the

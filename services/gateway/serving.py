@@ -143,11 +143,11 @@ class OpenAIServing:
         prompts = [self.prep.prompt(self.prep.truncate(req, ids, limit), with_text=req.echo)
                    for ids in self.prep.token_ids(req.prompt, "prompt", req.add_special_tokens)]
         params = self.prep.params(req, prompts, limit, "max_tokens", "prompt")
-        self.prep.check_logprobs(req.logprobs, "sample", "logprobs")
+        sample_k = self.prep.logprobs(req.logprobs, "sample", "logprobs")
         prompt_k = self.prep.prompt_logprobs(req)
         # echo with logprobs scores the prompt too: both from one computation, with the larger top-k
-        wanted = [k for k in (req.logprobs if req.echo else None, prompt_k) if k is not None]
-        params = replace(params, logprobs=req.logprobs, prompt_logprobs=max(wanted, default=None))
+        wanted = [k for k in (sample_k if req.echo else None, prompt_k) if k is not None]
+        params = replace(params, logprobs=sample_k, prompt_logprobs=max(wanted, default=None))
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
         choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora)
         runner = self._runner_for(req, choices)
@@ -171,9 +171,9 @@ class OpenAIServing:
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         prompts = [self.prep.prompt(ids, with_text=False)]
         params = self.prep.params(req, prompts, req.output_limit, limit_param, "messages")
-        self.prep.check_logprobs(req.top_logprobs, "sample", "top_logprobs")
+        sample_k = self.prep.logprobs(req.top_logprobs, "sample", "top_logprobs")
         prompt_k = self.prep.prompt_logprobs(req)
-        params = replace(params, logprobs=(req.top_logprobs or 0) if req.logprobs else None, prompt_logprobs=prompt_k)
+        params = replace(params, logprobs=(sample_k or 0) if req.logprobs else None, prompt_logprobs=prompt_k)
         params = self._chat.bind_grammar_to_answer(params, ids)
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
         choices = self.prep.choices(worker_request_id(request_id), prompts, params, req, lora,
