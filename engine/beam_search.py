@@ -16,7 +16,7 @@ temperature, penalties, biases and grammars change nothing here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import TokenLogprob
@@ -82,7 +82,7 @@ def extend(beams: list[Beam], steps: list[TokenLogprob], rules: BeamRules) -> tu
             stops = token_id in rules.stop_ids
             if stops and not may_stop:
                 continue
-            token = TokenLogprob(token_id, logprob, step.top[: rules.top_k])
+            token = replace(step, token_id=token_id, logprob=logprob, top=step.top[: rules.top_k])   # its decode kept
             (finished if stops else live).append(Beam([*beam.tokens, token], beam.cum_logprob + logprob, stops))
     live.sort(key=lambda b: b.cum_logprob, reverse=True)   # stable: ties keep beam, then rank, order
     return live[: rules.width], finished

@@ -359,8 +359,16 @@ class LLM:
     def _output(self, request_id: str, seqs: list[Sequence], prompt: str | None) -> RequestOutput:
         first = seqs[0]
         samples = [self._completion(i, seq) for i, seq in enumerate(seqs)]
-        scored = [None, *first.prompt_logprobs] if first.params.prompt_logprobs is not None else None
+        scored = [None, *self._decoded(first.prompt_logprobs)] if first.params.prompt_logprobs is not None else None
         return RequestOutput(request_id, list(first.prompt_token_ids), samples, first.num_cached_tokens, scored, prompt)
+
+    def _decoded(self, logprobs: list[TokenLogprob]) -> list[TokenLogprob]:
+        """``logprobs`` whose entries carry each token's text (``Logprob.decoded_token``), as vLLM
+        writes it: the token decoded alone, special tokens included."""
+        return [replace(lp, decode=self._token_text) for lp in logprobs]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
     def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
         """A finished sequence's sample: its text cut at its first stop string, and what stopped it;
@@ -373,11 +381,12 @@ class LLM:
             ids, logprobs = ids[:kept], logprobs[:kept]
         elif seq.finish_reason == "stop" and ids and ids[-1] in params.stop_token_ids:
             stop = ids[-1]
+        asked = params.logprobs is not None
         return CompletionOutput(
             index=index, text=text, token_ids=list(ids),
-            finish_reason="stop" if isinstance(stop, str) else seq.finish_reason, logprobs=list(logprobs),
-            stop_reason=stop,
-            cumulative_logprob=sum(t.logprob for t in logprobs) if params.logprobs is not None else None,
+            finish_reason="stop" if isinstance(stop, str) else seq.finish_reason,
+            logprobs=self._decoded(logprobs) if asked else None, stop_reason=stop,
+            cumulative_logprob=sum(t.logprob for t in logprobs) if asked else None,
         )
 
 

@@ -4,7 +4,7 @@ and a scored pair's ``ScoringRequestOutput``, with vLLM's field names and order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from baton.engine.sequence import TokenLogprob
@@ -15,15 +15,15 @@ O = TypeVar("O")
 @dataclass
 class CompletionOutput:
     """One sample, as vLLM's: ``stop_reason`` is the stop string or stop token id that ended it
-    (None for EOS or a length); ``cumulative_logprob`` the sum of its tokens' log-probs, given
-    where ``logprobs`` were asked for. Each of ``logprobs`` is also vLLM's entry for its position,
-    a mapping of token ids to ``Logprob`` (``TokenLogprob``)."""
+    (None for EOS or a length); ``logprobs`` and ``cumulative_logprob`` (the sum of its tokens'
+    log-probs) are None unless ``logprobs`` were asked for. Each of ``logprobs`` is also vLLM's
+    entry for its position, a mapping of token ids to ``Logprob`` (``TokenLogprob``)."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
     stop_reason: int | str | None = None
     cumulative_logprob: float | None = None
 

@@ -4,7 +4,7 @@ to the model runner. Pure Python: no torch."""
 from __future__ import annotations
 
 import enum
-from collections.abc import ItemsView, Iterator, Mapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,9 +26,9 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Logprob:
-    """vLLM's: one token's log-prob at a position and its ``rank`` (how many tokens of the
-    vocabulary are at least as likely; None where not computed). ``decoded_token`` is left None:
-    the offline ``LLM`` writes no text for each entry (the gateway's log-probs carry it)."""
+    """vLLM's: one token's log-prob at a position, its ``rank`` (how many tokens of the
+    vocabulary are at least as likely; None where not computed) and its text (None where
+    no tokenizer wrote it: the offline ``LLM``'s outputs carry it)."""
 
     logprob: float
     rank: int | None = None
@@ -42,12 +42,14 @@ class TokenLogprob(Mapping[int, Logprob]):
     computed for prompt tokens only (None elsewhere).
 
     As a mapping it is vLLM's entry for the position (``out.logprobs[i][token_id].logprob``):
-    ``ranked()``'s tokens."""
+    ``ranked()``'s tokens, each entry's ``decoded_token`` written by ``decode`` (a token id's
+    text; None: left None)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
     rank: int | None = None
+    decode: Callable[[int], str] | None = field(default=None, compare=False, repr=False)
 
     def ranked(self, k: int | None = None) -> dict[int, Logprob]:
         """The token itself, then its top-``k`` alternatives (all: None) not already in, with their
@@ -55,9 +57,11 @@ class TokenLogprob(Mapping[int, Logprob]):
         rank = self.rank
         if rank is None:
             rank = next((place for place, (token_id, _) in enumerate(self.top, 1) if token_id == self.token_id), None)
-        entries = {self.token_id: Logprob(self.logprob, rank)}
+        text = self.decode or (lambda _: None)
+        entries = {self.token_id: Logprob(self.logprob, rank, text(self.token_id))}
         for place, (token_id, logprob) in enumerate(self.top[:k], 1):
-            entries.setdefault(token_id, Logprob(logprob, place))
+            if token_id not in entries:
+                entries[token_id] = Logprob(logprob, place, text(token_id))
         return entries
 
     def __getitem__(self, token_id: int) -> Logprob:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -114,7 +115,9 @@ class EngineBackend(Backend):
         self.requests.append(request)
         if len(self.requests) == self.fail_at:
             raise BackendError("decode worker 127.0.0.1:1 went away", 503)
-        (out,) = self.llm.generate([request.prompt_token_ids], request.params, lora=request.lora)
+        # A worker streams each token's log-prob whether asked or not; the offline LLM gives them where asked.
+        params = request.params if request.params.logprobs is not None else replace(request.params, logprobs=0)
+        (out,) = self.llm.generate([request.prompt_token_ids], params, lora=request.lora)
         self.open.add(request.request_id)
         try:
             await asyncio.sleep(0)

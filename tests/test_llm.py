@@ -332,7 +332,7 @@ def test_a_resumed_sequence_goes_on_as_it_would_have(demo_model, device, async_s
     and min_tokens count the resumed tokens as output. Once over the prefix cache that
     holds them, once computing everything."""
     params = SamplingParams(temperature=0.9, top_k=50, max_tokens=24, min_tokens=20, seed=11,
-                            repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.4)
+                            repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.4, logprobs=0)
     cached = LLM(demo_model, device=device, block_size=4, async_scheduling=async_scheduling)
     fresh = LLM(demo_model, device=device, block_size=4, async_scheduling=async_scheduling, enable_prefix_caching=False)
     prompt = cached.tokenizer(PROMPTS[2]).input_ids
@@ -354,8 +354,9 @@ def test_a_resumed_sequence_goes_on_as_it_would_have(demo_model, device, async_s
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_prompt_and_output_logprobs_match_transformers(demo_model, hf_model, async_scheduling):
     """Log-probs and their top alternatives as transformers' logits give them, in vLLM's forms too:
-    ``prompt_logprobs`` None unless asked for, else None for the first token; each position a
-    mapping of token ids to ``Logprob`` (the token itself, then the alternatives ranked 1 to k)."""
+    ``logprobs`` and ``prompt_logprobs`` None unless asked for, the latter else None for the first
+    token; each position a mapping of token ids to ``Logprob`` (the token itself, then the
+    alternatives ranked 1 to k, each with its text as the tokenizer decodes it alone)."""
     llm = LLM(demo_model, async_scheduling=async_scheduling)
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2))[0]
     tok = AutoTokenizer.from_pretrained(demo_model)
@@ -369,13 +370,16 @@ def test_prompt_and_output_logprobs_match_transformers(demo_model, hf_model, asy
         assert [t for t, _ in lp.top] == logprobs[i].topk(2).indices.tolist()
         assert (lp[token].logprob, lp[token].rank) == (lp.logprob, (logprobs[i] >= logprobs[i, token]).sum().item())
         assert list(lp) == [token, *(t for t, _ in lp.top if t != token)]
+        assert [e.decoded_token for e in lp.values()] == [tok.decode([t]) for t in lp]
     for j, lp in enumerate(out.outputs[0].logprobs):
         row = logprobs[n_prompt - 1 + j]
         assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
         assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
         assert {t: (e.logprob, e.rank) for t, e in lp.items()} == {t: (v, r) for r, (t, v) in enumerate(lp.top, 1)}   # greedy: the top one
+        assert {t: e.decoded_token for t, e in lp.items()} == {t: tok.decode([t]) for t, _ in lp.top}
     assert tok.decode(out.outputs[0].token_ids)
-    assert llm.generate(PROMPTS[0], GREEDY)[0].prompt_logprobs is None
+    plain = llm.generate(PROMPTS[0], GREEDY)[0]
+    assert plain.prompt_logprobs is None and plain.outputs[0].logprobs is None and plain.outputs[0].cumulative_logprob is None
 
 
 def test_logprobs_of_minus_one_give_the_whole_vocabulary(demo_model, hf_model):
@@ -438,9 +442,10 @@ def test_async_scheduling_samples_what_sync_scheduling_samples(demo_model, devic
     llm = LLM(demo_model, device=device, num_blocks=256, max_num_seqs=8)
     params = [
         SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=24, seed=1, logprobs=2),
-        SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.2, max_tokens=24, seed=2),
-        SamplingParams(temperature=0.7, presence_penalty=0.5, frequency_penalty=0.3, min_tokens=6, max_tokens=24, seed=3),
-        SamplingParams(temperature=0, max_tokens=17),
+        SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.2, max_tokens=24, seed=2, logprobs=0),
+        SamplingParams(temperature=0.7, presence_penalty=0.5, frequency_penalty=0.3, min_tokens=6, max_tokens=24, seed=3,
+                       logprobs=0),
+        SamplingParams(temperature=0, max_tokens=17, logprobs=0),
     ]
     runs = []
     for async_scheduling in (True, False):
