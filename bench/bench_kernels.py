@@ -739,14 +739,15 @@ def attention_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[s
 
 
 # Candidates per head dim (the 2026-12-04 sweep in kernels_h200.md): the two defaults first, then
-# one tile in flight instead of two, 32-key tiles, other warp counts, and the first default asking
+# one tile in flight instead of two, other tile sizes and warp counts, and the first default asking
 # L2 for none, two or four of a split's first tiles before its PDL wait. The fourth field is how
-# many programs fit an SM (shared memory of the sm_90 compiles).
+# many programs fit an SM (shared memory of the sm_90 compiles; at head dim 128 with two warps,
+# their 255 registers a thread).
 DECODE_CANDIDATES = {
     dim: (*DEFAULT_CONFIGS[dim], *others, *(replace(DEFAULT_CONFIGS[dim][0], prefetch_tiles=n) for n in (0, 2, 4)))
     for dim, others in (
         (64, (DecodeConfig(64, 2, 2, 11), DecodeConfig(32, 1, 2, 22), DecodeConfig(32, 2, 3, 6))),
-        (128, (DecodeConfig(32, 2, 3, 6), DecodeConfig(32, 2, 2, 10), DecodeConfig(32, 4, 3, 6))),
+        (128, (DecodeConfig(32, 2, 3, 4), DecodeConfig(32, 2, 2, 4), DecodeConfig(64, 4, 3, 3))),
     )
 }
 DECODE_SWEEP_CASES = {  # (batch, context); the 1B cases pad their tables to RUNNER_CONTEXT where shorter

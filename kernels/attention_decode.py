@@ -58,21 +58,28 @@ class DecodeConfig:
 
 # The defaults by the largest head dim they serve: (two K/V tiles in flight per program,
 # lighter programs). ``programs_per_sm`` is how many of a config's programs an H100 SM holds in the
-# sm_90 compile of bf16 K/V (``test_kernels`` checks it): the deep ones and the light one at head dim
-# 64 by shared memory (228 KB: 36 KB / 18.5 KB a program at head dim 64, 70 KB at 128), the light
-# ones at 128 and 256 by registers (106-145 a thread; bench/results/kernels_h200.md has the sweep the
-# configs were chosen from). Head dim 256 (Gemma) is sized by shared memory alone, not yet measured:
-# tiles of 32 keys hold the bytes of 128's tiles of 64, so its deep programs fit an SM as many times.
+# sm_90 compile of bf16 K/V, as ``default_config`` launches it (``test_kernels`` checks it): at head
+# dim 64 the deep ones and the light one by shared memory (228 KB: 36 KB / 18.5 KB a program); at
+# 128 the deep one (37 KB) and the light ones at 128 and 256 by registers (106-156 a thread;
+# bench/results/kernels_h200.md has the sweep the configs were chosen from). At head dim 128 the deep
+# programs take tiles of 32 keys: against 64, as many programs (three an SM), level or faster from
+# one sequence of 2k keys to 48 of 2k, 26.6-26.8 against 27.2-27.3 us for one of 16k; one sequence
+# of 256-512 keys up to 0.4 us slower (bench/results/kernels_h100.md, sixth round). Head dim 256
+# (Gemma) is sized by shared memory alone, not swept: tiles of 32 keys hold the bytes of 64 at 128,
+# where such programs fit an SM three times.
 DEFAULT_CONFIGS: dict[int, tuple[DecodeConfig, DecodeConfig]] = {
     64: (DecodeConfig(64, 2, 3, programs_per_sm=6), DecodeConfig(32, 1, 3, programs_per_sm=11)),
-    128: (DecodeConfig(64, 4, 3, programs_per_sm=3), DecodeConfig(64, 4, 2, programs_per_sm=4)),
+    128: (DecodeConfig(32, 4, 3, programs_per_sm=3), DecodeConfig(64, 4, 2, programs_per_sm=4)),
     256: (DecodeConfig(32, 4, 3, programs_per_sm=3), DecodeConfig(32, 4, 2, programs_per_sm=3)),
 }
-# Past one wave of deep programs at head dim 128 over an 8-bit cache: tiles of 128 keys (a bf16
-# tile's bytes), two in flight, rather than the light programs' one tile of half those bytes: 0.72-0.75x
-# their time at batch 64, 0.88-0.90x at 128 (bench/results/kernels_h100.md, fp8 KV cache). Its
-# registers (about 200 a thread) let an SM hold two.
-FP8_PAST_THE_WAVE_128 = DecodeConfig(128, 4, 3, programs_per_sm=2)
+# At head dim 128 over an 8-bit cache, tiles of twice the keys (a bf16 tile's bytes): within the
+# wave 64, as the bf16 default's were before it took 32 (32 keys of fp8 took 1.14-1.17x the time of
+# 64 for one sequence of 16-32k, sixth round); past it 128, two in flight, rather than the light
+# programs' one tile of half those bytes: 0.72-0.75x their time at batch 64, 0.88-0.90x at 128
+# (bench/results/kernels_h100.md, fp8 KV cache). Their registers (about 200 a thread past the wave)
+# let an SM hold three and two.
+FP8_CONFIGS_128: tuple[DecodeConfig, DecodeConfig] = (DecodeConfig(64, 4, 3, programs_per_sm=3),
+                                                      DecodeConfig(128, 4, 3, programs_per_sm=2))
 
 
 def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: int, device: torch.device,
@@ -80,15 +87,15 @@ def default_config(batch: int, num_kv_heads: int, head_dim: int, max_context: in
     """Two K/V tiles in flight per program while one wave of such programs holds a program
     for every sequence's KV heads (the context is then split to fill the wave); beyond
     that, lighter programs, so that more of the batch is resident at once (at head dim 128
-    over a cache of ``kv_bytes`` 1, tiles of twice the keys instead). Where each split
+    over a cache of ``kv_bytes`` 1, tiles of twice the keys: ``FP8_CONFIGS_128``). Where each split
     would be a single tile and the wave has room for more (a few short sequences: a chain of
     dependent loads per program, not bandwidth, sets the time), tiles of half the keys
     split the context twice as far. Head dims take the entry of the smallest head dim at least
     as large (the largest past them all)."""
     key = min((d for d in DEFAULT_CONFIGS if d >= head_dim), default=max(DEFAULT_CONFIGS))
-    deep, light = DEFAULT_CONFIGS[key]
+    deep, light = FP8_CONFIGS_128 if kv_bytes == 1 and key == 128 else DEFAULT_CONFIGS[key]
     if batch * num_kv_heads > deep.programs_per_sm * num_sms(device):
-        return FP8_PAST_THE_WAVE_128 if kv_bytes == 1 and key == 128 else light
+        return light
     splits, split_len = split_context(device, batch, num_kv_heads, max_context, deep)
     if split_len == deep.tile_n:
         half = replace(deep, tile_n=deep.tile_n // 2, min_split_tokens=deep.tile_n // 2)
@@ -245,6 +252,13 @@ def split_context(device: torch.device, batch: int, num_kv_heads: int, max_conte
     return triton.cdiv(max_context, split_len), split_len  # rounding up split_len can leave the last splits empty
 
 
+def merge_chunk(config: DecodeConfig, group: int, head_dim: int, splits_pad: int) -> int:
+    """How many splits' partial results the merge loads at once (``CHUNK``): ``merge_per_thread``
+    elements a thread, at most ``splits_pad`` (1 for a launch that does not split)."""
+    per_split = triton.next_power_of_2(group) * head_dim
+    return min(splits_pad, max(1, config.merge_per_thread * 32 * config.num_warps // per_split))
+
+
 _SEMAPHORES: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -325,7 +339,7 @@ def launch_paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), MERGE_PAD=merge_pad, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=config.tile_n, SPLIT=splits > 1, SPLITS_PAD=splits_pad,
-        CHUNK=min(splits_pad, max(1, config.merge_per_thread * 32 * config.num_warps // (merge_pad * head_dim))),
+        CHUNK=merge_chunk(config, group, head_dim, splits_pad),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP16=dot_fp16(q, kv_cache),
         PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=min(head_dim, 128 // kv_cache.element_size()),
         WINDOW=window, SOFTCAP=cap,

@@ -14,7 +14,7 @@ from test_kernels import paged_case
 
 from baton.engine.attention import AttentionMetadata, paged_attention_forward
 from baton.kernels import attention, ops
-from baton.kernels.attention_decode import DEFAULT_CONFIGS, FP8_PAST_THE_WAVE_128, default_config
+from baton.kernels.attention_decode import DEFAULT_CONFIGS, FP8_CONFIGS_128, default_config
 
 pytestmark = pytest.mark.unit
 
@@ -137,12 +137,11 @@ def test_decode_default_config_keys_by_head_dim() -> None:
     memory), also over an 8-bit cache, whose wider tiles are 128's alone."""
     cpu = torch.device("cpu")  # four SMs, as the launch assumes off the GPU
     for head_dim, key in ((16, 64), (64, 64), (128, 128), (256, 256), (512, 256)):
-        deep, light = DEFAULT_CONFIGS[key]
-        assert default_config(1, 2, head_dim, 4096, cpu) == deep
-        assert default_config(64, 8, head_dim, 80, cpu) == light
-        want = FP8_PAST_THE_WAVE_128 if key == 128 else light
-        assert default_config(64, 8, head_dim, 80, cpu, kv_bytes=1) == want
-    assert DEFAULT_CONFIGS[256][0].tile_n * 256 == DEFAULT_CONFIGS[128][0].tile_n * 128   # a tile's bytes, as at 128
+        pair = DEFAULT_CONFIGS[key]
+        assert (default_config(1, 2, head_dim, 4096, cpu), default_config(64, 8, head_dim, 80, cpu)) == pair
+        fp8 = FP8_CONFIGS_128 if key == 128 else pair
+        assert (default_config(1, 2, head_dim, 4096, cpu, kv_bytes=1), default_config(64, 8, head_dim, 80, cpu, kv_bytes=1)) == fp8
+    assert [c.tile_n for c in FP8_CONFIGS_128] == [2 * c.tile_n for c in DEFAULT_CONFIGS[128]]   # a bf16 tile's bytes
 
 
 def test_prefill_window_and_softcap_compile_for_hopper() -> None:

@@ -15,14 +15,18 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 import torch
+import triton
 
 from kernel_cases import GQA, fresh_seed, hopper_ptx, hopper_resources, interpreted_checks_passed, run_cases  # noqa: F401 (fresh_seed is an autouse fixture)
 
 from baton.kernels import activation, attention, kv_cache, linear, norm, ops, rotary
-from baton.kernels.attention_decode import DEFAULT_CONFIGS, FP8_PAST_THE_WAVE_128, DecodeConfig, launch_paged_decode_attention
+from baton.kernels.attention_decode import (
+    DEFAULT_CONFIGS, FP8_CONFIGS_128, DecodeConfig, launch_paged_decode_attention, merge_chunk,
+)
 from baton.kernels.attention_prefill import PrefillConfig, launch_paged_attention
 from baton.kernels.linear import MAX_DISPATCH_ROWS, MAX_GEMV_ROWS, LinearConfig, launch_linear
 
@@ -602,23 +606,30 @@ def test_decode_configs_count_on_as_many_programs_as_an_sm_holds() -> None:
     """``split_context`` splits a context until one wave of ``programs_per_sm`` programs an SM is full:
     each default decode config's count is what an H100 SM holds of its sm_90 compile (registers and
     shared memory as a launch specializes it: strides and pointers divisible by 16), bf16 caches and
-    the 8-bit one of ``FP8_PAST_THE_WAVE_128``. A kernel change that takes more registers or shared
-    memory, without the count following, splits past the wave."""
-    cases = [(config, head_dim, "bf16") for head_dim, pair in DEFAULT_CONFIGS.items() for config in pair]
-    cases.append((FP8_PAST_THE_WAVE_128, 128, "fp8e4nv"))
+    the 8-bit ones of ``FP8_CONFIGS_128``. Each is compiled as ``default_config`` launches it
+    (a group of 4 query heads): the deep configs, and their half-size tiles, split (the merge's
+    chunk as the launch sizes it); the lighter ones past the wave never do. A kernel change that
+    takes more registers or shared memory, without the count following, splits past the wave."""
+    pairs = [(pair, head_dim, "bf16") for head_dim, pair in DEFAULT_CONFIGS.items()] + [(FP8_CONFIGS_128, 128, "fp8e4nv")]
+    deep = [(pair[0], head_dim, kv) for pair, head_dim, kv in pairs]
+    half = [(replace(config, tile_n=config.tile_n // 2), head_dim, kv) for config, head_dim, kv in deep]
+    light = [(pair[1], head_dim, kv) for pair, head_dim, kv in pairs]
+    cases = [(*case, True) for case in deep + half] + [(*case, False) for case in light]
     divisible = ["q_ptr", "kv_ptr", "out_ptr", "part_out_ptr", "part_lse_ptr", "sem_ptr", "seq_lens_ptr", "tables_ptr",
                  "split_len", "table_tokens", "stride_q_seq", "stride_q_head", "stride_c_block", "stride_c_kv", "stride_c_tok",
                  "stride_c_head", "stride_o_seq", "stride_o_head", "stride_t_seq"]
-    jobs = [{"pointers": _decode_pointers("bf16", kv), "divisible": divisible,
-             "options": {"num_warps": config.num_warps, "num_stages": config.num_stages},
-             "constants": dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, TILE_N=config.tile_n,
-                               SPLIT=True, SPLITS_PAD=config.max_splits, CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=kv != "bf16",
-                               PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=64 if kv == "bf16" else 128, WINDOW=0,
-                               SOFTCAP=0.0, PDL=True)}
-            for config, head_dim, kv in cases]
+    jobs = []
+    for config, head_dim, kv, split in cases:
+        splits_pad = triton.next_power_of_2(config.max_splits) if split else 1
+        jobs.append({"pointers": _decode_pointers("bf16", kv), "divisible": divisible,
+                     "options": {"num_warps": config.num_warps, "num_stages": config.num_stages},
+                     "constants": dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, TILE_N=config.tile_n,
+                                       SPLIT=split, SPLITS_PAD=splits_pad, CHUNK=merge_chunk(config, 4, head_dim, splits_pad),
+                                       DOT_PRECISION="tf32", DOT_FP16=kv != "bf16", PREFETCH_KEYS=config.prefetch_tiles * config.tile_n,
+                                       LINE=64 if kv == "bf16" else 128, WINDOW=0, SOFTCAP=0.0, PDL=True)})
     found = hopper_resources("baton.kernels.attention_decode:_paged_decode_attention_kernel", jobs)
-    held = [resident_programs(f["registers"], f["shared"], config.num_warps) for f, (config, _, _) in zip(found, cases)]
-    assert held == [config.programs_per_sm for config, _, _ in cases], list(zip(held, found, cases))
+    held = [resident_programs(f["registers"], f["shared"], config.num_warps) for f, (config, *_) in zip(found, cases)]
+    assert held == [config.programs_per_sm for config, *_ in cases], list(zip(held, found, cases))
 
 
 @pytest.mark.unit

@@ -12,7 +12,7 @@ import torch
 from kernel_cases import GQA, fresh_seed  # noqa: F401 (fresh_seed is an autouse fixture)
 
 from baton.kernels import activation, attention, kv_cache, norm, ops, rotary
-from baton.kernels.attention_decode import DEFAULT_CONFIGS, FP8_PAST_THE_WAVE_128, default_config, split_context
+from baton.kernels.attention_decode import DEFAULT_CONFIGS, FP8_CONFIGS_128, default_config, split_context
 
 pytestmark = pytest.mark.unit
 
@@ -198,7 +198,7 @@ def test_decode_default_config_halves_tiles_only_where_each_split_is_one_tile() 
     assert default_config(1, 2, 64, 4096, cpu) == deep  # a long context: splits of many tiles
     assert default_config(64, 8, 64, 80, cpu) == light  # more KV heads than a wave of deep programs holds
     assert default_config(64, 8, 64, 80, cpu, kv_bytes=1) == light
-    assert default_config(64, 8, 128, 80, cpu, kv_bytes=1) == FP8_PAST_THE_WAVE_128   # an 8-bit cache: larger tiles
+    assert default_config(64, 8, 128, 80, cpu, kv_bytes=1) == FP8_CONFIGS_128[1]   # an 8-bit cache: larger tiles
     assert default_config(64, 8, 128, 80, cpu) == DEFAULT_CONFIGS[128][1]
 
 
