@@ -57,11 +57,11 @@ class TokenLogprob(Mapping[int, Logprob]):
         rank = self.rank
         if rank is None:
             rank = next((place for place, (token_id, _) in enumerate(self.top, 1) if token_id == self.token_id), None)
-        text = self.decode or (lambda _: None)
-        entries = {self.token_id: Logprob(self.logprob, rank, text(self.token_id))}
+        decode = self.decode
+        entries = {self.token_id: Logprob(self.logprob, rank, decode(self.token_id) if decode else None)}
         for place, (token_id, logprob) in enumerate(self.top[:k], 1):
             if token_id not in entries:
-                entries[token_id] = Logprob(logprob, place, text(token_id))
+                entries[token_id] = Logprob(logprob, place, decode(token_id) if decode else None)
         return entries
 
     def __getitem__(self, token_id: int) -> Logprob:
