@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from baton.engine.beam_search import Beam, BeamRules, BeamSearchParams, best, extend
+from baton.engine.chat_messages import template_message
 from baton.engine.config import EngineConfig
 from baton.engine.engine_core import EngineCore
 from baton.engine.generation_config import GenerationDefaults, as_params, load_generation_defaults
@@ -245,11 +246,12 @@ class LLM:
         model's chat template (``chat_template`` in its place) as transformers renders it, then
         ``generate``d with ``sampling_params`` (``lora``, ``cache_salt``, ``use_tqdm``, ``lora_request`` as there).
         ``continue_final_message`` continues the last (assistant) message instead of opening a new one.
-        Each output's ``prompt`` is the rendered text, as vLLM's."""
+        Messages are read as the gateway reads them (``template_message``: text parts joined by newlines,
+        as vLLM joins them). Each output's ``prompt`` is the rendered text, as vLLM's."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         texts = [
             self.tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, tools=tools, tokenize=False,
+                [template_message(m) for m in conversation], chat_template=chat_template, tools=tools, tokenize=False,
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                 **(chat_template_kwargs or {}),
             )

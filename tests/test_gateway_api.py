@@ -1609,6 +1609,15 @@ async def test_prompt_logprobs_a_worker_left_short_are_an_error(tok) -> None:
 # ---- chat ---------------------------------------------------------------------
 
 
+async def test_chat_joins_text_parts_by_newlines_as_vllm_does(tok) -> None:
+    parts = [{"type": "text", "text": "Speak,"}, {"type": "text", "text": "Romeo."}]
+    backend = FakeBackend(tok)
+    for content in (parts, "Speak,\nRomeo."):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_completion_tokens": 2}
+        assert (await post(backend, tok, "/v1/chat/completions", body)).status_code == 200
+    assert backend.requests[0].prompt_token_ids == backend.requests[1].prompt_token_ids
+
+
 async def test_chat_applies_template_and_streams_in_openai_format(tok) -> None:
     from transformers import AutoTokenizer
 

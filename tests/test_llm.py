@@ -129,6 +129,25 @@ def test_chat_renders_conversations_as_the_gateway_does(demo_model):
         for c in (ask, answer)]
 
 
+def test_chat_reads_content_parts_and_tool_calls_as_vllm_does(demo_model):
+    """Messages in OpenAI's form: text parts joined by newlines (vLLM's string content format, not
+    the parts' repr), no content an empty string, a tool call's JSON arguments an object for the
+    template; a part that is not text is refused."""
+    llm, params = LLM(demo_model), SamplingParams(temperature=0, max_tokens=2)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Speak,"}, {"type": "text", "text": "Romeo."}]}]
+    joined = [{"role": "user", "content": "Speak,\nRomeo."}]
+    assert llm.chat(parts, params, use_tqdm=False)[0].prompt == llm.chat(joined, params, use_tqdm=False)[0].prompt
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                "{% for c in m.tool_calls or [] %}{{ c.function.name }}:{{ c.function.arguments.city }}{% endfor %};{% endfor %}")
+    call = {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Verona"}'}}
+    conversation = [*joined, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    out = llm.chat(conversation, params, chat_template=template, add_generation_prompt=False, use_tqdm=False)[0]
+    assert out.prompt == "[user] Speak,\nRomeo.;[assistant] get_weather:Verona;"
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(ValueError, match="content parts must be text; got image_url"):
+        llm.chat([{"role": "user", "content": [parts[0]["content"][0], image]}], params, use_tqdm=False)
+
+
 def test_a_tokenizer_from_another_directory_serves_as_the_models_own(demo_model, split_checkpoint):
     """vLLM's ``tokenizer``: a checkpoint without tokenizer files runs with one from elsewhere, which
     encodes text prompts, renders chats and compiles structured outputs' grammars."""

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from baton.engine.chat_messages import template_message
 from baton.engine.sampling_params import MAX_LOGIT_BIAS, StructuredOutputParams
 
 INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1   # what the workers' wire fields hold
@@ -438,30 +439,9 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None              # a tool's result: which call it answers
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as the chat template sees it (text parts joined). A tool call's arguments
-        go in as an object where they are JSON, as transformers' templates expect them."""
-        if isinstance(self.content, list):
-            content = "".join(part.text for part in self.content)
-        else:
-            content = self.content or ""
-        out: dict[str, Any] = {"role": self.role, "content": content}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        if self.tool_calls:
-            out["tool_calls"] = [
-                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
-                for c in self.tool_calls
-            ]
-        return out
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+        """The message as the chat template sees it (``template_message``: text parts joined by
+        newlines, a tool call's arguments as an object where they are JSON)."""
+        return template_message(self.model_dump(exclude_none=True))
 
 
 class FunctionDefinition(BaseModel):
