@@ -54,24 +54,35 @@ class TokenLogprob(Mapping[int, Logprob]):
     def ranked(self, k: int | None = None) -> dict[int, Logprob]:
         """The token itself, then its top-``k`` alternatives (all: None) not already in, with their
         ranks (the alternatives 1 to ``k``; the token its own ``rank``, or its place among them)."""
+        return {token_id: self._logprob(token_id, logprob, rank) for token_id, logprob, rank in self._ranks(k)}
+
+    def _ranks(self, k: int | None = None) -> Iterator[tuple[int, float, int | None]]:
+        """``ranked``'s entries as (token id, log-prob, rank), in its order, none decoded."""
         rank = self.rank
         if rank is None:
             rank = next((place for place, (token_id, _) in enumerate(self.top, 1) if token_id == self.token_id), None)
-        decode = self.decode
-        entries = {self.token_id: Logprob(self.logprob, rank, decode(self.token_id) if decode else None)}
+        yield self.token_id, self.logprob, rank
+        seen = {self.token_id}
         for place, (token_id, logprob) in enumerate(self.top[:k], 1):
-            if token_id not in entries:
-                entries[token_id] = Logprob(logprob, place, decode(token_id) if decode else None)
-        return entries
+            if token_id not in seen:
+                seen.add(token_id)
+                yield token_id, logprob, place
 
+    def _logprob(self, token_id: int, logprob: float, rank: int | None) -> Logprob:
+        return Logprob(logprob, rank, self.decode(token_id) if self.decode else None)
+
+    # A lookup, iteration and length decode no other entry's text (ranked() would decode them all).
     def __getitem__(self, token_id: int) -> Logprob:
-        return self.ranked()[token_id]
+        entry = next((e for e in self._ranks() if e[0] == token_id), None)
+        if entry is None:
+            raise KeyError(token_id)
+        return self._logprob(*entry)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.ranked())
+        return (token_id for token_id, _, _ in self._ranks())
 
     def __len__(self) -> int:
-        return len(self.ranked())
+        return sum(1 for _ in self._ranks())
 
     # items() and values() build the entries once (Mapping's own would look each key up again).
     def items(self) -> ItemsView[int, Logprob]:
