@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import json as json_text
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field, replace
+from typing import Any
 
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default: the most log-probs a request may ask for
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
@@ -58,6 +60,16 @@ class StructuredOutputParams:
 StructuredOutputsParams = StructuredOutputParams   # vLLM's name
 
 
+class RequestOutputKind(enum.Enum):
+    """vLLM's: what a streaming engine hands back for a request as it runs (everything so far, the
+    new part, or only the finished output). The offline ``LLM`` returns finished requests alone,
+    so every kind reads as ``FINAL_ONLY`` there, as vLLM's ``LLM`` sets it."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 @dataclass
 class SamplingParams:
     """What to generate and how. ``temperature == 0`` is greedy.
@@ -83,6 +95,10 @@ class SamplingParams:
     ``LLM``'s samples without text, their tokens alone) and ``truncate_prompt_tokens`` (vLLM's: the prompt's
     last k tokens kept, as the offline ``LLM`` and the gateway read it before a request goes on:
     ``request_checks.truncated_prompt``).
+    vLLM's ``spaces_between_special_tokens``, ``output_kind`` and ``extra_args`` are taken and change
+    nothing, as in vLLM's offline ``LLM``: the first acts only in slow tokenizers' decoding (Baton's are
+    fast ones), the second is set to ``FINAL_ONLY`` there, and the third is for out-of-tree sampling
+    code, which Baton does not load (it stays on the params as given).
     """
 
     n: int = 1
@@ -110,6 +126,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     truncate_prompt_tokens: int | None = None
+    spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    extra_args: dict[str, Any] | None = None
     structured_outputs: InitVar[StructuredOutputParams | None] = None
 
     def __post_init__(self, structured_outputs: StructuredOutputParams | None) -> None:

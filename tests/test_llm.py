@@ -626,6 +626,26 @@ def test_detokenize_false_leaves_the_samples_without_text(demo_model):
 
 
 @pytest.mark.model
+def test_vllms_sampling_fields_that_change_nothing_offline_are_taken(demo_model):
+    """vLLM's ``spaces_between_special_tokens``, ``output_kind`` and ``extra_args``: a ported
+    ``SamplingParams`` is built, its ``extra_args`` kept, and it samples the tokens and text it
+    samples without them (special tokens written, where the first would act)."""
+    from baton.engine.sampling_params import RequestOutputKind
+
+    llm = LLM(demo_model, num_blocks=16)
+    eos = llm.get_tokenizer().eos_token_id
+    base = {"temperature": 0, "max_tokens": 6, "skip_special_tokens": False, "logit_bias": {eos: 8.0}, "ignore_eos": True}
+    ported = SamplingParams(**base, spaces_between_special_tokens=False, output_kind=RequestOutputKind.DELTA,
+                            extra_args={"plugin": {"level": 2}})
+    assert ported.extra_args == {"plugin": {"level": 2}}
+    (plain,) = llm.generate(["JULIET:\nO Romeo"], SamplingParams(**base))
+    (theirs,) = llm.generate(["JULIET:\nO Romeo"], ported)
+    assert eos in plain.outputs[0].token_ids
+    assert (theirs.outputs[0].token_ids, theirs.outputs[0].text) == (plain.outputs[0].token_ids, plain.outputs[0].text)
+    assert theirs.finished
+
+
+@pytest.mark.model
 def test_vllms_structured_outputs_params_constrain_offline_generation(demo_model):
     """vLLM's names and forms: ``SamplingParams(structured_outputs=StructuredOutputsParams(...))``
     with the schema as a dict and the choices as a list constrain the output as Baton's own
