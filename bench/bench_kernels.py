@@ -726,6 +726,8 @@ def attention_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[s
     for batch, ctx in itertools.product(batches, ctxs):
         emit(decode_row(pool, batch, ctx, copy_gbs, None))
     emit(decode_row(pool, 1, 32768, copy_gbs, None))
+    for batch, ctx, table_ctx in ((1, 2048, 32768), (16, 2048, 32768), (1, 16384, 131072)):  # tables as wide as a graph's
+        emit(decode_row(pool, batch, ctx, copy_gbs, None, table_ctx))
     for row in plain_read_rows(copy_gbs) if with_references else ():
         emit(row)
     for batch, ctx in ((1, 512), (1, 1024), (64, 512), (128, 640)):  # batch 1 and the offline benchmark's steps

@@ -7,8 +7,11 @@ one wave of resident programs allows; how heavy each program is (tile, warps,
 pipeline depth) depends on how much of the batch that wave holds, and a few short
 sequences take half-size tiles to split further. The launch
 depends only on tensor shapes, never on tensor values, so it needs no host sync
-and can be captured in a CUDA graph; a sequence uses only the splits its length
-reaches. A sequence that fits in one split is written directly; else
+and can be captured in a CUDA graph: the split count follows the block table's width,
+and each sequence divides its own length among the splits (whole tiles, at least
+the config's shortest split), so a short sequence in a wide table (a CUDA graph's,
+sized for the longest context) still spreads over the wave. A sequence that fits in
+one split is written directly; else
 each split stores its partial result and log-sum-exp, and the last split of the
 sequence to finish (counted on a per-device semaphore that it resets) merges them,
 so there is no second launch. A sequence of length 0 (batch padding) gets zeros.
@@ -143,7 +146,7 @@ def _merge_splits(
 @triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_attention_kernel(
     q_ptr, kv_ptr, out_ptr, part_out_ptr, part_lse_ptr, sem_ptr, seq_lens_ptr, tables_ptr,
-    scale_log2, split_len, table_tokens, num_splits,
+    scale_log2, table_tokens, num_splits,
     stride_q_seq, stride_q_head,
     stride_c_block, stride_c_kv, stride_c_tok, stride_c_head,
     stride_o_seq, stride_o_head,
@@ -152,25 +155,21 @@ def _paged_decode_attention_kernel(
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP16: tl.constexpr, PDL: tl.constexpr,
     PREFETCH_KEYS: tl.constexpr, LINE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    # The first block ids and the length (step metadata) load while the kernel before,
+    # The length and the first block ids (step metadata) load while the kernel before,
     # which writes the queries and the newest K/V, may still run; then the queries.
-    if WINDOW > 0:
-        # The splits cover the last WINDOW keys: where they start waits for the length.
-        seq_len = tl.load(seq_lens_ptr + seq)
-        keys = tl.minimum(seq_len, WINDOW)
-        start = seq_len - keys + split * split_len
-    else:
-        start = split * split_len
+    seq_len = tl.load(seq_lens_ptr + seq)
+    keys = tl.minimum(seq_len, WINDOW) if WINDOW > 0 else seq_len
+    # This sequence's keys (the last WINDOW) over the launch's splits, whole tiles, at least MIN_SPLIT a split.
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(keys, num_splits), TILE_N) * TILE_N, MIN_SPLIT)
+    start = seq_len - keys + split * split_len
     table = tables_ptr + seq * stride_t_seq
     pos = start + tl.arange(0, TILE_N)
     block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
-    if WINDOW == 0:
-        seq_len = tl.load(seq_lens_ptr + seq)
-        keys = seq_len
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
@@ -189,7 +188,7 @@ def _paged_decode_attention_kernel(
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
     q = to_dot_dtype(q, DOT_FP16)
     if SPLIT:
-        used = tl.minimum(tl.maximum(tl.cdiv(keys, split_len), 1), num_splits)
+        used = tl.maximum(tl.cdiv(keys, split_len), 1)
     else:
         used = 1
     if split < used:
@@ -323,7 +322,7 @@ def launch_paged_decode_attention(
         return out
     group = num_heads // num_kv_heads
     max_context = block_tables.shape[1] * block_size
-    splits, split_len = split_context(q.device, batch, num_kv_heads, _attended_keys(max_context, window), config)
+    splits, _ = split_context(q.device, batch, num_kv_heads, _attended_keys(max_context, window), config)
     split_shape = (batch, num_heads, splits, head_dim) if splits > 1 else (0,)
     part_out = torch.empty(split_shape, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(split_shape[:-1], dtype=torch.float32, device=q.device)
@@ -332,7 +331,7 @@ def launch_paged_decode_attention(
     splits_pad = triton.next_power_of_2(config.max_splits) if splits > 1 else 1
     _paged_decode_attention_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache, out, part_out, part_lse, sems, seq_lens, block_tables,
-        scale * math.log2(math.e), split_len, max_context, splits,
+        scale * math.log2(math.e), max_context, splits,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         out.stride(0), out.stride(1),
@@ -342,7 +341,7 @@ def launch_paged_decode_attention(
         CHUNK=merge_chunk(config, group, head_dim, splits_pad),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP16=dot_fp16(q, kv_cache),
         PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=min(head_dim, 128 // kv_cache.element_size()),
-        WINDOW=window, SOFTCAP=cap,
+        WINDOW=window, SOFTCAP=cap, MIN_SPLIT=triton.cdiv(config.min_split_tokens, config.tile_n) * config.tile_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl.launch_options(q),
     )

@@ -91,9 +91,13 @@ def check_paged_attention(device: str, dtype: torch.dtype, heads: int, kv_heads:
 
 def check_paged_decode_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, lens: list[int],
                                  cache_dtype: torch.dtype | None = None, config: DecodeConfig | None = None, scale: float | None = None,
-                                 sliding_window: int | None = None, softcap: float | None = None) -> None:
-    """``config`` None: the default launch; ``scale`` None: ``head_dim**-0.5``."""
+                                 sliding_window: int | None = None, softcap: float | None = None, table_blocks: int = 0) -> None:
+    """``config`` None: the default launch; ``scale`` None: ``head_dim**-0.5``; ``table_blocks``: pad the
+    block tables to that width with random blocks (as a CUDA graph's tables span the longest context)."""
     q, cache, _, seq_lens, tables = paged_case([1] * len(lens), lens, heads, kv_heads, block_size, head_dim, dtype, device, cache_dtype=cache_dtype)
+    if table_blocks > tables.shape[1]:
+        padding = torch.randint(0, cache.shape[0], (len(lens), table_blocks - tables.shape[1]), dtype=torch.int32, device=device)
+        tables = torch.cat([tables, padding], 1)
     scale = scale or head_dim**-0.5
     options = {"sliding_window": sliding_window, "softcap": softcap}
     _poison_allocator(device, q.numel() * q.element_size())
@@ -318,6 +322,9 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     yield "decode many splits + padding", lambda: check_decode_many_splits_and_padding(device, dtype)
     yield "decode one short sequence (half tiles)", lambda: check_paged_decode_attention(device, dtype, 8, 2, 16, 16, [40])
     yield "decode unsplit", lambda: check_paged_decode_attention(device, dtype, 8, 4, 16, 16, [1, 17, 33, 5, 2])
+    for window in (None, 100):   # each sequence splits its own keys, not the table's
+        yield (f"decode short sequences in a wide table, window {window}",
+               lambda w=window: check_paged_decode_attention(device, dtype, 8, 2, 16, 16, [1, 40, 300, 700], sliding_window=w, table_blocks=256))
     yield "prefill dim 64", lambda: check_paged_attention(device, dtype, 4, 2, 16, 64, [(40, 70), (33, 33)])
     yield "prefill short query runs (drafts)", lambda: check_paged_attention(device, dtype, 8, 2, 16, 16, [(5, 40), (1, 3), (3, 3), (16, 50), (0, 6)])
     yield from prefill_variant_cases(device, dtype)
@@ -536,19 +543,19 @@ HOPPER_PDL_CASES = {   # case: (kernel, pointer parameters, constants); the rest
     "decode bf16 head dim 128": (
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16"),
         dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
-             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=64, LINE=64, WINDOW=0, SOFTCAP=0.0)),
+             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=64, LINE=64, WINDOW=0, SOFTCAP=0.0, MIN_SPLIT=64)),
     "decode bf16 head dim 256, a sliding window and capped scores": (   # Gemma 2's local layers
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16"),
         dict(GROUP=2, GROUP_PAD=16, MERGE_PAD=2, HEAD_DIM=256, BLOCK_SIZE=16, TILE_N=32, SPLIT=True, SPLITS_PAD=32,
-             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=32, LINE=64, WINDOW=4096, SOFTCAP=50.0)),
+             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=32, LINE=64, WINDOW=4096, SOFTCAP=50.0, MIN_SPLIT=64)),
     "decode bf16 over an fp8 KV cache": (   # the tiles widened to float16, the queries narrowed to it
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16", "fp8e4nv"),
         dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
-             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=True, PREFETCH_KEYS=64, LINE=128, WINDOW=0, SOFTCAP=0.0)),
+             CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=True, PREFETCH_KEYS=64, LINE=128, WINDOW=0, SOFTCAP=0.0, MIN_SPLIT=64)),
     "decode fp32 head dim 64, two tiles to L2": (   # 128-byte lines of 32 elements, two to a row
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("fp32"),
         dict(GROUP=2, GROUP_PAD=16, MERGE_PAD=2, HEAD_DIM=64, BLOCK_SIZE=16, TILE_N=32, SPLIT=False, SPLITS_PAD=1,
-             CHUNK=1, DOT_PRECISION="ieee", DOT_FP16=False, PREFETCH_KEYS=64, LINE=32, WINDOW=0, SOFTCAP=0.0)),
+             CHUNK=1, DOT_PRECISION="ieee", DOT_FP16=False, PREFETCH_KEYS=64, LINE=32, WINDOW=0, SOFTCAP=0.0, MIN_SPLIT=64)),
     "gated GEMV": (
         "linear:_linear_kernel", {"x_ptr": "*bf16", "x_scale_ptr": "*bf16", "w_ptr": "*bf16", "w_scale_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"},
         dict(M=1, M_PAD=16, HAS_BIAS=False, ACTIVATION="silu", BLOCK_N=64, BLOCK_K=128, EVEN_K=True, FP8=False, GROUP_N=0,
@@ -616,7 +623,7 @@ def test_decode_configs_count_on_as_many_programs_as_an_sm_holds() -> None:
     light = [(pair[1], head_dim, kv) for pair, head_dim, kv in pairs]
     cases = [(*case, True) for case in deep + half] + [(*case, False) for case in light]
     divisible = ["q_ptr", "kv_ptr", "out_ptr", "part_out_ptr", "part_lse_ptr", "sem_ptr", "seq_lens_ptr", "tables_ptr",
-                 "split_len", "table_tokens", "stride_q_seq", "stride_q_head", "stride_c_block", "stride_c_kv", "stride_c_tok",
+                 "table_tokens", "stride_q_seq", "stride_q_head", "stride_c_block", "stride_c_kv", "stride_c_tok",
                  "stride_c_head", "stride_o_seq", "stride_o_head", "stride_t_seq"]
     jobs = []
     for config, head_dim, kv, split in cases:
@@ -626,7 +633,8 @@ def test_decode_configs_count_on_as_many_programs_as_an_sm_holds() -> None:
                      "constants": dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, TILE_N=config.tile_n,
                                        SPLIT=split, SPLITS_PAD=splits_pad, CHUNK=merge_chunk(config, 4, head_dim, splits_pad),
                                        DOT_PRECISION="tf32", DOT_FP16=kv != "bf16", PREFETCH_KEYS=config.prefetch_tiles * config.tile_n,
-                                       LINE=64 if kv == "bf16" else 128, WINDOW=0, SOFTCAP=0.0, PDL=True)})
+                                       LINE=64 if kv == "bf16" else 128, WINDOW=0, SOFTCAP=0.0, PDL=True,
+                                       MIN_SPLIT=triton.cdiv(config.min_split_tokens, config.tile_n) * config.tile_n)})
     found = hopper_resources("baton.kernels.attention_decode:_paged_decode_attention_kernel", jobs)
     held = [resident_programs(f["registers"], f["shared"], config.num_warps) for f, (config, *_) in zip(found, cases)]
     assert held == [config.programs_per_sm for config, *_ in cases], list(zip(held, found, cases))
