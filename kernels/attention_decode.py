@@ -58,6 +58,11 @@ class DecodeConfig:
     merge_per_thread: int = 128
     prefetch_tiles: int = 1
 
+    @property
+    def shortest_split(self) -> int:
+        """``min_split_tokens`` rounded up to whole tiles: the fewest keys a sequence's split takes."""
+        return triton.cdiv(self.min_split_tokens, self.tile_n) * self.tile_n
+
 
 # The defaults by the largest head dim they serve: (two K/V tiles in flight per program,
 # lighter programs). ``programs_per_sm`` is how many of a config's programs an H100 SM holds in the
@@ -341,7 +346,7 @@ def launch_paged_decode_attention(
         CHUNK=merge_chunk(config, group, head_dim, splits_pad),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP16=dot_fp16(q, kv_cache),
         PREFETCH_KEYS=config.prefetch_tiles * config.tile_n, LINE=min(head_dim, 128 // kv_cache.element_size()),
-        WINDOW=window, SOFTCAP=cap, MIN_SPLIT=triton.cdiv(config.min_split_tokens, config.tile_n) * config.tile_n,
+        WINDOW=window, SOFTCAP=cap, MIN_SPLIT=config.shortest_split,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl.launch_options(q),
     )

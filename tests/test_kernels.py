@@ -55,13 +55,14 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, tol
 
 
 def paged_case(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype, device: str, extra_blocks: int = 3,
-               cache_dtype: torch.dtype | None = None):
+               cache_dtype: torch.dtype | None = None, table_blocks: int = 0):
     """Random pool (in ``cache_dtype``, default ``dtype``), shuffled block tables with random
-    padding entries, random queries."""
+    padding entries (at least ``table_blocks`` wide: a CUDA graph's tables span the longest context),
+    random queries."""
     blocks_per_seq = [math.ceil(s / block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + extra_blocks
     perm = torch.randperm(num_blocks)
-    tables = torch.randint(0, num_blocks, (len(seq_lens), max(blocks_per_seq) + 2), dtype=torch.int32)
+    tables = torch.randint(0, num_blocks, (len(seq_lens), max(max(blocks_per_seq) + 2, table_blocks)), dtype=torch.int32)
     used = 0
     for i, n in enumerate(blocks_per_seq):
         tables[i, :n] = perm[used : used + n]
@@ -92,12 +93,10 @@ def check_paged_attention(device: str, dtype: torch.dtype, heads: int, kv_heads:
 def check_paged_decode_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, lens: list[int],
                                  cache_dtype: torch.dtype | None = None, config: DecodeConfig | None = None, scale: float | None = None,
                                  sliding_window: int | None = None, softcap: float | None = None, table_blocks: int = 0) -> None:
-    """``config`` None: the default launch; ``scale`` None: ``head_dim**-0.5``; ``table_blocks``: pad the
-    block tables to that width with random blocks (as a CUDA graph's tables span the longest context)."""
-    q, cache, _, seq_lens, tables = paged_case([1] * len(lens), lens, heads, kv_heads, block_size, head_dim, dtype, device, cache_dtype=cache_dtype)
-    if table_blocks > tables.shape[1]:
-        padding = torch.randint(0, cache.shape[0], (len(lens), table_blocks - tables.shape[1]), dtype=torch.int32, device=device)
-        tables = torch.cat([tables, padding], 1)
+    """``config`` None: the default launch; ``scale`` None: ``head_dim**-0.5``; ``table_blocks``: the
+    block tables' least width (``paged_case``)."""
+    q, cache, _, seq_lens, tables = paged_case([1] * len(lens), lens, heads, kv_heads, block_size, head_dim, dtype, device,
+                                               cache_dtype=cache_dtype, table_blocks=table_blocks)
     scale = scale or head_dim**-0.5
     options = {"sliding_window": sliding_window, "softcap": softcap}
     _poison_allocator(device, q.numel() * q.element_size())
@@ -634,7 +633,7 @@ def test_decode_configs_count_on_as_many_programs_as_an_sm_holds() -> None:
                                        SPLIT=split, SPLITS_PAD=splits_pad, CHUNK=merge_chunk(config, 4, head_dim, splits_pad),
                                        DOT_PRECISION="tf32", DOT_FP16=kv != "bf16", PREFETCH_KEYS=config.prefetch_tiles * config.tile_n,
                                        LINE=64 if kv == "bf16" else 128, WINDOW=0, SOFTCAP=0.0, PDL=True,
-                                       MIN_SPLIT=triton.cdiv(config.min_split_tokens, config.tile_n) * config.tile_n)})
+                                       MIN_SPLIT=config.shortest_split)})
     found = hopper_resources("baton.kernels.attention_decode:_paged_decode_attention_kernel", jobs)
     held = [resident_programs(f["registers"], f["shared"], config.num_warps) for f, (config, *_) in zip(found, cases)]
     assert held == [config.programs_per_sm for config, *_ in cases], list(zip(held, found, cases))
