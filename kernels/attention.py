@@ -3,7 +3,8 @@
 ``paged_attention`` serves any batch: each sequence has ``q_len`` new query
 tokens that are the last ``q_len`` positions of its ``seq_len``-token context
 (a cached prefix, earlier chunks, then the new tokens), attended causally.
-``paged_decode_attention`` is the ``q_len == 1`` special case.
+``paged_decode_attention`` is the special case of every sequence's ``q_len`` equal and short
+(1, or a token and its draft).
 
 Shapes: ``q`` ``[num_tokens, num_heads, head_dim]``; ``kv_cache``
 ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` (in ``q``'s dtype, or 8-bit floats
@@ -138,17 +139,19 @@ def ref_paged_decode_attention(
     *,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    query_len: int = 1,
 ) -> torch.Tensor:
-    """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
+    """``query_len`` query rows per sequence (``q`` ``[batch * query_len, num_heads, head_dim]``),
+    the last ``query_len`` positions of its paged context, attended causally."""
     window, cap = window_and_softcap(sliding_window, softcap)
-    batch, num_heads, head_dim = q.shape
-    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    rows, num_heads, head_dim = q.shape
+    batch = rows // query_len
+    block_size = kv_cache.shape[2]
     max_len = int(seq_lens.max()) if batch else 0
     max_blocks = (max_len + block_size - 1) // block_size
     ctx_len = max_blocks * block_size
     k, v = _gather_padded(kv_cache, block_tables, max_blocks)
-    # Each KV head serves a group of query heads: [batch, kv_heads, group, dim].
-    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    mask = _visible(torch.arange(ctx_len, device=q.device)[None, :], seq_lens[:, None].to(q.device) - 1, window)
-    o = _attend(qg, k, v, mask[:, None, None, :], scale, cap)
-    return o.reshape(batch, num_heads, head_dim).to(q.dtype)
+    q_pos = seq_lens[:, None].to(q.device) - query_len + torch.arange(query_len, device=q.device)   # [batch, query_len]
+    mask = _visible(torch.arange(ctx_len, device=q.device)[None, None, :], q_pos[:, :, None], window)
+    o = _attend(q.view(batch, query_len, num_heads, head_dim).transpose(1, 2), k, v, mask[:, None], scale, cap)
+    return o.transpose(1, 2).reshape(rows, num_heads, head_dim).to(q.dtype)

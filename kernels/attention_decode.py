@@ -1,4 +1,5 @@
-"""Paged decode attention (one query token per sequence), flash-decoding style.
+"""Paged decode attention (one query token per sequence, or a few: a generated token and
+its speculative draft), flash-decoding style.
 
 One program handles every query head of one KV head group for one slice of a
 sequence's context, so each KV tile is loaded once for the whole group. Long
@@ -16,9 +17,15 @@ each split stores its partial result and log-sum-exp, and the last split of the
 sequence to finish (counted on a per-device semaphore that it resets) merges them,
 so there is no second launch. A sequence of length 0 (batch padding) gets zeros.
 
+With ``query_len`` rows a sequence (a draft's verification) the program's tile holds every row
+of its head group, ``query_len`` times the group's query heads, so each KV tile is still loaded
+once for all of them; each row sees the keys up to its own position. Where the group's heads
+alone pad the tile (16 rows at least), up to 16 / group rows cost no more than one.
+
 With a sliding window of ``W`` keys (``attention_options``) a sequence attends only its
-last ``W``: its splits cover those, from ``max(0, seq_len - W)``, and the launch splits
-``min(table width, W)`` keys, so a long context splits its window over the wave.
+last ``W`` (with ``query_len`` rows, the last row's ``W`` and the ``query_len - 1`` keys before
+them): its splits cover those, and the launch splits at most as many keys, so a long context
+splits its window over the wave.
 
 The semaphores are shared by every launch on a device: launches that may overlap
 (on concurrent streams) must not both split. The first split launch on a device
@@ -156,7 +163,7 @@ def _paged_decode_attention_kernel(
     stride_c_block, stride_c_kv, stride_c_tok, stride_c_head,
     stride_o_seq, stride_o_head,
     stride_t_seq,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, QUERY_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, MERGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP16: tl.constexpr, PDL: tl.constexpr,
     PREFETCH_KEYS: tl.constexpr, LINE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -168,16 +175,20 @@ def _paged_decode_attention_kernel(
     # The length and the first block ids (step metadata) load while the kernel before,
     # which writes the queries and the newest K/V, may still run; then the queries.
     seq_len = tl.load(seq_lens_ptr + seq)
-    keys = tl.minimum(seq_len, WINDOW) if WINDOW > 0 else seq_len
-    # This sequence's keys (the last WINDOW) over the launch's splits, whole tiles, at least MIN_SPLIT a split.
+    # The keys any of the sequence's rows sees (the last row's WINDOW and the QUERY_LEN - 1 before it)
+    # over the launch's splits, whole tiles, at least MIN_SPLIT a split.
+    keys = tl.minimum(seq_len, WINDOW + QUERY_LEN - 1) if WINDOW > 0 else seq_len
     split_len = tl.maximum(tl.cdiv(tl.cdiv(keys, num_splits), TILE_N) * TILE_N, MIN_SPLIT)
     start = seq_len - keys + split * split_len
     table = tables_ptr + seq * stride_t_seq
     pos = start + tl.arange(0, TILE_N)
     block = tl.load(table + pos // BLOCK_SIZE, mask=pos < table_tokens, other=0)
-    g = tl.arange(0, GROUP_PAD)
+    # Row i of the tile: query row i // GROUP of the sequence, head i % GROUP of the group.
+    i = tl.arange(0, ROWS_PAD)
+    row_ok = i < GROUP * QUERY_LEN
     d = tl.arange(0, HEAD_DIM)
-    heads = kv_head * GROUP + g
+    heads = kv_head * GROUP + i % GROUP
+    tokens = seq * QUERY_LEN + i // GROUP
     if PDL and PREFETCH_KEYS > 0:
         # HBM idles until the kernel before finishes: start this split's first K/V rows on
         # their way to L2 meanwhile. A line that kernel then writes (the newest token) is
@@ -190,7 +201,7 @@ def _paged_decode_attention_kernel(
         _prefetch_l2(lines)
         _prefetch_l2(lines + stride_c_kv)
     pdl.wait(PDL)
-    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    q = tl.load(q_ptr + tokens[:, None] * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=row_ok[:, None], other=0.0)
     q = to_dot_dtype(q, DOT_FP16)
     if SPLIT:
         used = tl.maximum(tl.cdiv(keys, split_len), 1)
@@ -198,9 +209,10 @@ def _paged_decode_attention_kernel(
         used = 1
     if split < used:
         end = tl.minimum(seq_len, start + split_len)
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        m = tl.full([ROWS_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS_PAD], tl.float32)
+        acc = tl.zeros([ROWS_PAD, HEAD_DIM], tl.float32)
+        q_pos = seq_len - QUERY_LEN + i // GROUP
         head_off = kv_head.to(tl.int64) * stride_c_head
         # Block ids run one tile ahead, so the KV loads depend on no load of their own iteration.
         for tile_start in range(start, end, TILE_N):
@@ -213,10 +225,21 @@ def _paged_decode_attention_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             if SOFTCAP > 0:
                 s = softcap_log2(s, SOFTCAP)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m - m_new)
+            if QUERY_LEN == 1:
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                m_sub = m_new
+            else:
+                # Each row sees keys up to its own position (and its own window): a row may see
+                # none of a tile, so subtract 0, not -inf (NaN), until it has seen one.
+                seen = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+                if WINDOW > 0:
+                    seen = seen & (pos[None, :] > q_pos[:, None] - WINDOW)
+                s = tl.where(seen, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                m_sub = tl.where(m_new > float("-inf"), m_new, 0.0)
+            p = tl.math.exp2(s - m_sub[:, None])
+            alpha = tl.math.exp2(m - m_sub)
             l = l * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m = m_new
@@ -226,23 +249,27 @@ def _paged_decode_attention_kernel(
 
         safe_l = tl.where(l > 0, l, 1.0)
         if used == 1:
-            o_ptrs = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + d[None, :]
-            tl.store(o_ptrs, (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+            o_ptrs = out_ptr + tokens[:, None] * stride_o_seq + heads[:, None] * stride_o_head + d[None, :]
+            tl.store(o_ptrs, (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
             lse = tl.where(l > 0, m + tl.math.log2(safe_l), float("-inf"))
-            row_idx = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
-            tl.store(part_out_ptr + row_idx[:, None] * HEAD_DIM + d[None, :], acc / safe_l[:, None], mask=(g < GROUP)[:, None])
-            tl.store(part_lse_ptr + row_idx, lse, mask=g < GROUP)
+            # Partials of a (sequence, KV head) lie together, row after row: ``i`` indexes them in the merge.
+            row_idx = ((seq * tl.num_programs(1) + kv_head) * (GROUP * QUERY_LEN) + i) * num_splits + split
+            tl.store(part_out_ptr + row_idx[:, None] * HEAD_DIM + d[None, :], acc / safe_l[:, None], mask=row_ok[:, None])
+            tl.store(part_lse_ptr + row_idx, lse, mask=row_ok)
             # Every thread's partial is stored before one thread counts this split in
             # (release); the last split's count (acquire) makes all partials visible.
             tl.debug_barrier()
             sem = sem_ptr + seq * tl.num_programs(1) + kv_head
             if tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu") == used - 1:
+                # One query row's head group at a time: the merge's registers are a single row's.
                 mg = tl.arange(0, MERGE_PAD)
                 merge_heads = kv_head * GROUP + mg
-                rows = (seq * tl.num_programs(1) * GROUP + merge_heads) * num_splits
-                o_ptrs = out_ptr + seq * stride_o_seq + merge_heads[:, None] * stride_o_head + d[None, :]
-                _merge_splits(part_out_ptr, part_lse_ptr, o_ptrs, rows, mg < GROUP, used, MERGE_PAD, HEAD_DIM, SPLITS_PAD, CHUNK)
+                first_row = (seq * tl.num_programs(1) + kv_head) * (GROUP * QUERY_LEN)
+                for r in tl.range(0, QUERY_LEN, loop_unroll_factor=1):
+                    rows = (first_row + r * GROUP + mg) * num_splits
+                    o_ptrs = out_ptr + (seq * QUERY_LEN + r) * stride_o_seq + merge_heads[:, None] * stride_o_head + d[None, :]
+                    _merge_splits(part_out_ptr, part_lse_ptr, o_ptrs, rows, mg < GROUP, used, MERGE_PAD, HEAD_DIM, SPLITS_PAD, CHUNK)
                 tl.store(sem, 0)
 
 
@@ -278,10 +305,18 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     return buffers[-1]
 
 
-def _check_decode_args(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
+def _check_decode_args(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, query_len: int) -> int:
+    """The batch (sequences) of a decode launch of ``query_len`` rows a sequence; ValueError where
+    the arguments do not fit."""
     check_attention_args(q, kv_cache)
-    check_int_index("seq_lens", seq_lens, (q.shape[0],), kv_cache)
-    check_int_index("block_tables", block_tables, (q.shape[0], -1), kv_cache)
+    if isinstance(query_len, bool) or not isinstance(query_len, int) or query_len < 1:
+        raise ValueError(f"query_len must be a positive int, got {query_len!r}")
+    if q.shape[0] % query_len:
+        raise ValueError(f"q holds {q.shape[0]} rows, not a whole number of sequences of query_len={query_len}")
+    batch = q.shape[0] // query_len
+    check_int_index("seq_lens", seq_lens, (batch,), kv_cache)
+    check_int_index("block_tables", block_tables, (batch, -1), kv_cache)
+    return batch
 
 
 def paged_decode_attention(
@@ -293,17 +328,19 @@ def paged_decode_attention(
     *,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    query_len: int = 1,
 ) -> torch.Tensor:
-    """One query token per sequence (``q`` ``[batch, num_heads, head_dim]``) over its paged context."""
-    window, cap = window_and_softcap(sliding_window, softcap)
-    keys = _attended_keys(block_tables.shape[1] * kv_cache.shape[2], window)
-    config = default_config(q.shape[0], kv_cache.shape[3], q.shape[2], keys, q.device, kv_cache.element_size())
-    return launch_paged_decode_attention(q, kv_cache, seq_lens, block_tables, scale, config, sliding_window=window, softcap=cap)
+    """``query_len`` query rows per sequence (``q`` ``[batch * query_len, num_heads, head_dim]``, a
+    sequence's rows together: a generated token and its draft), the last ``query_len`` positions of
+    its paged context, attended causally."""
+    return launch_paged_decode_attention(q, kv_cache, seq_lens, block_tables, scale, None, sliding_window=sliding_window,
+                                         softcap=softcap, query_len=query_len)
 
 
-def _attended_keys(max_context: int, window: int) -> int:
-    """The most keys a sequence attends: the table's width in tokens, or the window (not 0) if shorter."""
-    return min(max_context, window) if window else max_context
+def _attended_keys(max_context: int, window: int, query_len: int) -> int:
+    """The most keys a sequence's rows attend: the table's width in tokens, or, where shorter, the
+    last row's window (not 0) and the ``query_len - 1`` keys before it."""
+    return min(max_context, window + query_len - 1) if window else max_context
 
 
 def launch_paged_decode_attention(
@@ -312,23 +349,29 @@ def launch_paged_decode_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
-    config: DecodeConfig,
+    config: DecodeConfig | None,
     *,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    query_len: int = 1,
 ) -> torch.Tensor:
-    """``paged_decode_attention`` with explicit launch parameters (benchmarks sweep them)."""
-    _check_decode_args(q, kv_cache, seq_lens, block_tables)
+    """``paged_decode_attention`` with explicit launch parameters (benchmarks sweep them; None:
+    ``default_config``'s)."""
+    batch = _check_decode_args(q, kv_cache, seq_lens, block_tables, query_len)
     window, cap = window_and_softcap(sliding_window, softcap)
-    batch, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     out = torch.empty_like(q)
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    max_context = block_tables.shape[1] * block_size
-    splits, _ = split_context(q.device, batch, num_kv_heads, _attended_keys(max_context, window), config)
-    split_shape = (batch, num_heads, splits, head_dim) if splits > 1 else (0,)
+    rows = group * query_len
+    table_tokens = block_tables.shape[1] * block_size
+    keys = _attended_keys(table_tokens, window, query_len)
+    if config is None:
+        config = default_config(batch, num_kv_heads, head_dim, keys, q.device, kv_cache.element_size())
+    splits, _ = split_context(q.device, batch, num_kv_heads, keys, config)
+    split_shape = (batch, num_kv_heads, rows, splits, head_dim) if splits > 1 else (0,)
     part_out = torch.empty(split_shape, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(split_shape[:-1], dtype=torch.float32, device=q.device)
     sems = _semaphores(q.device, batch * num_kv_heads) if splits > 1 else seq_lens
@@ -336,12 +379,12 @@ def launch_paged_decode_attention(
     splits_pad = triton.next_power_of_2(config.max_splits) if splits > 1 else 1
     _paged_decode_attention_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache, out, part_out, part_lse, sems, seq_lens, block_tables,
-        scale * math.log2(math.e), max_context, splits,
+        scale * math.log2(math.e), table_tokens, splits,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), MERGE_PAD=merge_pad, HEAD_DIM=head_dim,
+        GROUP=group, QUERY_LEN=query_len, ROWS_PAD=max(16, triton.next_power_of_2(rows)), MERGE_PAD=merge_pad, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=config.tile_n, SPLIT=splits > 1, SPLITS_PAD=splits_pad,
         CHUNK=merge_chunk(config, group, head_dim, splits_pad),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP16=dot_fp16(q, kv_cache),

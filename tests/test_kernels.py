@@ -92,13 +92,14 @@ def check_paged_attention(device: str, dtype: torch.dtype, heads: int, kv_heads:
 
 def check_paged_decode_attention(device: str, dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, head_dim: int, lens: list[int],
                                  cache_dtype: torch.dtype | None = None, config: DecodeConfig | None = None, scale: float | None = None,
-                                 sliding_window: int | None = None, softcap: float | None = None, table_blocks: int = 0) -> None:
+                                 sliding_window: int | None = None, softcap: float | None = None, table_blocks: int = 0,
+                                 query_len: int = 1) -> None:
     """``config`` None: the default launch; ``scale`` None: ``head_dim**-0.5``; ``table_blocks``: the
-    block tables' least width (``paged_case``)."""
-    q, cache, _, seq_lens, tables = paged_case([1] * len(lens), lens, heads, kv_heads, block_size, head_dim, dtype, device,
+    block tables' least width (``paged_case``); ``query_len`` rows a sequence (a token and its draft)."""
+    q, cache, _, seq_lens, tables = paged_case([query_len] * len(lens), lens, heads, kv_heads, block_size, head_dim, dtype, device,
                                                cache_dtype=cache_dtype, table_blocks=table_blocks)
     scale = scale or head_dim**-0.5
-    options = {"sliding_window": sliding_window, "softcap": softcap}
+    options = {"sliding_window": sliding_window, "softcap": softcap, "query_len": query_len}
     _poison_allocator(device, q.numel() * q.element_size())
     if config is None:
         got = attention.paged_decode_attention(q, cache, seq_lens, tables, scale, **options)
@@ -107,15 +108,17 @@ def check_paged_decode_attention(device: str, dtype: torch.dtype, heads: int, kv
     _assert_close(got, attention.ref_paged_decode_attention(q, cache, seq_lens, tables, scale, **options), dtype)
 
 
-def check_decode_many_splits_and_padding(device: str, dtype: torch.dtype) -> None:
-    """Forty splits (merged in chunks) and a length-0 padding sequence, which gets zeros."""
-    q, cache, _, seq_lens, tables = paged_case([1] * 3, [700, 1, 9], 4, 2, 16, 16, dtype, device)
+def check_decode_many_splits_and_padding(device: str, dtype: torch.dtype, query_len: int = 1) -> None:
+    """Forty splits (merged in chunks) and a length-0 padding sequence, whose rows get zeros."""
+    q, cache, _, seq_lens, tables = paged_case([query_len] * 3, [700, query_len, 9], 4, 2, 16, 16, dtype, device)
     seq_lens[2] = 0
     config = DecodeConfig(tile_n=16, programs_per_sm=60, min_split_tokens=16, max_splits=40, merge_per_thread=1)
     _poison_allocator(device, q.numel() * q.element_size())
-    got = launch_paged_decode_attention(q, cache, seq_lens, tables, 0.25, config)
-    _assert_close(got[:2], attention.ref_paged_decode_attention(q[:2], cache, seq_lens[:2], tables[:2], 0.25), dtype)
-    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    got = launch_paged_decode_attention(q, cache, seq_lens, tables, 0.25, config, query_len=query_len)
+    real = 2 * query_len
+    want = attention.ref_paged_decode_attention(q[:real], cache, seq_lens[:2], tables[:2], 0.25, query_len=query_len)
+    _assert_close(got[:real], want, dtype)
+    assert torch.equal(got[real:], torch.zeros_like(got[real:]))
 
 
 def check_store_kv(device: str, dtype: torch.dtype, block_size: int, kv_heads: int, head_dim: int) -> None:
@@ -324,6 +327,17 @@ def small_cases(device: str, dtype: torch.dtype) -> Iterator[tuple[str, Callable
     for window in (None, 100):   # each sequence splits its own keys, not the table's
         yield (f"decode short sequences in a wide table, window {window}",
                lambda w=window: check_paged_decode_attention(device, dtype, 8, 2, 16, 16, [1, 40, 300, 700], sliding_window=w, table_blocks=256))
+    # A token and its draft a sequence: rows of one head group fill 16 (3 x 4) and pad to 32 (5 x 4,
+    # 5 x 8), split and not, merged in chunks, in a wide table, within windows shorter than the rows.
+    for heads, kv_heads, query_len in ((4, 1, 3), (8, 2, 5), (8, 1, 5)):
+        yield (f"decode drafts h{heads}/{kv_heads} {query_len} rows",
+               lambda h=heads, k=kv_heads, n=query_len: check_paged_decode_attention(device, dtype, h, k, 16, 16, [n, 40, 300, 700],
+                                                                                    query_len=n, table_blocks=64))
+    yield "decode drafts, many splits + padding", lambda: check_decode_many_splits_and_padding(device, dtype, query_len=4)
+    for window in (1, 3, 100):
+        yield (f"decode drafts window {window}",
+               lambda w=window: check_paged_decode_attention(device, dtype, 8, 2, 16, 16, [5, 40, 300, 700], config=WINDOW_DECODE_CONFIGS[0],
+                                                             scale=2.0, sliding_window=w, softcap=5.0, query_len=5))
     yield "prefill dim 64", lambda: check_paged_attention(device, dtype, 4, 2, 16, 64, [(40, 70), (33, 33)])
     yield "prefill short query runs (drafts)", lambda: check_paged_attention(device, dtype, 8, 2, 16, 16, [(5, 40), (1, 3), (3, 3), (16, 50), (0, 6)])
     yield from prefill_variant_cases(device, dtype)
@@ -541,19 +555,23 @@ def _decode_pointers(dtype: str, kv: str | None = None) -> dict[str, str]:
 HOPPER_PDL_CASES = {   # case: (kernel, pointer parameters, constants); the rest are i32
     "decode bf16 head dim 128": (
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16"),
-        dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
+        dict(GROUP=4, QUERY_LEN=1, ROWS_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
              CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=64, LINE=64, WINDOW=0, SOFTCAP=0.0, MIN_SPLIT=64)),
     "decode bf16 head dim 256, a sliding window and capped scores": (   # Gemma 2's local layers
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16"),
-        dict(GROUP=2, GROUP_PAD=16, MERGE_PAD=2, HEAD_DIM=256, BLOCK_SIZE=16, TILE_N=32, SPLIT=True, SPLITS_PAD=32,
+        dict(GROUP=2, QUERY_LEN=1, ROWS_PAD=16, MERGE_PAD=2, HEAD_DIM=256, BLOCK_SIZE=16, TILE_N=32, SPLIT=True, SPLITS_PAD=32,
              CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=32, LINE=64, WINDOW=4096, SOFTCAP=50.0, MIN_SPLIT=64)),
     "decode bf16 over an fp8 KV cache": (   # the tiles widened to float16, the queries narrowed to it
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16", "fp8e4nv"),
-        dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
+        dict(GROUP=4, QUERY_LEN=1, ROWS_PAD=16, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=64, SPLIT=True, SPLITS_PAD=32,
              CHUNK=8, DOT_PRECISION="tf32", DOT_FP16=True, PREFETCH_KEYS=64, LINE=128, WINDOW=0, SOFTCAP=0.0, MIN_SPLIT=64)),
+    "decode bf16, a token and a draft of 4 a sequence": (
+        "attention_decode:_paged_decode_attention_kernel", _decode_pointers("bf16"),
+        dict(GROUP=4, QUERY_LEN=5, ROWS_PAD=32, MERGE_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, TILE_N=32, SPLIT=True, SPLITS_PAD=32,
+             CHUNK=32, DOT_PRECISION="tf32", DOT_FP16=False, PREFETCH_KEYS=32, LINE=64, WINDOW=0, SOFTCAP=0.0, MIN_SPLIT=64)),
     "decode fp32 head dim 64, two tiles to L2": (   # 128-byte lines of 32 elements, two to a row
         "attention_decode:_paged_decode_attention_kernel", _decode_pointers("fp32"),
-        dict(GROUP=2, GROUP_PAD=16, MERGE_PAD=2, HEAD_DIM=64, BLOCK_SIZE=16, TILE_N=32, SPLIT=False, SPLITS_PAD=1,
+        dict(GROUP=2, QUERY_LEN=1, ROWS_PAD=16, MERGE_PAD=2, HEAD_DIM=64, BLOCK_SIZE=16, TILE_N=32, SPLIT=False, SPLITS_PAD=1,
              CHUNK=1, DOT_PRECISION="ieee", DOT_FP16=False, PREFETCH_KEYS=64, LINE=32, WINDOW=0, SOFTCAP=0.0, MIN_SPLIT=64)),
     "gated GEMV": (
         "linear:_linear_kernel", {"x_ptr": "*bf16", "x_scale_ptr": "*bf16", "w_ptr": "*bf16", "w_scale_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"},
@@ -629,7 +647,7 @@ def test_decode_configs_count_on_as_many_programs_as_an_sm_holds() -> None:
         splits_pad = triton.next_power_of_2(config.max_splits) if split else 1
         jobs.append({"pointers": _decode_pointers("bf16", kv), "divisible": divisible,
                      "options": {"num_warps": config.num_warps, "num_stages": config.num_stages},
-                     "constants": dict(GROUP=4, GROUP_PAD=16, MERGE_PAD=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, TILE_N=config.tile_n,
+                     "constants": dict(GROUP=4, QUERY_LEN=1, ROWS_PAD=16, MERGE_PAD=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, TILE_N=config.tile_n,
                                        SPLIT=split, SPLITS_PAD=splits_pad, CHUNK=merge_chunk(config, 4, head_dim, splits_pad),
                                        DOT_PRECISION="tf32", DOT_FP16=kv != "bf16", PREFETCH_KEYS=config.prefetch_tiles * config.tile_n,
                                        LINE=64 if kv == "bf16" else 128, WINDOW=0, SOFTCAP=0.0, PDL=True,

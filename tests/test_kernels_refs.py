@@ -189,6 +189,18 @@ def test_ops_use_the_references_for_cpu_tensors() -> None:
     assert all(callable(getattr(ops, n)) for n in names)
 
 
+@pytest.mark.parametrize("heads,kv_heads", GQA)
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_ref_paged_decode_attention_over_drafted_rows_matches_dense_float64(heads: int, kv_heads: int, block_size: int) -> None:
+    """``query_len`` rows a sequence (a token and its draft), each the last positions of its context."""
+    for query_len in (2, 5):
+        lens = [query_len, block_size + 1, 3 * block_size - 5, 70]
+        q, cache, cu, seq_lens, tables = _paged_case([query_len] * len(lens), lens, heads, kv_heads, block_size)
+        got = attention.ref_paged_decode_attention(q, cache, seq_lens, tables, 0.2, query_len=query_len)
+        want = _naive_attention(q, cache, cu, seq_lens, tables, 0.2)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_default_config_halves_tiles_only_where_each_split_is_one_tile() -> None:
     cpu = torch.device("cpu")  # four SMs, as the launch assumes off the GPU
     deep, light = DEFAULT_CONFIGS[64]
@@ -210,6 +222,10 @@ def _bad_decode_calls():
     yield "multiple of num_kv_heads", lambda: attention.paged_decode_attention(q[:, :3], cache, seq_lens, tables, 1.0)
     yield "block_tables must have dtype", lambda: attention.paged_decode_attention(q, cache, seq_lens, tables.float(), 1.0)
     yield "seq_lens must have shape", lambda: attention.paged_decode_attention(q, cache, seq_lens[:1], tables, 1.0)
+    yield "not a whole number of sequences of query_len=3", lambda: attention.paged_decode_attention(q, cache, seq_lens, tables, 1.0, query_len=3)
+    yield "seq_lens must have shape \\[1\\]", lambda: attention.paged_decode_attention(q, cache, seq_lens, tables, 1.0, query_len=2)
+    for bad in (0, -1, 1.0, True):
+        yield f"query_len must be a positive int, got {bad!r}", lambda b=bad: attention.paged_decode_attention(q, cache, seq_lens, tables, 1.0, query_len=b)
     yield "cu_query_lens must have shape", lambda: attention.paged_attention(q, cache, seq_lens, seq_lens, tables, 1.0)
     yield "head_dim must be a power of two", lambda: attention.paged_attention(q[..., :12], cache[..., :12].contiguous(), torch.tensor([0, 1, 2], dtype=torch.int32), seq_lens, tables, 1.0)
     yield "slot_mapping must have shape", lambda: kv_cache.store_kv(q[:, :2], q[:, :2], cache, seq_lens[:1])
