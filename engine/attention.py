@@ -29,8 +29,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor    # [B, max_blocks] int32, padded with 0
     max_query_len: int
     max_seq_len: int
-    num_decode_chunks: int        # leading chunks of one generated token each (rows 0..n-1): the decode kernel's
+    num_decode_chunks: int        # leading chunks of decode_query_len rows each (a generated token, its draft): the decode kernel's
     rest_cu_query_lens: torch.Tensor | None  # [B - num_decode_chunks + 1] int32: cu_query_lens of the other chunks, from 0
+    decode_query_len: int = 1     # rows per decode chunk: 1, or 1 + k in a CUDA graph's drafted step (every chunk padded to it)
 
     @property
     def num_tokens(self) -> int:
@@ -135,15 +136,20 @@ def paged_attention_forward(
     take the decode kernel, the others the prefill kernel. In the prefill kernel a one-token
     chunk fills one row of a 128-row query tile and each query head reloads its KV head's
     context. The split took the 1B model's batch-128 offline generate from 527 to 485 ms on an
-    H200 (``bench/results/model_h200.md``). A one-token chunk that ends a prompt (all of it but
-    the last token cached) stays with the prompts: the decode kernel compiles a variant per
-    batch and table width it meets eagerly, and a prefill worker, which sees only such chunks,
-    compiled them in the middle of serving (``bench/results/serving_h200.md``)."""
-    options = {"sliding_window": sliding_window, "softcap": softcap}
+    H200 (``bench/results/model_h200.md``). A CUDA graph's drafted step (every chunk a token and
+    its draft, padded to ``meta.decode_query_len`` rows) takes the decode kernel whole, which also
+    splits long contexts: 5 rows a sequence over 16k keys at the 8B shape took 34 us against the
+    prefill kernel's 306 (``bench/results/kernels_h100.md``). A one-token chunk that ends a
+    prompt (all of it but the last token cached) stays with the prompts: the decode kernel
+    compiles a variant per batch and table width it meets eagerly, and a prefill worker, which
+    sees only such chunks, compiled them in the middle of serving (``bench/results/serving_h200.md``)."""
+    options = {"sliding_window": sliding_window, "softcap": softcap, "query_len": meta.decode_query_len}
     if meta.is_decode_only:
         return ops.paged_decode_attention(q, kv_cache, meta.seq_lens, meta.block_tables, scale, **options)
     n = meta.num_decode_chunks
-    rest = ops.paged_attention(q[n:], kv_cache, meta.rest_cu_query_lens, meta.seq_lens[n:], meta.block_tables[n:], scale, **options)
+    rows = n * meta.decode_query_len
+    rest = ops.paged_attention(q[rows:], kv_cache, meta.rest_cu_query_lens, meta.seq_lens[n:], meta.block_tables[n:], scale,
+                               sliding_window=sliding_window, softcap=softcap)
     if n == 0:
         return rest
-    return torch.cat([ops.paged_decode_attention(q[:n], kv_cache, meta.seq_lens[:n], meta.block_tables[:n], scale, **options), rest])
+    return torch.cat([ops.paged_decode_attention(q[:rows], kv_cache, meta.seq_lens[:n], meta.block_tables[:n], scale, **options), rest])

@@ -10,15 +10,15 @@ a step of base sequences alone keeps the plain graphs, which compute no adapter.
 With speculative decoding, a decode step where some chunk carries a draft replays
 a graph of ``1 + num_speculative_tokens`` query rows a sequence: each chunk's own
 token, its draft, then padding rows (no K/V written, logits dropped). Its attention
-runs the prefill kernel, causal, so a real row never reads a padding row's key.
+runs the decode kernel over those rows, causal, so a real row never reads a padding
+row's key.
 
 Each graph reads static device buffers: token ids, positions, slots, adapters, context
 lengths, and block tables of a fixed width (``max_model_len`` plus the draft rows).
 Rows past the real batch are padding: slot -1 (``rotary_store_kv`` writes no K/V
 for it) and context length 0 (the decode kernel writes zeros, whatever block ids the
-row still holds; with drafts, as many as its rows). The graph runs the whole forward
-and the logits of every row; ``run`` returns a view of the real rows, valid until the
-next replay (with drafts, a copy of them).
+row still holds). The graph runs the whole forward and the logits of every row; ``run``
+returns a view of the real rows, valid until the next replay (with drafts, a copy of them).
 
 The host never waits on the GPU here: metadata is written into pinned staging
 buffers and copied with ``non_blocking`` copies. Before overwriting the staging
@@ -109,8 +109,9 @@ class _StaticInputs:
             block_tables=tables[:batch],
             max_query_len=query_len,
             max_seq_len=self.max_model_len + query_len - 1,
-            num_decode_chunks=batch if query_len == 1 else 0,
-            rest_cu_query_lens=None if query_len == 1 else cu_query_lens,
+            num_decode_chunks=batch,
+            rest_cu_query_lens=None,
+            decode_query_len=query_len,
         )
 
     def pad(self) -> None:
@@ -179,8 +180,8 @@ class _StaticInputs:
         if lora is not None:
             longs[3, :real] = adapters
         seq_lens[:n] = np.asarray(starts) + query_len    # a sequence's rows are the last ones of its context
-        # Padding sequences: length 0 in the decode kernel (zeros), their own rows in the prefill kernel's.
-        longs[:2, real:rows], longs[2:, real:rows], seq_lens[n:batch] = 0, -1, 0 if query_len == 1 else query_len
+        # Padding sequences: length 0, so the decode kernel writes zeros for all their rows.
+        longs[:2, real:rows], longs[2:, real:rows], seq_lens[n:batch] = 0, -1, 0
         self.longs[:, :rows].copy_(self.host_longs[:, :rows], non_blocking=True)
         used = self.max_batch + batch * self.max_blocks
         self.ints[:used].copy_(self.host_ints[:used], non_blocking=True)

@@ -78,6 +78,15 @@ def test_ref_paged_decode_attention_with_window_and_softcap_matches_dense_float6
         assert_matches(got, dense_attention(q, cache, cu, seq_lens, tables, 0.3, window, cap), window, cap)
 
 
+@pytest.mark.parametrize("heads,kv_heads", GQA)
+@pytest.mark.parametrize("window,cap", OPTIONS)
+def test_ref_paged_decode_attention_over_drafted_rows_with_window_and_softcap_matches_dense_float64(
+        heads: int, kv_heads: int, window: int | None, cap: float | None) -> None:
+    q, cache, cu, seq_lens, tables = cpu_case([(4, 4), (4, 9), (4, 33), (4, 40)], heads, kv_heads, 8)
+    got = attention.ref_paged_decode_attention(q, cache, seq_lens, tables, 0.3, sliding_window=window, softcap=cap, query_len=4)
+    assert_matches(got, dense_attention(q, cache, cu, seq_lens, tables, 0.3, window, cap), window, cap)
+
+
 def test_window_and_cap_of_zero_or_past_the_context_change_nothing() -> None:
     q, cache, cu, seq_lens, tables = cpu_case([(3, 40), (25, 35)], 4, 2, 8)
     plain = attention.ref_paged_attention(q, cache, cu, seq_lens, tables, 0.3)
@@ -130,6 +139,18 @@ def test_engine_forward_passes_window_and_softcap_to_both_kernels() -> None:
         torch.testing.assert_close(paged_attention_forward(q, cache, meta, 0.3, window, cap), want)
         torch.testing.assert_close(paged_attention_forward(q[:2], cache, decodes, 0.3, window, cap), want[:2])
     assert not torch.allclose(paged_attention_forward(q, cache, meta, 0.3, 5, 2.0), paged_attention_forward(q, cache, meta, 0.3))
+
+
+def test_engine_forward_attends_a_drafted_step_as_the_prefill_reference() -> None:
+    """A CUDA graph's drafted step (every chunk a token and its draft, padded to 3 rows) goes to the
+    decode kernel whole: it attends as the prefill reference attends the same runs."""
+    q, cache, cu, seq_lens, tables = cpu_case([(3, 30), (3, 7), (3, 3)], 8, 2, 8)
+    unused = torch.zeros(len(q), dtype=torch.long)
+    meta = AttentionMetadata(positions=unused, slot_mapping=unused, cu_query_lens=cu, seq_lens=seq_lens, block_tables=tables,
+                             max_query_len=3, max_seq_len=30, num_decode_chunks=3, rest_cu_query_lens=None, decode_query_len=3)
+    for window, cap in ((None, None), (2, 2.0)):
+        want = attention.ref_paged_attention(q, cache, cu, seq_lens, tables, 0.3, sliding_window=window, softcap=cap)
+        torch.testing.assert_close(paged_attention_forward(q, cache, meta, 0.3, window, cap), want)
 
 
 def test_decode_default_config_keys_by_head_dim() -> None:
