@@ -16,7 +16,9 @@ kernel against ``F.linear`` on the 1B and 8B projections (``--linear-only`` runs
 just that block), and the grouped LoRA kernels against the masked torch path they
 replaced on the 8B q/k/v module (``--lora-only`` runs just those). A plain
 streaming read of one long sequence's bytes stands beside decode attention's
-single-sequence rows.
+single-sequence rows. A speculative step's attention (3 and 5 rows a sequence: a token and its
+draft) runs by the decode kernel, as a CUDA graph's drafted step runs it, beside the prefill
+kernel on the same rows.
 ``--decode-sweep`` runs just the decode candidates of ``DECODE_CANDIDATES``, each
 checked once against its reference, as a table of times over the batch x context
 cases of ``DECODE_SWEEP_CASES`` at both head dims, beside the default's choice.
@@ -129,24 +131,31 @@ class Pool:
 
 
 def decode_launches(pool: Pool, batch: int, ctx: int, config: DecodeConfig | None, table_ctx: int = 0,
-                    sliding_window: int | None = None, softcap: float | None = None) -> list[Callable[[], object]]:
+                    sliding_window: int | None = None, softcap: float | None = None, query_len: int = 1,
+                    via_prefill: bool = False) -> list[Callable[[], object]]:
     """Decode launches of ``batch`` sequences of ``ctx`` tokens over rotating block sets of
-    ``pool``. ``config`` None: the default for the case (``attention_decode.default_config``).
-    ``table_ctx`` > ``ctx`` pads each block table to that many tokens (the split count follows
-    the table width, as in the decode runner's graphs)."""
+    ``pool``, ``query_len`` query rows a sequence (a token and its draft). ``config`` None: the
+    default for the case (``attention_decode.default_config``). ``table_ctx`` > ``ctx`` pads each
+    block table to that many tokens (the split count follows the table width, as in the decode
+    runner's graphs). ``via_prefill``: the same attention by the prefill kernel (default tiles)."""
     shape, per_seq = pool.shape, ctx // BLOCK
     width = max(table_ctx, ctx) // BLOCK
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    keys = min(width * BLOCK, sliding_window or width * BLOCK)   # what the default launch splits
+    keys = min(width * BLOCK, sliding_window + query_len - 1) if sliding_window else width * BLOCK   # what the default launch splits
     config = config or default_decode_config(batch, shape.kv_heads, shape.dim, keys, seq_lens.device, pool.cache.element_size())
     options = {"sliding_window": sliding_window, "softcap": softcap}
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * query_len
     fns = []
     # Small cases rotate over more sets than fit in L2: in a model, each layer's KV arrives cold.
     for ids in pool.block_sets(batch * per_seq, batch * ctx * pool.kv_token_bytes, 8 if shape == LLAMA_8B else 64):
-        q = torch.randn(batch, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
+        q = torch.randn(batch * query_len, shape.heads, shape.dim, dtype=DTYPE, device="cuda")
         tables = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
         tables[:, :per_seq] = ids.view(batch, per_seq)
-        fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, shape.dim**-0.5, config, **options))
+        if via_prefill:
+            fns.append(lambda q=q, t=tables: launch_paged_attention(q, pool.cache, cu, seq_lens, t, shape.dim**-0.5, default_config(q), **options))
+        else:
+            fns.append(lambda q=q, t=tables: launch_paged_decode_attention(q, pool.cache, seq_lens, t, shape.dim**-0.5, config,
+                                                                           query_len=query_len, **options))
     return fns
 
 
@@ -190,6 +199,19 @@ def plain_read_rows(copy_gbs: float) -> list[str]:
                         f"| {ms * 1e3:.1f} us | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
         del bufs
     return rows
+
+
+def draft_row(pool: Pool, batch: int, ctx: int, query_len: int, copy_gbs: float, table_ctx: int = 0) -> str:
+    """A speculative step's attention, ``query_len`` rows a sequence (a token and its draft), by the
+    decode kernel (as a CUDA graph's drafted step runs it) beside the prefill kernel, both timed from
+    a CUDA graph; the rate counts the K/V bytes and the query and output rows."""
+    shape, width = pool.shape, max(table_ctx, ctx) // BLOCK
+    ms = median_ms(decode_launches(pool, batch, ctx, None, table_ctx, query_len=query_len), graph=True)
+    prefill_ms = median_ms(decode_launches(pool, batch, ctx, None, table_ctx, query_len=query_len, via_prefill=True), graph=True)
+    gbs = batch * (ctx * pool.kv_token_bytes + 2 * query_len * shape.heads * shape.dim * 2) / ms / 1e6
+    case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > ctx // BLOCK else "")
+    return (f"| decode, {query_len} rows a sequence | {case} | {ms * 1e3:.1f} us (prefill kernel {prefill_ms * 1e3:.1f}: "
+            f"{prefill_ms / ms:.1f}x) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
 
 
 def _options_label(sliding_window: int | None, softcap: float | None) -> str:
@@ -718,6 +740,13 @@ def default_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str
         emit(row)
 
 
+# Speculative steps' attention: (pool, batch, context, table width); drafts of 2 and 4 tokens. The 1B
+# cases are bench_speculative's (prompts of 45 tokens, 128 out) in the model benchmark's tables.
+DRAFT_CASES = (("8B", 1, 16384, 0), ("1B", 32, 512, RUNNER_CONTEXT), ("8B", 1, 2048, 0), ("8B", 1, 16384, 131072),
+               ("8B", 8, 4096, 0), ("8B", 32, 2048, 0), ("1B", 1, 512, RUNNER_CONTEXT))
+DRAFT_QUERY_LENS = (3, 5)
+
+
 def attention_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[str], None], quick: bool,
                    with_references: bool = False) -> None:
     """Decode and prefill attention over the pools (``with_references``: the plain reads of one long
@@ -732,6 +761,9 @@ def attention_rows(pool: Pool, pool_1b: Pool, copy_gbs: float, emit: Callable[[s
         emit(row)
     for batch, ctx in ((1, 512), (1, 1024), (64, 512), (128, 640)):  # batch 1 and the offline benchmark's steps
         emit(decode_row(pool_1b, batch, ctx, copy_gbs, None, RUNNER_CONTEXT))
+    for p, batch, ctx, table_ctx in DRAFT_CASES[:2] if quick else DRAFT_CASES:
+        for query_len in DRAFT_QUERY_LENS:
+            emit(draft_row(pool_1b if p == "1B" else pool, batch, ctx, query_len, copy_gbs, table_ctx))
     for seq in (1024, 4096, 8192):
         emit(prefill_row(pool, seq, None, "paged (default tiles)"))
         if with_references:
