@@ -9,8 +9,9 @@ n-grams to look up (as a prompt that quotes a document does); greedy, EOS ignore
 run writes batch x output-len tokens. In float32 the outputs must be the same with and
 without speculation: the script stops if they are not. In bf16 / fp16 a drafted step's
 attention splits each context where its last row's length puts the splits, one token a
-step where that token's does, so the two round differently and a greedy near-tie may flip: "same" counts the outputs that match one token
-a step, "1st diff" is where the others first differ, on average. Each engine schedules as
+step where that token's does, so the two round differently and a greedy near-tie may
+flip: "same" counts the outputs that match one token a step, "1st diff" is where the
+others first differ, on average. Each engine schedules as
 it would serve: on CUDA plain decoding is asynchronous, speculation synchronous (asynchronous
 above ``--disable-by-batch-size``); "async" says which.
 """
