@@ -69,7 +69,7 @@ from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Sequence
 from baton.kernels import activation, fp8, kv_cache, linear, logits, lora, moe, norm, pdl, rotary, sampling
 from baton.kernels.attention import ref_paged_attention, ref_paged_decode_attention
-from baton.kernels.attention_decode import DEFAULT_CONFIGS, DecodeConfig, launch_paged_decode_attention
+from baton.kernels.attention_decode import DEFAULT_CONFIGS, DecodeConfig, attended_keys, launch_paged_decode_attention
 from baton.kernels.attention_decode import default_config as default_decode_config
 from baton.kernels.attention_prefill import PrefillConfig, default_config, launch_paged_attention
 from baton.kernels.checks import KV_DTYPES
@@ -141,7 +141,7 @@ def decode_launches(pool: Pool, batch: int, ctx: int, config: DecodeConfig | Non
     shape, per_seq = pool.shape, ctx // BLOCK
     width = max(table_ctx, ctx) // BLOCK
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    keys = min(width * BLOCK, sliding_window + query_len - 1) if sliding_window else width * BLOCK   # what the default launch splits
+    keys = attended_keys(width * BLOCK, sliding_window or 0, query_len)   # what the default launch splits
     config = config or default_decode_config(batch, shape.kv_heads, shape.dim, keys, seq_lens.device, pool.cache.element_size())
     options = {"sliding_window": sliding_window, "softcap": softcap}
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * query_len

@@ -337,7 +337,7 @@ def paged_decode_attention(
                                          softcap=softcap, query_len=query_len)
 
 
-def _attended_keys(max_context: int, window: int, query_len: int) -> int:
+def attended_keys(max_context: int, window: int, query_len: int) -> int:
     """The most keys a sequence's rows attend: the table's width in tokens, or, where shorter, the
     last row's window (not 0) and the ``query_len - 1`` keys before it."""
     return min(max_context, window + query_len - 1) if window else max_context
@@ -367,7 +367,7 @@ def launch_paged_decode_attention(
     group = num_heads // num_kv_heads
     rows = group * query_len
     table_tokens = block_tables.shape[1] * block_size
-    keys = _attended_keys(table_tokens, window, query_len)
+    keys = attended_keys(table_tokens, window, query_len)
     if config is None:
         config = default_config(batch, num_kv_heads, head_dim, keys, q.device, kv_cache.element_size())
     splits, _ = split_context(q.device, batch, num_kv_heads, keys, config)
