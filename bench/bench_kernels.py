@@ -163,12 +163,11 @@ def decode_row(pool: Pool, batch: int, ctx: int, copy_gbs: float, config: Decode
                sliding_window: int | None = None, softcap: float | None = None) -> str:
     """``decode_launches`` timed from a CUDA graph and eagerly, with the rate of the K/V bytes
     attended (a window's) and the query bytes."""
-    shape, width = pool.shape, max(table_ctx, ctx) // BLOCK
+    shape = pool.shape
     fns = decode_launches(pool, batch, ctx, config, table_ctx, sliding_window, softcap)
     ms, eager_ms = median_ms(fns, graph=True), median_ms(fns)
     gbs = batch * (min(ctx, sliding_window or ctx) * pool.kv_token_bytes + 2 * shape.heads * shape.dim * 2) / ms / 1e6
-    case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > ctx // BLOCK else "")
-    case += _options_label(sliding_window, softcap)
+    case = _decode_case(shape, batch, ctx, table_ctx) + _options_label(sliding_window, softcap)
     return f"| decode | {case} | {ms * 1e3:.1f} us (eager {eager_ms * 1e3:.1f}) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |"
 
 
@@ -205,13 +204,19 @@ def draft_row(pool: Pool, batch: int, ctx: int, query_len: int, copy_gbs: float,
     """A speculative step's attention, ``query_len`` rows a sequence (a token and its draft), by the
     decode kernel (as a CUDA graph's drafted step runs it) beside the prefill kernel, both timed from
     a CUDA graph; the rate counts the K/V bytes and the query and output rows."""
-    shape, width = pool.shape, max(table_ctx, ctx) // BLOCK
+    shape = pool.shape
     ms = median_ms(decode_launches(pool, batch, ctx, None, table_ctx, query_len=query_len), graph=True)
     prefill_ms = median_ms(decode_launches(pool, batch, ctx, None, table_ctx, query_len=query_len, via_prefill=True), graph=True)
     gbs = batch * (ctx * pool.kv_token_bytes + 2 * query_len * shape.heads * shape.dim * 2) / ms / 1e6
-    case = f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > ctx // BLOCK else "")
+    case = _decode_case(shape, batch, ctx, table_ctx)
     return (f"| decode, {query_len} rows a sequence | {case} | {ms * 1e3:.1f} us (prefill kernel {prefill_ms * 1e3:.1f}: "
             f"{prefill_ms / ms:.1f}x) | {gbs:.0f} GB/s | {gbs / copy_gbs:.0%} of copy |")
+
+
+def _decode_case(shape: Shape, batch: int, ctx: int, table_ctx: int) -> str:
+    """A decode row's case: the shape, batch and context, and the tables' width where wider."""
+    width = max(table_ctx, ctx) // BLOCK
+    return f"{shape.name} batch {batch}, ctx {ctx}" + (f" (tables {width * BLOCK})" if width > ctx // BLOCK else "")
 
 
 def _options_label(sliding_window: int | None, softcap: float | None) -> str:
